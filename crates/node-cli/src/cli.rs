@@ -1,0 +1,452 @@
+//! The command line of `p2p-node` (see DESIGN.md's contract) and what each command does.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use p2p_discovery::Kind;
+use p2p_tasks::handler::{Builtin, Handler, Shell};
+use p2p_tasks::{Order, Policy, RunOptions};
+use tokio_util::sync::CancellationToken;
+
+use crate::output::{Format, Printer};
+use crate::Node;
+
+/// Exit status: every task succeeded.
+pub const EXIT_OK: u8 = 0;
+/// Exit status: a task failed, or a needed type has no node.
+pub const EXIT_FAILED: u8 = 1;
+/// Exit status: bad usage or bad input.
+pub const EXIT_USAGE: u8 = 2;
+
+/// Execute typed tasks across many machines in a user-defined order.
+#[derive(Debug, Parser)]
+#[command(name = "p2p-node", version, about, propagate_version = true)]
+pub struct Cli {
+    /// More logging (-v: debug, -vv: trace). RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve task types: accept connections and run the tasks peers assign.
+    #[command(
+        after_help = "Example:\n  p2p-node serve --types a --listen 127.0.0.1:7401 --discovery none\n  \
+        p2p-node serve --types a,b --handler 'a=echo {id} >> done.txt' --capacity 4"
+    )]
+    Serve(ServeArgs),
+    /// Run a task file across the nodes that serve its types.
+    #[command(after_help = "Examples:\n  p2p-node run tasks.txt --local\n  \
+        p2p-node run tasks.txt --peer 127.0.0.1:7401 --peer 127.0.0.1:7402 --peer 127.0.0.1:7403\n  \
+        p2p-node run tasks.txt --local 2 --order none --json")]
+    Run(RunArgs),
+    /// List the nodes that discovery finds.
+    #[command(after_help = "Example:\n  p2p-node peers --peer 127.0.0.1:7401 --json")]
+    Peers(PeersArgs),
+}
+
+/// Options every command shares.
+#[derive(Debug, Args, Clone)]
+pub struct Common {
+    /// Cluster name; nodes of different clusters never work together.
+    #[arg(long, default_value = crate::node::DEFAULT_CLUSTER)]
+    pub cluster: String,
+    /// Discovery backend: none, static, udp, mdns, dns:NAME[:PORT] (repeatable).
+    #[arg(long = "discovery", value_name = "KIND")]
+    pub discovery: Vec<Kind>,
+    /// A peer to connect to, HOST:PORT (repeatable; implies static discovery).
+    #[arg(long = "peer", value_name = "ADDR")]
+    pub peers: Vec<String>,
+    /// Cluster key file (encrypted, authenticated connections).
+    #[arg(long, value_name = "PATH", env = "P2P_KEY_FILE")]
+    pub key_file: Option<PathBuf>,
+}
+
+/// `p2p-node serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Task types to serve, comma-separated (e.g. a,b).
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub types: Vec<String>,
+    /// Address to accept connections on.
+    #[arg(long, default_value = "127.0.0.1:7400")]
+    pub listen: SocketAddr,
+    /// Run TYPE's tasks with `sh -c COMMAND`; {id}, {type}, {args} are replaced (repeatable).
+    #[arg(long = "handler", value_name = "TYPE=COMMAND")]
+    pub handlers: Vec<String>,
+    /// Tasks run at once (default: the number of CPU cores).
+    #[arg(long)]
+    pub capacity: Option<u32>,
+    /// Allow listening on a non-loopback address without a cluster key.
+    #[arg(long)]
+    pub insecure: bool,
+    /// Shared options.
+    #[command(flatten)]
+    pub common: Common,
+}
+
+/// `p2p-node run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The task file.
+    #[arg(default_value = "tasks.txt")]
+    pub tasks_file: PathBuf,
+    /// Start N in-process nodes (default 1) for each type the list needs, on loopback.
+    #[arg(long, value_name = "N", num_args = 0..=1, default_missing_value = "1")]
+    pub local: Option<u32>,
+    /// Also serve these types from this process during the run (in-process, loopback).
+    #[arg(long, value_delimiter = ',')]
+    pub types: Vec<String>,
+    /// Handlers for in-process nodes (--local, --types), as for serve.
+    #[arg(long = "handler", value_name = "TYPE=COMMAND")]
+    pub handlers: Vec<String>,
+    /// How long to wait for nodes of every needed type.
+    #[arg(long, default_value = "3s", value_parser = parse_duration)]
+    pub discovery_timeout: Duration,
+    /// strict: one task after another; type: in order within each type; none: no order.
+    #[arg(long, default_value = "strict")]
+    pub order: Order,
+    /// Retries of a failed task (with exponential back-off).
+    #[arg(long, default_value_t = 0)]
+    pub retries: u32,
+    /// Longest a task attempt may run.
+    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    pub task_timeout: Duration,
+    /// Record completions in PATH.
+    #[arg(long, value_name = "PATH")]
+    pub journal: Option<PathBuf>,
+    /// Skip tasks the journal records as done.
+    #[arg(long)]
+    pub resume: bool,
+    /// One JSON object per line on stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// Shared options.
+    #[command(flatten)]
+    pub common: Common,
+}
+
+/// `p2p-node peers`.
+#[derive(Debug, Args)]
+pub struct PeersArgs {
+    /// One JSON object per line.
+    #[arg(long)]
+    pub json: bool,
+    /// How long to look.
+    #[arg(long, default_value = "3s", value_parser = parse_duration)]
+    pub discovery_timeout: Duration,
+    /// Shared options.
+    #[command(flatten)]
+    pub common: Common,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 500ms, 3s, 2m, 1h)"))
+}
+
+/// A usage or input error: printed, exit status 2.
+#[derive(Debug)]
+struct Usage(String);
+
+fn usage(msg: impl Into<String>) -> anyhow::Error {
+    anyhow::Error::new(UsageError(msg.into()))
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct UsageError(String);
+
+impl From<Usage> for anyhow::Error {
+    fn from(u: Usage) -> Self {
+        usage(u.0)
+    }
+}
+
+/// Runs a parsed command line to its exit status.
+pub async fn execute(cli: Cli) -> ExitCode {
+    let shutdown = CancellationToken::new();
+    spawn_signal_handler(shutdown.clone());
+    let result = match cli.command {
+        Command::Serve(a) => serve(a, shutdown).await,
+        Command::Run(a) => run(a, shutdown).await,
+        Command::Peers(a) => peers(a).await,
+    };
+    match result {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            if e.downcast_ref::<UsageError>().is_some() {
+                ExitCode::from(EXIT_USAGE)
+            } else {
+                ExitCode::from(EXIT_FAILED)
+            }
+        }
+    }
+}
+
+fn spawn_signal_handler(token: CancellationToken) {
+    tokio::spawn(async move {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            let Ok(mut term) = signal(SignalKind::terminate()) else {
+                return;
+            };
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = tokio::signal::ctrl_c().await;
+        tracing::info!("signal received: shutting down gracefully");
+        token.cancel();
+    });
+}
+
+/// Refuses options that this version does not implement, instead of ignoring them.
+fn check_common(c: &Common, allow_default_udp: bool) -> anyhow::Result<()> {
+    if c.key_file.is_some() {
+        return Err(usage(
+            "--key-file: cluster keys (encrypted connections) are not available in this version",
+        ));
+    }
+    for k in &c.discovery {
+        match k {
+            Kind::None | Kind::Static => {}
+            other => {
+                return Err(usage(format!(
+                    "--discovery {other}: not available in this version; use --peer HOST:PORT"
+                )))
+            }
+        }
+    }
+    if c.discovery.contains(&Kind::Static) && c.peers.is_empty() {
+        return Err(usage(
+            "--discovery static needs at least one --peer HOST:PORT",
+        ));
+    }
+    if !allow_default_udp && c.discovery.is_empty() && c.peers.is_empty() {
+        return Err(usage(
+            "no peers to look for: pass --peer HOST:PORT (repeatable), or --local to run \
+             with in-process nodes (automatic udp discovery is not available in this version)",
+        ));
+    }
+    Ok(())
+}
+
+fn parse_types(raw: &[String]) -> anyhow::Result<Vec<String>> {
+    let mut out = BTreeSet::new();
+    for t in raw {
+        let t = t.trim().to_ascii_lowercase();
+        if t.is_empty() || !t.bytes().all(|b| b.is_ascii_lowercase()) {
+            return Err(usage(format!(
+                "invalid task type {t:?}: a type is ASCII letters only (e.g. a, b, render)"
+            )));
+        }
+        out.insert(t);
+    }
+    Ok(out.into_iter().collect())
+}
+
+fn parse_handlers(raw: &[String]) -> anyhow::Result<Vec<(String, String)>> {
+    raw.iter()
+        .map(|h| {
+            let (t, cmd) = h
+                .split_once('=')
+                .ok_or_else(|| usage(format!("--handler {h:?}: expected TYPE=COMMAND")))?;
+            let t = parse_types(&[t.to_string()])?.remove(0);
+            if cmd.trim().is_empty() {
+                return Err(usage(format!("--handler {h:?}: the command is empty")));
+            }
+            Ok((t, cmd.to_string()))
+        })
+        .collect()
+}
+
+fn handler_for(kind: &str, handlers: &[(String, String)]) -> Box<dyn Handler> {
+    match handlers.iter().find(|(t, _)| t == kind) {
+        Some((_, cmd)) => Box::new(Shell::new(cmd.clone())),
+        None => Box::new(Builtin),
+    }
+}
+
+async fn serve(a: ServeArgs, shutdown: CancellationToken) -> anyhow::Result<u8> {
+    check_common(&a.common, true)?;
+    let types = parse_types(&a.types)?;
+    let handlers = parse_handlers(&a.handlers)?;
+    if let Some((t, _)) = handlers.iter().find(|(t, _)| !types.contains(t)) {
+        return Err(usage(format!(
+            "--handler for type {t:?}, which is not in --types"
+        )));
+    }
+    let mut b = Node::builder()
+        .cluster(a.common.cluster.clone())
+        .listen(a.listen)
+        .insecure(a.insecure);
+    if let Some(c) = a.capacity {
+        b = b.capacity(c);
+    }
+    for t in &types {
+        b = b.handler(t, handler_for(t, &handlers));
+    }
+    let node = b.build().await.map_err(|e| match e {
+        crate::Error::Config(m) => usage(m),
+        other => anyhow::Error::new(other),
+    })?;
+    if a.insecure && !a.listen.ip().is_loopback() {
+        tracing::warn!(
+            "--insecure: anyone who can reach {} can run tasks here",
+            a.listen
+        );
+    }
+    let addr = node
+        .local_addr()
+        .ok_or_else(|| anyhow::anyhow!("the node has no listen address"))?;
+    println!("listening on {addr}");
+    println!(
+        "node {} cluster {} types {} capacity {} discovery {}",
+        node.id(),
+        node.cluster(),
+        node.types().join(","),
+        node.capacity(),
+        discovery_names(&a.common)
+    );
+    let token = node.shutdown_token();
+    tokio::spawn(async move {
+        shutdown.cancelled().await;
+        token.cancel();
+    });
+    node.serve().await;
+    println!("stopped");
+    Ok(EXIT_OK)
+}
+
+fn discovery_names(c: &Common) -> String {
+    let mut names: Vec<String> = c.discovery.iter().map(|k| k.to_string()).collect();
+    if !c.peers.is_empty() && !c.discovery.contains(&Kind::Static) {
+        names.push("static".into());
+    }
+    if names.is_empty() {
+        names.push("none".into());
+    }
+    names.join(",")
+}
+
+async fn run(a: RunArgs, shutdown: CancellationToken) -> anyhow::Result<u8> {
+    if a.journal.is_some() || a.resume {
+        return Err(usage(
+            "--journal/--resume are not available in this version",
+        ));
+    }
+    check_common(&a.common, a.local.is_some() || !a.types.is_empty())?;
+    let tasks = p2p_tasks::parse::load(&a.tasks_file).map_err(|e| usage(e.to_string()))?;
+    let handlers = parse_handlers(&a.handlers)?;
+    let own_types = parse_types(&a.types)?;
+    // In-process nodes: N per needed type with --local, one per --types entry.
+    let mut local_types: Vec<(String, u32)> = own_types.iter().map(|t| (t.clone(), 1)).collect();
+    if let Some(n) = a.local {
+        if n == 0 {
+            return Err(usage("--local N: N must be at least 1"));
+        }
+        let mut needed: Vec<String> = tasks.iter().map(|t| t.kind.clone()).collect();
+        needed.sort();
+        needed.dedup();
+        local_types = needed.into_iter().map(|t| (t, n)).collect();
+    }
+    let mut local_nodes = Vec::new();
+    let mut peers = a.common.peers.clone();
+    for (t, n) in &local_types {
+        for _ in 0..*n {
+            let mut node = Node::builder()
+                .cluster(a.common.cluster.clone())
+                .handler(t, handler_for(t, &handlers))
+                .build()
+                .await?;
+            node.start();
+            if let Some(addr) = node.local_addr() {
+                peers.push(addr.to_string());
+            }
+            local_nodes.push(node);
+        }
+    }
+    let opts = RunOptions {
+        policy: Policy {
+            order: a.order,
+            retries: a.retries,
+            ..Policy::default()
+        },
+        task_timeout: a.task_timeout,
+        discovery_timeout: a.discovery_timeout,
+        ..RunOptions::default()
+    };
+    let mut coordinator = Node::builder()
+        .cluster(a.common.cluster.clone())
+        .build()
+        .await?;
+    let token = coordinator.shutdown_token();
+    tokio::spawn(async move {
+        shutdown.cancelled().await;
+        token.cancel();
+    });
+    let format = if a.json { Format::Json } else { Format::Human };
+    let mut printer = Printer::new(format, tasks.len());
+    let report = coordinator
+        .run(tasks, opts, peers, &mut |ev| printer.event(ev))
+        .await?;
+    for n in &local_nodes {
+        n.shutdown();
+    }
+    for n in &local_nodes {
+        n.drain().await;
+    }
+    Ok(if report.is_success() {
+        EXIT_OK
+    } else {
+        EXIT_FAILED
+    })
+}
+
+async fn peers(a: PeersArgs) -> anyhow::Result<u8> {
+    check_common(&a.common, false)?;
+    let found = crate::peers::probe(
+        &a.common.cluster,
+        a.common.peers.clone(),
+        a.discovery_timeout,
+    )
+    .await?;
+    for p in &found {
+        if a.json {
+            println!("{}", serde_json::to_string(p)?);
+        }
+    }
+    if !a.json {
+        println!(
+            "{:<34} {:<22} {:<12} {:>8}  SOURCE",
+            "NODE", "ADDRESS", "TYPES", "CAPACITY"
+        );
+        for p in &found {
+            println!(
+                "{:<34} {:<22} {:<12} {:>8}  {}",
+                p.node,
+                p.addr,
+                p.types.join(","),
+                p.capacity,
+                p.source
+            );
+        }
+    }
+    Ok(if found.is_empty() {
+        EXIT_FAILED
+    } else {
+        EXIT_OK
+    })
+}

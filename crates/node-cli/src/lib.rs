@@ -1,0 +1,40 @@
+//! The p2p-node binary's library: an embeddable [`Node`] that serves task types and runs
+//! plans, and the command line that wraps it.
+//!
+//! # Layout
+//!
+//! - [`Node`] / [`NodeBuilder`]: build a node with handlers (shell commands, the built-in
+//!   handler, or Rust closures), start it serving, and run plans over its peers.
+//! - [`cli`]: the `p2p-node` command line (serve, run, peers) and its exit statuses.
+//! - [`output`]: how run events are shown (human lines or JSON lines).
+//! - [`peers`]: the `peers` command's probe.
+//!
+//! # Usage
+//!
+//! ```no_run
+//! use node_cli::Node;
+//! use p2p_tasks::{parse, RunOptions};
+//!
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! let mut worker = Node::builder().builtin("a").build().await?;
+//! worker.start();
+//! let addr = worker.local_addr().ok_or("not listening")?;
+//!
+//! let mut coordinator = Node::builder().build().await?;
+//! let tasks = parse::parse("inline", "a1 a2 a3")?;
+//! let report = coordinator
+//!     .run(tasks, RunOptions::default(), vec![addr.to_string()], &mut |ev| println!("{ev:?}"))
+//!     .await?;
+//! assert!(report.is_success());
+//! # Ok(()) }
+//! ```
+
+pub mod cli;
+mod dial;
+mod error;
+mod node;
+pub mod output;
+pub mod peers;
+
+pub use error::Error;
+pub use node::{Node, NodeBuilder, DEFAULT_CLUSTER};

@@ -1,0 +1,436 @@
+//! The embeddable node: serves task types, runs plans, or both.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use p2p_core::net::{self, LinkEvent, LinkId, Settings};
+use p2p_core::{Hello, NodeId, PROTOCOL_VERSION};
+use p2p_discovery::{statik::Static, Discovery};
+use p2p_tasks::handler::{Builtin, Handler};
+use p2p_tasks::{Inputs, RunEvent, RunOptions, RunReport, Task, Worker};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use crate::dial;
+use crate::Error;
+
+/// Default cluster name.
+pub const DEFAULT_CLUSTER: &str = "default";
+
+/// Queue of link events per served connection.
+const LINK_EVENTS: usize = 1024;
+
+/// Builds a [`Node`]. Every setting has a default, stated on its setter.
+pub struct NodeBuilder {
+    cluster: String,
+    listen: Option<SocketAddr>,
+    handlers: HashMap<String, Arc<dyn Handler>>,
+    capacity: Option<u32>,
+    discovery: Vec<Box<dyn Discovery>>,
+    settings: Settings,
+    max_connections: usize,
+    drain_timeout: Duration,
+    insecure: bool,
+}
+
+impl std::fmt::Debug for NodeBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeBuilder")
+            .field("cluster", &self.cluster)
+            .field("listen", &self.listen)
+            .field("types", &self.handlers.keys().collect::<Vec<_>>())
+            .field("capacity", &self.capacity)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for NodeBuilder {
+    fn default() -> Self {
+        NodeBuilder {
+            cluster: DEFAULT_CLUSTER.to_string(),
+            listen: None,
+            handlers: HashMap::new(),
+            capacity: None,
+            discovery: Vec::new(),
+            settings: Settings::default(),
+            max_connections: 1024,
+            drain_timeout: Duration::from_secs(30),
+            insecure: false,
+        }
+    }
+}
+
+impl NodeBuilder {
+    /// Cluster name. Default `default`.
+    pub fn cluster(mut self, name: impl Into<String>) -> Self {
+        self.cluster = name.into();
+        self
+    }
+
+    /// Address to accept connections on. Default: `127.0.0.1:0` (an ephemeral loopback
+    /// port) when the node serves a type; a node serving nothing does not listen.
+    pub fn listen(mut self, addr: SocketAddr) -> Self {
+        self.listen = Some(addr);
+        self
+    }
+
+    /// Serves `kind` with `handler`. The type is case-folded.
+    pub fn handler(mut self, kind: impl AsRef<str>, handler: impl Handler) -> Self {
+        self.handlers
+            .insert(kind.as_ref().to_ascii_lowercase(), Arc::new(handler));
+        self
+    }
+
+    /// Serves `kind` with the built-in handler (prints `Executing task: ID`).
+    pub fn builtin(self, kind: impl AsRef<str>) -> Self {
+        self.handler(kind, Builtin)
+    }
+
+    /// Tasks run at once across all connections. Default: the number of CPU cores.
+    pub fn capacity(mut self, n: u32) -> Self {
+        self.capacity = Some(n);
+        self
+    }
+
+    /// Adds a discovery backend used by [`Node::run`]. Default: none.
+    pub fn discovery(mut self, backend: Box<dyn Discovery>) -> Self {
+        self.discovery.push(backend);
+        self
+    }
+
+    /// Adds static peers (`HOST:PORT`) used by [`Node::run`].
+    pub fn peers(self, peers: Vec<String>) -> Self {
+        if peers.is_empty() {
+            return self;
+        }
+        self.discovery(Box::new(Static::new(peers)))
+    }
+
+    /// Network settings (timeouts, maximum frame). Default [`Settings::default`].
+    pub fn settings(mut self, settings: Settings) -> Self {
+        self.settings = settings;
+        self
+    }
+
+    /// Most connections served at once; more are closed at accept. Default 1024.
+    pub fn max_connections(mut self, n: usize) -> Self {
+        self.max_connections = n.max(1);
+        self
+    }
+
+    /// How long a shutting-down node lets running tasks finish. Default 30 s.
+    pub fn drain_timeout(mut self, d: Duration) -> Self {
+        self.drain_timeout = d;
+        self
+    }
+
+    /// Allows listening on a non-loopback address without a cluster key. Default false.
+    pub fn insecure(mut self, yes: bool) -> Self {
+        self.insecure = yes;
+        self
+    }
+
+    /// Validates the configuration, binds the listener (if the node serves or was given
+    /// an address) and returns the node. It serves once [`Node::start`] or [`Node::serve`]
+    /// is called.
+    pub async fn build(self) -> Result<Node, Error> {
+        if self.cluster.is_empty() || self.cluster.len() > 64 {
+            return Err(Error::Config(
+                "cluster name must be 1 to 64 characters".into(),
+            ));
+        }
+        for kind in self.handlers.keys() {
+            if kind.is_empty() || !kind.bytes().all(|b| b.is_ascii_lowercase()) {
+                return Err(Error::Config(format!(
+                    "task type {kind:?} must be ASCII letters only (e.g. a, b, render)"
+                )));
+            }
+        }
+        if self.capacity == Some(0) {
+            return Err(Error::Config("capacity must be at least 1".into()));
+        }
+        let listen = match self.listen {
+            Some(a) => Some(a),
+            None if !self.handlers.is_empty() => Some(SocketAddr::from(([127, 0, 0, 1], 0))),
+            None => None,
+        };
+        if let Some(a) = listen {
+            if !a.ip().is_loopback() && !self.insecure {
+                return Err(Error::Config(format!(
+                    "refusing to listen on {a} without a cluster key: anyone who can reach it \
+                     could run tasks here. Listen on a loopback address, or pass --insecure \
+                     (cluster keys are not available in this version)"
+                )));
+            }
+        }
+        let listener = match listen {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| Error::Bind { addr, source })?,
+            ),
+            None => None,
+        };
+        let local_addr = match &listener {
+            Some(l) => Some(l.local_addr()?),
+            None => None,
+        };
+        let capacity = self
+            .capacity
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get() as u32));
+        Ok(Node {
+            id: NodeId::random(),
+            cluster: self.cluster,
+            listener,
+            local_addr,
+            worker: Arc::new(Worker::new(self.handlers, capacity)),
+            discovery: self.discovery,
+            settings: self.settings,
+            conn_slots: Arc::new(Semaphore::new(self.max_connections)),
+            drain_timeout: self.drain_timeout,
+            shutdown: CancellationToken::new(),
+            tracker: TaskTracker::new(),
+        })
+    }
+}
+
+/// A p2p-node: serves the types it has handlers for and runs plans over its peers.
+///
+/// ```no_run
+/// use p2p_tasks::handler::{handler_fn, TaskOutcome};
+///
+/// # async fn demo() -> Result<(), node_cli::Error> {
+/// let node = node_cli::Node::builder()
+///     .handler("a", handler_fn(|req| async move { TaskOutcome::success(format!("did {}", req.id)) }))
+///     .build()
+///     .await?;
+/// println!("serving on {:?}", node.local_addr());
+/// node.serve().await; // until node.shutdown_token() is cancelled
+/// # Ok(()) }
+/// ```
+pub struct Node {
+    id: NodeId,
+    cluster: String,
+    listener: Option<TcpListener>,
+    local_addr: Option<SocketAddr>,
+    worker: Arc<Worker>,
+    discovery: Vec<Box<dyn Discovery>>,
+    settings: Settings,
+    conn_slots: Arc<Semaphore>,
+    drain_timeout: Duration,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node")
+            .field("id", &self.id)
+            .field("cluster", &self.cluster)
+            .field("local_addr", &self.local_addr)
+            .field("worker", &self.worker)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Node {
+    /// A builder with every setting at its default.
+    pub fn builder() -> NodeBuilder {
+        NodeBuilder::default()
+    }
+
+    /// This node's id.
+    pub fn id(&self) -> NodeId {
+        self.id
+    }
+
+    /// The cluster name.
+    pub fn cluster(&self) -> &str {
+        &self.cluster
+    }
+
+    /// Where the node accepts connections (with the real port), if it listens.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.local_addr
+    }
+
+    /// The types it serves, sorted.
+    pub fn types(&self) -> Vec<String> {
+        self.worker.types()
+    }
+
+    /// Tasks run at once.
+    pub fn capacity(&self) -> u32 {
+        self.worker.capacity()
+    }
+
+    /// Cancelling this token shuts the node down gracefully (see [`Node::serve`]).
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Starts shutting down: no new connections or tasks, goodbye to every peer.
+    pub fn shutdown(&self) {
+        self.shutdown.cancel();
+    }
+
+    fn hello(&self, serving: bool) -> Hello {
+        Hello {
+            version: PROTOCOL_VERSION,
+            cluster: self.cluster.clone(),
+            node_id: self.id,
+            types: if serving {
+                self.worker.types()
+            } else {
+                Vec::new()
+            },
+            capacity: if serving { self.worker.capacity() } else { 0 },
+        }
+    }
+
+    /// Starts accepting connections in the background (does nothing if the node does not
+    /// listen or already started).
+    pub fn start(&mut self) {
+        let Some(listener) = self.listener.take() else {
+            return;
+        };
+        let ctx = AcceptCtx {
+            hello: self.hello(true),
+            settings: self.settings.clone(),
+            worker: self.worker.clone(),
+            slots: self.conn_slots.clone(),
+            shutdown: self.shutdown.clone(),
+            tracker: self.tracker.clone(),
+        };
+        self.tracker.spawn(accept_loop(listener, ctx));
+    }
+
+    /// Serves until the shutdown token is cancelled, then drains: running tasks finish
+    /// (within the drain timeout), every peer gets a goodbye, and this returns.
+    pub async fn serve(mut self) {
+        self.start();
+        self.shutdown.cancelled().await;
+        self.drain().await;
+    }
+
+    /// Waits (bounded by the drain timeout) until every connection has closed.
+    pub async fn drain(&self) {
+        self.shutdown.cancel();
+        self.tracker.close();
+        if tokio::time::timeout(self.drain_timeout, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                after = ?self.drain_timeout,
+                "drain timed out; abandoning the remaining tasks"
+            );
+        }
+    }
+
+    /// Runs a plan over the peers the node's discovery finds (and `extra_peers`), calling
+    /// `emit` with every event, and returns the report. Discovery backends are used by the
+    /// first run only. A run ends early, gracefully, when the shutdown token is cancelled.
+    pub async fn run(
+        &mut self,
+        tasks: Vec<Task>,
+        opts: RunOptions,
+        extra_peers: Vec<String>,
+        emit: &mut (dyn FnMut(&RunEvent) + Send),
+    ) -> Result<RunReport, Error> {
+        let mut backends = std::mem::take(&mut self.discovery);
+        if !extra_peers.is_empty() {
+            backends.push(Box::new(Static::new(extra_peers)));
+        }
+        let run_token = self.shutdown.child_token();
+        let stop_dialing = CancellationToken::new();
+        let found = p2p_discovery::start_all(backends, None, stop_dialing.clone())?;
+        let (peer_tx, peer_rx) = mpsc::channel(256);
+        let (link_tx, link_rx) = mpsc::channel(4096);
+        let dialer = tokio::spawn(dial::run(
+            found,
+            self.hello(false),
+            self.settings.clone(),
+            opts.discovery_timeout,
+            peer_tx,
+            link_tx,
+            stop_dialing.clone(),
+        ));
+        let inputs = Inputs {
+            peers: peer_rx,
+            links: link_rx,
+            shutdown: run_token,
+        };
+        let report = p2p_tasks::run(tasks, opts, inputs, emit).await;
+        stop_dialing.cancel();
+        let _ = dialer.await;
+        Ok(report)
+    }
+}
+
+struct AcceptCtx {
+    hello: Hello,
+    settings: Settings,
+    worker: Arc<Worker>,
+    slots: Arc<Semaphore>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+}
+
+async fn accept_loop(listener: TcpListener, ctx: AcceptCtx) {
+    let ctx = Arc::new(ctx);
+    let mut next_id: LinkId = 0;
+    loop {
+        let accepted = tokio::select! {
+            _ = ctx.shutdown.cancelled() => break,
+            a = listener.accept() => a,
+        };
+        let (stream, addr) = match accepted {
+            Ok(x) => x,
+            Err(e) => {
+                // Typically out of file descriptors: back off instead of spinning.
+                warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = ctx.slots.clone().try_acquire_owned() else {
+            warn!(peer = %addr, "connection limit reached; closing new connection");
+            continue;
+        };
+        next_id += 1;
+        let id = next_id;
+        let c = ctx.clone();
+        ctx.tracker.spawn(async move {
+            serve_connection(stream, addr, id, &c).await;
+            drop(permit);
+        });
+    }
+}
+
+async fn serve_connection(stream: TcpStream, addr: SocketAddr, id: LinkId, ctx: &AcceptCtx) {
+    let (tx, rx) = mpsc::channel::<(LinkId, LinkEvent)>(LINK_EVENTS);
+    let link = match net::accept(stream, ctx.hello.clone(), &ctx.settings, id, tx).await {
+        Ok(link) => link,
+        Err(e) => {
+            warn!(peer = %addr, error = %e, "handshake failed; connection closed");
+            return;
+        }
+    };
+    let p = link.peer();
+    info!(
+        peer = %p.node_id.short(),
+        addr = %addr,
+        types = ?p.types,
+        "connected"
+    );
+    ctx.worker
+        .clone()
+        .serve_link(link, rx, ctx.shutdown.clone())
+        .await;
+}

@@ -1,0 +1,189 @@
+//! How a run looks: lines for a person, or one JSON object per line.
+
+use std::io::Write;
+
+use p2p_tasks::{Phase, RunEvent};
+
+/// Where a run's events are shown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// The seed's phases and one line per result.
+    Human,
+    /// One JSON object per line on stdout (`--json`).
+    Json,
+}
+
+/// Prints run events to stdout (and notices to stderr).
+#[derive(Debug)]
+pub struct Printer {
+    format: Format,
+    total: usize,
+    done: usize,
+}
+
+fn short(node: &str) -> &str {
+    &node[..node.len().min(8)]
+}
+
+impl Printer {
+    /// A printer for a run of `total` tasks.
+    pub fn new(format: Format, total: usize) -> Self {
+        Printer {
+            format,
+            total,
+            done: 0,
+        }
+    }
+
+    /// Shows one event.
+    pub fn event(&mut self, ev: &RunEvent) {
+        let stdout = std::io::stdout();
+        let mut out = stdout.lock();
+        // A closed stdout (e.g. `| head`) must not kill the run: ignore write errors.
+        let _ = match self.format {
+            Format::Json => match ev {
+                RunEvent::Phase(_) => Ok(()),
+                RunEvent::Notice(n) => writeln!(std::io::stderr(), "{n}"),
+                _ => match serde_json::to_string(ev) {
+                    Ok(line) => writeln!(out, "{line}"),
+                    Err(_) => Ok(()),
+                },
+            },
+            Format::Human => self.human(&mut out, ev),
+        };
+    }
+
+    fn human(&mut self, out: &mut impl Write, ev: &RunEvent) -> std::io::Result<()> {
+        match ev {
+            RunEvent::Phase(p) => writeln!(
+                out,
+                "{}",
+                match p {
+                    Phase::Discovering => "Discovering peers...",
+                    Phase::Connecting => "Initiating connections...",
+                    Phase::Assigning => "Assigning tasks...",
+                    Phase::Terminating => "Terminating connections...",
+                    Phase::Disconnected => "Disconnected from all nodes.",
+                }
+            ),
+            RunEvent::Notice(n) => writeln!(std::io::stderr(), "{n}"),
+            RunEvent::PeerDiscovered { .. } | RunEvent::TaskAssigned { .. } => Ok(()),
+            RunEvent::Connected {
+                node,
+                addr,
+                types,
+                capacity,
+            } => writeln!(
+                out,
+                "  connected to node {} at {addr} (types: {}, capacity {capacity})",
+                short(node),
+                types.join(", ")
+            ),
+            RunEvent::TaskCompleted {
+                task,
+                kind,
+                node,
+                attempt,
+                output,
+                duration_ms,
+                ..
+            } => {
+                self.done += 1;
+                let retry = if *attempt > 1 {
+                    format!(", attempt {attempt}")
+                } else {
+                    String::new()
+                };
+                writeln!(
+                    out,
+                    "  [{:>w$}/{}] {task} ok on node {} (type {kind}{retry}) in {duration_ms:.1} ms{}",
+                    self.done,
+                    self.total,
+                    short(node),
+                    if output.is_empty() { String::new() } else { format!(": {}", first_line(output)) },
+                    w = self.total.to_string().len()
+                )
+            }
+            RunEvent::TaskFailed {
+                task,
+                kind,
+                node,
+                attempt,
+                error,
+                output,
+                ..
+            } => {
+                self.done += 1;
+                let on = if node.is_empty() {
+                    String::new()
+                } else {
+                    format!(" on node {} (type {kind}, attempt {attempt})", short(node))
+                };
+                writeln!(
+                    out,
+                    "  [{:>w$}/{}] {task} FAILED{on}: {error}{}",
+                    self.done,
+                    self.total,
+                    if output.is_empty() {
+                        String::new()
+                    } else {
+                        format!("; output: {}", first_line(output))
+                    },
+                    w = self.total.to_string().len()
+                )
+            }
+            RunEvent::TaskRetry {
+                task,
+                node,
+                attempt,
+                error,
+                delay_ms,
+                ..
+            } => writeln!(
+                out,
+                "  {task} attempt {attempt} failed on node {}: {error}; retrying in {delay_ms} ms",
+                short(node)
+            ),
+            RunEvent::Disconnected {
+                node, clean, error, ..
+            } => {
+                if *clean {
+                    writeln!(out, "  disconnected from node {} (goodbye)", short(node))
+                } else {
+                    writeln!(
+                        out,
+                        "  lost node {}: {}",
+                        short(node),
+                        error.as_deref().unwrap_or("connection closed")
+                    )
+                }
+            }
+            RunEvent::Summary {
+                total,
+                succeeded,
+                failed,
+                not_run,
+                missing_types,
+                elapsed_ms,
+            } => {
+                if !missing_types.is_empty() {
+                    writeln!(
+                        std::io::stderr(),
+                        "error: no node serves type{} {}",
+                        if missing_types.len() == 1 { "" } else { "s" },
+                        missing_types.join(", ")
+                    )?;
+                }
+                writeln!(
+                    out,
+                    "{total} tasks: {succeeded} succeeded, {failed} failed, {not_run} not run in {:.1} ms",
+                    elapsed_ms
+                )
+            }
+        }
+    }
+}
+
+fn first_line(s: &str) -> &str {
+    s.lines().next().unwrap_or("")
+}

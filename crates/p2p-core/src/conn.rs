@@ -1,0 +1,448 @@
+//! The connection state machine: handshake, heartbeats, task bookkeeping and goodbye,
+//! with no IO in it.
+//!
+//! Feed it what arrives ([`Connection::handle_message`], [`Connection::handle_eof`],
+//! [`Connection::handle_timeout`]) and what the owner wants ([`Connection::assign`],
+//! [`Connection::complete`], [`Connection::cancel`], [`Connection::goodbye`]); take out
+//! what must be sent ([`Connection::poll_transmit`]), what happened
+//! ([`Connection::poll_event`]) and when to wake it next ([`Connection::poll_timeout`]).
+//! Time is passed in, so every rule can be tested without sockets or real clocks.
+//!
+//! # Goodbye
+//!
+//! `Goodbye` means "I will neither send nor accept new assignments". Tasks already in flight
+//! in either direction run to completion (or are cancelled) and their `Completed` still flow.
+//! The receiver of a `Goodbye` answers `GoodbyeAck` once nothing is in flight either way;
+//! a connection is finished when one side has sent `GoodbyeAck` or received it.
+
+use std::collections::{HashSet, VecDeque};
+use std::time::{Duration, Instant};
+
+use crate::message::{Assign, Completed, Hello, Message, Reject, RejectReason, PROTOCOL_VERSION};
+use crate::Error;
+
+/// Timing rules of a connection.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// How long the handshake may take, from the connection's start. Default 5 s.
+    pub handshake_timeout: Duration,
+    /// A `Ping` is sent this often. Default 2 s.
+    pub heartbeat_interval: Duration,
+    /// The peer is declared dead after this long without any frame. Default 10 s.
+    pub idle_timeout: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            handshake_timeout: Duration::from_secs(5),
+            heartbeat_interval: Duration::from_secs(2),
+            idle_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Which side opened the connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// We dialled: we send `Hello` and expect `Welcome`.
+    Initiator,
+    /// We accepted: we expect `Hello` and answer `Welcome` or `Reject`.
+    Acceptor,
+}
+
+/// What happened on the connection, for its owner.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// The handshake succeeded; this is the peer's description.
+    Established(Hello),
+    /// The peer asks us to run a task.
+    Assigned(Assign),
+    /// A task we assigned has a result.
+    Completed(Completed),
+    /// The peer cancels a task it assigned to us; answer with `complete`.
+    Cancelled {
+        /// The assignment's seq.
+        seq: u64,
+    },
+    /// The peer said goodbye: assign nothing more; finish what is in flight.
+    PeerGoodbye,
+    /// The goodbye exchange is complete; the connection can be closed.
+    Finished,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Handshaking,
+    Open,
+    Finished,
+    Failed,
+}
+
+/// One connection's protocol state.
+#[derive(Debug)]
+pub struct Connection {
+    role: Role,
+    state: State,
+    config: Config,
+    local: Hello,
+    peer: Option<Hello>,
+    started: Instant,
+    last_recv: Instant,
+    next_ping: Instant,
+    ping_nonce: u64,
+    /// Seqs we assigned to the peer that have no result yet.
+    outbound: HashSet<u64>,
+    /// Seqs the peer assigned to us that we have not answered yet.
+    inbound: HashSet<u64>,
+    we_said_goodbye: bool,
+    peer_said_goodbye: bool,
+    ack_sent: bool,
+    transmit: VecDeque<Message>,
+    events: VecDeque<Event>,
+}
+
+impl Connection {
+    /// A connection in the handshake phase. An initiator queues its `Hello` at once.
+    pub fn new(role: Role, local: Hello, config: Config, now: Instant) -> Self {
+        let mut conn = Connection {
+            role,
+            state: State::Handshaking,
+            next_ping: now + config.heartbeat_interval,
+            config,
+            local,
+            peer: None,
+            started: now,
+            last_recv: now,
+            ping_nonce: 0,
+            outbound: HashSet::new(),
+            inbound: HashSet::new(),
+            we_said_goodbye: false,
+            peer_said_goodbye: false,
+            ack_sent: false,
+            transmit: VecDeque::new(),
+            events: VecDeque::new(),
+        };
+        if role == Role::Initiator {
+            conn.transmit.push_back(Message::Hello(conn.local.clone()));
+        }
+        conn
+    }
+
+    /// The peer's description, once the handshake succeeded.
+    pub fn peer(&self) -> Option<&Hello> {
+        self.peer.as_ref()
+    }
+
+    /// Whether the handshake is done and the connection not finished.
+    pub fn is_open(&self) -> bool {
+        self.state == State::Open
+    }
+
+    /// Whether the goodbye exchange is complete (the socket may be closed now).
+    pub fn is_finished(&self) -> bool {
+        self.state == State::Finished
+    }
+
+    /// Whether new assignments may be sent to the peer.
+    pub fn can_assign(&self) -> bool {
+        self.state == State::Open && !self.we_said_goodbye && !self.peer_said_goodbye
+    }
+
+    /// How many of our assignments the peer is running.
+    pub fn outbound_in_flight(&self) -> usize {
+        self.outbound.len()
+    }
+
+    /// How many of the peer's assignments we are running.
+    pub fn inbound_in_flight(&self) -> usize {
+        self.inbound.len()
+    }
+
+    /// The next message to send, if any.
+    pub fn poll_transmit(&mut self) -> Option<Message> {
+        self.transmit.pop_front()
+    }
+
+    /// The next event for the owner, if any.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// When [`Connection::handle_timeout`] must be called next.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        match self.state {
+            State::Handshaking => Some(self.started + self.config.handshake_timeout),
+            State::Open => Some(
+                self.next_ping
+                    .min(self.last_recv + self.config.idle_timeout),
+            ),
+            State::Finished | State::Failed => None,
+        }
+    }
+
+    /// Applies the timing rules. An error means the connection must be closed.
+    pub fn handle_timeout(&mut self, now: Instant) -> Result<(), Error> {
+        match self.state {
+            State::Handshaking if now >= self.started + self.config.handshake_timeout => {
+                self.fail(Error::HandshakeTimeout(self.config.handshake_timeout))
+            }
+            State::Open => {
+                if now >= self.last_recv + self.config.idle_timeout {
+                    return self.fail(Error::PeerTimeout(self.config.idle_timeout));
+                }
+                if now >= self.next_ping {
+                    self.ping_nonce = self.ping_nonce.wrapping_add(1);
+                    self.transmit.push_back(Message::Ping {
+                        nonce: self.ping_nonce,
+                    });
+                    self.next_ping = now + self.config.heartbeat_interval;
+                }
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// The peer closed its side of the stream.
+    pub fn handle_eof(&mut self) -> Result<(), Error> {
+        match self.state {
+            State::Finished => Ok(()),
+            _ => self.fail(Error::ConnectionLost),
+        }
+    }
+
+    /// Processes one received message. An error means the connection must be closed (after
+    /// sending what [`Connection::poll_transmit`] still yields, such as a `Reject`).
+    pub fn handle_message(&mut self, msg: Message, now: Instant) -> Result<(), Error> {
+        self.last_recv = now;
+        match (self.state, msg) {
+            (State::Handshaking, Message::Hello(hello)) if self.role == Role::Acceptor => {
+                if let Some((reason, message)) = self.check_peer(&hello) {
+                    self.transmit.push_back(Message::Reject(Reject {
+                        reason,
+                        message: message.clone(),
+                    }));
+                    return self.fail(Error::Refused { reason, message });
+                }
+                self.transmit
+                    .push_back(Message::Welcome(self.local.clone()));
+                self.establish(hello, now);
+                Ok(())
+            }
+            (State::Handshaking, Message::Welcome(hello)) if self.role == Role::Initiator => {
+                if let Some((reason, message)) = self.check_peer(&hello) {
+                    return self.fail(Error::Refused { reason, message });
+                }
+                self.establish(hello, now);
+                Ok(())
+            }
+            (State::Handshaking, Message::Reject(r)) if self.role == Role::Initiator => {
+                self.fail(Error::Rejected {
+                    reason: r.reason,
+                    message: r.message,
+                })
+            }
+            (State::Handshaking, other) => self.fail(Error::Unexpected {
+                got: other.kind(),
+                state: "waiting for the handshake",
+            }),
+            (State::Open, msg) => self.handle_open(msg),
+            (
+                State::Finished,
+                Message::Ping { .. } | Message::Pong { .. } | Message::GoodbyeAck,
+            ) => Ok(()),
+            (State::Finished | State::Failed, other) => self.fail(Error::Unexpected {
+                got: other.kind(),
+                state: "closing",
+            }),
+        }
+    }
+
+    fn handle_open(&mut self, msg: Message) -> Result<(), Error> {
+        match msg {
+            Message::Assign(a) => {
+                if self.we_said_goodbye || self.peer_said_goodbye {
+                    return self.fail(Error::Violation(format!(
+                        "assignment {} after goodbye",
+                        a.task
+                    )));
+                }
+                if self.inbound.len() >= self.local.capacity as usize {
+                    return self.fail(Error::Violation(format!(
+                        "peer exceeded our capacity of {} tasks in flight",
+                        self.local.capacity
+                    )));
+                }
+                if !self.inbound.insert(a.seq) {
+                    return self.fail(Error::Violation(format!(
+                        "duplicate assignment seq {}",
+                        a.seq
+                    )));
+                }
+                self.events.push_back(Event::Assigned(a));
+                Ok(())
+            }
+            Message::Completed(c) => {
+                // A result for an unknown seq (e.g. one we gave up on) is ignored: execution
+                // is at-least-once and the scheduler owns deduplication.
+                if self.outbound.remove(&c.seq) {
+                    self.events.push_back(Event::Completed(c));
+                    self.maybe_ack();
+                }
+                Ok(())
+            }
+            Message::Cancel { seq } => {
+                if self.inbound.contains(&seq) {
+                    self.events.push_back(Event::Cancelled { seq });
+                }
+                Ok(())
+            }
+            Message::Ping { nonce } => {
+                self.transmit.push_back(Message::Pong { nonce });
+                Ok(())
+            }
+            Message::Pong { .. } => Ok(()),
+            Message::Goodbye => {
+                if self.peer_said_goodbye {
+                    return self.fail(Error::Violation("second Goodbye".into()));
+                }
+                self.peer_said_goodbye = true;
+                self.events.push_back(Event::PeerGoodbye);
+                self.maybe_ack();
+                Ok(())
+            }
+            Message::GoodbyeAck if self.we_said_goodbye => {
+                self.finish();
+                Ok(())
+            }
+            other => self.fail(Error::Unexpected {
+                got: other.kind(),
+                state: "open",
+            }),
+        }
+    }
+
+    /// Sends an assignment to the peer. Fails (without harming the connection) when the
+    /// connection is not open, is saying goodbye, or the peer is at its capacity.
+    pub fn assign(&mut self, a: Assign) -> Result<(), Error> {
+        if !self.can_assign() {
+            return Err(Error::InvalidState {
+                action: "assign",
+                why: "the connection is not open for new work",
+            });
+        }
+        let capacity = self.peer.as_ref().map_or(0, |p| p.capacity) as usize;
+        if self.outbound.len() >= capacity {
+            return Err(Error::InvalidState {
+                action: "assign",
+                why: "the peer is at its advertised capacity",
+            });
+        }
+        if !self.outbound.insert(a.seq) {
+            return Err(Error::InvalidState {
+                action: "assign",
+                why: "seq already in flight",
+            });
+        }
+        self.transmit.push_back(Message::Assign(a));
+        Ok(())
+    }
+
+    /// Sends the result of a task the peer assigned to us.
+    pub fn complete(&mut self, c: Completed) -> Result<(), Error> {
+        if self.state != State::Open {
+            return Err(Error::InvalidState {
+                action: "complete",
+                why: "the connection is not open",
+            });
+        }
+        if !self.inbound.remove(&c.seq) {
+            return Err(Error::InvalidState {
+                action: "complete",
+                why: "no such assignment in flight",
+            });
+        }
+        self.transmit.push_back(Message::Completed(c));
+        self.maybe_ack();
+        Ok(())
+    }
+
+    /// Asks the peer to stop a task we assigned. Its `Completed` still follows.
+    pub fn cancel(&mut self, seq: u64) -> Result<(), Error> {
+        if self.state != State::Open || !self.outbound.contains(&seq) {
+            return Err(Error::InvalidState {
+                action: "cancel",
+                why: "no such assignment in flight",
+            });
+        }
+        self.transmit.push_back(Message::Cancel { seq });
+        Ok(())
+    }
+
+    /// Starts the goodbye: no new work either way; in-flight tasks finish.
+    /// Does nothing when goodbye was already said.
+    pub fn goodbye(&mut self) {
+        if self.state == State::Open && !self.we_said_goodbye {
+            self.we_said_goodbye = true;
+            self.transmit.push_back(Message::Goodbye);
+            self.maybe_ack();
+        }
+    }
+
+    fn check_peer(&self, peer: &Hello) -> Option<(RejectReason, String)> {
+        if peer.version != PROTOCOL_VERSION {
+            return Some((
+                RejectReason::Version,
+                format!(
+                    "protocol version {} is not supported (this node speaks {})",
+                    peer.version, PROTOCOL_VERSION
+                ),
+            ));
+        }
+        if peer.cluster != self.local.cluster {
+            return Some((
+                RejectReason::Cluster,
+                format!(
+                    "cluster {:?} does not match this node's cluster {:?}",
+                    peer.cluster, self.local.cluster
+                ),
+            ));
+        }
+        None
+    }
+
+    fn establish(&mut self, peer: Hello, now: Instant) {
+        self.state = State::Open;
+        self.next_ping = now + self.config.heartbeat_interval;
+        self.events.push_back(Event::Established(peer.clone()));
+        self.peer = Some(peer);
+    }
+
+    fn maybe_ack(&mut self) {
+        if self.peer_said_goodbye
+            && !self.ack_sent
+            && self.inbound.is_empty()
+            && self.outbound.is_empty()
+        {
+            self.ack_sent = true;
+            self.transmit.push_back(Message::GoodbyeAck);
+            self.finish();
+        }
+    }
+
+    fn finish(&mut self) {
+        if self.state != State::Finished {
+            self.state = State::Finished;
+            self.events.push_back(Event::Finished);
+        }
+    }
+
+    fn fail(&mut self, e: Error) -> Result<(), Error> {
+        self.state = State::Failed;
+        Err(e)
+    }
+}
+
+#[cfg(test)]
+mod tests;

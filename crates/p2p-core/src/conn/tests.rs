@@ -1,0 +1,301 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use super::*;
+use crate::NodeId;
+
+fn hello(cluster: &str, types: &[&str], capacity: u32) -> Hello {
+    Hello {
+        version: PROTOCOL_VERSION,
+        cluster: cluster.into(),
+        node_id: NodeId::random(),
+        types: types.iter().map(|t| t.to_string()).collect(),
+        capacity,
+    }
+}
+
+fn assign(seq: u64) -> Assign {
+    Assign {
+        seq,
+        task: format!("a{seq}"),
+        kind: "a".into(),
+        args: String::new(),
+        attempt: 1,
+        timeout_ms: 0,
+    }
+}
+
+fn completed(seq: u64) -> Completed {
+    Completed {
+        seq,
+        ok: true,
+        exit_code: Some(0),
+        output: String::new(),
+        error: None,
+        duration_us: 1,
+    }
+}
+
+/// A coordinator (initiator) and a worker (acceptor) wired back to back.
+struct Pair {
+    c: Connection,
+    w: Connection,
+    now: Instant,
+}
+
+impl Pair {
+    fn new(worker_capacity: u32) -> Self {
+        let now = Instant::now();
+        let c = Connection::new(
+            Role::Initiator,
+            hello("default", &[], 1),
+            Config::default(),
+            now,
+        );
+        let w = Connection::new(
+            Role::Acceptor,
+            hello("default", &["a"], worker_capacity),
+            Config::default(),
+            now,
+        );
+        Pair { c, w, now }
+    }
+
+    /// Delivers queued messages both ways until both are quiet.
+    fn drive(&mut self) -> Result<(), Error> {
+        loop {
+            let mut moved = false;
+            while let Some(m) = self.c.poll_transmit() {
+                moved = true;
+                self.w.handle_message(m, self.now)?;
+            }
+            while let Some(m) = self.w.poll_transmit() {
+                moved = true;
+                self.c.handle_message(m, self.now)?;
+            }
+            if !moved {
+                return Ok(());
+            }
+        }
+    }
+
+    fn events(conn: &mut Connection) -> Vec<Event> {
+        std::iter::from_fn(|| conn.poll_event()).collect()
+    }
+}
+
+#[test]
+fn handshake_establishes_both_sides() {
+    let mut p = Pair::new(2);
+    p.drive().unwrap();
+    assert!(p.c.is_open() && p.w.is_open());
+    let ce = Pair::events(&mut p.c);
+    assert!(matches!(&ce[..], [Event::Established(h)] if h.types == vec!["a".to_string()]));
+    let we = Pair::events(&mut p.w);
+    assert!(matches!(&we[..], [Event::Established(h)] if h.capacity == 1));
+}
+
+#[test]
+fn cluster_mismatch_is_rejected_with_a_reason() {
+    let now = Instant::now();
+    let mut c = Connection::new(
+        Role::Initiator,
+        hello("blue", &[], 1),
+        Config::default(),
+        now,
+    );
+    let mut w = Connection::new(
+        Role::Acceptor,
+        hello("green", &["a"], 1),
+        Config::default(),
+        now,
+    );
+    let h = c.poll_transmit().unwrap();
+    let err = w.handle_message(h, now).unwrap_err();
+    assert!(matches!(
+        err,
+        Error::Refused {
+            reason: RejectReason::Cluster,
+            ..
+        }
+    ));
+    let reject = w.poll_transmit().unwrap();
+    let err = c.handle_message(reject, now).unwrap_err();
+    assert!(matches!(
+        err,
+        Error::Rejected {
+            reason: RejectReason::Cluster,
+            ..
+        }
+    ));
+}
+
+#[test]
+fn version_mismatch_is_rejected() {
+    let now = Instant::now();
+    let mut w = Connection::new(
+        Role::Acceptor,
+        hello("default", &["a"], 1),
+        Config::default(),
+        now,
+    );
+    let mut h = hello("default", &[], 1);
+    h.version = PROTOCOL_VERSION + 1;
+    let err = w.handle_message(Message::Hello(h), now).unwrap_err();
+    assert!(matches!(
+        err,
+        Error::Refused {
+            reason: RejectReason::Version,
+            ..
+        }
+    ));
+    assert!(matches!(w.poll_transmit(), Some(Message::Reject(_))));
+}
+
+#[test]
+fn nothing_but_hello_is_accepted_before_the_handshake() {
+    let now = Instant::now();
+    let mut w = Connection::new(
+        Role::Acceptor,
+        hello("default", &["a"], 1),
+        Config::default(),
+        now,
+    );
+    let err = w
+        .handle_message(Message::Assign(assign(1)), now)
+        .unwrap_err();
+    assert!(matches!(err, Error::Unexpected { got: "Assign", .. }));
+}
+
+#[test]
+fn handshake_times_out() {
+    let now = Instant::now();
+    let cfg = Config::default();
+    let mut w = Connection::new(
+        Role::Acceptor,
+        hello("default", &["a"], 1),
+        cfg.clone(),
+        now,
+    );
+    assert_eq!(w.poll_timeout(), Some(now + cfg.handshake_timeout));
+    w.handle_timeout(now + cfg.handshake_timeout / 2).unwrap();
+    let err = w.handle_timeout(now + cfg.handshake_timeout).unwrap_err();
+    assert!(matches!(err, Error::HandshakeTimeout(_)));
+}
+
+#[test]
+fn heartbeats_are_sent_and_silence_kills() {
+    let mut p = Pair::new(1);
+    p.drive().unwrap();
+    let cfg = Config::default();
+    let t1 = p.now + cfg.heartbeat_interval;
+    p.c.handle_timeout(t1).unwrap();
+    assert!(matches!(p.c.poll_transmit(), Some(Message::Ping { .. })));
+    // The worker answers a ping with a pong, which counts as life.
+    p.w.handle_message(Message::Ping { nonce: 5 }, t1).unwrap();
+    assert_eq!(p.w.poll_transmit(), Some(Message::Pong { nonce: 5 }));
+    p.c.handle_message(Message::Pong { nonce: 5 }, t1).unwrap();
+    p.c.handle_timeout(t1 + cfg.idle_timeout - Duration::from_millis(1))
+        .unwrap();
+    let err = p.c.handle_timeout(t1 + cfg.idle_timeout).unwrap_err();
+    assert!(matches!(err, Error::PeerTimeout(_)));
+}
+
+#[test]
+fn assignments_respect_capacity_both_ways() {
+    let mut p = Pair::new(2);
+    p.drive().unwrap();
+    p.c.assign(assign(1)).unwrap();
+    p.c.assign(assign(2)).unwrap();
+    assert!(p.c.assign(assign(3)).is_err(), "peer capacity is 2");
+    p.drive().unwrap();
+    assert_eq!(p.w.inbound_in_flight(), 2);
+    // A misbehaving peer that ignores our capacity is a protocol violation.
+    let err =
+        p.w.handle_message(Message::Assign(assign(9)), p.now)
+            .unwrap_err();
+    assert!(matches!(err, Error::Violation(_)));
+}
+
+#[test]
+fn duplicate_seq_is_a_violation() {
+    let mut p = Pair::new(4);
+    p.drive().unwrap();
+    p.w.handle_message(Message::Assign(assign(1)), p.now)
+        .unwrap();
+    let err =
+        p.w.handle_message(Message::Assign(assign(1)), p.now)
+            .unwrap_err();
+    assert!(matches!(err, Error::Violation(_)));
+}
+
+#[test]
+fn task_round_trip_and_goodbye_from_the_coordinator() {
+    let mut p = Pair::new(1);
+    p.drive().unwrap();
+    Pair::events(&mut p.c);
+    Pair::events(&mut p.w);
+    p.c.assign(assign(7)).unwrap();
+    p.drive().unwrap();
+    assert_eq!(Pair::events(&mut p.w), vec![Event::Assigned(assign(7))]);
+    // Goodbye while the task runs: no ack until the result went back.
+    p.c.goodbye();
+    p.drive().unwrap();
+    assert_eq!(Pair::events(&mut p.w), vec![Event::PeerGoodbye]);
+    assert!(!p.w.is_finished() && !p.c.is_finished());
+    p.w.complete(completed(7)).unwrap();
+    p.drive().unwrap();
+    assert!(p.w.is_finished() && p.c.is_finished());
+    assert_eq!(
+        Pair::events(&mut p.c),
+        vec![Event::Completed(completed(7)), Event::Finished]
+    );
+    assert_eq!(Pair::events(&mut p.w), vec![Event::Finished]);
+    assert!(p.c.handle_eof().is_ok(), "EOF after goodbye is clean");
+}
+
+#[test]
+fn worker_goodbye_drains_then_finishes_and_blocks_new_work() {
+    let mut p = Pair::new(1);
+    p.drive().unwrap();
+    p.c.assign(assign(1)).unwrap();
+    p.drive().unwrap();
+    p.w.goodbye();
+    p.drive().unwrap();
+    assert!(!p.c.can_assign());
+    assert!(p.c.assign(assign(2)).is_err());
+    p.w.complete(completed(1)).unwrap();
+    p.drive().unwrap();
+    assert!(p.c.is_finished() && p.w.is_finished());
+}
+
+#[test]
+fn simultaneous_goodbyes_finish_cleanly() {
+    let mut p = Pair::new(1);
+    p.drive().unwrap();
+    p.c.goodbye();
+    p.w.goodbye();
+    p.drive().unwrap();
+    assert!(p.c.is_finished() && p.w.is_finished());
+}
+
+#[test]
+fn eof_without_goodbye_is_a_lost_connection() {
+    let mut p = Pair::new(1);
+    p.drive().unwrap();
+    assert!(matches!(p.c.handle_eof(), Err(Error::ConnectionLost)));
+}
+
+#[test]
+fn cancel_reaches_the_worker_only_for_tasks_in_flight() {
+    let mut p = Pair::new(1);
+    p.drive().unwrap();
+    Pair::events(&mut p.w);
+    assert!(p.c.cancel(1).is_err());
+    p.c.assign(assign(1)).unwrap();
+    p.c.cancel(1).unwrap();
+    p.drive().unwrap();
+    assert_eq!(
+        Pair::events(&mut p.w),
+        vec![Event::Assigned(assign(1)), Event::Cancelled { seq: 1 }]
+    );
+}

@@ -1,0 +1,85 @@
+//! The error type of this crate.
+
+use std::time::Duration;
+
+use crate::message::RejectReason;
+
+/// Everything that can go wrong on a connection.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The socket failed.
+    #[error("i/o error: {0}")]
+    Io(#[from] std::io::Error),
+    /// A frame's length prefix (or an outgoing message) exceeds the maximum frame size.
+    #[error("frame of {len} bytes exceeds the maximum of {max} bytes")]
+    FrameTooLarge {
+        /// The claimed or encoded length.
+        len: usize,
+        /// The configured maximum.
+        max: usize,
+    },
+    /// The stream ended in the middle of a frame.
+    #[error("connection closed in the middle of a frame ({buffered} bytes buffered)")]
+    Truncated {
+        /// How many bytes of the unfinished frame had arrived.
+        buffered: usize,
+    },
+    /// A payload is not a valid message.
+    #[error("malformed message: {0}")]
+    Decode(String),
+    /// A message could not be encoded.
+    #[error("cannot encode message: {0}")]
+    Encode(String),
+    /// The peer did not complete the handshake in time.
+    #[error("handshake not completed within {0:?}")]
+    HandshakeTimeout(Duration),
+    /// Nothing was heard from the peer for too long.
+    #[error("peer silent for {0:?} (missed heartbeats)")]
+    PeerTimeout(Duration),
+    /// The peer sent a message that is not allowed in the connection's state.
+    #[error("protocol violation: unexpected {got} while {state}")]
+    Unexpected {
+        /// The message kind received.
+        got: &'static str,
+        /// What the connection was doing.
+        state: &'static str,
+    },
+    /// The peer broke a rule of the protocol.
+    #[error("protocol violation: {0}")]
+    Violation(String),
+    /// The peer refused our handshake.
+    #[error("peer rejected the handshake ({reason:?}): {message}")]
+    Rejected {
+        /// Why.
+        reason: RejectReason,
+        /// The peer's explanation.
+        message: String,
+    },
+    /// We refused the peer's handshake.
+    #[error("refused the peer's handshake ({reason:?}): {message}")]
+    Refused {
+        /// Why.
+        reason: RejectReason,
+        /// Our explanation (also sent to the peer).
+        message: String,
+    },
+    /// The peer closed the connection without saying goodbye.
+    #[error("connection closed by peer without goodbye")]
+    ConnectionLost,
+    /// A local request cannot be carried out in the connection's state.
+    #[error("cannot {action}: {why}")]
+    InvalidState {
+        /// What was asked.
+        action: &'static str,
+        /// Why not.
+        why: &'static str,
+    },
+    /// Connecting took too long.
+    #[error("connect to {addr} timed out after {after:?}")]
+    ConnectTimeout {
+        /// The address dialled.
+        addr: String,
+        /// The bound that expired.
+        after: Duration,
+    },
+}

@@ -1,0 +1,38 @@
+//! The wire protocol of p2p-node.
+//!
+//! # Layout
+//!
+//! - [`message`]: the messages of protocol v1 ([`Message`], [`Hello`], [`Assign`], ...).
+//! - [`wire`]: the payload encoding (bincode 2), kept behind one small module.
+//! - [`codec`]: framing (4-byte big-endian length + payload) with a maximum frame size that
+//!   is enforced before any allocation.
+//! - [`conn`]: the connection state machine (handshake, heartbeats, task bookkeeping,
+//!   goodbye) with no IO in it.
+//! - [`net`]: the thin tokio driver that runs a [`conn::Connection`] on a TCP socket.
+//! - [`NodeId`]: node identity.
+//!
+//! # Usage
+//!
+//! ```
+//! use bytes::BytesMut;
+//! use p2p_core::{codec::FrameCodec, Message};
+//! use tokio_util::codec::{Decoder, Encoder};
+//!
+//! let mut codec = FrameCodec::new(64 * 1024);
+//! let mut buf = BytesMut::new();
+//! codec.encode(&Message::Ping { nonce: 7 }, &mut buf)?;
+//! assert_eq!(codec.decode(&mut buf)?, Some(Message::Ping { nonce: 7 }));
+//! # Ok::<(), p2p_core::Error>(())
+//! ```
+
+pub mod codec;
+pub mod conn;
+mod error;
+mod id;
+pub mod message;
+pub mod net;
+pub mod wire;
+
+pub use error::Error;
+pub use id::NodeId;
+pub use message::{Assign, Completed, Hello, Message, Reject, RejectReason, PROTOCOL_VERSION};

@@ -1,0 +1,136 @@
+//! The messages of protocol v1.
+//!
+//! docs/PROTOCOL.md describes their encoding byte by byte. Rules that keep versions apart:
+//! the first message on a connection is always [`Message::Hello`], whose first field is the
+//! protocol version, and a decoder ignores bytes after a `Hello`, so a later version may
+//! append fields to it and still be told clearly that the versions differ.
+
+use serde::{Deserialize, Serialize};
+
+use crate::NodeId;
+
+/// The protocol version this crate speaks.
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// One protocol message: the payload of one frame.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Message {
+    /// First message of the initiator: who it is and what it serves.
+    Hello(Hello),
+    /// The acceptor's answer when it accepts: who *it* is and what it serves.
+    Welcome(Hello),
+    /// The acceptor's answer when it refuses; the connection closes after it.
+    Reject(Reject),
+    /// Run a task.
+    Assign(Assign),
+    /// The result of an assigned task.
+    Completed(Completed),
+    /// Stop running a task; it is answered by its `Completed` (with `ok: false`).
+    Cancel {
+        /// The `seq` of the assignment to cancel.
+        seq: u64,
+    },
+    /// Heartbeat request.
+    Ping {
+        /// Echoed by the `Pong`.
+        nonce: u64,
+    },
+    /// Heartbeat answer.
+    Pong {
+        /// The nonce of the `Ping` answered.
+        nonce: u64,
+    },
+    /// The sender will neither send nor accept new assignments; tasks in flight finish.
+    Goodbye,
+    /// Sent in answer to `Goodbye` once nothing is in flight; then both sides close.
+    GoodbyeAck,
+}
+
+impl Message {
+    /// A short name for logs and errors.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Message::Hello(_) => "Hello",
+            Message::Welcome(_) => "Welcome",
+            Message::Reject(_) => "Reject",
+            Message::Assign(_) => "Assign",
+            Message::Completed(_) => "Completed",
+            Message::Cancel { .. } => "Cancel",
+            Message::Ping { .. } => "Ping",
+            Message::Pong { .. } => "Pong",
+            Message::Goodbye => "Goodbye",
+            Message::GoodbyeAck => "GoodbyeAck",
+        }
+    }
+}
+
+/// A node's description of itself, sent in `Hello` and `Welcome`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// Protocol version of the sender ([`PROTOCOL_VERSION`]).
+    pub version: u16,
+    /// Cluster name; nodes of different clusters never work together.
+    pub cluster: String,
+    /// The sender's node id.
+    pub node_id: NodeId,
+    /// Task types the sender serves (lower case); may be empty for a pure coordinator.
+    pub types: Vec<String>,
+    /// How many tasks the sender runs at once; the peer never has more in flight to it.
+    pub capacity: u32,
+}
+
+/// Why a handshake was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RejectReason {
+    /// The protocol versions differ.
+    Version,
+    /// The cluster names differ.
+    Cluster,
+    /// The cluster key did not match.
+    Key,
+    /// The node is at its connection limit.
+    Busy,
+}
+
+/// A refused handshake.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reject {
+    /// Machine-readable reason.
+    pub reason: RejectReason,
+    /// Human-readable explanation.
+    pub message: String,
+}
+
+/// An assignment of one task to the receiver.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Assign {
+    /// The assigner's number for this assignment, unique on the connection; echoed in `Completed`.
+    pub seq: u64,
+    /// Task id, e.g. `a1`.
+    pub task: String,
+    /// Task type, e.g. `a`.
+    pub kind: String,
+    /// Arguments for the handler (may be empty).
+    pub args: String,
+    /// 1 for the first attempt, 2 for the first retry, ...
+    pub attempt: u32,
+    /// The task may run at most this long (milliseconds); 0 means no limit.
+    pub timeout_ms: u64,
+}
+
+/// The result of an assignment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Completed {
+    /// The `seq` of the `Assign` this answers.
+    pub seq: u64,
+    /// Whether the task succeeded.
+    pub ok: bool,
+    /// The handler's exit code, when it was a process that exited.
+    pub exit_code: Option<i32>,
+    /// The task's output (capped in size by the worker).
+    pub output: String,
+    /// Why it failed, when it did.
+    pub error: Option<String>,
+    /// How long the handler ran, in microseconds.
+    pub duration_us: u64,
+}

@@ -1,0 +1,328 @@
+//! The tokio driver: moves frames between a TCP socket and a [`Connection`].
+//!
+//! [`connect`] and [`accept`] run the handshake (bounded by the handshake timeout) and then
+//! spawn a task that drives the connection. Its owner talks to it through a [`Link`]
+//! (commands in) and a shared channel of `(LinkId, LinkEvent)` (events out). The task ends,
+//! with a final [`LinkEvent::Closed`], when the goodbye exchange finished or the connection
+//! failed; a failure closes this connection only.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::codec::Framed;
+use tracing::{debug, warn};
+
+use crate::codec::{FrameCodec, DEFAULT_MAX_FRAME};
+use crate::conn::{self, Connection, Event, Role};
+use crate::message::{Assign, Completed, Hello, Message};
+use crate::Error;
+
+/// Network settings shared by all connections of a node.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Protocol timing (handshake, heartbeats).
+    pub conn: conn::Config,
+    /// Maximum frame payload in bytes. Default 16 MiB (also the ceiling).
+    pub max_frame: usize,
+    /// Bound on establishing a TCP connection. Default 3 s.
+    pub connect_timeout: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            conn: conn::Config::default(),
+            max_frame: DEFAULT_MAX_FRAME,
+            connect_timeout: Duration::from_secs(3),
+        }
+    }
+}
+
+/// The owner's number for a connection, echoed in its events.
+pub type LinkId = u64;
+
+/// What the owner asks of a connection.
+#[derive(Debug, Clone)]
+pub enum Command {
+    /// Assign a task to the peer.
+    Assign(Assign),
+    /// Report the result of a task the peer assigned to us.
+    Complete(Completed),
+    /// Cancel a task we assigned to the peer.
+    Cancel(u64),
+    /// Say goodbye: no new work; close once in-flight work is done.
+    Goodbye,
+    /// Close now, without goodbye.
+    Abort,
+}
+
+/// What a connection reports to its owner.
+#[derive(Debug, Clone)]
+pub enum LinkEvent {
+    /// The peer asks us to run a task.
+    Assigned(Assign),
+    /// A task we assigned has a result.
+    Completed(Completed),
+    /// The peer cancels a task it assigned to us.
+    Cancelled {
+        /// The assignment's seq.
+        seq: u64,
+    },
+    /// The peer said goodbye: assign nothing more to it.
+    PeerGoodbye,
+    /// An assignment could not be sent (connection closing, peer at capacity).
+    AssignFailed {
+        /// The assignment, for re-queueing.
+        assign: Assign,
+        /// Why.
+        reason: String,
+    },
+    /// The connection is closed; this is the last event of the link.
+    Closed {
+        /// `None` after a complete goodbye, else what went wrong.
+        error: Option<String>,
+    },
+}
+
+/// The owner's handle on one established connection.
+#[derive(Debug, Clone)]
+pub struct Link {
+    id: LinkId,
+    peer: Hello,
+    addr: SocketAddr,
+    tx: mpsc::Sender<Command>,
+}
+
+impl Link {
+    /// The owner's number for this link.
+    pub fn id(&self) -> LinkId {
+        self.id
+    }
+
+    /// The peer's handshake.
+    pub fn peer(&self) -> &Hello {
+        &self.peer
+    }
+
+    /// The peer's socket address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Queues a command. The queue holds the peer's capacity plus a margin, so a sender that
+    /// respects capacity never finds it full; a closed link gives an error.
+    pub fn send(&self, cmd: Command) -> Result<(), Error> {
+        self.tx.try_send(cmd).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => Error::InvalidState {
+                action: "send",
+                why: "the link's command queue is full",
+            },
+            mpsc::error::TrySendError::Closed(_) => Error::InvalidState {
+                action: "send",
+                why: "the connection is closed",
+            },
+        })
+    }
+}
+
+/// The sender of a link's events.
+pub type EventSender = mpsc::Sender<(LinkId, LinkEvent)>;
+
+/// Dials `addr`, runs the handshake as initiator and spawns the connection's driver.
+pub async fn connect(
+    addr: SocketAddr,
+    local: Hello,
+    settings: &Settings,
+    id: LinkId,
+    events: EventSender,
+) -> Result<Link, Error> {
+    let stream = tokio::time::timeout(settings.connect_timeout, TcpStream::connect(addr))
+        .await
+        .map_err(|_| Error::ConnectTimeout {
+            addr: addr.to_string(),
+            after: settings.connect_timeout,
+        })??;
+    start(stream, addr, Role::Initiator, local, settings, id, events).await
+}
+
+/// Runs the handshake as acceptor on an accepted stream and spawns the connection's driver.
+pub async fn accept(
+    stream: TcpStream,
+    local: Hello,
+    settings: &Settings,
+    id: LinkId,
+    events: EventSender,
+) -> Result<Link, Error> {
+    let addr = stream.peer_addr()?;
+    start(stream, addr, Role::Acceptor, local, settings, id, events).await
+}
+
+type Transport = Framed<TcpStream, FrameCodec>;
+
+async fn start(
+    stream: TcpStream,
+    addr: SocketAddr,
+    role: Role,
+    local: Hello,
+    settings: &Settings,
+    id: LinkId,
+    events: EventSender,
+) -> Result<Link, Error> {
+    stream.set_nodelay(true)?;
+    let mut io = Framed::new(stream, FrameCodec::new(settings.max_frame));
+    let mut conn = Connection::new(role, local, settings.conn.clone(), now());
+    let peer = match handshake(&mut io, &mut conn).await {
+        Ok(peer) => peer,
+        Err(e) => {
+            // Best effort: tell the peer why (a Reject), without waiting long.
+            let _ =
+                tokio::time::timeout(Duration::from_millis(200), flush(&mut io, &mut conn)).await;
+            return Err(e);
+        }
+    };
+    // Enough room for a full window of assignments plus control commands.
+    let (tx, rx) = mpsc::channel(peer.capacity.clamp(1, 65_536) as usize + 64);
+    let link = Link { id, peer, addr, tx };
+    tokio::spawn(drive(io, conn, rx, id, events));
+    Ok(link)
+}
+
+fn now() -> std::time::Instant {
+    Instant::now().into_std()
+}
+
+async fn flush(io: &mut Transport, conn: &mut Connection) -> Result<(), Error> {
+    let mut wrote = false;
+    while let Some(msg) = conn.poll_transmit() {
+        io.feed(msg).await?;
+        wrote = true;
+    }
+    if wrote {
+        SinkExt::<Message>::flush(io).await?;
+    }
+    Ok(())
+}
+
+async fn handshake(io: &mut Transport, conn: &mut Connection) -> Result<Hello, Error> {
+    loop {
+        flush(io, conn).await?;
+        while let Some(ev) = conn.poll_event() {
+            if let Event::Established(peer) = ev {
+                return Ok(peer);
+            }
+        }
+        let deadline = conn.poll_timeout().map(Instant::from_std);
+        tokio::select! {
+            frame = io.next() => match frame {
+                Some(Ok(msg)) => conn.handle_message(msg, now())?,
+                Some(Err(e)) => return Err(e),
+                None => conn.handle_eof()?,
+            },
+            _ = sleep_until(deadline) => conn.handle_timeout(now())?,
+        }
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => futures::future::pending().await,
+    }
+}
+
+async fn drive(
+    mut io: Transport,
+    mut conn: Connection,
+    mut rx: mpsc::Receiver<Command>,
+    id: LinkId,
+    events: EventSender,
+) {
+    let result = drive_inner(&mut io, &mut conn, &mut rx, id, &events).await;
+    let error = match result {
+        Ok(()) => None,
+        Err(e) => {
+            // Whatever is queued (e.g. results) goes out if the socket still takes it.
+            let _ =
+                tokio::time::timeout(Duration::from_millis(200), flush(&mut io, &mut conn)).await;
+            Some(e.to_string())
+        }
+    };
+    match &error {
+        None => debug!(link = id, "connection closed after goodbye"),
+        Some(e) => warn!(link = id, error = %e, "connection closed"),
+    }
+    // Close our write side so the peer sees EOF promptly.
+    let _ = tokio::time::timeout(Duration::from_millis(200), io.get_mut().shutdown()).await;
+    let _ = events.send((id, LinkEvent::Closed { error })).await;
+}
+
+async fn drive_inner(
+    io: &mut Transport,
+    conn: &mut Connection,
+    rx: &mut mpsc::Receiver<Command>,
+    id: LinkId,
+    events: &EventSender,
+) -> Result<(), Error> {
+    let mut owner_gone = false;
+    loop {
+        flush(io, conn).await?;
+        while let Some(ev) = conn.poll_event() {
+            let ev = match ev {
+                Event::Established(_) | Event::Finished => continue,
+                Event::Assigned(a) => LinkEvent::Assigned(a),
+                Event::Completed(c) => LinkEvent::Completed(c),
+                Event::Cancelled { seq } => LinkEvent::Cancelled { seq },
+                Event::PeerGoodbye => LinkEvent::PeerGoodbye,
+            };
+            if events.send((id, ev)).await.is_err() {
+                owner_gone = true;
+            }
+        }
+        if conn.is_finished() {
+            return Ok(());
+        }
+        if owner_gone {
+            // Nobody listens for results any more: leave without goodbye.
+            return Err(Error::InvalidState {
+                action: "continue",
+                why: "the owner of the connection is gone",
+            });
+        }
+        let deadline = conn.poll_timeout().map(Instant::from_std);
+        tokio::select! {
+            frame = io.next() => match frame {
+                Some(Ok(msg)) => conn.handle_message(msg, now())?,
+                Some(Err(e)) => return Err(e),
+                None => conn.handle_eof()?,
+            },
+            cmd = rx.recv() => match cmd {
+                Some(Command::Assign(a)) => {
+                    if let Err(e) = conn.assign(a.clone()) {
+                        let ev = LinkEvent::AssignFailed { assign: a, reason: e.to_string() };
+                        if events.send((id, ev)).await.is_err() {
+                            owner_gone = true;
+                        }
+                    }
+                }
+                Some(Command::Complete(c)) => {
+                    if let Err(e) = conn.complete(c) {
+                        debug!(link = id, error = %e, "result not sent");
+                    }
+                }
+                Some(Command::Cancel(seq)) => {
+                    let _ = conn.cancel(seq);
+                }
+                Some(Command::Goodbye) | None => conn.goodbye(),
+                Some(Command::Abort) => {
+                    return Err(Error::InvalidState { action: "continue", why: "aborted by its owner" });
+                }
+            },
+            _ = sleep_until(deadline) => conn.handle_timeout(now())?,
+        }
+    }
+}

@@ -1,0 +1,268 @@
+//! Pluggable peer discovery for p2p-node.
+//!
+//! # Layout
+//!
+//! - [`Discovery`]: the trait every backend implements. A started backend sends
+//!   [`Event::Discovered`] and [`Event::Lost`] into a channel (the stream of peer events) and,
+//!   when it was given an [`Announcement`], makes this node findable by others.
+//! - [`Kind`]: a backend's name as written on the command line (`none`, `static`, `udp`,
+//!   `mdns`, `dns:NAME[:PORT]`).
+//! - [`statik`]: the `static` backend (a fixed list of `HOST:PORT`).
+//! - [`NoDiscovery`]: the `none` backend.
+//! - [`start_all`]: runs several backends into one stream.
+//!
+//! A backend that will never report anything more (a static list, once resolved) drops its
+//! sender; the combined stream ends when every backend has, which lets a run stop waiting
+//! early. Backends that watch a network keep running until shutdown.
+//!
+//! # Usage
+//!
+//! ```
+//! use p2p_discovery::{start_all, statik, Discovery, Event};
+//! use tokio_util::sync::CancellationToken;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), p2p_discovery::Error> {
+//! let backends: Vec<Box<dyn Discovery>> =
+//!     vec![Box::new(statik::Static::new(vec!["127.0.0.1:7401".into()]))];
+//! let mut events = start_all(backends, None, CancellationToken::new())?;
+//! while let Some(Event::Discovered(peer)) = events.recv().await {
+//!     assert_eq!(peer.addr.port(), 7401);
+//! }
+//! # Ok(()) }
+//! ```
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::str::FromStr;
+
+use p2p_core::NodeId;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+pub mod statik;
+
+/// How many undelivered events a discovery stream holds before backends wait.
+pub const EVENT_QUEUE: usize = 1024;
+
+/// Errors of discovery backends.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A `--discovery` value is not a known backend.
+    #[error("unknown discovery kind {0:?}: expected none, static, udp, mdns or dns:NAME[:PORT]")]
+    UnknownKind(String),
+    /// The backend exists in the design but is not built yet.
+    #[error("discovery backend {0:?} is not available in this version; use --peer HOST:PORT (static) instead")]
+    Unavailable(String),
+    /// An address could not be parsed or resolved.
+    #[error("cannot resolve peer address {addr:?}: {reason}")]
+    Resolve {
+        /// The address as given.
+        addr: String,
+        /// What went wrong.
+        reason: String,
+    },
+}
+
+/// What a node says about itself to be found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Announcement {
+    /// Cluster name; other clusters ignore it.
+    pub cluster: String,
+    /// The node's id.
+    pub node_id: NodeId,
+    /// The TCP address where it accepts connections.
+    pub addr: SocketAddr,
+    /// Task types it serves.
+    pub types: Vec<String>,
+    /// Tasks it runs at once.
+    pub capacity: u32,
+}
+
+/// A peer as a backend found it. Fields a backend cannot know are `None`: the handshake
+/// tells them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peer {
+    /// Where to connect.
+    pub addr: SocketAddr,
+    /// Its node id, if the backend knows it.
+    pub node_id: Option<NodeId>,
+    /// Its task types, if the backend knows them.
+    pub types: Option<Vec<String>>,
+    /// Its capacity, if the backend knows it.
+    pub capacity: Option<u32>,
+    /// The backend that found it (`static`, `udp`, ...).
+    pub source: &'static str,
+}
+
+/// A change in the set of known peers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A peer was found (or found again with new details).
+    Discovered(Peer),
+    /// A peer is gone.
+    Lost {
+        /// Its address.
+        addr: SocketAddr,
+        /// Its node id, if known.
+        node_id: Option<NodeId>,
+        /// The backend that lost it.
+        source: &'static str,
+    },
+}
+
+/// Everything a started backend needs.
+#[derive(Debug, Clone)]
+pub struct Context {
+    /// What to announce, for a node that accepts connections; `None` for a pure client.
+    pub announce: Option<Announcement>,
+    /// Where events go. Drop it when nothing more will ever be reported.
+    pub events: mpsc::Sender<Event>,
+    /// Fires when the node shuts down.
+    pub shutdown: CancellationToken,
+}
+
+/// A discovery backend.
+pub trait Discovery: Send + 'static {
+    /// The backend's name as it appears in events and `peers` output.
+    fn name(&self) -> &'static str;
+
+    /// Starts the backend: it spawns what it needs and reports into `ctx.events`.
+    /// Must be called inside a tokio runtime.
+    fn start(self: Box<Self>, ctx: Context) -> Result<(), Error>;
+}
+
+/// The `none` backend: finds nothing and announces nothing.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NoDiscovery;
+
+impl Discovery for NoDiscovery {
+    fn name(&self) -> &'static str {
+        "none"
+    }
+
+    fn start(self: Box<Self>, ctx: Context) -> Result<(), Error> {
+        drop(ctx);
+        Ok(())
+    }
+}
+
+/// Starts every backend into one stream of events. The stream ends when all backends are
+/// done (see the crate docs).
+pub fn start_all(
+    backends: Vec<Box<dyn Discovery>>,
+    announce: Option<Announcement>,
+    shutdown: CancellationToken,
+) -> Result<mpsc::Receiver<Event>, Error> {
+    let (tx, rx) = mpsc::channel(EVENT_QUEUE);
+    for b in backends {
+        b.start(Context {
+            announce: announce.clone(),
+            events: tx.clone(),
+            shutdown: shutdown.clone(),
+        })?;
+    }
+    Ok(rx)
+}
+
+/// A discovery backend as named on the command line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Kind {
+    /// No discovery.
+    None,
+    /// The `--peer` list.
+    Static,
+    /// UDP beacons.
+    Udp,
+    /// DNS-SD over multicast DNS.
+    Mdns,
+    /// All addresses of a DNS name.
+    Dns {
+        /// The name to resolve.
+        name: String,
+        /// The port to connect to (default 7400).
+        port: u16,
+    },
+}
+
+impl FromStr for Kind {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self, Error> {
+        match s {
+            "none" => Ok(Kind::None),
+            "static" => Ok(Kind::Static),
+            "udp" => Ok(Kind::Udp),
+            "mdns" => Ok(Kind::Mdns),
+            _ => {
+                let rest = s
+                    .strip_prefix("dns:")
+                    .filter(|r| !r.is_empty())
+                    .ok_or_else(|| Error::UnknownKind(s.to_string()))?;
+                match rest.rsplit_once(':') {
+                    Some((name, port)) if !name.is_empty() => Ok(Kind::Dns {
+                        name: name.to_string(),
+                        port: port
+                            .parse()
+                            .map_err(|_| Error::UnknownKind(s.to_string()))?,
+                    }),
+                    Some(_) => Err(Error::UnknownKind(s.to_string())),
+                    None => Ok(Kind::Dns {
+                        name: rest.to_string(),
+                        port: 7400,
+                    }),
+                }
+            }
+        }
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Kind::None => f.write_str("none"),
+            Kind::Static => f.write_str("static"),
+            Kind::Udp => f.write_str("udp"),
+            Kind::Mdns => f.write_str("mdns"),
+            Kind::Dns { name, port } => write!(f, "dns:{name}:{port}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    #[test]
+    fn kinds_parse_and_print() {
+        for s in ["none", "static", "udp", "mdns", "dns:peers.example:7500"] {
+            assert_eq!(s.parse::<Kind>().unwrap().to_string(), s);
+        }
+        assert_eq!(
+            "dns:svc".parse::<Kind>().unwrap(),
+            Kind::Dns {
+                name: "svc".into(),
+                port: 7400
+            }
+        );
+        for bad in [
+            "",
+            "UDP",
+            "dns:",
+            "dns:x:notaport",
+            "dns::80",
+            "carrier-pigeon",
+        ] {
+            assert!(bad.parse::<Kind>().is_err(), "{bad:?} should be refused");
+        }
+    }
+
+    #[tokio::test]
+    async fn none_ends_the_stream_at_once() {
+        let mut rx =
+            start_all(vec![Box::new(NoDiscovery)], None, CancellationToken::new()).unwrap();
+        assert_eq!(rx.recv().await, None);
+    }
+}

@@ -1,0 +1,221 @@
+//! What a run reports as it goes: the events that `--json` prints one per line, and the
+//! phases a person sees.
+
+use serde::Serialize;
+
+/// The phases of a run, for a person's terminal (not part of the JSON stream).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Looking for nodes of the needed types.
+    Discovering,
+    /// Connections are being made.
+    Connecting,
+    /// Tasks are being assigned.
+    Assigning,
+    /// Saying goodbye to every node.
+    Terminating,
+    /// All connections are closed.
+    Disconnected,
+}
+
+/// One event of a run. Serialized as a JSON object whose `event` field names the variant
+/// (`peer_discovered`, `connected`, `task_assigned`, `task_completed`, `task_failed`,
+/// `task_retry`, `disconnected`, `summary`). [`RunEvent::Phase`] and [`RunEvent::Notice`]
+/// are for people only and are never serialized.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum RunEvent {
+    /// The run entered a phase.
+    #[serde(skip)]
+    Phase(Phase),
+    /// Something a person should read (e.g. a node that could not be reached).
+    #[serde(skip)]
+    Notice(String),
+    /// Discovery reported a peer.
+    PeerDiscovered {
+        /// Where it is.
+        addr: String,
+        /// The backend that found it.
+        source: String,
+        /// Its node id, when discovery knows it.
+        node: Option<String>,
+    },
+    /// A connection to a node completed its handshake.
+    Connected {
+        /// The node id.
+        node: String,
+        /// Its address.
+        addr: String,
+        /// The types it serves.
+        types: Vec<String>,
+        /// Tasks it runs at once.
+        capacity: u32,
+    },
+    /// A task was sent to a node.
+    TaskAssigned {
+        /// Task id.
+        task: String,
+        /// Task type.
+        #[serde(rename = "type")]
+        kind: String,
+        /// Node id.
+        node: String,
+        /// Attempt number (1 for the first).
+        attempt: u32,
+    },
+    /// A task succeeded.
+    TaskCompleted {
+        /// Task id.
+        task: String,
+        /// Task type.
+        #[serde(rename = "type")]
+        kind: String,
+        /// Node id.
+        node: String,
+        /// Attempt number.
+        attempt: u32,
+        /// Always true.
+        ok: bool,
+        /// The task's output.
+        output: String,
+        /// How long the handler ran.
+        duration_ms: f64,
+    },
+    /// A task failed for good (no retries left, or it could not be run at all).
+    TaskFailed {
+        /// Task id.
+        task: String,
+        /// Task type.
+        #[serde(rename = "type")]
+        kind: String,
+        /// Node id of the last attempt, empty when it never ran.
+        node: String,
+        /// Attempt number of the last attempt (0 when it never ran).
+        attempt: u32,
+        /// Always false.
+        ok: bool,
+        /// The task's output.
+        output: String,
+        /// How long the last attempt ran.
+        duration_ms: f64,
+        /// The handler's exit code, when it exited.
+        exit_code: Option<i32>,
+        /// Why it failed.
+        error: String,
+    },
+    /// An attempt failed and the task will run again.
+    TaskRetry {
+        /// Task id.
+        task: String,
+        /// Task type.
+        #[serde(rename = "type")]
+        kind: String,
+        /// Node id of the failed attempt.
+        node: String,
+        /// The attempt that failed.
+        attempt: u32,
+        /// Why it failed.
+        error: String,
+        /// Back-off before the next attempt.
+        delay_ms: u64,
+    },
+    /// A connection closed.
+    Disconnected {
+        /// Node id.
+        node: String,
+        /// Its address.
+        addr: String,
+        /// Whether the goodbye exchange completed.
+        clean: bool,
+        /// What went wrong, when it was not clean.
+        error: Option<String>,
+    },
+    /// The end of the run.
+    Summary {
+        /// Tasks in the plan.
+        total: usize,
+        /// Tasks that succeeded.
+        succeeded: usize,
+        /// Tasks that failed.
+        failed: usize,
+        /// Tasks that never ran (stopped after a failure, interrupted, or no node).
+        not_run: usize,
+        /// Needed types that had no node.
+        missing_types: Vec<String>,
+        /// Wall time of the run.
+        elapsed_ms: f64,
+    },
+}
+
+/// How a task ended in a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    /// It succeeded.
+    Succeeded,
+    /// It failed.
+    Failed,
+    /// It never ran.
+    NotRun,
+}
+
+/// The final record of one task.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TaskResult {
+    /// Task id.
+    pub task: String,
+    /// Task type.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// How it ended.
+    pub status: Status,
+    /// Node id of the last attempt.
+    pub node: Option<String>,
+    /// Attempts made.
+    pub attempts: u32,
+    /// Duration of the last attempt in milliseconds.
+    pub duration_ms: f64,
+    /// Output of the last attempt.
+    pub output: String,
+    /// Why it failed, when it did.
+    pub error: Option<String>,
+}
+
+/// The outcome of a run.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RunReport {
+    /// Every task, in file order.
+    pub results: Vec<TaskResult>,
+    /// Needed types that had no node.
+    pub missing_types: Vec<String>,
+    /// Whether the run was interrupted (Ctrl-C, shutdown).
+    pub interrupted: bool,
+    /// Wall time in milliseconds.
+    pub elapsed_ms: f64,
+}
+
+impl RunReport {
+    /// Tasks that succeeded.
+    pub fn succeeded(&self) -> usize {
+        self.count(Status::Succeeded)
+    }
+
+    /// Tasks that failed.
+    pub fn failed(&self) -> usize {
+        self.count(Status::Failed)
+    }
+
+    /// Tasks that never ran.
+    pub fn not_run(&self) -> usize {
+        self.count(Status::NotRun)
+    }
+
+    /// Whether every task succeeded.
+    pub fn is_success(&self) -> bool {
+        !self.interrupted && self.succeeded() == self.results.len()
+    }
+
+    fn count(&self, s: Status) -> usize {
+        self.results.iter().filter(|r| r.status == s).count()
+    }
+}

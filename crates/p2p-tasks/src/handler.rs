@@ -1,0 +1,209 @@
+//! The worker side's handler abstraction: what a node does with a task it is given.
+//!
+//! - [`Handler`]: the trait; one call per task attempt, returning a future of the outcome.
+//! - [`Builtin`]: the built-in handler, used for a type served with no `--handler`; its output
+//!   is `Executing task: {id}`.
+//! - [`Shell`]: runs a shell command (`--handler TYPE=COMMAND`).
+//! - [`handler_fn`]: a handler written as an async closure, for programs that embed a node.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+mod shell;
+
+pub use shell::{Shell, DEFAULT_OUTPUT_LIMIT, STDERR_TAIL};
+
+/// A boxed, sendable future, as returned by [`Handler::call`].
+pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+/// What a handler is asked to do.
+#[derive(Debug, Clone)]
+pub struct TaskRequest {
+    /// The task's id, e.g. `a1`.
+    pub id: String,
+    /// The task's type, e.g. `a`.
+    pub kind: String,
+    /// The task's arguments (may be empty). They come from the network: never trust them.
+    pub args: String,
+    /// Which attempt this is, starting at 1.
+    pub attempt: u32,
+}
+
+/// What came of a task.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskOutcome {
+    /// Whether the task succeeded.
+    pub ok: bool,
+    /// The process's exit code, when the task ran a process that exited normally.
+    pub exit_code: Option<i32>,
+    /// The task's output (for a process: its standard output, capped in size).
+    pub output: String,
+    /// A short description of the failure, when there was one.
+    pub error: Option<String>,
+}
+
+impl TaskOutcome {
+    /// A successful outcome with this output, no exit code and no error.
+    pub fn success(output: impl Into<String>) -> Self {
+        TaskOutcome {
+            ok: true,
+            exit_code: None,
+            output: output.into(),
+            error: None,
+        }
+    }
+
+    /// A failed outcome with this error, no exit code and no output.
+    pub fn failure(error: impl Into<String>) -> Self {
+        TaskOutcome {
+            ok: false,
+            exit_code: None,
+            output: String::new(),
+            error: Some(error.into()),
+        }
+    }
+}
+
+/// Executes tasks on a worker node.
+pub trait Handler: Send + Sync + 'static {
+    /// Runs one task. Dropping the returned future must stop the work (kill processes).
+    fn call(&self, req: TaskRequest) -> BoxFuture<TaskOutcome>;
+}
+
+impl<H: Handler + ?Sized> Handler for Arc<H> {
+    fn call(&self, req: TaskRequest) -> BoxFuture<TaskOutcome> {
+        (**self).call(req)
+    }
+}
+
+impl<H: Handler + ?Sized> Handler for Box<H> {
+    fn call(&self, req: TaskRequest) -> BoxFuture<TaskOutcome> {
+        (**self).call(req)
+    }
+}
+
+/// The built-in handler: its output is exactly `Executing task: {id}`, it succeeds with exit
+/// code 0, and it spawns nothing.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Builtin;
+
+impl Handler for Builtin {
+    fn call(&self, req: TaskRequest) -> BoxFuture<TaskOutcome> {
+        Box::pin(std::future::ready(TaskOutcome {
+            ok: true,
+            exit_code: Some(0),
+            output: format!("Executing task: {}", req.id),
+            error: None,
+        }))
+    }
+}
+
+/// A handler made from an async closure; see [`handler_fn`].
+#[derive(Clone)]
+pub struct FnHandler<F> {
+    f: F,
+}
+
+impl<F> std::fmt::Debug for FnHandler<F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FnHandler")
+    }
+}
+
+/// Makes a handler from an async closure, e.g.
+///
+/// ```
+/// use p2p_tasks::handler::{handler_fn, Handler, TaskOutcome};
+///
+/// let h = handler_fn(|req| async move { TaskOutcome::success(format!("did {}", req.id)) });
+/// # let _: &dyn Handler = &h;
+/// ```
+///
+/// Dropping the future returned by [`Handler::call`] drops the closure's future.
+pub fn handler_fn<F, Fut>(f: F) -> FnHandler<F>
+where
+    F: Fn(TaskRequest) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = TaskOutcome> + Send + 'static,
+{
+    FnHandler { f }
+}
+
+impl<F, Fut> Handler for FnHandler<F>
+where
+    F: Fn(TaskRequest) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = TaskOutcome> + Send + 'static,
+{
+    fn call(&self, req: TaskRequest) -> BoxFuture<TaskOutcome> {
+        Box::pin((self.f)(req))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    fn req(id: &str) -> TaskRequest {
+        TaskRequest {
+            id: id.to_owned(),
+            kind: "a".to_owned(),
+            args: String::new(),
+            attempt: 1,
+        }
+    }
+
+    #[tokio::test]
+    async fn builtin_prints_executing_task() {
+        let out = Builtin.call(req("a1")).await;
+        assert_eq!(
+            out,
+            TaskOutcome {
+                ok: true,
+                exit_code: Some(0),
+                output: "Executing task: a1".to_owned(),
+                error: None,
+            }
+        );
+    }
+
+    #[tokio::test]
+    async fn fn_handler_runs_the_closure() {
+        let h = handler_fn(|r: TaskRequest| async move {
+            if r.args == "fail" {
+                TaskOutcome::failure(format!("{} failed on attempt {}", r.id, r.attempt))
+            } else {
+                TaskOutcome::success(format!("{}:{}:{}", r.id, r.kind, r.args))
+            }
+        });
+        let mut r = req("a7");
+        r.args = "x y".to_owned();
+        assert_eq!(h.call(r.clone()).await, TaskOutcome::success("a7:a:x y"));
+        r.args = "fail".to_owned();
+        r.attempt = 2;
+        let out = h.call(r).await;
+        assert!(!out.ok);
+        assert_eq!(out.error.as_deref(), Some("a7 failed on attempt 2"));
+    }
+
+    #[tokio::test]
+    async fn arc_and_boxed_dyn_handlers_delegate() {
+        let h: Arc<dyn Handler> = Arc::new(Builtin);
+        assert_eq!(h.call(req("b2")).await.output, "Executing task: b2");
+        let b: Box<dyn Handler> = Box::new(handler_fn(|r: TaskRequest| async move {
+            TaskOutcome::success(r.id)
+        }));
+        assert_eq!(b.call(req("c3")).await.output, "c3");
+    }
+
+    #[test]
+    fn outcome_constructors() {
+        let s = TaskOutcome::success("out");
+        assert!(s.ok && s.error.is_none() && s.exit_code.is_none());
+        assert_eq!(s.output, "out");
+        let f = TaskOutcome::failure("bad");
+        assert!(!f.ok && f.output.is_empty() && f.exit_code.is_none());
+        assert_eq!(f.error.as_deref(), Some("bad"));
+    }
+}

@@ -1,0 +1,637 @@
+//! The shell-command handler (`--handler TYPE=COMMAND`).
+
+use std::os::unix::process::ExitStatusExt;
+use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
+
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::process::Command;
+
+use super::{BoxFuture, Handler, TaskOutcome, TaskRequest};
+
+/// The default cap on a task's captured standard output: 1 MiB (1,048,576 bytes).
+pub const DEFAULT_OUTPUT_LIMIT: usize = 1_048_576;
+
+/// How much of the end of a failed command's standard error goes into its error: 4 KiB.
+pub const STDERR_TAIL: usize = 4096;
+
+/// After the command has exited and its process group was killed, how long to keep reading
+/// pipes that a process outside the group (e.g. one started with `setsid`) still holds open.
+const DRAIN_GRACE: Duration = Duration::from_secs(2);
+
+/// A handler that runs a shell command with `sh -c`.
+///
+/// # The command
+///
+/// Before running, `{id}`, `{type}` and `{args}` in the command are replaced by the task's id,
+/// type and arguments, each **shell-quoted** as one word (single quotes, with `'` written as
+/// `'\''`; an empty value becomes `''`). Task values come from the network, so they can never
+/// inject shell syntax: `echo {args}` with arguments `x; rm -rf ~` prints `x; rm -rf ~`. Do not
+/// put quotes around the placeholders yourself. The raw values are also in the environment as
+/// `P2P_TASK_ID`, `P2P_TASK_TYPE` and `P2P_TASK_ARGS`, with the attempt number (from 1) in
+/// `P2P_TASK_ATTEMPT`.
+///
+/// # The outcome
+///
+/// Standard input is `/dev/null`. Standard output is the task's output: captured up to the
+/// [output limit](Shell::output_limit) (the rest is read and discarded, and the output then
+/// ends with `\n[output truncated at N bytes]`), decoded as UTF-8 (invalid bytes become
+/// U+FFFD), with one trailing newline removed. Exit status 0 is success; a non-zero exit status
+/// is a failure with that `exit_code` and an error such as `exit status 3: <end of stderr>`
+/// (at most the last 4 KiB of standard error); a command killed by a signal fails with no exit
+/// code and an error naming the signal. A command that cannot be started is a failure too.
+///
+/// # Processes
+///
+/// The command runs in its own process group. Dropping the future returned by
+/// [`Handler::call`] (cancellation, a timeout) kills the whole group with `SIGKILL`, so no
+/// process the command started is left behind. When the command exits, whatever it left
+/// running in its group (e.g. `sleep 100 &`) is killed as well.
+#[derive(Debug, Clone)]
+pub struct Shell {
+    command: String,
+    output_limit: usize,
+}
+
+impl Shell {
+    /// A handler running `command` with `sh -c`, with the default output limit of 1 MiB
+    /// ([`DEFAULT_OUTPUT_LIMIT`]).
+    pub fn new(command: impl Into<String>) -> Shell {
+        Shell {
+            command: command.into(),
+            output_limit: DEFAULT_OUTPUT_LIMIT,
+        }
+    }
+
+    /// Sets the cap on captured standard output, in bytes (default 1 MiB, 1,048,576 bytes).
+    pub fn output_limit(mut self, bytes: usize) -> Self {
+        self.output_limit = bytes;
+        self
+    }
+
+    /// The command as given, with its placeholders.
+    pub fn command(&self) -> &str {
+        &self.command
+    }
+
+    /// The command that runs for `req`: the placeholders replaced by shell-quoted values.
+    pub fn render(&self, req: &TaskRequest) -> String {
+        let mut out = String::with_capacity(self.command.len());
+        let mut rest = self.command.as_str();
+        while let Some(i) = rest.find('{') {
+            out.push_str(&rest[..i]);
+            let tail = &rest[i..];
+            if let Some(after) = tail.strip_prefix("{id}") {
+                out.push_str(&shell_quote(&req.id));
+                rest = after;
+            } else if let Some(after) = tail.strip_prefix("{type}") {
+                out.push_str(&shell_quote(&req.kind));
+                rest = after;
+            } else if let Some(after) = tail.strip_prefix("{args}") {
+                out.push_str(&shell_quote(&req.args));
+                rest = after;
+            } else {
+                out.push('{');
+                rest = &tail[1..];
+            }
+        }
+        out.push_str(rest);
+        out
+    }
+}
+
+impl Handler for Shell {
+    fn call(&self, req: TaskRequest) -> BoxFuture<TaskOutcome> {
+        let script = self.render(&req);
+        Box::pin(run(script, req, self.output_limit))
+    }
+}
+
+/// Quotes `s` as one POSIX shell word: `'...'`, with each `'` written as `'\''`.
+pub(crate) fn shell_quote(s: &str) -> String {
+    let mut out = String::with_capacity(s.len().saturating_add(2));
+    out.push('\'');
+    for c in s.chars() {
+        if c == '\'' {
+            out.push_str("'\\''");
+        } else {
+            out.push(c);
+        }
+    }
+    out.push('\'');
+    out
+}
+
+/// Kills a process group with `SIGKILL` when dropped, unless disarmed.
+struct GroupGuard {
+    pgid: Pid,
+    armed: bool,
+}
+
+impl GroupGuard {
+    fn kill(&self) {
+        // ESRCH (the group is already empty) is fine.
+        let _ = killpg(self.pgid, Signal::SIGKILL);
+    }
+}
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        if self.armed {
+            self.kill();
+        }
+    }
+}
+
+/// Where a pipe's bytes go.
+trait ByteSink {
+    fn push(&mut self, bytes: &[u8]);
+}
+
+/// Keeps the first `limit` bytes and counts the rest.
+struct Capped {
+    buf: Vec<u8>,
+    limit: usize,
+    total: u64,
+}
+
+impl ByteSink for Capped {
+    fn push(&mut self, bytes: &[u8]) {
+        let room = self.limit.saturating_sub(self.buf.len());
+        self.buf.extend_from_slice(&bytes[..bytes.len().min(room)]);
+        self.total = self
+            .total
+            .saturating_add(u64::try_from(bytes.len()).unwrap_or(u64::MAX));
+    }
+}
+
+/// Keeps the last `max` bytes.
+struct Tail {
+    buf: Vec<u8>,
+    max: usize,
+    cut: bool,
+}
+
+impl ByteSink for Tail {
+    fn push(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+        if self.buf.len() > self.max.saturating_mul(2) {
+            self.shrink();
+        }
+    }
+}
+
+impl Tail {
+    fn shrink(&mut self) {
+        if self.buf.len() > self.max {
+            let excess = self.buf.len() - self.max;
+            self.buf.drain(..excess);
+            self.cut = true;
+        }
+    }
+}
+
+/// Reads `reader` to its end (or a read error) into `sink`.
+async fn pump<R: AsyncRead + Unpin>(reader: Option<&mut R>, sink: &mut impl ByteSink) {
+    let Some(reader) = reader else { return };
+    let mut chunk = vec![0u8; 16 * 1024];
+    loop {
+        match reader.read(&mut chunk).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => sink.push(&chunk[..n]),
+        }
+    }
+}
+
+async fn run(script: String, req: TaskRequest, limit: usize) -> TaskOutcome {
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c")
+        .arg(&script)
+        .env("P2P_TASK_ID", &req.id)
+        .env("P2P_TASK_TYPE", &req.kind)
+        .env("P2P_TASK_ARGS", &req.args)
+        .env("P2P_TASK_ATTEMPT", req.attempt.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
+    let mut child = match cmd.spawn() {
+        Ok(child) => child,
+        Err(e) => return TaskOutcome::failure(format!("cannot start `sh -c`: {e}")),
+    };
+    let pgid = match child.id().and_then(|id| i32::try_from(id).ok()) {
+        Some(id) => Pid::from_raw(id),
+        None => {
+            let _ = child.start_kill();
+            return TaskOutcome::failure("cannot start `sh -c`: the process has no id");
+        }
+    };
+    // Declared after `child`, so that on cancellation it is dropped first: the group is killed
+    // while the shell is not yet reaped and the group id cannot have been reused.
+    let mut guard = GroupGuard { pgid, armed: true };
+
+    let mut stdout = child.stdout.take();
+    let mut stderr = child.stderr.take();
+    let mut out = Capped {
+        buf: Vec::new(),
+        limit,
+        total: 0,
+    };
+    let mut err = Tail {
+        buf: Vec::new(),
+        max: STDERR_TAIL,
+        cut: false,
+    };
+
+    let status = {
+        let pumps = async {
+            tokio::join!(
+                pump(stdout.as_mut(), &mut out),
+                pump(stderr.as_mut(), &mut err)
+            );
+        };
+        tokio::pin!(pumps);
+        let (status, pumped) = tokio::select! {
+            status = child.wait() => (status, false),
+            () = &mut pumps => (child.wait().await, true),
+        };
+        // The shell has exited and is reaped. Kill what it left running in its group, so that
+        // nothing outlives the task or holds the pipes open. (Its group id stays reserved while
+        // any member lives; if none does, the kill finds no group.)
+        guard.kill();
+        guard.armed = false;
+        if !pumped {
+            let _ = tokio::time::timeout(DRAIN_GRACE, &mut pumps).await;
+        }
+        status
+    };
+    drop(guard);
+
+    let output = output_text(out);
+    match status {
+        Err(e) => TaskOutcome {
+            ok: false,
+            exit_code: None,
+            output,
+            error: Some(format!("waiting for `sh -c` failed: {e}")),
+        },
+        Ok(status) => outcome_of(status, output, &stderr_text(err)),
+    }
+}
+
+fn outcome_of(status: ExitStatus, output: String, stderr: &str) -> TaskOutcome {
+    let with_stderr = |what: String| {
+        if stderr.is_empty() {
+            what
+        } else {
+            format!("{what}: {stderr}")
+        }
+    };
+    match (status.code(), status.signal()) {
+        (Some(0), _) => TaskOutcome {
+            ok: true,
+            exit_code: Some(0),
+            output,
+            error: None,
+        },
+        (Some(code), _) => TaskOutcome {
+            ok: false,
+            exit_code: Some(code),
+            output,
+            error: Some(with_stderr(format!("exit status {code}"))),
+        },
+        (None, Some(sig)) => {
+            let name = Signal::try_from(sig)
+                .map(|s| s.as_str().to_owned())
+                .unwrap_or_else(|_| format!("signal {sig}"));
+            TaskOutcome {
+                ok: false,
+                exit_code: None,
+                output,
+                error: Some(with_stderr(format!("killed by signal {name}"))),
+            }
+        }
+        (None, None) => TaskOutcome {
+            ok: false,
+            exit_code: None,
+            output,
+            error: Some(with_stderr(format!("ended abnormally ({status})"))),
+        },
+    }
+}
+
+/// The captured standard output as text: capped at the limit (on a character boundary), one
+/// trailing newline removed, and a marker appended when it was truncated.
+fn output_text(out: Capped) -> String {
+    let limit = out.limit;
+    let mut truncated = out.total > u64::try_from(limit).unwrap_or(u64::MAX);
+    let mut bytes = out.buf;
+    if truncated {
+        // Do not end on half a character.
+        if let Err(e) = std::str::from_utf8(&bytes) {
+            if e.error_len().is_none() {
+                bytes.truncate(e.valid_up_to());
+            }
+        }
+    }
+    let mut text = String::from_utf8_lossy(&bytes).into_owned();
+    // Replacement characters can make the text longer than the bytes it came from.
+    if text.len() > limit {
+        let mut end = limit;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        truncated = true;
+    }
+    if text.ends_with('\n') {
+        text.pop();
+        if text.ends_with('\r') {
+            text.pop();
+        }
+    }
+    if truncated {
+        text.push_str(&format!("\n[output truncated at {limit} bytes]"));
+    }
+    text
+}
+
+/// The end of standard error as trimmed text.
+fn stderr_text(mut err: Tail) -> String {
+    err.shrink();
+    let mut bytes = err.buf.as_slice();
+    if err.cut {
+        // Skip the rest of a character cut at the start.
+        let skip = bytes
+            .iter()
+            .take(3)
+            .take_while(|b| (**b & 0xC0) == 0x80)
+            .count();
+        bytes = &bytes[skip..];
+    }
+    String::from_utf8_lossy(bytes).trim().to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+    use std::path::Path;
+    use std::time::Instant;
+
+    fn req(id: &str, kind: &str, args: &str) -> TaskRequest {
+        TaskRequest {
+            id: id.to_owned(),
+            kind: kind.to_owned(),
+            args: args.to_owned(),
+            attempt: 1,
+        }
+    }
+
+    /// Runs a shell handler call, failing the test if it takes longer than `secs`.
+    async fn run_within(secs: u64, shell: &Shell, r: TaskRequest) -> TaskOutcome {
+        tokio::time::timeout(Duration::from_secs(secs), shell.call(r))
+            .await
+            .expect("the shell handler did not finish in time")
+    }
+
+    /// Whether process `pid` exists and is not a zombie.
+    fn alive(pid: i32) -> bool {
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            return false;
+        };
+        let state = stat
+            .rfind(')')
+            .and_then(|i| stat[i + 1..].trim_start().chars().next());
+        !matches!(state, Some('Z' | 'X') | None)
+    }
+
+    /// Waits (at most 5 s) for `pid` to be gone.
+    async fn assert_gone_soon(pid: i32) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while alive(pid) {
+            assert!(
+                Instant::now() < deadline,
+                "process {pid} is still alive after 5 s"
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    fn read_pid(path: &Path) -> Option<i32> {
+        std::fs::read_to_string(path).ok()?.trim().parse().ok()
+    }
+
+    #[test]
+    fn quoting() {
+        assert_eq!(shell_quote(""), "''");
+        assert_eq!(shell_quote("a1"), "'a1'");
+        assert_eq!(shell_quote("it's"), "'it'\\''s'");
+        assert_eq!(shell_quote("$(x); `y`"), "'$(x); `y`'");
+    }
+
+    #[test]
+    fn render_replaces_placeholders_once() {
+        let shell = Shell::new("run {id} {type} {args} {other} {id");
+        let r = req("a1", "a", "{id} it's");
+        assert_eq!(shell.render(&r), "run 'a1' 'a' '{id} it'\\''s' {other} {id");
+        assert_eq!(shell.command(), "run {id} {type} {args} {other} {id");
+    }
+
+    #[tokio::test]
+    async fn success_with_placeholders_and_env() {
+        let shell = Shell::new("echo {id} {type} {args}");
+        let out = run_within(10, &shell, req("a1", "a", "hello world")).await;
+        assert_eq!(
+            out,
+            TaskOutcome {
+                ok: true,
+                exit_code: Some(0),
+                output: "a1 a hello world".to_owned(),
+                error: None,
+            }
+        );
+
+        let shell = Shell::new(
+            r#"printf '%s|%s|%s|%s\n' "$P2P_TASK_ID" "$P2P_TASK_TYPE" "$P2P_TASK_ARGS" "$P2P_TASK_ATTEMPT""#,
+        );
+        let mut r = req("Bx7", "bx", "$HOME; 'q' \"d\"");
+        r.attempt = 3;
+        let out = run_within(10, &shell, r).await;
+        assert!(out.ok, "{out:?}");
+        assert_eq!(out.output, "Bx7|bx|$HOME; 'q' \"d\"|3");
+
+        let out = run_within(10, &Shell::new("echo $P2P_TASK_ID"), req("c9", "c", "")).await;
+        assert_eq!(out.output, "c9");
+    }
+
+    #[tokio::test]
+    async fn arguments_cannot_inject_shell_syntax() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("pwned");
+        let v = victim.display();
+        let evil = format!("x; touch {v}; $(touch {v}) `touch {v}` it's \"{v}\" | touch {v}");
+        let shell = Shell::new("printf '%s' {args}");
+        let out = run_within(10, &shell, req("a1", "a", &evil)).await;
+        assert!(out.ok, "{out:?}");
+        assert_eq!(out.output, evil);
+        assert!(!victim.exists(), "the arguments ran a command");
+
+        let shell = Shell::new("echo {args}");
+        let args = format!("x; touch {v}");
+        let out = run_within(10, &shell, req("a1", "a", &args)).await;
+        assert_eq!(out.output, args);
+        assert!(!victim.exists(), "the arguments ran a command");
+    }
+
+    #[tokio::test]
+    async fn empty_value_is_one_empty_word() {
+        let shell = Shell::new("printf '[%s]' {args} {id}");
+        let out = run_within(10, &shell, req("a1", "a", "")).await;
+        assert_eq!(out.output, "[][a1]");
+    }
+
+    #[tokio::test]
+    async fn non_zero_exit_fails_with_code_and_stderr() {
+        let shell = Shell::new("echo out; echo oops >&2; exit 3");
+        let out = run_within(10, &shell, req("a1", "a", "")).await;
+        assert!(!out.ok);
+        assert_eq!(out.exit_code, Some(3));
+        assert_eq!(out.output, "out");
+        assert_eq!(out.error.as_deref(), Some("exit status 3: oops"));
+
+        let out = run_within(10, &Shell::new("exit 1"), req("a1", "a", "")).await;
+        assert_eq!(out.error.as_deref(), Some("exit status 1"));
+    }
+
+    #[tokio::test]
+    async fn stderr_keeps_only_its_tail() {
+        let shell = Shell::new(
+            "i=0; while [ $i -lt 2000 ]; do echo \"line $i\" >&2; i=$((i+1)); done; exit 1",
+        );
+        let out = run_within(20, &shell, req("a1", "a", "")).await;
+        let error = out.error.unwrap();
+        assert!(error.starts_with("exit status 1: "), "{error}");
+        assert!(error.ends_with("line 1999"), "{error}");
+        assert!(!error.contains("line 0\n"), "{error}");
+        assert!(error.len() <= STDERR_TAIL + 20, "{}", error.len());
+    }
+
+    #[tokio::test]
+    async fn killed_by_signal_names_it() {
+        let out = run_within(10, &Shell::new("kill -9 $$"), req("a1", "a", "")).await;
+        assert!(!out.ok);
+        assert_eq!(out.exit_code, None);
+        assert_eq!(out.error.as_deref(), Some("killed by signal SIGKILL"));
+    }
+
+    #[tokio::test]
+    async fn spawn_failure_is_a_failed_outcome() {
+        // A NUL byte cannot be passed to a process (argument or environment).
+        let out = run_within(10, &Shell::new("echo {args}"), req("a1", "a", "x\0y")).await;
+        assert!(!out.ok);
+        assert_eq!(out.exit_code, None);
+        let error = out.error.unwrap();
+        assert!(error.starts_with("cannot start `sh -c`"), "{error}");
+    }
+
+    #[tokio::test]
+    async fn output_is_capped_and_the_rest_drained() {
+        let shell = Shell::new(r"head -c 3000000 /dev/zero | tr '\000' x").output_limit(1000);
+        let out = run_within(30, &shell, req("a1", "a", "")).await;
+        assert!(out.ok, "{out:?}");
+        assert_eq!(
+            out.output,
+            format!("{}\n[output truncated at 1000 bytes]", "x".repeat(1000))
+        );
+    }
+
+    #[tokio::test]
+    async fn output_at_the_limit_is_not_marked_and_trailing_newline_is_trimmed_once() {
+        let shell = Shell::new("printf 'ab\\n\\n'").output_limit(4);
+        let out = run_within(10, &shell, req("a1", "a", "")).await;
+        assert_eq!(out.output, "ab\n");
+        assert_eq!(Shell::new("x").output_limit, DEFAULT_OUTPUT_LIMIT);
+    }
+
+    #[tokio::test]
+    async fn truncation_does_not_split_a_character() {
+        // "é" is two bytes; a limit of 3 would cut the second one in half.
+        let shell = Shell::new("printf 'éé'").output_limit(3);
+        let out = run_within(10, &shell, req("a1", "a", "")).await;
+        assert_eq!(out.output, "é\n[output truncated at 3 bytes]");
+    }
+
+    #[tokio::test]
+    async fn dropping_the_future_kills_the_process_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let pidfile = dir.path().join("pid");
+        let shell = Shell::new("sleep 30 & echo $! > {args}; wait");
+        let mut fut = shell.call(req("a1", "a", &pidfile.display().to_string()));
+        let pid = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                tokio::select! {
+                    out = &mut fut => panic!("the command ended early: {out:?}"),
+                    () = tokio::time::sleep(Duration::from_millis(20)) => {}
+                }
+                if let Some(pid) = read_pid(&pidfile) {
+                    return pid;
+                }
+            }
+        })
+        .await
+        .expect("the pid file did not appear within 10 s");
+        assert!(alive(pid), "the grandchild {pid} should be running");
+        drop(fut);
+        assert_gone_soon(pid).await;
+    }
+
+    #[tokio::test]
+    async fn leftover_background_process_is_killed_and_does_not_block() {
+        let dir = tempfile::tempdir().unwrap();
+        let pidfile = dir.path().join("pid");
+        // The background `sleep` keeps stdout open after the shell exits.
+        let shell = Shell::new("sleep 30 & echo $! > {args}; echo done");
+        let out = run_within(10, &shell, req("a1", "a", &pidfile.display().to_string())).await;
+        assert!(out.ok, "{out:?}");
+        assert_eq!(out.output, "done");
+        let pid = read_pid(&pidfile).expect("pid file");
+        assert_gone_soon(pid).await;
+    }
+
+    #[tokio::test]
+    async fn escaped_process_holding_stdout_does_not_hang() {
+        let dir = tempfile::tempdir().unwrap();
+        let pidfile = dir.path().join("pid");
+        // `setsid` leaves the process group, so the group kill misses it; it keeps stdout
+        // open. The shell waits until the escapee has left the group (it writes its pid
+        // after `setsid`) and then exits.
+        let shell = Shell::new(
+            "setsid sh -c 'echo $$ > \"$1\"; exec sleep 30' sh {args} & \
+             i=0; while [ ! -s {args} ] && [ $i -lt 500 ]; do sleep 0.01; i=$((i+1)); done; \
+             echo done",
+        );
+        let started = Instant::now();
+        let out = run_within(10, &shell, req("a1", "a", &pidfile.display().to_string())).await;
+        let elapsed = started.elapsed();
+        let pid = read_pid(&pidfile).expect("pid file");
+        let escapee_alive = alive(pid);
+        let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
+        assert!(
+            escapee_alive,
+            "the escaped process should have outlived the group kill"
+        );
+        assert!(out.ok, "{out:?}");
+        assert_eq!(out.output, "done");
+        // The handler gave up on the open pipe after the drain grace, not after 30 s.
+        assert!(elapsed >= DRAIN_GRACE, "{elapsed:?}");
+        assert!(
+            elapsed < DRAIN_GRACE + Duration::from_secs(3),
+            "{elapsed:?}"
+        );
+    }
+}

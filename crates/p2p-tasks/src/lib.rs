@@ -1,0 +1,29 @@
+//! Tasks for p2p-node: what a task is, how a task file is read, how a plan is scheduled
+//! across nodes, and how a node executes the tasks it is given.
+//!
+//! # Layout
+//!
+//! - [`task`]: the [`Task`] model (id, type, arguments, position in its file).
+//! - [`parse`]: the task-file parser; every error names `file:line:col`.
+//! - [`handler`]: the worker side's [`Handler`] trait, the shell-command handler and the
+//!   built-in handler.
+//! - [`sched`]: the scheduler (order modes, least-loaded placement, retries), with no IO.
+//! - [`worker`]: runs the tasks that peers assign, within the node's capacity.
+//! - [`coordinator`]: runs a plan over connected nodes and reports [`RunEvent`]s.
+//! - [`event`]: the events of a run (what `--json` prints) and its final report.
+
+pub mod coordinator;
+pub mod event;
+pub mod handler;
+pub mod parse;
+pub mod sched;
+pub mod task;
+pub mod worker;
+
+pub use coordinator::{run, Inputs, PeerUpdate, RunOptions};
+pub use event::{Phase, RunEvent, RunReport, Status, TaskResult};
+pub use handler::{Handler, TaskOutcome, TaskRequest};
+pub use parse::ParseError;
+pub use sched::{Order, Policy};
+pub use task::Task;
+pub use worker::Worker;

@@ -1,0 +1,450 @@
+//! The task-file parser.
+//!
+//! # Format (the seed format)
+//!
+//! Whitespace-separated task ids, any number per line, e.g. `a1 a2 c1 b1`. A `#` starts a
+//! comment that runs to the end of the line, also right after a token (`a1# note`). Blank
+//! lines, tabs and CRLF line ends are fine; a leading byte-order mark is ignored. Every id
+//! must match `^[A-Za-z]+[0-9][A-Za-z0-9_.-]*$` and appear once (exact comparison).
+//!
+//! Every error names the file, the 1-based line and the 1-based column (in characters) of the
+//! offending token: `tasks.txt:2:5: invalid task id "1a": ...`.
+//!
+//! The parser works line by line so that a line-based extension (dependencies and arguments,
+//! e.g. `b2 after a1 c1`) can be added without changing the seed format's meaning.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::Path;
+
+use crate::task::{id_problem, kind_of, Task};
+
+/// What kind of problem a [`ParseError`] reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ParseErrorKind {
+    /// A token is not a valid task id.
+    InvalidId,
+    /// A task id appears a second time.
+    DuplicateId,
+    /// The file holds no task.
+    NoTasks,
+    /// The file could not be read.
+    Io(std::io::ErrorKind),
+    /// The file is not valid UTF-8.
+    NotUtf8,
+}
+
+/// An error reading a task file. Its `Display` is `file:line:col: message`, or `file: message`
+/// when the error has no position (`line` and `col` are 0).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ParseError {
+    /// The file name as given to [`parse`] or [`load`].
+    pub file: String,
+    /// 1-based line of the problem; 0 when the error concerns the whole file.
+    pub line: u32,
+    /// 1-based column (in characters) of the offending token; 0 when there is no position.
+    pub col: u32,
+    /// What is wrong, and what is expected.
+    pub message: String,
+    /// The kind of problem, for callers that act on it.
+    pub kind: ParseErrorKind,
+}
+
+impl ParseError {
+    fn at(file: &str, line: u32, col: u32, kind: ParseErrorKind, message: String) -> Self {
+        ParseError {
+            file: file.to_owned(),
+            line,
+            col,
+            message,
+            kind,
+        }
+    }
+
+    /// The file name as given to [`parse`] or [`load`].
+    pub fn file(&self) -> &str {
+        &self.file
+    }
+
+    /// 1-based line of the problem; 0 when the error concerns the whole file.
+    pub fn line(&self) -> u32 {
+        self.line
+    }
+
+    /// 1-based column of the offending token; 0 when there is no position.
+    pub fn col(&self) -> u32 {
+        self.col
+    }
+
+    /// What is wrong, and what is expected.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
+    /// The kind of problem.
+    pub fn kind(&self) -> ParseErrorKind {
+        self.kind
+    }
+}
+
+impl fmt::Display for ParseError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.line == 0 {
+            write!(f, "{}: {}", self.file, self.message)
+        } else {
+            write!(
+                f,
+                "{}:{}:{}: {}",
+                self.file, self.line, self.col, self.message
+            )
+        }
+    }
+}
+
+fn to_u32(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+/// One whitespace-separated token of a line, with its 1-based column in characters.
+struct Token<'a> {
+    text: &'a str,
+    col: u32,
+}
+
+/// The tokens of one line (without its line end), comments removed.
+fn tokens(line: &str) -> Vec<Token<'_>> {
+    let code = match line.find('#') {
+        Some(i) => &line[..i],
+        None => line,
+    };
+    let mut out = Vec::new();
+    let mut start: Option<(usize, u32)> = None;
+    let mut col: u32 = 0;
+    for (i, c) in code.char_indices() {
+        col = col.saturating_add(1);
+        if c.is_whitespace() {
+            if let Some((s, scol)) = start.take() {
+                out.push(Token {
+                    text: &code[s..i],
+                    col: scol,
+                });
+            }
+        } else if start.is_none() {
+            start = Some((i, col));
+        }
+    }
+    if let Some((s, scol)) = start {
+        out.push(Token {
+            text: &code[s..],
+            col: scol,
+        });
+    }
+    out
+}
+
+/// Parses the text of a task file. `file` is only used in error messages.
+///
+/// Returns the tasks in file order (left to right, top to bottom).
+pub fn parse(file: &str, text: &str) -> Result<Vec<Task>, ParseError> {
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    let mut tasks: Vec<Task> = Vec::new();
+    let mut seen: HashMap<String, (u32, u32)> = HashMap::new();
+    // `str::lines` splits on `\n` and strips a `\r` before it.
+    for (index, line_text) in text.lines().enumerate() {
+        let line = to_u32(index.saturating_add(1));
+        for token in tokens(line_text) {
+            let col = token.col;
+            let id = token.text;
+            if let Some(problem) = id_problem(id) {
+                return Err(ParseError::at(
+                    file,
+                    line,
+                    col,
+                    ParseErrorKind::InvalidId,
+                    format!("invalid task id {id:?}: {problem}"),
+                ));
+            }
+            if let Some(&(first_line, first_col)) = seen.get(id) {
+                return Err(ParseError::at(
+                    file,
+                    line,
+                    col,
+                    ParseErrorKind::DuplicateId,
+                    format!(
+                        "duplicate task id {id:?} (first at line {first_line}, column {first_col})"
+                    ),
+                ));
+            }
+            let Some(kind) = kind_of(id) else {
+                // Unreachable: a valid id starts with a letter. Report it rather than panic.
+                return Err(ParseError::at(
+                    file,
+                    line,
+                    col,
+                    ParseErrorKind::InvalidId,
+                    format!("invalid task id {id:?}: it has no type letters"),
+                ));
+            };
+            seen.insert(id.to_owned(), (line, col));
+            tasks.push(Task {
+                id: id.to_owned(),
+                kind,
+                args: String::new(),
+                line,
+                col,
+            });
+        }
+    }
+    if tasks.is_empty() {
+        return Err(ParseError::at(
+            file,
+            0,
+            0,
+            ParseErrorKind::NoTasks,
+            "no tasks found".to_owned(),
+        ));
+    }
+    Ok(tasks)
+}
+
+/// Reads and parses a task file. Errors name the path; an I/O error also gives the OS error,
+/// and non-UTF-8 content gives the line and column of the first invalid byte.
+pub fn load(path: &Path) -> Result<Vec<Task>, ParseError> {
+    let file = path.display().to_string();
+    let bytes = std::fs::read(path).map_err(|e| {
+        ParseError::at(
+            &file,
+            0,
+            0,
+            ParseErrorKind::Io(e.kind()),
+            format!("cannot read task file: {e}"),
+        )
+    })?;
+    let text = match String::from_utf8(bytes) {
+        Ok(text) => text,
+        Err(e) => {
+            let bytes = e.as_bytes();
+            let at = e.utf8_error().valid_up_to();
+            let valid = String::from_utf8_lossy(&bytes[..at]);
+            let line = valid.matches('\n').count().saturating_add(1);
+            let line_start = valid.rfind('\n').map_or(0, |i| i.saturating_add(1));
+            let col = valid[line_start..].chars().count().saturating_add(1);
+            let byte = bytes.get(at).copied().unwrap_or(0);
+            return Err(ParseError::at(
+                &file,
+                to_u32(line),
+                to_u32(col),
+                ParseErrorKind::NotUtf8,
+                format!("the task file is not valid UTF-8 (byte 0x{byte:02x}); save it as UTF-8"),
+            ));
+        }
+    };
+    parse(&file, &text)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    fn ids(tasks: &[Task]) -> Vec<&str> {
+        tasks.iter().map(|t| t.id.as_str()).collect()
+    }
+
+    #[test]
+    fn seed_line_parses_in_order() {
+        let tasks = parse("tasks.txt", "a1 a2 c1 b1 c2 a3 b2 b3 a4 c3 b4\n").unwrap();
+        assert_eq!(
+            ids(&tasks),
+            ["a1", "a2", "c1", "b1", "c2", "a3", "b2", "b3", "a4", "c3", "b4"]
+        );
+        let kinds: Vec<&str> = tasks.iter().map(|t| t.kind.as_str()).collect();
+        assert_eq!(
+            kinds,
+            ["a", "a", "c", "b", "c", "a", "b", "b", "a", "c", "b"]
+        );
+        let cols: Vec<u32> = tasks.iter().map(|t| t.col).collect();
+        assert_eq!(cols, [1, 4, 7, 10, 13, 16, 19, 22, 25, 28, 31]);
+        assert!(tasks.iter().all(|t| t.line == 1 && t.args.is_empty()));
+    }
+
+    #[test]
+    fn repo_seed_file_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tasks.txt");
+        if !path.exists() {
+            return; // the crate was built outside the workspace
+        }
+        let tasks = load(&path).unwrap();
+        assert_eq!(tasks.len(), 11);
+        assert_eq!(tasks[0].id, "a1");
+        assert_eq!(tasks[10].id, "b4");
+    }
+
+    #[test]
+    fn comments_blank_lines_tabs_and_crlf() {
+        let text = "# header comment\r\n\r\n\ta1\tb1 # trailing\r\nc1# glued comment\r\n   \r\n#a9 commented out\r\nd1";
+        let tasks = parse("t.txt", text).unwrap();
+        assert_eq!(ids(&tasks), ["a1", "b1", "c1", "d1"]);
+        assert_eq!((tasks[0].line, tasks[0].col), (3, 2));
+        assert_eq!((tasks[1].line, tasks[1].col), (3, 5));
+        assert_eq!((tasks[2].line, tasks[2].col), (4, 1));
+        assert_eq!((tasks[3].line, tasks[3].col), (7, 1));
+        // CRLF does not leak into ids.
+        assert!(tasks.iter().all(|t| !t.id.contains('\r')));
+    }
+
+    #[test]
+    fn multiple_lines_keep_positions() {
+        let text = "a1 a2\n  b1\n\nc1   c2\n";
+        let tasks = parse("t.txt", text).unwrap();
+        let pos: Vec<(&str, u32, u32)> = tasks
+            .iter()
+            .map(|t| (t.id.as_str(), t.line, t.col))
+            .collect();
+        assert_eq!(
+            pos,
+            [
+                ("a1", 1, 1),
+                ("a2", 1, 4),
+                ("b1", 2, 3),
+                ("c1", 4, 1),
+                ("c2", 4, 6)
+            ]
+        );
+    }
+
+    #[test]
+    fn uppercase_id_has_lower_case_kind_and_keeps_its_id() {
+        let tasks = parse("t.txt", "A1 Bb2_x.y-z").unwrap();
+        assert_eq!(tasks[0].id, "A1");
+        assert_eq!(tasks[0].kind, "a");
+        assert_eq!(tasks[1].id, "Bb2_x.y-z");
+        assert_eq!(tasks[1].kind, "bb");
+    }
+
+    #[test]
+    fn leading_bom_is_ignored() {
+        let tasks = parse("t.txt", "\u{feff}a1 b1").unwrap();
+        assert_eq!(ids(&tasks), ["a1", "b1"]);
+        assert_eq!(tasks[0].col, 1);
+    }
+
+    #[test]
+    fn invalid_token_starting_with_digit() {
+        let err = parse("tasks.txt", "a1\nb1  1a c1\n").unwrap_err();
+        assert_eq!((err.line, err.col), (2, 5));
+        assert_eq!(err.kind, ParseErrorKind::InvalidId);
+        assert_eq!(
+            err.to_string(),
+            "tasks.txt:2:5: invalid task id \"1a\": a task id starts with its type letters \
+             followed by a digit, e.g. a1"
+        );
+    }
+
+    #[test]
+    fn invalid_tokens_explain_what_is_wrong() {
+        let err = parse("t.txt", "a1 abc").unwrap_err();
+        assert_eq!((err.line, err.col), (1, 4));
+        assert!(err.message.contains("followed by a digit"), "{err}");
+        assert!(err.message.contains("abc1"), "{err}");
+
+        let err = parse("t.txt", "a1\n\nb-1").unwrap_err();
+        assert_eq!((err.line, err.col), (3, 1));
+        assert!(err.message.contains("not '-'"), "{err}");
+
+        let err = parse("t.txt", "a1 a2!").unwrap_err();
+        assert_eq!((err.line, err.col), (1, 4));
+        assert!(err.message.contains("'!' is not allowed"), "{err}");
+
+        // An extension keyword is not part of the seed format.
+        let err = parse("t.txt", "b2 after a1").unwrap_err();
+        assert_eq!((err.line, err.col), (1, 4));
+        assert!(
+            err.message.starts_with("invalid task id \"after\""),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn duplicate_id_names_both_positions() {
+        let err = parse("tasks.txt", "a1 b1\n  c1\na1\n").unwrap_err();
+        assert_eq!((err.line, err.col), (3, 1));
+        assert_eq!(err.kind, ParseErrorKind::DuplicateId);
+        assert_eq!(
+            err.to_string(),
+            "tasks.txt:3:1: duplicate task id \"a1\" (first at line 1, column 1)"
+        );
+        // Exact comparison: a different case is a different id.
+        assert_eq!(parse("t.txt", "a1 A1").unwrap().len(), 2);
+    }
+
+    #[test]
+    fn no_tasks_is_an_error_without_position() {
+        for text in ["", "\n\n", "# only a comment\n  \t\n"] {
+            let err = parse("tasks.txt", text).unwrap_err();
+            assert_eq!((err.line, err.col), (0, 0));
+            assert_eq!(err.kind, ParseErrorKind::NoTasks);
+            assert_eq!(err.to_string(), "tasks.txt: no tasks found");
+        }
+    }
+
+    #[test]
+    fn columns_count_characters_not_bytes() {
+        // Multibyte characters in a comment on a previous line do not shift later columns.
+        let err = parse("t.txt", "a1 # é€😀 ünïcödé\n   1x").unwrap_err();
+        assert_eq!((err.line, err.col), (2, 4));
+        // Nor do multibyte characters earlier on the same line.
+        let err = parse("t.txt", "a1\u{3000}é1").unwrap_err(); // U+3000 is whitespace
+        assert_eq!((err.line, err.col), (1, 4));
+        let tasks = parse("t.txt", "a1\u{a0}\u{a0}b1").unwrap(); // no-break spaces
+        assert_eq!(tasks[1].col, 5);
+    }
+
+    #[test]
+    fn load_reads_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tasks.txt");
+        std::fs::write(&path, "a1 b1\n").unwrap();
+        let tasks = load(&path).unwrap();
+        assert_eq!(ids(&tasks), ["a1", "b1"]);
+
+        std::fs::write(&path, "a1 b1\n\n  a1\n").unwrap();
+        let err = load(&path).unwrap_err();
+        assert_eq!(err.file, path.display().to_string());
+        assert_eq!((err.line, err.col), (3, 3));
+    }
+
+    #[test]
+    fn load_missing_file_names_path_and_os_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("nope.txt");
+        let err = load(&path).unwrap_err();
+        assert_eq!(err.kind, ParseErrorKind::Io(std::io::ErrorKind::NotFound));
+        assert_eq!((err.line, err.col), (0, 0));
+        let shown = err.to_string();
+        assert!(
+            shown.starts_with(&format!("{}: ", path.display())),
+            "{shown}"
+        );
+        assert!(shown.contains("os error 2"), "{shown}");
+    }
+
+    #[test]
+    fn load_non_utf8_names_path_and_position() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bad.txt");
+        std::fs::write(&path, b"a1 \xc3\xa9\n b1 \xff c1\n").unwrap();
+        let err = load(&path).unwrap_err();
+        assert_eq!(err.kind, ParseErrorKind::NotUtf8);
+        assert_eq!((err.line, err.col), (2, 5));
+        let shown = err.to_string();
+        assert!(
+            shown.starts_with(&format!("{}:2:5: ", path.display())),
+            "{shown}"
+        );
+        assert!(shown.contains("not valid UTF-8"), "{shown}");
+        assert!(shown.contains("0xff"), "{shown}");
+    }
+}

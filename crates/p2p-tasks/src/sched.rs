@@ -1,0 +1,473 @@
+//! The scheduler: which task runs next, and where. No IO and no clock of its own.
+//!
+//! The coordinator tells it about nodes ([`Scheduler::add_node`], [`Scheduler::remove_node`],
+//! [`Scheduler::drain_node`]) and results ([`Scheduler::complete`]), and asks it for work
+//! ([`Scheduler::next`]). Order rules:
+//!
+//! - [`Order::Strict`]: task k+1 starts only after task k completed.
+//! - [`Order::Type`]: within a type, file order, one at a time; types run side by side.
+//! - [`Order::None`]: no order; as much at once as the nodes' capacity allows.
+//!
+//! Work goes to the least-loaded node of the task's type that has free capacity.
+//! A task that finally fails stops the run (nothing new starts; running tasks finish)
+//! unless `keep_going` is set.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::str::FromStr;
+use std::time::{Duration, Instant};
+
+use crate::Task;
+
+/// The order rule of a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Order {
+    /// Task k+1 starts only after task k completed (the default).
+    #[default]
+    Strict,
+    /// File order within each type; different types run at the same time.
+    Type,
+    /// No order: as fast as the nodes allow.
+    None,
+}
+
+impl FromStr for Order {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "strict" => Ok(Order::Strict),
+            "type" => Ok(Order::Type),
+            "none" => Ok(Order::None),
+            _ => Err(format!(
+                "unknown order {s:?}: expected strict, type or none"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for Order {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Order::Strict => "strict",
+            Order::Type => "type",
+            Order::None => "none",
+        })
+    }
+}
+
+/// How the scheduler treats order and failures.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    /// The order rule. Default strict.
+    pub order: Order,
+    /// Failed attempts retried per task. Default 0.
+    pub retries: u32,
+    /// Delay before the first retry; doubles each time. Default 100 ms.
+    pub backoff: Duration,
+    /// Largest delay between retries. Default 5 s.
+    pub backoff_max: Duration,
+    /// Continue after a task finally failed. Default false.
+    pub keep_going: bool,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy {
+            order: Order::Strict,
+            retries: 0,
+            backoff: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(5),
+            keep_going: false,
+        }
+    }
+}
+
+/// The scheduler's name for a node (the coordinator's link id).
+pub type NodeKey = u64;
+
+/// Where a task stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TaskStatus {
+    /// Not started, or waiting to be retried.
+    Pending,
+    /// Assigned to a node.
+    Running(NodeKey),
+    /// Finished successfully.
+    Succeeded,
+    /// Finished unsuccessfully (no retries left, or no node for its type).
+    Failed,
+}
+
+/// A decision to run a task on a node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dispatch {
+    /// Index of the task in the plan.
+    pub task: usize,
+    /// The node to run it on.
+    pub node: NodeKey,
+    /// 1 for the first attempt.
+    pub attempt: u32,
+}
+
+/// What [`Scheduler::complete`] decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The task succeeded.
+    Succeeded,
+    /// The attempt failed; the task runs again after `delay`.
+    Retry {
+        /// The back-off before the next attempt.
+        delay: Duration,
+    },
+    /// The task failed for good.
+    Failed,
+}
+
+#[derive(Debug)]
+struct Slot {
+    kind: usize,
+    status: TaskStatus,
+    attempts: u32,
+    failures: u32,
+}
+
+#[derive(Debug)]
+struct NodeSlot {
+    kinds: Vec<usize>,
+    capacity: u32,
+    running: u32,
+    draining: bool,
+}
+
+/// The scheduler of one run.
+#[derive(Debug)]
+pub struct Scheduler {
+    policy: Policy,
+    kinds: Vec<String>,
+    slots: Vec<Slot>,
+    /// Per kind, its tasks in file order, and the index of its first unfinished one.
+    kind_tasks: Vec<Vec<usize>>,
+    kind_cursor: Vec<usize>,
+    /// Per kind, tasks ready to start.
+    ready: Vec<BTreeSet<usize>>,
+    /// Tasks waiting for their retry time.
+    delayed: BTreeMap<(Instant, usize), ()>,
+    running_kind: Vec<u32>,
+    running_total: usize,
+    /// The first task not finished (strict order).
+    cursor: usize,
+    finished: usize,
+    stopped: bool,
+    nodes: BTreeMap<NodeKey, NodeSlot>,
+}
+
+impl Scheduler {
+    /// A scheduler for `tasks` (in file order).
+    pub fn new(tasks: &[Task], policy: Policy) -> Self {
+        let mut kinds: Vec<String> = Vec::new();
+        let mut slots = Vec::with_capacity(tasks.len());
+        let mut kind_tasks: Vec<Vec<usize>> = Vec::new();
+        for (i, t) in tasks.iter().enumerate() {
+            let k = match kinds.iter().position(|k| *k == t.kind) {
+                Some(k) => k,
+                None => {
+                    kinds.push(t.kind.clone());
+                    kind_tasks.push(Vec::new());
+                    kinds.len() - 1
+                }
+            };
+            kind_tasks[k].push(i);
+            slots.push(Slot {
+                kind: k,
+                status: TaskStatus::Pending,
+                attempts: 0,
+                failures: 0,
+            });
+        }
+        let ready = kind_tasks
+            .iter()
+            .map(|ts| ts.iter().copied().collect())
+            .collect();
+        Scheduler {
+            policy,
+            running_kind: vec![0; kinds.len()],
+            kind_cursor: vec![0; kinds.len()],
+            kinds,
+            slots,
+            kind_tasks,
+            ready,
+            delayed: BTreeMap::new(),
+            running_total: 0,
+            cursor: 0,
+            finished: 0,
+            stopped: false,
+            nodes: BTreeMap::new(),
+        }
+    }
+
+    /// The task types the plan needs, in order of first appearance.
+    pub fn kinds(&self) -> &[String] {
+        &self.kinds
+    }
+
+    /// A task's status.
+    pub fn status(&self, task: usize) -> Option<TaskStatus> {
+        self.slots.get(task).map(|s| s.status)
+    }
+
+    /// How many attempts a task has had.
+    pub fn attempts(&self, task: usize) -> u32 {
+        self.slots.get(task).map_or(0, |s| s.attempts)
+    }
+
+    /// A node joined, serving `types` with `capacity` tasks at once.
+    pub fn add_node(&mut self, node: NodeKey, types: &[String], capacity: u32) {
+        let kinds = types
+            .iter()
+            .filter_map(|t| self.kinds.iter().position(|k| k == t))
+            .collect();
+        self.nodes.insert(
+            node,
+            NodeSlot {
+                kinds,
+                capacity,
+                running: 0,
+                draining: false,
+            },
+        );
+    }
+
+    /// A node takes no new work (it said goodbye); its running tasks may still complete.
+    pub fn drain_node(&mut self, node: NodeKey) {
+        if let Some(n) = self.nodes.get_mut(&node) {
+            n.draining = true;
+        }
+    }
+
+    /// A node is gone. Its running tasks become ready again (without using a retry) and are
+    /// returned.
+    pub fn remove_node(&mut self, node: NodeKey) -> Vec<usize> {
+        if self.nodes.remove(&node).is_none() {
+            return Vec::new();
+        }
+        let lost: Vec<usize> = (0..self.slots.len())
+            .filter(|&i| self.slots[i].status == TaskStatus::Running(node))
+            .collect();
+        for &t in &lost {
+            self.unrun(t);
+        }
+        lost
+    }
+
+    /// An assignment never reached its node: make the task ready again, no retry used.
+    pub fn requeue(&mut self, task: usize) {
+        if let Some(TaskStatus::Running(node)) = self.status(task) {
+            if let Some(n) = self.nodes.get_mut(&node) {
+                n.running = n.running.saturating_sub(1);
+            }
+            self.unrun(task);
+        }
+    }
+
+    fn unrun(&mut self, task: usize) {
+        let slot = &mut self.slots[task];
+        slot.status = TaskStatus::Pending;
+        self.running_total -= 1;
+        self.running_kind[slot.kind] -= 1;
+        self.ready[slot.kind].insert(task);
+    }
+
+    /// Types with unfinished tasks and no node that can take them.
+    pub fn missing_kinds(&self) -> Vec<String> {
+        (0..self.kinds.len())
+            .filter(|&k| self.kind_cursor[k] < self.kind_tasks[k].len())
+            .filter(|&k| {
+                !self
+                    .nodes
+                    .values()
+                    .any(|n| !n.draining && n.kinds.contains(&k))
+            })
+            .map(|k| self.kinds[k].clone())
+            .collect()
+    }
+
+    /// Fails every unfinished, not running task of `kind` (e.g. no node serves it).
+    /// Returns the tasks failed.
+    pub fn fail_kind(&mut self, kind: &str) -> Vec<usize> {
+        let Some(k) = self.kinds.iter().position(|x| x == kind) else {
+            return Vec::new();
+        };
+        let victims: Vec<usize> = self.kind_tasks[k]
+            .iter()
+            .copied()
+            .filter(|&t| self.slots[t].status == TaskStatus::Pending)
+            .collect();
+        for &t in &victims {
+            self.ready[k].remove(&t);
+            self.delayed.retain(|&(_, d), _| d != t);
+            self.finish(t, TaskStatus::Failed);
+        }
+        if !victims.is_empty() && !self.policy.keep_going {
+            self.stopped = true;
+        }
+        victims
+    }
+
+    /// Stops starting new work (interrupt); running tasks may still complete.
+    pub fn stop(&mut self) {
+        self.stopped = true;
+    }
+
+    /// Whether nothing more will run: everything finished, or stopped with nothing running.
+    pub fn is_finished(&self) -> bool {
+        self.running_total == 0 && (self.stopped || self.finished == self.slots.len())
+    }
+
+    /// How many tasks are running.
+    pub fn running(&self) -> usize {
+        self.running_total
+    }
+
+    /// When a delayed retry becomes ready.
+    pub fn next_wakeup(&self) -> Option<Instant> {
+        self.delayed.keys().next().map(|(at, _)| *at)
+    }
+
+    /// The next task to start now, if any, marked running on its node.
+    pub fn next(&mut self, now: Instant) -> Option<Dispatch> {
+        if self.stopped {
+            return None;
+        }
+        while let Some((&(at, t), _)) = self.delayed.iter().next() {
+            if at > now {
+                break;
+            }
+            self.delayed.remove(&(at, t));
+            self.ready[self.slots[t].kind].insert(t);
+        }
+        match self.policy.order {
+            Order::Strict => {
+                if self.running_total > 0 || self.cursor >= self.slots.len() {
+                    return None;
+                }
+                let t = self.cursor;
+                let k = self.slots[t].kind;
+                if self.ready[k].first() != Some(&t) {
+                    return None;
+                }
+                self.start(t)
+            }
+            Order::Type => (0..self.kinds.len()).find_map(|k| {
+                if self.running_kind[k] > 0 {
+                    return None;
+                }
+                let first = *self.kind_tasks[k].get(self.kind_cursor[k])?;
+                if self.ready[k].first() != Some(&first) {
+                    return None;
+                }
+                self.start(first)
+            }),
+            Order::None => (0..self.kinds.len()).find_map(|k| {
+                let t = *self.ready[k].first()?;
+                self.start(t)
+            }),
+        }
+    }
+
+    fn start(&mut self, task: usize) -> Option<Dispatch> {
+        let k = self.slots[task].kind;
+        let node = self.pick_node(k)?;
+        let n = self.nodes.get_mut(&node)?;
+        n.running += 1;
+        self.ready[k].remove(&task);
+        let slot = &mut self.slots[task];
+        slot.status = TaskStatus::Running(node);
+        slot.attempts += 1;
+        self.running_total += 1;
+        self.running_kind[k] += 1;
+        Some(Dispatch {
+            task,
+            node,
+            attempt: slot.attempts,
+        })
+    }
+
+    /// The least-loaded node serving `kind` with a free slot.
+    fn pick_node(&self, kind: usize) -> Option<NodeKey> {
+        self.nodes
+            .iter()
+            .filter(|(_, n)| !n.draining && n.running < n.capacity && n.kinds.contains(&kind))
+            // Compare running/capacity without floats: a/b < c/d <=> a*d < c*b.
+            .min_by(|(_, a), (_, b)| {
+                (u64::from(a.running) * u64::from(b.capacity))
+                    .cmp(&(u64::from(b.running) * u64::from(a.capacity)))
+            })
+            .map(|(key, _)| *key)
+    }
+
+    /// Records a running task's result.
+    pub fn complete(&mut self, task: usize, ok: bool, now: Instant) -> Outcome {
+        let Some(TaskStatus::Running(node)) = self.status(task) else {
+            // Not running (a late duplicate): nothing changes.
+            return match self.status(task) {
+                Some(TaskStatus::Succeeded) => Outcome::Succeeded,
+                _ => Outcome::Failed,
+            };
+        };
+        if let Some(n) = self.nodes.get_mut(&node) {
+            n.running = n.running.saturating_sub(1);
+        }
+        let k = self.slots[task].kind;
+        self.running_total -= 1;
+        self.running_kind[k] -= 1;
+        if ok {
+            self.finish(task, TaskStatus::Succeeded);
+            return Outcome::Succeeded;
+        }
+        let slot = &mut self.slots[task];
+        slot.failures += 1;
+        if slot.failures <= self.policy.retries && !self.stopped {
+            let exp = (slot.failures - 1).min(16);
+            let delay = self
+                .policy
+                .backoff
+                .saturating_mul(1 << exp)
+                .min(self.policy.backoff_max);
+            slot.status = TaskStatus::Pending;
+            self.delayed.insert((now + delay, task), ());
+            return Outcome::Retry { delay };
+        }
+        self.finish(task, TaskStatus::Failed);
+        if !self.policy.keep_going {
+            self.stopped = true;
+        }
+        Outcome::Failed
+    }
+
+    fn finish(&mut self, task: usize, status: TaskStatus) {
+        let k = self.slots[task].kind;
+        self.slots[task].status = status;
+        self.finished += 1;
+        while self.cursor < self.slots.len()
+            && matches!(
+                self.slots[self.cursor].status,
+                TaskStatus::Succeeded | TaskStatus::Failed
+            )
+        {
+            self.cursor += 1;
+        }
+        let list = &self.kind_tasks[k];
+        while self.kind_cursor[k] < list.len()
+            && matches!(
+                self.slots[list[self.kind_cursor[k]]].status,
+                TaskStatus::Succeeded | TaskStatus::Failed
+            )
+        {
+            self.kind_cursor[k] += 1;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

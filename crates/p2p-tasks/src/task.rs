@@ -1,0 +1,142 @@
+//! The task model: one task of a plan, as read from a task file.
+//!
+//! A task is written as a token such as `a1`: its **type** (here called `kind`) is the
+//! leading ASCII letters, lower-cased (`A1` has type `a`), and its **id** is the whole token,
+//! verbatim. A valid id matches `^[A-Za-z]+[0-9][A-Za-z0-9_.-]*$`.
+
+use std::fmt;
+
+/// One task of a plan.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Task {
+    /// The whole token, verbatim, e.g. `a1` or `A1`.
+    pub id: String,
+    /// The task's type: the leading ASCII letters of the id, lower-cased, e.g. `a`.
+    pub kind: String,
+    /// The task's arguments (empty in the seed format; a later extension of the task file fills it).
+    pub args: String,
+    /// 1-based line of the token in its file (0 when the task did not come from a file).
+    pub line: u32,
+    /// 1-based column, counted in characters, of the token's first character (0 when the task
+    /// did not come from a file).
+    pub col: u32,
+}
+
+impl Task {
+    /// Builds a task from a valid id, with empty arguments and no position (line and column 0).
+    ///
+    /// Returns `None` when `id` is not a valid task id (see [`is_valid_id`]).
+    pub fn from_id(id: &str) -> Option<Task> {
+        if !is_valid_id(id) {
+            return None;
+        }
+        Some(Task {
+            id: id.to_owned(),
+            kind: kind_of(id)?,
+            args: String::new(),
+            line: 0,
+            col: 0,
+        })
+    }
+}
+
+impl fmt::Display for Task {
+    /// Prints the task's id, e.g. `a1`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.id)
+    }
+}
+
+/// The type of a task id: its leading ASCII letters, lower-cased (`"A12"` gives `"a"`).
+///
+/// Returns `None` when the token does not start with an ASCII letter. This does not check the
+/// rest of the token; see [`is_valid_id`] for that.
+pub fn kind_of(id: &str) -> Option<String> {
+    let letters: String = id
+        .chars()
+        .take_while(char::is_ascii_alphabetic)
+        .map(|c| c.to_ascii_lowercase())
+        .collect();
+    if letters.is_empty() {
+        None
+    } else {
+        Some(letters)
+    }
+}
+
+/// Whether `id` is a valid task id: `^[A-Za-z]+[0-9][A-Za-z0-9_.-]*$`.
+pub fn is_valid_id(id: &str) -> bool {
+    id_problem(id).is_none()
+}
+
+/// Why `id` is not a valid task id, as a sentence that also says what is expected;
+/// `None` when it is valid.
+pub(crate) fn id_problem(id: &str) -> Option<String> {
+    const EXPECTED: &str = "a task id starts with its type letters followed by a digit, e.g. a1";
+    let letters = id.chars().take_while(char::is_ascii_alphabetic).count();
+    if letters == 0 {
+        return Some(EXPECTED.to_owned());
+    }
+    // The letters are ASCII, so `letters` is also a byte offset.
+    let rest = &id[letters..];
+    match rest.chars().next() {
+        None => {
+            return Some(format!(
+                "the type letters must be followed by a digit, e.g. {id}1"
+            ))
+        }
+        Some(c) if !c.is_ascii_digit() => {
+            return Some(format!(
+                "the type letters must be followed by a digit, not {c:?}; {EXPECTED}"
+            ))
+        }
+        Some(_) => {}
+    }
+    if let Some(bad) = rest
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-')))
+    {
+        return Some(format!(
+            "character {bad:?} is not allowed in a task id (after the type letters and a digit, \
+             only ASCII letters, digits, '_', '.' and '-' may follow)"
+        ));
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    #[test]
+    fn kind_of_takes_leading_letters_lower_cased() {
+        assert_eq!(kind_of("a1").as_deref(), Some("a"));
+        assert_eq!(kind_of("A1").as_deref(), Some("a"));
+        assert_eq!(kind_of("Build12x").as_deref(), Some("build"));
+        assert_eq!(kind_of("1a"), None);
+        assert_eq!(kind_of(""), None);
+        assert_eq!(kind_of("é1"), None);
+    }
+
+    #[test]
+    fn valid_and_invalid_ids() {
+        for ok in ["a1", "A1", "abc9", "a1_x.y-z", "b0"] {
+            assert!(is_valid_id(ok), "{ok} should be valid");
+        }
+        for bad in ["", "1a", "a", "ab", "a-1", "a1!", "é1", "a1é", "_a1"] {
+            assert!(!is_valid_id(bad), "{bad} should be invalid");
+        }
+    }
+
+    #[test]
+    fn display_prints_the_id_and_from_id_fills_kind() {
+        let t = Task::from_id("Ab3").unwrap();
+        assert_eq!(t.to_string(), "Ab3");
+        assert_eq!(t.kind, "ab");
+        assert_eq!(t.args, "");
+        assert_eq!((t.line, t.col), (0, 0));
+        assert_eq!(Task::from_id("3b"), None);
+    }
+}

@@ -1,0 +1,180 @@
+//! The worker side: runs the tasks peers assign, with the node's handlers, within the
+//! node's capacity.
+//!
+//! One [`Worker`] per node holds the handlers and a semaphore sized to the node's
+//! capacity; [`Worker::serve_link`] serves one connection until it closes. A cancelled task,
+//! a task over its deadline, and every task of a connection that closed have their handler
+//! futures dropped, which stops their processes.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use p2p_core::net::{Command, Link, LinkEvent, LinkId};
+use p2p_core::{Assign, Completed};
+use tokio::sync::{mpsc, Semaphore};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::handler::{Handler, TaskOutcome, TaskRequest};
+
+/// Executes assigned tasks with a set of handlers, at most `capacity` at once.
+pub struct Worker {
+    handlers: HashMap<String, Arc<dyn Handler>>,
+    capacity: u32,
+    slots: Arc<Semaphore>,
+}
+
+impl std::fmt::Debug for Worker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Worker")
+            .field("types", &self.types())
+            .field("capacity", &self.capacity)
+            .finish()
+    }
+}
+
+impl Worker {
+    /// A worker with one handler per type (type names lower case), running at most
+    /// `capacity` tasks at once across all connections.
+    pub fn new(handlers: HashMap<String, Arc<dyn Handler>>, capacity: u32) -> Self {
+        let capacity = capacity.max(1);
+        Worker {
+            handlers,
+            capacity,
+            slots: Arc::new(Semaphore::new(capacity as usize)),
+        }
+    }
+
+    /// The types served, sorted.
+    pub fn types(&self) -> Vec<String> {
+        let mut t: Vec<String> = self.handlers.keys().cloned().collect();
+        t.sort();
+        t
+    }
+
+    /// Tasks run at once.
+    pub fn capacity(&self) -> u32 {
+        self.capacity
+    }
+
+    /// Serves one connection until it closes. When `shutdown` fires, says goodbye: no new
+    /// tasks are accepted, running ones finish, then the connection closes.
+    pub async fn serve_link(
+        self: Arc<Self>,
+        link: Link,
+        mut events: mpsc::Receiver<(LinkId, LinkEvent)>,
+        shutdown: CancellationToken,
+    ) {
+        let peer = link.peer().node_id.short();
+        let mut running: HashMap<u64, tokio::task::AbortHandle> = HashMap::new();
+        let mut ids: HashMap<tokio::task::Id, u64> = HashMap::new();
+        let mut set: JoinSet<(u64, TaskOutcome, Duration)> = JoinSet::new();
+        let mut said_goodbye = false;
+        loop {
+            tokio::select! {
+                ev = events.recv() => {
+                    let Some((_, ev)) = ev else { break };
+                    match ev {
+                        LinkEvent::Assigned(a) => {
+                            debug!(peer = %peer, task = %a.task, attempt = a.attempt, "task assigned");
+                            let seq = a.seq;
+                            let h = set.spawn(self.clone().execute(a));
+                            ids.insert(h.id(), seq);
+                            running.insert(seq, h);
+                        }
+                        LinkEvent::Cancelled { seq } => {
+                            if let Some(h) = running.remove(&seq) {
+                                h.abort();
+                                let mut out = TaskOutcome::failure("cancelled by the coordinator");
+                                out.exit_code = None;
+                                send_result(&link, seq, out, Duration::ZERO);
+                            }
+                        }
+                        LinkEvent::PeerGoodbye => info!(peer = %peer, "peer said goodbye"),
+                        LinkEvent::Closed { error } => {
+                            match error {
+                                None => info!(peer = %peer, addr = %link.addr(), "disconnected (goodbye)"),
+                                Some(e) => warn!(peer = %peer, addr = %link.addr(), error = %e, "connection lost"),
+                            }
+                            break;
+                        }
+                        LinkEvent::Completed(_) | LinkEvent::AssignFailed { .. } => {}
+                    }
+                }
+                Some(joined) = set.join_next_with_id() => match joined {
+                    Ok((id, (seq, outcome, took))) => {
+                        ids.remove(&id);
+                        if running.remove(&seq).is_some() {
+                            send_result(&link, seq, outcome, took);
+                        }
+                    }
+                    Err(e) => {
+                        if let Some(seq) = ids.remove(&e.id()) {
+                            if running.remove(&seq).is_some() {
+                                let why = if e.is_panic() { "the handler panicked" } else { "the handler was stopped" };
+                                send_result(&link, seq, TaskOutcome::failure(why), Duration::ZERO);
+                            }
+                        }
+                    }
+                },
+                _ = shutdown.cancelled(), if !said_goodbye => {
+                    said_goodbye = true;
+                    info!(peer = %peer, running = running.len(), "saying goodbye; finishing running tasks");
+                    let _ = link.send(Command::Goodbye);
+                }
+            }
+        }
+        // The connection is gone: nobody will read these results; stop the work.
+        set.abort_all();
+    }
+
+    async fn execute(self: Arc<Self>, a: Assign) -> (u64, TaskOutcome, Duration) {
+        let seq = a.seq;
+        let Some(handler) = self.handlers.get(&a.kind).cloned() else {
+            let out = TaskOutcome::failure(format!("this node does not serve type {:?}", a.kind));
+            return (seq, out, Duration::ZERO);
+        };
+        // The semaphore is never closed, so acquiring only fails if it were; treat as busy.
+        let Ok(_permit) = self.slots.clone().acquire_owned().await else {
+            return (
+                seq,
+                TaskOutcome::failure("worker is shutting down"),
+                Duration::ZERO,
+            );
+        };
+        let started = Instant::now();
+        let req = TaskRequest {
+            id: a.task,
+            kind: a.kind,
+            args: a.args,
+            attempt: a.attempt,
+        };
+        let fut = handler.call(req);
+        let outcome = if a.timeout_ms > 0 {
+            let limit = Duration::from_millis(a.timeout_ms);
+            match tokio::time::timeout(limit, fut).await {
+                Ok(o) => o,
+                Err(_) => TaskOutcome::failure(format!("timed out after {limit:?}")),
+            }
+        } else {
+            fut.await
+        };
+        (seq, outcome, started.elapsed())
+    }
+}
+
+fn send_result(link: &Link, seq: u64, out: TaskOutcome, took: Duration) {
+    let c = Completed {
+        seq,
+        ok: out.ok,
+        exit_code: out.exit_code,
+        output: out.output,
+        error: out.error,
+        duration_us: u64::try_from(took.as_micros()).unwrap_or(u64::MAX),
+    };
+    if let Err(e) = link.send(Command::Complete(c)) {
+        debug!(error = %e, "result not delivered");
+    }
+}
