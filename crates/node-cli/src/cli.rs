@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use p2p_core::net::Settings;
 use p2p_discovery::Kind;
 use p2p_tasks::handler::{Builtin, Handler, Shell};
 use p2p_tasks::{Order, Policy, RunOptions};
@@ -88,6 +89,9 @@ pub struct ServeArgs {
     /// Allow listening on a non-loopback address without a cluster key.
     #[arg(long)]
     pub insecure: bool,
+    /// A connection that has not completed its handshake after this long is closed.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub handshake_timeout: Duration,
     /// Shared options.
     #[command(flatten)]
     pub common: Common,
@@ -291,7 +295,14 @@ async fn serve(a: ServeArgs, shutdown: CancellationToken) -> anyhow::Result<u8> 
     let mut b = Node::builder()
         .cluster(a.common.cluster.clone())
         .listen(a.listen)
-        .insecure(a.insecure);
+        .insecure(a.insecure)
+        .settings(Settings {
+            conn: p2p_core::conn::Config {
+                handshake_timeout: a.handshake_timeout,
+                ..Default::default()
+            },
+            ..Settings::default()
+        });
     if let Some(c) = a.capacity {
         b = b.capacity(c);
     }

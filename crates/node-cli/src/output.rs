@@ -96,10 +96,11 @@ impl Printer {
                 };
                 writeln!(
                     out,
-                    "  [{:>w$}/{}] {task} ok on node {} (type {kind}{retry}) in {duration_ms:.1} ms{}",
+                    "  [{:>w$}/{}] {task} ok on node {} (type {kind}{retry}) in {}{}",
                     self.done,
                     self.total,
                     short(node),
+                    human_ms(*duration_ms),
                     if output.is_empty() { String::new() } else { format!(": {}", first_line(output)) },
                     w = self.total.to_string().len()
                 )
@@ -176,11 +177,22 @@ impl Printer {
                 }
                 writeln!(
                     out,
-                    "{total} tasks: {succeeded} succeeded, {failed} failed, {not_run} not run in {:.1} ms",
-                    elapsed_ms
+                    "{total} tasks: {succeeded} succeeded, {failed} failed, {not_run} not run in {}",
+                    human_ms(*elapsed_ms)
                 )
             }
         }
+    }
+}
+
+/// `0.042` ms as `42 µs`, `12.5` as `12.5 ms`, `3400` as `3.40 s`.
+fn human_ms(ms: f64) -> String {
+    if ms < 1.0 {
+        format!("{:.0} µs", ms * 1000.0)
+    } else if ms < 1000.0 {
+        format!("{ms:.1} ms")
+    } else {
+        format!("{:.2} s", ms / 1000.0)
     }
 }
 
