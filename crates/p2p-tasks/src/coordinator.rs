@@ -129,13 +129,7 @@ pub async fn run(
     let missing = c.sched.missing_kinds();
     let mut missing_types = Vec::new();
     if !missing.is_empty() && !c.opts.policy.keep_going {
-        // Nothing can complete the plan: run nothing, name what is missing.
-        (c.emit)(&RunEvent::Notice(format!(
-            "no node serves type{} {} (waited {:?})",
-            if missing.len() == 1 { "" } else { "s" },
-            missing.join(", "),
-            c.opts.discovery_timeout
-        )));
+        // Nothing can complete the plan: run nothing; the summary names what is missing.
         missing_types = missing;
     } else if !c.interrupted {
         (c.emit)(&RunEvent::Phase(Phase::Assigning));
