@@ -407,6 +407,20 @@ impl Serve {
     pub fn pid(&self) -> u32 {
         self.guard.id()
     }
+
+    /// Sends it SIGTERM (by its PID, with `kill -TERM PID`): a graceful shutdown request.
+    pub fn terminate(&mut self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status()
+            .expect("run kill -TERM");
+        assert!(status.success(), "kill -TERM {} failed", self.pid());
+    }
+
+    /// Waits for it to exit, at most `limit`; `None` if it is still running then.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
+        self.guard.wait_timeout(limit)
+    }
 }
 
 /// What a finished command printed and how it ended.
@@ -463,33 +477,78 @@ pub fn run_in(dir: &Path, args: &[&str]) -> RunOutput {
 }
 
 fn run_cmd(args: &[&str], dir: Option<&Path>) -> RunOutput {
+    spawn_cmd(args, dir).finish()
+}
+
+/// Starts `p2p-node ARGS...` in `dir` without waiting for it; see [`Running::finish`].
+pub fn spawn_in(dir: &Path, args: &[&str]) -> Running {
+    spawn_cmd(args, Some(dir))
+}
+
+fn spawn_cmd(args: &[&str], dir: Option<&Path>) -> Running {
     let mut cmd = command(args, dir);
     let mut guard = ChildGuard::new(cmd.spawn().expect("spawn p2p-node"));
     let out = guard.child_mut().stdout.take().expect("stdout pipe");
     let err = guard.child_mut().stderr.take().expect("stderr pipe");
-    let read_all = |mut r: Box<dyn Read + Send>| {
-        std::thread::spawn(move || {
-            let mut buf = Vec::new();
-            let _ = r.read_to_end(&mut buf);
-            strip_ansi(&String::from_utf8_lossy(&buf))
-        })
-    };
-    let out_t = read_all(Box::new(out));
-    let err_t = read_all(Box::new(err));
-    let status = guard.wait_timeout(RUN_TIMEOUT);
-    let Some(status) = status else {
-        guard.kill();
-        let stdout = out_t.join().unwrap_or_default();
-        let stderr = err_t.join().unwrap_or_default();
-        panic!(
-            "p2p-node {args:?} still ran after {RUN_TIMEOUT:?} and was killed\n--- stdout ---\n\
-             {stdout}\n--- stderr ---\n{stderr}"
-        );
-    };
-    RunOutput {
-        status,
-        stdout: out_t.join().unwrap_or_default(),
-        stderr: err_t.join().unwrap_or_default(),
+    let stdout = Lines::default();
+    let stderr = Lines::default();
+    let readers = vec![
+        spawn_reader(out, stdout.clone(), None),
+        spawn_reader(err, stderr.clone(), None),
+    ];
+    Running {
+        guard,
+        args: args.iter().map(|a| a.to_string()).collect(),
+        stdout,
+        stderr,
+        readers,
+    }
+}
+
+/// A `p2p-node` command running in the background; killed and reaped on drop.
+#[derive(Debug)]
+pub struct Running {
+    guard: ChildGuard,
+    args: Vec<String>,
+    /// Its stdout lines so far.
+    pub stdout: Lines,
+    /// Its stderr lines so far.
+    pub stderr: Lines,
+    readers: Vec<JoinHandle<()>>,
+}
+
+impl Running {
+    /// Waits for it to end, with a hang guard of [`RUN_TIMEOUT`]: still running then, it is
+    /// killed and the test fails.
+    pub fn finish(mut self) -> RunOutput {
+        let status = self.guard.wait_timeout(RUN_TIMEOUT);
+        let Some(status) = status else {
+            self.guard.kill();
+            std::thread::sleep(Duration::from_millis(100));
+            panic!(
+                "p2p-node {:?} still ran after {RUN_TIMEOUT:?} and was killed\n--- stdout ---\n\
+                 {}\n--- stderr ---\n{}",
+                self.args,
+                self.stdout.text(),
+                self.stderr.text()
+            );
+        };
+        // The pipes close when the process (and any handler it left behind) is gone; a
+        // handler left running must not hang the test, so the wait for the readers is bounded.
+        let readers: Vec<JoinHandle<()>> = self.readers.drain(..).collect();
+        poll_until(Duration::from_secs(10), || readers.iter().all(|r| r.is_finished()));
+        let text = |l: &Lines| {
+            let mut t = l.text();
+            if !t.is_empty() {
+                t.push('\n');
+            }
+            t
+        };
+        RunOutput {
+            status,
+            stdout: text(&self.stdout),
+            stderr: text(&self.stderr),
+        }
     }
 }
 

@@ -265,6 +265,31 @@ mod tests {
     }
 
     #[test]
+    fn ping_frame_matches_the_documented_bytes() {
+        let mut wire = BytesMut::new();
+        FrameCodec::default()
+            .encode(&Message::Ping { nonce: 7 }, &mut wire)
+            .unwrap();
+        assert_eq!(&wire[..], &[0, 0, 0, 2, 6, 7]);
+    }
+
+    #[test]
+    fn a_hello_with_fields_appended_by_a_later_version_still_decodes() {
+        let mut codec = FrameCodec::default();
+        let mut hello = all_messages()[0].clone();
+        if let Message::Hello(h) = &mut hello {
+            h.version = PROTOCOL_VERSION + 1;
+        }
+        let mut payload = BytesMut::new();
+        crate::wire::encode_into(&hello, &mut payload).unwrap();
+        payload.put_slice(b"\x05future-field");
+        let mut src = BytesMut::new();
+        src.put_u32(payload.len() as u32);
+        src.put_slice(&payload);
+        assert_eq!(codec.decode(&mut src).unwrap(), Some(hello));
+    }
+
+    #[test]
     fn random_bytes_never_panic() {
         // A deterministic xorshift keeps this reproducible without extra crates.
         let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
