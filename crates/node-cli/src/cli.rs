@@ -124,11 +124,14 @@ pub struct RunArgs {
     /// Longest a task attempt may run.
     #[arg(long, default_value = "1h", value_parser = parse_duration)]
     pub task_timeout: Duration,
-    /// Record completions in PATH.
+    /// After a task finally fails, keep running everything that does not depend on it.
+    #[arg(long)]
+    pub keep_going: bool,
+    /// Append each final result to PATH (synced to disk).
     #[arg(long, value_name = "PATH")]
     pub journal: Option<PathBuf>,
-    /// Skip tasks the journal records as done.
-    #[arg(long)]
+    /// With --journal: skip the tasks the journal records as succeeded.
+    #[arg(long, requires = "journal")]
     pub resume: bool,
     /// One JSON object per line on stdout.
     #[arg(long)]
@@ -353,13 +356,15 @@ fn discovery_names(c: &Common) -> String {
 }
 
 async fn run(a: RunArgs, shutdown: CancellationToken) -> anyhow::Result<u8> {
-    if a.journal.is_some() || a.resume {
-        return Err(usage(
-            "--journal/--resume are not available in this version",
-        ));
-    }
     check_common(&a.common, a.local.is_some() || !a.types.is_empty())?;
     let tasks = p2p_tasks::parse::load(&a.tasks_file).map_err(|e| usage(e.to_string()))?;
+    p2p_tasks::plan::check(&tasks, a.order).map_err(|e| usage(e.to_string()))?;
+    let journal = match &a.journal {
+        Some(path) => Some(
+            p2p_tasks::Journal::open(path, &tasks, a.resume).map_err(|e| usage(e.to_string()))?,
+        ),
+        None => None,
+    };
     let handlers = parse_handlers(&a.handlers)?;
     let own_types = parse_types(&a.types)?;
     // In-process nodes: N per needed type with --local, one per --types entry.
@@ -393,6 +398,7 @@ async fn run(a: RunArgs, shutdown: CancellationToken) -> anyhow::Result<u8> {
         policy: Policy {
             order: a.order,
             retries: a.retries,
+            keep_going: a.keep_going,
             ..Policy::default()
         },
         task_timeout: a.task_timeout,
@@ -411,8 +417,9 @@ async fn run(a: RunArgs, shutdown: CancellationToken) -> anyhow::Result<u8> {
     let format = if a.json { Format::Json } else { Format::Human };
     let mut printer = Printer::new(format, tasks.len());
     let report = coordinator
-        .run(tasks, opts, peers, &mut |ev| printer.event(ev))
+        .run_with_journal(tasks, opts, peers, journal, &mut |ev| printer.event(ev))
         .await?;
+    printer.report(&report);
     for n in &local_nodes {
         n.shutdown();
     }

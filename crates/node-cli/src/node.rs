@@ -9,7 +9,7 @@ use p2p_core::net::{self, LinkEvent, LinkId, Settings};
 use p2p_core::{Hello, NodeId, PROTOCOL_VERSION};
 use p2p_discovery::{statik::Static, Discovery};
 use p2p_tasks::handler::{Builtin, Handler};
-use p2p_tasks::{Inputs, RunEvent, RunOptions, RunReport, Task, Worker};
+use p2p_tasks::{Inputs, Journal, RunEvent, RunOptions, RunReport, Task, Worker};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -343,6 +343,20 @@ impl Node {
         extra_peers: Vec<String>,
         emit: &mut (dyn FnMut(&RunEvent) + Send),
     ) -> Result<RunReport, Error> {
+        self.run_with_journal(tasks, opts, extra_peers, None, emit)
+            .await
+    }
+
+    /// [`Node::run`], recording final results in `journal` and skipping the tasks it
+    /// records as succeeded.
+    pub async fn run_with_journal(
+        &mut self,
+        tasks: Vec<Task>,
+        opts: RunOptions,
+        extra_peers: Vec<String>,
+        journal: Option<Journal>,
+        emit: &mut (dyn FnMut(&RunEvent) + Send),
+    ) -> Result<RunReport, Error> {
         let mut backends = std::mem::take(&mut self.discovery);
         if !extra_peers.is_empty() {
             backends.push(Box::new(Static::new(extra_peers)));
@@ -365,6 +379,7 @@ impl Node {
             peers: peer_rx,
             links: link_rx,
             shutdown: run_token,
+            journal,
         };
         let report = p2p_tasks::run(tasks, opts, inputs, emit).await;
         stop_dialing.cancel();

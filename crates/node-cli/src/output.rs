@@ -2,7 +2,10 @@
 
 use std::io::Write;
 
-use p2p_tasks::{Phase, RunEvent};
+use p2p_tasks::{Phase, RunEvent, RunReport, Status};
+
+/// Rows of the final table shown in full; beyond them only tasks that did not succeed.
+pub const TABLE_ROWS: usize = 200;
 
 /// Where a run's events are shown.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,6 +56,70 @@ impl Printer {
         };
     }
 
+    /// Shows the final table: every task in file order with its node, attempts, duration
+    /// and status (people only; `--json` consumers have the events). Long runs list the
+    /// first [`TABLE_ROWS`] rows and every task that did not succeed.
+    pub fn report(&self, report: &RunReport) {
+        if self.format != Format::Human {
+            return;
+        }
+        let stdout = std::io::stdout();
+        let mut out = stdout.lock();
+        let _ = self.table(&mut out, report);
+    }
+
+    fn table(&self, out: &mut impl Write, report: &RunReport) -> std::io::Result<()> {
+        let w = report
+            .results
+            .iter()
+            .map(|r| r.task.len())
+            .max()
+            .unwrap_or(4)
+            .max(4);
+        writeln!(out)?;
+        writeln!(
+            out,
+            "{:<w$}  {:<8}  {:>8}  {:>10}  STATUS",
+            "TASK", "NODE", "ATTEMPTS", "DURATION"
+        )?;
+        let mut hidden = 0;
+        for (i, r) in report.results.iter().enumerate() {
+            if i >= TABLE_ROWS && r.status == Status::Succeeded {
+                hidden += 1;
+                continue;
+            }
+            let status = match (r.status, r.resumed) {
+                (Status::Succeeded, true) => "ok (journal)".to_string(),
+                (Status::Succeeded, false) => "ok".to_string(),
+                (Status::Failed, _) => format!("FAILED: {}", r.error.as_deref().unwrap_or("")),
+                (Status::NotRun, _) => match &r.error {
+                    Some(e) => format!("not run ({e})"),
+                    None => "not run".to_string(),
+                },
+            };
+            let duration = if r.attempts == 0 {
+                "-".to_string()
+            } else {
+                human_ms(r.duration_ms)
+            };
+            writeln!(
+                out,
+                "{:<w$}  {:<8}  {:>8}  {:>10}  {status}",
+                r.task,
+                r.node.as_deref().map_or("-", short),
+                r.attempts,
+                duration
+            )?;
+        }
+        if hidden > 0 {
+            writeln!(
+                out,
+                "... and {hidden} more that succeeded (use --json for every task)"
+            )?;
+        }
+        Ok(())
+    }
+
     fn human(&mut self, out: &mut impl Write, ev: &RunEvent) -> std::io::Result<()> {
         match ev {
             RunEvent::Phase(p) => writeln!(
@@ -101,7 +168,11 @@ impl Printer {
                     self.total,
                     short(node),
                     human_ms(*duration_ms),
-                    if output.is_empty() { String::new() } else { format!(": {}", first_line(output)) },
+                    if output.is_empty() {
+                        String::new()
+                    } else {
+                        format!(": {}", first_line(output))
+                    },
                     w = self.total.to_string().len()
                 )
             }
@@ -164,6 +235,7 @@ impl Printer {
                 succeeded,
                 failed,
                 not_run,
+                resumed,
                 missing_types,
                 elapsed_ms,
             } => {
@@ -175,9 +247,14 @@ impl Printer {
                         missing_types.join(", ")
                     )?;
                 }
+                let resumed = if *resumed > 0 {
+                    format!(" ({resumed} from the journal)")
+                } else {
+                    String::new()
+                };
                 writeln!(
                     out,
-                    "{total} tasks: {succeeded} succeeded, {failed} failed, {not_run} not run in {}",
+                    "{total} tasks: {succeeded} succeeded{resumed}, {failed} failed, {not_run} not run in {}",
                     human_ms(*elapsed_ms)
                 )
             }

@@ -15,6 +15,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::event::{Phase, RunEvent, RunReport, Status, TaskResult};
+use crate::journal::Journal;
 use crate::sched::{Outcome, Policy, Scheduler, TaskStatus};
 use crate::Task;
 
@@ -73,6 +74,8 @@ pub struct Inputs {
     pub links: mpsc::Receiver<(LinkId, LinkEvent)>,
     /// Fires on Ctrl-C or shutdown: stop, cancel in-flight tasks, say goodbye.
     pub shutdown: CancellationToken,
+    /// Where final results are recorded; tasks it lists as done are not run again.
+    pub journal: Option<Journal>,
 }
 
 struct Peer {
@@ -112,6 +115,7 @@ pub async fn run(
                 duration_ms: 0.0,
                 output: String::new(),
                 error: None,
+                resumed: false,
             })
             .collect(),
         tasks,
@@ -123,8 +127,10 @@ pub async fn run(
         peers_open: true,
         missing_since: None,
         interrupted: false,
+        journal: inputs.journal.take(),
         emit,
     };
+    c.resume();
     c.discover(&mut inputs).await;
     let missing = c.sched.missing_kinds();
     let mut missing_types = Vec::new();
@@ -148,6 +154,7 @@ pub async fn run(
         succeeded: report.succeeded(),
         failed: report.failed(),
         not_run: report.not_run(),
+        resumed: report.resumed(),
         missing_types: report.missing_types.clone(),
         elapsed_ms: report.elapsed_ms,
     });
@@ -170,10 +177,52 @@ struct Coord<'a> {
     peers_open: bool,
     missing_since: Option<Instant>,
     interrupted: bool,
+    journal: Option<Journal>,
     emit: &'a mut (dyn FnMut(&RunEvent) + Send),
 }
 
 impl Coord<'_> {
+    /// Marks the tasks the journal records as succeeded.
+    fn resume(&mut self) {
+        let Some(j) = &self.journal else { return };
+        for (i, t) in self.tasks.iter().enumerate() {
+            if j.done().contains(&t.id) {
+                self.sched.mark_done(i);
+                self.results[i].status = Status::Succeeded;
+                self.results[i].resumed = true;
+            }
+        }
+    }
+
+    /// Writes a final result to the journal; a journal that cannot be written stops the run
+    /// (resuming would otherwise repeat work silently).
+    fn journal(&mut self, task: usize) {
+        let Some(j) = &mut self.journal else { return };
+        if let Err(e) = j.record(&self.results[task]) {
+            (self.emit)(&RunEvent::Notice(format!("{e}; stopping the run")));
+            self.journal = None;
+            self.sched.stop();
+        }
+    }
+
+    /// Reports tasks skipped because a dependency failed.
+    fn skipped(&mut self) {
+        for t in self.sched.drain_skipped() {
+            let failed_dep = self.tasks[t]
+                .deps
+                .iter()
+                .find(|d| {
+                    self.results
+                        .iter()
+                        .any(|r| &r.task == *d && r.status != Status::Succeeded)
+                })
+                .cloned()
+                .unwrap_or_default();
+            self.results[t].error =
+                Some(format!("skipped: dependency {failed_dep} did not succeed"));
+            self.journal(t);
+        }
+    }
     /// Waits until every needed type has a node, discovery is exhausted, the discovery
     /// timeout passes, or the run is interrupted.
     async fn discover(&mut self, inputs: &mut Inputs) {
@@ -398,6 +447,8 @@ impl Coord<'_> {
                 r.status = Status::Succeeded;
                 r.output = output.clone();
                 r.error = None;
+                self.journal(task);
+                let t = &self.tasks[task];
                 (self.emit)(&RunEvent::TaskCompleted {
                     task: t.id.clone(),
                     kind: t.kind.clone(),
@@ -422,6 +473,8 @@ impl Coord<'_> {
                 r.status = Status::Failed;
                 r.output = output.clone();
                 r.error = Some(error.clone());
+                self.journal(task);
+                let t = &self.tasks[task];
                 (self.emit)(&RunEvent::TaskFailed {
                     task: t.id.clone(),
                     kind: t.kind.clone(),
@@ -433,6 +486,7 @@ impl Coord<'_> {
                     exit_code,
                     error,
                 });
+                self.skipped();
             }
         }
     }
@@ -452,15 +506,17 @@ impl Coord<'_> {
         for kind in missing {
             for t in self.sched.fail_kind(&kind) {
                 let error = format!("no node serves type {kind:?}");
-                let task = &self.tasks[t];
                 let r = &mut self.results[t];
                 r.status = Status::Failed;
                 r.error = Some(error.clone());
+                let attempt = r.attempts;
+                self.journal(t);
+                let task = &self.tasks[t];
                 (self.emit)(&RunEvent::TaskFailed {
                     task: task.id.clone(),
                     kind: task.kind.clone(),
                     node: String::new(),
-                    attempt: r.attempts,
+                    attempt,
                     ok: false,
                     output: String::new(),
                     duration_ms: 0.0,
@@ -469,6 +525,7 @@ impl Coord<'_> {
                 });
             }
         }
+        self.skipped();
         self.missing_since = None;
     }
 

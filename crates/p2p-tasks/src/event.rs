@@ -138,8 +138,11 @@ pub enum RunEvent {
         succeeded: usize,
         /// Tasks that failed.
         failed: usize,
-        /// Tasks that never ran (stopped after a failure, interrupted, or no node).
+        /// Tasks that never ran (stopped after a failure, interrupted, no node, or a
+        /// dependency failed).
         not_run: usize,
+        /// Tasks counted as succeeded because the journal of an earlier run says so.
+        resumed: usize,
         /// Needed types that had no node.
         missing_types: Vec<String>,
         /// Wall time of the run.
@@ -148,7 +151,7 @@ pub enum RunEvent {
 }
 
 /// How a task ended in a run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Status {
     /// It succeeded.
@@ -177,8 +180,10 @@ pub struct TaskResult {
     pub duration_ms: f64,
     /// Output of the last attempt.
     pub output: String,
-    /// Why it failed, when it did.
+    /// Why it failed (or did not run), when it did.
     pub error: Option<String>,
+    /// Whether the success was recorded by an earlier run (`--resume`).
+    pub resumed: bool,
 }
 
 /// The outcome of a run.
@@ -208,6 +213,11 @@ impl RunReport {
     /// Tasks that never ran.
     pub fn not_run(&self) -> usize {
         self.count(Status::NotRun)
+    }
+
+    /// Tasks counted as succeeded from the journal of an earlier run.
+    pub fn resumed(&self) -> usize {
+        self.results.iter().filter(|r| r.resumed).count()
     }
 
     /// Whether every task succeeded.

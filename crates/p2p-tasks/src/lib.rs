@@ -7,6 +7,8 @@
 //! - [`parse`]: the task-file parser; every error names `file:line:col`.
 //! - [`handler`]: the worker side's [`Handler`] trait, the shell-command handler and the
 //!   built-in handler.
+//! - [`journal`]: final results synced to disk, for `--resume`.
+//! - [`plan`]: checks that a plan's dependencies and order mode leave no cycle.
 //! - [`sched`]: the scheduler (order modes, least-loaded placement, retries), with no IO.
 //! - [`worker`]: runs the tasks that peers assign, within the node's capacity.
 //! - [`coordinator`]: runs a plan over connected nodes and reports [`RunEvent`]s.
@@ -15,7 +17,9 @@
 pub mod coordinator;
 pub mod event;
 pub mod handler;
+pub mod journal;
 pub mod parse;
+pub mod plan;
 pub mod sched;
 pub mod task;
 pub mod worker;
@@ -23,6 +27,7 @@ pub mod worker;
 pub use coordinator::{run, Inputs, PeerUpdate, RunOptions};
 pub use event::{Phase, RunEvent, RunReport, Status, TaskResult};
 pub use handler::{Handler, TaskOutcome, TaskRequest};
+pub use journal::Journal;
 pub use parse::ParseError;
 pub use sched::{Order, Policy};
 pub use task::Task;

@@ -10,8 +10,20 @@
 //! Every error names the file, the 1-based line and the 1-based column (in characters) of the
 //! offending token: `tasks.txt:2:5: invalid task id "1a": ...`.
 //!
-//! The parser works line by line so that a line-based extension (dependencies and arguments,
-//! e.g. `b2 after a1 c1`) can be added without changing the seed format's meaning.
+//! # Extension: dependencies and arguments
+//!
+//! A line that contains the word `after` or `--` declares exactly one task, with clauses:
+//!
+//! ```text
+//! b2 after a1 c1            # b2 starts only after a1 and c1 succeeded
+//! c3 -- --size 10 input.csv # c3's arguments: "--size 10 input.csv" (its handler's {args})
+//! b4 after b2 -- fast       # both
+//! ```
+//!
+//! Grammar, per line: `ID* | ID [after DEP+] [-- ARGS]`, where `ARGS` is the rest of the line
+//! (before a `#` comment), trimmed. A dependency may name a task declared anywhere in the file.
+//! A dependency on an unknown task, on the task itself, or a cycle of dependencies is an
+//! error that names the tasks. Plain lines keep the seed format's meaning.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -29,6 +41,10 @@ pub enum ParseErrorKind {
     DuplicateId,
     /// The file holds no task.
     NoTasks,
+    /// A dependency clause is malformed, names an unknown task, or dependencies form a cycle.
+    Dependency,
+    /// A line mixes plain tasks with `after` or `--` clauses.
+    Syntax,
     /// The file could not be read.
     Io(std::io::ErrorKind),
     /// The file is not valid UTF-8.
@@ -150,50 +166,77 @@ pub fn parse(file: &str, text: &str) -> Result<Vec<Task>, ParseError> {
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let mut tasks: Vec<Task> = Vec::new();
     let mut seen: HashMap<String, (u32, u32)> = HashMap::new();
+    // Dependencies with their positions, checked once every id is known.
+    let mut dep_pos: Vec<Vec<(u32, u32)>> = Vec::new();
     // `str::lines` splits on `\n` and strips a `\r` before it.
     for (index, line_text) in text.lines().enumerate() {
         let line = to_u32(index.saturating_add(1));
-        for token in tokens(line_text) {
-            let col = token.col;
-            let id = token.text;
-            if let Some(problem) = id_problem(id) {
-                return Err(ParseError::at(
-                    file,
-                    line,
-                    col,
-                    ParseErrorKind::InvalidId,
-                    format!("invalid task id {id:?}: {problem}"),
-                ));
-            }
-            if let Some(&(first_line, first_col)) = seen.get(id) {
-                return Err(ParseError::at(
-                    file,
-                    line,
-                    col,
-                    ParseErrorKind::DuplicateId,
-                    format!(
-                        "duplicate task id {id:?} (first at line {first_line}, column {first_col})"
-                    ),
-                ));
-            }
-            let Some(kind) = kind_of(id) else {
-                // Unreachable: a valid id starts with a letter. Report it rather than panic.
-                return Err(ParseError::at(
-                    file,
-                    line,
-                    col,
-                    ParseErrorKind::InvalidId,
-                    format!("invalid task id {id:?}: it has no type letters"),
-                ));
-            };
-            seen.insert(id.to_owned(), (line, col));
-            tasks.push(Task {
-                id: id.to_owned(),
-                kind,
-                args: String::new(),
+        let toks = tokens(line_text);
+        let clause = toks
+            .iter()
+            .position(|t| t.text == "after" || t.text == "--");
+        let (ids, after): (&[Token<'_>], &[Token<'_>]) = match clause {
+            None => (&toks[..], &[]),
+            Some(i) => (&toks[..i], &toks[i..]),
+        };
+        if clause.is_some() && ids.len() != 1 {
+            let col = ids.get(1).or(after.first()).map_or(1, |t| t.col);
+            return Err(ParseError::at(
+                file,
                 line,
                 col,
-            });
+                ParseErrorKind::Syntax,
+                "a line with `after` or `--` declares exactly one task first, e.g. `b2 after a1 -- ARGS`"
+                    .to_owned(),
+            ));
+        }
+        for token in ids {
+            let task = new_task(file, line, token, &seen)?;
+            seen.insert(task.id.clone(), (line, token.col));
+            tasks.push(task);
+            dep_pos.push(Vec::new());
+        }
+        let mut rest = after;
+        if rest.first().is_some_and(|t| t.text == "after") {
+            let deps_end = rest
+                .iter()
+                .position(|t| t.text == "--")
+                .unwrap_or(rest.len());
+            if deps_end < 2 {
+                return Err(ParseError::at(
+                    file,
+                    line,
+                    rest[0].col,
+                    ParseErrorKind::Dependency,
+                    "`after` needs at least one task id, e.g. `b2 after a1 c1`".to_owned(),
+                ));
+            }
+            for dep in &rest[1..deps_end] {
+                if let Some(problem) = id_problem(dep.text) {
+                    return Err(ParseError::at(
+                        file,
+                        line,
+                        dep.col,
+                        ParseErrorKind::InvalidId,
+                        format!("invalid dependency {:?}: {problem}", dep.text),
+                    ));
+                }
+                if let (Some(t), Some(p)) = (tasks.last_mut(), dep_pos.last_mut()) {
+                    if !t.deps.iter().any(|d| d == dep.text) {
+                        t.deps.push(dep.text.to_owned());
+                        p.push((line, dep.col));
+                    }
+                }
+            }
+            rest = &rest[deps_end..];
+        }
+        if let Some(dashes) = rest.first() {
+            // `rest[0]` is `--`: the arguments are the rest of the line, spacing kept.
+            let code = line_text.split('#').next().unwrap_or("");
+            let from = byte_after_col(code, dashes.col, 2);
+            if let Some(t) = tasks.last_mut() {
+                t.args = code[from..].trim().to_owned();
+            }
         }
     }
     if tasks.is_empty() {
@@ -205,7 +248,98 @@ pub fn parse(file: &str, text: &str) -> Result<Vec<Task>, ParseError> {
             "no tasks found".to_owned(),
         ));
     }
+    check_dependencies(file, &tasks, &dep_pos)?;
     Ok(tasks)
+}
+
+/// Validates a token as a new task id and builds its task.
+fn new_task(
+    file: &str,
+    line: u32,
+    token: &Token<'_>,
+    seen: &HashMap<String, (u32, u32)>,
+) -> Result<Task, ParseError> {
+    let (col, id) = (token.col, token.text);
+    if let Some(problem) = id_problem(id) {
+        return Err(ParseError::at(
+            file,
+            line,
+            col,
+            ParseErrorKind::InvalidId,
+            format!("invalid task id {id:?}: {problem}"),
+        ));
+    }
+    if let Some(&(first_line, first_col)) = seen.get(id) {
+        return Err(ParseError::at(
+            file,
+            line,
+            col,
+            ParseErrorKind::DuplicateId,
+            format!("duplicate task id {id:?} (first at line {first_line}, column {first_col})"),
+        ));
+    }
+    let Some(kind) = kind_of(id) else {
+        // Unreachable: a valid id starts with a letter. Report it rather than panic.
+        return Err(ParseError::at(
+            file,
+            line,
+            col,
+            ParseErrorKind::InvalidId,
+            format!("invalid task id {id:?}: it has no type letters"),
+        ));
+    };
+    Ok(Task {
+        id: id.to_owned(),
+        kind,
+        args: String::new(),
+        deps: Vec::new(),
+        line,
+        col,
+    })
+}
+
+/// The byte offset in `text` just after the token of `len` characters at 1-based column `col`.
+fn byte_after_col(text: &str, col: u32, len: usize) -> usize {
+    let skip = (col as usize).saturating_sub(1).saturating_add(len);
+    text.char_indices().nth(skip).map_or(text.len(), |(i, _)| i)
+}
+
+/// Every dependency names a known task other than itself, and there is no cycle.
+fn check_dependencies(
+    file: &str,
+    tasks: &[Task],
+    dep_pos: &[Vec<(u32, u32)>],
+) -> Result<(), ParseError> {
+    let index: HashMap<&str, usize> = tasks
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.id.as_str(), i))
+        .collect();
+    let mut edges: Vec<Vec<usize>> = vec![Vec::new(); tasks.len()];
+    for (i, t) in tasks.iter().enumerate() {
+        for (d, dep) in t.deps.iter().enumerate() {
+            let (line, col) = dep_pos[i].get(d).copied().unwrap_or((t.line, t.col));
+            let err =
+                |msg: String| ParseError::at(file, line, col, ParseErrorKind::Dependency, msg);
+            match index.get(dep.as_str()) {
+                None => return Err(err(format!("{} depends on unknown task {dep:?}", t.id))),
+                Some(&j) if j == i => return Err(err(format!("{} depends on itself", t.id))),
+                Some(&j) => edges[i].push(j),
+            }
+        }
+    }
+    if let Some(cycle) = crate::plan::find_cycle(&edges) {
+        let first = &tasks[cycle[0]];
+        let names: Vec<&str> = cycle.iter().map(|&i| tasks[i].id.as_str()).collect();
+        return Err(ParseError::at(
+            file,
+            first.line,
+            first.col,
+            ParseErrorKind::Dependency,
+            format!("dependency cycle: {} -> {}", names.join(" -> "), names[0]),
+        ));
+    }
+    Ok(())
 }
 
 /// Reads and parses a task file. Errors name the path; an I/O error also gives the OS error,
@@ -358,12 +492,50 @@ mod tests {
         assert_eq!((err.line, err.col), (1, 4));
         assert!(err.message.contains("'!' is not allowed"), "{err}");
 
-        // An extension keyword is not part of the seed format.
+        // A dependency on a task the file does not declare names both, at the dependency.
         let err = parse("t.txt", "b2 after a1").unwrap_err();
-        assert_eq!((err.line, err.col), (1, 4));
+        assert_eq!((err.line, err.col), (1, 10));
+        assert_eq!(err.kind, ParseErrorKind::Dependency);
+        assert!(err.message.contains("unknown task \"a1\""), "{err}");
+    }
+
+    #[test]
+    fn dependencies_and_arguments() {
+        let text = "a1 c1\nb2 after a1 c1 -- --size 10   in.csv # note\nc2 --   x  y\nb1 after b2";
+        let tasks = parse("t.txt", text).unwrap();
+        assert_eq!(ids(&tasks), vec!["a1", "c1", "b2", "c2", "b1"]);
+        assert_eq!(tasks[2].deps, vec!["a1", "c1"]);
+        assert_eq!(tasks[2].args, "--size 10   in.csv");
+        assert_eq!(tasks[3].args, "x  y");
+        assert!(tasks[3].deps.is_empty());
+        assert_eq!(tasks[4].deps, vec!["b2"]);
+        assert_eq!((tasks[4].line, tasks[4].col), (4, 1));
+    }
+
+    #[test]
+    fn dependency_errors_name_the_tasks() {
+        let err = parse("t.txt", "a1 after a1").unwrap_err();
+        assert!(err.message.contains("a1 depends on itself"), "{err}");
+
+        let err = parse("t.txt", "a1 after b1\nb1 after c1\nc1 after a1").unwrap_err();
+        assert_eq!(err.kind, ParseErrorKind::Dependency);
         assert!(
-            err.message.starts_with("invalid task id \"after\""),
+            err.message
+                .starts_with("dependency cycle: a1 -> b1 -> c1 -> a1"),
             "{err}"
+        );
+
+        let err = parse("t.txt", "a1 a2 after a1").unwrap_err();
+        assert_eq!(err.kind, ParseErrorKind::Syntax);
+        assert_eq!((err.line, err.col), (1, 4));
+
+        let err = parse("t.txt", "a1\nb1 after\n").unwrap_err();
+        assert_eq!((err.line, err.col), (2, 4));
+
+        let err = parse("t.txt", "a1\nb1 after 9x").unwrap_err();
+        assert_eq!(
+            (err.line, err.col, err.kind),
+            (2, 10, ParseErrorKind::InvalidId)
         );
     }
 

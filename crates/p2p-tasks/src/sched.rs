@@ -9,6 +9,8 @@
 //! - [`Order::None`]: no order; as much at once as the nodes' capacity allows.
 //!
 //! Work goes to the least-loaded node of the task's type that has free capacity.
+//! A task also waits for its declared dependencies ([`Task::deps`]) to succeed; when one
+//! fails for good, the tasks that depend on it (directly or not) are skipped.
 //! A task that finally fails stops the run (nothing new starts; running tasks finish)
 //! unless `keep_going` is set.
 
@@ -97,6 +99,8 @@ pub enum TaskStatus {
     Succeeded,
     /// Finished unsuccessfully (no retries left, or no node for its type).
     Failed,
+    /// Will not run: a task it depends on failed.
+    Skipped,
 }
 
 /// A decision to run a task on a node.
@@ -127,6 +131,8 @@ pub enum Outcome {
 #[derive(Debug)]
 struct Slot {
     kind: usize,
+    /// Dependencies not yet succeeded.
+    waiting: u32,
     status: TaskStatus,
     attempts: u32,
     failures: u32,
@@ -160,6 +166,17 @@ pub struct Scheduler {
     finished: usize,
     stopped: bool,
     nodes: BTreeMap<NodeKey, NodeSlot>,
+    /// For each task, the tasks that depend on it.
+    dependents: Vec<Vec<usize>>,
+    /// Tasks skipped since the last [`Scheduler::drain_skipped`].
+    skipped: Vec<usize>,
+}
+
+fn is_final(s: TaskStatus) -> bool {
+    matches!(
+        s,
+        TaskStatus::Succeeded | TaskStatus::Failed | TaskStatus::Skipped
+    )
 }
 
 impl Scheduler {
@@ -180,14 +197,34 @@ impl Scheduler {
             kind_tasks[k].push(i);
             slots.push(Slot {
                 kind: k,
+                waiting: 0,
                 status: TaskStatus::Pending,
                 attempts: 0,
                 failures: 0,
             });
         }
+        let index: std::collections::HashMap<&str, usize> = tasks
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.id.as_str(), i))
+            .collect();
+        let mut dependents = vec![Vec::new(); tasks.len()];
+        for (i, t) in tasks.iter().enumerate() {
+            for d in &t.deps {
+                if let Some(&j) = index.get(d.as_str()) {
+                    dependents[j].push(i);
+                    slots[i].waiting += 1;
+                }
+            }
+        }
         let ready = kind_tasks
             .iter()
-            .map(|ts| ts.iter().copied().collect())
+            .map(|ts| {
+                ts.iter()
+                    .copied()
+                    .filter(|&t| slots[t].waiting == 0)
+                    .collect()
+            })
             .collect();
         Scheduler {
             policy,
@@ -203,6 +240,23 @@ impl Scheduler {
             finished: 0,
             stopped: false,
             nodes: BTreeMap::new(),
+            dependents,
+            skipped: Vec::new(),
+        }
+    }
+
+    /// Tasks skipped (a dependency failed) since the last call.
+    pub fn drain_skipped(&mut self) -> Vec<usize> {
+        std::mem::take(&mut self.skipped)
+    }
+
+    /// Marks a task as already succeeded before the run (e.g. from a journal): it will not
+    /// run, and its dependents may. Only a pending task that never ran can be marked.
+    pub fn mark_done(&mut self, task: usize) {
+        if self.status(task) == Some(TaskStatus::Pending) && self.attempts(task) == 0 {
+            let k = self.slots[task].kind;
+            self.ready[k].remove(&task);
+            self.finish(task, TaskStatus::Succeeded);
         }
     }
 
@@ -445,24 +499,43 @@ impl Scheduler {
         Outcome::Failed
     }
 
+    /// Records a final status, releases or skips dependents (iteratively: chains can be long)
+    /// and advances the order cursors.
     fn finish(&mut self, task: usize, status: TaskStatus) {
-        let k = self.slots[task].kind;
-        self.slots[task].status = status;
-        self.finished += 1;
-        while self.cursor < self.slots.len()
-            && matches!(
-                self.slots[self.cursor].status,
-                TaskStatus::Succeeded | TaskStatus::Failed
-            )
-        {
+        let mut work = vec![(task, status)];
+        while let Some((t, st)) = work.pop() {
+            self.slots[t].status = st;
+            self.finished += 1;
+            self.advance_cursors(self.slots[t].kind);
+            for i in 0..self.dependents[t].len() {
+                let d = self.dependents[t][i];
+                if self.slots[d].status != TaskStatus::Pending {
+                    continue;
+                }
+                if st == TaskStatus::Succeeded {
+                    self.slots[d].waiting -= 1;
+                    if self.slots[d].waiting == 0 {
+                        self.ready[self.slots[d].kind].insert(d);
+                    }
+                } else {
+                    self.ready[self.slots[d].kind].remove(&d);
+                    self.delayed.retain(|&(_, x), _| x != d);
+                    // Mark now so a task reachable twice is skipped once.
+                    self.slots[d].status = TaskStatus::Skipped;
+                    self.skipped.push(d);
+                    work.push((d, TaskStatus::Skipped));
+                }
+            }
+        }
+    }
+
+    fn advance_cursors(&mut self, k: usize) {
+        while self.cursor < self.slots.len() && is_final(self.slots[self.cursor].status) {
             self.cursor += 1;
         }
         let list = &self.kind_tasks[k];
         while self.kind_cursor[k] < list.len()
-            && matches!(
-                self.slots[list[self.kind_cursor[k]]].status,
-                TaskStatus::Succeeded | TaskStatus::Failed
-            )
+            && is_final(self.slots[list[self.kind_cursor[k]]].status)
         {
             self.kind_cursor[k] += 1;
         }

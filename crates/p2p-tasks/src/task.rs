@@ -13,8 +13,11 @@ pub struct Task {
     pub id: String,
     /// The task's type: the leading ASCII letters of the id, lower-cased, e.g. `a`.
     pub kind: String,
-    /// The task's arguments (empty in the seed format; a later extension of the task file fills it).
+    /// The task's arguments, passed to its handler as `{args}` (empty unless the task file
+    /// gives some after `--`).
     pub args: String,
+    /// Ids of the tasks that must succeed before this one starts (`b2 after a1 c1`).
+    pub deps: Vec<String>,
     /// 1-based line of the token in its file (0 when the task did not come from a file).
     pub line: u32,
     /// 1-based column, counted in characters, of the token's first character (0 when the task
@@ -34,6 +37,7 @@ impl Task {
             id: id.to_owned(),
             kind: kind_of(id)?,
             args: String::new(),
+            deps: Vec::new(),
             line: 0,
             col: 0,
         })

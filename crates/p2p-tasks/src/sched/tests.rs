@@ -11,6 +11,7 @@ fn tasks(ids: &str) -> Vec<Task> {
                 .trim_end_matches(|c: char| c.is_ascii_digit())
                 .to_string(),
             args: String::new(),
+            deps: Vec::new(),
             line: 1,
             col: i as u32 + 1,
         })
@@ -158,4 +159,75 @@ fn fail_kind_fails_its_pending_tasks() {
     assert_eq!(s.fail_kind("z"), vec![1, 2]);
     assert_eq!(s.status(2), Some(TaskStatus::Failed));
     assert!(s.is_finished(), "stopped by the failure, nothing running");
+}
+
+fn parsed(text: &str, order: Order, keep_going: bool) -> Scheduler {
+    let tasks = crate::parse::parse("t", text).unwrap();
+    let mut s = Scheduler::new(
+        &tasks,
+        Policy {
+            order,
+            keep_going,
+            ..Policy::default()
+        },
+    );
+    s.add_node(1, &["a".into(), "b".into(), "c".into()], 8);
+    s
+}
+
+#[test]
+fn dependencies_hold_back_their_dependents() {
+    let mut s = parsed("a1 a2\nb1 after a2\nc1 after a1 b1", Order::None, false);
+    let now = Instant::now();
+    let first: Vec<usize> = drain(&mut s, now).iter().map(|d| d.task).collect();
+    assert_eq!(first, vec![0, 1], "b1 and c1 wait");
+    s.complete(1, true, now);
+    assert_eq!(
+        drain(&mut s, now)
+            .iter()
+            .map(|d| d.task)
+            .collect::<Vec<_>>(),
+        vec![2]
+    );
+    s.complete(2, true, now);
+    assert!(drain(&mut s, now).is_empty(), "c1 still waits for a1");
+    s.complete(0, true, now);
+    assert_eq!(
+        drain(&mut s, now)
+            .iter()
+            .map(|d| d.task)
+            .collect::<Vec<_>>(),
+        vec![3]
+    );
+}
+
+#[test]
+fn keep_going_skips_only_the_dependents_of_a_failure() {
+    let mut s = parsed("a1 a2\nb1 after a1\nc1 after b1\nc2", Order::None, true);
+    let now = Instant::now();
+    assert_eq!(drain(&mut s, now).len(), 3, "a1 a2 c2");
+    assert_eq!(s.complete(0, false, now), Outcome::Failed);
+    assert_eq!(s.drain_skipped(), vec![2, 3], "b1, then c1 through b1");
+    assert_eq!(s.status(3), Some(TaskStatus::Skipped));
+    assert!(!s.is_finished(), "keep going: a2 and c2 still run");
+    s.complete(1, true, now);
+    s.complete(4, true, now);
+    assert!(s.is_finished());
+}
+
+#[test]
+fn strict_with_keep_going_continues_after_a_failure() {
+    let mut s = parsed("a1 a2 a3", Order::Strict, true);
+    let now = Instant::now();
+    let d = s.next(now).unwrap();
+    s.complete(d.task, false, now);
+    assert_eq!(s.next(now).map(|d| d.task), Some(1));
+}
+
+#[test]
+fn mark_done_releases_dependents() {
+    let mut s = parsed("a1\nb1 after a1", Order::None, false);
+    s.mark_done(0);
+    let ds = drain(&mut s, Instant::now());
+    assert_eq!(ds.iter().map(|d| d.task).collect::<Vec<_>>(), vec![1]);
 }
