@@ -247,6 +247,7 @@ mod tests {
             duration_ms: 1.0,
             output: String::new(),
             error: None,
+            resumed: false,
         }
     }
 

@@ -71,6 +71,18 @@ pub struct Policy {
     pub backoff_max: Duration,
     /// Continue after a task finally failed. Default false.
     pub keep_going: bool,
+    /// Random extra delay on each retry, as a fraction of the back-off (0 to 1). Default 0.2.
+    pub jitter: f64,
+}
+
+/// A pseudo-random number in [0, 1) from a task and attempt (splitmix64): deterministic, so
+/// runs can be reproduced, and different per task, so retries spread out.
+fn jitter_unit(task: usize, failures: u32) -> f64 {
+    let mut z = (task as u64) ^ (u64::from(failures) << 40) ^ 0x9e37_79b9_7f4a_7c15;
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^= z >> 31;
+    (z >> 11) as f64 / (1u64 << 53) as f64
 }
 
 impl Default for Policy {
@@ -81,6 +93,7 @@ impl Default for Policy {
             backoff: Duration::from_millis(100),
             backoff_max: Duration::from_secs(5),
             keep_going: false,
+            jitter: 0.2,
         }
     }
 }
@@ -131,6 +144,8 @@ pub enum Outcome {
 #[derive(Debug)]
 struct Slot {
     kind: usize,
+    /// The node of the last failed attempt: a retry prefers another one.
+    avoid: Option<NodeKey>,
     /// Dependencies not yet succeeded.
     waiting: u32,
     status: TaskStatus,
@@ -197,6 +212,7 @@ impl Scheduler {
             kind_tasks[k].push(i);
             slots.push(Slot {
                 kind: k,
+                avoid: None,
                 waiting: 0,
                 status: TaskStatus::Pending,
                 attempts: 0,
@@ -431,7 +447,7 @@ impl Scheduler {
 
     fn start(&mut self, task: usize) -> Option<Dispatch> {
         let k = self.slots[task].kind;
-        let node = self.pick_node(k)?;
+        let node = self.pick_node(k, self.slots[task].avoid)?;
         let n = self.nodes.get_mut(&node)?;
         n.running += 1;
         self.ready[k].remove(&task);
@@ -447,11 +463,17 @@ impl Scheduler {
         })
     }
 
-    /// The least-loaded node serving `kind` with a free slot.
-    fn pick_node(&self, kind: usize) -> Option<NodeKey> {
+    /// The least-loaded node serving `kind` with a free slot; `avoid` only when it is the
+    /// only one that serves the type.
+    fn pick_node(&self, kind: usize, avoid: Option<NodeKey>) -> Option<NodeKey> {
+        let serves = |n: &NodeSlot| !n.draining && n.kinds.contains(&kind);
+        let alternatives =
+            avoid.is_some_and(|a| self.nodes.iter().any(|(k, n)| *k != a && serves(n)));
         self.nodes
             .iter()
-            .filter(|(_, n)| !n.draining && n.running < n.capacity && n.kinds.contains(&kind))
+            .filter(|(k, n)| {
+                serves(n) && n.running < n.capacity && !(alternatives && Some(**k) == avoid)
+            })
             // Compare running/capacity without floats: a/b < c/d <=> a*d < c*b.
             .min_by(|(_, a), (_, b)| {
                 (u64::from(a.running) * u64::from(b.capacity))
@@ -481,13 +503,18 @@ impl Scheduler {
         }
         let slot = &mut self.slots[task];
         slot.failures += 1;
+        slot.avoid = Some(node);
         if slot.failures <= self.policy.retries && !self.stopped {
             let exp = (slot.failures - 1).min(16);
-            let delay = self
+            let base = self
                 .policy
                 .backoff
                 .saturating_mul(1 << exp)
                 .min(self.policy.backoff_max);
+            // Spread retries of many tasks so they do not hit a recovering node at once.
+            let spread =
+                base.mul_f64(self.policy.jitter.clamp(0.0, 1.0) * jitter_unit(task, slot.failures));
+            let delay = base + spread;
             slot.status = TaskStatus::Pending;
             self.delayed.insert((now + delay, task), ());
             return Outcome::Retry { delay };

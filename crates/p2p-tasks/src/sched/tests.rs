@@ -95,6 +95,7 @@ fn failure_retries_with_backoff_then_fails_and_stops() {
         &tasks("a1 a2"),
         Policy {
             retries: 2,
+            jitter: 0.0,
             ..Policy::default()
         },
     );
@@ -230,4 +231,33 @@ fn mark_done_releases_dependents() {
     s.mark_done(0);
     let ds = drain(&mut s, Instant::now());
     assert_eq!(ds.iter().map(|d| d.task).collect::<Vec<_>>(), vec![1]);
+}
+
+#[test]
+fn a_retry_goes_to_another_node_when_there_is_one() {
+    let mut s = Scheduler::new(
+        &tasks("a1"),
+        Policy {
+            retries: 3,
+            ..Policy::default()
+        },
+    );
+    s.add_node(1, &["a".into()], 1);
+    s.add_node(2, &["a".into()], 1);
+    let t0 = Instant::now();
+    let first = s.next(t0).unwrap().node;
+    let Outcome::Retry { delay } = s.complete(0, false, t0) else {
+        panic!("expected a retry")
+    };
+    assert!(
+        delay >= Duration::from_millis(100) && delay <= Duration::from_millis(120),
+        "{delay:?}"
+    );
+    let second = s.next(t0 + delay).unwrap().node;
+    assert_ne!(first, second);
+    // With the other node gone, the retry goes back to the first one.
+    s.complete(0, false, t0);
+    s.remove_node(second);
+    let third = s.next(t0 + Duration::from_secs(10)).unwrap().node;
+    assert_eq!(third, first);
 }
