@@ -82,4 +82,18 @@ pub enum Error {
         /// The bound that expired.
         after: Duration,
     },
+    /// The secure handshake failed: the peer has another cluster key or none, or does not
+    /// speak the secure channel. The message says which, as far as this side can tell.
+    #[error("secure handshake failed: {0}")]
+    Auth(String),
+    /// An encrypted message failed authentication: it was tampered with, replayed,
+    /// reordered, or a message before it was dropped.
+    #[error(
+        "an encrypted message failed authentication (tampered, replayed or reordered); \
+         connection closed"
+    )]
+    Tampered,
+    /// The peer closed the connection before the handshake completed.
+    #[error("the peer closed the connection during the handshake{0}")]
+    ClosedInHandshake(&'static str),
 }

@@ -9,6 +9,10 @@
 //! - [`conn`]: the connection state machine (handshake, heartbeats, task bookkeeping,
 //!   goodbye) with no IO in it.
 //! - [`net`]: the thin tokio driver that runs a [`conn::Connection`] on a TCP socket.
+//! - [`key`]: the cluster key ([`ClusterKey`]) and its file format.
+//! - [`secure`]: the secure channel (Noise handshake under the cluster key, then encrypted
+//!   frames); [`net`] uses it when [`net::Settings::key`] is set.
+//! - [`gate`]: a bound on connections still in handshake, evicting the oldest when full.
 //! - [`NodeId`]: node identity.
 //!
 //! # Usage
@@ -28,11 +32,15 @@
 pub mod codec;
 pub mod conn;
 mod error;
+pub mod gate;
 mod id;
+pub mod key;
 pub mod message;
 pub mod net;
+pub mod secure;
 pub mod wire;
 
 pub use error::Error;
 pub use id::NodeId;
+pub use key::{ClusterKey, KeyError};
 pub use message::{Assign, Completed, Hello, Message, Reject, RejectReason, PROTOCOL_VERSION};

@@ -5,6 +5,10 @@
 //! (commands in) and a shared channel of `(LinkId, LinkEvent)` (events out). The task ends,
 //! with a final [`LinkEvent::Closed`], when the goodbye exchange finished or the connection
 //! failed; a failure closes this connection only.
+//!
+//! With a cluster key in [`Settings::key`], the connection first runs the secure handshake
+//! of [`crate::secure`] (within the same handshake timeout as `Hello`), and every frame
+//! after it is encrypted; without one, frames go as they are.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -19,7 +23,9 @@ use tracing::{debug, warn};
 
 use crate::codec::{FrameCodec, DEFAULT_MAX_FRAME};
 use crate::conn::{self, Connection, Event, Role};
+use crate::key::ClusterKey;
 use crate::message::{Assign, Completed, Hello, Message};
+use crate::secure::{self, WireCodec, PREAMBLE};
 use crate::Error;
 
 /// Network settings shared by all connections of a node.
@@ -31,6 +37,9 @@ pub struct Settings {
     pub max_frame: usize,
     /// Bound on establishing a TCP connection. Default 3 s.
     pub connect_timeout: Duration,
+    /// The cluster key. With one, every connection (dialled or accepted) runs the secure
+    /// handshake and is encrypted, and peers without this key are dropped. Default none.
+    pub key: Option<ClusterKey>,
 }
 
 impl Default for Settings {
@@ -39,6 +48,7 @@ impl Default for Settings {
             conn: conn::Config::default(),
             max_frame: DEFAULT_MAX_FRAME,
             connect_timeout: Duration::from_secs(3),
+            key: None,
         }
     }
 }
@@ -162,10 +172,10 @@ pub async fn accept(
     start(stream, addr, Role::Acceptor, local, settings, id, events).await
 }
 
-type Transport = Framed<TcpStream, FrameCodec>;
+type Transport = Framed<TcpStream, WireCodec>;
 
 async fn start(
-    stream: TcpStream,
+    mut stream: TcpStream,
     addr: SocketAddr,
     role: Role,
     local: Hello,
@@ -173,10 +183,24 @@ async fn start(
     id: LinkId,
     events: EventSender,
 ) -> Result<Link, Error> {
+    let started = now();
     stream.set_nodelay(true)?;
-    let mut io = Framed::new(stream, FrameCodec::new(settings.max_frame));
-    let mut conn = Connection::new(role, local, settings.conn.clone(), now());
-    let peer = match handshake(&mut io, &mut conn).await {
+    let codec = match &settings.key {
+        None => WireCodec::Plain(FrameCodec::new(settings.max_frame)),
+        Some(key) => {
+            let limit = settings.conn.handshake_timeout;
+            let secured = secure::handshake(&mut stream, role, key, settings.max_frame);
+            let codec = tokio::time::timeout(limit, secured)
+                .await
+                .map_err(|_| Error::HandshakeTimeout(limit))??;
+            WireCodec::Secure(Box::new(codec))
+        }
+    };
+    let keyed = settings.key.is_some();
+    let mut io = Framed::new(stream, codec);
+    // The handshake timeout counts from the start, secure handshake included.
+    let mut conn = Connection::new(role, local, settings.conn.clone(), started);
+    let peer = match handshake(&mut io, &mut conn, keyed).await {
         Ok(peer) => peer,
         Err(e) => {
             // Best effort: tell the peer why (a Reject), without waiting long.
@@ -208,7 +232,13 @@ async fn flush(io: &mut Transport, conn: &mut Connection) -> Result<(), Error> {
     Ok(())
 }
 
-async fn handshake(io: &mut Transport, conn: &mut Connection) -> Result<Hello, Error> {
+async fn handshake(io: &mut Transport, conn: &mut Connection, keyed: bool) -> Result<Hello, Error> {
+    handshake_inner(io, conn)
+        .await
+        .map_err(|e| explain_handshake_error(e, keyed))
+}
+
+async fn handshake_inner(io: &mut Transport, conn: &mut Connection) -> Result<Hello, Error> {
     loop {
         flush(io, conn).await?;
         while let Some(ev) = conn.poll_event() {
@@ -221,10 +251,38 @@ async fn handshake(io: &mut Transport, conn: &mut Connection) -> Result<Hello, E
             frame = io.next() => match frame {
                 Some(Ok(msg)) => conn.handle_message(msg, now())?,
                 Some(Err(e)) => return Err(e),
-                None => conn.handle_eof()?,
+                None => return Err(Error::ClosedInHandshake("")),
             },
             _ = sleep_until(deadline) => conn.handle_timeout(now())?,
         }
+    }
+}
+
+/// Makes a key mismatch visible on a node without a key: a keyed initiator's preamble
+/// reads as an impossible frame length, and a keyed acceptor closes on a plaintext `Hello`.
+fn explain_handshake_error(e: Error, keyed: bool) -> Error {
+    const HINT: &str =
+        " (a node with a cluster key drops peers without it: is --key-file missing?)";
+    let closed = |kind: std::io::ErrorKind| {
+        use std::io::ErrorKind::*;
+        matches!(
+            kind,
+            ConnectionReset | ConnectionAborted | BrokenPipe | UnexpectedEof
+        )
+    };
+    match e {
+        Error::ClosedInHandshake(_) if !keyed => Error::ClosedInHandshake(HINT),
+        Error::Io(io) if closed(io.kind()) => {
+            Error::ClosedInHandshake(if keyed { "" } else { HINT })
+        }
+        Error::FrameTooLarge { len, .. }
+            if !keyed && u32::try_from(len).ok() == Some(u32::from_be_bytes(PREAMBLE)) =>
+        {
+            Error::Auth(
+                "the peer uses a cluster key and this node has none (pass --key-file)".into(),
+            )
+        }
+        other => other,
     }
 }
 
@@ -324,5 +382,137 @@ async fn drive_inner(
             },
             _ = sleep_until(deadline) => conn.handle_timeout(now())?,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+    use crate::{NodeId, PROTOCOL_VERSION};
+    use tokio::net::TcpListener;
+
+    fn hello(types: &[&str]) -> Hello {
+        Hello {
+            version: PROTOCOL_VERSION,
+            cluster: "default".into(),
+            node_id: NodeId::random(),
+            types: types.iter().map(|t| t.to_string()).collect(),
+            capacity: 2,
+        }
+    }
+
+    fn settings(key: Option<&ClusterKey>) -> Settings {
+        Settings {
+            key: key.cloned(),
+            conn: conn::Config {
+                handshake_timeout: Duration::from_secs(10),
+                ..Default::default()
+            },
+            ..Settings::default()
+        }
+    }
+
+    /// Connects a dialler with `dial_key` to an acceptor with `accept_key` on loopback and
+    /// returns both results.
+    async fn connect_pair(
+        dial_key: Option<&ClusterKey>,
+        accept_key: Option<&ClusterKey>,
+    ) -> (Result<Link, Error>, Result<Link, Error>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accept_settings = settings(accept_key);
+        let (tx, _rx_a) = mpsc::channel(16);
+        let acceptor = tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            accept(stream, hello(&["a"]), &accept_settings, 1, tx).await
+        });
+        let (tx, _rx_d) = mpsc::channel(16);
+        let dialled = connect(addr, hello(&[]), &settings(dial_key), 1, tx).await;
+        let accepted = tokio::time::timeout(Duration::from_secs(20), acceptor)
+            .await
+            .expect("acceptor finishes")
+            .unwrap();
+        (dialled, accepted)
+    }
+
+    #[tokio::test]
+    async fn keyed_peers_connect_and_run_a_task_with_a_large_result() {
+        let key = ClusterKey::generate();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let s = settings(Some(&key));
+        let (atx, mut arx) = mpsc::channel(16);
+        let acceptor = tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            accept(stream, hello(&["a"]), &s, 1, atx).await
+        });
+        let (dtx, mut drx) = mpsc::channel(16);
+        let d = connect(addr, hello(&[]), &settings(Some(&key)), 2, dtx)
+            .await
+            .unwrap();
+        let a = acceptor.await.unwrap().unwrap();
+        assert_eq!(d.peer().types, vec!["a".to_string()]);
+        assert!(a.peer().types.is_empty());
+        let assign = Assign {
+            seq: 1,
+            task: "a1".into(),
+            kind: "a".into(),
+            args: String::new(),
+            attempt: 1,
+            timeout_ms: 0,
+        };
+        d.send(Command::Assign(assign.clone())).unwrap();
+        let bound = Duration::from_secs(20);
+        let got = tokio::time::timeout(bound, arx.recv()).await.unwrap();
+        assert!(matches!(got, Some((1, LinkEvent::Assigned(ref x))) if *x == assign));
+        let output = "y".repeat(300_000);
+        a.send(Command::Complete(Completed {
+            seq: 1,
+            ok: true,
+            exit_code: Some(0),
+            output: output.clone(),
+            error: None,
+            duration_us: 1,
+        }))
+        .unwrap();
+        let got = tokio::time::timeout(bound, drx.recv()).await.unwrap();
+        match got {
+            Some((2, LinkEvent::Completed(c))) => assert_eq!(c.output, output),
+            other => panic!("expected the result, got {other:?}"),
+        }
+        d.send(Command::Goodbye).unwrap();
+        let closed = tokio::time::timeout(bound, drx.recv()).await.unwrap();
+        assert!(
+            matches!(closed, Some((2, LinkEvent::Closed { error: None }))),
+            "{closed:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn another_key_is_refused_on_both_sides() {
+        let (d, a) =
+            connect_pair(Some(&ClusterKey::generate()), Some(&ClusterKey::generate())).await;
+        assert!(matches!(d, Err(Error::Auth(_))), "{d:?}");
+        let a = a.unwrap_err();
+        assert!(a.to_string().contains("cluster key mismatch"), "{a}");
+    }
+
+    #[tokio::test]
+    async fn a_dialler_without_a_key_is_dropped_with_a_hint() {
+        let (d, a) = connect_pair(None, Some(&ClusterKey::generate())).await;
+        let d = d.unwrap_err();
+        assert!(d.to_string().contains("--key-file"), "{d}");
+        let a = a.unwrap_err();
+        assert!(a.to_string().contains("no cluster key"), "{a}");
+    }
+
+    #[tokio::test]
+    async fn a_keyed_dialler_to_a_node_without_a_key_fails_at_once() {
+        let (d, a) = connect_pair(Some(&ClusterKey::generate()), None).await;
+        assert!(matches!(d, Err(Error::Auth(_))), "{d:?}");
+        let a = a.unwrap_err();
+        assert!(a.to_string().contains("this node has none"), "{a}");
     }
 }

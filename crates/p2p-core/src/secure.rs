@@ -1,0 +1,619 @@
+//! The secure channel: a Noise handshake under the cluster key, then encrypted frames.
+//!
+//! With a [`ClusterKey`], a connection starts with the Noise handshake
+//! [`NOISE_PARAMS`] (`Noise_XXpsk3_25519_ChaChaPoly_BLAKE2s`, the cluster key as the
+//! pre-shared key) before `Hello`. After it, the plaintext byte stream of the protocol
+//! (the frames of [`crate::codec`], unchanged) is carried in Noise transport messages.
+//! docs/SECURITY.md states the format byte by byte; in short:
+//!
+//! ```text
+//! initiator -> responder   PREAMBLE (FF 70 32 70, "\xFFp2p"), then [u16 BE len][Noise msg 1: e]
+//! responder -> initiator   [u16 BE len][Noise msg 2: e, ee, s, es]
+//! initiator -> responder   [u16 BE len][Noise msg 3: s, se, psk]
+//! responder -> initiator   [u16 BE len][transport message with an empty payload]  (confirmation)
+//! then, both ways          [u16 BE len][transport message] ...
+//! ```
+//!
+//! - The preamble makes a node without a key fail at once and clearly (as a length prefix it
+//!   claims ~4 GiB, over any maximum frame) and lets a keyed node tell a plaintext peer
+//!   from one with another key.
+//! - The pre-shared key enters at message 3, so the responder finds a wrong key when it
+//!   reads message 3; the confirmation tells the initiator that the responder accepted it.
+//! - Each plaintext frame is cut into chunks of at most [`MAX_CHUNK_PLAINTEXT`] bytes
+//!   (65,535 minus the 16-byte tag); each chunk is one transport message. A chunk never
+//!   spans two frames. Decrypted bytes go to a plaintext buffer that [`FrameCodec`] decodes,
+//!   so the maximum-frame rule applies before anything is allocated for a frame, and the
+//!   plaintext buffer never holds more than the maximum frame plus its 4-byte header.
+//! - Noise's nonces count messages, so a tampered, replayed, reordered or dropped message
+//!   fails to decrypt, which closes that connection ([`Error::Tampered`]).
+//!
+//! Each connection uses a fresh static Noise keypair: the handshake proves possession of the
+//! cluster key, not a node's identity (persistent node identities are planned).
+
+use bytes::{BufMut, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio_util::codec::{Decoder, Encoder};
+
+use crate::codec::{FrameCodec, LENGTH_PREFIX};
+use crate::conn::Role;
+use crate::key::ClusterKey;
+use crate::{Error, Message};
+
+/// The Noise protocol name.
+pub const NOISE_PARAMS: &str = "Noise_XXpsk3_25519_ChaChaPoly_BLAKE2s";
+
+/// The four bytes the initiator sends before the handshake.
+pub const PREAMBLE: [u8; 4] = [0xff, b'p', b'2', b'p'];
+
+/// Bound into the handshake hash: both sides must speak this version of the secure layer.
+const PROLOGUE: &[u8] = b"p2p-node secure channel v1";
+
+/// Largest Noise message (the Noise specification's limit).
+pub const MAX_NOISE_MESSAGE: usize = 65_535;
+
+/// Size of the authentication tag of every transport message.
+pub const TAG_LEN: usize = 16;
+
+/// Largest plaintext chunk carried by one transport message.
+pub const MAX_CHUNK_PLAINTEXT: usize = MAX_NOISE_MESSAGE - TAG_LEN;
+
+/// Largest handshake message accepted (the real ones are 32, 96 and 64 bytes).
+const MAX_HANDSHAKE_MESSAGE: usize = 256;
+
+/// A plaintext or encrypted-and-framed connection: the codec the tokio driver runs.
+#[derive(Debug)]
+pub enum WireCodec {
+    /// No cluster key: frames as they are (protocol v1 without the secure layer).
+    Plain(FrameCodec),
+    /// With a cluster key, after a successful handshake.
+    Secure(Box<SecureCodec>),
+}
+
+impl Decoder for WireCodec {
+    type Item = Message;
+    type Error = Error;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Message>, Error> {
+        match self {
+            WireCodec::Plain(c) => c.decode(src),
+            WireCodec::Secure(c) => c.decode(src),
+        }
+    }
+
+    fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<Message>, Error> {
+        match self {
+            WireCodec::Plain(c) => c.decode_eof(src),
+            WireCodec::Secure(c) => c.decode_eof(src),
+        }
+    }
+}
+
+impl Encoder<&Message> for WireCodec {
+    type Error = Error;
+
+    fn encode(&mut self, msg: &Message, dst: &mut BytesMut) -> Result<(), Error> {
+        match self {
+            WireCodec::Plain(c) => c.encode(msg, dst),
+            WireCodec::Secure(c) => c.encode(msg, dst),
+        }
+    }
+}
+
+impl Encoder<Message> for WireCodec {
+    type Error = Error;
+
+    fn encode(&mut self, msg: Message, dst: &mut BytesMut) -> Result<(), Error> {
+        self.encode(&msg, dst)
+    }
+}
+
+/// Encrypts and decrypts frames with the keys of a finished Noise handshake.
+pub struct SecureCodec {
+    noise: snow::TransportState,
+    frames: FrameCodec,
+    /// Decrypted bytes not yet decoded: at most one partial frame.
+    plain: BytesMut,
+    /// The encoding of the frame being sent, before encryption.
+    scratch: BytesMut,
+}
+
+impl std::fmt::Debug for SecureCodec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SecureCodec")
+            .field("max_frame", &self.frames.max_frame())
+            .field("plain_buffered", &self.plain.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl SecureCodec {
+    fn new(noise: snow::TransportState, max_frame: usize) -> Self {
+        SecureCodec {
+            noise,
+            frames: FrameCodec::new(max_frame),
+            plain: BytesMut::new(),
+            scratch: BytesMut::new(),
+        }
+    }
+
+    /// The maximum frame payload this codec accepts and sends.
+    pub fn max_frame(&self) -> usize {
+        self.frames.max_frame()
+    }
+
+    /// Decrypts one transport message from `src` into the plaintext buffer. `Ok(false)`:
+    /// `src` does not hold a whole message yet.
+    fn open_chunk(&mut self, src: &mut BytesMut) -> Result<bool, Error> {
+        if src.len() < 2 {
+            return Ok(false);
+        }
+        // A u16 cannot exceed MAX_NOISE_MESSAGE (65,535), so neither can `len`.
+        let len = usize::from(u16::from_be_bytes([src[0], src[1]]));
+        if len < TAG_LEN {
+            return Err(Error::Tampered);
+        }
+        // The plaintext of one frame never exceeds the maximum frame plus its header, and a
+        // chunk never spans two frames: a chunk that would overflow is refused before any
+        // byte of it is stored.
+        let limit = self.frames.max_frame() + LENGTH_PREFIX;
+        if self.plain.len() + (len - TAG_LEN) > limit {
+            return Err(Error::FrameTooLarge {
+                len: self.plain.len() + len - TAG_LEN,
+                max: limit,
+            });
+        }
+        if src.len() < 2 + len {
+            src.reserve(2 + len - src.len());
+            return Ok(false);
+        }
+        let chunk = src.split_to(2 + len);
+        let start = self.plain.len();
+        self.plain.resize(start + len, 0);
+        match self
+            .noise
+            .read_message(&chunk[2..], &mut self.plain[start..])
+        {
+            Ok(n) => {
+                self.plain.truncate(start + n);
+                Ok(true)
+            }
+            Err(_) => {
+                self.plain.truncate(start);
+                Err(Error::Tampered)
+            }
+        }
+    }
+}
+
+impl Decoder for SecureCodec {
+    type Item = Message;
+    type Error = Error;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Message>, Error> {
+        loop {
+            if let Some(msg) = self.frames.decode(&mut self.plain)? {
+                return Ok(Some(msg));
+            }
+            if !self.open_chunk(src)? {
+                return Ok(None);
+            }
+        }
+    }
+
+    fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<Message>, Error> {
+        if let Some(msg) = self.decode(src)? {
+            return Ok(Some(msg));
+        }
+        if !src.is_empty() {
+            return Err(Error::Truncated {
+                buffered: src.len(),
+            });
+        }
+        self.frames.decode_eof(&mut self.plain)
+    }
+}
+
+impl Encoder<&Message> for SecureCodec {
+    type Error = Error;
+
+    fn encode(&mut self, msg: &Message, dst: &mut BytesMut) -> Result<(), Error> {
+        self.scratch.clear();
+        self.frames.encode(msg, &mut self.scratch)?;
+        for chunk in self.scratch.chunks(MAX_CHUNK_PLAINTEXT) {
+            let start = dst.len();
+            dst.put_u16(0);
+            dst.resize(start + 2 + chunk.len() + TAG_LEN, 0);
+            let n = match self.noise.write_message(chunk, &mut dst[start + 2..]) {
+                Ok(n) => n,
+                Err(e) => {
+                    dst.truncate(start);
+                    return Err(Error::Encode(format!("encryption failed: {e}")));
+                }
+            };
+            // n = chunk.len() + TAG_LEN <= MAX_NOISE_MESSAGE, so it fits in a u16.
+            let n16 = u16::try_from(n).map_err(|_| Error::Encode("chunk too large".into()))?;
+            dst[start..start + 2].copy_from_slice(&n16.to_be_bytes());
+            dst.truncate(start + 2 + n);
+        }
+        // Do not keep a huge buffer around after one large frame.
+        if self.scratch.capacity() > 1024 * 1024 {
+            self.scratch = BytesMut::new();
+        }
+        Ok(())
+    }
+}
+
+impl Encoder<Message> for SecureCodec {
+    type Error = Error;
+
+    fn encode(&mut self, msg: Message, dst: &mut BytesMut) -> Result<(), Error> {
+        self.encode(&msg, dst)
+    }
+}
+
+/// Runs the secure handshake on `io` (see the module documentation) and returns the codec
+/// for the rest of the connection. The caller bounds it in time.
+///
+/// Errors: [`Error::Auth`] when the peer has no key or another key, or does not speak the
+/// secure layer; [`Error::Io`] when the socket fails.
+pub async fn handshake<S>(
+    io: &mut S,
+    role: Role,
+    key: &ClusterKey,
+    max_frame: usize,
+) -> Result<SecureCodec, Error>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let params: snow::params::NoiseParams = NOISE_PARAMS
+        .parse()
+        .map_err(|e| Error::Auth(format!("noise parameters: {e}")))?;
+    let builder = snow::Builder::new(params.clone());
+    let static_key = builder
+        .generate_keypair()
+        .map_err(|e| Error::Auth(format!("cannot create a noise keypair: {e}")))?;
+    let builder = snow::Builder::new(params)
+        .local_private_key(&static_key.private)
+        .psk(3, key.as_bytes())
+        .prologue(PROLOGUE);
+    let mut out = [0u8; MAX_HANDSHAKE_MESSAGE];
+    let mut payload = [0u8; MAX_HANDSHAKE_MESSAGE];
+    let transport = match role {
+        Role::Initiator => {
+            let mut hs = builder
+                .build_initiator()
+                .map_err(|e| Error::Auth(format!("noise setup: {e}")))?;
+            // -> e
+            let n = hs
+                .write_message(&[], &mut out)
+                .map_err(|e| Error::Auth(format!("noise: {e}")))?;
+            let mut first = Vec::with_capacity(PREAMBLE.len() + 2 + n);
+            first.extend_from_slice(&PREAMBLE);
+            first.extend_from_slice(&len16(n)?);
+            first.extend_from_slice(&out[..n]);
+            io.write_all(&first).await?;
+            io.flush().await?;
+            // <- e, ee, s, es
+            let msg =
+                read_handshake_message(io, MAX_HANDSHAKE_MESSAGE, CLOSED_BY_RESPONDER).await?;
+            hs.read_message(&msg, &mut payload).map_err(|_| {
+                Error::Auth(
+                    "the peer's handshake is invalid (not a p2p-node secure channel)".into(),
+                )
+            })?;
+            // -> s, se, psk
+            let n = hs
+                .write_message(&[], &mut out)
+                .map_err(|e| Error::Auth(format!("noise: {e}")))?;
+            write_message(io, &out[..n]).await?;
+            let mut transport = hs
+                .into_transport_mode()
+                .map_err(|e| Error::Auth(format!("noise: {e}")))?;
+            // <- confirmation: the responder accepted our key.
+            let msg = read_handshake_message(io, TAG_LEN, CLOSED_BY_RESPONDER).await?;
+            transport.read_message(&msg, &mut payload).map_err(|_| {
+                Error::Auth(
+                    "cluster key mismatch (the peer's confirmation does not authenticate)".into(),
+                )
+            })?;
+            transport
+        }
+        Role::Acceptor => {
+            let mut hs = builder
+                .build_responder()
+                .map_err(|e| Error::Auth(format!("noise setup: {e}")))?;
+            let mut pre = [0u8; PREAMBLE.len()];
+            read_exact_or(io, &mut pre, CLOSED_BY_INITIATOR).await?;
+            if pre != PREAMBLE {
+                return Err(Error::Auth(if pre[0] == 0 {
+                    "the peer sent plaintext: it has no cluster key (every node of the cluster \
+                     needs --key-file)"
+                        .into()
+                } else {
+                    "the peer does not speak the p2p-node secure channel".into()
+                }));
+            }
+            // -> e
+            let msg =
+                read_handshake_message(io, MAX_HANDSHAKE_MESSAGE, CLOSED_BY_INITIATOR).await?;
+            hs.read_message(&msg, &mut payload)
+                .map_err(|_| Error::Auth("the peer's first handshake message is invalid".into()))?;
+            // <- e, ee, s, es
+            let n = hs
+                .write_message(&[], &mut out)
+                .map_err(|e| Error::Auth(format!("noise: {e}")))?;
+            write_message(io, &out[..n]).await?;
+            // -> s, se, psk: this is where another key shows.
+            let msg =
+                read_handshake_message(io, MAX_HANDSHAKE_MESSAGE, CLOSED_BY_INITIATOR).await?;
+            hs.read_message(&msg, &mut payload).map_err(|_| {
+                Error::Auth(
+                    "cluster key mismatch: the peer's handshake does not authenticate under this \
+                     node's cluster key"
+                        .into(),
+                )
+            })?;
+            let mut transport = hs
+                .into_transport_mode()
+                .map_err(|e| Error::Auth(format!("noise: {e}")))?;
+            // <- confirmation
+            let n = transport
+                .write_message(&[], &mut out)
+                .map_err(|e| Error::Auth(format!("noise: {e}")))?;
+            write_message(io, &out[..n]).await?;
+            transport
+        }
+    };
+    Ok(SecureCodec::new(transport, max_frame))
+}
+
+const CLOSED_BY_RESPONDER: &str = "the peer closed the connection during the secure handshake: \
+     it has another cluster key or none, or it refused the connection";
+const CLOSED_BY_INITIATOR: &str = "the peer closed the connection during the secure handshake";
+
+fn len16(n: usize) -> Result<[u8; 2], Error> {
+    u16::try_from(n)
+        .map(u16::to_be_bytes)
+        .map_err(|_| Error::Encode(format!("handshake message of {n} bytes")))
+}
+
+async fn write_message<S: AsyncWrite + Unpin>(io: &mut S, msg: &[u8]) -> Result<(), Error> {
+    let mut buf = Vec::with_capacity(2 + msg.len());
+    buf.extend_from_slice(&len16(msg.len())?);
+    buf.extend_from_slice(msg);
+    io.write_all(&buf).await?;
+    io.flush().await?;
+    Ok(())
+}
+
+async fn read_exact_or<S: AsyncRead + Unpin>(
+    io: &mut S,
+    buf: &mut [u8],
+    on_eof: &str,
+) -> Result<(), Error> {
+    match io.read_exact(buf).await {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Err(Error::Auth(on_eof.into())),
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+            Err(Error::Auth(on_eof.into()))
+        }
+        Err(e) => Err(Error::Io(e)),
+    }
+}
+
+async fn read_handshake_message<S: AsyncRead + Unpin>(
+    io: &mut S,
+    max: usize,
+    on_eof: &str,
+) -> Result<Vec<u8>, Error> {
+    let mut len = [0u8; 2];
+    read_exact_or(io, &mut len, on_eof).await?;
+    let len = usize::from(u16::from_be_bytes(len));
+    if len > max {
+        return Err(Error::Auth(format!(
+            "handshake message of {len} bytes (at most {max} expected): not a p2p-node secure \
+             channel"
+        )));
+    }
+    let mut msg = vec![0u8; len];
+    read_exact_or(io, &mut msg, on_eof).await?;
+    Ok(msg)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+    use crate::message::Completed;
+
+    async fn pair_with(
+        a: &ClusterKey,
+        b: &ClusterKey,
+    ) -> (Result<SecureCodec, Error>, Result<SecureCodec, Error>) {
+        let (mut x, mut y) = tokio::io::duplex(1 << 20);
+        let ka = a.clone();
+        let kb = b.clone();
+        let i = tokio::spawn(async move {
+            let r = handshake(&mut x, Role::Initiator, &ka, 1 << 24).await;
+            drop(x);
+            r
+        });
+        let r = tokio::spawn(async move {
+            let r = handshake(&mut y, Role::Acceptor, &kb, 1 << 24).await;
+            drop(y);
+            r
+        });
+        (i.await.unwrap(), r.await.unwrap())
+    }
+
+    async fn pair() -> (SecureCodec, SecureCodec) {
+        let key = ClusterKey::generate();
+        let (i, r) = pair_with(&key, &key).await;
+        (i.unwrap(), r.unwrap())
+    }
+
+    fn big(len: usize) -> Message {
+        Message::Completed(Completed {
+            seq: 1,
+            ok: true,
+            exit_code: Some(0),
+            output: "x".repeat(len),
+            error: None,
+            duration_us: 5,
+        })
+    }
+
+    fn decode_all(codec: &mut SecureCodec, src: &mut BytesMut) -> Result<Vec<Message>, Error> {
+        let mut out = Vec::new();
+        while let Some(m) = codec.decode(src)? {
+            out.push(m);
+        }
+        Ok(out)
+    }
+
+    #[tokio::test]
+    async fn small_and_large_frames_round_trip_whole_and_in_pieces() {
+        let (mut a, mut b) = pair().await;
+        let msgs = vec![
+            Message::Ping { nonce: 7 },
+            big(200_000),
+            Message::Goodbye,
+            // Exactly two full chunks (payload + 4-byte header = 2 * 65,519).
+            big(2 * MAX_CHUNK_PLAINTEXT - 16),
+            big(3 * MAX_CHUNK_PLAINTEXT),
+            Message::GoodbyeAck,
+        ];
+        let mut wire = BytesMut::new();
+        for m in &msgs {
+            a.encode(m, &mut wire).unwrap();
+        }
+        // Every chunk is at most a Noise message.
+        let mut off = 0;
+        let mut chunks = 0;
+        while off < wire.len() {
+            let len = usize::from(u16::from_be_bytes([wire[off], wire[off + 1]]));
+            assert!((TAG_LEN..=MAX_NOISE_MESSAGE).contains(&len));
+            off += 2 + len;
+            chunks += 1;
+        }
+        assert_eq!(off, wire.len());
+        assert!(chunks > msgs.len(), "large frames are split");
+        // Delivered in odd-sized pieces.
+        let mut src = BytesMut::new();
+        let mut got = Vec::new();
+        for piece in wire.chunks(7_777) {
+            src.extend_from_slice(piece);
+            got.extend(decode_all(&mut b, &mut src).unwrap());
+        }
+        assert_eq!(got, msgs);
+        assert_eq!(b.decode_eof(&mut src).unwrap(), None);
+        // And the other direction.
+        let mut wire = BytesMut::new();
+        b.encode(&big(70_000), &mut wire).unwrap();
+        assert_eq!(decode_all(&mut a, &mut wire).unwrap(), vec![big(70_000)]);
+    }
+
+    #[tokio::test]
+    async fn a_flipped_byte_fails() {
+        for at in [0usize, 1, 2, 5, 30] {
+            let (mut a, mut b) = pair().await;
+            let mut wire = BytesMut::new();
+            a.encode(&Message::Ping { nonce: 1 }, &mut wire).unwrap();
+            a.encode(&big(100), &mut wire).unwrap();
+            let at = 2 + at % (wire.len() - 2);
+            wire[at] ^= 0x01;
+            let res = decode_all(&mut b, &mut wire);
+            assert!(matches!(res, Err(Error::Tampered)), "flip at {at}: {res:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_replayed_or_reordered_chunk_fails() {
+        let (mut a, mut b) = pair().await;
+        let mut first = BytesMut::new();
+        a.encode(&Message::Ping { nonce: 1 }, &mut first).unwrap();
+        let mut second = BytesMut::new();
+        a.encode(&Message::Ping { nonce: 2 }, &mut second).unwrap();
+        // Replay: the first chunk twice.
+        let mut src = first.clone();
+        assert_eq!(
+            decode_all(&mut b, &mut src).unwrap(),
+            vec![Message::Ping { nonce: 1 }]
+        );
+        let mut replay = first.clone();
+        assert!(matches!(
+            decode_all(&mut b, &mut replay),
+            Err(Error::Tampered)
+        ));
+
+        // Reorder: the second before the first, on a fresh pair.
+        let (mut a, mut b) = pair().await;
+        let mut first = BytesMut::new();
+        a.encode(&Message::Ping { nonce: 1 }, &mut first).unwrap();
+        let mut second = BytesMut::new();
+        a.encode(&Message::Ping { nonce: 2 }, &mut second).unwrap();
+        assert!(matches!(
+            decode_all(&mut b, &mut second),
+            Err(Error::Tampered)
+        ));
+    }
+
+    #[tokio::test]
+    async fn the_length_prefix_inside_is_checked_before_allocation() {
+        let key = ClusterKey::generate();
+        // A receiver with a small maximum frame.
+        let (i, r) = pair_with(&key, &key).await;
+        let (mut small_tx, mut small_rx) = (i.unwrap(), r.unwrap());
+        small_rx.frames = FrameCodec::new(4096);
+        let mut wire = BytesMut::new();
+        small_tx.encode(&big(100_000), &mut wire).unwrap();
+        let res = decode_all(&mut small_rx, &mut wire);
+        assert!(matches!(res, Err(Error::FrameTooLarge { .. })), "{res:?}");
+        assert!(small_rx.plain.capacity() < 100_000);
+        // A truncated stream is an error at EOF.
+        let (mut a2, mut b2) = pair().await;
+        let mut wire = BytesMut::new();
+        a2.encode(&big(1000), &mut wire).unwrap();
+        wire.truncate(wire.len() - 1);
+        assert_eq!(b2.decode(&mut wire).unwrap(), None);
+        assert!(matches!(
+            b2.decode_eof(&mut wire),
+            Err(Error::Truncated { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn another_key_fails_the_handshake_on_both_sides() {
+        let (i, r) = pair_with(&ClusterKey::generate(), &ClusterKey::generate()).await;
+        let ie = i.unwrap_err();
+        let re = r.unwrap_err();
+        assert!(matches!(ie, Error::Auth(_)), "{ie}");
+        assert!(re.to_string().contains("cluster key mismatch"), "{re}");
+    }
+
+    #[tokio::test]
+    async fn plaintext_to_a_keyed_acceptor_is_refused_clearly() {
+        let (mut x, mut y) = tokio::io::duplex(4096);
+        let mut hello = BytesMut::new();
+        FrameCodec::default()
+            .encode(&Message::Ping { nonce: 1 }, &mut hello)
+            .unwrap();
+        x.write_all(&hello).await.unwrap();
+        let err = handshake(&mut y, Role::Acceptor, &ClusterKey::generate(), 1 << 20)
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("no cluster key"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn the_preamble_is_an_oversized_frame_for_a_node_without_a_key() {
+        let claimed = u32::from_be_bytes(PREAMBLE) as usize;
+        assert!(claimed > crate::wire::MAX_FRAME_CEILING);
+        let mut src = BytesMut::from(&PREAMBLE[..]);
+        assert!(matches!(
+            FrameCodec::default().decode(&mut src),
+            Err(Error::FrameTooLarge { .. })
+        ));
+    }
+}
