@@ -8,6 +8,9 @@
 //! - [`Kind`]: a backend's name as written on the command line (`none`, `static`, `udp`,
 //!   `mdns`, `dns:NAME[:PORT]`).
 //! - [`statik`]: the `static` backend (a fixed list of `HOST:PORT`).
+//! - [`udp`]: the `udp` backend (beacons on a multicast group, or broadcast, on chosen
+//!   interfaces; queries answered at once; peers expire after missed beacons), and
+//!   [`beacon`], the datagram it sends.
 //! - [`NoDiscovery`]: the `none` backend.
 //! - [`start_all`]: runs several backends into one stream.
 //!
@@ -40,7 +43,9 @@ use p2p_core::NodeId;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+pub mod beacon;
 pub mod statik;
+pub mod udp;
 
 /// How many undelivered events a discovery stream holds before backends wait.
 pub const EVENT_QUEUE: usize = 1024;
@@ -62,6 +67,30 @@ pub enum Error {
         /// What went wrong.
         reason: String,
     },
+    /// A beacon field does not fit the beacon format (see [`beacon`]).
+    #[error("{what} too large for a discovery beacon: {len}, at most {max}")]
+    BeaconTooLarge {
+        /// The field (`cluster name`, `type name`, `type list (count)`, `beacon`).
+        what: &'static str,
+        /// Its size.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// A UDP discovery socket could not be set up.
+    #[error("udp discovery: cannot {what}: {source}")]
+    Socket {
+        /// The step that failed, with the interface it was for.
+        what: String,
+        /// The system's error.
+        source: std::io::Error,
+    },
+    /// No network interface fits the discovery settings.
+    #[error("udp discovery: {0}")]
+    Interface(String),
+    /// The backend's settings contradict each other or the announcement.
+    #[error("udp discovery: {0}")]
+    Config(String),
 }
 
 /// What a node says about itself to be found.

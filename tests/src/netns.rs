@@ -1,0 +1,520 @@
+//! A LAN of hosts in network namespaces, for tests whose traffic must not touch a real
+//! network (UDP multicast and broadcast discovery).
+//!
+//! # Layout
+//!
+//! [`Lan::new`]`(n)` builds, with `ip` (iproute2), as root:
+//!
+//! - a namespace `p2pt-PID-K-br` holding a bridge `br0` (multicast snooping off, so the bridge
+//!   floods multicast like a plain switch);
+//! - `n` host namespaces `p2pt-PID-K-hI`, each with `lo` up and `eth0`, one end of a veth
+//!   pair whose other end (`vI`) is a port of the bridge; host `I` has the address
+//!   `10.77.K.(I+1)/24` (broadcast `10.77.K.255`) on `eth0` and a route for `224.0.0.0/4`
+//!   there.
+//!
+//! Every interface and address lives inside these namespaces: the veth pairs are created in
+//! the bridge's namespace with their peer placed directly in the host's, so nothing appears
+//! in the machine's own namespace, and no traffic can reach a real interface. Dropping the
+//! [`Lan`], also while a test panics, deletes all its namespaces (which destroys the veth
+//! pairs and the bridge). A namespace left by a killed test run (its PID is gone) is deleted by
+//! the next [`Lan::new`].
+//!
+//! Processes run in a host with [`Host::command`] (`ip netns exec NAME PROGRAM ...`) and
+//! [`Host::spawn`], whose [`NsChild`] guard kills the process by its PID and reaps it on drop;
+//! [`Host::start`] also collects its output lines ([`NsProcess`]), and [`Host::output`] runs
+//! a command to its end under a hang guard.
+//! An [`NsChild`] borrows its [`Host`], so the compiler makes every child end before its
+//! [`Lan`] is deleted.
+//!
+//! Where namespaces cannot be made (not root, no `ip`), [`Lan::new`] prints why and returns
+//! `None`: the test then returns early (it is skipped, not failed).
+//!
+//! [`helper`]: a test binary can run itself inside a host as a tiny TCP peer (see
+//! [`Host::helper`]), for checks that need no other program than the test itself.
+
+use std::ffi::OsStr;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::marker::PhantomData;
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::ops::{Deref, DerefMut};
+use std::process::{Command, ExitStatus, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::ChildGuard;
+
+/// The prefix of every namespace this harness makes.
+pub const PREFIX: &str = "p2pt-";
+
+/// The name of the interface of each host.
+pub const HOST_IF: &str = "eth0";
+
+/// Most hosts on one LAN (one /24).
+pub const MAX_HOSTS: usize = 250;
+
+/// How long the LAN's links may take to come up (a hang guard only).
+const LINK_WAIT: Duration = Duration::from_secs(10);
+
+/// The environment variable that turns a test binary into a [`helper`].
+pub const HELPER_ENV: &str = "P2P_NETNS_HELPER";
+
+/// One host of a [`Lan`].
+#[derive(Debug)]
+pub struct Host {
+    ns: String,
+    addr: Ipv4Addr,
+    index: usize,
+}
+
+impl Host {
+    /// Its network namespace's name.
+    pub fn ns(&self) -> &str {
+        &self.ns
+    }
+
+    /// Its address on the LAN (on [`HOST_IF`]).
+    pub fn addr(&self) -> Ipv4Addr {
+        self.addr
+    }
+
+    /// Its position in [`Lan::hosts`].
+    pub fn index(&self) -> usize {
+        self.index
+    }
+
+    /// `ip netns exec NS PROGRAM`: add arguments, then [`Host::spawn`] or [`Host::output`] it.
+    /// Standard input is closed; standard output and error are piped.
+    pub fn command(&self, program: impl AsRef<OsStr>) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.ns])
+            .arg(program)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        c
+    }
+
+    /// Starts `cmd` (made by [`Host::command`]); the guard kills it by PID on drop.
+    /// `ip netns exec` replaces itself with the program, so the PID is the program's.
+    pub fn spawn(&self, cmd: &mut Command) -> NsChild<'_> {
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {cmd:?} in {}: {e}", self.ns));
+        NsChild {
+            guard: ChildGuard::new(child),
+            _host: PhantomData,
+        }
+    }
+
+    /// Starts `cmd` (made by [`Host::command`]) and collects its output lines.
+    pub fn start(&self, cmd: &mut Command) -> NsProcess<'_> {
+        let mut child = self.spawn(cmd);
+        let stdout = Collected::default();
+        let stderr = Collected::default();
+        if let Some(out) = child.child_mut().stdout.take() {
+            stdout.collect(out);
+        }
+        if let Some(err) = child.child_mut().stderr.take() {
+            stderr.collect(err);
+        }
+        NsProcess {
+            child,
+            stdout,
+            stderr,
+        }
+    }
+
+    /// Runs `cmd` (made by [`Host::command`]) to its end, at most `limit` (then it is killed
+    /// and this panics).
+    pub fn output(&self, cmd: &mut Command, limit: Duration) -> Output {
+        let mut child = self.spawn(cmd);
+        let out = child.child_mut().stdout.take();
+        let err = child.child_mut().stderr.take();
+        // Read the pipes on threads so a chatty child cannot block on a full pipe.
+        let read = |p: Option<Box<dyn Read + Send>>| {
+            std::thread::spawn(move || {
+                let mut buf = Vec::new();
+                if let Some(mut p) = p {
+                    let _ = p.read_to_end(&mut buf);
+                }
+                buf
+            })
+        };
+        let out_t = read(out.map(|p| Box::new(p) as Box<dyn Read + Send>));
+        let err_t = read(err.map(|p| Box::new(p) as Box<dyn Read + Send>));
+        let Some(status) = child.wait_timeout(limit) else {
+            child.kill();
+            panic!("{cmd:?} in {} still ran after {limit:?}", self.ns);
+        };
+        Output {
+            status,
+            stdout: out_t.join().unwrap_or_default(),
+            stderr: err_t.join().unwrap_or_default(),
+        }
+    }
+
+    /// A command running this test binary inside the host as a [`helper`] with `role`
+    /// (`listen:ADDR` or `connect:ADDR`). The binary must have a test named `test_name` that
+    /// calls [`helper`].
+    pub fn helper(&self, test_name: &str, role: &str) -> Command {
+        let exe = std::env::current_exe().expect("current_exe");
+        let mut c = self.command(exe);
+        c.args(["--exact", test_name, "--nocapture", "--test-threads", "1"])
+            .env(HELPER_ENV, role);
+        c
+    }
+}
+
+/// The lines a process printed on one stream, collected by a thread as they come.
+#[derive(Debug, Clone, Default)]
+pub struct Collected(Arc<Mutex<Vec<String>>>);
+
+impl Collected {
+    /// A copy of the lines so far.
+    pub fn snapshot(&self) -> Vec<String> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The lines so far, joined (for assertion messages).
+    pub fn text(&self) -> String {
+        self.snapshot().join("\n")
+    }
+
+    /// Polls until a line satisfies `pred`, at most `limit`; returns it.
+    pub fn wait_for(&self, limit: Duration, pred: impl Fn(&str) -> bool) -> Option<String> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(l) = self.snapshot().into_iter().find(|l| pred(l)) {
+                return Some(l);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn collect(&self, r: impl Read + Send + 'static) -> JoinHandle<()> {
+        let lines = self.0.clone();
+        std::thread::spawn(move || {
+            for l in BufReader::new(r).lines().map_while(Result::ok) {
+                lines.lock().unwrap_or_else(|e| e.into_inner()).push(l);
+            }
+        })
+    }
+}
+
+/// A process started with [`Host::start`]: its output is collected line by line; killed (by
+/// PID) and reaped on drop.
+#[derive(Debug)]
+pub struct NsProcess<'a> {
+    child: NsChild<'a>,
+    /// Its standard output.
+    pub stdout: Collected,
+    /// Its standard error.
+    pub stderr: Collected,
+}
+
+impl NsProcess<'_> {
+    /// Its PID.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends it signal `sig` (`TERM`, `KILL`...) with `kill -SIG PID`, if it still runs.
+    pub fn signal(&mut self, sig: &str) {
+        if self.child.try_wait().is_some() {
+            return;
+        }
+        let status = Command::new("kill")
+            .args([format!("-{sig}"), self.pid().to_string()])
+            .stdin(Stdio::null())
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{sig} {} failed", self.pid());
+    }
+
+    /// Waits for it to exit, at most `limit`.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
+        self.child.wait_timeout(limit)
+    }
+
+    /// Its stdout and stderr, for assertion messages.
+    pub fn describe(&self) -> String {
+        format!(
+            "--- stdout ---\n{}\n--- stderr ---\n{}",
+            self.stdout.text(),
+            self.stderr.text()
+        )
+    }
+}
+
+/// A process running in a [`Host`]; killed (by PID) and reaped on drop.
+#[derive(Debug)]
+pub struct NsChild<'a> {
+    guard: ChildGuard,
+    _host: PhantomData<&'a Host>,
+}
+
+impl Deref for NsChild<'_> {
+    type Target = ChildGuard;
+
+    fn deref(&self) -> &ChildGuard {
+        &self.guard
+    }
+}
+
+impl DerefMut for NsChild<'_> {
+    fn deref_mut(&mut self) -> &mut ChildGuard {
+        &mut self.guard
+    }
+}
+
+/// A LAN of hosts in network namespaces; deleted on drop. See the module docs.
+#[derive(Debug)]
+pub struct Lan {
+    bridge: String,
+    hosts: Vec<Host>,
+    /// Namespaces created so far (deleted on drop, in reverse).
+    created: Vec<String>,
+}
+
+impl Lan {
+    /// Builds a LAN of `n` hosts (1 to [`MAX_HOSTS`]). Returns `None`, after printing why,
+    /// only where network namespaces cannot be created (not root, no `ip`); any later
+    /// failure panics (and what was built is deleted).
+    pub fn new(n: usize) -> Option<Lan> {
+        assert!(
+            (1..=MAX_HOSTS).contains(&n),
+            "a LAN has 1 to {MAX_HOSTS} hosts"
+        );
+        if let Err(why) = ip(&["-V"]) {
+            eprintln!(
+                "skipping: network namespaces unavailable: `ip` (iproute2) cannot run: {why}"
+            );
+            return None;
+        }
+        sweep_stale();
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let k = NEXT.fetch_add(1, Ordering::Relaxed);
+        let base = format!("{PREFIX}{}-{k}", std::process::id());
+        let mut lan = Lan {
+            bridge: format!("{base}-br"),
+            hosts: Vec::new(),
+            created: Vec::new(),
+        };
+        if let Err(why) = ip(&["netns", "add", &lan.bridge]) {
+            eprintln!(
+                "skipping: cannot create a network namespace (root and iproute2 are needed): {why}"
+            );
+            return None;
+        }
+        lan.created.push(lan.bridge.clone());
+        let br = lan.bridge.clone();
+        must(&["-n", &br, "link", "set", "lo", "up"]);
+        must(&[
+            "-n",
+            &br,
+            "link",
+            "add",
+            "br0",
+            "type",
+            "bridge",
+            "mcast_snooping",
+            "0",
+        ]);
+        must(&["-n", &br, "link", "set", "br0", "up"]);
+        let subnet = k % 250;
+        for i in 0..n {
+            let ns = format!("{base}-h{i}");
+            must(&["netns", "add", &ns]);
+            lan.created.push(ns.clone());
+            let port = format!("v{i}");
+            let addr = Ipv4Addr::new(10, 77, subnet as u8, (i + 1) as u8);
+            must(&["-n", &ns, "link", "set", "lo", "up"]);
+            must(&[
+                "-n", &br, "link", "add", &port, "type", "veth", "peer", "name", HOST_IF, "netns",
+                &ns,
+            ]);
+            must(&["-n", &br, "link", "set", &port, "master", "br0"]);
+            must(&["-n", &br, "link", "set", &port, "up"]);
+            must(&[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{addr}/24"),
+                "brd",
+                "+",
+                "dev",
+                HOST_IF,
+            ]);
+            must(&["-n", &ns, "link", "set", HOST_IF, "up"]);
+            must(&["-n", &ns, "route", "add", "224.0.0.0/4", "dev", HOST_IF]);
+            lan.hosts.push(Host { ns, addr, index: i });
+        }
+        lan.wait_links_up();
+        Some(lan)
+    }
+
+    fn wait_links_up(&self) {
+        let deadline = Instant::now() + LINK_WAIT;
+        for h in &self.hosts {
+            loop {
+                let out = ip(&["-n", &h.ns, "-o", "link", "show", HOST_IF]).unwrap_or_default();
+                if out.contains("state UP") || out.contains("LOWER_UP") {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "{HOST_IF} of {} did not come up within {LINK_WAIT:?}: {out}",
+                    h.ns
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+
+    /// Its hosts.
+    pub fn hosts(&self) -> &[Host] {
+        &self.hosts
+    }
+
+    /// Host `i`.
+    pub fn host(&self, i: usize) -> &Host {
+        &self.hosts[i]
+    }
+
+    /// The namespaces it made (bridge first), e.g. to check they are gone after drop.
+    pub fn namespaces(&self) -> Vec<String> {
+        self.created.clone()
+    }
+}
+
+impl Drop for Lan {
+    fn drop(&mut self) {
+        for ns in self.created.drain(..).rev() {
+            if let Err(why) = ip(&["netns", "del", &ns]) {
+                eprintln!("netns: cannot delete namespace {ns}: {why}");
+            }
+        }
+    }
+}
+
+/// The network namespaces that exist now (names only).
+pub fn list_namespaces() -> Vec<String> {
+    ip(&["netns", "list"])
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .map(str::to_string)
+        .collect()
+}
+
+/// Deletes namespaces of this harness whose test process is gone (a run killed before its
+/// `Drop` could run).
+fn sweep_stale() {
+    for ns in list_namespaces() {
+        let Some(rest) = ns.strip_prefix(PREFIX) else {
+            continue;
+        };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            eprintln!("netns: deleting stale namespace {ns} (process {pid} is gone)");
+            let _ = ip(&["netns", "del", &ns]);
+        }
+    }
+}
+
+/// Runs `ip ARGS`, at most 30 s; its stdout, or why it failed.
+fn ip(args: &[&str]) -> Result<String, String> {
+    let mut child = Command::new("ip")
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot run `ip`: {e}"))?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) => break,
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!("`ip {}` hung", args.join(" ")));
+            }
+        }
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(|e| format!("`ip {}`: {e}", args.join(" ")))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(format!(
+            "`ip {}` failed ({}): {}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+fn must(args: &[&str]) {
+    if let Err(why) = ip(args) {
+        panic!("netns setup: {why}");
+    }
+}
+
+/// The body of a test binary's helper test. Does nothing unless [`HELPER_ENV`] is set (a
+/// normal test run); with it (see [`Host::helper`]), plays a tiny TCP peer and exits:
+///
+/// - `listen:ADDR`: accepts one connection on ADDR (at most 20 s), answers `pong` to `ping`;
+///   prints `listening` once bound.
+/// - `connect:ADDR`: connects (at most 10 s), sends `ping`, expects `pong`, prints `ok`.
+pub fn helper() {
+    let Ok(role) = std::env::var(HELPER_ENV) else {
+        return;
+    };
+    let limit = Duration::from_secs(20);
+    if let Some(addr) = role.strip_prefix("listen:") {
+        let addr: SocketAddr = addr.parse().expect("listen:ADDR");
+        let l = TcpListener::bind(addr).expect("bind");
+        l.set_nonblocking(true).expect("nonblocking");
+        println!("listening");
+        let deadline = Instant::now() + limit;
+        let mut s = loop {
+            match l.accept() {
+                Ok((s, _)) => break s,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    assert!(Instant::now() < deadline, "no connection within {limit:?}");
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) => panic!("accept: {e}"),
+            }
+        };
+        s.set_nonblocking(false).expect("blocking");
+        s.set_read_timeout(Some(limit)).expect("timeout");
+        let mut buf = [0u8; 4];
+        s.read_exact(&mut buf).expect("read ping");
+        assert_eq!(&buf, b"ping");
+        s.write_all(b"pong").expect("write pong");
+    } else if let Some(addr) = role.strip_prefix("connect:") {
+        let addr: SocketAddr = addr.parse().expect("connect:ADDR");
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(10)).expect("connect");
+        s.set_read_timeout(Some(limit)).expect("timeout");
+        s.write_all(b"ping").expect("write ping");
+        let mut buf = [0u8; 4];
+        s.read_exact(&mut buf).expect("read pong");
+        assert_eq!(&buf, b"pong");
+        println!("ok");
+    } else {
+        panic!("unknown {HELPER_ENV} role {role:?}");
+    }
+}
