@@ -14,6 +14,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod netns;
+
 use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -59,8 +61,9 @@ pub fn workspace_root() -> PathBuf {
 /// The `p2p-node` binary under test.
 ///
 /// `P2P_NODE_BIN` overrides it; otherwise it is `target/debug/p2p-node` next to the test
-/// executable's `deps` directory, built once with `cargo build -p node-cli --bin p2p-node`
-/// when it does not exist yet.
+/// executable's `deps` directory, (re)built once per test process with
+/// `cargo build -p node-cli --bin p2p-node` so the suites never test a stale binary (a no-op
+/// taking a fraction of a second when it is up to date).
 pub fn bin() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
@@ -74,9 +77,7 @@ pub fn bin() -> &'static Path {
             .and_then(Path::parent)
             .expect("the test executable lives in target/<profile>/deps");
         let path = dir.join(format!("p2p-node{}", std::env::consts::EXE_SUFFIX));
-        if !path.exists() {
-            build_binary();
-        }
+        build_binary(dir.ends_with("release"));
         assert!(
             path.exists(),
             "{} does not exist, even after `cargo build -p node-cli --bin p2p-node`",
@@ -86,10 +87,14 @@ pub fn bin() -> &'static Path {
     })
 }
 
-fn build_binary() {
+fn build_binary(release: bool) {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut args = vec!["build", "-q", "-p", "node-cli", "--bin", "p2p-node"];
+    if release {
+        args.push("--release");
+    }
     let mut child = Command::new(cargo)
-        .args(["build", "-p", "node-cli", "--bin", "p2p-node"])
+        .args(args)
         .current_dir(workspace_root())
         .stdin(Stdio::null())
         .spawn()
@@ -137,7 +142,10 @@ pub fn shell_quote(s: &str) -> String {
 
 /// Panics unless the command line keeps its traffic on loopback (see the crate docs).
 fn check_safe(args: &[&str]) {
-    let has = |flag: &str| args.iter().any(|a| *a == flag || a.starts_with(&format!("{flag}=")));
+    let has = |flag: &str| {
+        args.iter()
+            .any(|a| *a == flag || a.starts_with(&format!("{flag}=")))
+    };
     let value_of = |flag: &str| -> Vec<String> {
         let mut v = Vec::new();
         for (i, a) in args.iter().enumerate() {
@@ -363,7 +371,11 @@ impl Serve {
                 panic!("first stdout line of serve is not `listening on ADDR`: {first:?}")
             });
         assert!(addr.ip().is_loopback(), "serve listens on {addr}");
-        assert_ne!(addr.port(), 0, "serve printed port 0 instead of the real port");
+        assert_ne!(
+            addr.port(),
+            0,
+            "serve printed port 0 instead of the real port"
+        );
         let node_id = rx
             .recv_timeout(Duration::from_secs(5))
             .ok()
@@ -410,16 +422,34 @@ impl Serve {
 
     /// Sends it SIGTERM (by its PID, with `kill -TERM PID`): a graceful shutdown request.
     pub fn terminate(&mut self) {
-        let status = Command::new("kill")
-            .args(["-TERM", &self.pid().to_string()])
-            .status()
-            .expect("run kill -TERM");
-        assert!(status.success(), "kill -TERM {} failed", self.pid());
+        send_signal("TERM", self.pid());
     }
 
     /// Waits for it to exit, at most `limit`; `None` if it is still running then.
     pub fn wait_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
         self.guard.wait_timeout(limit)
+    }
+}
+
+/// Sends signal `sig` (e.g. `TERM`) to the process `pid` with `kill -SIG PID`.
+fn send_signal(sig: &str, pid: u32) {
+    let status = Command::new("kill")
+        .args([format!("-{sig}"), pid.to_string()])
+        .stdin(Stdio::null())
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill -{sig} {pid} failed");
+}
+
+/// Whether process `pid` is gone or a zombie (it has stopped running), from `/proc/PID/stat`.
+pub fn process_ended(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        // The state follows the command name in parentheses: `PID (comm) S ...`.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state == "Z" || state == "X"),
     }
 }
 
@@ -518,6 +548,16 @@ pub struct Running {
 }
 
 impl Running {
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.guard.id()
+    }
+
+    /// Sends it SIGINT (by its PID, with `kill -INT PID`), as Ctrl-C would.
+    pub fn interrupt(&self) {
+        send_signal("INT", self.pid());
+    }
+
     /// Waits for it to end, with a hang guard of [`RUN_TIMEOUT`]: still running then, it is
     /// killed and the test fails.
     pub fn finish(mut self) -> RunOutput {
@@ -536,7 +576,9 @@ impl Running {
         // The pipes close when the process (and any handler it left behind) is gone; a
         // handler left running must not hang the test, so the wait for the readers is bounded.
         let readers: Vec<JoinHandle<()>> = self.readers.drain(..).collect();
-        poll_until(Duration::from_secs(10), || readers.iter().all(|r| r.is_finished()));
+        poll_until(Duration::from_secs(10), || {
+            readers.iter().all(|r| r.is_finished())
+        });
         let text = |l: &Lines| {
             let mut t = l.text();
             if !t.is_empty() {
@@ -556,17 +598,12 @@ impl Running {
 pub fn json_lines(s: &str) -> Vec<serde_json::Value> {
     s.lines()
         .filter(|l| !l.trim().is_empty())
-        .map(|l| {
-            serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON line ({e}): {l:?}"))
-        })
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON line ({e}): {l:?}")))
         .collect()
 }
 
 /// The events of `events` whose `event` field is `name`.
-pub fn events_named<'a>(
-    events: &'a [serde_json::Value],
-    name: &str,
-) -> Vec<&'a serde_json::Value> {
+pub fn events_named<'a>(events: &'a [serde_json::Value], name: &str) -> Vec<&'a serde_json::Value> {
     events.iter().filter(|e| e["event"] == name).collect()
 }
 
@@ -721,7 +758,10 @@ pub struct WireClient {
 impl WireClient {
     /// Connects to `addr` (loopback only).
     pub fn connect(addr: SocketAddr) -> WireClient {
-        assert!(addr.ip().is_loopback(), "test safety: {addr} is not loopback");
+        assert!(
+            addr.ip().is_loopback(),
+            "test safety: {addr} is not loopback"
+        );
         let stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(10))
             .expect("connect to the node");
         stream

@@ -339,6 +339,9 @@ impl Coord<'_> {
                 self.sched.drain_node(d.node);
                 continue;
             }
+            let r = &mut self.results[d.task];
+            r.node = Some(peer.node.clone());
+            r.attempts = d.attempt;
             (self.emit)(&RunEvent::TaskAssigned {
                 task: t.id.clone(),
                 kind: t.kind.clone(),
@@ -510,12 +513,13 @@ impl Coord<'_> {
                 r.status = Status::Failed;
                 r.error = Some(error.clone());
                 let attempt = r.attempts;
+                let node = r.node.clone().unwrap_or_default();
                 self.journal(t);
                 let task = &self.tasks[t];
                 (self.emit)(&RunEvent::TaskFailed {
                     task: task.id.clone(),
                     kind: task.kind.clone(),
-                    node: String::new(),
+                    node,
                     attempt,
                     ok: false,
                     output: String::new(),
