@@ -8,13 +8,14 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use p2p_core::net::Settings;
+use p2p_core::ClusterKey;
 use p2p_discovery::Kind;
 use p2p_tasks::handler::{Builtin, Handler, Shell};
 use p2p_tasks::{Order, Policy, RunOptions};
 use tokio_util::sync::CancellationToken;
 
 use crate::output::{Format, Printer};
-use crate::Node;
+use crate::{Node, NodeBuilder};
 
 /// Exit status: every task succeeded.
 pub const EXIT_OK: u8 = 0;
@@ -30,9 +31,24 @@ pub struct Cli {
     /// More logging (-v: debug, -vv: trace). RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     pub verbose: u8,
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+    /// Settings file (TOML; keys are the long flags). Default: ./p2p-node.toml if present.
+    #[arg(long, global = true, value_name = "PATH")]
+    pub config: Option<PathBuf>,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
 }
 
 /// The subcommands.
@@ -52,6 +68,11 @@ pub enum Command {
     /// List the nodes that discovery finds.
     #[command(after_help = "Example:\n  p2p-node peers --peer 127.0.0.1:7401 --json")]
     Peers(PeersArgs),
+    /// Write a new cluster key to PATH (mode 0600); pass it to every node with --key-file.
+    #[command(after_help = "Example:\n  p2p-node keygen cluster.key\n  \
+        p2p-node serve --types a --key-file cluster.key\n  \
+        p2p-node run tasks.txt --peer HOST:7400 --key-file cluster.key")]
+    Keygen(KeygenArgs),
 }
 
 /// Options every command shares.
@@ -77,9 +98,10 @@ pub struct ServeArgs {
     /// Task types to serve, comma-separated (e.g. a,b).
     #[arg(long, value_delimiter = ',', required = true)]
     pub types: Vec<String>,
-    /// Address to accept connections on.
-    #[arg(long, default_value = "127.0.0.1:7400")]
-    pub listen: SocketAddr,
+    /// Address to accept connections on [default: 127.0.0.1:7400, or 0.0.0.0:7400 with
+    /// --key-file].
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
     /// Run TYPE's tasks with `sh -c COMMAND`; {id}, {type}, {args} are replaced (repeatable).
     #[arg(long = "handler", value_name = "TYPE=COMMAND")]
     pub handlers: Vec<String>,
@@ -92,6 +114,12 @@ pub struct ServeArgs {
     /// A connection that has not completed its handshake after this long is closed.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     pub handshake_timeout: Duration,
+    /// Most connections at once (handshaking ones included); more are closed at accept.
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+    /// Most connections still in their handshake; when full, a new one evicts the oldest.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_handshakes: u32,
     /// Shared options.
     #[command(flatten)]
     pub common: Common,
@@ -134,8 +162,11 @@ pub struct RunArgs {
     #[arg(long, requires = "journal")]
     pub resume: bool,
     /// One JSON object per line on stdout.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "quiet")]
     pub json: bool,
+    /// Print only failures and the summary (no progress bar, no per-task lines).
+    #[arg(short, long)]
+    pub quiet: bool,
     /// Shared options.
     #[command(flatten)]
     pub common: Common,
@@ -153,6 +184,13 @@ pub struct PeersArgs {
     /// Shared options.
     #[command(flatten)]
     pub common: Common,
+}
+
+/// `p2p-node keygen`.
+#[derive(Debug, Args)]
+pub struct KeygenArgs {
+    /// Where to write the key; the file must not exist.
+    pub path: PathBuf,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -185,6 +223,7 @@ pub async fn execute(cli: Cli) -> ExitCode {
         Command::Serve(a) => serve(a, shutdown).await,
         Command::Run(a) => run(a, shutdown).await,
         Command::Peers(a) => peers(a).await,
+        Command::Keygen(a) => keygen(a),
     };
     match result {
         Ok(code) => ExitCode::from(code),
@@ -221,11 +260,6 @@ fn spawn_signal_handler(token: CancellationToken) {
 
 /// Refuses options that this version does not implement, instead of ignoring them.
 fn check_common(c: &Common, allow_default_udp: bool) -> anyhow::Result<()> {
-    if c.key_file.is_some() {
-        return Err(usage(
-            "--key-file: cluster keys (encrypted connections) are not available in this version",
-        ));
-    }
     for k in &c.discovery {
         match k {
             Kind::None | Kind::Static => {}
@@ -286,8 +320,49 @@ fn handler_for(kind: &str, handlers: &[(String, String)]) -> Box<dyn Handler> {
     }
 }
 
+fn keygen(a: KeygenArgs) -> anyhow::Result<u8> {
+    let key = ClusterKey::write_new(&a.path).map_err(|e| usage(e.to_string()))?;
+    println!(
+        "wrote a new cluster key to {} (file mode 0600, fingerprint {})",
+        a.path.display(),
+        key.fingerprint()
+    );
+    println!(
+        "copy it to every node of the cluster (keep it secret) and pass --key-file {} \
+         (or set P2P_KEY_FILE) to serve, run and peers",
+        a.path.display()
+    );
+    Ok(EXIT_OK)
+}
+
+/// The cluster key of `--key-file` (or P2P_KEY_FILE), if given.
+fn load_key(c: &Common) -> anyhow::Result<Option<ClusterKey>> {
+    match &c.key_file {
+        None => Ok(None),
+        Some(p) => ClusterKey::load(p)
+            .map(Some)
+            .map_err(|e| usage(format!("--key-file: {e}"))),
+    }
+}
+
+fn with_key(b: NodeBuilder, key: &Option<ClusterKey>) -> NodeBuilder {
+    match key {
+        Some(k) => b.key(k.clone()),
+        None => b,
+    }
+}
+
 async fn serve(a: ServeArgs, shutdown: CancellationToken) -> anyhow::Result<u8> {
     check_common(&a.common, true)?;
+    let key = load_key(&a.common)?;
+    let listen = a.listen.unwrap_or_else(|| {
+        let ip = if key.is_some() {
+            [0, 0, 0, 0]
+        } else {
+            [127, 0, 0, 1]
+        };
+        SocketAddr::from((ip, 7400))
+    });
     let types = parse_types(&a.types)?;
     let handlers = parse_handlers(&a.handlers)?;
     if let Some((t, _)) = handlers.iter().find(|(t, _)| !types.contains(t)) {
@@ -295,10 +370,12 @@ async fn serve(a: ServeArgs, shutdown: CancellationToken) -> anyhow::Result<u8> 
             "--handler for type {t:?}, which is not in --types"
         )));
     }
-    let mut b = Node::builder()
+    let mut b = with_key(Node::builder(), &key)
         .cluster(a.common.cluster.clone())
-        .listen(a.listen)
+        .listen(listen)
         .insecure(a.insecure)
+        .max_connections(a.max_connections as usize)
+        .max_handshakes(a.max_handshakes as usize)
         .settings(Settings {
             conn: p2p_core::conn::Config {
                 handshake_timeout: a.handshake_timeout,
@@ -316,11 +393,16 @@ async fn serve(a: ServeArgs, shutdown: CancellationToken) -> anyhow::Result<u8> 
         crate::Error::Config(m) => usage(m),
         other => anyhow::Error::new(other),
     })?;
-    if a.insecure && !a.listen.ip().is_loopback() {
-        tracing::warn!(
-            "--insecure: anyone who can reach {} can run tasks here",
-            a.listen
-        );
+    match &key {
+        Some(k) => tracing::info!(
+            fingerprint = %k.fingerprint(),
+            "cluster key loaded: connections are authenticated and encrypted"
+        ),
+        None if !listen.ip().is_loopback() => tracing::warn!(
+            "--insecure: listening on {listen} without a cluster key: anyone who can reach it \
+             can run tasks here and read task traffic (make a key: p2p-node keygen KEYFILE)"
+        ),
+        None => {}
     }
     let addr = node
         .local_addr()
@@ -357,6 +439,7 @@ fn discovery_names(c: &Common) -> String {
 
 async fn run(a: RunArgs, shutdown: CancellationToken) -> anyhow::Result<u8> {
     check_common(&a.common, a.local.is_some() || !a.types.is_empty())?;
+    let key = load_key(&a.common)?;
     let tasks = p2p_tasks::parse::load(&a.tasks_file).map_err(|e| usage(e.to_string()))?;
     p2p_tasks::plan::check(&tasks, a.order).map_err(|e| usage(e.to_string()))?;
     let journal = match &a.journal {
@@ -382,7 +465,7 @@ async fn run(a: RunArgs, shutdown: CancellationToken) -> anyhow::Result<u8> {
     let mut peers = a.common.peers.clone();
     for (t, n) in &local_types {
         for _ in 0..*n {
-            let mut node = Node::builder()
+            let mut node = with_key(Node::builder(), &key)
                 .cluster(a.common.cluster.clone())
                 .handler(t, handler_for(t, &handlers))
                 .build()
@@ -405,7 +488,7 @@ async fn run(a: RunArgs, shutdown: CancellationToken) -> anyhow::Result<u8> {
         discovery_timeout: a.discovery_timeout,
         ..RunOptions::default()
     };
-    let mut coordinator = Node::builder()
+    let mut coordinator = with_key(Node::builder(), &key)
         .cluster(a.common.cluster.clone())
         .build()
         .await?;
@@ -414,7 +497,13 @@ async fn run(a: RunArgs, shutdown: CancellationToken) -> anyhow::Result<u8> {
         shutdown.cancelled().await;
         token.cancel();
     });
-    let format = if a.json { Format::Json } else { Format::Human };
+    let format = if a.json {
+        Format::Json
+    } else if a.quiet {
+        Format::Quiet
+    } else {
+        Format::Human
+    };
     let mut printer = Printer::new(format, tasks.len());
     let report = coordinator
         .run_with_journal(tasks, opts, peers, journal, &mut |ev| printer.event(ev))
@@ -435,10 +524,12 @@ async fn run(a: RunArgs, shutdown: CancellationToken) -> anyhow::Result<u8> {
 
 async fn peers(a: PeersArgs) -> anyhow::Result<u8> {
     check_common(&a.common, false)?;
+    let key = load_key(&a.common)?;
     let found = crate::peers::probe(
         &a.common.cluster,
         a.common.peers.clone(),
         a.discovery_timeout,
+        key,
     )
     .await?;
     for p in &found {

@@ -6,6 +6,7 @@
 //! - [`Node`] / [`NodeBuilder`]: build a node with handlers (shell commands, the built-in
 //!   handler, or Rust closures), start it serving, and run plans over its peers.
 //! - [`cli`]: the `p2p-node` command line (serve, run, peers) and its exit statuses.
+//! - [`config`]: the TOML config file (`--config`, `./p2p-node.toml`).
 //! - [`output`]: how run events are shown (human lines or JSON lines).
 //! - [`peers`]: the `peers` command's probe.
 //!
@@ -30,6 +31,7 @@
 //! ```
 
 pub mod cli;
+pub mod config;
 mod dial;
 mod error;
 mod node;

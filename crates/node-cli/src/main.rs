@@ -1,26 +1,36 @@
-//! `p2p-node`: parse flags, set up logging, and hand over to the library.
+//! `p2p-node`: read the config file, parse flags, set up logging, and hand over to the
+//! library.
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
-use node_cli::cli::{self, Cli};
+use node_cli::cli::{self, Cli, LogFormat};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let args = match node_cli::config::apply(std::env::args_os().collect()) {
+        Ok(args) => args,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(cli::EXIT_USAGE);
+        }
+    };
+    let cli = Cli::parse_from(args);
     let default = match (&cli.command, cli.verbose) {
-        (_, 0) if matches!(cli.command, cli::Command::Serve(_)) => "info",
+        (cli::Command::Serve(_), 0) => "info",
         (_, 0) => "warn",
         (_, 1) => "debug",
         _ => "trace",
     };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+        .with_writer(|| node_cli::output::LogWriter);
+    match cli.log_format {
+        LogFormat::Json => logs.json().init(),
+        LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

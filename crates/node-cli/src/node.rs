@@ -5,8 +5,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use p2p_core::gate::{HandshakeGate, HandshakeTicket, DEFAULT_MAX_HANDSHAKES};
 use p2p_core::net::{self, LinkEvent, LinkId, Settings};
-use p2p_core::{Hello, NodeId, PROTOCOL_VERSION};
+use p2p_core::{ClusterKey, Hello, NodeId, PROTOCOL_VERSION};
 use p2p_discovery::{statik::Static, Discovery};
 use p2p_tasks::handler::{Builtin, Handler};
 use p2p_tasks::{Inputs, Journal, RunEvent, RunOptions, RunReport, Task, Worker};
@@ -34,8 +35,10 @@ pub struct NodeBuilder {
     discovery: Vec<Box<dyn Discovery>>,
     settings: Settings,
     max_connections: usize,
+    max_handshakes: usize,
     drain_timeout: Duration,
     insecure: bool,
+    key: Option<ClusterKey>,
 }
 
 impl std::fmt::Debug for NodeBuilder {
@@ -59,8 +62,10 @@ impl Default for NodeBuilder {
             discovery: Vec::new(),
             settings: Settings::default(),
             max_connections: 1024,
+            max_handshakes: DEFAULT_MAX_HANDSHAKES,
             drain_timeout: Duration::from_secs(30),
             insecure: false,
+            key: None,
         }
     }
 }
@@ -123,6 +128,14 @@ impl NodeBuilder {
         self
     }
 
+    /// Most connections still in their handshake at once; when full, a new connection
+    /// evicts the oldest one still in handshake (so a flood of connections that never
+    /// finish cannot lock out real peers). Default 256.
+    pub fn max_handshakes(mut self, n: usize) -> Self {
+        self.max_handshakes = n.max(1);
+        self
+    }
+
     /// How long a shutting-down node lets running tasks finish. Default 30 s.
     pub fn drain_timeout(mut self, d: Duration) -> Self {
         self.drain_timeout = d;
@@ -132,6 +145,14 @@ impl NodeBuilder {
     /// Allows listening on a non-loopback address without a cluster key. Default false.
     pub fn insecure(mut self, yes: bool) -> Self {
         self.insecure = yes;
+        self
+    }
+
+    /// The cluster key: every connection this node serves or dials is then authenticated
+    /// and encrypted, and peers without the key are dropped. Takes precedence over the key
+    /// in [`NodeBuilder::settings`]. Default: none (plaintext, loopback only).
+    pub fn key(mut self, key: ClusterKey) -> Self {
+        self.key = Some(key);
         self
     }
 
@@ -159,12 +180,17 @@ impl NodeBuilder {
             None if !self.handlers.is_empty() => Some(SocketAddr::from(([127, 0, 0, 1], 0))),
             None => None,
         };
+        let mut settings = self.settings;
+        if let Some(key) = self.key {
+            settings.key = Some(key);
+        }
         if let Some(a) = listen {
-            if !a.ip().is_loopback() && !self.insecure {
+            if !a.ip().is_loopback() && !self.insecure && settings.key.is_none() {
                 return Err(Error::Config(format!(
                     "refusing to listen on {a} without a cluster key: anyone who can reach it \
-                     could run tasks here. Listen on a loopback address, or pass --insecure \
-                     (cluster keys are not available in this version)"
+                     could run tasks here. Make a key with `p2p-node keygen KEYFILE`, copy it \
+                     to every node and pass `--key-file KEYFILE` to each (serve, run, peers); \
+                     or listen on a loopback address; or pass --insecure"
                 )));
             }
         }
@@ -190,8 +216,9 @@ impl NodeBuilder {
             local_addr,
             worker: Arc::new(Worker::new(self.handlers, capacity)),
             discovery: self.discovery,
-            settings: self.settings,
+            settings,
             conn_slots: Arc::new(Semaphore::new(self.max_connections)),
+            handshakes: HandshakeGate::new(self.max_handshakes),
             drain_timeout: self.drain_timeout,
             shutdown: CancellationToken::new(),
             tracker: TaskTracker::new(),
@@ -222,6 +249,7 @@ pub struct Node {
     discovery: Vec<Box<dyn Discovery>>,
     settings: Settings,
     conn_slots: Arc<Semaphore>,
+    handshakes: HandshakeGate,
     drain_timeout: Duration,
     shutdown: CancellationToken,
     tracker: TaskTracker,
@@ -304,6 +332,7 @@ impl Node {
             settings: self.settings.clone(),
             worker: self.worker.clone(),
             slots: self.conn_slots.clone(),
+            handshakes: self.handshakes.clone(),
             shutdown: self.shutdown.clone(),
             tracker: self.tracker.clone(),
         };
@@ -393,6 +422,7 @@ struct AcceptCtx {
     settings: Settings,
     worker: Arc<Worker>,
     slots: Arc<Semaphore>,
+    handshakes: HandshakeGate,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 }
@@ -418,19 +448,38 @@ async fn accept_loop(listener: TcpListener, ctx: AcceptCtx) {
             warn!(peer = %addr, "connection limit reached; closing new connection");
             continue;
         };
+        let ticket = ctx.handshakes.admit();
         next_id += 1;
         let id = next_id;
         let c = ctx.clone();
         ctx.tracker.spawn(async move {
-            serve_connection(stream, addr, id, &c).await;
+            serve_connection(stream, addr, id, ticket, &c).await;
             drop(permit);
         });
     }
 }
 
-async fn serve_connection(stream: TcpStream, addr: SocketAddr, id: LinkId, ctx: &AcceptCtx) {
+async fn serve_connection(
+    stream: TcpStream,
+    addr: SocketAddr,
+    id: LinkId,
+    ticket: HandshakeTicket,
+    ctx: &AcceptCtx,
+) {
     let (tx, rx) = mpsc::channel::<(LinkId, LinkEvent)>(LINK_EVENTS);
-    let link = match net::accept(stream, ctx.hello.clone(), &ctx.settings, id, tx).await {
+    let accepted = tokio::select! {
+        r = net::accept(stream, ctx.hello.clone(), &ctx.settings, id, tx) => r,
+        _ = ticket.evicted() => {
+            warn!(
+                peer = %addr,
+                limit = ctx.handshakes.max(),
+                "too many connections in handshake; closed the oldest"
+            );
+            return;
+        }
+    };
+    drop(ticket);
+    let link = match accepted {
         Ok(link) => link,
         Err(e) => {
             warn!(peer = %addr, error = %e, "handshake failed; connection closed");

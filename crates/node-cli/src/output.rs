@@ -1,27 +1,96 @@
-//! How a run looks: lines for a person, or one JSON object per line.
+//! How a run looks: lines for a person (with a progress bar on a terminal), a quiet
+//! summary, or one JSON object per line.
 
-use std::io::Write;
+use std::collections::BTreeMap;
+use std::io::{IsTerminal, Write};
+use std::sync::Mutex;
+use std::time::Duration;
 
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use p2p_tasks::{Phase, RunEvent, RunReport, Status};
 
-/// Rows of the final table shown in full; beyond them only tasks that did not succeed.
+/// Rows of the final task table shown in full; beyond them only tasks that did not succeed.
 pub const TABLE_ROWS: usize = 200;
 
 /// Where a run's events are shown.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
-    /// The seed's phases and one line per result.
+    /// The seed's phases, one line per result, a progress bar on a terminal, final tables.
     Human,
+    /// Only failures and the final summary (`--quiet`).
+    Quiet,
     /// One JSON object per line on stdout (`--json`).
     Json,
 }
 
-/// Prints run events to stdout (and notices to stderr).
+/// The progress bar currently on screen, so log lines can be printed around it.
+static ACTIVE_BAR: Mutex<Option<ProgressBar>> = Mutex::new(None);
+
+/// Writes `buf` to stderr without tearing the progress bar (if one is on screen).
+/// The binary routes its log lines through this.
+pub fn write_log(buf: &[u8]) -> std::io::Result<()> {
+    let bar = ACTIVE_BAR.lock().ok().and_then(|b| b.clone());
+    match bar {
+        Some(bar) => bar.suspend(|| std::io::stderr().write_all(buf)),
+        None => std::io::stderr().write_all(buf),
+    }
+}
+
+/// A `tracing_subscriber` writer that goes through [`write_log`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LogWriter;
+
+impl Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        write_log(buf)?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
+}
+
+/// Per node or per type: how many tasks, failures, and their durations.
+#[derive(Debug, Default)]
+struct Tally {
+    tasks: usize,
+    failures: usize,
+    durations_ms: Vec<f64>,
+}
+
+impl Tally {
+    fn add(&mut self, ok: bool, ms: f64) {
+        self.tasks += 1;
+        if !ok {
+            self.failures += 1;
+        }
+        self.durations_ms.push(ms);
+    }
+
+    fn mean_p99(&mut self) -> (f64, f64) {
+        if self.durations_ms.is_empty() {
+            return (0.0, 0.0);
+        }
+        self.durations_ms.sort_by(f64::total_cmp);
+        let n = self.durations_ms.len();
+        let mean = self.durations_ms.iter().sum::<f64>() / n as f64;
+        // Nearest-rank p99.
+        let rank = ((0.99 * n as f64).ceil() as usize).clamp(1, n);
+        (mean, self.durations_ms[rank - 1])
+    }
+}
+
+/// Prints run events to stdout (notices to stderr).
 #[derive(Debug)]
 pub struct Printer {
     format: Format,
     total: usize,
     done: usize,
+    bar: Option<ProgressBar>,
+    allow_bar: bool,
+    by_node: BTreeMap<String, Tally>,
+    by_type: BTreeMap<String, Tally>,
 }
 
 fn short(node: &str) -> &str {
@@ -29,119 +98,177 @@ fn short(node: &str) -> &str {
 }
 
 impl Printer {
-    /// A printer for a run of `total` tasks.
+    /// A printer for a run of `total` tasks. A progress bar is shown only in
+    /// [`Format::Human`] when stdout is a terminal.
     pub fn new(format: Format, total: usize) -> Self {
         Printer {
             format,
             total,
             done: 0,
+            bar: None,
+            allow_bar: format == Format::Human && std::io::stdout().is_terminal(),
+            by_node: BTreeMap::new(),
+            by_type: BTreeMap::new(),
         }
     }
 
     /// Shows one event.
     pub fn event(&mut self, ev: &RunEvent) {
-        let stdout = std::io::stdout();
-        let mut out = stdout.lock();
-        // A closed stdout (e.g. `| head`) must not kill the run: ignore write errors.
-        let _ = match self.format {
-            Format::Json => match ev {
-                RunEvent::Phase(_) => Ok(()),
-                RunEvent::Notice(n) => writeln!(std::io::stderr(), "{n}"),
-                _ => match serde_json::to_string(ev) {
-                    Ok(line) => writeln!(out, "{line}"),
-                    Err(_) => Ok(()),
-                },
-            },
-            Format::Human => self.human(&mut out, ev),
-        };
+        match ev {
+            RunEvent::TaskCompleted {
+                kind,
+                node,
+                duration_ms,
+                ..
+            } => self.tally(node, kind, true, *duration_ms),
+            RunEvent::TaskFailed {
+                kind,
+                node,
+                duration_ms,
+                attempt,
+                ..
+            } if *attempt > 0 => self.tally(node, kind, false, *duration_ms),
+            RunEvent::TaskRetry { kind, node, .. } => self.tally(node, kind, false, 0.0),
+            _ => {}
+        }
+        if let RunEvent::Notice(n) = ev {
+            self.line_err(n);
+            return;
+        }
+        match self.format {
+            Format::Json => {
+                if !matches!(ev, RunEvent::Phase(_)) {
+                    if let Ok(line) = serde_json::to_string(ev) {
+                        self.line(&line);
+                    }
+                }
+            }
+            Format::Quiet => {
+                let text = match ev {
+                    RunEvent::TaskFailed { .. } | RunEvent::Summary { .. } => self.human(ev),
+                    _ => None,
+                };
+                if let Some(text) = text {
+                    self.line(&text);
+                }
+            }
+            Format::Human => {
+                if let RunEvent::Phase(Phase::Terminating) = ev {
+                    self.finish_bar();
+                }
+                if let Some(text) = self.human(ev) {
+                    self.line(&text);
+                }
+                if matches!(
+                    ev,
+                    RunEvent::TaskCompleted { .. } | RunEvent::TaskFailed { .. }
+                ) {
+                    if let Some(bar) = &self.bar {
+                        bar.inc(1);
+                    }
+                }
+                if let RunEvent::Phase(Phase::Assigning) = ev {
+                    self.start_bar();
+                }
+            }
+        }
     }
 
-    /// Shows the final table: every task in file order with its node, attempts, duration
-    /// and status (people only; `--json` consumers have the events). Long runs list the
-    /// first [`TABLE_ROWS`] rows and every task that did not succeed.
-    pub fn report(&self, report: &RunReport) {
-        if self.format != Format::Human {
+    fn tally(&mut self, node: &str, kind: &str, ok: bool, ms: f64) {
+        if self.format == Format::Json {
+            return;
+        }
+        self.by_node
+            .entry(short(node).to_string())
+            .or_default()
+            .add(ok, ms);
+        self.by_type
+            .entry(kind.to_string())
+            .or_default()
+            .add(ok, ms);
+    }
+
+    fn start_bar(&mut self) {
+        if !self.allow_bar || self.bar.is_some() {
+            return;
+        }
+        let bar = ProgressBar::with_draw_target(
+            Some(self.total as u64),
+            ProgressDrawTarget::stdout_with_hz(10),
+        );
+        if let Ok(style) = ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] [{wide_bar}] {pos}/{len} tasks  {per_sec}  ETA {eta}",
+        ) {
+            bar.set_style(style.progress_chars("=> "));
+        }
+        bar.enable_steady_tick(Duration::from_millis(100));
+        if let Ok(mut active) = ACTIVE_BAR.lock() {
+            *active = Some(bar.clone());
+        }
+        self.bar = Some(bar);
+    }
+
+    fn finish_bar(&mut self) {
+        if let Some(bar) = self.bar.take() {
+            bar.finish_and_clear();
+            if let Ok(mut active) = ACTIVE_BAR.lock() {
+                *active = None;
+            }
+        }
+    }
+
+    /// Prints a line to stdout, above the progress bar if there is one. A closed stdout
+    /// (e.g. `| head`) must not kill the run, so write errors are ignored.
+    fn line(&self, text: &str) {
+        match &self.bar {
+            Some(bar) => bar.println(text),
+            None => {
+                let _ = writeln!(std::io::stdout().lock(), "{text}");
+            }
+        }
+    }
+
+    fn line_err(&self, text: &str) {
+        let _ = write_log(format!("{text}\n").as_bytes());
+    }
+
+    /// Shows the final tables (people only; `--json` consumers have the events): every task
+    /// in file order with its node, attempts, duration and status (long runs list the first
+    /// [`TABLE_ROWS`] rows and every task that did not succeed), then per node and per type:
+    /// tasks, failures, mean and p99 duration.
+    pub fn report(&mut self, report: &RunReport) {
+        self.finish_bar();
+        if self.format == Format::Json {
             return;
         }
         let stdout = std::io::stdout();
         let mut out = stdout.lock();
-        let _ = self.table(&mut out, report);
+        if self.format == Format::Human {
+            let _ = task_table(&mut out, report);
+        }
+        let _ = tally_table(&mut out, "NODE", &mut self.by_node);
+        let _ = tally_table(&mut out, "TYPE", &mut self.by_type);
     }
 
-    fn table(&self, out: &mut impl Write, report: &RunReport) -> std::io::Result<()> {
-        let w = report
-            .results
-            .iter()
-            .map(|r| r.task.len())
-            .max()
-            .unwrap_or(4)
-            .max(4);
-        writeln!(out)?;
-        writeln!(
-            out,
-            "{:<w$}  {:<8}  {:>8}  {:>10}  STATUS",
-            "TASK", "NODE", "ATTEMPTS", "DURATION"
-        )?;
-        let mut hidden = 0;
-        for (i, r) in report.results.iter().enumerate() {
-            if i >= TABLE_ROWS && r.status == Status::Succeeded {
-                hidden += 1;
-                continue;
+    fn human(&mut self, ev: &RunEvent) -> Option<String> {
+        let w = self.total.to_string().len();
+        Some(match ev {
+            RunEvent::Phase(p) => match p {
+                Phase::Discovering => "Discovering peers...",
+                Phase::Connecting => "Initiating connections...",
+                Phase::Assigning => "Assigning tasks...",
+                Phase::Terminating => "Terminating connections...",
+                Phase::Disconnected => "Disconnected from all nodes.",
             }
-            let status = match (r.status, r.resumed) {
-                (Status::Succeeded, true) => "ok (journal)".to_string(),
-                (Status::Succeeded, false) => "ok".to_string(),
-                (Status::Failed, _) => format!("FAILED: {}", r.error.as_deref().unwrap_or("")),
-                (Status::NotRun, _) => match &r.error {
-                    Some(e) => format!("not run ({e})"),
-                    None => "not run".to_string(),
-                },
-            };
-            let duration = if r.attempts == 0 {
-                "-".to_string()
-            } else {
-                human_ms(r.duration_ms)
-            };
-            writeln!(
-                out,
-                "{:<w$}  {:<8}  {:>8}  {:>10}  {status}",
-                r.task,
-                r.node.as_deref().map_or("-", short),
-                r.attempts,
-                duration
-            )?;
-        }
-        if hidden > 0 {
-            writeln!(
-                out,
-                "... and {hidden} more that succeeded (use --json for every task)"
-            )?;
-        }
-        Ok(())
-    }
-
-    fn human(&mut self, out: &mut impl Write, ev: &RunEvent) -> std::io::Result<()> {
-        match ev {
-            RunEvent::Phase(p) => writeln!(
-                out,
-                "{}",
-                match p {
-                    Phase::Discovering => "Discovering peers...",
-                    Phase::Connecting => "Initiating connections...",
-                    Phase::Assigning => "Assigning tasks...",
-                    Phase::Terminating => "Terminating connections...",
-                    Phase::Disconnected => "Disconnected from all nodes.",
-                }
-            ),
-            RunEvent::Notice(n) => writeln!(std::io::stderr(), "{n}"),
-            RunEvent::PeerDiscovered { .. } | RunEvent::TaskAssigned { .. } => Ok(()),
+            .to_string(),
+            RunEvent::Notice(n) => n.clone(),
+            RunEvent::PeerDiscovered { .. } | RunEvent::TaskAssigned { .. } => return None,
             RunEvent::Connected {
                 node,
                 addr,
                 types,
                 capacity,
-            } => writeln!(
-                out,
+            } => format!(
                 "  connected to node {} at {addr} (types: {}, capacity {capacity})",
                 short(node),
                 types.join(", ")
@@ -161,19 +288,17 @@ impl Printer {
                 } else {
                     String::new()
                 };
-                writeln!(
-                    out,
-                    "  [{:>w$}/{}] {task} ok on node {} (type {kind}{retry}) in {}{}",
+                let output = if output.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {}", first_line(output))
+                };
+                format!(
+                    "  [{:>w$}/{}] {task} ok on node {} (type {kind}{retry}) in {}{output}",
                     self.done,
                     self.total,
                     short(node),
                     human_ms(*duration_ms),
-                    if output.is_empty() {
-                        String::new()
-                    } else {
-                        format!(": {}", first_line(output))
-                    },
-                    w = self.total.to_string().len()
                 )
             }
             RunEvent::TaskFailed {
@@ -191,17 +316,14 @@ impl Printer {
                 } else {
                     format!(" on node {} (type {kind}, attempt {attempt})", short(node))
                 };
-                writeln!(
-                    out,
-                    "  [{:>w$}/{}] {task} FAILED{on}: {error}{}",
-                    self.done,
-                    self.total,
-                    if output.is_empty() {
-                        String::new()
-                    } else {
-                        format!("; output: {}", first_line(output))
-                    },
-                    w = self.total.to_string().len()
+                let output = if output.is_empty() {
+                    String::new()
+                } else {
+                    format!("; output: {}", first_line(output))
+                };
+                format!(
+                    "  [{:>w$}/{}] {task} FAILED{on}: {error}{output}",
+                    self.done, self.total
                 )
             }
             RunEvent::TaskRetry {
@@ -211,8 +333,7 @@ impl Printer {
                 error,
                 delay_ms,
                 ..
-            } => writeln!(
-                out,
+            } => format!(
                 "  {task} attempt {attempt} failed on node {}: {error}; retrying in {delay_ms} ms",
                 short(node)
             ),
@@ -220,10 +341,9 @@ impl Printer {
                 node, clean, error, ..
             } => {
                 if *clean {
-                    writeln!(out, "  disconnected from node {} (goodbye)", short(node))
+                    format!("  disconnected from node {} (goodbye)", short(node))
                 } else {
-                    writeln!(
-                        out,
+                    format!(
                         "  lost node {}: {}",
                         short(node),
                         error.as_deref().unwrap_or("connection closed")
@@ -240,26 +360,104 @@ impl Printer {
                 elapsed_ms,
             } => {
                 if !missing_types.is_empty() {
-                    writeln!(
-                        std::io::stderr(),
+                    self.line_err(&format!(
                         "error: no node serves type{} {}",
                         if missing_types.len() == 1 { "" } else { "s" },
                         missing_types.join(", ")
-                    )?;
+                    ));
                 }
                 let resumed = if *resumed > 0 {
                     format!(" ({resumed} from the journal)")
                 } else {
                     String::new()
                 };
-                writeln!(
-                    out,
+                format!(
                     "{total} tasks: {succeeded} succeeded{resumed}, {failed} failed, {not_run} not run in {}",
                     human_ms(*elapsed_ms)
                 )
             }
-        }
+        })
     }
+}
+
+fn task_table(out: &mut impl Write, report: &RunReport) -> std::io::Result<()> {
+    let w = report
+        .results
+        .iter()
+        .map(|r| r.task.len())
+        .max()
+        .unwrap_or(4)
+        .max(4);
+    writeln!(out)?;
+    writeln!(
+        out,
+        "{:<w$}  {:<8}  {:>8}  {:>10}  STATUS",
+        "TASK", "NODE", "ATTEMPTS", "DURATION"
+    )?;
+    let mut hidden = 0;
+    for (i, r) in report.results.iter().enumerate() {
+        if i >= TABLE_ROWS && r.status == Status::Succeeded {
+            hidden += 1;
+            continue;
+        }
+        let status = match (r.status, r.resumed) {
+            (Status::Succeeded, true) => "ok (journal)".to_string(),
+            (Status::Succeeded, false) => "ok".to_string(),
+            (Status::Failed, _) => format!("FAILED: {}", r.error.as_deref().unwrap_or("")),
+            (Status::NotRun, _) => match &r.error {
+                Some(e) => format!("not run ({e})"),
+                None => "not run".to_string(),
+            },
+        };
+        let duration = if r.attempts == 0 {
+            "-".to_string()
+        } else {
+            human_ms(r.duration_ms)
+        };
+        writeln!(
+            out,
+            "{:<w$}  {:<8}  {:>8}  {:>10}  {status}",
+            r.task,
+            r.node.as_deref().map_or("-", short),
+            r.attempts,
+            duration
+        )?;
+    }
+    if hidden > 0 {
+        writeln!(
+            out,
+            "... and {hidden} more that succeeded (use --json for every task)"
+        )?;
+    }
+    Ok(())
+}
+
+fn tally_table(
+    out: &mut impl Write,
+    what: &str,
+    rows: &mut BTreeMap<String, Tally>,
+) -> std::io::Result<()> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    writeln!(out)?;
+    writeln!(
+        out,
+        "{what:<8}  {:>8}  {:>8}  {:>10}  {:>10}",
+        "TASKS", "FAILURES", "MEAN", "P99"
+    )?;
+    for (key, t) in rows.iter_mut() {
+        let (mean, p99) = t.mean_p99();
+        writeln!(
+            out,
+            "{key:<8}  {:>8}  {:>8}  {:>10}  {:>10}",
+            t.tasks,
+            t.failures,
+            human_ms(mean),
+            human_ms(p99)
+        )?;
+    }
+    Ok(())
 }
 
 /// `0.042` ms as `42 µs`, `12.5` as `12.5 ms`, `3400` as `3.40 s`.
@@ -275,4 +473,30 @@ fn human_ms(ms: f64) -> String {
 
 fn first_line(s: &str) -> &str {
     s.lines().next().unwrap_or("")
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    #[test]
+    fn p99_is_nearest_rank_and_mean_is_exact() {
+        let mut t = Tally::default();
+        for i in 1..=200 {
+            t.add(i != 7, f64::from(i));
+        }
+        let (mean, p99) = t.mean_p99();
+        assert_eq!(mean, 100.5);
+        assert_eq!(p99, 198.0);
+        assert_eq!((t.tasks, t.failures), (200, 1));
+    }
+
+    #[test]
+    fn durations_read_well() {
+        assert_eq!(human_ms(0.042), "42 µs");
+        assert_eq!(human_ms(12.54), "12.5 ms");
+        assert_eq!(human_ms(3400.0), "3.40 s");
+    }
 }

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use p2p_core::net::{self, Command, Settings};
-use p2p_core::{Hello, NodeId, PROTOCOL_VERSION};
+use p2p_core::{ClusterKey, Hello, NodeId, PROTOCOL_VERSION};
 use p2p_discovery::{statik::Static, Discovery, Event};
 use serde::Serialize;
 use tokio::sync::mpsc;
@@ -26,11 +26,13 @@ pub struct PeerInfo {
     pub source: String,
 }
 
-/// Discovers peers for up to `timeout` and handshakes with each to learn its types.
+/// Discovers peers for up to `timeout` and handshakes with each (under `key`, if given) to
+/// learn its types.
 pub async fn probe(
     cluster: &str,
     peers: Vec<String>,
     timeout: Duration,
+    key: Option<ClusterKey>,
 ) -> Result<Vec<PeerInfo>, Error> {
     let mut backends: Vec<Box<dyn Discovery>> = Vec::new();
     if !peers.is_empty() {
@@ -45,7 +47,10 @@ pub async fn probe(
         types: Vec::new(),
         capacity: 0,
     };
-    let settings = Settings::default();
+    let settings = Settings {
+        key,
+        ..Settings::default()
+    };
     let deadline = tokio::time::Instant::now() + timeout;
     let mut out = Vec::new();
     let mut next_id = 0;

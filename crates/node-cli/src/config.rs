@@ -1,0 +1,262 @@
+//! The config file: TOML whose keys are the long flags of the commands.
+//!
+//! `--config PATH` names it; without it, `./p2p-node.toml` is read when present. Top-level
+//! keys apply to every command that has that flag; a `[serve]`, `[run]` or `[peers]` table
+//! applies to that command only and wins over the top level. Flags on the command line win
+//! over the file. Values: a string or number is the flag's value, `true` sets a switch
+//! (`false` leaves it off), an array repeats the flag. Keys may use `-` or `_`.
+//!
+//! ```toml
+//! cluster = "render-farm"
+//! peer = ["10.0.0.5:7400", "10.0.0.6:7400"]
+//!
+//! [run]
+//! order = "none"
+//! retries = 2
+//! ```
+//!
+//! A key that is no flag of any command is an error, so a typo is not silently ignored.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+
+use clap::CommandFactory;
+
+use crate::cli::Cli;
+
+/// The file read when `--config` is not given, if it exists.
+pub const DEFAULT_FILE: &str = "p2p-node.toml";
+
+/// A config file that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("config file {path}: {source}")]
+    Read {
+        /// The path.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML.
+    #[error("config file {path}: {message}")]
+    Syntax {
+        /// The path.
+        path: PathBuf,
+        /// The parser's message (with line and column).
+        message: String,
+    },
+    /// A key is not a flag, or a value has the wrong shape.
+    #[error("config file {path}: {message}")]
+    Invalid {
+        /// The path.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+const COMMANDS: [&str; 3] = ["serve", "run", "peers"];
+
+/// Returns the command line with the config file's settings inserted after the subcommand,
+/// for every setting not already given as a flag.
+pub fn apply(args: Vec<OsString>) -> Result<Vec<OsString>, ConfigError> {
+    let strings: Vec<String> = args
+        .iter()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    let explicit = config_arg(&strings);
+    let path = match &explicit {
+        Some(p) => PathBuf::from(p),
+        None if Path::new(DEFAULT_FILE).is_file() => PathBuf::from(DEFAULT_FILE),
+        None => return Ok(args),
+    };
+    let Some(sub_at) = strings.iter().position(|a| COMMANDS.contains(&a.as_str())) else {
+        return Ok(args);
+    };
+    let sub = strings[sub_at].as_str();
+    let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
+        path: path.clone(),
+        source,
+    })?;
+    let table: toml::Table = text
+        .parse()
+        .map_err(|e: toml::de::Error| ConfigError::Syntax {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+    let invalid = |message: String| ConfigError::Invalid {
+        path: path.clone(),
+        message,
+    };
+
+    let cmd = Cli::command();
+    let flags_of = |name: &str| -> Vec<String> {
+        cmd.find_subcommand(name)
+            .map(|c| {
+                c.get_arguments()
+                    .filter_map(|a| a.get_long().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let mine = flags_of(sub);
+    let any: Vec<String> = COMMANDS.iter().flat_map(|c| flags_of(c)).collect();
+
+    // Top level first, then this command's table overriding it.
+    let mut settings: Vec<(String, toml::Value)> = Vec::new();
+    for (key, value) in &table {
+        if COMMANDS.contains(&key.as_str()) {
+            continue;
+        }
+        let flag = key.replace('_', "-");
+        if flag == "config" || !any.contains(&flag) {
+            return Err(invalid(format!("unknown setting {key:?}")));
+        }
+        if mine.contains(&flag) {
+            settings.push((flag, value.clone()));
+        }
+    }
+    for name in COMMANDS {
+        let Some(section) = table.get(name) else {
+            continue;
+        };
+        let Some(section) = section.as_table() else {
+            return Err(invalid(format!("[{name}] must be a table")));
+        };
+        let allowed = flags_of(name);
+        for (key, value) in section {
+            let flag = key.replace('_', "-");
+            if !allowed.contains(&flag) {
+                return Err(invalid(format!("unknown setting {key:?} in [{name}]")));
+            }
+            if name == sub {
+                settings.retain(|(f, _)| *f != flag);
+                settings.push((flag, value.clone()));
+            }
+        }
+    }
+
+    let mut extra: Vec<OsString> = Vec::new();
+    for (flag, value) in settings {
+        let given = strings
+            .iter()
+            .any(|a| *a == format!("--{flag}") || a.starts_with(&format!("--{flag}=")));
+        if given {
+            continue;
+        }
+        let values = match value {
+            toml::Value::Array(items) => items,
+            other => vec![other],
+        };
+        for v in values {
+            match v {
+                toml::Value::Boolean(true) => extra.push(format!("--{flag}").into()),
+                toml::Value::Boolean(false) => {}
+                toml::Value::String(s) => {
+                    extra.push(format!("--{flag}").into());
+                    extra.push(s.into());
+                }
+                toml::Value::Integer(i) => {
+                    extra.push(format!("--{flag}").into());
+                    extra.push(i.to_string().into());
+                }
+                toml::Value::Float(f) => {
+                    extra.push(format!("--{flag}").into());
+                    extra.push(f.to_string().into());
+                }
+                other => {
+                    return Err(invalid(format!(
+                        "{flag}: expected a string, number, boolean or array of them, got {}",
+                        other.type_str()
+                    )))
+                }
+            }
+        }
+    }
+    let mut out = args;
+    let tail = out.split_off(sub_at + 1);
+    out.extend(extra);
+    out.extend(tail);
+    Ok(out)
+}
+
+/// The value of `--config PATH` / `--config=PATH`, if given.
+fn config_arg(args: &[String]) -> Option<String> {
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        if a == "--" {
+            return None;
+        }
+        if a == "--config" {
+            return it.next().cloned();
+        }
+        if let Some(v) = a.strip_prefix("--config=") {
+            return Some(v.to_string());
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    fn with_file(toml: &str, args: &[&str]) -> Result<Vec<String>, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, toml).unwrap();
+        let mut argv: Vec<OsString> = vec!["p2p-node".into()];
+        argv.extend(args.iter().map(OsString::from));
+        argv.push("--config".into());
+        argv.push(path.as_os_str().to_owned());
+        apply(argv).map(|v| {
+            v.into_iter()
+                .map(|a| a.to_string_lossy().into_owned())
+                .take_while(|a| a != "--config")
+                .collect()
+        })
+    }
+
+    #[test]
+    fn settings_become_flags_and_command_line_flags_win() {
+        let toml = "cluster = \"blue\"\npeer = [\"h:1\", \"h:2\"]\nlisten = \"x\"\n\n[run]\norder = \"none\"\nretries = 2\nkeep_going = true\njson = false\n";
+        let args = with_file(toml, &["run", "--retries", "5", "t.txt"]).unwrap();
+        assert_eq!(
+            args,
+            vec![
+                "p2p-node",
+                "run",
+                "--cluster",
+                "blue",
+                "--peer",
+                "h:1",
+                "--peer",
+                "h:2",
+                "--keep-going",
+                "--order",
+                "none",
+                "--retries",
+                "5",
+                "t.txt"
+            ]
+        );
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_errors() {
+        let err = with_file("retry = 2\n", &["run"]).unwrap_err();
+        assert!(
+            err.to_string().contains("unknown setting \"retry\""),
+            "{err}"
+        );
+        let err = with_file("[serve]\norder = \"none\"\n", &["run"]).unwrap_err();
+        assert!(err.to_string().contains("in [serve]"), "{err}");
+        let err = with_file("[run]\norder = { a = 1 }\n", &["run"]).unwrap_err();
+        assert!(err.to_string().contains("expected a string"), "{err}");
+        let err = with_file("[run\n", &["run"]).unwrap_err();
+        assert!(matches!(err, ConfigError::Syntax { .. }), "{err}");
+    }
+}
