@@ -242,7 +242,6 @@ fn broadcast_mode_works_where_multicast_is_off() {
 /// The scenario with the real binary: three hosts serve a, b and c, a fourth runs the
 /// seed's tasks.txt with no `--peer`, and a node of another cluster gets no task.
 #[test]
-#[ignore = "needs CLI wiring of --discovery udp and --discovery-interface"]
 fn p2p_node_runs_the_seed_over_udp_discovery_with_no_peer() {
     let Some(lan) = Lan::new(5) else { return };
     let h = lan.hosts();
@@ -290,11 +289,15 @@ fn p2p_node_runs_the_seed_over_udp_discovery_with_no_peer() {
     let events = tests::json_lines(&stdout);
     let done = tests::events_named(&events, "task_completed");
     assert_eq!(done.len(), tests::SEED_ORDER.len(), "{stdout}");
+    // Exactly the three nodes of the cluster were connected; the other cluster's never.
     let other_addr = h[3].addr().to_string();
-    for e in tests::events_named(&events, "task_assigned") {
+    let connected = tests::events_named(&events, "connected");
+    assert_eq!(connected.len(), 3, "{stdout}");
+    for e in &connected {
+        let addr = e["addr"].as_str().unwrap_or_default();
         assert!(
-            !e.to_string().contains(&other_addr),
-            "a task went to the other cluster: {e}"
+            !addr.starts_with(&other_addr),
+            "connected to the other cluster: {e}"
         );
     }
     assert!(

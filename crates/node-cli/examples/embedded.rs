@@ -24,7 +24,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .capacity(4)
         .build()
         .await?;
-    worker.start();
+    worker.start()?;
     let addr = worker.local_addr().ok_or("the worker is not listening")?;
     println!("worker {} serving on {addr}", worker.id().short());
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use p2p_core::net::Settings;
 use p2p_core::ClusterKey;
-use p2p_discovery::Kind;
+use p2p_discovery::{udp, Discovery, Kind};
 use p2p_tasks::handler::{Builtin, Handler, Shell};
 use p2p_tasks::{Order, Policy, RunOptions};
 use tokio_util::sync::CancellationToken;
@@ -87,6 +87,10 @@ pub struct Common {
     /// A peer to connect to, HOST:PORT (repeatable; implies static discovery).
     #[arg(long = "peer", value_name = "ADDR")]
     pub peers: Vec<String>,
+    /// Where udp discovery beacons and queries go: an interface name (eth0), one of its
+    /// IPv4 addresses, or `all`. Default: where the node listens (serve), all (run, peers).
+    #[arg(long, value_name = "IFACE")]
+    pub discovery_interface: Option<String>,
     /// Cluster key file (encrypted, authenticated connections).
     #[arg(long, value_name = "PATH", env = "P2P_KEY_FILE")]
     pub key_file: Option<PathBuf>,
@@ -258,30 +262,77 @@ fn spawn_signal_handler(token: CancellationToken) {
     });
 }
 
-/// Refuses options that this version does not implement, instead of ignoring them.
-fn check_common(c: &Common, allow_default_udp: bool) -> anyhow::Result<()> {
-    for k in &c.discovery {
-        match k {
-            Kind::None | Kind::Static => {}
-            other => {
-                return Err(usage(format!(
-                    "--discovery {other}: not available in this version; use --peer HOST:PORT"
-                )))
-            }
-        }
+/// What a command does with discovery.
+#[derive(Debug, Clone, Copy)]
+enum Role {
+    /// Announces itself where it listens.
+    Serve(SocketAddr),
+    /// Only looks.
+    Client,
+}
+
+/// The discovery backends a command line asks for. With no `--discovery` and no `--peer`,
+/// `udp` (unless `default_udp` is false, e.g. `run --local`).
+fn backends(c: &Common, role: Role, default_udp: bool) -> anyhow::Result<Vec<Box<dyn Discovery>>> {
+    let mut kinds = c.discovery.clone();
+    if kinds.is_empty() && c.peers.is_empty() && default_udp {
+        kinds.push(Kind::Udp);
     }
-    if c.discovery.contains(&Kind::Static) && c.peers.is_empty() {
+    if kinds.contains(&Kind::Static) && c.peers.is_empty() {
         return Err(usage(
             "--discovery static needs at least one --peer HOST:PORT",
         ));
     }
-    if !allow_default_udp && c.discovery.is_empty() && c.peers.is_empty() {
-        return Err(usage(
-            "no peers to look for: pass --peer HOST:PORT (repeatable), or --local to run \
-             with in-process nodes (automatic udp discovery is not available in this version)",
-        ));
+    if c.discovery_interface.is_some() && !kinds.contains(&Kind::Udp) {
+        return Err(usage("--discovery-interface applies to udp discovery only"));
     }
-    Ok(())
+    let mut out: Vec<Box<dyn Discovery>> = Vec::new();
+    for kind in kinds {
+        match kind {
+            Kind::None | Kind::Static => {}
+            Kind::Udp => {
+                let mut cfg = match role {
+                    Role::Serve(listen) => udp::Config::for_listen(c.cluster.clone(), listen),
+                    Role::Client => {
+                        udp::Config::new(c.cluster.clone()).interfaces(udp::Interfaces::All)
+                    }
+                };
+                if let Some(iface) = &c.discovery_interface {
+                    let parsed: udp::Interfaces = iface
+                        .parse()
+                        .map_err(|e| usage(format!("--discovery-interface {iface:?}: {e}")))?;
+                    cfg = cfg.interfaces(parsed);
+                }
+                out.push(Box::new(udp::Udp::new(cfg)));
+            }
+            Kind::Dns { name, port } => {
+                out.push(Box::new(p2p_discovery::dns::Dns::new(name, port)))
+            }
+            Kind::Mdns => return Err(usage(
+                "--discovery mdns is not available in this version; use udp, dns:NAME or --peer",
+            )),
+        }
+    }
+    if !c.peers.is_empty() {
+        out.push(Box::new(p2p_discovery::statik::Static::new(
+            c.peers.clone(),
+        )));
+    }
+    Ok(out)
+}
+
+/// A discovery backend that failed to start is a usage error when its settings are wrong.
+fn discovery_error(e: crate::Error) -> anyhow::Error {
+    match e {
+        crate::Error::Config(m) => usage(m),
+        crate::Error::Discovery(
+            d @ (p2p_discovery::Error::Interface(_)
+            | p2p_discovery::Error::Config(_)
+            | p2p_discovery::Error::Resolve { .. }
+            | p2p_discovery::Error::UnknownKind(_)),
+        ) => usage(d.to_string()),
+        other => anyhow::Error::new(other),
+    }
 }
 
 fn parse_types(raw: &[String]) -> anyhow::Result<Vec<String>> {
@@ -353,7 +404,6 @@ fn with_key(b: NodeBuilder, key: &Option<ClusterKey>) -> NodeBuilder {
 }
 
 async fn serve(a: ServeArgs, shutdown: CancellationToken) -> anyhow::Result<u8> {
-    check_common(&a.common, true)?;
     let key = load_key(&a.common)?;
     let listen = a.listen.unwrap_or_else(|| {
         let ip = if key.is_some() {
@@ -372,6 +422,7 @@ async fn serve(a: ServeArgs, shutdown: CancellationToken) -> anyhow::Result<u8> 
     }
     let mut b = with_key(Node::builder(), &key)
         .cluster(a.common.cluster.clone())
+        .discoveries(backends(&a.common, Role::Serve(listen), true)?)
         .listen(listen)
         .insecure(a.insecure)
         .max_connections(a.max_connections as usize)
@@ -421,7 +472,7 @@ async fn serve(a: ServeArgs, shutdown: CancellationToken) -> anyhow::Result<u8> 
         shutdown.cancelled().await;
         token.cancel();
     });
-    node.serve().await;
+    node.serve().await.map_err(discovery_error)?;
     println!("stopped");
     Ok(EXIT_OK)
 }
@@ -432,13 +483,12 @@ fn discovery_names(c: &Common) -> String {
         names.push("static".into());
     }
     if names.is_empty() {
-        names.push("none".into());
+        names.push("udp".into());
     }
     names.join(",")
 }
 
 async fn run(a: RunArgs, shutdown: CancellationToken) -> anyhow::Result<u8> {
-    check_common(&a.common, a.local.is_some() || !a.types.is_empty())?;
     let key = load_key(&a.common)?;
     let tasks = p2p_tasks::parse::load(&a.tasks_file).map_err(|e| usage(e.to_string()))?;
     p2p_tasks::plan::check(&tasks, a.order).map_err(|e| usage(e.to_string()))?;
@@ -450,6 +500,8 @@ async fn run(a: RunArgs, shutdown: CancellationToken) -> anyhow::Result<u8> {
     };
     let handlers = parse_handlers(&a.handlers)?;
     let own_types = parse_types(&a.types)?;
+    // `--local` runs on its own nodes; otherwise the default is udp discovery.
+    let discovery = backends(&a.common, Role::Client, a.local.is_none())?;
     // In-process nodes: N per needed type with --local, one per --types entry.
     let mut local_types: Vec<(String, u32)> = own_types.iter().map(|t| (t.clone(), 1)).collect();
     if let Some(n) = a.local {
@@ -462,7 +514,7 @@ async fn run(a: RunArgs, shutdown: CancellationToken) -> anyhow::Result<u8> {
         local_types = needed.into_iter().map(|t| (t, n)).collect();
     }
     let mut local_nodes = Vec::new();
-    let mut peers = a.common.peers.clone();
+    let mut peers = Vec::new();
     for (t, n) in &local_types {
         for _ in 0..*n {
             let mut node = with_key(Node::builder(), &key)
@@ -470,7 +522,7 @@ async fn run(a: RunArgs, shutdown: CancellationToken) -> anyhow::Result<u8> {
                 .handler(t, handler_for(t, &handlers))
                 .build()
                 .await?;
-            node.start();
+            node.start().map_err(discovery_error)?;
             if let Some(addr) = node.local_addr() {
                 peers.push(addr.to_string());
             }
@@ -490,6 +542,7 @@ async fn run(a: RunArgs, shutdown: CancellationToken) -> anyhow::Result<u8> {
     };
     let mut coordinator = with_key(Node::builder(), &key)
         .cluster(a.common.cluster.clone())
+        .discoveries(discovery)
         .build()
         .await?;
     let token = coordinator.shutdown_token();
@@ -507,7 +560,8 @@ async fn run(a: RunArgs, shutdown: CancellationToken) -> anyhow::Result<u8> {
     let mut printer = Printer::new(format, tasks.len());
     let report = coordinator
         .run_with_journal(tasks, opts, peers, journal, &mut |ev| printer.event(ev))
-        .await?;
+        .await
+        .map_err(discovery_error)?;
     printer.report(&report);
     for n in &local_nodes {
         n.shutdown();
@@ -523,11 +577,10 @@ async fn run(a: RunArgs, shutdown: CancellationToken) -> anyhow::Result<u8> {
 }
 
 async fn peers(a: PeersArgs) -> anyhow::Result<u8> {
-    check_common(&a.common, false)?;
     let key = load_key(&a.common)?;
     let found = crate::peers::probe(
         &a.common.cluster,
-        a.common.peers.clone(),
+        backends(&a.common, Role::Client, true)?,
         a.discovery_timeout,
         key,
     )
@@ -539,17 +592,18 @@ async fn peers(a: PeersArgs) -> anyhow::Result<u8> {
     }
     if !a.json {
         println!(
-            "{:<34} {:<22} {:<12} {:>8}  SOURCE",
-            "NODE", "ADDRESS", "TYPES", "CAPACITY"
+            "{:<34} {:<22} {:<12} {:>8}  {:<7} LAST SEEN",
+            "NODE", "ADDRESS", "TYPES", "CAPACITY", "SOURCE"
         );
         for p in &found {
             println!(
-                "{:<34} {:<22} {:<12} {:>8}  {}",
+                "{:<34} {:<22} {:<12} {:>8}  {:<7} {:.1}s after start",
                 p.node,
                 p.addr,
                 p.types.join(","),
                 p.capacity,
-                p.source
+                p.source,
+                p.seen_ms as f64 / 1000.0
             );
         }
     }

@@ -1,12 +1,18 @@
 //! The dialer of a run: turns discovered peers into established links.
+//!
+//! One connection per node. A peer is known by its node id when discovery tells it (udp,
+//! mdns) and by its address otherwise (static, dns); the first backend to report a node wins
+//! and later reports of the same node (another backend, another address) are ignored while
+//! it is known. A peer reported lost, or whose connection broke, may be dialled again when it
+//! is reported again; a static or dns address whose connection broke is retried with back-off.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use p2p_core::net::{self, EventSender, Settings};
-use p2p_core::Hello;
-use p2p_discovery::Event;
+use p2p_core::{Hello, NodeId};
+use p2p_discovery::{Event, Peer};
 use p2p_tasks::PeerUpdate;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
@@ -15,108 +21,165 @@ use tokio_util::sync::CancellationToken;
 /// First delay between attempts to reach a peer that is down; doubles up to 1 s.
 const RETRY_FIRST: Duration = Duration::from_millis(100);
 
-/// Dials every newly discovered address (once), retrying a peer that is down with
-/// back-off for at most `give_up_after`, and hands established links to the coordinator.
-/// Ends — dropping `peers`, which tells the coordinator no more peers will come — when
-/// discovery has ended and no dial is pending, or when `stop` fires.
-pub(crate) async fn run(
-    mut found: mpsc::Receiver<Event>,
-    hello: Hello,
-    settings: Settings,
-    give_up_after: Duration,
-    peers: mpsc::Sender<PeerUpdate>,
-    links: EventSender,
-    stop: CancellationToken,
-) {
-    let mut seen: HashSet<SocketAddr> = HashSet::new();
-    let mut dials: JoinSet<()> = JoinSet::new();
-    let mut next_id = 0u64;
-    let mut discovery_open = true;
-    loop {
-        if !discovery_open && dials.is_empty() {
-            return;
-        }
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            ev = found.recv(), if discovery_open => match ev {
-                None => discovery_open = false,
-                Some(Event::Discovered(p)) => {
-                    if !seen.insert(p.addr) {
-                        continue;
-                    }
-                    let update = PeerUpdate::Discovered { addr: p.addr.to_string(), source: p.source.to_string() };
-                    if peers.send(update).await.is_err() {
-                        return;
-                    }
-                    next_id += 1;
-                    dials.spawn(dial_one(
-                        p.addr,
-                        hello.clone(),
-                        settings.clone(),
-                        next_id,
-                        give_up_after,
-                        peers.clone(),
-                        links.clone(),
-                        stop.clone(),
-                    ));
-                }
-                Some(Event::Lost { .. }) => {
-                    // A lost peer's connection fails on its own (heartbeats); nothing to do.
-                }
-            },
-            Some(_) = dials.join_next(), if !dials.is_empty() => {}
-        }
-    }
+/// The dialer's inputs.
+pub(crate) struct Dialer {
+    pub found: mpsc::Receiver<Event>,
+    pub lost: mpsc::Receiver<SocketAddr>,
+    pub hello: Hello,
+    pub settings: Settings,
+    /// How long one peer is retried before it is reported unreachable.
+    pub give_up_after: Duration,
+    pub peers: mpsc::Sender<PeerUpdate>,
+    pub links: EventSender,
+    pub stop: CancellationToken,
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn dial_one(
-    addr: SocketAddr,
-    hello: Hello,
-    settings: Settings,
-    id: u64,
-    give_up_after: Duration,
-    peers: mpsc::Sender<PeerUpdate>,
-    links: EventSender,
-    stop: CancellationToken,
-) {
-    let give_up = tokio::time::Instant::now() + give_up_after;
-    let mut delay = RETRY_FIRST;
-    loop {
-        let attempt = tokio::select! {
-            _ = stop.cancelled() => return,
-            r = net::connect(addr, hello.clone(), &settings, id, links.clone()) => r,
-        };
-        let error = match attempt {
-            Ok(link) => {
-                if let Err(mpsc::error::SendError(PeerUpdate::Connected(link))) =
-                    peers.send(PeerUpdate::Connected(link)).await
-                {
-                    let _ = link.send(net::Command::Abort);
+/// What the dialer remembers of a peer it dialled.
+struct Known {
+    node_id: Option<NodeId>,
+    source: &'static str,
+}
+
+impl Dialer {
+    /// Runs until `stop` fires (or the coordinator is gone). Sends [`PeerUpdate::Settled`]
+    /// once discovery has nothing new and no dial is pending.
+    pub(crate) async fn run(mut self) {
+        let mut known: HashMap<SocketAddr, Known> = HashMap::new();
+        let mut ids: HashSet<NodeId> = HashSet::new();
+        let mut dials: JoinSet<()> = JoinSet::new();
+        let mut next_id = 0u64;
+        let mut discovery_open = true;
+        let mut settled = false;
+        let mut lost_open = true;
+        loop {
+            // Backends that end (static lists) are done once their peers were dialled; live
+            // ones (udp, dns) never settle: a run waits up to its discovery timeout for them.
+            if !settled && !discovery_open && dials.is_empty() {
+                settled = true;
+                if self.peers.send(PeerUpdate::Settled).await.is_err() {
+                    return;
                 }
-                return;
             }
-            Err(e) => e,
-        };
-        // A refusal by the peer (other cluster, version) will not change: give up now.
-        let permanent = matches!(
-            error,
-            p2p_core::Error::Rejected { .. } | p2p_core::Error::Refused { .. }
-        );
-        if permanent || tokio::time::Instant::now() + delay > give_up {
-            let _ = peers
-                .send(PeerUpdate::Unreachable {
-                    addr: addr.to_string(),
-                    error: error.to_string(),
-                })
-                .await;
-            return;
+            tokio::select! {
+                _ = self.stop.cancelled() => return,
+                ev = self.found.recv(), if discovery_open => match ev {
+                    None => discovery_open = false,
+                    Some(Event::Discovered(p)) => {
+                        if known.contains_key(&p.addr) || p.node_id.is_some_and(|id| ids.contains(&id)) {
+                            continue;
+                        }
+                        if let Some(id) = p.node_id {
+                            ids.insert(id);
+                        }
+                        known.insert(p.addr, Known { node_id: p.node_id, source: p.source });
+                        let update = PeerUpdate::Discovered { addr: p.addr.to_string(), source: p.source.to_string() };
+                        if self.peers.send(update).await.is_err() {
+                            return;
+                        }
+                        next_id += 1;
+                        dials.spawn(self.dial(p, next_id, Duration::ZERO));
+                    }
+                    Some(Event::Lost { addr, node_id, .. }) => {
+                        // Forget it: if it comes back it is dialled again. Its connection, if
+                        // any, fails on its own (EOF or heartbeats).
+                        if let Some(k) = known.remove(&addr) {
+                            if let Some(id) = k.node_id {
+                                ids.remove(&id);
+                            }
+                        }
+                        if let Some(id) = node_id {
+                            ids.remove(&id);
+                        }
+                    }
+                },
+                addr = self.lost.recv(), if lost_open => {
+                    let Some(addr) = addr else {
+                        lost_open = false;
+                        continue;
+                    };
+                    // Live backends report the node again if it comes back; addresses from a
+                    // list are retried here.
+                    match known.get(&addr) {
+                        Some(k) if k.node_id.is_none() => {
+                            next_id += 1;
+                            let peer = Peer { addr, node_id: None, types: None, capacity: None, source: k.source };
+                            dials.spawn(self.dial(peer, next_id, RETRY_FIRST));
+                        }
+                        Some(k) => {
+                            if let Some(id) = k.node_id {
+                                ids.remove(&id);
+                            }
+                            known.remove(&addr);
+                        }
+                        None => {}
+                    }
+                }
+                Some(_) = dials.join_next(), if !dials.is_empty() => {}
+            }
         }
-        tracing::debug!(peer = %addr, error = %error, retry_in = ?delay, "peer unreachable; retrying");
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(delay) => {}
+    }
+
+    fn dial(
+        &self,
+        peer: Peer,
+        id: u64,
+        first_delay: Duration,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let hello = self.hello.clone();
+        let settings = self.settings.clone();
+        let give_up_after = self.give_up_after;
+        let peers = self.peers.clone();
+        let links = self.links.clone();
+        let stop = self.stop.clone();
+        async move {
+            if !first_delay.is_zero() {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(first_delay) => {}
+                }
+            }
+            let addr = peer.addr;
+            let give_up = tokio::time::Instant::now() + give_up_after;
+            let mut delay = RETRY_FIRST;
+            loop {
+                let attempt = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    r = net::connect(addr, hello.clone(), &settings, id, links.clone()) => r,
+                };
+                let error = match attempt {
+                    Ok(link) => {
+                        if let Err(mpsc::error::SendError(PeerUpdate::Connected(link))) =
+                            peers.send(PeerUpdate::Connected(link)).await
+                        {
+                            let _ = link.send(net::Command::Abort);
+                        }
+                        return;
+                    }
+                    Err(e) => e,
+                };
+                // A refusal (other cluster, version, key) will not change: give up now.
+                let permanent = matches!(
+                    error,
+                    p2p_core::Error::Rejected { .. }
+                        | p2p_core::Error::Refused { .. }
+                        | p2p_core::Error::Auth(_)
+                );
+                if permanent || tokio::time::Instant::now() + delay > give_up {
+                    let _ = peers
+                        .send(PeerUpdate::Unreachable {
+                            addr: addr.to_string(),
+                            error: error.to_string(),
+                        })
+                        .await;
+                    return;
+                }
+                tracing::debug!(peer = %addr, error = %error, retry_in = ?delay, "peer unreachable; retrying");
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                delay = (delay * 2).min(Duration::from_secs(1));
+            }
         }
-        delay = (delay * 2).min(Duration::from_secs(1));
     }
 }

@@ -18,7 +18,7 @@
 //!
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
 //! let mut worker = Node::builder().builtin("a").build().await?;
-//! worker.start();
+//! worker.start()?;
 //! let addr = worker.local_addr().ok_or("not listening")?;
 //!
 //! let mut coordinator = Node::builder().build().await?;

@@ -8,7 +8,7 @@ use std::time::Duration;
 use p2p_core::gate::{HandshakeGate, HandshakeTicket, DEFAULT_MAX_HANDSHAKES};
 use p2p_core::net::{self, LinkEvent, LinkId, Settings};
 use p2p_core::{ClusterKey, Hello, NodeId, PROTOCOL_VERSION};
-use p2p_discovery::{statik::Static, Discovery};
+use p2p_discovery::{statik::Static, Announcement, Discovery};
 use p2p_tasks::handler::{Builtin, Handler};
 use p2p_tasks::{Inputs, Journal, RunEvent, RunOptions, RunReport, Task, Worker};
 use tokio::net::{TcpListener, TcpStream};
@@ -102,9 +102,16 @@ impl NodeBuilder {
         self
     }
 
-    /// Adds a discovery backend used by [`Node::run`]. Default: none.
+    /// Adds a discovery backend. A node that listens starts it in [`Node::start`] and
+    /// announces itself with it; [`Node::run`] uses its events to find peers. Default: none.
     pub fn discovery(mut self, backend: Box<dyn Discovery>) -> Self {
         self.discovery.push(backend);
+        self
+    }
+
+    /// Adds several discovery backends (see [`NodeBuilder::discovery`]).
+    pub fn discoveries(mut self, backends: Vec<Box<dyn Discovery>>) -> Self {
+        self.discovery.extend(backends);
         self
     }
 
@@ -216,6 +223,8 @@ impl NodeBuilder {
             local_addr,
             worker: Arc::new(Worker::new(self.handlers, capacity)),
             discovery: self.discovery,
+            found: None,
+            discovery_stopped: Vec::new(),
             settings,
             conn_slots: Arc::new(Semaphore::new(self.max_connections)),
             handshakes: HandshakeGate::new(self.max_handshakes),
@@ -237,7 +246,7 @@ impl NodeBuilder {
 ///     .build()
 ///     .await?;
 /// println!("serving on {:?}", node.local_addr());
-/// node.serve().await; // until node.shutdown_token() is cancelled
+/// node.serve().await?; // until node.shutdown_token() is cancelled
 /// # Ok(()) }
 /// ```
 pub struct Node {
@@ -247,6 +256,10 @@ pub struct Node {
     local_addr: Option<SocketAddr>,
     worker: Arc<Worker>,
     discovery: Vec<Box<dyn Discovery>>,
+    /// Events of the backends started by [`Node::start`] (which announce this node).
+    found: Option<mpsc::Receiver<p2p_discovery::Event>>,
+    /// Cancelled by each started backend once its farewell is out.
+    discovery_stopped: Vec<CancellationToken>,
     settings: Settings,
     conn_slots: Arc<Semaphore>,
     handshakes: HandshakeGate,
@@ -321,12 +334,29 @@ impl Node {
         }
     }
 
-    /// Starts accepting connections in the background (does nothing if the node does not
-    /// listen or already started).
-    pub fn start(&mut self) {
+    /// Starts accepting connections in the background and starts the discovery backends,
+    /// announcing this node (its address, types and capacity). Does nothing if the node does
+    /// not listen or already started. Fails when a backend cannot start (e.g. no such
+    /// interface).
+    pub fn start(&mut self) -> Result<(), Error> {
         let Some(listener) = self.listener.take() else {
-            return;
+            return Ok(());
         };
+        if let Some(addr) = self.local_addr {
+            if !self.discovery.is_empty() {
+                let backends = std::mem::take(&mut self.discovery);
+                self.discovery_stopped = backends.iter().filter_map(|b| b.stopped()).collect();
+                let me = Announcement {
+                    cluster: self.cluster.clone(),
+                    node_id: self.id,
+                    addr,
+                    types: self.worker.types(),
+                    capacity: self.worker.capacity(),
+                };
+                let found = p2p_discovery::start_all(backends, Some(me), self.shutdown.clone())?;
+                self.found = Some(found);
+            }
+        }
         let ctx = AcceptCtx {
             hello: self.hello(true),
             settings: self.settings.clone(),
@@ -337,14 +367,16 @@ impl Node {
             tracker: self.tracker.clone(),
         };
         self.tracker.spawn(accept_loop(listener, ctx));
+        Ok(())
     }
 
     /// Serves until the shutdown token is cancelled, then drains: running tasks finish
     /// (within the drain timeout), every peer gets a goodbye, and this returns.
-    pub async fn serve(mut self) {
-        self.start();
+    pub async fn serve(mut self) -> Result<(), Error> {
+        self.start()?;
         self.shutdown.cancelled().await;
         self.drain().await;
+        Ok(())
     }
 
     /// Waits (bounded by the drain timeout) until every connection has closed.
@@ -359,6 +391,10 @@ impl Node {
                 after = ?self.drain_timeout,
                 "drain timed out; abandoning the remaining tasks"
             );
+        }
+        // Let discovery say goodbye too (e.g. a `leaving` beacon), briefly.
+        for stopped in &self.discovery_stopped {
+            let _ = tokio::time::timeout(Duration::from_millis(500), stopped.cancelled()).await;
         }
     }
 
@@ -386,35 +422,67 @@ impl Node {
         journal: Option<Journal>,
         emit: &mut (dyn FnMut(&RunEvent) + Send),
     ) -> Result<RunReport, Error> {
+        let run_token = self.shutdown.child_token();
+        let stop_dialing = CancellationToken::new();
         let mut backends = std::mem::take(&mut self.discovery);
         if !extra_peers.is_empty() {
             backends.push(Box::new(Static::new(extra_peers)));
         }
-        let run_token = self.shutdown.child_token();
-        let stop_dialing = CancellationToken::new();
-        let found = p2p_discovery::start_all(backends, None, stop_dialing.clone())?;
+        let fresh = p2p_discovery::start_all(backends, None, stop_dialing.clone())?;
+        // A serving node already runs (and announces with) its backends: use their events too.
+        let found = match self.found.take() {
+            Some(started) => merge(started, fresh),
+            None => fresh,
+        };
         let (peer_tx, peer_rx) = mpsc::channel(256);
         let (link_tx, link_rx) = mpsc::channel(4096);
-        let dialer = tokio::spawn(dial::run(
-            found,
-            self.hello(false),
-            self.settings.clone(),
-            opts.discovery_timeout,
-            peer_tx,
-            link_tx,
-            stop_dialing.clone(),
-        ));
+        let (lost_tx, lost_rx) = mpsc::channel(256);
+        let dialer = tokio::spawn(
+            dial::Dialer {
+                found,
+                lost: lost_rx,
+                hello: self.hello(false),
+                settings: self.settings.clone(),
+                give_up_after: opts.discovery_timeout,
+                peers: peer_tx,
+                links: link_tx,
+                stop: stop_dialing.clone(),
+            }
+            .run(),
+        );
         let inputs = Inputs {
             peers: peer_rx,
             links: link_rx,
             shutdown: run_token,
             journal,
+            lost: Some(lost_tx),
         };
         let report = p2p_tasks::run(tasks, opts, inputs, emit).await;
         stop_dialing.cancel();
         let _ = dialer.await;
         Ok(report)
     }
+}
+
+/// One stream of discovery events from two.
+fn merge(
+    mut a: mpsc::Receiver<p2p_discovery::Event>,
+    mut b: mpsc::Receiver<p2p_discovery::Event>,
+) -> mpsc::Receiver<p2p_discovery::Event> {
+    let (tx, rx) = mpsc::channel(p2p_discovery::EVENT_QUEUE);
+    tokio::spawn(async move {
+        let (mut a_open, mut b_open) = (true, true);
+        while a_open || b_open {
+            let ev = tokio::select! {
+                ev = a.recv(), if a_open => match ev { Some(ev) => ev, None => { a_open = false; continue } },
+                ev = b.recv(), if b_open => match ev { Some(ev) => ev, None => { b_open = false; continue } },
+            };
+            if tx.send(ev).await.is_err() {
+                return;
+            }
+        }
+    });
+    rx
 }
 
 struct AcceptCtx {

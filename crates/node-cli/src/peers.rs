@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use p2p_core::net::{self, Command, Settings};
 use p2p_core::{ClusterKey, Hello, NodeId, PROTOCOL_VERSION};
-use p2p_discovery::{statik::Static, Discovery, Event};
+use p2p_discovery::{Discovery, Event};
 use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -24,20 +24,20 @@ pub struct PeerInfo {
     pub capacity: u32,
     /// The discovery backend that found it.
     pub source: String,
+    /// When it was last seen, in milliseconds after the probe started.
+    pub seen_ms: u64,
 }
 
 /// Discovers peers for up to `timeout` and handshakes with each (under `key`, if given) to
 /// learn its types.
 pub async fn probe(
     cluster: &str,
-    peers: Vec<String>,
+    backends: Vec<Box<dyn Discovery>>,
     timeout: Duration,
     key: Option<ClusterKey>,
 ) -> Result<Vec<PeerInfo>, Error> {
-    let mut backends: Vec<Box<dyn Discovery>> = Vec::new();
-    if !peers.is_empty() {
-        backends.push(Box::new(Static::new(peers)));
-    }
+    let started = tokio::time::Instant::now();
+    let mut seen = std::collections::HashSet::new();
     let stop = CancellationToken::new();
     let mut found = p2p_discovery::start_all(backends, None, stop.clone())?;
     let hello = Hello {
@@ -65,6 +65,14 @@ pub async fn probe(
             }
             continue;
         };
+        // One row per node: a node found by two backends or at two addresses is probed once.
+        if !seen.insert(
+            p.node_id
+                .map_or_else(|| p.addr.to_string(), |id| id.to_string()),
+        ) {
+            continue;
+        }
+        let seen_ms = started.elapsed().as_millis() as u64;
         next_id += 1;
         let (tx, mut rx) = mpsc::channel(16);
         match net::connect(p.addr, hello.clone(), &settings, next_id, tx).await {
@@ -76,6 +84,7 @@ pub async fn probe(
                     types: h.types.clone(),
                     capacity: h.capacity,
                     source: p.source.to_string(),
+                    seen_ms,
                 });
                 let _ = link.send(Command::Goodbye);
                 // Wait (briefly) for the goodbye to complete so the peer logs a clean close.

@@ -8,6 +8,7 @@
 //! - [`Kind`]: a backend's name as written on the command line (`none`, `static`, `udp`,
 //!   `mdns`, `dns:NAME[:PORT]`).
 //! - [`statik`]: the `static` backend (a fixed list of `HOST:PORT`).
+//! - [`dns`]: the `dns:NAME[:PORT]` backend (every address of a name, re-resolved).
 //! - [`udp`]: the `udp` backend (beacons on a multicast group, or broadcast, on chosen
 //!   interfaces; queries answered at once; peers expire after missed beacons), and
 //!   [`beacon`], the datagram it sends.
@@ -44,6 +45,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 pub mod beacon;
+pub mod dns;
 pub mod statik;
 pub mod udp;
 
@@ -159,6 +161,13 @@ pub trait Discovery: Send + 'static {
     /// Starts the backend: it spawns what it needs and reports into `ctx.events`.
     /// Must be called inside a tokio runtime.
     fn start(self: Box<Self>, ctx: Context) -> Result<(), Error>;
+
+    /// A token cancelled once the backend has finished its farewell after shutdown (e.g.
+    /// sent its `leaving` beacons), for a node that wants to wait for it before exiting.
+    /// Take it before [`Discovery::start`]. Default: none (nothing to wait for).
+    fn stopped(&self) -> Option<CancellationToken> {
+        None
+    }
 }
 
 /// The `none` backend: finds nothing and announces nothing.

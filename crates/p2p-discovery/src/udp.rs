@@ -436,6 +436,10 @@ impl Discovery for Udp {
         "udp"
     }
 
+    fn stopped(&self) -> Option<CancellationToken> {
+        Some(Udp::stopped(self))
+    }
+
     fn start(self: Box<Self>, ctx: Context) -> Result<(), Error> {
         let Udp {
             config,

@@ -56,6 +56,9 @@ pub enum PeerUpdate {
     },
     /// A connection to a peer is established.
     Connected(Link),
+    /// Every peer discovery knows of has been dialled (more may still come later, e.g. a
+    /// node that restarts): a run need not wait for more before it starts.
+    Settled,
     /// A peer could not be reached.
     Unreachable {
         /// Its address.
@@ -76,6 +79,9 @@ pub struct Inputs {
     pub shutdown: CancellationToken,
     /// Where final results are recorded; tasks it lists as done are not run again.
     pub journal: Option<Journal>,
+    /// Told the address of every node whose connection was lost, so the dialer can try it
+    /// again (a restarted node). Full or closed: the address is dropped.
+    pub lost: Option<mpsc::Sender<std::net::SocketAddr>>,
 }
 
 struct Peer {
@@ -125,6 +131,8 @@ pub async fn run(
         inflight: HashMap::new(),
         next_seq: 1,
         peers_open: true,
+        settled: false,
+        lost: inputs.lost.take(),
         missing_since: None,
         interrupted: false,
         journal: inputs.journal.take(),
@@ -175,6 +183,9 @@ struct Coord<'a> {
     inflight: HashMap<u64, InFlight>,
     next_seq: u64,
     peers_open: bool,
+    /// Discovery said it has dialled all it knows (or ended).
+    settled: bool,
+    lost: Option<mpsc::Sender<std::net::SocketAddr>>,
     missing_since: Option<Instant>,
     interrupted: bool,
     journal: Option<Journal>,
@@ -229,7 +240,7 @@ impl Coord<'_> {
         (self.emit)(&RunEvent::Phase(Phase::Discovering));
         let deadline = tokio::time::Instant::now() + self.opts.discovery_timeout;
         let mut announced_connecting = false;
-        while !self.sched.missing_kinds().is_empty() && self.peers_open {
+        while !self.sched.missing_kinds().is_empty() && self.peers_open && !self.settled {
             tokio::select! {
                 u = inputs.peers.recv() => {
                     if !announced_connecting && matches!(u, Some(PeerUpdate::Discovered { .. } | PeerUpdate::Connected(_))) {
@@ -278,7 +289,11 @@ impl Coord<'_> {
 
     fn on_peer(&mut self, u: Option<PeerUpdate>) {
         match u {
-            None => self.peers_open = false,
+            None => {
+                self.peers_open = false;
+                self.settled = true;
+            }
+            Some(PeerUpdate::Settled) => self.settled = true,
             Some(PeerUpdate::Discovered { addr, source }) => {
                 (self.emit)(&RunEvent::PeerDiscovered {
                     addr,
@@ -406,6 +421,13 @@ impl Coord<'_> {
                 let requeued = self.sched.remove_node(id);
                 if let Some(p) = self.peers.get_mut(&id) {
                     p.closed = true;
+                    // The same node may come back on a new connection.
+                    self.node_ids.remove(&p.link.peer().node_id);
+                    if error.is_some() {
+                        if let Some(lost) = &self.lost {
+                            let _ = lost.try_send(p.link.addr());
+                        }
+                    }
                     for t in requeued {
                         (self.emit)(&RunEvent::Notice(format!(
                             "{} lost with node {}; it will run again",
@@ -503,7 +525,7 @@ impl Coord<'_> {
             return;
         }
         let since = *self.missing_since.get_or_insert(now);
-        if now < since + self.opts.discovery_timeout && self.peers_open {
+        if now < since + self.opts.discovery_timeout {
             return;
         }
         for kind in missing {
