@@ -81,8 +81,12 @@ pub struct Common {
     /// Cluster name; nodes of different clusters never work together.
     #[arg(long, default_value = crate::node::DEFAULT_CLUSTER)]
     pub cluster: String,
-    /// Discovery backend: none, static, udp, mdns, dns:NAME[:PORT] (repeatable).
-    #[arg(long = "discovery", value_name = "KIND")]
+    /// Discovery backends (repeatable; see `--help`).
+    #[arg(
+        long = "discovery",
+        value_name = "KIND",
+        help = "Discovery backend: none, static, udp, mdns, dns:NAME[:PORT] (repeatable) [default: udp without --peer]"
+    )]
     pub discovery: Vec<Kind>,
     /// A peer to connect to, HOST:PORT (repeatable; implies static discovery).
     #[arg(long = "peer", value_name = "ADDR")]
@@ -102,9 +106,11 @@ pub struct ServeArgs {
     /// Task types to serve, comma-separated (e.g. a,b).
     #[arg(long, value_delimiter = ',', required = true)]
     pub types: Vec<String>,
-    /// Address to accept connections on [default: 127.0.0.1:7400, or 0.0.0.0:7400 with
-    /// --key-file].
-    #[arg(long)]
+    /// Address to accept connections on (see `--help` for the default).
+    #[arg(
+        long,
+        help = "Address to accept connections on [default: 127.0.0.1:7400, or 0.0.0.0:7400 with --key-file]"
+    )]
     pub listen: Option<SocketAddr>,
     /// Run TYPE's tasks with `sh -c COMMAND`; {id}, {type}, {args} are replaced (repeatable).
     #[arg(long = "handler", value_name = "TYPE=COMMAND")]

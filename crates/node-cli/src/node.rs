@@ -412,6 +412,44 @@ impl Node {
             .await
     }
 
+    /// [`Node::run`] as a stream: returns the run's events as they happen (the same events
+    /// that `--json` prints) and a future that drives the run and resolves to its report.
+    /// Poll both, e.g. with `tokio::join!`. The queue holds only this run's events (a few
+    /// per task attempt); dropping the receiver just discards them.
+    ///
+    /// ```no_run
+    /// # async fn demo(node: &mut node_cli::Node, tasks: Vec<p2p_tasks::Task>) -> Result<(), node_cli::Error> {
+    /// let (mut events, report) =
+    ///     node.run_stream(tasks, p2p_tasks::RunOptions::default(), vec!["127.0.0.1:7401".into()]);
+    /// let print = async {
+    ///     while let Some(ev) = events.recv().await {
+    ///         println!("{ev:?}");
+    ///     }
+    /// };
+    /// let (report, ()) = tokio::join!(report, print);
+    /// println!("{} succeeded", report?.succeeded());
+    /// # Ok(()) }
+    /// ```
+    pub fn run_stream(
+        &mut self,
+        tasks: Vec<Task>,
+        opts: RunOptions,
+        extra_peers: Vec<String>,
+    ) -> (
+        mpsc::UnboundedReceiver<RunEvent>,
+        impl std::future::Future<Output = Result<RunReport, Error>> + Send + '_,
+    ) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let fut = async move {
+            let mut emit = move |ev: &RunEvent| {
+                let _ = tx.send(ev.clone());
+            };
+            self.run_with_journal(tasks, opts, extra_peers, None, &mut emit)
+                .await
+        };
+        (rx, fut)
+    }
+
     /// [`Node::run`], recording final results in `journal` and skipping the tasks it
     /// records as succeeded.
     pub async fn run_with_journal(

@@ -1,4 +1,4 @@
-//! Framing: a 4-byte big-endian length, then a [`wire`](crate::wire)-encoded [`Message`].
+//! Framing: a 4-byte big-endian length, then a [`wire`]-encoded [`Message`].
 //!
 //! Decoding runs on tokio-util's `LengthDelimitedCodec`, which checks the length header
 //! against the maximum before it reserves a byte; encoding refuses a frame over the maximum
