@@ -306,3 +306,79 @@ fn p2p_node_runs_the_seed_over_udp_discovery_with_no_peer() {
         other.describe()
     );
 }
+
+/// With a cluster key, beacons are sealed: a run with the key finds the keyed nodes over udp
+/// and never connects to a node holding another key, whose beacons it ignores.
+#[test]
+fn keyed_nodes_find_each_other_and_ignore_beacons_of_another_key() {
+    let Some(lan) = Lan::new(4) else { return };
+    let h = lan.hosts();
+    let dir = tests::TestDir::new();
+    let keygen = |name: &str| {
+        let out = Command::new(tests::bin())
+            .args(["keygen", name])
+            .current_dir(dir.path())
+            .output()
+            .expect("run keygen");
+        assert!(out.status.success(), "{out:?}");
+        dir.path().join(name)
+    };
+    let key = keygen("cluster.key");
+    let other_key = keygen("other.key");
+    fn serve<'a>(host: &'a Host, types: &str, key: &Path) -> NsProcess<'a> {
+        let mut cmd = host.command(tests::bin());
+        cmd.args(["serve", "--types", types, "--cluster", "lan"])
+            .args(["--listen", &format!("{}:7400", host.addr())])
+            .args(["--discovery", "udp"])
+            .arg("--key-file")
+            .arg(key)
+            .env_remove("RUST_LOG")
+            .env("NO_COLOR", "1");
+        let p = host.start(&mut cmd);
+        assert!(
+            p.stdout
+                .wait_for(WAIT, |l| l.contains("listening on"))
+                .is_some(),
+            "serve did not start\n{}",
+            p.describe()
+        );
+        p
+    }
+    let _a = serve(&h[0], "a", &key);
+    let _bc = serve(&h[1], "b,c", &key);
+    let _intruder = serve(&h[2], "a,b,c", &other_key);
+
+    let tasks = dir.copy_seed();
+    let mut cmd = h[3].command(tests::bin());
+    cmd.arg("run")
+        .arg(&tasks)
+        .args(["--cluster", "lan", "--json", "--discovery", "udp"])
+        .args(["--discovery-interface", &h[3].addr().to_string()])
+        .arg("--key-file")
+        .arg(&key)
+        .env_remove("RUST_LOG")
+        .env("NO_COLOR", "1");
+    let out = h[3].output(&mut cmd, tests::RUN_TIMEOUT);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let events = tests::json_lines(&stdout);
+    assert_eq!(
+        tests::events_named(&events, "task_completed").len(),
+        tests::SEED_ORDER.len()
+    );
+    let intruder = h[2].addr().to_string();
+    let discovered = tests::events_named(&events, "peer_discovered");
+    assert!(!discovered.is_empty(), "{stdout}");
+    for e in discovered {
+        let addr = e["addr"].as_str().unwrap_or_default();
+        assert!(
+            !addr.starts_with(&intruder),
+            "the other key's beacon was believed: {e}"
+        );
+    }
+}

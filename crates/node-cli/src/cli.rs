@@ -278,8 +278,14 @@ enum Role {
 }
 
 /// The discovery backends a command line asks for. With no `--discovery` and no `--peer`,
-/// `udp` (unless `default_udp` is false, e.g. `run --local`).
-fn backends(c: &Common, role: Role, default_udp: bool) -> anyhow::Result<Vec<Box<dyn Discovery>>> {
+/// `udp` (unless `default_udp` is false, e.g. `run --local`). With a cluster key, udp
+/// beacons are sealed with a MAC under it.
+fn backends(
+    c: &Common,
+    role: Role,
+    default_udp: bool,
+    key: &Option<ClusterKey>,
+) -> anyhow::Result<Vec<Box<dyn Discovery>>> {
     let mut kinds = c.discovery.clone();
     if kinds.is_empty() && c.peers.is_empty() && default_udp {
         kinds.push(Kind::Udp);
@@ -303,6 +309,7 @@ fn backends(c: &Common, role: Role, default_udp: bool) -> anyhow::Result<Vec<Box
                         udp::Config::new(c.cluster.clone()).interfaces(udp::Interfaces::All)
                     }
                 };
+                cfg = cfg.key(key.clone());
                 if let Some(iface) = &c.discovery_interface {
                     let parsed: udp::Interfaces = iface
                         .parse()
@@ -428,7 +435,7 @@ async fn serve(a: ServeArgs, shutdown: CancellationToken) -> anyhow::Result<u8> 
     }
     let mut b = with_key(Node::builder(), &key)
         .cluster(a.common.cluster.clone())
-        .discoveries(backends(&a.common, Role::Serve(listen), true)?)
+        .discoveries(backends(&a.common, Role::Serve(listen), true, &key)?)
         .listen(listen)
         .insecure(a.insecure)
         .max_connections(a.max_connections as usize)
@@ -507,7 +514,7 @@ async fn run(a: RunArgs, shutdown: CancellationToken) -> anyhow::Result<u8> {
     let handlers = parse_handlers(&a.handlers)?;
     let own_types = parse_types(&a.types)?;
     // `--local` runs on its own nodes; otherwise the default is udp discovery.
-    let discovery = backends(&a.common, Role::Client, a.local.is_none())?;
+    let discovery = backends(&a.common, Role::Client, a.local.is_none(), &key)?;
     // In-process nodes: N per needed type with --local, one per --types entry.
     let mut local_types: Vec<(String, u32)> = own_types.iter().map(|t| (t.clone(), 1)).collect();
     if let Some(n) = a.local {
@@ -586,7 +593,7 @@ async fn peers(a: PeersArgs) -> anyhow::Result<u8> {
     let key = load_key(&a.common)?;
     let found = crate::peers::probe(
         &a.common.cluster,
-        backends(&a.common, Role::Client, true)?,
+        backends(&a.common, Role::Client, true, &key)?,
         a.discovery_timeout,
         key,
     )

@@ -31,10 +31,19 @@
 //!
 //! Decoding never panics, whatever the bytes, and allocates only for what the datagram
 //! really holds (no length field is trusted beyond the bytes present).
+//!
+//! # Authentication
+//!
+//! Nodes with a cluster key append a 16-byte MAC ([`seal`]) computed with
+//! [`ClusterKey::mac`] over the whole beacon under the context `p2p-node beacon v1`; a keyed
+//! receiver drops every datagram whose MAC does not verify ([`open`]), so nobody without
+//! the key can announce a node, make nodes answer, or report one as leaving. A node without a
+//! key reads a sealed beacon as a beacon with trailing bytes (and then fails the handshake
+//! with that node, which says why). Beacons carry nothing secret either way.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use p2p_core::NodeId;
+use p2p_core::{ClusterKey, NodeId};
 
 use crate::Error;
 
@@ -46,6 +55,31 @@ pub const VERSION: u8 = 1;
 
 /// The largest beacon sent or accepted, in bytes.
 pub const MAX_BEACON: usize = 1200;
+
+/// Length of the MAC a keyed node appends to its beacons.
+pub const MAC_LEN: usize = 16;
+
+const MAC_CONTEXT: &[u8] = b"p2p-node beacon v1";
+
+/// Appends the MAC of `beacon` under `key`.
+pub fn seal(mut beacon: Vec<u8>, key: &ClusterKey) -> Vec<u8> {
+    let mac = key.mac(MAC_CONTEXT, &beacon);
+    beacon.extend_from_slice(&mac);
+    beacon
+}
+
+/// The beacon inside a sealed datagram, if its MAC verifies under `key`.
+pub fn open<'a>(datagram: &'a [u8], key: &ClusterKey) -> Option<&'a [u8]> {
+    let split = datagram.len().checked_sub(MAC_LEN)?;
+    let (beacon, mac) = datagram.split_at(split);
+    let expected = key.mac(MAC_CONTEXT, beacon);
+    // Constant time: the comparison does not stop at the first differing byte.
+    let diff = expected
+        .iter()
+        .zip(mac)
+        .fold(0u8, |acc, (a, b)| acc | (a ^ b));
+    (diff == 0).then_some(beacon)
+}
 
 /// What a beacon says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -270,6 +304,29 @@ impl<'a> Reader<'a> {
         std::str::from_utf8(bytes)
             .map(str::to_string)
             .map_err(|_| DecodeError::Utf8)
+    }
+}
+
+#[cfg(test)]
+mod mac_tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    #[test]
+    fn sealed_beacons_open_only_under_the_same_key_and_untouched() {
+        let key = ClusterKey::generate();
+        let other = ClusterKey::generate();
+        let sealed = seal(b"beacon bytes".to_vec(), &key);
+        assert_eq!(open(&sealed, &key), Some(&b"beacon bytes"[..]));
+        assert_eq!(open(&sealed, &other), None);
+        for i in 0..sealed.len() {
+            let mut bad = sealed.clone();
+            bad[i] ^= 0x01;
+            assert_eq!(open(&bad, &key), None, "flipped byte {i}");
+        }
+        assert_eq!(open(&sealed[..MAC_LEN - 1], &key), None);
+        assert_eq!(open(b"unsealed beacon", &key), None);
     }
 }
 

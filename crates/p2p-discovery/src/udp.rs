@@ -79,7 +79,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use p2p_core::NodeId;
+use p2p_core::{ClusterKey, NodeId};
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -204,6 +204,7 @@ pub struct Config {
     interfaces: Interfaces,
     mode: Mode,
     ttl: u32,
+    key: Option<ClusterKey>,
 }
 
 impl Default for Config {
@@ -218,6 +219,7 @@ impl Default for Config {
             interfaces: Interfaces::default(),
             mode: Mode::default(),
             ttl: DEFAULT_TTL,
+            key: None,
         }
     }
 }
@@ -226,6 +228,13 @@ impl Config {
     /// Settings for `cluster`, on the loopback interface.
     pub fn new(cluster: impl Into<String>) -> Config {
         Config::default().cluster(cluster)
+    }
+
+    /// The cluster key: beacons are sealed with a MAC under it, and beacons that do not
+    /// verify are ignored (see [`beacon::seal`]). Default none.
+    pub fn key(mut self, key: Option<ClusterKey>) -> Self {
+        self.key = key;
+        self
     }
 
     /// Settings for a node of `cluster` listening on `listen`:
@@ -322,6 +331,7 @@ pub struct Stats {
     sent: AtomicU64,
     send_errors: AtomicU64,
     malformed: AtomicU64,
+    unauthenticated: AtomicU64,
     unsupported: AtomicU64,
     foreign: AtomicU64,
     own: AtomicU64,
@@ -342,6 +352,8 @@ pub struct Counters {
     pub send_errors: u64,
     /// Datagrams that are not beacons (bad magic, truncated, bad field, too large).
     pub malformed: u64,
+    /// Datagrams dropped by a keyed node because their MAC did not verify.
+    pub unauthenticated: u64,
     /// Beacons of another format version.
     pub unsupported: u64,
     /// Beacons of another cluster.
@@ -367,6 +379,7 @@ impl Stats {
             sent: get(&self.sent),
             send_errors: get(&self.send_errors),
             malformed: get(&self.malformed),
+            unauthenticated: get(&self.unauthenticated),
             unsupported: get(&self.unsupported),
             foreign: get(&self.foreign),
             own: get(&self.own),
@@ -488,7 +501,10 @@ impl Discovery for Udp {
                         kind: beacon::Kind::Leaving,
                         ..mine.clone()
                     };
-                    (Some(mine.encode()?), Some(leaving.encode()?))
+                    (
+                        Some(sealed(mine.encode()?, &config.key)),
+                        Some(sealed(leaving.encode()?, &config.key)),
+                    )
                 }
                 _ => (None, None),
             };
@@ -497,7 +513,7 @@ impl Discovery for Udp {
                 name: i.name.clone(),
                 socket: Arc::new(socket),
                 dest: SocketAddr::V4(dest),
-                query: base.encode()?,
+                query: sealed(base.encode()?, &config.key),
                 announce,
                 leaving,
                 failing: false,
@@ -516,6 +532,7 @@ impl Discovery for Udp {
         let jitter_ms =
             u64::from(u16::from_be_bytes([me.0[0], me.0[1]])) % (MAX_ANSWER_DELAY_MS + 1);
         let driver = Driver {
+            key: config.key.clone(),
             table: Table::new(config.cluster.clone(), me, config.missed),
             interval: config.interval,
             answer_delay: Duration::from_millis(jitter_ms).min(config.interval / 4),
@@ -530,7 +547,16 @@ impl Discovery for Udp {
     }
 }
 
+/// Appends the MAC when there is a cluster key.
+fn sealed(beacon: Vec<u8>, key: &Option<ClusterKey>) -> Vec<u8> {
+    match key {
+        Some(k) => beacon::seal(beacon, k),
+        None => beacon,
+    }
+}
+
 struct Driver {
+    key: Option<ClusterKey>,
     table: Table,
     interval: Duration,
     answer_delay: Duration,
@@ -578,7 +604,16 @@ impl Driver {
                     }
                 }
                 Some((data, from)) = rx.recv() => {
-                    let out = self.table.handle(Instant::now(), &data, from);
+                    let beacon = match &self.key {
+                        None => Some(&data[..]),
+                        Some(k) => beacon::open(&data, k),
+                    };
+                    let Some(beacon) = beacon else {
+                        bump(&self.stats.unauthenticated);
+                        debug!(from = %from, len = data.len(), "udp discovery ignored a beacon without a valid MAC");
+                        continue;
+                    };
+                    let out = self.table.handle(Instant::now(), beacon, from);
                     match out {
                         Outcome::Query => {
                             bump(&self.stats.queries);
@@ -664,7 +699,7 @@ impl Driver {
             let Some(bytes) = bytes else {
                 continue;
             };
-            debug_assert!(bytes.len() <= MAX_BEACON);
+            debug_assert!(bytes.len() <= MAX_BEACON + beacon::MAC_LEN);
             match l.socket.send_to(bytes, l.dest).await {
                 Ok(_) => {
                     bump(&self.stats.sent);
@@ -701,7 +736,7 @@ async fn receive(
     stats: Arc<Stats>,
 ) {
     // One byte more than a beacon may have: a longer datagram is seen as too large.
-    let mut buf = vec![0u8; MAX_BEACON + 1];
+    let mut buf = vec![0u8; MAX_BEACON + beacon::MAC_LEN + 1];
     loop {
         let r = tokio::select! {
             _ = stop.cancelled() => return,

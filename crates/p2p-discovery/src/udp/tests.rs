@@ -344,3 +344,50 @@ fn interfaces_parse_and_follow_the_listen_address() {
     assert_eq!(f("[2001:db8::1]:7400"), Interfaces::All);
     assert_eq!(Interfaces::default(), Interfaces::Addr(Ipv4Addr::LOCALHOST));
 }
+
+#[tokio::test]
+async fn keyed_nodes_only_hear_beacons_sealed_with_their_key() {
+    let port = test_port();
+    let c = cluster("keyed");
+    let key = ClusterKey::generate();
+    let keyed_a = announcement(&c, 7001, &["a"]);
+    let keyed_b = announcement(&c, 7002, &["b"]);
+    let other_key = announcement(&c, 7003, &["c"]);
+    let no_key = announcement(&c, 7004, &["d"]);
+    let mut a = start(
+        loopback(&c, port).key(Some(key.clone())),
+        Some(keyed_a.clone()),
+    );
+    let _b = start(
+        loopback(&c, port).key(Some(key.clone())),
+        Some(keyed_b.clone()),
+    );
+    let _o = start(
+        loopback(&c, port).key(Some(ClusterKey::generate())),
+        Some(other_key.clone()),
+    );
+    let _n = start(loopback(&c, port), Some(no_key.clone()));
+    wait_for(
+        &mut a.events,
+        "the node with the same key",
+        discovered(keyed_b.node_id),
+    )
+    .await;
+    // Beacons of the other key and of the keyless node fail the MAC and are counted.
+    wait_until("beacons without a valid MAC are counted", || {
+        a.stats.snapshot().unauthenticated >= 2
+    })
+    .await;
+    // A few more intervals: still nobody but b.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    while let Ok(ev) = a.events.try_recv() {
+        if let Event::Discovered(p) = ev {
+            assert_eq!(
+                p.node_id,
+                Some(keyed_b.node_id),
+                "only b may be found: {p:?}"
+            );
+        }
+    }
+    a.shutdown.cancel();
+}
