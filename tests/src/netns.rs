@@ -22,7 +22,13 @@
 //! Processes run in a host with [`Host::command`] (`ip netns exec NAME PROGRAM ...`) and
 //! [`Host::spawn`], whose [`NsChild`] guard kills the process by its PID and reaps it on drop;
 //! [`Host::start`] also collects its output lines ([`NsProcess`]), and [`Host::output`] runs
-//! a command to its end under a hang guard.
+//! a command to its end under a hang guard. [`Host::p2p_node`] and [`Host::serve`] run the
+//! `p2p-node` binary under test.
+//!
+//! Per-host files under `/etc`: [`Host::etc_file`] writes `/etc/netns/NS/NAME`, which
+//! `ip netns exec` bind-mounts over `/etc/NAME` for the host's processes only (e.g. a `hosts`
+//! file giving a name several addresses). The directory `/etc/netns/NS` is deleted with the
+//! [`Lan`] (also on panic), and by the next [`Lan::new`] when a killed run left it.
 //! An [`NsChild`] borrows its [`Host`], so the compiler makes every child end before its
 //! [`Lan`] is deleted.
 //!
@@ -153,6 +159,50 @@ impl Host {
             stdout: out_t.join().unwrap_or_default(),
             stderr: err_t.join().unwrap_or_default(),
         }
+    }
+
+    /// `p2p-node` (the binary under test, [`crate::bin`]) in this host, with `RUST_LOG`
+    /// removed and `NO_COLOR=1`: add the subcommand and its arguments.
+    pub fn p2p_node(&self) -> Command {
+        let mut c = self.command(crate::bin());
+        c.env_remove("RUST_LOG").env("NO_COLOR", "1");
+        c
+    }
+
+    /// Starts `p2p-node serve ARGS` in this host and waits (at most
+    /// [`crate::START_TIMEOUT`]) until it prints `listening on ADDR`; panics, showing its
+    /// output, if it does not. Give it a `--listen` and a `--discovery` of this LAN.
+    pub fn serve(&self, args: &[&str]) -> NsProcess<'_> {
+        let mut cmd = self.p2p_node();
+        cmd.arg("serve").args(args);
+        let mut p = self.start(&mut cmd);
+        let started = p
+            .stdout
+            .wait_for(crate::START_TIMEOUT, |l| l.contains("listening on"))
+            .is_some();
+        if !started {
+            p.signal("KILL");
+            panic!(
+                "p2p-node serve {args:?} did not start in {}\n{}",
+                self.ns,
+                p.describe()
+            );
+        }
+        p
+    }
+
+    /// Writes `contents` to `/etc/netns/NS/name`, which `ip netns exec` bind-mounts over
+    /// `/etc/name` for the processes started in this host afterwards (e.g. `hosts`). Deleted
+    /// with the [`Lan`]. `name` is a plain file name (no `/`).
+    pub fn etc_file(&self, name: &str, contents: &str) {
+        assert!(
+            !name.is_empty() && !name.contains('/') && name != "." && name != "..",
+            "etc_file: {name:?} is not a plain file name"
+        );
+        let dir = etc_dir(&self.ns);
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("create {}: {e}", dir.display()));
+        let path = dir.join(name);
+        std::fs::write(&path, contents).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
     }
 
     /// A command running this test binary inside the host as a [`helper`] with `role`
@@ -396,10 +446,26 @@ impl Lan {
 impl Drop for Lan {
     fn drop(&mut self) {
         for ns in self.created.drain(..).rev() {
+            remove_etc_dir(&ns);
             if let Err(why) = ip(&["netns", "del", &ns]) {
                 eprintln!("netns: cannot delete namespace {ns}: {why}");
             }
         }
+    }
+}
+
+/// `/etc/netns/NS`: the files `ip netns exec NS` bind-mounts over `/etc`.
+fn etc_dir(ns: &str) -> std::path::PathBuf {
+    std::path::Path::new("/etc/netns").join(ns)
+}
+
+/// Deletes `/etc/netns/NS` if a test made it ([`Host::etc_file`]).
+fn remove_etc_dir(ns: &str) {
+    let dir = etc_dir(ns);
+    match std::fs::remove_dir_all(&dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => eprintln!("netns: cannot delete {}: {e}", dir.display()),
     }
 }
 
@@ -414,8 +480,23 @@ pub fn list_namespaces() -> Vec<String> {
 }
 
 /// Deletes namespaces of this harness whose test process is gone (a run killed before its
-/// `Drop` could run).
+/// `Drop` could run), and their `/etc/netns` directories.
 fn sweep_stale() {
+    let stale = |name: &str| {
+        name.strip_prefix(PREFIX)
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|p| p.parse::<u32>().ok())
+            .is_some_and(|pid| !std::path::Path::new(&format!("/proc/{pid}")).exists())
+    };
+    if let Ok(dirs) = std::fs::read_dir("/etc/netns") {
+        for d in dirs.flatten() {
+            let name = d.file_name().to_string_lossy().into_owned();
+            if stale(&name) {
+                eprintln!("netns: deleting stale /etc/netns/{name}");
+                remove_etc_dir(&name);
+            }
+        }
+    }
     for ns in list_namespaces() {
         let Some(rest) = ns.strip_prefix(PREFIX) else {
             continue;

@@ -8,14 +8,30 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use p2p_core::net::Settings;
-use p2p_core::ClusterKey;
-use p2p_discovery::{udp, Discovery, Kind};
+use p2p_core::{ClusterKey, Identity};
+use p2p_discovery::{mdns, udp, Discovery, Kind};
 use p2p_tasks::handler::{Builtin, Handler, Shell};
 use p2p_tasks::{Order, Policy, RunOptions};
 use tokio_util::sync::CancellationToken;
 
 use crate::output::{Format, Printer};
 use crate::{Node, NodeBuilder};
+
+/// `println!` that never panics: a closed stdout (`| head`) must not take the node down.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout().lock(), $($arg)*);
+    }};
+}
+
+/// `eprintln!` that never panics.
+macro_rules! say_err {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr().lock(), $($arg)*);
+    }};
+}
 
 /// Exit status: every task succeeded.
 pub const EXIT_OK: u8 = 0;
@@ -73,6 +89,14 @@ pub enum Command {
         p2p-node serve --types a --key-file cluster.key\n  \
         p2p-node run tasks.txt --peer HOST:7400 --key-file cluster.key")]
     Keygen(KeygenArgs),
+    /// Print a shell completion script.
+    #[command(
+        after_help = "Example:\n  p2p-node completions bash > /etc/bash_completion.d/p2p-node"
+    )]
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
 }
 
 /// Options every command shares.
@@ -91,13 +115,18 @@ pub struct Common {
     /// A peer to connect to, HOST:PORT (repeatable; implies static discovery).
     #[arg(long = "peer", value_name = "ADDR")]
     pub peers: Vec<String>,
-    /// Where udp discovery beacons and queries go: an interface name (eth0), one of its
-    /// IPv4 addresses, or `all`. Default: where the node listens (serve), all (run, peers).
+    /// Where udp discovery beacons and queries (and mdns) go: an interface name (eth0), one of
+    /// its IPv4 addresses, or `all`. Default: where the node listens (serve), all (run, peers).
     #[arg(long, value_name = "IFACE")]
     pub discovery_interface: Option<String>,
-    /// Cluster key file (encrypted, authenticated connections).
-    #[arg(long, value_name = "PATH", env = "P2P_KEY_FILE")]
-    pub key_file: Option<PathBuf>,
+    /// Cluster key file (encrypted, authenticated connections). Repeatable, to rotate keys:
+    /// the node dials with the first and accepts peers with any of them.
+    #[arg(long = "key-file", value_name = "PATH", env = "P2P_KEY_FILE")]
+    pub key_files: Vec<PathBuf>,
+    /// This node's identity file (its private key; the node id derives from it), created
+    /// with mode 0600 if missing. Default: a new identity, so a new node id, every start.
+    #[arg(long, value_name = "PATH")]
+    pub identity: Option<PathBuf>,
 }
 
 /// `p2p-node serve`.
@@ -175,7 +204,7 @@ pub struct RunArgs {
     #[arg(long, conflicts_with = "quiet")]
     pub json: bool,
     /// Print only failures and the summary (no progress bar, no per-task lines).
-    #[arg(short, long)]
+    #[arg(short, long, conflicts_with = "json")]
     pub quiet: bool,
     /// Shared options.
     #[command(flatten)]
@@ -234,11 +263,16 @@ pub async fn execute(cli: Cli) -> ExitCode {
         Command::Run(a) => run(a, shutdown).await,
         Command::Peers(a) => peers(a).await,
         Command::Keygen(a) => keygen(a),
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "p2p-node", &mut std::io::stdout());
+            Ok(EXIT_OK)
+        }
     };
     match result {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("error: {e:#}");
+            say_err!("error: {e:#}");
             if e.downcast_ref::<UsageError>().is_some() {
                 ExitCode::from(EXIT_USAGE)
             } else {
@@ -284,7 +318,7 @@ fn backends(
     c: &Common,
     role: Role,
     default_udp: bool,
-    key: &Option<ClusterKey>,
+    keys: &[ClusterKey],
 ) -> anyhow::Result<Vec<Box<dyn Discovery>>> {
     let mut kinds = c.discovery.clone();
     if kinds.is_empty() && c.peers.is_empty() && default_udp {
@@ -295,8 +329,11 @@ fn backends(
             "--discovery static needs at least one --peer HOST:PORT",
         ));
     }
-    if c.discovery_interface.is_some() && !kinds.contains(&Kind::Udp) {
-        return Err(usage("--discovery-interface applies to udp discovery only"));
+    if c.discovery_interface.is_some() && !kinds.iter().any(|k| matches!(k, Kind::Udp | Kind::Mdns))
+    {
+        return Err(usage(
+            "--discovery-interface applies to udp and mdns discovery only",
+        ));
     }
     let mut out: Vec<Box<dyn Discovery>> = Vec::new();
     for kind in kinds {
@@ -309,7 +346,7 @@ fn backends(
                         udp::Config::new(c.cluster.clone()).interfaces(udp::Interfaces::All)
                     }
                 };
-                cfg = cfg.key(key.clone());
+                cfg = cfg.keys(keys.to_vec());
                 if let Some(iface) = &c.discovery_interface {
                     let parsed: udp::Interfaces = iface
                         .parse()
@@ -321,9 +358,24 @@ fn backends(
             Kind::Dns { name, port } => {
                 out.push(Box::new(p2p_discovery::dns::Dns::new(name, port)))
             }
-            Kind::Mdns => return Err(usage(
-                "--discovery mdns is not available in this version; use udp, dns:NAME or --peer",
-            )),
+            // Like udp: where the node listens (loopback listen: loopback only), or the
+            // --discovery-interface; with a key, TXT records carry a MAC under it.
+            Kind::Mdns => {
+                let mut cfg = match role {
+                    Role::Serve(listen) => mdns::Config::for_listen(c.cluster.clone(), listen),
+                    Role::Client => {
+                        mdns::Config::new(c.cluster.clone()).interfaces(udp::Interfaces::All)
+                    }
+                };
+                cfg = cfg.key(keys.first().cloned());
+                if let Some(iface) = &c.discovery_interface {
+                    let parsed: udp::Interfaces = iface
+                        .parse()
+                        .map_err(|e| usage(format!("--discovery-interface {iface:?}: {e}")))?;
+                    cfg = cfg.interfaces(parsed);
+                }
+                out.push(Box::new(mdns::Mdns::new(cfg)));
+            }
         }
     }
     if !c.peers.is_empty() {
@@ -341,6 +393,7 @@ fn discovery_error(e: crate::Error) -> anyhow::Error {
         crate::Error::Discovery(
             d @ (p2p_discovery::Error::Interface(_)
             | p2p_discovery::Error::Config(_)
+            | p2p_discovery::Error::MdnsConfig(_)
             | p2p_discovery::Error::Resolve { .. }
             | p2p_discovery::Error::UnknownKind(_)),
         ) => usage(d.to_string()),
@@ -386,12 +439,12 @@ fn handler_for(kind: &str, handlers: &[(String, String)]) -> Box<dyn Handler> {
 
 fn keygen(a: KeygenArgs) -> anyhow::Result<u8> {
     let key = ClusterKey::write_new(&a.path).map_err(|e| usage(e.to_string()))?;
-    println!(
+    say!(
         "wrote a new cluster key to {} (file mode 0600, fingerprint {})",
         a.path.display(),
         key.fingerprint()
     );
-    println!(
+    say!(
         "copy it to every node of the cluster (keep it secret) and pass --key-file {} \
          (or set P2P_KEY_FILE) to serve, run and peers",
         a.path.display()
@@ -399,27 +452,47 @@ fn keygen(a: KeygenArgs) -> anyhow::Result<u8> {
     Ok(EXIT_OK)
 }
 
-/// The cluster key of `--key-file` (or P2P_KEY_FILE), if given.
-fn load_key(c: &Common) -> anyhow::Result<Option<ClusterKey>> {
-    match &c.key_file {
-        None => Ok(None),
-        Some(p) => ClusterKey::load(p)
-            .map(Some)
-            .map_err(|e| usage(format!("--key-file: {e}"))),
-    }
+/// The cluster keys of `--key-file` (or P2P_KEY_FILE), in order (the first is the one the
+/// node dials with); empty without a key.
+fn load_key(c: &Common) -> anyhow::Result<Vec<ClusterKey>> {
+    c.key_files
+        .iter()
+        .map(|p| ClusterKey::load(p).map_err(|e| usage(format!("--key-file: {e}"))))
+        .collect()
 }
 
-fn with_key(b: NodeBuilder, key: &Option<ClusterKey>) -> NodeBuilder {
-    match key {
-        Some(k) => b.key(k.clone()),
+fn with_key(b: NodeBuilder, keys: &[ClusterKey]) -> NodeBuilder {
+    b.keys(keys.to_vec())
+}
+
+/// The identity of `--identity PATH` (loaded, or created there), if given.
+fn load_identity(c: &Common) -> anyhow::Result<Option<Identity>> {
+    let Some(path) = &c.identity else {
+        return Ok(None);
+    };
+    let (identity, created) =
+        Identity::load_or_create(path).map_err(|e| usage(format!("--identity: {e}")))?;
+    tracing::info!(
+        node = %identity.node_id(),
+        path = %path.display(),
+        "{}",
+        if created { "created a new identity" } else { "identity loaded" }
+    );
+    Ok(Some(identity))
+}
+
+fn with_identity(b: NodeBuilder, identity: Option<Identity>) -> NodeBuilder {
+    match identity {
+        Some(i) => b.identity(i),
         None => b,
     }
 }
 
 async fn serve(a: ServeArgs, shutdown: CancellationToken) -> anyhow::Result<u8> {
     let key = load_key(&a.common)?;
+    let identity = load_identity(&a.common)?;
     let listen = a.listen.unwrap_or_else(|| {
-        let ip = if key.is_some() {
+        let ip = if !key.is_empty() {
             [0, 0, 0, 0]
         } else {
             [127, 0, 0, 1]
@@ -433,7 +506,7 @@ async fn serve(a: ServeArgs, shutdown: CancellationToken) -> anyhow::Result<u8> 
             "--handler for type {t:?}, which is not in --types"
         )));
     }
-    let mut b = with_key(Node::builder(), &key)
+    let mut b = with_identity(with_key(Node::builder(), &key), identity)
         .cluster(a.common.cluster.clone())
         .discoveries(backends(&a.common, Role::Serve(listen), true, &key)?)
         .listen(listen)
@@ -457,9 +530,10 @@ async fn serve(a: ServeArgs, shutdown: CancellationToken) -> anyhow::Result<u8> 
         crate::Error::Config(m) => usage(m),
         other => anyhow::Error::new(other),
     })?;
-    match &key {
+    match key.first() {
         Some(k) => tracing::info!(
             fingerprint = %k.fingerprint(),
+            accepted = %key.iter().map(ClusterKey::fingerprint).collect::<Vec<_>>().join(","),
             "cluster key loaded: connections are authenticated and encrypted"
         ),
         None if !listen.ip().is_loopback() => tracing::warn!(
@@ -471,8 +545,8 @@ async fn serve(a: ServeArgs, shutdown: CancellationToken) -> anyhow::Result<u8> 
     let addr = node
         .local_addr()
         .ok_or_else(|| anyhow::anyhow!("the node has no listen address"))?;
-    println!("listening on {addr}");
-    println!(
+    say!("listening on {addr}");
+    say!(
         "node {} cluster {} types {} capacity {} discovery {}",
         node.id(),
         node.cluster(),
@@ -486,7 +560,7 @@ async fn serve(a: ServeArgs, shutdown: CancellationToken) -> anyhow::Result<u8> 
         token.cancel();
     });
     node.serve().await.map_err(discovery_error)?;
-    println!("stopped");
+    say!("stopped");
     Ok(EXIT_OK)
 }
 
@@ -553,7 +627,8 @@ async fn run(a: RunArgs, shutdown: CancellationToken) -> anyhow::Result<u8> {
         discovery_timeout: a.discovery_timeout,
         ..RunOptions::default()
     };
-    let mut coordinator = with_key(Node::builder(), &key)
+    let identity = load_identity(&a.common)?;
+    let mut coordinator = with_identity(with_key(Node::builder(), &key), identity)
         .cluster(a.common.cluster.clone())
         .discoveries(discovery)
         .build()
@@ -591,25 +666,31 @@ async fn run(a: RunArgs, shutdown: CancellationToken) -> anyhow::Result<u8> {
 
 async fn peers(a: PeersArgs) -> anyhow::Result<u8> {
     let key = load_key(&a.common)?;
+    let identity = load_identity(&a.common)?.unwrap_or_else(Identity::generate);
     let found = crate::peers::probe(
         &a.common.cluster,
         backends(&a.common, Role::Client, true, &key)?,
         a.discovery_timeout,
         key,
+        identity,
     )
     .await?;
     for p in &found {
         if a.json {
-            println!("{}", serde_json::to_string(p)?);
+            say!("{}", serde_json::to_string(p)?);
         }
     }
     if !a.json {
-        println!(
+        say!(
             "{:<34} {:<22} {:<12} {:>8}  {:<7} LAST SEEN",
-            "NODE", "ADDRESS", "TYPES", "CAPACITY", "SOURCE"
+            "NODE",
+            "ADDRESS",
+            "TYPES",
+            "CAPACITY",
+            "SOURCE"
         );
         for p in &found {
-            println!(
+            say!(
                 "{:<34} {:<22} {:<12} {:>8}  {:<7} {:.1}s after start",
                 p.node,
                 p.addr,

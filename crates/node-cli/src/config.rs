@@ -90,7 +90,8 @@ pub fn apply(args: Vec<OsString>) -> Result<Vec<OsString>, ConfigError> {
         message,
     };
 
-    let cmd = Cli::command();
+    let mut cmd = Cli::command();
+    cmd.build();
     let flags_of = |name: &str| -> Vec<String> {
         cmd.find_subcommand(name)
             .map(|c| {
@@ -139,9 +140,11 @@ pub fn apply(args: Vec<OsString>) -> Result<Vec<OsString>, ConfigError> {
 
     let mut extra: Vec<OsString> = Vec::new();
     for (flag, value) in settings {
-        let given = strings
+        // The flag counts as given in any of its spellings, and so does a flag that
+        // conflicts with it (`--json` on the command line beats `quiet = true` in the file).
+        let given = spellings(&cmd, sub, &flag)
             .iter()
-            .any(|a| *a == format!("--{flag}") || a.starts_with(&format!("--{flag}=")));
+            .any(|s| on_command_line(&strings, s));
         if given {
             continue;
         }
@@ -179,6 +182,42 @@ pub fn apply(args: Vec<OsString>) -> Result<Vec<OsString>, ConfigError> {
     out.extend(extra);
     out.extend(tail);
     Ok(out)
+}
+
+/// Every way the command line can say `flag` or a flag that conflicts with it:
+/// `--long` and `-s` spellings.
+fn spellings(cmd: &clap::Command, sub: &str, flag: &str) -> Vec<String> {
+    let Some(sc) = cmd.find_subcommand(sub) else {
+        return vec![format!("--{flag}")];
+    };
+    let Some(arg) = sc.get_arguments().find(|a| a.get_long() == Some(flag)) else {
+        return vec![format!("--{flag}")];
+    };
+    let mut out = Vec::new();
+    for a in std::iter::once(arg).chain(sc.get_arg_conflicts_with(arg)) {
+        if let Some(l) = a.get_long() {
+            out.push(format!("--{l}"));
+        }
+        if let Some(c) = a.get_short() {
+            out.push(format!("-{c}"));
+        }
+    }
+    out
+}
+
+/// Whether `spelling` (`--long` or `-s`) appears among `args`, also as `--long=VALUE` or
+/// inside a group of short flags (`-qv`).
+fn on_command_line(args: &[String], spelling: &str) -> bool {
+    args.iter().any(|a| {
+        if let Some(long) = spelling.strip_prefix("--") {
+            a == spelling
+                || a.strip_prefix("--")
+                    .is_some_and(|x| x.starts_with(&format!("{long}=")))
+        } else {
+            let c = spelling.trim_start_matches('-');
+            a.starts_with('-') && !a.starts_with("--") && a[1..].contains(c)
+        }
+    })
 }
 
 /// The value of `--config PATH` / `--config=PATH`, if given.
@@ -243,6 +282,14 @@ mod tests {
                 "t.txt"
             ]
         );
+    }
+
+    #[test]
+    fn a_conflicting_or_short_flag_on_the_command_line_wins() {
+        let args = with_file("[run]\nquiet = true\n", &["run", "--json"]).unwrap();
+        assert_eq!(args, vec!["p2p-node", "run", "--json"]);
+        let args = with_file("[run]\njson = true\nretries = 1\n", &["run", "-q"]).unwrap();
+        assert_eq!(args, vec!["p2p-node", "run", "--retries", "1", "-q"]);
     }
 
     #[test]

@@ -26,7 +26,9 @@ fn main() -> ExitCode {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(|| node_cli::output::LogWriter);
+        .with_writer(|| node_cli::output::LogWriter)
+        // Never eprintln! from inside the logger: with stderr gone that panics the task.
+        .log_internal_errors(false);
     match cli.log_format {
         LogFormat::Json => logs.json().init(),
         LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),

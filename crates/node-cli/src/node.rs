@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use p2p_core::gate::{HandshakeGate, HandshakeTicket, DEFAULT_MAX_HANDSHAKES};
 use p2p_core::net::{self, LinkEvent, LinkId, Settings};
-use p2p_core::{ClusterKey, Hello, NodeId, PROTOCOL_VERSION};
+use p2p_core::{ClusterKey, Hello, Identity, NodeId, PROTOCOL_VERSION};
 use p2p_discovery::{statik::Static, Announcement, Discovery};
 use p2p_tasks::handler::{Builtin, Handler};
 use p2p_tasks::{Inputs, Journal, RunEvent, RunOptions, RunReport, Task, Worker};
@@ -38,7 +38,8 @@ pub struct NodeBuilder {
     max_handshakes: usize,
     drain_timeout: Duration,
     insecure: bool,
-    key: Option<ClusterKey>,
+    keys: Vec<ClusterKey>,
+    identity: Option<Identity>,
 }
 
 impl std::fmt::Debug for NodeBuilder {
@@ -65,7 +66,8 @@ impl Default for NodeBuilder {
             max_handshakes: DEFAULT_MAX_HANDSHAKES,
             drain_timeout: Duration::from_secs(30),
             insecure: false,
-            key: None,
+            keys: Vec::new(),
+            identity: None,
         }
     }
 }
@@ -159,7 +161,25 @@ impl NodeBuilder {
     /// and encrypted, and peers without the key are dropped. Takes precedence over the key
     /// in [`NodeBuilder::settings`]. Default: none (plaintext, loopback only).
     pub fn key(mut self, key: ClusterKey) -> Self {
-        self.key = Some(key);
+        self.keys = vec![key];
+        self
+    }
+
+    /// Several cluster keys, for a key rotation: this node dials with the first and accepts
+    /// peers that dial in with any of them (udp beacons: sealed with the first, accepted
+    /// under any). Replaces [`NodeBuilder::key`]; an empty list means no key. Takes
+    /// precedence over the keys in [`NodeBuilder::settings`]. Default: none.
+    pub fn keys(mut self, keys: Vec<ClusterKey>) -> Self {
+        self.keys = keys;
+        self
+    }
+
+    /// The node's identity (see [`p2p_core::identity`]): its node id derives from it, and
+    /// with a cluster key every handshake proves it. Takes precedence over the identity in
+    /// [`NodeBuilder::settings`]. Default: a new random identity for each built node (so a
+    /// new node id every start; load a persistent one with [`Identity::load_or_create`]).
+    pub fn identity(mut self, identity: Identity) -> Self {
+        self.identity = Some(identity);
         self
     }
 
@@ -188,9 +208,17 @@ impl NodeBuilder {
             None => None,
         };
         let mut settings = self.settings;
-        if let Some(key) = self.key {
+        let mut keys = self.keys.into_iter();
+        if let Some(key) = keys.next() {
             settings.key = Some(key);
+            settings.accept_keys = keys.collect();
         }
+        let identity = self
+            .identity
+            .or_else(|| settings.identity.take())
+            .unwrap_or_else(Identity::generate);
+        let id = identity.node_id();
+        settings.identity = Some(identity);
         if let Some(a) = listen {
             if !a.ip().is_loopback() && !self.insecure && settings.key.is_none() {
                 return Err(Error::Config(format!(
@@ -217,7 +245,7 @@ impl NodeBuilder {
             .capacity
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get() as u32));
         Ok(Node {
-            id: NodeId::random(),
+            id,
             cluster: self.cluster,
             listener,
             local_addr,

@@ -42,7 +42,9 @@ pub struct LogWriter;
 
 impl Write for LogWriter {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        write_log(buf)?;
+        // A log line that cannot be written (stderr closed, e.g. `2>&1 | head`) is dropped:
+        // reporting the error would make the logging layer print to stderr (and panic there).
+        let _ = write_log(buf);
         Ok(buf.len())
     }
 
@@ -130,6 +132,13 @@ impl Printer {
             } if *attempt > 0 => self.tally(node, kind, false, *duration_ms),
             RunEvent::TaskRetry { kind, node, .. } => self.tally(node, kind, false, 0.0),
             _ => {}
+        }
+        if matches!(
+            ev,
+            RunEvent::TaskCompleted { .. } | RunEvent::TaskFailed { .. }
+        ) {
+            // Counted whatever is printed, so `[k/N]` is the task's place in the run.
+            self.done += 1;
         }
         if let RunEvent::Notice(n) = ev {
             self.line_err(n);
@@ -282,7 +291,6 @@ impl Printer {
                 duration_ms,
                 ..
             } => {
-                self.done += 1;
                 let retry = if *attempt > 1 {
                     format!(", attempt {attempt}")
                 } else {
@@ -310,7 +318,6 @@ impl Printer {
                 output,
                 ..
             } => {
-                self.done += 1;
                 let on = if node.is_empty() {
                     String::new()
                 } else {

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use p2p_core::net::{self, Command, Settings};
-use p2p_core::{ClusterKey, Hello, NodeId, PROTOCOL_VERSION};
+use p2p_core::{ClusterKey, Hello, Identity, PROTOCOL_VERSION};
 use p2p_discovery::{Discovery, Event};
 use serde::Serialize;
 use tokio::sync::mpsc;
@@ -28,13 +28,14 @@ pub struct PeerInfo {
     pub seen_ms: u64,
 }
 
-/// Discovers peers for up to `timeout` and handshakes with each (under `key`, if given) to
-/// learn its types.
+/// Discovers peers for up to `timeout` and handshakes with each (under the first of `keys`,
+/// if any, as `identity`) to learn its types.
 pub async fn probe(
     cluster: &str,
     backends: Vec<Box<dyn Discovery>>,
     timeout: Duration,
-    key: Option<ClusterKey>,
+    keys: Vec<ClusterKey>,
+    identity: Identity,
 ) -> Result<Vec<PeerInfo>, Error> {
     let started = tokio::time::Instant::now();
     let mut seen = std::collections::HashSet::new();
@@ -43,12 +44,13 @@ pub async fn probe(
     let hello = Hello {
         version: PROTOCOL_VERSION,
         cluster: cluster.to_string(),
-        node_id: NodeId::random(),
+        node_id: identity.node_id(),
         types: Vec::new(),
         capacity: 0,
     };
     let settings = Settings {
-        key,
+        key: keys.first().cloned(),
+        identity: Some(identity),
         ..Settings::default()
     };
     let deadline = tokio::time::Instant::now() + timeout;
@@ -90,7 +92,10 @@ pub async fn probe(
                 // Wait (briefly) for the goodbye to complete so the peer logs a clean close.
                 let _ = tokio::time::timeout(Duration::from_secs(2), rx.recv()).await;
             }
-            Err(e) => eprintln!("cannot reach {}: {e}", p.addr),
+            Err(e) => {
+                use std::io::Write as _;
+                let _ = writeln!(std::io::stderr().lock(), "cannot reach {}: {e}", p.addr);
+            }
         }
     }
     stop.cancel();

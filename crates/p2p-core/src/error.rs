@@ -93,6 +93,19 @@ pub enum Error {
          connection closed"
     )]
     Tampered,
+    /// With a cluster key: the node id the peer claims in its `Hello` or `Welcome` is not
+    /// the one derived from the identity key it proved in the secure handshake (someone
+    /// holding the cluster key pretends to be another node). The connection is refused.
+    #[error(
+        "the peer claims node id {claimed} but its identity key proves node id {proven}: \
+         refused (a node id must match the node's identity)"
+    )]
+    IdMismatch {
+        /// The id in the peer's `Hello`/`Welcome`.
+        claimed: crate::NodeId,
+        /// The id derived from the peer's authenticated static key.
+        proven: crate::NodeId,
+    },
     /// The peer closed the connection before the handshake completed.
     #[error("the peer closed the connection during the handshake{0}")]
     ClosedInHandshake(&'static str),

@@ -6,8 +6,8 @@ use serde::{Deserialize, Serialize};
 
 /// A node's identifier: 16 bytes, shown as 32 lower-case hex digits.
 ///
-/// Today a node draws a random id at start; a later version derives it from the node's
-/// persistent public key. Either way it is opaque to the protocol.
+/// A node's id derives from its identity's public key ([`crate::identity::node_id_of`]);
+/// with a cluster key the secure handshake proves it. The protocol treats it as opaque.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct NodeId(pub [u8; 16]);
 

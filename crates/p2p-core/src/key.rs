@@ -30,6 +30,9 @@ use blake2::{Blake2s256, Digest};
 /// Length of a cluster key in bytes.
 pub const KEY_LEN: usize = 32;
 
+/// Length of a key fingerprint in bytes (shown as twice as many hex digits).
+pub const FINGERPRINT_LEN: usize = 8;
+
 /// What can go wrong reading or writing a key file.
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
@@ -186,7 +189,7 @@ impl ClusterKey {
                 source,
             },
         })?;
-        let mut line = self.to_hex();
+        let mut line = self.hex();
         line.push('\n');
         file.write_all(line.as_bytes())
             .and_then(|()| file.sync_all())
@@ -216,14 +219,24 @@ impl ClusterKey {
     /// same fingerprint exactly when they hold the same key; the key cannot be derived from
     /// it. Useful in logs and when rotating keys.
     pub fn fingerprint(&self) -> String {
+        to_hex(&self.fingerprint_bytes())
+    }
+
+    /// The [fingerprint](ClusterKey::fingerprint) as bytes: the first
+    /// [`FINGERPRINT_LEN`] bytes of BLAKE2s-256 over the label
+    /// `p2p-node cluster key fingerprint v1` and the key. Not secret: a dialler sends it in
+    /// the clear so the acceptor knows which of its keys to use (see [`crate::secure`]).
+    pub fn fingerprint_bytes(&self) -> [u8; FINGERPRINT_LEN] {
         let mut h = Blake2s256::new();
         h.update(b"p2p-node cluster key fingerprint v1");
         h.update(self.0);
         let digest = h.finalize();
-        to_hex(&digest[..8])
+        let mut out = [0u8; FINGERPRINT_LEN];
+        out.copy_from_slice(&digest[..FINGERPRINT_LEN]);
+        out
     }
 
-    fn to_hex(&self) -> String {
+    fn hex(&self) -> String {
         to_hex(&self.0)
     }
 }
@@ -234,7 +247,8 @@ impl fmt::Debug for ClusterKey {
     }
 }
 
-fn to_hex(bytes: &[u8]) -> String {
+/// Lower-case hex digits of `bytes`.
+pub(crate) fn to_hex(bytes: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut s = String::with_capacity(bytes.len() * 2);
     for b in bytes {
@@ -244,7 +258,8 @@ fn to_hex(bytes: &[u8]) -> String {
     s
 }
 
-fn hex_value(c: u8) -> Option<u8> {
+/// The value of one hex digit (either case).
+pub(crate) fn hex_value(c: u8) -> Option<u8> {
     match c {
         b'0'..=b'9' => Some(c - b'0'),
         b'a'..=b'f' => Some(c - b'a' + 10),

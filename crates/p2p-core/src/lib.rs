@@ -10,8 +10,11 @@
 //!   goodbye) with no IO in it.
 //! - [`net`]: the thin tokio driver that runs a [`conn::Connection`] on a TCP socket.
 //! - [`key`]: the cluster key ([`ClusterKey`]) and its file format.
+//! - [`identity`]: a node's persistent identity ([`Identity`]: the X25519 static key of the
+//!   secure handshake, from which the [`NodeId`] derives) and its file format.
 //! - [`secure`]: the secure channel (Noise handshake under the cluster key, then encrypted
-//!   frames); [`net`] uses it when [`net::Settings::key`] is set.
+//!   frames); [`net`] uses it when [`net::Settings::key`] is set, and then checks that the
+//!   peer's node id is the one its identity proves.
 //! - [`gate`]: a bound on connections still in handshake, evicting the oldest when full.
 //! - [`NodeId`]: node identity.
 //!
@@ -34,6 +37,7 @@ pub mod conn;
 mod error;
 pub mod gate;
 mod id;
+pub mod identity;
 pub mod key;
 pub mod message;
 pub mod net;
@@ -42,5 +46,6 @@ pub mod wire;
 
 pub use error::Error;
 pub use id::NodeId;
+pub use identity::{Identity, IdentityError};
 pub use key::{ClusterKey, KeyError};
 pub use message::{Assign, Completed, Hello, Message, Reject, RejectReason, PROTOCOL_VERSION};

@@ -8,7 +8,10 @@
 //!
 //! With a cluster key in [`Settings::key`], the connection first runs the secure handshake
 //! of [`crate::secure`] (within the same handshake timeout as `Hello`), and every frame
-//! after it is encrypted; without one, frames go as they are.
+//! after it is encrypted; without one, frames go as they are. With a key, the node id in the
+//! peer's `Hello`/`Welcome` must be the one its identity proved in the secure handshake
+//! ([`Error::IdMismatch`] otherwise), and the local `Hello` must carry the id of
+//! [`Settings::identity`].
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -23,10 +26,11 @@ use tracing::{debug, warn};
 
 use crate::codec::{FrameCodec, DEFAULT_MAX_FRAME};
 use crate::conn::{self, Connection, Event, Role};
+use crate::identity::Identity;
 use crate::key::ClusterKey;
-use crate::message::{Assign, Completed, Hello, Message};
+use crate::message::{Assign, Completed, Hello, Message, Reject, RejectReason};
 use crate::secure::{self, WireCodec, PREAMBLE};
-use crate::Error;
+use crate::{Error, NodeId};
 
 /// Network settings shared by all connections of a node.
 #[derive(Debug, Clone)]
@@ -38,8 +42,17 @@ pub struct Settings {
     /// Bound on establishing a TCP connection. Default 3 s.
     pub connect_timeout: Duration,
     /// The cluster key. With one, every connection (dialled or accepted) runs the secure
-    /// handshake and is encrypted, and peers without this key are dropped. Default none.
+    /// handshake and is encrypted, and peers without this key are dropped. This node dials
+    /// with it. Default none.
     pub key: Option<ClusterKey>,
+    /// More cluster keys accepted from peers that dial in (with [`Settings::key`] only):
+    /// during a key rotation a node dials with one key and accepts the old and the new one.
+    /// Default none.
+    pub accept_keys: Vec<ClusterKey>,
+    /// This node's identity: with a cluster key, its private key is the Noise static key
+    /// and the local `Hello`'s node id must be [`Identity::node_id`]. Required with a key
+    /// (a connection without it fails with [`Error::InvalidState`]). Default none.
+    pub identity: Option<Identity>,
 }
 
 impl Default for Settings {
@@ -49,6 +62,8 @@ impl Default for Settings {
             max_frame: DEFAULT_MAX_FRAME,
             connect_timeout: Duration::from_secs(3),
             key: None,
+            accept_keys: Vec::new(),
+            identity: None,
         }
     }
 }
@@ -185,22 +200,25 @@ async fn start(
 ) -> Result<Link, Error> {
     let started = now();
     stream.set_nodelay(true)?;
-    let codec = match &settings.key {
-        None => WireCodec::Plain(FrameCodec::new(settings.max_frame)),
+    let (codec, proven) = match &settings.key {
+        None => (WireCodec::Plain(FrameCodec::new(settings.max_frame)), None),
         Some(key) => {
+            let identity = local_identity(settings, &local)?;
+            let mut keys = vec![key.clone()];
+            keys.extend(settings.accept_keys.iter().filter(|k| *k != key).cloned());
             let limit = settings.conn.handshake_timeout;
-            let secured = secure::handshake(&mut stream, role, key, settings.max_frame);
+            let secured = secure::handshake(&mut stream, role, &keys, identity, settings.max_frame);
             let codec = tokio::time::timeout(limit, secured)
                 .await
                 .map_err(|_| Error::HandshakeTimeout(limit))??;
-            WireCodec::Secure(Box::new(codec))
+            let proven = codec.peer_id();
+            (WireCodec::Secure(Box::new(codec)), Some(proven))
         }
     };
-    let keyed = settings.key.is_some();
     let mut io = Framed::new(stream, codec);
     // The handshake timeout counts from the start, secure handshake included.
     let mut conn = Connection::new(role, local, settings.conn.clone(), started);
-    let peer = match handshake(&mut io, &mut conn, keyed).await {
+    let peer = match handshake(&mut io, &mut conn, proven).await {
         Ok(peer) => peer,
         Err(e) => {
             // Best effort: tell the peer why (a Reject), without waiting long.
@@ -212,8 +230,32 @@ async fn start(
     // Enough room for a full window of assignments plus control commands.
     let (tx, rx) = mpsc::channel(peer.capacity.clamp(1, 65_536) as usize + 64);
     let link = Link { id, peer, addr, tx };
-    tokio::spawn(drive(io, conn, rx, id, events));
+    // If the driver ever dies without its final `Closed` (a panic), say so anyway, so the
+    // owner re-queues that connection's work instead of waiting for it.
+    let driver = tokio::spawn(drive(io, conn, rx, id, events.clone()));
+    tokio::spawn(async move {
+        if let Err(e) = driver.await {
+            let error = Some(format!("connection driver failed: {e}"));
+            let _ = events.send((id, LinkEvent::Closed { error })).await;
+        }
+    });
     Ok(link)
+}
+
+/// The identity a keyed connection proves, checked against the local `Hello`.
+fn local_identity<'s>(settings: &'s Settings, local: &Hello) -> Result<&'s Identity, Error> {
+    let identity = settings.identity.as_ref().ok_or(Error::InvalidState {
+        action: "start a keyed connection",
+        why: "net::Settings::identity is not set (with a cluster key the node id is proven by \
+              the identity key)",
+    })?;
+    if identity.node_id() != local.node_id {
+        return Err(Error::InvalidState {
+            action: "start a keyed connection",
+            why: "the local Hello's node id is not the id of net::Settings::identity",
+        });
+    }
+    Ok(identity)
 }
 
 fn now() -> std::time::Instant {
@@ -232,13 +274,23 @@ async fn flush(io: &mut Transport, conn: &mut Connection) -> Result<(), Error> {
     Ok(())
 }
 
-async fn handshake(io: &mut Transport, conn: &mut Connection, keyed: bool) -> Result<Hello, Error> {
-    handshake_inner(io, conn)
+/// The `Hello`/`Welcome` exchange. `proven`: with a key, the node id the peer's identity
+/// proved; a `Hello` or `Welcome` claiming another id is refused.
+async fn handshake(
+    io: &mut Transport,
+    conn: &mut Connection,
+    proven: Option<NodeId>,
+) -> Result<Hello, Error> {
+    handshake_inner(io, conn, proven)
         .await
-        .map_err(|e| explain_handshake_error(e, keyed))
+        .map_err(|e| explain_handshake_error(e, proven.is_some()))
 }
 
-async fn handshake_inner(io: &mut Transport, conn: &mut Connection) -> Result<Hello, Error> {
+async fn handshake_inner(
+    io: &mut Transport,
+    conn: &mut Connection,
+    proven: Option<NodeId>,
+) -> Result<Hello, Error> {
     loop {
         flush(io, conn).await?;
         while let Some(ev) = conn.poll_event() {
@@ -249,13 +301,43 @@ async fn handshake_inner(io: &mut Transport, conn: &mut Connection) -> Result<He
         let deadline = conn.poll_timeout().map(Instant::from_std);
         tokio::select! {
             frame = io.next() => match frame {
-                Some(Ok(msg)) => conn.handle_message(msg, now())?,
+                Some(Ok(msg)) => {
+                    if let Some(proven) = proven {
+                        check_claimed_id(io, &msg, proven).await?;
+                    }
+                    conn.handle_message(msg, now())?
+                }
                 Some(Err(e)) => return Err(e),
                 None => return Err(Error::ClosedInHandshake("")),
             },
             _ = sleep_until(deadline) => conn.handle_timeout(now())?,
         }
     }
+}
+
+/// Refuses a `Hello` or `Welcome` whose node id is not `proven` (the id derived from the
+/// peer's authenticated identity key). An acceptor tells the dialler why with a `Reject`
+/// (best effort) before closing; nothing else is sent to such a peer.
+async fn check_claimed_id(io: &mut Transport, msg: &Message, proven: NodeId) -> Result<(), Error> {
+    let claimed = match msg {
+        Message::Hello(h) | Message::Welcome(h) => h.node_id,
+        _ => return Ok(()),
+    };
+    if claimed == proven {
+        return Ok(());
+    }
+    let err = Error::IdMismatch { claimed, proven };
+    if matches!(msg, Message::Hello(_)) {
+        let reject = Message::Reject(Reject {
+            reason: RejectReason::Key,
+            message: format!(
+                "your Hello claims node id {claimed}, but your identity key is that of node \
+                 {proven}"
+            ),
+        });
+        let _ = tokio::time::timeout(Duration::from_millis(200), io.send(reject)).await;
+    }
+    Err(err)
 }
 
 /// Makes a key mismatch visible on a node without a key: a keyed initiator's preamble
@@ -327,6 +409,9 @@ async fn drive_inner(
     events: &EventSender,
 ) -> Result<(), Error> {
     let mut owner_gone = false;
+    // Once every `Link` is dropped the command channel stays closed: stop polling it (it
+    // would return `None` at once, forever) and let the goodbye run its course.
+    let mut commands_open = true;
     loop {
         flush(io, conn).await?;
         while let Some(ev) = conn.poll_event() {
@@ -358,7 +443,7 @@ async fn drive_inner(
                 Some(Err(e)) => return Err(e),
                 None => conn.handle_eof()?,
             },
-            cmd = rx.recv() => match cmd {
+            cmd = rx.recv(), if commands_open => match cmd {
                 Some(Command::Assign(a)) => {
                     if let Err(e) = conn.assign(a.clone()) {
                         let ev = LinkEvent::AssignFailed { assign: a, reason: e.to_string() };
@@ -375,7 +460,11 @@ async fn drive_inner(
                 Some(Command::Cancel(seq)) => {
                     let _ = conn.cancel(seq);
                 }
-                Some(Command::Goodbye) | None => conn.goodbye(),
+                Some(Command::Goodbye) => conn.goodbye(),
+                None => {
+                    commands_open = false;
+                    conn.goodbye();
+                }
                 Some(Command::Abort) => {
                     return Err(Error::InvalidState { action: "continue", why: "aborted by its owner" });
                 }
@@ -390,28 +479,36 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
     use super::*;
-    use crate::{NodeId, PROTOCOL_VERSION};
+    use crate::secure::SecureCodec;
+    use crate::PROTOCOL_VERSION;
+    use bytes::BytesMut;
+    use tokio::io::AsyncReadExt;
     use tokio::net::TcpListener;
+    use tokio_util::codec::{Decoder, Encoder};
 
-    fn hello(types: &[&str]) -> Hello {
+    fn hello_as(types: &[&str], node_id: NodeId) -> Hello {
         Hello {
             version: PROTOCOL_VERSION,
             cluster: "default".into(),
-            node_id: NodeId::random(),
+            node_id,
             types: types.iter().map(|t| t.to_string()).collect(),
             capacity: 2,
         }
     }
 
-    fn settings(key: Option<&ClusterKey>) -> Settings {
-        Settings {
+    /// A node's `Hello` and settings: a fresh identity, and `key` if given.
+    fn node(types: &[&str], key: Option<&ClusterKey>) -> (Hello, Settings) {
+        let identity = Identity::generate();
+        let settings = Settings {
             key: key.cloned(),
+            identity: Some(identity.clone()),
             conn: conn::Config {
                 handshake_timeout: Duration::from_secs(10),
                 ..Default::default()
             },
             ..Settings::default()
-        }
+        };
+        (hello_as(types, identity.node_id()), settings)
     }
 
     /// Connects a dialler with `dial_key` to an acceptor with `accept_key` on loopback and
@@ -422,14 +519,15 @@ mod tests {
     ) -> (Result<Link, Error>, Result<Link, Error>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let accept_settings = settings(accept_key);
+        let (accept_hello, accept_settings) = node(&["a"], accept_key);
         let (tx, _rx_a) = mpsc::channel(16);
         let acceptor = tokio::spawn(async move {
             let (stream, _) = listener.accept().await.unwrap();
-            accept(stream, hello(&["a"]), &accept_settings, 1, tx).await
+            accept(stream, accept_hello, &accept_settings, 1, tx).await
         });
         let (tx, _rx_d) = mpsc::channel(16);
-        let dialled = connect(addr, hello(&[]), &settings(dial_key), 1, tx).await;
+        let (dial_hello, dial_settings) = node(&[], dial_key);
+        let dialled = connect(addr, dial_hello, &dial_settings, 1, tx).await;
         let accepted = tokio::time::timeout(Duration::from_secs(20), acceptor)
             .await
             .expect("acceptor finishes")
@@ -442,17 +540,20 @@ mod tests {
         let key = ClusterKey::generate();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let s = settings(Some(&key));
+        let (ah, s) = node(&["a"], Some(&key));
+        let (dh, ds) = node(&[], Some(&key));
+        let (a_id, d_id) = (ah.node_id, dh.node_id);
         let (atx, mut arx) = mpsc::channel(16);
         let acceptor = tokio::spawn(async move {
             let (stream, _) = listener.accept().await.unwrap();
-            accept(stream, hello(&["a"]), &s, 1, atx).await
+            accept(stream, ah, &s, 1, atx).await
         });
         let (dtx, mut drx) = mpsc::channel(16);
-        let d = connect(addr, hello(&[]), &settings(Some(&key)), 2, dtx)
-            .await
-            .unwrap();
+        let d = connect(addr, dh, &ds, 2, dtx).await.unwrap();
         let a = acceptor.await.unwrap().unwrap();
+        // Each side's id is the one its identity proved.
+        assert_eq!(d.peer().node_id, a_id);
+        assert_eq!(a.peer().node_id, d_id);
         assert_eq!(d.peer().types, vec!["a".to_string()]);
         assert!(a.peer().types.is_empty());
         let assign = Assign {
@@ -514,5 +615,146 @@ mod tests {
         assert!(matches!(d, Err(Error::Auth(_))), "{d:?}");
         let a = a.unwrap_err();
         assert!(a.to_string().contains("this node has none"), "{a}");
+    }
+
+    /// Runs the secure handshake by hand as `role` with `identity`, then sends `first` (a
+    /// `Hello` or `Welcome`) and returns what the other side answers (or `None` at EOF).
+    async fn forge(
+        stream: &mut TcpStream,
+        role: Role,
+        key: &ClusterKey,
+        identity: &Identity,
+        first: Option<Message>,
+    ) -> (SecureCodec, Option<Message>) {
+        let mut codec =
+            secure::handshake(stream, role, std::slice::from_ref(key), identity, 1 << 20)
+                .await
+                .unwrap();
+        let mut buf = BytesMut::new();
+        if let Some(m) = first {
+            codec.encode(&m, &mut buf).unwrap();
+            stream.write_all(&buf).await.unwrap();
+        }
+        let mut src = BytesMut::new();
+        let got = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                if let Some(m) = codec.decode(&mut src).unwrap() {
+                    return Some(m);
+                }
+                if stream.read_buf(&mut src).await.unwrap_or(0) == 0 {
+                    return None;
+                }
+            }
+        })
+        .await
+        .expect("an answer or EOF in time");
+        (codec, got)
+    }
+
+    #[tokio::test]
+    async fn a_forged_hello_id_is_refused_by_the_acceptor() {
+        let key = ClusterKey::generate();
+        let (mallory, victim) = (Identity::generate(), Identity::generate());
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (ah, s) = node(&["a"], Some(&key));
+        let (tx, _rx) = mpsc::channel(16);
+        let acceptor = tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            accept(stream, ah, &s, 1, tx).await
+        });
+        // Mallory holds the cluster key and her own identity, and claims the victim's id.
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        let forged = Message::Hello(hello_as(&[], victim.node_id()));
+        let (_codec, answer) =
+            forge(&mut stream, Role::Initiator, &key, &mallory, Some(forged)).await;
+        match answer {
+            Some(Message::Reject(r)) => {
+                assert_eq!(r.reason, RejectReason::Key);
+                assert!(r.message.contains(&victim.node_id().to_string()), "{r:?}");
+            }
+            other => panic!("expected a Reject, got {other:?}"),
+        }
+        let err = acceptor.await.unwrap().unwrap_err();
+        match &err {
+            Error::IdMismatch { claimed, proven } => {
+                assert_eq!(*claimed, victim.node_id());
+                assert_eq!(*proven, mallory.node_id());
+            }
+            other => panic!("expected IdMismatch, got {other:?}"),
+        }
+        assert!(err.to_string().contains("claims node id"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_forged_welcome_id_is_refused_by_the_dialler() {
+        let key = ClusterKey::generate();
+        let mallory = Identity::generate();
+        let victim = Identity::generate();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let k = key.clone();
+        let victim_id = victim.node_id();
+        let fake = tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            // Reads the dialler's Hello, answers a Welcome claiming the victim's id.
+            let (mut codec, hello) = forge(&mut stream, Role::Acceptor, &k, &mallory, None).await;
+            assert!(matches!(hello, Some(Message::Hello(_))), "{hello:?}");
+            let mut buf = BytesMut::new();
+            codec
+                .encode(&Message::Welcome(hello_as(&["a"], victim_id)), &mut buf)
+                .unwrap();
+            let _ = stream.write_all(&buf).await;
+            // Hold the connection until the dialler gives up.
+            let mut sink = [0u8; 256];
+            let _ = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut sink)).await;
+        });
+        let (dh, ds) = node(&[], Some(&key));
+        let (tx, _rx) = mpsc::channel(16);
+        let err = connect(addr, dh, &ds, 1, tx).await.unwrap_err();
+        assert!(
+            matches!(err, Error::IdMismatch { claimed, .. } if claimed == victim_id),
+            "{err:?}"
+        );
+        fake.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_keyed_connection_needs_a_matching_identity() {
+        let key = ClusterKey::generate();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (h, mut s) = node(&[], Some(&key));
+        s.identity = None;
+        let (tx, _rx) = mpsc::channel(16);
+        let err = connect(addr, h.clone(), &s, 1, tx.clone())
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("identity"), "{err}");
+        s.identity = Some(Identity::generate());
+        let err = connect(addr, h, &s, 1, tx).await.unwrap_err();
+        assert!(err.to_string().contains("identity"), "{err}");
+        drop(listener);
+    }
+
+    #[tokio::test]
+    async fn accept_keys_let_a_rotating_node_accept_old_and_new() {
+        let (old, new) = (ClusterKey::generate(), ClusterKey::generate());
+        for dial in [&old, &new] {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let (ah, mut s) = node(&["a"], Some(&new));
+            s.accept_keys = vec![old.clone()];
+            let (tx, _rx_a) = mpsc::channel(16);
+            let acceptor = tokio::spawn(async move {
+                let (stream, _) = listener.accept().await.unwrap();
+                accept(stream, ah, &s, 1, tx).await
+            });
+            let (dh, ds) = node(&[], Some(dial));
+            let (tx, _rx_d) = mpsc::channel(16);
+            let d = connect(addr, dh, &ds, 1, tx).await;
+            assert!(d.is_ok(), "{d:?}");
+            assert!(acceptor.await.unwrap().is_ok());
+        }
     }
 }

@@ -2,12 +2,14 @@
 //!
 //! With a [`ClusterKey`], a connection starts with the Noise handshake
 //! [`NOISE_PARAMS`] (`Noise_XXpsk3_25519_ChaChaPoly_BLAKE2s`, the cluster key as the
-//! pre-shared key) before `Hello`. After it, the plaintext byte stream of the protocol
-//! (the frames of [`crate::codec`], unchanged) is carried in Noise transport messages.
-//! docs/SECURITY.md states the format byte by byte; in short:
+//! pre-shared key, the node's [`Identity`] as the static key) before `Hello`. After it, the
+//! plaintext byte stream of the protocol (the frames of [`crate::codec`], unchanged) is
+//! carried in Noise transport messages. docs/SECURITY.md states the format byte by byte; in
+//! short:
 //!
 //! ```text
-//! initiator -> responder   PREAMBLE (FF 70 32 70, "\xFFp2p"), then [u16 BE len][Noise msg 1: e]
+//! initiator -> responder   PREAMBLE (FF 70 32 70, "\xFFp2p"), then
+//!                          [u16 BE len][Noise msg 1: e, payload = 8-byte key fingerprint]
 //! responder -> initiator   [u16 BE len][Noise msg 2: e, ee, s, es]
 //! initiator -> responder   [u16 BE len][Noise msg 3: s, se, psk]
 //! responder -> initiator   [u16 BE len][transport message with an empty payload]  (confirmation)
@@ -17,8 +19,17 @@
 //! - The preamble makes a node without a key fail at once and clearly (as a length prefix it
 //!   claims ~4 GiB, over any maximum frame) and lets a keyed node tell a plaintext peer
 //!   from one with another key.
+//! - A node may hold several keys (during a key rotation): the initiator dials with its
+//!   first key and names it in message 1 by its [fingerprint](ClusterKey::fingerprint_bytes)
+//!   (not secret); the responder picks its key with that fingerprint as the pre-shared key
+//!   before message 3, or refuses clearly when it has none ("the peer uses a key this node
+//!   does not have: fingerprint X"). The payload is bound into the handshake hash, so a
+//!   changed fingerprint fails the handshake.
 //! - The pre-shared key enters at message 3, so the responder finds a wrong key when it
 //!   reads message 3; the confirmation tells the initiator that the responder accepted it.
+//! - Each side's static key is its [`Identity`]; after the handshake
+//!   [`SecureCodec::peer_id`] is the node id derived from the peer's static key, and
+//!   [`crate::net`] refuses a peer whose `Hello`/`Welcome` claims another id.
 //! - Each plaintext frame is cut into chunks of at most [`MAX_CHUNK_PLAINTEXT`] bytes
 //!   (65,535 minus the 16-byte tag); each chunk is one transport message. A chunk never
 //!   spans two frames. Decrypted bytes go to a plaintext buffer that [`FrameCodec`] decodes,
@@ -26,9 +37,6 @@
 //!   plaintext buffer never holds more than the maximum frame plus its 4-byte header.
 //! - Noise's nonces count messages, so a tampered, replayed, reordered or dropped message
 //!   fails to decrypt, which closes that connection ([`Error::Tampered`]).
-//!
-//! Each connection uses a fresh static Noise keypair: the handshake proves possession of the
-//! cluster key, not a node's identity (persistent node identities are planned).
 
 use bytes::{BufMut, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -36,8 +44,9 @@ use tokio_util::codec::{Decoder, Encoder};
 
 use crate::codec::{FrameCodec, LENGTH_PREFIX};
 use crate::conn::Role;
-use crate::key::ClusterKey;
-use crate::{Error, Message};
+use crate::identity::{node_id_of, Identity};
+use crate::key::{to_hex, ClusterKey, FINGERPRINT_LEN};
+use crate::{Error, Message, NodeId};
 
 /// The Noise protocol name.
 pub const NOISE_PARAMS: &str = "Noise_XXpsk3_25519_ChaChaPoly_BLAKE2s";
@@ -115,11 +124,14 @@ pub struct SecureCodec {
     plain: BytesMut,
     /// The encoding of the frame being sent, before encryption.
     scratch: BytesMut,
+    /// The node id the peer's static key proves.
+    peer_id: NodeId,
 }
 
 impl std::fmt::Debug for SecureCodec {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SecureCodec")
+            .field("peer_id", &self.peer_id)
             .field("max_frame", &self.frames.max_frame())
             .field("plain_buffered", &self.plain.len())
             .finish_non_exhaustive()
@@ -127,13 +139,20 @@ impl std::fmt::Debug for SecureCodec {
 }
 
 impl SecureCodec {
-    fn new(noise: snow::TransportState, max_frame: usize) -> Self {
+    fn new(noise: snow::TransportState, max_frame: usize, peer_id: NodeId) -> Self {
         SecureCodec {
             noise,
             frames: FrameCodec::new(max_frame),
             plain: BytesMut::new(),
             scratch: BytesMut::new(),
+            peer_id,
         }
+    }
+
+    /// The node id derived from the peer's authenticated static key
+    /// ([`crate::identity::node_id_of`]): the only id the peer may claim in its `Hello`.
+    pub fn peer_id(&self) -> NodeId {
+        self.peer_id
     }
 
     /// The maximum frame payload this codec accepts and sends.
@@ -252,40 +271,53 @@ impl Encoder<Message> for SecureCodec {
 }
 
 /// Runs the secure handshake on `io` (see the module documentation) and returns the codec
-/// for the rest of the connection. The caller bounds it in time.
+/// for the rest of the connection; [`SecureCodec::peer_id`] is the node id the peer's
+/// identity proves. The caller bounds it in time.
 ///
-/// Errors: [`Error::Auth`] when the peer has no key or another key, or does not speak the
-/// secure layer; [`Error::Io`] when the socket fails.
+/// `keys` are this node's cluster keys: an initiator dials with the first one (and names it
+/// by its fingerprint in message 1); an acceptor accepts any of them. `identity`'s private
+/// key is the Noise static key.
+///
+/// Errors: [`Error::Auth`] when the peer has no key or a key this node does not have, or
+/// does not speak the secure layer, or when `keys` is empty; [`Error::Io`] when the socket
+/// fails.
 pub async fn handshake<S>(
     io: &mut S,
     role: Role,
-    key: &ClusterKey,
+    keys: &[ClusterKey],
+    identity: &Identity,
     max_frame: usize,
 ) -> Result<SecureCodec, Error>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    let Some(dial_key) = keys.first() else {
+        return Err(Error::Auth("no cluster key configured".into()));
+    };
     let params: snow::params::NoiseParams = NOISE_PARAMS
         .parse()
         .map_err(|e| Error::Auth(format!("noise parameters: {e}")))?;
-    let builder = snow::Builder::new(params.clone());
-    let static_key = builder
-        .generate_keypair()
-        .map_err(|e| Error::Auth(format!("cannot create a noise keypair: {e}")))?;
+    // The acceptor replaces this pre-shared key by the one the initiator names (message 1).
     let builder = snow::Builder::new(params)
-        .local_private_key(&static_key.private)
-        .psk(3, key.as_bytes())
+        .local_private_key(identity.private_key())
+        .psk(3, dial_key.as_bytes())
         .prologue(PROLOGUE);
     let mut out = [0u8; MAX_HANDSHAKE_MESSAGE];
     let mut payload = [0u8; MAX_HANDSHAKE_MESSAGE];
     let transport = match role {
         Role::Initiator => {
+            let closed = format!(
+                "the peer closed the connection during the secure handshake: it does not have \
+                 this node's cluster key (fingerprint {}) or has no key, or it refused the \
+                 connection",
+                dial_key.fingerprint()
+            );
             let mut hs = builder
                 .build_initiator()
                 .map_err(|e| Error::Auth(format!("noise setup: {e}")))?;
-            // -> e
+            // -> e, with the fingerprint of the key we use as the (cleartext) payload.
             let n = hs
-                .write_message(&[], &mut out)
+                .write_message(&dial_key.fingerprint_bytes(), &mut out)
                 .map_err(|e| Error::Auth(format!("noise: {e}")))?;
             let mut first = Vec::with_capacity(PREAMBLE.len() + 2 + n);
             first.extend_from_slice(&PREAMBLE);
@@ -294,8 +326,7 @@ where
             io.write_all(&first).await?;
             io.flush().await?;
             // <- e, ee, s, es
-            let msg =
-                read_handshake_message(io, MAX_HANDSHAKE_MESSAGE, CLOSED_BY_RESPONDER).await?;
+            let msg = read_handshake_message(io, MAX_HANDSHAKE_MESSAGE, &closed).await?;
             hs.read_message(&msg, &mut payload).map_err(|_| {
                 Error::Auth(
                     "the peer's handshake is invalid (not a p2p-node secure channel)".into(),
@@ -310,7 +341,7 @@ where
                 .into_transport_mode()
                 .map_err(|e| Error::Auth(format!("noise: {e}")))?;
             // <- confirmation: the responder accepted our key.
-            let msg = read_handshake_message(io, TAG_LEN, CLOSED_BY_RESPONDER).await?;
+            let msg = read_handshake_message(io, TAG_LEN, &closed).await?;
             transport.read_message(&msg, &mut payload).map_err(|_| {
                 Error::Auth(
                     "cluster key mismatch (the peer's confirmation does not authenticate)".into(),
@@ -333,25 +364,29 @@ where
                     "the peer does not speak the p2p-node secure channel".into()
                 }));
             }
-            // -> e
+            // -> e, fingerprint
             let msg =
                 read_handshake_message(io, MAX_HANDSHAKE_MESSAGE, CLOSED_BY_INITIATOR).await?;
-            hs.read_message(&msg, &mut payload)
+            let n = hs
+                .read_message(&msg, &mut payload)
                 .map_err(|_| Error::Auth("the peer's first handshake message is invalid".into()))?;
+            let key = choose_key(&payload[..n], keys)?;
+            hs.set_psk(3, key.as_bytes())
+                .map_err(|e| Error::Auth(format!("noise: {e}")))?;
             // <- e, ee, s, es
             let n = hs
                 .write_message(&[], &mut out)
                 .map_err(|e| Error::Auth(format!("noise: {e}")))?;
             write_message(io, &out[..n]).await?;
-            // -> s, se, psk: this is where another key shows.
+            // -> s, se, psk: this is where a wrong key shows.
             let msg =
                 read_handshake_message(io, MAX_HANDSHAKE_MESSAGE, CLOSED_BY_INITIATOR).await?;
             hs.read_message(&msg, &mut payload).map_err(|_| {
-                Error::Auth(
-                    "cluster key mismatch: the peer's handshake does not authenticate under this \
-                     node's cluster key"
-                        .into(),
-                )
+                Error::Auth(format!(
+                    "cluster key mismatch: the peer's handshake does not authenticate under the \
+                     cluster key it names (fingerprint {})",
+                    key.fingerprint()
+                ))
             })?;
             let mut transport = hs
                 .into_transport_mode()
@@ -364,11 +399,41 @@ where
             transport
         }
     };
-    Ok(SecureCodec::new(transport, max_frame))
+    let peer_id = match transport.get_remote_static() {
+        Some(public) => node_id_of(public),
+        None => return Err(Error::Auth("the peer presented no static key".into())),
+    };
+    Ok(SecureCodec::new(transport, max_frame, peer_id))
 }
 
-const CLOSED_BY_RESPONDER: &str = "the peer closed the connection during the secure handshake: \
-     it has another cluster key or none, or it refused the connection";
+/// The acceptor's key for the fingerprint in message 1. An empty payload (a node of an
+/// earlier version, which names no key) means this node's first key.
+fn choose_key<'k>(fingerprint: &[u8], keys: &'k [ClusterKey]) -> Result<&'k ClusterKey, Error> {
+    if fingerprint.is_empty() {
+        return keys
+            .first()
+            .ok_or_else(|| Error::Auth("no cluster key configured".into()));
+    }
+    if fingerprint.len() != FINGERPRINT_LEN {
+        return Err(Error::Auth(format!(
+            "the peer's first handshake message is invalid (a key fingerprint of {} bytes, \
+             {FINGERPRINT_LEN} expected)",
+            fingerprint.len()
+        )));
+    }
+    keys.iter()
+        .find(|k| k.fingerprint_bytes()[..] == *fingerprint)
+        .ok_or_else(|| {
+            let accepted: Vec<String> = keys.iter().map(ClusterKey::fingerprint).collect();
+            Error::Auth(format!(
+                "cluster key mismatch: the peer uses a key this node does not have: fingerprint \
+                 {} (this node accepts {})",
+                to_hex(fingerprint),
+                accepted.join(", ")
+            ))
+        })
+}
+
 const CLOSED_BY_INITIATOR: &str = "the peer closed the connection during the secure handshake";
 
 fn len16(n: usize) -> Result<[u8; 2], Error> {
@@ -427,24 +492,42 @@ mod tests {
     use super::*;
     use crate::message::Completed;
 
-    async fn pair_with(
-        a: &ClusterKey,
-        b: &ClusterKey,
+    /// Runs the handshake between an initiator with keys `a` and an acceptor with keys `b`,
+    /// each with a fresh identity.
+    async fn pair_keys(
+        a: &[ClusterKey],
+        b: &[ClusterKey],
+    ) -> (Result<SecureCodec, Error>, Result<SecureCodec, Error>) {
+        pair_ids(a, &Identity::generate(), b, &Identity::generate()).await
+    }
+
+    async fn pair_ids(
+        a: &[ClusterKey],
+        ida: &Identity,
+        b: &[ClusterKey],
+        idb: &Identity,
     ) -> (Result<SecureCodec, Error>, Result<SecureCodec, Error>) {
         let (mut x, mut y) = tokio::io::duplex(1 << 20);
-        let ka = a.clone();
-        let kb = b.clone();
+        let (ka, kb) = (a.to_vec(), b.to_vec());
+        let (ida, idb) = (ida.clone(), idb.clone());
         let i = tokio::spawn(async move {
-            let r = handshake(&mut x, Role::Initiator, &ka, 1 << 24).await;
+            let r = handshake(&mut x, Role::Initiator, &ka, &ida, 1 << 24).await;
             drop(x);
             r
         });
         let r = tokio::spawn(async move {
-            let r = handshake(&mut y, Role::Acceptor, &kb, 1 << 24).await;
+            let r = handshake(&mut y, Role::Acceptor, &kb, &idb, 1 << 24).await;
             drop(y);
             r
         });
         (i.await.unwrap(), r.await.unwrap())
+    }
+
+    async fn pair_with(
+        a: &ClusterKey,
+        b: &ClusterKey,
+    ) -> (Result<SecureCodec, Error>, Result<SecureCodec, Error>) {
+        pair_keys(std::slice::from_ref(a), std::slice::from_ref(b)).await
     }
 
     async fn pair() -> (SecureCodec, SecureCodec) {
@@ -593,6 +676,118 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn each_side_learns_the_node_id_of_the_others_identity() {
+        let key = [ClusterKey::generate()];
+        let (ida, idb) = (Identity::generate(), Identity::generate());
+        let (i, r) = pair_ids(&key, &ida, &key, &idb).await;
+        assert_eq!(i.unwrap().peer_id(), idb.node_id());
+        assert_eq!(r.unwrap().peer_id(), ida.node_id());
+    }
+
+    #[tokio::test]
+    async fn an_acceptor_with_two_keys_accepts_either_and_refuses_a_third_by_fingerprint() {
+        let (old, new, third) = (
+            ClusterKey::generate(),
+            ClusterKey::generate(),
+            ClusterKey::generate(),
+        );
+        let both = [old.clone(), new.clone()];
+        for dial in [&old, &new] {
+            let (i, r) = pair_keys(std::slice::from_ref(dial), &both).await;
+            let (mut i, mut r) = (i.unwrap(), r.unwrap());
+            let mut wire = BytesMut::new();
+            i.encode(&Message::Ping { nonce: 3 }, &mut wire).unwrap();
+            assert_eq!(
+                decode_all(&mut r, &mut wire).unwrap(),
+                vec![Message::Ping { nonce: 3 }]
+            );
+        }
+        // A node rotating the other way round (dials with new, still accepts old) too.
+        let (i, r) = pair_keys(&[new.clone(), old.clone()], std::slice::from_ref(&old)).await;
+        assert!(i.is_err() && r.is_err(), "the acceptor does not have `new`");
+        let (i, r) = pair_keys(&[new.clone(), old.clone()], std::slice::from_ref(&new)).await;
+        assert!(i.is_ok() && r.is_ok());
+
+        let (i, r) = pair_keys(std::slice::from_ref(&third), &both).await;
+        let re = r.unwrap_err().to_string();
+        assert!(
+            re.contains("the peer uses a key this node does not have")
+                && re.contains(&format!("fingerprint {}", third.fingerprint()))
+                && re.contains(&old.fingerprint())
+                && re.contains(&new.fingerprint()),
+            "{re}"
+        );
+        let ie = i.unwrap_err().to_string();
+        assert!(ie.contains(&third.fingerprint()), "{ie}");
+    }
+
+    #[tokio::test]
+    async fn an_empty_fingerprint_means_the_first_key_and_a_malformed_one_is_refused() {
+        // An initiator of an earlier version sends no fingerprint: the acceptor's first key.
+        let key = ClusterKey::generate();
+        let params: snow::params::NoiseParams = NOISE_PARAMS.parse().unwrap();
+        let me = Identity::generate();
+        let mut hs = snow::Builder::new(params)
+            .local_private_key(me.private_key())
+            .psk(3, key.as_bytes())
+            .prologue(PROLOGUE)
+            .build_initiator()
+            .unwrap();
+        let (mut x, mut y) = tokio::io::duplex(1 << 16);
+        let keys = [key.clone(), ClusterKey::generate()];
+        let acceptor = tokio::spawn(async move {
+            handshake(
+                &mut y,
+                Role::Acceptor,
+                &keys,
+                &Identity::generate(),
+                1 << 20,
+            )
+            .await
+        });
+        let mut buf = [0u8; 256];
+        let mut payload = [0u8; 256];
+        let n = hs.write_message(&[], &mut buf).unwrap();
+        let mut first = PREAMBLE.to_vec();
+        first.extend_from_slice(&len16(n).unwrap());
+        first.extend_from_slice(&buf[..n]);
+        x.write_all(&first).await.unwrap();
+        let msg = read_handshake_message(&mut x, 256, "eof").await.unwrap();
+        hs.read_message(&msg, &mut payload).unwrap();
+        let n = hs.write_message(&[], &mut buf).unwrap();
+        write_message(&mut x, &buf[..n]).await.unwrap();
+        let r = acceptor.await.unwrap().unwrap();
+        assert_eq!(r.peer_id(), me.node_id());
+
+        // A fingerprint of the wrong length is refused.
+        let (mut x, mut y) = tokio::io::duplex(1 << 16);
+        let acceptor = tokio::spawn(async move {
+            handshake(
+                &mut y,
+                Role::Acceptor,
+                &[ClusterKey::generate()],
+                &Identity::generate(),
+                1 << 20,
+            )
+            .await
+        });
+        let params: snow::params::NoiseParams = NOISE_PARAMS.parse().unwrap();
+        let mut hs = snow::Builder::new(params)
+            .local_private_key(me.private_key())
+            .psk(3, key.as_bytes())
+            .prologue(PROLOGUE)
+            .build_initiator()
+            .unwrap();
+        let n = hs.write_message(&[1, 2, 3], &mut buf).unwrap();
+        let mut first = PREAMBLE.to_vec();
+        first.extend_from_slice(&len16(n).unwrap());
+        first.extend_from_slice(&buf[..n]);
+        x.write_all(&first).await.unwrap();
+        let e = acceptor.await.unwrap().unwrap_err().to_string();
+        assert!(e.contains("fingerprint of 3 bytes"), "{e}");
+    }
+
+    #[tokio::test]
     async fn plaintext_to_a_keyed_acceptor_is_refused_clearly() {
         let (mut x, mut y) = tokio::io::duplex(4096);
         let mut hello = BytesMut::new();
@@ -600,9 +795,15 @@ mod tests {
             .encode(&Message::Ping { nonce: 1 }, &mut hello)
             .unwrap();
         x.write_all(&hello).await.unwrap();
-        let err = handshake(&mut y, Role::Acceptor, &ClusterKey::generate(), 1 << 20)
-            .await
-            .unwrap_err();
+        let err = handshake(
+            &mut y,
+            Role::Acceptor,
+            &[ClusterKey::generate()],
+            &Identity::generate(),
+            1 << 20,
+        )
+        .await
+        .unwrap_err();
         assert!(err.to_string().contains("no cluster key"), "{err}");
     }
 

@@ -81,6 +81,12 @@ pub fn open<'a>(datagram: &'a [u8], key: &ClusterKey) -> Option<&'a [u8]> {
     (diff == 0).then_some(beacon)
 }
 
+/// The beacon inside a sealed datagram, if its MAC verifies under any of `keys` (a node
+/// that accepts an old and a new cluster key during a rotation).
+pub fn open_any<'a>(datagram: &'a [u8], keys: &[ClusterKey]) -> Option<&'a [u8]> {
+    keys.iter().find_map(|k| open(datagram, k))
+}
+
 /// What a beacon says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Kind {
@@ -327,6 +333,22 @@ mod mac_tests {
         }
         assert_eq!(open(&sealed[..MAC_LEN - 1], &key), None);
         assert_eq!(open(b"unsealed beacon", &key), None);
+    }
+
+    #[test]
+    fn open_any_accepts_a_beacon_under_any_of_the_keys() {
+        let (old, new, third) = (
+            ClusterKey::generate(),
+            ClusterKey::generate(),
+            ClusterKey::generate(),
+        );
+        let both = [new.clone(), old.clone()];
+        for k in [&old, &new] {
+            let sealed = seal(b"b".to_vec(), k);
+            assert_eq!(open_any(&sealed, &both), Some(&b"b"[..]));
+        }
+        assert_eq!(open_any(&seal(b"b".to_vec(), &third), &both), None);
+        assert_eq!(open_any(&seal(b"b".to_vec(), &old), &[]), None);
     }
 }
 

@@ -12,6 +12,8 @@
 //! - [`udp`]: the `udp` backend (beacons on a multicast group, or broadcast, on chosen
 //!   interfaces; queries answered at once; peers expire after missed beacons), and
 //!   [`beacon`], the datagram it sends.
+//! - [`mdns`]: the `mdns` backend (DNS-SD service `_p2p-node._tcp.local.` over multicast DNS,
+//!   with the `mdns-sd` crate; standard DNS-SD browsers list the nodes).
 //! - [`NoDiscovery`]: the `none` backend.
 //! - [`start_all`]: runs several backends into one stream.
 //!
@@ -45,8 +47,13 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 pub mod beacon;
+#[cfg(test)]
+mod conformance;
 pub mod dns;
+pub mod mdns;
 pub mod statik;
+#[cfg(test)]
+mod testns;
 pub mod udp;
 
 /// How many undelivered events a discovery stream holds before backends wait.
@@ -93,6 +100,13 @@ pub enum Error {
     /// The backend's settings contradict each other or the announcement.
     #[error("udp discovery: {0}")]
     Config(String),
+    /// The `mdns` backend's settings are wrong: an interface that does not exist, a TXT
+    /// value too long, an announcement of another cluster.
+    #[error("mdns discovery: {0}")]
+    MdnsConfig(String),
+    /// The `mdns` backend cannot start: `mdns-sd` failed (its daemon, a registration).
+    #[error("mdns discovery: {0}")]
+    Mdns(String),
 }
 
 /// What a node says about itself to be found.

@@ -204,7 +204,7 @@ pub struct Config {
     interfaces: Interfaces,
     mode: Mode,
     ttl: u32,
-    key: Option<ClusterKey>,
+    keys: Vec<ClusterKey>,
 }
 
 impl Default for Config {
@@ -219,7 +219,7 @@ impl Default for Config {
             interfaces: Interfaces::default(),
             mode: Mode::default(),
             ttl: DEFAULT_TTL,
-            key: None,
+            keys: Vec::new(),
         }
     }
 }
@@ -231,9 +231,18 @@ impl Config {
     }
 
     /// The cluster key: beacons are sealed with a MAC under it, and beacons that do not
-    /// verify are ignored (see [`beacon::seal`]). Default none.
+    /// verify are ignored (see [`beacon::seal`]). Default none. Replaces the keys of
+    /// [`Config::keys`].
     pub fn key(mut self, key: Option<ClusterKey>) -> Self {
-        self.key = key;
+        self.keys = key.into_iter().collect();
+        self
+    }
+
+    /// Several cluster keys, during a key rotation: beacons are sealed with the first, and
+    /// beacons that verify under any of them are accepted. An empty list means no key.
+    /// Default none.
+    pub fn keys(mut self, keys: Vec<ClusterKey>) -> Self {
+        self.keys = keys;
         self
     }
 
@@ -502,8 +511,8 @@ impl Discovery for Udp {
                         ..mine.clone()
                     };
                     (
-                        Some(sealed(mine.encode()?, &config.key)),
-                        Some(sealed(leaving.encode()?, &config.key)),
+                        Some(sealed(mine.encode()?, &config.keys)),
+                        Some(sealed(leaving.encode()?, &config.keys)),
                     )
                 }
                 _ => (None, None),
@@ -513,7 +522,7 @@ impl Discovery for Udp {
                 name: i.name.clone(),
                 socket: Arc::new(socket),
                 dest: SocketAddr::V4(dest),
-                query: sealed(base.encode()?, &config.key),
+                query: sealed(base.encode()?, &config.keys),
                 announce,
                 leaving,
                 failing: false,
@@ -532,7 +541,7 @@ impl Discovery for Udp {
         let jitter_ms =
             u64::from(u16::from_be_bytes([me.0[0], me.0[1]])) % (MAX_ANSWER_DELAY_MS + 1);
         let driver = Driver {
-            key: config.key.clone(),
+            keys: config.keys.clone(),
             table: Table::new(config.cluster.clone(), me, config.missed),
             interval: config.interval,
             answer_delay: Duration::from_millis(jitter_ms).min(config.interval / 4),
@@ -547,16 +556,16 @@ impl Discovery for Udp {
     }
 }
 
-/// Appends the MAC when there is a cluster key.
-fn sealed(beacon: Vec<u8>, key: &Option<ClusterKey>) -> Vec<u8> {
-    match key {
+/// Appends the MAC (under the first key) when there is a cluster key.
+fn sealed(beacon: Vec<u8>, keys: &[ClusterKey]) -> Vec<u8> {
+    match keys.first() {
         Some(k) => beacon::seal(beacon, k),
         None => beacon,
     }
 }
 
 struct Driver {
-    key: Option<ClusterKey>,
+    keys: Vec<ClusterKey>,
     table: Table,
     interval: Duration,
     answer_delay: Duration,
@@ -604,9 +613,10 @@ impl Driver {
                     }
                 }
                 Some((data, from)) = rx.recv() => {
-                    let beacon = match &self.key {
-                        None => Some(&data[..]),
-                        Some(k) => beacon::open(&data, k),
+                    let beacon = if self.keys.is_empty() {
+                        Some(&data[..])
+                    } else {
+                        beacon::open_any(&data, &self.keys)
                     };
                     let Some(beacon) = beacon else {
                         bump(&self.stats.unauthenticated);

@@ -307,7 +307,19 @@ impl Coord<'_> {
             Some(PeerUpdate::Connected(link)) => {
                 let hello = link.peer().clone();
                 if !self.node_ids.insert(hello.node_id) {
-                    // The same node by a second address: keep one connection.
+                    // The same node by a second address, or two nodes sharing one identity
+                    // (a copied identity file): report it, keep the first connection.
+                    let first = self
+                        .peers
+                        .values()
+                        .find(|p| p.link.peer().node_id == hello.node_id)
+                        .map_or_else(|| "?".to_string(), |p| p.link.addr().to_string());
+                    (self.emit)(&RunEvent::Notice(format!(
+                        "node id {} is connected at {first} and again at {}: the same node by \
+                         two addresses, or two nodes sharing one identity file; using {first} only",
+                        hello.node_id,
+                        link.addr()
+                    )));
                     let _ = link.send(Command::Goodbye);
                     return;
                 }

@@ -1,0 +1,231 @@
+//! Key rotation and persistent node identities against real `p2p-node` processes on
+//! loopback:
+//!
+//! - a node that accepts an old and a new cluster key (`--key-file OLD --key-file NEW`)
+//!   serves a coordinator with only the old key and one with only the new key; a coordinator
+//!   with a third key gets a clear error naming the fingerprint and nothing executed;
+//! - `serve --identity F` keeps its node id across restarts, creates F with mode 0600, and
+//!   the id is the one a keyed coordinator sees; without `--identity` every start has a new id;
+//! - two nodes sharing one identity file are reported by the coordinator, not merged silently.
+//!
+//! Every process is started here and killed by its own handle (PID); every wait is bounded.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+
+use tests::{events_named, run_in, RunOutput, Serve, TestDir, WAIT};
+
+fn keygen(dir: &TestDir, name: &str) -> PathBuf {
+    run_in(dir.path(), &["keygen", name]).assert_code(0);
+    dir.join(name)
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// A node serving `a` with `keys` (in order), whose handler appends `{id}` to `log`.
+fn keyed_serve(keys: &[&Path], log: &Path, extra: &[&str]) -> Serve {
+    let handler = format!("a=echo {{id}} >> '{}'", log.display());
+    let mut args: Vec<&str> = vec!["--handler", &handler];
+    for k in keys {
+        args.extend(["--key-file", s(k)]);
+    }
+    args.extend_from_slice(extra);
+    Serve::types("a", &args)
+}
+
+/// `run tasks.txt --json --peer PEER...` with `keys` (in order) and `extra` flags.
+fn keyed_run(dir: &TestDir, peers: &[String], keys: &[&Path], extra: &[&str]) -> RunOutput {
+    let mut args: Vec<&str> = vec!["run", "tasks.txt", "--json", "--discovery-timeout", "2s"];
+    for p in peers {
+        args.extend(["--peer", p]);
+    }
+    for k in keys {
+        args.extend(["--key-file", s(k)]);
+    }
+    args.extend_from_slice(extra);
+    run_in(dir.path(), &args)
+}
+
+fn log_lines(path: &Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn a_node_accepting_old_and_new_keys_serves_either_and_refuses_a_third_clearly() {
+    let dir = TestDir::new();
+    let old = keygen(&dir, "old.key");
+    let new = keygen(&dir, "new.key");
+    let third = keygen(&dir, "third.key");
+    dir.write("tasks.txt", "a1 a2");
+    let log = dir.join("handled");
+    // Step 1 of a rotation: dials with old, accepts old and new.
+    let node = keyed_serve(&[&old, &new], &log, &[]);
+    let loaded = node
+        .stderr
+        .wait_for(WAIT, |l| l.contains("cluster key loaded"))
+        .unwrap_or_else(|| panic!("no key log line:\n{}", node.stderr.text()));
+    // It logs the fingerprints it accepts (two of them).
+    let accepted = loaded
+        .split("accepted=")
+        .nth(1)
+        .map(|r| r.split_whitespace().next().unwrap_or("").to_string())
+        .unwrap_or_default();
+    assert_eq!(accepted.split(',').count(), 2, "{loaded}");
+
+    for (name, key) in [("old", &old), ("new", &new)] {
+        let out = keyed_run(&dir, &[node.peer()], &[key], &[]);
+        out.assert_code(0);
+        let done = out.json();
+        assert_eq!(
+            events_named(&done, "task_completed").len(),
+            2,
+            "coordinator with only the {name} key:\n{}",
+            out.describe()
+        );
+    }
+    // Step 2 of a rotation on the coordinator's side: dials with new, still accepts old.
+    keyed_run(&dir, &[node.peer()], &[&new, &old], &[]).assert_code(0);
+    assert_eq!(log_lines(&log).len(), 6, "{:?}", log_lines(&log));
+
+    // A third key: nothing executed, a clear error on both sides.
+    let out = keyed_run(&dir, &[node.peer()], &[&third], &[]);
+    assert_ne!(out.code(), Some(0), "{}", out.describe());
+    assert!(
+        out.stderr.contains("cluster key") && out.stderr.contains("fingerprint"),
+        "the coordinator should say its key is not the node's:\n{}",
+        out.describe()
+    );
+    let refused = node
+        .stderr
+        .wait_for(WAIT, |l| {
+            l.contains("the peer uses a key this node does not have: fingerprint")
+        })
+        .unwrap_or_else(|| panic!("no refusal in the node's log:\n{}", node.stderr.text()));
+    // The fingerprint named is the third key's (the one the coordinator printed), not one of
+    // the node's own.
+    for fp in accepted.split(',') {
+        assert!(
+            !refused.contains(&format!("does not have: fingerprint {fp}")),
+            "{refused}"
+        );
+    }
+    assert!(
+        out.stderr.contains(
+            refused
+                .split("does not have: fingerprint ")
+                .nth(1)
+                .and_then(|r| r.split_whitespace().next())
+                .unwrap_or("?")
+        ),
+        "the coordinator names the same fingerprint as the node:\n{}\n{refused}",
+        out.describe()
+    );
+    assert_eq!(log_lines(&log).len(), 6, "a task ran under the third key");
+}
+
+#[cfg(unix)]
+#[test]
+fn serve_with_identity_keeps_its_node_id_across_restarts() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = TestDir::new();
+    let key = keygen(&dir, "cluster.key");
+    let id_file = dir.join("node.identity");
+    dir.write("tasks.txt", "a1");
+    let log = dir.join("handled");
+
+    let mut first = keyed_serve(&[&key], &log, &["--identity", s(&id_file)]);
+    let id1 = first.node_id.clone().expect("serve prints `node ID ...`");
+    assert_eq!(id1.len(), 32, "{id1}");
+    let mode = std::fs::metadata(&id_file).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the identity file is private");
+    // The id a keyed coordinator sees is the one the node printed (its identity proves it).
+    let out = keyed_run(&dir, &[first.peer()], &[&key], &[]);
+    out.assert_code(0);
+    let events = out.json();
+    let connected = events_named(&events, "connected");
+    assert_eq!(connected.len(), 1, "{}", out.describe());
+    assert_eq!(connected[0]["node"], id1.as_str(), "{}", out.describe());
+    first.terminate();
+    assert!(
+        first.wait_exit(WAIT).is_some(),
+        "serve did not stop on SIGTERM"
+    );
+
+    let second = keyed_serve(&[&key], &log, &["--identity", s(&id_file)]);
+    assert_eq!(
+        second.node_id.as_deref(),
+        Some(id1.as_str()),
+        "same id after a restart"
+    );
+    // Without --identity: a fresh id every start.
+    let fresh = keyed_serve(&[&key], &log, &[]);
+    let fresh_id = fresh.node_id.clone().expect("node id line");
+    assert_ne!(fresh_id, id1);
+    drop((second, fresh));
+
+    // An identity file others can read is refused with the fix in the message.
+    std::fs::set_permissions(&id_file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = run_in(
+        dir.path(),
+        &[
+            "serve",
+            "--types",
+            "a",
+            "--listen",
+            "127.0.0.1:0",
+            "--discovery",
+            "none",
+            "--identity",
+            s(&id_file),
+        ],
+    );
+    out.assert_code(2);
+    assert!(
+        out.stderr.contains("--identity") && out.stderr.contains("chmod 600"),
+        "{}",
+        out.describe()
+    );
+}
+
+#[test]
+fn two_nodes_sharing_an_identity_file_are_reported_not_merged() {
+    let dir = TestDir::new();
+    let key = keygen(&dir, "cluster.key");
+    let id_file = dir.join("shared.identity");
+    dir.write("tasks.txt", "a1 a2");
+    let log = dir.join("handled");
+    let a = keyed_serve(&[&key], &log, &["--identity", s(&id_file)]);
+    // A copy of the same file (as an operator cloning a machine would make).
+    let copy = dir.join("copy.identity");
+    std::fs::copy(&id_file, &copy).unwrap();
+    let b = keyed_serve(&[&key], &log, &["--identity", s(&copy)]);
+    assert_eq!(a.node_id, b.node_id, "a copied identity gives the same id");
+    let id = a.node_id.clone().expect("node id line");
+
+    let out = keyed_run(&dir, &[a.peer(), b.peer()], &[&key], &[]);
+    out.assert_code(0);
+    let notice = out
+        .stderr
+        .lines()
+        .find(|l| l.contains(&format!("node id {id} is connected at")))
+        .unwrap_or_else(|| panic!("no duplicate-id notice:\n{}", out.describe()));
+    assert!(
+        notice.contains(&a.peer()) && notice.contains(&b.peer()),
+        "the notice names both addresses: {notice}"
+    );
+    let events = out.json();
+    assert_eq!(
+        events_named(&events, "connected").len(),
+        1,
+        "{}",
+        out.describe()
+    );
+    assert_eq!(events_named(&events, "task_completed").len(), 2);
+}
