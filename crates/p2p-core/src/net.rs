@@ -17,7 +17,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -172,7 +172,17 @@ pub async fn connect(
             addr: addr.to_string(),
             after: settings.connect_timeout,
         })??;
-    start(stream, addr, Role::Initiator, local, settings, id, events).await
+    stream.set_nodelay(true)?;
+    start(
+        Box::new(stream),
+        addr,
+        Role::Initiator,
+        local,
+        settings,
+        id,
+        events,
+    )
+    .await
 }
 
 /// Runs the handshake as acceptor on an accepted stream and spawns the connection's driver.
@@ -184,13 +194,78 @@ pub async fn accept(
     events: EventSender,
 ) -> Result<Link, Error> {
     let addr = stream.peer_addr()?;
-    start(stream, addr, Role::Acceptor, local, settings, id, events).await
+    stream.set_nodelay(true)?;
+    start(
+        Box::new(stream),
+        addr,
+        Role::Acceptor,
+        local,
+        settings,
+        id,
+        events,
+    )
+    .await
 }
 
-type Transport = Framed<TcpStream, WireCodec>;
+/// Like [`connect`], on a stream the caller already connected to `addr` (another transport,
+/// e.g. a simulated network): runs the handshake as initiator and spawns the driver.
+pub async fn connect_stream<S>(
+    stream: S,
+    addr: SocketAddr,
+    local: Hello,
+    settings: &Settings,
+    id: LinkId,
+    events: EventSender,
+) -> Result<Link, Error>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    start(
+        Box::new(stream),
+        addr,
+        Role::Initiator,
+        local,
+        settings,
+        id,
+        events,
+    )
+    .await
+}
+
+/// Like [`accept`], on a stream accepted from `addr` by another transport (e.g. a simulated
+/// network): runs the handshake as acceptor and spawns the driver.
+pub async fn accept_stream<S>(
+    stream: S,
+    addr: SocketAddr,
+    local: Hello,
+    settings: &Settings,
+    id: LinkId,
+    events: EventSender,
+) -> Result<Link, Error>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    start(
+        Box::new(stream),
+        addr,
+        Role::Acceptor,
+        local,
+        settings,
+        id,
+        events,
+    )
+    .await
+}
+
+/// A connected byte stream: a TCP socket, or another transport's.
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> Io for S {}
+
+type Transport = Framed<Box<dyn Io>, WireCodec>;
 
 async fn start(
-    mut stream: TcpStream,
+    mut stream: Box<dyn Io>,
     addr: SocketAddr,
     role: Role,
     local: Hello,
@@ -199,7 +274,6 @@ async fn start(
     events: EventSender,
 ) -> Result<Link, Error> {
     let started = now();
-    stream.set_nodelay(true)?;
     let (codec, proven) = match &settings.key {
         None => (WireCodec::Plain(FrameCodec::new(settings.max_frame)), None),
         Some(key) => {
@@ -232,7 +306,8 @@ async fn start(
     let link = Link { id, peer, addr, tx };
     // If the driver ever dies without its final `Closed` (a panic), say so anyway, so the
     // owner re-queues that connection's work instead of waiting for it.
-    let driver = tokio::spawn(drive(io, conn, rx, id, events.clone()));
+    let idle = settings.conn.idle_timeout;
+    let driver = tokio::spawn(drive(io, conn, rx, id, events.clone(), idle));
     tokio::spawn(async move {
         if let Err(e) = driver.await {
             let error = Some(format!("connection driver failed: {e}"));
@@ -262,16 +337,39 @@ fn now() -> std::time::Instant {
     Instant::now().into_std()
 }
 
+/// Sends what the connection has queued. Cancel-safe: a message leaves the connection only
+/// when the sink takes it at once, and bytes the sink still holds are flushed by the next call.
 async fn flush(io: &mut Transport, conn: &mut Connection) -> Result<(), Error> {
-    let mut wrote = false;
-    while let Some(msg) = conn.poll_transmit() {
-        io.feed(msg).await?;
-        wrote = true;
+    loop {
+        futures::future::poll_fn(|cx| SinkExt::<Message>::poll_ready_unpin(io, cx)).await?;
+        let Some(msg) = conn.poll_transmit() else {
+            break;
+        };
+        SinkExt::<Message>::start_send_unpin(io, msg)?;
     }
-    if wrote {
+    if !io.write_buffer().is_empty() {
         SinkExt::<Message>::flush(io).await?;
     }
     Ok(())
+}
+
+/// [`flush`], bounded: a peer that takes none of our bytes for `idle` (it stopped reading,
+/// or the network drops everything, so the socket's send buffer stays full) is declared
+/// dead, as the idle timeout would do were the driver not stuck writing. A slow peer that
+/// keeps taking bytes is waited for.
+async fn flush_live(
+    io: &mut Transport,
+    conn: &mut Connection,
+    idle: Duration,
+) -> Result<(), Error> {
+    loop {
+        let before = io.write_buffer().len();
+        match tokio::time::timeout(idle, flush(io, conn)).await {
+            Ok(r) => return r,
+            Err(_) if io.write_buffer().len() != before => {}
+            Err(_) => return Err(Error::PeerTimeout(idle)),
+        }
+    }
 }
 
 /// The `Hello`/`Welcome` exchange. `proven`: with a key, the node id the peer's identity
@@ -381,8 +479,9 @@ async fn drive(
     mut rx: mpsc::Receiver<Command>,
     id: LinkId,
     events: EventSender,
+    idle: Duration,
 ) {
-    let result = drive_inner(&mut io, &mut conn, &mut rx, id, &events).await;
+    let result = drive_inner(&mut io, &mut conn, &mut rx, id, &events, idle).await;
     let error = match result {
         Ok(()) => None,
         Err(e) => {
@@ -407,13 +506,14 @@ async fn drive_inner(
     rx: &mut mpsc::Receiver<Command>,
     id: LinkId,
     events: &EventSender,
+    idle: Duration,
 ) -> Result<(), Error> {
     let mut owner_gone = false;
     // Once every `Link` is dropped the command channel stays closed: stop polling it (it
     // would return `None` at once, forever) and let the goodbye run its course.
     let mut commands_open = true;
     loop {
-        flush(io, conn).await?;
+        flush_live(io, conn, idle).await?;
         while let Some(ev) = conn.poll_event() {
             let ev = match ev {
                 Event::Established(_) | Event::Finished => continue,

@@ -107,7 +107,7 @@ pub async fn run(
     mut inputs: Inputs,
     emit: &mut (dyn FnMut(&RunEvent) + Send),
 ) -> RunReport {
-    let started = Instant::now();
+    let started = now();
     let mut c = Coord {
         sched: Scheduler::new(&tasks, opts.policy.clone()),
         results: tasks
@@ -249,7 +249,7 @@ impl Coord<'_> {
                     }
                     self.on_peer(u);
                 }
-                Some((id, ev)) = inputs.links.recv() => self.on_link(id, ev, Instant::now()),
+                Some((id, ev)) = inputs.links.recv() => self.on_link(id, ev, now()),
                 _ = tokio::time::sleep_until(deadline) => break,
                 _ = inputs.shutdown.cancelled() => {
                     self.interrupted = true;
@@ -261,17 +261,17 @@ impl Coord<'_> {
 
     async fn execute(&mut self, inputs: &mut Inputs) {
         loop {
-            let now = Instant::now();
-            self.dispatch(now);
-            self.check_missing(now);
+            let at = now();
+            self.dispatch(at);
+            self.check_missing(at);
             if self.sched.is_finished() {
                 return;
             }
             let wake = self.next_timer();
             tokio::select! {
                 u = inputs.peers.recv(), if self.peers_open => self.on_peer(u),
-                Some((id, ev)) = inputs.links.recv() => self.on_link(id, ev, Instant::now()),
-                _ = sleep_until(wake) => self.on_timer(Instant::now()),
+                Some((id, ev)) = inputs.links.recv() => self.on_link(id, ev, now()),
+                _ = sleep_until(wake) => self.on_timer(now()),
                 _ = inputs.shutdown.cancelled(), if !self.interrupted => {
                     self.interrupted = true;
                     self.sched.stop();
@@ -369,6 +369,7 @@ impl Coord<'_> {
             let r = &mut self.results[d.task];
             r.node = Some(peer.node.clone());
             r.attempts = d.attempt;
+            tracing::debug!(task = %t.id, node = %&peer.node[..8.min(peer.node.len())], attempt = d.attempt, seq, "task assigned");
             (self.emit)(&RunEvent::TaskAssigned {
                 task: t.id.clone(),
                 kind: t.kind.clone(),
@@ -421,6 +422,12 @@ impl Coord<'_> {
             }
             LinkEvent::PeerGoodbye => self.sched.drain_node(id),
             LinkEvent::Closed { error } => {
+                match &error {
+                    None => tracing::debug!(link = id, "connection closed after goodbye"),
+                    Some(e) => {
+                        tracing::info!(link = id, error = %e, "connection lost; its tasks are re-queued")
+                    }
+                }
                 let lost: Vec<u64> = self
                     .inflight
                     .iter()
@@ -481,6 +488,7 @@ impl Coord<'_> {
         r.duration_ms = ms(took);
         match self.sched.complete(task, ok, now) {
             Outcome::Succeeded => {
+                tracing::debug!(task = %t.id, node = %&node[..8.min(node.len())], attempt, "task completed");
                 r.status = Status::Succeeded;
                 r.output = output.clone();
                 r.error = None;
@@ -497,6 +505,7 @@ impl Coord<'_> {
                 });
             }
             Outcome::Retry { delay } => {
+                tracing::info!(task = %t.id, node = %&node[..8.min(node.len())], attempt, error = %error, retry_in = ?delay, "task attempt failed; retrying");
                 (self.emit)(&RunEvent::TaskRetry {
                     task: t.id.clone(),
                     kind: t.kind.clone(),
@@ -507,6 +516,7 @@ impl Coord<'_> {
                 });
             }
             Outcome::Failed => {
+                tracing::info!(task = %t.id, node = %&node[..8.min(node.len())], attempt, error = %error, "task failed");
                 r.status = Status::Failed;
                 r.output = output.clone();
                 r.error = Some(error.clone());
@@ -644,7 +654,7 @@ impl Coord<'_> {
         // Results of cancelled tasks may still arrive before the goodbye completes.
         while self.peers.values().any(|p| !p.closed) {
             tokio::select! {
-                Some((id, ev)) = inputs.links.recv() => self.on_link(id, ev, Instant::now()),
+                Some((id, ev)) = inputs.links.recv() => self.on_link(id, ev, now()),
                 _ = tokio::time::sleep_until(deadline) => {
                     for p in self.peers.values_mut().filter(|p| !p.closed) {
                         let _ = p.link.send(Command::Abort);
@@ -653,7 +663,7 @@ impl Coord<'_> {
                     let grace = tokio::time::Instant::now() + Duration::from_millis(500);
                     while self.peers.values().any(|p| !p.closed) {
                         tokio::select! {
-                            Some((id, ev)) = inputs.links.recv() => self.on_link(id, ev, Instant::now()),
+                            Some((id, ev)) = inputs.links.recv() => self.on_link(id, ev, now()),
                             _ = tokio::time::sleep_until(grace) => break,
                         }
                     }
@@ -668,6 +678,11 @@ impl Coord<'_> {
         }
         (self.emit)(&RunEvent::Phase(Phase::Disconnected));
     }
+}
+
+/// The current time from tokio's clock, so a paused or simulated clock drives the run.
+fn now() -> Instant {
+    tokio::time::Instant::now().into_std()
 }
 
 async fn sleep_until(at: Option<tokio::time::Instant>) {
