@@ -98,7 +98,8 @@ impl NodeBuilder {
         self.handler(kind, Builtin)
     }
 
-    /// Tasks run at once across all connections. Default: the number of CPU cores.
+    /// Tasks run at once across all connections. Default: the number of CPU cores, or
+    /// 1,024 when every handler answers at once (the built-in handler).
     pub fn capacity(mut self, n: u32) -> Self {
         self.capacity = Some(n);
         self
@@ -241,9 +242,11 @@ impl NodeBuilder {
             Some(l) => Some(l.local_addr()?),
             None => None,
         };
+        // Default: the number of cores, or a deep window for nodes whose handlers all
+        // answer at once (the built-in handler), so pipelining is not capped at a few tasks.
         let capacity = self
             .capacity
-            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get() as u32));
+            .unwrap_or_else(|| Worker::default_capacity(&self.handlers));
         Ok(Node {
             id,
             cluster: self.cluster,

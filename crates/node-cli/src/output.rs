@@ -53,12 +53,16 @@ impl Write for LogWriter {
     }
 }
 
+/// Stdout bytes buffered before they are written even if the run is busy.
+const OUT_BUFFER: usize = 64 * 1024;
+
 /// Per node or per type: how many tasks, failures, and their durations.
 #[derive(Debug, Default)]
 struct Tally {
     tasks: usize,
     failures: usize,
-    durations_ms: Vec<f64>,
+    /// Milliseconds, as `f32` (plenty for a table) to keep long runs small.
+    durations_ms: Vec<f32>,
 }
 
 impl Tally {
@@ -67,26 +71,41 @@ impl Tally {
         if !ok {
             self.failures += 1;
         }
-        self.durations_ms.push(ms);
+        self.durations_ms.push(ms as f32);
     }
 
     fn mean_p99(&mut self) -> (f64, f64) {
         if self.durations_ms.is_empty() {
             return (0.0, 0.0);
         }
-        self.durations_ms.sort_by(f64::total_cmp);
+        self.durations_ms.sort_by(f32::total_cmp);
         let n = self.durations_ms.len();
-        let mean = self.durations_ms.iter().sum::<f64>() / n as f64;
+        let mean = self.durations_ms.iter().map(|&d| f64::from(d)).sum::<f64>() / n as f64;
         // Nearest-rank p99.
         let rank = ((0.99 * n as f64).ceil() as usize).clamp(1, n);
-        (mean, self.durations_ms[rank - 1])
+        (mean, f64::from(self.durations_ms[rank - 1]))
+    }
+}
+
+/// Adds a result to `key`'s tally, allocating the key only the first time it is seen.
+fn bump(rows: &mut BTreeMap<String, Tally>, key: &str, ok: bool, ms: f64) {
+    match rows.get_mut(key) {
+        Some(t) => t.add(ok, ms),
+        None => rows.entry(key.to_string()).or_default().add(ok, ms),
     }
 }
 
 /// Prints run events to stdout (notices to stderr).
+///
+/// Lines are buffered and written when the run waits for the network
+/// ([`RunEvent::Flush`]), when 64 KiB are pending, before a notice, and at the end, so a
+/// busy run makes one write per batch of events instead of one per line, while a quiet one
+/// still shows each line at once.
 #[derive(Debug)]
 pub struct Printer {
     format: Format,
+    /// Stdout bytes not written yet.
+    out: Vec<u8>,
     total: usize,
     done: usize,
     bar: Option<ProgressBar>,
@@ -105,6 +124,7 @@ impl Printer {
     pub fn new(format: Format, total: usize) -> Self {
         Printer {
             format,
+            out: Vec::new(),
             total,
             done: 0,
             bar: None,
@@ -140,16 +160,27 @@ impl Printer {
             // Counted whatever is printed, so `[k/N]` is the task's place in the run.
             self.done += 1;
         }
-        if let RunEvent::Notice(n) = ev {
-            self.line_err(n);
-            return;
+        match ev {
+            RunEvent::Notice(n) => {
+                self.line_err(n);
+                return;
+            }
+            RunEvent::Flush => {
+                self.flush();
+                return;
+            }
+            _ => {}
         }
         match self.format {
             Format::Json => {
                 if !matches!(ev, RunEvent::Phase(_)) {
-                    if let Ok(line) = serde_json::to_string(ev) {
-                        self.line(&line);
+                    let start = self.out.len();
+                    if serde_json::to_writer(&mut self.out, ev).is_ok() {
+                        self.out.push(b'\n');
+                    } else {
+                        self.out.truncate(start);
                     }
+                    self.maybe_flush();
                 }
             }
             Format::Quiet => {
@@ -187,14 +218,26 @@ impl Printer {
         if self.format == Format::Json {
             return;
         }
-        self.by_node
-            .entry(short(node).to_string())
-            .or_default()
-            .add(ok, ms);
-        self.by_type
-            .entry(kind.to_string())
-            .or_default()
-            .add(ok, ms);
+        bump(&mut self.by_node, short(node), ok, ms);
+        bump(&mut self.by_type, kind, ok, ms);
+    }
+
+    /// Writes out the buffered lines. A closed stdout (e.g. `| head`) must not kill the
+    /// run, so write errors are ignored.
+    pub fn flush(&mut self) {
+        if self.out.is_empty() {
+            return;
+        }
+        let mut stdout = std::io::stdout().lock();
+        let _ = stdout.write_all(&self.out);
+        let _ = stdout.flush();
+        self.out.clear();
+    }
+
+    fn maybe_flush(&mut self) {
+        if self.out.len() >= OUT_BUFFER {
+            self.flush();
+        }
     }
 
     fn start_bar(&mut self) {
@@ -226,18 +269,21 @@ impl Printer {
         }
     }
 
-    /// Prints a line to stdout, above the progress bar if there is one. A closed stdout
-    /// (e.g. `| head`) must not kill the run, so write errors are ignored.
-    fn line(&self, text: &str) {
+    /// Prints a line to stdout (buffered), above the progress bar if there is one.
+    fn line(&mut self, text: &str) {
         match &self.bar {
             Some(bar) => bar.println(text),
             None => {
-                let _ = writeln!(std::io::stdout().lock(), "{text}");
+                self.out.extend_from_slice(text.as_bytes());
+                self.out.push(b'\n');
+                self.maybe_flush();
             }
         }
     }
 
-    fn line_err(&self, text: &str) {
+    fn line_err(&mut self, text: &str) {
+        // Keep stdout and stderr in the order the events happened.
+        self.flush();
         let _ = write_log(format!("{text}\n").as_bytes());
     }
 
@@ -246,6 +292,7 @@ impl Printer {
     /// [`TABLE_ROWS`] rows and every task that did not succeed), then per node and per type:
     /// tasks, failures, mean and p99 duration.
     pub fn report(&mut self, report: &RunReport) {
+        self.flush();
         self.finish_bar();
         if self.format == Format::Json {
             return;
@@ -271,7 +318,9 @@ impl Printer {
             }
             .to_string(),
             RunEvent::Notice(n) => n.clone(),
-            RunEvent::PeerDiscovered { .. } | RunEvent::TaskAssigned { .. } => return None,
+            RunEvent::PeerDiscovered { .. } | RunEvent::TaskAssigned { .. } | RunEvent::Flush => {
+                return None
+            }
             RunEvent::Connected {
                 node,
                 addr,
@@ -384,6 +433,12 @@ impl Printer {
                 )
             }
         })
+    }
+}
+
+impl Drop for Printer {
+    fn drop(&mut self) {
+        self.flush();
     }
 }
 

@@ -16,6 +16,7 @@
 //! a connection is finished when one side has sent `GoodbyeAck` or received it.
 
 use std::collections::{HashSet, VecDeque};
+use std::hash::{BuildHasher, Hasher};
 use std::time::{Duration, Instant};
 
 use crate::message::{Assign, Completed, Hello, Message, Reject, RejectReason, PROTOCOL_VERSION};
@@ -39,6 +40,73 @@ impl Default for Config {
             heartbeat_interval: Duration::from_secs(2),
             idle_timeout: Duration::from_secs(10),
         }
+    }
+}
+
+/// A fast keyed hash for sets and maps of `u64` numbers (task seqs, link ids), which are
+/// hashed once or twice per task on the hot path: one multiplication instead of SipHash.
+///
+/// Each value gets a random key, so a peer that picks its own seqs cannot aim them at one
+/// bucket. Not a general-purpose or cryptographic hash.
+#[derive(Debug, Clone, Copy)]
+pub struct SeqHash {
+    key: u64,
+}
+
+impl Default for SeqHash {
+    fn default() -> Self {
+        SeqHash {
+            key: rand::random::<u64>() | 1,
+        }
+    }
+}
+
+impl BuildHasher for SeqHash {
+    type Hasher = SeqHasher;
+
+    fn build_hasher(&self) -> SeqHasher {
+        SeqHasher {
+            key: self.key,
+            state: 0,
+        }
+    }
+}
+
+/// The hasher of [`SeqHash`].
+#[derive(Debug, Clone)]
+pub struct SeqHasher {
+    key: u64,
+    state: u64,
+}
+
+impl SeqHasher {
+    fn mix(&mut self, x: u64) {
+        // Two folded 128-bit multiplies (as in foldhash): both halves of each product feed
+        // the result, so every input bit reaches every output bit.
+        let fold = |a: u64, b: u64| {
+            let p = u128::from(a) * u128::from(b);
+            (p as u64) ^ ((p >> 64) as u64)
+        };
+        let h = fold(x ^ self.state ^ self.key, 0x9e37_79b9_7f4a_7c15);
+        self.state = fold(h ^ self.key.rotate_left(32), 0xbf58_476d_1ce4_e5b9);
+    }
+}
+
+impl Hasher for SeqHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.mix(u64::from_le_bytes(word));
+        }
+    }
+
+    fn write_u64(&mut self, x: u64) {
+        self.mix(x);
+    }
+
+    fn finish(&self) -> u64 {
+        self.state
     }
 }
 
@@ -92,9 +160,9 @@ pub struct Connection {
     next_ping: Instant,
     ping_nonce: u64,
     /// Seqs we assigned to the peer that have no result yet.
-    outbound: HashSet<u64>,
+    outbound: HashSet<u64, SeqHash>,
     /// Seqs the peer assigned to us that we have not answered yet.
-    inbound: HashSet<u64>,
+    inbound: HashSet<u64, SeqHash>,
     we_said_goodbye: bool,
     peer_said_goodbye: bool,
     ack_sent: bool,
@@ -115,8 +183,8 @@ impl Connection {
             started: now,
             last_recv: now,
             ping_nonce: 0,
-            outbound: HashSet::new(),
-            inbound: HashSet::new(),
+            outbound: HashSet::default(),
+            inbound: HashSet::default(),
             we_said_goodbye: false,
             peer_said_goodbye: false,
             ack_sent: false,
@@ -326,24 +394,24 @@ impl Connection {
     /// Sends an assignment to the peer. Fails (without harming the connection) when the
     /// connection is not open, is saying goodbye, or the peer is at its capacity.
     pub fn assign(&mut self, a: Assign) -> Result<(), Error> {
+        self.try_assign(a).map_err(|(_, why)| Error::InvalidState {
+            action: "assign",
+            why,
+        })
+    }
+
+    /// [`Connection::assign`], giving the assignment back with the reason when it cannot be
+    /// sent (so the caller can re-queue it without having kept a copy).
+    pub fn try_assign(&mut self, a: Assign) -> Result<(), (Assign, &'static str)> {
         if !self.can_assign() {
-            return Err(Error::InvalidState {
-                action: "assign",
-                why: "the connection is not open for new work",
-            });
+            return Err((a, "the connection is not open for new work"));
         }
         let capacity = self.peer.as_ref().map_or(0, |p| p.capacity) as usize;
         if self.outbound.len() >= capacity {
-            return Err(Error::InvalidState {
-                action: "assign",
-                why: "the peer is at its advertised capacity",
-            });
+            return Err((a, "the peer is at its advertised capacity"));
         }
         if !self.outbound.insert(a.seq) {
-            return Err(Error::InvalidState {
-                action: "assign",
-                why: "seq already in flight",
-            });
+            return Err((a, "seq already in flight"));
         }
         self.transmit.push_back(Message::Assign(a));
         Ok(())

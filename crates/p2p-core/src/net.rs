@@ -16,7 +16,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use futures::{SinkExt, StreamExt};
+use futures::{FutureExt, SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
@@ -67,6 +67,13 @@ impl Default for Settings {
         }
     }
 }
+
+/// The largest window of tasks in flight a link's command queue is sized for.
+const MAX_WINDOW: u32 = 65_536;
+
+/// Most frames decoded, or commands taken, in one go before the driver writes what they
+/// produced and lets other tasks run.
+const BATCH: usize = 512;
 
 /// The owner's number for a connection, echoed in its events.
 pub type LinkId = u64;
@@ -291,6 +298,7 @@ async fn start(
     };
     let mut io = Framed::new(stream, codec);
     // The handshake timeout counts from the start, secure handshake included.
+    let local_capacity = local.capacity;
     let mut conn = Connection::new(role, local, settings.conn.clone(), started);
     let peer = match handshake(&mut io, &mut conn, proven).await {
         Ok(peer) => peer,
@@ -302,7 +310,11 @@ async fn start(
         }
     };
     // Enough room for a full window of assignments plus control commands.
-    let (tx, rx) = mpsc::channel(peer.capacity.clamp(1, 65_536) as usize + 64);
+    // Room for a full window of assignments to the peer, a result for each task the peer
+    // may have assigned to us (our own capacity), and control commands: an owner that
+    // respects both capacities never finds the queue full.
+    let window = peer.capacity.max(local_capacity).clamp(1, MAX_WINDOW) as usize;
+    let (tx, rx) = mpsc::channel(window + 64);
     let link = Link { id, peer, addr, tx };
     // If the driver ever dies without its final `Closed` (a panic), say so anyway, so the
     // owner re-queues that connection's work instead of waiting for it.
@@ -512,7 +524,12 @@ async fn drive_inner(
     // Once every `Link` is dropped the command channel stays closed: stop polling it (it
     // would return `None` at once, forever) and let the goodbye run its course.
     let mut commands_open = true;
+    // One timer for the connection's deadlines, moved only when the deadline changes.
+    let sleep = tokio::time::sleep_until(far_future());
+    tokio::pin!(sleep);
+    let mut armed: Option<Instant> = None;
     loop {
+        // Everything the last batch produced goes out in one write.
         flush_live(io, conn, idle).await?;
         while let Some(ev) = conn.poll_event() {
             let ev = match ev {
@@ -522,7 +539,7 @@ async fn drive_inner(
                 Event::Cancelled { seq } => LinkEvent::Cancelled { seq },
                 Event::PeerGoodbye => LinkEvent::PeerGoodbye,
             };
-            if events.send((id, ev)).await.is_err() {
+            if !owner_gone && deliver(events, id, ev).await.is_err() {
                 owner_gone = true;
             }
         }
@@ -537,41 +554,106 @@ async fn drive_inner(
             });
         }
         let deadline = conn.poll_timeout().map(Instant::from_std);
+        if deadline != armed {
+            sleep.as_mut().reset(deadline.unwrap_or_else(far_future));
+            armed = deadline;
+        }
         tokio::select! {
-            frame = io.next() => match frame {
-                Some(Ok(msg)) => conn.handle_message(msg, now())?,
-                Some(Err(e)) => return Err(e),
-                None => conn.handle_eof()?,
-            },
-            cmd = rx.recv(), if commands_open => match cmd {
-                Some(Command::Assign(a)) => {
-                    if let Err(e) = conn.assign(a.clone()) {
-                        let ev = LinkEvent::AssignFailed { assign: a, reason: e.to_string() };
-                        if events.send((id, ev)).await.is_err() {
+            frame = io.next() => {
+                let t = now();
+                match frame {
+                    Some(Ok(msg)) => conn.handle_message(msg, t)?,
+                    Some(Err(e)) => return Err(e),
+                    None => conn.handle_eof()?,
+                }
+                // Take every frame already read before writing anything back.
+                let mut n = 1;
+                while n < BATCH && !io.read_buffer().is_empty() && conn.is_open() {
+                    match io.next().now_or_never() {
+                        Some(Some(Ok(msg))) => conn.handle_message(msg, t)?,
+                        Some(Some(Err(e))) => return Err(e),
+                        Some(None) => conn.handle_eof()?,
+                        None => break,
+                    }
+                    n += 1;
+                }
+            }
+            cmd = rx.recv(), if commands_open => {
+                let mut cmd = cmd;
+                let mut n = 0;
+                loop {
+                    if cmd.is_none() {
+                        commands_open = false;
+                    }
+                    if let Some(failed) = command(conn, cmd)? {
+                        if deliver(events, id, failed).await.is_err() {
                             owner_gone = true;
                         }
                     }
-                }
-                Some(Command::Complete(c)) => {
-                    if let Err(e) = conn.complete(c) {
-                        debug!(link = id, error = %e, "result not sent");
+                    n += 1;
+                    if n >= BATCH || !commands_open {
+                        break;
+                    }
+                    // Every command already queued joins this batch.
+                    match rx.try_recv() {
+                        Ok(c) => cmd = Some(c),
+                        Err(_) => break,
                     }
                 }
-                Some(Command::Cancel(seq)) => {
-                    let _ = conn.cancel(seq);
-                }
-                Some(Command::Goodbye) => conn.goodbye(),
-                None => {
-                    commands_open = false;
-                    conn.goodbye();
-                }
-                Some(Command::Abort) => {
-                    return Err(Error::InvalidState { action: "continue", why: "aborted by its owner" });
-                }
-            },
-            _ = sleep_until(deadline) => conn.handle_timeout(now())?,
+            }
+            () = &mut sleep, if armed.is_some() => {
+                armed = None;
+                conn.handle_timeout(now())?;
+            }
         }
     }
+}
+
+/// A deadline that never comes, for a timer with nothing to wait for.
+fn far_future() -> Instant {
+    Instant::now() + Duration::from_secs(365 * 24 * 3600)
+}
+
+/// Sends an event to the owner: without waiting when the queue has room (the usual case),
+/// else waiting for room. An error means the owner is gone.
+async fn deliver(events: &EventSender, id: LinkId, ev: LinkEvent) -> Result<(), ()> {
+    match events.try_send((id, ev)) {
+        Ok(()) => Ok(()),
+        Err(mpsc::error::TrySendError::Full(item)) => events.send(item).await.map_err(|_| ()),
+        Err(mpsc::error::TrySendError::Closed(_)) => Err(()),
+    }
+}
+
+/// Applies one command of the owner (`None`: every `Link` is gone, which says goodbye).
+/// Returns the event to report when an assignment could not be sent; an error closes the
+/// connection.
+fn command(conn: &mut Connection, cmd: Option<Command>) -> Result<Option<LinkEvent>, Error> {
+    match cmd {
+        Some(Command::Assign(a)) => {
+            if let Err((assign, why)) = conn.try_assign(a) {
+                return Ok(Some(LinkEvent::AssignFailed {
+                    assign,
+                    reason: format!("cannot assign: {why}"),
+                }));
+            }
+        }
+        Some(Command::Complete(c)) => {
+            if let Err(e) = conn.complete(c) {
+                debug!(error = %e, "result not sent");
+            }
+        }
+        Some(Command::Cancel(seq)) => {
+            let _ = conn.cancel(seq);
+        }
+        Some(Command::Goodbye) | None => conn.goodbye(),
+        Some(Command::Abort) => {
+            return Err(Error::InvalidState {
+                action: "continue",
+                why: "aborted by its owner",
+            });
+        }
+    }
+    Ok(None)
 }
 
 #[cfg(test)]
@@ -633,6 +715,64 @@ mod tests {
             .expect("acceptor finishes")
             .unwrap();
         (dialled, accepted)
+    }
+
+    /// A worker with a deep window answers every task it holds at once: its link queue is
+    /// sized for its own capacity too (it was sized for the peer's only, so results past the
+    /// 65th were dropped and their tasks hung).
+    #[tokio::test]
+    async fn a_deep_window_of_tasks_is_assigned_and_answered_in_bursts() {
+        const N: u64 = 300;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (mut ah, s) = node(&["a"], None);
+        ah.capacity = N as u32;
+        let (atx, mut arx) = mpsc::channel(1024);
+        let acceptor = tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            accept(stream, ah, &s, 1, atx).await
+        });
+        let (dh, ds) = node(&[], None);
+        let (dtx, mut drx) = mpsc::channel(1024);
+        let d = connect(addr, dh, &ds, 2, dtx).await.unwrap();
+        let a = acceptor.await.unwrap().unwrap();
+        assert_eq!(d.peer().capacity, N as u32);
+        for seq in 1..=N {
+            d.send(Command::Assign(Assign {
+                seq,
+                task: format!("a{seq}"),
+                kind: "a".into(),
+                args: String::new(),
+                attempt: 1,
+                timeout_ms: 0,
+            }))
+            .unwrap();
+        }
+        let bound = Duration::from_secs(20);
+        for _ in 0..N {
+            let got = tokio::time::timeout(bound, arx.recv()).await.unwrap();
+            assert!(matches!(got, Some((1, LinkEvent::Assigned(_)))), "{got:?}");
+        }
+        // Every result is queued in one go, with no chance for the driver to run between.
+        for seq in 1..=N {
+            a.send(Command::Complete(Completed {
+                seq,
+                ok: true,
+                exit_code: Some(0),
+                output: format!("Executing task: a{seq}"),
+                error: None,
+                duration_us: 1,
+            }))
+            .unwrap_or_else(|e| panic!("result {seq} refused: {e}"));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..N {
+            match tokio::time::timeout(bound, drx.recv()).await.unwrap() {
+                Some((2, LinkEvent::Completed(c))) => assert!(seen.insert(c.seq)),
+                other => panic!("expected a result, got {other:?}"),
+            }
+        }
+        assert_eq!(seen.len(), N as usize);
     }
 
     #[tokio::test]

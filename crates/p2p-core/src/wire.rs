@@ -5,10 +5,17 @@
 //! (see [`crate::codec`]), and bincode's own limit stops a length field inside the payload
 //! from claiming more memory than a frame of that size could justify (at most four times
 //! the payload's size bucket: 64 KiB, 1 MiB or 16 MiB).
+//!
+//! The messages of the task hot path (`Assign`, `Completed`, `Cancel`, `Ping`, `Pong`,
+//! `Goodbye`, `GoodbyeAck`) are encoded and decoded by hand, byte for byte as bincode's
+//! standard configuration does (docs/PROTOCOL.md), which costs a fraction of the generic
+//! serde path; the handshake messages go through bincode itself. A hand-decoded string may
+//! claim at most the bytes left in its payload, so nothing is allocated beyond the frame.
 
 use bincode::config::{self, Config};
 use bytes::{BufMut, BytesMut};
 
+use crate::message::{Assign, Completed};
 use crate::{Error, Message};
 
 /// The largest frame any configuration may allow (and the default maximum): 16 MiB.
@@ -21,15 +28,199 @@ fn cfg<const LIMIT: usize>() -> impl Config {
 
 /// Appends the encoding of `msg` to `dst`.
 pub fn encode_into(msg: &Message, dst: &mut BytesMut) -> Result<(), Error> {
-    let writer = BufWriter(dst);
-    bincode::serde::encode_into_writer(msg, writer, cfg::<MAX_FRAME_CEILING>())
-        .map_err(|e| Error::Encode(e.to_string()))
+    match msg {
+        Message::Assign(a) => {
+            put_varint(dst, 3);
+            put_varint(dst, a.seq);
+            put_str(dst, &a.task);
+            put_str(dst, &a.kind);
+            put_str(dst, &a.args);
+            put_varint(dst, u64::from(a.attempt));
+            put_varint(dst, a.timeout_ms);
+        }
+        Message::Completed(c) => {
+            put_varint(dst, 4);
+            put_varint(dst, c.seq);
+            dst.put_u8(u8::from(c.ok));
+            match c.exit_code {
+                None => dst.put_u8(0),
+                Some(code) => {
+                    dst.put_u8(1);
+                    // Zig-zag, as bincode encodes signed integers.
+                    put_varint(dst, u64::from(((code << 1) ^ (code >> 31)) as u32));
+                }
+            }
+            put_str(dst, &c.output);
+            match &c.error {
+                None => dst.put_u8(0),
+                Some(e) => {
+                    dst.put_u8(1);
+                    put_str(dst, e);
+                }
+            }
+            put_varint(dst, c.duration_us);
+        }
+        Message::Cancel { seq } => {
+            put_varint(dst, 5);
+            put_varint(dst, *seq);
+        }
+        Message::Ping { nonce } => {
+            put_varint(dst, 6);
+            put_varint(dst, *nonce);
+        }
+        Message::Pong { nonce } => {
+            put_varint(dst, 7);
+            put_varint(dst, *nonce);
+        }
+        Message::Goodbye => put_varint(dst, 8),
+        Message::GoodbyeAck => put_varint(dst, 9),
+        Message::Hello(_) | Message::Welcome(_) | Message::Reject(_) => {
+            let writer = BufWriter(dst);
+            bincode::serde::encode_into_writer(msg, writer, cfg::<MAX_FRAME_CEILING>())
+                .map_err(|e| Error::Encode(e.to_string()))?;
+        }
+    }
+    Ok(())
 }
 
 /// Decodes one message from a whole payload.
 ///
 /// Bytes after a complete message are ignored (see [`crate::message`] for why).
 pub fn decode(payload: &[u8]) -> Result<Message, Error> {
+    let mut r = Reader(payload);
+    let variant = r.varint_u32()?;
+    let msg = match variant {
+        3 => Message::Assign(Assign {
+            seq: r.varint()?,
+            task: r.string()?,
+            kind: r.string()?,
+            args: r.string()?,
+            attempt: r.varint_u32()?,
+            timeout_ms: r.varint()?,
+        }),
+        4 => Message::Completed(Completed {
+            seq: r.varint()?,
+            ok: r.bool()?,
+            exit_code: match r.option()? {
+                false => None,
+                true => {
+                    let z = r.varint_u32()?;
+                    Some(((z >> 1) as i32) ^ -((z & 1) as i32))
+                }
+            },
+            output: r.string()?,
+            error: match r.option()? {
+                false => None,
+                true => Some(r.string()?),
+            },
+            duration_us: r.varint()?,
+        }),
+        5 => Message::Cancel { seq: r.varint()? },
+        6 => Message::Ping { nonce: r.varint()? },
+        7 => Message::Pong { nonce: r.varint()? },
+        8 => Message::Goodbye,
+        9 => Message::GoodbyeAck,
+        _ => return decode_bincode(payload),
+    };
+    Ok(msg)
+}
+
+/// Appends `x` as a bincode varint.
+fn put_varint(dst: &mut BytesMut, x: u64) {
+    if x < 251 {
+        dst.put_u8(x as u8);
+    } else if let Ok(x) = u16::try_from(x) {
+        dst.put_u8(251);
+        dst.put_u16_le(x);
+    } else if let Ok(x) = u32::try_from(x) {
+        dst.put_u8(252);
+        dst.put_u32_le(x);
+    } else {
+        dst.put_u8(253);
+        dst.put_u64_le(x);
+    }
+}
+
+fn put_str(dst: &mut BytesMut, s: &str) {
+    put_varint(dst, s.len() as u64);
+    dst.put_slice(s.as_bytes());
+}
+
+/// Reads bincode's standard encoding from a payload; every read is bounds-checked.
+struct Reader<'a>(&'a [u8]);
+
+fn short() -> Error {
+    Error::Decode("unexpected end of the payload".into())
+}
+
+impl Reader<'_> {
+    fn bytes<const N: usize>(&mut self) -> Result<[u8; N], Error> {
+        let (head, rest) = self.0.split_first_chunk::<N>().ok_or_else(short)?;
+        self.0 = rest;
+        Ok(*head)
+    }
+
+    fn u8(&mut self) -> Result<u8, Error> {
+        Ok(self.bytes::<1>()?[0])
+    }
+
+    fn varint(&mut self) -> Result<u64, Error> {
+        match self.u8()? {
+            b @ 0..=250 => Ok(u64::from(b)),
+            251 => Ok(u64::from(u16::from_le_bytes(self.bytes()?))),
+            252 => Ok(u64::from(u32::from_le_bytes(self.bytes()?))),
+            253 => Ok(u64::from_le_bytes(self.bytes()?)),
+            b => Err(Error::Decode(format!("invalid varint tag {b} for a u64"))),
+        }
+    }
+
+    fn varint_u32(&mut self) -> Result<u32, Error> {
+        match self.u8()? {
+            b @ 0..=250 => Ok(u32::from(b)),
+            251 => Ok(u32::from(u16::from_le_bytes(self.bytes()?))),
+            252 => Ok(u32::from_le_bytes(self.bytes()?)),
+            b => Err(Error::Decode(format!("invalid varint tag {b} for a u32"))),
+        }
+    }
+
+    fn bool(&mut self) -> Result<bool, Error> {
+        match self.u8()? {
+            0 => Ok(false),
+            1 => Ok(true),
+            b => Err(Error::Decode(format!("invalid bool {b}"))),
+        }
+    }
+
+    fn option(&mut self) -> Result<bool, Error> {
+        match self.u8()? {
+            0 => Ok(false),
+            1 => Ok(true),
+            b => Err(Error::Decode(format!("invalid option tag {b}"))),
+        }
+    }
+
+    /// A string; its claimed length must fit in what is left of the payload, so a
+    /// malicious length allocates nothing.
+    fn string(&mut self) -> Result<String, Error> {
+        let len = self.varint()?;
+        let len = usize::try_from(len)
+            .ok()
+            .filter(|&n| n <= self.0.len())
+            .ok_or_else(|| {
+                Error::Decode(format!(
+                    "a string claims {len} bytes, more than the payload has"
+                ))
+            })?;
+        let (bytes, rest) = self.0.split_at(len);
+        self.0 = rest;
+        std::str::from_utf8(bytes)
+            .map(str::to_owned)
+            .map_err(|e| Error::Decode(format!("invalid UTF-8 in a string: {e}")))
+    }
+}
+
+/// The generic decoder (bincode via serde), for the handshake messages.
+fn decode_bincode(payload: &[u8]) -> Result<Message, Error> {
     // bincode's limit bounds the sum of the sizes claimed while decoding (container lengths,
     // and the in-memory size of each integer, which can exceed its varint encoding). Four
     // times the payload's bucket leaves room for that, while a small frame still cannot make
@@ -59,7 +250,101 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
     use super::*;
-    use crate::Completed;
+
+    fn bincode_bytes(msg: &Message) -> Vec<u8> {
+        let mut buf = BytesMut::new();
+        bincode::serde::encode_into_writer(msg, BufWriter(&mut buf), cfg::<MAX_FRAME_CEILING>())
+            .unwrap();
+        buf.to_vec()
+    }
+
+    fn hot_messages() -> Vec<Message> {
+        let mut v = Vec::new();
+        let numbers = [
+            0u64,
+            1,
+            250,
+            251,
+            252,
+            65_535,
+            65_536,
+            u64::from(u32::MAX),
+            u64::from(u32::MAX) + 1,
+            u64::MAX,
+        ];
+        for (i, &n) in numbers.iter().enumerate() {
+            let text = "é✓x".repeat(i * 40);
+            v.push(Message::Assign(Assign {
+                seq: n,
+                task: format!("a{n}"),
+                kind: "a".into(),
+                args: text.clone(),
+                attempt: n as u32,
+                timeout_ms: n.rotate_left(7),
+            }));
+            for code in [
+                None,
+                Some(0),
+                Some(-1),
+                Some(1),
+                Some(i32::MIN),
+                Some(i32::MAX),
+                Some(300),
+            ] {
+                v.push(Message::Completed(Completed {
+                    seq: n,
+                    ok: code == Some(0),
+                    exit_code: code,
+                    output: text.clone(),
+                    error: code.filter(|c| *c != 0).map(|c| format!("exit status {c}")),
+                    duration_us: n / 3,
+                }));
+            }
+            v.push(Message::Cancel { seq: n });
+            v.push(Message::Ping { nonce: n });
+            v.push(Message::Pong { nonce: n });
+        }
+        v.push(Message::Goodbye);
+        v.push(Message::GoodbyeAck);
+        v
+    }
+
+    #[test]
+    fn hand_coded_messages_are_byte_for_byte_bincode() {
+        for msg in hot_messages() {
+            let mut ours = BytesMut::new();
+            encode_into(&msg, &mut ours).unwrap();
+            let theirs = bincode_bytes(&msg);
+            assert_eq!(&ours[..], &theirs[..], "{msg:?}");
+            assert_eq!(decode(&theirs).unwrap(), msg);
+            assert_eq!(decode_bincode(&ours).unwrap(), msg);
+        }
+    }
+
+    #[test]
+    fn hand_decoding_refuses_what_bincode_refuses() {
+        for msg in hot_messages() {
+            let bytes = bincode_bytes(&msg);
+            // Every truncation fails (except where a shorter prefix is itself a message,
+            // which only the fieldless ones are).
+            for cut in 0..bytes.len() {
+                let ours = decode(&bytes[..cut]);
+                let theirs = decode_bincode(&bytes[..cut]);
+                assert_eq!(ours.is_ok(), theirs.is_ok(), "{msg:?} cut at {cut}");
+            }
+        }
+        // A string that claims more than the payload holds allocates nothing and fails.
+        let mut claim = vec![3u8, 1, 253];
+        claim.extend_from_slice(&u64::MAX.to_le_bytes());
+        assert!(matches!(decode(&claim), Err(Error::Decode(_))));
+        // Invalid UTF-8, bool, option tags and varint tags.
+        assert!(decode(&[3, 1, 1, 0xff, 1, b'a', 0, 1, 0]).is_err());
+        assert!(decode(&[4, 1, 2, 0, 0, 0, 0]).is_err());
+        assert!(decode(&[4, 1, 1, 2, 0, 0, 0]).is_err());
+        assert!(decode(&[5, 254]).is_err());
+        assert!(decode(&[253]).is_err());
+        assert!(decode(&[10]).is_err());
+    }
 
     #[test]
     fn payloads_at_every_bucket_edge_decode() {

@@ -6,8 +6,12 @@
 //! into [`RunEvent`]s, and at the end says goodbye to every node and waits (bounded) for
 //! each connection to close.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use p2p_core::conn::SeqHash;
 
 use p2p_core::net::{Command, Link, LinkEvent, LinkId};
 use p2p_core::{Assign, NodeId};
@@ -86,19 +90,29 @@ pub struct Inputs {
 
 struct Peer {
     link: Link,
-    node: String,
+    /// The node id, shared with the results of the tasks it ran.
+    node: Arc<str>,
     closed: bool,
+}
+
+/// What the coordinator keeps of a task besides its result: its arguments and dependencies,
+/// for the tasks that have any (most have neither, and cost a null pointer).
+struct Extra {
+    args: String,
+    deps: Vec<String>,
 }
 
 struct InFlight {
     task: usize,
     link: LinkId,
-    deadline: Instant,
     cancelled: bool,
 }
 
 /// Extra time beyond the task timeout before the coordinator gives up on a result.
 const RESULT_GRACE: Duration = Duration::from_secs(2);
+
+/// Most link events handled in one go before the coordinator dispatches new work.
+const BATCH: usize = 1024;
 
 /// Runs `tasks` to the end and returns the report. Every event goes to `emit` first.
 pub async fn run(
@@ -108,27 +122,27 @@ pub async fn run(
     emit: &mut (dyn FnMut(&RunEvent) + Send),
 ) -> RunReport {
     let started = now();
+    // Set by every event but `Flush`: the run says `Flush` before it waits only when
+    // something was reported since the last one.
+    let pending = AtomicBool::new(false);
+    let mut marked = |ev: &RunEvent| {
+        if !matches!(ev, RunEvent::Flush) {
+            pending.store(true, Ordering::Relaxed);
+        }
+        emit(ev);
+    };
+    let sched = Scheduler::new(&tasks, opts.policy.clone());
+    let (results, extras) = split(tasks);
     let mut c = Coord {
-        sched: Scheduler::new(&tasks, opts.policy.clone()),
-        results: tasks
-            .iter()
-            .map(|t| TaskResult {
-                task: t.id.clone(),
-                kind: t.kind.clone(),
-                status: Status::NotRun,
-                node: None,
-                attempts: 0,
-                duration_ms: 0.0,
-                output: String::new(),
-                error: None,
-                resumed: false,
-            })
-            .collect(),
-        tasks,
+        sched,
+        results,
+        extras,
         opts,
-        peers: HashMap::new(),
+        peers: HashMap::default(),
         node_ids: HashSet::new(),
-        inflight: HashMap::new(),
+        inflight: HashMap::default(),
+        deadlines: VecDeque::new(),
+        pending: &pending,
         next_seq: 1,
         peers_open: true,
         settled: false,
@@ -136,7 +150,7 @@ pub async fn run(
         missing_since: None,
         interrupted: false,
         journal: inputs.journal.take(),
-        emit,
+        emit: &mut marked,
     };
     c.resume();
     c.discover(&mut inputs).await;
@@ -151,6 +165,7 @@ pub async fn run(
         missing_types = c.missing_failed();
     }
     c.terminate(&mut inputs).await;
+    c.sync_journal();
     let report = RunReport {
         results: c.results,
         missing_types,
@@ -166,6 +181,7 @@ pub async fn run(
         missing_types: report.missing_types.clone(),
         elapsed_ms: report.elapsed_ms,
     });
+    (c.emit)(&RunEvent::Flush);
     report
 }
 
@@ -174,13 +190,19 @@ fn ms(d: Duration) -> f64 {
 }
 
 struct Coord<'a> {
-    tasks: Vec<Task>,
+    /// Per task, its arguments and dependencies (the id and type are in `results`).
+    extras: Vec<Option<Box<Extra>>>,
     opts: RunOptions,
     sched: Scheduler,
     results: Vec<TaskResult>,
-    peers: HashMap<LinkId, Peer>,
+    peers: HashMap<LinkId, Peer, SeqHash>,
     node_ids: HashSet<NodeId>,
-    inflight: HashMap<u64, InFlight>,
+    inflight: HashMap<u64, InFlight, SeqHash>,
+    /// `(result deadline, seq)` of assignments, oldest first. Every attempt gets the same
+    /// timeout, so this is in deadline order; entries of finished seqs are dropped lazily.
+    deadlines: VecDeque<(Instant, u64)>,
+    /// Something was reported since the last [`RunEvent::Flush`].
+    pending: &'a AtomicBool,
     next_seq: u64,
     peers_open: bool,
     /// Discovery said it has dialled all it knows (or ended).
@@ -193,23 +215,44 @@ struct Coord<'a> {
 }
 
 impl Coord<'_> {
+    /// Says [`RunEvent::Flush`] if anything was reported since the last time: call before
+    /// waiting.
+    fn flush(&mut self) {
+        self.sync_journal();
+        if self.pending.swap(false, Ordering::Relaxed) {
+            (self.emit)(&RunEvent::Flush);
+        }
+    }
+
+    /// Syncs the results appended to the journal since the last sync (group commit: one
+    /// sync per burst of results); a journal that cannot be synced stops the run.
+    fn sync_journal(&mut self) {
+        let Some(j) = &mut self.journal else { return };
+        if let Err(e) = j.sync() {
+            (self.emit)(&RunEvent::Notice(format!("{e}; stopping the run")));
+            self.journal = None;
+            self.sched.stop();
+        }
+    }
+
     /// Marks the tasks the journal records as succeeded.
     fn resume(&mut self) {
         let Some(j) = &self.journal else { return };
-        for (i, t) in self.tasks.iter().enumerate() {
-            if j.done().contains(&t.id) {
+        for (i, r) in self.results.iter_mut().enumerate() {
+            if j.done().contains(&r.task) {
                 self.sched.mark_done(i);
-                self.results[i].status = Status::Succeeded;
-                self.results[i].resumed = true;
+                r.status = Status::Succeeded;
+                r.resumed = true;
             }
         }
     }
 
-    /// Writes a final result to the journal; a journal that cannot be written stops the run
-    /// (resuming would otherwise repeat work silently).
+    /// Appends a final result to the journal (synced before the run next waits, see
+    /// [`Coord::flush`]); a journal that cannot be written stops the run (resuming would
+    /// otherwise repeat work silently).
     fn journal(&mut self, task: usize) {
         let Some(j) = &mut self.journal else { return };
-        if let Err(e) = j.record(&self.results[task]) {
+        if let Err(e) = j.append(&self.results[task]) {
             (self.emit)(&RunEvent::Notice(format!("{e}; stopping the run")));
             self.journal = None;
             self.sched.stop();
@@ -219,8 +262,8 @@ impl Coord<'_> {
     /// Reports tasks skipped because a dependency failed.
     fn skipped(&mut self) {
         for t in self.sched.drain_skipped() {
-            let failed_dep = self.tasks[t]
-                .deps
+            let deps = self.extras[t].as_ref().map_or(&[][..], |e| &e.deps[..]);
+            let failed_dep = deps
                 .iter()
                 .find(|d| {
                     self.results
@@ -241,6 +284,7 @@ impl Coord<'_> {
         let deadline = tokio::time::Instant::now() + self.opts.discovery_timeout;
         let mut announced_connecting = false;
         while !self.sched.missing_kinds().is_empty() && self.peers_open && !self.settled {
+            self.flush();
             tokio::select! {
                 u = inputs.peers.recv() => {
                     if !announced_connecting && matches!(u, Some(PeerUpdate::Discovered { .. } | PeerUpdate::Connected(_))) {
@@ -260,6 +304,11 @@ impl Coord<'_> {
     }
 
     async fn execute(&mut self, inputs: &mut Inputs) {
+        // One timer, moved only when the next deadline changes.
+        let far = || tokio::time::Instant::now() + Duration::from_secs(365 * 24 * 3600);
+        let sleep = tokio::time::sleep_until(far());
+        tokio::pin!(sleep);
+        let mut armed: Option<tokio::time::Instant> = None;
         loop {
             let at = now();
             self.dispatch(at);
@@ -268,10 +317,28 @@ impl Coord<'_> {
                 return;
             }
             let wake = self.next_timer();
+            if wake != armed {
+                sleep.as_mut().reset(wake.unwrap_or_else(far));
+                armed = wake;
+            }
+            self.flush();
             tokio::select! {
                 u = inputs.peers.recv(), if self.peers_open => self.on_peer(u),
-                Some((id, ev)) = inputs.links.recv() => self.on_link(id, ev, now()),
-                _ = sleep_until(wake) => self.on_timer(now()),
+                Some((id, ev)) = inputs.links.recv() => {
+                    let at = now();
+                    self.on_link(id, ev, at);
+                    // Every event already queued is handled before new work is dispatched.
+                    for _ in 1..BATCH {
+                        match inputs.links.try_recv() {
+                            Ok((id, ev)) => self.on_link(id, ev, at),
+                            Err(_) => break,
+                        }
+                    }
+                }
+                () = &mut sleep, if armed.is_some() => {
+                    armed = None;
+                    self.on_timer(now());
+                }
                 _ = inputs.shutdown.cancelled(), if !self.interrupted => {
                     self.interrupted = true;
                     self.sched.stop();
@@ -323,9 +390,9 @@ impl Coord<'_> {
                     let _ = link.send(Command::Goodbye);
                     return;
                 }
-                let node = hello.node_id.to_string();
+                let node: Arc<str> = Arc::from(hello.node_id.to_string());
                 (self.emit)(&RunEvent::Connected {
-                    node: node.clone(),
+                    node: node.to_string(),
                     addr: link.addr().to_string(),
                     types: hello.types.clone(),
                     capacity: hello.capacity,
@@ -344,21 +411,25 @@ impl Coord<'_> {
     }
 
     fn dispatch(&mut self, now: Instant) {
+        let timeout_ms = u64::try_from(self.opts.task_timeout.as_millis()).unwrap_or(u64::MAX);
+        let deadline = now + self.opts.task_timeout + RESULT_GRACE;
         while let Some(d) = self.sched.next(now) {
             let Some(peer) = self.peers.get(&d.node) else {
                 self.sched.requeue(d.task);
                 break;
             };
-            let t = &self.tasks[d.task];
+            let r = &self.results[d.task];
             let seq = self.next_seq;
             self.next_seq += 1;
             let assign = Assign {
                 seq,
-                task: t.id.clone(),
-                kind: t.kind.clone(),
-                args: t.args.clone(),
+                task: r.task.clone(),
+                kind: r.kind.to_string(),
+                args: self.extras[d.task]
+                    .as_ref()
+                    .map_or_else(String::new, |e| e.args.clone()),
                 attempt: d.attempt,
-                timeout_ms: u64::try_from(self.opts.task_timeout.as_millis()).unwrap_or(u64::MAX),
+                timeout_ms,
             };
             if peer.link.send(Command::Assign(assign)).is_err() {
                 // The link is closing; its Closed event will remove the node.
@@ -367,13 +438,14 @@ impl Coord<'_> {
                 continue;
             }
             let r = &mut self.results[d.task];
-            r.node = Some(peer.node.clone());
+            set_node(&mut r.node, &peer.node);
             r.attempts = d.attempt;
-            tracing::debug!(task = %t.id, node = %&peer.node[..8.min(peer.node.len())], attempt = d.attempt, seq, "task assigned");
+            let t = &*r;
+            tracing::debug!(task = %t.task, node = %&peer.node[..8.min(peer.node.len())], attempt = d.attempt, seq, "task assigned");
             (self.emit)(&RunEvent::TaskAssigned {
-                task: t.id.clone(),
-                kind: t.kind.clone(),
-                node: peer.node.clone(),
+                task: t.task.clone(),
+                kind: t.kind.to_string(),
+                node: peer.node.to_string(),
                 attempt: d.attempt,
             });
             self.inflight.insert(
@@ -381,10 +453,16 @@ impl Coord<'_> {
                 InFlight {
                     task: d.task,
                     link: d.node,
-                    deadline: now + self.opts.task_timeout + RESULT_GRACE,
                     cancelled: false,
                 },
             );
+            self.deadlines.push_back((deadline, seq));
+        }
+        // Finished seqs leave their deadline behind; drop them before they pile up (a task
+        // that runs for long keeps the ones behind it from reaching the front).
+        if self.deadlines.len() > 2 * self.inflight.len() + 1024 {
+            let inflight = &self.inflight;
+            self.deadlines.retain(|(_, seq)| inflight.contains_key(seq));
         }
     }
 
@@ -394,25 +472,14 @@ impl Coord<'_> {
                 let Some(f) = self.inflight.remove(&c.seq) else {
                     return;
                 };
-                let node = self
-                    .peers
-                    .get(&id)
-                    .map(|p| p.node.clone())
-                    .unwrap_or_default();
-                let error = c.error.clone().unwrap_or_else(|| match c.exit_code {
-                    Some(code) => format!("exit status {code}"),
-                    None => "failed".to_string(),
-                });
-                self.record(
-                    f.task,
-                    c.ok,
-                    node,
-                    c.output,
-                    Duration::from_micros(c.duration_us),
-                    c.exit_code,
-                    error,
-                    now,
-                );
+                let attempt = Attempt {
+                    ok: c.ok,
+                    output: c.output,
+                    took: Duration::from_micros(c.duration_us),
+                    exit_code: c.exit_code,
+                    error: c.error,
+                };
+                self.record(f.task, id, attempt, now);
             }
             LinkEvent::AssignFailed { assign, .. } => {
                 if let Some(f) = self.inflight.remove(&assign.seq) {
@@ -450,12 +517,12 @@ impl Coord<'_> {
                     for t in requeued {
                         (self.emit)(&RunEvent::Notice(format!(
                             "{} lost with node {}; it will run again",
-                            self.tasks[t].id,
+                            self.results[t].task,
                             &p.node[..8.min(p.node.len())]
                         )));
                     }
                     (self.emit)(&RunEvent::Disconnected {
-                        node: p.node.clone(),
+                        node: p.node.to_string(),
                         addr: p.link.addr().to_string(),
                         clean: error.is_none(),
                         error,
@@ -468,35 +535,57 @@ impl Coord<'_> {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn record(
-        &mut self,
-        task: usize,
-        ok: bool,
-        node: String,
-        output: String,
-        took: Duration,
-        exit_code: Option<i32>,
-        error: String,
-        now: Instant,
-    ) {
+    /// Records the result of an attempt of `task` that ran over `link`.
+    fn record(&mut self, task: usize, link: LinkId, a: Attempt, now: Instant) {
+        let Attempt {
+            ok,
+            output,
+            took,
+            exit_code,
+            error,
+        } = a;
+        let node = match self.peers.get(&link) {
+            Some(p) => p.node.clone(),
+            None => Arc::from(""),
+        };
         let attempt = self.sched.attempts(task);
-        let t = &self.tasks[task];
+        let outcome = self.sched.complete(task, ok, now);
+        // The error text is made only for an attempt that failed.
+        let error = match outcome {
+            Outcome::Succeeded => String::new(),
+            _ => error.unwrap_or_else(|| match exit_code {
+                Some(code) => format!("exit status {code}"),
+                None => "failed".to_string(),
+            }),
+        };
         let r = &mut self.results[task];
-        r.node = Some(node.clone());
+        set_node(&mut r.node, &node);
         r.attempts = attempt;
         r.duration_ms = ms(took);
-        match self.sched.complete(task, ok, now) {
+        match outcome {
             Outcome::Succeeded => {
-                tracing::debug!(task = %t.id, node = %&node[..8.min(node.len())], attempt, "task completed");
                 r.status = Status::Succeeded;
-                r.output = output.clone();
+                r.output.clone_from(&output);
                 r.error = None;
-                self.journal(task);
-                let t = &self.tasks[task];
+            }
+            Outcome::Failed => {
+                r.status = Status::Failed;
+                r.output.clone_from(&output);
+                r.error = Some(error.clone());
+            }
+            Outcome::Retry { .. } => {}
+        }
+        if !matches!(outcome, Outcome::Retry { .. }) {
+            self.journal(task);
+        }
+        let r = &self.results[task];
+        let (id, kind, node) = (r.task.clone(), r.kind.to_string(), node.to_string());
+        match outcome {
+            Outcome::Succeeded => {
+                tracing::debug!(task = %r.task, node = %&node[..8.min(node.len())], attempt, "task completed");
                 (self.emit)(&RunEvent::TaskCompleted {
-                    task: t.id.clone(),
-                    kind: t.kind.clone(),
+                    task: id,
+                    kind,
                     node,
                     attempt,
                     ok: true,
@@ -505,10 +594,10 @@ impl Coord<'_> {
                 });
             }
             Outcome::Retry { delay } => {
-                tracing::info!(task = %t.id, node = %&node[..8.min(node.len())], attempt, error = %error, retry_in = ?delay, "task attempt failed; retrying");
+                tracing::info!(task = %r.task, node = %&node[..8.min(node.len())], attempt, error = %error, retry_in = ?delay, "task attempt failed; retrying");
                 (self.emit)(&RunEvent::TaskRetry {
-                    task: t.id.clone(),
-                    kind: t.kind.clone(),
+                    task: id,
+                    kind,
                     node,
                     attempt,
                     error,
@@ -516,15 +605,10 @@ impl Coord<'_> {
                 });
             }
             Outcome::Failed => {
-                tracing::info!(task = %t.id, node = %&node[..8.min(node.len())], attempt, error = %error, "task failed");
-                r.status = Status::Failed;
-                r.output = output.clone();
-                r.error = Some(error.clone());
-                self.journal(task);
-                let t = &self.tasks[task];
+                tracing::info!(task = %r.task, node = %&node[..8.min(node.len())], attempt, error = %error, "task failed");
                 (self.emit)(&RunEvent::TaskFailed {
-                    task: t.id.clone(),
-                    kind: t.kind.clone(),
+                    task: id,
+                    kind,
                     node,
                     attempt,
                     ok: false,
@@ -557,12 +641,12 @@ impl Coord<'_> {
                 r.status = Status::Failed;
                 r.error = Some(error.clone());
                 let attempt = r.attempts;
-                let node = r.node.clone().unwrap_or_default();
+                let node = r.node.as_deref().unwrap_or("").to_string();
                 self.journal(t);
-                let task = &self.tasks[t];
+                let task = &self.results[t];
                 (self.emit)(&RunEvent::TaskFailed {
-                    task: task.id.clone(),
-                    kind: task.kind.clone(),
+                    task: task.task.clone(),
+                    kind: task.kind.to_string(),
                     node,
                     attempt,
                     ok: false,
@@ -587,16 +671,23 @@ impl Coord<'_> {
                         .as_deref()
                         .is_some_and(|e| e.starts_with("no node serves"))
             })
-            .map(|r| r.kind.clone())
+            .map(|r| r.kind.to_string())
             .collect();
         kinds.dedup();
         kinds
     }
 
-    fn next_timer(&self) -> Option<tokio::time::Instant> {
+    fn next_timer(&mut self) -> Option<tokio::time::Instant> {
+        // Deadlines of seqs that finished are dropped here, from the front.
+        while let Some(&(_, seq)) = self.deadlines.front() {
+            if self.inflight.contains_key(&seq) {
+                break;
+            }
+            self.deadlines.pop_front();
+        }
         let mut wake = self.sched.next_wakeup();
-        for f in self.inflight.values() {
-            wake = Some(wake.map_or(f.deadline, |w| w.min(f.deadline)));
+        if let Some(&(at, _)) = self.deadlines.front() {
+            wake = Some(wake.map_or(at, |w| w.min(at)));
         }
         if let Some(since) = self.missing_since {
             let at = since + self.opts.discovery_timeout;
@@ -606,38 +697,30 @@ impl Coord<'_> {
     }
 
     fn on_timer(&mut self, now: Instant) {
-        let overdue: Vec<u64> = self
-            .inflight
-            .iter()
-            .filter(|(_, f)| f.deadline <= now)
-            .map(|(s, _)| *s)
-            .collect();
-        for seq in overdue {
+        while let Some(&(at, seq)) = self.deadlines.front() {
+            if at > now {
+                break;
+            }
+            self.deadlines.pop_front();
             let Some(f) = self.inflight.remove(&seq) else {
                 continue;
             };
-            let node = match self.peers.get(&f.link) {
-                Some(p) => {
-                    let _ = p.link.send(Command::Cancel(seq));
-                    p.node.clone()
-                }
-                None => String::new(),
-            };
+            if let Some(p) = self.peers.get(&f.link) {
+                let _ = p.link.send(Command::Cancel(seq));
+            }
             if self.sched.status(f.task) == Some(TaskStatus::Running(f.link)) {
                 let error = format!(
                     "no result within {:?}",
                     self.opts.task_timeout + RESULT_GRACE
                 );
-                self.record(
-                    f.task,
-                    false,
-                    node,
-                    String::new(),
-                    self.opts.task_timeout,
-                    None,
-                    error,
-                    now,
-                );
+                let attempt = Attempt {
+                    ok: false,
+                    output: String::new(),
+                    took: self.opts.task_timeout,
+                    exit_code: None,
+                    error: Some(error),
+                };
+                self.record(f.task, f.link, attempt, now);
             }
         }
     }
@@ -653,6 +736,7 @@ impl Coord<'_> {
         let deadline = tokio::time::Instant::now() + self.opts.goodbye_timeout;
         // Results of cancelled tasks may still arrive before the goodbye completes.
         while self.peers.values().any(|p| !p.closed) {
+            self.flush();
             tokio::select! {
                 Some((id, ev)) = inputs.links.recv() => self.on_link(id, ev, now()),
                 _ = tokio::time::sleep_until(deadline) => {
@@ -685,9 +769,64 @@ fn now() -> Instant {
     tokio::time::Instant::now().into_std()
 }
 
-async fn sleep_until(at: Option<tokio::time::Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => futures::future::pending().await,
+/// What a node reported for one attempt of a task.
+struct Attempt {
+    ok: bool,
+    output: String,
+    took: Duration,
+    exit_code: Option<i32>,
+    /// Why it failed, when the node said.
+    error: Option<String>,
+}
+
+/// Sets a result's node (a shared name: no copy).
+fn set_node(slot: &mut Option<Arc<str>>, node: &Arc<str>) {
+    if !slot.as_ref().is_some_and(|s| Arc::ptr_eq(s, node)) {
+        *slot = Some(node.clone());
     }
+}
+
+/// Turns the plan into one result per task (taking each task's id, and sharing one type
+/// name among the tasks of a type) and the extras. Tasks are taken from the end and their
+/// buffer shrinks as it empties, so a large plan is not held twice in memory.
+fn split(mut tasks: Vec<Task>) -> (Vec<TaskResult>, Vec<Option<Box<Extra>>>) {
+    let n = tasks.len();
+    let mut results = Vec::with_capacity(n);
+    let mut extras = Vec::with_capacity(n);
+    let mut kinds: HashMap<String, Arc<str>> = HashMap::new();
+    while let Some(t) = tasks.pop() {
+        let kind = match kinds.get(&t.kind) {
+            Some(k) => k.clone(),
+            None => {
+                let k: Arc<str> = Arc::from(t.kind.as_str());
+                kinds.insert(t.kind, k.clone());
+                k
+            }
+        };
+        results.push(TaskResult {
+            task: t.id,
+            kind,
+            status: Status::NotRun,
+            node: None,
+            attempts: 0,
+            duration_ms: 0.0,
+            output: String::new(),
+            error: None,
+            resumed: false,
+        });
+        extras.push(if t.args.is_empty() && t.deps.is_empty() {
+            None
+        } else {
+            Some(Box::new(Extra {
+                args: t.args,
+                deps: t.deps,
+            }))
+        });
+        if tasks.capacity() > 4096 && tasks.len() < tasks.capacity() / 2 {
+            tasks.shrink_to_fit();
+        }
+    }
+    results.reverse();
+    extras.reverse();
+    (results, extras)
 }

@@ -1,7 +1,9 @@
 //! What a run reports as it goes: the events that `--json` prints one per line, and the
 //! phases a person sees.
 
-use serde::Serialize;
+use std::sync::Arc;
+
+use serde::{Serialize, Serializer};
 
 /// The phases of a run, for a person's terminal (not part of the JSON stream).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -20,8 +22,8 @@ pub enum Phase {
 
 /// One event of a run. Serialized as a JSON object whose `event` field names the variant
 /// (`peer_discovered`, `connected`, `task_assigned`, `task_completed`, `task_failed`,
-/// `task_retry`, `disconnected`, `summary`). [`RunEvent::Phase`] and [`RunEvent::Notice`]
-/// are for people only and are never serialized.
+/// `task_retry`, `disconnected`, `summary`). [`RunEvent::Phase`], [`RunEvent::Notice`] and
+/// [`RunEvent::Flush`] are for people only and are never serialized.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum RunEvent {
@@ -31,6 +33,11 @@ pub enum RunEvent {
     /// Something a person should read (e.g. a node that could not be reached).
     #[serde(skip)]
     Notice(String),
+    /// Events were reported and the run is about to wait for the network: a good moment to
+    /// write out output buffered so far (one write per burst of events instead of one per
+    /// line). Carries nothing.
+    #[serde(skip)]
+    Flush,
     /// Discovery reported a peer.
     PeerDiscovered {
         /// Where it is.
@@ -163,17 +170,21 @@ pub enum Status {
 }
 
 /// The final record of one task.
+///
+/// A run keeps one per task, so it is kept small: the type and the node id are shared
+/// (`Arc<str>`) by every task of that type and every task that node ran.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct TaskResult {
     /// Task id.
     pub task: String,
     /// Task type.
-    #[serde(rename = "type")]
-    pub kind: String,
+    #[serde(rename = "type", serialize_with = "shared_str")]
+    pub kind: Arc<str>,
     /// How it ended.
     pub status: Status,
     /// Node id of the last attempt.
-    pub node: Option<String>,
+    #[serde(serialize_with = "shared_opt_str")]
+    pub node: Option<Arc<str>>,
     /// Attempts made.
     pub attempts: u32,
     /// Duration of the last attempt in milliseconds.
@@ -184,6 +195,17 @@ pub struct TaskResult {
     pub error: Option<String>,
     /// Whether the success was recorded by an earlier run (`--resume`).
     pub resumed: bool,
+}
+
+fn shared_str<S: Serializer>(s: &Arc<str>, ser: S) -> Result<S::Ok, S::Error> {
+    ser.serialize_str(s)
+}
+
+fn shared_opt_str<S: Serializer>(s: &Option<Arc<str>>, ser: S) -> Result<S::Ok, S::Error> {
+    match s {
+        Some(s) => ser.serialize_some(&**s),
+        None => ser.serialize_none(),
+    }
 }
 
 /// The outcome of a run.

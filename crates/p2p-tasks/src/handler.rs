@@ -69,17 +69,49 @@ impl TaskOutcome {
 pub trait Handler: Send + Sync + 'static {
     /// Runs one task. Dropping the returned future must stop the work (kill processes).
     fn call(&self, req: TaskRequest) -> BoxFuture<TaskOutcome>;
+
+    /// Runs one task at once, on the caller's thread, when the handler can do it without
+    /// waiting for anything (no process, no IO, a few microseconds of work), as the built-in
+    /// handler can; `None` (the default) means "use [`Handler::call`]". The worker then
+    /// skips spawning a task for it.
+    fn call_now(&self, req: &TaskRequest) -> Option<TaskOutcome> {
+        let _ = req;
+        None
+    }
+
+    /// Whether [`Handler::call_now`] always answers (the built-in handler): a node whose
+    /// handlers all do can take a deep window of tasks in flight, since none of them waits.
+    /// Default false.
+    fn is_instant(&self) -> bool {
+        false
+    }
 }
 
 impl<H: Handler + ?Sized> Handler for Arc<H> {
     fn call(&self, req: TaskRequest) -> BoxFuture<TaskOutcome> {
         (**self).call(req)
     }
+
+    fn call_now(&self, req: &TaskRequest) -> Option<TaskOutcome> {
+        (**self).call_now(req)
+    }
+
+    fn is_instant(&self) -> bool {
+        (**self).is_instant()
+    }
 }
 
 impl<H: Handler + ?Sized> Handler for Box<H> {
     fn call(&self, req: TaskRequest) -> BoxFuture<TaskOutcome> {
         (**self).call(req)
+    }
+
+    fn call_now(&self, req: &TaskRequest) -> Option<TaskOutcome> {
+        (**self).call_now(req)
+    }
+
+    fn is_instant(&self) -> bool {
+        (**self).is_instant()
     }
 }
 
@@ -88,14 +120,32 @@ impl<H: Handler + ?Sized> Handler for Box<H> {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Builtin;
 
-impl Handler for Builtin {
-    fn call(&self, req: TaskRequest) -> BoxFuture<TaskOutcome> {
-        Box::pin(std::future::ready(TaskOutcome {
+impl Builtin {
+    fn outcome(id: &str) -> TaskOutcome {
+        const PREFIX: &str = "Executing task: ";
+        let mut output = String::with_capacity(PREFIX.len() + id.len());
+        output.push_str(PREFIX);
+        output.push_str(id);
+        TaskOutcome {
             ok: true,
             exit_code: Some(0),
-            output: format!("Executing task: {}", req.id),
+            output,
             error: None,
-        }))
+        }
+    }
+}
+
+impl Handler for Builtin {
+    fn call(&self, req: TaskRequest) -> BoxFuture<TaskOutcome> {
+        Box::pin(std::future::ready(Builtin::outcome(&req.id)))
+    }
+
+    fn call_now(&self, req: &TaskRequest) -> Option<TaskOutcome> {
+        Some(Builtin::outcome(&req.id))
+    }
+
+    fn is_instant(&self) -> bool {
+        true
     }
 }
 
@@ -166,6 +216,19 @@ mod tests {
                 error: None,
             }
         );
+    }
+
+    #[test]
+    fn builtin_runs_at_once_and_others_do_not() {
+        let out = Builtin.call_now(&req("a9")).unwrap();
+        assert_eq!(out.output, "Executing task: a9");
+        assert_eq!(out.exit_code, Some(0));
+        let h: Arc<dyn Handler> = Arc::new(Builtin);
+        assert!(h.call_now(&req("a9")).is_some(), "Arc delegates");
+        assert!(h.is_instant() && Builtin.is_instant());
+        let f = handler_fn(|r: TaskRequest| async move { TaskOutcome::success(r.id) });
+        assert!(f.call_now(&req("a9")).is_none());
+        assert!(!f.is_instant());
     }
 
     #[tokio::test]

@@ -87,7 +87,14 @@ pub struct Journal {
     path: PathBuf,
     file: File,
     done: HashSet<String>,
+    /// Lines appended and not written yet (see [`Journal::append`]).
+    pending: Vec<u8>,
+    /// Lines written and not synced yet.
+    unsynced: bool,
 }
+
+/// Appended lines are written out (not synced) once this many bytes are pending.
+const PENDING_MAX: usize = 1 << 20;
 
 /// The fingerprint of a plan: FNV-1a 64 over each task's id, type, arguments and dependencies.
 pub fn fingerprint(tasks: &[Task]) -> String {
@@ -194,6 +201,8 @@ impl Journal {
             path: path.to_path_buf(),
             file,
             done,
+            pending: Vec::new(),
+            unsynced: false,
         })
     }
 
@@ -202,23 +211,63 @@ impl Journal {
         &self.done
     }
 
-    /// Appends a final result and syncs it to disk.
+    /// Appends a final result and syncs it to disk (with anything appended before).
     pub fn record(&mut self, r: &TaskResult) -> Result<(), JournalError> {
+        self.append(r)?;
+        self.sync()
+    }
+
+    /// Appends a final result without waiting for the disk: it reaches the disk with the
+    /// next [`Journal::sync`], together with every result appended since the last one, so a
+    /// burst of results costs one sync instead of one each (group commit). Results not yet
+    /// synced when the process dies are not in the journal, and run again on `--resume`
+    /// (execution is at-least-once). Dropping the journal syncs it.
+    pub fn append(&mut self, r: &TaskResult) -> Result<(), JournalError> {
         let line = Line {
             task: r.task.clone(),
-            kind: r.kind.clone(),
+            kind: r.kind.to_string(),
             status: r.status,
             attempts: r.attempts,
-            node: r.node.clone(),
+            node: r.node.as_deref().map(str::to_owned),
             duration_ms: r.duration_ms,
         };
         let io = |source| JournalError::Io {
             path: self.path.clone(),
             source,
         };
-        let text = serde_json::to_string(&line).map_err(|e| io(e.into()))?;
-        writeln!(self.file, "{text}").map_err(io)?;
-        self.file.sync_data().map_err(io)
+        serde_json::to_writer(&mut self.pending, &line).map_err(|e| io(e.into()))?;
+        self.pending.push(b'\n');
+        if self.pending.len() >= PENDING_MAX {
+            self.file.write_all(&self.pending).map_err(io)?;
+            self.pending.clear();
+            self.unsynced = true;
+        }
+        Ok(())
+    }
+
+    /// Writes and syncs to disk every result appended so far; does nothing when there is
+    /// none.
+    pub fn sync(&mut self) -> Result<(), JournalError> {
+        if self.pending.is_empty() && !self.unsynced {
+            return Ok(());
+        }
+        let io = |source| JournalError::Io {
+            path: self.path.clone(),
+            source,
+        };
+        self.file.write_all(&self.pending).map_err(io)?;
+        self.pending.clear();
+        self.unsynced = true;
+        self.file.sync_data().map_err(io)?;
+        self.unsynced = false;
+        Ok(())
+    }
+}
+
+impl Drop for Journal {
+    fn drop(&mut self) {
+        // Best effort: an error here was (or will be) reported by an explicit sync.
+        let _ = self.sync();
     }
 }
 
@@ -270,6 +319,27 @@ mod tests {
         // Still readable after the torn line was closed off.
         let j = Journal::open(&path, &tasks, true).unwrap();
         assert_eq!(j.done().len(), 1);
+    }
+
+    #[test]
+    fn appended_results_reach_the_file_at_the_sync_or_the_drop() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j");
+        let tasks = parse("t", "a1 a2 a3").unwrap();
+        let mut j = Journal::open(&path, &tasks, false).unwrap();
+        let lines = || std::fs::read_to_string(&path).unwrap().lines().count();
+        let header = lines();
+        j.append(&result("a1", Status::Succeeded)).unwrap();
+        j.append(&result("a2", Status::Succeeded)).unwrap();
+        assert_eq!(lines(), header, "nothing written before the sync");
+        j.sync().unwrap();
+        assert_eq!(lines(), header + 2);
+        j.sync().unwrap();
+        j.append(&result("a3", Status::Succeeded)).unwrap();
+        drop(j);
+        assert_eq!(lines(), header + 3, "the drop syncs");
+        let j = Journal::open(&path, &tasks, true).unwrap();
+        assert_eq!(j.done().len(), 3);
     }
 
     #[test]

@@ -161,6 +161,48 @@ struct NodeSlot {
     draining: bool,
 }
 
+impl NodeSlot {
+    /// Whether the node takes new work now (and so is in its kinds' `free` sets).
+    fn is_free(&self) -> bool {
+        !self.draining && self.running < self.capacity
+    }
+
+    fn load(&self) -> Load {
+        Load {
+            running: self.running,
+            capacity: self.capacity,
+        }
+    }
+}
+
+/// A node's load, `running / capacity`, ordered exactly (by cross-multiplication).
+#[derive(Debug, Clone, Copy)]
+struct Load {
+    running: u32,
+    capacity: u32,
+}
+
+impl Ord for Load {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (u64::from(self.running) * u64::from(other.capacity))
+            .cmp(&(u64::from(other.running) * u64::from(self.capacity)))
+    }
+}
+
+impl PartialOrd for Load {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl PartialEq for Load {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other) == std::cmp::Ordering::Equal
+    }
+}
+
+impl Eq for Load {}
+
 /// The scheduler of one run.
 #[derive(Debug)]
 pub struct Scheduler {
@@ -181,7 +223,13 @@ pub struct Scheduler {
     finished: usize,
     stopped: bool,
     nodes: BTreeMap<NodeKey, NodeSlot>,
-    /// For each task, the tasks that depend on it.
+    /// Per kind, the nodes serving it that take new work, least loaded first (ties: lowest
+    /// key). Picking a node is a look at the first entry, whatever the number of nodes.
+    free: Vec<BTreeSet<(Load, NodeKey)>>,
+    /// Per kind, how many nodes that are not draining serve it.
+    serving: Vec<u32>,
+    /// For each task, the tasks that depend on it; empty when no task has dependencies
+    /// (the usual case, which then costs nothing per task).
     dependents: Vec<Vec<usize>>,
     /// Tasks skipped since the last [`Scheduler::drain_skipped`].
     skipped: Vec<usize>,
@@ -219,17 +267,20 @@ impl Scheduler {
                 failures: 0,
             });
         }
-        let index: std::collections::HashMap<&str, usize> = tasks
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (t.id.as_str(), i))
-            .collect();
-        let mut dependents = vec![Vec::new(); tasks.len()];
-        for (i, t) in tasks.iter().enumerate() {
-            for d in &t.deps {
-                if let Some(&j) = index.get(d.as_str()) {
-                    dependents[j].push(i);
-                    slots[i].waiting += 1;
+        let mut dependents = Vec::new();
+        if tasks.iter().any(|t| !t.deps.is_empty()) {
+            let index: std::collections::HashMap<&str, usize> = tasks
+                .iter()
+                .enumerate()
+                .map(|(i, t)| (t.id.as_str(), i))
+                .collect();
+            dependents = vec![Vec::new(); tasks.len()];
+            for (i, t) in tasks.iter().enumerate() {
+                for d in &t.deps {
+                    if let Some(&j) = index.get(d.as_str()) {
+                        dependents[j].push(i);
+                        slots[i].waiting += 1;
+                    }
                 }
             }
         }
@@ -246,6 +297,8 @@ impl Scheduler {
             policy,
             running_kind: vec![0; kinds.len()],
             kind_cursor: vec![0; kinds.len()],
+            free: vec![BTreeSet::new(); kinds.len()],
+            serving: vec![0; kinds.len()],
             kinds,
             slots,
             kind_tasks,
@@ -293,32 +346,96 @@ impl Scheduler {
 
     /// A node joined, serving `types` with `capacity` tasks at once.
     pub fn add_node(&mut self, node: NodeKey, types: &[String], capacity: u32) {
-        let kinds = types
+        let mut kinds: Vec<usize> = types
             .iter()
             .filter_map(|t| self.kinds.iter().position(|k| k == t))
             .collect();
-        self.nodes.insert(
-            node,
-            NodeSlot {
-                kinds,
-                capacity,
-                running: 0,
-                draining: false,
-            },
-        );
+        kinds.sort_unstable();
+        kinds.dedup();
+        if let Some(old) = self.nodes.remove(&node) {
+            self.unlist(node, &old);
+        }
+        let slot = NodeSlot {
+            kinds,
+            capacity,
+            running: 0,
+            draining: false,
+        };
+        self.list(node, &slot);
+        self.nodes.insert(node, slot);
+    }
+
+    /// Adds a node to the per-kind indexes (call with the node's current state).
+    fn list(&mut self, node: NodeKey, n: &NodeSlot) {
+        if n.draining {
+            return;
+        }
+        for &k in &n.kinds {
+            self.serving[k] += 1;
+            if n.is_free() {
+                self.free[k].insert((n.load(), node));
+            }
+        }
+    }
+
+    /// Removes a node from the per-kind indexes (call with the state it was listed with).
+    fn unlist(&mut self, node: NodeKey, n: &NodeSlot) {
+        if n.draining {
+            return;
+        }
+        for &k in &n.kinds {
+            self.serving[k] -= 1;
+            if n.is_free() {
+                self.free[k].remove(&(n.load(), node));
+            }
+        }
+    }
+
+    /// Moves a node's running count one up (`up`) or down (saturating at 0), keeping the
+    /// per-kind free sets in order.
+    fn set_running(&mut self, node: NodeKey, up: bool) {
+        let Some(n) = self.nodes.get_mut(&node) else {
+            return;
+        };
+        let before = (n.is_free(), n.load());
+        n.running = if up {
+            n.running + 1
+        } else {
+            n.running.saturating_sub(1)
+        };
+        let after = (n.is_free(), n.load());
+        if n.draining || (before.0 == after.0 && before.1.running == after.1.running) {
+            return;
+        }
+        for &k in &n.kinds {
+            if before.0 {
+                self.free[k].remove(&(before.1, node));
+            }
+            if after.0 {
+                self.free[k].insert((after.1, node));
+            }
+        }
     }
 
     /// A node takes no new work (it said goodbye); its running tasks may still complete.
     pub fn drain_node(&mut self, node: NodeKey) {
-        if let Some(n) = self.nodes.get_mut(&node) {
-            n.draining = true;
-        }
+        let Some(n) = self.nodes.remove(&node) else {
+            return;
+        };
+        self.unlist(node, &n);
+        let mut n = n;
+        n.draining = true;
+        self.nodes.insert(node, n);
     }
 
     /// A node is gone. Its running tasks become ready again (without using a retry) and are
     /// returned.
     pub fn remove_node(&mut self, node: NodeKey) -> Vec<usize> {
-        if self.nodes.remove(&node).is_none() {
+        let Some(n) = self.nodes.remove(&node) else {
+            return Vec::new();
+        };
+        self.unlist(node, &n);
+        if n.running == 0 {
             return Vec::new();
         }
         let lost: Vec<usize> = (0..self.slots.len())
@@ -333,9 +450,7 @@ impl Scheduler {
     /// An assignment never reached its node: make the task ready again, no retry used.
     pub fn requeue(&mut self, task: usize) {
         if let Some(TaskStatus::Running(node)) = self.status(task) {
-            if let Some(n) = self.nodes.get_mut(&node) {
-                n.running = n.running.saturating_sub(1);
-            }
+            self.set_running(node, false);
             self.unrun(task);
         }
     }
@@ -350,16 +465,22 @@ impl Scheduler {
 
     /// Types with unfinished tasks and no node that can take them.
     pub fn missing_kinds(&self) -> Vec<String> {
+        if !self.any_missing() {
+            return Vec::new();
+        }
         (0..self.kinds.len())
-            .filter(|&k| self.kind_cursor[k] < self.kind_tasks[k].len())
-            .filter(|&k| {
-                !self
-                    .nodes
-                    .values()
-                    .any(|n| !n.draining && n.kinds.contains(&k))
-            })
+            .filter(|&k| self.is_missing(k))
             .map(|k| self.kinds[k].clone())
             .collect()
+    }
+
+    /// Whether [`Scheduler::missing_kinds`] is not empty (without building it).
+    pub fn any_missing(&self) -> bool {
+        (0..self.kinds.len()).any(|k| self.is_missing(k))
+    }
+
+    fn is_missing(&self, k: usize) -> bool {
+        self.serving[k] == 0 && self.kind_cursor[k] < self.kind_tasks[k].len()
     }
 
     /// Fails every unfinished, not running task of `kind` (e.g. no node serves it).
@@ -399,8 +520,11 @@ impl Scheduler {
         self.running_total
     }
 
-    /// When a delayed retry becomes ready.
+    /// When a delayed retry becomes ready (never once stopped: nothing new starts then).
     pub fn next_wakeup(&self) -> Option<Instant> {
+        if self.stopped {
+            return None;
+        }
         self.delayed.keys().next().map(|(at, _)| *at)
     }
 
@@ -448,8 +572,7 @@ impl Scheduler {
     fn start(&mut self, task: usize) -> Option<Dispatch> {
         let k = self.slots[task].kind;
         let node = self.pick_node(k, self.slots[task].avoid)?;
-        let n = self.nodes.get_mut(&node)?;
-        n.running += 1;
+        self.set_running(node, true);
         self.ready[k].remove(&task);
         let slot = &mut self.slots[task];
         slot.status = TaskStatus::Running(node);
@@ -463,23 +586,21 @@ impl Scheduler {
         })
     }
 
-    /// The least-loaded node serving `kind` with a free slot; `avoid` only when it is the
-    /// only one that serves the type.
+    /// The least-loaded node serving `kind` with a free slot (ties: the lowest key);
+    /// `avoid` only when it is the only one that serves the type.
     fn pick_node(&self, kind: usize, avoid: Option<NodeKey>) -> Option<NodeKey> {
-        let serves = |n: &NodeSlot| !n.draining && n.kinds.contains(&kind);
-        let alternatives =
-            avoid.is_some_and(|a| self.nodes.iter().any(|(k, n)| *k != a && serves(n)));
-        self.nodes
-            .iter()
-            .filter(|(k, n)| {
-                serves(n) && n.running < n.capacity && !(alternatives && Some(**k) == avoid)
-            })
-            // Compare running/capacity without floats: a/b < c/d <=> a*d < c*b.
-            .min_by(|(_, a), (_, b)| {
-                (u64::from(a.running) * u64::from(b.capacity))
-                    .cmp(&(u64::from(b.running) * u64::from(a.capacity)))
-            })
-            .map(|(key, _)| *key)
+        let free = &self.free[kind];
+        let Some(a) = avoid else {
+            return free.first().map(|&(_, node)| node);
+        };
+        let avoid_serves = self
+            .nodes
+            .get(&a)
+            .is_some_and(|n| !n.draining && n.kinds.contains(&kind));
+        let alternatives = self.serving[kind] > u32::from(avoid_serves);
+        free.iter()
+            .map(|&(_, node)| node)
+            .find(|&node| !(alternatives && node == a))
     }
 
     /// Records a running task's result.
@@ -491,9 +612,7 @@ impl Scheduler {
                 _ => Outcome::Failed,
             };
         };
-        if let Some(n) = self.nodes.get_mut(&node) {
-            n.running = n.running.saturating_sub(1);
-        }
+        self.set_running(node, false);
         let k = self.slots[task].kind;
         self.running_total -= 1;
         self.running_kind[k] -= 1;
@@ -534,7 +653,7 @@ impl Scheduler {
             self.slots[t].status = st;
             self.finished += 1;
             self.advance_cursors(self.slots[t].kind);
-            for i in 0..self.dependents[t].len() {
+            for i in 0..self.dependents.get(t).map_or(0, Vec::len) {
                 let d = self.dependents[t][i];
                 if self.slots[d].status != TaskStatus::Pending {
                     continue;

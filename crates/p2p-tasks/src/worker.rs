@@ -19,6 +19,10 @@ use tracing::{debug, info, warn};
 
 use crate::handler::{Handler, TaskOutcome, TaskRequest};
 
+/// The default capacity of a node whose handlers all answer at once (see
+/// [`Worker::default_capacity`]).
+pub const INSTANT_WINDOW: u32 = 1024;
+
 /// Executes assigned tasks with a set of handlers, at most `capacity` at once.
 pub struct Worker {
     handlers: HashMap<String, Arc<dyn Handler>>,
@@ -44,6 +48,18 @@ impl Worker {
             handlers,
             capacity,
             slots: Arc::new(Semaphore::new(capacity as usize)),
+        }
+    }
+
+    /// A node's capacity when none is configured: the number of CPU cores, or
+    /// [`INSTANT_WINDOW`] when every handler answers at once ([`Handler::is_instant`], as the
+    /// built-in handler does), so that a coordinator can keep a deep window of such tasks in
+    /// flight instead of waiting a round trip for every few.
+    pub fn default_capacity(handlers: &HashMap<String, Arc<dyn Handler>>) -> u32 {
+        if !handlers.is_empty() && handlers.values().all(|h| h.is_instant()) {
+            INSTANT_WINDOW
+        } else {
+            std::thread::available_parallelism().map_or(1, |n| n.get() as u32)
         }
     }
 
@@ -80,9 +96,14 @@ impl Worker {
                         LinkEvent::Assigned(a) => {
                             debug!(peer = %peer, task = %a.task, attempt = a.attempt, "task assigned");
                             let seq = a.seq;
-                            let h = set.spawn(self.clone().execute(a));
-                            ids.insert(h.id(), seq);
-                            running.insert(seq, h);
+                            match self.try_now(a) {
+                                Ok((outcome, took)) => send_result(&link, seq, outcome, took),
+                                Err(job) => {
+                                    let h = set.spawn(self.clone().execute(job));
+                                    ids.insert(h.id(), seq);
+                                    running.insert(seq, h);
+                                }
+                            }
                         }
                         LinkEvent::Cancelled { seq } => {
                             if let Some(h) = running.remove(&seq) {
@@ -130,12 +151,40 @@ impl Worker {
         set.abort_all();
     }
 
-    async fn execute(self: Arc<Self>, a: Assign) -> (u64, TaskOutcome, Duration) {
-        let seq = a.seq;
-        let Some(handler) = self.handlers.get(&a.kind).cloned() else {
+    /// Runs a task at once when its handler can ([`Handler::call_now`]) and a slot is free;
+    /// otherwise returns it as a job to spawn. A type this node does not serve fails at once.
+    fn try_now(&self, a: Assign) -> Result<(TaskOutcome, Duration), Job> {
+        let Some(handler) = self.handlers.get(&a.kind) else {
             let out = TaskOutcome::failure(format!("this node does not serve type {:?}", a.kind));
-            return (seq, out, Duration::ZERO);
+            return Ok((out, Duration::ZERO));
         };
+        let req = TaskRequest {
+            id: a.task,
+            kind: a.kind,
+            args: a.args,
+            attempt: a.attempt,
+        };
+        if let Ok(_permit) = self.slots.try_acquire() {
+            let started = Instant::now();
+            if let Some(out) = handler.call_now(&req) {
+                return Ok((out, started.elapsed()));
+            }
+        }
+        Err(Job {
+            seq: a.seq,
+            handler: handler.clone(),
+            req,
+            timeout_ms: a.timeout_ms,
+        })
+    }
+
+    async fn execute(self: Arc<Self>, job: Job) -> (u64, TaskOutcome, Duration) {
+        let Job {
+            seq,
+            handler,
+            req,
+            timeout_ms,
+        } = job;
         // The semaphore is never closed, so acquiring only fails if it were; treat as busy.
         let Ok(_permit) = self.slots.clone().acquire_owned().await else {
             return (
@@ -145,15 +194,9 @@ impl Worker {
             );
         };
         let started = Instant::now();
-        let req = TaskRequest {
-            id: a.task,
-            kind: a.kind,
-            args: a.args,
-            attempt: a.attempt,
-        };
         let fut = handler.call(req);
-        let outcome = if a.timeout_ms > 0 {
-            let limit = Duration::from_millis(a.timeout_ms);
+        let outcome = if timeout_ms > 0 {
+            let limit = Duration::from_millis(timeout_ms);
             match tokio::time::timeout(limit, fut).await {
                 Ok(o) => o,
                 Err(_) => TaskOutcome::failure(format!("timed out after {limit:?}")),
@@ -163,6 +206,14 @@ impl Worker {
         };
         (seq, outcome, started.elapsed())
     }
+}
+
+/// An assigned task that runs in a task of its own.
+struct Job {
+    seq: u64,
+    handler: Arc<dyn Handler>,
+    req: TaskRequest,
+    timeout_ms: u64,
 }
 
 fn send_result(link: &Link, seq: u64, out: TaskOutcome, took: Duration) {

@@ -299,3 +299,30 @@ fn cancel_reaches_the_worker_only_for_tasks_in_flight() {
         vec![Event::Assigned(assign(1)), Event::Cancelled { seq: 1 }]
     );
 }
+
+#[test]
+fn a_refused_assignment_comes_back_whole() {
+    let mut p = Pair::new(1);
+    p.drive().unwrap();
+    p.c.try_assign(assign(1)).unwrap();
+    let (back, why) = p.c.try_assign(assign(2)).unwrap_err();
+    assert_eq!(back, assign(2));
+    assert!(why.contains("capacity"), "{why}");
+    let (back, why) = p.c.try_assign(assign(1)).unwrap_err();
+    assert_eq!(back, assign(1));
+    assert!(!why.is_empty());
+}
+
+#[test]
+fn seq_hash_spreads_sequential_and_crafted_seqs() {
+    use std::collections::HashSet;
+    use std::hash::BuildHasher;
+    let h = SeqHash::default();
+    // Low bits of sequential seqs, and of seqs that differ only in high bits, all differ.
+    let low: HashSet<u64> = (0..4096u64).map(|x| h.hash_one(x) & 0xfff).collect();
+    assert!(low.len() > 2500, "{}", low.len());
+    let high: HashSet<u64> = (0..4096u64).map(|x| h.hash_one(x << 40) & 0xfff).collect();
+    assert!(high.len() > 2500, "{}", high.len());
+    // Two builders have different keys.
+    assert_ne!(h.hash_one(7u64), SeqHash::default().hash_one(7u64));
+}
