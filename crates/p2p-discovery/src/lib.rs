@@ -65,9 +65,6 @@ pub enum Error {
     /// A `--discovery` value is not a known backend.
     #[error("unknown discovery kind {0:?}: expected none, static, udp, mdns or dns:NAME[:PORT]")]
     UnknownKind(String),
-    /// The backend exists in the design but is not built yet.
-    #[error("discovery backend {0:?} is not available in this version; use --peer HOST:PORT (static) instead")]
-    Unavailable(String),
     /// An address could not be parsed or resolved.
     #[error("cannot resolve peer address {addr:?}: {reason}")]
     Resolve {

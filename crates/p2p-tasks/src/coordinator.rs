@@ -148,6 +148,7 @@ pub async fn run(
         settled: false,
         lost: inputs.lost.take(),
         missing_since: None,
+        lost_kinds: Vec::new(),
         interrupted: false,
         journal: inputs.journal.take(),
         emit: &mut marked,
@@ -162,7 +163,7 @@ pub async fn run(
     } else if !c.interrupted {
         (c.emit)(&RunEvent::Phase(Phase::Assigning));
         c.execute(&mut inputs).await;
-        missing_types = c.missing_failed();
+        missing_types = std::mem::take(&mut c.lost_kinds);
     }
     c.terminate(&mut inputs).await;
     c.sync_journal();
@@ -209,6 +210,8 @@ struct Coord<'a> {
     settled: bool,
     lost: Option<mpsc::Sender<std::net::SocketAddr>>,
     missing_since: Option<Instant>,
+    /// Types whose waiting tasks failed because no node served them any more.
+    lost_kinds: Vec<String>,
     interrupted: bool,
     journal: Option<Journal>,
     emit: &'a mut (dyn FnMut(&RunEvent) + Send),
@@ -635,7 +638,11 @@ impl Coord<'_> {
             return;
         }
         for kind in missing {
-            for t in self.sched.fail_kind(&kind) {
+            let failed = self.sched.fail_kind(&kind);
+            if !failed.is_empty() && !self.lost_kinds.contains(&kind) {
+                self.lost_kinds.push(kind.clone());
+            }
+            for t in failed {
                 let error = format!("no node serves type {kind:?}");
                 let r = &mut self.results[t];
                 r.status = Status::Failed;
@@ -659,22 +666,6 @@ impl Coord<'_> {
         }
         self.skipped();
         self.missing_since = None;
-    }
-
-    fn missing_failed(&self) -> Vec<String> {
-        let mut kinds: Vec<String> = self
-            .results
-            .iter()
-            .filter(|r| {
-                r.status == Status::Failed
-                    && r.error
-                        .as_deref()
-                        .is_some_and(|e| e.starts_with("no node serves"))
-            })
-            .map(|r| r.kind.to_string())
-            .collect();
-        kinds.dedup();
-        kinds
     }
 
     fn next_timer(&mut self) -> Option<tokio::time::Instant> {
