@@ -210,7 +210,29 @@ fn bench(o: &Opts) -> Result<()> {
     }
     if o.wants("strict") {
         let servers = three(None, &[])?;
-        strict(o, d, &servers, None, "", &mut rep, &base)?;
+        strict(o, d, &servers, Variant::default(), &mut rep, &base)?;
+        // Without `--json` (no line written per task): the protocol's own round trip.
+        let n = o.strict_tasks;
+        let file = task_file(d, "strict", n)?;
+        let r = run(&o.bin, &file, "strict", &servers, None, Output::Quiet, d)?;
+        if let Some(took) = r.run {
+            let per = took.as_secs_f64() * 1e6 / n as f64;
+            rep.add(
+                format!("strict, --quiet: whole run / {} tasks", count(n)),
+                format!("{per:.1} µs"),
+                ratio_str(per, base.rtt_us, "raw RTT"),
+            );
+        }
+        drop(servers);
+        // The same on runtimes with one thread per core (the default is one thread).
+        let per_core = ["--threads", "0"];
+        let servers = three(None, &per_core)?;
+        let v = Variant {
+            run_args: &per_core,
+            label: " with --threads 0",
+            ..Variant::default()
+        };
+        strict(o, d, &servers, v, &mut rep, &base)?;
     }
     // Smaller runs for the configurations that are slower by design.
     let some = (o.tasks / 5).max(1000);
@@ -318,15 +340,12 @@ fn bench(o: &Opts) -> Result<()> {
             );
             drop(keyed);
             let servers = three(Some(&key), &[])?;
-            strict(
-                o,
-                d,
-                &servers,
-                Some(&key),
-                " with a cluster key",
-                &mut rep,
-                &base,
-            )?;
+            let v = Variant {
+                key: Some(&key),
+                label: " with a cluster key",
+                ..Variant::default()
+            };
+            strict(o, d, &servers, v, &mut rep, &base)?;
         }
     }
     if o.wants("local") || o.wants("none") {
@@ -652,15 +671,27 @@ fn vm_hwm_kb(pid: u32) -> Option<u64> {
 // ---------------------------------------------------------------------------------------
 // Strict order
 
+/// What differs between the strict runs: a cluster key, extra `run` flags, the row label.
+#[derive(Default)]
+struct Variant<'a> {
+    key: Option<&'a Path>,
+    run_args: &'a [&'a str],
+    label: &'a str,
+}
+
 fn strict(
     o: &Opts,
     dir: &Path,
     servers: &[Server],
-    key: Option<&Path>,
-    label: &str,
+    v: Variant<'_>,
     rep: &mut Report,
     base: &Baseline,
 ) -> Result<()> {
+    let Variant {
+        key,
+        run_args,
+        label,
+    } = v;
     let n = o.strict_tasks;
     let file = task_file(dir, "strict", n)?;
     // Per task: the time between consecutive `task_completed` lines of `--json`, read as
@@ -672,6 +703,7 @@ fn strict(
         "strict".into(),
         "--json".into(),
     ];
+    args.extend(run_args.iter().map(|a| a.to_string()));
     for s in servers {
         args.push("--peer".into());
         args.push(s.addr.clone());
@@ -845,10 +877,24 @@ fn frames() -> Result<(Vec<u8>, Vec<u8>)> {
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
-    // The same runtime p2p-node runs on.
-    Ok(tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?)
+    // The same runtime p2p-node runs on: one thread unless P2P_THREADS (`--threads`) says
+    // otherwise, so `P2P_THREADS=0 cargo bench ...` compares both sides on many threads.
+    let threads = std::env::var("P2P_THREADS")
+        .ok()
+        .and_then(|t| t.parse::<usize>().ok())
+        .unwrap_or(1);
+    let built = if threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        if threads > 1 {
+            b.worker_threads(threads);
+        }
+        b.enable_all().build()
+    };
+    Ok(built?)
 }
 
 /// The echo peer: answers every frame with a `Completed`-sized frame, flushing when no more
