@@ -165,7 +165,7 @@ pub struct Context {
 }
 
 /// A discovery backend.
-pub trait Discovery: Send + 'static {
+pub trait Discovery: Send + Sync + 'static {
     /// The backend's name as it appears in events and `peers` output.
     fn name(&self) -> &'static str;
 
