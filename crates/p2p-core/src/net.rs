@@ -357,12 +357,38 @@ async fn flush(io: &mut Transport, conn: &mut Connection) -> Result<(), Error> {
         let Some(msg) = conn.poll_transmit() else {
             break;
         };
-        SinkExt::<Message>::start_send_unpin(io, msg)?;
+        // Every message that can be taken without waiting joins one batch: with a key, a
+        // burst of small frames is encrypted as one transport message.
+        io.codec_mut().begin_batch();
+        let fed = feed_batch(io, conn, msg);
+        let sealed = io.codec_mut().end_batch();
+        io.write_buffer_mut().extend_from_slice(&sealed?);
+        fed?;
     }
     if !io.write_buffer().is_empty() {
         SinkExt::<Message>::flush(io).await?;
     }
     Ok(())
+}
+
+/// Feeds `first`, then every message the connection has queued, for as long as the sink
+/// takes them without waiting. Synchronous, so a batch is never left half-done by a
+/// cancelled [`flush`].
+fn feed_batch(io: &mut Transport, conn: &mut Connection, first: Message) -> Result<(), Error> {
+    SinkExt::<Message>::start_send_unpin(io, first)?;
+    loop {
+        match futures::future::poll_fn(|cx| SinkExt::<Message>::poll_ready_unpin(io, cx))
+            .now_or_never()
+        {
+            Some(Ok(())) => {}
+            Some(Err(e)) => return Err(e),
+            None => return Ok(()),
+        }
+        let Some(msg) = conn.poll_transmit() else {
+            return Ok(());
+        };
+        SinkExt::<Message>::start_send_unpin(io, msg)?;
+    }
 }
 
 /// [`flush`], bounded: a peer that takes none of our bytes for `idle` (it stopped reading,

@@ -30,11 +30,15 @@
 //! - Each side's static key is its [`Identity`]; after the handshake
 //!   [`SecureCodec::peer_id`] is the node id derived from the peer's static key, and
 //!   [`crate::net`] refuses a peer whose `Hello`/`Welcome` claims another id.
-//! - Each plaintext frame is cut into chunks of at most [`MAX_CHUNK_PLAINTEXT`] bytes
-//!   (65,535 minus the 16-byte tag); each chunk is one transport message. A chunk never
-//!   spans two frames. Decrypted bytes go to a plaintext buffer that [`FrameCodec`] decodes,
-//!   so the maximum-frame rule applies before anything is allocated for a frame, and the
-//!   plaintext buffer never holds more than the maximum frame plus its 4-byte header.
+//! - Each transport message carries either one or more whole frames, together at most
+//!   [`BATCH_PLAINTEXT`] (16 KiB) of plaintext (the frames the driver sends in one burst
+//!   share one message, so a burst of small frames costs one encryption and one tag), or
+//!   one piece of a frame that does not fit: such a frame is cut into chunks of at most
+//!   [`MAX_CHUNK_PLAINTEXT`] bytes (65,535 minus the 16-byte tag), one transport message
+//!   each. A chunk never spans two frames. Decrypted bytes go to a plaintext buffer that
+//!   [`FrameCodec`] decodes, so the maximum-frame rule applies before anything is allocated
+//!   for a frame, and the plaintext buffer never holds more than the maximum frame plus its
+//!   4-byte header, or [`BATCH_PLAINTEXT`] if that is more.
 //! - Noise's nonces count messages, so a tampered, replayed, reordered or dropped message
 //!   fails to decrypt, which closes that connection ([`Error::Tampered`]).
 
@@ -65,6 +69,9 @@ pub const TAG_LEN: usize = 16;
 
 /// Largest plaintext chunk carried by one transport message.
 pub const MAX_CHUNK_PLAINTEXT: usize = MAX_NOISE_MESSAGE - TAG_LEN;
+
+/// Most plaintext one transport message carries when it holds whole frames (a batch).
+pub const BATCH_PLAINTEXT: usize = 16 * 1024;
 
 /// Largest handshake message accepted (the real ones are 32, 96 and 64 bytes).
 const MAX_HANDSHAKE_MESSAGE: usize = 256;
@@ -97,6 +104,30 @@ impl Decoder for WireCodec {
     }
 }
 
+impl WireCodec {
+    /// Starts a batch: until [`WireCodec::end_batch`], small frames are collected instead
+    /// of being encrypted one by one (nothing changes without a key).
+    pub fn begin_batch(&mut self) {
+        if let WireCodec::Secure(c) = self {
+            c.batching = true;
+        }
+    }
+
+    /// Ends a batch: returns the collected frames encrypted as one transport message
+    /// (empty when nothing was collected), to append to the write buffer.
+    pub fn end_batch(&mut self) -> Result<BytesMut, Error> {
+        match self {
+            WireCodec::Plain(_) => Ok(BytesMut::new()),
+            WireCodec::Secure(c) => {
+                c.batching = false;
+                let mut out = BytesMut::new();
+                c.seal_pending(&mut out)?;
+                Ok(out)
+            }
+        }
+    }
+}
+
 impl Encoder<&Message> for WireCodec {
     type Error = Error;
 
@@ -124,6 +155,10 @@ pub struct SecureCodec {
     plain: BytesMut,
     /// The encoding of the frame being sent, before encryption.
     scratch: BytesMut,
+    /// Whole frames of the current batch, not encrypted yet.
+    pending: BytesMut,
+    /// Inside [`WireCodec::begin_batch`] / [`WireCodec::end_batch`].
+    batching: bool,
     /// The node id the peer's static key proves.
     peer_id: NodeId,
 }
@@ -145,8 +180,44 @@ impl SecureCodec {
             frames: FrameCodec::new(max_frame),
             plain: BytesMut::new(),
             scratch: BytesMut::new(),
+            pending: BytesMut::new(),
+            batching: false,
             peer_id,
         }
+    }
+
+    /// Encrypts `plain` (at most [`MAX_CHUNK_PLAINTEXT`] bytes) as one transport message
+    /// appended to `dst`.
+    fn seal(
+        noise: &mut snow::TransportState,
+        plain: &[u8],
+        dst: &mut BytesMut,
+    ) -> Result<(), Error> {
+        let start = dst.len();
+        dst.put_u16(0);
+        dst.resize(start + 2 + plain.len() + TAG_LEN, 0);
+        let n = match noise.write_message(plain, &mut dst[start + 2..]) {
+            Ok(n) => n,
+            Err(e) => {
+                dst.truncate(start);
+                return Err(Error::Encode(format!("encryption failed: {e}")));
+            }
+        };
+        // n = plain.len() + TAG_LEN <= MAX_NOISE_MESSAGE, so it fits in a u16.
+        let n16 = u16::try_from(n).map_err(|_| Error::Encode("chunk too large".into()))?;
+        dst[start..start + 2].copy_from_slice(&n16.to_be_bytes());
+        dst.truncate(start + 2 + n);
+        Ok(())
+    }
+
+    /// Encrypts the frames collected in the current batch, if any, as one message.
+    fn seal_pending(&mut self, dst: &mut BytesMut) -> Result<(), Error> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let r = Self::seal(&mut self.noise, &self.pending, dst);
+        self.pending.clear();
+        r
     }
 
     /// The node id derived from the peer's authenticated static key
@@ -174,7 +245,7 @@ impl SecureCodec {
         // The plaintext of one frame never exceeds the maximum frame plus its header, and a
         // chunk never spans two frames: a chunk that would overflow is refused before any
         // byte of it is stored.
-        let limit = self.frames.max_frame() + LENGTH_PREFIX;
+        let limit = (self.frames.max_frame() + LENGTH_PREFIX).max(BATCH_PLAINTEXT);
         if self.plain.len() + (len - TAG_LEN) > limit {
             return Err(Error::FrameTooLarge {
                 len: self.plain.len() + len - TAG_LEN,
@@ -238,21 +309,17 @@ impl Encoder<&Message> for SecureCodec {
     fn encode(&mut self, msg: &Message, dst: &mut BytesMut) -> Result<(), Error> {
         self.scratch.clear();
         self.frames.encode(msg, &mut self.scratch)?;
+        if self.batching && self.scratch.len() <= BATCH_PLAINTEXT {
+            if self.pending.len() + self.scratch.len() > BATCH_PLAINTEXT {
+                self.seal_pending(dst)?;
+            }
+            self.pending.extend_from_slice(&self.scratch);
+            return Ok(());
+        }
+        // Frames collected earlier go first.
+        self.seal_pending(dst)?;
         for chunk in self.scratch.chunks(MAX_CHUNK_PLAINTEXT) {
-            let start = dst.len();
-            dst.put_u16(0);
-            dst.resize(start + 2 + chunk.len() + TAG_LEN, 0);
-            let n = match self.noise.write_message(chunk, &mut dst[start + 2..]) {
-                Ok(n) => n,
-                Err(e) => {
-                    dst.truncate(start);
-                    return Err(Error::Encode(format!("encryption failed: {e}")));
-                }
-            };
-            // n = chunk.len() + TAG_LEN <= MAX_NOISE_MESSAGE, so it fits in a u16.
-            let n16 = u16::try_from(n).map_err(|_| Error::Encode("chunk too large".into()))?;
-            dst[start..start + 2].copy_from_slice(&n16.to_be_bytes());
-            dst.truncate(start + 2 + n);
+            Self::seal(&mut self.noise, chunk, dst)?;
         }
         // Do not keep a huge buffer around after one large frame.
         if self.scratch.capacity() > 1024 * 1024 {
@@ -553,6 +620,61 @@ mod tests {
             out.push(m);
         }
         Ok(out)
+    }
+
+    /// The transport messages in `wire`: their lengths, read from the u16 prefixes.
+    fn message_lengths(wire: &[u8]) -> Vec<usize> {
+        let mut lens = Vec::new();
+        let mut at = 0;
+        while at + 2 <= wire.len() {
+            let len = usize::from(u16::from_be_bytes([wire[at], wire[at + 1]]));
+            lens.push(len);
+            at += 2 + len;
+        }
+        assert_eq!(at, wire.len(), "whole messages only");
+        lens
+    }
+
+    #[tokio::test]
+    async fn a_batch_of_small_frames_is_one_transport_message_and_keeps_its_order() {
+        let (a, mut b) = pair().await;
+        let mut a = WireCodec::Secure(Box::new(a));
+        let msgs: Vec<Message> = (0..200).map(|n| Message::Ping { nonce: n }).collect();
+        a.begin_batch();
+        let mut wire = BytesMut::new();
+        for m in &msgs {
+            a.encode(m, &mut wire).unwrap();
+        }
+        assert!(
+            wire.is_empty(),
+            "nothing is encrypted before the batch ends"
+        );
+        wire.extend_from_slice(&a.end_batch().unwrap());
+        assert_eq!(message_lengths(&wire).len(), 1, "200 pings, one message");
+        assert_eq!(decode_all(&mut b, &mut wire).unwrap(), msgs);
+
+        // Past the batch size, a new message starts; a frame too big for a batch is sent
+        // in chunks of its own, after the frames collected before it.
+        let mut msgs: Vec<Message> = (0..3000).map(|n| Message::Ping { nonce: n }).collect();
+        msgs.insert(1500, big(100_000));
+        a.begin_batch();
+        let mut wire = BytesMut::new();
+        for m in &msgs {
+            a.encode(m, &mut wire).unwrap();
+        }
+        wire.extend_from_slice(&a.end_batch().unwrap());
+        let lens = message_lengths(&wire);
+        assert!(lens.len() > 3 && lens.len() < 20, "{lens:?}");
+        assert!(lens.iter().all(|&l| l <= MAX_NOISE_MESSAGE));
+        assert_eq!(decode_all(&mut b, &mut wire).unwrap(), msgs);
+
+        // Outside a batch every frame is its own message, as before.
+        let mut wire = BytesMut::new();
+        for n in 0..3 {
+            a.encode(&Message::Ping { nonce: n }, &mut wire).unwrap();
+        }
+        assert_eq!(message_lengths(&wire).len(), 3);
+        assert_eq!(decode_all(&mut b, &mut wire).unwrap().len(), 3);
     }
 
     #[tokio::test]
