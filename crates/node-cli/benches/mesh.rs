@@ -181,6 +181,8 @@ impl Report {
 #[derive(Default)]
 struct Baseline {
     rtt_us: Option<f64>,
+    /// The raw round trip taken in turn with three echo processes, as strict order does.
+    rtt3_us: Option<f64>,
     frames_per_s: Option<f64>,
 }
 
@@ -767,6 +769,11 @@ fn strict(
         ratio(mean),
     );
     rep.add(
+        format!("strict{label}: mean per task, against raw in turn with 3"),
+        "",
+        ratio_str(mean, base.rtt3_us, "raw RTT with 3"),
+    );
+    rep.add(
         format!("strict{label}: p99 per task"),
         format!("{p99:.1} µs"),
         ratio(p99),
@@ -950,30 +957,9 @@ async fn echo_conn(stream: tokio::net::TcpStream, reply: &[u8]) -> Result<()> {
 }
 
 fn raw(o: &Opts, rep: &mut Report, base: &mut Baseline) -> Result<()> {
-    let exe = std::env::current_exe()?;
-    let mut child = Command::new(exe)
-        .arg("--echo-peer")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .context("start the echo peer")?;
-    let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
-    let _echo = Proc { child };
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let mut line = String::new();
-        let _ = BufReader::new(stdout).read_line(&mut line);
-        let _ = tx.send(line);
-    });
-    let line = rx
-        .recv_timeout(START_DEADLINE)
-        .map_err(|_| anyhow!("the echo peer did not start"))?;
-    let port: u16 = line
-        .trim()
-        .strip_prefix("port ")
-        .and_then(|p| p.parse().ok())
-        .ok_or_else(|| anyhow!("echo peer said {line:?}"))?;
+    let (_echo, port) = start_echo()?;
+    let (_echo2, port2) = start_echo()?;
+    let (_echo3, port3) = start_echo()?;
     let (assign, reply) = frames()?;
     eprintln!(
         "frames: Assign {} bytes, Completed {} bytes (with the 4-byte length)",
@@ -984,13 +970,15 @@ fn raw(o: &Opts, rep: &mut Report, base: &mut Baseline) -> Result<()> {
     let pings = o.pings;
     let frames_n = o.frames;
     let reply_len = reply.len();
-    let (mut rtts, rate) = rt.block_on(async move {
+    let (mut rtts, mut rtts3, rate) = rt.block_on(async move {
         // Measured from a spawned task, as p2p-node's connection drivers run.
         tokio::spawn(async move {
-            let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
-            let rtts = ping_pong(addr, &assign, reply_len, pings).await?;
-            let rate = pipelined(addr, &assign, reply_len, frames_n).await?;
-            Ok::<_, anyhow::Error>((rtts, rate))
+            let at = |p: u16| std::net::SocketAddr::from(([127, 0, 0, 1], p));
+            let rtts = ping_pong(&[at(port)], &assign, reply_len, pings).await?;
+            let three = [at(port), at(port2), at(port3)];
+            let rtts3 = ping_pong(&three, &assign, reply_len, pings).await?;
+            let rate = pipelined(at(port), &assign, reply_len, frames_n).await?;
+            Ok::<_, anyhow::Error>((rtts, rtts3, rate))
         })
         .await?
     })?;
@@ -1007,6 +995,18 @@ fn raw(o: &Opts, rep: &mut Report, base: &mut Baseline) -> Result<()> {
         format!("{p50:.1} / {p99:.1} µs"),
         "",
     );
+    let (mean3, _, p99_3) = stats(&mut rtts3);
+    base.rtt3_us = Some(mean3);
+    rep.add(
+        "raw round trip, in turn with 3 echo processes: mean",
+        format!("{mean3:.1} µs"),
+        ratio_str(mean3, Some(mean), "raw RTT"),
+    );
+    rep.add(
+        "raw round trip, in turn with 3: p99",
+        format!("{p99_3:.1} µs"),
+        "",
+    );
     rep.add(
         "raw pipelined frames (Assign out, Completed back)",
         rate_str(rate, "frames/s"),
@@ -1015,19 +1015,55 @@ fn raw(o: &Opts, rep: &mut Report, base: &mut Baseline) -> Result<()> {
     Ok(())
 }
 
+/// Starts a copy of this bench as an echo peer; returns it and its port.
+fn start_echo() -> Result<(Proc, u16)> {
+    let exe = std::env::current_exe()?;
+    let mut child = Command::new(exe)
+        .arg("--echo-peer")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("start the echo peer")?;
+    let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
+    let echo = Proc { child };
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let line = rx
+        .recv_timeout(START_DEADLINE)
+        .map_err(|_| anyhow!("the echo peer did not start"))?;
+    let port: u16 = line
+        .trim()
+        .strip_prefix("port ")
+        .and_then(|p| p.parse().ok())
+        .ok_or_else(|| anyhow!("echo peer said {line:?}"))?;
+    Ok((echo, port))
+}
+
+/// Round trips one at a time, taking the peers in turn (one peer: a plain ping-pong).
 async fn ping_pong(
-    addr: std::net::SocketAddr,
+    addrs: &[std::net::SocketAddr],
     assign: &[u8],
     reply_len: usize,
     n: usize,
 ) -> Result<Vec<f64>> {
-    let mut s = tokio::net::TcpStream::connect(addr).await?;
-    s.set_nodelay(true)?;
+    let mut conns = Vec::with_capacity(addrs.len());
+    for addr in addrs {
+        let s = tokio::net::TcpStream::connect(addr).await?;
+        s.set_nodelay(true)?;
+        conns.push(s);
+    }
     let mut buf = vec![0u8; reply_len];
     let warmup = 1000.min(n);
     let mut rtts = Vec::with_capacity(n);
     let deadline = Instant::now() + Duration::from_secs(60);
     for i in 0..warmup + n {
+        let k = i % conns.len();
+        let s = &mut conns[k];
         let t = Instant::now();
         s.write_all(assign).await?;
         s.read_exact(&mut buf).await?;
