@@ -6,12 +6,21 @@
 
 use tests::{events_named, run_in, Serve, TestDir, SEED_ORDER};
 
-/// Ids of the `task_completed` events of a `--json` run, in the order they arrived.
-fn completed_ids(events: &[serde_json::Value]) -> Vec<String> {
-    events_named(events, "task_completed")
+/// Runs the seed's `tasks.txt` in `dir` with `--threads threads`, `--json` and `more`
+/// flags; checks it succeeds with every task completed in the seed's order, and returns
+/// its events.
+fn seed_with_threads(dir: &TestDir, threads: &str, more: &[String]) -> Vec<serde_json::Value> {
+    let mut args = vec!["--threads", threads, "run", "tasks.txt", "--json"];
+    args.extend(more.iter().map(String::as_str));
+    let out = run_in(dir.path(), &args);
+    out.assert_code(0);
+    let events = out.json();
+    let ids: Vec<&str> = events_named(&events, "task_completed")
         .iter()
-        .map(|e| e["task"].as_str().expect("task id").to_string())
-        .collect()
+        .map(|e| e["task"].as_str().expect("task id"))
+        .collect();
+    assert_eq!(ids, SEED_ORDER, "--threads {threads}: {}", out.describe());
+    events
 }
 
 #[test]
@@ -19,20 +28,7 @@ fn the_seed_runs_in_order_with_every_thread_setting_locally() {
     let dir = TestDir::new();
     dir.copy_seed();
     for threads in ["1", "2", "0"] {
-        let out = run_in(
-            dir.path(),
-            &[
-                "--threads",
-                threads,
-                "run",
-                "tasks.txt",
-                "--local",
-                "--json",
-            ],
-        );
-        out.assert_code(0);
-        let ids = completed_ids(&out.json());
-        assert_eq!(ids, SEED_ORDER, "--threads {threads}: {}", out.describe());
+        seed_with_threads(&dir, threads, &["--local".to_string()]);
     }
 }
 
@@ -41,29 +37,17 @@ fn single_and_multi_threaded_processes_work_together() {
     let dir = TestDir::new();
     dir.copy_seed();
     // One serving process per setting, and a shell handler on the single-threaded one.
-    let a = Serve::types("a", &["--threads", "2"]);
-    let b = Serve::types("b", &["--handler", "b=echo ran {id}"]);
-    let c = Serve::types("c", &["--threads", "0"]);
+    let nodes = [
+        Serve::types("a", &["--threads", "2"]),
+        Serve::types("b", &["--handler", "b=echo ran {id}"]),
+        Serve::types("c", &["--threads", "0"]),
+    ];
+    let peers: Vec<String> = nodes
+        .iter()
+        .flat_map(|n| ["--peer".to_string(), n.peer()])
+        .collect();
     for threads in ["1", "3"] {
-        let out = run_in(
-            dir.path(),
-            &[
-                "--threads",
-                threads,
-                "run",
-                "tasks.txt",
-                "--json",
-                "--peer",
-                &a.peer(),
-                "--peer",
-                &b.peer(),
-                "--peer",
-                &c.peer(),
-            ],
-        );
-        out.assert_code(0);
-        let events = out.json();
-        assert_eq!(completed_ids(&events), SEED_ORDER, "{}", out.describe());
+        let events = seed_with_threads(&dir, threads, &peers);
         let b1 = events_named(&events, "task_completed")
             .into_iter()
             .find(|e| e["task"] == "b1")
