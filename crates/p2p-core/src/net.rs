@@ -180,16 +180,7 @@ pub async fn connect(
             after: settings.connect_timeout,
         })??;
     stream.set_nodelay(true)?;
-    start(
-        Box::new(stream),
-        addr,
-        Role::Initiator,
-        local,
-        settings,
-        id,
-        events,
-    )
-    .await
+    connect_stream(stream, addr, local, settings, id, events).await
 }
 
 /// Runs the handshake as acceptor on an accepted stream and spawns the connection's driver.
@@ -202,16 +193,7 @@ pub async fn accept(
 ) -> Result<Link, Error> {
     let addr = stream.peer_addr()?;
     stream.set_nodelay(true)?;
-    start(
-        Box::new(stream),
-        addr,
-        Role::Acceptor,
-        local,
-        settings,
-        id,
-        events,
-    )
-    .await
+    accept_stream(stream, addr, local, settings, id, events).await
 }
 
 /// Like [`connect`], on a stream the caller already connected to `addr` (another transport,
