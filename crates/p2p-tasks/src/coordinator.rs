@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::event::{Phase, RunEvent, RunReport, Status, TaskResult};
 use crate::journal::Journal;
-use crate::sched::{Outcome, Policy, Scheduler, TaskStatus};
+use crate::sched::{Outcome, Policy, Scheduler, TaskStatus, MAX_LOSSES};
 use crate::Task;
 
 /// Options of one run.
@@ -517,19 +517,33 @@ impl Coord<'_> {
                             let _ = lost.try_send(p.link.addr());
                         }
                     }
+                    let short = &p.node[..8.min(p.node.len())];
+                    let mut given_up = Vec::new();
                     for t in requeued {
-                        (self.emit)(&RunEvent::Notice(format!(
-                            "{} lost with node {}; it will run again",
-                            self.results[t].task,
-                            &p.node[..8.min(p.node.len())]
-                        )));
+                        if self.sched.losses(t) >= MAX_LOSSES {
+                            given_up.push(t);
+                        } else {
+                            (self.emit)(&RunEvent::Notice(format!(
+                                "{} lost with node {short}; it will run again",
+                                self.results[t].task,
+                            )));
+                        }
                     }
+                    let why = format!(
+                        "lost with its node's connection {MAX_LOSSES} times (last: {})",
+                        error.as_deref().unwrap_or("the node said goodbye")
+                    );
                     (self.emit)(&RunEvent::Disconnected {
                         node: p.node.to_string(),
                         addr: p.link.addr().to_string(),
                         clean: error.is_none(),
                         error,
                     });
+                    for t in given_up {
+                        self.sched.give_up(t);
+                        self.fail_unrun(t, why.clone());
+                    }
+                    self.skipped();
                 }
             }
             // The coordinator advertises no capacity, so a peer assigning to it is cut off by
@@ -643,29 +657,34 @@ impl Coord<'_> {
                 self.lost_kinds.push(kind.clone());
             }
             for t in failed {
-                let error = format!("no node serves type {kind:?}");
-                let r = &mut self.results[t];
-                r.status = Status::Failed;
-                r.error = Some(error.clone());
-                let attempt = r.attempts;
-                let node = r.node.as_deref().unwrap_or("").to_string();
-                self.journal(t);
-                let task = &self.results[t];
-                (self.emit)(&RunEvent::TaskFailed {
-                    task: task.task.clone(),
-                    kind: task.kind.to_string(),
-                    node,
-                    attempt,
-                    ok: false,
-                    output: String::new(),
-                    duration_ms: 0.0,
-                    exit_code: None,
-                    error,
-                });
+                self.fail_unrun(t, format!("no node serves type {kind:?}"));
             }
         }
         self.skipped();
         self.missing_since = None;
+    }
+
+    /// Records and reports a task the scheduler failed without a result from a node.
+    fn fail_unrun(&mut self, t: usize, error: String) {
+        let r = &mut self.results[t];
+        r.status = Status::Failed;
+        r.error = Some(error.clone());
+        r.attempts = self.sched.attempts(t);
+        let attempt = r.attempts;
+        let node = r.node.as_deref().unwrap_or("").to_string();
+        self.journal(t);
+        let task = &self.results[t];
+        (self.emit)(&RunEvent::TaskFailed {
+            task: task.task.clone(),
+            kind: task.kind.to_string(),
+            node,
+            attempt,
+            ok: false,
+            output: String::new(),
+            duration_ms: 0.0,
+            exit_code: None,
+            error,
+        });
     }
 
     fn next_timer(&mut self) -> Option<tokio::time::Instant> {

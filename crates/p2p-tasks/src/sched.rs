@@ -141,9 +141,17 @@ pub enum Outcome {
     Failed,
 }
 
+/// How many times a task may be lost with its node's connection (which re-queues it without
+/// using a retry) before it fails for good: a task whose result can never arrive, e.g. one
+/// larger than the coordinator's maximum frame, or that brings its node down each time,
+/// must not run forever.
+pub const MAX_LOSSES: u32 = 3;
+
 #[derive(Debug)]
 struct Slot {
     kind: usize,
+    /// Times the task was lost with its node's connection.
+    losses: u32,
     /// The node of the last failed attempt: a retry prefers another one.
     avoid: Option<NodeKey>,
     /// Dependencies not yet succeeded.
@@ -264,6 +272,7 @@ impl Scheduler {
                 waiting: 0,
                 status: TaskStatus::Pending,
                 attempts: 0,
+                losses: 0,
                 failures: 0,
             });
         }
@@ -442,9 +451,15 @@ impl Scheduler {
             .filter(|&i| self.slots[i].status == TaskStatus::Running(node))
             .collect();
         for &t in &lost {
+            self.slots[t].losses += 1;
             self.unrun(t);
         }
         lost
+    }
+
+    /// How many times `task` was lost with its node (see [`MAX_LOSSES`]).
+    pub fn losses(&self, task: usize) -> u32 {
+        self.slots.get(task).map_or(0, |s| s.losses)
     }
 
     /// An assignment never reached its node: make the task ready again, no retry used.
@@ -495,14 +510,25 @@ impl Scheduler {
             .filter(|&t| self.slots[t].status == TaskStatus::Pending)
             .collect();
         for &t in &victims {
-            self.ready[k].remove(&t);
-            self.delayed.retain(|&(_, d), _| d != t);
-            self.finish(t, TaskStatus::Failed);
-        }
-        if !victims.is_empty() && !self.policy.keep_going {
-            self.stopped = true;
+            self.give_up(t);
         }
         victims
+    }
+
+    /// Fails a pending task for good (skipping its dependents); without
+    /// [`Policy::keep_going`] nothing new starts after it. Does nothing to a task that is not
+    /// pending.
+    pub fn give_up(&mut self, task: usize) {
+        if self.status(task) != Some(TaskStatus::Pending) {
+            return;
+        }
+        let k = self.slots[task].kind;
+        self.ready[k].remove(&task);
+        self.delayed.retain(|&(_, d), _| d != task);
+        self.finish(task, TaskStatus::Failed);
+        if !self.policy.keep_going {
+            self.stopped = true;
+        }
     }
 
     /// Stops starting new work (interrupt); running tasks may still complete.
