@@ -58,6 +58,36 @@ pub fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
+/// The data directory (`P2P_DATA_DIR`) of every node this test process starts, so the
+/// suites never touch the real home directory: `p2p-node-tests-PID` in the system's
+/// temporary directory. Nodes running at the same time get different identity slots of
+/// it, as on a real machine; a node restarted later may get its old identity back. Roots
+/// left by test processes that have ended are removed when the first one is made.
+pub fn data_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let tmp = std::env::temp_dir();
+        if let Ok(entries) = std::fs::read_dir(&tmp) {
+            for e in entries.flatten() {
+                let name = e.file_name();
+                let Some(pid) = name
+                    .to_str()
+                    .and_then(|n| n.strip_prefix("p2p-node-tests-"))
+                    .and_then(|p| p.parse::<u32>().ok())
+                else {
+                    continue;
+                };
+                if !Path::new(&format!("/proc/{pid}")).exists() {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
+        let dir = tmp.join(format!("p2p-node-tests-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("create the test data directory");
+        dir
+    })
+}
+
 /// The `p2p-node` binary under test.
 ///
 /// `P2P_NODE_BIN` overrides it; otherwise it is `target/debug/p2p-node` next to the test
@@ -199,6 +229,7 @@ fn command(args: &[&str], dir: Option<&Path>) -> Command {
         // Deterministic defaults: the binary's own log levels, no key from the environment.
         .env_remove("RUST_LOG")
         .env_remove("P2P_KEY_FILE")
+        .env("P2P_DATA_DIR", data_dir())
         .env("NO_COLOR", "1");
     if let Some(d) = dir {
         cmd.current_dir(d);
@@ -341,9 +372,16 @@ impl Serve {
     /// loopback `--listen` and `--discovery none` or `--peer`) and waits for its
     /// `listening on ADDR` line.
     pub fn start(args: &[&str]) -> Serve {
+        Serve::start_env(args, &[])
+    }
+
+    /// [`Serve::start`] with these environment variables set (e.g. `P2P_KEY_FILE`, which
+    /// is otherwise removed).
+    pub fn start_env(args: &[&str], env: &[(&str, &str)]) -> Serve {
         let mut full = vec!["serve"];
         full.extend_from_slice(args);
         let mut cmd = command(&full, None);
+        cmd.envs(env.iter().copied());
         let mut guard = ChildGuard::new(cmd.spawn().expect("spawn p2p-node serve"));
         let stdout = Lines::default();
         let stderr = Lines::default();

@@ -96,6 +96,7 @@ impl Host {
         let mut c = Command::new("ip");
         c.args(["netns", "exec", &self.ns])
             .arg(program)
+            .env("P2P_DATA_DIR", crate::data_dir())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());

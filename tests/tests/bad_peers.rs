@@ -75,7 +75,7 @@ fn garbage_bytes_are_dropped_and_the_node_keeps_serving() {
     scenario("garbage bytes", |c| {
         // A small, valid length prefix with a payload that is no message.
         let mut bytes = vec![0, 0, 0, 24];
-        bytes.extend(std::iter::repeat(0xfe).take(24));
+        bytes.extend(std::iter::repeat_n(0xfe, 24));
         c.send_raw(&bytes).unwrap();
     });
 }

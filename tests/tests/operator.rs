@@ -88,6 +88,7 @@ fn run_raw(dir: &Path, args: &[&str], tty: bool) -> Raw {
         .stderr(Stdio::piped())
         .env_remove("RUST_LOG")
         .env_remove("P2P_KEY_FILE")
+        .env("P2P_DATA_DIR", tests::data_dir())
         .env_remove("NO_COLOR")
         .env("TERM", "xterm-256color");
     let master = if tty {

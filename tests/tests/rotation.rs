@@ -4,8 +4,11 @@
 //! - a node that accepts an old and a new cluster key (`--key-file OLD --key-file NEW`)
 //!   serves a coordinator with only the old key and one with only the new key; a coordinator
 //!   with a third key gets a clear error naming the fingerprint and nothing executed;
+//! - `P2P_KEY_FILE` may list several key files separated by `:`, as repeated `--key-file`;
 //! - `serve --identity F` keeps its node id across restarts, creates F with mode 0600, and
-//!   the id is the one a keyed coordinator sees; without `--identity` every start has a new id;
+//!   the id is the one a keyed coordinator sees; a file another live node holds is refused;
+//! - without `--identity`, a node keeps its id in the data directory: the same id after a
+//!   restart, and nodes running at the same time get different ones;
 //! - two nodes sharing one identity file are reported by the coordinator, not merged silently.
 //!
 //! Every process is started here and killed by its own handle (PID); every wait is bounded.
@@ -164,7 +167,7 @@ fn serve_with_identity_keeps_its_node_id_across_restarts() {
         Some(id1.as_str()),
         "same id after a restart"
     );
-    // Without --identity: a fresh id every start.
+    // Without --identity: the data directory's identity, not this one.
     let fresh = keyed_serve(&[&key], &log, &[]);
     let fresh_id = fresh.node_id.clone().expect("node id line");
     assert_ne!(fresh_id, id1);
@@ -192,6 +195,88 @@ fn serve_with_identity_keeps_its_node_id_across_restarts() {
         "{}",
         out.describe()
     );
+}
+
+#[test]
+fn p2p_key_file_lists_several_keys_like_repeated_key_files() {
+    let dir = TestDir::new();
+    let old = keygen(&dir, "old.key");
+    let new = keygen(&dir, "new.key");
+    let third = keygen(&dir, "third.key");
+    dir.write("tasks.txt", "a1 a2");
+    let log = dir.join("handled");
+    let list = format!("{}:{}", s(&new), s(&old));
+    let handler = format!("a=echo {{id}} >> '{}'", log.display());
+    let node = Serve::start_env(
+        &[
+            "--types",
+            "a",
+            "--listen",
+            "127.0.0.1:0",
+            "--discovery",
+            "none",
+            "--handler",
+            &handler,
+        ],
+        &[("P2P_KEY_FILE", &list)],
+    );
+    // The second key of the list is accepted too.
+    keyed_run(&dir, &[node.peer()], &[&old], &[]).assert_code(0);
+    keyed_run(&dir, &[node.peer()], &[&new], &[]).assert_code(0);
+    assert_eq!(log_lines(&log).len(), 4, "{:?}", log_lines(&log));
+    let out = keyed_run(&dir, &[node.peer()], &[&third], &[]);
+    assert_ne!(out.code(), Some(0), "{}", out.describe());
+    assert_eq!(
+        log_lines(&log).len(),
+        4,
+        "a task ran under a key not in the list"
+    );
+}
+
+#[test]
+fn without_identity_a_node_keeps_its_id_in_the_data_directory() {
+    let dir = TestDir::new();
+    let data = dir.join("data");
+    let data_args = ["--data-dir", s(&data)];
+    let mut first = Serve::types("a", &data_args);
+    let id1 = first.node_id.clone().expect("node id line");
+    // Running at the same time: another identity slot, another id.
+    let second = Serve::types("a", &data_args);
+    let id2 = second.node_id.clone().expect("node id line");
+    assert_ne!(id1, id2, "two live nodes never share an id");
+    assert!(data.join("identity").exists() && data.join("identity-2").exists());
+    // After a restart the first slot is free again: the same id comes back.
+    first.terminate();
+    assert!(first.wait_exit(WAIT).is_some(), "serve did not stop");
+    let again = Serve::types("a", &data_args);
+    assert_eq!(
+        again.node_id.as_deref(),
+        Some(id1.as_str()),
+        "same id after a restart"
+    );
+    // An explicit identity file a live node holds is refused, saying so.
+    let out = run_in(
+        dir.path(),
+        &[
+            "serve",
+            "--types",
+            "a",
+            "--listen",
+            "127.0.0.1:0",
+            "--discovery",
+            "none",
+            "--identity",
+            s(&data.join("identity")),
+        ],
+    );
+    out.assert_code(2);
+    assert!(
+        out.stderr
+            .contains("another running p2p-node holds this identity"),
+        "{}",
+        out.describe()
+    );
+    drop((second, again));
 }
 
 #[test]

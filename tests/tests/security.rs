@@ -85,6 +85,7 @@ fn command(dir: &Path, args: &[&str]) -> Command {
         .stderr(Stdio::piped())
         .env_remove("RUST_LOG")
         .env_remove("P2P_KEY_FILE")
+        .env("P2P_DATA_DIR", tests::data_dir())
         .env("NO_COLOR", "1");
     cmd
 }

@@ -142,7 +142,7 @@ impl Opts {
     }
 
     fn wants(&self, section: &str) -> bool {
-        self.only.as_ref().map_or(true, |s| s.contains(section))
+        self.only.as_ref().is_none_or(|s| s.contains(section))
     }
 }
 
@@ -405,9 +405,9 @@ fn machine() -> String {
 }
 
 fn count(n: usize) -> String {
-    if n >= 1_000_000 && n % 1_000_000 == 0 {
+    if n >= 1_000_000 && n.is_multiple_of(1_000_000) {
         format!("{}M", n / 1_000_000)
-    } else if n >= 1000 && n % 1000 == 0 {
+    } else if n >= 1000 && n.is_multiple_of(1000) {
         format!("{}k", n / 1000)
     } else {
         n.to_string()

@@ -14,6 +14,7 @@ use p2p_tasks::handler::{Builtin, Handler, Shell};
 use p2p_tasks::{Order, Policy, RunOptions};
 use tokio_util::sync::CancellationToken;
 
+use crate::datadir::{self, HeldIdentity};
 use crate::output::{Format, Printer};
 use crate::{Node, NodeBuilder};
 
@@ -132,13 +133,28 @@ pub struct Common {
     #[arg(long, value_name = "IFACE")]
     pub discovery_interface: Option<String>,
     /// Cluster key file (encrypted, authenticated connections). Repeatable, to rotate keys:
-    /// the node dials with the first and accepts peers with any of them.
-    #[arg(long = "key-file", value_name = "PATH", env = "P2P_KEY_FILE")]
+    /// the node dials with the first and accepts peers with any of them. P2P_KEY_FILE may
+    /// list several, separated by `:`.
+    #[arg(
+        long = "key-file",
+        value_name = "PATH",
+        env = "P2P_KEY_FILE",
+        value_delimiter = ':'
+    )]
     pub key_files: Vec<PathBuf>,
+    /// Largest frame sent or accepted (e.g. 64KiB, 4MiB); a peer that sends a larger one is
+    /// disconnected. From 64 KiB to 16 MiB; give every node of a cluster the same.
+    #[arg(long, value_name = "SIZE", default_value = "16MiB", value_parser = parse_size)]
+    pub max_frame: usize,
     /// This node's identity file (its private key; the node id derives from it), created
-    /// with mode 0600 if missing. Default: a new identity, so a new node id, every start.
+    /// with mode 0600 if missing and held (locked) while the node runs. Default: serve and
+    /// run use the first free identity slot of --data-dir; peers a new identity.
     #[arg(long, value_name = "PATH")]
     pub identity: Option<PathBuf>,
+    /// Where nodes keep their identities between starts [default: $XDG_DATA_HOME/p2p-node
+    /// or ~/.local/share/p2p-node].
+    #[arg(long, value_name = "DIR", env = "P2P_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
 }
 
 /// `p2p-node serve`.
@@ -171,6 +187,10 @@ pub struct ServeArgs {
     /// Most connections still in their handshake; when full, a new one evicts the oldest.
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_handshakes: u32,
+    /// Most bytes of a task's output sent back; the rest is cut and marked `[output
+    /// truncated at N bytes]`. Must fit, plus 16 KiB, in --max-frame.
+    #[arg(long, value_name = "SIZE", default_value = "1MiB", value_parser = parse_size)]
+    pub max_output: usize,
     /// Shared options.
     #[command(flatten)]
     pub common: Common,
@@ -191,6 +211,9 @@ pub struct RunArgs {
     /// Handlers for in-process nodes (--local, --types), as for serve.
     #[arg(long = "handler", value_name = "TYPE=COMMAND")]
     pub handlers: Vec<String>,
+    /// Most bytes of a task's output the in-process nodes send back, as for serve.
+    #[arg(long, value_name = "SIZE", default_value = "1MiB", value_parser = parse_size)]
+    pub max_output: usize,
     /// How long to wait for nodes of every needed type.
     #[arg(long, default_value = "3s", value_parser = parse_duration)]
     pub discovery_timeout: Duration,
@@ -242,6 +265,31 @@ pub struct PeersArgs {
 pub struct KeygenArgs {
     /// Where to write the key; the file must not exist.
     pub path: PathBuf,
+}
+
+/// A size in bytes: a number with an optional unit, B, KB, MB (powers of 1000) or KiB, MiB
+/// (powers of 1024); K and M mean KiB and MiB.
+pub fn parse_size(s: &str) -> Result<usize, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: usize = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (examples: 65536, 64KiB, 4MiB, 1MB)"))?;
+    let mult: usize = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kb" => 1000,
+        "k" | "kib" => 1024,
+        "mb" => 1_000_000,
+        "m" | "mib" => 1024 * 1024,
+        other => {
+            return Err(format!(
+                "unknown unit {other:?} in {s:?} (use B, KB, KiB, MB or MiB)"
+            ))
+        }
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("{s:?} is too large"))
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -379,7 +427,7 @@ fn backends(
                         mdns::Config::new(c.cluster.clone()).interfaces(udp::Interfaces::All)
                     }
                 };
-                cfg = cfg.key(keys.first().cloned());
+                cfg = cfg.keys(keys.to_vec());
                 if let Some(iface) = &c.discovery_interface {
                     let parsed: udp::Interfaces = iface
                         .parse()
@@ -398,8 +446,9 @@ fn backends(
     Ok(out)
 }
 
-/// A discovery backend that failed to start is a usage error when its settings are wrong.
-fn discovery_error(e: crate::Error) -> anyhow::Error {
+/// A node error is a usage error (exit 2) when it comes from wrong settings: the node's own
+/// (limits, names) or a discovery backend's.
+fn node_error(e: crate::Error) -> anyhow::Error {
     match e {
         crate::Error::Config(m) => usage(m),
         crate::Error::Discovery(
@@ -442,9 +491,9 @@ fn parse_handlers(raw: &[String]) -> anyhow::Result<Vec<(String, String)>> {
         .collect()
 }
 
-fn handler_for(kind: &str, handlers: &[(String, String)]) -> Box<dyn Handler> {
+fn handler_for(kind: &str, handlers: &[(String, String)], max_output: usize) -> Box<dyn Handler> {
     match handlers.iter().find(|(t, _)| t == kind) {
-        Some((_, cmd)) => Box::new(Shell::new(cmd.clone())),
+        Some((_, cmd)) => Box::new(Shell::new(cmd.clone()).output_limit(max_output)),
         None => Box::new(Builtin),
     }
 }
@@ -477,32 +526,66 @@ fn with_key(b: NodeBuilder, keys: &[ClusterKey]) -> NodeBuilder {
     b.keys(keys.to_vec())
 }
 
-/// The identity of `--identity PATH` (loaded, or created there), if given.
-fn load_identity(c: &Common) -> anyhow::Result<Option<Identity>> {
-    let Some(path) = &c.identity else {
+/// The identity this process runs with, held until the returned value is dropped:
+/// `--identity PATH`, else the first free `slot` of the data directory (see
+/// [`crate::datadir`]), else (no slot, or no usable default data directory) none, which
+/// means a new identity.
+fn load_identity(c: &Common, slot: Option<&str>) -> anyhow::Result<Option<HeldIdentity>> {
+    let held = if let Some(path) = &c.identity {
+        match datadir::hold(path) {
+            Ok(Some(h)) => h,
+            Ok(None) => {
+                return Err(usage(format!(
+                    "--identity {}: another running p2p-node holds this identity; two live \
+                     nodes must not share one (give each its own --identity, or none to use \
+                     --data-dir)",
+                    path.display()
+                )))
+            }
+            Err(e) => return Err(usage(format!("--identity: {e}"))),
+        }
+    } else if let Some(name) = slot {
+        let dir = match (&c.data_dir, datadir::default_dir()) {
+            (Some(d), _) => d.clone(),
+            (None, Some(d)) => d,
+            (None, None) => {
+                tracing::warn!(
+                    "no data directory (neither --data-dir, XDG_DATA_HOME nor HOME is set): \
+                     this node gets a new identity"
+                );
+                return Ok(None);
+            }
+        };
+        match datadir::hold_slot(&dir, name) {
+            Ok(h) => h,
+            Err(e) if c.data_dir.is_some() => return Err(usage(format!("--data-dir: {e}"))),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot use the default data directory: this node gets a new identity");
+                return Ok(None);
+            }
+        }
+    } else {
         return Ok(None);
     };
-    let (identity, created) =
-        Identity::load_or_create(path).map_err(|e| usage(format!("--identity: {e}")))?;
     tracing::info!(
-        node = %identity.node_id(),
-        path = %path.display(),
+        node = %held.identity.node_id(),
+        path = %held.path.display(),
         "{}",
-        if created { "created a new identity" } else { "identity loaded" }
+        if held.created { "created a new identity" } else { "identity loaded" }
     );
-    Ok(Some(identity))
+    Ok(Some(held))
 }
 
-fn with_identity(b: NodeBuilder, identity: Option<Identity>) -> NodeBuilder {
+fn with_identity(b: NodeBuilder, identity: &Option<HeldIdentity>) -> NodeBuilder {
     match identity {
-        Some(i) => b.identity(i),
+        Some(h) => b.identity(h.identity.clone()),
         None => b,
     }
 }
 
 async fn serve(a: ServeArgs, shutdown: CancellationToken) -> anyhow::Result<u8> {
     let key = load_key(&a.common)?;
-    let identity = load_identity(&a.common)?;
+    let identity = load_identity(&a.common, Some("identity"))?;
     let listen = a.listen.unwrap_or_else(|| {
         let ip = if !key.is_empty() {
             [0, 0, 0, 0]
@@ -518,13 +601,15 @@ async fn serve(a: ServeArgs, shutdown: CancellationToken) -> anyhow::Result<u8> 
             "--handler for type {t:?}, which is not in --types"
         )));
     }
-    let mut b = with_identity(with_key(Node::builder(), &key), identity)
+    let mut b = with_identity(with_key(Node::builder(), &key), &identity)
         .cluster(a.common.cluster.clone())
         .discoveries(backends(&a.common, Role::Serve(listen), true, &key)?)
         .listen(listen)
         .insecure(a.insecure)
         .max_connections(a.max_connections as usize)
         .max_handshakes(a.max_handshakes as usize)
+        .max_frame(a.common.max_frame)
+        .max_output(a.max_output)
         .settings(Settings {
             conn: p2p_core::conn::Config {
                 handshake_timeout: a.handshake_timeout,
@@ -536,12 +621,9 @@ async fn serve(a: ServeArgs, shutdown: CancellationToken) -> anyhow::Result<u8> 
         b = b.capacity(c);
     }
     for t in &types {
-        b = b.handler(t, handler_for(t, &handlers));
+        b = b.handler(t, handler_for(t, &handlers, a.max_output));
     }
-    let node = b.build().await.map_err(|e| match e {
-        crate::Error::Config(m) => usage(m),
-        other => anyhow::Error::new(other),
-    })?;
+    let node = b.build().await.map_err(node_error)?;
     match key.first() {
         Some(k) => tracing::info!(
             fingerprint = %k.fingerprint(),
@@ -571,7 +653,7 @@ async fn serve(a: ServeArgs, shutdown: CancellationToken) -> anyhow::Result<u8> 
         shutdown.cancelled().await;
         token.cancel();
     });
-    node.serve().await.map_err(discovery_error)?;
+    node.serve().await.map_err(node_error)?;
     say!("stopped");
     Ok(EXIT_OK)
 }
@@ -618,10 +700,13 @@ async fn run(a: RunArgs, shutdown: CancellationToken) -> anyhow::Result<u8> {
         for _ in 0..*n {
             let mut node = with_key(Node::builder(), &key)
                 .cluster(a.common.cluster.clone())
-                .handler(t, handler_for(t, &handlers))
+                .handler(t, handler_for(t, &handlers, a.max_output))
+                .max_frame(a.common.max_frame)
+                .max_output(a.max_output)
                 .build()
-                .await?;
-            node.start().map_err(discovery_error)?;
+                .await
+                .map_err(node_error)?;
+            node.start().map_err(node_error)?;
             if let Some(addr) = node.local_addr() {
                 peers.push(addr.to_string());
             }
@@ -639,12 +724,14 @@ async fn run(a: RunArgs, shutdown: CancellationToken) -> anyhow::Result<u8> {
         discovery_timeout: a.discovery_timeout,
         ..RunOptions::default()
     };
-    let identity = load_identity(&a.common)?;
-    let mut coordinator = with_identity(with_key(Node::builder(), &key), identity)
+    let identity = load_identity(&a.common, Some("coordinator"))?;
+    let mut coordinator = with_identity(with_key(Node::builder(), &key), &identity)
         .cluster(a.common.cluster.clone())
         .discoveries(discovery)
+        .max_frame(a.common.max_frame)
         .build()
-        .await?;
+        .await
+        .map_err(node_error)?;
     let token = coordinator.shutdown_token();
     tokio::spawn(async move {
         shutdown.cancelled().await;
@@ -661,7 +748,7 @@ async fn run(a: RunArgs, shutdown: CancellationToken) -> anyhow::Result<u8> {
     let report = coordinator
         .run_with_journal(tasks, opts, peers, journal, &mut |ev| printer.event(ev))
         .await
-        .map_err(discovery_error)?;
+        .map_err(node_error)?;
     printer.report(&report);
     for n in &local_nodes {
         n.shutdown();
@@ -678,7 +765,10 @@ async fn run(a: RunArgs, shutdown: CancellationToken) -> anyhow::Result<u8> {
 
 async fn peers(a: PeersArgs) -> anyhow::Result<u8> {
     let key = load_key(&a.common)?;
-    let identity = load_identity(&a.common)?.unwrap_or_else(Identity::generate);
+    let held = load_identity(&a.common, None)?;
+    let identity = held
+        .as_ref()
+        .map_or_else(Identity::generate, |h| h.identity.clone());
     let found = crate::peers::probe(
         &a.common.cluster,
         backends(&a.common, Role::Client, true, &key)?,

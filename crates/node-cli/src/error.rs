@@ -19,6 +19,14 @@ pub enum Error {
     /// A discovery backend failed to start.
     #[error(transparent)]
     Discovery(#[from] p2p_discovery::Error),
+    /// An identity file or the data directory cannot be used.
+    #[error("identity {path}: {message}")]
+    Identity {
+        /// The file or directory.
+        path: std::path::PathBuf,
+        /// What is wrong.
+        message: String,
+    },
     /// Other I/O failure.
     #[error("i/o error: {0}")]
     Io(#[from] std::io::Error),

@@ -7,6 +7,7 @@
 //!   handler, or Rust closures), start it serving, and run plans over its peers.
 //! - [`cli`]: the `p2p-node` command line (serve, run, peers) and its exit statuses.
 //! - [`config`]: the TOML config file (`--config`, `./p2p-node.toml`).
+//! - [`datadir`]: the data directory, where nodes keep their identities between starts.
 //! - [`output`]: how run events are shown (human lines or JSON lines).
 //! - [`peers`]: the `peers` command's probe.
 //!
@@ -32,6 +33,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod datadir;
 mod dial;
 mod error;
 mod node;
@@ -39,4 +41,4 @@ pub mod output;
 pub mod peers;
 
 pub use error::Error;
-pub use node::{Node, NodeBuilder, DEFAULT_CLUSTER};
+pub use node::{Node, NodeBuilder, DEFAULT_CLUSTER, MAX_MAX_FRAME, MIN_MAX_FRAME, RESULT_MARGIN};

@@ -26,6 +26,17 @@ pub const DEFAULT_CLUSTER: &str = "default";
 /// Queue of link events per served connection.
 const LINK_EVENTS: usize = 1024;
 
+/// The smallest maximum frame a node accepts as its setting (64 KiB).
+pub const MIN_MAX_FRAME: usize = 64 * 1024;
+
+/// The largest maximum frame (16 MiB): no frame is ever larger.
+pub const MAX_MAX_FRAME: usize = p2p_core::wire::MAX_FRAME_CEILING;
+
+/// Room in a frame for everything of a task's result but its output (the error text,
+/// capped at [`p2p_tasks::handler::ERROR_LIMIT`], and the fields): the maximum output plus
+/// this must fit in the maximum frame.
+pub const RESULT_MARGIN: usize = 16 * 1024;
+
 /// Builds a [`Node`]. Every setting has a default, stated on its setter.
 pub struct NodeBuilder {
     cluster: String,
@@ -40,6 +51,8 @@ pub struct NodeBuilder {
     insecure: bool,
     keys: Vec<ClusterKey>,
     identity: Option<Identity>,
+    max_frame: Option<usize>,
+    max_output: usize,
 }
 
 impl std::fmt::Debug for NodeBuilder {
@@ -68,6 +81,8 @@ impl Default for NodeBuilder {
             insecure: false,
             keys: Vec::new(),
             identity: None,
+            max_frame: None,
+            max_output: p2p_tasks::handler::DEFAULT_OUTPUT_LIMIT,
         }
     }
 }
@@ -129,6 +144,23 @@ impl NodeBuilder {
     /// Network settings (timeouts, maximum frame). Default [`Settings::default`].
     pub fn settings(mut self, settings: Settings) -> Self {
         self.settings = settings;
+        self
+    }
+
+    /// The largest frame, in bytes, this node sends or accepts; a peer that sends a larger
+    /// one is disconnected. From [`MIN_MAX_FRAME`] (64 KiB) to [`MAX_MAX_FRAME`] (16 MiB).
+    /// Takes precedence over the frame size in [`NodeBuilder::settings`]. Default 16 MiB.
+    pub fn max_frame(mut self, bytes: usize) -> Self {
+        self.max_frame = Some(bytes);
+        self
+    }
+
+    /// The most bytes of a task's output this node sends back: longer output, whatever the
+    /// handler, is cut and marked `[output truncated at N bytes]`
+    /// ([`p2p_tasks::TaskOutcome::capped`]). With [`RESULT_MARGIN`] it must fit in the
+    /// maximum frame. Default 1 MiB.
+    pub fn max_output(mut self, bytes: usize) -> Self {
+        self.max_output = bytes;
         self
     }
 
@@ -209,6 +241,22 @@ impl NodeBuilder {
             None => None,
         };
         let mut settings = self.settings;
+        let max_frame = self.max_frame.unwrap_or(settings.max_frame);
+        if !(MIN_MAX_FRAME..=MAX_MAX_FRAME).contains(&max_frame) {
+            return Err(Error::Config(format!(
+                "maximum frame {max_frame} bytes: must be from {MIN_MAX_FRAME} (64 KiB) to \
+                 {MAX_MAX_FRAME} (16 MiB)"
+            )));
+        }
+        if !self.handlers.is_empty() && self.max_output.saturating_add(RESULT_MARGIN) > max_frame {
+            return Err(Error::Config(format!(
+                "maximum task output {} bytes does not fit in the maximum frame of {max_frame} \
+                 bytes (a result needs the output plus {RESULT_MARGIN} bytes): lower the \
+                 output limit or raise the frame limit",
+                self.max_output
+            )));
+        }
+        settings.max_frame = max_frame;
         let mut keys = self.keys.into_iter();
         if let Some(key) = keys.next() {
             settings.key = Some(key);
@@ -252,7 +300,9 @@ impl NodeBuilder {
             cluster: self.cluster,
             listener,
             local_addr,
-            worker: Arc::new(Worker::new(self.handlers, capacity)),
+            worker: Arc::new(
+                Worker::new(self.handlers, capacity).with_output_limit(self.max_output),
+            ),
             discovery: self.discovery,
             found: None,
             discovery_stopped: Vec::new(),

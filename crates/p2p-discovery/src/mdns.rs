@@ -147,7 +147,7 @@ pub struct Config {
     cluster: String,
     interfaces: Interfaces,
     port: u16,
-    key: Option<ClusterKey>,
+    keys: Vec<ClusterKey>,
 }
 
 impl Default for Config {
@@ -157,7 +157,7 @@ impl Default for Config {
             cluster: "default".into(),
             interfaces: Interfaces::default(),
             port: DEFAULT_PORT,
-            key: None,
+            keys: Vec::new(),
         }
     }
 }
@@ -182,9 +182,17 @@ impl Config {
     }
 
     /// The cluster key: the TXT record carries a MAC under it (`mac`), and records that do
-    /// not verify are ignored (see the module docs). Default none.
+    /// not verify are ignored (see the module docs). Default none. Replaces the keys of
+    /// [`Config::keys`].
     pub fn key(mut self, key: Option<ClusterKey>) -> Self {
-        self.key = key;
+        self.keys = key.into_iter().collect();
+        self
+    }
+
+    /// Several cluster keys, during a key rotation: the record is sealed with the first,
+    /// and records sealed with any of them are accepted. An empty list means no key.
+    pub fn keys(mut self, keys: Vec<ClusterKey>) -> Self {
+        self.keys = keys;
         self
     }
 
@@ -418,7 +426,7 @@ impl Discovery for Mdns {
         let info = ctx
             .announce
             .as_ref()
-            .map(|a| service_info(a, config.key.as_ref()))
+            .map(|a| service_info(a, config.keys.first()))
             .transpose()?;
         let daemon = Daemon(
             ServiceDaemon::new_with_port(config.port).map_err(mdns_err("start the mDNS daemon"))?,
@@ -459,7 +467,7 @@ impl Discovery for Mdns {
             browse,
             registered,
             cluster: config.cluster,
-            key: config.key,
+            keys: config.keys,
             me,
             stats,
             known: HashMap::new(),
@@ -478,7 +486,7 @@ struct Driver {
     /// The full name of this node's instance, when it announces.
     registered: Option<String>,
     cluster: String,
-    key: Option<ClusterKey>,
+    keys: Vec<ClusterKey>,
     me: NodeId,
     stats: Arc<Stats>,
     /// What was reported, by instance full name.
@@ -536,7 +544,7 @@ impl Driver {
             ServiceEvent::ServiceResolved(svc) => {
                 bump(&self.stats.resolved);
                 let name = svc.get_fullname().to_string();
-                match txt::read(&svc, &self.cluster, self.me, self.key.as_ref()) {
+                match txt::read(&svc, &self.cluster, self.me, &self.keys) {
                     Verdict::Peer(peer) => {
                         let old = self.known.get(&name);
                         if old == Some(&peer) {

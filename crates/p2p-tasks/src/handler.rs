@@ -63,6 +63,39 @@ impl TaskOutcome {
             error: Some(error.into()),
         }
     }
+
+    /// This outcome with its output cut to at most `output_limit` bytes and its error to
+    /// at most [`ERROR_LIMIT`] bytes (on character boundaries), each followed by
+    /// `\n[output truncated at N bytes]` (`error` for the error) when it was cut. The worker
+    /// applies it to every handler's outcome, so a result always fits in one frame.
+    pub fn capped(mut self, output_limit: usize) -> Self {
+        if cut_at_char(&mut self.output, output_limit) {
+            self.output
+                .push_str(&format!("\n[output truncated at {output_limit} bytes]"));
+        }
+        if let Some(e) = &mut self.error {
+            if cut_at_char(e, ERROR_LIMIT) {
+                e.push_str(&format!("\n[error truncated at {ERROR_LIMIT} bytes]"));
+            }
+        }
+        self
+    }
+}
+
+/// Most bytes of a task's error text sent back (see [`TaskOutcome::capped`]).
+pub const ERROR_LIMIT: usize = 8 * 1024;
+
+/// Cuts `text` to at most `limit` bytes, on a character boundary; whether it was cut.
+pub(crate) fn cut_at_char(text: &mut String, limit: usize) -> bool {
+    if text.len() <= limit {
+        return false;
+    }
+    let mut end = limit;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text.truncate(end);
+    true
 }
 
 /// Executes tasks on a worker node.
@@ -202,6 +235,24 @@ mod tests {
             args: String::new(),
             attempt: 1,
         }
+    }
+
+    #[test]
+    fn capped_cuts_output_and_error_on_character_boundaries_with_a_marker() {
+        // "é" is two bytes: a cut at 5 bytes of "aaaéé" must not split one.
+        let mut out = TaskOutcome::success("aaaéé");
+        out.error = Some("e".repeat(ERROR_LIMIT + 10));
+        let c = out.clone().capped(6);
+        assert_eq!(c.output, "aaaé\n[output truncated at 6 bytes]");
+        let c = out.clone().capped(4);
+        assert_eq!(c.output, "aaa\n[output truncated at 4 bytes]");
+        let e = c.error.unwrap();
+        assert!(e.starts_with(&"e".repeat(ERROR_LIMIT)), "{}", e.len());
+        assert!(e.ends_with(&format!("\n[error truncated at {ERROR_LIMIT} bytes]")));
+        // Within the limits nothing changes.
+        let small = TaskOutcome::failure("short");
+        assert_eq!(small.clone().capped(0), small);
+        assert_eq!(out.clone().capped(100).output, "aaaéé");
     }
 
     #[tokio::test]

@@ -17,7 +17,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::handler::{Handler, TaskOutcome, TaskRequest};
+use crate::handler::{Handler, TaskOutcome, TaskRequest, DEFAULT_OUTPUT_LIMIT};
 
 /// The default capacity of a node whose handlers all answer at once (see
 /// [`Worker::default_capacity`]).
@@ -28,6 +28,7 @@ pub struct Worker {
     handlers: HashMap<String, Arc<dyn Handler>>,
     capacity: u32,
     slots: Arc<Semaphore>,
+    output_limit: usize,
 }
 
 impl std::fmt::Debug for Worker {
@@ -48,7 +49,20 @@ impl Worker {
             handlers,
             capacity,
             slots: Arc::new(Semaphore::new(capacity as usize)),
+            output_limit: DEFAULT_OUTPUT_LIMIT,
         }
+    }
+
+    /// The most bytes of a task's output sent back, whatever the handler returned (see
+    /// [`TaskOutcome::capped`]). Default [`DEFAULT_OUTPUT_LIMIT`] (1 MiB).
+    pub fn with_output_limit(mut self, bytes: usize) -> Self {
+        self.output_limit = bytes;
+        self
+    }
+
+    /// The most bytes of a task's output sent back.
+    pub fn output_limit(&self) -> usize {
+        self.output_limit
     }
 
     /// A node's capacity when none is configured: the number of CPU cores, or
@@ -97,7 +111,7 @@ impl Worker {
                             debug!(peer = %peer, task = %a.task, attempt = a.attempt, "task assigned");
                             let seq = a.seq;
                             match self.try_now(a) {
-                                Ok((outcome, took)) => send_result(&link, seq, outcome, took),
+                                Ok((outcome, took)) => self.send_result(&link, seq, outcome, took),
                                 Err(job) => {
                                     let h = set.spawn(self.clone().execute(job));
                                     ids.insert(h.id(), seq);
@@ -110,7 +124,7 @@ impl Worker {
                                 h.abort();
                                 let mut out = TaskOutcome::failure("cancelled by the coordinator");
                                 out.exit_code = None;
-                                send_result(&link, seq, out, Duration::ZERO);
+                                self.send_result(&link, seq, out, Duration::ZERO);
                             }
                         }
                         LinkEvent::PeerGoodbye => info!(peer = %peer, "peer said goodbye"),
@@ -128,14 +142,14 @@ impl Worker {
                     Ok((id, (seq, outcome, took))) => {
                         ids.remove(&id);
                         if running.remove(&seq).is_some() {
-                            send_result(&link, seq, outcome, took);
+                            self.send_result(&link, seq, outcome, took);
                         }
                     }
                     Err(e) => {
                         if let Some(seq) = ids.remove(&e.id()) {
                             if running.remove(&seq).is_some() {
                                 let why = if e.is_panic() { "the handler panicked" } else { "the handler was stopped" };
-                                send_result(&link, seq, TaskOutcome::failure(why), Duration::ZERO);
+                                self.send_result(&link, seq, TaskOutcome::failure(why), Duration::ZERO);
                             }
                         }
                     }
@@ -206,6 +220,22 @@ impl Worker {
         };
         (seq, outcome, started.elapsed())
     }
+
+    /// Sends a task's outcome, capped to the output limit, back on `link`.
+    fn send_result(&self, link: &Link, seq: u64, out: TaskOutcome, took: Duration) {
+        let out = out.capped(self.output_limit);
+        let c = Completed {
+            seq,
+            ok: out.ok,
+            exit_code: out.exit_code,
+            output: out.output,
+            error: out.error,
+            duration_us: u64::try_from(took.as_micros()).unwrap_or(u64::MAX),
+        };
+        if let Err(e) = link.send(Command::Complete(c)) {
+            debug!(error = %e, "result not delivered");
+        }
+    }
 }
 
 /// An assigned task that runs in a task of its own.
@@ -214,18 +244,4 @@ struct Job {
     handler: Arc<dyn Handler>,
     req: TaskRequest,
     timeout_ms: u64,
-}
-
-fn send_result(link: &Link, seq: u64, out: TaskOutcome, took: Duration) {
-    let c = Completed {
-        seq,
-        ok: out.ok,
-        exit_code: out.exit_code,
-        output: out.output,
-        error: out.error,
-        duration_us: u64::try_from(took.as_micros()).unwrap_or(u64::MAX),
-    };
-    if let Err(e) = link.send(Command::Complete(c)) {
-        debug!(error = %e, "result not delivered");
-    }
 }

@@ -117,7 +117,7 @@ pub(crate) fn read(
     svc: &ResolvedService,
     cluster: &str,
     me: NodeId,
-    key: Option<&ClusterKey>,
+    keys: &[ClusterKey],
 ) -> Verdict {
     let get = |k: &str| svc.get_property_val_str(k);
     match get(KEY_VERSION).map(|v| v.trim().parse::<u16>()) {
@@ -127,10 +127,11 @@ pub(crate) fn read(
     if get(KEY_CLUSTER) != Some(cluster) {
         return Verdict::Foreign;
     }
-    let verified = match (key, get(KEY_MAC)) {
-        (None, None) => true,
-        (None, Some(_)) | (Some(_), None) => false,
-        (Some(k), Some(m)) => {
+    // Any of the node's keys will do (a key rotation: sealed with the first, accepted
+    // under each).
+    let verified = match get(KEY_MAC) {
+        None => keys.is_empty(),
+        Some(m) => keys.iter().any(|k| {
             let want = mac(k, get, svc.get_port());
             // Constant time: the comparison does not stop at the first differing byte.
             want.len() == m.len()
@@ -139,7 +140,7 @@ pub(crate) fn read(
                     .zip(m.bytes())
                     .fold(0u8, |acc, (a, b)| acc | (a ^ b))
                     == 0
-        }
+        }),
     };
     if !verified {
         return Verdict::Unauthenticated;
@@ -261,7 +262,7 @@ mod tests {
     #[test]
     fn an_announcement_reads_back_as_its_peer() {
         let a = announcement();
-        let v = read(&round_trip(&a), "lab", NodeId([1; 16]), None);
+        let v = read(&round_trip(&a), "lab", NodeId([1; 16]), &[]);
         assert_eq!(
             v,
             Verdict::Peer(Peer {
@@ -278,21 +279,21 @@ mod tests {
     fn other_clusters_versions_and_own_services_are_not_peers() {
         let a = announcement();
         assert_eq!(
-            read(&round_trip(&a), "prod", NodeId([1; 16]), None),
+            read(&round_trip(&a), "prod", NodeId([1; 16]), &[]),
             Verdict::Foreign
         );
-        assert_eq!(read(&round_trip(&a), "lab", a.node_id, None), Verdict::Own);
+        assert_eq!(read(&round_trip(&a), "lab", a.node_id, &[]), Verdict::Own);
         let mut props = properties(&a, None).unwrap();
         props[0].1 = (PROTOCOL_VERSION + 1).to_string();
         let svc = resolved(&props, "10.0.0.7", 7400);
         assert_eq!(
-            read(&svc, "lab", NodeId([1; 16]), None),
+            read(&svc, "lab", NodeId([1; 16]), &[]),
             Verdict::Unsupported
         );
         // Another application on the service type: no version at all.
         let svc = resolved(&[("path", "/".to_string())], "10.0.0.7", 7400);
         assert_eq!(
-            read(&svc, "lab", NodeId([1; 16]), None),
+            read(&svc, "lab", NodeId([1; 16]), &[]),
             Verdict::Unsupported
         );
     }
@@ -315,7 +316,7 @@ mod tests {
             let svc = resolved(&props, "10.0.0.7", 7400);
             assert!(
                 matches!(
-                    read(&svc, "lab", NodeId([1; 16]), None),
+                    read(&svc, "lab", NodeId([1; 16]), &[]),
                     Verdict::Malformed(_)
                 ),
                 "{value:?} accepted"
@@ -324,7 +325,7 @@ mod tests {
         let props = properties(&a, None).unwrap();
         let svc = resolved(&props, "10.0.0.7", 0);
         assert!(matches!(
-            read(&svc, "lab", NodeId([1; 16]), None),
+            read(&svc, "lab", NodeId([1; 16]), &[]),
             Verdict::Malformed(_)
         ));
     }
@@ -339,30 +340,49 @@ mod tests {
             resolved(&properties(&a, Some(k)).unwrap(), "10.0.0.7", port)
         };
         assert!(matches!(
-            read(&sealed(&key, 7400), "lab", me, Some(&key)),
+            read(&sealed(&key, 7400), "lab", me, std::slice::from_ref(&key)),
             Verdict::Peer(_)
         ));
         assert_eq!(
-            read(&sealed(&other, 7400), "lab", me, Some(&key)),
+            read(&sealed(&other, 7400), "lab", me, std::slice::from_ref(&key)),
             Verdict::Unauthenticated
         );
         assert_eq!(
-            read(&round_trip(&a), "lab", me, Some(&key)),
+            read(&round_trip(&a), "lab", me, std::slice::from_ref(&key)),
+            Verdict::Unauthenticated
+        );
+        // During a key rotation a node holds several keys: a record sealed under any of
+        // them is a peer.
+        let both = [other.clone(), key.clone()];
+        assert!(matches!(
+            read(&sealed(&key, 7400), "lab", me, &both),
+            Verdict::Peer(_)
+        ));
+        assert!(matches!(
+            read(&sealed(&other, 7400), "lab", me, &both),
+            Verdict::Peer(_)
+        ));
+        let third = ClusterKey::from_bytes([9; 32]);
+        assert_eq!(
+            read(&sealed(&third, 7400), "lab", me, &both),
             Verdict::Unauthenticated
         );
         assert_eq!(
-            read(&sealed(&key, 7400), "lab", me, None),
+            read(&sealed(&key, 7400), "lab", me, &[]),
             Verdict::Unauthenticated
         );
         // The port is covered; so is every field.
         assert_eq!(
-            read(&sealed(&key, 7401), "lab", me, Some(&key)),
+            read(&sealed(&key, 7401), "lab", me, std::slice::from_ref(&key)),
             Verdict::Unauthenticated
         );
         let mut props = properties(&a, Some(&key)).unwrap();
         props[3].1 = "a,render,evil".into();
         let svc = resolved(&props, "10.0.0.7", 7400);
-        assert_eq!(read(&svc, "lab", me, Some(&key)), Verdict::Unauthenticated);
+        assert_eq!(
+            read(&svc, "lab", me, std::slice::from_ref(&key)),
+            Verdict::Unauthenticated
+        );
     }
 
     #[test]

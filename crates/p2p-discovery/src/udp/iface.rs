@@ -32,7 +32,7 @@ pub(crate) struct Iface {
 impl Iface {
     fn has(&self, flag: u32) -> bool {
         // Unknown flags (not Linux): assume capable and let the socket calls decide.
-        self.flags.map_or(true, |f| f & flag != 0)
+        self.flags.is_none_or(|f| f & flag != 0)
     }
 
     /// Whether this link uses multicast (always on loopback, where broadcast is meaningless).

@@ -339,14 +339,7 @@ fn output_text(out: Capped) -> String {
     }
     let mut text = String::from_utf8_lossy(&bytes).into_owned();
     // Replacement characters can make the text longer than the bytes it came from.
-    if text.len() > limit {
-        let mut end = limit;
-        while !text.is_char_boundary(end) {
-            end -= 1;
-        }
-        text.truncate(end);
-        truncated = true;
-    }
+    truncated |= super::cut_at_char(&mut text, limit);
     if text.ends_with('\n') {
         text.pop();
         if text.ends_with('\r') {

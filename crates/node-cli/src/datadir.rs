@@ -1,0 +1,169 @@
+//! Where a node keeps its identity between starts: the data directory.
+//!
+//! A node's identity file holds its private key; its node id derives from it
+//! ([`p2p_core::identity`]). `p2p-node serve` keeps it in the data directory
+//! (`--data-dir`, default [`default_dir`]) so the node keeps its id across restarts; `run`
+//! keeps a coordinator identity there too.
+//!
+//! Several nodes may run on one machine (three `serve` processes in one shell, say), and
+//! two live processes must never share an identity. So each process *holds* its identity
+//! file: it takes an exclusive lock on `FILE.lock` for as long as it runs (the operating
+//! system drops the lock when the process ends, however it ends). A node that asks for the
+//! data directory's identity takes the first *slot* no live process holds: `identity`, then
+//! `identity-2`, `identity-3`, and so on (`coordinator`, `coordinator-2`, ... for `run`),
+//! creating the file (mode 0600) the first time. The same processes started in the same
+//! order get the same ids again.
+
+use std::fs::{File, OpenOptions, TryLockError};
+use std::path::{Path, PathBuf};
+
+use p2p_core::Identity;
+
+use crate::Error;
+
+/// The most slots of one kind tried in a data directory.
+pub const MAX_SLOTS: u32 = 256;
+
+/// The data directory used when none is given: `$XDG_DATA_HOME/p2p-node`, else
+/// `$HOME/.local/share/p2p-node`; `None` when neither variable is set.
+pub fn default_dir() -> Option<PathBuf> {
+    let non_empty = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty());
+    if let Some(xdg) = non_empty("XDG_DATA_HOME") {
+        return Some(PathBuf::from(xdg).join("p2p-node"));
+    }
+    non_empty("HOME").map(|h| PathBuf::from(h).join(".local/share/p2p-node"))
+}
+
+/// An identity this process holds: no other process can hold the same file until this
+/// value is dropped or the process ends.
+#[derive(Debug)]
+pub struct HeldIdentity {
+    /// The identity.
+    pub identity: Identity,
+    /// Its file.
+    pub path: PathBuf,
+    /// Whether the file was created now.
+    pub created: bool,
+    _lock: File,
+}
+
+/// Holds the identity file at `path`, creating it if missing. `Ok(None)`: another live
+/// process holds it.
+pub fn hold(path: &Path) -> Result<Option<HeldIdentity>, Error> {
+    let lock_path = lock_path(path);
+    let io_err = |source: std::io::Error| Error::Identity {
+        path: lock_path.clone(),
+        message: source.to_string(),
+    };
+    let lock = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(io_err)?;
+    match lock.try_lock() {
+        Ok(()) => {}
+        Err(TryLockError::WouldBlock) => return Ok(None),
+        Err(TryLockError::Error(e)) => return Err(io_err(e)),
+    }
+    let (identity, created) = Identity::load_or_create(path).map_err(|e| Error::Identity {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    Ok(Some(HeldIdentity {
+        identity,
+        path: path.to_path_buf(),
+        created,
+        _lock: lock,
+    }))
+}
+
+/// Holds the first free slot of kind `name` (e.g. `identity`) in `dir`, creating `dir`
+/// (mode 0700) and the file as needed.
+pub fn hold_slot(dir: &Path, name: &str) -> Result<HeldIdentity, Error> {
+    create_private_dir(dir).map_err(|e| Error::Identity {
+        path: dir.to_path_buf(),
+        message: format!("cannot create the data directory: {e}"),
+    })?;
+    for n in 1..=MAX_SLOTS {
+        let file = if n == 1 {
+            name.to_string()
+        } else {
+            format!("{name}-{n}")
+        };
+        if let Some(held) = hold(&dir.join(file))? {
+            return Ok(held);
+        }
+    }
+    Err(Error::Identity {
+        path: dir.to_path_buf(),
+        message: format!(
+            "all {MAX_SLOTS} {name} slots are held by running nodes; give this one its own \
+             --data-dir or --identity"
+        ),
+    })
+}
+
+fn lock_path(path: &Path) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".lock");
+    path.with_file_name(name)
+}
+
+fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    let mut b = std::fs::DirBuilder::new();
+    b.recursive(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        b.mode(0o700);
+    }
+    b.create(dir)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    #[test]
+    fn slots_are_held_one_process_at_a_time_and_kept_across_restarts() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let first = hold_slot(&data, "identity").unwrap();
+        assert!(first.created);
+        assert_eq!(first.path, data.join("identity"));
+        // While the first is held, the next node gets the second slot, a different id.
+        let second = hold_slot(&data, "identity").unwrap();
+        assert_eq!(second.path, data.join("identity-2"));
+        assert_ne!(first.identity.node_id(), second.identity.node_id());
+        // Another kind of slot is separate.
+        let coord = hold_slot(&data, "coordinator").unwrap();
+        assert_eq!(coord.path, data.join("coordinator"));
+        // An explicit file held by someone else is reported as held.
+        assert!(hold(&first.path).unwrap().is_none());
+        // A restart (the lock released) gets the same id back from the first slot.
+        let id = first.identity.node_id();
+        drop(first);
+        let again = hold_slot(&data, "identity").unwrap();
+        assert_eq!(again.path, data.join("identity"));
+        assert!(!again.created);
+        assert_eq!(again.identity.node_id(), id);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&data).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o700);
+        }
+    }
+
+    #[test]
+    fn an_unusable_directory_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("not-a-dir");
+        std::fs::write(&file, "x").unwrap();
+        let err = hold_slot(&file, "identity").unwrap_err().to_string();
+        assert!(err.contains("not-a-dir"), "{err}");
+    }
+}
