@@ -14,6 +14,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod netfault;
 pub mod netns;
 
 use std::io::{BufRead, BufReader, Read};

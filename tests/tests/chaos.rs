@@ -1,9 +1,10 @@
 //! Chaos on the namespace LAN (see `tests::netns`): 6 serving hosts and a coordinator host;
 //! 1,000 tasks `--order none --journal J --retries 3` while serving nodes are killed with
 //! SIGKILL and restarted, links are cut at the bridge and healed (some longer than the
-//! heartbeat idle timeout), and links are impaired with `tc` (netem loss, delay and
-//! reordering where the kernel has `sch_netem`; otherwise a `tbf` rate limit, which queues
-//! and drops). Skipped, with a printed reason, where namespaces cannot be created.
+//! heartbeat idle timeout), and links are impaired with packet loss, delay and reordering:
+//! `tc netem` where the kernel has `sch_netem`, otherwise the same done in userspace on a
+//! netfilter queue (`tests::netfault`; `iptables-legacy`), otherwise a `tbf` rate limit, which
+//! queues and drops. Skipped, with a printed reason, where namespaces cannot be created.
 //!
 //! The run must end with every task reported exactly once (one `task_completed` or
 //! `task_failed`), none lost, the journal holding exactly those final results, and the exit
@@ -22,6 +23,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use tests::netfault::{Impairment, NetFault};
 use tests::netns::{Host, Lan, NsProcess, HOST_IF};
 
 /// Serving hosts (the coordinator is one more).
@@ -101,13 +103,18 @@ fn in_ns(ns: &str, program: &str, args: &[&str]) -> Result<(), String> {
 enum Shaping {
     /// `tc qdisc ... netem`: loss, delay, jitter, reordering.
     Netem,
+    /// No netem: loss, delay, jitter and reordering in userspace ([`NetFault`]).
+    Userspace,
     /// No netem: a `tbf` rate limit (queueing delay, and drops when its queue is full).
     Tbf,
     /// No usable `tc`.
     None,
 }
 
-fn probe_shaping(host: &Host) -> Shaping {
+/// The link impairment this machine supports; with [`Shaping::Userspace`], one started
+/// [`NetFault`] per serving host.
+fn probe_shaping(lan: &Lan, seed: u64) -> (Shaping, Vec<NetFault>) {
+    let host = lan.host(1);
     let ns = host.ns();
     let netem = [
         "qdisc", "replace", "dev", HOST_IF, "root", "netem", "delay", "1ms",
@@ -115,9 +122,21 @@ fn probe_shaping(host: &Host) -> Shaping {
     match in_ns(ns, "tc", &netem) {
         Ok(()) => {
             let _ = in_ns(ns, "tc", &["qdisc", "del", "dev", HOST_IF, "root"]);
-            return Shaping::Netem;
+            return (Shaping::Netem, Vec::new());
         }
-        Err(why) => eprintln!("chaos: no netem ({why}); loss/delay/reorder are not injected"),
+        Err(why) => eprintln!("chaos: no netem ({why}); trying a netfilter queue"),
+    }
+    let started: Result<Vec<NetFault>, String> = (0..NODES)
+        .map(|i| NetFault::start(lan.host(i + 1).ns(), seed.wrapping_add(i as u64)))
+        .collect();
+    match started {
+        Ok(faults) => {
+            eprintln!("chaos: loss, delay and reordering done in userspace (netfilter queue)");
+            return (Shaping::Userspace, faults);
+        }
+        Err(why) => {
+            eprintln!("chaos: no netfilter queue ({why}); loss/delay/reorder are not injected")
+        }
     }
     let tbf = [
         "qdisc", "replace", "dev", HOST_IF, "root", "tbf", "rate", "1mbit", "burst", "16kb",
@@ -127,11 +146,11 @@ fn probe_shaping(host: &Host) -> Shaping {
         Ok(()) => {
             let _ = in_ns(ns, "tc", &["qdisc", "del", "dev", HOST_IF, "root"]);
             eprintln!("chaos: using a tbf rate limit as the link impairment instead");
-            Shaping::Tbf
+            (Shaping::Tbf, Vec::new())
         }
         Err(why) => {
             eprintln!("chaos: no usable tc ({why}); no link impairment");
-            Shaping::None
+            (Shaping::None, Vec::new())
         }
     }
 }
@@ -159,6 +178,8 @@ struct Chaos<'a> {
     lan: &'a Lan,
     bridge: String,
     shaping: Shaping,
+    /// With [`Shaping::Userspace`]: serving node `i`'s impairer.
+    netfaults: Vec<NetFault>,
     rng: Rng,
     args: Vec<Vec<String>>,
     nodes: Vec<Option<NsProcess<'a>>>,
@@ -206,6 +227,18 @@ impl<'a> Chaos<'a> {
         let spec = match self.shaping {
             Shaping::Netem => netem,
             Shaping::Tbf => tbf,
+            Shaping::Userspace => {
+                let imp = Impairment {
+                    loss_pct: 1 + self.rng.below(8) as u32,
+                    delay: self.rng.ms(5, 45),
+                    jitter: self.rng.ms(1, 10),
+                    reorder_pct: 5 + self.rng.below(20) as u32,
+                };
+                if let Err(e) = self.netfaults[i].impair(Some(imp)) {
+                    self.faults.errors.push(e);
+                }
+                return;
+            }
             Shaping::None => return,
         };
         let port = format!("v{}", i + 1);
@@ -223,6 +256,12 @@ impl<'a> Chaos<'a> {
     }
 
     fn unshape(&mut self, i: usize) {
+        if self.shaping == Shaping::Userspace {
+            if let Err(e) = self.netfaults[i].impair(None) {
+                self.faults.errors.push(e);
+            }
+            return;
+        }
         let port = format!("v{}", i + 1);
         let host_ns = self.host(i).ns().to_string();
         for (ns, dev) in [
@@ -355,10 +394,12 @@ fn a_thousand_tasks_survive_kills_restarts_cut_links_and_bad_links() {
     );
 
     let coordinator = lan.host(0);
+    let (shaping, netfaults) = probe_shaping(&lan, seed);
     let mut chaos = Chaos {
         lan: &lan,
         bridge: lan.namespaces()[0].clone(),
-        shaping: probe_shaping(lan.host(1)),
+        shaping,
+        netfaults,
         rng: Rng(seed | 1),
         args: Vec::new(),
         nodes: Vec::new(),
@@ -436,6 +477,11 @@ fn a_thousand_tasks_survive_kills_restarts_cut_links_and_bad_links() {
     };
     let elapsed = started.elapsed();
     chaos.undo_due(Instant::now(), true);
+    // Packets the userspace impairment saw, dropped, delayed and sent out of order.
+    let packets = chaos.netfaults.iter().fold((0, 0, 0, 0), |acc, f| {
+        let (a, b, c, d) = f.counters().snapshot();
+        (acc.0 + a, acc.1 + b, acc.2 + c, acc.3 + d)
+    });
 
     // The collector threads may still be reading the last lines: the summary is last.
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -494,7 +540,8 @@ fn a_thousand_tasks_survive_kills_restarts_cut_links_and_bad_links() {
         "chaos figures: {} tasks in {:.1} s; faults: {} SIGKILLs, {} restarts, {} link cuts \
          ({} past the idle timeout), {} link impairments ({:?}); results: {} succeeded, {} \
          failed, {} lost, {} duplicate final results; executions: {} ({} tasks ran more than \
-         once); retries: {}; disconnections: {} ({} unclean); exit status {}",
+         once); retries: {}; disconnections: {} ({} unclean); exit status {}; packets through \
+         the userspace impairment: {} seen, {} dropped, {} delayed, {} reordered",
         n_tasks,
         elapsed.as_secs_f64(),
         chaos.faults.kills,
@@ -515,7 +562,11 @@ fn a_thousand_tasks_survive_kills_restarts_cut_links_and_bad_links() {
             .iter()
             .filter(|e| e["clean"] == false)
             .count(),
-        status
+        status,
+        packets.0,
+        packets.1,
+        packets.2,
+        packets.3
     );
     assert!(
         chaos.faults.errors.is_empty(),
@@ -595,4 +646,12 @@ fn a_thousand_tasks_survive_kills_restarts_cut_links_and_bad_links() {
         "{:?}",
         chaos.faults
     );
+    if chaos.shaping == Shaping::Userspace {
+        assert!(chaos.faults.impairments > 0, "{:?}", chaos.faults);
+        let (_, dropped, delayed, reordered) = packets;
+        assert!(
+            dropped > 0 && delayed > 0 && reordered > 0,
+            "the impairment did nothing: {packets:?}"
+        );
+    }
 }
