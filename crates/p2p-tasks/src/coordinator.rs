@@ -832,7 +832,10 @@ fn split(mut tasks: Vec<Task>) -> (Vec<TaskResult>, Vec<Option<Box<Extra>>>) {
                 deps: t.deps,
             }))
         });
-        if tasks.capacity() > 4096 && tasks.len() < tasks.capacity() / 2 {
+        // Give back the consumed tail of the list every 64 Ki tasks, so the list and the
+        // results never both hold a million tasks (a large list's memory is mapped on its
+        // own, and shrinking it gives the pages back without a copy).
+        if tasks.capacity() - tasks.len() >= 65_536 {
             tasks.shrink_to_fit();
         }
     }

@@ -25,11 +25,10 @@
 //! A dependency on an unknown task, on the task itself, or a cycle of dependencies is an
 //! error that names the tasks. Plain lines keep the seed format's meaning.
 
-use std::collections::HashMap;
 use std::fmt;
 use std::path::Path;
 
-use crate::task::{id_problem, kind_of, Task};
+use crate::task::{id_problem, kind_of, IdIndex, Task};
 
 /// What kind of problem a [`ParseError`] reports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -128,35 +127,40 @@ struct Token<'a> {
     col: u32,
 }
 
-/// The tokens of one line (without its line end), comments removed.
-fn tokens(line: &str) -> Vec<Token<'_>> {
+/// The tokens of one line (without its line end), comments removed, one at a time (a line
+/// may hold a million task ids).
+fn tokens(line: &str) -> impl Iterator<Item = Token<'_>> {
     let code = match line.find('#') {
         Some(i) => &line[..i],
         None => line,
     };
-    let mut out = Vec::new();
-    let mut start: Option<(usize, u32)> = None;
+    let mut chars = code.char_indices();
     let mut col: u32 = 0;
-    for (i, c) in code.char_indices() {
-        col = col.saturating_add(1);
-        if c.is_whitespace() {
-            if let Some((s, scol)) = start.take() {
-                out.push(Token {
-                    text: &code[s..i],
-                    col: scol,
-                });
+    std::iter::from_fn(move || {
+        let mut start: Option<(usize, u32)> = None;
+        for (i, c) in chars.by_ref() {
+            col = col.saturating_add(1);
+            if c.is_whitespace() {
+                if let Some((s, scol)) = start {
+                    return Some(Token {
+                        text: &code[s..i],
+                        col: scol,
+                    });
+                }
+            } else if start.is_none() {
+                start = Some((i, col));
             }
-        } else if start.is_none() {
-            start = Some((i, col));
         }
-    }
-    if let Some((s, scol)) = start {
-        out.push(Token {
+        start.map(|(s, scol)| Token {
             text: &code[s..],
             col: scol,
-        });
-    }
-    out
+        })
+    })
+}
+
+/// Whether a token starts the `after` or `--` clause of a line.
+fn is_clause(t: &Token<'_>) -> bool {
+    t.text == "after" || t.text == "--"
 }
 
 /// Parses the text of a task file. `file` is only used in error messages.
@@ -165,16 +169,24 @@ fn tokens(line: &str) -> Vec<Token<'_>> {
 pub fn parse(file: &str, text: &str) -> Result<Vec<Task>, ParseError> {
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let mut tasks: Vec<Task> = Vec::new();
-    let mut seen: HashMap<String, (u32, u32)> = HashMap::new();
-    // Dependencies with their positions, checked once every id is known.
-    let mut dep_pos: Vec<Vec<(u32, u32)>> = Vec::new();
+    let mut seen = IdIndex::with_capacity(0);
+    // Tasks with dependencies: (task, the positions of its dependencies), checked once
+    // every id is known.
+    let mut dep_pos: Vec<(usize, Vec<(u32, u32)>)> = Vec::new();
     // `str::lines` splits on `\n` and strips a `\r` before it.
     for (index, line_text) in text.lines().enumerate() {
         let line = to_u32(index.saturating_add(1));
-        let toks = tokens(line_text);
-        let clause = toks
-            .iter()
-            .position(|t| t.text == "after" || t.text == "--");
+        if !tokens(line_text).any(|t| is_clause(&t)) {
+            // Only task ids (the usual line, however long): no list of its tokens.
+            for token in tokens(line_text) {
+                let task = new_task(file, line, &token, &tasks, &seen)?;
+                tasks.push(task);
+                seen.insert(&tasks, tasks.len() - 1);
+            }
+            continue;
+        }
+        let toks: Vec<Token<'_>> = tokens(line_text).collect();
+        let clause = toks.iter().position(is_clause);
         let (ids, after): (&[Token<'_>], &[Token<'_>]) = match clause {
             None => (&toks[..], &[]),
             Some(i) => (&toks[..i], &toks[i..]),
@@ -191,10 +203,9 @@ pub fn parse(file: &str, text: &str) -> Result<Vec<Task>, ParseError> {
             ));
         }
         for token in ids {
-            let task = new_task(file, line, token, &seen)?;
-            seen.insert(task.id.clone(), (line, token.col));
+            let task = new_task(file, line, token, &tasks, &seen)?;
             tasks.push(task);
-            dep_pos.push(Vec::new());
+            seen.insert(&tasks, tasks.len() - 1);
         }
         let mut rest = after;
         if rest.first().is_some_and(|t| t.text == "after") {
@@ -221,7 +232,13 @@ pub fn parse(file: &str, text: &str) -> Result<Vec<Task>, ParseError> {
                         format!("invalid dependency {:?}: {problem}", dep.text),
                     ));
                 }
-                if let (Some(t), Some(p)) = (tasks.last_mut(), dep_pos.last_mut()) {
+                let Some(i) = tasks.len().checked_sub(1) else {
+                    continue;
+                };
+                if dep_pos.last().is_none_or(|(t, _)| *t != i) {
+                    dep_pos.push((i, Vec::new()));
+                }
+                if let (Some(t), Some((_, p))) = (tasks.last_mut(), dep_pos.last_mut()) {
                     if !t.deps.iter().any(|d| d == dep.text) {
                         t.deps.push(dep.text.to_owned());
                         p.push((line, dep.col));
@@ -248,7 +265,7 @@ pub fn parse(file: &str, text: &str) -> Result<Vec<Task>, ParseError> {
             "no tasks found".to_owned(),
         ));
     }
-    check_dependencies(file, &tasks, &dep_pos)?;
+    check_dependencies(file, &tasks, &seen, &dep_pos)?;
     Ok(tasks)
 }
 
@@ -257,7 +274,8 @@ fn new_task(
     file: &str,
     line: u32,
     token: &Token<'_>,
-    seen: &HashMap<String, (u32, u32)>,
+    tasks: &[Task],
+    seen: &IdIndex,
 ) -> Result<Task, ParseError> {
     let (col, id) = (token.col, token.text);
     if let Some(problem) = id_problem(id) {
@@ -269,7 +287,8 @@ fn new_task(
             format!("invalid task id {id:?}: {problem}"),
         ));
     }
-    if let Some(&(first_line, first_col)) = seen.get(id) {
+    if let Some(first) = seen.get(tasks, id).and_then(|j| tasks.get(j)) {
+        let (first_line, first_col) = (first.line, first.col);
         return Err(ParseError::at(
             file,
             line,
@@ -308,23 +327,26 @@ fn byte_after_col(text: &str, col: u32, len: usize) -> usize {
 fn check_dependencies(
     file: &str,
     tasks: &[Task],
-    dep_pos: &[Vec<(u32, u32)>],
+    index: &IdIndex,
+    dep_pos: &[(usize, Vec<(u32, u32)>)],
 ) -> Result<(), ParseError> {
-    let index: HashMap<&str, usize> = tasks
-        .iter()
-        .enumerate()
-        .map(|(i, t)| (t.id.as_str(), i))
-        .collect();
+    if dep_pos.is_empty() {
+        // No dependency, so nothing unknown and no cycle.
+        return Ok(());
+    }
     let mut edges: Vec<Vec<usize>> = vec![Vec::new(); tasks.len()];
-    for (i, t) in tasks.iter().enumerate() {
+    for (i, positions) in dep_pos {
+        let (i, Some(t)) = (*i, tasks.get(*i)) else {
+            continue;
+        };
         for (d, dep) in t.deps.iter().enumerate() {
-            let (line, col) = dep_pos[i].get(d).copied().unwrap_or((t.line, t.col));
+            let (line, col) = positions.get(d).copied().unwrap_or((t.line, t.col));
             let err =
                 |msg: String| ParseError::at(file, line, col, ParseErrorKind::Dependency, msg);
-            match index.get(dep.as_str()) {
+            match index.get(tasks, dep) {
                 None => return Err(err(format!("{} depends on unknown task {dep:?}", t.id))),
-                Some(&j) if j == i => return Err(err(format!("{} depends on itself", t.id))),
-                Some(&j) => edges[i].push(j),
+                Some(j) if j == i => return Err(err(format!("{} depends on itself", t.id))),
+                Some(j) => edges[i].push(j),
             }
         }
     }

@@ -278,15 +278,11 @@ impl Scheduler {
         }
         let mut dependents = Vec::new();
         if tasks.iter().any(|t| !t.deps.is_empty()) {
-            let index: std::collections::HashMap<&str, usize> = tasks
-                .iter()
-                .enumerate()
-                .map(|(i, t)| (t.id.as_str(), i))
-                .collect();
+            let index = crate::task::IdIndex::build(tasks);
             dependents = vec![Vec::new(); tasks.len()];
             for (i, t) in tasks.iter().enumerate() {
                 for d in &t.deps {
-                    if let Some(&j) = index.get(d.as_str()) {
+                    if let Some(j) = index.get(tasks, d) {
                         dependents[j].push(i);
                         slots[i].waiting += 1;
                     }

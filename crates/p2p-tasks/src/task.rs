@@ -108,11 +108,85 @@ pub(crate) fn id_problem(id: &str) -> Option<String> {
     None
 }
 
+/// Task ids to their positions in a task list, at 4 bytes per task (the ids themselves are
+/// not copied: the list is passed to every call). For the parser and the plan checks of
+/// files with a million tasks.
+pub(crate) struct IdIndex {
+    table: hashbrown::HashTable<u32>,
+    hasher: std::hash::RandomState,
+}
+
+impl IdIndex {
+    /// An empty index for about `n` tasks.
+    pub(crate) fn with_capacity(n: usize) -> Self {
+        IdIndex {
+            table: hashbrown::HashTable::with_capacity(n),
+            hasher: std::hash::RandomState::new(),
+        }
+    }
+
+    /// The index of every task of `tasks` (a later duplicate id is not added).
+    pub(crate) fn build(tasks: &[Task]) -> Self {
+        let mut index = IdIndex::with_capacity(tasks.len());
+        for i in 0..tasks.len() {
+            if index.get(tasks, &tasks[i].id).is_none() {
+                index.insert(tasks, i);
+            }
+        }
+        index
+    }
+
+    fn hash(&self, id: &str) -> u64 {
+        std::hash::BuildHasher::hash_one(&self.hasher, id)
+    }
+
+    /// The position of the task with this id.
+    pub(crate) fn get(&self, tasks: &[Task], id: &str) -> Option<usize> {
+        self.table
+            .find(self.hash(id), |&i| {
+                tasks.get(i as usize).is_some_and(|t| t.id == id)
+            })
+            .map(|&i| i as usize)
+    }
+
+    /// Adds task `i` of `tasks`, whose id must not be in the index yet.
+    pub(crate) fn insert(&mut self, tasks: &[Task], i: usize) {
+        let Ok(pos) = u32::try_from(i) else { return };
+        let Some(t) = tasks.get(i) else { return };
+        let hash = self.hash(&t.id);
+        let hasher = &self.hasher;
+        self.table.insert_unique(hash, pos, |&j| {
+            let id = tasks.get(j as usize).map_or("", |t| t.id.as_str());
+            std::hash::BuildHasher::hash_one(hasher, id)
+        });
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
     use super::*;
+
+    #[test]
+    fn the_id_index_finds_every_task_as_it_grows_and_keeps_the_first_of_a_duplicate() {
+        let mut tasks: Vec<Task> = Vec::new();
+        let mut index = IdIndex::with_capacity(0);
+        for i in 0..5000 {
+            tasks.push(Task::from_id(&format!("a{i}")).unwrap());
+            index.insert(&tasks, tasks.len() - 1);
+        }
+        for i in (0..5000).step_by(7) {
+            assert_eq!(index.get(&tasks, &format!("a{i}")), Some(i));
+        }
+        assert_eq!(index.get(&tasks, "a5000"), None);
+        assert_eq!(index.get(&tasks, "b1"), None);
+        // build: a later duplicate keeps pointing at the first.
+        tasks.push(Task::from_id("a3").unwrap());
+        let built = IdIndex::build(&tasks);
+        assert_eq!(built.get(&tasks, "a3"), Some(3));
+        assert_eq!(built.get(&tasks, "a4999"), Some(4999));
+    }
 
     #[test]
     fn kind_of_takes_leading_letters_lower_cased() {
