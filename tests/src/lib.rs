@@ -59,6 +59,42 @@ pub fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
+/// Runs `cmd` to its end, at most `limit` (then kills it); its stdout, or what went wrong
+/// (with its stderr). For the short setup commands of the suites (`ip`, `tc`, `iptables`).
+pub fn run_bounded(mut cmd: Command, limit: Duration) -> Result<String, String> {
+    let what = format!("{cmd:?}");
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot run {what}: {e}"))?;
+    let deadline = Instant::now() + limit;
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) => break,
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!("{what} hung"));
+            }
+        }
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(|e| format!("{what}: {e}"))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(format!(
+            "{what} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
 /// The data directory (`P2P_DATA_DIR`) of every node this test process starts, so the
 /// suites never touch the real home directory: `p2p-node-tests-PID` in the system's
 /// temporary directory. Nodes running at the same time get different identity slots of

@@ -11,7 +11,7 @@
 //! namespace, which the test deletes afterwards.
 
 use std::collections::BTreeMap;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -176,38 +176,10 @@ fn rule(op: &str, chain: &str) -> Vec<String> {
 
 /// Runs `iptables-legacy ARGS` in `ns`, bounded; its error text if it failed.
 fn iptables<S: AsRef<str>>(ns: &str, args: &[S]) -> Result<(), String> {
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", ns, "iptables-legacy", "-w", "5"])
-        .args(args.iter().map(AsRef::as_ref))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("cannot run iptables-legacy: {e}"))?;
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
-            if status.success() {
-                return Ok(());
-            }
-            let mut err = String::new();
-            if let Some(mut e) = child.stderr.take() {
-                let _ = std::io::Read::read_to_string(&mut e, &mut err);
-            }
-            let args: Vec<&str> = args.iter().map(AsRef::as_ref).collect();
-            return Err(format!(
-                "iptables-legacy {}: {}",
-                args.join(" "),
-                err.trim()
-            ));
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err("iptables-legacy hung".into());
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", ns, "iptables-legacy", "-w", "5"])
+        .args(args.iter().map(AsRef::as_ref));
+    crate::run_bounded(cmd, Duration::from_secs(15)).map(drop)
 }
 
 /// Moves this thread into the namespace at `path` and binds the queue there.

@@ -514,38 +514,9 @@ fn sweep_stale() {
 
 /// Runs `ip ARGS`, at most 30 s; its stdout, or why it failed.
 fn ip(args: &[&str]) -> Result<String, String> {
-    let mut child = Command::new("ip")
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("cannot run `ip`: {e}"))?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        match child.try_wait() {
-            Ok(Some(_)) => break,
-            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
-            _ => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(format!("`ip {}` hung", args.join(" ")));
-            }
-        }
-    }
-    let out = child
-        .wait_with_output()
-        .map_err(|e| format!("`ip {}`: {e}", args.join(" ")))?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    } else {
-        Err(format!(
-            "`ip {}` failed ({}): {}",
-            args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
+    let mut cmd = Command::new("ip");
+    cmd.args(args);
+    crate::run_bounded(cmd, Duration::from_secs(30))
 }
 
 fn must(args: &[&str]) {

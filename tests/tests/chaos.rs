@@ -19,7 +19,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -68,34 +68,9 @@ impl Rng {
 
 /// Runs `program args` in the namespace `ns` (bounded); its error text if it failed.
 fn in_ns(ns: &str, program: &str, args: &[&str]) -> Result<(), String> {
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", ns, program])
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("cannot run ip netns exec: {e}"))?;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
-            let mut err = String::new();
-            if let Some(mut e) = child.stderr.take() {
-                let _ = std::io::Read::read_to_string(&mut e, &mut err);
-            }
-            return if status.success() {
-                Ok(())
-            } else {
-                Err(format!("{program} {}: {}", args.join(" "), err.trim()))
-            };
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(format!("{program} {} hung", args.join(" ")));
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", ns, program]).args(args);
+    tests::run_bounded(cmd, Duration::from_secs(20)).map(drop)
 }
 
 /// Which link impairment the machine supports.

@@ -52,6 +52,22 @@ fn keyed_run(dir: &TestDir, peers: &[String], keys: &[&Path], extra: &[&str]) ->
     run_in(dir.path(), &args)
 }
 
+/// `serve --identity PATH` that is expected to refuse to start: its output.
+fn serve_refused(dir: &TestDir, identity: &str) -> RunOutput {
+    let args = [
+        "serve",
+        "--types",
+        "a",
+        "--listen",
+        "127.0.0.1:0",
+        "--discovery",
+        "none",
+        "--identity",
+        identity,
+    ];
+    run_in(dir.path(), &args)
+}
+
 fn log_lines(path: &Path) -> Vec<String> {
     std::fs::read_to_string(path)
         .unwrap_or_default()
@@ -175,20 +191,7 @@ fn serve_with_identity_keeps_its_node_id_across_restarts() {
 
     // An identity file others can read is refused with the fix in the message.
     std::fs::set_permissions(&id_file, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let out = run_in(
-        dir.path(),
-        &[
-            "serve",
-            "--types",
-            "a",
-            "--listen",
-            "127.0.0.1:0",
-            "--discovery",
-            "none",
-            "--identity",
-            s(&id_file),
-        ],
-    );
+    let out = serve_refused(&dir, s(&id_file));
     out.assert_code(2);
     assert!(
         out.stderr.contains("--identity") && out.stderr.contains("chmod 600"),
@@ -255,20 +258,7 @@ fn without_identity_a_node_keeps_its_id_in_the_data_directory() {
         "same id after a restart"
     );
     // An explicit identity file a live node holds is refused, saying so.
-    let out = run_in(
-        dir.path(),
-        &[
-            "serve",
-            "--types",
-            "a",
-            "--listen",
-            "127.0.0.1:0",
-            "--discovery",
-            "none",
-            "--identity",
-            s(&data.join("identity")),
-        ],
-    );
+    let out = serve_refused(&dir, s(&data.join("identity")));
     out.assert_code(2);
     assert!(
         out.stderr
