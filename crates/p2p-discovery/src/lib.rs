@@ -46,6 +46,38 @@ use p2p_core::NodeId;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+/// Defines a backend's `Stats` (atomic counters it bumps while it runs) and `Counters` (a
+/// copy of them at one moment, from `Stats::snapshot`): one documented field per counter.
+macro_rules! backend_counters {
+    ($backend:literal, $handle:literal; $( $(#[doc = $doc:expr])* $field:ident ),+ $(,)?) => {
+        #[doc = concat!("Counters of the `", $backend, "` backend, readable while it runs (see [`", $handle, "`]).")]
+        #[derive(Debug, Default)]
+        pub struct Stats {
+            $( $field: std::sync::atomic::AtomicU64, )+
+        }
+
+        /// A copy of [`Stats`] at one moment.
+        #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+        pub struct Counters {
+            $( $(#[doc = $doc])* pub $field: u64, )+
+        }
+
+        impl Stats {
+            /// The counters now.
+            pub fn snapshot(&self) -> Counters {
+                Counters {
+                    $( $field: self.$field.load(std::sync::atomic::Ordering::Relaxed), )+
+                }
+            }
+        }
+    };
+}
+
+/// Adds one to a backend counter.
+fn bump(c: &std::sync::atomic::AtomicU64) {
+    c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+}
+
 pub mod beacon;
 #[cfg(test)]
 mod conformance;

@@ -110,7 +110,6 @@ mod txt;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -121,7 +120,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 pub use crate::udp::Interfaces;
-use crate::{Announcement, Context, Discovery, Error, Event, Peer};
+use crate::{bump, Announcement, Context, Discovery, Error, Event, Peer};
 use txt::Verdict;
 pub use txt::{KEY_CAPACITY, KEY_CLUSTER, KEY_ID, KEY_MAC, KEY_TYPES, KEY_VERSION};
 
@@ -225,60 +224,25 @@ impl Config {
     }
 }
 
-/// Counters of an `mdns` backend, readable while it runs (see [`Mdns::stats`]).
-#[derive(Debug, Default)]
-pub struct Stats {
-    resolved: AtomicU64,
-    own: AtomicU64,
-    foreign: AtomicU64,
-    unsupported: AtomicU64,
-    unauthenticated: AtomicU64,
-    malformed: AtomicU64,
-    discovered: AtomicU64,
-    lost: AtomicU64,
-}
-
-/// A copy of [`Stats`] at one moment.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Counters {
+backend_counters! {
+    "mdns", "Mdns::stats";
     /// Service instances resolved (every report of `mdns-sd`, before filtering).
-    pub resolved: u64,
+    resolved,
     /// This node's own instance, seen by its browser.
-    pub own: u64,
+    own,
     /// Instances of another cluster.
-    pub foreign: u64,
+    foreign,
     /// Instances of another protocol version, or with none.
-    pub unsupported: u64,
+    unsupported,
     /// Instances whose MAC does not verify under this node's cluster key (or that carry one
     /// when this node has no key).
-    pub unauthenticated: u64,
+    unauthenticated,
     /// Instances whose TXT record or addresses are not usable.
-    pub malformed: u64,
+    malformed,
     /// `Discovered` events produced.
-    pub discovered: u64,
+    discovered,
     /// `Lost` events produced.
-    pub lost: u64,
-}
-
-impl Stats {
-    /// The counters now.
-    pub fn snapshot(&self) -> Counters {
-        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        Counters {
-            resolved: get(&self.resolved),
-            own: get(&self.own),
-            foreign: get(&self.foreign),
-            unsupported: get(&self.unsupported),
-            unauthenticated: get(&self.unauthenticated),
-            malformed: get(&self.malformed),
-            discovered: get(&self.discovered),
-            lost: get(&self.lost),
-        }
-    }
-}
-
-fn bump(c: &AtomicU64) {
-    c.fetch_add(1, Ordering::Relaxed);
+    lost,
 }
 
 /// The `mdns` backend.

@@ -75,7 +75,6 @@ mod table;
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::str::FromStr;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -87,6 +86,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::beacon::{self, Beacon, MAX_BEACON};
+use crate::bump;
 use crate::{Announcement, Context, Discovery, Error, Event};
 use table::{Outcome, Table};
 
@@ -333,75 +333,32 @@ impl Config {
     }
 }
 
-/// Counters of a `udp` backend, readable while it runs (see [`Udp::stats`]).
-#[derive(Debug, Default)]
-pub struct Stats {
-    received: AtomicU64,
-    sent: AtomicU64,
-    send_errors: AtomicU64,
-    malformed: AtomicU64,
-    unauthenticated: AtomicU64,
-    unsupported: AtomicU64,
-    foreign: AtomicU64,
-    own: AtomicU64,
-    unreachable: AtomicU64,
-    queries: AtomicU64,
-    discovered: AtomicU64,
-    lost: AtomicU64,
-}
-
-/// A copy of [`Stats`] at one moment.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Counters {
+backend_counters! {
+    "udp", "Udp::stats";
     /// Datagrams received.
-    pub received: u64,
+    received,
     /// Beacons sent (per interface).
-    pub sent: u64,
+    sent,
     /// Beacons that could not be sent.
-    pub send_errors: u64,
+    send_errors,
     /// Datagrams that are not beacons (bad magic, truncated, bad field, too large).
-    pub malformed: u64,
+    malformed,
     /// Datagrams dropped by a keyed node because their MAC did not verify.
-    pub unauthenticated: u64,
+    unauthenticated,
     /// Beacons of another format version.
-    pub unsupported: u64,
+    unsupported,
     /// Beacons of another cluster.
-    pub foreign: u64,
+    foreign,
     /// This node's own beacons, heard back.
-    pub own: u64,
+    own,
     /// Announces of a loopback address that came from another host.
-    pub unreachable: u64,
+    unreachable,
     /// Queries received (from the cluster).
-    pub queries: u64,
+    queries,
     /// `Discovered` events produced.
-    pub discovered: u64,
+    discovered,
     /// `Lost` events produced.
-    pub lost: u64,
-}
-
-impl Stats {
-    /// The counters now.
-    pub fn snapshot(&self) -> Counters {
-        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        Counters {
-            received: get(&self.received),
-            sent: get(&self.sent),
-            send_errors: get(&self.send_errors),
-            malformed: get(&self.malformed),
-            unauthenticated: get(&self.unauthenticated),
-            unsupported: get(&self.unsupported),
-            foreign: get(&self.foreign),
-            own: get(&self.own),
-            unreachable: get(&self.unreachable),
-            queries: get(&self.queries),
-            discovered: get(&self.discovered),
-            lost: get(&self.lost),
-        }
-    }
-}
-
-fn bump(c: &AtomicU64) {
-    c.fetch_add(1, Ordering::Relaxed);
+    lost,
 }
 
 /// The `udp` backend.
