@@ -168,8 +168,10 @@ fn is_clause(t: &Token<'_>) -> bool {
 /// Returns the tasks in file order (left to right, top to bottom).
 pub fn parse(file: &str, text: &str) -> Result<Vec<Task>, ParseError> {
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
-    let mut tasks: Vec<Task> = Vec::new();
-    let mut seen = IdIndex::with_capacity(0);
+    // Sized once for every token (ids, and the few `after`/`--` words): no rehashing.
+    let words = text.split_ascii_whitespace().count();
+    let mut tasks: Vec<Task> = Vec::with_capacity(words);
+    let mut seen = IdIndex::with_capacity(words);
     // Tasks with dependencies: (task, the positions of its dependencies), checked once
     // every id is known.
     let mut dep_pos: Vec<(usize, Vec<(u32, u32)>)> = Vec::new();
@@ -179,9 +181,8 @@ pub fn parse(file: &str, text: &str) -> Result<Vec<Task>, ParseError> {
         if !tokens(line_text).any(|t| is_clause(&t)) {
             // Only task ids (the usual line, however long): no list of its tokens.
             for token in tokens(line_text) {
-                let task = new_task(file, line, &token, &tasks, &seen)?;
+                let task = new_task(file, line, &token, &tasks, &mut seen)?;
                 tasks.push(task);
-                seen.insert(&tasks, tasks.len() - 1);
             }
             continue;
         }
@@ -203,9 +204,8 @@ pub fn parse(file: &str, text: &str) -> Result<Vec<Task>, ParseError> {
             ));
         }
         for token in ids {
-            let task = new_task(file, line, token, &tasks, &seen)?;
+            let task = new_task(file, line, token, &tasks, &mut seen)?;
             tasks.push(task);
-            seen.insert(&tasks, tasks.len() - 1);
         }
         let mut rest = after;
         if rest.first().is_some_and(|t| t.text == "after") {
@@ -275,7 +275,7 @@ fn new_task(
     line: u32,
     token: &Token<'_>,
     tasks: &[Task],
-    seen: &IdIndex,
+    seen: &mut IdIndex,
 ) -> Result<Task, ParseError> {
     let (col, id) = (token.col, token.text);
     if let Some(problem) = id_problem(id) {
@@ -287,7 +287,11 @@ fn new_task(
             format!("invalid task id {id:?}: {problem}"),
         ));
     }
-    if let Some(first) = seen.get(tasks, id).and_then(|j| tasks.get(j)) {
+    // Recorded as the next task's id; on an error the parse stops anyway.
+    if let Some(first) = seen
+        .first_or_insert(tasks, id, tasks.len())
+        .and_then(|j| tasks.get(j))
+    {
         let (first_line, first_col) = (first.line, first.col);
         return Err(ParseError::at(
             file,

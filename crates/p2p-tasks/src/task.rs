@@ -113,7 +113,7 @@ pub(crate) fn id_problem(id: &str) -> Option<String> {
 /// files with a million tasks.
 pub(crate) struct IdIndex {
     table: hashbrown::HashTable<u32>,
-    hasher: std::hash::RandomState,
+    hasher: hashbrown::DefaultHashBuilder,
 }
 
 impl IdIndex {
@@ -121,19 +121,40 @@ impl IdIndex {
     pub(crate) fn with_capacity(n: usize) -> Self {
         IdIndex {
             table: hashbrown::HashTable::with_capacity(n),
-            hasher: std::hash::RandomState::new(),
+            hasher: hashbrown::DefaultHashBuilder::default(),
         }
     }
 
     /// The index of every task of `tasks` (a later duplicate id is not added).
     pub(crate) fn build(tasks: &[Task]) -> Self {
         let mut index = IdIndex::with_capacity(tasks.len());
-        for i in 0..tasks.len() {
-            if index.get(tasks, &tasks[i].id).is_none() {
-                index.insert(tasks, i);
-            }
+        for (i, t) in tasks.iter().enumerate() {
+            index.first_or_insert(tasks, &t.id, i);
         }
         index
+    }
+
+    /// The position of the task with id `id` if the index has one; else records that
+    /// the task at `i` (in `tasks`, or about to be pushed there) has it. One hash either way.
+    pub(crate) fn first_or_insert(&mut self, tasks: &[Task], id: &str, i: usize) -> Option<usize> {
+        let pos = u32::try_from(i).ok()?;
+        let hash = self.hash(id);
+        let hasher = &self.hasher;
+        let entry = self.table.entry(
+            hash,
+            |&j| tasks.get(j as usize).is_some_and(|t| t.id == id),
+            |&j| {
+                let id = tasks.get(j as usize).map_or("", |t| t.id.as_str());
+                std::hash::BuildHasher::hash_one(hasher, id)
+            },
+        );
+        match entry {
+            hashbrown::hash_table::Entry::Occupied(e) => Some(*e.get() as usize),
+            hashbrown::hash_table::Entry::Vacant(e) => {
+                e.insert(pos);
+                None
+            }
+        }
     }
 
     fn hash(&self, id: &str) -> u64 {
@@ -148,18 +169,6 @@ impl IdIndex {
             })
             .map(|&i| i as usize)
     }
-
-    /// Adds task `i` of `tasks`, whose id must not be in the index yet.
-    pub(crate) fn insert(&mut self, tasks: &[Task], i: usize) {
-        let Ok(pos) = u32::try_from(i) else { return };
-        let Some(t) = tasks.get(i) else { return };
-        let hash = self.hash(&t.id);
-        let hasher = &self.hasher;
-        self.table.insert_unique(hash, pos, |&j| {
-            let id = tasks.get(j as usize).map_or("", |t| t.id.as_str());
-            std::hash::BuildHasher::hash_one(hasher, id)
-        });
-    }
 }
 
 #[cfg(test)]
@@ -173,9 +182,11 @@ mod tests {
         let mut tasks: Vec<Task> = Vec::new();
         let mut index = IdIndex::with_capacity(0);
         for i in 0..5000 {
-            tasks.push(Task::from_id(&format!("a{i}")).unwrap());
-            index.insert(&tasks, tasks.len() - 1);
+            let id = format!("a{i}");
+            assert_eq!(index.first_or_insert(&tasks, &id, i), None);
+            tasks.push(Task::from_id(&id).unwrap());
         }
+        assert_eq!(index.first_or_insert(&tasks, "a42", 5000), Some(42));
         for i in (0..5000).step_by(7) {
             assert_eq!(index.get(&tasks, &format!("a{i}")), Some(i));
         }
