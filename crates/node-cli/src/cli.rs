@@ -57,15 +57,16 @@ pub struct Cli {
     /// Threads of the async runtime. 1 (the default) runs the node on one thread, which
     /// gives the lowest per-task latency and, measured, no less throughput on a small
     /// machine; 0 means one per CPU core. Shell handlers' tasks are processes of their own
-    /// either way.
+    /// either way. At most 256.
     #[arg(
         long,
         global = true,
         value_name = "N",
         default_value_t = 1,
-        env = "P2P_THREADS"
+        env = "P2P_THREADS",
+        value_parser = clap::value_parser!(u16).range(0..=256)
     )]
-    pub threads: usize,
+    pub threads: u16,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,

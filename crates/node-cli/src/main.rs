@@ -42,7 +42,7 @@ fn main() -> ExitCode {
         n => {
             let mut b = tokio::runtime::Builder::new_multi_thread();
             if n > 1 {
-                b.worker_threads(n);
+                b.worker_threads(usize::from(n));
             }
             b.enable_all().build()
         }
