@@ -30,6 +30,13 @@ fn the_seed_runs_in_order_with_every_thread_setting_locally() {
     for threads in ["1", "2", "0"] {
         seed_with_threads(&dir, threads, &["--local".to_string()]);
     }
+    // Out of range: a usage error, not an abort while starting thousands of threads.
+    let out = run_in(
+        dir.path(),
+        &["--threads", "100000", "run", "tasks.txt", "--local"],
+    );
+    out.assert_code(2);
+    assert!(out.stderr.contains("0..=256"), "{}", out.describe());
 }
 
 #[test]
