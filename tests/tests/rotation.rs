@@ -30,8 +30,16 @@ fn s(p: &Path) -> &str {
 
 /// A node serving `a` with `keys` (in order), whose handler appends `{id}` to `log`.
 fn keyed_serve(keys: &[&Path], log: &Path, extra: &[&str]) -> Serve {
-    let handler = format!("a=echo {{id}} >> '{}'", log.display());
-    let mut args: Vec<&str> = vec!["--handler", &handler];
+    keyed_serve_with(
+        keys,
+        &format!("a=echo {{id}} >> '{}'", log.display()),
+        extra,
+    )
+}
+
+/// A node serving `a` with `keys` (in order) and this `--handler`.
+fn keyed_serve_with(keys: &[&Path], handler: &str, extra: &[&str]) -> Serve {
+    let mut args: Vec<&str> = vec!["--handler", handler];
     for k in keys {
         args.extend(["--key-file", s(k)]);
     }
@@ -274,13 +282,17 @@ fn two_nodes_sharing_an_identity_file_are_reported_not_merged() {
     let dir = TestDir::new();
     let key = keygen(&dir, "cluster.key");
     let id_file = dir.join("shared.identity");
-    dir.write("tasks.txt", "a1 a2");
+    // Long enough (20 tasks of 50 ms, two at a time: 0.5 s) for the second connection to be
+    // made while the run goes on: a run starts as soon as one node of its type is there.
+    let ids: Vec<String> = (1..=20).map(|i| format!("a{i}")).collect();
+    dir.write("tasks.txt", &ids.join(" "));
     let log = dir.join("handled");
-    let a = keyed_serve(&[&key], &log, &["--identity", s(&id_file)]);
+    let handler = format!("a=sleep 0.05; echo {{id}} >> '{}'", log.display());
+    let a = keyed_serve_with(&[&key], &handler, &["--identity", s(&id_file)]);
     // A copy of the same file (as an operator cloning a machine would make).
     let copy = dir.join("copy.identity");
     std::fs::copy(&id_file, &copy).unwrap();
-    let b = keyed_serve(&[&key], &log, &["--identity", s(&copy)]);
+    let b = keyed_serve_with(&[&key], &handler, &["--identity", s(&copy)]);
     assert_eq!(a.node_id, b.node_id, "a copied identity gives the same id");
     let id = a.node_id.clone().expect("node id line");
 
@@ -302,5 +314,5 @@ fn two_nodes_sharing_an_identity_file_are_reported_not_merged() {
         "{}",
         out.describe()
     );
-    assert_eq!(events_named(&events, "task_completed").len(), 2);
+    assert_eq!(events_named(&events, "task_completed").len(), 20);
 }
