@@ -4,7 +4,7 @@
 //!
 //! Every body panics (which libFuzzer reports as a crash) when a rule is broken, not only
 //! when the code under test panics by itself. The rules are the same as the property suites'
-//! in the workspace: `crates/*/tests/proptest_*.rs`; two checkers are shared with them file
+//! in the workspace: `*/tests/proptest_*.rs`; two checkers are shared with them file
 //! for file (`#[path]` below).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -24,9 +24,9 @@ use p2p_discovery::beacon::{self, Beacon};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 use tokio_util::codec::{Decoder, Encoder};
 
-#[path = "../../crates/p2p-core/tests/support/conn_model.rs"]
+#[path = "../../p2p-core/tests/support/conn_model.rs"]
 mod conn_model;
-#[path = "../../crates/p2p-tasks/tests/support/taskfile.rs"]
+#[path = "../../p2p-tasks/tests/support/taskfile.rs"]
 mod taskfile;
 
 // ---------------------------------------------------------------------------------------
