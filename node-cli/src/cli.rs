@@ -1,4 +1,4 @@
-//! The command line of `p2p-node` (see DESIGN.md's contract) and what each command does.
+//! The command line of `p2p-node` (README.md, "Command line") and what each command does.
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;

@@ -39,7 +39,7 @@ pub const SEED_ORDER: [&str; 11] = [
     "a1", "a2", "c1", "b1", "c2", "a3", "b2", "b3", "a4", "c3", "b4",
 ];
 
-/// The event names `--json` may print (DESIGN.md's command-line contract).
+/// The event names `--json` may print (README.md's `--json` events).
 pub const EVENT_NAMES: [&str; 8] = [
     "peer_discovered",
     "connected",
