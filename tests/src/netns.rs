@@ -33,7 +33,8 @@
 //! [`Lan`] is deleted.
 //!
 //! Where namespaces cannot be made (not root, no `ip`), [`Lan::new`] prints why and returns
-//! `None`: the test then returns early (it is skipped, not failed).
+//! `None`: the test then returns early (it is skipped, not failed), unless
+//! `P2P_REQUIRE_NETNS=1` (set by `.ci/run`), where it fails.
 //!
 //! [`helper`]: a test binary can run itself inside a host as a tiny TCP peer (see
 //! [`Host::helper`]), for checks that need no other program than the test itself.
@@ -332,6 +333,19 @@ pub struct Lan {
     created: Vec<String>,
 }
 
+/// The variable under which a namespace test that cannot build its hosts fails instead of
+/// skipping (`.ci/run` sets it, so CI never passes on tests that did not run).
+pub const REQUIRE_NETNS: &str = "P2P_REQUIRE_NETNS";
+
+/// Reports why a namespace test cannot run: a skip (a line on stderr) normally, a panic when
+/// [`REQUIRE_NETNS`] is `1`.
+fn skip(why: &str) {
+    if std::env::var(REQUIRE_NETNS).is_ok_and(|v| v == "1") {
+        panic!("{REQUIRE_NETNS}=1 and this namespace test cannot run: {why}");
+    }
+    eprintln!("skipping: {why}");
+}
+
 impl Lan {
     /// Builds a LAN of `n` hosts (1 to [`MAX_HOSTS`]). Returns `None`, after printing why,
     /// only where network namespaces cannot be created (not root, no `ip`); any later
@@ -342,9 +356,9 @@ impl Lan {
             "a LAN has 1 to {MAX_HOSTS} hosts"
         );
         if let Err(why) = ip(&["-V"]) {
-            eprintln!(
-                "skipping: network namespaces unavailable: `ip` (iproute2) cannot run: {why}"
-            );
+            skip(&format!(
+                "network namespaces unavailable: `ip` (iproute2) cannot run: {why}"
+            ));
             return None;
         }
         sweep_stale();
@@ -357,9 +371,9 @@ impl Lan {
             created: Vec::new(),
         };
         if let Err(why) = ip(&["netns", "add", &lan.bridge]) {
-            eprintln!(
-                "skipping: cannot create a network namespace (root and iproute2 are needed): {why}"
-            );
+            skip(&format!(
+                "cannot create a network namespace (root and iproute2 are needed): {why}"
+            ));
             return None;
         }
         lan.created.push(lan.bridge.clone());
