@@ -24,7 +24,17 @@ pub fn open_regular(path: &Path, opts: &mut OpenOptions) -> io::Result<File> {
         use std::os::unix::fs::OpenOptionsExt;
         opts.custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY);
     }
-    let file = opts.open(path)?;
+    let file = match opts.open(path) {
+        Ok(f) => f,
+        // Opening a directory for writing fails before there is a descriptor to look at.
+        Err(e) if e.kind() == io::ErrorKind::IsADirectory => {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "not a regular file (it is a directory)",
+            ))
+        }
+        Err(e) => return Err(e),
+    };
     let meta = file.metadata()?;
     if !meta.is_file() {
         return Err(not_regular(&meta));
@@ -90,6 +100,8 @@ mod tests {
         assert!(open_regular_read(&f).is_ok());
         let e = open_regular_read(dir.path()).unwrap_err();
         assert!(is_not_regular(&e), "{e}");
+        assert!(e.to_string().contains("a directory"), "{e}");
+        let e = open_regular(dir.path(), OpenOptions::new().append(true)).unwrap_err();
         assert!(e.to_string().contains("a directory"), "{e}");
         let e = open_regular_read(&dir.path().join("missing")).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::NotFound);
