@@ -572,6 +572,10 @@ fn load_identity(c: &Common, slot: Option<&str>) -> anyhow::Result<Option<HeldId
                     path.display()
                 )))
             }
+            // The identity error names the file already.
+            Err(crate::Error::Identity { message, .. }) => {
+                return Err(usage(format!("--identity: {message}")))
+            }
             Err(e) => return Err(usage(format!("--identity: {e}"))),
         }
     } else if let Some(name) = slot {

@@ -80,7 +80,12 @@ pub fn hold(path: &Path) -> Result<Option<HeldIdentity>, Error> {
 pub fn hold_slot(dir: &Path, name: &str) -> Result<HeldIdentity, Error> {
     create_private_dir(dir).map_err(|e| Error::Identity {
         path: dir.to_path_buf(),
-        message: format!("cannot create the data directory: {e}"),
+        message: match std::fs::metadata(dir) {
+            Ok(m) if !m.is_dir() => "the data directory's path names something that is not a \
+                                     directory"
+                .to_string(),
+            _ => format!("cannot create the data directory: {e}"),
+        },
     })?;
     for n in 1..=MAX_SLOTS {
         let file = if n == 1 {
@@ -156,5 +161,6 @@ mod tests {
         std::fs::write(&file, "x").unwrap();
         let err = hold_slot(&file, "identity").unwrap_err().to_string();
         assert!(err.contains("not-a-dir"), "{err}");
+        assert!(err.contains("not a directory"), "{err}");
     }
 }

@@ -47,11 +47,6 @@ pub fn open_regular_read(path: &Path) -> io::Result<File> {
     open_regular(path, OpenOptions::new().read(true))
 }
 
-/// Whether `e` is the refusal of a path that is not a regular file.
-pub fn is_not_regular(e: &io::Error) -> bool {
-    e.kind() == io::ErrorKind::InvalidInput
-}
-
 fn not_regular(meta: &std::fs::Metadata) -> io::Error {
     let ft = meta.file_type();
     let what = if ft.is_dir() {
@@ -99,7 +94,7 @@ mod tests {
         std::fs::write(&f, "x").unwrap();
         assert!(open_regular_read(&f).is_ok());
         let e = open_regular_read(dir.path()).unwrap_err();
-        assert!(is_not_regular(&e), "{e}");
+        assert_eq!(e.kind(), io::ErrorKind::InvalidInput, "{e}");
         assert!(e.to_string().contains("a directory"), "{e}");
         let e = open_regular(dir.path(), OpenOptions::new().append(true)).unwrap_err();
         assert!(e.to_string().contains("a directory"), "{e}");

@@ -233,6 +233,13 @@ impl Identity {
             }
             let file = match new_private_file(path) {
                 Ok(f) => f,
+                Err(IdentityError::Exists { .. }) if dangling(path) => {
+                    return Err(io_err(io::Error::new(
+                        io::ErrorKind::NotFound,
+                        "a symbolic link to a file that does not exist (create the identity \
+                         where it points, or remove the link)",
+                    )))
+                }
                 Err(IdentityError::Exists { .. }) => continue,
                 Err(e) => return Err(e),
             };
@@ -316,15 +323,17 @@ fn open_identity(path: &Path) -> Result<File, IdentityError> {
         io::ErrorKind::NotFound => IdentityError::Missing {
             path: path.to_path_buf(),
         },
-        _ if crate::file::is_not_regular(&source) => IdentityError::Format {
-            path: path.to_path_buf(),
-            why: source.to_string(),
-        },
         _ => IdentityError::Io {
             path: path.to_path_buf(),
             source,
         },
     })
+}
+
+/// Whether `path` is a symbolic link whose target does not exist.
+fn dangling(path: &Path) -> bool {
+    fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink())
+        && fs::metadata(path).is_err_and(|e| e.kind() == io::ErrorKind::NotFound)
 }
 
 /// Creates `path` for writing, mode `0600`, failing if anything exists there.
@@ -558,7 +567,8 @@ mod tests {
         );
         // A directory is not an identity file (and load_or_create does not replace it).
         let e = Identity::load_or_create(dir.path()).unwrap_err();
-        assert!(matches!(e, IdentityError::Format { .. }), "{e}");
+        assert!(matches!(e, IdentityError::Io { .. }), "{e}");
+        assert!(e.to_string().contains("not a regular file"), "{e}");
     }
 
     #[cfg(unix)]
@@ -620,9 +630,18 @@ mod tests {
             Identity::hold(Path::new("/dev/null")).unwrap_err(),
             Identity::hold(dir.path()).unwrap_err(),
         ] {
-            assert!(matches!(e, IdentityError::Format { .. }), "{e}");
+            assert!(matches!(e, IdentityError::Io { .. }), "{e}");
             assert!(e.to_string().contains("not a regular file"), "{e}");
         }
+        // A symbolic link to nothing is said to be one.
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(dir.path().join("nowhere"), &link).unwrap();
+        let e = Identity::hold(&link).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("symbolic link to a file that does not exist"),
+            "{e}"
+        );
     }
 
     #[cfg(unix)]
