@@ -180,7 +180,7 @@ pub struct ServeArgs {
     #[arg(long)]
     pub insecure: bool,
     /// A connection that has not completed its handshake after this long is closed.
-    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    #[arg(long, default_value = "5s", value_parser = parse_positive_duration)]
     pub handshake_timeout: Duration,
     /// Most connections at once (handshaking ones included); more are closed at accept.
     #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
@@ -225,7 +225,7 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 0)]
     pub retries: u32,
     /// Longest a task attempt may run.
-    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    #[arg(long, default_value = "1h", value_parser = parse_positive_duration)]
     pub task_timeout: Duration,
     /// After a task finally fails, keep running everything that does not depend on it.
     #[arg(long)]
@@ -295,6 +295,14 @@ pub fn parse_size(s: &str) -> Result<usize, String> {
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 500ms, 3s, 2m, 1h)"))
+}
+
+/// A duration that must not be zero (a zero timeout would end everything at once).
+fn parse_positive_duration(s: &str) -> Result<Duration, String> {
+    match parse_duration(s)? {
+        d if d.is_zero() => Err("must be more than 0 (examples: 500ms, 3s, 2m, 1h)".into()),
+        d => Ok(d),
+    }
 }
 
 /// A usage or input error: printed, exit status 2.
@@ -384,6 +392,11 @@ fn backends(
     let mut kinds = c.discovery.clone();
     if kinds.is_empty() && c.peers.is_empty() && default_udp {
         kinds.push(Kind::Udp);
+    }
+    // Checked here, before a command takes an identity or a journal (a static backend
+    // would only find out when the run starts).
+    if let Some(p) = c.peers.iter().find(|p| !p.contains(':')) {
+        return Err(usage(format!("--peer {p:?}: expected HOST:PORT")));
     }
     if kinds.contains(&Kind::Static) && c.peers.is_empty() {
         return Err(usage(

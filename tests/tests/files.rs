@@ -121,70 +121,21 @@ fn a_command_refused_for_its_arguments_takes_and_leaves_no_identity() {
     let dir = TestDir::new();
     dir.write("tasks.txt", "a1\n");
     let data = dir.join("data");
-    let cases: [&[&str]; 6] = [
-        &[
-            "serve",
-            "--types",
-            "a1",
-            "--listen",
-            "127.0.0.1:0",
-            "--discovery",
-            "none",
-        ],
-        &[
-            "serve",
-            "--types",
-            "a",
-            "--handler",
-            "b=true",
-            "--listen",
-            "127.0.0.1:0",
-            "--discovery",
-            "none",
-        ],
-        &[
-            "serve",
-            "--types",
-            "a",
-            "--listen",
-            "127.0.0.1:0",
-            "--discovery",
-            "static",
-        ],
-        &[
-            "serve",
-            "--types",
-            "a",
-            "--listen",
-            "127.0.0.1:0",
-            "--discovery",
-            "none",
-            "--capacity",
-            "0",
-        ],
-        &[
-            "serve",
-            "--types",
-            "a",
-            "--listen",
-            "127.0.0.1:0",
-            "--discovery",
-            "none",
-            "--max-output",
-            "16MiB",
-        ],
-        &[
-            "run",
-            "tasks.txt",
-            "--local",
-            "--max-output",
-            "16MiB",
-            "--journal",
-            "j",
-        ],
+    let serve = "serve --types a --listen 127.0.0.1:0 --discovery none";
+    let cases = [
+        "serve --types a1 --listen 127.0.0.1:0 --discovery none".to_string(),
+        format!("{serve} --handler b=true"),
+        "serve --types a --listen 127.0.0.1:0 --discovery static".to_string(),
+        format!("{serve} --capacity 0"),
+        format!("{serve} --max-output 16MiB"),
+        format!("{serve} --handshake-timeout 0s"),
+        "run tasks.txt --local --max-output 16MiB --journal j".to_string(),
+        "run tasks.txt --local --peer 127.0.0.1 --journal j".to_string(),
+        "run tasks.txt --local --task-timeout 0 --journal j".to_string(),
     ];
-    for args in cases {
-        let (code, err) = bounded(dir.path(), args, &[]);
+    for case in &cases {
+        let args: Vec<&str> = case.split_whitespace().collect();
+        let (code, err) = bounded(dir.path(), &args, &[]);
         assert_eq!(code, Some(2), "{args:?}: {err}");
         assert!(
             !err.contains("identity loaded") && !err.contains("created a new identity"),
