@@ -491,15 +491,19 @@ fn node_error(e: crate::Error) -> anyhow::Error {
 fn bind_message(addr: SocketAddr, e: &std::io::Error) -> String {
     match e.kind() {
         std::io::ErrorKind::AddrInUse => format!(
-            "cannot listen on {addr}: the address is already in use (another p2p-node or              another program listens on port {}): stop it, or give this node another address              with --listen (port 0 picks a free one)",
+            "cannot listen on {addr}: the address is already in use (another p2p-node or \
+             another program listens on port {}): stop it, or give this node another address \
+             with --listen (port 0 picks a free one)",
             addr.port()
         ),
         std::io::ErrorKind::AddrNotAvailable => format!(
-            "cannot listen on {addr}: no interface of this machine has the address {}              (choose one of its addresses with --listen)",
+            "cannot listen on {addr}: no interface of this machine has the address {} \
+             (choose one of its addresses with --listen)",
             addr.ip()
         ),
         std::io::ErrorKind::PermissionDenied => format!(
-            "cannot listen on {addr}: permission denied (ports below 1024 need privileges;              choose another port with --listen)"
+            "cannot listen on {addr}: permission denied (ports below 1024 need privileges; \
+             choose another port with --listen)"
         ),
         _ => format!("cannot listen on {addr}: {e}"),
     }

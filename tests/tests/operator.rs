@@ -691,6 +691,12 @@ fn a_port_in_use_is_said_once_with_the_address_and_what_to_do() {
         ],
     );
     out.assert_code(1);
+    let error = out
+        .stderr
+        .lines()
+        .find(|l| l.starts_with("error:"))
+        .unwrap_or_else(|| panic!("no error line\n{}", out.describe()));
+    assert!(!error.contains("  "), "{error}");
     let said = out.stderr.matches("already in use").count();
     assert_eq!(said, 1, "{}", out.describe());
     assert!(
