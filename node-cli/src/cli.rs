@@ -859,13 +859,15 @@ async fn run(a: RunArgs, shutdown: CancellationToken) -> anyhow::Result<u8> {
 
 async fn peers(a: PeersArgs) -> anyhow::Result<u8> {
     let key = load_key(&a.common)?;
+    let discovery = backends(&a.common, Role::Client, true, &key)?;
     let held = load_identity(&a.common, None)?;
+    log_identity(&held);
     let identity = held
         .as_ref()
         .map_or_else(Identity::generate, |h| h.identity.clone());
     let found = crate::peers::probe(
         &a.common.cluster,
-        backends(&a.common, Role::Client, true, &key)?,
+        discovery,
         a.discovery_timeout,
         key,
         identity,

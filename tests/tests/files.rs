@@ -121,6 +121,8 @@ fn a_command_refused_for_its_arguments_takes_and_leaves_no_identity() {
     let dir = TestDir::new();
     dir.write("tasks.txt", "a1\n");
     let data = dir.join("data");
+    // The data directory exists, so that an --identity in it could be created.
+    std::fs::create_dir(&data).unwrap();
     let serve = "serve --types a --listen 127.0.0.1:0 --discovery none";
     let cases = [
         "serve --types a1 --listen 127.0.0.1:0 --discovery none".to_string(),
@@ -132,6 +134,7 @@ fn a_command_refused_for_its_arguments_takes_and_leaves_no_identity() {
         "run tasks.txt --local --max-output 16MiB --journal j".to_string(),
         "run tasks.txt --local --peer 127.0.0.1 --journal j".to_string(),
         "run tasks.txt --local --task-timeout 0 --journal j".to_string(),
+        "peers --discovery static --identity data/peers.id".to_string(),
     ];
     for case in &cases {
         let args: Vec<&str> = case.split_whitespace().collect();
