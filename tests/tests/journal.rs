@@ -137,8 +137,9 @@ fn a_second_coordinator_on_a_journal_in_use_is_refused_with_exit_2() {
     let journal = dir.join("run.journal");
     let j = journal.to_str().unwrap().to_string();
     let log = dir.join("executed");
-    // 20 tasks of 0.1 s one after another: long enough for the other coordinators.
-    let handler = format!("a=sleep 0.1; echo {{id}} >> '{}'", log.display());
+    // 20 tasks of 0.3 s one after another: long enough for the other coordinators, even on
+    // a loaded machine.
+    let handler = format!("a=sleep 0.3; echo {{id}} >> '{}'", log.display());
     let run_args = |journal: &str, resume: bool| -> Vec<String> {
         let mut v: Vec<String> = [
             "run",
