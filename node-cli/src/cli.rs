@@ -180,7 +180,7 @@ pub struct ServeArgs {
     #[arg(long)]
     pub insecure: bool,
     /// A connection that has not completed its handshake after this long is closed.
-    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    #[arg(long, default_value = "5s", value_parser = parse_positive_duration)]
     pub handshake_timeout: Duration,
     /// Most connections at once (handshaking ones included); more are closed at accept.
     #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
@@ -225,7 +225,7 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 0)]
     pub retries: u32,
     /// Longest a task attempt may run.
-    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    #[arg(long, default_value = "1h", value_parser = parse_positive_duration)]
     pub task_timeout: Duration,
     /// After a task finally fails, keep running everything that does not depend on it.
     #[arg(long)]
@@ -295,6 +295,14 @@ pub fn parse_size(s: &str) -> Result<usize, String> {
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 500ms, 3s, 2m, 1h)"))
+}
+
+/// A duration that must not be zero (a zero timeout would end everything at once).
+fn parse_positive_duration(s: &str) -> Result<Duration, String> {
+    match parse_duration(s)? {
+        d if d.is_zero() => Err("must be more than 0 (examples: 500ms, 3s, 2m, 1h)".into()),
+        d => Ok(d),
+    }
 }
 
 /// A usage or input error: printed, exit status 2.
@@ -385,6 +393,11 @@ fn backends(
     if kinds.is_empty() && c.peers.is_empty() && default_udp {
         kinds.push(Kind::Udp);
     }
+    // Checked here, before a command takes an identity or a journal (a static backend
+    // would only find out when the run starts).
+    if let Some(p) = c.peers.iter().find(|p| !p.contains(':')) {
+        return Err(usage(format!("--peer {p:?}: expected HOST:PORT")));
+    }
     if kinds.contains(&Kind::Static) && c.peers.is_empty() {
         return Err(usage(
             "--discovery static needs at least one --peer HOST:PORT",
@@ -447,6 +460,16 @@ fn backends(
     Ok(out)
 }
 
+/// The discovery settings `run --local` uses: its own loopback nodes, plus `--peer`s;
+/// never a network backend (udp, mdns, dns).
+fn local_only(c: &Common) -> Common {
+    let mut c = c.clone();
+    c.discovery
+        .retain(|k| matches!(k, Kind::None | Kind::Static));
+    c.discovery_interface = None;
+    c
+}
+
 /// A node error is a usage error (exit 2) when it comes from wrong settings: the node's own
 /// (limits, names) or a discovery backend's.
 fn node_error(e: crate::Error) -> anyhow::Error {
@@ -459,7 +482,30 @@ fn node_error(e: crate::Error) -> anyhow::Error {
             | p2p_discovery::Error::Resolve { .. }
             | p2p_discovery::Error::UnknownKind(_)),
         ) => usage(d.to_string()),
+        crate::Error::Bind { addr, source } => anyhow::anyhow!("{}", bind_message(addr, &source)),
         other => anyhow::Error::new(other),
+    }
+}
+
+/// Why the node cannot listen on `addr`, said once, with what to do.
+fn bind_message(addr: SocketAddr, e: &std::io::Error) -> String {
+    match e.kind() {
+        std::io::ErrorKind::AddrInUse => format!(
+            "cannot listen on {addr}: the address is already in use (another p2p-node or \
+             another program listens on port {}): stop it, or give this node another address \
+             with --listen (port 0 picks a free one)",
+            addr.port()
+        ),
+        std::io::ErrorKind::AddrNotAvailable => format!(
+            "cannot listen on {addr}: no interface of this machine has the address {} \
+             (choose one of its addresses with --listen)",
+            addr.ip()
+        ),
+        std::io::ErrorKind::PermissionDenied => format!(
+            "cannot listen on {addr}: permission denied (ports below 1024 need privileges; \
+             choose another port with --listen)"
+        ),
+        _ => format!("cannot listen on {addr}: {e}"),
     }
 }
 
@@ -543,6 +589,10 @@ fn load_identity(c: &Common, slot: Option<&str>) -> anyhow::Result<Option<HeldId
                     path.display()
                 )))
             }
+            // The identity error names the file already.
+            Err(crate::Error::Identity { message, .. }) => {
+                return Err(usage(format!("--identity: {message}")))
+            }
             Err(e) => return Err(usage(format!("--identity: {e}"))),
         }
     } else if let Some(name) = slot {
@@ -568,13 +618,27 @@ fn load_identity(c: &Common, slot: Option<&str>) -> anyhow::Result<Option<HeldId
     } else {
         return Ok(None);
     };
-    tracing::info!(
-        node = %held.identity.node_id(),
-        path = %held.path.display(),
-        "{}",
-        if held.created { "created a new identity" } else { "identity loaded" }
-    );
     Ok(Some(held))
+}
+
+/// Logs the identity a command runs with, once it is sure to run.
+fn log_identity(identity: &Option<HeldIdentity>) {
+    if let Some(held) = identity {
+        tracing::info!(
+            node = %held.identity.node_id(),
+            path = %held.path.display(),
+            "{}",
+            if held.created { "created a new identity" } else { "identity loaded" }
+        );
+    }
+}
+
+/// Gives up an identity taken for a command that fails to start (see
+/// [`HeldIdentity::discard`]).
+fn discard(identity: Option<HeldIdentity>) {
+    if let Some(held) = identity {
+        held.discard();
+    }
 }
 
 fn with_identity(b: NodeBuilder, identity: &Option<HeldIdentity>) -> NodeBuilder {
@@ -585,8 +649,15 @@ fn with_identity(b: NodeBuilder, identity: &Option<HeldIdentity>) -> NodeBuilder
 }
 
 async fn serve(a: ServeArgs, shutdown: CancellationToken) -> anyhow::Result<u8> {
+    // Every argument is checked before the identity is taken (which may create a file).
+    let types = parse_types(&a.types)?;
+    let handlers = parse_handlers(&a.handlers)?;
+    if let Some((t, _)) = handlers.iter().find(|(t, _)| !types.contains(t)) {
+        return Err(usage(format!(
+            "--handler for type {t:?}, which is not in --types"
+        )));
+    }
     let key = load_key(&a.common)?;
-    let identity = load_identity(&a.common, Some("identity"))?;
     let listen = a.listen.unwrap_or_else(|| {
         let ip = if !key.is_empty() {
             [0, 0, 0, 0]
@@ -595,16 +666,10 @@ async fn serve(a: ServeArgs, shutdown: CancellationToken) -> anyhow::Result<u8> 
         };
         SocketAddr::from((ip, 7400))
     });
-    let types = parse_types(&a.types)?;
-    let handlers = parse_handlers(&a.handlers)?;
-    if let Some((t, _)) = handlers.iter().find(|(t, _)| !types.contains(t)) {
-        return Err(usage(format!(
-            "--handler for type {t:?}, which is not in --types"
-        )));
-    }
-    let mut b = with_identity(with_key(Node::builder(), &key), &identity)
+    let discoveries = backends(&a.common, Role::Serve(listen), true, &key)?;
+    let mut b = with_key(Node::builder(), &key)
         .cluster(a.common.cluster.clone())
-        .discoveries(backends(&a.common, Role::Serve(listen), true, &key)?)
+        .discoveries(discoveries)
         .listen(listen)
         .insecure(a.insecure)
         .max_connections(a.max_connections as usize)
@@ -624,7 +689,15 @@ async fn serve(a: ServeArgs, shutdown: CancellationToken) -> anyhow::Result<u8> 
     for t in &types {
         b = b.handler(t, handler_for(t, &handlers, a.max_output));
     }
-    let node = b.build().await.map_err(node_error)?;
+    let identity = load_identity(&a.common, Some("identity"))?;
+    let node = match with_identity(b, &identity).build().await {
+        Ok(node) => node,
+        Err(e) => {
+            discard(identity);
+            return Err(node_error(e));
+        }
+    };
+    log_identity(&identity);
     match key.first() {
         Some(k) => tracing::info!(
             fingerprint = %k.fingerprint(),
@@ -674,16 +747,18 @@ async fn run(a: RunArgs, shutdown: CancellationToken) -> anyhow::Result<u8> {
     let key = load_key(&a.common)?;
     let tasks = p2p_tasks::parse::load(&a.tasks_file).map_err(|e| usage(e.to_string()))?;
     p2p_tasks::plan::check(&tasks, a.order).map_err(|e| usage(e.to_string()))?;
-    let journal = match &a.journal {
-        Some(path) => Some(
-            p2p_tasks::Journal::open(path, &tasks, a.resume).map_err(|e| usage(e.to_string()))?,
-        ),
-        None => None,
-    };
     let handlers = parse_handlers(&a.handlers)?;
     let own_types = parse_types(&a.types)?;
-    // `--local` runs on its own nodes; otherwise the default is udp discovery.
-    let discovery = backends(&a.common, Role::Client, a.local.is_none(), &key)?;
+    // `--local` runs on its own loopback nodes and never uses network discovery, whatever
+    // the command line or a config file says; otherwise the default is udp discovery.
+    let discovery = match a.local {
+        Some(_) => backends(&local_only(&a.common), Role::Client, false, &key)?,
+        None => backends(&a.common, Role::Client, true, &key)?,
+    };
+    tracing::debug!(
+        discovery = %discovery.iter().map(|d| d.name()).collect::<Vec<_>>().join(","),
+        "discovery backends of this run"
+    );
     // In-process nodes: N per needed type with --local, one per --types entry.
     let mut local_types: Vec<(String, u32)> = own_types.iter().map(|t| (t.clone(), 1)).collect();
     if let Some(n) = a.local {
@@ -726,13 +801,31 @@ async fn run(a: RunArgs, shutdown: CancellationToken) -> anyhow::Result<u8> {
         ..RunOptions::default()
     };
     let identity = load_identity(&a.common, Some("coordinator"))?;
-    let mut coordinator = with_identity(with_key(Node::builder(), &key), &identity)
+    let built = with_identity(with_key(Node::builder(), &key), &identity)
         .cluster(a.common.cluster.clone())
         .discoveries(discovery)
         .max_frame(a.common.max_frame)
         .build()
-        .await
-        .map_err(node_error)?;
+        .await;
+    let mut coordinator = match built {
+        Ok(c) => c,
+        Err(e) => {
+            discard(identity);
+            return Err(node_error(e));
+        }
+    };
+    // Held (locked) from here to the end of the run: a second run on it is refused.
+    let journal = match &a.journal {
+        Some(path) => match p2p_tasks::Journal::open(path, &tasks, a.resume) {
+            Ok(j) => Some(j),
+            Err(e) => {
+                discard(identity);
+                return Err(usage(e.to_string()));
+            }
+        },
+        None => None,
+    };
+    log_identity(&identity);
     let token = coordinator.shutdown_token();
     tokio::spawn(async move {
         shutdown.cancelled().await;
@@ -766,13 +859,15 @@ async fn run(a: RunArgs, shutdown: CancellationToken) -> anyhow::Result<u8> {
 
 async fn peers(a: PeersArgs) -> anyhow::Result<u8> {
     let key = load_key(&a.common)?;
+    let discovery = backends(&a.common, Role::Client, true, &key)?;
     let held = load_identity(&a.common, None)?;
+    log_identity(&held);
     let identity = held
         .as_ref()
         .map_or_else(Identity::generate, |h| h.identity.clone());
     let found = crate::peers::probe(
         &a.common.cluster,
-        backends(&a.common, Role::Client, true, &key)?,
+        discovery,
         a.discovery_timeout,
         key,
         identity,

@@ -4,7 +4,9 @@
 //! keys apply to every command that has that flag; a `[serve]`, `[run]` or `[peers]` table
 //! applies to that command only and wins over the top level. Flags on the command line win
 //! over the file. Values: a string or number is the flag's value, `true` sets a switch
-//! (`false` leaves it off), an array repeats the flag. Keys may use `-` or `_`.
+//! (`false` leaves it off), a number gives a counted flag that many times (`verbose = 2` is
+//! `-vv`), an array repeats the flag. A value of the wrong shape (`json = 1`,
+//! `retries = true`) is an error. Keys may use `-` or `_`.
 //!
 //! ```toml
 //! cluster = "render-farm"
@@ -152,23 +154,42 @@ pub fn apply(args: Vec<OsString>) -> Result<Vec<OsString>, ConfigError> {
             toml::Value::Array(items) => items,
             other => vec![other],
         };
+        let shape = shape_of(&cmd, sub, &flag);
         for v in values {
-            match v {
-                toml::Value::Boolean(true) => extra.push(format!("--{flag}").into()),
-                toml::Value::Boolean(false) => {}
-                toml::Value::String(s) => {
-                    extra.push(format!("--{flag}").into());
-                    extra.push(s.into());
+            match (shape, v) {
+                (Shape::Count, toml::Value::Integer(n)) => {
+                    let n = u8::try_from(n).map_err(|_| {
+                        invalid(format!("{flag}: expected a count from 0 to 255, got {n}"))
+                    })?;
+                    extra.extend((0..n).map(|_| OsString::from(format!("--{flag}"))));
                 }
-                toml::Value::Integer(i) => {
-                    extra.push(format!("--{flag}").into());
-                    extra.push(i.to_string().into());
+                (Shape::Switch | Shape::Count | Shape::OptionalValue, toml::Value::Boolean(b)) => {
+                    if b {
+                        extra.push(format!("--{flag}").into());
+                    }
                 }
-                toml::Value::Float(f) => {
-                    extra.push(format!("--{flag}").into());
-                    extra.push(f.to_string().into());
+                (Shape::Switch, other) => {
+                    return Err(invalid(format!(
+                        "{flag}: expected true or false, got {}",
+                        describe(&other)
+                    )))
                 }
-                other => {
+                (Shape::Count, other) => {
+                    return Err(invalid(format!(
+                        "{flag}: expected a count (e.g. 1) or true, got {}",
+                        describe(&other)
+                    )))
+                }
+                (Shape::Value, toml::Value::Boolean(_)) => {
+                    return Err(invalid(format!(
+                        "{flag}: expected a value (a string or a number), got a boolean"
+                    )))
+                }
+                // `--flag=VALUE` in one argument: a value that starts with `-` stays a value.
+                (_, toml::Value::String(s)) => extra.push(format!("--{flag}={s}").into()),
+                (_, toml::Value::Integer(i)) => extra.push(format!("--{flag}={i}").into()),
+                (_, toml::Value::Float(f)) => extra.push(format!("--{flag}={f}").into()),
+                (_, other) => {
                     return Err(invalid(format!(
                         "{flag}: expected a string, number, boolean or array of them, got {}",
                         other.type_str()
@@ -182,6 +203,42 @@ pub fn apply(args: Vec<OsString>) -> Result<Vec<OsString>, ConfigError> {
     out.extend(extra);
     out.extend(tail);
     Ok(out)
+}
+
+/// What a flag takes on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Shape {
+    /// A switch (`--json`): `true` or `false`.
+    Switch,
+    /// A counted flag (`--verbose`, repeatable): a count, or `true` for one.
+    Count,
+    /// A value that may be left out (`--local [N]`): a value, or `true` for none.
+    OptionalValue,
+    /// A value (`--retries N`).
+    Value,
+}
+
+fn shape_of(cmd: &clap::Command, sub: &str, flag: &str) -> Shape {
+    let arg = cmd
+        .find_subcommand(sub)
+        .and_then(|sc| sc.get_arguments().find(|a| a.get_long() == Some(flag)));
+    let Some(arg) = arg else {
+        return Shape::Value;
+    };
+    match arg.get_action() {
+        clap::ArgAction::SetTrue | clap::ArgAction::SetFalse => Shape::Switch,
+        clap::ArgAction::Count => Shape::Count,
+        _ if arg.get_num_args().is_some_and(|r| r.min_values() == 0) => Shape::OptionalValue,
+        _ => Shape::Value,
+    }
+}
+
+fn describe(v: &toml::Value) -> String {
+    match v {
+        toml::Value::String(s) => format!("the string {s:?}"),
+        toml::Value::Integer(i) => format!("the number {i}"),
+        other => format!("a {}", other.type_str()),
+    }
 }
 
 /// Every way the command line can say `flag` or a flag that conflicts with it:
@@ -268,15 +325,11 @@ mod tests {
             vec![
                 "p2p-node",
                 "run",
-                "--cluster",
-                "blue",
-                "--peer",
-                "h:1",
-                "--peer",
-                "h:2",
+                "--cluster=blue",
+                "--peer=h:1",
+                "--peer=h:2",
                 "--keep-going",
-                "--order",
-                "none",
+                "--order=none",
                 "--retries",
                 "5",
                 "t.txt"
@@ -289,7 +342,53 @@ mod tests {
         let args = with_file("[run]\nquiet = true\n", &["run", "--json"]).unwrap();
         assert_eq!(args, vec!["p2p-node", "run", "--json"]);
         let args = with_file("[run]\njson = true\nretries = 1\n", &["run", "-q"]).unwrap();
-        assert_eq!(args, vec!["p2p-node", "run", "--retries", "1", "-q"]);
+        assert_eq!(args, vec!["p2p-node", "run", "--retries=1", "-q"]);
+    }
+
+    #[test]
+    fn a_count_gives_a_counted_flag_that_many_times() {
+        let args = with_file("verbose = 1\n", &["run", "t.txt"]).unwrap();
+        assert_eq!(args, vec!["p2p-node", "run", "--verbose", "t.txt"]);
+        let args = with_file("verbose = 2\n", &["serve"]).unwrap();
+        assert_eq!(args, vec!["p2p-node", "serve", "--verbose", "--verbose"]);
+        let args = with_file("verbose = true\n[run]\nlocal = true\n", &["run"]).unwrap();
+        assert_eq!(args, vec!["p2p-node", "run", "--verbose", "--local"]);
+        let args = with_file("verbose = 0\n[run]\nlocal = 3\n", &["run"]).unwrap();
+        assert_eq!(args, vec!["p2p-node", "run", "--local=3"]);
+        // And the result parses: the count is not taken for the task file.
+        let cli = <Cli as clap::Parser>::try_parse_from(
+            with_file("verbose = 2\n", &["run", "t.txt"]).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(cli.verbose, 2);
+        match cli.command {
+            crate::cli::Command::Run(r) => assert_eq!(r.tasks_file, Path::new("t.txt")),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_value_of_the_wrong_shape_is_an_error_naming_the_key() {
+        for (toml, expected) in [
+            (
+                "verbose = -1\n",
+                "verbose: expected a count from 0 to 255, got -1",
+            ),
+            ("verbose = 300\n", "verbose: expected a count from 0 to 255"),
+            ("verbose = \"2\"\n", "verbose: expected a count"),
+            (
+                "[run]\njson = 1\n",
+                "json: expected true or false, got the number 1",
+            ),
+            ("[run]\nquiet = \"yes\"\n", "quiet: expected true or false"),
+            ("[run]\nretries = true\n", "retries: expected a value"),
+        ] {
+            let err = with_file(toml, &["run"]).unwrap_err().to_string();
+            assert!(err.contains(expected), "{toml:?}: {err}");
+        }
+        // A value that looks like a flag stays the flag's value.
+        let args = with_file("cluster = \"--json\"\n", &["run"]).unwrap();
+        assert_eq!(args, vec!["p2p-node", "run", "--cluster=--json"]);
     }
 
     #[test]

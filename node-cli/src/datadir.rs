@@ -7,14 +7,14 @@
 //!
 //! Several nodes may run on one machine (three `serve` processes in one shell, say), and
 //! two live processes must never share an identity. So each process *holds* its identity
-//! file: it takes an exclusive lock on `FILE.lock` for as long as it runs (the operating
-//! system drops the lock when the process ends, however it ends). A node that asks for the
+//! file: it takes an exclusive lock on the file itself for as long as it runs (the operating
+//! system drops the lock when the process ends, however it ends), so a symbolic or hard link
+//! to a held identity is held too. A node that asks for the
 //! data directory's identity takes the first *slot* no live process holds: `identity`, then
 //! `identity-2`, `identity-3`, and so on (`coordinator`, `coordinator-2`, ... for `run`),
 //! creating the file (mode 0600) the first time. The same processes started in the same
 //! order get the same ids again.
 
-use std::fs::{File, OpenOptions, TryLockError};
 use std::path::{Path, PathBuf};
 
 use p2p_core::Identity;
@@ -34,8 +34,8 @@ pub fn default_dir() -> Option<PathBuf> {
     non_empty("HOME").map(|h| PathBuf::from(h).join(".local/share/p2p-node"))
 }
 
-/// An identity this process holds: no other process can hold the same file until this
-/// value is dropped or the process ends.
+/// An identity this process holds: no other process can hold the same file, under any
+/// path that names it, until this value is dropped or the process ends.
 #[derive(Debug)]
 pub struct HeldIdentity {
     /// The identity.
@@ -44,39 +44,34 @@ pub struct HeldIdentity {
     pub path: PathBuf,
     /// Whether the file was created now.
     pub created: bool,
-    _lock: File,
+    _held: p2p_core::identity::HeldIdentity,
 }
 
-/// Holds the identity file at `path`, creating it if missing. `Ok(None)`: another live
-/// process holds it.
+impl HeldIdentity {
+    /// Lets the identity go because the command will not run after all: a file created
+    /// for it now is removed again, so a command that fails to start leaves no new slot.
+    pub fn discard(self) {
+        if self.created {
+            // Still held: nobody else can have taken it meanwhile.
+            if let Err(e) = std::fs::remove_file(&self.path) {
+                tracing::debug!(path = %self.path.display(), error = %e, "cannot remove an unused identity");
+            }
+        }
+    }
+}
+
+/// Holds the identity file at `path` (the file itself, whatever path names it: see
+/// [`Identity::hold`]), creating it if missing. `Ok(None)`: another live process holds it.
 pub fn hold(path: &Path) -> Result<Option<HeldIdentity>, Error> {
-    let lock_path = lock_path(path);
-    let io_err = |source: std::io::Error| Error::Identity {
-        path: lock_path.clone(),
-        message: source.to_string(),
-    };
-    let mut opts = OpenOptions::new();
-    opts.create(true).truncate(false).write(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        opts.mode(0o600);
-    }
-    let lock = opts.open(&lock_path).map_err(io_err)?;
-    match lock.try_lock() {
-        Ok(()) => {}
-        Err(TryLockError::WouldBlock) => return Ok(None),
-        Err(TryLockError::Error(e)) => return Err(io_err(e)),
-    }
-    let (identity, created) = Identity::load_or_create(path).map_err(|e| Error::Identity {
+    let held = Identity::hold(path).map_err(|e| Error::Identity {
         path: path.to_path_buf(),
         message: e.to_string(),
     })?;
-    Ok(Some(HeldIdentity {
-        identity,
+    Ok(held.map(|h| HeldIdentity {
+        identity: h.identity.clone(),
         path: path.to_path_buf(),
-        created,
-        _lock: lock,
+        created: h.created,
+        _held: h,
     }))
 }
 
@@ -85,7 +80,12 @@ pub fn hold(path: &Path) -> Result<Option<HeldIdentity>, Error> {
 pub fn hold_slot(dir: &Path, name: &str) -> Result<HeldIdentity, Error> {
     create_private_dir(dir).map_err(|e| Error::Identity {
         path: dir.to_path_buf(),
-        message: format!("cannot create the data directory: {e}"),
+        message: match std::fs::metadata(dir) {
+            Ok(m) if !m.is_dir() => "the data directory's path names something that is not a \
+                                     directory"
+                .to_string(),
+            _ => format!("cannot create the data directory: {e}"),
+        },
     })?;
     for n in 1..=MAX_SLOTS {
         let file = if n == 1 {
@@ -104,12 +104,6 @@ pub fn hold_slot(dir: &Path, name: &str) -> Result<HeldIdentity, Error> {
              --data-dir or --identity"
         ),
     })
-}
-
-fn lock_path(path: &Path) -> PathBuf {
-    let mut name = path.file_name().unwrap_or_default().to_os_string();
-    name.push(".lock");
-    path.with_file_name(name)
 }
 
 fn create_private_dir(dir: &Path) -> std::io::Result<()> {
@@ -167,5 +161,6 @@ mod tests {
         std::fs::write(&file, "x").unwrap();
         let err = hold_slot(&file, "identity").unwrap_err().to_string();
         assert!(err.contains("not-a-dir"), "{err}");
+        assert!(err.contains("not a directory"), "{err}");
     }
 }

@@ -23,6 +23,14 @@
 //! 3f1c0e7a...(64 hex characters in all)...9b
 //! ```
 //!
+//! # Holding an identity
+//!
+//! Two live nodes must never share an identity. [`Identity::hold`] takes an exclusive lock
+//! (`flock`) on the identity file itself, so the lock is the same whatever path names the
+//! file (a symbolic link, a hard link); it lasts until the [`HeldIdentity`] is dropped or
+//! the process ends. The path must name a regular file: a FIFO, a directory or a device is
+//! refused at once ([`crate::file`]).
+//!
 //! # Permissions
 //!
 //! The private key is a secret: [`Identity::write_new`] creates the file with mode `0600`
@@ -31,8 +39,8 @@
 //! does.
 
 use std::fmt;
-use std::fs;
-use std::io::{self, Write};
+use std::fs::{self, File, TryLockError};
+use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 
 use blake2::{Blake2s256, Digest};
@@ -194,23 +202,62 @@ impl Identity {
                 source,
             },
         };
-        let meta = fs::metadata(path).map_err(io_err)?;
-        if !meta.is_file() {
-            return Err(IdentityError::Format {
-                path: path.to_path_buf(),
-                why: "not a regular file".into(),
-            });
-        }
+        let file = open_identity(path)?;
+        let meta = file.metadata().map_err(io_err)?;
         check_permissions(path, &meta)?;
-        // An identity file is about 140 bytes; refuse to read a large file into memory.
-        if meta.len() > 4096 {
-            return Err(IdentityError::Format {
-                path: path.to_path_buf(),
-                why: format!("{} bytes is far too long", meta.len()),
-            });
+        read_identity(path, &file, &meta)
+    }
+
+    /// Holds the identity file at `path`, creating it (mode `0600`) if nothing exists there:
+    /// takes an exclusive lock on the file itself (`flock`), kept until the returned
+    /// [`HeldIdentity`] is dropped or the process ends, however it ends. `Ok(None)`: another
+    /// live process holds this file, under this path or any other that names it (a
+    /// symbolic or hard link); two live nodes never share an identity file.
+    ///
+    /// A file is locked before it holds a key: an empty identity file (its creator stopped,
+    /// or lost the lock to this process, before it wrote the key) is filled by whoever holds
+    /// it.
+    pub fn hold(path: impl AsRef<Path>) -> Result<Option<HeldIdentity>, IdentityError> {
+        let path = path.as_ref();
+        let io_err = |source: io::Error| IdentityError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        // Bounded: each round either holds an existing file, or creates one, or finds that
+        // another process created it between our two calls.
+        for _ in 0..8 {
+            match open_identity(path) {
+                Ok(file) => return hold_open(path, file),
+                Err(IdentityError::Missing { .. }) => {}
+                Err(e) => return Err(e),
+            }
+            let file = match new_private_file(path) {
+                Ok(f) => f,
+                Err(IdentityError::Exists { .. }) if dangling(path) => {
+                    return Err(io_err(io::Error::new(
+                        io::ErrorKind::NotFound,
+                        "a symbolic link to a file that does not exist (create the identity \
+                         where it points, or remove the link)",
+                    )))
+                }
+                Err(IdentityError::Exists { .. }) => continue,
+                Err(e) => return Err(e),
+            };
+            if !try_lock(&file).map_err(io_err)? {
+                // Taken in the instant between our create and our lock; the holder writes it.
+                return Ok(None);
+            }
+            let identity = Identity::generate();
+            identity.write_into(path, &file)?;
+            return Ok(Some(HeldIdentity {
+                identity,
+                created: true,
+                _file: file,
+            }));
         }
-        let bytes = fs::read(path).map_err(io_err)?;
-        Self::parse(&String::from_utf8_lossy(&bytes), path)
+        Err(io_err(io::Error::other(
+            "the file keeps appearing and disappearing; is another program removing it?",
+        )))
     }
 
     /// Creates `path` holding a new random identity, with mode `0600`, and returns it.
@@ -238,22 +285,12 @@ impl Identity {
 
     /// Writes this identity to a new file at `path` (mode `0600`, never overwriting).
     pub fn write_to(&self, path: &Path) -> Result<(), IdentityError> {
-        let mut opts = fs::OpenOptions::new();
-        opts.write(true).create_new(true);
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::OpenOptionsExt;
-            opts.mode(0o600);
-        }
-        let mut file = opts.open(path).map_err(|source| match source.kind() {
-            io::ErrorKind::AlreadyExists => IdentityError::Exists {
-                path: path.to_path_buf(),
-            },
-            _ => IdentityError::Io {
-                path: path.to_path_buf(),
-                source,
-            },
-        })?;
+        let file = new_private_file(path)?;
+        self.write_into(path, &file)
+    }
+
+    /// Writes the file format into `file` (empty, open for writing) and syncs it.
+    fn write_into(&self, path: &Path, mut file: &File) -> Result<(), IdentityError> {
         let text = format!(
             "# p2p-node identity of node {}; this file is a secret (mode 0600)\n{}\n",
             self.id,
@@ -266,6 +303,134 @@ impl Identity {
                 source,
             })
     }
+}
+
+/// An identity file held by this process (see [`Identity::hold`]): the lock lasts as long
+/// as this value.
+#[derive(Debug)]
+pub struct HeldIdentity {
+    /// The identity.
+    pub identity: Identity,
+    /// Whether the key was written now (a new identity).
+    pub created: bool,
+    _file: File,
+}
+
+/// Opens an identity file for reading without blocking: anything but a regular file (a
+/// symbolic link to one is fine) is refused at once.
+fn open_identity(path: &Path) -> Result<File, IdentityError> {
+    crate::file::open_regular_read(path).map_err(|source| match source.kind() {
+        io::ErrorKind::NotFound => IdentityError::Missing {
+            path: path.to_path_buf(),
+        },
+        _ => IdentityError::Io {
+            path: path.to_path_buf(),
+            source,
+        },
+    })
+}
+
+/// Whether `path` is a symbolic link whose target does not exist.
+fn dangling(path: &Path) -> bool {
+    fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink())
+        && fs::metadata(path).is_err_and(|e| e.kind() == io::ErrorKind::NotFound)
+}
+
+/// Creates `path` for writing, mode `0600`, failing if anything exists there.
+fn new_private_file(path: &Path) -> Result<File, IdentityError> {
+    let mut opts = fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    opts.open(path).map_err(|source| match source.kind() {
+        io::ErrorKind::AlreadyExists => IdentityError::Exists {
+            path: path.to_path_buf(),
+        },
+        _ => IdentityError::Io {
+            path: path.to_path_buf(),
+            source,
+        },
+    })
+}
+
+/// Takes the exclusive lock on `file` without waiting: `false` if another holds it.
+fn try_lock(file: &File) -> io::Result<bool> {
+    match file.try_lock() {
+        Ok(()) => Ok(true),
+        Err(TryLockError::WouldBlock) => Ok(false),
+        Err(TryLockError::Error(e)) => Err(e),
+    }
+}
+
+/// Holds the opened identity file: locks it, then reads it (or fills it when empty).
+fn hold_open(path: &Path, file: File) -> Result<Option<HeldIdentity>, IdentityError> {
+    let io_err = |source: io::Error| IdentityError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    check_permissions(path, &file.metadata().map_err(io_err)?)?;
+    if !try_lock(&file).map_err(io_err)? {
+        return Ok(None);
+    }
+    // Looked at again under the lock: a creator may have written it in the meantime.
+    let meta = file.metadata().map_err(io_err)?;
+    if meta.len() > 0 {
+        let identity = read_identity(path, &file, &meta)?;
+        return Ok(Some(HeldIdentity {
+            identity,
+            created: false,
+            _file: file,
+        }));
+    }
+    // Empty: its creator never wrote the key. Fill this very file (the one we locked, even
+    // if the path was changed since).
+    let writer =
+        crate::file::open_regular(path, fs::OpenOptions::new().write(true)).map_err(io_err)?;
+    if !same_file(&writer.metadata().map_err(io_err)?, &meta) {
+        return Err(io_err(io::Error::other(
+            "the file was replaced while being opened; try again",
+        )));
+    }
+    let identity = Identity::generate();
+    identity.write_into(path, &writer)?;
+    Ok(Some(HeldIdentity {
+        identity,
+        created: true,
+        _file: file,
+    }))
+}
+
+#[cfg(unix)]
+fn same_file(a: &fs::Metadata, b: &fs::Metadata) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    a.dev() == b.dev() && a.ino() == b.ino()
+}
+
+#[cfg(not(unix))]
+fn same_file(a: &fs::Metadata, b: &fs::Metadata) -> bool {
+    a.len() == b.len()
+}
+
+/// Reads and parses an opened identity file of `meta.len()` bytes.
+fn read_identity(path: &Path, file: &File, meta: &fs::Metadata) -> Result<Identity, IdentityError> {
+    // An identity file is about 140 bytes; refuse to read a large file into memory.
+    if meta.len() > 4096 {
+        return Err(IdentityError::Format {
+            path: path.to_path_buf(),
+            why: format!("{} bytes is far too long", meta.len()),
+        });
+    }
+    let mut bytes = Vec::new();
+    file.take(4097)
+        .read_to_end(&mut bytes)
+        .map_err(|source| IdentityError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    Identity::parse(&String::from_utf8_lossy(&bytes), path)
 }
 
 impl fmt::Debug for Identity {
@@ -402,7 +567,81 @@ mod tests {
         );
         // A directory is not an identity file (and load_or_create does not replace it).
         let e = Identity::load_or_create(dir.path()).unwrap_err();
-        assert!(matches!(e, IdentityError::Format { .. }), "{e}");
+        assert!(matches!(e, IdentityError::Io { .. }), "{e}");
+        assert!(e.to_string().contains("not a regular file"), "{e}");
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn an_identity_is_held_once_whatever_path_names_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("id");
+        let held = Identity::hold(&path).unwrap().expect("free");
+        assert!(held.created);
+        let hard = dir.path().join("hard");
+        fs::hard_link(&path, &hard).unwrap();
+        let sym = dir.path().join("sym");
+        std::os::unix::fs::symlink(&path, &sym).unwrap();
+        for p in [&path, &hard, &sym] {
+            assert!(
+                Identity::hold(p).unwrap().is_none(),
+                "{} is held",
+                p.display()
+            );
+        }
+        let id = held.identity.node_id();
+        drop(held);
+        let again = Identity::hold(&sym).unwrap().expect("free again");
+        assert!(!again.created);
+        assert_eq!(again.identity.node_id(), id);
+    }
+
+    #[test]
+    fn an_empty_identity_file_is_filled_by_its_holder() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("id");
+        // What a creator that died between creating and writing the file leaves.
+        Identity::write_new(&path).unwrap();
+        fs::write(&path, "").unwrap();
+        let held = Identity::hold(&path).unwrap().expect("free");
+        assert!(held.created);
+        drop(held);
+        let text = fs::read_to_string(&path).unwrap();
+        assert_eq!(
+            Identity::parse(&text, &path).unwrap().node_id(),
+            Identity::load(&path).unwrap().node_id()
+        );
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_fifo_or_a_device_is_refused_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        for e in [
+            Identity::load(&fifo).unwrap_err(),
+            Identity::hold(&fifo).unwrap_err(),
+            Identity::load_or_create(&fifo).unwrap_err(),
+            Identity::hold(Path::new("/dev/null")).unwrap_err(),
+            Identity::hold(dir.path()).unwrap_err(),
+        ] {
+            assert!(matches!(e, IdentityError::Io { .. }), "{e}");
+            assert!(e.to_string().contains("not a regular file"), "{e}");
+        }
+        // A symbolic link to nothing is said to be one.
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(dir.path().join("nowhere"), &link).unwrap();
+        let e = Identity::hold(&link).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("symbolic link to a file that does not exist"),
+            "{e}"
+        );
     }
 
     #[cfg(unix)]

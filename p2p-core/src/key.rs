@@ -15,6 +15,9 @@
 //!
 //! # Permissions
 //!
+//! The path must name a regular file (a symbolic link to one is fine): a FIFO, a directory
+//! or a device is refused at once ([`crate::file`]).
+//!
 //! A key file is a secret: [`ClusterKey::write_new`] creates it with mode `0600` and never
 //! overwrites an existing file. On Unix, [`ClusterKey::load`] refuses a file that the group
 //! or others may read or write (any bit of `0o077`), as ssh does for private keys; the error
@@ -22,7 +25,7 @@
 
 use std::fmt;
 use std::fs;
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 
 use blake2::{Blake2s256, Digest};
@@ -149,7 +152,10 @@ impl ClusterKey {
                 source,
             },
         };
-        let meta = fs::metadata(path).map_err(io_err)?;
+        // Opened without blocking and checked on the open file: a FIFO, a directory or a
+        // device is refused at once (a FIFO would otherwise block startup forever).
+        let file = crate::file::open_regular_read(path).map_err(io_err)?;
+        let meta = file.metadata().map_err(io_err)?;
         check_permissions(path, &meta)?;
         // A key file is 65 bytes; refuse to read a large file into memory.
         if meta.len() > 4096 {
@@ -158,7 +164,8 @@ impl ClusterKey {
                 found: usize::try_from(meta.len()).unwrap_or(usize::MAX),
             });
         }
-        let bytes = fs::read(path).map_err(io_err)?;
+        let mut bytes = Vec::new();
+        file.take(4097).read_to_end(&mut bytes).map_err(io_err)?;
         let text = String::from_utf8_lossy(&bytes);
         Self::parse(&text, path)
     }
@@ -371,6 +378,26 @@ mod tests {
             ClusterKey::load(&upper).unwrap(),
             ClusterKey::from_bytes([0xab; 32])
         );
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_fifo_a_directory_or_a_device_is_refused_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        for (p, what) in [
+            (fifo.as_path(), "a FIFO"),
+            (dir.path(), "a directory"),
+            (Path::new("/dev/zero"), "a character device"),
+        ] {
+            let e = ClusterKey::load(p).unwrap_err();
+            assert!(e.to_string().contains(what), "{e}");
+        }
     }
 
     #[cfg(unix)]

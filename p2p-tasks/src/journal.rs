@@ -12,10 +12,16 @@
 //!
 //! `plan` is a fingerprint (FNV-1a, 64 bits) of every task's id, type, arguments and
 //! dependencies in file order: a journal is refused for a plan that differs in any of them.
-//! A last line cut short by a crash is ignored.
+//! A last line cut short by a crash is cut off the file when the journal is opened again
+//! (see [`Journal::open`]); blank lines are skipped.
+//!
+//! # One run at a time
+//!
+//! An open [`Journal`] holds an exclusive lock (`flock`) on the file itself, released when
+//! it is dropped or the process ends: two coordinators never run from one journal at once.
 
 use std::collections::HashSet;
-use std::fs::{File, OpenOptions};
+use std::fs::{File, OpenOptions, TryLockError};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 
@@ -41,6 +47,9 @@ pub enum JournalError {
     /// The journal exists and `--resume` was not given.
     #[error("journal {0} already exists: pass --resume to continue that run, or remove the file to start over")]
     Exists(PathBuf),
+    /// Another running process holds the journal.
+    #[error("journal {0} is in use by another running p2p-node (two runs must not share a journal: wait for that run to end, or give this one its own --journal)")]
+    Locked(PathBuf),
     /// The journal belongs to another plan.
     #[error("journal {path} was written for a different task file (plan {found}, this file is {expected}); refusing to resume the wrong run")]
     Mismatch {
@@ -122,69 +131,62 @@ pub fn fingerprint(tasks: &[Task]) -> String {
 }
 
 impl Journal {
-    /// Opens the journal at `path` for `tasks`. Without `resume`, the file must not exist
-    /// (or be empty); with it, an existing journal must belong to this plan, and the tasks it
-    /// records as succeeded are returned by [`Journal::done`]. A missing file is created.
+    /// Opens the journal at `path` for `tasks` and holds it: an exclusive lock on the file
+    /// itself (whatever path names it) is kept until the journal is dropped, so a second run
+    /// on the same journal is refused with [`JournalError::Locked`]. Without `resume`, the
+    /// file must not exist (or be empty); with it, an existing journal must belong to this
+    /// plan, and the tasks it records as succeeded are returned by [`Journal::done`]. A
+    /// missing file is created. Anything but a regular file is refused at once (a FIFO is
+    /// never waited on).
+    ///
+    /// A record cut short by a crash (a last line with no newline) is cut off the file, so
+    /// the next record starts on a line of its own; blank lines and records cut short by
+    /// older versions in the middle of the file are skipped. Any other damage is refused
+    /// with [`JournalError::Corrupt`], naming the line. So a journal resumes any number of
+    /// times, however its runs ended.
     pub fn open(path: &Path, tasks: &[Task], resume: bool) -> Result<Journal, JournalError> {
         let io = |source| JournalError::Io {
             path: path.to_path_buf(),
             source,
         };
         let plan = fingerprint(tasks);
-        let exists = std::fs::metadata(path)
-            .map(|m| m.len() > 0)
-            .unwrap_or(false);
+        let mut file = p2p_core::file::open_regular(
+            path,
+            OpenOptions::new().read(true).append(true).create(true),
+        )
+        .map_err(io)?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(TryLockError::WouldBlock) => return Err(JournalError::Locked(path.to_path_buf())),
+            Err(TryLockError::Error(e)) => return Err(io(e)),
+        }
+        let exists = file.metadata().map_err(io)?.len() > 0;
         if exists && !resume {
             return Err(JournalError::Exists(path.to_path_buf()));
         }
         let mut done = HashSet::new();
+        let mut has_header = false;
         if exists {
-            let reader = BufReader::new(File::open(path).map_err(io)?);
-            let mut lines = reader.lines().enumerate().peekable();
-            let header: Header = match lines.next() {
-                Some((_, Ok(l))) => {
-                    serde_json::from_str(&l).map_err(|e| JournalError::Corrupt {
+            let (header, end) = read_records(path, &file, &mut done)?;
+            if let Some(header) = header {
+                if header.journal != VERSION || header.plan != plan {
+                    return Err(JournalError::Mismatch {
                         path: path.to_path_buf(),
-                        line: 1,
-                        why: format!("not a p2p-node journal header ({e})"),
-                    })?
+                        expected: plan.clone(),
+                        found: header.plan,
+                    });
                 }
-                Some((_, Err(e))) => return Err(io(e)),
-                None => unreachable_empty(path)?,
-            };
-            if header.journal != VERSION || header.plan != plan {
-                return Err(JournalError::Mismatch {
-                    path: path.to_path_buf(),
-                    expected: plan,
-                    found: header.plan,
-                });
+                has_header = true;
             }
-            while let Some((i, l)) = lines.next() {
-                let l = l.map_err(io)?;
-                match serde_json::from_str::<Line>(&l) {
-                    Ok(rec) => {
-                        if rec.status == Status::Succeeded {
-                            done.insert(rec.task);
-                        }
-                    }
-                    // A torn last line from a crash mid-write: ignore it.
-                    Err(_) if lines.peek().is_none() => {}
-                    Err(e) => {
-                        return Err(JournalError::Corrupt {
-                            path: path.to_path_buf(),
-                            line: i + 1,
-                            why: e.to_string(),
-                        })
-                    }
-                }
+            match end {
+                End::Clean => {}
+                // A whole record that only lacks its newline: keep it, end its line.
+                End::Unterminated => file.write_all(b"\n").map_err(io)?,
+                // A record cut short: cut it off, so the next one starts on its own line.
+                End::Torn(at) => file.set_len(at).map_err(io)?,
             }
         }
-        let mut file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .map_err(io)?;
-        if !exists {
+        if !has_header {
             let header = Header {
                 journal: VERSION,
                 plan,
@@ -192,11 +194,8 @@ impl Journal {
             };
             let line = serde_json::to_string(&header).map_err(|e| io(e.into()))?;
             writeln!(file, "{line}").map_err(io)?;
-            file.sync_data().map_err(io)?;
-        } else {
-            // Make sure a torn last line does not glue onto the next record.
-            writeln!(file).map_err(io)?;
         }
+        file.sync_data().map_err(io)?;
         Ok(Journal {
             path: path.to_path_buf(),
             file,
@@ -271,12 +270,89 @@ impl Drop for Journal {
     }
 }
 
-fn unreachable_empty(path: &Path) -> Result<Header, JournalError> {
-    Err(JournalError::Corrupt {
+/// How a journal file ends.
+#[derive(Debug, PartialEq, Eq)]
+enum End {
+    /// With a newline (or empty).
+    Clean,
+    /// With a whole record and no newline.
+    Unterminated,
+    /// With a record cut short, starting at this byte offset.
+    Torn(u64),
+}
+
+/// Reads every record of the journal in `file`: the tasks recorded as succeeded go into
+/// `done`. Returns the header (`None` when even the header was cut short) and how the file
+/// ends.
+fn read_records(
+    path: &Path,
+    file: &File,
+    done: &mut HashSet<String>,
+) -> Result<(Option<Header>, End), JournalError> {
+    let io = |source| JournalError::Io {
         path: path.to_path_buf(),
-        line: 1,
-        why: "empty journal".into(),
-    })
+        source,
+    };
+    let corrupt = |line: usize, why: String| JournalError::Corrupt {
+        path: path.to_path_buf(),
+        line,
+        why,
+    };
+    let mut reader = BufReader::new(file);
+    let mut header: Option<Header> = None;
+    let mut buf = Vec::new();
+    let mut offset: u64 = 0;
+    let mut line_no = 0;
+    loop {
+        buf.clear();
+        let n = reader.read_until(b'\n', &mut buf).map_err(io)?;
+        if n == 0 {
+            return Ok((header, End::Clean));
+        }
+        line_no += 1;
+        let start = offset;
+        offset += n as u64;
+        let terminated = buf.last() == Some(&b'\n');
+        let text = String::from_utf8_lossy(&buf);
+        let text = text.trim();
+        if text.is_empty() {
+            // A blank line (older versions wrote one at every resume).
+            continue;
+        }
+        let torn = |e: &serde_json::Error| e.is_eof();
+        if header.is_none() {
+            match serde_json::from_str::<Header>(text) {
+                Ok(h) => header = Some(h),
+                Err(e) if !terminated && torn(&e) => return Ok((None, End::Torn(start))),
+                Err(e) => {
+                    return Err(corrupt(
+                        line_no,
+                        format!("not a p2p-node journal header ({e})"),
+                    ))
+                }
+            }
+        } else {
+            match serde_json::from_str::<Line>(text) {
+                Ok(rec) => {
+                    if rec.status == Status::Succeeded {
+                        done.insert(rec.task);
+                    }
+                }
+                // Cut short by a crash: at the end, cut off; in the middle (written by an
+                // older version, which did not cut it off), skipped.
+                Err(e) if torn(&e) => {
+                    if !terminated {
+                        return Ok((header, End::Torn(start)));
+                    }
+                    continue;
+                }
+                Err(e) => return Err(corrupt(line_no, e.to_string())),
+            }
+        }
+        if !terminated {
+            return Ok((header, End::Unterminated));
+        }
+    }
 }
 
 #[cfg(test)]
@@ -356,6 +432,139 @@ mod tests {
         let err = Journal::open(&path, &other, true).unwrap_err();
         assert!(matches!(err, JournalError::Mismatch { .. }), "{err}");
         assert!(err.to_string().contains("different task file"));
+    }
+
+    #[test]
+    fn resumes_any_number_of_times_after_clean_ends_and_torn_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j");
+        let ids: Vec<String> = (1..=12).map(|i| format!("a{i}")).collect();
+        let tasks = parse("t", &ids.join(" ")).unwrap();
+        let mut j = Journal::open(&path, &tasks, false).unwrap();
+        j.record(&result("a1", Status::Succeeded)).unwrap();
+        drop(j);
+        for round in 2..=12 {
+            let mut j = Journal::open(&path, &tasks, true)
+                .unwrap_or_else(|e| panic!("resume {round}: {e}"));
+            assert_eq!(j.done().len(), round - 1, "resume {round}");
+            j.record(&result(&format!("a{round}"), Status::Succeeded))
+                .unwrap();
+            drop(j);
+            // Every other run is killed in the middle of writing its next record.
+            if round % 2 == 0 {
+                let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+                write!(f, "{{\"task\":\"a{}\",\"type\":\"a\",\"sta", round + 1).unwrap();
+            }
+        }
+        let j = Journal::open(&path, &tasks, true).unwrap();
+        assert_eq!(j.done().len(), 12);
+        drop(j);
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(
+            text.lines()
+                .all(|l| serde_json::from_str::<serde_json::Value>(l).is_ok()),
+            "every line of the journal is a whole record:\n{text}"
+        );
+    }
+
+    #[test]
+    fn reads_journals_older_versions_left_blank_and_torn_lines_in() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j");
+        let tasks = parse("t", "a1 a2 a3").unwrap();
+        let mut j = Journal::open(&path, &tasks, false).unwrap();
+        j.record(&result("a1", Status::Succeeded)).unwrap();
+        drop(j);
+        // What the old resume wrote: a torn record closed off by a newline, then a blank
+        // line at the next resume, then more records.
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        write!(f, "{{\"task\":\"a2\",\"sta\n\n").unwrap();
+        drop(f);
+        let mut j = Journal::open(&path, &tasks, true).unwrap();
+        j.record(&result("a3", Status::Succeeded)).unwrap();
+        drop(j);
+        let j = Journal::open(&path, &tasks, true).unwrap();
+        let mut done: Vec<_> = j.done().iter().cloned().collect();
+        done.sort();
+        assert_eq!(done, ["a1", "a3"]);
+    }
+
+    #[test]
+    fn a_whole_last_record_without_its_newline_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j");
+        let tasks = parse("t", "a1 a2").unwrap();
+        let mut j = Journal::open(&path, &tasks, false).unwrap();
+        j.record(&result("a1", Status::Succeeded)).unwrap();
+        drop(j);
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(&path, text.trim_end()).unwrap();
+        let mut j = Journal::open(&path, &tasks, true).unwrap();
+        assert_eq!(j.done().len(), 1);
+        j.record(&result("a2", Status::Succeeded)).unwrap();
+        drop(j);
+        assert_eq!(Journal::open(&path, &tasks, true).unwrap().done().len(), 2);
+    }
+
+    #[test]
+    fn a_torn_header_starts_the_journal_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j");
+        let tasks = parse("t", "a1").unwrap();
+        std::fs::write(&path, "{\"journal\":1,\"pl").unwrap();
+        assert!(matches!(
+            Journal::open(&path, &tasks, false),
+            Err(JournalError::Exists(_))
+        ));
+        let mut j = Journal::open(&path, &tasks, true).unwrap();
+        assert!(j.done().is_empty());
+        j.record(&result("a1", Status::Succeeded)).unwrap();
+        drop(j);
+        assert_eq!(Journal::open(&path, &tasks, true).unwrap().done().len(), 1);
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_journal_is_held_by_one_run_whatever_path_names_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j");
+        let tasks = parse("t", "a1").unwrap();
+        let j = Journal::open(&path, &tasks, false).unwrap();
+        let hard = dir.path().join("hard");
+        std::fs::hard_link(&path, &hard).unwrap();
+        let sym = dir.path().join("sym");
+        std::os::unix::fs::symlink(&path, &sym).unwrap();
+        for p in [&path, &hard, &sym] {
+            let err = Journal::open(p, &tasks, true).unwrap_err();
+            assert!(matches!(err, JournalError::Locked(_)), "{err}");
+            assert!(err
+                .to_string()
+                .contains("in use by another running p2p-node"));
+        }
+        drop(j);
+        assert!(
+            Journal::open(&sym, &tasks, true).is_ok(),
+            "free once the run ends"
+        );
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn anything_but_a_regular_file_is_refused_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let tasks = parse("t", "a1").unwrap();
+        let fifo = dir.path().join("fifo");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        for (p, resume) in [(&fifo, true), (&fifo, false)] {
+            let err = Journal::open(p, &tasks, resume).unwrap_err();
+            assert!(matches!(err, JournalError::Io { .. }), "{err}");
+        }
+        let err = Journal::open(dir.path(), &tasks, true).unwrap_err();
+        assert!(err.to_string().contains("directory"), "{err}");
     }
 
     #[test]

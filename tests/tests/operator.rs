@@ -1,6 +1,7 @@
 //! What a person sees and touches (issue 6): the progress bar and the final tables on a
 //! terminal (a real pseudo-terminal), plain output on a pipe, `--json` and `--quiet`, the
-//! config file, `--help` examples and shell completions.
+//! config file, `--help` examples and shell completions; a count for a counted flag in the
+//! config file, `run --local` ignoring the file's discovery, and a port in use said once.
 //!
 //! Every run here uses `--local` (in-process nodes on loopback).
 
@@ -597,4 +598,120 @@ fn quiet_failure_line_counts_every_finished_task() {
         "{}",
         out.describe()
     );
+}
+
+#[test]
+fn a_count_in_the_config_file_sets_a_counted_flag() {
+    let dir = TestDir::new();
+    dir.write("tasks.txt", "a1 a2\n");
+    dir.write("c.toml", "verbose = 1\n");
+    let out = run_in(
+        dir.path(),
+        &["run", "tasks.txt", "--local", "--config", "c.toml"],
+    );
+    // Not `1` taken for the task file: the run runs, with debug logging.
+    out.assert_code(0);
+    assert!(out.stderr.contains("DEBUG"), "{}", out.describe());
+    dir.write("c.toml", "[run]\njson = 1\n");
+    let out = run_in(
+        dir.path(),
+        &["run", "tasks.txt", "--local", "--config", "c.toml"],
+    );
+    out.assert_code(2);
+    assert!(
+        out.stderr.contains("json: expected true or false"),
+        "{}",
+        out.describe()
+    );
+}
+
+/// Safe by construction: the config's discovery is `dns:` of an IP literal on loopback
+/// (no resolver is asked, nothing is sent beyond loopback), whose use shows as a connection
+/// to a listener of this test.
+#[test]
+fn run_local_never_uses_the_config_files_discovery() {
+    let dir = TestDir::new();
+    dir.write("tasks.txt", "a1 a2\n");
+    let watch = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = watch.local_addr().unwrap().port();
+    dir.write(
+        "c.toml",
+        &format!("discovery = [\"dns:127.0.0.1:{port}\"]\ndiscovery-timeout = \"1s\"\n"),
+    );
+    // One second of work: a dialer that would use the config's discovery has long dialled.
+    let out = run_in(
+        dir.path(),
+        &[
+            "run",
+            "tasks.txt",
+            "--local",
+            "-v",
+            "--handler",
+            "a=sleep 0.5",
+            "--config",
+            "c.toml",
+        ],
+    );
+    out.assert_code(0);
+    watch.set_nonblocking(true).unwrap();
+    match watch.accept() {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+        other => panic!(
+            "run --local dialled the config file's dns discovery: {other:?}\n{}",
+            out.describe()
+        ),
+    }
+    let chosen = out
+        .stderr
+        .lines()
+        .find(|l| l.contains("discovery backends of this run"))
+        .unwrap_or_else(|| panic!("no log of the discovery chosen\n{}", out.describe()));
+    assert!(!chosen.contains("dns"), "{chosen}");
+}
+
+#[test]
+fn a_port_in_use_is_said_once_with_the_address_and_what_to_do() {
+    let dir = TestDir::new();
+    let data = dir.join("data");
+    let data_s = data.to_str().unwrap().to_string();
+    let first = tests::Serve::types("a", &["--data-dir", &data_s]);
+    let addr = first.addr.to_string();
+    let out = run_in(
+        dir.path(),
+        &[
+            "serve",
+            "--types",
+            "a",
+            "--listen",
+            &addr,
+            "--discovery",
+            "none",
+            "--data-dir",
+            &data_s,
+        ],
+    );
+    out.assert_code(1);
+    let error = out
+        .stderr
+        .lines()
+        .find(|l| l.starts_with("error:"))
+        .unwrap_or_else(|| panic!("no error line\n{}", out.describe()));
+    assert!(!error.contains("  "), "{error}");
+    let said = out.stderr.matches("already in use").count();
+    assert_eq!(said, 1, "{}", out.describe());
+    assert!(
+        out.stderr.contains(&addr) && out.stderr.contains("--listen"),
+        "{}",
+        out.describe()
+    );
+    assert!(
+        !out.stderr.contains("identity loaded") && !out.stderr.contains("created a new identity"),
+        "{}",
+        out.describe()
+    );
+    assert!(
+        !data.join("identity-2").exists(),
+        "the node that could not start left an identity slot behind"
+    );
+    drop(first);
 }

@@ -9,6 +9,8 @@
 //!   the id is the one a keyed coordinator sees; a file another live node holds is refused;
 //! - without `--identity`, a node keeps its id in the data directory: the same id after a
 //!   restart, and nodes running at the same time get different ones;
+//! - the lock is on the identity file itself: a symbolic or a hard link to a file a live
+//!   node holds is refused too;
 //! - two nodes sharing one identity file are reported by the coordinator, not merged silently.
 //!
 //! Every process is started here and killed by its own handle (PID); every wait is bounded.
@@ -275,6 +277,51 @@ fn without_identity_a_node_keeps_its_id_in_the_data_directory() {
         out.describe()
     );
     drop((second, again));
+}
+
+#[cfg(unix)]
+#[test]
+fn a_symbolic_or_hard_link_to_a_held_identity_is_refused_too() {
+    let dir = TestDir::new();
+    let id_file = dir.join("node.identity");
+    let first = Serve::types("a", &["--identity", s(&id_file)]);
+    let sym = dir.join("sym.identity");
+    std::os::unix::fs::symlink(&id_file, &sym).unwrap();
+    let hard = dir.join("hard.identity");
+    std::fs::hard_link(&id_file, &hard).unwrap();
+    let other = dir.join("sub");
+    std::fs::create_dir(&other).unwrap();
+    let relative = "../node.identity";
+    for (what, path) in [("symbolic link", s(&sym)), ("hard link", s(&hard))] {
+        let out = serve_refused(&dir, path);
+        out.assert_code(2);
+        assert!(
+            out.stderr
+                .contains("another running p2p-node holds this identity"),
+            "a {what} to a held identity was not refused\n{}",
+            out.describe()
+        );
+    }
+    // Another spelling of the same path, from another directory.
+    let out = run_in(
+        &other,
+        &[
+            "serve",
+            "--types",
+            "a",
+            "--listen",
+            "127.0.0.1:0",
+            "--discovery",
+            "none",
+            "--identity",
+            relative,
+        ],
+    );
+    out.assert_code(2);
+    drop(first);
+    // Once the node is gone, the link names a free identity: the same id.
+    let again = Serve::types("a", &["--identity", s(&sym)]);
+    assert!(again.node_id.is_some());
 }
 
 #[test]

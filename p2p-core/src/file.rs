@@ -1,0 +1,124 @@
+//! Opening the files a user names (key, identity, journal) without ever blocking on them.
+//!
+//! A path given on the command line may name a FIFO, a directory, a socket or a device.
+//! Opening a FIFO for reading waits for a writer, possibly forever, so a node given one as
+//! `--key-file` would never start. [`open_regular`] opens with `O_NONBLOCK` (which makes the
+//! open itself return at once whatever the file is) and then checks, on the open file
+//! descriptor (`fstat`), that it is a regular file: there is no window between a check and
+//! the open in which the path could be swapped for a FIFO. `O_NONBLOCK` has no effect on
+//! reads and writes of a regular file.
+//!
+//! Symbolic links are followed: a key mounted as a symlink (as Kubernetes mounts secrets)
+//! is the regular file it points to.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::path::Path;
+
+/// Opens `path` with `opts` (plus `O_NONBLOCK` on Unix) and returns the file only if it is
+/// a regular file; anything else is an [`io::ErrorKind::InvalidInput`] error that says what
+/// the path is (`a FIFO`, `a directory`, ...).
+pub fn open_regular(path: &Path, opts: &mut OpenOptions) -> io::Result<File> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY);
+    }
+    let file = match opts.open(path) {
+        Ok(f) => f,
+        // Opening a directory for writing fails before there is a descriptor to look at.
+        Err(e) if e.kind() == io::ErrorKind::IsADirectory => {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "not a regular file (it is a directory)",
+            ))
+        }
+        Err(e) => return Err(e),
+    };
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Err(not_regular(&meta));
+    }
+    Ok(file)
+}
+
+/// Opens `path` for reading with [`open_regular`].
+pub fn open_regular_read(path: &Path) -> io::Result<File> {
+    open_regular(path, OpenOptions::new().read(true))
+}
+
+fn not_regular(meta: &std::fs::Metadata) -> io::Error {
+    let ft = meta.file_type();
+    let what = if ft.is_dir() {
+        "a directory"
+    } else {
+        kind_of_special(&ft)
+    };
+    io::Error::new(
+        io::ErrorKind::InvalidInput,
+        format!("not a regular file (it is {what})"),
+    )
+}
+
+#[cfg(unix)]
+fn kind_of_special(ft: &std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if ft.is_fifo() {
+        "a FIFO"
+    } else if ft.is_socket() {
+        "a socket"
+    } else if ft.is_char_device() {
+        "a character device"
+    } else if ft.is_block_device() {
+        "a block device"
+    } else {
+        "not a file"
+    }
+}
+
+#[cfg(not(unix))]
+fn kind_of_special(_ft: &std::fs::FileType) -> &'static str {
+    "not a file"
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    #[test]
+    fn a_regular_file_opens_and_a_directory_does_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("f");
+        std::fs::write(&f, "x").unwrap();
+        assert!(open_regular_read(&f).is_ok());
+        let e = open_regular_read(dir.path()).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidInput, "{e}");
+        assert!(e.to_string().contains("a directory"), "{e}");
+        let e = open_regular(dir.path(), OpenOptions::new().append(true)).unwrap_err();
+        assert!(e.to_string().contains("a directory"), "{e}");
+        let e = open_regular_read(&dir.path().join("missing")).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::NotFound);
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_fifo_is_refused_at_once_for_reading_and_for_writing() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        // Without O_NONBLOCK this open would wait for a writer forever.
+        let e = open_regular_read(&fifo).unwrap_err();
+        assert!(e.to_string().contains("a FIFO"), "{e}");
+        // Opening a FIFO for writing with no reader fails at once (ENXIO) too.
+        let e = open_regular(&fifo, OpenOptions::new().append(true)).unwrap_err();
+        assert!(!e.to_string().is_empty());
+        let e = open_regular_read(Path::new("/dev/null")).unwrap_err();
+        assert!(e.to_string().contains("character device"), "{e}");
+    }
+}
