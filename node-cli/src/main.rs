@@ -9,6 +9,12 @@ use node_cli::cli::{self, Cli, LogFormat};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
+    // The guard process (node_cli::guard) is this binary too; it reads no config file.
+    let mut argv = std::env::args_os().skip(1);
+    if argv.next().as_deref() == Some(std::ffi::OsStr::new(node_cli::guard::SUBCOMMAND)) {
+        let rest: Vec<String> = argv.map(|a| a.to_string_lossy().into_owned()).collect();
+        return ExitCode::from(node_cli::guard::main(&rest));
+    }
     let args = match node_cli::config::apply(std::env::args_os().collect()) {
         Ok(args) => args,
         Err(e) => {
