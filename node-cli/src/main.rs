@@ -37,7 +37,10 @@ fn main() -> ExitCode {
         .log_internal_errors(false);
     match cli.log_format {
         LogFormat::Json => logs.json().init(),
-        LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Text => logs
+            .fmt_fields(node_cli::output::log_fields())
+            .with_ansi(std::io::stderr().is_terminal())
+            .init(),
     }
     // One thread by default: a task's round trip then never waits for a wakeup on
     // another thread (docs/PERFORMANCE.md measures both).
