@@ -13,7 +13,8 @@
 //!   outside the live attempts' shells (re-parented orphans and their descendants) whose
 //!   environment names an attempt that has ended, or whose process group is an ended
 //!   attempt's, gets `SIGTERM`, and `SIGKILL` once the attempt's kill grace has passed. The
-//!   sweep also reaps the orphans that exited (they are the node's children now).
+//!   sweep also reaps the orphans that exited (they are the node's children now); while
+//!   attempts run, a sweep runs at least every [`LIVE_SWEEP`] for that.
 //! - [`stop_all`], when the node stops, ends every descendant the same way.
 //!
 //! Not covered: a process that removes the variable from its environment *and* leaves the
@@ -36,6 +37,9 @@ pub const SCOPE_VAR: &str = "P2P_TASK_SCOPE";
 
 /// The shortest time between two sweeps.
 pub const SWEEP_INTERVAL: Duration = Duration::from_millis(100);
+
+/// While attempts run, the longest time between two sweeps (which reap exited orphans).
+pub const LIVE_SWEEP: Duration = Duration::from_secs(5);
 
 /// How long an ended attempt's process group is remembered (for processes without the mark).
 const ENDED_MEMORY: Duration = Duration::from_secs(60);
@@ -247,13 +251,21 @@ fn sweeper() {
                 if reg.requested {
                     break;
                 }
-                match reg.doomed.values().min().copied() {
+                // While attempts run, a sweep at least every LIVE_SWEEP reaps the orphans
+                // that exited meanwhile.
+                let idle = (!reg.live.is_empty()).then(|| now + LIVE_SWEEP);
+                let next = reg.doomed.values().copied().chain(idle).min();
+                match next {
                     Some(at) if at <= now => break,
                     Some(at) => {
-                        reg = shared()
+                        let (r, timeout) = shared()
                             .wake
                             .wait_timeout(reg, at - now)
-                            .map_or_else(|e| e.into_inner().0, |r| r.0);
+                            .unwrap_or_else(|e| e.into_inner());
+                        reg = r;
+                        if timeout.timed_out() && idle == Some(at) {
+                            break;
+                        }
                     }
                     None => {
                         reg = shared().wake.wait(reg).unwrap_or_else(|e| e.into_inner());

@@ -543,6 +543,13 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn standard_input_is_empty() {
+        let out = run_within(10, &Shell::new("cat; echo end"), req("a1", "a", "")).await;
+        assert!(out.ok, "{out:?}");
+        assert_eq!(out.output, "end");
+    }
+
+    #[tokio::test]
     async fn spawn_failure_is_a_failed_outcome() {
         // A NUL byte cannot be passed to a process (argument or environment).
         let out = run_within(10, &Shell::new("echo {args}"), req("a1", "a", "x\0y")).await;
