@@ -401,7 +401,17 @@ impl Printer {
                     format!(" on node {} (type {kind}, attempt {attempt})", short(node))
                 };
                 let (error, error_rest) = shown(error, ": ", true);
-                let (output, output_block) = shown(output, "; output: ", false);
+                // After a multi-line error, the output goes on a line of its own.
+                let (output, output_block) = if error_rest.is_empty() {
+                    shown(output, "; output: ", false)
+                } else {
+                    let (inline, block) = shown(output, "output: ", false);
+                    if inline.is_empty() {
+                        (inline, block)
+                    } else {
+                        (format!("\n{INDENT}{inline}"), block)
+                    }
+                };
                 format!(
                     "  [{:>w$}/{}] {task} FAILED{on}{error}{error_rest}{output}{output_block}",
                     self.done, self.total
