@@ -46,7 +46,11 @@ pub fn start(grace: Duration) -> Option<Guard> {
     let spawned = Command::new(exe)
         .arg(SUBCOMMAND)
         .arg(procs::token())
-        .arg(grace.as_millis().to_string())
+        .arg(
+            u64::try_from(grace.as_millis())
+                .unwrap_or(u64::MAX)
+                .to_string(),
+        )
         .env_remove(procs::SCOPE_VAR)
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
@@ -108,7 +112,7 @@ pub fn main(args: &[String]) -> u8 {
 
 /// SIGTERM to every process marked with `token`, SIGKILL after `grace` to those left.
 fn end_marked(token: &str, grace: Duration) {
-    let deadline = Instant::now() + grace;
+    let deadline = procs::after(Instant::now(), grace);
     let mut termed = std::collections::HashSet::new();
     // Bounded: the grace, then a few rounds of SIGKILL for processes still forking.
     let mut kill_rounds = 0;

@@ -342,7 +342,7 @@ fn doom(reg: &mut Registry, p: &Proc, grace: Duration, now: Instant) -> Option<I
     match reg.doomed.get(&key) {
         None => {
             let _ = kill(pid, Signal::SIGTERM);
-            let due = now + grace;
+            let due = after(now, grace);
             reg.doomed.insert(key, due);
             Some(due)
         }
@@ -411,7 +411,7 @@ fn sweep(now: Instant) {
 /// `SIGKILL` to what is left after `grace`. For a node that stops. Returns how many
 /// processes it signalled.
 pub async fn stop_all(grace: Duration) -> usize {
-    let deadline = Instant::now() + grace;
+    let deadline = after(Instant::now(), grace);
     let mut signalled: HashSet<(i32, u64)> = HashSet::new();
     loop {
         let left = descendants();
@@ -430,7 +430,7 @@ pub async fn stop_all(grace: Duration) -> usize {
             }
         }
         signalled.extend(left.iter().map(|p| (p.pid, p.start)));
-        if sig == Signal::SIGKILL && now >= deadline + Duration::from_secs(2) {
+        if sig == Signal::SIGKILL && now >= after(deadline, Duration::from_secs(2)) {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -486,6 +486,13 @@ pub fn marked_by(token: &str) -> Vec<i32> {
         .collect()
 }
 
+/// `at + d`, or a year after `at` when that is not representable (a huge grace).
+pub fn after(at: Instant, d: Duration) -> Instant {
+    at.checked_add(d)
+        .or_else(|| at.checked_add(Duration::from_secs(365 * 24 * 3600)))
+        .unwrap_or(at)
+}
+
 /// Whether `pid` exists and has not exited (a zombie has).
 pub fn alive(pid: i32) -> bool {
     match read_stat(pid) {
@@ -519,6 +526,16 @@ mod tests {
         assert_eq!(parse_scope(b"P2P_TASK_SCOPE=abc.\0", "abc"), None);
         assert_eq!(parse_scope(b"XP2P_TASK_SCOPE=abc.1\0", "abc"), None);
         assert_eq!(parse_scope(b"", "abc"), None);
+    }
+
+    #[test]
+    fn a_huge_grace_does_not_overflow() {
+        let now = Instant::now();
+        assert!(after(now, Duration::MAX) > now);
+        assert_eq!(
+            after(now, Duration::from_secs(2)),
+            now + Duration::from_secs(2)
+        );
     }
 
     #[test]

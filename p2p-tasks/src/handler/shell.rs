@@ -284,7 +284,7 @@ async fn run(script: String, req: TaskRequest, limit: usize, grace: Duration) ->
         running.child = None;
         running.scope.end(true);
         if !pumped {
-            let _ = tokio::time::timeout(grace + DRAIN_MARGIN, &mut pumps).await;
+            let _ = tokio::time::timeout(grace.saturating_add(DRAIN_MARGIN), &mut pumps).await;
         }
         status
     };
