@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use p2p_core::net::Settings;
+use p2p_core::text::escape;
 use p2p_core::{ClusterKey, Identity};
 use p2p_discovery::{mdns, udp, Discovery, Kind};
 use p2p_tasks::handler::{Builtin, Handler, Shell};
@@ -346,7 +347,10 @@ pub async fn execute(cli: Cli) -> ExitCode {
     match result {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            say_err!("error: {e:#}");
+            // Errors may quote what a peer sent: escaped, line by line.
+            let text = format!("{e:#}");
+            let lines: Vec<_> = text.split('\n').map(escape).collect();
+            say_err!("error: {}", lines.join("\n"));
             if e.downcast_ref::<UsageError>().is_some() {
                 ExitCode::from(EXIT_USAGE)
             } else {
@@ -879,11 +883,11 @@ async fn peers(a: PeersArgs) -> anyhow::Result<u8> {
         for p in &found {
             say!(
                 "{:<34} {:<22} {:<12} {:>8}  {:<7} {:.1}s after start",
-                p.node,
-                p.addr,
-                p.types.join(","),
+                escape(&p.node),
+                escape(&p.addr),
+                escape(&p.types.join(",")),
                 p.capacity,
-                p.source,
+                escape(&p.source),
                 p.seen_ms as f64 / 1000.0
             );
         }
