@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use p2p_core::net::Settings;
+use p2p_core::text::escape;
 use p2p_core::{ClusterKey, Identity};
 use p2p_discovery::{mdns, udp, Discovery, Kind};
 use p2p_tasks::handler::{Builtin, Handler, Shell};
@@ -192,6 +193,14 @@ pub struct ServeArgs {
     /// truncated at N bytes]`. Must fit, plus 16 KiB, in --max-frame.
     #[arg(long, value_name = "SIZE", default_value = "1MiB", value_parser = parse_size)]
     pub max_output: usize,
+    /// After SIGTERM (or SIGINT, SIGHUP), how long running tasks may take to finish; then
+    /// they are stopped. A second signal stops them at once.
+    #[arg(long, value_name = "DUR", default_value = "30s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
+    /// When a task ends (done, cancelled, timed out), the processes it leaves get SIGTERM,
+    /// then SIGKILL after this long.
+    #[arg(long, value_name = "DUR", default_value = "2s", value_parser = parse_duration)]
+    pub kill_grace: Duration,
     /// Shared options.
     #[command(flatten)]
     pub common: Common,
@@ -215,6 +224,9 @@ pub struct RunArgs {
     /// Most bytes of a task's output the in-process nodes send back, as for serve.
     #[arg(long, value_name = "SIZE", default_value = "1MiB", value_parser = parse_size)]
     pub max_output: usize,
+    /// For the in-process nodes' handlers, as for serve.
+    #[arg(long, value_name = "DUR", default_value = "2s", value_parser = parse_duration)]
+    pub kill_grace: Duration,
     /// How long to wait for nodes of every needed type.
     #[arg(long, default_value = "3s", value_parser = parse_duration)]
     pub discovery_timeout: Duration,
@@ -326,9 +338,11 @@ impl From<Usage> for anyhow::Error {
 /// Runs a parsed command line to its exit status.
 pub async fn execute(cli: Cli) -> ExitCode {
     let shutdown = CancellationToken::new();
-    spawn_signal_handler(shutdown.clone());
+    let force = CancellationToken::new();
+    let serving = matches!(cli.command, Command::Serve(_));
+    spawn_signal_handler(shutdown.clone(), force.clone(), serving);
     let result = match cli.command {
-        Command::Serve(a) => serve(a, shutdown).await,
+        Command::Serve(a) => serve(a, shutdown, force).await,
         Command::Run(a) => run(a, shutdown).await,
         Command::Peers(a) => peers(a).await,
         Command::Keygen(a) => keygen(a),
@@ -341,7 +355,10 @@ pub async fn execute(cli: Cli) -> ExitCode {
     match result {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            say_err!("error: {e:#}");
+            // Errors may quote what a peer sent: escaped, line by line.
+            let text = format!("{e:#}");
+            let lines: Vec<_> = text.split('\n').map(escape).collect();
+            say_err!("error: {}", lines.join("\n"));
             if e.downcast_ref::<UsageError>().is_some() {
                 ExitCode::from(EXIT_USAGE)
             } else {
@@ -351,23 +368,55 @@ pub async fn execute(cli: Cli) -> ExitCode {
     }
 }
 
-fn spawn_signal_handler(token: CancellationToken) {
+/// The first SIGINT or SIGTERM (and SIGHUP with `hangup`, i.e. for serve) cancels `first`
+/// (graceful); a second one cancels `second` (at once).
+fn spawn_signal_handler(first: CancellationToken, second: CancellationToken, hangup: bool) {
     tokio::spawn(async move {
         #[cfg(unix)]
         {
             use tokio::signal::unix::{signal, SignalKind};
-            let Ok(mut term) = signal(SignalKind::terminate()) else {
+            let (Ok(mut term), Ok(mut int)) = (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+            ) else {
                 return;
             };
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
+            let mut hup = if hangup {
+                signal(SignalKind::hangup()).ok()
+            } else {
+                None
+            };
+            for n in 0..2 {
+                let name = tokio::select! {
+                    _ = int.recv() => "SIGINT",
+                    _ = term.recv() => "SIGTERM",
+                    Some(()) = async {
+                        match hup.as_mut() {
+                            Some(h) => h.recv().await,
+                            None => std::future::pending().await,
+                        }
+                    } => "SIGHUP",
+                };
+                if n == 0 {
+                    tracing::info!(
+                        signal = name,
+                        "signal received: shutting down gracefully (a second signal stops at once)"
+                    );
+                    first.cancel();
+                } else {
+                    tracing::warn!(signal = name, "second signal: stopping at once");
+                    second.cancel();
+                }
             }
         }
         #[cfg(not(unix))]
-        let _ = tokio::signal::ctrl_c().await;
-        tracing::info!("signal received: shutting down gracefully");
-        token.cancel();
+        {
+            let _ = tokio::signal::ctrl_c().await;
+            tracing::info!("signal received: shutting down gracefully");
+            first.cancel();
+            let _ = tokio::signal::ctrl_c().await;
+            second.cancel();
+        }
     });
 }
 
@@ -538,11 +587,33 @@ fn parse_handlers(raw: &[String]) -> anyhow::Result<Vec<(String, String)>> {
         .collect()
 }
 
-fn handler_for(kind: &str, handlers: &[(String, String)], max_output: usize) -> Box<dyn Handler> {
+fn handler_for(
+    kind: &str,
+    handlers: &[(String, String)],
+    max_output: usize,
+    kill_grace: Duration,
+) -> Box<dyn Handler> {
     match handlers.iter().find(|(t, _)| t == kind) {
-        Some((_, cmd)) => Box::new(Shell::new(cmd.clone()).output_limit(max_output)),
+        Some((_, cmd)) => Box::new(
+            Shell::new(cmd.clone())
+                .output_limit(max_output)
+                .kill_grace(kill_grace),
+        ),
         None => Box::new(Builtin),
     }
+}
+
+/// With shell handlers: this process becomes a child subreaper and starts its guard
+/// (see [`crate::guard`]), so nothing a handler starts outlives its task or this process.
+fn own_handler_processes(
+    handlers: &[(String, String)],
+    kill_grace: Duration,
+) -> Option<crate::guard::Guard> {
+    if handlers.is_empty() {
+        return None;
+    }
+    p2p_tasks::handler::procs::become_subreaper();
+    crate::guard::start(kill_grace)
 }
 
 fn keygen(a: KeygenArgs) -> anyhow::Result<u8> {
@@ -648,7 +719,11 @@ fn with_identity(b: NodeBuilder, identity: &Option<HeldIdentity>) -> NodeBuilder
     }
 }
 
-async fn serve(a: ServeArgs, shutdown: CancellationToken) -> anyhow::Result<u8> {
+async fn serve(
+    a: ServeArgs,
+    shutdown: CancellationToken,
+    force: CancellationToken,
+) -> anyhow::Result<u8> {
     // Every argument is checked before the identity is taken (which may create a file).
     let types = parse_types(&a.types)?;
     let handlers = parse_handlers(&a.handlers)?;
@@ -676,6 +751,7 @@ async fn serve(a: ServeArgs, shutdown: CancellationToken) -> anyhow::Result<u8> 
         .max_handshakes(a.max_handshakes as usize)
         .max_frame(a.common.max_frame)
         .max_output(a.max_output)
+        .drain_timeout(a.drain_timeout)
         .settings(Settings {
             conn: p2p_core::conn::Config {
                 handshake_timeout: a.handshake_timeout,
@@ -687,7 +763,7 @@ async fn serve(a: ServeArgs, shutdown: CancellationToken) -> anyhow::Result<u8> 
         b = b.capacity(c);
     }
     for t in &types {
-        b = b.handler(t, handler_for(t, &handlers, a.max_output));
+        b = b.handler(t, handler_for(t, &handlers, a.max_output, a.kill_grace));
     }
     let identity = load_identity(&a.common, Some("identity"))?;
     let node = match with_identity(b, &identity).build().await {
@@ -698,6 +774,7 @@ async fn serve(a: ServeArgs, shutdown: CancellationToken) -> anyhow::Result<u8> 
         }
     };
     log_identity(&identity);
+    let _guard = own_handler_processes(&handlers, a.kill_grace);
     match key.first() {
         Some(k) => tracing::info!(
             fingerprint = %k.fingerprint(),
@@ -727,7 +804,14 @@ async fn serve(a: ServeArgs, shutdown: CancellationToken) -> anyhow::Result<u8> 
         shutdown.cancelled().await;
         token.cancel();
     });
+    let stop = node.stop_handle();
+    tokio::spawn(async move {
+        force.cancelled().await;
+        stop.stop_now();
+    });
     node.serve().await.map_err(node_error)?;
+    // Whatever a handler left running (the tasks themselves are over) ends with the node.
+    p2p_tasks::handler::procs::stop_all(a.kill_grace).await;
     say!("stopped");
     Ok(EXIT_OK)
 }
@@ -770,13 +854,14 @@ async fn run(a: RunArgs, shutdown: CancellationToken) -> anyhow::Result<u8> {
         needed.dedup();
         local_types = needed.into_iter().map(|t| (t, n)).collect();
     }
+    let _guard = own_handler_processes(&handlers, a.kill_grace);
     let mut local_nodes = Vec::new();
     let mut peers = Vec::new();
     for (t, n) in &local_types {
         for _ in 0..*n {
             let mut node = with_key(Node::builder(), &key)
                 .cluster(a.common.cluster.clone())
-                .handler(t, handler_for(t, &handlers, a.max_output))
+                .handler(t, handler_for(t, &handlers, a.max_output, a.kill_grace))
                 .max_frame(a.common.max_frame)
                 .max_output(a.max_output)
                 .build()
@@ -850,6 +935,9 @@ async fn run(a: RunArgs, shutdown: CancellationToken) -> anyhow::Result<u8> {
     for n in &local_nodes {
         n.drain().await;
     }
+    if !handlers.is_empty() {
+        p2p_tasks::handler::procs::stop_all(a.kill_grace).await;
+    }
     Ok(if report.is_success() {
         EXIT_OK
     } else {
@@ -890,11 +978,11 @@ async fn peers(a: PeersArgs) -> anyhow::Result<u8> {
         for p in &found {
             say!(
                 "{:<34} {:<22} {:<12} {:>8}  {:<7} {:.1}s after start",
-                p.node,
-                p.addr,
-                p.types.join(","),
+                escape(&p.node),
+                escape(&p.addr),
+                escape(&p.types.join(",")),
                 p.capacity,
-                p.source,
+                escape(&p.source),
                 p.seen_ms as f64 / 1000.0
             );
         }

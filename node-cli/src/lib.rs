@@ -8,6 +8,7 @@
 //! - [`cli`]: the `p2p-node` command line (serve, run, peers) and its exit statuses.
 //! - [`config`]: the TOML config file (`--config`, `./p2p-node.toml`).
 //! - [`datadir`]: the data directory, where nodes keep their identities between starts.
+//! - [`guard`]: the process that ends a node's handler processes if the node is killed.
 //! - [`output`]: how run events are shown (human lines or JSON lines).
 //! - [`peers`]: the `peers` command's probe.
 //!
@@ -36,9 +37,12 @@ pub mod config;
 pub mod datadir;
 mod dial;
 mod error;
+pub mod guard;
 mod node;
 pub mod output;
 pub mod peers;
 
 pub use error::Error;
-pub use node::{Node, NodeBuilder, DEFAULT_CLUSTER, MAX_MAX_FRAME, MIN_MAX_FRAME, RESULT_MARGIN};
+pub use node::{
+    Node, NodeBuilder, StopHandle, DEFAULT_CLUSTER, MAX_MAX_FRAME, MIN_MAX_FRAME, RESULT_MARGIN,
+};

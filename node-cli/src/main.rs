@@ -9,6 +9,12 @@ use node_cli::cli::{self, Cli, LogFormat};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
+    // The guard process (node_cli::guard) is this binary too; it reads no config file.
+    let mut argv = std::env::args_os().skip(1);
+    if argv.next().as_deref() == Some(std::ffi::OsStr::new(node_cli::guard::SUBCOMMAND)) {
+        let rest: Vec<String> = argv.map(|a| a.to_string_lossy().into_owned()).collect();
+        return ExitCode::from(node_cli::guard::main(&rest));
+    }
     let args = match node_cli::config::apply(std::env::args_os().collect()) {
         Ok(args) => args,
         Err(e) => {
@@ -31,7 +37,10 @@ fn main() -> ExitCode {
         .log_internal_errors(false);
     match cli.log_format {
         LogFormat::Json => logs.json().init(),
-        LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Text => logs
+            .fmt_fields(node_cli::output::log_fields())
+            .with_ansi(std::io::stderr().is_terminal())
+            .init(),
     }
     // One thread by default: a task's round trip then never waits for a wakeup on
     // another thread (docs/PERFORMANCE.md measures both).

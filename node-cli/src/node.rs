@@ -26,6 +26,24 @@ pub const DEFAULT_CLUSTER: &str = "default";
 /// Queue of link events per served connection.
 const LINK_EVENTS: usize = 1024;
 
+/// How long connections have to close once a node stops at once.
+const STOP_WAIT: Duration = Duration::from_secs(5);
+
+/// Stops a node at once from elsewhere; see [`Node::stop_handle`].
+#[derive(Debug, Clone)]
+pub struct StopHandle {
+    shutdown: CancellationToken,
+    worker: Arc<Worker>,
+}
+
+impl StopHandle {
+    /// As [`Node::stop_now`].
+    pub fn stop_now(&self) {
+        self.shutdown.cancel();
+        self.worker.stop_now();
+    }
+}
+
 /// The smallest maximum frame a node accepts as its setting (64 KiB).
 pub const MIN_MAX_FRAME: usize = 64 * 1024;
 
@@ -401,6 +419,24 @@ impl Node {
         self.shutdown.cancel();
     }
 
+    /// Stops at once: shuts down, and stops the running tasks instead of letting them
+    /// finish (their processes get `SIGTERM`, then `SIGKILL` after the kill grace); peers
+    /// get a goodbye where one was not sent yet and run those tasks elsewhere. Call it
+    /// while [`Node::serve`] or [`Node::drain`] runs to cut the drain short.
+    pub fn stop_now(&self) {
+        self.shutdown.cancel();
+        self.worker.stop_now();
+    }
+
+    /// A handle that can [stop](StopHandle::stop_now) this node at once from elsewhere
+    /// (e.g. a second signal), while [`Node::serve`] owns it.
+    pub fn stop_handle(&self) -> StopHandle {
+        StopHandle {
+            shutdown: self.shutdown.clone(),
+            worker: self.worker.clone(),
+        }
+    }
+
     fn hello(&self, serving: bool) -> Hello {
         Hello {
             version: PROTOCOL_VERSION,
@@ -460,7 +496,9 @@ impl Node {
         Ok(())
     }
 
-    /// Waits (bounded by the drain timeout) until every connection has closed.
+    /// Waits until every connection has closed: running tasks finish within the drain
+    /// timeout; then (or after [`Node::stop_now`]) they are stopped and the connections
+    /// closed.
     pub async fn drain(&self) {
         self.shutdown.cancel();
         self.tracker.close();
@@ -470,8 +508,10 @@ impl Node {
         {
             warn!(
                 after = ?self.drain_timeout,
-                "drain timed out; abandoning the remaining tasks"
+                "drain timed out; stopping the remaining tasks"
             );
+            self.worker.stop_now();
+            let _ = tokio::time::timeout(STOP_WAIT, self.tracker.wait()).await;
         }
         // Let discovery say goodbye too (e.g. a `leaving` beacon), briefly.
         for stopped in &self.discovery_stopped {

@@ -7,10 +7,20 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use p2p_core::text::escape;
 use p2p_tasks::{Phase, RunEvent, RunReport, Status};
 
 /// Rows of the final task table shown in full; beyond them only tasks that did not succeed.
 pub const TABLE_ROWS: usize = 200;
+
+/// Lines of a task's output (or error) shown in text mode; the rest is counted in a note.
+pub const OUTPUT_LINES: usize = 20;
+
+/// Characters of one line of a task's output (or error) shown in text mode.
+pub const LINE_CHARS: usize = 300;
+
+/// How a block of task output is indented under its task's line.
+const INDENT: &str = "      ";
 
 /// Where a run's events are shown.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,6 +61,27 @@ impl Write for LogWriter {
     fn flush(&mut self) -> std::io::Result<()> {
         std::io::stderr().flush()
     }
+}
+
+/// The text log's field formatter (`fmt().fmt_fields(...)`): each field as `name=value`
+/// (the message as it is), separated by spaces, with every value escaped
+/// ([`p2p_core::text::escape`]), since fields carry what peers sent (addresses, types,
+/// errors, task ids). A peer cannot color, retitle or forge lines of the operator's log.
+pub fn log_fields() -> impl for<'w> tracing_subscriber::fmt::FormatFields<'w> + Clone {
+    use tracing_subscriber::field::MakeExt;
+    tracing_subscriber::fmt::format::debug_fn(escaped_field).delimited(" ")
+}
+
+fn escaped_field(
+    w: &mut tracing_subscriber::fmt::format::Writer<'_>,
+    field: &tracing::field::Field,
+    value: &dyn std::fmt::Debug,
+) -> std::fmt::Result {
+    use std::fmt::Write as _;
+    if field.name() != "message" {
+        write!(w, "{}=", field.name())?;
+    }
+    write!(p2p_core::text::EscapingWriter(w), "{value:?}")
 }
 
 /// Stdout bytes buffered before they are written even if the run is busy.
@@ -115,7 +146,7 @@ pub struct Printer {
 }
 
 fn short(node: &str) -> &str {
-    &node[..node.len().min(8)]
+    node.get(..8).unwrap_or(node)
 }
 
 impl Printer {
@@ -162,7 +193,7 @@ impl Printer {
         }
         match ev {
             RunEvent::Notice(n) => {
-                self.line_err(n);
+                self.line_err(&escape(n));
                 return;
             }
             RunEvent::Flush => {
@@ -317,7 +348,7 @@ impl Printer {
                 Phase::Disconnected => "Disconnected from all nodes.",
             }
             .to_string(),
-            RunEvent::Notice(n) => n.clone(),
+            RunEvent::Notice(n) => escape(n).into_owned(),
             RunEvent::PeerDiscovered { .. } | RunEvent::TaskAssigned { .. } | RunEvent::Flush => {
                 return None
             }
@@ -327,9 +358,10 @@ impl Printer {
                 types,
                 capacity,
             } => format!(
-                "  connected to node {} at {addr} (types: {}, capacity {capacity})",
+                "  connected to node {} at {} (types: {}, capacity {capacity})",
                 short(node),
-                types.join(", ")
+                escape(addr),
+                one_line(&types.join(", "))
             ),
             RunEvent::TaskCompleted {
                 task,
@@ -345,13 +377,9 @@ impl Printer {
                 } else {
                     String::new()
                 };
-                let output = if output.is_empty() {
-                    String::new()
-                } else {
-                    format!(": {}", first_line(output))
-                };
+                let (inline, block) = shown(output, ": ", false);
                 format!(
-                    "  [{:>w$}/{}] {task} ok on node {} (type {kind}{retry}) in {}{output}",
+                    "  [{:>w$}/{}] {task} ok on node {} (type {kind}{retry}) in {}{inline}{block}",
                     self.done,
                     self.total,
                     short(node),
@@ -372,13 +400,20 @@ impl Printer {
                 } else {
                     format!(" on node {} (type {kind}, attempt {attempt})", short(node))
                 };
-                let output = if output.is_empty() {
-                    String::new()
+                let (error, error_rest) = shown(error, ": ", true);
+                // After a multi-line error, the output goes on a line of its own.
+                let (output, output_block) = if error_rest.is_empty() {
+                    shown(output, "; output: ", false)
                 } else {
-                    format!("; output: {}", first_line(output))
+                    let (inline, block) = shown(output, "output: ", false);
+                    if inline.is_empty() {
+                        (inline, block)
+                    } else {
+                        (format!("\n{INDENT}{inline}"), block)
+                    }
                 };
                 format!(
-                    "  [{:>w$}/{}] {task} FAILED{on}: {error}{output}",
+                    "  [{:>w$}/{}] {task} FAILED{on}{error}{error_rest}{output}{output_block}",
                     self.done, self.total
                 )
             }
@@ -390,8 +425,9 @@ impl Printer {
                 delay_ms,
                 ..
             } => format!(
-                "  {task} attempt {attempt} failed on node {}: {error}; retrying in {delay_ms} ms",
-                short(node)
+                "  {task} attempt {attempt} failed on node {}: {}; retrying in {delay_ms} ms",
+                short(node),
+                one_line(error)
             ),
             RunEvent::Disconnected {
                 node, clean, error, ..
@@ -402,7 +438,7 @@ impl Printer {
                     format!(
                         "  lost node {}: {}",
                         short(node),
-                        error.as_deref().unwrap_or("connection closed")
+                        one_line(error.as_deref().unwrap_or("connection closed"))
                     )
                 }
             }
@@ -419,7 +455,7 @@ impl Printer {
                     self.line_err(&format!(
                         "error: no node serves type{} {}",
                         if missing_types.len() == 1 { "" } else { "s" },
-                        missing_types.join(", ")
+                        escape(&missing_types.join(", "))
                     ));
                 }
                 let resumed = if *resumed > 0 {
@@ -465,9 +501,11 @@ fn task_table(out: &mut impl Write, report: &RunReport) -> std::io::Result<()> {
         let status = match (r.status, r.resumed) {
             (Status::Succeeded, true) => "ok (journal)".to_string(),
             (Status::Succeeded, false) => "ok".to_string(),
-            (Status::Failed, _) => format!("FAILED: {}", r.error.as_deref().unwrap_or("")),
+            (Status::Failed, _) => {
+                format!("FAILED: {}", one_line(r.error.as_deref().unwrap_or("")))
+            }
             (Status::NotRun, _) => match &r.error {
-                Some(e) => format!("not run ({e})"),
+                Some(e) => format!("not run ({})", one_line(e)),
                 None => "not run".to_string(),
             },
         };
@@ -533,8 +571,88 @@ fn human_ms(ms: f64) -> String {
     }
 }
 
-fn first_line(s: &str) -> &str {
-    s.lines().next().unwrap_or("")
+/// `s` (a line of peer text) escaped and cut to [`LINE_CHARS`] characters.
+fn capped_line(s: &str) -> String {
+    let s = s.strip_suffix('\r').unwrap_or(s);
+    let mut out = String::new();
+    let mut chars = s.chars();
+    for c in chars.by_ref().take(LINE_CHARS) {
+        let mut buf = [0u8; 4];
+        out.push_str(&escape(c.encode_utf8(&mut buf)));
+    }
+    let more = chars.count();
+    if more > 0 {
+        out.push_str(&format!(" [... {more} more characters]"));
+    }
+    out
+}
+
+/// The first line of peer text, escaped and capped, with a note when there is more.
+fn one_line(s: &str) -> String {
+    let mut lines = s.split('\n');
+    let first = capped_line(lines.next().unwrap_or(""));
+    let rest = lines.count();
+    if rest > 0 {
+        format!(
+            "{first} [+{rest} more line{}]",
+            if rest == 1 { "" } else { "s" }
+        )
+    } else {
+        first
+    }
+}
+
+/// How a task's output (or error) shows in text mode: `(inline, block)`. Empty text shows
+/// as nothing. One line shows inline after `sep`. More lines show as a block of indented
+/// lines below (with `inline_first`, the first line stays inline): at most [`OUTPUT_LINES`]
+/// lines of at most [`LINE_CHARS`] characters, then a note of what was cut. Every line is
+/// escaped ([`p2p_core::text::escape`]): it comes from a peer.
+fn shown(text: &str, sep: &str, inline_first: bool) -> (String, String) {
+    if text.is_empty() {
+        return (String::new(), String::new());
+    }
+    let mut lines = text.split('\n').peekable();
+    let mut inline = String::new();
+    if inline_first || !text.contains('\n') {
+        inline = format!("{sep}{}", capped_line(lines.next().unwrap_or("")));
+    } else {
+        inline.push_str(sep.trim_end());
+    }
+    let mut block = String::new();
+    let mut shown_lines = 0;
+    let mut cut_lines = 0usize;
+    let mut cut_bytes = 0usize;
+    for line in lines {
+        if shown_lines < OUTPUT_LINES {
+            block.push('\n');
+            block.push_str(INDENT);
+            block.push_str(&capped_line(line));
+            shown_lines += 1;
+        } else {
+            cut_lines += 1;
+            cut_bytes += line.len() + 1;
+        }
+    }
+    if cut_lines > 0 {
+        block.push_str(&format!(
+            "\n{INDENT}[... {cut_lines} more line{} ({}) not shown; --json has all of it]",
+            if cut_lines == 1 { "" } else { "s" },
+            human_bytes(cut_bytes)
+        ));
+    }
+    (inline, block)
+}
+
+/// `512` as `512 B`, `2048` as `2.0 KiB`, `3145728` as `3.0 MiB`.
+fn human_bytes(n: usize) -> String {
+    let f = n as f64;
+    if n < 1024 {
+        format!("{n} B")
+    } else if n < 1024 * 1024 {
+        format!("{:.1} KiB", f / 1024.0)
+    } else {
+        format!("{:.1} MiB", f / (1024.0 * 1024.0))
+    }
 }
 
 #[cfg(test)]
@@ -553,6 +671,56 @@ mod tests {
         assert_eq!(mean, 100.5);
         assert_eq!(p99, 198.0);
         assert_eq!((t.tasks, t.failures), (200, 1));
+    }
+
+    #[test]
+    fn output_shows_inline_or_as_an_indented_escaped_block_with_a_cap() {
+        assert_eq!(shown("", ": ", false), (String::new(), String::new()));
+        assert_eq!(
+            shown("one \x1b[2J", ": ", false),
+            (": one \\x1b[2J".to_string(), String::new())
+        );
+        let (inline, block) = shown("a\r\nb\x07\nc", ": ", false);
+        assert_eq!(inline, ":");
+        assert_eq!(block, "\n      a\n      b\\x07\n      c");
+        // An error keeps its first line inline.
+        let (inline, block) = shown("exit status 1: x\ny", ": ", true);
+        assert_eq!(
+            (inline.as_str(), block.as_str()),
+            (": exit status 1: x", "\n      y")
+        );
+        // The cap: OUTPUT_LINES lines, then a note of what was cut.
+        let many: String = (0..OUTPUT_LINES + 5).map(|i| format!("{i}\n")).collect();
+        let (_, block) = shown(many.trim_end(), ": ", false);
+        let lines: Vec<&str> = block.lines().skip(1).collect();
+        assert_eq!(lines.len(), OUTPUT_LINES + 1);
+        assert_eq!(
+            lines[OUTPUT_LINES - 1].trim(),
+            (OUTPUT_LINES - 1).to_string()
+        );
+        assert!(lines[OUTPUT_LINES].contains("[... 5 more lines (15 B) not shown"));
+        // And LINE_CHARS characters per line.
+        let long = "é".repeat(LINE_CHARS + 7);
+        let (inline, _) = shown(&long, ": ", false);
+        assert_eq!(
+            inline,
+            format!(": {} [... 7 more characters]", "é".repeat(LINE_CHARS))
+        );
+    }
+
+    #[test]
+    fn one_line_escapes_and_counts_the_rest() {
+        assert_eq!(one_line("boom"), "boom");
+        assert_eq!(
+            one_line("a\x1b]0;t\x07\nb\nc"),
+            "a\\x1b]0;t\\x07 [+2 more lines]"
+        );
+        assert_eq!(one_line("a\nb"), "a [+1 more line]");
+        assert_eq!(human_bytes(512), "512 B");
+        assert_eq!(human_bytes(2048), "2.0 KiB");
+        assert_eq!(human_bytes(3 << 20), "3.0 MiB");
+        assert_eq!(short("0123456789"), "01234567");
+        assert_eq!(short("é"), "é");
     }
 
     #[test]

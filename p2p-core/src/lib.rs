@@ -17,6 +17,7 @@
 //!   frames); [`net`] uses it when [`net::Settings::key`] is set, and then checks that the
 //!   peer's node id is the one its identity proves.
 //! - [`gate`]: a bound on connections still in handshake, evicting the oldest when full.
+//! - [`text`]: peer-supplied text escaped for a terminal or a log line.
 //! - [`NodeId`]: node identity.
 //!
 //! # Usage
@@ -44,6 +45,7 @@ pub mod key;
 pub mod message;
 pub mod net;
 pub mod secure;
+pub mod text;
 pub mod wire;
 
 pub use error::Error;

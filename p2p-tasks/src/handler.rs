@@ -5,14 +5,16 @@
 //!   is `Executing task: {id}`.
 //! - [`Shell`]: runs a shell command (`--handler TYPE=COMMAND`).
 //! - [`handler_fn`]: a handler written as an async closure, for programs that embed a node.
+//! - [`procs`]: which processes belong to which shell attempt, and ending them with it.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
+pub mod procs;
 mod shell;
 
-pub use shell::{Shell, DEFAULT_OUTPUT_LIMIT, STDERR_TAIL};
+pub use shell::{Shell, DEFAULT_KILL_GRACE, DEFAULT_OUTPUT_LIMIT, STDERR_TAIL};
 
 /// A boxed, sendable future, as returned by [`Handler::call`].
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;

@@ -23,12 +23,16 @@ use crate::handler::{Handler, TaskOutcome, TaskRequest, DEFAULT_OUTPUT_LIMIT};
 /// [`Worker::default_capacity`]).
 pub const INSTANT_WINDOW: u32 = 1024;
 
+/// After [`Worker::stop_now`], how long a goodbye has to go out before the connection closes.
+const GOODBYE_FLUSH: Duration = Duration::from_millis(50);
+
 /// Executes assigned tasks with a set of handlers, at most `capacity` at once.
 pub struct Worker {
     handlers: HashMap<String, Arc<dyn Handler>>,
     capacity: u32,
     slots: Arc<Semaphore>,
     output_limit: usize,
+    stop_now: CancellationToken,
 }
 
 impl std::fmt::Debug for Worker {
@@ -50,6 +54,7 @@ impl Worker {
             capacity,
             slots: Arc::new(Semaphore::new(capacity as usize)),
             output_limit: DEFAULT_OUTPUT_LIMIT,
+            stop_now: CancellationToken::new(),
         }
     }
 
@@ -89,8 +94,16 @@ impl Worker {
         self.capacity
     }
 
+    /// Stops at once: every connection's running tasks are stopped (their handler futures
+    /// dropped, so their processes get `SIGTERM`, then `SIGKILL`), a goodbye is sent where
+    /// none was, and the connections close. Their coordinators run those tasks elsewhere.
+    pub fn stop_now(&self) {
+        self.stop_now.cancel();
+    }
+
     /// Serves one connection until it closes. When `shutdown` fires, says goodbye: no new
-    /// tasks are accepted, running ones finish, then the connection closes.
+    /// tasks are accepted, running ones finish, then the connection closes. After
+    /// [`Worker::stop_now`], it stops the running tasks and closes at once.
     pub async fn serve_link(
         self: Arc<Self>,
         link: Link,
@@ -158,6 +171,18 @@ impl Worker {
                     said_goodbye = true;
                     info!(peer = %peer, running = running.len(), "saying goodbye; finishing running tasks");
                     let _ = link.send(Command::Goodbye);
+                }
+                _ = self.stop_now.cancelled() => {
+                    warn!(peer = %peer, stopped = running.len(), "stopping now: running tasks stopped, connection closed");
+                    set.abort_all();
+                    // The goodbye tells the peer not to assign more; its running tasks get
+                    // no result, so it runs them elsewhere once the connection closes. A
+                    // moment for the goodbye to go out before the close.
+                    if !said_goodbye && link.send(Command::Goodbye).is_ok() {
+                        tokio::time::sleep(GOODBYE_FLUSH).await;
+                    }
+                    let _ = link.send(Command::Abort);
+                    break;
                 }
             }
         }

@@ -4,11 +4,11 @@ use std::os::unix::process::ExitStatusExt;
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
-use nix::sys::signal::{killpg, Signal};
-use nix::unistd::Pid;
+use nix::sys::signal::Signal;
 use tokio::io::{AsyncRead, AsyncReadExt};
-use tokio::process::Command;
+use tokio::process::{Child, Command};
 
+use super::procs::{self, Scope};
 use super::{BoxFuture, Handler, TaskOutcome, TaskRequest};
 
 /// The default cap on a task's captured standard output: 1 MiB (1,048,576 bytes).
@@ -17,9 +17,13 @@ pub const DEFAULT_OUTPUT_LIMIT: usize = 1_048_576;
 /// How much of the end of a failed command's standard error goes into its error: 4 KiB.
 pub const STDERR_TAIL: usize = 4096;
 
-/// After the command has exited and its process group was killed, how long to keep reading
-/// pipes that a process outside the group (e.g. one started with `setsid`) still holds open.
-const DRAIN_GRACE: Duration = Duration::from_secs(2);
+/// The default kill grace: how long a process of an ended attempt has between `SIGTERM`
+/// and `SIGKILL` (2 s).
+pub const DEFAULT_KILL_GRACE: Duration = Duration::from_secs(2);
+
+/// After the command has exited, how much longer than the kill grace to keep reading pipes
+/// that a leftover process still holds open.
+const DRAIN_MARGIN: Duration = Duration::from_secs(1);
 
 /// A handler that runs a shell command with `sh -c`.
 ///
@@ -45,14 +49,24 @@ const DRAIN_GRACE: Duration = Duration::from_secs(2);
 ///
 /// # Processes
 ///
-/// The command runs in its own process group. Dropping the future returned by
-/// [`Handler::call`] (cancellation, a timeout) kills the whole group with `SIGKILL`, so no
-/// process the command started is left behind. When the command exits, whatever it left
-/// running in its group (e.g. `sleep 100 &`) is killed as well.
+/// Nothing the command starts outlives its attempt. The command runs in its own process
+/// group, with `P2P_TASK_SCOPE` set (leave it in the environment), and the serving process
+/// becomes a child subreaper, so processes that leave the group (`setsid cmd &`, double
+/// forks) stay in its process tree (see the `procs` module). When the attempt ends (the
+/// shell exits, or the future returned by [`Handler::call`] is dropped on cancellation or
+/// a timeout), every process left of it gets `SIGTERM`, then `SIGKILL` after the
+/// [kill grace](Shell::kill_grace) (default 2 s), like GNU parallel's `--termseq`. The
+/// outcome is reported as soon as the shell has exited and its output pipes are closed
+/// (at most the kill grace plus 1 s when a leftover process holds them open).
+///
+/// A process that embeds a node and runs shell handlers becomes a child subreaper, and its
+/// sweeps reap exited child processes that no handler owns: do not rely on waiting for
+/// other children of your own in such a process.
 #[derive(Debug, Clone)]
 pub struct Shell {
     command: String,
     output_limit: usize,
+    kill_grace: Duration,
 }
 
 impl Shell {
@@ -62,7 +76,15 @@ impl Shell {
         Shell {
             command: command.into(),
             output_limit: DEFAULT_OUTPUT_LIMIT,
+            kill_grace: DEFAULT_KILL_GRACE,
         }
+    }
+
+    /// Sets how long the processes of an ended attempt have between `SIGTERM` and
+    /// `SIGKILL` (default 2 s, [`DEFAULT_KILL_GRACE`]).
+    pub fn kill_grace(mut self, grace: Duration) -> Self {
+        self.kill_grace = grace;
+        self
     }
 
     /// Sets the cap on captured standard output, in bytes (default 1 MiB, 1,048,576 bytes).
@@ -105,7 +127,7 @@ impl Shell {
 impl Handler for Shell {
     fn call(&self, req: TaskRequest) -> BoxFuture<TaskOutcome> {
         let script = self.render(&req);
-        Box::pin(run(script, req, self.output_limit))
+        Box::pin(run(script, req, self.output_limit, self.kill_grace))
     }
 }
 
@@ -124,23 +146,25 @@ pub(crate) fn shell_quote(s: &str) -> String {
     out
 }
 
-/// Kills a process group with `SIGKILL` when dropped, unless disarmed.
-struct GroupGuard {
-    pgid: Pid,
-    armed: bool,
+/// A running attempt: its shell and its registration. Dropped before the shell was
+/// reaped (cancellation), it ends the attempt (`SIGTERM` to its group, then the sweep) and
+/// leaves the shell to a task that reaps it.
+struct Running {
+    child: Option<Child>,
+    scope: Scope,
 }
 
-impl GroupGuard {
-    fn kill(&self) {
-        // ESRCH (the group is already empty) is fine.
-        let _ = killpg(self.pgid, Signal::SIGKILL);
-    }
-}
-
-impl Drop for GroupGuard {
+impl Drop for Running {
     fn drop(&mut self) {
-        if self.armed {
-            self.kill();
+        self.scope.end(false);
+        if let Some(mut child) = self.child.take() {
+            let pid = self.scope.pgid;
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(async move {
+                    let _ = child.wait().await;
+                    Scope::reaped(pid);
+                });
+            }
         }
     }
 }
@@ -205,7 +229,7 @@ async fn pump<R: AsyncRead + Unpin>(reader: Option<&mut R>, sink: &mut impl Byte
     }
 }
 
-async fn run(script: String, req: TaskRequest, limit: usize) -> TaskOutcome {
+async fn run(script: String, req: TaskRequest, limit: usize, grace: Duration) -> TaskOutcome {
     let mut cmd = Command::new("sh");
     cmd.arg("-c")
         .arg(&script)
@@ -216,25 +240,19 @@ async fn run(script: String, req: TaskRequest, limit: usize) -> TaskOutcome {
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .process_group(0)
-        .kill_on_drop(true);
-    let mut child = match cmd.spawn() {
-        Ok(child) => child,
+        .process_group(0);
+    let (child, scope) = match procs::spawn(&mut cmd, grace) {
+        Ok(x) => x,
         Err(e) => return TaskOutcome::failure(format!("cannot start `sh -c`: {e}")),
     };
-    let pgid = match child.id().and_then(|id| i32::try_from(id).ok()) {
-        Some(id) => Pid::from_raw(id),
-        None => {
-            let _ = child.start_kill();
-            return TaskOutcome::failure("cannot start `sh -c`: the process has no id");
-        }
+    let mut running = Running {
+        child: Some(child),
+        scope,
     };
-    // Declared after `child`, so that on cancellation it is dropped first: the group is killed
-    // while the shell is not yet reaped and the group id cannot have been reused.
-    let mut guard = GroupGuard { pgid, armed: true };
-
-    let mut stdout = child.stdout.take();
-    let mut stderr = child.stderr.take();
+    let (mut stdout, mut stderr) = match running.child.as_mut() {
+        Some(c) => (c.stdout.take(), c.stderr.take()),
+        None => (None, None),
+    };
     let mut out = Capped {
         buf: Vec::new(),
         limit,
@@ -254,21 +272,23 @@ async fn run(script: String, req: TaskRequest, limit: usize) -> TaskOutcome {
             );
         };
         tokio::pin!(pumps);
+        let Some(child) = running.child.as_mut() else {
+            return TaskOutcome::failure("the shell is gone");
+        };
         let (status, pumped) = tokio::select! {
             status = child.wait() => (status, false),
             () = &mut pumps => (child.wait().await, true),
         };
-        // The shell has exited and is reaped. Kill what it left running in its group, so that
-        // nothing outlives the task or holds the pipes open. (Its group id stays reserved while
-        // any member lives; if none does, the kill finds no group.)
-        guard.kill();
-        guard.armed = false;
+        // The shell has exited and is reaped: end the attempt. What it left running gets
+        // SIGTERM now and SIGKILL after the grace, so nothing holds the pipes for long.
+        running.child = None;
+        running.scope.end(true);
         if !pumped {
-            let _ = tokio::time::timeout(DRAIN_GRACE, &mut pumps).await;
+            let _ = tokio::time::timeout(grace.saturating_add(DRAIN_MARGIN), &mut pumps).await;
         }
         status
     };
-    drop(guard);
+    drop(running);
 
     let output = output_text(out);
     match status {
@@ -523,6 +543,13 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn standard_input_is_empty() {
+        let out = run_within(10, &Shell::new("cat; echo end"), req("a1", "a", "")).await;
+        assert!(out.ok, "{out:?}");
+        assert_eq!(out.output, "end");
+    }
+
+    #[tokio::test]
     async fn spawn_failure_is_a_failed_outcome() {
         // A NUL byte cannot be passed to a process (argument or environment).
         let out = run_within(10, &Shell::new("echo {args}"), req("a1", "a", "x\0y")).await;
@@ -596,11 +623,23 @@ mod tests {
         assert_gone_soon(pid).await;
     }
 
+    /// Waits (at most 10 s) for the pid file to hold a pid.
+    async fn pid_from(path: &Path) -> i32 {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(pid) = read_pid(path) {
+                return pid;
+            }
+            assert!(Instant::now() < deadline, "no pid in {}", path.display());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     #[tokio::test]
-    async fn escaped_process_holding_stdout_does_not_hang() {
+    async fn a_setsid_escapee_holding_stdout_is_killed_with_its_task() {
         let dir = tempfile::tempdir().unwrap();
         let pidfile = dir.path().join("pid");
-        // `setsid` leaves the process group, so the group kill misses it; it keeps stdout
+        // `setsid` leaves the process group, so a group kill misses it; it keeps stdout
         // open. The shell waits until the escapee has left the group (it writes its pid
         // after `setsid`) and then exits.
         let shell = Shell::new(
@@ -612,19 +651,103 @@ mod tests {
         let out = run_within(10, &shell, req("a1", "a", &pidfile.display().to_string())).await;
         let elapsed = started.elapsed();
         let pid = read_pid(&pidfile).expect("pid file");
-        let escapee_alive = alive(pid);
-        let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
-        assert!(
-            escapee_alive,
-            "the escaped process should have outlived the group kill"
-        );
         assert!(out.ok, "{out:?}");
         assert_eq!(out.output, "done");
-        // The handler gave up on the open pipe after the drain grace, not after 30 s.
-        assert!(elapsed >= DRAIN_GRACE, "{elapsed:?}");
-        assert!(
-            elapsed < DRAIN_GRACE + Duration::from_secs(3),
-            "{elapsed:?}"
+        assert_gone_soon(pid).await;
+        // SIGTERM ended it (and so closed the pipe) well before the drain limit.
+        assert!(elapsed < DEFAULT_KILL_GRACE, "{elapsed:?}");
+    }
+
+    #[tokio::test]
+    async fn a_double_forked_daemon_is_killed_with_its_task() {
+        let dir = tempfile::tempdir().unwrap();
+        let pidfile = dir.path().join("pid");
+        // The classic daemon: fork, setsid, fork again, the middle process exits; stdio
+        // closed, so nothing holds the task's pipes.
+        let shell = Shell::new(
+            "( setsid sh -c 'sleep 30 >/dev/null 2>&1 </dev/null & echo $! > \"$1\"' sh {args} & ) ; \
+             i=0; while [ ! -s {args} ] && [ $i -lt 500 ]; do sleep 0.01; i=$((i+1)); done; echo ok",
         );
+        let out = run_within(10, &shell, req("a1", "a", &pidfile.display().to_string())).await;
+        assert!(out.ok, "{out:?}");
+        let pid = read_pid(&pidfile).expect("pid file");
+        assert_gone_soon(pid).await;
+    }
+
+    #[tokio::test]
+    async fn a_process_ignoring_sigterm_gets_sigkill_after_the_grace() {
+        let dir = tempfile::tempdir().unwrap();
+        let pidfile = dir.path().join("pid");
+        let termfile = dir.path().join("term");
+        // The detached child notes the SIGTERM it gets, ignores it, and keeps running.
+        let script = format!(
+            "setsid sh -c 'trap \"echo TERM >> {t}\" TERM; echo $$ > {p}; while :; do sleep 0.05; done' \
+             >/dev/null 2>&1 & i=0; while [ ! -s {p} ] && [ $i -lt 500 ]; do sleep 0.01; i=$((i+1)); done",
+            t = termfile.display(),
+            p = pidfile.display()
+        );
+        let grace = Duration::from_millis(700);
+        let shell = Shell::new(script).kill_grace(grace);
+        let out = run_within(10, &shell, req("a1", "a", "")).await;
+        assert!(out.ok, "{out:?}");
+        let pid = read_pid(&pidfile).expect("pid file");
+        let ended = Instant::now();
+        assert_gone_soon(pid).await;
+        let took = ended.elapsed();
+        let term = std::fs::read_to_string(&termfile).unwrap_or_default();
+        assert!(term.contains("TERM"), "no SIGTERM came first: {term:?}");
+        // SIGKILL came after the grace, not before.
+        assert!(took + SWEEP_SLACK >= grace, "{took:?}");
+    }
+
+    /// How much earlier than the grace a sweep may first see an orphan (the attempt ends a
+    /// little before the handler's outcome is back).
+    const SWEEP_SLACK: Duration = Duration::from_millis(200);
+
+    #[tokio::test]
+    async fn cancelling_sends_sigterm_then_sigkill_to_every_process() {
+        let dir = tempfile::tempdir().unwrap();
+        let pidfile = dir.path().join("pid");
+        let termfile = dir.path().join("term");
+        // The shell itself ignores SIGTERM (it notes it) and so does its detached child.
+        // (Its stderr goes to /dev/null: the pipe is closed once the future is dropped, and
+        // the shell's "Terminated" note about its `sleep` would end it with SIGPIPE.)
+        let script = format!(
+            "exec 2>/dev/null; trap 'echo sh >> {t}' TERM; \
+             setsid sh -c 'trap \"\" TERM; echo $$ > {p}; while :; do sleep 0.05; done' >/dev/null 2>&1 & \
+             while :; do sleep 0.05; done",
+            t = termfile.display(),
+            p = pidfile.display()
+        );
+        let shell = Shell::new(script).kill_grace(Duration::from_millis(500));
+        let mut fut = shell.call(req("a1", "a", ""));
+        let pid = tokio::select! {
+            out = &mut fut => panic!("the command ended early: {out:?}"),
+            pid = pid_from(&pidfile) => pid,
+        };
+        let shell_pid = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| parse_ppid(&s));
+        drop(fut);
+        assert_gone_soon(pid).await;
+        if let Some(sh) = shell_pid.filter(|&p| p > 1) {
+            assert_gone_soon(sh).await;
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !std::fs::read_to_string(&termfile)
+            .unwrap_or_default()
+            .contains("sh")
+        {
+            assert!(Instant::now() < deadline, "the shell never got SIGTERM");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn parse_ppid(stat: &str) -> Option<i32> {
+        stat[stat.rfind(')')? + 1..]
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()
     }
 }
