@@ -452,6 +452,7 @@ fn backends(
 fn node_error(e: crate::Error) -> anyhow::Error {
     match e {
         crate::Error::Config(m) => usage(m),
+        crate::Error::Plan(p) => usage(p.to_string()),
         crate::Error::Discovery(
             d @ (p2p_discovery::Error::Interface(_)
             | p2p_discovery::Error::Config(_)
@@ -673,7 +674,35 @@ fn discovery_names(c: &Common) -> String {
 async fn run(a: RunArgs, shutdown: CancellationToken) -> anyhow::Result<u8> {
     let key = load_key(&a.common)?;
     let tasks = p2p_tasks::parse::load(&a.tasks_file).map_err(|e| usage(e.to_string()))?;
-    p2p_tasks::plan::check(&tasks, a.order).map_err(|e| usage(e.to_string()))?;
+    let opts = RunOptions {
+        policy: Policy {
+            order: a.order,
+            retries: a.retries,
+            keep_going: a.keep_going,
+            ..Policy::default()
+        },
+        task_timeout: a.task_timeout,
+        discovery_timeout: a.discovery_timeout,
+        // An out-of-range frame limit is refused with its own message when the node is
+        // built; the plan is checked against the limit the node will have.
+        max_frame: a
+            .common
+            .max_frame
+            .clamp(crate::node::MIN_MAX_FRAME, crate::node::MAX_MAX_FRAME),
+        ..RunOptions::default()
+    };
+    p2p_tasks::runcore::validate(&tasks, &opts).map_err(|e| match e {
+        p2p_tasks::RunError::Unsendable {
+            task,
+            line,
+            col,
+            why,
+        } => usage(format!(
+            "{}:{line}:{col}: task {task} cannot be sent: {why}",
+            a.tasks_file.display()
+        )),
+        e => usage(e.to_string()),
+    })?;
     let journal = match &a.journal {
         Some(path) => Some(
             p2p_tasks::Journal::open(path, &tasks, a.resume).map_err(|e| usage(e.to_string()))?,
@@ -714,17 +743,6 @@ async fn run(a: RunArgs, shutdown: CancellationToken) -> anyhow::Result<u8> {
             local_nodes.push(node);
         }
     }
-    let opts = RunOptions {
-        policy: Policy {
-            order: a.order,
-            retries: a.retries,
-            keep_going: a.keep_going,
-            ..Policy::default()
-        },
-        task_timeout: a.task_timeout,
-        discovery_timeout: a.discovery_timeout,
-        ..RunOptions::default()
-    };
     let identity = load_identity(&a.common, Some("coordinator"))?;
     let mut coordinator = with_identity(with_key(Node::builder(), &key), &identity)
         .cluster(a.common.cluster.clone())

@@ -541,6 +541,11 @@ impl Node {
         journal: Option<Journal>,
         emit: &mut (dyn FnMut(&RunEvent) + Send),
     ) -> Result<RunReport, Error> {
+        let mut opts = opts;
+        // The run sends nothing larger than this node's frame limit; refuse a plan that
+        // would need more before anything starts.
+        opts.max_frame = opts.max_frame.min(self.settings.max_frame);
+        p2p_tasks::runcore::validate(&tasks, &opts)?;
         let run_token = self.shutdown.child_token();
         let stop_dialing = CancellationToken::new();
         let mut backends = std::mem::take(&mut self.discovery);
@@ -579,7 +584,7 @@ impl Node {
         let report = p2p_tasks::run(tasks, opts, inputs, emit).await;
         stop_dialing.cancel();
         let _ = dialer.await;
-        Ok(report)
+        Ok(report?)
     }
 }
 

@@ -159,6 +159,8 @@ struct Slot {
     status: TaskStatus,
     attempts: u32,
     failures: u32,
+    /// When its delayed retry becomes ready (its key in `delayed`), while it waits for it.
+    retry_at: Option<Instant>,
 }
 
 #[derive(Debug)]
@@ -239,8 +241,9 @@ pub struct Scheduler {
     /// For each task, the tasks that depend on it; empty when no task has dependencies
     /// (the usual case, which then costs nothing per task).
     dependents: Vec<Vec<usize>>,
-    /// Tasks skipped since the last [`Scheduler::drain_skipped`].
-    skipped: Vec<usize>,
+    /// Tasks skipped since the last [`Scheduler::drain_skipped`], each with the dependency
+    /// whose failure (or skip) skipped it.
+    skipped: Vec<(usize, usize)>,
 }
 
 fn is_final(s: TaskStatus) -> bool {
@@ -274,6 +277,7 @@ impl Scheduler {
                 attempts: 0,
                 losses: 0,
                 failures: 0,
+                retry_at: None,
             });
         }
         let mut dependents = Vec::new();
@@ -319,8 +323,9 @@ impl Scheduler {
         }
     }
 
-    /// Tasks skipped (a dependency failed) since the last call.
-    pub fn drain_skipped(&mut self) -> Vec<usize> {
+    /// Tasks skipped (a dependency failed) since the last call, each with the dependency
+    /// that did not succeed, so that no caller has to search for it.
+    pub fn drain_skipped(&mut self) -> Vec<(usize, usize)> {
         std::mem::take(&mut self.skipped)
     }
 
@@ -372,7 +377,9 @@ impl Scheduler {
 
     /// Adds a node to the per-kind indexes (call with the node's current state).
     fn list(&mut self, node: NodeKey, n: &NodeSlot) {
-        if n.draining {
+        // A node that can take no work (capacity 0) serves nothing: its types count as
+        // missing, so the run's wait for them is bounded.
+        if n.draining || n.capacity == 0 {
             return;
         }
         for &k in &n.kinds {
@@ -385,7 +392,7 @@ impl Scheduler {
 
     /// Removes a node from the per-kind indexes (call with the state it was listed with).
     fn unlist(&mut self, node: NodeKey, n: &NodeSlot) {
-        if n.draining {
+        if n.draining || n.capacity == 0 {
             return;
         }
         for &k in &n.kinds {
@@ -409,7 +416,10 @@ impl Scheduler {
             n.running.saturating_sub(1)
         };
         let after = (n.is_free(), n.load());
-        if n.draining || (before.0 == after.0 && before.1.running == after.1.running) {
+        if n.draining
+            || n.capacity == 0
+            || (before.0 == after.0 && before.1.running == after.1.running)
+        {
             return;
         }
         for &k in &n.kinds {
@@ -420,6 +430,18 @@ impl Scheduler {
                 self.free[k].insert((after.1, node));
             }
         }
+    }
+
+    /// Counts one more slot of `node` as busy without a task: an attempt the run gave up on
+    /// (timed out) still runs there until the node confirms it ended. See
+    /// [`Scheduler::release`].
+    pub fn hold(&mut self, node: NodeKey) {
+        self.set_running(node, true);
+    }
+
+    /// Frees a slot taken by [`Scheduler::hold`] (the node confirmed the attempt ended).
+    pub fn release(&mut self, node: NodeKey) {
+        self.set_running(node, false);
     }
 
     /// A node takes no new work (it said goodbye); its running tasks may still complete.
@@ -463,6 +485,8 @@ impl Scheduler {
         if let Some(TaskStatus::Running(node)) = self.status(task) {
             self.set_running(node, false);
             self.unrun(task);
+            // The attempt never started: the next one has its number.
+            self.slots[task].attempts -= 1;
         }
     }
 
@@ -520,7 +544,9 @@ impl Scheduler {
         }
         let k = self.slots[task].kind;
         self.ready[k].remove(&task);
-        self.delayed.retain(|&(_, d), _| d != task);
+        if let Some(at) = self.slots[task].retry_at.take() {
+            self.delayed.remove(&(at, task));
+        }
         self.finish(task, TaskStatus::Failed);
         if !self.policy.keep_going {
             self.stopped = true;
@@ -560,6 +586,7 @@ impl Scheduler {
                 break;
             }
             self.delayed.remove(&(at, t));
+            self.slots[t].retry_at = None;
             self.ready[self.slots[t].kind].insert(t);
         }
         match self.policy.order {
@@ -657,6 +684,7 @@ impl Scheduler {
                 base.mul_f64(self.policy.jitter.clamp(0.0, 1.0) * jitter_unit(task, slot.failures));
             let delay = base + spread;
             slot.status = TaskStatus::Pending;
+            slot.retry_at = Some(now + delay);
             self.delayed.insert((now + delay, task), ());
             return Outcome::Retry { delay };
         }
@@ -686,11 +714,12 @@ impl Scheduler {
                         self.ready[self.slots[d].kind].insert(d);
                     }
                 } else {
+                    // A pending dependent waits for `t`, so it never ran: it is neither ready
+                    // nor waiting for a retry (no scan of the delayed set per skipped task).
                     self.ready[self.slots[d].kind].remove(&d);
-                    self.delayed.retain(|&(_, x), _| x != d);
                     // Mark now so a task reachable twice is skipped once.
                     self.slots[d].status = TaskStatus::Skipped;
-                    self.skipped.push(d);
+                    self.skipped.push((d, t));
                     work.push((d, TaskStatus::Skipped));
                 }
             }

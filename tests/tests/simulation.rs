@@ -257,6 +257,7 @@ async fn coordinator(
         task_timeout: Duration::from_secs(5),
         discovery_timeout: Duration::from_secs(6),
         goodbye_timeout: Duration::from_secs(1),
+        ..RunOptions::default()
     };
     let inputs = Inputs {
         peers: peers_rx,
@@ -266,7 +267,9 @@ async fn coordinator(
         lost: Some(lost_tx),
     };
     let mut events = Vec::new();
-    let report = p2p_tasks::run(tasks, opts, inputs, &mut |e| events.push(e.clone())).await;
+    let report = p2p_tasks::run(tasks, opts, inputs, &mut |e| events.push(e.clone()))
+        .await
+        .map_err(|e| e.to_string())?;
     dialer.abort();
     let statuses = report
         .results

@@ -329,16 +329,21 @@ fn coordinator_meets_the_next_version(answer: FutureAnswer) {
         "{}",
         out.describe()
     );
-    // It names the peer, the reason and the version it does not speak.
-    let err = out.stderr.to_lowercase();
+    // It names the peer, the reason and the version it does not speak, in a
+    // `peer_unreachable` event.
+    let events = out.json();
+    let unreachable = events_named(&events, "peer_unreachable");
+    assert_eq!(unreachable.len(), 1, "{}", out.describe());
+    assert_eq!(unreachable[0]["addr"], peer.as_str(), "{}", unreachable[0]);
+    let err = unreachable[0]["error"]
+        .as_str()
+        .unwrap_or("")
+        .to_lowercase();
     assert!(
-        err.contains(&peer)
-            && err.contains("version")
-            && err.contains(&(PROTOCOL_VERSION + 1).to_string()),
+        err.contains("version") && err.contains(&(PROTOCOL_VERSION + 1).to_string()),
         "the run does not say which peer speaks which version\n{}",
         out.describe()
     );
-    let events = out.json();
     let summary = events_named(&events, "summary");
     assert_eq!(summary.len(), 1, "{}", out.describe());
     assert_eq!(summary[0]["succeeded"], 0, "{}", summary[0]);
