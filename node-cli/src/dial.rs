@@ -29,6 +29,9 @@ pub(crate) struct Dialer {
     pub settings: Settings,
     /// How long one peer is retried before it is reported unreachable.
     pub give_up_after: Duration,
+    /// The types the run needs: a peer whose discovery record says it serves none of them
+    /// is reported as discovered and not dialled.
+    pub needed: Vec<String>,
     pub peers: mpsc::Sender<PeerUpdate>,
     pub links: EventSender,
     pub stop: CancellationToken,
@@ -75,6 +78,12 @@ impl Dialer {
                         let update = PeerUpdate::Discovered { addr: p.addr.to_string(), source: p.source.to_string() };
                         if self.peers.send(update).await.is_err() {
                             return;
+                        }
+                        if let Some(types) = &p.types {
+                            if !types.iter().any(|t| self.needed.contains(t)) {
+                                tracing::debug!(peer = %p.addr, ?types, "serves no type the run needs; not dialled");
+                                continue;
+                            }
                         }
                         next_id += 1;
                         dials.spawn(self.dial(p, next_id, Duration::ZERO));
@@ -141,6 +150,7 @@ impl Dialer {
             let addr = peer.addr;
             let give_up = tokio::time::Instant::now() + give_up_after;
             let mut delay = RETRY_FIRST;
+            let mut reported = false;
             loop {
                 let attempt = tokio::select! {
                     _ = stop.cancelled() => return,
@@ -164,13 +174,25 @@ impl Dialer {
                         | p2p_core::Error::Refused { .. }
                         | p2p_core::Error::Auth(_)
                 );
-                if permanent || tokio::time::Instant::now() + delay > give_up {
-                    let _ = peers
-                        .send(PeerUpdate::Unreachable {
-                            addr: addr.to_string(),
-                            error: error.to_string(),
-                        })
-                        .await;
+                let last = permanent || tokio::time::Instant::now() + delay > give_up;
+                // Said at the first failure, so that a run other peers serve (which may end
+                // before the retries do) still reports it; once only.
+                if !reported {
+                    reported = true;
+                    let error = if last {
+                        error.to_string()
+                    } else {
+                        format!("{error} (retrying for up to {give_up_after:?})")
+                    };
+                    let update = PeerUpdate::Unreachable {
+                        addr: addr.to_string(),
+                        error,
+                    };
+                    if peers.send(update).await.is_err() {
+                        return;
+                    }
+                }
+                if last {
                     return;
                 }
                 tracing::debug!(peer = %addr, error = %error, retry_in = ?delay, "peer unreachable; retrying");

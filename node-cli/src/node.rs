@@ -553,6 +553,12 @@ impl Node {
             backends.push(Box::new(Static::new(extra_peers)));
         }
         let fresh = p2p_discovery::start_all(backends, None, stop_dialing.clone())?;
+        let mut needed: Vec<String> = Vec::new();
+        for t in &tasks {
+            if !needed.contains(&t.kind) {
+                needed.push(t.kind.clone());
+            }
+        }
         // A serving node already runs (and announces with) its backends: use their events too.
         let found = match self.found.take() {
             Some(started) => merge(started, fresh),
@@ -568,6 +574,7 @@ impl Node {
                 hello: self.hello(false),
                 settings: self.settings.clone(),
                 give_up_after: opts.discovery_timeout,
+                needed,
                 peers: peer_tx,
                 links: link_tx,
                 stop: stop_dialing.clone(),

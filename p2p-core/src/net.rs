@@ -83,6 +83,8 @@ pub type LinkId = u64;
 pub enum Command {
     /// Assign a task to the peer.
     Assign(Assign),
+    /// Tell the peer a task it assigned to us started running.
+    Started(u64),
     /// Report the result of a task the peer assigned to us.
     Complete(Completed),
     /// Cancel a task we assigned to the peer.
@@ -98,6 +100,11 @@ pub enum Command {
 pub enum LinkEvent {
     /// The peer asks us to run a task.
     Assigned(Assign),
+    /// A task we assigned started running at the peer.
+    Started {
+        /// The assignment's seq.
+        seq: u64,
+    },
     /// A task we assigned has a result.
     Completed(Completed),
     /// The peer cancels a task it assigned to us.
@@ -296,7 +303,9 @@ async fn start(
     // may have assigned to us (our own capacity), and control commands: an owner that
     // respects both capacities never finds the queue full.
     let window = peer.capacity.max(local_capacity).clamp(1, MAX_WINDOW) as usize;
-    let (tx, rx) = mpsc::channel(window + 64);
+    // Twice the window: each task the peer assigned to us may have a `Started` and a result
+    // queued.
+    let (tx, rx) = mpsc::channel(2 * window + 64);
     let link = Link { id, peer, addr, tx };
     // If the driver ever dies without its final `Closed` (a panic), say so anyway, so the
     // owner re-queues that connection's work instead of waiting for it.
@@ -543,6 +552,7 @@ async fn drive_inner(
             let ev = match ev {
                 Event::Established(_) | Event::Finished => continue,
                 Event::Assigned(a) => LinkEvent::Assigned(a),
+                Event::Started { seq } => LinkEvent::Started { seq },
                 Event::Completed(c) => LinkEvent::Completed(c),
                 Event::Cancelled { seq } => LinkEvent::Cancelled { seq },
                 Event::PeerGoodbye => LinkEvent::PeerGoodbye,
@@ -645,6 +655,7 @@ fn command(conn: &mut Connection, cmd: Option<Command>) -> Result<Option<LinkEve
                 }));
             }
         }
+        Some(Command::Started(seq)) => conn.started(seq),
         Some(Command::Complete(c)) => {
             if let Err(e) = conn.complete(c) {
                 debug!(error = %e, "result not sent");

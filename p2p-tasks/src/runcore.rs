@@ -18,7 +18,10 @@
 //! - a node's capacity as the node counts it: an attempt the run gave up on (its result
 //!   deadline passed) keeps its slot until the node confirms it ended or its connection
 //!   closes, so the run never sends a node more than it advertised;
-//! - the result deadline (`task_timeout` plus [`RESULT_GRACE`]; none with a zero timeout);
+//! - the result deadline: `task_timeout` plus [`RESULT_GRACE`] from the moment the node says
+//!   the attempt started (`Started`), so the time it waits at a node shared with other
+//!   coordinators for a free slot is not run time (none with a zero timeout; until the
+//!   start, the node's heartbeats bound the wait);
 //! - the missing-type wait: the tasks of a needed type with no node that can take work
 //!   (none connected, capacity 0, or every node leaving) end after `discovery_timeout`, as
 //!   *not run* (or *failed*, for a task whose attempt was lost with its node), with and
@@ -156,8 +159,10 @@ struct Peer {
 struct InFlight {
     task: usize,
     link: LinkId,
-    /// When the attempt was sent.
+    /// When the attempt was sent, then when the node said it started.
     since: Instant,
+    /// The node said it started (its deadline runs).
+    started: bool,
     /// A cancel was sent (interrupt): its result still counts.
     cancelled: bool,
     /// The run gave up on it (its deadline passed): its result is ignored, and it holds
@@ -410,6 +415,21 @@ impl RunCore {
             return;
         }
         match ev {
+            LinkEvent::Started { seq } => {
+                // The attempt starts now: its run time and its deadline count from here, not
+                // from its assignment (it may have waited for a slot the node shares with
+                // other coordinators).
+                if let Some(f) = self.inflight.get_mut(&seq) {
+                    if f.link == link && !f.abandoned && !f.started {
+                        f.started = true;
+                        f.since = now;
+                        if !self.opts.task_timeout.is_zero() {
+                            let at = now + self.opts.task_timeout + RESULT_GRACE;
+                            self.deadlines.push_back((at, seq));
+                        }
+                    }
+                }
+            }
             LinkEvent::Completed(c) => {
                 let Some(f) = self.inflight.remove(&c.seq) else {
                     return;
@@ -645,6 +665,12 @@ impl RunCore {
                     } else if !missing.is_empty() && !self.policy_keep_going() {
                         // Nothing can complete the plan: run nothing; the summary names what
                         // is missing.
+                        self.events.push_back(RunEvent::Notice(format!(
+                            "no node serves type{} {} (none connected, or each has capacity 0 \
+                             or is leaving): nothing runs",
+                            if missing.len() > 1 { "s" } else { "" },
+                            missing.join(", ")
+                        )));
                         for kind in &missing {
                             let why = format!("no node serves type {kind:?}");
                             for r in self.results.iter_mut().filter(|r| &*r.kind == kind) {
@@ -731,8 +757,6 @@ impl RunCore {
 
     fn dispatch(&mut self, now: Instant) {
         let timeout_ms = u64::try_from(self.opts.task_timeout.as_millis()).unwrap_or(u64::MAX);
-        let deadline = (!self.opts.task_timeout.is_zero())
-            .then(|| now + self.opts.task_timeout + RESULT_GRACE);
         while let Some(d) = self.sched.next(now) {
             let Some(peer) = self.peers.get(&d.node) else {
                 self.sched.requeue(d.task);
@@ -767,13 +791,11 @@ impl RunCore {
                     task: d.task,
                     link: d.node,
                     since: now,
+                    started: false,
                     cancelled: false,
                     abandoned: false,
                 },
             );
-            if let Some(at) = deadline {
-                self.deadlines.push_back((at, seq));
-            }
         }
         // Finished seqs leave their deadline behind; drop them before they pile up (a task
         // that runs for long keeps the ones behind it from reaching the front).
