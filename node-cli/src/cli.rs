@@ -224,7 +224,13 @@ pub struct RunArgs {
     /// Retries of a failed task (with exponential back-off).
     #[arg(long, default_value_t = 0)]
     pub retries: u32,
-    /// Longest a task attempt may run.
+    /// Delay before the first retry of a failed task; doubles with each retry.
+    #[arg(long, value_name = "DUR", default_value = "100ms", value_parser = parse_duration)]
+    pub retry_backoff: Duration,
+    /// Longest delay between retries (before up to 20% jitter).
+    #[arg(long, value_name = "DUR", default_value = "5s", value_parser = parse_duration)]
+    pub retry_backoff_max: Duration,
+    /// Longest a task attempt may run (0: no limit).
     #[arg(long, default_value = "1h", value_parser = parse_duration)]
     pub task_timeout: Duration,
     /// After a task finally fails, keep running everything that does not depend on it.
@@ -674,12 +680,22 @@ fn discovery_names(c: &Common) -> String {
 async fn run(a: RunArgs, shutdown: CancellationToken) -> anyhow::Result<u8> {
     let key = load_key(&a.common)?;
     let tasks = p2p_tasks::parse::load(&a.tasks_file).map_err(|e| usage(e.to_string()))?;
+    if a.retry_backoff_max < a.retry_backoff {
+        return Err(usage(format!(
+            "--retry-backoff-max {:?} is shorter than --retry-backoff {:?}",
+            a.retry_backoff_max, a.retry_backoff
+        )));
+    }
     let opts = RunOptions {
         policy: Policy {
             order: a.order,
             retries: a.retries,
             keep_going: a.keep_going,
-            ..Policy::default()
+            backoff: p2p_tasks::Backoff {
+                first: a.retry_backoff,
+                max: a.retry_backoff_max,
+                ..p2p_tasks::Backoff::default()
+            },
         },
         task_timeout: a.task_timeout,
         discovery_timeout: a.discovery_timeout,

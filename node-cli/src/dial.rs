@@ -13,13 +13,18 @@ use std::time::Duration;
 use p2p_core::net::{self, EventSender, Settings};
 use p2p_core::{Hello, NodeId};
 use p2p_discovery::{Event, Peer};
-use p2p_tasks::PeerUpdate;
+use p2p_tasks::{Backoff, PeerUpdate};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-/// First delay between attempts to reach a peer that is down; doubles up to 1 s.
-const RETRY_FIRST: Duration = Duration::from_millis(100);
+/// Delays between attempts to reach a peer that is down: 100 ms doubling up to 1 s, plus
+/// up to 20% jitter (the type task retries use too).
+const RETRY: Backoff = Backoff {
+    first: Duration::from_millis(100),
+    max: Duration::from_secs(1),
+    jitter: 0.2,
+};
 
 /// The dialer's inputs.
 pub(crate) struct Dialer {
@@ -112,7 +117,7 @@ impl Dialer {
                         Some(k) if k.node_id.is_none() => {
                             next_id += 1;
                             let peer = Peer { addr, node_id: None, types: None, capacity: None, source: k.source };
-                            dials.spawn(self.dial(peer, next_id, RETRY_FIRST));
+                            dials.spawn(self.dial(peer, next_id, RETRY.first));
                         }
                         Some(k) => {
                             if let Some(id) = k.node_id {
@@ -149,7 +154,7 @@ impl Dialer {
             }
             let addr = peer.addr;
             let give_up = tokio::time::Instant::now() + give_up_after;
-            let mut delay = RETRY_FIRST;
+            let mut failures = 0u32;
             let mut reported = false;
             loop {
                 let attempt = tokio::select! {
@@ -174,6 +179,8 @@ impl Dialer {
                         | p2p_core::Error::Refused { .. }
                         | p2p_core::Error::Auth(_)
                 );
+                failures += 1;
+                let delay = RETRY.delay(failures, id);
                 let last = permanent || tokio::time::Instant::now() + delay > give_up;
                 // Said at the first failure, so that a run other peers serve (which may end
                 // before the retries do) still reports it; once only.
@@ -200,7 +207,6 @@ impl Dialer {
                     _ = stop.cancelled() => return,
                     _ = tokio::time::sleep(delay) => {}
                 }
-                delay = (delay * 2).min(Duration::from_secs(1));
             }
         }
     }

@@ -33,6 +33,6 @@ pub use handler::{Handler, TaskOutcome, TaskRequest};
 pub use journal::Journal;
 pub use parse::ParseError;
 pub use runcore::{RunCore, RunError};
-pub use sched::{Order, Policy};
+pub use sched::{Backoff, Order, Policy};
 pub use task::Task;
 pub use worker::Worker;

@@ -58,6 +58,39 @@ impl fmt::Display for Order {
     }
 }
 
+/// Exponential back-off: `first`, doubling each time up to `max`, plus up to `jitter` of it
+/// at random. One type for task retries and for the dialer's reconnects.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Backoff {
+    /// The first delay. Task retries: default 100 ms.
+    pub first: Duration,
+    /// The largest delay (before jitter). Task retries: default 5 s.
+    pub max: Duration,
+    /// Random extra delay, as a fraction of the delay (0 to 1). Task retries: default 0.2.
+    pub jitter: f64,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff {
+            first: Duration::from_millis(100),
+            max: Duration::from_secs(5),
+            jitter: 0.2,
+        }
+    }
+}
+
+impl Backoff {
+    /// The delay before attempt `n + 1` after `n` failures (`n` from 1), with jitter drawn
+    /// deterministically from `seed` (so runs can be reproduced, and different seeds spread
+    /// out).
+    pub fn delay(&self, n: u32, seed: u64) -> Duration {
+        let exp = n.saturating_sub(1).min(16);
+        let base = self.first.saturating_mul(1 << exp).min(self.max);
+        base + base.mul_f64(self.jitter.clamp(0.0, 1.0) * jitter_unit(seed, n))
+    }
+}
+
 /// How the scheduler treats order and failures.
 #[derive(Debug, Clone)]
 pub struct Policy {
@@ -65,20 +98,16 @@ pub struct Policy {
     pub order: Order,
     /// Failed attempts retried per task. Default 0.
     pub retries: u32,
-    /// Delay before the first retry; doubles each time. Default 100 ms.
-    pub backoff: Duration,
-    /// Largest delay between retries. Default 5 s.
-    pub backoff_max: Duration,
+    /// The delay before each retry. Default 100 ms doubling to 5 s, plus up to 20% jitter.
+    pub backoff: Backoff,
     /// Continue after a task finally failed. Default false.
     pub keep_going: bool,
-    /// Random extra delay on each retry, as a fraction of the back-off (0 to 1). Default 0.2.
-    pub jitter: f64,
 }
 
-/// A pseudo-random number in [0, 1) from a task and attempt (splitmix64): deterministic, so
-/// runs can be reproduced, and different per task, so retries spread out.
-fn jitter_unit(task: usize, failures: u32) -> f64 {
-    let mut z = (task as u64) ^ (u64::from(failures) << 40) ^ 0x9e37_79b9_7f4a_7c15;
+/// A pseudo-random number in [0, 1) from a seed and attempt (splitmix64): deterministic, so
+/// runs can be reproduced, and different per seed, so retries spread out.
+fn jitter_unit(seed: u64, failures: u32) -> f64 {
+    let mut z = seed ^ (u64::from(failures) << 40) ^ 0x9e37_79b9_7f4a_7c15;
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     z ^= z >> 31;
@@ -90,10 +119,8 @@ impl Default for Policy {
         Policy {
             order: Order::Strict,
             retries: 0,
-            backoff: Duration::from_millis(100),
-            backoff_max: Duration::from_secs(5),
+            backoff: Backoff::default(),
             keep_going: false,
-            jitter: 0.2,
         }
     }
 }
@@ -673,16 +700,8 @@ impl Scheduler {
         slot.failures += 1;
         slot.avoid = Some(node);
         if slot.failures <= self.policy.retries && !self.stopped {
-            let exp = (slot.failures - 1).min(16);
-            let base = self
-                .policy
-                .backoff
-                .saturating_mul(1 << exp)
-                .min(self.policy.backoff_max);
-            // Spread retries of many tasks so they do not hit a recovering node at once.
-            let spread =
-                base.mul_f64(self.policy.jitter.clamp(0.0, 1.0) * jitter_unit(task, slot.failures));
-            let delay = base + spread;
+            // Jitter spreads retries of many tasks so they do not hit a recovering node at once.
+            let delay = self.policy.backoff.delay(slot.failures, task as u64);
             slot.status = TaskStatus::Pending;
             slot.retry_at = Some(now + delay);
             self.delayed.insert((now + delay, task), ());

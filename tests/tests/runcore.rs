@@ -316,3 +316,52 @@ fn an_unreachable_peer_is_a_json_event_and_a_line() {
     assert_eq!(u[0]["addr"], dead_addr.as_str());
     assert!(out.stderr.contains(&format!("cannot reach {dead_addr}")));
 }
+
+/// `--retry-backoff` and `--retry-backoff-max` set the delay between retries.
+#[test]
+fn retry_backoff_flags_set_the_delay_between_retries() {
+    let dir = TestDir::new();
+    dir.write("tasks.txt", "a1\n");
+    let out = run_in(
+        dir.path(),
+        &[
+            "run",
+            "tasks.txt",
+            "--local",
+            "--json",
+            "--handler",
+            "a=exit 1",
+            "--retries",
+            "2",
+            "--retry-backoff",
+            "300ms",
+            "--retry-backoff-max",
+            "400ms",
+        ],
+    );
+    out.assert_code(1);
+    let events = out.json();
+    let delays: Vec<u64> = events_named(&events, "task_retry")
+        .iter()
+        .map(|e| e["delay_ms"].as_u64().unwrap())
+        .collect();
+    assert_eq!(delays.len(), 2, "{}", out.describe());
+    assert!((300..=360).contains(&delays[0]), "{delays:?}");
+    assert!(
+        (400..=480).contains(&delays[1]),
+        "capped at the max: {delays:?}"
+    );
+    let bad = run_in(
+        dir.path(),
+        &[
+            "run",
+            "tasks.txt",
+            "--local",
+            "--retry-backoff",
+            "2s",
+            "--retry-backoff-max",
+            "1s",
+        ],
+    );
+    bad.assert_code(2);
+}

@@ -324,8 +324,11 @@ fn simulate(seed: u64, order: Order) -> Result<(), String> {
     let policy = Policy {
         order,
         retries: 8,
-        backoff: Duration::from_millis(20),
-        backoff_max: Duration::from_millis(200),
+        backoff: p2p_tasks::Backoff {
+            first: Duration::from_millis(20),
+            max: Duration::from_millis(200),
+            ..Default::default()
+        },
         ..Policy::default()
     };
     sim.client("client", coordinator(tasks.clone(), policy, out.clone()));

@@ -31,8 +31,10 @@ fn opts(order: Order, retries: u32, keep_going: bool) -> RunOptions {
             order,
             retries,
             keep_going,
-            jitter: 0.0,
-            ..Policy::default()
+            backoff: crate::sched::Backoff {
+                jitter: 0.0,
+                ..Default::default()
+            },
         },
         task_timeout: Duration::from_secs(1),
         discovery_timeout: Duration::from_secs(3),

@@ -95,7 +95,10 @@ fn failure_retries_with_backoff_then_fails_and_stops() {
         &tasks("a1 a2"),
         Policy {
             retries: 2,
-            jitter: 0.0,
+            backoff: Backoff {
+                jitter: 0.0,
+                ..Backoff::default()
+            },
             ..Policy::default()
         },
     );
