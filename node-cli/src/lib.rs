@@ -10,6 +10,7 @@
 //! - [`datadir`]: the data directory, where nodes keep their identities between starts.
 //! - [`output`]: how run events are shown (human lines or JSON lines).
 //! - [`peers`]: the `peers` command's probe.
+//! - [`dial`]: the dialer of a run (discovered peers to links), generic over how it connects.
 //!
 //! # Usage
 //!
@@ -34,7 +35,7 @@
 pub mod cli;
 pub mod config;
 pub mod datadir;
-mod dial;
+pub mod dial;
 mod error;
 mod node;
 pub mod output;

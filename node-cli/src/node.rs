@@ -566,13 +566,10 @@ impl Node {
         };
         let (peer_tx, peer_rx) = mpsc::channel(256);
         let (link_tx, link_rx) = mpsc::channel(4096);
-        let (lost_tx, lost_rx) = mpsc::channel(256);
         let dialer = tokio::spawn(
             dial::Dialer {
                 found,
-                lost: lost_rx,
-                hello: self.hello(false),
-                settings: self.settings.clone(),
+                connect: dial::tcp(self.hello(false), self.settings.clone()),
                 give_up_after: opts.discovery_timeout,
                 needed,
                 peers: peer_tx,
@@ -586,7 +583,6 @@ impl Node {
             links: link_rx,
             shutdown: run_token,
             journal,
-            lost: Some(lost_tx),
         };
         let report = p2p_tasks::run(tasks, opts, inputs, emit).await;
         stop_dialing.cancel();

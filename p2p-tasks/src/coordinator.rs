@@ -1,9 +1,11 @@
 //! The coordinator: the tokio driver of a [`RunCore`].
 //!
-//! It owns no sockets and holds no rule. Its owner dials the peers discovery finds and hands
-//! over each established [`Link`] as a [`PeerUpdate`]; every link reports into one shared
-//! channel of link events. The driver feeds both into the core, sends the core's commands
-//! to the links, appends final results to the journal, and passes the core's events on.
+//! It owns no sockets and holds no rule. Its owner dials the peers discovery finds; every
+//! link reports into one shared channel of link events, starting with
+//! [`LinkEvent::Opened`] (so a link is registered before any of its own events), and the
+//! owner tells what discovery and the dialer saw as [`PeerUpdate`]s. The driver feeds both
+//! into the core, sends the core's commands to the links, appends final results to the
+//! journal, and passes the core's events on.
 //!
 //! With a journal, an event that reports a final result is passed on only once that result
 //! is synced to disk (group commit: one sync per burst, before the driver waits). A journal
@@ -34,10 +36,9 @@ pub enum PeerUpdate {
         /// The backend.
         source: String,
     },
-    /// A connection to a peer is established.
-    Connected(Link),
     /// Every peer discovery knows of has been dialled (more may still come later, e.g. a
-    /// node that restarts): a run need not wait for more before it starts.
+    /// node that restarts): a run need not wait for more before it starts. Send it only
+    /// after the `Opened` events of the links dialled so far are on the links channel.
     Settled,
     /// A peer could not be reached.
     Unreachable {
@@ -53,15 +54,12 @@ pub enum PeerUpdate {
 pub struct Inputs {
     /// Peer updates; when the sender is dropped, no more peers will come.
     pub peers: mpsc::Receiver<PeerUpdate>,
-    /// Events of every link handed over in `peers`.
+    /// Events of every link the owner opened, each starting with [`LinkEvent::Opened`].
     pub links: mpsc::Receiver<(LinkId, LinkEvent)>,
     /// Fires on Ctrl-C or shutdown: stop, cancel in-flight tasks, say goodbye.
     pub shutdown: CancellationToken,
     /// Where final results are recorded; tasks it lists as done are not run again.
     pub journal: Option<Journal>,
-    /// Told the address of every node whose connection was lost, so the dialer can try it
-    /// again (a restarted node). Full or closed: the address is dropped.
-    pub lost: Option<mpsc::Sender<std::net::SocketAddr>>,
 }
 
 /// Most link events handled in one go before the driver sends what they produced.
@@ -81,7 +79,6 @@ pub async fn run(
     }
     let mut d = Driver {
         links: HashMap::new(),
-        lost: inputs.lost.take(),
         out: Out {
             journal: inputs.journal.take(),
             broken: None,
@@ -117,15 +114,15 @@ pub async fn run(
             u = inputs.peers.recv(), if peers_open => match u {
                 None => {
                     peers_open = false;
+                    d.drain_links(&mut core, &mut inputs.links);
                     core.handle_settled(now());
                 }
-                Some(PeerUpdate::Settled) => core.handle_settled(now()),
+                Some(PeerUpdate::Settled) => {
+                    d.drain_links(&mut core, &mut inputs.links);
+                    core.handle_settled(now());
+                }
                 Some(PeerUpdate::Discovered { addr, source }) => core.handle_discovered(addr, source),
                 Some(PeerUpdate::Unreachable { addr, error }) => core.handle_unreachable(addr, error),
-                Some(PeerUpdate::Connected(link)) => {
-                    core.handle_connected(link.id(), link.addr(), link.peer(), now());
-                    d.links.insert(link.id(), link);
-                }
             },
             Some((id, ev)) = inputs.links.recv() => {
                 let at = now();
@@ -159,13 +156,25 @@ pub async fn run(
 
 struct Driver<'a> {
     links: HashMap<LinkId, Link>,
-    lost: Option<mpsc::Sender<std::net::SocketAddr>>,
     out: Out<'a>,
 }
 
 impl Driver<'_> {
+    /// Handles every link event already queued. The owner sends `Settled` only after the
+    /// links it opened sent their `Opened` (on the links channel), so draining first keeps
+    /// "every peer was dialled" from overtaking the registrations it speaks of.
+    fn drain_links(&mut self, core: &mut RunCore, links: &mut mpsc::Receiver<(LinkId, LinkEvent)>) {
+        let at = now();
+        while let Ok((id, ev)) = links.try_recv() {
+            self.link_event(core, id, ev, at);
+        }
+    }
+
     fn link_event(&mut self, core: &mut RunCore, id: LinkId, ev: LinkEvent, at: Instant) {
         let closed = matches!(ev, LinkEvent::Closed { .. });
+        if let LinkEvent::Opened(link) = &ev {
+            self.links.insert(id, (**link).clone());
+        }
         core.handle_link_event(id, ev, at);
         if closed {
             self.links.remove(&id);
@@ -185,11 +194,6 @@ impl Driver<'_> {
                 };
                 if let (Err(reason), Command::Assign(assign)) = (sent, cmd) {
                     core.handle_link_event(id, LinkEvent::AssignFailed { assign, reason }, now());
-                }
-            }
-            while let Some(addr) = core.poll_redial() {
-                if let Some(lost) = &self.lost {
-                    let _ = lost.try_send(addr);
                 }
             }
             while let Some(t) = core.poll_final() {

@@ -173,7 +173,7 @@ struct InFlight {
 /// A link's event that arrived before the link was registered.
 enum Early {
     Goodbye,
-    Closed(Option<String>),
+    Closed,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -214,7 +214,6 @@ pub struct RunCore {
     commands: VecDeque<(LinkId, Command)>,
     events: VecDeque<RunEvent>,
     finals: VecDeque<usize>,
-    redial: VecDeque<SocketAddr>,
 }
 
 impl std::fmt::Debug for RunCore {
@@ -266,7 +265,6 @@ impl RunCore {
             commands: VecDeque::new(),
             events: VecDeque::new(),
             finals: VecDeque::new(),
-            redial: VecDeque::new(),
         };
         core.events.push_back(RunEvent::Phase(Phase::Discovering));
         core.advance(now);
@@ -330,18 +328,16 @@ impl RunCore {
     ) {
         self.connecting();
         let early = self.early.remove(&link);
-        if self.is_terminating() && !matches!(early, Some(Early::Closed(_))) {
+        if self.is_terminating() && !matches!(early, Some(Early::Closed)) {
             // Too late to be of use: let it go.
             self.ignored.insert(link);
             self.commands.push_back((link, Command::Goodbye));
             return;
         }
-        if let Some(Early::Closed(error)) = early {
-            // Gone before it could be used: nothing ran there.
+        if let Some(Early::Closed) = early {
+            // Gone before it could be used: nothing ran there (the dialer learns of the
+            // close from the link itself).
             tracing::debug!(link, %addr, "connection closed before it was registered");
-            if error.is_some() {
-                self.redial.push_back(addr);
-            }
             return;
         }
         if !hello.types.iter().any(|t| self.needed.contains(t)) {
@@ -390,8 +386,12 @@ impl RunCore {
         self.advance(now);
     }
 
-    /// An event of a link.
+    /// An event of a link. [`LinkEvent::Opened`] registers it (as
+    /// [`RunCore::handle_connected`]).
     pub fn handle_link_event(&mut self, link: LinkId, ev: LinkEvent, now: Instant) {
+        if let LinkEvent::Opened(l) = &ev {
+            return self.handle_connected(link, l.addr(), l.peer(), now);
+        }
         if !self.peers.contains_key(&link) {
             if self.ignored.contains(&link) {
                 if matches!(ev, LinkEvent::Closed { .. }) {
@@ -401,7 +401,7 @@ impl RunCore {
             }
             let early = match ev {
                 LinkEvent::PeerGoodbye => Early::Goodbye,
-                LinkEvent::Closed { error } => Early::Closed(error),
+                LinkEvent::Closed { .. } => Early::Closed,
                 _ => return,
             };
             if self.early.len() >= EARLY_MAX {
@@ -474,7 +474,7 @@ impl RunCore {
             LinkEvent::Closed { error } => self.closed(link, error),
             // The run advertises no capacity, so a peer assigning to it is cut off by the
             // protocol before this point.
-            LinkEvent::Assigned(_) | LinkEvent::Cancelled { .. } => {}
+            LinkEvent::Opened(_) | LinkEvent::Assigned(_) | LinkEvent::Cancelled { .. } => {}
         }
         self.advance(now);
     }
@@ -597,11 +597,6 @@ impl RunCore {
     /// The next task whose result became final (for a journal); see [`RunCore::result`].
     pub fn poll_final(&mut self) -> Option<usize> {
         self.finals.pop_front()
-    }
-
-    /// The address of a node whose connection was lost, which the dialer may try again.
-    pub fn poll_redial(&mut self) -> Option<SocketAddr> {
-        self.redial.pop_front()
     }
 
     /// Whether the run is over (the summary was the last event).
@@ -830,9 +825,6 @@ impl RunCore {
         // The same node may come back on a new connection.
         if self.node_ids.get(&p.node_id) == Some(&link) {
             self.node_ids.remove(&p.node_id);
-        }
-        if error.is_some() {
-            self.redial.push_back(p.addr);
         }
         let short = &p.node[..8.min(p.node.len())];
         let mut given_up = Vec::new();

@@ -135,7 +135,8 @@ impl Worker {
                             }
                             break;
                         }
-                        LinkEvent::Completed(_)
+                        LinkEvent::Opened(_)
+                        | LinkEvent::Completed(_)
                         | LinkEvent::Started { .. }
                         | LinkEvent::AssignFailed { .. } => {}
                     }

@@ -469,11 +469,6 @@ fn a_link_closed_before_it_was_registered_is_never_used() {
     );
     s.connect(1, &hello(1, &["a"], 1));
     assert!(s.sent.is_empty(), "nothing sent to a closed link");
-    assert_eq!(
-        s.core.poll_redial(),
-        Some(addr(7001)),
-        "the dialer may try again"
-    );
     // A live node of the type comes: the run uses it.
     s.connect(2, &hello(2, &["a"], 1));
     assert_eq!(s.in_flight_on(2), 1);
