@@ -686,8 +686,10 @@ impl RunCore {
                     }
                 }
                 Stage::Running => {
-                    self.dispatch(now);
+                    // Missing types first: ending their tasks may let others start (strict
+                    // order with keep-going), which the dispatch after it sends.
                     self.check_missing(now);
+                    self.dispatch(now);
                     if self.sched.is_finished() {
                         self.terminate(now);
                     } else {
@@ -1078,5 +1080,7 @@ fn split(mut tasks: Vec<Task>) -> (Vec<TaskResult>, Vec<Option<Box<Extra>>>) {
     (results, extras)
 }
 
+#[cfg(test)]
+mod model;
 #[cfg(test)]
 mod tests;

@@ -556,10 +556,16 @@ impl Scheduler {
             .copied()
             .filter(|&t| self.slots[t].status == TaskStatus::Pending)
             .collect();
-        for &t in &victims {
-            self.give_up(t);
+        // Giving one up may skip others of the list (its dependents): those are skipped,
+        // not given up, and are not returned.
+        let mut given_up = Vec::with_capacity(victims.len());
+        for t in victims {
+            if self.slots[t].status == TaskStatus::Pending {
+                self.give_up(t);
+                given_up.push(t);
+            }
         }
-        victims
+        given_up
     }
 
     /// Fails a pending task for good (skipping its dependents); without

@@ -926,3 +926,35 @@ fn time_waiting_for_a_shared_node_is_not_run_time() {
         }
     }
 }
+
+#[test]
+fn a_missing_type_whose_tasks_depend_on_each_other_ends_each_task_once() {
+    // Found by the model: giving up b1 skipped b2, which was then also given up, so b2
+    // ended twice.
+    let mut s = Sim::new("b1\nb2 after b1\n", opts(Order::None, 0, true));
+    s.connect(1, &hello(1, &["b"], 0));
+    let mut finals = Vec::new();
+    s.now += Duration::from_secs(3);
+    s.core.handle_timeout(s.now);
+    while let Some(t) = s.core.poll_final() {
+        finals.push(t);
+    }
+    assert_eq!(finals, vec![0, 1]);
+    assert_eq!(
+        s.core.result(1).unwrap().error.as_deref(),
+        Some("skipped: dependency b1 did not succeed")
+    );
+}
+
+#[test]
+fn tasks_after_a_missing_type_start_once_its_wait_ends_in_strict_order_with_keep_going() {
+    // Found by the model: the missing-type wait ended b1 after the dispatch had run, and
+    // nothing dispatched a2 afterwards: the run waited for nothing, forever.
+    let mut s = Sim::new("b1 a2", opts(Order::Strict, 0, true));
+    s.connect(1, &hello(1, &["a"], 1));
+    s.wake();
+    assert_eq!(s.status(0), Status::NotRun);
+    assert_eq!(s.in_flight_on(1), 1, "a2 is sent at once");
+    s.answer("a2", true, Duration::ZERO);
+    assert_eq!(s.status(1), Status::Succeeded);
+}
