@@ -236,8 +236,14 @@ pub struct RunArgs {
     /// Retries of a failed task (with exponential back-off).
     #[arg(long, default_value_t = 0)]
     pub retries: u32,
-    /// Longest a task attempt may run.
-    #[arg(long, default_value = "1h", value_parser = parse_positive_duration)]
+    /// Delay before the first retry of a failed task; doubles with each retry.
+    #[arg(long, value_name = "DUR", default_value = "100ms", value_parser = parse_duration)]
+    pub retry_backoff: Duration,
+    /// Longest delay between retries (before up to 20% jitter).
+    #[arg(long, value_name = "DUR", default_value = "5s", value_parser = parse_duration)]
+    pub retry_backoff_max: Duration,
+    /// Longest a task attempt may run (0: no limit).
+    #[arg(long, default_value = "1h", value_parser = parse_duration)]
     pub task_timeout: Duration,
     /// After a task finally fails, keep running everything that does not depend on it.
     #[arg(long)]
@@ -524,6 +530,7 @@ fn local_only(c: &Common) -> Common {
 fn node_error(e: crate::Error) -> anyhow::Error {
     match e {
         crate::Error::Config(m) => usage(m),
+        crate::Error::Plan(p) => usage(p.to_string()),
         crate::Error::Discovery(
             d @ (p2p_discovery::Error::Interface(_)
             | p2p_discovery::Error::Config(_)
@@ -830,7 +837,45 @@ fn discovery_names(c: &Common) -> String {
 async fn run(a: RunArgs, shutdown: CancellationToken) -> anyhow::Result<u8> {
     let key = load_key(&a.common)?;
     let tasks = p2p_tasks::parse::load(&a.tasks_file).map_err(|e| usage(e.to_string()))?;
-    p2p_tasks::plan::check(&tasks, a.order).map_err(|e| usage(e.to_string()))?;
+    if a.retry_backoff_max < a.retry_backoff {
+        return Err(usage(format!(
+            "--retry-backoff-max {:?} is shorter than --retry-backoff {:?}",
+            a.retry_backoff_max, a.retry_backoff
+        )));
+    }
+    let opts = RunOptions {
+        policy: Policy {
+            order: a.order,
+            retries: a.retries,
+            keep_going: a.keep_going,
+            backoff: p2p_tasks::Backoff {
+                first: a.retry_backoff,
+                max: a.retry_backoff_max,
+                ..p2p_tasks::Backoff::default()
+            },
+        },
+        task_timeout: a.task_timeout,
+        discovery_timeout: a.discovery_timeout,
+        // An out-of-range frame limit is refused with its own message when the node is
+        // built; the plan is checked against the limit the node will have.
+        max_frame: a
+            .common
+            .max_frame
+            .clamp(crate::node::MIN_MAX_FRAME, crate::node::MAX_MAX_FRAME),
+        ..RunOptions::default()
+    };
+    p2p_tasks::runcore::validate(&tasks, &opts).map_err(|e| match e {
+        p2p_tasks::RunError::Unsendable {
+            task,
+            line,
+            col,
+            why,
+        } => usage(format!(
+            "{}:{line}:{col}: task {task} cannot be sent: {why}",
+            a.tasks_file.display()
+        )),
+        e => usage(e.to_string()),
+    })?;
     let handlers = parse_handlers(&a.handlers)?;
     let own_types = parse_types(&a.types)?;
     // `--local` runs on its own loopback nodes and never uses network discovery, whatever
@@ -874,17 +919,6 @@ async fn run(a: RunArgs, shutdown: CancellationToken) -> anyhow::Result<u8> {
             local_nodes.push(node);
         }
     }
-    let opts = RunOptions {
-        policy: Policy {
-            order: a.order,
-            retries: a.retries,
-            keep_going: a.keep_going,
-            ..Policy::default()
-        },
-        task_timeout: a.task_timeout,
-        discovery_timeout: a.discovery_timeout,
-        ..RunOptions::default()
-    };
     let identity = load_identity(&a.common, Some("coordinator"))?;
     let built = with_identity(with_key(Node::builder(), &key), &identity)
         .cluster(a.common.cluster.clone())

@@ -27,6 +27,9 @@ pub enum Error {
         /// What is wrong.
         message: String,
     },
+    /// The plan cannot run (a cycle under its order, or a task that cannot be sent).
+    #[error("invalid plan: {0}")]
+    Plan(#[from] p2p_tasks::RunError),
     /// Other I/O failure.
     #[error("i/o error: {0}")]
     Io(#[from] std::io::Error),

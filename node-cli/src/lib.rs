@@ -11,6 +11,7 @@
 //! - [`guard`]: the process that ends a node's handler processes if the node is killed.
 //! - [`output`]: how run events are shown (human lines or JSON lines).
 //! - [`peers`]: the `peers` command's probe.
+//! - [`dial`]: the dialer of a run (discovered peers to links), generic over how it connects.
 //!
 //! # Usage
 //!
@@ -35,7 +36,7 @@
 pub mod cli;
 pub mod config;
 pub mod datadir;
-mod dial;
+pub mod dial;
 mod error;
 pub mod guard;
 mod node;

@@ -581,6 +581,11 @@ impl Node {
         journal: Option<Journal>,
         emit: &mut (dyn FnMut(&RunEvent) + Send),
     ) -> Result<RunReport, Error> {
+        let mut opts = opts;
+        // The run sends nothing larger than this node's frame limit; refuse a plan that
+        // would need more before anything starts.
+        opts.max_frame = opts.max_frame.min(self.settings.max_frame);
+        p2p_tasks::runcore::validate(&tasks, &opts)?;
         let run_token = self.shutdown.child_token();
         let stop_dialing = CancellationToken::new();
         let mut backends = std::mem::take(&mut self.discovery);
@@ -588,6 +593,12 @@ impl Node {
             backends.push(Box::new(Static::new(extra_peers)));
         }
         let fresh = p2p_discovery::start_all(backends, None, stop_dialing.clone())?;
+        let mut needed: Vec<String> = Vec::new();
+        for t in &tasks {
+            if !needed.contains(&t.kind) {
+                needed.push(t.kind.clone());
+            }
+        }
         // A serving node already runs (and announces with) its backends: use their events too.
         let found = match self.found.take() {
             Some(started) => merge(started, fresh),
@@ -595,14 +606,12 @@ impl Node {
         };
         let (peer_tx, peer_rx) = mpsc::channel(256);
         let (link_tx, link_rx) = mpsc::channel(4096);
-        let (lost_tx, lost_rx) = mpsc::channel(256);
         let dialer = tokio::spawn(
             dial::Dialer {
                 found,
-                lost: lost_rx,
-                hello: self.hello(false),
-                settings: self.settings.clone(),
+                connect: dial::tcp(self.hello(false), self.settings.clone()),
                 give_up_after: opts.discovery_timeout,
+                needed,
                 peers: peer_tx,
                 links: link_tx,
                 stop: stop_dialing.clone(),
@@ -614,12 +623,11 @@ impl Node {
             links: link_rx,
             shutdown: run_token,
             journal,
-            lost: Some(lost_tx),
         };
         let report = p2p_tasks::run(tasks, opts, inputs, emit).await;
         stop_dialing.cancel();
         let _ = dialer.await;
-        Ok(report)
+        Ok(report?)
     }
 }
 

@@ -200,6 +200,13 @@ impl Printer {
                 self.flush();
                 return;
             }
+            RunEvent::PeerUnreachable { addr, error } => {
+                // For people in every format (stderr); `--json` also gets the event.
+                self.line_err(&format!("cannot reach {addr}: {error}"));
+                if self.format != Format::Json {
+                    return;
+                }
+            }
             _ => {}
         }
         match self.format {
@@ -349,9 +356,10 @@ impl Printer {
             }
             .to_string(),
             RunEvent::Notice(n) => escape(n).into_owned(),
-            RunEvent::PeerDiscovered { .. } | RunEvent::TaskAssigned { .. } | RunEvent::Flush => {
-                return None
-            }
+            RunEvent::PeerDiscovered { .. }
+            | RunEvent::PeerUnreachable { .. }
+            | RunEvent::TaskAssigned { .. }
+            | RunEvent::Flush => return None,
             RunEvent::Connected {
                 node,
                 addr,

@@ -126,6 +126,11 @@ pub enum Event {
     Established(Hello),
     /// The peer asks us to run a task.
     Assigned(Assign),
+    /// A task we assigned started running at the peer (it had a free slot).
+    Started {
+        /// The assignment's seq.
+        seq: u64,
+    },
     /// A task we assigned has a result.
     Completed(Completed),
     /// The peer cancels a task it assigned to us; answer with `complete`.
@@ -360,6 +365,13 @@ impl Connection {
                 }
                 Ok(())
             }
+            Message::Started { seq } => {
+                // Like a result, a start for a seq we no longer track is ignored.
+                if self.outbound.contains(&seq) {
+                    self.events.push_back(Event::Started { seq });
+                }
+                Ok(())
+            }
             Message::Cancel { seq } => {
                 if self.inbound.contains(&seq) {
                     self.events.push_back(Event::Cancelled { seq });
@@ -434,6 +446,14 @@ impl Connection {
         self.transmit.push_back(Message::Completed(c));
         self.maybe_ack();
         Ok(())
+    }
+
+    /// Tells the peer that a task it assigned to us started running (see
+    /// [`Message::Started`]). Does nothing for a seq that is not in flight.
+    pub fn started(&mut self, seq: u64) {
+        if self.state == State::Open && self.inbound.contains(&seq) {
+            self.transmit.push_back(Message::Started { seq });
+        }
     }
 
     /// Asks the peer to stop a task we assigned. Its `Completed` still follows.

@@ -1,4 +1,4 @@
-//! The messages of protocol v1.
+//! The messages of protocol v2 (v1 plus [`Message::Started`]).
 //!
 //! docs/PROTOCOL.md describes their encoding byte by byte. Rules that keep versions apart:
 //! the first message on a connection is always [`Message::Hello`], whose first field is the
@@ -10,7 +10,10 @@ use serde::{Deserialize, Serialize};
 use crate::NodeId;
 
 /// The protocol version this crate speaks.
-pub const PROTOCOL_VERSION: u16 = 1;
+/// Version 2 added [`Message::Started`]: a node's capacity is shared by every coordinator
+/// that uses it, so an assigned task may wait at the worker for a slot, and that wait is not
+/// the task's run time.
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// One protocol message: the payload of one frame.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -44,6 +47,13 @@ pub enum Message {
     Goodbye,
     /// Sent in answer to `Goodbye` once nothing is in flight; then both sides close.
     GoodbyeAck,
+    /// The worker started running an assigned task (it had a free slot): the task's run
+    /// time, and its result deadline, count from here. A task answered at once may get its
+    /// `Completed` without a `Started`.
+    Started {
+        /// The `seq` of the assignment.
+        seq: u64,
+    },
 }
 
 impl Message {
@@ -60,6 +70,7 @@ impl Message {
             Message::Pong { .. } => "Pong",
             Message::Goodbye => "Goodbye",
             Message::GoodbyeAck => "GoodbyeAck",
+            Message::Started { .. } => "Started",
         }
     }
 }

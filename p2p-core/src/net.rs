@@ -2,9 +2,12 @@
 //!
 //! [`connect`] and [`accept`] run the handshake (bounded by the handshake timeout) and then
 //! spawn a task that drives the connection. Its owner talks to it through a [`Link`]
-//! (commands in) and a shared channel of `(LinkId, LinkEvent)` (events out). The task ends,
-//! with a final [`LinkEvent::Closed`], when the goodbye exchange finished or the connection
-//! failed; a failure closes this connection only.
+//! (commands in) and a shared channel of `(LinkId, LinkEvent)` (events out). Each link's
+//! life on that channel is ordered: [`LinkEvent::Opened`] (sent before the driver starts, so
+//! it precedes every other event of the link), its events, and a final
+//! [`LinkEvent::Closed`] when the goodbye exchange finished or the connection failed; a
+//! failure closes this connection only. [`Link::on_closed`] tells anyone else (a dialer)
+//! when and how the link closed.
 //!
 //! With a cluster key in [`Settings::key`], the connection first runs the secure handshake
 //! of [`crate::secure`] (within the same handshake timeout as `Hello`), and every frame
@@ -19,7 +22,7 @@ use std::time::Duration;
 use futures::{FutureExt, SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::codec::Framed;
 use tracing::{debug, warn};
@@ -83,6 +86,8 @@ pub type LinkId = u64;
 pub enum Command {
     /// Assign a task to the peer.
     Assign(Assign),
+    /// Tell the peer a task it assigned to us started running.
+    Started(u64),
     /// Report the result of a task the peer assigned to us.
     Complete(Completed),
     /// Cancel a task we assigned to the peer.
@@ -96,8 +101,16 @@ pub enum Command {
 /// What a connection reports to its owner.
 #[derive(Debug, Clone)]
 pub enum LinkEvent {
+    /// The connection is established; this is the first event of the link, before any
+    /// other (the same [`Link`] that [`connect`] or [`accept`] returns).
+    Opened(Box<Link>),
     /// The peer asks us to run a task.
     Assigned(Assign),
+    /// A task we assigned started running at the peer.
+    Started {
+        /// The assignment's seq.
+        seq: u64,
+    },
     /// A task we assigned has a result.
     Completed(Completed),
     /// The peer cancels a task it assigned to us.
@@ -128,6 +141,30 @@ pub struct Link {
     peer: Hello,
     addr: SocketAddr,
     tx: mpsc::Sender<Command>,
+    closed: LinkClosed,
+}
+
+/// Tells when a link closed, and how (see [`Link::on_closed`]). Holding one does not keep
+/// the connection open.
+#[derive(Debug, Clone)]
+pub struct LinkClosed {
+    /// `None` while open; then `Some(None)` after a complete goodbye, or `Some(Some(why))`.
+    rx: watch::Receiver<Option<Option<String>>>,
+}
+
+impl LinkClosed {
+    /// Waits until the link closed: `None` after a complete goodbye, else what went wrong.
+    pub async fn wait(mut self) -> Option<String> {
+        loop {
+            if let Some(end) = self.rx.borrow().clone() {
+                return end;
+            }
+            if self.rx.changed().await.is_err() {
+                // The driver is gone without saying how (it panicked).
+                return Some("the connection driver ended".into());
+            }
+        }
+    }
 }
 
 impl Link {
@@ -144,6 +181,11 @@ impl Link {
     /// The peer's socket address.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// A handle that says when this link closed (without keeping it open).
+    pub fn on_closed(&self) -> LinkClosed {
+        self.closed.clone()
     }
 
     /// Queues a command. The queue holds the peer's capacity plus a margin, so a sender that
@@ -296,12 +338,25 @@ async fn start(
     // may have assigned to us (our own capacity), and control commands: an owner that
     // respects both capacities never finds the queue full.
     let window = peer.capacity.max(local_capacity).clamp(1, MAX_WINDOW) as usize;
-    let (tx, rx) = mpsc::channel(window + 64);
-    let link = Link { id, peer, addr, tx };
+    // Twice the window: each task the peer assigned to us may have a `Started` and a result
+    // queued.
+    let (tx, rx) = mpsc::channel(2 * window + 64);
+    let (closed_tx, closed_rx) = watch::channel(None);
+    let link = Link {
+        id,
+        peer,
+        addr,
+        tx,
+        closed: LinkClosed { rx: closed_rx },
+    };
+    // Registration comes first on the events channel, before anything the driver reports.
+    let _ = events
+        .send((id, LinkEvent::Opened(Box::new(link.clone()))))
+        .await;
     // If the driver ever dies without its final `Closed` (a panic), say so anyway, so the
     // owner re-queues that connection's work instead of waiting for it.
     let idle = settings.conn.idle_timeout;
-    let driver = tokio::spawn(drive(io, conn, rx, id, events.clone(), idle));
+    let driver = tokio::spawn(drive(io, conn, rx, id, events.clone(), idle, closed_tx));
     tokio::spawn(async move {
         if let Err(e) = driver.await {
             let error = Some(format!("connection driver failed: {e}"));
@@ -500,6 +555,7 @@ async fn drive(
     id: LinkId,
     events: EventSender,
     idle: Duration,
+    closed: watch::Sender<Option<Option<String>>>,
 ) {
     let result = drive_inner(&mut io, &mut conn, &mut rx, id, &events, idle).await;
     let error = match result {
@@ -517,6 +573,7 @@ async fn drive(
     }
     // Close our write side so the peer sees EOF promptly.
     let _ = tokio::time::timeout(Duration::from_millis(200), io.get_mut().shutdown()).await;
+    closed.send_replace(Some(error.clone()));
     let _ = events.send((id, LinkEvent::Closed { error })).await;
 }
 
@@ -543,6 +600,7 @@ async fn drive_inner(
             let ev = match ev {
                 Event::Established(_) | Event::Finished => continue,
                 Event::Assigned(a) => LinkEvent::Assigned(a),
+                Event::Started { seq } => LinkEvent::Started { seq },
                 Event::Completed(c) => LinkEvent::Completed(c),
                 Event::Cancelled { seq } => LinkEvent::Cancelled { seq },
                 Event::PeerGoodbye => LinkEvent::PeerGoodbye,
@@ -645,6 +703,7 @@ fn command(conn: &mut Connection, cmd: Option<Command>) -> Result<Option<LinkEve
                 }));
             }
         }
+        Some(Command::Started(seq)) => conn.started(seq),
         Some(Command::Complete(c)) => {
             if let Err(e) = conn.complete(c) {
                 debug!(error = %e, "result not sent");
@@ -699,6 +758,53 @@ mod tests {
             ..Settings::default()
         };
         (hello_as(types, identity.node_id()), settings)
+    }
+
+    /// The next event that is not a link's `Opened`.
+    async fn recv(rx: &mut mpsc::Receiver<(LinkId, LinkEvent)>) -> Option<(LinkId, LinkEvent)> {
+        loop {
+            match rx.recv().await {
+                Some((_, LinkEvent::Opened(_))) => continue,
+                other => return other,
+            }
+        }
+    }
+
+    /// A link's first event is `Opened`, its last `Closed`, and `on_closed` says how it
+    /// ended.
+    #[tokio::test]
+    async fn a_link_opens_first_and_says_how_it_closed() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (ah, s) = node(&["a"], None);
+        let (atx, mut arx) = mpsc::channel(16);
+        let acceptor = tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            accept(stream, ah, &s, 1, atx).await
+        });
+        let (dh, s) = node(&[], None);
+        let (dtx, mut drx) = mpsc::channel(16);
+        let dialled = connect(addr, dh, &s, 2, dtx).await.unwrap();
+        let accepted = acceptor.await.unwrap().unwrap();
+        let first = drx.recv().await;
+        assert!(
+            matches!(&first, Some((2, LinkEvent::Opened(l))) if l.peer().types == vec!["a".to_string()]),
+            "{first:?}"
+        );
+        assert!(matches!(arx.recv().await, Some((1, LinkEvent::Opened(_)))));
+        let closed = dialled.on_closed();
+        dialled.send(Command::Goodbye).unwrap();
+        let bound = Duration::from_secs(20);
+        assert_eq!(
+            tokio::time::timeout(bound, closed.wait()).await.unwrap(),
+            None
+        );
+        let last = tokio::time::timeout(bound, recv(&mut drx)).await.unwrap();
+        assert!(
+            matches!(last, Some((2, LinkEvent::Closed { error: None }))),
+            "{last:?}"
+        );
+        drop(accepted);
     }
 
     /// Connects a dialler with `dial_key` to an acceptor with `accept_key` on loopback and
@@ -758,7 +864,7 @@ mod tests {
         }
         let bound = Duration::from_secs(20);
         for _ in 0..N {
-            let got = tokio::time::timeout(bound, arx.recv()).await.unwrap();
+            let got = tokio::time::timeout(bound, recv(&mut arx)).await.unwrap();
             assert!(matches!(got, Some((1, LinkEvent::Assigned(_)))), "{got:?}");
         }
         // Every result is queued in one go, with no chance for the driver to run between.
@@ -775,7 +881,7 @@ mod tests {
         }
         let mut seen = std::collections::HashSet::new();
         for _ in 0..N {
-            match tokio::time::timeout(bound, drx.recv()).await.unwrap() {
+            match tokio::time::timeout(bound, recv(&mut drx)).await.unwrap() {
                 Some((2, LinkEvent::Completed(c))) => assert!(seen.insert(c.seq)),
                 other => panic!("expected a result, got {other:?}"),
             }
@@ -814,7 +920,7 @@ mod tests {
         };
         d.send(Command::Assign(assign.clone())).unwrap();
         let bound = Duration::from_secs(20);
-        let got = tokio::time::timeout(bound, arx.recv()).await.unwrap();
+        let got = tokio::time::timeout(bound, recv(&mut arx)).await.unwrap();
         assert!(matches!(got, Some((1, LinkEvent::Assigned(ref x))) if *x == assign));
         let output = "y".repeat(300_000);
         a.send(Command::Complete(Completed {
@@ -826,13 +932,13 @@ mod tests {
             duration_us: 1,
         }))
         .unwrap();
-        let got = tokio::time::timeout(bound, drx.recv()).await.unwrap();
+        let got = tokio::time::timeout(bound, recv(&mut drx)).await.unwrap();
         match got {
             Some((2, LinkEvent::Completed(c))) => assert_eq!(c.output, output),
             other => panic!("expected the result, got {other:?}"),
         }
         d.send(Command::Goodbye).unwrap();
-        let closed = tokio::time::timeout(bound, drx.recv()).await.unwrap();
+        let closed = tokio::time::timeout(bound, recv(&mut drx)).await.unwrap();
         assert!(
             matches!(closed, Some((2, LinkEvent::Closed { error: None }))),
             "{closed:?}"

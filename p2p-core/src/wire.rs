@@ -74,6 +74,10 @@ pub fn encode_into(msg: &Message, dst: &mut BytesMut) -> Result<(), Error> {
         }
         Message::Goodbye => put_varint(dst, 8),
         Message::GoodbyeAck => put_varint(dst, 9),
+        Message::Started { seq } => {
+            put_varint(dst, 10);
+            put_varint(dst, *seq);
+        }
         Message::Hello(_) | Message::Welcome(_) | Message::Reject(_) => {
             let writer = BufWriter(dst);
             bincode::serde::encode_into_writer(msg, writer, cfg::<MAX_FRAME_CEILING>())
@@ -120,6 +124,7 @@ pub fn decode(payload: &[u8]) -> Result<Message, Error> {
         7 => Message::Pong { nonce: r.varint()? },
         8 => Message::Goodbye,
         9 => Message::GoodbyeAck,
+        10 => Message::Started { seq: r.varint()? },
         _ => return decode_bincode(payload),
     };
     Ok(msg)
@@ -301,6 +306,7 @@ mod tests {
                 }));
             }
             v.push(Message::Cancel { seq: n });
+            v.push(Message::Started { seq: n });
             v.push(Message::Ping { nonce: n });
             v.push(Message::Pong { nonce: n });
         }

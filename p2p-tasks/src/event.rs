@@ -21,7 +21,7 @@ pub enum Phase {
 }
 
 /// One event of a run. Serialized as a JSON object whose `event` field names the variant
-/// (`peer_discovered`, `connected`, `task_assigned`, `task_completed`, `task_failed`,
+/// (`peer_discovered`, `peer_unreachable`, `connected`, `task_assigned`, `task_completed`, `task_failed`,
 /// `task_retry`, `disconnected`, `summary`). [`RunEvent::Phase`], [`RunEvent::Notice`] and
 /// [`RunEvent::Flush`] are for people only and are never serialized.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -46,6 +46,14 @@ pub enum RunEvent {
         source: String,
         /// Its node id, when discovery knows it.
         node: Option<String>,
+    },
+    /// A peer could not be reached, or refused the connection (another cluster, version or
+    /// key); the run goes on with the others.
+    PeerUnreachable {
+        /// Where it was looked for.
+        addr: String,
+        /// Why it could not be used.
+        error: String,
     },
     /// A connection to a node completed its handshake.
     Connected {
@@ -217,6 +225,9 @@ pub struct RunReport {
     pub missing_types: Vec<String>,
     /// Whether the run was interrupted (Ctrl-C, shutdown).
     pub interrupted: bool,
+    /// Why the run stopped early, when something other than a task failed (e.g. its
+    /// journal could not be written).
+    pub error: Option<String>,
     /// Wall time in milliseconds.
     pub elapsed_ms: f64,
 }
@@ -242,9 +253,22 @@ impl RunReport {
         self.results.iter().filter(|r| r.resumed).count()
     }
 
+    /// The [`RunEvent::Summary`] of this report.
+    pub fn summary(&self) -> RunEvent {
+        RunEvent::Summary {
+            total: self.results.len(),
+            succeeded: self.succeeded(),
+            failed: self.failed(),
+            not_run: self.not_run(),
+            resumed: self.resumed(),
+            missing_types: self.missing_types.clone(),
+            elapsed_ms: self.elapsed_ms,
+        }
+    }
+
     /// Whether every task succeeded.
     pub fn is_success(&self) -> bool {
-        !self.interrupted && self.succeeded() == self.results.len()
+        !self.interrupted && self.error.is_none() && self.succeeded() == self.results.len()
     }
 
     fn count(&self, s: Status) -> usize {

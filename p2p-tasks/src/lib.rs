@@ -11,7 +11,9 @@
 //! - [`plan`]: checks that a plan's dependencies and order mode leave no cycle.
 //! - [`sched`]: the scheduler (order modes, least-loaded placement, retries), with no IO.
 //! - [`worker`]: runs the tasks that peers assign, within the node's capacity.
-//! - [`coordinator`]: runs a plan over connected nodes and reports [`RunEvent`]s.
+//! - [`runcore`]: every rule of a run ([`RunCore`]), as a state machine with no IO.
+//! - [`coordinator`]: the tokio driver of a run core over connected nodes; reports
+//!   [`RunEvent`]s.
 //! - [`event`]: the events of a run (what `--json` prints) and its final report.
 
 pub mod coordinator;
@@ -20,6 +22,7 @@ pub mod handler;
 pub mod journal;
 pub mod parse;
 pub mod plan;
+pub mod runcore;
 pub mod sched;
 pub mod task;
 pub mod worker;
@@ -29,6 +32,7 @@ pub use event::{Phase, RunEvent, RunReport, Status, TaskResult};
 pub use handler::{Handler, TaskOutcome, TaskRequest};
 pub use journal::Journal;
 pub use parse::ParseError;
-pub use sched::{Order, Policy};
+pub use runcore::{RunCore, RunError};
+pub use sched::{Backoff, Order, Policy};
 pub use task::Task;
 pub use worker::Worker;

@@ -58,6 +58,39 @@ impl fmt::Display for Order {
     }
 }
 
+/// Exponential back-off: `first`, doubling each time up to `max`, plus up to `jitter` of it
+/// at random. One type for task retries and for the dialer's reconnects.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Backoff {
+    /// The first delay. Task retries: default 100 ms.
+    pub first: Duration,
+    /// The largest delay (before jitter). Task retries: default 5 s.
+    pub max: Duration,
+    /// Random extra delay, as a fraction of the delay (0 to 1). Task retries: default 0.2.
+    pub jitter: f64,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff {
+            first: Duration::from_millis(100),
+            max: Duration::from_secs(5),
+            jitter: 0.2,
+        }
+    }
+}
+
+impl Backoff {
+    /// The delay before attempt `n + 1` after `n` failures (`n` from 1), with jitter drawn
+    /// deterministically from `seed` (so runs can be reproduced, and different seeds spread
+    /// out).
+    pub fn delay(&self, n: u32, seed: u64) -> Duration {
+        let exp = n.saturating_sub(1).min(16);
+        let base = self.first.saturating_mul(1 << exp).min(self.max);
+        base + base.mul_f64(self.jitter.clamp(0.0, 1.0) * jitter_unit(seed, n))
+    }
+}
+
 /// How the scheduler treats order and failures.
 #[derive(Debug, Clone)]
 pub struct Policy {
@@ -65,20 +98,16 @@ pub struct Policy {
     pub order: Order,
     /// Failed attempts retried per task. Default 0.
     pub retries: u32,
-    /// Delay before the first retry; doubles each time. Default 100 ms.
-    pub backoff: Duration,
-    /// Largest delay between retries. Default 5 s.
-    pub backoff_max: Duration,
+    /// The delay before each retry. Default 100 ms doubling to 5 s, plus up to 20% jitter.
+    pub backoff: Backoff,
     /// Continue after a task finally failed. Default false.
     pub keep_going: bool,
-    /// Random extra delay on each retry, as a fraction of the back-off (0 to 1). Default 0.2.
-    pub jitter: f64,
 }
 
-/// A pseudo-random number in [0, 1) from a task and attempt (splitmix64): deterministic, so
-/// runs can be reproduced, and different per task, so retries spread out.
-fn jitter_unit(task: usize, failures: u32) -> f64 {
-    let mut z = (task as u64) ^ (u64::from(failures) << 40) ^ 0x9e37_79b9_7f4a_7c15;
+/// A pseudo-random number in [0, 1) from a seed and attempt (splitmix64): deterministic, so
+/// runs can be reproduced, and different per seed, so retries spread out.
+fn jitter_unit(seed: u64, failures: u32) -> f64 {
+    let mut z = seed ^ (u64::from(failures) << 40) ^ 0x9e37_79b9_7f4a_7c15;
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     z ^= z >> 31;
@@ -90,10 +119,8 @@ impl Default for Policy {
         Policy {
             order: Order::Strict,
             retries: 0,
-            backoff: Duration::from_millis(100),
-            backoff_max: Duration::from_secs(5),
+            backoff: Backoff::default(),
             keep_going: false,
-            jitter: 0.2,
         }
     }
 }
@@ -159,6 +186,8 @@ struct Slot {
     status: TaskStatus,
     attempts: u32,
     failures: u32,
+    /// When its delayed retry becomes ready (its key in `delayed`), while it waits for it.
+    retry_at: Option<Instant>,
 }
 
 #[derive(Debug)]
@@ -239,8 +268,9 @@ pub struct Scheduler {
     /// For each task, the tasks that depend on it; empty when no task has dependencies
     /// (the usual case, which then costs nothing per task).
     dependents: Vec<Vec<usize>>,
-    /// Tasks skipped since the last [`Scheduler::drain_skipped`].
-    skipped: Vec<usize>,
+    /// Tasks skipped since the last [`Scheduler::drain_skipped`], each with the dependency
+    /// whose failure (or skip) skipped it.
+    skipped: Vec<(usize, usize)>,
 }
 
 fn is_final(s: TaskStatus) -> bool {
@@ -274,6 +304,7 @@ impl Scheduler {
                 attempts: 0,
                 losses: 0,
                 failures: 0,
+                retry_at: None,
             });
         }
         let mut dependents = Vec::new();
@@ -319,8 +350,9 @@ impl Scheduler {
         }
     }
 
-    /// Tasks skipped (a dependency failed) since the last call.
-    pub fn drain_skipped(&mut self) -> Vec<usize> {
+    /// Tasks skipped (a dependency failed) since the last call, each with the dependency
+    /// that did not succeed, so that no caller has to search for it.
+    pub fn drain_skipped(&mut self) -> Vec<(usize, usize)> {
         std::mem::take(&mut self.skipped)
     }
 
@@ -372,7 +404,9 @@ impl Scheduler {
 
     /// Adds a node to the per-kind indexes (call with the node's current state).
     fn list(&mut self, node: NodeKey, n: &NodeSlot) {
-        if n.draining {
+        // A node that can take no work (capacity 0) serves nothing: its types count as
+        // missing, so the run's wait for them is bounded.
+        if n.draining || n.capacity == 0 {
             return;
         }
         for &k in &n.kinds {
@@ -385,7 +419,7 @@ impl Scheduler {
 
     /// Removes a node from the per-kind indexes (call with the state it was listed with).
     fn unlist(&mut self, node: NodeKey, n: &NodeSlot) {
-        if n.draining {
+        if n.draining || n.capacity == 0 {
             return;
         }
         for &k in &n.kinds {
@@ -409,7 +443,10 @@ impl Scheduler {
             n.running.saturating_sub(1)
         };
         let after = (n.is_free(), n.load());
-        if n.draining || (before.0 == after.0 && before.1.running == after.1.running) {
+        if n.draining
+            || n.capacity == 0
+            || (before.0 == after.0 && before.1.running == after.1.running)
+        {
             return;
         }
         for &k in &n.kinds {
@@ -420,6 +457,18 @@ impl Scheduler {
                 self.free[k].insert((after.1, node));
             }
         }
+    }
+
+    /// Counts one more slot of `node` as busy without a task: an attempt the run gave up on
+    /// (timed out) still runs there until the node confirms it ended. See
+    /// [`Scheduler::release`].
+    pub fn hold(&mut self, node: NodeKey) {
+        self.set_running(node, true);
+    }
+
+    /// Frees a slot taken by [`Scheduler::hold`] (the node confirmed the attempt ended).
+    pub fn release(&mut self, node: NodeKey) {
+        self.set_running(node, false);
     }
 
     /// A node takes no new work (it said goodbye); its running tasks may still complete.
@@ -463,6 +512,8 @@ impl Scheduler {
         if let Some(TaskStatus::Running(node)) = self.status(task) {
             self.set_running(node, false);
             self.unrun(task);
+            // The attempt never started: the next one has its number.
+            self.slots[task].attempts -= 1;
         }
     }
 
@@ -505,10 +556,16 @@ impl Scheduler {
             .copied()
             .filter(|&t| self.slots[t].status == TaskStatus::Pending)
             .collect();
-        for &t in &victims {
-            self.give_up(t);
+        // Giving one up may skip others of the list (its dependents): those are skipped,
+        // not given up, and are not returned.
+        let mut given_up = Vec::with_capacity(victims.len());
+        for t in victims {
+            if self.slots[t].status == TaskStatus::Pending {
+                self.give_up(t);
+                given_up.push(t);
+            }
         }
-        victims
+        given_up
     }
 
     /// Fails a pending task for good (skipping its dependents); without
@@ -520,7 +577,9 @@ impl Scheduler {
         }
         let k = self.slots[task].kind;
         self.ready[k].remove(&task);
-        self.delayed.retain(|&(_, d), _| d != task);
+        if let Some(at) = self.slots[task].retry_at.take() {
+            self.delayed.remove(&(at, task));
+        }
         self.finish(task, TaskStatus::Failed);
         if !self.policy.keep_going {
             self.stopped = true;
@@ -560,6 +619,7 @@ impl Scheduler {
                 break;
             }
             self.delayed.remove(&(at, t));
+            self.slots[t].retry_at = None;
             self.ready[self.slots[t].kind].insert(t);
         }
         match self.policy.order {
@@ -646,17 +706,10 @@ impl Scheduler {
         slot.failures += 1;
         slot.avoid = Some(node);
         if slot.failures <= self.policy.retries && !self.stopped {
-            let exp = (slot.failures - 1).min(16);
-            let base = self
-                .policy
-                .backoff
-                .saturating_mul(1 << exp)
-                .min(self.policy.backoff_max);
-            // Spread retries of many tasks so they do not hit a recovering node at once.
-            let spread =
-                base.mul_f64(self.policy.jitter.clamp(0.0, 1.0) * jitter_unit(task, slot.failures));
-            let delay = base + spread;
+            // Jitter spreads retries of many tasks so they do not hit a recovering node at once.
+            let delay = self.policy.backoff.delay(slot.failures, task as u64);
             slot.status = TaskStatus::Pending;
+            slot.retry_at = Some(now + delay);
             self.delayed.insert((now + delay, task), ());
             return Outcome::Retry { delay };
         }
@@ -686,11 +739,12 @@ impl Scheduler {
                         self.ready[self.slots[d].kind].insert(d);
                     }
                 } else {
+                    // A pending dependent waits for `t`, so it never ran: it is neither ready
+                    // nor waiting for a retry (no scan of the delayed set per skipped task).
                     self.ready[self.slots[d].kind].remove(&d);
-                    self.delayed.retain(|&(_, x), _| x != d);
                     // Mark now so a task reachable twice is skipped once.
                     self.slots[d].status = TaskStatus::Skipped;
-                    self.skipped.push(d);
+                    self.skipped.push((d, t));
                     work.push((d, TaskStatus::Skipped));
                 }
             }

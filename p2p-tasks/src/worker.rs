@@ -126,7 +126,7 @@ impl Worker {
                             match self.try_now(a) {
                                 Ok((outcome, took)) => self.send_result(&link, seq, outcome, took),
                                 Err(job) => {
-                                    let h = set.spawn(self.clone().execute(job));
+                                    let h = set.spawn(self.clone().execute(job, link.clone()));
                                     ids.insert(h.id(), seq);
                                     running.insert(seq, h);
                                 }
@@ -148,7 +148,10 @@ impl Worker {
                             }
                             break;
                         }
-                        LinkEvent::Completed(_) | LinkEvent::AssignFailed { .. } => {}
+                        LinkEvent::Opened(_)
+                        | LinkEvent::Completed(_)
+                        | LinkEvent::Started { .. }
+                        | LinkEvent::AssignFailed { .. } => {}
                     }
                 }
                 Some(joined) = set.join_next_with_id() => match joined {
@@ -217,7 +220,7 @@ impl Worker {
         })
     }
 
-    async fn execute(self: Arc<Self>, job: Job) -> (u64, TaskOutcome, Duration) {
+    async fn execute(self: Arc<Self>, job: Job, link: Link) -> (u64, TaskOutcome, Duration) {
         let Job {
             seq,
             handler,
@@ -232,6 +235,9 @@ impl Worker {
                 Duration::ZERO,
             );
         };
+        // The coordinator counts the task's run time (and its deadline) from here, not from
+        // its assignment: the wait for a slot shared with other coordinators is not run time.
+        let _ = link.send(Command::Started(seq));
         let started = Instant::now();
         let fut = handler.call(req);
         let outcome = if timeout_ms > 0 {

@@ -40,8 +40,9 @@ pub const SEED_ORDER: [&str; 11] = [
 ];
 
 /// The event names `--json` may print (README.md's `--json` events).
-pub const EVENT_NAMES: [&str; 8] = [
+pub const EVENT_NAMES: [&str; 9] = [
     "peer_discovered",
+    "peer_unreachable",
     "connected",
     "task_assigned",
     "task_completed",

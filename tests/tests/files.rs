@@ -133,7 +133,7 @@ fn a_command_refused_for_its_arguments_takes_and_leaves_no_identity() {
         format!("{serve} --handshake-timeout 0s"),
         "run tasks.txt --local --max-output 16MiB --journal j".to_string(),
         "run tasks.txt --local --peer 127.0.0.1 --journal j".to_string(),
-        "run tasks.txt --local --task-timeout 0 --journal j".to_string(),
+        "run tasks.txt --local --retry-backoff 2s --retry-backoff-max 1s --journal j".to_string(),
         "peers --discovery static --identity data/peers.id".to_string(),
     ];
     for case in &cases {

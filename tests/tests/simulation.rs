@@ -3,7 +3,8 @@
 //! faults chosen from a seed: link latency, a partition between the coordinator and one
 //! worker that heals later, one worker crashing mid-run (restarted in some seeds), and in
 //! half the seeds small socket buffers (a writer blocks after 4 unread segments). The
-//! coordinator redials a worker whose connection was lost, as the CLI's dialer does.
+//! coordinator runs the CLI's own dialer (`node_cli::dial`, over the simulated network),
+//! which dials again a worker whose connection was lost.
 //!
 //! The small buffers found a bug, now fixed in `p2p_core::net`: the driver awaited its
 //! writes before looking at its timers, so a peer that stopped reading (partitioned, its
@@ -27,14 +28,14 @@ use std::rc::Rc;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use node_cli::dial::{Connector, Dialer};
 use p2p_core::conn::Config;
-use p2p_core::net::{self, EventSender, Settings};
+use p2p_core::net::{self, Settings};
 use p2p_core::{Hello, NodeId, PROTOCOL_VERSION};
+use p2p_discovery::{Event as DiscoveryEvent, Peer};
 use p2p_tasks::handler::handler_fn;
 use p2p_tasks::sched::Policy;
-use p2p_tasks::{
-    Handler, Inputs, Order, PeerUpdate, RunEvent, RunOptions, Status, Task, TaskOutcome, Worker,
-};
+use p2p_tasks::{Handler, Inputs, Order, RunEvent, RunOptions, Status, Task, TaskOutcome, Worker};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -180,40 +181,26 @@ async fn worker_node(
     }
 }
 
-/// Dials `addr` until it answers (or `give_up` passes) and hands the link to the run.
-async fn dial(
-    addr: SocketAddr,
-    id: u64,
-    give_up: Duration,
-    peers: mpsc::Sender<PeerUpdate>,
-    links: EventSender,
-) {
-    let until = tokio::time::Instant::now() + give_up;
-    let s = settings();
-    while tokio::time::Instant::now() < until {
-        let attempt = async {
-            let stream = turmoil::net::TcpStream::connect(addr).await?;
-            net::connect_stream(stream, addr, hello(0, &[], 0), &s, id, links.clone())
-                .await
-                .map_err(std::io::Error::other)
-        };
-        if let Ok(Ok(link)) = tokio::time::timeout(s.connect_timeout, attempt).await {
-            let _ = peers.send(PeerUpdate::Connected(link)).await;
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let error = "gave up".to_string();
-    let _ = peers
-        .send(PeerUpdate::Unreachable {
-            addr: addr.to_string(),
-            error,
+/// The real dialer's connector over the simulated network.
+fn sim_connector() -> Connector {
+    Arc::new(|addr, id, events| {
+        Box::pin(async move {
+            let s = settings();
+            let stream =
+                tokio::time::timeout(s.connect_timeout, turmoil::net::TcpStream::connect(addr))
+                    .await
+                    .map_err(|_| p2p_core::Error::ConnectTimeout {
+                        addr: addr.to_string(),
+                        after: s.connect_timeout,
+                    })??;
+            net::connect_stream(stream, addr, hello(0, &[], 0), &s, id, events).await
         })
-        .await;
+    })
 }
 
-/// The coordinator's host: dials every worker, then redials those whose connection is lost
-/// (a partition heals, a crashed node restarts), and runs the plan.
+/// The coordinator's host: the real dialer (node_cli::dial) dials every worker, and dials
+/// again those whose connection is lost (a partition heals, a crashed node restarts), as
+/// the CLI does; the run core's driver runs the plan.
 async fn coordinator(
     tasks: Vec<Task>,
     policy: Policy,
@@ -221,53 +208,50 @@ async fn coordinator(
 ) -> turmoil::Result {
     let (peers_tx, peers_rx) = mpsc::channel(64);
     let (links_tx, links_rx) = mpsc::channel(1024);
-    let (lost_tx, mut lost_rx) = mpsc::channel::<SocketAddr>(64);
-    let addrs: Vec<SocketAddr> = WORKERS
-        .iter()
-        .map(|(h, _)| SocketAddr::new(turmoil::lookup(*h), PORT))
-        .collect();
-    let dialer = tokio::task::spawn_local(async move {
-        let mut next = 0u64;
-        let mut first = tokio::task::JoinSet::new();
-        for &addr in &addrs {
-            next += 1;
-            first.spawn_local(dial(
-                addr,
-                next,
-                Duration::from_secs(2),
-                peers_tx.clone(),
-                links_tx.clone(),
-            ));
+    let (found_tx, found_rx) = mpsc::channel(16);
+    for (h, _) in WORKERS {
+        let peer = Peer {
+            addr: SocketAddr::new(turmoil::lookup(h), PORT),
+            node_id: None,
+            types: None,
+            capacity: None,
+            source: "static",
+        };
+        found_tx.send(DiscoveryEvent::Discovered(peer)).await?;
+    }
+    drop(found_tx);
+    let stop = CancellationToken::new();
+    let dialer = tokio::spawn(
+        Dialer {
+            found: found_rx,
+            connect: sim_connector(),
+            give_up_after: Duration::from_secs(4),
+            needed: vec!["a".into(), "b".into()],
+            peers: peers_tx,
+            links: links_tx,
+            stop: stop.clone(),
         }
-        while first.join_next().await.is_some() {}
-        let _ = peers_tx.send(PeerUpdate::Settled).await;
-        while let Some(addr) = lost_rx.recv().await {
-            next += 1;
-            tokio::task::spawn_local(dial(
-                addr,
-                next,
-                Duration::from_secs(4),
-                peers_tx.clone(),
-                links_tx.clone(),
-            ));
-        }
-    });
+        .run(),
+    );
     let opts = RunOptions {
         policy,
         task_timeout: Duration::from_secs(5),
         discovery_timeout: Duration::from_secs(6),
         goodbye_timeout: Duration::from_secs(1),
+        ..RunOptions::default()
     };
     let inputs = Inputs {
         peers: peers_rx,
         links: links_rx,
         shutdown: CancellationToken::new(),
         journal: None,
-        lost: Some(lost_tx),
     };
     let mut events = Vec::new();
-    let report = p2p_tasks::run(tasks, opts, inputs, &mut |e| events.push(e.clone())).await;
-    dialer.abort();
+    let report = p2p_tasks::run(tasks, opts, inputs, &mut |e| events.push(e.clone()))
+        .await
+        .map_err(|e| e.to_string())?;
+    stop.cancel();
+    let _ = dialer.await;
     let statuses = report
         .results
         .iter()
@@ -321,8 +305,11 @@ fn simulate(seed: u64, order: Order) -> Result<(), String> {
     let policy = Policy {
         order,
         retries: 8,
-        backoff: Duration::from_millis(20),
-        backoff_max: Duration::from_millis(200),
+        backoff: p2p_tasks::Backoff {
+            first: Duration::from_millis(20),
+            max: Duration::from_millis(200),
+            ..Default::default()
+        },
         ..Policy::default()
     };
     sim.client("client", coordinator(tasks.clone(), policy, out.clone()));

@@ -141,8 +141,8 @@ fn a_hello_of_this_version_with_appended_fields_is_welcomed() {
 #[test]
 fn an_unknown_message_kind_after_the_handshake_closes_that_connection_only() {
     let mut s = Serve::types("a", &["--handshake-timeout", "2s", "--capacity", "2"]);
-    // Index 10 is the first after GoodbyeAck; 300 takes a multi-byte varint.
-    for index in [10u32, 300] {
+    // Index 11 is the first after Started (version 2); 300 takes a multi-byte varint.
+    for index in [11u32, 300] {
         let mut other = established(&s);
         let mut future = established(&s);
         future.send_raw(&unknown_kind_frame(index)).unwrap();
@@ -329,16 +329,21 @@ fn coordinator_meets_the_next_version(answer: FutureAnswer) {
         "{}",
         out.describe()
     );
-    // It names the peer, the reason and the version it does not speak.
-    let err = out.stderr.to_lowercase();
+    // It names the peer, the reason and the version it does not speak, in a
+    // `peer_unreachable` event.
+    let events = out.json();
+    let unreachable = events_named(&events, "peer_unreachable");
+    assert_eq!(unreachable.len(), 1, "{}", out.describe());
+    assert_eq!(unreachable[0]["addr"], peer.as_str(), "{}", unreachable[0]);
+    let err = unreachable[0]["error"]
+        .as_str()
+        .unwrap_or("")
+        .to_lowercase();
     assert!(
-        err.contains(&peer)
-            && err.contains("version")
-            && err.contains(&(PROTOCOL_VERSION + 1).to_string()),
+        err.contains("version") && err.contains(&(PROTOCOL_VERSION + 1).to_string()),
         "the run does not say which peer speaks which version\n{}",
         out.describe()
     );
-    let events = out.json();
     let summary = events_named(&events, "summary");
     assert_eq!(summary.len(), 1, "{}", out.describe());
     assert_eq!(summary[0]["succeeded"], 0, "{}", summary[0]);

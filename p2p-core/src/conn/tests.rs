@@ -286,6 +286,33 @@ fn eof_without_goodbye_is_a_lost_connection() {
 }
 
 #[test]
+fn started_reaches_the_assigner_only_for_tasks_in_flight() {
+    let mut p = Pair::new(1);
+    p.drive().unwrap();
+    Pair::events(&mut p.c);
+    p.w.started(1);
+    assert!(
+        p.w.poll_transmit().is_none(),
+        "no Started for a seq not assigned"
+    );
+    p.c.assign(assign(1)).unwrap();
+    p.drive().unwrap();
+    p.w.started(1);
+    p.drive().unwrap();
+    assert_eq!(Pair::events(&mut p.c), vec![Event::Started { seq: 1 }]);
+    // A Started for a seq the assigner no longer tracks is ignored.
+    p.w.complete(completed(1)).unwrap();
+    p.drive().unwrap();
+    Pair::events(&mut p.c);
+    p.c.handle_message(Message::Started { seq: 1 }, p.now)
+        .unwrap();
+    p.c.handle_message(Message::Started { seq: 99 }, p.now)
+        .unwrap();
+    assert!(Pair::events(&mut p.c).is_empty());
+    assert!(p.c.is_open());
+}
+
+#[test]
 fn cancel_reaches_the_worker_only_for_tasks_in_flight() {
     let mut p = Pair::new(1);
     p.drive().unwrap();

@@ -96,7 +96,7 @@ pub fn completed() -> impl Strategy<Value = Completed> {
         )
 }
 
-/// Any message of protocol v1.
+/// Any message of protocol v2.
 pub fn message() -> impl Strategy<Value = Message> {
     prop_oneof![
         hello().prop_map(Message::Hello),
@@ -110,6 +110,7 @@ pub fn message() -> impl Strategy<Value = Message> {
         any::<u64>().prop_map(|nonce| Message::Pong { nonce }),
         Just(Message::Goodbye),
         Just(Message::GoodbyeAck),
+        seq().prop_map(|seq| Message::Started { seq }),
     ]
 }
 
@@ -120,6 +121,7 @@ pub fn open_message() -> impl Strategy<Value = Message> {
         3 => assign().prop_map(Message::Assign),
         3 => completed().prop_map(Message::Completed),
         1 => seq().prop_map(|seq| Message::Cancel { seq }),
+        1 => seq().prop_map(|seq| Message::Started { seq }),
         2 => any::<u64>().prop_map(|nonce| Message::Ping { nonce }),
         1 => any::<u64>().prop_map(|nonce| Message::Pong { nonce }),
         1 => Just(Message::Goodbye),

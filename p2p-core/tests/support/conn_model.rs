@@ -141,6 +141,10 @@ impl Checker {
                     "{input}: result for seq {} that was not in flight",
                     c.seq
                 ),
+                Event::Started { seq } => assert!(
+                    self.outbound.contains(seq),
+                    "{input}: start of seq {seq} that is not in flight"
+                ),
                 Event::Cancelled { seq } => assert!(
                     self.inbound.contains(seq),
                     "{input}: cancel of seq {seq} that is not in flight"

@@ -95,7 +95,10 @@ fn failure_retries_with_backoff_then_fails_and_stops() {
         &tasks("a1 a2"),
         Policy {
             retries: 2,
-            jitter: 0.0,
+            backoff: Backoff {
+                jitter: 0.0,
+                ..Backoff::default()
+            },
             ..Policy::default()
         },
     );
@@ -208,7 +211,11 @@ fn keep_going_skips_only_the_dependents_of_a_failure() {
     let now = Instant::now();
     assert_eq!(drain(&mut s, now).len(), 3, "a1 a2 c2");
     assert_eq!(s.complete(0, false, now), Outcome::Failed);
-    assert_eq!(s.drain_skipped(), vec![2, 3], "b1, then c1 through b1");
+    assert_eq!(
+        s.drain_skipped(),
+        vec![(2, 0), (3, 2)],
+        "b1 (a1 failed), then c1 through b1"
+    );
     assert_eq!(s.status(3), Some(TaskStatus::Skipped));
     assert!(!s.is_finished(), "keep going: a2 and c2 still run");
     s.complete(1, true, now);

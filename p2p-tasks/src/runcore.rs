@@ -1,0 +1,1086 @@
+//! The run core: every rule of a run, as a state machine with no IO, no tokio and no clock
+//! of its own (in the style of [`p2p_core::conn::Connection`]).
+//!
+//! Feed it what happens through `handle_*` (a peer was discovered, connected, said goodbye,
+//! closed; a result arrived; an assignment could not be sent; the user interrupted;
+//! [`RunCore::handle_timeout`]) and take out what must happen next through `poll_*`: the
+//! next command for a link ([`RunCore::poll_command`]), the next [`RunEvent`]
+//! ([`RunCore::poll_event`]), the next final result to journal ([`RunCore::poll_final`]),
+//! and when to call [`RunCore::handle_timeout`] again ([`RunCore::poll_timeout`]). The
+//! coordinator ([`crate::coordinator`]) is a short driver that moves these between the core,
+//! the links and the output.
+//!
+//! # Rules it owns
+//!
+//! - the plan is checked when the core is made ([`RunCore::new`]): a plan that cannot end
+//!   (a cycle under its order) or a task that cannot be sent is refused with a [`RunError`];
+//! - order, dependencies, placement and retries (through the [`Scheduler`]);
+//! - a node's capacity as the node counts it: an attempt the run gave up on (its result
+//!   deadline passed) keeps its slot until the node confirms it ended or its connection
+//!   closes, so the run never sends a node more than it advertised;
+//! - the result deadline: `task_timeout` plus [`RESULT_GRACE`] from the moment the node says
+//!   the attempt started (`Started`), so the time it waits at a node shared with other
+//!   coordinators for a free slot is not run time (none with a zero timeout; until the
+//!   start, the node's heartbeats bound the wait);
+//! - the missing-type wait: the tasks of a needed type with no node that can take work
+//!   (none connected, capacity 0, or every node leaving) end after `discovery_timeout`, as
+//!   *not run* (or *failed*, for a task whose attempt was lost with its node), with and
+//!   without keep-going alike;
+//! - the loss limit ([`MAX_LOSSES`]) and the duplicate-node-id rule;
+//! - the reason a task was skipped, found in constant time.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use p2p_core::conn::SeqHash;
+use p2p_core::net::{Command, LinkEvent, LinkId};
+use p2p_core::{Assign, Hello, NodeId};
+
+use crate::event::{Phase, RunEvent, RunReport, Status, TaskResult};
+use crate::plan::PlanError;
+use crate::sched::{Outcome, Policy, Scheduler, TaskStatus, MAX_LOSSES};
+use crate::Task;
+
+/// Extra time beyond the task timeout before the run gives up on a result.
+pub const RESULT_GRACE: Duration = Duration::from_secs(2);
+
+/// The most bytes of arguments a task may have: what a shell handler can be given (Linux
+/// refuses a single argument or environment string over 128 KiB, and `{args}` and
+/// `P2P_TASK_ARGS` each carry the whole string), with room for the command around it.
+pub const MAX_TASK_ARGS: usize = 120 * 1024;
+
+/// Bytes of an encoded `Assign` besides its id, type and arguments (field lengths, seq,
+/// attempt, timeout, message tag and the secure channel's overhead), rounded up.
+const ASSIGN_OVERHEAD: usize = 1024;
+
+/// How many links' early events (a goodbye or a close seen before the link was
+/// registered) the core remembers.
+const EARLY_MAX: usize = 4096;
+
+/// How long aborted connections get to report their close at the end.
+const ABORT_GRACE: Duration = Duration::from_millis(500);
+
+/// Options of one run.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// Order, retries, keep-going.
+    pub policy: Policy,
+    /// A task attempt may run at most this long; zero means no limit (on the worker and in
+    /// the run alike). Default 1 hour.
+    pub task_timeout: Duration,
+    /// How long to wait for nodes of every needed type (at the start, and when a type
+    /// loses its last node that can take work). Default 3 s.
+    pub discovery_timeout: Duration,
+    /// How long the goodbye exchange may take at the end. Default 5 s.
+    pub goodbye_timeout: Duration,
+    /// The largest frame the run may send; a task whose assignment would be larger is
+    /// refused when the core is made. Default 16 MiB.
+    pub max_frame: usize,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        RunOptions {
+            policy: Policy::default(),
+            task_timeout: Duration::from_secs(3600),
+            discovery_timeout: Duration::from_secs(3),
+            goodbye_timeout: Duration::from_secs(5),
+            max_frame: p2p_core::codec::DEFAULT_MAX_FRAME,
+        }
+    }
+}
+
+/// A plan the run refuses before it starts.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RunError {
+    /// The order and the dependencies form a cycle: the run could never end.
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    /// A task cannot be sent to any node.
+    #[error("line {line}, column {col}: task {task} cannot be sent: {why}")]
+    Unsendable {
+        /// The task's id.
+        task: String,
+        /// Its line in its file (0 when it did not come from a file).
+        line: u32,
+        /// Its column.
+        col: u32,
+        /// Why, with the numbers.
+        why: String,
+    },
+}
+
+/// Checks that `tasks` can run under `opts`: no cycle in the order and dependencies, and
+/// every task's assignment fits in a frame and its arguments in a shell handler's command.
+/// [`RunCore::new`] runs it; a CLI calls it first to name the file in its message.
+pub fn validate(tasks: &[Task], opts: &RunOptions) -> Result<(), RunError> {
+    crate::plan::check(tasks, opts.policy.order)?;
+    for t in tasks {
+        let why = if t.args.len() > MAX_TASK_ARGS {
+            format!(
+                "its arguments are {} bytes, more than the {MAX_TASK_ARGS} bytes a shell \
+                 handler can be given",
+                t.args.len()
+            )
+        } else if t.id.len() + t.kind.len() + t.args.len() + ASSIGN_OVERHEAD > opts.max_frame {
+            format!(
+                "its assignment is larger than the maximum frame of {} bytes",
+                opts.max_frame
+            )
+        } else {
+            continue;
+        };
+        return Err(RunError::Unsendable {
+            task: t.id.clone(),
+            line: t.line,
+            col: t.col,
+            why,
+        });
+    }
+    Ok(())
+}
+
+/// What the core keeps of a task besides its result: its arguments and dependencies, for
+/// the tasks that have any (most have neither, and cost a null pointer).
+struct Extra {
+    args: String,
+}
+
+struct Peer {
+    /// The node id as text, shared with the results of the tasks it ran.
+    node: Arc<str>,
+    node_id: NodeId,
+    addr: SocketAddr,
+    closed: bool,
+}
+
+struct InFlight {
+    task: usize,
+    link: LinkId,
+    /// When the attempt was sent, then when the node said it started.
+    since: Instant,
+    /// The node said it started (its deadline runs).
+    started: bool,
+    /// A cancel was sent (interrupt): its result still counts.
+    cancelled: bool,
+    /// The run gave up on it (its deadline passed): its result is ignored, and it holds
+    /// its node's slot until that result (or the connection's close) arrives.
+    abandoned: bool,
+}
+
+/// A link's event that arrived before the link was registered.
+enum Early {
+    Goodbye,
+    Closed,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    Discovering,
+    Running,
+    Terminating { until: Instant, aborted: bool },
+    Done,
+}
+
+/// The whole run as a state machine. See the [module documentation](self).
+pub struct RunCore {
+    opts: RunOptions,
+    sched: Scheduler,
+    results: Vec<TaskResult>,
+    extras: Vec<Option<Box<Extra>>>,
+    peers: HashMap<LinkId, Peer, SeqHash>,
+    node_ids: HashMap<NodeId, LinkId>,
+    inflight: HashMap<u64, InFlight, SeqHash>,
+    /// `(result deadline, seq)` of assignments, oldest first. Every attempt gets the same
+    /// timeout, so this is in deadline order; entries of finished seqs are dropped lazily.
+    deadlines: VecDeque<(Instant, u64)>,
+    early: HashMap<LinkId, Early>,
+    early_order: VecDeque<LinkId>,
+    /// Links the core told to leave (duplicate node, serving nothing needed).
+    ignored: HashSet<LinkId>,
+    needed: Vec<String>,
+    stage: Stage,
+    started: Instant,
+    ended: Option<Instant>,
+    next_seq: u64,
+    settled: bool,
+    announced_connecting: bool,
+    missing_since: Option<Instant>,
+    missing_types: Vec<String>,
+    interrupted: bool,
+    stop_error: Option<String>,
+    commands: VecDeque<(LinkId, Command)>,
+    events: VecDeque<RunEvent>,
+    finals: VecDeque<usize>,
+}
+
+impl std::fmt::Debug for RunCore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunCore")
+            .field("tasks", &self.results.len())
+            .field("stage", &self.stage)
+            .field("peers", &self.peers.len())
+            .field("inflight", &self.inflight.len())
+            .finish_non_exhaustive()
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+impl RunCore {
+    /// A run of `tasks` (in file order) starting at `now`, in its discovery stage. Refuses
+    /// a plan that [`validate`] refuses.
+    pub fn new(tasks: Vec<Task>, opts: RunOptions, now: Instant) -> Result<RunCore, RunError> {
+        validate(&tasks, &opts)?;
+        let sched = Scheduler::new(&tasks, opts.policy.clone());
+        let needed = sched.kinds().to_vec();
+        let (results, extras) = split(tasks);
+        let mut core = RunCore {
+            opts,
+            sched,
+            results,
+            extras,
+            peers: HashMap::default(),
+            node_ids: HashMap::new(),
+            inflight: HashMap::default(),
+            deadlines: VecDeque::new(),
+            early: HashMap::new(),
+            early_order: VecDeque::new(),
+            ignored: HashSet::new(),
+            needed,
+            stage: Stage::Discovering,
+            started: now,
+            ended: None,
+            next_seq: 1,
+            settled: false,
+            announced_connecting: false,
+            missing_since: None,
+            missing_types: Vec::new(),
+            interrupted: false,
+            stop_error: None,
+            commands: VecDeque::new(),
+            events: VecDeque::new(),
+            finals: VecDeque::new(),
+        };
+        core.events.push_back(RunEvent::Phase(Phase::Discovering));
+        core.advance(now);
+        Ok(core)
+    }
+
+    /// The task types the plan needs, in order of first appearance.
+    pub fn needed_types(&self) -> &[String] {
+        &self.needed
+    }
+
+    /// Marks the tasks whose ids are in `done` as succeeded by an earlier run (a journal):
+    /// they will not run, and their dependents may. Call before anything else.
+    pub fn resume(&mut self, done: &HashSet<String>, now: Instant) {
+        for (i, r) in self.results.iter_mut().enumerate() {
+            if done.contains(&r.task) {
+                self.sched.mark_done(i);
+                r.status = Status::Succeeded;
+                r.resumed = true;
+            }
+        }
+        self.advance(now);
+    }
+
+    /// The result of task `i` (in file order) as it stands.
+    pub fn result(&self, i: usize) -> Option<&TaskResult> {
+        self.results.get(i)
+    }
+
+    /// Discovery reported a peer (before it is dialled).
+    pub fn handle_discovered(&mut self, addr: String, source: String) {
+        self.connecting();
+        self.events.push_back(RunEvent::PeerDiscovered {
+            addr,
+            source,
+            node: None,
+        });
+    }
+
+    /// A peer could not be reached (or refused us).
+    pub fn handle_unreachable(&mut self, addr: String, error: String) {
+        self.events
+            .push_back(RunEvent::PeerUnreachable { addr, error });
+    }
+
+    /// Every peer discovery knows of has been dialled: the run need not wait for more before
+    /// it starts.
+    pub fn handle_settled(&mut self, now: Instant) {
+        self.settled = true;
+        self.advance(now);
+    }
+
+    /// A connection to a peer completed its handshake. Its events are handled from now on;
+    /// a goodbye or close of the link that arrived before this call still counts.
+    pub fn handle_connected(
+        &mut self,
+        link: LinkId,
+        addr: SocketAddr,
+        hello: &Hello,
+        now: Instant,
+    ) {
+        self.connecting();
+        let early = self.early.remove(&link);
+        if self.is_terminating() && !matches!(early, Some(Early::Closed)) {
+            // Too late to be of use: let it go.
+            self.ignored.insert(link);
+            self.commands.push_back((link, Command::Goodbye));
+            return;
+        }
+        if let Some(Early::Closed) = early {
+            // Gone before it could be used: nothing ran there (the dialer learns of the
+            // close from the link itself).
+            tracing::debug!(link, %addr, "connection closed before it was registered");
+            return;
+        }
+        if !hello.types.iter().any(|t| self.needed.contains(t)) {
+            tracing::info!(link, %addr, types = ?hello.types, "node serves no type the plan needs; leaving it");
+            self.ignored.insert(link);
+            self.commands.push_back((link, Command::Goodbye));
+            return;
+        }
+        if let Some(first) = self.node_ids.get(&hello.node_id) {
+            // The same node by a second address, or two nodes sharing one identity (a copied
+            // identity file): report it, keep the first connection.
+            let first = self
+                .peers
+                .get(first)
+                .map_or_else(|| "?".to_string(), |p| p.addr.to_string());
+            self.events.push_back(RunEvent::Notice(format!(
+                "node id {} is connected at {first} and again at {addr}: the same node by \
+                 two addresses, or two nodes sharing one identity file; using {first} only",
+                hello.node_id,
+            )));
+            self.ignored.insert(link);
+            self.commands.push_back((link, Command::Goodbye));
+            return;
+        }
+        let node: Arc<str> = Arc::from(hello.node_id.to_string());
+        self.events.push_back(RunEvent::Connected {
+            node: node.to_string(),
+            addr: addr.to_string(),
+            types: hello.types.clone(),
+            capacity: hello.capacity,
+        });
+        self.sched.add_node(link, &hello.types, hello.capacity);
+        if matches!(early, Some(Early::Goodbye)) {
+            self.sched.drain_node(link);
+        }
+        self.node_ids.insert(hello.node_id, link);
+        self.peers.insert(
+            link,
+            Peer {
+                node,
+                node_id: hello.node_id,
+                addr,
+                closed: false,
+            },
+        );
+        self.advance(now);
+    }
+
+    /// An event of a link. [`LinkEvent::Opened`] registers it (as
+    /// [`RunCore::handle_connected`]).
+    pub fn handle_link_event(&mut self, link: LinkId, ev: LinkEvent, now: Instant) {
+        if let LinkEvent::Opened(l) = &ev {
+            return self.handle_connected(link, l.addr(), l.peer(), now);
+        }
+        if !self.peers.contains_key(&link) {
+            if self.ignored.contains(&link) {
+                if matches!(ev, LinkEvent::Closed { .. }) {
+                    self.ignored.remove(&link);
+                }
+                return;
+            }
+            let early = match ev {
+                LinkEvent::PeerGoodbye => Early::Goodbye,
+                LinkEvent::Closed { .. } => Early::Closed,
+                _ => return,
+            };
+            if self.early.len() >= EARLY_MAX {
+                if let Some(old) = self.early_order.pop_front() {
+                    self.early.remove(&old);
+                }
+            }
+            if self.early.insert(link, early).is_none() {
+                self.early_order.push_back(link);
+            }
+            return;
+        }
+        match ev {
+            LinkEvent::Started { seq } => {
+                // The attempt starts now: its run time and its deadline count from here, not
+                // from its assignment (it may have waited for a slot the node shares with
+                // other coordinators).
+                if let Some(f) = self.inflight.get_mut(&seq) {
+                    if f.link == link && !f.abandoned && !f.started {
+                        f.started = true;
+                        f.since = now;
+                        if !self.opts.task_timeout.is_zero() {
+                            let at = now + self.opts.task_timeout + RESULT_GRACE;
+                            self.deadlines.push_back((at, seq));
+                        }
+                    }
+                }
+            }
+            LinkEvent::Completed(c) => {
+                let Some(f) = self.inflight.remove(&c.seq) else {
+                    return;
+                };
+                if f.link != link {
+                    // Not this link's seq: put it back.
+                    self.inflight.insert(c.seq, f);
+                    return;
+                }
+                if f.abandoned {
+                    // The node confirms the attempt the run gave up on ended: its slot is free.
+                    self.sched.release(link);
+                } else {
+                    let mut took = Duration::from_micros(c.duration_us);
+                    if f.cancelled {
+                        // A cancelled attempt ran until now, whatever the worker measured.
+                        took = took.max(now.saturating_duration_since(f.since));
+                    }
+                    let attempt = Attempt {
+                        ok: c.ok,
+                        output: c.output,
+                        took,
+                        exit_code: c.exit_code,
+                        error: c.error,
+                    };
+                    self.record(f.task, link, attempt, now);
+                }
+            }
+            LinkEvent::AssignFailed { assign, reason } => {
+                tracing::debug!(link, %reason, "assignment not sent");
+                if let Some(f) = self.inflight.remove(&assign.seq) {
+                    if f.abandoned {
+                        self.sched.release(link);
+                    } else {
+                        self.sched.requeue(f.task);
+                    }
+                }
+                // The connection refuses work: it is closing.
+                self.sched.drain_node(link);
+            }
+            LinkEvent::PeerGoodbye => self.sched.drain_node(link),
+            LinkEvent::Closed { error } => self.closed(link, error),
+            // The run advertises no capacity, so a peer assigning to it is cut off by the
+            // protocol before this point.
+            LinkEvent::Opened(_) | LinkEvent::Assigned(_) | LinkEvent::Cancelled { .. } => {}
+        }
+        self.advance(now);
+    }
+
+    /// The user interrupted the run (Ctrl-C, shutdown): nothing new starts, running tasks
+    /// are cancelled, every node gets a goodbye.
+    pub fn handle_interrupt(&mut self, now: Instant) {
+        if self.interrupted {
+            return;
+        }
+        self.interrupted = true;
+        self.sched.stop();
+        if self.stage == Stage::Running {
+            self.events.push_back(RunEvent::Notice(
+                "interrupted: cancelling running tasks".into(),
+            ));
+            self.cancel_all();
+        }
+        self.advance(now);
+    }
+
+    /// The run must stop (e.g. its journal cannot be written): nothing new starts, running
+    /// tasks are cancelled, the report carries `error`. Tasks in `unrecorded` had a final
+    /// result that could not be recorded: they are reported as not run.
+    pub fn handle_stop(&mut self, error: String, unrecorded: &[usize], now: Instant) {
+        for &t in unrecorded {
+            if let Some(r) = self.results.get_mut(t) {
+                r.status = Status::NotRun;
+                r.error = Some(format!("its result could not be recorded: {error}"));
+            }
+        }
+        if self.stop_error.is_none() {
+            self.events
+                .push_back(RunEvent::Notice(format!("{error}; stopping the run")));
+            self.stop_error = Some(error);
+            self.sched.stop();
+            if self.stage == Stage::Running {
+                self.cancel_all();
+            }
+        }
+        self.advance(now);
+    }
+
+    /// Applies the rules that depend on time: result deadlines, retry back-off, the
+    /// missing-type wait, the discovery and goodbye bounds.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        while let Some(&(at, seq)) = self.deadlines.front() {
+            if at > now {
+                break;
+            }
+            self.deadlines.pop_front();
+            let Some(f) = self.inflight.get_mut(&seq) else {
+                continue;
+            };
+            if f.abandoned {
+                continue;
+            }
+            f.abandoned = true;
+            let (task, link, since) = (f.task, f.link, f.since);
+            self.commands.push_back((link, Command::Cancel(seq)));
+            if self.sched.status(task) == Some(TaskStatus::Running(link)) {
+                let error = format!(
+                    "no result within {:?}",
+                    self.opts.task_timeout + RESULT_GRACE
+                );
+                let attempt = Attempt {
+                    ok: false,
+                    output: String::new(),
+                    took: now.saturating_duration_since(since),
+                    exit_code: None,
+                    error: Some(error),
+                };
+                self.record(task, link, attempt, now);
+                // The node still counts the attempt until it confirms its end.
+                self.sched.hold(link);
+            }
+        }
+        self.advance(now);
+    }
+
+    /// When [`RunCore::handle_timeout`] must be called next.
+    pub fn poll_timeout(&mut self) -> Option<Instant> {
+        let mut wake: Option<Instant> = None;
+        let mut at = |t: Instant| wake = Some(wake.map_or(t, |w| w.min(t)));
+        match self.stage {
+            Stage::Discovering => at(self.started + self.opts.discovery_timeout),
+            Stage::Running => {
+                while let Some(&(_, seq)) = self.deadlines.front() {
+                    if self.inflight.get(&seq).is_some_and(|f| !f.abandoned) {
+                        break;
+                    }
+                    self.deadlines.pop_front();
+                }
+                if let Some(&(d, _)) = self.deadlines.front() {
+                    at(d);
+                }
+                if let Some(w) = self.sched.next_wakeup() {
+                    at(w);
+                }
+                if let Some(since) = self.missing_since {
+                    at(since + self.opts.discovery_timeout);
+                }
+            }
+            Stage::Terminating { until, .. } => at(until),
+            Stage::Done => {}
+        }
+        wake
+    }
+
+    /// The next command for a link.
+    pub fn poll_command(&mut self) -> Option<(LinkId, Command)> {
+        self.commands.pop_front()
+    }
+
+    /// The next event of the run.
+    pub fn poll_event(&mut self) -> Option<RunEvent> {
+        self.events.pop_front()
+    }
+
+    /// The next task whose result became final (for a journal); see [`RunCore::result`].
+    pub fn poll_final(&mut self) -> Option<usize> {
+        self.finals.pop_front()
+    }
+
+    /// Whether the run is over (the summary was the last event).
+    pub fn is_done(&self) -> bool {
+        self.stage == Stage::Done
+    }
+
+    /// Whether the run has started its goodbye (or is over): the driver stops dialling.
+    pub fn is_terminating(&self) -> bool {
+        matches!(self.stage, Stage::Terminating { .. } | Stage::Done)
+    }
+
+    /// The report, once [`RunCore::is_done`] (before it, what stands so far).
+    pub fn into_report(self, now: Instant) -> RunReport {
+        RunReport {
+            results: self.results,
+            missing_types: self.missing_types,
+            interrupted: self.interrupted,
+            error: self.stop_error,
+            elapsed_ms: ms(self
+                .ended
+                .unwrap_or(now)
+                .saturating_duration_since(self.started)),
+        }
+    }
+
+    fn connecting(&mut self) {
+        if self.stage == Stage::Discovering && !self.announced_connecting {
+            self.announced_connecting = true;
+            self.events.push_back(RunEvent::Phase(Phase::Connecting));
+        }
+    }
+
+    fn cancel_all(&mut self) {
+        for (seq, f) in self.inflight.iter_mut() {
+            if !f.abandoned && !f.cancelled {
+                f.cancelled = true;
+                self.commands.push_back((f.link, Command::Cancel(*seq)));
+            }
+        }
+    }
+
+    /// Moves the run on after any input: dispatches work, applies the missing-type wait,
+    /// and goes from stage to stage.
+    fn advance(&mut self, now: Instant) {
+        loop {
+            match self.stage {
+                Stage::Discovering => {
+                    let deadline = self.started + self.opts.discovery_timeout;
+                    if !(self.interrupted
+                        || self.stop_error.is_some()
+                        || !self.sched.any_missing()
+                        || self.settled
+                        || now >= deadline)
+                    {
+                        return;
+                    }
+                    let missing = self.sched.missing_kinds();
+                    if self.interrupted || self.stop_error.is_some() {
+                        self.terminate(now);
+                    } else if !missing.is_empty() && !self.policy_keep_going() {
+                        // Nothing can complete the plan: run nothing; the summary names what
+                        // is missing.
+                        self.events.push_back(RunEvent::Notice(format!(
+                            "no node serves type{} {} (none connected, or each has capacity 0 \
+                             or is leaving): nothing runs",
+                            if missing.len() > 1 { "s" } else { "" },
+                            missing.join(", ")
+                        )));
+                        for kind in &missing {
+                            let why = format!("no node serves type {kind:?}");
+                            for r in self.results.iter_mut().filter(|r| &*r.kind == kind) {
+                                if r.status == Status::NotRun {
+                                    r.error = Some(why.clone());
+                                }
+                            }
+                        }
+                        self.missing_types = missing;
+                        self.terminate(now);
+                    } else {
+                        self.events.push_back(RunEvent::Phase(Phase::Assigning));
+                        self.stage = Stage::Running;
+                        if !missing.is_empty() {
+                            // The wait for them started with the run.
+                            self.missing_since = Some(self.started);
+                        }
+                    }
+                }
+                Stage::Running => {
+                    // Missing types first: ending their tasks may let others start (strict
+                    // order with keep-going), which the dispatch after it sends.
+                    self.check_missing(now);
+                    self.dispatch(now);
+                    if self.sched.is_finished() {
+                        self.terminate(now);
+                    } else {
+                        return;
+                    }
+                }
+                Stage::Terminating { until, aborted } => {
+                    if self.peers.values().all(|p| p.closed) {
+                        self.finish(now);
+                    } else if now >= until {
+                        if aborted {
+                            self.finish(now);
+                        } else {
+                            for (id, p) in &self.peers {
+                                if !p.closed {
+                                    self.commands.push_back((*id, Command::Abort));
+                                }
+                            }
+                            self.stage = Stage::Terminating {
+                                until: now + ABORT_GRACE,
+                                aborted: true,
+                            };
+                        }
+                    }
+                    return;
+                }
+                Stage::Done => return,
+            }
+        }
+    }
+
+    fn policy_keep_going(&self) -> bool {
+        self.opts.policy.keep_going
+    }
+
+    fn terminate(&mut self, now: Instant) {
+        self.events.push_back(RunEvent::Phase(Phase::Terminating));
+        for (id, p) in &self.peers {
+            if !p.closed {
+                self.commands.push_back((*id, Command::Goodbye));
+            }
+        }
+        self.stage = Stage::Terminating {
+            until: now + self.opts.goodbye_timeout,
+            aborted: false,
+        };
+    }
+
+    fn finish(&mut self, now: Instant) {
+        // Interrupted tasks that never reported stay "not run" but keep their attempt count.
+        for f in self.inflight.values() {
+            if !f.abandoned {
+                self.results[f.task].attempts = self.sched.attempts(f.task);
+            }
+        }
+        // The summary comes from the report (see [`RunReport::summary`]), once the driver
+        // has recorded every final result.
+        self.events.push_back(RunEvent::Phase(Phase::Disconnected));
+        self.ended = Some(now);
+        self.stage = Stage::Done;
+    }
+
+    fn dispatch(&mut self, now: Instant) {
+        let timeout_ms = u64::try_from(self.opts.task_timeout.as_millis()).unwrap_or(u64::MAX);
+        while let Some(d) = self.sched.next(now) {
+            let Some(peer) = self.peers.get(&d.node) else {
+                self.sched.requeue(d.task);
+                break;
+            };
+            let r = &mut self.results[d.task];
+            let seq = self.next_seq;
+            self.next_seq += 1;
+            let assign = Assign {
+                seq,
+                task: r.task.clone(),
+                kind: r.kind.to_string(),
+                args: self.extras[d.task]
+                    .as_ref()
+                    .map_or_else(String::new, |e| e.args.clone()),
+                attempt: d.attempt,
+                timeout_ms,
+            };
+            self.commands.push_back((d.node, Command::Assign(assign)));
+            set_node(&mut r.node, &peer.node);
+            r.attempts = d.attempt;
+            tracing::debug!(task = %r.task, node = %&peer.node[..8.min(peer.node.len())], attempt = d.attempt, seq, "task assigned");
+            self.events.push_back(RunEvent::TaskAssigned {
+                task: r.task.clone(),
+                kind: r.kind.to_string(),
+                node: peer.node.to_string(),
+                attempt: d.attempt,
+            });
+            self.inflight.insert(
+                seq,
+                InFlight {
+                    task: d.task,
+                    link: d.node,
+                    since: now,
+                    started: false,
+                    cancelled: false,
+                    abandoned: false,
+                },
+            );
+        }
+        // Finished seqs leave their deadline behind; drop them before they pile up (a task
+        // that runs for long keeps the ones behind it from reaching the front).
+        if self.deadlines.len() > 2 * self.inflight.len() + 1024 {
+            let inflight = &self.inflight;
+            self.deadlines
+                .retain(|(_, seq)| inflight.get(seq).is_some_and(|f| !f.abandoned));
+        }
+    }
+
+    fn closed(&mut self, link: LinkId, error: Option<String>) {
+        match &error {
+            None => tracing::debug!(link, "connection closed after goodbye"),
+            Some(e) => {
+                tracing::info!(link, error = %e, "connection lost; its tasks are re-queued")
+            }
+        }
+        let lost: Vec<u64> = self
+            .inflight
+            .iter()
+            .filter(|(_, f)| f.link == link)
+            .map(|(s, _)| *s)
+            .collect();
+        for s in lost {
+            self.inflight.remove(&s);
+        }
+        let requeued = self.sched.remove_node(link);
+        let Some(p) = self.peers.get_mut(&link) else {
+            return;
+        };
+        p.closed = true;
+        // The same node may come back on a new connection.
+        if self.node_ids.get(&p.node_id) == Some(&link) {
+            self.node_ids.remove(&p.node_id);
+        }
+        let short = &p.node[..8.min(p.node.len())];
+        let mut given_up = Vec::new();
+        for t in requeued {
+            if self.sched.losses(t) >= MAX_LOSSES {
+                given_up.push(t);
+            } else {
+                self.events.push_back(RunEvent::Notice(format!(
+                    "{} lost with node {short}; it will run again",
+                    self.results[t].task,
+                )));
+            }
+        }
+        let why = format!(
+            "lost with its node's connection {MAX_LOSSES} times (last: {})",
+            error.as_deref().unwrap_or("the node said goodbye")
+        );
+        self.events.push_back(RunEvent::Disconnected {
+            node: p.node.to_string(),
+            addr: p.addr.to_string(),
+            clean: error.is_none(),
+            error,
+        });
+        for t in given_up {
+            self.sched.give_up(t);
+            self.fail_unrun(t, why.clone());
+        }
+        self.skipped();
+    }
+
+    /// Records and reports tasks skipped because a dependency did not succeed: the
+    /// scheduler names the dependency, so this is constant time per task.
+    fn skipped(&mut self) {
+        for (t, dep) in self.sched.drain_skipped() {
+            let why = format!(
+                "skipped: dependency {} did not succeed",
+                self.results[dep].task
+            );
+            self.results[t].error = Some(why);
+            self.finals.push_back(t);
+        }
+    }
+
+    /// Records the result of an attempt of `task` that ran over `link`.
+    fn record(&mut self, task: usize, link: LinkId, a: Attempt, now: Instant) {
+        let Attempt {
+            ok,
+            output,
+            took,
+            exit_code,
+            error,
+        } = a;
+        let node = match self.peers.get(&link) {
+            Some(p) => p.node.clone(),
+            None => Arc::from(""),
+        };
+        let attempt = self.sched.attempts(task);
+        let outcome = self.sched.complete(task, ok, now);
+        // The error text is made only for an attempt that failed.
+        let error = match outcome {
+            Outcome::Succeeded => String::new(),
+            _ => error.unwrap_or_else(|| match exit_code {
+                Some(code) => format!("exit status {code}"),
+                None => "failed".to_string(),
+            }),
+        };
+        let r = &mut self.results[task];
+        set_node(&mut r.node, &node);
+        r.attempts = attempt;
+        r.duration_ms = ms(took);
+        match outcome {
+            Outcome::Succeeded => {
+                r.status = Status::Succeeded;
+                r.output.clone_from(&output);
+                r.error = None;
+            }
+            Outcome::Failed => {
+                r.status = Status::Failed;
+                r.output.clone_from(&output);
+                r.error = Some(error.clone());
+            }
+            Outcome::Retry { .. } => {}
+        }
+        if !matches!(outcome, Outcome::Retry { .. }) {
+            self.finals.push_back(task);
+        }
+        let r = &self.results[task];
+        let (id, kind, node) = (r.task.clone(), r.kind.to_string(), node.to_string());
+        match outcome {
+            Outcome::Succeeded => {
+                self.events.push_back(RunEvent::TaskCompleted {
+                    task: id,
+                    kind,
+                    node,
+                    attempt,
+                    ok: true,
+                    output,
+                    duration_ms: ms(took),
+                });
+            }
+            Outcome::Retry { delay } => {
+                tracing::info!(task = %id, attempt, error = %error, retry_in = ?delay, "task attempt failed; retrying");
+                self.events.push_back(RunEvent::TaskRetry {
+                    task: id,
+                    kind,
+                    node,
+                    attempt,
+                    error,
+                    delay_ms: u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+                });
+            }
+            Outcome::Failed => {
+                tracing::info!(task = %id, attempt, error = %error, "task failed");
+                self.events.push_back(RunEvent::TaskFailed {
+                    task: id,
+                    kind,
+                    node,
+                    attempt,
+                    ok: false,
+                    output,
+                    duration_ms: ms(took),
+                    exit_code,
+                    error,
+                });
+                self.skipped();
+            }
+        }
+    }
+
+    /// A type with no node that can take work gets `discovery_timeout` to find one; then
+    /// its waiting tasks end as not run, with the reason.
+    fn check_missing(&mut self, now: Instant) {
+        if !self.sched.any_missing() {
+            self.missing_since = None;
+            return;
+        }
+        let since = *self.missing_since.get_or_insert(now);
+        if now < since + self.opts.discovery_timeout {
+            return;
+        }
+        for kind in self.sched.missing_kinds() {
+            let given_up = self.sched.fail_kind(&kind);
+            if !given_up.is_empty() && !self.missing_types.contains(&kind) {
+                self.missing_types.push(kind.clone());
+                self.events.push_back(RunEvent::Notice(format!(
+                    "no node serves type {kind:?} (none connected within the discovery \
+                     timeout, or each has capacity 0 or is leaving): {} of its tasks not run",
+                    given_up.len()
+                )));
+            }
+            let why = format!("no node serves type {kind:?}");
+            for t in given_up {
+                if self.sched.attempts(t) > 0 {
+                    // It ran, and its attempt was lost with its node: a failure.
+                    self.fail_unrun(t, why.clone());
+                    continue;
+                }
+                let r = &mut self.results[t];
+                r.status = Status::NotRun;
+                r.error = Some(why.clone());
+                self.finals.push_back(t);
+            }
+        }
+        self.skipped();
+        self.missing_since = None;
+    }
+
+    /// Records and reports a task that failed without a result from a node.
+    fn fail_unrun(&mut self, t: usize, error: String) {
+        let r = &mut self.results[t];
+        r.status = Status::Failed;
+        r.error = Some(error.clone());
+        r.attempts = self.sched.attempts(t);
+        let attempt = r.attempts;
+        let node = r.node.as_deref().unwrap_or("").to_string();
+        self.finals.push_back(t);
+        let task = &self.results[t];
+        self.events.push_back(RunEvent::TaskFailed {
+            task: task.task.clone(),
+            kind: task.kind.to_string(),
+            node,
+            attempt,
+            ok: false,
+            output: String::new(),
+            duration_ms: 0.0,
+            exit_code: None,
+            error,
+        });
+    }
+}
+
+/// What a node reported for one attempt of a task.
+struct Attempt {
+    ok: bool,
+    output: String,
+    took: Duration,
+    exit_code: Option<i32>,
+    /// Why it failed, when the node said.
+    error: Option<String>,
+}
+
+/// Sets a result's node (a shared name: no copy).
+fn set_node(slot: &mut Option<Arc<str>>, node: &Arc<str>) {
+    if !slot.as_ref().is_some_and(|s| Arc::ptr_eq(s, node)) {
+        *slot = Some(node.clone());
+    }
+}
+
+/// Turns the plan into one result per task (taking each task's id, and sharing one type
+/// name among the tasks of a type) and the extras. Tasks are taken from the end and their
+/// buffer shrinks as it empties, so a large plan is not held twice in memory.
+fn split(mut tasks: Vec<Task>) -> (Vec<TaskResult>, Vec<Option<Box<Extra>>>) {
+    let n = tasks.len();
+    let mut results = Vec::with_capacity(n);
+    let mut extras = Vec::with_capacity(n);
+    let mut kinds: HashMap<String, Arc<str>> = HashMap::new();
+    while let Some(t) = tasks.pop() {
+        let kind = match kinds.get(&t.kind) {
+            Some(k) => k.clone(),
+            None => {
+                let k: Arc<str> = Arc::from(t.kind.as_str());
+                kinds.insert(t.kind, k.clone());
+                k
+            }
+        };
+        results.push(TaskResult {
+            task: t.id,
+            kind,
+            status: Status::NotRun,
+            node: None,
+            attempts: 0,
+            duration_ms: 0.0,
+            output: String::new(),
+            error: None,
+            resumed: false,
+        });
+        extras.push(if t.args.is_empty() {
+            None
+        } else {
+            Some(Box::new(Extra { args: t.args }))
+        });
+        // Give back the consumed tail of the list every 64 Ki tasks, so the list and the
+        // results never both hold a million tasks (a large list's memory is mapped on its
+        // own, and shrinking it gives the pages back without a copy).
+        if tasks.capacity() - tasks.len() >= 65_536 {
+            tasks.shrink_to_fit();
+        }
+    }
+    results.reverse();
+    extras.reverse();
+    (results, extras)
+}
+
+#[cfg(test)]
+mod model;
+#[cfg(test)]
+mod tests;
