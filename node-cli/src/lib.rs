@@ -39,6 +39,7 @@ mod error;
 mod node;
 pub mod output;
 pub mod peers;
+mod sightings;
 
 pub use error::Error;
 pub use node::{Node, NodeBuilder, DEFAULT_CLUSTER, MAX_MAX_FRAME, MIN_MAX_FRAME, RESULT_MARGIN};

@@ -18,6 +18,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::dial;
+use crate::sightings::Sightings;
 use crate::Error;
 
 /// Default cluster name.
@@ -337,8 +338,9 @@ pub struct Node {
     local_addr: Option<SocketAddr>,
     worker: Arc<Worker>,
     discovery: Vec<Box<dyn Discovery>>,
-    /// Events of the backends started by [`Node::start`] (which announce this node).
-    found: Option<mpsc::Receiver<p2p_discovery::Event>>,
+    /// Events of the backends started by [`Node::start`] (which announce this node), drained
+    /// as they come and kept for a later run.
+    found: Option<Sightings>,
     /// Cancelled by each started backend once its farewell is out.
     discovery_stopped: Vec<CancellationToken>,
     settings: Settings,
@@ -435,7 +437,7 @@ impl Node {
                     capacity: self.worker.capacity(),
                 };
                 let found = p2p_discovery::start_all(backends, Some(me), self.shutdown.clone())?;
-                self.found = Some(found);
+                self.found = Some(Sightings::start(found));
             }
         }
         let ctx = AcceptCtx {
@@ -549,8 +551,8 @@ impl Node {
         }
         let fresh = p2p_discovery::start_all(backends, None, stop_dialing.clone())?;
         // A serving node already runs (and announces with) its backends: use their events too.
-        let found = match self.found.take() {
-            Some(started) => merge(started, fresh),
+        let found = match &self.found {
+            Some(started) => merge(started.subscribe(), fresh),
             None => fresh,
         };
         let (peer_tx, peer_rx) = mpsc::channel(256);

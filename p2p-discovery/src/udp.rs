@@ -86,7 +86,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::beacon::{self, Beacon, MAX_BEACON};
-use crate::bump;
+use crate::{bump, offer, Offered};
 use crate::{Announcement, Context, Discovery, Error, Event};
 use table::{Outcome, Table};
 
@@ -359,6 +359,11 @@ backend_counters! {
     discovered,
     /// `Lost` events produced.
     lost,
+    /// Events dropped because the consumer's queue was full (a dropped `Discovered` is
+    /// reported again on the peer's next beacon).
+    dropped,
+    /// Peers pushed out of the full peer table by newer ones (reported lost).
+    evicted,
 }
 
 /// The `udp` backend.
@@ -588,14 +593,20 @@ impl Driver {
                                 answer_at = Some(Instant::now() + self.answer_delay);
                             }
                         }
-                        Outcome::Event(ev) => self.emit(&mut events, ev, &shutdown).await,
+                        Outcome::Event(ev) => {
+                            for old in self.table.take_evicted() {
+                                bump(&self.stats.evicted);
+                                self.emit(&mut events, old);
+                            }
+                            self.emit(&mut events, ev);
+                        }
                         Outcome::Seen => {}
                         other => self.ignored(&other, from, data.len()),
                     }
                 }
                 _ = tokio::time::sleep_until(expiry.unwrap_or_else(far)), if expiry.is_some() => {
                     for ev in self.table.expire(Instant::now()) {
-                        self.emit(&mut events, ev, &shutdown).await;
+                        self.emit(&mut events, ev);
                     }
                 }
                 _ = tokio::time::sleep_until(answer_at.unwrap_or_else(far)), if answer_at.is_some() => {
@@ -628,12 +639,9 @@ impl Driver {
         }
     }
 
-    async fn emit(
-        &self,
-        events: &mut Option<mpsc::Sender<Event>>,
-        ev: Event,
-        shutdown: &CancellationToken,
-    ) {
+    /// Reports `ev` without waiting: this loop also sends the beacons and answers queries,
+    /// so it must never wait for the consumer (a serving node may not read at all).
+    fn emit(&mut self, events: &mut Option<mpsc::Sender<Event>>, ev: Event) {
         match &ev {
             Event::Discovered(p) => {
                 bump(&self.stats.discovered);
@@ -644,15 +652,15 @@ impl Driver {
                 debug!(peer = %addr, "udp discovery: peer lost");
             }
         }
-        let Some(tx) = events.as_ref() else {
-            return;
+        let forget = match &ev {
+            Event::Discovered(p) => p.node_id,
+            Event::Lost { .. } => None,
         };
-        let closed = tokio::select! {
-            _ = shutdown.cancelled() => false,
-            r = tx.send(ev) => r.is_err(),
-        };
-        if closed {
-            *events = None;
+        if offer(events, ev) == Offered::Dropped {
+            bump(&self.stats.dropped);
+            if let Some(id) = forget {
+                self.table.forget(&id);
+            }
         }
     }
 
