@@ -2,10 +2,12 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use p2p_core::gate::{HandshakeGate, HandshakeTicket, DEFAULT_MAX_HANDSHAKES};
+use p2p_core::gate::{
+    HandshakeGate, HandshakeTicket, LogLimit, DEFAULT_MAX_HANDSHAKES, LOG_INTERVAL,
+};
 use p2p_core::net::{self, LinkEvent, LinkId, Settings};
 use p2p_core::{ClusterKey, Hello, Identity, NodeId, PROTOCOL_VERSION};
 use p2p_discovery::{statik::Static, Announcement, Discovery};
@@ -232,6 +234,19 @@ impl NodeBuilder {
                     "task type {kind:?} must be ASCII letters only (e.g. a, b, render)"
                 )));
             }
+            if kind.len() > p2p_core::wire::MAX_TYPE_LEN {
+                return Err(Error::Config(format!(
+                    "task type {kind:?} is longer than {} letters",
+                    p2p_core::wire::MAX_TYPE_LEN
+                )));
+            }
+        }
+        if self.handlers.len() > p2p_core::wire::MAX_TYPES {
+            return Err(Error::Config(format!(
+                "a node serves at most {} task types ({} given)",
+                p2p_core::wire::MAX_TYPES,
+                self.handlers.len()
+            )));
         }
         if self.capacity == Some(0) {
             return Err(Error::Config("capacity must be at least 1".into()));
@@ -441,6 +456,7 @@ impl Node {
             }
         }
         let ctx = AcceptCtx {
+            floods: Mutex::new(Floods::default()),
             hello: self.hello(true),
             settings: self.settings.clone(),
             worker: self.worker.clone(),
@@ -606,7 +622,63 @@ fn merge(
     rx
 }
 
+/// The accept side's warnings that a flood repeats once per connection, each kept to a few
+/// lines and a count per interval.
+#[derive(Default)]
+struct Floods {
+    limit_reached: LogLimit,
+    evicted: LogLimit,
+    failed: LogLimit,
+}
+
+/// Writes `line` if `limit` lets it through, saying how many were not written before.
+fn flood_warn(
+    floods: &Mutex<Floods>,
+    pick: fn(&mut Floods) -> &mut LogLimit,
+    line: impl FnOnce(u64),
+) {
+    let let_through = {
+        let mut f = floods.lock().unwrap_or_else(|e| e.into_inner());
+        pick(&mut f).hit(std::time::Instant::now())
+    };
+    if let Some(unwritten) = let_through {
+        line(unwritten);
+    }
+}
+
+/// The end of a flood line: how many like it were not written since the last one.
+fn more(unwritten: u64) -> String {
+    match unwritten {
+        0 => String::new(),
+        n => format!(" ({n} more since the last such line, not logged one by one)"),
+    }
+}
+
+/// The summary lines of the floods whose interval is over.
+fn flood_summaries(floods: &Mutex<Floods>, max_handshakes: usize) {
+    let now = std::time::Instant::now();
+    let (limit, evicted, failed) = {
+        let mut f = floods.lock().unwrap_or_else(|e| e.into_inner());
+        (
+            f.limit_reached.flush(now),
+            f.evicted.flush(now),
+            f.failed.flush(now),
+        )
+    };
+    let every = LOG_INTERVAL;
+    if let Some(n) = limit {
+        warn!(count = n, every = ?every, "connection limit reached; closed {n} more new connections (not logged one by one)");
+    }
+    if let Some(n) = evicted {
+        warn!(count = n, limit = max_handshakes, every = ?every, "too many connections in handshake; closed {n} more of the oldest (not logged one by one)");
+    }
+    if let Some(n) = failed {
+        warn!(count = n, every = ?every, "handshake failed on {n} more connections (not logged one by one)");
+    }
+}
+
 struct AcceptCtx {
+    floods: Mutex<Floods>,
     hello: Hello,
     settings: Settings,
     worker: Arc<Worker>,
@@ -619,9 +691,14 @@ struct AcceptCtx {
 async fn accept_loop(listener: TcpListener, ctx: AcceptCtx) {
     let ctx = Arc::new(ctx);
     let mut next_id: LinkId = 0;
+    let mut summaries = tokio::time::interval(LOG_INTERVAL);
     loop {
         let accepted = tokio::select! {
             _ = ctx.shutdown.cancelled() => break,
+            _ = summaries.tick() => {
+                flood_summaries(&ctx.floods, ctx.handshakes.max());
+                continue;
+            }
             a = listener.accept() => a,
         };
         let (stream, addr) = match accepted {
@@ -634,7 +711,13 @@ async fn accept_loop(listener: TcpListener, ctx: AcceptCtx) {
             }
         };
         let Ok(permit) = ctx.slots.clone().try_acquire_owned() else {
-            warn!(peer = %addr, "connection limit reached; closing new connection");
+            flood_warn(
+                &ctx.floods,
+                |f| &mut f.limit_reached,
+                |unwritten| {
+                    warn!(peer = %addr, "connection limit reached; closing new connection{}", more(unwritten));
+                },
+            );
             continue;
         };
         let ticket = ctx.handshakes.admit();
@@ -659,11 +742,14 @@ async fn serve_connection(
     let accepted = tokio::select! {
         r = net::accept(stream, ctx.hello.clone(), &ctx.settings, id, tx) => r,
         _ = ticket.evicted() => {
-            warn!(
-                peer = %addr,
-                limit = ctx.handshakes.max(),
-                "too many connections in handshake; closed the oldest"
-            );
+            flood_warn(&ctx.floods, |f| &mut f.evicted, |unwritten| {
+                warn!(
+                    peer = %addr,
+                    limit = ctx.handshakes.max(),
+                    "too many connections in handshake; closed the oldest{}",
+                    more(unwritten)
+                );
+            });
             return;
         }
     };
@@ -671,7 +757,13 @@ async fn serve_connection(
     let link = match accepted {
         Ok(link) => link,
         Err(e) => {
-            warn!(peer = %addr, error = %e, "handshake failed; connection closed");
+            flood_warn(
+                &ctx.floods,
+                |f| &mut f.failed,
+                |unwritten| {
+                    warn!(peer = %addr, error = %e, "handshake failed; connection closed{}", more(unwritten));
+                },
+            );
             return;
         }
     };
