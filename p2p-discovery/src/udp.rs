@@ -54,11 +54,15 @@
 //! A node that does not listen (a pure `run`) should use [`Interfaces::All`], or the interface
 //! the user names (`--discovery-interface`, parsed by [`Interfaces`]'s `FromStr`).
 //!
-//! Each interface gets its own socket, bound to the group and port with `SO_REUSEADDR` and
-//! `SO_REUSEPORT` (so every node of a host shares the port), joined to the group on that
+//! Each interface gets its own socket, bound to the group and port with `SO_REUSEADDR` (so
+//! every node of a host shares the port; `SO_REUSEPORT` too on BSDs and macOS, which need it,
+//! but never on Linux, where it makes the sockets one load-balancing group and hands each
+//! datagram to one of them, whatever interface it joined on), joined to the group on that
 //! interface only, with `IP_MULTICAST_IF` set to it, `IP_MULTICAST_LOOP` on (nodes on one
 //! host hear each other) and, on Linux, `IP_MULTICAST_ALL` off (no datagrams of groups that
-//! other sockets joined on other interfaces).
+//! other sockets joined on other interfaces). So any mix of loopback and LAN nodes on one
+//! host hears what it should: each socket gets a copy of every beacon that arrives on its
+//! interface.
 //!
 //! **Loopback on Linux.** Multicast on `lo` works although `lo` lacks the `MULTICAST` flag:
 //! with `IP_MULTICAST_IF` set to `127.0.0.1`, no multicast route and no

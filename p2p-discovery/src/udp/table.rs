@@ -290,7 +290,8 @@ mod tests {
         let t0 = Instant::now();
         let mut t = Table::new("c".into(), NodeId([1; 16]), 3).with_max(3);
         for id in 2..=4 {
-            t.handle(t0, &beacon(Kind::Announce, id, "c"), from(id));
+            let at = t0 + Duration::from_millis(u64::from(id));
+            t.handle(at, &beacon(Kind::Announce, id, "c"), from(id));
         }
         // Peer 2 is heard again, so 3 is now the one heard least recently.
         let t1 = t0 + Duration::from_millis(100);
