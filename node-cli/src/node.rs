@@ -646,6 +646,22 @@ fn flood_warn(
     }
 }
 
+/// A peer's types for a log line: the first few (each bounded by the handshake), then how
+/// many there are.
+fn types_shown(types: &[String]) -> String {
+    const SHOWN: usize = 8;
+    let mut out = types
+        .iter()
+        .take(SHOWN)
+        .map(|t| p2p_core::text::shown(t))
+        .collect::<Vec<_>>()
+        .join(",");
+    if types.len() > SHOWN {
+        out.push_str(&format!(",... ({} types)", types.len()));
+    }
+    out
+}
+
 /// The end of a flood line: how many like it were not written since the last one.
 fn more(unwritten: u64) -> String {
     match unwritten {
@@ -771,7 +787,7 @@ async fn serve_connection(
     info!(
         peer = %p.node_id.short(),
         addr = %addr,
-        types = ?p.types,
+        types = %types_shown(&p.types),
         "connected"
     );
     ctx.worker

@@ -43,10 +43,10 @@ pub struct LogLimit {
 
 impl LogLimit {
     /// At most `burst` lines (at least 1) per `interval`.
-    pub fn new(interval: Duration, burst: u32) -> Self {
+    pub const fn new(interval: Duration, burst: u32) -> Self {
         LogLimit {
             interval,
-            burst: burst.max(1),
+            burst: if burst == 0 { 1 } else { burst },
             window: None,
             written: 0,
             suppressed: 0,

@@ -26,6 +26,7 @@ use tracing::{debug, warn};
 
 use crate::codec::{FrameBudget, FrameCodec, DEFAULT_MAX_FRAME};
 use crate::conn::{self, Connection, Event, Role};
+use crate::gate::{self, LogLimit};
 use crate::identity::Identity;
 use crate::key::ClusterKey;
 use crate::message::{Assign, Completed, Hello, Message, Reject, RejectReason};
@@ -525,7 +526,26 @@ async fn drive(
     };
     match &error {
         None => debug!(link = id, "connection closed after goodbye"),
-        Some(e) => warn!(link = id, error = %e, "connection closed"),
+        Some(e) => {
+            // A flood of connections that fail after their handshake (anyone can complete
+            // one without a key) writes a few lines and a count, not one line each.
+            static CLOSED: std::sync::Mutex<LogLimit> =
+                std::sync::Mutex::new(LogLimit::new(gate::LOG_INTERVAL, gate::LOG_BURST));
+            let let_through = CLOSED
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .hit(std::time::Instant::now());
+            match let_through {
+                Some(0) => warn!(link = id, error = %e, "connection closed"),
+                Some(n) => warn!(
+                    link = id,
+                    error = %e,
+                    "connection closed ({n} more connections closed with an error since the \
+                     last such line, not logged one by one)"
+                ),
+                None => debug!(link = id, error = %e, "connection closed"),
+            }
+        }
     }
     // Close our write side so the peer sees EOF promptly.
     let _ = tokio::time::timeout(Duration::from_millis(200), io.get_mut().shutdown()).await;
