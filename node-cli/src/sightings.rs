@@ -4,8 +4,9 @@
 //! needed only if the node later runs a plan. A keeper task reads them as they come, so the
 //! backends' queue never fills, and remembers the peers known now (at most [`MAX_KNOWN`]);
 //! a run [subscribes](Sightings::subscribe) and gets those peers, then every later event.
-//! Nothing here ever makes a backend wait (backends never wait anyway: see
-//! [`p2p_discovery::EVENT_QUEUE`]).
+//! The keeper waits only for a subscribed run to take events; meanwhile the backends that
+//! watch a network drop what does not fit (see [`p2p_discovery::EVENT_QUEUE`]) and report it
+//! again later.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

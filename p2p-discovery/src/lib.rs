@@ -88,9 +88,10 @@ pub mod statik;
 mod testns;
 pub mod udp;
 
-/// How many undelivered events a discovery stream holds. A backend never waits for room:
-/// an event that finds the queue full is dropped and counted (see [`offer`]'s callers), and
-/// a backend that watches a network reports a dropped peer again when it next hears it.
+/// How many undelivered events a discovery stream holds. The backends that watch a network
+/// (udp, mdns, dns) never wait for room: an event that finds the queue full is dropped and
+/// counted, and the peer is reported again when next heard. `static` (a fixed list, sent
+/// once) waits for room, so that no listed peer is lost.
 pub const EVENT_QUEUE: usize = 1024;
 
 /// What became of an event offered to a stream.
