@@ -36,6 +36,7 @@ pub mod config;
 pub mod datadir;
 mod dial;
 mod error;
+mod floods;
 mod node;
 pub mod output;
 pub mod peers;

@@ -333,7 +333,7 @@ impl Connection {
                 if self.we_said_goodbye || self.peer_said_goodbye {
                     return self.fail(Error::Violation(format!(
                         "assignment {} after goodbye",
-                        crate::text::Shown(&a.task)
+                        crate::shown::Shown(&a.task)
                     )));
                 }
                 if self.inbound.len() >= self.local.capacity as usize {

@@ -72,7 +72,7 @@ pub enum Error {
     /// The peer refused our handshake.
     #[error(
         "peer rejected the handshake ({reason:?}): {}",
-        crate::text::Shown(message)
+        crate::shown::Shown(message)
     )]
     Rejected {
         /// Why.

@@ -17,7 +17,7 @@
 //!   peer's node id is the one its identity proves.
 //! - [`gate`]: a bound on connections still in handshake, evicting the oldest when full,
 //!   and [`gate::LogLimit`], which turns a flood of one warning into a summary line.
-//! - [`text`]: how a peer-supplied string is shown in logs and errors (escaped, cut short).
+//! - [`shown`]: how a peer-supplied string is shown in logs and errors (escaped, cut short).
 //! - [`NodeId`]: node identity.
 //!
 //! # Usage
@@ -44,7 +44,7 @@ pub mod key;
 pub mod message;
 pub mod net;
 pub mod secure;
-pub mod text;
+pub mod shown;
 pub mod wire;
 
 pub use error::Error;

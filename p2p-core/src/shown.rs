@@ -1,4 +1,4 @@
-//! Showing what a peer sent: a short prefix, with control characters escaped.
+//! Showing what a peer sent in a log line or an error: a short prefix, escaped.
 //!
 //! Every string a peer supplies (a cluster name, a type, a `Reject` message, a task id) goes
 //! into logs and error messages only through [`Shown`]: at most [`SHOWN_MAX`] characters, and
@@ -10,7 +10,7 @@ use std::fmt;
 pub const SHOWN_MAX: usize = 96;
 
 /// Displays a peer-supplied string safely (see the module documentation): control and
-/// bidirectional-override characters as `\n`, `\t`, `\u{1b}`, ..., and a string longer
+/// bidirectional-override characters as `\n`, `\t`, `\x1b`, `\u{202e}`, ..., and a string longer
 /// than [`SHOWN_MAX`] characters cut, with a note of its full size.
 #[derive(Debug, Clone, Copy)]
 pub struct Shown<'a>(pub &'a str);
@@ -33,10 +33,13 @@ impl fmt::Display for Shown<'_> {
                 );
             }
             if dangerous(c) {
-                write!(f, "{}", c.escape_debug())?;
-                if c.escape_debug().len() == 1 {
-                    // escape_debug leaves some format characters as they are.
-                    write!(f, "\\u{{{:x}}}", u32::from(c))?;
+                match c {
+                    '\n' => f.write_str("\\n")?,
+                    '\r' => f.write_str("\\r")?,
+                    '\t' => f.write_str("\\t")?,
+                    '\0' => f.write_str("\\0")?,
+                    c if u32::from(c) < 0x80 => write!(f, "\\x{:02x}", u32::from(c))?,
+                    c => write!(f, "\\u{{{:x}}}", u32::from(c))?,
                 }
             } else {
                 write!(f, "{c}")?;
@@ -62,7 +65,7 @@ mod tests {
         assert_eq!(shown("cluster \"a\" é✓"), "cluster \"a\" é✓");
         assert_eq!(
             shown("\u{1b}]0;pwned\u{7}\n\r\t\u{202e}x"),
-            "\\u{1b}]0;pwned\\u{7}\\n\\r\\t\\u{202e}x"
+            "\\x1b]0;pwned\\x07\\n\\r\\t\\u{202e}x"
         );
         let long = "\u{1b}".repeat(3_000_000);
         let out = shown(&long);
