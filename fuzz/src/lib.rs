@@ -138,6 +138,7 @@ fn message(u: &mut Unstructured<'_>) -> arbitrary::Result<Message> {
                 RejectReason::Cluster,
                 RejectReason::Key,
                 RejectReason::Busy,
+                RejectReason::Invalid,
             ])?,
             message: text(u)?,
         }),

@@ -38,10 +38,12 @@ pub mod config;
 pub mod datadir;
 pub mod dial;
 mod error;
+mod floods;
 pub mod guard;
 mod node;
 pub mod output;
 pub mod peers;
+mod sightings;
 
 pub use error::Error;
 pub use node::{

@@ -2,10 +2,10 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use p2p_core::gate::{HandshakeGate, HandshakeTicket, DEFAULT_MAX_HANDSHAKES};
+use p2p_core::gate::{HandshakeGate, HandshakeTicket, DEFAULT_MAX_HANDSHAKES, LOG_INTERVAL};
 use p2p_core::net::{self, LinkEvent, LinkId, Settings};
 use p2p_core::{ClusterKey, Hello, Identity, NodeId, PROTOCOL_VERSION};
 use p2p_discovery::{statik::Static, Announcement, Discovery};
@@ -18,6 +18,8 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::dial;
+use crate::floods::{flood_summaries, flood_warn, more, types_shown, Floods};
+use crate::sightings::Sightings;
 use crate::Error;
 
 /// Default cluster name.
@@ -249,6 +251,19 @@ impl NodeBuilder {
                     "task type {kind:?} must be ASCII letters only (e.g. a, b, render)"
                 )));
             }
+            if kind.len() > p2p_core::wire::MAX_TYPE_LEN {
+                return Err(Error::Config(format!(
+                    "task type {kind:?} is longer than {} letters",
+                    p2p_core::wire::MAX_TYPE_LEN
+                )));
+            }
+        }
+        if self.handlers.len() > p2p_core::wire::MAX_TYPES {
+            return Err(Error::Config(format!(
+                "a node serves at most {} task types ({} given)",
+                p2p_core::wire::MAX_TYPES,
+                self.handlers.len()
+            )));
         }
         if self.capacity == Some(0) {
             return Err(Error::Config("capacity must be at least 1".into()));
@@ -355,8 +370,9 @@ pub struct Node {
     local_addr: Option<SocketAddr>,
     worker: Arc<Worker>,
     discovery: Vec<Box<dyn Discovery>>,
-    /// Events of the backends started by [`Node::start`] (which announce this node).
-    found: Option<mpsc::Receiver<p2p_discovery::Event>>,
+    /// Events of the backends started by [`Node::start`] (which announce this node), drained
+    /// as they come and kept for a later run.
+    found: Option<Sightings>,
     /// Cancelled by each started backend once its farewell is out.
     discovery_stopped: Vec<CancellationToken>,
     settings: Settings,
@@ -471,10 +487,11 @@ impl Node {
                     capacity: self.worker.capacity(),
                 };
                 let found = p2p_discovery::start_all(backends, Some(me), self.shutdown.clone())?;
-                self.found = Some(found);
+                self.found = Some(Sightings::start(found));
             }
         }
         let ctx = AcceptCtx {
+            floods: Mutex::new(Floods::default()),
             hello: self.hello(true),
             settings: self.settings.clone(),
             worker: self.worker.clone(),
@@ -600,8 +617,8 @@ impl Node {
             }
         }
         // A serving node already runs (and announces with) its backends: use their events too.
-        let found = match self.found.take() {
-            Some(started) => merge(started, fresh),
+        let found = match &self.found {
+            Some(started) => merge(started.subscribe(), fresh),
             None => fresh,
         };
         let (peer_tx, peer_rx) = mpsc::channel(256);
@@ -653,6 +670,7 @@ fn merge(
 }
 
 struct AcceptCtx {
+    floods: Mutex<Floods>,
     hello: Hello,
     settings: Settings,
     worker: Arc<Worker>,
@@ -665,9 +683,14 @@ struct AcceptCtx {
 async fn accept_loop(listener: TcpListener, ctx: AcceptCtx) {
     let ctx = Arc::new(ctx);
     let mut next_id: LinkId = 0;
+    let mut summaries = tokio::time::interval(LOG_INTERVAL);
     loop {
         let accepted = tokio::select! {
             _ = ctx.shutdown.cancelled() => break,
+            _ = summaries.tick() => {
+                flood_summaries(&ctx.floods, ctx.handshakes.max());
+                continue;
+            }
             a = listener.accept() => a,
         };
         let (stream, addr) = match accepted {
@@ -680,7 +703,13 @@ async fn accept_loop(listener: TcpListener, ctx: AcceptCtx) {
             }
         };
         let Ok(permit) = ctx.slots.clone().try_acquire_owned() else {
-            warn!(peer = %addr, "connection limit reached; closing new connection");
+            flood_warn(
+                &ctx.floods,
+                |f| &mut f.limit_reached,
+                |unwritten| {
+                    warn!(peer = %addr, "connection limit reached; closing new connection{}", more(unwritten));
+                },
+            );
             continue;
         };
         let ticket = ctx.handshakes.admit();
@@ -705,11 +734,14 @@ async fn serve_connection(
     let accepted = tokio::select! {
         r = net::accept(stream, ctx.hello.clone(), &ctx.settings, id, tx) => r,
         _ = ticket.evicted() => {
-            warn!(
-                peer = %addr,
-                limit = ctx.handshakes.max(),
-                "too many connections in handshake; closed the oldest"
-            );
+            flood_warn(&ctx.floods, |f| &mut f.evicted, |unwritten| {
+                warn!(
+                    peer = %addr,
+                    limit = ctx.handshakes.max(),
+                    "too many connections in handshake; closed the oldest{}",
+                    more(unwritten)
+                );
+            });
             return;
         }
     };
@@ -717,7 +749,13 @@ async fn serve_connection(
     let link = match accepted {
         Ok(link) => link,
         Err(e) => {
-            warn!(peer = %addr, error = %e, "handshake failed; connection closed");
+            flood_warn(
+                &ctx.floods,
+                |f| &mut f.failed,
+                |unwritten| {
+                    warn!(peer = %addr, error = %e, "handshake failed; connection closed{}", more(unwritten));
+                },
+            );
             return;
         }
     };
@@ -725,7 +763,7 @@ async fn serve_connection(
     info!(
         peer = %p.node_id.short(),
         addr = %addr,
-        types = ?p.types,
+        types = %types_shown(&p.types),
         "connected"
     );
     ctx.worker

@@ -1,11 +1,21 @@
 //! Framing: a 4-byte big-endian length, then a [`wire`]-encoded [`Message`].
 //!
-//! Decoding runs on tokio-util's `LengthDelimitedCodec`, which checks the length header
-//! against the maximum before it reserves a byte; encoding refuses a frame over the maximum
-//! too, so a node never sends what its peer must reject.
+//! The decoder checks a frame's length header against the current limit before it keeps a
+//! byte of the frame, and never reserves the length a header claims: the read buffer grows
+//! only with the bytes that really arrive. The limit is [`MAX_HANDSHAKE_FRAME`] (4 KiB)
+//! while a connection is in its handshake ([`FrameCodec::begin_handshake`]; a `Hello` is
+//! bounded, see [`wire::MAX_HELLO`]), and the configured maximum frame after it
+//! ([`FrameCodec::open`]). A frame larger than [`SMALL_FRAME`] also needs its claimed length
+//! from the node's [`FrameBudget`], shared by all its connections, for as long as it is
+//! being received: a node's memory for frames in flight is bounded per connection (one
+//! maximum frame) and in total (the budget). Encoding refuses a frame over the maximum too,
+//! so a node never sends what its peer must reject.
 
-use bytes::{BufMut, BytesMut};
-use tokio_util::codec::{Decoder, Encoder, LengthDelimitedCodec};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use bytes::{Buf, BufMut, BytesMut};
+use tokio_util::codec::{Decoder, Encoder};
 
 use crate::wire::{self, MAX_FRAME_CEILING};
 use crate::{Error, Message};
@@ -16,13 +26,79 @@ pub const LENGTH_PREFIX: usize = 4;
 /// Default maximum payload length of one frame: 16 MiB.
 pub const DEFAULT_MAX_FRAME: usize = MAX_FRAME_CEILING;
 
+/// The largest frame accepted while the handshake is not done: 4 KiB. The largest `Hello`
+/// this version sends or accepts is [`wire::MAX_HELLO`] bytes; the rest is room for fields a
+/// later version may append.
+pub const MAX_HANDSHAKE_FRAME: usize = 4096;
+
+const _: () = assert!(wire::MAX_HELLO + 1024 <= MAX_HANDSHAKE_FRAME);
+
+/// Frames up to this size are received without taking from the [`FrameBudget`].
+pub const SMALL_FRAME: usize = 64 * 1024;
+
+/// Default [`FrameBudget`]: 256 MiB of large frames being received at once, per node.
+pub const DEFAULT_FRAME_BUDGET: usize = 256 * 1024 * 1024;
+
+/// The bytes a node may hold in large frames (over [`SMALL_FRAME`]) still being received,
+/// across all its connections. Cheap to clone; clones share the budget.
+///
+/// A frame whose claimed length does not fit in what is left is refused
+/// ([`Error::FrameBudget`]), which closes that connection only.
+#[derive(Debug, Clone)]
+pub struct FrameBudget {
+    total: usize,
+    used: Arc<AtomicUsize>,
+}
+
+impl FrameBudget {
+    /// A budget of `total` bytes.
+    pub fn new(total: usize) -> Self {
+        FrameBudget {
+            total,
+            used: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+
+    /// The budget's size in bytes.
+    pub fn total(&self) -> usize {
+        self.total
+    }
+
+    /// Bytes taken now by frames being received.
+    pub fn in_use(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    fn take(&self, n: usize) -> bool {
+        self.used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                used.checked_add(n).filter(|&u| u <= self.total)
+            })
+            .is_ok()
+    }
+
+    fn give_back(&self, n: usize) {
+        self.used.fetch_sub(n, Ordering::AcqRel);
+    }
+}
+
+impl Default for FrameBudget {
+    fn default() -> Self {
+        FrameBudget::new(DEFAULT_FRAME_BUDGET)
+    }
+}
+
 /// Encodes and decodes whole messages on a byte stream.
 #[derive(Debug)]
 pub struct FrameCodec {
-    inner: LengthDelimitedCodec,
     max_frame: usize,
-    /// True while the inner codec has consumed a header and waits for the payload.
-    in_frame: bool,
+    /// The limit now: `max_frame`, or [`MAX_HANDSHAKE_FRAME`] during the handshake.
+    limit: usize,
+    budget: Option<FrameBudget>,
+    /// The length of the frame whose header was consumed and whose payload is awaited.
+    pending: Option<usize>,
+    /// Bytes of `budget` this codec holds for the pending frame.
+    held: usize,
 }
 
 impl FrameCodec {
@@ -31,21 +107,62 @@ impl FrameCodec {
     /// `max_frame` is clamped to at most [`MAX_FRAME_CEILING`] (16 MiB) and at least 1 KiB.
     pub fn new(max_frame: usize) -> Self {
         let max_frame = max_frame.clamp(1024, MAX_FRAME_CEILING);
-        let inner = LengthDelimitedCodec::builder()
-            .big_endian()
-            .length_field_length(LENGTH_PREFIX)
-            .max_frame_length(max_frame)
-            .new_codec();
         FrameCodec {
-            inner,
             max_frame,
-            in_frame: false,
+            limit: max_frame,
+            budget: None,
+            pending: None,
+            held: 0,
         }
+    }
+
+    /// Large frames (over [`SMALL_FRAME`]) must take their length from `budget` while they
+    /// are received. Default: no budget (only the maximum frame bounds them).
+    pub fn with_budget(mut self, budget: FrameBudget) -> Self {
+        self.budget = Some(budget);
+        self
+    }
+
+    /// [`FrameCodec::with_budget`] on a codec in use.
+    pub fn set_budget(&mut self, budget: FrameBudget) {
+        self.release();
+        self.budget = Some(budget);
+    }
+
+    /// Accepts frames of at most [`MAX_HANDSHAKE_FRAME`] until [`FrameCodec::open`].
+    pub fn begin_handshake(&mut self) {
+        self.limit = self.max_frame.min(MAX_HANDSHAKE_FRAME);
+    }
+
+    /// The handshake is done: frames up to the maximum frame are accepted.
+    pub fn open(&mut self) {
+        self.limit = self.max_frame;
     }
 
     /// The maximum payload length this codec accepts and sends.
     pub fn max_frame(&self) -> usize {
         self.max_frame
+    }
+
+    /// The largest payload accepted now (smaller than [`FrameCodec::max_frame`] during the
+    /// handshake).
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
+    fn release(&mut self) {
+        if let Some(b) = &self.budget {
+            if self.held > 0 {
+                b.give_back(self.held);
+            }
+        }
+        self.held = 0;
+    }
+}
+
+impl Drop for FrameCodec {
+    fn drop(&mut self) {
+        self.release();
     }
 }
 
@@ -60,36 +177,62 @@ impl Decoder for FrameCodec {
     type Error = Error;
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Message>, Error> {
-        // Report an oversized header ourselves, with the claimed size; the inner codec would
-        // refuse it too, but with a less helpful error.
-        let at_head = !self.in_frame && src.len() >= LENGTH_PREFIX;
-        if at_head {
-            let claimed = u32::from_be_bytes([src[0], src[1], src[2], src[3]]) as usize;
-            if claimed > self.max_frame {
-                return Err(Error::FrameTooLarge {
-                    len: claimed,
-                    max: self.max_frame,
-                });
-            }
-        }
-        match self.inner.decode(src)? {
-            Some(frame) => {
-                self.in_frame = false;
-                wire::decode(&frame).map(Some)
-            }
+        let len = match self.pending {
+            Some(len) => len,
             None => {
-                self.in_frame |= at_head;
-                Ok(None)
+                let Some(head) = src.first_chunk::<LENGTH_PREFIX>() else {
+                    return Ok(None);
+                };
+                let claimed = u32::from_be_bytes(*head) as usize;
+                if claimed > self.limit {
+                    return Err(Error::FrameTooLarge {
+                        len: claimed,
+                        max: self.limit,
+                    });
+                }
+                if claimed > SMALL_FRAME {
+                    if let Some(b) = &self.budget {
+                        if !b.take(claimed) {
+                            return Err(Error::FrameBudget {
+                                len: claimed,
+                                budget: b.total(),
+                            });
+                        }
+                        self.held = claimed;
+                    }
+                }
+                src.advance(LENGTH_PREFIX);
+                self.pending = Some(claimed);
+                claimed
             }
+        };
+        // Nothing is reserved for the frame: the buffer grows with the bytes received.
+        if src.len() < len {
+            return Ok(None);
         }
+        self.pending = None;
+        let frame = src.split_to(len);
+        self.release();
+        let msg = wire::decode(&frame);
+        // Do not keep a large buffer for a connection after a large frame went through.
+        if src.capacity() > 2 * SMALL_FRAME && src.len() < SMALL_FRAME {
+            let rest = BytesMut::from(&src[..]);
+            *src = rest;
+        }
+        msg.map(Some)
     }
 
     fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<Message>, Error> {
         match self.decode(src)? {
             Some(msg) => Ok(Some(msg)),
-            None if src.is_empty() && !self.in_frame => Ok(None),
+            None if src.is_empty() && self.pending.is_none() => Ok(None),
             None => Err(Error::Truncated {
-                buffered: src.len(),
+                buffered: src.len()
+                    + if self.pending.is_some() {
+                        LENGTH_PREFIX
+                    } else {
+                        0
+                    },
             }),
         }
     }
@@ -215,6 +358,102 @@ mod tests {
             other => panic!("expected FrameTooLarge, got {other:?}"),
         }
         assert_eq!(src.capacity(), cap_before, "no buffer was reserved");
+    }
+
+    /// The claimed length is never reserved: 16 MiB announced and 10 bytes sent leave a
+    /// buffer the size of what arrived (it was reserved whole, before the handshake too).
+    #[test]
+    fn a_claimed_length_reserves_nothing_and_the_buffer_grows_with_what_arrives() {
+        let mut codec = FrameCodec::new(MAX_FRAME_CEILING);
+        let mut src = BytesMut::new();
+        src.put_u32(MAX_FRAME_CEILING as u32);
+        src.put_slice(&[0u8; 10]);
+        assert_eq!(codec.decode(&mut src).unwrap(), None);
+        assert!(src.capacity() < 1024, "{} bytes reserved", src.capacity());
+        // Fed 64 KiB at a time, the buffer stays within twice what it holds.
+        for _ in 0..16 {
+            src.extend_from_slice(&[0u8; 65_536]);
+            assert_eq!(codec.decode(&mut src).unwrap(), None);
+            assert!(
+                src.capacity() <= 2 * src.len() + 65_536,
+                "{}",
+                src.capacity()
+            );
+        }
+    }
+
+    #[test]
+    fn during_the_handshake_frames_are_capped_small_at_and_just_over_the_limit() {
+        let mut codec = FrameCodec::new(MAX_FRAME_CEILING);
+        codec.begin_handshake();
+        assert_eq!(codec.limit(), MAX_HANDSHAKE_FRAME);
+        let mut over = BytesMut::new();
+        over.put_u32(MAX_HANDSHAKE_FRAME as u32 + 1);
+        assert!(matches!(
+            codec.decode(&mut over),
+            Err(Error::FrameTooLarge { len, max: MAX_HANDSHAKE_FRAME }) if len == MAX_HANDSHAKE_FRAME + 1
+        ));
+        // Exactly the limit: accepted, and decoded once it is all there.
+        let mut codec = FrameCodec::new(MAX_FRAME_CEILING);
+        codec.begin_handshake();
+        let mut payload = BytesMut::new();
+        wire::encode_into(&Message::Goodbye, &mut payload).unwrap();
+        payload.resize(MAX_HANDSHAKE_FRAME, 0);
+        let mut src = BytesMut::new();
+        src.put_u32(MAX_HANDSHAKE_FRAME as u32);
+        src.put_slice(&payload[..100]);
+        assert_eq!(codec.decode(&mut src).unwrap(), None);
+        src.put_slice(&payload[100..]);
+        assert_eq!(codec.decode(&mut src).unwrap(), Some(Message::Goodbye));
+        // After the handshake the configured maximum applies.
+        codec.open();
+        let mut big = BytesMut::new();
+        big.put_u32(MAX_HANDSHAKE_FRAME as u32 + 1);
+        assert_eq!(codec.decode(&mut big).unwrap(), None);
+    }
+
+    #[test]
+    fn large_frames_share_the_nodes_budget_and_give_it_back() {
+        let budget = FrameBudget::new(1024 * 1024);
+        let claim = 700 * 1024;
+        let header = |n: usize| {
+            let mut b = BytesMut::new();
+            b.put_u32(n as u32);
+            b
+        };
+        let mut a = FrameCodec::new(MAX_FRAME_CEILING).with_budget(budget.clone());
+        let mut b = FrameCodec::new(MAX_FRAME_CEILING).with_budget(budget.clone());
+        assert_eq!(a.decode(&mut header(claim)).unwrap(), None);
+        assert_eq!(budget.in_use(), claim);
+        assert!(matches!(
+            b.decode(&mut header(claim)),
+            Err(Error::FrameBudget {
+                budget: 1_048_576,
+                ..
+            })
+        ));
+        // Small frames never need the budget.
+        let mut small = BytesMut::new();
+        b.encode(&Message::Goodbye, &mut small).unwrap();
+        assert_eq!(b.decode(&mut small).unwrap(), Some(Message::Goodbye));
+        // A connection that closes mid-frame gives its share back.
+        drop(a);
+        assert_eq!(budget.in_use(), 0);
+        let mut c = FrameCodec::new(MAX_FRAME_CEILING).with_budget(budget.clone());
+        let msg = all_messages()[4].clone();
+        let Message::Completed(mut done) = msg else {
+            panic!()
+        };
+        done.output = "x".repeat(claim);
+        let mut wire = BytesMut::new();
+        c.encode(&Message::Completed(done.clone()), &mut wire)
+            .unwrap();
+        let tail = wire.split_off(100);
+        assert_eq!(c.decode(&mut wire).unwrap(), None);
+        assert!(budget.in_use() > claim);
+        wire.extend_from_slice(&tail);
+        assert_eq!(c.decode(&mut wire).unwrap(), Some(Message::Completed(done)));
+        assert_eq!(budget.in_use(), 0, "a complete frame gives its share back");
     }
 
     #[test]

@@ -338,7 +338,7 @@ impl Connection {
                 if self.we_said_goodbye || self.peer_said_goodbye {
                     return self.fail(Error::Violation(format!(
                         "assignment {} after goodbye",
-                        a.task
+                        crate::shown::Shown(&a.task)
                     )));
                 }
                 if self.inbound.len() >= self.local.capacity as usize {
@@ -478,6 +478,23 @@ impl Connection {
         }
     }
 
+    /// The peer's handshake broke a bound of the protocol (`e`, from the decoder): an
+    /// acceptor still in the handshake answers `Reject(Invalid)` saying which
+    /// ([`Connection::poll_transmit`]). Returns `e`; the connection must be closed.
+    pub fn handle_invalid(&mut self, e: Error) -> Error {
+        if self.state == State::Handshaking
+            && self.role == Role::Acceptor
+            && matches!(e, Error::Bound { .. })
+        {
+            self.transmit.push_back(Message::Reject(Reject {
+                reason: RejectReason::Invalid,
+                message: e.to_string(),
+            }));
+        }
+        self.state = State::Failed;
+        e
+    }
+
     fn check_peer(&self, peer: &Hello) -> Option<(RejectReason, String)> {
         if peer.version != PROTOCOL_VERSION {
             return Some((
@@ -495,6 +512,17 @@ impl Connection {
                     "cluster {:?} does not match this node's cluster {:?}",
                     peer.cluster, self.local.cluster
                 ),
+            ));
+        }
+        // Types are ASCII letters (lower case), as the task file's grammar makes them.
+        if let Some(bad) = peer
+            .types
+            .iter()
+            .find(|t| t.is_empty() || !t.bytes().all(|b| b.is_ascii_lowercase()))
+        {
+            return Some((
+                RejectReason::Invalid,
+                format!("type {bad:?} is not a task type (lower-case ASCII letters only)"),
             ));
         }
         None

@@ -18,6 +18,28 @@ pub enum Error {
         /// The configured maximum.
         max: usize,
     },
+    /// A large frame does not fit in what is left of the node's budget for frames being
+    /// received ([`crate::codec::FrameBudget`]): many large frames arrive at once.
+    #[error(
+        "frame of {len} bytes refused: the node's memory for large frames being received \
+         ({budget} bytes, shared by all connections) is in use"
+    )]
+    FrameBudget {
+        /// The claimed length.
+        len: usize,
+        /// The node's budget.
+        budget: usize,
+    },
+    /// A field of the peer's handshake exceeds its bound (see [`crate::wire::MAX_HELLO`]).
+    #[error("the peer's handshake is refused: its {what} is {len}, more than the {max} allowed")]
+    Bound {
+        /// The field (`cluster name (bytes)`, `type count`, ...).
+        what: &'static str,
+        /// Its size.
+        len: usize,
+        /// The bound.
+        max: usize,
+    },
     /// The stream ended in the middle of a frame.
     #[error("connection closed in the middle of a frame ({buffered} bytes buffered)")]
     Truncated {
@@ -48,7 +70,10 @@ pub enum Error {
     #[error("protocol violation: {0}")]
     Violation(String),
     /// The peer refused our handshake.
-    #[error("peer rejected the handshake ({reason:?}): {message}")]
+    #[error(
+        "peer rejected the handshake ({reason:?}): {}",
+        crate::shown::Shown(message)
+    )]
     Rejected {
         /// Why.
         reason: RejectReason,

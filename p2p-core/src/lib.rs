@@ -16,7 +16,9 @@
 //! - [`secure`]: the secure channel (Noise handshake under the cluster key, then encrypted
 //!   frames); [`net`] uses it when [`net::Settings::key`] is set, and then checks that the
 //!   peer's node id is the one its identity proves.
-//! - [`gate`]: a bound on connections still in handshake, evicting the oldest when full.
+//! - [`gate`]: a bound on connections still in handshake, evicting the oldest when full,
+//!   and [`gate::LogLimit`], which turns a flood of one warning into a summary line.
+//! - [`shown`]: how a peer-supplied string is shown in logs and errors (escaped, cut short).
 //! - [`text`]: peer-supplied text escaped for a terminal or a log line.
 //! - [`NodeId`]: node identity.
 //!
@@ -45,6 +47,7 @@ pub mod key;
 pub mod message;
 pub mod net;
 pub mod secure;
+pub mod shown;
 pub mod text;
 pub mod wire;
 

@@ -101,6 +101,9 @@ pub enum RejectReason {
     Key,
     /// The node is at its connection limit.
     Busy,
+    /// The `Hello` breaks a bound of the protocol (too many types, a name too long; see
+    /// [`crate::wire::MAX_HELLO`]).
+    Invalid,
 }
 
 /// A refused handshake.

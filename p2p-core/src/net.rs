@@ -27,8 +27,9 @@ use tokio::time::Instant;
 use tokio_util::codec::Framed;
 use tracing::{debug, warn};
 
-use crate::codec::{FrameCodec, DEFAULT_MAX_FRAME};
+use crate::codec::{FrameBudget, FrameCodec, DEFAULT_MAX_FRAME};
 use crate::conn::{self, Connection, Event, Role};
+use crate::gate::{self, LogLimit};
 use crate::identity::Identity;
 use crate::key::ClusterKey;
 use crate::message::{Assign, Completed, Hello, Message, Reject, RejectReason};
@@ -52,6 +53,10 @@ pub struct Settings {
     /// during a key rotation a node dials with one key and accepts the old and the new one.
     /// Default none.
     pub accept_keys: Vec<ClusterKey>,
+    /// The bytes this node may hold in large frames still being received, shared by all
+    /// the connections given these settings (clones share it). Default
+    /// [`crate::codec::DEFAULT_FRAME_BUDGET`] (256 MiB).
+    pub frame_budget: FrameBudget,
     /// This node's identity: with a cluster key, its private key is the Noise static key
     /// and the local `Hello`'s node id must be [`Identity::node_id`]. Required with a key
     /// (a connection without it fails with [`Error::InvalidState`]). Default none.
@@ -67,6 +72,7 @@ impl Default for Settings {
             key: None,
             accept_keys: Vec::new(),
             identity: None,
+            frame_budget: FrameBudget::default(),
         }
     }
 }
@@ -320,12 +326,19 @@ async fn start(
             (WireCodec::Secure(Box::new(codec)), Some(proven))
         }
     };
+    let mut codec = codec;
+    // Until the handshake is done, frames are at most a few KiB (a Hello is bounded).
+    codec.frames_mut().begin_handshake();
+    codec.frames_mut().set_budget(settings.frame_budget.clone());
     let mut io = Framed::new(stream, codec);
     // The handshake timeout counts from the start, secure handshake included.
     let local_capacity = local.capacity;
     let mut conn = Connection::new(role, local, settings.conn.clone(), started);
     let peer = match handshake(&mut io, &mut conn, proven).await {
-        Ok(peer) => peer,
+        Ok(peer) => {
+            io.codec_mut().frames_mut().open();
+            peer
+        }
         Err(e) => {
             // Best effort: tell the peer why (a Reject), without waiting long.
             let _ =
@@ -480,7 +493,7 @@ async fn handshake_inner(
                     }
                     conn.handle_message(msg, now())?
                 }
-                Some(Err(e)) => return Err(e),
+                Some(Err(e)) => return Err(conn.handle_invalid(e)),
                 None => return Err(Error::ClosedInHandshake("")),
             },
             _ = sleep_until(deadline) => conn.handle_timeout(now())?,
@@ -569,7 +582,26 @@ async fn drive(
     };
     match &error {
         None => debug!(link = id, "connection closed after goodbye"),
-        Some(e) => warn!(link = id, error = %e, "connection closed"),
+        Some(e) => {
+            // A flood of connections that fail after their handshake (anyone can complete
+            // one without a key) writes a few lines and a count, not one line each.
+            static CLOSED: std::sync::Mutex<LogLimit> =
+                std::sync::Mutex::new(LogLimit::new(gate::LOG_INTERVAL, gate::LOG_BURST));
+            let let_through = CLOSED
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .hit(std::time::Instant::now());
+            match let_through {
+                Some(0) => warn!(link = id, error = %e, "connection closed"),
+                Some(n) => warn!(
+                    link = id,
+                    error = %e,
+                    "connection closed ({n} more connections closed with an error since the \
+                     last such line, not logged one by one)"
+                ),
+                None => debug!(link = id, error = %e, "connection closed"),
+            }
+        }
     }
     // Close our write side so the peer sees EOF promptly.
     let _ = tokio::time::timeout(Duration::from_millis(200), io.get_mut().shutdown()).await;

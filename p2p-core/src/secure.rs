@@ -105,6 +105,14 @@ impl Decoder for WireCodec {
 }
 
 impl WireCodec {
+    /// The frame codec inside (to set its handshake limit and budget).
+    pub fn frames_mut(&mut self) -> &mut FrameCodec {
+        match self {
+            WireCodec::Plain(c) => c,
+            WireCodec::Secure(c) => &mut c.frames,
+        }
+    }
+
     /// Starts a batch: until [`WireCodec::end_batch`], small frames are collected instead
     /// of being encrypted one by one (nothing changes without a key).
     pub fn begin_batch(&mut self) {
@@ -231,6 +239,11 @@ impl SecureCodec {
         self.frames.max_frame()
     }
 
+    /// The frame codec inside (to set its handshake limit and budget).
+    pub fn frames_mut(&mut self) -> &mut FrameCodec {
+        &mut self.frames
+    }
+
     /// Decrypts one transport message from `src` into the plaintext buffer. `Ok(false)`:
     /// `src` does not hold a whole message yet.
     fn open_chunk(&mut self, src: &mut BytesMut) -> Result<bool, Error> {
@@ -245,7 +258,7 @@ impl SecureCodec {
         // The plaintext of one frame never exceeds the maximum frame plus its header, and a
         // chunk never spans two frames: a chunk that would overflow is refused before any
         // byte of it is stored.
-        let limit = (self.frames.max_frame() + LENGTH_PREFIX).max(BATCH_PLAINTEXT);
+        let limit = (self.frames.limit() + LENGTH_PREFIX).max(BATCH_PLAINTEXT);
         if self.plain.len() + (len - TAG_LEN) > limit {
             return Err(Error::FrameTooLarge {
                 len: self.plain.len() + len - TAG_LEN,
@@ -253,7 +266,7 @@ impl SecureCodec {
             });
         }
         if src.len() < 2 + len {
-            src.reserve(2 + len - src.len());
+            // Nothing reserved for the claimed length: the buffer grows with what arrives.
             return Ok(false);
         }
         let chunk = src.split_to(2 + len);

@@ -11,15 +11,41 @@
 //! standard configuration does (docs/PROTOCOL.md), which costs a fraction of the generic
 //! serde path; the handshake messages go through bincode itself. A hand-decoded string may
 //! claim at most the bytes left in its payload, so nothing is allocated beyond the frame.
+//!
+//! The handshake messages (`Hello`, `Welcome`, `Reject`) are decoded by hand too, with every
+//! field bounded before anything is allocated for it: the cluster name ([`MAX_CLUSTER`]
+//! bytes), the number of types ([`MAX_TYPES`]) and each type's length ([`MAX_TYPE_LEN`]),
+//! and a `Reject`'s message ([`MAX_REJECT_MESSAGE`]; longer ones are cut when encoded). A
+//! field over its bound is [`Error::Bound`], which the acceptor answers with
+//! `Reject(Invalid)`. So the largest `Hello` is [`MAX_HELLO`] bytes.
 
 use bincode::config::{self, Config};
 use bytes::{BufMut, BytesMut};
 
-use crate::message::{Assign, Completed};
-use crate::{Error, Message};
+use crate::message::{Assign, Completed, Hello, Reject, RejectReason};
+use crate::{Error, Message, NodeId};
 
 /// The largest frame any configuration may allow (and the default maximum): 16 MiB.
 pub const MAX_FRAME_CEILING: usize = 16 * 1024 * 1024;
+
+/// The longest cluster name in a `Hello`, in bytes.
+pub const MAX_CLUSTER: usize = 64;
+
+/// The most task types a `Hello` may list.
+pub const MAX_TYPES: usize = 64;
+
+/// The longest task type in a `Hello`, in bytes.
+pub const MAX_TYPE_LEN: usize = 32;
+
+/// The longest `Reject` message, in bytes; a longer one is cut (on a character boundary)
+/// when it is encoded.
+pub const MAX_REJECT_MESSAGE: usize = 1024;
+
+/// The largest `Hello` (or `Welcome`) payload this version encodes or accepts: the variant
+/// (1 byte), version (at most 3), cluster name (1 + [`MAX_CLUSTER`]), node id (16), types
+/// (1 + [`MAX_TYPES`] x (1 + [`MAX_TYPE_LEN`])) and capacity (at most 5): 2,203 bytes.
+pub const MAX_HELLO: usize =
+    1 + 3 + (1 + MAX_CLUSTER) + 16 + (1 + MAX_TYPES * (1 + MAX_TYPE_LEN)) + 5;
 
 fn cfg<const LIMIT: usize>() -> impl Config {
     // Encoding uses the same limit type; it never binds there (frames are checked after).
@@ -78,6 +104,17 @@ pub fn encode_into(msg: &Message, dst: &mut BytesMut) -> Result<(), Error> {
             put_varint(dst, 10);
             put_varint(dst, *seq);
         }
+        Message::Reject(r) if r.message.len() > MAX_REJECT_MESSAGE => {
+            let mut cut = MAX_REJECT_MESSAGE;
+            while !r.message.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            let short = Message::Reject(Reject {
+                reason: r.reason,
+                message: r.message[..cut].to_string(),
+            });
+            return encode_into(&short, dst);
+        }
         Message::Hello(_) | Message::Welcome(_) | Message::Reject(_) => {
             let writer = BufWriter(dst);
             bincode::serde::encode_into_writer(msg, writer, cfg::<MAX_FRAME_CEILING>())
@@ -94,6 +131,19 @@ pub fn decode(payload: &[u8]) -> Result<Message, Error> {
     let mut r = Reader(payload);
     let variant = r.varint_u32()?;
     let msg = match variant {
+        0 => Message::Hello(r.hello()?),
+        1 => Message::Welcome(r.hello()?),
+        2 => Message::Reject(Reject {
+            reason: match r.varint_u32()? {
+                0 => RejectReason::Version,
+                1 => RejectReason::Cluster,
+                2 => RejectReason::Key,
+                3 => RejectReason::Busy,
+                4 => RejectReason::Invalid,
+                n => return Err(Error::Decode(format!("unknown reject reason {n}"))),
+            },
+            message: r.bounded_string(MAX_REJECT_MESSAGE, "reject message (bytes)")?,
+        }),
         3 => Message::Assign(Assign {
             seq: r.varint()?,
             task: r.string()?,
@@ -179,6 +229,14 @@ impl Reader<'_> {
         }
     }
 
+    fn varint_u16(&mut self) -> Result<u16, Error> {
+        match self.u8()? {
+            b @ 0..=250 => Ok(u16::from(b)),
+            251 => Ok(u16::from_le_bytes(self.bytes()?)),
+            b => Err(Error::Decode(format!("invalid varint tag {b} for a u16"))),
+        }
+    }
+
     fn varint_u32(&mut self) -> Result<u32, Error> {
         match self.u8()? {
             b @ 0..=250 => Ok(u32::from(b)),
@@ -204,6 +262,49 @@ impl Reader<'_> {
         }
     }
 
+    /// A `Hello` (or `Welcome`) with every field within its bound.
+    fn hello(&mut self) -> Result<Hello, Error> {
+        let version = self.varint_u16()?;
+        let cluster = self.bounded_string(MAX_CLUSTER, "cluster name (bytes)")?;
+        let node_id = NodeId(self.bytes::<16>()?);
+        let count = self.varint()?;
+        let count = usize::try_from(count)
+            .ok()
+            .filter(|&n| n <= MAX_TYPES)
+            .ok_or(Error::Bound {
+                what: "number of types",
+                len: usize::try_from(count).unwrap_or(usize::MAX),
+                max: MAX_TYPES,
+            })?;
+        let mut types = Vec::with_capacity(count);
+        for _ in 0..count {
+            types.push(self.bounded_string(MAX_TYPE_LEN, "type name (bytes)")?);
+        }
+        let capacity = self.varint_u32()?;
+        Ok(Hello {
+            version,
+            cluster,
+            node_id,
+            types,
+            capacity,
+        })
+    }
+
+    /// A string of at most `max` bytes (else [`Error::Bound`] naming `what`), checked
+    /// before anything is allocated.
+    fn bounded_string(&mut self, max: usize, what: &'static str) -> Result<String, Error> {
+        let mut peek = Reader(self.0);
+        let len = peek.varint()?;
+        if len > max as u64 {
+            return Err(Error::Bound {
+                what,
+                len: usize::try_from(len).unwrap_or(usize::MAX),
+                max,
+            });
+        }
+        self.string()
+    }
+
     /// A string; its claimed length must fit in what is left of the payload, so a
     /// malicious length allocates nothing.
     fn string(&mut self) -> Result<String, Error> {
@@ -224,7 +325,8 @@ impl Reader<'_> {
     }
 }
 
-/// The generic decoder (bincode via serde), for the handshake messages.
+/// The generic decoder (bincode via serde): what is not decoded by hand (unknown kinds,
+/// which it refuses), and the reference the hand decoders are tested against.
 fn decode_bincode(payload: &[u8]) -> Result<Message, Error> {
     // bincode's limit bounds the sum of the sizes claimed while decoding (container lengths,
     // and the in-memory size of each integer, which can exceed its varint encoding). Four
@@ -350,6 +452,118 @@ mod tests {
         assert!(decode(&[5, 254]).is_err());
         assert!(decode(&[253]).is_err());
         assert!(decode(&[10]).is_err());
+    }
+
+    fn hello(types: usize, type_len: usize, cluster_len: usize) -> Hello {
+        Hello {
+            version: crate::PROTOCOL_VERSION,
+            cluster: "c".repeat(cluster_len),
+            node_id: NodeId([9; 16]),
+            types: (0..types)
+                .map(|i| {
+                    ((b'a' + (i % 26) as u8) as char)
+                        .to_string()
+                        .repeat(type_len)
+                })
+                .collect(),
+            capacity: u32::MAX,
+        }
+    }
+
+    fn handshake_messages() -> Vec<Message> {
+        let mut v = Vec::new();
+        for (types, type_len, cluster_len) in
+            [(0, 1, 1), (1, 1, 7), (MAX_TYPES, MAX_TYPE_LEN, MAX_CLUSTER)]
+        {
+            v.push(Message::Hello(hello(types, type_len, cluster_len)));
+            v.push(Message::Welcome(hello(types, type_len, cluster_len)));
+        }
+        for reason in [
+            RejectReason::Version,
+            RejectReason::Cluster,
+            RejectReason::Key,
+            RejectReason::Busy,
+            RejectReason::Invalid,
+        ] {
+            v.push(Message::Reject(Reject {
+                reason,
+                message: "é✓".repeat(100),
+            }));
+        }
+        v
+    }
+
+    #[test]
+    fn hand_decoded_handshakes_are_bincode_and_the_largest_hello_is_max_hello() {
+        for msg in handshake_messages() {
+            let theirs = bincode_bytes(&msg);
+            assert_eq!(decode(&theirs).unwrap(), msg);
+            assert_eq!(decode_bincode(&theirs).unwrap(), msg);
+            for cut in 0..theirs.len() {
+                assert!(decode(&theirs[..cut]).is_err(), "{msg:?} cut at {cut}");
+            }
+        }
+        let largest = bincode_bytes(&Message::Hello(Hello {
+            version: u16::MAX,
+            ..hello(MAX_TYPES, MAX_TYPE_LEN, MAX_CLUSTER)
+        }));
+        assert_eq!(largest.len(), MAX_HELLO);
+    }
+
+    /// A Hello of 7,000,000 one-byte types (a 14 MB frame) was welcomed and cost 789 MiB;
+    /// a 3 MB cluster name was echoed in a 15 MB Reject. Each field is refused at its bound,
+    /// just over it, before anything is allocated for it.
+    #[test]
+    fn every_field_of_a_hello_is_bounded() {
+        let bound = |m: &Message| match decode(&bincode_bytes(m)) {
+            Err(Error::Bound { what, len, max }) => (what, len, max),
+            other => panic!("expected a bound error, got {other:?}"),
+        };
+        assert_eq!(
+            bound(&Message::Hello(hello(MAX_TYPES + 1, 1, 1))),
+            ("number of types", MAX_TYPES + 1, MAX_TYPES)
+        );
+        assert_eq!(
+            bound(&Message::Welcome(hello(1, MAX_TYPE_LEN + 1, 1))),
+            ("type name (bytes)", MAX_TYPE_LEN + 1, MAX_TYPE_LEN)
+        );
+        assert_eq!(
+            bound(&Message::Hello(hello(1, 1, MAX_CLUSTER + 1))),
+            ("cluster name (bytes)", MAX_CLUSTER + 1, MAX_CLUSTER)
+        );
+        let mut claim = bincode_bytes(&Message::Hello(hello(0, 1, 1)));
+        // The type count (last but one field, before capacity u32::MAX = 5 bytes) claims
+        // 7,000,000 in a tiny payload.
+        let at = claim.len() - 6;
+        claim.truncate(at);
+        claim.push(252);
+        claim.extend_from_slice(&7_000_000u32.to_le_bytes());
+        assert!(matches!(
+            decode(&claim),
+            Err(Error::Bound {
+                what: "number of types",
+                len: 7_000_000,
+                ..
+            })
+        ));
+        // A Reject's message is cut when encoded, and refused over the bound when decoded.
+        let long = Message::Reject(Reject {
+            reason: RejectReason::Cluster,
+            message: "é".repeat(MAX_REJECT_MESSAGE),
+        });
+        let mut ours = BytesMut::new();
+        encode_into(&long, &mut ours).unwrap();
+        match decode(&ours).unwrap() {
+            Message::Reject(r) => {
+                assert!(r.message.len() <= MAX_REJECT_MESSAGE);
+                assert_eq!(r.message.len(), MAX_REJECT_MESSAGE);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            decode(&bincode_bytes(&long)),
+            Err(Error::Bound { .. })
+        ));
     }
 
     #[test]

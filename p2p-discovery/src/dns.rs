@@ -89,12 +89,29 @@ impl Discovery for Dns {
                             source: "dns",
                         });
                     }
+                    // Never wait for the consumer: an address whose event is dropped (the
+                    // queue is full) is left out of `known`, so the next lookup reports it
+                    // again; a dropped `Lost` stays in `known` for the same reason.
+                    let mut tx = Some(ctx.events.clone());
                     for ev in events {
-                        if ctx.events.send(ev).await.is_err() {
-                            return;
+                        let addr = match &ev {
+                            Event::Discovered(p) => p.addr,
+                            Event::Lost { addr, .. } => *addr,
+                        };
+                        let lost = matches!(ev, Event::Lost { .. });
+                        match crate::offer(&mut tx, ev) {
+                            crate::Offered::Sent if lost => {
+                                known.remove(&addr);
+                            }
+                            crate::Offered::Sent => {
+                                known.insert(addr);
+                            }
+                            crate::Offered::Dropped => {
+                                tracing::debug!(peer = %addr, "dns discovery: event queue full; reported again next lookup");
+                            }
+                            crate::Offered::Closed => return,
                         }
                     }
-                    known = now;
                 }
                 tokio::select! {
                     _ = ctx.shutdown.cancelled() => return,

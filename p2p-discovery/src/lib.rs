@@ -88,8 +88,39 @@ pub mod statik;
 mod testns;
 pub mod udp;
 
-/// How many undelivered events a discovery stream holds before backends wait.
+/// How many undelivered events a discovery stream holds. The backends that watch a network
+/// (udp, mdns, dns) never wait for room: an event that finds the queue full is dropped and
+/// counted, and the peer is reported again when next heard. `static` (a fixed list, sent
+/// once) waits for room, so that no listed peer is lost.
 pub const EVENT_QUEUE: usize = 1024;
+
+/// What became of an event offered to a stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Offered {
+    /// It is in the queue.
+    Sent,
+    /// The queue was full: dropped (the caller counts it and forgets what it reported).
+    Dropped,
+    /// Nobody listens any more (or never did): the sender is gone.
+    Closed,
+}
+
+/// Offers `ev` to `events` without ever waiting: the announce and answer paths of a backend
+/// must not depend on how fast (or whether) its consumer reads. A closed stream clears
+/// `events`.
+pub(crate) fn offer(events: &mut Option<mpsc::Sender<Event>>, ev: Event) -> Offered {
+    let Some(tx) = events.as_ref() else {
+        return Offered::Closed;
+    };
+    match tx.try_send(ev) {
+        Ok(()) => Offered::Sent,
+        Err(mpsc::error::TrySendError::Full(_)) => Offered::Dropped,
+        Err(mpsc::error::TrySendError::Closed(_)) => {
+            *events = None;
+            Offered::Closed
+        }
+    }
+}
 
 /// Errors of discovery backends.
 #[derive(Debug, thiserror::Error)]

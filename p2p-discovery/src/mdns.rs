@@ -120,7 +120,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 pub use crate::udp::Interfaces;
-use crate::{bump, Announcement, Context, Discovery, Error, Event, Peer};
+use crate::{bump, offer, Announcement, Context, Discovery, Error, Event, Offered, Peer};
 use txt::Verdict;
 pub use txt::{KEY_CAPACITY, KEY_CLUSTER, KEY_ID, KEY_MAC, KEY_TYPES, KEY_VERSION};
 
@@ -243,6 +243,9 @@ backend_counters! {
     discovered,
     /// `Lost` events produced.
     lost,
+    /// Events dropped because the consumer's queue was full (a dropped `Discovered` is
+    /// reported again when the instance is next resolved).
+    dropped,
 }
 
 /// The `mdns` backend.
@@ -475,7 +478,7 @@ impl Driver {
                 _ = shutdown.cancelled() => break,
                 () = receiver_gone(watch.as_ref()) => events = None,
                 ev = self.browse.recv_async() => match ev {
-                    Ok(ev) => self.handle(ev, &mut events, &shutdown).await,
+                    Ok(ev) => self.handle(ev, &mut events),
                     Err(_) => {
                         // The daemon drops a subscription whose channel is full; browse again
                         // (the daemon reports what it has cached at once).
@@ -498,12 +501,7 @@ impl Driver {
         let _ = tokio::time::timeout(FAREWELL, self.farewell()).await;
     }
 
-    async fn handle(
-        &mut self,
-        ev: ServiceEvent,
-        events: &mut Option<mpsc::Sender<Event>>,
-        shutdown: &CancellationToken,
-    ) {
+    fn handle(&mut self, ev: ServiceEvent, events: &mut Option<mpsc::Sender<Event>>) {
         match ev {
             ServiceEvent::ServiceResolved(svc) => {
                 bump(&self.stats.resolved);
@@ -517,12 +515,15 @@ impl Driver {
                         if let Some(old) = old {
                             if old.addr != peer.addr || old.node_id != peer.node_id {
                                 let lost = lost_event(old);
-                                self.emit(events, lost, shutdown).await;
+                                self.emit(events, lost);
                             }
                         }
                         debug!(instance = %name, peer = %peer.addr, types = ?peer.types, "mdns discovery: peer found");
-                        self.known.insert(name, peer.clone());
-                        self.emit(events, Event::Discovered(peer), shutdown).await;
+                        self.known.insert(name.clone(), peer.clone());
+                        if self.emit(events, Event::Discovered(peer)) == Offered::Dropped {
+                            // Not delivered: forget it, so its next resolution reports it.
+                            self.known.remove(&name);
+                        }
                     }
                     other => {
                         let counter = match &other {
@@ -542,7 +543,7 @@ impl Driver {
                         bump(counter);
                         // A known instance that changed into one we do not use is gone.
                         if let Some(old) = self.known.remove(&name) {
-                            self.emit(events, lost_event(&old), shutdown).await;
+                            self.emit(events, lost_event(&old));
                         }
                     }
                 }
@@ -550,33 +551,24 @@ impl Driver {
             ServiceEvent::ServiceRemoved(_, name) => {
                 if let Some(old) = self.known.remove(&name) {
                     debug!(instance = %name, peer = %old.addr, "mdns discovery: peer lost");
-                    self.emit(events, lost_event(&old), shutdown).await;
+                    self.emit(events, lost_event(&old));
                 }
             }
             _ => {}
         }
     }
 
-    async fn emit(
-        &self,
-        events: &mut Option<mpsc::Sender<Event>>,
-        ev: Event,
-        shutdown: &CancellationToken,
-    ) {
+    /// Reports `ev` without waiting for the consumer (see [`crate::offer`]).
+    fn emit(&self, events: &mut Option<mpsc::Sender<Event>>, ev: Event) -> Offered {
         match &ev {
             Event::Discovered(_) => bump(&self.stats.discovered),
             Event::Lost { .. } => bump(&self.stats.lost),
         }
-        let Some(tx) = events.as_ref() else {
-            return;
-        };
-        let closed = tokio::select! {
-            _ = shutdown.cancelled() => false,
-            r = tx.send(ev) => r.is_err(),
-        };
-        if closed {
-            *events = None;
+        let offered = offer(events, ev);
+        if offered == Offered::Dropped {
+            bump(&self.stats.dropped);
         }
+        offered
     }
 
     /// Unregisters this node's instance (the goodbye) and stops the daemon.

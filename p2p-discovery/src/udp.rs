@@ -54,11 +54,15 @@
 //! A node that does not listen (a pure `run`) should use [`Interfaces::All`], or the interface
 //! the user names (`--discovery-interface`, parsed by [`Interfaces`]'s `FromStr`).
 //!
-//! Each interface gets its own socket, bound to the group and port with `SO_REUSEADDR` and
-//! `SO_REUSEPORT` (so every node of a host shares the port), joined to the group on that
+//! Each interface gets its own socket, bound to the group and port with `SO_REUSEADDR` (so
+//! every node of a host shares the port; `SO_REUSEPORT` too on BSDs and macOS, which need it,
+//! but never on Linux, where it makes the sockets one load-balancing group and hands each
+//! datagram to one of them, whatever interface it joined on), joined to the group on that
 //! interface only, with `IP_MULTICAST_IF` set to it, `IP_MULTICAST_LOOP` on (nodes on one
 //! host hear each other) and, on Linux, `IP_MULTICAST_ALL` off (no datagrams of groups that
-//! other sockets joined on other interfaces).
+//! other sockets joined on other interfaces). So any mix of loopback and LAN nodes on one
+//! host hears what it should: each socket gets a copy of every beacon that arrives on its
+//! interface.
 //!
 //! **Loopback on Linux.** Multicast on `lo` works although `lo` lacks the `MULTICAST` flag:
 //! with `IP_MULTICAST_IF` set to `127.0.0.1`, no multicast route and no
@@ -86,7 +90,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::beacon::{self, Beacon, MAX_BEACON};
-use crate::bump;
+use crate::{bump, offer, Offered};
 use crate::{Announcement, Context, Discovery, Error, Event};
 use table::{Outcome, Table};
 
@@ -359,6 +363,11 @@ backend_counters! {
     discovered,
     /// `Lost` events produced.
     lost,
+    /// Events dropped because the consumer's queue was full (a dropped `Discovered` is
+    /// reported again on the peer's next beacon).
+    dropped,
+    /// Peers pushed out of the full peer table by newer ones (reported lost).
+    evicted,
 }
 
 /// The `udp` backend.
@@ -588,14 +597,20 @@ impl Driver {
                                 answer_at = Some(Instant::now() + self.answer_delay);
                             }
                         }
-                        Outcome::Event(ev) => self.emit(&mut events, ev, &shutdown).await,
+                        Outcome::Event(ev) => {
+                            for old in self.table.take_evicted() {
+                                bump(&self.stats.evicted);
+                                self.emit(&mut events, old);
+                            }
+                            self.emit(&mut events, ev);
+                        }
                         Outcome::Seen => {}
                         other => self.ignored(&other, from, data.len()),
                     }
                 }
                 _ = tokio::time::sleep_until(expiry.unwrap_or_else(far)), if expiry.is_some() => {
                     for ev in self.table.expire(Instant::now()) {
-                        self.emit(&mut events, ev, &shutdown).await;
+                        self.emit(&mut events, ev);
                     }
                 }
                 _ = tokio::time::sleep_until(answer_at.unwrap_or_else(far)), if answer_at.is_some() => {
@@ -628,12 +643,9 @@ impl Driver {
         }
     }
 
-    async fn emit(
-        &self,
-        events: &mut Option<mpsc::Sender<Event>>,
-        ev: Event,
-        shutdown: &CancellationToken,
-    ) {
+    /// Reports `ev` without waiting: this loop also sends the beacons and answers queries,
+    /// so it must never wait for the consumer (a serving node may not read at all).
+    fn emit(&mut self, events: &mut Option<mpsc::Sender<Event>>, ev: Event) {
         match &ev {
             Event::Discovered(p) => {
                 bump(&self.stats.discovered);
@@ -644,15 +656,15 @@ impl Driver {
                 debug!(peer = %addr, "udp discovery: peer lost");
             }
         }
-        let Some(tx) = events.as_ref() else {
-            return;
+        let forget = match &ev {
+            Event::Discovered(p) => p.node_id,
+            Event::Lost { .. } => None,
         };
-        let closed = tokio::select! {
-            _ = shutdown.cancelled() => false,
-            r = tx.send(ev) => r.is_err(),
-        };
-        if closed {
-            *events = None;
+        if offer(events, ev) == Offered::Dropped {
+            bump(&self.stats.dropped);
+            if let Some(id) = forget {
+                self.table.forget(&id);
+            }
         }
     }
 

@@ -382,3 +382,115 @@ fn keyed_nodes_find_each_other_and_ignore_beacons_of_another_key() {
         );
     }
 }
+
+/// A host that runs a loopback node as well as LAN nodes (any mix, both ways): every node
+/// finds those it should. The loopback node's socket, bound to the group with
+/// `SO_REUSEPORT` and joined on `lo`, used to take delivery of the LAN socket's beacons, so
+/// from that host a run found only some of the LAN's nodes, or none.
+#[test]
+fn a_host_with_a_loopback_node_still_finds_the_lans_nodes() {
+    let Some(lan) = Lan::new(3) else { return };
+    let h = lan.hosts();
+    // Host 0: a loopback node, then a LAN node and a LAN client (the order of the sockets
+    // matters to the kernel: the loopback one is bound first).
+    let mut lo_args = vec!["--cluster", "lan", "--interval-ms", INTERVAL_MS];
+    lo_args.extend(["--interface", "127.0.0.1", "--run-for-ms", "90000"]);
+    lo_args.extend(["--announce", "127.0.0.1:7400", "--types", "z"]);
+    let mut cmd = h[0].command(probe_bin());
+    cmd.args(&lo_args);
+    let lo = h[0].start(&mut cmd);
+    wait_line(&lo, "started", |l| l == "started");
+    let lo_id = node_id(&lo);
+    let lan0 = probe(&h[0], "lan", Some("b"), &[]);
+    let lan0_id = node_id(&lan0);
+    let client = probe(&h[0], "lan", None, &["--interface", "all"]);
+    // Hosts 1 and 2: LAN nodes.
+    let servers: Vec<NsProcess> = [1, 2]
+        .iter()
+        .map(|&i| probe(&h[i], "lan", Some("a"), &[]))
+        .collect();
+    let ids: Vec<String> = servers.iter().map(node_id).collect();
+    // The client on host 0, on every interface, finds both remote nodes, the LAN node of its
+    // own host and the loopback node.
+    for (i, id) in ids.iter().enumerate() {
+        let want = format!("discovered {id} {}:7400 a 1", h[i + 1].addr());
+        wait_line(&client, &want, |l| l == want);
+    }
+    let want = format!("discovered {lan0_id} {}:7400 b 1", h[0].addr());
+    wait_line(&client, &want, |l| l == want);
+    let want = format!("discovered {lo_id} 127.0.0.1:7400 z 1");
+    wait_line(&client, &want, |l| l == want);
+    // The LAN node of host 0 finds the remote ones; the remote ones find it.
+    for id in &ids {
+        wait_line(&lan0, "host 0's LAN node finds a remote one", |l| {
+            l.starts_with(&format!("discovered {id}"))
+        });
+    }
+    for s in &servers {
+        wait_line(s, "a remote node finds host 0's LAN node", |l| {
+            l.starts_with(&format!("discovered {lan0_id}"))
+        });
+    }
+    // The loopback node hears nothing from the LAN (it listens on loopback only).
+    assert!(
+        !lo.stdout
+            .snapshot()
+            .iter()
+            .any(|l| ids.iter().any(|id| l.contains(id.as_str()))),
+        "the loopback node heard the LAN\n{}",
+        lo.describe()
+    );
+}
+
+/// The scenario with the real binary: host 0 serves `z` on loopback (default udp);
+/// hosts 1 and 2 serve `a` and `c` on the LAN; from host 0, a run of `a1 c1 z1` over udp
+/// discovery finds all three, and `peers` lists all three.
+#[test]
+fn p2p_node_on_a_host_with_a_loopback_node_runs_over_the_lans_nodes() {
+    let Some(lan) = Lan::new(3) else { return };
+    let h = lan.hosts();
+    fn serve<'a>(host: &'a Host, types: &str, listen: &str) -> NsProcess<'a> {
+        let mut cmd = host.command(tests::bin());
+        cmd.args(["serve", "--types", types, "--cluster", "lan"])
+            .args(["--listen", listen])
+            .args(["--discovery", "udp", "--insecure"])
+            .env_remove("RUST_LOG")
+            .env("NO_COLOR", "1");
+        let p = host.start(&mut cmd);
+        assert!(
+            p.stdout
+                .wait_for(WAIT, |l| l.contains("listening on"))
+                .is_some(),
+            "serve did not start\n{}",
+            p.describe()
+        );
+        p
+    }
+    let _z = serve(&h[0], "z", "127.0.0.1:7400");
+    let _a = serve(&h[1], "a", &format!("{}:7400", h[1].addr()));
+    let _c = serve(&h[2], "c", &format!("{}:7400", h[2].addr()));
+    let dir = tests::TestDir::new();
+    let tasks = dir.write("tasks.txt", "a1 c1 z1\n");
+    let mut cmd = h[0].command(tests::bin());
+    cmd.arg("run")
+        .arg(&tasks)
+        .args(["--cluster", "lan", "--json", "--discovery", "udp"])
+        .env_remove("RUST_LOG")
+        .env("NO_COLOR", "1");
+    let out = h[0].output(&mut cmd, tests::RUN_TIMEOUT);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut cmd = h[0].command(tests::bin());
+    cmd.args(["peers", "--cluster", "lan", "--json", "--discovery", "udp"])
+        .env_remove("RUST_LOG")
+        .env("NO_COLOR", "1");
+    let out = h[0].output(&mut cmd, tests::RUN_TIMEOUT);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let listed = tests::json_lines(&stdout);
+    assert_eq!(listed.len(), 3, "peers lists only some:\n{stdout}");
+}

@@ -95,6 +95,61 @@ fn handshake_establishes_both_sides() {
 }
 
 #[test]
+fn a_hello_over_a_bound_or_with_a_bad_type_gets_reject_invalid() {
+    let now = Instant::now();
+    let mut w = Connection::new(
+        Role::Acceptor,
+        hello("c", &["a"], 1),
+        Config::default(),
+        now,
+    );
+    let bound = Error::Bound {
+        what: "number of types",
+        len: 65,
+        max: 64,
+    };
+    let err = w.handle_invalid(bound);
+    assert!(matches!(err, Error::Bound { len: 65, .. }));
+    match w.poll_transmit() {
+        Some(Message::Reject(r)) => {
+            assert_eq!(r.reason, RejectReason::Invalid);
+            assert!(r.message.contains("number of types is 65"), "{r:?}");
+        }
+        other => panic!("expected a Reject, got {other:?}"),
+    }
+    // Other decoding errors are closed without an answer.
+    let mut w = Connection::new(
+        Role::Acceptor,
+        hello("c", &["a"], 1),
+        Config::default(),
+        now,
+    );
+    let _ = w.handle_invalid(Error::Decode("x".into()));
+    assert_eq!(w.poll_transmit(), None);
+    // A type that is not lower-case letters.
+    let mut w = Connection::new(
+        Role::Acceptor,
+        hello("c", &["a"], 1),
+        Config::default(),
+        now,
+    );
+    let err = w
+        .handle_message(Message::Hello(hello("c", &["\u{1b}[2J"], 1)), now)
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Refused {
+                reason: RejectReason::Invalid,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(matches!(w.poll_transmit(), Some(Message::Reject(_))));
+}
+
+#[test]
 fn cluster_mismatch_is_rejected_with_a_reason() {
     let now = Instant::now();
     let mut c = Connection::new(

@@ -57,6 +57,7 @@ pub fn reason() -> impl Strategy<Value = RejectReason> {
         Just(RejectReason::Cluster),
         Just(RejectReason::Key),
         Just(RejectReason::Busy),
+        Just(RejectReason::Invalid),
     ]
 }
 

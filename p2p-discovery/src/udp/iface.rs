@@ -167,10 +167,24 @@ pub(crate) fn open(
     let step = |what: String| move |source| Error::Socket { what, source };
     let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))
         .map_err(step(format!("create a UDP socket {on}")))?;
-    // Several nodes on one host share the port.
+    // Several nodes on one host share the port. On Linux, SO_REUSEADDR is what lets every
+    // socket bound to the group receive a copy of each datagram (checked against the
+    // socket's own memberships). SO_REUSEPORT must not be set there: it puts the sockets in
+    // one load-balancing group, and the kernel hands each datagram to *one* of them, chosen
+    // by the sender's address, whatever interface the socket joined on: a loopback node's
+    // socket took the LAN's beacons from a LAN socket of the same host. BSDs and macOS need
+    // SO_REUSEPORT to share a multicast port, and deliver to every socket with it.
     s.set_reuse_address(true)
         .map_err(step(format!("set SO_REUSEADDR {on}")))?;
-    #[cfg(all(unix, not(any(target_os = "solaris", target_os = "illumos"))))]
+    #[cfg(all(
+        unix,
+        not(any(
+            target_os = "linux",
+            target_os = "android",
+            target_os = "solaris",
+            target_os = "illumos"
+        ))
+    ))]
     s.set_reuse_port(true)
         .map_err(step(format!("set SO_REUSEPORT {on}")))?;
     s.set_nonblocking(true)

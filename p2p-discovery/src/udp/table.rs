@@ -16,6 +16,11 @@ use crate::{Event, Peer};
 const MIN_INTERVAL: Duration = Duration::from_millis(10);
 const MAX_INTERVAL: Duration = Duration::from_secs(3600);
 
+/// The most peers a table holds. A new peer beyond it pushes out the one heard from least
+/// recently (reported lost): a flood of forged announces with random node ids costs bounded
+/// memory, and a live peer, heard every interval, is the last to go.
+pub(crate) const MAX_PEERS: usize = 4096;
+
 /// What one datagram amounted to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Outcome {
@@ -40,6 +45,7 @@ pub(crate) enum Outcome {
 struct Entry {
     peer: Peer,
     deadline: Instant,
+    heard: Instant,
 }
 
 /// Known peers by node id, each with the time it expires.
@@ -48,6 +54,9 @@ pub(crate) struct Table {
     me: NodeId,
     missed: u32,
     peers: HashMap<NodeId, Entry>,
+    max: usize,
+    /// Peers pushed out by newer ones, not yet reported lost (see [`Table::take_evicted`]).
+    evicted: Vec<Event>,
 }
 
 impl Table {
@@ -59,7 +68,16 @@ impl Table {
             me,
             missed: missed.max(1),
             peers: HashMap::new(),
+            max: MAX_PEERS,
+            evicted: Vec::new(),
         }
+    }
+
+    /// The same table holding at most `max` peers (at least 1), for tests.
+    #[cfg(test)]
+    pub(crate) fn with_max(mut self, max: usize) -> Table {
+        self.max = max.max(1);
+        self
     }
 
     /// Handles one datagram that came from `from` at `now`.
@@ -103,6 +121,7 @@ impl Table {
         let capacity = Some(beacon.capacity);
         if let Some(e) = self.peers.get_mut(&beacon.node_id) {
             e.deadline = deadline;
+            e.heard = now;
             if e.peer.types == types && e.peer.capacity == capacity {
                 return Outcome::Seen;
             }
@@ -119,11 +138,22 @@ impl Table {
             capacity,
             source: "udp",
         };
+        if self.peers.len() >= self.max {
+            let oldest = self
+                .peers
+                .iter()
+                .min_by_key(|(_, e)| e.heard)
+                .map(|(id, _)| *id);
+            if let Some(e) = oldest.and_then(|id| self.peers.remove(&id)) {
+                self.evicted.push(lost(&e.peer));
+            }
+        }
         self.peers.insert(
             beacon.node_id,
             Entry {
                 peer: peer.clone(),
                 deadline,
+                heard: now,
             },
         );
         Outcome::Event(Event::Discovered(peer))
@@ -141,6 +171,17 @@ impl Table {
             .filter_map(|id| self.peers.remove(id))
             .map(|e| lost(&e.peer))
             .collect()
+    }
+
+    /// The `Lost` events of peers pushed out of a full table since the last call.
+    pub(crate) fn take_evicted(&mut self) -> Vec<Event> {
+        std::mem::take(&mut self.evicted)
+    }
+
+    /// Forgets a peer without reporting it (its `Discovered` event could not be delivered),
+    /// so that its next beacon reports it again.
+    pub(crate) fn forget(&mut self, id: &NodeId) {
+        self.peers.remove(id);
     }
 
     /// When the next peer expires, if any is known.
@@ -242,6 +283,56 @@ mod tests {
             t.handle(now, &beacon(Kind::Query, 2, "c"), from(2)),
             Outcome::Query
         );
+    }
+
+    #[test]
+    fn a_full_table_pushes_out_the_peer_heard_least_recently() {
+        let t0 = Instant::now();
+        let mut t = Table::new("c".into(), NodeId([1; 16]), 3).with_max(3);
+        for id in 2..=4 {
+            let at = t0 + Duration::from_millis(u64::from(id));
+            t.handle(at, &beacon(Kind::Announce, id, "c"), from(id));
+        }
+        // Peer 2 is heard again, so 3 is now the one heard least recently.
+        let t1 = t0 + Duration::from_millis(100);
+        t.handle(t1, &beacon(Kind::Announce, 2, "c"), from(2));
+        assert!(t.take_evicted().is_empty());
+        let got = t.handle(t1, &beacon(Kind::Announce, 5, "c"), from(5));
+        assert!(
+            matches!(got, Outcome::Event(Event::Discovered(_))),
+            "{got:?}"
+        );
+        assert_eq!(t.len(), 3);
+        let evicted = t.take_evicted();
+        assert!(
+            matches!(evicted[..], [Event::Lost { node_id: Some(n), .. }] if n == NodeId([3; 16])),
+            "{evicted:?}"
+        );
+        assert!(t.take_evicted().is_empty());
+        // Thousands of forged ids later, the table still holds 3 peers.
+        for i in 0..2000u32 {
+            let mut b = Beacon::decode(&beacon(Kind::Announce, 9, "c")).unwrap();
+            b.node_id = NodeId(u128::from(i + 1000).to_be_bytes());
+            t.handle(t1, &b.encode().unwrap(), from(9));
+        }
+        assert_eq!(t.len(), 3);
+        assert_eq!(t.take_evicted().len(), 2000);
+    }
+
+    #[test]
+    fn a_forgotten_peer_is_reported_again_by_its_next_beacon() {
+        let now = Instant::now();
+        let mut t = Table::new("c".into(), NodeId([1; 16]), 3);
+        t.handle(now, &beacon(Kind::Announce, 2, "c"), from(2));
+        assert_eq!(
+            t.handle(now, &beacon(Kind::Announce, 2, "c"), from(2)),
+            Outcome::Seen
+        );
+        t.forget(&NodeId([2; 16]));
+        assert!(matches!(
+            t.handle(now, &beacon(Kind::Announce, 2, "c"), from(2)),
+            Outcome::Event(Event::Discovered(_))
+        ));
     }
 
     #[test]
