@@ -9,7 +9,7 @@
 //! - [`conn`]: the connection state machine (handshake, heartbeats, task bookkeeping,
 //!   goodbye) with no IO in it.
 //! - [`net`]: the thin tokio driver that runs a [`conn::Connection`] on a TCP socket.
-//! - [`file`]: opening user-named files without blocking on a FIFO, regular files only.
+//! - [`file`](mod@file): opening user-named files without blocking on a FIFO, regular files only.
 //! - [`key`]: the cluster key ([`ClusterKey`]) and its file format.
 //! - [`identity`]: a node's persistent identity ([`Identity`]: the X25519 static key of the
 //!   secure handshake, from which the [`NodeId`] derives) and its file format.

@@ -407,7 +407,7 @@ fn sweep(now: Instant) {
     reg.doomed.retain(|k, _| seen.contains(k));
 }
 
-/// Ends every descendant of this process (but the [exempt](exempt) ones): `SIGTERM`, then
+/// Ends every descendant of this process (but the [exempt] ones): `SIGTERM`, then
 /// `SIGKILL` to what is left after `grace`. For a node that stops. Returns how many
 /// processes it signalled.
 pub async fn stop_all(grace: Duration) -> usize {
