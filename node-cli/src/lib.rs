@@ -6,8 +6,10 @@
 //! - [`Node`] / [`NodeBuilder`]: build a node with handlers (shell commands, the built-in
 //!   handler, or Rust closures), start it serving, and run plans over its peers.
 //! - [`cli`]: the `p2p-node` command line (serve, run, peers) and its exit statuses.
-//! - [`config`]: the TOML config file (`--config`, `./p2p-node.toml`).
+//! - [`config`]: the TOML config file (`--config`, `$P2P_CONFIG`, the XDG and /etc paths).
 //! - [`datadir`]: the data directory, where nodes keep their identities between starts.
+//! - [`help`]: `--version`, help headings, the man page, value lists for completions.
+//! - [`logging`]: log levels for `-v` and colour (`NO_COLOR`).
 //! - [`output`]: how run events are shown (human lines or JSON lines).
 //! - [`peers`]: the `peers` command's probe.
 //!
@@ -36,6 +38,8 @@ pub mod config;
 pub mod datadir;
 mod dial;
 mod error;
+pub mod help;
+pub mod logging;
 mod node;
 pub mod output;
 pub mod peers;
