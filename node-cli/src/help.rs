@@ -141,10 +141,7 @@ impl TypedValueParser for DiscoveryParser {
                 .map_or_else(|| "--discovery".to_string(), |l| format!("--{l}"));
             clap::Error::raw(
                 clap::error::ErrorKind::ValueValidation,
-                format!(
-                    "invalid value {text:?} for {flag}: {e} (expected none, static, udp, mdns \
-                     or dns:NAME[:PORT])\n"
-                ),
+                format!("invalid value {text:?} for {flag}: {e}\n"),
             )
             .with_cmd(cmd)
         })
