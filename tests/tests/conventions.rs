@@ -661,3 +661,72 @@ fn systemd_state_and_credentials_directories_are_the_defaults() {
         String::from_utf8_lossy(&err.lock().unwrap())
     );
 }
+
+/// Whether the other end of `s` has closed it (its data, if any, is read and dropped).
+fn closed_by_peer(s: &mut std::net::TcpStream) -> bool {
+    s.set_nonblocking(true).unwrap();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return false,
+            Err(_) => return true,
+        }
+    }
+}
+
+#[test]
+fn peers_asks_every_node_at_once_so_silent_ones_hide_no_other() {
+    // Three "nodes" that accept connections and never answer. Each accept checks whether
+    // `peers` gave up on an earlier one already: asked one after another, it would have.
+    let silent: Vec<std::net::TcpListener> = (2..=4)
+        .map(|i| std::net::TcpListener::bind(format!("127.0.0.{i}:0")).unwrap())
+        .collect();
+    let held: Arc<Mutex<Vec<std::net::TcpStream>>> = Arc::default();
+    let gave_up_first = Arc::new(Mutex::new(0usize));
+    for l in &silent {
+        let l = l.try_clone().unwrap();
+        let (held, gave_up_first) = (held.clone(), gave_up_first.clone());
+        std::thread::spawn(move || {
+            // Ends with the test process; one connection is expected.
+            if let Some(Ok(c)) = l.incoming().next() {
+                let mut held = held.lock().unwrap();
+                if held.iter_mut().any(closed_by_peer) {
+                    *gave_up_first.lock().unwrap() += 1;
+                }
+                held.push(c);
+            }
+        });
+    }
+    // ...listed before a real one, with the default discovery timeout.
+    let good = Serve::types("a", &[]);
+    let dir = TestDir::new();
+    let mut args = vec!["peers".to_string(), "--json".to_string()];
+    for l in &silent {
+        args.extend(["--peer".to_string(), l.local_addr().unwrap().to_string()]);
+    }
+    args.extend(["--peer".to_string(), good.peer()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = run(p2p(dir.path(), &args));
+    assert_eq!(out.status.code(), Some(0), "{}", out.describe());
+    let found = json_lines(&out.out());
+    assert_eq!(found.len(), 1, "{}", out.describe());
+    assert_eq!(found[0]["addr"], good.peer().as_str(), "{}", out.describe());
+    assert_eq!(
+        held.lock().unwrap().len(),
+        3,
+        "not every silent node was asked"
+    );
+    assert_eq!(
+        *gave_up_first.lock().unwrap(),
+        0,
+        "silent nodes were asked one after another"
+    );
+    assert_eq!(
+        out.err().matches("cannot reach").count(),
+        3,
+        "{}",
+        out.describe()
+    );
+}
