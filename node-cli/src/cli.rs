@@ -59,9 +59,11 @@ pub struct Cli {
     /// Log format on stderr.
     #[arg(long, global = true, value_enum, default_value = "text")]
     pub log_format: LogFormat,
-    /// Settings file (TOML; keys are the long flags). Default: $XDG_CONFIG_HOME/p2p-node/
-    /// config.toml (or ~/.config/...), else /etc/p2p-node/config.toml, if present.
-    #[arg(long, global = true, value_name = "PATH", env = "P2P_CONFIG")]
+    /// Settings file (TOML; keys are the long flags). Default: $P2P_CONFIG if set, else
+    /// $XDG_CONFIG_HOME/p2p-node/config.toml (or ~/.config/...), else
+    /// /etc/p2p-node/config.toml, if present.
+    // P2P_CONFIG is read by the config module (an empty one counts as unset), not by clap.
+    #[arg(long, global = true, value_name = "PATH")]
     pub config: Option<PathBuf>,
     /// Threads of the async runtime. 1 (the default) runs the node on one thread, which
     /// gives the lowest per-task latency and, measured, no less throughput on a small

@@ -434,6 +434,13 @@ fn config_files_are_found_at_config_p2p_config_and_xdg_and_the_one_read_is_logge
         "{}",
         out.describe()
     );
+    // An empty $P2P_CONFIG counts as unset.
+    let out = with(&[("P2P_CONFIG", Path::new(""))]);
+    assert!(
+        read_the_file(&out) && logged(&out, &dotconfig),
+        "{}",
+        out.describe()
+    );
     // $P2P_CONFIG comes first, and only one file is read.
     let out = with(&[("P2P_CONFIG", &plain)]);
     assert!(
