@@ -42,17 +42,28 @@ pub const EXIT_FAILED: u8 = 1;
 /// Exit status: bad usage or bad input.
 pub const EXIT_USAGE: u8 = 2;
 
-/// Execute typed tasks across many machines in a user-defined order.
+/// Run ordered, typed tasks across many machines: `serve` task types on each node, then `run`
+/// a task file across the nodes that serve them.
+///
+/// Nodes find each other by discovery (udp beacons, mDNS, DNS names or a --peer list),
+/// authenticate with a shared cluster key (`keygen`), and run each task with the handler
+/// of its type. Settings come from flags, then P2P_* environment variables, then a config
+/// file (--config, $P2P_CONFIG, $XDG_CONFIG_HOME/p2p-node/config.toml or
+/// /etc/p2p-node/config.toml), then defaults.
 #[derive(Debug, Parser)]
-#[command(name = "p2p-node", version, about, propagate_version = true)]
+#[command(name = "p2p-node", version, propagate_version = true)]
 pub struct Cli {
-    /// More logging (-v: debug, -vv: trace). RUST_LOG overrides.
+    /// More logging from p2p-node itself (-v: debug, -vv: trace); other crates stay at
+    /// warn. RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     pub verbose: u8,
     /// Log format on stderr.
     #[arg(long, global = true, value_enum, default_value = "text")]
     pub log_format: LogFormat,
-    /// Settings file (TOML; keys are the long flags). Default: ./p2p-node.toml if present.
+    /// Settings file (TOML; keys are the long flags). Default: $P2P_CONFIG if set, else
+    /// $XDG_CONFIG_HOME/p2p-node/config.toml (or ~/.config/...), else
+    /// /etc/p2p-node/config.toml, if present.
+    // P2P_CONFIG is read by the config module (an empty one counts as unset), not by clap.
     #[arg(long, global = true, value_name = "PATH")]
     pub config: Option<PathBuf>,
     /// Threads of the async runtime. 1 (the default) runs the node on one thread, which
@@ -112,23 +123,34 @@ pub enum Command {
         /// The shell.
         shell: clap_complete::Shell,
     },
+    /// Print the man page (every subcommand's page follows the main one).
+    #[command(after_help = "Example:\n  p2p-node man > p2p-node.1 && man -l p2p-node.1")]
+    Man,
 }
 
 /// Options every command shares.
 #[derive(Debug, Args, Clone)]
 pub struct Common {
     /// Cluster name; nodes of different clusters never work together.
-    #[arg(long, default_value = crate::node::DEFAULT_CLUSTER)]
+    #[arg(long, default_value = crate::node::DEFAULT_CLUSTER, env = "P2P_CLUSTER")]
     pub cluster: String,
     /// Discovery backends (repeatable; see `--help`).
     #[arg(
         long = "discovery",
         value_name = "KIND",
+        value_parser = crate::help::DiscoveryParser,
+        hide_possible_values = true,
         help = "Discovery backend: none, static, udp, mdns, dns:NAME[:PORT] (repeatable) [default: udp without --peer]"
     )]
     pub discovery: Vec<Kind>,
-    /// A peer to connect to, HOST:PORT (repeatable; implies static discovery).
-    #[arg(long = "peer", value_name = "ADDR")]
+    /// A peer to connect to, HOST:PORT (repeatable; implies static discovery). P2P_PEER may
+    /// list several, separated by `,`.
+    #[arg(
+        long = "peer",
+        value_name = "ADDR",
+        env = "P2P_PEER",
+        value_delimiter = ','
+    )]
     pub peers: Vec<String>,
     /// Where udp discovery beacons and queries (and mdns) go: an interface name (eth0), one of
     /// its IPv4 addresses, or `all`. Default: where the node listens (serve), all (run, peers).
@@ -136,7 +158,8 @@ pub struct Common {
     pub discovery_interface: Option<String>,
     /// Cluster key file (encrypted, authenticated connections). Repeatable, to rotate keys:
     /// the node dials with the first and accepts peers with any of them. P2P_KEY_FILE may
-    /// list several, separated by `:`.
+    /// list several, separated by `:`. Default: $CREDENTIALS_DIRECTORY/cluster.key when that
+    /// file exists (systemd's LoadCredential=), else no key.
     #[arg(
         long = "key-file",
         value_name = "PATH",
@@ -153,8 +176,8 @@ pub struct Common {
     /// run use the first free identity slot of --data-dir; peers a new identity.
     #[arg(long, value_name = "PATH")]
     pub identity: Option<PathBuf>,
-    /// Where nodes keep their identities between starts [default: $XDG_DATA_HOME/p2p-node
-    /// or ~/.local/share/p2p-node].
+    /// Where nodes keep their identities between starts [default: $STATE_DIRECTORY (systemd's
+    /// StateDirectory=), else $XDG_DATA_HOME/p2p-node or ~/.local/share/p2p-node].
     #[arg(long, value_name = "DIR", env = "P2P_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
 }
@@ -163,11 +186,12 @@ pub struct Common {
 #[derive(Debug, Args)]
 pub struct ServeArgs {
     /// Task types to serve, comma-separated (e.g. a,b).
-    #[arg(long, value_delimiter = ',', required = true)]
+    #[arg(long, value_delimiter = ',', required = true, env = "P2P_TYPES")]
     pub types: Vec<String>,
     /// Address to accept connections on (see `--help` for the default).
     #[arg(
         long,
+        env = "P2P_LISTEN",
         help = "Address to accept connections on [default: 127.0.0.1:7400, or 0.0.0.0:7400 with --key-file]"
     )]
     pub listen: Option<SocketAddr>,
@@ -231,7 +255,7 @@ pub struct RunArgs {
     #[arg(long, default_value = "3s", value_parser = parse_duration)]
     pub discovery_timeout: Duration,
     /// strict: one task after another; type: in order within each type; none: no order.
-    #[arg(long, default_value = "strict")]
+    #[arg(long, default_value = "strict", value_parser = crate::help::order_parser())]
     pub order: Order,
     /// Retries of a failed task (with exponential back-off).
     #[arg(long, default_value_t = 0)]
@@ -353,10 +377,16 @@ pub async fn execute(cli: Cli) -> ExitCode {
         Command::Peers(a) => peers(a).await,
         Command::Keygen(a) => keygen(a),
         Command::Completions { shell } => {
-            let mut cmd = <Cli as clap::CommandFactory>::command();
+            let mut cmd = crate::help::command();
             clap_complete::generate(shell, &mut cmd, "p2p-node", &mut std::io::stdout());
             Ok(EXIT_OK)
         }
+        Command::Man => match crate::help::write_man(&mut std::io::stdout().lock()) {
+            Ok(()) => Ok(EXIT_OK),
+            // A closed stdout (`| head`) is not an error of ours.
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(EXIT_OK),
+            Err(e) => Err(anyhow::anyhow!("cannot write the man page: {e}")),
+        },
     };
     match result {
         Ok(code) => ExitCode::from(code),
@@ -639,9 +669,17 @@ fn keygen(a: KeygenArgs) -> anyhow::Result<u8> {
 }
 
 /// The cluster keys of `--key-file` (or P2P_KEY_FILE), in order (the first is the one the
-/// node dials with); empty without a key.
+/// node dials with); without either, `$CREDENTIALS_DIRECTORY/cluster.key` if it exists;
+/// else empty.
 fn load_key(c: &Common) -> anyhow::Result<Vec<ClusterKey>> {
-    c.key_files
+    let files = match (c.key_files.is_empty(), crate::datadir::credentials_key()) {
+        (true, Some(p)) => {
+            tracing::debug!(path = %p.display(), "cluster key from $CREDENTIALS_DIRECTORY");
+            vec![p]
+        }
+        _ => c.key_files.clone(),
+    };
+    files
         .iter()
         .map(|p| ClusterKey::load(p).map_err(|e| usage(format!("--key-file: {e}"))))
         .collect()
@@ -679,7 +717,8 @@ fn load_identity(c: &Common, slot: Option<&str>) -> anyhow::Result<Option<HeldId
             (None, Some(d)) => d,
             (None, None) => {
                 tracing::warn!(
-                    "no data directory (neither --data-dir, XDG_DATA_HOME nor HOME is set): \
+                    "no data directory (neither --data-dir, STATE_DIRECTORY, XDG_DATA_HOME nor HOME is \
+                     set): \
                      this node gets a new identity"
                 );
                 return Ok(None);
@@ -732,6 +771,12 @@ async fn serve(
     force: CancellationToken,
 ) -> anyhow::Result<u8> {
     // Every argument is checked before the identity is taken (which may create a file).
+    if !a.common.peers.is_empty() {
+        return Err(usage(
+            "serve does not take --peer: a serving node dials nobody, it is found (by \
+             discovery, or by the --peer of run and peers); use --discovery to announce it",
+        ));
+    }
     let types = parse_types(&a.types)?;
     let handlers = parse_handlers(&a.handlers)?;
     if let Some((t, _)) = handlers.iter().find(|(t, _)| !types.contains(t)) {

@@ -1,9 +1,15 @@
 //! The config file: TOML whose keys are the long flags of the commands.
 //!
-//! `--config PATH` names it; without it, `./p2p-node.toml` is read when present. Top-level
+//! One file is read, the first of ([`locate`]): `--config PATH`, `$P2P_CONFIG` (either must
+//! exist), `$XDG_CONFIG_HOME/p2p-node/config.toml` (`~/.config/...` without the variable),
+//! `/etc/p2p-node/config.toml`. The binary logs which. `./p2p-node.toml` is not read unless
+//! named (a file in the working directory could set handlers); when it exists and is not
+//! the file read, a warning says so. Top-level
 //! keys apply to every command that has that flag; a `[serve]`, `[run]` or `[peers]` table
-//! applies to that command only and wins over the top level. Flags on the command line win
-//! over the file. Values: a string or number is the flag's value, `true` sets a switch
+//! applies to that command only and wins over the top level. Precedence: flags on the
+//! command line, then their environment variables (`P2P_DATA_DIR`, ...), then the file, then
+//! the defaults: a setting whose flag or variable is given is not taken from the file.
+//! Values: a string or number is the flag's value, `true` sets a switch
 //! (`false` leaves it off), a number gives a counted flag that many times (`verbose = 2` is
 //! `-vv`), an array repeats the flag. A value of the wrong shape (`json = 1`,
 //! `retries = true`) is an error. Keys may use `-` or `_`.
@@ -22,12 +28,79 @@
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
-use clap::CommandFactory;
+/// The file in the working directory that older versions read silently; now only named.
+pub const OLD_DEFAULT_FILE: &str = "p2p-node.toml";
 
-use crate::cli::Cli;
+/// The system-wide config file.
+pub const SYSTEM_FILE: &str = "/etc/p2p-node/config.toml";
 
-/// The file read when `--config` is not given, if it exists.
-pub const DEFAULT_FILE: &str = "p2p-node.toml";
+/// A place a config file is looked for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Candidate {
+    /// The path.
+    pub path: PathBuf,
+    /// Where the path came from (`--config`, `$P2P_CONFIG`, ...).
+    pub source: &'static str,
+    /// Whether it must exist (it was asked for by name).
+    pub required: bool,
+}
+
+/// Where the config file is looked for, in order: `explicit` (`--config`) alone if given,
+/// else `$P2P_CONFIG` alone if set, else `$XDG_CONFIG_HOME/p2p-node/config.toml` (or
+/// `$HOME/.config/p2p-node/config.toml`) and then [`SYSTEM_FILE`]. `env` looks a variable
+/// up.
+pub fn locate(
+    explicit: Option<&str>,
+    env: impl Fn(&str) -> Option<std::ffi::OsString>,
+) -> Vec<Candidate> {
+    let non_empty = |k: &str| env(k).filter(|v| !v.is_empty());
+    if let Some(p) = explicit {
+        return vec![Candidate {
+            path: PathBuf::from(p),
+            source: "--config",
+            required: true,
+        }];
+    }
+    if let Some(p) = non_empty("P2P_CONFIG") {
+        return vec![Candidate {
+            path: PathBuf::from(p),
+            source: "$P2P_CONFIG",
+            required: true,
+        }];
+    }
+    let mut out = Vec::new();
+    if let Some(x) = non_empty("XDG_CONFIG_HOME") {
+        out.push(Candidate {
+            path: PathBuf::from(x).join("p2p-node/config.toml"),
+            source: "$XDG_CONFIG_HOME",
+            required: false,
+        });
+    } else if let Some(h) = non_empty("HOME") {
+        out.push(Candidate {
+            path: PathBuf::from(h).join(".config/p2p-node/config.toml"),
+            source: "~/.config",
+            required: false,
+        });
+    }
+    out.push(Candidate {
+        path: PathBuf::from(SYSTEM_FILE),
+        source: "/etc",
+        required: false,
+    });
+    out
+}
+
+/// The command line with the config file applied, and what to log about it once logging
+/// is set up.
+#[derive(Debug, Clone, Default)]
+pub struct Applied {
+    /// The command line.
+    pub args: Vec<OsString>,
+    /// The file read, if any.
+    pub file: Option<PathBuf>,
+    /// Warnings (e.g. a `./p2p-node.toml` that is no longer read).
+    pub warnings: Vec<String>,
+}
 
 /// A config file that cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -61,21 +134,57 @@ pub enum ConfigError {
 const COMMANDS: [&str; 3] = ["serve", "run", "peers"];
 
 /// Returns the command line with the config file's settings inserted after the subcommand,
-/// for every setting not already given as a flag.
-pub fn apply(args: Vec<OsString>) -> Result<Vec<OsString>, ConfigError> {
+/// for every setting not already given as a flag or by its environment variable, with the
+/// file found as [`locate`] says in this process's environment.
+pub fn apply(args: Vec<OsString>) -> Result<Applied, ConfigError> {
     let strings: Vec<String> = args
         .iter()
         .map(|a| a.to_string_lossy().into_owned())
         .collect();
-    let explicit = config_arg(&strings);
-    let path = match &explicit {
-        Some(p) => PathBuf::from(p),
-        None if Path::new(DEFAULT_FILE).is_file() => PathBuf::from(DEFAULT_FILE),
-        None => return Ok(args),
-    };
     let Some(sub_at) = strings.iter().position(|a| COMMANDS.contains(&a.as_str())) else {
-        return Ok(args);
+        return Ok(Applied {
+            args,
+            ..Applied::default()
+        });
     };
+    let explicit = config_arg(&strings);
+    let mut path = None;
+    for c in locate(explicit.as_deref(), |k| std::env::var_os(k)) {
+        if c.required || c.path.is_file() {
+            path = Some(c.path);
+            break;
+        }
+    }
+    let mut warnings = Vec::new();
+    let old = Path::new(OLD_DEFAULT_FILE);
+    if old.is_file() && path.as_deref() != Some(old) {
+        warnings.push(format!(
+            "./{OLD_DEFAULT_FILE} is not read any more (a file in the working directory could \
+             set handlers): pass --config {OLD_DEFAULT_FILE} to use it"
+        ));
+    }
+    let Some(path) = path else {
+        return Ok(Applied {
+            args,
+            file: None,
+            warnings,
+        });
+    };
+    let args = apply_file(args, &strings, sub_at, &path)?;
+    Ok(Applied {
+        args,
+        file: Some(path),
+        warnings,
+    })
+}
+
+fn apply_file(
+    args: Vec<OsString>,
+    strings: &[String],
+    sub_at: usize,
+    path: &Path,
+) -> Result<Vec<OsString>, ConfigError> {
+    let path = path.to_path_buf();
     let sub = strings[sub_at].as_str();
     let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
         path: path.clone(),
@@ -92,12 +201,14 @@ pub fn apply(args: Vec<OsString>) -> Result<Vec<OsString>, ConfigError> {
         message,
     };
 
-    let mut cmd = Cli::command();
+    let mut cmd = crate::help::command();
     cmd.build();
+    // A hidden flag (serve's --peer) is not a setting of that command.
     let flags_of = |name: &str| -> Vec<String> {
         cmd.find_subcommand(name)
             .map(|c| {
                 c.get_arguments()
+                    .filter(|a| !a.is_hide_set())
                     .filter_map(|a| a.get_long().map(str::to_string))
                     .collect()
             })
@@ -146,8 +257,9 @@ pub fn apply(args: Vec<OsString>) -> Result<Vec<OsString>, ConfigError> {
         // conflicts with it (`--json` on the command line beats `quiet = true` in the file).
         let given = spellings(&cmd, sub, &flag)
             .iter()
-            .any(|s| on_command_line(&strings, s));
-        if given {
+            .any(|s| on_command_line(strings, s));
+        // Its environment variable (set, even empty, as clap sees it) beats the file too.
+        if given || env_of(&cmd, sub, &flag).is_some_and(|v| std::env::var_os(v).is_some()) {
             continue;
         }
         let values = match value {
@@ -233,6 +345,15 @@ fn shape_of(cmd: &clap::Command, sub: &str, flag: &str) -> Shape {
     }
 }
 
+/// The environment variable of `flag` in `sub`, if it has one.
+fn env_of(cmd: &clap::Command, sub: &str, flag: &str) -> Option<OsString> {
+    cmd.find_subcommand(sub)?
+        .get_arguments()
+        .find(|a| a.get_long() == Some(flag))?
+        .get_env()
+        .map(|e| e.to_os_string())
+}
+
 fn describe(v: &toml::Value) -> String {
     match v {
         toml::Value::String(s) => format!("the string {s:?}"),
@@ -309,7 +430,8 @@ mod tests {
         argv.push("--config".into());
         argv.push(path.as_os_str().to_owned());
         apply(argv).map(|v| {
-            v.into_iter()
+            v.args
+                .into_iter()
                 .map(|a| a.to_string_lossy().into_owned())
                 .take_while(|a| a != "--config")
                 .collect()
@@ -356,7 +478,7 @@ mod tests {
         let args = with_file("verbose = 0\n[run]\nlocal = 3\n", &["run"]).unwrap();
         assert_eq!(args, vec!["p2p-node", "run", "--local=3"]);
         // And the result parses: the count is not taken for the task file.
-        let cli = <Cli as clap::Parser>::try_parse_from(
+        let cli = <crate::cli::Cli as clap::Parser>::try_parse_from(
             with_file("verbose = 2\n", &["run", "t.txt"]).unwrap(),
         )
         .unwrap();
@@ -404,5 +526,68 @@ mod tests {
         assert!(err.to_string().contains("expected a string"), "{err}");
         let err = with_file("[run\n", &["run"]).unwrap_err();
         assert!(matches!(err, ConfigError::Syntax { .. }), "{err}");
+    }
+
+    #[test]
+    fn files_are_looked_for_at_config_then_p2p_config_then_xdg_or_home_then_etc() {
+        let env = |vars: &[(&'static str, &'static str)]| {
+            let vars = vars.to_vec();
+            move |k: &str| {
+                vars.iter()
+                    .find(|(n, _)| *n == k)
+                    .map(|(_, v)| OsString::from(v))
+            }
+        };
+        let paths = |c: Vec<Candidate>| -> Vec<(String, bool)> {
+            c.into_iter()
+                .map(|c| (c.path.display().to_string(), c.required))
+                .collect()
+        };
+        let all = [
+            ("P2P_CONFIG", "/p.toml"),
+            ("XDG_CONFIG_HOME", "/x"),
+            ("HOME", "/h"),
+        ];
+        assert_eq!(
+            paths(locate(Some("c.toml"), env(&all))),
+            [("c.toml".to_string(), true)]
+        );
+        assert_eq!(
+            paths(locate(None, env(&all))),
+            [("/p.toml".to_string(), true)]
+        );
+        assert_eq!(
+            paths(locate(None, env(&all[1..]))),
+            [
+                ("/x/p2p-node/config.toml".to_string(), false),
+                (SYSTEM_FILE.to_string(), false)
+            ]
+        );
+        assert_eq!(
+            paths(locate(
+                None,
+                env(&[("XDG_CONFIG_HOME", ""), ("HOME", "/h")])
+            )),
+            [
+                ("/h/.config/p2p-node/config.toml".to_string(), false),
+                (SYSTEM_FILE.to_string(), false)
+            ]
+        );
+        assert_eq!(
+            paths(locate(None, env(&[]))),
+            [(SYSTEM_FILE.to_string(), false)]
+        );
+    }
+
+    #[test]
+    fn a_top_level_peer_does_not_reach_serve_and_a_serve_table_may_not_set_it() {
+        let args = with_file("peer = [\"127.0.0.1:1\"]\ncluster = \"c\"\n", &["serve"]).unwrap();
+        assert_eq!(args, vec!["p2p-node", "serve", "--cluster=c"]);
+        let err = with_file("[serve]\npeer = \"127.0.0.1:1\"\n", &["serve"]).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("unknown setting \"peer\" in [serve]"),
+            "{err}"
+        );
     }
 }

@@ -15,6 +15,7 @@
 //! creating the file (mode 0600) the first time. The same processes started in the same
 //! order get the same ids again.
 
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
 use p2p_core::Identity;
@@ -24,14 +25,36 @@ use crate::Error;
 /// The most slots of one kind tried in a data directory.
 pub const MAX_SLOTS: u32 = 256;
 
-/// The data directory used when none is given: `$XDG_DATA_HOME/p2p-node`, else
-/// `$HOME/.local/share/p2p-node`; `None` when neither variable is set.
+/// The data directory used when none is given (see [`default_dir_from`]), from this
+/// process's environment.
 pub fn default_dir() -> Option<PathBuf> {
-    let non_empty = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty());
+    default_dir_from(|k| std::env::var_os(k))
+}
+
+/// The data directory used when none is given: `$STATE_DIRECTORY` (the first of its
+/// `:`-separated directories; systemd sets it for `StateDirectory=`), else
+/// `$XDG_DATA_HOME/p2p-node`, else `$HOME/.local/share/p2p-node`; `None` when none of
+/// these variables is set. `env` looks a variable up.
+pub fn default_dir_from(env: impl Fn(&str) -> Option<OsString>) -> Option<PathBuf> {
+    let non_empty = |k: &str| env(k).filter(|v| !v.is_empty());
+    if let Some(state) = non_empty("STATE_DIRECTORY") {
+        let first = state.to_string_lossy().split(':').next().map(PathBuf::from);
+        if let Some(dir) = first.filter(|d| !d.as_os_str().is_empty()) {
+            return Some(dir);
+        }
+    }
     if let Some(xdg) = non_empty("XDG_DATA_HOME") {
         return Some(PathBuf::from(xdg).join("p2p-node"));
     }
     non_empty("HOME").map(|h| PathBuf::from(h).join(".local/share/p2p-node"))
+}
+
+/// The key file used when none is given: `$CREDENTIALS_DIRECTORY/cluster.key` (systemd's
+/// `LoadCredential=cluster.key:...`), when that file exists.
+pub fn credentials_key() -> Option<PathBuf> {
+    let dir = std::env::var_os("CREDENTIALS_DIRECTORY").filter(|v| !v.is_empty())?;
+    let path = PathBuf::from(dir).join("cluster.key");
+    path.exists().then_some(path)
 }
 
 /// An identity this process holds: no other process can hold the same file, under any
@@ -152,6 +175,35 @@ mod tests {
             let mode = std::fs::metadata(&data).unwrap().permissions().mode();
             assert_eq!(mode & 0o777, 0o700);
         }
+    }
+
+    #[test]
+    fn the_state_directory_comes_before_the_xdg_and_home_defaults() {
+        fn env<'a>(vars: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<OsString> + 'a {
+            move |k: &str| {
+                vars.iter()
+                    .find(|(n, _)| *n == k)
+                    .map(|(_, v)| OsString::from(v))
+            }
+        }
+        let all = [
+            ("STATE_DIRECTORY", "/var/lib/p2p-node:/var/lib/other"),
+            ("XDG_DATA_HOME", "/x"),
+            ("HOME", "/h"),
+        ];
+        assert_eq!(
+            default_dir_from(env(&all)),
+            Some(PathBuf::from("/var/lib/p2p-node"))
+        );
+        assert_eq!(
+            default_dir_from(env(&all[1..])),
+            Some(PathBuf::from("/x/p2p-node"))
+        );
+        assert_eq!(
+            default_dir_from(env(&[("STATE_DIRECTORY", ""), ("HOME", "/h")])),
+            Some(PathBuf::from("/h/.local/share/p2p-node"))
+        );
+        assert_eq!(default_dir_from(env(&[])), None);
     }
 
     #[test]

@@ -6,9 +6,11 @@
 //! - [`Node`] / [`NodeBuilder`]: build a node with handlers (shell commands, the built-in
 //!   handler, or Rust closures), start it serving, and run plans over its peers.
 //! - [`cli`]: the `p2p-node` command line (serve, run, peers) and its exit statuses.
-//! - [`config`]: the TOML config file (`--config`, `./p2p-node.toml`).
+//! - [`config`]: the TOML config file (`--config`, `$P2P_CONFIG`, the XDG and /etc paths).
 //! - [`datadir`]: the data directory, where nodes keep their identities between starts.
 //! - [`guard`]: the process that ends a node's handler processes if the node is killed.
+//! - [`help`]: `--version`, help headings, the man page, value lists for completions.
+//! - [`logging`]: log levels for `-v` and colour (`NO_COLOR`).
 //! - [`output`]: how run events are shown (human lines or JSON lines).
 //! - [`peers`]: the `peers` command's probe.
 //! - [`dial`]: the dialer of a run (discovered peers to links), generic over how it connects.
@@ -40,6 +42,8 @@ pub mod dial;
 mod error;
 mod floods;
 pub mod guard;
+pub mod help;
+pub mod logging;
 mod node;
 pub mod output;
 pub mod peers;

@@ -4,8 +4,8 @@
 use std::io::IsTerminal;
 use std::process::ExitCode;
 
-use clap::Parser;
-use node_cli::cli::{self, Cli, LogFormat};
+use node_cli::cli::{self, LogFormat};
+use node_cli::logging;
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
@@ -15,21 +15,17 @@ fn main() -> ExitCode {
         let rest: Vec<String> = argv.map(|a| a.to_string_lossy().into_owned()).collect();
         return ExitCode::from(node_cli::guard::main(&rest));
     }
-    let args = match node_cli::config::apply(std::env::args_os().collect()) {
-        Ok(args) => args,
+    let applied = match node_cli::config::apply(std::env::args_os().collect()) {
+        Ok(applied) => applied,
         Err(e) => {
             eprintln!("error: {e}");
             return ExitCode::from(cli::EXIT_USAGE);
         }
     };
-    let cli = Cli::parse_from(args);
-    let default = match (&cli.command, cli.verbose) {
-        (cli::Command::Serve(_), 0) => "info",
-        (_, 0) => "warn",
-        (_, 1) => "debug",
-        _ => "trace",
-    };
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let cli = node_cli::help::parse_from(applied.args);
+    let serve = matches!(cli.command, cli::Command::Serve(_));
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(logging::default_filter(serve, cli.verbose)));
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(|| node_cli::output::LogWriter)
@@ -39,8 +35,17 @@ fn main() -> ExitCode {
         LogFormat::Json => logs.json().init(),
         LogFormat::Text => logs
             .fmt_fields(node_cli::output::log_fields())
-            .with_ansi(std::io::stderr().is_terminal())
+            .with_ansi(logging::colour(
+                std::io::stderr().is_terminal(),
+                std::env::var_os("NO_COLOR").as_deref(),
+            ))
             .init(),
+    }
+    if let Some(path) = &applied.file {
+        tracing::info!(path = %path.display(), "config file loaded");
+    }
+    for w in &applied.warnings {
+        tracing::warn!("{w}");
     }
     // One thread by default: a task's round trip then never waits for a wakeup on
     // another thread (docs/PERFORMANCE.md measures both).

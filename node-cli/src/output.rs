@@ -151,7 +151,8 @@ fn short(node: &str) -> &str {
 
 impl Printer {
     /// A printer for a run of `total` tasks. A progress bar is shown only in
-    /// [`Format::Human`] when stdout is a terminal.
+    /// [`Format::Human`] when stderr is a terminal; it draws there, so stdout (the results)
+    /// stays clean when redirected to a file.
     pub fn new(format: Format, total: usize) -> Self {
         Printer {
             format,
@@ -159,7 +160,7 @@ impl Printer {
             total,
             done: 0,
             bar: None,
-            allow_bar: format == Format::Human && std::io::stdout().is_terminal(),
+            allow_bar: format == Format::Human && std::io::stderr().is_terminal(),
             by_node: BTreeMap::new(),
             by_type: BTreeMap::new(),
         }
@@ -284,7 +285,7 @@ impl Printer {
         }
         let bar = ProgressBar::with_draw_target(
             Some(self.total as u64),
-            ProgressDrawTarget::stdout_with_hz(10),
+            ProgressDrawTarget::stderr_with_hz(10),
         );
         if let Ok(style) = ProgressStyle::with_template(
             "{spinner} [{elapsed_precise}] [{wide_bar}] {pos}/{len} tasks  {per_sec}  ETA {eta}",
@@ -310,7 +311,12 @@ impl Printer {
     /// Prints a line to stdout (buffered), above the progress bar if there is one.
     fn line(&mut self, text: &str) {
         match &self.bar {
-            Some(bar) => bar.println(text),
+            // The bar is on stderr: it steps aside while the line goes to stdout.
+            Some(bar) => bar.suspend(|| {
+                let mut out = std::io::stdout().lock();
+                let _ = writeln!(out, "{text}");
+                let _ = out.flush();
+            }),
             None => {
                 self.out.extend_from_slice(text.as_bytes());
                 self.out.push(b'\n');

@@ -1,12 +1,14 @@
 //! `p2p-node peers`: find nodes and ask each, over the handshake, what it serves.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use p2p_core::net::{self, Command, Settings};
 use p2p_core::{ClusterKey, Hello, Identity, PROTOCOL_VERSION};
 use p2p_discovery::{Discovery, Event};
 use serde::Serialize;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Semaphore};
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::Error;
@@ -28,8 +30,25 @@ pub struct PeerInfo {
     pub seen_ms: u64,
 }
 
+/// Most nodes asked at once; the others wait for a turn.
+pub const MAX_CONCURRENT_PROBES: usize = 64;
+
+/// Most nodes one probe lists (and asks); more found are ignored, with a warning.
+pub const MAX_PEERS: usize = 4096;
+
+/// How long a node that answered gets to complete the goodbye.
+const GOODBYE_WAIT: Duration = Duration::from_secs(2);
+
 /// Discovers peers for up to `timeout` and handshakes with each (under the first of `keys`,
 /// if any, as `identity`) to learn its types.
+///
+/// The nodes *asked* are those discovery reports before it ends: it ends when every backend
+/// is done (a `--peer` list, once each entry is resolved) or at `timeout` (udp, mdns and dns
+/// keep looking). Every node is asked as soon as it is found, up to
+/// [`MAX_CONCURRENT_PROBES`] at once, so a node that never answers delays no other; this
+/// returns once discovery has ended and every node asked has answered or failed (each
+/// handshake is bounded by the connection settings' timeouts). Rows come in the order the
+/// nodes were found.
 pub async fn probe(
     cluster: &str,
     backends: Vec<Box<dyn Discovery>>,
@@ -48,56 +67,96 @@ pub async fn probe(
         types: Vec::new(),
         capacity: 0,
     };
-    let settings = Settings {
+    let settings = Arc::new(Settings {
         key: keys.first().cloned(),
         identity: Some(identity),
         ..Settings::default()
-    };
-    let deadline = tokio::time::Instant::now() + timeout;
-    let mut out = Vec::new();
-    let mut next_id = 0;
+    });
+    let permits = Arc::new(Semaphore::new(MAX_CONCURRENT_PROBES));
+    let deadline = started + timeout;
+    let mut asking: JoinSet<(u64, Option<PeerInfo>)> = JoinSet::new();
+    let mut answers: Vec<(u64, PeerInfo)> = Vec::new();
+    let mut next_id: u64 = 0;
+    let mut discovering = true;
+    let mut too_many = false;
     loop {
-        let ev = tokio::select! {
-            ev = found.recv() => ev,
-            _ = tokio::time::sleep_until(deadline) => None,
-        };
-        let Some(Event::Discovered(p)) = ev else {
-            if ev.is_none() {
-                break;
-            }
-            continue;
-        };
-        // One row per node: a node found by two backends or at two addresses is probed once.
-        if !seen.insert(
-            p.node_id
-                .map_or_else(|| p.addr.to_string(), |id| id.to_string()),
-        ) {
-            continue;
-        }
-        let seen_ms = started.elapsed().as_millis() as u64;
-        next_id += 1;
-        let (tx, mut rx) = mpsc::channel(16);
-        match net::connect(p.addr, hello.clone(), &settings, next_id, tx).await {
-            Ok(link) => {
-                let h = link.peer();
-                out.push(PeerInfo {
-                    node: h.node_id.to_string(),
-                    addr: p.addr.to_string(),
-                    types: h.types.clone(),
-                    capacity: h.capacity,
-                    source: p.source.to_string(),
-                    seen_ms,
+        tokio::select! {
+            ev = found.recv(), if discovering => {
+                let Some(ev) = ev else {
+                    discovering = false;
+                    continue;
+                };
+                let Event::Discovered(p) = ev else {
+                    continue;
+                };
+                // One row per node: a node found by two backends or at two addresses is
+                // probed once.
+                let key = p.node_id.map_or_else(|| p.addr.to_string(), |id| id.to_string());
+                if seen.contains(&key) {
+                    continue;
+                }
+                if seen.len() >= MAX_PEERS {
+                    if !too_many {
+                        too_many = true;
+                        tracing::warn!("more than {MAX_PEERS} nodes found: the rest are not listed");
+                    }
+                    continue;
+                }
+                seen.insert(key);
+                next_id += 1;
+                let seen_ms = started.elapsed().as_millis() as u64;
+                let (id, hello, settings, permits) =
+                    (next_id, hello.clone(), settings.clone(), permits.clone());
+                asking.spawn(async move {
+                    let Ok(_permit) = permits.acquire_owned().await else {
+                        return (id, None);
+                    };
+                    (id, ask(p, hello, &settings, id, seen_ms).await)
                 });
-                let _ = link.send(Command::Goodbye);
-                // Wait (briefly) for the goodbye to complete so the peer logs a clean close.
-                let _ = tokio::time::timeout(Duration::from_secs(2), rx.recv()).await;
             }
-            Err(e) => {
-                use std::io::Write as _;
-                let _ = writeln!(std::io::stderr().lock(), "cannot reach {}: {e}", p.addr);
+            _ = tokio::time::sleep_until(deadline), if discovering => discovering = false,
+            done = asking.join_next(), if !asking.is_empty() => {
+                if let Some(Ok((id, Some(info)))) = done {
+                    answers.push((id, info));
+                }
             }
+            else => break,
         }
     }
     stop.cancel();
-    Ok(out)
+    answers.sort_by_key(|(id, _)| *id);
+    Ok(answers.into_iter().map(|(_, info)| info).collect())
+}
+
+/// Handshakes with one discovered node; `None` (said on stderr) when it cannot be reached.
+async fn ask(
+    p: p2p_discovery::Peer,
+    hello: Hello,
+    settings: &Settings,
+    id: u64,
+    seen_ms: u64,
+) -> Option<PeerInfo> {
+    let (tx, mut rx) = mpsc::channel(16);
+    match net::connect(p.addr, hello, settings, id, tx).await {
+        Ok(link) => {
+            let h = link.peer();
+            let info = PeerInfo {
+                node: h.node_id.to_string(),
+                addr: p.addr.to_string(),
+                types: h.types.clone(),
+                capacity: h.capacity,
+                source: p.source.to_string(),
+                seen_ms,
+            };
+            let _ = link.send(Command::Goodbye);
+            // Wait (briefly) for the goodbye to complete so the peer logs a clean close.
+            let _ = tokio::time::timeout(GOODBYE_WAIT, rx.recv()).await;
+            Some(info)
+        }
+        Err(e) => {
+            use std::io::Write as _;
+            let _ = writeln!(std::io::stderr().lock(), "cannot reach {}: {e}", p.addr);
+            None
+        }
+    }
 }

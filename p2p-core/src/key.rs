@@ -19,9 +19,18 @@
 //! or a device is refused at once ([`crate::file`]).
 //!
 //! A key file is a secret: [`ClusterKey::write_new`] creates it with mode `0600` and never
-//! overwrites an existing file. On Unix, [`ClusterKey::load`] refuses a file that the group
-//! or others may read or write (any bit of `0o077`), as ssh does for private keys; the error
-//! says to run `chmod 600 PATH`.
+//! overwrites an existing file. On Unix, [`ClusterKey::load`] applies [`permitted`] to the
+//! file's mode, owner and group and this process's effective user and groups:
+//!
+//! - others may have no access at all (no bit of `0o007`), ever;
+//! - the group may not write or execute it (no bit of `0o030`);
+//! - a file the group may read (`0o040`, as Kubernetes mounts a Secret: mode `0440`, group
+//!   `fsGroup`) is accepted only when its owner is root or this process's user *and* its
+//!   group is one of this process's groups (its effective group or a supplementary one), so
+//!   the only other readers are members of a group this node runs in;
+//! - a file only its owner may access (`0600`, `0400`) is accepted whoever owns it.
+//!
+//! Anything else is refused with an error saying to run `chmod 600 PATH`.
 
 use std::fmt;
 use std::fs;
@@ -71,10 +80,12 @@ pub enum KeyError {
         /// 1-based position of the first bad character.
         position: usize,
     },
-    /// The group or others may read or write the key file.
+    /// The key file's mode, owner or group let others read or change it (see the module
+    /// documentation for what is accepted).
     #[error(
-        "key file {path} is accessible by group or others (mode {mode:04o}); \
-         a cluster key is a secret: run `chmod 600 {path}`"
+        "key file {path} is accessible by group or others (mode {mode:04o}; a group may only \
+         read it when the file is owned by root or by this user and its group is one of this \
+         process's groups); a cluster key is a secret: run `chmod 600 {path}`"
     )]
     Permissions {
         /// The path.
@@ -282,11 +293,52 @@ fn not_hex(path: &Path, index: usize) -> KeyError {
     }
 }
 
+/// A key file's owner, group and mode, and the process that wants to read it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Access<'a> {
+    /// The file's permission bits.
+    pub mode: u32,
+    /// The file's owner.
+    pub file_uid: u32,
+    /// The file's group.
+    pub file_gid: u32,
+    /// This process's effective user id.
+    pub uid: u32,
+    /// This process's effective group id and supplementary groups.
+    pub groups: &'a [u32],
+}
+
+/// Whether a key file may be used: no access for others, and read access for the group
+/// only when the file is owned by root or by this process's user and its group is one of
+/// this process's groups (see the module documentation).
+pub fn permitted(a: Access<'_>) -> bool {
+    let mode = a.mode & 0o777;
+    if mode & 0o007 != 0 || mode & 0o030 != 0 {
+        return false;
+    }
+    if mode & 0o040 == 0 {
+        return true;
+    }
+    (a.file_uid == 0 || a.file_uid == a.uid) && a.groups.contains(&a.file_gid)
+}
+
 #[cfg(unix)]
 fn check_permissions(path: &Path, meta: &fs::Metadata) -> Result<(), KeyError> {
-    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
     let mode = meta.permissions().mode() & 0o7777;
-    if mode & 0o077 != 0 {
+    let mut groups: Vec<u32> = vec![rustix::process::getegid().as_raw()];
+    // Without the supplementary groups only the effective one counts (stricter, not looser).
+    if let Ok(more) = rustix::process::getgroups() {
+        groups.extend(more.into_iter().map(|g| g.as_raw()));
+    }
+    let access = Access {
+        mode,
+        file_uid: meta.uid(),
+        file_gid: meta.gid(),
+        uid: rustix::process::geteuid().as_raw(),
+        groups: &groups,
+    };
+    if !permitted(access) {
         return Err(KeyError::Permissions {
             path: path.to_path_buf(),
             mode,
@@ -414,6 +466,58 @@ mod tests {
             "{e}"
         );
         assert!(e.to_string().contains("chmod 600"), "{e}");
+    }
+
+    #[test]
+    fn the_group_may_read_a_key_only_when_it_is_the_nodes_own_group() {
+        let me = 1000;
+        let groups = [1000, 2000];
+        let ok = |mode, file_uid, file_gid| {
+            permitted(Access {
+                mode,
+                file_uid,
+                file_gid,
+                uid: me,
+                groups: &groups,
+            })
+        };
+        // Owner only: as before, whoever owns it.
+        assert!(ok(0o600, me, 1000));
+        assert!(ok(0o400, 0, 0));
+        assert!(ok(0o600, 4242, 4242));
+        // Kubernetes: a Secret mounted 0440, owned by root, group fsGroup (one of ours).
+        assert!(ok(0o440, 0, 2000));
+        assert!(ok(0o640, me, 1000));
+        // Group-readable, but the group is not ours, or the owner is someone else.
+        assert!(!ok(0o440, 0, 3000));
+        assert!(!ok(0o640, 4242, 2000));
+        // The group may never write or execute it; others may never touch it.
+        assert!(!ok(0o660, 0, 2000));
+        assert!(!ok(0o620, me, 1000));
+        assert!(!ok(0o610, me, 1000));
+        for other in [0o604, 0o602, 0o601, 0o444, 0o644] {
+            assert!(!ok(other, me, 1000), "{other:o}");
+            assert!(!ok(other, 0, 2000), "{other:o}");
+        }
+        // Bits above 0o777 (setgid, sticky) do not change the answer.
+        assert!(ok(0o2440, 0, 2000));
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn load_accepts_a_key_readable_by_the_nodes_own_group() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tmp();
+        let path = dir.path().join("k");
+        let written = ClusterKey::write_new(&path).unwrap();
+        // Owned by this process's user, group one of its groups (the directory's).
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o440)).unwrap();
+        assert_eq!(ClusterKey::load(&path).unwrap(), written);
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o460)).unwrap();
+        assert!(matches!(
+            ClusterKey::load(&path),
+            Err(KeyError::Permissions { mode: 0o460, .. })
+        ));
     }
 
     #[test]

@@ -269,10 +269,36 @@ fn command(args: &[&str], dir: Option<&Path>) -> Command {
         .env_remove("P2P_KEY_FILE")
         .env("P2P_DATA_DIR", data_dir())
         .env("NO_COLOR", "1");
+    isolate(&mut cmd);
     if let Some(d) = dir {
         cmd.current_dir(d);
     }
     cmd
+}
+
+/// The settings p2p-node reads from the environment besides its flags' own variables.
+pub const SETTING_VARS: [&str; 8] = [
+    "P2P_CONFIG",
+    "P2P_CLUSTER",
+    "P2P_LISTEN",
+    "P2P_TYPES",
+    "P2P_PEER",
+    "STATE_DIRECTORY",
+    "CREDENTIALS_DIRECTORY",
+    "XDG_DATA_HOME",
+];
+
+/// Keeps a spawned `p2p-node` away from the real home's config: `HOME` and
+/// `XDG_CONFIG_HOME` point into an empty directory under [`data_dir`], and the setting
+/// variables of [`SETTING_VARS`] are removed (a test sets the ones it means to).
+pub fn isolate(cmd: &mut Command) {
+    let home = data_dir().join("home");
+    let _ = std::fs::create_dir_all(home.join(".config"));
+    cmd.env("HOME", &home)
+        .env("XDG_CONFIG_HOME", home.join(".config"));
+    for v in SETTING_VARS {
+        cmd.env_remove(v);
+    }
 }
 
 /// A child process that is killed (by its PID, via [`Child::kill`]) and reaped on drop.

@@ -1,6 +1,6 @@
 //! What a person sees and touches (issue 6): the progress bar and the final tables on a
 //! terminal (a real pseudo-terminal), plain output on a pipe, `--json` and `--quiet`, the
-//! config file, `--help` examples and shell completions; a count for a counted flag in the
+//! config file (only when named), `--help` examples and shell completions; a count for a counted flag in the
 //! config file, `run --local` ignoring the file's discovery, and a port in use said once.
 //!
 //! Every run here uses `--local` (in-process nodes on loopback).
@@ -74,8 +74,8 @@ fn collect(
     (buf, h)
 }
 
-/// Runs `p2p-node ARGS` in `dir` with stdout on a pseudo-terminal (120x40) when `tty`, else on
-/// a pipe, and stderr on a pipe; without `NO_COLOR`, so nothing hides a missing terminal
+/// Runs `p2p-node ARGS` in `dir` with stdout and stderr on one pseudo-terminal (120x40) when
+/// `tty`, as in a terminal (`stdout` then holds both), else both on pipes; without `NO_COLOR`, so nothing hides a missing terminal
 /// check. Killed (by PID) and the test failed if it runs longer than [`RUN_TIMEOUT`].
 fn run_raw(dir: &Path, args: &[&str], tty: bool) -> Raw {
     assert!(
@@ -92,6 +92,7 @@ fn run_raw(dir: &Path, args: &[&str], tty: bool) -> Raw {
         .env("P2P_DATA_DIR", tests::data_dir())
         .env_remove("NO_COLOR")
         .env("TERM", "xterm-256color");
+    tests::isolate(&mut cmd);
     let master = if tty {
         use rustix::pty::{grantpt, openpt, ptsname, unlockpt, OpenptFlags};
         let master = openpt(OpenptFlags::RDWR | OpenptFlags::NOCTTY).expect("openpt");
@@ -111,6 +112,7 @@ fn run_raw(dir: &Path, args: &[&str], tty: bool) -> Raw {
             .custom_flags(libc::O_NOCTTY)
             .open(name.to_str().expect("utf-8 pty name"))
             .expect("open the pty slave");
+        cmd.stderr(Stdio::from(slave.try_clone().expect("dup the pty slave")));
         cmd.stdout(Stdio::from(slave));
         Some(std::fs::File::from(master))
     } else {
@@ -120,11 +122,13 @@ fn run_raw(dir: &Path, args: &[&str], tty: bool) -> Raw {
     let mut guard = ChildGuard::new(cmd.spawn().expect("spawn p2p-node"));
     // The parent's copy of the slave must close, or the master never sees the end.
     drop(cmd);
-    let (out, out_reader) = match master {
-        Some(m) => collect(m),
-        None => collect(guard.child_mut().stdout.take().expect("stdout pipe")),
+    let ((out, out_reader), (err, err_reader)) = match master {
+        Some(m) => (collect(m), collect(std::io::empty())),
+        None => (
+            collect(guard.child_mut().stdout.take().expect("stdout pipe")),
+            collect(guard.child_mut().stderr.take().expect("stderr pipe")),
+        ),
     };
-    let (err, err_reader) = collect(guard.child_mut().stderr.take().expect("stderr pipe"));
     let Some(status) = guard.wait_timeout(RUN_TIMEOUT) else {
         guard.kill();
         panic!("p2p-node {args:?} still ran after {RUN_TIMEOUT:?} and was killed");
@@ -439,15 +443,25 @@ fn an_unknown_config_key_exits_2_naming_it() {
 }
 
 #[test]
-fn p2p_node_toml_in_the_working_directory_is_read() {
+fn p2p_node_toml_in_the_working_directory_is_only_read_when_named() {
     let dir = TestDir::new();
     dir.copy_seed();
+    dir.write("p2p-node.toml", "[run]\njson = true\n");
+    // Not read silently any more (a file in the working directory could set handlers), but
+    // said.
     let out = run_in(dir.path(), &["run", "tasks.txt", "--local"]);
     out.assert_code(0);
     assert!(!out.stdout.contains("\"event\""), "{}", out.describe());
-
-    dir.write("p2p-node.toml", "[run]\njson = true\n");
-    let out = run_in(dir.path(), &["run", "tasks.txt", "--local"]);
+    assert!(
+        out.stderr.contains("p2p-node.toml is not read any more")
+            && out.stderr.contains("--config p2p-node.toml"),
+        "{}",
+        out.describe()
+    );
+    let out = run_in(
+        dir.path(),
+        &["run", "tasks.txt", "--local", "--config", "p2p-node.toml"],
+    );
     out.assert_code(0);
     let events = out.json();
     assert_eq!(
@@ -457,6 +471,11 @@ fn p2p_node_toml_in_the_working_directory_is_read() {
         out.describe()
     );
     assert_eq!(events_named(&events, "task_completed").len(), 11);
+    assert!(
+        !out.stderr.contains("not read any more"),
+        "{}",
+        out.describe()
+    );
 }
 
 #[test]
