@@ -127,8 +127,11 @@ pub async fn run(
             Some((id, ev)) = inputs.links.recv() => {
                 let at = now();
                 d.link_event(&mut core, id, ev, at);
-                // Every event already queued is handled before new work is sent.
+                // Every event already queued is handled before new work is sent (one
+                // dispatch, one burst of assignments per batch); the events each produces are
+                // passed on at once, so the core's queue stays short.
                 for _ in 1..BATCH {
+                    d.out_events(&mut core);
                     match inputs.links.try_recv() {
                         Ok((id, ev)) => d.link_event(&mut core, id, ev, at),
                         Err(_) => break,
@@ -181,6 +184,19 @@ impl Driver<'_> {
         }
     }
 
+    /// Passes on the final results and events the core has queued (without moving the run
+    /// on).
+    fn out_events(&mut self, core: &mut RunCore) {
+        while let Some(t) = core.poll_final() {
+            self.out.record(core, t);
+        }
+        if self.out.unrecorded.is_empty() {
+            while let Some(ev) = core.poll_event() {
+                self.out.event(ev);
+            }
+        }
+    }
+
     /// Moves everything the core produced: commands to links, final results to the
     /// journal, events to the output.
     fn pump(&mut self, core: &mut RunCore) {
@@ -188,13 +204,19 @@ impl Driver<'_> {
             let mut any = false;
             while let Some((id, cmd)) = core.poll_command() {
                 any = true;
-                let sent = match self.links.get(&id) {
-                    Some(link) => link.send(cmd.clone()).map_err(|e| e.to_string()),
-                    None => Err("the connection is closed".to_string()),
+                let assign = match &cmd {
+                    Command::Assign(a) => Some(a.seq),
+                    _ => None,
                 };
-                if let (Err(reason), Command::Assign(assign)) = (sent, cmd) {
-                    core.handle_link_event(id, LinkEvent::AssignFailed { assign, reason }, now());
+                let sent = match self.links.get(&id) {
+                    Some(link) => link.send(cmd).is_ok(),
+                    None => false,
+                };
+                if let (false, Some(seq)) = (sent, assign) {
+                    core.handle_unsent(id, seq, now());
                 }
+                // Each assignment's event goes out before the next is made.
+                self.out_events(core);
             }
             while let Some(t) = core.poll_final() {
                 any = true;

@@ -6,7 +6,11 @@
 //! [`RunCore::handle_timeout`]) and take out what must happen next through `poll_*`: the
 //! next command for a link ([`RunCore::poll_command`]), the next [`RunEvent`]
 //! ([`RunCore::poll_event`]), the next final result to journal ([`RunCore::poll_final`]),
-//! and when to call [`RunCore::handle_timeout`] again ([`RunCore::poll_timeout`]). The
+//! and when to call [`RunCore::handle_timeout`] again ([`RunCore::poll_timeout`]). Inputs
+//! are recorded at once; the run moves on (changes stage, applies its waits) at the next
+//! `poll_*`, once for a batch of inputs, and starts tasks lazily, one per
+//! [`RunCore::poll_command`] (so a driver can pass each assignment's event on before the next
+//! is made): poll commands until there are none before waiting. The
 //! coordinator ([`crate::coordinator`]) is a short driver that moves these between the core,
 //! the links and the output.
 //!
@@ -202,6 +206,12 @@ pub struct RunCore {
     ignored: HashSet<LinkId>,
     needed: Vec<String>,
     stage: Stage,
+    /// The latest time an input was handled at.
+    now: Instant,
+    /// Inputs were handled since the run last moved on.
+    dirty: bool,
+    /// Tasks may be ready to start (see [`RunCore::poll_command`]).
+    may_dispatch: bool,
     started: Instant,
     ended: Option<Instant>,
     next_seq: u64,
@@ -253,6 +263,9 @@ impl RunCore {
             ignored: HashSet::new(),
             needed,
             stage: Stage::Discovering,
+            now,
+            dirty: false,
+            may_dispatch: false,
             started: now,
             ended: None,
             next_seq: 1,
@@ -286,7 +299,7 @@ impl RunCore {
                 r.resumed = true;
             }
         }
-        self.advance(now);
+        self.touch(now);
     }
 
     /// The result of task `i` (in file order) as it stands.
@@ -314,7 +327,7 @@ impl RunCore {
     /// it starts.
     pub fn handle_settled(&mut self, now: Instant) {
         self.settled = true;
-        self.advance(now);
+        self.touch(now);
     }
 
     /// A connection to a peer completed its handshake. Its events are handled from now on;
@@ -383,7 +396,7 @@ impl RunCore {
                 closed: false,
             },
         );
-        self.advance(now);
+        self.touch(now);
     }
 
     /// An event of a link. [`LinkEvent::Opened`] registers it (as
@@ -460,15 +473,7 @@ impl RunCore {
             }
             LinkEvent::AssignFailed { assign, reason } => {
                 tracing::debug!(link, %reason, "assignment not sent");
-                if let Some(f) = self.inflight.remove(&assign.seq) {
-                    if f.abandoned {
-                        self.sched.release(link);
-                    } else {
-                        self.sched.requeue(f.task);
-                    }
-                }
-                // The connection refuses work: it is closing.
-                self.sched.drain_node(link);
+                self.unsent(link, assign.seq);
             }
             LinkEvent::PeerGoodbye => self.sched.drain_node(link),
             LinkEvent::Closed { error } => self.closed(link, error),
@@ -476,7 +481,26 @@ impl RunCore {
             // protocol before this point.
             LinkEvent::Opened(_) | LinkEvent::Assigned(_) | LinkEvent::Cancelled { .. } => {}
         }
-        self.advance(now);
+        self.touch(now);
+    }
+
+    /// The assignment `seq` could not be handed to `link` (it is closing): the task is sent
+    /// again elsewhere, without using a retry, and the link gets no more work.
+    pub fn handle_unsent(&mut self, link: LinkId, seq: u64, now: Instant) {
+        self.unsent(link, seq);
+        self.touch(now);
+    }
+
+    fn unsent(&mut self, link: LinkId, seq: u64) {
+        if let Some(f) = self.inflight.remove(&seq) {
+            if f.abandoned {
+                self.sched.release(link);
+            } else {
+                self.sched.requeue(f.task);
+            }
+        }
+        // The connection refuses work: it is closing.
+        self.sched.drain_node(link);
     }
 
     /// The user interrupted the run (Ctrl-C, shutdown): nothing new starts, running tasks
@@ -493,7 +517,7 @@ impl RunCore {
             ));
             self.cancel_all();
         }
-        self.advance(now);
+        self.touch(now);
     }
 
     /// The run must stop (e.g. its journal cannot be written): nothing new starts, running
@@ -515,7 +539,7 @@ impl RunCore {
                 self.cancel_all();
             }
         }
-        self.advance(now);
+        self.touch(now);
     }
 
     /// Applies the rules that depend on time: result deadlines, retry back-off, the
@@ -552,11 +576,12 @@ impl RunCore {
                 self.sched.hold(link);
             }
         }
-        self.advance(now);
+        self.touch(now);
     }
 
     /// When [`RunCore::handle_timeout`] must be called next.
     pub fn poll_timeout(&mut self) -> Option<Instant> {
+        self.settle();
         let mut wake: Option<Instant> = None;
         let mut at = |t: Instant| wake = Some(wake.map_or(t, |w| w.min(t)));
         match self.stage {
@@ -586,31 +611,44 @@ impl RunCore {
 
     /// The next command for a link.
     pub fn poll_command(&mut self) -> Option<(LinkId, Command)> {
+        self.settle();
+        // Work starts lazily, one task per poll: each assignment's event can be passed on
+        // (and freed) before the next is made, however many tasks start at once.
+        if self.commands.is_empty() && self.may_dispatch {
+            if self.stage == Stage::Running && !self.dirty {
+                self.may_dispatch = self.dispatch_one(self.now);
+            } else {
+                self.may_dispatch = false;
+            }
+        }
         self.commands.pop_front()
     }
 
     /// The next event of the run.
     pub fn poll_event(&mut self) -> Option<RunEvent> {
+        self.settle();
         self.events.pop_front()
     }
 
     /// The next task whose result became final (for a journal); see [`RunCore::result`].
     pub fn poll_final(&mut self) -> Option<usize> {
+        self.settle();
         self.finals.pop_front()
     }
 
-    /// Whether the run is over (the summary was the last event).
+    /// Whether the run is over, as of the last `poll_*` call.
     pub fn is_done(&self) -> bool {
         self.stage == Stage::Done
     }
 
-    /// Whether the run has started its goodbye (or is over): the driver stops dialling.
+    /// Whether the run has started its goodbye (or is over), as of the last `poll_*` call.
     pub fn is_terminating(&self) -> bool {
         matches!(self.stage, Stage::Terminating { .. } | Stage::Done)
     }
 
     /// The report, once [`RunCore::is_done`] (before it, what stands so far).
-    pub fn into_report(self, now: Instant) -> RunReport {
+    pub fn into_report(mut self, now: Instant) -> RunReport {
+        self.settle();
         RunReport {
             results: self.results,
             missing_types: self.missing_types,
@@ -639,8 +677,21 @@ impl RunCore {
         }
     }
 
-    /// Moves the run on after any input: dispatches work, applies the missing-type wait,
-    /// and goes from stage to stage.
+    /// Notes an input at `now`: the run moves on (see [`RunCore::advance`]) at the next
+    /// `poll_*`, once for a whole batch of inputs.
+    fn touch(&mut self, now: Instant) {
+        self.now = self.now.max(now);
+        self.dirty = true;
+    }
+
+    fn settle(&mut self) {
+        if std::mem::take(&mut self.dirty) {
+            self.advance(self.now);
+        }
+    }
+
+    /// Moves the run on after inputs: dispatches work, applies the missing-type wait, and
+    /// goes from stage to stage.
     fn advance(&mut self, now: Instant) {
         loop {
             match self.stage {
@@ -689,10 +740,11 @@ impl RunCore {
                     // Missing types first: ending their tasks may let others start (strict
                     // order with keep-going), which the dispatch after it sends.
                     self.check_missing(now);
-                    self.dispatch(now);
                     if self.sched.is_finished() {
                         self.terminate(now);
                     } else {
+                        // Tasks start one at a time as commands are polled.
+                        self.may_dispatch = true;
                         return;
                     }
                 }
@@ -752,12 +804,15 @@ impl RunCore {
         self.stage = Stage::Done;
     }
 
-    fn dispatch(&mut self, now: Instant) {
+    /// Sends the next task that can start now, if any (see [`RunCore::poll_command`]).
+    /// Returns false when nothing more can start.
+    fn dispatch_one(&mut self, now: Instant) -> bool {
         let timeout_ms = u64::try_from(self.opts.task_timeout.as_millis()).unwrap_or(u64::MAX);
-        while let Some(d) = self.sched.next(now) {
+        let dispatched = self.sched.next(now);
+        if let Some(d) = dispatched {
             let Some(peer) = self.peers.get(&d.node) else {
                 self.sched.requeue(d.task);
-                break;
+                return false;
             };
             let r = &mut self.results[d.task];
             let seq = self.next_seq;
@@ -765,7 +820,7 @@ impl RunCore {
             let assign = Assign {
                 seq,
                 task: r.task.clone(),
-                kind: r.kind.to_string(),
+                kind: String::from(&*r.kind),
                 args: self.extras[d.task]
                     .as_ref()
                     .map_or_else(String::new, |e| e.args.clone()),
@@ -778,8 +833,8 @@ impl RunCore {
             tracing::debug!(task = %r.task, node = %&peer.node[..8.min(peer.node.len())], attempt = d.attempt, seq, "task assigned");
             self.events.push_back(RunEvent::TaskAssigned {
                 task: r.task.clone(),
-                kind: r.kind.to_string(),
-                node: peer.node.to_string(),
+                kind: String::from(&*r.kind),
+                node: String::from(&*peer.node),
                 attempt: d.attempt,
             });
             self.inflight.insert(
@@ -793,6 +848,7 @@ impl RunCore {
                     abandoned: false,
                 },
             );
+            return true;
         }
         // Finished seqs leave their deadline behind; drop them before they pile up (a task
         // that runs for long keeps the ones behind it from reaching the front).
@@ -801,6 +857,7 @@ impl RunCore {
             self.deadlines
                 .retain(|(_, seq)| inflight.get(seq).is_some_and(|f| !f.abandoned));
         }
+        false
     }
 
     fn closed(&mut self, link: LinkId, error: Option<String>) {
@@ -914,7 +971,7 @@ impl RunCore {
             self.finals.push_back(task);
         }
         let r = &self.results[task];
-        let (id, kind, node) = (r.task.clone(), r.kind.to_string(), node.to_string());
+        let (id, kind, node) = (r.task.clone(), String::from(&*r.kind), String::from(&*node));
         match outcome {
             Outcome::Succeeded => {
                 self.events.push_back(RunEvent::TaskCompleted {

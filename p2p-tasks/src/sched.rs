@@ -186,8 +186,6 @@ struct Slot {
     status: TaskStatus,
     attempts: u32,
     failures: u32,
-    /// When its delayed retry becomes ready (its key in `delayed`), while it waits for it.
-    retry_at: Option<Instant>,
 }
 
 #[derive(Debug)]
@@ -253,6 +251,9 @@ pub struct Scheduler {
     ready: Vec<BTreeSet<usize>>,
     /// Tasks waiting for their retry time.
     delayed: BTreeMap<(Instant, usize), ()>,
+    /// When each task in `delayed` becomes ready (its key there), so that one can be taken
+    /// out without a scan; small, unlike a field in every task's slot.
+    retry_at: std::collections::HashMap<usize, Instant>,
     running_kind: Vec<u32>,
     running_total: usize,
     /// The first task not finished (strict order).
@@ -304,7 +305,6 @@ impl Scheduler {
                 attempts: 0,
                 losses: 0,
                 failures: 0,
-                retry_at: None,
             });
         }
         let mut dependents = Vec::new();
@@ -340,6 +340,7 @@ impl Scheduler {
             kind_tasks,
             ready,
             delayed: BTreeMap::new(),
+            retry_at: std::collections::HashMap::new(),
             running_total: 0,
             cursor: 0,
             finished: 0,
@@ -577,7 +578,7 @@ impl Scheduler {
         }
         let k = self.slots[task].kind;
         self.ready[k].remove(&task);
-        if let Some(at) = self.slots[task].retry_at.take() {
+        if let Some(at) = self.retry_at.remove(&task) {
             self.delayed.remove(&(at, task));
         }
         self.finish(task, TaskStatus::Failed);
@@ -619,7 +620,7 @@ impl Scheduler {
                 break;
             }
             self.delayed.remove(&(at, t));
-            self.slots[t].retry_at = None;
+            self.retry_at.remove(&t);
             self.ready[self.slots[t].kind].insert(t);
         }
         match self.policy.order {
@@ -709,7 +710,7 @@ impl Scheduler {
             // Jitter spreads retries of many tasks so they do not hit a recovering node at once.
             let delay = self.policy.backoff.delay(slot.failures, task as u64);
             slot.status = TaskStatus::Pending;
-            slot.retry_at = Some(now + delay);
+            self.retry_at.insert(task, now + delay);
             self.delayed.insert((now + delay, task), ());
             return Outcome::Retry { delay };
         }

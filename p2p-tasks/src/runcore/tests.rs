@@ -958,3 +958,60 @@ fn tasks_after_a_missing_type_start_once_its_wait_ends_in_strict_order_with_keep
     s.answer("a2", true, Duration::ZERO);
     assert_eq!(s.status(1), Status::Succeeded);
 }
+
+/// Not a test: `cargo test --release -p p2p-tasks --lib core_cost -- --ignored --nocapture`
+/// prints what the core alone costs per task (1,000,000 tasks on instant fake nodes).
+#[test]
+#[ignore]
+fn core_cost() {
+    let text: Vec<String> = (0..1_000_000)
+        .map(|i| format!("{}{i}", ["a", "b", "c"][i % 3]))
+        .collect();
+    let tasks = plan(&text.join(" "));
+    let start = std::time::Instant::now();
+    let now = Instant::now();
+    let mut core = RunCore::new(tasks, opts(Order::None, 0, false), now).unwrap();
+    for (i, t) in ["a", "b", "c"].iter().enumerate() {
+        core.handle_connected(
+            i as u64 + 1,
+            addr(7000 + i as u16),
+            &hello(i as u8 + 1, &[t], 1024),
+            now,
+        );
+    }
+    let made = start.elapsed();
+    let mut pending = Vec::new();
+    let mut n = 0u64;
+    loop {
+        while let Some((link, cmd)) = core.poll_command() {
+            if let Command::Assign(a) = cmd {
+                pending.push((link, a.seq));
+            }
+        }
+        while core.poll_final().is_some() {}
+        while core.poll_event().is_some() {
+            n += 1;
+        }
+        if core.is_terminating() {
+            break;
+        }
+        for (link, seq) in pending.drain(..) {
+            let c = Completed {
+                seq,
+                ok: true,
+                exit_code: Some(0),
+                output: "Executing task".into(),
+                error: None,
+                duration_us: 1,
+            };
+            core.handle_link_event(link, LinkEvent::Completed(c), now);
+            while core.poll_event().is_some() {
+                n += 1;
+            }
+        }
+    }
+    eprintln!(
+        "core: made in {made:?}, ran in {:?}, {n} events",
+        start.elapsed() - made
+    );
+}
