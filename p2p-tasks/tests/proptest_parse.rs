@@ -68,7 +68,8 @@ fn valid_file() -> impl Strategy<Value = (String, Vec<Meaning>)> {
         any::<bool>(),
     )
         .prop_map(|(raw, gaps, shuffle, layout, bom, crlf)| {
-            // Unique ids: type letters, the task's number, a suffix.
+            // Unique ids: type letters, the task's number, a dot, a suffix (without the dot,
+            // c + 1 + "1" and c + 11 + "" were both c11).
             let specs: Vec<Spec> = raw
                 .iter()
                 .enumerate()
@@ -81,7 +82,7 @@ fn valid_file() -> impl Strategy<Value = (String, Vec<Meaning>)> {
                     let mut seen = std::collections::HashSet::new();
                     deps.retain(|d| seen.insert(*d));
                     Spec {
-                        id: format!("{letters}{i}{suffix}"),
+                        id: format!("{letters}{i}.{suffix}"),
                         deps,
                         args: args.trim().to_string(),
                     }
