@@ -201,6 +201,10 @@ pub struct ServeArgs {
     /// then SIGKILL after this long.
     #[arg(long, value_name = "DUR", default_value = "2s", value_parser = parse_duration)]
     pub kill_grace: Duration,
+    /// Serve GET /metrics (Prometheus text) and GET /healthz (503 while draining) over
+    /// HTTP on ADDR; loopback only unless a cluster key (or --insecure) is given.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
     /// Shared options.
     #[command(flatten)]
     pub common: Common,
@@ -769,6 +773,9 @@ async fn serve(
     if let Some(c) = a.capacity {
         b = b.capacity(c);
     }
+    if let Some(m) = a.metrics_listen {
+        b = b.metrics_listen(m);
+    }
     for t in &types {
         b = b.handler(t, handler_for(t, &handlers, a.max_output, a.kill_grace));
     }
@@ -806,6 +813,9 @@ async fn serve(
         node.capacity(),
         discovery_names(&a.common)
     );
+    if let Some(m) = node.metrics_addr() {
+        say!("metrics on http://{m}/metrics");
+    }
     let token = node.shutdown_token();
     tokio::spawn(async move {
         shutdown.cancelled().await;

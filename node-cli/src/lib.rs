@@ -9,6 +9,7 @@
 //! - [`config`]: the TOML config file (`--config`, `./p2p-node.toml`).
 //! - [`datadir`]: the data directory, where nodes keep their identities between starts.
 //! - [`guard`]: the process that ends a node's handler processes if the node is killed.
+//! - [`metrics`]: `serve --metrics-listen`: `/metrics` (Prometheus) and `/healthz`.
 //! - [`output`]: how run events are shown (human lines or JSON lines).
 //! - [`peers`]: the `peers` command's probe.
 //! - [`dial`]: the dialer of a run (discovered peers to links), generic over how it connects.
@@ -39,6 +40,7 @@ pub mod datadir;
 pub mod dial;
 mod error;
 pub mod guard;
+pub mod metrics;
 mod node;
 pub mod output;
 pub mod peers;

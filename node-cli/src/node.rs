@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use p2p_core::gate::{HandshakeGate, HandshakeTicket, DEFAULT_MAX_HANDSHAKES};
 use p2p_core::net::{self, LinkEvent, LinkId, Settings};
@@ -18,6 +18,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::dial;
+use crate::metrics::{self, ConnStats, Refused};
 use crate::Error;
 
 /// Default cluster name.
@@ -71,6 +72,7 @@ pub struct NodeBuilder {
     identity: Option<Identity>,
     max_frame: Option<usize>,
     max_output: usize,
+    metrics_listen: Option<SocketAddr>,
 }
 
 impl std::fmt::Debug for NodeBuilder {
@@ -101,6 +103,7 @@ impl Default for NodeBuilder {
             identity: None,
             max_frame: None,
             max_output: p2p_tasks::handler::DEFAULT_OUTPUT_LIMIT,
+            metrics_listen: None,
         }
     }
 }
@@ -179,6 +182,15 @@ impl NodeBuilder {
     /// maximum frame. Default 1 MiB.
     pub fn max_output(mut self, bytes: usize) -> Self {
         self.max_output = bytes;
+        self
+    }
+
+    /// Serves `GET /metrics` (Prometheus text format) and `GET /healthz` on this address
+    /// (see [`crate::metrics`]) from [`Node::start`] until the node has drained. Like the
+    /// listen address, a non-loopback one needs a cluster key or
+    /// [`NodeBuilder::insecure`]. Default: none.
+    pub fn metrics_listen(mut self, addr: SocketAddr) -> Self {
+        self.metrics_listen = Some(addr);
         self
     }
 
@@ -286,15 +298,13 @@ impl NodeBuilder {
             .unwrap_or_else(Identity::generate);
         let id = identity.node_id();
         settings.identity = Some(identity);
+        let keyed = settings.key.is_some();
         if let Some(a) = listen {
-            if !a.ip().is_loopback() && !self.insecure && settings.key.is_none() {
-                return Err(Error::Config(format!(
-                    "refusing to listen on {a} without a cluster key: anyone who can reach it \
-                     could run tasks here. Make a key with `p2p-node keygen KEYFILE`, copy it \
-                     to every node and pass `--key-file KEYFILE` to each (serve, run, peers); \
-                     or listen on a loopback address; or pass --insecure"
-                )));
-            }
+            check_exposure(a, "listen", "could run tasks here", self.insecure, keyed)?;
+        }
+        if let Some(a) = self.metrics_listen {
+            let why = "could read what this node runs";
+            check_exposure(a, "serve metrics", why, self.insecure, keyed)?;
         }
         let listener = match listen {
             Some(addr) => Some(
@@ -305,6 +315,18 @@ impl NodeBuilder {
             None => None,
         };
         let local_addr = match &listener {
+            Some(l) => Some(l.local_addr()?),
+            None => None,
+        };
+        let metrics_listener = match self.metrics_listen {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| Error::Bind { addr, source })?,
+            ),
+            None => None,
+        };
+        let metrics_addr = match &metrics_listener {
             Some(l) => Some(l.local_addr()?),
             None => None,
         };
@@ -330,8 +352,33 @@ impl NodeBuilder {
             drain_timeout: self.drain_timeout,
             shutdown: CancellationToken::new(),
             tracker: TaskTracker::new(),
+            metrics_listener,
+            metrics_addr,
+            metrics_stop: CancellationToken::new(),
+            conn_stats: Arc::default(),
+            started: Instant::now(),
         })
     }
+}
+
+/// Refuses a non-loopback address without a cluster key or `insecure`: for the node's
+/// listen address and its metrics endpoint alike.
+fn check_exposure(
+    a: SocketAddr,
+    what: &str,
+    risk: &str,
+    insecure: bool,
+    keyed: bool,
+) -> Result<(), Error> {
+    if !a.ip().is_loopback() && !insecure && !keyed {
+        return Err(Error::Config(format!(
+            "refusing to {what} on {a} without a cluster key: anyone who can reach it \
+             {risk}. Make a key with `p2p-node keygen KEYFILE`, copy it \
+             to every node and pass `--key-file KEYFILE` to each (serve, run, peers); \
+             or listen on a loopback address; or pass --insecure"
+        )));
+    }
+    Ok(())
 }
 
 /// A p2p-node: serves the types it has handlers for and runs plans over its peers.
@@ -365,6 +412,12 @@ pub struct Node {
     drain_timeout: Duration,
     shutdown: CancellationToken,
     tracker: TaskTracker,
+    metrics_listener: Option<TcpListener>,
+    metrics_addr: Option<SocketAddr>,
+    /// Stops the metrics endpoint once the node has drained.
+    metrics_stop: CancellationToken,
+    conn_stats: Arc<ConnStats>,
+    started: Instant,
 }
 
 impl std::fmt::Debug for Node {
@@ -402,6 +455,12 @@ impl Node {
     /// The types it serves, sorted.
     pub fn types(&self) -> Vec<String> {
         self.worker.types()
+    }
+
+    /// Where the metrics endpoint listens (with the real port), if it was asked for
+    /// ([`NodeBuilder::metrics_listen`]).
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// Tasks run at once.
@@ -474,7 +533,20 @@ impl Node {
                 self.found = Some(found);
             }
         }
+        if let Some(l) = self.metrics_listener.take() {
+            let source = metrics::Source {
+                worker: self.worker.stats(),
+                conns: self.conn_stats.clone(),
+                gate: self.handshakes.clone(),
+                draining: self.shutdown.clone(),
+                capacity: self.worker.capacity(),
+                started: self.started,
+                discovery: Vec::new(),
+            };
+            tokio::spawn(metrics::serve_http(l, source, self.metrics_stop.clone()));
+        }
         let ctx = AcceptCtx {
+            conns: self.conn_stats.clone(),
             hello: self.hello(true),
             settings: self.settings.clone(),
             worker: self.worker.clone(),
@@ -517,6 +589,7 @@ impl Node {
         for stopped in &self.discovery_stopped {
             let _ = tokio::time::timeout(Duration::from_millis(500), stopped.cancelled()).await;
         }
+        self.metrics_stop.cancel();
     }
 
     /// Runs a plan over the peers the node's discovery finds (and `extra_peers`), calling
@@ -653,6 +726,7 @@ fn merge(
 }
 
 struct AcceptCtx {
+    conns: Arc<ConnStats>,
     hello: Hello,
     settings: Settings,
     worker: Arc<Worker>,
@@ -680,16 +754,18 @@ async fn accept_loop(listener: TcpListener, ctx: AcceptCtx) {
             }
         };
         let Ok(permit) = ctx.slots.clone().try_acquire_owned() else {
+            ctx.conns.refused(Refused::ConnectionLimit);
             warn!(peer = %addr, "connection limit reached; closing new connection");
             continue;
         };
+        let open = ctx.conns.accepted();
         let ticket = ctx.handshakes.admit();
         next_id += 1;
         let id = next_id;
         let c = ctx.clone();
         ctx.tracker.spawn(async move {
             serve_connection(stream, addr, id, ticket, &c).await;
-            drop(permit);
+            drop((permit, open));
         });
     }
 }
@@ -705,6 +781,7 @@ async fn serve_connection(
     let accepted = tokio::select! {
         r = net::accept(stream, ctx.hello.clone(), &ctx.settings, id, tx) => r,
         _ = ticket.evicted() => {
+            ctx.conns.refused(Refused::HandshakeEvicted);
             warn!(
                 peer = %addr,
                 limit = ctx.handshakes.max(),
@@ -717,10 +794,12 @@ async fn serve_connection(
     let link = match accepted {
         Ok(link) => link,
         Err(e) => {
+            ctx.conns.refused(Refused::of(&e));
             warn!(peer = %addr, error = %e, "handshake failed; connection closed");
             return;
         }
     };
+    ctx.conns.established();
     let p = link.peer();
     info!(
         peer = %p.node_id.short(),
