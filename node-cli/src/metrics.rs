@@ -14,8 +14,10 @@
 //!   and a whole connection within [`CONNECTION_LIFETIME`]. A bad request only ever costs
 //!   its own connection.
 
+use std::pin::Pin;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -31,6 +33,7 @@ use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -117,6 +120,8 @@ pub struct ConnStats {
     open: AtomicI64,
     established: AtomicU64,
     refused: [AtomicU64; Refused::ALL.len()],
+    bytes_in: AtomicU64,
+    bytes_out: AtomicU64,
 }
 
 impl ConnStats {
@@ -137,6 +142,75 @@ impl ConnStats {
         if let Some(i) = Refused::ALL.iter().position(|r| *r == why) {
             self.refused[i].fetch_add(1, Ordering::Relaxed);
         }
+    }
+}
+
+/// A served connection's stream that counts the bytes it carries into [`ConnStats`]
+/// (one relaxed add per read or write call, not per message).
+#[derive(Debug)]
+pub struct Counted<S> {
+    inner: S,
+    stats: Arc<ConnStats>,
+}
+
+impl<S> Counted<S> {
+    /// Counts `inner`'s bytes into `stats`.
+    pub fn new(inner: S, stats: Arc<ConnStats>) -> Self {
+        Counted { inner, stats }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let n = buf.filled().len().saturating_sub(before) as u64;
+        if n > 0 {
+            self.stats.bytes_in.fetch_add(n, Ordering::Relaxed);
+        }
+        r
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = r {
+            self.stats.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        r
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = r {
+            self.stats.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 
@@ -270,6 +344,18 @@ impl Collector for Source {
             "p2p_node_connections_established",
             "Connections that completed their handshake.",
             &[(Vec::new(), c.established.load(Ordering::Relaxed))],
+        )?;
+        counter(
+            e,
+            "p2p_node_received_bytes",
+            "Bytes received on served connections (framing and encryption included).",
+            &[(Vec::new(), c.bytes_in.load(Ordering::Relaxed))],
+        )?;
+        counter(
+            e,
+            "p2p_node_sent_bytes",
+            "Bytes sent on served connections (framing and encryption included).",
+            &[(Vec::new(), c.bytes_out.load(Ordering::Relaxed))],
         )?;
         let refused: Vec<_> = Refused::ALL
             .iter()

@@ -357,6 +357,7 @@ impl NodeBuilder {
             metrics_stop: CancellationToken::new(),
             conn_stats: Arc::default(),
             started: Instant::now(),
+            discovery_counters: Vec::new(),
         })
     }
 }
@@ -418,6 +419,8 @@ pub struct Node {
     metrics_stop: CancellationToken,
     conn_stats: Arc<ConnStats>,
     started: Instant,
+    /// The started backends' counters, for metrics.
+    discovery_counters: Vec<metrics::DiscoveryStats>,
 }
 
 impl std::fmt::Debug for Node {
@@ -521,6 +524,10 @@ impl Node {
         if let Some(addr) = self.local_addr {
             if !self.discovery.is_empty() {
                 let backends = std::mem::take(&mut self.discovery);
+                self.discovery_counters = backends
+                    .iter()
+                    .filter_map(|b| b.counters().map(|c| (b.name().to_string(), c)))
+                    .collect();
                 self.discovery_stopped = backends.iter().filter_map(|b| b.stopped()).collect();
                 let me = Announcement {
                     cluster: self.cluster.clone(),
@@ -541,7 +548,7 @@ impl Node {
                 draining: self.shutdown.clone(),
                 capacity: self.worker.capacity(),
                 started: self.started,
-                discovery: Vec::new(),
+                discovery: self.discovery_counters.clone(),
             };
             tokio::spawn(metrics::serve_http(l, source, self.metrics_stop.clone()));
         }
@@ -778,8 +785,11 @@ async fn serve_connection(
     ctx: &AcceptCtx,
 ) {
     let (tx, rx) = mpsc::channel::<(LinkId, LinkEvent)>(LINK_EVENTS);
+    // As net::accept does, with the bytes counted for metrics.
+    let _ = stream.set_nodelay(true);
+    let stream = metrics::Counted::new(stream, ctx.conns.clone());
     let accepted = tokio::select! {
-        r = net::accept(stream, ctx.hello.clone(), &ctx.settings, id, tx) => r,
+        r = net::accept_stream(stream, addr, ctx.hello.clone(), &ctx.settings, id, tx) => r,
         _ = ticket.evicted() => {
             ctx.conns.refused(Refused::HandshakeEvicted);
             warn!(

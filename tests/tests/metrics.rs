@@ -129,6 +129,8 @@ fn metrics_count_what_ran() {
     assert!(value(&after, "p2p_node_connections_accepted_total") >= 1.0);
     assert!(value(&after, "p2p_node_connections_established_total") >= 1.0);
     assert_eq!(value(&after, "p2p_node_draining"), 0.0);
+    assert!(value(&after, "p2p_node_received_bytes_total") > 0.0);
+    assert!(value(&after, "p2p_node_sent_bytes_total") > 0.0);
     // A connection that is not the protocol is counted as refused.
     let refused = r#"p2p_node_connections_refused_total{reason="protocol"}"#;
     assert_eq!(value(&after, refused), 0.0);
