@@ -12,6 +12,7 @@
 //! - [`metrics`]: `serve --metrics-listen`: `/metrics` (Prometheus) and `/healthz`.
 //! - [`output`]: how run events are shown (human lines or JSON lines).
 //! - [`peers`]: the `peers` command's probe.
+//! - [`status`]: the `status` command, and what a node answers it.
 //! - [`dial`]: the dialer of a run (discovered peers to links), generic over how it connects.
 //!
 //! # Usage
@@ -44,6 +45,7 @@ pub mod metrics;
 mod node;
 pub mod output;
 pub mod peers;
+pub mod status;
 
 pub use error::Error;
 pub use node::{

@@ -335,14 +335,20 @@ impl NodeBuilder {
         let capacity = self
             .capacity
             .unwrap_or_else(|| Worker::default_capacity(&self.handlers));
+        let worker =
+            Arc::new(Worker::new(self.handlers, capacity).with_output_limit(self.max_output));
+        let shutdown = CancellationToken::new();
+        let started = Instant::now();
+        let (stats, draining) = (worker.stats(), shutdown.clone());
+        settings.status = Some(net::StatusSource(Arc::new(move || {
+            crate::status::report(&stats, started, draining.is_cancelled())
+        })));
         Ok(Node {
             id,
             cluster: self.cluster,
             listener,
             local_addr,
-            worker: Arc::new(
-                Worker::new(self.handlers, capacity).with_output_limit(self.max_output),
-            ),
+            worker,
             discovery: self.discovery,
             found: None,
             discovery_stopped: Vec::new(),
@@ -350,13 +356,13 @@ impl NodeBuilder {
             conn_slots: Arc::new(Semaphore::new(self.max_connections)),
             handshakes: HandshakeGate::new(self.max_handshakes),
             drain_timeout: self.drain_timeout,
-            shutdown: CancellationToken::new(),
+            shutdown,
             tracker: TaskTracker::new(),
             metrics_listener,
             metrics_addr,
             metrics_stop: CancellationToken::new(),
             conn_stats: Arc::default(),
-            started: Instant::now(),
+            started,
             discovery_counters: Vec::new(),
         })
     }
