@@ -104,7 +104,8 @@ impl Refused {
                 R::Version => Refused::Version,
                 R::Cluster => Refused::Cluster,
                 R::Key => Refused::Key,
-                R::Busy => Refused::ConnectionLimit,
+                // A Hello out of the protocol's bounds, or a reason only a dialler sees.
+                _ => Refused::Protocol,
             },
             E::Auth(_) | E::Tampered | E::IdMismatch { .. } => Refused::Key,
             E::Io(_) | E::ConnectionLost | E::ClosedInHandshake(_) => Refused::Closed,

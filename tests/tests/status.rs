@@ -166,6 +166,18 @@ fn a_node_that_never_answers_or_answers_garbage_is_an_error_of_its_own() {
         let next = read_frame(&mut s, &mut buf);
         assert!(matches!(next, Some(Message::StatusRequest)), "{next:?}");
     });
+    // A normal handshake, then it reads the request and never answers (nor pings).
+    let mute = fake_node(|mut s| {
+        let mut buf = BytesMut::new();
+        let Some(Message::Hello(_)) = read_frame(&mut s, &mut buf) else {
+            return;
+        };
+        let mut me = hello("default");
+        me.capacity = 1;
+        send(&mut s, &Message::Welcome(me));
+        let _ = read_frame(&mut s, &mut buf);
+        std::thread::sleep(Duration::from_secs(30));
+    });
     let started = Instant::now();
     let out = status(
         &[
@@ -173,13 +185,14 @@ fn a_node_that_never_answers_or_answers_garbage_is_an_error_of_its_own() {
             &silent.to_string(),
             &garbage.to_string(),
             &older.to_string(),
+            &mute.to_string(),
         ],
-        &["--json"],
+        &["--json", "--answer-timeout", "1s"],
     );
     let took = started.elapsed();
     out.assert_code(1);
     let lines = json_lines(&out.stdout);
-    assert_eq!(lines.len(), 4, "{}", out.describe());
+    assert_eq!(lines.len(), 5, "{}", out.describe());
     let of = |addr: String| {
         lines
             .iter()
@@ -199,6 +212,11 @@ fn a_node_that_never_answers_or_answers_garbage_is_an_error_of_its_own() {
     );
     let older_err = of(older.to_string())["error"].as_str().unwrap().to_string();
     assert!(older_err.contains("older p2p-node"), "{older_err}");
+    let mute_err = of(mute.to_string())["error"].as_str().unwrap().to_string();
+    assert!(
+        mute_err.contains("no answer to the status request after 1s"),
+        "{mute_err}"
+    );
     // Bounded by the handshake timeout (5 s), not the fake's 30 s silence.
     assert!(took < Duration::from_secs(25), "status took {took:?}");
     // Without --json, each unreachable node is one line on stderr, and the live one shows.
