@@ -1,7 +1,7 @@
 //! The config file: TOML whose keys are the long flags of the commands.
 //!
 //! `--config PATH` names it; without it, `./p2p-node.toml` is read when present. Top-level
-//! keys apply to every command that has that flag; a `[serve]`, `[run]` or `[peers]` table
+//! keys apply to every command that has that flag; a `[serve]`, `[run]`, `[peers]` or `[status]` table
 //! applies to that command only and wins over the top level. Flags on the command line win
 //! over the file. Values: a string or number is the flag's value, `true` sets a switch
 //! (`false` leaves it off), a number gives a counted flag that many times (`verbose = 2` is
@@ -58,7 +58,7 @@ pub enum ConfigError {
     },
 }
 
-const COMMANDS: [&str; 3] = ["serve", "run", "peers"];
+const COMMANDS: [&str; 4] = ["serve", "run", "peers", "status"];
 
 /// Returns the command line with the config file's settings inserted after the subcommand,
 /// for every setting not already given as a flag.
@@ -335,6 +335,14 @@ mod tests {
                 "t.txt"
             ]
         );
+    }
+
+    #[test]
+    fn status_reads_the_file_like_the_other_commands() {
+        let toml = "cluster = \"blue\"\n[status]\njson = true\n";
+        let args = with_file(toml, &["status"]).unwrap();
+        assert!(args.contains(&"--cluster=blue".to_string()), "{args:?}");
+        assert!(args.contains(&"--json".to_string()), "{args:?}");
     }
 
     #[test]
