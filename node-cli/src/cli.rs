@@ -110,6 +110,12 @@ pub enum Command {
     /// List the nodes that discovery finds.
     #[command(after_help = "Example:\n  p2p-node peers --peer 127.0.0.1:7401 --json")]
     Peers(PeersArgs),
+    /// Ask live nodes how they are: version, types, running tasks, counts, uptime, load.
+    #[command(
+        after_help = "Example:\n  p2p-node status --peer 127.0.0.1:7401 --peer 127.0.0.1:7402\n  \
+        p2p-node status --discovery udp --json"
+    )]
+    Status(StatusArgs),
     /// Write a new cluster key to PATH (mode 0600); pass it to every node with --key-file.
     #[command(after_help = "Example:\n  p2p-node keygen cluster.key\n  \
         p2p-node serve --types a --key-file cluster.key\n  \
@@ -225,6 +231,10 @@ pub struct ServeArgs {
     /// then SIGKILL after this long.
     #[arg(long, value_name = "DUR", default_value = "2s", value_parser = parse_duration)]
     pub kill_grace: Duration,
+    /// Serve GET /metrics (Prometheus text) and GET /healthz (503 while draining) over
+    /// HTTP on ADDR; loopback only unless a cluster key (or --insecure) is given.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
     /// Shared options.
     #[command(flatten)]
     pub common: Common,
@@ -303,6 +313,23 @@ pub struct PeersArgs {
     pub common: Common,
 }
 
+/// `p2p-node status`.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// One JSON object per node and line (nodes that did not answer: `addr` and `error`).
+    #[arg(long)]
+    pub json: bool,
+    /// How long to look for nodes.
+    #[arg(long, default_value = "3s", value_parser = parse_duration)]
+    pub discovery_timeout: Duration,
+    /// How long a node has to answer, once connected.
+    #[arg(long, value_name = "DUR", default_value = "5s", value_parser = parse_positive_duration)]
+    pub answer_timeout: Duration,
+    /// Shared options.
+    #[command(flatten)]
+    pub common: Common,
+}
+
 /// `p2p-node keygen`.
 #[derive(Debug, Args)]
 pub struct KeygenArgs {
@@ -375,6 +402,7 @@ pub async fn execute(cli: Cli) -> ExitCode {
         Command::Serve(a) => serve(a, shutdown, force).await,
         Command::Run(a) => run(a, shutdown).await,
         Command::Peers(a) => peers(a).await,
+        Command::Status(a) => status(a).await,
         Command::Keygen(a) => keygen(a),
         Command::Completions { shell } => {
             let mut cmd = crate::help::command();
@@ -814,6 +842,9 @@ async fn serve(
     if let Some(c) = a.capacity {
         b = b.capacity(c);
     }
+    if let Some(m) = a.metrics_listen {
+        b = b.metrics_listen(m);
+    }
     for t in &types {
         b = b.handler(t, handler_for(t, &handlers, a.max_output, a.kill_grace));
     }
@@ -851,6 +882,9 @@ async fn serve(
         node.capacity(),
         discovery_names(&a.common)
     );
+    if let Some(m) = node.metrics_addr() {
+        say!("metrics on http://{m}/metrics");
+    }
     let token = node.shutdown_token();
     tokio::spawn(async move {
         shutdown.cancelled().await;
@@ -1071,4 +1105,42 @@ async fn peers(a: PeersArgs) -> anyhow::Result<u8> {
     } else {
         EXIT_OK
     })
+}
+
+async fn status(a: StatusArgs) -> anyhow::Result<u8> {
+    let key = load_key(&a.common)?;
+    let discovery = backends(&a.common, Role::Client, true, &key)?;
+    let held = load_identity(&a.common, None)?;
+    let identity = held
+        .as_ref()
+        .map_or_else(Identity::generate, |h| h.identity.clone());
+    let answers = crate::status::probe(
+        &a.common.cluster,
+        discovery,
+        a.discovery_timeout,
+        a.answer_timeout,
+        key,
+        identity,
+    )
+    .await
+    .map_err(node_error)?;
+    let mut failed = answers.is_empty();
+    for answer in &answers {
+        match answer {
+            Ok(n) if a.json => say!("{}", serde_json::to_string(n)?),
+            Ok(n) => say!("{}", crate::status::describe(n)),
+            Err(u) => {
+                failed = true;
+                if a.json {
+                    say!("{}", serde_json::to_string(u)?);
+                } else {
+                    say_err!("{}: {}", escape(&u.addr), escape(&u.error));
+                }
+            }
+        }
+    }
+    if answers.is_empty() && !a.json {
+        say_err!("no node found (give --peer ADDR or a --discovery backend)");
+    }
+    Ok(if failed { EXIT_FAILED } else { EXIT_OK })
 }

@@ -4,9 +4,9 @@
 //! exist), `$XDG_CONFIG_HOME/p2p-node/config.toml` (`~/.config/...` without the variable),
 //! `/etc/p2p-node/config.toml`. The binary logs which. `./p2p-node.toml` is not read unless
 //! named (a file in the working directory could set handlers); when it exists and is not
-//! the file read, a warning says so. Top-level
-//! keys apply to every command that has that flag; a `[serve]`, `[run]` or `[peers]` table
-//! applies to that command only and wins over the top level. Precedence: flags on the
+//! the file read, a warning says so. Top-level keys apply to every command that has that
+//! flag; a `[serve]`, `[run]`, `[peers]` or `[status]` table applies to that command only
+//! and wins over the top level. Precedence: flags on the
 //! command line, then their environment variables (`P2P_DATA_DIR`, ...), then the file, then
 //! the defaults: a setting whose flag or variable is given is not taken from the file.
 //! Values: a string or number is the flag's value, `true` sets a switch
@@ -131,7 +131,7 @@ pub enum ConfigError {
     },
 }
 
-const COMMANDS: [&str; 3] = ["serve", "run", "peers"];
+const COMMANDS: [&str; 4] = ["serve", "run", "peers", "status"];
 
 /// Returns the command line with the config file's settings inserted after the subcommand,
 /// for every setting not already given as a flag or by its environment variable, with the
@@ -457,6 +457,14 @@ mod tests {
                 "t.txt"
             ]
         );
+    }
+
+    #[test]
+    fn status_reads_the_file_like_the_other_commands() {
+        let toml = "cluster = \"blue\"\n[status]\njson = true\n";
+        let args = with_file(toml, &["status"]).unwrap();
+        assert!(args.contains(&"--cluster=blue".to_string()), "{args:?}");
+        assert!(args.contains(&"--json".to_string()), "{args:?}");
     }
 
     #[test]

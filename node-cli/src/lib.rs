@@ -11,8 +11,10 @@
 //! - [`guard`]: the process that ends a node's handler processes if the node is killed.
 //! - [`help`]: `--version`, help headings, the man page, value lists for completions.
 //! - [`logging`]: log levels for `-v` and colour (`NO_COLOR`).
+//! - [`metrics`]: `serve --metrics-listen`: `/metrics` (Prometheus) and `/healthz`.
 //! - [`output`]: how run events are shown (human lines or JSON lines).
 //! - [`peers`]: the `peers` command's probe.
+//! - [`status`]: the `status` command, and what a node answers it.
 //! - [`dial`]: the dialer of a run (discovered peers to links), generic over how it connects.
 //!
 //! # Usage
@@ -44,10 +46,12 @@ mod floods;
 pub mod guard;
 pub mod help;
 pub mod logging;
+pub mod metrics;
 mod node;
 pub mod output;
 pub mod peers;
 mod sightings;
+pub mod status;
 
 pub use error::Error;
 pub use node::{

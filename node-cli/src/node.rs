@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use p2p_core::gate::{HandshakeGate, HandshakeTicket, DEFAULT_MAX_HANDSHAKES, LOG_INTERVAL};
 use p2p_core::net::{self, LinkEvent, LinkId, Settings};
@@ -19,6 +19,7 @@ use tracing::{info, warn};
 
 use crate::dial;
 use crate::floods::{flood_summaries, flood_warn, more, types_shown, Floods};
+use crate::metrics::{self, ConnStats, Refused};
 use crate::sightings::Sightings;
 use crate::Error;
 
@@ -73,6 +74,7 @@ pub struct NodeBuilder {
     identity: Option<Identity>,
     max_frame: Option<usize>,
     max_output: usize,
+    metrics_listen: Option<SocketAddr>,
 }
 
 impl std::fmt::Debug for NodeBuilder {
@@ -103,6 +105,7 @@ impl Default for NodeBuilder {
             identity: None,
             max_frame: None,
             max_output: p2p_tasks::handler::DEFAULT_OUTPUT_LIMIT,
+            metrics_listen: None,
         }
     }
 }
@@ -181,6 +184,15 @@ impl NodeBuilder {
     /// maximum frame. Default 1 MiB.
     pub fn max_output(mut self, bytes: usize) -> Self {
         self.max_output = bytes;
+        self
+    }
+
+    /// Serves `GET /metrics` (Prometheus text format) and `GET /healthz` on this address
+    /// (see [`crate::metrics`]) from [`Node::start`] until the node has drained. Like the
+    /// listen address, a non-loopback one needs a cluster key or
+    /// [`NodeBuilder::insecure`]. Default: none.
+    pub fn metrics_listen(mut self, addr: SocketAddr) -> Self {
+        self.metrics_listen = Some(addr);
         self
     }
 
@@ -301,15 +313,13 @@ impl NodeBuilder {
             .unwrap_or_else(Identity::generate);
         let id = identity.node_id();
         settings.identity = Some(identity);
+        let keyed = settings.key.is_some();
         if let Some(a) = listen {
-            if !a.ip().is_loopback() && !self.insecure && settings.key.is_none() {
-                return Err(Error::Config(format!(
-                    "refusing to listen on {a} without a cluster key: anyone who can reach it \
-                     could run tasks here. Make a key with `p2p-node keygen KEYFILE`, copy it \
-                     to every node and pass `--key-file KEYFILE` to each (serve, run, peers); \
-                     or listen on a loopback address; or pass --insecure"
-                )));
-            }
+            check_exposure(a, "listen", "could run tasks here", self.insecure, keyed)?;
+        }
+        if let Some(a) = self.metrics_listen {
+            let why = "could read what this node runs";
+            check_exposure(a, "serve metrics", why, self.insecure, keyed)?;
         }
         let listener = match listen {
             Some(addr) => Some(
@@ -323,19 +333,37 @@ impl NodeBuilder {
             Some(l) => Some(l.local_addr()?),
             None => None,
         };
+        let metrics_listener = match self.metrics_listen {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| Error::Bind { addr, source })?,
+            ),
+            None => None,
+        };
+        let metrics_addr = match &metrics_listener {
+            Some(l) => Some(l.local_addr()?),
+            None => None,
+        };
         // Default: the number of cores, or a deep window for nodes whose handlers all
         // answer at once (the built-in handler), so pipelining is not capped at a few tasks.
         let capacity = self
             .capacity
             .unwrap_or_else(|| Worker::default_capacity(&self.handlers));
+        let worker =
+            Arc::new(Worker::new(self.handlers, capacity).with_output_limit(self.max_output));
+        let shutdown = CancellationToken::new();
+        let started = Instant::now();
+        let (stats, draining) = (worker.stats(), shutdown.clone());
+        settings.status = Some(net::StatusSource(Arc::new(move || {
+            crate::status::report(&stats, started, draining.is_cancelled())
+        })));
         Ok(Node {
             id,
             cluster: self.cluster,
             listener,
             local_addr,
-            worker: Arc::new(
-                Worker::new(self.handlers, capacity).with_output_limit(self.max_output),
-            ),
+            worker,
             discovery: self.discovery,
             found: None,
             discovery_stopped: Vec::new(),
@@ -343,10 +371,36 @@ impl NodeBuilder {
             conn_slots: Arc::new(Semaphore::new(self.max_connections)),
             handshakes: HandshakeGate::new(self.max_handshakes),
             drain_timeout: self.drain_timeout,
-            shutdown: CancellationToken::new(),
+            shutdown,
             tracker: TaskTracker::new(),
+            metrics_listener,
+            metrics_addr,
+            metrics_stop: CancellationToken::new(),
+            conn_stats: Arc::default(),
+            started,
+            discovery_counters: Vec::new(),
         })
     }
+}
+
+/// Refuses a non-loopback address without a cluster key or `insecure`: for the node's
+/// listen address and its metrics endpoint alike.
+fn check_exposure(
+    a: SocketAddr,
+    what: &str,
+    risk: &str,
+    insecure: bool,
+    keyed: bool,
+) -> Result<(), Error> {
+    if !a.ip().is_loopback() && !insecure && !keyed {
+        return Err(Error::Config(format!(
+            "refusing to {what} on {a} without a cluster key: anyone who can reach it \
+             {risk}. Make a key with `p2p-node keygen KEYFILE`, copy it \
+             to every node and pass `--key-file KEYFILE` to each (serve, run, peers); \
+             or listen on a loopback address; or pass --insecure"
+        )));
+    }
+    Ok(())
 }
 
 /// A p2p-node: serves the types it has handlers for and runs plans over its peers.
@@ -381,6 +435,14 @@ pub struct Node {
     drain_timeout: Duration,
     shutdown: CancellationToken,
     tracker: TaskTracker,
+    metrics_listener: Option<TcpListener>,
+    metrics_addr: Option<SocketAddr>,
+    /// Stops the metrics endpoint once the node has drained.
+    metrics_stop: CancellationToken,
+    conn_stats: Arc<ConnStats>,
+    started: Instant,
+    /// The started backends' counters, for metrics.
+    discovery_counters: Vec<metrics::DiscoveryStats>,
 }
 
 impl std::fmt::Debug for Node {
@@ -418,6 +480,12 @@ impl Node {
     /// The types it serves, sorted.
     pub fn types(&self) -> Vec<String> {
         self.worker.types()
+    }
+
+    /// Where the metrics endpoint listens (with the real port), if it was asked for
+    /// ([`NodeBuilder::metrics_listen`]).
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// Tasks run at once.
@@ -478,6 +546,10 @@ impl Node {
         if let Some(addr) = self.local_addr {
             if !self.discovery.is_empty() {
                 let backends = std::mem::take(&mut self.discovery);
+                self.discovery_counters = backends
+                    .iter()
+                    .filter_map(|b| b.counters().map(|c| (b.name().to_string(), c)))
+                    .collect();
                 self.discovery_stopped = backends.iter().filter_map(|b| b.stopped()).collect();
                 let me = Announcement {
                     cluster: self.cluster.clone(),
@@ -490,8 +562,21 @@ impl Node {
                 self.found = Some(Sightings::start(found));
             }
         }
+        if let Some(l) = self.metrics_listener.take() {
+            let source = metrics::Source {
+                worker: self.worker.stats(),
+                conns: self.conn_stats.clone(),
+                gate: self.handshakes.clone(),
+                draining: self.shutdown.clone(),
+                capacity: self.worker.capacity(),
+                started: self.started,
+                discovery: self.discovery_counters.clone(),
+            };
+            tokio::spawn(metrics::serve_http(l, source, self.metrics_stop.clone()));
+        }
         let ctx = AcceptCtx {
             floods: Mutex::new(Floods::default()),
+            conns: self.conn_stats.clone(),
             hello: self.hello(true),
             settings: self.settings.clone(),
             worker: self.worker.clone(),
@@ -534,6 +619,7 @@ impl Node {
         for stopped in &self.discovery_stopped {
             let _ = tokio::time::timeout(Duration::from_millis(500), stopped.cancelled()).await;
         }
+        self.metrics_stop.cancel();
     }
 
     /// Runs a plan over the peers the node's discovery finds (and `extra_peers`), calling
@@ -671,6 +757,7 @@ fn merge(
 
 struct AcceptCtx {
     floods: Mutex<Floods>,
+    conns: Arc<ConnStats>,
     hello: Hello,
     settings: Settings,
     worker: Arc<Worker>,
@@ -703,6 +790,7 @@ async fn accept_loop(listener: TcpListener, ctx: AcceptCtx) {
             }
         };
         let Ok(permit) = ctx.slots.clone().try_acquire_owned() else {
+            ctx.conns.refused(Refused::ConnectionLimit);
             flood_warn(
                 &ctx.floods,
                 |f| &mut f.limit_reached,
@@ -712,13 +800,14 @@ async fn accept_loop(listener: TcpListener, ctx: AcceptCtx) {
             );
             continue;
         };
+        let open = ctx.conns.accepted();
         let ticket = ctx.handshakes.admit();
         next_id += 1;
         let id = next_id;
         let c = ctx.clone();
         ctx.tracker.spawn(async move {
             serve_connection(stream, addr, id, ticket, &c).await;
-            drop(permit);
+            drop((permit, open));
         });
     }
 }
@@ -731,9 +820,13 @@ async fn serve_connection(
     ctx: &AcceptCtx,
 ) {
     let (tx, rx) = mpsc::channel::<(LinkId, LinkEvent)>(LINK_EVENTS);
+    // As net::accept does, with the bytes counted for metrics.
+    let _ = stream.set_nodelay(true);
+    let stream = metrics::Counted::new(stream, ctx.conns.clone());
     let accepted = tokio::select! {
-        r = net::accept(stream, ctx.hello.clone(), &ctx.settings, id, tx) => r,
+        r = net::accept_stream(stream, addr, ctx.hello.clone(), &ctx.settings, id, tx) => r,
         _ = ticket.evicted() => {
+            ctx.conns.refused(Refused::HandshakeEvicted);
             flood_warn(&ctx.floods, |f| &mut f.evicted, |unwritten| {
                 warn!(
                     peer = %addr,
@@ -749,6 +842,7 @@ async fn serve_connection(
     let link = match accepted {
         Ok(link) => link,
         Err(e) => {
+            ctx.conns.refused(Refused::of(&e));
             flood_warn(
                 &ctx.floods,
                 |f| &mut f.failed,
@@ -759,6 +853,7 @@ async fn serve_connection(
             return;
         }
     };
+    ctx.conns.established();
     let p = link.peer();
     info!(
         peer = %p.node_id.short(),

@@ -19,7 +19,9 @@ use std::collections::{HashSet, VecDeque};
 use std::hash::{BuildHasher, Hasher};
 use std::time::{Duration, Instant};
 
-use crate::message::{Assign, Completed, Hello, Message, Reject, RejectReason, PROTOCOL_VERSION};
+use crate::message::{
+    Assign, Completed, Hello, Message, Reject, RejectReason, StatusReport, PROTOCOL_VERSION,
+};
 use crate::Error;
 
 /// Timing rules of a connection.
@@ -142,6 +144,10 @@ pub enum Event {
     PeerGoodbye,
     /// The goodbye exchange is complete; the connection can be closed.
     Finished,
+    /// The peer asks how this node is: answer with [`Connection::answer_status`].
+    StatusRequested,
+    /// The answer to our [`Connection::request_status`].
+    Status(Box<StatusReport>),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -171,6 +177,10 @@ pub struct Connection {
     we_said_goodbye: bool,
     peer_said_goodbye: bool,
     ack_sent: bool,
+    /// We sent a `StatusRequest` that has no answer yet.
+    status_asked: bool,
+    /// The peer sent a `StatusRequest` we have not answered yet.
+    status_owed: bool,
     transmit: VecDeque<Message>,
     events: VecDeque<Event>,
 }
@@ -193,6 +203,8 @@ impl Connection {
             we_said_goodbye: false,
             peer_said_goodbye: false,
             ack_sent: false,
+            status_asked: false,
+            status_owed: false,
             transmit: VecDeque::new(),
             events: VecDeque::new(),
         };
@@ -396,6 +408,31 @@ impl Connection {
                 self.finish();
                 Ok(())
             }
+            Message::StatusRequest => {
+                if self.status_owed {
+                    return self.fail(Error::Violation(
+                        "a second StatusRequest before the first was answered".into(),
+                    ));
+                }
+                self.status_owed = true;
+                self.events.push_back(Event::StatusRequested);
+                Ok(())
+            }
+            Message::Status(report) => {
+                if !self.status_asked {
+                    return self.fail(Error::Violation("a Status nobody asked for".into()));
+                }
+                if !report.is_bounded() {
+                    return self.fail(Error::Violation(
+                        "a Status over the protocol's bounds (too many tasks or too long a \
+                         string)"
+                            .into(),
+                    ));
+                }
+                self.status_asked = false;
+                self.events.push_back(Event::Status(report));
+                Ok(())
+            }
             other => self.fail(Error::Unexpected {
                 got: other.kind(),
                 state: "open",
@@ -454,6 +491,35 @@ impl Connection {
         if self.state == State::Open && self.inbound.contains(&seq) {
             self.transmit.push_back(Message::Started { seq });
         }
+    }
+
+    /// Asks the peer how it is; its answer comes as [`Event::Status`]. Fails when the
+    /// connection is not open or a request is still unanswered.
+    pub fn request_status(&mut self) -> Result<(), Error> {
+        if self.state != State::Open || self.status_asked {
+            return Err(Error::InvalidState {
+                action: "request status",
+                why: "the connection is not open, or a status request is unanswered",
+            });
+        }
+        self.status_asked = true;
+        self.transmit.push_back(Message::StatusRequest);
+        Ok(())
+    }
+
+    /// Answers the peer's [`Event::StatusRequested`] (the report is cut to the protocol's
+    /// bounds). Fails when nothing is asked or the connection is not open.
+    pub fn answer_status(&mut self, report: StatusReport) -> Result<(), Error> {
+        if self.state != State::Open || !self.status_owed {
+            return Err(Error::InvalidState {
+                action: "answer status",
+                why: "no status request to answer",
+            });
+        }
+        self.status_owed = false;
+        self.transmit
+            .push_back(Message::Status(Box::new(report.bounded())));
+        Ok(())
     }
 
     /// Asks the peer to stop a task we assigned. Its `Completed` still follows.

@@ -134,4 +134,14 @@ pub enum Error {
     /// The peer closed the connection before the handshake completed.
     #[error("the peer closed the connection during the handshake{0}")]
     ClosedInHandshake(&'static str),
+    /// The peer closed the connection instead of answering a status request: it runs a
+    /// p2p-node older than `status` (or does not answer them).
+    #[error(
+        "the node closed the connection instead of answering the status request (it runs an \
+         older p2p-node without status, or it does not serve)"
+    )]
+    NoStatus,
+    /// A status request had no answer in time.
+    #[error("no answer to the status request after {0:?}")]
+    StatusTimeout(Duration),
 }

@@ -54,6 +54,13 @@ pub enum Message {
         /// The `seq` of the assignment.
         seq: u64,
     },
+    /// Asks the peer how it is (`p2p-node status`); a [`Message::Status`] answers. Sent only
+    /// by status clients after the handshake, at most one unanswered at a time. Added within
+    /// version 2 (docs/PROTOCOL.md, "Versioning"): a node that predates it closes the
+    /// connection, which the client reports.
+    StatusRequest,
+    /// The answer to a [`Message::StatusRequest`].
+    Status(Box<StatusReport>),
 }
 
 impl Message {
@@ -71,6 +78,8 @@ impl Message {
             Message::Goodbye => "Goodbye",
             Message::GoodbyeAck => "GoodbyeAck",
             Message::Started { .. } => "Started",
+            Message::StatusRequest => "StatusRequest",
+            Message::Status(_) => "Status",
         }
     }
 }
@@ -147,4 +156,82 @@ pub struct Completed {
     pub error: Option<String>,
     /// How long the handler ran, in microseconds.
     pub duration_us: u64,
+}
+
+/// The most running tasks a [`StatusReport`] lists (it still counts them all).
+pub const MAX_STATUS_TASKS: usize = 64;
+
+/// The longest string in a [`StatusReport`] (a task id, a version), in bytes; longer ones
+/// are cut when the report is made ([`StatusReport::bounded`]).
+pub const MAX_STATUS_STRING: usize = 256;
+
+/// How a node is, as `p2p-node status` shows it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusReport {
+    /// The node's software version (e.g. `0.1.0`).
+    pub version: String,
+    /// Seconds since the node started.
+    pub uptime_s: u64,
+    /// Whether the node drains (takes no new work).
+    pub draining: bool,
+    /// Tasks running now, all of them (the list below holds at most [`MAX_STATUS_TASKS`]).
+    pub running_total: u64,
+    /// The longest-running tasks, oldest first.
+    pub running: Vec<RunningTask>,
+    /// Tasks that succeeded since the node started.
+    pub completed: u64,
+    /// Tasks that failed since the node started.
+    pub failed: u64,
+    /// The 1, 5 and 15 minute load averages in thousandths (from `/proc/loadavg`), where
+    /// the system has them.
+    pub load_milli: Option<[u32; 3]>,
+}
+
+/// A task running on the node that answers a [`StatusReport`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunningTask {
+    /// Task id.
+    pub task: String,
+    /// Task type.
+    pub kind: String,
+    /// How long it has run, in milliseconds.
+    pub running_ms: u64,
+    /// The node id of the coordinator that assigned it.
+    pub coordinator: String,
+}
+
+impl StatusReport {
+    /// The report within the protocol's bounds: at most [`MAX_STATUS_TASKS`] tasks, each
+    /// string at most [`MAX_STATUS_STRING`] bytes (cut on a character boundary).
+    pub fn bounded(mut self) -> Self {
+        self.running.truncate(MAX_STATUS_TASKS);
+        cut(&mut self.version);
+        for t in &mut self.running {
+            cut(&mut t.task);
+            cut(&mut t.kind);
+            cut(&mut t.coordinator);
+        }
+        self
+    }
+
+    /// Whether the report is within the protocol's bounds (see [`StatusReport::bounded`]).
+    pub fn is_bounded(&self) -> bool {
+        let ok = |s: &String| s.len() <= MAX_STATUS_STRING;
+        self.running.len() <= MAX_STATUS_TASKS
+            && ok(&self.version)
+            && self
+                .running
+                .iter()
+                .all(|t| ok(&t.task) && ok(&t.kind) && ok(&t.coordinator))
+    }
+}
+
+fn cut(s: &mut String) {
+    if s.len() > MAX_STATUS_STRING {
+        let mut end = MAX_STATUS_STRING;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+    }
 }

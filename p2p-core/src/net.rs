@@ -22,7 +22,7 @@ use std::time::Duration;
 use futures::{FutureExt, SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tokio_util::codec::Framed;
 use tracing::{debug, warn};
@@ -32,7 +32,7 @@ use crate::conn::{self, Connection, Event, Role};
 use crate::gate::{self, LogLimit};
 use crate::identity::Identity;
 use crate::key::ClusterKey;
-use crate::message::{Assign, Completed, Hello, Message, Reject, RejectReason};
+use crate::message::{Assign, Completed, Hello, Message, Reject, RejectReason, StatusReport};
 use crate::secure::{self, WireCodec, PREAMBLE};
 use crate::{Error, NodeId};
 
@@ -61,6 +61,19 @@ pub struct Settings {
     /// and the local `Hello`'s node id must be [`Identity::node_id`]. Required with a key
     /// (a connection without it fails with [`Error::InvalidState`]). Default none.
     pub identity: Option<Identity>,
+    /// What this node answers a peer's status request with (`p2p-node status`). Default
+    /// none: such a request closes the connection.
+    pub status: Option<StatusSource>,
+}
+
+/// Makes this node's [`StatusReport`] when a peer asks (see [`Settings::status`]).
+#[derive(Clone)]
+pub struct StatusSource(pub std::sync::Arc<dyn Fn() -> StatusReport + Send + Sync>);
+
+impl std::fmt::Debug for StatusSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StatusSource")
+    }
 }
 
 impl Default for Settings {
@@ -73,6 +86,7 @@ impl Default for Settings {
             accept_keys: Vec::new(),
             identity: None,
             frame_budget: FrameBudget::default(),
+            status: None,
         }
     }
 }
@@ -148,6 +162,8 @@ pub struct Link {
     addr: SocketAddr,
     tx: mpsc::Sender<Command>,
     closed: LinkClosed,
+    /// Status requests to the driver, each with where its answer goes.
+    status: mpsc::Sender<oneshot::Sender<Box<StatusReport>>>,
 }
 
 /// Tells when a link closed, and how (see [`Link::on_closed`]). Holding one does not keep
@@ -192,6 +208,22 @@ impl Link {
     /// A handle that says when this link closed (without keeping it open).
     pub fn on_closed(&self) -> LinkClosed {
         self.closed.clone()
+    }
+
+    /// Asks the peer how it is (`p2p-node status`) and waits, at most `limit`, for its
+    /// answer. A peer that closes the connection instead (a node older than the status
+    /// request) gives [`Error::NoStatus`].
+    pub async fn request_status(&self, limit: Duration) -> Result<StatusReport, Error> {
+        let (tx, rx) = oneshot::channel();
+        self.status.try_send(tx).map_err(|_| Error::InvalidState {
+            action: "request status",
+            why: "the connection is closed, or a status request is unanswered",
+        })?;
+        match tokio::time::timeout(limit, rx).await {
+            Ok(Ok(report)) => Ok(*report),
+            Ok(Err(_)) => Err(Error::NoStatus),
+            Err(_) => Err(Error::StatusTimeout(limit)),
+        }
     }
 
     /// Queues a command. The queue holds the peer's capacity plus a margin, so a sender that
@@ -355,12 +387,14 @@ async fn start(
     // queued.
     let (tx, rx) = mpsc::channel(2 * window + 64);
     let (closed_tx, closed_rx) = watch::channel(None);
+    let (status_tx, status_rx) = mpsc::channel(1);
     let link = Link {
         id,
         peer,
         addr,
         tx,
         closed: LinkClosed { rx: closed_rx },
+        status: status_tx,
     };
     // Registration comes first on the events channel, before anything the driver reports.
     let _ = events
@@ -369,7 +403,17 @@ async fn start(
     // If the driver ever dies without its final `Closed` (a panic), say so anyway, so the
     // owner re-queues that connection's work instead of waiting for it.
     let idle = settings.conn.idle_timeout;
-    let driver = tokio::spawn(drive(io, conn, rx, id, events.clone(), idle, closed_tx));
+    let status = (status_rx, settings.status.clone());
+    let driver = tokio::spawn(drive(
+        io,
+        conn,
+        rx,
+        id,
+        events.clone(),
+        idle,
+        closed_tx,
+        status,
+    ));
     tokio::spawn(async move {
         if let Err(e) = driver.await {
             let error = Some(format!("connection driver failed: {e}"));
@@ -561,6 +605,8 @@ async fn sleep_until(deadline: Option<Instant>) {
     }
 }
 
+// Each argument is one of the driver's channels or settings; a struct would only rename them.
+#[allow(clippy::too_many_arguments)]
 async fn drive(
     mut io: Transport,
     mut conn: Connection,
@@ -569,8 +615,9 @@ async fn drive(
     events: EventSender,
     idle: Duration,
     closed: watch::Sender<Option<Option<String>>>,
+    status: StatusSide,
 ) {
-    let result = drive_inner(&mut io, &mut conn, &mut rx, id, &events, idle).await;
+    let result = drive_inner(&mut io, &mut conn, &mut rx, id, &events, idle, status).await;
     let error = match result {
         Ok(()) => None,
         Err(e) => {
@@ -609,6 +656,12 @@ async fn drive(
     let _ = events.send((id, LinkEvent::Closed { error })).await;
 }
 
+/// A driver's part in status requests: the owner's requests, and what answers the peer's.
+type StatusSide = (
+    mpsc::Receiver<oneshot::Sender<Box<StatusReport>>>,
+    Option<StatusSource>,
+);
+
 async fn drive_inner(
     io: &mut Transport,
     conn: &mut Connection,
@@ -616,7 +669,11 @@ async fn drive_inner(
     id: LinkId,
     events: &EventSender,
     idle: Duration,
+    (mut status_rx, source): StatusSide,
 ) -> Result<(), Error> {
+    // Where the answer to our status request goes (dropped unanswered if the link closes).
+    let mut asked: Option<oneshot::Sender<Box<StatusReport>>> = None;
+    let mut status_open = true;
     let mut owner_gone = false;
     // Once every `Link` is dropped the command channel stays closed: stop polling it (it
     // would return `None` at once, forever) and let the goodbye run its course.
@@ -628,6 +685,7 @@ async fn drive_inner(
     loop {
         // Everything the last batch produced goes out in one write.
         flush_live(io, conn, idle).await?;
+        let mut answered = false;
         while let Some(ev) = conn.poll_event() {
             let ev = match ev {
                 Event::Established(_) | Event::Finished => continue,
@@ -636,10 +694,30 @@ async fn drive_inner(
                 Event::Completed(c) => LinkEvent::Completed(c),
                 Event::Cancelled { seq } => LinkEvent::Cancelled { seq },
                 Event::PeerGoodbye => LinkEvent::PeerGoodbye,
+                Event::StatusRequested => {
+                    let Some(source) = &source else {
+                        return Err(Error::Violation(
+                            "a status request to a connection that does not answer them".into(),
+                        ));
+                    };
+                    conn.answer_status((source.0)())?;
+                    answered = true;
+                    continue;
+                }
+                Event::Status(report) => {
+                    if let Some(reply) = asked.take() {
+                        let _ = reply.send(report);
+                    }
+                    continue;
+                }
             };
             if !owner_gone && deliver(events, id, ev).await.is_err() {
                 owner_gone = true;
             }
+        }
+        if answered {
+            // The answer was queued after this round's flush: send it now.
+            continue;
         }
         if conn.is_finished() {
             return Ok(());
@@ -699,6 +777,12 @@ async fn drive_inner(
                     }
                 }
             }
+            req = status_rx.recv(), if status_open => match req {
+                Some(reply) if conn.request_status().is_ok() => asked = Some(reply),
+                // Not open, or a request unanswered: the caller gets no answer.
+                Some(_) => {}
+                None => status_open = false,
+            },
             () = &mut sleep, if armed.is_some() => {
                 armed = None;
                 conn.handle_timeout(now())?;
@@ -798,6 +882,52 @@ mod tests {
             match rx.recv().await {
                 Some((_, LinkEvent::Opened(_))) => continue,
                 other => return other,
+            }
+        }
+    }
+
+    /// A status request is answered at once (not with the next heartbeat: here there is
+    /// none for an hour), twice on one link, with or without a key; a node that does not
+    /// answer status requests closes the link, which the asker gets as `NoStatus`.
+    #[tokio::test]
+    async fn status_requests_are_answered_at_once() {
+        let key = ClusterKey::generate();
+        for (key, answers) in [(None, true), (Some(&key), true), (None, false)] {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let quiet = conn::Config {
+                heartbeat_interval: Duration::from_secs(3600),
+                idle_timeout: Duration::from_secs(7200),
+                ..Default::default()
+            };
+            let (ah, mut s) = node(&["a"], key);
+            s.conn = quiet.clone();
+            if answers {
+                s.status = Some(StatusSource(std::sync::Arc::new(|| StatusReport {
+                    version: "9.9".into(),
+                    completed: 7,
+                    ..StatusReport::default()
+                })));
+            }
+            let (atx, _arx) = mpsc::channel(16);
+            let acceptor = tokio::spawn(async move {
+                let (stream, _) = listener.accept().await.unwrap();
+                accept(stream, ah, &s, 1, atx).await
+            });
+            let (dh, mut s) = node(&[], key);
+            s.conn = quiet;
+            let (dtx, _drx) = mpsc::channel(16);
+            let dialled = connect(addr, dh, &s, 2, dtx).await.unwrap();
+            let _accepted = acceptor.await.unwrap().unwrap();
+            let limit = Duration::from_secs(30);
+            if answers {
+                for _ in 0..2 {
+                    let r = dialled.request_status(limit).await.unwrap();
+                    assert_eq!((r.version.as_str(), r.completed), ("9.9", 7));
+                }
+            } else {
+                let err = dialled.request_status(limit).await.unwrap_err();
+                assert!(matches!(err, Error::NoStatus), "{err}");
             }
         }
     }

@@ -115,7 +115,11 @@ pub fn encode_into(msg: &Message, dst: &mut BytesMut) -> Result<(), Error> {
             });
             return encode_into(&short, dst);
         }
-        Message::Hello(_) | Message::Welcome(_) | Message::Reject(_) => {
+        Message::Hello(_)
+        | Message::Welcome(_)
+        | Message::Reject(_)
+        | Message::StatusRequest
+        | Message::Status(_) => {
             let writer = BufWriter(dst);
             bincode::serde::encode_into_writer(msg, writer, cfg::<MAX_FRAME_CEILING>())
                 .map_err(|e| Error::Encode(e.to_string()))?;

@@ -70,6 +70,13 @@ macro_rules! backend_counters {
                 }
             }
         }
+
+        impl Counters {
+            /// Every counter with its field name, in declaration order.
+            pub fn pairs(&self) -> Vec<(&'static str, u64)> {
+                vec![ $( (stringify!($field), self.$field), )+ ]
+            }
+        }
     };
 }
 
@@ -242,7 +249,16 @@ pub trait Discovery: Send + Sync + 'static {
     fn stopped(&self) -> Option<CancellationToken> {
         None
     }
+
+    /// Reads the backend's counters (name, value) while it runs, for metrics. Take it
+    /// before [`Discovery::start`]. Default: none (no counters).
+    fn counters(&self) -> Option<CounterReader> {
+        None
+    }
 }
+
+/// Reads a backend's counters (see [`Discovery::counters`]).
+pub type CounterReader = std::sync::Arc<dyn Fn() -> Vec<(&'static str, u64)> + Send + Sync>;
 
 /// The `none` backend: finds nothing and announces nothing.
 #[derive(Debug, Default, Clone, Copy)]

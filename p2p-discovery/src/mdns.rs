@@ -382,6 +382,11 @@ impl Discovery for Mdns {
         Some(Mdns::stopped(self))
     }
 
+    fn counters(&self) -> Option<crate::CounterReader> {
+        let stats = self.stats();
+        Some(Arc::new(move || stats.snapshot().pairs()))
+    }
+
     fn start(self: Box<Self>, ctx: Context) -> Result<(), Error> {
         let Mdns {
             config,

@@ -428,6 +428,11 @@ impl Discovery for Udp {
         Some(Udp::stopped(self))
     }
 
+    fn counters(&self) -> Option<crate::CounterReader> {
+        let stats = self.stats();
+        Some(Arc::new(move || stats.snapshot().pairs()))
+    }
+
     fn start(self: Box<Self>, ctx: Context) -> Result<(), Error> {
         let Udp {
             config,

@@ -11,6 +11,7 @@
 //! - [`plan`]: checks that a plan's dependencies and order mode leave no cycle.
 //! - [`sched`]: the scheduler (order modes, least-loaded placement, retries), with no IO.
 //! - [`worker`]: runs the tasks that peers assign, within the node's capacity.
+//! - [`stats`]: the worker's counters (tasks by type, durations, what runs now).
 //! - [`runcore`]: every rule of a run ([`RunCore`]), as a state machine with no IO.
 //! - [`coordinator`]: the tokio driver of a run core over connected nodes; reports
 //!   [`RunEvent`]s.
@@ -24,6 +25,7 @@ pub mod parse;
 pub mod plan;
 pub mod runcore;
 pub mod sched;
+pub mod stats;
 pub mod task;
 pub mod worker;
 

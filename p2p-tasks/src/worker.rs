@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::handler::{Handler, TaskOutcome, TaskRequest, DEFAULT_OUTPUT_LIMIT};
+use crate::stats::{Ending, RunningTask, TypeStats, WorkerStats};
 
 /// The default capacity of a node whose handlers all answer at once (see
 /// [`Worker::default_capacity`]).
@@ -33,6 +34,7 @@ pub struct Worker {
     slots: Arc<Semaphore>,
     output_limit: usize,
     stop_now: CancellationToken,
+    stats: Arc<WorkerStats>,
 }
 
 impl std::fmt::Debug for Worker {
@@ -50,6 +52,7 @@ impl Worker {
     pub fn new(handlers: HashMap<String, Arc<dyn Handler>>, capacity: u32) -> Self {
         let capacity = capacity.max(1);
         Worker {
+            stats: Arc::new(WorkerStats::new(handlers.keys())),
             handlers,
             capacity,
             slots: Arc::new(Semaphore::new(capacity as usize)),
@@ -80,6 +83,11 @@ impl Worker {
         } else {
             std::thread::available_parallelism().map_or(1, |n| n.get() as u32)
         }
+    }
+
+    /// Its counters (see [`crate::stats`]), shared with the running worker.
+    pub fn stats(&self) -> Arc<WorkerStats> {
+        self.stats.clone()
     }
 
     /// The types served, sorted.
@@ -197,9 +205,15 @@ impl Worker {
     /// otherwise returns it as a job to spawn. A type this node does not serve fails at once.
     fn try_now(&self, a: Assign) -> Result<(TaskOutcome, Duration), Job> {
         let Some(handler) = self.handlers.get(&a.kind) else {
+            self.stats.count_unknown_type();
             let out = TaskOutcome::failure(format!("this node does not serve type {:?}", a.kind));
             return Ok((out, Duration::ZERO));
         };
+        let kind = match self.stats.of(&a.kind) {
+            Some(k) => k.clone(),
+            None => Arc::default(),
+        };
+        kind.assigned();
         let req = TaskRequest {
             id: a.task,
             kind: a.kind,
@@ -209,7 +223,9 @@ impl Worker {
         if let Ok(_permit) = self.slots.try_acquire() {
             let started = Instant::now();
             if let Some(out) = handler.call_now(&req) {
-                return Ok((out, started.elapsed()));
+                let took = started.elapsed();
+                kind.ended(out.ok, took);
+                return Ok((out, took));
             }
         }
         Err(Job {
@@ -217,6 +233,7 @@ impl Worker {
             handler: handler.clone(),
             req,
             timeout_ms: a.timeout_ms,
+            kind,
         })
     }
 
@@ -226,7 +243,10 @@ impl Worker {
             handler,
             req,
             timeout_ms,
+            kind,
         } = job;
+        // Counted as failed if this future is dropped before the end (cancel, stop).
+        let ending = Ending::new(kind.clone());
         // The semaphore is never closed, so acquiring only fails if it were; treat as busy.
         let Ok(_permit) = self.slots.clone().acquire_owned().await else {
             return (
@@ -238,6 +258,15 @@ impl Worker {
         // The coordinator counts the task's run time (and its deadline) from here, not from
         // its assignment: the wait for a slot shared with other coordinators is not run time.
         let _ = link.send(Command::Started(seq));
+        let _running = self.stats.start_job(
+            kind,
+            RunningTask {
+                id: req.id.clone(),
+                kind: req.kind.clone(),
+                since: std::time::SystemTime::now(),
+                coordinator: link.peer().node_id.to_string(),
+            },
+        );
         let started = Instant::now();
         let fut = handler.call(req);
         let outcome = if timeout_ms > 0 {
@@ -249,7 +278,9 @@ impl Worker {
         } else {
             fut.await
         };
-        (seq, outcome, started.elapsed())
+        let took = started.elapsed();
+        ending.ended(outcome.ok, took);
+        (seq, outcome, took)
     }
 
     /// Sends a task's outcome, capped to the output limit, back on `link`.
@@ -275,4 +306,5 @@ struct Job {
     handler: Arc<dyn Handler>,
     req: TaskRequest,
     timeout_ms: u64,
+    kind: Arc<TypeStats>,
 }

@@ -408,3 +408,95 @@ fn seq_hash_spreads_sequential_and_crafted_seqs() {
     // Two builders have different keys.
     assert_ne!(h.hash_one(7u64), SeqHash::default().hash_one(7u64));
 }
+
+fn report(tasks: usize) -> StatusReport {
+    StatusReport {
+        version: "0.1.0".into(),
+        uptime_s: 3,
+        running_total: tasks as u64,
+        running: (0..tasks)
+            .map(|i| crate::message::RunningTask {
+                task: format!("a{i}"),
+                kind: "a".into(),
+                running_ms: 10,
+                coordinator: "c".into(),
+            })
+            .collect(),
+        ..StatusReport::default()
+    }
+}
+
+#[test]
+fn a_status_request_is_answered_once_and_goodbye_still_closes() {
+    let mut p = Pair::new(1);
+    p.drive().unwrap();
+    Pair::events(&mut p.c);
+    Pair::events(&mut p.w);
+    p.c.request_status().unwrap();
+    // One request at a time.
+    assert!(p.c.request_status().is_err());
+    p.drive().unwrap();
+    assert_eq!(Pair::events(&mut p.w), vec![Event::StatusRequested]);
+    // More tasks than the protocol lists: the answer is cut to the bound, the total kept.
+    let big = report(crate::message::MAX_STATUS_TASKS + 10);
+    p.w.answer_status(big.clone()).unwrap();
+    // Answered: nothing more to answer.
+    assert!(p.w.answer_status(report(0)).is_err());
+    p.drive().unwrap();
+    let got = Pair::events(&mut p.c);
+    let [Event::Status(r)] = &got[..] else {
+        panic!("{got:?}")
+    };
+    assert_eq!(r.running.len(), crate::message::MAX_STATUS_TASKS);
+    assert_eq!(r.running_total, big.running_total);
+    // And again, then goodbye as usual.
+    p.c.request_status().unwrap();
+    p.drive().unwrap();
+    p.w.answer_status(report(1)).unwrap();
+    p.drive().unwrap();
+    assert!(matches!(&Pair::events(&mut p.c)[..], [Event::Status(r)] if r.running.len() == 1));
+    p.c.goodbye();
+    p.drive().unwrap();
+    assert!(p.c.is_finished() && p.w.is_finished());
+}
+
+#[test]
+fn status_out_of_turn_is_a_violation() {
+    // A Status nobody asked for.
+    let mut p = Pair::new(1);
+    p.drive().unwrap();
+    let err =
+        p.c.handle_message(Message::Status(Box::new(report(0))), p.now)
+            .unwrap_err();
+    assert!(matches!(err, Error::Violation(_)), "{err}");
+    // Two requests before an answer.
+    let mut p = Pair::new(1);
+    p.drive().unwrap();
+    p.w.handle_message(Message::StatusRequest, p.now).unwrap();
+    let err =
+        p.w.handle_message(Message::StatusRequest, p.now)
+            .unwrap_err();
+    assert!(matches!(err, Error::Violation(_)), "{err}");
+    // An answer over the bounds.
+    let mut p = Pair::new(1);
+    p.drive().unwrap();
+    p.c.request_status().unwrap();
+    let over = report(crate::message::MAX_STATUS_TASKS + 1);
+    let err =
+        p.c.handle_message(Message::Status(Box::new(over)), p.now)
+            .unwrap_err();
+    assert!(matches!(err, Error::Violation(_)), "{err}");
+    // Before the handshake, a request is refused like anything else.
+    let mut p = Pair::new(1);
+    assert!(p.w.handle_message(Message::StatusRequest, p.now).is_err());
+}
+
+#[test]
+fn a_status_report_is_cut_on_character_boundaries() {
+    let mut r = report(1);
+    r.running[0].task = "é".repeat(crate::message::MAX_STATUS_STRING);
+    let r = r.bounded();
+    assert!(r.is_bounded());
+    assert!(r.running[0].task.len() <= crate::message::MAX_STATUS_STRING);
+    assert!(r.running[0].task.chars().all(|c| c == 'é'));
+}

@@ -112,6 +112,17 @@ pub fn message() -> impl Strategy<Value = Message> {
         Just(Message::Goodbye),
         Just(Message::GoodbyeAck),
         seq().prop_map(|seq| Message::Started { seq }),
+        Just(Message::StatusRequest),
+        (text(), any::<u64>(), any::<Option<[u32; 3]>>()).prop_map(
+            |(version, uptime_s, load_milli)| {
+                Message::Status(Box::new(p2p_core::message::StatusReport {
+                    version,
+                    uptime_s,
+                    load_milli,
+                    ..Default::default()
+                }))
+            }
+        ),
     ]
 }
 

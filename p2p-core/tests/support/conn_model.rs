@@ -153,7 +153,10 @@ impl Checker {
                     assert!(!self.peer_said_goodbye, "{input}: second PeerGoodbye");
                     self.peer_said_goodbye = true;
                 }
-                Event::Established(_) | Event::Finished => {}
+                Event::Established(_)
+                | Event::Finished
+                | Event::StatusRequested
+                | Event::Status(_) => {}
             }
         }
         for m in &sent {
