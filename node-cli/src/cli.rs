@@ -643,8 +643,34 @@ fn keygen(a: KeygenArgs) -> anyhow::Result<u8> {
 fn load_key(c: &Common) -> anyhow::Result<Vec<ClusterKey>> {
     c.key_files
         .iter()
-        .map(|p| ClusterKey::load(p).map_err(|e| usage(format!("--key-file: {e}"))))
+        .map(|p| ClusterKey::load(p).map_err(|e| usage(format!("--key-file: {}", key_error(&e)))))
         .collect()
+}
+
+/// A key file error as the CLI says it: the library's message, and how to make a key when
+/// there is none.
+fn key_error(e: &p2p_core::KeyError) -> String {
+    match e {
+        p2p_core::KeyError::Missing { path } => {
+            format!("{e} (create one with `p2p-node keygen {}`)", path.display())
+        }
+        _ => e.to_string(),
+    }
+}
+
+/// A connection error as the CLI says it: the library's message (which names no flag),
+/// and this CLI's hint where a missing or extra `--key-file` is the likely cause.
+pub(crate) fn core_error(e: &p2p_core::Error) -> String {
+    use p2p_core::{HandshakeError, Stage};
+    let hint = match e.handshake() {
+        Some(HandshakeError::PeerHasKey) => " (pass --key-file)",
+        Some(HandshakeError::Plaintext) => " (every node of the cluster needs --key-file)",
+        Some(HandshakeError::PeerClosed {
+            stage: Stage::Hello { keyed: false },
+        }) => " (a node with a cluster key drops peers without it: is --key-file missing?)",
+        _ => "",
+    };
+    format!("{e}{hint}")
 }
 
 fn with_key(b: NodeBuilder, keys: &[ClusterKey]) -> NodeBuilder {

@@ -94,6 +94,7 @@ pub async fn probe(
             }
             Err(e) => {
                 use std::io::Write as _;
+                let e = crate::cli::core_error(&e);
                 let _ = writeln!(std::io::stderr().lock(), "cannot reach {}: {e}", p.addr);
             }
         }

@@ -40,9 +40,9 @@
 //!   for a frame, and the plaintext buffer never holds more than the maximum frame plus its
 //!   4-byte header, or [`BATCH_PLAINTEXT`] if that is more.
 //! - Noise's nonces count messages, so a tampered, replayed, reordered or dropped message
-//!   fails to decrypt, which closes that connection ([`Error::Tampered`]).
+//!   fails to decrypt, which closes that connection ([`ConnectionError::Tampered`]).
 
-use bytes::{BufMut, BytesMut};
+use bytes::{Buf, BufMut, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::codec::{Decoder, Encoder};
 
@@ -50,7 +50,7 @@ use crate::codec::{FrameCodec, LENGTH_PREFIX};
 use crate::conn::Role;
 use crate::identity::{node_id_of, Identity};
 use crate::key::{to_hex, ClusterKey, FINGERPRINT_LEN};
-use crate::{Error, Message, NodeId};
+use crate::{ConnectionError, Error, HandshakeError, Message, NodeId, Stage};
 
 /// The Noise protocol name.
 pub const NOISE_PARAMS: &str = "Noise_XXpsk3_25519_ChaChaPoly_BLAKE2s";
@@ -208,11 +208,14 @@ impl SecureCodec {
             Ok(n) => n,
             Err(e) => {
                 dst.truncate(start);
-                return Err(Error::Encode(format!("encryption failed: {e}")));
+                return Err(Error::Connection(ConnectionError::Encode(format!(
+                    "encryption failed: {e}"
+                ))));
             }
         };
         // n = plain.len() + TAG_LEN <= MAX_NOISE_MESSAGE, so it fits in a u16.
-        let n16 = u16::try_from(n).map_err(|_| Error::Encode("chunk too large".into()))?;
+        let n16 = u16::try_from(n)
+            .map_err(|_| Error::Connection(ConnectionError::Encode("chunk too large".into())))?;
         dst[start..start + 2].copy_from_slice(&n16.to_be_bytes());
         dst.truncate(start + 2 + n);
         Ok(())
@@ -253,17 +256,17 @@ impl SecureCodec {
         // A u16 cannot exceed MAX_NOISE_MESSAGE (65,535), so neither can `len`.
         let len = usize::from(u16::from_be_bytes([src[0], src[1]]));
         if len < TAG_LEN {
-            return Err(Error::Tampered);
+            return Err(Error::Connection(ConnectionError::Tampered));
         }
         // The plaintext of one frame never exceeds the maximum frame plus its header, and a
         // chunk never spans two frames: a chunk that would overflow is refused before any
         // byte of it is stored.
         let limit = (self.frames.limit() + LENGTH_PREFIX).max(BATCH_PLAINTEXT);
         if self.plain.len() + (len - TAG_LEN) > limit {
-            return Err(Error::FrameTooLarge {
+            return Err(Error::Connection(ConnectionError::FrameTooLarge {
                 len: self.plain.len() + len - TAG_LEN,
                 max: limit,
-            });
+            }));
         }
         if src.len() < 2 + len {
             // Nothing reserved for the claimed length: the buffer grows with what arrives.
@@ -282,7 +285,7 @@ impl SecureCodec {
             }
             Err(_) => {
                 self.plain.truncate(start);
-                Err(Error::Tampered)
+                Err(Error::Connection(ConnectionError::Tampered))
             }
         }
     }
@@ -308,9 +311,9 @@ impl Decoder for SecureCodec {
             return Ok(Some(msg));
         }
         if !src.is_empty() {
-            return Err(Error::Truncated {
+            return Err(Error::Connection(ConnectionError::Truncated {
                 buffered: src.len(),
-            });
+            }));
         }
         self.frames.decode_eof(&mut self.plain)
     }
@@ -350,17 +353,342 @@ impl Encoder<Message> for SecureCodec {
     }
 }
 
-/// Runs the secure handshake on `io` (see the module documentation) and returns the codec
-/// for the rest of the connection; [`SecureCodec::peer_id`] is the node id the peer's
-/// identity proves. The caller bounds it in time.
+/// Where a [`Handshake`] stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    /// Acceptor: waiting for the [`PREAMBLE`].
+    Preamble,
+    /// Waiting for Noise message `n` (1 and 3 as acceptor, 2 as initiator).
+    Message(u8),
+    /// Initiator: waiting for the responder's confirmation.
+    Confirmation,
+    /// Done: [`Handshake::finish`] gives the codec.
+    Done,
+    /// Failed: nothing more is read or sent.
+    Failed,
+}
+
+/// The Noise state: handshake messages until message 3, then the transport keys.
+enum Noise {
+    Handshake(Box<snow::HandshakeState>),
+    Transport(Box<snow::TransportState>),
+    Gone,
+}
+
+/// The secure handshake (see the module documentation) as a state machine without IO, like
+/// [`crate::conn::Connection`]: feed it what arrives ([`Handshake::handle_bytes`], in any
+/// pieces), send what [`Handshake::poll_transmit`] gives, and once
+/// [`Handshake::is_done`], [`Handshake::finish`] turns it into the [`SecureCodec`] of the
+/// rest of the connection. [`handshake`] runs one on a socket.
 ///
-/// `keys` are this node's cluster keys: an initiator dials with the first one (and names it
-/// by its fingerprint in message 1); an acceptor accepts any of them. `identity`'s private
-/// key is the Noise static key.
+/// It never holds more than one handshake message it has not processed (a length prefix
+/// is checked before the message is buffered), and [`Handshake::wants`] says how many bytes
+/// its next step needs, so a driver that reads no more than that never reads past the
+/// handshake.
+pub struct Handshake {
+    role: Role,
+    keys: Vec<ClusterKey>,
+    noise: Noise,
+    step: Step,
+    /// Bytes received and not processed yet.
+    input: BytesMut,
+    /// Bytes to send.
+    output: BytesMut,
+    max_frame: usize,
+}
+
+impl std::fmt::Debug for Handshake {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Handshake")
+            .field("role", &self.role)
+            .field("step", &self.step)
+            .field("buffered", &self.input.len())
+            .field("to_send", &self.output.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Handshake {
+    /// Starts a handshake as `role`. `keys` are this node's cluster keys: an initiator dials
+    /// with the first one (and names it by its fingerprint in message 1); an acceptor
+    /// accepts any of them. `identity`'s private key is the Noise static key. An initiator
+    /// has its first message ready in [`Handshake::poll_transmit`] at once.
+    pub fn new(
+        role: Role,
+        keys: &[ClusterKey],
+        identity: &Identity,
+        max_frame: usize,
+    ) -> Result<Self, HandshakeError> {
+        let Some(dial_key) = keys.first() else {
+            return Err(HandshakeError::NoKey);
+        };
+        let params: snow::params::NoiseParams = NOISE_PARAMS.parse()?;
+        // The acceptor replaces this pre-shared key by the one the initiator names.
+        let builder = snow::Builder::new(params)
+            .local_private_key(identity.private_key())
+            .psk(3, dial_key.as_bytes())
+            .prologue(PROLOGUE);
+        let mut hs = Handshake {
+            role,
+            keys: keys.to_vec(),
+            noise: Noise::Gone,
+            step: Step::Failed,
+            input: BytesMut::new(),
+            output: BytesMut::new(),
+            max_frame,
+        };
+        match role {
+            Role::Initiator => {
+                let mut noise = builder.build_initiator()?;
+                // -> e, with the fingerprint of the key we use as the (cleartext) payload.
+                let mut out = [0u8; MAX_HANDSHAKE_MESSAGE];
+                let n = noise.write_message(&dial_key.fingerprint_bytes(), &mut out)?;
+                hs.output.extend_from_slice(&PREAMBLE);
+                put_message(&mut hs.output, &out[..n]);
+                hs.noise = Noise::Handshake(Box::new(noise));
+                hs.step = Step::Message(2);
+            }
+            Role::Acceptor => {
+                hs.noise = Noise::Handshake(Box::new(builder.build_responder()?));
+                hs.step = Step::Preamble;
+            }
+        }
+        Ok(hs)
+    }
+
+    /// Takes bytes received from the peer and runs every step they complete. An error ends
+    /// the handshake (nothing is sent to the peer: the connection is to be closed). Bytes
+    /// after the end of the handshake are kept for [`Handshake::finish`].
+    pub fn handle_bytes(&mut self, data: &[u8]) -> Result<(), HandshakeError> {
+        if self.step == Step::Failed {
+            return Err(self.closed());
+        }
+        self.input.extend_from_slice(data);
+        let r = self.advance();
+        if r.is_err() {
+            self.step = Step::Failed;
+            self.input.clear();
+            self.output.clear();
+        }
+        r
+    }
+
+    /// The peer closed the connection (or reset it) before the handshake completed: the
+    /// error to report. The handshake is over.
+    pub fn handle_eof(&mut self) -> HandshakeError {
+        self.step = Step::Failed;
+        self.closed()
+    }
+
+    /// Bytes to send to the peer, if any (each call takes them).
+    pub fn poll_transmit(&mut self) -> Option<BytesMut> {
+        (!self.output.is_empty()).then(|| self.output.split())
+    }
+
+    /// How many more bytes the next step needs: a driver that reads at most this many at a
+    /// time never reads past the handshake. 0 when done or failed.
+    pub fn wants(&self) -> usize {
+        let need = match self.step {
+            Step::Done | Step::Failed => return 0,
+            Step::Preamble => PREAMBLE.len(),
+            Step::Message(_) | Step::Confirmation => match self.input.get(..2) {
+                Some(len) => 2 + usize::from(u16::from_be_bytes([len[0], len[1]])),
+                None => 2,
+            },
+        };
+        need.saturating_sub(self.input.len()).max(1)
+    }
+
+    /// Whether the handshake is complete ([`Handshake::finish`] then gives the codec; an
+    /// acceptor's confirmation may still be in [`Handshake::poll_transmit`]).
+    pub fn is_done(&self) -> bool {
+        self.step == Step::Done
+    }
+
+    /// The codec of the rest of the connection (with [`SecureCodec::peer_id`], the node id
+    /// the peer's identity proves) and the bytes received after the handshake, which are
+    /// the codec's to decode. Fails unless [`Handshake::is_done`].
+    pub fn finish(self) -> Result<(SecureCodec, BytesMut), HandshakeError> {
+        let not_done = self.closed();
+        let Noise::Transport(transport) = self.noise else {
+            return Err(not_done);
+        };
+        if self.step != Step::Done {
+            return Err(not_done);
+        }
+        let peer_id = match transport.get_remote_static() {
+            Some(public) => node_id_of(public),
+            None => return Err(HandshakeError::NoStaticKey),
+        };
+        Ok((
+            SecureCodec::new(*transport, self.max_frame, peer_id),
+            self.input,
+        ))
+    }
+
+    fn stage(&self) -> Stage {
+        Stage::Secure {
+            dialled_with: match self.role {
+                Role::Initiator => self.keys.first().map(ClusterKey::fingerprint),
+                Role::Acceptor => None,
+            },
+        }
+    }
+
+    fn closed(&self) -> HandshakeError {
+        HandshakeError::PeerClosed {
+            stage: self.stage(),
+        }
+    }
+
+    /// Runs steps while the input holds what they need.
+    fn advance(&mut self) -> Result<(), HandshakeError> {
+        loop {
+            match self.step {
+                Step::Done | Step::Failed => return Ok(()),
+                Step::Preamble => {
+                    if self.input.len() < PREAMBLE.len() {
+                        return Ok(());
+                    }
+                    let pre = self.input.split_to(PREAMBLE.len());
+                    if pre[..] != PREAMBLE {
+                        return Err(if pre[0] == 0 {
+                            // A plaintext frame's length prefix: a node without a key.
+                            HandshakeError::Plaintext
+                        } else {
+                            HandshakeError::NotSecureChannel
+                        });
+                    }
+                    self.step = Step::Message(1);
+                }
+                Step::Message(_) | Step::Confirmation => {
+                    let max = if self.step == Step::Confirmation {
+                        TAG_LEN
+                    } else {
+                        MAX_HANDSHAKE_MESSAGE
+                    };
+                    let Some(msg) = take_message(&mut self.input, max)? else {
+                        return Ok(());
+                    };
+                    self.step = self.on_message(&msg)?;
+                }
+            }
+        }
+    }
+
+    /// Processes one handshake message; returns the next step.
+    fn on_message(&mut self, msg: &[u8]) -> Result<Step, HandshakeError> {
+        let mut out = [0u8; MAX_HANDSHAKE_MESSAGE];
+        let mut payload = [0u8; MAX_HANDSHAKE_MESSAGE];
+        let noise = std::mem::replace(&mut self.noise, Noise::Gone);
+        match (self.step, noise) {
+            // Acceptor: -> e, fingerprint; <- e, ee, s, es.
+            (Step::Message(1), Noise::Handshake(mut hs)) => {
+                let n = hs
+                    .read_message(msg, &mut payload)
+                    .map_err(|_| HandshakeError::Invalid { step: 1 })?;
+                let key = choose_key(&payload[..n], &self.keys)?;
+                hs.set_psk(3, key.as_bytes())?;
+                let n = hs.write_message(&[], &mut out)?;
+                put_message(&mut self.output, &out[..n]);
+                self.noise = Noise::Handshake(hs);
+                // The chosen key first: message 3 is checked against it.
+                if let Some(at) = self.keys.iter().position(|k| k == key) {
+                    self.keys.swap(0, at);
+                }
+                Ok(Step::Message(3))
+            }
+            // Initiator: <- e, ee, s, es; -> s, se, psk.
+            (Step::Message(2), Noise::Handshake(mut hs)) => {
+                hs.read_message(msg, &mut payload)
+                    .map_err(|_| HandshakeError::Invalid { step: 2 })?;
+                let n = hs.write_message(&[], &mut out)?;
+                put_message(&mut self.output, &out[..n]);
+                self.noise = Noise::Transport(Box::new(hs.into_transport_mode()?));
+                Ok(Step::Confirmation)
+            }
+            // Acceptor: -> s, se, psk (where a wrong key shows); <- confirmation.
+            (Step::Message(3), Noise::Handshake(mut hs)) => {
+                hs.read_message(msg, &mut payload)
+                    .map_err(|_| HandshakeError::KeyMismatch {
+                        fingerprint: self.keys.first().map(ClusterKey::fingerprint),
+                    })?;
+                let mut transport = hs.into_transport_mode()?;
+                let n = transport.write_message(&[], &mut out)?;
+                put_message(&mut self.output, &out[..n]);
+                self.noise = Noise::Transport(Box::new(transport));
+                Ok(Step::Done)
+            }
+            // Initiator: <- confirmation: the responder accepted our key.
+            (Step::Confirmation, Noise::Transport(mut transport)) => {
+                transport
+                    .read_message(msg, &mut payload)
+                    .map_err(|_| HandshakeError::KeyMismatch { fingerprint: None })?;
+                self.noise = Noise::Transport(transport);
+                Ok(Step::Done)
+            }
+            // Not reachable: each step keeps the Noise state it needs.
+            _ => Err(self.closed()),
+        }
+    }
+}
+
+/// The acceptor's key for the fingerprint in message 1. An empty payload (a node of an
+/// earlier version, which names no key) means this node's first key.
+fn choose_key<'k>(
+    fingerprint: &[u8],
+    keys: &'k [ClusterKey],
+) -> Result<&'k ClusterKey, HandshakeError> {
+    if fingerprint.is_empty() {
+        return keys.first().ok_or(HandshakeError::NoKey);
+    }
+    if fingerprint.len() != FINGERPRINT_LEN {
+        return Err(HandshakeError::FingerprintLength {
+            len: fingerprint.len(),
+            expected: FINGERPRINT_LEN,
+        });
+    }
+    keys.iter()
+        .find(|k| k.fingerprint_bytes()[..] == *fingerprint)
+        .ok_or_else(|| HandshakeError::UnknownKey {
+            offered: to_hex(fingerprint),
+            accepted: keys.iter().map(ClusterKey::fingerprint).collect(),
+        })
+}
+
+/// Appends `msg` with its u16 length prefix (handshake messages are at most
+/// [`MAX_HANDSHAKE_MESSAGE`] bytes, so the length fits).
+fn put_message(dst: &mut BytesMut, msg: &[u8]) {
+    let len = u16::try_from(msg.len()).unwrap_or(u16::MAX);
+    dst.put_u16(len);
+    dst.extend_from_slice(msg);
+}
+
+/// One length-prefixed handshake message from `src`, if whole; its length is checked
+/// against `max` before anything is buffered for it.
+fn take_message(src: &mut BytesMut, max: usize) -> Result<Option<BytesMut>, HandshakeError> {
+    let Some(len) = src.get(..2) else {
+        return Ok(None);
+    };
+    let len = usize::from(u16::from_be_bytes([len[0], len[1]]));
+    if len > max {
+        return Err(HandshakeError::Oversized { len, max });
+    }
+    if src.len() < 2 + len {
+        return Ok(None);
+    }
+    src.advance(2);
+    Ok(Some(src.split_to(len)))
+}
+
+/// Runs the secure handshake on `io` (see the module documentation and [`Handshake`]) and
+/// returns the codec for the rest of the connection; [`SecureCodec::peer_id`] is the node
+/// id the peer's identity proves. The caller bounds it in time. It reads nothing past the
+/// handshake.
 ///
-/// Errors: [`Error::Auth`] when the peer has no key or a key this node does not have, or
-/// does not speak the secure layer, or when `keys` is empty; [`Error::Io`] when the socket
-/// fails.
+/// Errors: [`HandshakeError`] when the peer has no key or a key this node does not have, or
+/// does not speak the secure layer, or closes the connection, or when `keys` is empty;
+/// [`Error::Io`] when the socket fails.
 pub async fn handshake<S>(
     io: &mut S,
     role: Role,
@@ -371,198 +699,33 @@ pub async fn handshake<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let Some(dial_key) = keys.first() else {
-        return Err(Error::Auth("no cluster key configured".into()));
-    };
-    let params: snow::params::NoiseParams = NOISE_PARAMS
-        .parse()
-        .map_err(|e| Error::Auth(format!("noise parameters: {e}")))?;
-    // The acceptor replaces this pre-shared key by the one the initiator names (message 1).
-    let builder = snow::Builder::new(params)
-        .local_private_key(identity.private_key())
-        .psk(3, dial_key.as_bytes())
-        .prologue(PROLOGUE);
-    let mut out = [0u8; MAX_HANDSHAKE_MESSAGE];
-    let mut payload = [0u8; MAX_HANDSHAKE_MESSAGE];
-    let transport = match role {
-        Role::Initiator => {
-            let closed = format!(
-                "the peer closed the connection during the secure handshake: it does not have \
-                 this node's cluster key (fingerprint {}) or has no key, or it refused the \
-                 connection",
-                dial_key.fingerprint()
-            );
-            let mut hs = builder
-                .build_initiator()
-                .map_err(|e| Error::Auth(format!("noise setup: {e}")))?;
-            // -> e, with the fingerprint of the key we use as the (cleartext) payload.
-            let n = hs
-                .write_message(&dial_key.fingerprint_bytes(), &mut out)
-                .map_err(|e| Error::Auth(format!("noise: {e}")))?;
-            let mut first = Vec::with_capacity(PREAMBLE.len() + 2 + n);
-            first.extend_from_slice(&PREAMBLE);
-            first.extend_from_slice(&len16(n)?);
-            first.extend_from_slice(&out[..n]);
-            io.write_all(&first).await?;
+    let mut hs = Handshake::new(role, keys, identity, max_frame)?;
+    let mut buf = [0u8; 2 + MAX_HANDSHAKE_MESSAGE];
+    loop {
+        if let Some(out) = hs.poll_transmit() {
+            io.write_all(&out).await?;
             io.flush().await?;
-            // <- e, ee, s, es
-            let msg = read_handshake_message(io, MAX_HANDSHAKE_MESSAGE, &closed).await?;
-            hs.read_message(&msg, &mut payload).map_err(|_| {
-                Error::Auth(
-                    "the peer's handshake is invalid (not a p2p-node secure channel)".into(),
-                )
-            })?;
-            // -> s, se, psk
-            let n = hs
-                .write_message(&[], &mut out)
-                .map_err(|e| Error::Auth(format!("noise: {e}")))?;
-            write_message(io, &out[..n]).await?;
-            let mut transport = hs
-                .into_transport_mode()
-                .map_err(|e| Error::Auth(format!("noise: {e}")))?;
-            // <- confirmation: the responder accepted our key.
-            let msg = read_handshake_message(io, TAG_LEN, &closed).await?;
-            transport.read_message(&msg, &mut payload).map_err(|_| {
-                Error::Auth(
-                    "cluster key mismatch (the peer's confirmation does not authenticate)".into(),
-                )
-            })?;
-            transport
         }
-        Role::Acceptor => {
-            let mut hs = builder
-                .build_responder()
-                .map_err(|e| Error::Auth(format!("noise setup: {e}")))?;
-            let mut pre = [0u8; PREAMBLE.len()];
-            read_exact_or(io, &mut pre, CLOSED_BY_INITIATOR).await?;
-            if pre != PREAMBLE {
-                return Err(Error::Auth(if pre[0] == 0 {
-                    "the peer sent plaintext: it has no cluster key (every node of the cluster \
-                     needs --key-file)"
-                        .into()
-                } else {
-                    "the peer does not speak the p2p-node secure channel".into()
-                }));
-            }
-            // -> e, fingerprint
-            let msg =
-                read_handshake_message(io, MAX_HANDSHAKE_MESSAGE, CLOSED_BY_INITIATOR).await?;
-            let n = hs
-                .read_message(&msg, &mut payload)
-                .map_err(|_| Error::Auth("the peer's first handshake message is invalid".into()))?;
-            let key = choose_key(&payload[..n], keys)?;
-            hs.set_psk(3, key.as_bytes())
-                .map_err(|e| Error::Auth(format!("noise: {e}")))?;
-            // <- e, ee, s, es
-            let n = hs
-                .write_message(&[], &mut out)
-                .map_err(|e| Error::Auth(format!("noise: {e}")))?;
-            write_message(io, &out[..n]).await?;
-            // -> s, se, psk: this is where a wrong key shows.
-            let msg =
-                read_handshake_message(io, MAX_HANDSHAKE_MESSAGE, CLOSED_BY_INITIATOR).await?;
-            hs.read_message(&msg, &mut payload).map_err(|_| {
-                Error::Auth(format!(
-                    "cluster key mismatch: the peer's handshake does not authenticate under the \
-                     cluster key it names (fingerprint {})",
-                    key.fingerprint()
-                ))
-            })?;
-            let mut transport = hs
-                .into_transport_mode()
-                .map_err(|e| Error::Auth(format!("noise: {e}")))?;
-            // <- confirmation
-            let n = transport
-                .write_message(&[], &mut out)
-                .map_err(|e| Error::Auth(format!("noise: {e}")))?;
-            write_message(io, &out[..n]).await?;
-            transport
+        if hs.is_done() {
+            // Nothing was read past the handshake (`wants`), so nothing is left over.
+            let (codec, _rest) = hs.finish()?;
+            return Ok(codec);
         }
-    };
-    let peer_id = match transport.get_remote_static() {
-        Some(public) => node_id_of(public),
-        None => return Err(Error::Auth("the peer presented no static key".into())),
-    };
-    Ok(SecureCodec::new(transport, max_frame, peer_id))
-}
-
-/// The acceptor's key for the fingerprint in message 1. An empty payload (a node of an
-/// earlier version, which names no key) means this node's first key.
-fn choose_key<'k>(fingerprint: &[u8], keys: &'k [ClusterKey]) -> Result<&'k ClusterKey, Error> {
-    if fingerprint.is_empty() {
-        return keys
-            .first()
-            .ok_or_else(|| Error::Auth("no cluster key configured".into()));
-    }
-    if fingerprint.len() != FINGERPRINT_LEN {
-        return Err(Error::Auth(format!(
-            "the peer's first handshake message is invalid (a key fingerprint of {} bytes, \
-             {FINGERPRINT_LEN} expected)",
-            fingerprint.len()
-        )));
-    }
-    keys.iter()
-        .find(|k| k.fingerprint_bytes()[..] == *fingerprint)
-        .ok_or_else(|| {
-            let accepted: Vec<String> = keys.iter().map(ClusterKey::fingerprint).collect();
-            Error::Auth(format!(
-                "cluster key mismatch: the peer uses a key this node does not have: fingerprint \
-                 {} (this node accepts {})",
-                to_hex(fingerprint),
-                accepted.join(", ")
-            ))
-        })
-}
-
-const CLOSED_BY_INITIATOR: &str = "the peer closed the connection during the secure handshake";
-
-fn len16(n: usize) -> Result<[u8; 2], Error> {
-    u16::try_from(n)
-        .map(u16::to_be_bytes)
-        .map_err(|_| Error::Encode(format!("handshake message of {n} bytes")))
-}
-
-async fn write_message<S: AsyncWrite + Unpin>(io: &mut S, msg: &[u8]) -> Result<(), Error> {
-    let mut buf = Vec::with_capacity(2 + msg.len());
-    buf.extend_from_slice(&len16(msg.len())?);
-    buf.extend_from_slice(msg);
-    io.write_all(&buf).await?;
-    io.flush().await?;
-    Ok(())
-}
-
-async fn read_exact_or<S: AsyncRead + Unpin>(
-    io: &mut S,
-    buf: &mut [u8],
-    on_eof: &str,
-) -> Result<(), Error> {
-    match io.read_exact(buf).await {
-        Ok(_) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Err(Error::Auth(on_eof.into())),
-        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
-            Err(Error::Auth(on_eof.into()))
-        }
-        Err(e) => Err(Error::Io(e)),
+        let want = hs.wants().min(buf.len());
+        let n = match io.read(&mut buf[..want]).await {
+            Ok(0) => return Err(hs.handle_eof().into()),
+            Ok(n) => n,
+            Err(e) if closed(e.kind()) => return Err(hs.handle_eof().into()),
+            Err(e) => return Err(Error::Io(e)),
+        };
+        hs.handle_bytes(&buf[..n])?;
     }
 }
 
-async fn read_handshake_message<S: AsyncRead + Unpin>(
-    io: &mut S,
-    max: usize,
-    on_eof: &str,
-) -> Result<Vec<u8>, Error> {
-    let mut len = [0u8; 2];
-    read_exact_or(io, &mut len, on_eof).await?;
-    let len = usize::from(u16::from_be_bytes(len));
-    if len > max {
-        return Err(Error::Auth(format!(
-            "handshake message of {len} bytes (at most {max} expected): not a p2p-node secure \
-             channel"
-        )));
-    }
-    let mut msg = vec![0u8; len];
-    read_exact_or(io, &mut msg, on_eof).await?;
-    Ok(msg)
+/// Whether a read error means the peer closed the connection.
+fn closed(kind: std::io::ErrorKind) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(kind, UnexpectedEof | ConnectionReset)
 }
 
 #[cfg(test)]
@@ -742,7 +905,10 @@ mod tests {
             let at = 2 + at % (wire.len() - 2);
             wire[at] ^= 0x01;
             let res = decode_all(&mut b, &mut wire);
-            assert!(matches!(res, Err(Error::Tampered)), "flip at {at}: {res:?}");
+            assert!(
+                matches!(res, Err(Error::Connection(ConnectionError::Tampered))),
+                "flip at {at}: {res:?}"
+            );
         }
     }
 
@@ -762,7 +928,7 @@ mod tests {
         let mut replay = first.clone();
         assert!(matches!(
             decode_all(&mut b, &mut replay),
-            Err(Error::Tampered)
+            Err(Error::Connection(ConnectionError::Tampered))
         ));
 
         // Reorder: the second before the first, on a fresh pair.
@@ -773,7 +939,7 @@ mod tests {
         a.encode(&Message::Ping { nonce: 2 }, &mut second).unwrap();
         assert!(matches!(
             decode_all(&mut b, &mut second),
-            Err(Error::Tampered)
+            Err(Error::Connection(ConnectionError::Tampered))
         ));
     }
 
@@ -787,7 +953,13 @@ mod tests {
         let mut wire = BytesMut::new();
         small_tx.encode(&big(100_000), &mut wire).unwrap();
         let res = decode_all(&mut small_rx, &mut wire);
-        assert!(matches!(res, Err(Error::FrameTooLarge { .. })), "{res:?}");
+        assert!(
+            matches!(
+                res,
+                Err(Error::Connection(ConnectionError::FrameTooLarge { .. }))
+            ),
+            "{res:?}"
+        );
         assert!(small_rx.plain.capacity() < 100_000);
         // A truncated stream is an error at EOF.
         let (mut a2, mut b2) = pair().await;
@@ -797,7 +969,7 @@ mod tests {
         assert_eq!(b2.decode(&mut wire).unwrap(), None);
         assert!(matches!(
             b2.decode_eof(&mut wire),
-            Err(Error::Truncated { .. })
+            Err(Error::Connection(ConnectionError::Truncated { .. }))
         ));
     }
 
@@ -806,8 +978,11 @@ mod tests {
         let (i, r) = pair_with(&ClusterKey::generate(), &ClusterKey::generate()).await;
         let ie = i.unwrap_err();
         let re = r.unwrap_err();
-        assert!(matches!(ie, Error::Auth(_)), "{ie}");
-        assert!(re.to_string().contains("cluster key mismatch"), "{re}");
+        assert!(ie.is_permanent() && re.is_permanent(), "{ie:?} {re:?}");
+        assert!(
+            matches!(re.handshake(), Some(HandshakeError::UnknownKey { .. })),
+            "{re:?}"
+        );
     }
 
     #[tokio::test]
@@ -844,82 +1019,83 @@ mod tests {
         assert!(i.is_ok() && r.is_ok());
 
         let (i, r) = pair_keys(std::slice::from_ref(&third), &both).await;
-        let re = r.unwrap_err().to_string();
-        assert!(
-            re.contains("the peer uses a key this node does not have")
-                && re.contains(&format!("fingerprint {}", third.fingerprint()))
-                && re.contains(&old.fingerprint())
-                && re.contains(&new.fingerprint()),
-            "{re}"
-        );
-        let ie = i.unwrap_err().to_string();
-        assert!(ie.contains(&third.fingerprint()), "{ie}");
+        match r.unwrap_err() {
+            Error::Handshake(HandshakeError::UnknownKey { offered, accepted }) => {
+                assert_eq!(offered, third.fingerprint());
+                assert_eq!(accepted, vec![old.fingerprint(), new.fingerprint()]);
+            }
+            other => panic!("{other:?}"),
+        }
+        match i.unwrap_err() {
+            Error::Handshake(HandshakeError::PeerClosed {
+                stage: Stage::Secure { dialled_with },
+            }) => assert_eq!(dialled_with, Some(third.fingerprint())),
+            other => panic!("{other:?}"),
+        }
     }
 
-    #[tokio::test]
-    async fn an_empty_fingerprint_means_the_first_key_and_a_malformed_one_is_refused() {
-        // An initiator of an earlier version sends no fingerprint: the acceptor's first key.
-        let key = ClusterKey::generate();
+    /// A raw Noise initiator (an earlier version's, or a malformed one) with `fingerprint`
+    /// as message 1's payload, against an acceptor [`Handshake`] with `keys`, fed by hand.
+    fn raw_initiator_against(
+        fingerprint: &[u8],
+        dial: &ClusterKey,
+        me: &Identity,
+        keys: &[ClusterKey],
+    ) -> Result<SecureCodec, HandshakeError> {
         let params: snow::params::NoiseParams = NOISE_PARAMS.parse().unwrap();
-        let me = Identity::generate();
         let mut hs = snow::Builder::new(params)
             .local_private_key(me.private_key())
-            .psk(3, key.as_bytes())
+            .psk(3, dial.as_bytes())
             .prologue(PROLOGUE)
             .build_initiator()
             .unwrap();
-        let (mut x, mut y) = tokio::io::duplex(1 << 16);
-        let keys = [key.clone(), ClusterKey::generate()];
-        let acceptor = tokio::spawn(async move {
-            handshake(
-                &mut y,
-                Role::Acceptor,
-                &keys,
-                &Identity::generate(),
-                1 << 20,
-            )
-            .await
-        });
+        let mut acceptor =
+            Handshake::new(Role::Acceptor, keys, &Identity::generate(), 1 << 20).unwrap();
         let mut buf = [0u8; 256];
         let mut payload = [0u8; 256];
-        let n = hs.write_message(&[], &mut buf).unwrap();
-        let mut first = PREAMBLE.to_vec();
-        first.extend_from_slice(&len16(n).unwrap());
-        first.extend_from_slice(&buf[..n]);
-        x.write_all(&first).await.unwrap();
-        let msg = read_handshake_message(&mut x, 256, "eof").await.unwrap();
+        let n = hs.write_message(fingerprint, &mut buf).unwrap();
+        let mut first = BytesMut::from(&PREAMBLE[..]);
+        put_message(&mut first, &buf[..n]);
+        acceptor.handle_bytes(&first)?;
+        let mut reply = acceptor.poll_transmit().unwrap();
+        let msg = take_message(&mut reply, 256).unwrap().unwrap();
         hs.read_message(&msg, &mut payload).unwrap();
         let n = hs.write_message(&[], &mut buf).unwrap();
-        write_message(&mut x, &buf[..n]).await.unwrap();
-        let r = acceptor.await.unwrap().unwrap();
+        let mut third = BytesMut::new();
+        put_message(&mut third, &buf[..n]);
+        acceptor.handle_bytes(&third)?;
+        assert!(acceptor.is_done());
+        assert!(acceptor.poll_transmit().is_some(), "the confirmation");
+        acceptor.finish().map(|(codec, _)| codec)
+    }
+
+    #[test]
+    fn an_empty_fingerprint_means_the_first_key_and_a_malformed_one_is_refused() {
+        // An initiator of an earlier version sends no fingerprint: the acceptor's first key.
+        let key = ClusterKey::generate();
+        let me = Identity::generate();
+        let keys = [key.clone(), ClusterKey::generate()];
+        let r = raw_initiator_against(&[], &key, &me, &keys).unwrap();
         assert_eq!(r.peer_id(), me.node_id());
+        // The second key is not used for an empty fingerprint.
+        let e = raw_initiator_against(&[], &keys[1], &me, &keys).unwrap_err();
+        assert!(
+            matches!(e, HandshakeError::KeyMismatch { fingerprint: Some(ref f) } if *f == key.fingerprint()),
+            "{e:?}"
+        );
 
         // A fingerprint of the wrong length is refused.
-        let (mut x, mut y) = tokio::io::duplex(1 << 16);
-        let acceptor = tokio::spawn(async move {
-            handshake(
-                &mut y,
-                Role::Acceptor,
-                &[ClusterKey::generate()],
-                &Identity::generate(),
-                1 << 20,
-            )
-            .await
-        });
-        let params: snow::params::NoiseParams = NOISE_PARAMS.parse().unwrap();
-        let mut hs = snow::Builder::new(params)
-            .local_private_key(me.private_key())
-            .psk(3, key.as_bytes())
-            .prologue(PROLOGUE)
-            .build_initiator()
-            .unwrap();
-        let n = hs.write_message(&[1, 2, 3], &mut buf).unwrap();
-        let mut first = PREAMBLE.to_vec();
-        first.extend_from_slice(&len16(n).unwrap());
-        first.extend_from_slice(&buf[..n]);
-        x.write_all(&first).await.unwrap();
-        let e = acceptor.await.unwrap().unwrap_err().to_string();
-        assert!(e.contains("fingerprint of 3 bytes"), "{e}");
+        let e = raw_initiator_against(&[1, 2, 3], &key, &me, &keys).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                HandshakeError::FingerprintLength {
+                    len: 3,
+                    expected: FINGERPRINT_LEN
+                }
+            ),
+            "{e:?}"
+        );
     }
 
     #[tokio::test]
@@ -939,7 +1115,163 @@ mod tests {
         )
         .await
         .unwrap_err();
-        assert!(err.to_string().contains("no cluster key"), "{err}");
+        assert!(
+            matches!(err, Error::Handshake(HandshakeError::Plaintext)),
+            "{err:?}"
+        );
+        assert!(err.is_permanent());
+    }
+
+    type Finished = Result<(SecureCodec, BytesMut), HandshakeError>;
+
+    /// Two state machines back to back, bytes moved by hand in pieces of `piece` bytes.
+    /// Returns both results and how many bytes went each way.
+    fn drive_pair(a: &[ClusterKey], b: &[ClusterKey], piece: usize) -> (Finished, Finished) {
+        let mut i = Handshake::new(Role::Initiator, a, &Identity::generate(), 1 << 20).unwrap();
+        let mut r = Handshake::new(Role::Acceptor, b, &Identity::generate(), 1 << 20).unwrap();
+        let (mut ie, mut re) = (None, None);
+        for _ in 0..100 {
+            let mut moved = false;
+            if let Some(out) = i.poll_transmit() {
+                moved = true;
+                for p in out.chunks(piece) {
+                    if let Err(e) = r.handle_bytes(p) {
+                        re = Some(e);
+                        break;
+                    }
+                }
+            }
+            if let Some(out) = r.poll_transmit() {
+                moved = true;
+                for p in out.chunks(piece) {
+                    if let Err(e) = i.handle_bytes(p) {
+                        ie = Some(e);
+                        break;
+                    }
+                }
+            }
+            if re.is_some() && ie.is_none() {
+                // The acceptor closes the connection.
+                ie = Some(i.handle_eof());
+            }
+            if !moved || (i.is_done() && r.is_done()) || ie.is_some() {
+                break;
+            }
+        }
+        let finish = |hs: Handshake, e: Option<HandshakeError>| match e {
+            Some(e) => Err(e),
+            None => hs.finish(),
+        };
+        (finish(i, ie), finish(r, re))
+    }
+
+    #[test]
+    fn two_state_machines_back_to_back_agree_in_any_pieces() {
+        let key = [ClusterKey::generate()];
+        for piece in [1, 2, 3, 7, 64, 1000] {
+            let (i, r) = drive_pair(&key, &key, piece);
+            let ((mut i, irest), (mut r, rrest)) = (i.unwrap(), r.unwrap());
+            assert!(irest.is_empty() && rrest.is_empty());
+            let mut wire = BytesMut::new();
+            i.encode(&Message::Ping { nonce: 9 }, &mut wire).unwrap();
+            assert_eq!(
+                decode_all(&mut r, &mut wire).unwrap(),
+                vec![Message::Ping { nonce: 9 }]
+            );
+            r.encode(&Message::Goodbye, &mut wire).unwrap();
+            assert_eq!(
+                decode_all(&mut i, &mut wire).unwrap(),
+                vec![Message::Goodbye]
+            );
+        }
+    }
+
+    #[test]
+    fn another_key_fails_the_state_machines_with_typed_errors() {
+        let (a, b) = (ClusterKey::generate(), ClusterKey::generate());
+        let (i, r) = drive_pair(std::slice::from_ref(&a), std::slice::from_ref(&b), 5);
+        assert!(
+            matches!(r, Err(HandshakeError::UnknownKey { ref offered, .. }) if *offered == a.fingerprint()),
+            "{r:?}"
+        );
+        assert!(
+            matches!(
+                i,
+                Err(HandshakeError::PeerClosed {
+                    stage: Stage::Secure {
+                        dialled_with: Some(_)
+                    }
+                })
+            ),
+            "{i:?}"
+        );
+        // No keys at all: refused before anything is sent.
+        assert!(matches!(
+            Handshake::new(Role::Initiator, &[], &Identity::generate(), 1024),
+            Err(HandshakeError::NoKey)
+        ));
+    }
+
+    #[test]
+    fn the_machine_reads_no_further_than_it_needs_and_keeps_what_follows() {
+        let key = [ClusterKey::generate()];
+        let mut i = Handshake::new(Role::Initiator, &key, &Identity::generate(), 1024).unwrap();
+        let mut r = Handshake::new(Role::Acceptor, &key, &Identity::generate(), 1024).unwrap();
+        assert_eq!(r.wants(), PREAMBLE.len());
+        let first = i.poll_transmit().unwrap();
+        r.handle_bytes(&first[..PREAMBLE.len()]).unwrap();
+        assert_eq!(r.wants(), 2, "a length prefix next");
+        r.handle_bytes(&first[PREAMBLE.len()..PREAMBLE.len() + 2])
+            .unwrap();
+        assert_eq!(
+            r.wants(),
+            first.len() - PREAMBLE.len() - 2,
+            "then the message"
+        );
+        r.handle_bytes(&first[PREAMBLE.len() + 2..]).unwrap();
+        i.handle_bytes(&r.poll_transmit().unwrap()).unwrap();
+        // Message 3 and whatever follows it in the same read: kept for the codec.
+        let mut third = i.poll_transmit().unwrap();
+        third.extend_from_slice(b"after");
+        r.handle_bytes(&third).unwrap();
+        assert!(r.is_done());
+        assert_eq!(r.wants(), 0);
+        i.handle_bytes(&r.poll_transmit().unwrap()).unwrap();
+        assert!(i.is_done());
+        let (_, rest) = r.finish().unwrap();
+        assert_eq!(&rest[..], b"after");
+    }
+
+    #[test]
+    fn an_oversized_or_foreign_first_message_fails_before_it_is_buffered() {
+        let key = [ClusterKey::generate()];
+        let mut r = Handshake::new(Role::Acceptor, &key, &Identity::generate(), 1024).unwrap();
+        let mut first = BytesMut::from(&PREAMBLE[..]);
+        first.put_u16(u16::MAX);
+        assert!(matches!(
+            r.handle_bytes(&first),
+            Err(HandshakeError::Oversized {
+                len: 65_535,
+                max: MAX_HANDSHAKE_MESSAGE
+            })
+        ));
+        // After a failure, nothing more is taken or sent.
+        assert!(r.handle_bytes(&[0; 10]).is_err());
+        assert!(r.poll_transmit().is_none());
+        assert_eq!(r.wants(), 0);
+        let mut r = Handshake::new(Role::Acceptor, &key, &Identity::generate(), 1024).unwrap();
+        assert!(matches!(
+            r.handle_bytes(b"GET / HTTP/1.1\r\n"),
+            Err(HandshakeError::NotSecureChannel)
+        ));
+        // A peer that closes first: where, typed.
+        let mut i = Handshake::new(Role::Initiator, &key, &Identity::generate(), 1024).unwrap();
+        assert!(matches!(
+            i.handle_eof(),
+            HandshakeError::PeerClosed {
+                stage: Stage::Secure { dialled_with: Some(ref f) }
+            } if *f == key[0].fingerprint()
+        ));
     }
 
     #[tokio::test]
@@ -949,7 +1281,7 @@ mod tests {
         let mut src = BytesMut::from(&PREAMBLE[..]);
         assert!(matches!(
             FrameCodec::default().decode(&mut src),
-            Err(Error::FrameTooLarge { .. })
+            Err(Error::Connection(ConnectionError::FrameTooLarge { .. }))
         ));
     }
 }
