@@ -131,6 +131,7 @@ pub(crate) fn offer(events: &mut Option<mpsc::Sender<Event>>, ev: Event) -> Offe
 
 /// Errors of discovery backends.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// A `--discovery` value is not a known backend.
     #[error("unknown discovery kind {0:?}: expected none, static, udp, mdns or dns:NAME[:PORT]")]
