@@ -10,7 +10,7 @@ use clap::{Args, Parser, Subcommand};
 use p2p_core::net::Settings;
 use p2p_core::text::escape;
 use p2p_core::{ClusterKey, Identity};
-use p2p_discovery::{mdns, udp, Discovery, Kind};
+use p2p_discovery::{Discovery, Kind};
 use p2p_tasks::handler::{Builtin, Handler, Shell};
 use p2p_tasks::{Order, Policy, RunOptions};
 use tokio_util::sync::CancellationToken;
@@ -504,81 +504,47 @@ fn backends(
 ) -> anyhow::Result<Vec<Box<dyn Discovery>>> {
     let mut kinds = c.discovery.clone();
     if kinds.is_empty() && c.peers.is_empty() && default_udp {
-        kinds.push(Kind::Udp);
+        kinds.push(Kind::default());
     }
     // Checked here, before a command takes an identity or a journal (a static backend
-    // would only find out when the run starts).
-    if let Some(p) = c.peers.iter().find(|p| !p.contains(':')) {
-        return Err(usage(format!("--peer {p:?}: expected HOST:PORT")));
+    // would only find out when the run starts); the interface is parsed after.
+    p2p_discovery::check(&kinds, &c.peers, c.discovery_interface.is_some())
+        .map_err(discovery_usage)?;
+    let mut common = p2p_discovery::Common::new(c.cluster.clone())
+        .keys(keys.to_vec())
+        .peers(c.peers.clone());
+    if let Some(iface) = &c.discovery_interface {
+        let parsed: p2p_discovery::Interfaces = iface
+            .parse()
+            .map_err(|e| usage(format!("--discovery-interface {iface:?}: {e}")))?;
+        common = common.interfaces(parsed);
     }
-    if kinds.contains(&Kind::Static) && c.peers.is_empty() {
-        return Err(usage(
-            "--discovery static needs at least one --peer HOST:PORT",
-        ));
-    }
-    if c.discovery_interface.is_some() && !kinds.iter().any(|k| matches!(k, Kind::Udp | Kind::Mdns))
-    {
-        return Err(usage(
-            "--discovery-interface applies to udp and mdns discovery only",
-        ));
-    }
-    let mut out: Vec<Box<dyn Discovery>> = Vec::new();
-    for kind in kinds {
-        match kind {
-            Kind::None | Kind::Static => {}
-            Kind::Udp => {
-                let mut cfg = match role {
-                    Role::Serve(listen) => udp::Config::for_listen(c.cluster.clone(), listen),
-                    Role::Client => {
-                        udp::Config::new(c.cluster.clone()).interfaces(udp::Interfaces::All)
-                    }
-                };
-                cfg = cfg.keys(keys.to_vec());
-                if let Some(iface) = &c.discovery_interface {
-                    let parsed: udp::Interfaces = iface
-                        .parse()
-                        .map_err(|e| usage(format!("--discovery-interface {iface:?}: {e}")))?;
-                    cfg = cfg.interfaces(parsed);
-                }
-                out.push(Box::new(udp::Udp::new(cfg)));
-            }
-            Kind::Dns { name, port } => {
-                out.push(Box::new(p2p_discovery::dns::Dns::new(name, port)))
-            }
-            // Like udp: where the node listens (loopback listen: loopback only), or the
-            // --discovery-interface; with a key, TXT records carry a MAC under it.
-            Kind::Mdns => {
-                let mut cfg = match role {
-                    Role::Serve(listen) => mdns::Config::for_listen(c.cluster.clone(), listen),
-                    Role::Client => {
-                        mdns::Config::new(c.cluster.clone()).interfaces(udp::Interfaces::All)
-                    }
-                };
-                cfg = cfg.keys(keys.to_vec());
-                if let Some(iface) = &c.discovery_interface {
-                    let parsed: udp::Interfaces = iface
-                        .parse()
-                        .map_err(|e| usage(format!("--discovery-interface {iface:?}: {e}")))?;
-                    cfg = cfg.interfaces(parsed);
-                }
-                out.push(Box::new(mdns::Mdns::new(cfg)));
-            }
+    let role = match role {
+        Role::Serve(listen) => p2p_discovery::Role::Serve(listen),
+        Role::Client => p2p_discovery::Role::Client,
+    };
+    p2p_discovery::build_all(&kinds, &common, role).map_err(discovery_usage)
+}
+
+/// A discovery settings error in this CLI's words (its flags).
+fn discovery_usage(e: p2p_discovery::Error) -> anyhow::Error {
+    match e {
+        p2p_discovery::Error::PeerAddress(p) => usage(format!("--peer {p:?}: expected HOST:PORT")),
+        p2p_discovery::Error::NoPeers => {
+            usage("--discovery static needs at least one --peer HOST:PORT")
         }
+        p2p_discovery::Error::InterfacesUnused => {
+            usage("--discovery-interface applies to udp and mdns discovery only")
+        }
+        other => node_error(crate::Error::Discovery(other)),
     }
-    if !c.peers.is_empty() {
-        out.push(Box::new(p2p_discovery::statik::Static::new(
-            c.peers.clone(),
-        )));
-    }
-    Ok(out)
 }
 
 /// The discovery settings `run --local` uses: its own loopback nodes, plus `--peer`s;
 /// never a network backend (udp, mdns, dns).
 fn local_only(c: &Common) -> Common {
     let mut c = c.clone();
-    c.discovery
-        .retain(|k| matches!(k, Kind::None | Kind::Static));
+    c.discovery.retain(|k| !k.uses_network());
     c.discovery_interface = None;
     c
 }
@@ -709,8 +675,34 @@ fn load_key(c: &Common) -> anyhow::Result<Vec<ClusterKey>> {
     };
     files
         .iter()
-        .map(|p| ClusterKey::load(p).map_err(|e| usage(format!("--key-file: {e}"))))
+        .map(|p| ClusterKey::load(p).map_err(|e| usage(format!("--key-file: {}", key_error(&e)))))
         .collect()
+}
+
+/// A key file error as the CLI says it: the library's message, and how to make a key when
+/// there is none.
+fn key_error(e: &p2p_core::KeyError) -> String {
+    match e {
+        p2p_core::KeyError::Missing { path } => {
+            format!("{e} (create one with `p2p-node keygen {}`)", path.display())
+        }
+        _ => e.to_string(),
+    }
+}
+
+/// A connection error as the CLI says it: the library's message (which names no flag),
+/// and this CLI's hint where a missing or extra `--key-file` is the likely cause.
+pub(crate) fn core_error(e: &p2p_core::Error) -> String {
+    use p2p_core::{HandshakeError, Stage};
+    let hint = match e.handshake() {
+        Some(HandshakeError::PeerHasKey) => " (pass --key-file)",
+        Some(HandshakeError::Plaintext) => " (every node of the cluster needs --key-file)",
+        Some(HandshakeError::PeerClosed {
+            stage: Stage::Hello { keyed: false },
+        }) => " (a node with a cluster key drops peers without it: is --key-file missing?)",
+        _ => "",
+    };
+    format!("{e}{hint}")
 }
 
 fn with_key(b: NodeBuilder, keys: &[ClusterKey]) -> NodeBuilder {

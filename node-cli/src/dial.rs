@@ -205,12 +205,7 @@ impl Dialer {
                     Err(e) => e,
                 };
                 // A refusal (other cluster, version, key) will not change: give up now.
-                let permanent = matches!(
-                    error,
-                    p2p_core::Error::Rejected { .. }
-                        | p2p_core::Error::Refused { .. }
-                        | p2p_core::Error::Auth(_)
-                );
+                let permanent = error.is_permanent();
                 failures += 1;
                 let delay = RETRY.delay(failures, id);
                 let last = permanent || tokio::time::Instant::now() + delay > give_up;
@@ -218,8 +213,9 @@ impl Dialer {
                 // before the retries do) still reports it; once only.
                 if !reported {
                     reported = true;
+                    let error = crate::cli::core_error(&error);
                     let error = if last {
-                        error.to_string()
+                        error
                     } else {
                         format!("{error} (retrying for up to {give_up_after:?})")
                     };

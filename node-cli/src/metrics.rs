@@ -97,18 +97,40 @@ impl Refused {
 
     /// The reason of a failed handshake.
     pub fn of(e: &p2p_core::Error) -> Refused {
-        use p2p_core::{Error as E, RejectReason as R};
+        use p2p_core::{
+            ConnectionError as C, Error as E, HandshakeError as H, RejectReason as R, Stage,
+        };
         match e {
-            E::HandshakeTimeout(_) => Refused::HandshakeTimeout,
-            E::Refused { reason, .. } | E::Rejected { reason, .. } => match reason {
+            E::Handshake(H::Timeout(_)) => Refused::HandshakeTimeout,
+            E::Handshake(H::Refused { reason, .. } | H::Rejected { reason, .. }) => match reason {
                 R::Version => Refused::Version,
                 R::Cluster => Refused::Cluster,
                 R::Key => Refused::Key,
                 // A Hello out of the protocol's bounds, or a reason only a dialler sees.
                 _ => Refused::Protocol,
             },
-            E::Auth(_) | E::Tampered | E::IdMismatch { .. } => Refused::Key,
-            E::Io(_) | E::ConnectionLost | E::ClosedInHandshake(_) => Refused::Closed,
+            E::Handshake(H::PeerClosed {
+                stage: Stage::Hello { .. },
+            })
+            | E::Io(_)
+            | E::Connection(C::Lost) => Refused::Closed,
+            // The secure channel's failures (another key, no key, plaintext, a forged id).
+            E::Handshake(
+                H::NoKey
+                | H::PeerHasKey
+                | H::Plaintext
+                | H::NotSecureChannel
+                | H::UnknownKey { .. }
+                | H::KeyMismatch { .. }
+                | H::NoStaticKey
+                | H::Noise(_)
+                | H::FingerprintLength { .. }
+                | H::PeerClosed {
+                    stage: Stage::Secure { .. },
+                }
+                | H::IdMismatch { .. },
+            )
+            | E::Connection(C::Tampered) => Refused::Key,
             _ => Refused::Protocol,
         }
     }

@@ -847,7 +847,7 @@ async fn serve_connection(
                 &ctx.floods,
                 |f| &mut f.failed,
                 |unwritten| {
-                    warn!(peer = %addr, error = %e, "handshake failed; connection closed{}", more(unwritten));
+                    warn!(peer = %addr, error = %crate::cli::core_error(&e), "handshake failed; connection closed{}", more(unwritten));
                 },
             );
             return;

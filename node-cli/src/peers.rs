@@ -155,6 +155,7 @@ async fn ask(
         }
         Err(e) => {
             use std::io::Write as _;
+            let e = crate::cli::core_error(&e);
             let _ = writeln!(std::io::stderr().lock(), "cannot reach {}: {e}", p.addr);
             None
         }

@@ -224,7 +224,7 @@ pub async fn probe(
                         let _slot = slots.acquire_owned().await;
                         query(p.addr, hello, &settings, answer_timeout)
                             .await
-                            .map_err(|e| Unreachable { addr: p.addr.to_string(), error: e.to_string() })
+                            .map_err(|e| Unreachable { addr: p.addr.to_string(), error: crate::cli::core_error(&e) })
                     });
                 }
                 Some(_) => {}

@@ -18,7 +18,7 @@ use bytes::{Buf, BufMut, BytesMut};
 use tokio_util::codec::{Decoder, Encoder};
 
 use crate::wire::{self, MAX_FRAME_CEILING};
-use crate::{Error, Message};
+use crate::{ConnectionError, Error, Message};
 
 /// Size of the length prefix in bytes.
 pub const LENGTH_PREFIX: usize = 4;
@@ -43,7 +43,7 @@ pub const DEFAULT_FRAME_BUDGET: usize = 256 * 1024 * 1024;
 /// across all its connections. Cheap to clone; clones share the budget.
 ///
 /// A frame whose claimed length does not fit in what is left is refused
-/// ([`Error::FrameBudget`]), which closes that connection only.
+/// ([`ConnectionError::FrameBudget`]), which closes that connection only.
 #[derive(Debug, Clone)]
 pub struct FrameBudget {
     total: usize,
@@ -185,18 +185,18 @@ impl Decoder for FrameCodec {
                 };
                 let claimed = u32::from_be_bytes(*head) as usize;
                 if claimed > self.limit {
-                    return Err(Error::FrameTooLarge {
+                    return Err(Error::Connection(ConnectionError::FrameTooLarge {
                         len: claimed,
                         max: self.limit,
-                    });
+                    }));
                 }
                 if claimed > SMALL_FRAME {
                     if let Some(b) = &self.budget {
                         if !b.take(claimed) {
-                            return Err(Error::FrameBudget {
+                            return Err(Error::Connection(ConnectionError::FrameBudget {
                                 len: claimed,
                                 budget: b.total(),
-                            });
+                            }));
                         }
                         self.held = claimed;
                     }
@@ -226,14 +226,14 @@ impl Decoder for FrameCodec {
         match self.decode(src)? {
             Some(msg) => Ok(Some(msg)),
             None if src.is_empty() && self.pending.is_none() => Ok(None),
-            None => Err(Error::Truncated {
+            None => Err(Error::Connection(ConnectionError::Truncated {
                 buffered: src.len()
                     + if self.pending.is_some() {
                         LENGTH_PREFIX
                     } else {
                         0
                     },
-            }),
+            })),
         }
     }
 }
@@ -251,10 +251,10 @@ impl Encoder<&Message> for FrameCodec {
         let len = dst.len() - start - LENGTH_PREFIX;
         if len > self.max_frame {
             dst.truncate(start);
-            return Err(Error::FrameTooLarge {
+            return Err(Error::Connection(ConnectionError::FrameTooLarge {
                 len,
                 max: self.max_frame,
-            });
+            }));
         }
         // `len <= max_frame <= 16 MiB`, so it fits in a u32.
         dst[start..start + LENGTH_PREFIX].copy_from_slice(&(len as u32).to_be_bytes());
@@ -351,7 +351,7 @@ mod tests {
         let mut src = BytesMut::from(&[0xff, 0xff, 0xff, 0xf0, 1, 2][..]);
         let cap_before = src.capacity();
         match codec.decode(&mut src) {
-            Err(Error::FrameTooLarge { len, max }) => {
+            Err(Error::Connection(ConnectionError::FrameTooLarge { len, max })) => {
                 assert_eq!(len, 0xffff_fff0);
                 assert_eq!(max, 4096);
             }
@@ -391,7 +391,7 @@ mod tests {
         over.put_u32(MAX_HANDSHAKE_FRAME as u32 + 1);
         assert!(matches!(
             codec.decode(&mut over),
-            Err(Error::FrameTooLarge { len, max: MAX_HANDSHAKE_FRAME }) if len == MAX_HANDSHAKE_FRAME + 1
+            Err(Error::Connection(ConnectionError::FrameTooLarge { len, max: MAX_HANDSHAKE_FRAME })) if len == MAX_HANDSHAKE_FRAME + 1
         ));
         // Exactly the limit: accepted, and decoded once it is all there.
         let mut codec = FrameCodec::new(MAX_FRAME_CEILING);
@@ -427,10 +427,10 @@ mod tests {
         assert_eq!(budget.in_use(), claim);
         assert!(matches!(
             b.decode(&mut header(claim)),
-            Err(Error::FrameBudget {
+            Err(Error::Connection(ConnectionError::FrameBudget {
                 budget: 1_048_576,
                 ..
-            })
+            }))
         ));
         // Small frames never need the budget.
         let mut small = BytesMut::new();
@@ -470,7 +470,10 @@ mod tests {
         });
         assert!(matches!(
             codec.encode(&big, &mut dst),
-            Err(Error::FrameTooLarge { max: 1024, .. })
+            Err(Error::Connection(ConnectionError::FrameTooLarge {
+                max: 1024,
+                ..
+            }))
         ));
         assert!(dst.is_empty());
     }
@@ -486,7 +489,7 @@ mod tests {
         assert_eq!(codec.decode(&mut wire).unwrap(), None);
         assert!(matches!(
             codec.decode_eof(&mut wire),
-            Err(Error::Truncated { .. })
+            Err(Error::Connection(ConnectionError::Truncated { .. }))
         ));
     }
 
@@ -500,7 +503,10 @@ mod tests {
         src.put_u32(payload.len() as u32);
         src.put_slice(&payload);
         let err = FrameCodec::default().decode(&mut src).unwrap_err();
-        assert!(matches!(err, Error::Decode(_)), "{err:?}");
+        assert!(
+            matches!(err, Error::Connection(ConnectionError::Decode(_))),
+            "{err:?}"
+        );
     }
 
     #[test]

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use crate::message::{
     Assign, Completed, Hello, Message, Reject, RejectReason, StatusReport, PROTOCOL_VERSION,
 };
-use crate::Error;
+use crate::{ConnectionError, Error, HandshakeError, Violation};
 
 /// Timing rules of a connection.
 #[derive(Debug, Clone)]
@@ -269,12 +269,14 @@ impl Connection {
     /// Applies the timing rules. An error means the connection must be closed.
     pub fn handle_timeout(&mut self, now: Instant) -> Result<(), Error> {
         match self.state {
-            State::Handshaking if now >= self.started + self.config.handshake_timeout => {
-                self.fail(Error::HandshakeTimeout(self.config.handshake_timeout))
-            }
+            State::Handshaking if now >= self.started + self.config.handshake_timeout => self.fail(
+                Error::Handshake(HandshakeError::Timeout(self.config.handshake_timeout)),
+            ),
             State::Open => {
                 if now >= self.last_recv + self.config.idle_timeout {
-                    return self.fail(Error::PeerTimeout(self.config.idle_timeout));
+                    return self.fail(Error::Connection(ConnectionError::PeerTimeout(
+                        self.config.idle_timeout,
+                    )));
                 }
                 if now >= self.next_ping {
                     self.ping_nonce = self.ping_nonce.wrapping_add(1);
@@ -293,7 +295,7 @@ impl Connection {
     pub fn handle_eof(&mut self) -> Result<(), Error> {
         match self.state {
             State::Finished => Ok(()),
-            _ => self.fail(Error::ConnectionLost),
+            _ => self.fail(Error::Connection(ConnectionError::Lost)),
         }
     }
 
@@ -308,7 +310,10 @@ impl Connection {
                         reason,
                         message: message.clone(),
                     }));
-                    return self.fail(Error::Refused { reason, message });
+                    return self.fail(Error::Handshake(HandshakeError::Refused {
+                        reason,
+                        message,
+                    }));
                 }
                 self.transmit
                     .push_back(Message::Welcome(self.local.clone()));
@@ -317,30 +322,39 @@ impl Connection {
             }
             (State::Handshaking, Message::Welcome(hello)) if self.role == Role::Initiator => {
                 if let Some((reason, message)) = self.check_peer(&hello) {
-                    return self.fail(Error::Refused { reason, message });
+                    return self.fail(Error::Handshake(HandshakeError::Refused {
+                        reason,
+                        message,
+                    }));
                 }
                 self.establish(hello, now);
                 Ok(())
             }
             (State::Handshaking, Message::Reject(r)) if self.role == Role::Initiator => {
-                self.fail(Error::Rejected {
+                self.fail(Error::Handshake(HandshakeError::Rejected {
                     reason: r.reason,
                     message: r.message,
-                })
+                }))
             }
-            (State::Handshaking, other) => self.fail(Error::Unexpected {
-                got: other.kind(),
-                state: "waiting for the handshake",
-            }),
+            (State::Handshaking, other) => self.fail(
+                Violation::Unexpected {
+                    got: other.kind(),
+                    state: "waiting for the handshake",
+                }
+                .into(),
+            ),
             (State::Open, msg) => self.handle_open(msg),
             (
                 State::Finished,
                 Message::Ping { .. } | Message::Pong { .. } | Message::GoodbyeAck,
             ) => Ok(()),
-            (State::Finished | State::Failed, other) => self.fail(Error::Unexpected {
-                got: other.kind(),
-                state: "closing",
-            }),
+            (State::Finished | State::Failed, other) => self.fail(
+                Violation::Unexpected {
+                    got: other.kind(),
+                    state: "closing",
+                }
+                .into(),
+            ),
         }
     }
 
@@ -348,22 +362,18 @@ impl Connection {
         match msg {
             Message::Assign(a) => {
                 if self.we_said_goodbye || self.peer_said_goodbye {
-                    return self.fail(Error::Violation(format!(
-                        "assignment {} after goodbye",
-                        crate::shown::Shown(&a.task)
-                    )));
+                    return self.fail(Violation::AssignAfterGoodbye { task: a.task }.into());
                 }
                 if self.inbound.len() >= self.local.capacity as usize {
-                    return self.fail(Error::Violation(format!(
-                        "peer exceeded our capacity of {} tasks in flight",
-                        self.local.capacity
-                    )));
+                    return self.fail(
+                        Violation::OverCapacity {
+                            capacity: self.local.capacity,
+                        }
+                        .into(),
+                    );
                 }
                 if !self.inbound.insert(a.seq) {
-                    return self.fail(Error::Violation(format!(
-                        "duplicate assignment seq {}",
-                        a.seq
-                    )));
+                    return self.fail(Violation::DuplicateSeq(a.seq).into());
                 }
                 self.events.push_back(Event::Assigned(a));
                 Ok(())
@@ -397,7 +407,7 @@ impl Connection {
             Message::Pong { .. } => Ok(()),
             Message::Goodbye => {
                 if self.peer_said_goodbye {
-                    return self.fail(Error::Violation("second Goodbye".into()));
+                    return self.fail(Violation::SecondGoodbye.into());
                 }
                 self.peer_said_goodbye = true;
                 self.events.push_back(Event::PeerGoodbye);
@@ -410,9 +420,7 @@ impl Connection {
             }
             Message::StatusRequest => {
                 if self.status_owed {
-                    return self.fail(Error::Violation(
-                        "a second StatusRequest before the first was answered".into(),
-                    ));
+                    return self.fail(Violation::SecondStatusRequest.into());
                 }
                 self.status_owed = true;
                 self.events.push_back(Event::StatusRequested);
@@ -420,23 +428,22 @@ impl Connection {
             }
             Message::Status(report) => {
                 if !self.status_asked {
-                    return self.fail(Error::Violation("a Status nobody asked for".into()));
+                    return self.fail(Violation::UnaskedStatus.into());
                 }
                 if !report.is_bounded() {
-                    return self.fail(Error::Violation(
-                        "a Status over the protocol's bounds (too many tasks or too long a \
-                         string)"
-                            .into(),
-                    ));
+                    return self.fail(Violation::StatusOverBounds.into());
                 }
                 self.status_asked = false;
                 self.events.push_back(Event::Status(report));
                 Ok(())
             }
-            other => self.fail(Error::Unexpected {
-                got: other.kind(),
-                state: "open",
-            }),
+            other => self.fail(
+                Violation::Unexpected {
+                    got: other.kind(),
+                    state: "open",
+                }
+                .into(),
+            ),
         }
     }
 
@@ -550,7 +557,7 @@ impl Connection {
     pub fn handle_invalid(&mut self, e: Error) -> Error {
         if self.state == State::Handshaking
             && self.role == Role::Acceptor
-            && matches!(e, Error::Bound { .. })
+            && matches!(e, Error::Handshake(HandshakeError::Bound { .. }))
         {
             self.transmit.push_back(Message::Reject(Reject {
                 reason: RejectReason::Invalid,

@@ -51,7 +51,7 @@ pub mod shown;
 pub mod text;
 pub mod wire;
 
-pub use error::Error;
+pub use error::{ConnectionError, Error, HandshakeError, Stage, Violation};
 pub use id::NodeId;
 pub use identity::{Identity, IdentityError};
 pub use key::{ClusterKey, KeyError};

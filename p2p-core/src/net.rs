@@ -13,7 +13,7 @@
 //! of [`crate::secure`] (within the same handshake timeout as `Hello`), and every frame
 //! after it is encrypted; without one, frames go as they are. With a key, the node id in the
 //! peer's `Hello`/`Welcome` must be the one its identity proved in the secure handshake
-//! ([`Error::IdMismatch`] otherwise), and the local `Hello` must carry the id of
+//! ([`HandshakeError::IdMismatch`] otherwise), and the local `Hello` must carry the id of
 //! [`Settings::identity`].
 
 use std::net::SocketAddr;
@@ -34,7 +34,7 @@ use crate::identity::Identity;
 use crate::key::ClusterKey;
 use crate::message::{Assign, Completed, Hello, Message, Reject, RejectReason, StatusReport};
 use crate::secure::{self, WireCodec, PREAMBLE};
-use crate::{Error, NodeId};
+use crate::{ConnectionError, Error, HandshakeError, NodeId, Stage};
 
 /// Network settings shared by all connections of a node.
 #[derive(Debug, Clone)]
@@ -353,7 +353,7 @@ async fn start(
             let secured = secure::handshake(&mut stream, role, &keys, identity, settings.max_frame);
             let codec = tokio::time::timeout(limit, secured)
                 .await
-                .map_err(|_| Error::HandshakeTimeout(limit))??;
+                .map_err(|_| Error::Handshake(HandshakeError::Timeout(limit)))??;
             let proven = codec.peer_id();
             (WireCodec::Secure(Box::new(codec)), Some(proven))
         }
@@ -499,7 +499,7 @@ async fn flush_live(
         match tokio::time::timeout(idle, flush(io, conn)).await {
             Ok(r) => return r,
             Err(_) if io.write_buffer().len() != before => {}
-            Err(_) => return Err(Error::PeerTimeout(idle)),
+            Err(_) => return Err(Error::Connection(ConnectionError::PeerTimeout(idle))),
         }
     }
 }
@@ -538,7 +538,7 @@ async fn handshake_inner(
                     conn.handle_message(msg, now())?
                 }
                 Some(Err(e)) => return Err(conn.handle_invalid(e)),
-                None => return Err(Error::ClosedInHandshake("")),
+                None => return Err(closed_in_hello(proven.is_some())),
             },
             _ = sleep_until(deadline) => conn.handle_timeout(now())?,
         }
@@ -556,7 +556,7 @@ async fn check_claimed_id(io: &mut Transport, msg: &Message, proven: NodeId) -> 
     if claimed == proven {
         return Ok(());
     }
-    let err = Error::IdMismatch { claimed, proven };
+    let err = Error::Handshake(HandshakeError::IdMismatch { claimed, proven });
     if matches!(msg, Message::Hello(_)) {
         let reject = Message::Reject(Reject {
             reason: RejectReason::Key,
@@ -570,11 +570,18 @@ async fn check_claimed_id(io: &mut Transport, msg: &Message, proven: NodeId) -> 
     Err(err)
 }
 
+/// The peer closed during `Hello`/`Welcome`; `keyed`: this node uses a cluster key.
+fn closed_in_hello(keyed: bool) -> Error {
+    HandshakeError::PeerClosed {
+        stage: Stage::Hello { keyed },
+    }
+    .into()
+}
+
 /// Makes a key mismatch visible on a node without a key: a keyed initiator's preamble
-/// reads as an impossible frame length, and a keyed acceptor closes on a plaintext `Hello`.
+/// reads as an impossible frame length ([`HandshakeError::PeerHasKey`]), and a keyed
+/// acceptor closes on a plaintext `Hello` ([`Stage::Hello`] with `keyed: false`).
 fn explain_handshake_error(e: Error, keyed: bool) -> Error {
-    const HINT: &str =
-        " (a node with a cluster key drops peers without it: is --key-file missing?)";
     let closed = |kind: std::io::ErrorKind| {
         use std::io::ErrorKind::*;
         matches!(
@@ -583,16 +590,11 @@ fn explain_handshake_error(e: Error, keyed: bool) -> Error {
         )
     };
     match e {
-        Error::ClosedInHandshake(_) if !keyed => Error::ClosedInHandshake(HINT),
-        Error::Io(io) if closed(io.kind()) => {
-            Error::ClosedInHandshake(if keyed { "" } else { HINT })
-        }
-        Error::FrameTooLarge { len, .. }
+        Error::Io(io) if closed(io.kind()) => closed_in_hello(keyed),
+        Error::Connection(ConnectionError::FrameTooLarge { len, .. })
             if !keyed && u32::try_from(len).ok() == Some(u32::from_be_bytes(PREAMBLE)) =>
         {
-            Error::Auth(
-                "the peer uses a cluster key and this node has none (pass --key-file)".into(),
-            )
+            HandshakeError::PeerHasKey.into()
         }
         other => other,
     }
@@ -696,9 +698,7 @@ async fn drive_inner(
                 Event::PeerGoodbye => LinkEvent::PeerGoodbye,
                 Event::StatusRequested => {
                     let Some(source) = &source else {
-                        return Err(Error::Violation(
-                            "a status request to a connection that does not answer them".into(),
-                        ));
+                        return Err(crate::Violation::StatusNotServed.into());
                     };
                     conn.answer_status((source.0)())?;
                     answered = true;
@@ -724,10 +724,7 @@ async fn drive_inner(
         }
         if owner_gone {
             // Nobody listens for results any more: leave without goodbye.
-            return Err(Error::InvalidState {
-                action: "continue",
-                why: "the owner of the connection is gone",
-            });
+            return Err(Error::OwnerGone);
         }
         let deadline = conn.poll_timeout().map(Instant::from_std);
         if deadline != armed {
@@ -830,10 +827,7 @@ fn command(conn: &mut Connection, cmd: Option<Command>) -> Result<Option<LinkEve
         }
         Some(Command::Goodbye) | None => conn.goodbye(),
         Some(Command::Abort) => {
-            return Err(Error::InvalidState {
-                action: "continue",
-                why: "aborted by its owner",
-            });
+            return Err(Error::Aborted);
         }
     }
     Ok(None)
@@ -1111,26 +1105,60 @@ mod tests {
     async fn another_key_is_refused_on_both_sides() {
         let (d, a) =
             connect_pair(Some(&ClusterKey::generate()), Some(&ClusterKey::generate())).await;
-        assert!(matches!(d, Err(Error::Auth(_))), "{d:?}");
+        let d = d.unwrap_err();
+        assert!(
+            matches!(
+                d.handshake(),
+                Some(HandshakeError::PeerClosed {
+                    stage: Stage::Secure {
+                        dialled_with: Some(_)
+                    }
+                })
+            ),
+            "{d:?}"
+        );
+        assert!(d.is_permanent(), "{d:?}");
         let a = a.unwrap_err();
-        assert!(a.to_string().contains("cluster key mismatch"), "{a}");
+        assert!(
+            matches!(a.handshake(), Some(HandshakeError::UnknownKey { .. })),
+            "{a:?}"
+        );
+        assert!(a.is_permanent(), "{a:?}");
     }
 
     #[tokio::test]
-    async fn a_dialler_without_a_key_is_dropped_with_a_hint() {
+    async fn a_dialler_without_a_key_is_dropped_and_told_it_has_none() {
         let (d, a) = connect_pair(None, Some(&ClusterKey::generate())).await;
+        // The dialler learns where the peer closed and that it has no key (a CLI turns
+        // that into its hint); closing during `Hello` is not permanent.
         let d = d.unwrap_err();
-        assert!(d.to_string().contains("--key-file"), "{d}");
+        assert!(
+            matches!(
+                d.handshake(),
+                Some(HandshakeError::PeerClosed {
+                    stage: Stage::Hello { keyed: false }
+                })
+            ),
+            "{d:?}"
+        );
+        assert!(!d.is_permanent());
         let a = a.unwrap_err();
-        assert!(a.to_string().contains("no cluster key"), "{a}");
+        assert!(
+            matches!(a.handshake(), Some(HandshakeError::Plaintext)),
+            "{a:?}"
+        );
     }
 
     #[tokio::test]
     async fn a_keyed_dialler_to_a_node_without_a_key_fails_at_once() {
         let (d, a) = connect_pair(Some(&ClusterKey::generate()), None).await;
-        assert!(matches!(d, Err(Error::Auth(_))), "{d:?}");
+        let d = d.unwrap_err();
+        assert!(d.is_permanent(), "{d:?}");
         let a = a.unwrap_err();
-        assert!(a.to_string().contains("this node has none"), "{a}");
+        assert!(
+            matches!(a.handshake(), Some(HandshakeError::PeerHasKey)),
+            "{a:?}"
+        );
     }
 
     /// Runs the secure handshake by hand as `role` with `identity`, then sends `first` (a
@@ -1193,13 +1221,12 @@ mod tests {
         }
         let err = acceptor.await.unwrap().unwrap_err();
         match &err {
-            Error::IdMismatch { claimed, proven } => {
+            Error::Handshake(HandshakeError::IdMismatch { claimed, proven }) => {
                 assert_eq!(*claimed, victim.node_id());
                 assert_eq!(*proven, mallory.node_id());
             }
             other => panic!("expected IdMismatch, got {other:?}"),
         }
-        assert!(err.to_string().contains("claims node id"), "{err}");
     }
 
     #[tokio::test]
@@ -1229,7 +1256,7 @@ mod tests {
         let (tx, _rx) = mpsc::channel(16);
         let err = connect(addr, dh, &ds, 1, tx).await.unwrap_err();
         assert!(
-            matches!(err, Error::IdMismatch { claimed, .. } if claimed == victim_id),
+            matches!(err, Error::Handshake(HandshakeError::IdMismatch { claimed, .. }) if claimed == victim_id),
             "{err:?}"
         );
         fake.await.unwrap();
@@ -1246,10 +1273,28 @@ mod tests {
         let err = connect(addr, h.clone(), &s, 1, tx.clone())
             .await
             .unwrap_err();
-        assert!(err.to_string().contains("identity"), "{err}");
+        assert!(
+            matches!(
+                err,
+                Error::InvalidState {
+                    action: "start a keyed connection",
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
         s.identity = Some(Identity::generate());
         let err = connect(addr, h, &s, 1, tx).await.unwrap_err();
-        assert!(err.to_string().contains("identity"), "{err}");
+        assert!(
+            matches!(
+                err,
+                Error::InvalidState {
+                    action: "start a keyed connection",
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
         drop(listener);
     }
 

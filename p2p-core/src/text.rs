@@ -9,8 +9,8 @@
 //!
 //! - C0 controls and DEL: `\n`, `\r`, `\t`, `\0`, and `\x1b`-style hex for the rest;
 //! - C1 controls (U+0080 to U+009F, which some terminals read as `ESC` sequences) and the
-//!   Unicode bidirectional overrides and isolates (U+202A to U+202E, U+2066 to U+2069, which
-//!   reorder what is shown): `\u{9b}`-style.
+//!   Unicode bidirectional marks, overrides and isolates (U+200E, U+200F, U+202A to U+202E,
+//!   U+2066 to U+2069, which reorder what is shown): `\u{9b}`-style.
 //!
 //! Everything else, backslashes included, is kept as it is: this is for showing text
 //! safely, not an encoding to decode (`--json` output stays exact JSON instead).
@@ -20,7 +20,8 @@ use std::fmt::{self, Write};
 
 /// Whether `c` is written as an escape by [`escape`].
 pub fn needs_escape(c: char) -> bool {
-    c.is_control() || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    c.is_control()
+        || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
 }
 
 /// `s` with every control character written as a visible escape (see the module docs).
@@ -97,6 +98,8 @@ mod tests {
         // C1 CSI and bidi overrides.
         assert_eq!(escape("a\u{9b}2Jb"), "a\\u{9b}2Jb");
         assert_eq!(escape("x\u{202e}y\u{2066}"), "x\\u{202e}y\\u{2066}");
+        // The directional marks too (`shown` escaped them, `text` did not).
+        assert_eq!(escape("a\u{200e}b\u{200f}"), "a\\u{200e}b\\u{200f}");
         // Line forging, NUL, DEL, backspace.
         assert_eq!(escape("a\r\nb\tc\0"), "a\\r\\nb\\tc\\0");
         assert_eq!(escape("\x7f\x08"), "\\x7f\\x08");

@@ -16,14 +16,14 @@
 //! field bounded before anything is allocated for it: the cluster name ([`MAX_CLUSTER`]
 //! bytes), the number of types ([`MAX_TYPES`]) and each type's length ([`MAX_TYPE_LEN`]),
 //! and a `Reject`'s message ([`MAX_REJECT_MESSAGE`]; longer ones are cut when encoded). A
-//! field over its bound is [`Error::Bound`], which the acceptor answers with
+//! field over its bound is [`HandshakeError::Bound`], which the acceptor answers with
 //! `Reject(Invalid)`. So the largest `Hello` is [`MAX_HELLO`] bytes.
 
 use bincode::config::{self, Config};
 use bytes::{BufMut, BytesMut};
 
 use crate::message::{Assign, Completed, Hello, Reject, RejectReason};
-use crate::{Error, Message, NodeId};
+use crate::{ConnectionError, Error, HandshakeError, Message, NodeId};
 
 /// The largest frame any configuration may allow (and the default maximum): 16 MiB.
 pub const MAX_FRAME_CEILING: usize = 16 * 1024 * 1024;
@@ -122,7 +122,7 @@ pub fn encode_into(msg: &Message, dst: &mut BytesMut) -> Result<(), Error> {
         | Message::Status(_) => {
             let writer = BufWriter(dst);
             bincode::serde::encode_into_writer(msg, writer, cfg::<MAX_FRAME_CEILING>())
-                .map_err(|e| Error::Encode(e.to_string()))?;
+                .map_err(|e| Error::Connection(ConnectionError::Encode(e.to_string())))?;
         }
     }
     Ok(())
@@ -144,7 +144,11 @@ pub fn decode(payload: &[u8]) -> Result<Message, Error> {
                 2 => RejectReason::Key,
                 3 => RejectReason::Busy,
                 4 => RejectReason::Invalid,
-                n => return Err(Error::Decode(format!("unknown reject reason {n}"))),
+                n => {
+                    return Err(Error::Connection(ConnectionError::Decode(format!(
+                        "unknown reject reason {n}"
+                    ))))
+                }
             },
             message: r.bounded_string(MAX_REJECT_MESSAGE, "reject message (bytes)")?,
         }),
@@ -209,7 +213,9 @@ fn put_str(dst: &mut BytesMut, s: &str) {
 struct Reader<'a>(&'a [u8]);
 
 fn short() -> Error {
-    Error::Decode("unexpected end of the payload".into())
+    Error::Connection(ConnectionError::Decode(
+        "unexpected end of the payload".into(),
+    ))
 }
 
 impl Reader<'_> {
@@ -229,7 +235,9 @@ impl Reader<'_> {
             251 => Ok(u64::from(u16::from_le_bytes(self.bytes()?))),
             252 => Ok(u64::from(u32::from_le_bytes(self.bytes()?))),
             253 => Ok(u64::from_le_bytes(self.bytes()?)),
-            b => Err(Error::Decode(format!("invalid varint tag {b} for a u64"))),
+            b => Err(Error::Connection(ConnectionError::Decode(format!(
+                "invalid varint tag {b} for a u64"
+            )))),
         }
     }
 
@@ -237,7 +245,9 @@ impl Reader<'_> {
         match self.u8()? {
             b @ 0..=250 => Ok(u16::from(b)),
             251 => Ok(u16::from_le_bytes(self.bytes()?)),
-            b => Err(Error::Decode(format!("invalid varint tag {b} for a u16"))),
+            b => Err(Error::Connection(ConnectionError::Decode(format!(
+                "invalid varint tag {b} for a u16"
+            )))),
         }
     }
 
@@ -246,7 +256,9 @@ impl Reader<'_> {
             b @ 0..=250 => Ok(u32::from(b)),
             251 => Ok(u32::from(u16::from_le_bytes(self.bytes()?))),
             252 => Ok(u32::from_le_bytes(self.bytes()?)),
-            b => Err(Error::Decode(format!("invalid varint tag {b} for a u32"))),
+            b => Err(Error::Connection(ConnectionError::Decode(format!(
+                "invalid varint tag {b} for a u32"
+            )))),
         }
     }
 
@@ -254,7 +266,9 @@ impl Reader<'_> {
         match self.u8()? {
             0 => Ok(false),
             1 => Ok(true),
-            b => Err(Error::Decode(format!("invalid bool {b}"))),
+            b => Err(Error::Connection(ConnectionError::Decode(format!(
+                "invalid bool {b}"
+            )))),
         }
     }
 
@@ -262,7 +276,9 @@ impl Reader<'_> {
         match self.u8()? {
             0 => Ok(false),
             1 => Ok(true),
-            b => Err(Error::Decode(format!("invalid option tag {b}"))),
+            b => Err(Error::Connection(ConnectionError::Decode(format!(
+                "invalid option tag {b}"
+            )))),
         }
     }
 
@@ -275,11 +291,11 @@ impl Reader<'_> {
         let count = usize::try_from(count)
             .ok()
             .filter(|&n| n <= MAX_TYPES)
-            .ok_or(Error::Bound {
+            .ok_or(Error::Handshake(HandshakeError::Bound {
                 what: "number of types",
                 len: usize::try_from(count).unwrap_or(usize::MAX),
                 max: MAX_TYPES,
-            })?;
+            }))?;
         let mut types = Vec::with_capacity(count);
         for _ in 0..count {
             types.push(self.bounded_string(MAX_TYPE_LEN, "type name (bytes)")?);
@@ -294,17 +310,17 @@ impl Reader<'_> {
         })
     }
 
-    /// A string of at most `max` bytes (else [`Error::Bound`] naming `what`), checked
+    /// A string of at most `max` bytes (else [`HandshakeError::Bound`] naming `what`), checked
     /// before anything is allocated.
     fn bounded_string(&mut self, max: usize, what: &'static str) -> Result<String, Error> {
         let mut peek = Reader(self.0);
         let len = peek.varint()?;
         if len > max as u64 {
-            return Err(Error::Bound {
+            return Err(Error::Handshake(HandshakeError::Bound {
                 what,
                 len: usize::try_from(len).unwrap_or(usize::MAX),
                 max,
-            });
+            }));
         }
         self.string()
     }
@@ -317,15 +333,17 @@ impl Reader<'_> {
             .ok()
             .filter(|&n| n <= self.0.len())
             .ok_or_else(|| {
-                Error::Decode(format!(
+                Error::Connection(ConnectionError::Decode(format!(
                     "a string claims {len} bytes, more than the payload has"
-                ))
+                )))
             })?;
         let (bytes, rest) = self.0.split_at(len);
         self.0 = rest;
-        std::str::from_utf8(bytes)
-            .map(str::to_owned)
-            .map_err(|e| Error::Decode(format!("invalid UTF-8 in a string: {e}")))
+        std::str::from_utf8(bytes).map(str::to_owned).map_err(|e| {
+            Error::Connection(ConnectionError::Decode(format!(
+                "invalid UTF-8 in a string: {e}"
+            )))
+        })
     }
 }
 
@@ -344,7 +362,7 @@ fn decode_bincode(payload: &[u8]) -> Result<Message, Error> {
         _ => bincode::serde::decode_from_slice(payload, cfg::<{ 4 * MAX_FRAME_CEILING }>()),
     };
     res.map(|(msg, _)| msg)
-        .map_err(|e| Error::Decode(e.to_string()))
+        .map_err(|e| Error::Connection(ConnectionError::Decode(e.to_string())))
 }
 
 struct BufWriter<'a>(&'a mut BytesMut);
@@ -448,7 +466,10 @@ mod tests {
         // A string that claims more than the payload holds allocates nothing and fails.
         let mut claim = vec![3u8, 1, 253];
         claim.extend_from_slice(&u64::MAX.to_le_bytes());
-        assert!(matches!(decode(&claim), Err(Error::Decode(_))));
+        assert!(matches!(
+            decode(&claim),
+            Err(Error::Connection(ConnectionError::Decode(_)))
+        ));
         // Invalid UTF-8, bool, option tags and varint tags.
         assert!(decode(&[3, 1, 1, 0xff, 1, b'a', 0, 1, 0]).is_err());
         assert!(decode(&[4, 1, 2, 0, 0, 0, 0]).is_err());
@@ -520,7 +541,7 @@ mod tests {
     #[test]
     fn every_field_of_a_hello_is_bounded() {
         let bound = |m: &Message| match decode(&bincode_bytes(m)) {
-            Err(Error::Bound { what, len, max }) => (what, len, max),
+            Err(Error::Handshake(HandshakeError::Bound { what, len, max })) => (what, len, max),
             other => panic!("expected a bound error, got {other:?}"),
         };
         assert_eq!(
@@ -544,11 +565,11 @@ mod tests {
         claim.extend_from_slice(&7_000_000u32.to_le_bytes());
         assert!(matches!(
             decode(&claim),
-            Err(Error::Bound {
+            Err(Error::Handshake(HandshakeError::Bound {
                 what: "number of types",
                 len: 7_000_000,
                 ..
-            })
+            }))
         ));
         // A Reject's message is cut when encoded, and refused over the bound when decoded.
         let long = Message::Reject(Reject {
@@ -566,7 +587,7 @@ mod tests {
         }
         assert!(matches!(
             decode(&bincode_bytes(&long)),
-            Err(Error::Bound { .. })
+            Err(Error::Handshake(HandshakeError::Bound { .. }))
         ));
     }
 

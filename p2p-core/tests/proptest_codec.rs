@@ -174,7 +174,7 @@ proptest! {
         src.put_slice(&rest);
         let cap = src.capacity();
         let r = codec.decode(&mut src);
-        prop_assert!(matches!(r, Err(p2p_core::Error::FrameTooLarge { .. })), "{:?}", r);
+        prop_assert!(matches!(r, Err(p2p_core::Error::Connection(p2p_core::ConnectionError::FrameTooLarge { .. }))), "{:?}", r);
         prop_assert_eq!(src.capacity(), cap);
     }
 }

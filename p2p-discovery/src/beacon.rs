@@ -44,6 +44,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use p2p_core::{ClusterKey, NodeId};
+use subtle::ConstantTimeEq;
 
 use crate::Error;
 
@@ -74,11 +75,7 @@ pub fn open<'a>(datagram: &'a [u8], key: &ClusterKey) -> Option<&'a [u8]> {
     let (beacon, mac) = datagram.split_at(split);
     let expected = key.mac(MAC_CONTEXT, beacon);
     // Constant time: the comparison does not stop at the first differing byte.
-    let diff = expected
-        .iter()
-        .zip(mac)
-        .fold(0u8, |acc, (a, b)| acc | (a ^ b));
-    (diff == 0).then_some(beacon)
+    bool::from(expected[..].ct_eq(mac)).then_some(beacon)
 }
 
 /// The beacon inside a sealed datagram, if its MAC verifies under any of `keys` (a node

@@ -16,6 +16,10 @@
 //!   with the `mdns-sd` crate; standard DNS-SD browsers list the nodes).
 //! - [`NoDiscovery`]: the `none` backend.
 //! - [`start_all`]: runs several backends into one stream.
+//! - [`Kind::build`] / [`build_all`]: the backends a node asks for, built from the
+//!   settings they share ([`Common`]: cluster, keys, [`Interfaces`], listed peers) and the
+//!   node's [`Role`]. Adding a backend is one module, one [`Kind`] arm (parse, print,
+//!   build) and one conformance case.
 //!
 //! A backend that will never report anything more (a static list, once resolved) drops its
 //! sender; the combined stream ends when every backend has, which lets a run stop waiting
@@ -42,7 +46,7 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::str::FromStr;
 
-use p2p_core::NodeId;
+use p2p_core::{ClusterKey, NodeId};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -89,11 +93,14 @@ pub mod beacon;
 #[cfg(test)]
 mod conformance;
 pub mod dns;
+mod interfaces;
 pub mod mdns;
 pub mod statik;
 #[cfg(test)]
 mod testns;
 pub mod udp;
+
+pub use interfaces::Interfaces;
 
 /// How many undelivered events a discovery stream holds. The backends that watch a network
 /// (udp, mdns, dns) never wait for room: an event that finds the queue full is dropped and
@@ -131,6 +138,7 @@ pub(crate) fn offer(events: &mut Option<mpsc::Sender<Event>>, ev: Event) -> Offe
 
 /// Errors of discovery backends.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// A `--discovery` value is not a known backend.
     #[error("unknown discovery kind {0:?}: expected none, static, udp, mdns or dns:NAME[:PORT]")]
@@ -174,6 +182,15 @@ pub enum Error {
     /// The `mdns` backend cannot start: `mdns-sd` failed (its daemon, a registration).
     #[error("mdns discovery: {0}")]
     Mdns(String),
+    /// A listed peer is not `HOST:PORT` ([`build_all`]).
+    #[error("peer address {0:?}: expected HOST:PORT")]
+    PeerAddress(String),
+    /// The `static` backend was asked for with no peer to list ([`build_all`]).
+    #[error("static discovery needs at least one peer address (HOST:PORT)")]
+    NoPeers,
+    /// Interfaces were given but no backend asked for uses them ([`build_all`]).
+    #[error("interfaces apply to udp and mdns discovery only")]
+    InterfacesUnused,
 }
 
 /// What a node says about itself to be found.
@@ -294,13 +311,15 @@ pub fn start_all(
 }
 
 /// A discovery backend as named on the command line.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum Kind {
     /// No discovery.
     None,
     /// The `--peer` list.
     Static,
-    /// UDP beacons.
+    /// UDP beacons (the default of a node told nothing).
+    #[default]
     Udp,
     /// DNS-SD over multicast DNS.
     Mdns,
@@ -345,6 +364,148 @@ impl FromStr for Kind {
     }
 }
 
+/// The settings every backend is built from (see [`Kind::build`]).
+#[derive(Debug, Clone, Default)]
+#[non_exhaustive]
+pub struct Common {
+    /// The cluster's name: LAN backends ignore other clusters.
+    pub cluster: String,
+    /// The cluster keys: LAN backends seal what they announce under the first and accept
+    /// any (a key rotation); none without a key.
+    pub keys: Vec<ClusterKey>,
+    /// Where LAN backends (`udp`, `mdns`) work; `None`: the [`Role`]'s default (where the
+    /// node listens, or every interface for a client).
+    pub interfaces: Option<Interfaces>,
+    /// The `HOST:PORT` list of the `static` backend.
+    pub peers: Vec<String>,
+}
+
+impl Common {
+    /// Settings for `cluster`, with no key, no interfaces and no listed peer.
+    pub fn new(cluster: impl Into<String>) -> Self {
+        Common {
+            cluster: cluster.into(),
+            ..Common::default()
+        }
+    }
+
+    /// With these cluster keys.
+    pub fn keys(mut self, keys: Vec<ClusterKey>) -> Self {
+        self.keys = keys;
+        self
+    }
+
+    /// With these interfaces for the LAN backends.
+    pub fn interfaces(mut self, interfaces: Interfaces) -> Self {
+        self.interfaces = Some(interfaces);
+        self
+    }
+
+    /// With these listed peers (`HOST:PORT`).
+    pub fn peers(mut self, peers: Vec<String>) -> Self {
+        self.peers = peers;
+        self
+    }
+}
+
+/// What the node does with discovery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Role {
+    /// It accepts connections on this address and announces itself where it listens (a
+    /// loopback listener: on loopback only).
+    Serve(SocketAddr),
+    /// It only looks (on every interface, unless told otherwise).
+    Client,
+}
+
+impl Kind {
+    /// Builds this backend from `common` for a node in `role`; `None` for a kind that needs
+    /// no backend of its own (`none`; `static` is [`Common::peers`], see [`build_all`]).
+    pub fn build(&self, common: &Common, role: Role) -> Result<Option<Box<dyn Discovery>>, Error> {
+        Ok(match self {
+            Kind::None => None,
+            Kind::Static => Some(Box::new(statik::Static::new(common.peers.clone()))),
+            // Where the node listens (loopback listen: loopback only), or every interface
+            // for a client, unless told; with a key, what it announces carries a MAC.
+            Kind::Udp => {
+                let mut cfg = match role {
+                    Role::Serve(listen) => udp::Config::for_listen(common.cluster.clone(), listen),
+                    Role::Client => {
+                        udp::Config::new(common.cluster.clone()).interfaces(Interfaces::All)
+                    }
+                };
+                cfg = cfg.keys(common.keys.clone());
+                if let Some(i) = &common.interfaces {
+                    cfg = cfg.interfaces(i.clone());
+                }
+                Some(Box::new(udp::Udp::new(cfg)))
+            }
+            Kind::Mdns => {
+                let mut cfg = match role {
+                    Role::Serve(listen) => mdns::Config::for_listen(common.cluster.clone(), listen),
+                    Role::Client => {
+                        mdns::Config::new(common.cluster.clone()).interfaces(Interfaces::All)
+                    }
+                };
+                cfg = cfg.keys(common.keys.clone());
+                if let Some(i) = &common.interfaces {
+                    cfg = cfg.interfaces(i.clone());
+                }
+                Some(Box::new(mdns::Mdns::new(cfg)))
+            }
+            Kind::Dns { name, port } => Some(Box::new(dns::Dns::new(name.clone(), *port))),
+        })
+    }
+
+    /// Whether this backend works on the [`Common::interfaces`] (`udp`, `mdns`).
+    pub fn takes_interfaces(&self) -> bool {
+        matches!(self, Kind::Udp | Kind::Mdns)
+    }
+
+    /// Whether this backend looks beyond what it was told (the network or a name
+    /// service): `udp`, `mdns`, `dns`. `none` and `static` do not.
+    pub fn uses_network(&self) -> bool {
+        matches!(self, Kind::Udp | Kind::Mdns | Kind::Dns { .. })
+    }
+}
+
+/// Checks that `kinds` fit the settings, as [`build_all`] does first: every listed peer is
+/// `HOST:PORT` ([`Error::PeerAddress`]), `static` has peers ([`Error::NoPeers`]), and
+/// interfaces (when `interfaces_given`) are used by some backend
+/// ([`Error::InterfacesUnused`]). Separate so that a caller can check before it parses the
+/// interfaces.
+pub fn check(kinds: &[Kind], peers: &[String], interfaces_given: bool) -> Result<(), Error> {
+    if let Some(p) = peers.iter().find(|p| !p.contains(':')) {
+        return Err(Error::PeerAddress(p.clone()));
+    }
+    if kinds.contains(&Kind::Static) && peers.is_empty() {
+        return Err(Error::NoPeers);
+    }
+    if interfaces_given && !kinds.iter().any(Kind::takes_interfaces) {
+        return Err(Error::InterfacesUnused);
+    }
+    Ok(())
+}
+
+/// The backends for `kinds` (see [`check`]): each kind's [`Kind::build`], and one `static`
+/// backend for [`Common::peers`] when there are any (whether or not `static` is named).
+pub fn build_all(
+    kinds: &[Kind],
+    common: &Common,
+    role: Role,
+) -> Result<Vec<Box<dyn Discovery>>, Error> {
+    check(kinds, &common.peers, common.interfaces.is_some())?;
+    let mut out = Vec::new();
+    for kind in kinds.iter().filter(|k| **k != Kind::Static) {
+        out.extend(kind.build(common, role)?);
+    }
+    if !common.peers.is_empty() {
+        out.extend(Kind::Static.build(common, role)?);
+    }
+    Ok(out)
+}
+
 impl fmt::Display for Kind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -385,6 +546,66 @@ mod tests {
         ] {
             assert!(bad.parse::<Kind>().is_err(), "{bad:?} should be refused");
         }
+    }
+
+    #[test]
+    fn every_kind_builds_its_backend_from_the_common_settings() {
+        let common = Common::new("c").peers(vec!["127.0.0.1:7401".into()]);
+        let listen = SocketAddr::from(([127, 0, 0, 1], 7400));
+        for role in [Role::Client, Role::Serve(listen)] {
+            for (kind, name) in [
+                (Kind::Static, Some("static")),
+                (Kind::Udp, Some("udp")),
+                (Kind::Mdns, Some("mdns")),
+                (
+                    Kind::Dns {
+                        name: "localhost".into(),
+                        port: 7400,
+                    },
+                    Some("dns"),
+                ),
+                (Kind::None, None),
+            ] {
+                let built = kind.build(&common, role).unwrap();
+                assert_eq!(built.as_ref().map(|b| b.name()), name, "{kind}");
+            }
+        }
+        // The listed peers are one static backend, named or not; `none` adds nothing.
+        let names = |kinds: &[Kind]| -> Vec<&'static str> {
+            build_all(kinds, &common, Role::Client)
+                .unwrap()
+                .iter()
+                .map(|b| b.name())
+                .collect()
+        };
+        assert_eq!(names(&[Kind::Static]), ["static"]);
+        assert_eq!(names(&[Kind::None]), ["static"]);
+        assert_eq!(names(&[Kind::Udp, Kind::Static]), ["udp", "static"]);
+        assert!(build_all(&[Kind::None], &Common::new("c"), Role::Client)
+            .unwrap()
+            .is_empty());
+    }
+
+    #[test]
+    fn settings_that_do_not_fit_the_kinds_are_typed_errors() {
+        let peers = |p: &[&str]| p.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert!(matches!(
+            check(&[Kind::None], &peers(&["nohost"]), false),
+            Err(Error::PeerAddress(p)) if p == "nohost"
+        ));
+        assert!(matches!(
+            check(&[Kind::Static], &[], false),
+            Err(Error::NoPeers)
+        ));
+        assert!(matches!(
+            check(&[Kind::Static, Kind::None], &peers(&["h:1"]), true),
+            Err(Error::InterfacesUnused)
+        ));
+        for k in [Kind::Udp, Kind::Mdns] {
+            assert!(check(&[k], &[], true).is_ok());
+        }
+        assert!(!Kind::Static.uses_network() && !Kind::None.uses_network());
+        assert_eq!(Kind::default(), Kind::Udp);
     }
 
     #[tokio::test]

@@ -119,7 +119,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-pub use crate::udp::Interfaces;
+pub use crate::Interfaces;
 use crate::{bump, offer, Announcement, Context, Discovery, Error, Event, Offered, Peer};
 use txt::Verdict;
 pub use txt::{KEY_CAPACITY, KEY_CLUSTER, KEY_ID, KEY_MAC, KEY_TYPES, KEY_VERSION};

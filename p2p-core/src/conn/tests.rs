@@ -1,7 +1,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use super::*;
-use crate::NodeId;
+use crate::{ConnectionError, HandshakeError, NodeId, Violation};
 
 fn hello(cluster: &str, types: &[&str], capacity: u32) -> Hello {
     Hello {
@@ -103,13 +103,16 @@ fn a_hello_over_a_bound_or_with_a_bad_type_gets_reject_invalid() {
         Config::default(),
         now,
     );
-    let bound = Error::Bound {
+    let bound = Error::Handshake(HandshakeError::Bound {
         what: "number of types",
         len: 65,
         max: 64,
-    };
+    });
     let err = w.handle_invalid(bound);
-    assert!(matches!(err, Error::Bound { len: 65, .. }));
+    assert!(matches!(
+        err,
+        Error::Handshake(HandshakeError::Bound { len: 65, .. })
+    ));
     match w.poll_transmit() {
         Some(Message::Reject(r)) => {
             assert_eq!(r.reason, RejectReason::Invalid);
@@ -124,7 +127,7 @@ fn a_hello_over_a_bound_or_with_a_bad_type_gets_reject_invalid() {
         Config::default(),
         now,
     );
-    let _ = w.handle_invalid(Error::Decode("x".into()));
+    let _ = w.handle_invalid(Error::Connection(ConnectionError::Decode("x".into())));
     assert_eq!(w.poll_transmit(), None);
     // A type that is not lower-case letters.
     let mut w = Connection::new(
@@ -139,10 +142,10 @@ fn a_hello_over_a_bound_or_with_a_bad_type_gets_reject_invalid() {
     assert!(
         matches!(
             err,
-            Error::Refused {
+            Error::Handshake(HandshakeError::Refused {
                 reason: RejectReason::Invalid,
                 ..
-            }
+            })
         ),
         "{err:?}"
     );
@@ -168,19 +171,19 @@ fn cluster_mismatch_is_rejected_with_a_reason() {
     let err = w.handle_message(h, now).unwrap_err();
     assert!(matches!(
         err,
-        Error::Refused {
+        Error::Handshake(HandshakeError::Refused {
             reason: RejectReason::Cluster,
             ..
-        }
+        })
     ));
     let reject = w.poll_transmit().unwrap();
     let err = c.handle_message(reject, now).unwrap_err();
     assert!(matches!(
         err,
-        Error::Rejected {
+        Error::Handshake(HandshakeError::Rejected {
             reason: RejectReason::Cluster,
             ..
-        }
+        })
     ));
 }
 
@@ -198,10 +201,10 @@ fn version_mismatch_is_rejected() {
     let err = w.handle_message(Message::Hello(h), now).unwrap_err();
     assert!(matches!(
         err,
-        Error::Refused {
+        Error::Handshake(HandshakeError::Refused {
             reason: RejectReason::Version,
             ..
-        }
+        })
     ));
     assert!(matches!(w.poll_transmit(), Some(Message::Reject(_))));
 }
@@ -218,7 +221,13 @@ fn nothing_but_hello_is_accepted_before_the_handshake() {
     let err = w
         .handle_message(Message::Assign(assign(1)), now)
         .unwrap_err();
-    assert!(matches!(err, Error::Unexpected { got: "Assign", .. }));
+    assert!(matches!(
+        err,
+        Error::Connection(ConnectionError::Violation(Violation::Unexpected {
+            got: "Assign",
+            ..
+        }))
+    ));
 }
 
 #[test]
@@ -234,7 +243,7 @@ fn handshake_times_out() {
     assert_eq!(w.poll_timeout(), Some(now + cfg.handshake_timeout));
     w.handle_timeout(now + cfg.handshake_timeout / 2).unwrap();
     let err = w.handle_timeout(now + cfg.handshake_timeout).unwrap_err();
-    assert!(matches!(err, Error::HandshakeTimeout(_)));
+    assert!(matches!(err, Error::Handshake(HandshakeError::Timeout(_))));
 }
 
 #[test]
@@ -252,7 +261,10 @@ fn heartbeats_are_sent_and_silence_kills() {
     p.c.handle_timeout(t1 + cfg.idle_timeout - Duration::from_millis(1))
         .unwrap();
     let err = p.c.handle_timeout(t1 + cfg.idle_timeout).unwrap_err();
-    assert!(matches!(err, Error::PeerTimeout(_)));
+    assert!(matches!(
+        err,
+        Error::Connection(ConnectionError::PeerTimeout(_))
+    ));
 }
 
 #[test]
@@ -268,7 +280,12 @@ fn assignments_respect_capacity_both_ways() {
     let err =
         p.w.handle_message(Message::Assign(assign(9)), p.now)
             .unwrap_err();
-    assert!(matches!(err, Error::Violation(_)));
+    assert!(matches!(
+        err,
+        Error::Connection(ConnectionError::Violation(Violation::OverCapacity {
+            capacity: 2
+        }))
+    ));
 }
 
 #[test]
@@ -280,7 +297,42 @@ fn duplicate_seq_is_a_violation() {
     let err =
         p.w.handle_message(Message::Assign(assign(1)), p.now)
             .unwrap_err();
-    assert!(matches!(err, Error::Violation(_)));
+    assert!(matches!(
+        err,
+        Error::Connection(ConnectionError::Violation(Violation::DuplicateSeq(1)))
+    ));
+}
+
+#[test]
+fn an_assignment_after_goodbye_and_a_second_goodbye_are_typed_violations() {
+    let mut p = Pair::new(4);
+    p.drive().unwrap();
+    // A task in flight keeps the connection open through the goodbye.
+    p.c.assign(assign(1)).unwrap();
+    p.drive().unwrap();
+    p.c.goodbye();
+    p.drive().unwrap();
+    // The coordinator said goodbye: it may not assign any more.
+    let err =
+        p.w.handle_message(Message::Assign(assign(5)), p.now)
+            .unwrap_err();
+    match err {
+        Error::Connection(ConnectionError::Violation(Violation::AssignAfterGoodbye { task })) => {
+            assert_eq!(task, assign(5).task)
+        }
+        other => panic!("{other:?}"),
+    }
+
+    let mut p = Pair::new(4);
+    p.drive().unwrap();
+    p.c.assign(assign(1)).unwrap();
+    p.drive().unwrap();
+    p.w.handle_message(Message::Goodbye, p.now).unwrap();
+    let err = p.w.handle_message(Message::Goodbye, p.now).unwrap_err();
+    assert!(matches!(
+        err,
+        Error::Connection(ConnectionError::Violation(Violation::SecondGoodbye))
+    ));
 }
 
 #[test]
@@ -337,7 +389,10 @@ fn simultaneous_goodbyes_finish_cleanly() {
 fn eof_without_goodbye_is_a_lost_connection() {
     let mut p = Pair::new(1);
     p.drive().unwrap();
-    assert!(matches!(p.c.handle_eof(), Err(Error::ConnectionLost)));
+    assert!(matches!(
+        p.c.handle_eof(),
+        Err(Error::Connection(ConnectionError::Lost))
+    ));
 }
 
 #[test]
@@ -468,7 +523,13 @@ fn status_out_of_turn_is_a_violation() {
     let err =
         p.c.handle_message(Message::Status(Box::new(report(0))), p.now)
             .unwrap_err();
-    assert!(matches!(err, Error::Violation(_)), "{err}");
+    assert!(
+        matches!(
+            err,
+            Error::Connection(ConnectionError::Violation(Violation::UnaskedStatus))
+        ),
+        "{err}"
+    );
     // Two requests before an answer.
     let mut p = Pair::new(1);
     p.drive().unwrap();
@@ -476,7 +537,13 @@ fn status_out_of_turn_is_a_violation() {
     let err =
         p.w.handle_message(Message::StatusRequest, p.now)
             .unwrap_err();
-    assert!(matches!(err, Error::Violation(_)), "{err}");
+    assert!(
+        matches!(
+            err,
+            Error::Connection(ConnectionError::Violation(Violation::SecondStatusRequest))
+        ),
+        "{err}"
+    );
     // An answer over the bounds.
     let mut p = Pair::new(1);
     p.drive().unwrap();
@@ -485,7 +552,13 @@ fn status_out_of_turn_is_a_violation() {
     let err =
         p.c.handle_message(Message::Status(Box::new(over)), p.now)
             .unwrap_err();
-    assert!(matches!(err, Error::Violation(_)), "{err}");
+    assert!(
+        matches!(
+            err,
+            Error::Connection(ConnectionError::Violation(Violation::StatusOverBounds))
+        ),
+        "{err}"
+    );
     // Before the handshake, a request is refused like anything else.
     let mut p = Pair::new(1);
     assert!(p.w.handle_message(Message::StatusRequest, p.now).is_err());

@@ -7,6 +7,7 @@ use std::net::{IpAddr, SocketAddr, SocketAddrV6};
 
 use mdns_sd::{ResolvedService, ScopedIp};
 use p2p_core::{ClusterKey, NodeId, PROTOCOL_VERSION};
+use subtle::ConstantTimeEq;
 
 use crate::{Announcement, Error, Peer};
 
@@ -133,13 +134,9 @@ pub(crate) fn read(
         None => keys.is_empty(),
         Some(m) => keys.iter().any(|k| {
             let want = mac(k, get, svc.get_port());
-            // Constant time: the comparison does not stop at the first differing byte.
-            want.len() == m.len()
-                && want
-                    .bytes()
-                    .zip(m.bytes())
-                    .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                    == 0
+            // Constant time: the comparison does not stop at the first differing byte (a
+            // length mismatch is unequal at once; the length is not secret).
+            bool::from(want.as_bytes().ct_eq(m.as_bytes()))
         }),
     };
     if !verified {

@@ -1,0 +1,285 @@
+//! The codec of a connection: plaintext frames, or frames in Noise transport messages.
+
+use bytes::{BufMut, BytesMut};
+use tokio_util::codec::{Decoder, Encoder};
+
+use super::{BATCH_PLAINTEXT, MAX_CHUNK_PLAINTEXT, TAG_LEN};
+use crate::codec::{FrameCodec, LENGTH_PREFIX};
+use crate::{ConnectionError, Error, Message, NodeId};
+
+/// A plaintext or encrypted-and-framed connection: the codec the tokio driver runs.
+#[derive(Debug)]
+pub enum WireCodec {
+    /// No cluster key: frames as they are (protocol v1 without the secure layer).
+    Plain(FrameCodec),
+    /// With a cluster key, after a successful handshake.
+    Secure(Box<SecureCodec>),
+}
+
+impl Decoder for WireCodec {
+    type Item = Message;
+    type Error = Error;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Message>, Error> {
+        match self {
+            WireCodec::Plain(c) => c.decode(src),
+            WireCodec::Secure(c) => c.decode(src),
+        }
+    }
+
+    fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<Message>, Error> {
+        match self {
+            WireCodec::Plain(c) => c.decode_eof(src),
+            WireCodec::Secure(c) => c.decode_eof(src),
+        }
+    }
+}
+
+impl WireCodec {
+    /// The frame codec inside (to set its handshake limit and budget).
+    pub fn frames_mut(&mut self) -> &mut FrameCodec {
+        match self {
+            WireCodec::Plain(c) => c,
+            WireCodec::Secure(c) => &mut c.frames,
+        }
+    }
+
+    /// Starts a batch: until [`WireCodec::end_batch`], small frames are collected instead
+    /// of being encrypted one by one (nothing changes without a key).
+    pub fn begin_batch(&mut self) {
+        if let WireCodec::Secure(c) = self {
+            c.batching = true;
+        }
+    }
+
+    /// Ends a batch: returns the collected frames encrypted as one transport message
+    /// (empty when nothing was collected), to append to the write buffer.
+    pub fn end_batch(&mut self) -> Result<BytesMut, Error> {
+        match self {
+            WireCodec::Plain(_) => Ok(BytesMut::new()),
+            WireCodec::Secure(c) => {
+                c.batching = false;
+                let mut out = BytesMut::new();
+                c.seal_pending(&mut out)?;
+                Ok(out)
+            }
+        }
+    }
+}
+
+impl Encoder<&Message> for WireCodec {
+    type Error = Error;
+
+    fn encode(&mut self, msg: &Message, dst: &mut BytesMut) -> Result<(), Error> {
+        match self {
+            WireCodec::Plain(c) => c.encode(msg, dst),
+            WireCodec::Secure(c) => c.encode(msg, dst),
+        }
+    }
+}
+
+impl Encoder<Message> for WireCodec {
+    type Error = Error;
+
+    fn encode(&mut self, msg: Message, dst: &mut BytesMut) -> Result<(), Error> {
+        self.encode(&msg, dst)
+    }
+}
+
+/// Encrypts and decrypts frames with the keys of a finished Noise handshake.
+pub struct SecureCodec {
+    noise: snow::TransportState,
+    pub(super) frames: FrameCodec,
+    /// Decrypted bytes not yet decoded: at most one partial frame.
+    pub(super) plain: BytesMut,
+    /// The encoding of the frame being sent, before encryption.
+    scratch: BytesMut,
+    /// Whole frames of the current batch, not encrypted yet.
+    pending: BytesMut,
+    /// Inside [`WireCodec::begin_batch`] / [`WireCodec::end_batch`].
+    batching: bool,
+    /// The node id the peer's static key proves.
+    peer_id: NodeId,
+}
+
+impl std::fmt::Debug for SecureCodec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SecureCodec")
+            .field("peer_id", &self.peer_id)
+            .field("max_frame", &self.frames.max_frame())
+            .field("plain_buffered", &self.plain.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl SecureCodec {
+    pub(super) fn new(noise: snow::TransportState, max_frame: usize, peer_id: NodeId) -> Self {
+        SecureCodec {
+            noise,
+            frames: FrameCodec::new(max_frame),
+            plain: BytesMut::new(),
+            scratch: BytesMut::new(),
+            pending: BytesMut::new(),
+            batching: false,
+            peer_id,
+        }
+    }
+
+    /// Encrypts `plain` (at most [`MAX_CHUNK_PLAINTEXT`] bytes) as one transport message
+    /// appended to `dst`.
+    fn seal(
+        noise: &mut snow::TransportState,
+        plain: &[u8],
+        dst: &mut BytesMut,
+    ) -> Result<(), Error> {
+        let start = dst.len();
+        dst.put_u16(0);
+        dst.resize(start + 2 + plain.len() + TAG_LEN, 0);
+        let n = match noise.write_message(plain, &mut dst[start + 2..]) {
+            Ok(n) => n,
+            Err(e) => {
+                dst.truncate(start);
+                return Err(Error::Connection(ConnectionError::Encode(format!(
+                    "encryption failed: {e}"
+                ))));
+            }
+        };
+        // n = plain.len() + TAG_LEN <= MAX_NOISE_MESSAGE, so it fits in a u16.
+        let n16 = u16::try_from(n)
+            .map_err(|_| Error::Connection(ConnectionError::Encode("chunk too large".into())))?;
+        dst[start..start + 2].copy_from_slice(&n16.to_be_bytes());
+        dst.truncate(start + 2 + n);
+        Ok(())
+    }
+
+    /// Encrypts the frames collected in the current batch, if any, as one message.
+    fn seal_pending(&mut self, dst: &mut BytesMut) -> Result<(), Error> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let r = Self::seal(&mut self.noise, &self.pending, dst);
+        self.pending.clear();
+        r
+    }
+
+    /// The node id derived from the peer's authenticated static key
+    /// ([`crate::identity::node_id_of`]): the only id the peer may claim in its `Hello`.
+    pub fn peer_id(&self) -> NodeId {
+        self.peer_id
+    }
+
+    /// The maximum frame payload this codec accepts and sends.
+    pub fn max_frame(&self) -> usize {
+        self.frames.max_frame()
+    }
+
+    /// The frame codec inside (to set its handshake limit and budget).
+    pub fn frames_mut(&mut self) -> &mut FrameCodec {
+        &mut self.frames
+    }
+
+    /// Decrypts one transport message from `src` into the plaintext buffer. `Ok(false)`:
+    /// `src` does not hold a whole message yet.
+    fn open_chunk(&mut self, src: &mut BytesMut) -> Result<bool, Error> {
+        if src.len() < 2 {
+            return Ok(false);
+        }
+        // A u16 cannot exceed MAX_NOISE_MESSAGE (65,535), so neither can `len`.
+        let len = usize::from(u16::from_be_bytes([src[0], src[1]]));
+        if len < TAG_LEN {
+            return Err(Error::Connection(ConnectionError::Tampered));
+        }
+        // The plaintext of one frame never exceeds the maximum frame plus its header, and a
+        // chunk never spans two frames: a chunk that would overflow is refused before any
+        // byte of it is stored.
+        let limit = (self.frames.limit() + LENGTH_PREFIX).max(BATCH_PLAINTEXT);
+        if self.plain.len() + (len - TAG_LEN) > limit {
+            return Err(Error::Connection(ConnectionError::FrameTooLarge {
+                len: self.plain.len() + len - TAG_LEN,
+                max: limit,
+            }));
+        }
+        if src.len() < 2 + len {
+            // Nothing reserved for the claimed length: the buffer grows with what arrives.
+            return Ok(false);
+        }
+        let chunk = src.split_to(2 + len);
+        let start = self.plain.len();
+        self.plain.resize(start + len, 0);
+        match self
+            .noise
+            .read_message(&chunk[2..], &mut self.plain[start..])
+        {
+            Ok(n) => {
+                self.plain.truncate(start + n);
+                Ok(true)
+            }
+            Err(_) => {
+                self.plain.truncate(start);
+                Err(Error::Connection(ConnectionError::Tampered))
+            }
+        }
+    }
+}
+
+impl Decoder for SecureCodec {
+    type Item = Message;
+    type Error = Error;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Message>, Error> {
+        loop {
+            if let Some(msg) = self.frames.decode(&mut self.plain)? {
+                return Ok(Some(msg));
+            }
+            if !self.open_chunk(src)? {
+                return Ok(None);
+            }
+        }
+    }
+
+    fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<Message>, Error> {
+        if let Some(msg) = self.decode(src)? {
+            return Ok(Some(msg));
+        }
+        if !src.is_empty() {
+            return Err(Error::Connection(ConnectionError::Truncated {
+                buffered: src.len(),
+            }));
+        }
+        self.frames.decode_eof(&mut self.plain)
+    }
+}
+
+impl Encoder<&Message> for SecureCodec {
+    type Error = Error;
+
+    fn encode(&mut self, msg: &Message, dst: &mut BytesMut) -> Result<(), Error> {
+        self.scratch.clear();
+        self.frames.encode(msg, &mut self.scratch)?;
+        if self.batching && self.scratch.len() <= BATCH_PLAINTEXT {
+            if self.pending.len() + self.scratch.len() > BATCH_PLAINTEXT {
+                self.seal_pending(dst)?;
+            }
+            self.pending.extend_from_slice(&self.scratch);
+            return Ok(());
+        }
+        // Frames collected earlier go first.
+        self.seal_pending(dst)?;
+        for chunk in self.scratch.chunks(MAX_CHUNK_PLAINTEXT) {
+            Self::seal(&mut self.noise, chunk, dst)?;
+        }
+        // Do not keep a huge buffer around after one large frame.
+        if self.scratch.capacity() > 1024 * 1024 {
+            self.scratch = BytesMut::new();
+        }
+        Ok(())
+    }
+}
+
+impl Encoder<Message> for SecureCodec {
+    type Error = Error;
+
+    fn encode(&mut self, msg: Message, dst: &mut BytesMut) -> Result<(), Error> {
+        self.encode(&msg, dst)
+    }
+}
