@@ -1052,6 +1052,8 @@ impl RunCore {
             output,
             duration_ms: ms(took),
         });
+        // Its dependents will not run: they say why, as after a failure.
+        self.skipped();
     }
 
     /// A type with no node that can take work gets `discovery_timeout` to find one; then

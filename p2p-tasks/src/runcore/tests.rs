@@ -1068,3 +1068,20 @@ fn core_cost() {
         start.elapsed() - made
     );
 }
+
+#[test]
+fn the_dependents_of_a_cancelled_task_say_why_they_did_not_run() {
+    let mut s = Sim::new("a1\na2 after a1\n", opts(Order::None, 0, false));
+    s.connect(1, &hello(1, &["a"], 2));
+    s.core.handle_interrupt(s.now);
+    s.pump();
+    s.answer("a1", false, Duration::ZERO);
+    // Said at once, not only when the connection closes.
+    assert_eq!(s.status(0), Status::Cancelled);
+    assert_eq!(s.status(1), Status::NotRun);
+    let r = s.report();
+    assert_eq!(
+        r.results[1].error.as_deref(),
+        Some("skipped: dependency a1 did not succeed")
+    );
+}
