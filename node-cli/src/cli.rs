@@ -396,7 +396,7 @@ pub async fn execute(cli: Cli) -> ExitCode {
         Command::Run(a) => tokio::select! {
             r = run(a, shutdown) => r,
             () = force.cancelled() => {
-                say_err!("stopped at once (second signal): results not collected, no goodbyes");
+                say_err!("stopped at once (second signal): no more waiting for results or goodbyes");
                 Ok(interrupted_status())
             }
         },

@@ -535,6 +535,8 @@ impl Printer {
 impl Drop for Printer {
     fn drop(&mut self) {
         self.flush();
+        // A run stopped at once (a second signal) leaves no bar on the terminal.
+        self.finish_bar();
     }
 }
 
