@@ -42,6 +42,24 @@ pub const EXIT_FAILED: u8 = 1;
 /// Exit status: bad usage or bad input.
 pub const EXIT_USAGE: u8 = 2;
 
+/// Exit status of a run interrupted by SIGINT (Ctrl-C): 128 + 2, as shells report it.
+pub const EXIT_SIGINT: u8 = 130;
+
+/// Exit status of a run interrupted by SIGTERM: 128 + 15.
+pub const EXIT_SIGTERM: u8 = 143;
+
+/// The number of the first stop signal received (0: none yet), for the exit status.
+static FIRST_SIGNAL: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// The exit status of an interrupted run: 128 + the first signal's number (130 when the
+/// signal is not known, e.g. a Ctrl-C on a system without Unix signals).
+fn interrupted_status() -> u8 {
+    match FIRST_SIGNAL.load(std::sync::atomic::Ordering::Relaxed) {
+        0 => EXIT_SIGINT,
+        n => 128u8.saturating_add(n),
+    }
+}
+
 /// Run ordered, typed tasks across many machines: `serve` task types on each node, then `run`
 /// a task file across the nodes that serve them.
 ///
@@ -400,7 +418,15 @@ pub async fn execute(cli: Cli) -> ExitCode {
     spawn_signal_handler(shutdown.clone(), force.clone(), serving);
     let result = match cli.command {
         Command::Serve(a) => serve(a, shutdown, force).await,
-        Command::Run(a) => run(a, shutdown).await,
+        // A second signal stops a run at once: no waiting for results or goodbyes (the
+        // guard ends the handler processes it leaves).
+        Command::Run(a) => tokio::select! {
+            r = run(a, shutdown) => r,
+            () = force.cancelled() => {
+                say_err!("stopped at once (second signal): no more waiting for results or goodbyes");
+                Ok(interrupted_status())
+            }
+        },
         Command::Peers(a) => peers(a).await,
         Command::Status(a) => status(a).await,
         Command::Keygen(a) => keygen(a),
@@ -451,17 +477,18 @@ fn spawn_signal_handler(first: CancellationToken, second: CancellationToken, han
                 None
             };
             for n in 0..2 {
-                let name = tokio::select! {
-                    _ = int.recv() => "SIGINT",
-                    _ = term.recv() => "SIGTERM",
+                let (name, number) = tokio::select! {
+                    _ = int.recv() => ("SIGINT", 2),
+                    _ = term.recv() => ("SIGTERM", 15),
                     Some(()) = async {
                         match hup.as_mut() {
                             Some(h) => h.recv().await,
                             None => std::future::pending().await,
                         }
-                    } => "SIGHUP",
+                    } => ("SIGHUP", 1),
                 };
                 if n == 0 {
+                    FIRST_SIGNAL.store(number, std::sync::atomic::Ordering::Relaxed);
                     tracing::info!(
                         signal = name,
                         "signal received: shutting down gracefully (a second signal stops at once)"
@@ -1029,6 +1056,12 @@ async fn run(a: RunArgs, shutdown: CancellationToken) -> anyhow::Result<u8> {
         Format::Human
     };
     let mut printer = Printer::new(format, tasks.len());
+    printer.event(&p2p_tasks::RunEvent::RunStarted {
+        schema: p2p_tasks::EVENT_SCHEMA,
+        run: p2p_core::NodeId::random().to_string(),
+        tasks: tasks.len(),
+        order: a.order.to_string(),
+    });
     let report = coordinator
         .run_with_journal(tasks, opts, peers, journal, &mut |ev| printer.event(ev))
         .await
@@ -1043,7 +1076,9 @@ async fn run(a: RunArgs, shutdown: CancellationToken) -> anyhow::Result<u8> {
     if !handlers.is_empty() {
         p2p_tasks::handler::procs::stop_all(a.kill_grace).await;
     }
-    Ok(if report.is_success() {
+    Ok(if report.interrupted {
+        interrupted_status()
+    } else if report.is_success() {
         EXIT_OK
     } else {
         EXIT_FAILED

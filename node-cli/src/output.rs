@@ -87,6 +87,25 @@ fn escaped_field(
 /// Stdout bytes buffered before they are written even if the run is busy.
 const OUT_BUFFER: usize = 64 * 1024;
 
+/// Appends `ev` to `out` as one JSON line with its time, `ts` (RFC 3339, UTC,
+/// microseconds), as the last field: `{"event":"...",...,"ts":"2026-12-01T09:30:00.123456Z"}`.
+/// An event that cannot be serialized leaves `out` as it was.
+fn json_line(out: &mut Vec<u8>, ev: &RunEvent, at: std::time::SystemTime) {
+    let start = out.len();
+    if serde_json::to_writer(&mut *out, ev).is_err() || out.last() != Some(&b'}') {
+        out.truncate(start);
+        return;
+    }
+    // Every event is a non-empty object (its `event` tag at least): `ts` goes before the `}`.
+    out.pop();
+    let _ = write!(
+        out,
+        ",\"ts\":\"{}\"}}",
+        humantime::format_rfc3339_micros(at)
+    );
+    out.push(b'\n');
+}
+
 /// Per node or per type: how many tasks, failures, and their durations.
 #[derive(Debug, Default)]
 struct Tally {
@@ -187,7 +206,9 @@ impl Printer {
         }
         if matches!(
             ev,
-            RunEvent::TaskCompleted { .. } | RunEvent::TaskFailed { .. }
+            RunEvent::TaskCompleted { .. }
+                | RunEvent::TaskFailed { .. }
+                | RunEvent::TaskCancelled { .. }
         ) {
             // Counted whatever is printed, so `[k/N]` is the task's place in the run.
             self.done += 1;
@@ -213,18 +234,15 @@ impl Printer {
         match self.format {
             Format::Json => {
                 if !matches!(ev, RunEvent::Phase(_)) {
-                    let start = self.out.len();
-                    if serde_json::to_writer(&mut self.out, ev).is_ok() {
-                        self.out.push(b'\n');
-                    } else {
-                        self.out.truncate(start);
-                    }
+                    json_line(&mut self.out, ev, std::time::SystemTime::now());
                     self.maybe_flush();
                 }
             }
             Format::Quiet => {
                 let text = match ev {
-                    RunEvent::TaskFailed { .. } | RunEvent::Summary { .. } => self.human(ev),
+                    RunEvent::TaskFailed { .. }
+                    | RunEvent::TaskCancelled { .. }
+                    | RunEvent::Summary { .. } => self.human(ev),
                     _ => None,
                 };
                 if let Some(text) = text {
@@ -240,7 +258,9 @@ impl Printer {
                 }
                 if matches!(
                     ev,
-                    RunEvent::TaskCompleted { .. } | RunEvent::TaskFailed { .. }
+                    RunEvent::TaskCompleted { .. }
+                        | RunEvent::TaskFailed { .. }
+                        | RunEvent::TaskCancelled { .. }
                 ) {
                     if let Some(bar) = &self.bar {
                         bar.inc(1);
@@ -362,7 +382,8 @@ impl Printer {
             }
             .to_string(),
             RunEvent::Notice(n) => escape(n).into_owned(),
-            RunEvent::PeerDiscovered { .. }
+            RunEvent::RunStarted { .. }
+            | RunEvent::PeerDiscovered { .. }
             | RunEvent::PeerUnreachable { .. }
             | RunEvent::TaskAssigned { .. }
             | RunEvent::Flush => return None,
@@ -431,6 +452,23 @@ impl Printer {
                     self.done, self.total
                 )
             }
+            RunEvent::TaskCancelled {
+                task,
+                kind,
+                node,
+                attempt,
+                output,
+                duration_ms,
+            } => {
+                let (output, block) = shown(output, "; output: ", false);
+                format!(
+                    "  [{:>w$}/{}] {task} cancelled on node {} (type {kind}, attempt {attempt}) after {}{output}{block}",
+                    self.done,
+                    self.total,
+                    short(node),
+                    human_ms(*duration_ms),
+                )
+            }
             RunEvent::TaskRetry {
                 task,
                 node,
@@ -460,10 +498,12 @@ impl Printer {
                 total,
                 succeeded,
                 failed,
+                cancelled,
                 not_run,
                 resumed,
                 missing_types,
                 elapsed_ms,
+                interrupted,
             } => {
                 if !missing_types.is_empty() {
                     self.line_err(&format!(
@@ -477,8 +517,14 @@ impl Printer {
                 } else {
                     String::new()
                 };
+                let cancelled = if *cancelled > 0 || *interrupted {
+                    format!(", {cancelled} cancelled")
+                } else {
+                    String::new()
+                };
+                let interrupted = if *interrupted { " (interrupted)" } else { "" };
                 format!(
-                    "{total} tasks: {succeeded} succeeded{resumed}, {failed} failed, {not_run} not run in {}",
+                    "{total} tasks: {succeeded} succeeded{resumed}, {failed} failed{cancelled}, {not_run} not run in {}{interrupted}",
                     human_ms(*elapsed_ms)
                 )
             }
@@ -489,6 +535,8 @@ impl Printer {
 impl Drop for Printer {
     fn drop(&mut self) {
         self.flush();
+        // A run stopped at once (a second signal) leaves no bar on the terminal.
+        self.finish_bar();
     }
 }
 
@@ -518,6 +566,7 @@ fn task_table(out: &mut impl Write, report: &RunReport) -> std::io::Result<()> {
             (Status::Failed, _) => {
                 format!("FAILED: {}", one_line(r.error.as_deref().unwrap_or("")))
             }
+            (Status::Cancelled, _) => "cancelled".to_string(),
             (Status::NotRun, _) => match &r.error {
                 Some(e) => format!("not run ({})", one_line(e)),
                 None => "not run".to_string(),
@@ -735,6 +784,30 @@ mod tests {
         assert_eq!(human_bytes(3 << 20), "3.0 MiB");
         assert_eq!(short("0123456789"), "01234567");
         assert_eq!(short("é"), "é");
+    }
+
+    #[test]
+    fn json_events_carry_their_time_last_in_rfc3339_micros() {
+        let at = std::time::UNIX_EPOCH + Duration::from_micros(1_796_117_400_123_456);
+        let mut out = Vec::new();
+        let ev = RunEvent::RunStarted {
+            schema: p2p_tasks::EVENT_SCHEMA,
+            run: "ab".repeat(16),
+            tasks: 3,
+            order: "strict".into(),
+        };
+        json_line(&mut out, &ev, at);
+        let line = String::from_utf8(out).unwrap();
+        assert!(
+            line.starts_with(r#"{"event":"run_started","schema":1,"run":"#),
+            "{line}"
+        );
+        assert!(
+            line.ends_with(",\"ts\":\"2026-12-01T09:30:00.123456Z\"}\n"),
+            "{line}"
+        );
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["tasks"], 3);
     }
 
     #[test]

@@ -324,9 +324,9 @@ impl Out<'_> {
     fn release(&mut self) {
         for ev in std::mem::take(&mut self.held) {
             let task = match &ev {
-                RunEvent::TaskCompleted { task, .. } | RunEvent::TaskFailed { task, .. } => {
-                    Some(task)
-                }
+                RunEvent::TaskCompleted { task, .. }
+                | RunEvent::TaskFailed { task, .. }
+                | RunEvent::TaskCancelled { task, .. } => Some(task),
                 _ => None,
             };
             if task.is_some_and(|t| self.dropped.contains(t)) {

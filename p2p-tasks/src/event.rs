@@ -20,9 +20,14 @@ pub enum Phase {
     Disconnected,
 }
 
+/// The version of the `--json` event stream ([`RunEvent::RunStarted`]'s `schema`), described
+/// by `docs/events.schema.json`. It changes when a field is removed or changes meaning.
+pub const EVENT_SCHEMA: u32 = 1;
+
 /// One event of a run. Serialized as a JSON object whose `event` field names the variant
-/// (`peer_discovered`, `peer_unreachable`, `connected`, `task_assigned`, `task_completed`, `task_failed`,
-/// `task_retry`, `disconnected`, `summary`). [`RunEvent::Phase`], [`RunEvent::Notice`] and
+/// (`run_started`, `peer_discovered`, `peer_unreachable`, `connected`, `task_assigned`,
+/// `task_completed`, `task_failed`, `task_cancelled`, `task_retry`, `disconnected`,
+/// `summary`). [`RunEvent::Phase`], [`RunEvent::Notice`] and
 /// [`RunEvent::Flush`] are for people only and are never serialized.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
@@ -38,6 +43,17 @@ pub enum RunEvent {
     /// line). Carries nothing.
     #[serde(skip)]
     Flush,
+    /// The run starts (the first event of a run).
+    RunStarted {
+        /// The event schema's version, [`EVENT_SCHEMA`].
+        schema: u32,
+        /// The run's id (32 hex digits).
+        run: String,
+        /// Tasks in the plan.
+        tasks: usize,
+        /// The order mode (`strict`, `type`, `none`).
+        order: String,
+    },
     /// Discovery reported a peer.
     PeerDiscovered {
         /// Where it is.
@@ -118,6 +134,23 @@ pub enum RunEvent {
         /// Why it failed.
         error: String,
     },
+    /// A running task was cancelled because the run was interrupted (or had to stop): it
+    /// did not fail, and it is not retried.
+    TaskCancelled {
+        /// Task id.
+        task: String,
+        /// Task type.
+        #[serde(rename = "type")]
+        kind: String,
+        /// Node id of the attempt.
+        node: String,
+        /// Attempt number.
+        attempt: u32,
+        /// What the task printed before it was stopped.
+        output: String,
+        /// How long the attempt ran.
+        duration_ms: f64,
+    },
     /// An attempt failed and the task will run again.
     TaskRetry {
         /// Task id.
@@ -153,6 +186,8 @@ pub enum RunEvent {
         succeeded: usize,
         /// Tasks that failed.
         failed: usize,
+        /// Tasks that were running when the run was interrupted, and were stopped.
+        cancelled: usize,
         /// Tasks that never ran (stopped after a failure, interrupted, no node, or a
         /// dependency failed).
         not_run: usize,
@@ -162,6 +197,8 @@ pub enum RunEvent {
         missing_types: Vec<String>,
         /// Wall time of the run.
         elapsed_ms: f64,
+        /// Whether the run was interrupted (Ctrl-C, SIGTERM).
+        interrupted: bool,
     },
 }
 
@@ -173,6 +210,8 @@ pub enum Status {
     Succeeded,
     /// It failed.
     Failed,
+    /// It was running when the run was interrupted, and was stopped.
+    Cancelled,
     /// It never ran.
     NotRun,
 }
@@ -243,6 +282,11 @@ impl RunReport {
         self.count(Status::Failed)
     }
 
+    /// Tasks stopped because the run was interrupted.
+    pub fn cancelled(&self) -> usize {
+        self.count(Status::Cancelled)
+    }
+
     /// Tasks that never ran.
     pub fn not_run(&self) -> usize {
         self.count(Status::NotRun)
@@ -259,10 +303,12 @@ impl RunReport {
             total: self.results.len(),
             succeeded: self.succeeded(),
             failed: self.failed(),
+            cancelled: self.cancelled(),
             not_run: self.not_run(),
             resumed: self.resumed(),
             missing_types: self.missing_types.clone(),
             elapsed_ms: self.elapsed_ms,
+            interrupted: self.interrupted,
         }
     }
 

@@ -30,7 +30,7 @@ pub mod task;
 pub mod worker;
 
 pub use coordinator::{run, Inputs, PeerUpdate, RunOptions};
-pub use event::{Phase, RunEvent, RunReport, Status, TaskResult};
+pub use event::{Phase, RunEvent, RunReport, Status, TaskResult, EVENT_SCHEMA};
 pub use handler::{Handler, TaskOutcome, TaskRequest};
 pub use journal::Journal;
 pub use parse::ParseError;

@@ -467,6 +467,7 @@ impl RunCore {
                         took,
                         exit_code: c.exit_code,
                         error: c.error,
+                        cancelled: f.cancelled,
                     };
                     self.record(f.task, link, attempt, now);
                 }
@@ -557,7 +558,7 @@ impl RunCore {
                 continue;
             }
             f.abandoned = true;
-            let (task, link, since) = (f.task, f.link, f.since);
+            let (task, link, since, cancelled) = (f.task, f.link, f.since, f.cancelled);
             self.commands.push_back((link, Command::Cancel(seq)));
             if self.sched.status(task) == Some(TaskStatus::Running(link)) {
                 let error = format!(
@@ -570,6 +571,7 @@ impl RunCore {
                     took: now.saturating_duration_since(since),
                     exit_code: None,
                     error: Some(error),
+                    cancelled,
                 };
                 self.record(task, link, attempt, now);
                 // The node still counts the attempt until it confirms its end.
@@ -935,6 +937,7 @@ impl RunCore {
             took,
             exit_code,
             error,
+            cancelled,
         } = a;
         let node = match self.peers.get(&link) {
             Some(p) => p.node.clone(),
@@ -942,6 +945,10 @@ impl RunCore {
         };
         let attempt = self.sched.attempts(task);
         let outcome = self.sched.complete(task, ok, now);
+        if cancelled && !ok {
+            self.cancelled(task, node, attempt, output, took);
+            return;
+        }
         // The error text is made only for an attempt that failed.
         let error = match outcome {
             Outcome::Succeeded => String::new(),
@@ -1011,6 +1018,42 @@ impl RunCore {
                 self.skipped();
             }
         }
+    }
+
+    /// Records and reports an attempt the run cancelled (interrupted, or stopping) that
+    /// ended without success: not a failure of the task, and never retried (the scheduler
+    /// is stopped, so it does not start again).
+    fn cancelled(
+        &mut self,
+        task: usize,
+        node: Arc<str>,
+        attempt: u32,
+        output: String,
+        took: Duration,
+    ) {
+        let r = &mut self.results[task];
+        set_node(&mut r.node, &node);
+        r.attempts = attempt;
+        r.duration_ms = ms(took);
+        r.status = Status::Cancelled;
+        r.output.clone_from(&output);
+        r.error = Some(if self.interrupted {
+            "cancelled: the run was interrupted".to_string()
+        } else {
+            "cancelled: the run stopped".to_string()
+        });
+        self.finals.push_back(task);
+        let r = &self.results[task];
+        self.events.push_back(RunEvent::TaskCancelled {
+            task: r.task.clone(),
+            kind: String::from(&*r.kind),
+            node: String::from(&*node),
+            attempt,
+            output,
+            duration_ms: ms(took),
+        });
+        // Its dependents will not run: they say why, as after a failure.
+        self.skipped();
     }
 
     /// A type with no node that can take work gets `discovery_timeout` to find one; then
@@ -1083,6 +1126,8 @@ struct Attempt {
     exit_code: Option<i32>,
     /// Why it failed, when the node said.
     error: Option<String>,
+    /// The run cancelled it: a failure then is reported as cancelled.
+    cancelled: bool,
 }
 
 /// Sets a result's node (a shared name: no copy).

@@ -40,13 +40,15 @@ pub const SEED_ORDER: [&str; 11] = [
 ];
 
 /// The event names `--json` may print (README.md's `--json` events).
-pub const EVENT_NAMES: [&str; 9] = [
+pub const EVENT_NAMES: [&str; 11] = [
+    "run_started",
     "peer_discovered",
     "peer_unreachable",
     "connected",
     "task_assigned",
     "task_completed",
     "task_failed",
+    "task_cancelled",
     "task_retry",
     "disconnected",
     "summary",
@@ -658,6 +660,11 @@ impl Running {
     /// Sends it SIGINT (by its PID, with `kill -INT PID`), as Ctrl-C would.
     pub fn interrupt(&self) {
         send_signal("INT", self.pid());
+    }
+
+    /// Sends it SIGTERM (by its PID, with `kill -TERM PID`), as a service manager would.
+    pub fn terminate(&self) {
+        send_signal("TERM", self.pid());
     }
 
     /// Waits for it to end, with a hang guard of [`RUN_TIMEOUT`]: still running then, it is

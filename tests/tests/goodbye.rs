@@ -253,7 +253,7 @@ fn interrupting_a_run_cancels_its_task_and_still_says_goodbye() {
     let pid = pid.unwrap();
     running.interrupt();
     let out = running.finish();
-    out.assert_code(1);
+    out.assert_code(130);
     let events = out.json();
     assert!(events_named(&events, "task_completed").is_empty());
     assert!(

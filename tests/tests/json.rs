@@ -7,10 +7,11 @@ use std::collections::BTreeMap;
 use serde_json::Value;
 use tests::{events_named, run_in, RunOutput, Serve, TestDir, EVENT_NAMES, SEED_ORDER};
 
-const TASK_EVENTS: [&str; 4] = [
+const TASK_EVENTS: [&str; 5] = [
     "task_assigned",
     "task_completed",
     "task_failed",
+    "task_cancelled",
     "task_retry",
 ];
 
@@ -33,6 +34,12 @@ fn check_stream(out: &RunOutput) -> Vec<Value> {
         assert!(
             EVENT_NAMES.contains(&name),
             "undocumented event {name:?}: {e}"
+        );
+        // RFC 3339, UTC, microseconds (docs/events.schema.json has the full rules).
+        let ts = e["ts"].as_str().unwrap_or_else(|| panic!("no ts: {e}"));
+        assert!(
+            ts.len() == 27 && ts.ends_with('Z') && ts.as_bytes()[19] == b'.',
+            "ts {ts:?}: {e}"
         );
         if TASK_EVENTS.contains(&name) {
             let task = e["task"].as_str().unwrap_or_else(|| panic!("task: {e}"));
@@ -65,6 +72,13 @@ fn check_stream(out: &RunOutput) -> Vec<Value> {
             assert!(d >= 0.0, "negative duration: {e}");
         }
     }
+    assert_eq!(
+        events.first().map(|e| &e["event"]),
+        Some(&Value::from("run_started")),
+        "run_started is the first line\n{}",
+        out.describe()
+    );
+    assert_eq!(events[0]["schema"], 1, "{}", events[0]);
     let summaries = events_named(&events, "summary");
     assert_eq!(
         summaries.len(),
@@ -79,9 +93,10 @@ fn check_stream(out: &RunOutput) -> Vec<Value> {
         out.describe()
     );
     let s = summaries[0];
-    for f in ["total", "succeeded", "failed"] {
+    for f in ["total", "succeeded", "failed", "cancelled", "not_run"] {
         assert!(s[f].is_u64(), "summary.{f}: {s}");
     }
+    assert!(s["interrupted"].is_boolean(), "summary.interrupted: {s}");
     let elapsed = s["elapsed_ms"]
         .as_f64()
         .unwrap_or_else(|| panic!("summary.elapsed_ms: {s}"));

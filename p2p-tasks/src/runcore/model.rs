@@ -418,7 +418,8 @@ impl World {
                 while let Some(ev) = self.coords[c].core.poll_event() {
                     let task = match &ev {
                         RunEvent::TaskCompleted { task, .. }
-                        | RunEvent::TaskFailed { task, .. } => Some(task.clone()),
+                        | RunEvent::TaskFailed { task, .. }
+                        | RunEvent::TaskCancelled { task, .. } => Some(task.clone()),
                         _ => None,
                     };
                     if let Some(task) = task {
@@ -622,7 +623,7 @@ proptest! {
             let at = coord.done_at.unwrap_or(w.now);
             let report = coord.core.into_report(at);
             for (i, r) in report.results.iter().enumerate() {
-                let ended = matches!(r.status, Status::Succeeded | Status::Failed);
+                let ended = matches!(r.status, Status::Succeeded | Status::Failed | Status::Cancelled);
                 let events = coord.final_events[i];
                 if ended && !r.resumed {
                     prop_assert_eq!(events, 1, "coordinator {}: {} {:?} has {} final events", c, r.task, r.status, events);

@@ -283,7 +283,7 @@ fn an_interrupted_attempt_reports_the_time_it_really_ran() {
     // The worker says the cancelled task took 0 ms.
     s.answer("a1", false, Duration::ZERO);
     let d = s.events.iter().find_map(|e| match e {
-        RunEvent::TaskFailed { duration_ms, .. } => Some(*duration_ms),
+        RunEvent::TaskCancelled { duration_ms, .. } => Some(*duration_ms),
         _ => None,
     });
     assert_eq!(d, Some(1500.0));
@@ -641,7 +641,60 @@ fn an_interrupt_cancels_running_tasks_and_says_goodbye() {
     s.link(1, LinkEvent::Closed { error: None });
     let r = s.report();
     assert!(r.interrupted);
-    assert_eq!(r.failed(), 2, "cancelled attempts that reported");
+    assert_eq!(r.cancelled(), 2, "cancelled attempts that reported");
+}
+
+#[test]
+fn cancelled_tasks_are_reported_as_cancelled_not_failed() {
+    // Issue 16: an interrupted run reported the tasks it stopped as failed.
+    let mut s = Sim::new("a1 a2 a3", opts(Order::None, 3, false));
+    s.connect(1, &hello(1, &["a"], 2));
+    s.now += Duration::from_millis(200);
+    s.core.handle_interrupt(s.now);
+    s.pump();
+    assert_eq!(s.cancels.len(), 2);
+    // The worker stops a1 (a failure with its partial output); a2 finished just in time.
+    s.answer("a1", false, Duration::ZERO);
+    s.answer("a2", true, Duration::ZERO);
+    s.link(1, LinkEvent::Closed { error: None });
+    assert!(
+        !s.events
+            .iter()
+            .any(|e| matches!(e, RunEvent::TaskFailed { .. } | RunEvent::TaskRetry { .. })),
+        "no failure, no retry: {:?}",
+        s.events
+    );
+    let cancelled: Vec<_> = s
+        .events
+        .iter()
+        .filter_map(|e| match e {
+            RunEvent::TaskCancelled {
+                task,
+                attempt,
+                duration_ms,
+                ..
+            } => Some((task.as_str(), *attempt, *duration_ms)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(cancelled, vec![("a1", 1, 200.0)]);
+    assert_eq!(s.status(0), Status::Cancelled);
+    assert_eq!(s.status(1), Status::Succeeded);
+    assert_eq!(s.status(2), Status::NotRun);
+    let r = s.report();
+    assert_eq!(
+        (r.succeeded(), r.failed(), r.cancelled(), r.not_run()),
+        (1, 0, 1, 1)
+    );
+    match r.summary() {
+        RunEvent::Summary {
+            cancelled,
+            failed,
+            interrupted,
+            ..
+        } => assert_eq!((cancelled, failed, interrupted), (1, 0, true)),
+        e => panic!("{e:?}"),
+    }
 }
 
 #[test]
@@ -1013,5 +1066,22 @@ fn core_cost() {
     eprintln!(
         "core: made in {made:?}, ran in {:?}, {n} events",
         start.elapsed() - made
+    );
+}
+
+#[test]
+fn the_dependents_of_a_cancelled_task_say_why_they_did_not_run() {
+    let mut s = Sim::new("a1\na2 after a1\n", opts(Order::None, 0, false));
+    s.connect(1, &hello(1, &["a"], 2));
+    s.core.handle_interrupt(s.now);
+    s.pump();
+    s.answer("a1", false, Duration::ZERO);
+    // Said at once, not only when the connection closes.
+    assert_eq!(s.status(0), Status::Cancelled);
+    assert_eq!(s.status(1), Status::NotRun);
+    let r = s.report();
+    assert_eq!(
+        r.results[1].error.as_deref(),
+        Some("skipped: dependency a1 did not succeed")
     );
 }
