@@ -362,6 +362,22 @@ mod tests {
     use super::*;
     use crate::parse::parse;
 
+    /// `Journal::open`, waiting (at most 10 s) while the file is locked. The lock goes with the
+    /// last descriptor of the open file, and a child that another test of this binary forks
+    /// while a journal is open shares that descriptor until it execs (close-on-exec): on a
+    /// loaded machine a journal just dropped can stay locked for that moment.
+    fn open(path: &Path, tasks: &[Task], resume: bool) -> Result<Journal, JournalError> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match Journal::open(path, tasks, resume) {
+                Err(JournalError::Locked(_)) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                other => return other,
+            }
+        }
+    }
+
     fn result(task: &str, status: Status) -> TaskResult {
         TaskResult {
             task: task.into(),
@@ -381,7 +397,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("j");
         let tasks = parse("t", "a1 a2 a3").unwrap();
-        let mut j = Journal::open(&path, &tasks, false).unwrap();
+        let mut j = open(&path, &tasks, false).unwrap();
         j.record(&result("a1", Status::Succeeded)).unwrap();
         j.record(&result("a2", Status::Failed)).unwrap();
         drop(j);
@@ -389,11 +405,11 @@ mod tests {
         let mut f = OpenOptions::new().append(true).open(&path).unwrap();
         write!(f, "{{\"task\":\"a3\",\"sta").unwrap();
         drop(f);
-        let j = Journal::open(&path, &tasks, true).unwrap();
+        let j = open(&path, &tasks, true).unwrap();
         assert_eq!(j.done().iter().collect::<Vec<_>>(), vec!["a1"]);
         drop(j);
         // Still readable after the torn line was closed off.
-        let j = Journal::open(&path, &tasks, true).unwrap();
+        let j = open(&path, &tasks, true).unwrap();
         assert_eq!(j.done().len(), 1);
     }
 
@@ -402,7 +418,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("j");
         let tasks = parse("t", "a1 a2 a3").unwrap();
-        let mut j = Journal::open(&path, &tasks, false).unwrap();
+        let mut j = open(&path, &tasks, false).unwrap();
         let lines = || std::fs::read_to_string(&path).unwrap().lines().count();
         let header = lines();
         j.append(&result("a1", Status::Succeeded)).unwrap();
@@ -414,7 +430,7 @@ mod tests {
         j.append(&result("a3", Status::Succeeded)).unwrap();
         drop(j);
         assert_eq!(lines(), header + 3, "the drop syncs");
-        let j = Journal::open(&path, &tasks, true).unwrap();
+        let j = open(&path, &tasks, true).unwrap();
         assert_eq!(j.done().len(), 3);
     }
 
@@ -423,13 +439,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("j");
         let tasks = parse("t", "a1 a2").unwrap();
-        Journal::open(&path, &tasks, false).unwrap();
+        open(&path, &tasks, false).unwrap();
         assert!(matches!(
-            Journal::open(&path, &tasks, false),
+            open(&path, &tasks, false),
             Err(JournalError::Exists(_))
         ));
         let other = parse("t", "a1\na2 -- changed").unwrap();
-        let err = Journal::open(&path, &other, true).unwrap_err();
+        let err = open(&path, &other, true).unwrap_err();
         assert!(matches!(err, JournalError::Mismatch { .. }), "{err}");
         assert!(err.to_string().contains("different task file"));
     }
@@ -440,12 +456,11 @@ mod tests {
         let path = dir.path().join("j");
         let ids: Vec<String> = (1..=12).map(|i| format!("a{i}")).collect();
         let tasks = parse("t", &ids.join(" ")).unwrap();
-        let mut j = Journal::open(&path, &tasks, false).unwrap();
+        let mut j = open(&path, &tasks, false).unwrap();
         j.record(&result("a1", Status::Succeeded)).unwrap();
         drop(j);
         for round in 2..=12 {
-            let mut j = Journal::open(&path, &tasks, true)
-                .unwrap_or_else(|e| panic!("resume {round}: {e}"));
+            let mut j = open(&path, &tasks, true).unwrap_or_else(|e| panic!("resume {round}: {e}"));
             assert_eq!(j.done().len(), round - 1, "resume {round}");
             j.record(&result(&format!("a{round}"), Status::Succeeded))
                 .unwrap();
@@ -456,7 +471,7 @@ mod tests {
                 write!(f, "{{\"task\":\"a{}\",\"type\":\"a\",\"sta", round + 1).unwrap();
             }
         }
-        let j = Journal::open(&path, &tasks, true).unwrap();
+        let j = open(&path, &tasks, true).unwrap();
         assert_eq!(j.done().len(), 12);
         drop(j);
         let text = std::fs::read_to_string(&path).unwrap();
@@ -472,7 +487,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("j");
         let tasks = parse("t", "a1 a2 a3").unwrap();
-        let mut j = Journal::open(&path, &tasks, false).unwrap();
+        let mut j = open(&path, &tasks, false).unwrap();
         j.record(&result("a1", Status::Succeeded)).unwrap();
         drop(j);
         // What the old resume wrote: a torn record closed off by a newline, then a blank
@@ -480,10 +495,10 @@ mod tests {
         let mut f = OpenOptions::new().append(true).open(&path).unwrap();
         write!(f, "{{\"task\":\"a2\",\"sta\n\n").unwrap();
         drop(f);
-        let mut j = Journal::open(&path, &tasks, true).unwrap();
+        let mut j = open(&path, &tasks, true).unwrap();
         j.record(&result("a3", Status::Succeeded)).unwrap();
         drop(j);
-        let j = Journal::open(&path, &tasks, true).unwrap();
+        let j = open(&path, &tasks, true).unwrap();
         let mut done: Vec<_> = j.done().iter().cloned().collect();
         done.sort();
         assert_eq!(done, ["a1", "a3"]);
@@ -494,16 +509,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("j");
         let tasks = parse("t", "a1 a2").unwrap();
-        let mut j = Journal::open(&path, &tasks, false).unwrap();
+        let mut j = open(&path, &tasks, false).unwrap();
         j.record(&result("a1", Status::Succeeded)).unwrap();
         drop(j);
         let text = std::fs::read_to_string(&path).unwrap();
         std::fs::write(&path, text.trim_end()).unwrap();
-        let mut j = Journal::open(&path, &tasks, true).unwrap();
+        let mut j = open(&path, &tasks, true).unwrap();
         assert_eq!(j.done().len(), 1);
         j.record(&result("a2", Status::Succeeded)).unwrap();
         drop(j);
-        assert_eq!(Journal::open(&path, &tasks, true).unwrap().done().len(), 2);
+        assert_eq!(open(&path, &tasks, true).unwrap().done().len(), 2);
     }
 
     #[test]
@@ -513,14 +528,14 @@ mod tests {
         let tasks = parse("t", "a1").unwrap();
         std::fs::write(&path, "{\"journal\":1,\"pl").unwrap();
         assert!(matches!(
-            Journal::open(&path, &tasks, false),
+            open(&path, &tasks, false),
             Err(JournalError::Exists(_))
         ));
-        let mut j = Journal::open(&path, &tasks, true).unwrap();
+        let mut j = open(&path, &tasks, true).unwrap();
         assert!(j.done().is_empty());
         j.record(&result("a1", Status::Succeeded)).unwrap();
         drop(j);
-        assert_eq!(Journal::open(&path, &tasks, true).unwrap().done().len(), 1);
+        assert_eq!(open(&path, &tasks, true).unwrap().done().len(), 1);
     }
 
     #[cfg(unix)]
@@ -529,7 +544,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("j");
         let tasks = parse("t", "a1").unwrap();
-        let j = Journal::open(&path, &tasks, false).unwrap();
+        let j = open(&path, &tasks, false).unwrap();
         let hard = dir.path().join("hard");
         std::fs::hard_link(&path, &hard).unwrap();
         let sym = dir.path().join("sym");
@@ -542,19 +557,8 @@ mod tests {
                 .contains("in use by another running p2p-node"));
         }
         drop(j);
-        // The lock goes with the last descriptor of the open file: a child that another test
-        // of this binary forks meanwhile shares it until it execs (close-on-exec), so allow
-        // that moment on a loaded machine.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        loop {
-            match Journal::open(&sym, &tasks, true) {
-                Ok(_) => break,
-                Err(JournalError::Locked(_)) if std::time::Instant::now() < deadline => {
-                    std::thread::sleep(std::time::Duration::from_millis(10));
-                }
-                Err(e) => panic!("free once the run ends: {e}"),
-            }
-        }
+        // open() allows for a child another test forked meanwhile (see there).
+        assert!(open(&sym, &tasks, true).is_ok(), "free once the run ends");
     }
 
     #[cfg(unix)]
@@ -569,10 +573,10 @@ mod tests {
             .unwrap();
         assert!(made.success());
         for (p, resume) in [(&fifo, true), (&fifo, false)] {
-            let err = Journal::open(p, &tasks, resume).unwrap_err();
+            let err = open(p, &tasks, resume).unwrap_err();
             assert!(matches!(err, JournalError::Io { .. }), "{err}");
         }
-        let err = Journal::open(dir.path(), &tasks, true).unwrap_err();
+        let err = open(dir.path(), &tasks, true).unwrap_err();
         assert!(err.to_string().contains("directory"), "{err}");
     }
 
