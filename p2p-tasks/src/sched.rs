@@ -8,12 +8,16 @@
 //! - [`Order::Type`]: within a type, file order, one at a time; types run side by side.
 //! - [`Order::None`]: no order; as much at once as the nodes' capacity allows.
 //!
-//! Work goes to the least-loaded node of the task's type that has free capacity.
+//! Work goes to the least-loaded node of the task's type that has free capacity. In
+//! [`Order::None`] and [`Order::Type`], among the tasks that may start, the costliest
+//! ([`Task::cost`]) starts first, ties in file order (longest-processing-time first): each
+//! type's ready tasks are kept ordered by cost, so picking one is a look at the first entry.
 //! A task also waits for its declared dependencies ([`Task::deps`]) to succeed; when one
 //! fails for good, the tasks that depend on it (directly or not) are skipped.
 //! A task that finally fails stops the run (nothing new starts; running tasks finish)
 //! unless `keep_going` is set.
 
+use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::str::FromStr;
@@ -96,7 +100,8 @@ impl Backoff {
 pub struct Policy {
     /// The order rule. Default strict.
     pub order: Order,
-    /// Failed attempts retried per task. Default 0.
+    /// Failed attempts retried per task, unless the task has its own ([`Task::retries`]).
+    /// Default 0.
     pub retries: u32,
     /// The delay before each retry. Default 100 ms doubling to 5 s, plus up to 20% jitter.
     pub backoff: Backoff,
@@ -186,7 +191,14 @@ struct Slot {
     status: TaskStatus,
     attempts: u32,
     failures: u32,
+    /// The task's cost (at least 1).
+    cost: u32,
+    /// Failed attempts retried: the task's own, or the policy's.
+    retries: u32,
 }
+
+/// A ready task's place in its type's ready set: costliest first, then file order.
+type ReadyKey = (Reverse<u32>, usize);
 
 #[derive(Debug)]
 struct NodeSlot {
@@ -247,8 +259,8 @@ pub struct Scheduler {
     /// Per kind, its tasks in file order, and the index of its first unfinished one.
     kind_tasks: Vec<Vec<usize>>,
     kind_cursor: Vec<usize>,
-    /// Per kind, tasks ready to start.
-    ready: Vec<BTreeSet<usize>>,
+    /// Per kind, tasks ready to start, costliest first (then in file order).
+    ready: Vec<BTreeSet<ReadyKey>>,
     /// Tasks waiting for their retry time.
     delayed: BTreeMap<(Instant, usize), ()>,
     /// When each task in `delayed` becomes ready (its key there), so that one can be taken
@@ -305,6 +317,8 @@ impl Scheduler {
                 attempts: 0,
                 losses: 0,
                 failures: 0,
+                cost: t.cost.max(1),
+                retries: t.retries.unwrap_or(policy.retries),
             });
         }
         let mut dependents = Vec::new();
@@ -326,6 +340,7 @@ impl Scheduler {
                 ts.iter()
                     .copied()
                     .filter(|&t| slots[t].waiting == 0)
+                    .map(|t| (Reverse(slots[t].cost), t))
                     .collect()
             })
             .collect();
@@ -351,6 +366,24 @@ impl Scheduler {
         }
     }
 
+    fn ready_key(&self, task: usize) -> ReadyKey {
+        (Reverse(self.slots[task].cost), task)
+    }
+
+    fn ready_insert(&mut self, task: usize) {
+        let key = self.ready_key(task);
+        self.ready[self.slots[task].kind].insert(key);
+    }
+
+    fn ready_remove(&mut self, task: usize) {
+        let key = self.ready_key(task);
+        self.ready[self.slots[task].kind].remove(&key);
+    }
+
+    fn is_ready(&self, task: usize) -> bool {
+        self.ready[self.slots[task].kind].contains(&self.ready_key(task))
+    }
+
     /// Tasks skipped (a dependency failed) since the last call, each with the dependency
     /// that did not succeed, so that no caller has to search for it.
     pub fn drain_skipped(&mut self) -> Vec<(usize, usize)> {
@@ -361,8 +394,7 @@ impl Scheduler {
     /// run, and its dependents may. Only a pending task that never ran can be marked.
     pub fn mark_done(&mut self, task: usize) {
         if self.status(task) == Some(TaskStatus::Pending) && self.attempts(task) == 0 {
-            let k = self.slots[task].kind;
-            self.ready[k].remove(&task);
+            self.ready_remove(task);
             self.finish(task, TaskStatus::Succeeded);
         }
     }
@@ -523,7 +555,7 @@ impl Scheduler {
         slot.status = TaskStatus::Pending;
         self.running_total -= 1;
         self.running_kind[slot.kind] -= 1;
-        self.ready[slot.kind].insert(task);
+        self.ready_insert(task);
     }
 
     /// Types with unfinished tasks and no node that can take them.
@@ -576,8 +608,7 @@ impl Scheduler {
         if self.status(task) != Some(TaskStatus::Pending) {
             return;
         }
-        let k = self.slots[task].kind;
-        self.ready[k].remove(&task);
+        self.ready_remove(task);
         if let Some(at) = self.retry_at.remove(&task) {
             self.delayed.remove(&(at, task));
         }
@@ -621,7 +652,7 @@ impl Scheduler {
             }
             self.delayed.remove(&(at, t));
             self.retry_at.remove(&t);
-            self.ready[self.slots[t].kind].insert(t);
+            self.ready_insert(t);
         }
         match self.policy.order {
             Order::Strict => {
@@ -629,26 +660,49 @@ impl Scheduler {
                     return None;
                 }
                 let t = self.cursor;
-                let k = self.slots[t].kind;
-                if self.ready[k].first() != Some(&t) {
+                if !self.is_ready(t) {
                     return None;
                 }
                 self.start(t)
             }
-            Order::Type => (0..self.kinds.len()).find_map(|k| {
-                if self.running_kind[k] > 0 {
-                    return None;
+            Order::Type => {
+                // Each idle type's next task in file order, if ready: the costliest of those
+                // that has a node starts.
+                let mut best: Option<ReadyKey> = None;
+                for k in 0..self.kinds.len() {
+                    if self.running_kind[k] > 0 {
+                        continue;
+                    }
+                    let Some(&first) = self.kind_tasks[k].get(self.kind_cursor[k]) else {
+                        continue;
+                    };
+                    let key = self.ready_key(first);
+                    if best.is_some_and(|b| b <= key) || !self.ready[k].contains(&key) {
+                        continue;
+                    }
+                    if self.pick_node(k, self.slots[first].avoid).is_some() {
+                        best = Some(key);
+                    }
                 }
-                let first = *self.kind_tasks[k].get(self.kind_cursor[k])?;
-                if self.ready[k].first() != Some(&first) {
-                    return None;
+                self.start(best?.1)
+            }
+            Order::None => {
+                // Each type's costliest ready task: the costliest of those that has a node
+                // starts (one look per type, whatever the number of tasks).
+                let mut best: Option<ReadyKey> = None;
+                for k in 0..self.kinds.len() {
+                    let Some(&key) = self.ready[k].first() else {
+                        continue;
+                    };
+                    if best.is_some_and(|b| b <= key) {
+                        continue;
+                    }
+                    if self.pick_node(k, self.slots[key.1].avoid).is_some() {
+                        best = Some(key);
+                    }
                 }
-                self.start(first)
-            }),
-            Order::None => (0..self.kinds.len()).find_map(|k| {
-                let t = *self.ready[k].first()?;
-                self.start(t)
-            }),
+                self.start(best?.1)
+            }
         }
     }
 
@@ -656,7 +710,7 @@ impl Scheduler {
         let k = self.slots[task].kind;
         let node = self.pick_node(k, self.slots[task].avoid)?;
         self.set_running(node, true);
-        self.ready[k].remove(&task);
+        self.ready_remove(task);
         let slot = &mut self.slots[task];
         slot.status = TaskStatus::Running(node);
         slot.attempts += 1;
@@ -706,7 +760,7 @@ impl Scheduler {
         let slot = &mut self.slots[task];
         slot.failures += 1;
         slot.avoid = Some(node);
-        if slot.failures <= self.policy.retries && !self.stopped {
+        if slot.failures <= slot.retries && !self.stopped {
             // Jitter spreads retries of many tasks so they do not hit a recovering node at once.
             let delay = self.policy.backoff.delay(slot.failures, task as u64);
             slot.status = TaskStatus::Pending;
@@ -737,12 +791,12 @@ impl Scheduler {
                 if st == TaskStatus::Succeeded {
                     self.slots[d].waiting -= 1;
                     if self.slots[d].waiting == 0 {
-                        self.ready[self.slots[d].kind].insert(d);
+                        self.ready_insert(d);
                     }
                 } else {
                     // A pending dependent waits for `t`, so it never ran: it is neither ready
                     // nor waiting for a retry (no scan of the delayed set per skipped task).
-                    self.ready[self.slots[d].kind].remove(&d);
+                    self.ready_remove(d);
                     // Mark now so a task reachable twice is skipped once.
                     self.slots[d].status = TaskStatus::Skipped;
                     self.skipped.push((d, t));

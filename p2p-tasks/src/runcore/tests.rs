@@ -1015,3 +1015,5 @@ fn core_cost() {
         start.elapsed() - made
     );
 }
+
+mod placement;

@@ -14,6 +14,9 @@ fn tasks(ids: &str) -> Vec<Task> {
             deps: Vec::new(),
             line: 1,
             col: i as u32 + 1,
+            cost: 1,
+            timeout: None,
+            retries: None,
         })
         .collect()
 }

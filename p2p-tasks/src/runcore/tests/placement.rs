@@ -1,0 +1,115 @@
+//! Placement rules of the core: task costs (longest first) and per-task limits.
+
+use super::*;
+
+fn assigned(s: &Sim) -> Vec<String> {
+    s.events
+        .iter()
+        .filter_map(|e| match e {
+            RunEvent::TaskAssigned { task, .. } => Some(task.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Runs every assignment to success, oldest first, until nothing is in flight.
+fn run_out(s: &mut Sim) {
+    while let Some((_, a)) = s.sent.first().cloned() {
+        s.answer(&a.task, true, Duration::from_millis(1));
+    }
+}
+
+#[test]
+fn order_none_starts_the_costliest_ready_task_first_ties_in_file_order() {
+    let text = "a1\nb1 cost 3\na2 cost 5\nb2\na3 cost 3\nb3 cost 5";
+    let mut s = Sim::new(text, opts(Order::None, 0, false));
+    s.connect(1, &hello(1, &["a", "b"], 1));
+    run_out(&mut s);
+    assert_eq!(assigned(&s), ["a2", "b3", "b1", "a3", "a1", "b2"]);
+}
+
+#[test]
+fn order_type_starts_the_costliest_next_task_of_the_idle_types() {
+    // Within a type, file order; between types, the costlier next task first.
+    let text = "a1\na2 cost 9\nb1 cost 2\nb2";
+    let mut s = Sim::new(text, opts(Order::Type, 0, false));
+    s.connect(1, &hello(1, &["a", "b"], 1));
+    run_out(&mut s);
+    // b1 (2) before a1 (1); then a1 (b2 costs the same 1: file order); then a2, b2.
+    assert_eq!(assigned(&s), ["b1", "a1", "a2", "b2"]);
+}
+
+#[test]
+fn strict_order_ignores_costs() {
+    let mut s = Sim::new("a1\nb1 cost 9\na2 cost 4", opts(Order::Strict, 0, false));
+    s.connect(1, &hello(1, &["a", "b"], 4));
+    run_out(&mut s);
+    assert_eq!(assigned(&s), ["a1", "b1", "a2"]);
+}
+
+#[test]
+fn a_costly_task_released_by_its_dependency_goes_before_cheaper_ready_ones() {
+    let text = "a1\na2\na3\na9 after a1 cost 7";
+    let mut s = Sim::new(text, opts(Order::None, 0, false));
+    s.connect(1, &hello(1, &["a"], 1));
+    run_out(&mut s);
+    assert_eq!(assigned(&s), ["a1", "a9", "a2", "a3"]);
+}
+
+#[test]
+fn a_task_timeout_of_its_own_overrides_the_runs() {
+    // The run's timeout is 1 s; a1 has 10 s, a2 the run's. a1 is assigned first, so its
+    // later deadline must not hide a2's (deadlines were kept in assignment order).
+    let mut s = Sim::new("a1 timeout 10s\na2", opts(Order::None, 0, true));
+    s.connect(1, &hello(1, &["a"], 2));
+    let sent: Vec<(String, u64)> = s
+        .sent
+        .iter()
+        .map(|(_, a)| (a.task.clone(), a.timeout_ms))
+        .collect();
+    assert_eq!(sent, [("a1".into(), 10_000), ("a2".into(), 1_000)]);
+    assert_eq!(
+        s.core.poll_timeout(),
+        Some(s.now + Duration::from_secs(3)),
+        "a2's deadline (1 s + grace) comes first"
+    );
+    s.advance(Duration::from_millis(3001));
+    assert_eq!(s.status(1), Status::Failed, "a2 timed out");
+    assert_eq!(s.status(0), Status::NotRun, "a1 still runs");
+    s.advance(Duration::from_secs(9));
+    assert_eq!(s.status(0), Status::Failed, "a1 timed out at 12 s");
+    let failed = s.events.iter().find_map(|e| match e {
+        RunEvent::TaskFailed { task, error, .. } if task == "a1" => Some(error.clone()),
+        _ => None,
+    });
+    assert!(failed.is_some_and(|e| e.contains("12s")), "{:?}", s.events);
+}
+
+#[test]
+fn a_zero_timeout_of_its_own_means_no_limit_under_a_run_timeout() {
+    let mut s = Sim::new("a1 timeout 0", opts(Order::None, 0, false));
+    s.connect(1, &hello(1, &["a"], 1));
+    assert_eq!(s.sent[0].1.timeout_ms, 0);
+    assert_eq!(s.core.poll_timeout(), None);
+}
+
+#[test]
+fn task_retries_of_their_own_override_the_runs() {
+    // The run retries nothing; a1 may retry twice.
+    let mut s = Sim::new("a1 retries 2", opts(Order::None, 0, false));
+    s.connect(1, &hello(1, &["a"], 1));
+    s.answer("a1", false, Duration::from_millis(1));
+    s.wake();
+    s.answer("a1", false, Duration::from_millis(1));
+    s.wake();
+    s.answer("a1", true, Duration::from_millis(1));
+    assert_eq!(s.status(0), Status::Succeeded);
+    assert_eq!(s.core.result(0).unwrap().attempts, 3);
+
+    // The run retries three times; b1 not at all.
+    let mut s = Sim::new("b1 retries 0", opts(Order::None, 3, false));
+    s.connect(1, &hello(1, &["b"], 1));
+    s.answer("b1", false, Duration::from_millis(1));
+    assert_eq!(s.status(0), Status::Failed);
+    assert_eq!(s.core.result(0).unwrap().attempts, 1);
+}
