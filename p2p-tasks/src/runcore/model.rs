@@ -54,6 +54,9 @@ fn action() -> impl Strategy<Value = Action> {
     ]
 }
 
+/// One task of a generated plan; see [`Setup::plan`].
+type PlanTask = (bool, Option<usize>, u32, Option<u32>, Option<u64>);
+
 #[derive(Debug, Clone)]
 struct Setup {
     coords: usize,
@@ -63,7 +66,7 @@ struct Setup {
     runs: Vec<(Order, u32, bool)>,
     /// The plan: per task, its type (false: a, true: b), an optional earlier dependency
     /// (order none only), its cost, and its own retries and timeout (in ms) if any.
-    plan: Vec<(bool, Option<usize>, u32, Option<u32>, Option<u64>)>,
+    plan: Vec<PlanTask>,
     seed: u64,
 }
 
