@@ -957,6 +957,10 @@ impl RunCore {
             None => Arc::from(""),
         };
         let attempt = self.sched.attempts(task);
+        if ok {
+            // The node's speed for the type (the attempt's time from its start).
+            self.sched.observe(task, link, took);
+        }
         let outcome = self.sched.complete(task, ok, now);
         // The error text is made only for an attempt that failed.
         let error = match outcome {

@@ -8,7 +8,14 @@
 //! - [`Order::Type`]: within a type, file order, one at a time; types run side by side.
 //! - [`Order::None`]: no order; as much at once as the nodes' capacity allows.
 //!
-//! Work goes to the least-loaded node of the task's type that has free capacity. In
+//! Work goes to a node of the task's type that has free capacity: the one learned to be
+//! fastest for the type ([`Scheduler::observe`]: an exponentially weighted mean of attempt
+//! time per unit of cost, per node and type, started from the type's mean; estimates are
+//! compared in steps of [`SPEED_STEP`], so nodes of about one speed share work by load),
+//! then the least loaded. A node never measured
+//! for the type ranks first, so it is measured at once, and every [`PROBE_EVERY`]th start of a
+//! type goes to another free node than the fastest, so a node that became fast again is
+//! noticed. In
 //! [`Order::None`] and [`Order::Type`], among the tasks that may start, the costliest
 //! ([`Task::cost`]) starts first, ties in file order (longest-processing-time first): each
 //! type's ready tasks are kept ordered by cost, so picking one is a look at the first entry.
@@ -200,9 +207,37 @@ struct Slot {
 /// A ready task's place in its type's ready set: costliest first, then file order.
 type ReadyKey = (Reverse<u32>, usize);
 
+/// Weight of a new measurement in a node's speed estimate.
+pub const SPEED_ALPHA: f64 = 0.3;
+
+/// Speed estimates are compared in steps of this factor (1.25: the estimates from 1 to
+/// 1.25 ms per unit rank the same, and so on), so that nodes of about one speed still share
+/// work by load.
+pub const SPEED_STEP: f64 = 1.25;
+
+/// One start in this many, of a type with several free nodes, goes to another node than the
+/// fastest (a probe).
+pub const PROBE_EVERY: u32 = 16;
+
+/// A speed estimate's rank: 0 for a node never measured, else the estimate's step
+/// (1 + floor(log base [`SPEED_STEP`] of microseconds per unit of cost)), so lower is faster.
+fn speed_rank(est: Option<f64>) -> u32 {
+    match est {
+        None => 0,
+        Some(secs) => {
+            let us = (secs * 1e6).max(1.0);
+            // At most about 140 for any finite value: no overflow.
+            1 + (us.ln() / SPEED_STEP.ln()).floor().clamp(0.0, 1e6) as u32
+        }
+    }
+}
+
 #[derive(Debug)]
 struct NodeSlot {
     kinds: Vec<usize>,
+    /// Per entry of `kinds`, the node's estimated seconds per unit of cost (none until it
+    /// completed a task of the type).
+    est: Vec<Option<f64>>,
     capacity: u32,
     running: u32,
     draining: bool,
@@ -220,7 +255,19 @@ impl NodeSlot {
             capacity: self.capacity,
         }
     }
+
+    /// The key of this node in the free set of its `j`th kind.
+    fn free_key(&self, j: usize, node: NodeKey) -> FreeKey {
+        (
+            speed_rank(self.est.get(j).copied().flatten()),
+            self.load(),
+            node,
+        )
+    }
 }
+
+/// A free node's place in its type's free set: fastest, then least loaded, then lowest key.
+type FreeKey = (u32, Load, NodeKey);
 
 /// A node's load, `running / capacity`, ordered exactly (by cross-multiplication).
 #[derive(Debug, Clone, Copy)]
@@ -273,9 +320,14 @@ pub struct Scheduler {
     finished: usize,
     stopped: bool,
     nodes: BTreeMap<NodeKey, NodeSlot>,
-    /// Per kind, the nodes serving it that take new work, least loaded first (ties: lowest
-    /// key). Picking a node is a look at the first entry, whatever the number of nodes.
-    free: Vec<BTreeSet<(Load, NodeKey)>>,
+    /// Per kind, the nodes serving it that take new work, fastest first, then least loaded
+    /// (ties: lowest key). Picking a node is a look at the first entry, whatever the number
+    /// of nodes.
+    free: Vec<BTreeSet<FreeKey>>,
+    /// Per kind, the mean time per unit of cost over every node (what a node's estimate
+    /// starts from), and how many starts since the last probe.
+    kind_speed: Vec<Option<f64>>,
+    since_probe: Vec<u32>,
     /// Per kind, how many nodes that are not draining serve it.
     serving: Vec<u32>,
     /// For each task, the tasks that depend on it; empty when no task has dependencies
@@ -349,6 +401,8 @@ impl Scheduler {
             running_kind: vec![0; kinds.len()],
             kind_cursor: vec![0; kinds.len()],
             free: vec![BTreeSet::new(); kinds.len()],
+            kind_speed: vec![None; kinds.len()],
+            since_probe: vec![0; kinds.len()],
             serving: vec![0; kinds.len()],
             kinds,
             slots,
@@ -426,6 +480,7 @@ impl Scheduler {
             self.unlist(node, &old);
         }
         let slot = NodeSlot {
+            est: vec![None; kinds.len()],
             kinds,
             capacity,
             running: 0,
@@ -442,10 +497,10 @@ impl Scheduler {
         if n.draining || n.capacity == 0 {
             return;
         }
-        for &k in &n.kinds {
+        for (j, &k) in n.kinds.iter().enumerate() {
             self.serving[k] += 1;
             if n.is_free() {
-                self.free[k].insert((n.load(), node));
+                self.free[k].insert(n.free_key(j, node));
             }
         }
     }
@@ -455,10 +510,10 @@ impl Scheduler {
         if n.draining || n.capacity == 0 {
             return;
         }
-        for &k in &n.kinds {
+        for (j, &k) in n.kinds.iter().enumerate() {
             self.serving[k] -= 1;
             if n.is_free() {
-                self.free[k].remove(&(n.load(), node));
+                self.free[k].remove(&n.free_key(j, node));
             }
         }
     }
@@ -469,25 +524,28 @@ impl Scheduler {
         let Some(n) = self.nodes.get_mut(&node) else {
             return;
         };
-        let before = (n.is_free(), n.load());
-        n.running = if up {
-            n.running + 1
-        } else {
-            n.running.saturating_sub(1)
-        };
-        let after = (n.is_free(), n.load());
-        if n.draining
-            || n.capacity == 0
-            || (before.0 == after.0 && before.1.running == after.1.running)
-        {
+        let (was_free, before) = (n.is_free(), n.running);
+        if n.draining || n.capacity == 0 {
+            n.running = if up {
+                before + 1
+            } else {
+                before.saturating_sub(1)
+            };
             return;
         }
-        for &k in &n.kinds {
-            if before.0 {
-                self.free[k].remove(&(before.1, node));
+        for (j, &k) in n.kinds.iter().enumerate() {
+            if was_free {
+                self.free[k].remove(&n.free_key(j, node));
             }
-            if after.0 {
-                self.free[k].insert((after.1, node));
+        }
+        n.running = if up {
+            before + 1
+        } else {
+            before.saturating_sub(1)
+        };
+        if n.is_free() {
+            for (j, &k) in n.kinds.iter().enumerate() {
+                self.free[k].insert(n.free_key(j, node));
             }
         }
     }
@@ -680,7 +738,7 @@ impl Scheduler {
                     if best.is_some_and(|b| b <= key) || !self.ready[k].contains(&key) {
                         continue;
                     }
-                    if self.pick_node(k, self.slots[first].avoid).is_some() {
+                    if self.peek_node(k, self.slots[first].avoid).is_some() {
                         best = Some(key);
                     }
                 }
@@ -697,7 +755,7 @@ impl Scheduler {
                     if best.is_some_and(|b| b <= key) {
                         continue;
                     }
-                    if self.pick_node(k, self.slots[key.1].avoid).is_some() {
+                    if self.peek_node(k, self.slots[key.1].avoid).is_some() {
                         best = Some(key);
                     }
                 }
@@ -723,12 +781,67 @@ impl Scheduler {
         })
     }
 
-    /// The least-loaded node serving `kind` with a free slot (ties: the lowest key);
-    /// `avoid` only when it is the only one that serves the type.
-    fn pick_node(&self, kind: usize, avoid: Option<NodeKey>) -> Option<NodeKey> {
+    /// A task of `kind` took `took` on `node` (from the node's start to its result): the
+    /// node's speed estimate for the type moves towards it (see the module documentation).
+    /// Durations of failed attempts are not speeds; callers pass successful ones.
+    pub fn observe(&mut self, task: usize, node: NodeKey, took: Duration) {
+        let Some(slot) = self.slots.get(task) else {
+            return;
+        };
+        let (k, per_unit) = (slot.kind, took.as_secs_f64() / f64::from(slot.cost.max(1)));
+        if !per_unit.is_finite() {
+            return;
+        }
+        let mean = self.kind_speed[k].unwrap_or(per_unit);
+        self.kind_speed[k] = Some(mean + SPEED_ALPHA * (per_unit - mean));
+        let Some(n) = self.nodes.get_mut(&node) else {
+            return;
+        };
+        let Some(j) = n.kinds.iter().position(|&x| x == k) else {
+            return;
+        };
+        let listed = n.is_free() && !n.draining && n.capacity > 0;
+        if listed {
+            self.free[k].remove(&n.free_key(j, node));
+        }
+        let prev = n.est[j].unwrap_or(mean);
+        n.est[j] = Some(prev + SPEED_ALPHA * (per_unit - prev));
+        if listed {
+            self.free[k].insert(n.free_key(j, node));
+        }
+    }
+
+    /// A node's speed estimate for a type: seconds per unit of cost (none until measured).
+    pub fn speed(&self, node: NodeKey, kind: &str) -> Option<f64> {
+        let k = self.kinds.iter().position(|x| x == kind)?;
+        let n = self.nodes.get(&node)?;
+        let j = n.kinds.iter().position(|&x| x == k)?;
+        n.est[j]
+    }
+
+    /// The fastest free node serving `kind` (then the least loaded, then the lowest key), or
+    /// on a probe another free one; `avoid` only when it is the only one that serves the type.
+    fn pick_node(&mut self, kind: usize, avoid: Option<NodeKey>) -> Option<NodeKey> {
+        let node = self.peek_node(kind, avoid)?;
+        self.since_probe[kind] += 1;
+        if self.since_probe[kind] < PROBE_EVERY || self.free[kind].len() < 2 {
+            return Some(node);
+        }
+        self.since_probe[kind] = 0;
+        // The slowest free node that is not avoided (the one least likely to be picked).
+        let probe = self.free[kind]
+            .iter()
+            .rev()
+            .map(|&(_, _, n)| n)
+            .find(|&n| n != node && Some(n) != avoid);
+        Some(probe.unwrap_or(node))
+    }
+
+    /// What [`Scheduler::pick_node`] picks when it does not probe.
+    fn peek_node(&self, kind: usize, avoid: Option<NodeKey>) -> Option<NodeKey> {
         let free = &self.free[kind];
         let Some(a) = avoid else {
-            return free.first().map(|&(_, node)| node);
+            return free.first().map(|&(_, _, node)| node);
         };
         let avoid_serves = self
             .nodes
@@ -736,7 +849,7 @@ impl Scheduler {
             .is_some_and(|n| !n.draining && n.kinds.contains(&kind));
         let alternatives = self.serving[kind] > u32::from(avoid_serves);
         free.iter()
-            .map(|&(_, node)| node)
+            .map(|&(_, _, node)| node)
             .find(|&node| !(alternatives && node == a))
     }
 

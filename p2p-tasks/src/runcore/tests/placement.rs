@@ -1,6 +1,7 @@
 //! Placement rules of the core: task costs (longest first) and per-task limits.
 
 use super::*;
+use crate::sched::{PROBE_EVERY, SPEED_ALPHA};
 
 fn assigned(s: &Sim) -> Vec<String> {
     s.events
@@ -112,4 +113,83 @@ fn task_retries_of_their_own_override_the_runs() {
     s.answer("b1", false, Duration::from_millis(1));
     assert_eq!(s.status(0), Status::Failed);
     assert_eq!(s.core.result(0).unwrap().attempts, 1);
+}
+
+/// Answers every assignment in turn, each taking what `speed(link, round)` says, and
+/// returns the links the tasks ran on, in order.
+fn run_with_speeds(s: &mut Sim, speed: impl Fn(LinkId, usize) -> Duration) -> Vec<LinkId> {
+    let mut ran = Vec::new();
+    while let Some((link, a)) = s.sent.first().cloned() {
+        s.answer(&a.task, true, speed(link, ran.len()));
+        ran.push(link);
+    }
+    ran
+}
+
+fn many(n: usize) -> String {
+    (1..=n).map(|i| format!("a{i} ")).collect()
+}
+
+#[test]
+fn strict_order_learns_the_faster_node_and_still_probes_the_other() {
+    // The issue: in strict order every task went to one node whatever the speeds. Node 2
+    // is 5 times faster than node 1.
+    let mut s = Sim::new(&many(40), opts(Order::Strict, 0, false));
+    s.connect(1, &hello(1, &["a"], 1));
+    s.connect(2, &hello(2, &["a"], 1));
+    let ran = run_with_speeds(&mut s, |link, _| {
+        Duration::from_millis(if link == 2 { 20 } else { 100 })
+    });
+    assert_eq!(ran.len(), 40);
+    assert_eq!(
+        &ran[..2],
+        [1, 2],
+        "each node is measured once first: {ran:?}"
+    );
+    let slow = ran.iter().filter(|&&l| l == 1).count();
+    assert!(
+        (2..=4).contains(&slow),
+        "the slow node gets its first task and a probe every {PROBE_EVERY}: {ran:?}"
+    );
+    assert!(s.report().is_success());
+}
+
+#[test]
+fn a_node_that_became_fast_again_is_noticed_by_the_probes() {
+    let mut s = Sim::new(&many(300), opts(Order::Strict, 0, false));
+    s.connect(1, &hello(1, &["a"], 1));
+    s.connect(2, &hello(2, &["a"], 1));
+    // Node 1 is slow for the first 40 tasks, then 10 times faster than node 2.
+    let ran = run_with_speeds(&mut s, |link, round| {
+        let ms = match (link, round < 40) {
+            (1, true) => 100,
+            (1, false) => 2,
+            _ => 20,
+        };
+        Duration::from_millis(ms)
+    });
+    let early = ran[2..40].iter().filter(|&&l| l == 2).count();
+    assert!(early >= 34, "node 2 is faster at first: {ran:?}");
+    let late = ran[260..].iter().filter(|&&l| l == 1).count();
+    assert!(
+        late >= 36,
+        "node 1 took over once the probes saw it fast: {ran:?}"
+    );
+}
+
+#[test]
+fn speed_is_per_unit_of_cost_and_starts_from_the_types_mean() {
+    let mut s = Sim::new("a1\na2 cost 10\na3", opts(Order::Strict, 0, false));
+    s.connect(1, &hello(1, &["a"], 1));
+    s.connect(2, &hello(2, &["a"], 1));
+    // a1 on node 1: 30 ms; a2 (cost 10) on node 2, never measured: 100 ms, 10 ms per unit.
+    s.answer("a1", true, Duration::from_millis(30));
+    assert_eq!(s.sent[0].0, 2, "the unmeasured node is tried");
+    s.answer("a2", true, Duration::from_millis(100));
+    let est = |link| s.core.sched.speed(link, "a").unwrap();
+    assert!((est(1) - 0.030).abs() < 1e-9, "{}", est(1));
+    // Node 2's estimate starts from the type's mean (30 ms) and moves 30% towards 10 ms.
+    let expected = 0.030 + SPEED_ALPHA * (0.010 - 0.030);
+    assert!((est(2) - expected).abs() < 1e-9, "{} != {expected}", est(2));
+    assert_eq!(s.sent[0].0, 2, "a3 goes to the faster node");
 }
