@@ -443,8 +443,9 @@ impl RunCore {
                     if f.link == link && !f.abandoned && !f.started {
                         f.started = true;
                         f.since = now;
-                        if !timeout.is_zero() {
-                            let at = now + timeout + RESULT_GRACE;
+                        // A deadline later than the clock can hold is none.
+                        let at = now.checked_add(timeout.saturating_add(RESULT_GRACE));
+                        if let (false, Some(at)) = (timeout.is_zero(), at) {
                             self.deadlines.push(Reverse((at, seq)));
                         }
                     }
@@ -569,7 +570,7 @@ impl RunCore {
             if self.sched.status(task) == Some(TaskStatus::Running(link)) {
                 let error = format!(
                     "no result within {:?}",
-                    self.timeout_of(task) + RESULT_GRACE
+                    self.timeout_of(task).saturating_add(RESULT_GRACE)
                 );
                 let attempt = Attempt {
                     ok: false,

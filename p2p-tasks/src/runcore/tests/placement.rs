@@ -193,3 +193,23 @@ fn speed_is_per_unit_of_cost_and_starts_from_the_types_mean() {
     assert!((est(2) - expected).abs() < 1e-9, "{} != {expected}", est(2));
     assert_eq!(s.sent[0].0, 2, "a3 goes to the faster node");
 }
+
+#[test]
+fn a_timeout_beyond_what_the_clock_can_hold_means_no_deadline() {
+    // `timeout 500000000000y` parses (about 1.6e19 s), and the result deadline used to be
+    // `now + timeout`, which panicked ("overflow when adding duration to instant") when the
+    // node said the attempt started. The same held for `--task-timeout`.
+    for (text, run) in [
+        ("a1 timeout 500000000000y", Duration::from_secs(1)),
+        ("a1", Duration::from_secs(u64::MAX)),
+    ] {
+        let mut o = opts(Order::None, 0, false);
+        o.task_timeout = run;
+        let mut s = Sim::new(text, o);
+        s.connect(1, &hello(1, &["a"], 1));
+        assert_eq!(s.in_flight_on(1), 1, "{text}");
+        assert_eq!(s.core.poll_timeout(), None, "{text}: no deadline");
+        s.answer("a1", true, Duration::from_millis(1));
+        assert_eq!(s.status(0), Status::Succeeded, "{text}");
+    }
+}
