@@ -961,6 +961,8 @@ impl RunCore {
         if ok {
             // The node's speed for the type (the attempt's time from its start).
             self.sched.observe(task, link, took);
+        } else {
+            self.sched.observe_failure(task, link);
         }
         let outcome = self.sched.complete(task, ok, now);
         // The error text is made only for an attempt that failed.

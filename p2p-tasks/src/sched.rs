@@ -811,6 +811,35 @@ impl Scheduler {
         }
     }
 
+    /// An attempt of `task` failed on `node`: its time is no speed, but a node never measured
+    /// for the type no longer ranks first (a node that fails every task at once must not draw
+    /// the type's work); it gets the type's mean, if there is one yet.
+    pub fn observe_failure(&mut self, task: usize, node: NodeKey) {
+        let Some(k) = self.slots.get(task).map(|s| s.kind) else {
+            return;
+        };
+        let Some(mean) = self.kind_speed[k] else {
+            return;
+        };
+        let Some(n) = self.nodes.get_mut(&node) else {
+            return;
+        };
+        let Some(j) = n.kinds.iter().position(|&x| x == k) else {
+            return;
+        };
+        if n.est[j].is_some() {
+            return;
+        }
+        let listed = n.is_free() && !n.draining && n.capacity > 0;
+        if listed {
+            self.free[k].remove(&n.free_key(j, node));
+        }
+        n.est[j] = Some(mean);
+        if listed {
+            self.free[k].insert(n.free_key(j, node));
+        }
+    }
+
     /// A node's speed estimate for a type: seconds per unit of cost (none until measured).
     pub fn speed(&self, node: NodeKey, kind: &str) -> Option<f64> {
         let k = self.kinds.iter().position(|x| x == kind)?;

@@ -213,3 +213,18 @@ fn a_timeout_beyond_what_the_clock_can_hold_means_no_deadline() {
         assert_eq!(s.status(0), Status::Succeeded, "{text}");
     }
 }
+
+#[test]
+fn a_node_that_fails_at_once_does_not_rank_as_never_measured() {
+    // Node 2 fails every task at once and is never measured by a success: it must not stay
+    // first in line ("not measured yet") and draw every new task.
+    let mut s = Sim::new(&many(20), opts(Order::Strict, 0, true));
+    s.connect(1, &hello(1, &["a"], 1));
+    s.connect(2, &hello(2, &["a"], 1));
+    let mut on_2 = 0;
+    while let Some((link, a)) = s.sent.first().cloned() {
+        on_2 += usize::from(link == 2);
+        s.answer(&a.task, link == 1, Duration::from_millis(20));
+    }
+    assert!(on_2 <= 3, "{on_2} of 20 tasks went to the failing node");
+}
