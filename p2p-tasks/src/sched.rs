@@ -24,7 +24,6 @@
 //! A task that finally fails stops the run (nothing new starts; running tasks finish)
 //! unless `keep_going` is set.
 
-use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::str::FromStr;
@@ -204,8 +203,20 @@ struct Slot {
     retries: u32,
 }
 
-/// A ready task's place in its type's ready set: costliest first, then file order.
-type ReadyKey = (Reverse<u32>, usize);
+/// A ready task's place in its type's ready set: costliest first, then file order, in one
+/// word (`!cost` in the high half, the task's index in the low half; a plan has fewer than
+/// 2^32 tasks), so the set is as small as one of indexes.
+type ReadyKey = u64;
+
+/// The [`ReadyKey`] of task `task` of cost `cost`.
+fn ready_key(cost: u32, task: usize) -> ReadyKey {
+    (u64::from(!cost) << 32) | (task as u64 & u64::from(u32::MAX))
+}
+
+/// The task of a [`ReadyKey`].
+fn ready_task(key: ReadyKey) -> usize {
+    (key & u64::from(u32::MAX)) as usize
+}
 
 /// Weight of a new measurement in a node's speed estimate.
 pub const SPEED_ALPHA: f64 = 0.3;
@@ -392,7 +403,7 @@ impl Scheduler {
                 ts.iter()
                     .copied()
                     .filter(|&t| slots[t].waiting == 0)
-                    .map(|t| (Reverse(slots[t].cost), t))
+                    .map(|t| ready_key(slots[t].cost, t))
                     .collect()
             })
             .collect();
@@ -421,7 +432,7 @@ impl Scheduler {
     }
 
     fn ready_key(&self, task: usize) -> ReadyKey {
-        (Reverse(self.slots[task].cost), task)
+        ready_key(self.slots[task].cost, task)
     }
 
     fn ready_insert(&mut self, task: usize) {
@@ -742,7 +753,7 @@ impl Scheduler {
                         best = Some(key);
                     }
                 }
-                self.start(best?.1)
+                self.start(ready_task(best?))
             }
             Order::None => {
                 // Each type's costliest ready task: the costliest of those that has a node
@@ -755,11 +766,14 @@ impl Scheduler {
                     if best.is_some_and(|b| b <= key) {
                         continue;
                     }
-                    if self.peek_node(k, self.slots[key.1].avoid).is_some() {
+                    if self
+                        .peek_node(k, self.slots[ready_task(key)].avoid)
+                        .is_some()
+                    {
                         best = Some(key);
                     }
                 }
-                self.start(best?.1)
+                self.start(ready_task(best?))
             }
         }
     }
@@ -800,12 +814,18 @@ impl Scheduler {
         let Some(j) = n.kinds.iter().position(|&x| x == k) else {
             return;
         };
+        let prev = n.est[j].unwrap_or(mean);
+        let est = Some(prev + SPEED_ALPHA * (per_unit - prev));
+        if speed_rank(est) == speed_rank(n.est[j]) {
+            // Same place in the free set (the usual case): nothing to move.
+            n.est[j] = est;
+            return;
+        }
         let listed = n.is_free() && !n.draining && n.capacity > 0;
         if listed {
             self.free[k].remove(&n.free_key(j, node));
         }
-        let prev = n.est[j].unwrap_or(mean);
-        n.est[j] = Some(prev + SPEED_ALPHA * (per_unit - prev));
+        n.est[j] = est;
         if listed {
             self.free[k].insert(n.free_key(j, node));
         }
