@@ -435,14 +435,11 @@ impl RunCore {
                 // The attempt starts now: its run time and its deadline count from here, not
                 // from its assignment (it may have waited for a slot the node shares with
                 // other coordinators).
-                let timeout = match self.inflight.get(&seq) {
-                    Some(f) => self.timeout_of(f.task),
-                    None => Duration::ZERO,
-                };
                 if let Some(f) = self.inflight.get_mut(&seq) {
                     if f.link == link && !f.abandoned && !f.started {
                         f.started = true;
                         f.since = now;
+                        let timeout = timeout_of(&self.extras, f.task, self.opts.task_timeout);
                         // A deadline later than the clock can hold is none.
                         let at = now.checked_add(timeout.saturating_add(RESULT_GRACE));
                         if let (false, Some(at)) = (timeout.is_zero(), at) {
@@ -870,11 +867,7 @@ impl RunCore {
 
     /// A task's attempt timeout: its own, or the run's (zero: none).
     fn timeout_of(&self, task: usize) -> Duration {
-        self.extras
-            .get(task)
-            .and_then(|e| e.as_ref())
-            .and_then(|e| e.timeout)
-            .unwrap_or(self.opts.task_timeout)
+        timeout_of(&self.extras, task, self.opts.task_timeout)
     }
 
     fn closed(&mut self, link: LinkId, error: Option<String>) {
@@ -1106,6 +1099,15 @@ struct Attempt {
     exit_code: Option<i32>,
     /// Why it failed, when the node said.
     error: Option<String>,
+}
+
+/// A task's attempt timeout: its own (in its extras), or the run's `default`.
+fn timeout_of(extras: &[Option<Box<Extra>>], task: usize, default: Duration) -> Duration {
+    extras
+        .get(task)
+        .and_then(|e| e.as_ref())
+        .and_then(|e| e.timeout)
+        .unwrap_or(default)
 }
 
 /// Sets a result's node (a shared name: no copy).

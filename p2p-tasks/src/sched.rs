@@ -11,8 +11,8 @@
 //! Work goes to a node of the task's type that has free capacity: the one learned to be
 //! fastest for the type ([`Scheduler::observe`]: an exponentially weighted mean of attempt
 //! time per unit of cost, per node and type, started from the type's mean; estimates are
-//! compared in steps of [`SPEED_STEP`], so nodes of about one speed share work by load),
-//! then the least loaded. A node never measured
+//! compared in quarter-octave steps of 12-25%, so nodes of about one speed share work by
+//! load), then the least loaded. A node never measured
 //! for the type ranks first, so it is measured at once, and every [`PROBE_EVERY`]th start of a
 //! type goes to another free node than the fastest, so a node that became fast again is
 //! noticed. In
@@ -221,24 +221,24 @@ fn ready_task(key: ReadyKey) -> usize {
 /// Weight of a new measurement in a node's speed estimate.
 pub const SPEED_ALPHA: f64 = 0.3;
 
-/// Speed estimates are compared in steps of this factor (1.25: the estimates from 1 to
-/// 1.25 ms per unit rank the same, and so on), so that nodes of about one speed still share
-/// work by load.
-pub const SPEED_STEP: f64 = 1.25;
-
 /// One start in this many, of a type with several free nodes, goes to another node than the
 /// fastest (a probe).
 pub const PROBE_EVERY: u32 = 16;
 
-/// A speed estimate's rank: 0 for a node never measured, else the estimate's step
-/// (1 + floor(log base [`SPEED_STEP`] of microseconds per unit of cost)), so lower is faster.
+/// A speed estimate's rank: 0 for a node never measured, else its quarter-octave step, so
+/// lower is faster. Estimates in one step (from 1 to 1.25, 1.25 to 1.5, 1.5 to 1.75 and
+/// 1.75 to 2 times a power of two microseconds per unit of cost) rank the same, so nodes of
+/// about one speed still share work by load. The step is read off the number's bits (its
+/// exponent and two leading mantissa bits): no logarithm per measurement.
 fn speed_rank(est: Option<f64>) -> u32 {
     match est {
         None => 0,
         Some(secs) => {
-            let us = (secs * 1e6).max(1.0);
-            // At most about 140 for any finite value: no overflow.
-            1 + (us.ln() / SPEED_STEP.ln()).floor().clamp(0.0, 1e6) as u32
+            // At least 1 µs (positive and normal, so the bits order as the numbers do); a
+            // NaN estimate ranks last.
+            let us = secs * 1e6;
+            let us = if us.is_nan() { f64::MAX } else { us.max(1.0) };
+            1 + (us.to_bits() >> 50) as u32
         }
     }
 }
@@ -335,6 +335,9 @@ pub struct Scheduler {
     /// (ties: lowest key). Picking a node is a look at the first entry, whatever the number
     /// of nodes.
     free: Vec<BTreeSet<FreeKey>>,
+    /// Every task has the same cost: in order none the first type with a startable task
+    /// wins at once (no look at the other types).
+    uniform_cost: bool,
     /// Per kind, the mean time per unit of cost over every node (what a node's estimate
     /// starts from), and how many starts since the last probe.
     kind_speed: Vec<Option<f64>>,
@@ -362,7 +365,10 @@ impl Scheduler {
         let mut kinds: Vec<String> = Vec::new();
         let mut slots = Vec::with_capacity(tasks.len());
         let mut kind_tasks: Vec<Vec<usize>> = Vec::new();
+        let first_cost = tasks.first().map_or(1, |t| t.cost);
+        let mut uniform_cost = true;
         for (i, t) in tasks.iter().enumerate() {
+            uniform_cost &= t.cost == first_cost;
             let k = match kinds.iter().position(|k| *k == t.kind) {
                 Some(k) => k,
                 None => {
@@ -413,6 +419,7 @@ impl Scheduler {
             kind_cursor: vec![0; kinds.len()],
             free: vec![BTreeSet::new(); kinds.len()],
             kind_speed: vec![None; kinds.len()],
+            uniform_cost,
             since_probe: vec![0; kinds.len()],
             serving: vec![0; kinds.len()],
             kinds,
@@ -757,7 +764,8 @@ impl Scheduler {
             }
             Order::None => {
                 // Each type's costliest ready task: the costliest of those that has a node
-                // starts (one look per type, whatever the number of tasks).
+                // starts (one look per type, whatever the number of tasks; with one cost for
+                // all, the first type that can start one, as before costs).
                 let mut best: Option<ReadyKey> = None;
                 for k in 0..self.kinds.len() {
                     let Some(&key) = self.ready[k].first() else {
@@ -771,6 +779,9 @@ impl Scheduler {
                         .is_some()
                     {
                         best = Some(key);
+                        if self.uniform_cost {
+                            break;
+                        }
                     }
                 }
                 self.start(ready_task(best?))
