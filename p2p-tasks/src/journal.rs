@@ -105,7 +105,10 @@ pub struct Journal {
 /// Appended lines are written out (not synced) once this many bytes are pending.
 const PENDING_MAX: usize = 1 << 20;
 
-/// The fingerprint of a plan: FNV-1a 64 over each task's id, type, arguments and dependencies.
+/// The fingerprint of a plan: FNV-1a 64 over each task's id, type, arguments and
+/// dependencies, and its cost, timeout and retries when it has any of its own (so a plan
+/// without them keeps the fingerprint its journals were written with, and a changed cost or
+/// limit is a changed plan).
 pub fn fingerprint(tasks: &[Task]) -> String {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     let mut feed = |bytes: &[u8]| {
@@ -124,6 +127,24 @@ pub fn fingerprint(tasks: &[Task]) -> String {
         for d in &t.deps {
             feed(d.as_bytes());
             feed(&[1]);
+        }
+        if t.has_own_terms() {
+            feed(&[3]);
+            feed(&t.cost.to_le_bytes());
+            match t.timeout {
+                None => feed(&[0]),
+                Some(d) => {
+                    feed(&[1]);
+                    feed(&d.as_nanos().to_le_bytes());
+                }
+            }
+            match t.retries {
+                None => feed(&[0]),
+                Some(n) => {
+                    feed(&[1]);
+                    feed(&n.to_le_bytes());
+                }
+            }
         }
         feed(&[2]);
     }
@@ -591,5 +612,23 @@ mod tests {
         assert_ne!(a, fingerprint(&parse("t", "b1 a1").unwrap()));
         assert_ne!(a, fingerprint(&parse("t", "a1\nb1 after a1").unwrap()));
         assert_ne!(a, fingerprint(&parse("t", "a1\nb1 -- x").unwrap()));
+        // Costs and limits: the defaults written out keep the fingerprint; any other value
+        // changes it, and each differs from the others.
+        assert_eq!(a, fingerprint(&parse("t", "a1\nb1 cost 1").unwrap()));
+        let own: Vec<String> = [
+            "a1\nb1 cost 2",
+            "a1\nb1 cost 3",
+            "a1\nb1 timeout 1s",
+            "a1\nb1 timeout 2s",
+            "a1\nb1 retries 0",
+            "a1\nb1 retries 1",
+        ]
+        .iter()
+        .map(|text| fingerprint(&parse("t", text).unwrap()))
+        .collect();
+        for (i, f) in own.iter().enumerate() {
+            assert_ne!(&a, f);
+            assert!(!own[..i].contains(f), "{i}: {own:?}");
+        }
     }
 }

@@ -10,18 +10,23 @@
 //! Every error names the file, the 1-based line and the 1-based column (in characters) of the
 //! offending token: `tasks.txt:2:5: invalid task id "1a": ...`.
 //!
-//! # Extension: dependencies and arguments
+//! # Extension: dependencies, costs, limits and arguments
 //!
-//! A line that contains the word `after` or `--` declares exactly one task, with clauses:
+//! A line that contains one of the words `after`, `cost`, `timeout`, `retries` or `--`
+//! declares exactly one task, with clauses:
 //!
 //! ```text
 //! b2 after a1 c1            # b2 starts only after a1 and c1 succeeded
 //! c3 -- --size 10 input.csv # c3's arguments: "--size 10 input.csv" (its handler's {args})
 //! b4 after b2 -- fast       # both
+//! a5 cost 10 timeout 2m retries 3  # a big task, with its own limits
 //! ```
 //!
-//! Grammar, per line: `ID* | ID [after DEP+] [-- ARGS]`, where `ARGS` is the rest of the line
-//! (before a `#` comment), trimmed. A dependency may name a task declared anywhere in the file.
+//! Grammar, per line: `ID* | ID [after DEP+] [cost N] [timeout DUR] [retries N] [-- ARGS]`,
+//! the clauses before `--` in any order, each at most once. `ARGS` is the rest of the line
+//! (before a `#` comment), trimmed. `cost` is a whole number from 1 (the default); `timeout`
+//! a duration as on the command line (`500ms`, `30s`, `2m`, `1h`; `0` for none); `retries` a
+//! count. A missing or bad value, or a clause given twice, is an error at that word. A dependency may name a task declared anywhere in the file.
 //! A dependency on an unknown task, on the task itself, or a cycle of dependencies is an
 //! error that names the tasks. Plain lines keep the seed format's meaning.
 
@@ -42,8 +47,11 @@ pub enum ParseErrorKind {
     NoTasks,
     /// A dependency clause is malformed, names an unknown task, or dependencies form a cycle.
     Dependency,
-    /// A line mixes plain tasks with `after` or `--` clauses.
+    /// A line mixes plain tasks with clauses, or holds a word that is not a clause.
     Syntax,
+    /// A `cost`, `timeout` or `retries` clause has no value or a bad one, or a clause is
+    /// given twice.
+    Keyword,
     /// The file could not be read.
     Io(std::io::ErrorKind),
     /// The file is not valid UTF-8.
@@ -158,9 +166,10 @@ fn tokens(line: &str) -> impl Iterator<Item = Token<'_>> {
     })
 }
 
-/// Whether a token starts the `after` or `--` clause of a line.
+/// Whether a token starts a clause of a line (`after`, `cost`, `timeout`, `retries`, `--`).
+/// None of these is a task id (an id has a digit after its letters).
 fn is_clause(t: &Token<'_>) -> bool {
-    t.text == "after" || t.text == "--"
+    matches!(t.text, "after" | "cost" | "timeout" | "retries" | "--")
 }
 
 /// Parses the text of a task file. `file` is only used in error messages.
@@ -199,7 +208,8 @@ pub fn parse(file: &str, text: &str) -> Result<Vec<Task>, ParseError> {
                 line,
                 col,
                 ParseErrorKind::Syntax,
-                "a line with `after` or `--` declares exactly one task first, e.g. `b2 after a1 -- ARGS`"
+                "a line with `after`, `cost`, `timeout`, `retries` or `--` declares exactly one task \
+                 first, e.g. `b2 after a1 cost 5 -- ARGS`"
                     .to_owned(),
             ));
         }
@@ -208,51 +218,128 @@ pub fn parse(file: &str, text: &str) -> Result<Vec<Task>, ParseError> {
             tasks.push(task);
         }
         let mut rest = after;
-        if rest.first().is_some_and(|t| t.text == "after") {
-            let deps_end = rest
-                .iter()
-                .position(|t| t.text == "--")
-                .unwrap_or(rest.len());
-            if deps_end < 2 {
-                return Err(ParseError::at(
-                    file,
-                    line,
-                    rest[0].col,
-                    ParseErrorKind::Dependency,
-                    "`after` needs at least one task id, e.g. `b2 after a1 c1`".to_owned(),
+        let mut seen_kw: [bool; 4] = [false; 4];
+        while let Some(kw) = rest.first() {
+            let err = |col: u32, kind: ParseErrorKind, msg: String| {
+                ParseError::at(file, line, col, kind, msg)
+            };
+            let slot = match kw.text {
+                "after" => 0,
+                "cost" => 1,
+                "timeout" => 2,
+                "retries" => 3,
+                "--" => {
+                    // The arguments are the rest of the line, spacing kept.
+                    let code = line_text.split('#').next().unwrap_or("");
+                    let from = byte_after_col(code, kw.col, 2);
+                    if let Some(t) = tasks.last_mut() {
+                        t.args = code[from..].trim().to_owned();
+                    }
+                    break;
+                }
+                other => {
+                    return Err(err(
+                        kw.col,
+                        ParseErrorKind::Syntax,
+                        format!(
+                            "unexpected {other:?}: expected `after`, `cost`, `timeout`, \
+                             `retries` or `--`"
+                        ),
+                    ))
+                }
+            };
+            if std::mem::replace(&mut seen_kw[slot], true) {
+                return Err(err(
+                    kw.col,
+                    ParseErrorKind::Keyword,
+                    format!("`{}` given twice for this task", kw.text),
                 ));
             }
-            for dep in &rest[1..deps_end] {
-                if let Some(problem) = id_problem(dep.text) {
-                    return Err(ParseError::at(
-                        file,
-                        line,
-                        dep.col,
-                        ParseErrorKind::InvalidId,
-                        format!("invalid dependency {:?}: {problem}", dep.text),
+            // The clause's words: up to the next keyword.
+            let end = rest[1..]
+                .iter()
+                .position(is_clause)
+                .map_or(rest.len(), |i| i + 1);
+            let words = &rest[1..end];
+            rest = &rest[end..];
+            if slot == 0 {
+                if words.is_empty() {
+                    return Err(err(
+                        kw.col,
+                        ParseErrorKind::Dependency,
+                        "`after` needs at least one task id, e.g. `b2 after a1 c1`".to_owned(),
                     ));
                 }
-                let Some(i) = tasks.len().checked_sub(1) else {
-                    continue;
-                };
-                if dep_pos.last().is_none_or(|(t, _)| *t != i) {
-                    dep_pos.push((i, Vec::new()));
-                }
-                if let (Some(t), Some((_, p))) = (tasks.last_mut(), dep_pos.last_mut()) {
-                    if !t.deps.iter().any(|d| d == dep.text) {
-                        t.deps.push(dep.text.to_owned());
-                        p.push((line, dep.col));
+                for dep in words {
+                    if let Some(problem) = id_problem(dep.text) {
+                        return Err(err(
+                            dep.col,
+                            ParseErrorKind::InvalidId,
+                            format!("invalid dependency {:?}: {problem}", dep.text),
+                        ));
+                    }
+                    let Some(i) = tasks.len().checked_sub(1) else {
+                        continue;
+                    };
+                    if dep_pos.last().is_none_or(|(t, _)| *t != i) {
+                        dep_pos.push((i, Vec::new()));
+                    }
+                    if let (Some(t), Some((_, p))) = (tasks.last_mut(), dep_pos.last_mut()) {
+                        if !t.deps.iter().any(|d| d == dep.text) {
+                            t.deps.push(dep.text.to_owned());
+                            p.push((line, dep.col));
+                        }
                     }
                 }
+                continue;
             }
-            rest = &rest[deps_end..];
-        }
-        if let Some(dashes) = rest.first() {
-            // `rest[0]` is `--`: the arguments are the rest of the line, spacing kept.
-            let code = line_text.split('#').next().unwrap_or("");
-            let from = byte_after_col(code, dashes.col, 2);
-            if let Some(t) = tasks.last_mut() {
-                t.args = code[from..].trim().to_owned();
+            let example = ["", "cost 10", "timeout 30s", "retries 2"][slot];
+            let value = match words {
+                [v] => v,
+                [] => {
+                    return Err(err(
+                        kw.col,
+                        ParseErrorKind::Keyword,
+                        format!("`{}` needs a value, e.g. `{example}`", kw.text),
+                    ))
+                }
+                [_, extra, ..] => {
+                    return Err(err(
+                        extra.col,
+                        ParseErrorKind::Keyword,
+                        format!(
+                            "`{}` takes one value, e.g. `{example}`; unexpected {:?}",
+                            kw.text, extra.text
+                        ),
+                    ))
+                }
+            };
+            let bad = |what: &str| {
+                err(
+                    value.col,
+                    ParseErrorKind::Keyword,
+                    format!(
+                        "bad {} {:?}: expected {what}, e.g. `{example}`",
+                        kw.text, value.text
+                    ),
+                )
+            };
+            let Some(t) = tasks.last_mut() else {
+                continue;
+            };
+            match slot {
+                1 => match value.text.parse::<u32>() {
+                    Ok(n) if n >= 1 => t.cost = n,
+                    _ => return Err(bad("a whole number from 1 to 4294967295")),
+                },
+                2 => match humantime::parse_duration(value.text) {
+                    Ok(d) => t.timeout = Some(d),
+                    Err(_) => return Err(bad("a duration such as 500ms, 3s, 2m or 1h (0: none)")),
+                },
+                _ => match value.text.parse::<u32>() {
+                    Ok(n) => t.retries = Some(n),
+                    Err(_) => return Err(bad("a count from 0 to 4294967295")),
+                },
             }
         }
     }
@@ -318,6 +405,9 @@ fn new_task(
         deps: Vec::new(),
         line,
         col,
+        cost: 1,
+        timeout: None,
+        retries: None,
     })
 }
 
@@ -408,6 +498,7 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
     use super::*;
+    use std::time::Duration;
 
     fn ids(tasks: &[Task]) -> Vec<&str> {
         tasks.iter().map(|t| t.id.as_str()).collect()
@@ -563,6 +654,83 @@ mod tests {
             (err.line, err.col, err.kind),
             (2, 10, ParseErrorKind::InvalidId)
         );
+    }
+
+    #[test]
+    fn costs_and_limits_in_any_order_before_the_arguments() {
+        let text = "a1 cost 10 timeout 2m retries 3\n\
+                    b1 retries 0 after a1 cost 2 -- x y\n\
+                    c1 timeout 1h30m\n\
+                    d1 after a1 timeout 0 -- cost 5\n\
+                    e1 f1";
+        let tasks = parse("t.txt", text).unwrap();
+        let terms: Vec<(u32, Option<Duration>, Option<u32>)> = tasks
+            .iter()
+            .map(|t| (t.cost, t.timeout, t.retries))
+            .collect();
+        assert_eq!(
+            terms,
+            [
+                (10, Some(Duration::from_secs(120)), Some(3)),
+                (2, None, Some(0)),
+                (1, Some(Duration::from_secs(5400)), None),
+                (1, Some(Duration::ZERO), None),
+                (1, None, None),
+                (1, None, None),
+            ]
+        );
+        assert_eq!(tasks[1].deps, ["a1"]);
+        assert_eq!(tasks[1].args, "x y");
+        // After `--`, keywords are arguments.
+        assert_eq!(tasks[3].args, "cost 5");
+        assert!(!tasks[4].has_own_terms() && tasks[0].has_own_terms());
+    }
+
+    #[test]
+    fn bad_costs_and_limits_are_reported_at_the_word() {
+        let cases: &[(&str, u32, &str)] = &[
+            ("a1 cost", 4, "`cost` needs a value"),
+            ("a1 cost 0", 9, "bad cost \"0\""),
+            ("a1 cost -1", 9, "bad cost \"-1\""),
+            ("a1 cost 1.5", 9, "bad cost \"1.5\""),
+            ("a1 cost 4294967296", 9, "bad cost"),
+            ("a1 cost 2 3", 11, "`cost` takes one value"),
+            ("a1 cost -- x", 4, "`cost` needs a value"),
+            ("a1 timeout 3x", 12, "bad timeout \"3x\""),
+            ("a1 timeout after a2\na2", 4, "`timeout` needs a value"),
+            ("a1 retries -1", 12, "bad retries"),
+            ("a1 retries", 4, "`retries` needs a value"),
+            ("a1 cost 2 cost 3", 11, "`cost` given twice"),
+            (
+                "a1 timeout 1s retries 1 timeout 2s",
+                25,
+                "`timeout` given twice",
+            ),
+            (
+                "a1 after a2 cost 2 after a3\na2 a3",
+                20,
+                "`after` given twice",
+            ),
+        ];
+        for &(text, col, msg) in cases {
+            let err = parse("t.txt", text).unwrap_err();
+            assert_eq!((err.line, err.col), (1, col), "{text:?}: {err}");
+            assert!(err.message.contains(msg), "{text:?}: {err}");
+            assert!(
+                err.to_string().starts_with(&format!("t.txt:1:{col}: ")),
+                "{err}"
+            );
+        }
+        let err = parse("t.txt", "a1 cost x").unwrap_err();
+        assert_eq!(err.kind, ParseErrorKind::Keyword);
+        // A keyword on a line of several tasks.
+        let err = parse("t.txt", "a1\nb1 b2 cost 3").unwrap_err();
+        assert_eq!(
+            (err.line, err.col, err.kind),
+            (2, 4, ParseErrorKind::Syntax)
+        );
+        let err = parse("t.txt", "cost 3").unwrap_err();
+        assert_eq!(err.kind, ParseErrorKind::Syntax);
     }
 
     #[test]

@@ -33,7 +33,8 @@
 //! - the loss limit ([`MAX_LOSSES`]) and the duplicate-node-id rule;
 //! - the reason a task was skipped, found in constant time.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -150,6 +151,8 @@ pub fn validate(tasks: &[Task], opts: &RunOptions) -> Result<(), RunError> {
 /// the tasks that have any (most have neither, and cost a null pointer).
 struct Extra {
     args: String,
+    /// The task's own attempt timeout (`timeout DUR`), instead of the run's.
+    timeout: Option<Duration>,
 }
 
 struct Peer {
@@ -197,9 +200,9 @@ pub struct RunCore {
     peers: HashMap<LinkId, Peer, SeqHash>,
     node_ids: HashMap<NodeId, LinkId>,
     inflight: HashMap<u64, InFlight, SeqHash>,
-    /// `(result deadline, seq)` of assignments, oldest first. Every attempt gets the same
-    /// timeout, so this is in deadline order; entries of finished seqs are dropped lazily.
-    deadlines: VecDeque<(Instant, u64)>,
+    /// `(result deadline, seq)` of assignments, earliest first (tasks may have timeouts of
+    /// their own); entries of finished seqs are dropped lazily.
+    deadlines: BinaryHeap<Reverse<(Instant, u64)>>,
     early: HashMap<LinkId, Early>,
     early_order: VecDeque<LinkId>,
     /// Links the core told to leave (duplicate node, serving nothing needed).
@@ -257,7 +260,7 @@ impl RunCore {
             peers: HashMap::default(),
             node_ids: HashMap::new(),
             inflight: HashMap::default(),
-            deadlines: VecDeque::new(),
+            deadlines: BinaryHeap::new(),
             early: HashMap::new(),
             early_order: VecDeque::new(),
             ignored: HashSet::new(),
@@ -436,9 +439,11 @@ impl RunCore {
                     if f.link == link && !f.abandoned && !f.started {
                         f.started = true;
                         f.since = now;
-                        if !self.opts.task_timeout.is_zero() {
-                            let at = now + self.opts.task_timeout + RESULT_GRACE;
-                            self.deadlines.push_back((at, seq));
+                        let timeout = timeout_of(&self.extras, f.task, self.opts.task_timeout);
+                        // A deadline later than the clock can hold is none.
+                        let at = now.checked_add(timeout.saturating_add(RESULT_GRACE));
+                        if let (false, Some(at)) = (timeout.is_zero(), at) {
+                            self.deadlines.push(Reverse((at, seq)));
                         }
                     }
                 }
@@ -546,11 +551,11 @@ impl RunCore {
     /// Applies the rules that depend on time: result deadlines, retry back-off, the
     /// missing-type wait, the discovery and goodbye bounds.
     pub fn handle_timeout(&mut self, now: Instant) {
-        while let Some(&(at, seq)) = self.deadlines.front() {
+        while let Some(&Reverse((at, seq))) = self.deadlines.peek() {
             if at > now {
                 break;
             }
-            self.deadlines.pop_front();
+            self.deadlines.pop();
             let Some(f) = self.inflight.get_mut(&seq) else {
                 continue;
             };
@@ -563,7 +568,7 @@ impl RunCore {
             if self.sched.status(task) == Some(TaskStatus::Running(link)) {
                 let error = format!(
                     "no result within {:?}",
-                    self.opts.task_timeout + RESULT_GRACE
+                    self.timeout_of(task).saturating_add(RESULT_GRACE)
                 );
                 let attempt = Attempt {
                     ok: false,
@@ -589,13 +594,13 @@ impl RunCore {
         match self.stage {
             Stage::Discovering => at(self.started + self.opts.discovery_timeout),
             Stage::Running => {
-                while let Some(&(_, seq)) = self.deadlines.front() {
+                while let Some(&Reverse((_, seq))) = self.deadlines.peek() {
                     if self.inflight.get(&seq).is_some_and(|f| !f.abandoned) {
                         break;
                     }
-                    self.deadlines.pop_front();
+                    self.deadlines.pop();
                 }
-                if let Some(&(d, _)) = self.deadlines.front() {
+                if let Some(&Reverse((d, _))) = self.deadlines.peek() {
                     at(d);
                 }
                 if let Some(w) = self.sched.next_wakeup() {
@@ -809,9 +814,9 @@ impl RunCore {
     /// Sends the next task that can start now, if any (see [`RunCore::poll_command`]).
     /// Returns false when nothing more can start.
     fn dispatch_one(&mut self, now: Instant) -> bool {
-        let timeout_ms = u64::try_from(self.opts.task_timeout.as_millis()).unwrap_or(u64::MAX);
         let dispatched = self.sched.next(now);
         if let Some(d) = dispatched {
+            let timeout_ms = u64::try_from(self.timeout_of(d.task).as_millis()).unwrap_or(u64::MAX);
             let Some(peer) = self.peers.get(&d.node) else {
                 self.sched.requeue(d.task);
                 return false;
@@ -857,9 +862,14 @@ impl RunCore {
         if self.deadlines.len() > 2 * self.inflight.len() + 1024 {
             let inflight = &self.inflight;
             self.deadlines
-                .retain(|(_, seq)| inflight.get(seq).is_some_and(|f| !f.abandoned));
+                .retain(|Reverse((_, seq))| inflight.get(seq).is_some_and(|f| !f.abandoned));
         }
         false
+    }
+
+    /// A task's attempt timeout: its own, or the run's (zero: none).
+    fn timeout_of(&self, task: usize) -> Duration {
+        timeout_of(&self.extras, task, self.opts.task_timeout)
     }
 
     fn closed(&mut self, link: LinkId, error: Option<String>) {
@@ -944,6 +954,12 @@ impl RunCore {
             None => Arc::from(""),
         };
         let attempt = self.sched.attempts(task);
+        if ok {
+            // The node's speed for the type (the attempt's time from its start).
+            self.sched.observe(task, link, took);
+        } else {
+            self.sched.observe_failure(task, link);
+        }
         let outcome = self.sched.complete(task, ok, now);
         if cancelled && !ok {
             self.cancelled(task, node, attempt, output, took);
@@ -1130,6 +1146,15 @@ struct Attempt {
     cancelled: bool,
 }
 
+/// A task's attempt timeout: its own (in its extras), or the run's `default`.
+fn timeout_of(extras: &[Option<Box<Extra>>], task: usize, default: Duration) -> Duration {
+    extras
+        .get(task)
+        .and_then(|e| e.as_ref())
+        .and_then(|e| e.timeout)
+        .unwrap_or(default)
+}
+
 /// Sets a result's node (a shared name: no copy).
 fn set_node(slot: &mut Option<Arc<str>>, node: &Arc<str>) {
     if !slot.as_ref().is_some_and(|s| Arc::ptr_eq(s, node)) {
@@ -1165,10 +1190,13 @@ fn split(mut tasks: Vec<Task>) -> (Vec<TaskResult>, Vec<Option<Box<Extra>>>) {
             error: None,
             resumed: false,
         });
-        extras.push(if t.args.is_empty() {
+        extras.push(if t.args.is_empty() && t.timeout.is_none() {
             None
         } else {
-            Some(Box::new(Extra { args: t.args }))
+            Some(Box::new(Extra {
+                args: t.args,
+                timeout: t.timeout,
+            }))
         });
         // Give back the consumed tail of the list every 64 Ki tasks, so the list and the
         // results never both hold a million tasks (a large list's memory is mapped on its

@@ -8,7 +8,17 @@
 //! - [`Order::Type`]: within a type, file order, one at a time; types run side by side.
 //! - [`Order::None`]: no order; as much at once as the nodes' capacity allows.
 //!
-//! Work goes to the least-loaded node of the task's type that has free capacity.
+//! Work goes to a node of the task's type that has free capacity: the one learned to be
+//! fastest for the type ([`Scheduler::observe`]: an exponentially weighted mean of attempt
+//! time per unit of cost, per node and type, started from the type's mean; estimates are
+//! compared in quarter-octave steps of 12-25%, so nodes of about one speed share work by
+//! load), then the least loaded. A node never measured
+//! for the type ranks first, so it is measured at once, and every [`PROBE_EVERY`]th start of a
+//! type goes to another free node than the fastest, so a node that became fast again is
+//! noticed. In
+//! [`Order::None`] and [`Order::Type`], among the tasks that may start, the costliest
+//! ([`Task::cost`]) starts first, ties in file order (longest-processing-time first): each
+//! type's ready tasks are kept ordered by cost, so picking one is a look at the first entry.
 //! A task also waits for its declared dependencies ([`Task::deps`]) to succeed; when one
 //! fails for good, the tasks that depend on it (directly or not) are skipped.
 //! A task that finally fails stops the run (nothing new starts; running tasks finish)
@@ -96,7 +106,8 @@ impl Backoff {
 pub struct Policy {
     /// The order rule. Default strict.
     pub order: Order,
-    /// Failed attempts retried per task. Default 0.
+    /// Failed attempts retried per task, unless the task has its own ([`Task::retries`]).
+    /// Default 0.
     pub retries: u32,
     /// The delay before each retry. Default 100 ms doubling to 5 s, plus up to 20% jitter.
     pub backoff: Backoff,
@@ -186,11 +197,58 @@ struct Slot {
     status: TaskStatus,
     attempts: u32,
     failures: u32,
+    /// The task's cost (at least 1).
+    cost: u32,
+    /// Failed attempts retried: the task's own, or the policy's.
+    retries: u32,
+}
+
+/// A ready task's place in its type's ready set: costliest first, then file order, in one
+/// word (`!cost` in the high half, the task's index in the low half; a plan has fewer than
+/// 2^32 tasks), so the set is as small as one of indexes.
+type ReadyKey = u64;
+
+/// The [`ReadyKey`] of task `task` of cost `cost`.
+fn ready_key(cost: u32, task: usize) -> ReadyKey {
+    (u64::from(!cost) << 32) | (task as u64 & u64::from(u32::MAX))
+}
+
+/// The task of a [`ReadyKey`].
+fn ready_task(key: ReadyKey) -> usize {
+    (key & u64::from(u32::MAX)) as usize
+}
+
+/// Weight of a new measurement in a node's speed estimate.
+pub const SPEED_ALPHA: f64 = 0.3;
+
+/// One start in this many, of a type with several free nodes, goes to another node than the
+/// fastest (a probe).
+pub const PROBE_EVERY: u32 = 16;
+
+/// A speed estimate's rank: 0 for a node never measured, else its quarter-octave step, so
+/// lower is faster. Estimates in one step (from 1 to 1.25, 1.25 to 1.5, 1.5 to 1.75 and
+/// 1.75 to 2 times a power of two microseconds per unit of cost) rank the same, so nodes of
+/// about one speed still share work by load. The step is read off the number's bits (its
+/// exponent and two leading mantissa bits): no logarithm per measurement.
+fn speed_rank(est: Option<f64>) -> u32 {
+    match est {
+        None => 0,
+        Some(secs) => {
+            // At least 1 µs (positive and normal, so the bits order as the numbers do); a
+            // NaN estimate ranks last.
+            let us = secs * 1e6;
+            let us = if us.is_nan() { f64::MAX } else { us.max(1.0) };
+            1 + (us.to_bits() >> 50) as u32
+        }
+    }
 }
 
 #[derive(Debug)]
 struct NodeSlot {
     kinds: Vec<usize>,
+    /// Per entry of `kinds`, the node's estimated seconds per unit of cost (none until it
+    /// completed a task of the type).
+    est: Vec<Option<f64>>,
     capacity: u32,
     running: u32,
     draining: bool,
@@ -208,7 +266,19 @@ impl NodeSlot {
             capacity: self.capacity,
         }
     }
+
+    /// The key of this node in the free set of its `j`th kind.
+    fn free_key(&self, j: usize, node: NodeKey) -> FreeKey {
+        (
+            speed_rank(self.est.get(j).copied().flatten()),
+            self.load(),
+            node,
+        )
+    }
 }
+
+/// A free node's place in its type's free set: fastest, then least loaded, then lowest key.
+type FreeKey = (u32, Load, NodeKey);
 
 /// A node's load, `running / capacity`, ordered exactly (by cross-multiplication).
 #[derive(Debug, Clone, Copy)]
@@ -247,8 +317,8 @@ pub struct Scheduler {
     /// Per kind, its tasks in file order, and the index of its first unfinished one.
     kind_tasks: Vec<Vec<usize>>,
     kind_cursor: Vec<usize>,
-    /// Per kind, tasks ready to start.
-    ready: Vec<BTreeSet<usize>>,
+    /// Per kind, tasks ready to start, costliest first (then in file order).
+    ready: Vec<BTreeSet<ReadyKey>>,
     /// Tasks waiting for their retry time.
     delayed: BTreeMap<(Instant, usize), ()>,
     /// When each task in `delayed` becomes ready (its key there), so that one can be taken
@@ -261,9 +331,17 @@ pub struct Scheduler {
     finished: usize,
     stopped: bool,
     nodes: BTreeMap<NodeKey, NodeSlot>,
-    /// Per kind, the nodes serving it that take new work, least loaded first (ties: lowest
-    /// key). Picking a node is a look at the first entry, whatever the number of nodes.
-    free: Vec<BTreeSet<(Load, NodeKey)>>,
+    /// Per kind, the nodes serving it that take new work, fastest first, then least loaded
+    /// (ties: lowest key). Picking a node is a look at the first entry, whatever the number
+    /// of nodes.
+    free: Vec<BTreeSet<FreeKey>>,
+    /// Every task has the same cost: in order none the first type with a startable task
+    /// wins at once (no look at the other types).
+    uniform_cost: bool,
+    /// Per kind, the mean time per unit of cost over every node (what a node's estimate
+    /// starts from), and how many starts since the last probe.
+    kind_speed: Vec<Option<f64>>,
+    since_probe: Vec<u32>,
     /// Per kind, how many nodes that are not draining serve it.
     serving: Vec<u32>,
     /// For each task, the tasks that depend on it; empty when no task has dependencies
@@ -287,7 +365,10 @@ impl Scheduler {
         let mut kinds: Vec<String> = Vec::new();
         let mut slots = Vec::with_capacity(tasks.len());
         let mut kind_tasks: Vec<Vec<usize>> = Vec::new();
+        let first_cost = tasks.first().map_or(1, |t| t.cost);
+        let mut uniform_cost = true;
         for (i, t) in tasks.iter().enumerate() {
+            uniform_cost &= t.cost == first_cost;
             let k = match kinds.iter().position(|k| *k == t.kind) {
                 Some(k) => k,
                 None => {
@@ -305,6 +386,8 @@ impl Scheduler {
                 attempts: 0,
                 losses: 0,
                 failures: 0,
+                cost: t.cost.max(1),
+                retries: t.retries.unwrap_or(policy.retries),
             });
         }
         let mut dependents = Vec::new();
@@ -326,6 +409,7 @@ impl Scheduler {
                 ts.iter()
                     .copied()
                     .filter(|&t| slots[t].waiting == 0)
+                    .map(|t| ready_key(slots[t].cost, t))
                     .collect()
             })
             .collect();
@@ -334,6 +418,9 @@ impl Scheduler {
             running_kind: vec![0; kinds.len()],
             kind_cursor: vec![0; kinds.len()],
             free: vec![BTreeSet::new(); kinds.len()],
+            kind_speed: vec![None; kinds.len()],
+            uniform_cost,
+            since_probe: vec![0; kinds.len()],
             serving: vec![0; kinds.len()],
             kinds,
             slots,
@@ -351,6 +438,24 @@ impl Scheduler {
         }
     }
 
+    fn ready_key(&self, task: usize) -> ReadyKey {
+        ready_key(self.slots[task].cost, task)
+    }
+
+    fn ready_insert(&mut self, task: usize) {
+        let key = self.ready_key(task);
+        self.ready[self.slots[task].kind].insert(key);
+    }
+
+    fn ready_remove(&mut self, task: usize) {
+        let key = self.ready_key(task);
+        self.ready[self.slots[task].kind].remove(&key);
+    }
+
+    fn is_ready(&self, task: usize) -> bool {
+        self.ready[self.slots[task].kind].contains(&self.ready_key(task))
+    }
+
     /// Tasks skipped (a dependency failed) since the last call, each with the dependency
     /// that did not succeed, so that no caller has to search for it.
     pub fn drain_skipped(&mut self) -> Vec<(usize, usize)> {
@@ -361,8 +466,7 @@ impl Scheduler {
     /// run, and its dependents may. Only a pending task that never ran can be marked.
     pub fn mark_done(&mut self, task: usize) {
         if self.status(task) == Some(TaskStatus::Pending) && self.attempts(task) == 0 {
-            let k = self.slots[task].kind;
-            self.ready[k].remove(&task);
+            self.ready_remove(task);
             self.finish(task, TaskStatus::Succeeded);
         }
     }
@@ -394,6 +498,7 @@ impl Scheduler {
             self.unlist(node, &old);
         }
         let slot = NodeSlot {
+            est: vec![None; kinds.len()],
             kinds,
             capacity,
             running: 0,
@@ -410,10 +515,10 @@ impl Scheduler {
         if n.draining || n.capacity == 0 {
             return;
         }
-        for &k in &n.kinds {
+        for (j, &k) in n.kinds.iter().enumerate() {
             self.serving[k] += 1;
             if n.is_free() {
-                self.free[k].insert((n.load(), node));
+                self.free[k].insert(n.free_key(j, node));
             }
         }
     }
@@ -423,10 +528,10 @@ impl Scheduler {
         if n.draining || n.capacity == 0 {
             return;
         }
-        for &k in &n.kinds {
+        for (j, &k) in n.kinds.iter().enumerate() {
             self.serving[k] -= 1;
             if n.is_free() {
-                self.free[k].remove(&(n.load(), node));
+                self.free[k].remove(&n.free_key(j, node));
             }
         }
     }
@@ -437,25 +542,28 @@ impl Scheduler {
         let Some(n) = self.nodes.get_mut(&node) else {
             return;
         };
-        let before = (n.is_free(), n.load());
-        n.running = if up {
-            n.running + 1
-        } else {
-            n.running.saturating_sub(1)
-        };
-        let after = (n.is_free(), n.load());
-        if n.draining
-            || n.capacity == 0
-            || (before.0 == after.0 && before.1.running == after.1.running)
-        {
+        let (was_free, before) = (n.is_free(), n.running);
+        if n.draining || n.capacity == 0 {
+            n.running = if up {
+                before + 1
+            } else {
+                before.saturating_sub(1)
+            };
             return;
         }
-        for &k in &n.kinds {
-            if before.0 {
-                self.free[k].remove(&(before.1, node));
+        for (j, &k) in n.kinds.iter().enumerate() {
+            if was_free {
+                self.free[k].remove(&n.free_key(j, node));
             }
-            if after.0 {
-                self.free[k].insert((after.1, node));
+        }
+        n.running = if up {
+            before + 1
+        } else {
+            before.saturating_sub(1)
+        };
+        if n.is_free() {
+            for (j, &k) in n.kinds.iter().enumerate() {
+                self.free[k].insert(n.free_key(j, node));
             }
         }
     }
@@ -523,7 +631,7 @@ impl Scheduler {
         slot.status = TaskStatus::Pending;
         self.running_total -= 1;
         self.running_kind[slot.kind] -= 1;
-        self.ready[slot.kind].insert(task);
+        self.ready_insert(task);
     }
 
     /// Types with unfinished tasks and no node that can take them.
@@ -576,8 +684,7 @@ impl Scheduler {
         if self.status(task) != Some(TaskStatus::Pending) {
             return;
         }
-        let k = self.slots[task].kind;
-        self.ready[k].remove(&task);
+        self.ready_remove(task);
         if let Some(at) = self.retry_at.remove(&task) {
             self.delayed.remove(&(at, task));
         }
@@ -621,7 +728,7 @@ impl Scheduler {
             }
             self.delayed.remove(&(at, t));
             self.retry_at.remove(&t);
-            self.ready[self.slots[t].kind].insert(t);
+            self.ready_insert(t);
         }
         match self.policy.order {
             Order::Strict => {
@@ -629,26 +736,56 @@ impl Scheduler {
                     return None;
                 }
                 let t = self.cursor;
-                let k = self.slots[t].kind;
-                if self.ready[k].first() != Some(&t) {
+                if !self.is_ready(t) {
                     return None;
                 }
                 self.start(t)
             }
-            Order::Type => (0..self.kinds.len()).find_map(|k| {
-                if self.running_kind[k] > 0 {
-                    return None;
+            Order::Type => {
+                // Each idle type's next task in file order, if ready: the costliest of those
+                // that has a node starts.
+                let mut best: Option<ReadyKey> = None;
+                for k in 0..self.kinds.len() {
+                    if self.running_kind[k] > 0 {
+                        continue;
+                    }
+                    let Some(&first) = self.kind_tasks[k].get(self.kind_cursor[k]) else {
+                        continue;
+                    };
+                    let key = self.ready_key(first);
+                    if best.is_some_and(|b| b <= key) || !self.ready[k].contains(&key) {
+                        continue;
+                    }
+                    if self.peek_node(k, self.slots[first].avoid).is_some() {
+                        best = Some(key);
+                    }
                 }
-                let first = *self.kind_tasks[k].get(self.kind_cursor[k])?;
-                if self.ready[k].first() != Some(&first) {
-                    return None;
+                self.start(ready_task(best?))
+            }
+            Order::None => {
+                // Each type's costliest ready task: the costliest of those that has a node
+                // starts (one look per type, whatever the number of tasks; with one cost for
+                // all, the first type that can start one, as before costs).
+                let mut best: Option<ReadyKey> = None;
+                for k in 0..self.kinds.len() {
+                    let Some(&key) = self.ready[k].first() else {
+                        continue;
+                    };
+                    if best.is_some_and(|b| b <= key) {
+                        continue;
+                    }
+                    if self
+                        .peek_node(k, self.slots[ready_task(key)].avoid)
+                        .is_some()
+                    {
+                        best = Some(key);
+                        if self.uniform_cost {
+                            break;
+                        }
+                    }
                 }
-                self.start(first)
-            }),
-            Order::None => (0..self.kinds.len()).find_map(|k| {
-                let t = *self.ready[k].first()?;
-                self.start(t)
-            }),
+                self.start(ready_task(best?))
+            }
         }
     }
 
@@ -656,7 +793,7 @@ impl Scheduler {
         let k = self.slots[task].kind;
         let node = self.pick_node(k, self.slots[task].avoid)?;
         self.set_running(node, true);
-        self.ready[k].remove(&task);
+        self.ready_remove(task);
         let slot = &mut self.slots[task];
         slot.status = TaskStatus::Running(node);
         slot.attempts += 1;
@@ -669,12 +806,102 @@ impl Scheduler {
         })
     }
 
-    /// The least-loaded node serving `kind` with a free slot (ties: the lowest key);
-    /// `avoid` only when it is the only one that serves the type.
-    fn pick_node(&self, kind: usize, avoid: Option<NodeKey>) -> Option<NodeKey> {
+    /// A task of `kind` took `took` on `node` (from the node's start to its result): the
+    /// node's speed estimate for the type moves towards it (see the module documentation).
+    /// Durations of failed attempts are not speeds; callers pass successful ones.
+    pub fn observe(&mut self, task: usize, node: NodeKey, took: Duration) {
+        let Some(slot) = self.slots.get(task) else {
+            return;
+        };
+        let (k, per_unit) = (slot.kind, took.as_secs_f64() / f64::from(slot.cost.max(1)));
+        if !per_unit.is_finite() {
+            return;
+        }
+        let mean = self.kind_speed[k].unwrap_or(per_unit);
+        self.kind_speed[k] = Some(mean + SPEED_ALPHA * (per_unit - mean));
+        let Some(n) = self.nodes.get_mut(&node) else {
+            return;
+        };
+        let Some(j) = n.kinds.iter().position(|&x| x == k) else {
+            return;
+        };
+        let prev = n.est[j].unwrap_or(mean);
+        let est = Some(prev + SPEED_ALPHA * (per_unit - prev));
+        if speed_rank(est) == speed_rank(n.est[j]) {
+            // Same place in the free set (the usual case): nothing to move.
+            n.est[j] = est;
+            return;
+        }
+        let listed = n.is_free() && !n.draining && n.capacity > 0;
+        if listed {
+            self.free[k].remove(&n.free_key(j, node));
+        }
+        n.est[j] = est;
+        if listed {
+            self.free[k].insert(n.free_key(j, node));
+        }
+    }
+
+    /// An attempt of `task` failed on `node`: its time is no speed, but a node never measured
+    /// for the type no longer ranks first (a node that fails every task at once must not draw
+    /// the type's work); it gets the type's mean, if there is one yet.
+    pub fn observe_failure(&mut self, task: usize, node: NodeKey) {
+        let Some(k) = self.slots.get(task).map(|s| s.kind) else {
+            return;
+        };
+        let Some(mean) = self.kind_speed[k] else {
+            return;
+        };
+        let Some(n) = self.nodes.get_mut(&node) else {
+            return;
+        };
+        let Some(j) = n.kinds.iter().position(|&x| x == k) else {
+            return;
+        };
+        if n.est[j].is_some() {
+            return;
+        }
+        let listed = n.is_free() && !n.draining && n.capacity > 0;
+        if listed {
+            self.free[k].remove(&n.free_key(j, node));
+        }
+        n.est[j] = Some(mean);
+        if listed {
+            self.free[k].insert(n.free_key(j, node));
+        }
+    }
+
+    /// A node's speed estimate for a type: seconds per unit of cost (none until measured).
+    pub fn speed(&self, node: NodeKey, kind: &str) -> Option<f64> {
+        let k = self.kinds.iter().position(|x| x == kind)?;
+        let n = self.nodes.get(&node)?;
+        let j = n.kinds.iter().position(|&x| x == k)?;
+        n.est[j]
+    }
+
+    /// The fastest free node serving `kind` (then the least loaded, then the lowest key), or
+    /// on a probe another free one; `avoid` only when it is the only one that serves the type.
+    fn pick_node(&mut self, kind: usize, avoid: Option<NodeKey>) -> Option<NodeKey> {
+        let node = self.peek_node(kind, avoid)?;
+        self.since_probe[kind] += 1;
+        if self.since_probe[kind] < PROBE_EVERY || self.free[kind].len() < 2 {
+            return Some(node);
+        }
+        self.since_probe[kind] = 0;
+        // The slowest free node that is not avoided (the one least likely to be picked).
+        let probe = self.free[kind]
+            .iter()
+            .rev()
+            .map(|&(_, _, n)| n)
+            .find(|&n| n != node && Some(n) != avoid);
+        Some(probe.unwrap_or(node))
+    }
+
+    /// What [`Scheduler::pick_node`] picks when it does not probe.
+    fn peek_node(&self, kind: usize, avoid: Option<NodeKey>) -> Option<NodeKey> {
         let free = &self.free[kind];
         let Some(a) = avoid else {
-            return free.first().map(|&(_, node)| node);
+            return free.first().map(|&(_, _, node)| node);
         };
         let avoid_serves = self
             .nodes
@@ -682,7 +909,7 @@ impl Scheduler {
             .is_some_and(|n| !n.draining && n.kinds.contains(&kind));
         let alternatives = self.serving[kind] > u32::from(avoid_serves);
         free.iter()
-            .map(|&(_, node)| node)
+            .map(|&(_, _, node)| node)
             .find(|&node| !(alternatives && node == a))
     }
 
@@ -706,7 +933,7 @@ impl Scheduler {
         let slot = &mut self.slots[task];
         slot.failures += 1;
         slot.avoid = Some(node);
-        if slot.failures <= self.policy.retries && !self.stopped {
+        if slot.failures <= slot.retries && !self.stopped {
             // Jitter spreads retries of many tasks so they do not hit a recovering node at once.
             let delay = self.policy.backoff.delay(slot.failures, task as u64);
             slot.status = TaskStatus::Pending;
@@ -737,12 +964,12 @@ impl Scheduler {
                 if st == TaskStatus::Succeeded {
                     self.slots[d].waiting -= 1;
                     if self.slots[d].waiting == 0 {
-                        self.ready[self.slots[d].kind].insert(d);
+                        self.ready_insert(d);
                     }
                 } else {
                     // A pending dependent waits for `t`, so it never ran: it is neither ready
                     // nor waiting for a retry (no scan of the delayed set per skipped task).
-                    self.ready[self.slots[d].kind].remove(&d);
+                    self.ready_remove(d);
                     // Mark now so a task reachable twice is skipped once.
                     self.slots[d].status = TaskStatus::Skipped;
                     self.skipped.push((d, t));

@@ -5,6 +5,7 @@
 //! verbatim. A valid id matches `^[A-Za-z]+[0-9][A-Za-z0-9_.-]*$`.
 
 use std::fmt;
+use std::time::Duration;
 
 /// One task of a plan.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -23,6 +24,20 @@ pub struct Task {
     /// 1-based column, counted in characters, of the token's first character (0 when the task
     /// did not come from a file).
     pub col: u32,
+    /// How big the task is, relative to the others (`cost N`, at least 1; default 1). In
+    /// `--order none` and `--order type`, the costliest ready task starts first.
+    #[serde(default = "default_cost")]
+    pub cost: u32,
+    /// This task's attempt timeout (`timeout DUR`), overriding the run's; zero means none.
+    #[serde(default)]
+    pub timeout: Option<Duration>,
+    /// This task's retries (`retries N`), overriding the run's.
+    #[serde(default)]
+    pub retries: Option<u32>,
+}
+
+fn default_cost() -> u32 {
+    1
 }
 
 impl Task {
@@ -40,7 +55,15 @@ impl Task {
             deps: Vec::new(),
             line: 0,
             col: 0,
+            cost: 1,
+            timeout: None,
+            retries: None,
         })
+    }
+
+    /// Whether the task has a cost or a limit of its own (not the defaults).
+    pub fn has_own_terms(&self) -> bool {
+        self.cost != 1 || self.timeout.is_some() || self.retries.is_some()
     }
 }
 

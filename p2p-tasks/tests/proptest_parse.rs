@@ -19,6 +19,7 @@ fn word() -> impl Strategy<Value = String> {
     prop_oneof![
         4 => select(vec![
             "a1", "a2", "b1", "B1", "c10", "ab3_x.y-z", "after", "--", "#", "# c", "1a", "a",
+            "cost", "timeout", "retries", "0", "7", "-1", "1.5", "3s", "1h30m", "99999999999",
             "a-1", "é1", "a1!", "\u{feff}", "\u{3000}", "\u{a0}", "\r", "\r\n", "\n", " ", "\t",
         ])
         .prop_map(str::to_string),
@@ -38,12 +39,70 @@ fn soup() -> impl Strategy<Value = String> {
 }
 
 /// One task of a generated file: its id, dependencies (indexes of earlier tasks in the
-/// generated order, so there is no cycle) and arguments.
+/// generated order, so there is no cycle), arguments, and cost, timeout and retries clauses
+/// (each as written, e.g. `cost 3`, and the value it means).
 #[derive(Debug, Clone)]
 struct Spec {
     id: String,
     deps: Vec<usize>,
     args: String,
+    terms: Terms,
+    /// The clauses are written before `after` (else after the dependencies).
+    terms_first: bool,
+}
+
+/// A task's optional clauses: the words written (in a generated order) and what they mean.
+#[derive(Debug, Clone, Default)]
+struct Terms {
+    written: Vec<String>,
+    cost: u32,
+    timeout: Option<std::time::Duration>,
+    retries: Option<u32>,
+}
+
+/// Optional `cost`, `timeout` and `retries` clauses, in any order.
+fn terms() -> impl Strategy<Value = Terms> {
+    let timeouts = select(vec![
+        ("0", 0u64),
+        ("500ms", 500),
+        ("3s", 3_000),
+        ("2m", 120_000),
+        ("1h30m", 5_400_000),
+        ("1500ms", 1_500),
+    ]);
+    (
+        prop::option::of(1u32..=u32::MAX),
+        prop::option::of(timeouts),
+        prop::option::of(any::<u32>()),
+        any::<prop::sample::Index>(),
+    )
+        .prop_map(|(cost, timeout, retries, rot)| {
+            let mut t = Terms {
+                cost: cost.unwrap_or(1),
+                ..Terms::default()
+            };
+            if let Some(c) = cost {
+                t.written.push(format!("cost {c}"));
+            }
+            if let Some((text, ms)) = timeout {
+                t.written.push(format!("timeout {text}"));
+                t.timeout = Some(std::time::Duration::from_millis(ms));
+            }
+            if let Some(n) = retries {
+                t.written.push(format!("retries {n}"));
+                t.retries = Some(n);
+            }
+            if !t.written.is_empty() {
+                let k = rot.index(t.written.len());
+                t.written.rotate_left(k);
+            }
+            t
+        })
+}
+
+/// Whether a generated task is written without clauses (it may share its line).
+fn is_plain(s: &Spec) -> bool {
+    s.deps.is_empty() && s.args.is_empty() && s.terms.written.is_empty()
 }
 
 /// Whitespace between tokens.
@@ -58,6 +117,8 @@ fn valid_file() -> impl Strategy<Value = (String, Vec<Meaning>)> {
         "[a-zA-Z0-9_.-]{0,3}",
         vec(any::<prop::sample::Index>(), 0..3),
         prop_oneof![2 => Just(String::new()), 1 => "[^#\r\n]{0,16}"],
+        prop_oneof![2 => Just(Terms { cost: 1, ..Terms::default() }), 1 => terms()],
+        any::<bool>(),
     );
     (
         vec(task, 1..24),
@@ -73,7 +134,7 @@ fn valid_file() -> impl Strategy<Value = (String, Vec<Meaning>)> {
             let specs: Vec<Spec> = raw
                 .iter()
                 .enumerate()
-                .map(|(i, (letters, suffix, deps, args))| {
+                .map(|(i, (letters, suffix, deps, args, terms, terms_first))| {
                     let mut deps: Vec<usize> = if i == 0 {
                         Vec::new()
                     } else {
@@ -85,6 +146,8 @@ fn valid_file() -> impl Strategy<Value = (String, Vec<Meaning>)> {
                         id: format!("{letters}{i}.{suffix}"),
                         deps,
                         args: args.trim().to_string(),
+                        terms: terms.clone(),
+                        terms_first: *terms_first,
                     }
                 })
                 .collect();
@@ -101,7 +164,7 @@ fn valid_file() -> impl Strategy<Value = (String, Vec<Meaning>)> {
             let mut expected = Vec::new();
             for (n, &i) in order.iter().enumerate() {
                 let s = &specs[i];
-                let plain = s.deps.is_empty() && s.args.is_empty();
+                let plain = is_plain(s);
                 match layout[n % layout.len()] {
                     0 => text.push_str(&format!("# a comment: after -- a1{nl}")),
                     1 => text.push_str(&format!("{}{nl}", g.next().unwrap())),
@@ -109,6 +172,14 @@ fn valid_file() -> impl Strategy<Value = (String, Vec<Meaning>)> {
                 }
                 text.push_str(g.next().unwrap());
                 text.push_str(&s.id);
+                let mut terms = String::new();
+                for w in &s.terms.written {
+                    terms.push_str(g.next().unwrap());
+                    terms.push_str(&w.replace(' ', g.next().unwrap()));
+                }
+                if s.terms_first {
+                    text.push_str(&terms);
+                }
                 let deps: Vec<String> = s.deps.iter().map(|&d| specs[d].id.clone()).collect();
                 if !deps.is_empty() {
                     text.push_str(&format!("{}after", g.next().unwrap()));
@@ -116,6 +187,9 @@ fn valid_file() -> impl Strategy<Value = (String, Vec<Meaning>)> {
                         text.push_str(g.next().unwrap());
                         text.push_str(d);
                     }
+                }
+                if !s.terms_first {
+                    text.push_str(&terms);
                 }
                 if !s.args.is_empty() {
                     text.push_str(&format!(
@@ -131,9 +205,7 @@ fn valid_file() -> impl Strategy<Value = (String, Vec<Meaning>)> {
                 }
                 // A plain task sometimes shares its line with the next task, when that one
                 // is plain too (a task with clauses must be alone on its line).
-                let next_plain = order
-                    .get(n + 1)
-                    .is_some_and(|&j| specs[j].deps.is_empty() && specs[j].args.is_empty());
+                let next_plain = order.get(n + 1).is_some_and(|&j| is_plain(&specs[j]));
                 let glue = plain && next_plain && !comment && layout[(n + 1) % layout.len()] == 3;
                 if glue {
                     text.push_str(g.next().unwrap());
@@ -145,7 +217,14 @@ fn valid_file() -> impl Strategy<Value = (String, Vec<Meaning>)> {
                         .take_while(char::is_ascii_alphabetic)
                         .map(|c| c.to_ascii_lowercase())
                         .collect();
-                expected.push((s.id.clone(), kind, s.args.clone(), deps));
+                let t = &s.terms;
+                expected.push((
+                    s.id.clone(),
+                    kind,
+                    s.args.clone(),
+                    deps,
+                    (t.cost, t.timeout, t.retries),
+                ));
             }
             (text, expected)
         })

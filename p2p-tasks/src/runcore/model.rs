@@ -10,7 +10,10 @@
 //! - no run waits past its bounds: a core that is not done always has a timer armed or
 //!   work in flight at a node, and every run ends within a bounded virtual time;
 //! - the order rules hold: strict order assigns task k+1 only once task k is final; type
-//!   order likewise within a type; a task starts only after its dependencies succeeded.
+//!   order likewise within a type; a task starts only after its dependencies succeeded;
+//! - longest first: in order none without dependencies, a task's first attempt starts only
+//!   once every costlier task of its type (and every one as costly earlier in the file) has
+//!   been assigned. Tasks have random costs, and some their own timeout and retries.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -51,6 +54,9 @@ fn action() -> impl Strategy<Value = Action> {
     ]
 }
 
+/// One task of a generated plan; see [`Setup::plan`].
+type PlanTask = (bool, Option<usize>, u32, Option<u32>, Option<u64>);
+
 #[derive(Debug, Clone)]
 struct Setup {
     coords: usize,
@@ -58,9 +64,9 @@ struct Setup {
     nodes: Vec<(bool, bool, u32)>,
     /// Per coordinator: order, retries, keep-going.
     runs: Vec<(Order, u32, bool)>,
-    /// The plan: per task, its type (false: a, true: b) and an optional earlier dependency
-    /// (order none only).
-    plan: Vec<(bool, Option<usize>)>,
+    /// The plan: per task, its type (false: a, true: b), an optional earlier dependency
+    /// (order none only), its cost, and its own retries and timeout (in ms) if any.
+    plan: Vec<PlanTask>,
     seed: u64,
 }
 
@@ -71,7 +77,13 @@ fn setup() -> impl Strategy<Value = Setup> {
         prop::collection::vec((any::<bool>(), any::<bool>(), 0u32..=3), 1..=2),
         prop::collection::vec((order, 0u32..=2, any::<bool>()), 3),
         prop::collection::vec(
-            (any::<bool>(), prop::option::weighted(0.2, 0usize..12)),
+            (
+                any::<bool>(),
+                prop::option::weighted(0.2, 0usize..12),
+                1u32..=3,
+                prop::option::weighted(0.2, 0u32..=2),
+                prop::option::weighted(0.2, prop::sample::select(vec![0u64, 500, 2500])),
+            ),
             1..=12,
         ),
         any::<u64>(),
@@ -130,6 +142,8 @@ struct Coord {
     finals: Vec<u32>,
     final_events: Vec<u32>,
     done_at: Option<Instant>,
+    /// Tasks assigned at least once.
+    assigned: Vec<bool>,
 }
 
 struct World {
@@ -150,11 +164,14 @@ impl World {
     fn new(s: &Setup) -> World {
         let now = Instant::now();
         let mut tasks = Vec::new();
-        for (i, (b, dep)) in s.plan.iter().enumerate() {
-            let mut t = Task::from_id(&format!("{}{}", if *b { "b" } else { "a" }, i + 1)).unwrap();
+        for (i, &(b, dep, cost, retries, timeout)) in s.plan.iter().enumerate() {
+            let mut t = Task::from_id(&format!("{}{}", if b { "b" } else { "a" }, i + 1)).unwrap();
+            t.cost = cost;
+            t.retries = retries;
+            t.timeout = timeout.map(Duration::from_millis);
             if let Some(d) = dep {
-                if *d < i {
-                    t.deps = vec![tasks.get(*d).map(|x: &Task| x.id.clone()).unwrap()];
+                if d < i {
+                    t.deps = vec![tasks.get(d).map(|x: &Task| x.id.clone()).unwrap()];
                 }
             }
             tasks.push(t);
@@ -228,6 +245,7 @@ impl World {
                 finals: vec![0; tasks.len()],
                 final_events: vec![0; tasks.len()],
                 done_at: None,
+                assigned: vec![false; tasks.len()],
             });
             for n in 0..w.nodes.len() {
                 let link = w.new_link();
@@ -508,6 +526,8 @@ impl World {
                 );
                 let t = self.coords[c].index[&a.task];
                 self.check_order(c, t);
+                self.check_longest_first(c, t);
+                self.coords[c].assigned[t] = true;
                 self.coords[c].seqs.insert(a.seq, t);
                 let h = mix(self.seed ^ mix(t as u64 * 977 + u64::from(a.attempt) * 31 + c as u64));
                 let len = Duration::from_millis(10 + h % 4000);
@@ -582,6 +602,30 @@ impl World {
                 coord.core.result(i).unwrap().status,
                 Status::Succeeded,
                 "task {t} assigned before its dependency {d} succeeded"
+            );
+        }
+    }
+
+    /// Longest first, at a task's first assignment: in order none without dependencies every
+    /// task is ready until assigned, and tasks of one type have the same nodes, so none of its
+    /// type that goes before it (costlier, or as costly and earlier) is still unassigned.
+    fn check_longest_first(&self, c: usize, t: usize) {
+        let coord = &self.coords[c];
+        let plain = self.tasks.iter().all(|x| x.deps.is_empty());
+        if coord.order != Order::None || !plain || coord.assigned[t] {
+            return;
+        }
+        let me = &self.tasks[t];
+        for (i, u) in self.tasks.iter().enumerate() {
+            let before = u.cost > me.cost || (u.cost == me.cost && i < t);
+            let open = coord.core.result(i).unwrap().status == Status::NotRun;
+            assert!(
+                !(u.kind == me.kind && before && open && !coord.assigned[i]),
+                "coordinator {c}: {} (cost {}) assigned before {} (cost {})",
+                me.id,
+                me.cost,
+                u.id,
+                u.cost
             );
         }
     }

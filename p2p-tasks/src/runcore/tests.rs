@@ -1085,3 +1085,5 @@ fn the_dependents_of_a_cancelled_task_say_why_they_did_not_run() {
         Some("skipped: dependency a1 did not succeed")
     );
 }
+
+mod placement;

@@ -14,6 +14,9 @@ fn tasks(ids: &str) -> Vec<Task> {
             deps: Vec::new(),
             line: 1,
             col: i as u32 + 1,
+            cost: 1,
+            timeout: None,
+            retries: None,
         })
         .collect()
 }
@@ -267,4 +270,42 @@ fn a_retry_goes_to_another_node_when_there_is_one() {
     s.remove_node(second);
     let third = s.next(t0 + Duration::from_secs(10)).unwrap().node;
     assert_eq!(third, first);
+}
+
+#[test]
+fn nodes_of_about_one_speed_share_work_by_load_and_a_faster_one_takes_it() {
+    let run = |fast: u64| {
+        let mut s = Scheduler::new(
+            &tasks("a1 a2 a3 a4"),
+            Policy {
+                order: Order::None,
+                ..Policy::default()
+            },
+        );
+        s.add_node(1, &["a".into()], 4);
+        s.add_node(2, &["a".into()], 4);
+        s.observe(0, 1, Duration::from_millis(50));
+        s.observe(0, 2, Duration::from_millis(fast));
+        let now = Instant::now();
+        drain(&mut s, now)
+            .iter()
+            .map(|d| d.node)
+            .collect::<Vec<_>>()
+    };
+    // 50 ms and about 50.6 ms rank the same: by load, as before.
+    assert_eq!(run(52), [1, 2, 1, 2]);
+    // 20 ms per unit is faster: node 2 gets every task it has room for.
+    assert_eq!(run(20), [2, 2, 2, 2]);
+}
+
+#[test]
+fn speed_ranks_are_ordered_and_never_overflow() {
+    assert_eq!(speed_rank(None), 0);
+    let ranks: Vec<u32> = [1e-9, 1e-3, 0.1, 10.0, 1e12, f64::MAX]
+        .iter()
+        .map(|&s| speed_rank(Some(s)))
+        .collect();
+    assert!(ranks.windows(2).all(|w| w[0] <= w[1]), "{ranks:?}");
+    assert!(ranks.iter().all(|&r| r >= 1), "{ranks:?}");
+    assert_eq!(speed_rank(Some(0.010)), speed_rank(Some(0.0101)));
 }

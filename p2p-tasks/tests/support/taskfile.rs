@@ -77,7 +77,8 @@ pub fn check_positions(text: &str, tasks: &[Task]) {
     }
 }
 
-/// Prints tasks as a task file: one task per line, `ID [after DEP...] [-- ARGS]`.
+/// Prints tasks as a task file: one task per line,
+/// `ID [after DEP...] [cost N] [timeout DUR] [retries N] [-- ARGS]`.
 pub fn print(tasks: &[Task]) -> String {
     let mut out = String::new();
     for t in tasks {
@@ -85,6 +86,19 @@ pub fn print(tasks: &[Task]) -> String {
         if !t.deps.is_empty() {
             out.push_str(" after ");
             out.push_str(&t.deps.join(" "));
+        }
+        if t.cost != 1 {
+            out.push_str(&format!(" cost {}", t.cost));
+        }
+        if let Some(d) = t.timeout {
+            // One token, exact to the nanosecond (`90s`, `1s500000000ns`).
+            out.push_str(&format!(" timeout {}s", d.as_secs()));
+            if d.subsec_nanos() != 0 {
+                out.push_str(&format!("{}ns", d.subsec_nanos()));
+            }
+        }
+        if let Some(n) = t.retries {
+            out.push_str(&format!(" retries {n}"));
         }
         if !t.args.is_empty() {
             out.push_str(" -- ");
@@ -95,14 +109,29 @@ pub fn print(tasks: &[Task]) -> String {
     out
 }
 
-/// What a task is, without its position in the file: id, type, arguments, dependencies.
-pub type Meaning = (String, String, String, Vec<String>);
+/// What a task is, without its position in the file: id, type, arguments, dependencies,
+/// and its cost, timeout and retries.
+pub type Meaning = (
+    String,
+    String,
+    String,
+    Vec<String>,
+    (u32, Option<std::time::Duration>, Option<u32>),
+);
 
 /// What the tasks are, without their positions in the file.
 pub fn meaning(tasks: &[Task]) -> Vec<Meaning> {
     tasks
         .iter()
-        .map(|t| (t.id.clone(), t.kind.clone(), t.args.clone(), t.deps.clone()))
+        .map(|t| {
+            (
+                t.id.clone(),
+                t.kind.clone(),
+                t.args.clone(),
+                t.deps.clone(),
+                (t.cost, t.timeout, t.retries),
+            )
+        })
         .collect()
 }
 
