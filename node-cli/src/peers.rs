@@ -39,6 +39,28 @@ pub const MAX_PEERS: usize = 4096;
 /// How long a node that answered gets to complete the goodbye.
 const GOODBYE_WAIT: Duration = Duration::from_secs(2);
 
+/// How a client that serves nothing (`peers`, `status`) introduces itself: a `Hello` with
+/// no types and no capacity, and connection settings with its first key and its identity.
+pub(crate) fn client(
+    cluster: &str,
+    keys: &[ClusterKey],
+    identity: Identity,
+) -> (Hello, Arc<Settings>) {
+    let hello = Hello {
+        version: PROTOCOL_VERSION,
+        cluster: cluster.to_string(),
+        node_id: identity.node_id(),
+        types: Vec::new(),
+        capacity: 0,
+    };
+    let settings = Arc::new(Settings {
+        key: keys.first().cloned(),
+        identity: Some(identity),
+        ..Settings::default()
+    });
+    (hello, settings)
+}
+
 /// Discovers peers for up to `timeout` and handshakes with each (under the first of `keys`,
 /// if any, as `identity`) to learn its types.
 ///
@@ -60,18 +82,7 @@ pub async fn probe(
     let mut seen = std::collections::HashSet::new();
     let stop = CancellationToken::new();
     let mut found = p2p_discovery::start_all(backends, None, stop.clone())?;
-    let hello = Hello {
-        version: PROTOCOL_VERSION,
-        cluster: cluster.to_string(),
-        node_id: identity.node_id(),
-        types: Vec::new(),
-        capacity: 0,
-    };
-    let settings = Arc::new(Settings {
-        key: keys.first().cloned(),
-        identity: Some(identity),
-        ..Settings::default()
-    });
+    let (hello, settings) = client(cluster, &keys, identity);
     let permits = Arc::new(Semaphore::new(MAX_CONCURRENT_PROBES));
     let deadline = started + timeout;
     let mut asking: JoinSet<(u64, Option<PeerInfo>)> = JoinSet::new();

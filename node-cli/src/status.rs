@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use p2p_core::message::{RunningTask, StatusReport, MAX_STATUS_TASKS};
 use p2p_core::net::{self, Command, Settings};
-use p2p_core::{ClusterKey, Hello, Identity, PROTOCOL_VERSION};
+use p2p_core::{ClusterKey, Hello, Identity};
 use p2p_discovery::{Discovery, Event};
 use p2p_tasks::stats::WorkerStats;
 use serde::Serialize;
@@ -29,8 +29,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::Error;
 
-/// Most nodes asked at once.
-pub const PARALLEL: usize = 64;
+/// Most nodes asked at once (the same bound as `peers`).
+pub const PARALLEL: usize = crate::peers::MAX_CONCURRENT_PROBES;
 
 /// A serving node's answer now (see the module documentation).
 pub fn report(worker: &WorkerStats, started: Instant, draining: bool) -> StatusReport {
@@ -193,18 +193,7 @@ pub async fn probe(
 ) -> Result<Vec<Result<NodeStatus, Unreachable>>, Error> {
     let stop = CancellationToken::new();
     let mut found = p2p_discovery::start_all(backends, None, stop.clone())?;
-    let hello = Hello {
-        version: PROTOCOL_VERSION,
-        cluster: cluster.to_string(),
-        node_id: identity.node_id(),
-        types: Vec::new(),
-        capacity: 0,
-    };
-    let settings = Arc::new(Settings {
-        key: keys.first().cloned(),
-        identity: Some(identity),
-        ..Settings::default()
-    });
+    let (hello, settings) = crate::peers::client(cluster, &keys, identity);
     let deadline = tokio::time::Instant::now() + timeout;
     let slots = Arc::new(Semaphore::new(PARALLEL));
     let mut seen = std::collections::HashSet::new();
