@@ -121,6 +121,15 @@ pub enum ConfigError {
         /// The parser's message (with line and column).
         message: String,
     },
+    /// The file can be changed by users other than its reader and root: a config file can
+    /// set handlers (shell commands), so it is refused, as ssh refuses such key files.
+    #[error("config file {path}: {why}; refusing it, as it can set the commands this node runs")]
+    Unsafe {
+        /// The path.
+        path: PathBuf,
+        /// Who else can change it.
+        why: String,
+    },
     /// A key is not a flag, or a value has the wrong shape.
     #[error("config file {path}: {message}")]
     Invalid {
@@ -190,6 +199,12 @@ fn apply_file(
         path: path.clone(),
         source,
     })?;
+    if let Ok(meta) = std::fs::metadata(&path) {
+        use std::os::unix::fs::MetadataExt;
+        if let Some(why) = unsafe_owner(meta.mode(), meta.uid(), nix::unistd::geteuid().as_raw()) {
+            return Err(ConfigError::Unsafe { path, why });
+        }
+    }
     let table: toml::Table = text
         .parse()
         .map_err(|e: toml::de::Error| ConfigError::Syntax {
@@ -415,11 +430,86 @@ fn config_arg(args: &[String]) -> Option<String> {
     None
 }
 
+/// Why a config file with this mode and owner could be changed by someone other than the
+/// reader (`euid`) or root, if it could: writable by every user, or owned by another user
+/// (who could rewrite it). Group-writable files are accepted (user private groups and
+/// Kubernetes' `fsGroup` mounts make them common); a FIFO or `<(...)` has no such owner.
+fn unsafe_owner(mode: u32, uid: u32, euid: u32) -> Option<String> {
+    const S_IFMT: u32 = 0o170_000;
+    const S_IFREG: u32 = 0o100_000;
+    if mode & S_IFMT != S_IFREG {
+        return None;
+    }
+    if mode & 0o002 != 0 {
+        return Some(format!(
+            "it is writable by every user (mode {:o}; fix with chmod o-w)",
+            mode & 0o7777
+        ));
+    }
+    if uid != 0 && uid != euid {
+        return Some(format!(
+            "it is owned by another user (uid {uid}, this process runs as uid {euid}; \
+             fix with chown)"
+        ));
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
     use super::*;
+
+    #[test]
+    fn config_files_others_can_change_are_refused() {
+        let regular = 0o100_000;
+        assert!(
+            unsafe_owner(regular | 0o644, 0, 0).is_none(),
+            "root's own file"
+        );
+        assert!(
+            unsafe_owner(regular | 0o644, 0, 1000).is_none(),
+            "root-owned, read by a user"
+        );
+        assert!(
+            unsafe_owner(regular | 0o640, 1000, 1000).is_none(),
+            "the reader's own file"
+        );
+        assert!(
+            unsafe_owner(regular | 0o664, 1000, 1000).is_none(),
+            "group-writable is accepted"
+        );
+        let world = unsafe_owner(regular | 0o666, 1000, 1000).unwrap();
+        assert!(
+            world.contains("every user") && world.contains("666"),
+            "{world}"
+        );
+        let other = unsafe_owner(regular | 0o644, 1001, 1000).unwrap();
+        assert!(other.contains("uid 1001"), "{other}");
+        assert!(
+            unsafe_owner(0o010_000 | 0o666, 1001, 0).is_none(),
+            "a pipe has no file to rewrite"
+        );
+    }
+
+    #[test]
+    fn a_world_writable_config_file_is_refused_before_it_is_applied() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "[serve]\nhandler = [\"a=true\"]\n").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
+        let argv: Vec<OsString> = ["p2p-node", "serve", "--config"]
+            .iter()
+            .map(OsString::from)
+            .chain([path.as_os_str().to_owned()])
+            .collect();
+        match apply(argv) {
+            Err(ConfigError::Unsafe { why, .. }) => assert!(why.contains("every user"), "{why}"),
+            other => panic!("expected Unsafe, got {other:?}"),
+        }
+    }
 
     fn with_file(toml: &str, args: &[&str]) -> Result<Vec<String>, ConfigError> {
         let dir = tempfile::tempdir().unwrap();
