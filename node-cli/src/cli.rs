@@ -46,6 +46,7 @@ pub const EXIT_USAGE: u8 = 2;
 pub const EXIT_SIGINT: u8 = 130;
 
 /// Exit status of a run interrupted by SIGTERM: 128 + 15.
+#[allow(dead_code)] // `interrupted_status` computes it from the signal's number
 pub const EXIT_SIGTERM: u8 = 143;
 
 /// The number of the first stop signal received (0: none yet), for the exit status.
@@ -719,7 +720,7 @@ fn key_error(e: &p2p_core::KeyError) -> String {
 
 /// A connection error as the CLI says it: the library's message (which names no flag),
 /// and this CLI's hint where a missing or extra `--key-file` is the likely cause.
-pub(crate) fn core_error(e: &p2p_core::Error) -> String {
+fn core_error(e: &p2p_core::Error) -> String {
     use p2p_core::{HandshakeError, Stage};
     let hint = match e.handshake() {
         Some(HandshakeError::PeerHasKey) => " (pass --key-file)",
@@ -733,7 +734,7 @@ pub(crate) fn core_error(e: &p2p_core::Error) -> String {
 }
 
 fn with_key(b: NodeBuilder, keys: &[ClusterKey]) -> NodeBuilder {
-    b.keys(keys.to_vec())
+    b.keys(keys.to_vec()).describe_errors(core_error)
 }
 
 /// The identity this process runs with, held until the returned value is dropped:
@@ -1093,14 +1094,19 @@ async fn peers(a: PeersArgs) -> anyhow::Result<u8> {
     let identity = held
         .as_ref()
         .map_or_else(Identity::generate, |h| h.identity.clone());
-    let found = crate::peers::probe(
+    let (found, unreachable) = crate::peers::probe(
         &a.common.cluster,
         discovery,
         a.discovery_timeout,
         key,
         identity,
+        core_error,
     )
     .await?;
+    for line in &unreachable {
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr().lock(), "{line}");
+    }
     for p in &found {
         if a.json {
             say!("{}", serde_json::to_string(p)?);
@@ -1148,6 +1154,7 @@ async fn status(a: StatusArgs) -> anyhow::Result<u8> {
         a.answer_timeout,
         key,
         identity,
+        core_error,
     )
     .await
     .map_err(node_error)?;

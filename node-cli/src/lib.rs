@@ -5,17 +5,12 @@
 //!
 //! - [`Node`] / [`NodeBuilder`]: build a node with handlers (shell commands, the built-in
 //!   handler, or Rust closures), start it serving, and run plans over its peers.
-//! - [`cli`]: the `p2p-node` command line (serve, run, peers) and its exit statuses.
-//! - [`config`]: the TOML config file (`--config`, `$P2P_CONFIG`, the XDG and /etc paths).
-//! - [`datadir`]: the data directory, where nodes keep their identities between starts.
-//! - [`guard`]: the process that ends a node's handler processes if the node is killed.
-//! - [`help`]: `--version`, help headings, the man page, value lists for completions.
-//! - [`logging`]: log levels for `-v` and colour (`NO_COLOR`).
-//! - [`metrics`]: `serve --metrics-listen`: `/metrics` (Prometheus) and `/healthz`.
-//! - [`output`]: how run events are shown (human lines or JSON lines).
-//! - [`peers`]: the `peers` command's probe.
-//! - [`status`]: the `status` command, and what a node answers it.
+//! - [`metrics`]: `NodeBuilder::metrics_listen`: `/metrics` (Prometheus) and `/healthz`.
 //! - [`dial`]: the dialer of a run (discovered peers to links), generic over how it connects.
+//!
+//! The `p2p-node` command line (flags, the config file, how events are shown, the data
+//! directory, the guard process) is the `cli` feature, on by default; it is not part of the
+//! library's API. Embedders depend on `node-cli` with `default-features = false`.
 //!
 //! # Usage
 //!
@@ -37,23 +32,44 @@
 //! # Ok(()) }
 //! ```
 
-pub mod cli;
-pub mod config;
-pub mod datadir;
+// The command line (the `cli` feature): private to the binary, which calls `__cli_main`.
+#[cfg(feature = "cli")]
+mod cli;
+#[cfg(feature = "cli")]
+mod config;
+#[cfg(feature = "cli")]
+mod datadir;
+#[cfg(feature = "cli")]
+mod entry;
+#[cfg(feature = "cli")]
+mod guard;
+#[cfg(feature = "cli")]
+mod help;
+#[cfg(feature = "cli")]
+mod logging;
+#[cfg(feature = "cli")]
+mod output;
+// The `peers` and `status` commands' probes are the CLI's; a node's status answer is not.
+#[cfg_attr(not(feature = "cli"), allow(dead_code))]
+mod peers;
+#[cfg_attr(not(feature = "cli"), allow(dead_code))]
+mod status;
+
 pub mod dial;
 mod error;
 mod floods;
-pub mod guard;
-pub mod help;
-pub mod logging;
 pub mod metrics;
 mod node;
-pub mod output;
-pub mod peers;
 mod sightings;
-pub mod status;
 
 pub use error::Error;
 pub use node::{
     Node, NodeBuilder, StopHandle, DEFAULT_CLUSTER, MAX_MAX_FRAME, MIN_MAX_FRAME, RESULT_MARGIN,
 };
+
+/// The `p2p-node` program (not part of the library's API: the binary's `main` calls it).
+#[cfg(feature = "cli")]
+#[doc(hidden)]
+pub fn __cli_main() -> std::process::ExitCode {
+    entry::main()
+}

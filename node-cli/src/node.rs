@@ -75,6 +75,7 @@ pub struct NodeBuilder {
     max_frame: Option<usize>,
     max_output: usize,
     metrics_listen: Option<SocketAddr>,
+    describe: dial::Describe,
 }
 
 impl std::fmt::Debug for NodeBuilder {
@@ -106,6 +107,7 @@ impl Default for NodeBuilder {
             max_frame: None,
             max_output: p2p_tasks::handler::DEFAULT_OUTPUT_LIMIT,
             metrics_listen: None,
+            describe: |e| e.to_string(),
         }
     }
 }
@@ -248,6 +250,13 @@ impl NodeBuilder {
         self
     }
 
+    /// How this node words connection errors in its logs and in
+    /// [`RunEvent::PeerUnreachable`]. Default: the error's own message.
+    pub fn describe_errors(mut self, describe: dial::Describe) -> Self {
+        self.describe = describe;
+        self
+    }
+
     /// Validates the configuration, binds the listener (if the node serves or was given
     /// an address) and returns the node. It serves once [`Node::start`] or [`Node::serve`]
     /// is called.
@@ -379,6 +388,7 @@ impl NodeBuilder {
             conn_stats: Arc::default(),
             started,
             discovery_counters: Vec::new(),
+            describe: self.describe,
         })
     }
 }
@@ -443,6 +453,7 @@ pub struct Node {
     started: Instant,
     /// The started backends' counters, for metrics.
     discovery_counters: Vec<metrics::DiscoveryStats>,
+    describe: dial::Describe,
 }
 
 impl std::fmt::Debug for Node {
@@ -584,6 +595,7 @@ impl Node {
             handshakes: self.handshakes.clone(),
             shutdown: self.shutdown.clone(),
             tracker: self.tracker.clone(),
+            describe: self.describe,
         };
         self.tracker.spawn(accept_loop(listener, ctx));
         Ok(())
@@ -718,6 +730,7 @@ impl Node {
                 peers: peer_tx,
                 links: link_tx,
                 stop: stop_dialing.clone(),
+                describe: self.describe,
             }
             .run(),
         );
@@ -765,6 +778,7 @@ struct AcceptCtx {
     handshakes: HandshakeGate,
     shutdown: CancellationToken,
     tracker: TaskTracker,
+    describe: dial::Describe,
 }
 
 async fn accept_loop(listener: TcpListener, ctx: AcceptCtx) {
@@ -847,7 +861,7 @@ async fn serve_connection(
                 &ctx.floods,
                 |f| &mut f.failed,
                 |unwritten| {
-                    warn!(peer = %addr, error = %crate::cli::core_error(&e), "handshake failed; connection closed{}", more(unwritten));
+                    warn!(peer = %addr, error = %(ctx.describe)(&e), "handshake failed; connection closed{}", more(unwritten));
                 },
             );
             return;
