@@ -1013,7 +1013,7 @@ async fn run(a: RunArgs, shutdown: CancellationToken) -> anyhow::Result<u8> {
                 .map_err(node_error)?;
             node.start().map_err(node_error)?;
             if let Some(addr) = node.local_addr() {
-                peers.push(addr.to_string());
+                peers.push(addr);
             }
             local_nodes.push(node);
         }
@@ -1063,10 +1063,15 @@ async fn run(a: RunArgs, shutdown: CancellationToken) -> anyhow::Result<u8> {
         tasks: tasks.len(),
         order: a.order.to_string(),
     });
-    let report = coordinator
-        .run_with_journal(tasks, opts, peers, journal, &mut |ev| printer.event(ev))
-        .await
-        .map_err(node_error)?;
+    let mut run = coordinator
+        .run(tasks)
+        .options(opts)
+        .peers(peers)
+        .on_event(|ev| printer.event(ev));
+    if let Some(journal) = journal {
+        run = run.journal(journal);
+    }
+    let report = run.await.map_err(node_error)?;
     printer.report(&report);
     for n in &local_nodes {
         n.shutdown();

@@ -15,8 +15,7 @@
 //! # Usage
 //!
 //! ```no_run
-//! use node_cli::Node;
-//! use p2p_tasks::{parse, RunOptions};
+//! use node_cli::{parse, Node};
 //!
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
 //! let mut worker = Node::builder().builtin("a").build().await?;
@@ -24,9 +23,11 @@
 //! let addr = worker.local_addr().ok_or("not listening")?;
 //!
 //! let mut coordinator = Node::builder().build().await?;
-//! let tasks = parse::parse("inline", "a1 a2 a3")?;
+//! let tasks = parse("inline", "a1 a2 a3")?;
 //! let report = coordinator
-//!     .run(tasks, RunOptions::default(), vec![addr.to_string()], &mut |ev| println!("{ev:?}"))
+//!     .run(tasks)
+//!     .peer(addr)
+//!     .on_event(|ev| println!("{ev:?}"))
 //!     .await?;
 //! assert!(report.is_success());
 //! # Ok(()) }
@@ -60,11 +61,26 @@ mod error;
 mod floods;
 pub mod metrics;
 mod node;
+mod run;
 mod sightings;
 
 pub use error::Error;
 pub use node::{
     Node, NodeBuilder, StopHandle, DEFAULT_CLUSTER, MAX_MAX_FRAME, MIN_MAX_FRAME, RESULT_MARGIN,
+};
+pub use run::{Events, Run, EVENT_QUEUE};
+
+// What an embedder needs from the crates below, so that `node_cli` is the one dependency.
+pub use p2p_core::net::Settings;
+pub use p2p_core::{ClusterKey, Identity, NodeId};
+/// Discovery backends and their configs (`discovery::udp::Config`, `discovery::statik::Static`,
+/// the [`discovery::Kind::build`] factory); give them to [`NodeBuilder::discovery`].
+pub use p2p_discovery as discovery;
+pub use p2p_tasks::handler::{handler_fn, Builtin, Handler, TaskOutcome, TaskRequest};
+pub use p2p_tasks::parse::{load, parse, ParseError};
+pub use p2p_tasks::{
+    Backoff, Journal, Order, Phase, Policy, RunEvent, RunOptions, RunReport, Status, Task,
+    TaskResult,
 };
 
 /// The `p2p-node` program (not part of the library's API: the binary's `main` calls it).

@@ -20,6 +20,7 @@ use tracing::{info, warn};
 use crate::dial;
 use crate::floods::{flood_summaries, flood_warn, more, types_shown, Floods};
 use crate::metrics::{self, ConnStats, Refused};
+use crate::run::Run;
 use crate::sightings::Sightings;
 use crate::Error;
 
@@ -634,61 +635,15 @@ impl Node {
         self.metrics_stop.cancel();
     }
 
-    /// Runs a plan over the peers the node's discovery finds (and `extra_peers`), calling
-    /// `emit` with every event, and returns the report. Discovery backends are used by the
-    /// first run only. A run ends early, gracefully, when the shutdown token is cancelled.
-    pub async fn run(
-        &mut self,
-        tasks: Vec<Task>,
-        opts: RunOptions,
-        extra_peers: Vec<String>,
-        emit: &mut (dyn FnMut(&RunEvent) + Send),
-    ) -> Result<RunReport, Error> {
-        self.run_with_journal(tasks, opts, extra_peers, None, emit)
-            .await
+    /// A run of `tasks` over the peers this node's discovery finds: configure it (options,
+    /// extra peers, a journal, where events go) and `.await` it for the report. See [`Run`].
+    /// A run ends early, gracefully, when the shutdown token is cancelled.
+    pub fn run(&mut self, tasks: Vec<Task>) -> Run<'_> {
+        Run::new(self, tasks)
     }
 
-    /// [`Node::run`] as a stream: returns the run's events as they happen (the same events
-    /// that `--json` prints) and a future that drives the run and resolves to its report.
-    /// Poll both, e.g. with `tokio::join!`. The queue holds only this run's events (a few
-    /// per task attempt); dropping the receiver just discards them.
-    ///
-    /// ```no_run
-    /// # async fn demo(node: &mut node_cli::Node, tasks: Vec<p2p_tasks::Task>) -> Result<(), node_cli::Error> {
-    /// let (mut events, report) =
-    ///     node.run_stream(tasks, p2p_tasks::RunOptions::default(), vec!["127.0.0.1:7401".into()]);
-    /// let print = async {
-    ///     while let Some(ev) = events.recv().await {
-    ///         println!("{ev:?}");
-    ///     }
-    /// };
-    /// let (report, ()) = tokio::join!(report, print);
-    /// println!("{} succeeded", report?.succeeded());
-    /// # Ok(()) }
-    /// ```
-    pub fn run_stream(
-        &mut self,
-        tasks: Vec<Task>,
-        opts: RunOptions,
-        extra_peers: Vec<String>,
-    ) -> (
-        mpsc::UnboundedReceiver<RunEvent>,
-        impl std::future::Future<Output = Result<RunReport, Error>> + Send + '_,
-    ) {
-        let (tx, rx) = mpsc::unbounded_channel();
-        let fut = async move {
-            let mut emit = move |ev: &RunEvent| {
-                let _ = tx.send(ev.clone());
-            };
-            self.run_with_journal(tasks, opts, extra_peers, None, &mut emit)
-                .await
-        };
-        (rx, fut)
-    }
-
-    /// [`Node::run`], recording final results in `journal` and skipping the tasks it
-    /// records as succeeded.
-    pub async fn run_with_journal(
+    /// What awaiting a [`Run`] does.
+    pub(crate) async fn run_plan(
         &mut self,
         tasks: Vec<Task>,
         opts: RunOptions,
