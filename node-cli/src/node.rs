@@ -13,6 +13,7 @@ use p2p_tasks::handler::{Builtin, Handler};
 use p2p_tasks::{Inputs, Journal, RunEvent, RunOptions, RunReport, Task, Worker};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Semaphore};
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
@@ -435,8 +436,8 @@ pub struct Node {
     local_addr: Option<SocketAddr>,
     worker: Arc<Worker>,
     discovery: Vec<Box<dyn Discovery>>,
-    /// Events of the backends started by [`Node::start`] (which announce this node), drained
-    /// as they come and kept for a later run.
+    /// Events of the node's backends, started once by [`Node::start`] (which announces this
+    /// node) or by the first run, drained as they come and replayed to every run.
     found: Option<Sightings>,
     /// Cancelled by each started backend once its farewell is out.
     discovery_stopped: Vec<CancellationToken>,
@@ -455,6 +456,17 @@ pub struct Node {
     /// The started backends' counters, for metrics.
     discovery_counters: Vec<metrics::DiscoveryStats>,
     describe: dial::Describe,
+}
+
+/// Dropping a node stops it at once: its listener closes, its connections end (with a
+/// goodbye), its running tasks are stopped, its discovery backends and metrics endpoint stop.
+/// To let running tasks finish first, [`Node::drain`] it before.
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+        self.worker.stop_now();
+        self.metrics_stop.cancel();
+    }
 }
 
 impl std::fmt::Debug for Node {
@@ -556,23 +568,14 @@ impl Node {
             return Ok(());
         };
         if let Some(addr) = self.local_addr {
-            if !self.discovery.is_empty() {
-                let backends = std::mem::take(&mut self.discovery);
-                self.discovery_counters = backends
-                    .iter()
-                    .filter_map(|b| b.counters().map(|c| (b.name().to_string(), c)))
-                    .collect();
-                self.discovery_stopped = backends.iter().filter_map(|b| b.stopped()).collect();
-                let me = Announcement {
-                    cluster: self.cluster.clone(),
-                    node_id: self.id,
-                    addr,
-                    types: self.worker.types(),
-                    capacity: self.worker.capacity(),
-                };
-                let found = p2p_discovery::start_all(backends, Some(me), self.shutdown.clone())?;
-                self.found = Some(Sightings::start(found));
-            }
+            let me = Announcement {
+                cluster: self.cluster.clone(),
+                node_id: self.id,
+                addr,
+                types: self.worker.types(),
+                capacity: self.worker.capacity(),
+            };
+            self.start_discovery(Some(me))?;
         }
         if let Some(l) = self.metrics_listener.take() {
             let source = metrics::Source {
@@ -599,6 +602,23 @@ impl Node {
             describe: self.describe,
         };
         self.tracker.spawn(accept_loop(listener, ctx));
+        Ok(())
+    }
+
+    /// Starts the discovery backends once, for the node's lifetime (they stop when it shuts
+    /// down or is dropped), announcing `me` if given. Every run subscribes to what they find.
+    fn start_discovery(&mut self, me: Option<Announcement>) -> Result<(), Error> {
+        if self.found.is_some() || self.discovery.is_empty() {
+            return Ok(());
+        }
+        let backends = std::mem::take(&mut self.discovery);
+        self.discovery_counters = backends
+            .iter()
+            .filter_map(|b| b.counters().map(|c| (b.name().to_string(), c)))
+            .collect();
+        self.discovery_stopped = backends.iter().filter_map(|b| b.stopped()).collect();
+        let found = p2p_discovery::start_all(backends, me, self.shutdown.clone())?;
+        self.found = Some(Sightings::start(found));
         Ok(())
     }
 
@@ -656,27 +676,40 @@ impl Node {
         // would need more before anything starts.
         opts.max_frame = opts.max_frame.min(self.settings.max_frame);
         p2p_tasks::runcore::validate(&tasks, &opts)?;
+        // The node's backends start at its first run (or at `start`) and stay: this run
+        // subscribes to what they know and find.
+        self.start_discovery(None)?;
         let run_token = self.shutdown.child_token();
+        // Everything this run starts ends with it, also when its future is dropped: the
+        // per-run backends and dials stop on this token, the tasks in `helpers` are aborted.
         let stop_dialing = CancellationToken::new();
-        let mut backends = std::mem::take(&mut self.discovery);
-        if !extra_peers.is_empty() {
-            backends.push(Box::new(Static::new(extra_peers)));
-        }
-        let fresh = p2p_discovery::start_all(backends, None, stop_dialing.clone())?;
+        let _stop_on_drop = stop_dialing.clone().drop_guard();
+        let mut helpers = JoinSet::new();
+        let extra = if extra_peers.is_empty() {
+            None
+        } else {
+            let backends: Vec<Box<dyn Discovery>> = vec![Box::new(Static::new(extra_peers))];
+            Some(p2p_discovery::start_all(
+                backends,
+                None,
+                stop_dialing.clone(),
+            )?)
+        };
+        let found = match (self.found.as_ref().map(Sightings::subscribe), extra) {
+            (Some(a), Some(b)) => merge(a, b, &mut helpers),
+            (Some(one), None) | (None, Some(one)) => one,
+            // No discovery at all: a stream that has ended.
+            (None, None) => mpsc::channel(1).1,
+        };
         let mut needed: Vec<String> = Vec::new();
         for t in &tasks {
             if !needed.contains(&t.kind) {
                 needed.push(t.kind.clone());
             }
         }
-        // A serving node already runs (and announces with) its backends: use their events too.
-        let found = match &self.found {
-            Some(started) => merge(started.subscribe(), fresh),
-            None => fresh,
-        };
         let (peer_tx, peer_rx) = mpsc::channel(256);
         let (link_tx, link_rx) = mpsc::channel(4096);
-        let dialer = tokio::spawn(
+        helpers.spawn(
             dial::Dialer {
                 found,
                 connect: dial::tcp(self.hello(false), self.settings.clone()),
@@ -697,18 +730,20 @@ impl Node {
         };
         let report = p2p_tasks::run(tasks, opts, inputs, emit).await;
         stop_dialing.cancel();
-        let _ = dialer.await;
+        helpers.shutdown().await;
         Ok(report?)
     }
 }
 
 /// One stream of discovery events from two.
+/// The merging task runs in `tasks`, so it ends with their owner.
 fn merge(
     mut a: mpsc::Receiver<p2p_discovery::Event>,
     mut b: mpsc::Receiver<p2p_discovery::Event>,
+    tasks: &mut JoinSet<()>,
 ) -> mpsc::Receiver<p2p_discovery::Event> {
     let (tx, rx) = mpsc::channel(p2p_discovery::EVENT_QUEUE);
-    tokio::spawn(async move {
+    tasks.spawn(async move {
         let (mut a_open, mut b_open) = (true, true);
         while a_open || b_open {
             let ev = tokio::select! {
