@@ -412,7 +412,7 @@ impl From<Usage> for anyhow::Error {
 }
 
 /// Runs a parsed command line to its exit status.
-pub async fn execute(cli: Cli) -> ExitCode {
+pub async fn execute(cli: Cli, active: crate::output::ActiveBar) -> ExitCode {
     let shutdown = CancellationToken::new();
     let force = CancellationToken::new();
     let serving = matches!(cli.command, Command::Serve(_));
@@ -422,7 +422,7 @@ pub async fn execute(cli: Cli) -> ExitCode {
         // A second signal stops a run at once: no waiting for results or goodbyes (the
         // guard ends the handler processes it leaves).
         Command::Run(a) => tokio::select! {
-            r = run(a, shutdown) => r,
+            r = run(a, shutdown, active) => r,
             () = force.cancelled() => {
                 say_err!("stopped at once (second signal): no more waiting for results or goodbyes");
                 Ok(interrupted_status())
@@ -933,7 +933,11 @@ fn discovery_names(c: &Common) -> String {
     names.join(",")
 }
 
-async fn run(a: RunArgs, shutdown: CancellationToken) -> anyhow::Result<u8> {
+async fn run(
+    a: RunArgs,
+    shutdown: CancellationToken,
+    active: crate::output::ActiveBar,
+) -> anyhow::Result<u8> {
     let key = load_key(&a.common)?;
     let tasks = p2p_tasks::parse::load(&a.tasks_file).map_err(|e| usage(e.to_string()))?;
     if a.retry_backoff_max < a.retry_backoff {
@@ -1056,7 +1060,7 @@ async fn run(a: RunArgs, shutdown: CancellationToken) -> anyhow::Result<u8> {
     } else {
         Format::Human
     };
-    let mut printer = Printer::new(format, tasks.len());
+    let mut printer = Printer::new(format, tasks.len()).active_bar(active);
     printer.event(&p2p_tasks::RunEvent::RunStarted {
         schema: p2p_tasks::EVENT_SCHEMA,
         run: p2p_core::NodeId::random().to_string(),

@@ -26,11 +26,16 @@ pub fn main() -> ExitCode {
     };
     let cli = crate::help::parse_from(applied.args);
     let serve = matches!(cli.command, cli::Command::Serve(_));
+    // The progress bar on screen, for the log writer and the run's printer.
+    let active = crate::output::ActiveBar::default();
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new(logging::default_filter(serve, cli.verbose)));
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(|| crate::output::LogWriter)
+        .with_writer({
+            let active = active.clone();
+            move || crate::output::LogWriter(active.clone())
+        })
         // Never eprintln! from inside the logger: with stderr gone that panics the task.
         .log_internal_errors(false);
     match cli.log_format {
@@ -74,7 +79,7 @@ pub fn main() -> ExitCode {
     // single-threaded runtime, waking the `block_on` future costs an extra poll of the IO
     // driver (an `epoll_wait` system call) each time, i.e. once per task round trip.
     runtime.block_on(async {
-        match tokio::spawn(cli::execute(cli)).await {
+        match tokio::spawn(cli::execute(cli, active)).await {
             Ok(code) => code,
             Err(e) => {
                 eprintln!("error: {e}");
