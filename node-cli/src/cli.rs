@@ -582,7 +582,7 @@ fn local_only(c: &Common) -> Common {
 fn node_error(e: crate::Error) -> anyhow::Error {
     match e {
         crate::Error::Config(m) => usage(m),
-        crate::Error::Plan(p) => usage(p.to_string()),
+        crate::Error::Plan(p) => usage(tasks_error(&p)),
         crate::Error::Discovery(
             d @ (p2p_discovery::Error::Interface(_)
             | p2p_discovery::Error::Config(_)
@@ -592,6 +592,20 @@ fn node_error(e: crate::Error) -> anyhow::Error {
         ) => usage(d.to_string()),
         crate::Error::Bind { addr, source } => anyhow::anyhow!("{}", bind_message(addr, &source)),
         other => anyhow::Error::new(other),
+    }
+}
+
+/// A plan or task error as the CLI says it: an unrunnable order names the flag to change.
+fn tasks_error(e: &p2p_tasks::Error) -> String {
+    match e {
+        p2p_tasks::Error::Plan(p2p_tasks::PlanError::Cycle { order, cycle }) => format!(
+            "the plan cannot run in --order {order}: {} waits for {} ({}), which waits for it; \
+             use --order none, or reorder the file",
+            cycle.first().map_or("", String::as_str),
+            cycle.last().map_or("", String::as_str),
+            cycle.join(" -> ")
+        ),
+        other => other.to_string(),
     }
 }
 
@@ -977,7 +991,7 @@ async fn run(
             "{}:{line}:{col}: task {task} cannot be sent: {why}",
             a.tasks_file.display()
         )),
-        e => usage(e.to_string()),
+        e => usage(tasks_error(&e)),
     })?;
     let handlers = parse_handlers(&a.handlers)?;
     let own_types = parse_types(&a.types)?;
