@@ -418,7 +418,7 @@ fn check_exposure(
 /// A p2p-node: serves the types it has handlers for and runs plans over its peers.
 ///
 /// ```no_run
-/// use p2p_tasks::handler::{handler_fn, TaskOutcome};
+/// use node_cli::{handler_fn, TaskOutcome};
 ///
 /// # async fn demo() -> Result<(), node_cli::Error> {
 /// let node = node_cli::Node::builder()
