@@ -6,16 +6,21 @@
 //! cargo run -p node-cli --example coordinator -- 127.0.0.1:7401
 //! ```
 
-use node_cli::Node;
-use p2p_tasks::{parse, Order, Policy, RunEvent, RunOptions};
+use std::future::IntoFuture;
+use std::net::SocketAddr;
+
+use node_cli::{parse, Node, Order, Policy, RunEvent, RunOptions};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let peers: Vec<String> = std::env::args().skip(1).collect();
+    let peers = std::env::args()
+        .skip(1)
+        .map(|a| a.parse::<SocketAddr>())
+        .collect::<Result<Vec<_>, _>>()?;
     if peers.is_empty() {
-        return Err("usage: coordinator HOST:PORT...".into());
+        return Err("usage: coordinator IP:PORT...".into());
     }
-    let tasks = parse::parse("inline", "sq1 sq2 sq3 sq4\nsq5 after sq1 sq2")?;
+    let tasks = parse("inline", "sq1 sq2 sq3 sq4\nsq5 after sq1 sq2")?;
     let opts = RunOptions {
         policy: Policy {
             order: Order::None,
@@ -25,9 +30,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         ..RunOptions::default()
     };
     let mut node = Node::builder().build().await?;
-    let (mut events, report) = node.run_stream(tasks, opts, peers);
+    let mut run = node.run(tasks).options(opts).peers(peers);
+    let mut events = run.events();
     let print = async {
-        while let Some(ev) = events.recv().await {
+        while let Some(ev) = events.next().await {
             match ev {
                 RunEvent::TaskCompleted { task, output, .. } => println!("{task}: {output}"),
                 RunEvent::TaskFailed { task, error, .. } => println!("{task} failed: {error}"),
@@ -40,7 +46,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             }
         }
     };
-    let (report, ()) = tokio::join!(report, print);
+    let (report, ()) = tokio::join!(run.into_future(), print);
     if report?.is_success() {
         Ok(())
     } else {

@@ -5,9 +5,7 @@
 
 use std::time::Duration;
 
-use node_cli::Node;
-use p2p_tasks::handler::{handler_fn, TaskOutcome};
-use p2p_tasks::{parse, RunEvent, RunOptions};
+use node_cli::{handler_fn, parse, Node, RunEvent, TaskOutcome};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -30,18 +28,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // A coordinator: runs the plan over the worker, printing each result.
     let mut coordinator = Node::builder().build().await?;
-    let tasks = parse::parse("inline", "sq1 sq2 sq3 sq4 sq5")?;
+    let tasks = parse("inline", "sq1 sq2 sq3 sq4 sq5")?;
     let report = coordinator
-        .run(
-            tasks,
-            RunOptions::default(),
-            vec![addr.to_string()],
-            &mut |ev| {
-                if let RunEvent::TaskCompleted { task, output, .. } = ev {
-                    println!("{task}: {output}");
-                }
-            },
-        )
+        .run(tasks)
+        .peer(addr)
+        .on_event(|ev| {
+            if let RunEvent::TaskCompleted { task, output, .. } = ev {
+                println!("{task}: {output}");
+            }
+        })
         .await?;
     println!(
         "{} of {} tasks succeeded",

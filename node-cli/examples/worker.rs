@@ -7,8 +7,7 @@
 
 use std::net::SocketAddr;
 
-use node_cli::Node;
-use p2p_tasks::handler::{handler_fn, TaskOutcome};
+use node_cli::{handler_fn, Node, TaskOutcome};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {

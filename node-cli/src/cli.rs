@@ -46,6 +46,7 @@ pub const EXIT_USAGE: u8 = 2;
 pub const EXIT_SIGINT: u8 = 130;
 
 /// Exit status of a run interrupted by SIGTERM: 128 + 15.
+#[allow(dead_code)] // `interrupted_status` computes it from the signal's number
 pub const EXIT_SIGTERM: u8 = 143;
 
 /// The number of the first stop signal received (0: none yet), for the exit status.
@@ -411,7 +412,7 @@ impl From<Usage> for anyhow::Error {
 }
 
 /// Runs a parsed command line to its exit status.
-pub async fn execute(cli: Cli) -> ExitCode {
+pub async fn execute(cli: Cli, active: crate::output::ActiveBar) -> ExitCode {
     let shutdown = CancellationToken::new();
     let force = CancellationToken::new();
     let serving = matches!(cli.command, Command::Serve(_));
@@ -421,7 +422,7 @@ pub async fn execute(cli: Cli) -> ExitCode {
         // A second signal stops a run at once: no waiting for results or goodbyes (the
         // guard ends the handler processes it leaves).
         Command::Run(a) => tokio::select! {
-            r = run(a, shutdown) => r,
+            r = run(a, shutdown, active) => r,
             () = force.cancelled() => {
                 say_err!("stopped at once (second signal): no more waiting for results or goodbyes");
                 Ok(interrupted_status())
@@ -581,7 +582,7 @@ fn local_only(c: &Common) -> Common {
 fn node_error(e: crate::Error) -> anyhow::Error {
     match e {
         crate::Error::Config(m) => usage(m),
-        crate::Error::Plan(p) => usage(p.to_string()),
+        crate::Error::Plan(p) => usage(tasks_error(&p)),
         crate::Error::Discovery(
             d @ (p2p_discovery::Error::Interface(_)
             | p2p_discovery::Error::Config(_)
@@ -591,6 +592,20 @@ fn node_error(e: crate::Error) -> anyhow::Error {
         ) => usage(d.to_string()),
         crate::Error::Bind { addr, source } => anyhow::anyhow!("{}", bind_message(addr, &source)),
         other => anyhow::Error::new(other),
+    }
+}
+
+/// A plan or task error as the CLI says it: an unrunnable order names the flag to change.
+fn tasks_error(e: &p2p_tasks::Error) -> String {
+    match e {
+        p2p_tasks::Error::Plan(p2p_tasks::PlanError::Cycle { order, cycle }) => format!(
+            "the plan cannot run in --order {order}: {} waits for {} ({}), which waits for it; \
+             use --order none, or reorder the file",
+            cycle.first().map_or("", String::as_str),
+            cycle.last().map_or("", String::as_str),
+            cycle.join(" -> ")
+        ),
+        other => other.to_string(),
     }
 }
 
@@ -719,7 +734,7 @@ fn key_error(e: &p2p_core::KeyError) -> String {
 
 /// A connection error as the CLI says it: the library's message (which names no flag),
 /// and this CLI's hint where a missing or extra `--key-file` is the likely cause.
-pub(crate) fn core_error(e: &p2p_core::Error) -> String {
+fn core_error(e: &p2p_core::Error) -> String {
     use p2p_core::{HandshakeError, Stage};
     let hint = match e.handshake() {
         Some(HandshakeError::PeerHasKey) => " (pass --key-file)",
@@ -733,7 +748,7 @@ pub(crate) fn core_error(e: &p2p_core::Error) -> String {
 }
 
 fn with_key(b: NodeBuilder, keys: &[ClusterKey]) -> NodeBuilder {
-    b.keys(keys.to_vec())
+    b.keys(keys.to_vec()).describe_errors(core_error)
 }
 
 /// The identity this process runs with, held until the returned value is dropped:
@@ -932,7 +947,11 @@ fn discovery_names(c: &Common) -> String {
     names.join(",")
 }
 
-async fn run(a: RunArgs, shutdown: CancellationToken) -> anyhow::Result<u8> {
+async fn run(
+    a: RunArgs,
+    shutdown: CancellationToken,
+    active: crate::output::ActiveBar,
+) -> anyhow::Result<u8> {
     let key = load_key(&a.common)?;
     let tasks = p2p_tasks::parse::load(&a.tasks_file).map_err(|e| usage(e.to_string()))?;
     if a.retry_backoff_max < a.retry_backoff {
@@ -972,7 +991,7 @@ async fn run(a: RunArgs, shutdown: CancellationToken) -> anyhow::Result<u8> {
             "{}:{line}:{col}: task {task} cannot be sent: {why}",
             a.tasks_file.display()
         )),
-        e => usage(e.to_string()),
+        e => usage(tasks_error(&e)),
     })?;
     let handlers = parse_handlers(&a.handlers)?;
     let own_types = parse_types(&a.types)?;
@@ -1012,7 +1031,7 @@ async fn run(a: RunArgs, shutdown: CancellationToken) -> anyhow::Result<u8> {
                 .map_err(node_error)?;
             node.start().map_err(node_error)?;
             if let Some(addr) = node.local_addr() {
-                peers.push(addr.to_string());
+                peers.push(addr);
             }
             local_nodes.push(node);
         }
@@ -1055,17 +1074,22 @@ async fn run(a: RunArgs, shutdown: CancellationToken) -> anyhow::Result<u8> {
     } else {
         Format::Human
     };
-    let mut printer = Printer::new(format, tasks.len());
+    let mut printer = Printer::new(format, tasks.len()).active_bar(active);
     printer.event(&p2p_tasks::RunEvent::RunStarted {
         schema: p2p_tasks::EVENT_SCHEMA,
         run: p2p_core::NodeId::random().to_string(),
         tasks: tasks.len(),
         order: a.order.to_string(),
     });
-    let report = coordinator
-        .run_with_journal(tasks, opts, peers, journal, &mut |ev| printer.event(ev))
-        .await
-        .map_err(node_error)?;
+    let mut run = coordinator
+        .run(tasks)
+        .options(opts)
+        .peers(peers)
+        .on_event(|ev| printer.event(ev));
+    if let Some(journal) = journal {
+        run = run.journal(journal);
+    }
+    let report = run.await.map_err(node_error)?;
     printer.report(&report);
     for n in &local_nodes {
         n.shutdown();
@@ -1093,14 +1117,19 @@ async fn peers(a: PeersArgs) -> anyhow::Result<u8> {
     let identity = held
         .as_ref()
         .map_or_else(Identity::generate, |h| h.identity.clone());
-    let found = crate::peers::probe(
+    let (found, unreachable) = crate::peers::probe(
         &a.common.cluster,
         discovery,
         a.discovery_timeout,
         key,
         identity,
+        core_error,
     )
     .await?;
+    for line in &unreachable {
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr().lock(), "{line}");
+    }
     for p in &found {
         if a.json {
             say!("{}", serde_json::to_string(p)?);
@@ -1148,6 +1177,7 @@ async fn status(a: StatusArgs) -> anyhow::Result<u8> {
         a.answer_timeout,
         key,
         identity,
+        core_error,
     )
     .await
     .map_err(node_error)?;

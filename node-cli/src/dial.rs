@@ -49,6 +49,10 @@ pub fn tcp(hello: Hello, settings: Settings) -> Connector {
     })
 }
 
+/// How connection errors are worded in [`PeerUpdate::Unreachable`] (and a node's logs):
+/// the default is the error's own message; the `p2p-node` CLI adds hints naming its flags.
+pub type Describe = fn(&p2p_core::Error) -> String;
+
 /// The dialer's inputs.
 pub struct Dialer {
     /// What discovery reports.
@@ -66,6 +70,8 @@ pub struct Dialer {
     pub links: EventSender,
     /// Stops the dialer and every dial in progress.
     pub stop: CancellationToken,
+    /// How a peer's connection error is worded in [`PeerUpdate::Unreachable`].
+    pub describe: Describe,
 }
 
 /// What the dialer remembers of a peer it dialled.
@@ -159,6 +165,7 @@ impl Dialer {
         let peers = self.peers.clone();
         let links = self.links.clone();
         let stop = self.stop.clone();
+        let describe = self.describe;
         async move {
             let addr = peer.addr;
             let mut first = Some(first_done);
@@ -213,7 +220,7 @@ impl Dialer {
                 // before the retries do) still reports it; once only.
                 if !reported {
                     reported = true;
-                    let error = crate::cli::core_error(&error);
+                    let error = describe(&error);
                     let error = if last {
                         error
                     } else {

@@ -27,9 +27,10 @@ pub enum Error {
         /// What is wrong.
         message: String,
     },
-    /// The plan cannot run (a cycle under its order, or a task that cannot be sent).
+    /// The plan cannot run (a cycle under its order, or a task that cannot be sent: see
+    /// [`p2p_tasks::Error`]).
     #[error("invalid plan: {0}")]
-    Plan(#[from] p2p_tasks::RunError),
+    Plan(#[from] p2p_tasks::Error),
     /// Other I/O failure.
     #[error("i/o error: {0}")]
     Io(#[from] std::io::Error),

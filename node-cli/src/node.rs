@@ -13,6 +13,7 @@ use p2p_tasks::handler::{Builtin, Handler};
 use p2p_tasks::{Inputs, Journal, RunEvent, RunOptions, RunReport, Task, Worker};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Semaphore};
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
@@ -20,6 +21,7 @@ use tracing::{info, warn};
 use crate::dial;
 use crate::floods::{flood_summaries, flood_warn, more, types_shown, Floods};
 use crate::metrics::{self, ConnStats, Refused};
+use crate::run::Run;
 use crate::sightings::Sightings;
 use crate::Error;
 
@@ -75,6 +77,7 @@ pub struct NodeBuilder {
     max_frame: Option<usize>,
     max_output: usize,
     metrics_listen: Option<SocketAddr>,
+    describe: dial::Describe,
 }
 
 impl std::fmt::Debug for NodeBuilder {
@@ -106,6 +109,7 @@ impl Default for NodeBuilder {
             max_frame: None,
             max_output: p2p_tasks::handler::DEFAULT_OUTPUT_LIMIT,
             metrics_listen: None,
+            describe: |e| e.to_string(),
         }
     }
 }
@@ -248,6 +252,13 @@ impl NodeBuilder {
         self
     }
 
+    /// How this node words connection errors in its logs and in
+    /// [`RunEvent::PeerUnreachable`]. Default: the error's own message.
+    pub fn describe_errors(mut self, describe: dial::Describe) -> Self {
+        self.describe = describe;
+        self
+    }
+
     /// Validates the configuration, binds the listener (if the node serves or was given
     /// an address) and returns the node. It serves once [`Node::start`] or [`Node::serve`]
     /// is called.
@@ -379,6 +390,7 @@ impl NodeBuilder {
             conn_stats: Arc::default(),
             started,
             discovery_counters: Vec::new(),
+            describe: self.describe,
         })
     }
 }
@@ -406,7 +418,7 @@ fn check_exposure(
 /// A p2p-node: serves the types it has handlers for and runs plans over its peers.
 ///
 /// ```no_run
-/// use p2p_tasks::handler::{handler_fn, TaskOutcome};
+/// use node_cli::{handler_fn, TaskOutcome};
 ///
 /// # async fn demo() -> Result<(), node_cli::Error> {
 /// let node = node_cli::Node::builder()
@@ -424,8 +436,8 @@ pub struct Node {
     local_addr: Option<SocketAddr>,
     worker: Arc<Worker>,
     discovery: Vec<Box<dyn Discovery>>,
-    /// Events of the backends started by [`Node::start`] (which announce this node), drained
-    /// as they come and kept for a later run.
+    /// Events of the node's backends, started once by [`Node::start`] (which announces this
+    /// node) or by the first run, drained as they come and replayed to every run.
     found: Option<Sightings>,
     /// Cancelled by each started backend once its farewell is out.
     discovery_stopped: Vec<CancellationToken>,
@@ -443,6 +455,18 @@ pub struct Node {
     started: Instant,
     /// The started backends' counters, for metrics.
     discovery_counters: Vec<metrics::DiscoveryStats>,
+    describe: dial::Describe,
+}
+
+/// Dropping a node stops it at once: its listener closes, its connections end (with a
+/// goodbye), its running tasks are stopped, its discovery backends and metrics endpoint stop.
+/// To let running tasks finish first, [`Node::drain`] it before.
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+        self.worker.stop_now();
+        self.metrics_stop.cancel();
+    }
 }
 
 impl std::fmt::Debug for Node {
@@ -544,23 +568,14 @@ impl Node {
             return Ok(());
         };
         if let Some(addr) = self.local_addr {
-            if !self.discovery.is_empty() {
-                let backends = std::mem::take(&mut self.discovery);
-                self.discovery_counters = backends
-                    .iter()
-                    .filter_map(|b| b.counters().map(|c| (b.name().to_string(), c)))
-                    .collect();
-                self.discovery_stopped = backends.iter().filter_map(|b| b.stopped()).collect();
-                let me = Announcement {
-                    cluster: self.cluster.clone(),
-                    node_id: self.id,
-                    addr,
-                    types: self.worker.types(),
-                    capacity: self.worker.capacity(),
-                };
-                let found = p2p_discovery::start_all(backends, Some(me), self.shutdown.clone())?;
-                self.found = Some(Sightings::start(found));
-            }
+            let me = Announcement {
+                cluster: self.cluster.clone(),
+                node_id: self.id,
+                addr,
+                types: self.worker.types(),
+                capacity: self.worker.capacity(),
+            };
+            self.start_discovery(Some(me))?;
         }
         if let Some(l) = self.metrics_listener.take() {
             let source = metrics::Source {
@@ -584,8 +599,26 @@ impl Node {
             handshakes: self.handshakes.clone(),
             shutdown: self.shutdown.clone(),
             tracker: self.tracker.clone(),
+            describe: self.describe,
         };
         self.tracker.spawn(accept_loop(listener, ctx));
+        Ok(())
+    }
+
+    /// Starts the discovery backends once, for the node's lifetime (they stop when it shuts
+    /// down or is dropped), announcing `me` if given. Every run subscribes to what they find.
+    fn start_discovery(&mut self, me: Option<Announcement>) -> Result<(), Error> {
+        if self.found.is_some() || self.discovery.is_empty() {
+            return Ok(());
+        }
+        let backends = std::mem::take(&mut self.discovery);
+        self.discovery_counters = backends
+            .iter()
+            .filter_map(|b| b.counters().map(|c| (b.name().to_string(), c)))
+            .collect();
+        self.discovery_stopped = backends.iter().filter_map(|b| b.stopped()).collect();
+        let found = p2p_discovery::start_all(backends, me, self.shutdown.clone())?;
+        self.found = Some(Sightings::start(found));
         Ok(())
     }
 
@@ -622,61 +655,15 @@ impl Node {
         self.metrics_stop.cancel();
     }
 
-    /// Runs a plan over the peers the node's discovery finds (and `extra_peers`), calling
-    /// `emit` with every event, and returns the report. Discovery backends are used by the
-    /// first run only. A run ends early, gracefully, when the shutdown token is cancelled.
-    pub async fn run(
-        &mut self,
-        tasks: Vec<Task>,
-        opts: RunOptions,
-        extra_peers: Vec<String>,
-        emit: &mut (dyn FnMut(&RunEvent) + Send),
-    ) -> Result<RunReport, Error> {
-        self.run_with_journal(tasks, opts, extra_peers, None, emit)
-            .await
+    /// A run of `tasks` over the peers this node's discovery finds: configure it (options,
+    /// extra peers, a journal, where events go) and `.await` it for the report. See [`Run`].
+    /// A run ends early, gracefully, when the shutdown token is cancelled.
+    pub fn run(&mut self, tasks: Vec<Task>) -> Run<'_> {
+        Run::new(self, tasks)
     }
 
-    /// [`Node::run`] as a stream: returns the run's events as they happen (the same events
-    /// that `--json` prints) and a future that drives the run and resolves to its report.
-    /// Poll both, e.g. with `tokio::join!`. The queue holds only this run's events (a few
-    /// per task attempt); dropping the receiver just discards them.
-    ///
-    /// ```no_run
-    /// # async fn demo(node: &mut node_cli::Node, tasks: Vec<p2p_tasks::Task>) -> Result<(), node_cli::Error> {
-    /// let (mut events, report) =
-    ///     node.run_stream(tasks, p2p_tasks::RunOptions::default(), vec!["127.0.0.1:7401".into()]);
-    /// let print = async {
-    ///     while let Some(ev) = events.recv().await {
-    ///         println!("{ev:?}");
-    ///     }
-    /// };
-    /// let (report, ()) = tokio::join!(report, print);
-    /// println!("{} succeeded", report?.succeeded());
-    /// # Ok(()) }
-    /// ```
-    pub fn run_stream(
-        &mut self,
-        tasks: Vec<Task>,
-        opts: RunOptions,
-        extra_peers: Vec<String>,
-    ) -> (
-        mpsc::UnboundedReceiver<RunEvent>,
-        impl std::future::Future<Output = Result<RunReport, Error>> + Send + '_,
-    ) {
-        let (tx, rx) = mpsc::unbounded_channel();
-        let fut = async move {
-            let mut emit = move |ev: &RunEvent| {
-                let _ = tx.send(ev.clone());
-            };
-            self.run_with_journal(tasks, opts, extra_peers, None, &mut emit)
-                .await
-        };
-        (rx, fut)
-    }
-
-    /// [`Node::run`], recording final results in `journal` and skipping the tasks it
-    /// records as succeeded.
-    pub async fn run_with_journal(
+    /// What awaiting a [`Run`] does.
+    pub(crate) async fn run_plan(
         &mut self,
         tasks: Vec<Task>,
         opts: RunOptions,
@@ -689,27 +676,40 @@ impl Node {
         // would need more before anything starts.
         opts.max_frame = opts.max_frame.min(self.settings.max_frame);
         p2p_tasks::runcore::validate(&tasks, &opts)?;
+        // The node's backends start at its first run (or at `start`) and stay: this run
+        // subscribes to what they know and find.
+        self.start_discovery(None)?;
         let run_token = self.shutdown.child_token();
+        // Everything this run starts ends with it, also when its future is dropped: the
+        // per-run backends and dials stop on this token, the tasks in `helpers` are aborted.
         let stop_dialing = CancellationToken::new();
-        let mut backends = std::mem::take(&mut self.discovery);
-        if !extra_peers.is_empty() {
-            backends.push(Box::new(Static::new(extra_peers)));
-        }
-        let fresh = p2p_discovery::start_all(backends, None, stop_dialing.clone())?;
+        let _stop_on_drop = stop_dialing.clone().drop_guard();
+        let mut helpers = JoinSet::new();
+        let extra = if extra_peers.is_empty() {
+            None
+        } else {
+            let backends: Vec<Box<dyn Discovery>> = vec![Box::new(Static::new(extra_peers))];
+            Some(p2p_discovery::start_all(
+                backends,
+                None,
+                stop_dialing.clone(),
+            )?)
+        };
+        let found = match (self.found.as_ref().map(Sightings::subscribe), extra) {
+            (Some(a), Some(b)) => merge(a, b, &mut helpers),
+            (Some(one), None) | (None, Some(one)) => one,
+            // No discovery at all: a stream that has ended.
+            (None, None) => mpsc::channel(1).1,
+        };
         let mut needed: Vec<String> = Vec::new();
         for t in &tasks {
             if !needed.contains(&t.kind) {
                 needed.push(t.kind.clone());
             }
         }
-        // A serving node already runs (and announces with) its backends: use their events too.
-        let found = match &self.found {
-            Some(started) => merge(started.subscribe(), fresh),
-            None => fresh,
-        };
         let (peer_tx, peer_rx) = mpsc::channel(256);
         let (link_tx, link_rx) = mpsc::channel(4096);
-        let dialer = tokio::spawn(
+        helpers.spawn(
             dial::Dialer {
                 found,
                 connect: dial::tcp(self.hello(false), self.settings.clone()),
@@ -718,6 +718,7 @@ impl Node {
                 peers: peer_tx,
                 links: link_tx,
                 stop: stop_dialing.clone(),
+                describe: self.describe,
             }
             .run(),
         );
@@ -729,18 +730,20 @@ impl Node {
         };
         let report = p2p_tasks::run(tasks, opts, inputs, emit).await;
         stop_dialing.cancel();
-        let _ = dialer.await;
+        helpers.shutdown().await;
         Ok(report?)
     }
 }
 
 /// One stream of discovery events from two.
+/// The merging task runs in `tasks`, so it ends with their owner.
 fn merge(
     mut a: mpsc::Receiver<p2p_discovery::Event>,
     mut b: mpsc::Receiver<p2p_discovery::Event>,
+    tasks: &mut JoinSet<()>,
 ) -> mpsc::Receiver<p2p_discovery::Event> {
     let (tx, rx) = mpsc::channel(p2p_discovery::EVENT_QUEUE);
-    tokio::spawn(async move {
+    tasks.spawn(async move {
         let (mut a_open, mut b_open) = (true, true);
         while a_open || b_open {
             let ev = tokio::select! {
@@ -765,6 +768,7 @@ struct AcceptCtx {
     handshakes: HandshakeGate,
     shutdown: CancellationToken,
     tracker: TaskTracker,
+    describe: dial::Describe,
 }
 
 async fn accept_loop(listener: TcpListener, ctx: AcceptCtx) {
@@ -847,7 +851,7 @@ async fn serve_connection(
                 &ctx.floods,
                 |f| &mut f.failed,
                 |unwritten| {
-                    warn!(peer = %addr, error = %crate::cli::core_error(&e), "handshake failed; connection closed{}", more(unwritten));
+                    warn!(peer = %addr, error = %(ctx.describe)(&e), "handshake failed; connection closed{}", more(unwritten));
                 },
             );
             return;

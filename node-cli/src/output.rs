@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -33,28 +33,38 @@ pub enum Format {
     Json,
 }
 
-/// The progress bar currently on screen, so log lines can be printed around it.
-static ACTIVE_BAR: Mutex<Option<ProgressBar>> = Mutex::new(None);
+/// The progress bar currently on screen, so log lines can be printed around it: made once
+/// by the binary and given to the log writer ([`LogWriter`]) and the run's [`Printer`].
+#[derive(Debug, Clone, Default)]
+pub struct ActiveBar(Arc<Mutex<Option<ProgressBar>>>);
 
-/// Writes `buf` to stderr without tearing the progress bar (if one is on screen).
-/// The binary routes its log lines through this.
-pub fn write_log(buf: &[u8]) -> std::io::Result<()> {
-    let bar = ACTIVE_BAR.lock().ok().and_then(|b| b.clone());
-    match bar {
-        Some(bar) => bar.suspend(|| std::io::stderr().write_all(buf)),
-        None => std::io::stderr().write_all(buf),
+impl ActiveBar {
+    /// Writes `buf` to stderr without tearing the progress bar (if one is on screen).
+    /// The binary routes its log lines through this.
+    pub fn write_log(&self, buf: &[u8]) -> std::io::Result<()> {
+        let bar = self.0.lock().ok().and_then(|b| b.clone());
+        match bar {
+            Some(bar) => bar.suspend(|| std::io::stderr().write_all(buf)),
+            None => std::io::stderr().write_all(buf),
+        }
+    }
+
+    fn set(&self, bar: Option<ProgressBar>) {
+        if let Ok(mut active) = self.0.lock() {
+            *active = bar;
+        }
     }
 }
 
-/// A `tracing_subscriber` writer that goes through [`write_log`].
-#[derive(Debug, Clone, Copy, Default)]
-pub struct LogWriter;
+/// A `tracing_subscriber` writer that goes through [`ActiveBar::write_log`].
+#[derive(Debug, Clone, Default)]
+pub struct LogWriter(pub ActiveBar);
 
 impl Write for LogWriter {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         // A log line that cannot be written (stderr closed, e.g. `2>&1 | head`) is dropped:
         // reporting the error would make the logging layer print to stderr (and panic there).
-        let _ = write_log(buf);
+        let _ = self.0.write_log(buf);
         Ok(buf.len())
     }
 
@@ -159,6 +169,8 @@ pub struct Printer {
     total: usize,
     done: usize,
     bar: Option<ProgressBar>,
+    /// Where the bar on screen is shown to the log writer.
+    active: ActiveBar,
     allow_bar: bool,
     by_node: BTreeMap<String, Tally>,
     by_type: BTreeMap<String, Tally>,
@@ -179,10 +191,17 @@ impl Printer {
             total,
             done: 0,
             bar: None,
+            active: ActiveBar::default(),
             allow_bar: format == Format::Human && std::io::stderr().is_terminal(),
             by_node: BTreeMap::new(),
             by_type: BTreeMap::new(),
         }
+    }
+
+    /// Shows its progress bar to `active` (the log writer's), so log lines step around it.
+    pub fn active_bar(mut self, active: ActiveBar) -> Self {
+        self.active = active;
+        self
     }
 
     /// Shows one event.
@@ -313,18 +332,14 @@ impl Printer {
             bar.set_style(style.progress_chars("=> "));
         }
         bar.enable_steady_tick(Duration::from_millis(100));
-        if let Ok(mut active) = ACTIVE_BAR.lock() {
-            *active = Some(bar.clone());
-        }
+        self.active.set(Some(bar.clone()));
         self.bar = Some(bar);
     }
 
     fn finish_bar(&mut self) {
         if let Some(bar) = self.bar.take() {
             bar.finish_and_clear();
-            if let Ok(mut active) = ACTIVE_BAR.lock() {
-                *active = None;
-            }
+            self.active.set(None);
         }
     }
 
@@ -348,7 +363,7 @@ impl Printer {
     fn line_err(&mut self, text: &str) {
         // Keep stdout and stderr in the order the events happened.
         self.flush();
-        let _ = write_log(format!("{text}\n").as_bytes());
+        let _ = self.active.write_log(format!("{text}\n").as_bytes());
     }
 
     /// Shows the final tables (people only; `--json` consumers have the events): every task

@@ -70,14 +70,16 @@ pub(crate) fn client(
 /// [`MAX_CONCURRENT_PROBES`] at once, so a node that never answers delays no other; this
 /// returns once discovery has ended and every node asked has answered or failed (each
 /// handshake is bounded by the connection settings' timeouts). Rows come in the order the
-/// nodes were found.
+/// nodes were found; then the nodes that could not be reached, as `cannot reach ADDR: WHY`
+/// lines (errors worded by `describe`) in the order they failed, for the caller to show.
 pub async fn probe(
     cluster: &str,
     backends: Vec<Box<dyn Discovery>>,
     timeout: Duration,
     keys: Vec<ClusterKey>,
     identity: Identity,
-) -> Result<Vec<PeerInfo>, Error> {
+    describe: crate::dial::Describe,
+) -> Result<(Vec<PeerInfo>, Vec<String>), Error> {
     let started = tokio::time::Instant::now();
     let mut seen = std::collections::HashSet::new();
     let stop = CancellationToken::new();
@@ -85,8 +87,9 @@ pub async fn probe(
     let (hello, settings) = client(cluster, &keys, identity);
     let permits = Arc::new(Semaphore::new(MAX_CONCURRENT_PROBES));
     let deadline = started + timeout;
-    let mut asking: JoinSet<(u64, Option<PeerInfo>)> = JoinSet::new();
+    let mut asking: JoinSet<(u64, Result<PeerInfo, String>)> = JoinSet::new();
     let mut answers: Vec<(u64, PeerInfo)> = Vec::new();
+    let mut unreachable: Vec<String> = Vec::new();
     let mut next_id: u64 = 0;
     let mut discovering = true;
     let mut too_many = false;
@@ -120,15 +123,17 @@ pub async fn probe(
                     (next_id, hello.clone(), settings.clone(), permits.clone());
                 asking.spawn(async move {
                     let Ok(_permit) = permits.acquire_owned().await else {
-                        return (id, None);
+                        return (id, Err(String::new()));
                     };
-                    (id, ask(p, hello, &settings, id, seen_ms).await)
+                    (id, ask(p, hello, &settings, id, seen_ms, describe).await)
                 });
             }
             _ = tokio::time::sleep_until(deadline), if discovering => discovering = false,
             done = asking.join_next(), if !asking.is_empty() => {
-                if let Some(Ok((id, Some(info)))) = done {
-                    answers.push((id, info));
+                match done {
+                    Some(Ok((id, Ok(info)))) => answers.push((id, info)),
+                    Some(Ok((_, Err(line)))) if !line.is_empty() => unreachable.push(line),
+                    _ => {}
                 }
             }
             else => break,
@@ -136,17 +141,21 @@ pub async fn probe(
     }
     stop.cancel();
     answers.sort_by_key(|(id, _)| *id);
-    Ok(answers.into_iter().map(|(_, info)| info).collect())
+    Ok((
+        answers.into_iter().map(|(_, info)| info).collect(),
+        unreachable,
+    ))
 }
 
-/// Handshakes with one discovered node; `None` (said on stderr) when it cannot be reached.
+/// Handshakes with one discovered node; `cannot reach ADDR: WHY` when it cannot be reached.
 async fn ask(
     p: p2p_discovery::Peer,
     hello: Hello,
     settings: &Settings,
     id: u64,
     seen_ms: u64,
-) -> Option<PeerInfo> {
+    describe: crate::dial::Describe,
+) -> Result<PeerInfo, String> {
     let (tx, mut rx) = mpsc::channel(16);
     match net::connect(p.addr, hello, settings, id, tx).await {
         Ok(link) => {
@@ -162,13 +171,8 @@ async fn ask(
             let _ = link.send(Command::Goodbye);
             // Wait (briefly) for the goodbye to complete so the peer logs a clean close.
             let _ = tokio::time::timeout(GOODBYE_WAIT, rx.recv()).await;
-            Some(info)
+            Ok(info)
         }
-        Err(e) => {
-            use std::io::Write as _;
-            let e = crate::cli::core_error(&e);
-            let _ = writeln!(std::io::stderr().lock(), "cannot reach {}: {e}", p.addr);
-            None
-        }
+        Err(e) => Err(format!("cannot reach {}: {}", p.addr, describe(&e))),
     }
 }

@@ -1,7 +1,8 @@
-//! What the discovery backends of a serving node found, kept for a later run.
+//! What the discovery backends of a node found, kept for every run.
 //!
-//! [`crate::Node::start`] starts the backends that announce the node; their events are
-//! needed only if the node later runs a plan. A keeper task reads them as they come, so the
+//! A node's backends start once ([`crate::Node::start`], which announces the node, or its
+//! first run) and live as long as the node; each run needs their events. A keeper task reads
+//! them as they come, so the
 //! backends' queue never fills, and remembers the peers known now (at most [`MAX_KNOWN`]);
 //! a run [subscribes](Sightings::subscribe) and gets those peers, then every later event.
 //! The keeper waits only for a subscribed run to take events; meanwhile the backends that
@@ -22,14 +23,21 @@ pub const MAX_KNOWN: usize = 4096;
 #[derive(Debug)]
 pub(crate) struct Sightings {
     subscribe: mpsc::Sender<mpsc::Sender<Event>>,
+    keeper: tokio::task::AbortHandle,
+}
+
+impl Drop for Sightings {
+    fn drop(&mut self) {
+        self.keeper.abort();
+    }
 }
 
 impl Sightings {
     /// Starts keeping the events of `found`. Must be called inside a tokio runtime.
     pub(crate) fn start(found: mpsc::Receiver<Event>) -> Sightings {
         let (subscribe, subs) = mpsc::channel(4);
-        tokio::spawn(keep(found, subs));
-        Sightings { subscribe }
+        let keeper = tokio::spawn(keep(found, subs)).abort_handle();
+        Sightings { subscribe, keeper }
     }
 
     /// The peers known now (as `Discovered` events), then every later event, until the

@@ -190,6 +190,7 @@ pub async fn probe(
     answer_timeout: Duration,
     keys: Vec<ClusterKey>,
     identity: Identity,
+    describe: crate::dial::Describe,
 ) -> Result<Vec<Result<NodeStatus, Unreachable>>, Error> {
     let stop = CancellationToken::new();
     let mut found = p2p_discovery::start_all(backends, None, stop.clone())?;
@@ -213,7 +214,7 @@ pub async fn probe(
                         let _slot = slots.acquire_owned().await;
                         query(p.addr, hello, &settings, answer_timeout)
                             .await
-                            .map_err(|e| Unreachable { addr: p.addr.to_string(), error: crate::cli::core_error(&e) })
+                            .map_err(|e| Unreachable { addr: p.addr.to_string(), error: describe(&e) })
                     });
                 }
                 Some(_) => {}

@@ -16,8 +16,12 @@
 //! - [`coordinator`]: the tokio driver of a run core over connected nodes; reports
 //!   [`RunEvent`]s.
 //! - [`event`]: the events of a run (what `--json` prints) and its final report.
+//!
+//! Every error of the crate is an [`Error`], whose variants carry typed details
+//! ([`ParseError`], [`PlanError`], [`TaskError`], [`journal::JournalError`]).
 
 pub mod coordinator;
+mod error;
 pub mod event;
 pub mod handler;
 pub mod journal;
@@ -30,10 +34,12 @@ pub mod task;
 pub mod worker;
 
 pub use coordinator::{run, Inputs, PeerUpdate, RunOptions};
+pub use error::{Error, TaskError};
 pub use event::{Phase, RunEvent, RunReport, Status, TaskResult, EVENT_SCHEMA};
 pub use handler::{Handler, TaskOutcome, TaskRequest};
 pub use journal::Journal;
 pub use parse::ParseError;
+pub use plan::PlanError;
 pub use runcore::{RunCore, RunError};
 pub use sched::{Backoff, Order, Policy};
 pub use task::Task;

@@ -6,10 +6,22 @@ use crate::Task;
 
 /// A plan that cannot run under the chosen order.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{message}")]
-pub struct PlanError {
-    /// What is wrong, naming the tasks.
-    pub message: String,
+#[non_exhaustive]
+pub enum PlanError {
+    /// The waits of `order` and the declared dependencies form a cycle.
+    #[error(
+        "the plan cannot run in {order} order: {} waits for {} ({}), which waits for it",
+        cycle.first().map_or("", String::as_str),
+        cycle.last().map_or("", String::as_str),
+        cycle.join(" -> ")
+    )]
+    Cycle {
+        /// The order the plan was checked under.
+        order: Order,
+        /// The ids of the tasks of the cycle, each waiting for the next (the last waits for
+        /// the first).
+        cycle: Vec<String>,
+    },
 }
 
 /// For each task, the tasks it waits for: its dependencies plus what `order` implies
@@ -48,16 +60,8 @@ pub fn check(tasks: &[Task], order: Order) -> Result<(), PlanError> {
     match find_cycle(&edges) {
         None => Ok(()),
         Some(cycle) => {
-            let names: Vec<&str> = cycle.iter().map(|&i| tasks[i].id.as_str()).collect();
-            Err(PlanError {
-                message: format!(
-                    "the plan cannot run in --order {order}: {} waits for {} ({}), which waits for it; \
-                     use --order none, or reorder the file",
-                    names[0],
-                    names[names.len() - 1],
-                    names.join(" -> ")
-                ),
-            })
+            let cycle = cycle.iter().map(|&i| tasks[i].id.clone()).collect();
+            Err(PlanError::Cycle { order, cycle })
         }
     }
 }
@@ -121,11 +125,9 @@ mod tests {
     #[test]
     fn strict_order_refuses_a_dependency_on_a_later_task() {
         let tasks = parse("t", "a1 after b1\nb1").unwrap();
-        let err = check(&tasks, Order::Strict).unwrap_err();
-        assert!(
-            err.message.contains("a1") && err.message.contains("b1"),
-            "{err}"
-        );
+        let PlanError::Cycle { order, cycle } = check(&tasks, Order::Strict).unwrap_err();
+        assert_eq!(order, Order::Strict);
+        assert_eq!(cycle, ["a1", "b1"]);
         check(&tasks, Order::None).unwrap();
     }
 

@@ -44,7 +44,6 @@ use p2p_core::net::{Command, LinkEvent, LinkId};
 use p2p_core::{Assign, Hello, NodeId};
 
 use crate::event::{Phase, RunEvent, RunReport, Status, TaskResult};
-use crate::plan::PlanError;
 use crate::sched::{Outcome, Policy, Scheduler, TaskStatus, MAX_LOSSES};
 use crate::Task;
 
@@ -97,25 +96,9 @@ impl Default for RunOptions {
     }
 }
 
-/// A plan the run refuses before it starts.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum RunError {
-    /// The order and the dependencies form a cycle: the run could never end.
-    #[error(transparent)]
-    Plan(#[from] PlanError),
-    /// A task cannot be sent to any node.
-    #[error("line {line}, column {col}: task {task} cannot be sent: {why}")]
-    Unsendable {
-        /// The task's id.
-        task: String,
-        /// Its line in its file (0 when it did not come from a file).
-        line: u32,
-        /// Its column.
-        col: u32,
-        /// Why, with the numbers.
-        why: String,
-    },
-}
+/// A plan the run refuses before it starts: [`crate::Error::Plan`] or
+/// [`crate::Error::Unsendable`] (the crate has one error type).
+pub type RunError = crate::Error;
 
 /// Checks that `tasks` can run under `opts`: no cycle in the order and dependencies, and
 /// every task's assignment fits in a frame and its arguments in a shell handler's command.

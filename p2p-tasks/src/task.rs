@@ -3,9 +3,15 @@
 //! A task is written as a token such as `a1`: its **type** (here called `kind`) is the
 //! leading ASCII letters, lower-cased (`A1` has type `a`), and its **id** is the whole token,
 //! verbatim. A valid id matches `^[A-Za-z]+[0-9][A-Za-z0-9_.-]*$`.
+//!
+//! A program that makes its tasks itself gives the type apart from the id
+//! ([`Task::new`]): then the id need not start with its type (`photo-001.jpg`, type
+//! `resize`).
 
 use std::fmt;
 use std::time::Duration;
+
+use crate::TaskError;
 
 /// One task of a plan.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -40,7 +46,58 @@ fn default_cost() -> u32 {
     1
 }
 
+/// The longest task id [`Task::new`] takes, in bytes.
+pub const MAX_ID_LEN: usize = 1024;
+
 impl Task {
+    /// A task with its own id and type, for programs that make their tasks themselves: the
+    /// id need not start with its type. The id is 1 to [`MAX_ID_LEN`] bytes without
+    /// whitespace or control characters; the type is 1 to [`p2p_core::wire::MAX_TYPE_LEN`]
+    /// ASCII letters, case-folded (as a node's handlers are). No arguments, no
+    /// dependencies, no position, cost 1; set the public fields for more.
+    ///
+    /// ```
+    /// let t = p2p_tasks::Task::new("photo-001.jpg", "Resize")?;
+    /// assert_eq!((t.id.as_str(), t.kind.as_str()), ("photo-001.jpg", "resize"));
+    /// # Ok::<(), p2p_tasks::Error>(())
+    /// ```
+    pub fn new(id: impl Into<String>, kind: impl AsRef<str>) -> Result<Task, crate::Error> {
+        let id = id.into();
+        let kind = kind.as_ref();
+        if id.is_empty() {
+            return Err(TaskError::EmptyId.into());
+        }
+        if id.len() > MAX_ID_LEN {
+            return Err(TaskError::IdTooLong {
+                len: id.len(),
+                max: MAX_ID_LEN,
+            }
+            .into());
+        }
+        if let Some(ch) = id.chars().find(|c| c.is_whitespace() || c.is_control()) {
+            return Err(TaskError::IdCharacter { id, ch }.into());
+        }
+        let max = p2p_core::wire::MAX_TYPE_LEN;
+        if kind.is_empty() || kind.len() > max || !kind.bytes().all(|b| b.is_ascii_alphabetic()) {
+            return Err(TaskError::InvalidType {
+                kind: kind.to_owned(),
+                max,
+            }
+            .into());
+        }
+        Ok(Task {
+            id,
+            kind: kind.to_ascii_lowercase(),
+            args: String::new(),
+            deps: Vec::new(),
+            line: 0,
+            col: 0,
+            cost: 1,
+            timeout: None,
+            retries: None,
+        })
+    }
+
     /// Builds a task from a valid id, with empty arguments and no position (line and column 0).
     ///
     /// Returns `None` when `id` is not a valid task id (see [`is_valid_id`]).
@@ -240,6 +297,53 @@ mod tests {
         for bad in ["", "1a", "a", "ab", "a-1", "a1!", "é1", "a1é", "_a1"] {
             assert!(!is_valid_id(bad), "{bad} should be invalid");
         }
+    }
+
+    #[test]
+    fn new_takes_any_id_with_its_own_type_and_refuses_bad_ones_by_variant() {
+        use crate::Error;
+        let t = Task::new("photo-001.jpg", "Resize").unwrap();
+        assert_eq!(
+            (t.id.as_str(), t.kind.as_str()),
+            ("photo-001.jpg", "resize")
+        );
+        assert!(t.args.is_empty() && t.deps.is_empty() && !t.has_own_terms());
+        assert!(matches!(
+            Task::new("", "a"),
+            Err(Error::InvalidTask(TaskError::EmptyId))
+        ));
+        assert!(matches!(
+            Task::new("x".repeat(MAX_ID_LEN + 1), "a"),
+            Err(Error::InvalidTask(TaskError::IdTooLong { len, max: MAX_ID_LEN })) if len == MAX_ID_LEN + 1
+        ));
+        assert!(Task::new("x".repeat(MAX_ID_LEN), "a").is_ok());
+        assert!(matches!(
+            Task::new("two words", "a"),
+            Err(Error::InvalidTask(TaskError::IdCharacter { ch: ' ', .. }))
+        ));
+        assert!(matches!(
+            Task::new("a\u{1b}[2J", "a"),
+            Err(Error::InvalidTask(TaskError::IdCharacter {
+                ch: '\u{1b}',
+                ..
+            }))
+        ));
+        for bad in [
+            "",
+            "a1",
+            "re-size",
+            "é",
+            &"a".repeat(p2p_core::wire::MAX_TYPE_LEN + 1),
+        ] {
+            assert!(
+                matches!(
+                    Task::new("t", bad),
+                    Err(Error::InvalidTask(TaskError::InvalidType { .. }))
+                ),
+                "{bad:?}"
+            );
+        }
+        assert!(Task::new("t", "a".repeat(p2p_core::wire::MAX_TYPE_LEN)).is_ok());
     }
 
     #[test]

@@ -230,6 +230,7 @@ async fn coordinator(
             peers: peers_tx,
             links: links_tx,
             stop: stop.clone(),
+            describe: |e| e.to_string(),
         }
         .run(),
     );
