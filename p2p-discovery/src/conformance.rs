@@ -13,7 +13,7 @@
 //!   the [`Discovery::stopped`] token, if any, fires within it.
 //!
 //! Backends: `none`, `static`, `dns` (`localhost`), `udp` (loopback, a port of this suite's
-//! own) and `mdns` (in a network namespace of its own, see [`crate::testns`]).
+//! own) and `mdns` (in a network namespace of its own, see [`harness::netns::inside`]).
 //!
 //! Nothing here asserts on timing: [`BOUND`] is a hang guard.
 
@@ -26,9 +26,7 @@ use p2p_core::NodeId;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::{
-    dns, mdns, start_all, statik, testns, udp, Announcement, Discovery, Event, NoDiscovery,
-};
+use crate::{dns, mdns, start_all, statik, udp, Announcement, Discovery, Event, NoDiscovery};
 
 /// A hang guard for each step.
 const BOUND: Duration = Duration::from_secs(30);
@@ -325,7 +323,7 @@ async fn udp_conforms_as_a_client_and_as_an_announcing_node() {
 
 #[test]
 fn mdns_conforms_as_a_client_and_as_an_announcing_node() {
-    if !testns::inside("conformance::mdns_conforms_as_a_client_and_as_an_announcing_node") {
+    if !harness::netns::inside("conformance::mdns_conforms_as_a_client_and_as_an_announcing_node") {
         return;
     }
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -96,8 +96,6 @@ pub mod dns;
 mod interfaces;
 pub mod mdns;
 pub mod statik;
-#[cfg(test)]
-mod testns;
 pub mod udp;
 
 pub use interfaces::Interfaces;
