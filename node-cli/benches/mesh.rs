@@ -36,12 +36,9 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use bytes::BytesMut;
-use p2p_core::codec::FrameCodec;
-use p2p_core::{Assign, Completed, Message};
+use p2p_core::{testing, Assign, Completed, Message};
 use tests::{peak_rss_kb, ChildGuard, Serve as Server};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio_util::codec::Encoder;
 
 /// The longest any single measured command may take before it is killed.
 const RUN_DEADLINE: Duration = Duration::from_secs(600);
@@ -816,32 +813,15 @@ fn nodes(o: &Opts, dir: &Path, rep: &mut Report) -> Result<()> {
 
 /// An `Assign` and a `Completed` as p2p-node sends them for a task of the large runs.
 fn frames() -> Result<(Vec<u8>, Vec<u8>)> {
-    let mut codec = FrameCodec::default();
-    let mut a = BytesMut::new();
-    codec.encode(
-        &Message::Assign(Assign {
-            seq: 1_000_000,
-            task: "a1000000".into(),
-            kind: "a".into(),
-            args: String::new(),
-            attempt: 1,
-            timeout_ms: 3_600_000,
-        }),
-        &mut a,
-    )?;
-    let mut c = BytesMut::new();
-    codec.encode(
-        &Message::Completed(Completed {
-            seq: 1_000_000,
-            ok: true,
-            exit_code: Some(0),
-            output: "Executing task: a1000000".into(),
-            error: None,
-            duration_us: 1,
-        }),
-        &mut c,
-    )?;
-    Ok((a.to_vec(), c.to_vec()))
+    let a = Message::Assign(Assign {
+        timeout_ms: 3_600_000,
+        ..testing::assign(1_000_000)
+    });
+    let c = Message::Completed(Completed {
+        output: "Executing task: a1000000".into(),
+        ..testing::completed(1_000_000)
+    });
+    Ok((testing::frame(&a), testing::frame(&c)))
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {

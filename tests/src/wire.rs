@@ -135,11 +135,5 @@ impl WireClient {
 
 /// A `Hello` as a coordinator (serving no type) would send it, in `cluster`.
 pub fn hello(cluster: &str) -> p2p_core::Hello {
-    p2p_core::Hello {
-        version: p2p_core::PROTOCOL_VERSION,
-        cluster: cluster.to_string(),
-        node_id: p2p_core::NodeId::random(),
-        types: Vec::new(),
-        capacity: 1,
-    }
+    p2p_core::testing::hello(cluster, &[], 1)
 }

@@ -18,11 +18,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
-use p2p_core::codec::FrameCodec;
-use p2p_core::{Hello, Message, NodeId, PROTOCOL_VERSION};
+use p2p_core::{testing, Message};
 use tests::{RunOutput, Serve};
-use tokio_util::codec::Encoder;
 
 /// Hang guard of one command run to its end.
 const RUN_TIMEOUT: Duration = Duration::from_secs(90);
@@ -263,16 +260,8 @@ fn a_plaintext_hello_to_a_keyed_node_is_dropped() {
     let mut stream = TcpStream::connect(s.addr).unwrap();
     stream.set_read_timeout(Some(WAIT)).unwrap();
     let me = stream.local_addr().unwrap().to_string();
-    let hello = Message::Hello(Hello {
-        version: PROTOCOL_VERSION,
-        cluster: "default".into(),
-        node_id: NodeId::random(),
-        types: Vec::new(),
-        capacity: 0,
-    });
-    let mut buf = BytesMut::new();
-    FrameCodec::default().encode(&hello, &mut buf).unwrap();
-    stream.write_all(&buf).unwrap();
+    let hello = Message::Hello(testing::hello("default", &[], 0));
+    stream.write_all(&testing::frame(&hello)).unwrap();
     // The node closes the connection without a word: EOF or a reset, not a timeout.
     let mut got = Vec::new();
     let mut chunk = [0u8; 4096];
