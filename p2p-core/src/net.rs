@@ -17,6 +17,7 @@
 //! [`Settings::identity`].
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{FutureExt, SinkExt, StreamExt};
@@ -149,8 +150,9 @@ pub enum LinkEvent {
     },
     /// The connection is closed; this is the last event of the link.
     Closed {
-        /// `None` after a complete goodbye, else what went wrong.
-        error: Option<String>,
+        /// `None` after a complete goodbye, else what went wrong (shared: events are
+        /// cloned, errors are not).
+        error: Option<Arc<Error>>,
     },
 }
 
@@ -171,19 +173,21 @@ pub struct Link {
 #[derive(Debug, Clone)]
 pub struct LinkClosed {
     /// `None` while open; then `Some(None)` after a complete goodbye, or `Some(Some(why))`.
-    rx: watch::Receiver<Option<Option<String>>>,
+    rx: watch::Receiver<Option<Option<Arc<Error>>>>,
 }
 
 impl LinkClosed {
     /// Waits until the link closed: `None` after a complete goodbye, else what went wrong.
-    pub async fn wait(mut self) -> Option<String> {
+    pub async fn wait(mut self) -> Option<Arc<Error>> {
         loop {
             if let Some(end) = self.rx.borrow().clone() {
                 return end;
             }
             if self.rx.changed().await.is_err() {
                 // The driver is gone without saying how (it panicked).
-                return Some("the connection driver ended".into());
+                return Some(Arc::new(Error::DriverFailed(
+                    "it ended without closing the link".into(),
+                )));
             }
         }
     }
@@ -416,7 +420,7 @@ async fn start(
     ));
     tokio::spawn(async move {
         if let Err(e) = driver.await {
-            let error = Some(format!("connection driver failed: {e}"));
+            let error = Some(Arc::new(Error::DriverFailed(e.to_string())));
             let _ = events.send((id, LinkEvent::Closed { error })).await;
         }
     });
@@ -616,7 +620,7 @@ async fn drive(
     id: LinkId,
     events: EventSender,
     idle: Duration,
-    closed: watch::Sender<Option<Option<String>>>,
+    closed: watch::Sender<Option<Option<Arc<Error>>>>,
     status: StatusSide,
 ) {
     let result = drive_inner(&mut io, &mut conn, &mut rx, id, &events, idle, status).await;
@@ -626,7 +630,7 @@ async fn drive(
             // Whatever is queued (e.g. results) goes out if the socket still takes it.
             let _ =
                 tokio::time::timeout(Duration::from_millis(200), flush(&mut io, &mut conn)).await;
-            Some(e.to_string())
+            Some(Arc::new(e))
         }
     };
     match &error {
@@ -951,16 +955,55 @@ mod tests {
         let closed = dialled.on_closed();
         dialled.send(Command::Goodbye).unwrap();
         let bound = Duration::from_secs(20);
-        assert_eq!(
-            tokio::time::timeout(bound, closed.wait()).await.unwrap(),
-            None
-        );
+        let end = tokio::time::timeout(bound, closed.wait()).await.unwrap();
+        assert!(end.is_none(), "{end:?}");
         let last = tokio::time::timeout(bound, recv(&mut drx)).await.unwrap();
         assert!(
             matches!(last, Some((2, LinkEvent::Closed { error: None }))),
             "{last:?}"
         );
         drop(accepted);
+    }
+
+    /// A link that ends without goodbye says why with a typed error, the same in its
+    /// `Closed` event and in `on_closed`: the side that aborted gets `Aborted`, its peer
+    /// `Lost` (EOF without goodbye).
+    #[tokio::test]
+    async fn a_failed_link_says_why_with_a_typed_error() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (ah, s) = node(&["a"], None);
+        let (atx, mut arx) = mpsc::channel(16);
+        let acceptor = tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            accept(stream, ah, &s, 1, atx).await
+        });
+        let (dh, s) = node(&[], None);
+        let (dtx, mut drx) = mpsc::channel(16);
+        let dialled = connect(addr, dh, &s, 2, dtx).await.unwrap();
+        let accepted = acceptor.await.unwrap().unwrap();
+        let (dialled_end, accepted_end) = (dialled.on_closed(), accepted.on_closed());
+        dialled.send(Command::Abort).unwrap();
+        let bound = Duration::from_secs(20);
+        let end = tokio::time::timeout(bound, dialled_end.wait())
+            .await
+            .unwrap();
+        assert!(matches!(end.as_deref(), Some(Error::Aborted)), "{end:?}");
+        let last = tokio::time::timeout(bound, recv(&mut drx)).await.unwrap();
+        assert!(
+            matches!(&last, Some((2, LinkEvent::Closed { error: Some(e) })) if matches!(**e, Error::Aborted)),
+            "{last:?}"
+        );
+        let lost = |e: &Error| matches!(e, Error::Connection(ConnectionError::Lost));
+        let end = tokio::time::timeout(bound, accepted_end.wait())
+            .await
+            .unwrap();
+        assert!(end.as_deref().is_some_and(lost), "{end:?}");
+        let last = tokio::time::timeout(bound, recv(&mut arx)).await.unwrap();
+        assert!(
+            matches!(&last, Some((1, LinkEvent::Closed { error: Some(e) })) if lost(e)),
+            "{last:?}"
+        );
     }
 
     /// Connects a dialler with `dial_key` to an acceptor with `accept_key` on loopback and
