@@ -349,8 +349,10 @@ pub struct Lan {
 pub const REQUIRE_NETNS: &str = "P2P_REQUIRE_NETNS";
 
 /// Reports why a namespace test cannot run: a skip (a line on stderr) normally, a panic when
-/// [`REQUIRE_NETNS`] is `1`.
-fn skip(why: &str) {
+/// [`REQUIRE_NETNS`] is `1`. [`Lan::new`] and [`inside`] call it; a test that makes its
+/// [`Lan`] where a panic does not reach the test (another thread, `catch_unwind`) calls it
+/// too when it finds no LAN was made, before it returns.
+pub fn skip(why: &str) {
     if std::env::var(REQUIRE_NETNS).is_ok_and(|v| v == "1") {
         panic!("{REQUIRE_NETNS}=1 and this namespace test cannot run: {why}");
     }
@@ -581,6 +583,43 @@ fn remove_etc_dir(ns: &str) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => eprintln!("netns: cannot delete {}: {e}", dir.display()),
     }
+}
+
+/// Runs the test `name` of this test binary as namespaces cannot be made (no `ip` on its
+/// `PATH`) under [`REQUIRE_NETNS`]`=1`, and panics unless it fails saying so: the check that
+/// a namespace test never passes without running. Bounded (30 s, then killed by PID).
+pub fn assert_fails_without_namespaces(name: &str) {
+    let exe = std::env::current_exe().expect("current_exe");
+    let mut cmd = Command::new(exe);
+    cmd.args(["--exact", name, "--nocapture", "--test-threads", "1"])
+        .env("PATH", "/nonexistent")
+        .env(REQUIRE_NETNS, "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = ChildGuard::new(cmd.spawn().expect("spawn the test binary"));
+    let out = Collected::default();
+    let err = Collected::default();
+    let readers = [
+        child.child_mut().stdout.take().map(|p| out.collect(p)),
+        child.child_mut().stderr.take().map(|p| err.collect(p)),
+    ];
+    let status = child.wait_timeout(Duration::from_secs(30));
+    child.kill();
+    for r in readers.into_iter().flatten() {
+        let _ = r.join();
+    }
+    let (out, err) = (out.text(), err.text());
+    let status = status.unwrap_or_else(|| panic!("{name} still ran after 30 s\n{out}\n{err}"));
+    assert!(
+        !status.success() && out.contains("1 failed"),
+        "{name} did not fail without namespaces under {REQUIRE_NETNS}=1 ({status})\n\
+         --- stdout ---\n{out}\n--- stderr ---\n{err}"
+    );
+    assert!(
+        err.contains(&format!("{REQUIRE_NETNS}=1")),
+        "{name} failed for another reason\n--- stdout ---\n{out}\n--- stderr ---\n{err}"
+    );
 }
 
 /// The network namespaces that exist now (names only).
