@@ -16,12 +16,12 @@ use bytes::{BufMut, BytesMut};
 use p2p_core::codec::{FrameCodec, LENGTH_PREFIX};
 use p2p_core::conn::{Config, Connection, Role};
 use p2p_core::identity::Identity;
-use p2p_core::secure::{self, SecureCodec, MAX_CHUNK_PLAINTEXT, NOISE_PARAMS, PREAMBLE};
+use p2p_core::secure::{self, SecureCodec, MAX_CHUNK_PLAINTEXT};
+use p2p_core::testing::{completed, raw_initiator};
 use p2p_core::{
-    Assign, ClusterKey, Completed, Hello, Message, NodeId, Reject, RejectReason, PROTOCOL_VERSION,
+    Assign, ClusterKey, Hello, Message, NodeId, Reject, RejectReason, PROTOCOL_VERSION,
 };
 use p2p_discovery::beacon::{self, Beacon};
-use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 use tokio_util::codec::{Decoder, Encoder};
 
 #[path = "../../p2p-core/tests/support/conn_model.rs"]
@@ -163,17 +163,6 @@ fn message(u: &mut Unstructured<'_>) -> arbitrary::Result<Message> {
     })
 }
 
-fn completed(seq: u64) -> Completed {
-    Completed {
-        seq,
-        ok: true,
-        exit_code: Some(0),
-        output: String::new(),
-        error: None,
-        duration_us: 1,
-    }
-}
-
 /// The connection state machine as acceptor or initiator, fed fuzzer-chosen messages (or
 /// raw bytes through the real codec), timeouts, EOF and local actions; the model in
 /// `conn_model.rs` checks every step (nothing accepted before the handshake, capacity, seqs,
@@ -300,53 +289,6 @@ pub fn task_file(data: &[u8]) {
 
 // ---------------------------------------------------------------------------------------
 // secure_decrypt
-
-/// The prologue of the secure channel (docs/SECURITY.md).
-const PROLOGUE: &[u8] = b"p2p-node secure channel v1";
-
-async fn read_hs(io: &mut DuplexStream) -> Vec<u8> {
-    let mut len = [0u8; 2];
-    io.read_exact(&mut len).await.unwrap();
-    let mut msg = vec![0u8; usize::from(u16::from_be_bytes(len))];
-    io.read_exact(&mut msg).await.unwrap();
-    msg
-}
-
-async fn write_hs(io: &mut DuplexStream, msg: &[u8]) {
-    let len = u16::try_from(msg.len()).unwrap().to_be_bytes();
-    io.write_all(&len).await.unwrap();
-    io.write_all(msg).await.unwrap();
-    io.flush().await.unwrap();
-}
-
-/// The initiator's side of the handshake, by hand, so that the fuzzer can encrypt anything.
-async fn raw_initiator(io: &mut DuplexStream, key: &ClusterKey) -> snow::TransportState {
-    let params: snow::params::NoiseParams = NOISE_PARAMS.parse().unwrap();
-    let static_key = snow::Builder::new(params.clone())
-        .generate_keypair()
-        .unwrap();
-    let mut hs = snow::Builder::new(params)
-        .local_private_key(&static_key.private)
-        .psk(3, key.as_bytes())
-        .prologue(PROLOGUE)
-        .build_initiator()
-        .unwrap();
-    let mut out = [0u8; 512];
-    let mut payload = [0u8; 512];
-    let n = hs
-        .write_message(&key.fingerprint_bytes(), &mut out)
-        .unwrap();
-    io.write_all(&PREAMBLE).await.unwrap();
-    write_hs(io, &out[..n]).await;
-    let msg = read_hs(io).await;
-    hs.read_message(&msg, &mut payload).unwrap();
-    let n = hs.write_message(&[], &mut out).unwrap();
-    write_hs(io, &out[..n]).await;
-    let mut transport = hs.into_transport_mode().unwrap();
-    let confirmation = read_hs(io).await;
-    transport.read_message(&confirmation, &mut payload).unwrap();
-    transport
-}
 
 fn secure_pair(max_frame: usize) -> (snow::TransportState, SecureCodec) {
     let rt = tokio::runtime::Builder::new_current_thread()

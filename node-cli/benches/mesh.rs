@@ -31,16 +31,14 @@
 use std::collections::HashSet;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use bytes::BytesMut;
-use p2p_core::codec::FrameCodec;
-use p2p_core::{Assign, Completed, Message};
+use p2p_core::{testing, Assign, Completed, Message};
+use tests::{peak_rss_kb, ChildGuard, Serve as Server};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio_util::codec::Encoder;
 
 /// The longest any single measured command may take before it is killed.
 const RUN_DEADLINE: Duration = Duration::from_secs(600);
@@ -193,6 +191,8 @@ fn bench(o: &Opts) -> Result<()> {
             o.bin.display()
         );
     }
+    // The harness's processes (`serve`) run this binary.
+    tests::use_bin(o.bin.clone());
     eprintln!("p2p-node: {}", o.bin.display());
     eprintln!("machine: {}", machine());
     let dir = tempfile::tempdir().context("temporary directory")?;
@@ -206,7 +206,7 @@ fn bench(o: &Opts) -> Result<()> {
     let three = |key: Option<&Path>, extra: &[&str]| -> Result<Vec<Server>> {
         ["a", "b", "c"]
             .iter()
-            .map(|t| serve(&o.bin, t, key, extra))
+            .map(|t| serve(t, key, extra))
             .collect()
     };
     if o.wants("raw") {
@@ -446,73 +446,27 @@ fn stats(samples: &mut [f64]) -> (f64, f64, f64) {
 // ---------------------------------------------------------------------------------------
 // Processes
 
-/// A child process, killed by PID and reaped when dropped.
-struct Proc {
-    child: Child,
-}
+/// A child process, killed by PID and reaped when dropped (the workspace test harness's).
+type Proc = ChildGuard;
 
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// A `p2p-node serve` process on an ephemeral loopback port.
-struct Server {
-    _proc: Proc,
-    addr: String,
-}
-
-/// Starts `p2p-node serve --types TYPES --listen 127.0.0.1:0 --discovery none` and waits for
-/// its `listening on ADDR` line.
-fn serve(bin: &Path, types: &str, key: Option<&Path>, extra: &[&str]) -> Result<Server> {
-    let mut cmd = Command::new(bin);
-    cmd.args([
-        "serve",
+/// Starts `p2p-node serve --types TYPES --listen 127.0.0.1:0 --discovery none` through the
+/// workspace test harness (its loopback guard; the binary of [`tests::use_bin`]) and waits
+/// for its `listening on ADDR` line.
+fn serve(types: &str, key: Option<&Path>, extra: &[&str]) -> Result<Server> {
+    let key = key.map(|k| k.display().to_string());
+    let mut args = vec![
         "--types",
         types,
         "--listen",
         "127.0.0.1:0",
         "--discovery",
         "none",
-    ])
-    .args(extra)
-    .env_remove("RUST_LOG")
-    .env_remove("P2P_KEY_FILE")
-    .env("RUST_LOG", "warn")
-    .stdin(Stdio::null())
-    .stdout(Stdio::piped())
-    .stderr(Stdio::null());
-    if let Some(k) = key {
-        cmd.arg("--key-file").arg(k);
+    ];
+    args.extend_from_slice(extra);
+    if let Some(k) = &key {
+        args.extend(["--key-file", k.as_str()]);
     }
-    let mut child = cmd
-        .spawn()
-        .with_context(|| format!("spawn {}", bin.display()))?;
-    let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
-    let proc = Proc { child };
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        // Reads every line (so the pipe never fills) and reports the address once.
-        let mut sent = false;
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if !sent {
-                if let Some(a) = line.strip_prefix("listening on ") {
-                    let _ = tx.send(a.trim().to_string());
-                    sent = true;
-                }
-            }
-        }
-    });
-    let addr = rx
-        .recv_timeout(START_DEADLINE)
-        .map_err(|_| anyhow!("p2p-node serve did not print `listening on` in time"))?;
-    if !addr.starts_with("127.") {
-        bail!("serving process listens on {addr}, not loopback");
-    }
-    Ok(Server { _proc: proc, addr })
+    Ok(Server::start_env(&args, &[("RUST_LOG", "warn")]))
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -564,7 +518,7 @@ fn run(
     args.extend(["--order".into(), order.into()]);
     for s in servers {
         args.push("--peer".into());
-        args.push(s.addr.clone());
+        args.push(s.peer());
     }
     run_args(bin, args, key, out, dir)
 }
@@ -612,12 +566,12 @@ fn run_args(
         .stderr(Stdio::inherit())
         .spawn()
         .with_context(|| format!("spawn {} {}", bin.display(), args.join(" ")))?;
-    let mut proc = Proc { child };
-    let pid = proc.child.id();
+    let mut proc = ChildGuard::new(child);
+    let pid = proc.id();
     let mut peak = 0;
     let deadline = started + RUN_DEADLINE;
     loop {
-        if let Some(status) = proc.child.try_wait()? {
+        if let Some(status) = proc.try_wait() {
             let wall = started.elapsed();
             if !status.success() {
                 bail!("p2p-node {} exited with {status}", args.join(" "));
@@ -628,7 +582,7 @@ fn run_args(
                 peak_rss_kb: peak,
             });
         }
-        peak = peak.max(vm_hwm_kb(pid).unwrap_or(0));
+        peak = peak.max(peak_rss_kb(pid).unwrap_or(0));
         if Instant::now() > deadline {
             bail!("p2p-node run did not finish within {RUN_DEADLINE:?}; killed");
         }
@@ -663,13 +617,6 @@ fn summary_elapsed(path: &Path, out: Output) -> Option<Duration> {
             Some(Duration::from_secs_f64(secs))
         }
     }
-}
-
-/// The peak resident set of a process, in KiB.
-fn vm_hwm_kb(pid: u32) -> Option<u64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
-    line.split_whitespace().nth(1)?.parse().ok()
 }
 
 // ---------------------------------------------------------------------------------------
@@ -710,7 +657,7 @@ fn strict(
     args.extend(run_args.iter().map(|a| a.to_string()));
     for s in servers {
         args.push("--peer".into());
-        args.push(s.addr.clone());
+        args.push(s.peer());
     }
     if let Some(k) = key {
         args.push("--key-file".into());
@@ -727,7 +674,7 @@ fn strict(
         .spawn()
         .context("spawn p2p-node run")?;
     let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
-    let mut proc = Proc { child };
+    let mut proc = ChildGuard::new(child);
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         let mut times = Vec::with_capacity(n);
@@ -797,11 +744,11 @@ fn strict(
 fn wait_deadline(p: &mut Proc, limit: Duration) -> Result<std::process::ExitStatus> {
     let deadline = Instant::now() + limit;
     loop {
-        if let Some(s) = p.child.try_wait()? {
+        if let Some(s) = p.try_wait() {
             return Ok(s);
         }
         if Instant::now() > deadline {
-            bail!("process {} did not exit in {limit:?}", p.child.id());
+            bail!("process {} did not exit in {limit:?}", p.id());
         }
         std::thread::sleep(Duration::from_millis(5));
     }
@@ -818,7 +765,7 @@ fn nodes(o: &Opts, dir: &Path, rep: &mut Report) -> Result<()> {
     // built-in handler's default of 1,024, the first ten nodes to connect could take all
     // the tasks before the others are dialled.
     for _ in 0..n {
-        servers.push(serve(&o.bin, "a", None, &["--capacity", "4"])?);
+        servers.push(serve("a", None, &["--capacity", "4"])?);
     }
     let boot = started.elapsed();
     let tasks = 100 * n;
@@ -866,32 +813,15 @@ fn nodes(o: &Opts, dir: &Path, rep: &mut Report) -> Result<()> {
 
 /// An `Assign` and a `Completed` as p2p-node sends them for a task of the large runs.
 fn frames() -> Result<(Vec<u8>, Vec<u8>)> {
-    let mut codec = FrameCodec::default();
-    let mut a = BytesMut::new();
-    codec.encode(
-        &Message::Assign(Assign {
-            seq: 1_000_000,
-            task: "a1000000".into(),
-            kind: "a".into(),
-            args: String::new(),
-            attempt: 1,
-            timeout_ms: 3_600_000,
-        }),
-        &mut a,
-    )?;
-    let mut c = BytesMut::new();
-    codec.encode(
-        &Message::Completed(Completed {
-            seq: 1_000_000,
-            ok: true,
-            exit_code: Some(0),
-            output: "Executing task: a1000000".into(),
-            error: None,
-            duration_us: 1,
-        }),
-        &mut c,
-    )?;
-    Ok((a.to_vec(), c.to_vec()))
+    let a = Message::Assign(Assign {
+        timeout_ms: 3_600_000,
+        ..testing::assign(1_000_000)
+    });
+    let c = Message::Completed(Completed {
+        output: "Executing task: a1000000".into(),
+        ..testing::completed(1_000_000)
+    });
+    Ok((testing::frame(&a), testing::frame(&c)))
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
@@ -1037,7 +967,7 @@ fn start_echo() -> Result<(Proc, u16)> {
         .spawn()
         .context("start the echo peer")?;
     let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
-    let echo = Proc { child };
+    let echo = ChildGuard::new(child);
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         let mut line = String::new();

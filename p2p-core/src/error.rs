@@ -60,6 +60,10 @@ pub enum Error {
     /// A status request had no answer in time.
     #[error("no answer to the status request after {0:?}")]
     StatusTimeout(Duration),
+    /// The task that drives the connection ended without saying how the link closed (it
+    /// panicked): what went wrong, as far as is known.
+    #[error("connection driver failed: {0}")]
+    DriverFailed(String),
 }
 
 impl Error {

@@ -48,6 +48,8 @@ pub mod message;
 pub mod net;
 pub mod secure;
 pub mod shown;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 pub mod text;
 pub mod wire;
 

@@ -9,10 +9,11 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use bytes::{BufMut, BytesMut};
+use bytes::BytesMut;
 use p2p_core::codec::FrameCodec;
 use p2p_core::conn::{Config, Connection, Role};
-use p2p_core::{Assign, Completed, Hello, Message, NodeId, Reject, RejectReason, PROTOCOL_VERSION};
+use p2p_core::testing::{assign, completed, frame_with_tail};
+use p2p_core::{Hello, Message, NodeId, Reject, RejectReason, PROTOCOL_VERSION};
 use proptest::collection::vec;
 use proptest::prelude::*;
 use support::arb;
@@ -45,7 +46,7 @@ fn op() -> impl Strategy<Value = Op> {
         6 => arb::open_message().prop_map(Op::Recv),
         2 => arb::message().prop_map(Op::Recv),
         1 => vec(any::<u8>(), 0..40).prop_map(Op::Bytes),
-        1 => arb::message().prop_map(|m| Op::Bytes(frame(&m, &[]))),
+        1 => arb::message().prop_map(|m| Op::Bytes(frame_with_tail(&m, &[]))),
         2 => prop_oneof![0u64..3_000, 0u64..20_000].prop_map(Op::Advance),
         1 => Just(Op::Eof),
         3 => arb::seq().prop_map(Op::Assign),
@@ -55,16 +56,6 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
-/// The frame of `m` with `tail` appended to its payload (as a later version might).
-fn frame(m: &Message, tail: &[u8]) -> Vec<u8> {
-    let mut payload = BytesMut::new();
-    p2p_core::wire::encode_into(m, &mut payload).unwrap();
-    payload.put_slice(tail);
-    let mut out = (payload.len() as u32).to_be_bytes().to_vec();
-    out.extend_from_slice(&payload);
-    out
-}
-
 fn local(capacity: u32) -> Hello {
     Hello {
         version: PROTOCOL_VERSION,
@@ -72,28 +63,6 @@ fn local(capacity: u32) -> Hello {
         node_id: NodeId([1; 16]),
         types: vec!["a".into()],
         capacity,
-    }
-}
-
-fn assign(seq: u64) -> Assign {
-    Assign {
-        seq,
-        task: format!("a{seq}"),
-        kind: "a".into(),
-        args: String::new(),
-        attempt: 1,
-        timeout_ms: 0,
-    }
-}
-
-fn completed(seq: u64) -> Completed {
-    Completed {
-        seq,
-        ok: true,
-        exit_code: Some(0),
-        output: String::new(),
-        error: None,
-        duration_us: 1,
     }
 }
 
@@ -237,7 +206,7 @@ proptest! {
             return Ok(()); // accepted: covered above
         };
         // Through the real codec, with fields a later version might append.
-        let mut ops = vec![Op::Bytes(frame(&Message::Hello(hello), &tail))];
+        let mut ops = vec![Op::Bytes(frame_with_tail(&Message::Hello(hello), &tail))];
         ops.extend(rest);
         let ck = drive(Role::Acceptor, 2, &ops);
         prop_assert!(ck.dead());

@@ -20,60 +20,13 @@ use bytes::BytesMut;
 use p2p_core::codec::FrameCodec;
 use p2p_core::conn::Role;
 use p2p_core::identity::Identity;
-use p2p_core::secure::{self, SecureCodec, MAX_CHUNK_PLAINTEXT, NOISE_PARAMS, PREAMBLE};
+use p2p_core::secure::{self, SecureCodec, MAX_CHUNK_PLAINTEXT};
+use p2p_core::testing::{frames, raw_initiator};
 use p2p_core::{ClusterKey, Message};
 use proptest::collection::vec;
 use proptest::prelude::*;
 use support::arb;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
-use tokio_util::codec::{Decoder, Encoder};
-
-/// The prologue of the secure channel (docs/SECURITY.md).
-const PROLOGUE: &[u8] = b"p2p-node secure channel v1";
-
-async fn read_message(io: &mut DuplexStream) -> Vec<u8> {
-    let mut len = [0u8; 2];
-    io.read_exact(&mut len).await.unwrap();
-    let mut msg = vec![0u8; usize::from(u16::from_be_bytes(len))];
-    io.read_exact(&mut msg).await.unwrap();
-    msg
-}
-
-async fn write_message(io: &mut DuplexStream, msg: &[u8]) {
-    let len = u16::try_from(msg.len()).unwrap().to_be_bytes();
-    io.write_all(&len).await.unwrap();
-    io.write_all(msg).await.unwrap();
-    io.flush().await.unwrap();
-}
-
-/// The initiator's side of the handshake, by hand, as docs/SECURITY.md states it.
-async fn raw_initiator(io: &mut DuplexStream, key: &ClusterKey) -> snow::TransportState {
-    let params: snow::params::NoiseParams = NOISE_PARAMS.parse().unwrap();
-    let static_key = snow::Builder::new(params.clone())
-        .generate_keypair()
-        .unwrap();
-    let mut hs = snow::Builder::new(params)
-        .local_private_key(&static_key.private)
-        .psk(3, key.as_bytes())
-        .prologue(PROLOGUE)
-        .build_initiator()
-        .unwrap();
-    let mut out = [0u8; 512];
-    let mut payload = [0u8; 512];
-    let n = hs
-        .write_message(&key.fingerprint_bytes(), &mut out)
-        .unwrap();
-    io.write_all(&PREAMBLE).await.unwrap();
-    write_message(io, &out[..n]).await;
-    let msg = read_message(io).await;
-    hs.read_message(&msg, &mut payload).unwrap();
-    let n = hs.write_message(&[], &mut out).unwrap();
-    write_message(io, &out[..n]).await;
-    let mut transport = hs.into_transport_mode().unwrap();
-    let confirmation = read_message(io).await;
-    transport.read_message(&confirmation, &mut payload).unwrap();
-    transport
-}
+use tokio_util::codec::Decoder;
 
 /// A raw sender and a real receiver (`SecureCodec` as the acceptor) with `max_frame`.
 fn pair(max_frame: usize) -> (snow::TransportState, SecureCodec) {
@@ -158,15 +111,6 @@ fn plain_decode(max_frame: usize, plain: &[u8]) -> (Vec<Message>, bool) {
             Err(_) => return (got, true),
         }
     }
-}
-
-fn frames(msgs: &[Message]) -> Vec<u8> {
-    let mut plain = BytesMut::new();
-    let mut codec = FrameCodec::default();
-    for m in msgs {
-        codec.encode(m, &mut plain).unwrap();
-    }
-    plain.to_vec()
 }
 
 /// Chunk sizes: small ones, and some large enough to hold several frames.

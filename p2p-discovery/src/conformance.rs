@@ -13,7 +13,9 @@
 //!   the [`Discovery::stopped`] token, if any, fires within it.
 //!
 //! Backends: `none`, `static`, `dns` (`localhost`), `udp` (loopback, a port of this suite's
-//! own) and `mdns` (in a network namespace of its own, see [`crate::testns`]).
+//! own) and `mdns` (in a network namespace of its own, see [`harness::netns::inside`]), each
+//! built as a node builds it: [`Kind::build`] from the [`Common`] settings. A new backend is
+//! one module, one [`Kind`] arm and one case here.
 //!
 //! Nothing here asserts on timing: [`BOUND`] is a hang guard.
 
@@ -27,7 +29,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    dns, mdns, start_all, statik, testns, udp, Announcement, Discovery, Event, NoDiscovery,
+    start_all, Announcement, Common, Discovery, Event, Interfaces, Kind, NoDiscovery, Role,
 };
 
 /// A hang guard for each step.
@@ -66,6 +68,17 @@ fn announcement(cluster: &str, port: u16, types: &[&str]) -> Announcement {
         types: types.iter().map(|t| t.to_string()).collect(),
         capacity: 2,
     }
+}
+
+/// The backend of `kind` for `common`, built as a node that only looks builds it
+/// ([`Kind::build`]); `none` builds nothing, which is a node's [`NoDiscovery`].
+fn build(kind: Kind, common: &Common) -> Box<dyn Discovery> {
+    kind.build(common, Role::Client)
+        .unwrap_or_else(|e| panic!("{kind}: build failed: {e}"))
+        .unwrap_or_else(|| {
+            assert_eq!(kind, Kind::None, "only none builds no backend");
+            Box::new(NoDiscovery)
+        })
 }
 
 /// Runs the contract on `case` (see the module docs).
@@ -255,7 +268,7 @@ fn live_case(
 #[tokio::test]
 async fn none_conforms() {
     check(Case {
-        backend: Box::new(NoDiscovery),
+        backend: build(Kind::None, &Common::new("conformance")),
         name: "none",
         announce: None,
         expect: None,
@@ -269,7 +282,10 @@ async fn none_conforms() {
 #[tokio::test]
 async fn static_conforms() {
     check(Case {
-        backend: Box::new(statik::Static::new(vec!["127.0.0.1:7401".into()])),
+        backend: build(
+            Kind::Static,
+            &Common::new("conformance").peers(vec!["127.0.0.1:7401".into()]),
+        ),
         name: "static",
         announce: None,
         expect: Some(Expect {
@@ -288,7 +304,13 @@ async fn static_conforms() {
 #[tokio::test]
 async fn dns_conforms() {
     check(Case {
-        backend: Box::new(dns::Dns::new("localhost", 7402).interval(Duration::from_millis(100))),
+        backend: build(
+            Kind::Dns {
+                name: "localhost".into(),
+                port: 7402,
+            },
+            &Common::new("conformance").interval(Duration::from_millis(100)),
+        ),
         name: "dns",
         announce: None,
         expect: Some(Expect {
@@ -312,12 +334,13 @@ fn udp_port() -> u16 {
 #[tokio::test]
 async fn udp_conforms_as_a_client_and_as_an_announcing_node() {
     for announce_self in [false, true] {
-        let make = |cluster: &str| -> Box<dyn Discovery> {
-            Box::new(udp::Udp::new(
-                udp::Config::new(cluster)
-                    .port(udp_port())
-                    .interval(Duration::from_millis(100)),
-            ))
+        // On loopback only (the backend's default interface, as a node listening there).
+        let make = |cluster: &str| {
+            let common = Common::new(cluster)
+                .interfaces(Interfaces::default())
+                .udp_port(udp_port())
+                .interval(Duration::from_millis(100));
+            build(Kind::Udp, &common)
         };
         check(live_case("udp", announce_self, make)).await;
     }
@@ -325,7 +348,7 @@ async fn udp_conforms_as_a_client_and_as_an_announcing_node() {
 
 #[test]
 fn mdns_conforms_as_a_client_and_as_an_announcing_node() {
-    if !testns::inside("conformance::mdns_conforms_as_a_client_and_as_an_announcing_node") {
+    if !harness::netns::inside("conformance::mdns_conforms_as_a_client_and_as_an_announcing_node") {
         return;
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -335,8 +358,11 @@ fn mdns_conforms_as_a_client_and_as_an_announcing_node() {
         .unwrap();
     rt.block_on(async {
         for announce_self in [false, true] {
-            let make = |cluster: &str| -> Box<dyn Discovery> {
-                Box::new(mdns::Mdns::new(mdns::Config::new(cluster)))
+            let make = |cluster: &str| {
+                build(
+                    Kind::Mdns,
+                    &Common::new(cluster).interfaces(Interfaces::default()),
+                )
             };
             check(live_case("mdns", announce_self, make)).await;
         }

@@ -45,6 +45,7 @@
 use std::fmt;
 use std::net::SocketAddr;
 use std::str::FromStr;
+use std::time::Duration;
 
 use p2p_core::{ClusterKey, NodeId};
 use tokio::sync::mpsc;
@@ -96,8 +97,6 @@ pub mod dns;
 mod interfaces;
 pub mod mdns;
 pub mod statik;
-#[cfg(test)]
-mod testns;
 pub mod udp;
 
 pub use interfaces::Interfaces;
@@ -378,6 +377,11 @@ pub struct Common {
     pub interfaces: Option<Interfaces>,
     /// The `HOST:PORT` list of the `static` backend.
     pub peers: Vec<String>,
+    /// The `udp` backend's port; `None`: its default ([`udp::DEFAULT_PORT`]).
+    pub udp_port: Option<u16>,
+    /// How often the backends that repeat themselves do so (`udp` announces, `dns`
+    /// resolves again); `None`: each backend's default.
+    pub interval: Option<Duration>,
 }
 
 impl Common {
@@ -404,6 +408,18 @@ impl Common {
     /// With these listed peers (`HOST:PORT`).
     pub fn peers(mut self, peers: Vec<String>) -> Self {
         self.peers = peers;
+        self
+    }
+
+    /// With this port for the `udp` backend.
+    pub fn udp_port(mut self, port: u16) -> Self {
+        self.udp_port = Some(port);
+        self
+    }
+
+    /// With this interval for the backends that repeat themselves (see [`Common::interval`]).
+    pub fn interval(mut self, every: Duration) -> Self {
+        self.interval = Some(every);
         self
     }
 }
@@ -439,6 +455,12 @@ impl Kind {
                 if let Some(i) = &common.interfaces {
                     cfg = cfg.interfaces(i.clone());
                 }
+                if let Some(port) = common.udp_port {
+                    cfg = cfg.port(port);
+                }
+                if let Some(every) = common.interval {
+                    cfg = cfg.interval(every);
+                }
                 Some(Box::new(udp::Udp::new(cfg)))
             }
             Kind::Mdns => {
@@ -454,7 +476,13 @@ impl Kind {
                 }
                 Some(Box::new(mdns::Mdns::new(cfg)))
             }
-            Kind::Dns { name, port } => Some(Box::new(dns::Dns::new(name.clone(), *port))),
+            Kind::Dns { name, port } => {
+                let mut dns = dns::Dns::new(name.clone(), *port);
+                if let Some(every) = common.interval {
+                    dns = dns.interval(every);
+                }
+                Some(Box::new(dns))
+            }
         })
     }
 

@@ -465,7 +465,7 @@ impl RunCore {
                 self.unsent(link, assign.seq);
             }
             LinkEvent::PeerGoodbye => self.sched.drain_node(link),
-            LinkEvent::Closed { error } => self.closed(link, error),
+            LinkEvent::Closed { error } => self.closed(link, error.map(|e| e.to_string())),
             // The run advertises no capacity, so a peer assigning to it is cut off by the
             // protocol before this point.
             LinkEvent::Opened(_) | LinkEvent::Assigned(_) | LinkEvent::Cancelled { .. } => {}

@@ -38,6 +38,11 @@
 //!
 //! [`helper`]: a test binary can run itself inside a host as a tiny TCP peer (see
 //! [`Host::helper`]), for checks that need no other program than the test itself.
+//!
+//! [`inside`]: a test that needs no LAN, only a namespace of its own with `lo` (p2p-discovery's
+//! mDNS tests, whose daemon joins the mDNS group on every interface it sees), runs itself
+//! there. One harness serves both: the same names, sweep of stale namespaces and
+//! [`REQUIRE_NETNS`] rule.
 
 use std::ffi::OsStr;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -66,6 +71,12 @@ const LINK_WAIT: Duration = Duration::from_secs(10);
 
 /// The environment variable that turns a test binary into a [`helper`].
 pub const HELPER_ENV: &str = "P2P_NETNS_HELPER";
+
+/// Set (to the test's name) in a test binary that [`inside`] re-runs in its namespace.
+const INSIDE_ENV: &str = "P2P_NETNS_TEST";
+
+/// The longest a test may run inside its [`inside`] namespace.
+pub const INSIDE_LIMIT: Duration = Duration::from_secs(120);
 
 /// One host of a [`Lan`].
 #[derive(Debug)]
@@ -338,8 +349,10 @@ pub struct Lan {
 pub const REQUIRE_NETNS: &str = "P2P_REQUIRE_NETNS";
 
 /// Reports why a namespace test cannot run: a skip (a line on stderr) normally, a panic when
-/// [`REQUIRE_NETNS`] is `1`.
-fn skip(why: &str) {
+/// [`REQUIRE_NETNS`] is `1`. [`Lan::new`] and [`inside`] call it; a test that makes its
+/// [`Lan`] where a panic does not reach the test (another thread, `catch_unwind`) calls it
+/// too when it finds no LAN was made, before it returns.
+pub fn skip(why: &str) {
     if std::env::var(REQUIRE_NETNS).is_ok_and(|v| v == "1") {
         panic!("{REQUIRE_NETNS}=1 and this namespace test cannot run: {why}");
     }
@@ -469,6 +482,94 @@ impl Drop for Lan {
     }
 }
 
+/// Deletes a namespace on drop (the one of [`inside`]).
+struct Namespace(String);
+
+impl Drop for Namespace {
+    fn drop(&mut self) {
+        if let Err(why) = ip(&["netns", "del", &self.0]) {
+            eprintln!("netns: cannot delete namespace {}: {why}", self.0);
+        }
+    }
+}
+
+/// Whether the calling test, `name` (its path in its test binary, as `--exact` takes it,
+/// e.g. `mdns::tests::finds_a_peer`), runs inside a network namespace of its own now.
+///
+/// In a normal run this makes a namespace `p2pt-PID-K-solo` with only `lo` (up), runs this
+/// test binary inside it (`ip netns exec`) with just that test, waits for it (killed by PID
+/// after [`INSIDE_LIMIT`]), panics if it failed, deletes the namespace (also when it panics)
+/// and returns `false`; the re-run test, inside the namespace, gets `true` and does its work.
+/// Where namespaces cannot be made (not root, no `ip`), it prints why and returns `false`:
+/// the test is skipped, unless [`REQUIRE_NETNS`] is `1`, where it fails.
+///
+/// ```ignore
+/// if !tests::netns::inside("mdns::tests::finds_a_peer") {
+///     return;
+/// }
+/// ```
+pub fn inside(name: &str) -> bool {
+    if std::env::var(INSIDE_ENV).is_ok_and(|n| n == name) {
+        return true;
+    }
+    if let Err(why) = ip(&["-V"]) {
+        skip(&format!(
+            "{name}: network namespaces unavailable: `ip` (iproute2) cannot run: {why}"
+        ));
+        return false;
+    }
+    sweep_stale();
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let ns = format!(
+        "{PREFIX}{}-{}-solo",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    );
+    if let Err(why) = ip(&["netns", "add", &ns]) {
+        skip(&format!(
+            "{name}: cannot create a network namespace (root and iproute2 are needed): {why}"
+        ));
+        return false;
+    }
+    let ns = Namespace(ns);
+    must(&["-n", &ns.0, "link", "set", "lo", "up"]);
+    let exe = std::env::current_exe().expect("current_exe");
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", &ns.0])
+        .arg(exe)
+        .args(["--exact", name, "--nocapture", "--test-threads", "1"])
+        .env(INSIDE_ENV, name)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    // `ip netns exec` execs the test binary: the guard's PID is the test's.
+    let mut child = ChildGuard::new(
+        cmd.spawn()
+            .unwrap_or_else(|e| panic!("spawn {name} in {}: {e}", ns.0)),
+    );
+    let out = Collected::default();
+    let err = Collected::default();
+    let readers = [
+        child.child_mut().stdout.take().map(|p| out.collect(p)),
+        child.child_mut().stderr.take().map(|p| err.collect(p)),
+    ];
+    let status = child.wait_timeout(INSIDE_LIMIT);
+    child.kill();
+    for r in readers.into_iter().flatten() {
+        let _ = r.join();
+    }
+    let (out, err) = (out.text(), err.text());
+    let Some(status) = status else {
+        panic!("{name} still ran in its namespace after {INSIDE_LIMIT:?}\n{out}\n{err}");
+    };
+    assert!(
+        status.success() && out.contains("1 passed"),
+        "{name} failed in its namespace ({status})\n--- stdout ---\n{out}\n--- stderr ---\n{err}"
+    );
+    drop(ns);
+    false
+}
+
 /// `/etc/netns/NS`: the files `ip netns exec NS` bind-mounts over `/etc`.
 fn etc_dir(ns: &str) -> std::path::PathBuf {
     std::path::Path::new("/etc/netns").join(ns)
@@ -482,6 +583,43 @@ fn remove_etc_dir(ns: &str) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => eprintln!("netns: cannot delete {}: {e}", dir.display()),
     }
+}
+
+/// Runs the test `name` of this test binary as namespaces cannot be made (no `ip` on its
+/// `PATH`) under [`REQUIRE_NETNS`]`=1`, and panics unless it fails saying so: the check that
+/// a namespace test never passes without running. Bounded (30 s, then killed by PID).
+pub fn assert_fails_without_namespaces(name: &str) {
+    let exe = std::env::current_exe().expect("current_exe");
+    let mut cmd = Command::new(exe);
+    cmd.args(["--exact", name, "--nocapture", "--test-threads", "1"])
+        .env("PATH", "/nonexistent")
+        .env(REQUIRE_NETNS, "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = ChildGuard::new(cmd.spawn().expect("spawn the test binary"));
+    let out = Collected::default();
+    let err = Collected::default();
+    let readers = [
+        child.child_mut().stdout.take().map(|p| out.collect(p)),
+        child.child_mut().stderr.take().map(|p| err.collect(p)),
+    ];
+    let status = child.wait_timeout(Duration::from_secs(30));
+    child.kill();
+    for r in readers.into_iter().flatten() {
+        let _ = r.join();
+    }
+    let (out, err) = (out.text(), err.text());
+    let status = status.unwrap_or_else(|| panic!("{name} still ran after 30 s\n{out}\n{err}"));
+    assert!(
+        !status.success() && out.contains("1 failed"),
+        "{name} did not fail without namespaces under {REQUIRE_NETNS}=1 ({status})\n\
+         --- stdout ---\n{out}\n--- stderr ---\n{err}"
+    );
+    assert!(
+        err.contains(&format!("{REQUIRE_NETNS}=1")),
+        "{name} failed for another reason\n--- stdout ---\n{out}\n--- stderr ---\n{err}"
+    );
 }
 
 /// The network namespaces that exist now (names only).

@@ -27,12 +27,9 @@ fn logging_handler(log: &std::path::Path) -> String {
 
 fn assign(seq: u64, task: &str, kind: &str) -> Message {
     Message::Assign(Assign {
-        seq,
         task: task.into(),
         kind: kind.into(),
-        args: String::new(),
-        attempt: 1,
-        timeout_ms: 0,
+        ..p2p_core::testing::assign(seq)
     })
 }
 

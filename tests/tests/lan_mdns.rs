@@ -219,11 +219,12 @@ fn zeroconf_available() -> Result<(), String> {
 
 #[test]
 fn a_standard_dns_sd_browser_lists_our_nodes() {
+    // The namespaces first, so that P2P_REQUIRE_NETNS fails a run without them.
+    let Some(lan) = Lan::new(3) else { return };
     if let Err(why) = zeroconf_available() {
         eprintln!("skipping: {why}");
         return;
     }
-    let Some(lan) = Lan::new(3) else { return };
     let h = lan.hosts();
     let _a = serve(&h[0], "a,c", "lan");
     let _b = serve(&h[1], "b", "lan");
@@ -278,11 +279,12 @@ fn a_standard_dns_sd_browser_lists_our_nodes() {
 /// minutes; the bound below is a hang guard far shorter than that).
 #[test]
 fn a_node_stopped_with_sigterm_says_goodbye() {
+    // The namespaces first, so that P2P_REQUIRE_NETNS fails a run without them.
+    let Some(lan) = Lan::new(2) else { return };
     if let Err(why) = zeroconf_available() {
         eprintln!("skipping: {why}");
         return;
     }
-    let Some(lan) = Lan::new(2) else { return };
     let h = lan.hosts();
     let dir = tests::TestDir::new();
     let script = dir.join("watch.py");

@@ -3,26 +3,23 @@
 //! tampered traffic is dropped; a flood of unfinished handshakes does not stop the cluster;
 //! a non-loopback listen needs a key or `--insecure`.
 //!
-//! The helpers are local to this file on purpose (the shared harness is evolving). Every
-//! process is started by this file and killed by its own handle (PID); every wait is
-//! bounded; traffic goes to 127.0.0.1 only (the one non-loopback listen uses the IPv4-mapped
+//! Processes come from the shared harness (`tests`): the binary built for this test process,
+//! its safety guard, processes killed by their own handle (PID). Every wait is bounded;
+//! traffic goes to 127.0.0.1 only (the one non-loopback listen uses the IPv4-mapped
 //! `::ffff:127.0.0.1`, which the node treats as non-loopback but which accepts loopback
 //! traffic only).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc, Mutex, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
-use p2p_core::codec::FrameCodec;
-use p2p_core::{Hello, Message, NodeId, PROTOCOL_VERSION};
-use tokio_util::codec::Encoder;
+use p2p_core::{testing, Message};
+use tests::{RunOutput, Serve};
 
 /// Hang guard of one command run to its end.
 const RUN_TIMEOUT: Duration = Duration::from_secs(90);
@@ -30,262 +27,46 @@ const RUN_TIMEOUT: Duration = Duration::from_secs(90);
 const WAIT: Duration = Duration::from_secs(30);
 
 // ---------------------------------------------------------------------------------------
-// Minimal process helpers
+// Helpers of this suite
 // ---------------------------------------------------------------------------------------
 
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("tests lives in the workspace")
-        .to_path_buf()
-}
-
-/// `target/<profile>/p2p-node` (built once if missing), or `P2P_NODE_BIN`.
-fn bin() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        if let Some(p) = std::env::var_os("P2P_NODE_BIN") {
-            return PathBuf::from(p);
-        }
-        let exe = std::env::current_exe().unwrap();
-        let dir = exe.parent().and_then(Path::parent).unwrap().to_path_buf();
-        let path = dir.join("p2p-node");
-        if !path.exists() {
-            let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-            let mut child = Command::new(cargo)
-                .args(["build", "-p", "node-cli", "--bin", "p2p-node"])
-                .current_dir(workspace_root())
-                .stdin(Stdio::null())
-                .spawn()
-                .unwrap();
-            let deadline = Instant::now() + Duration::from_secs(600);
-            let status = loop {
-                if let Some(st) = child.try_wait().unwrap() {
-                    break Some(st);
-                }
-                if Instant::now() > deadline {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    break None;
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            };
-            assert!(status.is_some_and(|s| s.success()), "cargo build failed");
-        }
-        path
-    })
-}
-
-fn command(dir: &Path, args: &[&str]) -> Command {
-    let mut cmd = Command::new(bin());
-    cmd.args(args)
-        .current_dir(dir)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .env_remove("RUST_LOG")
-        .env_remove("P2P_KEY_FILE")
-        .env("P2P_DATA_DIR", tests::data_dir())
-        .env("NO_COLOR", "1");
-    cmd
-}
-
-/// Lines collected from a pipe by a reader thread.
-#[derive(Clone, Default)]
-struct Lines(Arc<Mutex<Vec<String>>>);
-
-impl Lines {
-    fn text(&self) -> String {
-        self.0.lock().unwrap().join("\n")
-    }
-
-    fn wait_for(&self, limit: Duration, pred: impl Fn(&str) -> bool) -> Option<String> {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(l) = self.0.lock().unwrap().iter().find(|l| pred(l)) {
-                return Some(l.clone());
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn collect(r: impl Read + Send + 'static, first: Option<mpsc::Sender<String>>) -> Lines {
-        let lines = Lines::default();
-        let out = lines.clone();
-        std::thread::spawn(move || {
-            let mut reader = BufReader::new(r);
-            let mut buf = Vec::new();
-            loop {
-                buf.clear();
-                match reader.read_until(b'\n', &mut buf) {
-                    Ok(0) | Err(_) => break,
-                    Ok(_) => {
-                        let line = String::from_utf8_lossy(&buf).trim_end().to_string();
-                        if let Some(tx) = &first {
-                            let _ = tx.send(line.clone());
-                        }
-                        out.0.lock().unwrap().push(line);
-                    }
-                }
-            }
-        });
-        lines
-    }
-}
-
-/// A child process, killed (by its own handle, i.e. its PID) and reaped on drop.
-struct Proc {
-    child: Option<Child>,
-    stdout: Lines,
-    stderr: Lines,
-}
-
-impl Proc {
-    fn spawn(mut cmd: Command, first: Option<mpsc::Sender<String>>) -> Proc {
-        let mut child = cmd.spawn().expect("spawn p2p-node");
-        let stdout = Lines::collect(child.stdout.take().unwrap(), first);
-        let stderr = Lines::collect(child.stderr.take().unwrap(), None);
-        Proc {
-            child: Some(child),
-            stdout,
-            stderr,
-        }
-    }
-
-    fn wait(&mut self, limit: Duration) -> Option<ExitStatus> {
-        let child = self.child.as_mut()?;
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(s) = child.try_wait().unwrap() {
-                return Some(s);
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn is_alive(&mut self) -> bool {
-        match self.child.as_mut() {
-            Some(c) => c.try_wait().unwrap().is_none(),
-            None => false,
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if let Some(c) = self.child.as_mut() {
-            if c.try_wait().ok().flatten().is_none() {
-                let _ = c.kill();
-            }
-            let _ = c.wait();
-        }
-    }
-}
-
-/// A running `p2p-node serve`.
-struct Serve {
-    proc: Proc,
-    addr: SocketAddr,
-}
-
-impl Serve {
-    /// `p2p-node serve ARGS` in `dir`; waits for its `listening on ADDR` line.
-    fn start(dir: &Path, args: &[&str]) -> Serve {
-        let mut full = vec!["serve"];
-        full.extend_from_slice(args);
-        let (tx, rx) = mpsc::channel();
-        let mut proc = Proc::spawn(command(dir, &full), Some(tx));
-        let first = rx.recv_timeout(WAIT).unwrap_or_else(|e| {
-            let _ = proc.wait(Duration::from_secs(2));
-            panic!(
-                "serve {args:?} printed nothing ({e}); stderr:\n{}",
-                proc.stderr.text()
-            )
-        });
-        let addr: SocketAddr = first
-            .strip_prefix("listening on ")
-            .and_then(|a| a.trim().parse().ok())
-            .unwrap_or_else(|| panic!("unexpected first line {first:?}"));
-        // Whatever it listens on, the tests reach it through 127.0.0.1.
-        let addr = SocketAddr::from(([127, 0, 0, 1], addr.port()));
-        Serve { proc, addr }
-    }
-
-    /// A keyed node serving `a` on 127.0.0.1 whose handler appends `{id}` to `log`.
-    fn keyed(dir: &Path, key: &Path, log: &Path, extra: &[&str]) -> Serve {
-        let handler = format!("a=echo {{id}} >> '{}'", log.display());
-        let key = key.to_str().unwrap();
-        let mut args = vec![
-            "--types",
-            "a",
-            "--listen",
-            "127.0.0.1:0",
-            "--discovery",
-            "none",
-            "--handler",
-            &handler,
-            "--key-file",
-            key,
-        ];
-        args.extend_from_slice(extra);
-        Serve::start(dir, &args)
-    }
-
-    fn peer(&self) -> String {
-        self.addr.to_string()
-    }
-
-    fn log(&self) -> String {
-        self.proc.stderr.text()
-    }
-}
-
-struct Output {
-    status: ExitStatus,
-    stdout: String,
-    stderr: String,
-}
-
-impl Output {
-    fn describe(&self) -> String {
-        format!(
-            "status {}\n--- stdout ---\n{}\n--- stderr ---\n{}",
-            self.status, self.stdout, self.stderr
-        )
-    }
-
-    fn all(&self) -> String {
-        format!("{}\n{}", self.stdout, self.stderr)
-    }
-
-    fn events(&self, name: &str) -> Vec<serde_json::Value> {
-        self.stdout
-            .lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .filter(|v| v["event"] == name)
-            .collect()
-    }
+/// A keyed node serving `a` on 127.0.0.1 whose handler appends `{id}` to `log`.
+fn keyed(dir: &Path, key: &Path, log: &Path, extra: &[&str]) -> Serve {
+    let handler = format!("a=echo {{id}} >> '{}'", log.display());
+    let key = key.to_str().unwrap();
+    let mut args = vec![
+        "--types",
+        "a",
+        "--listen",
+        "127.0.0.1:0",
+        "--discovery",
+        "none",
+        "--handler",
+        &handler,
+        "--key-file",
+        key,
+    ];
+    args.extend_from_slice(extra);
+    Serve::start_in(dir, &args)
 }
 
 /// Runs `p2p-node ARGS` in `dir` to its end (hang guard [`RUN_TIMEOUT`]).
-fn run(dir: &Path, args: &[&str]) -> Output {
-    let mut proc = Proc::spawn(command(dir, args), None);
-    let status = proc
-        .wait(RUN_TIMEOUT)
-        .unwrap_or_else(|| panic!("p2p-node {args:?} did not finish in {RUN_TIMEOUT:?}"));
-    // The reader threads finish at EOF, right after the exit; give them a bounded moment.
-    std::thread::sleep(Duration::from_millis(100));
-    Output {
-        status,
-        stdout: proc.stdout.text(),
-        stderr: proc.stderr.text(),
-    }
+fn run(dir: &Path, args: &[&str]) -> RunOutput {
+    tests::spawn_in(dir, args).finish_within(RUN_TIMEOUT)
+}
+
+/// Stdout and stderr of `out`.
+fn all(out: &RunOutput) -> String {
+    format!("{}\n{}", out.stdout, out.stderr)
+}
+
+/// The `--json` events named `name` that `out` printed.
+fn events(out: &RunOutput, name: &str) -> Vec<serde_json::Value> {
+    out.stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["event"] == name)
+        .collect()
 }
 
 fn keygen(dir: &Path, name: &str) -> PathBuf {
@@ -300,7 +81,7 @@ fn tasks(dir: &Path, text: &str) -> PathBuf {
     p
 }
 
-fn keyed_run(dir: &Path, key: &Path, peer: &str) -> Output {
+fn keyed_run(dir: &Path, key: &Path, peer: &str) -> RunOutput {
     run(
         dir,
         &[
@@ -319,12 +100,16 @@ fn assert_keyed_run_succeeds(dir: &Path, key: &Path, s: &mut Serve, n: usize, wh
     let out = keyed_run(dir, key, &s.peer());
     assert_eq!(out.status.code(), Some(0), "{when}: {}", out.describe());
     assert_eq!(
-        out.events("task_completed").len(),
+        events(&out, "task_completed").len(),
         n,
         "{when}: {}",
         out.describe()
     );
-    assert!(s.proc.is_alive(), "{when}: the server died:\n{}", s.log());
+    assert!(
+        s.is_alive(),
+        "{when}: the server died:\n{}",
+        s.stderr.text()
+    );
 }
 
 fn read_log(path: &Path) -> String {
@@ -388,7 +173,7 @@ fn keyed_run_over_a_serve_process_and_local_nodes_succeeds() {
     let dir = tempfile::tempdir().unwrap();
     let key = keygen(dir.path(), "k");
     let log = dir.path().join("log");
-    let mut s = Serve::keyed(dir.path(), &key, &log, &[]);
+    let mut s = keyed(dir.path(), &key, &log, &[]);
     tasks(dir.path(), "a1 a2 a3");
     assert_keyed_run_succeeds(dir.path(), &key, &mut s, 3, "keyed run");
     assert_eq!(
@@ -396,11 +181,13 @@ fn keyed_run_over_a_serve_process_and_local_nodes_succeeds() {
         ["a1", "a2", "a3"]
     );
     // The key also reaches --local in-process nodes (and P2P_KEY_FILE works).
-    let mut cmd = command(dir.path(), &["run", "tasks.txt", "--local", "2", "--json"]);
-    cmd.env("P2P_KEY_FILE", &key);
-    let mut p = Proc::spawn(cmd, None);
-    let status = p.wait(RUN_TIMEOUT).expect("run --local finishes");
-    assert_eq!(status.code(), Some(0), "{}", p.stderr.text());
+    let out = tests::spawn_env_in(
+        dir.path(),
+        &["run", "tasks.txt", "--local", "2", "--json"],
+        &[("P2P_KEY_FILE", key.to_str().unwrap())],
+    )
+    .finish_within(RUN_TIMEOUT);
+    assert_eq!(out.status.code(), Some(0), "{}", out.describe());
 }
 
 #[test]
@@ -409,7 +196,7 @@ fn a_coordinator_without_the_key_or_with_another_key_gets_nothing_executed() {
     let key = keygen(dir.path(), "k");
     let other = keygen(dir.path(), "other");
     let log = dir.path().join("log");
-    let mut s = Serve::keyed(dir.path(), &key, &log, &[]);
+    let mut s = keyed(dir.path(), &key, &log, &[]);
     tasks(dir.path(), "a1 a2");
 
     let base = [
@@ -423,7 +210,7 @@ fn a_coordinator_without_the_key_or_with_another_key_gets_nothing_executed() {
     let no_key = run(dir.path(), &base);
     assert_ne!(no_key.status.code(), Some(0), "{}", no_key.describe());
     assert!(
-        no_key.all().contains("--key-file"),
+        all(&no_key).contains("--key-file"),
         "the error should say a key is missing: {}",
         no_key.describe()
     );
@@ -433,7 +220,7 @@ fn a_coordinator_without_the_key_or_with_another_key_gets_nothing_executed() {
     let wrong = run(dir.path(), &with_other);
     assert_ne!(wrong.status.code(), Some(0), "{}", wrong.describe());
     assert!(
-        wrong.all().contains("cluster key"),
+        all(&wrong).contains("cluster key"),
         "the error should name the cluster key: {}",
         wrong.describe()
     );
@@ -445,20 +232,18 @@ fn a_coordinator_without_the_key_or_with_another_key_gets_nothing_executed() {
     );
     // The node said why it dropped them.
     assert!(
-        s.proc
-            .stderr
+        s.stderr
             .wait_for(WAIT, |l| l.contains("no cluster key"))
             .is_some(),
         "{}",
-        s.log()
+        s.stderr.text()
     );
     assert!(
-        s.proc
-            .stderr
+        s.stderr
             .wait_for(WAIT, |l| l.contains("cluster key mismatch"))
             .is_some(),
         "{}",
-        s.log()
+        s.stderr.text()
     );
     // And it still serves its cluster.
     assert_keyed_run_succeeds(dir.path(), &key, &mut s, 2, "after the intruders");
@@ -470,21 +255,13 @@ fn a_plaintext_hello_to_a_keyed_node_is_dropped() {
     let dir = tempfile::tempdir().unwrap();
     let key = keygen(dir.path(), "k");
     let log = dir.path().join("log");
-    let s = Serve::keyed(dir.path(), &key, &log, &[]);
+    let s = keyed(dir.path(), &key, &log, &[]);
 
     let mut stream = TcpStream::connect(s.addr).unwrap();
     stream.set_read_timeout(Some(WAIT)).unwrap();
     let me = stream.local_addr().unwrap().to_string();
-    let hello = Message::Hello(Hello {
-        version: PROTOCOL_VERSION,
-        cluster: "default".into(),
-        node_id: NodeId::random(),
-        types: Vec::new(),
-        capacity: 0,
-    });
-    let mut buf = BytesMut::new();
-    FrameCodec::default().encode(&hello, &mut buf).unwrap();
-    stream.write_all(&buf).unwrap();
+    let hello = Message::Hello(testing::hello("default", &[], 0));
+    stream.write_all(&testing::frame(&hello)).unwrap();
     // The node closes the connection without a word: EOF or a reset, not a timeout.
     let mut got = Vec::new();
     let mut chunk = [0u8; 4096];
@@ -503,10 +280,9 @@ fn a_plaintext_hello_to_a_keyed_node_is_dropped() {
         got.len()
     );
     let line = s
-        .proc
         .stderr
         .wait_for(WAIT, |l| l.contains(&me))
-        .unwrap_or_else(|| panic!("the log never names {me}:\n{}", s.log()));
+        .unwrap_or_else(|| panic!("the log never names {me}:\n{}", s.stderr.text()));
     assert!(line.contains("no cluster key"), "{line}");
 }
 
@@ -614,7 +390,7 @@ fn a_flipped_byte_closes_that_connection_and_the_node_serves_the_next_run() {
     let dir = tempfile::tempdir().unwrap();
     let key = keygen(dir.path(), "k");
     let log = dir.path().join("log");
-    let mut s = Serve::keyed(dir.path(), &key, &log, &[]);
+    let mut s = keyed(dir.path(), &key, &log, &[]);
     tasks(dir.path(), "a1 a2");
     // Message 3 from the coordinator is its first Assign (a1), on an established link.
     let proxy = FlipProxy::start(s.addr, 3);
@@ -639,12 +415,11 @@ fn a_flipped_byte_closes_that_connection_and_the_node_serves_the_next_run() {
     );
     // The node closed that connection for failed authentication...
     assert!(
-        s.proc
-            .stderr
+        s.stderr
             .wait_for(WAIT, |l| l.contains("failed authentication"))
             .is_some(),
         "{}",
-        s.log()
+        s.stderr.text()
     );
     // ...the tampered assignment never ran...
     assert!(
@@ -653,12 +428,11 @@ fn a_flipped_byte_closes_that_connection_and_the_node_serves_the_next_run() {
         read_log(&log)
     );
     // ...and the coordinator saw the connection end badly.
-    let lost = out
-        .events("disconnected")
+    let lost = events(&out, "disconnected")
         .into_iter()
         .any(|e| e["clean"] == false);
     assert!(lost, "{}", out.describe());
-    assert!(s.proc.is_alive(), "{}", s.log());
+    assert!(s.is_alive(), "{}", s.stderr.text());
     // The node serves the next run.
     std::fs::remove_file(&log).ok();
     assert_keyed_run_succeeds(dir.path(), &key, &mut s, 2, "after tampering");
@@ -675,7 +449,7 @@ fn a_flood_of_unfinished_handshakes_does_not_stop_a_keyed_run() {
     let dir = tempfile::tempdir().unwrap();
     let key = keygen(dir.path(), "k");
     let log = dir.path().join("log");
-    let mut s = Serve::keyed(dir.path(), &key, &log, &[]);
+    let mut s = keyed(dir.path(), &key, &log, &[]);
     tasks(dir.path(), "a1 a2 a3");
 
     // Open the flood from a thread while the run goes on; it ends after FLOOD connections
@@ -737,19 +511,23 @@ fn a_flood_of_unfinished_handshakes_does_not_stop_a_keyed_run() {
         Some(0),
         "{}\n{}",
         out.describe(),
-        s.log()
+        s.stderr.text()
     );
-    assert_eq!(out.events("task_completed").len(), 3, "{}", out.describe());
+    assert_eq!(
+        events(&out, "task_completed").len(),
+        3,
+        "{}",
+        out.describe()
+    );
     assert!(
         during >= FLOOD / 2,
         "only {during} flood connections were open"
     );
-    assert!(s.proc.is_alive());
+    assert!(s.is_alive());
     assert_eq!(read_log(&log).lines().count(), 3);
     // More than the gate holds were in handshake at once: the oldest were evicted.
     assert!(
-        s.proc
-            .stderr
+        s.stderr
             .wait_for(WAIT, |l| l.contains("too many connections in handshake"))
             .is_some(),
         "no eviction logged"
@@ -783,7 +561,7 @@ fn a_non_loopback_listen_needs_a_key_or_insecure() {
         refused.describe()
     );
 
-    let insecure = Serve::start(
+    let insecure = Serve::start_in(
         dir.path(),
         &[
             "--types",
@@ -797,17 +575,16 @@ fn a_non_loopback_listen_needs_a_key_or_insecure() {
     );
     assert!(
         insecure
-            .proc
             .stderr
             .wait_for(WAIT, |l| l.contains("--insecure") && l.contains("WARN"))
             .is_some(),
         "no warning: {}",
-        insecure.log()
+        insecure.stderr.text()
     );
     drop(insecure);
 
     let key = keygen(dir.path(), "k");
-    let mut keyed = Serve::start(
+    let mut keyed = Serve::start_in(
         dir.path(),
         &[
             "--types",

@@ -14,11 +14,9 @@ use std::net::{SocketAddr, TcpStream};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
-use p2p_core::codec::FrameCodec;
+use p2p_core::testing::frame;
 use p2p_core::{Message, RejectReason};
 use tests::{hello, run_in, Received, Serve, TestDir, WireClient, WAIT};
-use tokio_util::codec::Encoder;
 
 const MIB: u64 = 1024 * 1024;
 
@@ -170,13 +168,6 @@ fn under_ulimit_v_1g_the_node_survives_256_connections_announcing_16_mib() {
     );
     drop(headers);
     assert_real_run_succeeds(&mut s, "after");
-}
-
-/// A frame as the real codec writes it.
-fn frame(msg: &Message) -> Vec<u8> {
-    let mut buf = BytesMut::new();
-    FrameCodec::default().encode(msg, &mut buf).unwrap();
-    buf.to_vec()
 }
 
 /// The frame of a `Hello` listing 7,000,000 one-byte types, written by hand (as bincode

@@ -1,39 +1,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use super::*;
-use crate::{ConnectionError, HandshakeError, NodeId, Violation};
-
-fn hello(cluster: &str, types: &[&str], capacity: u32) -> Hello {
-    Hello {
-        version: PROTOCOL_VERSION,
-        cluster: cluster.into(),
-        node_id: NodeId::random(),
-        types: types.iter().map(|t| t.to_string()).collect(),
-        capacity,
-    }
-}
-
-fn assign(seq: u64) -> Assign {
-    Assign {
-        seq,
-        task: format!("a{seq}"),
-        kind: "a".into(),
-        args: String::new(),
-        attempt: 1,
-        timeout_ms: 0,
-    }
-}
-
-fn completed(seq: u64) -> Completed {
-    Completed {
-        seq,
-        ok: true,
-        exit_code: Some(0),
-        output: String::new(),
-        error: None,
-        duration_us: 1,
-    }
-}
+use crate::testing::{assign, completed, hello};
+use crate::{ConnectionError, HandshakeError, Violation};
 
 /// A coordinator (initiator) and a worker (acceptor) wired back to back.
 struct Pair {

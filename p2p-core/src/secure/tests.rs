@@ -322,13 +322,7 @@ fn raw_initiator_against(
     me: &Identity,
     keys: &[ClusterKey],
 ) -> Result<SecureCodec, HandshakeError> {
-    let params: snow::params::NoiseParams = NOISE_PARAMS.parse().unwrap();
-    let mut hs = snow::Builder::new(params)
-        .local_private_key(me.private_key())
-        .psk(3, dial.as_bytes())
-        .prologue(PROLOGUE)
-        .build_initiator()
-        .unwrap();
+    let mut hs = crate::testing::noise_initiator(dial, me.private_key());
     let mut acceptor =
         Handshake::new(Role::Acceptor, keys, &Identity::generate(), 1 << 20).unwrap();
     let mut buf = [0u8; 256];

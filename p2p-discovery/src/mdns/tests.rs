@@ -1,5 +1,5 @@
 //! Tests of the `mdns` backend. Those that start an `mdns-sd` daemon run inside a network
-//! namespace of their own ([`crate::testns`]), on its loopback interface: the daemon joins the
+//! namespace of their own ([`harness::netns::inside`]), on its loopback interface: the daemon joins the
 //! mDNS group on every interface at start, which must not happen on the machine's own.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -7,7 +7,7 @@
 use std::net::Ipv4Addr;
 
 use super::*;
-use crate::{start_all, testns};
+use crate::start_all;
 
 /// A hang guard only: nothing asserts on timing.
 const WAIT: Duration = Duration::from_secs(30);
@@ -87,7 +87,9 @@ fn runtime() -> tokio::runtime::Runtime {
 
 #[test]
 fn a_peer_is_found_with_its_details_and_lost_on_its_goodbye() {
-    if !testns::inside("mdns::tests::a_peer_is_found_with_its_details_and_lost_on_its_goodbye") {
+    if !harness::netns::inside(
+        "mdns::tests::a_peer_is_found_with_its_details_and_lost_on_its_goodbye",
+    ) {
         return;
     }
     runtime().block_on(async {
@@ -139,7 +141,7 @@ fn a_peer_is_found_with_its_details_and_lost_on_its_goodbye() {
 
 #[test]
 fn other_clusters_and_versions_are_ignored_and_counted() {
-    if !testns::inside("mdns::tests::other_clusters_and_versions_are_ignored_and_counted") {
+    if !harness::netns::inside("mdns::tests::other_clusters_and_versions_are_ignored_and_counted") {
         return;
     }
     runtime().block_on(async {
@@ -197,7 +199,7 @@ fn other_clusters_and_versions_are_ignored_and_counted() {
 
 #[test]
 fn with_a_key_only_nodes_holding_it_are_used() {
-    if !testns::inside("mdns::tests::with_a_key_only_nodes_holding_it_are_used") {
+    if !harness::netns::inside("mdns::tests::with_a_key_only_nodes_holding_it_are_used") {
         return;
     }
     runtime().block_on(async {
@@ -234,7 +236,7 @@ fn with_a_key_only_nodes_holding_it_are_used() {
 
 #[test]
 fn a_client_stops_when_its_receiver_is_dropped() {
-    if !testns::inside("mdns::tests::a_client_stops_when_its_receiver_is_dropped") {
+    if !harness::netns::inside("mdns::tests::a_client_stops_when_its_receiver_is_dropped") {
         return;
     }
     runtime().block_on(async {

@@ -30,6 +30,11 @@ use crate::event::{RunEvent, Status};
 use crate::sched::{Backoff, Order, Policy};
 use crate::Task;
 
+/// How a broken connection ends: reset by the peer.
+fn reset() -> p2p_core::Error {
+    std::io::Error::from(std::io::ErrorKind::ConnectionReset).into()
+}
+
 #[derive(Debug, Clone)]
 enum Action {
     /// Let time pass.
@@ -296,7 +301,7 @@ impl World {
 
     /// Closes coordinator `c`'s connection to node `n`: the node drops that connection's
     /// jobs, the core hears `Closed`.
-    fn close(&mut self, c: usize, n: usize, error: Option<&str>) {
+    fn close(&mut self, c: usize, n: usize, error: Option<p2p_core::Error>) {
         let conn = &mut self.coords[c].conns[n];
         if !conn.open {
             return;
@@ -311,7 +316,7 @@ impl World {
         self.coords[c].core.handle_link_event(
             link,
             LinkEvent::Closed {
-                error: error.map(str::to_owned),
+                error: error.map(std::sync::Arc::new),
             },
             self.now,
         );
@@ -322,7 +327,7 @@ impl World {
             Action::Wait(ms) => self.advance(self.now + Duration::from_millis(ms)),
             Action::Break { coord, node } => {
                 if coord < self.coords.len() && node < self.nodes.len() {
-                    self.close(coord, node, Some("connection reset"));
+                    self.close(coord, node, Some(reset()));
                 }
             }
             Action::Reconnect { coord, node } => {
@@ -564,7 +569,7 @@ impl World {
                 }
             }
             Command::Goodbye => self.coords[c].conns[n].we_goodbye = true,
-            Command::Abort => self.close(c, n, Some("aborted by its owner")),
+            Command::Abort => self.close(c, n, Some(p2p_core::Error::Aborted)),
             Command::Complete(_) | Command::Started(_) => panic!("the run is assigned nothing"),
         }
     }

@@ -3,7 +3,7 @@
 //! The run core on a virtual clock with fake links: no sockets, no tokio.
 
 use super::*;
-use p2p_core::Completed;
+use p2p_core::{Completed, ConnectionError};
 
 use crate::sched::Order;
 
@@ -464,7 +464,7 @@ fn a_link_closed_before_it_was_registered_is_never_used() {
     s.link(
         1,
         LinkEvent::Closed {
-            error: Some("reset".into()),
+            error: Some(Arc::new(ConnectionError::Lost.into())),
         },
     );
     s.connect(1, &hello(1, &["a"], 1));
@@ -539,7 +539,13 @@ fn a_task_lost_three_times_fails_with_the_reason() {
         s.link(
             link,
             LinkEvent::Closed {
-                error: Some("frame too large".into()),
+                error: Some(Arc::new(
+                    ConnectionError::FrameTooLarge {
+                        len: 1 << 30,
+                        max: 1 << 24,
+                    }
+                    .into(),
+                )),
             },
         );
     }
@@ -547,9 +553,9 @@ fn a_task_lost_three_times_fails_with_the_reason() {
         RunEvent::TaskFailed { error, .. } => Some(error.clone()),
         _ => None,
     });
-    assert!(err
-        .unwrap()
-        .contains("lost with its node's connection 3 times (last: frame too large)"));
+    assert!(err.unwrap().contains(
+        "lost with its node's connection 3 times (last: frame of 1073741824 bytes exceeds"
+    ));
 }
 
 #[test]
@@ -562,7 +568,7 @@ fn a_lost_task_runs_again_on_another_node() {
     s.link(
         first,
         LinkEvent::Closed {
-            error: Some("reset".into()),
+            error: Some(Arc::new(ConnectionError::Lost.into())),
         },
     );
     assert_eq!(s.sent.len(), 1);
@@ -740,7 +746,7 @@ fn a_task_lost_with_the_last_node_of_its_type_fails_after_the_wait() {
     s.link(
         1,
         LinkEvent::Closed {
-            error: Some("reset".into()),
+            error: Some(Arc::new(ConnectionError::Lost.into())),
         },
     );
     s.advance(Duration::from_secs(3));
@@ -888,7 +894,7 @@ mod shared {
                                 self.cores[i].handle_link_event(
                                     1,
                                     LinkEvent::Closed {
-                                        error: Some("aborted".into()),
+                                        error: Some(Arc::new(p2p_core::Error::Aborted)),
                                     },
                                     self.now,
                                 );

@@ -1,0 +1,324 @@
+//! The driver of an established link: moves frames between the socket and the
+//! [`Connection`], commands in and events out, until the link closes.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{FutureExt, SinkExt, StreamExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
+use tokio_util::codec::Framed;
+use tracing::{debug, warn};
+
+use super::{Command, EventSender, LinkEvent, LinkId, StatusSource, BATCH};
+use crate::conn::{Connection, Event};
+use crate::gate::{self, LogLimit};
+use crate::message::{Message, StatusReport};
+use crate::secure::WireCodec;
+use crate::{ConnectionError, Error};
+
+/// A connected byte stream: a TCP socket, or another transport's.
+pub(super) trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> Io for S {}
+
+pub(super) type Transport = Framed<Box<dyn Io>, WireCodec>;
+
+pub(super) fn now() -> std::time::Instant {
+    Instant::now().into_std()
+}
+
+/// Sends what the connection has queued. Cancel-safe: a message leaves the connection only
+/// when the sink takes it at once, and bytes the sink still holds are flushed by the next call.
+pub(super) async fn flush(io: &mut Transport, conn: &mut Connection) -> Result<(), Error> {
+    loop {
+        futures::future::poll_fn(|cx| SinkExt::<Message>::poll_ready_unpin(io, cx)).await?;
+        let Some(msg) = conn.poll_transmit() else {
+            break;
+        };
+        // Every message that can be taken without waiting joins one batch: with a key, a
+        // burst of small frames is encrypted as one transport message.
+        io.codec_mut().begin_batch();
+        let fed = feed_batch(io, conn, msg);
+        let sealed = io.codec_mut().end_batch();
+        io.write_buffer_mut().extend_from_slice(&sealed?);
+        fed?;
+    }
+    if !io.write_buffer().is_empty() {
+        SinkExt::<Message>::flush(io).await?;
+    }
+    Ok(())
+}
+
+/// Feeds `first`, then every message the connection has queued, for as long as the sink
+/// takes them without waiting. Synchronous, so a batch is never left half-done by a
+/// cancelled [`flush`].
+fn feed_batch(io: &mut Transport, conn: &mut Connection, first: Message) -> Result<(), Error> {
+    SinkExt::<Message>::start_send_unpin(io, first)?;
+    loop {
+        match futures::future::poll_fn(|cx| SinkExt::<Message>::poll_ready_unpin(io, cx))
+            .now_or_never()
+        {
+            Some(Ok(())) => {}
+            Some(Err(e)) => return Err(e),
+            None => return Ok(()),
+        }
+        let Some(msg) = conn.poll_transmit() else {
+            return Ok(());
+        };
+        SinkExt::<Message>::start_send_unpin(io, msg)?;
+    }
+}
+
+/// [`flush`], bounded: a peer that takes none of our bytes for `idle` (it stopped reading,
+/// or the network drops everything, so the socket's send buffer stays full) is declared
+/// dead, as the idle timeout would do were the driver not stuck writing. A slow peer that
+/// keeps taking bytes is waited for.
+async fn flush_live(
+    io: &mut Transport,
+    conn: &mut Connection,
+    idle: Duration,
+) -> Result<(), Error> {
+    loop {
+        let before = io.write_buffer().len();
+        match tokio::time::timeout(idle, flush(io, conn)).await {
+            Ok(r) => return r,
+            Err(_) if io.write_buffer().len() != before => {}
+            Err(_) => return Err(Error::Connection(ConnectionError::PeerTimeout(idle))),
+        }
+    }
+}
+
+pub(super) async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => futures::future::pending().await,
+    }
+}
+
+// Each argument is one of the driver's channels or settings; a struct would only rename them.
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn drive(
+    mut io: Transport,
+    mut conn: Connection,
+    mut rx: mpsc::Receiver<Command>,
+    id: LinkId,
+    events: EventSender,
+    idle: Duration,
+    closed: watch::Sender<Option<Option<Arc<Error>>>>,
+    status: StatusSide,
+) {
+    let result = drive_inner(&mut io, &mut conn, &mut rx, id, &events, idle, status).await;
+    let error = match result {
+        Ok(()) => None,
+        Err(e) => {
+            // Whatever is queued (e.g. results) goes out if the socket still takes it.
+            let _ =
+                tokio::time::timeout(Duration::from_millis(200), flush(&mut io, &mut conn)).await;
+            Some(Arc::new(e))
+        }
+    };
+    match &error {
+        None => debug!(link = id, "connection closed after goodbye"),
+        Some(e) => {
+            // A flood of connections that fail after their handshake (anyone can complete
+            // one without a key) writes a few lines and a count, not one line each.
+            static CLOSED: std::sync::Mutex<LogLimit> =
+                std::sync::Mutex::new(LogLimit::new(gate::LOG_INTERVAL, gate::LOG_BURST));
+            let let_through = CLOSED
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .hit(std::time::Instant::now());
+            match let_through {
+                Some(0) => warn!(link = id, error = %e, "connection closed"),
+                Some(n) => warn!(
+                    link = id,
+                    error = %e,
+                    "connection closed ({n} more connections closed with an error since the \
+                     last such line, not logged one by one)"
+                ),
+                None => debug!(link = id, error = %e, "connection closed"),
+            }
+        }
+    }
+    // Close our write side so the peer sees EOF promptly.
+    let _ = tokio::time::timeout(Duration::from_millis(200), io.get_mut().shutdown()).await;
+    closed.send_replace(Some(error.clone()));
+    let _ = events.send((id, LinkEvent::Closed { error })).await;
+}
+
+/// A driver's part in status requests: the owner's requests, and what answers the peer's.
+type StatusSide = (
+    mpsc::Receiver<oneshot::Sender<Box<StatusReport>>>,
+    Option<StatusSource>,
+);
+
+async fn drive_inner(
+    io: &mut Transport,
+    conn: &mut Connection,
+    rx: &mut mpsc::Receiver<Command>,
+    id: LinkId,
+    events: &EventSender,
+    idle: Duration,
+    (mut status_rx, source): StatusSide,
+) -> Result<(), Error> {
+    // Where the answer to our status request goes (dropped unanswered if the link closes).
+    let mut asked: Option<oneshot::Sender<Box<StatusReport>>> = None;
+    let mut status_open = true;
+    let mut owner_gone = false;
+    // Once every `Link` is dropped the command channel stays closed: stop polling it (it
+    // would return `None` at once, forever) and let the goodbye run its course.
+    let mut commands_open = true;
+    // One timer for the connection's deadlines, moved only when the deadline changes.
+    let sleep = tokio::time::sleep_until(far_future());
+    tokio::pin!(sleep);
+    let mut armed: Option<Instant> = None;
+    loop {
+        // Everything the last batch produced goes out in one write.
+        flush_live(io, conn, idle).await?;
+        let mut answered = false;
+        while let Some(ev) = conn.poll_event() {
+            let ev = match ev {
+                Event::Established(_) | Event::Finished => continue,
+                Event::Assigned(a) => LinkEvent::Assigned(a),
+                Event::Started { seq } => LinkEvent::Started { seq },
+                Event::Completed(c) => LinkEvent::Completed(c),
+                Event::Cancelled { seq } => LinkEvent::Cancelled { seq },
+                Event::PeerGoodbye => LinkEvent::PeerGoodbye,
+                Event::StatusRequested => {
+                    let Some(source) = &source else {
+                        return Err(crate::Violation::StatusNotServed.into());
+                    };
+                    conn.answer_status((source.0)())?;
+                    answered = true;
+                    continue;
+                }
+                Event::Status(report) => {
+                    if let Some(reply) = asked.take() {
+                        let _ = reply.send(report);
+                    }
+                    continue;
+                }
+            };
+            if !owner_gone && deliver(events, id, ev).await.is_err() {
+                owner_gone = true;
+            }
+        }
+        if answered {
+            // The answer was queued after this round's flush: send it now.
+            continue;
+        }
+        if conn.is_finished() {
+            return Ok(());
+        }
+        if owner_gone {
+            // Nobody listens for results any more: leave without goodbye.
+            return Err(Error::OwnerGone);
+        }
+        let deadline = conn.poll_timeout().map(Instant::from_std);
+        if deadline != armed {
+            sleep.as_mut().reset(deadline.unwrap_or_else(far_future));
+            armed = deadline;
+        }
+        tokio::select! {
+            frame = io.next() => {
+                let t = now();
+                match frame {
+                    Some(Ok(msg)) => conn.handle_message(msg, t)?,
+                    Some(Err(e)) => return Err(e),
+                    None => conn.handle_eof()?,
+                }
+                // Take every frame already read before writing anything back.
+                let mut n = 1;
+                while n < BATCH && !io.read_buffer().is_empty() && conn.is_open() {
+                    match io.next().now_or_never() {
+                        Some(Some(Ok(msg))) => conn.handle_message(msg, t)?,
+                        Some(Some(Err(e))) => return Err(e),
+                        Some(None) => conn.handle_eof()?,
+                        None => break,
+                    }
+                    n += 1;
+                }
+            }
+            cmd = rx.recv(), if commands_open => {
+                let mut cmd = cmd;
+                let mut n = 0;
+                loop {
+                    if cmd.is_none() {
+                        commands_open = false;
+                    }
+                    if let Some(failed) = command(conn, cmd)? {
+                        if deliver(events, id, failed).await.is_err() {
+                            owner_gone = true;
+                        }
+                    }
+                    n += 1;
+                    if n >= BATCH || !commands_open {
+                        break;
+                    }
+                    // Every command already queued joins this batch.
+                    match rx.try_recv() {
+                        Ok(c) => cmd = Some(c),
+                        Err(_) => break,
+                    }
+                }
+            }
+            req = status_rx.recv(), if status_open => match req {
+                Some(reply) if conn.request_status().is_ok() => asked = Some(reply),
+                // Not open, or a request unanswered: the caller gets no answer.
+                Some(_) => {}
+                None => status_open = false,
+            },
+            () = &mut sleep, if armed.is_some() => {
+                armed = None;
+                conn.handle_timeout(now())?;
+            }
+        }
+    }
+}
+
+/// A deadline that never comes, for a timer with nothing to wait for.
+fn far_future() -> Instant {
+    Instant::now() + Duration::from_secs(365 * 24 * 3600)
+}
+
+/// Sends an event to the owner: without waiting when the queue has room (the usual case),
+/// else waiting for room. An error means the owner is gone.
+async fn deliver(events: &EventSender, id: LinkId, ev: LinkEvent) -> Result<(), ()> {
+    match events.try_send((id, ev)) {
+        Ok(()) => Ok(()),
+        Err(mpsc::error::TrySendError::Full(item)) => events.send(item).await.map_err(|_| ()),
+        Err(mpsc::error::TrySendError::Closed(_)) => Err(()),
+    }
+}
+
+/// Applies one command of the owner (`None`: every `Link` is gone, which says goodbye).
+/// Returns the event to report when an assignment could not be sent; an error closes the
+/// connection.
+fn command(conn: &mut Connection, cmd: Option<Command>) -> Result<Option<LinkEvent>, Error> {
+    match cmd {
+        Some(Command::Assign(a)) => {
+            if let Err((assign, why)) = conn.try_assign(a) {
+                return Ok(Some(LinkEvent::AssignFailed {
+                    assign,
+                    reason: format!("cannot assign: {why}"),
+                }));
+            }
+        }
+        Some(Command::Started(seq)) => conn.started(seq),
+        Some(Command::Complete(c)) => {
+            if let Err(e) = conn.complete(c) {
+                debug!(error = %e, "result not sent");
+            }
+        }
+        Some(Command::Cancel(seq)) => {
+            let _ = conn.cancel(seq);
+        }
+        Some(Command::Goodbye) | None => conn.goodbye(),
+        Some(Command::Abort) => {
+            return Err(Error::Aborted);
+        }
+    }
+    Ok(None)
+}

@@ -1,0 +1,306 @@
+//! Opening a connection: TCP, the secure handshake (with a key), the `Hello`/`Welcome`
+//! exchange, then the driver is spawned and the [`Link`] handed out.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::SinkExt;
+use futures::StreamExt;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+use tokio_util::codec::Framed;
+
+use super::driver::{drive, flush, now, sleep_until, Io, Transport};
+use super::{EventSender, Link, LinkClosed, LinkEvent, LinkId, Settings, MAX_WINDOW};
+use crate::codec::FrameCodec;
+use crate::conn::{Connection, Event, Role};
+use crate::identity::Identity;
+use crate::message::{Hello, Message, Reject, RejectReason};
+use crate::secure::{self, WireCodec, PREAMBLE};
+use crate::{ConnectionError, Error, HandshakeError, NodeId, Stage};
+
+/// Dials `addr`, runs the handshake as initiator and spawns the connection's driver.
+pub async fn connect(
+    addr: SocketAddr,
+    local: Hello,
+    settings: &Settings,
+    id: LinkId,
+    events: EventSender,
+) -> Result<Link, Error> {
+    let stream = tokio::time::timeout(settings.connect_timeout, TcpStream::connect(addr))
+        .await
+        .map_err(|_| Error::ConnectTimeout {
+            addr: addr.to_string(),
+            after: settings.connect_timeout,
+        })??;
+    stream.set_nodelay(true)?;
+    connect_stream(stream, addr, local, settings, id, events).await
+}
+
+/// Runs the handshake as acceptor on an accepted stream and spawns the connection's driver.
+pub async fn accept(
+    stream: TcpStream,
+    local: Hello,
+    settings: &Settings,
+    id: LinkId,
+    events: EventSender,
+) -> Result<Link, Error> {
+    let addr = stream.peer_addr()?;
+    stream.set_nodelay(true)?;
+    accept_stream(stream, addr, local, settings, id, events).await
+}
+
+/// Like [`connect`], on a stream the caller already connected to `addr` (another transport,
+/// e.g. a simulated network): runs the handshake as initiator and spawns the driver.
+pub async fn connect_stream<S>(
+    stream: S,
+    addr: SocketAddr,
+    local: Hello,
+    settings: &Settings,
+    id: LinkId,
+    events: EventSender,
+) -> Result<Link, Error>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    start(
+        Box::new(stream),
+        addr,
+        Role::Initiator,
+        local,
+        settings,
+        id,
+        events,
+    )
+    .await
+}
+
+/// Like [`accept`], on a stream accepted from `addr` by another transport (e.g. a simulated
+/// network): runs the handshake as acceptor and spawns the driver.
+pub async fn accept_stream<S>(
+    stream: S,
+    addr: SocketAddr,
+    local: Hello,
+    settings: &Settings,
+    id: LinkId,
+    events: EventSender,
+) -> Result<Link, Error>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    start(
+        Box::new(stream),
+        addr,
+        Role::Acceptor,
+        local,
+        settings,
+        id,
+        events,
+    )
+    .await
+}
+
+async fn start(
+    mut stream: Box<dyn Io>,
+    addr: SocketAddr,
+    role: Role,
+    local: Hello,
+    settings: &Settings,
+    id: LinkId,
+    events: EventSender,
+) -> Result<Link, Error> {
+    let started = now();
+    let (codec, proven) = match &settings.key {
+        None => (WireCodec::Plain(FrameCodec::new(settings.max_frame)), None),
+        Some(key) => {
+            let identity = local_identity(settings, &local)?;
+            let mut keys = vec![key.clone()];
+            keys.extend(settings.accept_keys.iter().filter(|k| *k != key).cloned());
+            let limit = settings.conn.handshake_timeout;
+            let secured = secure::handshake(&mut stream, role, &keys, identity, settings.max_frame);
+            let codec = tokio::time::timeout(limit, secured)
+                .await
+                .map_err(|_| Error::Handshake(HandshakeError::Timeout(limit)))??;
+            let proven = codec.peer_id();
+            (WireCodec::Secure(Box::new(codec)), Some(proven))
+        }
+    };
+    let mut codec = codec;
+    // Until the handshake is done, frames are at most a few KiB (a Hello is bounded).
+    codec.frames_mut().begin_handshake();
+    codec.frames_mut().set_budget(settings.frame_budget.clone());
+    let mut io = Framed::new(stream, codec);
+    // The handshake timeout counts from the start, secure handshake included.
+    let local_capacity = local.capacity;
+    let mut conn = Connection::new(role, local, settings.conn.clone(), started);
+    let peer = match handshake(&mut io, &mut conn, proven).await {
+        Ok(peer) => {
+            io.codec_mut().frames_mut().open();
+            peer
+        }
+        Err(e) => {
+            // Best effort: tell the peer why (a Reject), without waiting long.
+            let _ =
+                tokio::time::timeout(Duration::from_millis(200), flush(&mut io, &mut conn)).await;
+            return Err(e);
+        }
+    };
+    // Enough room for a full window of assignments plus control commands.
+    // Room for a full window of assignments to the peer, a result for each task the peer
+    // may have assigned to us (our own capacity), and control commands: an owner that
+    // respects both capacities never finds the queue full.
+    let window = peer.capacity.max(local_capacity).clamp(1, MAX_WINDOW) as usize;
+    // Twice the window: each task the peer assigned to us may have a `Started` and a result
+    // queued.
+    let (tx, rx) = mpsc::channel(2 * window + 64);
+    let (closed_tx, closed_rx) = watch::channel(None);
+    let (status_tx, status_rx) = mpsc::channel(1);
+    let link = Link {
+        id,
+        peer,
+        addr,
+        tx,
+        closed: LinkClosed { rx: closed_rx },
+        status: status_tx,
+    };
+    // Registration comes first on the events channel, before anything the driver reports.
+    let _ = events
+        .send((id, LinkEvent::Opened(Box::new(link.clone()))))
+        .await;
+    // If the driver ever dies without its final `Closed` (a panic), say so anyway, so the
+    // owner re-queues that connection's work instead of waiting for it.
+    let idle = settings.conn.idle_timeout;
+    let status = (status_rx, settings.status.clone());
+    let driver = tokio::spawn(drive(
+        io,
+        conn,
+        rx,
+        id,
+        events.clone(),
+        idle,
+        closed_tx,
+        status,
+    ));
+    tokio::spawn(async move {
+        if let Err(e) = driver.await {
+            let error = Some(Arc::new(Error::DriverFailed(e.to_string())));
+            let _ = events.send((id, LinkEvent::Closed { error })).await;
+        }
+    });
+    Ok(link)
+}
+
+/// The identity a keyed connection proves, checked against the local `Hello`.
+fn local_identity<'s>(settings: &'s Settings, local: &Hello) -> Result<&'s Identity, Error> {
+    let identity = settings.identity.as_ref().ok_or(Error::InvalidState {
+        action: "start a keyed connection",
+        why: "net::Settings::identity is not set (with a cluster key the node id is proven by \
+              the identity key)",
+    })?;
+    if identity.node_id() != local.node_id {
+        return Err(Error::InvalidState {
+            action: "start a keyed connection",
+            why: "the local Hello's node id is not the id of net::Settings::identity",
+        });
+    }
+    Ok(identity)
+}
+
+/// The `Hello`/`Welcome` exchange. `proven`: with a key, the node id the peer's identity
+/// proved; a `Hello` or `Welcome` claiming another id is refused.
+async fn handshake(
+    io: &mut Transport,
+    conn: &mut Connection,
+    proven: Option<NodeId>,
+) -> Result<Hello, Error> {
+    handshake_inner(io, conn, proven)
+        .await
+        .map_err(|e| explain_handshake_error(e, proven.is_some()))
+}
+
+async fn handshake_inner(
+    io: &mut Transport,
+    conn: &mut Connection,
+    proven: Option<NodeId>,
+) -> Result<Hello, Error> {
+    loop {
+        flush(io, conn).await?;
+        while let Some(ev) = conn.poll_event() {
+            if let Event::Established(peer) = ev {
+                return Ok(peer);
+            }
+        }
+        let deadline = conn.poll_timeout().map(Instant::from_std);
+        tokio::select! {
+            frame = io.next() => match frame {
+                Some(Ok(msg)) => {
+                    if let Some(proven) = proven {
+                        check_claimed_id(io, &msg, proven).await?;
+                    }
+                    conn.handle_message(msg, now())?
+                }
+                Some(Err(e)) => return Err(conn.handle_invalid(e)),
+                None => return Err(closed_in_hello(proven.is_some())),
+            },
+            _ = sleep_until(deadline) => conn.handle_timeout(now())?,
+        }
+    }
+}
+
+/// Refuses a `Hello` or `Welcome` whose node id is not `proven` (the id derived from the
+/// peer's authenticated identity key). An acceptor tells the dialler why with a `Reject`
+/// (best effort) before closing; nothing else is sent to such a peer.
+async fn check_claimed_id(io: &mut Transport, msg: &Message, proven: NodeId) -> Result<(), Error> {
+    let claimed = match msg {
+        Message::Hello(h) | Message::Welcome(h) => h.node_id,
+        _ => return Ok(()),
+    };
+    if claimed == proven {
+        return Ok(());
+    }
+    let err = Error::Handshake(HandshakeError::IdMismatch { claimed, proven });
+    if matches!(msg, Message::Hello(_)) {
+        let reject = Message::Reject(Reject {
+            reason: RejectReason::Key,
+            message: format!(
+                "your Hello claims node id {claimed}, but your identity key is that of node \
+                 {proven}"
+            ),
+        });
+        let _ = tokio::time::timeout(Duration::from_millis(200), io.send(reject)).await;
+    }
+    Err(err)
+}
+
+/// The peer closed during `Hello`/`Welcome`; `keyed`: this node uses a cluster key.
+fn closed_in_hello(keyed: bool) -> Error {
+    HandshakeError::PeerClosed {
+        stage: Stage::Hello { keyed },
+    }
+    .into()
+}
+
+/// Makes a key mismatch visible on a node without a key: a keyed initiator's preamble
+/// reads as an impossible frame length ([`HandshakeError::PeerHasKey`]), and a keyed
+/// acceptor closes on a plaintext `Hello` ([`Stage::Hello`] with `keyed: false`).
+fn explain_handshake_error(e: Error, keyed: bool) -> Error {
+    let closed = |kind: std::io::ErrorKind| {
+        use std::io::ErrorKind::*;
+        matches!(
+            kind,
+            ConnectionReset | ConnectionAborted | BrokenPipe | UnexpectedEof
+        )
+    };
+    match e {
+        Error::Io(io) if closed(io.kind()) => closed_in_hello(keyed),
+        Error::Connection(ConnectionError::FrameTooLarge { len, .. })
+            if !keyed && u32::try_from(len).ok() == Some(u32::from_be_bytes(PREAMBLE)) =>
+        {
+            HandshakeError::PeerHasKey.into()
+        }
+        other => other,
+    }
+}

@@ -1,0 +1,527 @@
+//! Tests of the driver on loopback: real sockets, both sides in this process.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use super::*;
+use crate::conn::Role;
+use crate::message::{Assign, Completed, Hello, Message, RejectReason};
+use crate::secure;
+use crate::secure::SecureCodec;
+use crate::PROTOCOL_VERSION;
+use crate::{ConnectionError, Error, HandshakeError, NodeId, Stage};
+use bytes::BytesMut;
+use tokio::io::AsyncReadExt;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpListener;
+use tokio::net::TcpStream;
+use tokio_util::codec::{Decoder, Encoder};
+
+fn hello_as(types: &[&str], node_id: NodeId) -> Hello {
+    Hello {
+        version: PROTOCOL_VERSION,
+        cluster: "default".into(),
+        node_id,
+        types: types.iter().map(|t| t.to_string()).collect(),
+        capacity: 2,
+    }
+}
+
+/// A node's `Hello` and settings: a fresh identity, and `key` if given.
+fn node(types: &[&str], key: Option<&ClusterKey>) -> (Hello, Settings) {
+    let identity = Identity::generate();
+    let settings = Settings {
+        key: key.cloned(),
+        identity: Some(identity.clone()),
+        conn: conn::Config {
+            handshake_timeout: Duration::from_secs(10),
+            ..Default::default()
+        },
+        ..Settings::default()
+    };
+    (hello_as(types, identity.node_id()), settings)
+}
+
+/// The next event that is not a link's `Opened`.
+async fn recv(rx: &mut mpsc::Receiver<(LinkId, LinkEvent)>) -> Option<(LinkId, LinkEvent)> {
+    loop {
+        match rx.recv().await {
+            Some((_, LinkEvent::Opened(_))) => continue,
+            other => return other,
+        }
+    }
+}
+
+/// A status request is answered at once (not with the next heartbeat: here there is
+/// none for an hour), twice on one link, with or without a key; a node that does not
+/// answer status requests closes the link, which the asker gets as `NoStatus`.
+#[tokio::test]
+async fn status_requests_are_answered_at_once() {
+    let key = ClusterKey::generate();
+    for (key, answers) in [(None, true), (Some(&key), true), (None, false)] {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let quiet = conn::Config {
+            heartbeat_interval: Duration::from_secs(3600),
+            idle_timeout: Duration::from_secs(7200),
+            ..Default::default()
+        };
+        let (ah, mut s) = node(&["a"], key);
+        s.conn = quiet.clone();
+        if answers {
+            s.status = Some(StatusSource(std::sync::Arc::new(|| StatusReport {
+                version: "9.9".into(),
+                completed: 7,
+                ..StatusReport::default()
+            })));
+        }
+        let (atx, _arx) = mpsc::channel(16);
+        let acceptor = tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            accept(stream, ah, &s, 1, atx).await
+        });
+        let (dh, mut s) = node(&[], key);
+        s.conn = quiet;
+        let (dtx, _drx) = mpsc::channel(16);
+        let dialled = connect(addr, dh, &s, 2, dtx).await.unwrap();
+        let _accepted = acceptor.await.unwrap().unwrap();
+        let limit = Duration::from_secs(30);
+        if answers {
+            for _ in 0..2 {
+                let r = dialled.request_status(limit).await.unwrap();
+                assert_eq!((r.version.as_str(), r.completed), ("9.9", 7));
+            }
+        } else {
+            let err = dialled.request_status(limit).await.unwrap_err();
+            assert!(matches!(err, Error::NoStatus), "{err}");
+        }
+    }
+}
+
+/// A link's first event is `Opened`, its last `Closed`, and `on_closed` says how it
+/// ended.
+#[tokio::test]
+async fn a_link_opens_first_and_says_how_it_closed() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (ah, s) = node(&["a"], None);
+    let (atx, mut arx) = mpsc::channel(16);
+    let acceptor = tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.unwrap();
+        accept(stream, ah, &s, 1, atx).await
+    });
+    let (dh, s) = node(&[], None);
+    let (dtx, mut drx) = mpsc::channel(16);
+    let dialled = connect(addr, dh, &s, 2, dtx).await.unwrap();
+    let accepted = acceptor.await.unwrap().unwrap();
+    let first = drx.recv().await;
+    assert!(
+        matches!(&first, Some((2, LinkEvent::Opened(l))) if l.peer().types == vec!["a".to_string()]),
+        "{first:?}"
+    );
+    assert!(matches!(arx.recv().await, Some((1, LinkEvent::Opened(_)))));
+    let closed = dialled.on_closed();
+    dialled.send(Command::Goodbye).unwrap();
+    let bound = Duration::from_secs(20);
+    let end = tokio::time::timeout(bound, closed.wait()).await.unwrap();
+    assert!(end.is_none(), "{end:?}");
+    let last = tokio::time::timeout(bound, recv(&mut drx)).await.unwrap();
+    assert!(
+        matches!(last, Some((2, LinkEvent::Closed { error: None }))),
+        "{last:?}"
+    );
+    drop(accepted);
+}
+
+/// A link that ends without goodbye says why with a typed error, the same in its
+/// `Closed` event and in `on_closed`: the side that aborted gets `Aborted`, its peer
+/// `Lost` (EOF without goodbye).
+#[tokio::test]
+async fn a_failed_link_says_why_with_a_typed_error() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (ah, s) = node(&["a"], None);
+    let (atx, mut arx) = mpsc::channel(16);
+    let acceptor = tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.unwrap();
+        accept(stream, ah, &s, 1, atx).await
+    });
+    let (dh, s) = node(&[], None);
+    let (dtx, mut drx) = mpsc::channel(16);
+    let dialled = connect(addr, dh, &s, 2, dtx).await.unwrap();
+    let accepted = acceptor.await.unwrap().unwrap();
+    let (dialled_end, accepted_end) = (dialled.on_closed(), accepted.on_closed());
+    dialled.send(Command::Abort).unwrap();
+    let bound = Duration::from_secs(20);
+    let end = tokio::time::timeout(bound, dialled_end.wait())
+        .await
+        .unwrap();
+    assert!(matches!(end.as_deref(), Some(Error::Aborted)), "{end:?}");
+    let last = tokio::time::timeout(bound, recv(&mut drx)).await.unwrap();
+    assert!(
+        matches!(&last, Some((2, LinkEvent::Closed { error: Some(e) })) if matches!(**e, Error::Aborted)),
+        "{last:?}"
+    );
+    let lost = |e: &Error| matches!(e, Error::Connection(ConnectionError::Lost));
+    let end = tokio::time::timeout(bound, accepted_end.wait())
+        .await
+        .unwrap();
+    assert!(end.as_deref().is_some_and(lost), "{end:?}");
+    let last = tokio::time::timeout(bound, recv(&mut arx)).await.unwrap();
+    assert!(
+        matches!(&last, Some((1, LinkEvent::Closed { error: Some(e) })) if lost(e)),
+        "{last:?}"
+    );
+}
+
+/// Connects a dialler with `dial_key` to an acceptor with `accept_key` on loopback and
+/// returns both results.
+async fn connect_pair(
+    dial_key: Option<&ClusterKey>,
+    accept_key: Option<&ClusterKey>,
+) -> (Result<Link, Error>, Result<Link, Error>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (accept_hello, accept_settings) = node(&["a"], accept_key);
+    let (tx, _rx_a) = mpsc::channel(16);
+    let acceptor = tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.unwrap();
+        accept(stream, accept_hello, &accept_settings, 1, tx).await
+    });
+    let (tx, _rx_d) = mpsc::channel(16);
+    let (dial_hello, dial_settings) = node(&[], dial_key);
+    let dialled = connect(addr, dial_hello, &dial_settings, 1, tx).await;
+    let accepted = tokio::time::timeout(Duration::from_secs(20), acceptor)
+        .await
+        .expect("acceptor finishes")
+        .unwrap();
+    (dialled, accepted)
+}
+
+/// A worker with a deep window answers every task it holds at once: its link queue is
+/// sized for its own capacity too (it was sized for the peer's only, so results past the
+/// 65th were dropped and their tasks hung).
+#[tokio::test]
+async fn a_deep_window_of_tasks_is_assigned_and_answered_in_bursts() {
+    const N: u64 = 300;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (mut ah, s) = node(&["a"], None);
+    ah.capacity = N as u32;
+    let (atx, mut arx) = mpsc::channel(1024);
+    let acceptor = tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.unwrap();
+        accept(stream, ah, &s, 1, atx).await
+    });
+    let (dh, ds) = node(&[], None);
+    let (dtx, mut drx) = mpsc::channel(1024);
+    let d = connect(addr, dh, &ds, 2, dtx).await.unwrap();
+    let a = acceptor.await.unwrap().unwrap();
+    assert_eq!(d.peer().capacity, N as u32);
+    for seq in 1..=N {
+        d.send(Command::Assign(Assign {
+            seq,
+            task: format!("a{seq}"),
+            kind: "a".into(),
+            args: String::new(),
+            attempt: 1,
+            timeout_ms: 0,
+        }))
+        .unwrap();
+    }
+    let bound = Duration::from_secs(20);
+    for _ in 0..N {
+        let got = tokio::time::timeout(bound, recv(&mut arx)).await.unwrap();
+        assert!(matches!(got, Some((1, LinkEvent::Assigned(_)))), "{got:?}");
+    }
+    // Every result is queued in one go, with no chance for the driver to run between.
+    for seq in 1..=N {
+        a.send(Command::Complete(Completed {
+            seq,
+            ok: true,
+            exit_code: Some(0),
+            output: format!("Executing task: a{seq}"),
+            error: None,
+            duration_us: 1,
+        }))
+        .unwrap_or_else(|e| panic!("result {seq} refused: {e}"));
+    }
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..N {
+        match tokio::time::timeout(bound, recv(&mut drx)).await.unwrap() {
+            Some((2, LinkEvent::Completed(c))) => assert!(seen.insert(c.seq)),
+            other => panic!("expected a result, got {other:?}"),
+        }
+    }
+    assert_eq!(seen.len(), N as usize);
+}
+
+#[tokio::test]
+async fn keyed_peers_connect_and_run_a_task_with_a_large_result() {
+    let key = ClusterKey::generate();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (ah, s) = node(&["a"], Some(&key));
+    let (dh, ds) = node(&[], Some(&key));
+    let (a_id, d_id) = (ah.node_id, dh.node_id);
+    let (atx, mut arx) = mpsc::channel(16);
+    let acceptor = tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.unwrap();
+        accept(stream, ah, &s, 1, atx).await
+    });
+    let (dtx, mut drx) = mpsc::channel(16);
+    let d = connect(addr, dh, &ds, 2, dtx).await.unwrap();
+    let a = acceptor.await.unwrap().unwrap();
+    // Each side's id is the one its identity proved.
+    assert_eq!(d.peer().node_id, a_id);
+    assert_eq!(a.peer().node_id, d_id);
+    assert_eq!(d.peer().types, vec!["a".to_string()]);
+    assert!(a.peer().types.is_empty());
+    let assign = Assign {
+        seq: 1,
+        task: "a1".into(),
+        kind: "a".into(),
+        args: String::new(),
+        attempt: 1,
+        timeout_ms: 0,
+    };
+    d.send(Command::Assign(assign.clone())).unwrap();
+    let bound = Duration::from_secs(20);
+    let got = tokio::time::timeout(bound, recv(&mut arx)).await.unwrap();
+    assert!(matches!(got, Some((1, LinkEvent::Assigned(ref x))) if *x == assign));
+    let output = "y".repeat(300_000);
+    a.send(Command::Complete(Completed {
+        seq: 1,
+        ok: true,
+        exit_code: Some(0),
+        output: output.clone(),
+        error: None,
+        duration_us: 1,
+    }))
+    .unwrap();
+    let got = tokio::time::timeout(bound, recv(&mut drx)).await.unwrap();
+    match got {
+        Some((2, LinkEvent::Completed(c))) => assert_eq!(c.output, output),
+        other => panic!("expected the result, got {other:?}"),
+    }
+    d.send(Command::Goodbye).unwrap();
+    let closed = tokio::time::timeout(bound, recv(&mut drx)).await.unwrap();
+    assert!(
+        matches!(closed, Some((2, LinkEvent::Closed { error: None }))),
+        "{closed:?}"
+    );
+}
+
+#[tokio::test]
+async fn another_key_is_refused_on_both_sides() {
+    let (d, a) = connect_pair(Some(&ClusterKey::generate()), Some(&ClusterKey::generate())).await;
+    let d = d.unwrap_err();
+    assert!(
+        matches!(
+            d.handshake(),
+            Some(HandshakeError::PeerClosed {
+                stage: Stage::Secure {
+                    dialled_with: Some(_)
+                }
+            })
+        ),
+        "{d:?}"
+    );
+    assert!(d.is_permanent(), "{d:?}");
+    let a = a.unwrap_err();
+    assert!(
+        matches!(a.handshake(), Some(HandshakeError::UnknownKey { .. })),
+        "{a:?}"
+    );
+    assert!(a.is_permanent(), "{a:?}");
+}
+
+#[tokio::test]
+async fn a_dialler_without_a_key_is_dropped_and_told_it_has_none() {
+    let (d, a) = connect_pair(None, Some(&ClusterKey::generate())).await;
+    // The dialler learns where the peer closed and that it has no key (a CLI turns
+    // that into its hint); closing during `Hello` is not permanent.
+    let d = d.unwrap_err();
+    assert!(
+        matches!(
+            d.handshake(),
+            Some(HandshakeError::PeerClosed {
+                stage: Stage::Hello { keyed: false }
+            })
+        ),
+        "{d:?}"
+    );
+    assert!(!d.is_permanent());
+    let a = a.unwrap_err();
+    assert!(
+        matches!(a.handshake(), Some(HandshakeError::Plaintext)),
+        "{a:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_keyed_dialler_to_a_node_without_a_key_fails_at_once() {
+    let (d, a) = connect_pair(Some(&ClusterKey::generate()), None).await;
+    let d = d.unwrap_err();
+    assert!(d.is_permanent(), "{d:?}");
+    let a = a.unwrap_err();
+    assert!(
+        matches!(a.handshake(), Some(HandshakeError::PeerHasKey)),
+        "{a:?}"
+    );
+}
+
+/// Runs the secure handshake by hand as `role` with `identity`, then sends `first` (a
+/// `Hello` or `Welcome`) and returns what the other side answers (or `None` at EOF).
+async fn forge(
+    stream: &mut TcpStream,
+    role: Role,
+    key: &ClusterKey,
+    identity: &Identity,
+    first: Option<Message>,
+) -> (SecureCodec, Option<Message>) {
+    let mut codec = secure::handshake(stream, role, std::slice::from_ref(key), identity, 1 << 20)
+        .await
+        .unwrap();
+    let mut buf = BytesMut::new();
+    if let Some(m) = first {
+        codec.encode(&m, &mut buf).unwrap();
+        stream.write_all(&buf).await.unwrap();
+    }
+    let mut src = BytesMut::new();
+    let got = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if let Some(m) = codec.decode(&mut src).unwrap() {
+                return Some(m);
+            }
+            if stream.read_buf(&mut src).await.unwrap_or(0) == 0 {
+                return None;
+            }
+        }
+    })
+    .await
+    .expect("an answer or EOF in time");
+    (codec, got)
+}
+
+#[tokio::test]
+async fn a_forged_hello_id_is_refused_by_the_acceptor() {
+    let key = ClusterKey::generate();
+    let (mallory, victim) = (Identity::generate(), Identity::generate());
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (ah, s) = node(&["a"], Some(&key));
+    let (tx, _rx) = mpsc::channel(16);
+    let acceptor = tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.unwrap();
+        accept(stream, ah, &s, 1, tx).await
+    });
+    // Mallory holds the cluster key and her own identity, and claims the victim's id.
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let forged = Message::Hello(hello_as(&[], victim.node_id()));
+    let (_codec, answer) = forge(&mut stream, Role::Initiator, &key, &mallory, Some(forged)).await;
+    match answer {
+        Some(Message::Reject(r)) => {
+            assert_eq!(r.reason, RejectReason::Key);
+            assert!(r.message.contains(&victim.node_id().to_string()), "{r:?}");
+        }
+        other => panic!("expected a Reject, got {other:?}"),
+    }
+    let err = acceptor.await.unwrap().unwrap_err();
+    match &err {
+        Error::Handshake(HandshakeError::IdMismatch { claimed, proven }) => {
+            assert_eq!(*claimed, victim.node_id());
+            assert_eq!(*proven, mallory.node_id());
+        }
+        other => panic!("expected IdMismatch, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_forged_welcome_id_is_refused_by_the_dialler() {
+    let key = ClusterKey::generate();
+    let mallory = Identity::generate();
+    let victim = Identity::generate();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let k = key.clone();
+    let victim_id = victim.node_id();
+    let fake = tokio::spawn(async move {
+        let (mut stream, _) = listener.accept().await.unwrap();
+        // Reads the dialler's Hello, answers a Welcome claiming the victim's id.
+        let (mut codec, hello) = forge(&mut stream, Role::Acceptor, &k, &mallory, None).await;
+        assert!(matches!(hello, Some(Message::Hello(_))), "{hello:?}");
+        let mut buf = BytesMut::new();
+        codec
+            .encode(&Message::Welcome(hello_as(&["a"], victim_id)), &mut buf)
+            .unwrap();
+        let _ = stream.write_all(&buf).await;
+        // Hold the connection until the dialler gives up.
+        let mut sink = [0u8; 256];
+        let _ = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut sink)).await;
+    });
+    let (dh, ds) = node(&[], Some(&key));
+    let (tx, _rx) = mpsc::channel(16);
+    let err = connect(addr, dh, &ds, 1, tx).await.unwrap_err();
+    assert!(
+        matches!(err, Error::Handshake(HandshakeError::IdMismatch { claimed, .. }) if claimed == victim_id),
+        "{err:?}"
+    );
+    fake.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_keyed_connection_needs_a_matching_identity() {
+    let key = ClusterKey::generate();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (h, mut s) = node(&[], Some(&key));
+    s.identity = None;
+    let (tx, _rx) = mpsc::channel(16);
+    let err = connect(addr, h.clone(), &s, 1, tx.clone())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::InvalidState {
+                action: "start a keyed connection",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    s.identity = Some(Identity::generate());
+    let err = connect(addr, h, &s, 1, tx).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::InvalidState {
+                action: "start a keyed connection",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    drop(listener);
+}
+
+#[tokio::test]
+async fn accept_keys_let_a_rotating_node_accept_old_and_new() {
+    let (old, new) = (ClusterKey::generate(), ClusterKey::generate());
+    for dial in [&old, &new] {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (ah, mut s) = node(&["a"], Some(&new));
+        s.accept_keys = vec![old.clone()];
+        let (tx, _rx_a) = mpsc::channel(16);
+        let acceptor = tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            accept(stream, ah, &s, 1, tx).await
+        });
+        let (dh, ds) = node(&[], Some(dial));
+        let (tx, _rx_d) = mpsc::channel(16);
+        let d = connect(addr, dh, &ds, 1, tx).await;
+        assert!(d.is_ok(), "{d:?}");
+        assert!(acceptor.await.unwrap().is_ok());
+    }
+}
