@@ -219,7 +219,7 @@ pub struct ServeArgs {
         help = "Address to accept connections on [default: 127.0.0.1:7400, or 0.0.0.0:7400 with --key-file]"
     )]
     pub listen: Option<SocketAddr>,
-    /// Run TYPE's tasks with `sh -c COMMAND`; {id}, {type}, {args} are replaced (repeatable).
+    /// Run TYPE's tasks with `sh -c COMMAND`; {id}, {type}, {args}, {argv} are replaced (repeatable).
     #[arg(long = "handler", value_name = "TYPE=COMMAND")]
     pub handlers: Vec<String>,
     /// Tasks run at once (default: the number of CPU cores).
