@@ -312,6 +312,17 @@ pub struct RunArgs {
     /// Print only failures and the summary (no progress bar, no per-task lines).
     #[arg(short, long, conflicts_with = "json")]
     pub quiet: bool,
+    /// At the end, write a self-contained HTML page of the run to FILE: a timeline with one
+    /// lane per node and one bar per attempt, and the summary tables.
+    #[arg(long, value_name = "FILE")]
+    pub report: Option<PathBuf>,
+    /// With --report: draw the order constraints (dependencies, strict or type order).
+    #[arg(long, requires = "report")]
+    pub report_edges: bool,
+    /// Serve GET /metrics (Prometheus text) and GET /healthz for this run over HTTP on ADDR
+    /// while it lasts; loopback only unless a cluster key is given.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
     /// Shared options.
     #[command(flatten)]
     pub common: Common,
@@ -1056,6 +1067,16 @@ async fn run(a: RunArgs, shutdown: CancellationToken) -> anyhow::Result<u8> {
         Format::Human
     };
     let mut printer = Printer::new(format, tasks.len());
+    let report_file = match &a.report {
+        Some(p) => Some(
+            crate::report::ReportFile::new(p, &tasks, a.order, a.report_edges)
+                .map_err(|e| usage(format!("--report {}: {e}", p.display())))?,
+        ),
+        None => None,
+    };
+    if let Some(r) = &report_file {
+        printer.tap(r.tap());
+    }
     printer.event(&p2p_tasks::RunEvent::RunStarted {
         schema: p2p_tasks::EVENT_SCHEMA,
         run: p2p_core::NodeId::random().to_string(),
@@ -1075,6 +1096,10 @@ async fn run(a: RunArgs, shutdown: CancellationToken) -> anyhow::Result<u8> {
     }
     if !handlers.is_empty() {
         p2p_tasks::handler::procs::stop_all(a.kill_grace).await;
+    }
+    if let Some(r) = &report_file {
+        r.write(&report)
+            .map_err(|e| anyhow::anyhow!("cannot write --report {}: {e}", r.path().display()))?;
     }
     Ok(if report.interrupted {
         interrupted_status()

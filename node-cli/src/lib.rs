@@ -14,6 +14,7 @@
 //! - [`metrics`]: `serve --metrics-listen`: `/metrics` (Prometheus) and `/healthz`.
 //! - [`output`]: how run events are shown (human lines or JSON lines).
 //! - [`peers`]: the `peers` command's probe.
+//! - [`report`]: `run --report FILE.html`, a page of the run (timeline, tables).
 //! - [`status`]: the `status` command, and what a node answers it.
 //! - [`dial`]: the dialer of a run (discovered peers to links), generic over how it connects.
 //!
@@ -50,6 +51,7 @@ pub mod metrics;
 mod node;
 pub mod output;
 pub mod peers;
+pub mod report;
 mod sightings;
 pub mod status;
 
