@@ -1077,6 +1077,17 @@ async fn run(a: RunArgs, shutdown: CancellationToken) -> anyhow::Result<u8> {
     if let Some(r) = &report_file {
         printer.tap(r.tap());
     }
+    let run_metrics = match a.metrics_listen {
+        Some(addr) => {
+            let m = crate::metrics::RunMetrics::start(addr, !key.is_empty(), tasks.len())
+                .await
+                .map_err(|e| usage(e.to_string()))?;
+            say_err!("metrics on http://{}/metrics", m.addr());
+            printer.tap(m.tap());
+            Some(m)
+        }
+        None => None,
+    };
     printer.event(&p2p_tasks::RunEvent::RunStarted {
         schema: p2p_tasks::EVENT_SCHEMA,
         run: p2p_core::NodeId::random().to_string(),
@@ -1088,6 +1099,7 @@ async fn run(a: RunArgs, shutdown: CancellationToken) -> anyhow::Result<u8> {
         .await
         .map_err(node_error)?;
     printer.report(&report);
+    drop(run_metrics);
     for n in &local_nodes {
         n.shutdown();
     }
