@@ -843,6 +843,12 @@ impl ReportFile {
     /// A report of `tasks` to be written to `path`. Fails at once when `path`'s directory
     /// does not exist, so a run does not end without the report it was asked for.
     pub fn new(path: &Path, tasks: &[Task], order: Order, edges: bool) -> std::io::Result<Self> {
+        if path.is_dir() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "is a directory",
+            ));
+        }
         let dir = dir_of(path);
         if !dir.is_dir() {
             return Err(std::io::Error::new(

@@ -50,7 +50,9 @@ const DRAIN_MARGIN: Duration = Duration::from_secs(1);
 /// the attempt number (from 1) is in `P2P_TASK_ATTEMPT`. Where a value is parsed again
 /// (`eval`, `sh -c "... {id}"`, `ssh host "... {id}"`, bash's `$((...))`), quoting is the
 /// command's business, as for any variable; in a here-document the reference's quotes show
-/// (write `$P2P_TASK_ID` there).
+/// (write `$P2P_TASK_ID` there). The expanded command is one argument of `sh -c`, at most
+/// 128 KiB on Linux: a reference costs about 25 bytes, so arguments of more than about
+/// 5,000 words that need quoting make `{argv}` fail the task (`Argument list too long`).
 ///
 /// # The outcome
 ///
