@@ -16,6 +16,7 @@
 //!   and a whole connection within [`CONNECTION_LIFETIME`]. A bad request only ever costs
 //!   its own connection.
 
+use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -605,6 +606,7 @@ struct RunType {
     failed: u64,
     retried: u64,
     cancelled: u64,
+    lost: u64,
     running: i64,
     /// One count per bucket of [`DURATION_BUCKETS`] (not cumulative), and one for longer.
     buckets: [u64; DURATION_BUCKETS.len() + 1],
@@ -632,6 +634,9 @@ pub struct RunStats {
     nodes: i64,
     /// Types in the order first seen (a run has few).
     types: Vec<(String, RunType)>,
+    /// Attempts assigned and not ended: task id to (type, node). As many as the nodes run
+    /// at once.
+    open: HashMap<String, (String, String)>,
 }
 
 /// The most task types a run's metrics keep apart; the rest are counted as `other` (the
@@ -646,7 +651,20 @@ impl RunStats {
             started: Instant::now(),
             nodes: 0,
             types: Vec::new(),
+            open: HashMap::new(),
         }
+    }
+
+    /// The attempt of `task` ended: whether it was counted as running.
+    fn ended(&mut self, task: &str) -> bool {
+        self.open.remove(task).is_some()
+    }
+
+    /// An attempt counted as running ended without a result (lost with its node).
+    fn lost(&mut self, kind: &str) {
+        let t = self.of(kind);
+        t.lost += 1;
+        t.running = (t.running - 1).max(0);
     }
 
     fn of(&mut self, kind: &str) -> &mut RunType {
@@ -671,46 +689,85 @@ impl RunStats {
         use p2p_tasks::RunEvent as E;
         match ev {
             E::Connected { .. } => self.nodes = self.nodes.saturating_add(1),
-            E::Disconnected { .. } => self.nodes = (self.nodes - 1).max(0),
-            E::TaskAssigned { kind, .. } => {
+            E::Disconnected { node, .. } => {
+                self.nodes = (self.nodes - 1).max(0);
+                // Its attempts are lost (they run again, assigned anew).
+                let lost: Vec<String> = self
+                    .open
+                    .iter()
+                    .filter(|(_, (_, n))| n == node)
+                    .map(|(t, _)| t.clone())
+                    .collect();
+                for task in lost {
+                    if let Some((kind, _)) = self.open.remove(&task) {
+                        self.lost(&kind);
+                    }
+                }
+            }
+            E::TaskAssigned {
+                task, kind, node, ..
+            } => {
+                // Assigned while still open: the earlier assignment was lost.
+                if let Some((k, _)) = self.open.insert(task.clone(), (kind.clone(), node.clone())) {
+                    self.lost(&k);
+                }
                 let t = self.of(kind);
                 t.assigned += 1;
                 t.running += 1;
             }
             E::TaskCompleted {
-                kind, duration_ms, ..
+                task,
+                kind,
+                duration_ms,
+                ..
             } => {
+                let was = self.ended(task);
                 let t = self.of(kind);
                 t.completed += 1;
-                t.running = (t.running - 1).max(0);
+                if was {
+                    t.running = (t.running - 1).max(0);
+                }
                 t.observe(*duration_ms);
             }
             E::TaskFailed {
+                task,
                 kind,
                 attempt,
                 duration_ms,
                 ..
             } => {
+                let was = self.ended(task);
                 let t = self.of(kind);
                 t.failed += 1;
-                // Attempt 0: it never ran (a dependency failed, no node), so it held no slot.
-                if *attempt > 0 {
+                if was {
                     t.running = (t.running - 1).max(0);
+                }
+                // Attempt 0: it never ran (a dependency failed, no node): no run time.
+                if *attempt > 0 {
                     t.observe(*duration_ms);
                 }
             }
             E::TaskCancelled {
-                kind, duration_ms, ..
+                task,
+                kind,
+                duration_ms,
+                ..
             } => {
+                let was = self.ended(task);
                 let t = self.of(kind);
                 t.cancelled += 1;
-                t.running = (t.running - 1).max(0);
+                if was {
+                    t.running = (t.running - 1).max(0);
+                }
                 t.observe(*duration_ms);
             }
-            E::TaskRetry { kind, .. } => {
+            E::TaskRetry { task, kind, .. } => {
+                let was = self.ended(task);
                 let t = self.of(kind);
                 t.retried += 1;
-                t.running = (t.running - 1).max(0);
+                if was {
+                    t.running = (t.running - 1).max(0);
+                }
             }
             _ => {}
         }
@@ -788,6 +845,12 @@ impl Collector for RunSource {
             "p2p_node_run_tasks_retried",
             "Attempts that failed and were retried, by type.",
             &rows(&|c| c.retried),
+        )?;
+        counter(
+            e,
+            "p2p_node_run_tasks_lost",
+            "Attempts lost with their node's connection (the task runs again), by type.",
+            &rows(&|c| c.lost),
         )?;
         counter(
             e,
@@ -997,6 +1060,31 @@ mod run_tests {
         assert!(RunMetrics::start("0.0.0.0:0".parse().unwrap(), false, 1)
             .await
             .is_err());
+    }
+
+    #[test]
+    fn attempts_lost_with_their_node_stop_running() {
+        let mut s = RunStats::new(2);
+        let on = |task: &str, node: &str| RunEvent::TaskAssigned {
+            task: task.into(),
+            kind: "a".into(),
+            node: node.into(),
+            attempt: 1,
+        };
+        s.event(&on("a1", "n1"));
+        s.event(&on("a2", "n2"));
+        s.event(&RunEvent::Disconnected {
+            node: "n1".into(),
+            addr: "x".into(),
+            clean: false,
+            error: None,
+        });
+        let a = &s.types[0].1;
+        assert_eq!((a.assigned, a.running, a.lost), (2, 1, 1));
+        // a2 assigned again without a disconnection seen: lost too, still one running.
+        s.event(&on("a2", "n3"));
+        let a = &s.types[0].1;
+        assert_eq!((a.assigned, a.running, a.lost), (3, 1, 2));
     }
 
     #[test]

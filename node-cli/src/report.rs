@@ -49,6 +49,8 @@ pub enum Outcome {
     Failed,
     /// It was stopped when the run was interrupted.
     Cancelled,
+    /// Its node's connection was lost before its result came (the task ran again).
+    Lost,
     /// The run ended before its result came.
     Unfinished,
 }
@@ -61,6 +63,7 @@ impl Outcome {
             Outcome::Retried => "retried",
             Outcome::Failed => "failed",
             Outcome::Cancelled => "cancelled",
+            Outcome::Lost => "lost",
             Outcome::Unfinished => "unfinished",
         }
     }
@@ -226,6 +229,8 @@ impl Recorder {
                 node,
                 attempt,
             } => {
+                // The same attempt again: the first was lost with its node.
+                self.close(task, *attempt, at_ms, |a| a.outcome = Outcome::Lost);
                 if self.attempts.len() >= MAX_ATTEMPTS {
                     self.dropped = self.dropped.saturating_add(1);
                     return;
@@ -285,6 +290,17 @@ impl Recorder {
                 a.duration_ms = Some(*duration_ms);
                 a.output = head(output);
             }),
+            RunEvent::Disconnected { node, .. } => {
+                let lost: Vec<(String, u32)> = self
+                    .open
+                    .iter()
+                    .filter(|(_, &i)| self.attempts.get(i).is_some_and(|a| a.node == *node))
+                    .map(|(k, _)| k.clone())
+                    .collect();
+                for (task, attempt) in lost {
+                    self.close(&task, attempt, at_ms, |a| a.outcome = Outcome::Lost);
+                }
+            }
             RunEvent::TaskRetry {
                 task,
                 attempt,
@@ -354,7 +370,7 @@ svg text{font:11px system-ui,sans-serif;fill:#333}
 .lane{fill:#f7f7f7}.lane.odd{fill:#eef0f3}
 .bar{stroke:#0003;stroke-width:.5}
 .bar.ok{fill:#2e9e5b}.bar.retried{fill:#f0a020}.bar.failed{fill:#d64541}
-.bar.cancelled{fill:#8e8e8e}.bar.unfinished{fill:#5b8bd6}
+.bar.cancelled{fill:#8e8e8e}.bar.lost{fill:#5a5a5a}.bar.unfinished{fill:#5b8bd6}
 .retry{stroke:#f0a020;stroke-width:1;stroke-dasharray:3 2;fill:none}
 .edge{stroke-width:1;fill:none;opacity:.7}.edge.dep{stroke:#6a3d9a}.edge.strict{stroke:#555}.edge.type{stroke:#1f78b4}
 .tick{stroke:#ccc}
@@ -484,6 +500,7 @@ fn timeline(h: &mut String, rec: &Recorder, end_ms: f64) {
          <span style=\"background:#f0a020\"></span>failed, retried\
          <span style=\"background:#d64541\"></span>failed\
          <span style=\"background:#8e8e8e\"></span>cancelled\
+         <span style=\"background:#5a5a5a\"></span>lost with its node\
          <span style=\"background:#5b8bd6\"></span>no result</p>"
     );
     if rec.dropped > 0 {
@@ -698,7 +715,7 @@ impl Tally {
             Outcome::Failed => self.failed += 1,
             Outcome::Retried => self.retried += 1,
             Outcome::Cancelled => self.cancelled += 1,
-            Outcome::Unfinished => {}
+            Outcome::Lost | Outcome::Unfinished => {}
         }
         if let Some(d) = a.duration_ms {
             self.busy_ms += d;
@@ -1002,6 +1019,42 @@ mod tests {
         assert_eq!(place, [(0, 0), (0, 1), (1, 0)]);
         // No edges unless asked.
         assert!(!page.contains("class=\"edge"));
+    }
+
+    #[test]
+    fn an_attempt_lost_with_its_node_ends_there() {
+        let mut r = Recorder::new(&tasks(&["a1", "a2"]), Order::None, false);
+        r.event(&assigned("a1", "n1", 1), 0.0);
+        r.event(&assigned("a2", "n1", 1), 0.0);
+        r.event(
+            &RunEvent::Disconnected {
+                node: "n1".into(),
+                addr: "x".into(),
+                clean: false,
+                error: Some("reset".into()),
+            },
+            10.0,
+        );
+        r.event(&assigned("a1", "n2", 1), 20.0);
+        r.event(&completed("a1", "n2", 1, "x"), 30.0);
+        // Assigned again without a Disconnected first: the first one was lost too.
+        r.event(&assigned("a2", "n2", 1), 40.0);
+        r.event(&assigned("a2", "n3", 1), 50.0);
+        let got: Vec<_> = r
+            .attempts()
+            .iter()
+            .map(|a| (a.task.as_str(), a.node.as_str(), a.outcome, a.end_ms))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("a1", "n1", Outcome::Lost, Some(10.0)),
+                ("a2", "n1", Outcome::Lost, Some(10.0)),
+                ("a1", "n2", Outcome::Ok, Some(30.0)),
+                ("a2", "n2", Outcome::Lost, Some(50.0)),
+                ("a2", "n3", Outcome::Unfinished, None),
+            ]
+        );
     }
 
     #[test]
