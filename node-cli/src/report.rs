@@ -379,9 +379,9 @@ svg text{font:11px system-ui,sans-serif;fill:#333}
 
 /// The page for the run `rec` recorded, with its final `report`.
 pub fn render(rec: &Recorder, report: &RunReport) -> String {
-    let mut h = String::with_capacity(64 * 1024 + rec.attempts.len() * 400);
+    let mut h = String::with_capacity(64 * 1024 + rec.attempts().len() * 400);
     let end_ms = rec
-        .attempts
+        .attempts()
         .iter()
         .filter_map(|a| a.end_ms)
         .fold(rec.end_ms.max(report.elapsed_ms), f64::max)
