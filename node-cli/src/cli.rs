@@ -220,7 +220,7 @@ pub struct ServeArgs {
         help = "Address to accept connections on [default: 127.0.0.1:7400, or 0.0.0.0:7400 with --key-file]"
     )]
     pub listen: Option<SocketAddr>,
-    /// Run TYPE's tasks with `sh -c COMMAND`; {id}, {type}, {args} are replaced (repeatable).
+    /// Run TYPE's tasks with `sh -c COMMAND`; {id}, {type}, {args}, {argv} are replaced (repeatable).
     #[arg(long = "handler", value_name = "TYPE=COMMAND")]
     pub handlers: Vec<String>,
     /// Tasks run at once (default: the number of CPU cores).
@@ -313,6 +313,17 @@ pub struct RunArgs {
     /// Print only failures and the summary (no progress bar, no per-task lines).
     #[arg(short, long, conflicts_with = "json")]
     pub quiet: bool,
+    /// At the end, write a self-contained HTML page of the run to FILE: a timeline with one
+    /// lane per node and one bar per attempt, and the summary tables.
+    #[arg(long, value_name = "FILE")]
+    pub report: Option<PathBuf>,
+    /// With --report: draw the order constraints (dependencies, strict or type order).
+    #[arg(long, requires = "report")]
+    pub report_edges: bool,
+    /// Serve GET /metrics (Prometheus text) and GET /healthz for this run over HTTP on ADDR
+    /// while it lasts; loopback only unless a cluster key is given.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
     /// Shared options.
     #[command(flatten)]
     pub common: Common,
@@ -1075,6 +1086,27 @@ async fn run(
         Format::Human
     };
     let mut printer = Printer::new(format, tasks.len()).active_bar(active);
+    let report_file = match &a.report {
+        Some(p) => Some(
+            crate::report::ReportFile::new(p, &tasks, a.order, a.report_edges)
+                .map_err(|e| usage(format!("--report {}: {e}", p.display())))?,
+        ),
+        None => None,
+    };
+    if let Some(r) = &report_file {
+        printer.tap(r.tap());
+    }
+    let run_metrics = match a.metrics_listen {
+        Some(addr) => {
+            let m = crate::metrics::RunMetrics::start(addr, !key.is_empty(), tasks.len())
+                .await
+                .map_err(|e| usage(e.to_string()))?;
+            say_err!("metrics on http://{}/metrics", m.addr());
+            printer.tap(m.tap());
+            Some(m)
+        }
+        None => None,
+    };
     printer.event(&p2p_tasks::RunEvent::RunStarted {
         schema: p2p_tasks::EVENT_SCHEMA,
         run: p2p_core::NodeId::random().to_string(),
@@ -1091,6 +1123,7 @@ async fn run(
     }
     let report = run.await.map_err(node_error)?;
     printer.report(&report);
+    drop(run_metrics);
     for n in &local_nodes {
         n.shutdown();
     }
@@ -1099,6 +1132,10 @@ async fn run(
     }
     if !handlers.is_empty() {
         p2p_tasks::handler::procs::stop_all(a.kill_grace).await;
+    }
+    if let Some(r) = &report_file {
+        r.write(&report)
+            .map_err(|e| anyhow::anyhow!("cannot write --report {}: {e}", r.path().display()))?;
     }
     Ok(if report.interrupted {
         interrupted_status()

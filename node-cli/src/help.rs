@@ -56,6 +56,8 @@ const HEADINGS: &[(&str, &str)] = &[
     ("quiet", "Output"),
     ("verbose", "Output"),
     ("log_format", "Output"),
+    ("report", "Output"),
+    ("report_edges", "Output"),
 ];
 
 /// The heading of the argument with this id, if it has one.

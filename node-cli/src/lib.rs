@@ -101,7 +101,7 @@
 //!   connects (the simulation suite gives it a simulated network).
 //! - [`metrics`]: [`NodeBuilder::metrics_listen`]: `/metrics` (Prometheus) and `/healthz`.
 //! - The command line (`cli.rs`, `config.rs`, `output.rs`, `peers.rs`, `help.rs`,
-//!   `datadir.rs`, `guard.rs`, `logging.rs`, `entry.rs`) is private to the `cli` feature.
+//!   `datadir.rs`, `guard.rs`, `logging.rs`, `entry.rs`, `report.rs` for `run --report`) is private to the `cli` feature.
 
 // The command line (the `cli` feature): private to the binary, which calls `__cli_main`.
 #[cfg(feature = "cli")]
@@ -120,6 +120,8 @@ mod help;
 mod logging;
 #[cfg(feature = "cli")]
 mod output;
+#[cfg(feature = "cli")]
+mod report;
 // The `peers` and `status` commands' probes are the CLI's; a node's status answer is not.
 #[cfg_attr(not(feature = "cli"), allow(dead_code))]
 mod peers;

@@ -8,12 +8,15 @@
 //!   counters, the handshake gate, discovery backends' counters, the drain state). It is a
 //!   `prometheus_client` [`Collector`]: each scrape reads the atomics and encodes them, so
 //!   nothing on the task path knows about Prometheus.
+//! - [`RunMetrics`]: the same endpoint for `run --metrics-listen`, fed from the run's
+//!   events at its event sink ([`RunStats`]), from the start of the run to its end.
 //! - [`serve_http`]: a small `hyper` HTTP/1 server for the two paths, bounded everywhere: at
 //!   most [`MAX_HTTP_CONNECTIONS`] connections (a new one closes the oldest, like the
 //!   handshake gate), request headers within [`HEADER_TIMEOUT`] and [`MAX_REQUEST_BYTES`],
 //!   and a whole connection within [`CONNECTION_LIFETIME`]. A bad request only ever costs
 //!   its own connection.
 
+use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -479,9 +482,21 @@ impl Collector for Source {
 
 /// Serves `/metrics` and `/healthz` on `listener` until `stop` is cancelled.
 pub async fn serve_http(listener: TcpListener, source: Source, stop: CancellationToken) {
+    let draining = source.draining.clone();
+    serve_collector(listener, Box::new(source), draining, stop).await;
+}
+
+/// Serves `collector` at `/metrics`, and `/healthz` (503 once `draining` is cancelled), on
+/// `listener` until `stop` is cancelled.
+pub async fn serve_collector(
+    listener: TcpListener,
+    collector: Box<dyn Collector>,
+    draining: CancellationToken,
+    stop: CancellationToken,
+) {
     let mut registry = Registry::default();
-    registry.register_collector(Box::new(source.clone()));
-    let state = Arc::new((registry, source));
+    registry.register_collector(collector);
+    let state = Arc::new((registry, draining));
     let gate = HandshakeGate::new(MAX_HTTP_CONNECTIONS);
     let tracker = TaskTracker::new();
     loop {
@@ -527,7 +542,11 @@ pub async fn serve_http(listener: TcpListener, source: Source, stop: Cancellatio
     let _ = tokio::time::timeout(Duration::from_secs(1), tracker.wait()).await;
 }
 
-fn answer(req: &Request<Incoming>, registry: &Registry, source: &Source) -> Response<Full<Bytes>> {
+fn answer(
+    req: &Request<Incoming>,
+    registry: &Registry,
+    draining: &CancellationToken,
+) -> Response<Full<Bytes>> {
     let reply = |status: StatusCode, ctype: &'static str, body: String| {
         let mut r = Response::new(Full::new(Bytes::from(body)));
         *r.status_mut() = status;
@@ -561,7 +580,7 @@ fn answer(req: &Request<Incoming>, registry: &Registry, source: &Source) -> Resp
             }
         }
         "/healthz" => {
-            if source.draining.is_cancelled() {
+            if draining.is_cancelled() {
                 reply(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "text/plain; charset=utf-8",
@@ -576,5 +595,506 @@ fn answer(req: &Request<Incoming>, registry: &Registry, source: &Source) -> Resp
             "text/plain; charset=utf-8",
             "not found: try /metrics or /healthz\n".into(),
         ),
+    }
+}
+
+/// Counters of one task type in a run.
+#[derive(Debug, Default, Clone)]
+struct RunType {
+    assigned: u64,
+    completed: u64,
+    failed: u64,
+    retried: u64,
+    cancelled: u64,
+    lost: u64,
+    running: i64,
+    /// One count per bucket of [`DURATION_BUCKETS`] (not cumulative), and one for longer.
+    buckets: [u64; DURATION_BUCKETS.len() + 1],
+    duration_sum_s: f64,
+}
+
+impl RunType {
+    fn observe(&mut self, ms: f64) {
+        let s = (ms / 1000.0).max(0.0);
+        let i = DURATION_BUCKETS
+            .iter()
+            .position(|b| s <= *b)
+            .unwrap_or(DURATION_BUCKETS.len());
+        self.buckets[i] = self.buckets[i].saturating_add(1);
+        self.duration_sum_s += s;
+    }
+}
+
+/// What a run's events say, for `run --metrics-listen`: counters per task type, nodes
+/// connected, and whether the run is stopping. IO-free; fed by [`RunStats::event`].
+#[derive(Debug)]
+pub struct RunStats {
+    tasks: usize,
+    started: Instant,
+    nodes: i64,
+    /// Types in the order first seen (a run has few).
+    types: Vec<(String, RunType)>,
+    /// Attempts assigned and not ended: task id to (type, node). As many as the nodes run
+    /// at once.
+    open: HashMap<String, (String, String)>,
+}
+
+/// The most task types a run's metrics keep apart; the rest are counted as `other` (the
+/// types of a run come from its own task file, but a bound costs nothing).
+pub const MAX_RUN_TYPES: usize = 1024;
+
+impl RunStats {
+    /// The counters of a run of `tasks` tasks, none run yet.
+    pub fn new(tasks: usize) -> RunStats {
+        RunStats {
+            tasks,
+            started: Instant::now(),
+            nodes: 0,
+            types: Vec::new(),
+            open: HashMap::new(),
+        }
+    }
+
+    /// The attempt of `task` ended: whether it was counted as running.
+    fn ended(&mut self, task: &str) -> bool {
+        self.open.remove(task).is_some()
+    }
+
+    /// An attempt counted as running ended without a result (lost with its node).
+    fn lost(&mut self, kind: &str) {
+        let t = self.of(kind);
+        t.lost += 1;
+        t.running = (t.running - 1).max(0);
+    }
+
+    fn of(&mut self, kind: &str) -> &mut RunType {
+        let kind =
+            if self.types.len() >= MAX_RUN_TYPES && !self.types.iter().any(|(k, _)| k == kind) {
+                "other"
+            } else {
+                kind
+            };
+        let i = match self.types.iter().position(|(k, _)| k == kind) {
+            Some(i) => i,
+            None => {
+                self.types.push((kind.to_owned(), RunType::default()));
+                self.types.len() - 1
+            }
+        };
+        &mut self.types[i].1
+    }
+
+    /// Counts one event of the run.
+    pub fn event(&mut self, ev: &p2p_tasks::RunEvent) {
+        use p2p_tasks::RunEvent as E;
+        match ev {
+            E::Connected { .. } => self.nodes = self.nodes.saturating_add(1),
+            E::Disconnected { node, .. } => {
+                self.nodes = (self.nodes - 1).max(0);
+                // Its attempts are lost (they run again, assigned anew).
+                let lost: Vec<String> = self
+                    .open
+                    .iter()
+                    .filter(|(_, (_, n))| n == node)
+                    .map(|(t, _)| t.clone())
+                    .collect();
+                for task in lost {
+                    if let Some((kind, _)) = self.open.remove(&task) {
+                        self.lost(&kind);
+                    }
+                }
+            }
+            E::TaskAssigned {
+                task, kind, node, ..
+            } => {
+                // Assigned while still open: the earlier assignment was lost.
+                if let Some((k, _)) = self.open.insert(task.clone(), (kind.clone(), node.clone())) {
+                    self.lost(&k);
+                }
+                let t = self.of(kind);
+                t.assigned += 1;
+                t.running += 1;
+            }
+            E::TaskCompleted {
+                task,
+                kind,
+                duration_ms,
+                ..
+            } => {
+                let was = self.ended(task);
+                let t = self.of(kind);
+                t.completed += 1;
+                if was {
+                    t.running = (t.running - 1).max(0);
+                }
+                t.observe(*duration_ms);
+            }
+            E::TaskFailed {
+                task,
+                kind,
+                attempt,
+                duration_ms,
+                ..
+            } => {
+                let was = self.ended(task);
+                let t = self.of(kind);
+                t.failed += 1;
+                if was {
+                    t.running = (t.running - 1).max(0);
+                }
+                // Attempt 0: it never ran (a dependency failed, no node): no run time.
+                if *attempt > 0 {
+                    t.observe(*duration_ms);
+                }
+            }
+            E::TaskCancelled {
+                task,
+                kind,
+                duration_ms,
+                ..
+            } => {
+                let was = self.ended(task);
+                let t = self.of(kind);
+                t.cancelled += 1;
+                if was {
+                    t.running = (t.running - 1).max(0);
+                }
+                t.observe(*duration_ms);
+            }
+            E::TaskRetry { task, kind, .. } => {
+                let was = self.ended(task);
+                let t = self.of(kind);
+                t.retried += 1;
+                if was {
+                    t.running = (t.running - 1).max(0);
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// [`RunStats`] behind a lock, as a scrape reads them.
+#[derive(Debug, Clone)]
+struct RunSource(Arc<std::sync::Mutex<RunStats>>);
+
+impl Collector for RunSource {
+    fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let (tasks, elapsed, nodes, types) = match self.0.lock() {
+            Ok(s) => (s.tasks, s.started.elapsed(), s.nodes, s.types.clone()),
+            Err(p) => {
+                let s = p.into_inner();
+                (s.tasks, s.started.elapsed(), s.nodes, s.types.clone())
+            }
+        };
+        let e = &mut enc;
+        gauge(
+            e,
+            "p2p_node_build_info",
+            "Version of this node and of the protocol it speaks (always 1).",
+            &[(
+                vec![
+                    ("version", env!("CARGO_PKG_VERSION").to_string()),
+                    ("protocol", p2p_core::PROTOCOL_VERSION.to_string()),
+                ],
+                1,
+            )],
+        )?;
+        gauge(
+            e,
+            "p2p_node_run_tasks",
+            "Tasks in the run's plan.",
+            &one(i64::try_from(tasks).unwrap_or(i64::MAX)),
+        )?;
+        gauge(
+            e,
+            "p2p_node_run_elapsed_seconds",
+            "Seconds since the run started.",
+            &one(i64::try_from(elapsed.as_secs()).unwrap_or(i64::MAX)),
+        )?;
+        gauge(
+            e,
+            "p2p_node_run_nodes_connected",
+            "Nodes the run is connected to now.",
+            &one(nodes),
+        )?;
+        let lbl = |t: &str| vec![("type", t.to_string())];
+        let rows = |f: &dyn Fn(&RunType) -> u64| -> Vec<_> {
+            types.iter().map(|(t, c)| (lbl(t), f(c))).collect()
+        };
+        counter(
+            e,
+            "p2p_node_run_tasks_assigned",
+            "Attempts the run assigned, by type.",
+            &rows(&|c| c.assigned),
+        )?;
+        counter(
+            e,
+            "p2p_node_run_tasks_completed",
+            "Tasks that succeeded, by type.",
+            &rows(&|c| c.completed),
+        )?;
+        counter(
+            e,
+            "p2p_node_run_tasks_failed",
+            "Tasks that failed for good (including those that never ran), by type.",
+            &rows(&|c| c.failed),
+        )?;
+        counter(
+            e,
+            "p2p_node_run_tasks_retried",
+            "Attempts that failed and were retried, by type.",
+            &rows(&|c| c.retried),
+        )?;
+        counter(
+            e,
+            "p2p_node_run_tasks_lost",
+            "Attempts lost with their node's connection (the task runs again), by type.",
+            &rows(&|c| c.lost),
+        )?;
+        counter(
+            e,
+            "p2p_node_run_tasks_cancelled",
+            "Tasks stopped because the run was interrupted, by type.",
+            &rows(&|c| c.cancelled),
+        )?;
+        let running: Vec<_> = types.iter().map(|(t, c)| (lbl(t), c.running)).collect();
+        gauge(
+            e,
+            "p2p_node_run_tasks_running",
+            "Attempts assigned and not ended, by type.",
+            &running,
+        )?;
+        let mut h = e.encode_descriptor(
+            "p2p_node_run_task_duration_seconds",
+            "Handler run time of ended attempts (completed, failed, cancelled), by type.",
+            None,
+            MetricType::Histogram,
+        )?;
+        for (t, c) in &types {
+            // Per-bucket counts: the encoder sums them into Prometheus' cumulative ones.
+            let buckets: Vec<(f64, u64)> = c
+                .buckets
+                .iter()
+                .enumerate()
+                .map(|(i, n)| {
+                    (
+                        DURATION_BUCKETS.get(i).copied().unwrap_or(f64::INFINITY),
+                        *n,
+                    )
+                })
+                .collect();
+            let count = c.buckets.iter().fold(0u64, |a, n| a.saturating_add(*n));
+            let labels = lbl(t);
+            h.encode_family(&labels)?
+                .encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+                    c.duration_sum_s,
+                    count,
+                    &buckets,
+                    None,
+                )?;
+        }
+        Ok(())
+    }
+}
+
+/// `run --metrics-listen ADDR`: `/metrics` with the run's [`RunStats`] and `/healthz` (200
+/// while the run goes on, 503 once it is stopping), from [`RunMetrics::start`] until
+/// [`RunMetrics::stop`] (or drop) at the end of the run.
+#[derive(Debug)]
+pub struct RunMetrics {
+    stats: Arc<std::sync::Mutex<RunStats>>,
+    addr: std::net::SocketAddr,
+    draining: CancellationToken,
+    stop: CancellationToken,
+}
+
+impl RunMetrics {
+    /// Binds `addr` (a non-loopback address only with a cluster key, `keyed`) and serves a
+    /// run of `tasks` tasks there.
+    pub async fn start(
+        addr: std::net::SocketAddr,
+        keyed: bool,
+        tasks: usize,
+    ) -> Result<RunMetrics, crate::Error> {
+        if !addr.ip().is_loopback() && !keyed {
+            return Err(crate::Error::Config(format!(
+                "refusing to serve run metrics on {addr} without a cluster key: anyone who \
+                 can reach it could read them. Pass --key-file, or listen on a loopback address"
+            )));
+        }
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|e| crate::Error::Config(format!("--metrics-listen {addr}: {e}")))?;
+        let addr = listener
+            .local_addr()
+            .map_err(|e| crate::Error::Config(format!("--metrics-listen {addr}: {e}")))?;
+        let stats = Arc::new(std::sync::Mutex::new(RunStats::new(tasks)));
+        let draining = CancellationToken::new();
+        let stop = CancellationToken::new();
+        tokio::spawn(serve_collector(
+            listener,
+            Box::new(RunSource(stats.clone())),
+            draining.clone(),
+            stop.clone(),
+        ));
+        Ok(RunMetrics {
+            stats,
+            addr,
+            draining,
+            stop,
+        })
+    }
+
+    /// Where it listens (the real port for `:0`).
+    pub fn addr(&self) -> std::net::SocketAddr {
+        self.addr
+    }
+
+    /// The event sink's tap: counts each event; `/healthz` says 503 from the run's
+    /// `terminating` phase on.
+    pub fn tap(&self) -> impl FnMut(&p2p_tasks::RunEvent) + Send + 'static {
+        let stats = self.stats.clone();
+        let draining = self.draining.clone();
+        move |ev| {
+            if let p2p_tasks::RunEvent::Phase(p2p_tasks::Phase::Terminating) = ev {
+                draining.cancel();
+            }
+            if let Ok(mut s) = stats.lock() {
+                s.event(ev);
+            }
+        }
+    }
+
+    /// Stops serving (the listener closes).
+    pub fn stop(&self) {
+        self.draining.cancel();
+        self.stop.cancel();
+    }
+}
+
+impl Drop for RunMetrics {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+#[cfg(test)]
+mod run_tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+    use p2p_tasks::RunEvent;
+
+    fn assigned(kind: &str) -> RunEvent {
+        RunEvent::TaskAssigned {
+            task: format!("{kind}1"),
+            kind: kind.into(),
+            node: "n".into(),
+            attempt: 1,
+        }
+    }
+
+    #[test]
+    fn run_stats_follow_the_events() {
+        let mut s = RunStats::new(4);
+        s.event(&assigned("a"));
+        s.event(&assigned("a"));
+        s.event(&assigned("b"));
+        s.event(&RunEvent::TaskCompleted {
+            task: "a1".into(),
+            kind: "a".into(),
+            node: "n".into(),
+            attempt: 1,
+            ok: true,
+            output: String::new(),
+            duration_ms: 2.0,
+        });
+        s.event(&RunEvent::TaskRetry {
+            task: "a2".into(),
+            kind: "a".into(),
+            node: "n".into(),
+            attempt: 1,
+            error: "x".into(),
+            delay_ms: 1,
+        });
+        s.event(&RunEvent::TaskFailed {
+            task: "c1".into(),
+            kind: "c".into(),
+            node: String::new(),
+            attempt: 0,
+            ok: false,
+            output: String::new(),
+            duration_ms: 0.0,
+            exit_code: None,
+            error: "no node".into(),
+        });
+        let a = &s.types[0].1;
+        assert_eq!(
+            (a.assigned, a.completed, a.retried, a.running),
+            (2, 1, 1, 0)
+        );
+        assert_eq!(a.buckets.iter().sum::<u64>(), 1);
+        assert!((a.duration_sum_s - 0.002).abs() < 1e-9);
+        let b = &s.types[1].1;
+        assert_eq!((b.assigned, b.running), (1, 1));
+        // A task that never ran fails without freeing a slot it never held.
+        let c = &s.types[2].1;
+        assert_eq!(
+            (c.failed, c.running, c.buckets.iter().sum::<u64>()),
+            (1, 0, 0)
+        );
+    }
+
+    #[tokio::test]
+    async fn run_healthz_turns_503_when_the_run_ends_and_the_port_closes_on_stop() {
+        let m = RunMetrics::start("127.0.0.1:0".parse().unwrap(), false, 1)
+            .await
+            .unwrap();
+        let mut tap = m.tap();
+        tap(&RunEvent::Phase(p2p_tasks::Phase::Assigning));
+        assert!(!m.draining.is_cancelled());
+        tap(&RunEvent::Phase(p2p_tasks::Phase::Terminating));
+        assert!(m.draining.is_cancelled());
+        // Refused before anything is bound.
+        assert!(RunMetrics::start("0.0.0.0:0".parse().unwrap(), false, 1)
+            .await
+            .is_err());
+    }
+
+    #[test]
+    fn attempts_lost_with_their_node_stop_running() {
+        let mut s = RunStats::new(2);
+        let on = |task: &str, node: &str| RunEvent::TaskAssigned {
+            task: task.into(),
+            kind: "a".into(),
+            node: node.into(),
+            attempt: 1,
+        };
+        s.event(&on("a1", "n1"));
+        s.event(&on("a2", "n2"));
+        s.event(&RunEvent::Disconnected {
+            node: "n1".into(),
+            addr: "x".into(),
+            clean: false,
+            error: None,
+        });
+        let a = &s.types[0].1;
+        assert_eq!((a.assigned, a.running, a.lost), (2, 1, 1));
+        // a2 assigned again without a disconnection seen: lost too, still one running.
+        s.event(&on("a2", "n3"));
+        let a = &s.types[0].1;
+        assert_eq!((a.assigned, a.running, a.lost), (3, 1, 2));
+    }
+
+    #[test]
+    fn run_types_are_bounded() {
+        let mut s = RunStats::new(0);
+        for i in 0..MAX_RUN_TYPES + 5 {
+            s.event(&assigned(&format!("t{i}")));
+        }
+        assert_eq!(s.types.len(), MAX_RUN_TYPES + 1);
+        assert_eq!(s.types[MAX_RUN_TYPES].0, "other");
+        assert_eq!(s.types[MAX_RUN_TYPES].1.assigned, 5);
     }
 }

@@ -174,6 +174,20 @@ pub struct Printer {
     allow_bar: bool,
     by_node: BTreeMap<String, Tally>,
     by_type: BTreeMap<String, Tally>,
+    taps: Taps,
+}
+
+/// What else sees each event (`run --report`, `run --metrics-listen`).
+#[derive(Default)]
+struct Taps(Vec<Tap>);
+
+/// One of [`Taps`].
+type Tap = Box<dyn FnMut(&RunEvent) + Send>;
+
+impl std::fmt::Debug for Taps {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Taps({})", self.0.len())
+    }
 }
 
 fn short(node: &str) -> &str {
@@ -195,6 +209,7 @@ impl Printer {
             allow_bar: format == Format::Human && std::io::stderr().is_terminal(),
             by_node: BTreeMap::new(),
             by_type: BTreeMap::new(),
+            taps: Taps::default(),
         }
     }
 
@@ -204,8 +219,16 @@ impl Printer {
         self
     }
 
+    /// Hands every later event to `tap` as well, before it is shown.
+    pub fn tap(&mut self, tap: impl FnMut(&RunEvent) + Send + 'static) {
+        self.taps.0.push(Box::new(tap));
+    }
+
     /// Shows one event.
     pub fn event(&mut self, ev: &RunEvent) {
+        for tap in &mut self.taps.0 {
+            tap(ev);
+        }
         match ev {
             RunEvent::TaskCompleted {
                 kind,

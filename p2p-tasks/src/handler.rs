@@ -14,7 +14,9 @@ use std::sync::Arc;
 pub mod procs;
 mod shell;
 
-pub use shell::{Shell, DEFAULT_KILL_GRACE, DEFAULT_OUTPUT_LIMIT, STDERR_TAIL};
+pub use shell::{
+    ArgvError, Rendered, Shell, DEFAULT_KILL_GRACE, DEFAULT_OUTPUT_LIMIT, STDERR_TAIL,
+};
 
 /// A boxed, sendable future, as returned by [`Handler::call`].
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;

@@ -211,3 +211,122 @@ fn metrics_on_a_public_address_need_a_key() {
         out.describe()
     );
 }
+
+/// The metrics address a run printed on stderr (`metrics on http://ADDR/metrics`).
+fn run_metrics_addr(r: &tests::Running) -> SocketAddr {
+    let line = r
+        .stderr
+        .wait_for(WAIT, |l| l.starts_with("metrics on "))
+        .unwrap_or_else(|| panic!("no `metrics on` line:\n{}", r.stderr.text()));
+    line.trim_start_matches("metrics on http://")
+        .trim_end_matches("/metrics")
+        .parse()
+        .unwrap_or_else(|e| panic!("{line:?}: {e}"))
+}
+
+#[test]
+fn a_run_serves_its_own_metrics_while_it_lasts() {
+    let dir = TestDir::new();
+    dir.write("tasks.txt", "a1 a2 a3\n");
+    let go = dir.join("go");
+    // a2's first attempt fails (it is retried); a3 waits for `go` (at most 60 s).
+    let handler = format!(
+        "a=if [ {{id}} = a2 ] && [ $P2P_TASK_ATTEMPT = 1 ]; then exit 3; fi; \
+         if [ {{id}} = a3 ]; then i=0; while [ ! -e {g} ] && [ $i -lt 1200 ]; do sleep 0.05; \
+         i=$((i+1)); done; fi; echo ok",
+        g = shell_quote(go.to_str().unwrap())
+    );
+    let running = spawn_in(
+        dir.path(),
+        &[
+            "run",
+            "tasks.txt",
+            "--local",
+            "--handler",
+            &handler,
+            "--retries",
+            "1",
+            "--retry-backoff",
+            "10ms",
+            "--json",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ],
+    );
+    let m = run_metrics_addr(&running);
+    assert!(m.ip().is_loopback() && m.port() != 0, "{m}");
+    let running_a = r#"p2p_node_run_tasks_running{type="a"}"#;
+    let completed_a = r#"p2p_node_run_tasks_completed_total{type="a"}"#;
+    assert!(
+        poll_until(WAIT, || {
+            let s = scrape(m);
+            s.get(running_a) == Some(&1.0) && s.get(completed_a) == Some(&2.0)
+        }),
+        "a3 never ran with a1 and a2 done:\n{}",
+        running.stderr.text()
+    );
+    let during = scrape(m);
+    assert_eq!(value(&during, "p2p_node_run_tasks"), 3.0);
+    assert_eq!(value(&during, "p2p_node_run_nodes_connected"), 1.0);
+    assert_eq!(
+        value(&during, r#"p2p_node_run_tasks_assigned_total{type="a"}"#),
+        4.0
+    );
+    assert_eq!(
+        value(&during, r#"p2p_node_run_tasks_retried_total{type="a"}"#),
+        1.0
+    );
+    assert_eq!(
+        value(&during, r#"p2p_node_run_tasks_failed_total{type="a"}"#),
+        0.0
+    );
+    // The two successes have a run time (the retried attempt's is not reported).
+    assert_eq!(
+        value(
+            &during,
+            r#"p2p_node_run_task_duration_seconds_count{type="a"}"#
+        ),
+        2.0
+    );
+    assert_eq!(
+        value(
+            &during,
+            r#"p2p_node_run_task_duration_seconds_bucket{type="a",le="+Inf"}"#
+        ),
+        2.0
+    );
+    assert_eq!(get(m, "/healthz").0, 200);
+
+    std::fs::write(&go, "").unwrap();
+    let out = running.finish();
+    out.assert_code(0);
+    // The endpoint ends with the run.
+    assert!(
+        TcpStream::connect(m).is_err(),
+        "the metrics port still answers after the run"
+    );
+}
+
+#[test]
+fn run_metrics_on_a_public_address_need_a_key() {
+    let dir = TestDir::new();
+    dir.write("tasks.txt", "a1\n");
+    let out = run_in(
+        dir.path(),
+        &[
+            "run",
+            "tasks.txt",
+            "--local",
+            "--metrics-listen",
+            "0.0.0.0:0",
+        ],
+    );
+    out.assert_code(2);
+    assert!(
+        out.stderr
+            .contains("refusing to serve run metrics on 0.0.0.0:0"),
+        "{}",
+        out.describe()
+    );
+    assert!(!out.stdout.contains("Executing"), "{}", out.describe());
+}

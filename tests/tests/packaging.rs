@@ -190,19 +190,52 @@ fn the_kubernetes_manifests_parse_and_their_nodes_find_each_other_by_dns() {
         value("--discovery"),
         format!("dns:{svc_name}:{listen_port}")
     );
-    // Ready once it accepts connections (no /healthz yet): a TCP probe on the listen port.
-    let port_name = s(c, &["readinessProbe", "tcpSocket", "port"])
+    let container_port = |name: &str| {
+        c["ports"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == name)
+            .unwrap_or_else(|| panic!("no container port named {name}"))["containerPort"]
+            .as_u64()
+            .unwrap()
+            .to_string()
+    };
+    // Ready while /healthz says so (503 while draining), on the port --metrics-listen binds.
+    let metrics_port = value("--metrics-listen")
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .to_string();
+    let ready = s(c, &["readinessProbe", "httpGet"]);
+    assert_eq!(ready["path"].as_str(), Some("/healthz"), "{ready:?}");
+    assert_eq!(
+        container_port(ready["port"].as_str().unwrap()),
+        metrics_port
+    );
+    assert!(
+        c["readinessProbe"]["tcpSocket"].is_null(),
+        "readiness is a TCP probe"
+    );
+    // Alive while it accepts connections on the listen port (a draining node is alive).
+    let alive = s(c, &["livenessProbe", "tcpSocket", "port"])
         .as_str()
         .unwrap();
-    let port = c["ports"]
-        .as_sequence()
-        .unwrap()
-        .iter()
-        .find(|p| p["name"] == port_name)
-        .unwrap();
+    assert_eq!(container_port(alive), listen_port);
+    // The scrape annotations name the metrics port.
     assert_eq!(
-        port["containerPort"].as_u64().unwrap().to_string(),
-        listen_port
+        s(
+            sts,
+            &[
+                "spec",
+                "template",
+                "metadata",
+                "annotations",
+                "prometheus.io/port"
+            ]
+        )
+        .as_str(),
+        Some(metrics_port.as_str())
     );
     // The key file is in the Secret's mount.
     let key = value("--key-file");

@@ -29,13 +29,30 @@ const DRAIN_MARGIN: Duration = Duration::from_secs(1);
 ///
 /// # The command
 ///
-/// Before running, `{id}`, `{type}` and `{args}` in the command are replaced by the task's id,
-/// type and arguments, each **shell-quoted** as one word (single quotes, with `'` written as
-/// `'\''`; an empty value becomes `''`). Task values come from the network, so they can never
-/// inject shell syntax: `echo {args}` with arguments `x; rm -rf ~` prints `x; rm -rf ~`. Do not
-/// put quotes around the placeholders yourself. The raw values are also in the environment as
-/// `P2P_TASK_ID`, `P2P_TASK_TYPE` and `P2P_TASK_ARGS`, with the attempt number (from 1) in
-/// `P2P_TASK_ATTEMPT`.
+/// Before running, the placeholders in the command are expanded: `{id}`, `{type}` and
+/// `{args}` to the task's id, type and whole argument string, each as one word, and
+/// `{argv}` to the task's arguments split with shell word rules (quotes and backslashes
+/// honoured, `#` starting a comment, as [`shlex::split`]), one word each: with arguments
+/// `--size 10 "in put.csv"`, `./job.sh {argv}` gives the program three arguments. No
+/// arguments give no words; arguments that do not split (an unclosed quote) fail the task
+/// before anything runs.
+///
+/// A value is written as it is when it needs no quoting (non-empty, only ASCII letters,
+/// digits and `+-./:@]_`: such a value means nothing to the shell anywhere), so
+/// `echo "x {id}"` prints `x a1`. Any other value never enters the script: the placeholder
+/// becomes a reference to an environment variable holding it, quoted for where it stands
+/// (`"${P2P_TASK_ID}"` outside quotes, `${P2P_TASK_ID}` inside `"..."`, `'"${P2P_TASK_ID}"'`
+/// inside `'...'`; inside `$(...)`, backquotes and `${...}` the shell reads outside quotes
+/// again). The shell expands a variable after it has parsed the command, so a value from
+/// the network can never inject shell syntax, and a placeholder inside quotes in the command
+/// is safe too. The variables are `P2P_TASK_ID`, `P2P_TASK_TYPE`, `P2P_TASK_ARGS`, and for
+/// `{argv}` `P2P_TASK_ARGV_1`, `P2P_TASK_ARGV_2`, ... with their count in `P2P_TASK_ARGC`;
+/// the attempt number (from 1) is in `P2P_TASK_ATTEMPT`. Where a value is parsed again
+/// (`eval`, `sh -c "... {id}"`, `ssh host "... {id}"`, bash's `$((...))`), quoting is the
+/// command's business, as for any variable; in a here-document the reference's quotes show
+/// (write `$P2P_TASK_ID` there). The expanded command is one argument of `sh -c`, at most
+/// 128 KiB on Linux: a reference costs about 25 bytes, so arguments of more than about
+/// 5,000 words that need quoting make `{argv}` fail the task (`Argument list too long`).
 ///
 /// # The outcome
 ///
@@ -98,52 +115,258 @@ impl Shell {
         &self.command
     }
 
-    /// The command that runs for `req`: the placeholders replaced by shell-quoted values.
-    pub fn render(&self, req: &TaskRequest) -> String {
-        let mut out = String::with_capacity(self.command.len());
-        let mut rest = self.command.as_str();
-        while let Some(i) = rest.find('{') {
-            out.push_str(&rest[..i]);
-            let tail = &rest[i..];
-            if let Some(after) = tail.strip_prefix("{id}") {
-                out.push_str(&shell_quote(&req.id));
-                rest = after;
-            } else if let Some(after) = tail.strip_prefix("{type}") {
-                out.push_str(&shell_quote(&req.kind));
-                rest = after;
-            } else if let Some(after) = tail.strip_prefix("{args}") {
-                out.push_str(&shell_quote(&req.args));
-                rest = after;
-            } else {
-                out.push('{');
-                rest = &tail[1..];
+    /// The command that runs for `req`: the placeholders expanded (see [`Shell`]), with the
+    /// environment variables the expansion refers to.
+    ///
+    /// # Errors
+    ///
+    /// [`ArgvError`] when the command uses `{argv}` and the task's arguments do not split
+    /// into shell words (an unclosed quote, or a backslash at the end).
+    pub fn render(&self, req: &TaskRequest) -> Result<Rendered, ArgvError> {
+        let argv = if self.command.contains("{argv}") {
+            shlex::split(&req.args).ok_or(ArgvError)?
+        } else {
+            Vec::new()
+        };
+        let mut env = Vec::new();
+        let script = expand(&self.command, |name, ctx, out| match name {
+            Placeholder::Id => word(out, ctx, &req.id, ID_VAR),
+            Placeholder::Type => word(out, ctx, &req.kind, TYPE_VAR),
+            Placeholder::Args => word(out, ctx, &req.args, ARGS_VAR),
+            Placeholder::Argv => {
+                for (i, w) in argv.iter().enumerate() {
+                    if i > 0 {
+                        out.push(' ');
+                    }
+                    let var = format!("{ARGV_VAR}{}", i.saturating_add(1));
+                    word(out, ctx, w, &var);
+                }
+            }
+        });
+        if !argv.is_empty() {
+            env.push((ARGC_VAR.to_owned(), argv.len().to_string()));
+            for (i, w) in argv.into_iter().enumerate() {
+                env.push((format!("{ARGV_VAR}{}", i.saturating_add(1)), w));
             }
         }
-        out.push_str(rest);
-        out
+        Ok(Rendered { script, env })
     }
 }
+
+/// A command ready to run: the script for `sh -c` and the environment variables, besides
+/// `P2P_TASK_ID`, `P2P_TASK_TYPE`, `P2P_TASK_ARGS` and `P2P_TASK_ATTEMPT`, that it reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rendered {
+    /// The script: the command with its placeholders expanded.
+    pub script: String,
+    /// `P2P_TASK_ARGC` and `P2P_TASK_ARGV_1`... when the command uses `{argv}`.
+    pub env: Vec<(String, String)>,
+}
+
+/// The task's arguments cannot be split into shell words for `{argv}`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("the task's arguments are not shell words for {{argv}}: a quote is not closed or a backslash ends them")]
+pub struct ArgvError;
 
 impl Handler for Shell {
     fn call(&self, req: TaskRequest) -> BoxFuture<TaskOutcome> {
-        let script = self.render(&req);
-        Box::pin(run(script, req, self.output_limit, self.kill_grace))
+        match self.render(&req) {
+            Ok(rendered) => Box::pin(run(rendered, req, self.output_limit, self.kill_grace)),
+            Err(e) => Box::pin(std::future::ready(TaskOutcome::failure(e.to_string()))),
+        }
     }
 }
 
-/// Quotes `s` as one POSIX shell word: `'...'`, with each `'` written as `'\''`.
-pub(crate) fn shell_quote(s: &str) -> String {
-    let mut out = String::with_capacity(s.len().saturating_add(2));
-    out.push('\'');
-    for c in s.chars() {
-        if c == '\'' {
-            out.push_str("'\\''");
-        } else {
-            out.push(c);
+const ID_VAR: &str = "P2P_TASK_ID";
+const TYPE_VAR: &str = "P2P_TASK_TYPE";
+const ARGS_VAR: &str = "P2P_TASK_ARGS";
+const ARGC_VAR: &str = "P2P_TASK_ARGC";
+const ARGV_VAR: &str = "P2P_TASK_ARGV_";
+
+/// The placeholders of a command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Placeholder {
+    Id,
+    Type,
+    Args,
+    Argv,
+}
+
+impl Placeholder {
+    /// The placeholder at the start of `s` and its length.
+    fn at(s: &str) -> Option<(Placeholder, usize)> {
+        [
+            ("{id}", Placeholder::Id),
+            ("{type}", Placeholder::Type),
+            ("{args}", Placeholder::Args),
+            ("{argv}", Placeholder::Argv),
+        ]
+        .into_iter()
+        .find(|(text, _)| s.starts_with(text))
+        .map(|(text, p)| (p, text.len()))
+    }
+}
+
+/// How `sh` reads the text at a placeholder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ctx {
+    /// Outside quotes (also inside `$(...)`, backquotes and `${...}`).
+    Plain,
+    /// Inside `"..."`.
+    Double,
+    /// Inside `'...'`.
+    Single,
+}
+
+/// What the scanner is inside of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Frame {
+    Plain,
+    Double,
+    Single,
+    /// `$(...)` (or `$((...))`), with its open parentheses.
+    Sub(usize),
+    Backquote,
+    /// `${...}`.
+    Brace,
+}
+
+impl Frame {
+    fn ctx(self) -> Ctx {
+        match self {
+            Frame::Double => Ctx::Double,
+            Frame::Single => Ctx::Single,
+            Frame::Plain | Frame::Sub(_) | Frame::Backquote | Frame::Brace => Ctx::Plain,
         }
     }
-    out.push('\'');
+}
+
+/// Copies `command` with each placeholder replaced by what `fill` writes for it, telling
+/// `fill` how `sh` reads the place (a small scan of quotes, `$(`, backquotes, `${` and
+/// comments). Whatever the scan concludes, the value itself never enters the script unless it
+/// is made only of characters that mean nothing to the shell in any context (see [`word`]),
+/// so a wrong guess can only garble a value, never run it.
+fn expand(command: &str, mut fill: impl FnMut(Placeholder, Ctx, &mut String)) -> String {
+    let bytes = command.as_bytes();
+    let mut out = String::with_capacity(command.len());
+    let mut stack = vec![Frame::Plain];
+    let mut i = 0;
+    while i < bytes.len() {
+        let top = stack.last().copied().unwrap_or(Frame::Plain);
+        if bytes[i] == b'{' {
+            if let Some((p, len)) = Placeholder::at(&command[i..]) {
+                fill(p, top.ctx(), &mut out);
+                i += len;
+                continue;
+            }
+        }
+        let c = bytes[i];
+        let next = bytes.get(i + 1).copied();
+        // How many bytes to copy as they are.
+        let mut take = 1;
+        match top {
+            Frame::Single => {
+                if c == b'\'' {
+                    stack.pop();
+                }
+            }
+            Frame::Double => match c {
+                b'\\' if next.is_some_and(|n| n != b'{') => take = 2,
+                b'"' => {
+                    stack.pop();
+                }
+                b'$' if next == Some(b'(') => {
+                    stack.push(Frame::Sub(1));
+                    take = 2;
+                }
+                b'$' if next == Some(b'{') => {
+                    stack.push(Frame::Brace);
+                    take = 2;
+                }
+                b'`' => stack.push(Frame::Backquote),
+                _ => {}
+            },
+            Frame::Plain | Frame::Sub(_) | Frame::Backquote | Frame::Brace => match c {
+                b'\\' if next.is_some_and(|n| n != b'{') => take = 2,
+                b'\'' => stack.push(Frame::Single),
+                b'"' => stack.push(Frame::Double),
+                b'$' if next == Some(b'(') => {
+                    stack.push(Frame::Sub(1));
+                    take = 2;
+                }
+                b'$' if next == Some(b'{') => {
+                    stack.push(Frame::Brace);
+                    take = 2;
+                }
+                b'`' if top == Frame::Backquote => {
+                    stack.pop();
+                }
+                b'`' => stack.push(Frame::Backquote),
+                b'(' => {
+                    if let Some(Frame::Sub(n)) = stack.last_mut() {
+                        *n = n.saturating_add(1);
+                    }
+                }
+                b')' => {
+                    if let Some(Frame::Sub(n)) = stack.last_mut() {
+                        *n = n.saturating_sub(1);
+                        if *n == 0 {
+                            stack.pop();
+                        }
+                    }
+                }
+                b'}' if top == Frame::Brace => {
+                    stack.pop();
+                }
+                b'#' if i == 0
+                    || matches!(
+                        bytes[i - 1],
+                        b' ' | b'\t' | b'\n' | b';' | b'&' | b'|' | b'(' | b')'
+                    ) =>
+                {
+                    // A comment, to the end of the line.
+                    take = bytes[i..]
+                        .iter()
+                        .position(|&b| b == b'\n')
+                        .unwrap_or(bytes.len() - i);
+                }
+                _ => {}
+            },
+        }
+        if stack.is_empty() {
+            stack.push(Frame::Plain);
+        }
+        // Every byte the scan acts on is ASCII, so `i` and `i + take` are char boundaries
+        // unless `take` covers a multi-byte character after a backslash: widen to its end.
+        let mut end = (i + take).min(bytes.len());
+        while !command.is_char_boundary(end) {
+            end += 1;
+        }
+        out.push_str(&command[i..end]);
+        i = end;
+    }
     out
+}
+
+/// Writes one value for a placeholder read in `ctx`: the value itself when it needs no
+/// quoting (non-empty, and only ASCII letters, digits and `+-./:@]_`, which mean nothing to
+/// the shell outside quotes, inside `"..."`, inside `'...'`, in a here-document or a
+/// comment: [`shlex::try_quote`] leaves it as it is), and otherwise a reference to the
+/// environment variable `var` that holds it, quoted for the context: `"${var}"` outside
+/// quotes, `${var}` inside `"..."`, `'"${var}"'` inside `'...'`. The shell expands the
+/// reference when it runs, after parsing, so the value is never read as shell syntax.
+fn word(out: &mut String, ctx: Ctx, value: &str, var: &str) {
+    let plain = !value.is_empty()
+        && matches!(shlex::try_quote(value), Ok(std::borrow::Cow::Borrowed(q)) if q == value);
+    if plain {
+        out.push_str(value);
+        return;
+    }
+    match ctx {
+        Ctx::Plain => out.push_str(&format!("\"${{{var}}}\"")),
+        Ctx::Double => out.push_str(&format!("${{{var}}}")),
+        Ctx::Single => out.push_str(&format!("'\"${{{var}}}\"'")),
+    }
 }
 
 /// A running attempt: its shell and its registration. Dropped before the shell was
@@ -229,13 +452,14 @@ async fn pump<R: AsyncRead + Unpin>(reader: Option<&mut R>, sink: &mut impl Byte
     }
 }
 
-async fn run(script: String, req: TaskRequest, limit: usize, grace: Duration) -> TaskOutcome {
+async fn run(rendered: Rendered, req: TaskRequest, limit: usize, grace: Duration) -> TaskOutcome {
     let mut cmd = Command::new("sh");
     cmd.arg("-c")
-        .arg(&script)
-        .env("P2P_TASK_ID", &req.id)
-        .env("P2P_TASK_TYPE", &req.kind)
-        .env("P2P_TASK_ARGS", &req.args)
+        .arg(&rendered.script)
+        .envs(rendered.env)
+        .env(ID_VAR, &req.id)
+        .env(TYPE_VAR, &req.kind)
+        .env(ARGS_VAR, &req.args)
         .env("P2P_TASK_ATTEMPT", req.attempt.to_string())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -439,20 +663,193 @@ mod tests {
         std::fs::read_to_string(path).ok()?.trim().parse().ok()
     }
 
-    #[test]
-    fn quoting() {
-        assert_eq!(shell_quote(""), "''");
-        assert_eq!(shell_quote("a1"), "'a1'");
-        assert_eq!(shell_quote("it's"), "'it'\\''s'");
-        assert_eq!(shell_quote("$(x); `y`"), "'$(x); `y`'");
+    fn script(shell: &Shell, r: &TaskRequest) -> String {
+        shell.render(r).unwrap().script
     }
 
     #[test]
     fn render_replaces_placeholders_once() {
         let shell = Shell::new("run {id} {type} {args} {other} {id");
         let r = req("a1", "a", "{id} it's");
-        assert_eq!(shell.render(&r), "run 'a1' 'a' '{id} it'\\''s' {other} {id");
+        assert_eq!(
+            script(&shell, &r),
+            "run a1 a \"${P2P_TASK_ARGS}\" {other} {id"
+        );
         assert_eq!(shell.command(), "run {id} {type} {args} {other} {id");
+    }
+
+    #[test]
+    fn values_are_quoted_only_when_they_need_it() {
+        let r = req("a1", "a", "x y");
+        // Plain words go in as they are, in every context.
+        assert_eq!(script(&Shell::new("echo \"x {id}\""), &r), "echo \"x a1\"");
+        assert_eq!(script(&Shell::new("echo 'x {id}'"), &r), "echo 'x a1'");
+        // Anything else is a reference to its variable, quoted for where it stands.
+        assert_eq!(
+            script(&Shell::new("e {args} \"{args}\" '{args}'"), &r),
+            "e \"${P2P_TASK_ARGS}\" \"${P2P_TASK_ARGS}\" ''\"${P2P_TASK_ARGS}\"''"
+        );
+        // Inside $(...), backquotes and ${...} within double quotes, the shell reads
+        // outside quotes again.
+        assert_eq!(
+            script(
+                &Shell::new("e \"$(f {args})\" \"`f {args}`\" \"${x:-{args}}\" {args}"),
+                &r
+            ),
+            "e \"$(f \"${P2P_TASK_ARGS}\")\" \"`f \"${P2P_TASK_ARGS}\"`\" \
+             \"${x:-\"${P2P_TASK_ARGS}\"}\" \"${P2P_TASK_ARGS}\""
+        );
+        // An escaped quote opens nothing; a quote in a comment opens nothing.
+        assert_eq!(
+            script(&Shell::new("e \\' {args} # it's\ne {args}"), &r),
+            "e \\' \"${P2P_TASK_ARGS}\" # it's\ne \"${P2P_TASK_ARGS}\""
+        );
+        // The empty value is a reference too (one empty word outside quotes).
+        assert_eq!(
+            script(&Shell::new("e {args}"), &req("a1", "a", "")),
+            "e \"${P2P_TASK_ARGS}\""
+        );
+    }
+
+    #[test]
+    fn argv_splits_with_shell_rules() {
+        let shell = Shell::new("./job.sh {argv}");
+        let r = req("c3", "c", "--size 10 \"in put.csv\"");
+        let rendered = shell.render(&r).unwrap();
+        assert_eq!(rendered.script, "./job.sh --size 10 \"${P2P_TASK_ARGV_3}\"");
+        assert_eq!(
+            rendered.env,
+            [
+                ("P2P_TASK_ARGC".to_owned(), "3".to_owned()),
+                ("P2P_TASK_ARGV_1".to_owned(), "--size".to_owned()),
+                ("P2P_TASK_ARGV_2".to_owned(), "10".to_owned()),
+                ("P2P_TASK_ARGV_3".to_owned(), "in put.csv".to_owned()),
+            ]
+        );
+        // No arguments: no words.
+        assert_eq!(script(&shell, &req("c3", "c", "  ")), "./job.sh ");
+        // Not shell words: an error, not a guess.
+        assert_eq!(shell.render(&req("c3", "c", "a \"b")), Err(ArgvError));
+        assert_eq!(shell.render(&req("c3", "c", "a\\")), Err(ArgvError));
+        // Without {argv} the arguments need not split.
+        assert!(Shell::new("e {args}")
+            .render(&req("c3", "c", "a \"b"))
+            .is_ok());
+    }
+
+    /// Values that would run `touch VICTIM` if they were read as shell syntax anywhere.
+    fn hostile(victim: &str) -> Vec<String> {
+        vec![
+            format!("$(touch {victim})"),
+            format!("`touch {victim}`"),
+            format!("x; touch {victim}"),
+            format!("x\ntouch {victim}"),
+            format!("\"; touch {victim}; \""),
+            format!("'; touch {victim}; '"),
+            format!("'\"$(touch {victim})\"'"),
+            format!("\\\"; touch {victim} #"),
+            format!("${{x:-$(touch {victim})}}"),
+            format!("a}}; touch {victim}; {{"),
+            format!("a) touch {victim} ("),
+            "*".to_owned(),
+            String::new(),
+        ]
+    }
+
+    /// Every context a placeholder can stand in, and what `printf '[%s]'` must print there
+    /// for value `v`.
+    type Expect = fn(&str) -> String;
+
+    fn contexts() -> Vec<(&'static str, Expect)> {
+        vec![
+            ("printf '[%s]' {P}", |v| format!("[{v}]")),
+            ("printf '[%s]' \"x {P} y\"", |v| format!("[x {v} y]")),
+            ("printf '[%s]' 'x {P} y'", |v| format!("[x {v} y]")),
+            ("printf '[%s]' x{P}y", |v| format!("[x{v}y]")),
+            ("printf '[%s]' \"$(printf '%s' {P})\"", |v| format!("[{v}]")),
+            ("printf '[%s]' \"`printf '%s' {P}`\"", |v| format!("[{v}]")),
+            ("printf '[%s]' \"${UNSET_VAR_X:-{P}}\"", |v| {
+                format!("[{v}]")
+            }),
+            ("printf '[%s]' \"a\\\"{P}\"", |v| format!("[a\"{v}]")),
+            ("printf '[%s]' \"$(printf '%s' \"{P}\")\"", |v| {
+                format!("[{v}]")
+            }),
+            ("f() { printf '[%s]' {P}; }; f", |v| format!("[{v}]")),
+        ]
+    }
+
+    #[tokio::test]
+    async fn placeholders_never_inject_in_any_context() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("pwned");
+        let v = victim.display().to_string();
+        for (template, expect) in contexts() {
+            for value in hostile(&v) {
+                for p in ["{id}", "{type}", "{args}"] {
+                    let command = template.replace("{P}", p);
+                    let r = match p {
+                        "{id}" => req(&value, "a", ""),
+                        "{type}" => req("a1", &value, ""),
+                        _ => req("a1", "a", &value),
+                    };
+                    let out = run_within(10, &Shell::new(command.as_str()), r).await;
+                    assert!(!victim.exists(), "{command} with {value:?} ran a command");
+                    assert!(out.ok, "{command} with {value:?}: {out:?}");
+                    assert_eq!(out.output, expect(&value), "{command} with {value:?}");
+                }
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn argv_words_never_inject() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("pwned");
+        let v = victim.display().to_string();
+        let args = format!(
+            "'$(touch {v})' \"`touch {v}`\" 'x; touch {v}' \"a'b\" 'c\"d' 'e\nf' \\$HOME \"\""
+        );
+        let words = shlex::split(&args).unwrap();
+        assert_eq!(words.len(), 8);
+        let expect: String = words.iter().map(|w| format!("[{w}]")).collect();
+        for template in [
+            "printf '[%s]' {argv}",
+            "f() { printf '[%s]' {argv}; }; f",
+            "printf '[%s]' \"$(printf '%s' {argv})\"",
+        ] {
+            let out = run_within(10, &Shell::new(template), req("a1", "a", &args)).await;
+            assert!(!victim.exists(), "{template} ran a command");
+            assert!(out.ok, "{template}: {out:?}");
+            if !template.contains("$(") {
+                assert_eq!(out.output, expect, "{template}");
+            }
+        }
+        // Inside quotes the words are one string, joined by spaces, as "$*".
+        let out = run_within(
+            10,
+            &Shell::new("printf '[%s]' \"{argv}\""),
+            req("a1", "a", &args),
+        )
+        .await;
+        assert_eq!(out.output, format!("[{}]", words.join(" ")));
+        assert!(!victim.exists());
+    }
+
+    #[tokio::test]
+    async fn argv_gives_the_program_separate_arguments() {
+        let shell = Shell::new("printf '<%s>' {argv}; echo \" $P2P_TASK_ARGC\"");
+        let out = run_within(10, &shell, req("c3", "c", "--size 10 \"in put.csv\"")).await;
+        assert_eq!(out.output, "<--size><10><in put.csv> 3");
+        let out = run_within(10, &Shell::new("./job.sh {argv}"), req("c3", "c", "'a")).await;
+        assert!(!out.ok);
+        assert!(out.error.unwrap().contains("not shell words"));
+    }
+
+    #[tokio::test]
+    async fn a_plain_id_prints_without_quotes() {
+        let out = run_within(10, &Shell::new("echo \"x {id}\""), req("a1", "a", "")).await;
+        assert_eq!(out.output, "x a1");
     }
 
     #[tokio::test]
