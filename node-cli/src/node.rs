@@ -143,8 +143,9 @@ impl NodeBuilder {
         self
     }
 
-    /// Adds a discovery backend. A node that listens starts it in [`Node::start`] and
-    /// announces itself with it; [`Node::run`] uses its events to find peers. Default: none.
+    /// Adds a discovery backend (see [`crate::discovery`]). The node starts its backends
+    /// once, for its lifetime: at [`Node::start`], announcing itself with them, or else at
+    /// its first [`Node::run`]; every run finds peers through them. Default: none.
     pub fn discovery(mut self, backend: Box<dyn Discovery>) -> Self {
         self.discovery.push(backend);
         self
@@ -556,7 +557,8 @@ impl Node {
     /// Starts accepting connections in the background and starts the discovery backends,
     /// announcing this node (its address, types and capacity). Does nothing if the node does
     /// not listen or already started. Fails when a backend cannot start (e.g. no such
-    /// interface).
+    /// interface). Backends a run started before are not restarted to announce the node:
+    /// start a serving node before running plans on it.
     pub fn start(&mut self) -> Result<(), Error> {
         let Some(listener) = self.listener.take() else {
             return Ok(());
