@@ -9,7 +9,7 @@
 use std::future::IntoFuture;
 use std::net::SocketAddr;
 
-use node_cli::{parse, Node, Order, Policy, RunEvent, RunOptions};
+use node_cli::{parse, Node, Order, RunEvent, RunOptions};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -21,14 +21,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         return Err("usage: coordinator IP:PORT...".into());
     }
     let tasks = parse("inline", "sq1 sq2 sq3 sq4\nsq5 after sq1 sq2")?;
-    let opts = RunOptions {
-        policy: Policy {
-            order: Order::None,
-            retries: 1,
-            ..Policy::default()
-        },
-        ..RunOptions::default()
-    };
+    let opts = RunOptions::default().order(Order::None).retries(1);
     let mut node = Node::builder().build().await?;
     let mut run = node.run(tasks).options(opts).peers(peers);
     let mut events = run.events();

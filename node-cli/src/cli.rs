@@ -7,7 +7,6 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use p2p_core::net::Settings;
 use p2p_core::text::escape;
 use p2p_core::{ClusterKey, Identity};
 use p2p_discovery::{Discovery, Kind};
@@ -593,6 +592,14 @@ fn local_only(c: &Common) -> Common {
 fn node_error(e: crate::Error) -> anyhow::Error {
     match e {
         crate::Error::Config(m) => usage(m),
+        crate::Error::Unprotected { addr, endpoint } => usage(format!(
+            "refusing to {} on {addr} without a cluster key: anyone who can reach it \
+             {}. Make a key with `p2p-node keygen KEYFILE`, copy it \
+             to every node and pass `--key-file KEYFILE` to each (serve, run, peers); \
+             or listen on a loopback address; or pass --insecure",
+            endpoint.verb(),
+            endpoint.risk()
+        )),
         crate::Error::Plan(p) => usage(tasks_error(&p)),
         crate::Error::Discovery(
             d @ (p2p_discovery::Error::Interface(_)
@@ -877,13 +884,7 @@ async fn serve(
         .max_frame(a.common.max_frame)
         .max_output(a.max_output)
         .drain_timeout(a.drain_timeout)
-        .settings(Settings {
-            conn: p2p_core::conn::Config {
-                handshake_timeout: a.handshake_timeout,
-                ..Default::default()
-            },
-            ..Settings::default()
-        });
+        .handshake_timeout(a.handshake_timeout);
     if let Some(c) = a.capacity {
         b = b.capacity(c);
     }
@@ -971,27 +972,28 @@ async fn run(
             a.retry_backoff_max, a.retry_backoff
         )));
     }
-    let opts = RunOptions {
-        policy: Policy {
-            order: a.order,
-            retries: a.retries,
-            keep_going: a.keep_going,
-            backoff: p2p_tasks::Backoff {
-                first: a.retry_backoff,
-                max: a.retry_backoff_max,
-                ..p2p_tasks::Backoff::default()
-            },
-        },
-        task_timeout: a.task_timeout,
-        discovery_timeout: a.discovery_timeout,
+    let backoff = p2p_tasks::Backoff::default();
+    let opts = RunOptions::default()
+        .policy(
+            Policy::default()
+                .order(a.order)
+                .retries(a.retries)
+                .keep_going(a.keep_going)
+                .backoff(p2p_tasks::Backoff::new(
+                    a.retry_backoff,
+                    a.retry_backoff_max,
+                    backoff.jitter,
+                )),
+        )
+        .task_timeout(a.task_timeout)
+        .discovery_timeout(a.discovery_timeout)
         // An out-of-range frame limit is refused with its own message when the node is
         // built; the plan is checked against the limit the node will have.
-        max_frame: a
-            .common
-            .max_frame
-            .clamp(crate::node::MIN_MAX_FRAME, crate::node::MAX_MAX_FRAME),
-        ..RunOptions::default()
-    };
+        .max_frame(
+            a.common
+                .max_frame
+                .clamp(crate::node::MIN_MAX_FRAME, crate::node::MAX_MAX_FRAME),
+        );
     p2p_tasks::runcore::validate(&tasks, &opts).map_err(|e| match e {
         p2p_tasks::RunError::Unsendable {
             task,

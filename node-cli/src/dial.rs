@@ -28,11 +28,7 @@ use tokio_util::sync::CancellationToken;
 
 /// Delays between attempts to reach a peer that is down: 100 ms doubling up to 1 s, plus
 /// up to 20% jitter (the type task retries use too).
-pub const RETRY: Backoff = Backoff {
-    first: Duration::from_millis(100),
-    max: Duration::from_secs(1),
-    jitter: 0.2,
-};
+pub const RETRY: Backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(1), 0.2);
 
 /// A connection attempt in progress.
 pub type Connecting = Pin<Box<dyn Future<Output = Result<Link, p2p_core::Error>> + Send>>;

@@ -136,23 +136,24 @@ mod node;
 mod run;
 mod sightings;
 
-pub use error::Error;
+pub use error::{Endpoint, Error};
 pub use node::{
     Node, NodeBuilder, StopHandle, DEFAULT_CLUSTER, MAX_MAX_FRAME, MIN_MAX_FRAME, RESULT_MARGIN,
 };
 pub use run::{Events, Run, EVENT_QUEUE};
 
 // What an embedder needs from the crates below, so that `node_cli` is the one dependency.
-pub use p2p_core::net::Settings;
 pub use p2p_core::{ClusterKey, Identity, NodeId};
 /// Discovery backends and their configs (`discovery::udp::Config`, `discovery::statik::Static`,
 /// the [`discovery::Kind::build`] factory); give them to [`NodeBuilder::discovery`].
 pub use p2p_discovery as discovery;
 pub use p2p_tasks::handler::{handler_fn, Builtin, Handler, TaskOutcome, TaskRequest};
 pub use p2p_tasks::parse::{load, parse, ParseError};
+/// The error of tasks, task files, plans and journals ([`Error::Plan`] carries it).
+pub use p2p_tasks::Error as TasksError;
 pub use p2p_tasks::{
-    Backoff, Journal, Order, Phase, Policy, RunEvent, RunOptions, RunReport, Status, Task,
-    TaskResult,
+    Backoff, Journal, Order, Phase, PlanError, Policy, RunEvent, RunOptions, RunReport, Status,
+    Task, TaskError, TaskResult,
 };
 
 /// The `p2p-node` program (not part of the library's API: the binary's `main` calls it).

@@ -19,6 +19,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::dial;
+use crate::error::Endpoint;
 use crate::floods::{flood_summaries, flood_warn, more, types_shown, Floods};
 use crate::metrics::{self, ConnStats, Refused};
 use crate::run::Run;
@@ -67,14 +68,12 @@ pub struct NodeBuilder {
     handlers: HashMap<String, Arc<dyn Handler>>,
     capacity: Option<u32>,
     discovery: Vec<Box<dyn Discovery>>,
+    /// The connections' settings: the setters below write here (one source).
     settings: Settings,
     max_connections: usize,
     max_handshakes: usize,
     drain_timeout: Duration,
     insecure: bool,
-    keys: Vec<ClusterKey>,
-    identity: Option<Identity>,
-    max_frame: Option<usize>,
     max_output: usize,
     metrics_listen: Option<SocketAddr>,
     describe: dial::Describe,
@@ -104,9 +103,6 @@ impl Default for NodeBuilder {
             max_handshakes: DEFAULT_MAX_HANDSHAKES,
             drain_timeout: Duration::from_secs(30),
             insecure: false,
-            keys: Vec::new(),
-            identity: None,
-            max_frame: None,
             max_output: p2p_tasks::handler::DEFAULT_OUTPUT_LIMIT,
             metrics_listen: None,
             describe: |e| e.to_string(),
@@ -147,8 +143,9 @@ impl NodeBuilder {
         self
     }
 
-    /// Adds a discovery backend. A node that listens starts it in [`Node::start`] and
-    /// announces itself with it; [`Node::run`] uses its events to find peers. Default: none.
+    /// Adds a discovery backend (see [`crate::discovery`]). The node starts its backends
+    /// once, for its lifetime: at [`Node::start`], announcing itself with them, or else at
+    /// its first [`Node::run`]; every run finds peers through them. Default: none.
     pub fn discovery(mut self, backend: Box<dyn Discovery>) -> Self {
         self.discovery.push(backend);
         self
@@ -168,17 +165,31 @@ impl NodeBuilder {
         self.discovery(Box::new(Static::new(peers)))
     }
 
-    /// Network settings (timeouts, maximum frame). Default [`Settings::default`].
-    pub fn settings(mut self, settings: Settings) -> Self {
-        self.settings = settings;
+    /// How long a connection's handshake may take, from its start. Default 5 s.
+    pub fn handshake_timeout(mut self, d: Duration) -> Self {
+        self.settings.conn.handshake_timeout = d;
+        self
+    }
+
+    /// Heartbeats: a ping every `interval`, and a peer silent for `idle` is declared dead.
+    /// Default every 2 s, dead after 10 s.
+    pub fn heartbeat(mut self, interval: Duration, idle: Duration) -> Self {
+        self.settings.conn.heartbeat_interval = interval;
+        self.settings.conn.idle_timeout = idle;
+        self
+    }
+
+    /// Bound on establishing a TCP connection to a peer. Default 3 s.
+    pub fn connect_timeout(mut self, d: Duration) -> Self {
+        self.settings.connect_timeout = d;
         self
     }
 
     /// The largest frame, in bytes, this node sends or accepts; a peer that sends a larger
     /// one is disconnected. From [`MIN_MAX_FRAME`] (64 KiB) to [`MAX_MAX_FRAME`] (16 MiB).
-    /// Takes precedence over the frame size in [`NodeBuilder::settings`]. Default 16 MiB.
+    /// Default 16 MiB.
     pub fn max_frame(mut self, bytes: usize) -> Self {
-        self.max_frame = Some(bytes);
+        self.settings.max_frame = bytes;
         self
     }
 
@@ -227,28 +238,28 @@ impl NodeBuilder {
     }
 
     /// The cluster key: every connection this node serves or dials is then authenticated
-    /// and encrypted, and peers without the key are dropped. Takes precedence over the key
-    /// in [`NodeBuilder::settings`]. Default: none (plaintext, loopback only).
-    pub fn key(mut self, key: ClusterKey) -> Self {
-        self.keys = vec![key];
-        self
+    /// and encrypted, and peers without the key are dropped. Default: none (plaintext,
+    /// loopback only).
+    pub fn key(self, key: ClusterKey) -> Self {
+        self.keys(vec![key])
     }
 
     /// Several cluster keys, for a key rotation: this node dials with the first and accepts
     /// peers that dial in with any of them (udp beacons: sealed with the first, accepted
-    /// under any). Replaces [`NodeBuilder::key`]; an empty list means no key. Takes
-    /// precedence over the keys in [`NodeBuilder::settings`]. Default: none.
+    /// under any). Replaces [`NodeBuilder::key`]; an empty list means no key. Default: none.
     pub fn keys(mut self, keys: Vec<ClusterKey>) -> Self {
-        self.keys = keys;
+        let mut keys = keys.into_iter();
+        self.settings.key = keys.next();
+        self.settings.accept_keys = keys.collect();
         self
     }
 
     /// The node's identity (see [`p2p_core::identity`]): its node id derives from it, and
-    /// with a cluster key every handshake proves it. Takes precedence over the identity in
-    /// [`NodeBuilder::settings`]. Default: a new random identity for each built node (so a
-    /// new node id every start; load a persistent one with [`Identity::load_or_create`]).
+    /// with a cluster key every handshake proves it. Default: a new random identity for
+    /// each built node (so a new node id every start; load a persistent one with
+    /// [`Identity::load_or_create`]).
     pub fn identity(mut self, identity: Identity) -> Self {
-        self.identity = Some(identity);
+        self.settings.identity = Some(identity);
         self
     }
 
@@ -297,7 +308,7 @@ impl NodeBuilder {
             None => None,
         };
         let mut settings = self.settings;
-        let max_frame = self.max_frame.unwrap_or(settings.max_frame);
+        let max_frame = settings.max_frame;
         if !(MIN_MAX_FRAME..=MAX_MAX_FRAME).contains(&max_frame) {
             return Err(Error::Config(format!(
                 "maximum frame {max_frame} bytes: must be from {MIN_MAX_FRAME} (64 KiB) to \
@@ -312,25 +323,15 @@ impl NodeBuilder {
                 self.max_output
             )));
         }
-        settings.max_frame = max_frame;
-        let mut keys = self.keys.into_iter();
-        if let Some(key) = keys.next() {
-            settings.key = Some(key);
-            settings.accept_keys = keys.collect();
-        }
-        let identity = self
-            .identity
-            .or_else(|| settings.identity.take())
-            .unwrap_or_else(Identity::generate);
+        let identity = settings.identity.take().unwrap_or_else(Identity::generate);
         let id = identity.node_id();
         settings.identity = Some(identity);
         let keyed = settings.key.is_some();
         if let Some(a) = listen {
-            check_exposure(a, "listen", "could run tasks here", self.insecure, keyed)?;
+            check_exposure(a, Endpoint::Listen, self.insecure, keyed)?;
         }
         if let Some(a) = self.metrics_listen {
-            let why = "could read what this node runs";
-            check_exposure(a, "serve metrics", why, self.insecure, keyed)?;
+            check_exposure(a, Endpoint::Metrics, self.insecure, keyed)?;
         }
         let listener = match listen {
             Some(addr) => Some(
@@ -398,19 +399,13 @@ impl NodeBuilder {
 /// Refuses a non-loopback address without a cluster key or `insecure`: for the node's
 /// listen address and its metrics endpoint alike.
 fn check_exposure(
-    a: SocketAddr,
-    what: &str,
-    risk: &str,
+    addr: SocketAddr,
+    endpoint: Endpoint,
     insecure: bool,
     keyed: bool,
 ) -> Result<(), Error> {
-    if !a.ip().is_loopback() && !insecure && !keyed {
-        return Err(Error::Config(format!(
-            "refusing to {what} on {a} without a cluster key: anyone who can reach it \
-             {risk}. Make a key with `p2p-node keygen KEYFILE`, copy it \
-             to every node and pass `--key-file KEYFILE` to each (serve, run, peers); \
-             or listen on a loopback address; or pass --insecure"
-        )));
+    if !addr.ip().is_loopback() && !insecure && !keyed {
+        return Err(Error::Unprotected { addr, endpoint });
     }
     Ok(())
 }
@@ -562,7 +557,8 @@ impl Node {
     /// Starts accepting connections in the background and starts the discovery backends,
     /// announcing this node (its address, types and capacity). Does nothing if the node does
     /// not listen or already started. Fails when a backend cannot start (e.g. no such
-    /// interface).
+    /// interface). Backends a run started before are not restarted to announce the node:
+    /// start a serving node before running plans on it.
     pub fn start(&mut self) -> Result<(), Error> {
         let Some(listener) = self.listener.take() else {
             return Ok(());

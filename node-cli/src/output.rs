@@ -417,6 +417,8 @@ impl Printer {
                 Phase::Assigning => "Assigning tasks...",
                 Phase::Terminating => "Terminating connections...",
                 Phase::Disconnected => "Disconnected from all nodes.",
+                // A phase newer than this printer is not shown.
+                _ => return None,
             }
             .to_string(),
             RunEvent::Notice(n) => escape(n).into_owned(),
@@ -566,6 +568,8 @@ impl Printer {
                     human_ms(*elapsed_ms)
                 )
             }
+            // An event newer than this printer is not shown.
+            _ => return None,
         })
     }
 }
@@ -609,6 +613,7 @@ fn task_table(out: &mut impl Write, report: &RunReport) -> std::io::Result<()> {
                 Some(e) => format!("not run ({})", one_line(e)),
                 None => "not run".to_string(),
             },
+            (other, _) => format!("{other:?}"),
         };
         let duration = if r.attempts == 0 {
             "-".to_string()

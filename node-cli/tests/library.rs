@@ -177,10 +177,7 @@ async fn dropping_a_run_stops_its_dialer() {
         }
     });
     let mut coordinator = Node::builder().build().await.unwrap();
-    let opts = node_cli::RunOptions {
-        discovery_timeout: Duration::from_secs(600),
-        ..Default::default()
-    };
+    let opts = node_cli::RunOptions::default().discovery_timeout(Duration::from_secs(600));
     let mut run = coordinator
         .run(parse("inline", "a1").unwrap())
         .options(opts)
@@ -205,4 +202,71 @@ async fn dropping_a_run_stops_its_dialer() {
         "the dropped run's dialer still dials"
     );
     acceptor.abort();
+}
+
+/// Library errors are asked by variant and name no flag of the CLI.
+#[tokio::test]
+async fn an_exposed_listener_without_a_key_is_refused_by_variant() {
+    let err = Node::builder()
+        .builtin("a")
+        .listen("0.0.0.0:0".parse().unwrap())
+        .build()
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            node_cli::Error::Unprotected {
+                endpoint: node_cli::Endpoint::Listen,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(!err.to_string().contains("--"), "names a flag: {err}");
+    // The plan error of an unrunnable order is typed too.
+    let mut coordinator = Node::builder().build().await.unwrap();
+    let err = coordinator
+        .run(parse("inline", "a1 after b2\nb2").unwrap())
+        .await
+        .unwrap_err();
+    match err {
+        node_cli::Error::Plan(node_cli::TasksError::Plan(node_cli::PlanError::Cycle {
+            order,
+            cycle,
+        })) => {
+            assert_eq!(order, node_cli::Order::Strict);
+            assert_eq!(cycle, ["a1", "b2"]);
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+/// The event stream is bounded: a consumer that takes nothing until the run is over gets
+/// at most `EVENT_QUEUE` events, and the rest are counted as missed, not queued.
+#[tokio::test]
+async fn an_unread_event_stream_holds_at_most_its_bound() {
+    let w = worker("a").await;
+    let addr = w.local_addr().unwrap();
+    let mut coordinator = Node::builder().build().await.unwrap();
+    let text: Vec<String> = (1..=3000).map(|i| format!("a{i}")).collect();
+    let mut total = 0u64;
+    let mut run = coordinator
+        .run(parse("inline", &text.join(" ")).unwrap())
+        .options(node_cli::RunOptions::default().order(node_cli::Order::None))
+        .peer(addr)
+        .on_event(|_| total += 1);
+    let mut events = run.events();
+    let report = tokio::time::timeout(BOUND, run.into_future())
+        .await
+        .expect("the run ends without anyone reading its events")
+        .unwrap();
+    assert!(report.is_success());
+    let mut queued = 0u64;
+    while events.next().await.is_some() {
+        queued += 1;
+    }
+    assert!(total > node_cli::EVENT_QUEUE as u64, "{total} events");
+    assert_eq!(queued, node_cli::EVENT_QUEUE as u64);
+    assert_eq!(queued + events.missed(), total);
 }

@@ -28,6 +28,7 @@ pub use crate::runcore::RunOptions;
 
 /// What the owner tells the coordinator about peers.
 #[derive(Debug)]
+#[non_exhaustive]
 pub enum PeerUpdate {
     /// Discovery reported a peer (before it is dialled).
     Discovered {

@@ -7,6 +7,7 @@ use serde::{Serialize, Serializer};
 
 /// The phases of a run, for a person's terminal (not part of the JSON stream).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Phase {
     /// Looking for nodes of the needed types.
     Discovering,
@@ -31,6 +32,7 @@ pub const EVENT_SCHEMA: u32 = 1;
 /// [`RunEvent::Flush`] are for people only and are never serialized.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
+#[non_exhaustive]
 pub enum RunEvent {
     /// The run entered a phase.
     #[serde(skip)]
@@ -205,6 +207,7 @@ pub enum RunEvent {
 /// How a task ended in a run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[non_exhaustive]
 pub enum Status {
     /// It succeeded.
     Succeeded,
@@ -221,6 +224,7 @@ pub enum Status {
 /// A run keeps one per task, so it is kept small: the type and the node id are shared
 /// (`Arc<str>`) by every task of that type and every task that node ran.
 #[derive(Debug, Clone, PartialEq, Serialize)]
+#[non_exhaustive]
 pub struct TaskResult {
     /// Task id.
     pub task: String,
@@ -257,6 +261,7 @@ fn shared_opt_str<S: Serializer>(s: &Option<Arc<str>>, ser: S) -> Result<S::Ok, 
 
 /// The outcome of a run.
 #[derive(Debug, Clone, PartialEq, Serialize)]
+#[non_exhaustive]
 pub struct RunReport {
     /// Every task, in file order.
     pub results: Vec<TaskResult>,

@@ -23,6 +23,7 @@ pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
 /// What a handler is asked to do.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct TaskRequest {
     /// The task's id, e.g. `a1`.
     pub id: String,
@@ -36,6 +37,7 @@ pub struct TaskRequest {
 
 /// What came of a task.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct TaskOutcome {
     /// Whether the task succeeded.
     pub ok: bool,

@@ -35,6 +35,7 @@ pub const VERSION: u32 = 1;
 
 /// Errors opening or writing a journal.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum JournalError {
     /// The file could not be read or written.
     #[error("journal {path}: {source}")]

@@ -25,6 +25,7 @@ mod error;
 pub mod event;
 pub mod handler;
 pub mod journal;
+mod options;
 pub mod parse;
 pub mod plan;
 pub mod runcore;

@@ -66,8 +66,9 @@ const EARLY_MAX: usize = 4096;
 /// How long aborted connections get to report their close at the end.
 const ABORT_GRACE: Duration = Duration::from_millis(500);
 
-/// Options of one run.
+/// Options of one run (setters in `options.rs`).
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct RunOptions {
     /// Order, retries, keep-going.
     pub policy: Policy,

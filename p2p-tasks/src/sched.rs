@@ -33,6 +33,7 @@ use crate::Task;
 
 /// The order rule of a run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum Order {
     /// Task k+1 starts only after task k completed (the default).
     #[default]
@@ -71,6 +72,7 @@ impl fmt::Display for Order {
 /// Exponential back-off: `first`, doubling each time up to `max`, plus up to `jitter` of it
 /// at random. One type for task retries and for the dialer's reconnects.
 #[derive(Debug, Clone, Copy, PartialEq)]
+#[non_exhaustive]
 pub struct Backoff {
     /// The first delay. Task retries: default 100 ms.
     pub first: Duration,
@@ -103,6 +105,7 @@ impl Backoff {
 
 /// How the scheduler treats order and failures.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct Policy {
     /// The order rule. Default strict.
     pub order: Order,

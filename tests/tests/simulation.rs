@@ -234,13 +234,11 @@ async fn coordinator(
         }
         .run(),
     );
-    let opts = RunOptions {
-        policy,
-        task_timeout: Duration::from_secs(5),
-        discovery_timeout: Duration::from_secs(6),
-        goodbye_timeout: Duration::from_secs(1),
-        ..RunOptions::default()
-    };
+    let opts = RunOptions::default()
+        .policy(policy)
+        .task_timeout(Duration::from_secs(5))
+        .discovery_timeout(Duration::from_secs(6))
+        .goodbye_timeout(Duration::from_secs(1));
     let inputs = Inputs {
         peers: peers_rx,
         links: links_rx,
@@ -303,16 +301,15 @@ fn simulate(seed: u64, order: Order) -> Result<(), String> {
         });
     }
     let out = Rc::new(RefCell::new(None));
-    let policy = Policy {
-        order,
-        retries: 8,
-        backoff: p2p_tasks::Backoff {
-            first: Duration::from_millis(20),
-            max: Duration::from_millis(200),
-            ..Default::default()
-        },
-        ..Policy::default()
-    };
+    let jitter = p2p_tasks::Backoff::default().jitter;
+    let policy = Policy::default()
+        .order(order)
+        .retries(8)
+        .backoff(p2p_tasks::Backoff::new(
+            Duration::from_millis(20),
+            Duration::from_millis(200),
+            jitter,
+        ));
     sim.client("client", coordinator(tasks.clone(), policy, out.clone()));
 
     let (p, p_start, p_end) = faults.partition;
