@@ -826,6 +826,7 @@ fn problem_table(h: &mut String, report: &RunReport) {
             Status::Failed => "failed",
             Status::Cancelled => "cancelled",
             Status::NotRun => "not run",
+            _ => "unknown",
         };
         let _ = writeln!(
             h,
@@ -952,26 +953,18 @@ mod tests {
     }
 
     fn report_of(ids: &[&str]) -> RunReport {
-        RunReport {
-            results: ids
-                .iter()
-                .map(|id| TaskResult {
-                    task: (*id).into(),
-                    kind: "a".into(),
-                    status: Status::Succeeded,
-                    node: None,
-                    attempts: 1,
-                    duration_ms: 5.0,
-                    output: String::new(),
-                    error: None,
-                    resumed: false,
+        let mut report = RunReport::new(
+            ids.iter()
+                .map(|id| {
+                    let mut r = TaskResult::new(*id, "a", Status::Succeeded);
+                    r.attempts = 1;
+                    r.duration_ms = 5.0;
+                    r
                 })
                 .collect(),
-            missing_types: Vec::new(),
-            interrupted: false,
-            error: None,
-            elapsed_ms: 100.0,
-        }
+        );
+        report.elapsed_ms = 100.0;
+        report
     }
 
     fn tasks(ids: &[&str]) -> Vec<Task> {

@@ -248,6 +248,24 @@ pub struct TaskResult {
     pub resumed: bool,
 }
 
+impl TaskResult {
+    /// A record of `task` (of type `kind`) with `status`, no node, no attempt and no output;
+    /// set the public fields for the rest (for reports made outside a run, e.g. in tests).
+    pub fn new(task: impl Into<String>, kind: impl AsRef<str>, status: Status) -> Self {
+        TaskResult {
+            task: task.into(),
+            kind: Arc::from(kind.as_ref()),
+            status,
+            node: None,
+            attempts: 0,
+            duration_ms: 0.0,
+            output: String::new(),
+            error: None,
+            resumed: false,
+        }
+    }
+}
+
 fn shared_str<S: Serializer>(s: &Arc<str>, ser: S) -> Result<S::Ok, S::Error> {
     ser.serialize_str(s)
 }
@@ -277,6 +295,18 @@ pub struct RunReport {
 }
 
 impl RunReport {
+    /// A report of `results` that was not interrupted, with no error and no elapsed time; set
+    /// the public fields for the rest.
+    pub fn new(results: Vec<TaskResult>) -> Self {
+        RunReport {
+            results,
+            missing_types: Vec::new(),
+            interrupted: false,
+            error: None,
+            elapsed_ms: 0.0,
+        }
+    }
+
     /// Tasks that succeeded.
     pub fn succeeded(&self) -> usize {
         self.count(Status::Succeeded)
