@@ -627,6 +627,24 @@ fn tasks_error(e: &p2p_tasks::Error) -> String {
     }
 }
 
+/// A journal error as the CLI says it: what to do names the flags (the library's text
+/// names none).
+fn journal_error(e: &p2p_tasks::journal::JournalError) -> String {
+    match e {
+        p2p_tasks::journal::JournalError::Exists(path) => format!(
+            "journal {} already exists: pass --resume to continue that run, or remove the file \
+             to start over",
+            path.display()
+        ),
+        p2p_tasks::journal::JournalError::Locked(path) => format!(
+            "journal {} is in use by another running p2p-node (two runs must not share a \
+             journal: wait for that run to end, or give this one its own --journal)",
+            path.display()
+        ),
+        other => other.to_string(),
+    }
+}
+
 /// Why the node cannot listen on `addr`, said once, with what to do.
 fn bind_message(addr: SocketAddr, e: &std::io::Error) -> String {
     match e.kind() {
@@ -1069,7 +1087,7 @@ async fn run(
             Ok(j) => Some(j),
             Err(e) => {
                 discard(identity);
-                return Err(usage(e.to_string()));
+                return Err(usage(journal_error(&e)));
             }
         },
         None => None,

@@ -139,6 +139,8 @@ impl Dialer {
                             ids.remove(&id);
                         }
                     }
+                    // A kind of sighting this dialer does not know (the enum grows).
+                    Some(_) => {}
                 },
                 Some(()) = first_rx.recv() => pending_first = pending_first.saturating_sub(1),
                 Some(end) = dials.join_next(), if !dials.is_empty() => {

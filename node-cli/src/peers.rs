@@ -53,11 +53,10 @@ pub(crate) fn client(
         types: Vec::new(),
         capacity: 0,
     };
-    let settings = Arc::new(Settings {
-        key: keys.first().cloned(),
-        identity: Some(identity),
-        ..Settings::default()
-    });
+    let mut settings = Settings::default();
+    settings.key = keys.first().cloned();
+    settings.identity = Some(identity);
+    let settings = Arc::new(settings);
     (hello, settings)
 }
 

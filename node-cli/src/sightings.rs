@@ -99,6 +99,7 @@ fn remember(known: &mut HashMap<Key, Peer>, ev: &Event) {
         Event::Lost { addr, source, .. } => {
             known.remove(&(*source, *addr));
         }
+        _ => {}
     }
 }
 

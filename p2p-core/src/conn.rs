@@ -26,6 +26,7 @@ use crate::{ConnectionError, Error, HandshakeError, Violation};
 
 /// Timing rules of a connection.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct Config {
     /// How long the handshake may take, from the connection's start. Default 5 s.
     pub handshake_timeout: Duration,

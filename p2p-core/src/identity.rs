@@ -56,6 +56,7 @@ const NODE_ID_LABEL: &[u8] = b"p2p-node node id v1";
 
 /// What can go wrong reading or writing an identity file.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum IdentityError {
     /// The identity file does not exist (only from [`Identity::load`];
     /// [`Identity::load_or_create`] creates it).

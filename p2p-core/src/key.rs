@@ -47,6 +47,7 @@ pub const FINGERPRINT_LEN: usize = 8;
 
 /// What can go wrong reading or writing a key file.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum KeyError {
     /// The key file does not exist.
     #[error("key file {path} does not exist")]

@@ -49,6 +49,7 @@ pub use link::{Command, Link, LinkClosed, LinkEvent};
 
 /// Network settings shared by all connections of a node.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct Settings {
     /// Protocol timing (handshake, heartbeats).
     pub conn: conn::Config,

@@ -200,6 +200,7 @@ async fn main() -> ExitCode {
                     node_id.map_or_else(|| "-".to_string(), |n| n.to_string()),
                     addr
                 ),
+                Some(_) => {}
                 None => break,
             },
         }

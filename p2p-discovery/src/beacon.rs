@@ -135,6 +135,7 @@ pub struct Beacon {
 
 /// Why a datagram is not a beacon this version understands.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum DecodeError {
     /// The datagram does not start with [`MAGIC`]: not ours at all.
     #[error("not a p2p-node beacon (bad magic)")]

@@ -9,6 +9,7 @@ use crate::Error;
 /// Where a LAN backend's datagrams go and are listened for (`udp` beacons, `mdns` queries
 /// and answers).
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Interfaces {
     /// The interface holding this IPv4 address; any `127.x.y.z` means the loopback interface.
     Addr(Ipv4Addr),

@@ -225,6 +225,7 @@ pub struct Peer {
 
 /// A change in the set of known peers.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Event {
     /// A peer was found (or found again with new details).
     Discovered(Peer),

@@ -142,6 +142,7 @@ const REBROWSE_PAUSE: Duration = Duration::from_millis(100);
 
 /// Settings of the `mdns` backend. Every setter states its default.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct Config {
     cluster: String,
     interfaces: Interfaces,

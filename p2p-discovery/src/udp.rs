@@ -117,6 +117,7 @@ const MAX_ANSWER_DELAY_MS: u64 = 50;
 
 /// How beacons travel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum Mode {
     /// To the multicast group (the default).
     #[default]
@@ -128,6 +129,7 @@ pub enum Mode {
 
 /// Settings of the `udp` backend. Every setter states its default.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct Config {
     cluster: String,
     group: Ipv4Addr,

@@ -45,11 +45,11 @@ pub enum JournalError {
         /// The OS error.
         source: std::io::Error,
     },
-    /// The journal exists and `--resume` was not given.
-    #[error("journal {0} already exists: pass --resume to continue that run, or remove the file to start over")]
+    /// The journal exists and it was not opened to resume.
+    #[error("journal {0} already exists: resume that run, or remove the file to start over")]
     Exists(PathBuf),
     /// Another running process holds the journal.
-    #[error("journal {0} is in use by another running p2p-node (two runs must not share a journal: wait for that run to end, or give this one its own --journal)")]
+    #[error("journal {0} is in use by another running p2p-node (two runs must not share a journal: wait for that run to end, or give this one a journal of its own)")]
     Locked(PathBuf),
     /// The journal belongs to another plan.
     #[error("journal {path} was written for a different task file (plan {found}, this file is {expected}); refusing to resume the wrong run")]

@@ -109,15 +109,14 @@ impl Faults {
 
 /// Short protocol timeouts, so lost peers are noticed within simulated milliseconds.
 fn settings() -> Settings {
-    Settings {
-        conn: Config {
-            handshake_timeout: Duration::from_millis(500),
-            heartbeat_interval: Duration::from_millis(50),
-            idle_timeout: Duration::from_millis(300),
-        },
-        connect_timeout: Duration::from_millis(500),
-        ..Settings::default()
-    }
+    let mut conn = Config::default();
+    conn.handshake_timeout = Duration::from_millis(500);
+    conn.heartbeat_interval = Duration::from_millis(50);
+    conn.idle_timeout = Duration::from_millis(300);
+    let mut s = Settings::default();
+    s.conn = conn;
+    s.connect_timeout = Duration::from_millis(500);
+    s
 }
 
 fn hello(n: u8, types: &[&str], capacity: u32) -> Hello {
