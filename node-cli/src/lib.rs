@@ -55,5 +55,6 @@ pub mod status;
 
 pub use error::Error;
 pub use node::{
-    Node, NodeBuilder, StopHandle, DEFAULT_CLUSTER, MAX_MAX_FRAME, MIN_MAX_FRAME, RESULT_MARGIN,
+    CapacityHandle, Node, NodeBuilder, StopHandle, DEFAULT_CLUSTER, MAX_MAX_FRAME, MIN_MAX_FRAME,
+    RESULT_MARGIN,
 };

@@ -110,6 +110,8 @@ pub enum Command {
     Started(u64),
     /// Report the result of a task the peer assigned to us.
     Complete(Completed),
+    /// Report this node's capacity and resources to the peer ([`crate::Message::Load`]).
+    Load(crate::LoadReport),
     /// Cancel a task we assigned to the peer.
     Cancel(u64),
     /// Say goodbye: no new work; close once in-flight work is done.
@@ -140,6 +142,8 @@ pub enum LinkEvent {
     },
     /// The peer said goodbye: assign nothing more to it.
     PeerGoodbye,
+    /// The peer reported its capacity (at most its handshake's) and resources.
+    Load(crate::LoadReport),
     /// An assignment could not be sent (connection closing, peer at capacity).
     AssignFailed {
         /// The assignment, for re-queueing.
@@ -696,6 +700,7 @@ async fn drive_inner(
                 Event::Completed(c) => LinkEvent::Completed(c),
                 Event::Cancelled { seq } => LinkEvent::Cancelled { seq },
                 Event::PeerGoodbye => LinkEvent::PeerGoodbye,
+                Event::Load(r) => LinkEvent::Load(r),
                 Event::StatusRequested => {
                     let Some(source) = &source else {
                         return Err(crate::Violation::StatusNotServed.into());
@@ -817,6 +822,7 @@ fn command(conn: &mut Connection, cmd: Option<Command>) -> Result<Option<LinkEve
             }
         }
         Some(Command::Started(seq)) => conn.started(seq),
+        Some(Command::Load(r)) => conn.report_load(r),
         Some(Command::Complete(c)) => {
             if let Err(e) = conn.complete(c) {
                 debug!(error = %e, "result not sent");

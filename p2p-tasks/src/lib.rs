@@ -17,12 +17,14 @@
 //!   [`RunEvent`]s.
 //! - [`event`]: the events of a run (what `--json` prints) and its final report.
 
+pub mod admit;
 pub mod coordinator;
 pub mod event;
 pub mod handler;
 pub mod journal;
 pub mod parse;
 pub mod plan;
+pub mod resources;
 pub mod runcore;
 pub mod sched;
 pub mod stats;

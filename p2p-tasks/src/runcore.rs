@@ -161,6 +161,8 @@ struct Peer {
     node_id: NodeId,
     addr: SocketAddr,
     closed: bool,
+    /// Its last load report (v3), if any.
+    load: Option<p2p_core::LoadReport>,
 }
 
 struct InFlight {
@@ -397,6 +399,7 @@ impl RunCore {
                 node_id: hello.node_id,
                 addr,
                 closed: false,
+                load: None,
             },
         );
         self.touch(now);
@@ -431,6 +434,16 @@ impl RunCore {
             return;
         }
         match ev {
+            LinkEvent::Load(r) => {
+                // The capacity it takes now (a shrink cancels nothing: it takes no new work
+                // until fewer run), and whether its machine is saturated.
+                self.sched.set_capacity(link, r.capacity);
+                self.sched.set_saturated(link, r.is_saturated());
+                if let Some(p) = self.peers.get_mut(&link) {
+                    p.load = Some(r);
+                }
+                self.touch(now);
+            }
             LinkEvent::Started { seq } => {
                 // The attempt starts now: its run time and its deadline count from here, not
                 // from its assignment (it may have waited for a slot the node shares with
