@@ -1161,20 +1161,28 @@ async fn peers(a: PeersArgs) -> anyhow::Result<u8> {
     }
     if !a.json {
         say!(
-            "{:<34} {:<22} {:<12} {:>8}  {:<7} LAST SEEN",
+            "{:<34} {:<22} {:<12} {:>8} {:>7} {:>10}  {:<7} LAST SEEN",
             "NODE",
             "ADDRESS",
             "TYPES",
             "CAPACITY",
+            "TASKS",
+            "MEAN TASK",
             "SOURCE"
         );
         for p in &found {
+            let tasks = p.tasks.map_or_else(|| "-".to_string(), |t| t.to_string());
+            let mean = p
+                .mean_task_ms
+                .map_or_else(|| "-".to_string(), |ms| format!("{ms:.1} ms"));
             say!(
-                "{:<34} {:<22} {:<12} {:>8}  {:<7} {:.1}s after start",
+                "{:<34} {:<22} {:<12} {:>8} {:>7} {:>10}  {:<7} {:.1}s after start",
                 escape(&p.node),
                 escape(&p.addr),
                 escape(&p.types.join(",")),
                 p.capacity,
+                tasks,
+                mean,
                 escape(&p.source),
                 p.seen_ms as f64 / 1000.0
             );

@@ -216,6 +216,9 @@ pub struct LoadReport {
     pub mem_available_kib: Option<u64>,
     /// The time the node's slots spent running tasks since it started, in milliseconds.
     pub busy_ms: u64,
+    /// Tasks that ended there since it started (for every coordinator): with `busy_ms`, its
+    /// own measure of its speed.
+    pub tasks: u64,
 }
 
 impl LoadReport {

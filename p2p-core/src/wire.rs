@@ -451,6 +451,7 @@ mod tests {
             load_milli: Some(1500),
             mem_available_kib: Some(1_000_000),
             busy_ms: 300,
+            tasks: 7,
         });
         let expected: &[u8] = &[
             13, // variant: Load
@@ -461,6 +462,7 @@ mod tests {
             1, 251, 0xdc, 0x05, // load_milli: Some(1500)
             1, 252, 0x40, 0x42, 0x0f, 0x00, // mem_available_kib: Some(1000000)
             251, 0x2c, 0x01, // busy_ms: 300
+            7,    // tasks
         ];
         let mut ours = BytesMut::new();
         encode_into(&msg, &mut ours).unwrap();

@@ -206,6 +206,8 @@ pub struct RunCore {
     /// their own); entries of finished seqs are dropped lazily.
     deadlines: BinaryHeap<Reverse<(Instant, u64)>>,
     early: HashMap<LinkId, Early>,
+    /// Speeds learned of nodes (node, type) that may have left (see [`RunReport::speeds`]).
+    learned: HashMap<(Arc<str>, String), f64>,
     early_order: VecDeque<LinkId>,
     /// Links the core told to leave (duplicate node, serving nothing needed).
     ignored: HashSet<LinkId>,
@@ -264,6 +266,7 @@ impl RunCore {
             inflight: HashMap::default(),
             deadlines: BinaryHeap::new(),
             early: HashMap::new(),
+            learned: HashMap::new(),
             early_order: VecDeque::new(),
             ignored: HashSet::new(),
             needed,
@@ -669,7 +672,22 @@ impl RunCore {
     /// The report, once [`RunCore::is_done`] (before it, what stands so far).
     pub fn into_report(mut self, now: Instant) -> RunReport {
         self.settle();
+        let links: Vec<LinkId> = self.peers.keys().copied().collect();
+        for link in links {
+            self.remember_speed(link);
+        }
+        let mut speeds: Vec<crate::event::NodeSpeed> = self
+            .learned
+            .iter()
+            .map(|((node, kind), secs)| crate::event::NodeSpeed {
+                node: node.to_string(),
+                kind: kind.clone(),
+                ms_per_cost: secs * 1000.0,
+            })
+            .collect();
+        speeds.sort_by(|a, b| (&a.node, &a.kind).cmp(&(&b.node, &b.kind)));
         RunReport {
+            speeds,
             results: self.results,
             missing_types: self.missing_types,
             interrupted: self.interrupted,
@@ -885,6 +903,16 @@ impl RunCore {
         timeout_of(&self.extras, task, self.opts.task_timeout)
     }
 
+    /// Keeps what the run learned of `link`'s node before the scheduler forgets it.
+    fn remember_speed(&mut self, link: LinkId) {
+        let Some(p) = self.peers.get(&link) else {
+            return;
+        };
+        for (kind, secs) in self.sched.speeds(link) {
+            self.learned.insert((p.node.clone(), kind), secs);
+        }
+    }
+
     fn closed(&mut self, link: LinkId, error: Option<String>) {
         match &error {
             None => tracing::debug!(link, "connection closed after goodbye"),
@@ -901,6 +929,7 @@ impl RunCore {
         for s in lost {
             self.inflight.remove(&s);
         }
+        self.remember_speed(link);
         let requeued = self.sched.remove_node(link);
         let Some(p) = self.peers.get_mut(&link) else {
             return;

@@ -1016,6 +1016,18 @@ impl Scheduler {
         self.set_estimate(node, j, Some(mean));
     }
 
+    /// A node's speed estimates: seconds per unit of cost, for each type it was measured for.
+    pub fn speeds(&self, node: NodeKey) -> Vec<(String, f64)> {
+        let Some(n) = self.nodes.get(&node) else {
+            return Vec::new();
+        };
+        n.kinds
+            .iter()
+            .zip(&n.est)
+            .filter_map(|(&k, e)| e.map(|e| (self.kinds[k].clone(), e)))
+            .collect()
+    }
+
     /// A node's speed estimate for a type: seconds per unit of cost (none until measured).
     pub fn speed(&self, node: NodeKey, kind: &str) -> Option<f64> {
         let k = self.kinds.iter().position(|x| x == kind)?;

@@ -60,6 +60,8 @@ pub struct Worker {
     capacity_tx: watch::Sender<u32>,
     /// Time the slots spent running tasks, in microseconds.
     busy_us: AtomicU64,
+    /// Tasks that ended (ran in a slot).
+    ended: AtomicU64,
     output_limit: usize,
     stop_now: CancellationToken,
     stats: Arc<WorkerStats>,
@@ -105,6 +107,7 @@ impl Worker {
             admit: Mutex::new(Admission::new(capacity, MAX_WAITING)),
             capacity_tx: watch::channel(capacity).0,
             busy_us: AtomicU64::new(0),
+            ended: AtomicU64::new(0),
             output_limit: DEFAULT_OUTPUT_LIMIT,
             stop_now: CancellationToken::new(),
         }
@@ -166,6 +169,13 @@ impl Worker {
         self.initial.max(self.capacity())
     }
 
+    /// An attempt ran in a slot for `took`.
+    fn count_busy(&self, took: Duration) {
+        let us = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+        self.busy_us.fetch_add(us, Ordering::Relaxed);
+        self.ended.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Attempts waiting for a slot now.
     pub fn waiting(&self) -> usize {
         self.admission().waiting()
@@ -185,6 +195,7 @@ impl Worker {
             load_milli: crate::resources::load_milli(),
             mem_available_kib: crate::resources::mem_available_kib(),
             busy_ms: self.busy_us.load(Ordering::Relaxed) / 1000,
+            tasks: self.ended.load(Ordering::Relaxed),
         }
     }
 
@@ -385,10 +396,7 @@ impl Worker {
             self.release();
             if let Some(out) = now {
                 let took = started.elapsed();
-                self.busy_us.fetch_add(
-                    u64::try_from(took.as_micros()).unwrap_or(0),
-                    Ordering::Relaxed,
-                );
+                self.count_busy(took);
                 kind.ended(out.ok, took);
                 return Ok((out, took));
             }
@@ -470,10 +478,7 @@ impl Worker {
             fut.await
         };
         let took = started.elapsed();
-        self.busy_us.fetch_add(
-            u64::try_from(took.as_micros()).unwrap_or(0),
-            Ordering::Relaxed,
-        );
+        self.count_busy(took);
         ending.ended(outcome.ok, took);
         drop(held);
         (seq, outcome, took)

@@ -583,6 +583,7 @@ fn load(capacity: u32) -> LoadReport {
         load_milli: Some(500),
         mem_available_kib: Some(1024),
         busy_ms: 10,
+        tasks: 3,
     }
 }
 

@@ -106,10 +106,18 @@ pub fn load() -> impl Strategy<Value = p2p_core::LoadReport> {
         any::<u32>(),
         any::<Option<u32>>(),
         any::<Option<u64>>(),
-        any::<u64>(),
+        (any::<u64>(), any::<u64>()),
     )
         .prop_map(
-            |(capacity, running, waiting, cores, load_milli, mem_available_kib, busy_ms)| {
+            |(
+                capacity,
+                running,
+                waiting,
+                cores,
+                load_milli,
+                mem_available_kib,
+                (busy_ms, tasks),
+            )| {
                 p2p_core::LoadReport {
                     capacity,
                     running,
@@ -118,6 +126,7 @@ pub fn load() -> impl Strategy<Value = p2p_core::LoadReport> {
                     load_milli,
                     mem_available_kib,
                     busy_ms,
+                    tasks,
                 }
             },
         )

@@ -1134,3 +1134,31 @@ fn a_saturated_node_gets_work_only_when_the_other_has_no_room() {
         "node 2 first, node 1 when node 2 is full"
     );
 }
+
+#[test]
+fn the_report_keeps_what_the_run_learned_of_each_node_even_after_it_left() {
+    let mut s = Sim::new("a1 a2", opts(Order::Strict, 0, false));
+    s.connect(1, &hello(1, &["a"], 1));
+    s.answer("a1", true, Duration::from_millis(40));
+    // The node leaves; another one runs a2.
+    s.link(
+        1,
+        LinkEvent::Closed {
+            error: Some("reset".into()),
+        },
+    );
+    s.connect(2, &hello(2, &["a"], 1));
+    s.answer("a2", true, Duration::from_millis(10));
+    let r = s.report();
+    let speeds: Vec<(String, f64)> = r
+        .speeds
+        .iter()
+        .map(|n| (n.node[..2].to_string(), n.ms_per_cost))
+        .collect();
+    assert_eq!(speeds.len(), 2, "{speeds:?}");
+    assert_eq!(speeds[0].0, "01");
+    assert!((speeds[0].1 - 40.0).abs() < 1e-6, "{speeds:?}");
+    assert_eq!(speeds[1].0, "02");
+    // Node 2 started from the type's mean (40 ms) and moved 30% towards 10 ms.
+    assert!((speeds[1].1 - 31.0).abs() < 1e-6, "{speeds:?}");
+}
