@@ -1245,7 +1245,7 @@ fn placement(o: &Opts, d: &Path, rep: &mut Report) -> Result<()> {
     );
     // Six nodes of speeds 1x..6x, 2,000 tasks of random cost.
     let n = if o.tasks < 1_000_000 { 1000 } else { 2000 };
-    let unit = 0.03;
+    let unit = 0.04;
     let (t, bound) = heterogeneous(bin, d, n, unit)?;
     rep.add(
         format!("placement: 6 nodes 1x..6x, {} tasks cost 1-10", count(n)),

@@ -908,7 +908,9 @@ impl Scheduler {
             // A faster node that is free was passed over (avoided by a retry, or saturated),
             // and slots held without a task may not free soon: only busy nodes with running
             // work count, so a task that waits always has a result coming that starts it.
-            if other.saturated || other.is_free() || other.work == 0 {
+            // A saturated one counts only against a node that is saturated too (when every
+            // machine is, speeds still decide).
+            if (other.saturated && !n.saturated) || other.is_free() || other.work == 0 {
                 continue;
             }
             let e = other

@@ -379,6 +379,12 @@ fn a_free_slow_node_waits_when_the_fast_one_would_finish_the_queue_sooner() {
     let mut s = setup(3);
     let nodes: Vec<NodeKey> = drain(&mut s, now).iter().map(|d| d.node).collect();
     assert_eq!(nodes, [1]);
+    // The same when both machines are saturated (a loaded host): speeds still decide.
+    let mut s = setup(3);
+    s.set_saturated(1, true);
+    s.set_saturated(2, true);
+    let nodes: Vec<NodeKey> = drain(&mut s, now).iter().map(|d| d.node).collect();
+    assert_eq!(nodes, [1]);
     // Forty tasks: 39 queued are 0.8 s of the fast node's time; the slow node helps.
     let mut s = setup(40);
     let nodes: Vec<NodeKey> = drain(&mut s, now).iter().map(|d| d.node).collect();
