@@ -318,3 +318,37 @@ fn two_coordinators_on_one_node_are_served_in_turn() {
     );
     assert!(waited, "status never showed a waiting attempt");
 }
+
+#[test]
+fn capacity_auto_takes_the_cores_the_load_leaves_and_a_bad_value_is_refused() {
+    let node = Serve::types("a", &["--capacity", "auto"]);
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let line = node
+        .stdout
+        .wait_for(WAIT, |l| l.starts_with("node "))
+        .unwrap();
+    let capacity: usize = line
+        .split_whitespace()
+        .skip_while(|w| *w != "capacity")
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no capacity in {line:?}"));
+    assert!((1..=cores).contains(&capacity), "{line:?} on {cores} cores");
+    let out = tests::run(&[
+        "serve",
+        "--types",
+        "a",
+        "--capacity",
+        "autox",
+        "--listen",
+        "127.0.0.1:0",
+        "--discovery",
+        "none",
+    ]);
+    out.assert_code(2);
+    assert!(
+        out.stderr.contains("neither a number of tasks nor auto"),
+        "{}",
+        out.describe()
+    );
+}
