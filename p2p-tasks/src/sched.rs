@@ -289,13 +289,23 @@ impl NodeSlot {
 
     /// The key of this node in the free set of its `j`th kind.
     fn free_key(&self, j: usize, node: NodeKey) -> FreeKey {
-        (self.saturated, self.rank(j), self.load(), node)
+        (
+            u32::from(self.saturated) << 31 | self.rank(j),
+            self.load(),
+            node,
+        )
     }
 }
 
-/// A free node's place in its type's free set: not saturated first, then fastest, then least
-/// loaded, then lowest key.
-type FreeKey = (bool, u32, Load, NodeKey);
+/// A free node's place in its type's free set: not saturated first (the top bit of the first
+/// word), then fastest (its rank, below 2^15), then least loaded, then lowest key; as small as
+/// before saturation was known.
+type FreeKey = (u32, Load, NodeKey);
+
+/// The speed rank in a [`FreeKey`]'s first word.
+fn key_rank(word: u32) -> u32 {
+    word & !(1 << 31)
+}
 
 /// A node's load, `running / capacity`, ordered exactly (by cross-multiplication).
 #[derive(Debug, Clone, Copy)]
@@ -580,8 +590,19 @@ impl Scheduler {
     /// Moves a node's running count one up (`up`) or down (saturating at 0), keeping the
     /// per-kind free sets in order.
     fn set_running(&mut self, node: NodeKey, up: bool) {
+        self.set_running_with(node, up, 0);
+    }
+
+    /// [`Scheduler::set_running`] for a task of `cost` (0: a slot held without a task),
+    /// counted in or out of the node's running work in the same lookup.
+    fn set_running_with(&mut self, node: NodeKey, up: bool, cost: u64) {
         let Some(n) = self.nodes.get_mut(&node) else {
             return;
+        };
+        n.work = if up {
+            n.work + cost
+        } else {
+            n.work.saturating_sub(cost)
         };
         let (was_free, before) = (n.is_free(), n.running);
         if n.draining || n.capacity == 0 {
@@ -684,8 +705,7 @@ impl Scheduler {
     /// An assignment never reached its node: make the task ready again, no retry used.
     pub fn requeue(&mut self, task: usize) {
         if let Some(TaskStatus::Running(node)) = self.status(task) {
-            self.set_running(node, false);
-            self.add_work(node, task, false);
+            self.set_running_with(node, false, u64::from(self.slots[task].cost));
             self.unrun(task);
             // The attempt never started: the next one has its number.
             self.slots[task].attempts -= 1;
@@ -861,8 +881,12 @@ impl Scheduler {
     /// with `queued` units of cost of its type waiting (see [`Scheduler::worth_waiting`]).
     fn place(&self, task: usize, queued: u64) -> Option<NodeKey> {
         let slot = &self.slots[task];
-        let node = self.peek_node(slot.kind, slot.avoid)?;
-        if self.worth_waiting(slot.kind, node, slot.cost, queued) {
+        let (rank, node) = self.peek_node(slot.kind, slot.avoid)?;
+        // The fast path: the free node is of the type's best rank (no lookup of the node).
+        let fastest = self.ranks[slot.kind]
+            .first()
+            .is_none_or(|&(best, _)| rank <= best);
+        if !fastest && self.worth_waiting(slot.kind, node, slot.cost, queued) {
             return None;
         }
         Some(node)
@@ -930,8 +954,7 @@ impl Scheduler {
     fn start(&mut self, task: usize, node: NodeKey) -> Option<Dispatch> {
         let k = self.slots[task].kind;
         let node = self.probe(k, node, self.slots[task].avoid);
-        self.set_running(node, true);
-        self.add_work(node, task, true);
+        self.set_running_with(node, true, u64::from(self.slots[task].cost));
         self.ready_remove(task);
         let slot = &mut self.slots[task];
         slot.status = TaskStatus::Running(node);
@@ -1050,29 +1073,17 @@ impl Scheduler {
         let probe = self.free[kind]
             .iter()
             .rev()
-            .map(|&(_, _, _, n)| n)
+            .map(|&(_, _, n)| n)
             .find(|&n| n != node && Some(n) != avoid);
         probe.unwrap_or(node)
     }
 
-    /// Counts `task`'s cost in (`up`) or out of its node's running work.
-    fn add_work(&mut self, node: NodeKey, task: usize, up: bool) {
-        let cost = u64::from(self.slots[task].cost);
-        if let Some(n) = self.nodes.get_mut(&node) {
-            n.work = if up {
-                n.work + cost
-            } else {
-                n.work.saturating_sub(cost)
-            };
-        }
-    }
-
-    /// The first free node serving `kind` (not saturated, fastest, least loaded, lowest key);
-    /// `avoid` only when it is the only one that serves the type.
-    fn peek_node(&self, kind: usize, avoid: Option<NodeKey>) -> Option<NodeKey> {
+    /// The first free node serving `kind` (not saturated, fastest, least loaded, lowest key),
+    /// with its speed rank; `avoid` only when it is the only one that serves the type.
+    fn peek_node(&self, kind: usize, avoid: Option<NodeKey>) -> Option<(u32, NodeKey)> {
         let free = &self.free[kind];
         let Some(a) = avoid else {
-            return free.first().map(|&(_, _, _, node)| node);
+            return free.first().map(|&(w, _, node)| (key_rank(w), node));
         };
         let avoid_serves = self
             .nodes
@@ -1080,8 +1091,8 @@ impl Scheduler {
             .is_some_and(|n| !n.draining && n.kinds.contains(&kind));
         let alternatives = self.serving[kind] > u32::from(avoid_serves);
         free.iter()
-            .map(|&(_, _, _, node)| node)
-            .find(|&node| !(alternatives && node == a))
+            .map(|&(w, _, node)| (key_rank(w), node))
+            .find(|&(_, node)| !(alternatives && node == a))
     }
 
     /// Records a running task's result.
@@ -1093,8 +1104,7 @@ impl Scheduler {
                 _ => Outcome::Failed,
             };
         };
-        self.set_running(node, false);
-        self.add_work(node, task, false);
+        self.set_running_with(node, false, u64::from(self.slots[task].cost));
         let k = self.slots[task].kind;
         self.running_total -= 1;
         self.running_kind[k] -= 1;

@@ -307,6 +307,9 @@ fn speed_ranks_are_ordered_and_never_overflow() {
         .collect();
     assert!(ranks.windows(2).all(|w| w[0] <= w[1]), "{ranks:?}");
     assert!(ranks.iter().all(|&r| r >= 1), "{ranks:?}");
+    // Below the saturation bit of a free-set key.
+    assert!(ranks.iter().all(|&r| r < 1 << 15), "{ranks:?}");
+    assert!(speed_rank(Some(f64::NAN)) < 1 << 15);
     assert_eq!(speed_rank(Some(0.010)), speed_rank(Some(0.0101)));
 }
 
