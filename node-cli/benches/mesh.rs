@@ -17,13 +17,22 @@
 //! - **nodes**: 100 serving processes, all used in one run.
 //! - **key**: with a cluster key (`p2p-node keygen`, `--key-file`) against without.
 //! - **json**: `--json` into a file against `--quiet`, for the 1,000,000-task run.
+//! - **placement**: shell handlers that sleep, each case a ratio within the same run: two
+//!   nodes, one 5x slower, 40 tasks in strict order, against the fast node alone; one task
+//!   of cost 10 after ten of cost 1 on two nodes of capacity 1 (`--order none`), against
+//!   the longest-first makespan (1.0 s); six nodes of speeds 1x..6x and 2,000 tasks of
+//!   random cost, against the lower bound (total work / total speed), and with `--before
+//!   PATH` (an earlier `p2p-node`) against that build's placement; two runs on one node of
+//!   capacity 2, 1,000 tasks and 10 started a second later, the small one against its time
+//!   alone.
 //!
 //! # Options
 //!
-//! `--quick` (smaller counts), `--only raw,strict,none,local,scale,nodes,key,json`,
+//! `--quick` (smaller counts), `--only raw,strict,none,local,scale,nodes,key,json,placement`,
 //! `--tasks N` (the large runs), `--strict-tasks N`, `--nodes N`, `--capacity N` (of the
 //! serving processes in the large runs; 0 skips those runs), `--bin PATH` (or env
-//! `P2P_NODE_BIN`; default: the `p2p-node` cargo built for this bench).
+//! `P2P_NODE_BIN`; default: the `p2p-node` cargo built for this bench), `--before PATH` (an
+//! earlier build, for the placement section's comparison).
 //!
 //! Every process it starts is killed by PID when it is done (or when the bench fails), every
 //! wait has a deadline, and nothing listens on or connects to anything but 127.0.0.1.
@@ -83,6 +92,8 @@ struct Opts {
     pings: usize,
     /// Frames of the raw pipelined run.
     frames: usize,
+    /// An earlier build, for the placement comparison.
+    before: Option<PathBuf>,
 }
 
 impl Opts {
@@ -98,6 +109,7 @@ impl Opts {
             window: 1024,
             pings: 20_000,
             frames: 2_000_000,
+            before: None,
         };
         let mut it = args.iter();
         let num = |v: Option<&String>, flag: &str| -> Result<usize> {
@@ -124,6 +136,11 @@ impl Opts {
                 "--bin" => {
                     o.bin = PathBuf::from(it.next().ok_or_else(|| anyhow!("--bin needs a path"))?)
                 }
+                "--before" => {
+                    o.before = Some(PathBuf::from(
+                        it.next().ok_or_else(|| anyhow!("--before needs a path"))?,
+                    ))
+                }
                 "--tasks" => o.tasks = num(it.next(), "--tasks")?.max(1000),
                 "--strict-tasks" => o.strict_tasks = num(it.next(), "--strict-tasks")?.max(100),
                 "--nodes" => o.nodes = num(it.next(), "--nodes")?.clamp(1, 200),
@@ -132,7 +149,7 @@ impl Opts {
                 }
                 other => bail!(
                     "unknown argument {other:?}; options: --quick, --only LIST, --tasks N, \
-                     --strict-tasks N, --nodes N, --capacity N, --bin PATH"
+                     --strict-tasks N, --nodes N, --capacity N, --bin PATH, --before PATH"
                 ),
             }
         }
@@ -366,6 +383,9 @@ fn bench(o: &Opts) -> Result<()> {
     if o.wants("nodes") {
         nodes(o, d, &mut rep)?;
     }
+    if o.wants("placement") {
+        placement(o, d, &mut rep)?;
+    }
     rep.print();
     Ok(())
 }
@@ -453,6 +473,11 @@ type Proc = ChildGuard;
 /// workspace test harness (its loopback guard; the binary of [`tests::use_bin`]) and waits
 /// for its `listening on ADDR` line.
 fn serve(types: &str, key: Option<&Path>, extra: &[&str]) -> Result<Server> {
+    serve_of(None, types, key, extra)
+}
+
+/// [`serve`] with another binary (`--before`'s build) when `bin` is given.
+fn serve_of(bin: Option<&Path>, types: &str, key: Option<&Path>, extra: &[&str]) -> Result<Server> {
     let key = key.map(|k| k.display().to_string());
     let mut args = vec![
         "--types",
@@ -466,7 +491,11 @@ fn serve(types: &str, key: Option<&Path>, extra: &[&str]) -> Result<Server> {
     if let Some(k) = &key {
         args.extend(["--key-file", k.as_str()]);
     }
-    Ok(Server::start_env(&args, &[("RUST_LOG", "warn")]))
+    let env = [("RUST_LOG", "warn")];
+    Ok(match bin {
+        Some(bin) => Server::start_bin(bin, &args, &env),
+        None => Server::start_env(&args, &env),
+    })
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -1049,4 +1078,185 @@ async fn pipelined(
     let elapsed = started.elapsed();
     let _w = writer.await??;
     Ok(n as f64 / elapsed.as_secs_f64())
+}
+
+// ---------------------------------------------------------------------------------------
+// Placement
+
+/// A run's own elapsed time (its summary's), or the process's when there is none.
+fn run_time(r: &RunResult) -> f64 {
+    r.run.unwrap_or(r.wall).as_secs_f64()
+}
+
+/// Writes a task file of `(id, cost, args)` lines.
+fn costed_file(dir: &Path, name: &str, tasks: &[(String, u32, String)]) -> Result<PathBuf> {
+    let path = dir.join(format!("{name}.txt"));
+    let mut f = std::io::BufWriter::new(std::fs::File::create(&path)?);
+    for (id, cost, args) in tasks {
+        if *cost == 1 {
+            writeln!(f, "{id} -- {args}")?;
+        } else {
+            writeln!(f, "{id} cost {cost} -- {args}")?;
+        }
+    }
+    f.flush()?;
+    Ok(path)
+}
+
+/// `n` tasks `a1..an` of cost 1 with `args`.
+fn plain_tasks(n: usize, args: &str) -> Vec<(String, u32, String)> {
+    (1..=n)
+        .map(|i| (format!("a{i}"), 1, args.to_string()))
+        .collect()
+}
+
+/// splitmix64, for the reproducible random costs.
+fn mix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// Six nodes of speeds 1x..6x and `n` tasks of cost 1 to 10 (seconds at 1x: cost x `unit`):
+/// a node of speed k sleeps `60 / k` times the task's argument (GNU `sleep` adds up its
+/// arguments), the argument being cost x unit / 60. Returns the run's time and the lower
+/// bound (total work over total speed, or the longest task on the fastest node).
+fn heterogeneous(bin: &Path, dir: &Path, n: usize, unit: f64) -> Result<(f64, f64)> {
+    let servers: Vec<Server> = (1..=6u32)
+        .map(|k| {
+            let repeats = vec!["{args}"; (60 / k) as usize].join(" ");
+            let handler = format!("a=sleep {repeats}");
+            serve_of(
+                Some(bin),
+                "a",
+                None,
+                &["--capacity", "1", "--handler", &handler],
+            )
+        })
+        .collect::<Result<_>>()?;
+    let tasks: Vec<(String, u32, String)> = (0..n as u64)
+        .map(|i| {
+            let cost = 1 + (mix(i) % 10) as u32;
+            let arg = f64::from(cost) * unit / 60.0;
+            (format!("a{}", i + 1), cost, format!("{arg:.6}"))
+        })
+        .collect();
+    let work: f64 = tasks.iter().map(|t| f64::from(t.1) * unit).sum();
+    let longest = tasks.iter().map(|t| t.1).max().unwrap_or(1);
+    let bound = (work / 21.0).max(f64::from(longest) * unit / 6.0);
+    let file = costed_file(dir, "heterogeneous", &tasks)?;
+    let r = run(bin, &file, "none", &servers, None, Output::Quiet, dir)?;
+    Ok((run_time(&r), bound))
+}
+
+fn placement(o: &Opts, d: &Path, rep: &mut Report) -> Result<()> {
+    let bin = &o.bin;
+    let capacity_1 = |handler: &str| -> Result<Server> {
+        serve("a", None, &["--capacity", "1", "--handler", handler])
+    };
+    // Two nodes, one 5x slower, 40 tasks in strict order; against the fast node alone.
+    let fast = capacity_1("a=sleep 0.02")?;
+    let slow = capacity_1("a=sleep 0.1")?;
+    let file = costed_file(d, "two-speeds", &plain_tasks(40, ""))?;
+    let alone = run(
+        bin,
+        &file,
+        "strict",
+        std::slice::from_ref(&fast),
+        None,
+        Output::Quiet,
+        d,
+    )?;
+    let both = run(bin, &file, "strict", &[fast, slow], None, Output::Quiet, d)?;
+    let (alone, both) = (run_time(&alone), run_time(&both));
+    rep.add(
+        "placement: 40 strict, nodes 0.02 s + 0.1 s (fast alone)",
+        format!("{both:.2} s ({alone:.2} s)"),
+        format!("{:.2}x the fast node alone (goal 1.5x)", both / alone),
+    );
+    // One task of cost 10 after ten of cost 1, two nodes of capacity 1, order none.
+    let servers = vec![capacity_1("a=sleep {args}")?, capacity_1("a=sleep {args}")?];
+    let mut tasks = plain_tasks(10, "0.1");
+    tasks.push(("a11".into(), 10, "1".into()));
+    let file = costed_file(d, "long-last", &tasks)?;
+    let r = run_time(&run(bin, &file, "none", &servers, None, Output::Quiet, d)?);
+    drop(servers);
+    rep.add(
+        "placement: 10 x 0.1 s then 1 x 1 s (cost 10), 2 nodes",
+        format!("{r:.2} s"),
+        format!("{:.2}x the longest-first 1.0 s (goal 1.2x)", r / 1.0),
+    );
+    // Six nodes of speeds 1x..6x, 2,000 tasks of random cost.
+    let n = if o.tasks < 1_000_000 { 1000 } else { 2000 };
+    let unit = 0.04;
+    let (t, bound) = heterogeneous(bin, d, n, unit)?;
+    rep.add(
+        format!("placement: 6 nodes 1x..6x, {} tasks cost 1-10", count(n)),
+        format!("{t:.2} s"),
+        format!(
+            "{:.2}x the lower bound {bound:.2} s (goal 1.15x)",
+            t / bound
+        ),
+    );
+    if let Some(before) = &o.before {
+        let (tb, _) = heterogeneous(before, d, n, unit)?;
+        rep.add(
+            format!("placement: the same with {}", before.display()),
+            format!("{tb:.2} s"),
+            format!(
+                "{:.2}x the lower bound; this build {:.2}x its time",
+                tb / bound,
+                t / tb
+            ),
+        );
+    }
+    // Two runs on one node of capacity 2: 1,000 tasks, and 10 started a second later.
+    let node = serve("a", None, &["--capacity", "2", "--handler", "a=sleep 0.02"])?;
+    let small = costed_file(d, "small", &plain_tasks(10, ""))?;
+    let big_tasks: Vec<(String, u32, String)> = (1..=1000)
+        .map(|i| (format!("a{}", 1000 + i), 1, String::new()))
+        .collect();
+    let big = costed_file(d, "big", &big_tasks)?;
+    let nodes = std::slice::from_ref(&node);
+    let alone = run_time(&run(bin, &small, "none", nodes, None, Output::Quiet, d)?);
+    let mut large = Proc::new(
+        Command::new(bin)
+            .args([
+                "run",
+                &big.display().to_string(),
+                "--order",
+                "none",
+                "--quiet",
+            ])
+            .args(["--peer", &node.addr.to_string()])
+            .env_remove("P2P_KEY_FILE")
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("spawn the large run")?,
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let shared = run_time(&run(bin, &small, "none", nodes, None, Output::Quiet, d)?);
+    let still = large.try_wait().is_none();
+    let status = wait_deadline(&mut large, Duration::from_secs(120))?;
+    if !status.success() {
+        bail!("the large run exited with {status}");
+    }
+    rep.add(
+        "placement: 10 tasks beside a 1,000-task run, capacity 2",
+        format!("{shared:.2} s ({alone:.2} s alone)"),
+        format!(
+            "{:.2}x its time alone (goal 3x){}",
+            shared / alone,
+            if still {
+                ""
+            } else {
+                "; the large run had ended"
+            }
+        ),
+    );
+    Ok(())
 }

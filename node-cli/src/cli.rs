@@ -222,9 +222,11 @@ pub struct ServeArgs {
     /// Run TYPE's tasks with `sh -c COMMAND`; {id}, {type}, {args}, {argv} are replaced (repeatable).
     #[arg(long = "handler", value_name = "TYPE=COMMAND")]
     pub handlers: Vec<String>,
-    /// Tasks run at once (default: the number of CPU cores).
-    #[arg(long)]
-    pub capacity: Option<u32>,
+    /// Tasks run at once (default: the number of CPU cores), or `auto`: the cores less the
+    /// load of other work, adjusted every 2 s. SIGUSR1 grows it by one, SIGUSR2 shrinks it
+    /// by one (down to 1) while serving.
+    #[arg(long, value_name = "N|auto", value_parser = parse_capacity)]
+    pub capacity: Option<Capacity>,
     /// Allow listening on a non-loopback address without a cluster key.
     #[arg(long)]
     pub insecure: bool,
@@ -467,6 +469,54 @@ pub async fn execute(cli: Cli, active: crate::output::ActiveBar) -> ExitCode {
             }
         }
     }
+}
+
+/// `serve --capacity`: a number of tasks, or `auto`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Capacity {
+    /// This many tasks at once.
+    Fixed(u32),
+    /// Follow the machine's load.
+    Auto,
+}
+
+fn parse_capacity(s: &str) -> Result<Capacity, String> {
+    if s == "auto" {
+        return Ok(Capacity::Auto);
+    }
+    s.parse::<u32>()
+        .map(Capacity::Fixed)
+        .map_err(|_| format!("{s:?} is neither a number of tasks nor auto"))
+}
+
+/// While serving: SIGUSR1 grows the capacity by one, SIGUSR2 shrinks it by one (down to 1).
+/// Every connection reports the change at once; a shrink stops no running task.
+fn spawn_capacity_signals(cap: crate::CapacityHandle) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        // Installed before the node says it listens, so a signal sent after that never
+        // meets the default action (which would end the process).
+        let (Ok(mut up), Ok(mut down)) = (
+            signal(SignalKind::user_defined1()),
+            signal(SignalKind::user_defined2()),
+        ) else {
+            return;
+        };
+        tokio::spawn(async move {
+            loop {
+                let (c, how) = tokio::select! {
+                    Some(()) = up.recv() => (cap.grow(), "grown"),
+                    Some(()) = down.recv() => (cap.shrink(), "shrunk"),
+                    else => return,
+                };
+                tracing::info!(capacity = c, "capacity {how} by one (signal)");
+                say!("capacity {c}");
+            }
+        });
+    }
+    #[cfg(not(unix))]
+    let _ = cap;
 }
 
 /// The first SIGINT or SIGTERM (and SIGHUP with `hangup`, i.e. for serve) cancels `first`
@@ -903,8 +953,10 @@ async fn serve(
         .max_output(a.max_output)
         .drain_timeout(a.drain_timeout)
         .handshake_timeout(a.handshake_timeout);
-    if let Some(c) = a.capacity {
-        b = b.capacity(c);
+    match a.capacity {
+        Some(Capacity::Fixed(c)) => b = b.capacity(c),
+        Some(Capacity::Auto) => b = b.capacity_auto(true),
+        None => {}
     }
     if let Some(m) = a.metrics_listen {
         b = b.metrics_listen(m);
@@ -937,6 +989,7 @@ async fn serve(
     let addr = node
         .local_addr()
         .ok_or_else(|| anyhow::anyhow!("the node has no listen address"))?;
+    spawn_capacity_signals(node.capacity_handle());
     say!("listening on {addr}");
     say!(
         "node {} cluster {} types {} capacity {} discovery {}",
@@ -1194,20 +1247,28 @@ async fn peers(a: PeersArgs) -> anyhow::Result<u8> {
     }
     if !a.json {
         say!(
-            "{:<34} {:<22} {:<12} {:>8}  {:<7} LAST SEEN",
+            "{:<34} {:<22} {:<12} {:>8} {:>7} {:>10}  {:<7} LAST SEEN",
             "NODE",
             "ADDRESS",
             "TYPES",
             "CAPACITY",
+            "TASKS",
+            "MEAN TASK",
             "SOURCE"
         );
         for p in &found {
+            let tasks = p.tasks.map_or_else(|| "-".to_string(), |t| t.to_string());
+            let mean = p
+                .mean_task_ms
+                .map_or_else(|| "-".to_string(), |ms| format!("{ms:.1} ms"));
             say!(
-                "{:<34} {:<22} {:<12} {:>8}  {:<7} {:.1}s after start",
+                "{:<34} {:<22} {:<12} {:>8} {:>7} {:>10}  {:<7} {:.1}s after start",
                 escape(&p.node),
                 escape(&p.addr),
                 escape(&p.types.join(",")),
                 p.capacity,
+                tasks,
+                mean,
                 escape(&p.source),
                 p.seen_ms as f64 / 1000.0
             );

@@ -138,7 +138,8 @@ mod sightings;
 
 pub use error::{Endpoint, Error};
 pub use node::{
-    Node, NodeBuilder, StopHandle, DEFAULT_CLUSTER, MAX_MAX_FRAME, MIN_MAX_FRAME, RESULT_MARGIN,
+    CapacityHandle, Node, NodeBuilder, StopHandle, DEFAULT_CLUSTER, MAX_MAX_FRAME, MIN_MAX_FRAME,
+    RESULT_MARGIN,
 };
 pub use run::{Events, Run, EVENT_QUEUE};
 

@@ -50,6 +50,31 @@ impl StopHandle {
     }
 }
 
+/// Changes a serving node's capacity (see [`Node::capacity_handle`]). Every connection
+/// reports the new capacity at once; a coordinator honours it up to the capacity of that
+/// connection's handshake, and a shrink stops no running task.
+#[derive(Debug, Clone)]
+pub struct CapacityHandle {
+    worker: Arc<Worker>,
+}
+
+impl CapacityHandle {
+    /// One slot more; returns the new capacity.
+    pub fn grow(&self) -> u32 {
+        self.worker.grow()
+    }
+
+    /// One slot less, down to 1; returns the new capacity.
+    pub fn shrink(&self) -> u32 {
+        self.worker.shrink()
+    }
+
+    /// The capacity now.
+    pub fn capacity(&self) -> u32 {
+        self.worker.capacity()
+    }
+}
+
 /// The smallest maximum frame a node accepts as its setting (64 KiB).
 pub const MIN_MAX_FRAME: usize = 64 * 1024;
 
@@ -67,6 +92,7 @@ pub struct NodeBuilder {
     listen: Option<SocketAddr>,
     handlers: HashMap<String, Arc<dyn Handler>>,
     capacity: Option<u32>,
+    capacity_auto: bool,
     discovery: Vec<Box<dyn Discovery>>,
     /// The connections' settings: the setters below write here (one source).
     settings: Settings,
@@ -97,6 +123,7 @@ impl Default for NodeBuilder {
             listen: None,
             handlers: HashMap::new(),
             capacity: None,
+            capacity_auto: false,
             discovery: Vec::new(),
             settings: Settings::default(),
             max_connections: 1024,
@@ -140,6 +167,15 @@ impl NodeBuilder {
     /// 1,024 when every handler answers at once (the built-in handler).
     pub fn capacity(mut self, n: u32) -> Self {
         self.capacity = Some(n);
+        self
+    }
+
+    /// `--capacity auto`: the capacity follows the machine's load, every 2 s: its cores less
+    /// the load of other work, at least 1 (see [`p2p_tasks::resources::auto_capacity`]). A
+    /// connection's handshake advertises the cores (its ceiling). Overrides
+    /// [`NodeBuilder::capacity`]. Default off.
+    pub fn capacity_auto(mut self, on: bool) -> Self {
+        self.capacity_auto = on;
         self
     }
 
@@ -359,16 +395,29 @@ impl NodeBuilder {
         };
         // Default: the number of cores, or a deep window for nodes whose handlers all
         // answer at once (the built-in handler), so pipelining is not capped at a few tasks.
-        let capacity = self
-            .capacity
-            .unwrap_or_else(|| Worker::default_capacity(&self.handlers));
+        let capacity = match (self.capacity_auto, self.capacity) {
+            (true, _) => p2p_tasks::resources::cores(),
+            (false, Some(c)) => c,
+            (false, None) => Worker::default_capacity(&self.handlers),
+        };
         let worker =
             Arc::new(Worker::new(self.handlers, capacity).with_output_limit(self.max_output));
+        if self.capacity_auto {
+            let load = p2p_tasks::resources::load_milli();
+            worker.set_capacity(p2p_tasks::resources::auto_capacity(capacity, load, 0));
+        }
         let shutdown = CancellationToken::new();
         let started = Instant::now();
-        let (stats, draining) = (worker.stats(), shutdown.clone());
+        let (stats, draining, w) = (worker.stats(), shutdown.clone(), worker.clone());
         settings.status = Some(net::StatusSource(Arc::new(move || {
-            crate::status::report(&stats, started, draining.is_cancelled())
+            let waiting = u64::try_from(w.waiting()).unwrap_or(u64::MAX);
+            crate::status::report(
+                &stats,
+                started,
+                draining.is_cancelled(),
+                waiting,
+                w.capacity(),
+            )
         })));
         Ok(Node {
             id,
@@ -376,6 +425,7 @@ impl NodeBuilder {
             listener,
             local_addr,
             worker,
+            capacity_auto: self.capacity_auto,
             discovery: self.discovery,
             found: None,
             discovery_stopped: Vec::new(),
@@ -430,6 +480,8 @@ pub struct Node {
     listener: Option<TcpListener>,
     local_addr: Option<SocketAddr>,
     worker: Arc<Worker>,
+    /// The capacity follows the load (`--capacity auto`).
+    capacity_auto: bool,
     discovery: Vec<Box<dyn Discovery>>,
     /// Events of the node's backends, started once by [`Node::start`] (which announces this
     /// node) or by the first run, drained as they come and replayed to every run.
@@ -507,9 +559,17 @@ impl Node {
         self.metrics_addr
     }
 
-    /// Tasks run at once.
+    /// Tasks run at once now.
     pub fn capacity(&self) -> u32 {
         self.worker.capacity()
+    }
+
+    /// A handle that changes this node's capacity while it serves (`SIGUSR1`/`SIGUSR2` on
+    /// `p2p-node serve`).
+    pub fn capacity_handle(&self) -> CapacityHandle {
+        CapacityHandle {
+            worker: self.worker.clone(),
+        }
     }
 
     /// Cancelling this token shuts the node down gracefully (see [`Node::serve`]).
@@ -598,6 +658,10 @@ impl Node {
             describe: self.describe,
         };
         self.tracker.spawn(accept_loop(listener, ctx));
+        if self.capacity_auto {
+            self.tracker
+                .spawn(self.worker.clone().run_auto(self.shutdown.clone()));
+        }
         Ok(())
     }
 
@@ -767,6 +831,16 @@ struct AcceptCtx {
     describe: dial::Describe,
 }
 
+/// The handshake a new connection gets: the node's, with the capacity it may be given at
+/// most on that connection ([`Worker::ceiling`]: the capacity may have grown since start).
+fn hello_now(ctx: &AcceptCtx) -> Hello {
+    let mut hello = ctx.hello.clone();
+    if hello.capacity > 0 {
+        hello.capacity = ctx.worker.ceiling();
+    }
+    hello
+}
+
 async fn accept_loop(listener: TcpListener, ctx: AcceptCtx) {
     let ctx = Arc::new(ctx);
     let mut next_id: LinkId = 0;
@@ -824,7 +898,7 @@ async fn serve_connection(
     let _ = stream.set_nodelay(true);
     let stream = metrics::Counted::new(stream, ctx.conns.clone());
     let accepted = tokio::select! {
-        r = net::accept_stream(stream, addr, ctx.hello.clone(), &ctx.settings, id, tx) => r,
+        r = net::accept_stream(stream, addr, hello_now(ctx), &ctx.settings, id, tx) => r,
         _ = ticket.evicted() => {
             ctx.conns.refused(Refused::HandshakeEvicted);
             flood_warn(&ctx.floods, |f| &mut f.evicted, |unwritten| {

@@ -404,8 +404,9 @@ impl Printer {
         if self.format == Format::Human {
             let _ = task_table(&mut out, report);
         }
-        let _ = tally_table(&mut out, "NODE", &mut self.by_node);
-        let _ = tally_table(&mut out, "TYPE", &mut self.by_type);
+        let speeds = speed_column(report);
+        let _ = tally_table(&mut out, "NODE", &mut self.by_node, Some(&speeds));
+        let _ = tally_table(&mut out, "TYPE", &mut self.by_type, None);
     }
 
     fn human(&mut self, ev: &RunEvent) -> Option<String> {
@@ -638,23 +639,56 @@ fn task_table(out: &mut impl Write, report: &RunReport) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Per short node id, the speed the run learned of it: time per unit of cost, per type
+/// (`12.0 ms` with one type, `a 12.0 ms, b 3.00 s` with several).
+fn speed_column(report: &RunReport) -> BTreeMap<String, String> {
+    let mut by_node: BTreeMap<String, Vec<(String, f64)>> = BTreeMap::new();
+    for s in &report.speeds {
+        by_node
+            .entry(short(&s.node).to_string())
+            .or_default()
+            .push((s.kind.clone(), s.ms_per_cost));
+    }
+    by_node
+        .into_iter()
+        .map(|(node, v)| {
+            let text = match v.as_slice() {
+                [(_, ms)] => human_ms(*ms),
+                _ => v
+                    .iter()
+                    .map(|(k, ms)| format!("{} {}", p2p_core::text::escape(k), human_ms(*ms)))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            };
+            (node, text)
+        })
+        .collect()
+}
+
+/// Per node or per type: tasks, failures, mean and p99 duration; with `speeds` (the node
+/// table), a last column with the learned time per unit of cost.
 fn tally_table(
     out: &mut impl Write,
     what: &str,
     rows: &mut BTreeMap<String, Tally>,
+    speeds: Option<&BTreeMap<String, String>>,
 ) -> std::io::Result<()> {
     if rows.is_empty() {
         return Ok(());
     }
     writeln!(out)?;
-    writeln!(
+    write!(
         out,
         "{what:<8}  {:>8}  {:>8}  {:>10}  {:>10}",
         "TASKS", "FAILURES", "MEAN", "P99"
     )?;
+    if speeds.is_some() {
+        write!(out, "  {:>10}", "PER COST")?;
+    }
+    writeln!(out)?;
     for (key, t) in rows.iter_mut() {
         let (mean, p99) = t.mean_p99();
-        writeln!(
+        write!(
             out,
             "{key:<8}  {:>8}  {:>8}  {:>10}  {:>10}",
             t.tasks,
@@ -662,6 +696,10 @@ fn tally_table(
             human_ms(mean),
             human_ms(p99)
         )?;
+        if let Some(s) = speeds {
+            write!(out, "  {:>10}", s.get(key).map_or("-", String::as_str))?;
+        }
+        writeln!(out)?;
     }
     Ok(())
 }
@@ -851,6 +889,39 @@ mod tests {
         );
         let v: serde_json::Value = serde_json::from_str(&line).unwrap();
         assert_eq!(v["tasks"], 3);
+    }
+
+    #[test]
+    fn the_node_table_shows_the_learned_speed_per_unit_of_cost() {
+        let mut rows = BTreeMap::new();
+        bump(&mut rows, "aaaaaaaa", true, 20.0);
+        bump(&mut rows, "bbbbbbbb", true, 100.0);
+        let mut report = RunReport::new(Vec::new());
+        report.speeds = vec![
+            p2p_tasks::event::NodeSpeed {
+                node: "aaaaaaaa0000".into(),
+                kind: "a".into(),
+                ms_per_cost: 20.0,
+            },
+            p2p_tasks::event::NodeSpeed {
+                node: "cccccccc0000".into(),
+                kind: "a".into(),
+                ms_per_cost: 5.0,
+            },
+        ];
+        let mut out = Vec::new();
+        tally_table(&mut out, "NODE", &mut rows, Some(&speed_column(&report))).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines[1].ends_with("PER COST"), "{text}");
+        assert!(
+            lines[2].starts_with("aaaaaaaa") && lines[2].ends_with("20.0 ms"),
+            "{text}"
+        );
+        assert!(
+            lines[3].starts_with("bbbbbbbb") && lines[3].ends_with("-"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -22,8 +22,14 @@ pub struct PeerInfo {
     pub addr: String,
     /// Types served.
     pub types: Vec<String>,
-    /// Tasks run at once.
+    /// Tasks run at once (now, from its load report; else its handshake's).
     pub capacity: u32,
+    /// Tasks that ended there since it started, from its load report (none from a node
+    /// that serves nothing or sent none in time).
+    pub tasks: Option<u64>,
+    /// Its own measure of its speed: the mean time a task held a slot there, in
+    /// milliseconds (`busy_ms / tasks` of its load report; none before its first task).
+    pub mean_task_ms: Option<f64>,
     /// The discovery backend that found it.
     pub source: String,
     /// When it was last seen, in milliseconds after the probe started.
@@ -38,6 +44,10 @@ pub const MAX_PEERS: usize = 4096;
 
 /// How long a node that answered gets to complete the goodbye.
 const GOODBYE_WAIT: Duration = Duration::from_secs(2);
+
+/// How long `peers` waits for a serving node's first load report (sent at once after the
+/// handshake).
+const LOAD_WAIT: Duration = Duration::from_millis(1500);
 
 /// How a client that serves nothing (`peers`, `status`) introduces itself: a `Hello` with
 /// no types and no capacity, and connection settings with its first key and its identity.
@@ -159,14 +169,34 @@ async fn ask(
     match net::connect(p.addr, hello, settings, id, tx).await {
         Ok(link) => {
             let h = link.peer();
-            let info = PeerInfo {
+            let mut info = PeerInfo {
                 node: h.node_id.to_string(),
                 addr: p.addr.to_string(),
                 types: h.types.clone(),
                 capacity: h.capacity,
+                tasks: None,
+                mean_task_ms: None,
                 source: p.source.to_string(),
                 seen_ms,
             };
+            if !h.types.is_empty() {
+                let load = tokio::time::timeout(LOAD_WAIT, async {
+                    while let Some((_, ev)) = rx.recv().await {
+                        match ev {
+                            net::LinkEvent::Load(r) => return Some(r),
+                            net::LinkEvent::Closed { .. } => return None,
+                            _ => {}
+                        }
+                    }
+                    None
+                })
+                .await;
+                if let Ok(Some(r)) = load {
+                    info.capacity = r.capacity;
+                    info.tasks = Some(r.tasks);
+                    info.mean_task_ms = (r.tasks > 0).then(|| r.busy_ms as f64 / r.tasks as f64);
+                }
+            }
             let _ = link.send(Command::Goodbye);
             // Wait (briefly) for the goodbye to complete so the peer logs a clean close.
             let _ = tokio::time::timeout(GOODBYE_WAIT, rx.recv()).await;

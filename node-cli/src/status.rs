@@ -32,8 +32,15 @@ use crate::Error;
 /// Most nodes asked at once (the same bound as `peers`).
 pub const PARALLEL: usize = crate::peers::MAX_CONCURRENT_PROBES;
 
-/// A serving node's answer now (see the module documentation).
-pub fn report(worker: &WorkerStats, started: Instant, draining: bool) -> StatusReport {
+/// A serving node's answer now (see the module documentation): `waiting` attempts wait
+/// for one of its `capacity` slots.
+pub fn report(
+    worker: &WorkerStats,
+    started: Instant,
+    draining: bool,
+    waiting: u64,
+    capacity: u32,
+) -> StatusReport {
     let (mut completed, mut failed, mut running_total) = (0, 0, 0);
     for (_, c) in worker.by_type() {
         completed += c.completed;
@@ -62,6 +69,8 @@ pub fn report(worker: &WorkerStats, started: Instant, draining: bool) -> StatusR
         completed,
         failed,
         load_milli: load_average(),
+        waiting,
+        capacity,
     }
     .bounded()
 }
@@ -88,8 +97,10 @@ pub struct NodeStatus {
     pub protocol: u16,
     /// Types served.
     pub types: Vec<String>,
-    /// Tasks it runs at once.
+    /// Tasks it runs at once now (its handshake's, from a node that does not report it).
     pub capacity: u32,
+    /// Assigned attempts waiting there for a free slot (bounded by the node).
+    pub waiting: u64,
     /// The tasks running now (at most 64 listed; see `running_total`).
     pub running: Vec<Running>,
     /// How many tasks run now.
@@ -127,7 +138,12 @@ fn status_of(addr: SocketAddr, peer: &Hello, r: StatusReport) -> NodeStatus {
         version: r.version,
         protocol: peer.version,
         types: peer.types.clone(),
-        capacity: peer.capacity,
+        capacity: if r.capacity > 0 {
+            r.capacity
+        } else {
+            peer.capacity
+        },
+        waiting: r.waiting,
         running: r
             .running
             .into_iter()
@@ -252,8 +268,8 @@ pub fn describe(n: &NodeStatus) -> String {
         None => String::new(),
     };
     out.push_str(&format!(
-        "\n  running {}, completed {}, failed {}{load}",
-        n.running_total, n.completed, n.failed
+        "\n  running {}, waiting {}, completed {}, failed {}{load}",
+        n.running_total, n.waiting, n.completed, n.failed
     ));
     for t in &n.running {
         let coordinator: String = t.coordinator.chars().take(12).collect();

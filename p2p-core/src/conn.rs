@@ -20,7 +20,8 @@ use std::hash::{BuildHasher, Hasher};
 use std::time::{Duration, Instant};
 
 use crate::message::{
-    Assign, Completed, Hello, Message, Reject, RejectReason, StatusReport, PROTOCOL_VERSION,
+    Assign, Completed, Hello, LoadReport, Message, Reject, RejectReason, StatusReport,
+    PROTOCOL_VERSION,
 };
 use crate::{ConnectionError, Error, HandshakeError, Violation};
 
@@ -149,6 +150,9 @@ pub enum Event {
     StatusRequested,
     /// The answer to our [`Connection::request_status`].
     Status(Box<StatusReport>),
+    /// The peer reported its load (its capacity here is what this connection honours: at
+    /// most the one its handshake advertised).
+    Load(LoadReport),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -182,6 +186,9 @@ pub struct Connection {
     status_asked: bool,
     /// The peer sent a `StatusRequest` we have not answered yet.
     status_owed: bool,
+    /// The peer's capacity as its last `Load` reported it (at most its handshake's); none
+    /// before the first.
+    peer_capacity: Option<u32>,
     transmit: VecDeque<Message>,
     events: VecDeque<Event>,
 }
@@ -206,6 +213,7 @@ impl Connection {
             ack_sent: false,
             status_asked: false,
             status_owed: false,
+            peer_capacity: None,
             transmit: VecDeque::new(),
             events: VecDeque::new(),
         };
@@ -347,7 +355,10 @@ impl Connection {
             (State::Open, msg) => self.handle_open(msg),
             (
                 State::Finished,
-                Message::Ping { .. } | Message::Pong { .. } | Message::GoodbyeAck,
+                Message::Ping { .. }
+                | Message::Pong { .. }
+                | Message::GoodbyeAck
+                | Message::Load(_),
             ) => Ok(()),
             (State::Finished | State::Failed, other) => self.fail(
                 Violation::Unexpected {
@@ -427,6 +438,13 @@ impl Connection {
                 self.events.push_back(Event::StatusRequested);
                 Ok(())
             }
+            Message::Load(mut report) => {
+                let ceiling = self.peer.as_ref().map_or(0, |p| p.capacity);
+                report.capacity = report.capacity.min(ceiling);
+                self.peer_capacity = Some(report.capacity);
+                self.events.push_back(Event::Load(report));
+                Ok(())
+            }
             Message::Status(report) => {
                 if !self.status_asked {
                     return self.fail(Violation::UnaskedStatus.into());
@@ -463,7 +481,7 @@ impl Connection {
         if !self.can_assign() {
             return Err((a, "the connection is not open for new work"));
         }
-        let capacity = self.peer.as_ref().map_or(0, |p| p.capacity) as usize;
+        let capacity = self.peer_capacity() as usize;
         if self.outbound.len() >= capacity {
             return Err((a, "the peer is at its advertised capacity"));
         }
@@ -499,6 +517,24 @@ impl Connection {
         if self.state == State::Open && self.inbound.contains(&seq) {
             self.transmit.push_back(Message::Started { seq });
         }
+    }
+
+    /// The peer's capacity as this connection honours it: its last [`Message::Load`]'s, at
+    /// most its handshake's (0 before the handshake).
+    pub fn peer_capacity(&self) -> u32 {
+        let ceiling = self.peer.as_ref().map_or(0, |p| p.capacity);
+        self.peer_capacity.map_or(ceiling, |c| c.min(ceiling))
+    }
+
+    /// Reports this node's load to the peer ([`Message::Load`]), its capacity cut to the
+    /// one this connection's handshake advertised. Does nothing unless the connection is
+    /// open and this node serves types (a coordinator has no load to report).
+    pub fn report_load(&mut self, mut report: LoadReport) {
+        if self.state != State::Open || self.local.types.is_empty() {
+            return;
+        }
+        report.capacity = report.capacity.min(self.local.capacity);
+        self.transmit.push_back(Message::Load(report));
     }
 
     /// Asks the peer how it is; its answer comes as [`Event::Status`]. Fails when the

@@ -57,4 +57,6 @@ pub use error::{ConnectionError, Error, HandshakeError, Stage, Violation};
 pub use id::NodeId;
 pub use identity::{Identity, IdentityError};
 pub use key::{ClusterKey, KeyError};
-pub use message::{Assign, Completed, Hello, Message, Reject, RejectReason, PROTOCOL_VERSION};
+pub use message::{
+    Assign, Completed, Hello, LoadReport, Message, Reject, RejectReason, PROTOCOL_VERSION,
+};

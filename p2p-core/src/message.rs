@@ -1,4 +1,4 @@
-//! The messages of protocol v2 (v1 plus [`Message::Started`]).
+//! The messages of protocol v3 (v2 plus [`Message::Load`]).
 //!
 //! docs/PROTOCOL.md describes their encoding byte by byte. Rules that keep versions apart:
 //! the first message on a connection is always [`Message::Hello`], whose first field is the
@@ -12,8 +12,9 @@ use crate::NodeId;
 /// The protocol version this crate speaks.
 /// Version 2 added [`Message::Started`]: a node's capacity is shared by every coordinator
 /// that uses it, so an assigned task may wait at the worker for a slot, and that wait is not
-/// the task's run time.
-pub const PROTOCOL_VERSION: u16 = 2;
+/// the task's run time. Version 3 added [`Message::Load`]: a node reports its capacity (which
+/// may change during a run) and its machine's resources, and [`StatusReport::waiting`].
+pub const PROTOCOL_VERSION: u16 = 3;
 
 /// One protocol message: the payload of one frame.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -61,6 +62,11 @@ pub enum Message {
     StatusRequest,
     /// The answer to a [`Message::StatusRequest`].
     Status(Box<StatusReport>),
+    /// A node that serves types reports its capacity and its machine's resources, every
+    /// few seconds and at once when its capacity changes (v3). The receiver honours the
+    /// capacity up to the one the handshake advertised (the connection's ceiling); a shrink
+    /// cancels nothing, it only stops new assignments until fewer run.
+    Load(LoadReport),
 }
 
 impl Message {
@@ -80,6 +86,7 @@ impl Message {
             Message::Started { .. } => "Started",
             Message::StatusRequest => "StatusRequest",
             Message::Status(_) => "Status",
+            Message::Load(_) => "Load",
         }
     }
 }
@@ -185,6 +192,44 @@ pub struct StatusReport {
     /// The 1, 5 and 15 minute load averages in thousandths (from `/proc/loadavg`), where
     /// the system has them.
     pub load_milli: Option<[u32; 3]>,
+    /// Assigned attempts waiting for a free slot (v3); the worker bounds this queue.
+    pub waiting: u64,
+    /// Tasks the node runs at once now (v3; it may change during a run).
+    pub capacity: u32,
+}
+
+/// What a node reports of itself in a [`Message::Load`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoadReport {
+    /// How many tasks the node runs at once now, for every coordinator together (its free
+    /// slots are `capacity - running`, at least 0).
+    pub capacity: u32,
+    /// Tasks running there now, for every coordinator.
+    pub running: u32,
+    /// Assigned attempts waiting there for a free slot, for every coordinator.
+    pub waiting: u32,
+    /// The machine's CPU cores (0: unknown).
+    pub cores: u32,
+    /// The 1-minute load average in thousandths (`/proc/loadavg`), where the system has it.
+    pub load_milli: Option<u32>,
+    /// Memory available, in KiB (`MemAvailable` of `/proc/meminfo`), where known.
+    pub mem_available_kib: Option<u64>,
+    /// The time the node's slots spent running tasks since it started, in milliseconds.
+    pub busy_ms: u64,
+    /// Tasks that ended there since it started (for every coordinator): with `busy_ms`, its
+    /// own measure of its speed.
+    pub tasks: u64,
+}
+
+impl LoadReport {
+    /// Whether the machine is saturated: its load average above its cores (false when
+    /// either is unknown).
+    pub fn is_saturated(&self) -> bool {
+        match self.load_milli {
+            Some(l) if self.cores > 0 => u64::from(l) > u64::from(self.cores) * 1000,
+            _ => false,
+        }
+    }
 }
 
 /// A task running on the node that answers a [`StatusReport`].

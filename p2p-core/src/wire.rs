@@ -119,7 +119,8 @@ pub fn encode_into(msg: &Message, dst: &mut BytesMut) -> Result<(), Error> {
         | Message::Welcome(_)
         | Message::Reject(_)
         | Message::StatusRequest
-        | Message::Status(_) => {
+        | Message::Status(_)
+        | Message::Load(_) => {
             let writer = BufWriter(dst);
             bincode::serde::encode_into_writer(msg, writer, cfg::<MAX_FRAME_CEILING>())
                 .map_err(|e| Error::Connection(ConnectionError::Encode(e.to_string())))?;
@@ -437,6 +438,41 @@ mod tests {
         v.push(Message::Goodbye);
         v.push(Message::GoodbyeAck);
         v
+    }
+
+    /// The `Load` message of docs/PROTOCOL.md, byte by byte (v3).
+    #[test]
+    fn a_load_report_is_encoded_as_documented() {
+        let msg = Message::Load(crate::LoadReport {
+            capacity: 4,
+            running: 2,
+            waiting: 1,
+            cores: 8,
+            load_milli: Some(1500),
+            mem_available_kib: Some(1_000_000),
+            busy_ms: 300,
+            tasks: 7,
+        });
+        let expected: &[u8] = &[
+            13, // variant: Load
+            4,  // capacity
+            2,  // running
+            1,  // waiting
+            8,  // cores
+            1, 251, 0xdc, 0x05, // load_milli: Some(1500)
+            1, 252, 0x40, 0x42, 0x0f, 0x00, // mem_available_kib: Some(1000000)
+            251, 0x2c, 0x01, // busy_ms: 300
+            7,    // tasks
+        ];
+        let mut ours = BytesMut::new();
+        encode_into(&msg, &mut ours).unwrap();
+        assert_eq!(&ours[..], expected);
+        assert_eq!(bincode_bytes(&msg), expected);
+        assert_eq!(decode(expected).unwrap(), msg);
+        // Cut anywhere, it does not decode.
+        for cut in 0..expected.len() {
+            assert!(decode(&expected[..cut]).is_err(), "{cut}");
+        }
     }
 
     #[test]

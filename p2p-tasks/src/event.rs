@@ -292,6 +292,21 @@ pub struct RunReport {
     pub error: Option<String>,
     /// Wall time in milliseconds.
     pub elapsed_ms: f64,
+    /// What the run learned of each node's speed, per type it measured (node id order).
+    pub speeds: Vec<NodeSpeed>,
+}
+
+/// A node's learned speed for one type: the run's estimate of an attempt's time per unit of
+/// cost (see [`crate::sched`]).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct NodeSpeed {
+    /// The node id.
+    pub node: String,
+    /// The type.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Estimated milliseconds per unit of cost.
+    pub ms_per_cost: f64,
 }
 
 impl RunReport {
@@ -304,6 +319,7 @@ impl RunReport {
             interrupted: false,
             error: None,
             elapsed_ms: 0.0,
+            speeds: Default::default(),
         }
     }
 

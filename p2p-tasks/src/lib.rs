@@ -20,6 +20,7 @@
 //! Every error of the crate is an [`Error`], whose variants carry typed details
 //! ([`ParseError`], [`PlanError`], [`TaskError`], [`journal::JournalError`]).
 
+pub mod admit;
 pub mod coordinator;
 mod error;
 pub mod event;
@@ -28,6 +29,7 @@ pub mod journal;
 mod options;
 pub mod parse;
 pub mod plan;
+pub mod resources;
 pub mod runcore;
 pub mod sched;
 pub mod stats;

@@ -145,6 +145,8 @@ struct Peer {
     node_id: NodeId,
     addr: SocketAddr,
     closed: bool,
+    /// Its last load report (v3), if any.
+    load: Option<p2p_core::LoadReport>,
 }
 
 struct InFlight {
@@ -188,6 +190,8 @@ pub struct RunCore {
     /// their own); entries of finished seqs are dropped lazily.
     deadlines: BinaryHeap<Reverse<(Instant, u64)>>,
     early: HashMap<LinkId, Early>,
+    /// Speeds learned of nodes (node, type) that may have left (see [`RunReport::speeds`]).
+    learned: HashMap<(Arc<str>, String), f64>,
     early_order: VecDeque<LinkId>,
     /// Links the core told to leave (duplicate node, serving nothing needed).
     ignored: HashSet<LinkId>,
@@ -246,6 +250,7 @@ impl RunCore {
             inflight: HashMap::default(),
             deadlines: BinaryHeap::new(),
             early: HashMap::new(),
+            learned: HashMap::new(),
             early_order: VecDeque::new(),
             ignored: HashSet::new(),
             needed,
@@ -381,6 +386,7 @@ impl RunCore {
                 node_id: hello.node_id,
                 addr,
                 closed: false,
+                load: None,
             },
         );
         self.touch(now);
@@ -415,6 +421,16 @@ impl RunCore {
             return;
         }
         match ev {
+            LinkEvent::Load(r) => {
+                // The capacity it takes now (a shrink cancels nothing: it takes no new work
+                // until fewer run), and whether its machine is saturated.
+                self.sched.set_capacity(link, r.capacity);
+                self.sched.set_saturated(link, r.is_saturated());
+                if let Some(p) = self.peers.get_mut(&link) {
+                    p.load = Some(r);
+                }
+                self.touch(now);
+            }
             LinkEvent::Started { seq } => {
                 // The attempt starts now: its run time and its deadline count from here, not
                 // from its assignment (it may have waited for a slot the node shares with
@@ -640,7 +656,22 @@ impl RunCore {
     /// The report, once [`RunCore::is_done`] (before it, what stands so far).
     pub fn into_report(mut self, now: Instant) -> RunReport {
         self.settle();
+        let links: Vec<LinkId> = self.peers.keys().copied().collect();
+        for link in links {
+            self.remember_speed(link);
+        }
+        let mut speeds: Vec<crate::event::NodeSpeed> = self
+            .learned
+            .iter()
+            .map(|((node, kind), secs)| crate::event::NodeSpeed {
+                node: node.to_string(),
+                kind: kind.clone(),
+                ms_per_cost: secs * 1000.0,
+            })
+            .collect();
+        speeds.sort_by(|a, b| (&a.node, &a.kind).cmp(&(&b.node, &b.kind)));
         RunReport {
+            speeds,
             results: self.results,
             missing_types: self.missing_types,
             interrupted: self.interrupted,
@@ -856,6 +887,16 @@ impl RunCore {
         timeout_of(&self.extras, task, self.opts.task_timeout)
     }
 
+    /// Keeps what the run learned of `link`'s node before the scheduler forgets it.
+    fn remember_speed(&mut self, link: LinkId) {
+        let Some(p) = self.peers.get(&link) else {
+            return;
+        };
+        for (kind, secs) in self.sched.speeds(link) {
+            self.learned.insert((p.node.clone(), kind), secs);
+        }
+    }
+
     fn closed(&mut self, link: LinkId, error: Option<String>) {
         match &error {
             None => tracing::debug!(link, "connection closed after goodbye"),
@@ -872,6 +913,7 @@ impl RunCore {
         for s in lost {
             self.inflight.remove(&s);
         }
+        self.remember_speed(link);
         let requeued = self.sched.remove_node(link);
         let Some(p) = self.peers.get_mut(&link) else {
             return;

@@ -8,14 +8,19 @@
 //! - [`Order::Type`]: within a type, file order, one at a time; types run side by side.
 //! - [`Order::None`]: no order; as much at once as the nodes' capacity allows.
 //!
-//! Work goes to a node of the task's type that has free capacity: the one learned to be
+//! Work goes to a node of the task's type that has free capacity: one whose machine is not
+//! saturated ([`Scheduler::set_saturated`]), then the one learned to be
 //! fastest for the type ([`Scheduler::observe`]: an exponentially weighted mean of attempt
 //! time per unit of cost, per node and type, started from the type's mean; estimates are
 //! compared in quarter-octave steps of 12-25%, so nodes of about one speed share work by
-//! load), then the least loaded. A node never measured
-//! for the type ranks first, so it is measured at once, and every [`PROBE_EVERY`]th start of a
-//! type goes to another free node than the fastest, so a node that became fast again is
-//! noticed. In
+//! load), then the least loaded. A free node slower than the type's fastest starts the task
+//! only if it would finish it sooner than the faster, busy nodes would finish it and the
+//! rest of the type's ready work (finish-soonest with the queue ahead; see
+//! `Scheduler::worth_waiting`); otherwise the task waits for their next result. A node
+//! never measured for the type ranks first, so it is measured at once, and every
+//! [`PROBE_EVERY`]th start of a type goes to another free node than the fastest, so a node
+//! that became fast again is noticed. A node's capacity may change during the run
+//! ([`Scheduler::set_capacity`]); a shrink cancels nothing. In
 //! [`Order::None`] and [`Order::Type`], among the tasks that may start, the costliest
 //! ([`Task::cost`]) starts first, ties in file order (longest-processing-time first): each
 //! type's ready tasks are kept ordered by cost, so picking one is a look at the first entry.
@@ -254,13 +259,28 @@ struct NodeSlot {
     est: Vec<Option<f64>>,
     capacity: u32,
     running: u32,
+    /// The summed cost of the tasks running there (not of slots held without a task).
+    work: u64,
     draining: bool,
+    /// The node's machine is saturated (its load above its cores): it sorts after every
+    /// node that is not ([`Scheduler::set_saturated`]).
+    saturated: bool,
 }
 
 impl NodeSlot {
     /// Whether the node takes new work now (and so is in its kinds' `free` sets).
     fn is_free(&self) -> bool {
         !self.draining && self.running < self.capacity
+    }
+
+    /// Whether the node is in its kinds' indexes (`serving`, `ranks`).
+    fn is_listed(&self) -> bool {
+        !self.draining && self.capacity > 0
+    }
+
+    /// Its rank for its `j`th kind.
+    fn rank(&self, j: usize) -> u32 {
+        speed_rank(self.est.get(j).copied().flatten())
     }
 
     fn load(&self) -> Load {
@@ -273,15 +293,22 @@ impl NodeSlot {
     /// The key of this node in the free set of its `j`th kind.
     fn free_key(&self, j: usize, node: NodeKey) -> FreeKey {
         (
-            speed_rank(self.est.get(j).copied().flatten()),
+            u32::from(self.saturated) << 31 | self.rank(j),
             self.load(),
             node,
         )
     }
 }
 
-/// A free node's place in its type's free set: fastest, then least loaded, then lowest key.
+/// A free node's place in its type's free set: not saturated first (the top bit of the first
+/// word), then fastest (its rank, below 2^15), then least loaded, then lowest key; as small as
+/// before saturation was known.
 type FreeKey = (u32, Load, NodeKey);
+
+/// The speed rank in a [`FreeKey`]'s first word.
+fn key_rank(word: u32) -> u32 {
+    word & !(1 << 31)
+}
 
 /// A node's load, `running / capacity`, ordered exactly (by cross-multiplication).
 #[derive(Debug, Clone, Copy)]
@@ -347,6 +374,12 @@ pub struct Scheduler {
     since_probe: Vec<u32>,
     /// Per kind, how many nodes that are not draining serve it.
     serving: Vec<u32>,
+    /// Per kind, the ranks of the nodes that serve it (free or not), fastest first: a free
+    /// node of the best rank starts a task at once; a slower one only when the faster ones
+    /// would not finish it sooner ([`Scheduler::worth_waiting`]).
+    ranks: Vec<BTreeSet<(u32, NodeKey)>>,
+    /// Per kind, the summed cost of its ready tasks (the queue the faster nodes face).
+    ready_work: Vec<u64>,
     /// For each task, the tasks that depend on it; empty when no task has dependencies
     /// (the usual case, which then costs nothing per task).
     dependents: Vec<Vec<usize>>,
@@ -406,7 +439,7 @@ impl Scheduler {
                 }
             }
         }
-        let ready = kind_tasks
+        let ready: Vec<BTreeSet<ReadyKey>> = kind_tasks
             .iter()
             .map(|ts| {
                 ts.iter()
@@ -414,6 +447,14 @@ impl Scheduler {
                     .filter(|&t| slots[t].waiting == 0)
                     .map(|t| ready_key(slots[t].cost, t))
                     .collect()
+            })
+            .collect();
+        let ready_work = ready
+            .iter()
+            .map(|r| {
+                r.iter()
+                    .map(|&key| u64::from(slots[ready_task(key)].cost))
+                    .sum()
             })
             .collect();
         Scheduler {
@@ -425,6 +466,8 @@ impl Scheduler {
             uniform_cost,
             since_probe: vec![0; kinds.len()],
             serving: vec![0; kinds.len()],
+            ranks: vec![BTreeSet::new(); kinds.len()],
+            ready_work,
             kinds,
             slots,
             kind_tasks,
@@ -446,13 +489,17 @@ impl Scheduler {
     }
 
     fn ready_insert(&mut self, task: usize) {
-        let key = self.ready_key(task);
-        self.ready[self.slots[task].kind].insert(key);
+        let (key, k) = (self.ready_key(task), self.slots[task].kind);
+        if self.ready[k].insert(key) {
+            self.ready_work[k] += u64::from(self.slots[task].cost);
+        }
     }
 
     fn ready_remove(&mut self, task: usize) {
-        let key = self.ready_key(task);
-        self.ready[self.slots[task].kind].remove(&key);
+        let (key, k) = (self.ready_key(task), self.slots[task].kind);
+        if self.ready[k].remove(&key) {
+            self.ready_work[k] -= u64::from(self.slots[task].cost);
+        }
     }
 
     fn is_ready(&self, task: usize) -> bool {
@@ -505,7 +552,9 @@ impl Scheduler {
             kinds,
             capacity,
             running: 0,
+            work: 0,
             draining: false,
+            saturated: false,
         };
         self.list(node, &slot);
         self.nodes.insert(node, slot);
@@ -515,11 +564,12 @@ impl Scheduler {
     fn list(&mut self, node: NodeKey, n: &NodeSlot) {
         // A node that can take no work (capacity 0) serves nothing: its types count as
         // missing, so the run's wait for them is bounded.
-        if n.draining || n.capacity == 0 {
+        if !n.is_listed() {
             return;
         }
         for (j, &k) in n.kinds.iter().enumerate() {
             self.serving[k] += 1;
+            self.ranks[k].insert((n.rank(j), node));
             if n.is_free() {
                 self.free[k].insert(n.free_key(j, node));
             }
@@ -528,11 +578,12 @@ impl Scheduler {
 
     /// Removes a node from the per-kind indexes (call with the state it was listed with).
     fn unlist(&mut self, node: NodeKey, n: &NodeSlot) {
-        if n.draining || n.capacity == 0 {
+        if !n.is_listed() {
             return;
         }
         for (j, &k) in n.kinds.iter().enumerate() {
             self.serving[k] -= 1;
+            self.ranks[k].remove(&(n.rank(j), node));
             if n.is_free() {
                 self.free[k].remove(&n.free_key(j, node));
             }
@@ -542,8 +593,19 @@ impl Scheduler {
     /// Moves a node's running count one up (`up`) or down (saturating at 0), keeping the
     /// per-kind free sets in order.
     fn set_running(&mut self, node: NodeKey, up: bool) {
+        self.set_running_with(node, up, 0);
+    }
+
+    /// [`Scheduler::set_running`] for a task of `cost` (0: a slot held without a task),
+    /// counted in or out of the node's running work in the same lookup.
+    fn set_running_with(&mut self, node: NodeKey, up: bool, cost: u64) {
         let Some(n) = self.nodes.get_mut(&node) else {
             return;
+        };
+        n.work = if up {
+            n.work + cost
+        } else {
+            n.work.saturating_sub(cost)
         };
         let (was_free, before) = (n.is_free(), n.running);
         if n.draining || n.capacity == 0 {
@@ -581,6 +643,30 @@ impl Scheduler {
     /// Frees a slot taken by [`Scheduler::hold`] (the node confirmed the attempt ended).
     pub fn release(&mut self, node: NodeKey) {
         self.set_running(node, false);
+    }
+
+    /// A node now takes `capacity` tasks at once (it grew or shrank its capacity). A shrink
+    /// cancels nothing: the node takes no new work until fewer than `capacity` run there.
+    /// Capacity 0 makes its types count as missing, as at the handshake.
+    pub fn set_capacity(&mut self, node: NodeKey, capacity: u32) {
+        self.relist(node, |n| n.capacity = capacity);
+    }
+
+    /// A node's machine is saturated (its load above its cores) or no longer is: a saturated
+    /// node gets work only when no other node of the type has a free slot.
+    pub fn set_saturated(&mut self, node: NodeKey, saturated: bool) {
+        self.relist(node, |n| n.saturated = saturated);
+    }
+
+    /// Changes a node's state with `f`, keeping the per-kind indexes in order.
+    fn relist(&mut self, node: NodeKey, f: impl FnOnce(&mut NodeSlot)) {
+        let Some(mut n) = self.nodes.remove(&node) else {
+            return;
+        };
+        self.unlist(node, &n);
+        f(&mut n);
+        self.list(node, &n);
+        self.nodes.insert(node, n);
     }
 
     /// A node takes no new work (it said goodbye); its running tasks may still complete.
@@ -622,7 +708,7 @@ impl Scheduler {
     /// An assignment never reached its node: make the task ready again, no retry used.
     pub fn requeue(&mut self, task: usize) {
         if let Some(TaskStatus::Running(node)) = self.status(task) {
-            self.set_running(node, false);
+            self.set_running_with(node, false, u64::from(self.slots[task].cost));
             self.unrun(task);
             // The attempt never started: the next one has its number.
             self.slots[task].attempts -= 1;
@@ -742,12 +828,13 @@ impl Scheduler {
                 if !self.is_ready(t) {
                     return None;
                 }
-                self.start(t)
+                let node = self.place(t, u64::from(self.slots[t].cost))?;
+                self.start(t, node)
             }
             Order::Type => {
                 // Each idle type's next task in file order, if ready: the costliest of those
                 // that has a node starts.
-                let mut best: Option<ReadyKey> = None;
+                let mut best: Option<(ReadyKey, NodeKey)> = None;
                 for k in 0..self.kinds.len() {
                     if self.running_kind[k] > 0 {
                         continue;
@@ -756,46 +843,121 @@ impl Scheduler {
                         continue;
                     };
                     let key = self.ready_key(first);
-                    if best.is_some_and(|b| b <= key) || !self.ready[k].contains(&key) {
+                    if best.is_some_and(|(b, _)| b <= key) || !self.ready[k].contains(&key) {
                         continue;
                     }
-                    if self.peek_node(k, self.slots[first].avoid).is_some() {
-                        best = Some(key);
+                    if let Some(node) = self.place(first, u64::from(self.slots[first].cost)) {
+                        best = Some((key, node));
                     }
                 }
-                self.start(ready_task(best?))
+                let (key, node) = best?;
+                self.start(ready_task(key), node)
             }
             Order::None => {
                 // Each type's costliest ready task: the costliest of those that has a node
                 // starts (one look per type, whatever the number of tasks; with one cost for
                 // all, the first type that can start one, as before costs).
-                let mut best: Option<ReadyKey> = None;
+                // The node found for a type is kept, so it is looked up once.
+                let mut best: Option<(ReadyKey, NodeKey)> = None;
                 for k in 0..self.kinds.len() {
                     let Some(&key) = self.ready[k].first() else {
                         continue;
                     };
-                    if best.is_some_and(|b| b <= key) {
+                    if best.is_some_and(|(b, _)| b <= key) {
                         continue;
                     }
-                    if self
-                        .peek_node(k, self.slots[ready_task(key)].avoid)
-                        .is_some()
-                    {
-                        best = Some(key);
+                    if let Some(node) = self.place(ready_task(key), self.ready_work[k]) {
+                        best = Some((key, node));
                         if self.uniform_cost {
                             break;
                         }
                     }
                 }
-                self.start(ready_task(best?))
+                let (key, node) = best?;
+                self.start(ready_task(key), node)
             }
         }
     }
 
-    fn start(&mut self, task: usize) -> Option<Dispatch> {
+    /// Where `task` would start now: the first free node of its type (see
+    /// [`Scheduler::peek_node`]), unless faster nodes that are busy would finish it sooner
+    /// with `queued` units of cost of its type waiting (see [`Scheduler::worth_waiting`]).
+    fn place(&self, task: usize, queued: u64) -> Option<NodeKey> {
+        let slot = &self.slots[task];
+        let (rank, node) = self.peek_node(slot.kind, slot.avoid)?;
+        // The fast path: the free node is of the type's best rank (no lookup of the node).
+        let fastest = self.ranks[slot.kind]
+            .first()
+            .is_none_or(|&(best, _)| rank <= best);
+        if !fastest && self.worth_waiting(slot.kind, node, slot.cost, queued) {
+            return None;
+        }
+        Some(node)
+    }
+
+    /// Whether a task of `kind` and `cost` should wait for a node faster than the free
+    /// `node` rather than start there: finish-soonest placement with the queue ahead.
+    ///
+    /// Starting on `node` ends the task after `est(node) x cost`. The nodes faster than it
+    /// share `queued` units of cost of the type's ready work (this task among them) plus
+    /// half the work they are running (on average a running task is half done): at their
+    /// summed speed (capacity / estimate each) that is `(queued + running / 2) / speed`
+    /// seconds. When that is shorter, the faster nodes would finish this task (and the rest)
+    /// before `node` could: the task waits, and the next result from them starts it. A node
+    /// of the type's best rank, one never measured (rank 0) and a node with no estimate
+    /// never wait: the fast path is one look at the type's best rank.
+    fn worth_waiting(&self, kind: usize, node: NodeKey, cost: u32, queued: u64) -> bool {
+        let Some(&(best, _)) = self.ranks[kind].first() else {
+            return false;
+        };
+        let Some(n) = self.nodes.get(&node) else {
+            return false;
+        };
+        let Some(j) = n.kinds.iter().position(|&x| x == kind) else {
+            return false;
+        };
+        let rank = n.rank(j);
+        if rank <= best {
+            return false;
+        }
+        let Some(mine) = n.est[j] else {
+            return false;
+        };
+        let mine = mine * f64::from(cost);
+        let (mut speed, mut ahead) = (0.0f64, queued.max(u64::from(cost)) as f64);
+        for &(r, m) in &self.ranks[kind] {
+            if r >= rank {
+                break;
+            }
+            let Some(other) = self.nodes.get(&m) else {
+                continue;
+            };
+            // A faster node that is free was passed over (avoided by a retry, or saturated),
+            // and slots held without a task may not free soon: only busy nodes with running
+            // work count, so a task that waits always has a result coming that starts it.
+            // A saturated one counts only against a node that is saturated too (when every
+            // machine is, speeds still decide).
+            if (other.saturated && !n.saturated) || other.is_free() || other.work == 0 {
+                continue;
+            }
+            let e = other
+                .kinds
+                .iter()
+                .position(|&x| x == kind)
+                .and_then(|i| other.est[i])
+                .or(self.kind_speed[kind])
+                .unwrap_or(mine)
+                .max(1e-9);
+            speed += f64::from(other.capacity) / e;
+            ahead += other.work as f64 / 2.0;
+        }
+        speed > 0.0 && ahead / speed < mine
+    }
+
+    fn start(&mut self, task: usize, node: NodeKey) -> Option<Dispatch> {
         let k = self.slots[task].kind;
-        let node = self.pick_node(k, self.slots[task].avoid)?;
-        self.set_running(node, true);
+        let node = self.probe(k, node, self.slots[task].avoid);
+        self.set_running_with(node, true, u64::from(self.slots[task].cost));
         self.ready_remove(task);
         let slot = &mut self.slots[task];
         slot.status = TaskStatus::Running(node);
@@ -835,12 +997,27 @@ impl Scheduler {
             n.est[j] = est;
             return;
         }
-        let listed = n.is_free() && !n.draining && n.capacity > 0;
+        self.set_estimate(node, j, est);
+    }
+
+    /// Sets a node's estimate for its `j`th kind, keeping the kind's indexes in order.
+    fn set_estimate(&mut self, node: NodeKey, j: usize, est: Option<f64>) {
+        let Some(n) = self.nodes.get_mut(&node) else {
+            return;
+        };
+        let k = n.kinds[j];
+        let (listed, free) = (n.is_listed(), n.is_listed() && n.is_free());
         if listed {
+            self.ranks[k].remove(&(n.rank(j), node));
+        }
+        if free {
             self.free[k].remove(&n.free_key(j, node));
         }
         n.est[j] = est;
         if listed {
+            self.ranks[k].insert((n.rank(j), node));
+        }
+        if free {
             self.free[k].insert(n.free_key(j, node));
         }
     }
@@ -864,14 +1041,19 @@ impl Scheduler {
         if n.est[j].is_some() {
             return;
         }
-        let listed = n.is_free() && !n.draining && n.capacity > 0;
-        if listed {
-            self.free[k].remove(&n.free_key(j, node));
-        }
-        n.est[j] = Some(mean);
-        if listed {
-            self.free[k].insert(n.free_key(j, node));
-        }
+        self.set_estimate(node, j, Some(mean));
+    }
+
+    /// A node's speed estimates: seconds per unit of cost, for each type it was measured for.
+    pub fn speeds(&self, node: NodeKey) -> Vec<(String, f64)> {
+        let Some(n) = self.nodes.get(&node) else {
+            return Vec::new();
+        };
+        n.kinds
+            .iter()
+            .zip(&n.est)
+            .filter_map(|(&k, e)| e.map(|e| (self.kinds[k].clone(), e)))
+            .collect()
     }
 
     /// A node's speed estimate for a type: seconds per unit of cost (none until measured).
@@ -882,29 +1064,29 @@ impl Scheduler {
         n.est[j]
     }
 
-    /// The fastest free node serving `kind` (then the least loaded, then the lowest key), or
-    /// on a probe another free one; `avoid` only when it is the only one that serves the type.
-    fn pick_node(&mut self, kind: usize, avoid: Option<NodeKey>) -> Option<NodeKey> {
-        let node = self.peek_node(kind, avoid)?;
+    /// `node` (what [`Scheduler::place`] found), or on a probe another free node: every
+    /// [`PROBE_EVERY`]th start of a type with several free nodes goes to the slowest free one
+    /// that is not avoided (the one least likely to be picked), so its speed is measured again.
+    fn probe(&mut self, kind: usize, node: NodeKey, avoid: Option<NodeKey>) -> NodeKey {
         self.since_probe[kind] += 1;
         if self.since_probe[kind] < PROBE_EVERY || self.free[kind].len() < 2 {
-            return Some(node);
+            return node;
         }
         self.since_probe[kind] = 0;
-        // The slowest free node that is not avoided (the one least likely to be picked).
         let probe = self.free[kind]
             .iter()
             .rev()
             .map(|&(_, _, n)| n)
             .find(|&n| n != node && Some(n) != avoid);
-        Some(probe.unwrap_or(node))
+        probe.unwrap_or(node)
     }
 
-    /// What [`Scheduler::pick_node`] picks when it does not probe.
-    fn peek_node(&self, kind: usize, avoid: Option<NodeKey>) -> Option<NodeKey> {
+    /// The first free node serving `kind` (not saturated, fastest, least loaded, lowest key),
+    /// with its speed rank; `avoid` only when it is the only one that serves the type.
+    fn peek_node(&self, kind: usize, avoid: Option<NodeKey>) -> Option<(u32, NodeKey)> {
         let free = &self.free[kind];
         let Some(a) = avoid else {
-            return free.first().map(|&(_, _, node)| node);
+            return free.first().map(|&(w, _, node)| (key_rank(w), node));
         };
         let avoid_serves = self
             .nodes
@@ -912,8 +1094,8 @@ impl Scheduler {
             .is_some_and(|n| !n.draining && n.kinds.contains(&kind));
         let alternatives = self.serving[kind] > u32::from(avoid_serves);
         free.iter()
-            .map(|&(_, _, node)| node)
-            .find(|&node| !(alternatives && node == a))
+            .map(|&(w, _, node)| (key_rank(w), node))
+            .find(|&(_, node)| !(alternatives && node == a))
     }
 
     /// Records a running task's result.
@@ -925,7 +1107,7 @@ impl Scheduler {
                 _ => Outcome::Failed,
             };
         };
-        self.set_running(node, false);
+        self.set_running_with(node, false, u64::from(self.slots[task].cost));
         let k = self.slots[task].kind;
         self.running_total -= 1;
         self.running_kind[k] -= 1;

@@ -1,22 +1,28 @@
 //! The worker side: runs the tasks peers assign, with the node's handlers, within the
 //! node's capacity.
 //!
-//! One [`Worker`] per node holds the handlers and a semaphore sized to the node's
-//! capacity; [`Worker::serve_link`] serves one connection until it closes. A cancelled task,
-//! a task over its deadline, and every task of a connection that closed have their handler
-//! futures dropped, which stops their processes.
+//! One [`Worker`] per node holds the handlers and its slots: an [`Admission`] that gives
+//! freed slots to the connections (coordinators) in turn, so one large run cannot starve a
+//! small one, with a bounded queue of waiting attempts ([`MAX_WAITING`], visible in
+//! `status`). [`Worker::serve_link`] serves one connection until it closes, and reports the
+//! node's load on it ([`p2p_core::Message::Load`]) every [`LOAD_EVERY`] and at once when the
+//! capacity changes ([`Worker::set_capacity`], [`Worker::grow`], [`Worker::shrink`],
+//! [`Worker::run_auto`]). A cancelled task, a task over its deadline, and every task of a
+//! connection that closed have their handler futures dropped, which stops their processes.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use p2p_core::net::{Command, Link, LinkEvent, LinkId};
-use p2p_core::{Assign, Completed};
-use tokio::sync::{mpsc, Semaphore};
+use p2p_core::{Assign, Completed, LoadReport};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::admit::{Admission, Arrival};
 use crate::handler::{Handler, TaskOutcome, TaskRequest, DEFAULT_OUTPUT_LIMIT};
 use crate::stats::{Ending, RunningTask, TypeStats, WorkerStats};
 
@@ -27,11 +33,35 @@ pub const INSTANT_WINDOW: u32 = 1024;
 /// After [`Worker::stop_now`], how long a goodbye has to go out before the connection closes.
 const GOODBYE_FLUSH: Duration = Duration::from_millis(50);
 
+/// The most assigned attempts that wait at a node for a slot, for every coordinator
+/// together; one more is refused at once (each connection already holds at most what its
+/// handshake's capacity allows).
+pub const MAX_WAITING: usize = 65_536;
+
+/// How often a node reports its load on each connection (and at once when its capacity
+/// changes).
+pub const LOAD_EVERY: Duration = Duration::from_secs(2);
+
+/// An attempt waiting for a slot: its seq (to forget it when cancelled), and where to say
+/// it may start.
+struct Waiter {
+    seq: u64,
+    go: oneshot::Sender<()>,
+}
+
 /// Executes assigned tasks with a set of handlers, at most `capacity` at once.
 pub struct Worker {
     handlers: HashMap<String, Arc<dyn Handler>>,
-    capacity: u32,
-    slots: Arc<Semaphore>,
+    /// The capacity it started with: with the current one, the ceiling a new connection's
+    /// handshake advertises ([`Worker::ceiling`]).
+    initial: u32,
+    admit: Mutex<Admission<Waiter>>,
+    /// The capacity now, for the connections to report when it changes.
+    capacity_tx: watch::Sender<u32>,
+    /// Time the slots spent running tasks, in microseconds.
+    busy_us: AtomicU64,
+    /// Tasks that ended (ran in a slot).
+    ended: AtomicU64,
     output_limit: usize,
     stop_now: CancellationToken,
     stats: Arc<WorkerStats>,
@@ -41,8 +71,27 @@ impl std::fmt::Debug for Worker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Worker")
             .field("types", &self.types())
-            .field("capacity", &self.capacity)
+            .field("capacity", &self.capacity())
             .finish()
+    }
+}
+
+/// A slot an attempt holds (or may be given while it waits): given back when dropped.
+struct Held {
+    worker: Arc<Worker>,
+    /// The attempt holds its slot.
+    holding: bool,
+    /// While it waits: where its turn is announced.
+    turn: Option<oneshot::Receiver<()>>,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        // A turn given just before the attempt was dropped (cancelled, closed) is a slot too.
+        let given = self.turn.as_mut().is_some_and(|rx| rx.try_recv().is_ok());
+        if self.holding || given {
+            self.worker.release();
+        }
     }
 }
 
@@ -54,10 +103,117 @@ impl Worker {
         Worker {
             stats: Arc::new(WorkerStats::new(handlers.keys())),
             handlers,
-            capacity,
-            slots: Arc::new(Semaphore::new(capacity as usize)),
+            initial: capacity,
+            admit: Mutex::new(Admission::new(capacity, MAX_WAITING)),
+            capacity_tx: watch::channel(capacity).0,
+            busy_us: AtomicU64::new(0),
+            ended: AtomicU64::new(0),
             output_limit: DEFAULT_OUTPUT_LIMIT,
             stop_now: CancellationToken::new(),
+        }
+    }
+
+    fn admission(&self) -> MutexGuard<'_, Admission<Waiter>> {
+        // A panic while holding the lock leaves consistent counters (every change is one
+        // step): go on with them.
+        self.admit.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Gives a slot back and starts the next waiting attempt in turn, if any.
+    fn release(&self) {
+        let mut a = self.admission();
+        a.finish();
+        Self::start_waiting(&mut a);
+    }
+
+    /// Starts waiting attempts while slots are free (an attempt whose future is gone gives
+    /// its slot straight back).
+    fn start_waiting(a: &mut Admission<Waiter>) {
+        while let Some((_, w)) = a.next_start() {
+            if w.go.send(()).is_err() {
+                a.finish();
+            }
+        }
+    }
+
+    /// Changes the capacity (at least 1). A shrink stops nothing: no new attempt starts until
+    /// fewer run. Every connection reports the new capacity at once (up to its handshake's).
+    pub fn set_capacity(&self, capacity: u32) {
+        let capacity = capacity.max(1);
+        {
+            let mut a = self.admission();
+            a.set_capacity(capacity);
+            Self::start_waiting(&mut a);
+        }
+        self.capacity_tx.send_replace(capacity);
+    }
+
+    /// One slot more (`SIGUSR1` on `p2p-node serve`). Returns the new capacity.
+    pub fn grow(&self) -> u32 {
+        let c = self.capacity().saturating_add(1);
+        self.set_capacity(c);
+        c
+    }
+
+    /// One slot less, down to 1 (`SIGUSR2` on `p2p-node serve`). Returns the new capacity.
+    pub fn shrink(&self) -> u32 {
+        let c = self.capacity().saturating_sub(1).max(1);
+        self.set_capacity(c);
+        c
+    }
+
+    /// The capacity a new connection's handshake advertises: the most it may be given at once
+    /// on that connection (the capacity it started with, or the current one if larger).
+    /// [`p2p_core::Message::Load`] changes what is honoured below that.
+    pub fn ceiling(&self) -> u32 {
+        self.initial.max(self.capacity())
+    }
+
+    /// An attempt ran in a slot for `took`.
+    fn count_busy(&self, took: Duration) {
+        let us = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+        self.busy_us.fetch_add(us, Ordering::Relaxed);
+        self.ended.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Attempts waiting for a slot now.
+    pub fn waiting(&self) -> usize {
+        self.admission().waiting()
+    }
+
+    /// What this node reports of its load ([`p2p_core::Message::Load`]).
+    pub fn load_report(&self) -> LoadReport {
+        let (capacity, running, waiting) = {
+            let a = self.admission();
+            (a.capacity(), a.running(), a.waiting())
+        };
+        LoadReport {
+            capacity,
+            running,
+            waiting: u32::try_from(waiting).unwrap_or(u32::MAX),
+            cores: crate::resources::cores(),
+            load_milli: crate::resources::load_milli(),
+            mem_available_kib: crate::resources::mem_available_kib(),
+            busy_ms: self.busy_us.load(Ordering::Relaxed) / 1000,
+            tasks: self.ended.load(Ordering::Relaxed),
+        }
+    }
+
+    /// `--capacity auto`: every [`LOAD_EVERY`] until `stop`, sets the capacity to the cores
+    /// not busy with other work (see [`crate::resources::auto_capacity`]).
+    pub async fn run_auto(self: Arc<Self>, stop: CancellationToken) {
+        let mut tick = tokio::time::interval(LOAD_EVERY);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stop.cancelled() => return,
+            }
+            let r = self.load_report();
+            let c = crate::resources::auto_capacity(r.cores, r.load_milli, r.running);
+            if c != r.capacity {
+                info!(capacity = c, load = ?r.load_milli, cores = r.cores, "capacity adjusted to the load");
+                self.set_capacity(c);
+            }
         }
     }
 
@@ -97,9 +253,9 @@ impl Worker {
         t
     }
 
-    /// Tasks run at once.
+    /// Tasks run at once now.
     pub fn capacity(&self) -> u32 {
-        self.capacity
+        self.admission().capacity()
     }
 
     /// Stops at once: every connection's running tasks are stopped (their handler futures
@@ -123,8 +279,18 @@ impl Worker {
         let mut ids: HashMap<tokio::task::Id, u64> = HashMap::new();
         let mut set: JoinSet<(u64, TaskOutcome, Duration)> = JoinSet::new();
         let mut said_goodbye = false;
+        let conn = link.id();
+        let mut load_tick = tokio::time::interval(LOAD_EVERY);
+        load_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut capacity = self.capacity_tx.subscribe();
         loop {
             tokio::select! {
+                _ = load_tick.tick() => {
+                    let _ = link.send(Command::Load(self.load_report()));
+                }
+                Ok(()) = capacity.changed() => {
+                    let _ = link.send(Command::Load(self.load_report()));
+                }
                 ev = events.recv() => {
                     let Some((_, ev)) = ev else { break };
                     match ev {
@@ -142,6 +308,7 @@ impl Worker {
                         }
                         LinkEvent::Cancelled { seq } => {
                             if let Some(h) = running.remove(&seq) {
+                                self.admission().forget(conn, |w| w.seq == seq);
                                 h.abort();
                                 let mut out = TaskOutcome::failure("cancelled by the coordinator");
                                 out.exit_code = None;
@@ -157,6 +324,7 @@ impl Worker {
                             break;
                         }
                         LinkEvent::Opened(_)
+                        | LinkEvent::Load(_)
                         | LinkEvent::Completed(_)
                         | LinkEvent::Started { .. }
                         | LinkEvent::AssignFailed { .. } => {}
@@ -197,7 +365,9 @@ impl Worker {
                 }
             }
         }
-        // The connection is gone: nobody will read these results; stop the work.
+        // The connection is gone: nobody will read these results; stop the work, and its
+        // waiting attempts leave the queue.
+        self.admission().forget(conn, |_| true);
         set.abort_all();
     }
 
@@ -220,10 +390,13 @@ impl Worker {
             args: a.args,
             attempt: a.attempt,
         };
-        if let Ok(_permit) = self.slots.try_acquire() {
+        if self.admission().try_start() {
             let started = Instant::now();
-            if let Some(out) = handler.call_now(&req) {
+            let now = handler.call_now(&req);
+            self.release();
+            if let Some(out) = now {
                 let took = started.elapsed();
+                self.count_busy(took);
                 kind.ended(out.ok, took);
                 return Ok((out, took));
             }
@@ -247,14 +420,40 @@ impl Worker {
         } = job;
         // Counted as failed if this future is dropped before the end (cancel, stop).
         let ending = Ending::new(kind.clone());
-        // The semaphore is never closed, so acquiring only fails if it were; treat as busy.
-        let Ok(_permit) = self.slots.clone().acquire_owned().await else {
-            return (
-                seq,
-                TaskOutcome::failure("worker is shutting down"),
-                Duration::ZERO,
-            );
+        // A slot now, or a turn in the connections' round-robin (see [`crate::admit`]).
+        let (go, turn) = oneshot::channel();
+        let arrival = self.admission().arrive(link.id(), Waiter { seq, go });
+        let mut held = Held {
+            worker: self.clone(),
+            holding: false,
+            turn: None,
         };
+        match arrival {
+            Arrival::Start(_) => held.holding = true,
+            Arrival::Queued => {
+                let turn = held.turn.insert(turn);
+                if turn.await.is_err() {
+                    // Forgotten (cancelled, or its connection closed).
+                    held.turn = None;
+                    return (
+                        seq,
+                        TaskOutcome::failure("cancelled while waiting for a slot"),
+                        Duration::ZERO,
+                    );
+                }
+                held.turn = None;
+                held.holding = true;
+            }
+            Arrival::Full(_) => {
+                return (
+                    seq,
+                    TaskOutcome::failure(format!(
+                        "the node's queue of waiting attempts is full ({MAX_WAITING})"
+                    )),
+                    Duration::ZERO,
+                );
+            }
+        }
         // The coordinator counts the task's run time (and its deadline) from here, not from
         // its assignment: the wait for a slot shared with other coordinators is not run time.
         let _ = link.send(Command::Started(seq));
@@ -279,7 +478,9 @@ impl Worker {
             fut.await
         };
         let took = started.elapsed();
+        self.count_busy(took);
         ending.ended(outcome.ok, took);
+        drop(held);
         (seq, outcome, took)
     }
 

@@ -84,8 +84,12 @@ pub fn shell_quote(s: &str) -> String {
 }
 
 fn command(args: &[&str], dir: Option<&Path>) -> Command {
+    command_of(bin(), args, dir)
+}
+
+fn command_of(bin: &Path, args: &[&str], dir: Option<&Path>) -> Command {
     check_safe(args);
-    let mut cmd = Command::new(bin());
+    let mut cmd = Command::new(bin);
     cmd.args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -250,10 +254,20 @@ impl Serve {
         Serve::start_env_in(Some(dir), args, &[])
     }
 
+    /// [`Serve::start_env`] with another `p2p-node` binary than the one under test (a
+    /// benchmark's earlier build).
+    pub fn start_bin(bin: &Path, args: &[&str], env: &[(&str, &str)]) -> Serve {
+        Serve::start_with(bin, None, args, env)
+    }
+
     fn start_env_in(dir: Option<&Path>, args: &[&str], env: &[(&str, &str)]) -> Serve {
+        Serve::start_with(bin(), dir, args, env)
+    }
+
+    fn start_with(bin: &Path, dir: Option<&Path>, args: &[&str], env: &[(&str, &str)]) -> Serve {
         let mut full = vec!["serve"];
         full.extend_from_slice(args);
-        let mut cmd = command(&full, dir);
+        let mut cmd = command_of(bin, &full, dir);
         cmd.envs(env.iter().copied());
         let mut guard = ChildGuard::new(cmd.spawn().expect("spawn p2p-node serve"));
         let stdout = Lines::default();

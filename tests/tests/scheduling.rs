@@ -272,6 +272,18 @@ fn peers_lists_a_serving_node() {
     assert_eq!(p["addr"], s.peer().as_str(), "{p}");
     assert_eq!(p["types"], serde_json::json!(["a", "b"]), "{p}");
     assert_eq!(p["capacity"], 3, "{p}");
+    // Its load report: nothing ran there yet.
+    assert_eq!(p["tasks"], 0, "{p}");
+    assert!(p["mean_task_ms"].is_null(), "{p}");
+    // After a run of two tasks, it reports them and its mean task time.
+    dir.write("tasks.txt", "a1 b1\n");
+    run_in(dir.path(), &["run", "tasks.txt", "--peer", &s.peer()]).assert_code(0);
+    let out = run_in(dir.path(), &["peers", "--json", "--peer", &s.peer()]);
+    let p = &out.json()[0];
+    assert_eq!(p["tasks"], 2, "{p}");
+    assert!(p["mean_task_ms"].as_f64().is_some_and(|m| m >= 0.0), "{p}");
+    let out = run_in(dir.path(), &["peers", "--peer", &s.peer()]);
+    assert!(out.stdout.contains("MEAN TASK"), "{}", out.describe());
 }
 
 /// Runs `a1 a2` on a single node of type a and kills (SIGKILL) that node while a1 runs.

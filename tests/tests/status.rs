@@ -65,6 +65,7 @@ fn status_shows_what_live_nodes_run_and_ran() {
     assert_eq!(s["types"], serde_json::json!(["s"]));
     assert_eq!(s["capacity"], 3);
     assert_eq!(s["running_total"], 2);
+    assert_eq!(s["waiting"], 0);
     let mut ids: Vec<&str> = s["running"]
         .as_array()
         .unwrap()
@@ -96,7 +97,8 @@ fn status_shows_what_live_nodes_run_and_ran() {
         out.describe()
     );
     assert!(
-        out.stdout.contains("running 2, completed 0, failed 0"),
+        out.stdout
+            .contains("running 2, waiting 0, completed 0, failed 0"),
         "{}",
         out.describe()
     );

@@ -542,3 +542,59 @@ fn a_status_report_is_cut_on_character_boundaries() {
     assert!(r.running[0].task.len() <= crate::message::MAX_STATUS_STRING);
     assert!(r.running[0].task.chars().all(|c| c == 'é'));
 }
+
+fn load(capacity: u32) -> LoadReport {
+    LoadReport {
+        capacity,
+        running: 1,
+        waiting: 0,
+        cores: 2,
+        load_milli: Some(500),
+        mem_available_kib: Some(1024),
+        busy_ms: 10,
+        tasks: 3,
+    }
+}
+
+#[test]
+fn a_load_report_changes_the_capacity_up_to_the_handshakes() {
+    let mut p = Pair::new(2);
+    p.drive().unwrap();
+    Pair::events(&mut p.c);
+    // The worker shrinks to 1: the coordinator learns it, and a second assignment waits.
+    p.w.report_load(load(1));
+    p.drive().unwrap();
+    assert_eq!(Pair::events(&mut p.c), vec![Event::Load(load(1))]);
+    assert_eq!(p.c.peer_capacity(), 1);
+    p.c.assign(assign(1)).unwrap();
+    assert!(p.c.assign(assign(2)).is_err(), "over the shrunk capacity");
+    // Growing back is honoured, beyond the handshake's capacity not (sent or received).
+    p.w.report_load(load(5));
+    p.drive().unwrap();
+    assert_eq!(Pair::events(&mut p.c), vec![Event::Load(load(2))]);
+    p.c.handle_message(Message::Load(load(9)), p.now).unwrap();
+    assert_eq!(Pair::events(&mut p.c), vec![Event::Load(load(2))]);
+    assert_eq!(p.c.peer_capacity(), 2);
+    p.c.assign(assign(2)).unwrap();
+    assert!(p.c.assign(assign(3)).is_err());
+    // The worker still accepts what was sent under its handshake's capacity (a shrink
+    // races with assignments already on their way).
+    p.w.report_load(load(1));
+    p.drive().unwrap();
+    assert!(p.w.is_open() && p.c.is_open());
+    // A coordinator serves nothing: it has no load to report.
+    p.c.report_load(load(1));
+    assert!(p.c.poll_transmit().is_none());
+}
+
+#[test]
+fn a_load_report_before_the_handshake_is_a_violation() {
+    let now = Instant::now();
+    let mut w = Connection::new(
+        Role::Acceptor,
+        hello("default", &["a"], 1),
+        Config::default(),
+        now,
+    );
+    assert!(w.handle_message(Message::Load(load(1)), now).is_err());
+}

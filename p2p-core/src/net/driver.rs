@@ -186,6 +186,7 @@ async fn drive_inner(
                 Event::Completed(c) => LinkEvent::Completed(c),
                 Event::Cancelled { seq } => LinkEvent::Cancelled { seq },
                 Event::PeerGoodbye => LinkEvent::PeerGoodbye,
+                Event::Load(r) => LinkEvent::Load(r),
                 Event::StatusRequested => {
                     let Some(source) = &source else {
                         return Err(crate::Violation::StatusNotServed.into());
@@ -307,6 +308,7 @@ fn command(conn: &mut Connection, cmd: Option<Command>) -> Result<Option<LinkEve
             }
         }
         Some(Command::Started(seq)) => conn.started(seq),
+        Some(Command::Load(r)) => conn.report_load(r),
         Some(Command::Complete(c)) => {
             if let Err(e) = conn.complete(c) {
                 debug!(error = %e, "result not sent");

@@ -22,6 +22,8 @@ pub enum Command {
     Started(u64),
     /// Report the result of a task the peer assigned to us.
     Complete(Completed),
+    /// Report this node's capacity and resources to the peer ([`crate::Message::Load`]).
+    Load(crate::LoadReport),
     /// Cancel a task we assigned to the peer.
     Cancel(u64),
     /// Say goodbye: no new work; close once in-flight work is done.
@@ -52,6 +54,8 @@ pub enum LinkEvent {
     },
     /// The peer said goodbye: assign nothing more to it.
     PeerGoodbye,
+    /// The peer reported its capacity (at most its handshake's) and resources.
+    Load(crate::LoadReport),
     /// An assignment could not be sent (connection closing, peer at capacity).
     AssignFailed {
         /// The assignment, for re-queueing.

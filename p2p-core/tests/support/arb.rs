@@ -97,7 +97,42 @@ pub fn completed() -> impl Strategy<Value = Completed> {
         )
 }
 
-/// Any message of protocol v2.
+/// A load report with any fields.
+pub fn load() -> impl Strategy<Value = p2p_core::LoadReport> {
+    (
+        any::<u32>(),
+        any::<u32>(),
+        any::<u32>(),
+        any::<u32>(),
+        any::<Option<u32>>(),
+        any::<Option<u64>>(),
+        (any::<u64>(), any::<u64>()),
+    )
+        .prop_map(
+            |(
+                capacity,
+                running,
+                waiting,
+                cores,
+                load_milli,
+                mem_available_kib,
+                (busy_ms, tasks),
+            )| {
+                p2p_core::LoadReport {
+                    capacity,
+                    running,
+                    waiting,
+                    cores,
+                    load_milli,
+                    mem_available_kib,
+                    busy_ms,
+                    tasks,
+                }
+            },
+        )
+}
+
+/// Any message of protocol v3.
 pub fn message() -> impl Strategy<Value = Message> {
     prop_oneof![
         hello().prop_map(Message::Hello),
@@ -123,6 +158,7 @@ pub fn message() -> impl Strategy<Value = Message> {
                 }))
             }
         ),
+        load().prop_map(Message::Load),
     ]
 }
 
@@ -137,5 +173,6 @@ pub fn open_message() -> impl Strategy<Value = Message> {
         2 => any::<u64>().prop_map(|nonce| Message::Ping { nonce }),
         1 => any::<u64>().prop_map(|nonce| Message::Pong { nonce }),
         1 => Just(Message::Goodbye),
+        1 => load().prop_map(Message::Load),
     ]
 }

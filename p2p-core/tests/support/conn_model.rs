@@ -157,6 +157,15 @@ impl Checker {
                 | Event::Finished
                 | Event::StatusRequested
                 | Event::Status(_) => {}
+                Event::Load(r) => {
+                    let ceiling = conn.peer().map_or(0, |p| p.capacity);
+                    assert!(
+                        r.capacity <= ceiling,
+                        "{input}: a load report raised the capacity to {} over the handshake's {ceiling}",
+                        r.capacity
+                    );
+                    assert_eq!(conn.peer_capacity(), r.capacity, "{input}");
+                }
             }
         }
         for m in &sent {

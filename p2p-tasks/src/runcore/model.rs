@@ -13,7 +13,12 @@
 //!   order likewise within a type; a task starts only after its dependencies succeeded;
 //! - longest first: in order none without dependencies, a task's first attempt starts only
 //!   once every costlier task of its type (and every one as costly earlier in the file) has
-//!   been assigned. Tasks have random costs, and some their own timeout and retries.
+//!   been assigned. Tasks have random costs, and some their own timeout and retries;
+//! - capacity as the node reports it: nodes run at different speeds, change their capacity
+//!   during the run (a `Load` report to every coordinator) and report their machine
+//!   saturated or not; no coordinator then has more in flight on a connection than the
+//!   capacity last reported on it (a shrink cancels nothing: it only holds back new work),
+//!   and finish-soonest placement never leaves a run waiting for nothing.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -47,6 +52,13 @@ enum Action {
     Goodbye { node: usize },
     /// The user interrupts a coordinator.
     Interrupt { coord: usize },
+    /// A node changes its capacity (1 to 3, at most its handshake's) and reports it, with
+    /// its machine saturated or not, to every coordinator.
+    Resize {
+        node: usize,
+        capacity: u32,
+        saturated: bool,
+    },
 }
 
 fn action() -> impl Strategy<Value = Action> {
@@ -56,6 +68,8 @@ fn action() -> impl Strategy<Value = Action> {
         2 => (0usize..3, 0usize..2).prop_map(|(coord, node)| Action::Reconnect { coord, node }),
         1 => (0usize..2).prop_map(|node| Action::Goodbye { node }),
         1 => (0usize..3).prop_map(|coord| Action::Interrupt { coord }),
+        2 => (0usize..2, 1u32..=3, any::<bool>())
+            .prop_map(|(node, capacity, saturated)| Action::Resize { node, capacity, saturated }),
     ]
 }
 
@@ -65,8 +79,9 @@ type PlanTask = (bool, Option<usize>, u32, Option<u32>, Option<u64>);
 #[derive(Debug, Clone)]
 struct Setup {
     coords: usize,
-    /// Per node: (serves a, serves b, capacity).
-    nodes: Vec<(bool, bool, u32)>,
+    /// Per node: (serves a, serves b, capacity, slowness: its attempts take this many
+    /// times as long).
+    nodes: Vec<(bool, bool, u32, u32)>,
     /// Per coordinator: order, retries, keep-going.
     runs: Vec<(Order, u32, bool)>,
     /// The plan: per task, its type (false: a, true: b), an optional earlier dependency
@@ -79,7 +94,15 @@ fn setup() -> impl Strategy<Value = Setup> {
     let order = prop_oneof![Just(Order::Strict), Just(Order::Type), Just(Order::None)];
     (
         1usize..=3,
-        prop::collection::vec((any::<bool>(), any::<bool>(), 0u32..=3), 1..=2),
+        prop::collection::vec(
+            (
+                any::<bool>(),
+                any::<bool>(),
+                0u32..=3,
+                prop::sample::select(vec![1u32, 1, 5]),
+            ),
+            1..=2,
+        ),
         prop::collection::vec((order, 0u32..=2, any::<bool>()), 3),
         prop::collection::vec(
             (
@@ -120,6 +143,10 @@ struct Job {
 
 struct Node {
     hello: Hello,
+    /// The slots it runs now (its handshake's capacity until it changes).
+    capacity: u32,
+    /// Its attempts take this many times as long.
+    slowness: u32,
     queue: VecDeque<Job>,
     running: Vec<(Job, Instant, Instant)>,
     leaving: bool,
@@ -134,6 +161,11 @@ struct Conn {
     we_goodbye: bool,
     /// Seqs assigned and not answered: what the connection counts.
     outstanding: HashSet<u64>,
+    /// The capacity the connection honours: its handshake's, then the last reported (at
+    /// most the handshake's).
+    capacity: u32,
+    /// Its handshake's capacity.
+    ceiling: u32,
 }
 
 struct Coord {
@@ -185,7 +217,7 @@ impl World {
             .nodes
             .iter()
             .enumerate()
-            .map(|(i, &(a, b, capacity))| {
+            .map(|(i, &(a, b, capacity, slowness))| {
                 let mut types = Vec::new();
                 if a || !b {
                     types.push("a".to_string());
@@ -201,6 +233,8 @@ impl World {
                         types,
                         capacity,
                     },
+                    capacity,
+                    slowness,
                     queue: VecDeque::new(),
                     running: Vec::new(),
                     leaving: false,
@@ -260,6 +294,8 @@ impl World {
                     peer_goodbye: false,
                     we_goodbye: false,
                     outstanding: HashSet::new(),
+                    capacity: w.nodes[n].hello.capacity,
+                    ceiling: w.nodes[n].hello.capacity,
                 });
                 let hello = w.nodes[n].hello.clone();
                 w.coords[c]
@@ -337,14 +373,20 @@ impl World {
                     && !self.nodes[node].leaving
                 {
                     let link = self.new_link();
+                    // A new handshake advertises the capacity the node has now.
+                    let mut hello = self.nodes[node].hello.clone();
+                    if hello.capacity > 0 {
+                        hello.capacity = self.nodes[node].capacity;
+                    }
                     self.coords[coord].conns[node] = Conn {
                         link,
                         open: true,
                         peer_goodbye: false,
                         we_goodbye: false,
                         outstanding: HashSet::new(),
+                        capacity: hello.capacity,
+                        ceiling: hello.capacity,
                     };
-                    let hello = self.nodes[node].hello.clone();
                     self.coords[coord]
                         .core
                         .handle_connected(link, addr(node), &hello, self.now);
@@ -370,6 +412,36 @@ impl World {
             Action::Interrupt { coord } => {
                 if coord < self.coords.len() {
                     self.coords[coord].core.handle_interrupt(self.now);
+                }
+            }
+            Action::Resize {
+                node,
+                capacity,
+                saturated,
+            } => {
+                // A node of capacity 0 serves nothing and reports nothing.
+                if node < self.nodes.len() && self.nodes[node].hello.capacity > 0 {
+                    self.nodes[node].capacity = capacity;
+                    for c in 0..self.coords.len() {
+                        let conn = &mut self.coords[c].conns[node];
+                        if !conn.open {
+                            continue;
+                        }
+                        // What the connection honours: at most its handshake's.
+                        conn.capacity = capacity.min(conn.ceiling);
+                        let report = p2p_core::LoadReport {
+                            capacity: conn.capacity,
+                            cores: 2,
+                            load_milli: Some(if saturated { 4000 } else { 500 }),
+                            ..Default::default()
+                        };
+                        let link = conn.link;
+                        self.coords[c].core.handle_link_event(
+                            link,
+                            LinkEvent::Load(report),
+                            self.now,
+                        );
+                    }
                 }
             }
         }
@@ -469,7 +541,7 @@ impl World {
                 }
             }
             for n in 0..self.nodes.len() {
-                while self.nodes[n].running.len() < self.nodes[n].hello.capacity as usize {
+                while self.nodes[n].running.len() < self.nodes[n].capacity as usize {
                     let Some(j) = self.nodes[n].queue.pop_front() else {
                         break;
                     };
@@ -523,7 +595,7 @@ impl World {
                     "assignment after goodbye"
                 );
                 assert!(conn.outstanding.insert(a.seq), "seq reused");
-                let capacity = self.nodes[n].hello.capacity as usize;
+                let capacity = conn.capacity as usize;
                 assert!(
                     conn.outstanding.len() <= capacity,
                     "coordinator {c}: {} in flight on a node of capacity {capacity}",
@@ -535,7 +607,7 @@ impl World {
                 self.coords[c].assigned[t] = true;
                 self.coords[c].seqs.insert(a.seq, t);
                 let h = mix(self.seed ^ mix(t as u64 * 977 + u64::from(a.attempt) * 31 + c as u64));
-                let len = Duration::from_millis(10 + h % 4000);
+                let len = Duration::from_millis(10 + h % 4000) * self.nodes[n].slowness;
                 let ok = !(h >> 20).is_multiple_of(5);
                 self.nodes[n].queue.push_back(Job {
                     coord: c,
@@ -570,7 +642,9 @@ impl World {
             }
             Command::Goodbye => self.coords[c].conns[n].we_goodbye = true,
             Command::Abort => self.close(c, n, Some(p2p_core::Error::Aborted)),
-            Command::Complete(_) | Command::Started(_) => panic!("the run is assigned nothing"),
+            Command::Complete(_) | Command::Started(_) | Command::Load(_) => {
+                panic!("the run is assigned nothing")
+            }
         }
     }
 

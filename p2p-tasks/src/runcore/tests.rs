@@ -86,7 +86,7 @@ impl Sim {
                 Command::Cancel(seq) => self.cancels.push((link, seq)),
                 Command::Goodbye => self.goodbyes.push(link),
                 Command::Abort => self.aborts.push(link),
-                Command::Complete(_) | Command::Started(_) => {
+                Command::Complete(_) | Command::Started(_) | Command::Load(_) => {
                     panic!("the run is assigned nothing")
                 }
             }
@@ -899,7 +899,9 @@ mod shared {
                                     self.now,
                                 );
                             }
-                            Command::Complete(_) | Command::Started(_) => unreachable!(),
+                            Command::Complete(_) | Command::Started(_) | Command::Load(_) => {
+                                unreachable!()
+                            }
                         }
                     }
                     while self.cores[i].poll_event().is_some() {}
@@ -1093,3 +1095,76 @@ fn the_dependents_of_a_cancelled_task_say_why_they_did_not_run() {
 }
 
 mod placement;
+
+fn load(capacity: u32, load_milli: u32) -> LinkEvent {
+    LinkEvent::Load(p2p_core::LoadReport {
+        capacity,
+        cores: 2,
+        load_milli: Some(load_milli),
+        ..Default::default()
+    })
+}
+
+#[test]
+fn a_load_report_shrinks_and_grows_a_nodes_share_without_cancelling() {
+    let mut s = Sim::new("a1 a2 a3 a4 a5", opts(Order::None, 0, false));
+    s.connect(1, &hello(1, &["a"], 3));
+    assert_eq!(s.in_flight_on(1), 3);
+    // Shrunk to 1: nothing is cancelled, and nothing new goes out until one runs.
+    s.link(1, load(1, 100));
+    assert!(s.cancels.is_empty());
+    s.answer("a1", true, Duration::from_millis(5));
+    s.answer("a2", true, Duration::from_millis(5));
+    assert_eq!(s.in_flight_on(1), 1, "one still runs: at the new capacity");
+    s.answer("a3", true, Duration::from_millis(5));
+    assert_eq!(s.in_flight_on(1), 1);
+    // Grown back to 3: the rest goes out.
+    s.link(1, load(3, 100));
+    assert_eq!(s.in_flight_on(1), 2);
+}
+
+#[test]
+fn a_saturated_node_gets_work_only_when_the_other_has_no_room() {
+    let mut s = Sim::new("a1 a2 a3 a4", opts(Order::None, 0, false));
+    // Both connect, and node 1 reports its machine at 4.0 on 2 cores, before any task goes
+    // out (tasks start as commands are polled).
+    let (h1, h2) = (hello(1, &["a"], 2), hello(2, &["a"], 2));
+    s.core.handle_connected(1, addr(7001), &h1, s.now);
+    s.core.handle_connected(2, addr(7002), &h2, s.now);
+    s.core.handle_link_event(1, load(2, 4000), s.now);
+    s.pump();
+    let links: Vec<LinkId> = s.sent.iter().map(|(l, _)| *l).collect();
+    assert_eq!(
+        links,
+        [2, 2, 1, 1],
+        "node 2 first, node 1 when node 2 is full"
+    );
+}
+
+#[test]
+fn the_report_keeps_what_the_run_learned_of_each_node_even_after_it_left() {
+    let mut s = Sim::new("a1 a2", opts(Order::Strict, 0, false));
+    s.connect(1, &hello(1, &["a"], 1));
+    s.answer("a1", true, Duration::from_millis(40));
+    // The node leaves; another one runs a2.
+    s.link(
+        1,
+        LinkEvent::Closed {
+            error: Some(Arc::new(ConnectionError::Lost.into())),
+        },
+    );
+    s.connect(2, &hello(2, &["a"], 1));
+    s.answer("a2", true, Duration::from_millis(10));
+    let r = s.report();
+    let speeds: Vec<(String, f64)> = r
+        .speeds
+        .iter()
+        .map(|n| (n.node[..2].to_string(), n.ms_per_cost))
+        .collect();
+    assert_eq!(speeds.len(), 2, "{speeds:?}");
+    assert_eq!(speeds[0].0, "01");
+    assert!((speeds[0].1 - 40.0).abs() < 1e-6, "{speeds:?}");
+    assert_eq!(speeds[1].0, "02");
+    // Node 2 started from the type's mean (40 ms) and moved 30% towards 10 ms.
+    assert!((speeds[1].1 - 31.0).abs() < 1e-6, "{speeds:?}");
+}

@@ -307,5 +307,183 @@ fn speed_ranks_are_ordered_and_never_overflow() {
         .collect();
     assert!(ranks.windows(2).all(|w| w[0] <= w[1]), "{ranks:?}");
     assert!(ranks.iter().all(|&r| r >= 1), "{ranks:?}");
+    // Below the saturation bit of a free-set key.
+    assert!(ranks.iter().all(|&r| r < 1 << 15), "{ranks:?}");
+    assert!(speed_rank(Some(f64::NAN)) < 1 << 15);
     assert_eq!(speed_rank(Some(0.010)), speed_rank(Some(0.0101)));
+}
+
+/// Runs `s` to its end on a virtual clock: node `key` (from 1) of `nodes` takes
+/// `secs[key - 1] x cost` per task and has `cap` slots. Every result is observed as a
+/// coordinator would. Returns the makespan and the tasks each node ran.
+fn simulate(s: &mut Scheduler, costs: &[u32], nodes: &[(f64, u32)]) -> (Duration, Vec<usize>) {
+    for (i, &(_, cap)) in nodes.iter().enumerate() {
+        s.add_node(i as u64 + 1, &["a".into()], cap);
+    }
+    let t0 = Instant::now();
+    let mut now = t0;
+    let mut running: Vec<(Instant, usize, NodeKey)> = Vec::new();
+    let mut ran = vec![0; nodes.len()];
+    for _ in 0..10 * costs.len() + 10 {
+        while let Some(d) = s.next(now) {
+            let secs = nodes[d.node as usize - 1].0 * f64::from(costs[d.task]);
+            running.push((now + Duration::from_secs_f64(secs), d.task, d.node));
+            ran[d.node as usize - 1] += 1;
+        }
+        let Some(i) = (0..running.len()).min_by_key(|&i| running[i].0) else {
+            break;
+        };
+        let (end, task, node) = running.swap_remove(i);
+        let started =
+            end - Duration::from_secs_f64(nodes[node as usize - 1].0 * f64::from(costs[task]));
+        now = end;
+        s.observe(task, node, end - started);
+        s.complete(task, true, now);
+    }
+    assert!(s.is_finished(), "the simulation ended before the run");
+    (now - t0, ran)
+}
+
+fn costed(costs: &[u32], order: Order) -> Scheduler {
+    let mut ts = tasks(
+        &(0..costs.len())
+            .map(|i| format!("a{i}"))
+            .collect::<Vec<_>>()
+            .join(" "),
+    );
+    for (t, &c) in ts.iter_mut().zip(costs) {
+        t.cost = c;
+    }
+    Scheduler::new(
+        &ts,
+        Policy {
+            order,
+            ..Policy::default()
+        },
+    )
+}
+
+#[test]
+fn a_free_slow_node_waits_when_the_fast_one_would_finish_the_queue_sooner() {
+    let setup = |n: usize| {
+        let mut s = costed(&vec![1; n], Order::None);
+        s.add_node(1, &["a".into()], 1);
+        s.add_node(2, &["a".into()], 1);
+        // Node 1 takes 20 ms per task, node 2 100 ms (measured often enough to be known).
+        for _ in 0..20 {
+            s.observe(0, 1, Duration::from_millis(20));
+            s.observe(0, 2, Duration::from_millis(100));
+        }
+        s
+    };
+    let now = Instant::now();
+    // Three tasks: the fast node runs the first, and finishes the other two (40 ms, plus
+    // half of the one it runs) before the slow node could finish one (100 ms).
+    let mut s = setup(3);
+    let nodes: Vec<NodeKey> = drain(&mut s, now).iter().map(|d| d.node).collect();
+    assert_eq!(nodes, [1]);
+    // The same when both machines are saturated (a loaded host): speeds still decide.
+    let mut s = setup(3);
+    s.set_saturated(1, true);
+    s.set_saturated(2, true);
+    let nodes: Vec<NodeKey> = drain(&mut s, now).iter().map(|d| d.node).collect();
+    assert_eq!(nodes, [1]);
+    // Forty tasks: 39 queued are 0.8 s of the fast node's time; the slow node helps.
+    let mut s = setup(40);
+    let nodes: Vec<NodeKey> = drain(&mut s, now).iter().map(|d| d.node).collect();
+    assert_eq!(nodes, [1, 2]);
+}
+
+#[test]
+fn in_strict_order_the_fast_node_gets_the_tasks_with_probes() {
+    let mut s = costed(&[1; 40], Order::Strict);
+    let (took, ran) = simulate(&mut s, &[1; 40], &[(0.02, 1), (0.1, 1)]);
+    // One probe of the slow node per PROBE_EVERY starts, and its first measurement.
+    assert!(ran[1] <= 1 + 40 / PROBE_EVERY as usize, "{ran:?}");
+    assert!(ran[0] >= 36, "{ran:?}");
+    // Within 1.5x of the fast node alone (0.8 s).
+    assert!(took.as_secs_f64() < 1.2, "{took:?}");
+}
+
+#[test]
+fn longest_first_on_two_equal_nodes_ends_with_the_long_task() {
+    let mut costs = vec![1u32; 10];
+    costs.push(10);
+    let mut s = costed(&costs, Order::None);
+    let (took, _) = simulate(&mut s, &costs, &[(0.1, 1), (0.1, 1)]);
+    assert!((took.as_secs_f64() - 1.0).abs() < 1e-6, "{took:?}");
+}
+
+#[test]
+fn a_heterogeneous_mesh_ends_near_its_lower_bound() {
+    // Six nodes of speeds 1x..6x, 2,000 tasks of costs 1 to 10 (deterministic).
+    let costs: Vec<u32> = (0..2000u64)
+        .map(|i| 1 + (mix_for_test(i) % 10) as u32)
+        .collect();
+    let nodes: Vec<(f64, u32)> = (1..=6).map(|k| (0.01 / f64::from(k), 1)).collect();
+    let speed: f64 = (1..=6).map(|k| f64::from(k) / 0.01).sum();
+    let work: f64 = costs.iter().map(|&c| f64::from(c)).sum();
+    let bound = (work / speed).max(10.0 * 0.01 / 6.0);
+    let mut s = costed(&costs, Order::None);
+    let (took, ran) = simulate(&mut s, &costs, &nodes);
+    let ratio = took.as_secs_f64() / bound;
+    eprintln!("heterogeneous mesh: {ratio:.3}x the lower bound, {ran:?}");
+    assert!(
+        ratio < 1.15,
+        "makespan {took:?}, bound {bound:.3} s: {ratio:.3}x, {ran:?}"
+    );
+    // Faster nodes ran more tasks.
+    assert!(ran.windows(2).all(|w| w[0] < w[1]), "{ran:?}");
+}
+
+fn mix_for_test(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+#[test]
+fn a_saturated_node_gets_work_only_when_the_others_are_full() {
+    let mut s = costed(&[1; 4], Order::None);
+    s.add_node(1, &["a".into()], 2);
+    s.add_node(2, &["a".into()], 2);
+    s.set_saturated(1, true);
+    let nodes: Vec<NodeKey> = drain(&mut s, Instant::now())
+        .iter()
+        .map(|d| d.node)
+        .collect();
+    assert_eq!(nodes, [2, 2, 1, 1]);
+    // No longer saturated: by load again.
+    let mut s = costed(&[1; 4], Order::None);
+    s.add_node(1, &["a".into()], 2);
+    s.add_node(2, &["a".into()], 2);
+    s.set_saturated(1, true);
+    s.set_saturated(1, false);
+    let nodes: Vec<NodeKey> = drain(&mut s, Instant::now())
+        .iter()
+        .map(|d| d.node)
+        .collect();
+    assert_eq!(nodes, [1, 2, 1, 2]);
+}
+
+#[test]
+fn a_shrink_cancels_nothing_and_a_grow_starts_more() {
+    let mut s = costed(&[1; 6], Order::None);
+    s.add_node(1, &["a".into()], 3);
+    let now = Instant::now();
+    assert_eq!(drain(&mut s, now).len(), 3);
+    s.set_capacity(1, 1);
+    assert_eq!(s.running(), 3, "running work is not cancelled");
+    // Two results leave one running: still at the new capacity, nothing starts.
+    s.complete(0, true, now);
+    s.complete(1, true, now);
+    assert!(drain(&mut s, now).is_empty());
+    s.complete(2, true, now);
+    assert_eq!(drain(&mut s, now).len(), 1);
+    s.set_capacity(1, 3);
+    assert_eq!(drain(&mut s, now).len(), 2);
+    // Capacity 0: the type has no node that can take work.
+    s.set_capacity(1, 0);
+    assert_eq!(s.missing_kinds(), ["a".to_string()]);
 }
