@@ -935,6 +935,17 @@ fn discovery_names(c: &Common) -> String {
 async fn run(a: RunArgs, shutdown: CancellationToken) -> anyhow::Result<u8> {
     let key = load_key(&a.common)?;
     let tasks = p2p_tasks::parse::load(&a.tasks_file).map_err(|e| usage(e.to_string()))?;
+    if let Some(t) = tasks.iter().find(|t| t.has_files()) {
+        // Parsed and checked, but not shipped yet: refuse rather than run without them.
+        return Err(usage(format!(
+            "{}:{}:{}: task {} declares files (`<` or `>`), which this version parses but \
+             cannot ship yet",
+            a.tasks_file.display(),
+            t.line,
+            t.col,
+            t.id
+        )));
+    }
     if a.retry_backoff_max < a.retry_backoff {
         return Err(usage(format!(
             "--retry-backoff-max {:?} is shorter than --retry-backoff {:?}",
