@@ -11,7 +11,7 @@ use p2p_core::net::Settings;
 use p2p_core::text::escape;
 use p2p_core::{ClusterKey, Identity};
 use p2p_discovery::{Discovery, Kind};
-use p2p_tasks::handler::{Builtin, Handler, Shell};
+use p2p_tasks::handler::{Builtin, Handler, Shell, WorkDirs};
 use p2p_tasks::{Order, Policy, RunOptions};
 use tokio_util::sync::CancellationToken;
 
@@ -117,7 +117,7 @@ pub enum Command {
     /// Serve task types: accept connections and run the tasks peers assign.
     #[command(
         after_help = "Example:\n  p2p-node serve --types a --listen 127.0.0.1:7401 --discovery none\n  \
-        p2p-node serve --types a,b --handler 'a=echo {id} >> done.txt' --capacity 4"
+        p2p-node serve --types a,b --handler 'a=echo {id} >> /tmp/done.txt' --capacity 4"
     )]
     Serve(ServeArgs),
     /// Run a task file across the nodes that serve its types.
@@ -253,6 +253,10 @@ pub struct ServeArgs {
     /// HTTP on ADDR; loopback only unless a cluster key (or --insecure) is given.
     #[arg(long, value_name = "ADDR")]
     pub metrics_listen: Option<SocketAddr>,
+    /// Keep the working directory of a failed attempt (under DATA_DIR/work) for debugging;
+    /// the others are always removed when their attempt ends.
+    #[arg(long)]
+    pub keep_work: bool,
     /// Shared options.
     #[command(flatten)]
     pub common: Common,
@@ -650,14 +654,30 @@ fn handler_for(
     handlers: &[(String, String)],
     max_output: usize,
     kill_grace: Duration,
+    work: &WorkDirs,
 ) -> Box<dyn Handler> {
     match handlers.iter().find(|(t, _)| t == kind) {
         Some((_, cmd)) => Box::new(
             Shell::new(cmd.clone())
                 .output_limit(max_output)
-                .kill_grace(kill_grace),
+                .kill_grace(kill_grace)
+                .work_dirs(work.clone()),
         ),
         None => Box::new(Builtin),
+    }
+}
+
+/// Where shell handlers' attempts get their working directories: `DATA_DIR/work` (the
+/// data directory as for identities; the system's temporary directory when there is none).
+fn work_dirs(c: &Common, keep_failed: bool) -> WorkDirs {
+    let data = c
+        .data_dir
+        .clone()
+        .or_else(datadir::default_dir)
+        .unwrap_or_else(|| std::env::temp_dir().join("p2p-node"));
+    WorkDirs {
+        root: Some(data.join("work")),
+        keep_failed,
     }
 }
 
@@ -864,8 +884,12 @@ async fn serve(
     if let Some(m) = a.metrics_listen {
         b = b.metrics_listen(m);
     }
+    let work = work_dirs(&a.common, a.keep_work);
     for t in &types {
-        b = b.handler(t, handler_for(t, &handlers, a.max_output, a.kill_grace));
+        b = b.handler(
+            t,
+            handler_for(t, &handlers, a.max_output, a.kill_grace, &work),
+        );
     }
     let identity = load_identity(&a.common, Some("identity"))?;
     let node = match with_identity(b, &identity).build().await {
@@ -1009,13 +1033,17 @@ async fn run(a: RunArgs, shutdown: CancellationToken) -> anyhow::Result<u8> {
         local_types = needed.into_iter().map(|t| (t, n)).collect();
     }
     let _guard = own_handler_processes(&handlers, a.kill_grace);
+    let work = work_dirs(&a.common, false);
     let mut local_nodes = Vec::new();
     let mut peers = Vec::new();
     for (t, n) in &local_types {
         for _ in 0..*n {
             let mut node = with_key(Node::builder(), &key)
                 .cluster(a.common.cluster.clone())
-                .handler(t, handler_for(t, &handlers, a.max_output, a.kill_grace))
+                .handler(
+                    t,
+                    handler_for(t, &handlers, a.max_output, a.kill_grace, &work),
+                )
                 .max_frame(a.common.max_frame)
                 .max_output(a.max_output)
                 .build()

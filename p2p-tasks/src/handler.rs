@@ -13,8 +13,10 @@ use std::sync::Arc;
 
 pub mod procs;
 mod shell;
+mod workdir;
 
 pub use shell::{Shell, DEFAULT_KILL_GRACE, DEFAULT_OUTPUT_LIMIT, STDERR_TAIL};
+pub use workdir::WorkDirs;
 
 /// A boxed, sendable future, as returned by [`Handler::call`].
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
