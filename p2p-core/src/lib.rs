@@ -49,10 +49,14 @@ pub mod net;
 pub mod secure;
 pub mod shown;
 pub mod text;
+pub mod transfer;
 pub mod wire;
 
 pub use error::{ConnectionError, Error, HandshakeError, Stage, Violation};
 pub use id::NodeId;
 pub use identity::{Identity, IdentityError};
 pub use key::{ClusterKey, KeyError};
-pub use message::{Assign, Completed, Hello, Message, Reject, RejectReason, PROTOCOL_VERSION};
+pub use message::{
+    Assign, Completed, ContentHash, Hello, Message, Reject, RejectReason, Transfer,
+    PROTOCOL_VERSION,
+};
