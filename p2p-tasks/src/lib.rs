@@ -17,6 +17,7 @@
 //!   [`RunEvent`]s.
 //! - [`event`]: the events of a run (what `--json` prints) and its final report.
 
+pub mod cache;
 pub mod coordinator;
 pub mod event;
 pub mod handler;
