@@ -32,7 +32,9 @@ use crate::conn::{self, Connection, Event, Role};
 use crate::gate::{self, LogLimit};
 use crate::identity::Identity;
 use crate::key::ClusterKey;
-use crate::message::{Assign, Completed, Hello, Message, Reject, RejectReason, StatusReport};
+use crate::message::{
+    Assign, Completed, Hello, Message, Reject, RejectReason, StatusReport, Transfer,
+};
 use crate::secure::{self, WireCodec, PREAMBLE};
 use crate::{ConnectionError, Error, HandshakeError, NodeId, Stage};
 
@@ -116,6 +118,8 @@ pub enum Command {
     Goodbye,
     /// Close now, without goodbye.
     Abort,
+    /// Send a file-transfer message (protocol v3); a chunk goes behind every control frame.
+    Transfer(Box<Transfer>),
 }
 
 /// What a connection reports to its owner.
@@ -147,6 +151,8 @@ pub enum LinkEvent {
         /// Why.
         reason: String,
     },
+    /// A file-transfer message from the peer (protocol v3).
+    Transfer(Box<Transfer>),
     /// The connection is closed; this is the last event of the link.
     Closed {
         /// `None` after a complete goodbye, else what went wrong.
@@ -448,7 +454,12 @@ fn now() -> std::time::Instant {
 async fn flush(io: &mut Transport, conn: &mut Connection) -> Result<(), Error> {
     loop {
         futures::future::poll_fn(|cx| SinkExt::<Message>::poll_ready_unpin(io, cx)).await?;
-        let Some(msg) = conn.poll_transmit() else {
+        let Some(msg) = conn.poll_transmit_with(io.write_buffer().len()) else {
+            if conn.has_transmit() && !io.write_buffer().is_empty() {
+                // A chunk waits for the writer to empty: write what it holds, then go on.
+                SinkExt::<Message>::flush(io).await?;
+                continue;
+            }
             break;
         };
         // Every message that can be taken without waiting joins one batch: with a key, a
@@ -469,7 +480,14 @@ async fn flush(io: &mut Transport, conn: &mut Connection) -> Result<(), Error> {
 /// takes them without waiting. Synchronous, so a batch is never left half-done by a
 /// cancelled [`flush`].
 fn feed_batch(io: &mut Transport, conn: &mut Connection, first: Message) -> Result<(), Error> {
+    // A file chunk ends its batch: at most one chunk goes out between control frames, with
+    // a key too (where a batch is sealed as one, so the writer's buffer does not grow while
+    // it is fed).
+    let chunk = crate::transfer::is_chunk(&first);
     SinkExt::<Message>::start_send_unpin(io, first)?;
+    if chunk {
+        return Ok(());
+    }
     loop {
         match futures::future::poll_fn(|cx| SinkExt::<Message>::poll_ready_unpin(io, cx))
             .now_or_never()
@@ -478,10 +496,14 @@ fn feed_batch(io: &mut Transport, conn: &mut Connection, first: Message) -> Resu
             Some(Err(e)) => return Err(e),
             None => return Ok(()),
         }
-        let Some(msg) = conn.poll_transmit() else {
+        let Some(msg) = conn.poll_transmit_with(io.write_buffer().len()) else {
             return Ok(());
         };
+        let chunk = crate::transfer::is_chunk(&msg);
         SinkExt::<Message>::start_send_unpin(io, msg)?;
+        if chunk {
+            return Ok(());
+        }
     }
 }
 
@@ -696,6 +718,7 @@ async fn drive_inner(
                 Event::Completed(c) => LinkEvent::Completed(c),
                 Event::Cancelled { seq } => LinkEvent::Cancelled { seq },
                 Event::PeerGoodbye => LinkEvent::PeerGoodbye,
+                Event::Transfer(t) => LinkEvent::Transfer(t),
                 Event::StatusRequested => {
                     let Some(source) = &source else {
                         return Err(crate::Violation::StatusNotServed.into());
@@ -828,6 +851,11 @@ fn command(conn: &mut Connection, cmd: Option<Command>) -> Result<Option<LinkEve
         Some(Command::Goodbye) | None => conn.goodbye(),
         Some(Command::Abort) => {
             return Err(Error::Aborted);
+        }
+        Some(Command::Transfer(t)) => {
+            if let Err(e) = conn.transfer(*t) {
+                debug!(error = %e, "transfer message not sent");
+            }
         }
     }
     Ok(None)

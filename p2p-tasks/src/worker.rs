@@ -156,7 +156,9 @@ impl Worker {
                             }
                             break;
                         }
+                        // Files are not served yet: nothing asks a node for them.
                         LinkEvent::Opened(_)
+                        | LinkEvent::Transfer(_)
                         | LinkEvent::Completed(_)
                         | LinkEvent::Started { .. }
                         | LinkEvent::AssignFailed { .. } => {}

@@ -156,7 +156,8 @@ impl Checker {
                 Event::Established(_)
                 | Event::Finished
                 | Event::StatusRequested
-                | Event::Status(_) => {}
+                | Event::Status(_)
+                | Event::Transfer(_) => {}
             }
         }
         for m in &sent {

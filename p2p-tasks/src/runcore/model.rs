@@ -566,6 +566,7 @@ impl World {
             Command::Goodbye => self.coords[c].conns[n].we_goodbye = true,
             Command::Abort => self.close(c, n, Some("aborted by its owner")),
             Command::Complete(_) | Command::Started(_) => panic!("the run is assigned nothing"),
+            Command::Transfer(_) => panic!("the run ships no files"),
         }
     }
 
