@@ -257,6 +257,13 @@ pub struct ServeArgs {
     /// the others are always removed when their attempt ends.
     #[arg(long)]
     pub keep_work: bool,
+    /// Most bytes of files this node keeps for tasks (DATA_DIR/cache/SLOT, least recently
+    /// used first out).
+    #[arg(long, value_name = "SIZE", default_value = "1GiB", value_parser = parse_size_u64)]
+    pub cache_size: u64,
+    /// Largest input file this node accepts (default: the cache size).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size_u64)]
+    pub max_file: Option<u64>,
     /// Shared options.
     #[command(flatten)]
     pub common: Common,
@@ -377,6 +384,34 @@ pub fn parse_size(s: &str) -> Result<usize, String> {
         other => {
             return Err(format!(
                 "unknown unit {other:?} in {s:?} (use B, KB, KiB, MB or MiB)"
+            ))
+        }
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("{s:?} is too large"))
+}
+
+/// A size of files: as [`parse_size`], plus `GB`, `GiB` (`G`), `TB` and `TiB` (`T`).
+pub fn parse_size_u64(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (examples: 500MiB, 1GiB, 10GB)"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kb" => 1000,
+        "k" | "kib" => 1 << 10,
+        "mb" => 1_000_000,
+        "m" | "mib" => 1 << 20,
+        "gb" => 1_000_000_000,
+        "g" | "gib" => 1 << 30,
+        "tb" => 1_000_000_000_000,
+        "t" | "tib" => 1 << 40,
+        other => {
+            return Err(format!(
+                "unknown unit {other:?} in {s:?} (use B, KB, KiB, MB, MiB, GB, GiB, TB or TiB)"
             ))
         }
     };
@@ -670,15 +705,18 @@ fn handler_for(
 /// Where shell handlers' attempts get their working directories: `DATA_DIR/work` (the
 /// data directory as for identities; the system's temporary directory when there is none).
 fn work_dirs(c: &Common, keep_failed: bool) -> WorkDirs {
-    let data = c
-        .data_dir
-        .clone()
-        .or_else(datadir::default_dir)
-        .unwrap_or_else(|| std::env::temp_dir().join("p2p-node"));
     WorkDirs {
-        root: Some(data.join("work")),
+        root: Some(data_dir_of(c).join("work")),
         keep_failed,
     }
+}
+
+/// The data directory: `--data-dir`, else the default one, else `TMPDIR/p2p-node`.
+fn data_dir_of(c: &Common) -> std::path::PathBuf {
+    c.data_dir
+        .clone()
+        .or_else(datadir::default_dir)
+        .unwrap_or_else(|| std::env::temp_dir().join("p2p-node"))
 }
 
 /// With shell handlers: this process becomes a child subreaper and starts its guard
@@ -892,6 +930,30 @@ async fn serve(
         );
     }
     let identity = load_identity(&a.common, Some("identity"))?;
+    // The node's file cache: DATA_DIR/cache/SLOT (its identity's file name), so nodes
+    // sharing a data directory keep their own accounts.
+    let slot = identity
+        .as_ref()
+        .and_then(|h| h.path.file_name())
+        .and_then(|n| n.to_str())
+        .unwrap_or("default")
+        .to_owned();
+    let cache_dir = p2p_tasks::node_files::cache_dir(&data_dir_of(&a.common), &slot);
+    let cache = match p2p_tasks::cache::Cache::open(&cache_dir, a.cache_size) {
+        Ok(c) => c,
+        Err(e) => {
+            discard(identity);
+            return Err(usage(format!(
+                "cannot open the file cache {}: {e}",
+                cache_dir.display()
+            )));
+        }
+    };
+    let b = b.files(std::sync::Arc::new(p2p_tasks::node_files::NodeFiles::new(
+        cache,
+        a.max_file.unwrap_or(a.cache_size),
+        a.common.max_frame,
+    )));
     let node = match with_identity(b, &identity).build().await {
         Ok(node) => node,
         Err(e) => {

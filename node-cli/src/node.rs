@@ -75,6 +75,7 @@ pub struct NodeBuilder {
     max_frame: Option<usize>,
     max_output: usize,
     metrics_listen: Option<SocketAddr>,
+    files: Option<Arc<p2p_tasks::node_files::NodeFiles>>,
 }
 
 impl std::fmt::Debug for NodeBuilder {
@@ -106,11 +107,19 @@ impl Default for NodeBuilder {
             max_frame: None,
             max_output: p2p_tasks::handler::DEFAULT_OUTPUT_LIMIT,
             metrics_listen: None,
+            files: None,
         }
     }
 }
 
 impl NodeBuilder {
+    /// Keeps files for tasks (inputs shipped to this node, outputs fetched from it) with
+    /// this cache (see [`p2p_tasks::node_files`]). Default: none (offers are refused).
+    pub fn files(mut self, files: Arc<p2p_tasks::node_files::NodeFiles>) -> Self {
+        self.files = Some(files);
+        self
+    }
+
     /// Cluster name. Default `default`.
     pub fn cluster(mut self, name: impl Into<String>) -> Self {
         self.cluster = name.into();
@@ -350,8 +359,11 @@ impl NodeBuilder {
         let capacity = self
             .capacity
             .unwrap_or_else(|| Worker::default_capacity(&self.handlers));
-        let worker =
-            Arc::new(Worker::new(self.handlers, capacity).with_output_limit(self.max_output));
+        let mut worker = Worker::new(self.handlers, capacity).with_output_limit(self.max_output);
+        if let Some(files) = self.files {
+            worker = worker.with_files(files);
+        }
+        let worker = Arc::new(worker);
         let shutdown = CancellationToken::new();
         let started = Instant::now();
         let (stats, draining) = (worker.stats(), shutdown.clone());

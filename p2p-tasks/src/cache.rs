@@ -298,6 +298,33 @@ impl Cache {
         Ok(path)
     }
 
+    /// Moves a file already hashed (`hash`, `size`; a task's collected output) into the
+    /// cache under its name, evicting what must go (a copy when it cannot be moved).
+    pub fn commit_path(
+        &mut self,
+        path: &Path,
+        hash: ContentHash,
+        size: u64,
+    ) -> Result<PathBuf, CommitError> {
+        let dest = self.path(&hash);
+        if self.has(&hash) {
+            let _ = std::fs::remove_file(path);
+            return Ok(dest);
+        }
+        let evicted = self.index.make_room(size)?;
+        self.delete(&evicted);
+        if std::fs::rename(path, &dest).is_err() {
+            std::fs::copy(path, &dest).map_err(|e| CommitError::Io(e.to_string()))?;
+        }
+        self.index.insert(hash, size);
+        Ok(dest)
+    }
+
+    /// The directory for files on their way in (`partial/`).
+    pub fn partial_dir(&self) -> PathBuf {
+        self.dir.join("partial")
+    }
+
     /// Pins `hash` (see [`Index::pin`]).
     pub fn pin(&mut self, hash: &ContentHash) -> bool {
         self.index.pin(hash)

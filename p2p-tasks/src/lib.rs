@@ -22,6 +22,7 @@ pub mod coordinator;
 pub mod event;
 pub mod handler;
 pub mod journal;
+pub mod node_files;
 pub mod parse;
 pub mod plan;
 pub mod runcore;

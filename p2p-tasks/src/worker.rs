@@ -35,6 +35,7 @@ pub struct Worker {
     output_limit: usize,
     stop_now: CancellationToken,
     stats: Arc<WorkerStats>,
+    files: Option<Arc<crate::node_files::NodeFiles>>,
 }
 
 impl std::fmt::Debug for Worker {
@@ -58,7 +59,15 @@ impl Worker {
             slots: Arc::new(Semaphore::new(capacity as usize)),
             output_limit: DEFAULT_OUTPUT_LIMIT,
             stop_now: CancellationToken::new(),
+            files: None,
         }
+    }
+
+    /// Keeps files for tasks (protocol v3: inputs shipped, outputs fetched) in this cache.
+    /// Without it, offers and fetches are refused.
+    pub fn with_files(mut self, files: Arc<crate::node_files::NodeFiles>) -> Self {
+        self.files = Some(files);
+        self
     }
 
     /// The most bytes of a task's output sent back, whatever the handler returned (see
@@ -123,6 +132,7 @@ impl Worker {
         let mut ids: HashMap<tokio::task::Id, u64> = HashMap::new();
         let mut set: JoinSet<(u64, TaskOutcome, Duration)> = JoinSet::new();
         let mut said_goodbye = false;
+        let mut files = crate::node_files::LinkFiles::new(self.files.clone());
         loop {
             tokio::select! {
                 ev = events.recv() => {
@@ -131,8 +141,18 @@ impl Worker {
                         LinkEvent::Assigned(a) => {
                             debug!(peer = %peer, task = %a.task, attempt = a.attempt, "task assigned");
                             let seq = a.seq;
-                            match self.try_now(a) {
-                                Ok((outcome, took)) => self.send_result(&link, seq, outcome, took),
+                            let task_files = match files.files_for(&a) {
+                                Ok(f) => f,
+                                Err(e) => {
+                                    self.send_result(&link, seq, TaskOutcome::failure(e), Duration::ZERO);
+                                    continue;
+                                }
+                            };
+                            match self.try_now(a, task_files) {
+                                Ok((mut outcome, took)) => {
+                                    files.finish(seq, &mut outcome, &link);
+                                    self.send_result(&link, seq, outcome, took);
+                                }
                                 Err(job) => {
                                     let h = set.spawn(self.clone().execute(job, link.clone()));
                                     ids.insert(h.id(), seq);
@@ -145,6 +165,7 @@ impl Worker {
                                 h.abort();
                                 let mut out = TaskOutcome::failure("cancelled by the coordinator");
                                 out.exit_code = None;
+                                files.finish(seq, &mut out, &link);
                                 self.send_result(&link, seq, out, Duration::ZERO);
                             }
                         }
@@ -156,18 +177,19 @@ impl Worker {
                             }
                             break;
                         }
-                        // Files are not served yet: nothing asks a node for them.
+                        LinkEvent::Transfer(t) => files.on_transfer(*t, &link),
                         LinkEvent::Opened(_)
-                        | LinkEvent::Transfer(_)
                         | LinkEvent::Completed(_)
                         | LinkEvent::Started { .. }
                         | LinkEvent::AssignFailed { .. } => {}
                     }
                 }
                 Some(joined) = set.join_next_with_id() => match joined {
-                    Ok((id, (seq, outcome, took))) => {
+                    Ok((id, (seq, mut outcome, took))) => {
                         ids.remove(&id);
                         if running.remove(&seq).is_some() {
+                            // Outputs are kept and announced before the result.
+                            files.finish(seq, &mut outcome, &link);
                             self.send_result(&link, seq, outcome, took);
                         }
                     }
@@ -175,7 +197,9 @@ impl Worker {
                         if let Some(seq) = ids.remove(&e.id()) {
                             if running.remove(&seq).is_some() {
                                 let why = if e.is_panic() { "the handler panicked" } else { "the handler was stopped" };
-                                self.send_result(&link, seq, TaskOutcome::failure(why), Duration::ZERO);
+                                let mut out = TaskOutcome::failure(why);
+                                files.finish(seq, &mut out, &link);
+                                self.send_result(&link, seq, out, Duration::ZERO);
                             }
                         }
                     }
@@ -205,7 +229,14 @@ impl Worker {
 
     /// Runs a task at once when its handler can ([`Handler::call_now`]) and a slot is free;
     /// otherwise returns it as a job to spawn. A type this node does not serve fails at once.
-    fn try_now(&self, a: Assign) -> Result<(TaskOutcome, Duration), Job> {
+    // The `Err` is the job itself, moved on into its task (one word over clippy's line
+    // since requests carry their files): boxing it would add an allocation per task.
+    #[allow(clippy::result_large_err)]
+    fn try_now(
+        &self,
+        a: Assign,
+        files: Option<Box<crate::handler::TaskFiles>>,
+    ) -> Result<(TaskOutcome, Duration), Job> {
         let Some(handler) = self.handlers.get(&a.kind) else {
             self.stats.count_unknown_type();
             let out = TaskOutcome::failure(format!("this node does not serve type {:?}", a.kind));
@@ -221,6 +252,7 @@ impl Worker {
             kind: a.kind,
             args: a.args,
             attempt: a.attempt,
+            files,
         };
         if let Ok(_permit) = self.slots.try_acquire() {
             let started = Instant::now();

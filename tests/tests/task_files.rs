@@ -4,7 +4,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use p2p_core::{Assign, Message};
+use p2p_core::message::{AbortReason, PlacedFile, MAX_CHUNK};
+use p2p_core::transfer::{hash_bytes, Received, Receiver, DEFAULT_WINDOW};
+use p2p_core::{Assign, ContentHash, Message, Transfer};
 use tests::{events_named, hello, run_in, Serve, TestDir, WireClient, WAIT};
 
 #[test]
@@ -196,11 +198,12 @@ fn keep_work_keeps_a_failed_attempt_and_hostile_ids_stay_inside() {
             assert_eq!(std::fs::read_dir(&work).unwrap().count(), 1, "{id:?}");
         }
     }
-    // Nothing anywhere in the data directory but the work root (and the identity).
+    // Nothing anywhere in the data directory but the work root (and the identity and the
+    // file cache).
     let mut outside: Vec<String> = std::fs::read_dir(data.path())
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n != "work" && !n.starts_with("identity"))
+        .filter(|n| n != "work" && n != "cache" && !n.starts_with("identity"))
         .collect();
     outside.sort();
     assert!(outside.is_empty(), "{outside:?}");
@@ -211,4 +214,257 @@ fn keep_work_keeps_a_failed_attempt_and_hostile_ids_stay_inside() {
     );
     // `../../x` did not reach above the data directory.
     assert!(!data.path().join("../x").exists() && !data.path().join("../../x").exists());
+}
+
+fn transfer(t: Transfer) -> Message {
+    Message::Transfer(Box::new(t))
+}
+
+/// Waits for a transfer message `want` accepts (answering pings, skipping the rest).
+fn expect_transfer(c: &mut WireClient, what: &str, want: impl Fn(&Transfer) -> bool) -> Transfer {
+    let m = c.expect_msg(WAIT, what, |m| matches!(m, Message::Transfer(t) if want(t)));
+    let Message::Transfer(t) = m else {
+        unreachable!()
+    };
+    *t
+}
+
+/// Offers `data` as transfer `id` and sends it in 64 KiB chunks after the node's `Want`
+/// (within its window: the files here are smaller than one window).
+fn ship(c: &mut WireClient, id: u64, data: &[u8], hash: ContentHash) {
+    c.send(&transfer(Transfer::Offer {
+        id,
+        hash,
+        size: data.len() as u64,
+    }))
+    .unwrap();
+    let want = expect_transfer(
+        c,
+        "Want",
+        |t| matches!(t, Transfer::Want { id: i, .. } if *i == id),
+    );
+    let Transfer::Want { window, .. } = want else {
+        unreachable!()
+    };
+    assert!(window as usize >= data.len(), "window {window}");
+    for (k, piece) in data.chunks(MAX_CHUNK).enumerate() {
+        c.send(&transfer(Transfer::Chunk {
+            id,
+            offset: (k * MAX_CHUNK) as u64,
+            data: piece.to_vec(),
+        }))
+        .unwrap();
+    }
+}
+
+fn assign_files(c: &mut WireClient, seq: u64, inputs: Vec<PlacedFile>, outputs: &[&str]) {
+    c.send(&transfer(Transfer::Files {
+        seq,
+        inputs,
+        outputs: outputs.iter().map(|o| o.to_string()).collect(),
+    }))
+    .unwrap();
+    c.send(&Message::Assign(Assign {
+        seq,
+        task: format!("a{seq}"),
+        kind: "a".into(),
+        args: String::new(),
+        attempt: 1,
+        timeout_ms: 0,
+    }))
+    .unwrap();
+}
+
+fn completed(c: &mut WireClient, seq: u64) -> p2p_core::Completed {
+    let m = c.expect_msg(
+        WAIT,
+        "Completed",
+        |m| matches!(m, Message::Completed(d) if d.seq == seq),
+    );
+    let Message::Completed(done) = m else {
+        unreachable!()
+    };
+    done
+}
+
+#[test]
+fn a_node_takes_an_input_runs_its_task_on_it_and_serves_the_output_by_hash() {
+    let data_dir = TestDir::new();
+    let s = Serve::types(
+        "a",
+        &[
+            "--handler",
+            "a=tr a-z A-Z < in.txt > out.txt",
+            "--max-file",
+            "1MiB",
+            "--data-dir",
+            data_dir.path().to_str().unwrap(),
+        ],
+    );
+    let mut c = WireClient::connect(s.addr);
+    c.send(&Message::Hello(hello("default"))).unwrap();
+    c.expect_msg(WAIT, "Welcome", |m| matches!(m, Message::Welcome(_)));
+    // 200 KiB of text: four chunks.
+    let input: Vec<u8> = (0..200 * 1024).map(|i| b"abcdefghij\n"[i % 11]).collect();
+    let hash = hash_bytes(&input);
+    ship(&mut c, 1, &input, hash);
+    expect_transfer(&mut c, "Done", |t| matches!(t, Transfer::Done { id: 1 }));
+    // The task runs on it; its output is announced before its result.
+    assign_files(
+        &mut c,
+        1,
+        vec![PlacedFile {
+            name: "in.txt".into(),
+            hash,
+        }],
+        &["out.txt"],
+    );
+    let produced = expect_transfer(&mut c, "Produced", |t| {
+        matches!(t, Transfer::Produced { seq: 1, .. })
+    });
+    let done = completed(&mut c, 1);
+    assert!(done.ok, "{done:?}\n{}", s.stderr.text());
+    let Transfer::Produced { outputs, .. } = produced else {
+        unreachable!()
+    };
+    let expected = input.to_ascii_uppercase();
+    assert_eq!(outputs.len(), 1);
+    assert_eq!(outputs[0].name, "out.txt");
+    assert_eq!(outputs[0].size, expected.len() as u64);
+    assert_eq!(outputs[0].hash, hash_bytes(&expected));
+    // Fetched by hash, checked by the receiver state machine.
+    let mut r = Receiver::new(
+        2,
+        outputs[0].hash,
+        outputs[0].size,
+        DEFAULT_WINDOW,
+        u64::MAX,
+    )
+    .unwrap();
+    c.send(&r.fetch()).unwrap();
+    let mut got = Vec::new();
+    while !r.is_complete() {
+        let t = expect_transfer(&mut c, "a chunk", |t| {
+            matches!(
+                t,
+                Transfer::Chunk { id: 2, .. } | Transfer::Abort { id: 2, .. }
+            )
+        });
+        let Transfer::Chunk { offset, data, .. } = t else {
+            panic!("fetch refused: {t:?}")
+        };
+        match r.on_chunk(offset, &data).unwrap() {
+            Received::Write(b) | Received::Complete(b) => got.extend_from_slice(b),
+        }
+        if let Some(ack) = r.poll_ack() {
+            c.send(&ack).unwrap();
+        }
+    }
+    c.send(&r.done()).unwrap();
+    assert_eq!(got, expected);
+    // The same input again: the node has it, nothing is sent.
+    c.send(&transfer(Transfer::Offer {
+        id: 3,
+        hash,
+        size: input.len() as u64,
+    }))
+    .unwrap();
+    expect_transfer(&mut c, "Have", |t| matches!(t, Transfer::Have { id: 3 }));
+    // Bytes altered on the way: refused at the end, and never cached.
+    let other: Vec<u8> = b"hello world\n".repeat(1000);
+    let mut altered = other.clone();
+    altered[500] ^= 0x20;
+    ship(&mut c, 4, &altered, hash_bytes(&other));
+    expect_transfer(&mut c, "Abort(HashMismatch)", |t| {
+        matches!(
+            t,
+            Transfer::Abort {
+                id: 4,
+                reason: AbortReason::HashMismatch,
+                ..
+            }
+        )
+    });
+    c.send(&transfer(Transfer::Offer {
+        id: 5,
+        hash: hash_bytes(&other),
+        size: other.len() as u64,
+    }))
+    .unwrap();
+    expect_transfer(&mut c, "Want (not cached)", |t| {
+        matches!(t, Transfer::Want { id: 5, .. })
+    });
+    c.send(&transfer(Transfer::Abort {
+        id: 5,
+        reason: AbortReason::Cancelled,
+        message: String::new(),
+    }))
+    .unwrap();
+    // Over --max-file.
+    c.send(&transfer(Transfer::Offer {
+        id: 7,
+        hash: ContentHash([7; 32]),
+        size: 2 << 20,
+    }))
+    .unwrap();
+    expect_transfer(&mut c, "Abort(TooLarge)", |t| {
+        matches!(
+            t,
+            Transfer::Abort {
+                id: 7,
+                reason: AbortReason::TooLarge,
+                ..
+            }
+        )
+    });
+    // An output outside the working directory, and an input the node does not have, fail
+    // their tasks; the node serves on.
+    assign_files(&mut c, 2, vec![], &["../evil"]);
+    let done = completed(&mut c, 2);
+    assert!(
+        !done.ok
+            && done
+                .error
+                .as_deref()
+                .unwrap_or("")
+                .contains("bad output name"),
+        "{done:?}"
+    );
+    assign_files(
+        &mut c,
+        3,
+        vec![PlacedFile {
+            name: "in.txt".into(),
+            hash: ContentHash([9; 32]),
+        }],
+        &[],
+    );
+    let done = completed(&mut c, 3);
+    assert!(
+        !done.ok
+            && done
+                .error
+                .as_deref()
+                .unwrap_or("")
+                .contains("not on this node"),
+        "{done:?}"
+    );
+    assert!(!data_dir.path().join("evil").exists() && !data_dir.join("../evil").exists());
+    // A fetch of a hash the node does not have.
+    c.send(&transfer(Transfer::Fetch {
+        id: 8,
+        hash: ContentHash([8; 32]),
+        window: DEFAULT_WINDOW,
+    }))
+    .unwrap();
+    expect_transfer(&mut c, "Abort(NotFound)", |t| {
+        matches!(
+            t,
+            Transfer::Abort {
+                id: 8,
+                reason: AbortReason::NotFound,
+                ..
+            }
+        )
+    });
 }

@@ -146,9 +146,10 @@ impl Shell {
 }
 
 impl Handler for Shell {
-    fn call(&self, req: TaskRequest) -> BoxFuture<TaskOutcome> {
+    fn call(&self, mut req: TaskRequest) -> BoxFuture<TaskOutcome> {
         let script = self.render(&req);
         let (work, limit, grace) = (self.work.clone(), self.output_limit, self.kill_grace);
+        let files = req.files.take().map(|f| *f).unwrap_or_default();
         Box::pin(async move {
             let dir = match WorkDir::create(&work, &req.id, req.attempt) {
                 Ok(d) => d,
@@ -156,7 +157,11 @@ impl Handler for Shell {
                     return TaskOutcome::failure(format!("cannot make a working directory: {e}"))
                 }
             };
-            run(script, req, limit, grace, dir).await
+            if let Err(e) = super::workdir::place_inputs(dir.path(), &files.inputs) {
+                dir.finish(false).await;
+                return TaskOutcome::failure(e);
+            }
+            run(script, req, limit, grace, dir, files).await
         })
     }
 }
@@ -273,6 +278,7 @@ async fn run(
     limit: usize,
     grace: Duration,
     work: WorkDir,
+    files: super::TaskFiles,
 ) -> TaskOutcome {
     let mut cmd = Command::new("sh");
     cmd.arg("-c")
@@ -351,6 +357,13 @@ async fn run(
         },
         Ok(status) => outcome_of(status, output, &stderr_text(err)),
     };
+    let mut outcome = outcome;
+    if let (true, Some(w)) = (outcome.ok, &work) {
+        if let Err(e) = super::workdir::collect_outputs(w.path(), &files) {
+            outcome.ok = false;
+            outcome.error = Some(e);
+        }
+    }
     if let Some(w) = work {
         w.finish(outcome.ok).await;
     }
@@ -457,6 +470,7 @@ mod tests {
             kind: kind.to_owned(),
             args: args.to_owned(),
             attempt: 1,
+            files: None,
         }
     }
 
@@ -655,6 +669,86 @@ mod tests {
             assert!(Instant::now() < deadline, "{} is left", dir.display());
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
+    }
+
+    #[tokio::test]
+    async fn inputs_are_placed_and_outputs_collected_through_no_symbolic_link() {
+        let root = tempfile::tempdir().unwrap();
+        let src = root.path().join("src.txt");
+        std::fs::write(&src, "hello\n").unwrap();
+        let collect = root.path().join("collect");
+        std::fs::create_dir(&collect).unwrap();
+        let work = WorkDirs {
+            root: Some(root.path().join("work")),
+            keep_failed: false,
+        };
+        let with = |cmd: &str, outputs: &[&str], input: &str| {
+            let shell = Shell::new(cmd).work_dirs(work.clone());
+            let mut r = req("a1", "a", "");
+            r.files = Some(Box::new(crate::handler::TaskFiles {
+                inputs: vec![(input.to_owned(), src.clone())],
+                outputs: outputs.iter().map(|o| o.to_string()).collect(),
+                collect: Some(collect.clone()),
+            }));
+            (shell, r)
+        };
+        let (shell, r) = with(
+            "mkdir d; tr a-z A-Z < in.txt > d/out.txt",
+            &["d/out.txt"],
+            "in.txt",
+        );
+        let out = run_within(10, &shell, r).await;
+        assert!(out.ok, "{out:?}");
+        assert_eq!(
+            std::fs::read_to_string(collect.join("0")).unwrap(),
+            "HELLO\n"
+        );
+        // The handler cannot change the source through its copy.
+        let (shell, r) = with("echo x >> in.txt", &[], "in.txt");
+        assert!(run_within(10, &shell, r).await.ok);
+        assert_eq!(std::fs::read_to_string(&src).unwrap(), "hello\n");
+        // A missing output, a symbolic link (to a file outside, or as a directory), a
+        // directory: the attempt fails.
+        let outside = root.path().join("secret");
+        std::fs::write(&outside, "s").unwrap();
+        for (cmd, name, why) in [
+            ("true", "o", "was not written"),
+            (
+                &*format!("ln -s {} o", outside.display()),
+                "o",
+                "not a regular file",
+            ),
+            (
+                &*format!("ln -s {} d; touch x", root.path().display()),
+                "d/secret",
+                "not a regular file",
+            ),
+            ("mkdir o", "o", "not a regular file"),
+        ] {
+            let (shell, r) = with(cmd, &[name], "in.txt");
+            let out = run_within(10, &shell, r).await;
+            assert!(!out.ok, "{cmd}: {out:?}");
+            assert!(
+                out.error.as_deref().unwrap().contains(why),
+                "{cmd}: {out:?}"
+            );
+        }
+        assert_eq!(std::fs::read_to_string(&outside).unwrap(), "s");
+        // An input name that is not a plain file name.
+        for bad in ["../x", "a/b", "..", ""] {
+            let (shell, r) = with("true", &[], bad);
+            let out = run_within(10, &shell, r).await;
+            assert!(
+                !out.ok
+                    && out
+                        .error
+                        .as_deref()
+                        .unwrap()
+                        .contains("not a plain file name"),
+                "{bad}: {out:?}"
+            );
+        }
+        assert!(!root.path().join("x").exists());
     }
 
     #[tokio::test]

@@ -101,6 +101,67 @@ impl Drop for WorkDir {
     }
 }
 
+/// Copies each input `(name, source)` into `dir` as `name`, which must be one plain path
+/// component; the reason of the first failure otherwise.
+pub(crate) fn place_inputs(dir: &Path, inputs: &[(String, PathBuf)]) -> Result<(), String> {
+    for (name, src) in inputs {
+        if name.is_empty()
+            || name.contains('/')
+            || name == "."
+            || name == ".."
+            || name.contains('\0')
+        {
+            return Err(format!("input name {name:?} is not a plain file name"));
+        }
+        std::fs::copy(src, dir.join(name))
+            .map_err(|e| format!("cannot place input {name:?} in the working directory: {e}"))?;
+    }
+    Ok(())
+}
+
+/// Moves each declared output from `dir` to `files.collect/INDEX`. Each must be a valid
+/// output name ([`crate::task::output_name_problem`]) naming a regular file reached through
+/// no symbolic link (every component is checked without following links); the reason of
+/// the first failure otherwise.
+pub(crate) fn collect_outputs(dir: &Path, files: &super::TaskFiles) -> Result<(), String> {
+    if files.outputs.is_empty() {
+        return Ok(());
+    }
+    let Some(collect) = &files.collect else {
+        return Err("outputs declared, but nowhere to collect them".to_owned());
+    };
+    for (i, name) in files.outputs.iter().enumerate() {
+        if let Some(problem) = crate::task::output_name_problem(name) {
+            return Err(format!("bad output name {name:?}: {problem}"));
+        }
+        let mut path = dir.to_path_buf();
+        let parts: Vec<&str> = name.split('/').collect();
+        for (k, part) in parts.iter().enumerate() {
+            path.push(part);
+            let meta = std::fs::symlink_metadata(&path)
+                .map_err(|e| format!("declared output {name:?} was not written: {e}"))?;
+            let last = k + 1 == parts.len();
+            let ok = if last {
+                meta.file_type().is_file()
+            } else {
+                meta.file_type().is_dir()
+            };
+            if !ok {
+                return Err(format!(
+                    "declared output {name:?} is not a regular file inside the working \
+                     directory (a symbolic link, a directory or a special file is refused)"
+                ));
+            }
+        }
+        let dest = collect.join(i.to_string());
+        if std::fs::rename(&path, &dest).is_err() {
+            std::fs::copy(&path, &dest)
+                .map_err(|e| format!("cannot collect output {name:?}: {e}"))?;
+        }
+    }
+    Ok(())
+}
+
 /// Creates `root` (and its parents) when missing, the last one with mode 0700.
 fn create_root(root: &Path) -> io::Result<()> {
     use std::os::unix::fs::DirBuilderExt;
