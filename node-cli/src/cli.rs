@@ -311,6 +311,10 @@ pub struct RunArgs {
     /// After a task finally fails, keep running everything that does not depend on it.
     #[arg(long)]
     pub keep_going: bool,
+    /// Keep every task's result in DIR/ID/ (stdout, meta.json, and its declared outputs);
+    /// without it, declared outputs go to ./results/ID/.
+    #[arg(long, value_name = "DIR")]
+    pub results: Option<PathBuf>,
     /// Append each final result to PATH (synced to disk).
     #[arg(long, value_name = "PATH")]
     pub journal: Option<PathBuf>,
@@ -1021,17 +1025,6 @@ fn discovery_names(c: &Common) -> String {
 async fn run(a: RunArgs, shutdown: CancellationToken) -> anyhow::Result<u8> {
     let key = load_key(&a.common)?;
     let tasks = p2p_tasks::parse::load(&a.tasks_file).map_err(|e| usage(e.to_string()))?;
-    if let Some(t) = tasks.iter().find(|t| t.has_files()) {
-        // Parsed and checked, but not shipped yet: refuse rather than run without them.
-        return Err(usage(format!(
-            "{}:{}:{}: task {} declares files (`<` or `>`), which this version parses but \
-             cannot ship yet",
-            a.tasks_file.display(),
-            t.line,
-            t.col,
-            t.id
-        )));
-    }
     if a.retry_backoff_max < a.retry_backoff {
         return Err(usage(format!(
             "--retry-backoff-max {:?} is shorter than --retry-backoff {:?}",
@@ -1057,6 +1050,7 @@ async fn run(a: RunArgs, shutdown: CancellationToken) -> anyhow::Result<u8> {
             .common
             .max_frame
             .clamp(crate::node::MIN_MAX_FRAME, crate::node::MAX_MAX_FRAME),
+        results: a.results.clone(),
         ..RunOptions::default()
     };
     p2p_tasks::runcore::validate(&tasks, &opts).map_err(|e| match e {
@@ -1096,11 +1090,42 @@ async fn run(a: RunArgs, shutdown: CancellationToken) -> anyhow::Result<u8> {
     }
     let _guard = own_handler_processes(&handlers, a.kill_grace);
     let work = work_dirs(&a.common, false);
+    // In-process nodes share one file cache for the run, removed after it (only when a
+    // task has files).
+    let local_cache = if !local_types.is_empty() && tasks.iter().any(|t| t.has_files()) {
+        let parent = data_dir_of(&a.common).join("cache");
+        let dir = std::fs::create_dir_all(&parent)
+            .and_then(|()| {
+                tempfile::Builder::new()
+                    .prefix("local-")
+                    .tempdir_in(&parent)
+            })
+            .map_err(|e| {
+                usage(format!(
+                    "cannot make a file cache in {}: {e}",
+                    parent.display()
+                ))
+            })?;
+        let cache = p2p_tasks::cache::Cache::open(dir.path(), p2p_tasks::cache::DEFAULT_CACHE_SIZE)
+            .map_err(|e| usage(format!("cannot open a file cache: {e}")))?;
+        let files = std::sync::Arc::new(p2p_tasks::node_files::NodeFiles::new(
+            cache,
+            p2p_tasks::cache::DEFAULT_CACHE_SIZE,
+            a.common.max_frame,
+        ));
+        Some((dir, files))
+    } else {
+        None
+    };
     let mut local_nodes = Vec::new();
     let mut peers = Vec::new();
     for (t, n) in &local_types {
         for _ in 0..*n {
-            let mut node = with_key(Node::builder(), &key)
+            let mut builder = with_key(Node::builder(), &key);
+            if let Some((_, files)) = &local_cache {
+                builder = builder.files(files.clone());
+            }
+            let mut node = builder
                 .cluster(a.common.cluster.clone())
                 .handler(
                     t,

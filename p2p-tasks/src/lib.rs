@@ -25,6 +25,7 @@ pub mod journal;
 pub mod node_files;
 pub mod parse;
 pub mod plan;
+pub mod run_files;
 pub mod runcore;
 pub mod sched;
 pub mod stats;

@@ -468,3 +468,78 @@ fn a_node_takes_an_input_runs_its_task_on_it_and_serves_the_output_by_hash() {
         )
     });
 }
+
+#[test]
+fn run_ships_an_input_and_passes_an_artifact_across_two_nodes_into_results() {
+    let (da, db) = (TestDir::new(), TestDir::new());
+    let a = Serve::types(
+        "a",
+        &[
+            "--handler",
+            "a=tr a-z A-Z < in.txt > up.txt; echo shouted",
+            "--data-dir",
+            da.path().to_str().unwrap(),
+        ],
+    );
+    let b = Serve::types(
+        "b",
+        &[
+            "--handler",
+            "b=mkdir -p n; wc -c < up.txt | tr -d ' ' > n/count.txt",
+            "--data-dir",
+            db.path().to_str().unwrap(),
+        ],
+    );
+    let dir = TestDir::new();
+    let input: String = "hello files\n".repeat(20_000); // 240,000 bytes: four chunks
+    dir.write("in.txt", &input);
+    dir.write(
+        "tasks.txt",
+        "a1 < in.txt > up.txt\nb1 < @a1/up.txt > n/count.txt\n",
+    );
+    let out = run_in(
+        dir.path(),
+        &[
+            "run",
+            "tasks.txt",
+            "--json",
+            "--results",
+            "out",
+            "--peer",
+            &a.peer(),
+            "--peer",
+            &b.peer(),
+        ],
+    );
+    out.assert_code(0);
+    let results = dir.join("out");
+    let up = std::fs::read_to_string(results.join("a1/up.txt")).unwrap();
+    assert_eq!(up, input.to_uppercase());
+    let count = std::fs::read_to_string(results.join("b1/n/count.txt")).unwrap();
+    assert_eq!(count.trim(), input.len().to_string());
+    assert_eq!(
+        std::fs::read_to_string(results.join("a1/stdout")).unwrap(),
+        "shouted"
+    );
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(results.join("a1/meta.json")).unwrap())
+            .unwrap();
+    assert_eq!(meta["ok"], true);
+    assert_eq!(meta["outputs"][0]["name"], "up.txt");
+    assert_eq!(
+        meta["outputs"][0]["hash"],
+        hash_bytes(input.to_uppercase().as_bytes()).to_hex()
+    );
+    // Without --results, declared outputs go to ./results/ID/.
+    let out = run_in(
+        dir.path(),
+        &["run", "tasks.txt", "--peer", &a.peer(), "--peer", &b.peer()],
+    );
+    out.assert_code(0);
+    assert_eq!(
+        std::fs::read_to_string(dir.join("results/b1/n/count.txt"))
+            .unwrap()
+            .trim(),
+        input.len().to_string()
+    );
+}
