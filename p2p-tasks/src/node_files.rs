@@ -148,6 +148,7 @@ impl LinkFiles {
         match t {
             Transfer::Offer { id, hash, size } => {
                 if node.cache().has(&hash) {
+                    debug!(%hash, size, "input offered: already here");
                     send(link, Transfer::Have { id });
                     return;
                 }
@@ -179,6 +180,7 @@ impl LinkFiles {
                         return;
                     }
                 };
+                debug!(%hash, size, "input offered: receiving it");
                 send(link, unbox(receiver.want()));
                 self.incoming.insert(
                     id,

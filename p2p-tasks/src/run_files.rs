@@ -30,7 +30,10 @@ struct Waiting {
 }
 
 struct Offer {
-    seq: u64,
+    /// The assignments waiting for this file (one offer per file and connection at a time:
+    /// tasks sharing an input wait for the same transfer).
+    seqs: Vec<u64>,
+    hash: ContentHash,
     path: PathBuf,
     sender: Sender,
     file: Option<std::fs::File>,
@@ -39,6 +42,8 @@ struct Offer {
 struct Held {
     completed: Completed,
     task: String,
+    attempt: u32,
+    node: String,
     left: usize,
     error: Option<String>,
 }
@@ -63,7 +68,7 @@ pub struct RunFiles {
     offers: HashMap<(LinkId, u64), Offer>,
     /// Per link: the offer sending now, and those whose `Want` came, in turn.
     turn: HashMap<LinkId, VecDeque<u64>>,
-    assigned: HashMap<(LinkId, u64), String>,
+    assigned: HashMap<(LinkId, u64), (String, u32)>,
     produced: HashMap<(LinkId, u64), Vec<ProducedFile>>,
     held: HashMap<(LinkId, u64), Held>,
     fetches: HashMap<(LinkId, u64), Fetch>,
@@ -176,7 +181,8 @@ impl RunFiles {
     pub fn assign(&mut self, link: &Link, a: Assign) -> Step {
         let lid = link.id();
         if self.all || self.plan.contains_key(&a.task) {
-            self.assigned.insert((lid, a.seq), a.task.clone());
+            self.assigned
+                .insert((lid, a.seq), (a.task.clone(), a.attempt));
         }
         let Some((inputs, outputs)) = self.plan.get(&a.task).cloned() else {
             return Step::Send(a);
@@ -215,13 +221,24 @@ impl RunFiles {
             },
         );
         for (path, hash, size) in offers {
+            if let Some(o) = self
+                .offers
+                .iter_mut()
+                .find(|((l, _), o)| *l == lid && o.hash == hash)
+                .map(|(_, o)| o)
+            {
+                // The same file is on its way to this node already.
+                o.seqs.push(seq);
+                continue;
+            }
             let id = self.id();
             let sender = Sender::offered(id, size, self.chunk);
             let offer = sender.offer(hash);
             self.offers.insert(
                 (lid, id),
                 Offer {
-                    seq,
+                    seqs: vec![seq],
+                    hash,
                     path,
                     sender,
                     file: None,
@@ -277,19 +294,39 @@ impl RunFiles {
         }
     }
 
+    /// Every input of these assignments is there now.
+    fn inputs_there(&mut self, link: &Link, seqs: Vec<u64>) -> Vec<Completed> {
+        seqs.into_iter()
+            .filter_map(|s| self.input_there(link, s))
+            .collect()
+    }
+
+    /// These assignments cannot have their inputs: each fails.
+    fn inputs_failed(&mut self, link: &Link, seqs: Vec<u64>, why: String) -> Vec<Completed> {
+        seqs.into_iter()
+            .filter_map(|s| self.input_failed(link, s, why.clone()))
+            .collect()
+    }
+
     fn input_failed(&mut self, link: &Link, seq: u64, why: String) -> Option<Completed> {
         let key = (link.id(), seq);
         self.waiting.remove(&key)?;
-        // Its other offers are dropped.
+        // It no longer waits for its other offers; those nobody else waits for are dropped.
         let lid = link.id();
+        for ((l, _), o) in self.offers.iter_mut() {
+            if *l == lid {
+                o.seqs.retain(|s| *s != seq);
+            }
+        }
         let ids: Vec<u64> = self
             .offers
             .iter()
-            .filter(|((l, _), o)| *l == lid && o.seq == seq)
+            .filter(|((l, _), o)| *l == lid && o.seqs.is_empty())
             .map(|((_, id), _)| *id)
             .collect();
         for id in ids {
             self.offers.remove(&(lid, id));
+            self.end_turn(lid, id);
             send(
                 link,
                 Transfer::Abort {
@@ -320,12 +357,13 @@ impl RunFiles {
                 match std::fs::File::open(&o.path) {
                     Ok(f) => o.file = Some(f),
                     Err(e) => {
-                        let (seq, why) = (
-                            o.seq,
+                        let (seqs, why) = (
+                            o.seqs.clone(),
                             format!("cannot read input {}: {e}", o.path.display()),
                         );
                         self.offers.remove(&(lid, id));
-                        out.extend(self.input_failed(link, seq, why));
+                        self.end_turn(lid, id);
+                        out.extend(self.inputs_failed(link, seqs, why));
                         continue;
                     }
                 }
@@ -342,18 +380,24 @@ impl RunFiles {
                 None => Err("not open".to_owned()),
             };
             let msg = read.and_then(|()| o.sender.chunk(offset, data).map_err(|e| e.to_string()));
-            let seq = o.seq;
+            let seqs = o.seqs.clone();
             match msg.map(unbox) {
                 Ok(Some(t)) => {
                     if !send(link, t) {
                         self.offers.remove(&(lid, id));
-                        out.extend(self.input_failed(link, seq, "the connection closed".into()));
+                        self.end_turn(lid, id);
+                        out.extend(self.inputs_failed(link, seqs, "the connection closed".into()));
                     }
                 }
                 Ok(None) => return out,
                 Err(e) => {
                     self.offers.remove(&(lid, id));
-                    out.extend(self.input_failed(link, seq, format!("cannot send an input: {e}")));
+                    self.end_turn(lid, id);
+                    out.extend(self.inputs_failed(
+                        link,
+                        seqs,
+                        format!("cannot send an input: {e}"),
+                    ));
                 }
             }
         }
@@ -373,15 +417,15 @@ impl RunFiles {
         match t {
             Transfer::Have { id } => {
                 if let Some(o) = self.offers.remove(&(lid, id)) {
-                    out.extend(self.input_there(link, o.seq));
+                    out.extend(self.inputs_there(link, o.seqs));
                 }
             }
             Transfer::Want { id, window } => {
                 if let Some(o) = self.offers.get_mut(&(lid, id)) {
                     if let Err(e) = o.sender.on_want(window) {
-                        let seq = o.seq;
+                        let seqs = o.seqs.clone();
                         self.offers.remove(&(lid, id));
-                        out.extend(self.input_failed(link, seq, e.to_string()));
+                        out.extend(self.inputs_failed(link, seqs, e.to_string()));
                     } else {
                         self.turn.entry(lid).or_default().push_back(id);
                     }
@@ -391,10 +435,10 @@ impl RunFiles {
             Transfer::Ack { id, received } => {
                 if let Some(o) = self.offers.get_mut(&(lid, id)) {
                     if let Err(e) = o.sender.on_ack(received) {
-                        let seq = o.seq;
+                        let seqs = o.seqs.clone();
                         self.offers.remove(&(lid, id));
                         self.end_turn(lid, id);
-                        out.extend(self.input_failed(link, seq, e.to_string()));
+                        out.extend(self.inputs_failed(link, seqs, e.to_string()));
                     }
                 }
                 out.extend(self.pump(link));
@@ -402,7 +446,7 @@ impl RunFiles {
             Transfer::Done { id } => {
                 if let Some(o) = self.offers.remove(&(lid, id)) {
                     self.end_turn(lid, id);
-                    out.extend(self.input_there(link, o.seq));
+                    out.extend(self.inputs_there(link, o.seqs));
                 }
                 out.extend(self.pump(link));
             }
@@ -414,9 +458,9 @@ impl RunFiles {
                 let message = p2p_core::text::escape(&message).into_owned();
                 if let Some(o) = self.offers.remove(&(lid, id)) {
                     self.end_turn(lid, id);
-                    out.extend(self.input_failed(
+                    out.extend(self.inputs_failed(
                         link,
-                        o.seq,
+                        o.seqs,
                         format!(
                             "the node refused input {} ({reason:?}): {message}",
                             o.path.display()
@@ -540,7 +584,7 @@ impl RunFiles {
             c.ok = false;
             c.error = Some(e);
         }
-        self.write_result(&h.task, &c, lid);
+        self.write_result(&h.task, &c, &h.node, h.attempt);
         Some(c)
     }
 
@@ -549,16 +593,17 @@ impl RunFiles {
     pub fn completed(&mut self, link: &Link, c: Completed) -> Option<Completed> {
         let lid = link.id();
         let produced = self.produced.remove(&(lid, c.seq));
-        let Some(task) = self.assigned.remove(&(lid, c.seq)) else {
+        let Some((task, attempt)) = self.assigned.remove(&(lid, c.seq)) else {
             return Some(c);
         };
+        let node = link.peer().node_id.to_string();
         let declared = self
             .plan
             .get(&task)
             .map(|p| p.1.clone())
             .unwrap_or_default();
         if !c.ok || declared.is_empty() {
-            self.write_result(&task, &c, lid);
+            self.write_result(&task, &c, &node, attempt);
             return Some(c);
         }
         let produced = produced.unwrap_or_default();
@@ -571,7 +616,7 @@ impl RunFiles {
                 )),
                 ..c
             };
-            self.write_result(&task, &c, lid);
+            self.write_result(&task, &c, &node, attempt);
             return Some(c);
         }
         let task_dir = self.dir.join(&task);
@@ -595,7 +640,7 @@ impl RunFiles {
                         error: Some(format!("cannot write output {:?}: {e}", p.name)),
                         ..c
                     };
-                    self.write_result(&task, &c, lid);
+                    self.write_result(&task, &c, &node, attempt);
                     return Some(c);
                 }
             };
@@ -622,6 +667,8 @@ impl RunFiles {
             (lid, c.seq),
             Held {
                 task,
+                attempt,
+                node,
                 left: fetches.len(),
                 completed: c,
                 error: None,
@@ -637,7 +684,7 @@ impl RunFiles {
     }
 
     /// `DIR/ID/stdout` and `DIR/ID/meta.json` of a result.
-    fn write_result(&self, task: &str, c: &Completed, lid: LinkId) {
+    fn write_result(&self, task: &str, c: &Completed, node: &str, attempt: u32) {
         let dir = self.dir.join(task);
         if std::fs::create_dir_all(&dir).is_err() {
             return;
@@ -657,7 +704,8 @@ impl RunFiles {
             .collect();
         let meta = serde_json::json!({
             "task": task,
-            "link": lid,
+            "node": node,
+            "attempt": attempt,
             "ok": c.ok,
             "exit_code": c.exit_code,
             "error": c.error,

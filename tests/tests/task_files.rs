@@ -525,6 +525,11 @@ fn run_ships_an_input_and_passes_an_artifact_across_two_nodes_into_results() {
         serde_json::from_str(&std::fs::read_to_string(results.join("a1/meta.json")).unwrap())
             .unwrap();
     assert_eq!(meta["ok"], true);
+    assert_eq!(meta["attempt"], 1);
+    assert!(
+        meta["node"].as_str().is_some_and(|n| n.len() >= 8),
+        "{meta}"
+    );
     assert_eq!(meta["outputs"][0]["name"], "up.txt");
     assert_eq!(
         meta["outputs"][0]["hash"],
@@ -541,5 +546,56 @@ fn run_ships_an_input_and_passes_an_artifact_across_two_nodes_into_results() {
             .unwrap()
             .trim(),
         input.len().to_string()
+    );
+}
+
+#[test]
+fn an_input_shared_by_many_tasks_crosses_the_wire_once_per_node() {
+    let data = TestDir::new();
+    let s = Serve::types(
+        "a",
+        &[
+            "--handler",
+            "a=wc -c < shared.bin",
+            "--capacity",
+            "4",
+            "-v",
+            "--data-dir",
+            data.path().to_str().unwrap(),
+        ],
+    );
+    let dir = TestDir::new();
+    let bytes: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    std::fs::write(dir.join("shared.bin"), &bytes).unwrap();
+    let tasks: String = (1..=12).map(|i| format!("a{i} < shared.bin\n")).collect();
+    dir.write("tasks.txt", &tasks);
+    for round in 0..2 {
+        let out = run_in(
+            dir.path(),
+            &[
+                "run",
+                "tasks.txt",
+                "--order",
+                "none",
+                "--json",
+                "--peer",
+                &s.peer(),
+            ],
+        );
+        out.assert_code(0);
+        for e in events_named(&out.json(), "task_completed") {
+            assert_eq!(e["output"], "300000", "round {round}: {e}");
+        }
+    }
+    // Twelve tasks, two runs: the file was received once; every other offer found it there.
+    let log = s.stderr.text();
+    assert_eq!(
+        log.matches("input offered: receiving it").count(),
+        1,
+        "{log}"
+    );
+    assert!(
+        log.matches("input offered: already here").count() >= 1,
+        "{log}"
     );
 }
