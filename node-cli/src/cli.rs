@@ -943,6 +943,16 @@ async fn serve(
         .unwrap_or("default")
         .to_owned();
     let cache_dir = p2p_tasks::node_files::cache_dir(&data_dir_of(&a.common), &slot);
+    // Made now, it goes again if the node is refused (as the identity does).
+    let made = [cache_dir.clone(), data_dir_of(&a.common).join("cache")]
+        .into_iter()
+        .filter(|d| !d.exists())
+        .collect::<Vec<_>>();
+    let unmake = || {
+        for d in &made {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    };
     let cache = match p2p_tasks::cache::Cache::open(&cache_dir, a.cache_size) {
         Ok(c) => c,
         Err(e) => {
@@ -962,6 +972,7 @@ async fn serve(
         Ok(node) => node,
         Err(e) => {
             discard(identity);
+            unmake();
             return Err(node_error(e));
         }
     };
