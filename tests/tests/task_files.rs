@@ -450,6 +450,27 @@ fn a_node_takes_an_input_runs_its_task_on_it_and_serves_the_output_by_hash() {
         "{done:?}"
     );
     assert!(!data_dir.path().join("evil").exists() && !data_dir.join("../evil").exists());
+    // A flood of offers: eight files come in at once, the rest are refused, not queued.
+    for id in 100..120u64 {
+        c.send(&transfer(Transfer::Offer {
+            id,
+            hash: ContentHash([id as u8; 32]),
+            size: 10,
+        }))
+        .unwrap();
+    }
+    let (mut wants, mut refused) = (0, 0);
+    while wants + refused < 20 {
+        match expect_transfer(
+            &mut c,
+            "an answer to an offer",
+            |t| matches!(t, Transfer::Want { id, .. } | Transfer::Abort { id, .. } if *id >= 100),
+        ) {
+            Transfer::Want { .. } => wants += 1,
+            _ => refused += 1,
+        }
+    }
+    assert_eq!((wants, refused), (8, 12));
     // A fetch of a hash the node does not have.
     c.send(&transfer(Transfer::Fetch {
         id: 8,
