@@ -389,6 +389,12 @@ fn parse_in(file: &str, text: &str, base: Option<&Path>) -> Result<Vec<Task>, Pa
                     if t.outputs.iter().any(|o| o == v) {
                         return Err(ferr(format!("output {v:?} declared twice for this task")));
                     }
+                    if t.outputs.len() >= p2p_core::message::MAX_TASK_FILES {
+                        return Err(ferr(format!(
+                            "more than {} outputs for one task",
+                            p2p_core::message::MAX_TASK_FILES
+                        )));
+                    }
                     t.outputs.push(v.to_owned());
                     continue;
                 }
@@ -430,6 +436,12 @@ fn parse_in(file: &str, text: &str, base: Option<&Path>) -> Result<Vec<Task>, Pa
                 let Some(t) = tasks.last_mut() else {
                     continue;
                 };
+                if t.inputs.len() >= p2p_core::message::MAX_TASK_FILES {
+                    return Err(ferr(format!(
+                        "more than {} inputs for one task",
+                        p2p_core::message::MAX_TASK_FILES
+                    )));
+                }
                 let Some(name) = input.file_name() else {
                     return Err(ferr(format!(
                         "bad input {v:?}: it names no file (a path ending in a file name, e.g. \
@@ -963,6 +975,15 @@ mod tests {
             ("a1 < @b1/x", 6, "unknown task \"b1\""),
             ("a1 > o < @a1/o", 10, "a1 depends on itself"),
         ];
+        let many: String = (0..33).map(|i| format!(" > o{i}")).collect();
+        let err = parse("t.txt", &format!("a1{many}")).unwrap_err();
+        assert!(err.message.contains("more than 32 outputs"), "{err}");
+        let many: String = (0..33).map(|i| format!(" < i{i}")).collect();
+        let err = parse("t.txt", &format!("a1{many}")).unwrap_err();
+        assert!(err.message.contains("more than 32 inputs"), "{err}");
+        let long = format!("a1 > {}", "d/".repeat(256) + "x");
+        let err = parse("t.txt", &long).unwrap_err();
+        assert!(err.message.contains("longer than 512 bytes"), "{err}");
         for &(text, col, msg) in cases {
             let err = parse("t.txt", text).unwrap_err();
             assert_eq!((err.line, err.col), (1, col), "{text:?}: {err}");

@@ -187,6 +187,28 @@ impl RunFiles {
         let Some((inputs, outputs)) = self.plan.get(&a.task).cloned() else {
             return Step::Send(a);
         };
+        // What the protocol cannot carry (a `Task` built by a program, not parsed) fails
+        // here rather than close the connection at the node.
+        let bad_name = |n: &str| crate::task::output_name_problem(n).is_some();
+        if inputs.len() > p2p_core::message::MAX_TASK_FILES
+            || outputs.len() > p2p_core::message::MAX_TASK_FILES
+            || outputs.iter().any(|o| bad_name(o))
+            || inputs
+                .iter()
+                .any(|i| i.file_name().is_none_or(|n| bad_name(n) || n.contains('/')))
+        {
+            return Step::Fail(failed(
+                a.seq,
+                format!(
+                    "task {} declares files the protocol cannot carry (at most {} inputs and \
+                     {} outputs, plain names of at most {} bytes)",
+                    a.task,
+                    p2p_core::message::MAX_TASK_FILES,
+                    p2p_core::message::MAX_TASK_FILES,
+                    p2p_core::message::MAX_FILE_NAME
+                ),
+            ));
+        }
         let mut placed = Vec::with_capacity(inputs.len());
         let mut offers = Vec::new();
         for input in &inputs {

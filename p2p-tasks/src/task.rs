@@ -85,13 +85,13 @@ impl Input {
 /// Why `name` cannot name a task's output (`> NAME`) inside its working directory, or
 /// `None` when it can: a plain relative path of `/`-separated components, none of them
 /// empty, `.` or `..`, without NUL or control characters, at most 255 bytes a component and
-/// 1024 in all.
+/// 512 in all (what the protocol carries, [`p2p_core::message::MAX_FILE_NAME`]).
 pub fn output_name_problem(name: &str) -> Option<&'static str> {
     if name.is_empty() {
         return Some("the name is empty");
     }
-    if name.len() > 1024 {
-        return Some("the name is longer than 1024 bytes");
+    if name.len() > p2p_core::message::MAX_FILE_NAME {
+        return Some("the name is longer than 512 bytes");
     }
     if name.starts_with('/') {
         return Some("an absolute path is not allowed: name a file inside the working directory");
