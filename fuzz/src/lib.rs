@@ -288,6 +288,82 @@ pub fn task_file(data: &[u8]) {
 }
 
 // ---------------------------------------------------------------------------------------
+// transfer
+
+/// The transfer messages' decoder (`wire::decode` of a `Message::Transfer` payload) and the
+/// receiver of a file (`transfer::Receiver`), fed by the fuzzer. What decodes re-encodes to
+/// the bytes it came from (but what follows them) and decodes back to itself. The receiver,
+/// fed chunks at any offset, of any size, true or altered: writes only bytes that extend the
+/// file in order, never past its size, and completes only with the whole true file.
+pub fn transfer(data: &[u8]) {
+    // Decoder: the input as a Transfer payload.
+    let mut payload = vec![14u8];
+    payload.extend_from_slice(data);
+    if let Ok(msg) = p2p_core::wire::decode(&payload) {
+        let mut again = BytesMut::new();
+        p2p_core::wire::encode_into(&msg, &mut again).unwrap();
+        assert!(payload.starts_with(&again), "{msg:?} re-encodes differently");
+        assert_eq!(p2p_core::wire::decode(&again).unwrap(), msg);
+    }
+    let _ = drive_receiver(&mut Unstructured::new(data));
+}
+
+fn drive_receiver(u: &mut Unstructured<'_>) -> arbitrary::Result<()> {
+    use p2p_core::message::MAX_CHUNK;
+    use p2p_core::transfer::{hash_bytes, Received, Receiver};
+    let size = u.int_in_range(0..=300_000usize)?;
+    let seed = u8::arbitrary(u)?;
+    let file: Vec<u8> = (0..size).map(|i| (i as u8).wrapping_mul(29) ^ seed).collect();
+    let window = u.int_in_range(1..=(1u32 << 20))?;
+    let max_file = if bool::arbitrary(u)? { u64::MAX } else { u.int_in_range(0..=400_000u64)? };
+    let Ok(mut r) = Receiver::new(1, hash_bytes(&file), size as u64, window, max_file) else {
+        assert!(size as u64 > max_file, "refused a file within --max-file");
+        return Ok(());
+    };
+    let mut disk: Vec<u8> = Vec::new();
+    for _ in 0..64 {
+        match u.int_in_range(0..=3u8)? {
+            0 => {
+                let _ = r.poll_ack();
+            }
+            1 => {
+                r.on_end().unwrap_or_else(|_| assert!(!r.is_complete()));
+            }
+            _ => {
+                let in_order = bool::arbitrary(u)?;
+                let offset = if in_order {
+                    disk.len() as u64
+                } else {
+                    u.int_in_range(0..=size as u64 + 10)?
+                };
+                let len = u.int_in_range(0..=MAX_CHUNK + 1)?;
+                let start = (offset as usize).min(size);
+                let mut chunk = file[start..(start + len).min(size)].to_vec();
+                if bool::arbitrary(u)? && !chunk.is_empty() {
+                    let i = u.choose_index(chunk.len())?;
+                    chunk[i] ^= 1;
+                }
+                match r.on_chunk(offset, &chunk) {
+                    Ok(Received::Write(b)) => {
+                        assert_eq!(offset as usize, disk.len(), "a chunk out of place was taken");
+                        disk.extend_from_slice(b);
+                    }
+                    Ok(Received::Complete(b)) => {
+                        assert_eq!(offset as usize, disk.len());
+                        disk.extend_from_slice(b);
+                        assert_eq!(disk, file, "completed with other bytes");
+                        return Ok(());
+                    }
+                    Err(_) => return Ok(()),
+                }
+                assert!(disk.len() <= size);
+            }
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
 // secure_decrypt
 
 fn secure_pair(max_frame: usize) -> (snow::TransportState, SecureCodec) {
@@ -474,6 +550,7 @@ mod tests {
             beacon(&input);
             task_file(&input);
             secure_decrypt(&input);
+            transfer(&input);
         }
     }
 }

@@ -10,7 +10,7 @@ use clap::{Args, Parser, Subcommand};
 use p2p_core::text::escape;
 use p2p_core::{ClusterKey, Identity};
 use p2p_discovery::{Discovery, Kind};
-use p2p_tasks::handler::{Builtin, Handler, Shell};
+use p2p_tasks::handler::{Builtin, Handler, Shell, WorkDirs};
 use p2p_tasks::{Order, Policy, RunOptions};
 use tokio_util::sync::CancellationToken;
 
@@ -117,7 +117,7 @@ pub enum Command {
     /// Serve task types: accept connections and run the tasks peers assign.
     #[command(
         after_help = "Example:\n  p2p-node serve --types a --listen 127.0.0.1:7401 --discovery none\n  \
-        p2p-node serve --types a,b --handler 'a=echo {id} >> done.txt' --capacity 4"
+        p2p-node serve --types a,b --handler 'a=echo {id} >> /tmp/done.txt' --capacity 4"
     )]
     Serve(ServeArgs),
     /// Run a task file across the nodes that serve its types.
@@ -255,6 +255,17 @@ pub struct ServeArgs {
     /// HTTP on ADDR; loopback only unless a cluster key (or --insecure) is given.
     #[arg(long, value_name = "ADDR")]
     pub metrics_listen: Option<SocketAddr>,
+    /// Keep the working directory of a failed attempt (under DATA_DIR/work) for debugging;
+    /// the others are always removed when their attempt ends.
+    #[arg(long)]
+    pub keep_work: bool,
+    /// Most bytes of files this node keeps for tasks (DATA_DIR/cache/SLOT, least recently
+    /// used first out).
+    #[arg(long, value_name = "SIZE", default_value = "1GiB", value_parser = parse_size_u64)]
+    pub cache_size: u64,
+    /// Largest input file this node accepts (default: the cache size).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size_u64)]
+    pub max_file: Option<u64>,
     /// Shared options.
     #[command(flatten)]
     pub common: Common,
@@ -302,6 +313,10 @@ pub struct RunArgs {
     /// After a task finally fails, keep running everything that does not depend on it.
     #[arg(long)]
     pub keep_going: bool,
+    /// Keep every task's result in DIR/ID/ (stdout, meta.json, and its declared outputs);
+    /// without it, declared outputs go to ./results/ID/.
+    #[arg(long, value_name = "DIR")]
+    pub results: Option<PathBuf>,
     /// Append each final result to PATH (synced to disk).
     #[arg(long, value_name = "PATH")]
     pub journal: Option<PathBuf>,
@@ -386,6 +401,34 @@ pub fn parse_size(s: &str) -> Result<usize, String> {
         other => {
             return Err(format!(
                 "unknown unit {other:?} in {s:?} (use B, KB, KiB, MB or MiB)"
+            ))
+        }
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("{s:?} is too large"))
+}
+
+/// A size of files: as [`parse_size`], plus `GB`, `GiB` (`G`), `TB` and `TiB` (`T`).
+pub fn parse_size_u64(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (examples: 500MiB, 1GiB, 10GB)"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kb" => 1000,
+        "k" | "kib" => 1 << 10,
+        "mb" => 1_000_000,
+        "m" | "mib" => 1 << 20,
+        "gb" => 1_000_000_000,
+        "g" | "gib" => 1 << 30,
+        "tb" => 1_000_000_000_000,
+        "t" | "tib" => 1 << 40,
+        other => {
+            return Err(format!(
+                "unknown unit {other:?} in {s:?} (use B, KB, KiB, MB, MiB, GB, GiB, TB or TiB)"
             ))
         }
     };
@@ -751,15 +794,34 @@ fn handler_for(
     handlers: &[(String, String)],
     max_output: usize,
     kill_grace: Duration,
+    work: &WorkDirs,
 ) -> Box<dyn Handler> {
     match handlers.iter().find(|(t, _)| t == kind) {
         Some((_, cmd)) => Box::new(
             Shell::new(cmd.clone())
                 .output_limit(max_output)
-                .kill_grace(kill_grace),
+                .kill_grace(kill_grace)
+                .work_dirs(work.clone()),
         ),
         None => Box::new(Builtin),
     }
+}
+
+/// Where shell handlers' attempts get their working directories: `DATA_DIR/work` (the
+/// data directory as for identities; the system's temporary directory when there is none).
+fn work_dirs(c: &Common, keep_failed: bool) -> WorkDirs {
+    WorkDirs {
+        root: Some(data_dir_of(c).join("work")),
+        keep_failed,
+    }
+}
+
+/// The data directory: `--data-dir`, else the default one, else `TMPDIR/p2p-node`.
+fn data_dir_of(c: &Common) -> std::path::PathBuf {
+    c.data_dir
+        .clone()
+        .or_else(datadir::default_dir)
+        .unwrap_or_else(|| std::env::temp_dir().join("p2p-node"))
 }
 
 /// With shell handlers: this process becomes a child subreaper and starts its guard
@@ -961,14 +1023,53 @@ async fn serve(
     if let Some(m) = a.metrics_listen {
         b = b.metrics_listen(m);
     }
+    let work = work_dirs(&a.common, a.keep_work);
     for t in &types {
-        b = b.handler(t, handler_for(t, &handlers, a.max_output, a.kill_grace));
+        b = b.handler(
+            t,
+            handler_for(t, &handlers, a.max_output, a.kill_grace, &work),
+        );
     }
     let identity = load_identity(&a.common, Some("identity"))?;
+    // The node's file cache: DATA_DIR/cache/SLOT (its identity's file name), so nodes
+    // sharing a data directory keep their own accounts.
+    let slot = identity
+        .as_ref()
+        .and_then(|h| h.path.file_name())
+        .and_then(|n| n.to_str())
+        .unwrap_or("default")
+        .to_owned();
+    let cache_dir = p2p_tasks::node_files::cache_dir(&data_dir_of(&a.common), &slot);
+    // Made now, it goes again if the node is refused (as the identity does).
+    let made = [cache_dir.clone(), data_dir_of(&a.common).join("cache")]
+        .into_iter()
+        .filter(|d| !d.exists())
+        .collect::<Vec<_>>();
+    let unmake = || {
+        for d in &made {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    };
+    let cache = match p2p_tasks::cache::Cache::open(&cache_dir, a.cache_size) {
+        Ok(c) => c,
+        Err(e) => {
+            discard(identity);
+            return Err(usage(format!(
+                "cannot open the file cache {}: {e}",
+                cache_dir.display()
+            )));
+        }
+    };
+    let b = b.files(std::sync::Arc::new(p2p_tasks::node_files::NodeFiles::new(
+        cache,
+        a.max_file.unwrap_or(a.cache_size),
+        a.common.max_frame,
+    )));
     let node = match with_identity(b, &identity).build().await {
         Ok(node) => node,
         Err(e) => {
             discard(identity);
+            unmake();
             return Err(node_error(e));
         }
     };
@@ -1064,7 +1165,8 @@ async fn run(
             a.common
                 .max_frame
                 .clamp(crate::node::MIN_MAX_FRAME, crate::node::MAX_MAX_FRAME),
-        );
+        )
+        .results(a.results.clone());
     p2p_tasks::runcore::validate(&tasks, &opts).map_err(|e| match e {
         p2p_tasks::RunError::Unsendable {
             task,
@@ -1101,13 +1203,48 @@ async fn run(
         local_types = needed.into_iter().map(|t| (t, n)).collect();
     }
     let _guard = own_handler_processes(&handlers, a.kill_grace);
+    let work = work_dirs(&a.common, false);
+    // In-process nodes share one file cache for the run, removed after it (only when a
+    // task has files).
+    let local_cache = if !local_types.is_empty() && tasks.iter().any(|t| t.has_files()) {
+        let parent = data_dir_of(&a.common).join("cache");
+        let dir = std::fs::create_dir_all(&parent)
+            .and_then(|()| {
+                tempfile::Builder::new()
+                    .prefix("local-")
+                    .tempdir_in(&parent)
+            })
+            .map_err(|e| {
+                usage(format!(
+                    "cannot make a file cache in {}: {e}",
+                    parent.display()
+                ))
+            })?;
+        let cache = p2p_tasks::cache::Cache::open(dir.path(), p2p_tasks::cache::DEFAULT_CACHE_SIZE)
+            .map_err(|e| usage(format!("cannot open a file cache: {e}")))?;
+        let files = std::sync::Arc::new(p2p_tasks::node_files::NodeFiles::new(
+            cache,
+            p2p_tasks::cache::DEFAULT_CACHE_SIZE,
+            a.common.max_frame,
+        ));
+        Some((dir, files))
+    } else {
+        None
+    };
     let mut local_nodes = Vec::new();
     let mut peers = Vec::new();
     for (t, n) in &local_types {
         for _ in 0..*n {
-            let mut node = with_key(Node::builder(), &key)
+            let mut builder = with_key(Node::builder(), &key);
+            if let Some((_, files)) = &local_cache {
+                builder = builder.files(files.clone());
+            }
+            let mut node = builder
                 .cluster(a.common.cluster.clone())
-                .handler(t, handler_for(t, &handlers, a.max_output, a.kill_grace))
+                .handler(
+                    t,
+                    handler_for(t, &handlers, a.max_output, a.kill_grace, &work),
+                )
                 .max_frame(a.common.max_frame)
                 .max_output(a.max_output)
                 .build()

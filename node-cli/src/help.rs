@@ -50,6 +50,8 @@ const HEADINGS: &[(&str, &str)] = &[
     ("max_connections", "Limits"),
     ("max_handshakes", "Limits"),
     ("max_output", "Limits"),
+    ("max_file", "Limits"),
+    ("cache_size", "Limits"),
     ("handshake_timeout", "Limits"),
     ("task_timeout", "Limits"),
     ("json", "Output"),

@@ -103,6 +103,7 @@ pub struct NodeBuilder {
     max_output: usize,
     metrics_listen: Option<SocketAddr>,
     describe: dial::Describe,
+    files: Option<Arc<p2p_tasks::node_files::NodeFiles>>,
 }
 
 impl std::fmt::Debug for NodeBuilder {
@@ -133,11 +134,19 @@ impl Default for NodeBuilder {
             max_output: p2p_tasks::handler::DEFAULT_OUTPUT_LIMIT,
             metrics_listen: None,
             describe: |e| e.to_string(),
+            files: None,
         }
     }
 }
 
 impl NodeBuilder {
+    /// Keeps files for tasks (inputs shipped to this node, outputs fetched from it) with
+    /// this cache (see [`p2p_tasks::node_files`]). Default: none (offers are refused).
+    pub fn files(mut self, files: Arc<p2p_tasks::node_files::NodeFiles>) -> Self {
+        self.files = Some(files);
+        self
+    }
+
     /// Cluster name. Default `default`.
     pub fn cluster(mut self, name: impl Into<String>) -> Self {
         self.cluster = name.into();
@@ -400,8 +409,11 @@ impl NodeBuilder {
             (false, Some(c)) => c,
             (false, None) => Worker::default_capacity(&self.handlers),
         };
-        let worker =
-            Arc::new(Worker::new(self.handlers, capacity).with_output_limit(self.max_output));
+        let mut worker = Worker::new(self.handlers, capacity).with_output_limit(self.max_output);
+        if let Some(files) = self.files {
+            worker = worker.with_files(files);
+        }
+        let worker = Arc::new(worker);
         if self.capacity_auto {
             let load = p2p_tasks::resources::load_milli();
             worker.set_capacity(p2p_tasks::resources::auto_capacity(capacity, load, 0));

@@ -16,11 +16,13 @@
 //! a connection is finished when one side has sent `GoodbyeAck` or received it.
 
 use std::collections::{HashSet, VecDeque};
+
+use crate::transfer::Outbox;
 use std::hash::{BuildHasher, Hasher};
 use std::time::{Duration, Instant};
 
 use crate::message::{
-    Assign, Completed, Hello, LoadReport, Message, Reject, RejectReason, StatusReport,
+    Assign, Completed, Hello, LoadReport, Message, Reject, RejectReason, StatusReport, Transfer,
     PROTOCOL_VERSION,
 };
 use crate::{ConnectionError, Error, HandshakeError, Violation};
@@ -153,6 +155,8 @@ pub enum Event {
     /// The peer reported its load (its capacity here is what this connection honours: at
     /// most the one its handshake advertised).
     Load(LoadReport),
+    /// A file-transfer message from the peer (protocol v3), for the owner's transfers.
+    Transfer(Box<Transfer>),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -189,7 +193,8 @@ pub struct Connection {
     /// The peer's capacity as its last `Load` reported it (at most its handshake's); none
     /// before the first.
     peer_capacity: Option<u32>,
-    transmit: VecDeque<Message>,
+    /// Control frames first, file chunks between them ([`Outbox`]).
+    transmit: Outbox,
     events: VecDeque<Event>,
 }
 
@@ -214,11 +219,11 @@ impl Connection {
             status_asked: false,
             status_owed: false,
             peer_capacity: None,
-            transmit: VecDeque::new(),
+            transmit: Outbox::new(),
             events: VecDeque::new(),
         };
         if role == Role::Initiator {
-            conn.transmit.push_back(Message::Hello(conn.local.clone()));
+            conn.transmit.push(Message::Hello(conn.local.clone()));
         }
         conn
     }
@@ -253,9 +258,42 @@ impl Connection {
         self.inbound.len()
     }
 
-    /// The next message to send, if any.
+    /// The next message to send, if any: every control frame before any file chunk.
     pub fn poll_transmit(&mut self) -> Option<Message> {
-        self.transmit.pop_front()
+        self.transmit.pop(0)
+    }
+
+    /// The next message to send, given that the writer still holds `buffered` bytes: control
+    /// frames always, a file chunk only when the writer is nearly empty (see
+    /// [`Outbox::pop`]), so a control frame queued later waits behind at most about one
+    /// chunk.
+    pub fn poll_transmit_with(&mut self, buffered: usize) -> Option<Message> {
+        self.transmit.pop(buffered)
+    }
+
+    /// Whether something is queued to send (a chunk held back by
+    /// [`Connection::poll_transmit_with`] included).
+    pub fn has_transmit(&self) -> bool {
+        !self.transmit.is_empty()
+    }
+
+    /// Whether another file chunk may be queued ([`crate::transfer::OUTBOX_CHUNKS`]).
+    pub fn has_chunk_room(&self) -> bool {
+        self.transmit.has_chunk_room()
+    }
+
+    /// Sends a file-transfer message (protocol v3). A chunk goes behind every control frame
+    /// queued before or after it; the caller queues one only when
+    /// [`Connection::has_chunk_room`]. Fails when the connection is not open.
+    pub fn transfer(&mut self, t: Transfer) -> Result<(), Error> {
+        if self.state != State::Open {
+            return Err(Error::InvalidState {
+                action: "send a transfer message",
+                why: "the connection is not open",
+            });
+        }
+        self.transmit.push(Message::Transfer(Box::new(t)));
+        Ok(())
     }
 
     /// The next event for the owner, if any.
@@ -289,7 +327,7 @@ impl Connection {
                 }
                 if now >= self.next_ping {
                     self.ping_nonce = self.ping_nonce.wrapping_add(1);
-                    self.transmit.push_back(Message::Ping {
+                    self.transmit.push(Message::Ping {
                         nonce: self.ping_nonce,
                     });
                     self.next_ping = now + self.config.heartbeat_interval;
@@ -315,7 +353,7 @@ impl Connection {
         match (self.state, msg) {
             (State::Handshaking, Message::Hello(hello)) if self.role == Role::Acceptor => {
                 if let Some((reason, message)) = self.check_peer(&hello) {
-                    self.transmit.push_back(Message::Reject(Reject {
+                    self.transmit.push(Message::Reject(Reject {
                         reason,
                         message: message.clone(),
                     }));
@@ -324,8 +362,7 @@ impl Connection {
                         message,
                     }));
                 }
-                self.transmit
-                    .push_back(Message::Welcome(self.local.clone()));
+                self.transmit.push(Message::Welcome(self.local.clone()));
                 self.establish(hello, now);
                 Ok(())
             }
@@ -413,7 +450,7 @@ impl Connection {
                 Ok(())
             }
             Message::Ping { nonce } => {
-                self.transmit.push_back(Message::Pong { nonce });
+                self.transmit.push(Message::Pong { nonce });
                 Ok(())
             }
             Message::Pong { .. } => Ok(()),
@@ -456,6 +493,12 @@ impl Connection {
                 self.events.push_back(Event::Status(report));
                 Ok(())
             }
+            Message::Transfer(t) => {
+                // Its own rules are the transfers' (p2p_core::transfer); the decoder bounded
+                // every length.
+                self.events.push_back(Event::Transfer(t));
+                Ok(())
+            }
             other => self.fail(
                 Violation::Unexpected {
                     got: other.kind(),
@@ -488,7 +531,7 @@ impl Connection {
         if !self.outbound.insert(a.seq) {
             return Err((a, "seq already in flight"));
         }
-        self.transmit.push_back(Message::Assign(a));
+        self.transmit.push(Message::Assign(a));
         Ok(())
     }
 
@@ -506,7 +549,7 @@ impl Connection {
                 why: "no such assignment in flight",
             });
         }
-        self.transmit.push_back(Message::Completed(c));
+        self.transmit.push(Message::Completed(c));
         self.maybe_ack();
         Ok(())
     }
@@ -515,7 +558,7 @@ impl Connection {
     /// [`Message::Started`]). Does nothing for a seq that is not in flight.
     pub fn started(&mut self, seq: u64) {
         if self.state == State::Open && self.inbound.contains(&seq) {
-            self.transmit.push_back(Message::Started { seq });
+            self.transmit.push(Message::Started { seq });
         }
     }
 
@@ -534,7 +577,7 @@ impl Connection {
             return;
         }
         report.capacity = report.capacity.min(self.local.capacity);
-        self.transmit.push_back(Message::Load(report));
+        self.transmit.push(Message::Load(report));
     }
 
     /// Asks the peer how it is; its answer comes as [`Event::Status`]. Fails when the
@@ -547,7 +590,7 @@ impl Connection {
             });
         }
         self.status_asked = true;
-        self.transmit.push_back(Message::StatusRequest);
+        self.transmit.push(Message::StatusRequest);
         Ok(())
     }
 
@@ -562,7 +605,7 @@ impl Connection {
         }
         self.status_owed = false;
         self.transmit
-            .push_back(Message::Status(Box::new(report.bounded())));
+            .push(Message::Status(Box::new(report.bounded())));
         Ok(())
     }
 
@@ -574,7 +617,7 @@ impl Connection {
                 why: "no such assignment in flight",
             });
         }
-        self.transmit.push_back(Message::Cancel { seq });
+        self.transmit.push(Message::Cancel { seq });
         Ok(())
     }
 
@@ -583,7 +626,7 @@ impl Connection {
     pub fn goodbye(&mut self) {
         if self.state == State::Open && !self.we_said_goodbye {
             self.we_said_goodbye = true;
-            self.transmit.push_back(Message::Goodbye);
+            self.transmit.push(Message::Goodbye);
             self.maybe_ack();
         }
     }
@@ -596,7 +639,7 @@ impl Connection {
             && self.role == Role::Acceptor
             && matches!(e, Error::Handshake(HandshakeError::Bound { .. }))
         {
-            self.transmit.push_back(Message::Reject(Reject {
+            self.transmit.push(Message::Reject(Reject {
                 reason: RejectReason::Invalid,
                 message: e.to_string(),
             }));
@@ -652,7 +695,7 @@ impl Connection {
             && self.outbound.is_empty()
         {
             self.ack_sent = true;
-            self.transmit.push_back(Message::GoodbyeAck);
+            self.transmit.push(Message::GoodbyeAck);
             self.finish();
         }
     }

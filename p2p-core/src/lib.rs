@@ -51,6 +51,7 @@ pub mod shown;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 pub mod text;
+pub mod transfer;
 pub mod wire;
 
 pub use error::{ConnectionError, Error, HandshakeError, Stage, Violation};
@@ -58,5 +59,6 @@ pub use id::NodeId;
 pub use identity::{Identity, IdentityError};
 pub use key::{ClusterKey, KeyError};
 pub use message::{
-    Assign, Completed, Hello, LoadReport, Message, Reject, RejectReason, PROTOCOL_VERSION,
+    Assign, Completed, ContentHash, Hello, LoadReport, Message, Reject, RejectReason, Transfer,
+    PROTOCOL_VERSION,
 };

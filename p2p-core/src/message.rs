@@ -1,4 +1,5 @@
-//! The messages of protocol v3 (v2 plus [`Message::Load`]).
+//! The messages of protocol v3 (v1 plus [`Message::Started`] in v2, [`Message::Load`] and
+//! [`Message::Transfer`] in v3).
 //!
 //! docs/PROTOCOL.md describes their encoding byte by byte. Rules that keep versions apart:
 //! the first message on a connection is always [`Message::Hello`], whose first field is the
@@ -13,7 +14,8 @@ use crate::NodeId;
 /// Version 2 added [`Message::Started`]: a node's capacity is shared by every coordinator
 /// that uses it, so an assigned task may wait at the worker for a slot, and that wait is not
 /// the task's run time. Version 3 added [`Message::Load`]: a node reports its capacity (which
-/// may change during a run) and its machine's resources, and [`StatusReport::waiting`].
+/// may change during a run) and its machine's resources, and [`StatusReport::waiting`]; and
+/// [`Message::Transfer`]: files shipped with tasks and collected from them.
 pub const PROTOCOL_VERSION: u16 = 3;
 
 /// One protocol message: the payload of one frame.
@@ -67,6 +69,8 @@ pub enum Message {
     /// capacity up to the one the handshake advertised (the connection's ceiling); a shrink
     /// cancels nothing, it only stops new assignments until fewer run.
     Load(LoadReport),
+    /// File transfer (since version 3): inputs shipped, outputs fetched, by content hash.
+    Transfer(Box<Transfer>),
 }
 
 impl Message {
@@ -87,6 +91,7 @@ impl Message {
             Message::StatusRequest => "StatusRequest",
             Message::Status(_) => "Status",
             Message::Load(_) => "Load",
+            Message::Transfer(t) => t.kind(),
         }
     }
 }
@@ -278,5 +283,202 @@ fn cut(s: &mut String) {
             end -= 1;
         }
         s.truncate(end);
+    }
+}
+
+/// The size of a file chunk's data at most: 64 KiB. A sender whose frame limit is smaller
+/// sends smaller chunks (see [`crate::transfer::chunk_len`]).
+pub const MAX_CHUNK: usize = 64 * 1024;
+
+/// The longest name of a file in a transfer message (a task's output, or an input's file
+/// name), in bytes.
+pub const MAX_FILE_NAME: usize = 512;
+
+/// The most inputs, and the most outputs, of one task.
+pub const MAX_TASK_FILES: usize = 32;
+
+/// The longest [`Transfer::Abort`] message, in bytes; longer ones are cut when encoded.
+pub const MAX_ABORT_MESSAGE: usize = 1024;
+
+/// A file's content hash: BLAKE2b with a 32-byte output, over the file's bytes.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ContentHash(pub [u8; 32]);
+
+impl ContentHash {
+    /// The hash as 64 lower-case hexadecimal digits.
+    pub fn to_hex(&self) -> String {
+        let mut s = String::with_capacity(64);
+        for b in self.0 {
+            s.push_str(&format!("{b:02x}"));
+        }
+        s
+    }
+
+    /// Parses 64 hexadecimal digits.
+    pub fn from_hex(hex: &str) -> Option<ContentHash> {
+        if hex.len() != 64 || !hex.is_ascii() {
+            return None;
+        }
+        let mut out = [0u8; 32];
+        for (i, o) in out.iter_mut().enumerate() {
+            *o = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+        }
+        Some(ContentHash(out))
+    }
+}
+
+impl std::fmt::Debug for ContentHash {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ContentHash({})", self.to_hex())
+    }
+}
+
+impl std::fmt::Display for ContentHash {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+/// A file placed in a task's working directory: its name there and its content.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlacedFile {
+    /// The file name in the working directory (one component).
+    pub name: String,
+    /// Its content hash; the receiver has it (it answered `Have`, or sent `Done`).
+    pub hash: ContentHash,
+}
+
+/// A file a task produced: its declared name, content hash and size.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProducedFile {
+    /// The declared output name (`> NAME`).
+    pub name: String,
+    /// Its content hash.
+    pub hash: ContentHash,
+    /// Its size in bytes.
+    pub size: u64,
+}
+
+/// Why a transfer was given up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum AbortReason {
+    /// The sender does not have a file with that hash.
+    NotFound,
+    /// The file is larger than the receiver accepts (`--max-file`).
+    TooLarge,
+    /// The bytes received do not have the announced hash.
+    HashMismatch,
+    /// The receiver's disk is full.
+    NoSpace,
+    /// Reading or writing the file failed.
+    Io,
+    /// The sender or the receiver no longer needs it.
+    Cancelled,
+}
+
+/// A file-transfer message ([`Message::Transfer`]). Transfer ids are chosen by the side that
+/// starts a transfer (`Offer`, `Fetch`), unique among its transfers in progress on the
+/// connection. Flow control is by credit in bytes: a sender may send chunks up to
+/// `received + window` bytes, where `window` comes from `Want` (or `Fetch`) and `received`
+/// from the last `Ack`. docs/PROTOCOL.md ("Files") has the rules.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Transfer {
+    /// Variant 0: The sender of this message will send a file of this hash and size if asked.
+    Offer {
+        /// The transfer id.
+        id: u64,
+        /// The file's content hash.
+        hash: ContentHash,
+        /// The file's size in bytes.
+        size: u64,
+    },
+    /// Variant 1: Answer to `Offer`: the receiver has the file already (nothing is sent).
+    Have {
+        /// The transfer id.
+        id: u64,
+    },
+    /// Variant 2: Answer to `Offer`: send it, with this much credit (bytes).
+    Want {
+        /// The transfer id.
+        id: u64,
+        /// Bytes the sender may send beyond the receiver's last `Ack` (at least one chunk).
+        window: u32,
+    },
+    /// Variant 3: Bytes of the file from `offset` (chunks go in order, without gaps).
+    Chunk {
+        /// The transfer id.
+        id: u64,
+        /// Where in the file `data` starts.
+        offset: u64,
+        /// At most [`MAX_CHUNK`] bytes.
+        data: Vec<u8>,
+    },
+    /// Variant 4: The receiver has written `received` bytes: the credit moves on.
+    Ack {
+        /// The transfer id.
+        id: u64,
+        /// Bytes received and written so far.
+        received: u64,
+    },
+    /// Variant 5: The receiver has the whole file and its hash matched; the transfer is over.
+    Done {
+        /// The transfer id.
+        id: u64,
+    },
+    /// Variant 6: Either side gives the transfer up.
+    Abort {
+        /// The transfer id.
+        id: u64,
+        /// Why.
+        reason: AbortReason,
+        /// Explanation, at most [`MAX_ABORT_MESSAGE`] bytes.
+        message: String,
+    },
+    /// Variant 7: Asks the peer to send the file with this hash (a task's output it announced in
+    /// `Produced`), with this much credit: the peer answers with chunks, or `Abort`.
+    Fetch {
+        /// The transfer id.
+        id: u64,
+        /// The file wanted.
+        hash: ContentHash,
+        /// As in `Want`.
+        window: u32,
+    },
+    /// Variant 8: Sent just before `Assign` with the same seq: the files to place in the task's
+    /// working directory (all of them already at the receiver) and the outputs to keep.
+    Files {
+        /// The seq of the `Assign` that follows.
+        seq: u64,
+        /// At most [`MAX_TASK_FILES`].
+        inputs: Vec<PlacedFile>,
+        /// At most [`MAX_TASK_FILES`] names, each at most [`MAX_FILE_NAME`] bytes.
+        outputs: Vec<String>,
+    },
+    /// Variant 9: Sent just before a successful `Completed` with the same seq: the declared outputs,
+    /// which the sender keeps until fetched (or evicted from its cache).
+    Produced {
+        /// The seq of the `Completed` that follows.
+        seq: u64,
+        /// At most [`MAX_TASK_FILES`].
+        outputs: Vec<ProducedFile>,
+    },
+}
+
+impl Transfer {
+    /// A short name for logs and errors.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Transfer::Offer { .. } => "Transfer::Offer",
+            Transfer::Have { .. } => "Transfer::Have",
+            Transfer::Want { .. } => "Transfer::Want",
+            Transfer::Chunk { .. } => "Transfer::Chunk",
+            Transfer::Ack { .. } => "Transfer::Ack",
+            Transfer::Done { .. } => "Transfer::Done",
+            Transfer::Abort { .. } => "Transfer::Abort",
+            Transfer::Fetch { .. } => "Transfer::Fetch",
+            Transfer::Files { .. } => "Transfer::Files",
+            Transfer::Produced { .. } => "Transfer::Produced",
+        }
     }
 }

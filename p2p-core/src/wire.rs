@@ -22,7 +22,10 @@
 use bincode::config::{self, Config};
 use bytes::{BufMut, BytesMut};
 
-use crate::message::{Assign, Completed, Hello, Reject, RejectReason};
+use crate::message::{
+    AbortReason, Assign, Completed, ContentHash, Hello, PlacedFile, ProducedFile, Reject,
+    RejectReason, Transfer, MAX_ABORT_MESSAGE, MAX_CHUNK, MAX_FILE_NAME, MAX_TASK_FILES,
+};
 use crate::{ConnectionError, Error, HandshakeError, Message, NodeId};
 
 /// The largest frame any configuration may allow (and the default maximum): 16 MiB.
@@ -104,6 +107,10 @@ pub fn encode_into(msg: &Message, dst: &mut BytesMut) -> Result<(), Error> {
             put_varint(dst, 10);
             put_varint(dst, *seq);
         }
+        Message::Transfer(t) => {
+            put_varint(dst, 14);
+            put_transfer(dst, t);
+        }
         Message::Reject(r) if r.message.len() > MAX_REJECT_MESSAGE => {
             let mut cut = MAX_REJECT_MESSAGE;
             while !r.message.is_char_boundary(cut) {
@@ -184,6 +191,7 @@ pub fn decode(payload: &[u8]) -> Result<Message, Error> {
         8 => Message::Goodbye,
         9 => Message::GoodbyeAck,
         10 => Message::Started { seq: r.varint()? },
+        14 => Message::Transfer(Box::new(r.transfer()?)),
         _ => return decode_bincode(payload),
     };
     Ok(msg)
@@ -208,6 +216,106 @@ fn put_varint(dst: &mut BytesMut, x: u64) {
 fn put_str(dst: &mut BytesMut, s: &str) {
     put_varint(dst, s.len() as u64);
     dst.put_slice(s.as_bytes());
+}
+
+/// Appends a [`Transfer`] (after its `Message` variant), as bincode would; an `Abort`
+/// message over [`MAX_ABORT_MESSAGE`] is cut on a character boundary.
+fn put_transfer(dst: &mut BytesMut, t: &Transfer) {
+    match t {
+        Transfer::Offer { id, hash, size } => {
+            put_varint(dst, 0);
+            put_varint(dst, *id);
+            dst.put_slice(&hash.0);
+            put_varint(dst, *size);
+        }
+        Transfer::Have { id } => {
+            put_varint(dst, 1);
+            put_varint(dst, *id);
+        }
+        Transfer::Want { id, window } => {
+            put_varint(dst, 2);
+            put_varint(dst, *id);
+            put_varint(dst, u64::from(*window));
+        }
+        Transfer::Chunk { id, offset, data } => {
+            put_varint(dst, 3);
+            put_varint(dst, *id);
+            put_varint(dst, *offset);
+            put_varint(dst, data.len() as u64);
+            dst.put_slice(data);
+        }
+        Transfer::Ack { id, received } => {
+            put_varint(dst, 4);
+            put_varint(dst, *id);
+            put_varint(dst, *received);
+        }
+        Transfer::Done { id } => {
+            put_varint(dst, 5);
+            put_varint(dst, *id);
+        }
+        Transfer::Abort {
+            id,
+            reason,
+            message,
+        } => {
+            put_varint(dst, 6);
+            put_varint(dst, *id);
+            put_varint(dst, abort_index(*reason));
+            let mut cut = message.len().min(MAX_ABORT_MESSAGE);
+            while !message.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            put_str(dst, &message[..cut]);
+        }
+        Transfer::Fetch { id, hash, window } => {
+            put_varint(dst, 7);
+            put_varint(dst, *id);
+            dst.put_slice(&hash.0);
+            put_varint(dst, u64::from(*window));
+        }
+        Transfer::Files {
+            seq,
+            inputs,
+            outputs,
+        } => {
+            put_varint(dst, 8);
+            put_varint(dst, *seq);
+            put_varint(dst, inputs.len() as u64);
+            for f in inputs {
+                put_str(dst, &f.name);
+                dst.put_slice(&f.hash.0);
+            }
+            put_varint(dst, outputs.len() as u64);
+            for o in outputs {
+                put_str(dst, o);
+            }
+        }
+        Transfer::Produced { seq, outputs } => {
+            put_varint(dst, 9);
+            put_varint(dst, *seq);
+            put_varint(dst, outputs.len() as u64);
+            for f in outputs {
+                put_str(dst, &f.name);
+                dst.put_slice(&f.hash.0);
+                put_varint(dst, f.size);
+            }
+        }
+    }
+}
+
+fn abort_index(r: AbortReason) -> u64 {
+    match r {
+        AbortReason::NotFound => 0,
+        AbortReason::TooLarge => 1,
+        AbortReason::HashMismatch => 2,
+        AbortReason::NoSpace => 3,
+        AbortReason::Io => 4,
+        AbortReason::Cancelled => 5,
+    }
+}
+
+fn decode_error(msg: String) -> Error {
+    Error::Connection(ConnectionError::Decode(msg))
 }
 
 /// Reads bincode's standard encoding from a payload; every read is bounds-checked.
@@ -323,6 +431,113 @@ impl Reader<'_> {
                 max,
             }));
         }
+        self.string()
+    }
+
+    /// A [`Transfer`] with every length within its bound, checked before anything is
+    /// allocated for it.
+    fn transfer(&mut self) -> Result<Transfer, Error> {
+        let t = match self.varint_u32()? {
+            0 => Transfer::Offer {
+                id: self.varint()?,
+                hash: ContentHash(self.bytes::<32>()?),
+                size: self.varint()?,
+            },
+            1 => Transfer::Have { id: self.varint()? },
+            2 => Transfer::Want {
+                id: self.varint()?,
+                window: self.varint_u32()?,
+            },
+            3 => {
+                let id = self.varint()?;
+                let offset = self.varint()?;
+                let len = self.count(MAX_CHUNK, "chunk (bytes)")?;
+                if len > self.0.len() {
+                    return Err(short());
+                }
+                let (data, rest) = self.0.split_at(len);
+                self.0 = rest;
+                Transfer::Chunk {
+                    id,
+                    offset,
+                    data: data.to_vec(),
+                }
+            }
+            4 => Transfer::Ack {
+                id: self.varint()?,
+                received: self.varint()?,
+            },
+            5 => Transfer::Done { id: self.varint()? },
+            6 => Transfer::Abort {
+                id: self.varint()?,
+                reason: match self.varint_u32()? {
+                    0 => AbortReason::NotFound,
+                    1 => AbortReason::TooLarge,
+                    2 => AbortReason::HashMismatch,
+                    3 => AbortReason::NoSpace,
+                    4 => AbortReason::Io,
+                    5 => AbortReason::Cancelled,
+                    n => return Err(decode_error(format!("unknown abort reason {n}"))),
+                },
+                message: self.file_string(MAX_ABORT_MESSAGE, "abort message (bytes)")?,
+            },
+            7 => Transfer::Fetch {
+                id: self.varint()?,
+                hash: ContentHash(self.bytes::<32>()?),
+                window: self.varint_u32()?,
+            },
+            8 => {
+                let seq = self.varint()?;
+                let n = self.count(MAX_TASK_FILES, "inputs of a task")?;
+                let mut inputs = Vec::with_capacity(n);
+                for _ in 0..n {
+                    inputs.push(PlacedFile {
+                        name: self.file_string(MAX_FILE_NAME, "file name (bytes)")?,
+                        hash: ContentHash(self.bytes::<32>()?),
+                    });
+                }
+                let n = self.count(MAX_TASK_FILES, "outputs of a task")?;
+                let mut outputs = Vec::with_capacity(n);
+                for _ in 0..n {
+                    outputs.push(self.file_string(MAX_FILE_NAME, "file name (bytes)")?);
+                }
+                Transfer::Files {
+                    seq,
+                    inputs,
+                    outputs,
+                }
+            }
+            9 => {
+                let seq = self.varint()?;
+                let n = self.count(MAX_TASK_FILES, "outputs of a task")?;
+                let mut outputs = Vec::with_capacity(n);
+                for _ in 0..n {
+                    outputs.push(ProducedFile {
+                        name: self.file_string(MAX_FILE_NAME, "file name (bytes)")?,
+                        hash: ContentHash(self.bytes::<32>()?),
+                        size: self.varint()?,
+                    });
+                }
+                Transfer::Produced { seq, outputs }
+            }
+            n => return Err(decode_error(format!("unknown transfer message {n}"))),
+        };
+        Ok(t)
+    }
+
+    /// A count or length of at most `max`, else a decode error naming `what`.
+    fn count(&mut self, max: usize, what: &str) -> Result<usize, Error> {
+        let n = self.varint()?;
+        usize::try_from(n)
+            .ok()
+            .filter(|&n| n <= max)
+            .ok_or_else(|| decode_error(format!("{what}: {n} is over the bound {max}")))
+    }
+
+    /// A string of at most `max` bytes, else a decode error naming `what`.
+    fn file_string(&mut self, max: usize, what: &str) -> Result<String, Error> {
+        let mut peek = Reader(self.0);
+        peek.count(max, what)?;
         self.string()
     }
 
@@ -473,6 +688,157 @@ mod tests {
         for cut in 0..expected.len() {
             assert!(decode(&expected[..cut]).is_err(), "{cut}");
         }
+    }
+
+    fn transfer_messages() -> Vec<Message> {
+        let hash = ContentHash(std::array::from_fn(|i| (i * 37) as u8));
+        let mut v = Vec::new();
+        for &n in &[0u64, 1, 250, 251, 65_536, u64::from(u32::MAX) + 1, u64::MAX] {
+            let w = n as u32;
+            let name = "é/x".repeat((n % 100) as usize + 1);
+            for t in [
+                Transfer::Offer {
+                    id: n,
+                    hash,
+                    size: n,
+                },
+                Transfer::Have { id: n },
+                Transfer::Want { id: n, window: w },
+                Transfer::Chunk {
+                    id: n,
+                    offset: n,
+                    data: vec![(n % 256) as u8; (n % 300) as usize],
+                },
+                Transfer::Chunk {
+                    id: n,
+                    offset: n,
+                    data: vec![7; MAX_CHUNK],
+                },
+                Transfer::Ack { id: n, received: n },
+                Transfer::Done { id: n },
+                Transfer::Abort {
+                    id: n,
+                    reason: AbortReason::HashMismatch,
+                    message: name.clone(),
+                },
+                Transfer::Abort {
+                    id: n,
+                    reason: AbortReason::Cancelled,
+                    message: String::new(),
+                },
+                Transfer::Fetch {
+                    id: n,
+                    hash,
+                    window: w,
+                },
+                Transfer::Files {
+                    seq: n,
+                    inputs: vec![
+                        PlacedFile {
+                            name: name.clone(),
+                            hash,
+                        };
+                        (n % 4) as usize
+                    ],
+                    outputs: vec![name.clone(); (n % 3) as usize],
+                },
+                Transfer::Produced {
+                    seq: n,
+                    outputs: vec![
+                        ProducedFile {
+                            name: name.clone(),
+                            hash,
+                            size: n,
+                        };
+                        (n % 5) as usize
+                    ],
+                },
+            ] {
+                v.push(Message::Transfer(Box::new(t)));
+            }
+        }
+        v
+    }
+
+    #[test]
+    fn transfer_messages_are_byte_for_byte_bincode_and_refuse_what_bincode_refuses() {
+        for msg in transfer_messages() {
+            let mut ours = BytesMut::new();
+            encode_into(&msg, &mut ours).unwrap();
+            let theirs = bincode_bytes(&msg);
+            assert_eq!(&ours[..], &theirs[..], "{msg:?}");
+            assert_eq!(decode(&theirs).unwrap(), msg);
+            assert_eq!(decode_bincode(&ours).unwrap(), msg);
+            for cut in 0..ours.len().min(200) {
+                assert!(decode(&ours[..cut]).is_err(), "{msg:?} cut at {cut}");
+            }
+        }
+        // The documented bytes of a Have, an Ack and an Offer (docs/PROTOCOL.md, "Files").
+        let enc = |t: Transfer| {
+            let mut b = BytesMut::new();
+            encode_into(&Message::Transfer(Box::new(t)), &mut b).unwrap();
+            b.to_vec()
+        };
+        assert_eq!(enc(Transfer::Have { id: 5 }), [14, 1, 5]);
+        assert_eq!(
+            enc(Transfer::Ack {
+                id: 1,
+                received: 65_536
+            }),
+            [14, 4, 1, 252, 0, 0, 1, 0]
+        );
+        let offer = enc(Transfer::Offer {
+            id: 2,
+            hash: ContentHash([0xab; 32]),
+            size: 300,
+        });
+        assert_eq!(&offer[..3], [14, 0, 2]);
+        assert_eq!(&offer[3..35], [0xab; 32]);
+        assert_eq!(&offer[35..], [251, 44, 1]);
+    }
+
+    #[test]
+    fn transfer_bounds_are_checked_before_allocating() {
+        // A chunk over 64 KiB, a list over 32 files, a name over 512 bytes, a message over
+        // 1 KiB: refused however much the payload holds.
+        let mut over = vec![14u8, 3, 1, 0, 252];
+        over.extend_from_slice(&(MAX_CHUNK as u32 + 1).to_le_bytes());
+        over.extend(std::iter::repeat_n(0u8, MAX_CHUNK + 1));
+        assert!(decode(&over).is_err());
+        assert!(decode(&[14, 8, 1, 33]).is_err());
+        assert!(decode(&[14, 9, 1, 33]).is_err());
+        let mut long = vec![14u8, 8, 1, 1, 251];
+        long.extend_from_slice(&513u16.to_le_bytes());
+        long.extend(std::iter::repeat_n(b'a', 513 + 32));
+        long.push(0);
+        assert!(decode(&long).is_err());
+        let mut ok = vec![14u8, 8, 1, 1, 251];
+        ok.extend_from_slice(&512u16.to_le_bytes());
+        ok.extend(std::iter::repeat_n(b'a', 512 + 32));
+        ok.push(0);
+        assert!(decode(&ok).is_ok());
+        assert!(decode(&[14, 6, 1, 6, 0]).is_err(), "unknown abort reason");
+        assert!(decode(&[14, 10, 1]).is_err(), "unknown transfer message");
+        // A chunk claiming more than the payload holds.
+        assert!(decode(&[14, 3, 1, 0, 200, 1, 2, 3]).is_err());
+        // An Abort message over the bound is cut when encoded.
+        let mut b = BytesMut::new();
+        encode_into(
+            &Message::Transfer(Box::new(Transfer::Abort {
+                id: 1,
+                reason: AbortReason::Io,
+                message: "é".repeat(MAX_ABORT_MESSAGE),
+            })),
+            &mut b,
+        )
+        .unwrap();
+        let Message::Transfer(t) = decode(&b).unwrap() else {
+            panic!()
+        };
+        let Transfer::Abort { message, .. } = *t else {
+            panic!()
+        };
+        assert_eq!(message.len(), MAX_ABORT_MESSAGE);
     }
 
     #[test]

@@ -74,12 +74,14 @@ pub async fn run(
     mut inputs: Inputs,
     emit: &mut (dyn FnMut(&RunEvent) + Send),
 ) -> Result<RunReport, RunError> {
+    let files = crate::run_files::RunFiles::new(&tasks, opts.results.clone(), opts.max_frame);
     let mut core = RunCore::new(tasks, opts, now())?;
     if let Some(j) = &inputs.journal {
         core.resume(j.done(), now());
     }
     let mut d = Driver {
         links: HashMap::new(),
+        files,
         out: Out {
             journal: inputs.journal.take(),
             broken: None,
@@ -160,6 +162,8 @@ pub async fn run(
 
 struct Driver<'a> {
     links: HashMap<LinkId, Link>,
+    /// Files shipped and collected (none when no task has any).
+    files: Option<crate::run_files::RunFiles>,
     out: Out<'a>,
 }
 
@@ -179,9 +183,26 @@ impl Driver<'_> {
         if let LinkEvent::Opened(link) = &ev {
             self.links.insert(id, (**link).clone());
         }
+        let ev = match (ev, &mut self.files, self.links.get(&id)) {
+            (LinkEvent::Transfer(t), Some(files), Some(link)) => {
+                for c in files.transfer(link, *t) {
+                    core.handle_link_event(id, LinkEvent::Completed(c), at);
+                }
+                return;
+            }
+            (LinkEvent::Completed(c), Some(files), Some(link)) => match files.completed(link, c) {
+                Some(c) => LinkEvent::Completed(c),
+                // Held while its outputs are fetched.
+                None => return,
+            },
+            (ev, _, _) => ev,
+        };
         core.handle_link_event(id, ev, at);
         if closed {
             self.links.remove(&id);
+            if let Some(files) = &mut self.files {
+                files.closed(id);
+            }
         }
     }
 
@@ -209,9 +230,17 @@ impl Driver<'_> {
                     Command::Assign(a) => Some(a.seq),
                     _ => None,
                 };
-                let sent = match self.links.get(&id) {
-                    Some(link) => link.send(cmd).is_ok(),
-                    None => false,
+                let sent = match (self.links.get(&id), &mut self.files, cmd) {
+                    (Some(link), Some(files), Command::Assign(a)) => match files.assign(link, a) {
+                        crate::run_files::Step::Send(a) => link.send(Command::Assign(a)).is_ok(),
+                        crate::run_files::Step::Held => true,
+                        crate::run_files::Step::Fail(c) => {
+                            core.handle_link_event(id, LinkEvent::Completed(c), now());
+                            true
+                        }
+                    },
+                    (Some(link), _, cmd) => link.send(cmd).is_ok(),
+                    (None, _, _) => false,
                 };
                 if let (false, Some(seq)) = (sent, assign) {
                     core.handle_unsent(id, seq, now());

@@ -13,10 +13,12 @@ use std::sync::Arc;
 
 pub mod procs;
 mod shell;
+mod workdir;
 
 pub use shell::{
     ArgvError, Rendered, Shell, DEFAULT_KILL_GRACE, DEFAULT_OUTPUT_LIMIT, STDERR_TAIL,
 };
+pub use workdir::WorkDirs;
 
 /// A boxed, sendable future, as returned by [`Handler::call`].
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
@@ -33,6 +35,23 @@ pub struct TaskRequest {
     pub args: String,
     /// Which attempt this is, starting at 1.
     pub attempt: u32,
+    /// Files shipped with the task and outputs to collect (shell handlers only; others
+    /// ignore them). `None` (the usual case, no allocation): none.
+    pub files: Option<Box<TaskFiles>>,
+}
+
+/// The files of one attempt (see [`TaskRequest::files`]).
+#[derive(Debug, Clone, Default)]
+pub struct TaskFiles {
+    /// Copied into the working directory before the command starts: (file name, source).
+    /// A name that is not one plain path component fails the attempt.
+    pub inputs: Vec<(String, std::path::PathBuf)>,
+    /// Declared outputs (plain relative paths). After a successful run each must be a
+    /// regular file, reached through no symbolic link; it is moved to `collect/INDEX`
+    /// (its position here), else the attempt fails.
+    pub outputs: Vec<String>,
+    /// Where the outputs are moved (required when `outputs` is not empty).
+    pub collect: Option<std::path::PathBuf>,
 }
 
 /// What came of a task.
@@ -240,6 +259,7 @@ mod tests {
             kind: "a".to_owned(),
             args: String::new(),
             attempt: 1,
+            files: None,
         }
     }
 

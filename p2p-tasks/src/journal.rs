@@ -107,9 +107,9 @@ pub struct Journal {
 const PENDING_MAX: usize = 1 << 20;
 
 /// The fingerprint of a plan: FNV-1a 64 over each task's id, type, arguments and
-/// dependencies, and its cost, timeout and retries when it has any of its own (so a plan
-/// without them keeps the fingerprint its journals were written with, and a changed cost or
-/// limit is a changed plan).
+/// dependencies, its cost, timeout and retries when it has any of its own, and its inputs
+/// and outputs when it declares files (so a plan without them keeps the fingerprint its
+/// journals were written with, and a changed cost, limit or file is a changed plan).
 pub fn fingerprint(tasks: &[Task]) -> String {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     let mut feed = |bytes: &[u8]| {
@@ -145,6 +145,37 @@ pub fn fingerprint(tasks: &[Task]) -> String {
                     feed(&[1]);
                     feed(&n.to_le_bytes());
                 }
+            }
+        }
+        if t.has_files() {
+            // Files declared: what they are named (the contents are the outputs' hashes'
+            // business, not the plan's).
+            feed(&[4]);
+            for i in &t.inputs {
+                match i {
+                    crate::task::Input::Path(p) => {
+                        feed(&[0]);
+                        feed(p.as_os_str().as_encoded_bytes());
+                    }
+                    crate::task::Input::Bytes { name, data } => {
+                        feed(&[1]);
+                        feed(name.as_bytes());
+                        feed(&[0]);
+                        feed(&u64::try_from(data.len()).unwrap_or(u64::MAX).to_le_bytes());
+                    }
+                    crate::task::Input::Artifact { task, name } => {
+                        feed(&[2]);
+                        feed(task.as_bytes());
+                        feed(&[0]);
+                        feed(name.as_bytes());
+                    }
+                }
+                feed(&[0]);
+            }
+            feed(&[5]);
+            for o in &t.outputs {
+                feed(o.as_bytes());
+                feed(&[0]);
             }
         }
         feed(&[2]);

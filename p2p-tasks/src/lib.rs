@@ -21,15 +21,18 @@
 //! ([`ParseError`], [`PlanError`], [`TaskError`], [`journal::JournalError`]).
 
 pub mod admit;
+pub mod cache;
 pub mod coordinator;
 mod error;
 pub mod event;
 pub mod handler;
 pub mod journal;
+pub mod node_files;
 mod options;
 pub mod parse;
 pub mod plan;
 pub mod resources;
+pub mod run_files;
 pub mod runcore;
 pub mod sched;
 pub mod stats;

@@ -71,6 +71,13 @@ impl RunOptions {
         self.max_frame = bytes;
         self
     }
+
+    /// Where the outputs of tasks with files go (`DIR/ID/NAME`, with `DIR/ID/stdout` and
+    /// `DIR/ID/meta.json`). Default `None`: `./results`, for tasks with files only.
+    pub fn results(mut self, dir: Option<std::path::PathBuf>) -> Self {
+        self.results = dir;
+        self
+    }
 }
 
 impl Policy {

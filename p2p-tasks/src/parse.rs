@@ -22,18 +22,36 @@
 //! a5 cost 10 timeout 2m retries 3  # a big task, with its own limits
 //! ```
 //!
-//! Grammar, per line: `ID* | ID [after DEP+] [cost N] [timeout DUR] [retries N] [-- ARGS]`,
-//! the clauses before `--` in any order, each at most once. `ARGS` is the rest of the line
+//! Grammar, per line:
+//! `ID* | ID [after DEP+] [cost N] [timeout DUR] [retries N] [< IN]... [> OUT]... [-- ARGS]`,
+//! the clauses before `--` in any order, each at most once but `<` and `>`. `ARGS` is the rest of the line
 //! (before a `#` comment), trimmed. `cost` is a whole number from 1 (the default); `timeout`
 //! a duration as on the command line (`500ms`, `30s`, `2m`, `1h`; `0` for none); `retries` a
 //! count. A missing or bad value, or a clause given twice, is an error at that word. A dependency may name a task declared anywhere in the file.
 //! A dependency on an unknown task, on the task itself, or a cycle of dependencies is an
 //! error that names the tasks. Plain lines keep the seed format's meaning.
+//!
+//! # Files: inputs and outputs
+//!
+//! ```text
+//! a1 < data/in.csv > out.txt      # ship data/in.csv as in.csv, fetch out.txt back
+//! b1 < @a1/out.txt > sum/total    # a1's output out.txt (b1 runs after a1), fetch sum/total
+//! ```
+//!
+//! `< PATH` is a file on the coordinator's side, relative to the task file's directory (or
+//! absolute), placed in the task's working directory under its file name; [`load`] checks
+//! that it is a readable regular file (an error at the path's column otherwise). `< @DEP/NAME`
+//! is the declared output `NAME` of task `DEP`, placed under NAME's last component; it implies
+//! `after DEP`, and `DEP` must declare `> NAME`. `> NAME` is a file the task writes in its
+//! working directory: a plain relative path (no `..`, `.`, empty component, leading `/` or
+//! control character; see [`crate::task::output_name_problem`]). A path is one word: it
+//! cannot hold whitespace or `#`. Two inputs of a task may not share a file name, nor may an
+//! output be declared twice.
 
 use std::fmt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use crate::task::{id_problem, kind_of, IdIndex, Task};
+use crate::task::{id_problem, kind_of, output_name_problem, IdIndex, Input, Task};
 
 /// What kind of problem a [`ParseError`] reports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,6 +74,9 @@ pub enum ParseErrorKind {
     Io(std::io::ErrorKind),
     /// The file is not valid UTF-8.
     NotUtf8,
+    /// An input (`< IN`) or output (`> OUT`) clause is malformed, names a path outside the
+    /// working directory, a file that cannot be read, or an output its task does not declare.
+    File,
 }
 
 /// An error reading a task file. Its `Display` is `file:line:col: message`, or `file: message`
@@ -166,16 +187,36 @@ fn tokens(line: &str) -> impl Iterator<Item = Token<'_>> {
     })
 }
 
-/// Whether a token starts a clause of a line (`after`, `cost`, `timeout`, `retries`, `--`).
-/// None of these is a task id (an id has a digit after its letters).
+/// Whether a token starts a clause of a line (`after`, `cost`, `timeout`, `retries`, `<`,
+/// `>`, `--`). None of these is a task id (an id has a digit after its letters).
 fn is_clause(t: &Token<'_>) -> bool {
-    matches!(t.text, "after" | "cost" | "timeout" | "retries" | "--")
+    matches!(
+        t.text,
+        "after" | "cost" | "timeout" | "retries" | "<" | ">" | "--"
+    )
 }
 
 /// Parses the text of a task file. `file` is only used in error messages.
 ///
-/// Returns the tasks in file order (left to right, top to bottom).
+/// Returns the tasks in file order (left to right, top to bottom). Input paths (`< PATH`)
+/// are kept as written and not looked at: [`load`] resolves them against the task file's
+/// directory and checks that they exist.
 pub fn parse(file: &str, text: &str) -> Result<Vec<Task>, ParseError> {
+    parse_in(file, text, None)
+}
+
+/// Parses the text of a task file whose input paths (`< PATH`) are relative to `base` (the
+/// task file's directory): each is resolved against it (an absolute path stays as it is)
+/// and must name a readable regular file, else the error names the path's position.
+pub fn parse_with_base(file: &str, text: &str, base: &Path) -> Result<Vec<Task>, ParseError> {
+    parse_in(file, text, Some(base))
+}
+
+/// Artifacts (`< @DEP/NAME`) to check once every task is known: (consumer index, producer
+/// id, output name, line, column).
+type ArtifactRef = (usize, String, String, u32, u32);
+
+fn parse_in(file: &str, text: &str, base: Option<&Path>) -> Result<Vec<Task>, ParseError> {
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     // Sized once for every token (ids, and the few `after`/`--` words): no rehashing.
     let words = text.split_ascii_whitespace().count();
@@ -184,6 +225,7 @@ pub fn parse(file: &str, text: &str) -> Result<Vec<Task>, ParseError> {
     // Tasks with dependencies: (task, the positions of its dependencies), checked once
     // every id is known.
     let mut dep_pos: Vec<(usize, Vec<(u32, u32)>)> = Vec::new();
+    let mut artifacts: Vec<ArtifactRef> = Vec::new();
     // `str::lines` splits on `\n` and strips a `\r` before it.
     for (index, line_text) in text.lines().enumerate() {
         let line = to_u32(index.saturating_add(1));
@@ -208,8 +250,8 @@ pub fn parse(file: &str, text: &str) -> Result<Vec<Task>, ParseError> {
                 line,
                 col,
                 ParseErrorKind::Syntax,
-                "a line with `after`, `cost`, `timeout`, `retries` or `--` declares exactly one task \
-                 first, e.g. `b2 after a1 cost 5 -- ARGS`"
+                "a line with `after`, `cost`, `timeout`, `retries`, `<`, `>` or `--` declares \
+                 exactly one task first, e.g. `b2 after a1 cost 5 < in.csv > out.txt -- ARGS`"
                     .to_owned(),
             ));
         }
@@ -228,6 +270,8 @@ pub fn parse(file: &str, text: &str) -> Result<Vec<Task>, ParseError> {
                 "cost" => 1,
                 "timeout" => 2,
                 "retries" => 3,
+                "<" => 4,
+                ">" => 5,
                 "--" => {
                     // The arguments are the rest of the line, spacing kept.
                     let code = line_text.split('#').next().unwrap_or("");
@@ -243,12 +287,13 @@ pub fn parse(file: &str, text: &str) -> Result<Vec<Task>, ParseError> {
                         ParseErrorKind::Syntax,
                         format!(
                             "unexpected {other:?}: expected `after`, `cost`, `timeout`, \
-                             `retries` or `--`"
+                             `retries`, `<`, `>` or `--`"
                         ),
                     ))
                 }
             };
-            if std::mem::replace(&mut seen_kw[slot], true) {
+            // `<` and `>` may be given any number of times.
+            if slot < 4 && std::mem::replace(&mut seen_kw[slot], true) {
                 return Err(err(
                     kw.col,
                     ParseErrorKind::Keyword,
@@ -293,7 +338,14 @@ pub fn parse(file: &str, text: &str) -> Result<Vec<Task>, ParseError> {
                 }
                 continue;
             }
-            let example = ["", "cost 10", "timeout 30s", "retries 2"][slot];
+            let example = [
+                "",
+                "cost 10",
+                "timeout 30s",
+                "retries 2",
+                "< in.csv",
+                "> out.txt",
+            ][slot];
             let value = match words {
                 [v] => v,
                 [] => {
@@ -327,6 +379,84 @@ pub fn parse(file: &str, text: &str) -> Result<Vec<Task>, ParseError> {
             let Some(t) = tasks.last_mut() else {
                 continue;
             };
+            if slot == 4 || slot == 5 {
+                let ferr = |msg: String| err(value.col, ParseErrorKind::File, msg);
+                let v = value.text;
+                if slot == 5 {
+                    if let Some(problem) = output_name_problem(v) {
+                        return Err(ferr(format!("bad output {v:?}: {problem}")));
+                    }
+                    if t.outputs.iter().any(|o| o == v) {
+                        return Err(ferr(format!("output {v:?} declared twice for this task")));
+                    }
+                    if t.outputs.len() >= p2p_core::message::MAX_TASK_FILES {
+                        return Err(ferr(format!(
+                            "more than {} outputs for one task",
+                            p2p_core::message::MAX_TASK_FILES
+                        )));
+                    }
+                    t.outputs.push(v.to_owned());
+                    continue;
+                }
+                let input = if let Some(art) = v.strip_prefix('@') {
+                    let Some((dep, name)) = art.split_once('/') else {
+                        return Err(ferr(format!(
+                            "bad input {v:?}: an artifact is `@TASK/NAME`, e.g. `< @a1/out.txt`"
+                        )));
+                    };
+                    if let Some(problem) = id_problem(dep) {
+                        return Err(ferr(format!("bad input {v:?}: {problem}")));
+                    }
+                    if let Some(problem) = output_name_problem(name) {
+                        return Err(ferr(format!("bad input {v:?}: {problem}")));
+                    }
+                    let i = tasks.len().saturating_sub(1);
+                    artifacts.push((i, dep.to_owned(), name.to_owned(), line, value.col));
+                    // An artifact implies `after DEP`.
+                    if dep_pos.last().is_none_or(|(t, _)| *t != i) {
+                        dep_pos.push((i, Vec::new()));
+                    }
+                    if let (Some(t), Some((_, p))) = (tasks.last_mut(), dep_pos.last_mut()) {
+                        if !t.deps.iter().any(|d| d == dep) {
+                            t.deps.push(dep.to_owned());
+                            p.push((line, value.col));
+                        }
+                    }
+                    Input::Artifact {
+                        task: dep.to_owned(),
+                        name: name.to_owned(),
+                    }
+                } else {
+                    let path = match base {
+                        Some(dir) => check_input(dir, v).map_err(&ferr)?,
+                        None => PathBuf::from(v),
+                    };
+                    Input::Path(path)
+                };
+                let Some(t) = tasks.last_mut() else {
+                    continue;
+                };
+                if t.inputs.len() >= p2p_core::message::MAX_TASK_FILES {
+                    return Err(ferr(format!(
+                        "more than {} inputs for one task",
+                        p2p_core::message::MAX_TASK_FILES
+                    )));
+                }
+                let Some(name) = input.file_name() else {
+                    return Err(ferr(format!(
+                        "bad input {v:?}: it names no file (a path ending in a file name, e.g. \
+                         `< data/in.csv`)"
+                    )));
+                };
+                if let Some(other) = t.inputs.iter().find(|i| i.file_name() == Some(name)) {
+                    return Err(ferr(format!(
+                        "input {v:?} would be placed as {name:?}, as {other:?} already is: two \
+                         inputs of a task need two file names"
+                    )));
+                }
+                t.inputs.push(input);
+                continue;
+            }
             match slot {
                 1 => match value.text.parse::<u32>() {
                     Ok(n) if n >= 1 => t.cost = n,
@@ -353,7 +483,55 @@ pub fn parse(file: &str, text: &str) -> Result<Vec<Task>, ParseError> {
         ));
     }
     check_dependencies(file, &tasks, &seen, &dep_pos)?;
+    for (_, dep, name, line, col) in &artifacts {
+        let declared = seen
+            .get(&tasks, dep)
+            .and_then(|j| tasks.get(j))
+            .is_some_and(|p| p.outputs.iter().any(|o| o == name));
+        if !declared {
+            return Err(ParseError::at(
+                file,
+                *line,
+                *col,
+                ParseErrorKind::File,
+                format!("task {dep} declares no output {name:?} (add `> {name}` to its line)"),
+            ));
+        }
+    }
     Ok(tasks)
+}
+
+/// An input path resolved against the task file's directory `dir`, when it names a regular
+/// file this process can open; else why not.
+fn check_input(dir: &Path, written: &str) -> Result<PathBuf, String> {
+    let path = Path::new(written);
+    let path = if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        dir.join(path)
+    };
+    match std::fs::metadata(&path) {
+        Ok(m) if m.is_file() => {}
+        Ok(_) => {
+            return Err(format!(
+                "input {written:?} ({}) is not a regular file",
+                path.display()
+            ))
+        }
+        Err(e) => {
+            return Err(format!(
+                "cannot read input {written:?} ({}): {e}",
+                path.display()
+            ))
+        }
+    }
+    if let Err(e) = std::fs::File::open(&path) {
+        return Err(format!(
+            "cannot read input {written:?} ({}): {e}",
+            path.display()
+        ));
+    }
+    Ok(path)
 }
 
 /// Validates a token as a new task id and builds its task.
@@ -408,6 +586,8 @@ fn new_task(
         cost: 1,
         timeout: None,
         retries: None,
+        inputs: Vec::new(),
+        outputs: Vec::new(),
     })
 }
 
@@ -490,7 +670,8 @@ pub fn load(path: &Path) -> Result<Vec<Task>, ParseError> {
             ));
         }
     };
-    parse(&file, &text)
+    let base = path.parent().unwrap_or(Path::new(""));
+    parse_in(&file, &text, Some(base))
 }
 
 #[cfg(test)]
@@ -731,6 +912,127 @@ mod tests {
         );
         let err = parse("t.txt", "cost 3").unwrap_err();
         assert_eq!(err.kind, ParseErrorKind::Syntax);
+    }
+
+    #[test]
+    fn inputs_and_outputs_in_any_order_and_artifacts_imply_after() {
+        let text = "a1 > out.txt > logs/run.log < in.csv cost 2\n\
+                    b1 < @a1/logs/run.log after c1 < /abs/x.bin > r -- x\n\
+                    c1\n";
+        let tasks = parse("t.txt", text).unwrap();
+        assert_eq!(tasks[0].outputs, ["out.txt", "logs/run.log"]);
+        assert_eq!(tasks[0].inputs, [Input::Path(PathBuf::from("in.csv"))]);
+        assert_eq!(tasks[0].cost, 2);
+        assert_eq!(
+            tasks[1].inputs,
+            [
+                Input::Artifact {
+                    task: "a1".into(),
+                    name: "logs/run.log".into()
+                },
+                Input::Path(PathBuf::from("/abs/x.bin"))
+            ]
+        );
+        assert_eq!(tasks[1].inputs[0].file_name(), Some("run.log"));
+        // The artifact's producer first, then the `after` clause's.
+        assert_eq!(tasks[1].deps, ["a1", "c1"]);
+        assert_eq!(tasks[1].outputs, ["r"]);
+        assert_eq!(tasks[1].args, "x");
+        // An artifact of a task also named in `after` is one dependency.
+        let tasks = parse("t.txt", "a1 > o\nb1 after a1 < @a1/o").unwrap();
+        assert_eq!(tasks[1].deps, ["a1"]);
+        // After `--`, `<` and `>` are arguments.
+        let tasks = parse("t.txt", "a1 -- < x > y").unwrap();
+        assert!(tasks[0].inputs.is_empty() && tasks[0].outputs.is_empty());
+        assert_eq!(tasks[0].args, "< x > y");
+    }
+
+    #[test]
+    fn bad_inputs_and_outputs_are_reported_at_the_word() {
+        let cases: &[(&str, u32, &str)] = &[
+            ("a1 > ../x", 6, "`..` are not allowed"),
+            ("a1 > a/../../x", 6, "`..` are not allowed"),
+            ("a1 > /etc/passwd", 6, "an absolute path"),
+            ("a1 > a//b", 6, "empty path components"),
+            ("a1 > a/", 6, "empty path components"),
+            ("a1 > ./a", 6, "`..` are not allowed"),
+            ("a1 > .", 6, "`..` are not allowed"),
+            ("a1 > o > o", 10, "declared twice"),
+            ("a1 >", 4, "`>` needs a value"),
+            ("a1 > x y", 8, "`>` takes one value"),
+            ("a1 <", 4, "`<` needs a value"),
+            ("a1 < ..", 6, "names no file"),
+            ("a1 < /", 6, "names no file"),
+            (
+                "a1 < x/in < y/in",
+                13,
+                "two inputs of a task need two file names",
+            ),
+            ("a1 < @b1", 6, "an artifact is `@TASK/NAME`"),
+            ("a1 < @1b/x", 6, "bad input"),
+            ("a1 < @b1/../x\nb1", 6, "`..` are not allowed"),
+            ("a1 < @b1/x\nb1 > y", 6, "task b1 declares no output \"x\""),
+            ("a1 < @b1/x", 6, "unknown task \"b1\""),
+            ("a1 > o < @a1/o", 10, "a1 depends on itself"),
+        ];
+        let many: String = (0..33).map(|i| format!(" > o{i}")).collect();
+        let err = parse("t.txt", &format!("a1{many}")).unwrap_err();
+        assert!(err.message.contains("more than 32 outputs"), "{err}");
+        let many: String = (0..33).map(|i| format!(" < i{i}")).collect();
+        let err = parse("t.txt", &format!("a1{many}")).unwrap_err();
+        assert!(err.message.contains("more than 32 inputs"), "{err}");
+        let long = format!("a1 > {}", "d/".repeat(256) + "x");
+        let err = parse("t.txt", &long).unwrap_err();
+        assert!(err.message.contains("longer than 512 bytes"), "{err}");
+        for &(text, col, msg) in cases {
+            let err = parse("t.txt", text).unwrap_err();
+            assert_eq!((err.line, err.col), (1, col), "{text:?}: {err}");
+            assert!(err.message.contains(msg), "{text:?}: {err}");
+        }
+        let err = parse("t.txt", "a1 > ../x").unwrap_err();
+        assert_eq!(err.kind, ParseErrorKind::File);
+        assert!(
+            err.to_string().starts_with("t.txt:1:6: bad output"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn load_resolves_inputs_against_the_task_file_directory_and_requires_them() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("data")).unwrap();
+        std::fs::write(dir.path().join("data/in.csv"), "x").unwrap();
+        let abs = dir.path().join("abs.bin");
+        std::fs::write(&abs, "y").unwrap();
+        let path = dir.path().join("tasks.txt");
+        std::fs::write(&path, format!("a1 < data/in.csv < {} > o\n", abs.display())).unwrap();
+        let tasks = load(&path).unwrap();
+        assert_eq!(
+            tasks[0].inputs,
+            [
+                Input::Path(dir.path().join("data/in.csv")),
+                Input::Path(abs.clone())
+            ]
+        );
+        // A missing input, and a directory, are errors at the path.
+        std::fs::write(&path, "a1\nb1 > o < data/nope.csv\n").unwrap();
+        let err = load(&path).unwrap_err();
+        assert_eq!((err.line, err.col, err.kind), (2, 10, ParseErrorKind::File));
+        assert!(
+            err.message.contains("cannot read input \"data/nope.csv\""),
+            "{err}"
+        );
+        assert!(err.message.contains("os error 2"), "{err}");
+        std::fs::write(&path, "a1 < data\n").unwrap();
+        let err = load(&path).unwrap_err();
+        assert_eq!((err.line, err.col), (1, 6));
+        assert!(err.message.contains("not a regular file"), "{err}");
+        // parse() alone does not look at the file system.
+        let tasks = parse("t.txt", "a1 < data/nope.csv").unwrap();
+        assert_eq!(
+            tasks[0].inputs,
+            [Input::Path(PathBuf::from("data/nope.csv"))]
+        );
     }
 
     #[test]

@@ -83,6 +83,10 @@ pub struct RunOptions {
     /// The largest frame the run may send; a task whose assignment would be larger is
     /// refused when the core is made. Default 16 MiB.
     pub max_frame: usize,
+    /// Where the outputs of tasks with files go (`DIR/ID/NAME`, with `DIR/ID/stdout` and
+    /// `DIR/ID/meta.json`); given, every task's result is kept there. Default `None`:
+    /// `./results`, for tasks with files only.
+    pub results: Option<std::path::PathBuf>,
 }
 
 impl Default for RunOptions {
@@ -93,6 +97,7 @@ impl Default for RunOptions {
             discovery_timeout: Duration::from_secs(3),
             goodbye_timeout: Duration::from_secs(5),
             max_frame: p2p_core::codec::DEFAULT_MAX_FRAME,
+            results: None,
         }
     }
 }
@@ -485,7 +490,10 @@ impl RunCore {
             LinkEvent::Closed { error } => self.closed(link, error.map(|e| e.to_string())),
             // The run advertises no capacity, so a peer assigning to it is cut off by the
             // protocol before this point.
-            LinkEvent::Opened(_) | LinkEvent::Assigned(_) | LinkEvent::Cancelled { .. } => {}
+            LinkEvent::Opened(_)
+            | LinkEvent::Assigned(_)
+            | LinkEvent::Cancelled { .. }
+            | LinkEvent::Transfer(_) => {}
         }
         self.touch(now);
     }

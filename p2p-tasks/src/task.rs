@@ -9,6 +9,7 @@
 //! `resize`).
 
 use std::fmt;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::TaskError;
@@ -40,6 +41,83 @@ pub struct Task {
     /// This task's retries (`retries N`), overriding the run's.
     #[serde(default)]
     pub retries: Option<u32>,
+    /// Files placed in the task's working directory before it starts (`< PATH`,
+    /// `< @DEP/NAME`), in file order. Each is placed under its [`Input::file_name`].
+    #[serde(default)]
+    pub inputs: Vec<Input>,
+    /// Files the task writes in its working directory, fetched back after success
+    /// (`> NAME`): plain relative paths (see [`output_name_problem`]), in file order.
+    #[serde(default)]
+    pub outputs: Vec<String>,
+}
+
+/// A file a task needs in its working directory.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[non_exhaustive]
+pub enum Input {
+    /// A file on the coordinator's side (`< PATH`; the task file's loader makes a relative
+    /// path relative to the task file's directory), placed under its file name.
+    Path(PathBuf),
+    /// Bytes given by a program that embeds a node, placed under `name` (a plain file name).
+    Bytes {
+        /// The file name in the working directory.
+        name: String,
+        /// The file's contents.
+        data: Vec<u8>,
+    },
+    /// The declared output `name` of task `task` (`< @DEP/NAME`), placed under the last
+    /// component of `name`. The task waits for `task` to succeed.
+    Artifact {
+        /// The producing task's id.
+        task: String,
+        /// The output's name, as the producing task declares it (`> NAME`).
+        name: String,
+    },
+}
+
+impl Input {
+    /// The name the file gets in the task's working directory: a path's file name, the
+    /// bytes' name, an artifact's last component. `None` for a path with no file name
+    /// (`/`, `..`) or one that is not UTF-8.
+    pub fn file_name(&self) -> Option<&str> {
+        match self {
+            Input::Path(p) => p.file_name().and_then(|n| n.to_str()),
+            Input::Bytes { name, .. } => Some(name.as_str()),
+            Input::Artifact { name, .. } => name.rsplit('/').next(),
+        }
+    }
+}
+
+/// Why `name` cannot name a task's output (`> NAME`) inside its working directory, or
+/// `None` when it can: a plain relative path of `/`-separated components, none of them
+/// empty, `.` or `..`, without NUL or control characters, at most 255 bytes a component and
+/// 512 in all (what the protocol carries, [`p2p_core::message::MAX_FILE_NAME`]).
+pub fn output_name_problem(name: &str) -> Option<&'static str> {
+    if name.is_empty() {
+        return Some("the name is empty");
+    }
+    if name.len() > p2p_core::message::MAX_FILE_NAME {
+        return Some("the name is longer than 512 bytes");
+    }
+    if name.starts_with('/') {
+        return Some("an absolute path is not allowed: name a file inside the working directory");
+    }
+    if name.chars().any(|c| c.is_control()) {
+        return Some("control characters are not allowed");
+    }
+    for part in name.split('/') {
+        match part {
+            "" => return Some("empty path components (`//`, a trailing `/`) are not allowed"),
+            "." | ".." => {
+                return Some(
+                    "`.` and `..` are not allowed: name a file inside the working directory",
+                )
+            }
+            p if p.len() > 255 => return Some("a path component is longer than 255 bytes"),
+            _ => {}
+        }
+    }
+    None
 }
 
 fn default_cost() -> u32 {
@@ -95,6 +173,8 @@ impl Task {
             cost: 1,
             timeout: None,
             retries: None,
+            inputs: Vec::new(),
+            outputs: Vec::new(),
         })
     }
 
@@ -115,12 +195,19 @@ impl Task {
             cost: 1,
             timeout: None,
             retries: None,
+            inputs: Vec::new(),
+            outputs: Vec::new(),
         })
     }
 
     /// Whether the task has a cost or a limit of its own (not the defaults).
     pub fn has_own_terms(&self) -> bool {
         self.cost != 1 || self.timeout.is_some() || self.retries.is_some()
+    }
+
+    /// Whether the task ships or collects files (inputs or outputs declared).
+    pub fn has_files(&self) -> bool {
+        !self.inputs.is_empty() || !self.outputs.is_empty()
     }
 }
 

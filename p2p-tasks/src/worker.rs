@@ -65,6 +65,7 @@ pub struct Worker {
     output_limit: usize,
     stop_now: CancellationToken,
     stats: Arc<WorkerStats>,
+    files: Option<Arc<crate::node_files::NodeFiles>>,
 }
 
 impl std::fmt::Debug for Worker {
@@ -110,6 +111,7 @@ impl Worker {
             ended: AtomicU64::new(0),
             output_limit: DEFAULT_OUTPUT_LIMIT,
             stop_now: CancellationToken::new(),
+            files: None,
         }
     }
 
@@ -217,6 +219,13 @@ impl Worker {
         }
     }
 
+    /// Keeps files for tasks (protocol v3: inputs shipped, outputs fetched) in this cache.
+    /// Without it, offers and fetches are refused.
+    pub fn with_files(mut self, files: Arc<crate::node_files::NodeFiles>) -> Self {
+        self.files = Some(files);
+        self
+    }
+
     /// The most bytes of a task's output sent back, whatever the handler returned (see
     /// [`TaskOutcome::capped`]). Default [`DEFAULT_OUTPUT_LIMIT`] (1 MiB).
     pub fn with_output_limit(mut self, bytes: usize) -> Self {
@@ -283,6 +292,7 @@ impl Worker {
         let mut load_tick = tokio::time::interval(LOAD_EVERY);
         load_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut capacity = self.capacity_tx.subscribe();
+        let mut files = crate::node_files::LinkFiles::new(self.files.clone());
         loop {
             tokio::select! {
                 _ = load_tick.tick() => {
@@ -297,8 +307,18 @@ impl Worker {
                         LinkEvent::Assigned(a) => {
                             debug!(peer = %peer, task = %a.task, attempt = a.attempt, "task assigned");
                             let seq = a.seq;
-                            match self.try_now(a) {
-                                Ok((outcome, took)) => self.send_result(&link, seq, outcome, took),
+                            let task_files = match files.files_for(&a) {
+                                Ok(f) => f,
+                                Err(e) => {
+                                    self.send_result(&link, seq, TaskOutcome::failure(e), Duration::ZERO);
+                                    continue;
+                                }
+                            };
+                            match self.try_now(a, task_files) {
+                                Ok((mut outcome, took)) => {
+                                    files.finish(seq, &mut outcome, &link);
+                                    self.send_result(&link, seq, outcome, took);
+                                }
                                 Err(job) => {
                                     let h = set.spawn(self.clone().execute(job, link.clone()));
                                     ids.insert(h.id(), seq);
@@ -312,6 +332,7 @@ impl Worker {
                                 h.abort();
                                 let mut out = TaskOutcome::failure("cancelled by the coordinator");
                                 out.exit_code = None;
+                                files.finish(seq, &mut out, &link);
                                 self.send_result(&link, seq, out, Duration::ZERO);
                             }
                         }
@@ -323,6 +344,7 @@ impl Worker {
                             }
                             break;
                         }
+                        LinkEvent::Transfer(t) => files.on_transfer(*t, &link),
                         LinkEvent::Opened(_)
                         | LinkEvent::Load(_)
                         | LinkEvent::Completed(_)
@@ -331,9 +353,11 @@ impl Worker {
                     }
                 }
                 Some(joined) = set.join_next_with_id() => match joined {
-                    Ok((id, (seq, outcome, took))) => {
+                    Ok((id, (seq, mut outcome, took))) => {
                         ids.remove(&id);
                         if running.remove(&seq).is_some() {
+                            // Outputs are kept and announced before the result.
+                            files.finish(seq, &mut outcome, &link);
                             self.send_result(&link, seq, outcome, took);
                         }
                     }
@@ -341,7 +365,9 @@ impl Worker {
                         if let Some(seq) = ids.remove(&e.id()) {
                             if running.remove(&seq).is_some() {
                                 let why = if e.is_panic() { "the handler panicked" } else { "the handler was stopped" };
-                                self.send_result(&link, seq, TaskOutcome::failure(why), Duration::ZERO);
+                                let mut out = TaskOutcome::failure(why);
+                                files.finish(seq, &mut out, &link);
+                                self.send_result(&link, seq, out, Duration::ZERO);
                             }
                         }
                     }
@@ -373,7 +399,14 @@ impl Worker {
 
     /// Runs a task at once when its handler can ([`Handler::call_now`]) and a slot is free;
     /// otherwise returns it as a job to spawn. A type this node does not serve fails at once.
-    fn try_now(&self, a: Assign) -> Result<(TaskOutcome, Duration), Job> {
+    // The `Err` is the job itself, moved on into its task (one word over clippy's line
+    // since requests carry their files): boxing it would add an allocation per task.
+    #[allow(clippy::result_large_err)]
+    fn try_now(
+        &self,
+        a: Assign,
+        files: Option<Box<crate::handler::TaskFiles>>,
+    ) -> Result<(TaskOutcome, Duration), Job> {
         let Some(handler) = self.handlers.get(&a.kind) else {
             self.stats.count_unknown_type();
             let out = TaskOutcome::failure(format!("this node does not serve type {:?}", a.kind));
@@ -389,6 +422,7 @@ impl Worker {
             kind: a.kind,
             args: a.args,
             attempt: a.attempt,
+            files,
         };
         if self.admission().try_start() {
             let started = Instant::now();

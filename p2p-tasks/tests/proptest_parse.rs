@@ -9,6 +9,7 @@
 mod support;
 
 use p2p_tasks::parse::ParseErrorKind;
+use p2p_tasks::task::Input;
 use proptest::collection::vec;
 use proptest::prelude::*;
 use proptest::sample::select;
@@ -21,6 +22,7 @@ fn word() -> impl Strategy<Value = String> {
             "a1", "a2", "b1", "B1", "c10", "ab3_x.y-z", "after", "--", "#", "# c", "1a", "a",
             "cost", "timeout", "retries", "0", "7", "-1", "1.5", "3s", "1h30m", "99999999999",
             "a-1", "é1", "a1!", "\u{feff}", "\u{3000}", "\u{a0}", "\r", "\r\n", "\n", " ", "\t",
+            "<", ">", "in.csv", "@a1/o", "@a1", "../x", "/abs", "a//b", "x/", ".", "@b1/../o",
         ])
         .prop_map(str::to_string),
         1 => "\\PC{1,4}",
@@ -49,6 +51,12 @@ struct Spec {
     terms: Terms,
     /// The clauses are written before `after` (else after the dependencies).
     terms_first: bool,
+    /// Input paths (`< PATH`), with distinct file names.
+    inputs: Vec<String>,
+    /// Outputs (`> NAME`), distinct.
+    outputs: Vec<String>,
+    /// An artifact input (`< @DEP/NAME`): the index of a dependency and which of its outputs.
+    artifact: Option<(prop::sample::Index, prop::sample::Index)>,
 }
 
 /// A task's optional clauses: the words written (in a generated order) and what they mean.
@@ -102,7 +110,11 @@ fn terms() -> impl Strategy<Value = Terms> {
 
 /// Whether a generated task is written without clauses (it may share its line).
 fn is_plain(s: &Spec) -> bool {
-    s.deps.is_empty() && s.args.is_empty() && s.terms.written.is_empty()
+    s.deps.is_empty()
+        && s.args.is_empty()
+        && s.terms.written.is_empty()
+        && s.inputs.is_empty()
+        && s.outputs.is_empty()
 }
 
 /// Whitespace between tokens.
@@ -119,6 +131,11 @@ fn valid_file() -> impl Strategy<Value = (String, Vec<Meaning>)> {
         prop_oneof![2 => Just(String::new()), 1 => "[^#\r\n]{0,16}"],
         prop_oneof![2 => Just(Terms { cost: 1, ..Terms::default() }), 1 => terms()],
         any::<bool>(),
+        (
+            vec("[a-z0-9_.-]{0,4}", 0..3),
+            vec(prop_oneof!["[a-z_-]{0,3}", "[a-z]{1,3}/[a-z.]{0,3}"], 0..3),
+            prop::option::of((any::<prop::sample::Index>(), any::<prop::sample::Index>())),
+        ),
     );
     (
         vec(task, 1..24),
@@ -134,22 +151,40 @@ fn valid_file() -> impl Strategy<Value = (String, Vec<Meaning>)> {
             let specs: Vec<Spec> = raw
                 .iter()
                 .enumerate()
-                .map(|(i, (letters, suffix, deps, args, terms, terms_first))| {
-                    let mut deps: Vec<usize> = if i == 0 {
-                        Vec::new()
-                    } else {
-                        deps.iter().map(|d| d.index(i)).collect()
-                    };
-                    let mut seen = std::collections::HashSet::new();
-                    deps.retain(|d| seen.insert(*d));
-                    Spec {
-                        id: format!("{letters}{i}.{suffix}"),
-                        deps,
-                        args: args.trim().to_string(),
-                        terms: terms.clone(),
-                        terms_first: *terms_first,
-                    }
-                })
+                .map(
+                    |(i, (letters, suffix, deps, args, terms, terms_first, files))| {
+                        let (ins, outs, artifact) = files;
+                        let mut deps: Vec<usize> = if i == 0 {
+                            Vec::new()
+                        } else {
+                            deps.iter().map(|d| d.index(i)).collect()
+                        };
+                        let mut seen = std::collections::HashSet::new();
+                        deps.retain(|d| seen.insert(*d));
+                        Spec {
+                            id: format!("{letters}{i}.{suffix}"),
+                            deps,
+                            args: args.trim().to_string(),
+                            terms: terms.clone(),
+                            terms_first: *terms_first,
+                            // Distinct names by position: `d/p0x`, `p1`, ...
+                            inputs: ins
+                                .iter()
+                                .enumerate()
+                                .map(|(k, x)| format!("{}p{k}{x}", if k == 1 { "d/" } else { "" }))
+                                .collect(),
+                            outputs: outs
+                                .iter()
+                                .enumerate()
+                                .map(|(k, x)| match x.split_once('/') {
+                                    Some((dir, name)) => format!("{dir}/o{i}.{k}{name}"),
+                                    None => format!("o{i}.{k}{x}"),
+                                })
+                                .collect(),
+                            artifact: *artifact,
+                        }
+                    },
+                )
                 .collect();
             // Print them in a shuffled order (a dependency may be declared later).
             let mut order: Vec<usize> = (0..specs.len()).collect();
@@ -191,6 +226,30 @@ fn valid_file() -> impl Strategy<Value = (String, Vec<Meaning>)> {
                 if !s.terms_first {
                     text.push_str(&terms);
                 }
+                let mut inputs: Vec<Input> = Vec::new();
+                for p in &s.inputs {
+                    text.push_str(&format!("{}<{}{p}", g.next().unwrap(), g.next().unwrap()));
+                    inputs.push(Input::Path(p.into()));
+                }
+                // An artifact of a dependency that declares outputs.
+                let producers: Vec<usize> = s
+                    .deps
+                    .iter()
+                    .copied()
+                    .filter(|&d| !specs[d].outputs.is_empty())
+                    .collect();
+                if let (Some((which, out)), false) = (s.artifact, producers.is_empty()) {
+                    let p = &specs[producers[which.index(producers.len())]];
+                    let name = &p.outputs[out.index(p.outputs.len())];
+                    text.push_str(&format!("{}< @{}/{name}", g.next().unwrap(), p.id));
+                    inputs.push(Input::Artifact {
+                        task: p.id.clone(),
+                        name: name.clone(),
+                    });
+                }
+                for o in &s.outputs {
+                    text.push_str(&format!("{}>{}{o}", g.next().unwrap(), g.next().unwrap()));
+                }
                 if !s.args.is_empty() {
                     text.push_str(&format!(
                         "{}--{}{}",
@@ -224,6 +283,7 @@ fn valid_file() -> impl Strategy<Value = (String, Vec<Meaning>)> {
                     s.args.clone(),
                     deps,
                     (t.cost, t.timeout, t.retries),
+                    (inputs, s.outputs.clone()),
                 ));
             }
             (text, expected)
@@ -279,6 +339,26 @@ proptest! {
         let err = parse_and_check(&text).unwrap_err();
         prop_assert_eq!(err.kind, kind, "{}", err);
         prop_assert_eq!((err.line as usize, err.col as usize), (line_no, indent + 1), "{}", err);
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(128))]
+
+    #[test]
+    fn an_output_outside_the_working_directory_is_reported_at_its_word(
+        (text, _) in valid_file(),
+        pre in "[a-z]{0,3}",
+        bad in select(vec!["..", "/", "//", "/.", "/..", "./", "../"]),
+        post in "[a-z]{0,3}",
+    ) {
+        let name = format!("{pre}{bad}{post}");
+        prop_assume!(p2p_tasks::task::output_name_problem(&name).is_some());
+        let line_no = super_lines(&text) + 1;
+        let text = format!("{text}\nz9999 > {name}\n");
+        let err = parse_and_check(&text).unwrap_err();
+        prop_assert_eq!(err.kind, ParseErrorKind::File, "{}", err);
+        prop_assert_eq!((err.line as usize, err.col), (line_no, 9), "{}", err);
     }
 }
 

@@ -598,3 +598,72 @@ fn a_load_report_before_the_handshake_is_a_violation() {
     );
     assert!(w.handle_message(Message::Load(load(1)), now).is_err());
 }
+
+fn chunk(offset: u64) -> Transfer {
+    Transfer::Chunk {
+        id: 1,
+        offset,
+        data: vec![0; 100],
+    }
+}
+
+#[test]
+fn transfer_messages_flow_after_the_handshake_and_chunks_yield_to_control_frames() {
+    let mut p = Pair::new(4);
+    assert!(
+        p.c.transfer(Transfer::Have { id: 1 }).is_err(),
+        "not open yet"
+    );
+    p.drive().unwrap();
+    while p.c.poll_event().is_some() {}
+    while p.w.poll_event().is_some() {}
+    // Four chunks, then an assignment and a ping: the control frames go first, and a chunk
+    // is held back while the writer is still full.
+    for i in 0..4 {
+        assert!(p.c.has_chunk_room());
+        p.c.transfer(chunk(i * 100)).unwrap();
+    }
+    assert!(!p.c.has_chunk_room());
+    p.c.assign(assign(1)).unwrap();
+    p.c.transfer(Transfer::Have { id: 9 }).unwrap();
+    assert!(matches!(p.c.poll_transmit(), Some(Message::Assign(_))));
+    assert!(matches!(
+        p.c.poll_transmit(),
+        Some(Message::Transfer(t)) if matches!(*t, Transfer::Have { id: 9 })
+    ));
+    assert_eq!(
+        p.c.poll_transmit_with(crate::transfer::WRITE_LOW_WATER),
+        None
+    );
+    assert!(p.c.has_transmit());
+    let first = p.c.poll_transmit_with(0).unwrap();
+    assert!(crate::transfer::is_chunk(&first));
+    p.w.handle_message(first, p.now).unwrap();
+    p.w.handle_message(Message::Assign(assign(1)), p.now)
+        .unwrap();
+    assert!(
+        matches!(p.w.poll_event(), Some(Event::Transfer(t)) if matches!(*t, Transfer::Chunk { offset: 0, .. }))
+    );
+    assert!(matches!(p.w.poll_event(), Some(Event::Assigned(_))));
+    p.drive().unwrap();
+    let rest: Vec<Event> = std::iter::from_fn(|| p.w.poll_event()).collect();
+    assert_eq!(rest.len(), 3, "{rest:?}");
+}
+
+#[test]
+fn a_transfer_message_before_the_handshake_is_a_violation() {
+    let now = Instant::now();
+    let mut w = Connection::new(
+        Role::Acceptor,
+        hello("default", &["a"], 1),
+        Config::default(),
+        now,
+    );
+    let err = w
+        .handle_message(Message::Transfer(Box::new(chunk(0))), now)
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::Connection(ConnectionError::Violation(_))),
+        "{err}"
+    );
+}

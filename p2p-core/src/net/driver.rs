@@ -34,7 +34,12 @@ pub(super) fn now() -> std::time::Instant {
 pub(super) async fn flush(io: &mut Transport, conn: &mut Connection) -> Result<(), Error> {
     loop {
         futures::future::poll_fn(|cx| SinkExt::<Message>::poll_ready_unpin(io, cx)).await?;
-        let Some(msg) = conn.poll_transmit() else {
+        let Some(msg) = conn.poll_transmit_with(io.write_buffer().len()) else {
+            if conn.has_transmit() && !io.write_buffer().is_empty() {
+                // A chunk waits for the writer to empty: write what it holds, then go on.
+                SinkExt::<Message>::flush(io).await?;
+                continue;
+            }
             break;
         };
         // Every message that can be taken without waiting joins one batch: with a key, a
@@ -55,7 +60,14 @@ pub(super) async fn flush(io: &mut Transport, conn: &mut Connection) -> Result<(
 /// takes them without waiting. Synchronous, so a batch is never left half-done by a
 /// cancelled [`flush`].
 fn feed_batch(io: &mut Transport, conn: &mut Connection, first: Message) -> Result<(), Error> {
+    // A file chunk ends its batch: at most one chunk goes out between control frames, with
+    // a key too (where a batch is sealed as one, so the writer's buffer does not grow while
+    // it is fed).
+    let chunk = crate::transfer::is_chunk(&first);
     SinkExt::<Message>::start_send_unpin(io, first)?;
+    if chunk {
+        return Ok(());
+    }
     loop {
         match futures::future::poll_fn(|cx| SinkExt::<Message>::poll_ready_unpin(io, cx))
             .now_or_never()
@@ -64,10 +76,14 @@ fn feed_batch(io: &mut Transport, conn: &mut Connection, first: Message) -> Resu
             Some(Err(e)) => return Err(e),
             None => return Ok(()),
         }
-        let Some(msg) = conn.poll_transmit() else {
+        let Some(msg) = conn.poll_transmit_with(io.write_buffer().len()) else {
             return Ok(());
         };
+        let chunk = crate::transfer::is_chunk(&msg);
         SinkExt::<Message>::start_send_unpin(io, msg)?;
+        if chunk {
+            return Ok(());
+        }
     }
 }
 
@@ -186,6 +202,7 @@ async fn drive_inner(
                 Event::Completed(c) => LinkEvent::Completed(c),
                 Event::Cancelled { seq } => LinkEvent::Cancelled { seq },
                 Event::PeerGoodbye => LinkEvent::PeerGoodbye,
+                Event::Transfer(t) => LinkEvent::Transfer(t),
                 Event::Load(r) => LinkEvent::Load(r),
                 Event::StatusRequested => {
                     let Some(source) = &source else {
@@ -320,6 +337,11 @@ fn command(conn: &mut Connection, cmd: Option<Command>) -> Result<Option<LinkEve
         Some(Command::Goodbye) | None => conn.goodbye(),
         Some(Command::Abort) => {
             return Err(Error::Aborted);
+        }
+        Some(Command::Transfer(t)) => {
+            if let Err(e) = conn.transfer(*t) {
+                debug!(error = %e, "transfer message not sent");
+            }
         }
     }
     Ok(None)

@@ -10,7 +10,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use super::LinkId;
 #[cfg(doc)]
 use super::{accept, connect};
-use crate::message::{Assign, Completed, Hello, StatusReport};
+use crate::message::{Assign, Completed, Hello, StatusReport, Transfer};
 use crate::Error;
 
 /// What the owner asks of a connection.
@@ -30,6 +30,8 @@ pub enum Command {
     Goodbye,
     /// Close now, without goodbye.
     Abort,
+    /// Send a file-transfer message (protocol v3); a chunk goes behind every control frame.
+    Transfer(Box<Transfer>),
 }
 
 /// What a connection reports to its owner.
@@ -63,6 +65,8 @@ pub enum LinkEvent {
         /// Why.
         reason: String,
     },
+    /// A file-transfer message from the peer (protocol v3).
+    Transfer(Box<Transfer>),
     /// The connection is closed; this is the last event of the link.
     Closed {
         /// `None` after a complete goodbye, else what went wrong (shared: events are

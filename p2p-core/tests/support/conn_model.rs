@@ -156,7 +156,8 @@ impl Checker {
                 Event::Established(_)
                 | Event::Finished
                 | Event::StatusRequested
-                | Event::Status(_) => {}
+                | Event::Status(_)
+                | Event::Transfer(_) => {}
                 Event::Load(r) => {
                     let ceiling = conn.peer().map_or(0, |p| p.capacity);
                     assert!(

@@ -9,6 +9,7 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::process::{Child, Command};
 
 use super::procs::{self, Scope};
+use super::workdir::{WorkDir, WorkDirs};
 use super::{BoxFuture, Handler, TaskOutcome, TaskRequest};
 
 /// The default cap on a task's captured standard output: 1 MiB (1,048,576 bytes).
@@ -56,6 +57,17 @@ const DRAIN_MARGIN: Duration = Duration::from_secs(1);
 ///
 /// # The outcome
 ///
+/// # Where it runs
+///
+/// Every attempt runs in a fresh, empty directory of its own (mode 0700), its current
+/// directory and `P2P_TASK_DIR` in its environment: `ROOT/ID.ATTEMPT.RANDOM` under the
+/// [work root](Shell::work_dirs) (`serve`: `DATA_DIR/work`), the id reduced to ASCII letters,
+/// digits, `_` and `-` (at most 64), so no id names a path outside the root. It is removed
+/// when the attempt ends (success, failure, cancellation, timeout), after the shell has
+/// exited; a failed attempt's is kept when [`WorkDirs::keep_failed`] is set. A directory
+/// that cannot be made fails the attempt. The environment is the node's, plus the
+/// variables above.
+///
 /// Standard input is `/dev/null`. Standard output is the task's output: captured up to the
 /// [output limit](Shell::output_limit) (the rest is read and discarded, and the output then
 /// ends with `\n[output truncated at N bytes]`), decoded as UTF-8 (invalid bytes become
@@ -84,6 +96,7 @@ pub struct Shell {
     command: String,
     output_limit: usize,
     kill_grace: Duration,
+    work: WorkDirs,
 }
 
 impl Shell {
@@ -94,7 +107,15 @@ impl Shell {
             command: command.into(),
             output_limit: DEFAULT_OUTPUT_LIMIT,
             kill_grace: DEFAULT_KILL_GRACE,
+            work: WorkDirs::default(),
         }
+    }
+
+    /// Sets where the attempts' working directories are made, and whether a failed
+    /// attempt's is kept (default: the system's temporary directory, none kept).
+    pub fn work_dirs(mut self, work: WorkDirs) -> Self {
+        self.work = work;
+        self
     }
 
     /// Sets how long the processes of an ended attempt have between `SIGTERM` and
@@ -169,11 +190,26 @@ pub struct Rendered {
 pub struct ArgvError;
 
 impl Handler for Shell {
-    fn call(&self, req: TaskRequest) -> BoxFuture<TaskOutcome> {
-        match self.render(&req) {
-            Ok(rendered) => Box::pin(run(rendered, req, self.output_limit, self.kill_grace)),
-            Err(e) => Box::pin(std::future::ready(TaskOutcome::failure(e.to_string()))),
-        }
+    fn call(&self, mut req: TaskRequest) -> BoxFuture<TaskOutcome> {
+        let rendered = match self.render(&req) {
+            Ok(r) => r,
+            Err(e) => return Box::pin(std::future::ready(TaskOutcome::failure(e.to_string()))),
+        };
+        let (work, limit, grace) = (self.work.clone(), self.output_limit, self.kill_grace);
+        let files = req.files.take().map(|f| *f).unwrap_or_default();
+        Box::pin(async move {
+            let dir = match WorkDir::create(&work, &req.id, req.attempt) {
+                Ok(d) => d,
+                Err(e) => {
+                    return TaskOutcome::failure(format!("cannot make a working directory: {e}"))
+                }
+            };
+            if let Err(e) = super::workdir::place_inputs(dir.path(), &files.inputs) {
+                dir.finish(false).await;
+                return TaskOutcome::failure(e);
+            }
+            run(rendered, req, limit, grace, dir, files).await
+        })
     }
 }
 
@@ -375,20 +411,28 @@ fn word(out: &mut String, ctx: Ctx, value: &str, var: &str) {
 struct Running {
     child: Option<Child>,
     scope: Scope,
+    /// The attempt's working directory; on cancellation, removed once the shell is reaped.
+    work: Option<WorkDir>,
 }
 
 impl Drop for Running {
     fn drop(&mut self) {
         self.scope.end(false);
+        let work = self.work.take();
         if let Some(mut child) = self.child.take() {
             let pid = self.scope.pgid;
             if let Ok(rt) = tokio::runtime::Handle::try_current() {
                 rt.spawn(async move {
                     let _ = child.wait().await;
                     Scope::reaped(pid);
+                    if let Some(w) = work {
+                        w.finish(false).await;
+                    }
                 });
+                return;
             }
         }
+        drop(work);
     }
 }
 
@@ -452,11 +496,20 @@ async fn pump<R: AsyncRead + Unpin>(reader: Option<&mut R>, sink: &mut impl Byte
     }
 }
 
-async fn run(rendered: Rendered, req: TaskRequest, limit: usize, grace: Duration) -> TaskOutcome {
+async fn run(
+    rendered: Rendered,
+    req: TaskRequest,
+    limit: usize,
+    grace: Duration,
+    work: WorkDir,
+    files: super::TaskFiles,
+) -> TaskOutcome {
     let mut cmd = Command::new("sh");
     cmd.arg("-c")
         .arg(&rendered.script)
         .envs(rendered.env)
+        .current_dir(work.path())
+        .env("P2P_TASK_DIR", work.path())
         .env(ID_VAR, &req.id)
         .env(TYPE_VAR, &req.kind)
         .env(ARGS_VAR, &req.args)
@@ -467,11 +520,15 @@ async fn run(rendered: Rendered, req: TaskRequest, limit: usize, grace: Duration
         .process_group(0);
     let (child, scope) = match procs::spawn(&mut cmd, grace) {
         Ok(x) => x,
-        Err(e) => return TaskOutcome::failure(format!("cannot start `sh -c`: {e}")),
+        Err(e) => {
+            work.finish(false).await;
+            return TaskOutcome::failure(format!("cannot start `sh -c`: {e}"));
+        }
     };
     let mut running = Running {
         child: Some(child),
         scope,
+        work: Some(work),
     };
     let (mut stdout, mut stderr) = match running.child.as_mut() {
         Some(c) => (c.stdout.take(), c.stderr.take()),
@@ -512,10 +569,11 @@ async fn run(rendered: Rendered, req: TaskRequest, limit: usize, grace: Duration
         }
         status
     };
+    let work = running.work.take();
     drop(running);
 
     let output = output_text(out);
-    match status {
+    let outcome = match status {
         Err(e) => TaskOutcome {
             ok: false,
             exit_code: None,
@@ -523,7 +581,18 @@ async fn run(rendered: Rendered, req: TaskRequest, limit: usize, grace: Duration
             error: Some(format!("waiting for `sh -c` failed: {e}")),
         },
         Ok(status) => outcome_of(status, output, &stderr_text(err)),
+    };
+    let mut outcome = outcome;
+    if let (true, Some(w)) = (outcome.ok, &work) {
+        if let Err(e) = super::workdir::collect_outputs(w.path(), &files) {
+            outcome.ok = false;
+            outcome.error = Some(e);
+        }
     }
+    if let Some(w) = work {
+        w.finish(outcome.ok).await;
+    }
+    outcome
 }
 
 fn outcome_of(status: ExitStatus, output: String, stderr: &str) -> TaskOutcome {
@@ -626,6 +695,7 @@ mod tests {
             kind: kind.to_owned(),
             args: args.to_owned(),
             attempt: 1,
+            files: None,
         }
     }
 
@@ -937,6 +1007,165 @@ mod tests {
         assert!(!out.ok);
         assert_eq!(out.exit_code, None);
         assert_eq!(out.error.as_deref(), Some("killed by signal SIGKILL"));
+    }
+
+    #[tokio::test]
+    async fn each_attempt_runs_in_a_fresh_directory_of_its_own_removed_afterwards() {
+        let root = tempfile::tempdir().unwrap();
+        let work = WorkDirs {
+            root: Some(root.path().join("work")),
+            keep_failed: false,
+        };
+        // Prints its directory twice (cwd and env), leaves a file, and sees nothing else.
+        let shell =
+            Shell::new("pwd; echo \"$P2P_TASK_DIR\"; ls -A; echo x > f").work_dirs(work.clone());
+        let a = run_within(10, &shell, req("a1", "a", "")).await;
+        let b = run_within(10, &shell, req("a1", "a", "")).await;
+        for out in [&a, &b] {
+            assert!(out.ok, "{out:?}");
+            let lines: Vec<&str> = out.output.lines().collect();
+            assert_eq!(lines.len(), 2, "cwd, env, and an empty listing: {lines:?}");
+            assert_eq!(lines[0], lines[1]);
+            let dir = Path::new(lines[0]);
+            assert_eq!(dir.parent(), Some(root.path().join("work").as_path()));
+            assert!(!dir.exists(), "{} is left", dir.display());
+        }
+        assert_ne!(a.output, b.output);
+        // A failure keeps its directory only with keep_failed.
+        let fail = Shell::new("echo x > f; pwd; exit 3").work_dirs(work.clone());
+        let out = run_within(10, &fail, req("a1", "a", "")).await;
+        assert!(!Path::new(&out.output).exists());
+        let keep = Shell::new("echo x > f; pwd; exit 3").work_dirs(WorkDirs {
+            keep_failed: true,
+            ..work.clone()
+        });
+        let out = run_within(10, &keep, req("a1", "a", "")).await;
+        assert_eq!(out.exit_code, Some(3));
+        assert!(Path::new(&out.output).join("f").is_file());
+        // A cancelled attempt's directory goes too, once its shell is reaped.
+        let slow = Shell::new("pwd > ../../seen; sleep 30").work_dirs(work);
+        let fut = slow.call(req("a2", "a", ""));
+        let seen = root.path().join("seen");
+        let _ = tokio::time::timeout(Duration::from_secs(10), async {
+            tokio::pin!(fut);
+            loop {
+                tokio::select! {
+                    _ = &mut fut => break,
+                    () = tokio::time::sleep(Duration::from_millis(20)) => {
+                        if std::fs::read_to_string(&seen).is_ok_and(|s| s.ends_with('\n')) {
+                            break;
+                        }
+                    }
+                }
+            }
+        })
+        .await;
+        let dir = std::fs::read_to_string(&seen).unwrap();
+        let dir = Path::new(dir.trim());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while dir.exists() {
+            assert!(Instant::now() < deadline, "{} is left", dir.display());
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn inputs_are_placed_and_outputs_collected_through_no_symbolic_link() {
+        let root = tempfile::tempdir().unwrap();
+        let src = root.path().join("src.txt");
+        std::fs::write(&src, "hello\n").unwrap();
+        let collect = root.path().join("collect");
+        std::fs::create_dir(&collect).unwrap();
+        let work = WorkDirs {
+            root: Some(root.path().join("work")),
+            keep_failed: false,
+        };
+        let with = |cmd: &str, outputs: &[&str], input: &str| {
+            let shell = Shell::new(cmd).work_dirs(work.clone());
+            let mut r = req("a1", "a", "");
+            r.files = Some(Box::new(crate::handler::TaskFiles {
+                inputs: vec![(input.to_owned(), src.clone())],
+                outputs: outputs.iter().map(|o| o.to_string()).collect(),
+                collect: Some(collect.clone()),
+            }));
+            (shell, r)
+        };
+        let (shell, r) = with(
+            "mkdir d; tr a-z A-Z < in.txt > d/out.txt",
+            &["d/out.txt"],
+            "in.txt",
+        );
+        let out = run_within(10, &shell, r).await;
+        assert!(out.ok, "{out:?}");
+        assert_eq!(
+            std::fs::read_to_string(collect.join("0")).unwrap(),
+            "HELLO\n"
+        );
+        // The handler cannot change the source through its copy.
+        let (shell, r) = with("echo x >> in.txt", &[], "in.txt");
+        assert!(run_within(10, &shell, r).await.ok);
+        assert_eq!(std::fs::read_to_string(&src).unwrap(), "hello\n");
+        // A missing output, a symbolic link (to a file outside, or as a directory), a
+        // directory: the attempt fails.
+        let outside = root.path().join("secret");
+        std::fs::write(&outside, "s").unwrap();
+        for (cmd, name, why) in [
+            ("true", "o", "was not written"),
+            (
+                &*format!("ln -s {} o", outside.display()),
+                "o",
+                "not a regular file",
+            ),
+            (
+                &*format!("ln -s {} d; touch x", root.path().display()),
+                "d/secret",
+                "not a regular file",
+            ),
+            ("mkdir o", "o", "not a regular file"),
+        ] {
+            let (shell, r) = with(cmd, &[name], "in.txt");
+            let out = run_within(10, &shell, r).await;
+            assert!(!out.ok, "{cmd}: {out:?}");
+            assert!(
+                out.error.as_deref().unwrap().contains(why),
+                "{cmd}: {out:?}"
+            );
+        }
+        assert_eq!(std::fs::read_to_string(&outside).unwrap(), "s");
+        // An input name that is not a plain file name.
+        for bad in ["../x", "a/b", "..", ""] {
+            let (shell, r) = with("true", &[], bad);
+            let out = run_within(10, &shell, r).await;
+            assert!(
+                !out.ok
+                    && out
+                        .error
+                        .as_deref()
+                        .unwrap()
+                        .contains("not a plain file name"),
+                "{bad}: {out:?}"
+            );
+        }
+        assert!(!root.path().join("x").exists());
+    }
+
+    #[tokio::test]
+    async fn a_directory_that_cannot_be_made_fails_the_attempt() {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::write(root.path().join("file"), "x").unwrap();
+        let shell = Shell::new("echo ran").work_dirs(WorkDirs {
+            root: Some(root.path().join("file")),
+            keep_failed: false,
+        });
+        let out = run_within(10, &shell, req("a1", "a", "")).await;
+        assert!(!out.ok);
+        assert!(
+            out.error
+                .as_deref()
+                .unwrap()
+                .starts_with("cannot make a working directory"),
+            "{out:?}"
+        );
     }
 
     #[tokio::test]

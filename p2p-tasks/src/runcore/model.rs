@@ -645,6 +645,7 @@ impl World {
             Command::Complete(_) | Command::Started(_) | Command::Load(_) => {
                 panic!("the run is assigned nothing")
             }
+            Command::Transfer(_) => panic!("the run ships no files"),
         }
     }
 

@@ -86,7 +86,10 @@ impl Sim {
                 Command::Cancel(seq) => self.cancels.push((link, seq)),
                 Command::Goodbye => self.goodbyes.push(link),
                 Command::Abort => self.aborts.push(link),
-                Command::Complete(_) | Command::Started(_) | Command::Load(_) => {
+                Command::Complete(_)
+                | Command::Started(_)
+                | Command::Load(_)
+                | Command::Transfer(_) => {
                     panic!("the run is assigned nothing")
                 }
             }
@@ -899,7 +902,10 @@ mod shared {
                                     self.now,
                                 );
                             }
-                            Command::Complete(_) | Command::Started(_) | Command::Load(_) => {
+                            Command::Complete(_)
+                            | Command::Started(_)
+                            | Command::Load(_)
+                            | Command::Transfer(_) => {
                                 unreachable!()
                             }
                         }

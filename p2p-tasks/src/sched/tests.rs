@@ -17,6 +17,8 @@ fn tasks(ids: &str) -> Vec<Task> {
             cost: 1,
             timeout: None,
             retries: None,
+            inputs: Vec::new(),
+            outputs: Vec::new(),
         })
         .collect()
 }

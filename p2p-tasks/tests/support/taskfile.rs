@@ -7,6 +7,7 @@
 #![allow(dead_code)]
 
 use p2p_tasks::parse::{self, ParseError, ParseErrorKind};
+use p2p_tasks::task::Input;
 use p2p_tasks::Task;
 
 /// The lines of `text` as the parser numbers them (a leading byte-order mark removed).
@@ -78,7 +79,7 @@ pub fn check_positions(text: &str, tasks: &[Task]) {
 }
 
 /// Prints tasks as a task file: one task per line,
-/// `ID [after DEP...] [cost N] [timeout DUR] [retries N] [-- ARGS]`.
+/// `ID [after DEP...] [cost N] [timeout DUR] [retries N] [< IN]... [> OUT]... [-- ARGS]`.
 pub fn print(tasks: &[Task]) -> String {
     let mut out = String::new();
     for t in tasks {
@@ -100,6 +101,16 @@ pub fn print(tasks: &[Task]) -> String {
         if let Some(n) = t.retries {
             out.push_str(&format!(" retries {n}"));
         }
+        for i in &t.inputs {
+            match i {
+                Input::Path(p) => out.push_str(&format!(" < {}", p.display())),
+                Input::Artifact { task, name } => out.push_str(&format!(" < @{task}/{name}")),
+                other => panic!("the parser made an input it cannot write: {other:?}"),
+            }
+        }
+        for o in &t.outputs {
+            out.push_str(&format!(" > {o}"));
+        }
         if !t.args.is_empty() {
             out.push_str(" -- ");
             out.push_str(&t.args);
@@ -110,13 +121,14 @@ pub fn print(tasks: &[Task]) -> String {
 }
 
 /// What a task is, without its position in the file: id, type, arguments, dependencies,
-/// and its cost, timeout and retries.
+/// its cost, timeout and retries, and its inputs and outputs.
 pub type Meaning = (
     String,
     String,
     String,
     Vec<String>,
     (u32, Option<std::time::Duration>, Option<u32>),
+    (Vec<Input>, Vec<String>),
 );
 
 /// What the tasks are, without their positions in the file.
@@ -130,6 +142,7 @@ pub fn meaning(tasks: &[Task]) -> Vec<Meaning> {
                 t.args.clone(),
                 t.deps.clone(),
                 (t.cost, t.timeout, t.retries),
+                (t.inputs.clone(), t.outputs.clone()),
             )
         })
         .collect()

@@ -1,0 +1,568 @@
+//! File transfer as IO-free state machines (protocol v3, [`Transfer`] messages).
+//!
+//! - [`Sender`]: one file going out. It says which bytes to read next
+//!   ([`Sender::poll_read`]) within the credit the receiver gave (`Want`/`Fetch`, then each
+//!   `Ack`), and turns them into chunks ([`Sender::chunk`]). It never holds file data.
+//! - [`Receiver`]: one file coming in. It checks every chunk (its transfer, its offset: in
+//!   order, no gap, no overlap; its size; the credit; the announced size; `--max-file`),
+//!   hashes it on the way through, and returns the bytes for the caller to write at once
+//!   (so memory is bounded by one chunk whatever the file's size); the last byte checks the
+//!   hash ([`TransferError::HashMismatch`]). It says when to `Ack`, so the credit moves.
+//! - [`Outbox`]: the two queues of a connection's send path: control frames always go
+//!   first, and at most one chunk goes out between them, only when the writer's buffer is
+//!   nearly empty, so a large file never delays a small task's messages by more than one
+//!   chunk.
+//!
+//! Hash: BLAKE2b-256 (the `blake2` crate the Noise channel already uses), over the file's
+//! bytes.
+
+use std::collections::VecDeque;
+
+use blake2::digest::consts::U32;
+use blake2::{Blake2b, Digest};
+
+use crate::message::{AbortReason, ContentHash, Message, Transfer, MAX_CHUNK};
+
+/// The credit a receiver gives by default: 1 MiB (16 chunks of 64 KiB) in flight.
+pub const DEFAULT_WINDOW: u32 = 1024 * 1024;
+
+/// Room left in a frame for a chunk's header (message and transfer variants, id, offset,
+/// length), with margin: the largest header is 2 + 9 + 9 + 5 = 25 bytes.
+pub const CHUNK_OVERHEAD: usize = 64;
+
+/// The chunk size a sender uses with this frame limit: 64 KiB, or less when the frame
+/// limit leaves less room.
+pub fn chunk_len(max_frame: usize) -> usize {
+    MAX_CHUNK
+        .min(max_frame.saturating_sub(CHUNK_OVERHEAD))
+        .max(1)
+}
+
+/// An incremental content hash (BLAKE2b-256).
+#[derive(Clone, Default)]
+pub struct Hasher(Blake2b<U32>);
+
+impl std::fmt::Debug for Hasher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Hasher")
+    }
+}
+
+impl Hasher {
+    /// A hasher with nothing fed yet.
+    pub fn new() -> Hasher {
+        Hasher::default()
+    }
+
+    /// Feeds bytes.
+    pub fn update(&mut self, bytes: &[u8]) {
+        self.0.update(bytes);
+    }
+
+    /// The hash of everything fed.
+    pub fn finish(self) -> ContentHash {
+        ContentHash(self.0.finalize().into())
+    }
+}
+
+/// The content hash of `bytes`.
+pub fn hash_bytes(bytes: &[u8]) -> ContentHash {
+    let mut h = Hasher::new();
+    h.update(bytes);
+    h.finish()
+}
+
+/// Why a transfer failed. A `Violation` is the peer breaking the rules (the connection
+/// should close); the others end this transfer only.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum TransferError {
+    /// The peer broke a rule of the transfer protocol.
+    #[error("transfer {id}: protocol violation: {what}")]
+    Violation {
+        /// The transfer id.
+        id: u64,
+        /// What was wrong.
+        what: String,
+    },
+    /// The announced file is larger than this side accepts.
+    #[error("transfer {id}: the file is {size} bytes, more than the {max} allowed (--max-file)")]
+    TooLarge {
+        /// The transfer id.
+        id: u64,
+        /// The announced size.
+        size: u64,
+        /// The limit.
+        max: u64,
+    },
+    /// The bytes received do not have the announced hash.
+    #[error("transfer {id}: the file received has hash {got}, not the {expected} announced")]
+    HashMismatch {
+        /// The transfer id.
+        id: u64,
+        /// The announced hash.
+        expected: ContentHash,
+        /// The hash of what arrived.
+        got: ContentHash,
+    },
+    /// The stream ended (the connection closed) before the whole file arrived.
+    #[error("transfer {id}: cut after {received} of {size} bytes")]
+    Truncated {
+        /// The transfer id.
+        id: u64,
+        /// Bytes received.
+        received: u64,
+        /// Bytes announced.
+        size: u64,
+    },
+    /// The peer gave the transfer up.
+    #[error("transfer {id}: given up by the peer ({reason:?}): {message}")]
+    Aborted {
+        /// The transfer id.
+        id: u64,
+        /// Its reason.
+        reason: AbortReason,
+        /// Its explanation.
+        message: String,
+    },
+}
+
+impl TransferError {
+    /// Whether the peer broke the protocol (close the connection) rather than this one
+    /// transfer failing.
+    pub fn is_violation(&self) -> bool {
+        matches!(self, TransferError::Violation { .. })
+    }
+
+    /// The `Abort` to send the peer for this failure, if one is owed (not for a violation
+    /// or an abort the peer sent).
+    pub fn abort_message(&self) -> Option<Message> {
+        let (id, reason) = match self {
+            TransferError::TooLarge { id, .. } => (*id, AbortReason::TooLarge),
+            TransferError::HashMismatch { id, .. } => (*id, AbortReason::HashMismatch),
+            _ => return None,
+        };
+        Some(Message::Transfer(Box::new(Transfer::Abort {
+            id,
+            reason,
+            message: self.to_string(),
+        })))
+    }
+}
+
+fn violation(id: u64, what: impl Into<String>) -> TransferError {
+    TransferError::Violation {
+        id,
+        what: what.into(),
+    }
+}
+
+/// Where a [`Sender`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SendState {
+    /// Offered; waiting for `Have` or `Want`.
+    Offered,
+    /// Sending within the credit.
+    Sending,
+    /// Every byte sent; waiting for `Done`.
+    Sent,
+    /// The receiver has the file (`Have` or `Done`).
+    Delivered,
+}
+
+/// One file going out (see the module documentation).
+#[derive(Debug, Clone)]
+pub struct Sender {
+    id: u64,
+    size: u64,
+    chunk: usize,
+    /// Bytes handed out as chunks so far (the next offset).
+    sent: u64,
+    /// The receiver's last `Ack`.
+    acked: u64,
+    window: u64,
+    state: SendState,
+}
+
+impl Sender {
+    /// A sender of a file of `size` bytes in chunks of at most `chunk` bytes (see
+    /// [`chunk_len`]) that waits for `Have` or `Want` (after an `Offer`).
+    pub fn offered(id: u64, size: u64, chunk: usize) -> Sender {
+        Sender {
+            id,
+            size,
+            chunk: chunk.clamp(1, MAX_CHUNK),
+            sent: 0,
+            acked: 0,
+            window: 0,
+            state: SendState::Offered,
+        }
+    }
+
+    /// A sender answering a `Fetch` with this window: it sends at once.
+    pub fn fetched(id: u64, size: u64, chunk: usize, window: u32) -> Result<Sender, TransferError> {
+        let mut s = Sender::offered(id, size, chunk);
+        s.on_want(window)?;
+        Ok(s)
+    }
+
+    /// The transfer id.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Where it is.
+    pub fn state(&self) -> SendState {
+        self.state
+    }
+
+    /// The `Offer` message that starts this transfer.
+    pub fn offer(&self, hash: ContentHash) -> Message {
+        Message::Transfer(Box::new(Transfer::Offer {
+            id: self.id,
+            hash,
+            size: self.size,
+        }))
+    }
+
+    /// The receiver has the file already.
+    pub fn on_have(&mut self) -> Result<(), TransferError> {
+        if self.state != SendState::Offered {
+            return Err(violation(self.id, "Have after the transfer started"));
+        }
+        self.state = SendState::Delivered;
+        Ok(())
+    }
+
+    /// The receiver wants the file, with `window` bytes of credit.
+    pub fn on_want(&mut self, window: u32) -> Result<(), TransferError> {
+        if self.state != SendState::Offered {
+            return Err(violation(self.id, "a second Want"));
+        }
+        if (window as usize)
+            < self
+                .chunk
+                .min(usize::try_from(self.size).unwrap_or(usize::MAX))
+        {
+            return Err(violation(
+                self.id,
+                format!("a window of {window} bytes, less than one chunk"),
+            ));
+        }
+        self.window = u64::from(window);
+        // An empty file is sent as one empty chunk.
+        self.state = SendState::Sending;
+        Ok(())
+    }
+
+    /// The receiver has `received` bytes: more credit.
+    pub fn on_ack(&mut self, received: u64) -> Result<(), TransferError> {
+        if !matches!(self.state, SendState::Sending | SendState::Sent) {
+            return Err(violation(self.id, "Ack before Want"));
+        }
+        if received < self.acked || received > self.sent {
+            return Err(violation(
+                self.id,
+                format!(
+                    "Ack of {received} bytes (acknowledged {}, sent {})",
+                    self.acked, self.sent
+                ),
+            ));
+        }
+        self.acked = received;
+        Ok(())
+    }
+
+    /// The receiver has the whole file, hash checked.
+    pub fn on_done(&mut self) -> Result<(), TransferError> {
+        if self.state != SendState::Sent {
+            return Err(violation(self.id, "Done before every byte was sent"));
+        }
+        self.state = SendState::Delivered;
+        Ok(())
+    }
+
+    /// The next bytes to read and send, `(offset, len)`, when the credit allows; `None`
+    /// when there is nothing to send now (waiting for an `Ack`, or all sent). An empty file
+    /// is one empty chunk.
+    pub fn poll_read(&self) -> Option<(u64, usize)> {
+        if self.state != SendState::Sending {
+            return None;
+        }
+        if self.size == 0 {
+            return Some((0, 0));
+        }
+        let credit_end = self.acked.saturating_add(self.window).min(self.size);
+        let room = credit_end.saturating_sub(self.sent);
+        let len = room.min(self.chunk as u64);
+        // Wait for a whole chunk of credit unless it is the file's last chunk.
+        let last = self.size - self.sent <= self.chunk as u64;
+        if len == 0 || (len < self.chunk as u64 && !last) {
+            return None;
+        }
+        Some((self.sent, len as usize))
+    }
+
+    /// The chunk for the bytes [`Sender::poll_read`] asked for, read from the file. Fails
+    /// when `data` is not what was asked for (the file changed size under us).
+    pub fn chunk(&mut self, offset: u64, data: Vec<u8>) -> Result<Message, TransferError> {
+        let expected = self.poll_read();
+        if expected != Some((offset, data.len())) {
+            return Err(violation(
+                self.id,
+                format!(
+                    "chunk at {offset} of {} bytes, expected {expected:?} (the file changed?)",
+                    data.len()
+                ),
+            ));
+        }
+        self.sent += data.len() as u64;
+        if self.sent >= self.size {
+            self.state = SendState::Sent;
+        }
+        Ok(Message::Transfer(Box::new(Transfer::Chunk {
+            id: self.id,
+            offset,
+            data,
+        })))
+    }
+}
+
+/// What a [`Receiver`] makes of a chunk.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Received<'a> {
+    /// Write these bytes at the end of the file; more are to come.
+    Write(&'a [u8]),
+    /// Write these bytes: the file is complete and its hash matched (send `Done`,
+    /// [`Receiver::done`]).
+    Complete(&'a [u8]),
+}
+
+/// One file coming in (see the module documentation).
+#[derive(Debug)]
+pub struct Receiver {
+    id: u64,
+    size: u64,
+    expected: ContentHash,
+    window: u32,
+    received: u64,
+    acked: u64,
+    hasher: Option<Hasher>,
+}
+
+impl Receiver {
+    /// A receiver of the file of `size` bytes and hash `hash` an `Offer` (or a `Produced`
+    /// record) announced, which gives `window` bytes of credit. Refuses a file over
+    /// `max_file` bytes.
+    pub fn new(
+        id: u64,
+        hash: ContentHash,
+        size: u64,
+        window: u32,
+        max_file: u64,
+    ) -> Result<Receiver, TransferError> {
+        if size > max_file {
+            return Err(TransferError::TooLarge {
+                id,
+                size,
+                max: max_file,
+            });
+        }
+        Ok(Receiver {
+            id,
+            size,
+            expected: hash,
+            window: window.max(MAX_CHUNK as u32),
+            received: 0,
+            acked: 0,
+            hasher: Some(Hasher::new()),
+        })
+    }
+
+    /// The transfer id.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Bytes received so far.
+    pub fn received(&self) -> u64 {
+        self.received
+    }
+
+    /// Whether the whole file arrived (and its hash matched).
+    pub fn is_complete(&self) -> bool {
+        self.hasher.is_none()
+    }
+
+    /// The `Want` that asks for the file.
+    pub fn want(&self) -> Message {
+        Message::Transfer(Box::new(Transfer::Want {
+            id: self.id,
+            window: self.window,
+        }))
+    }
+
+    /// The `Fetch` that asks for the file by hash.
+    pub fn fetch(&self) -> Message {
+        Message::Transfer(Box::new(Transfer::Fetch {
+            id: self.id,
+            hash: self.expected,
+            window: self.window,
+        }))
+    }
+
+    /// The `Done` that ends a complete transfer.
+    pub fn done(&self) -> Message {
+        Message::Transfer(Box::new(Transfer::Done { id: self.id }))
+    }
+
+    /// Takes a chunk: checks it, hashes it, and returns what to write. A chunk out of order
+    /// (a gap, a duplicate, an overlap), over 64 KiB, beyond the credit or the announced
+    /// size, or after the end is a violation; the last byte not matching the hash is
+    /// [`TransferError::HashMismatch`].
+    pub fn on_chunk<'a>(
+        &mut self,
+        offset: u64,
+        data: &'a [u8],
+    ) -> Result<Received<'a>, TransferError> {
+        let id = self.id;
+        let Some(hasher) = self.hasher.as_mut() else {
+            return Err(violation(id, "a chunk after the whole file"));
+        };
+        if offset != self.received {
+            return Err(violation(
+                id,
+                format!(
+                    "a chunk at {offset}, expected {} (chunks go in order)",
+                    self.received
+                ),
+            ));
+        }
+        if data.len() > MAX_CHUNK {
+            return Err(violation(id, format!("a chunk of {} bytes", data.len())));
+        }
+        let end = offset.saturating_add(data.len() as u64);
+        if end > self.size {
+            return Err(violation(
+                id,
+                format!(
+                    "a chunk ending at {end}, beyond the {} bytes announced",
+                    self.size
+                ),
+            ));
+        }
+        if end > self.acked.saturating_add(u64::from(self.window)) {
+            return Err(violation(
+                id,
+                format!(
+                    "a chunk ending at {end}, beyond the credit ({} + {})",
+                    self.acked, self.window
+                ),
+            ));
+        }
+        if data.is_empty() && self.size != 0 {
+            return Err(violation(id, "an empty chunk"));
+        }
+        hasher.update(data);
+        self.received = end;
+        if self.received < self.size {
+            return Ok(Received::Write(data));
+        }
+        let got = self.hasher.take().map(Hasher::finish);
+        match got {
+            Some(got) if got == self.expected => Ok(Received::Complete(data)),
+            Some(got) => Err(TransferError::HashMismatch {
+                id,
+                expected: self.expected,
+                got,
+            }),
+            None => Err(violation(id, "a chunk after the whole file")),
+        }
+    }
+
+    /// The `Ack` to send now, once what [`Receiver::on_chunk`] returned is written: after
+    /// every quarter of the window (so the sender never stalls on a full window).
+    pub fn poll_ack(&mut self) -> Option<Message> {
+        if self.is_complete() || self.received - self.acked < u64::from(self.window / 4).max(1) {
+            return None;
+        }
+        self.acked = self.received;
+        Some(Message::Transfer(Box::new(Transfer::Ack {
+            id: self.id,
+            received: self.received,
+        })))
+    }
+
+    /// The stream ended (the connection closed, or the sender aborted) before the end.
+    pub fn on_end(&self) -> Result<(), TransferError> {
+        if self.is_complete() {
+            return Ok(());
+        }
+        Err(TransferError::Truncated {
+            id: self.id,
+            received: self.received,
+            size: self.size,
+        })
+    }
+}
+
+/// A connection's send queues (see the module documentation).
+#[derive(Debug, Default)]
+pub struct Outbox {
+    control: VecDeque<Message>,
+    chunks: VecDeque<Message>,
+}
+
+/// The most chunks an [`Outbox`] holds; a sender reads no more from its file while it is
+/// full.
+pub const OUTBOX_CHUNKS: usize = 4;
+
+/// A chunk joins the writer's buffer only when fewer bytes than this are already waiting
+/// there, so a control frame queued next waits behind at most about one chunk.
+pub const WRITE_LOW_WATER: usize = 16 * 1024;
+
+impl Outbox {
+    /// An empty outbox.
+    pub fn new() -> Outbox {
+        Outbox::default()
+    }
+
+    /// Queues a control frame (anything but a chunk); it goes before every chunk waiting.
+    pub fn push(&mut self, msg: Message) {
+        if is_chunk(&msg) {
+            self.chunks.push_back(msg);
+        } else {
+            self.control.push_back(msg);
+        }
+    }
+
+    /// Whether a chunk may be queued ([`OUTBOX_CHUNKS`] at most).
+    pub fn has_chunk_room(&self) -> bool {
+        self.chunks.len() < OUTBOX_CHUNKS
+    }
+
+    /// Whether nothing is queued.
+    pub fn is_empty(&self) -> bool {
+        self.control.is_empty() && self.chunks.is_empty()
+    }
+
+    /// The next frame to write, given how many bytes the writer holds unsent: every control
+    /// frame first; a chunk only when the writer holds under [`WRITE_LOW_WATER`] bytes.
+    pub fn pop(&mut self, buffered: usize) -> Option<Message> {
+        if let Some(m) = self.control.pop_front() {
+            return Some(m);
+        }
+        if buffered < WRITE_LOW_WATER {
+            return self.chunks.pop_front();
+        }
+        None
+    }
+}
+
+/// Whether `msg` is a file chunk (the bulk of a transfer; everything else is control).
+pub fn is_chunk(msg: &Message) -> bool {
+    matches!(msg, Message::Transfer(t) if matches!(**t, Transfer::Chunk { .. }))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,379 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use super::*;
+use proptest::collection::vec;
+use proptest::prelude::*;
+
+fn data(n: usize, seed: u8) -> Vec<u8> {
+    (0..n).map(|i| (i as u8).wrapping_mul(31) ^ seed).collect()
+}
+
+fn unbox(m: Message) -> Transfer {
+    match m {
+        Message::Transfer(t) => *t,
+        other => panic!("not a transfer message: {other:?}"),
+    }
+}
+
+/// Runs a whole transfer of `file` between a sender and a receiver, the receiver writing
+/// into a Vec (the "disk"); returns what was written, and the most bytes ever in flight.
+fn transfer(file: &[u8], chunk: usize, window: u32) -> Result<(Vec<u8>, u64), TransferError> {
+    let hash = hash_bytes(file);
+    let mut s = Sender::offered(7, file.len() as u64, chunk);
+    let mut r = Receiver::new(7, hash, file.len() as u64, window, u64::MAX)?;
+    let Transfer::Want { window, .. } = unbox(r.want()) else {
+        panic!()
+    };
+    s.on_want(window)?;
+    let mut disk = Vec::new();
+    let mut in_flight: VecDeque<Message> = VecDeque::new();
+    let mut most = 0u64;
+    for _ in 0..1_000_000 {
+        while let Some((off, len)) = s.poll_read() {
+            let bytes = file[off as usize..off as usize + len].to_vec();
+            in_flight.push_back(s.chunk(off, bytes)?);
+        }
+        let flying: u64 = in_flight
+            .iter()
+            .map(|m| match m {
+                Message::Transfer(t) => match &**t {
+                    Transfer::Chunk { data, .. } => data.len() as u64,
+                    _ => 0,
+                },
+                _ => 0,
+            })
+            .sum();
+        most = most.max(flying);
+        let Some(m) = in_flight.pop_front() else {
+            break;
+        };
+        let Transfer::Chunk { offset, data, .. } = unbox(m) else {
+            panic!()
+        };
+        match r.on_chunk(offset, &data)? {
+            Received::Write(b) => disk.extend_from_slice(b),
+            Received::Complete(b) => {
+                disk.extend_from_slice(b);
+                let Transfer::Done { id } = unbox(r.done()) else {
+                    panic!()
+                };
+                assert_eq!(id, 7);
+                s.on_done()?;
+                assert_eq!(s.state(), SendState::Delivered);
+                return Ok((disk, most));
+            }
+        }
+        if let Some(ack) = r.poll_ack() {
+            let Transfer::Ack { received, .. } = unbox(ack) else {
+                panic!()
+            };
+            s.on_ack(received)?;
+        }
+    }
+    panic!(
+        "the transfer stalled at {} of {} bytes",
+        r.received(),
+        file.len()
+    );
+}
+
+#[test]
+fn files_of_every_size_arrive_whole_within_the_window() {
+    for n in [
+        0,
+        1,
+        100,
+        MAX_CHUNK - 1,
+        MAX_CHUNK,
+        MAX_CHUNK + 1,
+        5 * MAX_CHUNK + 17,
+    ] {
+        let file = data(n, 3);
+        let (got, most) = transfer(&file, MAX_CHUNK, DEFAULT_WINDOW).unwrap();
+        assert_eq!(got, file, "{n} bytes");
+        assert!(most <= u64::from(DEFAULT_WINDOW), "{most} in flight");
+    }
+    // A small frame limit: smaller chunks; the smallest window is one chunk.
+    let file = data(300_000, 9);
+    let (got, most) = transfer(&file, chunk_len(65_536), 1).unwrap();
+    assert_eq!(got, file);
+    assert!(most <= MAX_CHUNK as u64, "{most}");
+    assert_eq!(chunk_len(65_536), 65_536 - CHUNK_OVERHEAD);
+    assert_eq!(chunk_len(16 << 20), MAX_CHUNK);
+}
+
+#[test]
+fn a_corrupted_byte_is_a_hash_mismatch_at_the_last_chunk() {
+    let file = data(3 * MAX_CHUNK, 1);
+    let mut r = Receiver::new(
+        1,
+        hash_bytes(&file),
+        file.len() as u64,
+        DEFAULT_WINDOW,
+        u64::MAX,
+    )
+    .unwrap();
+    let mut bad = file.clone();
+    bad[MAX_CHUNK + 5] ^= 1;
+    assert!(matches!(
+        r.on_chunk(0, &bad[..MAX_CHUNK]),
+        Ok(Received::Write(_))
+    ));
+    assert!(matches!(
+        r.on_chunk(MAX_CHUNK as u64, &bad[MAX_CHUNK..2 * MAX_CHUNK]),
+        Ok(Received::Write(_))
+    ));
+    let err = r
+        .on_chunk(2 * MAX_CHUNK as u64, &bad[2 * MAX_CHUNK..])
+        .unwrap_err();
+    assert!(matches!(err, TransferError::HashMismatch { .. }), "{err}");
+    assert!(!err.is_violation());
+    assert!(matches!(
+        err.abort_message().map(unbox),
+        Some(Transfer::Abort {
+            reason: AbortReason::HashMismatch,
+            ..
+        })
+    ));
+}
+
+#[test]
+fn max_file_refuses_a_larger_offer() {
+    let err = Receiver::new(1, hash_bytes(b""), 1001, DEFAULT_WINDOW, 1000).unwrap_err();
+    assert!(matches!(
+        err,
+        TransferError::TooLarge {
+            size: 1001,
+            max: 1000,
+            ..
+        }
+    ));
+    assert!(Receiver::new(1, hash_bytes(b""), 1000, DEFAULT_WINDOW, 1000).is_ok());
+}
+
+#[test]
+fn a_sender_keeps_to_the_credit_and_refuses_bad_acks() {
+    let mut s = Sender::offered(1, 10 * MAX_CHUNK as u64, MAX_CHUNK);
+    assert_eq!(s.poll_read(), None, "nothing before Want");
+    assert!(s.on_ack(0).is_err(), "Ack before Want");
+    assert!(s.on_want(100).is_err(), "a window under one chunk");
+    s.on_want(2 * MAX_CHUNK as u32).unwrap();
+    assert!(s.on_want(2 * MAX_CHUNK as u32).is_err(), "a second Want");
+    for i in 0..2u64 {
+        let (off, len) = s.poll_read().unwrap();
+        assert_eq!((off, len), (i * MAX_CHUNK as u64, MAX_CHUNK));
+        s.chunk(off, vec![0; len]).unwrap();
+    }
+    assert_eq!(s.poll_read(), None, "the window is full");
+    assert!(
+        s.on_ack(3 * MAX_CHUNK as u64).is_err(),
+        "an Ack of bytes never sent"
+    );
+    s.on_ack(MAX_CHUNK as u64).unwrap();
+    assert!(s.on_ack(0).is_err(), "an Ack going back");
+    assert_eq!(s.poll_read(), Some((2 * MAX_CHUNK as u64, MAX_CHUNK)));
+    assert!(s.chunk(0, vec![0; 5]).is_err(), "not what was asked for");
+    assert!(s.on_done().is_err(), "Done before the end");
+    assert!(s.on_have().is_err(), "Have after Want");
+    let mut h = Sender::offered(2, 5, MAX_CHUNK);
+    h.on_have().unwrap();
+    assert_eq!(h.state(), SendState::Delivered);
+    assert_eq!(h.poll_read(), None);
+}
+
+#[test]
+fn a_receiver_refuses_chunks_out_of_order_too_big_or_beyond_credit() {
+    let file = data(4 * MAX_CHUNK, 2);
+    let hash = hash_bytes(&file);
+    let new = || Receiver::new(1, hash, file.len() as u64, 2 * MAX_CHUNK as u32, u64::MAX).unwrap();
+    let chunk = |i: usize| &file[i * MAX_CHUNK..(i + 1) * MAX_CHUNK];
+    // A gap.
+    let err = new().on_chunk(MAX_CHUNK as u64, chunk(1)).unwrap_err();
+    assert!(err.is_violation(), "{err}");
+    // A duplicate, and an overlap.
+    let mut r = new();
+    r.on_chunk(0, chunk(0)).unwrap();
+    assert!(r.on_chunk(0, chunk(0)).unwrap_err().is_violation());
+    let mut r = new();
+    r.on_chunk(0, chunk(0)).unwrap();
+    assert!(r.on_chunk(10, &file[10..100]).unwrap_err().is_violation());
+    // Beyond the credit (two chunks, no Ack).
+    let mut r = new();
+    r.on_chunk(0, chunk(0)).unwrap();
+    r.on_chunk(MAX_CHUNK as u64, chunk(1)).unwrap();
+    assert!(r
+        .on_chunk(
+            2 * MAX_CHUNK as u64,
+            &file[2 * MAX_CHUNK..2 * MAX_CHUNK + 1]
+        )
+        .unwrap_err()
+        .is_violation());
+    // Over 64 KiB, empty, beyond the announced size.
+    let big = vec![0u8; MAX_CHUNK + 1];
+    assert!(new().on_chunk(0, &big).unwrap_err().is_violation());
+    assert!(new().on_chunk(0, &[]).unwrap_err().is_violation());
+    let mut small = Receiver::new(1, hash_bytes(b"ab"), 2, DEFAULT_WINDOW, u64::MAX).unwrap();
+    assert!(small.on_chunk(0, b"abc").unwrap_err().is_violation());
+    // A chunk after the end.
+    let mut r = Receiver::new(1, hash_bytes(b"ab"), 2, DEFAULT_WINDOW, u64::MAX).unwrap();
+    assert_eq!(r.on_chunk(0, b"ab").unwrap(), Received::Complete(b"ab"));
+    assert!(r.is_complete() && r.on_end().is_ok());
+    assert!(r.on_chunk(2, b"").unwrap_err().is_violation());
+}
+
+#[test]
+fn an_ack_goes_out_every_quarter_window() {
+    let file = data(8 * MAX_CHUNK, 4);
+    let mut r = Receiver::new(
+        1,
+        hash_bytes(&file),
+        file.len() as u64,
+        4 * MAX_CHUNK as u32,
+        u64::MAX,
+    )
+    .unwrap();
+    r.on_chunk(0, &file[..MAX_CHUNK / 2]).unwrap();
+    assert!(r.poll_ack().is_none());
+    r.on_chunk((MAX_CHUNK / 2) as u64, &file[MAX_CHUNK / 2..MAX_CHUNK])
+        .unwrap();
+    let Some(Transfer::Ack { received, .. }) = r.poll_ack().map(unbox) else {
+        panic!()
+    };
+    assert_eq!(received, MAX_CHUNK as u64);
+    assert!(r.poll_ack().is_none());
+}
+
+#[test]
+fn the_outbox_sends_control_first_and_a_chunk_only_into_an_emptied_writer() {
+    let mut o = Outbox::new();
+    let chunk = |i: u64| {
+        Message::Transfer(Box::new(Transfer::Chunk {
+            id: 1,
+            offset: i,
+            data: vec![0; 10],
+        }))
+    };
+    for i in 0..OUTBOX_CHUNKS as u64 {
+        assert!(o.has_chunk_room());
+        o.push(chunk(i));
+    }
+    assert!(!o.has_chunk_room());
+    o.push(Message::Ping { nonce: 1 });
+    // The control frame queued after four chunks goes first.
+    assert_eq!(o.pop(0), Some(Message::Ping { nonce: 1 }));
+    // A chunk waits while the writer still holds bytes.
+    assert_eq!(o.pop(WRITE_LOW_WATER), None);
+    assert_eq!(o.pop(0), Some(chunk(0)));
+    o.push(Message::Goodbye);
+    // A control frame queued between chunks overtakes the rest.
+    assert_eq!(o.pop(0), Some(Message::Goodbye));
+    assert_eq!(o.pop(0), Some(chunk(1)));
+    assert!(!o.is_empty());
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// Any split of any file into chunks (of any sizes, within 64 KiB) reassembles to the
+    /// file, with its hash checked, when it comes in order.
+    #[test]
+    fn any_split_reassembles(
+        file in vec(any::<u8>(), 0..300_000),
+        cuts in vec(1usize..=MAX_CHUNK, 0..64),
+    ) {
+        let mut r = Receiver::new(1, hash_bytes(&file), file.len() as u64, u32::MAX, u64::MAX).unwrap();
+        let mut disk = Vec::new();
+        let mut off = 0usize;
+        let mut sizes = cuts.iter().cycle();
+        let mut done = false;
+        if file.is_empty() {
+            prop_assert_eq!(r.on_chunk(0, &[]).unwrap(), Received::Complete(&[]));
+            done = true;
+        }
+        while off < file.len() {
+            let len = (*sizes.next().unwrap_or(&MAX_CHUNK)).min(file.len() - off);
+            match r.on_chunk(off as u64, &file[off..off + len]).unwrap() {
+                Received::Write(b) => disk.extend_from_slice(b),
+                Received::Complete(b) => {
+                    disk.extend_from_slice(b);
+                    done = true;
+                }
+            }
+            off += len;
+        }
+        prop_assert!(done && r.is_complete());
+        prop_assert_eq!(disk, file);
+    }
+
+    /// Delivering chunks in any other order than the file's, or any chunk twice, is refused
+    /// as a violation at the first chunk out of place; nothing out of place is ever written.
+    #[test]
+    fn reordered_or_duplicated_chunks_are_violations(
+        file in vec(any::<u8>(), 2..200_000),
+        size in 1usize..=MAX_CHUNK,
+        swap in any::<prop::sample::Index>(),
+        dup in any::<bool>(),
+    ) {
+        let offsets: Vec<usize> = (0..file.len()).step_by(size).collect();
+        prop_assume!(offsets.len() >= 2);
+        let mut order: Vec<usize> = (0..offsets.len()).collect();
+        let k = swap.index(offsets.len() - 1);
+        if dup {
+            order.insert(k + 1, k);
+        } else {
+            order.swap(k, k + 1);
+        }
+        let mut r = Receiver::new(1, hash_bytes(&file), file.len() as u64, u32::MAX, u64::MAX).unwrap();
+        let mut written = 0usize;
+        let mut refused = false;
+        for &i in &order {
+            let off = offsets[i];
+            let end = (off + size).min(file.len());
+            match r.on_chunk(off as u64, &file[off..end]) {
+                Ok(Received::Write(b)) | Ok(Received::Complete(b)) => {
+                    prop_assert_eq!(off, written, "wrote a chunk out of place");
+                    written += b.len();
+                }
+                Err(e) => {
+                    prop_assert!(e.is_violation(), "{}", e);
+                    refused = true;
+                    break;
+                }
+            }
+        }
+        prop_assert!(refused, "{:?} was accepted", order);
+        prop_assert!(!r.is_complete());
+    }
+
+    /// A stream cut anywhere before its end is truncated, naming how much arrived.
+    #[test]
+    fn a_truncated_stream_is_reported(
+        file in vec(any::<u8>(), 1..200_000),
+        size in 1usize..=MAX_CHUNK,
+        keep in any::<prop::sample::Index>(),
+    ) {
+        let mut r = Receiver::new(1, hash_bytes(&file), file.len() as u64, u32::MAX, u64::MAX).unwrap();
+        let chunks: Vec<usize> = (0..file.len()).step_by(size).collect();
+        let n = keep.index(chunks.len());
+        for &off in &chunks[..n] {
+            let end = (off + size).min(file.len());
+            r.on_chunk(off as u64, &file[off..end]).unwrap();
+        }
+        let err = r.on_end().unwrap_err();
+        let got = (n * size).min(file.len()) as u64;
+        prop_assert_eq!(err, TransferError::Truncated { id: 1, received: got, size: file.len() as u64 });
+    }
+
+    /// A whole exchange with any window keeps to the credit and delivers the file.
+    #[test]
+    fn sender_and_receiver_with_any_window(
+        n in 0usize..400_000,
+        window in (MAX_CHUNK as u32)..(8 * MAX_CHUNK as u32),
+        chunk in 1usize..=MAX_CHUNK,
+    ) {
+        let file = data(n, 5);
+        let (got, most) = transfer(&file, chunk, window).unwrap();
+        prop_assert_eq!(got, file);
+        prop_assert!(most <= u64::from(window));
+    }
+}

@@ -1,0 +1,526 @@
+//! The node's side of files (protocol v3): inputs offered by a coordinator land in the
+//! node's [cache](crate::cache) (unless it has them: `Have`), a task's inputs are placed in
+//! its working directory from there, its declared outputs go into the cache after success
+//! (announced with `Produced` before the result), and a coordinator fetches them by hash.
+//!
+//! [`NodeFiles`] is the node's (one cache, shared by every connection); [`LinkFiles`] is one
+//! connection's transfers. The rules of each transfer are [`p2p_core::transfer`]'s; this
+//! module only moves bytes between them, the cache and the disk. Bounds: at most
+//! [`MAX_INCOMING`] files coming in and one going out per connection (further fetches wait,
+//! at most [`MAX_QUEUED_FETCHES`]), and at most [`MAX_PENDING_FILES`] `Files` records
+//! waiting for their `Assign`.
+
+use std::collections::{HashMap, VecDeque};
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use p2p_core::message::{AbortReason, PlacedFile, ProducedFile};
+use p2p_core::net::{Command, Link};
+use p2p_core::transfer::{self, Hasher, Received, Receiver, Sender, DEFAULT_WINDOW};
+use p2p_core::{Assign, ContentHash, Transfer};
+use tracing::{debug, warn};
+
+use crate::cache::{Cache, CommitError};
+use crate::handler::{TaskFiles, TaskOutcome};
+
+/// Most files coming in at once on one connection.
+pub const MAX_INCOMING: usize = 8;
+
+/// Most fetches waiting for the one going out on a connection.
+pub const MAX_QUEUED_FETCHES: usize = 64;
+
+/// Most `Files` records waiting for their `Assign` on a connection.
+pub const MAX_PENDING_FILES: usize = 1024;
+
+/// A node's files: its cache and its limits.
+#[derive(Debug)]
+pub struct NodeFiles {
+    cache: Mutex<Cache>,
+    max_file: u64,
+    chunk: usize,
+}
+
+impl NodeFiles {
+    /// Files kept in `cache`, refusing inputs over `max_file` bytes, sent in chunks that fit
+    /// frames of `max_frame` bytes.
+    pub fn new(cache: Cache, max_file: u64, max_frame: usize) -> NodeFiles {
+        NodeFiles {
+            cache: Mutex::new(cache),
+            max_file,
+            chunk: transfer::chunk_len(max_frame),
+        }
+    }
+
+    fn cache(&self) -> std::sync::MutexGuard<'_, Cache> {
+        // A panic while holding it leaves the index as it was between two operations.
+        self.cache.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+struct Incoming {
+    receiver: Receiver,
+    file: tempfile::NamedTempFile,
+    hash: ContentHash,
+    size: u64,
+}
+
+struct Outgoing {
+    sender: Sender,
+    file: std::fs::File,
+}
+
+struct RunningFiles {
+    pinned: Vec<ContentHash>,
+    outputs: Vec<String>,
+    collect: Option<tempfile::TempDir>,
+}
+
+/// One connection's transfers (see the module documentation).
+pub struct LinkFiles {
+    node: Option<Arc<NodeFiles>>,
+    incoming: HashMap<u64, Incoming>,
+    outgoing: Option<Outgoing>,
+    fetches: VecDeque<(u64, ContentHash, u32)>,
+    pending: HashMap<u64, (Vec<PlacedFile>, Vec<String>)>,
+    running: HashMap<u64, RunningFiles>,
+}
+
+impl std::fmt::Debug for LinkFiles {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LinkFiles")
+            .field("incoming", &self.incoming.len())
+            .field("outgoing", &self.outgoing.is_some())
+            .finish()
+    }
+}
+
+fn send(link: &Link, t: Transfer) -> bool {
+    match link.send(Command::Transfer(Box::new(t))) {
+        Ok(()) => true,
+        Err(e) => {
+            debug!(error = %e, "transfer message not sent");
+            false
+        }
+    }
+}
+
+fn abort(link: &Link, id: u64, reason: AbortReason, message: impl Into<String>) {
+    send(
+        link,
+        Transfer::Abort {
+            id,
+            reason,
+            message: message.into(),
+        },
+    );
+}
+
+fn io_reason(e: &std::io::Error) -> AbortReason {
+    // ENOSPC and EDQUOT: the disk (or the quota) is full.
+    match e.raw_os_error() {
+        Some(28) | Some(122) => AbortReason::NoSpace,
+        _ => AbortReason::Io,
+    }
+}
+
+impl LinkFiles {
+    /// A connection's transfers; without `node`, every offer and fetch is refused.
+    pub fn new(node: Option<Arc<NodeFiles>>) -> LinkFiles {
+        LinkFiles {
+            node,
+            incoming: HashMap::new(),
+            outgoing: None,
+            fetches: VecDeque::new(),
+            pending: HashMap::new(),
+            running: HashMap::new(),
+        }
+    }
+
+    /// Handles a transfer message from the peer, answering on `link`.
+    pub fn on_transfer(&mut self, t: Transfer, link: &Link) {
+        let Some(node) = self.node.clone() else {
+            if let Transfer::Offer { id, .. } | Transfer::Fetch { id, .. } = t {
+                abort(link, id, AbortReason::Io, "this node keeps no files");
+            }
+            return;
+        };
+        match t {
+            Transfer::Offer { id, hash, size } => {
+                if node.cache().has(&hash) {
+                    debug!(%hash, size, "input offered: already here");
+                    send(link, Transfer::Have { id });
+                    return;
+                }
+                if self.incoming.len() >= MAX_INCOMING || self.incoming.contains_key(&id) {
+                    abort(
+                        link,
+                        id,
+                        AbortReason::Io,
+                        "too many files coming in at once",
+                    );
+                    return;
+                }
+                let receiver = match Receiver::new(id, hash, size, DEFAULT_WINDOW, node.max_file) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        abort(link, id, AbortReason::TooLarge, e.to_string());
+                        return;
+                    }
+                };
+                let file = match node.cache().partial() {
+                    Ok(f) => f,
+                    Err(e) => {
+                        abort(
+                            link,
+                            id,
+                            io_reason(&e),
+                            format!("cannot store the file: {e}"),
+                        );
+                        return;
+                    }
+                };
+                debug!(%hash, size, "input offered: receiving it");
+                send(link, unbox(receiver.want()));
+                self.incoming.insert(
+                    id,
+                    Incoming {
+                        receiver,
+                        file,
+                        hash,
+                        size,
+                    },
+                );
+            }
+            Transfer::Chunk { id, offset, data } => self.on_chunk(&node, id, offset, &data, link),
+            Transfer::Ack { id, received } => {
+                if let Some(o) = self.outgoing.as_mut().filter(|o| o.sender.id() == id) {
+                    if let Err(e) = o.sender.on_ack(received) {
+                        warn!(error = %e, "a bad Ack: the transfer is dropped");
+                        self.outgoing = None;
+                    }
+                    self.pump(&node, link);
+                }
+            }
+            Transfer::Done { id } => {
+                if self.outgoing.as_ref().is_some_and(|o| o.sender.id() == id) {
+                    self.outgoing = None;
+                    self.pump(&node, link);
+                }
+            }
+            Transfer::Abort {
+                id,
+                reason,
+                message,
+            } => {
+                debug!(id, ?reason, message = %p2p_core::text::escape(&message), "transfer given up by the peer");
+                self.incoming.remove(&id);
+                if self.outgoing.as_ref().is_some_and(|o| o.sender.id() == id) {
+                    self.outgoing = None;
+                }
+                self.fetches.retain(|f| f.0 != id);
+                self.pump(&node, link);
+            }
+            Transfer::Fetch { id, hash, window } => {
+                if self.fetches.len() >= MAX_QUEUED_FETCHES {
+                    abort(link, id, AbortReason::Io, "too many fetches waiting");
+                    return;
+                }
+                self.fetches.push_back((id, hash, window));
+                self.pump(&node, link);
+            }
+            Transfer::Files {
+                seq,
+                inputs,
+                outputs,
+            } => {
+                if self.pending.len() >= MAX_PENDING_FILES {
+                    warn!(
+                        seq,
+                        "too many file lists waiting for their tasks: one is dropped"
+                    );
+                    return;
+                }
+                self.pending.insert(seq, (inputs, outputs));
+            }
+            // Answers to offers and fetches this node does not make.
+            Transfer::Have { .. } | Transfer::Want { .. } | Transfer::Produced { .. } => {}
+        }
+    }
+
+    fn on_chunk(&mut self, node: &NodeFiles, id: u64, offset: u64, data: &[u8], link: &Link) {
+        let Some(inc) = self.incoming.get_mut(&id) else {
+            return;
+        };
+        let res = inc.receiver.on_chunk(offset, data);
+        let (bytes, complete) = match res {
+            Ok(Received::Write(b)) => (b, false),
+            Ok(Received::Complete(b)) => (b, true),
+            Err(e) => {
+                warn!(error = %e, "an input transfer failed");
+                let reason = match &e {
+                    transfer::TransferError::HashMismatch { .. } => AbortReason::HashMismatch,
+                    _ => AbortReason::Io,
+                };
+                abort(link, id, reason, e.to_string());
+                self.incoming.remove(&id);
+                return;
+            }
+        };
+        if let Err(e) = inc.file.write_all(bytes) {
+            abort(
+                link,
+                id,
+                io_reason(&e),
+                format!("cannot store the file: {e}"),
+            );
+            self.incoming.remove(&id);
+            return;
+        }
+        if !complete {
+            if let Some(ack) = inc.receiver.poll_ack() {
+                send(link, unbox(ack));
+            }
+            return;
+        }
+        let Some(inc) = self.incoming.remove(&id) else {
+            return;
+        };
+        let done = unbox(inc.receiver.done());
+        let mut cache = node.cache();
+        match cache.commit(inc.file, inc.hash, inc.size) {
+            Ok(_) => {
+                cache.unpin(&inc.hash);
+                drop(cache);
+                send(link, done);
+            }
+            Err(CommitError::NoRoom(e)) => {
+                drop(cache);
+                abort(link, id, AbortReason::NoSpace, e.to_string());
+            }
+            Err(e) => {
+                drop(cache);
+                abort(link, id, AbortReason::Io, e.to_string());
+            }
+        }
+    }
+
+    /// Sends what the credit allows of the file going out, or starts the next fetch.
+    fn pump(&mut self, node: &NodeFiles, link: &Link) {
+        use std::os::unix::fs::FileExt;
+        loop {
+            if self.outgoing.is_none() {
+                let Some((id, hash, window)) = self.fetches.pop_front() else {
+                    return;
+                };
+                let mut cache = node.cache();
+                if !cache.has(&hash) {
+                    drop(cache);
+                    abort(
+                        link,
+                        id,
+                        AbortReason::NotFound,
+                        format!("no file {hash} here"),
+                    );
+                    continue;
+                }
+                let path = cache.path(&hash);
+                drop(cache);
+                let opened =
+                    std::fs::File::open(&path).and_then(|f| f.metadata().map(|m| (f, m.len())));
+                let (file, size) = match opened {
+                    Ok(x) => x,
+                    Err(e) => {
+                        abort(link, id, AbortReason::Io, e.to_string());
+                        continue;
+                    }
+                };
+                match Sender::fetched(id, size, node.chunk, window) {
+                    Ok(sender) => self.outgoing = Some(Outgoing { sender, file }),
+                    Err(e) => {
+                        abort(link, id, AbortReason::Io, e.to_string());
+                        continue;
+                    }
+                }
+            }
+            let Some(o) = self.outgoing.as_mut() else {
+                return;
+            };
+            let Some((offset, len)) = o.sender.poll_read() else {
+                return;
+            };
+            let mut data = vec![0u8; len];
+            let read = o.file.read_exact_at(&mut data, offset);
+            let id = o.sender.id();
+            let msg = match read
+                .map_err(|e| e.to_string())
+                .and_then(|()| o.sender.chunk(offset, data).map_err(|e| e.to_string()))
+            {
+                Ok(m) => m,
+                Err(e) => {
+                    abort(link, id, AbortReason::Io, e);
+                    self.outgoing = None;
+                    continue;
+                }
+            };
+            if !send(link, unbox(msg)) {
+                self.outgoing = None;
+                return;
+            }
+        }
+    }
+
+    /// The files of the task `a` (from its `Files` record, if any): its inputs, pinned in
+    /// the cache until [`LinkFiles::finish`], and its outputs' collection directory. An
+    /// input not in the cache, or an output name that is not a plain relative path, fails
+    /// the task (the reason).
+    pub fn files_for(&mut self, a: &Assign) -> Result<Option<Box<TaskFiles>>, String> {
+        if self.pending.is_empty() {
+            return Ok(None);
+        }
+        let Some((inputs, outputs)) = self.pending.remove(&a.seq) else {
+            return Ok(None);
+        };
+        let Some(node) = self.node.clone() else {
+            return Err("this node keeps no files".to_owned());
+        };
+        for o in &outputs {
+            if let Some(problem) = crate::task::output_name_problem(o) {
+                return Err(format!("bad output name {o:?}: {problem}"));
+            }
+        }
+        let mut cache = node.cache();
+        let mut files = TaskFiles::default();
+        let mut pinned = Vec::new();
+        for i in &inputs {
+            if !cache.has(&i.hash) || !cache.pin(&i.hash) {
+                for h in &pinned {
+                    cache.unpin(h);
+                }
+                return Err(format!(
+                    "input {:?} ({}) is not on this node",
+                    i.name, i.hash
+                ));
+            }
+            pinned.push(i.hash);
+            files.inputs.push((i.name.clone(), cache.path(&i.hash)));
+        }
+        let collect = if outputs.is_empty() {
+            None
+        } else {
+            match tempfile::Builder::new()
+                .prefix("out-")
+                .tempdir_in(cache.partial_dir())
+            {
+                Ok(d) => Some(d),
+                Err(e) => {
+                    for h in &pinned {
+                        cache.unpin(h);
+                    }
+                    return Err(format!("cannot make room for the outputs: {e}"));
+                }
+            }
+        };
+        files.outputs = outputs.clone();
+        files.collect = collect.as_ref().map(|d| d.path().to_path_buf());
+        self.running.insert(
+            a.seq,
+            RunningFiles {
+                pinned,
+                outputs,
+                collect,
+            },
+        );
+        Ok(Some(Box::new(files)))
+    }
+
+    /// The task of `seq` ended with `outcome`: its inputs are unpinned and, on success, its
+    /// outputs go into the cache and are announced (`Produced`, sent before the result). A
+    /// failure to keep an output fails the task.
+    pub fn finish(&mut self, seq: u64, outcome: &mut TaskOutcome, link: &Link) {
+        let Some(run) = self.running.remove(&seq) else {
+            return;
+        };
+        let Some(node) = self.node.clone() else {
+            return;
+        };
+        {
+            let mut cache = node.cache();
+            for h in &run.pinned {
+                cache.unpin(h);
+            }
+        }
+        let Some(collect) = run.collect else {
+            return;
+        };
+        if !outcome.ok {
+            return;
+        }
+        let mut produced = Vec::with_capacity(run.outputs.len());
+        for (i, name) in run.outputs.iter().enumerate() {
+            let path = collect.path().join(i.to_string());
+            let kept = hash_file(&path)
+                .map_err(|e| e.to_string())
+                .and_then(|(hash, size)| {
+                    node.cache()
+                        .commit_path(&path, hash, size)
+                        .map(|_| (hash, size))
+                        .map_err(|e| e.to_string())
+                });
+            match kept {
+                Ok((hash, size)) => produced.push(ProducedFile {
+                    name: name.clone(),
+                    hash,
+                    size,
+                }),
+                Err(e) => {
+                    outcome.ok = false;
+                    outcome.error = Some(format!("cannot keep output {name:?}: {e}"));
+                    return;
+                }
+            }
+        }
+        send(
+            link,
+            Transfer::Produced {
+                seq,
+                outputs: produced,
+            },
+        );
+    }
+}
+
+fn unbox(m: p2p_core::Message) -> Transfer {
+    match m {
+        p2p_core::Message::Transfer(t) => *t,
+        // The state machines make only transfer messages.
+        _ => Transfer::Abort {
+            id: 0,
+            reason: AbortReason::Io,
+            message: String::new(),
+        },
+    }
+}
+
+/// The content hash and size of the file at `path`, read in 64 KiB pieces.
+pub fn hash_file(path: &std::path::Path) -> std::io::Result<(ContentHash, u64)> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path)?;
+    let mut h = Hasher::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut size = 0u64;
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+        size += n as u64;
+    }
+    Ok((h.finish(), size))
+}
+
+/// Where a node keeps its files: `DATA_DIR/cache/SLOT`.
+pub fn cache_dir(data_dir: &std::path::Path, slot: &str) -> PathBuf {
+    data_dir.join("cache").join(slot)
+}

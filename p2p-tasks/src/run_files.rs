@@ -1,0 +1,750 @@
+//! The coordinator's side of files (protocol v3): before a task with inputs is assigned,
+//! each input is offered to the node (`Offer`; the node answers `Have` from its cache, so a
+//! file the node already has is not sent again, or `Want`), then `Files` and the `Assign`
+//! go out; after a successful result announced with `Produced`, its outputs are fetched
+//! by hash into `DIR/ID/NAME` (`run --results DIR`, default `./results`) before the result
+//! is passed on, so a dependent task's `< @DEP/NAME` finds the file there.
+//!
+//! The driver ([`crate::coordinator`]) calls it; the rules of each transfer are
+//! [`p2p_core::transfer`]'s. At most one file goes out at a time on a connection (the
+//! others wait their turn), so a connection's command queue never holds more than one
+//! window of chunks.
+
+use std::collections::{HashMap, VecDeque};
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use p2p_core::message::{AbortReason, PlacedFile, ProducedFile};
+use p2p_core::net::{Command, Link, LinkId};
+use p2p_core::transfer::{self, Received, Receiver, Sender, DEFAULT_WINDOW};
+use p2p_core::{Assign, Completed, ContentHash, Message, Transfer};
+
+use crate::task::{Input, Task};
+
+struct Waiting {
+    assign: Assign,
+    left: usize,
+    inputs: Vec<PlacedFile>,
+    outputs: Vec<String>,
+}
+
+struct Offer {
+    /// The assignments waiting for this file (one offer per file and connection at a time:
+    /// tasks sharing an input wait for the same transfer).
+    seqs: Vec<u64>,
+    hash: ContentHash,
+    path: PathBuf,
+    sender: Sender,
+    file: Option<std::fs::File>,
+}
+
+struct Held {
+    completed: Completed,
+    task: String,
+    attempt: u32,
+    node: String,
+    left: usize,
+    error: Option<String>,
+}
+
+struct Fetch {
+    seq: u64,
+    name: String,
+    receiver: Receiver,
+    file: tempfile::NamedTempFile,
+    dest: PathBuf,
+}
+
+/// The files of one run (see the module documentation).
+pub struct RunFiles {
+    plan: HashMap<String, (Vec<Input>, Vec<String>)>,
+    all: bool,
+    dir: PathBuf,
+    chunk: usize,
+    next_id: u64,
+    hashes: HashMap<PathBuf, (ContentHash, u64)>,
+    waiting: HashMap<(LinkId, u64), Waiting>,
+    offers: HashMap<(LinkId, u64), Offer>,
+    /// Per link: the offer sending now, and those whose `Want` came, in turn.
+    turn: HashMap<LinkId, VecDeque<u64>>,
+    assigned: HashMap<(LinkId, u64), (String, u32)>,
+    produced: HashMap<(LinkId, u64), Vec<ProducedFile>>,
+    held: HashMap<(LinkId, u64), Held>,
+    fetches: HashMap<(LinkId, u64), Fetch>,
+}
+
+impl std::fmt::Debug for RunFiles {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunFiles")
+            .field("dir", &self.dir)
+            .field("tasks", &self.plan.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// What becomes of an assignment.
+#[derive(Debug)]
+pub enum Step {
+    /// Send it as it is.
+    Send(Assign),
+    /// Held while its inputs go to the node.
+    Held,
+    /// Its inputs cannot be had: this result goes to the run instead.
+    Fail(Completed),
+}
+
+fn failed(seq: u64, error: String) -> Completed {
+    Completed {
+        seq,
+        ok: false,
+        exit_code: None,
+        output: String::new(),
+        error: Some(error),
+        duration_us: 0,
+    }
+}
+
+fn unbox(m: Message) -> Option<Transfer> {
+    match m {
+        Message::Transfer(t) => Some(*t),
+        _ => None,
+    }
+}
+
+fn send(link: &Link, t: Transfer) -> bool {
+    link.send(Command::Transfer(Box::new(t))).is_ok()
+}
+
+impl RunFiles {
+    /// The files of a run of `tasks`, kept under `results` (`None`: `./results`, and only
+    /// for tasks with files); `None` when there is nothing to do.
+    pub fn new(tasks: &[Task], results: Option<PathBuf>, max_frame: usize) -> Option<RunFiles> {
+        let plan: HashMap<String, (Vec<Input>, Vec<String>)> = tasks
+            .iter()
+            .filter(|t| t.has_files())
+            .map(|t| (t.id.clone(), (t.inputs.clone(), t.outputs.clone())))
+            .collect();
+        if plan.is_empty() && results.is_none() {
+            return None;
+        }
+        Some(RunFiles {
+            plan,
+            all: results.is_some(),
+            dir: results.unwrap_or_else(|| PathBuf::from("results")),
+            chunk: transfer::chunk_len(max_frame),
+            next_id: 0,
+            hashes: HashMap::new(),
+            waiting: HashMap::new(),
+            offers: HashMap::new(),
+            turn: HashMap::new(),
+            assigned: HashMap::new(),
+            produced: HashMap::new(),
+            held: HashMap::new(),
+            fetches: HashMap::new(),
+        })
+    }
+
+    fn id(&mut self) -> u64 {
+        self.next_id += 1;
+        self.next_id
+    }
+
+    /// Where an input's bytes are on this side.
+    fn source(&self, input: &Input) -> Result<PathBuf, String> {
+        match input {
+            Input::Path(p) => Ok(p.clone()),
+            Input::Artifact { task, name } => Ok(self.dir.join(task).join(name)),
+            Input::Bytes { name, data } => {
+                let dir = self.dir.join(".inputs");
+                std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+                let path = dir.join(transfer::hash_bytes(data).to_hex());
+                if !path.exists() {
+                    std::fs::write(&path, data)
+                        .map_err(|e| format!("cannot keep input {name:?}: {e}"))?;
+                }
+                Ok(path)
+            }
+        }
+    }
+
+    fn hash(&mut self, path: &Path) -> std::io::Result<(ContentHash, u64)> {
+        if let Some(h) = self.hashes.get(path) {
+            return Ok(*h);
+        }
+        let h = crate::node_files::hash_file(path)?;
+        self.hashes.insert(path.to_path_buf(), h);
+        Ok(h)
+    }
+
+    /// An assignment the run makes on `link`.
+    pub fn assign(&mut self, link: &Link, a: Assign) -> Step {
+        let lid = link.id();
+        if self.all || self.plan.contains_key(&a.task) {
+            self.assigned
+                .insert((lid, a.seq), (a.task.clone(), a.attempt));
+        }
+        let Some((inputs, outputs)) = self.plan.get(&a.task).cloned() else {
+            return Step::Send(a);
+        };
+        // What the protocol cannot carry (a `Task` built by a program, not parsed) fails
+        // here rather than close the connection at the node.
+        let bad_name = |n: &str| crate::task::output_name_problem(n).is_some();
+        if inputs.len() > p2p_core::message::MAX_TASK_FILES
+            || outputs.len() > p2p_core::message::MAX_TASK_FILES
+            || outputs.iter().any(|o| bad_name(o))
+            || inputs
+                .iter()
+                .any(|i| i.file_name().is_none_or(|n| bad_name(n) || n.contains('/')))
+        {
+            return Step::Fail(failed(
+                a.seq,
+                format!(
+                    "task {} declares files the protocol cannot carry (at most {} inputs and \
+                     {} outputs, plain names of at most {} bytes)",
+                    a.task,
+                    p2p_core::message::MAX_TASK_FILES,
+                    p2p_core::message::MAX_TASK_FILES,
+                    p2p_core::message::MAX_FILE_NAME
+                ),
+            ));
+        }
+        let mut placed = Vec::with_capacity(inputs.len());
+        let mut offers = Vec::new();
+        for input in &inputs {
+            let name = input.file_name().unwrap_or("input").to_owned();
+            let path = match self.source(input) {
+                Ok(p) => p,
+                Err(e) => return Step::Fail(failed(a.seq, e)),
+            };
+            let (hash, size) = match self.hash(&path) {
+                Ok(h) => h,
+                Err(e) => {
+                    return Step::Fail(failed(
+                        a.seq,
+                        format!("cannot read input {name:?} ({}): {e}", path.display()),
+                    ))
+                }
+            };
+            placed.push(PlacedFile { name, hash });
+            offers.push((path, hash, size));
+        }
+        if offers.is_empty() {
+            return self.release(link, a, placed, outputs);
+        }
+        let seq = a.seq;
+        self.waiting.insert(
+            (lid, seq),
+            Waiting {
+                assign: a,
+                left: offers.len(),
+                inputs: placed,
+                outputs,
+            },
+        );
+        for (path, hash, size) in offers {
+            if let Some(o) = self
+                .offers
+                .iter_mut()
+                .find(|((l, _), o)| *l == lid && o.hash == hash)
+                .map(|(_, o)| o)
+            {
+                // The same file is on its way to this node already.
+                o.seqs.push(seq);
+                continue;
+            }
+            let id = self.id();
+            let sender = Sender::offered(id, size, self.chunk);
+            let offer = sender.offer(hash);
+            self.offers.insert(
+                (lid, id),
+                Offer {
+                    seqs: vec![seq],
+                    hash,
+                    path,
+                    sender,
+                    file: None,
+                },
+            );
+            if let Some(t) = unbox(offer) {
+                send(link, t);
+            }
+        }
+        Step::Held
+    }
+
+    fn release(
+        &mut self,
+        link: &Link,
+        a: Assign,
+        inputs: Vec<PlacedFile>,
+        outputs: Vec<String>,
+    ) -> Step {
+        if inputs.is_empty() && outputs.is_empty() {
+            return Step::Send(a);
+        }
+        send(
+            link,
+            Transfer::Files {
+                seq: a.seq,
+                inputs,
+                outputs,
+            },
+        );
+        Step::Send(a)
+    }
+
+    /// One input of the assignment `seq` is at the node: the assignment goes out when all
+    /// are. Returns a result for the run when it cannot.
+    fn input_there(&mut self, link: &Link, seq: u64) -> Option<Completed> {
+        let key = (link.id(), seq);
+        let w = self.waiting.get_mut(&key)?;
+        w.left = w.left.saturating_sub(1);
+        if w.left > 0 {
+            return None;
+        }
+        let w = self.waiting.remove(&key)?;
+        match self.release(link, w.assign, w.inputs, w.outputs) {
+            Step::Send(a) => {
+                if link.send(Command::Assign(a)).is_err() {
+                    return Some(failed(seq, "the connection closed".into()));
+                }
+                None
+            }
+            Step::Fail(c) => Some(c),
+            Step::Held => None,
+        }
+    }
+
+    /// Every input of these assignments is there now.
+    fn inputs_there(&mut self, link: &Link, seqs: Vec<u64>) -> Vec<Completed> {
+        seqs.into_iter()
+            .filter_map(|s| self.input_there(link, s))
+            .collect()
+    }
+
+    /// These assignments cannot have their inputs: each fails.
+    fn inputs_failed(&mut self, link: &Link, seqs: Vec<u64>, why: String) -> Vec<Completed> {
+        seqs.into_iter()
+            .filter_map(|s| self.input_failed(link, s, why.clone()))
+            .collect()
+    }
+
+    fn input_failed(&mut self, link: &Link, seq: u64, why: String) -> Option<Completed> {
+        let key = (link.id(), seq);
+        self.waiting.remove(&key)?;
+        // It no longer waits for its other offers; those nobody else waits for are dropped.
+        let lid = link.id();
+        for ((l, _), o) in self.offers.iter_mut() {
+            if *l == lid {
+                o.seqs.retain(|s| *s != seq);
+            }
+        }
+        let ids: Vec<u64> = self
+            .offers
+            .iter()
+            .filter(|((l, _), o)| *l == lid && o.seqs.is_empty())
+            .map(|((_, id), _)| *id)
+            .collect();
+        for id in ids {
+            self.offers.remove(&(lid, id));
+            self.end_turn(lid, id);
+            send(
+                link,
+                Transfer::Abort {
+                    id,
+                    reason: AbortReason::Cancelled,
+                    message: String::new(),
+                },
+            );
+        }
+        Some(failed(seq, why))
+    }
+
+    /// Sends what the credit allows of the offer whose turn it is on `link`.
+    fn pump(&mut self, link: &Link) -> Vec<Completed> {
+        let lid = link.id();
+        let mut out = Vec::new();
+        loop {
+            let Some(&id) = self.turn.get(&lid).and_then(|q| q.front()) else {
+                return out;
+            };
+            let Some(o) = self.offers.get_mut(&(lid, id)) else {
+                if let Some(q) = self.turn.get_mut(&lid) {
+                    q.pop_front();
+                }
+                continue;
+            };
+            if o.file.is_none() {
+                match std::fs::File::open(&o.path) {
+                    Ok(f) => o.file = Some(f),
+                    Err(e) => {
+                        let (seqs, why) = (
+                            o.seqs.clone(),
+                            format!("cannot read input {}: {e}", o.path.display()),
+                        );
+                        self.offers.remove(&(lid, id));
+                        self.end_turn(lid, id);
+                        out.extend(self.inputs_failed(link, seqs, why));
+                        continue;
+                    }
+                }
+            }
+            let Some((offset, len)) = o.sender.poll_read() else {
+                // Waiting for credit, or all sent (its `Done` ends its turn).
+                return out;
+            };
+            let mut data = vec![0u8; len];
+            let read = match &o.file {
+                Some(f) => f
+                    .read_exact_at(&mut data, offset)
+                    .map_err(|e| e.to_string()),
+                None => Err("not open".to_owned()),
+            };
+            let msg = read.and_then(|()| o.sender.chunk(offset, data).map_err(|e| e.to_string()));
+            let seqs = o.seqs.clone();
+            match msg.map(unbox) {
+                Ok(Some(t)) => {
+                    if !send(link, t) {
+                        self.offers.remove(&(lid, id));
+                        self.end_turn(lid, id);
+                        out.extend(self.inputs_failed(link, seqs, "the connection closed".into()));
+                    }
+                }
+                Ok(None) => return out,
+                Err(e) => {
+                    self.offers.remove(&(lid, id));
+                    self.end_turn(lid, id);
+                    out.extend(self.inputs_failed(
+                        link,
+                        seqs,
+                        format!("cannot send an input: {e}"),
+                    ));
+                }
+            }
+        }
+    }
+
+    fn end_turn(&mut self, lid: LinkId, id: u64) {
+        if let Some(q) = self.turn.get_mut(&lid) {
+            q.retain(|x| *x != id);
+        }
+    }
+
+    /// A transfer message from `link`'s node. Returns results for the run: assignments
+    /// that cannot go out, and results whose outputs are now all here.
+    pub fn transfer(&mut self, link: &Link, t: Transfer) -> Vec<Completed> {
+        let lid = link.id();
+        let mut out = Vec::new();
+        match t {
+            Transfer::Have { id } => {
+                if let Some(o) = self.offers.remove(&(lid, id)) {
+                    out.extend(self.inputs_there(link, o.seqs));
+                }
+            }
+            Transfer::Want { id, window } => {
+                if let Some(o) = self.offers.get_mut(&(lid, id)) {
+                    if let Err(e) = o.sender.on_want(window) {
+                        let seqs = o.seqs.clone();
+                        self.offers.remove(&(lid, id));
+                        out.extend(self.inputs_failed(link, seqs, e.to_string()));
+                    } else {
+                        self.turn.entry(lid).or_default().push_back(id);
+                    }
+                }
+                out.extend(self.pump(link));
+            }
+            Transfer::Ack { id, received } => {
+                if let Some(o) = self.offers.get_mut(&(lid, id)) {
+                    if let Err(e) = o.sender.on_ack(received) {
+                        let seqs = o.seqs.clone();
+                        self.offers.remove(&(lid, id));
+                        self.end_turn(lid, id);
+                        out.extend(self.inputs_failed(link, seqs, e.to_string()));
+                    }
+                }
+                out.extend(self.pump(link));
+            }
+            Transfer::Done { id } => {
+                if let Some(o) = self.offers.remove(&(lid, id)) {
+                    self.end_turn(lid, id);
+                    out.extend(self.inputs_there(link, o.seqs));
+                }
+                out.extend(self.pump(link));
+            }
+            Transfer::Abort {
+                id,
+                reason,
+                message,
+            } => {
+                let message = p2p_core::text::escape(&message).into_owned();
+                if let Some(o) = self.offers.remove(&(lid, id)) {
+                    self.end_turn(lid, id);
+                    out.extend(self.inputs_failed(
+                        link,
+                        o.seqs,
+                        format!(
+                            "the node refused input {} ({reason:?}): {message}",
+                            o.path.display()
+                        ),
+                    ));
+                    out.extend(self.pump(link));
+                }
+                if let Some(f) = self.fetches.remove(&(lid, id)) {
+                    out.extend(self.output_done(
+                        lid,
+                        f.seq,
+                        Some(format!(
+                            "output {:?} could not be fetched ({reason:?}): {message}",
+                            f.name
+                        )),
+                    ));
+                }
+            }
+            Transfer::Chunk { id, offset, data } => {
+                out.extend(self.chunk(link, id, offset, &data));
+            }
+            Transfer::Produced { seq, outputs } => {
+                self.produced.insert((lid, seq), outputs);
+            }
+            // Requests this side does not serve.
+            Transfer::Offer { id, .. } | Transfer::Fetch { id, .. } => {
+                send(
+                    link,
+                    Transfer::Abort {
+                        id,
+                        reason: AbortReason::NotFound,
+                        message: "a coordinator serves no files".into(),
+                    },
+                );
+            }
+            Transfer::Files { .. } => {}
+        }
+        out
+    }
+
+    fn chunk(&mut self, link: &Link, id: u64, offset: u64, data: &[u8]) -> Vec<Completed> {
+        let lid = link.id();
+        let Some(f) = self.fetches.get_mut(&(lid, id)) else {
+            return Vec::new();
+        };
+        let res = f.receiver.on_chunk(offset, data);
+        let (bytes, complete) = match res {
+            Ok(Received::Write(b)) => (b, false),
+            Ok(Received::Complete(b)) => (b, true),
+            Err(e) => {
+                let (seq, name) = (f.seq, f.name.clone());
+                if let Some(t) = e.abort_message().and_then(unbox) {
+                    send(link, t);
+                }
+                self.fetches.remove(&(lid, id));
+                return self
+                    .output_done(
+                        lid,
+                        seq,
+                        Some(format!("output {name:?} could not be fetched: {e}")),
+                    )
+                    .into_iter()
+                    .collect();
+            }
+        };
+        if let Err(e) = f.file.write_all(bytes) {
+            let (seq, name) = (f.seq, f.name.clone());
+            send(
+                link,
+                Transfer::Abort {
+                    id,
+                    reason: AbortReason::Io,
+                    message: e.to_string(),
+                },
+            );
+            self.fetches.remove(&(lid, id));
+            return self
+                .output_done(lid, seq, Some(format!("cannot write output {name:?}: {e}")))
+                .into_iter()
+                .collect();
+        }
+        if !complete {
+            if let Some(t) = f.receiver.poll_ack().and_then(unbox) {
+                send(link, t);
+            }
+            return Vec::new();
+        }
+        let Some(f) = self.fetches.remove(&(lid, id)) else {
+            return Vec::new();
+        };
+        if let Some(t) = unbox(f.receiver.done()) {
+            send(link, t);
+        }
+        let kept = f
+            .file
+            .persist(&f.dest)
+            .map(|_| ())
+            .map_err(|e| e.error.to_string());
+        self.output_done(
+            lid,
+            f.seq,
+            kept.err()
+                .map(|e| format!("cannot keep output {:?}: {e}", f.name)),
+        )
+        .into_iter()
+        .collect()
+    }
+
+    fn output_done(&mut self, lid: LinkId, seq: u64, error: Option<String>) -> Option<Completed> {
+        let h = self.held.get_mut(&(lid, seq))?;
+        h.left = h.left.saturating_sub(1);
+        if h.error.is_none() {
+            h.error = error;
+        }
+        if h.left > 0 {
+            return None;
+        }
+        let h = self.held.remove(&(lid, seq))?;
+        let mut c = h.completed;
+        if let Some(e) = h.error {
+            c.ok = false;
+            c.error = Some(e);
+        }
+        self.write_result(&h.task, &c, &h.node, h.attempt);
+        Some(c)
+    }
+
+    /// A result from `link`: `None` while its outputs are fetched (the result comes back
+    /// from [`RunFiles::transfer`] once they are here).
+    pub fn completed(&mut self, link: &Link, c: Completed) -> Option<Completed> {
+        let lid = link.id();
+        let produced = self.produced.remove(&(lid, c.seq));
+        let Some((task, attempt)) = self.assigned.remove(&(lid, c.seq)) else {
+            return Some(c);
+        };
+        let node = link.peer().node_id.to_string();
+        let declared = self
+            .plan
+            .get(&task)
+            .map(|p| p.1.clone())
+            .unwrap_or_default();
+        if !c.ok || declared.is_empty() {
+            self.write_result(&task, &c, &node, attempt);
+            return Some(c);
+        }
+        let produced = produced.unwrap_or_default();
+        let names: Vec<&str> = produced.iter().map(|p| p.name.as_str()).collect();
+        if names.len() != declared.len() || declared.iter().any(|d| !names.contains(&d.as_str())) {
+            let c = Completed {
+                ok: false,
+                error: Some(format!(
+                    "the node announced outputs {names:?}, not the declared {declared:?}"
+                )),
+                ..c
+            };
+            self.write_result(&task, &c, &node, attempt);
+            return Some(c);
+        }
+        let task_dir = self.dir.join(&task);
+        let mut fetches = Vec::new();
+        for p in &produced {
+            let dest = task_dir.join(&p.name);
+            let parent = dest
+                .parent()
+                .map(Path::to_path_buf)
+                .unwrap_or_else(|| task_dir.clone());
+            let made = std::fs::create_dir_all(&parent).and_then(|()| {
+                tempfile::Builder::new()
+                    .prefix(".fetch-")
+                    .tempfile_in(&parent)
+            });
+            let file = match made {
+                Ok(f) => f,
+                Err(e) => {
+                    let c = Completed {
+                        ok: false,
+                        error: Some(format!("cannot write output {:?}: {e}", p.name)),
+                        ..c
+                    };
+                    self.write_result(&task, &c, &node, attempt);
+                    return Some(c);
+                }
+            };
+            let id = self.id();
+            match Receiver::new(id, p.hash, p.size, DEFAULT_WINDOW, u64::MAX) {
+                Ok(receiver) => fetches.push(Fetch {
+                    seq: c.seq,
+                    name: p.name.clone(),
+                    receiver,
+                    file,
+                    dest,
+                }),
+                Err(e) => {
+                    let c = Completed {
+                        ok: false,
+                        error: Some(e.to_string()),
+                        ..c
+                    };
+                    return Some(c);
+                }
+            }
+        }
+        self.held.insert(
+            (lid, c.seq),
+            Held {
+                task,
+                attempt,
+                node,
+                left: fetches.len(),
+                completed: c,
+                error: None,
+            },
+        );
+        for f in fetches {
+            if let Some(t) = unbox(f.receiver.fetch()) {
+                send(link, t);
+            }
+            self.fetches.insert((lid, f.receiver.id()), f);
+        }
+        None
+    }
+
+    /// `DIR/ID/stdout` and `DIR/ID/meta.json` of a result.
+    fn write_result(&self, task: &str, c: &Completed, node: &str, attempt: u32) {
+        let dir = self.dir.join(task);
+        if std::fs::create_dir_all(&dir).is_err() {
+            return;
+        }
+        let _ = std::fs::write(dir.join("stdout"), &c.output);
+        let files: Vec<serde_json::Value> = self
+            .plan
+            .get(task)
+            .map(|p| p.1.clone())
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|name| {
+                let path = dir.join(name);
+                let (hash, size) = crate::node_files::hash_file(&path).ok()?;
+                Some(serde_json::json!({"name": name, "hash": hash.to_hex(), "size": size}))
+            })
+            .collect();
+        let meta = serde_json::json!({
+            "task": task,
+            "node": node,
+            "attempt": attempt,
+            "ok": c.ok,
+            "exit_code": c.exit_code,
+            "error": c.error,
+            "duration_us": c.duration_us,
+            "outputs": files,
+        });
+        let _ = std::fs::write(dir.join("meta.json"), format!("{meta:#}\n"));
+    }
+
+    /// `link` closed: what was in progress on it is dropped (the run re-queues its tasks).
+    pub fn closed(&mut self, lid: LinkId) {
+        self.waiting.retain(|(l, _), _| *l != lid);
+        self.offers.retain(|(l, _), _| *l != lid);
+        self.turn.remove(&lid);
+        self.assigned.retain(|(l, _), _| *l != lid);
+        self.produced.retain(|(l, _), _| *l != lid);
+        self.held.retain(|(l, _), _| *l != lid);
+        self.fetches.retain(|(l, _), _| *l != lid);
+    }
+}

@@ -1,0 +1,622 @@
+//! Files that travel with tasks (#18): the `< IN` / `> OUT` clauses of the task file, checked
+//! by `run` before anything starts, and the per-attempt working directories of shell
+//! handlers on a serving node.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use p2p_core::message::{AbortReason, PlacedFile, MAX_CHUNK};
+use p2p_core::transfer::{hash_bytes, Received, Receiver, DEFAULT_WINDOW};
+use p2p_core::{Assign, ContentHash, Message, Transfer};
+use tests::{events_named, hello, run_in, Serve, TestDir, WireClient, WAIT};
+
+#[test]
+fn bad_inputs_and_outputs_exit_2_naming_file_line_and_column() {
+    let dir = TestDir::new();
+    std::fs::create_dir(dir.join("data")).unwrap();
+    std::fs::write(dir.join("data/in.csv"), "x\n").unwrap();
+    let cases: &[(&str, &str, &str)] = &[
+        (
+            "escape.txt",
+            "a1 > ../x\n",
+            "escape.txt:1:6: bad output \"../x\"",
+        ),
+        (
+            "absolute.txt",
+            "a1\na2 > /etc/passwd\n",
+            "absolute.txt:2:6: bad output",
+        ),
+        (
+            "empty-part.txt",
+            "a1 > a//b\n",
+            "empty-part.txt:1:6: bad output",
+        ),
+        (
+            "missing-input.txt",
+            "a1 < data/in.csv\na2 < data/nope.csv\n",
+            "missing-input.txt:2:6: cannot read input \"data/nope.csv\"",
+        ),
+        (
+            "dir-input.txt",
+            "a1 < data\n",
+            "dir-input.txt:1:6: input \"data\"",
+        ),
+        (
+            "undeclared.txt",
+            "a1 > o\nb1 < @a1/p\n",
+            "undeclared.txt:2:6: task a1 declares no output \"p\"",
+        ),
+    ];
+    for (name, text, expected) in cases {
+        std::fs::write(dir.join(name), text).unwrap();
+        let out = run_in(dir.path(), &["run", name, "--discovery", "none"]);
+        out.assert_code(2);
+        assert!(
+            out.stderr.contains(expected),
+            "{name}: stderr does not contain {expected:?}\n{}",
+            out.describe()
+        );
+    }
+    // Inputs are relative to the task file's directory, not to the current one.
+    let sub = dir.join("sub");
+    std::fs::create_dir(&sub).unwrap();
+    std::fs::write(sub.join("t.txt"), "a1 < ../data/in.csv\n").unwrap();
+    let out = run_in(&sub, &["run", "t.txt", "--discovery", "none"]);
+    assert!(
+        !out.stderr.contains("cannot read input"),
+        "{}",
+        out.describe()
+    );
+    let out = run_in(dir.path(), &["run", "sub/t.txt", "--discovery", "none"]);
+    assert!(
+        !out.stderr.contains("cannot read input"),
+        "{}",
+        out.describe()
+    );
+}
+
+/// A handler that prints its working directory (from `pwd` and `$P2P_TASK_DIR`) and what it
+/// finds there, leaves a file, and fails for ids containing `fail`.
+const WORK_HANDLER: &str = "a=pwd; echo \"$P2P_TASK_DIR\"; ls -A; echo x > left; \
+                            case {id} in *fail*) exit 4;; esac";
+
+/// The working directory an outcome's output names, checked to be the same from `pwd` and
+/// `$P2P_TASK_DIR`, directly inside `root`, and empty when the handler looked.
+fn work_dir_of(output: &str, root: &std::path::Path) -> std::path::PathBuf {
+    let lines: Vec<&str> = output.lines().collect();
+    assert_eq!(
+        lines.len(),
+        2,
+        "pwd, $P2P_TASK_DIR, an empty listing: {output:?}"
+    );
+    assert_eq!(lines[0], lines[1], "{output:?}");
+    let dir = std::path::PathBuf::from(lines[0]);
+    assert_eq!(
+        dir.parent(),
+        Some(root),
+        "{} is not directly in {}",
+        dir.display(),
+        root.display()
+    );
+    dir
+}
+
+#[test]
+fn every_attempt_runs_in_its_own_directory_under_the_data_directory_removed_afterwards() {
+    let data = TestDir::new();
+    let root = data.join("work");
+    let s = Serve::types(
+        "a",
+        &[
+            "--handler",
+            WORK_HANDLER,
+            "--capacity",
+            "2",
+            "--data-dir",
+            data.path().to_str().unwrap(),
+        ],
+    );
+    let dir = TestDir::new();
+    dir.write("tasks.txt", "a1 a2 a3 a4\n");
+    let out = run_in(
+        dir.path(),
+        &[
+            "run",
+            "tasks.txt",
+            "--json",
+            "--order",
+            "none",
+            "--peer",
+            &s.peer(),
+        ],
+    );
+    out.assert_code(0);
+    let done = events_named(&out.json(), "task_completed")
+        .into_iter()
+        .map(|e| e["output"].as_str().unwrap().to_string())
+        .collect::<Vec<_>>();
+    assert_eq!(done.len(), 4, "{}", out.describe());
+    let dirs: std::collections::HashSet<_> = done.iter().map(|o| work_dir_of(o, &root)).collect();
+    assert_eq!(dirs.len(), 4, "four attempts, four directories: {done:?}");
+    // Each saw an empty directory (nothing of the others'), and none is left.
+    assert_eq!(std::fs::read_dir(&root).unwrap().count(), 0);
+    // Nothing was written where the run or the node were started.
+    assert!(!dir.join("left").exists());
+}
+
+#[test]
+fn keep_work_keeps_a_failed_attempt_and_hostile_ids_stay_inside() {
+    let data = TestDir::new();
+    let root = data.join("work");
+    let s = Serve::types(
+        "a",
+        &[
+            "--handler",
+            WORK_HANDLER,
+            "--keep-work",
+            "--data-dir",
+            data.path().to_str().unwrap(),
+        ],
+    );
+    let mut c = WireClient::connect(s.addr);
+    c.send(&Message::Hello(hello("default"))).unwrap();
+    c.expect_msg(WAIT, "Welcome", |m| matches!(m, Message::Welcome(_)));
+    let long = format!("a{}", "9".repeat(5000));
+    let ids = [
+        "a1",
+        "a2fail",
+        "../../x",
+        "/",
+        "..",
+        "a/../../../fail",
+        long.as_str(),
+    ];
+    for (seq, id) in ids.iter().enumerate() {
+        c.send(&Message::Assign(Assign {
+            seq: seq as u64 + 1,
+            task: id.to_string(),
+            kind: "a".into(),
+            args: String::new(),
+            attempt: 1,
+            timeout_ms: 0,
+        }))
+        .unwrap();
+        let m = c.expect_msg(WAIT, "Completed", |m| matches!(m, Message::Completed(_)));
+        let Message::Completed(done) = m else {
+            unreachable!()
+        };
+        let work = work_dir_of(&done.output, &root);
+        let failed = id.contains("fail");
+        assert_eq!(done.ok, !failed, "{id:?}: {done:?}");
+        assert!(
+            work.file_name().unwrap().len() < 100,
+            "{id:?}: {}",
+            work.display()
+        );
+        // A failed attempt's directory is kept with its files; the others are gone.
+        assert_eq!(work.exists(), failed, "{id:?}: {}", work.display());
+        if failed {
+            assert_eq!(std::fs::read_dir(&work).unwrap().count(), 1, "{id:?}");
+        }
+    }
+    // Nothing anywhere in the data directory but the work root (and the identity and the
+    // file cache).
+    let mut outside: Vec<String> = std::fs::read_dir(data.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n != "work" && n != "cache" && !n.starts_with("identity"))
+        .collect();
+    outside.sort();
+    assert!(outside.is_empty(), "{outside:?}");
+    assert_eq!(
+        std::fs::read_dir(&root).unwrap().count(),
+        2,
+        "the two failed ones"
+    );
+    // `../../x` did not reach above the data directory.
+    assert!(!data.path().join("../x").exists() && !data.path().join("../../x").exists());
+}
+
+fn transfer(t: Transfer) -> Message {
+    Message::Transfer(Box::new(t))
+}
+
+/// Waits for a transfer message `want` accepts (answering pings, skipping the rest).
+fn expect_transfer(c: &mut WireClient, what: &str, want: impl Fn(&Transfer) -> bool) -> Transfer {
+    let m = c.expect_msg(WAIT, what, |m| matches!(m, Message::Transfer(t) if want(t)));
+    let Message::Transfer(t) = m else {
+        unreachable!()
+    };
+    *t
+}
+
+/// Offers `data` as transfer `id` and sends it in 64 KiB chunks after the node's `Want`
+/// (within its window: the files here are smaller than one window).
+fn ship(c: &mut WireClient, id: u64, data: &[u8], hash: ContentHash) {
+    c.send(&transfer(Transfer::Offer {
+        id,
+        hash,
+        size: data.len() as u64,
+    }))
+    .unwrap();
+    let want = expect_transfer(
+        c,
+        "Want",
+        |t| matches!(t, Transfer::Want { id: i, .. } if *i == id),
+    );
+    let Transfer::Want { window, .. } = want else {
+        unreachable!()
+    };
+    assert!(window as usize >= data.len(), "window {window}");
+    for (k, piece) in data.chunks(MAX_CHUNK).enumerate() {
+        c.send(&transfer(Transfer::Chunk {
+            id,
+            offset: (k * MAX_CHUNK) as u64,
+            data: piece.to_vec(),
+        }))
+        .unwrap();
+    }
+}
+
+fn assign_files(c: &mut WireClient, seq: u64, inputs: Vec<PlacedFile>, outputs: &[&str]) {
+    c.send(&transfer(Transfer::Files {
+        seq,
+        inputs,
+        outputs: outputs.iter().map(|o| o.to_string()).collect(),
+    }))
+    .unwrap();
+    c.send(&Message::Assign(Assign {
+        seq,
+        task: format!("a{seq}"),
+        kind: "a".into(),
+        args: String::new(),
+        attempt: 1,
+        timeout_ms: 0,
+    }))
+    .unwrap();
+}
+
+fn completed(c: &mut WireClient, seq: u64) -> p2p_core::Completed {
+    let m = c.expect_msg(
+        WAIT,
+        "Completed",
+        |m| matches!(m, Message::Completed(d) if d.seq == seq),
+    );
+    let Message::Completed(done) = m else {
+        unreachable!()
+    };
+    done
+}
+
+#[test]
+fn a_node_takes_an_input_runs_its_task_on_it_and_serves_the_output_by_hash() {
+    let data_dir = TestDir::new();
+    let s = Serve::types(
+        "a",
+        &[
+            "--handler",
+            "a=tr a-z A-Z < in.txt > out.txt",
+            "--max-file",
+            "1MiB",
+            "--data-dir",
+            data_dir.path().to_str().unwrap(),
+        ],
+    );
+    let mut c = WireClient::connect(s.addr);
+    c.send(&Message::Hello(hello("default"))).unwrap();
+    c.expect_msg(WAIT, "Welcome", |m| matches!(m, Message::Welcome(_)));
+    // 200 KiB of text: four chunks.
+    let input: Vec<u8> = (0..200 * 1024).map(|i| b"abcdefghij\n"[i % 11]).collect();
+    let hash = hash_bytes(&input);
+    ship(&mut c, 1, &input, hash);
+    expect_transfer(&mut c, "Done", |t| matches!(t, Transfer::Done { id: 1 }));
+    // The task runs on it; its output is announced before its result.
+    assign_files(
+        &mut c,
+        1,
+        vec![PlacedFile {
+            name: "in.txt".into(),
+            hash,
+        }],
+        &["out.txt"],
+    );
+    let produced = expect_transfer(&mut c, "Produced", |t| {
+        matches!(t, Transfer::Produced { seq: 1, .. })
+    });
+    let done = completed(&mut c, 1);
+    assert!(done.ok, "{done:?}\n{}", s.stderr.text());
+    let Transfer::Produced { outputs, .. } = produced else {
+        unreachable!()
+    };
+    let expected = input.to_ascii_uppercase();
+    assert_eq!(outputs.len(), 1);
+    assert_eq!(outputs[0].name, "out.txt");
+    assert_eq!(outputs[0].size, expected.len() as u64);
+    assert_eq!(outputs[0].hash, hash_bytes(&expected));
+    // Fetched by hash, checked by the receiver state machine.
+    let mut r = Receiver::new(
+        2,
+        outputs[0].hash,
+        outputs[0].size,
+        DEFAULT_WINDOW,
+        u64::MAX,
+    )
+    .unwrap();
+    c.send(&r.fetch()).unwrap();
+    let mut got = Vec::new();
+    while !r.is_complete() {
+        let t = expect_transfer(&mut c, "a chunk", |t| {
+            matches!(
+                t,
+                Transfer::Chunk { id: 2, .. } | Transfer::Abort { id: 2, .. }
+            )
+        });
+        let Transfer::Chunk { offset, data, .. } = t else {
+            panic!("fetch refused: {t:?}")
+        };
+        match r.on_chunk(offset, &data).unwrap() {
+            Received::Write(b) | Received::Complete(b) => got.extend_from_slice(b),
+        }
+        if let Some(ack) = r.poll_ack() {
+            c.send(&ack).unwrap();
+        }
+    }
+    c.send(&r.done()).unwrap();
+    assert_eq!(got, expected);
+    // The same input again: the node has it, nothing is sent.
+    c.send(&transfer(Transfer::Offer {
+        id: 3,
+        hash,
+        size: input.len() as u64,
+    }))
+    .unwrap();
+    expect_transfer(&mut c, "Have", |t| matches!(t, Transfer::Have { id: 3 }));
+    // Bytes altered on the way: refused at the end, and never cached.
+    let other: Vec<u8> = b"hello world\n".repeat(1000);
+    let mut altered = other.clone();
+    altered[500] ^= 0x20;
+    ship(&mut c, 4, &altered, hash_bytes(&other));
+    expect_transfer(&mut c, "Abort(HashMismatch)", |t| {
+        matches!(
+            t,
+            Transfer::Abort {
+                id: 4,
+                reason: AbortReason::HashMismatch,
+                ..
+            }
+        )
+    });
+    c.send(&transfer(Transfer::Offer {
+        id: 5,
+        hash: hash_bytes(&other),
+        size: other.len() as u64,
+    }))
+    .unwrap();
+    expect_transfer(&mut c, "Want (not cached)", |t| {
+        matches!(t, Transfer::Want { id: 5, .. })
+    });
+    c.send(&transfer(Transfer::Abort {
+        id: 5,
+        reason: AbortReason::Cancelled,
+        message: String::new(),
+    }))
+    .unwrap();
+    // Over --max-file.
+    c.send(&transfer(Transfer::Offer {
+        id: 7,
+        hash: ContentHash([7; 32]),
+        size: 2 << 20,
+    }))
+    .unwrap();
+    expect_transfer(&mut c, "Abort(TooLarge)", |t| {
+        matches!(
+            t,
+            Transfer::Abort {
+                id: 7,
+                reason: AbortReason::TooLarge,
+                ..
+            }
+        )
+    });
+    // An output outside the working directory, and an input the node does not have, fail
+    // their tasks; the node serves on.
+    assign_files(&mut c, 2, vec![], &["../evil"]);
+    let done = completed(&mut c, 2);
+    assert!(
+        !done.ok
+            && done
+                .error
+                .as_deref()
+                .unwrap_or("")
+                .contains("bad output name"),
+        "{done:?}"
+    );
+    assign_files(
+        &mut c,
+        3,
+        vec![PlacedFile {
+            name: "in.txt".into(),
+            hash: ContentHash([9; 32]),
+        }],
+        &[],
+    );
+    let done = completed(&mut c, 3);
+    assert!(
+        !done.ok
+            && done
+                .error
+                .as_deref()
+                .unwrap_or("")
+                .contains("not on this node"),
+        "{done:?}"
+    );
+    assert!(!data_dir.path().join("evil").exists() && !data_dir.join("../evil").exists());
+    // A flood of offers: eight files come in at once, the rest are refused, not queued.
+    for id in 100..120u64 {
+        c.send(&transfer(Transfer::Offer {
+            id,
+            hash: ContentHash([id as u8; 32]),
+            size: 10,
+        }))
+        .unwrap();
+    }
+    let (mut wants, mut refused) = (0, 0);
+    while wants + refused < 20 {
+        match expect_transfer(
+            &mut c,
+            "an answer to an offer",
+            |t| matches!(t, Transfer::Want { id, .. } | Transfer::Abort { id, .. } if *id >= 100),
+        ) {
+            Transfer::Want { .. } => wants += 1,
+            _ => refused += 1,
+        }
+    }
+    assert_eq!((wants, refused), (8, 12));
+    // A fetch of a hash the node does not have.
+    c.send(&transfer(Transfer::Fetch {
+        id: 8,
+        hash: ContentHash([8; 32]),
+        window: DEFAULT_WINDOW,
+    }))
+    .unwrap();
+    expect_transfer(&mut c, "Abort(NotFound)", |t| {
+        matches!(
+            t,
+            Transfer::Abort {
+                id: 8,
+                reason: AbortReason::NotFound,
+                ..
+            }
+        )
+    });
+}
+
+#[test]
+fn run_ships_an_input_and_passes_an_artifact_across_two_nodes_into_results() {
+    let (da, db) = (TestDir::new(), TestDir::new());
+    let a = Serve::types(
+        "a",
+        &[
+            "--handler",
+            "a=tr a-z A-Z < in.txt > up.txt; echo shouted",
+            "--data-dir",
+            da.path().to_str().unwrap(),
+        ],
+    );
+    let b = Serve::types(
+        "b",
+        &[
+            "--handler",
+            "b=mkdir -p n; wc -c < up.txt | tr -d ' ' > n/count.txt",
+            "--data-dir",
+            db.path().to_str().unwrap(),
+        ],
+    );
+    let dir = TestDir::new();
+    let input: String = "hello files\n".repeat(20_000); // 240,000 bytes: four chunks
+    dir.write("in.txt", &input);
+    dir.write(
+        "tasks.txt",
+        "a1 < in.txt > up.txt\nb1 < @a1/up.txt > n/count.txt\n",
+    );
+    let out = run_in(
+        dir.path(),
+        &[
+            "run",
+            "tasks.txt",
+            "--json",
+            "--results",
+            "out",
+            "--peer",
+            &a.peer(),
+            "--peer",
+            &b.peer(),
+        ],
+    );
+    out.assert_code(0);
+    let results = dir.join("out");
+    let up = std::fs::read_to_string(results.join("a1/up.txt")).unwrap();
+    assert_eq!(up, input.to_uppercase());
+    let count = std::fs::read_to_string(results.join("b1/n/count.txt")).unwrap();
+    assert_eq!(count.trim(), input.len().to_string());
+    assert_eq!(
+        std::fs::read_to_string(results.join("a1/stdout")).unwrap(),
+        "shouted"
+    );
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(results.join("a1/meta.json")).unwrap())
+            .unwrap();
+    assert_eq!(meta["ok"], true);
+    assert_eq!(meta["attempt"], 1);
+    assert!(
+        meta["node"].as_str().is_some_and(|n| n.len() >= 8),
+        "{meta}"
+    );
+    assert_eq!(meta["outputs"][0]["name"], "up.txt");
+    assert_eq!(
+        meta["outputs"][0]["hash"],
+        hash_bytes(input.to_uppercase().as_bytes()).to_hex()
+    );
+    // Without --results, declared outputs go to ./results/ID/.
+    let out = run_in(
+        dir.path(),
+        &["run", "tasks.txt", "--peer", &a.peer(), "--peer", &b.peer()],
+    );
+    out.assert_code(0);
+    assert_eq!(
+        std::fs::read_to_string(dir.join("results/b1/n/count.txt"))
+            .unwrap()
+            .trim(),
+        input.len().to_string()
+    );
+}
+
+#[test]
+fn an_input_shared_by_many_tasks_crosses_the_wire_once_per_node() {
+    let data = TestDir::new();
+    let s = Serve::types(
+        "a",
+        &[
+            "--handler",
+            "a=wc -c < shared.bin",
+            "--capacity",
+            "4",
+            "-v",
+            "--data-dir",
+            data.path().to_str().unwrap(),
+        ],
+    );
+    let dir = TestDir::new();
+    let bytes: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    std::fs::write(dir.join("shared.bin"), &bytes).unwrap();
+    let tasks: String = (1..=12).map(|i| format!("a{i} < shared.bin\n")).collect();
+    dir.write("tasks.txt", &tasks);
+    for round in 0..2 {
+        let out = run_in(
+            dir.path(),
+            &[
+                "run",
+                "tasks.txt",
+                "--order",
+                "none",
+                "--json",
+                "--peer",
+                &s.peer(),
+            ],
+        );
+        out.assert_code(0);
+        for e in events_named(&out.json(), "task_completed") {
+            assert_eq!(e["output"], "300000", "round {round}: {e}");
+        }
+    }
+    // Twelve tasks, two runs: the file was received once; every other offer found it there.
+    let log = s.stderr.text();
+    assert_eq!(
+        log.matches("input offered: receiving it").count(),
+        1,
+        "{log}"
+    );
+    assert!(
+        log.matches("input offered: already here").count() >= 1,
+        "{log}"
+    );
+}
