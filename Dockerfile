@@ -13,7 +13,8 @@
 #
 # The build stage runs on Alpine, where Rust's host target is x86_64-unknown-linux-musl (or
 # the arm64 one), so the binary is statically linked without a cross toolchain. Not built in
-# this repository's CI (no container engine there).
+# this repository's CI (no container engine there); the musl build itself was checked outside
+# Docker (`cargo build --release --target x86_64-unknown-linux-musl -p node-cli`: static-pie).
 
 FROM rust:1.89-alpine AS build
 RUN apk add --no-cache musl-dev
