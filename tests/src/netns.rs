@@ -45,14 +45,12 @@
 //! [`REQUIRE_NETNS`] rule.
 
 use std::ffi::OsStr;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::marker::PhantomData;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::ops::{Deref, DerefMut};
 use std::process::{Command, ExitStatus, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::ChildGuard;
@@ -230,44 +228,9 @@ impl Host {
     }
 }
 
-/// The lines a process printed on one stream, collected by a thread as they come.
-#[derive(Debug, Clone, Default)]
-pub struct Collected(Arc<Mutex<Vec<String>>>);
-
-impl Collected {
-    /// A copy of the lines so far.
-    pub fn snapshot(&self) -> Vec<String> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
-    }
-
-    /// The lines so far, joined (for assertion messages).
-    pub fn text(&self) -> String {
-        self.snapshot().join("\n")
-    }
-
-    /// Polls until a line satisfies `pred`, at most `limit`; returns it.
-    pub fn wait_for(&self, limit: Duration, pred: impl Fn(&str) -> bool) -> Option<String> {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(l) = self.snapshot().into_iter().find(|l| pred(l)) {
-                return Some(l);
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn collect(&self, r: impl Read + Send + 'static) -> JoinHandle<()> {
-        let lines = self.0.clone();
-        std::thread::spawn(move || {
-            for l in BufReader::new(r).lines().map_while(Result::ok) {
-                lines.lock().unwrap_or_else(|e| e.into_inner()).push(l);
-            }
-        })
-    }
-}
+/// The lines a process printed on one stream, collected by a thread as they come (the
+/// harness's [`Lines`](crate::Lines)).
+pub type Collected = crate::process::Lines;
 
 /// A process started with [`Host::start`]: its output is collected line by line; killed (by
 /// PID) and reaped on drop.

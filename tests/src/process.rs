@@ -193,6 +193,16 @@ impl Lines {
     fn push(&self, line: String) {
         self.0.lock().unwrap_or_else(|e| e.into_inner()).push(line);
     }
+
+    /// Collects `r`'s lines, as they come, on a thread of its own.
+    pub(crate) fn collect(&self, r: impl Read + Send + 'static) -> JoinHandle<()> {
+        let lines = self.clone();
+        std::thread::spawn(move || {
+            for l in BufReader::new(r).lines().map_while(Result::ok) {
+                lines.push(l);
+            }
+        })
+    }
 }
 
 /// Reads `r` line by line into `lines`; each line also goes to `first` (until it hangs up).
