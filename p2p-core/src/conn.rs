@@ -19,6 +19,7 @@ use std::collections::{HashSet, VecDeque};
 use std::hash::{BuildHasher, Hasher};
 use std::time::{Duration, Instant};
 
+use crate::hosted::Hosted;
 use crate::message::{
     Assign, Completed, Hello, Message, Reject, RejectReason, StatusReport, PROTOCOL_VERSION,
 };
@@ -148,6 +149,11 @@ pub enum Event {
     StatusRequested,
     /// The answer to our [`Connection::request_status`].
     Status(Box<StatusReport>),
+    /// The peer sends a hosted-run request: answer it with [`Connection::send_hosted`],
+    /// ending with a final answer ([`Hosted::is_final`]).
+    HostedRequest(Box<Hosted>),
+    /// An answer to our hosted-run request.
+    HostedAnswer(Box<Hosted>),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -181,6 +187,10 @@ pub struct Connection {
     status_asked: bool,
     /// The peer sent a `StatusRequest` we have not answered yet.
     status_owed: bool,
+    /// We sent a hosted-run request that has no final answer yet.
+    hosted_asked: bool,
+    /// The peer sent a hosted-run request we have not finally answered yet.
+    hosted_owed: bool,
     transmit: VecDeque<Message>,
     events: VecDeque<Event>,
 }
@@ -205,6 +215,8 @@ impl Connection {
             ack_sent: false,
             status_asked: false,
             status_owed: false,
+            hosted_asked: false,
+            hosted_owed: false,
             transmit: VecDeque::new(),
             events: VecDeque::new(),
         };
@@ -437,6 +449,27 @@ impl Connection {
                 self.events.push_back(Event::Status(report));
                 Ok(())
             }
+            Message::Hosted(h) => {
+                if !h.is_bounded() {
+                    return self.fail(Violation::HostedOverBounds.into());
+                }
+                if h.is_request() {
+                    if self.hosted_owed {
+                        return self.fail(Violation::SecondHostedRequest.into());
+                    }
+                    self.hosted_owed = true;
+                    self.events.push_back(Event::HostedRequest(h));
+                } else {
+                    if !self.hosted_asked {
+                        return self.fail(Violation::UnaskedHosted.into());
+                    }
+                    if h.is_final() {
+                        self.hosted_asked = false;
+                    }
+                    self.events.push_back(Event::HostedAnswer(h));
+                }
+                Ok(())
+            }
             other => self.fail(
                 Violation::Unexpected {
                     got: other.kind(),
@@ -527,6 +560,35 @@ impl Connection {
         self.transmit
             .push_back(Message::Status(Box::new(report.bounded())));
         Ok(())
+    }
+
+    /// Sends a hosted-run message: a request (when none of ours is unanswered) or an answer
+    /// to the peer's request (a final one ends it). Fails, without harm to the connection,
+    /// when the connection is not open or the message is out of turn.
+    pub fn send_hosted(&mut self, h: Hosted) -> Result<(), Error> {
+        let in_turn = if h.is_request() {
+            !self.hosted_asked
+        } else {
+            self.hosted_owed
+        };
+        if self.state != State::Open || !in_turn {
+            return Err(Error::InvalidState {
+                action: "send a hosted-run message",
+                why: "the connection is not open, or the message is out of turn",
+            });
+        }
+        if h.is_request() {
+            self.hosted_asked = true;
+        } else if h.is_final() {
+            self.hosted_owed = false;
+        }
+        self.transmit.push_back(Message::Hosted(Box::new(h)));
+        Ok(())
+    }
+
+    /// Whether the peer's hosted-run request still waits for its final answer.
+    pub fn hosted_owed(&self) -> bool {
+        self.hosted_owed
     }
 
     /// Asks the peer to stop a task we assigned. Its `Completed` still follows.

@@ -1,4 +1,5 @@
-//! The messages of protocol v2 (v1 plus [`Message::Started`]).
+//! The messages of protocol v3 (v1 plus [`Message::Started`] in v2, plus
+//! [`Message::Hosted`] in v3).
 //!
 //! docs/PROTOCOL.md describes their encoding byte by byte. Rules that keep versions apart:
 //! the first message on a connection is always [`Message::Hello`], whose first field is the
@@ -13,7 +14,8 @@ use crate::NodeId;
 /// Version 2 added [`Message::Started`]: a node's capacity is shared by every coordinator
 /// that uses it, so an assigned task may wait at the worker for a slot, and that wait is not
 /// the task's run time.
-pub const PROTOCOL_VERSION: u16 = 2;
+/// Version 3 added [`Message::Hosted`]: runs hosted by a serving node (`p2p-node submit`).
+pub const PROTOCOL_VERSION: u16 = 3;
 
 /// One protocol message: the payload of one frame.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -61,6 +63,9 @@ pub enum Message {
     StatusRequest,
     /// The answer to a [`Message::StatusRequest`].
     Status(Box<StatusReport>),
+    /// A message of hosted runs (version 3): a client's request or the host's answer (see
+    /// [`crate::hosted`]).
+    Hosted(Box<crate::hosted::Hosted>),
 }
 
 impl Message {
@@ -80,6 +85,7 @@ impl Message {
             Message::Started { .. } => "Started",
             Message::StatusRequest => "StatusRequest",
             Message::Status(_) => "Status",
+            Message::Hosted(h) => h.kind(),
         }
     }
 }

@@ -119,7 +119,8 @@ pub fn encode_into(msg: &Message, dst: &mut BytesMut) -> Result<(), Error> {
         | Message::Welcome(_)
         | Message::Reject(_)
         | Message::StatusRequest
-        | Message::Status(_) => {
+        | Message::Status(_)
+        | Message::Hosted(_) => {
             let writer = BufWriter(dst);
             bincode::serde::encode_into_writer(msg, writer, cfg::<MAX_FRAME_CEILING>())
                 .map_err(|e| Error::Connection(ConnectionError::Encode(e.to_string())))?;

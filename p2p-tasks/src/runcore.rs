@@ -468,7 +468,10 @@ impl RunCore {
             LinkEvent::Closed { error } => self.closed(link, error.map(|e| e.to_string())),
             // The run advertises no capacity, so a peer assigning to it is cut off by the
             // protocol before this point.
-            LinkEvent::Opened(_) | LinkEvent::Assigned(_) | LinkEvent::Cancelled { .. } => {}
+            LinkEvent::Opened(_)
+            | LinkEvent::Assigned(_)
+            | LinkEvent::Cancelled { .. }
+            | LinkEvent::Hosted(_) => {}
         }
         self.touch(now);
     }

@@ -10,6 +10,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use super::LinkId;
 #[cfg(doc)]
 use super::{accept, connect};
+use crate::hosted::Hosted;
 use crate::message::{Assign, Completed, Hello, StatusReport};
 use crate::Error;
 
@@ -28,6 +29,8 @@ pub enum Command {
     Goodbye,
     /// Close now, without goodbye.
     Abort,
+    /// Send a hosted-run request (its answers come as [`LinkEvent::Hosted`]).
+    Hosted(Box<Hosted>),
 }
 
 /// What a connection reports to its owner.
@@ -59,6 +62,8 @@ pub enum LinkEvent {
         /// Why.
         reason: String,
     },
+    /// An answer to our hosted-run request ([`Command::Hosted`]).
+    Hosted(Box<Hosted>),
     /// The connection is closed; this is the last event of the link.
     Closed {
         /// `None` after a complete goodbye, else what went wrong (shared: events are

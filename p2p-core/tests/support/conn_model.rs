@@ -156,7 +156,9 @@ impl Checker {
                 Event::Established(_)
                 | Event::Finished
                 | Event::StatusRequested
-                | Event::Status(_) => {}
+                | Event::Status(_)
+                | Event::HostedRequest(_)
+                | Event::HostedAnswer(_) => {}
             }
         }
         for m in &sent {

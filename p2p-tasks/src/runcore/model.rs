@@ -570,7 +570,9 @@ impl World {
             }
             Command::Goodbye => self.coords[c].conns[n].we_goodbye = true,
             Command::Abort => self.close(c, n, Some(p2p_core::Error::Aborted)),
-            Command::Complete(_) | Command::Started(_) => panic!("the run is assigned nothing"),
+            Command::Complete(_) | Command::Started(_) | Command::Hosted(_) => {
+                panic!("the run is assigned nothing and hosts nothing")
+            }
         }
     }
 

@@ -86,7 +86,7 @@ impl Sim {
                 Command::Cancel(seq) => self.cancels.push((link, seq)),
                 Command::Goodbye => self.goodbyes.push(link),
                 Command::Abort => self.aborts.push(link),
-                Command::Complete(_) | Command::Started(_) => {
+                Command::Complete(_) | Command::Started(_) | Command::Hosted(_) => {
                     panic!("the run is assigned nothing")
                 }
             }
@@ -899,7 +899,9 @@ mod shared {
                                     self.now,
                                 );
                             }
-                            Command::Complete(_) | Command::Started(_) => unreachable!(),
+                            Command::Complete(_) | Command::Started(_) | Command::Hosted(_) => {
+                                unreachable!()
+                            }
                         }
                     }
                     while self.cores[i].poll_event().is_some() {}

@@ -1,0 +1,583 @@
+//! The runs a node hosts, with no IO in it: their states, counts and times, the bounds
+//! (how many run at once, how big a plan may be, how long finished runs are kept) and the
+//! clients attached to each.
+//!
+//! Time is passed in (Unix milliseconds), so retention is tested on a virtual clock.
+//! Every attached client has a bounded queue: the events the run still keeps
+//! ([`BACKLOG`]) plus [`SUBSCRIBER_BUFFER`]; a client whose queue is full is dropped, the
+//! run never waits for it.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::time::Duration;
+
+use p2p_core::hosted::{
+    Hosted, RunDetail, RunEnd, RunInfo, RunState, TaskLine, MAX_LISTED_RUNS, MAX_LISTED_TASKS,
+};
+use p2p_tasks::RunEvent;
+use tokio::sync::mpsc;
+
+/// Most recent events a run keeps for clients that attach later.
+pub const BACKLOG: usize = 1024;
+
+/// Room for live events in an attached client's queue, beyond the backlog it is sent first.
+pub const SUBSCRIBER_BUFFER: usize = 1024;
+
+/// Most clients attached to one run at once; more are refused.
+pub const MAX_SUBSCRIBERS: usize = 64;
+
+/// The registry's bounds.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Most runs hosted and not finished at once (`--max-runs`).
+    pub max_runs: usize,
+    /// Largest task file accepted, in bytes (`--max-plan`).
+    pub max_plan: usize,
+    /// How long a finished run is kept (`--keep-runs`).
+    pub keep: Duration,
+    /// Most finished runs kept, whatever their age (the oldest go first).
+    pub max_finished: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_runs: 16,
+            max_plan: 4 * 1024 * 1024,
+            keep: Duration::from_secs(24 * 3600),
+            max_finished: 1000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TaskState {
+    Pending,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl TaskState {
+    fn as_str(self) -> &'static str {
+        match self {
+            TaskState::Pending => "pending",
+            TaskState::Running => "running",
+            TaskState::Succeeded => "succeeded",
+            TaskState::Failed => "failed",
+            TaskState::Cancelled => "cancelled",
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Entry {
+    info: RunInfo,
+    tasks: Vec<(String, TaskState, String)>,
+    index: HashMap<String, usize>,
+    backlog: VecDeque<String>,
+    subscribers: Vec<mpsc::Sender<Hosted>>,
+    exit: Option<u8>,
+    cancel_requested: bool,
+}
+
+impl Entry {
+    fn recount(&mut self) {
+        let count = |s| self.tasks.iter().filter(|t| t.1 == s).count() as u64;
+        self.info.succeeded = count(TaskState::Succeeded);
+        self.info.failed = count(TaskState::Failed);
+        self.info.running = count(TaskState::Running);
+    }
+}
+
+/// The hosted runs of one node (see the module documentation).
+#[derive(Debug, Default)]
+pub struct Registry {
+    limits: Limits,
+    runs: BTreeMap<String, Entry>,
+}
+
+impl Registry {
+    /// An empty registry with these bounds.
+    pub fn new(limits: Limits) -> Self {
+        Registry {
+            limits,
+            runs: BTreeMap::new(),
+        }
+    }
+
+    /// The bounds.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// Runs not finished (running or interrupted).
+    pub fn unfinished(&self) -> usize {
+        self.runs
+            .values()
+            .filter(|e| !e.info.state.is_finished())
+            .count()
+    }
+
+    /// Whether a new run of a `plan_bytes` task file may be hosted now; why not if not.
+    pub fn admit(&self, plan_bytes: usize) -> Result<(), String> {
+        if plan_bytes > self.limits.max_plan {
+            return Err(format!(
+                "the task file is {plan_bytes} bytes, more than this node's --max-plan of {} bytes",
+                self.limits.max_plan
+            ));
+        }
+        if self.unfinished() >= self.limits.max_runs {
+            return Err(format!(
+                "this node hosts {} unfinished runs, its --max-runs: wait for one to end, or \
+                 submit to another node",
+                self.limits.max_runs
+            ));
+        }
+        Ok(())
+    }
+
+    /// Adds a run (new, or loaded from the data directory) with its tasks in file order;
+    /// `done` are those its journal records as succeeded.
+    pub fn insert(
+        &mut self,
+        info: RunInfo,
+        task_ids: Vec<String>,
+        done: &dyn Fn(&str) -> bool,
+        exit: Option<u8>,
+    ) {
+        let mut index = HashMap::with_capacity(task_ids.len());
+        let tasks: Vec<_> = task_ids
+            .into_iter()
+            .enumerate()
+            .map(|(i, id)| {
+                index.insert(id.clone(), i);
+                let s = if done(&id) {
+                    TaskState::Succeeded
+                } else {
+                    TaskState::Pending
+                };
+                (id, s, String::new())
+            })
+            .collect();
+        let mut e = Entry {
+            info,
+            tasks,
+            index,
+            backlog: VecDeque::new(),
+            subscribers: Vec::new(),
+            exit,
+            cancel_requested: false,
+        };
+        e.info.total = e.tasks.len() as u64;
+        e.recount();
+        self.runs.insert(e.info.run.clone(), e);
+    }
+
+    /// A run's state, if it is known.
+    pub fn state(&self, run: &str) -> Option<RunState> {
+        self.runs.get(run).map(|e| e.info.state)
+    }
+
+    /// The run starts (again, after a restart): running, its backlog cleared.
+    pub fn running(&mut self, run: &str) {
+        if let Some(e) = self.runs.get_mut(run) {
+            e.info.state = RunState::Running;
+            e.backlog.clear();
+        }
+    }
+
+    /// Records a cancel request; false when there is no such unfinished run.
+    pub fn request_cancel(&mut self, run: &str) -> bool {
+        match self.runs.get_mut(run) {
+            Some(e) if !e.info.state.is_finished() => {
+                e.cancel_requested = true;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Whether the run was asked to cancel.
+    pub fn cancel_requested(&self, run: &str) -> bool {
+        self.runs.get(run).is_some_and(|e| e.cancel_requested)
+    }
+
+    /// One event of a run, with its JSON line (`None` for the events only people see):
+    /// counts and task states follow it, and it goes to every attached client.
+    pub fn event(&mut self, run: &str, ev: &RunEvent, json: Option<String>) {
+        let Some(e) = self.runs.get_mut(run) else {
+            return;
+        };
+        let mut set = |task: &str, s: TaskState, node: Option<&str>| {
+            if let Some(&i) = e.index.get(task) {
+                e.tasks[i].1 = s;
+                if let Some(n) = node {
+                    e.tasks[i].2 = n.to_string();
+                }
+            }
+        };
+        match ev {
+            RunEvent::TaskAssigned { task, node, .. } => {
+                set(task, TaskState::Running, Some(node));
+            }
+            RunEvent::TaskCompleted { task, .. } => set(task, TaskState::Succeeded, None),
+            RunEvent::TaskFailed { task, .. } => set(task, TaskState::Failed, None),
+            RunEvent::TaskCancelled { task, .. } => set(task, TaskState::Cancelled, None),
+            RunEvent::TaskRetry { task, .. } => set(task, TaskState::Pending, None),
+            _ => {}
+        }
+        e.recount();
+        let Some(json) = json else {
+            return;
+        };
+        if e.backlog.len() >= BACKLOG {
+            e.backlog.pop_front();
+        }
+        e.backlog.push_back(json.clone());
+        e.subscribers
+            .retain(|s| s.try_send(Hosted::Event { json: json.clone() }).is_ok());
+    }
+
+    /// The run ended: its state, exit status and time; every attached client gets its end.
+    /// A run ended `Interrupted` (its host stops) resumes at the next start.
+    pub fn end(&mut self, run: &str, state: RunState, exit: u8, now_ms: u64) {
+        let Some(e) = self.runs.get_mut(run) else {
+            return;
+        };
+        e.info.state = state;
+        e.exit = Some(exit);
+        if state.is_finished() {
+            e.info.ended_ms = Some(now_ms);
+        }
+        for t in &mut e.tasks {
+            if t.1 == TaskState::Running {
+                t.1 = TaskState::Pending;
+            }
+        }
+        e.recount();
+        let end = RunEnd {
+            run: run.to_string(),
+            state,
+            exit,
+        };
+        for s in e.subscribers.drain(..) {
+            let _ = s.try_send(Hosted::Ended(end.clone()));
+        }
+    }
+
+    /// Attaches a client: its queue starts with the run's backlog, then live events, then
+    /// the end (at once for a run that has ended).
+    pub fn attach(&mut self, run: &str) -> Result<mpsc::Receiver<Hosted>, String> {
+        let Some(e) = self.runs.get_mut(run) else {
+            return Err(format!("no run {run} on this node"));
+        };
+        e.subscribers.retain(|s| !s.is_closed());
+        if e.subscribers.len() >= MAX_SUBSCRIBERS {
+            return Err(format!(
+                "run {run} has {MAX_SUBSCRIBERS} attached clients already"
+            ));
+        }
+        let (tx, rx) = mpsc::channel(BACKLOG + SUBSCRIBER_BUFFER + 1);
+        for json in &e.backlog {
+            let _ = tx.try_send(Hosted::Event { json: json.clone() });
+        }
+        match (e.info.state, e.exit) {
+            (RunState::Running, _) | (_, None) => e.subscribers.push(tx),
+            (state, Some(exit)) => {
+                let _ = tx.try_send(Hosted::Ended(RunEnd {
+                    run: run.to_string(),
+                    state,
+                    exit,
+                }));
+            }
+        }
+        Ok(rx)
+    }
+
+    /// The runs, newest first (at most [`MAX_LISTED_RUNS`]).
+    pub fn list(&self) -> Vec<RunInfo> {
+        let mut runs: Vec<RunInfo> = self.runs.values().map(|e| e.info.clone()).collect();
+        runs.sort_by(|a, b| b.started_ms.cmp(&a.started_ms).then(a.run.cmp(&b.run)));
+        runs.truncate(MAX_LISTED_RUNS);
+        runs
+    }
+
+    /// One run's status: running tasks first, then the others in file order (at most
+    /// [`MAX_LISTED_TASKS`]).
+    pub fn detail(&self, run: &str) -> Option<RunDetail> {
+        let e = self.runs.get(run)?;
+        let line = |t: &(String, TaskState, String)| TaskLine {
+            task: cut(&t.0),
+            state: t.1.as_str().to_string(),
+            node: cut(&t.2),
+        };
+        let running = e.tasks.iter().filter(|t| t.1 == TaskState::Running);
+        let rest = e.tasks.iter().filter(|t| t.1 != TaskState::Running);
+        let tasks = running
+            .chain(rest)
+            .take(MAX_LISTED_TASKS)
+            .map(line)
+            .collect();
+        Some(RunDetail {
+            info: e.info.clone(),
+            tasks,
+        })
+    }
+
+    /// Forgets finished runs older than the retention, and the oldest beyond the most kept;
+    /// returns their ids (to delete their files).
+    pub fn prune(&mut self, now_ms: u64) -> Vec<String> {
+        let keep_ms = u64::try_from(self.limits.keep.as_millis()).unwrap_or(u64::MAX);
+        let mut finished: Vec<(u64, String)> = self
+            .runs
+            .values()
+            .filter_map(|e| e.info.ended_ms.map(|t| (t, e.info.run.clone())))
+            .filter(|(_, id)| self.state(id).is_some_and(RunState::is_finished))
+            .collect();
+        finished.sort();
+        let over = finished.len().saturating_sub(self.limits.max_finished);
+        let mut gone = Vec::new();
+        for (i, (ended, id)) in finished.into_iter().enumerate() {
+            if i < over || ended.saturating_add(keep_ms) <= now_ms {
+                self.runs.remove(&id);
+                gone.push(id);
+            }
+        }
+        gone
+    }
+}
+
+fn cut(s: &str) -> String {
+    let max = p2p_core::hosted::MAX_HOSTED_STRING;
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    fn info(run: &str, started_ms: u64) -> RunInfo {
+        RunInfo {
+            run: run.into(),
+            name: "tasks.txt".into(),
+            state: RunState::Running,
+            total: 0,
+            succeeded: 0,
+            failed: 0,
+            running: 0,
+            started_ms,
+            ended_ms: None,
+        }
+    }
+
+    fn reg(limits: Limits) -> Registry {
+        Registry::new(limits)
+    }
+
+    fn add(r: &mut Registry, run: &str, at: u64, tasks: &[&str]) {
+        r.insert(
+            info(run, at),
+            tasks.iter().map(|s| s.to_string()).collect(),
+            &|_| false,
+            None,
+        );
+    }
+
+    fn assigned(task: &str, node: &str) -> RunEvent {
+        RunEvent::TaskAssigned {
+            task: task.into(),
+            kind: "a".into(),
+            node: node.into(),
+            attempt: 1,
+        }
+    }
+
+    fn completed(task: &str) -> RunEvent {
+        RunEvent::TaskCompleted {
+            task: task.into(),
+            kind: "a".into(),
+            node: "n1".into(),
+            attempt: 1,
+            ok: true,
+            output: String::new(),
+            duration_ms: 1.0,
+        }
+    }
+
+    #[test]
+    fn counts_and_task_states_follow_the_events() {
+        let mut r = reg(Limits::default());
+        add(&mut r, "r1", 0, &["a1", "a2", "a3"]);
+        r.event("r1", &assigned("a2", "n1"), None);
+        r.event("r1", &assigned("a1", "n2"), None);
+        r.event("r1", &completed("a1"), None);
+        let d = r.detail("r1").unwrap();
+        assert_eq!((d.info.total, d.info.succeeded, d.info.running), (3, 1, 1));
+        assert_eq!(d.tasks[0].task, "a2", "running tasks come first");
+        assert_eq!(
+            (d.tasks[0].state.as_str(), d.tasks[0].node.as_str()),
+            ("running", "n1")
+        );
+        assert_eq!(d.tasks[1].state, "succeeded");
+        assert_eq!(d.tasks[2].state, "pending");
+    }
+
+    #[test]
+    fn resumed_runs_count_what_their_journal_holds() {
+        let mut r = reg(Limits::default());
+        r.insert(
+            info("r1", 0),
+            vec!["a1".into(), "a2".into()],
+            &|t| t == "a1",
+            None,
+        );
+        assert_eq!(r.detail("r1").unwrap().info.succeeded, 1);
+    }
+
+    #[test]
+    fn admission_bounds_unfinished_runs_and_plan_size() {
+        let mut r = reg(Limits {
+            max_runs: 2,
+            max_plan: 100,
+            ..Limits::default()
+        });
+        assert!(r.admit(101).unwrap_err().contains("--max-plan"));
+        add(&mut r, "r1", 0, &["a1"]);
+        add(&mut r, "r2", 1, &["a1"]);
+        assert!(r.admit(10).unwrap_err().contains("--max-runs"));
+        r.end("r1", RunState::Interrupted, 143, 5);
+        assert!(
+            r.admit(10).is_err(),
+            "an interrupted run still counts: it resumes"
+        );
+        r.end("r1", RunState::Succeeded, 0, 5);
+        r.admit(10).unwrap();
+    }
+
+    #[test]
+    fn attach_replays_the_backlog_then_live_events_then_the_end() {
+        let mut r = reg(Limits::default());
+        add(&mut r, "r1", 0, &["a1"]);
+        r.event("r1", &assigned("a1", "n1"), Some("one".into()));
+        let mut rx = r.attach("r1").unwrap();
+        r.event("r1", &completed("a1"), Some("two".into()));
+        r.end("r1", RunState::Succeeded, 0, 10);
+        let mut got = Vec::new();
+        while let Ok(m) = rx.try_recv() {
+            got.push(m);
+        }
+        assert_eq!(
+            got,
+            vec![
+                Hosted::Event { json: "one".into() },
+                Hosted::Event { json: "two".into() },
+                Hosted::Ended(RunEnd {
+                    run: "r1".into(),
+                    state: RunState::Succeeded,
+                    exit: 0
+                }),
+            ]
+        );
+        // Attaching to an ended run gives the backlog and its end at once.
+        let mut late = r.attach("r1").unwrap();
+        let mut n = 0;
+        while let Ok(m) = late.try_recv() {
+            n += 1;
+            if n == 3 {
+                assert!(matches!(m, Hosted::Ended(_)));
+            }
+        }
+        assert_eq!(n, 3);
+        assert!(r.attach("nope").is_err());
+    }
+
+    #[test]
+    fn a_subscriber_that_does_not_read_is_dropped_not_the_run() {
+        let mut r = reg(Limits::default());
+        add(&mut r, "r1", 0, &["a1"]);
+        let mut slow = r.attach("r1").unwrap();
+        let mut fast = r.attach("r1").unwrap();
+        let mut fast_got = 0;
+        for i in 0..(BACKLOG + SUBSCRIBER_BUFFER + 10) {
+            r.event("r1", &RunEvent::Flush, Some(format!("e{i}")));
+            while fast.try_recv().is_ok() {
+                fast_got += 1;
+            }
+        }
+        assert_eq!(fast_got, BACKLOG + SUBSCRIBER_BUFFER + 10);
+        // The slow one got what fit, then its queue was closed.
+        let mut slow_got = 0;
+        loop {
+            match slow.try_recv() {
+                Ok(_) => slow_got += 1,
+                Err(mpsc::error::TryRecvError::Disconnected) => break,
+                Err(mpsc::error::TryRecvError::Empty) => panic!("the slow subscriber is kept"),
+            }
+        }
+        assert_eq!(slow_got, BACKLOG + SUBSCRIBER_BUFFER + 1);
+        r.end("r1", RunState::Succeeded, 0, 1);
+        assert!(matches!(fast.try_recv(), Ok(Hosted::Ended(_))));
+        assert_eq!(r.state("r1"), Some(RunState::Succeeded));
+    }
+
+    #[test]
+    fn subscribers_per_run_are_bounded() {
+        let mut r = reg(Limits::default());
+        add(&mut r, "r1", 0, &["a1"]);
+        let held: Vec<_> = (0..MAX_SUBSCRIBERS)
+            .map(|_| r.attach("r1").unwrap())
+            .collect();
+        assert!(r.attach("r1").is_err());
+        drop(held);
+        r.attach("r1").unwrap();
+    }
+
+    #[test]
+    fn finished_runs_are_kept_for_the_retention_on_a_virtual_clock() {
+        let hour = 3_600_000;
+        let mut r = reg(Limits {
+            keep: Duration::from_secs(3600),
+            max_finished: 2,
+            ..Limits::default()
+        });
+        add(&mut r, "old", 0, &["a1"]);
+        add(&mut r, "new", 1, &["a1"]);
+        add(&mut r, "live", 2, &["a1"]);
+        r.end("old", RunState::Failed, 1, 1000);
+        r.end("new", RunState::Succeeded, 0, 1000 + hour / 2);
+        assert!(r.prune(1000 + hour - 1).is_empty());
+        assert_eq!(r.prune(1000 + hour), vec!["old".to_string()]);
+        assert_eq!(r.prune(10 * hour), vec!["new".to_string()]);
+        assert_eq!(r.list().len(), 1, "a running run is never pruned");
+        // Beyond the most kept, the oldest finished go whatever their age.
+        for (i, id) in ["x", "y", "z"].iter().enumerate() {
+            add(&mut r, id, 10 + i as u64, &["a1"]);
+            r.end(id, RunState::Succeeded, 0, 10 * hour + i as u64);
+        }
+        assert_eq!(r.prune(10 * hour + 5), vec!["x".to_string()]);
+    }
+
+    #[test]
+    fn list_is_newest_first_and_cancel_needs_an_unfinished_run() {
+        let mut r = reg(Limits::default());
+        add(&mut r, "a", 5, &["a1"]);
+        add(&mut r, "b", 9, &["a1"]);
+        let ids: Vec<_> = r.list().into_iter().map(|i| i.run).collect();
+        assert_eq!(ids, ["b", "a"]);
+        assert!(r.request_cancel("a"));
+        assert!(r.cancel_requested("a"));
+        r.end("b", RunState::Succeeded, 0, 10);
+        assert!(!r.request_cancel("b"));
+        assert!(!r.request_cancel("zz"));
+    }
+}
