@@ -953,7 +953,7 @@ async fn serve(
                 keep: a.keep_runs,
                 ..Default::default()
             };
-            let config = hosted::host_config(&a.common, &key, dir, addr, limits);
+            let config = hosted::host_config(&a.common, &key, dir, node.id(), addr, limits);
             let host = crate::hosted::Host::new(config).map_err(node_error)?;
             node.host_runs(host.service());
             Some(host)

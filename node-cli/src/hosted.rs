@@ -6,7 +6,8 @@
 //!
 //! - [`registry`]: the runs, their states, counts, bounds and attached clients, with no IO.
 //! - [`Host`]: the IO: answers the hosted-run requests of [`p2p_core::hosted`] (installed
-//!   with [`crate::Node::host_runs`]), writes each run to `DIR/ID/` (its task file, options,
+//!   with [`crate::Node::host_runs`]), writes each run to `DIR/ID/` (`serve` uses
+//!   `DATA/runs/NODE_ID` as `DIR`) (its task file, options,
 //!   journal, and its end), runs it through a coordinator node of its own (made by
 //!   [`HostConfig::coordinator`]: the node's discovery, and the node itself as a peer), and
 //!   resumes the unfinished ones at start.
@@ -50,7 +51,7 @@ pub type CoordinatorFactory =
 /// How a node hosts runs.
 #[derive(Clone)]
 pub struct HostConfig {
-    /// Where the runs are kept (`DATA/runs`).
+    /// Where the runs are kept (`DATA/runs/NODE_ID` for `serve`).
     pub dir: PathBuf,
     /// The registry's bounds.
     pub limits: Limits,

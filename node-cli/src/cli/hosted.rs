@@ -333,12 +333,15 @@ pub async fn cancel(a: CancelArgs) -> anyhow::Result<u8> {
     }
 }
 
-/// How `serve` hosts runs: in `DATA/runs`, each run through a coordinator with the
-/// node's cluster, key and discovery, and the node itself as a peer.
+/// How `serve` hosts runs: in `DATA/runs/NODE_ID` (nodes that share a data directory
+/// keep their runs apart, and a node restarted with its identity finds its own), each run
+/// through a coordinator with the node's cluster, key and discovery, and the node itself
+/// as a peer.
 pub fn host_config(
     common: &Common,
     keys: &[p2p_core::ClusterKey],
     data_dir: PathBuf,
+    node: p2p_core::NodeId,
     addr: SocketAddr,
     limits: crate::hosted::registry::Limits,
 ) -> HostConfig {
@@ -358,7 +361,7 @@ pub fn host_config(
         })
     });
     HostConfig {
-        dir: data_dir.join("runs"),
+        dir: data_dir.join("runs").join(node.to_string()),
         limits,
         coordinator,
         peers: vec![addr],
