@@ -310,3 +310,38 @@ fn the_node_refuses_plans_over_its_bounds() {
     out.assert_code(1);
     assert!(out.stderr.contains("--max-plan"), "{}", out.describe());
 }
+
+#[test]
+fn an_attached_client_that_never_reads_does_not_hold_the_run_up() {
+    use p2p_core::hosted::Hosted;
+    use p2p_core::Message;
+    let dir = TestDir::new();
+    // 120 tasks of 100 KB of output each: 12 MB of events, far more than the socket
+    // buffers of a client that reads nothing take.
+    let handler = "a=head -c 100000 /dev/zero | tr '\\0' x";
+    let node = host(
+        &dir.join("data"),
+        &["--handler", handler, "--capacity", "4"],
+    );
+    let file = plan(&dir, 120);
+    let run = submit(&dir, &node, &file, &["--order", "none"]);
+    let mut silent = tests::WireClient::connect(node.addr);
+    silent
+        .send(&Message::Hello(tests::hello("default")))
+        .unwrap();
+    silent.expect_msg(LONG, "Welcome", |m| matches!(m, Message::Welcome(_)));
+    let attach = Hosted::Attach { run: run.clone() };
+    silent.send(&Message::Hosted(Box::new(attach))).unwrap();
+    // It reads nothing more; the run finishes all the same.
+    assert!(
+        poll_until(LONG, || status_json(&dir, &node, &run)["info"]["state"]
+            == "succeeded"),
+        "the run was held up by a client that does not read"
+    );
+    let s = status_json(&dir, &node, &run);
+    assert_eq!(s["info"]["succeeded"], 120);
+    // A reading client attached now gets the end at once.
+    let peer = node.peer();
+    run_in(dir.path(), &["attach", &run, "--peer", &peer]).assert_code(0);
+    drop(silent);
+}
