@@ -253,6 +253,7 @@ impl Host {
             info.ended_ms = Some(ended.ended_ms);
             let mut reg = lock(&self.inner.registry);
             reg.insert(info, ids, &|_| false, Some(ended.exit));
+            reg.set_final_counts(id, ended.succeeded, ended.failed);
             return Ok(false);
         }
         let journal =

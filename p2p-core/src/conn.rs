@@ -463,10 +463,12 @@ impl Connection {
                     if !self.hosted_asked {
                         return self.fail(Violation::UnaskedHosted.into());
                     }
-                    if h.is_final() {
-                        self.hosted_asked = false;
-                    }
+                    let last = h.is_final();
                     self.events.push_back(Event::HostedAnswer(h));
+                    if last {
+                        self.hosted_asked = false;
+                        self.maybe_ack();
+                    }
                 }
                 Ok(())
             }
@@ -671,10 +673,13 @@ impl Connection {
     }
 
     fn maybe_ack(&mut self) {
+        // A hosted-run request of ours still waits for its final answer (e.g. the end of an
+        // attached run the host interrupts as it shuts down): it is in flight too.
         if self.peer_said_goodbye
             && !self.ack_sent
             && self.inbound.is_empty()
             && self.outbound.is_empty()
+            && !self.hosted_asked
         {
             self.ack_sent = true;
             self.transmit.push_back(Message::GoodbyeAck);

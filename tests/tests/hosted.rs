@@ -345,3 +345,49 @@ fn an_attached_client_that_never_reads_does_not_hold_the_run_up() {
     run_in(dir.path(), &["attach", &run, "--peer", &peer]).assert_code(0);
     drop(silent);
 }
+
+#[test]
+fn sigterm_interrupts_a_hosted_run_which_resumes_at_the_next_start() {
+    let dir = TestDir::new();
+    let data = dir.join("data");
+    let count = dir.join("count");
+    let handler = format!("a=echo {{id}} >> {}; sleep 0.2", count.display());
+    let mut node = host(&data, &["--handler", &handler, "--capacity", "2"]);
+    let peer = node.peer();
+    let file = plan(&dir, 30);
+    let run = submit(&dir, &node, &file, &["--order", "none"]);
+    assert!(poll_until(LONG, || lines(&count).len() >= 4));
+    let attach = tests::spawn_in(dir.path(), &["attach", &run, "--peer", &peer]);
+    // The attach is connected once it printed the run's first events.
+    assert!(
+        attach
+            .stdout
+            .wait_for(LONG, |l| l.starts_with("Run "))
+            .is_some(),
+        "attach printed nothing"
+    );
+    node.terminate();
+    assert!(node.wait_exit(LONG).is_some_and(|s| s.success()));
+    let attached = attach.finish_within(LONG);
+    attached.assert_code(143);
+    assert!(
+        attached.stdout.contains(&format!("Run {run} interrupted")),
+        "{}",
+        attached.describe()
+    );
+    let before = lines(&count).len();
+    assert!(before < 30, "the run ended before the node stopped");
+    // Started again on its data directory, the node resumes the run by itself.
+    let node = host(&data, &["--handler", &handler, "--capacity", "2"]);
+    let peer = node.peer();
+    let out = run_in(dir.path(), &["attach", &run, "--peer", &peer, "--json"]);
+    out.assert_code(0);
+    let summary = json_lines(&out.stdout).pop().unwrap();
+    assert_eq!(summary["succeeded"], 30, "{summary}");
+    // After the end, a fresh node process still lists it with its counts.
+    drop(node);
+    let node = host(&data, &["--handler", &handler]);
+    let s = status_json(&dir, &node, &run);
+    assert_eq!(s["info"]["state"], "succeeded");
+    assert_eq!(s["info"]["succeeded"], 30);
+}

@@ -174,6 +174,15 @@ impl Registry {
         self.runs.insert(e.info.run.clone(), e);
     }
 
+    /// The counts of a finished run loaded from disk (its tasks' states are not kept).
+    pub fn set_final_counts(&mut self, run: &str, succeeded: u64, failed: u64) {
+        if let Some(e) = self.runs.get_mut(run) {
+            e.info.succeeded = succeeded;
+            e.info.failed = failed;
+            e.info.running = 0;
+        }
+    }
+
     /// A run's state, if it is known.
     pub fn state(&self, run: &str) -> Option<RunState> {
         self.runs.get(run).map(|e| e.info.state)

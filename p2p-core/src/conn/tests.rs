@@ -639,3 +639,29 @@ fn hosted_messages_out_of_turn_or_over_bounds_are_violations() {
     let mut p = Pair::new(1);
     assert!(p.w.handle_message(msg(Hosted::List), p.now).is_err());
 }
+
+#[test]
+fn a_goodbye_waits_for_the_final_answer_to_a_hosted_request() {
+    use crate::hosted::{Hosted, RunEnd, RunState};
+    let mut p = Pair::new(1);
+    p.drive().unwrap();
+    p.c.send_hosted(Hosted::Attach { run: "r".into() }).unwrap();
+    p.drive().unwrap();
+    // The host shuts down: it says goodbye while the client waits for the run's end.
+    p.w.goodbye();
+    p.drive().unwrap();
+    assert!(
+        !p.c.is_finished() && !p.w.is_finished(),
+        "closed before the end was sent"
+    );
+    let end = Hosted::Ended(RunEnd {
+        run: "r".into(),
+        state: RunState::Interrupted,
+        exit: 143,
+    });
+    p.w.send_hosted(end.clone()).unwrap();
+    p.drive().unwrap();
+    let got = Pair::events(&mut p.c);
+    assert!(got.contains(&Event::HostedAnswer(Box::new(end))), "{got:?}");
+    assert!(p.c.is_finished() && p.w.is_finished());
+}
