@@ -79,6 +79,10 @@ pub const EXIT_INTERRUPTED: u8 = 143;
 /// The exit status of a cancelled run.
 pub const EXIT_CANCELLED: u8 = 130;
 
+/// The longest event sent to attached clients, in bytes of JSON: a task's output is cut
+/// (and marked) to fit, so a run's kept events and a client's queue stay small.
+pub const EVENT_CAP: usize = 16 * 1024;
+
 /// How often finished runs past their retention are forgotten.
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
 
@@ -252,8 +256,8 @@ impl Host {
             info.state = ended.state;
             info.ended_ms = Some(ended.ended_ms);
             let mut reg = lock(&self.inner.registry);
-            reg.insert(info, ids, &|_| false, Some(ended.exit));
-            reg.set_final_counts(id, ended.succeeded, ended.failed);
+            reg.insert(info, Vec::new(), &|_| false, Some(ended.exit));
+            reg.set_final_counts(id, ended.total, ended.succeeded, ended.failed);
             return Ok(false);
         }
         let journal =
@@ -446,7 +450,7 @@ impl Host {
     fn event(&self, id: &str, ev: &RunEvent) {
         let json = match ev {
             RunEvent::Phase(_) | RunEvent::Notice(_) | RunEvent::Flush => None,
-            ev => serde_json::to_string(ev).ok(),
+            ev => capped_json(ev),
         };
         lock(&self.inner.registry).event(id, ev, json);
     }
@@ -494,6 +498,43 @@ impl Host {
         info!(run = %id, state = state.as_str(), "hosted run ended");
         lock(&self.inner.registry).end(id, state, exit, ended_ms);
     }
+}
+
+/// `ev` as JSON of at most [`EVENT_CAP`] bytes: a task's output (and error) cut to fit,
+/// with a note of how much was cut; `None` if it cannot fit at all.
+fn capped_json(ev: &RunEvent) -> Option<String> {
+    let json = serde_json::to_string(ev).ok()?;
+    if json.len() <= EVENT_CAP {
+        return Some(json);
+    }
+    let cut = |s: &str| -> String {
+        let keep = EVENT_CAP / 4;
+        if s.len() <= keep {
+            return s.to_string();
+        }
+        let mut end = keep;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        format!(
+            "{}\n[cut: {} more bytes; attach shows at most {keep}]",
+            &s[..end],
+            s.len() - end
+        )
+    };
+    let mut ev = ev.clone();
+    match &mut ev {
+        RunEvent::TaskCompleted { output, .. } => *output = cut(output),
+        RunEvent::TaskFailed { output, error, .. } => {
+            *output = cut(output);
+            *error = cut(error);
+        }
+        RunEvent::PeerUnreachable { error, .. } => *error = cut(error),
+        _ => {}
+    }
+    serde_json::to_string(&ev)
+        .ok()
+        .filter(|j| j.len() <= EVENT_CAP)
 }
 
 /// Sends `req` to the node at `addr` (the normal handshake, under the cluster key if any)
@@ -552,4 +593,45 @@ pub async fn request(
     })
     .await;
     Ok(last)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    #[test]
+    fn a_large_output_is_cut_to_fit_an_attached_event() {
+        let big = "é".repeat(100_000);
+        let ev = RunEvent::TaskFailed {
+            task: "a1".into(),
+            kind: "a".into(),
+            node: "n".into(),
+            attempt: 1,
+            ok: false,
+            output: big.clone(),
+            duration_ms: 1.0,
+            exit_code: Some(1),
+            error: big,
+        };
+        let json = capped_json(&ev).unwrap();
+        assert!(json.len() <= EVENT_CAP, "{}", json.len());
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert!(v["output"].as_str().unwrap().contains("[cut: "));
+        assert_eq!(v["task"], "a1");
+        // A small event is sent as it is.
+        let small = RunEvent::TaskRetry {
+            task: "a1".into(),
+            kind: "a".into(),
+            node: "n".into(),
+            attempt: 1,
+            error: "x".into(),
+            delay_ms: 100,
+        };
+        assert_eq!(
+            capped_json(&small).unwrap(),
+            serde_json::to_string(&small).unwrap()
+        );
+    }
 }

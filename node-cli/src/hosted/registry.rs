@@ -5,7 +5,11 @@
 //! Time is passed in (Unix milliseconds), so retention is tested on a virtual clock.
 //! Every attached client has a bounded queue: the events the run still keeps
 //! ([`BACKLOG`]) plus [`SUBSCRIBER_BUFFER`]; a client whose queue is full is dropped, the
-//! run never waits for it.
+//! run never waits for it. At most [`MAX_SUBSCRIBERS`] clients attach to a run, and
+//! [`MAX_ATTACHED`] to the node. With events of at most [`crate::hosted::EVENT_CAP`]
+//! bytes, a run keeps at most 4 MiB of events and a client's queue holds at most 8 MiB.
+//! A finished run keeps its counts and only its tasks that did not succeed (at most
+//! [`MAX_LISTED_TASKS`]).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::Duration;
@@ -17,13 +21,16 @@ use p2p_tasks::RunEvent;
 use tokio::sync::mpsc;
 
 /// Most recent events a run keeps for clients that attach later.
-pub const BACKLOG: usize = 1024;
+pub const BACKLOG: usize = 256;
 
 /// Room for live events in an attached client's queue, beyond the backlog it is sent first.
-pub const SUBSCRIBER_BUFFER: usize = 1024;
+pub const SUBSCRIBER_BUFFER: usize = 256;
 
 /// Most clients attached to one run at once; more are refused.
-pub const MAX_SUBSCRIBERS: usize = 64;
+pub const MAX_SUBSCRIBERS: usize = 16;
+
+/// Most clients attached to the node's runs at once; more are refused.
+pub const MAX_ATTACHED: usize = 64;
 
 /// The registry's bounds.
 #[derive(Debug, Clone)]
@@ -175,8 +182,9 @@ impl Registry {
     }
 
     /// The counts of a finished run loaded from disk (its tasks' states are not kept).
-    pub fn set_final_counts(&mut self, run: &str, succeeded: u64, failed: u64) {
+    pub fn set_final_counts(&mut self, run: &str, total: u64, succeeded: u64, failed: u64) {
         if let Some(e) = self.runs.get_mut(run) {
+            e.info.total = total;
             e.info.succeeded = succeeded;
             e.info.failed = failed;
             e.info.running = 0;
@@ -273,6 +281,13 @@ impl Registry {
         for s in e.subscribers.drain(..) {
             let _ = s.try_send(Hosted::Ended(end.clone()));
         }
+        if state.is_finished() {
+            // What is left to show of a finished run: the tasks that did not succeed.
+            e.tasks.retain(|t| t.1 != TaskState::Succeeded);
+            e.tasks.truncate(MAX_LISTED_TASKS);
+            e.tasks.shrink_to_fit();
+            e.index = HashMap::new();
+        }
     }
 
     /// Attaches a client: its queue starts with the run's backlog, then live events, then
@@ -287,6 +302,19 @@ impl Registry {
                 "run {run} has {MAX_SUBSCRIBERS} attached clients already"
             ));
         }
+        let attached: usize = self
+            .runs
+            .values()
+            .map(|e| e.subscribers.iter().filter(|s| !s.is_closed()).count())
+            .sum();
+        if attached >= MAX_ATTACHED {
+            return Err(format!(
+                "this node has {MAX_ATTACHED} attached clients already"
+            ));
+        }
+        let Some(e) = self.runs.get_mut(run) else {
+            return Err(format!("no run {run} on this node"));
+        };
         let (tx, rx) = mpsc::channel(BACKLOG + SUBSCRIBER_BUFFER + 1);
         for json in &e.backlog {
             let _ = tx.try_send(Hosted::Event { json: json.clone() });
@@ -537,6 +565,37 @@ mod tests {
         r.end("r1", RunState::Succeeded, 0, 1);
         assert!(matches!(fast.try_recv(), Ok(Hosted::Ended(_))));
         assert_eq!(r.state("r1"), Some(RunState::Succeeded));
+    }
+
+    #[test]
+    fn a_finished_run_keeps_only_the_tasks_that_did_not_succeed() {
+        let mut r = reg(Limits::default());
+        add(&mut r, "r1", 0, &["a1", "a2", "a3"]);
+        r.event("r1", &completed("a1"), None);
+        r.event("r1", &assigned("a2", "n1"), None);
+        r.end("r1", RunState::Failed, 1, 5);
+        let d = r.detail("r1").unwrap();
+        assert_eq!((d.info.total, d.info.succeeded), (3, 1));
+        let ids: Vec<_> = d.tasks.iter().map(|t| t.task.as_str()).collect();
+        assert_eq!(ids, ["a2", "a3"]);
+        assert_eq!(d.tasks[0].state, "pending", "no task runs in an ended run");
+    }
+
+    #[test]
+    fn attached_clients_are_bounded_per_node() {
+        let mut r = reg(Limits::default());
+        let mut held = Vec::new();
+        for i in 0..MAX_ATTACHED / MAX_SUBSCRIBERS {
+            let id = format!("r{i}");
+            add(&mut r, &id, i as u64, &["a1"]);
+            for _ in 0..MAX_SUBSCRIBERS {
+                held.push(r.attach(&id).unwrap());
+            }
+        }
+        add(&mut r, "last", 99, &["a1"]);
+        assert!(r.attach("last").unwrap_err().contains("this node"));
+        held.pop();
+        r.attach("last").unwrap();
     }
 
     #[test]
