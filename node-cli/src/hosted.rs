@@ -102,6 +102,9 @@ struct Ended {
     failed: u64,
 }
 
+/// A run written to disk: its id, summary, tasks, options and open journal.
+type Written = (String, RunInfo, Vec<Task>, SubmitOptions, Journal);
+
 struct Inner {
     config: HostConfig,
     registry: Mutex<Registry>,
@@ -345,6 +348,19 @@ impl Host {
     /// Checks, writes and starts a submitted run; its id, or why not.
     async fn submit(&self, s: Submit) -> Result<String, String> {
         lock(&self.inner.registry).admit(s.text.len())?;
+        let written = self.write(s).await;
+        let mut reg = lock(&self.inner.registry);
+        reg.release();
+        let (id, info, tasks, options, journal) = written?;
+        let ids = tasks.iter().map(|t| t.id.clone()).collect();
+        reg.insert(info, ids, &|_| false, None);
+        drop(reg);
+        self.spawn(id.clone(), tasks, options, journal);
+        Ok(id)
+    }
+
+    /// Checks a submitted run and writes it to disk, synced.
+    async fn write(&self, s: Submit) -> Result<Written, String> {
         let tasks = p2p_tasks::parse::parse(&s.name, &s.text).map_err(|e| e.to_string())?;
         let opts = run_options(&s.options, self.inner.config.max_frame);
         p2p_tasks::runcore::validate(&tasks, &opts).map_err(|e| e.to_string())?;
@@ -387,10 +403,7 @@ impl Host {
             started_ms,
             ended_ms: None,
         };
-        let ids = tasks.iter().map(|t| t.id.clone()).collect();
-        lock(&self.inner.registry).insert(info, ids, &|_| false, None);
-        self.spawn(id.clone(), tasks, s.options, journal);
-        Ok(id)
+        Ok((id, info, tasks, s.options, journal))
     }
 
     fn spawn(&self, id: String, tasks: Vec<Task>, options: SubmitOptions, journal: Journal) {

@@ -102,6 +102,8 @@ impl Entry {
 pub struct Registry {
     limits: Limits,
     runs: BTreeMap<String, Entry>,
+    /// Runs admitted and not inserted yet (being written to disk).
+    reserved: usize,
 }
 
 impl Registry {
@@ -110,6 +112,7 @@ impl Registry {
         Registry {
             limits,
             runs: BTreeMap::new(),
+            reserved: 0,
         }
     }
 
@@ -118,16 +121,20 @@ impl Registry {
         &self.limits
     }
 
-    /// Runs not finished (running or interrupted).
+    /// Runs not finished (running or interrupted), and those admitted and being written.
     pub fn unfinished(&self) -> usize {
-        self.runs
-            .values()
-            .filter(|e| !e.info.state.is_finished())
-            .count()
+        self.reserved
+            + self
+                .runs
+                .values()
+                .filter(|e| !e.info.state.is_finished())
+                .count()
     }
 
-    /// Whether a new run of a `plan_bytes` task file may be hosted now; why not if not.
-    pub fn admit(&self, plan_bytes: usize) -> Result<(), String> {
+    /// Admits a new run of a `plan_bytes` task file, or says why not. An admitted run
+    /// holds its place under `--max-runs` until [`Registry::insert`] (with `admitted`) or
+    /// [`Registry::release`]: submits at the same time cannot exceed the bound.
+    pub fn admit(&mut self, plan_bytes: usize) -> Result<(), String> {
         if plan_bytes > self.limits.max_plan {
             return Err(format!(
                 "the task file is {plan_bytes} bytes, more than this node's --max-plan of {} bytes",
@@ -141,7 +148,13 @@ impl Registry {
                 self.limits.max_runs
             ));
         }
+        self.reserved += 1;
         Ok(())
+    }
+
+    /// Gives back the place of an admitted run that will not be inserted.
+    pub fn release(&mut self) {
+        self.reserved = self.reserved.saturating_sub(1);
     }
 
     /// Adds a run (new, or loaded from the data directory) with its tasks in file order;
@@ -489,6 +502,14 @@ mod tests {
             ..Limits::default()
         });
         assert!(r.admit(101).unwrap_err().contains("--max-plan"));
+        // Two admitted at once (both being written) fill the bound before either is in.
+        r.admit(10).unwrap();
+        r.admit(10).unwrap();
+        assert!(r.admit(10).unwrap_err().contains("--max-runs"));
+        r.release();
+        r.release();
+        r.admit(10).unwrap();
+        r.release();
         add(&mut r, "r1", 0, &["a1"]);
         add(&mut r, "r2", 1, &["a1"]);
         assert!(r.admit(10).unwrap_err().contains("--max-runs"));
