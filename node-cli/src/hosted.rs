@@ -83,6 +83,9 @@ pub const EXIT_CANCELLED: u8 = 130;
 /// (and marked) to fit, so a run's kept events and a client's queue stay small.
 pub const EVENT_CAP: usize = 16 * 1024;
 
+/// Answers in flight between an attached client's queue and its connection.
+const FORWARD: usize = 16;
+
 /// How often finished runs past their retention are forgotten.
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
 
@@ -325,7 +328,19 @@ impl Host {
                 None => one(refused(format!("no run {run} on this node"))),
             },
             Hosted::Attach { run } => match lock(&self.inner.registry).attach(&run) {
-                Ok(rx) => return rx,
+                Ok(mut sub) => {
+                    // Moves the client's queue to its connection, freeing room as it goes.
+                    let (out, answers) = mpsc::channel(FORWARD);
+                    tokio::spawn(async move {
+                        while let Some(h) = sub.rx.recv().await {
+                            sub.taken(&h);
+                            if out.send(h).await.is_err() {
+                                return;
+                            }
+                        }
+                    });
+                    return answers;
+                }
                 Err(reason) => one(refused(reason)),
             },
             Hosted::Cancel { run } => {

@@ -391,3 +391,26 @@ fn sigterm_interrupts_a_hosted_run_which_resumes_at_the_next_start() {
     assert_eq!(s["info"]["state"], "succeeded");
     assert_eq!(s["info"]["succeeded"], 30);
 }
+
+#[test]
+fn attach_keeps_up_with_a_fast_run_and_gets_its_summary() {
+    let dir = TestDir::new();
+    // The built-in handler answers at once: thousands of events in bursts, on one thread.
+    let node = host(&dir.join("data"), &[]);
+    let peer = node.peer();
+    let file = plan(&dir, 20_000);
+    let run = submit(&dir, &node, &file, &["--order", "none"]);
+    let out = run_in(dir.path(), &["attach", &run, "--peer", &peer, "--json"]);
+    out.assert_code(0);
+    let events = json_lines(&out.stdout);
+    let summary = events.last().unwrap();
+    assert_eq!(summary["event"], "summary");
+    assert_eq!(summary["succeeded"], 20_000);
+    // From where the run was: every event after the first one shown, none twice.
+    let completed = events.iter().filter(|e| e["event"] == "task_completed");
+    let mut ids: Vec<&str> = completed.filter_map(|e| e["task"].as_str()).collect();
+    let n = ids.len();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), n, "an event shown twice");
+}

@@ -3,15 +3,19 @@
 //! clients attached to each.
 //!
 //! Time is passed in (Unix milliseconds), so retention is tested on a virtual clock.
-//! Every attached client has a bounded queue: the events the run still keeps
-//! ([`BACKLOG`]) plus [`SUBSCRIBER_BUFFER`]; a client whose queue is full is dropped, the
-//! run never waits for it. At most [`MAX_SUBSCRIBERS`] clients attach to a run, and
-//! [`MAX_ATTACHED`] to the node. With events of at most [`crate::hosted::EVENT_CAP`]
-//! bytes, a run keeps at most 4 MiB of events and a client's queue holds at most 8 MiB.
+//! Every attached client has a bounded queue ([`Subscription`]): at most
+//! [`SUBSCRIBER_EVENTS`] events and [`SUBSCRIBER_BYTES`] bytes of them not yet taken by
+//! its connection (the events the run kept, [`BACKLOG`], count too); a client whose queue
+//! is full is dropped, the run never waits for it. Room is kept for the run's end, so a
+//! client that keeps up always gets it. At most [`MAX_SUBSCRIBERS`] clients attach to a
+//! run, and [`MAX_ATTACHED`] to the node. With events of at most
+//! [`crate::hosted::EVENT_CAP`] bytes, a run keeps at most 4 MiB of events.
 //! A finished run keeps its counts and only its tasks that did not succeed (at most
 //! [`MAX_LISTED_TASKS`]).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use p2p_core::hosted::{
@@ -23,8 +27,52 @@ use tokio::sync::mpsc;
 /// Most recent events a run keeps for clients that attach later.
 pub const BACKLOG: usize = 256;
 
-/// Room for live events in an attached client's queue, beyond the backlog it is sent first.
-pub const SUBSCRIBER_BUFFER: usize = 256;
+/// Most events queued for one attached client (a burst of a fast run, on one thread, fits).
+pub const SUBSCRIBER_EVENTS: usize = 16 * 1024;
+
+/// Most bytes of events queued for one attached client.
+pub const SUBSCRIBER_BYTES: usize = 8 * 1024 * 1024;
+
+/// An attached client's queue: the driver of its connection takes from `rx`, and says so
+/// with [`Subscription::taken`], which frees room under [`SUBSCRIBER_BYTES`].
+#[derive(Debug)]
+pub struct Subscription {
+    /// The events, then the run's end.
+    pub rx: mpsc::Receiver<Hosted>,
+    queued: Arc<AtomicUsize>,
+}
+
+impl Subscription {
+    /// `h` left the queue (was taken from `rx`).
+    pub fn taken(&self, h: &Hosted) {
+        if let Hosted::Event { json } = h {
+            self.queued.fetch_sub(json.len(), Ordering::Relaxed);
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Subscriber {
+    tx: mpsc::Sender<Hosted>,
+    queued: Arc<AtomicUsize>,
+}
+
+impl Subscriber {
+    /// Queues an event, keeping a slot for the end; false if the client is to be dropped.
+    fn offer(&self, json: &str) -> bool {
+        if self.tx.capacity() <= 1
+            || self.queued.load(Ordering::Relaxed) + json.len() > SUBSCRIBER_BYTES
+        {
+            return false;
+        }
+        self.queued.fetch_add(json.len(), Ordering::Relaxed);
+        self.tx
+            .try_send(Hosted::Event {
+                json: json.to_string(),
+            })
+            .is_ok()
+    }
+}
 
 /// Most clients attached to one run at once; more are refused.
 pub const MAX_SUBSCRIBERS: usize = 16;
@@ -83,12 +131,25 @@ struct Entry {
     tasks: Vec<(String, TaskState, String)>,
     index: HashMap<String, usize>,
     backlog: VecDeque<String>,
-    subscribers: Vec<mpsc::Sender<Hosted>>,
+    subscribers: Vec<Subscriber>,
     exit: Option<u8>,
     cancel_requested: bool,
 }
 
+/// Adds `d` (+1 or -1) to the count of state `s` in `info`.
+fn tally(info: &mut RunInfo, s: TaskState, d: i64) {
+    let slot = match s {
+        TaskState::Succeeded => &mut info.succeeded,
+        TaskState::Failed => &mut info.failed,
+        TaskState::Running => &mut info.running,
+        TaskState::Pending | TaskState::Cancelled => return,
+    };
+    *slot = slot.saturating_add_signed(d);
+}
+
 impl Entry {
+    /// Counts every task's state (once, when the run is loaded or ends; events adjust the
+    /// counts one task at a time).
     fn recount(&mut self) {
         let count = |s| self.tasks.iter().filter(|t| t.1 == s).count() as u64;
         self.info.succeeded = count(TaskState::Succeeded);
@@ -241,6 +302,8 @@ impl Registry {
         };
         let mut set = |task: &str, s: TaskState, node: Option<&str>| {
             if let Some(&i) = e.index.get(task) {
+                tally(&mut e.info, e.tasks[i].1, -1);
+                tally(&mut e.info, s, 1);
                 e.tasks[i].1 = s;
                 if let Some(n) = node {
                     e.tasks[i].2 = n.to_string();
@@ -257,16 +320,14 @@ impl Registry {
             RunEvent::TaskRetry { task, .. } => set(task, TaskState::Pending, None),
             _ => {}
         }
-        e.recount();
         let Some(json) = json else {
             return;
         };
         if e.backlog.len() >= BACKLOG {
             e.backlog.pop_front();
         }
-        e.backlog.push_back(json.clone());
-        e.subscribers
-            .retain(|s| s.try_send(Hosted::Event { json: json.clone() }).is_ok());
+        e.subscribers.retain(|s| s.offer(&json));
+        e.backlog.push_back(json);
     }
 
     /// The run ended: its state, exit status and time; every attached client gets its end.
@@ -292,7 +353,7 @@ impl Registry {
             exit,
         };
         for s in e.subscribers.drain(..) {
-            let _ = s.try_send(Hosted::Ended(end.clone()));
+            let _ = s.tx.try_send(Hosted::Ended(end.clone()));
         }
         if state.is_finished() {
             // What is left to show of a finished run: the tasks that did not succeed.
@@ -305,11 +366,11 @@ impl Registry {
 
     /// Attaches a client: its queue starts with the run's backlog, then live events, then
     /// the end (at once for a run that has ended).
-    pub fn attach(&mut self, run: &str) -> Result<mpsc::Receiver<Hosted>, String> {
+    pub fn attach(&mut self, run: &str) -> Result<Subscription, String> {
         let Some(e) = self.runs.get_mut(run) else {
             return Err(format!("no run {run} on this node"));
         };
-        e.subscribers.retain(|s| !s.is_closed());
+        e.subscribers.retain(|s| !s.tx.is_closed());
         if e.subscribers.len() >= MAX_SUBSCRIBERS {
             return Err(format!(
                 "run {run} has {MAX_SUBSCRIBERS} attached clients already"
@@ -318,7 +379,7 @@ impl Registry {
         let attached: usize = self
             .runs
             .values()
-            .map(|e| e.subscribers.iter().filter(|s| !s.is_closed()).count())
+            .map(|e| e.subscribers.iter().filter(|s| !s.tx.is_closed()).count())
             .sum();
         if attached >= MAX_ATTACHED {
             return Err(format!(
@@ -328,21 +389,27 @@ impl Registry {
         let Some(e) = self.runs.get_mut(run) else {
             return Err(format!("no run {run} on this node"));
         };
-        let (tx, rx) = mpsc::channel(BACKLOG + SUBSCRIBER_BUFFER + 1);
+        let (tx, rx) = mpsc::channel(SUBSCRIBER_EVENTS + 1);
+        let sub = Subscriber {
+            tx,
+            queued: Arc::default(),
+        };
+        // The backlog fits: it is far below both bounds.
         for json in &e.backlog {
-            let _ = tx.try_send(Hosted::Event { json: json.clone() });
+            sub.offer(json);
         }
+        let queued = sub.queued.clone();
         match (e.info.state, e.exit) {
-            (RunState::Running, _) | (_, None) => e.subscribers.push(tx),
+            (RunState::Running, _) | (_, None) => e.subscribers.push(sub),
             (state, Some(exit)) => {
-                let _ = tx.try_send(Hosted::Ended(RunEnd {
+                let _ = sub.tx.try_send(Hosted::Ended(RunEnd {
                     run: run.to_string(),
                     state,
                     exit,
                 }));
             }
         }
-        Ok(rx)
+        Ok(Subscription { rx, queued })
     }
 
     /// The runs, newest first (at most [`MAX_LISTED_RUNS`]).
@@ -483,6 +550,57 @@ mod tests {
     }
 
     #[test]
+    fn counts_kept_event_by_event_match_a_recount() {
+        let ids: Vec<String> = (0..50).map(|i| format!("a{i}")).collect();
+        let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+        let mut r = reg(Limits::default());
+        add(&mut r, "r1", 0, &refs);
+        let mut x: u64 = 7;
+        for _ in 0..5000 {
+            x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+            let t = &ids[(x >> 33) as usize % ids.len()];
+            let ev = match (x >> 20) % 5 {
+                0 => assigned(t, "n"),
+                1 => completed(t),
+                2 => RunEvent::TaskFailed {
+                    task: t.clone(),
+                    kind: "a".into(),
+                    node: "n".into(),
+                    attempt: 1,
+                    ok: false,
+                    output: String::new(),
+                    duration_ms: 0.0,
+                    exit_code: None,
+                    error: String::new(),
+                },
+                3 => RunEvent::TaskCancelled {
+                    task: t.clone(),
+                    kind: "a".into(),
+                    node: "n".into(),
+                    attempt: 1,
+                    output: String::new(),
+                    duration_ms: 0.0,
+                },
+                _ => RunEvent::TaskRetry {
+                    task: t.clone(),
+                    kind: "a".into(),
+                    node: "n".into(),
+                    attempt: 1,
+                    error: String::new(),
+                    delay_ms: 1,
+                },
+            };
+            r.event("r1", &ev, None);
+            let d = r.detail("r1").unwrap();
+            let n = |s: &str| d.tasks.iter().filter(|l| l.state == s).count() as u64;
+            assert_eq!(
+                (d.info.succeeded, d.info.failed, d.info.running),
+                (n("succeeded"), n("failed"), n("running"))
+            );
+        }
+    }
+
+    #[test]
     fn resumed_runs_count_what_their_journal_holds() {
         let mut r = reg(Limits::default());
         r.insert(
@@ -527,7 +645,7 @@ mod tests {
         let mut r = reg(Limits::default());
         add(&mut r, "r1", 0, &["a1"]);
         r.event("r1", &assigned("a1", "n1"), Some("one".into()));
-        let mut rx = r.attach("r1").unwrap();
+        let mut rx = r.attach("r1").unwrap().rx;
         r.event("r1", &completed("a1"), Some("two".into()));
         r.end("r1", RunState::Succeeded, 0, 10);
         let mut got = Vec::new();
@@ -547,7 +665,7 @@ mod tests {
             ]
         );
         // Attaching to an ended run gives the backlog and its end at once.
-        let mut late = r.attach("r1").unwrap();
+        let mut late = r.attach("r1").unwrap().rx;
         let mut n = 0;
         while let Ok(m) = late.try_recv() {
             n += 1;
@@ -565,27 +683,65 @@ mod tests {
         add(&mut r, "r1", 0, &["a1"]);
         let mut slow = r.attach("r1").unwrap();
         let mut fast = r.attach("r1").unwrap();
+        // Events of 1 KiB: the slow one's bytes fill first.
+        let json = "x".repeat(1024);
+        let fits = SUBSCRIBER_BYTES / json.len();
         let mut fast_got = 0;
-        for i in 0..(BACKLOG + SUBSCRIBER_BUFFER + 10) {
-            r.event("r1", &RunEvent::Flush, Some(format!("e{i}")));
-            while fast.try_recv().is_ok() {
+        for _ in 0..fits + 10 {
+            r.event("r1", &RunEvent::Flush, Some(json.clone()));
+            while let Ok(h) = fast.rx.try_recv() {
+                fast.taken(&h);
                 fast_got += 1;
             }
         }
-        assert_eq!(fast_got, BACKLOG + SUBSCRIBER_BUFFER + 10);
+        assert_eq!(fast_got, fits + 10, "a client that reads gets every event");
         // The slow one got what fit, then its queue was closed.
         let mut slow_got = 0;
         loop {
-            match slow.try_recv() {
+            match slow.rx.try_recv() {
                 Ok(_) => slow_got += 1,
                 Err(mpsc::error::TryRecvError::Disconnected) => break,
                 Err(mpsc::error::TryRecvError::Empty) => panic!("the slow subscriber is kept"),
             }
         }
-        assert_eq!(slow_got, BACKLOG + SUBSCRIBER_BUFFER + 1);
+        assert_eq!(slow_got, fits);
         r.end("r1", RunState::Succeeded, 0, 1);
-        assert!(matches!(fast.try_recv(), Ok(Hosted::Ended(_))));
+        assert!(matches!(fast.rx.try_recv(), Ok(Hosted::Ended(_))));
         assert_eq!(r.state("r1"), Some(RunState::Succeeded));
+    }
+
+    #[test]
+    fn a_burst_of_small_events_fits_and_the_end_always_has_room() {
+        let mut r = reg(Limits::default());
+        add(&mut r, "r1", 0, &["a1"]);
+        let mut sub = r.attach("r1").unwrap();
+        // A burst as a fast run gives on one thread before the client's connection runs.
+        for i in 0..SUBSCRIBER_EVENTS {
+            r.event("r1", &RunEvent::Flush, Some(format!("{{\"n\":{i}}}")));
+        }
+        r.end("r1", RunState::Succeeded, 0, 1);
+        let mut n = 0;
+        let mut last = None;
+        while let Ok(h) = sub.rx.try_recv() {
+            sub.taken(&h);
+            n += 1;
+            last = Some(h);
+        }
+        assert_eq!(n, SUBSCRIBER_EVENTS + 1);
+        assert!(matches!(last, Some(Hosted::Ended(_))));
+        // One more event than fits drops the client instead: no end is promised it.
+        let mut r = reg(Limits::default());
+        add(&mut r, "r1", 0, &["a1"]);
+        let mut sub = r.attach("r1").unwrap();
+        for _ in 0..=SUBSCRIBER_EVENTS {
+            r.event("r1", &RunEvent::Flush, Some("{}".into()));
+        }
+        r.end("r1", RunState::Succeeded, 0, 1);
+        let mut ended = false;
+        while let Ok(h) = sub.rx.try_recv() {
+            ended |= matches!(h, Hosted::Ended(_));
+        }
+        assert!(!ended);
     }
 
     #[test]
