@@ -333,6 +333,17 @@ pub async fn cancel(a: CancelArgs) -> anyhow::Result<u8> {
     }
 }
 
+/// Where this process reaches its own listener: a wildcard address (`0.0.0.0`, `[::]`)
+/// through loopback.
+fn reachable(addr: SocketAddr) -> SocketAddr {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+    match addr.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => (Ipv4Addr::LOCALHOST, addr.port()).into(),
+        IpAddr::V6(ip) if ip.is_unspecified() => (Ipv6Addr::LOCALHOST, addr.port()).into(),
+        _ => addr,
+    }
+}
+
 /// How `serve` hosts runs: in `DATA/runs/NODE_ID` (nodes that share a data directory
 /// keep their runs apart, and a node restarted with its identity finds its own), each run
 /// through a coordinator with the node's cluster, key and discovery, and the node itself
@@ -364,7 +375,22 @@ pub fn host_config(
         dir: data_dir.join("runs").join(node.to_string()),
         limits,
         coordinator,
-        peers: vec![addr],
+        peers: vec![reachable(addr)],
         max_frame,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn a_wildcard_listen_address_is_reached_through_loopback() {
+        let r = |s: &str| reachable(s.parse().unwrap()).to_string();
+        assert_eq!(r("0.0.0.0:7400"), "127.0.0.1:7400");
+        assert_eq!(r("[::]:7400"), "[::1]:7400");
+        assert_eq!(r("127.0.0.2:7400"), "127.0.0.2:7400");
     }
 }
