@@ -190,7 +190,12 @@ impl Host {
     /// A host keeping its runs in `config.dir` (created if missing). Call
     /// [`Host::resume`] to restart the unfinished runs found there.
     pub fn new(config: HostConfig) -> Result<Host, Error> {
-        std::fs::create_dir_all(&config.dir)?;
+        // Plans and results are the users' business: the directories are the node's only.
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&config.dir)?;
         let registry = Mutex::new(Registry::new(config.limits.clone()));
         Ok(Host {
             inner: Arc::new(Inner {
@@ -628,6 +633,27 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
     use super::*;
+
+    #[test]
+    fn the_runs_directory_is_the_nodes_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("runs").join("node");
+        let coordinator: CoordinatorFactory =
+            Arc::new(|| Box::pin(async { Node::builder().build().await }));
+        Host::new(HostConfig {
+            dir: dir.clone(),
+            limits: Limits::default(),
+            coordinator,
+            peers: Vec::new(),
+            max_frame: 1 << 20,
+        })
+        .unwrap();
+        for d in [&dir, &tmp.path().join("runs")] {
+            let mode = std::fs::metadata(d).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o700, "{}", d.display());
+        }
+    }
 
     #[test]
     fn a_large_output_is_cut_to_fit_an_attached_event() {
