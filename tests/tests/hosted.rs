@@ -76,11 +76,11 @@ fn lines(path: &Path) -> Vec<String> {
 fn submit_exits_at_once_and_the_node_runs_the_plan() {
     let dir = TestDir::new();
     let count = dir.join("count");
-    let handler = format!("a=sleep 0.5; echo {{id}} >> {}", count.display());
+    let handler = format!("a=sleep 1; echo {{id}} >> {}", count.display());
     let node = host(&dir.join("data"), &["--handler", &handler]);
     let file = plan(&dir, 4);
     let run = submit(&dir, &node, &file, &[]);
-    // Submit returned while the run (4 x 0.5 s, strict) cannot have finished.
+    // Submit returned while the run (4 x 1 s, strict) cannot have finished.
     assert!(lines(&count).len() < 4, "submit waited for the run");
     let peer = node.peer();
     let listed = run_in(dir.path(), &["runs", "--peer", &peer, "--json"]);
@@ -309,6 +309,13 @@ fn the_node_refuses_plans_over_its_bounds() {
     let out = run_in(dir.path(), &["submit", &file, "--peer", &peer]);
     out.assert_code(1);
     assert!(out.stderr.contains("--max-plan"), "{}", out.describe());
+    // A broken task file is refused by submit itself, as by run: exit 2, its position.
+    let bad = dir.write("bad.txt", "a1 after zz\n").display().to_string();
+    let out = run_in(dir.path(), &["submit", &bad, "--peer", &peer]);
+    out.assert_code(2);
+    assert!(out.stderr.contains("bad.txt:1:"), "{}", out.describe());
+    let listed = run_in(dir.path(), &["runs", "--peer", &peer, "--json"]);
+    assert!(listed.json().is_empty(), "nothing hosted");
 }
 
 #[test]
