@@ -34,6 +34,9 @@ macro_rules! say_err {
     }};
 }
 
+// After the output macros, which it uses.
+mod hosted;
+
 /// Exit status: every task succeeded.
 pub const EXIT_OK: u8 = 0;
 /// Exit status: a task failed, or a needed type has no node.
@@ -134,6 +137,23 @@ pub enum Command {
         p2p-node status --discovery udp --json"
     )]
     Status(StatusArgs),
+    /// Give a task file to a serving node, which runs it (journaled, resumed after a restart);
+    /// prints the run's id and exits at once.
+    #[command(
+        after_help = "Example:\n  RUN=$(p2p-node submit tasks.txt --peer 127.0.0.1:7401)\n  \
+        p2p-node attach $RUN --peer 127.0.0.1:7401"
+    )]
+    Submit(hosted::SubmitArgs),
+    /// List the runs a node hosts: id, state, counts, started.
+    #[command(after_help = "Example:\n  p2p-node runs --peer 127.0.0.1:7401 --json")]
+    Runs(hosted::RunsArgs),
+    /// Stream a hosted run's events from where it is, then its summary; exits with the
+    /// run's exit status (as `run` would).
+    #[command(after_help = "Example:\n  p2p-node attach RUN_ID --peer 127.0.0.1:7401 --json")]
+    Attach(hosted::AttachArgs),
+    /// Cancel a hosted run.
+    #[command(after_help = "Example:\n  p2p-node cancel RUN_ID --peer 127.0.0.1:7401")]
+    Cancel(hosted::CancelArgs),
     /// Write a new cluster key to PATH (mode 0600); pass it to every node with --key-file.
     #[command(after_help = "Example:\n  p2p-node keygen cluster.key\n  \
         p2p-node serve --types a --key-file cluster.key\n  \
@@ -266,6 +286,15 @@ pub struct ServeArgs {
     /// Largest input file this node accepts (default: the cache size).
     #[arg(long, value_name = "SIZE", value_parser = parse_size_u64)]
     pub max_file: Option<u64>,
+    /// Most hosted runs (`submit`) not finished at once; more are refused. 0: host none.
+    #[arg(long, value_name = "N", default_value_t = 16)]
+    pub max_runs: u32,
+    /// Largest task file a `submit` may give.
+    #[arg(long, value_name = "SIZE", default_value = "4MiB", value_parser = parse_size)]
+    pub max_plan: usize,
+    /// How long a finished hosted run is kept (listed, attachable) before its files go.
+    #[arg(long, value_name = "DUR", default_value = "24h", value_parser = parse_duration)]
+    pub keep_runs: Duration,
     /// Shared options.
     #[command(flatten)]
     pub common: Common,
@@ -371,6 +400,10 @@ pub struct StatusArgs {
     /// How long a node has to answer, once connected.
     #[arg(long, value_name = "DUR", default_value = "5s", value_parser = parse_positive_duration)]
     pub answer_timeout: Duration,
+    /// The status of this hosted run (progress, each task's state and node) instead, from
+    /// the node that hosts it (the first --peer, or the first node discovery finds).
+    #[arg(long, value_name = "ID")]
+    pub run: Option<String>,
     /// Shared options.
     #[command(flatten)]
     pub common: Common,
@@ -485,6 +518,10 @@ pub async fn execute(cli: Cli, active: crate::output::ActiveBar) -> ExitCode {
         },
         Command::Peers(a) => peers(a).await,
         Command::Status(a) => status(a).await,
+        Command::Submit(a) => hosted::submit(a).await,
+        Command::Runs(a) => hosted::runs(a).await,
+        Command::Attach(a) => hosted::attach(a).await,
+        Command::Cancel(a) => hosted::cancel(a).await,
         Command::Keygen(a) => keygen(a),
         Command::Completions { shell } => {
             let mut cmd = crate::help::command();
@@ -1065,7 +1102,7 @@ async fn serve(
         a.max_file.unwrap_or(a.cache_size),
         a.common.max_frame,
     )));
-    let node = match with_identity(b, &identity).build().await {
+    let mut node = match with_identity(b, &identity).build().await {
         Ok(node) => node,
         Err(e) => {
             discard(identity);
@@ -1091,6 +1128,22 @@ async fn serve(
         .local_addr()
         .ok_or_else(|| anyhow::anyhow!("the node has no listen address"))?;
     spawn_capacity_signals(node.capacity_handle());
+    // Hosted runs live in the data directory; without one, `submit` is refused.
+    let host = match a.common.data_dir.clone().or_else(datadir::default_dir) {
+        Some(dir) if a.max_runs > 0 => {
+            let limits = crate::hosted::registry::Limits {
+                max_runs: a.max_runs as usize,
+                max_plan: a.max_plan,
+                keep: a.keep_runs,
+                ..Default::default()
+            };
+            let config = hosted::host_config(&a.common, &key, dir, node.id(), addr, limits);
+            let host = crate::hosted::Host::new(config).map_err(node_error)?;
+            node.host_runs(host.service());
+            Some(host)
+        }
+        _ => None,
+    };
     say!("listening on {addr}");
     say!(
         "node {} cluster {} types {} capacity {} discovery {}",
@@ -1113,12 +1166,30 @@ async fn serve(
         force.cancelled().await;
         stop.stop_now();
     });
+    if let Some(host) = &host {
+        let resumed = host.resume().map_err(node_error)?;
+        if resumed > 0 {
+            tracing::info!(runs = resumed, "resuming the unfinished hosted runs");
+        }
+        // Shutting down interrupts the hosted runs (they resume at the next start).
+        let (host, token) = (host.clone(), node.shutdown_token());
+        tokio::spawn(async move {
+            token.cancelled().await;
+            host.stop(STOP_HOSTED).await;
+        });
+    }
     node.serve().await.map_err(node_error)?;
+    if let Some(host) = &host {
+        host.stop(STOP_HOSTED).await;
+    }
     // Whatever a handler left running (the tasks themselves are over) ends with the node.
     p2p_tasks::handler::procs::stop_all(a.kill_grace).await;
     say!("stopped");
     Ok(EXIT_OK)
 }
+
+/// How long hosted runs have to record where they are when the node stops.
+const STOP_HOSTED: Duration = Duration::from_secs(10);
 
 fn discovery_names(c: &Common) -> String {
     let mut names: Vec<String> = c.discovery.iter().map(|k| k.to_string()).collect();
@@ -1419,6 +1490,14 @@ async fn peers(a: PeersArgs) -> anyhow::Result<u8> {
 }
 
 async fn status(a: StatusArgs) -> anyhow::Result<u8> {
+    if let Some(run) = a.run {
+        let client = hosted::HostClient {
+            discovery_timeout: a.discovery_timeout,
+            answer_timeout: a.answer_timeout,
+            common: a.common,
+        };
+        return hosted::run_status(run, a.json, client).await;
+    }
     let key = load_key(&a.common)?;
     let discovery = backends(&a.common, Role::Client, true, &key)?;
     let held = load_identity(&a.common, None)?;

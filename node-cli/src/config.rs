@@ -140,7 +140,9 @@ pub enum ConfigError {
     },
 }
 
-const COMMANDS: [&str; 4] = ["serve", "run", "peers", "status"];
+const COMMANDS: [&str; 8] = [
+    "serve", "run", "peers", "status", "submit", "runs", "attach", "cancel",
+];
 
 /// Returns the command line with the config file's settings inserted after the subcommand,
 /// for every setting not already given as a flag or by its environment variable, with the

@@ -99,6 +99,8 @@
 //! - [`Run`] / [`Events`] (`run.rs`): one run of a plan.
 //! - [`dial`]: the dialer of a run (discovered peers to links), generic over how it
 //!   connects (the simulation suite gives it a simulated network).
+//! - [`hosted`]: runs a serving node hosts for clients (`submit`, `attach`), journaled in
+//!   its data directory and resumed after a restart.
 //! - [`metrics`]: [`NodeBuilder::metrics_listen`]: `/metrics` (Prometheus) and `/healthz`.
 //! - The command line (`cli.rs`, `config.rs`, `output.rs`, `peers.rs`, `help.rs`,
 //!   `datadir.rs`, `guard.rs`, `logging.rs`, `entry.rs`, `report.rs` for `run --report`) is private to the `cli` feature.
@@ -131,6 +133,7 @@ mod status;
 pub mod dial;
 mod error;
 mod floods;
+pub mod hosted;
 pub mod metrics;
 mod node;
 mod run;

@@ -626,6 +626,14 @@ impl Node {
         }
     }
 
+    /// Answers hosted-run requests (`p2p-node submit`, `runs`, `attach`, `cancel`, `status
+    /// --run`) with `service` (see [`crate::hosted::Host::service`]). Takes effect for the
+    /// connections accepted after [`Node::start`]; call it before. Without it, such
+    /// requests are refused.
+    pub fn host_runs(&mut self, service: net::HostedService) {
+        self.settings.hosted = Some(service);
+    }
+
     /// Starts accepting connections in the background and starts the discovery backends,
     /// announcing this node (its address, types and capacity). Does nothing if the node does
     /// not listen or already started. Fails when a backend cannot start (e.g. no such

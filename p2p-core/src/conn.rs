@@ -21,6 +21,7 @@ use crate::transfer::Outbox;
 use std::hash::{BuildHasher, Hasher};
 use std::time::{Duration, Instant};
 
+use crate::hosted::Hosted;
 use crate::message::{
     Assign, Completed, Hello, LoadReport, Message, Reject, RejectReason, StatusReport, Transfer,
     PROTOCOL_VERSION,
@@ -157,6 +158,11 @@ pub enum Event {
     Load(LoadReport),
     /// A file-transfer message from the peer (protocol v3), for the owner's transfers.
     Transfer(Box<Transfer>),
+    /// The peer sends a hosted-run request: answer it with [`Connection::send_hosted`],
+    /// ending with a final answer ([`Hosted::is_final`]).
+    HostedRequest(Box<Hosted>),
+    /// An answer to our hosted-run request.
+    HostedAnswer(Box<Hosted>),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -193,6 +199,10 @@ pub struct Connection {
     /// The peer's capacity as its last `Load` reported it (at most its handshake's); none
     /// before the first.
     peer_capacity: Option<u32>,
+    /// We sent a hosted-run request that has no final answer yet.
+    hosted_asked: bool,
+    /// The peer sent a hosted-run request we have not finally answered yet.
+    hosted_owed: bool,
     /// Control frames first, file chunks between them ([`Outbox`]).
     transmit: Outbox,
     events: VecDeque<Event>,
@@ -219,6 +229,8 @@ impl Connection {
             status_asked: false,
             status_owed: false,
             peer_capacity: None,
+            hosted_asked: false,
+            hosted_owed: false,
             transmit: Outbox::new(),
             events: VecDeque::new(),
         };
@@ -499,6 +511,29 @@ impl Connection {
                 self.events.push_back(Event::Transfer(t));
                 Ok(())
             }
+            Message::Hosted(h) => {
+                if !h.is_bounded() {
+                    return self.fail(Violation::HostedOverBounds.into());
+                }
+                if h.is_request() {
+                    if self.hosted_owed {
+                        return self.fail(Violation::SecondHostedRequest.into());
+                    }
+                    self.hosted_owed = true;
+                    self.events.push_back(Event::HostedRequest(h));
+                } else {
+                    if !self.hosted_asked {
+                        return self.fail(Violation::UnaskedHosted.into());
+                    }
+                    let last = h.is_final();
+                    self.events.push_back(Event::HostedAnswer(h));
+                    if last {
+                        self.hosted_asked = false;
+                        self.maybe_ack();
+                    }
+                }
+                Ok(())
+            }
             other => self.fail(
                 Violation::Unexpected {
                     got: other.kind(),
@@ -609,6 +644,35 @@ impl Connection {
         Ok(())
     }
 
+    /// Sends a hosted-run message: a request (when none of ours is unanswered) or an answer
+    /// to the peer's request (a final one ends it). Fails, without harm to the connection,
+    /// when the connection is not open or the message is out of turn.
+    pub fn send_hosted(&mut self, h: Hosted) -> Result<(), Error> {
+        let in_turn = if h.is_request() {
+            !self.hosted_asked
+        } else {
+            self.hosted_owed
+        };
+        if self.state != State::Open || !in_turn {
+            return Err(Error::InvalidState {
+                action: "send a hosted-run message",
+                why: "the connection is not open, or the message is out of turn",
+            });
+        }
+        if h.is_request() {
+            self.hosted_asked = true;
+        } else if h.is_final() {
+            self.hosted_owed = false;
+        }
+        self.transmit.push(Message::Hosted(Box::new(h)));
+        Ok(())
+    }
+
+    /// Whether the peer's hosted-run request still waits for its final answer.
+    pub fn hosted_owed(&self) -> bool {
+        self.hosted_owed
+    }
+
     /// Asks the peer to stop a task we assigned. Its `Completed` still follows.
     pub fn cancel(&mut self, seq: u64) -> Result<(), Error> {
         if self.state != State::Open || !self.outbound.contains(&seq) {
@@ -689,10 +753,13 @@ impl Connection {
     }
 
     fn maybe_ack(&mut self) {
+        // A hosted-run request of ours still waits for its final answer (e.g. the end of an
+        // attached run the host interrupts as it shuts down): it is in flight too.
         if self.peer_said_goodbye
             && !self.ack_sent
             && self.inbound.is_empty()
             && self.outbound.is_empty()
+            && !self.hosted_asked
         {
             self.ack_sent = true;
             self.transmit.push(Message::GoodbyeAck);

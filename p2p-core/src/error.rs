@@ -373,6 +373,12 @@ pub enum Violation {
     StatusOverBounds,
     /// A `StatusRequest` on a connection whose side does not answer them (a coordinator's).
     StatusNotServed,
+    /// A hosted-run request before the previous one was answered.
+    SecondHostedRequest,
+    /// A hosted-run answer this side never asked for.
+    UnaskedHosted,
+    /// A hosted-run message over the protocol's bounds.
+    HostedOverBounds,
 }
 
 impl fmt::Display for Violation {
@@ -399,6 +405,13 @@ impl fmt::Display for Violation {
             ),
             Violation::StatusNotServed => {
                 f.write_str("a status request to a connection that does not answer them")
+            }
+            Violation::SecondHostedRequest => {
+                f.write_str("a hosted-run request before the previous one was answered")
+            }
+            Violation::UnaskedHosted => f.write_str("a hosted-run answer nobody asked for"),
+            Violation::HostedOverBounds => {
+                f.write_str("a hosted-run message over the protocol's bounds")
             }
         }
     }

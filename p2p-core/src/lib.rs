@@ -8,6 +8,7 @@
 //!   is enforced before any allocation.
 //! - [`conn`]: the connection state machine (handshake, heartbeats, task bookkeeping,
 //!   goodbye) with no IO in it.
+//! - [`hosted`]: the messages of hosted runs (submit, list, status, attach, cancel).
 //! - [`net`]: the thin tokio driver that runs a [`conn::Connection`] on a TCP socket.
 //! - [`file`](mod@file): opening user-named files without blocking on a FIFO, regular files only.
 //! - [`key`]: the cluster key ([`ClusterKey`]) and its file format.
@@ -41,6 +42,7 @@ pub mod conn;
 mod error;
 pub mod file;
 pub mod gate;
+pub mod hosted;
 mod id;
 pub mod identity;
 pub mod key;

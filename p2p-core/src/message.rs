@@ -1,5 +1,5 @@
-//! The messages of protocol v3 (v1 plus [`Message::Started`] in v2, [`Message::Load`] and
-//! [`Message::Transfer`] in v3).
+//! The messages of protocol v3 (v1 plus [`Message::Started`] in v2, [`Message::Load`],
+//! [`Message::Transfer`] and [`Message::Hosted`] in v3).
 //!
 //! docs/PROTOCOL.md describes their encoding byte by byte. Rules that keep versions apart:
 //! the first message on a connection is always [`Message::Hello`], whose first field is the
@@ -16,6 +16,7 @@ use crate::NodeId;
 /// the task's run time. Version 3 added [`Message::Load`]: a node reports its capacity (which
 /// may change during a run) and its machine's resources, and [`StatusReport::waiting`]; and
 /// [`Message::Transfer`]: files shipped with tasks and collected from them.
+/// And [`Message::Hosted`]: runs hosted by a serving node (`p2p-node submit`).
 pub const PROTOCOL_VERSION: u16 = 3;
 
 /// One protocol message: the payload of one frame.
@@ -71,6 +72,9 @@ pub enum Message {
     Load(LoadReport),
     /// File transfer (since version 3): inputs shipped, outputs fetched, by content hash.
     Transfer(Box<Transfer>),
+    /// A message of hosted runs (version 3): a client's request or the host's answer (see
+    /// [`crate::hosted`]).
+    Hosted(Box<crate::hosted::Hosted>),
 }
 
 impl Message {
@@ -92,6 +96,7 @@ impl Message {
             Message::Status(_) => "Status",
             Message::Load(_) => "Load",
             Message::Transfer(t) => t.kind(),
+            Message::Hosted(h) => h.kind(),
         }
     }
 }

@@ -31,6 +31,7 @@ use tokio::sync::mpsc;
 
 use crate::codec::{FrameBudget, DEFAULT_MAX_FRAME};
 use crate::conn;
+use crate::hosted::Hosted;
 use crate::identity::Identity;
 use crate::key::ClusterKey;
 use crate::message::StatusReport;
@@ -76,6 +77,27 @@ pub struct Settings {
     /// What this node answers a peer's status request with (`p2p-node status`). Default
     /// none: such a request closes the connection.
     pub status: Option<StatusSource>,
+    /// What answers a peer's hosted-run requests (`p2p-node submit`, `runs`, `attach`...).
+    /// Default none: each is answered `Refused`.
+    pub hosted: Option<HostedService>,
+}
+
+/// Answers a peer's hosted-run request (see [`Settings::hosted`]): called with the request
+/// and the peer's handshake, it returns where the answers come from. The driver sends them
+/// as they come, until a final one ([`Hosted::is_final`]); a channel that closes before
+/// one is answered `Refused` for it. The channel is the bound: a service that finds it
+/// full may drop it (a client that does not read is dropped, nothing else waits for it).
+#[derive(Clone)]
+pub struct HostedService(pub std::sync::Arc<AnswerHosted>);
+
+/// The function behind a [`HostedService`]: a request and the peer's handshake in, where
+/// the answers come from out.
+pub type AnswerHosted = dyn Fn(Hosted, &crate::Hello) -> mpsc::Receiver<Hosted> + Send + Sync;
+
+impl std::fmt::Debug for HostedService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("HostedService")
+    }
 }
 
 /// Makes this node's [`StatusReport`] when a peer asks (see [`Settings::status`]).
@@ -99,6 +121,7 @@ impl Default for Settings {
             identity: None,
             frame_budget: FrameBudget::default(),
             status: None,
+            hosted: None,
         }
     }
 }

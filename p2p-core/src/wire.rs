@@ -127,7 +127,8 @@ pub fn encode_into(msg: &Message, dst: &mut BytesMut) -> Result<(), Error> {
         | Message::Reject(_)
         | Message::StatusRequest
         | Message::Status(_)
-        | Message::Load(_) => {
+        | Message::Load(_)
+        | Message::Hosted(_) => {
             let writer = BufWriter(dst);
             bincode::serde::encode_into_writer(msg, writer, cfg::<MAX_FRAME_CEILING>())
                 .map_err(|e| Error::Connection(ConnectionError::Encode(e.to_string())))?;
@@ -1008,5 +1009,87 @@ mod tests {
             encode_into(&msg, &mut buf).unwrap();
             assert_eq!(decode(&buf).unwrap(), msg, "output of {output_len} bytes");
         }
+    }
+
+    /// The variant index of `Message::Hosted` (docs/PROTOCOL.md; the messages of other
+    /// branches may come before it, which moves this one number).
+    const HOSTED: u8 = 15;
+
+    #[test]
+    fn hosted_messages_are_encoded_as_docs_protocol_says() {
+        use crate::hosted::{Hosted, RunEnd, RunInfo, RunState, Submit, SubmitOptions};
+        let h = |h: Hosted| Message::Hosted(Box::new(h));
+        let cases: Vec<(Message, Vec<u8>)> = vec![
+            (h(Hosted::List), vec![HOSTED, 1]),
+            (
+                h(Hosted::Attach { run: "ab".into() }),
+                vec![HOSTED, 3, 2, b'a', b'b'],
+            ),
+            (
+                h(Hosted::Refused {
+                    reason: "no".into(),
+                }),
+                vec![HOSTED, 6, 2, b'n', b'o'],
+            ),
+            (
+                h(Hosted::Ended(RunEnd {
+                    run: "r".into(),
+                    state: RunState::Cancelled,
+                    exit: 130,
+                })),
+                vec![HOSTED, 10, 1, b'r', 3, 130],
+            ),
+            (
+                h(Hosted::Submit(Box::new(Submit {
+                    name: "t".into(),
+                    text: "a1".into(),
+                    options: SubmitOptions {
+                        order: 2,
+                        retries: 1,
+                        keep_going: true,
+                        retry_backoff_ms: 100,
+                        retry_backoff_max_ms: 5000,
+                        task_timeout_ms: 0,
+                        discovery_timeout_ms: 3000,
+                    },
+                }))),
+                vec![
+                    HOSTED, 0, 1, b't', 2, b'a', b'1', 2, 1, 1, 100, 251, 0x88, 0x13, 0, 251, 0xb8,
+                    0x0b,
+                ],
+            ),
+            (
+                h(Hosted::Runs(vec![RunInfo {
+                    run: "r".into(),
+                    name: "f".into(),
+                    state: RunState::Running,
+                    total: 3,
+                    succeeded: 1,
+                    failed: 0,
+                    running: 1,
+                    started_ms: 7,
+                    ended_ms: None,
+                }])),
+                vec![HOSTED, 7, 1, 1, b'r', 1, b'f', 0, 3, 1, 0, 1, 7, 0],
+            ),
+        ];
+        for (msg, bytes) in cases {
+            let mut ours = BytesMut::new();
+            encode_into(&msg, &mut ours).unwrap();
+            assert_eq!(&ours[..], &bytes[..], "{msg:?}");
+            assert_eq!(decode(&bytes).unwrap(), msg);
+        }
+    }
+
+    #[test]
+    fn a_hosted_message_claiming_more_than_its_frame_allocates_nothing() {
+        // A Submit whose name claims 2^32 bytes in a frame of a dozen: refused, not allocated.
+        let bytes = [HOSTED, 0, 253, 0, 0, 0, 0, 1, 0, 0, 0];
+        assert!(decode(&bytes).is_err());
+        // A Runs list claiming 2^40 entries.
+        let bytes = [HOSTED, 7, 253, 0, 0, 0, 0, 0, 1, 0, 0];
+        assert!(decode(&bytes).is_err());
+        // An unknown hosted variant.
+        assert!(decode(&[HOSTED, 99]).is_err());
     }
 }

@@ -493,7 +493,8 @@ impl RunCore {
             LinkEvent::Opened(_)
             | LinkEvent::Assigned(_)
             | LinkEvent::Cancelled { .. }
-            | LinkEvent::Transfer(_) => {}
+            | LinkEvent::Transfer(_)
+            | LinkEvent::Hosted(_) => {}
         }
         self.touch(now);
     }

@@ -349,7 +349,8 @@ impl Worker {
                         | LinkEvent::Load(_)
                         | LinkEvent::Completed(_)
                         | LinkEvent::Started { .. }
-                        | LinkEvent::AssignFailed { .. } => {}
+                        | LinkEvent::AssignFailed { .. }
+                        | LinkEvent::Hosted(_) => {}
                     }
                 }
                 Some(joined) = set.join_next_with_id() => match joined {

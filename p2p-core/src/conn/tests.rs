@@ -667,3 +667,126 @@ fn a_transfer_message_before_the_handshake_is_a_violation() {
         "{err}"
     );
 }
+
+fn violation(e: &Error) -> Option<&Violation> {
+    match e {
+        Error::Connection(ConnectionError::Violation(v)) => Some(v),
+        _ => None,
+    }
+}
+
+#[test]
+fn a_hosted_request_gets_answers_until_a_final_one_then_another_may_follow() {
+    use crate::hosted::{Hosted, RunEnd, RunState};
+    let mut p = Pair::new(1);
+    p.drive().unwrap();
+    Pair::events(&mut p.c);
+    Pair::events(&mut p.w);
+    let attach = Hosted::Attach { run: "r1".into() };
+    p.c.send_hosted(attach.clone()).unwrap();
+    // One request at a time; and a side with nothing to answer cannot answer.
+    assert!(p.c.send_hosted(Hosted::List).is_err());
+    assert!(p
+        .w
+        .send_hosted(Hosted::Event { json: "{}".into() })
+        .is_err());
+    p.drive().unwrap();
+    assert_eq!(
+        Pair::events(&mut p.w),
+        vec![Event::HostedRequest(Box::new(attach))]
+    );
+    assert!(p.w.hosted_owed());
+    p.w.send_hosted(Hosted::Event { json: "{}".into() })
+        .unwrap();
+    let end = Hosted::Ended(RunEnd {
+        run: "r1".into(),
+        state: RunState::Succeeded,
+        exit: 0,
+    });
+    p.w.send_hosted(end.clone()).unwrap();
+    assert!(!p.w.hosted_owed());
+    // Answered for good: nothing more may be sent for it.
+    assert!(p
+        .w
+        .send_hosted(Hosted::Event { json: "{}".into() })
+        .is_err());
+    p.drive().unwrap();
+    assert_eq!(
+        Pair::events(&mut p.c),
+        vec![
+            Event::HostedAnswer(Box::new(Hosted::Event { json: "{}".into() })),
+            Event::HostedAnswer(Box::new(end)),
+        ]
+    );
+    p.c.send_hosted(Hosted::List).unwrap();
+    p.drive().unwrap();
+    assert_eq!(
+        Pair::events(&mut p.w),
+        vec![Event::HostedRequest(Box::new(Hosted::List))]
+    );
+    p.w.send_hosted(Hosted::Runs(Vec::new())).unwrap();
+    p.drive().unwrap();
+    p.c.goodbye();
+    p.drive().unwrap();
+    assert!(p.c.is_finished() && p.w.is_finished());
+}
+
+#[test]
+fn hosted_messages_out_of_turn_or_over_bounds_are_violations() {
+    use crate::hosted::Hosted;
+    let msg = |h: Hosted| Message::Hosted(Box::new(h));
+    // An answer nobody asked for.
+    let mut p = Pair::new(1);
+    p.drive().unwrap();
+    let err =
+        p.c.handle_message(msg(Hosted::Submitted { run: "r".into() }), p.now)
+            .unwrap_err();
+    assert_eq!(violation(&err), Some(&Violation::UnaskedHosted), "{err}");
+    // A second request before the first was answered.
+    let mut p = Pair::new(1);
+    p.drive().unwrap();
+    p.w.handle_message(msg(Hosted::List), p.now).unwrap();
+    let err = p.w.handle_message(msg(Hosted::List), p.now).unwrap_err();
+    assert_eq!(
+        violation(&err),
+        Some(&Violation::SecondHostedRequest),
+        "{err}"
+    );
+    // A run id over its bound.
+    let mut p = Pair::new(1);
+    p.drive().unwrap();
+    let long = "x".repeat(crate::hosted::MAX_RUN_ID + 1);
+    let err =
+        p.w.handle_message(msg(Hosted::Attach { run: long }), p.now)
+            .unwrap_err();
+    assert_eq!(violation(&err), Some(&Violation::HostedOverBounds), "{err}");
+    // Before the handshake, like anything else.
+    let mut p = Pair::new(1);
+    assert!(p.w.handle_message(msg(Hosted::List), p.now).is_err());
+}
+
+#[test]
+fn a_goodbye_waits_for_the_final_answer_to_a_hosted_request() {
+    use crate::hosted::{Hosted, RunEnd, RunState};
+    let mut p = Pair::new(1);
+    p.drive().unwrap();
+    p.c.send_hosted(Hosted::Attach { run: "r".into() }).unwrap();
+    p.drive().unwrap();
+    // The host shuts down: it says goodbye while the client waits for the run's end.
+    p.w.goodbye();
+    p.drive().unwrap();
+    assert!(
+        !p.c.is_finished() && !p.w.is_finished(),
+        "closed before the end was sent"
+    );
+    let end = Hosted::Ended(RunEnd {
+        run: "r".into(),
+        state: RunState::Interrupted,
+        exit: 143,
+    });
+    p.w.send_hosted(end.clone()).unwrap();
+    p.drive().unwrap();
+    let got = Pair::events(&mut p.c);
+    assert!(got.contains(&Event::HostedAnswer(Box::new(end))), "{got:?}");
+    assert!(p.c.is_finished() && p.w.is_finished());
+}

@@ -11,9 +11,10 @@ use tokio::time::Instant;
 use tokio_util::codec::Framed;
 use tracing::{debug, warn};
 
-use super::{Command, EventSender, LinkEvent, LinkId, StatusSource, BATCH};
+use super::{Command, EventSender, HostedService, LinkEvent, LinkId, StatusSource, BATCH};
 use crate::conn::{Connection, Event};
 use crate::gate::{self, LogLimit};
+use crate::hosted::Hosted;
 use crate::message::{Message, StatusReport};
 use crate::secure::WireCodec;
 use crate::{ConnectionError, Error};
@@ -164,11 +165,22 @@ pub(super) async fn drive(
     let _ = events.send((id, LinkEvent::Closed { error })).await;
 }
 
-/// A driver's part in status requests: the owner's requests, and what answers the peer's.
+/// A driver's part in status requests (the owner's requests, and what answers the
+/// peer's) and what answers the peer's hosted-run requests.
 type StatusSide = (
     mpsc::Receiver<oneshot::Sender<Box<StatusReport>>>,
     Option<StatusSource>,
+    Option<HostedService>,
 );
+
+/// The final answer to a hosted-run request whose service ended without one.
+fn hosted_dropped() -> Hosted {
+    Hosted::Refused {
+        reason: "the host ended this request without an answer (an attached client that \
+                 does not keep up with the run's events is dropped; attach again)"
+            .into(),
+    }
+}
 
 async fn drive_inner(
     io: &mut Transport,
@@ -177,8 +189,10 @@ async fn drive_inner(
     id: LinkId,
     events: &EventSender,
     idle: Duration,
-    (mut status_rx, source): StatusSide,
+    (mut status_rx, source, hosted): StatusSide,
 ) -> Result<(), Error> {
+    // The answers to the peer's hosted-run request being served, if any.
+    let mut answers: Option<mpsc::Receiver<Hosted>> = None;
     // Where the answer to our status request goes (dropped unanswered if the link closes).
     let mut asked: Option<oneshot::Sender<Box<StatusReport>>> = None;
     let mut status_open = true;
@@ -218,6 +232,20 @@ async fn drive_inner(
                     }
                     continue;
                 }
+                Event::HostedRequest(req) => {
+                    match (&hosted, conn.peer().cloned()) {
+                        (Some(service), Some(peer)) => answers = Some((service.0)(*req, &peer)),
+                        _ => {
+                            let refused = Hosted::Refused {
+                                reason: "this node does not host runs".into(),
+                            };
+                            conn.send_hosted(refused)?;
+                        }
+                    }
+                    answered = true;
+                    continue;
+                }
+                Event::HostedAnswer(h) => LinkEvent::Hosted(h),
             };
             if !owner_gone && deliver(events, id, ev).await.is_err() {
                 owner_gone = true;
@@ -288,6 +316,25 @@ async fn drive_inner(
                 Some(_) => {}
                 None => status_open = false,
             },
+            answer = async { answers.as_mut()?.recv().await }, if answers.is_some() => {
+                match answer {
+                    Some(a) => {
+                        let last = a.is_final();
+                        if let Err(e) = conn.send_hosted(a) {
+                            debug!(error = %e, "hosted-run answer not sent");
+                        }
+                        if last {
+                            answers = None;
+                        }
+                    }
+                    None => {
+                        answers = None;
+                        if conn.hosted_owed() {
+                            conn.send_hosted(hosted_dropped())?;
+                        }
+                    }
+                }
+            }
             () = &mut sleep, if armed.is_some() => {
                 armed = None;
                 conn.handle_timeout(now())?;
@@ -341,6 +388,11 @@ fn command(conn: &mut Connection, cmd: Option<Command>) -> Result<Option<LinkEve
         Some(Command::Transfer(t)) => {
             if let Err(e) = conn.transfer(*t) {
                 debug!(error = %e, "transfer message not sent");
+            }
+        }
+        Some(Command::Hosted(h)) => {
+            if let Err(e) = conn.send_hosted(*h) {
+                debug!(error = %e, "hosted-run request not sent");
             }
         }
     }

@@ -10,6 +10,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use super::LinkId;
 #[cfg(doc)]
 use super::{accept, connect};
+use crate::hosted::Hosted;
 use crate::message::{Assign, Completed, Hello, StatusReport, Transfer};
 use crate::Error;
 
@@ -32,6 +33,8 @@ pub enum Command {
     Abort,
     /// Send a file-transfer message (protocol v3); a chunk goes behind every control frame.
     Transfer(Box<Transfer>),
+    /// Send a hosted-run request (its answers come as [`LinkEvent::Hosted`]).
+    Hosted(Box<Hosted>),
 }
 
 /// What a connection reports to its owner.
@@ -67,6 +70,8 @@ pub enum LinkEvent {
     },
     /// A file-transfer message from the peer (protocol v3).
     Transfer(Box<Transfer>),
+    /// An answer to our hosted-run request ([`Command::Hosted`]).
+    Hosted(Box<Hosted>),
     /// The connection is closed; this is the last event of the link.
     Closed {
         /// `None` after a complete goodbye, else what went wrong (shared: events are

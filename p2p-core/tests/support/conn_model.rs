@@ -157,7 +157,9 @@ impl Checker {
                 | Event::Finished
                 | Event::StatusRequested
                 | Event::Status(_)
-                | Event::Transfer(_) => {}
+                | Event::Transfer(_)
+                | Event::HostedRequest(_)
+                | Event::HostedAnswer(_) => {}
                 Event::Load(r) => {
                     let ceiling = conn.peer().map_or(0, |p| p.capacity);
                     assert!(

@@ -89,7 +89,8 @@ impl Sim {
                 Command::Complete(_)
                 | Command::Started(_)
                 | Command::Load(_)
-                | Command::Transfer(_) => {
+                | Command::Transfer(_)
+                | Command::Hosted(_) => {
                     panic!("the run is assigned nothing")
                 }
             }
@@ -905,7 +906,8 @@ mod shared {
                             Command::Complete(_)
                             | Command::Started(_)
                             | Command::Load(_)
-                            | Command::Transfer(_) => {
+                            | Command::Transfer(_)
+                            | Command::Hosted(_) => {
                                 unreachable!()
                             }
                         }
