@@ -198,12 +198,12 @@ fn keep_work_keeps_a_failed_attempt_and_hostile_ids_stay_inside() {
             assert_eq!(std::fs::read_dir(&work).unwrap().count(), 1, "{id:?}");
         }
     }
-    // Nothing anywhere in the data directory but the work root (and the identity and the
-    // file cache).
+    // Nothing anywhere in the data directory but the work root (and the identity, the file
+    // cache and the hosted runs' directory).
     let mut outside: Vec<String> = std::fs::read_dir(data.path())
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n != "work" && n != "cache" && !n.starts_with("identity"))
+        .filter(|n| n != "work" && n != "cache" && n != "runs" && !n.starts_with("identity"))
         .collect();
     outside.sort();
     assert!(outside.is_empty(), "{outside:?}");
