@@ -266,6 +266,12 @@ pub struct ServeArgs {
     /// Largest input file this node accepts (default: the cache size).
     #[arg(long, value_name = "SIZE", value_parser = parse_size_u64)]
     pub max_file: Option<u64>,
+    /// Most bytes of a task's standard output, and of its standard error, kept whole for a
+    /// coordinator that collects results (run --results, or a task with files): streamed
+    /// to DATA_DIR as they come, cut beyond with a marker line. The capped output in the
+    /// result (--max-output) is apart.
+    #[arg(long, value_name = "SIZE", default_value = "1GiB", value_parser = parse_size_u64)]
+    pub max_result_size: u64,
     /// Shared options.
     #[command(flatten)]
     pub common: Common,
@@ -1060,11 +1066,14 @@ async fn serve(
             )));
         }
     };
-    let b = b.files(std::sync::Arc::new(p2p_tasks::node_files::NodeFiles::new(
-        cache,
-        a.max_file.unwrap_or(a.cache_size),
-        a.common.max_frame,
-    )));
+    let b = b.files(std::sync::Arc::new(
+        p2p_tasks::node_files::NodeFiles::new(
+            cache,
+            a.max_file.unwrap_or(a.cache_size),
+            a.common.max_frame,
+        )
+        .with_max_result(a.max_result_size),
+    ));
     let node = match with_identity(b, &identity).build().await {
         Ok(node) => node,
         Err(e) => {

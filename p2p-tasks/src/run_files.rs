@@ -15,7 +15,7 @@ use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use p2p_core::message::{AbortReason, PlacedFile, ProducedFile};
+use p2p_core::message::{AbortReason, PlacedFile, ProducedFile, StreamFile};
 use p2p_core::net::{Command, Link, LinkId};
 use p2p_core::transfer::{self, Received, Receiver, Sender, DEFAULT_WINDOW};
 use p2p_core::{Assign, Completed, ContentHash, Message, Transfer};
@@ -46,6 +46,9 @@ struct Held {
     node: String,
     left: usize,
     error: Option<String>,
+    /// Whether the whole stdout is fetched into `DIR/ID/stdout` (else the result's capped
+    /// output is written there).
+    streams: bool,
 }
 
 struct Fetch {
@@ -70,6 +73,7 @@ pub struct RunFiles {
     turn: HashMap<LinkId, VecDeque<u64>>,
     assigned: HashMap<(LinkId, u64), (String, u32)>,
     produced: HashMap<(LinkId, u64), Vec<ProducedFile>>,
+    streams: HashMap<(LinkId, u64), [StreamFile; 2]>,
     held: HashMap<(LinkId, u64), Held>,
     fetches: HashMap<(LinkId, u64), Fetch>,
 }
@@ -140,6 +144,7 @@ impl RunFiles {
             turn: HashMap::new(),
             assigned: HashMap::new(),
             produced: HashMap::new(),
+            streams: HashMap::new(),
             held: HashMap::new(),
             fetches: HashMap::new(),
         })
@@ -184,7 +189,11 @@ impl RunFiles {
             self.assigned
                 .insert((lid, a.seq), (a.task.clone(), a.attempt));
         }
-        let Some((inputs, outputs)) = self.plan.get(&a.task).cloned() else {
+        let Some((inputs, outputs)) = self.plan.get(&a.task).cloned().or_else(|| {
+            // A task without files whose results are kept: an empty `Files` record asks the
+            // node to keep its whole standard streams.
+            self.all.then(|| (Vec::new(), Vec::new()))
+        }) else {
             return Step::Send(a);
         };
         // What the protocol cannot carry (a `Task` built by a program, not parsed) fails
@@ -280,9 +289,6 @@ impl RunFiles {
         inputs: Vec<PlacedFile>,
         outputs: Vec<String>,
     ) -> Step {
-        if inputs.is_empty() && outputs.is_empty() {
-            return Step::Send(a);
-        }
         send(
             link,
             Transfer::Files {
@@ -507,6 +513,13 @@ impl RunFiles {
             Transfer::Produced { seq, outputs } => {
                 self.produced.insert((lid, seq), outputs);
             }
+            Transfer::Streams {
+                seq,
+                stdout,
+                stderr,
+            } => {
+                self.streams.insert((lid, seq), [stdout, stderr]);
+            }
             // Requests this side does not serve.
             Transfer::Offer { id, .. } | Transfer::Fetch { id, .. } => {
                 send(
@@ -602,19 +615,22 @@ impl RunFiles {
         }
         let h = self.held.remove(&(lid, seq))?;
         let mut c = h.completed;
-        if let Some(e) = h.error {
+        // A failed task keeps its own reason; a success whose files did not come fails.
+        if let (Some(e), true) = (h.error, c.ok) {
             c.ok = false;
             c.error = Some(e);
         }
-        self.write_result(&h.task, &c, &h.node, h.attempt);
+        self.write_result(&h.task, &c, &h.node, h.attempt, h.streams);
         Some(c)
     }
 
-    /// A result from `link`: `None` while its outputs are fetched (the result comes back
-    /// from [`RunFiles::transfer`] once they are here).
+    /// A result from `link`: `None` while its outputs (and its whole standard streams, when
+    /// the node kept them) are fetched (the result comes back from [`RunFiles::transfer`]
+    /// once they are here).
     pub fn completed(&mut self, link: &Link, c: Completed) -> Option<Completed> {
         let lid = link.id();
         let produced = self.produced.remove(&(lid, c.seq));
+        let streams = self.streams.remove(&(lid, c.seq));
         let Some((task, attempt)) = self.assigned.remove(&(lid, c.seq)) else {
             return Some(c);
         };
@@ -624,27 +640,45 @@ impl RunFiles {
             .get(&task)
             .map(|p| p.1.clone())
             .unwrap_or_default();
-        if !c.ok || declared.is_empty() {
-            self.write_result(&task, &c, &node, attempt);
-            return Some(c);
+        let mut wanted: Vec<(String, ContentHash, u64, String)> = Vec::new();
+        if let Some([out, err]) = streams {
+            wanted.push(("stdout".into(), out.hash, out.size, "stdout".into()));
+            wanted.push(("stderr".into(), err.hash, err.size, "stderr".into()));
         }
-        let produced = produced.unwrap_or_default();
-        let names: Vec<&str> = produced.iter().map(|p| p.name.as_str()).collect();
-        if names.len() != declared.len() || declared.iter().any(|d| !names.contains(&d.as_str())) {
-            let c = Completed {
-                ok: false,
-                error: Some(format!(
-                    "the node announced outputs {names:?}, not the declared {declared:?}"
-                )),
-                ..c
-            };
-            self.write_result(&task, &c, &node, attempt);
+        if c.ok && !declared.is_empty() {
+            let produced = produced.unwrap_or_default();
+            let names: Vec<&str> = produced.iter().map(|p| p.name.as_str()).collect();
+            if names.len() != declared.len()
+                || declared.iter().any(|d| !names.contains(&d.as_str()))
+            {
+                let c = Completed {
+                    ok: false,
+                    error: Some(format!(
+                        "the node announced outputs {names:?}, not the declared {declared:?}"
+                    )),
+                    ..c
+                };
+                self.write_result(&task, &c, &node, attempt, false);
+                return Some(c);
+            }
+            for p in produced {
+                wanted.push((
+                    p.name.clone(),
+                    p.hash,
+                    p.size,
+                    format!("output {:?}", p.name),
+                ));
+            }
+        }
+        let with_streams = streams.is_some();
+        if wanted.is_empty() {
+            self.write_result(&task, &c, &node, attempt, false);
             return Some(c);
         }
         let task_dir = self.dir.join(&task);
         let mut fetches = Vec::new();
-        for p in &produced {
-            let dest = task_dir.join(&p.name);
+        for (name, hash, size, what) in wanted {
+            let dest = task_dir.join(&name);
             let parent = dest
                 .parent()
                 .map(Path::to_path_buf)
@@ -655,22 +689,32 @@ impl RunFiles {
                     .tempfile_in(&parent)
             });
             let file = match made {
+                Ok(f) if size == 0 && hash == transfer::hash_bytes(&[]) => {
+                    // Nothing to fetch: an empty file.
+                    match f.persist(&dest) {
+                        Ok(_) => continue,
+                        Err(e) => Err(e.error),
+                    }
+                }
+                other => other,
+            };
+            let file = match file {
                 Ok(f) => f,
                 Err(e) => {
                     let c = Completed {
                         ok: false,
-                        error: Some(format!("cannot write output {:?}: {e}", p.name)),
+                        error: Some(format!("cannot write {what}: {e}")),
                         ..c
                     };
-                    self.write_result(&task, &c, &node, attempt);
+                    self.write_result(&task, &c, &node, attempt, false);
                     return Some(c);
                 }
             };
             let id = self.id();
-            match Receiver::new(id, p.hash, p.size, DEFAULT_WINDOW, u64::MAX) {
+            match Receiver::new(id, hash, size, DEFAULT_WINDOW, u64::MAX) {
                 Ok(receiver) => fetches.push(Fetch {
                     seq: c.seq,
-                    name: p.name.clone(),
+                    name: what,
                     receiver,
                     file,
                     dest,
@@ -681,9 +725,14 @@ impl RunFiles {
                         error: Some(e.to_string()),
                         ..c
                     };
+                    self.write_result(&task, &c, &node, attempt, false);
                     return Some(c);
                 }
             }
+        }
+        if fetches.is_empty() {
+            self.write_result(&task, &c, &node, attempt, with_streams);
+            return Some(c);
         }
         self.held.insert(
             (lid, c.seq),
@@ -694,6 +743,7 @@ impl RunFiles {
                 left: fetches.len(),
                 completed: c,
                 error: None,
+                streams: with_streams,
             },
         );
         for f in fetches {
@@ -706,12 +756,21 @@ impl RunFiles {
     }
 
     /// `DIR/ID/stdout` and `DIR/ID/meta.json` of a result.
-    fn write_result(&self, task: &str, c: &Completed, node: &str, attempt: u32) {
+    fn write_result(&self, task: &str, c: &Completed, node: &str, attempt: u32, streams: bool) {
         let dir = self.dir.join(task);
         if std::fs::create_dir_all(&dir).is_err() {
             return;
         }
-        let _ = std::fs::write(dir.join("stdout"), &c.output);
+        if !streams {
+            // The node kept no whole streams: the result's (capped) output, and no stderr
+            // from an earlier attempt.
+            let _ = std::fs::write(dir.join("stdout"), &c.output);
+            let _ = std::fs::remove_file(dir.join("stderr"));
+        }
+        let stream = |name: &str| {
+            let (hash, size) = crate::node_files::hash_file(&dir.join(name)).ok()?;
+            Some(serde_json::json!({"hash": hash.to_hex(), "size": size}))
+        };
         let files: Vec<serde_json::Value> = self
             .plan
             .get(task)
@@ -733,6 +792,8 @@ impl RunFiles {
             "error": c.error,
             "duration_us": c.duration_us,
             "outputs": files,
+            "stdout": stream("stdout"),
+            "stderr": stream("stderr"),
         });
         let _ = std::fs::write(dir.join("meta.json"), format!("{meta:#}\n"));
     }
@@ -744,6 +805,7 @@ impl RunFiles {
         self.turn.remove(&lid);
         self.assigned.retain(|(l, _), _| *l != lid);
         self.produced.retain(|(l, _), _| *l != lid);
+        self.streams.retain(|(l, _), _| *l != lid);
         self.held.retain(|(l, _), _| *l != lid);
         self.fetches.retain(|(l, _), _| *l != lid);
     }

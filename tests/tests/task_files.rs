@@ -540,7 +540,8 @@ fn run_ships_an_input_and_passes_an_artifact_across_two_nodes_into_results() {
     assert_eq!(count.trim(), input.len().to_string());
     assert_eq!(
         std::fs::read_to_string(results.join("a1/stdout")).unwrap(),
-        "shouted"
+        "shouted\n",
+        "the whole stdout, as printed"
     );
     let meta: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(results.join("a1/meta.json")).unwrap())
@@ -619,4 +620,133 @@ fn an_input_shared_by_many_tasks_crosses_the_wire_once_per_node() {
         log.matches("input offered: already here").count() >= 1,
         "{log}"
     );
+}
+
+/// The bytes `yes 0123456789abcdef | head -c LEN` prints.
+fn yes_bytes(len: usize) -> Vec<u8> {
+    b"0123456789abcdef\n"
+        .iter()
+        .copied()
+        .cycle()
+        .take(len)
+        .collect()
+}
+
+/// Runs `run ARGS` in `dir`, sampling its peak RSS (KiB) while it runs.
+fn run_with_peak_rss(dir: &std::path::Path, args: &[&str]) -> (tests::RunOutput, u64) {
+    let running = tests::spawn_in(dir, args);
+    let pid = running.pid();
+    let mut peak = 0;
+    let sampler = std::thread::spawn(move || {
+        while let Some(kb) = tests::peak_rss_kb(pid) {
+            peak = peak.max(kb);
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        peak
+    });
+    let out = running.finish();
+    (out, sampler.join().unwrap())
+}
+
+#[test]
+fn a_50_mb_stdout_and_a_long_stderr_land_whole_in_results_with_both_sides_small() {
+    const LEN: usize = 50 * 1024 * 1024;
+    let data = TestDir::new();
+    let s = Serve::types(
+        "a",
+        &[
+            "--handler",
+            &format!(
+                "a=yes 0123456789abcdef | head -c {LEN}; \
+                 i=0; while [ $i -lt 2000 ]; do echo \"err line $i\" >&2; i=$((i+1)); done"
+            ),
+            "--data-dir",
+            data.path().to_str().unwrap(),
+        ],
+    );
+    let dir = TestDir::new();
+    dir.write("tasks.txt", "a1\n");
+    let (out, run_rss) = run_with_peak_rss(
+        dir.path(),
+        &[
+            "run",
+            "tasks.txt",
+            "--json",
+            "--results",
+            "out",
+            "--peer",
+            &s.peer(),
+        ],
+    );
+    out.assert_code(0);
+    let serve_rss = tests::peak_rss_kb(s.pid()).unwrap();
+    let got = std::fs::read(dir.join("out/a1/stdout")).unwrap();
+    assert_eq!(
+        got.len(),
+        LEN,
+        "stdout is whole, not capped at --max-output"
+    );
+    let want = yes_bytes(LEN);
+    assert!(got == want, "stdout has the bytes printed");
+    let err = std::fs::read_to_string(dir.join("out/a1/stderr")).unwrap();
+    let want_err: String = (0..2000).map(|i| format!("err line {i}\n")).collect();
+    assert_eq!(err, want_err, "stderr is whole, not its 4 KiB tail");
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("out/a1/meta.json")).unwrap())
+            .unwrap();
+    assert_eq!(meta["stdout"]["hash"], hash_bytes(&want).to_hex(), "{meta}");
+    assert_eq!(meta["stdout"]["size"], LEN as u64, "{meta}");
+    assert_eq!(meta["stderr"]["size"], want_err.len() as u64, "{meta}");
+    // Streamed through both sides: neither holds the 50 MB.
+    assert!(serve_rss < 40 * 1024, "serve peak RSS {serve_rss} KiB");
+    assert!(run_rss < 40 * 1024, "run peak RSS {run_rss} KiB");
+}
+
+#[test]
+fn max_result_size_cuts_a_stream_with_a_marker_and_a_failure_keeps_its_whole_stderr() {
+    let data = TestDir::new();
+    let s = Serve::types(
+        "a",
+        &[
+            "--handler",
+            "a=yes 0123456789abcdef | head -c 5000; \
+             i=0; while [ $i -lt 1000 ]; do echo \"e$i\" >&2; i=$((i+1)); done; \
+             case {id} in a2) exit 3;; esac",
+            "--max-result-size",
+            "3000",
+            "--data-dir",
+            data.path().to_str().unwrap(),
+        ],
+    );
+    let dir = TestDir::new();
+    dir.write("tasks.txt", "a1\na2\n");
+    let out = run_in(
+        dir.path(),
+        &[
+            "run",
+            "tasks.txt",
+            "--results",
+            "out",
+            "--keep-going",
+            "--peer",
+            &s.peer(),
+        ],
+    );
+    assert_ne!(out.code(), Some(0), "{}", out.describe());
+    let got = std::fs::read(dir.join("out/a1/stdout")).unwrap();
+    let mut want = yes_bytes(3000);
+    want.extend_from_slice(b"\n[truncated at 3000 bytes by --max-result-size]\n");
+    assert_eq!(
+        String::from_utf8_lossy(&got),
+        String::from_utf8_lossy(&want)
+    );
+    // The failed task's stderr: its first 3000 bytes, not only the end in the error.
+    let err = std::fs::read_to_string(dir.join("out/a2/stderr")).unwrap();
+    assert!(err.starts_with("e0\ne1\ne2\n"), "{err}");
+    assert!(err.ends_with("by --max-result-size]\n"), "{err}");
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("out/a2/meta.json")).unwrap())
+            .unwrap();
+    assert_eq!(meta["ok"], false, "{meta}");
+    assert_eq!(meta["exit_code"], 3, "{meta}");
 }
