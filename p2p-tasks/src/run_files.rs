@@ -20,6 +20,7 @@ use p2p_core::net::{Command, Link, LinkId};
 use p2p_core::transfer::{self, Received, Receiver, Sender, DEFAULT_WINDOW};
 use p2p_core::{Assign, Completed, ContentHash, Message, Transfer};
 
+use crate::journal::RecordedFile;
 use crate::task::{Input, Task};
 
 struct Waiting {
@@ -74,6 +75,8 @@ pub struct RunFiles {
     assigned: HashMap<(LinkId, u64), (String, u32)>,
     produced: HashMap<(LinkId, u64), Vec<ProducedFile>>,
     streams: HashMap<(LinkId, u64), [StreamFile; 2]>,
+    /// The declared outputs of each success written, until the journal takes them.
+    recorded: HashMap<String, Vec<RecordedFile>>,
     held: HashMap<(LinkId, u64), Held>,
     fetches: HashMap<(LinkId, u64), Fetch>,
 }
@@ -145,6 +148,7 @@ impl RunFiles {
             assigned: HashMap::new(),
             produced: HashMap::new(),
             streams: HashMap::new(),
+            recorded: HashMap::new(),
             held: HashMap::new(),
             fetches: HashMap::new(),
         })
@@ -756,7 +760,7 @@ impl RunFiles {
     }
 
     /// `DIR/ID/stdout` and `DIR/ID/meta.json` of a result.
-    fn write_result(&self, task: &str, c: &Completed, node: &str, attempt: u32, streams: bool) {
+    fn write_result(&mut self, task: &str, c: &Completed, node: &str, attempt: u32, streams: bool) {
         let dir = self.dir.join(task);
         if std::fs::create_dir_all(&dir).is_err() {
             return;
@@ -795,7 +799,49 @@ impl RunFiles {
             "stdout": stream("stdout"),
             "stderr": stream("stderr"),
         });
+        if c.ok && !files.is_empty() {
+            let kept = files
+                .iter()
+                .filter_map(|f| {
+                    Some(RecordedFile {
+                        name: f["name"].as_str()?.to_owned(),
+                        hash: f["hash"].as_str()?.to_owned(),
+                        size: f["size"].as_u64()?,
+                    })
+                })
+                .collect();
+            self.recorded.insert(task.to_owned(), kept);
+        }
         let _ = std::fs::write(dir.join("meta.json"), format!("{meta:#}\n"));
+    }
+
+    /// The declared outputs the success of `task` wrote (for the journal), taken once.
+    pub fn take_recorded(&mut self, task: &str) -> Vec<RecordedFile> {
+        self.recorded.remove(task).unwrap_or_default()
+    }
+
+    /// Whether the outputs a journal recorded with the success of `task` are in the results
+    /// directory as they were written: `Err` names what is missing or altered. A task that
+    /// declares outputs and has none recorded (a journal of an older version) is not
+    /// trusted either.
+    pub fn check_kept(&self, task: &str, recorded: &[RecordedFile]) -> Result<(), String> {
+        let declared = self
+            .plan
+            .get(task)
+            .map(|p| p.1.as_slice())
+            .unwrap_or_default();
+        for name in declared {
+            let Some(r) = recorded.iter().find(|r| &r.name == name) else {
+                return Err(format!("the journal has no hash of its output {name:?}"));
+            };
+            let path = self.dir.join(task).join(name);
+            match crate::node_files::hash_file(&path) {
+                Ok((hash, size)) if hash.to_hex() == r.hash && size == r.size => {}
+                Ok(_) => return Err(format!("its output {} was altered", path.display())),
+                Err(e) => return Err(format!("its output {} is gone ({e})", path.display())),
+            }
+        }
+        Ok(())
     }
 
     /// `link` closed: what was in progress on it is dropped (the run re-queues its tasks).

@@ -750,3 +750,87 @@ fn max_result_size_cuts_a_stream_with_a_marker_and_a_failure_keeps_its_whole_std
     assert_eq!(meta["ok"], false, "{meta}");
     assert_eq!(meta["exit_code"], 3, "{meta}");
 }
+
+#[test]
+fn resume_keeps_a_success_whose_outputs_are_there_as_recorded_and_reruns_one_altered_or_gone() {
+    let data = TestDir::new();
+    let dir = TestDir::new();
+    let counts = dir.join("counts");
+    std::fs::create_dir(&counts).unwrap();
+    let s = Serve::types(
+        "a,b",
+        &[
+            "--handler",
+            &format!("a=echo made > o.txt; echo x >> {}/{{id}}", counts.display()),
+            "--handler",
+            &format!(
+                "b=wc -c < o.txt > p.txt; echo x >> {}/{{id}}",
+                counts.display()
+            ),
+            "--data-dir",
+            data.path().to_str().unwrap(),
+        ],
+    );
+    dir.write("tasks.txt", "a1 > o.txt\nb1 < @a1/o.txt > p.txt\n");
+    let runs = |id: &str| {
+        std::fs::read_to_string(counts.join(id))
+            .map(|t| t.lines().count())
+            .unwrap_or(0)
+    };
+    let go = |resume: bool| {
+        let mut args = vec![
+            "run",
+            "tasks.txt",
+            "--results",
+            "out",
+            "--journal",
+            "j.jsonl",
+            "--peer",
+        ];
+        let peer = s.peer();
+        args.push(&peer);
+        if resume {
+            args.push("--resume");
+        }
+        let out = run_in(dir.path(), &args);
+        out.assert_code(0);
+        out
+    };
+    go(false);
+    assert_eq!((runs("a1"), runs("b1")), (1, 1));
+    let journal = std::fs::read_to_string(dir.join("j.jsonl")).unwrap();
+    assert!(
+        journal.contains(&hash_bytes(b"made\n").to_hex()),
+        "the journal records a1's output hash:\n{journal}"
+    );
+    // Everything there as recorded: nothing runs again.
+    go(true);
+    assert_eq!((runs("a1"), runs("b1")), (1, 1));
+    // a1's output altered: a1 runs again (and its output is restored); b1's is intact.
+    std::fs::write(dir.join("out/a1/o.txt"), "tampered\n").unwrap();
+    let out = go(true);
+    assert!(
+        out.stderr.contains("was altered: it runs again"),
+        "{}",
+        out.describe()
+    );
+    assert_eq!((runs("a1"), runs("b1")), (2, 1));
+    assert_eq!(
+        std::fs::read_to_string(dir.join("out/a1/o.txt")).unwrap(),
+        "made\n"
+    );
+    // b1's output gone: b1 runs again.
+    std::fs::remove_file(dir.join("out/b1/p.txt")).unwrap();
+    let out = go(true);
+    assert!(out.stderr.contains("is gone"), "{}", out.describe());
+    assert_eq!((runs("a1"), runs("b1")), (2, 2));
+    assert_eq!(
+        std::fs::read_to_string(dir.join("out/b1/p.txt"))
+            .unwrap()
+            .trim(),
+        "5"
+    );
+    // And once more, all there: nothing runs.
+    go(true);
+    assert_eq!((runs("a1"), runs("b1")), (2, 2));
+}
