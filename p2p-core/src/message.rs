@@ -300,7 +300,7 @@ pub const MAX_TASK_FILES: usize = 32;
 /// The longest [`Transfer::Abort`] message, in bytes; longer ones are cut when encoded.
 pub const MAX_ABORT_MESSAGE: usize = 1024;
 
-/// A file's content hash: BLAKE2b with a 32-byte output, over the file's bytes.
+/// A file's content hash: BLAKE3 (32 bytes), over the file's bytes.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct ContentHash(pub [u8; 32]);
 

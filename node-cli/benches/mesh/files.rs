@@ -136,8 +136,12 @@ fn large(o: &Opts, d: &Path, rep: &mut Report) -> Result<()> {
     let len = o.file_mib * 1024 * 1024;
     let big = d.join("big.bin");
     random_file(&big, len, 0x9e37_79b9_7f4a_7c15)?;
-    let raw = raw_copy(&big, &d.join("raw.out"))?;
-    std::fs::remove_file(d.join("raw.out"))?;
+    // Best of three: a copy into the page cache varies with the disk's writeback.
+    let mut raw = f64::MAX;
+    for _ in 0..3 {
+        raw = raw.min(raw_copy(&big, &d.join("raw.out"))?);
+        std::fs::remove_file(d.join("raw.out"))?;
+    }
     let label = format!("{} MiB", o.file_mib);
     rep.add(
         format!("files: raw TCP copy of {label}, file to file"),
@@ -157,19 +161,25 @@ fn large(o: &Opts, d: &Path, rep: &mut Report) -> Result<()> {
     let tasks = d.join("large.txt");
     std::fs::write(&tasks, "a1 < big.bin\n")?;
     for (k, what) in [(None, "without a key"), (Some(key.as_path()), "with a key")] {
-        let data = d.join(format!("node-{}", k.is_some()));
-        let mut extra = vec!["--cache-size", "4GiB"];
-        let kf = key.display().to_string();
-        if k.is_some() {
-            extra.extend(["--key-file", kf.as_str()]);
+        // Best of two, each on a node that does not have the file yet.
+        let mut moved = f64::MAX;
+        let (mut run_rss, mut serve_rss) = (0, 0);
+        for round in 0..2 {
+            let data = d.join(format!("node-{}-{round}", k.is_some()));
+            let mut extra = vec!["--cache-size", "4GiB"];
+            let kf = key.display().to_string();
+            if k.is_some() {
+                extra.extend(["--key-file", kf.as_str()]);
+            }
+            let s = node(&data, "a", &["a=true"], &extra)?;
+            let cold = run_on(o, &tasks, std::slice::from_ref(&s), k, &[], d)?;
+            let warm = run_on(o, &tasks, std::slice::from_ref(&s), k, &[], d)?;
+            serve_rss = serve_rss.max(peak_rss_kb(s.pid()).unwrap_or(0));
+            run_rss = run_rss.max(cold.peak_rss_kb);
+            drop(s);
+            let _ = std::fs::remove_dir_all(&data);
+            moved = moved.min((cold.wall.as_secs_f64() - warm.wall.as_secs_f64()).max(1e-6));
         }
-        let s = node(&data, "a", &["a=true"], &extra)?;
-        let cold = run_on(o, &tasks, std::slice::from_ref(&s), k, &[], d)?;
-        let warm = run_on(o, &tasks, std::slice::from_ref(&s), k, &[], d)?;
-        let serve_rss = peak_rss_kb(s.pid()).unwrap_or(0);
-        drop(s);
-        let _ = std::fs::remove_dir_all(&data);
-        let moved = (cold.wall.as_secs_f64() - warm.wall.as_secs_f64()).max(1e-6);
         rep.add(
             format!("files: {label} input to a node, {what} (cold - warm run)"),
             mb_s(len, moved),
@@ -177,7 +187,7 @@ fn large(o: &Opts, d: &Path, rep: &mut Report) -> Result<()> {
         );
         rep.add(
             format!("files: {label} input, {what}: peak RSS run / serve"),
-            format!("{} / {}", mib(cold.peak_rss_kb), mib(serve_rss)),
+            format!("{} / {}", mib(run_rss), mib(serve_rss)),
             "",
         );
     }
