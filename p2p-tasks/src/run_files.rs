@@ -768,7 +768,10 @@ impl RunFiles {
         if !streams {
             // The node kept no whole streams: the result's (capped) output, and no stderr
             // from an earlier attempt.
-            let _ = std::fs::write(dir.join("stdout"), &c.output);
+            if std::fs::write(dir.join("stdout"), &c.output).is_err() {
+                // A full disk: no stdout rather than a cut one.
+                let _ = std::fs::remove_file(dir.join("stdout"));
+            }
             let _ = std::fs::remove_file(dir.join("stderr"));
         }
         let stream = |name: &str| {
@@ -812,7 +815,9 @@ impl RunFiles {
                 .collect();
             self.recorded.insert(task.to_owned(), kept);
         }
-        let _ = std::fs::write(dir.join("meta.json"), format!("{meta:#}\n"));
+        if std::fs::write(dir.join("meta.json"), format!("{meta:#}\n")).is_err() {
+            let _ = std::fs::remove_file(dir.join("meta.json"));
+        }
     }
 
     /// The declared outputs the success of `task` wrote (for the journal), taken once.

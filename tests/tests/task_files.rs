@@ -1176,3 +1176,54 @@ fn an_output_served_with_wrong_bytes_fails_the_attempt_and_never_lands_in_result
         .collect();
     assert!(names.iter().all(|n| !n.contains(".fetch-")), "{names:?}");
 }
+
+#[test]
+fn a_full_results_disk_leaves_no_cut_stdout_or_meta_behind() {
+    let root = TestDir::new();
+    let Some(disk) = SmallDisk::mount(root.path(), "64k") else {
+        assert!(
+            std::env::var_os("P2P_REQUIRE_MOUNT").is_none(),
+            "cannot mount a tmpfs (P2P_REQUIRE_MOUNT is set)"
+        );
+        eprintln!("skipped: cannot mount a tmpfs (needs root)");
+        return;
+    };
+    let data = TestDir::new();
+    // A cache too small for the whole stdout: the node keeps no streams, and the run writes
+    // the result's capped output (1 MiB) itself, onto a 64 KiB disk.
+    let s = Serve::types(
+        "a",
+        &[
+            "--handler",
+            "a=yes | head -c 1000000",
+            "--cache-size",
+            "512KiB",
+            "--data-dir",
+            data.path().to_str().unwrap(),
+        ],
+    );
+    let dir = TestDir::new();
+    dir.write("tasks.txt", "a1\n");
+    let results = disk.dir.join("out");
+    let out = run_in(
+        dir.path(),
+        &[
+            "run",
+            "tasks.txt",
+            "--results",
+            results.to_str().unwrap(),
+            "--peer",
+            &s.peer(),
+        ],
+    );
+    assert_ne!(out.code(), Some(0), "{}", out.describe());
+    // No stdout rather than a cut one; a meta.json, if one fitted, is whole.
+    if let Ok(bytes) = std::fs::read(results.join("a1/stdout")) {
+        panic!("stdout was left cut at {} bytes", bytes.len());
+    }
+    if let Ok(text) = std::fs::read_to_string(results.join("a1/meta.json")) {
+        let meta: serde_json::Value = serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("meta.json is cut ({e}): {text:?}"));
+        assert_eq!(meta["ok"], false, "{meta}");
+    }
+}
