@@ -25,10 +25,14 @@
 //!   PATH` (an earlier `p2p-node`) against that build's placement; two runs on one node of
 //!   capacity 2, 1,000 tasks and 10 started a second later, the small one against its time
 //!   alone.
+//! - **files**: a large input shipped to a node against a raw TCP copy, with and without a
+//!   key; an input shared by many tasks over 3 nodes; a pipeline passing artifacts against
+//!   a shared directory (see `mesh/files.rs`).
 //!
 //! # Options
 //!
-//! `--quick` (smaller counts), `--only raw,strict,none,local,scale,nodes,key,json,placement`,
+//! `--quick` (smaller counts), `--only raw,strict,none,local,scale,nodes,key,json,placement,files`,
+//! `--file-mib N` (the files section's large input, default 256), `--large` (1 GiB),
 //! `--tasks N` (the large runs), `--strict-tasks N`, `--nodes N`, `--capacity N` (of the
 //! serving processes in the large runs; 0 skips those runs), `--bin PATH` (or env
 //! `P2P_NODE_BIN`; default: the `p2p-node` cargo built for this bench), `--before PATH` (an
@@ -48,6 +52,9 @@ use anyhow::{anyhow, bail, Context, Result};
 use p2p_core::{testing, Assign, Completed, Message};
 use tests::{peak_rss_kb, ChildGuard, Serve as Server};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+#[path = "mesh/files.rs"]
+mod files;
 
 /// The longest any single measured command may take before it is killed.
 const RUN_DEADLINE: Duration = Duration::from_secs(600);
@@ -94,6 +101,8 @@ struct Opts {
     frames: usize,
     /// An earlier build, for the placement comparison.
     before: Option<PathBuf>,
+    /// The files section's large input, in MiB.
+    file_mib: u64,
 }
 
 impl Opts {
@@ -110,6 +119,7 @@ impl Opts {
             pings: 20_000,
             frames: 2_000_000,
             before: None,
+            file_mib: 256,
         };
         let mut it = args.iter();
         let num = |v: Option<&String>, flag: &str| -> Result<usize> {
@@ -141,6 +151,8 @@ impl Opts {
                         it.next().ok_or_else(|| anyhow!("--before needs a path"))?,
                     ))
                 }
+                "--large" => o.file_mib = 1024,
+                "--file-mib" => o.file_mib = num(it.next(), "--file-mib")?.clamp(1, 16384) as u64,
                 "--tasks" => o.tasks = num(it.next(), "--tasks")?.max(1000),
                 "--strict-tasks" => o.strict_tasks = num(it.next(), "--strict-tasks")?.max(100),
                 "--nodes" => o.nodes = num(it.next(), "--nodes")?.clamp(1, 200),
@@ -149,7 +161,8 @@ impl Opts {
                 }
                 other => bail!(
                     "unknown argument {other:?}; options: --quick, --only LIST, --tasks N, \
-                     --strict-tasks N, --nodes N, --capacity N, --bin PATH, --before PATH"
+                     --strict-tasks N, --nodes N, --capacity N, --bin PATH, --before PATH, \
+                     --file-mib N, --large"
                 ),
             }
         }
@@ -385,6 +398,9 @@ fn bench(o: &Opts) -> Result<()> {
     }
     if o.wants("placement") {
         placement(o, d, &mut rep)?;
+    }
+    if o.wants("files") {
+        files::files(o, d, &mut rep)?;
     }
     rep.print();
     Ok(())

@@ -295,6 +295,12 @@ pub struct ServeArgs {
     /// How long a finished hosted run is kept (listed, attachable) before its files go.
     #[arg(long, value_name = "DUR", default_value = "24h", value_parser = parse_duration)]
     pub keep_runs: Duration,
+    /// Most bytes of a task's standard output, and of its standard error, kept whole for a
+    /// coordinator that collects results (run --results, or a task with files): streamed
+    /// to DATA_DIR as they come, cut beyond with a marker line. The capped output in the
+    /// result (--max-output) is apart.
+    #[arg(long, value_name = "SIZE", default_value = "1GiB", value_parser = parse_size_u64)]
+    pub max_result_size: u64,
     /// Shared options.
     #[command(flatten)]
     pub common: Common,
@@ -1097,11 +1103,14 @@ async fn serve(
             )));
         }
     };
-    let b = b.files(std::sync::Arc::new(p2p_tasks::node_files::NodeFiles::new(
-        cache,
-        a.max_file.unwrap_or(a.cache_size),
-        a.common.max_frame,
-    )));
+    let b = b.files(std::sync::Arc::new(
+        p2p_tasks::node_files::NodeFiles::new(
+            cache,
+            a.max_file.unwrap_or(a.cache_size),
+            a.common.max_frame,
+        )
+        .with_max_result(a.max_result_size),
+    ));
     let mut node = match with_identity(b, &identity).build().await {
         Ok(node) => node,
         Err(e) => {

@@ -52,6 +52,7 @@ const HEADINGS: &[(&str, &str)] = &[
     ("max_output", "Limits"),
     ("max_file", "Limits"),
     ("cache_size", "Limits"),
+    ("max_result_size", "Limits"),
     ("handshake_timeout", "Limits"),
     ("task_timeout", "Limits"),
     ("max_runs", "Limits"),

@@ -305,7 +305,7 @@ pub const MAX_TASK_FILES: usize = 32;
 /// The longest [`Transfer::Abort`] message, in bytes; longer ones are cut when encoded.
 pub const MAX_ABORT_MESSAGE: usize = 1024;
 
-/// A file's content hash: BLAKE2b with a 32-byte output, over the file's bytes.
+/// A file's content hash: BLAKE3 (32 bytes), over the file's bytes.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct ContentHash(pub [u8; 32]);
 
@@ -468,6 +468,27 @@ pub enum Transfer {
         /// At most [`MAX_TASK_FILES`].
         outputs: Vec<ProducedFile>,
     },
+    /// Variant 10: Sent before `Produced` (or before the `Completed`, successful or not) of a
+    /// task that had a `Files` record: its whole standard output and standard error, kept by
+    /// the sender until fetched (or evicted from its cache), each cut at the sender's
+    /// `--max-result-size` (then ending with a marker line).
+    Streams {
+        /// The seq of the `Completed` that follows.
+        seq: u64,
+        /// The standard output.
+        stdout: StreamFile,
+        /// The standard error.
+        stderr: StreamFile,
+    },
+}
+
+/// One of a task's standard streams kept as a file ([`Transfer::Streams`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamFile {
+    /// Its content hash.
+    pub hash: ContentHash,
+    /// Its size in bytes.
+    pub size: u64,
 }
 
 impl Transfer {
@@ -484,6 +505,7 @@ impl Transfer {
             Transfer::Fetch { .. } => "Transfer::Fetch",
             Transfer::Files { .. } => "Transfer::Files",
             Transfer::Produced { .. } => "Transfer::Produced",
+            Transfer::Streams { .. } => "Transfer::Streams",
         }
     }
 }

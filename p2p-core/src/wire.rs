@@ -24,7 +24,8 @@ use bytes::{BufMut, BytesMut};
 
 use crate::message::{
     AbortReason, Assign, Completed, ContentHash, Hello, PlacedFile, ProducedFile, Reject,
-    RejectReason, Transfer, MAX_ABORT_MESSAGE, MAX_CHUNK, MAX_FILE_NAME, MAX_TASK_FILES,
+    RejectReason, StreamFile, Transfer, MAX_ABORT_MESSAGE, MAX_CHUNK, MAX_FILE_NAME,
+    MAX_TASK_FILES,
 };
 use crate::{ConnectionError, Error, HandshakeError, Message, NodeId};
 
@@ -301,6 +302,18 @@ fn put_transfer(dst: &mut BytesMut, t: &Transfer) {
                 put_varint(dst, f.size);
             }
         }
+        Transfer::Streams {
+            seq,
+            stdout,
+            stderr,
+        } => {
+            put_varint(dst, 10);
+            put_varint(dst, *seq);
+            for f in [stdout, stderr] {
+                dst.put_slice(&f.hash.0);
+                put_varint(dst, f.size);
+            }
+        }
     }
 }
 
@@ -520,6 +533,22 @@ impl Reader<'_> {
                     });
                 }
                 Transfer::Produced { seq, outputs }
+            }
+            10 => {
+                let seq = self.varint()?;
+                let stdout = StreamFile {
+                    hash: ContentHash(self.bytes::<32>()?),
+                    size: self.varint()?,
+                };
+                let stderr = StreamFile {
+                    hash: ContentHash(self.bytes::<32>()?),
+                    size: self.varint()?,
+                };
+                Transfer::Streams {
+                    seq,
+                    stdout,
+                    stderr,
+                }
             }
             n => return Err(decode_error(format!("unknown transfer message {n}"))),
         };
@@ -753,6 +782,14 @@ mod tests {
                         };
                         (n % 5) as usize
                     ],
+                },
+                Transfer::Streams {
+                    seq: n,
+                    stdout: StreamFile { hash, size: n },
+                    stderr: StreamFile {
+                        hash,
+                        size: n.wrapping_mul(3),
+                    },
                 },
             ] {
                 v.push(Message::Transfer(Box::new(t)));

@@ -77,7 +77,26 @@ pub async fn run(
     let files = crate::run_files::RunFiles::new(&tasks, opts.results.clone(), opts.max_frame);
     let mut core = RunCore::new(tasks, opts, now())?;
     if let Some(j) = &inputs.journal {
-        core.resume(j.done(), now());
+        // A success whose outputs are no longer in the results directory as recorded runs
+        // again (its dependents would ship what is there).
+        let redo: Vec<(String, String)> = match &files {
+            Some(f) => j
+                .done()
+                .iter()
+                .filter_map(|t| f.check_kept(t, j.outputs(t)).err().map(|e| (t.clone(), e)))
+                .collect(),
+            None => Vec::new(),
+        };
+        if redo.is_empty() {
+            core.resume(j.done(), now());
+        } else {
+            let mut done = j.done().clone();
+            for (task, why) in &redo {
+                tracing::warn!(task = %task, "{why}: it runs again");
+                done.remove(task);
+            }
+            core.resume(&done, now());
+        }
     }
     let mut d = Driver {
         links: HashMap::new(),
@@ -210,7 +229,7 @@ impl Driver<'_> {
     /// on).
     fn out_events(&mut self, core: &mut RunCore) {
         while let Some(t) = core.poll_final() {
-            self.out.record(core, t);
+            self.out.record(core, t, self.files.as_mut());
         }
         if self.out.unrecorded.is_empty() {
             while let Some(ev) = core.poll_event() {
@@ -250,7 +269,7 @@ impl Driver<'_> {
             }
             while let Some(t) = core.poll_final() {
                 any = true;
-                self.out.record(core, t);
+                self.out.record(core, t, self.files.as_mut());
             }
             if !self.out.unrecorded.is_empty() {
                 any = true;
@@ -287,15 +306,16 @@ struct Out<'a> {
 }
 
 impl Out<'_> {
-    fn record(&mut self, core: &RunCore, t: usize) {
+    fn record(&mut self, core: &RunCore, t: usize, files: Option<&mut crate::run_files::RunFiles>) {
         let Some(j) = &mut self.journal else { return };
         let Some(r) = core.result(t) else { return };
+        let outputs = files.map(|f| f.take_recorded(&r.task)).unwrap_or_default();
         if self.broken.is_some() {
             self.dropped.insert(r.task.clone());
             self.unrecorded.push(t);
             return;
         }
-        match j.append(r) {
+        match j.append_with_outputs(r, outputs) {
             Ok(()) => self.unsynced.push(t),
             Err(e) => {
                 self.fail(core, e.to_string());

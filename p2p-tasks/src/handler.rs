@@ -52,6 +52,13 @@ pub struct TaskFiles {
     pub outputs: Vec<String>,
     /// Where the outputs are moved (required when `outputs` is not empty).
     pub collect: Option<std::path::PathBuf>,
+    /// Where the whole standard output and standard error are written as they come, as
+    /// `streams/stdout` and `streams/stderr` (shell handlers), each cut at `stream_limit`
+    /// bytes and then ending with a marker line; a failure to write them fails the attempt.
+    /// `None`: they are not kept (only the capped output and the end of stderr).
+    pub streams: Option<std::path::PathBuf>,
+    /// The most bytes of each stream kept under `streams` (`serve --max-result-size`).
+    pub stream_limit: u64,
 }
 
 /// What came of a task.

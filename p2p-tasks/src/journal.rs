@@ -8,7 +8,12 @@
 //! ```text
 //! {"journal":1,"plan":"9f0c2d51a3b4e7f6","tasks":11}
 //! {"task":"a1","type":"a","status":"succeeded","attempts":1,"node":"5f1e...","duration_ms":0.8}
+//! {"task":"b1","type":"b","status":"succeeded","attempts":1,"node":"5f1e...","duration_ms":2.1,"outputs":[{"name":"n/count.txt","hash":"4f2a...","size":6}]}
 //! ```
+//!
+//! A success of a task with declared outputs lists each (`outputs`: name, content hash,
+//! size) as it was written into the results directory, so `--resume` counts the task done
+//! only while those files are there with those hashes ([`Journal::outputs`]).
 //!
 //! `plan` is a fingerprint (FNV-1a, 64 bits) of every task's id, type, arguments and
 //! dependencies in file order: a journal is refused for a plan that differs in any of them.
@@ -20,7 +25,7 @@
 //! An open [`Journal`] holds an exclusive lock (`flock`) on the file itself, released when
 //! it is dropped or the process ends: two coordinators never run from one journal at once.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fs::{File, OpenOptions, TryLockError};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -89,6 +94,19 @@ struct Line {
     attempts: u32,
     node: Option<String>,
     duration_ms: f64,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    outputs: Vec<RecordedFile>,
+}
+
+/// A declared output of a succeeded task, as the journal records it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecordedFile {
+    /// The declared name (`> NAME`).
+    pub name: String,
+    /// Its content hash, in hex.
+    pub hash: String,
+    /// Its size in bytes.
+    pub size: u64,
 }
 
 /// An open journal.
@@ -97,6 +115,8 @@ pub struct Journal {
     path: PathBuf,
     file: File,
     done: HashSet<String>,
+    /// The outputs recorded with each success in `done` (tasks that declared any).
+    outputs: HashMap<String, Vec<RecordedFile>>,
     /// Lines appended and not written yet (see [`Journal::append`]).
     pending: Vec<u8>,
     /// Lines written and not synced yet.
@@ -218,9 +238,10 @@ impl Journal {
             return Err(JournalError::Exists(path.to_path_buf()));
         }
         let mut done = HashSet::new();
+        let mut outputs = HashMap::new();
         let mut has_header = false;
         if exists {
-            let (header, end) = read_records(path, &file, &mut done)?;
+            let (header, end) = read_records(path, &file, &mut done, &mut outputs)?;
             if let Some(header) = header {
                 if header.journal != VERSION || header.plan != plan {
                     return Err(JournalError::Mismatch {
@@ -253,6 +274,7 @@ impl Journal {
             path: path.to_path_buf(),
             file,
             done,
+            outputs,
             pending: Vec::new(),
             unsynced: false,
         })
@@ -263,10 +285,27 @@ impl Journal {
         &self.done
     }
 
+    /// The outputs a previous run recorded with the success of `task` (empty when none).
+    pub fn outputs(&self, task: &str) -> &[RecordedFile] {
+        self.outputs
+            .get(task)
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+    }
+
     /// Appends a final result and syncs it to disk (with anything appended before).
     pub fn record(&mut self, r: &TaskResult) -> Result<(), JournalError> {
         self.append(r)?;
         self.sync()
+    }
+
+    /// [`Journal::append`] with the outputs the success of `r` wrote.
+    pub fn append_with_outputs(
+        &mut self,
+        r: &TaskResult,
+        outputs: Vec<RecordedFile>,
+    ) -> Result<(), JournalError> {
+        self.append_line(r, outputs)
     }
 
     /// Appends a final result without waiting for the disk: it reaches the disk with the
@@ -275,6 +314,14 @@ impl Journal {
     /// synced when the process dies are not in the journal, and run again on `--resume`
     /// (execution is at-least-once). Dropping the journal syncs it.
     pub fn append(&mut self, r: &TaskResult) -> Result<(), JournalError> {
+        self.append_line(r, Vec::new())
+    }
+
+    fn append_line(
+        &mut self,
+        r: &TaskResult,
+        outputs: Vec<RecordedFile>,
+    ) -> Result<(), JournalError> {
         let line = Line {
             task: r.task.clone(),
             kind: r.kind.to_string(),
@@ -282,6 +329,7 @@ impl Journal {
             attempts: r.attempts,
             node: r.node.as_deref().map(str::to_owned),
             duration_ms: r.duration_ms,
+            outputs,
         };
         let io = |source| JournalError::Io {
             path: self.path.clone(),
@@ -341,6 +389,7 @@ fn read_records(
     path: &Path,
     file: &File,
     done: &mut HashSet<String>,
+    outputs: &mut HashMap<String, Vec<RecordedFile>>,
 ) -> Result<(Option<Header>, End), JournalError> {
     let io = |source| JournalError::Io {
         path: path.to_path_buf(),
@@ -388,6 +437,11 @@ fn read_records(
             match serde_json::from_str::<Line>(text) {
                 Ok(rec) => {
                     if rec.status == Status::Succeeded {
+                        if rec.outputs.is_empty() {
+                            outputs.remove(&rec.task);
+                        } else {
+                            outputs.insert(rec.task.clone(), rec.outputs);
+                        }
                         done.insert(rec.task);
                     }
                 }
@@ -443,6 +497,33 @@ mod tests {
             error: None,
             resumed: false,
         }
+    }
+
+    #[test]
+    fn the_outputs_of_the_last_success_of_a_task_are_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j");
+        let tasks = parse("t", "a1 a2").unwrap();
+        let file = |h: &str| RecordedFile {
+            name: "o.txt".into(),
+            hash: h.into(),
+            size: 3,
+        };
+        let mut j = open(&path, &tasks, false).unwrap();
+        j.append_with_outputs(&result("a1", Status::Succeeded), vec![file("aa")])
+            .unwrap();
+        j.append_with_outputs(&result("a2", Status::Succeeded), vec![file("bb")])
+            .unwrap();
+        // a1 again (a rerun of an altered output), this time with another hash; a2 again
+        // without outputs (a journal of an older version would look like this).
+        j.append_with_outputs(&result("a1", Status::Succeeded), vec![file("cc")])
+            .unwrap();
+        j.record(&result("a2", Status::Succeeded)).unwrap();
+        drop(j);
+        let j = open(&path, &tasks, true).unwrap();
+        assert_eq!(j.outputs("a1"), &[file("cc")]);
+        assert!(j.outputs("a2").is_empty());
+        assert!(j.outputs("a3").is_empty());
     }
 
     #[test]

@@ -15,7 +15,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use p2p_core::message::{AbortReason, PlacedFile, ProducedFile};
+use p2p_core::message::{AbortReason, PlacedFile, ProducedFile, StreamFile};
 use p2p_core::net::{Command, Link};
 use p2p_core::transfer::{self, Hasher, Received, Receiver, Sender, DEFAULT_WINDOW};
 use p2p_core::{Assign, ContentHash, Transfer};
@@ -38,8 +38,13 @@ pub const MAX_PENDING_FILES: usize = 1024;
 pub struct NodeFiles {
     cache: Mutex<Cache>,
     max_file: u64,
+    max_result: u64,
     chunk: usize,
 }
+
+/// The default of `serve --max-result-size`: the most bytes of a task's standard output
+/// (and, separately, of its standard error) kept whole for the coordinator.
+pub const DEFAULT_MAX_RESULT: u64 = 1 << 30;
 
 impl NodeFiles {
     /// Files kept in `cache`, refusing inputs over `max_file` bytes, sent in chunks that fit
@@ -48,8 +53,16 @@ impl NodeFiles {
         NodeFiles {
             cache: Mutex::new(cache),
             max_file,
+            max_result: DEFAULT_MAX_RESULT,
             chunk: transfer::chunk_len(max_frame),
         }
+    }
+
+    /// Keeps at most `bytes` of each of a task's standard streams (`serve
+    /// --max-result-size`); beyond, a stream is cut and ends with a marker line.
+    pub fn with_max_result(mut self, bytes: u64) -> NodeFiles {
+        self.max_result = bytes;
+        self
     }
 
     fn cache(&self) -> std::sync::MutexGuard<'_, Cache> {
@@ -244,7 +257,10 @@ impl LinkFiles {
                 self.pending.insert(seq, (inputs, outputs));
             }
             // Answers to offers and fetches this node does not make.
-            Transfer::Have { .. } | Transfer::Want { .. } | Transfer::Produced { .. } => {}
+            Transfer::Have { .. }
+            | Transfer::Want { .. }
+            | Transfer::Produced { .. }
+            | Transfer::Streams { .. } => {}
         }
     }
 
@@ -405,24 +421,24 @@ impl LinkFiles {
             pinned.push(i.hash);
             files.inputs.push((i.name.clone(), cache.path(&i.hash)));
         }
-        let collect = if outputs.is_empty() {
-            None
-        } else {
-            match tempfile::Builder::new()
-                .prefix("out-")
-                .tempdir_in(cache.partial_dir())
-            {
-                Ok(d) => Some(d),
-                Err(e) => {
-                    for h in &pinned {
-                        cache.unpin(h);
-                    }
-                    return Err(format!("cannot make room for the outputs: {e}"));
+        // Every task with a `Files` record keeps its whole standard streams here too.
+        let collect = match tempfile::Builder::new()
+            .prefix("out-")
+            .tempdir_in(cache.partial_dir())
+        {
+            Ok(d) => d,
+            Err(e) => {
+                for h in &pinned {
+                    cache.unpin(h);
                 }
+                return Err(format!("cannot make room for the outputs: {e}"));
             }
         };
         files.outputs = outputs.clone();
-        files.collect = collect.as_ref().map(|d| d.path().to_path_buf());
+        files.collect = Some(collect.path().to_path_buf());
+        files.streams = Some(collect.path().to_path_buf());
+        files.stream_limit = node.max_result;
+        let collect = Some(collect);
         self.running.insert(
             a.seq,
             RunningFiles {
@@ -453,7 +469,40 @@ impl LinkFiles {
         let Some(collect) = run.collect else {
             return;
         };
-        if !outcome.ok {
+        // The streams first, whatever the outcome (a failure's stderr is wanted most).
+        let keep = |path: &std::path::Path| {
+            hash_file(path)
+                .map_err(|e| e.to_string())
+                .and_then(|(hash, size)| {
+                    node.cache()
+                        .commit_path(path, hash, size)
+                        .map(|_| StreamFile { hash, size })
+                        .map_err(|e| e.to_string())
+                })
+        };
+        let (out_path, err_path) = (collect.path().join("stdout"), collect.path().join("stderr"));
+        if out_path.exists() && err_path.exists() {
+            match (keep(&out_path), keep(&err_path)) {
+                (Ok(stdout), Ok(stderr)) => {
+                    send(
+                        link,
+                        Transfer::Streams {
+                            seq,
+                            stdout,
+                            stderr,
+                        },
+                    );
+                }
+                (Err(e), _) | (_, Err(e)) => {
+                    if outcome.ok {
+                        outcome.ok = false;
+                        outcome.error =
+                            Some(format!("cannot keep the task's output on this node: {e}"));
+                    }
+                }
+            }
+        }
+        if !outcome.ok || run.outputs.is_empty() {
             return;
         }
         let mut produced = Vec::with_capacity(run.outputs.len());

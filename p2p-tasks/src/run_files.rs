@@ -15,11 +15,12 @@ use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use p2p_core::message::{AbortReason, PlacedFile, ProducedFile};
+use p2p_core::message::{AbortReason, PlacedFile, ProducedFile, StreamFile};
 use p2p_core::net::{Command, Link, LinkId};
 use p2p_core::transfer::{self, Received, Receiver, Sender, DEFAULT_WINDOW};
 use p2p_core::{Assign, Completed, ContentHash, Message, Transfer};
 
+use crate::journal::RecordedFile;
 use crate::task::{Input, Task};
 
 struct Waiting {
@@ -46,6 +47,9 @@ struct Held {
     node: String,
     left: usize,
     error: Option<String>,
+    /// Whether the whole stdout is fetched into `DIR/ID/stdout` (else the result's capped
+    /// output is written there).
+    streams: bool,
 }
 
 struct Fetch {
@@ -70,6 +74,9 @@ pub struct RunFiles {
     turn: HashMap<LinkId, VecDeque<u64>>,
     assigned: HashMap<(LinkId, u64), (String, u32)>,
     produced: HashMap<(LinkId, u64), Vec<ProducedFile>>,
+    streams: HashMap<(LinkId, u64), [StreamFile; 2]>,
+    /// The declared outputs of each success written, until the journal takes them.
+    recorded: HashMap<String, Vec<RecordedFile>>,
     held: HashMap<(LinkId, u64), Held>,
     fetches: HashMap<(LinkId, u64), Fetch>,
 }
@@ -140,6 +147,8 @@ impl RunFiles {
             turn: HashMap::new(),
             assigned: HashMap::new(),
             produced: HashMap::new(),
+            streams: HashMap::new(),
+            recorded: HashMap::new(),
             held: HashMap::new(),
             fetches: HashMap::new(),
         })
@@ -184,7 +193,11 @@ impl RunFiles {
             self.assigned
                 .insert((lid, a.seq), (a.task.clone(), a.attempt));
         }
-        let Some((inputs, outputs)) = self.plan.get(&a.task).cloned() else {
+        let Some((inputs, outputs)) = self.plan.get(&a.task).cloned().or_else(|| {
+            // A task without files whose results are kept: an empty `Files` record asks the
+            // node to keep its whole standard streams.
+            self.all.then(|| (Vec::new(), Vec::new()))
+        }) else {
             return Step::Send(a);
         };
         // What the protocol cannot carry (a `Task` built by a program, not parsed) fails
@@ -280,9 +293,6 @@ impl RunFiles {
         inputs: Vec<PlacedFile>,
         outputs: Vec<String>,
     ) -> Step {
-        if inputs.is_empty() && outputs.is_empty() {
-            return Step::Send(a);
-        }
         send(
             link,
             Transfer::Files {
@@ -507,6 +517,13 @@ impl RunFiles {
             Transfer::Produced { seq, outputs } => {
                 self.produced.insert((lid, seq), outputs);
             }
+            Transfer::Streams {
+                seq,
+                stdout,
+                stderr,
+            } => {
+                self.streams.insert((lid, seq), [stdout, stderr]);
+            }
             // Requests this side does not serve.
             Transfer::Offer { id, .. } | Transfer::Fetch { id, .. } => {
                 send(
@@ -602,19 +619,22 @@ impl RunFiles {
         }
         let h = self.held.remove(&(lid, seq))?;
         let mut c = h.completed;
-        if let Some(e) = h.error {
+        // A failed task keeps its own reason; a success whose files did not come fails.
+        if let (Some(e), true) = (h.error, c.ok) {
             c.ok = false;
             c.error = Some(e);
         }
-        self.write_result(&h.task, &c, &h.node, h.attempt);
+        self.write_result(&h.task, &c, &h.node, h.attempt, h.streams);
         Some(c)
     }
 
-    /// A result from `link`: `None` while its outputs are fetched (the result comes back
-    /// from [`RunFiles::transfer`] once they are here).
+    /// A result from `link`: `None` while its outputs (and its whole standard streams, when
+    /// the node kept them) are fetched (the result comes back from [`RunFiles::transfer`]
+    /// once they are here).
     pub fn completed(&mut self, link: &Link, c: Completed) -> Option<Completed> {
         let lid = link.id();
         let produced = self.produced.remove(&(lid, c.seq));
+        let streams = self.streams.remove(&(lid, c.seq));
         let Some((task, attempt)) = self.assigned.remove(&(lid, c.seq)) else {
             return Some(c);
         };
@@ -624,27 +644,45 @@ impl RunFiles {
             .get(&task)
             .map(|p| p.1.clone())
             .unwrap_or_default();
-        if !c.ok || declared.is_empty() {
-            self.write_result(&task, &c, &node, attempt);
-            return Some(c);
+        let mut wanted: Vec<(String, ContentHash, u64, String)> = Vec::new();
+        if let Some([out, err]) = streams {
+            wanted.push(("stdout".into(), out.hash, out.size, "stdout".into()));
+            wanted.push(("stderr".into(), err.hash, err.size, "stderr".into()));
         }
-        let produced = produced.unwrap_or_default();
-        let names: Vec<&str> = produced.iter().map(|p| p.name.as_str()).collect();
-        if names.len() != declared.len() || declared.iter().any(|d| !names.contains(&d.as_str())) {
-            let c = Completed {
-                ok: false,
-                error: Some(format!(
-                    "the node announced outputs {names:?}, not the declared {declared:?}"
-                )),
-                ..c
-            };
-            self.write_result(&task, &c, &node, attempt);
+        if c.ok && !declared.is_empty() {
+            let produced = produced.unwrap_or_default();
+            let names: Vec<&str> = produced.iter().map(|p| p.name.as_str()).collect();
+            if names.len() != declared.len()
+                || declared.iter().any(|d| !names.contains(&d.as_str()))
+            {
+                let c = Completed {
+                    ok: false,
+                    error: Some(format!(
+                        "the node announced outputs {names:?}, not the declared {declared:?}"
+                    )),
+                    ..c
+                };
+                self.write_result(&task, &c, &node, attempt, false);
+                return Some(c);
+            }
+            for p in produced {
+                wanted.push((
+                    p.name.clone(),
+                    p.hash,
+                    p.size,
+                    format!("output {:?}", p.name),
+                ));
+            }
+        }
+        let with_streams = streams.is_some();
+        if wanted.is_empty() {
+            self.write_result(&task, &c, &node, attempt, false);
             return Some(c);
         }
         let task_dir = self.dir.join(&task);
         let mut fetches = Vec::new();
-        for p in &produced {
-            let dest = task_dir.join(&p.name);
+        for (name, hash, size, what) in wanted {
+            let dest = task_dir.join(&name);
             let parent = dest
                 .parent()
                 .map(Path::to_path_buf)
@@ -655,22 +693,32 @@ impl RunFiles {
                     .tempfile_in(&parent)
             });
             let file = match made {
+                Ok(f) if size == 0 && hash == transfer::hash_bytes(&[]) => {
+                    // Nothing to fetch: an empty file.
+                    match f.persist(&dest) {
+                        Ok(_) => continue,
+                        Err(e) => Err(e.error),
+                    }
+                }
+                other => other,
+            };
+            let file = match file {
                 Ok(f) => f,
                 Err(e) => {
                     let c = Completed {
                         ok: false,
-                        error: Some(format!("cannot write output {:?}: {e}", p.name)),
+                        error: Some(format!("cannot write {what}: {e}")),
                         ..c
                     };
-                    self.write_result(&task, &c, &node, attempt);
+                    self.write_result(&task, &c, &node, attempt, false);
                     return Some(c);
                 }
             };
             let id = self.id();
-            match Receiver::new(id, p.hash, p.size, DEFAULT_WINDOW, u64::MAX) {
+            match Receiver::new(id, hash, size, DEFAULT_WINDOW, u64::MAX) {
                 Ok(receiver) => fetches.push(Fetch {
                     seq: c.seq,
-                    name: p.name.clone(),
+                    name: what,
                     receiver,
                     file,
                     dest,
@@ -681,9 +729,14 @@ impl RunFiles {
                         error: Some(e.to_string()),
                         ..c
                     };
+                    self.write_result(&task, &c, &node, attempt, false);
                     return Some(c);
                 }
             }
+        }
+        if fetches.is_empty() {
+            self.write_result(&task, &c, &node, attempt, with_streams);
+            return Some(c);
         }
         self.held.insert(
             (lid, c.seq),
@@ -694,6 +747,7 @@ impl RunFiles {
                 left: fetches.len(),
                 completed: c,
                 error: None,
+                streams: with_streams,
             },
         );
         for f in fetches {
@@ -706,12 +760,24 @@ impl RunFiles {
     }
 
     /// `DIR/ID/stdout` and `DIR/ID/meta.json` of a result.
-    fn write_result(&self, task: &str, c: &Completed, node: &str, attempt: u32) {
+    fn write_result(&mut self, task: &str, c: &Completed, node: &str, attempt: u32, streams: bool) {
         let dir = self.dir.join(task);
         if std::fs::create_dir_all(&dir).is_err() {
             return;
         }
-        let _ = std::fs::write(dir.join("stdout"), &c.output);
+        if !streams {
+            // The node kept no whole streams: the result's (capped) output, and no stderr
+            // from an earlier attempt.
+            if std::fs::write(dir.join("stdout"), &c.output).is_err() {
+                // A full disk: no stdout rather than a cut one.
+                let _ = std::fs::remove_file(dir.join("stdout"));
+            }
+            let _ = std::fs::remove_file(dir.join("stderr"));
+        }
+        let stream = |name: &str| {
+            let (hash, size) = crate::node_files::hash_file(&dir.join(name)).ok()?;
+            Some(serde_json::json!({"hash": hash.to_hex(), "size": size}))
+        };
         let files: Vec<serde_json::Value> = self
             .plan
             .get(task)
@@ -733,8 +799,54 @@ impl RunFiles {
             "error": c.error,
             "duration_us": c.duration_us,
             "outputs": files,
+            "stdout": stream("stdout"),
+            "stderr": stream("stderr"),
         });
-        let _ = std::fs::write(dir.join("meta.json"), format!("{meta:#}\n"));
+        if c.ok && !files.is_empty() {
+            let kept = files
+                .iter()
+                .filter_map(|f| {
+                    Some(RecordedFile {
+                        name: f["name"].as_str()?.to_owned(),
+                        hash: f["hash"].as_str()?.to_owned(),
+                        size: f["size"].as_u64()?,
+                    })
+                })
+                .collect();
+            self.recorded.insert(task.to_owned(), kept);
+        }
+        if std::fs::write(dir.join("meta.json"), format!("{meta:#}\n")).is_err() {
+            let _ = std::fs::remove_file(dir.join("meta.json"));
+        }
+    }
+
+    /// The declared outputs the success of `task` wrote (for the journal), taken once.
+    pub fn take_recorded(&mut self, task: &str) -> Vec<RecordedFile> {
+        self.recorded.remove(task).unwrap_or_default()
+    }
+
+    /// Whether the outputs a journal recorded with the success of `task` are in the results
+    /// directory as they were written: `Err` names what is missing or altered. A task that
+    /// declares outputs and has none recorded (a journal of an older version) is not
+    /// trusted either.
+    pub fn check_kept(&self, task: &str, recorded: &[RecordedFile]) -> Result<(), String> {
+        let declared = self
+            .plan
+            .get(task)
+            .map(|p| p.1.as_slice())
+            .unwrap_or_default();
+        for name in declared {
+            let Some(r) = recorded.iter().find(|r| &r.name == name) else {
+                return Err(format!("the journal has no hash of its output {name:?}"));
+            };
+            let path = self.dir.join(task).join(name);
+            match crate::node_files::hash_file(&path) {
+                Ok((hash, size)) if hash.to_hex() == r.hash && size == r.size => {}
+                Ok(_) => return Err(format!("its output {} was altered", path.display())),
+                Err(e) => return Err(format!("its output {} is gone ({e})", path.display())),
+            }
+        }
+        Ok(())
     }
 
     /// `link` closed: what was in progress on it is dropped (the run re-queues its tasks).
@@ -744,6 +856,7 @@ impl RunFiles {
         self.turn.remove(&lid);
         self.assigned.retain(|(l, _), _| *l != lid);
         self.produced.retain(|(l, _), _| *l != lid);
+        self.streams.retain(|(l, _), _| *l != lid);
         self.held.retain(|(l, _), _| *l != lid);
         self.fetches.retain(|(l, _), _| *l != lid);
     }

@@ -540,7 +540,8 @@ fn run_ships_an_input_and_passes_an_artifact_across_two_nodes_into_results() {
     assert_eq!(count.trim(), input.len().to_string());
     assert_eq!(
         std::fs::read_to_string(results.join("a1/stdout")).unwrap(),
-        "shouted"
+        "shouted\n",
+        "the whole stdout, as printed"
     );
     let meta: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(results.join("a1/meta.json")).unwrap())
@@ -619,4 +620,610 @@ fn an_input_shared_by_many_tasks_crosses_the_wire_once_per_node() {
         log.matches("input offered: already here").count() >= 1,
         "{log}"
     );
+}
+
+/// The bytes `yes 0123456789abcdef | head -c LEN` prints.
+fn yes_bytes(len: usize) -> Vec<u8> {
+    b"0123456789abcdef\n"
+        .iter()
+        .copied()
+        .cycle()
+        .take(len)
+        .collect()
+}
+
+/// Runs `run ARGS` in `dir`, sampling its peak RSS (KiB) while it runs.
+fn run_with_peak_rss(dir: &std::path::Path, args: &[&str]) -> (tests::RunOutput, u64) {
+    let running = tests::spawn_in(dir, args);
+    let pid = running.pid();
+    let mut peak = 0;
+    let sampler = std::thread::spawn(move || {
+        while let Some(kb) = tests::peak_rss_kb(pid) {
+            peak = peak.max(kb);
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        peak
+    });
+    let out = running.finish();
+    (out, sampler.join().unwrap())
+}
+
+#[test]
+fn a_50_mb_stdout_and_a_long_stderr_land_whole_in_results_with_both_sides_small() {
+    const LEN: usize = 50 * 1024 * 1024;
+    let data = TestDir::new();
+    let s = Serve::types(
+        "a",
+        &[
+            "--handler",
+            &format!(
+                "a=yes 0123456789abcdef | head -c {LEN}; \
+                 i=0; while [ $i -lt 2000 ]; do echo \"err line $i\" >&2; i=$((i+1)); done"
+            ),
+            "--data-dir",
+            data.path().to_str().unwrap(),
+        ],
+    );
+    let dir = TestDir::new();
+    dir.write("tasks.txt", "a1\n");
+    let (out, run_rss) = run_with_peak_rss(
+        dir.path(),
+        &[
+            "run",
+            "tasks.txt",
+            "--json",
+            "--results",
+            "out",
+            "--peer",
+            &s.peer(),
+        ],
+    );
+    out.assert_code(0);
+    let serve_rss = tests::peak_rss_kb(s.pid()).unwrap();
+    let got = std::fs::read(dir.join("out/a1/stdout")).unwrap();
+    assert_eq!(
+        got.len(),
+        LEN,
+        "stdout is whole, not capped at --max-output"
+    );
+    let want = yes_bytes(LEN);
+    assert!(got == want, "stdout has the bytes printed");
+    let err = std::fs::read_to_string(dir.join("out/a1/stderr")).unwrap();
+    let want_err: String = (0..2000).map(|i| format!("err line {i}\n")).collect();
+    assert_eq!(err, want_err, "stderr is whole, not its 4 KiB tail");
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("out/a1/meta.json")).unwrap())
+            .unwrap();
+    assert_eq!(meta["stdout"]["hash"], hash_bytes(&want).to_hex(), "{meta}");
+    assert_eq!(meta["stdout"]["size"], LEN as u64, "{meta}");
+    assert_eq!(meta["stderr"]["size"], want_err.len() as u64, "{meta}");
+    // Streamed through both sides: neither holds the 50 MB.
+    assert!(serve_rss < 40 * 1024, "serve peak RSS {serve_rss} KiB");
+    assert!(run_rss < 40 * 1024, "run peak RSS {run_rss} KiB");
+}
+
+#[test]
+fn max_result_size_cuts_a_stream_with_a_marker_and_a_failure_keeps_its_whole_stderr() {
+    let data = TestDir::new();
+    let s = Serve::types(
+        "a",
+        &[
+            "--handler",
+            "a=yes 0123456789abcdef | head -c 5000; \
+             i=0; while [ $i -lt 1000 ]; do echo \"e$i\" >&2; i=$((i+1)); done; \
+             case {id} in a2) exit 3;; esac",
+            "--max-result-size",
+            "3000",
+            "--data-dir",
+            data.path().to_str().unwrap(),
+        ],
+    );
+    let dir = TestDir::new();
+    dir.write("tasks.txt", "a1\na2\n");
+    let out = run_in(
+        dir.path(),
+        &[
+            "run",
+            "tasks.txt",
+            "--results",
+            "out",
+            "--keep-going",
+            "--peer",
+            &s.peer(),
+        ],
+    );
+    assert_ne!(out.code(), Some(0), "{}", out.describe());
+    let got = std::fs::read(dir.join("out/a1/stdout")).unwrap();
+    let mut want = yes_bytes(3000);
+    want.extend_from_slice(b"\n[truncated at 3000 bytes by --max-result-size]\n");
+    assert_eq!(
+        String::from_utf8_lossy(&got),
+        String::from_utf8_lossy(&want)
+    );
+    // The failed task's stderr: its first 3000 bytes, not only the end in the error.
+    let err = std::fs::read_to_string(dir.join("out/a2/stderr")).unwrap();
+    assert!(err.starts_with("e0\ne1\ne2\n"), "{err}");
+    assert!(err.ends_with("by --max-result-size]\n"), "{err}");
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("out/a2/meta.json")).unwrap())
+            .unwrap();
+    assert_eq!(meta["ok"], false, "{meta}");
+    assert_eq!(meta["exit_code"], 3, "{meta}");
+}
+
+#[test]
+fn resume_keeps_a_success_whose_outputs_are_there_as_recorded_and_reruns_one_altered_or_gone() {
+    let data = TestDir::new();
+    let dir = TestDir::new();
+    let counts = dir.join("counts");
+    std::fs::create_dir(&counts).unwrap();
+    let s = Serve::types(
+        "a,b",
+        &[
+            "--handler",
+            &format!("a=echo made > o.txt; echo x >> {}/{{id}}", counts.display()),
+            "--handler",
+            &format!(
+                "b=wc -c < o.txt > p.txt; echo x >> {}/{{id}}",
+                counts.display()
+            ),
+            "--data-dir",
+            data.path().to_str().unwrap(),
+        ],
+    );
+    dir.write("tasks.txt", "a1 > o.txt\nb1 < @a1/o.txt > p.txt\n");
+    let runs = |id: &str| {
+        std::fs::read_to_string(counts.join(id))
+            .map(|t| t.lines().count())
+            .unwrap_or(0)
+    };
+    let go = |resume: bool| {
+        let mut args = vec![
+            "run",
+            "tasks.txt",
+            "--results",
+            "out",
+            "--journal",
+            "j.jsonl",
+            "--peer",
+        ];
+        let peer = s.peer();
+        args.push(&peer);
+        if resume {
+            args.push("--resume");
+        }
+        let out = run_in(dir.path(), &args);
+        out.assert_code(0);
+        out
+    };
+    go(false);
+    assert_eq!((runs("a1"), runs("b1")), (1, 1));
+    let journal = std::fs::read_to_string(dir.join("j.jsonl")).unwrap();
+    assert!(
+        journal.contains(&hash_bytes(b"made\n").to_hex()),
+        "the journal records a1's output hash:\n{journal}"
+    );
+    // Everything there as recorded: nothing runs again.
+    go(true);
+    assert_eq!((runs("a1"), runs("b1")), (1, 1));
+    // a1's output altered: a1 runs again (and its output is restored); b1's is intact.
+    std::fs::write(dir.join("out/a1/o.txt"), "tampered\n").unwrap();
+    let out = go(true);
+    assert!(
+        out.stderr.contains("was altered: it runs again"),
+        "{}",
+        out.describe()
+    );
+    assert_eq!((runs("a1"), runs("b1")), (2, 1));
+    assert_eq!(
+        std::fs::read_to_string(dir.join("out/a1/o.txt")).unwrap(),
+        "made\n"
+    );
+    // b1's output gone: b1 runs again.
+    std::fs::remove_file(dir.join("out/b1/p.txt")).unwrap();
+    let out = go(true);
+    assert!(out.stderr.contains("is gone"), "{}", out.describe());
+    assert_eq!((runs("a1"), runs("b1")), (2, 2));
+    assert_eq!(
+        std::fs::read_to_string(dir.join("out/b1/p.txt"))
+            .unwrap()
+            .trim(),
+        "5"
+    );
+    // And once more, all there: nothing runs.
+    go(true);
+    assert_eq!((runs("a1"), runs("b1")), (2, 2));
+}
+
+/// A tmpfs of `size` mounted on a fresh directory under `under`, unmounted (lazily) on drop,
+/// even when the test panics. `None` where mounting is not permitted.
+struct SmallDisk {
+    dir: std::path::PathBuf,
+}
+
+impl SmallDisk {
+    fn mount(under: &std::path::Path, size: &str) -> Option<SmallDisk> {
+        let dir = under.join("disk");
+        std::fs::create_dir_all(&dir).ok()?;
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&dir)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        ok.then_some(SmallDisk { dir })
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.dir)
+            .status();
+    }
+}
+
+/// The `error` of every `task_retry` event.
+fn retry_errors(events: &[serde_json::Value]) -> Vec<String> {
+    events_named(events, "task_retry")
+        .iter()
+        .map(|e| e["error"].as_str().unwrap_or_default().to_owned())
+        .collect()
+}
+
+#[test]
+fn a_full_disk_on_a_node_fails_the_attempt_saying_so_and_it_is_retried_on_another() {
+    let root = TestDir::new();
+    let Some(disk) = SmallDisk::mount(root.path(), "3m") else {
+        assert!(
+            std::env::var_os("P2P_REQUIRE_MOUNT").is_none(),
+            "cannot mount a tmpfs (P2P_REQUIRE_MOUNT is set)"
+        );
+        eprintln!("skipped: cannot mount a tmpfs (needs root)");
+        return;
+    };
+    let roomy = TestDir::new();
+    let handlers = [
+        "--handler",
+        "a=wc -c < x.bin",
+        "--handler",
+        "b=yes 0123456789abcdef | head -c 4000000",
+    ];
+    let node = |data: &std::path::Path, capacity: &str| {
+        let mut args: Vec<&str> = handlers.to_vec();
+        args.extend(["--capacity", capacity, "--data-dir", data.to_str().unwrap()]);
+        Serve::types("a,b", &args)
+    };
+    let full = node(&disk.dir, "4");
+    let other = node(roomy.path(), "1");
+    let dir = TestDir::new();
+    let mut tasks = String::new();
+    for i in 1..=4 {
+        // 4 MB inputs, each its own (no cache hit), on a 3 MiB disk.
+        std::fs::create_dir(dir.join(&format!("in{i}"))).unwrap();
+        let bytes: Vec<u8> = (0..4_000_000u32)
+            .map(|k| (k * (i + 1) % 251) as u8)
+            .collect();
+        std::fs::write(dir.join(&format!("in{i}/x.bin")), &bytes).unwrap();
+        tasks.push_str(&format!("a{i} < in{i}/x.bin\n"));
+    }
+    dir.write("a.txt", &tasks);
+    // 4 MB of stdout each, kept whole under --results.
+    dir.write("b.txt", "b1\nb2\nb3\nb4\n");
+    for (file, why) in [
+        ("a.txt", "cannot store the file: No space left on device"),
+        (
+            "b.txt",
+            "cannot keep the task's stdout on this node: No space left on device",
+        ),
+    ] {
+        let out = run_in(
+            dir.path(),
+            &[
+                "run",
+                file,
+                "--order",
+                "none",
+                "--json",
+                "--retries",
+                "1",
+                "--results",
+                "out",
+                "--peer",
+                &full.peer(),
+                "--peer",
+                &other.peer(),
+            ],
+        );
+        out.assert_code(0);
+        let events = out.json();
+        let errors = retry_errors(&events);
+        assert!(
+            !errors.is_empty() && errors.iter().all(|e| e.contains(why)),
+            "{file}: every attempt on the full node fails saying {why:?}: {errors:?}\n{}",
+            out.describe()
+        );
+        for e in events_named(&events, "task_completed") {
+            assert_eq!(e["node"], other.node_id.clone().unwrap_or_default(), "{e}");
+        }
+    }
+    assert_eq!(
+        std::fs::read_to_string(dir.join("out/a3/stdout")).unwrap(),
+        "4000000\n"
+    );
+    assert_eq!(
+        std::fs::metadata(dir.join("out/b2/stdout")).unwrap().len(),
+        4_000_000
+    );
+    // The full node left nothing half-written behind.
+    let partial = disk.dir.join("cache");
+    let leftovers: Vec<_> = walk(&partial)
+        .into_iter()
+        .filter(|p| p.components().any(|c| c.as_os_str() == "partial") && p.is_file())
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    for e in rd.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        }
+        out.push(p);
+    }
+    out
+}
+
+#[test]
+fn a_node_killed_mid_transfer_loses_the_attempt_and_the_task_succeeds_on_another() {
+    let (da, db) = (TestDir::new(), TestDir::new());
+    let node = |data: &TestDir| {
+        Serve::types(
+            "a",
+            &[
+                "--handler",
+                "a=wc -c < big.bin",
+                "-v",
+                "--data-dir",
+                data.path().to_str().unwrap(),
+            ],
+        )
+    };
+    let mut nodes = [node(&da), node(&db)];
+    let dir = TestDir::new();
+    const LEN: usize = 64 * 1024 * 1024;
+    let bytes: Vec<u8> = (0..LEN).map(|k| (k % 253) as u8).collect();
+    std::fs::write(dir.join("big.bin"), &bytes).unwrap();
+    drop(bytes);
+    dir.write("tasks.txt", "a1 < big.bin\n");
+    let (pa, pb) = (nodes[0].peer(), nodes[1].peer());
+    let running = tests::spawn_in(
+        dir.path(),
+        &["run", "tasks.txt", "--json", "--peer", &pa, "--peer", &pb],
+    );
+    // Whichever node the input starts streaming to is killed at once.
+    let receiving = |s: &Serve| s.stderr.text().contains("input offered: receiving it");
+    let deadline = std::time::Instant::now() + WAIT;
+    let victim = loop {
+        if let Some(i) = (0..2).find(|&i| receiving(&nodes[i])) {
+            break i;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no node received the input"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    };
+    let status = std::process::Command::new("kill")
+        .args(["-KILL", &nodes[victim].pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = running.finish();
+    out.assert_code(0);
+    let events = out.json();
+    let done = events_named(&events, "task_completed");
+    assert_eq!(done.len(), 1, "{}", out.describe());
+    assert_eq!(done[0]["output"], LEN.to_string());
+    let survivor = &nodes[1 - victim];
+    assert_eq!(
+        done[0]["node"],
+        survivor.node_id.clone().unwrap_or_default()
+    );
+    // The victim had not received the whole file: it never ran the task.
+    assert!(
+        !nodes[victim].stderr.text().contains("task assigned"),
+        "{}",
+        nodes[victim].stderr.text()
+    );
+    let _ = nodes[victim].is_alive();
+}
+
+/// Plays a node of type `a` that runs nothing: for an `Assign` it announces the output
+/// `o.txt` with the hash of `good`, reports success, and answers a `Fetch` with `evil`
+/// (the same length). Returns its port.
+fn lying_node(good: &'static [u8], evil: &'static [u8]) -> (u16, std::thread::JoinHandle<usize>) {
+    use bytes::BytesMut;
+    use p2p_core::codec::FrameCodec;
+    use std::io::Read;
+    use tokio_util::codec::{Decoder, Encoder};
+    assert_eq!(good.len(), evil.len());
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let handle = std::thread::spawn(move || {
+        let deadline = std::time::Instant::now() + WAIT;
+        let mut fetches = 0;
+        let Ok((mut stream, _)) = listener.accept() else {
+            return 0;
+        };
+        stream
+            .set_read_timeout(Some(std::time::Duration::from_millis(200)))
+            .unwrap();
+        let mut codec = FrameCodec::default();
+        let mut buf = BytesMut::new();
+        let send = |stream: &mut std::net::TcpStream, codec: &mut FrameCodec, m: Message| {
+            let mut out = BytesMut::new();
+            codec.encode(&m, &mut out).unwrap();
+            let _ = std::io::Write::write_all(stream, &out);
+        };
+        'conn: while std::time::Instant::now() < deadline {
+            while let Ok(Some(m)) = codec.decode(&mut buf) {
+                match m {
+                    Message::Hello(_) => {
+                        let mut me = p2p_core::testing::hello("default", &["a"], 1);
+                        me.node_id = p2p_core::NodeId::random();
+                        send(&mut stream, &mut codec, Message::Welcome(me));
+                    }
+                    Message::Ping { nonce } => {
+                        send(&mut stream, &mut codec, Message::Pong { nonce })
+                    }
+                    Message::Goodbye => {
+                        send(&mut stream, &mut codec, Message::GoodbyeAck);
+                        break 'conn;
+                    }
+                    Message::Assign(a) => {
+                        let produced = Transfer::Produced {
+                            seq: a.seq,
+                            outputs: vec![p2p_core::message::ProducedFile {
+                                name: "o.txt".into(),
+                                hash: hash_bytes(good),
+                                size: good.len() as u64,
+                            }],
+                        };
+                        send(&mut stream, &mut codec, transfer(produced));
+                        let mut c = p2p_core::testing::completed(a.seq);
+                        c.ok = true;
+                        c.output = "done".into();
+                        send(&mut stream, &mut codec, Message::Completed(c));
+                    }
+                    Message::Transfer(t) => {
+                        if let Transfer::Fetch { id, .. } = *t {
+                            fetches += 1;
+                            let chunk = Transfer::Chunk {
+                                id,
+                                offset: 0,
+                                data: evil.to_vec(),
+                            };
+                            send(&mut stream, &mut codec, transfer(chunk));
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            let mut chunk = [0u8; 4096];
+            match stream.read(&mut chunk) {
+                Ok(0) => break,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(_) => break,
+            }
+        }
+        fetches
+    });
+    (port, handle)
+}
+
+#[test]
+fn an_output_served_with_wrong_bytes_fails_the_attempt_and_never_lands_in_results() {
+    let (port, node) = lying_node(b"the real output\n", b"a forged output\n");
+    let dir = TestDir::new();
+    dir.write("tasks.txt", "a1 > o.txt\n");
+    let peer = format!("127.0.0.1:{port}");
+    let out = run_in(
+        dir.path(),
+        &[
+            "run",
+            "tasks.txt",
+            "--json",
+            "--results",
+            "out",
+            "--peer",
+            &peer,
+        ],
+    );
+    out.assert_code(1);
+    let events = out.json();
+    let failed = events_named(&events, "task_failed");
+    assert_eq!(failed.len(), 1, "{}", out.describe());
+    let error = failed[0]["error"].as_str().unwrap();
+    assert!(
+        error.contains("o.txt") && error.to_lowercase().contains("hash"),
+        "{error}"
+    );
+    assert!(node.join().unwrap() >= 1, "the output was fetched");
+    // Neither the forged bytes nor a temporary file of them are in the results.
+    let landed: Vec<_> = walk(&dir.join("out"))
+        .into_iter()
+        .filter(|p| p.is_file())
+        .filter(|p| std::fs::read(p).is_ok_and(|b| b == b"a forged output\n"))
+        .collect();
+    assert!(landed.is_empty(), "{landed:?}");
+    assert!(!dir.join("out/a1/o.txt").exists());
+    let names: Vec<String> = walk(&dir.join("out"))
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect();
+    assert!(names.iter().all(|n| !n.contains(".fetch-")), "{names:?}");
+}
+
+#[test]
+fn a_full_results_disk_leaves_no_cut_stdout_or_meta_behind() {
+    let root = TestDir::new();
+    let Some(disk) = SmallDisk::mount(root.path(), "64k") else {
+        assert!(
+            std::env::var_os("P2P_REQUIRE_MOUNT").is_none(),
+            "cannot mount a tmpfs (P2P_REQUIRE_MOUNT is set)"
+        );
+        eprintln!("skipped: cannot mount a tmpfs (needs root)");
+        return;
+    };
+    let data = TestDir::new();
+    // A cache too small for the whole stdout: the node keeps no streams, and the run writes
+    // the result's capped output (1 MiB) itself, onto a 64 KiB disk.
+    let s = Serve::types(
+        "a",
+        &[
+            "--handler",
+            "a=yes | head -c 1000000",
+            "--cache-size",
+            "512KiB",
+            "--data-dir",
+            data.path().to_str().unwrap(),
+        ],
+    );
+    let dir = TestDir::new();
+    dir.write("tasks.txt", "a1\n");
+    let results = disk.dir.join("out");
+    let out = run_in(
+        dir.path(),
+        &[
+            "run",
+            "tasks.txt",
+            "--results",
+            results.to_str().unwrap(),
+            "--peer",
+            &s.peer(),
+        ],
+    );
+    assert_ne!(out.code(), Some(0), "{}", out.describe());
+    // No stdout rather than a cut one; a meta.json, if one fitted, is whole.
+    if let Ok(bytes) = std::fs::read(results.join("a1/stdout")) {
+        panic!("stdout was left cut at {} bytes", bytes.len());
+    }
+    if let Ok(text) = std::fs::read_to_string(results.join("a1/meta.json")) {
+        let meta: serde_json::Value = serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("meta.json is cut ({e}): {text:?}"));
+        assert_eq!(meta["ok"], false, "{meta}");
+    }
 }

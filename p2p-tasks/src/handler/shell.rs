@@ -484,14 +484,82 @@ impl Tail {
     }
 }
 
-/// Reads `reader` to its end (or a read error) into `sink`.
-async fn pump<R: AsyncRead + Unpin>(reader: Option<&mut R>, sink: &mut impl ByteSink) {
+/// A stream written whole to a file as it comes, up to a limit (then a marker line, and
+/// the rest is read and discarded).
+struct Kept {
+    file: tokio::io::BufWriter<tokio::fs::File>,
+    written: u64,
+    limit: u64,
+    cut: bool,
+    error: Option<std::io::Error>,
+}
+
+impl Kept {
+    async fn create(path: &std::path::Path, limit: u64) -> std::io::Result<Kept> {
+        Ok(Kept {
+            file: tokio::io::BufWriter::with_capacity(
+                64 * 1024,
+                tokio::fs::File::create(path).await?,
+            ),
+            written: 0,
+            limit,
+            cut: false,
+            error: None,
+        })
+    }
+
+    async fn write(&mut self, bytes: &[u8]) {
+        use tokio::io::AsyncWriteExt;
+        if self.error.is_some() || self.cut {
+            return;
+        }
+        let room = self.limit.saturating_sub(self.written);
+        let take = usize::try_from(room).unwrap_or(usize::MAX).min(bytes.len());
+        if let Err(e) = self.file.write_all(&bytes[..take]).await {
+            self.error = Some(e);
+            return;
+        }
+        self.written += take as u64;
+        if take < bytes.len() {
+            self.cut = true;
+            let marker = format!(
+                "\n[truncated at {} bytes by --max-result-size]\n",
+                self.limit
+            );
+            if let Err(e) = self.file.write_all(marker.as_bytes()).await {
+                self.error = Some(e);
+            }
+        }
+    }
+
+    /// Flushed to the disk; the first write error, if any.
+    async fn close(mut self) -> std::io::Result<()> {
+        use tokio::io::AsyncWriteExt;
+        if let Some(e) = self.error.take() {
+            return Err(e);
+        }
+        self.file.flush().await?;
+        self.file.into_inner().sync_all().await
+    }
+}
+
+/// Reads `reader` to its end (or a read error) into `sink`, and into `kept` when given.
+async fn pump<R: AsyncRead + Unpin>(
+    reader: Option<&mut R>,
+    sink: &mut impl ByteSink,
+    mut kept: Option<&mut Kept>,
+) {
     let Some(reader) = reader else { return };
     let mut chunk = vec![0u8; 16 * 1024];
     loop {
         match reader.read(&mut chunk).await {
             Ok(0) | Err(_) => return,
-            Ok(n) => sink.push(&chunk[..n]),
+            Ok(n) => {
+                sink.push(&chunk[..n]);
+                if let Some(k) = kept.as_deref_mut() {
+                    k.write(&chunk[..n]).await;
+                }
+            }
         }
     }
 }
@@ -518,6 +586,27 @@ async fn run(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0);
+    let (mut kept_out, mut kept_err) = match &files.streams {
+        Some(dir) => {
+            let made = async {
+                Ok::<_, std::io::Error>((
+                    Kept::create(&dir.join("stdout"), files.stream_limit).await?,
+                    Kept::create(&dir.join("stderr"), files.stream_limit).await?,
+                ))
+            }
+            .await;
+            match made {
+                Ok((o, e)) => (Some(o), Some(e)),
+                Err(e) => {
+                    work.finish(false).await;
+                    return TaskOutcome::failure(format!(
+                        "cannot keep the task's output on this node: {e}"
+                    ));
+                }
+            }
+        }
+        None => (None, None),
+    };
     let (child, scope) = match procs::spawn(&mut cmd, grace) {
         Ok(x) => x,
         Err(e) => {
@@ -548,8 +637,8 @@ async fn run(
     let status = {
         let pumps = async {
             tokio::join!(
-                pump(stdout.as_mut(), &mut out),
-                pump(stderr.as_mut(), &mut err)
+                pump(stdout.as_mut(), &mut out, kept_out.as_mut()),
+                pump(stderr.as_mut(), &mut err, kept_err.as_mut())
             );
         };
         tokio::pin!(pumps);
@@ -583,6 +672,14 @@ async fn run(
         Ok(status) => outcome_of(status, output, &stderr_text(err)),
     };
     let mut outcome = outcome;
+    for (name, kept) in [("stdout", kept_out), ("stderr", kept_err)] {
+        let Some(k) = kept else { continue };
+        if let (Err(e), true) = (k.close().await, outcome.ok) {
+            // A full disk among others: the attempt fails (and may be retried elsewhere).
+            outcome.ok = false;
+            outcome.error = Some(format!("cannot keep the task's {name} on this node: {e}"));
+        }
+    }
     if let (true, Some(w)) = (outcome.ok, &work) {
         if let Err(e) = super::workdir::collect_outputs(w.path(), &files) {
             outcome.ok = false;
@@ -1087,6 +1184,7 @@ mod tests {
                 inputs: vec![(input.to_owned(), src.clone())],
                 outputs: outputs.iter().map(|o| o.to_string()).collect(),
                 collect: Some(collect.clone()),
+                ..Default::default()
             }));
             (shell, r)
         };

@@ -1,0 +1,319 @@
+//! The `files` section of the mesh bench (#18): files that travel with tasks, each figure
+//! against a baseline measured in the same run.
+//!
+//! - One large input (`--file-mib N`, default 256; `--large` for 1 GiB) shipped to a node
+//!   over loopback: the transfer's time is a cold run (the node does not have the file)
+//!   minus a warm one (it answers `Have`, nothing moves), against a raw TCP copy of the same
+//!   bytes from the file into a file; with and without a cluster key; peak RSS of `run` and
+//!   of `serve`.
+//! - 1,000 tasks sharing one 100 MB input over 3 nodes: how many times the input was
+//!   received (from the nodes' logs), and the run's time.
+//! - A 3-stage pipeline of 300 tasks passing 1 MB artifacts (`> o.bin`, `< @s1/o.bin`)
+//!   against the same pipeline over a shared directory.
+
+use super::*;
+
+/// Fills `path` with `len` pseudo-random bytes (xorshift), in 1 MiB writes.
+fn random_file(path: &Path, len: u64, seed: u64) -> Result<()> {
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
+    let mut x = seed | 1;
+    let mut block = vec![0u8; 1 << 20];
+    let mut left = len;
+    while left > 0 {
+        for w in block.chunks_exact_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            w.copy_from_slice(&x.to_le_bytes());
+        }
+        let n = usize::try_from(left.min(block.len() as u64))?;
+        f.write_all(&block[..n])?;
+        left -= n as u64;
+    }
+    f.flush()?;
+    Ok(())
+}
+
+/// A raw TCP copy of `src` into `dst` over loopback (a thread reads the socket into the
+/// file): seconds from connecting to the last byte written.
+fn raw_copy(src: &Path, dst: &Path) -> Result<f64> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    let dst = dst.to_path_buf();
+    let receiver = std::thread::spawn(move || -> Result<u64> {
+        let (mut s, _) = listener.accept()?;
+        s.set_read_timeout(Some(RUN_DEADLINE))?;
+        let mut f = std::fs::File::create(&dst)?;
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut total = 0u64;
+        loop {
+            let n = s.read(&mut buf)?;
+            if n == 0 {
+                return Ok(total);
+            }
+            f.write_all(&buf[..n])?;
+            total += n as u64;
+        }
+    });
+    let started = Instant::now();
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_nodelay(true)?;
+    let mut f = std::fs::File::open(src)?;
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        s.write_all(&buf[..n])?;
+    }
+    drop(s);
+    let got = receiver
+        .join()
+        .map_err(|_| anyhow!("the raw receiver panicked"))??;
+    let took = started.elapsed().as_secs_f64();
+    if got != std::fs::metadata(src)?.len() {
+        bail!("raw copy: {got} bytes arrived");
+    }
+    Ok(took)
+}
+
+fn node(data: &Path, types: &str, handlers: &[&str], extra: &[&str]) -> Result<Server> {
+    let data = data.display().to_string();
+    let mut args = vec![
+        "--types",
+        types,
+        "--listen",
+        "127.0.0.1:0",
+        "--discovery",
+        "none",
+        "--data-dir",
+        data.as_str(),
+    ];
+    for h in handlers {
+        args.extend(["--handler", h]);
+    }
+    args.extend_from_slice(extra);
+    Ok(Server::start_env(&args, &[]))
+}
+
+fn run_on(
+    o: &Opts,
+    file: &Path,
+    servers: &[Server],
+    key: Option<&Path>,
+    extra: &[&str],
+    d: &Path,
+) -> Result<RunResult> {
+    let mut args: Vec<String> = vec!["run".into(), file.display().to_string()];
+    for s in servers {
+        args.push("--peer".into());
+        args.push(s.peer());
+    }
+    args.extend(extra.iter().map(|a| a.to_string()));
+    run_args(&o.bin, args, key, Output::Quiet, d)
+}
+
+fn mb_s(bytes: u64, secs: f64) -> String {
+    format!("{:.0} MB/s", bytes as f64 / 1e6 / secs.max(1e-9))
+}
+
+fn mib(kb: u64) -> String {
+    format!("{:.1} MiB", kb as f64 / 1024.0)
+}
+
+/// The `files` section.
+pub(super) fn files(o: &Opts, d: &Path, rep: &mut Report) -> Result<()> {
+    let d = d.join("files");
+    std::fs::create_dir_all(&d)?;
+    large(o, &d, rep)?;
+    shared(o, &d, rep)?;
+    pipeline(o, &d, rep)?;
+    Ok(())
+}
+
+fn large(o: &Opts, d: &Path, rep: &mut Report) -> Result<()> {
+    let len = o.file_mib * 1024 * 1024;
+    let big = d.join("big.bin");
+    random_file(&big, len, 0x9e37_79b9_7f4a_7c15)?;
+    // Best of three: a copy into the page cache varies with the disk's writeback.
+    let mut raw = f64::MAX;
+    for _ in 0..3 {
+        raw = raw.min(raw_copy(&big, &d.join("raw.out"))?);
+        std::fs::remove_file(d.join("raw.out"))?;
+    }
+    let label = format!("{} MiB", o.file_mib);
+    rep.add(
+        format!("files: raw TCP copy of {label}, file to file"),
+        mb_s(len, raw),
+        "",
+    );
+    let key = d.join("cluster.key");
+    let status = Command::new(&o.bin)
+        .arg("keygen")
+        .arg(&key)
+        .stdout(Stdio::null())
+        .status()
+        .context("p2p-node keygen")?;
+    if !status.success() {
+        bail!("p2p-node keygen failed: {status}");
+    }
+    let tasks = d.join("large.txt");
+    std::fs::write(&tasks, "a1 < big.bin\n")?;
+    for (k, what) in [(None, "without a key"), (Some(key.as_path()), "with a key")] {
+        // Best of two, each on a node that does not have the file yet.
+        let mut moved = f64::MAX;
+        let (mut run_rss, mut serve_rss) = (0, 0);
+        for round in 0..2 {
+            let data = d.join(format!("node-{}-{round}", k.is_some()));
+            let mut extra = vec!["--cache-size", "4GiB"];
+            let kf = key.display().to_string();
+            if k.is_some() {
+                extra.extend(["--key-file", kf.as_str()]);
+            }
+            let s = node(&data, "a", &["a=true"], &extra)?;
+            let cold = run_on(o, &tasks, std::slice::from_ref(&s), k, &[], d)?;
+            let warm = run_on(o, &tasks, std::slice::from_ref(&s), k, &[], d)?;
+            serve_rss = serve_rss.max(peak_rss_kb(s.pid()).unwrap_or(0));
+            run_rss = run_rss.max(cold.peak_rss_kb);
+            drop(s);
+            let _ = std::fs::remove_dir_all(&data);
+            moved = moved.min((cold.wall.as_secs_f64() - warm.wall.as_secs_f64()).max(1e-6));
+        }
+        rep.add(
+            format!("files: {label} input to a node, {what} (cold - warm run)"),
+            mb_s(len, moved),
+            format!("{:.2}x raw copy", raw / moved),
+        );
+        rep.add(
+            format!("files: {label} input, {what}: peak RSS run / serve"),
+            format!("{} / {}", mib(run_rss), mib(serve_rss)),
+            "",
+        );
+    }
+    std::fs::remove_file(&big)?;
+    Ok(())
+}
+
+fn shared(o: &Opts, d: &Path, rep: &mut Report) -> Result<()> {
+    let n = if o.tasks < 1_000_000 { 300 } else { 1000 };
+    let input = d.join("shared.bin");
+    random_file(&input, 100_000_000, 7)?;
+    let mut text = String::new();
+    for i in 1..=n {
+        text.push_str(&format!("a{i} < shared.bin\n"));
+    }
+    let tasks = d.join("shared.txt");
+    std::fs::write(&tasks, text)?;
+    let servers: Vec<Server> = (0..3)
+        .map(|i| {
+            node(
+                &d.join(format!("shared-node{i}")),
+                "a",
+                &["a=true"],
+                &["-v"],
+            )
+        })
+        .collect::<Result<_>>()?;
+    let r = run_on(o, &tasks, &servers, None, &["--order", "none"], d)?;
+    let received: usize = servers
+        .iter()
+        .map(|s| {
+            s.stderr
+                .text()
+                .matches("input offered: receiving it")
+                .count()
+        })
+        .sum();
+    let had: usize = servers
+        .iter()
+        .map(|s| {
+            s.stderr
+                .text()
+                .matches("input offered: already here")
+                .count()
+        })
+        .sum();
+    rep.add(
+        format!("files: {n} tasks share a 100 MB input over 3 nodes: received"),
+        format!("{received} times"),
+        format!("{had} offers answered Have; {:.1} s", r.wall.as_secs_f64()),
+    );
+    drop(servers);
+    for i in 0..3 {
+        let _ = std::fs::remove_dir_all(d.join(format!("shared-node{i}")));
+    }
+    std::fs::remove_file(&input)?;
+    Ok(())
+}
+
+fn pipeline(o: &Opts, d: &Path, rep: &mut Report) -> Result<()> {
+    let chains = 100;
+    // Over files that travel with the tasks.
+    let mut text = String::new();
+    for i in 1..=chains {
+        text.push_str(&format!(
+            "s{i} > o.bin\nt{i} < @s{i}/o.bin > p.bin\nu{i} < @t{i}/p.bin\n"
+        ));
+    }
+    let moved = d.join("pipe-files.txt");
+    std::fs::write(&moved, text)?;
+    let handlers = [
+        "s=head -c 1000000 /dev/urandom > o.bin",
+        "t=cp o.bin p.bin",
+        "u=wc -c < p.bin",
+    ];
+    let servers: Vec<Server> = (0..3)
+        .map(|i| node(&d.join(format!("pipe-node{i}")), "s,t,u", &handlers, &[]))
+        .collect::<Result<_>>()?;
+    let results = d.join("pipe-results").display().to_string();
+    let with_files = run_on(
+        o,
+        &moved,
+        &servers,
+        None,
+        &["--order", "none", "--results", &results],
+        d,
+    )?;
+    drop(servers);
+    // Over a shared directory.
+    let shared = d.join("pipe-shared");
+    std::fs::create_dir_all(&shared)?;
+    let sh = shared.display();
+    let handlers = [
+        format!("s=head -c 1000000 /dev/urandom > {sh}/s{{args}}.o"),
+        format!("t=cp {sh}/s{{args}}.o {sh}/t{{args}}.p"),
+        format!("u=wc -c < {sh}/t{{args}}.p"),
+    ];
+    let handlers: Vec<&str> = handlers.iter().map(String::as_str).collect();
+    let mut text = String::new();
+    for i in 1..=chains {
+        text.push_str(&format!(
+            "s{i} -- {i}\nt{i} after s{i} -- {i}\nu{i} after t{i} -- {i}\n"
+        ));
+    }
+    let plain = d.join("pipe-shared.txt");
+    std::fs::write(&plain, text)?;
+    let servers: Vec<Server> = (0..3)
+        .map(|i| {
+            node(
+                &d.join(format!("pipe-shared-node{i}")),
+                "s,t,u",
+                &handlers,
+                &[],
+            )
+        })
+        .collect::<Result<_>>()?;
+    let over_dir = run_on(o, &plain, &servers, None, &["--order", "none"], d)?;
+    drop(servers);
+    let (a, b) = (with_files.wall.as_secs_f64(), over_dir.wall.as_secs_f64());
+    rep.add(
+        format!(
+            "files: 3-stage pipeline, {} tasks, 1 MB artifacts shipped",
+            chains * 3
+        ),
+        format!("{a:.2} s"),
+        format!("{:.2}x the shared directory ({b:.2} s)", a / b),
+    );
+    Ok(())
+}
