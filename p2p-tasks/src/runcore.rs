@@ -482,9 +482,17 @@ impl RunCore {
                     self.record(f.task, link, attempt, now);
                 }
             }
-            LinkEvent::AssignFailed { assign, reason } => {
-                tracing::debug!(link, %reason, "assignment not sent");
-                self.unsent(link, assign.seq);
+            LinkEvent::AssignFailed {
+                assign,
+                reason,
+                closing,
+            } => {
+                tracing::debug!(link, %reason, closing, "assignment not sent");
+                if closing {
+                    self.unsent(link, assign.seq);
+                } else {
+                    self.over_capacity(link, assign.seq);
+                }
             }
             LinkEvent::PeerGoodbye => self.sched.drain_node(link),
             LinkEvent::Closed { error } => self.closed(link, error.map(|e| e.to_string())),
@@ -516,6 +524,19 @@ impl RunCore {
         }
         // The connection refuses work: it is closing.
         self.sched.drain_node(link);
+    }
+
+    /// The assignment `seq` went beyond `link`'s capacity as its connection knows it (a
+    /// `Load` report shrank it while the assignment was on its way): the task goes back to
+    /// the queue, without using a retry, and the link keeps its place for later work.
+    fn over_capacity(&mut self, link: LinkId, seq: u64) {
+        if let Some(f) = self.inflight.remove(&seq) {
+            if f.abandoned {
+                self.sched.release(link);
+            } else {
+                self.sched.requeue(f.task);
+            }
+        }
     }
 
     /// The user interrupted the run (Ctrl-C, shutdown): nothing new starts, running tasks

@@ -368,6 +368,7 @@ fn command(conn: &mut Connection, cmd: Option<Command>) -> Result<Option<LinkEve
                 return Ok(Some(LinkEvent::AssignFailed {
                     assign,
                     reason: format!("cannot assign: {why}"),
+                    closing: !conn.can_assign(),
                 }));
             }
         }

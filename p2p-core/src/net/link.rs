@@ -67,6 +67,10 @@ pub enum LinkEvent {
         assign: Assign,
         /// Why.
         reason: String,
+        /// Whether the connection takes no new work at all (it is closing). `false`: the
+        /// peer is at its capacity, which a `Load` report may have just shrunk: the task
+        /// waits for a slot there or elsewhere, and the link keeps getting work.
+        closing: bool,
     },
     /// A file-transfer message from the peer (protocol v3).
     Transfer(Box<Transfer>),

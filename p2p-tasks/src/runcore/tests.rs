@@ -735,6 +735,7 @@ fn an_assignment_the_link_refused_is_sent_again_elsewhere() {
         LinkEvent::AssignFailed {
             assign: a,
             reason: "closing".into(),
+            closing: true,
         },
     );
     assert_eq!(s.sent.len(), 1);
@@ -1111,6 +1112,40 @@ fn load(capacity: u32, load_milli: u32) -> LinkEvent {
         load_milli: Some(load_milli),
         ..Default::default()
     })
+}
+
+/// Regression: a `Load` that shrank a node's capacity reached its connection before an
+/// assignment the core had already sent; the connection refused it as over capacity, and the
+/// core took that for a closing link and gave the node no more work, so a run of five tasks
+/// on its only node ended after one with "no node serves type a" (seen in
+/// tests/tests/placement.rs under load).
+#[test]
+fn an_assignment_refused_as_over_a_shrunk_capacity_waits_and_the_node_keeps_working() {
+    let mut s = Sim::new("a1 a2 a3", opts(Order::None, 0, false));
+    s.connect(1, &hello(1, &["a"], 2));
+    assert_eq!(s.in_flight_on(1), 2);
+    s.link(1, load(1, 0));
+    let i = s.sent.iter().position(|(_, a)| a.task == "a2").unwrap();
+    let (link, a) = s.sent.remove(i);
+    s.link(
+        link,
+        LinkEvent::AssignFailed {
+            assign: a,
+            reason: "cannot assign: the peer is at its advertised capacity".into(),
+            closing: false,
+        },
+    );
+    assert!(
+        s.sent.iter().all(|(_, a)| a.task != "a2"),
+        "a2 waits for a slot"
+    );
+    s.answer("a1", true, Duration::from_millis(10));
+    s.answer("a2", true, Duration::from_millis(10));
+    s.answer("a3", true, Duration::from_millis(10));
+    s.advance(Duration::from_secs(5));
+    for i in 0..3 {
+        assert_eq!(s.status(i), Status::Succeeded, "task {i}");
+    }
 }
 
 #[test]
