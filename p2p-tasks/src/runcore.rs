@@ -242,9 +242,8 @@ impl RunCore {
     /// a plan that [`validate`] refuses.
     pub fn new(tasks: Vec<Task>, opts: RunOptions, now: Instant) -> Result<RunCore, RunError> {
         validate(&tasks, &opts)?;
-        let sched = Scheduler::new(&tasks, opts.policy.clone());
+        let (results, extras, sched) = split(tasks, opts.policy.clone());
         let needed = sched.kinds().to_vec();
-        let (results, extras) = split(tasks);
         let mut core = RunCore {
             opts,
             sched,
@@ -1197,14 +1196,21 @@ fn set_node(slot: &mut Option<Arc<str>>, node: &Arc<str>) {
 }
 
 /// Turns the plan into one result per task (taking each task's id, and sharing one type
-/// name among the tasks of a type) and the extras. Tasks are taken from the end and their
-/// buffer shrinks as it empties, so a large plan is not held twice in memory.
-fn split(mut tasks: Vec<Task>) -> (Vec<TaskResult>, Vec<Option<Box<Extra>>>) {
+/// name among the tasks of a type), the extras and the scheduler. Tasks are taken from the
+/// end and their buffer shrinks as it empties, so a large plan is not held twice in memory:
+/// neither as results nor as the scheduler's slots, which are built in the same pass.
+fn split(
+    mut tasks: Vec<Task>,
+    policy: Policy,
+) -> (Vec<TaskResult>, Vec<Option<Box<Extra>>>, Scheduler) {
     let n = tasks.len();
+    let dependents = crate::sched::dependents_of(&tasks);
+    let mut sched = crate::sched::Builder::new(policy, n);
     let mut results = Vec::with_capacity(n);
     let mut extras = Vec::with_capacity(n);
     let mut kinds: HashMap<String, Arc<str>> = HashMap::new();
     while let Some(t) = tasks.pop() {
+        sched.push_front(&t.kind, t.cost, t.retries);
         let kind = match kinds.get(&t.kind) {
             Some(k) => k.clone(),
             None => {
@@ -1241,7 +1247,7 @@ fn split(mut tasks: Vec<Task>) -> (Vec<TaskResult>, Vec<Option<Box<Extra>>>) {
     }
     results.reverse();
     extras.reverse();
-    (results, extras)
+    (results, extras, sched.finish(dependents))
 }
 
 #[cfg(test)]

@@ -395,48 +395,152 @@ fn is_final(s: TaskStatus) -> bool {
     )
 }
 
+/// For each task of `tasks`, the tasks that depend on it (one entry per dependency found);
+/// empty when no task has dependencies (the usual case, which then costs nothing per task).
+pub fn dependents_of(tasks: &[Task]) -> Vec<Vec<usize>> {
+    let mut dependents = Vec::new();
+    if tasks.iter().any(|t| !t.deps.is_empty()) {
+        let index = crate::task::IdIndex::build(tasks);
+        dependents = vec![Vec::new(); tasks.len()];
+        for (i, t) in tasks.iter().enumerate() {
+            for d in &t.deps {
+                if let Some(j) = index.get(tasks, d) {
+                    dependents[j].push(i);
+                }
+            }
+        }
+    }
+    dependents
+}
+
+/// Builds a [`Scheduler`] one task at a time, **last task first**: the way a run takes its
+/// plan apart (from the end, giving the list's memory back as it goes), so that the plan and
+/// the scheduler's slots are never both whole in memory.
+#[derive(Debug)]
+pub struct Builder {
+    policy: Policy,
+    /// Types in order of first appearance from the end.
+    kinds: Vec<String>,
+    /// Slots, last task first.
+    slots: Vec<Slot>,
+    /// Per type, its tasks' positions counted from the end, ascending.
+    kind_tasks: Vec<Vec<usize>>,
+    first_cost: Option<u32>,
+    uniform_cost: bool,
+}
+
+impl Builder {
+    /// A builder for a plan of about `n` tasks.
+    pub fn new(policy: Policy, n: usize) -> Builder {
+        Builder {
+            policy,
+            kinds: Vec::new(),
+            slots: Vec::with_capacity(n),
+            kind_tasks: Vec::new(),
+            first_cost: None,
+            uniform_cost: true,
+        }
+    }
+
+    /// The task before the ones pushed so far (the plan's last task first), of type `kind`,
+    /// with its cost and its own retries.
+    pub fn push_front(&mut self, kind: &str, cost: u32, retries: Option<u32>) {
+        let first = *self.first_cost.get_or_insert(cost);
+        self.uniform_cost &= cost == first;
+        let k = match self.kinds.iter().position(|k| k == kind) {
+            Some(k) => k,
+            None => {
+                self.kinds.push(kind.to_owned());
+                self.kind_tasks.push(Vec::new());
+                self.kinds.len() - 1
+            }
+        };
+        self.kind_tasks[k].push(self.slots.len());
+        self.slots.push(Slot {
+            kind: k,
+            avoid: None,
+            waiting: 0,
+            status: TaskStatus::Pending,
+            attempts: 0,
+            losses: 0,
+            failures: 0,
+            cost: cost.max(1),
+            retries: retries.unwrap_or(self.policy.retries),
+        });
+    }
+
+    /// The scheduler of the tasks pushed; `dependents` as [`dependents_of`] gives them for
+    /// the whole plan (task indexes in file order).
+    pub fn finish(self, dependents: Vec<Vec<usize>>) -> Scheduler {
+        let Builder {
+            policy,
+            kinds,
+            mut slots,
+            kind_tasks,
+            uniform_cost,
+            ..
+        } = self;
+        let n = slots.len();
+        slots.reverse();
+        // Positions from the end become file indexes; types are put in order of first
+        // appearance in the file.
+        let mut order: Vec<(usize, usize)> = kind_tasks
+            .iter()
+            .enumerate()
+            .map(|(k, ts)| (ts.last().map_or(0, |&r| n - 1 - r), k))
+            .collect();
+        order.sort_unstable();
+        let mut renumber = vec![0; kinds.len()];
+        let mut new_kinds = Vec::with_capacity(kinds.len());
+        let mut new_kind_tasks = Vec::with_capacity(kinds.len());
+        let mut kinds: Vec<Option<String>> = kinds.into_iter().map(Some).collect();
+        let mut kind_tasks: Vec<Option<Vec<usize>>> = kind_tasks.into_iter().map(Some).collect();
+        for (new, &(_, old)) in order.iter().enumerate() {
+            renumber[old] = new;
+            new_kinds.push(kinds[old].take().unwrap_or_default());
+            let mut ts = kind_tasks[old].take().unwrap_or_default();
+            ts.reverse();
+            for t in &mut ts {
+                *t = n - 1 - *t;
+            }
+            new_kind_tasks.push(ts);
+        }
+        for s in &mut slots {
+            s.kind = renumber[s.kind];
+        }
+        Scheduler::from_parts(
+            policy,
+            new_kinds,
+            slots,
+            new_kind_tasks,
+            uniform_cost,
+            dependents,
+        )
+    }
+}
+
 impl Scheduler {
     /// A scheduler for `tasks` (in file order).
     pub fn new(tasks: &[Task], policy: Policy) -> Self {
-        let mut kinds: Vec<String> = Vec::new();
-        let mut slots = Vec::with_capacity(tasks.len());
-        let mut kind_tasks: Vec<Vec<usize>> = Vec::new();
-        let first_cost = tasks.first().map_or(1, |t| t.cost);
-        let mut uniform_cost = true;
-        for (i, t) in tasks.iter().enumerate() {
-            uniform_cost &= t.cost == first_cost;
-            let k = match kinds.iter().position(|k| *k == t.kind) {
-                Some(k) => k,
-                None => {
-                    kinds.push(t.kind.clone());
-                    kind_tasks.push(Vec::new());
-                    kinds.len() - 1
-                }
-            };
-            kind_tasks[k].push(i);
-            slots.push(Slot {
-                kind: k,
-                avoid: None,
-                waiting: 0,
-                status: TaskStatus::Pending,
-                attempts: 0,
-                losses: 0,
-                failures: 0,
-                cost: t.cost.max(1),
-                retries: t.retries.unwrap_or(policy.retries),
-            });
+        let dependents = dependents_of(tasks);
+        let mut b = Builder::new(policy, tasks.len());
+        for t in tasks.iter().rev() {
+            b.push_front(&t.kind, t.cost, t.retries);
         }
-        let mut dependents = Vec::new();
-        if tasks.iter().any(|t| !t.deps.is_empty()) {
-            let index = crate::task::IdIndex::build(tasks);
-            dependents = vec![Vec::new(); tasks.len()];
-            for (i, t) in tasks.iter().enumerate() {
-                for d in &t.deps {
-                    if let Some(j) = index.get(tasks, d) {
-                        dependents[j].push(i);
-                        slots[i].waiting += 1;
-                    }
-                }
+        b.finish(dependents)
+    }
+
+    fn from_parts(
+        policy: Policy,
+        kinds: Vec<String>,
+        mut slots: Vec<Slot>,
+        kind_tasks: Vec<Vec<usize>>,
+        uniform_cost: bool,
+        dependents: Vec<Vec<usize>>,
+    ) -> Self {
+        for ds in &dependents {
+            for &i in ds {
+                slots[i].waiting += 1;
             }
         }
         let ready: Vec<BTreeSet<ReadyKey>> = kind_tasks
