@@ -345,7 +345,8 @@ pub struct Scheduler {
     kinds: Vec<String>,
     slots: Vec<Slot>,
     /// Per kind, its tasks in file order, and the index of its first unfinished one.
-    kind_tasks: Vec<Vec<usize>>,
+    /// (Task indexes as `u32`: a plan has fewer than 2^32 tasks, see [`ReadyKey`].)
+    kind_tasks: Vec<Vec<u32>>,
     kind_cursor: Vec<usize>,
     /// Per kind, tasks ready to start, costliest first (then in file order).
     ready: Vec<BTreeSet<ReadyKey>>,
@@ -424,7 +425,7 @@ pub struct Builder {
     /// Slots, last task first.
     slots: Vec<Slot>,
     /// Per type, its tasks' positions counted from the end, ascending.
-    kind_tasks: Vec<Vec<usize>>,
+    kind_tasks: Vec<Vec<u32>>,
     first_cost: Option<u32>,
     uniform_cost: bool,
 }
@@ -455,7 +456,7 @@ impl Builder {
                 self.kinds.len() - 1
             }
         };
-        self.kind_tasks[k].push(self.slots.len());
+        self.kind_tasks[k].push(self.slots.len() as u32);
         self.slots.push(Slot {
             kind: k,
             avoid: None,
@@ -487,22 +488,24 @@ impl Builder {
         let mut order: Vec<(usize, usize)> = kind_tasks
             .iter()
             .enumerate()
-            .map(|(k, ts)| (ts.last().map_or(0, |&r| n - 1 - r), k))
+            .map(|(k, ts)| (ts.last().map_or(0, |&r| n - 1 - r as usize), k))
             .collect();
         order.sort_unstable();
         let mut renumber = vec![0; kinds.len()];
         let mut new_kinds = Vec::with_capacity(kinds.len());
         let mut new_kind_tasks = Vec::with_capacity(kinds.len());
         let mut kinds: Vec<Option<String>> = kinds.into_iter().map(Some).collect();
-        let mut kind_tasks: Vec<Option<Vec<usize>>> = kind_tasks.into_iter().map(Some).collect();
+        let mut kind_tasks: Vec<Option<Vec<u32>>> = kind_tasks.into_iter().map(Some).collect();
         for (new, &(_, old)) in order.iter().enumerate() {
             renumber[old] = new;
             new_kinds.push(kinds[old].take().unwrap_or_default());
             let mut ts = kind_tasks[old].take().unwrap_or_default();
             ts.reverse();
             for t in &mut ts {
-                *t = n - 1 - *t;
+                *t = (n - 1 - *t as usize) as u32;
             }
+            // Each list grew by doubling: up to half of it is spare.
+            ts.shrink_to_fit();
             new_kind_tasks.push(ts);
         }
         for s in &mut slots {
@@ -534,7 +537,7 @@ impl Scheduler {
         policy: Policy,
         kinds: Vec<String>,
         mut slots: Vec<Slot>,
-        kind_tasks: Vec<Vec<usize>>,
+        kind_tasks: Vec<Vec<u32>>,
         uniform_cost: bool,
         dependents: Vec<Vec<usize>>,
     ) -> Self {
@@ -547,7 +550,7 @@ impl Scheduler {
             .iter()
             .map(|ts| {
                 ts.iter()
-                    .copied()
+                    .map(|&t| t as usize)
                     .filter(|&t| slots[t].waiting == 0)
                     .map(|t| ready_key(slots[t].cost, t))
                     .collect()
@@ -855,7 +858,7 @@ impl Scheduler {
         };
         let victims: Vec<usize> = self.kind_tasks[k]
             .iter()
-            .copied()
+            .map(|&t| t as usize)
             .filter(|&t| self.slots[t].status == TaskStatus::Pending)
             .collect();
         // Giving one up may skip others of the list (its dependents): those are skipped,
@@ -943,9 +946,10 @@ impl Scheduler {
                     if self.running_kind[k] > 0 {
                         continue;
                     }
-                    let Some(&first) = self.kind_tasks[k].get(self.kind_cursor[k]) else {
+                    let Some(first) = self.kind_tasks[k].get(self.kind_cursor[k]) else {
                         continue;
                     };
+                    let first = *first as usize;
                     let key = self.ready_key(first);
                     if best.is_some_and(|(b, _)| b <= key) || !self.ready[k].contains(&key) {
                         continue;
@@ -1274,7 +1278,7 @@ impl Scheduler {
         }
         let list = &self.kind_tasks[k];
         while self.kind_cursor[k] < list.len()
-            && is_final(self.slots[list[self.kind_cursor[k]]].status)
+            && is_final(self.slots[list[self.kind_cursor[k]] as usize].status)
         {
             self.kind_cursor[k] += 1;
         }
