@@ -187,6 +187,7 @@ pub struct RunCore {
     opts: RunOptions,
     sched: Scheduler,
     results: Vec<TaskResult>,
+    /// Per task (file order), its extras; empty when no task has any.
     extras: Vec<Option<Box<Extra>>>,
     peers: HashMap<LinkId, Peer, SeqHash>,
     node_ids: HashMap<NodeId, LinkId>,
@@ -850,8 +851,10 @@ impl RunCore {
                 seq,
                 task: r.task.clone(),
                 kind: String::from(&*r.kind),
-                args: self.extras[d.task]
-                    .as_ref()
+                args: self
+                    .extras
+                    .get(d.task)
+                    .and_then(|e| e.as_ref())
                     .map_or_else(String::new, |e| e.args.clone()),
                 attempt: d.attempt,
                 timeout_ms,
@@ -1207,7 +1210,7 @@ fn split(
     let dependents = crate::sched::dependents_of(&tasks);
     let mut sched = crate::sched::Builder::new(policy, n);
     let mut results = Vec::with_capacity(n);
-    let mut extras = Vec::with_capacity(n);
+    let mut extras = Vec::new();
     let mut kinds: HashMap<String, Arc<str>> = HashMap::new();
     while let Some(t) = tasks.pop() {
         sched.push_front(&t.kind, t.cost, t.retries);
@@ -1230,14 +1233,19 @@ fn split(
             error: None,
             resumed: false,
         });
-        extras.push(if t.args.is_empty() && t.timeout.is_none() {
-            None
-        } else {
-            Some(Box::new(Extra {
+        // The extras stay empty (no pointer per task) until a task has some.
+        if !t.args.is_empty() || t.timeout.is_some() {
+            if extras.is_empty() {
+                extras = Vec::with_capacity(n);
+                extras.resize_with(results.len() - 1, || None);
+            }
+            extras.push(Some(Box::new(Extra {
                 args: t.args,
                 timeout: t.timeout,
-            }))
-        });
+            })));
+        } else if !extras.is_empty() {
+            extras.push(None);
+        }
         // Give back the consumed tail of the list every 64 Ki tasks, so the list and the
         // results never both hold a million tasks (a large list's memory is mapped on its
         // own, and shrinking it gives the pages back without a copy).
