@@ -198,8 +198,6 @@ struct Slot {
     kind: usize,
     /// Times the task was lost with its node's connection.
     losses: u32,
-    /// The node of the last failed attempt: a retry prefers another one.
-    avoid: Option<NodeKey>,
     /// Dependencies not yet succeeded.
     waiting: u32,
     status: TaskStatus,
@@ -355,6 +353,9 @@ pub struct Scheduler {
     /// When each task in `delayed` becomes ready (its key there), so that one can be taken
     /// out without a scan; small, unlike a field in every task's slot.
     retry_at: std::collections::HashMap<usize, Instant>,
+    /// Per task that failed an attempt, the node of its last failed attempt: a retry
+    /// prefers another one. Small, unlike a field in every task's slot.
+    avoided: std::collections::HashMap<usize, NodeKey>,
     running_kind: Vec<u32>,
     running_total: usize,
     /// The first task not finished (strict order).
@@ -459,7 +460,6 @@ impl Builder {
         self.kind_tasks[k].push(self.slots.len() as u32);
         self.slots.push(Slot {
             kind: k,
-            avoid: None,
             waiting: 0,
             status: TaskStatus::Pending,
             attempts: 0,
@@ -581,6 +581,7 @@ impl Scheduler {
             ready,
             delayed: BTreeMap::new(),
             retry_at: std::collections::HashMap::new(),
+            avoided: std::collections::HashMap::new(),
             running_total: 0,
             cursor: 0,
             finished: 0,
@@ -588,6 +589,15 @@ impl Scheduler {
             nodes: BTreeMap::new(),
             dependents,
             skipped: Vec::new(),
+        }
+    }
+
+    /// The node `task`'s last failed attempt ran on, if any.
+    fn avoid_of(&self, task: usize) -> Option<NodeKey> {
+        if self.avoided.is_empty() {
+            None
+        } else {
+            self.avoided.get(&task).copied()
         }
     }
 
@@ -992,7 +1002,7 @@ impl Scheduler {
     /// with `queued` units of cost of its type waiting (see [`Scheduler::worth_waiting`]).
     fn place(&self, task: usize, queued: u64) -> Option<NodeKey> {
         let slot = &self.slots[task];
-        let (rank, node) = self.peek_node(slot.kind, slot.avoid)?;
+        let (rank, node) = self.peek_node(slot.kind, self.avoid_of(task))?;
         // The fast path: the free node is of the type's best rank (no lookup of the node).
         let fastest = self.ranks[slot.kind]
             .first()
@@ -1064,7 +1074,7 @@ impl Scheduler {
 
     fn start(&mut self, task: usize, node: NodeKey) -> Option<Dispatch> {
         let k = self.slots[task].kind;
-        let node = self.probe(k, node, self.slots[task].avoid);
+        let node = self.probe(k, node, self.avoid_of(task));
         self.set_running_with(node, true, u64::from(self.slots[task].cost));
         self.ready_remove(task);
         let slot = &mut self.slots[task];
@@ -1223,9 +1233,9 @@ impl Scheduler {
             self.finish(task, TaskStatus::Succeeded);
             return Outcome::Succeeded;
         }
+        self.avoided.insert(task, node);
         let slot = &mut self.slots[task];
         slot.failures += 1;
-        slot.avoid = Some(node);
         if slot.failures <= slot.retries && !self.stopped {
             // Jitter spreads retries of many tasks so they do not hit a recovering node at once.
             let delay = self.policy.backoff.delay(slot.failures, task as u64);
@@ -1248,6 +1258,9 @@ impl Scheduler {
         while let Some((t, st)) = work.pop() {
             self.slots[t].status = st;
             self.finished += 1;
+            if !self.avoided.is_empty() {
+                self.avoided.remove(&t);
+            }
             self.advance_cursors(self.slots[t].kind);
             for i in 0..self.dependents.get(t).map_or(0, Vec::len) {
                 let d = self.dependents[t][i];
