@@ -80,7 +80,7 @@ pub async fn run(
         core.resume(j.done(), now());
     }
     let mut d = Driver {
-        links: HashMap::new(),
+        links: HashMap::default(),
         files,
         out: Out {
             journal: inputs.journal.take(),
@@ -161,7 +161,8 @@ pub async fn run(
 }
 
 struct Driver<'a> {
-    links: HashMap<LinkId, Link>,
+    /// Looked up once per assignment: keyed by the fast hash of the link ids (not SipHash).
+    links: HashMap<LinkId, Link, p2p_core::conn::SeqHash>,
     /// Files shipped and collected (none when no task has any).
     files: Option<crate::run_files::RunFiles>,
     out: Out<'a>,
