@@ -330,6 +330,10 @@ pub struct RunArgs {
     /// How long to wait for nodes of every needed type.
     #[arg(long, default_value = "3s", value_parser = parse_duration)]
     pub discovery_timeout: Duration,
+    /// Refuse a task file of more than N tasks (exit 2) before it takes the memory. Default:
+    /// what half of the machine's available memory holds at 300 bytes a task.
+    #[arg(long, value_name = "N")]
+    pub max_tasks: Option<usize>,
     /// strict: one task after another; type: in order within each type; none: no order.
     #[arg(long, default_value = "strict", value_parser = crate::help::order_parser())]
     pub order: Order,
@@ -1211,13 +1215,48 @@ fn discovery_names(c: &Common) -> String {
     names.join(",")
 }
 
+/// What a run's coordinator takes per task at its peak, rounded up (docs/PERFORMANCE.md:
+/// 284 bytes at 1,000,000 tasks).
+const BYTES_PER_TASK: u64 = 300;
+
+/// The default `--max-tasks`: what half of the available memory (`MemAvailable`) holds at
+/// [`BYTES_PER_TASK`]; no limit where the available memory is not known.
+fn default_max_tasks() -> usize {
+    let avail_kb = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+        m.lines()
+            .find_map(|l| l.strip_prefix("MemAvailable:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+    });
+    match avail_kb {
+        Some(kb) => {
+            usize::try_from(kb.saturating_mul(1024) / 2 / BYTES_PER_TASK).unwrap_or(usize::MAX)
+        }
+        None => usize::MAX,
+    }
+}
+
 async fn run(
     a: RunArgs,
     shutdown: CancellationToken,
     active: crate::output::ActiveBar,
 ) -> anyhow::Result<u8> {
     let key = load_key(&a.common)?;
-    let tasks = p2p_tasks::parse::load(&a.tasks_file).map_err(|e| usage(e.to_string()))?;
+    let max_tasks = a.max_tasks.unwrap_or_else(default_max_tasks);
+    let tasks = p2p_tasks::parse::load_at_most(&a.tasks_file, max_tasks).map_err(|e| {
+        if e.kind == p2p_tasks::parse::ParseErrorKind::TooManyTasks {
+            usage(format!(
+                "{e} (--max-tasks {max_tasks}{}); give a larger --max-tasks to run it anyway",
+                if a.max_tasks.is_none() {
+                    ": the default, what half of the available memory holds at \
+                     300 bytes a task"
+                } else {
+                    ""
+                }
+            ))
+        } else {
+            usage(e.to_string())
+        }
+    })?;
     if a.retry_backoff_max < a.retry_backoff {
         return Err(usage(format!(
             "--retry-backoff-max {:?} is shorter than --retry-backoff {:?}",

@@ -50,6 +50,7 @@ const HEADINGS: &[(&str, &str)] = &[
     ("max_connections", "Limits"),
     ("max_handshakes", "Limits"),
     ("max_output", "Limits"),
+    ("max_tasks", "Limits"),
     ("max_file", "Limits"),
     ("cache_size", "Limits"),
     ("max_result_size", "Limits"),

@@ -99,7 +99,7 @@ pub async fn run(
         }
     }
     let mut d = Driver {
-        links: HashMap::new(),
+        links: HashMap::default(),
         files,
         out: Out {
             journal: inputs.journal.take(),
@@ -180,7 +180,8 @@ pub async fn run(
 }
 
 struct Driver<'a> {
-    links: HashMap<LinkId, Link>,
+    /// Looked up once per assignment: keyed by the fast hash of the link ids (not SipHash).
+    links: HashMap<LinkId, Link, p2p_core::conn::SeqHash>,
     /// Files shipped and collected (none when no task has any).
     files: Option<crate::run_files::RunFiles>,
     out: Out<'a>,

@@ -77,6 +77,8 @@ pub enum ParseErrorKind {
     /// An input (`< IN`) or output (`> OUT`) clause is malformed, names a path outside the
     /// working directory, a file that cannot be read, or an output its task does not declare.
     File,
+    /// The file holds more tasks than the caller's limit ([`load_at_most`]).
+    TooManyTasks,
 }
 
 /// An error reading a task file. Its `Display` is `file:line:col: message`, or `file: message`
@@ -202,24 +204,44 @@ fn is_clause(t: &Token<'_>) -> bool {
 /// are kept as written and not looked at: [`load`] resolves them against the task file's
 /// directory and checks that they exist.
 pub fn parse(file: &str, text: &str) -> Result<Vec<Task>, ParseError> {
-    parse_in(file, text, None)
+    parse_in(file, text, None, usize::MAX)
 }
 
 /// Parses the text of a task file whose input paths (`< PATH`) are relative to `base` (the
 /// task file's directory): each is resolved against it (an absolute path stays as it is)
 /// and must name a readable regular file, else the error names the path's position.
 pub fn parse_with_base(file: &str, text: &str, base: &Path) -> Result<Vec<Task>, ParseError> {
-    parse_in(file, text, Some(base))
+    parse_in(file, text, Some(base), usize::MAX)
+}
+
+/// The error for a file with more than `max` tasks.
+fn too_many(file: &str, max: usize) -> ParseError {
+    ParseError::at(
+        file,
+        0,
+        0,
+        ParseErrorKind::TooManyTasks,
+        format!("the file holds more than {max} tasks, the limit of this run"),
+    )
 }
 
 /// Artifacts (`< @DEP/NAME`) to check once every task is known: (consumer index, producer
 /// id, output name, line, column).
 type ArtifactRef = (usize, String, String, u32, u32);
 
-fn parse_in(file: &str, text: &str, base: Option<&Path>) -> Result<Vec<Task>, ParseError> {
+fn parse_in(
+    file: &str,
+    text: &str,
+    base: Option<&Path>,
+    max: usize,
+) -> Result<Vec<Task>, ParseError> {
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     // Sized once for every token (ids, and the few `after`/`--` words): no rehashing.
-    let words = text.split_ascii_whitespace().count();
+    // A file over the limit is refused before its tasks take more than the limit's memory.
+    let words = text
+        .split_ascii_whitespace()
+        .count()
+        .min(max.saturating_add(1));
     let mut tasks: Vec<Task> = Vec::with_capacity(words);
     let mut seen = IdIndex::with_capacity(words);
     // Tasks with dependencies: (task, the positions of its dependencies), checked once
@@ -232,6 +254,9 @@ fn parse_in(file: &str, text: &str, base: Option<&Path>) -> Result<Vec<Task>, Pa
         if !tokens(line_text).any(|t| is_clause(&t)) {
             // Only task ids (the usual line, however long): no list of its tokens.
             for token in tokens(line_text) {
+                if tasks.len() >= max {
+                    return Err(too_many(file, max));
+                }
                 let task = new_task(file, line, &token, &tasks, &mut seen)?;
                 tasks.push(task);
             }
@@ -256,6 +281,9 @@ fn parse_in(file: &str, text: &str, base: Option<&Path>) -> Result<Vec<Task>, Pa
             ));
         }
         for token in ids {
+            if tasks.len() >= max {
+                return Err(too_many(file, max));
+            }
             let task = new_task(file, line, token, &tasks, &mut seen)?;
             tasks.push(task);
         }
@@ -641,6 +669,13 @@ fn check_dependencies(
 /// Reads and parses a task file. Errors name the path; an I/O error also gives the OS error,
 /// and non-UTF-8 content gives the line and column of the first invalid byte.
 pub fn load(path: &Path) -> Result<Vec<Task>, ParseError> {
+    load_at_most(path, usize::MAX)
+}
+
+/// [`load`], refusing a file of more than `max_tasks` tasks
+/// ([`ParseErrorKind::TooManyTasks`]) as soon as the parser meets task `max_tasks + 1`, so
+/// that a plan too large for the machine is refused before it takes the memory.
+pub fn load_at_most(path: &Path, max_tasks: usize) -> Result<Vec<Task>, ParseError> {
     let file = path.display().to_string();
     let bytes = std::fs::read(path).map_err(|e| {
         ParseError::at(
@@ -671,7 +706,7 @@ pub fn load(path: &Path) -> Result<Vec<Task>, ParseError> {
         }
     };
     let base = path.parent().unwrap_or(Path::new(""));
-    parse_in(&file, &text, Some(base))
+    parse_in(&file, &text, Some(base), max_tasks)
 }
 
 #[cfg(test)]
@@ -683,6 +718,23 @@ mod tests {
 
     fn ids(tasks: &[Task]) -> Vec<&str> {
         tasks.iter().map(|t| t.id.as_str()).collect()
+    }
+
+    #[test]
+    fn a_file_over_the_task_limit_is_refused_without_a_position() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.txt");
+        std::fs::write(&path, "a1 a2 a3\nb1 after a1\n").unwrap();
+        assert_eq!(load_at_most(&path, 4).unwrap().len(), 4);
+        for max in [0, 2, 3] {
+            let e = load_at_most(&path, max).unwrap_err();
+            assert_eq!(e.kind, ParseErrorKind::TooManyTasks);
+            assert_eq!((e.line, e.col), (0, 0));
+            assert!(
+                e.to_string().contains(&format!("more than {max} tasks")),
+                "{e}"
+            );
+        }
     }
 
     #[test]

@@ -187,6 +187,7 @@ pub struct RunCore {
     opts: RunOptions,
     sched: Scheduler,
     results: Vec<TaskResult>,
+    /// Per task (file order), its extras; empty when no task has any.
     extras: Vec<Option<Box<Extra>>>,
     peers: HashMap<LinkId, Peer, SeqHash>,
     node_ids: HashMap<NodeId, LinkId>,
@@ -242,9 +243,8 @@ impl RunCore {
     /// a plan that [`validate`] refuses.
     pub fn new(tasks: Vec<Task>, opts: RunOptions, now: Instant) -> Result<RunCore, RunError> {
         validate(&tasks, &opts)?;
-        let sched = Scheduler::new(&tasks, opts.policy.clone());
+        let (results, extras, sched) = split(tasks, opts.policy.clone());
         let needed = sched.kinds().to_vec();
-        let (results, extras) = split(tasks);
         let mut core = RunCore {
             opts,
             sched,
@@ -873,8 +873,10 @@ impl RunCore {
                 seq,
                 task: r.task.clone(),
                 kind: String::from(&*r.kind),
-                args: self.extras[d.task]
-                    .as_ref()
+                args: self
+                    .extras
+                    .get(d.task)
+                    .and_then(|e| e.as_ref())
                     .map_or_else(String::new, |e| e.args.clone()),
                 attempt: d.attempt,
                 timeout_ms,
@@ -1219,14 +1221,21 @@ fn set_node(slot: &mut Option<Arc<str>>, node: &Arc<str>) {
 }
 
 /// Turns the plan into one result per task (taking each task's id, and sharing one type
-/// name among the tasks of a type) and the extras. Tasks are taken from the end and their
-/// buffer shrinks as it empties, so a large plan is not held twice in memory.
-fn split(mut tasks: Vec<Task>) -> (Vec<TaskResult>, Vec<Option<Box<Extra>>>) {
+/// name among the tasks of a type), the extras and the scheduler. Tasks are taken from the
+/// end and their buffer shrinks as it empties, so a large plan is not held twice in memory:
+/// neither as results nor as the scheduler's slots, which are built in the same pass.
+fn split(
+    mut tasks: Vec<Task>,
+    policy: Policy,
+) -> (Vec<TaskResult>, Vec<Option<Box<Extra>>>, Scheduler) {
     let n = tasks.len();
+    let dependents = crate::sched::dependents_of(&tasks);
+    let mut sched = crate::sched::Builder::new(policy, n);
     let mut results = Vec::with_capacity(n);
-    let mut extras = Vec::with_capacity(n);
+    let mut extras = Vec::new();
     let mut kinds: HashMap<String, Arc<str>> = HashMap::new();
     while let Some(t) = tasks.pop() {
+        sched.push_front(&t.kind, t.cost, t.retries);
         let kind = match kinds.get(&t.kind) {
             Some(k) => k.clone(),
             None => {
@@ -1246,14 +1255,19 @@ fn split(mut tasks: Vec<Task>) -> (Vec<TaskResult>, Vec<Option<Box<Extra>>>) {
             error: None,
             resumed: false,
         });
-        extras.push(if t.args.is_empty() && t.timeout.is_none() {
-            None
-        } else {
-            Some(Box::new(Extra {
+        // The extras stay empty (no pointer per task) until a task has some.
+        if !t.args.is_empty() || t.timeout.is_some() {
+            if extras.is_empty() {
+                extras = Vec::with_capacity(n);
+                extras.resize_with(results.len() - 1, || None);
+            }
+            extras.push(Some(Box::new(Extra {
                 args: t.args,
                 timeout: t.timeout,
-            }))
-        });
+            })));
+        } else if !extras.is_empty() {
+            extras.push(None);
+        }
         // Give back the consumed tail of the list every 64 Ki tasks, so the list and the
         // results never both hold a million tasks (a large list's memory is mapped on its
         // own, and shrinking it gives the pages back without a copy).
@@ -1263,7 +1277,7 @@ fn split(mut tasks: Vec<Task>) -> (Vec<TaskResult>, Vec<Option<Box<Extra>>>) {
     }
     results.reverse();
     extras.reverse();
-    (results, extras)
+    (results, extras, sched.finish(dependents))
 }
 
 #[cfg(test)]

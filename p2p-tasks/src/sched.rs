@@ -198,8 +198,6 @@ struct Slot {
     kind: usize,
     /// Times the task was lost with its node's connection.
     losses: u32,
-    /// The node of the last failed attempt: a retry prefers another one.
-    avoid: Option<NodeKey>,
     /// Dependencies not yet succeeded.
     waiting: u32,
     status: TaskStatus,
@@ -345,7 +343,8 @@ pub struct Scheduler {
     kinds: Vec<String>,
     slots: Vec<Slot>,
     /// Per kind, its tasks in file order, and the index of its first unfinished one.
-    kind_tasks: Vec<Vec<usize>>,
+    /// (Task indexes as `u32`: a plan has fewer than 2^32 tasks, see [`ReadyKey`].)
+    kind_tasks: Vec<Vec<u32>>,
     kind_cursor: Vec<usize>,
     /// Per kind, tasks ready to start, costliest first (then in file order).
     ready: Vec<BTreeSet<ReadyKey>>,
@@ -354,6 +353,9 @@ pub struct Scheduler {
     /// When each task in `delayed` becomes ready (its key there), so that one can be taken
     /// out without a scan; small, unlike a field in every task's slot.
     retry_at: std::collections::HashMap<usize, Instant>,
+    /// Per task that failed an attempt, the node of its last failed attempt: a retry
+    /// prefers another one. Small, unlike a field in every task's slot.
+    avoided: std::collections::HashMap<usize, NodeKey>,
     running_kind: Vec<u32>,
     running_total: usize,
     /// The first task not finished (strict order).
@@ -395,55 +397,160 @@ fn is_final(s: TaskStatus) -> bool {
     )
 }
 
+/// For each task of `tasks`, the tasks that depend on it (one entry per dependency found);
+/// empty when no task has dependencies (the usual case, which then costs nothing per task).
+pub fn dependents_of(tasks: &[Task]) -> Vec<Vec<usize>> {
+    let mut dependents = Vec::new();
+    if tasks.iter().any(|t| !t.deps.is_empty()) {
+        let index = crate::task::IdIndex::build(tasks);
+        dependents = vec![Vec::new(); tasks.len()];
+        for (i, t) in tasks.iter().enumerate() {
+            for d in &t.deps {
+                if let Some(j) = index.get(tasks, d) {
+                    dependents[j].push(i);
+                }
+            }
+        }
+    }
+    dependents
+}
+
+/// Builds a [`Scheduler`] one task at a time, **last task first**: the way a run takes its
+/// plan apart (from the end, giving the list's memory back as it goes), so that the plan and
+/// the scheduler's slots are never both whole in memory.
+#[derive(Debug)]
+pub struct Builder {
+    policy: Policy,
+    /// Types in order of first appearance from the end.
+    kinds: Vec<String>,
+    /// Slots, last task first.
+    slots: Vec<Slot>,
+    /// Per type, its tasks' positions counted from the end, ascending.
+    kind_tasks: Vec<Vec<u32>>,
+    first_cost: Option<u32>,
+    uniform_cost: bool,
+}
+
+impl Builder {
+    /// A builder for a plan of about `n` tasks.
+    pub fn new(policy: Policy, n: usize) -> Builder {
+        Builder {
+            policy,
+            kinds: Vec::new(),
+            slots: Vec::with_capacity(n),
+            kind_tasks: Vec::new(),
+            first_cost: None,
+            uniform_cost: true,
+        }
+    }
+
+    /// The task before the ones pushed so far (the plan's last task first), of type `kind`,
+    /// with its cost and its own retries.
+    pub fn push_front(&mut self, kind: &str, cost: u32, retries: Option<u32>) {
+        let first = *self.first_cost.get_or_insert(cost);
+        self.uniform_cost &= cost == first;
+        let k = match self.kinds.iter().position(|k| k == kind) {
+            Some(k) => k,
+            None => {
+                self.kinds.push(kind.to_owned());
+                self.kind_tasks.push(Vec::new());
+                self.kinds.len() - 1
+            }
+        };
+        self.kind_tasks[k].push(self.slots.len() as u32);
+        self.slots.push(Slot {
+            kind: k,
+            waiting: 0,
+            status: TaskStatus::Pending,
+            attempts: 0,
+            losses: 0,
+            failures: 0,
+            cost: cost.max(1),
+            retries: retries.unwrap_or(self.policy.retries),
+        });
+    }
+
+    /// The scheduler of the tasks pushed; `dependents` as [`dependents_of`] gives them for
+    /// the whole plan (task indexes in file order).
+    pub fn finish(self, dependents: Vec<Vec<usize>>) -> Scheduler {
+        let Builder {
+            policy,
+            kinds,
+            mut slots,
+            kind_tasks,
+            uniform_cost,
+            ..
+        } = self;
+        let n = slots.len();
+        slots.reverse();
+        // Positions from the end become file indexes; types are put in order of first
+        // appearance in the file.
+        let mut order: Vec<(usize, usize)> = kind_tasks
+            .iter()
+            .enumerate()
+            .map(|(k, ts)| (ts.last().map_or(0, |&r| n - 1 - r as usize), k))
+            .collect();
+        order.sort_unstable();
+        let mut renumber = vec![0; kinds.len()];
+        let mut new_kinds = Vec::with_capacity(kinds.len());
+        let mut new_kind_tasks = Vec::with_capacity(kinds.len());
+        let mut kinds: Vec<Option<String>> = kinds.into_iter().map(Some).collect();
+        let mut kind_tasks: Vec<Option<Vec<u32>>> = kind_tasks.into_iter().map(Some).collect();
+        for (new, &(_, old)) in order.iter().enumerate() {
+            renumber[old] = new;
+            new_kinds.push(kinds[old].take().unwrap_or_default());
+            let mut ts = kind_tasks[old].take().unwrap_or_default();
+            ts.reverse();
+            for t in &mut ts {
+                *t = (n - 1 - *t as usize) as u32;
+            }
+            // Each list grew by doubling: up to half of it is spare.
+            ts.shrink_to_fit();
+            new_kind_tasks.push(ts);
+        }
+        for s in &mut slots {
+            s.kind = renumber[s.kind];
+        }
+        Scheduler::from_parts(
+            policy,
+            new_kinds,
+            slots,
+            new_kind_tasks,
+            uniform_cost,
+            dependents,
+        )
+    }
+}
+
 impl Scheduler {
     /// A scheduler for `tasks` (in file order).
     pub fn new(tasks: &[Task], policy: Policy) -> Self {
-        let mut kinds: Vec<String> = Vec::new();
-        let mut slots = Vec::with_capacity(tasks.len());
-        let mut kind_tasks: Vec<Vec<usize>> = Vec::new();
-        let first_cost = tasks.first().map_or(1, |t| t.cost);
-        let mut uniform_cost = true;
-        for (i, t) in tasks.iter().enumerate() {
-            uniform_cost &= t.cost == first_cost;
-            let k = match kinds.iter().position(|k| *k == t.kind) {
-                Some(k) => k,
-                None => {
-                    kinds.push(t.kind.clone());
-                    kind_tasks.push(Vec::new());
-                    kinds.len() - 1
-                }
-            };
-            kind_tasks[k].push(i);
-            slots.push(Slot {
-                kind: k,
-                avoid: None,
-                waiting: 0,
-                status: TaskStatus::Pending,
-                attempts: 0,
-                losses: 0,
-                failures: 0,
-                cost: t.cost.max(1),
-                retries: t.retries.unwrap_or(policy.retries),
-            });
+        let dependents = dependents_of(tasks);
+        let mut b = Builder::new(policy, tasks.len());
+        for t in tasks.iter().rev() {
+            b.push_front(&t.kind, t.cost, t.retries);
         }
-        let mut dependents = Vec::new();
-        if tasks.iter().any(|t| !t.deps.is_empty()) {
-            let index = crate::task::IdIndex::build(tasks);
-            dependents = vec![Vec::new(); tasks.len()];
-            for (i, t) in tasks.iter().enumerate() {
-                for d in &t.deps {
-                    if let Some(j) = index.get(tasks, d) {
-                        dependents[j].push(i);
-                        slots[i].waiting += 1;
-                    }
-                }
+        b.finish(dependents)
+    }
+
+    fn from_parts(
+        policy: Policy,
+        kinds: Vec<String>,
+        mut slots: Vec<Slot>,
+        kind_tasks: Vec<Vec<u32>>,
+        uniform_cost: bool,
+        dependents: Vec<Vec<usize>>,
+    ) -> Self {
+        for ds in &dependents {
+            for &i in ds {
+                slots[i].waiting += 1;
             }
         }
         let ready: Vec<BTreeSet<ReadyKey>> = kind_tasks
             .iter()
             .map(|ts| {
                 ts.iter()
-                    .copied()
+                    .map(|&t| t as usize)
                     .filter(|&t| slots[t].waiting == 0)
                     .map(|t| ready_key(slots[t].cost, t))
                     .collect()
@@ -474,6 +581,7 @@ impl Scheduler {
             ready,
             delayed: BTreeMap::new(),
             retry_at: std::collections::HashMap::new(),
+            avoided: std::collections::HashMap::new(),
             running_total: 0,
             cursor: 0,
             finished: 0,
@@ -481,6 +589,15 @@ impl Scheduler {
             nodes: BTreeMap::new(),
             dependents,
             skipped: Vec::new(),
+        }
+    }
+
+    /// The node `task`'s last failed attempt ran on, if any.
+    fn avoid_of(&self, task: usize) -> Option<NodeKey> {
+        if self.avoided.is_empty() {
+            None
+        } else {
+            self.avoided.get(&task).copied()
         }
     }
 
@@ -751,7 +868,7 @@ impl Scheduler {
         };
         let victims: Vec<usize> = self.kind_tasks[k]
             .iter()
-            .copied()
+            .map(|&t| t as usize)
             .filter(|&t| self.slots[t].status == TaskStatus::Pending)
             .collect();
         // Giving one up may skip others of the list (its dependents): those are skipped,
@@ -839,9 +956,10 @@ impl Scheduler {
                     if self.running_kind[k] > 0 {
                         continue;
                     }
-                    let Some(&first) = self.kind_tasks[k].get(self.kind_cursor[k]) else {
+                    let Some(first) = self.kind_tasks[k].get(self.kind_cursor[k]) else {
                         continue;
                     };
+                    let first = *first as usize;
                     let key = self.ready_key(first);
                     if best.is_some_and(|(b, _)| b <= key) || !self.ready[k].contains(&key) {
                         continue;
@@ -884,7 +1002,7 @@ impl Scheduler {
     /// with `queued` units of cost of its type waiting (see [`Scheduler::worth_waiting`]).
     fn place(&self, task: usize, queued: u64) -> Option<NodeKey> {
         let slot = &self.slots[task];
-        let (rank, node) = self.peek_node(slot.kind, slot.avoid)?;
+        let (rank, node) = self.peek_node(slot.kind, self.avoid_of(task))?;
         // The fast path: the free node is of the type's best rank (no lookup of the node).
         let fastest = self.ranks[slot.kind]
             .first()
@@ -956,7 +1074,7 @@ impl Scheduler {
 
     fn start(&mut self, task: usize, node: NodeKey) -> Option<Dispatch> {
         let k = self.slots[task].kind;
-        let node = self.probe(k, node, self.slots[task].avoid);
+        let node = self.probe(k, node, self.avoid_of(task));
         self.set_running_with(node, true, u64::from(self.slots[task].cost));
         self.ready_remove(task);
         let slot = &mut self.slots[task];
@@ -1115,9 +1233,9 @@ impl Scheduler {
             self.finish(task, TaskStatus::Succeeded);
             return Outcome::Succeeded;
         }
+        self.avoided.insert(task, node);
         let slot = &mut self.slots[task];
         slot.failures += 1;
-        slot.avoid = Some(node);
         if slot.failures <= slot.retries && !self.stopped {
             // Jitter spreads retries of many tasks so they do not hit a recovering node at once.
             let delay = self.policy.backoff.delay(slot.failures, task as u64);
@@ -1140,6 +1258,9 @@ impl Scheduler {
         while let Some((t, st)) = work.pop() {
             self.slots[t].status = st;
             self.finished += 1;
+            if !self.avoided.is_empty() {
+                self.avoided.remove(&t);
+            }
             self.advance_cursors(self.slots[t].kind);
             for i in 0..self.dependents.get(t).map_or(0, Vec::len) {
                 let d = self.dependents[t][i];
@@ -1170,7 +1291,7 @@ impl Scheduler {
         }
         let list = &self.kind_tasks[k];
         while self.kind_cursor[k] < list.len()
-            && is_final(self.slots[list[self.kind_cursor[k]]].status)
+            && is_final(self.slots[list[self.kind_cursor[k]] as usize].status)
         {
             self.kind_cursor[k] += 1;
         }

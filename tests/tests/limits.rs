@@ -122,3 +122,33 @@ fn sizes_out_of_range_or_malformed_are_usage_errors() {
     );
     out.assert_code(0);
 }
+
+#[test]
+fn a_task_file_over_max_tasks_is_refused_up_front_with_the_limit_named() {
+    let dir = TestDir::new();
+    dir.write("tasks.txt", "a1 a2 a3\nb1 after a1\n");
+    // Refused before any node is looked for: no peer is given, and none is needed.
+    let out = run_in(
+        dir.path(),
+        &[
+            "run",
+            "tasks.txt",
+            "--max-tasks",
+            "3",
+            "--discovery",
+            "none",
+        ],
+    );
+    out.assert_code(2);
+    assert!(
+        out.stderr.contains("more than 3 tasks") && out.stderr.contains("--max-tasks 3"),
+        "{}",
+        out.describe()
+    );
+    // At the limit it runs.
+    let out = run_in(
+        dir.path(),
+        &["run", "tasks.txt", "--max-tasks", "4", "--local", "--quiet"],
+    );
+    out.assert_code(0);
+}

@@ -1211,3 +1211,31 @@ fn the_report_keeps_what_the_run_learned_of_each_node_even_after_it_left() {
     // Node 2 started from the type's mean (40 ms) and moved 30% towards 10 ms.
     assert!((speeds[1].1 - 31.0).abs() < 1e-6, "{speeds:?}");
 }
+
+#[test]
+fn arguments_and_timeouts_stay_with_their_tasks() {
+    // The extras are kept only from the first task (counted from the end) that has some:
+    // the tasks after it, before it and without any must get nothing, and each its own.
+    let mut s = Sim::new(
+        "a1\na2 -- two\na3\na4 timeout 7s\na5\n",
+        opts(Order::Strict, 0, false),
+    );
+    s.connect(1, &hello(1, &["a"], 4));
+    let mut seen = Vec::new();
+    for t in ["a1", "a2", "a3", "a4", "a5"] {
+        let a = &s.sent[0].1;
+        seen.push((a.task.clone(), a.args.clone(), a.timeout_ms));
+        s.answer(t, true, Duration::from_millis(5));
+    }
+    let run = 1000;
+    assert_eq!(
+        seen,
+        [
+            ("a1".into(), String::new(), run),
+            ("a2".into(), "two".into(), run),
+            ("a3".into(), String::new(), run),
+            ("a4".into(), String::new(), 7000),
+            ("a5".into(), String::new(), run),
+        ]
+    );
+}

@@ -489,3 +489,36 @@ fn a_shrink_cancels_nothing_and_a_grow_starts_more() {
     s.set_capacity(1, 0);
     assert_eq!(s.missing_kinds(), ["a".to_string()]);
 }
+
+#[test]
+fn the_builder_numbers_tasks_and_types_in_file_order() {
+    // Built last task first (as a run takes its plan apart): types still come in order of
+    // first appearance, each type's tasks in file order, and costs, retries and
+    // dependencies stay with their task.
+    let mut plan = tasks("b1 a1 b2 c1 a2");
+    plan[3].cost = 5;
+    plan[1].retries = Some(7);
+    plan[4].deps = vec!["c1".into()];
+    let s = Scheduler::new(&plan, Policy::default());
+    assert_eq!(s.kinds(), ["b", "a", "c"]);
+    assert_eq!(s.kind_tasks, vec![vec![0, 2], vec![1, 4], vec![3]]);
+    let kinds: Vec<usize> = s.slots.iter().map(|x| x.kind).collect();
+    assert_eq!(kinds, [0, 1, 0, 2, 1]);
+    assert_eq!(s.slots[3].cost, 5);
+    assert_eq!(s.slots[1].retries, 7);
+    assert_eq!(s.slots[0].retries, Policy::default().retries);
+    assert_eq!(s.slots[4].waiting, 1);
+    assert_eq!(s.dependents[3], vec![4]);
+    assert!(!s.uniform_cost);
+}
+
+#[test]
+fn a_tasks_slot_stays_small() {
+    // One per task of the plan: a million tasks pay 48 MB for it (it was 64 bytes with the
+    // avoided node in every slot).
+    assert!(
+        std::mem::size_of::<Slot>() <= 48,
+        "{}",
+        std::mem::size_of::<Slot>()
+    );
+}
