@@ -91,3 +91,52 @@ impl Default for TestDir {
         TestDir::new()
     }
 }
+
+/// A tmpfs of a given size mounted on a fresh directory, unmounted (lazily) on drop, even
+/// when the test panics: a small disk that fills up.
+#[derive(Debug)]
+pub struct SmallDisk {
+    /// Where it is mounted.
+    pub dir: PathBuf,
+}
+
+impl SmallDisk {
+    /// Mounts a tmpfs of `size` (e.g. `"64k"`, `"3m"`) on `under/disk`; `None` where mounting
+    /// is not permitted.
+    pub fn mount(under: &Path, size: &str) -> Option<SmallDisk> {
+        let dir = under.join("disk");
+        std::fs::create_dir_all(&dir).ok()?;
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&dir)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        ok.then_some(SmallDisk { dir })
+    }
+
+    /// [`SmallDisk::mount`], or `None` after saying on stderr that the test is skipped. Under
+    /// `P2P_REQUIRE_MOUNT` (set by CI) a disk that cannot be mounted fails the test instead,
+    /// so CI never passes on a test that did not run.
+    pub fn mount_or_skip(under: &Path, size: &str) -> Option<SmallDisk> {
+        let disk = SmallDisk::mount(under, size);
+        if disk.is_none() {
+            assert!(
+                std::env::var_os("P2P_REQUIRE_MOUNT").is_none(),
+                "cannot mount a tmpfs (P2P_REQUIRE_MOUNT is set)"
+            );
+            eprintln!("skipped: cannot mount a tmpfs (needs root)");
+        }
+        disk
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.dir)
+            .status();
+    }
+}

@@ -8,45 +8,13 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::HashSet;
-use std::path::{Path, PathBuf};
-use std::process::Command;
 
-use tests::{events_named, run_in, TestDir};
-
-/// A tmpfs of `size` mounted on a fresh directory, unmounted (lazily) on drop.
-struct SmallDisk {
-    dir: PathBuf,
-}
-
-impl SmallDisk {
-    fn mount(under: &Path, size: &str) -> Option<SmallDisk> {
-        let dir = under.join("disk");
-        std::fs::create_dir_all(&dir).ok()?;
-        let ok = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(&dir)
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
-        ok.then_some(SmallDisk { dir })
-    }
-}
-
-impl Drop for SmallDisk {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
-    }
-}
+use tests::{events_named, run_in, SmallDisk, TestDir};
 
 #[test]
 fn on_a_full_disk_every_reported_result_is_in_the_journal() {
     let dir = TestDir::new();
-    let Some(disk) = SmallDisk::mount(dir.path(), "64k") else {
-        assert!(
-            std::env::var_os("P2P_REQUIRE_MOUNT").is_none(),
-            "cannot mount a tmpfs (P2P_REQUIRE_MOUNT is set)"
-        );
-        eprintln!("skipped: cannot mount a tmpfs (needs root)");
+    let Some(disk) = SmallDisk::mount_or_skip(dir.path(), "64k") else {
         return;
     };
     let ids: Vec<String> = (1..=3000).map(|i| format!("a{i}")).collect();

@@ -7,7 +7,7 @@
 use p2p_core::message::{AbortReason, PlacedFile, MAX_CHUNK};
 use p2p_core::transfer::{hash_bytes, Received, Receiver, DEFAULT_WINDOW};
 use p2p_core::{Assign, ContentHash, Message, Transfer};
-use tests::{events_named, hello, run_in, Serve, TestDir, WireClient, WAIT};
+use tests::{events_named, hello, run_in, Serve, SmallDisk, TestDir, WireClient, WAIT};
 
 #[test]
 fn bad_inputs_and_outputs_exit_2_naming_file_line_and_column() {
@@ -835,36 +835,6 @@ fn resume_keeps_a_success_whose_outputs_are_there_as_recorded_and_reruns_one_alt
     assert_eq!((runs("a1"), runs("b1")), (2, 2));
 }
 
-/// A tmpfs of `size` mounted on a fresh directory under `under`, unmounted (lazily) on drop,
-/// even when the test panics. `None` where mounting is not permitted.
-struct SmallDisk {
-    dir: std::path::PathBuf,
-}
-
-impl SmallDisk {
-    fn mount(under: &std::path::Path, size: &str) -> Option<SmallDisk> {
-        let dir = under.join("disk");
-        std::fs::create_dir_all(&dir).ok()?;
-        let ok = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(&dir)
-            .stderr(std::process::Stdio::null())
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
-        ok.then_some(SmallDisk { dir })
-    }
-}
-
-impl Drop for SmallDisk {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(&self.dir)
-            .status();
-    }
-}
-
 /// The `error` of every `task_retry` event.
 fn retry_errors(events: &[serde_json::Value]) -> Vec<String> {
     events_named(events, "task_retry")
@@ -876,12 +846,7 @@ fn retry_errors(events: &[serde_json::Value]) -> Vec<String> {
 #[test]
 fn a_full_disk_on_a_node_fails_the_attempt_saying_so_and_it_is_retried_on_another() {
     let root = TestDir::new();
-    let Some(disk) = SmallDisk::mount(root.path(), "3m") else {
-        assert!(
-            std::env::var_os("P2P_REQUIRE_MOUNT").is_none(),
-            "cannot mount a tmpfs (P2P_REQUIRE_MOUNT is set)"
-        );
-        eprintln!("skipped: cannot mount a tmpfs (needs root)");
+    let Some(disk) = SmallDisk::mount_or_skip(root.path(), "3m") else {
         return;
     };
     let roomy = TestDir::new();
@@ -1180,12 +1145,7 @@ fn an_output_served_with_wrong_bytes_fails_the_attempt_and_never_lands_in_result
 #[test]
 fn a_full_results_disk_leaves_no_cut_stdout_or_meta_behind() {
     let root = TestDir::new();
-    let Some(disk) = SmallDisk::mount(root.path(), "64k") else {
-        assert!(
-            std::env::var_os("P2P_REQUIRE_MOUNT").is_none(),
-            "cannot mount a tmpfs (P2P_REQUIRE_MOUNT is set)"
-        );
-        eprintln!("skipped: cannot mount a tmpfs (needs root)");
+    let Some(disk) = SmallDisk::mount_or_skip(root.path(), "64k") else {
         return;
     };
     let data = TestDir::new();
