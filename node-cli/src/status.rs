@@ -68,20 +68,11 @@ pub fn report(
         running,
         completed,
         failed,
-        load_milli: load_average(),
+        load_milli: p2p_tasks::resources::load_averages(),
         waiting,
         capacity,
     }
     .bounded()
-}
-
-/// The 1, 5 and 15 minute load averages in thousandths, from `/proc/loadavg`.
-fn load_average() -> Option<[u32; 3]> {
-    let text = std::fs::read_to_string("/proc/loadavg").ok()?;
-    let mut it = text
-        .split_whitespace()
-        .map(|f| f.parse::<f64>().ok().map(|v| (v * 1000.0).round() as u32));
-    Some([it.next()??, it.next()??, it.next()??])
 }
 
 /// One node's status, as `status` shows it (`--json`: one object per node).

@@ -10,7 +10,24 @@ pub fn cores() -> u32 {
 
 /// The 1-minute load average in thousandths, from `/proc/loadavg`.
 pub fn load_milli() -> Option<u32> {
-    parse_loadavg(&std::fs::read_to_string("/proc/loadavg").ok()?)
+    load_averages().map(|[one, _, _]| one)
+}
+
+/// The 1, 5 and 15 minute load averages in thousandths, from `/proc/loadavg` (`status`
+/// shows all three).
+pub fn load_averages() -> Option<[u32; 3]> {
+    parse_loadavgs(&std::fs::read_to_string("/proc/loadavg").ok()?)
+}
+
+/// The three load averages of `/proc/loadavg` (`0.52 0.58 0.59 1/467 12345`) in thousandths.
+pub fn parse_loadavgs(text: &str) -> Option<[u32; 3]> {
+    let mut it = text.split_whitespace().map(milli);
+    Some([it.next()??, it.next()??, it.next()??])
+}
+
+fn milli(field: &str) -> Option<u32> {
+    let v: f64 = field.parse().ok()?;
+    (v.is_finite() && v >= 0.0).then(|| (v * 1000.0).round().min(f64::from(u32::MAX)) as u32)
 }
 
 /// Memory available in KiB (`MemAvailable`), from `/proc/meminfo`.
@@ -20,8 +37,7 @@ pub fn mem_available_kib() -> Option<u64> {
 
 /// The first field of `/proc/loadavg` (`0.52 0.58 0.59 1/467 12345`) in thousandths.
 pub fn parse_loadavg(text: &str) -> Option<u32> {
-    let v: f64 = text.split_whitespace().next()?.parse().ok()?;
-    (v.is_finite() && v >= 0.0).then(|| (v * 1000.0).round().min(f64::from(u32::MAX)) as u32)
+    milli(text.split_whitespace().next()?)
 }
 
 /// `MemAvailable:  123456 kB` of `/proc/meminfo`, in KiB.

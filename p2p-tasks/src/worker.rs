@@ -66,7 +66,21 @@ pub struct Worker {
     stop_now: CancellationToken,
     stats: Arc<WorkerStats>,
     files: Option<Arc<crate::node_files::NodeFiles>>,
+    /// The machine's cores, load and memory as last read, and when: every connection reports
+    /// them every [`LOAD_EVERY`], so they are read at most once per [`MACHINE_FRESH`] for all.
+    machine: Mutex<Option<(Instant, Machine)>>,
 }
+
+/// What a load report says of the machine (not of the worker).
+#[derive(Debug, Clone, Copy)]
+struct Machine {
+    cores: u32,
+    load_milli: Option<u32>,
+    mem_available_kib: Option<u64>,
+}
+
+/// How long a reading of the machine serves every connection's load report.
+const MACHINE_FRESH: Duration = Duration::from_secs(1);
 
 impl std::fmt::Debug for Worker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -112,6 +126,7 @@ impl Worker {
             output_limit: DEFAULT_OUTPUT_LIMIT,
             stop_now: CancellationToken::new(),
             files: None,
+            machine: Mutex::new(None),
         }
     }
 
@@ -189,15 +204,33 @@ impl Worker {
             let a = self.admission();
             (a.capacity(), a.running(), a.waiting())
         };
+        let m = self.machine();
         LoadReport {
             capacity,
             running,
             waiting: u32::try_from(waiting).unwrap_or(u32::MAX),
-            cores: crate::resources::cores(),
-            load_milli: crate::resources::load_milli(),
-            mem_available_kib: crate::resources::mem_available_kib(),
+            cores: m.cores,
+            load_milli: m.load_milli,
+            mem_available_kib: m.mem_available_kib,
             busy_ms: self.busy_us.load(Ordering::Relaxed) / 1000,
             tasks: self.ended.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The machine as read at most [`MACHINE_FRESH`] ago (read now if not).
+    fn machine(&self) -> Machine {
+        let mut last = self.machine.lock().unwrap_or_else(|e| e.into_inner());
+        match *last {
+            Some((at, m)) if at.elapsed() < MACHINE_FRESH => m,
+            _ => {
+                let m = Machine {
+                    cores: crate::resources::cores(),
+                    load_milli: crate::resources::load_milli(),
+                    mem_available_kib: crate::resources::mem_available_kib(),
+                };
+                *last = Some((Instant::now(), m));
+                m
+            }
         }
     }
 
