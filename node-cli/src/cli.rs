@@ -151,6 +151,8 @@ pub enum Command {
     /// run's exit status (as `run` would).
     #[command(after_help = "Example:\n  p2p-node attach RUN_ID --peer 127.0.0.1:7401 --json")]
     Attach(hosted::AttachArgs),
+    /// Take a hosted run's results: every task's stdout, stderr, meta.json and outputs.
+    Results(hosted::ResultsArgs),
     /// Cancel a hosted run.
     #[command(after_help = "Example:\n  p2p-node cancel RUN_ID --peer 127.0.0.1:7401")]
     Cancel(hosted::CancelArgs),
@@ -532,6 +534,7 @@ pub async fn execute(cli: Cli, active: crate::output::ActiveBar) -> ExitCode {
         Command::Runs(a) => hosted::runs(a).await,
         Command::Attach(a) => hosted::attach(a).await,
         Command::Cancel(a) => hosted::cancel(a).await,
+        Command::Results(a) => hosted::results(a).await,
         Command::Keygen(a) => keygen(a),
         Command::Completions { shell } => {
             let mut cmd = crate::help::command();
@@ -1028,11 +1031,15 @@ async fn serve(
     force: CancellationToken,
 ) -> anyhow::Result<u8> {
     // Every argument is checked before the identity is taken (which may create a file).
+    // A serving node dials nobody for itself: its --peers are the nodes the runs it hosts
+    // dial (besides their discovery); its own discovery announces it as without them.
+    let mut own = Common {
+        peers: Vec::new(),
+        ..a.common.clone()
+    };
+    own.discovery.retain(|k| *k != Kind::Static);
     if !a.common.peers.is_empty() {
-        return Err(usage(
-            "serve does not take --peer: a serving node dials nobody, it is found (by \
-             discovery, or by the --peer of run and peers); use --discovery to announce it",
-        ));
+        p2p_discovery::check(&[Kind::Static], &a.common.peers, false).map_err(discovery_usage)?;
     }
     let types = parse_types(&a.types)?;
     let handlers = parse_handlers(&a.handlers)?;
@@ -1050,7 +1057,7 @@ async fn serve(
         };
         SocketAddr::from((ip, 7400))
     });
-    let discoveries = backends(&a.common, Role::Serve(listen), true, &key)?;
+    let discoveries = backends(&own, Role::Serve(listen), true, &key)?;
     let mut b = with_key(Node::builder(), &key)
         .cluster(a.common.cluster.clone())
         .discoveries(discoveries)
@@ -1107,14 +1114,15 @@ async fn serve(
             )));
         }
     };
-    let b = b.files(std::sync::Arc::new(
+    let node_files = std::sync::Arc::new(
         p2p_tasks::node_files::NodeFiles::new(
             cache,
             a.max_file.unwrap_or(a.cache_size),
             a.common.max_frame,
         )
         .with_max_result(a.max_result_size),
-    ));
+    );
+    let b = b.files(node_files.clone());
     let mut node = match with_identity(b, &identity).build().await {
         Ok(node) => node,
         Err(e) => {
@@ -1150,7 +1158,8 @@ async fn serve(
                 keep: a.keep_runs,
                 ..Default::default()
             };
-            let config = hosted::host_config(&a.common, &key, dir, node.id(), addr, limits);
+            let mut config = hosted::host_config(&a.common, &key, dir, node.id(), addr, limits);
+            config.files = Some(node_files);
             let host = crate::hosted::Host::new(config).map_err(node_error)?;
             node.host_runs(host.service());
             Some(host)

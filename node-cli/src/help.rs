@@ -90,9 +90,16 @@ pub fn command() -> clap::Command {
     for name in names {
         cmd = cmd.mut_subcommand(name, with_headings);
     }
-    // `serve` does not dial anyone: its --peer is refused (cli.rs), hidden from its help,
-    // and P2P_PEER (meant for run and peers) does not reach it.
-    cmd.mut_subcommand("serve", |s| s.mut_arg("peers", |a| a.env(None).hide(true)))
+    // `serve` dials nobody for itself: its --peer names the nodes the runs it hosts dial
+    // (cli.rs), and P2P_PEER (meant for run and peers) does not reach it.
+    cmd.mut_subcommand("serve", |s| {
+        s.mut_arg("peers", |a| {
+            a.env(None).help(
+                "A node that the runs this node hosts (submit) dial, besides their \
+                 discovery, HOST:PORT (repeatable; this node itself dials nobody)",
+            )
+        })
+    })
 }
 
 /// Parses `args` with [`command`]; exits (status 2, or 0 for `--help`/`--version`) as clap

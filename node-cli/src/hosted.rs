@@ -22,6 +22,7 @@
 //! succeeded never run again, each final result is reported once, and attempts in flight
 //! at a crash run again (at-least-once execution).
 
+pub mod files;
 pub mod registry;
 
 use std::future::Future;
@@ -31,7 +32,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use p2p_core::hosted::{Hosted, RunInfo, RunState, Submit, SubmitOptions};
+use p2p_core::hosted::{Hosted, RunInfo, RunState, Submit, SubmitOptions, SubmittedInput};
 use p2p_core::net::{self, Command, HostedService, LinkEvent, Settings};
 use p2p_core::Hello;
 use p2p_tasks::{Backoff, Journal, Order, Policy, RunEvent, RunOptions, RunReport, Task};
@@ -61,6 +62,9 @@ pub struct HostConfig {
     pub peers: Vec<SocketAddr>,
     /// The node's maximum frame: a run sends nothing larger.
     pub max_frame: usize,
+    /// The node's file cache, where a client's `submit` leaves the plan's input files
+    /// (`None`: plans with input files are refused).
+    pub files: Option<Arc<p2p_tasks::node_files::NodeFiles>>,
 }
 
 impl std::fmt::Debug for HostConfig {
@@ -250,8 +254,14 @@ impl Host {
         let meta: Meta = serde_json::from_str(&read("meta.json")?).map_err(|e| e.to_string())?;
         let options: SubmitOptions =
             serde_json::from_str(&read("options.json")?).map_err(|e| e.to_string())?;
-        let tasks =
+        let mut tasks =
             p2p_tasks::parse::parse(&meta.name, &read("plan.txt")?).map_err(|e| e.to_string())?;
+        // Runs written before inputs were shipped have no record: they have no inputs.
+        let inputs: Vec<SubmittedInput> = match read(files::INPUTS_RECORD) {
+            Ok(text) => serde_json::from_str(&text).map_err(|e| e.to_string())?,
+            Err(_) => Vec::new(),
+        };
+        files::rewrite_inputs(&mut tasks, dir, &inputs)?;
         let ids: Vec<String> = tasks.iter().map(|t| t.id.clone()).collect();
         let info = RunInfo {
             run: id.to_string(),
@@ -316,11 +326,16 @@ impl Host {
         };
         let refused = |reason: String| Hosted::Refused { reason };
         match req {
-            Hosted::Submit(s) => {
+            Hosted::Submit(_) | Hosted::SubmitFiles(_) => {
+                let (s, inputs) = match req {
+                    Hosted::Submit(s) => (*s, None),
+                    Hosted::SubmitFiles(f) => (f.submit, Some(f.inputs)),
+                    _ => return rx,
+                };
                 let host = self.clone();
                 let client = peer.node_id.short();
                 self.inner.tracker.spawn(async move {
-                    let answer = match host.submit(*s).await {
+                    let answer = match host.submit(s, inputs).await {
                         Ok(id) => {
                             info!(run = %id, client = %client, "hosting a submitted run");
                             Hosted::Submitted { run: id }
@@ -363,15 +378,28 @@ impl Host {
                     one(refused(format!("no unfinished run {run} on this node")));
                 }
             }
+            Hosted::Results { run } => {
+                let known = is_run_id(&run) && lock(&self.inner.registry).detail(&run).is_some();
+                if !known {
+                    one(refused(format!("no run {run} on this node")));
+                    return rx;
+                }
+                let root = self.inner.config.dir.join(&run).join(files::RESULTS);
+                tokio::task::spawn_blocking(move || files::stream_results(&root, &tx));
+            }
             other => one(refused(format!("{} is not a request", other.kind()))),
         }
         rx
     }
 
     /// Checks, writes and starts a submitted run; its id, or why not.
-    async fn submit(&self, s: Submit) -> Result<String, String> {
+    async fn submit(
+        &self,
+        s: Submit,
+        inputs: Option<Vec<SubmittedInput>>,
+    ) -> Result<String, String> {
         lock(&self.inner.registry).admit(s.text.len())?;
-        let written = self.write(s).await;
+        let written = self.write(s, inputs).await;
         let mut reg = lock(&self.inner.registry);
         reg.release();
         let (id, info, tasks, options, journal) = written?;
@@ -383,12 +411,24 @@ impl Host {
     }
 
     /// Checks a submitted run and writes it to disk, synced.
-    async fn write(&self, s: Submit) -> Result<Written, String> {
-        let tasks = p2p_tasks::parse::parse(&s.name, &s.text).map_err(|e| e.to_string())?;
+    async fn write(
+        &self,
+        s: Submit,
+        inputs: Option<Vec<SubmittedInput>>,
+    ) -> Result<Written, String> {
+        let mut tasks = p2p_tasks::parse::parse(&s.name, &s.text).map_err(|e| e.to_string())?;
         let opts = run_options(&s.options, self.inner.config.max_frame);
         p2p_tasks::runcore::validate(&tasks, &opts).map_err(|e| e.to_string())?;
         let id = p2p_core::NodeId::random().to_string();
         let dir = self.inner.config.dir.join(&id);
+        let inputs = inputs.unwrap_or_default();
+        // Inputs come from the client, never from the host's own files.
+        files::rewrite_inputs(&mut tasks, &dir, &inputs)?;
+        let node_files = self.inner.config.files.clone();
+        if files::has_path_inputs(&tasks) && node_files.is_none() {
+            return Err("this node keeps no files: it cannot host a plan with input files".into());
+        }
+        let inputs_record = serde_json::to_vec(&inputs).map_err(|e| e.to_string())?;
         let started_ms = now_ms();
         let meta = Meta {
             name: s.name.clone(),
@@ -403,6 +443,15 @@ impl Host {
                 let io =
                     |e: std::io::Error| format!("cannot write the run to {}: {e}", dir.display());
                 std::fs::create_dir(&dir).map_err(io)?;
+                let placed = match &node_files {
+                    Some(f) => files::place_inputs(f, &tasks, &inputs),
+                    None => Ok(()),
+                };
+                if let Err(e) = placed {
+                    let _ = std::fs::remove_dir_all(&dir);
+                    return Err(e);
+                }
+                write_synced(&dir.join(files::INPUTS_RECORD), &inputs_record).map_err(io)?;
                 write_synced(&dir.join("plan.txt"), text.as_bytes()).map_err(io)?;
                 write_synced(&dir.join("options.json"), &options).map_err(io)?;
                 write_synced(&dir.join("meta.json"), &meta).map_err(io)?;
@@ -472,6 +521,9 @@ impl Host {
             shutdown.cancel();
         });
         let peers = self.inner.config.peers.clone();
+        let mut opts = opts;
+        // Every task's results stay with the run, for `p2p-node results`.
+        opts.results = Some(self.inner.config.dir.join(id).join(files::RESULTS));
         let report = node
             .run(tasks)
             .options(opts)
@@ -536,6 +588,14 @@ impl Host {
     }
 }
 
+/// Whether `run` can be a run id (hex digits, as [`p2p_core::NodeId`] prints them): what
+/// may name a directory of the host.
+fn is_run_id(run: &str) -> bool {
+    !run.is_empty()
+        && run.len() <= p2p_core::hosted::MAX_RUN_ID
+        && run.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
 /// `ev` as JSON of at most [`EVENT_CAP`] bytes: a task's output (and error) cut to fit,
 /// with a note of how much was cut; `None` if it cannot fit at all.
 fn capped_json(ev: &RunEvent) -> Option<String> {
@@ -583,10 +643,30 @@ pub async fn request(
     settings: &Settings,
     req: Hosted,
     limit: Option<Duration>,
+    answer: impl FnMut(&Hosted),
+) -> Result<Hosted, p2p_core::Error> {
+    request_with_inputs(addr, hello, settings, &[], req, limit, answer).await
+}
+
+/// [`request`], after offering `inputs` to the node on the same connection (see
+/// [`files::upload`]; each wait bounded by `limit`, else by a minute).
+pub async fn request_with_inputs(
+    addr: SocketAddr,
+    hello: Hello,
+    settings: &Settings,
+    inputs: &[files::LocalInput],
+    req: Hosted,
+    limit: Option<Duration>,
     mut answer: impl FnMut(&Hosted),
 ) -> Result<Hosted, p2p_core::Error> {
     let (tx, mut rx) = mpsc::channel(64);
     let link = net::connect(addr, hello, settings, 1, tx).await?;
+    if !inputs.is_empty() {
+        let wait = limit.unwrap_or(Duration::from_secs(60));
+        files::upload(&link, &mut rx, inputs, wait)
+            .await
+            .map_err(|e| p2p_core::Error::DriverFailed(format!("cannot ship an input: {e}")))?;
+    }
     link.send(Command::Hosted(Box::new(req)))?;
     let last = loop {
         let ev = match limit {
@@ -650,6 +730,7 @@ mod tests {
             coordinator,
             peers: Vec::new(),
             max_frame: 1 << 20,
+            files: None,
         })
         .unwrap();
         for d in [&dir, &tmp.path().join("runs")] {

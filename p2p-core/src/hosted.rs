@@ -23,6 +23,18 @@ pub const MAX_LISTED_RUNS: usize = 1024;
 /// The most tasks a [`RunDetail`] lists (it still counts them all).
 pub const MAX_LISTED_TASKS: usize = 1024;
 
+/// The longest input path a [`SubmitFiles`] names (as the task file writes it), in bytes.
+pub const MAX_INPUT_PATH: usize = 4096;
+
+/// The most distinct input files one [`SubmitFiles`] names.
+pub const MAX_SUBMITTED_INPUTS: usize = 4096;
+
+/// The longest path of a [`ResultFile`] (relative to the run's results), in bytes.
+pub const MAX_RESULT_PATH: usize = 1024;
+
+/// The most bytes one [`Hosted::ResultData`] carries.
+pub const MAX_RESULT_DATA: usize = 64 * 1024;
+
 /// One hosted-run message: a request of a client or an answer of the host.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Hosted {
@@ -72,6 +84,59 @@ pub enum Hosted {
         /// The run's id.
         run: String,
     },
+    /// Host this plan, whose input files the client has already offered to the host on this
+    /// connection (`Transfer::Offer`, answered `Have` or `Done`) (request); answered by
+    /// `Submitted` or `Refused`. A plan without `< PATH` inputs is sent as `Submit`.
+    SubmitFiles(Box<SubmitFiles>),
+    /// The files a run's tasks left in its results (their `stdout`, `stderr`, `meta.json`
+    /// and declared outputs) (request); answered by a `ResultFile` per file, each followed
+    /// by its bytes in `ResultData`s, then `ResultsDone`, or `Refused`.
+    Results {
+        /// The run's id.
+        run: String,
+    },
+    /// One file of a run's results; its bytes follow in `ResultData`s (not final).
+    ResultFile(ResultFile),
+    /// The next bytes of the last `ResultFile` (not final).
+    ResultData {
+        /// At most [`MAX_RESULT_DATA`] bytes.
+        data: Vec<u8>,
+    },
+    /// Every result file was sent (final).
+    ResultsDone {
+        /// How many files were sent.
+        files: u64,
+    },
+}
+
+/// A plan to host with its input files ([`Hosted::SubmitFiles`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SubmitFiles {
+    /// The plan and its options.
+    pub submit: Submit,
+    /// Each distinct input path of the plan (`< PATH`), as the task file writes it, and the
+    /// hash of the file it names on the client's side.
+    pub inputs: Vec<SubmittedInput>,
+}
+
+/// One input file of a submitted plan.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SubmittedInput {
+    /// The path as the task file writes it (`< PATH`).
+    pub path: String,
+    /// The file's content hash (the host has it in its file cache).
+    pub hash: crate::message::ContentHash,
+    /// The file's size in bytes.
+    pub size: u64,
+}
+
+/// One file of a run's results ([`Hosted::ResultFile`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResultFile {
+    /// Its path relative to the run's results, `/`-separated (`a1/stdout`, `a1/out/x.csv`).
+    pub path: String,
+    /// Its size in bytes: that many bytes follow in `ResultData`s.
+    pub size: u64,
 }
 
 /// A plan to host: the task file's text, parsed by the host, and the run options.
@@ -211,6 +276,11 @@ impl Hosted {
             Hosted::Event { .. } => "Event",
             Hosted::Ended(_) => "Ended",
             Hosted::Cancelled { .. } => "Cancelled",
+            Hosted::SubmitFiles(_) => "SubmitFiles",
+            Hosted::Results { .. } => "Results",
+            Hosted::ResultFile(_) => "ResultFile",
+            Hosted::ResultData { .. } => "ResultData",
+            Hosted::ResultsDone { .. } => "ResultsDone",
         }
     }
 
@@ -223,12 +293,18 @@ impl Hosted {
                 | Hosted::Status { .. }
                 | Hosted::Attach { .. }
                 | Hosted::Cancel { .. }
+                | Hosted::SubmitFiles(_)
+                | Hosted::Results { .. }
         )
     }
 
     /// Whether it is the last answer to a request.
     pub fn is_final(&self) -> bool {
-        !self.is_request() && !matches!(self, Hosted::Event { .. })
+        !self.is_request()
+            && !matches!(
+                self,
+                Hosted::Event { .. } | Hosted::ResultFile(_) | Hosted::ResultData { .. }
+            )
     }
 
     /// Whether every field is within the bounds of the protocol. A submit's text and an
@@ -239,6 +315,16 @@ impl Hosted {
         let info = |i: &RunInfo| id(&i.run) && text(&i.name);
         match self {
             Hosted::Submit(s) => text(&s.name) && s.options.order <= 2,
+            Hosted::SubmitFiles(f) => {
+                text(&f.submit.name)
+                    && f.submit.options.order <= 2
+                    && f.inputs.len() <= MAX_SUBMITTED_INPUTS
+                    && f.inputs.iter().all(|i| i.path.len() <= MAX_INPUT_PATH)
+            }
+            Hosted::Results { run } => id(run),
+            Hosted::ResultFile(f) => f.path.len() <= MAX_RESULT_PATH,
+            Hosted::ResultData { data } => data.len() <= MAX_RESULT_DATA,
+            Hosted::ResultsDone { .. } => true,
             Hosted::List => true,
             Hosted::Status { run }
             | Hosted::Attach { run }
@@ -257,5 +343,55 @@ impl Hosted {
             Hosted::Event { .. } => true,
             Hosted::Ended(e) => id(&e.run),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn result_answers_are_bounded_and_only_the_done_one_is_final() {
+        let data = |n: usize| Hosted::ResultData { data: vec![0; n] };
+        assert!(data(MAX_RESULT_DATA).is_bounded());
+        assert!(!data(MAX_RESULT_DATA + 1).is_bounded());
+        let file = |n: usize| {
+            Hosted::ResultFile(ResultFile {
+                path: "a".repeat(n),
+                size: 1,
+            })
+        };
+        assert!(file(MAX_RESULT_PATH).is_bounded());
+        assert!(!file(MAX_RESULT_PATH + 1).is_bounded());
+        assert!(!file(1).is_final() && !data(1).is_final());
+        assert!(Hosted::ResultsDone { files: 0 }.is_final());
+        assert!(Hosted::Results { run: "r".into() }.is_request());
+        let input = |n: usize| SubmittedInput {
+            path: "p".repeat(n),
+            hash: crate::message::ContentHash([0; 32]),
+            size: 0,
+        };
+        let submit = |inputs: Vec<SubmittedInput>| {
+            Hosted::SubmitFiles(Box::new(SubmitFiles {
+                submit: Submit {
+                    name: "t".into(),
+                    text: String::new(),
+                    options: SubmitOptions {
+                        order: 0,
+                        retries: 0,
+                        keep_going: false,
+                        retry_backoff_ms: 0,
+                        retry_backoff_max_ms: 0,
+                        task_timeout_ms: 0,
+                        discovery_timeout_ms: 0,
+                    },
+                },
+                inputs,
+            }))
+        };
+        assert!(submit(vec![input(MAX_INPUT_PATH)]).is_bounded());
+        assert!(!submit(vec![input(MAX_INPUT_PATH + 1)]).is_bounded());
+        assert!(!submit(vec![input(1); MAX_SUBMITTED_INPUTS + 1]).is_bounded());
+        assert!(submit(Vec::new()).is_request());
     }
 }

@@ -1059,6 +1059,22 @@ mod tests {
         let cases: Vec<(Message, Vec<u8>)> = vec![
             (h(Hosted::List), vec![HOSTED, 1]),
             (
+                h(Hosted::Results { run: "ab".into() }),
+                vec![HOSTED, 13, 2, b'a', b'b'],
+            ),
+            (
+                h(Hosted::ResultFile(crate::hosted::ResultFile {
+                    path: "a/o".into(),
+                    size: 300,
+                })),
+                vec![HOSTED, 14, 3, b'a', b'/', b'o', 251, 0x2c, 0x01],
+            ),
+            (
+                h(Hosted::ResultData { data: vec![7, 8] }),
+                vec![HOSTED, 15, 2, 7, 8],
+            ),
+            (h(Hosted::ResultsDone { files: 3 }), vec![HOSTED, 16, 3]),
+            (
                 h(Hosted::Attach { run: "ab".into() }),
                 vec![HOSTED, 3, 2, b'a', b'b'],
             ),

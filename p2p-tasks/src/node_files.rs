@@ -65,6 +65,20 @@ impl NodeFiles {
         self
     }
 
+    /// Copies the cached file of `hash` to `dest` (see [`Cache::place`]): how a node that
+    /// hosts a run takes the inputs its client offered it. An error of kind `NotFound` when
+    /// the cache does not hold `hash`.
+    pub fn place(&self, hash: &ContentHash, dest: &std::path::Path) -> std::io::Result<u64> {
+        let mut cache = self.cache();
+        if !cache.has(hash) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("the file cache does not hold {hash}"),
+            ));
+        }
+        cache.place(hash, dest)
+    }
+
     fn cache(&self) -> std::sync::MutexGuard<'_, Cache> {
         // A panic while holding it leaves the index as it was between two operations.
         self.cache.lock().unwrap_or_else(|p| p.into_inner())

@@ -581,7 +581,9 @@ fn p2p_types_listen_and_cluster_configure_serve_and_p2p_peer_configures_peers() 
 }
 
 #[test]
-fn serve_refuses_peer_with_exit_2() {
+fn serve_refuses_a_malformed_peer_with_exit_2() {
+    // serve's --peer names the nodes its hosted runs dial (tests/tests/hosted_files.rs);
+    // one that is no HOST:PORT is refused before the node starts.
     let dir = TestDir::new();
     let out = run(p2p(
         dir.path(),
@@ -594,12 +596,12 @@ fn serve_refuses_peer_with_exit_2() {
             "--discovery",
             "none",
             "--peer",
-            "127.0.0.1:9",
+            "nowhere",
         ],
     ));
     assert_eq!(out.status.code(), Some(2), "{}", out.describe());
     assert!(
-        out.err().contains("serve does not take --peer"),
+        out.err().contains("--peer \"nowhere\": expected HOST:PORT"),
         "{}",
         out.describe()
     );

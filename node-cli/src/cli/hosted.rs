@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Args;
-use p2p_core::hosted::{Hosted, RunInfo, Submit, SubmitOptions};
+use p2p_core::hosted::{Hosted, RunInfo, Submit, SubmitFiles, SubmitOptions};
 use p2p_core::text::escape;
 use p2p_core::Identity;
 use p2p_discovery::Event;
@@ -86,6 +86,19 @@ pub struct AttachArgs {
     pub client: HostClient,
 }
 
+/// `p2p-node results`.
+#[derive(Debug, Args)]
+pub struct ResultsArgs {
+    /// The run's id.
+    pub run: String,
+    /// Where the files go: DIR/TASK_ID/stdout, stderr, meta.json and the task's outputs.
+    #[arg(long, value_name = "DIR", default_value = "results")]
+    pub to: PathBuf,
+    /// The node that hosts the run.
+    #[command(flatten)]
+    pub client: HostClient,
+}
+
 /// `p2p-node cancel`.
 #[derive(Debug, Args)]
 pub struct CancelArgs {
@@ -133,11 +146,22 @@ async fn ask(
     bounded: bool,
     each: impl FnMut(&Hosted),
 ) -> anyhow::Result<Hosted> {
+    ask_with(c, &[], req, bounded, each).await
+}
+
+/// [`ask`], after shipping `inputs` to the node on the same connection.
+async fn ask_with(
+    c: &HostClient,
+    inputs: &[crate::hosted::files::LocalInput],
+    req: Hosted,
+    bounded: bool,
+    each: impl FnMut(&Hosted),
+) -> anyhow::Result<Hosted> {
     let key = load_key(&c.common)?;
     let addr = find_node(c, &key).await?;
     let (hello, settings) = crate::peers::client(&c.common.cluster, &key, Identity::generate());
     let limit = bounded.then_some(c.answer_timeout);
-    crate::hosted::request(addr, hello, &settings, req, limit, each)
+    crate::hosted::request_with_inputs(addr, hello, &settings, inputs, req, limit, each)
         .await
         .map_err(|e| anyhow::anyhow!("{addr}: {}", core_error(&e)))
 }
@@ -157,6 +181,21 @@ pub async fn submit(a: SubmitArgs) -> anyhow::Result<u8> {
         .map_err(|e| usage(format!("{}: {e}", a.tasks_file.display())))?;
     let name = a.tasks_file.display().to_string();
     let tasks = p2p_tasks::parse::parse(&name, &text).map_err(|e| usage(e.to_string()))?;
+    // The plan's input files are shipped with it: checked and hashed here, against the
+    // task file's directory, as `run` would read them.
+    let inputs = if crate::hosted::files::has_path_inputs(&tasks) {
+        let base = a
+            .tasks_file
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(std::path::Path::new("."));
+        let resolved = p2p_tasks::parse::parse_with_base(&name, &text, base)
+            .map_err(|e| usage(e.to_string()))?;
+        crate::hosted::files::local_inputs(&tasks, &resolved)
+            .map_err(|e| usage(format!("cannot read an input: {e}")))?
+    } else {
+        Vec::new()
+    };
     let options = SubmitOptions {
         order: crate::hosted::order_code(a.order),
         retries: a.retries,
@@ -168,12 +207,20 @@ pub async fn submit(a: SubmitArgs) -> anyhow::Result<u8> {
     };
     let opts = crate::hosted::run_options(&options, a.client.common.max_frame);
     p2p_tasks::runcore::validate(&tasks, &opts).map_err(|e| usage(tasks_error(&e)))?;
-    let req = Hosted::Submit(Box::new(Submit {
+    let submit = Submit {
         name,
         text,
         options,
-    }));
-    match ask(&a.client, req, true, |_| {}).await? {
+    };
+    let req = if inputs.is_empty() {
+        Hosted::Submit(Box::new(submit))
+    } else {
+        Hosted::SubmitFiles(Box::new(SubmitFiles {
+            submit,
+            inputs: inputs.iter().map(|i| i.submitted.clone()).collect(),
+        }))
+    };
+    match ask_with(&a.client, &inputs, req, true, |_| {}).await? {
         Hosted::Submitted { run } => {
             say!("{}", escape(&run));
             Ok(EXIT_OK)
@@ -322,6 +369,47 @@ pub async fn attach(a: AttachArgs) -> anyhow::Result<u8> {
     }
 }
 
+pub async fn results(a: ResultsArgs) -> anyhow::Result<u8> {
+    let mut writer = crate::hosted::files::ResultsWriter::new(a.to.clone());
+    let mut failed: Option<String> = None;
+    // Each answer is bounded by --answer-timeout; the whole transfer is not.
+    let each = |h: &Hosted| {
+        if failed.is_none() {
+            if let Err(e) = writer.take(h) {
+                failed = Some(e);
+            }
+        }
+    };
+    let last = ask(
+        &a.client,
+        Hosted::Results { run: a.run.clone() },
+        true,
+        each,
+    )
+    .await?;
+    if let Some(e) = failed {
+        say_err!("error: {}", escape(&e));
+        return Ok(EXIT_FAILED);
+    }
+    match last {
+        Hosted::ResultsDone { .. } => {
+            if let Err(e) = writer.take(&last) {
+                say_err!("error: {}", escape(&e));
+                return Ok(EXIT_FAILED);
+            }
+            let (files, bytes) = writer.written();
+            say!(
+                "{files} files ({bytes} bytes) of run {} in {}",
+                escape(&a.run),
+                escape(&a.to.display().to_string())
+            );
+            Ok(EXIT_OK)
+        }
+        Hosted::Refused { reason } => Ok(refused(&reason)),
+        other => Err(unexpected(&other)),
+    }
+}
+
 pub async fn cancel(a: CancelArgs) -> anyhow::Result<u8> {
     match ask(&a.client, Hosted::Cancel { run: a.run }, true, |_| {}).await? {
         Hosted::Cancelled { run } => {
@@ -377,6 +465,7 @@ pub fn host_config(
         coordinator,
         peers: vec![reachable(addr)],
         max_frame,
+        files: None,
     }
 }
 

@@ -158,6 +158,22 @@ impl Link {
         }
     }
 
+    /// Queues a command, waiting at most `limit` while the queue is full (a client that
+    /// streams many messages, such as an upload, and must not drop one).
+    pub async fn send_within(&self, cmd: Command, limit: std::time::Duration) -> Result<(), Error> {
+        match self.tx.send_timeout(cmd, limit).await {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::SendTimeoutError::Timeout(_)) => Err(Error::InvalidState {
+                action: "send",
+                why: "the link's command queue stayed full",
+            }),
+            Err(mpsc::error::SendTimeoutError::Closed(_)) => Err(Error::InvalidState {
+                action: "send",
+                why: "the connection is closed",
+            }),
+        }
+    }
+
     /// Queues a command. The queue holds the peer's capacity plus a margin, so a sender that
     /// respects capacity never finds it full; a closed link gives an error.
     pub fn send(&self, cmd: Command) -> Result<(), Error> {
