@@ -65,10 +65,13 @@ impl NodeFiles {
         self
     }
 
-    /// Copies the cached file of `hash` to `dest` (see [`Cache::place`]): how a node that
-    /// hosts a run takes the inputs its client offered it. An error of kind `NotFound` when
-    /// the cache does not hold `hash`.
-    pub fn place(&self, hash: &ContentHash, dest: &std::path::Path) -> std::io::Result<u64> {
+    /// Gives `dest` the cached file of `hash`, for a reader that never writes it (a run
+    /// that a node hosts keeps the inputs its client offered it): a hard link where the
+    /// file system allows (cached files are never written in place, only replaced or
+    /// removed, so the bytes stay; the cache evicting it later frees nothing while `dest`
+    /// lives), else a copy. Returns the file's size; an error of kind `NotFound` when the
+    /// cache does not hold `hash`.
+    pub fn keep(&self, hash: &ContentHash, dest: &std::path::Path) -> std::io::Result<u64> {
         let mut cache = self.cache();
         if !cache.has(hash) {
             return Err(std::io::Error::new(
@@ -76,7 +79,11 @@ impl NodeFiles {
                 format!("the file cache does not hold {hash}"),
             ));
         }
-        cache.place(hash, dest)
+        let src = cache.path(hash);
+        match std::fs::hard_link(&src, dest) {
+            Ok(()) => std::fs::metadata(dest).map(|m| m.len()),
+            Err(_) => cache.place(hash, dest),
+        }
     }
 
     fn cache(&self) -> std::sync::MutexGuard<'_, Cache> {

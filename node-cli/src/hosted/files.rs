@@ -4,8 +4,8 @@
 //! - **Inputs.** `submit` hashes every input file its plan names (`< PATH`) and offers each
 //!   to the host on the submit's connection ([`upload`]: `Transfer::Offer`, chunks within
 //!   the host's credit, until `Have` or `Done`), then sends [`Hosted::SubmitFiles`] naming
-//!   each path as the plan writes it with its hash. The host copies each from its file
-//!   cache into the run's directory (`RUN/inputs/HASH/NAME`, [`place_inputs`]) before it
+//!   each path as the plan writes it with its hash. The host links (or copies) each from
+//!   its file cache into the run's directory (`RUN/inputs/HASH/NAME`, [`place_inputs`]) before it
 //!   answers, so the run keeps its inputs whatever the cache evicts, and across restarts;
 //!   the tasks read them from there. A plan naming inputs that were not shipped is refused.
 //! - **Results.** A hosted run keeps every task's results in `RUN/results` (as `run
@@ -209,8 +209,9 @@ pub fn rewrite_inputs(
     Ok(())
 }
 
-/// Copies each input of the (already rewritten, see [`rewrite_inputs`]) `tasks` from the
-/// node's file cache into the run directory, synced.
+/// Gives the run directory each input of the (already rewritten, see [`rewrite_inputs`])
+/// `tasks` from the node's file cache (a hard link, else a copy; see
+/// [`p2p_tasks::node_files::NodeFiles::keep`]), synced.
 pub fn place_inputs(
     files: &p2p_tasks::node_files::NodeFiles,
     tasks: &[Task],
@@ -236,7 +237,7 @@ pub fn place_inputs(
             let parent = dest.parent().unwrap_or(dest);
             std::fs::create_dir_all(parent)
                 .map_err(|e| format!("cannot make {}: {e}", parent.display()))?;
-            let size = files.place(&s.hash, dest).map_err(|e| {
+            let size = files.keep(&s.hash, dest).map_err(|e| {
                 format!(
                     "input {:?}: {e} (it must be offered on the submit's connection)",
                     s.path
