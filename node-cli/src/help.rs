@@ -92,7 +92,10 @@ pub fn command() -> clap::Command {
     }
     // `serve` does not dial anyone: its --peer is refused (cli.rs), hidden from its help,
     // and P2P_PEER (meant for run and peers) does not reach it.
-    cmd.mut_subcommand("serve", |s| s.mut_arg("peers", |a| a.env(None).hide(true)))
+    cmd.mut_subcommand("serve", |s| {
+        s.mut_arg("peers", |a| a.env(None).hide(true))
+            .mut_arg("peers_file", |a| a.env(None).hide(true))
+    })
 }
 
 /// Parses `args` with [`command`]; exits (status 2, or 0 for `--help`/`--version`) as clap
