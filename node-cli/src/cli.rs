@@ -189,13 +189,14 @@ impl Command {
         }
     }
 
-    /// Joins `--peers-file`'s entries to `--peer`'s (each address once), so that every
+    /// Joins `--peers-file`'s entries to `--peer`'s, each address once, so that every
     /// command sees one list.
     fn read_peers_file(&mut self) -> Result<(), String> {
         let Some(c) = self.common_mut() else {
             return Ok(());
         };
         let Some(path) = c.peers_file.clone() else {
+            peerlist::merge(&mut c.peers, Vec::new());
             return Ok(());
         };
         let more =
@@ -984,8 +985,7 @@ fn core_error(e: &p2p_core::Error) -> String {
         _ => "",
     };
     if let p2p_core::Error::Io(io) = e {
-        // EMFILE: out of descriptors.
-        if io.raw_os_error() == Some(24) {
+        if io.raw_os_error() == Some(rustix::io::Errno::MFILE.raw_os_error()) {
             return format!(
                 "{e} ({}; raise it with ulimit -n)",
                 crate::fdlimit::Limit::current()
@@ -1386,8 +1386,8 @@ async fn run(
         local_types = needed.into_iter().map(|t| (t, n)).collect();
     }
     // Every peer is a descriptor: the soft limit goes up to the hard one, and a --peer list
-    // it cannot hold is refused now rather than failing peer by peer.
-    // An in-process node is a peer too, and holds its listener and its end of the link.
+    // it cannot hold is refused now rather than failing peer by peer. An in-process node is
+    // a peer too, and also holds its listener and its end of the link.
     let limit = crate::fdlimit::raise();
     let in_process: u64 = local_types.iter().map(|(_, n)| u64::from(*n)).sum();
     let peers = a.common.peers.len().saturating_add(in_process as usize);
