@@ -28,15 +28,18 @@
 //! - **files**: a large input shipped to a node against a raw TCP copy, with and without a
 //!   key; an input shared by many tasks over 3 nodes; a pipeline passing artifacts against
 //!   a shared directory (see `mesh/files.rs`).
+//! - **fleet**: 1,000 serving processes of capacity 1 (`--fleet N`): each one's memory idle
+//!   and after, the coordinator's peak RSS and connect time for 100 nodes and for all, every
+//!   node connected and used (see `mesh/fleet.rs`).
 //!
 //! # Options
 //!
-//! `--quick` (smaller counts), `--only raw,strict,none,local,scale,nodes,key,json,placement,files`,
-//! `--file-mib N` (the files section's large input, default 256), `--large` (1 GiB),
+//! `--quick` (smaller counts), `--only raw,strict,none,local,scale,nodes,key,json,placement,files,fleet`,
+//! `--fleet N` (the fleet section's serving processes, default 1,000), `--file-mib N` (the files section's large input, default 256), `--large` (1 GiB),
 //! `--tasks N` (the large runs), `--strict-tasks N`, `--nodes N`, `--capacity N` (of the
 //! serving processes in the large runs; 0 skips those runs), `--bin PATH` (or env
 //! `P2P_NODE_BIN`; default: the `p2p-node` cargo built for this bench), `--before PATH` (an
-//! earlier build, for the placement section's comparison).
+//! earlier build, for the placement and fleet sections' comparison).
 //!
 //! Every process it starts is killed by PID when it is done (or when the bench fails), every
 //! wait has a deadline, and nothing listens on or connects to anything but 127.0.0.1.
@@ -55,6 +58,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[path = "mesh/files.rs"]
 mod files;
+#[path = "mesh/fleet.rs"]
+mod fleet;
 
 /// The longest any single measured command may take before it is killed.
 const RUN_DEADLINE: Duration = Duration::from_secs(600);
@@ -103,6 +108,8 @@ struct Opts {
     before: Option<PathBuf>,
     /// The files section's large input, in MiB.
     file_mib: u64,
+    /// Serving processes of the fleet section.
+    fleet: usize,
 }
 
 impl Opts {
@@ -120,6 +127,7 @@ impl Opts {
             frames: 2_000_000,
             before: None,
             file_mib: 256,
+            fleet: 1000,
         };
         let mut it = args.iter();
         let num = |v: Option<&String>, flag: &str| -> Result<usize> {
@@ -138,6 +146,7 @@ impl Opts {
                     o.nodes = 20;
                     o.pings = 5_000;
                     o.frames = 500_000;
+                    o.fleet = 200;
                 }
                 "--only" => {
                     let v = it.next().ok_or_else(|| anyhow!("--only needs a list"))?;
@@ -155,6 +164,7 @@ impl Opts {
                 "--file-mib" => o.file_mib = num(it.next(), "--file-mib")?.clamp(1, 16384) as u64,
                 "--tasks" => o.tasks = num(it.next(), "--tasks")?.max(1000),
                 "--strict-tasks" => o.strict_tasks = num(it.next(), "--strict-tasks")?.max(100),
+                "--fleet" => o.fleet = num(it.next(), "--fleet")?.clamp(2, 4000),
                 "--nodes" => o.nodes = num(it.next(), "--nodes")?.clamp(1, 200),
                 "--capacity" => {
                     o.window = u32::try_from(num(it.next(), "--capacity")?.min(65_536))?
@@ -162,7 +172,7 @@ impl Opts {
                 other => bail!(
                     "unknown argument {other:?}; options: --quick, --only LIST, --tasks N, \
                      --strict-tasks N, --nodes N, --capacity N, --bin PATH, --before PATH, \
-                     --file-mib N, --large"
+                     --file-mib N, --large, --fleet N"
                 ),
             }
         }
@@ -401,6 +411,9 @@ fn bench(o: &Opts) -> Result<()> {
     }
     if o.wants("files") {
         files::files(o, d, &mut rep)?;
+    }
+    if o.wants("fleet") {
+        fleet::fleet(o, d, &mut rep)?;
     }
     rep.print();
     Ok(())

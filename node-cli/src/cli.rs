@@ -36,6 +36,7 @@ macro_rules! say_err {
 
 // After the output macros, which it uses.
 mod hosted;
+mod peerlist;
 
 /// Exit status: every task succeeded.
 pub const EXIT_OK: u8 = 0;
@@ -174,6 +175,43 @@ pub enum Command {
     Man,
 }
 
+impl Command {
+    /// The options every command shares, for the commands that have them.
+    fn common_mut(&mut self) -> Option<&mut Common> {
+        match self {
+            Command::Serve(a) => Some(&mut a.common),
+            Command::Run(a) => Some(&mut a.common),
+            Command::Peers(a) => Some(&mut a.common),
+            Command::Status(a) => Some(&mut a.common),
+            Command::Submit(a) => Some(&mut a.client.common),
+            Command::Runs(a) => Some(&mut a.client.common),
+            Command::Attach(a) => Some(&mut a.client.common),
+            Command::Cancel(a) => Some(&mut a.client.common),
+            Command::Results(a) => Some(&mut a.client.common),
+            Command::Keygen(_) | Command::Completions { .. } | Command::Man => None,
+        }
+    }
+
+    /// Joins `--peers-file`'s entries to `--peer`'s, each address once, so that every
+    /// command sees one list.
+    fn read_peers_file(&mut self) -> Result<(), String> {
+        let Some(c) = self.common_mut() else {
+            return Ok(());
+        };
+        let Some(path) = c.peers_file.clone() else {
+            peerlist::merge(&mut c.peers, Vec::new());
+            return Ok(());
+        };
+        let more =
+            peerlist::read(&path).map_err(|e| format!("--peers-file {}: {e}", path.display()))?;
+        if more.is_empty() {
+            return Err(format!("--peers-file {}: no peers in it", path.display()));
+        }
+        peerlist::merge(&mut c.peers, more);
+        Ok(())
+    }
+}
+
 /// Options every command shares.
 #[derive(Debug, Args, Clone)]
 pub struct Common {
@@ -198,6 +236,10 @@ pub struct Common {
         value_delimiter = ','
     )]
     pub peers: Vec<String>,
+    /// A file of peers, HOST:PORT separated by newlines, spaces or commas (`#` comments): for
+    /// lists too long for --peer. Joins the --peer list (each address once).
+    #[arg(long, value_name = "FILE", env = "P2P_PEERS_FILE")]
+    pub peers_file: Option<PathBuf>,
     /// Where udp discovery beacons and queries (and mdns) go: an interface name (eth0), one of
     /// its IPv4 addresses, or `all`. Default: where the node listens (serve), all (run, peers).
     #[arg(long, value_name = "IFACE")]
@@ -512,7 +554,11 @@ impl From<Usage> for anyhow::Error {
 }
 
 /// Runs a parsed command line to its exit status.
-pub async fn execute(cli: Cli, active: crate::output::ActiveBar) -> ExitCode {
+pub async fn execute(mut cli: Cli, active: crate::output::ActiveBar) -> ExitCode {
+    if let Err(e) = cli.command.read_peers_file() {
+        say_err!("error: {}", escape(&e));
+        return ExitCode::from(EXIT_USAGE);
+    }
     let shutdown = CancellationToken::new();
     let force = CancellationToken::new();
     let serving = matches!(cli.command, Command::Serve(_));
@@ -942,6 +988,14 @@ fn core_error(e: &p2p_core::Error) -> String {
         }) => " (a node with a cluster key drops peers without it: is --key-file missing?)",
         _ => "",
     };
+    if let p2p_core::Error::Io(io) = e {
+        if io.raw_os_error() == Some(rustix::io::Errno::MFILE.raw_os_error()) {
+            return format!(
+                "{e} ({}; raise it with ulimit -n)",
+                crate::fdlimit::Limit::current()
+            );
+        }
+    }
     format!("{e}{hint}")
 }
 
@@ -1058,6 +1112,17 @@ async fn serve(
         SocketAddr::from((ip, 7400))
     });
     let discoveries = backends(&own, Role::Serve(listen), true, &key)?;
+    // Every connection is a descriptor: the soft limit goes up to the hard one, and a limit
+    // below --max-connections is said (connections beyond fail at accept, and are retried).
+    let limit = crate::fdlimit::raise();
+    if limit.connections() < a.max_connections as usize {
+        tracing::warn!(
+            "{limit}: about {} connections fit, fewer than --max-connections {} (raise it with \
+             ulimit -n, or LimitNOFILE= in a systemd unit)",
+            limit.connections(),
+            a.max_connections
+        );
+    }
     let mut b = with_key(Node::builder(), &key)
         .cluster(a.common.cluster.clone())
         .discoveries(discoveries)
@@ -1330,6 +1395,13 @@ async fn run(
         needed.dedup();
         local_types = needed.into_iter().map(|t| (t, n)).collect();
     }
+    // Every peer is a descriptor: the soft limit goes up to the hard one, and a --peer list
+    // it cannot hold is refused now rather than failing peer by peer. An in-process node is
+    // a peer too, and also holds its listener and its end of the link.
+    let limit = crate::fdlimit::raise();
+    let in_process: u64 = local_types.iter().map(|(_, n)| u64::from(*n)).sum();
+    let peers = a.common.peers.len().saturating_add(in_process as usize);
+    crate::fdlimit::check_peers(peers, 2 * in_process, limit).map_err(usage)?;
     let _guard = own_handler_processes(&handlers, a.kill_grace);
     let work = work_dirs(&a.common, false);
     // In-process nodes share one file cache for the run, removed after it (only when a

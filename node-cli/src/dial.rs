@@ -9,6 +9,16 @@
 //! is reported again; a static or dns address whose connection broke is dialled again with
 //! back-off. The dialer is generic over how it connects ([`Connector`]), so a simulated
 //! network uses this same dialer.
+//!
+//! Two bounds keep a run with many peers (a thousand nodes, or a peer list with addresses
+//! that never answer) within its means. Connection attempts (TCP connect and handshake)
+//! take turns: at most [`Dialer::max_dialing`] are started and younger than
+//! [`SLOW_ATTEMPT`] at once, the others wait their turn in the order they came (a peer that
+//! failed waits behind the others for its retry); an attempt slower than that gives its
+//! turn up and goes on to its own timeout, so addresses that never answer hold up nobody
+//! for longer than that. And at most [`Dialer::max_peers`] peers are dialled or connected
+//! at once, each holding a descriptor: a peer found beyond that is reported unreachable with
+//! the reason at once, never left waiting ([`Admission`]).
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
@@ -22,13 +32,21 @@ use p2p_core::net::{self, EventSender, Link, LinkId, Settings};
 use p2p_core::{Hello, NodeId};
 use p2p_discovery::{Event, Peer};
 use p2p_tasks::{Backoff, PeerUpdate};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 /// Delays between attempts to reach a peer that is down: 100 ms doubling up to 1 s, plus
 /// up to 20% jitter (the type task retries use too).
 pub const RETRY: Backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(1), 0.2);
+
+/// Default for [`Dialer::max_dialing`]: connection attempts in progress at once (as many
+/// as a serving node lets handshake at once by default, [`p2p_core::gate::DEFAULT_MAX_HANDSHAKES`]).
+pub const MAX_DIALING: usize = p2p_core::gate::DEFAULT_MAX_HANDSHAKES;
+
+/// How long a connection attempt holds its turn (see [`Dialer::max_dialing`]); a slower
+/// one goes on without it.
+pub const SLOW_ATTEMPT: Duration = Duration::from_millis(250);
 
 /// A connection attempt in progress.
 pub type Connecting = Pin<Box<dyn Future<Output = Result<Link, p2p_core::Error>> + Send>>;
@@ -68,6 +86,49 @@ pub struct Dialer {
     pub stop: CancellationToken,
     /// How a peer's connection error is worded in [`PeerUpdate::Unreachable`].
     pub describe: Describe,
+    /// Most connection attempts (TCP connect and handshake) started and younger than
+    /// [`SLOW_ATTEMPT`] at once; the others wait their turn, first come first served.
+    /// Default [`MAX_DIALING`].
+    pub max_dialing: usize,
+    /// Most peers dialled or connected at once: what the open-file limit holds
+    /// ([`crate::fdlimit::Limit::connections`]). A peer found beyond is reported
+    /// unreachable, not dialled.
+    pub max_peers: usize,
+}
+
+/// Whether a peer found may be dialled: it takes one of `max` places, held as long as it is
+/// dialled or connected (an IO-free rule; the dialer holds the places as permits).
+#[derive(Debug)]
+pub struct Admission {
+    places: Arc<Semaphore>,
+    max: usize,
+}
+
+impl Admission {
+    /// At most `max` peers at once (at least 1).
+    pub fn new(max: usize) -> Self {
+        let max = max.clamp(1, Semaphore::MAX_PERMITS);
+        Admission {
+            places: Arc::new(Semaphore::new(max)),
+            max,
+        }
+    }
+
+    /// A place for one more peer, held until the returned permit is dropped; else why not.
+    pub fn admit(&self) -> Result<OwnedSemaphorePermit, String> {
+        self.places.clone().try_acquire_owned().map_err(|_| {
+            format!(
+                "not dialled: this run already dials or holds {} peers, the most its \
+                 open-file limit allows (ulimit -n)",
+                self.max
+            )
+        })
+    }
+
+    /// Places taken now.
+    pub fn taken(&self) -> usize {
+        self.max - self.places.available_permits()
+    }
 }
 
 /// What the dialer remembers of a peer it dialled.
@@ -97,6 +158,10 @@ impl Dialer {
         let next_id = Arc::new(AtomicU64::new(0));
         let mut discovery_open = true;
         let mut settled = false;
+        let admission = Admission::new(self.max_peers);
+        let dialing = Arc::new(Semaphore::new(
+            self.max_dialing.clamp(1, Semaphore::MAX_PERMITS),
+        ));
         loop {
             // Backends that end (static lists) are done once their peers were dialled; live
             // ones (udp, dns) never settle: a run waits up to its discovery timeout for them.
@@ -128,8 +193,24 @@ impl Dialer {
                                 continue;
                             }
                         }
+                        let place = match admission.admit() {
+                            Ok(place) => place,
+                            Err(error) => {
+                                // Forgotten: a live backend that reports it again (after
+                                // a place freed) has it dialled then.
+                                forget(&mut known, &mut ids, p.addr);
+                                if let Some(id) = p.node_id {
+                                    ids.remove(&id);
+                                }
+                                let update = PeerUpdate::Unreachable { addr: p.addr.to_string(), error };
+                                if self.peers.send(update).await.is_err() {
+                                    return;
+                                }
+                                continue;
+                            }
+                        };
                         pending_first += 1;
-                        dials.spawn(self.dial(p, next_id.clone(), first_tx.clone()));
+                        dials.spawn(self.dial(p, next_id.clone(), first_tx.clone(), place, dialing.clone()));
                     }
                     Some(Event::Lost { addr, node_id, .. }) => {
                         // Forget it: if it comes back it is dialled again. Its connection, if
@@ -157,6 +238,8 @@ impl Dialer {
         peer: Peer,
         next_id: Arc<AtomicU64>,
         first_done: mpsc::UnboundedSender<()>,
+        place: OwnedSemaphorePermit,
+        dialing: Arc<Semaphore>,
     ) -> impl Future<Output = DialEnd> + Send + 'static {
         let connect = self.connect.clone();
         let give_up_after = self.give_up_after;
@@ -165,6 +248,8 @@ impl Dialer {
         let stop = self.stop.clone();
         let describe = self.describe;
         async move {
+            // This peer's place, given back when its dialling ends.
+            let _place = place;
             let addr = peer.addr;
             let mut first = Some(first_done);
             let mut give_up = tokio::time::Instant::now() + give_up_after;
@@ -174,7 +259,7 @@ impl Dialer {
                 let id = next_id.fetch_add(1, Ordering::Relaxed) + 1;
                 let attempt = tokio::select! {
                     _ = stop.cancelled() => return DialEnd::Done,
-                    r = connect(addr, id, links.clone()) => r,
+                    r = in_turn(&dialing, connect(addr, id, links.clone())) => r,
                 };
                 let error = match attempt {
                     Ok(link) => {
@@ -253,10 +338,194 @@ impl Dialer {
     }
 }
 
+/// Runs `attempt` in its turn among the attempts in progress (`turns`, never closed): the
+/// turn is held until the attempt ends or for [`SLOW_ATTEMPT`], whichever comes first.
+async fn in_turn(turns: &Semaphore, mut attempt: Connecting) -> Result<Link, p2p_core::Error> {
+    let turn = turns.acquire().await.ok();
+    tokio::select! {
+        r = &mut attempt => return r,
+        _ = tokio::time::sleep(SLOW_ATTEMPT) => {}
+    }
+    drop(turn);
+    attempt.await
+}
+
 fn forget(known: &mut HashMap<SocketAddr, Known>, ids: &mut HashSet<NodeId>, addr: SocketAddr) {
     if let Some(k) = known.remove(&addr) {
         if let Some(id) = k.node_id {
             ids.remove(&id);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    #[test]
+    fn admission_refuses_beyond_its_places_and_a_dropped_place_frees_one() {
+        let a = Admission::new(2);
+        let first = a.admit().unwrap();
+        let _second = a.admit().unwrap();
+        let err = a.admit().unwrap_err();
+        assert!(err.contains("already dials or holds 2 peers"), "{err}");
+        assert!(err.contains("ulimit -n"), "{err}");
+        assert_eq!(a.taken(), 2);
+        drop(first);
+        assert_eq!(a.taken(), 1);
+        assert!(a.admit().is_ok());
+        // Never zero places.
+        assert!(Admission::new(0).admit().is_ok());
+    }
+
+    fn peer(port: u16) -> Peer {
+        Peer {
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            node_id: None,
+            types: None,
+            capacity: None,
+            source: "static",
+        }
+    }
+
+    /// Six peers, two attempts at once, four places: the two beyond the places are
+    /// refused at once with the reason, the four others are dialled at most two at a time
+    /// (each attempt takes 100 ms and fails), and the dialer settles.
+    #[tokio::test(start_paused = true)]
+    async fn attempts_are_bounded_and_peers_beyond_the_places_are_refused_at_once() {
+        let (found_tx, found) = mpsc::channel(16);
+        for port in 1..=6 {
+            found_tx.send(Event::Discovered(peer(port))).await.unwrap();
+        }
+        drop(found_tx);
+        let now = Arc::new(AtomicUsize::new(0));
+        let most = Arc::new(AtomicUsize::new(0));
+        let calls = Arc::new(AtomicUsize::new(0));
+        let connect: Connector = {
+            let (now, most, calls) = (now.clone(), most.clone(), calls.clone());
+            Arc::new(move |addr, _, _| {
+                let (now, most, calls) = (now.clone(), most.clone(), calls.clone());
+                Box::pin(async move {
+                    calls.fetch_add(1, Ordering::SeqCst);
+                    let n = now.fetch_add(1, Ordering::SeqCst) + 1;
+                    most.fetch_max(n, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    now.fetch_sub(1, Ordering::SeqCst);
+                    Err(p2p_core::Error::ConnectTimeout {
+                        addr: addr.to_string(),
+                        after: Duration::from_millis(100),
+                    })
+                })
+            })
+        };
+        let (peers_tx, mut peers) = mpsc::channel(64);
+        let (links, _links_rx) = mpsc::channel(16);
+        let stop = CancellationToken::new();
+        let dialer = tokio::spawn(
+            Dialer {
+                found,
+                connect,
+                give_up_after: Duration::ZERO,
+                needed: vec!["a".into()],
+                peers: peers_tx,
+                links,
+                stop: stop.clone(),
+                describe: |e| e.to_string(),
+                max_dialing: 2,
+                max_peers: 4,
+            }
+            .run(),
+        );
+        let mut refused = Vec::new();
+        let mut failed = Vec::new();
+        let started = tokio::time::Instant::now();
+        let settled_after = loop {
+            match tokio::time::timeout(Duration::from_secs(60), peers.recv()).await {
+                Ok(Some(PeerUpdate::Unreachable { addr, error })) => {
+                    if error.starts_with("not dialled") {
+                        // Refused before any attempt of the others ended.
+                        assert!(started.elapsed() < Duration::from_millis(100));
+                        refused.push(addr);
+                    } else {
+                        failed.push(addr);
+                    }
+                }
+                Ok(Some(PeerUpdate::Settled)) => break started.elapsed(),
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => panic!("the dialer never settled"),
+            }
+        };
+        stop.cancel();
+        dialer.await.unwrap();
+        assert_eq!(refused, ["127.0.0.1:5", "127.0.0.1:6"]);
+        failed.sort();
+        assert_eq!(
+            failed,
+            ["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3", "127.0.0.1:4"]
+        );
+        assert_eq!(calls.load(Ordering::SeqCst), 4);
+        assert_eq!(most.load(Ordering::SeqCst), 2, "attempts at once");
+        // Two rounds of two attempts of 100 ms each.
+        assert!(
+            settled_after >= Duration::from_millis(200),
+            "{settled_after:?}"
+        );
+    }
+
+    /// One turn, a first peer that never answers (its handshake hangs) and a second one that
+    /// fails at once: the second is tried once the first gave its turn up, after
+    /// [`SLOW_ATTEMPT`], not after the first's own timeout.
+    #[tokio::test(start_paused = true)]
+    async fn an_attempt_that_never_answers_gives_its_turn_up() {
+        let (found_tx, found) = mpsc::channel(16);
+        for port in [1, 2] {
+            found_tx.send(Event::Discovered(peer(port))).await.unwrap();
+        }
+        drop(found_tx);
+        let connect: Connector = Arc::new(|addr: SocketAddr, _, _| {
+            Box::pin(async move {
+                if addr.port() == 1 {
+                    std::future::pending::<()>().await;
+                }
+                Err(p2p_core::Error::ConnectTimeout {
+                    addr: addr.to_string(),
+                    after: Duration::ZERO,
+                })
+            })
+        });
+        let (peers_tx, mut peers) = mpsc::channel(64);
+        let (links, _links_rx) = mpsc::channel(16);
+        let stop = CancellationToken::new();
+        let dialer = tokio::spawn(
+            Dialer {
+                found,
+                connect,
+                give_up_after: Duration::ZERO,
+                needed: vec!["a".into()],
+                peers: peers_tx,
+                links,
+                stop: stop.clone(),
+                describe: |e| e.to_string(),
+                max_dialing: 1,
+                max_peers: 16,
+            }
+            .run(),
+        );
+        let started = tokio::time::Instant::now();
+        let reached = loop {
+            match tokio::time::timeout(Duration::from_secs(60), peers.recv()).await {
+                Ok(Some(PeerUpdate::Unreachable { addr, .. })) => break (addr, started.elapsed()),
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => panic!("the second peer was never tried"),
+            }
+        };
+        stop.cancel();
+        dialer.await.unwrap();
+        assert_eq!(reached.0, "127.0.0.1:2");
+        assert!(reached.1 >= SLOW_ATTEMPT, "{:?}", reached.1);
+        assert!(reached.1 < 2 * SLOW_ATTEMPT, "{:?}", reached.1);
     }
 }

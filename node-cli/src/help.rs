@@ -90,14 +90,19 @@ pub fn command() -> clap::Command {
     for name in names {
         cmd = cmd.mut_subcommand(name, with_headings);
     }
-    // `serve` dials nobody for itself: its --peer names the nodes the runs it hosts dial
-    // (cli.rs), and P2P_PEER (meant for run and peers) does not reach it.
+    // `serve` dials nobody for itself: its --peer and --peers-file name the nodes the runs
+    // it hosts dial (cli.rs), and P2P_PEER / P2P_PEERS_FILE (meant for run and peers) do
+    // not reach it.
     cmd.mut_subcommand("serve", |s| {
         s.mut_arg("peers", |a| {
             a.env(None).help(
                 "A node that the runs this node hosts (submit) dial, besides their \
                  discovery, HOST:PORT (repeatable; this node itself dials nobody)",
             )
+        })
+        .mut_arg("peers_file", |a| {
+            a.env(None)
+                .help("A file of such nodes (see --peer), one or more a line, # comments")
         })
     })
 }

@@ -132,6 +132,7 @@ mod status;
 
 pub mod dial;
 mod error;
+pub mod fdlimit;
 mod floods;
 pub mod hosted;
 pub mod metrics;

@@ -799,6 +799,9 @@ impl Node {
                 links: link_tx,
                 stop: stop_dialing.clone(),
                 describe: self.describe,
+                max_dialing: dial::MAX_DIALING,
+                // Each peer holds a descriptor: no more at once than the limit holds.
+                max_peers: crate::fdlimit::Limit::current().connections(),
             }
             .run(),
         );

@@ -56,12 +56,13 @@ pub(crate) fn check_safe(args: &[&str]) {
 }
 
 /// The settings p2p-node reads from the environment besides its flags' own variables.
-pub const SETTING_VARS: [&str; 8] = [
+pub const SETTING_VARS: [&str; 9] = [
     "P2P_CONFIG",
     "P2P_CLUSTER",
     "P2P_LISTEN",
     "P2P_TYPES",
     "P2P_PEER",
+    "P2P_PEERS_FILE",
     "STATE_DIRECTORY",
     "CREDENTIALS_DIRECTORY",
     "XDG_DATA_HOME",

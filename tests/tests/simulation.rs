@@ -230,6 +230,8 @@ async fn coordinator(
             links: links_tx,
             stop: stop.clone(),
             describe: |e| e.to_string(),
+            max_dialing: node_cli::dial::MAX_DIALING,
+            max_peers: 64,
         }
         .run(),
     );

@@ -133,6 +133,10 @@ async fn start(
     codec.frames_mut().begin_handshake();
     codec.frames_mut().set_budget(settings.frame_budget.clone());
     let mut io = Framed::new(stream, codec);
+    // The write buffer starts empty and grows (doubling) with what is written, so an idle
+    // link does not hold 8 KiB for nothing: a coordinator with a thousand links held 8 MiB
+    // in them. The read buffer keeps its 8 KiB (each read fills what room it has).
+    *io.write_buffer_mut() = bytes::BytesMut::new();
     // The handshake timeout counts from the start, secure handshake included.
     let local_capacity = local.capacity;
     let mut conn = Connection::new(role, local, settings.conn.clone(), started);
