@@ -1070,13 +1070,6 @@ async fn serve(
     if let Some(m) = a.metrics_listen {
         b = b.metrics_listen(m);
     }
-    let work = work_dirs(&a.common, a.keep_work);
-    for t in &types {
-        b = b.handler(
-            t,
-            handler_for(t, &handlers, a.max_output, a.kill_grace, &work),
-        );
-    }
     let identity = load_identity(&a.common, Some("identity"))?;
     // The node's file cache: DATA_DIR/cache/SLOT (its identity's file name), so nodes
     // sharing a data directory keep their own accounts.
@@ -1086,6 +1079,28 @@ async fn serve(
         .and_then(|n| n.to_str())
         .unwrap_or("default")
         .to_owned();
+    // Working directories: DATA_DIR/work/SLOT, this node's alone while it holds the slot,
+    // so what is there now was left by an earlier process of the slot killed before it
+    // could remove it (kill -9): swept, unless failed attempts are kept (--keep-work).
+    let mut work = work_dirs(&a.common, a.keep_work);
+    work.root = work.root.map(|r| r.join(&slot));
+    if !a.keep_work {
+        match work.sweep() {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(
+                removed = n,
+                dir = %work.root.as_deref().unwrap_or(std::path::Path::new("")).display(),
+                "removed working directories left by an earlier process"
+            ),
+            Err(e) => tracing::warn!(error = %e, "cannot remove old working directories"),
+        }
+    }
+    for t in &types {
+        b = b.handler(
+            t,
+            handler_for(t, &handlers, a.max_output, a.kill_grace, &work),
+        );
+    }
     let cache_dir = p2p_tasks::node_files::cache_dir(&data_dir_of(&a.common), &slot);
     // Made now, it goes again if the node is refused (as the identity does).
     let made = [cache_dir.clone(), data_dir_of(&a.common).join("cache")]

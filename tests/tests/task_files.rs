@@ -103,7 +103,7 @@ fn work_dir_of(output: &str, root: &std::path::Path) -> std::path::PathBuf {
 #[test]
 fn every_attempt_runs_in_its_own_directory_under_the_data_directory_removed_afterwards() {
     let data = TestDir::new();
-    let root = data.join("work");
+    let root = data.join("work/identity");
     let s = Serve::types(
         "a",
         &[
@@ -143,10 +143,87 @@ fn every_attempt_runs_in_its_own_directory_under_the_data_directory_removed_afte
     assert!(!dir.join("left").exists());
 }
 
+/// Waits until `dir` holds an entry; returns its path.
+fn first_entry(dir: &std::path::Path) -> std::path::PathBuf {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        if let Some(e) = std::fs::read_dir(dir).ok().and_then(|mut d| d.next()) {
+            return e.unwrap().path();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "nothing appeared in {}",
+            dir.display()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+/// A `kill -9` of `serve` leaves its attempts' working directories; the next node of the
+/// same slot of the data directory removes them when it starts (before: they stayed for
+/// ever), and the directories of another live node sharing the data directory (its own
+/// slot) are left alone, as is anything a link in them points to.
+#[test]
+fn a_restarted_node_sweeps_the_work_dirs_a_kill_9_left_and_only_its_own() {
+    let data = TestDir::new();
+    let outside = TestDir::new();
+    outside.write("precious", "keep me");
+    let link_to = outside.path().to_str().unwrap().to_owned();
+    let handler = format!("a=mkdir -p sub && ln -s {link_to} sub/out && sleep 60");
+    let node = || {
+        Serve::types(
+            "a",
+            &[
+                "--handler",
+                handler.as_str(),
+                "--data-dir",
+                data.path().to_str().unwrap(),
+            ],
+        )
+    };
+    let start_task = |s: &Serve| {
+        let mut c = WireClient::connect(s.addr);
+        c.send(&Message::Hello(hello("default"))).unwrap();
+        c.expect_msg(WAIT, "Welcome", |m| matches!(m, Message::Welcome(_)));
+        c.send(&Message::Assign(Assign {
+            seq: 1,
+            task: "a1".into(),
+            kind: "a".into(),
+            args: String::new(),
+            attempt: 1,
+            timeout_ms: 0,
+        }))
+        .unwrap();
+        c
+    };
+    let mut a = node();
+    let b = node();
+    let (_ca, _cb) = (start_task(&a), start_task(&b));
+    let (mine, theirs) = (data.join("work/identity"), data.join("work/identity-2"));
+    let left = first_entry(&mine);
+    let other = first_entry(&theirs);
+    first_entry(&left.join("sub"));
+    let status = std::process::Command::new("kill")
+        .args(["-KILL", &a.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let _ = a.wait_exit(WAIT);
+    assert!(left.exists(), "a kill -9 leaves the directory");
+    // The next node of the slot `identity` removes it before it listens.
+    let again = node();
+    assert!(!left.exists(), "{} is still there", left.display());
+    assert_eq!(std::fs::read_dir(&mine).unwrap().count(), 0);
+    assert!(other.exists(), "the live node's directory stays");
+    assert_eq!(std::fs::read(outside.join("precious")).unwrap(), b"keep me");
+    drop(again);
+    drop(b);
+}
+
 #[test]
 fn keep_work_keeps_a_failed_attempt_and_hostile_ids_stay_inside() {
     let data = TestDir::new();
-    let root = data.join("work");
+    let root = data.join("work/identity");
     let s = Serve::types(
         "a",
         &[
