@@ -356,6 +356,11 @@ pub struct RunArgs {
     /// without it, declared outputs go to ./results/ID/.
     #[arg(long, value_name = "DIR")]
     pub results: Option<PathBuf>,
+    /// Largest file this run fetches from a node (a declared output, or a task's whole
+    /// stdout or stderr): a node announcing a larger one fails the attempt before any byte
+    /// of it moves.
+    #[arg(long, value_name = "SIZE", default_value = "4GiB", value_parser = parse_size_u64)]
+    pub max_file: u64,
     /// Append each final result to PATH (synced to disk).
     #[arg(long, value_name = "PATH")]
     pub journal: Option<PathBuf>,
@@ -1300,7 +1305,8 @@ async fn run(
                 .max_frame
                 .clamp(crate::node::MIN_MAX_FRAME, crate::node::MAX_MAX_FRAME),
         )
-        .results(a.results.clone());
+        .results(a.results.clone())
+        .max_file(a.max_file);
     p2p_tasks::runcore::validate(&tasks, &opts).map_err(|e| match e {
         p2p_tasks::RunError::Unsendable {
             task,

@@ -1090,8 +1090,13 @@ fn a_node_killed_mid_transfer_loses_the_attempt_and_the_task_succeeds_on_another
 
 /// Plays a node of type `a` that runs nothing: for an `Assign` it announces the output
 /// `o.txt` with the hash of `good`, reports success, and answers a `Fetch` with `evil`
-/// (the same length). Returns its port.
-fn lying_node(good: &'static [u8], evil: &'static [u8]) -> (u16, std::thread::JoinHandle<usize>) {
+/// (the same length); `size`, if given, is the size it announces instead of the true one.
+/// Returns its port, and a thread that returns how many fetches came.
+fn lying_node(
+    good: &'static [u8],
+    evil: &'static [u8],
+    size: Option<u64>,
+) -> (u16, std::thread::JoinHandle<usize>) {
     use bytes::BytesMut;
     use p2p_core::codec::FrameCodec;
     use std::io::Read;
@@ -1136,7 +1141,7 @@ fn lying_node(good: &'static [u8], evil: &'static [u8]) -> (u16, std::thread::Jo
                             outputs: vec![p2p_core::message::ProducedFile {
                                 name: "o.txt".into(),
                                 hash: hash_bytes(good),
-                                size: good.len() as u64,
+                                size: size.unwrap_or(good.len() as u64),
                             }],
                         };
                         send(&mut stream, &mut codec, transfer(produced));
@@ -1178,7 +1183,7 @@ fn lying_node(good: &'static [u8], evil: &'static [u8]) -> (u16, std::thread::Jo
 
 #[test]
 fn an_output_served_with_wrong_bytes_fails_the_attempt_and_never_lands_in_results() {
-    let (port, node) = lying_node(b"the real output\n", b"a forged output\n");
+    let (port, node) = lying_node(b"the real output\n", b"a forged output\n", None);
     let dir = TestDir::new();
     dir.write("tasks.txt", "a1 > o.txt\n");
     let peer = format!("127.0.0.1:{port}");
@@ -1217,6 +1222,46 @@ fn an_output_served_with_wrong_bytes_fails_the_attempt_and_never_lands_in_result
         .map(|p| p.display().to_string())
         .collect();
     assert!(names.iter().all(|n| !n.contains(".fetch-")), "{names:?}");
+}
+
+/// `run --max-file`: an output announced larger than the bound fails the attempt before
+/// anything is fetched (before, `run` took whatever size a node announced: a node could
+/// fill the coordinator's disk), whatever the node claims, and the bound is the flag's.
+#[test]
+fn an_output_announced_over_run_max_file_fails_the_attempt_before_any_fetch() {
+    for (announced, extra, limit) in [
+        (Some(1u64 << 40), None, "4294967296"),
+        (None, Some("10"), "10"),
+    ] {
+        let (port, node) = lying_node(b"the real output\n", b"the real output\n", announced);
+        let dir = TestDir::new();
+        dir.write("tasks.txt", "a1 > o.txt\n");
+        let peer = format!("127.0.0.1:{port}");
+        let mut args = vec![
+            "run",
+            "tasks.txt",
+            "--json",
+            "--results",
+            "out",
+            "--peer",
+            &peer,
+        ];
+        if let Some(max) = extra {
+            args.extend(["--max-file", max]);
+        }
+        let out = run_in(dir.path(), &args);
+        out.assert_code(1);
+        let events = out.json();
+        let failed = events_named(&events, "task_failed");
+        assert_eq!(failed.len(), 1, "{}", out.describe());
+        let error = failed[0]["error"].as_str().unwrap();
+        assert!(
+            error.contains("o.txt") && error.contains("--max-file") && error.contains(limit),
+            "{error}"
+        );
+        assert_eq!(node.join().unwrap(), 0, "nothing was fetched");
+        assert!(!dir.join("out/a1/o.txt").exists());
+    }
 }
 
 #[test]
