@@ -1309,3 +1309,156 @@ fn a_full_results_disk_leaves_no_cut_stdout_or_meta_behind() {
         assert_eq!(meta["ok"], false, "{meta}");
     }
 }
+
+/// A field of `/proc/PID/status` (e.g. `Threads`, `VmRSS`), as a number.
+fn proc_status(pid: u32, field: &str) -> u64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap()
+}
+
+/// Attacks on the receiving side (ATTACKS.md): peers that announce many large files and
+/// send nothing, a size over `--max-file`, a chunk sent twice, one out of order, a
+/// corrupted one. Each bad transfer is refused with an `Abort`, the writer threads stay at
+/// most `MAX_WRITERS` (16) however many files are announced and go when the peers do,
+/// nothing is left in the cache's `partial/`, and the node still takes a good file.
+#[test]
+fn hostile_offers_cost_the_node_bounded_threads_and_bad_chunks_are_refused() {
+    let data = TestDir::new();
+    let s = Serve::types(
+        "a",
+        &[
+            "--max-file",
+            "64GiB",
+            "--cache-size",
+            "64GiB",
+            "--data-dir",
+            data.path().to_str().unwrap(),
+        ],
+    );
+    let pid = s.pid();
+    let connect = || {
+        let mut c = WireClient::connect(s.addr);
+        c.send(&Message::Hello(hello("default"))).unwrap();
+        c.expect_msg(WAIT, "Welcome", |m| matches!(m, Message::Welcome(_)));
+        c
+    };
+    let threads_before = proc_status(pid, "Threads");
+    // 4 peers announce 8 files of 4 GiB each and send nothing.
+    let mut idle: Vec<WireClient> = Vec::new();
+    for p in 0..4u64 {
+        let mut c = connect();
+        for k in 0..8u64 {
+            let id = p * 100 + k + 1;
+            c.send(&transfer(Transfer::Offer {
+                id,
+                hash: hash_bytes(&id.to_le_bytes()),
+                size: 4 << 30,
+            }))
+            .unwrap();
+            expect_transfer(
+                &mut c,
+                "Want",
+                |t| matches!(t, Transfer::Want { id: i, .. } if *i == id),
+            );
+        }
+        idle.push(c);
+    }
+    let threads = proc_status(pid, "Threads");
+    assert!(
+        threads <= threads_before + 16,
+        "{threads} threads, {threads_before} before 32 offers"
+    );
+    let mut c = connect();
+    let aborted = |c: &mut WireClient, id: u64| {
+        expect_transfer(
+            c,
+            "Abort",
+            |t| matches!(t, Transfer::Abort { id: i, .. } if *i == id),
+        )
+    };
+    // Over --max-file.
+    c.send(&transfer(Transfer::Offer {
+        id: 1,
+        hash: hash_bytes(b"x"),
+        size: u64::MAX,
+    }))
+    .unwrap();
+    aborted(&mut c, 1);
+    let file: Vec<u8> = (0..200 * 1024u32).map(|i| (i % 241) as u8).collect();
+    let hash = hash_bytes(&file);
+    let offer = |c: &mut WireClient, id: u64| {
+        c.send(&transfer(Transfer::Offer {
+            id,
+            hash,
+            size: file.len() as u64,
+        }))
+        .unwrap();
+        expect_transfer(
+            c,
+            "Want",
+            |t| matches!(t, Transfer::Want { id: i, .. } if *i == id),
+        );
+    };
+    let chunk = |c: &mut WireClient, id: u64, offset: usize, data: Vec<u8>| {
+        c.send(&transfer(Transfer::Chunk {
+            id,
+            offset: offset as u64,
+            data,
+        }))
+        .unwrap();
+    };
+    // A chunk twice.
+    offer(&mut c, 2);
+    chunk(&mut c, 2, 0, file[..MAX_CHUNK].to_vec());
+    chunk(&mut c, 2, 0, file[..MAX_CHUNK].to_vec());
+    aborted(&mut c, 2);
+    // Out of order.
+    offer(&mut c, 3);
+    chunk(
+        &mut c,
+        3,
+        MAX_CHUNK,
+        file[MAX_CHUNK..2 * MAX_CHUNK].to_vec(),
+    );
+    aborted(&mut c, 3);
+    // One byte changed.
+    offer(&mut c, 4);
+    let mut bad = file.clone();
+    bad[150_000] ^= 1;
+    for (k, piece) in bad.chunks(MAX_CHUNK).enumerate() {
+        chunk(&mut c, 4, k * MAX_CHUNK, piece.to_vec());
+    }
+    let Transfer::Abort { reason, .. } = aborted(&mut c, 4) else {
+        unreachable!()
+    };
+    assert_eq!(reason, AbortReason::HashMismatch);
+    // A good one still lands.
+    ship(&mut c, 5, &file, hash);
+    expect_transfer(&mut c, "Done", |t| matches!(t, Transfer::Done { id: 5 }));
+    // The peers leave: their writer threads end and their partial files go.
+    drop(idle);
+    drop(c);
+    let deadline = std::time::Instant::now() + WAIT;
+    let partial = walk(&data.join("cache"))
+        .into_iter()
+        .filter(|p| p.is_file() && p.parent().is_some_and(|d| d.ends_with("partial")));
+    let mut left = partial.count();
+    while (left > 0 || proc_status(pid, "Threads") > threads_before)
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        left = walk(&data.join("cache"))
+            .into_iter()
+            .filter(|p| p.is_file() && p.parent().is_some_and(|d| d.ends_with("partial")))
+            .count();
+    }
+    assert_eq!(left, 0, "partial files left");
+    assert!(proc_status(pid, "Threads") <= threads_before);
+    eprintln!(
+        "threads {threads_before} -> {threads} with 32 offers; VmHWM {} kB",
+        proc_status(pid, "VmHWM")
+    );
+}
