@@ -1086,10 +1086,13 @@ async fn serve(
         .to_owned();
     // Working directories: DATA_DIR/work/SLOT, this node's alone while it holds the slot,
     // so what is there now was left by an earlier process of the slot killed before it
-    // could remove it (kill -9): swept, unless failed attempts are kept (--keep-work).
+    // could remove it (kill -9): swept, unless failed attempts are kept (--keep-work). Not
+    // with --identity (its file name is no held slot of this data directory: two nodes
+    // with files of the same name would share it), nor without an identity held.
     let mut work = work_dirs(&a.common, a.keep_work);
     work.root = work.root.map(|r| r.join(&slot));
-    if !a.keep_work {
+    let own_slot = identity.is_some() && a.common.identity.is_none();
+    if own_slot && !a.keep_work {
         match work.sweep() {
             Ok(0) => {}
             Ok(n) => tracing::info!(
