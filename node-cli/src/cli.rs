@@ -400,6 +400,11 @@ pub struct RunArgs {
     /// without it, declared outputs go to ./results/ID/.
     #[arg(long, value_name = "DIR")]
     pub results: Option<PathBuf>,
+    /// Largest file this run fetches from a node (a declared output, or a task's whole
+    /// stdout or stderr): a node announcing a larger one fails the attempt before any byte
+    /// of it moves.
+    #[arg(long, value_name = "SIZE", default_value = "4GiB", value_parser = parse_size_u64)]
+    pub max_file: u64,
     /// Append each final result to PATH (synced to disk).
     #[arg(long, value_name = "PATH")]
     pub journal: Option<PathBuf>,
@@ -1142,13 +1147,6 @@ async fn serve(
     if let Some(m) = a.metrics_listen {
         b = b.metrics_listen(m);
     }
-    let work = work_dirs(&a.common, a.keep_work);
-    for t in &types {
-        b = b.handler(
-            t,
-            handler_for(t, &handlers, a.max_output, a.kill_grace, &work),
-        );
-    }
     let identity = load_identity(&a.common, Some("identity"))?;
     // The node's file cache: DATA_DIR/cache/SLOT (its identity's file name), so nodes
     // sharing a data directory keep their own accounts.
@@ -1158,6 +1156,31 @@ async fn serve(
         .and_then(|n| n.to_str())
         .unwrap_or("default")
         .to_owned();
+    // Working directories: DATA_DIR/work/SLOT, this node's alone while it holds the slot,
+    // so what is there now was left by an earlier process of the slot killed before it
+    // could remove it (kill -9): swept, unless failed attempts are kept (--keep-work). Not
+    // with --identity (its file name is no held slot of this data directory: two nodes
+    // with files of the same name would share it), nor without an identity held.
+    let mut work = work_dirs(&a.common, a.keep_work);
+    work.root = work.root.map(|r| r.join(&slot));
+    let own_slot = identity.is_some() && a.common.identity.is_none();
+    if own_slot && !a.keep_work {
+        match work.sweep() {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(
+                removed = n,
+                dir = %work.root.as_deref().unwrap_or(std::path::Path::new("")).display(),
+                "removed working directories left by an earlier process"
+            ),
+            Err(e) => tracing::warn!(error = %e, "cannot remove old working directories"),
+        }
+    }
+    for t in &types {
+        b = b.handler(
+            t,
+            handler_for(t, &handlers, a.max_output, a.kill_grace, &work),
+        );
+    }
     let cache_dir = p2p_tasks::node_files::cache_dir(&data_dir_of(&a.common), &slot);
     // Made now, it goes again if the node is refused (as the identity does).
     let made = [cache_dir.clone(), data_dir_of(&a.common).join("cache")]
@@ -1359,7 +1382,8 @@ async fn run(
                 .max_frame
                 .clamp(crate::node::MIN_MAX_FRAME, crate::node::MAX_MAX_FRAME),
         )
-        .results(a.results.clone());
+        .results(a.results.clone())
+        .max_file(a.max_file);
     p2p_tasks::runcore::validate(&tasks, &opts).map_err(|e| match e {
         p2p_tasks::RunError::Unsendable {
             task,

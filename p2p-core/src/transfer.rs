@@ -21,8 +21,8 @@ use std::collections::VecDeque;
 
 use crate::message::{AbortReason, ContentHash, Message, Transfer, MAX_CHUNK};
 
-/// The credit a receiver gives by default: 1 MiB (16 chunks of 64 KiB) in flight.
-pub const DEFAULT_WINDOW: u32 = 1024 * 1024;
+/// The credit a receiver gives by default: 4 MiB (64 chunks of 64 KiB) in flight.
+pub const DEFAULT_WINDOW: u32 = 4 * 1024 * 1024;
 
 /// Room left in a frame for a chunk's header (message and transfer variants, id, offset,
 /// length), with margin: the largest header is 2 + 9 + 9 + 5 = 25 bytes.

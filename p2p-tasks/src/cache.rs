@@ -216,8 +216,13 @@ impl Cache {
             .recursive(true)
             .mode(0o700)
             .create(dir.join("partial"))?;
+        // Files on their way in, and the collection directories of attempts (outputs and
+        // whole streams), left by a process killed before it could remove them.
         for e in std::fs::read_dir(dir.join("partial"))?.flatten() {
-            let _ = std::fs::remove_file(e.path());
+            let _ = match e.file_type() {
+                Ok(t) if t.is_dir() => std::fs::remove_dir_all(e.path()),
+                _ => std::fs::remove_file(e.path()),
+            };
         }
         let mut found = Vec::new();
         for e in std::fs::read_dir(dir)?.flatten() {
@@ -517,12 +522,15 @@ mod tests {
         // Reopened: what is there is indexed, partial files and over-capacity files go,
         // other names are left alone.
         std::fs::write(dir.join("partial/in-left"), "x").unwrap();
+        std::fs::create_dir_all(dir.join("partial/collect-left/sub")).unwrap();
+        std::fs::write(dir.join("partial/collect-left/sub/stdout"), "x").unwrap();
         std::fs::write(dir.join("notes.txt"), "x").unwrap();
         drop(c);
         let mut c = Cache::open(&dir, 10).unwrap();
         assert!(c.has(&a));
         assert_eq!(c.index().total(), 4);
         assert!(!dir.join("partial/in-left").exists());
+        assert!(!dir.join("partial/collect-left").exists());
         assert!(dir.join("notes.txt").exists());
         let small = Cache::open(&dir, 3).unwrap();
         assert!(small.index().is_empty());

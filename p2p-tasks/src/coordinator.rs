@@ -74,7 +74,8 @@ pub async fn run(
     mut inputs: Inputs,
     emit: &mut (dyn FnMut(&RunEvent) + Send),
 ) -> Result<RunReport, RunError> {
-    let files = crate::run_files::RunFiles::new(&tasks, opts.results.clone(), opts.max_frame);
+    let files = crate::run_files::RunFiles::new(&tasks, opts.results.clone(), opts.max_frame)
+        .map(|f| f.with_max_file(opts.max_file));
     let mut core = RunCore::new(tasks, opts, now())?;
     if let Some(j) = &inputs.journal {
         // A success whose outputs are no longer in the results directory as recorded runs

@@ -94,9 +94,120 @@ impl NodeFiles {
 
 struct Incoming {
     receiver: Receiver,
-    file: tempfile::NamedTempFile,
+    file: Writer,
     hash: ContentHash,
     size: u64,
+}
+
+/// Files larger than this are written by a thread of their own ([`Writer`]).
+const THREADED_WRITE: u64 = 1024 * 1024;
+
+/// Most writer threads of a process at once; a file that finds none free is written
+/// inline (so a peer announcing many files cannot make a node start threads without end).
+pub const MAX_WRITERS: usize = 16;
+
+static WRITERS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Gives a writer thread's place back when the thread ends.
+struct WriterPermit;
+
+impl WriterPermit {
+    fn take() -> Option<WriterPermit> {
+        use std::sync::atomic::Ordering;
+        WRITERS
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < MAX_WRITERS).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| WriterPermit)
+    }
+}
+
+impl Drop for WriterPermit {
+    fn drop(&mut self) {
+        WRITERS.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
+/// Chunks at most waiting for an input's writer thread: beyond, the connection waits for
+/// the disk (as it did when every write was made inline), so memory stays bounded.
+const WRITE_QUEUE: usize = 8;
+
+/// Where an incoming file's bytes are written: inline for a small file, else by a thread
+/// of its own, so the disk's writes overlap with the socket's reads, the decryption and
+/// the hash on the connection's thread. Dropped before the end, the file goes (the thread
+/// ends with the queue).
+enum Writer {
+    Inline(tempfile::NamedTempFile),
+    Thread {
+        queue: Option<std::sync::mpsc::SyncSender<Vec<u8>>>,
+        done: Option<WriterThread>,
+    },
+}
+
+type WriterThread = std::thread::JoinHandle<(tempfile::NamedTempFile, std::io::Result<()>)>;
+
+impl Writer {
+    fn new(file: tempfile::NamedTempFile, size: u64) -> std::io::Result<Writer> {
+        let permit = match WriterPermit::take() {
+            Some(p) if size > THREADED_WRITE => p,
+            _ => return Ok(Writer::Inline(file)),
+        };
+        let (queue, chunks) = std::sync::mpsc::sync_channel::<Vec<u8>>(WRITE_QUEUE);
+        let mut file = file;
+        let done = std::thread::Builder::new()
+            .name("p2p-write".into())
+            .spawn(move || {
+                let _permit = permit;
+                let mut r = Ok(());
+                for data in chunks {
+                    if let Err(e) = file.write_all(&data) {
+                        r = Err(e);
+                        break;
+                    }
+                }
+                (file, r)
+            })?;
+        Ok(Writer::Thread {
+            queue: Some(queue),
+            done: Some(done),
+        })
+    }
+
+    /// Writes `data` at the end, or queues it for the thread (waiting, at the disk's pace,
+    /// while [`WRITE_QUEUE`] chunks wait). An error of the thread comes from
+    /// [`Writer::finish`].
+    fn write(&mut self, data: Vec<u8>) -> std::io::Result<()> {
+        match self {
+            Writer::Inline(f) => f.write_all(&data),
+            Writer::Thread { queue, done } => {
+                if queue.as_ref().is_some_and(|q| q.send(data).is_ok()) {
+                    return Ok(());
+                }
+                // The thread stopped: its error.
+                queue.take();
+                match done.take().map(std::thread::JoinHandle::join) {
+                    Some(Ok((_, Err(e)))) => Err(e),
+                    _ => Err(std::io::Error::other("the file's writer stopped")),
+                }
+            }
+        }
+    }
+
+    /// Waits for every byte to be written; the file.
+    fn finish(self) -> std::io::Result<tempfile::NamedTempFile> {
+        match self {
+            Writer::Inline(f) => Ok(f),
+            Writer::Thread { queue, done } => {
+                drop(queue);
+                match done.map(std::thread::JoinHandle::join) {
+                    Some(Ok((f, Ok(())))) => Ok(f),
+                    Some(Ok((_, Err(e)))) => Err(e),
+                    _ => Err(std::io::Error::other("the file's writer stopped")),
+                }
+            }
+        }
+    }
 }
 
 struct Outgoing {
@@ -202,7 +313,7 @@ impl LinkFiles {
                         return;
                     }
                 };
-                let file = match node.cache().partial() {
+                let file = match node.cache().partial().and_then(|f| Writer::new(f, size)) {
                     Ok(f) => f,
                     Err(e) => {
                         abort(
@@ -226,7 +337,7 @@ impl LinkFiles {
                     },
                 );
             }
-            Transfer::Chunk { id, offset, data } => self.on_chunk(&node, id, offset, &data, link),
+            Transfer::Chunk { id, offset, data } => self.on_chunk(&node, id, offset, data, link),
             Transfer::Ack { id, received } => {
                 if let Some(o) = self.outgoing.as_mut().filter(|o| o.sender.id() == id) {
                     if let Err(e) = o.sender.on_ack(received) {
@@ -285,14 +396,14 @@ impl LinkFiles {
         }
     }
 
-    fn on_chunk(&mut self, node: &NodeFiles, id: u64, offset: u64, data: &[u8], link: &Link) {
+    fn on_chunk(&mut self, node: &NodeFiles, id: u64, offset: u64, data: Vec<u8>, link: &Link) {
         let Some(inc) = self.incoming.get_mut(&id) else {
             return;
         };
-        let res = inc.receiver.on_chunk(offset, data);
-        let (bytes, complete) = match res {
-            Ok(Received::Write(b)) => (b, false),
-            Ok(Received::Complete(b)) => (b, true),
+        // What the receiver accepts is the whole chunk, written as it came.
+        let complete = match inc.receiver.on_chunk(offset, &data) {
+            Ok(Received::Write(_)) => false,
+            Ok(Received::Complete(_)) => true,
             Err(e) => {
                 warn!(error = %e, "an input transfer failed");
                 let reason = match &e {
@@ -304,7 +415,7 @@ impl LinkFiles {
                 return;
             }
         };
-        if let Err(e) = inc.file.write_all(bytes) {
+        if let Err(e) = inc.file.write(data) {
             abort(
                 link,
                 id,
@@ -324,8 +435,20 @@ impl LinkFiles {
             return;
         };
         let done = unbox(inc.receiver.done());
+        let file = match inc.file.finish() {
+            Ok(f) => f,
+            Err(e) => {
+                abort(
+                    link,
+                    id,
+                    io_reason(&e),
+                    format!("cannot store the file: {e}"),
+                );
+                return;
+            }
+        };
         let mut cache = node.cache();
-        match cache.commit(inc.file, inc.hash, inc.size) {
+        match cache.commit(file, inc.hash, inc.size) {
             Ok(_) => {
                 cache.unpin(&inc.hash);
                 drop(cache);
@@ -593,4 +716,72 @@ pub fn hash_file(path: &std::path::Path) -> std::io::Result<(ContentHash, u64)> 
 /// Where a node keeps its files: `DATA_DIR/cache/SLOT`.
 pub fn cache_dir(data_dir: &std::path::Path, slot: &str) -> PathBuf {
     data_dir.join("cache").join(slot)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    /// The writer threads are counted per process: one test at a time takes them.
+    static SERIAL: Mutex<()> = Mutex::new(());
+
+    fn chunks(len: usize) -> Vec<Vec<u8>> {
+        let bytes: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+        bytes.chunks(64 * 1024).map(<[u8]>::to_vec).collect()
+    }
+
+    #[test]
+    fn a_large_file_is_written_whole_by_its_thread_and_a_small_one_inline() {
+        let _one = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+        let d = tempfile::tempdir().unwrap();
+        for (len, threaded) in [(3 << 20, true), (100_000, false)] {
+            let file = tempfile::NamedTempFile::new_in(d.path()).unwrap();
+            let mut w = Writer::new(file, len as u64).unwrap();
+            assert_eq!(matches!(w, Writer::Thread { .. }), threaded);
+            let parts = chunks(len);
+            for c in &parts {
+                w.write(c.clone()).unwrap();
+            }
+            let f = w.finish().unwrap();
+            assert_eq!(std::fs::read(f.path()).unwrap(), parts.concat());
+        }
+    }
+
+    #[test]
+    fn a_writer_dropped_midway_leaves_no_file_and_gives_its_thread_back() {
+        let _one = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+        let d = tempfile::tempdir().unwrap();
+        let file = tempfile::NamedTempFile::new_in(d.path()).unwrap();
+        let path = file.path().to_path_buf();
+        let mut w = Writer::new(file, 3 << 20).unwrap();
+        w.write(vec![7u8; 65_536]).unwrap();
+        drop(w);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while path.exists() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert!(!path.exists());
+        // However many files are announced, at most MAX_WRITERS threads run.
+        let many: Vec<Writer> = (0..MAX_WRITERS + 4)
+            .map(|_| {
+                let f = tempfile::NamedTempFile::new_in(d.path()).unwrap();
+                Writer::new(f, 3 << 20).unwrap()
+            })
+            .collect();
+        let threads = many
+            .iter()
+            .filter(|w| matches!(w, Writer::Thread { .. }))
+            .count();
+        assert!(threads <= MAX_WRITERS, "{threads}");
+        assert!(many.iter().any(|w| matches!(w, Writer::Inline(_))));
+        drop(many);
+        // Their threads end with their queues and give their places back.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while WRITERS.load(std::sync::atomic::Ordering::Acquire) > 0 {
+            assert!(std::time::Instant::now() < deadline, "writer threads left");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
 }

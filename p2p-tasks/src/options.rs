@@ -78,6 +78,13 @@ impl RunOptions {
         self.results = dir;
         self
     }
+
+    /// The largest file the run fetches from a node ([`RunOptions::max_file`]). Default
+    /// 4 GiB.
+    pub fn max_file(mut self, bytes: u64) -> Self {
+        self.max_file = bytes;
+        self
+    }
 }
 
 impl Policy {

@@ -79,6 +79,8 @@ pub struct RunFiles {
     recorded: HashMap<String, Vec<RecordedFile>>,
     held: HashMap<(LinkId, u64), Held>,
     fetches: HashMap<(LinkId, u64), Fetch>,
+    /// The largest file fetched from a node (`run --max-file`).
+    max_file: u64,
 }
 
 impl std::fmt::Debug for RunFiles {
@@ -151,7 +153,15 @@ impl RunFiles {
             recorded: HashMap::new(),
             held: HashMap::new(),
             fetches: HashMap::new(),
+            max_file: crate::runcore::DEFAULT_MAX_FETCH,
         })
+    }
+
+    /// Refuses to fetch a file announced larger than `bytes` (`run --max-file`): the
+    /// attempt fails saying so, before any byte of it moves.
+    pub fn with_max_file(mut self, bytes: u64) -> RunFiles {
+        self.max_file = bytes;
+        self
     }
 
     fn id(&mut self) -> u64 {
@@ -715,7 +725,7 @@ impl RunFiles {
                 }
             };
             let id = self.id();
-            match Receiver::new(id, hash, size, DEFAULT_WINDOW, u64::MAX) {
+            match Receiver::new(id, hash, size, DEFAULT_WINDOW, self.max_file) {
                 Ok(receiver) => fetches.push(Fetch {
                     seq: c.seq,
                     name: what,
@@ -726,7 +736,7 @@ impl RunFiles {
                 Err(e) => {
                     let c = Completed {
                         ok: false,
-                        error: Some(e.to_string()),
+                        error: Some(format!("{what} not fetched: {e}")),
                         ..c
                     };
                     self.write_result(&task, &c, &node, attempt, false);

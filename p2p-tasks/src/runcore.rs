@@ -87,7 +87,14 @@ pub struct RunOptions {
     /// `DIR/ID/meta.json`); given, every task's result is kept there. Default `None`:
     /// `./results`, for tasks with files only.
     pub results: Option<std::path::PathBuf>,
+    /// The largest file the run fetches from a node (a declared output, or a task's whole
+    /// standard output or error): a larger one announced fails the attempt before any byte
+    /// of it moves. Default [`DEFAULT_MAX_FETCH`] (4 GiB).
+    pub max_file: u64,
 }
+
+/// The default of [`RunOptions::max_file`] (`run --max-file`): 4 GiB.
+pub const DEFAULT_MAX_FETCH: u64 = 4 << 30;
 
 impl Default for RunOptions {
     fn default() -> Self {
@@ -98,6 +105,7 @@ impl Default for RunOptions {
             goodbye_timeout: Duration::from_secs(5),
             max_frame: p2p_core::codec::DEFAULT_MAX_FRAME,
             results: None,
+            max_file: DEFAULT_MAX_FETCH,
         }
     }
 }

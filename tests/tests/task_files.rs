@@ -103,7 +103,7 @@ fn work_dir_of(output: &str, root: &std::path::Path) -> std::path::PathBuf {
 #[test]
 fn every_attempt_runs_in_its_own_directory_under_the_data_directory_removed_afterwards() {
     let data = TestDir::new();
-    let root = data.join("work");
+    let root = data.join("work/identity");
     let s = Serve::types(
         "a",
         &[
@@ -143,10 +143,87 @@ fn every_attempt_runs_in_its_own_directory_under_the_data_directory_removed_afte
     assert!(!dir.join("left").exists());
 }
 
+/// Waits until `dir` holds an entry; returns its path.
+fn first_entry(dir: &std::path::Path) -> std::path::PathBuf {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        if let Some(e) = std::fs::read_dir(dir).ok().and_then(|mut d| d.next()) {
+            return e.unwrap().path();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "nothing appeared in {}",
+            dir.display()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+/// A `kill -9` of `serve` leaves its attempts' working directories; the next node of the
+/// same slot of the data directory removes them when it starts (before: they stayed for
+/// ever), and the directories of another live node sharing the data directory (its own
+/// slot) are left alone, as is anything a link in them points to.
+#[test]
+fn a_restarted_node_sweeps_the_work_dirs_a_kill_9_left_and_only_its_own() {
+    let data = TestDir::new();
+    let outside = TestDir::new();
+    outside.write("precious", "keep me");
+    let link_to = outside.path().to_str().unwrap().to_owned();
+    let handler = format!("a=mkdir -p sub && ln -s {link_to} sub/out && sleep 60");
+    let node = || {
+        Serve::types(
+            "a",
+            &[
+                "--handler",
+                handler.as_str(),
+                "--data-dir",
+                data.path().to_str().unwrap(),
+            ],
+        )
+    };
+    let start_task = |s: &Serve| {
+        let mut c = WireClient::connect(s.addr);
+        c.send(&Message::Hello(hello("default"))).unwrap();
+        c.expect_msg(WAIT, "Welcome", |m| matches!(m, Message::Welcome(_)));
+        c.send(&Message::Assign(Assign {
+            seq: 1,
+            task: "a1".into(),
+            kind: "a".into(),
+            args: String::new(),
+            attempt: 1,
+            timeout_ms: 0,
+        }))
+        .unwrap();
+        c
+    };
+    let mut a = node();
+    let b = node();
+    let (_ca, _cb) = (start_task(&a), start_task(&b));
+    let (mine, theirs) = (data.join("work/identity"), data.join("work/identity-2"));
+    let left = first_entry(&mine);
+    let other = first_entry(&theirs);
+    first_entry(&left.join("sub"));
+    let status = std::process::Command::new("kill")
+        .args(["-KILL", &a.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let _ = a.wait_exit(WAIT);
+    assert!(left.exists(), "a kill -9 leaves the directory");
+    // The next node of the slot `identity` removes it before it listens.
+    let again = node();
+    assert!(!left.exists(), "{} is still there", left.display());
+    assert_eq!(std::fs::read_dir(&mine).unwrap().count(), 0);
+    assert!(other.exists(), "the live node's directory stays");
+    assert_eq!(std::fs::read(outside.join("precious")).unwrap(), b"keep me");
+    drop(again);
+    drop(b);
+}
+
 #[test]
 fn keep_work_keeps_a_failed_attempt_and_hostile_ids_stay_inside() {
     let data = TestDir::new();
-    let root = data.join("work");
+    let root = data.join("work/identity");
     let s = Serve::types(
         "a",
         &[
@@ -1013,8 +1090,13 @@ fn a_node_killed_mid_transfer_loses_the_attempt_and_the_task_succeeds_on_another
 
 /// Plays a node of type `a` that runs nothing: for an `Assign` it announces the output
 /// `o.txt` with the hash of `good`, reports success, and answers a `Fetch` with `evil`
-/// (the same length). Returns its port.
-fn lying_node(good: &'static [u8], evil: &'static [u8]) -> (u16, std::thread::JoinHandle<usize>) {
+/// (the same length); `size`, if given, is the size it announces instead of the true one.
+/// Returns its port, and a thread that returns how many fetches came.
+fn lying_node(
+    good: &'static [u8],
+    evil: &'static [u8],
+    size: Option<u64>,
+) -> (u16, std::thread::JoinHandle<usize>) {
     use bytes::BytesMut;
     use p2p_core::codec::FrameCodec;
     use std::io::Read;
@@ -1059,7 +1141,7 @@ fn lying_node(good: &'static [u8], evil: &'static [u8]) -> (u16, std::thread::Jo
                             outputs: vec![p2p_core::message::ProducedFile {
                                 name: "o.txt".into(),
                                 hash: hash_bytes(good),
-                                size: good.len() as u64,
+                                size: size.unwrap_or(good.len() as u64),
                             }],
                         };
                         send(&mut stream, &mut codec, transfer(produced));
@@ -1101,7 +1183,7 @@ fn lying_node(good: &'static [u8], evil: &'static [u8]) -> (u16, std::thread::Jo
 
 #[test]
 fn an_output_served_with_wrong_bytes_fails_the_attempt_and_never_lands_in_results() {
-    let (port, node) = lying_node(b"the real output\n", b"a forged output\n");
+    let (port, node) = lying_node(b"the real output\n", b"a forged output\n", None);
     let dir = TestDir::new();
     dir.write("tasks.txt", "a1 > o.txt\n");
     let peer = format!("127.0.0.1:{port}");
@@ -1140,6 +1222,46 @@ fn an_output_served_with_wrong_bytes_fails_the_attempt_and_never_lands_in_result
         .map(|p| p.display().to_string())
         .collect();
     assert!(names.iter().all(|n| !n.contains(".fetch-")), "{names:?}");
+}
+
+/// `run --max-file`: an output announced larger than the bound fails the attempt before
+/// anything is fetched (before, `run` took whatever size a node announced: a node could
+/// fill the coordinator's disk), whatever the node claims, and the bound is the flag's.
+#[test]
+fn an_output_announced_over_run_max_file_fails_the_attempt_before_any_fetch() {
+    for (announced, extra, limit) in [
+        (Some(1u64 << 40), None, "4294967296"),
+        (None, Some("10"), "10"),
+    ] {
+        let (port, node) = lying_node(b"the real output\n", b"the real output\n", announced);
+        let dir = TestDir::new();
+        dir.write("tasks.txt", "a1 > o.txt\n");
+        let peer = format!("127.0.0.1:{port}");
+        let mut args = vec![
+            "run",
+            "tasks.txt",
+            "--json",
+            "--results",
+            "out",
+            "--peer",
+            &peer,
+        ];
+        if let Some(max) = extra {
+            args.extend(["--max-file", max]);
+        }
+        let out = run_in(dir.path(), &args);
+        out.assert_code(1);
+        let events = out.json();
+        let failed = events_named(&events, "task_failed");
+        assert_eq!(failed.len(), 1, "{}", out.describe());
+        let error = failed[0]["error"].as_str().unwrap();
+        assert!(
+            error.contains("o.txt") && error.contains("--max-file") && error.contains(limit),
+            "{error}"
+        );
+        assert_eq!(node.join().unwrap(), 0, "nothing was fetched");
+        assert!(!dir.join("out/a1/o.txt").exists());
+    }
 }
 
 #[test]
@@ -1186,4 +1308,157 @@ fn a_full_results_disk_leaves_no_cut_stdout_or_meta_behind() {
             .unwrap_or_else(|e| panic!("meta.json is cut ({e}): {text:?}"));
         assert_eq!(meta["ok"], false, "{meta}");
     }
+}
+
+/// A field of `/proc/PID/status` (e.g. `Threads`, `VmRSS`), as a number.
+fn proc_status(pid: u32, field: &str) -> u64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap()
+}
+
+/// Attacks on the receiving side (ATTACKS.md): peers that announce many large files and
+/// send nothing, a size over `--max-file`, a chunk sent twice, one out of order, a
+/// corrupted one. Each bad transfer is refused with an `Abort`, the writer threads stay at
+/// most `MAX_WRITERS` (16) however many files are announced and go when the peers do,
+/// nothing is left in the cache's `partial/`, and the node still takes a good file.
+#[test]
+fn hostile_offers_cost_the_node_bounded_threads_and_bad_chunks_are_refused() {
+    let data = TestDir::new();
+    let s = Serve::types(
+        "a",
+        &[
+            "--max-file",
+            "64GiB",
+            "--cache-size",
+            "64GiB",
+            "--data-dir",
+            data.path().to_str().unwrap(),
+        ],
+    );
+    let pid = s.pid();
+    let connect = || {
+        let mut c = WireClient::connect(s.addr);
+        c.send(&Message::Hello(hello("default"))).unwrap();
+        c.expect_msg(WAIT, "Welcome", |m| matches!(m, Message::Welcome(_)));
+        c
+    };
+    let threads_before = proc_status(pid, "Threads");
+    // 4 peers announce 8 files of 4 GiB each and send nothing.
+    let mut idle: Vec<WireClient> = Vec::new();
+    for p in 0..4u64 {
+        let mut c = connect();
+        for k in 0..8u64 {
+            let id = p * 100 + k + 1;
+            c.send(&transfer(Transfer::Offer {
+                id,
+                hash: hash_bytes(&id.to_le_bytes()),
+                size: 4 << 30,
+            }))
+            .unwrap();
+            expect_transfer(
+                &mut c,
+                "Want",
+                |t| matches!(t, Transfer::Want { id: i, .. } if *i == id),
+            );
+        }
+        idle.push(c);
+    }
+    let threads = proc_status(pid, "Threads");
+    assert!(
+        threads <= threads_before + 16,
+        "{threads} threads, {threads_before} before 32 offers"
+    );
+    let mut c = connect();
+    let aborted = |c: &mut WireClient, id: u64| {
+        expect_transfer(
+            c,
+            "Abort",
+            |t| matches!(t, Transfer::Abort { id: i, .. } if *i == id),
+        )
+    };
+    // Over --max-file.
+    c.send(&transfer(Transfer::Offer {
+        id: 1,
+        hash: hash_bytes(b"x"),
+        size: u64::MAX,
+    }))
+    .unwrap();
+    aborted(&mut c, 1);
+    let file: Vec<u8> = (0..200 * 1024u32).map(|i| (i % 241) as u8).collect();
+    let hash = hash_bytes(&file);
+    let offer = |c: &mut WireClient, id: u64| {
+        c.send(&transfer(Transfer::Offer {
+            id,
+            hash,
+            size: file.len() as u64,
+        }))
+        .unwrap();
+        expect_transfer(
+            c,
+            "Want",
+            |t| matches!(t, Transfer::Want { id: i, .. } if *i == id),
+        );
+    };
+    let chunk = |c: &mut WireClient, id: u64, offset: usize, data: Vec<u8>| {
+        c.send(&transfer(Transfer::Chunk {
+            id,
+            offset: offset as u64,
+            data,
+        }))
+        .unwrap();
+    };
+    // A chunk twice.
+    offer(&mut c, 2);
+    chunk(&mut c, 2, 0, file[..MAX_CHUNK].to_vec());
+    chunk(&mut c, 2, 0, file[..MAX_CHUNK].to_vec());
+    aborted(&mut c, 2);
+    // Out of order.
+    offer(&mut c, 3);
+    chunk(
+        &mut c,
+        3,
+        MAX_CHUNK,
+        file[MAX_CHUNK..2 * MAX_CHUNK].to_vec(),
+    );
+    aborted(&mut c, 3);
+    // One byte changed.
+    offer(&mut c, 4);
+    let mut bad = file.clone();
+    bad[150_000] ^= 1;
+    for (k, piece) in bad.chunks(MAX_CHUNK).enumerate() {
+        chunk(&mut c, 4, k * MAX_CHUNK, piece.to_vec());
+    }
+    let Transfer::Abort { reason, .. } = aborted(&mut c, 4) else {
+        unreachable!()
+    };
+    assert_eq!(reason, AbortReason::HashMismatch);
+    // A good one still lands.
+    ship(&mut c, 5, &file, hash);
+    expect_transfer(&mut c, "Done", |t| matches!(t, Transfer::Done { id: 5 }));
+    // The peers leave: their writer threads end and their partial files go.
+    drop(idle);
+    drop(c);
+    let deadline = std::time::Instant::now() + WAIT;
+    let partial = walk(&data.join("cache"))
+        .into_iter()
+        .filter(|p| p.is_file() && p.parent().is_some_and(|d| d.ends_with("partial")));
+    let mut left = partial.count();
+    while (left > 0 || proc_status(pid, "Threads") > threads_before)
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        left = walk(&data.join("cache"))
+            .into_iter()
+            .filter(|p| p.is_file() && p.parent().is_some_and(|d| d.ends_with("partial")))
+            .count();
+    }
+    assert_eq!(left, 0, "partial files left");
+    assert!(proc_status(pid, "Threads") <= threads_before);
+    eprintln!(
+        "threads {threads_before} -> {threads} with 32 offers; VmHWM {} kB",
+        proc_status(pid, "VmHWM")
+    );
 }

@@ -172,8 +172,11 @@ fn large(o: &Opts, d: &Path, rep: &mut Report) -> Result<()> {
                 extra.extend(["--key-file", kf.as_str()]);
             }
             let s = node(&data, "a", &["a=true"], &extra)?;
-            let cold = run_on(o, &tasks, std::slice::from_ref(&s), k, &[], d)?;
-            let warm = run_on(o, &tasks, std::slice::from_ref(&s), k, &[], d)?;
+            let results = d.join("large-results").display().to_string();
+            let extra = ["--results", results.as_str()];
+            let cold = run_on(o, &tasks, std::slice::from_ref(&s), k, &extra, d)?;
+            let warm = run_on(o, &tasks, std::slice::from_ref(&s), k, &extra, d)?;
+            let _ = std::fs::remove_dir_all(&results);
             serve_rss = serve_rss.max(peak_rss_kb(s.pid()).unwrap_or(0));
             run_rss = run_rss.max(cold.peak_rss_kb);
             drop(s);
@@ -215,7 +218,16 @@ fn shared(o: &Opts, d: &Path, rep: &mut Report) -> Result<()> {
             )
         })
         .collect::<Result<_>>()?;
-    let r = run_on(o, &tasks, &servers, None, &["--order", "none"], d)?;
+    // Results under the bench's directory, not ./results where the bench was started.
+    let results = d.join("shared-results").display().to_string();
+    let r = run_on(
+        o,
+        &tasks,
+        &servers,
+        None,
+        &["--order", "none", "--results", &results],
+        d,
+    )?;
     let received: usize = servers
         .iter()
         .map(|s| {
@@ -243,6 +255,7 @@ fn shared(o: &Opts, d: &Path, rep: &mut Report) -> Result<()> {
     for i in 0..3 {
         let _ = std::fs::remove_dir_all(d.join(format!("shared-node{i}")));
     }
+    let _ = std::fs::remove_dir_all(&results);
     std::fs::remove_file(&input)?;
     Ok(())
 }

@@ -204,7 +204,8 @@ impl Handler for Shell {
                     return TaskOutcome::failure(format!("cannot make a working directory: {e}"))
                 }
             };
-            if let Err(e) = super::workdir::place_inputs(dir.path(), &files.inputs) {
+            if let Err(e) = super::workdir::place_inputs_off_thread(dir.path(), &files.inputs).await
+            {
                 dir.finish(false).await;
                 return TaskOutcome::failure(e);
             }

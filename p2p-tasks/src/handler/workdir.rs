@@ -19,6 +19,46 @@ pub struct WorkDirs {
     pub keep_failed: bool,
 }
 
+impl WorkDirs {
+    /// Removes every entry of the root (when there is one): the working directories a
+    /// process killed with `kill -9` left behind. Only for a root no live process uses (a
+    /// node's own, held through its identity slot). Symbolic links are removed, never
+    /// followed. Returns how many entries went.
+    pub fn sweep(&self) -> io::Result<usize> {
+        let Some(root) = &self.root else {
+            return Ok(0);
+        };
+        let entries = match std::fs::read_dir(root) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(e),
+        };
+        let mut removed = 0;
+        for entry in entries {
+            let entry = entry?;
+            let path = entry.path();
+            // `file_type` does not follow a symbolic link, and `remove_dir_all` does not
+            // follow links inside the tree.
+            let gone = if entry.file_type()?.is_dir() {
+                std::fs::remove_dir_all(&path)
+            } else {
+                std::fs::remove_file(&path)
+            };
+            match gone {
+                Ok(()) => removed += 1,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(io::Error::new(
+                        e.kind(),
+                        format!("cannot remove {}: {e}", path.display()),
+                    ))
+                }
+            }
+        }
+        Ok(removed)
+    }
+}
+
 /// Most characters of a task id in its directory's name.
 const MAX_ID_CHARS: usize = 64;
 
@@ -101,8 +141,58 @@ impl Drop for WorkDir {
     }
 }
 
-/// Copies each input `(name, source)` into `dir` as `name`, which must be one plain path
-/// component; the reason of the first failure otherwise.
+/// [`place_inputs`] on a blocking thread: a large input's copy never stalls the node's
+/// runtime (its other connections and tasks) for the time it takes.
+pub(crate) async fn place_inputs_off_thread(
+    dir: &Path,
+    inputs: &[(String, PathBuf)],
+) -> Result<(), String> {
+    if inputs.is_empty() {
+        return Ok(());
+    }
+    let (dir, inputs) = (dir.to_path_buf(), inputs.to_vec());
+    match tokio::task::spawn_blocking(move || place_inputs(&dir, &inputs)).await {
+        Ok(r) => r,
+        Err(e) => Err(format!("cannot place the inputs: {e}")),
+    }
+}
+
+/// Copies `src` into a new file `dst` with `src`'s permissions: a reflink (`FICLONE`: the
+/// two files share blocks until either is written, so nothing is copied) where the
+/// filesystem has them (btrfs, XFS, bcachefs), else an in-kernel copy (`copy_file_range`,
+/// which [`std::io::copy`] uses between two files). Never a link: the task may write its
+/// copy, and the cached bytes must not change.
+pub(crate) fn copy_file(src: &Path, dst: &Path) -> io::Result<u64> {
+    let mut from = std::fs::File::open(src)?;
+    let meta = from.metadata()?;
+    let mut to = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(dst)?;
+    let copied = match reflink(&from, &to) {
+        Ok(()) => Ok(meta.len()),
+        Err(_) => std::io::copy(&mut from, &mut to),
+    };
+    let done = copied.and_then(|n| to.set_permissions(meta.permissions()).map(|()| n));
+    if done.is_err() {
+        drop(to);
+        let _ = std::fs::remove_file(dst);
+    }
+    done
+}
+
+#[cfg(target_os = "linux")]
+fn reflink(from: &std::fs::File, to: &std::fs::File) -> io::Result<()> {
+    rustix::fs::ioctl_ficlone(to, from).map_err(io::Error::from)
+}
+
+#[cfg(not(target_os = "linux"))]
+fn reflink(_from: &std::fs::File, _to: &std::fs::File) -> io::Result<()> {
+    Err(io::Error::from(io::ErrorKind::Unsupported))
+}
+
+/// Copies each input `(name, source)` into `dir` as `name` ([`copy_file`]), which must be
+/// one plain path component; the reason of the first failure otherwise.
 pub(crate) fn place_inputs(dir: &Path, inputs: &[(String, PathBuf)]) -> Result<(), String> {
     for (name, src) in inputs {
         if name.is_empty()
@@ -113,7 +203,7 @@ pub(crate) fn place_inputs(dir: &Path, inputs: &[(String, PathBuf)]) -> Result<(
         {
             return Err(format!("input name {name:?} is not a plain file name"));
         }
-        std::fs::copy(src, dir.join(name))
+        copy_file(src, &dir.join(name))
             .map_err(|e| format!("cannot place input {name:?} in the working directory: {e}"))?;
     }
     Ok(())
@@ -198,6 +288,70 @@ mod tests {
             let p = prefix(id, 1);
             assert!(!p.contains('/') && p != "." && p != "..", "{p}");
         }
+    }
+
+    #[test]
+    fn a_placed_input_is_a_copy_the_task_cannot_use_to_alter_the_source() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let src = d.path().join("cached");
+        let bytes: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&src, &bytes).unwrap();
+        std::fs::set_permissions(&src, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let dst = d.path().join("placed");
+        assert_eq!(copy_file(&src, &dst).unwrap(), bytes.len() as u64);
+        assert_eq!(std::fs::read(&dst).unwrap(), bytes);
+        let mode = std::fs::metadata(&dst).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o640);
+        // Not a link: writing the copy in place leaves the source as it was.
+        std::fs::write(&dst, b"changed").unwrap();
+        assert_eq!(std::fs::read(&src).unwrap(), bytes);
+        assert_ne!(
+            std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&src).unwrap()),
+            std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&dst).unwrap())
+        );
+        // An existing file is not overwritten, and a missing source leaves nothing.
+        assert!(copy_file(&src, &dst).is_err());
+        assert_eq!(std::fs::read(&dst).unwrap(), b"changed");
+        assert!(copy_file(&d.path().join("missing"), &d.path().join("x")).is_err());
+        assert!(!d.path().join("x").exists());
+    }
+
+    #[test]
+    fn a_sweep_empties_the_root_only_and_follows_no_link() {
+        let d = tempfile::tempdir().unwrap();
+        let outside = d.path().join("outside");
+        std::fs::create_dir(&outside).unwrap();
+        std::fs::write(outside.join("keep"), b"k").unwrap();
+        let root = d.path().join("work");
+        let cfg = WorkDirs {
+            root: Some(root.clone()),
+            keep_failed: false,
+        };
+        assert_eq!(cfg.sweep().unwrap(), 0, "no root yet");
+        std::fs::create_dir_all(root.join("a1.1.xyz/sub")).unwrap();
+        std::fs::write(root.join("a1.1.xyz/sub/f"), b"x").unwrap();
+        std::fs::write(root.join("stray"), b"x").unwrap();
+        std::os::unix::fs::symlink(&outside, root.join("link")).unwrap();
+        std::os::unix::fs::symlink(&outside, root.join("a1.1.xyz/inner")).unwrap();
+        assert_eq!(cfg.sweep().unwrap(), 3);
+        assert!(root.is_dir());
+        assert_eq!(std::fs::read_dir(&root).unwrap().count(), 0);
+        assert_eq!(std::fs::read(outside.join("keep")).unwrap(), b"k");
+        assert_eq!(WorkDirs::default().sweep().unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn inputs_are_placed_off_the_runtime_thread() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("in"), b"abc").unwrap();
+        let work = d.path().join("w");
+        std::fs::create_dir(&work).unwrap();
+        let inputs = vec![("in.txt".to_owned(), d.path().join("in"))];
+        place_inputs_off_thread(&work, &inputs).await.unwrap();
+        assert_eq!(std::fs::read(work.join("in.txt")).unwrap(), b"abc");
+        let bad = vec![("../x".to_owned(), d.path().join("in"))];
+        assert!(place_inputs_off_thread(&work, &bad).await.is_err());
     }
 
     #[tokio::test]
