@@ -1092,11 +1092,17 @@ async fn serve(
     // Every argument is checked before the identity is taken (which may create a file).
     // A serving node dials nobody for itself: its --peers are the nodes the runs it hosts
     // dial (besides their discovery); its own discovery announces it as without them.
-    let mut own = Common {
+    if a.common.discovery.contains(&Kind::Static) {
+        return Err(usage(
+            "serve does not take --discovery static: a serving node dials nobody, it is found \
+             (by discovery, or by the --peer of run and peers); its own --peer names the nodes \
+             the runs it hosts dial",
+        ));
+    }
+    let own = Common {
         peers: Vec::new(),
         ..a.common.clone()
     };
-    own.discovery.retain(|k| *k != Kind::Static);
     if !a.common.peers.is_empty() {
         p2p_discovery::check(&[Kind::Static], &a.common.peers, false).map_err(discovery_usage)?;
     }

@@ -140,9 +140,13 @@ pub enum ConfigError {
     },
 }
 
-const COMMANDS: [&str; 8] = [
-    "serve", "run", "peers", "status", "submit", "runs", "attach", "cancel",
+const COMMANDS: [&str; 9] = [
+    "serve", "run", "peers", "status", "submit", "runs", "attach", "cancel", "results",
 ];
+
+/// Top-level settings that do not reach `serve`: the peers of `run` and `peers` (a serving
+/// node's own `--peer`, the nodes its hosted runs dial, is set in its `[serve]` table).
+const NOT_FOR_SERVE: [&str; 2] = ["peer", "peers-file"];
 
 /// Returns the command line with the config file's settings inserted after the subcommand,
 /// for every setting not already given as a flag or by its environment variable, with the
@@ -220,7 +224,7 @@ fn apply_file(
 
     let mut cmd = crate::help::command();
     cmd.build();
-    // A hidden flag (serve's --peer) is not a setting of that command.
+    // A hidden flag is not a setting of that command.
     let flags_of = |name: &str| -> Vec<String> {
         cmd.find_subcommand(name)
             .map(|c| {
@@ -244,7 +248,7 @@ fn apply_file(
         if flag == "config" || !any.contains(&flag) {
             return Err(invalid(format!("unknown setting {key:?}")));
         }
-        if mine.contains(&flag) {
+        if mine.contains(&flag) && !(sub == "serve" && NOT_FOR_SERVE.contains(&flag.as_str())) {
             settings.push((flag, value.clone()));
         }
     }
@@ -680,14 +684,17 @@ mod tests {
     }
 
     #[test]
-    fn a_top_level_peer_does_not_reach_serve_and_a_serve_table_may_not_set_it() {
-        let args = with_file("peer = [\"127.0.0.1:1\"]\ncluster = \"c\"\n", &["serve"]).unwrap();
+    fn a_top_level_peer_does_not_reach_serve_but_its_own_table_may_set_it() {
+        let args = with_file(
+            "peer = [\"127.0.0.1:1\"]\npeers_file = \"p\"\ncluster = \"c\"\n",
+            &["serve"],
+        )
+        .unwrap();
         assert_eq!(args, vec!["p2p-node", "serve", "--cluster=c"]);
-        let err = with_file("[serve]\npeer = \"127.0.0.1:1\"\n", &["serve"]).unwrap_err();
-        assert!(
-            err.to_string()
-                .contains("unknown setting \"peer\" in [serve]"),
-            "{err}"
-        );
+        // A serving node's --peer: the nodes its hosted runs dial.
+        let args = with_file("[serve]\npeer = \"127.0.0.1:1\"\n", &["serve"]).unwrap();
+        assert_eq!(args, vec!["p2p-node", "serve", "--peer=127.0.0.1:1"]);
+        let args = with_file("peer = [\"127.0.0.1:1\"]\n", &["run"]).unwrap();
+        assert_eq!(args, vec!["p2p-node", "run", "--peer=127.0.0.1:1"]);
     }
 }
