@@ -23,6 +23,7 @@
 //! at a crash run again (at-least-once execution).
 
 pub mod registry;
+pub mod replica;
 
 use std::future::Future;
 use std::net::SocketAddr;
