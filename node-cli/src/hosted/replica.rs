@@ -539,12 +539,28 @@ impl Group {
     /// Refused when this member does not lead: nothing is forwarded, so a deposed leader's
     /// records never reach the log.
     pub fn propose(&mut self, record: &Record) -> Result<Output, GroupError> {
+        self.propose_all(std::slice::from_ref(record))
+    }
+
+    /// [`Group::propose`] of several records, written to disk together (one sync).
+    pub fn propose_all(&mut self, records: &[Record]) -> Result<Output, GroupError> {
         if !self.is_leader() {
             return Err(GroupError::Foreign(
                 "this member does not lead the group".into(),
             ));
         }
-        self.node.propose(Vec::new(), encode_record(record))?;
+        for r in records {
+            self.node.propose(Vec::new(), encode_record(r))?;
+        }
+        self.drain()
+    }
+
+    /// Proposes the plan from the host, whoever leads: a follower forwards it to the leader
+    /// it knows (Raft drops it when none is known: propose it again later). The machine
+    /// keeps the first plan only, so proposing it twice is harmless.
+    pub fn propose_plan(&mut self, plan: &Plan) -> Result<Output, GroupError> {
+        self.node
+            .propose(Vec::new(), encode_record(&Record::Plan(plan.clone())))?;
         self.drain()
     }
 
