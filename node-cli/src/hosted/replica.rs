@@ -32,7 +32,9 @@ use std::collections::HashMap;
 
 use p2p_core::hosted::{RunState, SubmitOptions};
 use p2p_core::replica::{Member, RaftEntry, RaftMessage};
-use raft::eraftpb::{ConfState, Entry, EntryType, HardState, Message, MessageType};
+use raft::eraftpb::{ConfState, EntryType, Message, MessageType};
+/// Raft's log entry and hard state (term, vote, commit), as a [`Log`] keeps them.
+pub use raft::eraftpb::{Entry, HardState};
 use raft::storage::MemStorage;
 use raft::{Config, RawNode, StateRole};
 use serde::{Deserialize, Serialize};
