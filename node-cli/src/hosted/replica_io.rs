@@ -265,6 +265,15 @@ impl Replicas {
         if self.inner.config.candidates.is_empty() {
             return None;
         }
+        // A plan with files needs its inputs where it runs: hosted alone (the replicas
+        // would not have them).
+        let files = p2p_tasks::parse::parse(&s.name, &s.text)
+            .map(|tasks| tasks.iter().any(Task::has_files))
+            .unwrap_or(true);
+        if files {
+            info!(run = %id, "a plan with files is hosted unreplicated");
+            return None;
+        }
         // Candidates still connecting (a node just started) get a moment.
         let mut members = self.pick();
         let deadline = Instant::now() + PICK_WAIT;
