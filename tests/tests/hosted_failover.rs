@@ -96,6 +96,13 @@ fn a_replica_finishes_the_run_of_a_host_killed_for_good() {
     let out = run_in(dir.path(), &["attach", &run, "--peer", &pb, "--json"]);
     out.assert_code(0);
     let events = json_lines(&out.stdout);
+    // The run's events start as a run's do, once, across the takeover.
+    assert_eq!(events[0]["event"], "run_started", "{}", out.describe());
+    let starts = events
+        .iter()
+        .filter(|e| e["event"] == "run_started")
+        .count();
+    assert_eq!(starts, 1, "{}", out.describe());
     let summary = events.last().expect("a summary");
     assert_eq!(summary["event"], "summary", "{}", out.describe());
     assert_eq!(summary["total"], 40);

@@ -165,6 +165,8 @@ pub struct Machine {
     pub succeeded: Vec<String>,
     /// Whether a client cancelled the run.
     pub cancelled: bool,
+    /// Events applied (reported).
+    pub events: u64,
     /// How it ended, if it did.
     pub ended: Option<(RunState, u8)>,
 }
@@ -207,6 +209,7 @@ impl Machine {
                         }
                     }
                 }
+                self.events += 1;
                 Some(Applied::Event { json, mark })
             }
             Record::Cancel => {

@@ -610,6 +610,7 @@ impl Replicas {
         let run = group.run().to_string();
         let done = group.machine().succeeded.clone();
         let cancelled = group.machine().cancelled;
+        let first = group.machine().events == 0;
         let dir = self.inner.config.dir.join(&run);
         let host = self.inner.host.clone();
         lock(&host.inner.tokens).insert(run.clone(), token.clone());
@@ -641,6 +642,24 @@ impl Replicas {
                 }
             };
             let opts = run_options(&plan.options, host.inner.config.max_frame);
+            if first {
+                // The run's first event, as a host alone reports it (once: a later
+                // coordinator finds events in the log).
+                let started = RunEvent::RunStarted {
+                    schema: p2p_tasks::EVENT_SCHEMA,
+                    run: run.clone(),
+                    tasks: tasks.len(),
+                    order: opts.policy.order.to_string(),
+                };
+                if let Some(json) = capped_json(&started) {
+                    let record = Record::Event {
+                        term,
+                        json,
+                        mark: None,
+                    };
+                    let _ = tx.send(Input::Propose(record));
+                }
+            }
             let propose = {
                 let tx = Mutex::new(tx.clone());
                 move |ev: &RunEvent| {
