@@ -176,3 +176,85 @@ fn without_two_replicas_a_run_is_hosted_alone() {
         .join("journal")
         .exists());
 }
+
+/// A raw-protocol peer that names the node a member of a run's group: the node makes the
+/// group only when the message's sender is the member the peer's handshake says it is.
+#[test]
+fn a_node_joins_a_group_only_from_the_member_the_message_names() {
+    use p2p_core::replica::{Member, RaftMessage, Replica};
+    use p2p_core::Message;
+    use tests::{hello, WireClient};
+    let dir = TestDir::new();
+    let data = dir.join("data");
+    let n = node(&data, "a=true", &[]);
+    let node_id = n.node_id.clone().expect("the node printed its id");
+    let mut bytes = [0u8; 16];
+    for (i, b) in bytes.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&node_id[2 * i..2 * i + 2], 16).expect("a hex node id");
+    }
+    let me = p2p_core::NodeId(bytes);
+    let ask = |run: &str, forged: bool| {
+        let h = hello("default");
+        let sender = if forged {
+            p2p_core::NodeId([9; 16])
+        } else {
+            h.node_id
+        };
+        let mut c = WireClient::connect(n.addr);
+        c.send(&Message::Hello(h)).unwrap();
+        c.expect_msg(Duration::from_secs(10), "Welcome", |m| {
+            matches!(m, Message::Welcome(_))
+        });
+        let members = vec![
+            Member {
+                node: sender,
+                addr: "127.0.0.1:9".into(),
+            },
+            Member {
+                node: me,
+                addr: n.peer(),
+            },
+        ];
+        // A heartbeat of term 1 from member 1 to member 2 (the node).
+        let m = RaftMessage {
+            run: run.into(),
+            members,
+            msg_type: 8,
+            to: 2,
+            from: 1,
+            term: 1,
+            log_term: 0,
+            index: 0,
+            commit: 0,
+            commit_term: 0,
+            reject: false,
+            reject_hint: 0,
+            request_snapshot: 0,
+            context: Vec::new(),
+            entries: Vec::new(),
+        };
+        c.send(&Message::Replica(Box::new(Replica::Raft(Box::new(m)))))
+            .unwrap();
+        // A ping answered after it: the message was taken.
+        c.send(&Message::Ping { nonce: 3 }).unwrap();
+        c.expect_msg(Duration::from_secs(10), "Pong", |m| {
+            matches!(m, Message::Pong { nonce: 3 })
+        });
+    };
+    let groups = data.join("replicas").join(&node_id);
+    let forged = "aa".repeat(16);
+    ask(&forged, true);
+    let honest = "bb".repeat(16);
+    ask(&honest, false);
+    assert!(
+        poll_until(LONG, || groups.join(&honest).join("members.json").exists()),
+        "the honest member's group was not made"
+    );
+    assert!(
+        !groups.join(&forged).exists(),
+        "a group was made from a message whose sender is not the member it names"
+    );
+    // A run id that is not one (a path) is refused too.
+    ask("../../x", false);
+    assert!(!data.join("x").exists() && !groups.join("../../x").exists());
+}
