@@ -14,12 +14,16 @@ use tests::{json_lines, poll_until, run_in, Serve, TestDir};
 const LONG: Duration = Duration::from_secs(120);
 
 fn node(data: &Path, handler: &str, extra: &[&str]) -> Serve {
+    node_on("127.0.0.1:0", data, handler, extra)
+}
+
+fn node_on(listen: &str, data: &Path, handler: &str, extra: &[&str]) -> Serve {
     let data = data.to_str().expect("a UTF-8 path");
     let mut args = vec![
         "--types",
         "a",
         "--listen",
-        "127.0.0.1:0",
+        listen,
         "--discovery",
         "none",
         "--data-dir",
@@ -257,4 +261,61 @@ fn a_node_joins_a_group_only_from_the_member_the_message_names() {
     // A run id that is not one (a path) is refused too.
     ask("../../x", false);
     assert!(!data.join("x").exists() && !groups.join("../../x").exists());
+}
+
+/// A replica stopped with SIGTERM mid-run: a client attached to it gets the run's end as
+/// `interrupted` (143), the run goes on with the two others, and the replica restarted on
+/// its data directory (and address) rejoins the group and reports the run's end.
+#[test]
+fn a_replica_stopped_and_restarted_rejoins_its_group() {
+    let dir = TestDir::new();
+    let count = dir.join("count");
+    let handler = format!("a=echo {{id}} >> {}; sleep 0.2", count.display());
+    let mut b = node(&dir.join("b"), &handler, &[]);
+    let c = node(&dir.join("c"), &handler, &[]);
+    let (pb, pc) = (b.peer(), c.peer());
+    let a = node(
+        &dir.join("a"),
+        &handler,
+        &["--replica", &pb, "--replica", &pc],
+    );
+    let text: String = (1..=60).map(|i| format!("a{i}\n")).collect();
+    let file = dir.write("plan.txt", &text).display().to_string();
+    let pa = a.peer();
+    let out = run_in(
+        dir.path(),
+        &["submit", &file, "--peer", &pa, "--order", "none"],
+    );
+    out.assert_code(0);
+    let run = out.stdout.trim().to_string();
+    assert!(poll_until(LONG, || runs_json(&dir, &b)
+        .iter()
+        .any(|v| v["run"] == run.as_str())));
+    let attach = tests::spawn_in(dir.path(), &["attach", &run, "--peer", &pb]);
+    assert!(
+        attach
+            .stdout
+            .wait_for(LONG, |l| l.starts_with("Run "))
+            .is_some(),
+        "attach printed nothing"
+    );
+    b.terminate();
+    assert!(b.wait_exit(LONG).is_some_and(|s| s.success()));
+    let attached = attach.finish_within(LONG);
+    attached.assert_code(143);
+    assert!(
+        lines(&count).len() < 60,
+        "the run ended before the replica stopped"
+    );
+    drop(b);
+    let b = node_on(&pb, &dir.join("b"), &handler, &[]);
+    let out = run_in(dir.path(), &["attach", &run, "--peer", &pb, "--json"]);
+    out.assert_code(0);
+    let summary = json_lines(&out.stdout).pop().expect("a summary");
+    assert_eq!(summary["succeeded"], 60, "{}", out.describe());
+    for r in [&a, &b, &c] {
+        assert!(poll_until(LONG, || runs_json(&dir, r)
+            .iter()
+            .any(|v| v["run"] == run.as_str() && v["state"] == "succeeded")));
+    }
 }

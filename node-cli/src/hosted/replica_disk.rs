@@ -2,6 +2,9 @@
 //! `DATA/replicas/NODE_ID` as `DIR`) holds `members.json` (the group, written once),
 //! `vote` (term, vote and commit index, replaced whole) and `log` (the Raft log).
 //!
+//! `vote` is replaced (and synced) when the term or vote changes, and replaced without a
+//! sync when only the commit index advances (an older one is safe).
+//!
 //! `log` is a sequence of records, each a 4-byte little-endian length and the bincode of
 //! one entry (type, term, index, data, context). An entry whose index is at most the last
 //! one's replaces the entries from its index on (Raft overwrote a conflicting suffix). A
@@ -55,6 +58,13 @@ fn write_replace(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
     f.sync_all()?;
     std::fs::rename(&tmp, dir.join(name))?;
     sync_dir(dir)
+}
+
+/// [`write_replace`] without waiting for the disk (what it keeps may be lost, never torn).
+fn write_replace_unsynced(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = dir.join(format!("{name}.tmp"));
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, dir.join(name))
 }
 
 fn bincode_cfg() -> impl bincode::config::Config {
@@ -188,6 +198,16 @@ impl Log for DiskLog {
         };
         let json = serde_json::to_vec(&v).map_err(std::io::Error::other)?;
         write_replace(&self.dir, "vote", &json)
+    }
+
+    fn save_commit(&mut self, hs: &HardState) -> std::io::Result<()> {
+        let v = Vote {
+            term: hs.term,
+            vote: hs.vote,
+            commit: hs.commit,
+        };
+        let json = serde_json::to_vec(&v).map_err(std::io::Error::other)?;
+        write_replace_unsynced(&self.dir, "vote", &json)
     }
 }
 

@@ -196,11 +196,28 @@ impl Replicas {
         Ok(n)
     }
 
-    /// Stops every group (their members go on without this one).
+    /// Stops every group (their members go on without this one); the clients attached
+    /// here to an unfinished run get its end as `interrupted` (exit 143), as a run hosted
+    /// alone gives them: the run goes on elsewhere, attach to another member.
     pub fn stop(&self) {
         self.inner.stop.cancel();
-        for g in lock(&self.inner.groups).values() {
-            let _ = g.tx.send(Input::Stop);
+        let runs: Vec<String> = {
+            let groups = lock(&self.inner.groups);
+            for g in groups.values() {
+                let _ = g.tx.send(Input::Stop);
+            }
+            groups.keys().cloned().collect()
+        };
+        let mut reg = lock(&self.inner.host.inner.registry);
+        for run in runs {
+            if reg.state(&run).is_some_and(|s| !s.is_finished()) {
+                reg.end(
+                    &run,
+                    RunState::Interrupted,
+                    super::EXIT_INTERRUPTED,
+                    now_ms(),
+                );
+            }
         }
     }
 
@@ -353,6 +370,13 @@ impl Replicas {
                     planned: planned.clone(),
                 },
             );
+        }
+        // What it kept as committed is reported before the node answers anyone.
+        let mut group = group;
+        let first = group.poll();
+        if !self.handle(&mut group, first, &planned_tx) {
+            lock(&self.inner.groups).remove(run);
+            return Err("the run's group cannot go on".into());
         }
         let this = self.clone();
         let name = format!("raft-{}", &run[..run.len().min(8)]);
