@@ -319,3 +319,39 @@ fn a_replica_stopped_and_restarted_rejoins_its_group() {
             .any(|v| v["run"] == run.as_str() && v["state"] == "succeeded")));
     }
 }
+
+/// `cancel` asked of a replica (not the leader) is forwarded to the leader, recorded in the
+/// run's log, and ends the run everywhere: attached clients exit 130.
+#[test]
+fn cancel_asked_of_a_replica_stops_a_replicated_run() {
+    let dir = TestDir::new();
+    let started = dir.join("started");
+    let handler = format!("a=echo {{id}} >> {}; sleep 30", started.display());
+    let b = node(&dir.join("b"), &handler, &[]);
+    let c = node(&dir.join("c"), &handler, &[]);
+    let (pb, pc) = (b.peer(), c.peer());
+    let a = node(
+        &dir.join("a"),
+        &handler,
+        &["--replica", &pb, "--replica", &pc],
+    );
+    let file = dir.write("plan.txt", "a1 a2 a3\n").display().to_string();
+    let pa = a.peer();
+    let out = run_in(dir.path(), &["submit", &file, "--peer", &pa]);
+    out.assert_code(0);
+    let run = out.stdout.trim().to_string();
+    assert!(poll_until(LONG, || !lines(&started).is_empty()));
+    assert!(poll_until(LONG, || runs_json(&dir, &c)
+        .iter()
+        .any(|v| v["run"] == run.as_str())));
+    let out = run_in(dir.path(), &["cancel", &run, "--peer", &pc]);
+    out.assert_code(0);
+    for p in [&pa, &pb, &pc] {
+        let out = run_in(dir.path(), &["attach", &run, "--peer", p, "--json"]);
+        out.assert_code(130);
+    }
+    assert!(poll_until(LONG, || runs_json(&dir, &b)
+        .iter()
+        .any(|v| v["run"] == run.as_str() && v["state"] == "cancelled")));
+    assert_eq!(lines(&started).len(), 1, "a task started after the cancel");
+}
