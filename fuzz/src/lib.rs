@@ -308,6 +308,26 @@ pub fn transfer(data: &[u8]) {
     let _ = drive_receiver(&mut Unstructured::new(data));
 }
 
+// ---------------------------------------------------------------------------------------
+// replica
+
+/// The replicated-run messages' decoder (`wire::decode` of a `Message::Replica` payload,
+/// index 16): what decodes re-encodes to a prefix of the input and decodes back to itself,
+/// and its bounds check answers without panicking.
+pub fn replica(data: &[u8]) {
+    let mut payload = vec![16u8];
+    payload.extend_from_slice(data);
+    if let Ok(msg) = p2p_core::wire::decode(&payload) {
+        let mut again = BytesMut::new();
+        p2p_core::wire::encode_into(&msg, &mut again).unwrap();
+        assert!(payload.starts_with(&again), "{msg:?} re-encodes differently");
+        assert_eq!(p2p_core::wire::decode(&again).unwrap(), msg);
+        if let Message::Replica(r) = &msg {
+            let _ = r.is_bounded();
+        }
+    }
+}
+
 fn drive_receiver(u: &mut Unstructured<'_>) -> arbitrary::Result<()> {
     use p2p_core::message::MAX_CHUNK;
     use p2p_core::transfer::{hash_bytes, Received, Receiver};
@@ -551,6 +571,7 @@ mod tests {
             task_file(&input);
             secure_decrypt(&input);
             transfer(&input);
+            replica(&input);
         }
     }
 }

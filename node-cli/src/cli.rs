@@ -339,6 +339,11 @@ pub struct ServeArgs {
     /// How long a finished hosted run is kept (listed, attachable) before its files go.
     #[arg(long, value_name = "DUR", default_value = "24h", value_parser = parse_duration)]
     pub keep_runs: Duration,
+    /// A serving node this node may replicate the runs it hosts to (repeatable): with two
+    /// of them connected, a submitted run is kept by a group of three and survives the
+    /// loss of its host (README, "Hosted runs").
+    #[arg(long = "replica", value_name = "ADDR")]
+    pub replicas: Vec<SocketAddr>,
     /// Most bytes of a task's standard output, and of its standard error, kept whole for a
     /// coordinator that collects results (run --results, or a task with files): streamed
     /// to DATA_DIR as they come, cut beyond with a marker line. The capped output in the
@@ -1252,10 +1257,38 @@ async fn serve(
                 keep: a.keep_runs,
                 ..Default::default()
             };
+            let replicas_dir = dir.join("replicas").join(node.id().to_string());
             let mut config = hosted::host_config(&a.common, &key, dir, node.id(), addr, limits);
             config.files = Some(node_files);
             let host = crate::hosted::Host::new(config).map_err(node_error)?;
             node.host_runs(host.service());
+            // Every hosting node takes part in other hosts' groups; with --replica it also
+            // replicates its own runs.
+            let (hello, settings) = node.dial_settings();
+            let reach: SocketAddr = if addr.ip().is_unspecified() {
+                let lo: std::net::IpAddr = if addr.is_ipv4() {
+                    std::net::Ipv4Addr::LOCALHOST.into()
+                } else {
+                    std::net::Ipv6Addr::LOCALHOST.into()
+                };
+                (lo, addr.port()).into()
+            } else {
+                addr
+            };
+            let replicas = crate::hosted::replica_io::ReplicaConfig {
+                dir: replicas_dir,
+                me: p2p_core::replica::Member {
+                    node: node.id(),
+                    addr: SocketAddr::to_string(&reach),
+                },
+                candidates: a.replicas.clone(),
+                hello,
+                settings,
+                max_groups: 4 * a.max_runs as usize,
+            };
+            let replicas = crate::hosted::replica_io::Replicas::new(replicas, host.clone());
+            node.replicate_runs(replicas.service());
+            host.replicate(replicas);
             Some(host)
         }
         _ => None,

@@ -24,6 +24,9 @@
 
 pub mod files;
 pub mod registry;
+pub mod replica;
+pub mod replica_disk;
+pub mod replica_io;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -119,6 +122,8 @@ struct Inner {
     tokens: Mutex<std::collections::HashMap<String, CancellationToken>>,
     stop: CancellationToken,
     tracker: TaskTracker,
+    /// Replication to other nodes (#19 stage 2), when set up.
+    replicas: std::sync::OnceLock<replica_io::Replicas>,
 }
 
 /// The runs a node hosts (see the module documentation). Cheap to clone.
@@ -211,8 +216,15 @@ impl Host {
                 tokens: Mutex::default(),
                 stop: CancellationToken::new(),
                 tracker: TaskTracker::new(),
+                replicas: std::sync::OnceLock::new(),
             }),
         })
+    }
+
+    /// Replicates the runs this node hosts from now on, and takes part in other hosts'
+    /// groups, with `replicas` (see [`replica_io`]); set once, before [`Host::resume`].
+    pub fn replicate(&self, replicas: replica_io::Replicas) {
+        let _ = self.inner.replicas.set(replicas);
     }
 
     /// Loads the runs of the data directory: finished ones are listed, unfinished ones
@@ -232,6 +244,12 @@ impl Host {
                 Ok(true) => resumed += 1,
                 Ok(false) => {}
                 Err(e) => warn!(run = %id, error = %e, "cannot load this hosted run; skipped"),
+            }
+        }
+        if let Some(r) = self.inner.replicas.get() {
+            let groups = r.resume()?;
+            if groups > 0 {
+                info!(groups, "resuming the groups of replicated runs");
             }
         }
         let host = self.clone();
@@ -296,6 +314,10 @@ impl Host {
     fn prune(&self) {
         let gone = lock(&self.inner.registry).prune(now_ms());
         for id in gone {
+            if let Some(r) = self.inner.replicas.get().filter(|r| r.has(&id)) {
+                r.forget(&id);
+                continue;
+            }
             if let Err(e) = std::fs::remove_dir_all(self.inner.config.dir.join(&id)) {
                 warn!(run = %id, error = %e, "cannot remove a finished hosted run's files");
             }
@@ -312,6 +334,9 @@ impl Host {
     /// for them to write down where they are.
     pub async fn stop(&self, limit: Duration) {
         self.inner.stop.cancel();
+        if let Some(r) = self.inner.replicas.get() {
+            r.stop();
+        }
         for t in lock(&self.inner.tokens).values() {
             t.cancel();
         }
@@ -366,6 +391,18 @@ impl Host {
                 }
                 Err(reason) => one(refused(reason)),
             },
+            Hosted::Cancel { run } if self.inner.replicas.get().is_some_and(|r| r.has(&run)) => {
+                // Recorded in the run's log by its leader (this member forwards it there).
+                let known = lock(&self.inner.registry)
+                    .state(&run)
+                    .is_some_and(|s| !s.is_finished());
+                if known && self.inner.replicas.get().is_some_and(|r| r.cancel(&run)) {
+                    info!(run = %run, "replicated run cancelled by a client");
+                    one(Hosted::Cancelled { run });
+                } else {
+                    one(refused(format!("no unfinished run {run} on this node")));
+                }
+            }
             Hosted::Cancel { run } => {
                 let known = lock(&self.inner.registry).request_cancel(&run);
                 if known {
@@ -399,6 +436,27 @@ impl Host {
         inputs: Option<Vec<SubmittedInput>>,
     ) -> Result<String, String> {
         lock(&self.inner.registry).admit(s.text.len())?;
+        if let Some(r) = self.inner.replicas.get() {
+            let checked = p2p_tasks::parse::parse(&s.name, &s.text)
+                .map_err(|e| e.to_string())
+                .and_then(|tasks| {
+                    let opts = run_options(&s.options, self.inner.config.max_frame);
+                    p2p_tasks::runcore::validate(&tasks, &opts).map_err(|e| e.to_string())
+                });
+            if let Err(e) = checked {
+                lock(&self.inner.registry).release();
+                return Err(e);
+            }
+            let id = p2p_core::NodeId::random().to_string();
+            let replicated = r.submit(&id, &s).await;
+            lock(&self.inner.registry).release();
+            match replicated {
+                Some(Ok(())) => return Ok(id),
+                Some(Err(e)) => return Err(e),
+                // Too few replicas: hosted here alone, as stage 1 does.
+                None => lock(&self.inner.registry).admit(s.text.len())?,
+            }
+        }
         let written = self.write(s, inputs).await;
         let mut reg = lock(&self.inner.registry);
         reg.release();
@@ -486,7 +544,9 @@ impl Host {
         }
         let host = self.clone();
         self.inner.tracker.spawn(async move {
-            let opts = run_options(&options, host.inner.config.max_frame);
+            let mut opts = run_options(&options, host.inner.config.max_frame);
+            // Every task's results stay with the run, for `p2p-node results`.
+            opts.results = Some(host.inner.config.dir.join(&id).join(files::RESULTS));
             let order = opts.policy.order.to_string();
             lock(&host.inner.registry).running(&id);
             host.event(
@@ -498,7 +558,8 @@ impl Host {
                     order,
                 },
             );
-            let outcome = host.drive(&id, tasks, opts, journal, token).await;
+            let sink = |ev: &RunEvent| host.event(&id, ev);
+            let outcome = host.drive(tasks, opts, journal, token, &sink).await;
             lock(&host.inner.tokens).remove(&id);
             host.finish(&id, outcome);
         });
@@ -506,11 +567,11 @@ impl Host {
 
     async fn drive(
         &self,
-        id: &str,
         tasks: Vec<Task>,
         opts: RunOptions,
         journal: Journal,
         token: CancellationToken,
+        sink: &(dyn Fn(&RunEvent) + Send + Sync),
     ) -> Result<RunReport, String> {
         let mut node = (self.inner.config.coordinator)()
             .await
@@ -521,15 +582,12 @@ impl Host {
             shutdown.cancel();
         });
         let peers = self.inner.config.peers.clone();
-        let mut opts = opts;
-        // Every task's results stay with the run, for `p2p-node results`.
-        opts.results = Some(self.inner.config.dir.join(id).join(files::RESULTS));
         let report = node
             .run(tasks)
             .options(opts)
             .peers(peers)
             .journal(journal)
-            .on_event(|ev| self.event(id, ev))
+            .on_event(sink)
             .await;
         watch.abort();
         report.map_err(|e| e.to_string())
@@ -545,18 +603,12 @@ impl Host {
 
     fn finish(&self, id: &str, outcome: Result<RunReport, String>) {
         let cancelled = lock(&self.inner.registry).cancel_requested(id);
-        let (state, exit) = match &outcome {
-            _ if cancelled => (RunState::Cancelled, EXIT_CANCELLED),
-            Ok(r) if r.interrupted => (RunState::Interrupted, EXIT_INTERRUPTED),
-            Ok(r) if r.is_success() => (RunState::Succeeded, 0),
-            Ok(_) => (RunState::Failed, 1),
-            Err(e) => {
-                let notice = RunEvent::Notice(e.clone());
-                warn!(run = %id, error = %e, "hosted run failed to run");
-                lock(&self.inner.registry).event(id, &notice, None);
-                (RunState::Failed, 1)
-            }
-        };
+        if let Err(e) = &outcome {
+            let notice = RunEvent::Notice(e.clone());
+            warn!(run = %id, error = %e, "hosted run failed to run");
+            lock(&self.inner.registry).event(id, &notice, None);
+        }
+        let (state, exit) = end_of(cancelled, &outcome);
         let ended_ms = now_ms();
         if state.is_finished() {
             let (total, succeeded, failed) = match &outcome {
@@ -594,6 +646,16 @@ fn is_run_id(run: &str) -> bool {
     !run.is_empty()
         && run.len() <= p2p_core::hosted::MAX_RUN_ID
         && run.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// How a run ended, and its exit status, from its coordinator's outcome.
+fn end_of(cancelled: bool, outcome: &Result<RunReport, String>) -> (RunState, u8) {
+    match outcome {
+        _ if cancelled => (RunState::Cancelled, EXIT_CANCELLED),
+        Ok(r) if r.interrupted => (RunState::Interrupted, EXIT_INTERRUPTED),
+        Ok(r) if r.is_success() => (RunState::Succeeded, 0),
+        Ok(_) | Err(_) => (RunState::Failed, 1),
+    }
 }
 
 /// `ev` as JSON of at most [`EVENT_CAP`] bytes: a task's output (and error) cut to fit,

@@ -634,6 +634,19 @@ impl Node {
         self.settings.hosted = Some(service);
     }
 
+    /// Takes the peers' replicated-run messages with `service` (see
+    /// [`crate::hosted::replica_io::Replicas::service`]). Like [`Node::host_runs`], call it
+    /// before [`Node::start`]. Without it, such messages are dropped.
+    pub fn replicate_runs(&mut self, service: net::ReplicaService) {
+        self.settings.replica = Some(service);
+    }
+
+    /// The handshake and settings this node dials its own side connections with (those of
+    /// a replicated run's group): its cluster, id, key and identity, serving nothing.
+    pub fn dial_settings(&self) -> (Hello, net::Settings) {
+        (self.hello(false), self.settings.clone())
+    }
+
     /// Starts accepting connections in the background and starts the discovery backends,
     /// announcing this node (its address, types and capacity). Does nothing if the node does
     /// not listen or already started. Fails when a backend cannot start (e.g. no such

@@ -163,6 +163,8 @@ pub enum Event {
     HostedRequest(Box<Hosted>),
     /// An answer to our hosted-run request.
     HostedAnswer(Box<Hosted>),
+    /// A replicated-run message of the peer (see [`crate::replica`]); no answer is owed.
+    Replica(Box<crate::replica::Replica>),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -511,6 +513,13 @@ impl Connection {
                 self.events.push_back(Event::Transfer(t));
                 Ok(())
             }
+            Message::Replica(r) => {
+                if !r.is_bounded() {
+                    return self.fail(Violation::ReplicaOverBounds.into());
+                }
+                self.events.push_back(Event::Replica(r));
+                Ok(())
+            }
             Message::Hosted(h) => {
                 if !h.is_bounded() {
                     return self.fail(Violation::HostedOverBounds.into());
@@ -665,6 +674,19 @@ impl Connection {
             self.hosted_owed = false;
         }
         self.transmit.push(Message::Hosted(Box::new(h)));
+        Ok(())
+    }
+
+    /// Sends a replicated-run message (no answer is owed). Fails, without harm to the
+    /// connection, when the connection is not open.
+    pub fn send_replica(&mut self, r: crate::replica::Replica) -> Result<(), Error> {
+        if self.state != State::Open {
+            return Err(Error::InvalidState {
+                action: "send a replicated-run message",
+                why: "the connection is not open",
+            });
+        }
+        self.transmit.push(Message::Replica(Box::new(r)));
         Ok(())
     }
 

@@ -379,6 +379,8 @@ pub enum Violation {
     UnaskedHosted,
     /// A hosted-run message over the protocol's bounds.
     HostedOverBounds,
+    /// A replicated-run message over the protocol's bounds.
+    ReplicaOverBounds,
 }
 
 impl fmt::Display for Violation {
@@ -412,6 +414,9 @@ impl fmt::Display for Violation {
             Violation::UnaskedHosted => f.write_str("a hosted-run answer nobody asked for"),
             Violation::HostedOverBounds => {
                 f.write_str("a hosted-run message over the protocol's bounds")
+            }
+            Violation::ReplicaOverBounds => {
+                f.write_str("a replicated-run message over the protocol's bounds")
             }
         }
     }

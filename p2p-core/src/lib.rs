@@ -48,6 +48,7 @@ pub mod identity;
 pub mod key;
 pub mod message;
 pub mod net;
+pub mod replica;
 pub mod secure;
 pub mod shown;
 #[cfg(any(test, feature = "testing"))]

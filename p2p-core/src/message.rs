@@ -16,7 +16,8 @@ use crate::NodeId;
 /// the task's run time. Version 3 added [`Message::Load`]: a node reports its capacity (which
 /// may change during a run) and its machine's resources, and [`StatusReport::waiting`]; and
 /// [`Message::Transfer`]: files shipped with tasks and collected from them.
-/// And [`Message::Hosted`]: runs hosted by a serving node (`p2p-node submit`).
+/// And [`Message::Hosted`]: runs hosted by a serving node (`p2p-node submit`), and
+/// [`Message::Replica`]: their replication to other nodes.
 pub const PROTOCOL_VERSION: u16 = 3;
 
 /// One protocol message: the payload of one frame.
@@ -75,6 +76,9 @@ pub enum Message {
     /// A message of hosted runs (version 3): a client's request or the host's answer (see
     /// [`crate::hosted`]).
     Hosted(Box<crate::hosted::Hosted>),
+    /// A message of replicated hosted runs (version 3, index 16): one run group's Raft
+    /// traffic between its members (see [`crate::replica`]).
+    Replica(Box<crate::replica::Replica>),
 }
 
 impl Message {
@@ -97,6 +101,7 @@ impl Message {
             Message::Load(_) => "Load",
             Message::Transfer(t) => t.kind(),
             Message::Hosted(h) => h.kind(),
+            Message::Replica(r) => r.kind(),
         }
     }
 }

@@ -80,6 +80,9 @@ pub struct Settings {
     /// What answers a peer's hosted-run requests (`p2p-node submit`, `runs`, `attach`...).
     /// Default none: each is answered `Refused`.
     pub hosted: Option<HostedService>,
+    /// What takes a peer's replicated-run messages (the Raft traffic of hosted runs'
+    /// groups). Default none: they are dropped.
+    pub replica: Option<ReplicaService>,
 }
 
 /// Answers a peer's hosted-run request (see [`Settings::hosted`]): called with the request
@@ -97,6 +100,21 @@ pub type AnswerHosted = dyn Fn(Hosted, &crate::Hello) -> mpsc::Receiver<Hosted> 
 impl std::fmt::Debug for HostedService {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("HostedService")
+    }
+}
+
+/// Takes a peer's replicated-run message (see [`Settings::replica`]), with the peer's
+/// handshake. Called on the connection's task: it must not block (a service queues the
+/// message, or drops it when its bounded queue is full: Raft sends again).
+#[derive(Clone)]
+pub struct ReplicaService(pub std::sync::Arc<TakeReplica>);
+
+/// The function behind a [`ReplicaService`].
+pub type TakeReplica = dyn Fn(crate::replica::Replica, &crate::Hello) + Send + Sync;
+
+impl std::fmt::Debug for ReplicaService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ReplicaService")
     }
 }
 
@@ -122,6 +140,7 @@ impl Default for Settings {
             frame_budget: FrameBudget::default(),
             status: None,
             hosted: None,
+            replica: None,
         }
     }
 }

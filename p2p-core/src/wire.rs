@@ -129,7 +129,8 @@ pub fn encode_into(msg: &Message, dst: &mut BytesMut) -> Result<(), Error> {
         | Message::StatusRequest
         | Message::Status(_)
         | Message::Load(_)
-        | Message::Hosted(_) => {
+        | Message::Hosted(_)
+        | Message::Replica(_) => {
             let writer = BufWriter(dst);
             bincode::serde::encode_into_writer(msg, writer, cfg::<MAX_FRAME_CEILING>())
                 .map_err(|e| Error::Connection(ConnectionError::Encode(e.to_string())))?;
@@ -1132,6 +1133,57 @@ mod tests {
             assert_eq!(&ours[..], &bytes[..], "{msg:?}");
             assert_eq!(decode(&bytes).unwrap(), msg);
         }
+    }
+
+    #[test]
+    fn replica_messages_are_encoded_as_docs_protocol_says() {
+        use crate::replica::{Member, RaftEntry, RaftMessage, Replica};
+        const REPLICA: u8 = 16;
+        let cancel = Message::Replica(Box::new(Replica::Cancel { run: "ab".into() }));
+        let raft = Message::Replica(Box::new(Replica::Raft(Box::new(RaftMessage {
+            run: "r".into(),
+            members: vec![Member {
+                node: crate::NodeId([7; 16]),
+                addr: "h:1".into(),
+            }],
+            msg_type: 3,
+            to: 1,
+            from: 1,
+            term: 2,
+            log_term: 1,
+            index: 5,
+            commit: 4,
+            commit_term: 1,
+            reject: false,
+            reject_hint: 0,
+            request_snapshot: 0,
+            context: vec![],
+            entries: vec![RaftEntry {
+                entry_type: 0,
+                term: 2,
+                index: 6,
+                data: vec![9, 8],
+                context: vec![],
+            }],
+        }))));
+        let mut raft_bytes = vec![REPLICA, 0, 1, b'r', 1];
+        raft_bytes.extend_from_slice(&[7; 16]);
+        raft_bytes.extend_from_slice(&[3, b'h', b':', b'1']);
+        raft_bytes.extend_from_slice(&[3, 1, 1, 2, 1, 5, 4, 1, 0, 0, 0, 0]);
+        raft_bytes.extend_from_slice(&[1, 0, 2, 6, 2, 9, 8, 0]);
+        for (msg, bytes) in [
+            (cancel, vec![REPLICA, 1, 2, b'a', b'b']),
+            (raft, raft_bytes),
+        ] {
+            let mut ours = BytesMut::new();
+            encode_into(&msg, &mut ours).unwrap();
+            assert_eq!(&ours[..], &bytes[..], "{msg:?}");
+            assert_eq!(decode(&bytes).unwrap(), msg);
+        }
+        // Claimed lengths past the frame allocate nothing; an unknown variant is refused.
+        assert!(decode(&[REPLICA, 1, 253, 0, 0, 0, 0, 1, 0, 0, 0]).is_err());
+        assert!(decode(&[REPLICA, 0, 1, b'r', 253, 0, 0, 0, 0, 1, 0, 0, 0]).is_err());
+        assert!(decode(&[REPLICA, 2]).is_err());
     }
 
     #[test]

@@ -141,8 +141,9 @@ fn a_hello_of_this_version_with_appended_fields_is_welcomed() {
 #[test]
 fn an_unknown_message_kind_after_the_handshake_closes_that_connection_only() {
     let mut s = Serve::types("a", &["--handshake-timeout", "2s", "--capacity", "2"]);
-    // Index 16 is the first after Load, Transfer and Hosted (version 3); 300 takes a multi-byte varint.
-    for index in [16u32, 300] {
+    // Index 17 is the first after Load, Transfer, Hosted and Replica (version 3); 300 takes a
+    // multi-byte varint.
+    for index in [17u32, 300] {
         let mut other = established(&s);
         let mut future = established(&s);
         future.send_raw(&unknown_kind_frame(index)).unwrap();

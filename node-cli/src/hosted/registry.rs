@@ -297,10 +297,49 @@ impl Registry {
     /// One event of a run, with its JSON line (`None` for the events only people see):
     /// counts and task states follow it, and it goes to every attached client.
     pub fn event(&mut self, run: &str, ev: &RunEvent, json: Option<String>) {
+        let mark = match ev {
+            RunEvent::TaskAssigned { task, node, .. } => {
+                Some((task.as_str(), TaskState::Running, Some(node.as_str())))
+            }
+            RunEvent::TaskCompleted { task, .. } => {
+                Some((task.as_str(), TaskState::Succeeded, None))
+            }
+            RunEvent::TaskFailed { task, .. } => Some((task.as_str(), TaskState::Failed, None)),
+            RunEvent::TaskCancelled { task, .. } => {
+                Some((task.as_str(), TaskState::Cancelled, None))
+            }
+            RunEvent::TaskRetry { task, .. } => Some((task.as_str(), TaskState::Pending, None)),
+            _ => None,
+        };
+        self.marked(run, mark, json);
+    }
+
+    /// One event of a replicated run, as its group committed it: the task state it sets
+    /// (a `replica::MARK_*` value, and the node, empty if unchanged) and its JSON line.
+    pub fn replicated_event(&mut self, run: &str, mark: Option<(&str, u8, &str)>, json: String) {
+        let mark = mark.map(|(task, state, node)| {
+            let s = match state {
+                1 => TaskState::Running,
+                2 => TaskState::Succeeded,
+                3 => TaskState::Failed,
+                4 => TaskState::Cancelled,
+                _ => TaskState::Pending,
+            };
+            (task, s, (!node.is_empty()).then_some(node))
+        });
+        self.marked(run, mark, Some(json));
+    }
+
+    fn marked(
+        &mut self,
+        run: &str,
+        mark: Option<(&str, TaskState, Option<&str>)>,
+        json: Option<String>,
+    ) {
         let Some(e) = self.runs.get_mut(run) else {
             return;
         };
-        let mut set = |task: &str, s: TaskState, node: Option<&str>| {
+        if let Some((task, s, node)) = mark {
             if let Some(&i) = e.index.get(task) {
                 tally(&mut e.info, e.tasks[i].1, -1);
                 tally(&mut e.info, s, 1);
@@ -309,16 +348,6 @@ impl Registry {
                     e.tasks[i].2 = n.to_string();
                 }
             }
-        };
-        match ev {
-            RunEvent::TaskAssigned { task, node, .. } => {
-                set(task, TaskState::Running, Some(node));
-            }
-            RunEvent::TaskCompleted { task, .. } => set(task, TaskState::Succeeded, None),
-            RunEvent::TaskFailed { task, .. } => set(task, TaskState::Failed, None),
-            RunEvent::TaskCancelled { task, .. } => set(task, TaskState::Cancelled, None),
-            RunEvent::TaskRetry { task, .. } => set(task, TaskState::Pending, None),
-            _ => {}
         }
         let Some(json) = json else {
             return;

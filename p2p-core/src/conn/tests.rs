@@ -766,6 +766,41 @@ fn hosted_messages_out_of_turn_or_over_bounds_are_violations() {
 }
 
 #[test]
+fn replica_messages_flow_both_ways_and_over_bounds_are_violations() {
+    use crate::replica::Replica;
+    let msg = |run: &str| Message::Replica(Box::new(Replica::Cancel { run: run.into() }));
+    // Either side sends them, owing no answer.
+    let mut p = Pair::new(1);
+    p.drive().unwrap();
+    p.c.send_replica(Replica::Cancel { run: "r".into() })
+        .unwrap();
+    p.w.send_replica(Replica::Cancel { run: "s".into() })
+        .unwrap();
+    p.drive().unwrap();
+    assert!(p.c.is_open() && p.w.is_open());
+    let cancel = |run: &str| Event::Replica(Box::new(Replica::Cancel { run: run.into() }));
+    assert!(Pair::events(&mut p.w).contains(&cancel("r")));
+    assert!(Pair::events(&mut p.c).contains(&cancel("s")));
+    // A run id over its bound closes the connection.
+    let mut p = Pair::new(1);
+    p.drive().unwrap();
+    let long = "x".repeat(crate::hosted::MAX_RUN_ID + 1);
+    let err = p.w.handle_message(msg(&long), p.now).unwrap_err();
+    assert_eq!(
+        violation(&err),
+        Some(&Violation::ReplicaOverBounds),
+        "{err}"
+    );
+    // Before the handshake, like anything else.
+    let mut p = Pair::new(1);
+    assert!(p.w.handle_message(msg("r"), p.now).is_err());
+    assert!(p
+        .c
+        .send_replica(Replica::Cancel { run: "r".into() })
+        .is_err());
+}
+
+#[test]
 fn a_goodbye_waits_for_the_final_answer_to_a_hosted_request() {
     use crate::hosted::{Hosted, RunEnd, RunState};
     let mut p = Pair::new(1);

@@ -11,7 +11,9 @@ use tokio::time::Instant;
 use tokio_util::codec::Framed;
 use tracing::{debug, warn};
 
-use super::{Command, EventSender, HostedService, LinkEvent, LinkId, StatusSource, BATCH};
+use super::{
+    Command, EventSender, HostedService, LinkEvent, LinkId, ReplicaService, StatusSource, BATCH,
+};
 use crate::conn::{Connection, Event};
 use crate::gate::{self, LogLimit};
 use crate::hosted::Hosted;
@@ -171,6 +173,7 @@ type StatusSide = (
     mpsc::Receiver<oneshot::Sender<Box<StatusReport>>>,
     Option<StatusSource>,
     Option<HostedService>,
+    Option<ReplicaService>,
 );
 
 /// The final answer to a hosted-run request whose service ended without one.
@@ -189,7 +192,7 @@ async fn drive_inner(
     id: LinkId,
     events: &EventSender,
     idle: Duration,
-    (mut status_rx, source, hosted): StatusSide,
+    (mut status_rx, source, hosted, replica): StatusSide,
 ) -> Result<(), Error> {
     // The answers to the peer's hosted-run request being served, if any.
     let mut answers: Option<mpsc::Receiver<Hosted>> = None;
@@ -246,6 +249,12 @@ async fn drive_inner(
                     continue;
                 }
                 Event::HostedAnswer(h) => LinkEvent::Hosted(h),
+                Event::Replica(r) => {
+                    if let (Some(service), Some(peer)) = (&replica, conn.peer()) {
+                        (service.0)(*r, peer);
+                    }
+                    continue;
+                }
             };
             if !owner_gone && deliver(events, id, ev).await.is_err() {
                 owner_gone = true;
@@ -394,6 +403,11 @@ fn command(conn: &mut Connection, cmd: Option<Command>) -> Result<Option<LinkEve
         Some(Command::Hosted(h)) => {
             if let Err(e) = conn.send_hosted(*h) {
                 debug!(error = %e, "hosted-run request not sent");
+            }
+        }
+        Some(Command::Replica(r)) => {
+            if let Err(e) = conn.send_replica(*r) {
+                debug!(error = %e, "replicated-run message not sent");
             }
         }
     }

@@ -177,7 +177,12 @@ async fn start(
     // If the driver ever dies without its final `Closed` (a panic), say so anyway, so the
     // owner re-queues that connection's work instead of waiting for it.
     let idle = settings.conn.idle_timeout;
-    let status = (status_rx, settings.status.clone(), settings.hosted.clone());
+    let status = (
+        status_rx,
+        settings.status.clone(),
+        settings.hosted.clone(),
+        settings.replica.clone(),
+    );
     let driver = tokio::spawn(drive(
         io,
         conn,

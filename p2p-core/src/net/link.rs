@@ -35,6 +35,8 @@ pub enum Command {
     Transfer(Box<Transfer>),
     /// Send a hosted-run request (its answers come as [`LinkEvent::Hosted`]).
     Hosted(Box<Hosted>),
+    /// Send a replicated-run message (no answer is owed).
+    Replica(Box<crate::replica::Replica>),
 }
 
 /// What a connection reports to its owner.

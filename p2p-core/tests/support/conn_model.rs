@@ -159,7 +159,8 @@ impl Checker {
                 | Event::Status(_)
                 | Event::Transfer(_)
                 | Event::HostedRequest(_)
-                | Event::HostedAnswer(_) => {}
+                | Event::HostedAnswer(_)
+                | Event::Replica(_) => {}
                 Event::Load(r) => {
                     let ceiling = conn.peer().map_or(0, |p| p.capacity);
                     assert!(

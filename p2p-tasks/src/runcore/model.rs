@@ -642,7 +642,11 @@ impl World {
             }
             Command::Goodbye => self.coords[c].conns[n].we_goodbye = true,
             Command::Abort => self.close(c, n, Some(p2p_core::Error::Aborted)),
-            Command::Complete(_) | Command::Started(_) | Command::Load(_) | Command::Hosted(_) => {
+            Command::Complete(_)
+            | Command::Started(_)
+            | Command::Load(_)
+            | Command::Hosted(_)
+            | Command::Replica(_) => {
                 panic!("the run is assigned nothing")
             }
             Command::Transfer(_) => panic!("the run ships no files"),

@@ -90,7 +90,8 @@ impl Sim {
                 | Command::Started(_)
                 | Command::Load(_)
                 | Command::Transfer(_)
-                | Command::Hosted(_) => {
+                | Command::Hosted(_)
+                | Command::Replica(_) => {
                     panic!("the run is assigned nothing")
                 }
             }
@@ -908,7 +909,8 @@ mod shared {
                             | Command::Started(_)
                             | Command::Load(_)
                             | Command::Transfer(_)
-                            | Command::Hosted(_) => {
+                            | Command::Hosted(_)
+                            | Command::Replica(_) => {
                                 unreachable!()
                             }
                         }
