@@ -130,13 +130,15 @@ impl Host {
         let mut child = self.spawn(cmd);
         let stdout = Collected::default();
         let stderr = Collected::default();
+        let mut readers = Vec::new();
         if let Some(out) = child.child_mut().stdout.take() {
-            stdout.collect(out);
+            readers.push(stdout.collect(out));
         }
         if let Some(err) = child.child_mut().stderr.take() {
-            stderr.collect(err);
+            readers.push(stderr.collect(err));
         }
         NsProcess {
+            readers,
             child,
             stdout,
             stderr,
@@ -241,6 +243,8 @@ pub struct NsProcess<'a> {
     pub stdout: Collected,
     /// Its standard error.
     pub stderr: Collected,
+    /// The threads collecting them.
+    readers: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl NsProcess<'_> {
@@ -263,8 +267,16 @@ impl NsProcess<'_> {
     }
 
     /// Waits for it to exit, at most `limit`.
+    /// Once it exited, what it wrote before is collected too (its readers reach the end of
+    /// the pipes; at most 5 s more, in case a process it started holds them open).
     pub fn wait_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
-        self.child.wait_timeout(limit)
+        let status = self.child.wait_timeout(limit)?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while self.readers.iter().any(|r| !r.is_finished()) && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Some(status)
     }
 
     /// Its stdout and stderr, for assertion messages.
