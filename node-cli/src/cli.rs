@@ -1316,7 +1316,7 @@ async fn run(
         if n == 0 {
             return Err(usage("--local N: N must be at least 1"));
         }
-        let mut needed: Vec<String> = tasks.iter().map(|t| t.kind.clone()).collect();
+        let mut needed: Vec<String> = tasks.iter().map(|t| t.kind().to_owned()).collect();
         needed.sort();
         needed.dedup();
         local_types = needed.into_iter().map(|t| (t, n)).collect();

@@ -252,7 +252,7 @@ impl Host {
             serde_json::from_str(&read("options.json")?).map_err(|e| e.to_string())?;
         let tasks =
             p2p_tasks::parse::parse(&meta.name, &read("plan.txt")?).map_err(|e| e.to_string())?;
-        let ids: Vec<String> = tasks.iter().map(|t| t.id.clone()).collect();
+        let ids: Vec<String> = tasks.iter().map(|t| t.id().to_owned()).collect();
         let info = RunInfo {
             run: id.to_string(),
             name: meta.name.clone(),
@@ -375,7 +375,7 @@ impl Host {
         let mut reg = lock(&self.inner.registry);
         reg.release();
         let (id, info, tasks, options, journal) = written?;
-        let ids = tasks.iter().map(|t| t.id.clone()).collect();
+        let ids = tasks.iter().map(|t| t.id().to_owned()).collect();
         reg.insert(info, ids, &|_| false, None);
         drop(reg);
         self.spawn(id.clone(), tasks, options, journal);

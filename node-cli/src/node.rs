@@ -783,8 +783,8 @@ impl Node {
         };
         let mut needed: Vec<String> = Vec::new();
         for t in &tasks {
-            if !needed.contains(&t.kind) {
-                needed.push(t.kind.clone());
+            if !needed.iter().any(|k| k == t.kind()) {
+                needed.push(t.kind().to_owned());
             }
         }
         let (peer_tx, peer_rx) = mpsc::channel(256);

@@ -298,7 +298,7 @@ struct Out<'a> {
     /// Tasks whose final result could not be recorded (to tell the core).
     unrecorded: Vec<usize>,
     /// Ids of those tasks: their result events are dropped.
-    dropped: HashSet<String>,
+    dropped: HashSet<compact_str::CompactString>,
     /// Events waiting for the next sync (with a journal only).
     held: Vec<RunEvent>,
     /// Something was reported since the last [`RunEvent::Flush`].

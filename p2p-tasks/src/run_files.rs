@@ -130,7 +130,12 @@ impl RunFiles {
         let plan: HashMap<String, (Vec<Input>, Vec<String>)> = tasks
             .iter()
             .filter(|t| t.has_files())
-            .map(|t| (t.id.clone(), (t.inputs.clone(), t.outputs.clone())))
+            .map(|t| {
+                (
+                    t.id().to_owned(),
+                    (t.inputs().to_vec(), t.outputs().to_vec()),
+                )
+            })
             .collect();
         if plan.is_empty() && results.is_none() {
             return None;

@@ -401,11 +401,11 @@ fn is_final(s: TaskStatus) -> bool {
 /// empty when no task has dependencies (the usual case, which then costs nothing per task).
 pub fn dependents_of(tasks: &[Task]) -> Vec<Vec<usize>> {
     let mut dependents = Vec::new();
-    if tasks.iter().any(|t| !t.deps.is_empty()) {
+    if tasks.iter().any(|t| !t.deps().is_empty()) {
         let index = crate::task::IdIndex::build(tasks);
         dependents = vec![Vec::new(); tasks.len()];
         for (i, t) in tasks.iter().enumerate() {
-            for d in &t.deps {
+            for d in t.deps() {
                 if let Some(j) = index.get(tasks, d) {
                     dependents[j].push(i);
                 }
@@ -528,7 +528,7 @@ impl Scheduler {
         let dependents = dependents_of(tasks);
         let mut b = Builder::new(policy, tasks.len());
         for t in tasks.iter().rev() {
-            b.push_front(&t.kind, t.cost, t.retries);
+            b.push_front(t.kind(), t.cost(), t.retries());
         }
         b.finish(dependents)
     }

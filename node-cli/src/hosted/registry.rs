@@ -563,7 +563,7 @@ mod tests {
                 0 => assigned(t, "n"),
                 1 => completed(t),
                 2 => RunEvent::TaskFailed {
-                    task: t.clone(),
+                    task: t.as_str().into(),
                     kind: "a".into(),
                     node: "n".into(),
                     attempt: 1,
@@ -574,7 +574,7 @@ mod tests {
                     error: String::new(),
                 },
                 3 => RunEvent::TaskCancelled {
-                    task: t.clone(),
+                    task: t.as_str().into(),
                     kind: "a".into(),
                     node: "n".into(),
                     attempt: 1,
@@ -582,7 +582,7 @@ mod tests {
                     duration_ms: 0.0,
                 },
                 _ => RunEvent::TaskRetry {
-                    task: t.clone(),
+                    task: t.as_str().into(),
                     kind: "a".into(),
                     node: "n".into(),
                     attempt: 1,

@@ -7,7 +7,7 @@ fn assigned(s: &Sim) -> Vec<String> {
     s.events
         .iter()
         .filter_map(|e| match e {
-            RunEvent::TaskAssigned { task, .. } => Some(task.clone()),
+            RunEvent::TaskAssigned { task, .. } => Some(task.to_string()),
             _ => None,
         })
         .collect()
