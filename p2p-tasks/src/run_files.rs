@@ -194,11 +194,11 @@ impl RunFiles {
     /// An assignment the run makes on `link`.
     pub fn assign(&mut self, link: &Link, a: Assign) -> Step {
         let lid = link.id();
-        if self.all || self.plan.contains_key(&a.task) {
+        if self.all || self.plan.contains_key(a.task.as_str()) {
             self.assigned
-                .insert((lid, a.seq), (a.task.clone(), a.attempt));
+                .insert((lid, a.seq), (a.task.to_string(), a.attempt));
         }
-        let Some((inputs, outputs)) = self.plan.get(&a.task).cloned().or_else(|| {
+        let Some((inputs, outputs)) = self.plan.get(a.task.as_str()).cloned().or_else(|| {
             // A task without files whose results are kept: an empty `Files` record asks the
             // node to keep its whole standard streams.
             self.all.then(|| (Vec::new(), Vec::new()))

@@ -873,8 +873,8 @@ impl RunCore {
             self.next_seq += 1;
             let assign = Assign {
                 seq,
-                task: r.task.to_string(),
-                kind: String::from(&*r.kind),
+                task: r.task.clone(),
+                kind: CompactString::from(&*r.kind),
                 args: self
                     .extras
                     .get(d.task)

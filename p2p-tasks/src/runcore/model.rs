@@ -602,7 +602,7 @@ impl World {
                     "coordinator {c}: {} in flight on a node of capacity {capacity}",
                     conn.outstanding.len()
                 );
-                let t = self.coords[c].index[&a.task];
+                let t = self.coords[c].index[a.task.as_str()];
                 self.check_order(c, t);
                 self.check_longest_first(c, t);
                 self.coords[c].assigned[t] = true;
