@@ -147,6 +147,17 @@ impl Tally {
     }
 }
 
+/// The first 20 of `names`, joined, and how many more there are (a plan may have a hundred
+/// thousand types; `--json`'s summary lists them all).
+fn first_names(names: &[String]) -> String {
+    const SHOWN: usize = 20;
+    let mut s = names[..names.len().min(SHOWN)].join(", ");
+    if names.len() > SHOWN {
+        s.push_str(&format!(" and {} more", names.len() - SHOWN));
+    }
+    s
+}
+
 /// Adds a result to `key`'s tally, allocating the key only the first time it is seen.
 fn bump(rows: &mut BTreeMap<String, Tally>, key: &str, ok: bool, ms: f64) {
     match rows.get_mut(key) {
@@ -550,7 +561,7 @@ impl Printer {
                     self.line_err(&format!(
                         "error: no node serves type{} {}",
                         if missing_types.len() == 1 { "" } else { "s" },
-                        escape(&missing_types.join(", "))
+                        escape(&first_names(missing_types))
                     ));
                 }
                 let resumed = if *resumed > 0 {

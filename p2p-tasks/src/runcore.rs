@@ -769,16 +769,19 @@ impl RunCore {
                             "no node serves type{} {} (none connected, or each has capacity 0 \
                              or is leaving): nothing runs",
                             if missing.len() > 1 { "s" } else { "" },
-                            missing.join(", ")
+                            name_some(&missing)
                         )));
-                        for kind in &missing {
-                            let why = format!("no node serves type {kind:?}");
-                            for r in self.results.iter_mut().filter(|r| &*r.kind == kind) {
-                                if r.status == Status::NotRun {
-                                    r.error = Some(why.clone());
-                                }
+                        // One pass over the results, whatever the number of missing types.
+                        let why: hashbrown::HashMap<&str, String> = missing
+                            .iter()
+                            .map(|k| (k.as_str(), format!("no node serves type {k:?}")))
+                            .collect();
+                        for r in &mut self.results {
+                            if let (Status::NotRun, Some(why)) = (r.status, why.get(&*r.kind)) {
+                                r.error = Some(why.clone());
                             }
                         }
+                        drop(why);
                         self.missing_types = missing;
                         self.terminate(now);
                     } else {
@@ -1194,6 +1197,17 @@ impl RunCore {
     }
 }
 
+/// The first names of `names`, joined, and how many more there are (a plan may have a
+/// hundred thousand types, and a notice is one line).
+fn name_some(names: &[String]) -> String {
+    const SHOWN: usize = 20;
+    let mut s = names[..names.len().min(SHOWN)].join(", ");
+    if names.len() > SHOWN {
+        s.push_str(&format!(" and {} more", names.len() - SHOWN));
+    }
+    s
+}
+
 /// What a node reported for one attempt of a task.
 struct Attempt {
     ok: bool,
@@ -1235,7 +1249,8 @@ fn split(
     let mut sched = crate::sched::Builder::new(policy, n);
     let mut results = Vec::with_capacity(n);
     let mut extras = Vec::new();
-    let mut kinds: HashMap<CompactString, Arc<str>> = HashMap::new();
+    // One lookup per task: on the fast hash, not SipHash.
+    let mut kinds: hashbrown::HashMap<CompactString, Arc<str>> = hashbrown::HashMap::default();
     while let Some(t) = tasks.pop() {
         sched.push_front(t.kind(), t.cost(), t.retries());
         let (id, kind, extra) = t.into_parts();
