@@ -165,28 +165,77 @@ fn tokens(line: &str) -> impl Iterator<Item = Token<'_>> {
         Some(i) => &line[..i],
         None => line,
     };
-    let mut chars = code.char_indices();
-    let mut col: u32 = 0;
-    std::iter::from_fn(move || {
+    Tokens {
+        code,
+        ascii: code.is_ascii(),
+        pos: 0,
+        col: 0,
+    }
+}
+
+/// The iterator of [`tokens`]: over bytes when the line is ASCII (the usual case: a
+/// character is a byte and a column), else over characters.
+struct Tokens<'a> {
+    code: &'a str,
+    ascii: bool,
+    /// Byte offset of the next character to look at.
+    pos: usize,
+    /// Column of the last character looked at.
+    col: u32,
+}
+
+impl<'a> Iterator for Tokens<'a> {
+    type Item = Token<'a>;
+
+    fn next(&mut self) -> Option<Token<'a>> {
+        let code = self.code;
+        if self.ascii {
+            // `char::is_whitespace` of an ASCII character: tab to carriage return, space.
+            let white = |b: u8| matches!(b, b'\t'..=b'\r' | b' ');
+            let bytes = code.as_bytes();
+            let mut i = self.pos;
+            while i < bytes.len() && white(bytes[i]) {
+                i += 1;
+            }
+            if i >= bytes.len() {
+                self.pos = i;
+                return None;
+            }
+            let start = i;
+            while i < bytes.len() && !white(bytes[i]) {
+                i += 1;
+            }
+            // Columns count from 1; the whitespace after the token is consumed with it.
+            let col = to_u32(start + 1);
+            self.pos = (i + 1).min(bytes.len());
+            self.col = to_u32(self.pos);
+            return Some(Token {
+                text: &code[start..i],
+                col,
+            });
+        }
         let mut start: Option<(usize, u32)> = None;
-        for (i, c) in chars.by_ref() {
-            col = col.saturating_add(1);
+        for (i, c) in code[self.pos..].char_indices() {
+            let i = self.pos + i;
+            self.col = self.col.saturating_add(1);
             if c.is_whitespace() {
                 if let Some((s, scol)) = start {
+                    self.pos = i + c.len_utf8();
                     return Some(Token {
                         text: &code[s..i],
                         col: scol,
                     });
                 }
             } else if start.is_none() {
-                start = Some((i, col));
+                start = Some((i, self.col));
             }
         }
+        self.pos = code.len();
         start.map(|(s, scol)| Token {
             text: &code[s..],
             col: scol,
         })
-    })
+    }
 }
 
 /// Whether a token starts a clause of a line (`after`, `cost`, `timeout`, `retries`, `<`,
@@ -706,6 +755,39 @@ mod tests {
 
     fn ids(tasks: &[Task]) -> Vec<&str> {
         tasks.iter().map(|t| t.id()).collect()
+    }
+
+    /// The tokens of a line as the parser found them before its ASCII fast path.
+    fn tokens_by_char(code: &str) -> Vec<(String, u32)> {
+        let code = code.split('#').next().unwrap_or("");
+        let mut out = Vec::new();
+        let mut start: Option<(usize, u32)> = None;
+        let mut col = 0u32;
+        for (i, c) in code.char_indices() {
+            col += 1;
+            if c.is_whitespace() {
+                if let Some((s, scol)) = start.take() {
+                    out.push((code[s..i].to_owned(), scol));
+                }
+            } else if start.is_none() {
+                start = Some((i, col));
+            }
+        }
+        if let Some((s, scol)) = start {
+            out.push((code[s..].to_owned(), scol));
+        }
+        out
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn tokens_and_columns_are_those_of_a_scan_by_character(
+            line in "[ a1\t\u{0b}\u{0c}\r#é\u{2003}-]{0,40}"
+        ) {
+            let got: Vec<(String, u32)> =
+                tokens(&line).map(|t| (t.text.to_owned(), t.col)).collect();
+            proptest::prop_assert_eq!(got, tokens_by_char(&line));
+        }
     }
 
     #[test]
