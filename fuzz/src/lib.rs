@@ -144,8 +144,8 @@ fn message(u: &mut Unstructured<'_>) -> arbitrary::Result<Message> {
         }),
         3 => Message::Assign(Assign {
             seq: seq(u)?,
-            task: text(u)?,
-            kind: text(u)?,
+            task: text(u)?.into(),
+            kind: text(u)?.into(),
             args: text(u)?,
             attempt: u32::arbitrary(u)?,
             timeout_ms: u64::arbitrary(u)?,
@@ -227,7 +227,7 @@ fn drive_connection(u: &mut Unstructured<'_>) -> arbitrary::Result<()> {
                 let s = seq(u)?;
                 let a = Assign {
                     seq: s,
-                    task: format!("a{s}"),
+                    task: format!("a{s}").into(),
                     kind: "a".into(),
                     args: String::new(),
                     attempt: 1,

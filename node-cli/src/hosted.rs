@@ -280,7 +280,7 @@ impl Host {
             Err(_) => Vec::new(),
         };
         files::rewrite_inputs(&mut tasks, dir, &inputs)?;
-        let ids: Vec<String> = tasks.iter().map(|t| t.id.clone()).collect();
+        let ids: Vec<String> = tasks.iter().map(|t| t.id().to_owned()).collect();
         let info = RunInfo {
             run: id.to_string(),
             name: meta.name.clone(),
@@ -461,7 +461,7 @@ impl Host {
         let mut reg = lock(&self.inner.registry);
         reg.release();
         let (id, info, tasks, options, journal) = written?;
-        let ids = tasks.iter().map(|t| t.id.clone()).collect();
+        let ids = tasks.iter().map(|t| t.id().to_owned()).collect();
         reg.insert(info, ids, &|_| false, None);
         drop(reg);
         self.spawn(id.clone(), tasks, options, journal);

@@ -636,7 +636,7 @@ pub struct RunStats {
     types: Vec<(String, RunType)>,
     /// Attempts assigned and not ended: task id to (type, node). As many as the nodes run
     /// at once.
-    open: HashMap<String, (String, String)>,
+    open: HashMap<p2p_tasks::CompactString, (std::sync::Arc<str>, std::sync::Arc<str>)>,
 }
 
 /// The most task types a run's metrics keep apart; the rest are counted as `other` (the
@@ -692,10 +692,10 @@ impl RunStats {
             E::Disconnected { node, .. } => {
                 self.nodes = (self.nodes - 1).max(0);
                 // Its attempts are lost (they run again, assigned anew).
-                let lost: Vec<String> = self
+                let lost: Vec<p2p_tasks::CompactString> = self
                     .open
                     .iter()
-                    .filter(|(_, (_, n))| n == node)
+                    .filter(|(_, (_, n))| **n == **node)
                     .map(|(t, _)| t.clone())
                     .collect();
                 for task in lost {
@@ -988,7 +988,7 @@ mod run_tests {
 
     fn assigned(kind: &str) -> RunEvent {
         RunEvent::TaskAssigned {
-            task: format!("{kind}1"),
+            task: format!("{kind}1").into(),
             kind: kind.into(),
             node: "n".into(),
             attempt: 1,
@@ -1021,7 +1021,7 @@ mod run_tests {
         s.event(&RunEvent::TaskFailed {
             task: "c1".into(),
             kind: "c".into(),
-            node: String::new(),
+            node: "".into(),
             attempt: 0,
             ok: false,
             output: String::new(),

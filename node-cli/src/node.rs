@@ -794,12 +794,16 @@ impl Node {
             // No discovery at all: a stream that has ended.
             (None, None) => mpsc::channel(1).1,
         };
+        // The types in order of first appearance: one lookup per task (a plan may have a
+        // hundred thousand types).
         let mut needed: Vec<String> = Vec::new();
+        let mut seen: std::collections::HashSet<&str> = std::collections::HashSet::new();
         for t in &tasks {
-            if !needed.contains(&t.kind) {
-                needed.push(t.kind.clone());
+            if seen.insert(t.kind()) {
+                needed.push(t.kind().to_owned());
             }
         }
+        drop(seen);
         let (peer_tx, peer_rx) = mpsc::channel(256);
         let (link_tx, link_rx) = mpsc::channel(4096);
         helpers.spawn(

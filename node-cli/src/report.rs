@@ -166,9 +166,9 @@ impl Recorder {
             plan: tasks
                 .iter()
                 .map(|t| PlanTask {
-                    id: t.id.clone(),
-                    kind: t.kind.clone(),
-                    deps: t.deps.clone(),
+                    id: t.id().to_owned(),
+                    kind: t.kind().to_owned(),
+                    deps: t.deps().to_vec(),
                 })
                 .collect(),
             run_id: String::new(),
@@ -237,11 +237,11 @@ impl Recorder {
                 }
                 self.node(node);
                 self.open
-                    .insert((task.clone(), *attempt), self.attempts.len());
+                    .insert((task.to_string(), *attempt), self.attempts.len());
                 self.attempts.push(Attempt {
-                    task: task.clone(),
-                    kind: kind.clone(),
-                    node: node.clone(),
+                    task: task.to_string(),
+                    kind: kind.to_string(),
+                    node: node.to_string(),
                     attempt: *attempt,
                     start_ms: at_ms,
                     end_ms: None,
@@ -1053,7 +1053,7 @@ mod tests {
     #[test]
     fn edges_follow_the_order() {
         let mut plan = tasks(&["a1", "a2", "b1", "b2"]);
-        plan[3].deps = vec!["a1".into()];
+        plan[3].extra_mut().deps = vec!["a1".into()];
         for (order, want) in [
             (
                 Order::Strict,

@@ -425,7 +425,12 @@ impl Connection {
         match msg {
             Message::Assign(a) => {
                 if self.we_said_goodbye || self.peer_said_goodbye {
-                    return self.fail(Violation::AssignAfterGoodbye { task: a.task }.into());
+                    return self.fail(
+                        Violation::AssignAfterGoodbye {
+                            task: a.task.into(),
+                        }
+                        .into(),
+                    );
                 }
                 if self.inbound.len() >= self.local.capacity as usize {
                     return self.fail(

@@ -6,6 +6,7 @@
 //! protocol version, and a decoder ignores bytes after a `Hello`, so a later version may
 //! append fields to it and still be told clearly that the versions differ.
 
+pub use compact_str::CompactString;
 use serde::{Deserialize, Serialize};
 
 use crate::NodeId;
@@ -151,10 +152,11 @@ pub struct Reject {
 pub struct Assign {
     /// The assigner's number for this assignment, unique on the connection; echoed in `Completed`.
     pub seq: u64,
-    /// Task id, e.g. `a1`.
-    pub task: String,
+    /// Task id, e.g. `a1` (inline up to 24 bytes: an assignment of a short id and type
+    /// allocates nothing).
+    pub task: CompactString,
     /// Task type, e.g. `a`.
-    pub kind: String,
+    pub kind: CompactString,
     /// Arguments for the handler (may be empty).
     pub args: String,
     /// 1 for the first attempt, 2 for the first retry, ...

@@ -34,7 +34,7 @@ pub fn hello(cluster: &str, types: &[&str], capacity: u32) -> Hello {
 pub fn assign(seq: u64) -> Assign {
     Assign {
         seq,
-        task: format!("a{seq}"),
+        task: format!("a{seq}").into(),
         kind: "a".into(),
         args: String::new(),
         attempt: 1,

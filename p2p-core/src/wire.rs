@@ -21,6 +21,7 @@
 
 use bincode::config::{self, Config};
 use bytes::{BufMut, BytesMut};
+use compact_str::CompactString;
 
 use crate::message::{
     AbortReason, Assign, Completed, ContentHash, Hello, PlacedFile, ProducedFile, Reject,
@@ -165,8 +166,8 @@ pub fn decode(payload: &[u8]) -> Result<Message, Error> {
         }),
         3 => Message::Assign(Assign {
             seq: r.varint()?,
-            task: r.string()?,
-            kind: r.string()?,
+            task: r.compact()?,
+            kind: r.compact()?,
             args: r.string()?,
             attempt: r.varint_u32()?,
             timeout_ms: r.varint()?,
@@ -342,7 +343,7 @@ fn short() -> Error {
     ))
 }
 
-impl Reader<'_> {
+impl<'a> Reader<'a> {
     fn bytes<const N: usize>(&mut self) -> Result<[u8; N], Error> {
         let (head, rest) = self.0.split_first_chunk::<N>().ok_or_else(short)?;
         self.0 = rest;
@@ -574,7 +575,16 @@ impl Reader<'_> {
 
     /// A string; its claimed length must fit in what is left of the payload, so a
     /// malicious length allocates nothing.
+    /// A string kept inline when short (no allocation up to 24 bytes).
+    fn compact(&mut self) -> Result<CompactString, Error> {
+        self.str().map(CompactString::from)
+    }
+
     fn string(&mut self) -> Result<String, Error> {
+        self.str().map(str::to_owned)
+    }
+
+    fn str(&mut self) -> Result<&'a str, Error> {
         let len = self.varint()?;
         let len = usize::try_from(len)
             .ok()
@@ -586,7 +596,7 @@ impl Reader<'_> {
             })?;
         let (bytes, rest) = self.0.split_at(len);
         self.0 = rest;
-        std::str::from_utf8(bytes).map(str::to_owned).map_err(|e| {
+        std::str::from_utf8(bytes).map_err(|e| {
             Error::Connection(ConnectionError::Decode(format!(
                 "invalid UTF-8 in a string: {e}"
             )))
@@ -652,7 +662,7 @@ mod tests {
             let text = "é✓x".repeat(i * 40);
             v.push(Message::Assign(Assign {
                 seq: n,
-                task: format!("a{n}"),
+                task: format!("a{n}").into(),
                 kind: "a".into(),
                 args: text.clone(),
                 attempt: n as u32,
@@ -687,6 +697,27 @@ mod tests {
     }
 
     /// The `Load` message of docs/PROTOCOL.md, byte by byte (v3).
+    #[test]
+    fn an_assigns_short_id_and_type_decode_inline_and_long_ones_round_trip() {
+        let short = crate::testing::assign(1_000_000);
+        let mut buf = BytesMut::new();
+        encode_into(&Message::Assign(short.clone()), &mut buf).unwrap();
+        let Message::Assign(back) = decode(&buf).unwrap() else {
+            panic!("not an assign");
+        };
+        assert_eq!(back, short);
+        assert!(!back.task.is_heap_allocated() && !back.kind.is_heap_allocated());
+        // The bytes are those of the strings, whatever their length.
+        let long = Assign {
+            task: "x".repeat(1024).into(),
+            kind: "a".repeat(crate::wire::MAX_TYPE_LEN).into(),
+            ..short
+        };
+        let mut buf = BytesMut::new();
+        encode_into(&Message::Assign(long.clone()), &mut buf).unwrap();
+        assert_eq!(decode(&buf).unwrap(), Message::Assign(long));
+    }
+
     #[test]
     fn a_load_report_is_encoded_as_documented() {
         let msg = Message::Load(crate::LoadReport {

@@ -74,9 +74,21 @@ pub async fn run(
     mut inputs: Inputs,
     emit: &mut (dyn FnMut(&RunEvent) + Send),
 ) -> Result<RunReport, RunError> {
-    let files = crate::run_files::RunFiles::new(&tasks, opts.results.clone(), opts.max_frame)
-        .map(|f| f.with_max_file(opts.max_file));
-    let mut core = RunCore::new(tasks, opts, now())?;
+    // Taking a large plan apart takes seconds (10,000,000 tasks: about five): off the
+    // runtime's thread, so that the connections dialled meanwhile complete their handshakes
+    // (on a one-thread runtime they timed out, and the run found no node).
+    let start = now();
+    let built = tokio::task::spawn_blocking(move || {
+        let files = crate::run_files::RunFiles::new(&tasks, opts.results.clone(), opts.max_frame)
+            .map(|f| f.with_max_file(opts.max_file));
+        RunCore::new(tasks, opts, start).map(|core| (files, core))
+    })
+    .await;
+    let (files, mut core) = match built {
+        Ok(built) => built?,
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(_) => return Err(RunError::Stopped),
+    };
     if let Some(j) = &inputs.journal {
         // A success whose outputs are no longer in the results directory as recorded runs
         // again (its dependents would ship what is there).
@@ -163,6 +175,9 @@ pub async fn run(
             }
             () = &mut sleep, if armed.is_some() => {
                 armed = None;
+                // What the links reported before the deadline counts first (e.g. nodes that
+                // connected while the plan was taken apart, before the discovery wait ended).
+                d.drain_links(&mut core, &mut inputs.links);
                 core.handle_timeout(now());
             }
             _ = inputs.shutdown.cancelled(), if !interrupted => {
@@ -299,7 +314,7 @@ struct Out<'a> {
     /// Tasks whose final result could not be recorded (to tell the core).
     unrecorded: Vec<usize>,
     /// Ids of those tasks: their result events are dropped.
-    dropped: HashSet<String>,
+    dropped: HashSet<compact_str::CompactString>,
     /// Events waiting for the next sync (with a journal only).
     held: Vec<RunEvent>,
     /// Something was reported since the last [`RunEvent::Flush`].

@@ -33,6 +33,9 @@ pub enum Error {
     /// The journal cannot be used.
     #[error(transparent)]
     Journal(#[from] JournalError),
+    /// The runtime shut down while the run was being set up.
+    #[error("the run was stopped while it was being set up")]
+    Stopped,
 }
 
 /// Why [`crate::Task::new`] refused a task.

@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use compact_str::CompactString;
 use serde::{Serialize, Serializer};
 
 /// The phases of a run, for a person's terminal (not part of the JSON stream).
@@ -28,7 +29,9 @@ pub const EVENT_SCHEMA: u32 = 1;
 /// One event of a run. Serialized as a JSON object whose `event` field names the variant
 /// (`run_started`, `peer_discovered`, `peer_unreachable`, `connected`, `task_assigned`,
 /// `task_completed`, `task_failed`, `task_cancelled`, `task_retry`, `disconnected`,
-/// `summary`). [`RunEvent::Phase`], [`RunEvent::Notice`] and
+/// `summary`). A task's events share its id, type and node with the run (an inline
+/// [`CompactString`], `Arc<str>`s): making one allocates nothing but its texts.
+/// [`RunEvent::Phase`], [`RunEvent::Notice`] and
 /// [`RunEvent::Flush`] are for people only and are never serialized.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
@@ -87,24 +90,26 @@ pub enum RunEvent {
     /// A task was sent to a node.
     TaskAssigned {
         /// Task id.
-        task: String,
+        task: CompactString,
         /// Task type.
-        #[serde(rename = "type")]
-        kind: String,
+        #[serde(rename = "type", serialize_with = "shared_str")]
+        kind: Arc<str>,
         /// Node id.
-        node: String,
+        #[serde(serialize_with = "shared_str")]
+        node: Arc<str>,
         /// Attempt number (1 for the first).
         attempt: u32,
     },
     /// A task succeeded.
     TaskCompleted {
         /// Task id.
-        task: String,
+        task: CompactString,
         /// Task type.
-        #[serde(rename = "type")]
-        kind: String,
+        #[serde(rename = "type", serialize_with = "shared_str")]
+        kind: Arc<str>,
         /// Node id.
-        node: String,
+        #[serde(serialize_with = "shared_str")]
+        node: Arc<str>,
         /// Attempt number.
         attempt: u32,
         /// Always true.
@@ -117,12 +122,13 @@ pub enum RunEvent {
     /// A task failed for good (no retries left, or it could not be run at all).
     TaskFailed {
         /// Task id.
-        task: String,
+        task: CompactString,
         /// Task type.
-        #[serde(rename = "type")]
-        kind: String,
+        #[serde(rename = "type", serialize_with = "shared_str")]
+        kind: Arc<str>,
         /// Node id of the last attempt, empty when it never ran.
-        node: String,
+        #[serde(serialize_with = "shared_str")]
+        node: Arc<str>,
         /// Attempt number of the last attempt (0 when it never ran).
         attempt: u32,
         /// Always false.
@@ -140,12 +146,13 @@ pub enum RunEvent {
     /// did not fail, and it is not retried.
     TaskCancelled {
         /// Task id.
-        task: String,
+        task: CompactString,
         /// Task type.
-        #[serde(rename = "type")]
-        kind: String,
+        #[serde(rename = "type", serialize_with = "shared_str")]
+        kind: Arc<str>,
         /// Node id of the attempt.
-        node: String,
+        #[serde(serialize_with = "shared_str")]
+        node: Arc<str>,
         /// Attempt number.
         attempt: u32,
         /// What the task printed before it was stopped.
@@ -156,12 +163,13 @@ pub enum RunEvent {
     /// An attempt failed and the task will run again.
     TaskRetry {
         /// Task id.
-        task: String,
+        task: CompactString,
         /// Task type.
-        #[serde(rename = "type")]
-        kind: String,
+        #[serde(rename = "type", serialize_with = "shared_str")]
+        kind: Arc<str>,
         /// Node id of the failed attempt.
-        node: String,
+        #[serde(serialize_with = "shared_str")]
+        node: Arc<str>,
         /// The attempt that failed.
         attempt: u32,
         /// Why it failed.
@@ -221,13 +229,15 @@ pub enum Status {
 
 /// The final record of one task.
 ///
-/// A run keeps one per task, so it is kept small: the type and the node id are shared
-/// (`Arc<str>`) by every task of that type and every task that node ran.
+/// A run keeps one per task, so it is kept small (120 bytes, and no heap block for a short
+/// id or output): the type and the node id are shared (`Arc<str>`) by every task of that
+/// type and every task that node ran, and the id and the output are [`CompactString`]s,
+/// kept inline up to 24 bytes (`Executing task: a1000000` is 24).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[non_exhaustive]
 pub struct TaskResult {
     /// Task id.
-    pub task: String,
+    pub task: CompactString,
     /// Task type.
     #[serde(rename = "type", serialize_with = "shared_str")]
     pub kind: Arc<str>,
@@ -241,7 +251,7 @@ pub struct TaskResult {
     /// Duration of the last attempt in milliseconds.
     pub duration_ms: f64,
     /// Output of the last attempt.
-    pub output: String,
+    pub output: CompactString,
     /// Why it failed (or did not run), when it did.
     pub error: Option<String>,
     /// Whether the success was recorded by an earlier run (`--resume`).
@@ -251,15 +261,15 @@ pub struct TaskResult {
 impl TaskResult {
     /// A record of `task` (of type `kind`) with `status`, no node, no attempt and no output;
     /// set the public fields for the rest (for reports made outside a run, e.g. in tests).
-    pub fn new(task: impl Into<String>, kind: impl AsRef<str>, status: Status) -> Self {
+    pub fn new(task: impl AsRef<str>, kind: impl AsRef<str>, status: Status) -> Self {
         TaskResult {
-            task: task.into(),
+            task: CompactString::from(task.as_ref()),
             kind: Arc::from(kind.as_ref()),
             status,
             node: None,
             attempts: 0,
             duration_ms: 0.0,
-            output: String::new(),
+            output: CompactString::default(),
             error: None,
             resumed: false,
         }
@@ -370,5 +380,25 @@ impl RunReport {
 
     fn count(&self, s: Status) -> usize {
         self.results.iter().filter(|r| r.status == s).count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    #[test]
+    fn a_result_is_120_bytes_and_keeps_a_short_id_and_output_inline() {
+        assert_eq!(std::mem::size_of::<TaskResult>(), 120);
+        let mut r = TaskResult::new("a1000000", "a", Status::Succeeded);
+        r.output = CompactString::from("Executing task: a1000000");
+        assert!(!r.task.is_heap_allocated() && !r.output.is_heap_allocated());
+        // The JSON is unchanged: plain strings.
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(json["task"], "a1000000");
+        assert_eq!(json["output"], "Executing task: a1000000");
+        assert_eq!(json["type"], "a");
     }
 }

@@ -139,27 +139,27 @@ pub fn fingerprint(tasks: &[Task]) -> String {
         }
     };
     for t in tasks {
-        feed(t.id.as_bytes());
+        feed(t.id().as_bytes());
         feed(&[0]);
-        feed(t.kind.as_bytes());
+        feed(t.kind().as_bytes());
         feed(&[0]);
-        feed(t.args.as_bytes());
+        feed(t.args().as_bytes());
         feed(&[0]);
-        for d in &t.deps {
+        for d in t.deps() {
             feed(d.as_bytes());
             feed(&[1]);
         }
         if t.has_own_terms() {
             feed(&[3]);
-            feed(&t.cost.to_le_bytes());
-            match t.timeout {
+            feed(&t.cost().to_le_bytes());
+            match t.timeout() {
                 None => feed(&[0]),
                 Some(d) => {
                     feed(&[1]);
                     feed(&d.as_nanos().to_le_bytes());
                 }
             }
-            match t.retries {
+            match t.retries() {
                 None => feed(&[0]),
                 Some(n) => {
                     feed(&[1]);
@@ -171,7 +171,7 @@ pub fn fingerprint(tasks: &[Task]) -> String {
             // Files declared: what they are named (the contents are the outputs' hashes'
             // business, not the plan's).
             feed(&[4]);
-            for i in &t.inputs {
+            for i in t.inputs() {
                 match i {
                     crate::task::Input::Path(p) => {
                         feed(&[0]);
@@ -193,7 +193,7 @@ pub fn fingerprint(tasks: &[Task]) -> String {
                 feed(&[0]);
             }
             feed(&[5]);
-            for o in &t.outputs {
+            for o in t.outputs() {
                 feed(o.as_bytes());
                 feed(&[0]);
             }
@@ -323,7 +323,7 @@ impl Journal {
         outputs: Vec<RecordedFile>,
     ) -> Result<(), JournalError> {
         let line = Line {
-            task: r.task.clone(),
+            task: r.task.to_string(),
             kind: r.kind.to_string(),
             status: r.status,
             attempts: r.attempts,
@@ -493,7 +493,7 @@ mod tests {
             node: Some("n".into()),
             attempts: 1,
             duration_ms: 1.0,
-            output: String::new(),
+            output: Default::default(),
             error: None,
             resumed: false,
         }

@@ -39,6 +39,7 @@ pub mod stats;
 pub mod task;
 pub mod worker;
 
+pub use compact_str::CompactString;
 pub use coordinator::{run, Inputs, PeerUpdate, RunOptions};
 pub use error::{Error, TaskError};
 pub use event::{Phase, RunEvent, RunReport, Status, TaskResult, EVENT_SCHEMA};
@@ -48,5 +49,5 @@ pub use parse::ParseError;
 pub use plan::PlanError;
 pub use runcore::{RunCore, RunError};
 pub use sched::{Backoff, Order, Policy};
-pub use task::Task;
+pub use task::{Task, TaskExtra};
 pub use worker::Worker;

@@ -51,7 +51,7 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use crate::task::{id_problem, kind_of, output_name_problem, IdIndex, Input, Task};
+use crate::task::{id_problem, kind_of_compact, output_name_problem, IdIndex, Input, Task};
 
 /// What kind of problem a [`ParseError`] reports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -165,28 +165,77 @@ fn tokens(line: &str) -> impl Iterator<Item = Token<'_>> {
         Some(i) => &line[..i],
         None => line,
     };
-    let mut chars = code.char_indices();
-    let mut col: u32 = 0;
-    std::iter::from_fn(move || {
+    Tokens {
+        code,
+        ascii: code.is_ascii(),
+        pos: 0,
+        col: 0,
+    }
+}
+
+/// The iterator of [`tokens`]: over bytes when the line is ASCII (the usual case: a
+/// character is a byte and a column), else over characters.
+struct Tokens<'a> {
+    code: &'a str,
+    ascii: bool,
+    /// Byte offset of the next character to look at.
+    pos: usize,
+    /// Column of the last character looked at.
+    col: u32,
+}
+
+impl<'a> Iterator for Tokens<'a> {
+    type Item = Token<'a>;
+
+    fn next(&mut self) -> Option<Token<'a>> {
+        let code = self.code;
+        if self.ascii {
+            // `char::is_whitespace` of an ASCII character: tab to carriage return, space.
+            let white = |b: u8| matches!(b, b'\t'..=b'\r' | b' ');
+            let bytes = code.as_bytes();
+            let mut i = self.pos;
+            while i < bytes.len() && white(bytes[i]) {
+                i += 1;
+            }
+            if i >= bytes.len() {
+                self.pos = i;
+                return None;
+            }
+            let start = i;
+            while i < bytes.len() && !white(bytes[i]) {
+                i += 1;
+            }
+            // Columns count from 1; the whitespace after the token is consumed with it.
+            let col = to_u32(start + 1);
+            self.pos = (i + 1).min(bytes.len());
+            self.col = to_u32(self.pos);
+            return Some(Token {
+                text: &code[start..i],
+                col,
+            });
+        }
         let mut start: Option<(usize, u32)> = None;
-        for (i, c) in chars.by_ref() {
-            col = col.saturating_add(1);
+        for (i, c) in code[self.pos..].char_indices() {
+            let i = self.pos + i;
+            self.col = self.col.saturating_add(1);
             if c.is_whitespace() {
                 if let Some((s, scol)) = start {
+                    self.pos = i + c.len_utf8();
                     return Some(Token {
                         text: &code[s..i],
                         col: scol,
                     });
                 }
             } else if start.is_none() {
-                start = Some((i, col));
+                start = Some((i, self.col));
             }
         }
+        self.pos = code.len();
         start.map(|(s, scol)| Token {
             text: &code[s..],
             col: scol,
         })
-    })
+    }
 }
 
 /// Whether a token starts a clause of a line (`after`, `cost`, `timeout`, `retries`, `<`,
@@ -305,7 +354,7 @@ fn parse_in(
                     let code = line_text.split('#').next().unwrap_or("");
                     let from = byte_after_col(code, kw.col, 2);
                     if let Some(t) = tasks.last_mut() {
-                        t.args = code[from..].trim().to_owned();
+                        t.extra_mut().args = code[from..].trim().to_owned();
                     }
                     break;
                 }
@@ -358,8 +407,8 @@ fn parse_in(
                         dep_pos.push((i, Vec::new()));
                     }
                     if let (Some(t), Some((_, p))) = (tasks.last_mut(), dep_pos.last_mut()) {
-                        if !t.deps.iter().any(|d| d == dep.text) {
-                            t.deps.push(dep.text.to_owned());
+                        if !t.deps().iter().any(|d| d == dep.text) {
+                            t.extra_mut().deps.push(dep.text.to_owned());
                             p.push((line, dep.col));
                         }
                     }
@@ -414,16 +463,16 @@ fn parse_in(
                     if let Some(problem) = output_name_problem(v) {
                         return Err(ferr(format!("bad output {v:?}: {problem}")));
                     }
-                    if t.outputs.iter().any(|o| o == v) {
+                    if t.outputs().iter().any(|o| o == v) {
                         return Err(ferr(format!("output {v:?} declared twice for this task")));
                     }
-                    if t.outputs.len() >= p2p_core::message::MAX_TASK_FILES {
+                    if t.outputs().len() >= p2p_core::message::MAX_TASK_FILES {
                         return Err(ferr(format!(
                             "more than {} outputs for one task",
                             p2p_core::message::MAX_TASK_FILES
                         )));
                     }
-                    t.outputs.push(v.to_owned());
+                    t.extra_mut().outputs.push(v.to_owned());
                     continue;
                 }
                 let input = if let Some(art) = v.strip_prefix('@') {
@@ -445,8 +494,8 @@ fn parse_in(
                         dep_pos.push((i, Vec::new()));
                     }
                     if let (Some(t), Some((_, p))) = (tasks.last_mut(), dep_pos.last_mut()) {
-                        if !t.deps.iter().any(|d| d == dep) {
-                            t.deps.push(dep.to_owned());
+                        if !t.deps().iter().any(|d| d == dep) {
+                            t.extra_mut().deps.push(dep.to_owned());
                             p.push((line, value.col));
                         }
                     }
@@ -464,7 +513,7 @@ fn parse_in(
                 let Some(t) = tasks.last_mut() else {
                     continue;
                 };
-                if t.inputs.len() >= p2p_core::message::MAX_TASK_FILES {
+                if t.inputs().len() >= p2p_core::message::MAX_TASK_FILES {
                     return Err(ferr(format!(
                         "more than {} inputs for one task",
                         p2p_core::message::MAX_TASK_FILES
@@ -476,26 +525,26 @@ fn parse_in(
                          `< data/in.csv`)"
                     )));
                 };
-                if let Some(other) = t.inputs.iter().find(|i| i.file_name() == Some(name)) {
+                if let Some(other) = t.inputs().iter().find(|i| i.file_name() == Some(name)) {
                     return Err(ferr(format!(
                         "input {v:?} would be placed as {name:?}, as {other:?} already is: two \
                          inputs of a task need two file names"
                     )));
                 }
-                t.inputs.push(input);
+                t.extra_mut().inputs.push(input);
                 continue;
             }
             match slot {
                 1 => match value.text.parse::<u32>() {
-                    Ok(n) if n >= 1 => t.cost = n,
+                    Ok(n) if n >= 1 => t.extra_mut().cost = n,
                     _ => return Err(bad("a whole number from 1 to 4294967295")),
                 },
                 2 => match humantime::parse_duration(value.text) {
-                    Ok(d) => t.timeout = Some(d),
+                    Ok(d) => t.extra_mut().timeout = Some(d),
                     Err(_) => return Err(bad("a duration such as 500ms, 3s, 2m or 1h (0: none)")),
                 },
                 _ => match value.text.parse::<u32>() {
-                    Ok(n) => t.retries = Some(n),
+                    Ok(n) => t.extra_mut().retries = Some(n),
                     Err(_) => return Err(bad("a count from 0 to 4294967295")),
                 },
             }
@@ -515,7 +564,7 @@ fn parse_in(
         let declared = seen
             .get(&tasks, dep)
             .and_then(|j| tasks.get(j))
-            .is_some_and(|p| p.outputs.iter().any(|o| o == name));
+            .is_some_and(|p| p.outputs().iter().any(|o| o == name));
         if !declared {
             return Err(ParseError::at(
                 file,
@@ -585,7 +634,7 @@ fn new_task(
         .first_or_insert(tasks, id, tasks.len())
         .and_then(|j| tasks.get(j))
     {
-        let (first_line, first_col) = (first.line, first.col);
+        let (first_line, first_col) = (first.line(), first.col());
         return Err(ParseError::at(
             file,
             line,
@@ -594,7 +643,7 @@ fn new_task(
             format!("duplicate task id {id:?} (first at line {first_line}, column {first_col})"),
         ));
     }
-    let Some(kind) = kind_of(id) else {
+    let Some(kind) = kind_of_compact(id) else {
         // Unreachable: a valid id starts with a letter. Report it rather than panic.
         return Err(ParseError::at(
             file,
@@ -604,19 +653,7 @@ fn new_task(
             format!("invalid task id {id:?}: it has no type letters"),
         ));
     };
-    Ok(Task {
-        id: id.to_owned(),
-        kind,
-        args: String::new(),
-        deps: Vec::new(),
-        line,
-        col,
-        cost: 1,
-        timeout: None,
-        retries: None,
-        inputs: Vec::new(),
-        outputs: Vec::new(),
-    })
+    Ok(Task::parsed(id, kind, line, col))
 }
 
 /// The byte offset in `text` just after the token of `len` characters at 1-based column `col`.
@@ -641,24 +678,24 @@ fn check_dependencies(
         let (i, Some(t)) = (*i, tasks.get(*i)) else {
             continue;
         };
-        for (d, dep) in t.deps.iter().enumerate() {
-            let (line, col) = positions.get(d).copied().unwrap_or((t.line, t.col));
+        for (d, dep) in t.deps().iter().enumerate() {
+            let (line, col) = positions.get(d).copied().unwrap_or((t.line(), t.col()));
             let err =
                 |msg: String| ParseError::at(file, line, col, ParseErrorKind::Dependency, msg);
             match index.get(tasks, dep) {
-                None => return Err(err(format!("{} depends on unknown task {dep:?}", t.id))),
-                Some(j) if j == i => return Err(err(format!("{} depends on itself", t.id))),
+                None => return Err(err(format!("{} depends on unknown task {dep:?}", t.id()))),
+                Some(j) if j == i => return Err(err(format!("{} depends on itself", t.id()))),
                 Some(j) => edges[i].push(j),
             }
         }
     }
     if let Some(cycle) = crate::plan::find_cycle(&edges) {
         let first = &tasks[cycle[0]];
-        let names: Vec<&str> = cycle.iter().map(|&i| tasks[i].id.as_str()).collect();
+        let names: Vec<&str> = cycle.iter().map(|&i| tasks[i].id()).collect();
         return Err(ParseError::at(
             file,
-            first.line,
-            first.col,
+            first.line(),
+            first.col(),
             ParseErrorKind::Dependency,
             format!("dependency cycle: {} -> {}", names.join(" -> "), names[0]),
         ));
@@ -717,7 +754,40 @@ mod tests {
     use std::time::Duration;
 
     fn ids(tasks: &[Task]) -> Vec<&str> {
-        tasks.iter().map(|t| t.id.as_str()).collect()
+        tasks.iter().map(|t| t.id()).collect()
+    }
+
+    /// The tokens of a line as the parser found them before its ASCII fast path.
+    fn tokens_by_char(code: &str) -> Vec<(String, u32)> {
+        let code = code.split('#').next().unwrap_or("");
+        let mut out = Vec::new();
+        let mut start: Option<(usize, u32)> = None;
+        let mut col = 0u32;
+        for (i, c) in code.char_indices() {
+            col += 1;
+            if c.is_whitespace() {
+                if let Some((s, scol)) = start.take() {
+                    out.push((code[s..i].to_owned(), scol));
+                }
+            } else if start.is_none() {
+                start = Some((i, col));
+            }
+        }
+        if let Some((s, scol)) = start {
+            out.push((code[s..].to_owned(), scol));
+        }
+        out
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn tokens_and_columns_are_those_of_a_scan_by_character(
+            line in "[ a1\t\u{0b}\u{0c}\r#é\u{2003}-]{0,40}"
+        ) {
+            let got: Vec<(String, u32)> =
+                tokens(&line).map(|t| (t.text.to_owned(), t.col)).collect();
+            proptest::prop_assert_eq!(got, tokens_by_char(&line));
+        }
     }
 
     #[test]
@@ -744,14 +814,14 @@ mod tests {
             ids(&tasks),
             ["a1", "a2", "c1", "b1", "c2", "a3", "b2", "b3", "a4", "c3", "b4"]
         );
-        let kinds: Vec<&str> = tasks.iter().map(|t| t.kind.as_str()).collect();
+        let kinds: Vec<&str> = tasks.iter().map(|t| t.kind()).collect();
         assert_eq!(
             kinds,
             ["a", "a", "c", "b", "c", "a", "b", "b", "a", "c", "b"]
         );
-        let cols: Vec<u32> = tasks.iter().map(|t| t.col).collect();
+        let cols: Vec<u32> = tasks.iter().map(|t| t.col()).collect();
         assert_eq!(cols, [1, 4, 7, 10, 13, 16, 19, 22, 25, 28, 31]);
-        assert!(tasks.iter().all(|t| t.line == 1 && t.args.is_empty()));
+        assert!(tasks.iter().all(|t| t.line() == 1 && t.args().is_empty()));
     }
 
     #[test]
@@ -762,8 +832,8 @@ mod tests {
         }
         let tasks = load(&path).unwrap();
         assert_eq!(tasks.len(), 11);
-        assert_eq!(tasks[0].id, "a1");
-        assert_eq!(tasks[10].id, "b4");
+        assert_eq!(tasks[0].id(), "a1");
+        assert_eq!(tasks[10].id(), "b4");
     }
 
     #[test]
@@ -771,22 +841,20 @@ mod tests {
         let text = "# header comment\r\n\r\n\ta1\tb1 # trailing\r\nc1# glued comment\r\n   \r\n#a9 commented out\r\nd1";
         let tasks = parse("t.txt", text).unwrap();
         assert_eq!(ids(&tasks), ["a1", "b1", "c1", "d1"]);
-        assert_eq!((tasks[0].line, tasks[0].col), (3, 2));
-        assert_eq!((tasks[1].line, tasks[1].col), (3, 5));
-        assert_eq!((tasks[2].line, tasks[2].col), (4, 1));
-        assert_eq!((tasks[3].line, tasks[3].col), (7, 1));
+        assert_eq!((tasks[0].line(), tasks[0].col()), (3, 2));
+        assert_eq!((tasks[1].line(), tasks[1].col()), (3, 5));
+        assert_eq!((tasks[2].line(), tasks[2].col()), (4, 1));
+        assert_eq!((tasks[3].line(), tasks[3].col()), (7, 1));
         // CRLF does not leak into ids.
-        assert!(tasks.iter().all(|t| !t.id.contains('\r')));
+        assert!(tasks.iter().all(|t| !t.id().contains('\r')));
     }
 
     #[test]
     fn multiple_lines_keep_positions() {
         let text = "a1 a2\n  b1\n\nc1   c2\n";
         let tasks = parse("t.txt", text).unwrap();
-        let pos: Vec<(&str, u32, u32)> = tasks
-            .iter()
-            .map(|t| (t.id.as_str(), t.line, t.col))
-            .collect();
+        let pos: Vec<(&str, u32, u32)> =
+            tasks.iter().map(|t| (t.id(), t.line(), t.col())).collect();
         assert_eq!(
             pos,
             [
@@ -802,17 +870,17 @@ mod tests {
     #[test]
     fn uppercase_id_has_lower_case_kind_and_keeps_its_id() {
         let tasks = parse("t.txt", "A1 Bb2_x.y-z").unwrap();
-        assert_eq!(tasks[0].id, "A1");
-        assert_eq!(tasks[0].kind, "a");
-        assert_eq!(tasks[1].id, "Bb2_x.y-z");
-        assert_eq!(tasks[1].kind, "bb");
+        assert_eq!(tasks[0].id(), "A1");
+        assert_eq!(tasks[0].kind(), "a");
+        assert_eq!(tasks[1].id(), "Bb2_x.y-z");
+        assert_eq!(tasks[1].kind(), "bb");
     }
 
     #[test]
     fn leading_bom_is_ignored() {
         let tasks = parse("t.txt", "\u{feff}a1 b1").unwrap();
         assert_eq!(ids(&tasks), ["a1", "b1"]);
-        assert_eq!(tasks[0].col, 1);
+        assert_eq!(tasks[0].col(), 1);
     }
 
     #[test]
@@ -854,12 +922,12 @@ mod tests {
         let text = "a1 c1\nb2 after a1 c1 -- --size 10   in.csv # note\nc2 --   x  y\nb1 after b2";
         let tasks = parse("t.txt", text).unwrap();
         assert_eq!(ids(&tasks), vec!["a1", "c1", "b2", "c2", "b1"]);
-        assert_eq!(tasks[2].deps, vec!["a1", "c1"]);
-        assert_eq!(tasks[2].args, "--size 10   in.csv");
-        assert_eq!(tasks[3].args, "x  y");
-        assert!(tasks[3].deps.is_empty());
-        assert_eq!(tasks[4].deps, vec!["b2"]);
-        assert_eq!((tasks[4].line, tasks[4].col), (4, 1));
+        assert_eq!(tasks[2].deps(), vec!["a1", "c1"]);
+        assert_eq!(tasks[2].args(), "--size 10   in.csv");
+        assert_eq!(tasks[3].args(), "x  y");
+        assert!(tasks[3].deps().is_empty());
+        assert_eq!(tasks[4].deps(), vec!["b2"]);
+        assert_eq!((tasks[4].line(), tasks[4].col()), (4, 1));
     }
 
     #[test]
@@ -899,7 +967,7 @@ mod tests {
         let tasks = parse("t.txt", text).unwrap();
         let terms: Vec<(u32, Option<Duration>, Option<u32>)> = tasks
             .iter()
-            .map(|t| (t.cost, t.timeout, t.retries))
+            .map(|t| (t.cost(), t.timeout(), t.retries()))
             .collect();
         assert_eq!(
             terms,
@@ -912,10 +980,10 @@ mod tests {
                 (1, None, None),
             ]
         );
-        assert_eq!(tasks[1].deps, ["a1"]);
-        assert_eq!(tasks[1].args, "x y");
+        assert_eq!(tasks[1].deps(), ["a1"]);
+        assert_eq!(tasks[1].args(), "x y");
         // After `--`, keywords are arguments.
-        assert_eq!(tasks[3].args, "cost 5");
+        assert_eq!(tasks[3].args(), "cost 5");
         assert!(!tasks[4].has_own_terms() && tasks[0].has_own_terms());
     }
 
@@ -972,11 +1040,11 @@ mod tests {
                     b1 < @a1/logs/run.log after c1 < /abs/x.bin > r -- x\n\
                     c1\n";
         let tasks = parse("t.txt", text).unwrap();
-        assert_eq!(tasks[0].outputs, ["out.txt", "logs/run.log"]);
-        assert_eq!(tasks[0].inputs, [Input::Path(PathBuf::from("in.csv"))]);
-        assert_eq!(tasks[0].cost, 2);
+        assert_eq!(tasks[0].outputs(), ["out.txt", "logs/run.log"]);
+        assert_eq!(tasks[0].inputs(), [Input::Path(PathBuf::from("in.csv"))]);
+        assert_eq!(tasks[0].cost(), 2);
         assert_eq!(
-            tasks[1].inputs,
+            tasks[1].inputs(),
             [
                 Input::Artifact {
                     task: "a1".into(),
@@ -985,18 +1053,18 @@ mod tests {
                 Input::Path(PathBuf::from("/abs/x.bin"))
             ]
         );
-        assert_eq!(tasks[1].inputs[0].file_name(), Some("run.log"));
+        assert_eq!(tasks[1].inputs()[0].file_name(), Some("run.log"));
         // The artifact's producer first, then the `after` clause's.
-        assert_eq!(tasks[1].deps, ["a1", "c1"]);
-        assert_eq!(tasks[1].outputs, ["r"]);
-        assert_eq!(tasks[1].args, "x");
+        assert_eq!(tasks[1].deps(), ["a1", "c1"]);
+        assert_eq!(tasks[1].outputs(), ["r"]);
+        assert_eq!(tasks[1].args(), "x");
         // An artifact of a task also named in `after` is one dependency.
         let tasks = parse("t.txt", "a1 > o\nb1 after a1 < @a1/o").unwrap();
-        assert_eq!(tasks[1].deps, ["a1"]);
+        assert_eq!(tasks[1].deps(), ["a1"]);
         // After `--`, `<` and `>` are arguments.
         let tasks = parse("t.txt", "a1 -- < x > y").unwrap();
-        assert!(tasks[0].inputs.is_empty() && tasks[0].outputs.is_empty());
-        assert_eq!(tasks[0].args, "< x > y");
+        assert!(tasks[0].inputs().is_empty() && tasks[0].outputs().is_empty());
+        assert_eq!(tasks[0].args(), "< x > y");
     }
 
     #[test]
@@ -1060,7 +1128,7 @@ mod tests {
         std::fs::write(&path, format!("a1 < data/in.csv < {} > o\n", abs.display())).unwrap();
         let tasks = load(&path).unwrap();
         assert_eq!(
-            tasks[0].inputs,
+            tasks[0].inputs(),
             [
                 Input::Path(dir.path().join("data/in.csv")),
                 Input::Path(abs.clone())
@@ -1082,7 +1150,7 @@ mod tests {
         // parse() alone does not look at the file system.
         let tasks = parse("t.txt", "a1 < data/nope.csv").unwrap();
         assert_eq!(
-            tasks[0].inputs,
+            tasks[0].inputs(),
             [Input::Path(PathBuf::from("data/nope.csv"))]
         );
     }
@@ -1119,7 +1187,7 @@ mod tests {
         let err = parse("t.txt", "a1\u{3000}é1").unwrap_err(); // U+3000 is whitespace
         assert_eq!((err.line, err.col), (1, 4));
         let tasks = parse("t.txt", "a1\u{a0}\u{a0}b1").unwrap(); // no-break spaces
-        assert_eq!(tasks[1].col, 5);
+        assert_eq!(tasks[1].col(), 5);
     }
 
     #[test]

@@ -33,14 +33,18 @@ pub fn waits(tasks: &[Task], order: Order) -> Vec<Vec<usize>> {
         .iter()
         .enumerate()
         .map(|(i, t)| {
-            let mut w: Vec<usize> = t.deps.iter().filter_map(|d| index.get(tasks, d)).collect();
+            let mut w: Vec<usize> = t
+                .deps()
+                .iter()
+                .filter_map(|d| index.get(tasks, d))
+                .collect();
             match order {
                 Order::Strict if i > 0 => w.push(i - 1),
                 Order::Type => {
-                    if let Some(&p) = last_of_kind.get(t.kind.as_str()) {
+                    if let Some(&p) = last_of_kind.get(t.kind()) {
                         w.push(p);
                     }
-                    last_of_kind.insert(t.kind.as_str(), i);
+                    last_of_kind.insert(t.kind(), i);
                 }
                 _ => {}
             }
@@ -52,7 +56,7 @@ pub fn waits(tasks: &[Task], order: Order) -> Vec<Vec<usize>> {
 /// Fails when the plan's waits under `order` form a cycle (e.g. in strict order, a task that
 /// depends on a later one), naming the tasks involved.
 pub fn check(tasks: &[Task], order: Order) -> Result<(), PlanError> {
-    if tasks.iter().all(|t| t.deps.is_empty()) {
+    if tasks.iter().all(|t| t.deps().is_empty()) {
         // What an order implies points back in the file only: no cycle without `after`.
         return Ok(());
     }
@@ -60,7 +64,7 @@ pub fn check(tasks: &[Task], order: Order) -> Result<(), PlanError> {
     match find_cycle(&edges) {
         None => Ok(()),
         Some(cycle) => {
-            let cycle = cycle.iter().map(|&i| tasks[i].id.clone()).collect();
+            let cycle = cycle.iter().map(|&i| tasks[i].id().to_owned()).collect();
             Err(PlanError::Cycle { order, cycle })
         }
     }

@@ -132,7 +132,12 @@ impl RunFiles {
         let plan: HashMap<String, (Vec<Input>, Vec<String>)> = tasks
             .iter()
             .filter(|t| t.has_files())
-            .map(|t| (t.id.clone(), (t.inputs.clone(), t.outputs.clone())))
+            .map(|t| {
+                (
+                    t.id().to_owned(),
+                    (t.inputs().to_vec(), t.outputs().to_vec()),
+                )
+            })
             .collect();
         if plan.is_empty() && results.is_none() {
             return None;
@@ -199,11 +204,11 @@ impl RunFiles {
     /// An assignment the run makes on `link`.
     pub fn assign(&mut self, link: &Link, a: Assign) -> Step {
         let lid = link.id();
-        if self.all || self.plan.contains_key(&a.task) {
+        if self.all || self.plan.contains_key(a.task.as_str()) {
             self.assigned
-                .insert((lid, a.seq), (a.task.clone(), a.attempt));
+                .insert((lid, a.seq), (a.task.to_string(), a.attempt));
         }
-        let Some((inputs, outputs)) = self.plan.get(&a.task).cloned().or_else(|| {
+        let Some((inputs, outputs)) = self.plan.get(a.task.as_str()).cloned().or_else(|| {
             // A task without files whose results are kept: an empty `Files` record asks the
             // node to keep its whole standard streams.
             self.all.then(|| (Vec::new(), Vec::new()))

@@ -39,6 +39,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use compact_str::CompactString;
 use p2p_core::conn::SeqHash;
 use p2p_core::net::{Command, LinkEvent, LinkId};
 use p2p_core::{Assign, Hello, NodeId};
@@ -120,13 +121,14 @@ pub type RunError = crate::Error;
 pub fn validate(tasks: &[Task], opts: &RunOptions) -> Result<(), RunError> {
     crate::plan::check(tasks, opts.policy.order)?;
     for t in tasks {
-        let why = if t.args.len() > MAX_TASK_ARGS {
+        let why = if t.args().len() > MAX_TASK_ARGS {
             format!(
                 "its arguments are {} bytes, more than the {MAX_TASK_ARGS} bytes a shell \
                  handler can be given",
-                t.args.len()
+                t.args().len()
             )
-        } else if t.id.len() + t.kind.len() + t.args.len() + ASSIGN_OVERHEAD > opts.max_frame {
+        } else if t.id().len() + t.kind().len() + t.args().len() + ASSIGN_OVERHEAD > opts.max_frame
+        {
             format!(
                 "its assignment is larger than the maximum frame of {} bytes",
                 opts.max_frame
@@ -135,9 +137,9 @@ pub fn validate(tasks: &[Task], opts: &RunOptions) -> Result<(), RunError> {
             continue;
         };
         return Err(RunError::Unsendable {
-            task: t.id.clone(),
-            line: t.line,
-            col: t.col,
+            task: t.id().to_owned(),
+            line: t.line(),
+            col: t.col(),
             why,
         });
     }
@@ -298,7 +300,7 @@ impl RunCore {
     /// they will not run, and their dependents may. Call before anything else.
     pub fn resume(&mut self, done: &HashSet<String>, now: Instant) {
         for (i, r) in self.results.iter_mut().enumerate() {
-            if done.contains(&r.task) {
+            if done.contains(r.task.as_str()) {
                 self.sched.mark_done(i);
                 r.status = Status::Succeeded;
                 r.resumed = true;
@@ -775,16 +777,19 @@ impl RunCore {
                             "no node serves type{} {} (none connected, or each has capacity 0 \
                              or is leaving): nothing runs",
                             if missing.len() > 1 { "s" } else { "" },
-                            missing.join(", ")
+                            name_some(&missing)
                         )));
-                        for kind in &missing {
-                            let why = format!("no node serves type {kind:?}");
-                            for r in self.results.iter_mut().filter(|r| &*r.kind == kind) {
-                                if r.status == Status::NotRun {
-                                    r.error = Some(why.clone());
-                                }
+                        // One pass over the results, whatever the number of missing types.
+                        let why: hashbrown::HashMap<&str, String> = missing
+                            .iter()
+                            .map(|k| (k.as_str(), format!("no node serves type {k:?}")))
+                            .collect();
+                        for r in &mut self.results {
+                            if let (Status::NotRun, Some(why)) = (r.status, why.get(&*r.kind)) {
+                                r.error = Some(why.clone());
                             }
                         }
+                        drop(why);
                         self.missing_types = missing;
                         self.terminate(now);
                     } else {
@@ -880,7 +885,7 @@ impl RunCore {
             let assign = Assign {
                 seq,
                 task: r.task.clone(),
-                kind: String::from(&*r.kind),
+                kind: CompactString::from(&*r.kind),
                 args: self
                     .extras
                     .get(d.task)
@@ -895,8 +900,8 @@ impl RunCore {
             tracing::debug!(task = %r.task, node = %&peer.node[..8.min(peer.node.len())], attempt = d.attempt, seq, "task assigned");
             self.events.push_back(RunEvent::TaskAssigned {
                 task: r.task.clone(),
-                kind: String::from(&*r.kind),
-                node: String::from(&*peer.node),
+                kind: r.kind.clone(),
+                node: peer.node.clone(),
                 attempt: d.attempt,
             });
             self.inflight.insert(
@@ -1046,12 +1051,12 @@ impl RunCore {
         match outcome {
             Outcome::Succeeded => {
                 r.status = Status::Succeeded;
-                r.output.clone_from(&output);
+                r.output = CompactString::from(output.as_str());
                 r.error = None;
             }
             Outcome::Failed => {
                 r.status = Status::Failed;
-                r.output.clone_from(&output);
+                r.output = CompactString::from(output.as_str());
                 r.error = Some(error.clone());
             }
             Outcome::Retry { .. } => {}
@@ -1060,7 +1065,7 @@ impl RunCore {
             self.finals.push_back(task);
         }
         let r = &self.results[task];
-        let (id, kind, node) = (r.task.clone(), String::from(&*r.kind), String::from(&*node));
+        let (id, kind) = (r.task.clone(), r.kind.clone());
         match outcome {
             Outcome::Succeeded => {
                 self.events.push_back(RunEvent::TaskCompleted {
@@ -1118,7 +1123,7 @@ impl RunCore {
         r.attempts = attempt;
         r.duration_ms = ms(took);
         r.status = Status::Cancelled;
-        r.output.clone_from(&output);
+        r.output = CompactString::from(output.as_str());
         r.error = Some(if self.interrupted {
             "cancelled: the run was interrupted".to_string()
         } else {
@@ -1128,8 +1133,8 @@ impl RunCore {
         let r = &self.results[task];
         self.events.push_back(RunEvent::TaskCancelled {
             task: r.task.clone(),
-            kind: String::from(&*r.kind),
-            node: String::from(&*node),
+            kind: r.kind.clone(),
+            node,
             attempt,
             output,
             duration_ms: ms(took),
@@ -1183,12 +1188,12 @@ impl RunCore {
         r.error = Some(error.clone());
         r.attempts = self.sched.attempts(t);
         let attempt = r.attempts;
-        let node = r.node.as_deref().unwrap_or("").to_string();
+        let node = r.node.clone().unwrap_or_else(|| Arc::from(""));
         self.finals.push_back(t);
         let task = &self.results[t];
         self.events.push_back(RunEvent::TaskFailed {
             task: task.task.clone(),
-            kind: task.kind.to_string(),
+            kind: task.kind.clone(),
             node,
             attempt,
             ok: false,
@@ -1198,6 +1203,17 @@ impl RunCore {
             error,
         });
     }
+}
+
+/// The first names of `names`, joined, and how many more there are (a plan may have a
+/// hundred thousand types, and a notice is one line).
+fn name_some(names: &[String]) -> String {
+    const SHOWN: usize = 20;
+    let mut s = names[..names.len().min(SHOWN)].join(", ");
+    if names.len() > SHOWN {
+        s.push_str(&format!(" and {} more", names.len() - SHOWN));
+    }
+    s
 }
 
 /// What a node reported for one attempt of a task.
@@ -1241,37 +1257,40 @@ fn split(
     let mut sched = crate::sched::Builder::new(policy, n);
     let mut results = Vec::with_capacity(n);
     let mut extras = Vec::new();
-    let mut kinds: HashMap<String, Arc<str>> = HashMap::new();
+    // One lookup per task: on the fast hash, not SipHash.
+    let mut kinds: hashbrown::HashMap<CompactString, Arc<str>> = hashbrown::HashMap::default();
     while let Some(t) = tasks.pop() {
-        sched.push_front(&t.kind, t.cost, t.retries);
-        let kind = match kinds.get(&t.kind) {
+        sched.push_front(t.kind(), t.cost(), t.retries());
+        let (id, kind, extra) = t.into_parts();
+        let kind = match kinds.get(&kind) {
             Some(k) => k.clone(),
             None => {
-                let k: Arc<str> = Arc::from(t.kind.as_str());
-                kinds.insert(t.kind, k.clone());
+                let k: Arc<str> = Arc::from(kind.as_str());
+                kinds.insert(kind, k.clone());
                 k
             }
         };
         results.push(TaskResult {
-            task: t.id,
+            task: id,
             kind,
             status: Status::NotRun,
             node: None,
             attempts: 0,
             duration_ms: 0.0,
-            output: String::new(),
+            output: CompactString::default(),
             error: None,
             resumed: false,
         });
         // The extras stay empty (no pointer per task) until a task has some.
-        if !t.args.is_empty() || t.timeout.is_some() {
+        let extra = extra.filter(|x| !x.args.is_empty() || x.timeout.is_some());
+        if let Some(x) = extra {
             if extras.is_empty() {
                 extras = Vec::with_capacity(n);
                 extras.resize_with(results.len() - 1, || None);
             }
             extras.push(Some(Box::new(Extra {
-                args: t.args,
-                timeout: t.timeout,
+                args: x.args,
+                timeout: x.timeout,
             })));
         } else if !extras.is_empty() {
             extras.push(None);

@@ -341,6 +341,8 @@ impl Eq for Load {}
 pub struct Scheduler {
     policy: Policy,
     kinds: Vec<String>,
+    /// Each type's index in `kinds`.
+    kind_index: hashbrown::HashMap<String, usize>,
     slots: Vec<Slot>,
     /// Per kind, its tasks in file order, and the index of its first unfinished one.
     /// (Task indexes as `u32`: a plan has fewer than 2^32 tasks, see [`ReadyKey`].)
@@ -401,11 +403,11 @@ fn is_final(s: TaskStatus) -> bool {
 /// empty when no task has dependencies (the usual case, which then costs nothing per task).
 pub fn dependents_of(tasks: &[Task]) -> Vec<Vec<usize>> {
     let mut dependents = Vec::new();
-    if tasks.iter().any(|t| !t.deps.is_empty()) {
+    if tasks.iter().any(|t| !t.deps().is_empty()) {
         let index = crate::task::IdIndex::build(tasks);
         dependents = vec![Vec::new(); tasks.len()];
         for (i, t) in tasks.iter().enumerate() {
-            for d in &t.deps {
+            for d in t.deps() {
                 if let Some(j) = index.get(tasks, d) {
                     dependents[j].push(i);
                 }
@@ -425,6 +427,8 @@ pub struct Builder {
     kinds: Vec<String>,
     /// Slots, last task first.
     slots: Vec<Slot>,
+    /// Each type's index in `kinds` (one lookup per task, whatever the number of types).
+    kind_index: hashbrown::HashMap<String, usize>,
     /// Per type, its tasks' positions counted from the end, ascending.
     kind_tasks: Vec<Vec<u32>>,
     first_cost: Option<u32>,
@@ -437,6 +441,7 @@ impl Builder {
         Builder {
             policy,
             kinds: Vec::new(),
+            kind_index: hashbrown::HashMap::default(),
             slots: Vec::with_capacity(n),
             kind_tasks: Vec::new(),
             first_cost: None,
@@ -449,12 +454,14 @@ impl Builder {
     pub fn push_front(&mut self, kind: &str, cost: u32, retries: Option<u32>) {
         let first = *self.first_cost.get_or_insert(cost);
         self.uniform_cost &= cost == first;
-        let k = match self.kinds.iter().position(|k| k == kind) {
-            Some(k) => k,
+        let k = match self.kind_index.get(kind) {
+            Some(&k) => k,
             None => {
+                let k = self.kinds.len();
                 self.kinds.push(kind.to_owned());
+                self.kind_index.insert(kind.to_owned(), k);
                 self.kind_tasks.push(Vec::new());
-                self.kinds.len() - 1
+                k
             }
         };
         self.kind_tasks[k].push(self.slots.len() as u32);
@@ -528,7 +535,7 @@ impl Scheduler {
         let dependents = dependents_of(tasks);
         let mut b = Builder::new(policy, tasks.len());
         for t in tasks.iter().rev() {
-            b.push_front(&t.kind, t.cost, t.retries);
+            b.push_front(t.kind(), t.cost(), t.retries());
         }
         b.finish(dependents)
     }
@@ -564,8 +571,14 @@ impl Scheduler {
                     .sum()
             })
             .collect();
+        let kind_index = kinds
+            .iter()
+            .enumerate()
+            .map(|(i, k)| (k.clone(), i))
+            .collect();
         Scheduler {
             policy,
+            kind_index,
             running_kind: vec![0; kinds.len()],
             kind_cursor: vec![0; kinds.len()],
             free: vec![BTreeSet::new(); kinds.len()],
@@ -657,7 +670,7 @@ impl Scheduler {
     pub fn add_node(&mut self, node: NodeKey, types: &[String], capacity: u32) {
         let mut kinds: Vec<usize> = types
             .iter()
-            .filter_map(|t| self.kinds.iter().position(|k| k == t))
+            .filter_map(|t| self.kind_index.get(t.as_str()).copied())
             .collect();
         kinds.sort_unstable();
         kinds.dedup();
@@ -863,7 +876,7 @@ impl Scheduler {
     /// Fails every unfinished, not running task of `kind` (e.g. no node serves it).
     /// Returns the tasks failed.
     pub fn fail_kind(&mut self, kind: &str) -> Vec<usize> {
-        let Some(k) = self.kinds.iter().position(|x| x == kind) else {
+        let Some(&k) = self.kind_index.get(kind) else {
             return Vec::new();
         };
         let victims: Vec<usize> = self.kind_tasks[k]
@@ -1176,7 +1189,7 @@ impl Scheduler {
 
     /// A node's speed estimate for a type: seconds per unit of cost (none until measured).
     pub fn speed(&self, node: NodeKey, kind: &str) -> Option<f64> {
-        let k = self.kinds.iter().position(|x| x == kind)?;
+        let k = *self.kind_index.get(kind)?;
         let n = self.nodes.get(&node)?;
         let j = n.kinds.iter().position(|&x| x == k)?;
         n.est[j]
@@ -1254,8 +1267,11 @@ impl Scheduler {
     /// Records a final status, releases or skips dependents (iteratively: chains can be long)
     /// and advances the order cursors.
     fn finish(&mut self, task: usize, status: TaskStatus) {
-        let mut work = vec![(task, status)];
-        while let Some((t, st)) = work.pop() {
+        // The skipped dependents still to finish: allocated only when there are some (most
+        // tasks have no dependents, and this runs once per task).
+        let mut work = Vec::new();
+        let mut next = Some((task, status));
+        while let Some((t, st)) = next.take().or_else(|| work.pop()) {
             self.slots[t].status = st;
             self.finished += 1;
             if !self.avoided.is_empty() {

@@ -441,7 +441,7 @@ impl Worker {
         a: Assign,
         files: Option<Box<crate::handler::TaskFiles>>,
     ) -> Result<(TaskOutcome, Duration), Job> {
-        let Some(handler) = self.handlers.get(&a.kind) else {
+        let Some(handler) = self.handlers.get(a.kind.as_str()) else {
             self.stats.count_unknown_type();
             let out = TaskOutcome::failure(format!("this node does not serve type {:?}", a.kind));
             return Ok((out, Duration::ZERO));
@@ -452,8 +452,8 @@ impl Worker {
         };
         kind.assigned();
         let req = TaskRequest {
-            id: a.task,
-            kind: a.kind,
+            id: String::from(a.task),
+            kind: String::from(a.kind),
             args: a.args,
             attempt: a.attempt,
             files,

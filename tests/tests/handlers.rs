@@ -140,7 +140,7 @@ fn hostile_ids_and_arguments_from_a_coordinator_run_nothing() {
     for (seq, value) in (1u64..).zip(hostile(v)) {
         c.send(&Message::Assign(Assign {
             seq,
-            task: value.clone(),
+            task: value.clone().into(),
             kind: "a".into(),
             args: value.clone(),
             attempt: 1,

@@ -365,3 +365,67 @@ fn retry_backoff_flags_set_the_delay_between_retries() {
     );
     bad.assert_code(2);
 }
+
+/// Names of `n` distinct task types (`a`, `b`, ..., `z`, `aa`, `ab`, ...).
+fn type_names(n: usize) -> Vec<String> {
+    (0..n)
+        .map(|mut i| {
+            let mut s = Vec::new();
+            i += 1;
+            while i > 0 {
+                i -= 1;
+                s.push(b'a' + (i % 26) as u8);
+                i /= 26;
+            }
+            s.reverse();
+            String::from_utf8(s).unwrap()
+        })
+        .collect()
+}
+
+#[test]
+fn a_plan_of_many_types_with_no_node_names_the_first_twenty_and_counts_the_rest() {
+    // Attack (#20): 1,000,000 tasks of 100,000 types ran over 10 minutes before it ended
+    // (killed), in a scan of the types per task, and its summary line named every type
+    // (581 KB on one line). The people's line names 20; --json lists them all.
+    let types = type_names(100);
+    let dir = TestDir::new();
+    let plan: String = types.iter().map(|t| format!("{t}1\n")).collect();
+    dir.write("tasks.txt", &plan);
+    let out = run_in(
+        dir.path(),
+        &[
+            "run",
+            "tasks.txt",
+            "--discovery",
+            "none",
+            "--discovery-timeout",
+            "1s",
+        ],
+    );
+    out.assert_code(1);
+    let line = out
+        .stderr
+        .lines()
+        .find(|l| l.starts_with("error: no node serves types"))
+        .unwrap_or_else(|| panic!("no summary line: {}", out.describe()));
+    assert!(line.ends_with(", s, t and 80 more"), "{line}");
+    let json = run_in(
+        dir.path(),
+        &[
+            "run",
+            "tasks.txt",
+            "--discovery",
+            "none",
+            "--discovery-timeout",
+            "1s",
+            "--json",
+        ],
+    );
+    let s = summary(&json.json());
+    assert_eq!(
+        s["missing_types"].as_array().map(Vec::len),
+        Some(100),
+        "{s}"
+    );
+}

@@ -255,7 +255,7 @@ async fn coordinator(
     let statuses = report
         .results
         .iter()
-        .map(|r| (r.task.clone(), r.status))
+        .map(|r| (r.task.to_string(), r.status))
         .collect();
     *out.borrow_mut() = Some(Outcome { events, statuses });
     Ok(())
@@ -283,7 +283,7 @@ fn simulate(seed: u64, order: Order) -> Result<(), String> {
         tasks
             .iter()
             .filter(|_| r.below(6) == 0)
-            .map(|t| t.id.clone())
+            .map(|t| t.id().to_owned())
             .collect(),
     );
     let log: Log = Arc::default();
@@ -385,36 +385,37 @@ fn check(
         }
     }
     for (t, (id, status)) in tasks.iter().zip(&out.statuses) {
-        assert_eq!(&t.id, id);
-        let n = finals.get(t.id.as_str()).map_or(0, Vec::len);
+        assert_eq!(t.id(), id);
+        let n = finals.get(t.id()).map_or(0, Vec::len);
         if n != 1 {
-            return Err(format!("{} has {n} final results", t.id));
+            return Err(format!("{} has {n} final results", t.id()));
         }
         if *status != Status::Succeeded {
             let why = out.events.iter().find_map(|e| match e {
-                RunEvent::TaskFailed { task, error, .. } if *task == t.id => Some(error.clone()),
+                RunEvent::TaskFailed { task, error, .. } if *task == t.id() => Some(error.clone()),
                 _ => None,
             });
-            return Err(format!("{} ended {status:?} ({why:?})", t.id));
+            return Err(format!("{} ended {status:?} ({why:?})", t.id()));
         }
         let ran = log.iter().any(|(host, task, _, ok)| {
-            *ok && *task == t.id && WORKERS.iter().any(|(h, k)| h == host && *k == t.kind)
+            *ok && *task == t.id() && WORKERS.iter().any(|(h, k)| h == host && *k == t.kind())
         });
         if !ran {
             return Err(format!(
                 "{} succeeded but no handler of its type ran it",
-                t.id
+                t.id()
             ));
         }
     }
     if order == Order::Strict {
         for w in tasks.windows(2) {
-            let done = finals[w[0].id.as_str()][0];
-            if let Some(&first) = assigned.get(w[1].id.as_str()).and_then(|a| a.first()) {
+            let done = finals[w[0].id()][0];
+            if let Some(&first) = assigned.get(w[1].id()).and_then(|a| a.first()) {
                 if first < done {
                     return Err(format!(
                         "{} was assigned before {} completed",
-                        w[1].id, w[0].id
+                        w[1].id(),
+                        w[0].id()
                     ));
                 }
             }

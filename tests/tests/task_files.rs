@@ -250,7 +250,7 @@ fn keep_work_keeps_a_failed_attempt_and_hostile_ids_stay_inside() {
     for (seq, id) in ids.iter().enumerate() {
         c.send(&Message::Assign(Assign {
             seq: seq as u64 + 1,
-            task: id.to_string(),
+            task: (*id).into(),
             kind: "a".into(),
             args: String::new(),
             attempt: 1,
@@ -343,7 +343,7 @@ fn assign_files(c: &mut WireClient, seq: u64, inputs: Vec<PlacedFile>, outputs: 
     .unwrap();
     c.send(&Message::Assign(Assign {
         seq,
-        task: format!("a{seq}"),
+        task: format!("a{seq}").into(),
         kind: "a".into(),
         args: String::new(),
         attempt: 1,

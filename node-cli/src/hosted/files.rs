@@ -53,7 +53,7 @@ pub fn local_inputs(written: &[Task], resolved: &[Task]) -> std::io::Result<Vec<
     let mut seen: HashMap<String, ()> = HashMap::new();
     let mut out = Vec::new();
     for (w, r) in written.iter().zip(resolved) {
-        for (wi, ri) in w.inputs.iter().zip(&r.inputs) {
+        for (wi, ri) in w.inputs().iter().zip(r.inputs()) {
             let (Input::Path(wp), Input::Path(rp)) = (wi, ri) else {
                 continue;
             };
@@ -85,7 +85,7 @@ pub fn local_inputs(written: &[Task], resolved: &[Task]) -> std::io::Result<Vec<
 pub fn has_path_inputs(tasks: &[Task]) -> bool {
     tasks
         .iter()
-        .any(|t| t.inputs.iter().any(|i| matches!(i, Input::Path(_))))
+        .any(|t| t.inputs().iter().any(|i| matches!(i, Input::Path(_))))
 }
 
 /// Queues `t` on `link`, waiting (at most `limit`) while its command queue is full.
@@ -189,20 +189,24 @@ pub fn rewrite_inputs(
     let by_path: HashMap<&str, &SubmittedInput> =
         inputs.iter().map(|i| (i.path.as_str(), i)).collect();
     for t in tasks.iter_mut() {
-        for input in t.inputs.iter_mut() {
+        if !t.inputs().iter().any(|i| matches!(i, Input::Path(_))) {
+            continue;
+        }
+        let id = t.id().to_owned();
+        for input in t.extra_mut().inputs.iter_mut() {
             let Input::Path(p) = input else { continue };
             let written = p.to_string_lossy().into_owned();
             let Some(s) = by_path.get(written.as_str()) else {
                 return Err(format!(
                     "task {}: input {written:?} was not sent with the plan (submit ships \
                      the files a plan names; a host reads none of its own)",
-                    t.id
+                    id
                 ));
             };
             let name = p
                 .file_name()
                 .and_then(|n| n.to_str())
-                .ok_or_else(|| format!("task {}: input {written:?} has no file name", t.id))?;
+                .ok_or_else(|| format!("task {id}: input {written:?} has no file name"))?;
             *p = input_dest(run_dir, &s.hash, name);
         }
     }
@@ -221,7 +225,7 @@ pub fn place_inputs(
         inputs.iter().map(|i| (i.hash.to_hex(), i)).collect();
     let mut done: HashMap<PathBuf, ()> = HashMap::new();
     for t in tasks {
-        for input in &t.inputs {
+        for input in t.inputs() {
             let Input::Path(dest) = input else { continue };
             if done.insert(dest.clone(), ()).is_some() {
                 continue;
@@ -232,7 +236,7 @@ pub fn place_inputs(
                 .and_then(|n| n.to_str())
                 .unwrap_or_default();
             let Some(s) = by_hash.get(hex) else {
-                return Err(format!("task {}: an input with no hash", t.id));
+                return Err(format!("task {}: an input with no hash", t.id()));
             };
             let parent = dest.parent().unwrap_or(dest);
             std::fs::create_dir_all(parent)
@@ -526,7 +530,7 @@ mod tests {
         let mut tasks = p2p_tasks::parse::parse("t", "a1 < data/in.csv\n").unwrap();
         rewrite_inputs(&mut tasks, Path::new("/r"), &shipped).unwrap();
         assert_eq!(
-            tasks[0].inputs,
+            tasks[0].inputs(),
             [Input::Path(
                 Path::new("/r/inputs").join(h.to_hex()).join("in.csv")
             )]

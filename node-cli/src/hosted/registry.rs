@@ -299,7 +299,7 @@ impl Registry {
     pub fn event(&mut self, run: &str, ev: &RunEvent, json: Option<String>) {
         let mark = match ev {
             RunEvent::TaskAssigned { task, node, .. } => {
-                Some((task.as_str(), TaskState::Running, Some(node.as_str())))
+                Some((task.as_str(), TaskState::Running, Some(&**node)))
             }
             RunEvent::TaskCompleted { task, .. } => {
                 Some((task.as_str(), TaskState::Succeeded, None))
@@ -592,7 +592,7 @@ mod tests {
                 0 => assigned(t, "n"),
                 1 => completed(t),
                 2 => RunEvent::TaskFailed {
-                    task: t.clone(),
+                    task: t.as_str().into(),
                     kind: "a".into(),
                     node: "n".into(),
                     attempt: 1,
@@ -603,7 +603,7 @@ mod tests {
                     error: String::new(),
                 },
                 3 => RunEvent::TaskCancelled {
-                    task: t.clone(),
+                    task: t.as_str().into(),
                     kind: "a".into(),
                     node: "n".into(),
                     attempt: 1,
@@ -611,7 +611,7 @@ mod tests {
                     duration_ms: 0.0,
                 },
                 _ => RunEvent::TaskRetry {
-                    task: t.clone(),
+                    task: t.as_str().into(),
                     kind: "a".into(),
                     node: "n".into(),
                     attempt: 1,

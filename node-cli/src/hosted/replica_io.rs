@@ -122,7 +122,7 @@ impl std::fmt::Debug for Replicas {
 /// The task state a run event sets, as a group records it.
 pub fn mark_of(ev: &RunEvent) -> Option<Mark> {
     let (task, state, node) = match ev {
-        RunEvent::TaskAssigned { task, node, .. } => (task, MARK_RUNNING, node.as_str()),
+        RunEvent::TaskAssigned { task, node, .. } => (task, MARK_RUNNING, &**node),
         RunEvent::TaskCompleted { task, .. } => (task, MARK_SUCCEEDED, ""),
         RunEvent::TaskFailed { task, .. } => (task, MARK_FAILED, ""),
         RunEvent::TaskCancelled { task, .. } => (task, MARK_CANCELLED, ""),
@@ -130,7 +130,7 @@ pub fn mark_of(ev: &RunEvent) -> Option<Mark> {
         _ => return None,
     };
     Some(Mark {
-        task: task.clone(),
+        task: task.to_string(),
         state,
         node: node.to_string(),
     })
@@ -583,7 +583,7 @@ impl Replicas {
         match a {
             Applied::Plan(p) => {
                 let ids = p2p_tasks::parse::parse(&p.name, &p.text)
-                    .map(|t| t.into_iter().map(|t| t.id).collect())
+                    .map(|t| t.into_iter().map(|t| t.id().to_owned()).collect())
                     .unwrap_or_default();
                 let info = RunInfo {
                     run: run.to_string(),
@@ -884,10 +884,7 @@ fn takeover_journal(
     tasks: &[Task],
     done: &[String],
 ) -> Result<Journal, String> {
-    let kinds: HashMap<&str, &str> = tasks
-        .iter()
-        .map(|t| (t.id.as_str(), t.kind.as_str()))
-        .collect();
+    let kinds: HashMap<&str, &str> = tasks.iter().map(|t| (t.id(), t.kind())).collect();
     if path.exists() {
         std::fs::remove_file(path).map_err(|e| e.to_string())?;
     }

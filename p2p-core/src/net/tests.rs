@@ -220,7 +220,7 @@ async fn a_deep_window_of_tasks_is_assigned_and_answered_in_bursts() {
     for seq in 1..=N {
         d.send(Command::Assign(Assign {
             seq,
-            task: format!("a{seq}"),
+            task: format!("a{seq}").into(),
             kind: "a".into(),
             args: String::new(),
             attempt: 1,

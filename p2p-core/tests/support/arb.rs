@@ -66,8 +66,8 @@ pub fn assign() -> impl Strategy<Value = Assign> {
     (seq(), text(), text(), text(), any::<u32>(), any::<u64>()).prop_map(
         |(seq, task, kind, args, attempt, timeout_ms)| Assign {
             seq,
-            task,
-            kind,
+            task: task.into(),
+            kind: kind.into(),
             args,
             attempt,
             timeout_ms,

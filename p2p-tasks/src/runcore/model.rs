@@ -203,12 +203,13 @@ impl World {
         let mut tasks = Vec::new();
         for (i, &(b, dep, cost, retries, timeout)) in s.plan.iter().enumerate() {
             let mut t = Task::from_id(&format!("{}{}", if b { "b" } else { "a" }, i + 1)).unwrap();
-            t.cost = cost;
-            t.retries = retries;
-            t.timeout = timeout.map(Duration::from_millis);
+            t.extra_mut().cost = cost;
+            t.extra_mut().retries = retries;
+            t.extra_mut().timeout = timeout.map(Duration::from_millis);
             if let Some(d) = dep {
                 if d < i {
-                    t.deps = vec![tasks.get(d).map(|x: &Task| x.id.clone()).unwrap()];
+                    t.extra_mut().deps =
+                        vec![tasks.get(d).map(|x: &Task| x.id().to_owned()).unwrap()];
                 }
             }
             tasks.push(t);
@@ -252,7 +253,7 @@ impl World {
         };
         for c in 0..s.coords {
             let (order, retries, keep_going) = s.runs[c];
-            let has_deps = tasks.iter().any(|t| !t.deps.is_empty());
+            let has_deps = tasks.iter().any(|t| !t.deps().is_empty());
             let order = if has_deps { Order::None } else { order };
             let opts = RunOptions {
                 policy: Policy {
@@ -273,7 +274,7 @@ impl World {
             let index = tasks
                 .iter()
                 .enumerate()
-                .map(|(i, t)| (t.id.clone(), i))
+                .map(|(i, t)| (t.id().to_owned(), i))
                 .collect();
             w.coords.push(Coord {
                 core,
@@ -518,7 +519,7 @@ impl World {
                         _ => None,
                     };
                     if let Some(task) = task {
-                        let t = self.coords[c].index[&task];
+                        let t = self.coords[c].index[task.as_str()];
                         self.coords[c].final_events[t] += 1;
                         assert!(
                             self.coords[c].final_events[t] <= 1,
@@ -601,7 +602,7 @@ impl World {
                     "coordinator {c}: {} in flight on a node of capacity {capacity}",
                     conn.outstanding.len()
                 );
-                let t = self.coords[c].index[&a.task];
+                let t = self.coords[c].index[a.task.as_str()];
                 self.check_order(c, t);
                 self.check_longest_first(c, t);
                 self.coords[c].assigned[t] = true;
@@ -670,8 +671,8 @@ impl World {
                 }
             }
             Order::Type => {
-                let kind = &self.tasks[t].kind;
-                for i in (0..t).filter(|&i| &self.tasks[i].kind == kind) {
+                let kind = &self.tasks[t].kind();
+                for i in (0..t).filter(|&i| &self.tasks[i].kind() == kind) {
                     assert!(
                         is_final(i),
                         "type order: task {t} assigned before task {i} ended"
@@ -680,7 +681,7 @@ impl World {
             }
             Order::None => {}
         }
-        for d in &self.tasks[t].deps {
+        for d in self.tasks[t].deps() {
             let i = coord.index[d];
             assert_eq!(
                 coord.core.result(i).unwrap().status,
@@ -695,21 +696,21 @@ impl World {
     /// type that goes before it (costlier, or as costly and earlier) is still unassigned.
     fn check_longest_first(&self, c: usize, t: usize) {
         let coord = &self.coords[c];
-        let plain = self.tasks.iter().all(|x| x.deps.is_empty());
+        let plain = self.tasks.iter().all(|x| x.deps().is_empty());
         if coord.order != Order::None || !plain || coord.assigned[t] {
             return;
         }
         let me = &self.tasks[t];
         for (i, u) in self.tasks.iter().enumerate() {
-            let before = u.cost > me.cost || (u.cost == me.cost && i < t);
+            let before = u.cost() > me.cost() || (u.cost() == me.cost() && i < t);
             let open = coord.core.result(i).unwrap().status == Status::NotRun;
             assert!(
-                !(u.kind == me.kind && before && open && !coord.assigned[i]),
+                !(u.kind() == me.kind() && before && open && !coord.assigned[i]),
                 "coordinator {c}: {} (cost {}) assigned before {} (cost {})",
-                me.id,
-                me.cost,
-                u.id,
-                u.cost
+                me.id(),
+                me.cost(),
+                u.id(),
+                u.cost()
             );
         }
     }

@@ -3,6 +3,7 @@
 //! The run core on a virtual clock with fake links: no sockets, no tokio.
 
 use super::*;
+use compact_str::CompactString;
 use p2p_core::{Completed, ConnectionError};
 
 use crate::sched::Order;
@@ -428,7 +429,7 @@ fn a_million_dependents_of_a_failed_task_are_skipped_in_linear_time() {
     let mut tasks = plan("a1");
     for i in 0..n {
         let mut t = Task::from_id(&format!("b{i}")).unwrap();
-        t.deps = vec!["a1".into()];
+        t.extra_mut().deps = vec!["a1".into()];
         tasks.push(t);
     }
     let now = Instant::now();
@@ -766,7 +767,7 @@ fn a_task_lost_with_the_last_node_of_its_type_fails_after_the_wait() {
             _ => None,
         })
         .collect();
-    assert_eq!(failed, vec![("a1".to_string(), 1)]);
+    assert_eq!(failed, vec![(CompactString::from("a1"), 1)]);
 }
 
 /// A node of capacity `capacity` shared by several run cores, each on its own connection,

@@ -5,20 +5,11 @@ use super::*;
 fn tasks(ids: &str) -> Vec<Task> {
     ids.split_whitespace()
         .enumerate()
-        .map(|(i, id)| Task {
-            id: id.to_string(),
-            kind: id
-                .trim_end_matches(|c: char| c.is_ascii_digit())
-                .to_string(),
-            args: String::new(),
-            deps: Vec::new(),
-            line: 1,
-            col: i as u32 + 1,
-            cost: 1,
-            timeout: None,
-            retries: None,
-            inputs: Vec::new(),
-            outputs: Vec::new(),
+        .map(|(i, id)| {
+            let kind = id.trim_end_matches(|c: char| c.is_ascii_digit());
+            let mut t = Task::new(id, kind).unwrap();
+            t.set_position(1, i as u32 + 1);
+            t
         })
         .collect()
 }
@@ -354,7 +345,7 @@ fn costed(costs: &[u32], order: Order) -> Scheduler {
             .join(" "),
     );
     for (t, &c) in ts.iter_mut().zip(costs) {
-        t.cost = c;
+        t.extra_mut().cost = c;
     }
     Scheduler::new(
         &ts,
@@ -496,9 +487,9 @@ fn the_builder_numbers_tasks_and_types_in_file_order() {
     // first appearance, each type's tasks in file order, and costs, retries and
     // dependencies stay with their task.
     let mut plan = tasks("b1 a1 b2 c1 a2");
-    plan[3].cost = 5;
-    plan[1].retries = Some(7);
-    plan[4].deps = vec!["c1".into()];
+    plan[3].extra_mut().cost = 5;
+    plan[1].extra_mut().retries = Some(7);
+    plan[4].extra_mut().deps = vec!["c1".into()];
     let s = Scheduler::new(&plan, Policy::default());
     assert_eq!(s.kinds(), ["b", "a", "c"]);
     assert_eq!(s.kind_tasks, vec![vec![0, 2], vec![1, 4], vec![3]]);

@@ -65,15 +65,15 @@ pub fn check_positions(text: &str, tasks: &[Task]) {
     let lines = lines(text);
     for t in tasks {
         let line = lines
-            .get((t.line as usize).wrapping_sub(1))
-            .unwrap_or_else(|| panic!("{} at line {} of {}", t.id, t.line, lines.len()));
-        let at = from_col(line, t.col);
+            .get((t.line() as usize).wrapping_sub(1))
+            .unwrap_or_else(|| panic!("{} at line {} of {}", t.id(), t.line(), lines.len()));
+        let at = from_col(line, t.col());
         assert!(
-            at.starts_with(&t.id),
+            at.starts_with(t.id()),
             "{} at {}:{} but the text there is {at:?}",
-            t.id,
-            t.line,
-            t.col
+            t.id(),
+            t.line(),
+            t.col()
         );
     }
 }
@@ -83,37 +83,37 @@ pub fn check_positions(text: &str, tasks: &[Task]) {
 pub fn print(tasks: &[Task]) -> String {
     let mut out = String::new();
     for t in tasks {
-        out.push_str(&t.id);
-        if !t.deps.is_empty() {
+        out.push_str(t.id());
+        if !t.deps().is_empty() {
             out.push_str(" after ");
-            out.push_str(&t.deps.join(" "));
+            out.push_str(&t.deps().join(" "));
         }
-        if t.cost != 1 {
-            out.push_str(&format!(" cost {}", t.cost));
+        if t.cost() != 1 {
+            out.push_str(&format!(" cost {}", t.cost()));
         }
-        if let Some(d) = t.timeout {
+        if let Some(d) = t.timeout() {
             // One token, exact to the nanosecond (`90s`, `1s500000000ns`).
             out.push_str(&format!(" timeout {}s", d.as_secs()));
             if d.subsec_nanos() != 0 {
                 out.push_str(&format!("{}ns", d.subsec_nanos()));
             }
         }
-        if let Some(n) = t.retries {
+        if let Some(n) = t.retries() {
             out.push_str(&format!(" retries {n}"));
         }
-        for i in &t.inputs {
+        for i in t.inputs() {
             match i {
                 Input::Path(p) => out.push_str(&format!(" < {}", p.display())),
                 Input::Artifact { task, name } => out.push_str(&format!(" < @{task}/{name}")),
                 other => panic!("the parser made an input it cannot write: {other:?}"),
             }
         }
-        for o in &t.outputs {
+        for o in t.outputs() {
             out.push_str(&format!(" > {o}"));
         }
-        if !t.args.is_empty() {
+        if !t.args().is_empty() {
             out.push_str(" -- ");
-            out.push_str(&t.args);
+            out.push_str(t.args());
         }
         out.push('\n');
     }
@@ -137,12 +137,12 @@ pub fn meaning(tasks: &[Task]) -> Vec<Meaning> {
         .iter()
         .map(|t| {
             (
-                t.id.clone(),
-                t.kind.clone(),
-                t.args.clone(),
-                t.deps.clone(),
-                (t.cost, t.timeout, t.retries),
-                (t.inputs.clone(), t.outputs.clone()),
+                t.id().to_owned(),
+                t.kind().to_owned(),
+                t.args().to_owned(),
+                t.deps().to_vec(),
+                (t.cost(), t.timeout(), t.retries()),
+                (t.inputs().to_vec(), t.outputs().to_vec()),
             )
         })
         .collect()

@@ -7,7 +7,7 @@ fn assigned(s: &Sim) -> Vec<String> {
     s.events
         .iter()
         .filter_map(|e| match e {
-            RunEvent::TaskAssigned { task, .. } => Some(task.clone()),
+            RunEvent::TaskAssigned { task, .. } => Some(task.to_string()),
             _ => None,
         })
         .collect()
@@ -66,7 +66,7 @@ fn a_task_timeout_of_its_own_overrides_the_runs() {
     let sent: Vec<(String, u64)> = s
         .sent
         .iter()
-        .map(|(_, a)| (a.task.clone(), a.timeout_ms))
+        .map(|(_, a)| (a.task.to_string(), a.timeout_ms))
         .collect();
     assert_eq!(sent, [("a1".into(), 10_000), ("a2".into(), 1_000)]);
     assert_eq!(
