@@ -30,7 +30,8 @@
 //!   (none connected, capacity 0, or every node leaving) end after `discovery_timeout`, as
 //!   *not run* (or *failed*, for a task whose attempt was lost with its node), with and
 //!   without keep-going alike;
-//! - the loss limit ([`MAX_LOSSES`]) and the duplicate-node-id rule;
+//! - the loss limits ([`MAX_LOSSES`] after a task started at its node,
+//!   [`crate::sched::MAX_UNSTARTED_LOSSES`] before) and the duplicate-node-id rule;
 //! - the reason a task was skipped, found in constant time.
 
 use std::cmp::Reverse;
@@ -955,11 +956,20 @@ impl RunCore {
             .filter(|(_, f)| f.link == link)
             .map(|(s, _)| *s)
             .collect();
+        // The tasks the node had said it started: their loss counts more (see MAX_LOSSES).
+        let mut started = Vec::new();
         for s in lost {
-            self.inflight.remove(&s);
+            if let Some(f) = self.inflight.remove(&s) {
+                if f.started {
+                    started.push(f.task);
+                }
+            }
         }
+        started.sort_unstable();
         self.remember_speed(link);
-        let requeued = self.sched.remove_node(link);
+        let requeued = self
+            .sched
+            .remove_node(link, |t| started.binary_search(&t).is_ok());
         let Some(p) = self.peers.get_mut(&link) else {
             return;
         };
@@ -971,7 +981,7 @@ impl RunCore {
         let short = &p.node[..8.min(p.node.len())];
         let mut given_up = Vec::new();
         for t in requeued {
-            if self.sched.losses(t) >= MAX_LOSSES {
+            if self.sched.lost_too_often(t) {
                 given_up.push(t);
             } else {
                 self.events.push_back(RunEvent::Notice(format!(
@@ -980,10 +990,10 @@ impl RunCore {
                 )));
             }
         }
-        let why = format!(
-            "lost with its node's connection {MAX_LOSSES} times (last: {})",
-            error.as_deref().unwrap_or("the node said goodbye")
-        );
+        let last = error
+            .as_deref()
+            .unwrap_or("the node said goodbye")
+            .to_string();
         self.events.push_back(RunEvent::Disconnected {
             node: p.node.to_string(),
             addr: p.addr.to_string(),
@@ -991,8 +1001,17 @@ impl RunCore {
             error,
         });
         for t in given_up {
+            let why = match self.sched.losses(t) {
+                (started, _) if started >= MAX_LOSSES => {
+                    format!("lost with its node's connection {started} times (last: {last})")
+                }
+                (_, unstarted) => format!(
+                    "lost with its node's connection {unstarted} times before it started \
+                     (last: {last})"
+                ),
+            };
             self.sched.give_up(t);
-            self.fail_unrun(t, why.clone());
+            self.fail_unrun(t, why);
         }
         self.skipped();
     }

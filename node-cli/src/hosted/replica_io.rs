@@ -275,7 +275,7 @@ impl Replicas {
     }
 
     /// Hosts `s` replicated, if enough replicas are connected: its group is made, the plan
-    /// proposed, and this returns once a majority committed it (or [`COMMIT_WAIT`] passed:
+    /// proposed, and this returns once a majority committed it (or 10 s passed:
     /// the plan is on this node's disk and the run starts when a majority is up). `None`:
     /// not replicated (too few replicas); the caller hosts it as stage 1 does.
     pub async fn submit(&self, id: &str, s: &Submit) -> Option<Result<(), String>> {

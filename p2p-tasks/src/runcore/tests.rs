@@ -537,6 +537,7 @@ fn an_unreachable_peer_is_an_event() {
 
 #[test]
 fn a_task_lost_three_times_fails_with_the_reason() {
+    // Each node started it, then its connection failed (a result larger than the frame).
     let mut s = Sim::new("a1", opts(Order::None, 0, false));
     for link in 1..=MAX_LOSSES as u64 {
         s.connect(link, &hello(link as u8, &["a"], 1));
@@ -562,6 +563,50 @@ fn a_task_lost_three_times_fails_with_the_reason() {
     assert!(err.unwrap().contains(
         "lost with its node's connection 3 times (last: frame of 1073741824 bytes exceeds"
     ));
+}
+
+#[test]
+fn a_task_lost_before_it_started_at_nodes_that_died_together_runs_again() {
+    // Many nodes killed at once: a re-queued task goes to one already dead but not yet seen
+    // to be, three times in a row. Before, that failed it (and, without --keep-going, the
+    // run); a loss before the node said it started counts up to MAX_UNSTARTED_LOSSES.
+    let mut s = Sim::new("a1", opts(Order::None, 0, false));
+    // The nodes never say the task started.
+    s.auto_start = false;
+    let lose = |s: &mut Sim, link: u64| {
+        s.connect(link, &hello(link as u8, &["a"], 1));
+        assert_eq!(s.in_flight_on(link), 1, "the task went to node {link}");
+        s.sent.clear();
+        s.link(
+            link,
+            LinkEvent::Closed {
+                error: Some(Arc::new(ConnectionError::Lost.into())),
+            },
+        );
+    };
+    let failed = |s: &Sim| {
+        s.events.iter().find_map(|e| match e {
+            RunEvent::TaskFailed { error, .. } => Some(error.clone()),
+            _ => None,
+        })
+    };
+    for link in 1..=MAX_LOSSES as u64 {
+        lose(&mut s, link);
+    }
+    assert_eq!(
+        failed(&s),
+        None,
+        "three losses before it started fail nothing"
+    );
+    for link in MAX_LOSSES as u64 + 1..=crate::sched::MAX_UNSTARTED_LOSSES as u64 {
+        lose(&mut s, link);
+    }
+    // A task whose assignment itself brings its node down still ends.
+    let err = failed(&s).expect("failed after MAX_UNSTARTED_LOSSES");
+    assert!(
+        err.contains("lost with its node's connection 10 times before it started"),
+        "{err}"
+    );
 }
 
 #[test]
