@@ -459,6 +459,20 @@ impl Printer {
         let _ = self.active.write_log(format!("{text}\n").as_bytes());
     }
 
+    /// Ends the output of a run whose results this printer never saw whole (`attach`):
+    /// the node and type tables of the events it printed, without the task table.
+    pub fn tables(&mut self) {
+        self.flush();
+        self.finish_bar();
+        if self.format == Format::Json {
+            return;
+        }
+        let stdout = std::io::stdout();
+        let mut out = stdout.lock();
+        let _ = tally_table(&mut out, "NODE", &mut self.by_node, None);
+        let _ = tally_table(&mut out, "TYPE", &mut self.by_type, None);
+    }
+
     /// Shows the final tables (people only; `--json` consumers have the events): every task
     /// in file order with its node, attempts, duration and status (long runs list the first
     /// [`TABLE_ROWS`] rows and every task that did not succeed), then per node and per type:

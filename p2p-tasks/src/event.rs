@@ -32,8 +32,9 @@ pub const EVENT_SCHEMA: u32 = 1;
 /// `summary`). A task's events share its id, type and node with the run (an inline
 /// [`CompactString`], `Arc<str>`s): making one allocates nothing but its texts.
 /// [`RunEvent::Phase`], [`RunEvent::Notice`] and
-/// [`RunEvent::Flush`] are for people only and are never serialized.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+/// [`RunEvent::Flush`] are for people only and are never serialized. It reads back from
+/// its JSON (`p2p-node attach` shows a hosted run's events as `run` does).
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum RunEvent {
@@ -388,6 +389,42 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
     use super::*;
+
+    #[test]
+    fn events_read_back_from_their_json_with_a_time_appended() {
+        let shared = |s: &str| Arc::<str>::from(s);
+        let events = [
+            RunEvent::RunStarted {
+                schema: EVENT_SCHEMA,
+                run: "r".into(),
+                tasks: 3,
+                order: "none".into(),
+            },
+            RunEvent::TaskCompleted {
+                task: "a1".into(),
+                kind: shared("a"),
+                node: shared("n1"),
+                attempt: 2,
+                ok: true,
+                output: "out\nmore".into(),
+                duration_ms: 1.5,
+            },
+            RunEvent::Disconnected {
+                node: "n1".into(),
+                addr: "127.0.0.1:1".into(),
+                clean: false,
+                error: Some("gone".into()),
+            },
+            RunReport::new(vec![TaskResult::new("a1", "a", Status::Succeeded)]).summary(),
+        ];
+        for ev in events {
+            let mut v = serde_json::to_value(&ev).unwrap();
+            // What `--json` and `attach` carry: the same object with its time last.
+            v["ts"] = "2026-12-01T00:00:00Z".into();
+            let back: RunEvent = serde_json::from_value(v).unwrap();
+            assert_eq!(back, ev);
+        }
+    }
 
     #[test]
     fn a_result_is_120_bytes_and_keeps_a_short_id_and_output_inline() {

@@ -237,3 +237,29 @@ fn a_hosted_run_uses_the_peers_its_host_was_given() {
         }
     }
 }
+
+#[test]
+fn attach_shows_a_hosted_run_as_run_shows_it() {
+    let dir = TestDir::new();
+    let node = host(&dir.join("host"), &[]);
+    dir.write("plan.txt", "a1 -- echo one\na2 -- echo two\n");
+    let run = submit(dir.path(), &node, "plan.txt");
+    let peer = node.peer();
+    let out = run_in(dir.path(), &["attach", &run, "--peer", &peer]);
+    out.assert_code(0);
+    // run's result lines, its summary line and its node and type tables, then the end.
+    for want in [
+        "[1/2] a1 ok on node",
+        "[2/2] a2 ok on node",
+        "2 tasks: 2 succeeded, 0 failed, 0 not run",
+        "NODE ",
+        "TYPE ",
+    ] {
+        assert!(out.stdout.contains(want), "{want:?}: {}", out.describe());
+    }
+    assert!(
+        out.stdout.trim_end().ends_with("succeeded"),
+        "{}",
+        out.describe()
+    );
+}

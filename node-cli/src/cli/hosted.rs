@@ -300,51 +300,32 @@ pub async fn run_status(run: String, json: bool, client: HostClient) -> anyhow::
     }
 }
 
-/// One event of an attached run as a person reads it (`None`: not shown).
-fn human(json: &str) -> Option<String> {
-    let v: serde_json::Value = serde_json::from_str(json).ok()?;
-    let s = |k: &str| escape(v.get(k).and_then(|x| x.as_str()).unwrap_or("")).into_owned();
-    let n = |k: &str| v.get(k).and_then(serde_json::Value::as_u64).unwrap_or(0);
-    let short = |k: &str| s(k).chars().take(12).collect::<String>();
-    Some(match v.get("event")?.as_str()? {
-        "run_started" => format!(
-            "Run {} of {} tasks ({} order)",
-            s("run"),
-            n("tasks"),
-            s("order")
-        ),
-        "connected" => format!("Connected to {} at {}", short("node"), s("addr")),
-        "task_assigned" => format!(
-            "Assigning {} to {} (attempt {})",
-            s("task"),
-            short("node"),
-            n("attempt")
-        ),
-        "task_completed" => format!(
-            "Task {} succeeded on {}: {}",
-            s("task"),
-            short("node"),
-            s("output").trim_end()
-        ),
-        "task_failed" => format!("Task {} failed: {}", s("task"), s("error")),
-        "task_retry" => format!("Task {} will be retried", s("task")),
-        "task_cancelled" => format!("Task {} cancelled", s("task")),
-        "peer_unreachable" => format!("Peer {} unreachable: {}", s("addr"), s("error")),
-        "summary" => format!(
-            "Summary: {} tasks, {} succeeded, {} failed, {} cancelled, {} not run, {} resumed",
-            n("total"),
-            n("succeeded"),
-            n("failed"),
-            n("cancelled"),
-            n("not_run"),
-            n("resumed")
-        ),
-        _ => return None,
-    })
+/// An attached run's event as `run` shows it: each event read back from its JSON line and
+/// given to `run`'s printer (made at the first event, `run_started`, which names the
+/// number of tasks); an event this version does not know is skipped.
+struct Shown {
+    printer: Option<crate::output::Printer>,
+}
+
+impl Shown {
+    fn event(&mut self, json: &str) {
+        let Ok(ev) = serde_json::from_str::<p2p_tasks::RunEvent>(json) else {
+            return;
+        };
+        let printer = self.printer.get_or_insert_with(|| {
+            let total = match &ev {
+                p2p_tasks::RunEvent::RunStarted { tasks, .. } => *tasks,
+                _ => 0,
+            };
+            crate::output::Printer::new(crate::output::Format::Human, total)
+        });
+        printer.event(&ev);
+    }
 }
 
 pub async fn attach(a: AttachArgs) -> anyhow::Result<u8> {
     let json = a.json;
+    let mut shown = Shown { printer: None };
     let each = |h: &Hosted| {
         if let Hosted::Event { json: line } = h {
             if json {
@@ -352,12 +333,16 @@ pub async fn attach(a: AttachArgs) -> anyhow::Result<u8> {
                 if let Ok(v) = serde_json::from_str::<serde_json::Value>(line) {
                     say!("{v}");
                 }
-            } else if let Some(text) = human(line) {
-                say!("{text}");
+            } else {
+                shown.event(line);
             }
         }
     };
-    match ask(&a.client, Hosted::Attach { run: a.run }, false, each).await? {
+    let last = ask(&a.client, Hosted::Attach { run: a.run }, false, each).await?;
+    if let Some(mut p) = shown.printer.take() {
+        p.tables();
+    }
+    match last {
         Hosted::Ended(end) => {
             if !json {
                 say!("Run {} {}", escape(&end.run), end.state.as_str());
