@@ -355,3 +355,128 @@ fn cancel_asked_of_a_replica_stops_a_replicated_run() {
         .any(|v| v["run"] == run.as_str() && v["state"] == "cancelled")));
     assert_eq!(lines(&started).len(), 1, "a task started after the cancel");
 }
+
+/// A replicated run with files (#19 stage 2 with #18): the host ships the plan's input to
+/// both replicas before the plan is proposed; killed for good mid-run, the replica that
+/// takes over runs the rest from its own copy of the input (the client's is gone), runs
+/// again the producer whose output its remaining tasks need (it went with the host), and
+/// `results` asked of it gives the correct results of the tasks it ran.
+#[test]
+fn a_replica_finishes_a_run_with_files_from_its_own_copies() {
+    let dir = TestDir::new();
+    let client = dir.join("client");
+    std::fs::create_dir_all(&client).unwrap();
+    std::fs::write(client.join("in.txt"), "one\ntwo\nthree\n").unwrap();
+    let count = dir.join("count");
+    let log = count.display().to_string();
+    // a1 makes out.txt from the input; a2..a21 read both, slowly; a22 needs a1's output
+    // and ends the chain.
+    let mut plan = format!("a1 < in.txt > out.txt -- sort -r in.txt > out.txt; echo a1 >> {log}\n");
+    for i in 2..=21 {
+        plan.push_str(&format!(
+            "a{i} after a1 < @a1/out.txt < in.txt -- sleep 0.3; echo a{i} >> {log}; \
+             cat out.txt; wc -l < in.txt\n"
+        ));
+    }
+    plan.push_str(&format!(
+        "a22 after a21 < @a1/out.txt > final.txt -- cat out.txt out.txt > final.txt; \
+         echo a22 >> {log}\n"
+    ));
+    std::fs::write(client.join("plan.txt"), &plan).unwrap();
+    let handler = "a=sh -c {args}";
+    let b = node(&dir.join("b"), handler, &[]);
+    let c = node(&dir.join("c"), handler, &[]);
+    let (pb, pc) = (b.peer(), c.peer());
+    let a = node(
+        &dir.join("a"),
+        handler,
+        &["--replica", &pb, "--replica", &pc],
+    );
+    let pa = a.peer();
+    let out = run_in(
+        &client,
+        &["submit", "plan.txt", "--peer", &pa, "--order", "none"],
+    );
+    out.assert_code(0);
+    let run = out.stdout.trim().to_string();
+    assert_eq!(run.len(), 32, "{}", out.describe());
+    // Nothing of the client's is needed any more.
+    std::fs::remove_file(client.join("in.txt")).unwrap();
+    // Replicated (not hosted alone): the host keeps it among its groups.
+    let host_id = a.node_id.clone().expect("the node printed its id");
+    assert!(
+        dir.join("a")
+            .join("replicas")
+            .join(&host_id)
+            .join(&run)
+            .exists(),
+        "a plan with files was not replicated\nhost log:\n{}",
+        a.stderr.text()
+    );
+    // The host ran a1 and a few more, and a replica has them committed as succeeded.
+    assert!(
+        poll_until(LONG, || runs_json(&dir, &b).iter().any(|v| v["run"]
+            == run.as_str()
+            && v["succeeded"].as_u64().unwrap_or(0) >= 4)),
+        "the run did not progress on its host\nhost log:\n{}",
+        a.stderr.text()
+    );
+    drop(a);
+    let on_host = lines(&count);
+    assert!(
+        on_host.len() < 22,
+        "the run finished before the kill: {on_host:?}"
+    );
+    assert!(on_host.iter().any(|t| t == "a1"), "{on_host:?}");
+    let out = run_in(&client, &["attach", &run, "--peer", &pb, "--json"]);
+    out.assert_code(0);
+    let summary = json_lines(&out.stdout).pop().expect("a summary");
+    assert_eq!(summary["total"], 22, "{}", out.describe());
+    assert_eq!(summary["succeeded"], 22, "{}", out.describe());
+    // The results of each replica: the one that coordinated has a22's.
+    let mut coordinated = None;
+    for (name, peer) in [("b", &pb), ("c", &pc)] {
+        let to = format!("got-{name}");
+        let out = run_in(&client, &["results", &run, "--peer", peer, "--to", &to]);
+        out.assert_code(0);
+        if client.join(&to).join("a22/final.txt").exists() {
+            assert!(coordinated.is_none(), "both replicas ran a22");
+            coordinated = Some(client.join(&to));
+        }
+    }
+    let got = coordinated.expect("a replica coordinated the run's end and kept its results");
+    let sorted = "two\nthree\none\n";
+    // a1 ran again under the new coordinator (its output went with the host) ...
+    let all = lines(&count);
+    assert!(
+        all.iter().filter(|t| *t == "a1").count() >= 2,
+        "the producer did not run again: {all:?}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(got.join("a1/out.txt")).unwrap(),
+        sorted
+    );
+    // ... so the tasks after the takeover read its output, and the input from the
+    // replica's own copy.
+    assert_eq!(
+        std::fs::read_to_string(got.join("a22/final.txt")).unwrap(),
+        format!("{sorted}{sorted}")
+    );
+    let mut here = 0;
+    for i in 2..=21 {
+        let stdout = got.join(format!("a{i}/stdout"));
+        if let Ok(text) = std::fs::read_to_string(&stdout) {
+            assert_eq!(text, format!("{sorted}3\n"), "a{i}");
+            here += 1;
+        } else {
+            // Not run by the new coordinator: it succeeded under the host.
+            assert!(on_host.contains(&format!("a{i}")), "a{i} has no result");
+        }
+    }
+    assert!(here > 0, "the new coordinator ran none of a2..a21");
+    eprintln!(
+        "the host ran {} before its kill; the new coordinator kept the results of {} of a2..a21",
+        on_host.len(),
+        here
+    );
+}
