@@ -13,6 +13,9 @@
 //!   there ([`ResultFile`], then its bytes in [`Hosted::ResultData`]s) and
 //!   [`Hosted::ResultsDone`]; [`ResultsWriter`] writes them under the client's directory,
 //!   each file whole or not at all.
+//! - **Replicated runs** (see [`super::replica_io`]): the host offers the inputs to each
+//!   replica the same way ([`upload`] of [`placed_inputs`], from the run's copies), and
+//!   every member places its own copies ([`place_inputs`] keeps a copy placed before).
 
 use std::collections::HashMap;
 use std::io::{Read, Seek, SeekFrom, Write};

@@ -25,6 +25,12 @@
 //! - **A majority is needed.** With three members one may be lost for good; with two, none
 //!   (the survivor cannot be elected). A host that cannot find two replicas runs the plan
 //!   unreplicated, as stage 1 does.
+//! - **Every member holds the inputs.** A plan's input files are given to every member
+//!   before the plan is proposed, and the plan record names them ([`Plan::inputs`]): the
+//!   member that coordinates runs the tasks from its own copies, and keeps the results of
+//!   the tasks it runs. A task that declares outputs and succeeded under an earlier
+//!   coordinator runs again (its files are that coordinator's), so its dependents have
+//!   them; its second result is not reported.
 //!
 //! The IO (disk, connections, the coordinator) is [`super::replica_io`]'s.
 

@@ -11,7 +11,9 @@
 //!
 //! `DIR/RUN_ID/` (see [`super::replica_disk`]), `DIR` being `DATA/replicas/NODE_ID`, and a
 //! coordinator's journal `DIR/RUN_ID/journal-TERM` made at each takeover from the results
-//! committed so far.
+//! committed so far; the run's input files in `DIR/RUN_ID/inputs/HASH/NAME` (see
+//! [`member_tasks`]) and the results of the tasks this member coordinated in
+//! `DIR/RUN_ID/results/`.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -63,7 +65,7 @@ const REDIAL: Duration = Duration::from_secs(1);
 
 /// How long each step of shipping a run's inputs to a replica may wait (connecting, and
 /// each answer of the replica while a file is offered).
-const SHIP_WAIT: Duration = Duration::from_secs(30);
+const SHIP_WAIT: Duration = Duration::from_secs(10);
 
 /// How a node replicates hosted runs.
 #[derive(Debug, Clone)]
@@ -284,7 +286,7 @@ impl Replicas {
     }
 
     /// Hosts `s` replicated, if enough replicas are connected: its group is made, the plan
-    /// proposed, and this returns once a majority committed it (or [`COMMIT_WAIT`] passed:
+    /// proposed, and this returns once a majority committed it (or `COMMIT_WAIT` passed:
     /// the plan is on this node's disk and the run starts when a majority is up). `None`:
     /// not replicated (too few replicas, or a replica that could not take the plan's
     /// input files); the caller hosts it as stage 1 does.
@@ -355,7 +357,8 @@ impl Replicas {
                 return match e {
                     Handed::Here(e) => Some(Err(e)),
                     Handed::Replica(e) => {
-                        warn!(run = %id, error = %e, "a replica cannot take the run's inputs: the run is hosted unreplicated");
+                        // (Hosted alone, the run gets an id of its own.)
+                        warn!(error = %e, "a replica cannot take a plan's inputs: it is hosted unreplicated");
                         None
                     }
                 };
