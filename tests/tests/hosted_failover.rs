@@ -480,3 +480,90 @@ fn a_replica_finishes_a_run_with_files_from_its_own_copies() {
         here
     );
 }
+
+/// Every file under `dir` whose bytes are `bytes` is removed (a node's cached copies).
+fn remove_copies(dir: &Path, bytes: &[u8]) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let path = e.path();
+        if path.is_dir() {
+            remove_copies(&path, bytes);
+        } else if std::fs::read(&path).is_ok_and(|b| b == bytes) {
+            std::fs::remove_file(&path).unwrap();
+        }
+    }
+}
+
+/// A replica that lacks an input when it must coordinate (its copies removed behind its
+/// back) ends the run failed, saying which input, and runs nothing: it never reads a path
+/// of its own (a file at the path the plan writes is there for it to find).
+#[test]
+fn a_replica_lacking_an_input_ends_the_run_failed_and_runs_nothing() {
+    let dir = TestDir::new();
+    let client = dir.join("client");
+    std::fs::create_dir_all(&client).unwrap();
+    let input = b"the client's input\n";
+    std::fs::write(client.join("in.txt"), input).unwrap();
+    let count = |n: &str| dir.join(&format!("count-{n}"));
+    let handler = |n: &str| format!("a=echo {{id}} >> {}; sh -c {{args}}", count(n).display());
+    let plan: String = (1..=20)
+        .map(|i| format!("a{i} < in.txt -- sleep 0.3; cat in.txt\n"))
+        .collect();
+    std::fs::write(client.join("plan.txt"), plan).unwrap();
+    let b = node(&dir.join("b"), &handler("b"), &[]);
+    let c = node(&dir.join("c"), &handler("c"), &[]);
+    let (pb, pc) = (b.peer(), c.peer());
+    let a = node(
+        &dir.join("a"),
+        &handler("a"),
+        &["--replica", &pb, "--replica", &pc],
+    );
+    let pa = a.peer();
+    let out = run_in(
+        &client,
+        &["submit", "plan.txt", "--peer", &pa, "--order", "none"],
+    );
+    out.assert_code(0);
+    let run = out.stdout.trim().to_string();
+    assert!(
+        poll_until(LONG, || lines(&count("a")).len() >= 2),
+        "the run did not start on its host\nhost log:\n{}",
+        a.stderr.text()
+    );
+    // Each replica kept its copy when the plan was committed; both copies (and the
+    // cached ones) go behind their backs. A file where the plan's path would lead is left
+    // in each replica's data directory.
+    for (name, r) in [("b", &b), ("c", &c)] {
+        let id = r.node_id.clone().expect("the node printed its id");
+        let inputs = dir
+            .join(name)
+            .join("replicas")
+            .join(&id)
+            .join(&run)
+            .join("inputs");
+        assert!(
+            poll_until(LONG, || inputs.exists()),
+            "replica {name} kept no copy of the input\nits log:\n{}",
+            r.stderr.text()
+        );
+        remove_copies(&dir.join(name).join("cache"), input);
+        std::fs::remove_dir_all(&inputs).unwrap();
+        std::fs::write(dir.join(name).join("in.txt"), input).unwrap();
+    }
+    drop(a);
+    let out = run_in(&client, &["attach", &run, "--peer", &pb, "--json"]);
+    out.assert_code(1);
+    for r in [&b, &c] {
+        assert!(poll_until(LONG, || runs_json(&dir, r)
+            .iter()
+            .any(|v| v["run"] == run.as_str() && v["state"] == "failed")));
+    }
+    let logs = format!("{}{}", b.stderr.text(), c.stderr.text());
+    assert!(
+        logs.contains("lacks an input of the run") && logs.contains("in.txt"),
+        "no replica said which input it lacks:\n{logs}"
+    );
+    assert!(lines(&count("b")).is_empty() && lines(&count("c")).is_empty());
+}
