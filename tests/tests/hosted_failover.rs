@@ -430,9 +430,20 @@ fn a_replica_finishes_a_run_with_files_from_its_own_copies() {
     assert!(on_host.iter().any(|t| t == "a1"), "{on_host:?}");
     let out = run_in(&client, &["attach", &run, "--peer", &pb, "--json"]);
     out.assert_code(0);
-    let summary = json_lines(&out.stdout).pop().expect("a summary");
+    let events = json_lines(&out.stdout);
+    let summary = events.last().expect("a summary");
     assert_eq!(summary["total"], 22, "{}", out.describe());
     assert_eq!(summary["succeeded"], 22, "{}", out.describe());
+    // Each task's result reported once, a1's too (it runs twice).
+    let mut done: Vec<&str> = events
+        .iter()
+        .filter(|e| e["event"] == "task_completed")
+        .filter_map(|e| e["task"].as_str())
+        .collect();
+    done.sort_unstable();
+    let reported = done.len();
+    done.dedup();
+    assert_eq!((reported, done.len()), (22, 22), "{}", out.describe());
     // The results of each replica: the one that coordinated has a22's.
     let mut coordinated = None;
     for (name, peer) in [("b", &pb), ("c", &pc)] {
