@@ -421,7 +421,12 @@ impl Host {
                     one(refused(format!("no run {run} on this node")));
                     return rx;
                 }
-                let root = self.inner.config.dir.join(&run).join(files::RESULTS);
+                // A replicated run's results are those of the tasks this member coordinated.
+                let dir = match self.inner.replicas.get().and_then(|r| r.run_dir(&run)) {
+                    Some(d) => d,
+                    None => self.inner.config.dir.join(&run),
+                };
+                let root = dir.join(files::RESULTS);
                 tokio::task::spawn_blocking(move || files::stream_results(&root, &tx));
             }
             other => one(refused(format!("{} is not a request", other.kind()))),
@@ -448,7 +453,7 @@ impl Host {
                 return Err(e);
             }
             let id = p2p_core::NodeId::random().to_string();
-            let replicated = r.submit(&id, &s).await;
+            let replicated = r.submit(&id, &s, inputs.as_deref()).await;
             lock(&self.inner.registry).release();
             match replicated {
                 Some(Ok(())) => return Ok(id),

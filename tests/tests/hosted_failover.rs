@@ -355,3 +355,226 @@ fn cancel_asked_of_a_replica_stops_a_replicated_run() {
         .any(|v| v["run"] == run.as_str() && v["state"] == "cancelled")));
     assert_eq!(lines(&started).len(), 1, "a task started after the cancel");
 }
+
+/// A replicated run with files (#19 stage 2 with #18): the host ships the plan's input to
+/// both replicas before the plan is proposed; killed for good mid-run, the replica that
+/// takes over runs the rest from its own copy of the input (the client's is gone), runs
+/// again the producer whose output its remaining tasks need (it went with the host), and
+/// `results` asked of it gives the correct results of the tasks it ran.
+#[test]
+fn a_replica_finishes_a_run_with_files_from_its_own_copies() {
+    let dir = TestDir::new();
+    let client = dir.join("client");
+    std::fs::create_dir_all(&client).unwrap();
+    std::fs::write(client.join("in.txt"), "one\ntwo\nthree\n").unwrap();
+    let count = dir.join("count");
+    let log = count.display().to_string();
+    // a1 makes out.txt from the input; a2..a21 read both, slowly; a22 needs a1's output
+    // and ends the chain.
+    let mut plan = format!("a1 < in.txt > out.txt -- sort -r in.txt > out.txt; echo a1 >> {log}\n");
+    for i in 2..=21 {
+        plan.push_str(&format!(
+            "a{i} after a1 < @a1/out.txt < in.txt -- sleep 0.3; echo a{i} >> {log}; \
+             cat out.txt; wc -l < in.txt\n"
+        ));
+    }
+    plan.push_str(&format!(
+        "a22 after a21 < @a1/out.txt > final.txt -- cat out.txt out.txt > final.txt; \
+         echo a22 >> {log}\n"
+    ));
+    std::fs::write(client.join("plan.txt"), &plan).unwrap();
+    let handler = "a=sh -c {args}";
+    let b = node(&dir.join("b"), handler, &[]);
+    let c = node(&dir.join("c"), handler, &[]);
+    let (pb, pc) = (b.peer(), c.peer());
+    let a = node(
+        &dir.join("a"),
+        handler,
+        &["--replica", &pb, "--replica", &pc],
+    );
+    let pa = a.peer();
+    let out = run_in(
+        &client,
+        &["submit", "plan.txt", "--peer", &pa, "--order", "none"],
+    );
+    out.assert_code(0);
+    let run = out.stdout.trim().to_string();
+    assert_eq!(run.len(), 32, "{}", out.describe());
+    // Nothing of the client's is needed any more.
+    std::fs::remove_file(client.join("in.txt")).unwrap();
+    // Replicated (not hosted alone): the host keeps it among its groups.
+    let host_id = a.node_id.clone().expect("the node printed its id");
+    assert!(
+        dir.join("a")
+            .join("replicas")
+            .join(&host_id)
+            .join(&run)
+            .exists(),
+        "a plan with files was not replicated\nhost log:\n{}",
+        a.stderr.text()
+    );
+    // The host ran a1 and a few more, and a replica has them committed as succeeded.
+    assert!(
+        poll_until(LONG, || runs_json(&dir, &b).iter().any(|v| v["run"]
+            == run.as_str()
+            && v["succeeded"].as_u64().unwrap_or(0) >= 4)),
+        "the run did not progress on its host\nhost log:\n{}",
+        a.stderr.text()
+    );
+    drop(a);
+    let on_host = lines(&count);
+    assert!(
+        on_host.len() < 22,
+        "the run finished before the kill: {on_host:?}"
+    );
+    assert!(on_host.iter().any(|t| t == "a1"), "{on_host:?}");
+    let out = run_in(&client, &["attach", &run, "--peer", &pb, "--json"]);
+    out.assert_code(0);
+    let events = json_lines(&out.stdout);
+    let summary = events.last().expect("a summary");
+    assert_eq!(summary["total"], 22, "{}", out.describe());
+    assert_eq!(summary["succeeded"], 22, "{}", out.describe());
+    // Each task's result reported once, a1's too (it runs twice).
+    let mut done: Vec<&str> = events
+        .iter()
+        .filter(|e| e["event"] == "task_completed")
+        .filter_map(|e| e["task"].as_str())
+        .collect();
+    done.sort_unstable();
+    let reported = done.len();
+    done.dedup();
+    assert_eq!((reported, done.len()), (22, 22), "{}", out.describe());
+    // The results of each replica: the one that coordinated has a22's.
+    let mut coordinated = None;
+    for (name, peer) in [("b", &pb), ("c", &pc)] {
+        let to = format!("got-{name}");
+        let out = run_in(&client, &["results", &run, "--peer", peer, "--to", &to]);
+        out.assert_code(0);
+        if client.join(&to).join("a22/final.txt").exists() {
+            assert!(coordinated.is_none(), "both replicas ran a22");
+            coordinated = Some(client.join(&to));
+        }
+    }
+    let got = coordinated.expect("a replica coordinated the run's end and kept its results");
+    let sorted = "two\nthree\none\n";
+    // a1 ran again under the new coordinator (its output went with the host) ...
+    let all = lines(&count);
+    assert!(
+        all.iter().filter(|t| *t == "a1").count() >= 2,
+        "the producer did not run again: {all:?}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(got.join("a1/out.txt")).unwrap(),
+        sorted
+    );
+    // ... so the tasks after the takeover read its output, and the input from the
+    // replica's own copy.
+    assert_eq!(
+        std::fs::read_to_string(got.join("a22/final.txt")).unwrap(),
+        format!("{sorted}{sorted}")
+    );
+    let mut here = 0;
+    for i in 2..=21 {
+        let stdout = got.join(format!("a{i}/stdout"));
+        if let Ok(text) = std::fs::read_to_string(&stdout) {
+            assert_eq!(text, format!("{sorted}3\n"), "a{i}");
+            here += 1;
+        } else {
+            // Not run by the new coordinator: it succeeded under the host.
+            assert!(on_host.contains(&format!("a{i}")), "a{i} has no result");
+        }
+    }
+    assert!(here > 0, "the new coordinator ran none of a2..a21");
+    eprintln!(
+        "the host ran {} before its kill; the new coordinator kept the results of {} of a2..a21",
+        on_host.len(),
+        here
+    );
+}
+
+/// Every file under `dir` whose bytes are `bytes` is removed (a node's cached copies).
+fn remove_copies(dir: &Path, bytes: &[u8]) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let path = e.path();
+        if path.is_dir() {
+            remove_copies(&path, bytes);
+        } else if std::fs::read(&path).is_ok_and(|b| b == bytes) {
+            std::fs::remove_file(&path).unwrap();
+        }
+    }
+}
+
+/// A replica that lacks an input when it must coordinate (its copies removed behind its
+/// back) ends the run failed, saying which input, and runs nothing: it never reads a path
+/// of its own (a file at the path the plan writes is there for it to find).
+#[test]
+fn a_replica_lacking_an_input_ends_the_run_failed_and_runs_nothing() {
+    let dir = TestDir::new();
+    let client = dir.join("client");
+    std::fs::create_dir_all(&client).unwrap();
+    let input = b"the client's input\n";
+    std::fs::write(client.join("in.txt"), input).unwrap();
+    let count = |n: &str| dir.join(&format!("count-{n}"));
+    let handler = |n: &str| format!("a=echo {{id}} >> {}; sh -c {{args}}", count(n).display());
+    let plan: String = (1..=20)
+        .map(|i| format!("a{i} < in.txt -- sleep 0.3; cat in.txt\n"))
+        .collect();
+    std::fs::write(client.join("plan.txt"), plan).unwrap();
+    let b = node(&dir.join("b"), &handler("b"), &[]);
+    let c = node(&dir.join("c"), &handler("c"), &[]);
+    let (pb, pc) = (b.peer(), c.peer());
+    let a = node(
+        &dir.join("a"),
+        &handler("a"),
+        &["--replica", &pb, "--replica", &pc],
+    );
+    let pa = a.peer();
+    let out = run_in(
+        &client,
+        &["submit", "plan.txt", "--peer", &pa, "--order", "none"],
+    );
+    out.assert_code(0);
+    let run = out.stdout.trim().to_string();
+    assert!(
+        poll_until(LONG, || lines(&count("a")).len() >= 2),
+        "the run did not start on its host\nhost log:\n{}",
+        a.stderr.text()
+    );
+    // Each replica kept its copy when the plan was committed; both copies (and the
+    // cached ones) go behind their backs. A file where the plan's path would lead is left
+    // in each replica's data directory.
+    for (name, r) in [("b", &b), ("c", &c)] {
+        let id = r.node_id.clone().expect("the node printed its id");
+        let inputs = dir
+            .join(name)
+            .join("replicas")
+            .join(&id)
+            .join(&run)
+            .join("inputs");
+        assert!(
+            poll_until(LONG, || inputs.exists()),
+            "replica {name} kept no copy of the input\nits log:\n{}",
+            r.stderr.text()
+        );
+        remove_copies(&dir.join(name).join("cache"), input);
+        std::fs::remove_dir_all(&inputs).unwrap();
+        std::fs::write(dir.join(name).join("in.txt"), input).unwrap();
+    }
+    drop(a);
+    let out = run_in(&client, &["attach", &run, "--peer", &pb, "--json"]);
+    out.assert_code(1);
+    for r in [&b, &c] {
+        assert!(poll_until(LONG, || runs_json(&dir, r)
+            .iter()
+            .any(|v| v["run"] == run.as_str() && v["state"] == "failed")));
+    }
+    let logs = format!("{}{}", b.stderr.text(), c.stderr.text());
+    assert!(
+        logs.contains("lacks an input of the run") && logs.contains("in.txt"),
+        "no replica said which input it lacks:\n{logs}"
+    );
+    assert!(lines(&count("b")).is_empty() && lines(&count("c")).is_empty());
+}

@@ -126,6 +126,7 @@ fn plan() -> Plan {
             discovery_timeout_ms: 1000,
         },
         started_ms: 0,
+        inputs: Vec::new(),
     }
 }
 

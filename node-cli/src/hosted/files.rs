@@ -13,6 +13,9 @@
 //!   there ([`ResultFile`], then its bytes in [`Hosted::ResultData`]s) and
 //!   [`Hosted::ResultsDone`]; [`ResultsWriter`] writes them under the client's directory,
 //!   each file whole or not at all.
+//! - **Replicated runs** (see [`super::replica_io`]): the host offers the inputs to each
+//!   replica the same way ([`upload`] of [`placed_inputs`], from the run's copies), and
+//!   every member places its own copies ([`place_inputs`] keeps a copy placed before).
 
 use std::collections::HashMap;
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -238,6 +241,15 @@ pub fn place_inputs(
             let Some(s) = by_hash.get(hex) else {
                 return Err(format!("task {}: an input with no hash", t.id()));
             };
+            // Placed before (a member of a replicated run places its inputs when the plan
+            // is committed, and checks them again to coordinate): kept as it is. Never
+            // written over: it may be a hard link to the cached file.
+            match std::fs::symlink_metadata(dest) {
+                Ok(m) if m.is_file() && m.len() == s.size => continue,
+                Ok(_) => std::fs::remove_file(dest)
+                    .map_err(|e| format!("cannot replace {}: {e}", dest.display()))?,
+                Err(_) => {}
+            }
             let parent = dest.parent().unwrap_or(dest);
             std::fs::create_dir_all(parent)
                 .map_err(|e| format!("cannot make {}: {e}", parent.display()))?;
@@ -259,6 +271,35 @@ pub fn place_inputs(
         }
     }
     Ok(())
+}
+
+/// The files to offer another node so that it holds every input of `tasks` (already
+/// rewritten into a run directory and placed there, see [`place_inputs`]): each distinct
+/// hash once, read from its copy in the run directory.
+pub fn placed_inputs(tasks: &[Task], inputs: &[SubmittedInput]) -> Vec<LocalInput> {
+    let by_hash: HashMap<String, &SubmittedInput> =
+        inputs.iter().map(|i| (i.hash.to_hex(), i)).collect();
+    let mut seen: HashMap<String, ()> = HashMap::new();
+    let mut out = Vec::new();
+    for t in tasks {
+        for input in t.inputs() {
+            let Input::Path(dest) = input else { continue };
+            let hex = dest
+                .parent()
+                .and_then(Path::file_name)
+                .and_then(|n| n.to_str())
+                .unwrap_or_default();
+            let Some(s) = by_hash.get(hex) else { continue };
+            if seen.insert(hex.to_string(), ()).is_some() {
+                continue;
+            }
+            out.push(LocalInput {
+                file: dest.clone(),
+                submitted: (*s).clone(),
+            });
+        }
+    }
+    out
 }
 
 /// Every regular file under `root` (no symbolic link followed), as `/`-separated paths

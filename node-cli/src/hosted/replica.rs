@@ -25,12 +25,18 @@
 //! - **A majority is needed.** With three members one may be lost for good; with two, none
 //!   (the survivor cannot be elected). A host that cannot find two replicas runs the plan
 //!   unreplicated, as stage 1 does.
+//! - **Every member holds the inputs.** A plan's input files are given to every member
+//!   before the plan is proposed, and the plan record names them ([`Plan::inputs`]): the
+//!   member that coordinates runs the tasks from its own copies, and keeps the results of
+//!   the tasks it runs. A task that declares outputs and succeeded under an earlier
+//!   coordinator runs again (its files are that coordinator's), so its dependents have
+//!   them; its second result is not reported.
 //!
 //! The IO (disk, connections, the coordinator) is [`super::replica_io`]'s.
 
 use std::collections::HashMap;
 
-use p2p_core::hosted::{RunState, SubmitOptions};
+use p2p_core::hosted::{RunState, SubmitOptions, SubmittedInput};
 use p2p_core::replica::{Member, RaftEntry, RaftMessage};
 use raft::eraftpb::{ConfState, EntryType, Message, MessageType};
 /// Raft's log entry and hard state (term, vote, commit), as a [`Log`] keeps them.
@@ -99,6 +105,11 @@ pub struct Plan {
     pub options: SubmitOptions,
     /// When it was submitted (Unix milliseconds).
     pub started_ms: u64,
+    /// The input files (`< PATH`) the client shipped with it: each path as the plan
+    /// writes it, with its hash and size. Every member was given them before the plan was
+    /// proposed and keeps them in its own run directory (`RUN/inputs/HASH/NAME`); a member
+    /// that coordinates rewrites the plan's paths to its own copies.
+    pub inputs: Vec<SubmittedInput>,
 }
 
 /// The task state an event sets.
@@ -702,6 +713,7 @@ mod tests {
                 discovery_timeout_ms: 1000,
             },
             started_ms: 1,
+            inputs: Vec::new(),
         }
     }
 
@@ -715,6 +727,28 @@ mod tests {
                 node: "n".into(),
             }),
         }
+    }
+
+    #[test]
+    fn a_plan_record_carries_its_inputs_as_docs_protocol_says() {
+        let mut p = plan();
+        p.inputs = vec![SubmittedInput {
+            path: "i".into(),
+            hash: p2p_core::ContentHash([5; 32]),
+            size: 3,
+        }];
+        let bytes = encode_record(&Record::Plan(p.clone()));
+        // `0 Plan`, then name "t", text "a1 a2", the options, started_ms 1 ...
+        assert_eq!(
+            bytes[..10],
+            [0, 1, b't', 5, b'a', b'1', b' ', b'a', b'2', 0]
+        );
+        // ... and last the inputs: one, path "i", its 32-byte hash, size 3.
+        let mut tail = vec![1, 1, b'i'];
+        tail.extend([5; 32]);
+        tail.push(3);
+        assert_eq!(bytes[bytes.len() - tail.len()..], tail[..]);
+        assert_eq!(decode_record(&bytes), Some(Record::Plan(p)));
     }
 
     #[test]

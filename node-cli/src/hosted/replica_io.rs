@@ -11,20 +11,23 @@
 //!
 //! `DIR/RUN_ID/` (see [`super::replica_disk`]), `DIR` being `DATA/replicas/NODE_ID`, and a
 //! coordinator's journal `DIR/RUN_ID/journal-TERM` made at each takeover from the results
-//! committed so far.
+//! committed so far; the run's input files in `DIR/RUN_ID/inputs/HASH/NAME` (see
+//! [`member_tasks`]) and the results of the tasks this member coordinated in
+//! `DIR/RUN_ID/results/`.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc as std_mpsc;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
-use p2p_core::hosted::{RunInfo, RunState, Submit};
+use p2p_core::hosted::{RunInfo, RunState, Submit, SubmittedInput};
 use p2p_core::net::{self, Command, LinkEvent, ReplicaService, Settings};
 use p2p_core::replica::{Member, RaftMessage, Replica};
 use p2p_core::Hello;
+use p2p_tasks::node_files::NodeFiles;
 use p2p_tasks::{Journal, RunEvent, Status, Task, TaskResult};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -35,7 +38,7 @@ use super::replica::{
     MARK_PENDING, MARK_RUNNING, MARK_SUCCEEDED, TICK,
 };
 use super::replica_disk::DiskLog;
-use super::{capped_json, lock, now_ms, run_options, Host};
+use super::{capped_json, files, lock, now_ms, run_options, Host};
 
 /// The members of a new group: the host and this many replicas.
 pub const REPLICAS: usize = 2;
@@ -59,6 +62,10 @@ const PICK_WAIT: Duration = Duration::from_secs(2);
 
 /// Between two attempts to connect to a member.
 const REDIAL: Duration = Duration::from_secs(1);
+
+/// How long each step of shipping a run's inputs to a replica may wait (connecting, and
+/// each answer of the replica while a file is offered).
+const SHIP_WAIT: Duration = Duration::from_secs(10);
 
 /// How a node replicates hosted runs.
 #[derive(Debug, Clone)]
@@ -103,6 +110,9 @@ struct Inner {
     peers: Mutex<HashMap<SocketAddr, PeerLink>>,
     runtime: tokio::runtime::Handle,
     stop: CancellationToken,
+    /// Held while a run's inputs are placed in its directory (when its plan is applied,
+    /// and again to coordinate it), so that two placements never race on one file.
+    placing: Mutex<()>,
 }
 
 /// The groups this node is a member of. Cheap to clone.
@@ -154,6 +164,7 @@ impl Replicas {
                 peers: Mutex::default(),
                 runtime: tokio::runtime::Handle::current(),
                 stop: CancellationToken::new(),
+                placing: Mutex::new(()),
             }
         });
         let r = Replicas { inner };
@@ -277,19 +288,38 @@ impl Replicas {
     /// Hosts `s` replicated, if enough replicas are connected: its group is made, the plan
     /// proposed, and this returns once a majority committed it (or 10 s passed:
     /// the plan is on this node's disk and the run starts when a majority is up). `None`:
-    /// not replicated (too few replicas); the caller hosts it as stage 1 does.
-    pub async fn submit(&self, id: &str, s: &Submit) -> Option<Result<(), String>> {
+    /// not replicated (too few replicas, or a replica that could not take the plan's
+    /// input files); the caller hosts it as stage 1 does.
+    ///
+    /// A plan with input files (`< PATH`, shipped by the client into this node's file
+    /// cache, `inputs`) has them placed in this member's run directory, then offered to
+    /// each replica (into its file cache) before the plan is proposed; the plan record
+    /// names them, so each member places its own copies when the plan is committed.
+    pub async fn submit(
+        &self,
+        id: &str,
+        s: &Submit,
+        inputs: Option<&[SubmittedInput]>,
+    ) -> Option<Result<(), String>> {
         if self.inner.config.candidates.is_empty() {
             return None;
         }
-        // A plan with files needs its inputs where it runs: hosted alone (the replicas
-        // would not have them).
-        let files = p2p_tasks::parse::parse(&s.name, &s.text)
-            .map(|tasks| tasks.iter().any(Task::has_files))
-            .unwrap_or(true);
-        if files {
-            info!(run = %id, "a plan with files is hosted unreplicated");
+        // (The caller checked that it parses and can run.)
+        let tasks = p2p_tasks::parse::parse(&s.name, &s.text).ok()?;
+        let inputs = inputs.map(<[SubmittedInput]>::to_vec).unwrap_or_default();
+        let with_files = files::has_path_inputs(&tasks);
+        let node_files = self.inner.host.inner.config.files.clone();
+        if with_files && node_files.is_none() {
+            // Hosted alone, which refuses it and says why.
             return None;
+        }
+        let dir = self.inner.config.dir.join(id);
+        let mut placed = tasks;
+        if with_files {
+            // Inputs come from the client, never from the host's own files.
+            if let Err(e) = files::rewrite_inputs(&mut placed, &dir, &inputs) {
+                return Some(Err(e));
+            }
         }
         // Candidates still connecting (a node just started) get a moment.
         let mut members = self.pick();
@@ -304,9 +334,10 @@ impl Replicas {
             text: s.text.clone(),
             options: s.options.clone(),
             started_ms: now_ms(),
+            inputs: if with_files { inputs } else { Vec::new() },
         };
         let made = {
-            let (dir, members) = (self.inner.config.dir.join(id), members.clone());
+            let (dir, members) = (dir.clone(), members.clone());
             tokio::task::spawn_blocking(move || DiskLog::create(&dir, &members))
                 .await
                 .map_err(|e| e.to_string())
@@ -316,6 +347,23 @@ impl Replicas {
             Ok(log) => log,
             Err(e) => return Some(Err(e)),
         };
+        if let Some(node_files) = node_files.filter(|_| with_files) {
+            let shipped = self
+                .hand_inputs(id, &members, node_files, &placed, &plan.inputs)
+                .await;
+            if let Err(e) = shipped {
+                drop(log);
+                let _ = std::fs::remove_dir_all(&dir);
+                return match e {
+                    Handed::Here(e) => Some(Err(e)),
+                    Handed::Replica(e) => {
+                        // (Hosted alone, the run gets an id of its own.)
+                        warn!(error = %e, "a replica cannot take a plan's inputs: it is hosted unreplicated");
+                        None
+                    }
+                };
+            }
+        }
         let mut planned = match self.start_group(id, members.clone(), Saved::default(), log) {
             Ok(p) => p,
             Err(e) => return Some(Err(e)),
@@ -330,6 +378,90 @@ impl Replicas {
             warn!(run = %id, "the plan is not committed by a majority yet; the run starts when it is");
         }
         Some(Ok(()))
+    }
+
+    /// Places the inputs of a new run (`tasks`, rewritten into its directory) from this
+    /// node's file cache into the run's directory, then offers them to every other member
+    /// at once, each over a connection of its own; returns once every member holds them
+    /// all.
+    async fn hand_inputs(
+        &self,
+        run: &str,
+        members: &[Member],
+        node_files: Arc<NodeFiles>,
+        tasks: &[Task],
+        inputs: &[SubmittedInput],
+    ) -> Result<(), Handed> {
+        {
+            let this = self.clone();
+            let (tasks, inputs) = (tasks.to_vec(), inputs.to_vec());
+            tokio::task::spawn_blocking(move || {
+                let _placing = lock(&this.inner.placing);
+                files::place_inputs(&node_files, &tasks, &inputs)
+            })
+            .await
+            .map_err(|e| Handed::Here(e.to_string()))?
+            .map_err(Handed::Here)?;
+        }
+        let offered = Arc::new(files::placed_inputs(tasks, inputs));
+        let mut shipping = Vec::new();
+        for m in members
+            .iter()
+            .filter(|m| m.node != self.inner.config.me.node)
+        {
+            let Ok(addr) = m.addr.parse::<SocketAddr>() else {
+                return Err(Handed::Replica(format!("{}: not an address", m.addr)));
+            };
+            let (this, offered) = (self.clone(), offered.clone());
+            shipping.push(tokio::spawn(async move {
+                this.ship(addr, &offered)
+                    .await
+                    .map_err(|e| format!("{addr}: {e}"))
+            }));
+        }
+        let mut failed = Vec::new();
+        for s in shipping {
+            match s.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => failed.push(e),
+                Err(e) => failed.push(e.to_string()),
+            }
+        }
+        if !failed.is_empty() {
+            return Err(Handed::Replica(failed.join("; ")));
+        }
+        info!(run = %run, files = offered.len(), "every member holds the run's inputs");
+        Ok(())
+    }
+
+    /// Offers `inputs` to the node at `addr` on a connection of its own (the Files protocol,
+    /// into its file cache, as `submit` ships them to a host); every wait bounded.
+    async fn ship(&self, addr: SocketAddr, inputs: &[files::LocalInput]) -> Result<(), String> {
+        let c = &self.inner.config;
+        let (tx, mut rx) = mpsc::channel(64);
+        let link = tokio::time::timeout(
+            SHIP_WAIT,
+            net::connect(addr, c.hello.clone(), &c.settings, 1, tx),
+        )
+        .await
+        .map_err(|_| format!("cannot connect within {SHIP_WAIT:?}"))?
+        .map_err(|e| e.to_string())?;
+        let shipped = files::upload(&link, &mut rx, inputs, SHIP_WAIT).await;
+        let _ = link.send(Command::Goodbye);
+        shipped
+    }
+
+    /// Where this member keeps `run` (its log, inputs and the results of the tasks it
+    /// coordinated), if it is a member of its group.
+    pub fn run_dir(&self, run: &str) -> Option<PathBuf> {
+        self.has(run).then(|| self.inner.config.dir.join(run))
+    }
+
+    /// The tasks of `plan` as this member runs them (see [`member_tasks`]), its inputs
+    /// placed under the lock.
+    fn own_tasks(&self, dir: &Path, plan: &Plan) -> Result<Vec<Task>, String> {
+        let _placing = lock(&self.inner.placing);
+        member_tasks(self.inner.host.inner.config.files.as_deref(), dir, plan)
     }
 
     /// Starts the thread of a group; returns whether its plan is committed, as it changes.
@@ -596,9 +728,25 @@ impl Replicas {
                     started_ms: p.started_ms,
                     ended_ms: None,
                 };
-                let mut reg = lock(&host.inner.registry);
-                reg.insert(info, ids, &|_| false, None);
-                reg.running(run);
+                {
+                    let mut reg = lock(&host.inner.registry);
+                    reg.insert(info, ids, &|_| false, None);
+                    reg.running(run);
+                }
+                if !p.inputs.is_empty() {
+                    // This member's own copies, from its file cache, while it holds them
+                    // (the cache may evict them before this member coordinates, if ever).
+                    let (this, dir, run) = (
+                        self.clone(),
+                        self.inner.config.dir.join(run),
+                        run.to_string(),
+                    );
+                    self.inner.runtime.spawn_blocking(move || {
+                        if let Err(e) = this.own_tasks(&dir, &p) {
+                            warn!(run = %run, error = %e, "cannot keep the run's inputs");
+                        }
+                    });
+                }
             }
             Applied::Event { json, mark } => {
                 let mark = mark
@@ -641,11 +789,27 @@ impl Replicas {
         if cancelled || host.inner.stop.is_cancelled() {
             token.cancel();
         }
+        let this = self.clone();
         self.inner.runtime.spawn(async move {
-            let tasks = match p2p_tasks::parse::parse(&plan.name, &plan.text) {
-                Ok(t) => t,
-                Err(e) => {
-                    warn!(run = %run, error = %e, "a replicated plan does not parse");
+            let own = {
+                let (dir, plan) = (dir.clone(), plan.clone());
+                tokio::task::spawn_blocking(move || this.own_tasks(&dir, &plan)).await
+            };
+            let tasks = match own.map_err(|e| e.to_string()) {
+                Ok(Ok(t)) => t,
+                Ok(Err(e)) | Err(e) => {
+                    // Never a path of this node's own: the run ends, failed, saying why
+                    // in this member's log.
+                    warn!(run = %run, error = %e, "cannot coordinate this replicated run");
+                    lock(&host.inner.tokens).remove(&run);
+                    if !token.is_cancelled() {
+                        let end = Record::End {
+                            term,
+                            state: RunState::Failed,
+                            exit: 1,
+                        };
+                        let _ = tx.send(Input::Propose(end));
+                    }
                     return;
                 }
             };
@@ -665,7 +829,13 @@ impl Replicas {
                     return;
                 }
             };
-            let opts = run_options(&plan.options, host.inner.config.max_frame);
+            let mut opts = run_options(&plan.options, host.inner.config.max_frame);
+            // The results of the tasks this member coordinates stay with it, for `p2p-node
+            // results` asked of it. A task that succeeded under an earlier coordinator and
+            // declares outputs runs again here (the takeover journal records no outputs,
+            // and a success whose outputs are not in the results directory is not
+            // trusted): its dependents need the files, which went with that coordinator.
+            opts.results = Some(dir.join(files::RESULTS));
             if first {
                 // The run's first event, as a host alone reports it (once: a later
                 // coordinator finds events in the log).
@@ -877,6 +1047,35 @@ fn service_of(weak: Weak<Inner>) -> ReplicaService {
     }))
 }
 
+/// Why a new run's inputs could not be handed to its group.
+enum Handed {
+    /// This node cannot place them (the submit is refused).
+    Here(String),
+    /// A replica cannot take them (the run is hosted alone).
+    Replica(String),
+}
+
+/// The tasks of `plan` as a member runs them: every `< PATH` input pointed at the member's
+/// own copy in `dir` (`dir/inputs/HASH/NAME`), placed there from its file cache (`files`)
+/// unless it is there already. A member that lacks an input fails here, naming it: it
+/// never reads a path of its own.
+pub fn member_tasks(
+    node_files: Option<&NodeFiles>,
+    dir: &Path,
+    plan: &Plan,
+) -> Result<Vec<Task>, String> {
+    let mut tasks = p2p_tasks::parse::parse(&plan.name, &plan.text).map_err(|e| e.to_string())?;
+    files::rewrite_inputs(&mut tasks, dir, &plan.inputs)?;
+    if files::has_path_inputs(&tasks) {
+        let Some(f) = node_files else {
+            return Err("this node keeps no files: it cannot hold the run's inputs".into());
+        };
+        files::place_inputs(f, &tasks, &plan.inputs)
+            .map_err(|e| format!("this member lacks an input of the run: {e}"))?;
+    }
+    Ok(tasks)
+}
+
 /// A coordinator's journal at a takeover: the plan's header and the tasks committed as
 /// succeeded, synced, then opened to resume.
 fn takeover_journal(
@@ -900,4 +1099,144 @@ fn takeover_journal(
         j.sync().map_err(|e| e.to_string())?;
     }
     Journal::open(path, tasks, true).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use std::os::unix::fs::MetadataExt;
+
+    use p2p_core::hosted::SubmitOptions;
+    use p2p_tasks::cache::{Cache, DEFAULT_CACHE_SIZE};
+    use p2p_tasks::task::Input;
+
+    use super::*;
+
+    fn node_files(dir: &Path, holding: Option<&Path>) -> NodeFiles {
+        let mut cache = Cache::open(dir, DEFAULT_CACHE_SIZE).unwrap();
+        if let Some(file) = holding {
+            let (hash, size) = p2p_tasks::node_files::hash_file(file).unwrap();
+            let copy = dir.join("incoming");
+            std::fs::copy(file, &copy).unwrap();
+            cache.commit_path(&copy, hash, size).unwrap();
+        }
+        NodeFiles::new(cache, DEFAULT_CACHE_SIZE, 1 << 20)
+    }
+
+    fn plan(text: &str, inputs: Vec<SubmittedInput>) -> Plan {
+        Plan {
+            name: "t".into(),
+            text: text.into(),
+            options: SubmitOptions {
+                order: 0,
+                retries: 0,
+                keep_going: false,
+                retry_backoff_ms: 100,
+                retry_backoff_max_ms: 100,
+                task_timeout_ms: 0,
+                discovery_timeout_ms: 1000,
+            },
+            started_ms: 1,
+            inputs,
+        }
+    }
+
+    #[test]
+    fn a_member_runs_the_plan_from_its_own_copies_and_fails_without_them() {
+        let tmp = tempfile::tempdir().unwrap();
+        let src = tmp.path().join("in.txt");
+        std::fs::write(&src, "payload\n").unwrap();
+        let (hash, size) = p2p_tasks::node_files::hash_file(&src).unwrap();
+        let shipped = vec![SubmittedInput {
+            path: "data/in.txt".into(),
+            hash,
+            size,
+        }];
+        let p = plan("a1 < data/in.txt\na2 < data/in.txt\n", shipped);
+        let run = tmp.path().join("run");
+        let dest = run.join("inputs").join(hash.to_hex()).join("in.txt");
+
+        // A member whose cache holds the input: the tasks read its copy in the run.
+        let holding = node_files(&tmp.path().join("cache"), Some(&src));
+        let tasks = member_tasks(Some(&holding), &run, &p).unwrap();
+        assert_eq!(tasks[0].inputs(), [Input::Path(dest.clone())]);
+        assert_eq!(tasks[1].inputs(), [Input::Path(dest.clone())]);
+        assert_eq!(std::fs::read_to_string(&dest).unwrap(), "payload\n");
+        // Placed again (to coordinate): the copy is kept as it is, not written over.
+        let ino = std::fs::metadata(&dest).unwrap().ino();
+        member_tasks(Some(&holding), &run, &p).unwrap();
+        assert_eq!(std::fs::metadata(&dest).unwrap().ino(), ino);
+        // A copy cut short is replaced.
+        std::fs::remove_file(&dest).unwrap();
+        std::fs::write(&dest, "pay").unwrap();
+        member_tasks(Some(&holding), &run, &p).unwrap();
+        assert_eq!(std::fs::read_to_string(&dest).unwrap(), "payload\n");
+
+        // A member that lacks it fails, naming it, and reads no path of its own (a file
+        // at the path the plan writes is never used).
+        std::fs::create_dir_all(tmp.path().join("data")).unwrap();
+        std::fs::write(tmp.path().join("data/in.txt"), "payload\n").unwrap();
+        let lacking = node_files(&tmp.path().join("empty"), None);
+        let other = tmp.path().join("other");
+        let err = member_tasks(Some(&lacking), &other, &p).unwrap_err();
+        assert!(err.contains("lacks an input"), "{err}");
+        assert!(err.contains("data/in.txt"), "{err}");
+        assert!(!other
+            .join("inputs")
+            .join(hash.to_hex())
+            .join("in.txt")
+            .exists());
+        // A node that keeps no files cannot hold them; a plan without inputs needs none.
+        let err = member_tasks(None, &other, &p).unwrap_err();
+        assert!(err.contains("keeps no files"), "{err}");
+        assert_eq!(
+            member_tasks(None, &other, &plan("a1 a2", Vec::new()))
+                .unwrap()
+                .len(),
+            2
+        );
+        // A plan naming an input that was not shipped with it is refused.
+        let err =
+            member_tasks(Some(&holding), &run, &plan("a1 < x\n", p.inputs.clone())).unwrap_err();
+        assert!(err.contains("was not sent"), "{err}");
+    }
+
+    #[test]
+    fn the_inputs_offered_to_a_replica_are_each_hash_once_from_the_runs_copies() {
+        let h = |b: u8| p2p_core::ContentHash([b; 32]);
+        let inputs = vec![
+            SubmittedInput {
+                path: "a.txt".into(),
+                hash: h(1),
+                size: 1,
+            },
+            SubmittedInput {
+                path: "b/a.txt".into(),
+                hash: h(2),
+                size: 2,
+            },
+            SubmittedInput {
+                path: "same.txt".into(),
+                hash: h(1),
+                size: 1,
+            },
+        ];
+        let mut tasks =
+            p2p_tasks::parse::parse("t", "a1 < a.txt\na2 < same.txt < b/a.txt\n").unwrap();
+        let run = Path::new("/r");
+        files::rewrite_inputs(&mut tasks, run, &inputs).unwrap();
+        let offered = files::placed_inputs(&tasks, &inputs);
+        let got: Vec<(PathBuf, u64)> = offered
+            .iter()
+            .map(|o| (o.file.clone(), o.submitted.size))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (run.join("inputs").join(h(1).to_hex()).join("a.txt"), 1),
+                (run.join("inputs").join(h(2).to_hex()).join("a.txt"), 2),
+            ]
+        );
+    }
 }
