@@ -140,3 +140,12 @@ impl Drop for SmallDisk {
             .status();
     }
 }
+
+/// The lines of the file at `path` (none when it does not exist yet).
+pub fn file_lines(path: &std::path::Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}

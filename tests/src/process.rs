@@ -253,6 +253,25 @@ impl Serve {
         Serve::start_env(args, &[])
     }
 
+    /// A node that hosts runs (the hosted-run suites): type `a`, listening on `listen` (a
+    /// loopback address), no discovery, its own data directory `data` (its runs are its
+    /// own), plus `extra` arguments.
+    pub fn hosting(listen: &str, data: &Path, extra: &[&str]) -> Serve {
+        let data = data.to_str().expect("a UTF-8 path");
+        let mut args = vec![
+            "--types",
+            "a",
+            "--listen",
+            listen,
+            "--discovery",
+            "none",
+            "--data-dir",
+            data,
+        ];
+        args.extend_from_slice(extra);
+        Serve::start(&args)
+    }
+
     /// [`Serve::start`] with these environment variables set (e.g. `P2P_KEY_FILE`, which
     /// is otherwise removed).
     pub fn start_env(args: &[&str], env: &[(&str, &str)]) -> Serve {

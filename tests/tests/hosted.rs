@@ -13,22 +13,9 @@ use tests::{json_lines, poll_until, run_in, Serve, TestDir};
 /// Generous: the machine has two cores shared by other suites.
 const LONG: Duration = Duration::from_secs(90);
 
-/// A serving node of type `a` with its own data directory `data` (so its hosted runs are
-/// its own), plus `extra` arguments.
+/// A serving node of type `a` with its own data directory `data`, plus `extra` arguments.
 fn host(data: &Path, extra: &[&str]) -> Serve {
-    let data = data.to_str().expect("a UTF-8 path");
-    let mut args = vec![
-        "--types",
-        "a",
-        "--listen",
-        "127.0.0.1:0",
-        "--discovery",
-        "none",
-        "--data-dir",
-        data,
-    ];
-    args.extend_from_slice(extra);
-    Serve::start(&args)
+    Serve::hosting("127.0.0.1:0", data, extra)
 }
 
 fn plan(dir: &TestDir, n: usize) -> String {
@@ -65,11 +52,7 @@ fn status_json(dir: &TestDir, node: &Serve, run: &str) -> serde_json::Value {
 }
 
 fn lines(path: &Path) -> Vec<String> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .map(str::to_string)
-        .collect()
+    tests::file_lines(path)
 }
 
 #[test]

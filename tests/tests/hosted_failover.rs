@@ -18,31 +18,13 @@ fn node(data: &Path, handler: &str, extra: &[&str]) -> Serve {
 }
 
 fn node_on(listen: &str, data: &Path, handler: &str, extra: &[&str]) -> Serve {
-    let data = data.to_str().expect("a UTF-8 path");
-    let mut args = vec![
-        "--types",
-        "a",
-        "--listen",
-        listen,
-        "--discovery",
-        "none",
-        "--data-dir",
-        data,
-        "--handler",
-        handler,
-        "--capacity",
-        "4",
-    ];
+    let mut args = vec!["--handler", handler, "--capacity", "4"];
     args.extend_from_slice(extra);
-    Serve::start(&args)
+    Serve::hosting(listen, data, &args)
 }
 
 fn lines(path: &Path) -> Vec<String> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .map(str::to_string)
-        .collect()
+    tests::file_lines(path)
 }
 
 fn runs_json(dir: &TestDir, node: &Serve) -> Vec<serde_json::Value> {

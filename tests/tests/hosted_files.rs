@@ -17,21 +17,9 @@ const LONG: Duration = Duration::from_secs(90);
 
 /// A serving node of type `a` (a shell handler) with its own data directory.
 fn host(data: &Path, extra: &[&str]) -> Serve {
-    let data = data.to_str().expect("a UTF-8 path");
-    let mut args = vec![
-        "--types",
-        "a",
-        "--handler",
-        "a=sh -c {args}",
-        "--listen",
-        "127.0.0.1:0",
-        "--discovery",
-        "none",
-        "--data-dir",
-        data,
-    ];
+    let mut args = vec!["--handler", "a=sh -c {args}"];
     args.extend_from_slice(extra);
-    Serve::start(&args)
+    Serve::hosting("127.0.0.1:0", data, &args)
 }
 
 /// `p2p-node submit FILE --peer NODE` from `dir`: the run id (exit 0 checked).
