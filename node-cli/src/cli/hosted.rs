@@ -320,6 +320,9 @@ impl Shown {
             crate::output::Printer::new(crate::output::Format::Human, total)
         });
         printer.event(&ev);
+        // `run` writes out at its Flush events, which are not sent to attached clients:
+        // each event goes out as it comes.
+        printer.flush();
     }
 }
 
