@@ -154,7 +154,11 @@ fn attach_streams_the_events_and_exits_with_the_runs_status() {
     let out = run_in(dir.path(), &["attach", &run, "--peer", &peer]);
     out.assert_code(1);
     // As `run` prints it.
-    assert!(out.stdout.contains("a2 FAILED on node"), "{}", out.describe());
+    assert!(
+        out.stdout.contains("a2 FAILED on node"),
+        "{}",
+        out.describe()
+    );
     assert!(
         out.stdout.contains(&format!("Run {run} failed")),
         "{}",
