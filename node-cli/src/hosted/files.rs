@@ -17,7 +17,7 @@
 //!   replica the same way ([`upload`] of [`placed_inputs`], from the run's copies), and
 //!   every member places its own copies ([`place_inputs`] keeps a copy placed before).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -53,7 +53,7 @@ pub struct LocalInput {
 /// without resolving paths, `resolved` the same plan parsed against its directory (the
 /// same tasks in the same order).
 pub fn local_inputs(written: &[Task], resolved: &[Task]) -> std::io::Result<Vec<LocalInput>> {
-    let mut seen: HashMap<String, ()> = HashMap::new();
+    let mut seen: HashSet<String> = HashSet::new();
     let mut out = Vec::new();
     for (w, r) in written.iter().zip(resolved) {
         for (wi, ri) in w.inputs().iter().zip(r.inputs()) {
@@ -66,7 +66,7 @@ pub fn local_inputs(written: &[Task], resolved: &[Task]) -> std::io::Result<Vec<
                     format!("input {} is not UTF-8", wp.display()),
                 ));
             };
-            if seen.insert(path.to_string(), ()).is_some() {
+            if !seen.insert(path.to_string()) {
                 continue;
             }
             let (hash, size) = p2p_tasks::node_files::hash_file(rp)
@@ -226,11 +226,11 @@ pub fn place_inputs(
 ) -> Result<(), String> {
     let by_hash: HashMap<String, &SubmittedInput> =
         inputs.iter().map(|i| (i.hash.to_hex(), i)).collect();
-    let mut done: HashMap<PathBuf, ()> = HashMap::new();
+    let mut done: HashSet<PathBuf> = HashSet::new();
     for t in tasks {
         for input in t.inputs() {
             let Input::Path(dest) = input else { continue };
-            if done.insert(dest.clone(), ()).is_some() {
+            if !done.insert(dest.clone()) {
                 continue;
             }
             let hex = dest
@@ -279,7 +279,7 @@ pub fn place_inputs(
 pub fn placed_inputs(tasks: &[Task], inputs: &[SubmittedInput]) -> Vec<LocalInput> {
     let by_hash: HashMap<String, &SubmittedInput> =
         inputs.iter().map(|i| (i.hash.to_hex(), i)).collect();
-    let mut seen: HashMap<String, ()> = HashMap::new();
+    let mut seen: HashSet<String> = HashSet::new();
     let mut out = Vec::new();
     for t in tasks {
         for input in t.inputs() {
@@ -290,7 +290,7 @@ pub fn placed_inputs(tasks: &[Task], inputs: &[SubmittedInput]) -> Vec<LocalInpu
                 .and_then(|n| n.to_str())
                 .unwrap_or_default();
             let Some(s) = by_hash.get(hex) else { continue };
-            if seen.insert(hex.to_string(), ()).is_some() {
+            if !seen.insert(hex.to_string()) {
                 continue;
             }
             out.push(LocalInput {
