@@ -23,6 +23,20 @@ fn node_on(listen: &str, data: &Path, handler: &str, extra: &[&str]) -> Serve {
     Serve::hosting(listen, data, &args)
 }
 
+/// A run's group: nodes `b` and `c`, then the host `a` replicating to them; each node's
+/// handler is `handler(name)`.
+fn group(dir: &TestDir, handler: &dyn Fn(&str) -> String) -> (Serve, Serve, Serve) {
+    let b = node(&dir.join("b"), &handler("b"), &[]);
+    let c = node(&dir.join("c"), &handler("c"), &[]);
+    let (pb, pc) = (b.peer(), c.peer());
+    let a = node(
+        &dir.join("a"),
+        &handler("a"),
+        &["--replica", &pb, "--replica", &pc],
+    );
+    (a, b, c)
+}
+
 fn lines(path: &Path) -> Vec<String> {
     tests::file_lines(path)
 }
@@ -40,14 +54,8 @@ fn a_replica_finishes_the_run_of_a_host_killed_for_good() {
     // Each node counts the tasks it ran, in a file of its own.
     let count = |n: &str| dir.join(&format!("count-{n}"));
     let handler = |n: &str| format!("a=echo {{id}} >> {}; sleep 0.2", count(n).display());
-    let b = node(&dir.join("b"), &handler("b"), &[]);
-    let c = node(&dir.join("c"), &handler("c"), &[]);
-    let (pb, pc) = (b.peer(), c.peer());
-    let a = node(
-        &dir.join("a"),
-        &handler("a"),
-        &["--replica", &pb, "--replica", &pc],
-    );
+    let (a, b, c) = group(&dir, &handler);
+    let pb = b.peer();
     let text: String = (1..=40).map(|i| format!("a{i}\n")).collect();
     let file = dir.write("plan.txt", &text).display().to_string();
     let pa = a.peer();
@@ -253,14 +261,8 @@ fn a_replica_stopped_and_restarted_rejoins_its_group() {
     let dir = TestDir::new();
     let count = dir.join("count");
     let handler = format!("a=echo {{id}} >> {}; sleep 0.2", count.display());
-    let mut b = node(&dir.join("b"), &handler, &[]);
-    let c = node(&dir.join("c"), &handler, &[]);
-    let (pb, pc) = (b.peer(), c.peer());
-    let a = node(
-        &dir.join("a"),
-        &handler,
-        &["--replica", &pb, "--replica", &pc],
-    );
+    let (a, mut b, c) = group(&dir, &|_: &str| handler.to_string());
+    let pb = b.peer();
     let text: String = (1..=60).map(|i| format!("a{i}\n")).collect();
     let file = dir.write("plan.txt", &text).display().to_string();
     let pa = a.peer();
@@ -309,14 +311,8 @@ fn cancel_asked_of_a_replica_stops_a_replicated_run() {
     let dir = TestDir::new();
     let started = dir.join("started");
     let handler = format!("a=echo {{id}} >> {}; sleep 30", started.display());
-    let b = node(&dir.join("b"), &handler, &[]);
-    let c = node(&dir.join("c"), &handler, &[]);
+    let (a, b, c) = group(&dir, &|_: &str| handler.to_string());
     let (pb, pc) = (b.peer(), c.peer());
-    let a = node(
-        &dir.join("a"),
-        &handler,
-        &["--replica", &pb, "--replica", &pc],
-    );
     let file = dir.write("plan.txt", "a1 a2 a3\n").display().to_string();
     let pa = a.peer();
     let out = run_in(dir.path(), &["submit", &file, "--peer", &pa]);
@@ -366,14 +362,8 @@ fn a_replica_finishes_a_run_with_files_from_its_own_copies() {
     ));
     std::fs::write(client.join("plan.txt"), &plan).unwrap();
     let handler = "a=sh -c {args}";
-    let b = node(&dir.join("b"), handler, &[]);
-    let c = node(&dir.join("c"), handler, &[]);
+    let (a, b, c) = group(&dir, &|_: &str| handler.to_string());
     let (pb, pc) = (b.peer(), c.peer());
-    let a = node(
-        &dir.join("a"),
-        handler,
-        &["--replica", &pb, "--replica", &pc],
-    );
     let pa = a.peer();
     let out = run_in(
         &client,
@@ -505,14 +495,8 @@ fn a_replica_lacking_an_input_ends_the_run_failed_and_runs_nothing() {
         .map(|i| format!("a{i} < in.txt -- sleep 0.3; cat in.txt\n"))
         .collect();
     std::fs::write(client.join("plan.txt"), plan).unwrap();
-    let b = node(&dir.join("b"), &handler("b"), &[]);
-    let c = node(&dir.join("c"), &handler("c"), &[]);
-    let (pb, pc) = (b.peer(), c.peer());
-    let a = node(
-        &dir.join("a"),
-        &handler("a"),
-        &["--replica", &pb, "--replica", &pc],
-    );
+    let (a, b, c) = group(&dir, &handler);
+    let pb = b.peer();
     let pa = a.peer();
     let out = run_in(
         &client,
