@@ -12,7 +12,8 @@ use tokio_util::codec::Framed;
 use tracing::{debug, warn};
 
 use super::{
-    Command, EventSender, HostedService, LinkEvent, LinkId, ReplicaService, StatusSource, BATCH,
+    Command, EventSender, HostedService, InstantService, LinkEvent, LinkId, ReplicaService,
+    StatusSource, BATCH,
 };
 use crate::conn::{Connection, Event};
 use crate::gate::{self, LogLimit};
@@ -168,12 +169,14 @@ pub(super) async fn drive(
 }
 
 /// A driver's part in status requests (the owner's requests, and what answers the
-/// peer's) and what answers the peer's hosted-run requests.
+/// peer's), what answers the peer's hosted-run requests, takes its replicated-run
+/// messages, and answers its instant assignments.
 type StatusSide = (
     mpsc::Receiver<oneshot::Sender<Box<StatusReport>>>,
     Option<StatusSource>,
     Option<HostedService>,
     Option<ReplicaService>,
+    Option<InstantService>,
 );
 
 /// The final answer to a hosted-run request whose service ended without one.
@@ -192,8 +195,11 @@ async fn drive_inner(
     id: LinkId,
     events: &EventSender,
     idle: Duration,
-    (mut status_rx, source, hosted, replica): StatusSide,
+    (mut status_rx, source, hosted, replica, instant): StatusSide,
 ) -> Result<(), Error> {
+    // Once the peer sent a file list, its assignments all go to the owner, which keeps the
+    // lists (see [`InstantService`]).
+    let mut files_seen = false;
     // The answers to the peer's hosted-run request being served, if any.
     let mut answers: Option<mpsc::Receiver<Hosted>> = None;
     // Where the answer to our status request goes (dropped unanswered if the link closes).
@@ -214,12 +220,30 @@ async fn drive_inner(
         while let Some(ev) = conn.poll_event() {
             let ev = match ev {
                 Event::Established(_) | Event::Finished => continue,
-                Event::Assigned(a) => LinkEvent::Assigned(a),
+                Event::Assigned(a) => {
+                    // An instant task is answered here: no hop to the owner and back, and
+                    // its result joins this round's write.
+                    if let (Some(now), Some(peer), false, false) =
+                        (&instant, conn.peer(), files_seen, owner_gone)
+                    {
+                        if let Some(c) = (now.0)(&a, peer) {
+                            if let Err(e) = conn.complete(c) {
+                                debug!(error = %e, "result not sent");
+                            }
+                            answered = true;
+                            continue;
+                        }
+                    }
+                    LinkEvent::Assigned(a)
+                }
                 Event::Started { seq } => LinkEvent::Started { seq },
                 Event::Completed(c) => LinkEvent::Completed(c),
                 Event::Cancelled { seq } => LinkEvent::Cancelled { seq },
                 Event::PeerGoodbye => LinkEvent::PeerGoodbye,
-                Event::Transfer(t) => LinkEvent::Transfer(t),
+                Event::Transfer(t) => {
+                    files_seen |= matches!(*t, crate::message::Transfer::Files { .. });
+                    LinkEvent::Transfer(t)
+                }
                 Event::Load(r) => LinkEvent::Load(r),
                 Event::StatusRequested => {
                     let Some(source) = &source else {
