@@ -214,8 +214,14 @@ async fn drive_inner(
     tokio::pin!(sleep);
     let mut armed: Option<Instant> = None;
     loop {
-        // Everything the last batch produced goes out in one write.
-        flush_live(io, conn, idle).await?;
+        // Everything the last batch produced goes out in one write: at once when the socket
+        // takes it (the usual case, with no timer made for it), else bounded by `idle`.
+        if conn.has_transmit() || !io.write_buffer().is_empty() {
+            match flush(io, conn).now_or_never() {
+                Some(r) => r?,
+                None => flush_live(io, conn, idle).await?,
+            }
+        }
         let mut answered = false;
         while let Some(ev) = conn.poll_event() {
             let ev = match ev {
