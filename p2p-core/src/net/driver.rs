@@ -314,9 +314,11 @@ async fn drive_inner(
                     Some(Err(e)) => return Err(e),
                     None => conn.handle_eof()?,
                 }
-                // Take every frame already read before writing anything back.
+                // Take every frame that is already here before writing anything back: those
+                // in the read buffer and, with a key, the rest of a decrypted batch the codec
+                // holds (the read buffer is empty then). A poll that would wait ends it.
                 let mut n = 1;
-                while n < BATCH && !io.read_buffer().is_empty() && conn.is_open() {
+                while n < BATCH && conn.is_open() {
                     match io.next().now_or_never() {
                         Some(Some(Ok(msg))) => conn.handle_message(msg, t)?,
                         Some(Some(Err(e))) => return Err(e),
