@@ -316,9 +316,11 @@ async fn drive_inner(
                 }
                 // Take every frame that is already here before writing anything back: those
                 // in the read buffer and, with a key, the rest of a decrypted batch the codec
-                // holds (the read buffer is empty then). A poll that would wait ends it.
+                // holds (the read buffer may be empty then: the stream is polled until it
+                // would wait). Without a key an empty read buffer ends it, with no poll.
+                let keyed = matches!(io.codec(), WireCodec::Secure(_));
                 let mut n = 1;
-                while n < BATCH && conn.is_open() {
+                while n < BATCH && conn.is_open() && (keyed || !io.read_buffer().is_empty()) {
                     match io.next().now_or_never() {
                         Some(Some(Ok(msg))) => conn.handle_message(msg, t)?,
                         Some(Some(Err(e))) => return Err(e),
