@@ -678,11 +678,15 @@ impl Node {
             };
             tokio::spawn(metrics::serve_http(l, source, self.metrics_stop.clone()));
         }
+        // The connections this node serves answer its instant tasks (the built-in
+        // handler's) in their drivers; those it dials for runs serve nothing.
+        let mut settings = self.settings.clone();
+        settings.instant = self.worker.instant_service();
         let ctx = AcceptCtx {
             floods: Mutex::new(Floods::default()),
             conns: self.conn_stats.clone(),
             hello: self.hello(true),
-            settings: self.settings.clone(),
+            settings,
             worker: self.worker.clone(),
             slots: self.conn_slots.clone(),
             handshakes: self.handshakes.clone(),

@@ -83,6 +83,32 @@ pub struct Settings {
     /// What takes a peer's replicated-run messages (the Raft traffic of hosted runs'
     /// groups). Default none: they are dropped.
     pub replica: Option<ReplicaService>,
+    /// What answers a peer's assignments at once, inside the connection's driver (a
+    /// serving node's instant handlers, such as the built-in one). Default none: every
+    /// assignment goes to the owner as [`LinkEvent::Assigned`].
+    pub instant: Option<InstantService>,
+}
+
+/// Answers an assignment inside the connection's driver, without handing it to the owner
+/// (see [`Settings::instant`]): called with the assignment and the peer's handshake, it
+/// returns the result to send, or `None` for "give it to the owner" (not an instant task,
+/// no free slot, the node is stopping). The result goes out with the other frames of the
+/// same read, in one write. Called on the connection's task: it must not block or wait.
+///
+/// A link on which the peer sent a file list ([`crate::Transfer::Files`]) gives every
+/// assignment after it to the owner: the owner keeps those lists, and a task with files is
+/// never answered here.
+#[derive(Clone)]
+pub struct InstantService(pub std::sync::Arc<AnswerNow>);
+
+/// The function behind an [`InstantService`].
+pub type AnswerNow =
+    dyn Fn(&crate::Assign, &crate::Hello) -> Option<crate::Completed> + Send + Sync;
+
+impl std::fmt::Debug for InstantService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("InstantService")
+    }
 }
 
 /// Answers a peer's hosted-run request (see [`Settings::hosted`]): called with the request
@@ -141,6 +167,7 @@ impl Default for Settings {
             status: None,
             hosted: None,
             replica: None,
+            instant: None,
         }
     }
 }

@@ -40,6 +40,34 @@ pub struct TaskRequest {
     pub files: Option<Box<TaskFiles>>,
 }
 
+/// A task to answer at once, borrowed from its assignment (see
+/// [`Handler::call_instant`]): what an instant handler needs, with nothing copied.
+#[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
+pub struct InstantRequest<'a> {
+    /// The task's id.
+    pub id: &'a str,
+    /// The task's type.
+    pub kind: &'a str,
+    /// The task's arguments (may be empty). They come from the network: never trust them.
+    pub args: &'a str,
+    /// Which attempt this is, starting at 1.
+    pub attempt: u32,
+}
+
+impl InstantRequest<'_> {
+    /// The same request, owned (no files).
+    pub fn to_request(&self) -> TaskRequest {
+        TaskRequest {
+            id: self.id.to_owned(),
+            kind: self.kind.to_owned(),
+            args: self.args.to_owned(),
+            attempt: self.attempt,
+            files: None,
+        }
+    }
+}
+
 /// The files of one attempt (see [`TaskRequest::files`]).
 #[derive(Debug, Clone, Default)]
 pub struct TaskFiles {
@@ -146,9 +174,18 @@ pub trait Handler: Send + Sync + 'static {
 
     /// Whether [`Handler::call_now`] always answers (the built-in handler): a node whose
     /// handlers all do can take a deep window of tasks in flight, since none of them waits.
-    /// Default false.
+    /// A serving node answers such a handler's tasks inside the connection's driver, with
+    /// [`Handler::call_instant`]. Default false.
     fn is_instant(&self) -> bool {
         false
+    }
+
+    /// [`Handler::call_now`] on a task borrowed from its assignment, for a handler that
+    /// [`Handler::is_instant`]: the default makes the owned [`TaskRequest`] and calls
+    /// `call_now`; a handler that needs less (the built-in one reads only the id) overrides
+    /// it to copy nothing.
+    fn call_instant(&self, req: &InstantRequest<'_>) -> Option<TaskOutcome> {
+        self.call_now(&req.to_request())
     }
 }
 
@@ -164,6 +201,10 @@ impl<H: Handler + ?Sized> Handler for Arc<H> {
     fn is_instant(&self) -> bool {
         (**self).is_instant()
     }
+
+    fn call_instant(&self, req: &InstantRequest<'_>) -> Option<TaskOutcome> {
+        (**self).call_instant(req)
+    }
 }
 
 impl<H: Handler + ?Sized> Handler for Box<H> {
@@ -177,6 +218,10 @@ impl<H: Handler + ?Sized> Handler for Box<H> {
 
     fn is_instant(&self) -> bool {
         (**self).is_instant()
+    }
+
+    fn call_instant(&self, req: &InstantRequest<'_>) -> Option<TaskOutcome> {
+        (**self).call_instant(req)
     }
 }
 
@@ -211,6 +256,10 @@ impl Handler for Builtin {
 
     fn is_instant(&self) -> bool {
         true
+    }
+
+    fn call_instant(&self, req: &InstantRequest<'_>) -> Option<TaskOutcome> {
+        Some(Builtin::outcome(req.id))
     }
 }
 

@@ -9,21 +9,27 @@
 //! capacity changes ([`Worker::set_capacity`], [`Worker::grow`], [`Worker::shrink`],
 //! [`Worker::run_auto`]). A cancelled task, a task over its deadline, and every task of a
 //! connection that closed have their handler futures dropped, which stops their processes.
+//!
+//! Tasks of instant handlers (the built-in one) are answered inside the connection's driver
+//! ([`Worker::instant_service`], [`p2p_core::net::InstantService`]) when a slot is free and
+//! nobody waits: no hop to [`Worker::serve_link`] and back, and their results leave with
+//! the other frames of the same read.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use p2p_core::net::{Command, Link, LinkEvent, LinkId};
-use p2p_core::{Assign, Completed, LoadReport};
+use p2p_core::conn::SeqHash;
+use p2p_core::net::{Command, InstantService, Link, LinkEvent, LinkId};
+use p2p_core::{Assign, Completed, Hello, LoadReport};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::admit::{Admission, Arrival};
-use crate::handler::{Handler, TaskOutcome, TaskRequest, DEFAULT_OUTPUT_LIMIT};
+use crate::handler::{Handler, InstantRequest, TaskOutcome, TaskRequest, DEFAULT_OUTPUT_LIMIT};
 use crate::stats::{Ending, RunningTask, TypeStats, WorkerStats};
 
 /// The default capacity of a node whose handlers all answer at once (see
@@ -51,7 +57,9 @@ struct Waiter {
 
 /// Executes assigned tasks with a set of handlers, at most `capacity` at once.
 pub struct Worker {
-    handlers: HashMap<String, Arc<dyn Handler>>,
+    /// Each served type's handler and counters: one lookup per task (a fixed set of keys,
+    /// on the fast keyed hash).
+    served: HashMap<String, Served, SeqHash>,
     /// The capacity it started with: with the current one, the ceiling a new connection's
     /// handshake advertises ([`Worker::ceiling`]).
     initial: u32,
@@ -69,6 +77,12 @@ pub struct Worker {
     /// The machine's cores, load and memory as last read, and when: every connection reports
     /// them every [`LOAD_EVERY`], so they are read at most once per [`MACHINE_FRESH`] for all.
     machine: Mutex<Option<(Instant, Machine)>>,
+}
+
+/// A served type: its handler and its counters.
+struct Served {
+    handler: Arc<dyn Handler>,
+    stats: Arc<TypeStats>,
 }
 
 /// What a load report says of the machine (not of the worker).
@@ -115,9 +129,17 @@ impl Worker {
     /// `capacity` tasks at once across all connections.
     pub fn new(handlers: HashMap<String, Arc<dyn Handler>>, capacity: u32) -> Self {
         let capacity = capacity.max(1);
+        let stats = Arc::new(WorkerStats::new(handlers.keys()));
+        let served = handlers
+            .into_iter()
+            .map(|(kind, handler)| {
+                let stats = stats.of(&kind).cloned().unwrap_or_default();
+                (kind, Served { handler, stats })
+            })
+            .collect();
         Worker {
-            stats: Arc::new(WorkerStats::new(handlers.keys())),
-            handlers,
+            stats,
+            served,
             initial: capacity,
             admit: Mutex::new(Admission::new(capacity, MAX_WAITING)),
             capacity_tx: watch::channel(capacity).0,
@@ -290,7 +312,7 @@ impl Worker {
 
     /// The types served, sorted.
     pub fn types(&self) -> Vec<String> {
-        let mut t: Vec<String> = self.handlers.keys().cloned().collect();
+        let mut t: Vec<String> = self.served.keys().cloned().collect();
         t.sort();
         t
     }
@@ -441,15 +463,12 @@ impl Worker {
         a: Assign,
         files: Option<Box<crate::handler::TaskFiles>>,
     ) -> Result<(TaskOutcome, Duration), Job> {
-        let Some(handler) = self.handlers.get(a.kind.as_str()) else {
+        let Some(served) = self.served.get(a.kind.as_str()) else {
             self.stats.count_unknown_type();
             let out = TaskOutcome::failure(format!("this node does not serve type {:?}", a.kind));
             return Ok((out, Duration::ZERO));
         };
-        let kind = match self.stats.of(&a.kind) {
-            Some(k) => k.clone(),
-            None => Arc::default(),
-        };
+        let (handler, kind) = (&served.handler, served.stats.clone());
         kind.assigned();
         let req = TaskRequest {
             id: String::from(a.task),
@@ -552,17 +571,66 @@ impl Worker {
         (seq, outcome, took)
     }
 
-    /// Sends a task's outcome, capped to the output limit, back on `link`.
-    fn send_result(&self, link: &Link, seq: u64, out: TaskOutcome, took: Duration) {
+    /// What answers the assignments of this worker's instant handlers inside each
+    /// connection's driver ([`Worker::answer_now`]); `None` when no handler is instant.
+    /// Give it to the settings of the connections this worker serves.
+    pub fn instant_service(self: &Arc<Self>) -> Option<InstantService> {
+        if !self.served.values().any(|s| s.handler.is_instant()) {
+            return None;
+        }
+        let worker = self.clone();
+        Some(InstantService(Arc::new(move |a: &Assign, peer: &Hello| {
+            worker.answer_now(a, peer)
+        })))
+    }
+
+    /// Answers `a` at once, as [`Worker::serve_link`] would, when its type's handler is
+    /// instant ([`Handler::is_instant`]), a slot is free and nobody waits for one (the
+    /// admission's rule: it never overtakes a waiting attempt), and the worker is not
+    /// stopping. `None`: the assignment goes the ordinary way (to `serve_link`), which
+    /// also fails a type this node does not serve. Counted as `serve_link` counts it.
+    pub fn answer_now(&self, a: &Assign, peer: &Hello) -> Option<Completed> {
+        if self.stop_now.is_cancelled() {
+            return None;
+        }
+        let served = self.served.get(a.kind.as_str())?;
+        if !served.handler.is_instant() || !self.admission().try_start() {
+            return None;
+        }
+        debug!(peer = %peer.node_id.short(), task = %a.task, attempt = a.attempt, "task assigned");
+        let req = InstantRequest {
+            id: &a.task,
+            kind: &a.kind,
+            args: &a.args,
+            attempt: a.attempt,
+        };
+        let started = Instant::now();
+        let now = served.handler.call_instant(&req);
+        self.release();
+        let out = now?;
+        let took = started.elapsed();
+        served.stats.assigned();
+        self.count_busy(took);
+        served.stats.ended(out.ok, took);
+        Some(self.result(a.seq, out, took))
+    }
+
+    /// A task's result: its outcome capped to the output limit.
+    fn result(&self, seq: u64, out: TaskOutcome, took: Duration) -> Completed {
         let out = out.capped(self.output_limit);
-        let c = Completed {
+        Completed {
             seq,
             ok: out.ok,
             exit_code: out.exit_code,
             output: out.output,
             error: out.error,
             duration_us: u64::try_from(took.as_micros()).unwrap_or(u64::MAX),
-        };
+        }
+    }
+
+    /// Sends a task's outcome, capped to the output limit, back on `link`.
+    fn send_result(&self, link: &Link, seq: u64, out: TaskOutcome, took: Duration) {
+        let c = self.result(seq, out, took);
         if let Err(e) = link.send(Command::Complete(c)) {
             debug!(error = %e, "result not delivered");
         }
@@ -576,4 +644,137 @@ struct Job {
     req: TaskRequest,
     timeout_ms: u64,
     kind: Arc<TypeStats>,
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+    use crate::handler::{handler_fn, Builtin};
+
+    fn assign(seq: u64, kind: &str) -> Assign {
+        Assign {
+            seq,
+            task: format!("{kind}{seq}").into(),
+            kind: kind.into(),
+            args: String::new(),
+            attempt: 1,
+            timeout_ms: 0,
+        }
+    }
+
+    fn peer() -> Hello {
+        Hello {
+            version: p2p_core::PROTOCOL_VERSION,
+            cluster: "default".into(),
+            node_id: p2p_core::NodeId::random(),
+            types: Vec::new(),
+            capacity: 0,
+        }
+    }
+
+    fn worker(capacity: u32) -> Arc<Worker> {
+        let mut handlers: HashMap<String, Arc<dyn Handler>> = HashMap::new();
+        handlers.insert("a".into(), Arc::new(Builtin));
+        let slow = handler_fn(|r: TaskRequest| async move { TaskOutcome::success(r.id) });
+        handlers.insert("b".into(), Arc::new(slow));
+        Arc::new(Worker::new(handlers, capacity).with_output_limit(20))
+    }
+
+    /// An instant task is answered at once, capped, and counted as `serve_link` counts
+    /// it; its slot is free again afterwards.
+    #[test]
+    fn an_instant_task_is_answered_counted_and_gives_its_slot_back() {
+        let w = worker(1);
+        let c = w.answer_now(&assign(7, "a"), &peer()).expect("answered");
+        assert_eq!(c.seq, 7);
+        assert!(c.ok && c.exit_code == Some(0) && c.error.is_none());
+        assert_eq!(c.output, "Executing task: a7");
+        // The output limit applies (20 bytes here).
+        let long = Assign {
+            task: "a123456789".into(),
+            ..assign(8, "a")
+        };
+        let c = w.answer_now(&long, &peer()).expect("answered");
+        assert!(
+            c.output
+                .starts_with("Executing task: a123\n[output truncated"),
+            "{}",
+            c.output
+        );
+        let counts = w.stats().by_type();
+        assert_eq!(counts[0].0, "a");
+        assert_eq!((counts[0].1.assigned, counts[0].1.completed), (2, 2));
+        assert_eq!(counts[0].1.buckets.iter().sum::<u64>(), 2);
+        let r = w.load_report();
+        assert_eq!((r.running, r.tasks), (0, 2));
+    }
+
+    /// Not answered in the driver: a handler that is not instant, a type not served (the
+    /// ordinary path fails it and counts it), an attempt while another waits for a slot
+    /// (it may not overtake it), and anything once the worker stops.
+    #[test]
+    fn the_driver_gives_back_what_it_may_not_answer() {
+        let w = worker(1);
+        assert!(
+            w.answer_now(&assign(1, "b"), &peer()).is_none(),
+            "not instant"
+        );
+        assert!(
+            w.answer_now(&assign(2, "z"), &peer()).is_none(),
+            "not served"
+        );
+        assert_eq!(
+            w.stats().unknown_type(),
+            0,
+            "counted by the ordinary path only"
+        );
+        // One attempt holds the only slot, and another waits for it.
+        let (go, _held) = oneshot::channel();
+        assert!(matches!(
+            w.admission().arrive(1, Waiter { seq: 3, go }),
+            Arrival::Start(_)
+        ));
+        assert!(
+            w.answer_now(&assign(4, "a"), &peer()).is_none(),
+            "no free slot"
+        );
+        let (go, _turn) = oneshot::channel();
+        assert!(matches!(
+            w.admission().arrive(2, Waiter { seq: 5, go }),
+            Arrival::Queued
+        ));
+        // The first ends: its slot goes to the waiting attempt, not to a new instant one.
+        w.release();
+        assert_eq!(w.waiting(), 0);
+        assert!(
+            w.answer_now(&assign(6, "a"), &peer()).is_none(),
+            "the slot was given on"
+        );
+        w.release();
+        assert!(
+            w.answer_now(&assign(7, "a"), &peer()).is_some(),
+            "free, nobody waits"
+        );
+        w.stop_now();
+        assert!(
+            w.answer_now(&assign(11, "a"), &peer()).is_none(),
+            "stopping"
+        );
+        assert_eq!(w.stats().by_type()[0].1.assigned, 1);
+    }
+
+    /// A worker without instant handlers gives no service (its connections deliver every
+    /// assignment as before).
+    #[test]
+    fn only_a_worker_with_an_instant_handler_gives_a_service() {
+        assert!(worker(1).instant_service().is_some());
+        let mut handlers: HashMap<String, Arc<dyn Handler>> = HashMap::new();
+        let slow = handler_fn(|r: TaskRequest| async move { TaskOutcome::success(r.id) });
+        handlers.insert("b".into(), Arc::new(slow));
+        assert!(Arc::new(Worker::new(handlers, 4))
+            .instant_service()
+            .is_none());
+    }
 }

@@ -233,3 +233,65 @@ fn valid_hello_gets_welcome_then_a_task_runs_and_goodbye_closes() {
         "expected a clean close after GoodbyeAck: {end:?} {seen:?}"
     );
 }
+
+/// A peer that assigns built-in tasks as fast as it can and never reads their results (the
+/// serving process answers them inside its connection driver): the node stops reading
+/// while its writes make no progress, so its memory stays bounded, drops the connection
+/// after its idle bound, and keeps serving real runs.
+#[test]
+fn a_peer_that_floods_built_in_tasks_and_never_reads_is_dropped_with_bounded_memory() {
+    use tokio_util::codec::Encoder;
+    let dir = TestDir::new();
+    dir.write("tasks.txt", "a1 a2\n");
+    let mut s = Serve::types("a", &[]);
+    let mut c = WireClient::connect(s.addr);
+    c.send(&Message::Hello(hello("default"))).unwrap();
+    let Message::Welcome(w) = c.expect_msg(WAIT, "Welcome", |m| matches!(m, Message::Welcome(_)))
+    else {
+        unreachable!()
+    };
+    assert!(
+        w.capacity >= 1024,
+        "the built-in handler's deep window: {w:?}"
+    );
+    // Bursts of assignments, never more in flight than the capacity if results were read;
+    // bounded in count and time. A write that blocks for its 10 s timeout ends the flood.
+    let mut codec = p2p_core::codec::FrameCodec::default();
+    let started = std::time::Instant::now();
+    let mut sent = 0u64;
+    'flood: while sent < 4_000_000 && started.elapsed() < Duration::from_secs(60) {
+        let mut burst = bytes::BytesMut::new();
+        for _ in 0..1000 {
+            sent += 1;
+            let a = Message::Assign(Assign {
+                seq: sent,
+                task: format!("a{sent}").into(),
+                kind: "a".into(),
+                args: String::new(),
+                attempt: 1,
+                timeout_ms: 0,
+            });
+            codec.encode(&a, &mut burst).unwrap();
+        }
+        if c.send_raw(&burst).is_err() {
+            break 'flood;
+        }
+    }
+    assert!(s.is_alive(), "the node died under the flood");
+    let mut seen = Vec::new();
+    let end = c.wait_closed(Duration::from_secs(60), &mut seen);
+    assert!(
+        matches!(end, Received::Eof | Received::Error(_)),
+        "the node kept a peer that never reads ({sent} assignments sent): {end:?}"
+    );
+    let peak = tests::peak_rss_kb(s.pid()).unwrap_or(0);
+    assert!(
+        peak < 96 * 1024,
+        "peak RSS {peak} kB after {sent} unread results: not bounded"
+    );
+    eprintln!(
+        "{sent} assignments sent in {:?}; node peak RSS {peak} kB",
+        started.elapsed()
+    );
+    assert_real_run_succeeds(&dir, &mut s, "after a peer that never reads");
+}

@@ -12,7 +12,8 @@ use tokio_util::codec::Framed;
 use tracing::{debug, warn};
 
 use super::{
-    Command, EventSender, HostedService, LinkEvent, LinkId, ReplicaService, StatusSource, BATCH,
+    Command, EventSender, HostedService, InstantService, LinkEvent, LinkId, ReplicaService,
+    StatusSource, BATCH,
 };
 use crate::conn::{Connection, Event};
 use crate::gate::{self, LogLimit};
@@ -168,12 +169,14 @@ pub(super) async fn drive(
 }
 
 /// A driver's part in status requests (the owner's requests, and what answers the
-/// peer's) and what answers the peer's hosted-run requests.
+/// peer's), what answers the peer's hosted-run requests, takes its replicated-run
+/// messages, and answers its instant assignments.
 type StatusSide = (
     mpsc::Receiver<oneshot::Sender<Box<StatusReport>>>,
     Option<StatusSource>,
     Option<HostedService>,
     Option<ReplicaService>,
+    Option<InstantService>,
 );
 
 /// The final answer to a hosted-run request whose service ended without one.
@@ -192,8 +195,11 @@ async fn drive_inner(
     id: LinkId,
     events: &EventSender,
     idle: Duration,
-    (mut status_rx, source, hosted, replica): StatusSide,
+    (mut status_rx, source, hosted, replica, instant): StatusSide,
 ) -> Result<(), Error> {
+    // Once the peer sent a file list, its assignments all go to the owner, which keeps the
+    // lists (see [`InstantService`]).
+    let mut files_seen = false;
     // The answers to the peer's hosted-run request being served, if any.
     let mut answers: Option<mpsc::Receiver<Hosted>> = None;
     // Where the answer to our status request goes (dropped unanswered if the link closes).
@@ -208,18 +214,42 @@ async fn drive_inner(
     tokio::pin!(sleep);
     let mut armed: Option<Instant> = None;
     loop {
-        // Everything the last batch produced goes out in one write.
-        flush_live(io, conn, idle).await?;
+        // Everything the last batch produced goes out in one write: at once when the socket
+        // takes it (the usual case, with no timer made for it), else bounded by `idle`.
+        if conn.has_transmit() || !io.write_buffer().is_empty() {
+            match flush(io, conn).now_or_never() {
+                Some(r) => r?,
+                None => flush_live(io, conn, idle).await?,
+            }
+        }
         let mut answered = false;
         while let Some(ev) = conn.poll_event() {
             let ev = match ev {
                 Event::Established(_) | Event::Finished => continue,
-                Event::Assigned(a) => LinkEvent::Assigned(a),
+                Event::Assigned(a) => {
+                    // An instant task is answered here: no hop to the owner and back, and
+                    // its result joins this round's write.
+                    if let (Some(now), Some(peer), false, false) =
+                        (&instant, conn.peer(), files_seen, owner_gone)
+                    {
+                        if let Some(c) = (now.0)(&a, peer) {
+                            if let Err(e) = conn.complete(c) {
+                                debug!(error = %e, "result not sent");
+                            }
+                            answered = true;
+                            continue;
+                        }
+                    }
+                    LinkEvent::Assigned(a)
+                }
                 Event::Started { seq } => LinkEvent::Started { seq },
                 Event::Completed(c) => LinkEvent::Completed(c),
                 Event::Cancelled { seq } => LinkEvent::Cancelled { seq },
                 Event::PeerGoodbye => LinkEvent::PeerGoodbye,
-                Event::Transfer(t) => LinkEvent::Transfer(t),
+                Event::Transfer(t) => {
+                    files_seen |= matches!(*t, crate::message::Transfer::Files { .. });
+                    LinkEvent::Transfer(t)
+                }
                 Event::Load(r) => LinkEvent::Load(r),
                 Event::StatusRequested => {
                     let Some(source) = &source else {
@@ -284,9 +314,13 @@ async fn drive_inner(
                     Some(Err(e)) => return Err(e),
                     None => conn.handle_eof()?,
                 }
-                // Take every frame already read before writing anything back.
+                // Take every frame that is already here before writing anything back: those
+                // in the read buffer and, with a key, the rest of a decrypted batch the codec
+                // holds (the read buffer may be empty then: the stream is polled until it
+                // would wait). Without a key an empty read buffer ends it, with no poll.
+                let keyed = matches!(io.codec(), WireCodec::Secure(_));
                 let mut n = 1;
-                while n < BATCH && !io.read_buffer().is_empty() && conn.is_open() {
+                while n < BATCH && conn.is_open() && (keyed || !io.read_buffer().is_empty()) {
                     match io.next().now_or_never() {
                         Some(Some(Ok(msg))) => conn.handle_message(msg, t)?,
                         Some(Some(Err(e))) => return Err(e),

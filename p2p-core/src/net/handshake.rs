@@ -182,6 +182,7 @@ async fn start(
         settings.status.clone(),
         settings.hosted.clone(),
         settings.replica.clone(),
+        settings.instant.clone(),
     );
     let driver = tokio::spawn(drive(
         io,

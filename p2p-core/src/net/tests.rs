@@ -525,3 +525,244 @@ async fn accept_keys_let_a_rotating_node_accept_old_and_new() {
         assert!(acceptor.await.unwrap().is_ok());
     }
 }
+
+/// An instant service answers the assignments it takes inside the driver (the owner never
+/// sees them), gives the others to the owner, and after the peer sent a file list every
+/// assignment goes to the owner (which keeps the lists): a task with files is never
+/// answered in the driver.
+#[tokio::test]
+async fn an_instant_service_answers_in_the_driver_until_files_are_used() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (mut ah, mut s) = node(&["a", "b"], None);
+    ah.capacity = 64;
+    let calls = std::sync::Arc::new(AtomicUsize::new(0));
+    let counted = calls.clone();
+    s.instant = Some(InstantService(std::sync::Arc::new(
+        move |a: &Assign, peer: &Hello| {
+            counted.fetch_add(1, Ordering::Relaxed);
+            assert!(peer.types.is_empty(), "the peer's handshake is passed");
+            (a.kind == "a").then(|| Completed {
+                seq: a.seq,
+                ok: true,
+                exit_code: Some(0),
+                output: format!("now {}", a.task),
+                error: None,
+                duration_us: 0,
+            })
+        },
+    )));
+    let (atx, mut arx) = mpsc::channel(1024);
+    let acceptor = tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.unwrap();
+        accept(stream, ah, &s, 1, atx).await
+    });
+    let (dh, ds) = node(&[], None);
+    let (dtx, mut drx) = mpsc::channel(1024);
+    let d = connect(addr, dh, &ds, 2, dtx).await.unwrap();
+    let a = acceptor.await.unwrap().unwrap();
+    let assign = |seq: u64, kind: &str| {
+        Command::Assign(Assign {
+            seq,
+            task: format!("{kind}{seq}").into(),
+            kind: kind.into(),
+            args: String::new(),
+            attempt: 1,
+            timeout_ms: 0,
+        })
+    };
+    let bound = Duration::from_secs(20);
+    // A burst of instant tasks and one the service declines.
+    for seq in 1..=20 {
+        d.send(assign(seq, "a")).unwrap();
+    }
+    d.send(assign(21, "b")).unwrap();
+    let mut answered = std::collections::HashSet::new();
+    while answered.len() < 20 {
+        match tokio::time::timeout(bound, recv(&mut drx)).await.unwrap() {
+            Some((2, LinkEvent::Completed(c))) => {
+                assert_eq!(c.output, format!("now a{}", c.seq));
+                assert!(answered.insert(c.seq));
+            }
+            other => panic!("expected a result, got {other:?}"),
+        }
+    }
+    // The owner sees only the declined one, and answers it the ordinary way.
+    match tokio::time::timeout(bound, recv(&mut arx)).await.unwrap() {
+        Some((1, LinkEvent::Assigned(x))) => assert_eq!(x.seq, 21),
+        other => panic!("expected the declined assignment, got {other:?}"),
+    }
+    a.send(Command::Complete(Completed {
+        seq: 21,
+        ok: true,
+        exit_code: Some(0),
+        output: "by the owner".into(),
+        error: None,
+        duration_us: 0,
+    }))
+    .unwrap();
+    match tokio::time::timeout(bound, recv(&mut drx)).await.unwrap() {
+        Some((2, LinkEvent::Completed(c))) => {
+            assert_eq!((c.seq, c.output.as_str()), (21, "by the owner"))
+        }
+        other => panic!("expected the owner's result, got {other:?}"),
+    }
+    assert_eq!(calls.load(Ordering::Relaxed), 21);
+    // A file list, then an instant task: the owner gets both, the service is not asked.
+    let files = crate::message::Transfer::Files {
+        seq: 22,
+        inputs: Vec::new(),
+        outputs: vec!["out.txt".into()],
+    };
+    d.send(Command::Transfer(Box::new(files))).unwrap();
+    d.send(assign(22, "a")).unwrap();
+    match tokio::time::timeout(bound, recv(&mut arx)).await.unwrap() {
+        Some((1, LinkEvent::Transfer(t))) => {
+            assert!(matches!(
+                *t,
+                crate::message::Transfer::Files { seq: 22, .. }
+            ))
+        }
+        other => panic!("expected the file list, got {other:?}"),
+    }
+    match tokio::time::timeout(bound, recv(&mut arx)).await.unwrap() {
+        Some((1, LinkEvent::Assigned(x))) => assert_eq!(x.seq, 22),
+        other => panic!("expected the task with files, got {other:?}"),
+    }
+    assert_eq!(
+        calls.load(Ordering::Relaxed),
+        21,
+        "not asked after a file list"
+    );
+}
+
+/// Counts the writes that reach the socket.
+struct CountedWrites {
+    inner: TcpStream,
+    writes: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl tokio::io::AsyncRead for CountedWrites {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for CountedWrites {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let r = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
+        if matches!(r, std::task::Poll::Ready(Ok(_))) {
+            self.writes
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        r
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let r = std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if matches!(r, std::task::Poll::Ready(Ok(_))) {
+            self.writes
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// With a key, a burst of assignments arrives as one encrypted message whose frames the
+/// codec holds after the socket's bytes are read: the driver takes all of them before it
+/// writes, so a burst of instant tasks is answered in a few writes, not in one write (and
+/// one encrypted message) per task, as it was when the batch stopped at an empty read
+/// buffer.
+#[tokio::test]
+async fn with_a_key_a_burst_of_instant_tasks_is_answered_in_a_few_writes() {
+    use std::sync::atomic::Ordering;
+    const N: u64 = 200;
+    let key = ClusterKey::generate();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (mut ah, mut s) = node(&["a"], Some(&key));
+    ah.capacity = 1024;
+    s.instant = Some(InstantService(std::sync::Arc::new(
+        |a: &Assign, _: &Hello| {
+            Some(Completed {
+                seq: a.seq,
+                ok: true,
+                exit_code: Some(0),
+                output: format!("Executing task: {}", a.task),
+                error: None,
+                duration_us: 0,
+            })
+        },
+    )));
+    let writes = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = writes.clone();
+    let (atx, _arx) = mpsc::channel(1024);
+    let acceptor = tokio::spawn(async move {
+        let (stream, peer) = listener.accept().await.unwrap();
+        let stream = CountedWrites {
+            inner: stream,
+            writes: counted,
+        };
+        accept_stream(stream, peer, ah, &s, 1, atx).await
+    });
+    let (dh, ds) = node(&[], Some(&key));
+    let (dtx, mut drx) = mpsc::channel(1024);
+    let d = connect(addr, dh, &ds, 2, dtx).await.unwrap();
+    let _a = acceptor.await.unwrap().unwrap();
+    let before = writes.load(Ordering::Relaxed);
+    // Queued in one go: the dialler's driver sends them as one encrypted message.
+    for seq in 1..=N {
+        d.send(Command::Assign(Assign {
+            seq,
+            task: format!("a{seq}").into(),
+            kind: "a".into(),
+            args: String::new(),
+            attempt: 1,
+            timeout_ms: 0,
+        }))
+        .unwrap();
+    }
+    let bound = Duration::from_secs(20);
+    for _ in 0..N {
+        match tokio::time::timeout(bound, recv(&mut drx)).await.unwrap() {
+            Some((2, LinkEvent::Completed(c))) => assert!(c.ok),
+            other => panic!("expected a result, got {other:?}"),
+        }
+    }
+    let used = writes.load(Ordering::Relaxed) - before;
+    assert!(
+        used <= N as usize / 4,
+        "{N} instant results took {used} writes: the batch stopped before the codec's frames"
+    );
+}
