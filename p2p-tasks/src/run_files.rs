@@ -12,7 +12,6 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::io::Write;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use p2p_core::message::{AbortReason, PlacedFile, ProducedFile, StreamFile};
@@ -38,6 +37,8 @@ struct Offer {
     path: PathBuf,
     sender: Sender,
     file: Option<std::fs::File>,
+    /// The file's read position.
+    pos: u64,
 }
 
 struct Held {
@@ -292,6 +293,7 @@ impl RunFiles {
                     path,
                     sender,
                     file: None,
+                    pos: 0,
                 },
             );
             if let Some(t) = unbox(offer) {
@@ -419,14 +421,12 @@ impl RunFiles {
                 // Waiting for credit, or all sent (its `Done` ends its turn).
                 return out;
             };
-            let mut data = vec![0u8; len];
-            let read = match &o.file {
-                Some(f) => f
-                    .read_exact_at(&mut data, offset)
+            let read = match &mut o.file {
+                Some(f) => crate::node_files::read_chunk(f, &mut o.pos, offset, len)
                     .map_err(|e| e.to_string()),
                 None => Err("not open".to_owned()),
             };
-            let msg = read.and_then(|()| o.sender.chunk(offset, data).map_err(|e| e.to_string()));
+            let msg = read.and_then(|data| o.sender.chunk(offset, data).map_err(|e| e.to_string()));
             let seqs = o.seqs.clone();
             match msg.map(unbox) {
                 Ok(Some(t)) => {
