@@ -37,8 +37,6 @@ struct Offer {
     path: PathBuf,
     sender: Sender,
     file: Option<std::fs::File>,
-    /// The file's read position.
-    pos: u64,
 }
 
 struct Held {
@@ -293,7 +291,6 @@ impl RunFiles {
                     path,
                     sender,
                     file: None,
-                    pos: 0,
                 },
             );
             if let Some(t) = unbox(offer) {
@@ -421,9 +418,8 @@ impl RunFiles {
                 // Waiting for credit, or all sent (its `Done` ends its turn).
                 return out;
             };
-            let read = match &mut o.file {
-                Some(f) => crate::node_files::read_chunk(f, &mut o.pos, offset, len)
-                    .map_err(|e| e.to_string()),
+            let read = match &o.file {
+                Some(f) => crate::node_files::read_chunk(f, offset, len).map_err(|e| e.to_string()),
                 None => Err("not open".to_owned()),
             };
             let msg = read.and_then(|data| o.sender.chunk(offset, data).map_err(|e| e.to_string()));
