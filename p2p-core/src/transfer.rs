@@ -5,13 +5,15 @@
 //!   `Ack`), and turns them into chunks ([`Sender::chunk`]). It never holds file data.
 //! - [`Receiver`]: one file coming in. It checks every chunk (its transfer, its offset: in
 //!   order, no gap, no overlap; its size; the credit; the announced size; `--max-file`),
-//!   hashes it on the way through, and returns the bytes for the caller to write at once
-//!   (so memory is bounded by one chunk whatever the file's size); the last byte checks the
-//!   hash ([`TransferError::HashMismatch`]). It says when to `Ack`, so the credit moves.
+//!   hashes it on the way through (or leaves the hash to the caller, who hashes on the
+//!   thread that writes: [`Receiver::on_chunk_unhashed`], [`Receiver::check_hash`]), and
+//!   returns the bytes for the caller to write at once (so memory is bounded by one chunk
+//!   whatever the file's size); the last byte checks the hash
+//!   ([`TransferError::HashMismatch`]). It says when to `Ack`, so the credit moves.
 //! - [`Outbox`]: the two queues of a connection's send path: control frames always go
-//!   first, and at most one chunk goes out between them, only when the writer's buffer is
-//!   nearly empty, so a large file never delays a small task's messages by more than one
-//!   chunk.
+//!   first, and chunks go out between them only while the writer's buffer holds less than
+//!   [`WRITE_LOW_WATER`], so a large file never delays a small task's messages by more than
+//!   the writer's buffer ([`WRITE_BURST`], a few chunks, written by one system call).
 //!
 //! Hash: BLAKE3 (32 bytes) over the file's bytes. BLAKE2b-256 took half of a receiving
 //! node's CPU time on one core (the mesh bench's `files` section, profiled with perf);
@@ -28,10 +30,23 @@ pub const DEFAULT_WINDOW: u32 = 4 * 1024 * 1024;
 /// length), with margin: the largest header is 2 + 9 + 9 + 5 = 25 bytes.
 pub const CHUNK_OVERHEAD: usize = 64;
 
-/// The chunk size a sender uses with this frame limit: 64 KiB, or less when the frame
-/// limit leaves less room.
+/// The chunk size a sender uses when the frame limit allows: 63 KiB (a receiver takes up to
+/// [`MAX_CHUNK`], 64 KiB). A whole number of BLAKE3's 1 KiB chunks, so the hash stays on
+/// its parallel path; with its header, one chunk's frame fits one Noise transport message
+/// (65,519 bytes of plaintext; a 64 KiB chunk took two, the second of 46 bytes); and a
+/// receiver's buffer for it stays under 64 KiB, where the C allocator's `free` does not
+/// try to give memory back to the system (at 64 KiB and over it did, for every chunk: a
+/// page fault per 4 KiB of the file at the receiver, measured with `perf stat`).
+pub const SEND_CHUNK: usize = 63 * 1024;
+
+// One chunk's frame (its header within CHUNK_OVERHEAD, its 4-byte length) fits one Noise
+// transport message.
+const _: () = assert!(SEND_CHUNK + CHUNK_OVERHEAD <= crate::secure::MAX_CHUNK_PLAINTEXT);
+
+/// The chunk size a sender uses with this frame limit: [`SEND_CHUNK`], or less when the
+/// frame limit leaves less room.
 pub fn chunk_len(max_frame: usize) -> usize {
-    MAX_CHUNK
+    SEND_CHUNK
         .min(max_frame.saturating_sub(CHUNK_OVERHEAD))
         .max(1)
 }
@@ -345,7 +360,13 @@ pub struct Receiver {
     window: u32,
     received: u64,
     acked: u64,
-    hasher: Option<Hasher>,
+    hasher: Hasher,
+    /// Every byte arrived (hash checked when hashed here).
+    complete: bool,
+    /// Chunks are hashed by the caller ([`Receiver::on_chunk_unhashed`]).
+    unhashed: bool,
+    /// Every byte arrived unhashed; [`Receiver::check_hash`] is owed.
+    awaiting_hash: bool,
 }
 
 impl Receiver {
@@ -373,7 +394,10 @@ impl Receiver {
             window: window.max(MAX_CHUNK as u32),
             received: 0,
             acked: 0,
-            hasher: Some(Hasher::new()),
+            hasher: Hasher::new(),
+            complete: false,
+            unhashed: false,
+            awaiting_hash: false,
         })
     }
 
@@ -389,7 +413,7 @@ impl Receiver {
 
     /// Whether the whole file arrived (and its hash matched).
     pub fn is_complete(&self) -> bool {
-        self.hasher.is_none()
+        self.complete
     }
 
     /// The `Want` that asks for the file.
@@ -423,10 +447,71 @@ impl Receiver {
         offset: u64,
         data: &'a [u8],
     ) -> Result<Received<'a>, TransferError> {
+        if self.unhashed {
+            return Err(violation(
+                self.id,
+                "a chunk for a receiver hashed by its caller",
+            ));
+        }
+        let last = self.accept(offset, data)?;
+        self.hasher.update(data);
+        if !last {
+            return Ok(Received::Write(data));
+        }
+        let got = std::mem::take(&mut self.hasher).finish();
+        self.check(got)?;
+        Ok(Received::Complete(data))
+    }
+
+    /// [`Receiver::on_chunk`] for a caller that hashes the bytes itself (e.g. on the thread
+    /// that writes them, off the socket's thread): the same checks, no hashing. `Ok(true)`
+    /// when the chunk completes the file: then the file's hash is owed to
+    /// [`Receiver::check_hash`] before the transfer is complete (and `Done` is sent).
+    /// A receiver takes chunks one way or the other, never both.
+    pub fn on_chunk_unhashed(&mut self, offset: u64, data: &[u8]) -> Result<bool, TransferError> {
+        if !self.unhashed && self.received > 0 {
+            return Err(violation(
+                self.id,
+                "an unhashed chunk for a hashing receiver",
+            ));
+        }
+        self.unhashed = true;
+        let last = self.accept(offset, data)?;
+        if last {
+            self.awaiting_hash = true;
+        }
+        Ok(last)
+    }
+
+    /// The hash of every byte [`Receiver::on_chunk_unhashed`] took, once the last one came:
+    /// the transfer is complete when it is the announced hash, else
+    /// [`TransferError::HashMismatch`].
+    pub fn check_hash(&mut self, got: ContentHash) -> Result<(), TransferError> {
+        if !self.awaiting_hash {
+            return Err(violation(self.id, "a hash checked before the whole file"));
+        }
+        self.awaiting_hash = false;
+        self.check(got)
+    }
+
+    fn check(&mut self, got: ContentHash) -> Result<(), TransferError> {
+        self.complete = true;
+        if got == self.expected {
+            return Ok(());
+        }
+        Err(TransferError::HashMismatch {
+            id: self.id,
+            expected: self.expected,
+            got,
+        })
+    }
+
+    /// Checks a chunk's place and size and counts it; `Ok(true)` when it is the file's last.
+    fn accept(&mut self, offset: u64, data: &[u8]) -> Result<bool, TransferError> {
         let id = self.id;
-        let Some(hasher) = self.hasher.as_mut() else {
+        if self.complete || self.awaiting_hash {
             return Err(violation(id, "a chunk after the whole file"));
-        };
+        }
         if offset != self.received {
             return Err(violation(
                 id,
@@ -461,27 +546,17 @@ impl Receiver {
         if data.is_empty() && self.size != 0 {
             return Err(violation(id, "an empty chunk"));
         }
-        hasher.update(data);
         self.received = end;
-        if self.received < self.size {
-            return Ok(Received::Write(data));
-        }
-        let got = self.hasher.take().map(Hasher::finish);
-        match got {
-            Some(got) if got == self.expected => Ok(Received::Complete(data)),
-            Some(got) => Err(TransferError::HashMismatch {
-                id,
-                expected: self.expected,
-                got,
-            }),
-            None => Err(violation(id, "a chunk after the whole file")),
-        }
+        Ok(self.received >= self.size)
     }
 
     /// The `Ack` to send now, once what [`Receiver::on_chunk`] returned is written: after
     /// every quarter of the window (so the sender never stalls on a full window).
     pub fn poll_ack(&mut self) -> Option<Message> {
-        if self.is_complete() || self.received - self.acked < u64::from(self.window / 4).max(1) {
+        if self.complete
+            || self.awaiting_hash
+            || self.received - self.acked < u64::from(self.window / 4).max(1)
+        {
             return None;
         }
         self.acked = self.received;
@@ -516,8 +591,14 @@ pub struct Outbox {
 pub const OUTBOX_CHUNKS: usize = 4;
 
 /// A chunk joins the writer's buffer only when fewer bytes than this are already waiting
-/// there, so a control frame queued next waits behind at most about one chunk.
-pub const WRITE_LOW_WATER: usize = 16 * 1024;
+/// there, so a control frame queued next waits behind at most [`WRITE_BURST`] bytes.
+pub const WRITE_LOW_WATER: usize = 192 * 1024;
+
+/// The most bytes of chunks a connection's writer holds before it writes them: a chunk
+/// joins under [`WRITE_LOW_WATER`], so at most that plus one chunk (256 KiB), written to
+/// the socket in one system call (one 64 KiB chunk per call cost a fifth of a sending
+/// process's time in the kernel's TCP send path, measured with perf).
+pub const WRITE_BURST: usize = WRITE_LOW_WATER + MAX_CHUNK + CHUNK_OVERHEAD;
 
 impl Outbox {
     /// An empty outbox.

@@ -12,7 +12,6 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::io::Write;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use p2p_core::message::{AbortReason, PlacedFile, ProducedFile, StreamFile};
@@ -419,14 +418,11 @@ impl RunFiles {
                 // Waiting for credit, or all sent (its `Done` ends its turn).
                 return out;
             };
-            let mut data = vec![0u8; len];
             let read = match &o.file {
-                Some(f) => f
-                    .read_exact_at(&mut data, offset)
-                    .map_err(|e| e.to_string()),
+                Some(f) => crate::node_files::read_chunk(f, offset, len).map_err(|e| e.to_string()),
                 None => Err("not open".to_owned()),
             };
-            let msg = read.and_then(|()| o.sender.chunk(offset, data).map_err(|e| e.to_string()));
+            let msg = read.and_then(|data| o.sender.chunk(offset, data).map_err(|e| e.to_string()));
             let seqs = o.seqs.clone();
             match msg.map(unbox) {
                 Ok(Some(t)) => {

@@ -1435,6 +1435,18 @@ fn hostile_offers_cost_the_node_bounded_threads_and_bad_chunks_are_refused() {
         unreachable!()
     };
     assert_eq!(reason, AbortReason::HashMismatch);
+    // One byte changed in a file large enough for a writer thread, which hashes it: refused
+    // the same way once its last byte is written.
+    let large: Vec<u8> = (0..3 * 1024 * 1024 + 777u32)
+        .map(|i| (i % 239) as u8)
+        .collect();
+    let mut bad = large.clone();
+    bad[large.len() - 1000] ^= 1;
+    ship(&mut c, 6, &bad, hash_bytes(&large));
+    let Transfer::Abort { reason, .. } = aborted(&mut c, 6) else {
+        unreachable!()
+    };
+    assert_eq!(reason, AbortReason::HashMismatch);
     // A good one still lands.
     ship(&mut c, 5, &file, hash);
     expect_transfer(&mut c, "Done", |t| matches!(t, Transfer::Done { id: 5 }));

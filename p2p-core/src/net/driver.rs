@@ -129,6 +129,9 @@ pub(super) async fn drive(
     closed: watch::Sender<Option<Option<Arc<Error>>>>,
     status: StatusSide,
 ) {
+    // The writer holds a burst of chunks before it writes (see `transfer::WRITE_BURST`);
+    // below that, `poll_ready` does not write, and `flush` writes what a batch left.
+    io.set_backpressure_boundary(crate::transfer::WRITE_BURST);
     let result = drive_inner(&mut io, &mut conn, &mut rx, id, &events, idle, status).await;
     let error = match result {
         Ok(()) => None,

@@ -95,11 +95,12 @@ fn files_of_every_size_arrive_whole_within_the_window() {
     }
     // A small frame limit: smaller chunks; the smallest window is one chunk.
     let file = data(300_000, 9);
-    let (got, most) = transfer(&file, chunk_len(65_536), 1).unwrap();
+    let (got, most) = transfer(&file, chunk_len(32_768), 1).unwrap();
     assert_eq!(got, file);
     assert!(most <= MAX_CHUNK as u64, "{most}");
-    assert_eq!(chunk_len(65_536), 65_536 - CHUNK_OVERHEAD);
-    assert_eq!(chunk_len(16 << 20), MAX_CHUNK);
+    assert_eq!(chunk_len(32_768), 32_768 - CHUNK_OVERHEAD);
+    assert_eq!(chunk_len(65_536), SEND_CHUNK);
+    assert_eq!(chunk_len(16 << 20), SEND_CHUNK);
 }
 
 #[test]
@@ -219,6 +220,69 @@ fn a_receiver_refuses_chunks_out_of_order_too_big_or_beyond_credit() {
     assert_eq!(r.on_chunk(0, b"ab").unwrap(), Received::Complete(b"ab"));
     assert!(r.is_complete() && r.on_end().is_ok());
     assert!(r.on_chunk(2, b"").unwrap_err().is_violation());
+}
+
+/// A receiver whose caller hashes (on the thread that writes) checks the same rules, and
+/// the file is complete only once the caller's hash matches the announced one.
+#[test]
+fn a_receiver_hashed_by_its_caller_checks_the_same_rules_and_the_hash_at_the_end() {
+    let file = data(3 * MAX_CHUNK + 10, 9);
+    let hash = hash_bytes(&file);
+    let new = || Receiver::new(1, hash, file.len() as u64, u32::MAX, u64::MAX).unwrap();
+    let pieces: Vec<(u64, &[u8])> = file
+        .chunks(MAX_CHUNK)
+        .enumerate()
+        .map(|(i, c)| ((i * MAX_CHUNK) as u64, c))
+        .collect();
+    // In order: the last chunk says so; no Ack, no Done until the hash is checked.
+    let mut r = new();
+    let mut disk = Vec::new();
+    for (i, (off, c)) in pieces.iter().enumerate() {
+        assert_eq!(r.on_chunk_unhashed(*off, c).unwrap(), i == pieces.len() - 1);
+        disk.extend_from_slice(c);
+    }
+    assert!(!r.is_complete(), "complete before its hash was checked");
+    assert!(r.poll_ack().is_none());
+    assert!(r
+        .on_chunk_unhashed(file.len() as u64, b"x")
+        .unwrap_err()
+        .is_violation());
+    r.check_hash(hash_bytes(&disk)).unwrap();
+    assert!(r.is_complete() && r.on_end().is_ok());
+    // The caller's hash of other bytes: a mismatch, and nothing more is taken.
+    let mut r = new();
+    for (off, c) in &pieces {
+        r.on_chunk_unhashed(*off, c).unwrap();
+    }
+    let err = r.check_hash(hash_bytes(b"something else")).unwrap_err();
+    assert!(matches!(err, TransferError::HashMismatch { .. }), "{err}");
+    assert!(
+        r.check_hash(hash).unwrap_err().is_violation(),
+        "a second check"
+    );
+    // A hash before the end, a chunk out of order, mixing the two ways: violations.
+    let mut r = new();
+    r.on_chunk_unhashed(0, pieces[0].1).unwrap();
+    assert!(r.check_hash(hash).unwrap_err().is_violation());
+    assert!(r
+        .on_chunk_unhashed(0, pieces[0].1)
+        .unwrap_err()
+        .is_violation());
+    assert!(r
+        .on_chunk(pieces[1].0, pieces[1].1)
+        .unwrap_err()
+        .is_violation());
+    let mut r = new();
+    r.on_chunk(0, pieces[0].1).unwrap();
+    assert!(r
+        .on_chunk_unhashed(pieces[1].0, pieces[1].1)
+        .unwrap_err()
+        .is_violation());
+    // An empty file is one empty chunk.
+    let mut r = Receiver::new(2, hash_bytes(b""), 0, DEFAULT_WINDOW, u64::MAX).unwrap();
+    assert!(r.on_chunk_unhashed(0, b"").unwrap());
+    r.check_hash(hash_bytes(b"")).unwrap();
+    assert!(r.is_complete());
 }
 
 #[test]
