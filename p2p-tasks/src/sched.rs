@@ -375,7 +375,8 @@ pub struct Scheduler {
     cursor: usize,
     finished: usize,
     stopped: bool,
-    nodes: BTreeMap<NodeKey, NodeSlot>,
+    /// Looked up twice a task: keyed by the fast hash of the link ids (not a B-tree).
+    nodes: std::collections::HashMap<NodeKey, NodeSlot, p2p_core::conn::SeqHash>,
     /// Per kind, the nodes serving it that take new work, fastest first, then least loaded
     /// (ties: lowest key). Picking a node is a look at the first entry, whatever the number
     /// of nodes.
@@ -613,7 +614,7 @@ impl Scheduler {
             cursor: 0,
             finished: 0,
             stopped: false,
-            nodes: BTreeMap::new(),
+            nodes: std::collections::HashMap::default(),
             dependents,
             skipped: Vec::new(),
         }
