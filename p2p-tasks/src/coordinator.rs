@@ -131,6 +131,7 @@ pub async fn run(
     let mut armed: Option<tokio::time::Instant> = None;
     let mut peers_open = true;
     let mut interrupted = false;
+    let mut batch = Vec::with_capacity(BATCH);
     loop {
         d.pump(&mut core);
         if core.is_done() {
@@ -159,18 +160,18 @@ pub async fn run(
                 Some(PeerUpdate::Discovered { addr, source }) => core.handle_discovered(addr, source),
                 Some(PeerUpdate::Unreachable { addr, error }) => core.handle_unreachable(addr, error),
             },
-            Some((id, ev)) = inputs.links.recv() => {
+            // Every event already queued (up to a batch) is taken in one go, which gives the
+            // channel's permits back once, not once an event.
+            1.. = inputs.links.recv_many(&mut batch, BATCH) => {
                 let at = now();
-                d.link_event(&mut core, id, ev, at);
-                // Every event already queued is handled before new work is sent (one
-                // dispatch, one burst of assignments per batch); the events each produces are
-                // passed on at once, so the core's queue stays short.
-                for _ in 1..BATCH {
-                    d.out_events(&mut core);
-                    match inputs.links.try_recv() {
-                        Ok((id, ev)) => d.link_event(&mut core, id, ev, at),
-                        Err(_) => break,
+                // Every event taken is handled before new work is sent (one dispatch, one
+                // burst of assignments per batch); the events each produces are passed on at
+                // once, so the core's queue stays short.
+                for (i, (id, ev)) in batch.drain(..).enumerate() {
+                    if i > 0 {
+                        d.out_events(&mut core);
                     }
+                    d.link_event(&mut core, id, ev, at);
                 }
             }
             () = &mut sleep, if armed.is_some() => {
