@@ -218,10 +218,59 @@ fn first_names(names: &[String]) -> String {
 }
 
 /// Adds a result to `key`'s tally, allocating the key only the first time it is seen.
-fn bump(rows: &mut BTreeMap<String, Tally>, key: &str, ok: bool, ms: f64) {
-    match rows.get_mut(key) {
-        Some(t) => t.add(ok, ms),
-        None => rows.entry(key.to_string()).or_default().add(ok, ms),
+fn bump(rows: &mut Rows, key: &str, ok: bool, ms: f64) {
+    rows.get_mut(key).add(ok, ms);
+}
+
+/// Rows of the node or type table that [`Rows`] searches one by one.
+const FEW_ROWS: usize = 8;
+
+/// A table's rows by key, in order of first appearance: searched one by one while there are
+/// at most [`FEW_ROWS`] (the usual handful of nodes and types: a comparison or two a result,
+/// where a B-tree of string keys took about 160 instructions), through an index beyond;
+/// sorted when shown.
+#[derive(Debug, Default)]
+struct Rows {
+    rows: Vec<(String, Tally)>,
+    index: std::collections::HashMap<String, usize>,
+}
+
+impl Rows {
+    /// `key`'s tally, made empty the first time.
+    fn get_mut(&mut self, key: &str) -> &mut Tally {
+        let found = if self.rows.len() <= FEW_ROWS {
+            self.rows.iter().position(|(k, _)| k == key)
+        } else {
+            self.index.get(key).copied()
+        };
+        let i = match found {
+            Some(i) => i,
+            None => {
+                let i = self.rows.len();
+                self.rows.push((key.to_string(), Tally::default()));
+                if i == FEW_ROWS {
+                    self.index = (self.rows.iter().enumerate())
+                        .map(|(i, (k, _))| (k.clone(), i))
+                        .collect();
+                } else if i > FEW_ROWS {
+                    self.index.insert(key.to_string(), i);
+                }
+                i
+            }
+        };
+        &mut self.rows[i].1
+    }
+
+    fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    /// The rows in key order.
+    fn sorted(&mut self) -> Vec<(&str, &mut Tally)> {
+        let mut rows: Vec<(&str, &mut Tally)> =
+            self.rows.iter_mut().map(|(k, t)| (k.as_str(), t)).collect();
+        rows.sort_by(|a, b| a.0.cmp(b.0));
+        rows
     }
 }
 
@@ -242,8 +291,8 @@ pub struct Printer {
     /// Where the bar on screen is shown to the log writer.
     active: ActiveBar,
     allow_bar: bool,
-    by_node: BTreeMap<String, Tally>,
-    by_type: BTreeMap<String, Tally>,
+    by_node: Rows,
+    by_type: Rows,
     taps: Taps,
 }
 
@@ -277,8 +326,8 @@ impl Printer {
             bar: None,
             active: ActiveBar::default(),
             allow_bar: format == Format::Human && std::io::stderr().is_terminal(),
-            by_node: BTreeMap::new(),
-            by_type: BTreeMap::new(),
+            by_node: Rows::default(),
+            by_type: Rows::default(),
             taps: Taps::default(),
         }
     }
@@ -754,7 +803,7 @@ fn speed_column(report: &RunReport) -> BTreeMap<String, String> {
 fn tally_table(
     out: &mut impl Write,
     what: &str,
-    rows: &mut BTreeMap<String, Tally>,
+    rows: &mut Rows,
     speeds: Option<&BTreeMap<String, String>>,
 ) -> std::io::Result<()> {
     if rows.is_empty() {
@@ -770,7 +819,7 @@ fn tally_table(
         write!(out, "  {:>10}", "PER COST")?;
     }
     writeln!(out)?;
-    for (key, t) in rows.iter_mut() {
+    for (key, t) in rows.sorted() {
         let (mean, p99) = t.mean_p99();
         write!(
             out,
@@ -975,9 +1024,30 @@ mod tests {
         assert_eq!(v["tasks"], 3);
     }
 
+    /// Past the few rows searched one by one, the index finds the same rows: every key
+    /// counted once per result, shown in key order.
+    #[test]
+    fn table_rows_beyond_the_few_are_counted_and_shown_in_order() {
+        let mut rows = Rows::default();
+        for round in 0..3 {
+            for i in (0..3 * FEW_ROWS).rev() {
+                bump(&mut rows, &format!("k{i:02}"), round != 1, 1.0);
+            }
+        }
+        let shown: Vec<(String, usize, usize)> = rows
+            .sorted()
+            .into_iter()
+            .map(|(k, t)| (k.to_string(), t.tasks, t.failures))
+            .collect();
+        let want: Vec<(String, usize, usize)> = (0..3 * FEW_ROWS)
+            .map(|i| (format!("k{i:02}"), 3, 1))
+            .collect();
+        assert_eq!(shown, want);
+    }
+
     #[test]
     fn the_node_table_shows_the_learned_speed_per_unit_of_cost() {
-        let mut rows = BTreeMap::new();
+        let mut rows = Rows::default();
         bump(&mut rows, "aaaaaaaa", true, 20.0);
         bump(&mut rows, "bbbbbbbb", true, 100.0);
         let mut report = RunReport::new(Vec::new());
