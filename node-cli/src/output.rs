@@ -99,21 +99,132 @@ const OUT_BUFFER: usize = 64 * 1024;
 
 /// Appends `ev` to `out` as one JSON line with its time, `ts` (RFC 3339, UTC,
 /// microseconds), as the last field: `{"event":"...",...,"ts":"2026-12-01T09:30:00.123456Z"}`.
-/// An event that cannot be serialized leaves `out` as it was.
-fn json_line(out: &mut Vec<u8>, ev: &RunEvent, at: std::time::SystemTime) {
+/// An event that cannot be serialized leaves `out` as it was. The two events of every task
+/// are written without serde (the same bytes: a unit test compares them), and the time's
+/// date and second are formatted once a second (`stamp`).
+fn json_line(out: &mut Vec<u8>, ev: &RunEvent, at: std::time::SystemTime, stamp: &mut Stamp) {
     let start = out.len();
-    if serde_json::to_writer(&mut *out, ev).is_err() || out.last() != Some(&b'}') {
-        out.truncate(start);
-        return;
+    if !task_json(out, ev) {
+        if serde_json::to_writer(&mut *out, ev).is_err() || out.last() != Some(&b'}') {
+            out.truncate(start);
+            return;
+        }
+        // Every event is a non-empty object (its `event` tag at least): `ts` goes before
+        // the `}`.
+        out.pop();
     }
-    // Every event is a non-empty object (its `event` tag at least): `ts` goes before the `}`.
-    out.pop();
-    let _ = write!(
-        out,
-        ",\"ts\":\"{}\"}}",
-        humantime::format_rfc3339_micros(at)
-    );
-    out.push(b'\n');
+    out.extend_from_slice(b",\"ts\":\"");
+    stamp.write(out, at);
+    out.extend_from_slice(b"\"}\n");
+}
+
+/// Writes a task's `task_assigned` or `task_completed` event as serde would, without its
+/// closing brace; false (and nothing written) for any other event. Every field is named, so
+/// a field added to either event does not compile here until it is written.
+fn task_json(out: &mut Vec<u8>, ev: &RunEvent) -> bool {
+    match ev {
+        RunEvent::TaskAssigned {
+            task,
+            kind,
+            node,
+            attempt,
+        } => {
+            out.extend_from_slice(b"{\"event\":\"task_assigned\",\"task\":");
+            json_str(out, task);
+            out.extend_from_slice(b",\"type\":");
+            json_str(out, kind);
+            out.extend_from_slice(b",\"node\":");
+            json_str(out, node);
+            out.extend_from_slice(b",\"attempt\":");
+            json_u32(out, *attempt);
+            true
+        }
+        RunEvent::TaskCompleted {
+            task,
+            kind,
+            node,
+            attempt,
+            ok,
+            output,
+            duration_ms,
+        } => {
+            out.extend_from_slice(b"{\"event\":\"task_completed\",\"task\":");
+            json_str(out, task);
+            out.extend_from_slice(b",\"type\":");
+            json_str(out, kind);
+            out.extend_from_slice(b",\"node\":");
+            json_str(out, node);
+            out.extend_from_slice(b",\"attempt\":");
+            json_u32(out, *attempt);
+            out.extend_from_slice(if *ok {
+                b",\"ok\":true"
+            } else {
+                b",\"ok\":false"
+            });
+            out.extend_from_slice(b",\"output\":");
+            json_str(out, output);
+            out.extend_from_slice(b",\"duration_ms\":");
+            // serde_json's own number format (and `null` for a value that is not finite).
+            let _ = serde_json::to_writer(&mut *out, duration_ms);
+            true
+        }
+        _ => false,
+    }
+}
+
+/// `s` as a JSON string: copied as it is when nothing in it needs escaping (one pass over
+/// its bytes), else through serde_json (which escapes `"`, `\\` and control characters).
+fn json_str(out: &mut Vec<u8>, s: &str) {
+    // No early exit, so the check runs over whole words.
+    let escape = s
+        .bytes()
+        .fold(false, |e, b| e | (b < 0x20) | (b == b'"') | (b == b'\\'));
+    if escape {
+        let _ = serde_json::to_writer(&mut *out, s);
+    } else {
+        out.push(b'"');
+        out.extend_from_slice(s.as_bytes());
+        out.push(b'"');
+    }
+}
+
+fn json_u32(out: &mut Vec<u8>, n: u32) {
+    let _ = serde_json::to_writer(&mut *out, &n);
+}
+
+/// The `ts` of JSON lines, with its date and second formatted once a second.
+#[derive(Debug, Default)]
+struct Stamp {
+    /// The second `prefix` is of (since the epoch).
+    second: Option<u64>,
+    /// `2026-12-01T09:30:00`.
+    prefix: String,
+}
+
+impl Stamp {
+    /// Appends `at` as humantime's `format_rfc3339_micros` does: `2026-12-01T09:30:00.123456Z`.
+    fn write(&mut self, out: &mut Vec<u8>, at: std::time::SystemTime) {
+        let Ok(since) = at.duration_since(std::time::UNIX_EPOCH) else {
+            let _ = write!(out, "{}", humantime::format_rfc3339_micros(at));
+            return;
+        };
+        let second = since.as_secs();
+        if self.second != Some(second) {
+            let whole = std::time::UNIX_EPOCH + Duration::from_secs(second);
+            let text = humantime::format_rfc3339_seconds(whole).to_string();
+            self.prefix = text.trim_end_matches('Z').to_string();
+            self.second = Some(second);
+        }
+        out.extend_from_slice(self.prefix.as_bytes());
+        let micros = since.subsec_micros();
+        let mut digits = [b'.', b'0', b'0', b'0', b'0', b'0', b'0', b'Z'];
+        let mut m = micros;
+        for d in digits[1..7].iter_mut().rev() {
+            *d = b'0' + (m % 10) as u8;
+            m /= 10;
+        }
+        out.extend_from_slice(&digits);
+    }
 }
 
 /// Per node or per type: how many tasks, failures, and their durations.
@@ -293,6 +404,8 @@ pub struct Printer {
     allow_bar: bool,
     by_node: Rows,
     by_type: Rows,
+    /// The time of `--json` lines.
+    stamp: Stamp,
     taps: Taps,
 }
 
@@ -328,6 +441,7 @@ impl Printer {
             allow_bar: format == Format::Human && std::io::stderr().is_terminal(),
             by_node: Rows::default(),
             by_type: Rows::default(),
+            stamp: Stamp::default(),
             taps: Taps::default(),
         }
     }
@@ -395,7 +509,12 @@ impl Printer {
         match self.format {
             Format::Json => {
                 if !matches!(ev, RunEvent::Phase(_)) {
-                    json_line(&mut self.out, ev, std::time::SystemTime::now());
+                    json_line(
+                        &mut self.out,
+                        ev,
+                        std::time::SystemTime::now(),
+                        &mut self.stamp,
+                    );
                     self.maybe_flush();
                 }
             }
@@ -1010,7 +1129,7 @@ mod tests {
             tasks: 3,
             order: "strict".into(),
         };
-        json_line(&mut out, &ev, at);
+        json_line(&mut out, &ev, at, &mut Stamp::default());
         let line = String::from_utf8(out).unwrap();
         assert!(
             line.starts_with(r#"{"event":"run_started","schema":1,"run":"#),
@@ -1022,6 +1141,67 @@ mod tests {
         );
         let v: serde_json::Value = serde_json::from_str(&line).unwrap();
         assert_eq!(v["tasks"], 3);
+    }
+
+    /// A task's two events, written without serde, are the bytes serde writes, also for
+    /// texts that need escaping; their `ts` is humantime's, across second boundaries.
+    #[test]
+    fn task_events_are_written_as_serde_writes_them() {
+        let texts = [
+            "",
+            "a1",
+            "say \"hi\"",
+            "back\\slash",
+            "tab\there",
+            "line\n",
+            "\u{1}ctl",
+            "é ünï 日本",
+            "\u{7f}del",
+            "</script>",
+        ];
+        let durations = [0.001, 12.5, 1e-7, f64::NAN, 3.0, 1e21];
+        let base = std::time::UNIX_EPOCH + Duration::from_micros(1_796_117_400_999_990);
+        let mut stamp = Stamp::default();
+        let mut n: u32 = 0;
+        for t in texts {
+            for o in texts {
+                n += 1;
+                let at = base + Duration::from_micros(u64::from(n) * 7);
+                let events = [
+                    RunEvent::TaskAssigned {
+                        task: t.into(),
+                        kind: Arc::from(o),
+                        node: Arc::from(t),
+                        attempt: n,
+                    },
+                    RunEvent::TaskCompleted {
+                        task: o.into(),
+                        kind: Arc::from(t),
+                        node: Arc::from(o),
+                        attempt: n,
+                        ok: n.is_multiple_of(2),
+                        output: t.to_string(),
+                        duration_ms: durations[n as usize % durations.len()],
+                    },
+                ];
+                for ev in events {
+                    let mut fast = Vec::new();
+                    json_line(&mut fast, &ev, at, &mut stamp);
+                    let mut slow = serde_json::to_vec(&ev).unwrap();
+                    slow.pop();
+                    writeln!(
+                        slow,
+                        ",\"ts\":\"{}\"}}",
+                        humantime::format_rfc3339_micros(at)
+                    )
+                    .unwrap();
+                    assert_eq!(
+                        String::from_utf8(fast).unwrap(),
+                        String::from_utf8(slow).unwrap()
+                    );
+                }
+            }
+        }
     }
 
     /// Past the few rows searched one by one, the index finds the same rows: every key
