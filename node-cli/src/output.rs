@@ -99,21 +99,132 @@ const OUT_BUFFER: usize = 64 * 1024;
 
 /// Appends `ev` to `out` as one JSON line with its time, `ts` (RFC 3339, UTC,
 /// microseconds), as the last field: `{"event":"...",...,"ts":"2026-12-01T09:30:00.123456Z"}`.
-/// An event that cannot be serialized leaves `out` as it was.
-fn json_line(out: &mut Vec<u8>, ev: &RunEvent, at: std::time::SystemTime) {
+/// An event that cannot be serialized leaves `out` as it was. The two events of every task
+/// are written without serde (the same bytes: a unit test compares them), and the time's
+/// date and second are formatted once a second (`stamp`).
+fn json_line(out: &mut Vec<u8>, ev: &RunEvent, at: std::time::SystemTime, stamp: &mut Stamp) {
     let start = out.len();
-    if serde_json::to_writer(&mut *out, ev).is_err() || out.last() != Some(&b'}') {
-        out.truncate(start);
-        return;
+    if !task_json(out, ev) {
+        if serde_json::to_writer(&mut *out, ev).is_err() || out.last() != Some(&b'}') {
+            out.truncate(start);
+            return;
+        }
+        // Every event is a non-empty object (its `event` tag at least): `ts` goes before
+        // the `}`.
+        out.pop();
     }
-    // Every event is a non-empty object (its `event` tag at least): `ts` goes before the `}`.
-    out.pop();
-    let _ = write!(
-        out,
-        ",\"ts\":\"{}\"}}",
-        humantime::format_rfc3339_micros(at)
-    );
-    out.push(b'\n');
+    out.extend_from_slice(b",\"ts\":\"");
+    stamp.write(out, at);
+    out.extend_from_slice(b"\"}\n");
+}
+
+/// Writes a task's `task_assigned` or `task_completed` event as serde would, without its
+/// closing brace; false (and nothing written) for any other event. Every field is named, so
+/// a field added to either event does not compile here until it is written.
+fn task_json(out: &mut Vec<u8>, ev: &RunEvent) -> bool {
+    match ev {
+        RunEvent::TaskAssigned {
+            task,
+            kind,
+            node,
+            attempt,
+        } => {
+            out.extend_from_slice(b"{\"event\":\"task_assigned\",\"task\":");
+            json_str(out, task);
+            out.extend_from_slice(b",\"type\":");
+            json_str(out, kind);
+            out.extend_from_slice(b",\"node\":");
+            json_str(out, node);
+            out.extend_from_slice(b",\"attempt\":");
+            json_u32(out, *attempt);
+            true
+        }
+        RunEvent::TaskCompleted {
+            task,
+            kind,
+            node,
+            attempt,
+            ok,
+            output,
+            duration_ms,
+        } => {
+            out.extend_from_slice(b"{\"event\":\"task_completed\",\"task\":");
+            json_str(out, task);
+            out.extend_from_slice(b",\"type\":");
+            json_str(out, kind);
+            out.extend_from_slice(b",\"node\":");
+            json_str(out, node);
+            out.extend_from_slice(b",\"attempt\":");
+            json_u32(out, *attempt);
+            out.extend_from_slice(if *ok {
+                b",\"ok\":true"
+            } else {
+                b",\"ok\":false"
+            });
+            out.extend_from_slice(b",\"output\":");
+            json_str(out, output);
+            out.extend_from_slice(b",\"duration_ms\":");
+            // serde_json's own number format (and `null` for a value that is not finite).
+            let _ = serde_json::to_writer(&mut *out, duration_ms);
+            true
+        }
+        _ => false,
+    }
+}
+
+/// `s` as a JSON string: copied as it is when nothing in it needs escaping (one pass over
+/// its bytes), else through serde_json (which escapes `"`, `\\` and control characters).
+fn json_str(out: &mut Vec<u8>, s: &str) {
+    // No early exit, so the check runs over whole words.
+    let escape = s
+        .bytes()
+        .fold(false, |e, b| e | (b < 0x20) | (b == b'"') | (b == b'\\'));
+    if escape {
+        let _ = serde_json::to_writer(&mut *out, s);
+    } else {
+        out.push(b'"');
+        out.extend_from_slice(s.as_bytes());
+        out.push(b'"');
+    }
+}
+
+fn json_u32(out: &mut Vec<u8>, n: u32) {
+    let _ = serde_json::to_writer(&mut *out, &n);
+}
+
+/// The `ts` of JSON lines, with its date and second formatted once a second.
+#[derive(Debug, Default)]
+struct Stamp {
+    /// The second `prefix` is of (since the epoch).
+    second: Option<u64>,
+    /// `2026-12-01T09:30:00`.
+    prefix: String,
+}
+
+impl Stamp {
+    /// Appends `at` as humantime's `format_rfc3339_micros` does: `2026-12-01T09:30:00.123456Z`.
+    fn write(&mut self, out: &mut Vec<u8>, at: std::time::SystemTime) {
+        let Ok(since) = at.duration_since(std::time::UNIX_EPOCH) else {
+            let _ = write!(out, "{}", humantime::format_rfc3339_micros(at));
+            return;
+        };
+        let second = since.as_secs();
+        if self.second != Some(second) {
+            let whole = std::time::UNIX_EPOCH + Duration::from_secs(second);
+            let text = humantime::format_rfc3339_seconds(whole).to_string();
+            self.prefix = text.trim_end_matches('Z').to_string();
+            self.second = Some(second);
+        }
+        out.extend_from_slice(self.prefix.as_bytes());
+        let micros = since.subsec_micros();
+        let mut digits = [b'.', b'0', b'0', b'0', b'0', b'0', b'0', b'Z'];
+        let mut m = micros;
+        for d in digits[1..7].iter_mut().rev() {
+            *d = b'0' + (m % 10) as u8;
+            m /= 10;
+        }
+        out.extend_from_slice(&digits);
+    }
 }
 
 /// Per node or per type: how many tasks, failures, and their durations.
@@ -218,10 +329,59 @@ fn first_names(names: &[String]) -> String {
 }
 
 /// Adds a result to `key`'s tally, allocating the key only the first time it is seen.
-fn bump(rows: &mut BTreeMap<String, Tally>, key: &str, ok: bool, ms: f64) {
-    match rows.get_mut(key) {
-        Some(t) => t.add(ok, ms),
-        None => rows.entry(key.to_string()).or_default().add(ok, ms),
+fn bump(rows: &mut Rows, key: &str, ok: bool, ms: f64) {
+    rows.get_mut(key).add(ok, ms);
+}
+
+/// Rows of the node or type table that [`Rows`] searches one by one.
+const FEW_ROWS: usize = 8;
+
+/// A table's rows by key, in order of first appearance: searched one by one while there are
+/// at most [`FEW_ROWS`] (the usual handful of nodes and types: a comparison or two a result,
+/// where a B-tree of string keys took about 160 instructions), through an index beyond;
+/// sorted when shown.
+#[derive(Debug, Default)]
+struct Rows {
+    rows: Vec<(String, Tally)>,
+    index: std::collections::HashMap<String, usize>,
+}
+
+impl Rows {
+    /// `key`'s tally, made empty the first time.
+    fn get_mut(&mut self, key: &str) -> &mut Tally {
+        let found = if self.rows.len() <= FEW_ROWS {
+            self.rows.iter().position(|(k, _)| k == key)
+        } else {
+            self.index.get(key).copied()
+        };
+        let i = match found {
+            Some(i) => i,
+            None => {
+                let i = self.rows.len();
+                self.rows.push((key.to_string(), Tally::default()));
+                if i == FEW_ROWS {
+                    self.index = (self.rows.iter().enumerate())
+                        .map(|(i, (k, _))| (k.clone(), i))
+                        .collect();
+                } else if i > FEW_ROWS {
+                    self.index.insert(key.to_string(), i);
+                }
+                i
+            }
+        };
+        &mut self.rows[i].1
+    }
+
+    fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    /// The rows in key order.
+    fn sorted(&mut self) -> Vec<(&str, &mut Tally)> {
+        let mut rows: Vec<(&str, &mut Tally)> =
+            self.rows.iter_mut().map(|(k, t)| (k.as_str(), t)).collect();
+        rows.sort_by(|a, b| a.0.cmp(b.0));
+        rows
     }
 }
 
@@ -242,8 +402,10 @@ pub struct Printer {
     /// Where the bar on screen is shown to the log writer.
     active: ActiveBar,
     allow_bar: bool,
-    by_node: BTreeMap<String, Tally>,
-    by_type: BTreeMap<String, Tally>,
+    by_node: Rows,
+    by_type: Rows,
+    /// The time of `--json` lines.
+    stamp: Stamp,
     taps: Taps,
 }
 
@@ -277,8 +439,9 @@ impl Printer {
             bar: None,
             active: ActiveBar::default(),
             allow_bar: format == Format::Human && std::io::stderr().is_terminal(),
-            by_node: BTreeMap::new(),
-            by_type: BTreeMap::new(),
+            by_node: Rows::default(),
+            by_type: Rows::default(),
+            stamp: Stamp::default(),
             taps: Taps::default(),
         }
     }
@@ -346,7 +509,12 @@ impl Printer {
         match self.format {
             Format::Json => {
                 if !matches!(ev, RunEvent::Phase(_)) {
-                    json_line(&mut self.out, ev, std::time::SystemTime::now());
+                    json_line(
+                        &mut self.out,
+                        ev,
+                        std::time::SystemTime::now(),
+                        &mut self.stamp,
+                    );
                     self.maybe_flush();
                 }
             }
@@ -754,7 +922,7 @@ fn speed_column(report: &RunReport) -> BTreeMap<String, String> {
 fn tally_table(
     out: &mut impl Write,
     what: &str,
-    rows: &mut BTreeMap<String, Tally>,
+    rows: &mut Rows,
     speeds: Option<&BTreeMap<String, String>>,
 ) -> std::io::Result<()> {
     if rows.is_empty() {
@@ -770,7 +938,7 @@ fn tally_table(
         write!(out, "  {:>10}", "PER COST")?;
     }
     writeln!(out)?;
-    for (key, t) in rows.iter_mut() {
+    for (key, t) in rows.sorted() {
         let (mean, p99) = t.mean_p99();
         write!(
             out,
@@ -961,7 +1129,7 @@ mod tests {
             tasks: 3,
             order: "strict".into(),
         };
-        json_line(&mut out, &ev, at);
+        json_line(&mut out, &ev, at, &mut Stamp::default());
         let line = String::from_utf8(out).unwrap();
         assert!(
             line.starts_with(r#"{"event":"run_started","schema":1,"run":"#),
@@ -975,9 +1143,91 @@ mod tests {
         assert_eq!(v["tasks"], 3);
     }
 
+    /// A task's two events, written without serde, are the bytes serde writes, also for
+    /// texts that need escaping; their `ts` is humantime's, across second boundaries.
+    #[test]
+    fn task_events_are_written_as_serde_writes_them() {
+        let texts = [
+            "",
+            "a1",
+            "say \"hi\"",
+            "back\\slash",
+            "tab\there",
+            "line\n",
+            "\u{1}ctl",
+            "é ünï 日本",
+            "\u{7f}del",
+            "</script>",
+        ];
+        let durations = [0.001, 12.5, 1e-7, f64::NAN, 3.0, 1e21];
+        let base = std::time::UNIX_EPOCH + Duration::from_micros(1_796_117_400_999_990);
+        let mut stamp = Stamp::default();
+        let mut n: u32 = 0;
+        for t in texts {
+            for o in texts {
+                n += 1;
+                let at = base + Duration::from_micros(u64::from(n) * 7);
+                let events = [
+                    RunEvent::TaskAssigned {
+                        task: t.into(),
+                        kind: Arc::from(o),
+                        node: Arc::from(t),
+                        attempt: n,
+                    },
+                    RunEvent::TaskCompleted {
+                        task: o.into(),
+                        kind: Arc::from(t),
+                        node: Arc::from(o),
+                        attempt: n,
+                        ok: n.is_multiple_of(2),
+                        output: t.to_string(),
+                        duration_ms: durations[n as usize % durations.len()],
+                    },
+                ];
+                for ev in events {
+                    let mut fast = Vec::new();
+                    json_line(&mut fast, &ev, at, &mut stamp);
+                    let mut slow = serde_json::to_vec(&ev).unwrap();
+                    slow.pop();
+                    writeln!(
+                        slow,
+                        ",\"ts\":\"{}\"}}",
+                        humantime::format_rfc3339_micros(at)
+                    )
+                    .unwrap();
+                    assert_eq!(
+                        String::from_utf8(fast).unwrap(),
+                        String::from_utf8(slow).unwrap()
+                    );
+                }
+            }
+        }
+    }
+
+    /// Past the few rows searched one by one, the index finds the same rows: every key
+    /// counted once per result, shown in key order.
+    #[test]
+    fn table_rows_beyond_the_few_are_counted_and_shown_in_order() {
+        let mut rows = Rows::default();
+        for round in 0..3 {
+            for i in (0..3 * FEW_ROWS).rev() {
+                bump(&mut rows, &format!("k{i:02}"), round != 1, 1.0);
+            }
+        }
+        let shown: Vec<(String, usize, usize)> = rows
+            .sorted()
+            .into_iter()
+            .map(|(k, t)| (k.to_string(), t.tasks, t.failures))
+            .collect();
+        let want: Vec<(String, usize, usize)> = (0..3 * FEW_ROWS)
+            .map(|i| (format!("k{i:02}"), 3, 1))
+            .collect();
+        assert_eq!(shown, want);
+    }
+
     #[test]
     fn the_node_table_shows_the_learned_speed_per_unit_of_cost() {
-        let mut rows = BTreeMap::new();
+        let mut rows = Rows::default();
         bump(&mut rows, "aaaaaaaa", true, 20.0);
         bump(&mut rows, "bbbbbbbb", true, 100.0);
         let mut report = RunReport::new(Vec::new());

@@ -131,10 +131,18 @@ pub async fn run(
     let mut armed: Option<tokio::time::Instant> = None;
     let mut peers_open = true;
     let mut interrupted = false;
+    let mut batch = Vec::with_capacity(BATCH);
     loop {
-        d.pump(&mut core);
+        let sent = d.pump(&mut core);
         if core.is_done() {
             break;
+        }
+        if sent && d.out.has_output() {
+            // One thread runs the links and this loop: the links write the commands just
+            // queued before the output is written and the journal synced, so that the nodes
+            // work on them meanwhile (strict order waits for each result: a line written
+            // first delayed every next assignment by its write).
+            YieldOnce(false).await;
         }
         if d.out.flush(&mut core) {
             // The journal failed: the core stopped the run; take what that produced.
@@ -159,18 +167,18 @@ pub async fn run(
                 Some(PeerUpdate::Discovered { addr, source }) => core.handle_discovered(addr, source),
                 Some(PeerUpdate::Unreachable { addr, error }) => core.handle_unreachable(addr, error),
             },
-            Some((id, ev)) = inputs.links.recv() => {
+            // Every event already queued (up to a batch) is taken in one go, which gives the
+            // channel's permits back once, not once an event.
+            1.. = inputs.links.recv_many(&mut batch, BATCH) => {
                 let at = now();
-                d.link_event(&mut core, id, ev, at);
-                // Every event already queued is handled before new work is sent (one
-                // dispatch, one burst of assignments per batch); the events each produces are
-                // passed on at once, so the core's queue stays short.
-                for _ in 1..BATCH {
-                    d.out_events(&mut core);
-                    match inputs.links.try_recv() {
-                        Ok((id, ev)) => d.link_event(&mut core, id, ev, at),
-                        Err(_) => break,
+                // Every event taken is handled before new work is sent (one dispatch, one
+                // burst of assignments per batch); the events each produces are passed on at
+                // once, so the core's queue stays short.
+                for (i, (id, ev)) in batch.drain(..).enumerate() {
+                    if i > 0 {
+                        d.out_events(&mut core);
                     }
+                    d.link_event(&mut core, id, ev, at);
                 }
             }
             () = &mut sleep, if armed.is_some() => {
@@ -256,12 +264,14 @@ impl Driver<'_> {
     }
 
     /// Moves everything the core produced: commands to links, final results to the
-    /// journal, events to the output.
-    fn pump(&mut self, core: &mut RunCore) {
+    /// journal, events to the output. Returns whether a command was sent.
+    fn pump(&mut self, core: &mut RunCore) -> bool {
+        let mut sent_any = false;
         loop {
             let mut any = false;
             while let Some((id, cmd)) = core.poll_command() {
                 any = true;
+                sent_any = true;
                 let assign = match &cmd {
                     Command::Assign(a) => Some(a.seq),
                     _ => None,
@@ -298,7 +308,7 @@ impl Driver<'_> {
                 self.out.event(ev);
             }
             if !any {
-                return;
+                return sent_any;
             }
         }
     }
@@ -362,6 +372,11 @@ impl Out<'_> {
         }
     }
 
+    /// Whether a flush would write or sync something.
+    fn has_output(&self) -> bool {
+        self.pending || !self.held.is_empty() || !self.unsynced.is_empty()
+    }
+
     /// Before the driver waits: syncs the journal, passes on the events it held, and says
     /// [`RunEvent::Flush`] if anything was reported. Returns true when the journal just
     /// failed (the core must be told, so the driver pumps again before waiting).
@@ -402,6 +417,28 @@ impl Out<'_> {
             self.pending = true;
             (self.emit)(&ev);
         }
+    }
+}
+
+/// Lets the runtime's other ready tasks run once, then resumes. Unlike tokio's
+/// `yield_now`, which defers the wake-up until the runtime has polled its I/O driver (one
+/// more `epoll_wait` each time), it wakes itself at once: the tasks already woken (the links
+/// given commands) run first, then this one.
+struct YieldOnce(bool);
+
+impl std::future::Future for YieldOnce {
+    type Output = ();
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        if self.0 {
+            return std::task::Poll::Ready(());
+        }
+        self.0 = true;
+        cx.waker().wake_by_ref();
+        std::task::Poll::Pending
     }
 }
 

@@ -48,6 +48,13 @@ impl RunOptions {
         self
     }
 
+    /// Whether each assignment is reported as a [`crate::RunEvent::TaskAssigned`]
+    /// ([`RunOptions::assignment_events`]). Default true.
+    pub fn assignment_events(mut self, on: bool) -> Self {
+        self.assignment_events = on;
+        self
+    }
+
     /// The longest one attempt may run; zero means no limit. Default 1 hour.
     pub fn task_timeout(mut self, d: Duration) -> Self {
         self.task_timeout = d;

@@ -93,6 +93,11 @@ pub struct RunOptions {
     /// standard output or error): a larger one announced fails the attempt before any byte
     /// of it moves. Default [`DEFAULT_MAX_FETCH`] (4 GiB).
     pub max_file: u64,
+    /// Whether each assignment is reported as a [`RunEvent::TaskAssigned`]. Default true;
+    /// `run --quiet`, which shows none and has nothing else reading events, turns it off (one
+    /// event less to make, pass on and drop per task). Results and every other event are
+    /// reported either way.
+    pub assignment_events: bool,
 }
 
 /// The default of [`RunOptions::max_file`] (`run --max-file`): 4 GiB.
@@ -108,6 +113,7 @@ impl Default for RunOptions {
             max_frame: p2p_core::codec::DEFAULT_MAX_FRAME,
             results: None,
             max_file: DEFAULT_MAX_FETCH,
+            assignment_events: true,
         }
     }
 }
@@ -899,12 +905,14 @@ impl RunCore {
             set_node(&mut r.node, &peer.node);
             r.attempts = d.attempt;
             tracing::debug!(task = %r.task, node = %&peer.node[..8.min(peer.node.len())], attempt = d.attempt, seq, "task assigned");
-            self.events.push_back(RunEvent::TaskAssigned {
-                task: r.task.clone(),
-                kind: r.kind.clone(),
-                node: peer.node.clone(),
-                attempt: d.attempt,
-            });
+            if self.opts.assignment_events {
+                self.events.push_back(RunEvent::TaskAssigned {
+                    task: r.task.clone(),
+                    kind: r.kind.clone(),
+                    node: peer.node.clone(),
+                    attempt: d.attempt,
+                });
+            }
             self.inflight.insert(
                 seq,
                 InFlight {

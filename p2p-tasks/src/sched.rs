@@ -30,6 +30,8 @@
 //! unless `keep_going` is set.
 
 use std::collections::{BTreeMap, BTreeSet};
+
+use sets::{ReadySet, SortedVec};
 use std::fmt;
 use std::str::FromStr;
 use std::time::{Duration, Instant};
@@ -358,7 +360,7 @@ pub struct Scheduler {
     kind_tasks: Vec<Vec<u32>>,
     kind_cursor: Vec<usize>,
     /// Per kind, tasks ready to start, costliest first (then in file order).
-    ready: Vec<BTreeSet<ReadyKey>>,
+    ready: Vec<ReadySet>,
     /// Tasks waiting for their retry time.
     delayed: BTreeMap<(Instant, usize), ()>,
     /// When each task in `delayed` becomes ready (its key there), so that one can be taken
@@ -373,11 +375,12 @@ pub struct Scheduler {
     cursor: usize,
     finished: usize,
     stopped: bool,
-    nodes: BTreeMap<NodeKey, NodeSlot>,
+    /// Looked up twice a task: keyed by the fast hash of the link ids (not a B-tree).
+    nodes: std::collections::HashMap<NodeKey, NodeSlot, p2p_core::conn::SeqHash>,
     /// Per kind, the nodes serving it that take new work, fastest first, then least loaded
     /// (ties: lowest key). Picking a node is a look at the first entry, whatever the number
     /// of nodes.
-    free: Vec<BTreeSet<FreeKey>>,
+    free: Vec<SortedVec<FreeKey>>,
     /// Every task has the same cost: in order none the first type with a startable task
     /// wins at once (no look at the other types).
     uniform_cost: bool,
@@ -563,21 +566,23 @@ impl Scheduler {
                 slots[i].waiting += 1;
             }
         }
-        let ready: Vec<BTreeSet<ReadyKey>> = kind_tasks
+        let ready: Vec<ReadySet> = kind_tasks
             .iter()
             .map(|ts| {
-                ts.iter()
-                    .map(|&t| t as usize)
-                    .filter(|&t| slots[t].waiting == 0)
-                    .map(|t| ready_key(slots[t].cost, t))
-                    .collect()
+                ReadySet::from_keys(
+                    ts.iter()
+                        .map(|&t| t as usize)
+                        .filter(|&t| slots[t].waiting == 0)
+                        .map(|t| ready_key(slots[t].cost, t))
+                        .collect(),
+                )
             })
             .collect();
         let ready_work = ready
             .iter()
             .map(|r| {
                 r.iter()
-                    .map(|&key| u64::from(slots[ready_task(key)].cost))
+                    .map(|key| u64::from(slots[ready_task(key)].cost))
                     .sum()
             })
             .collect();
@@ -591,7 +596,7 @@ impl Scheduler {
             kind_index,
             running_kind: vec![0; kinds.len()],
             kind_cursor: vec![0; kinds.len()],
-            free: vec![BTreeSet::new(); kinds.len()],
+            free: vec![SortedVec::default(); kinds.len()],
             kind_speed: vec![None; kinds.len()],
             uniform_cost,
             since_probe: vec![0; kinds.len()],
@@ -609,7 +614,7 @@ impl Scheduler {
             cursor: 0,
             finished: 0,
             stopped: false,
-            nodes: BTreeMap::new(),
+            nodes: std::collections::HashMap::default(),
             dependents,
             skipped: Vec::new(),
         }
@@ -637,13 +642,13 @@ impl Scheduler {
 
     fn ready_remove(&mut self, task: usize) {
         let (key, k) = (self.ready_key(task), self.slots[task].kind);
-        if self.ready[k].remove(&key) {
+        if self.ready[k].remove(key) {
             self.ready_work[k] -= u64::from(self.slots[task].cost);
         }
     }
 
     fn is_ready(&self, task: usize) -> bool {
-        self.ready[self.slots[task].kind].contains(&self.ready_key(task))
+        self.ready[self.slots[task].kind].contains(self.ready_key(task))
     }
 
     /// Tasks skipped (a dependency failed) since the last call, each with the dependency
@@ -756,21 +761,28 @@ impl Scheduler {
             };
             return;
         }
-        for (j, &k) in n.kinds.iter().enumerate() {
-            if was_free {
-                self.free[k].remove(&n.free_key(j, node));
-            }
-        }
-        n.running = if up {
+        let after = if up {
             before + 1
         } else {
             before.saturating_sub(1)
         };
-        if n.is_free() {
-            for (j, &k) in n.kinds.iter().enumerate() {
-                self.free[k].insert(n.free_key(j, node));
+        for (j, &k) in n.kinds.iter().enumerate() {
+            n.running = before;
+            let old = n.free_key(j, node);
+            n.running = after;
+            // The node moves a few places in each free set (its load changed by one).
+            match (was_free, n.is_free()) {
+                (true, true) => self.free[k].replace(&old, n.free_key(j, node)),
+                (true, false) => {
+                    self.free[k].remove(&old);
+                }
+                (false, true) => {
+                    self.free[k].insert(n.free_key(j, node));
+                }
+                (false, false) => {}
             }
         }
+        n.running = after;
     }
 
     /// Counts one more slot of `node` as busy without a task: an attempt the run gave up on
@@ -998,7 +1010,7 @@ impl Scheduler {
                     };
                     let first = *first as usize;
                     let key = self.ready_key(first);
-                    if best.is_some_and(|(b, _)| b <= key) || !self.ready[k].contains(&key) {
+                    if best.is_some_and(|(b, _)| b <= key) || !self.ready[k].contains(key) {
                         continue;
                     }
                     if let Some(node) = self.place(first, u64::from(self.slots[first].cost)) {
@@ -1015,7 +1027,7 @@ impl Scheduler {
                 // The node found for a type is kept, so it is looked up once.
                 let mut best: Option<(ReadyKey, NodeKey)> = None;
                 for k in 0..self.kinds.len() {
-                    let Some(&key) = self.ready[k].first() else {
+                    let Some(key) = self.ready[k].first() else {
                         continue;
                     };
                     if best.is_some_and(|(b, _)| b <= key) {
@@ -1337,6 +1349,8 @@ impl Scheduler {
         }
     }
 }
+
+mod sets;
 
 #[cfg(test)]
 mod tests;

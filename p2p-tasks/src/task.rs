@@ -478,6 +478,23 @@ pub fn is_valid_id(id: &str) -> bool {
 /// Why `id` is not a valid task id, as a sentence that also says what is expected;
 /// `None` when it is valid.
 pub(crate) fn id_problem(id: &str) -> Option<String> {
+    // The usual case, a valid id, in one pass over its bytes (every valid id is ASCII);
+    // anything else goes through the checks below, which name what is wrong.
+    let b = id.as_bytes();
+    let letters = b.iter().take_while(|c| c.is_ascii_alphabetic()).count();
+    if letters > 0
+        && b.get(letters).is_some_and(u8::is_ascii_digit)
+        && b[letters + 1..]
+            .iter()
+            .all(|&c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b'-'))
+    {
+        return None;
+    }
+    id_problem_named(id)
+}
+
+/// [`id_problem`]'s checks one by one, for an id that is not valid.
+fn id_problem_named(id: &str) -> Option<String> {
     const EXPECTED: &str = "a task id starts with its type letters followed by a digit, e.g. a1";
     let letters = id.chars().take_while(char::is_ascii_alphabetic).count();
     if letters == 0 {
@@ -742,6 +759,15 @@ mod tests {
         assert_eq!(kind_of("1a"), None);
         assert_eq!(kind_of(""), None);
         assert_eq!(kind_of("é1"), None);
+    }
+
+    proptest::proptest! {
+        /// The one-pass check of a valid id answers as the named checks do, whatever the
+        /// text (letters, digits, the allowed punctuation, others, non-ASCII).
+        #[test]
+        fn the_quick_id_check_agrees_with_the_named_checks(id in "[aZ9_.\\-!é ]{0,6}") {
+            proptest::prop_assert_eq!(id_problem(&id), id_problem_named(&id));
+        }
     }
 
     #[test]

@@ -170,6 +170,35 @@ impl Sim {
     }
 }
 
+/// Without assignment events the run reports no `TaskAssigned`, and the same results and
+/// every other event as with them.
+#[test]
+fn a_run_without_assignment_events_reports_the_rest_as_with_them() {
+    let run = |on: bool| {
+        let mut s = Sim::new(
+            "a1 a2 b1 a3",
+            opts(Order::None, 0, true).assignment_events(on),
+        );
+        s.connect(1, &hello(1, &["a", "b"], 2));
+        while let Some((_, a)) = s.sent.first().cloned() {
+            let ok = a.task != "a2";
+            s.answer(&a.task, ok, Duration::from_millis(5));
+        }
+        s.link(1, LinkEvent::Closed { error: None });
+        assert!(s.core.is_done());
+        let events = std::mem::take(&mut s.events);
+        (events, s.report())
+    };
+    let (with, full) = run(true);
+    let (without, lean) = run(false);
+    let assigned = |ev: &RunEvent| matches!(ev, RunEvent::TaskAssigned { .. });
+    assert_eq!(with.iter().filter(|e| assigned(e)).count(), 4);
+    assert!(!without.iter().any(assigned), "{without:?}");
+    let rest: Vec<&RunEvent> = with.iter().filter(|e| !assigned(e)).collect();
+    assert_eq!(rest, without.iter().collect::<Vec<_>>());
+    assert_eq!(full.results, lean.results);
+}
+
 #[test]
 fn strict_order_runs_one_task_at_a_time_to_a_clean_end() {
     let mut s = Sim::new("a1 b1 a2", opts(Order::Strict, 0, false));
