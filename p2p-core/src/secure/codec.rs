@@ -274,10 +274,7 @@ impl Encoder<&Message> for SecureCodec {
             if len <= BATCH_PLAINTEXT {
                 self.pending.copy_within(before.., 0);
                 self.pending.truncate(len);
-                return r.or_else(|e| {
-                    self.pending.clear();
-                    Err(e)
-                });
+                return r.inspect_err(|_| self.pending.clear());
             }
             let r = r.and_then(|()| {
                 self.pending[before..]
