@@ -964,10 +964,12 @@ impl RunCore {
             .filter(|(_, f)| f.link == link)
             .map(|(s, _)| *s)
             .collect();
-        // The tasks the node had said it started: their loss counts more (see MAX_LOSSES).
-        let mut started = Vec::new();
+        // The tasks sent there, and those the node had said it started: their loss counts
+        // more (see MAX_LOSSES).
+        let (mut sent, mut started) = (Vec::new(), Vec::new());
         for s in lost {
             if let Some(f) = self.inflight.remove(&s) {
+                sent.push(f.task);
                 if f.started {
                     started.push(f.task);
                 }
@@ -977,7 +979,7 @@ impl RunCore {
         self.remember_speed(link);
         let requeued = self
             .sched
-            .remove_node(link, |t| started.binary_search(&t).is_ok());
+            .remove_node(link, &sent, |t| started.binary_search(&t).is_ok());
         let Some(p) = self.peers.get_mut(&link) else {
             return;
         };

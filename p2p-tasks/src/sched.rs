@@ -268,6 +268,8 @@ struct NodeSlot {
     est: Vec<Option<f64>>,
     capacity: u32,
     running: u32,
+    /// Of `running`, the slots held without a task ([`Scheduler::hold`]).
+    held: u32,
     /// The summed cost of the tasks running there (not of slots held without a task).
     work: u64,
     draining: bool,
@@ -384,6 +386,9 @@ pub struct Scheduler {
     /// Every task has the same cost: in order none the first type with a startable task
     /// wins at once (no look at the other types).
     uniform_cost: bool,
+    /// How many lost nodes' tasks were looked for among every task (the caller's list
+    /// missed some): a count for tests.
+    full_scans: u32,
     /// Per kind, the mean time per unit of cost over every node (what a node's estimate
     /// starts from), and how many starts since the last probe.
     kind_speed: Vec<Option<f64>>,
@@ -599,6 +604,7 @@ impl Scheduler {
             free: vec![SortedVec::default(); kinds.len()],
             kind_speed: vec![None; kinds.len()],
             uniform_cost,
+            full_scans: 0,
             since_probe: vec![0; kinds.len()],
             serving: vec![0; kinds.len()],
             ranks: vec![BTreeSet::new(); kinds.len()],
@@ -697,6 +703,7 @@ impl Scheduler {
             kinds,
             capacity,
             running: 0,
+            held: 0,
             work: 0,
             draining: false,
             saturated: false,
@@ -789,11 +796,17 @@ impl Scheduler {
     /// (timed out) still runs there until the node confirms it ended. See
     /// [`Scheduler::release`].
     pub fn hold(&mut self, node: NodeKey) {
+        if let Some(n) = self.nodes.get_mut(&node) {
+            n.held += 1;
+        }
         self.set_running(node, true);
     }
 
     /// Frees a slot taken by [`Scheduler::hold`] (the node confirmed the attempt ended).
     pub fn release(&mut self, node: NodeKey) {
+        if let Some(n) = self.nodes.get_mut(&node) {
+            n.held = n.held.saturating_sub(1);
+        }
         self.set_running(node, false);
     }
 
@@ -833,8 +846,17 @@ impl Scheduler {
     }
 
     /// A node is gone. Its running tasks become ready again (without using a retry) and are
-    /// returned; each counts a loss, one before it started unless `started(task)`.
-    pub fn remove_node(&mut self, node: NodeKey, started: impl Fn(usize) -> bool) -> Vec<usize> {
+    /// returned, in task order; each counts a loss, one before it started unless
+    /// `started(task)`. `running_here` names the tasks the caller knows were sent to the
+    /// node (its attempts in flight there; others in it are ignored): they are checked
+    /// against the node's count, and only when some are missing is every task looked at,
+    /// so a lost node costs what it ran, not the size of the plan.
+    pub fn remove_node(
+        &mut self,
+        node: NodeKey,
+        running_here: &[usize],
+        started: impl Fn(usize) -> bool,
+    ) -> Vec<usize> {
         let Some(n) = self.nodes.remove(&node) else {
             return Vec::new();
         };
@@ -842,9 +864,24 @@ impl Scheduler {
         if n.running == 0 {
             return Vec::new();
         }
-        let lost: Vec<usize> = (0..self.slots.len())
-            .filter(|&i| self.slots[i].status == TaskStatus::Running(node))
+        let here = |slots: &[Slot], i: usize| {
+            slots
+                .get(i)
+                .is_some_and(|s| s.status == TaskStatus::Running(node))
+        };
+        let mut lost: Vec<usize> = running_here
+            .iter()
+            .copied()
+            .filter(|&i| here(&self.slots, i))
             .collect();
+        lost.sort_unstable();
+        lost.dedup();
+        if lost.len() != n.running.saturating_sub(n.held) as usize {
+            self.full_scans += 1;
+            lost = (0..self.slots.len())
+                .filter(|&i| here(&self.slots, i))
+                .collect();
+        }
         for &t in &lost {
             let slot = &mut self.slots[t];
             if started(t) {

@@ -50,8 +50,12 @@ pub(super) async fn flush(io: &mut Transport, conn: &mut Connection) -> Result<(
         // burst of small frames is encrypted as one transport message.
         io.codec_mut().begin_batch();
         let fed = feed_batch(io, conn, msg);
-        let sealed = io.codec_mut().end_batch();
-        io.write_buffer_mut().extend_from_slice(&sealed?);
+        // Sealed straight into the write buffer (taken out for the call: it lives beside
+        // the codec in the transport).
+        let mut out = std::mem::take(io.write_buffer_mut());
+        let sealed = io.codec_mut().end_batch(&mut out);
+        *io.write_buffer_mut() = out;
+        sealed?;
         fed?;
     }
     if !io.write_buffer().is_empty() {

@@ -52,16 +52,15 @@ impl WireCodec {
         }
     }
 
-    /// Ends a batch: returns the collected frames encrypted as one transport message
-    /// (empty when nothing was collected), to append to the write buffer.
-    pub fn end_batch(&mut self) -> Result<BytesMut, Error> {
+    /// Ends a batch: appends the collected frames to `dst` encrypted as one transport
+    /// message (nothing when nothing was collected, or without a key). `dst` is meant to be
+    /// the write buffer itself, so the sealed bytes are not copied again.
+    pub fn end_batch(&mut self, dst: &mut BytesMut) -> Result<(), Error> {
         match self {
-            WireCodec::Plain(_) => Ok(BytesMut::new()),
+            WireCodec::Plain(_) => Ok(()),
             WireCodec::Secure(c) => {
                 c.batching = false;
-                let mut out = BytesMut::new();
-                c.seal_pending(&mut out)?;
-                Ok(out)
+                c.seal_pending(dst)
             }
         }
     }
@@ -254,15 +253,43 @@ impl Encoder<&Message> for SecureCodec {
     type Error = Error;
 
     fn encode(&mut self, msg: &Message, dst: &mut BytesMut) -> Result<(), Error> {
+        if self.batching {
+            // Encoded straight into the batch; a frame that does not fit beside the frames
+            // collected before it starts the next batch, and one too big for any batch is
+            // sealed on its own (after those collected before it).
+            let before = self.pending.len();
+            if let Err(e) = self.frames.encode(msg, &mut self.pending) {
+                self.pending.truncate(before);
+                return Err(e);
+            }
+            let len = self.pending.len() - before;
+            if self.pending.len() <= BATCH_PLAINTEXT {
+                return Ok(());
+            }
+            let r = if before > 0 {
+                Self::seal(&mut self.noise, &self.pending[..before], dst)
+            } else {
+                Ok(())
+            };
+            if len <= BATCH_PLAINTEXT {
+                self.pending.copy_within(before.., 0);
+                self.pending.truncate(len);
+                return r.inspect_err(|_| self.pending.clear());
+            }
+            let r = r.and_then(|()| {
+                self.pending[before..]
+                    .chunks(MAX_CHUNK_PLAINTEXT)
+                    .try_for_each(|chunk| Self::seal(&mut self.noise, chunk, dst))
+            });
+            self.pending.clear();
+            // Do not keep a huge buffer around after one large frame.
+            if self.pending.capacity() > 1024 * 1024 {
+                self.pending = BytesMut::new();
+            }
+            return r;
+        }
         self.scratch.clear();
         self.frames.encode(msg, &mut self.scratch)?;
-        if self.batching && self.scratch.len() <= BATCH_PLAINTEXT {
-            if self.pending.len() + self.scratch.len() > BATCH_PLAINTEXT {
-                self.seal_pending(dst)?;
-            }
-            self.pending.extend_from_slice(&self.scratch);
-            return Ok(());
-        }
         // Frames collected earlier go first.
         self.seal_pending(dst)?;
         for chunk in self.scratch.chunks(MAX_CHUNK_PLAINTEXT) {

@@ -105,7 +105,7 @@ async fn a_batch_of_small_frames_is_one_transport_message_and_keeps_its_order() 
         wire.is_empty(),
         "nothing is encrypted before the batch ends"
     );
-    wire.extend_from_slice(&a.end_batch().unwrap());
+    a.end_batch(&mut wire).unwrap();
     assert_eq!(message_lengths(&wire).len(), 1, "200 pings, one message");
     assert_eq!(decode_all(&mut b, &mut wire).unwrap(), msgs);
 
@@ -118,11 +118,30 @@ async fn a_batch_of_small_frames_is_one_transport_message_and_keeps_its_order() 
     for m in &msgs {
         a.encode(m, &mut wire).unwrap();
     }
-    wire.extend_from_slice(&a.end_batch().unwrap());
+    a.end_batch(&mut wire).unwrap();
     let lens = message_lengths(&wire);
     assert!(lens.len() > 3 && lens.len() < 20, "{lens:?}");
     assert!(lens.iter().all(|&l| l <= MAX_NOISE_MESSAGE));
     assert_eq!(decode_all(&mut b, &mut wire).unwrap(), msgs);
+
+    // A batch that starts with a frame too big for it, or has one just over the batch size
+    // after a small one: no empty message, the order kept, the frames whole.
+    for first_big in [true, false] {
+        let mut msgs = vec![Message::Ping { nonce: 1 }, big(BATCH_PLAINTEXT)];
+        if first_big {
+            msgs.swap(0, 1);
+        }
+        msgs.push(Message::Ping { nonce: 2 });
+        a.begin_batch();
+        let mut wire = BytesMut::new();
+        for m in &msgs {
+            a.encode(m, &mut wire).unwrap();
+        }
+        a.end_batch(&mut wire).unwrap();
+        let lens = message_lengths(&wire);
+        assert!(lens.iter().all(|&l| l > TAG_LEN), "{lens:?}");
+        assert_eq!(decode_all(&mut b, &mut wire).unwrap(), msgs);
+    }
 
     // Outside a batch every frame is its own message, as before.
     let mut wire = BytesMut::new();

@@ -134,7 +134,7 @@ fn lost_node_requeues_its_tasks_without_using_retries() {
     let now = Instant::now();
     assert_eq!(drain(&mut s, now).len(), 2);
     // a1 had started at the node, a2 not yet: their losses count apart.
-    assert_eq!(s.remove_node(1, |t| t == 0), vec![0, 1]);
+    assert_eq!(s.remove_node(1, &[1, 0], |t| t == 0), vec![0, 1]);
     assert_eq!((s.losses(0), s.losses(1)), ((1, 0), (0, 1)));
     assert_eq!(s.missing_kinds(), vec!["a".to_string()]);
     s.add_node(2, &["a".into()], 2);
@@ -143,6 +143,58 @@ fn lost_node_requeues_its_tasks_without_using_retries() {
     s.complete(0, true, now);
     s.complete(1, true, now);
     assert!(s.is_finished());
+}
+
+/// A lost node's tasks are found from the list its caller gives, whatever that list holds:
+/// the same tasks come back with the full list, with one missing or empty (then every task
+/// is looked at), with tasks of another node and duplicates in it, and beside a slot held
+/// without a task.
+#[test]
+fn a_lost_nodes_tasks_are_the_same_whatever_the_callers_list() {
+    let lists: [&[usize]; 5] = [
+        &[0, 1, 2],
+        &[2, 0],
+        &[],
+        &[2, 2, 1, 0, 3, 4, 99],
+        &[0, 1, 2],
+    ];
+    for (case, list) in lists.into_iter().enumerate() {
+        let mut s = Scheduler::new(
+            &tasks("a1 a2 a3 a4 a5"),
+            Policy {
+                order: Order::None,
+                ..Policy::default()
+            },
+        );
+        s.add_node(1, &["a".into()], 4);
+        let now = Instant::now();
+        let ds = drain(&mut s, now);
+        assert_eq!(ds.len(), 4);
+        // Task 3 ends; in the last case its slot stays held (an attempt given up on).
+        s.complete(3, true, now);
+        if case == 4 {
+            s.hold(1);
+        }
+        s.add_node(2, &["a".into()], 4);
+        let on_two = drain(&mut s, now);
+        assert_eq!(on_two.iter().map(|d| d.task).collect::<Vec<_>>(), vec![4]);
+        assert_eq!(
+            s.remove_node(1, list, |_| false),
+            vec![0, 1, 2],
+            "case {case}"
+        );
+        assert_eq!(s.status(4), Some(TaskStatus::Running(2)), "case {case}");
+        assert!(
+            s.is_ready(0) && s.is_ready(1) && s.is_ready(2),
+            "case {case}"
+        );
+        // Only a list that misses one of the node's tasks costs a look at every task.
+        assert_eq!(
+            s.full_scans,
+            u32::from(case == 1 || case == 2),
+            "case {case}"
+        );
+    }
 }
 
 #[test]
@@ -262,7 +314,7 @@ fn a_retry_goes_to_another_node_when_there_is_one() {
     assert_ne!(first, second);
     // With the other node gone, the retry goes back to the first one.
     s.complete(0, false, t0);
-    s.remove_node(second, |_| true);
+    s.remove_node(second, &[0], |_| true);
     let third = s.next(t0 + Duration::from_secs(10)).unwrap().node;
     assert_eq!(third, first);
 }
