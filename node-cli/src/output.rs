@@ -129,14 +129,7 @@ fn task_json(out: &mut Vec<u8>, ev: &RunEvent) -> bool {
             node,
             attempt,
         } => {
-            out.extend_from_slice(b"{\"event\":\"task_assigned\",\"task\":");
-            json_str(out, task);
-            out.extend_from_slice(b",\"type\":");
-            json_str(out, kind);
-            out.extend_from_slice(b",\"node\":");
-            json_str(out, node);
-            out.extend_from_slice(b",\"attempt\":");
-            json_u32(out, *attempt);
+            task_head(out, "task_assigned", task, kind, node, *attempt);
             true
         }
         RunEvent::TaskCompleted {
@@ -148,14 +141,7 @@ fn task_json(out: &mut Vec<u8>, ev: &RunEvent) -> bool {
             output,
             duration_ms,
         } => {
-            out.extend_from_slice(b"{\"event\":\"task_completed\",\"task\":");
-            json_str(out, task);
-            out.extend_from_slice(b",\"type\":");
-            json_str(out, kind);
-            out.extend_from_slice(b",\"node\":");
-            json_str(out, node);
-            out.extend_from_slice(b",\"attempt\":");
-            json_u32(out, *attempt);
+            task_head(out, "task_completed", task, kind, node, *attempt);
             out.extend_from_slice(if *ok {
                 b",\"ok\":true"
             } else {
@@ -170,6 +156,21 @@ fn task_json(out: &mut Vec<u8>, ev: &RunEvent) -> bool {
         }
         _ => false,
     }
+}
+
+/// The fields both task events start with: `{"event":EVENT,"task":..,"type":..,"node":..,
+/// "attempt":..`.
+fn task_head(out: &mut Vec<u8>, event: &str, task: &str, kind: &str, node: &str, attempt: u32) {
+    out.extend_from_slice(b"{\"event\":\"");
+    out.extend_from_slice(event.as_bytes());
+    out.extend_from_slice(b"\",\"task\":");
+    json_str(out, task);
+    out.extend_from_slice(b",\"type\":");
+    json_str(out, kind);
+    out.extend_from_slice(b",\"node\":");
+    json_str(out, node);
+    out.extend_from_slice(b",\"attempt\":");
+    json_u32(out, attempt);
 }
 
 /// `s` as a JSON string: copied as it is when nothing in it needs escaping (one pass over

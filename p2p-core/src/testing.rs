@@ -32,10 +32,16 @@ pub fn hello(cluster: &str, types: &[&str], capacity: u32) -> Hello {
 
 /// The `Assign` of task `a{seq}` (type `a`, no arguments, first attempt, no timeout).
 pub fn assign(seq: u64) -> Assign {
+    assign_of(seq, "a")
+}
+
+/// The `Assign` of task `{kind}{seq}` of type `kind` (no arguments, first attempt, no
+/// timeout).
+pub fn assign_of(seq: u64, kind: &str) -> Assign {
     Assign {
         seq,
-        task: format!("a{seq}").into(),
-        kind: "a".into(),
+        task: format!("{kind}{seq}").into(),
+        kind: kind.into(),
         args: String::new(),
         attempt: 1,
         timeout_ms: 0,

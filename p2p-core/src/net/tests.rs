@@ -218,15 +218,8 @@ async fn a_deep_window_of_tasks_is_assigned_and_answered_in_bursts() {
     let a = acceptor.await.unwrap().unwrap();
     assert_eq!(d.peer().capacity, N as u32);
     for seq in 1..=N {
-        d.send(Command::Assign(Assign {
-            seq,
-            task: format!("a{seq}").into(),
-            kind: "a".into(),
-            args: String::new(),
-            attempt: 1,
-            timeout_ms: 0,
-        }))
-        .unwrap();
+        d.send(Command::Assign(crate::testing::assign(seq)))
+            .unwrap();
     }
     let bound = Duration::from_secs(20);
     for _ in 0..N {
@@ -562,16 +555,7 @@ async fn an_instant_service_answers_in_the_driver_until_files_are_used() {
     let (dtx, mut drx) = mpsc::channel(1024);
     let d = connect(addr, dh, &ds, 2, dtx).await.unwrap();
     let a = acceptor.await.unwrap().unwrap();
-    let assign = |seq: u64, kind: &str| {
-        Command::Assign(Assign {
-            seq,
-            task: format!("{kind}{seq}").into(),
-            kind: kind.into(),
-            args: String::new(),
-            attempt: 1,
-            timeout_ms: 0,
-        })
-    };
+    let assign = |seq: u64, kind: &str| Command::Assign(crate::testing::assign_of(seq, kind));
     let bound = Duration::from_secs(20);
     // A burst of instant tasks and one the service declines.
     for seq in 1..=20 {
@@ -743,15 +727,8 @@ async fn with_a_key_a_burst_of_instant_tasks_is_answered_in_a_few_writes() {
     let before = writes.load(Ordering::Relaxed);
     // Queued in one go: the dialler's driver sends them as one encrypted message.
     for seq in 1..=N {
-        d.send(Command::Assign(Assign {
-            seq,
-            task: format!("a{seq}").into(),
-            kind: "a".into(),
-            args: String::new(),
-            attempt: 1,
-            timeout_ms: 0,
-        }))
-        .unwrap();
+        d.send(Command::Assign(crate::testing::assign(seq)))
+            .unwrap();
     }
     let bound = Duration::from_secs(20);
     for _ in 0..N {
