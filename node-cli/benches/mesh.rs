@@ -36,6 +36,8 @@
 //!
 //! `--quick` (smaller counts), `--only raw,strict,none,local,scale,nodes,key,json,placement,files,fleet`,
 //! `--fleet N` (the fleet section's serving processes, default 1,000), `--file-mib N` (the files section's large input, default 256), `--large` (1 GiB),
+//! `--drop-caches` (the files section syncs and frees the page cache before each timed
+//! copy, then reads the input back in: root only),
 //! `--tasks N` (the large runs), `--strict-tasks N`, `--nodes N`, `--capacity N` (of the
 //! serving processes in the large runs; 0 skips those runs), `--bin PATH` (or env
 //! `P2P_NODE_BIN`; default: the `p2p-node` cargo built for this bench), `--before PATH` (an
@@ -110,6 +112,8 @@ struct Opts {
     file_mib: u64,
     /// Serving processes of the fleet section.
     fleet: usize,
+    /// The files section frees the page cache before each timed copy (root only).
+    drop_caches: bool,
 }
 
 impl Opts {
@@ -128,6 +132,7 @@ impl Opts {
             before: None,
             file_mib: 256,
             fleet: 1000,
+            drop_caches: false,
         };
         let mut it = args.iter();
         let num = |v: Option<&String>, flag: &str| -> Result<usize> {
@@ -161,6 +166,7 @@ impl Opts {
                     ))
                 }
                 "--large" => o.file_mib = 1024,
+                "--drop-caches" => o.drop_caches = true,
                 "--file-mib" => o.file_mib = num(it.next(), "--file-mib")?.clamp(1, 16384) as u64,
                 "--tasks" => o.tasks = num(it.next(), "--tasks")?.max(1000),
                 "--strict-tasks" => o.strict_tasks = num(it.next(), "--strict-tasks")?.max(100),
@@ -172,7 +178,7 @@ impl Opts {
                 other => bail!(
                     "unknown argument {other:?}; options: --quick, --only LIST, --tasks N, \
                      --strict-tasks N, --nodes N, --capacity N, --bin PATH, --before PATH, \
-                     --file-mib N, --large, --fleet N"
+                     --file-mib N, --large, --drop-caches, --fleet N"
                 ),
             }
         }
