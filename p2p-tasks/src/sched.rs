@@ -388,6 +388,7 @@ pub struct Scheduler {
     uniform_cost: bool,
     /// How many lost nodes' tasks were looked for among every task (the caller's list
     /// missed some): a count for tests.
+    #[cfg(test)]
     full_scans: u32,
     /// Per kind, the mean time per unit of cost over every node (what a node's estimate
     /// starts from), and how many starts since the last probe.
@@ -604,6 +605,7 @@ impl Scheduler {
             free: vec![SortedVec::default(); kinds.len()],
             kind_speed: vec![None; kinds.len()],
             uniform_cost,
+            #[cfg(test)]
             full_scans: 0,
             since_probe: vec![0; kinds.len()],
             serving: vec![0; kinds.len()],
@@ -877,7 +879,10 @@ impl Scheduler {
         lost.sort_unstable();
         lost.dedup();
         if lost.len() != n.running.saturating_sub(n.held) as usize {
-            self.full_scans += 1;
+            #[cfg(test)]
+            {
+                self.full_scans += 1;
+            }
             lost = (0..self.slots.len())
                 .filter(|&i| here(&self.slots, i))
                 .collect();

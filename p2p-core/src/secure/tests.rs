@@ -126,8 +126,11 @@ async fn a_batch_of_small_frames_is_one_transport_message_and_keeps_its_order() 
 
     // A batch that starts with a frame too big for it, or has one just over the batch size
     // after a small one: no empty message, the order kept, the frames whole.
-    for first_big in [true, false] {
-        let mut msgs = vec![Message::Ping { nonce: 1 }, big(BATCH_PLAINTEXT)];
+    // Frames around the batch size too: `big(n)` is a little over n bytes framed, so these
+    // fall just under, at and just over BATCH_PLAINTEXT.
+    let sizes = BATCH_PLAINTEXT - 64..BATCH_PLAINTEXT + 8;
+    for (first_big, size) in sizes.flat_map(|n| [(true, n), (false, n)]) {
+        let mut msgs = vec![Message::Ping { nonce: 1 }, big(size)];
         if first_big {
             msgs.swap(0, 1);
         }
