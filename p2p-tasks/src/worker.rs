@@ -653,16 +653,7 @@ mod tests {
     use super::*;
     use crate::handler::{handler_fn, Builtin};
 
-    fn assign(seq: u64, kind: &str) -> Assign {
-        Assign {
-            seq,
-            task: format!("{kind}{seq}").into(),
-            kind: kind.into(),
-            args: String::new(),
-            attempt: 1,
-            timeout_ms: 0,
-        }
-    }
+    use p2p_core::testing::assign_of as assign;
 
     fn peer() -> Hello {
         Hello {
