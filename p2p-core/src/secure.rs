@@ -46,11 +46,14 @@
 //! [`handshake`], the loop that runs it on a socket) and `codec` ([`SecureCodec`] and
 //! [`WireCodec`], what the driver runs after it).
 
+mod cipher;
 mod codec;
 mod handshake;
+pub mod negotiate;
 #[cfg(test)]
 mod tests;
 
+pub use cipher::TransportCipher;
 pub use codec::{SecureCodec, WireCodec};
 pub use handshake::{handshake, Handshake};
 
