@@ -396,7 +396,11 @@ pub fn secure_payload(data: &[u8]) {
         return;
     };
     let again = p.encode();
-    assert_eq!(Payload::decode(&again).as_ref(), Ok(&p), "re-encoded: {again:?}");
+    assert_eq!(
+        Payload::decode(&again).as_ref(),
+        Ok(&p),
+        "re-encoded: {again:?}"
+    );
     if let Some(offer) = &p.offer {
         assert!(offer.len() <= 16);
         for (i, c) in offer.iter().enumerate() {
@@ -406,7 +410,11 @@ pub fn secure_payload(data: &[u8]) {
     }
     let mut more = data.to_vec();
     more.extend_from_slice(&[0xee, 2, 1, 2]);
-    assert_eq!(Payload::decode(&more), Ok(p.clone()), "an unknown field changed the payload");
+    assert_eq!(
+        Payload::decode(&more),
+        Ok(p.clone()),
+        "an unknown field changed the payload"
+    );
     if !again.is_empty() {
         assert!(Payload::decode(&again[..again.len() - 1]).is_err());
     }
