@@ -156,20 +156,33 @@ impl CipherState {
     /// Appends `plain` (at most [`MAX_NOISE_MESSAGE`] - [`TAG_LEN`] bytes) to `dst` as one
     /// transport message: `[u16 BE length][ciphertext][tag]`, empty associated data.
     pub(super) fn seal(&mut self, plain: &[u8], dst: &mut BytesMut) -> Result<(), Error> {
-        let len = plain.len() + TAG_LEN;
-        let len16 = u16::try_from(len)
-            .ok()
-            .filter(|_| len <= MAX_NOISE_MESSAGE)
-            .ok_or_else(|| Error::Connection(ConnectionError::Encode("chunk too large".into())))?;
-        let nonce = self.next().ok_or_else(|| {
-            Error::Connection(ConnectionError::Encode(
-                "the secure channel's message counter is spent (2^64-1 messages): reconnect".into(),
-            ))
-        })?;
         let start = dst.len();
-        dst.reserve(2 + len);
-        dst.put_u16(len16);
+        dst.reserve(2 + plain.len() + TAG_LEN);
+        dst.put_u16(0);
         dst.extend_from_slice(plain);
+        self.seal_in_place(dst, start)
+    }
+
+    /// Seals the plaintext at `dst[start + 2..]` (at most [`MAX_NOISE_MESSAGE`] -
+    /// [`TAG_LEN`] bytes, after two bytes kept for the length) in place as one transport
+    /// message: writes the length, encrypts, appends the tag. On an error `dst` is cut
+    /// back to `start`.
+    pub(super) fn seal_in_place(&mut self, dst: &mut BytesMut, start: usize) -> Result<(), Error> {
+        let fail = |dst: &mut BytesMut, why: &str| {
+            dst.truncate(start);
+            Err(Error::Connection(ConnectionError::Encode(why.into())))
+        };
+        let len = dst.len().saturating_sub(start + 2) + TAG_LEN;
+        let Some(len16) = u16::try_from(len).ok().filter(|_| len <= MAX_NOISE_MESSAGE) else {
+            return fail(dst, "chunk too large");
+        };
+        let Some(nonce) = self.next() else {
+            return fail(
+                dst,
+                "the secure channel's message counter is spent (2^64-1 messages): reconnect",
+            );
+        };
+        dst[start..start + 2].copy_from_slice(&len16.to_be_bytes());
         match self
             .key
             .seal_in_place_separate_tag(nonce, Aad::empty(), &mut dst[start + 2..])
@@ -178,12 +191,7 @@ impl CipherState {
                 dst.extend_from_slice(tag.as_ref());
                 Ok(())
             }
-            Err(_) => {
-                dst.truncate(start);
-                Err(Error::Connection(ConnectionError::Encode(
-                    "encryption failed".into(),
-                )))
-            }
+            Err(_) => fail(dst, "encryption failed"),
         }
     }
 

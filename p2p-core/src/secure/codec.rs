@@ -1,6 +1,6 @@
 //! The codec of a connection: plaintext frames, or frames in Noise transport messages.
 
-use bytes::{Buf, BytesMut};
+use bytes::{Buf, BufMut, BytesMut};
 use tokio_util::codec::{Decoder, Encoder};
 
 use super::cipher::{Transport, TransportCipher};
@@ -232,6 +232,9 @@ impl Encoder<&Message> for SecureCodec {
     type Error = Error;
 
     fn encode(&mut self, msg: &Message, dst: &mut BytesMut) -> Result<(), Error> {
+        if crate::transfer::is_chunk(msg) {
+            return self.encode_in_place(msg, dst);
+        }
         if self.batching {
             // Encoded straight into the batch; a frame that does not fit beside the frames
             // collected before it starts the next batch, and one too big for any batch is
@@ -279,6 +282,35 @@ impl Encoder<&Message> for SecureCodec {
             self.scratch = BytesMut::new();
         }
         Ok(())
+    }
+}
+
+impl SecureCodec {
+    /// Encodes a large frame (a file chunk) straight into `dst` and seals it there: no copy
+    /// of its bytes through a batch or scratch buffer. The frames collected before it go
+    /// first. A frame over one transport message (a 64 KiB chunk) is cut as usual.
+    fn encode_in_place(&mut self, msg: &Message, dst: &mut BytesMut) -> Result<(), Error> {
+        self.seal_pending(dst)?;
+        let start = dst.len();
+        dst.put_u16(0);
+        if let Err(e) = self.frames.encode(msg, dst) {
+            dst.truncate(start);
+            return Err(e);
+        }
+        if dst.len() - start - 2 <= MAX_CHUNK_PLAINTEXT {
+            return self.transport.send.seal_in_place(dst, start);
+        }
+        self.scratch.clear();
+        self.scratch.extend_from_slice(&dst[start + 2..]);
+        dst.truncate(start);
+        let r = self
+            .scratch
+            .chunks(MAX_CHUNK_PLAINTEXT)
+            .try_for_each(|chunk| self.transport.send.seal(chunk, dst));
+        if self.scratch.capacity() > 1024 * 1024 {
+            self.scratch = BytesMut::new();
+        }
+        r
     }
 }
 

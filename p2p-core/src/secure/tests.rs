@@ -1191,3 +1191,41 @@ fn cipher_cost() {
         );
     }
 }
+
+#[test]
+fn file_chunks_are_sealed_in_place_one_message_each_in_order_with_the_batch() {
+    use crate::message::{Transfer, MAX_CHUNK};
+    let (a, mut b) = pair_sync();
+    let mut a = WireCodec::Secure(Box::new(a));
+    let chunk = |len: usize| {
+        Message::Transfer(Box::new(Transfer::Chunk {
+            id: 7,
+            offset: 0,
+            data: (0..len).map(|i| i as u8).collect(),
+        }))
+    };
+    for len in [1, 63 * 1024, MAX_CHUNK] {
+        let msgs = vec![
+            Message::Ping { nonce: 1 },
+            Message::Ping { nonce: 2 },
+            chunk(len),
+            Message::Ping { nonce: 3 },
+        ];
+        let mut wire = BytesMut::new();
+        a.begin_batch();
+        for m in &msgs {
+            a.encode(m, &mut wire).unwrap();
+        }
+        a.end_batch(&mut wire).unwrap();
+        let lens = message_lengths(&wire);
+        // The two pings before it in one message, the chunk (one message up to 63 KiB, two
+        // for 64 KiB), then the last ping.
+        let expect = if len == MAX_CHUNK { 4 } else { 3 };
+        assert_eq!(lens.len(), expect, "chunk of {len}: {lens:?}");
+        assert_eq!(decode_all(&mut b, &mut wire).unwrap(), msgs);
+        // Outside a batch too.
+        let mut wire = BytesMut::new();
+        a.encode(&chunk(len), &mut wire).unwrap();
+        assert_eq!(decode_all(&mut b, &mut wire).unwrap(), vec![chunk(len)]);
+    }
+}
