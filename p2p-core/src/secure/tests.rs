@@ -867,7 +867,10 @@ fn unknown_cipher_ids_and_fields_in_the_offer_are_ignored() {
         (&[TAG_OFFER, 1, 0x7f], CHACHA),
         (&[TAG_OFFER, 0], CHACHA),
     ];
-    for (offer, chosen) in cases {
+    // And one at the size limit: message 2 of 246 bytes (at most 256), 150 ids.
+    let mut long = vec![TAG_OFFER, 150];
+    long.extend((0..150).map(|i| [0x7f, 1, 2][i % 3]));
+    for (offer, chosen) in cases.into_iter().chain([(&long[..], AES)]) {
         let mut i = initiator();
         let (third, _) = raw_responder(&key, &mut i, offer);
         assert_eq!(third, [TAG_CHOICE, 1, chosen.id()], "{offer:?}");
@@ -949,6 +952,12 @@ fn a_choice_the_acceptor_did_not_offer_or_a_malformed_one_is_refused() {
     raw_choice_against(&choice(CHACHA.id()), &[]).unwrap();
     raw_choice_against(&[], &TransportCipher::ALL).unwrap();
     raw_choice_against(&[0x42, 2, 0, 0, TAG_CHOICE, 1, 2], &[AES]).unwrap();
+    // A message 3 near the size limit (244 of 256 bytes): 177 bytes of a later version's
+    // fields, then the choice.
+    let mut long = vec![0x42, 175];
+    long.extend([0u8; 175]);
+    long.extend([TAG_CHOICE, 1, 2]);
+    raw_choice_against(&long, &[AES]).unwrap();
 }
 
 #[test]
