@@ -16,7 +16,8 @@ use bytes::{BufMut, BytesMut};
 use p2p_core::codec::{FrameCodec, LENGTH_PREFIX};
 use p2p_core::conn::{Config, Connection, Role};
 use p2p_core::identity::Identity;
-use p2p_core::secure::{self, SecureCodec, MAX_CHUNK_PLAINTEXT};
+use p2p_core::secure::negotiate::Payload;
+use p2p_core::secure::{self, SecureCodec, TransportCipher, MAX_CHUNK_PLAINTEXT};
 use p2p_core::testing::{completed, raw_initiator};
 use p2p_core::{
     Assign, ClusterKey, Hello, Message, NodeId, Reject, RejectReason, PROTOCOL_VERSION,
@@ -384,6 +385,42 @@ fn drive_receiver(u: &mut Unstructured<'_>) -> arbitrary::Result<()> {
 }
 
 // ---------------------------------------------------------------------------------------
+// secure_payload
+
+/// `secure::negotiate::Payload::decode` (the cipher offer and choice of handshake messages
+/// 2 and 3) over arbitrary bytes: never panics; what decodes re-encodes and decodes back to
+/// itself; an offer lists known ciphers without repeats, at most 16; unknown fields appended
+/// to a valid payload change nothing, and a payload cut inside a field is refused.
+pub fn secure_payload(data: &[u8]) {
+    let Ok(p) = Payload::decode(data) else {
+        return;
+    };
+    let again = p.encode();
+    assert_eq!(
+        Payload::decode(&again).as_ref(),
+        Ok(&p),
+        "re-encoded: {again:?}"
+    );
+    if let Some(offer) = &p.offer {
+        assert!(offer.len() <= 16);
+        for (i, c) in offer.iter().enumerate() {
+            assert!(!offer[..i].contains(c), "a repeat in {offer:?}");
+            assert_eq!(TransportCipher::from_id(c.id()), Some(*c));
+        }
+    }
+    let mut more = data.to_vec();
+    more.extend_from_slice(&[0xee, 2, 1, 2]);
+    assert_eq!(
+        Payload::decode(&more),
+        Ok(p.clone()),
+        "an unknown field changed the payload"
+    );
+    if !again.is_empty() {
+        assert!(Payload::decode(&again[..again.len() - 1]).is_err());
+    }
+}
+
+// ---------------------------------------------------------------------------------------
 // secure_decrypt
 
 fn secure_pair(max_frame: usize) -> (snow::TransportState, SecureCodec) {
@@ -544,6 +581,8 @@ mod tests {
             b"b2 after a1 -- x\na1\n".to_vec(),
             b"P2PB\x01\x01".to_vec(),
             vec![0, 0, 0, 0, 2, 6, 7],
+            vec![1, 4, 0x7f, 2, 2, 1, 2, 1, 2],
+            vec![9, 0, 1, 2, 1, 1],
         ];
         // Deterministic noise.
         let mut x: u32 = 0x9e37_79b9;
@@ -570,6 +609,7 @@ mod tests {
             beacon(&input);
             task_file(&input);
             secure_decrypt(&input);
+            secure_payload(&input);
             transfer(&input);
             replica(&input);
         }

@@ -179,6 +179,23 @@ pub enum HandshakeError {
         /// The fingerprint of the key tried, as acceptor.
         fingerprint: Option<String>,
     },
+    /// A handshake payload (the cipher negotiation of message 3) does not parse.
+    #[error("secure handshake failed: the peer's handshake message {step} is malformed: {why}")]
+    Payload {
+        /// The message (3).
+        step: u8,
+        /// What is wrong.
+        why: &'static str,
+    },
+    /// The initiator chose a transport cipher this node did not offer.
+    #[error(
+        "secure handshake failed: the peer chose transport cipher {id}, which this node did \
+         not offer"
+    )]
+    CipherNotOffered {
+        /// The id it named.
+        id: u8,
+    },
     /// The peer completed the Noise handshake without a static key.
     #[error("secure handshake failed: the peer presented no static key")]
     NoStaticKey,

@@ -4,17 +4,27 @@
 //! [`NOISE_PARAMS`] (`Noise_XXpsk3_25519_ChaChaPoly_BLAKE2s`, the cluster key as the
 //! pre-shared key, the node's [`Identity`](crate::Identity) as the static key) before `Hello`. After it, the
 //! plaintext byte stream of the protocol (the frames of [`crate::codec`], unchanged) is
-//! carried in Noise transport messages. docs/SECURITY.md states the format byte by byte; in
-//! short:
+//! carried in Noise transport messages, in the [`TransportCipher`] the handshake
+//! negotiated. docs/SECURITY.md states the format byte by byte; in short:
 //!
 //! ```text
 //! initiator -> responder   PREAMBLE (FF 70 32 70, "\xFFp2p"), then
 //!                          [u16 BE len][Noise msg 1: e, payload = 8-byte key fingerprint]
-//! responder -> initiator   [u16 BE len][Noise msg 2: e, ee, s, es]
-//! initiator -> responder   [u16 BE len][Noise msg 3: s, se, psk]
+//! responder -> initiator   [u16 BE len][Noise msg 2: e, ee, s, es, payload = cipher offer]
+//! initiator -> responder   [u16 BE len][Noise msg 3: s, se, psk, payload = cipher choice]
 //! responder -> initiator   [u16 BE len][transport message with an empty payload]  (confirmation)
 //! then, both ways          [u16 BE len][transport message] ...
 //! ```
+//!
+//! - The transport cipher: the responder offers the ciphers it accepts in message 2 and the
+//!   initiator names its choice in message 3 ([`negotiate`]: fields `[tag][len][value]`,
+//!   unknown ones skipped). Both payloads are encrypted and bound into the handshake hash,
+//!   so changing either fails the handshake. Nodes of earlier versions send both empty and
+//!   ignore them, which means ChaCha20-Poly1305; AES-256-GCM is chosen when both sides'
+//!   CPUs have AES instructions ([`TransportCipher::preferred`]). The handshake is always
+//!   [`NOISE_PARAMS`]; its split keys are used with the chosen AEAD from ring and Noise's
+//!   nonce for that cipher, so a ChaCha20-Poly1305 channel is byte for byte what snow's
+//!   transport sends. A message counter that reaches 2^64-1 is an error, never a wrap.
 //!
 //! - The preamble makes a node without a key fail at once and clearly (as a length prefix it
 //!   claims ~4 GiB, over any maximum frame) and lets a keyed node tell a plaintext peer
@@ -43,14 +53,18 @@
 //!   fails to decrypt, which closes that connection ([`ConnectionError::Tampered`](crate::ConnectionError::Tampered)).
 //!
 //! The module is split by job: `handshake` ([`Handshake`], the IO-free state machine, and
-//! [`handshake`], the loop that runs it on a socket) and `codec` ([`SecureCodec`] and
-//! [`WireCodec`], what the driver runs after it).
+//! [`handshake`], the loop that runs it on a socket), [`negotiate`] (the payloads of
+//! messages 2 and 3), `cipher` ([`TransportCipher`] and the message counters) and `codec`
+//! ([`SecureCodec`] and [`WireCodec`], what the driver runs after it).
 
+mod cipher;
 mod codec;
 mod handshake;
+pub mod negotiate;
 #[cfg(test)]
 mod tests;
 
+pub use cipher::TransportCipher;
 pub use codec::{SecureCodec, WireCodec};
 pub use handshake::{handshake, Handshake};
 
@@ -75,5 +89,6 @@ pub const MAX_CHUNK_PLAINTEXT: usize = MAX_NOISE_MESSAGE - TAG_LEN;
 /// Most plaintext one transport message carries when it holds whole frames (a batch).
 pub const BATCH_PLAINTEXT: usize = 16 * 1024;
 
-/// Largest handshake message accepted (the real ones are 32, 96 and 64 bytes).
+/// Largest handshake message accepted (the real ones are 40, 100 and 67 bytes; 40, 96 and
+/// 64 from a node of an earlier version).
 pub(crate) const MAX_HANDSHAKE_MESSAGE: usize = 256;

@@ -125,6 +125,7 @@ async fn start(
                 .await
                 .map_err(|_| Error::Handshake(HandshakeError::Timeout(limit)))??;
             let proven = codec.peer_id();
+            tracing::debug!(%addr, peer = %proven, cipher = %codec.cipher(), "secure channel up");
             (WireCodec::Secure(Box::new(codec)), Some(proven))
         }
     };

@@ -1,8 +1,9 @@
 //! The codec of a connection: plaintext frames, or frames in Noise transport messages.
 
-use bytes::{BufMut, BytesMut};
+use bytes::{Buf, BufMut, BytesMut};
 use tokio_util::codec::{Decoder, Encoder};
 
+use super::cipher::{Transport, TransportCipher};
 use super::{BATCH_PLAINTEXT, MAX_CHUNK_PLAINTEXT, TAG_LEN};
 use crate::codec::{FrameCodec, LENGTH_PREFIX};
 use crate::{ConnectionError, Error, Message, NodeId};
@@ -85,9 +86,10 @@ impl Encoder<Message> for WireCodec {
     }
 }
 
-/// Encrypts and decrypts frames with the keys of a finished Noise handshake.
+/// Encrypts and decrypts frames with the keys of a finished Noise handshake, in the
+/// transport cipher the handshake negotiated.
 pub struct SecureCodec {
-    noise: snow::TransportState,
+    transport: Transport,
     pub(super) frames: FrameCodec,
     /// Decrypted bytes not yet decoded: at most one partial frame.
     pub(super) plain: BytesMut,
@@ -105,6 +107,7 @@ impl std::fmt::Debug for SecureCodec {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SecureCodec")
             .field("peer_id", &self.peer_id)
+            .field("cipher", &self.cipher())
             .field("max_frame", &self.frames.max_frame())
             .field("plain_buffered", &self.plain.len())
             .finish_non_exhaustive()
@@ -112,9 +115,9 @@ impl std::fmt::Debug for SecureCodec {
 }
 
 impl SecureCodec {
-    pub(super) fn new(noise: snow::TransportState, max_frame: usize, peer_id: NodeId) -> Self {
+    pub(super) fn new(transport: Transport, max_frame: usize, peer_id: NodeId) -> Self {
         SecureCodec {
-            noise,
+            transport,
             frames: FrameCodec::new(max_frame),
             plain: BytesMut::new(),
             scratch: BytesMut::new(),
@@ -124,39 +127,12 @@ impl SecureCodec {
         }
     }
 
-    /// Encrypts `plain` (at most [`MAX_CHUNK_PLAINTEXT`] bytes) as one transport message
-    /// appended to `dst`.
-    fn seal(
-        noise: &mut snow::TransportState,
-        plain: &[u8],
-        dst: &mut BytesMut,
-    ) -> Result<(), Error> {
-        let start = dst.len();
-        dst.put_u16(0);
-        dst.resize(start + 2 + plain.len() + TAG_LEN, 0);
-        let n = match noise.write_message(plain, &mut dst[start + 2..]) {
-            Ok(n) => n,
-            Err(e) => {
-                dst.truncate(start);
-                return Err(Error::Connection(ConnectionError::Encode(format!(
-                    "encryption failed: {e}"
-                ))));
-            }
-        };
-        // n = plain.len() + TAG_LEN <= MAX_NOISE_MESSAGE, so it fits in a u16.
-        let n16 = u16::try_from(n)
-            .map_err(|_| Error::Connection(ConnectionError::Encode("chunk too large".into())))?;
-        dst[start..start + 2].copy_from_slice(&n16.to_be_bytes());
-        dst.truncate(start + 2 + n);
-        Ok(())
-    }
-
     /// Encrypts the frames collected in the current batch, if any, as one message.
     fn seal_pending(&mut self, dst: &mut BytesMut) -> Result<(), Error> {
         if self.pending.is_empty() {
             return Ok(());
         }
-        let r = Self::seal(&mut self.noise, &self.pending, dst);
+        let r = self.transport.send.seal(&self.pending, dst);
         self.pending.clear();
         r
     }
@@ -165,6 +141,11 @@ impl SecureCodec {
     /// ([`crate::identity::node_id_of`]): the only id the peer may claim in its `Hello`.
     pub fn peer_id(&self) -> NodeId {
         self.peer_id
+    }
+
+    /// The transport cipher the handshake negotiated.
+    pub fn cipher(&self) -> TransportCipher {
+        self.transport.send.cipher()
     }
 
     /// The maximum frame payload this codec accepts and sends.
@@ -202,20 +183,18 @@ impl SecureCodec {
             // Nothing reserved for the claimed length: the buffer grows with what arrives.
             return Ok(false);
         }
-        let chunk = src.split_to(2 + len);
+        // Decrypted in place in the plaintext buffer: one copy.
         let start = self.plain.len();
-        self.plain.resize(start + len, 0);
-        match self
-            .noise
-            .read_message(&chunk[2..], &mut self.plain[start..])
-        {
+        self.plain.extend_from_slice(&src[2..2 + len]);
+        src.advance(2 + len);
+        match self.transport.recv.open(&mut self.plain[start..]) {
             Ok(n) => {
                 self.plain.truncate(start + n);
                 Ok(true)
             }
-            Err(_) => {
+            Err(e) => {
                 self.plain.truncate(start);
-                Err(Error::Connection(ConnectionError::Tampered))
+                Err(e)
             }
         }
     }
@@ -253,6 +232,9 @@ impl Encoder<&Message> for SecureCodec {
     type Error = Error;
 
     fn encode(&mut self, msg: &Message, dst: &mut BytesMut) -> Result<(), Error> {
+        if crate::transfer::is_chunk(msg) {
+            return self.encode_in_place(msg, dst);
+        }
         if self.batching {
             // Encoded straight into the batch; a frame that does not fit beside the frames
             // collected before it starts the next batch, and one too big for any batch is
@@ -267,7 +249,7 @@ impl Encoder<&Message> for SecureCodec {
                 return Ok(());
             }
             let r = if before > 0 {
-                Self::seal(&mut self.noise, &self.pending[..before], dst)
+                self.transport.send.seal(&self.pending[..before], dst)
             } else {
                 Ok(())
             };
@@ -279,7 +261,7 @@ impl Encoder<&Message> for SecureCodec {
             let r = r.and_then(|()| {
                 self.pending[before..]
                     .chunks(MAX_CHUNK_PLAINTEXT)
-                    .try_for_each(|chunk| Self::seal(&mut self.noise, chunk, dst))
+                    .try_for_each(|chunk| self.transport.send.seal(chunk, dst))
             });
             self.pending.clear();
             // Do not keep a huge buffer around after one large frame.
@@ -293,13 +275,42 @@ impl Encoder<&Message> for SecureCodec {
         // Frames collected earlier go first.
         self.seal_pending(dst)?;
         for chunk in self.scratch.chunks(MAX_CHUNK_PLAINTEXT) {
-            Self::seal(&mut self.noise, chunk, dst)?;
+            self.transport.send.seal(chunk, dst)?;
         }
         // Do not keep a huge buffer around after one large frame.
         if self.scratch.capacity() > 1024 * 1024 {
             self.scratch = BytesMut::new();
         }
         Ok(())
+    }
+}
+
+impl SecureCodec {
+    /// Encodes a large frame (a file chunk) straight into `dst` and seals it there: no copy
+    /// of its bytes through a batch or scratch buffer. The frames collected before it go
+    /// first. A frame over one transport message (a 64 KiB chunk) is cut as usual.
+    fn encode_in_place(&mut self, msg: &Message, dst: &mut BytesMut) -> Result<(), Error> {
+        self.seal_pending(dst)?;
+        let start = dst.len();
+        dst.put_u16(0);
+        if let Err(e) = self.frames.encode(msg, dst) {
+            dst.truncate(start);
+            return Err(e);
+        }
+        if dst.len() - start - 2 <= MAX_CHUNK_PLAINTEXT {
+            return self.transport.send.seal_in_place(dst, start);
+        }
+        self.scratch.clear();
+        self.scratch.extend_from_slice(&dst[start + 2..]);
+        dst.truncate(start);
+        let r = self
+            .scratch
+            .chunks(MAX_CHUNK_PLAINTEXT)
+            .try_for_each(|chunk| self.transport.send.seal(chunk, dst));
+        if self.scratch.capacity() > 1024 * 1024 {
+            self.scratch = BytesMut::new();
+        }
+        r
     }
 }
 

@@ -4,11 +4,14 @@
 use bytes::{Buf, BufMut, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use super::{SecureCodec, MAX_HANDSHAKE_MESSAGE, NOISE_PARAMS, PREAMBLE, PROLOGUE, TAG_LEN};
+use super::cipher::{Transport, TransportCipher};
+use super::{
+    negotiate, SecureCodec, MAX_HANDSHAKE_MESSAGE, NOISE_PARAMS, PREAMBLE, PROLOGUE, TAG_LEN,
+};
 use crate::conn::Role;
 use crate::identity::{node_id_of, Identity};
 use crate::key::{to_hex, ClusterKey, FINGERPRINT_LEN};
-use crate::{Error, HandshakeError, Stage};
+use crate::{Error, HandshakeError, NodeId, Stage};
 
 /// Where a [`Handshake`] stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,10 +28,11 @@ enum Step {
     Failed,
 }
 
-/// The Noise state: handshake messages until message 3, then the transport keys.
+/// The Noise state: handshake messages until message 3, then the transport keys (in the
+/// negotiated cipher) and the node id the peer's static key proves.
 enum Noise {
     Handshake(Box<snow::HandshakeState>),
-    Transport(Box<snow::TransportState>),
+    Transport(Box<Transport>, NodeId),
     Gone,
 }
 
@@ -45,6 +49,9 @@ enum Noise {
 pub struct Handshake {
     role: Role,
     keys: Vec<ClusterKey>,
+    /// The transport ciphers this side offers (responder) or may choose (initiator), best
+    /// first.
+    ciphers: Vec<TransportCipher>,
     noise: Noise,
     step: Step,
     /// Bytes received and not processed yet.
@@ -88,6 +95,7 @@ impl Handshake {
         let mut hs = Handshake {
             role,
             keys: keys.to_vec(),
+            ciphers: TransportCipher::preferred().to_vec(),
             noise: Noise::Gone,
             step: Step::Failed,
             input: BytesMut::new(),
@@ -111,6 +119,14 @@ impl Handshake {
             }
         }
         Ok(hs)
+    }
+
+    /// The same handshake offering (responder) or choosing from (initiator) only
+    /// `ciphers` (best first); ChaCha20-Poly1305 is the fallback either way.
+    #[cfg(test)]
+    pub(super) fn with_ciphers(mut self, ciphers: &[TransportCipher]) -> Self {
+        self.ciphers = ciphers.to_vec();
+        self
     }
 
     /// Takes bytes received from the peer and runs every step they complete. An error ends
@@ -167,16 +183,12 @@ impl Handshake {
     /// the codec's to decode. Fails unless [`Handshake::is_done`].
     pub fn finish(self) -> Result<(SecureCodec, BytesMut), HandshakeError> {
         let not_done = self.closed();
-        let Noise::Transport(transport) = self.noise else {
+        let Noise::Transport(transport, peer_id) = self.noise else {
             return Err(not_done);
         };
         if self.step != Step::Done {
             return Err(not_done);
         }
-        let peer_id = match transport.get_remote_static() {
-            Some(public) => node_id_of(public),
-            None => return Err(HandshakeError::NoStaticKey),
-        };
         Ok((
             SecureCodec::new(*transport, self.max_frame, peer_id),
             self.input,
@@ -246,7 +258,9 @@ impl Handshake {
                     .map_err(|_| HandshakeError::Invalid { step: 1 })?;
                 let key = choose_key(&payload[..n], &self.keys)?;
                 hs.set_psk(3, key.as_bytes())?;
-                let n = hs.write_message(&[], &mut out)?;
+                // <- the transport ciphers this node accepts (encrypted, and bound into the
+                // handshake hash that message 3 authenticates).
+                let n = hs.write_message(&negotiate::offer(&self.ciphers), &mut out)?;
                 put_message(&mut self.output, &out[..n]);
                 self.noise = Noise::Handshake(hs);
                 // The chosen key first: message 3 is checked against it.
@@ -257,37 +271,71 @@ impl Handshake {
             }
             // Initiator: <- e, ee, s, es; -> s, se, psk.
             (Step::Message(2), Noise::Handshake(mut hs)) => {
-                hs.read_message(msg, &mut payload)
+                let n = hs
+                    .read_message(msg, &mut payload)
                     .map_err(|_| HandshakeError::Invalid { step: 2 })?;
-                let n = hs.write_message(&[], &mut out)?;
+                // -> the cipher chosen from the responder's offer (none: an earlier
+                // version, ChaCha20-Poly1305 and an empty payload as before).
+                let (cipher, choice) = negotiate::choose(&payload[..n], &self.ciphers);
+                let n = hs.write_message(&choice, &mut out)?;
                 put_message(&mut self.output, &out[..n]);
-                self.noise = Noise::Transport(Box::new(hs.into_transport_mode()?));
+                self.noise = transport(&mut hs, cipher, true)?;
                 Ok(Step::Confirmation)
             }
             // Acceptor: -> s, se, psk (where a wrong key shows); <- confirmation.
             (Step::Message(3), Noise::Handshake(mut hs)) => {
-                hs.read_message(msg, &mut payload)
-                    .map_err(|_| HandshakeError::KeyMismatch {
+                let n = hs.read_message(msg, &mut payload).map_err(|_| {
+                    HandshakeError::KeyMismatch {
                         fingerprint: self.keys.first().map(ClusterKey::fingerprint),
-                    })?;
-                let mut transport = hs.into_transport_mode()?;
-                let n = transport.write_message(&[], &mut out)?;
-                put_message(&mut self.output, &out[..n]);
-                self.noise = Noise::Transport(Box::new(transport));
+                    }
+                })?;
+                let cipher = negotiate::accept(&payload[..n], &self.ciphers)?;
+                let mut noise = transport(&mut hs, cipher, false)?;
+                // The confirmation, already in the chosen cipher.
+                if let Noise::Transport(t, _) = &mut noise {
+                    t.send
+                        .seal(&[], &mut self.output)
+                        .map_err(|_| HandshakeError::Invalid { step: 3 })?;
+                }
+                self.noise = noise;
                 Ok(Step::Done)
             }
             // Initiator: <- confirmation: the responder accepted our key.
-            (Step::Confirmation, Noise::Transport(mut transport)) => {
+            (Step::Confirmation, Noise::Transport(mut transport, peer_id)) => {
+                let mut msg = msg.to_vec();
                 transport
-                    .read_message(msg, &mut payload)
+                    .recv
+                    .open(&mut msg)
                     .map_err(|_| HandshakeError::KeyMismatch { fingerprint: None })?;
-                self.noise = Noise::Transport(transport);
+                self.noise = Noise::Transport(transport, peer_id);
                 Ok(Step::Done)
             }
             // Not reachable: each step keeps the Noise state it needs.
             _ => Err(self.closed()),
         }
     }
+}
+
+/// The transport of a finished Noise handshake in `cipher`: the keys of Noise's `Split()`
+/// (the same that snow's transport mode would use), and the node id of the peer's static key.
+fn transport(
+    hs: &mut snow::HandshakeState,
+    cipher: TransportCipher,
+    initiator: bool,
+) -> Result<Noise, HandshakeError> {
+    if !hs.is_handshake_finished() {
+        return Err(HandshakeError::Noise(snow::Error::State(
+            snow::error::StateProblem::HandshakeNotFinished,
+        )));
+    }
+    let peer_id = match hs.get_remote_static() {
+        Some(public) => node_id_of(public),
+        None => return Err(HandshakeError::NoStaticKey),
+    };
+    let split = hs.dangerously_get_raw_split();
+    let transport = Transport::new(cipher, &split, initiator)
+        .map_err(|_| HandshakeError::Invalid { step: 3 })?;
+    Ok(Noise::Transport(Box::new(transport), peer_id))
 }
 
 /// The acceptor's key for the fingerprint in message 1. An empty payload (a node of an
