@@ -1463,12 +1463,13 @@ async fn run(
         local_types = needed.into_iter().map(|t| (t, n)).collect();
     }
     // Every peer is a descriptor: the soft limit goes up to the hard one, and a --peer list
-    // it cannot hold is refused now rather than failing peer by peer. An in-process node is
-    // a peer too, and also holds its listener and its end of the link.
+    // it cannot hold is refused now rather than failing peer by peer. An in-process node
+    // takes a peer's place in the run but holds no descriptor (no listener, no socket: its
+    // link is in memory).
     let limit = crate::fdlimit::raise();
     let in_process: u64 = local_types.iter().map(|(_, n)| u64::from(*n)).sum();
     let peers = a.common.peers.len().saturating_add(in_process as usize);
-    crate::fdlimit::check_peers(peers, 2 * in_process, limit).map_err(usage)?;
+    crate::fdlimit::check_peers(peers, 0, limit).map_err(usage)?;
     let _guard = own_handler_processes(&handlers, a.kill_grace);
     let work = work_dirs(&a.common, false);
     // In-process nodes share one file cache for the run, removed after it (only when a
@@ -1498,11 +1499,13 @@ async fn run(
     } else {
         None
     };
+    // In-process nodes listen nowhere: the run reaches them over the in-memory transport
+    // (`Message` values over bounded channels, no socket and no codec).
     let mut local_nodes = Vec::new();
-    let mut peers = Vec::new();
+    let mut doors = Vec::new();
     for (t, n) in &local_types {
         for _ in 0..*n {
-            let mut builder = with_key(Node::builder(), &key);
+            let mut builder = with_key(Node::builder(), &key).in_process(true);
             if let Some((_, files)) = &local_cache {
                 builder = builder.files(files.clone());
             }
@@ -1518,9 +1521,7 @@ async fn run(
                 .await
                 .map_err(node_error)?;
             node.start().map_err(node_error)?;
-            if let Some(addr) = node.local_addr() {
-                peers.push(addr);
-            }
+            doors.extend(node.in_process());
             local_nodes.push(node);
         }
     }
@@ -1593,8 +1594,10 @@ async fn run(
     let mut run = coordinator
         .run(tasks)
         .options(opts)
-        .peers(peers)
         .on_event(|ev| printer.event(ev));
+    for door in doors {
+        run = run.in_process(door);
+    }
     if let Some(journal) = journal {
         run = run.journal(journal);
     }
