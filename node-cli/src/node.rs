@@ -666,9 +666,11 @@ impl Node {
         (self.hello(false), self.settings.clone())
     }
 
-    /// Starts accepting connections in the background and starts the discovery backends,
-    /// announcing this node (its address, types and capacity). Does nothing if the node does
-    /// not listen or already started. Fails when a backend cannot start (e.g. no such
+    /// Starts accepting connections in the background (over TCP if it listens, and from
+    /// this process through [`Node::in_process`]) and starts the discovery backends,
+    /// announcing this node (its address, types and capacity) if it listens. Does nothing if
+    /// the node neither listens nor was built [`NodeBuilder::in_process`], or already
+    /// started. Fails when a backend cannot start (e.g. no such
     /// interface). Backends a run started before are not restarted to announce the node:
     /// start a serving node before running plans on it.
     pub fn start(&mut self) -> Result<(), Error> {
