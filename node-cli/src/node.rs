@@ -716,6 +716,7 @@ impl Node {
             tracker: self.tracker.clone(),
             describe: self.describe,
             next_local: std::sync::atomic::AtomicU64::new(0),
+            runtime: tokio::runtime::Handle::current(),
         });
         self.door = Some(ctx.clone());
         if let Some(listener) = listener {
@@ -957,6 +958,9 @@ fn merge(
 }
 
 struct AcceptCtx {
+    /// The runtime the node was started on: the node side of its in-process connections
+    /// runs there, whoever connects.
+    runtime: tokio::runtime::Handle,
     /// The numbers of the in-process connections (counted down from the top, apart from the
     /// accepted ones').
     next_local: std::sync::atomic::AtomicU64,
@@ -1084,7 +1088,9 @@ async fn serve_connection(
 /// A serving node's door for connections from this process (see [`Node::in_process`]):
 /// each [`InProcess::connect`] makes an in-memory link ([`net::pipe`]), whose node side
 /// the node serves as it serves an accepted TCP connection (its worker, its instant
-/// answers, its files, its drain and goodbye), counted in its connection limit.
+/// answers, its files, its drain and goodbye), counted in its connection limit. The node
+/// side runs on the runtime the node was started on (a node started on a thread of its own
+/// works beside the run that connects to it).
 #[derive(Clone)]
 pub struct InProcess {
     node: NodeId,
@@ -1143,7 +1149,7 @@ impl InProcess {
                 .next_local
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let c = ctx.clone();
-        ctx.tracker.spawn(async move {
+        let serve = async move {
             let (tx, rx) = mpsc::channel::<(LinkId, LinkEvent)>(LINK_EVENTS);
             let accepted =
                 net::accept_memory(far, addr, hello_now(&c), &c.settings, node_id, tx).await;
@@ -1161,7 +1167,8 @@ impl InProcess {
                 }
             }
             drop((permit, open));
-        });
+        };
+        ctx.tracker.spawn_on(serve, &ctx.runtime);
         net::connect_memory(near, addr, hello, settings, id, events).await
     }
 }

@@ -39,9 +39,16 @@ fn tcp_sockets_of(pid: u32) -> Vec<String> {
 
 /// While a `--local` run's task runs, the run's process holds no TCP socket (its in-process
 /// nodes listened on loopback and were dialled before); the task still completes, in order,
-/// with a clean goodbye.
+/// with a clean goodbye. In strict order and in `--order none` (where the nodes run on a
+/// thread of their own).
 #[test]
 fn a_local_run_holds_no_tcp_socket() {
+    for order in ["strict", "none"] {
+        holds_no_tcp_socket(order);
+    }
+}
+
+fn holds_no_tcp_socket(order: &str) {
     let dir = TestDir::new();
     dir.write("tasks.txt", "a1 a2\n");
     let (started, go) = (dir.join("started"), dir.join("go"));
@@ -59,6 +66,8 @@ fn a_local_run_holds_no_tcp_socket() {
             "tasks.txt",
             "--local",
             "--json",
+            "--order",
+            order,
             "--handler",
             &handler,
         ],
@@ -82,6 +91,10 @@ fn a_local_run_holds_no_tcp_socket() {
         .iter()
         .map(|e| e["output"].as_str().unwrap().trim().to_string())
         .collect();
+    let mut done = done;
+    if order == "none" {
+        done.sort();
+    }
     assert_eq!(done, ["done a1", "done a2"], "{}", out.describe());
     let connected = tests::events_named(&events, "connected");
     assert_eq!(connected.len(), 1, "{}", out.describe());
@@ -91,9 +104,16 @@ fn a_local_run_holds_no_tcp_socket() {
 }
 
 /// Ctrl-C while a `--local` task runs: the run stops gracefully (the running task is
-/// cancelled, the in-process node says goodbye) and exits with the interrupted status.
+/// cancelled, the in-process node says goodbye) and exits with the interrupted status, in
+/// strict order and in `--order none`.
 #[test]
 fn interrupting_a_local_run_cancels_its_task_and_exits() {
+    for order in ["strict", "none"] {
+        interrupting(order);
+    }
+}
+
+fn interrupting(order: &str) {
     let dir = TestDir::new();
     dir.write("tasks.txt", "a1 a2\n");
     let started = dir.join("started");
@@ -108,6 +128,8 @@ fn interrupting_a_local_run_cancels_its_task_and_exits() {
             "tasks.txt",
             "--local",
             "--json",
+            "--order",
+            order,
             "--handler",
             &handler,
         ],
