@@ -1142,7 +1142,11 @@ impl InProcess {
             ctx.conns.refused(Refused::ConnectionLimit);
             return Err(refused("the node is at its connection limit"));
         };
-        let (near, far) = net::pipe();
+        // Room for the larger window of the link (the node's ceiling; the dialler serves
+        // nothing, or its own capacity).
+        let hello_node = hello_now(&ctx);
+        let window = hello_node.capacity.max(hello.capacity);
+        let (near, far) = net::pipe(window);
         let open = ctx.conns.accepted();
         let node_id = u64::MAX
             - ctx
@@ -1152,7 +1156,7 @@ impl InProcess {
         let serve = async move {
             let (tx, rx) = mpsc::channel::<(LinkId, LinkEvent)>(LINK_EVENTS);
             let accepted =
-                net::accept_memory(far, addr, hello_now(&c), &c.settings, node_id, tx).await;
+                net::accept_memory(far, addr, hello_node, &c.settings, node_id, tx).await;
             match accepted {
                 Ok(link) => {
                     c.conns.established();

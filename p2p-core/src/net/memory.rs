@@ -10,10 +10,14 @@
 //!
 //! Each end sends batches of at most [`BATCH`] messages (what one pass of the driver
 //! produces, as one write does over TCP), at most one file chunk each and last, and at most
-//! [`PIPE_DEPTH`] batches wait in a direction: an end whose peer stops reading finds its
-//! sends pending, and its driver declares the peer dead after the idle timeout, as a full
-//! socket buffer does over TCP. Dropping an end (its driver ended), or closing its write
-//! side, is the peer's end of stream.
+//! [`pipe_depth`] batches wait in a direction: room for every message the protocol lets be
+//! in flight on a link of that window (its assignments, or a `Started` and a result for
+//! each, and control frames) even one a batch, so two drivers that both write before they
+//! read never wait for each other (over TCP the kernel's socket buffers give that room). An
+//! end whose peer stops reading finds its sends pending once that is full, and its driver
+//! declares the peer dead after the idle timeout, as a full socket buffer does over TCP.
+//! Dropping an end (its driver ended), or closing its write side, is the peer's end of
+//! stream.
 //!
 //! There is no secure handshake and no frame limit: both ends are in one process, so there
 //! is nobody to authenticate and nothing to bound but the queues
@@ -35,8 +39,12 @@ use crate::conn::{Connection, Event, Role};
 use crate::message::{Hello, Message};
 use crate::{Error, HandshakeError, Stage};
 
-/// Most batches waiting in one direction of a [`pipe`] (each at most [`BATCH`] messages).
-pub const PIPE_DEPTH: usize = 8;
+/// Most batches waiting in one direction of a [`pipe`] made for a link of `window` tasks in
+/// flight (the larger of both ends' capacities): twice the window plus 64, as a link's
+/// command queue. The channel takes memory only for what waits in it.
+pub fn pipe_depth(window: u32) -> usize {
+    2 * window.clamp(1, MAX_WINDOW) as usize + 64
+}
 
 /// One end of an in-memory link (see [`pipe`]).
 pub struct Pipe {
@@ -62,10 +70,12 @@ impl std::fmt::Debug for Pipe {
     }
 }
 
-/// The two ends of an in-memory link: what one sends, the other reads.
-pub fn pipe() -> (Pipe, Pipe) {
-    let (a_tx, b_rx) = mpsc::channel(PIPE_DEPTH);
-    let (b_tx, a_rx) = mpsc::channel(PIPE_DEPTH);
+/// The two ends of an in-memory link for `window` tasks in flight (see [`pipe_depth`]):
+/// what one sends, the other reads.
+pub fn pipe(window: u32) -> (Pipe, Pipe) {
+    let depth = pipe_depth(window);
+    let (a_tx, b_rx) = mpsc::channel(depth);
+    let (b_tx, a_rx) = mpsc::channel(depth);
     let end = |tx, rx| Pipe {
         tx: Some(PollSender::new(tx)),
         rx,

@@ -754,7 +754,7 @@ async fn memory_pair(
     Link,
     mpsc::Receiver<(LinkId, LinkEvent)>,
 ) {
-    let (dial_end, accept_end) = pipe();
+    let (dial_end, accept_end) = pipe(capacity);
     let (mut ah, s) = node(&["a"], None);
     ah.capacity = capacity;
     let addr: std::net::SocketAddr = "127.0.0.1:0".parse().unwrap();
@@ -822,7 +822,7 @@ async fn a_memory_link_handshakes_runs_tasks_and_says_goodbye() {
 /// A memory handshake is checked as over TCP: another cluster is refused, on both sides.
 #[tokio::test]
 async fn a_memory_link_to_another_cluster_is_refused() {
-    let (dial_end, accept_end) = pipe();
+    let (dial_end, accept_end) = pipe(2);
     let (mut ah, s) = node(&["a"], None);
     ah.cluster = "other".into();
     let addr: std::net::SocketAddr = "127.0.0.1:0".parse().unwrap();
@@ -840,13 +840,14 @@ async fn a_memory_link_to_another_cluster_is_refused() {
     assert!(accepted.is_err(), "{accepted:?}");
 }
 
-/// Each direction of a pipe holds at most `PIPE_DEPTH` batches of `BATCH` messages: a
+/// Each direction of a pipe holds at most `pipe_depth` batches of `BATCH` messages: a
 /// sender whose peer does not read finds its sink pending after that, and gets room again
 /// once the peer reads a batch.
 #[tokio::test]
 async fn a_pipe_is_bounded_and_frees_room_as_its_peer_reads() {
     use futures::{FutureExt, SinkExt, StreamExt};
-    let (mut a, mut b) = pipe();
+    let (mut a, mut b) = pipe(2);
+    let depth = pipe_depth(2);
     let ping = || Message::Ping { nonce: 7 };
     let mut sent = 0usize;
     loop {
@@ -855,10 +856,10 @@ async fn a_pipe_is_bounded_and_frees_room_as_its_peer_reads() {
             Some(Err(e)) => panic!("{e}"),
             None => break,
         }
-        assert!(sent <= (PIPE_DEPTH + 1) * BATCH, "no bound: {sent} sent");
+        assert!(sent <= (depth + 1) * BATCH, "no bound: {sent} sent");
     }
     // The full batches in the channel, and one more in the outbox.
-    assert_eq!(sent, (PIPE_DEPTH + 1) * BATCH);
+    assert_eq!(sent, (depth + 1) * BATCH);
     assert!(a.flush().now_or_never().is_none(), "a full pipe flushed");
     for _ in 0..BATCH {
         assert!(matches!(
@@ -870,12 +871,36 @@ async fn a_pipe_is_bounded_and_frees_room_as_its_peer_reads() {
     a.flush().now_or_never().unwrap().unwrap();
 }
 
+/// A pipe has room for everything the protocol lets be in flight on its link even when
+/// every message goes alone (a driver that flushes after each command): two results and
+/// control frames for each task of the window, so that two drivers that both write before
+/// they read never wait for each other (with room for 8 batches, 8 single messages
+/// filled it, and a window of 1,024 tasks could stall both drivers until the idle timeout).
+#[tokio::test]
+async fn a_pipe_holds_a_whole_window_of_single_messages() {
+    use futures::{FutureExt, SinkExt};
+    for window in [1u32, 64, 1024] {
+        let (mut a, _b) = pipe(window);
+        let in_flight = 2 * window as usize + 64;
+        for n in 0..in_flight {
+            // Outside tokio's cooperative budget, which would make a send wait after 128
+            // operations of one poll whatever room the channel has.
+            let sent = tokio::task::unconstrained(a.send(Message::Ping { nonce: n as u64 }))
+                .now_or_never();
+            assert!(
+                matches!(sent, Some(Ok(()))),
+                "window {window}: message {n} of {in_flight} did not fit"
+            );
+        }
+    }
+}
+
 /// Closing one end's write side is the other's end of stream, while the other direction
 /// still works; a dropped end makes the other's sends fail and its stream end.
 #[tokio::test]
 async fn a_pipe_closes_in_either_direction() {
     use futures::{SinkExt, StreamExt};
-    let (mut a, mut b) = pipe();
+    let (mut a, mut b) = pipe(1);
     a.send(Message::Ping { nonce: 1 }).await.unwrap();
     a.close().await.unwrap();
     assert!(matches!(
@@ -906,7 +931,7 @@ async fn a_pipe_closes_in_either_direction() {
 #[tokio::test]
 async fn a_memory_peer_that_stops_reading_is_dropped_after_the_idle_timeout() {
     use futures::{SinkExt, StreamExt};
-    let (dial_end, mut raw) = pipe();
+    let (dial_end, mut raw) = pipe(2);
     let (dh, mut ds) = node(&[], None);
     ds.conn.heartbeat_interval = Duration::from_millis(100);
     ds.conn.idle_timeout = Duration::from_millis(500);
