@@ -91,7 +91,8 @@ pub struct Cli {
     /// Threads of the async runtime. 1 (the default) runs the node on one thread, which
     /// gives the lowest per-task latency and, measured, no less throughput on a small
     /// machine; 0 means one per CPU core. Shell handlers' tasks are processes of their own
-    /// either way. At most 256.
+    /// either way. A run's in-process nodes (--local, --types) with --order type or none
+    /// run on one more thread of their own. At most 256.
     #[arg(
         long,
         global = true,
@@ -895,6 +896,62 @@ fn parse_handlers(raw: &[String]) -> anyhow::Result<Vec<(String, String)>> {
         .collect()
 }
 
+/// Builds and starts a node on the runtime this runs on.
+async fn start_node(builder: NodeBuilder) -> Result<Node, crate::Error> {
+    let mut node = builder.build().await?;
+    node.start()?;
+    Ok(node)
+}
+
+/// The thread the in-process nodes of a run work on: a single-threaded runtime of their
+/// own, so that on a machine with two cores they work beside the coordinator (each task's
+/// result is made there while the coordinator takes the next). It stops when dropped:
+/// its tasks then end with it (the nodes have drained by then).
+struct NodeThread {
+    handle: tokio::runtime::Handle,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl NodeThread {
+    fn start() -> std::io::Result<Self> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let handle = runtime.handle().clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        std::thread::Builder::new()
+            .name("in-process".into())
+            .spawn(move || {
+                runtime.block_on(async {
+                    let _ = stopped.await;
+                });
+                // What is left (nothing, after the nodes drained) gets a moment, no more.
+                runtime.shutdown_timeout(Duration::from_secs(1));
+            })?;
+        Ok(NodeThread {
+            handle,
+            stop: Some(stop),
+        })
+    }
+
+    /// Builds and starts a node on this thread.
+    async fn start_node(&self, builder: NodeBuilder) -> anyhow::Result<Node> {
+        self.handle
+            .spawn(start_node(builder))
+            .await
+            .map_err(|e| anyhow::anyhow!("an in-process node did not start: {e}"))?
+            .map_err(node_error)
+    }
+}
+
+impl Drop for NodeThread {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
 fn handler_for(
     kind: &str,
     handlers: &[(String, String)],
@@ -1463,12 +1520,13 @@ async fn run(
         local_types = needed.into_iter().map(|t| (t, n)).collect();
     }
     // Every peer is a descriptor: the soft limit goes up to the hard one, and a --peer list
-    // it cannot hold is refused now rather than failing peer by peer. An in-process node is
-    // a peer too, and also holds its listener and its end of the link.
+    // it cannot hold is refused now rather than failing peer by peer. An in-process node
+    // takes a peer's place in the run but holds no descriptor (no listener, no socket: its
+    // link is in memory).
     let limit = crate::fdlimit::raise();
     let in_process: u64 = local_types.iter().map(|(_, n)| u64::from(*n)).sum();
     let peers = a.common.peers.len().saturating_add(in_process as usize);
-    crate::fdlimit::check_peers(peers, 2 * in_process, limit).map_err(usage)?;
+    crate::fdlimit::check_peers(peers, 0, limit).map_err(usage)?;
     let _guard = own_handler_processes(&handlers, a.kill_grace);
     let work = work_dirs(&a.common, false);
     // In-process nodes share one file cache for the run, removed after it (only when a
@@ -1498,29 +1556,40 @@ async fn run(
     } else {
         None
     };
+    // In-process nodes listen nowhere: the run reaches them over the in-memory transport
+    // (`Message` values over bounded channels, no socket and no codec). When tasks run side
+    // by side (`--order type` or `none`) the nodes run on a thread of their own, beside the
+    // coordinator's; in strict order one task is in flight at a time, and crossing threads
+    // would only add two wake-ups (system calls) to each round trip.
+    let node_thread = if local_types.is_empty() || a.order == p2p_tasks::Order::Strict {
+        None
+    } else {
+        Some(
+            NodeThread::start()
+                .map_err(|e| anyhow::anyhow!("cannot start the in-process nodes' thread: {e}"))?,
+        )
+    };
     let mut local_nodes = Vec::new();
-    let mut peers = Vec::new();
+    let mut doors = Vec::new();
     for (t, n) in &local_types {
         for _ in 0..*n {
-            let mut builder = with_key(Node::builder(), &key);
+            let mut builder = with_key(Node::builder(), &key).in_process(true);
             if let Some((_, files)) = &local_cache {
                 builder = builder.files(files.clone());
             }
-            let mut node = builder
+            let builder = builder
                 .cluster(a.common.cluster.clone())
                 .handler(
                     t,
                     handler_for(t, &handlers, a.max_output, a.kill_grace, &work),
                 )
                 .max_frame(a.common.max_frame)
-                .max_output(a.max_output)
-                .build()
-                .await
-                .map_err(node_error)?;
-            node.start().map_err(node_error)?;
-            if let Some(addr) = node.local_addr() {
-                peers.push(addr);
-            }
+                .max_output(a.max_output);
+            let node = match &node_thread {
+                Some(thread) => thread.start_node(builder).await?,
+                None => start_node(builder).await.map_err(node_error)?,
+            };
+            doors.extend(node.in_process());
             local_nodes.push(node);
         }
     }
@@ -1593,8 +1662,10 @@ async fn run(
     let mut run = coordinator
         .run(tasks)
         .options(opts)
-        .peers(peers)
         .on_event(|ev| printer.event(ev));
+    for door in doors {
+        run = run.in_process(door);
+    }
     if let Some(journal) = journal {
         run = run.journal(journal);
     }

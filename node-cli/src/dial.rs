@@ -63,6 +63,26 @@ pub fn tcp(hello: Hello, settings: Settings) -> Connector {
     })
 }
 
+/// `tcp`, but the addresses in `doors` are in-process nodes, dialled over the in-memory
+/// transport ([`crate::node::InProcess::connect`]) as `hello` with `settings`.
+pub fn with_in_process(
+    tcp: Connector,
+    doors: HashMap<SocketAddr, crate::node::InProcess>,
+    hello: Hello,
+    settings: Settings,
+) -> Connector {
+    if doors.is_empty() {
+        return tcp;
+    }
+    Arc::new(move |addr, id, events| match doors.get(&addr) {
+        Some(door) => {
+            let (door, hello, settings) = (door.clone(), hello.clone(), settings.clone());
+            Box::pin(async move { door.connect(addr, hello, &settings, id, events).await })
+        }
+        None => tcp(addr, id, events),
+    })
+}
+
 /// How connection errors are worded in [`PeerUpdate::Unreachable`] (and a node's logs):
 /// the default is the error's own message; the `p2p-node` CLI adds hints naming its flags.
 pub type Describe = fn(&p2p_core::Error) -> String;

@@ -142,8 +142,8 @@ mod sightings;
 
 pub use error::{Endpoint, Error};
 pub use node::{
-    CapacityHandle, Node, NodeBuilder, StopHandle, DEFAULT_CLUSTER, MAX_MAX_FRAME, MIN_MAX_FRAME,
-    RESULT_MARGIN,
+    CapacityHandle, InProcess, Node, NodeBuilder, StopHandle, DEFAULT_CLUSTER, MAX_MAX_FRAME,
+    MIN_MAX_FRAME, RESULT_MARGIN,
 };
 pub use run::{Events, Run, EVENT_QUEUE};
 

@@ -104,6 +104,7 @@ pub struct NodeBuilder {
     metrics_listen: Option<SocketAddr>,
     describe: dial::Describe,
     files: Option<Arc<p2p_tasks::node_files::NodeFiles>>,
+    in_process: bool,
 }
 
 impl std::fmt::Debug for NodeBuilder {
@@ -135,6 +136,7 @@ impl Default for NodeBuilder {
             metrics_listen: None,
             describe: |e| e.to_string(),
             files: None,
+            in_process: false,
         }
     }
 }
@@ -144,6 +146,15 @@ impl NodeBuilder {
     /// this cache (see [`p2p_tasks::node_files`]). Default: none (offers are refused).
     pub fn files(mut self, files: Arc<p2p_tasks::node_files::NodeFiles>) -> Self {
         self.files = Some(files);
+        self
+    }
+
+    /// An in-process node: it binds no listener and takes connections only from this
+    /// process, over the in-memory transport ([`Node::in_process`], used by
+    /// [`Run::in_process`]): no socket and no codec between the run and the node.
+    /// Overrides [`NodeBuilder::listen`]. Default false.
+    pub fn in_process(mut self, yes: bool) -> Self {
+        self.in_process = yes;
         self
     }
 
@@ -348,6 +359,7 @@ impl NodeBuilder {
             return Err(Error::Config("capacity must be at least 1".into()));
         }
         let listen = match self.listen {
+            _ if self.in_process => None,
             Some(a) => Some(a),
             None if !self.handlers.is_empty() => Some(SocketAddr::from(([127, 0, 0, 1], 0))),
             None => None,
@@ -454,6 +466,8 @@ impl NodeBuilder {
             started,
             discovery_counters: Vec::new(),
             describe: self.describe,
+            in_process: self.in_process,
+            door: None,
         })
     }
 }
@@ -515,6 +529,11 @@ pub struct Node {
     /// The started backends' counters, for metrics.
     discovery_counters: Vec<metrics::DiscoveryStats>,
     describe: dial::Describe,
+    /// Built without a listener, for connections from this process only.
+    in_process: bool,
+    /// Where connections from this process come in, once started (see
+    /// [`Node::in_process`]).
+    door: Option<Arc<AcceptCtx>>,
 }
 
 /// Dropping a node stops it at once: its listener closes, its connections end (with a
@@ -647,15 +666,18 @@ impl Node {
         (self.hello(false), self.settings.clone())
     }
 
-    /// Starts accepting connections in the background and starts the discovery backends,
-    /// announcing this node (its address, types and capacity). Does nothing if the node does
-    /// not listen or already started. Fails when a backend cannot start (e.g. no such
+    /// Starts accepting connections in the background (over TCP if it listens, and from
+    /// this process through [`Node::in_process`]) and starts the discovery backends,
+    /// announcing this node (its address, types and capacity) if it listens. Does nothing if
+    /// the node neither listens nor was built [`NodeBuilder::in_process`], or already
+    /// started. Fails when a backend cannot start (e.g. no such
     /// interface). Backends a run started before are not restarted to announce the node:
     /// start a serving node before running plans on it.
     pub fn start(&mut self) -> Result<(), Error> {
-        let Some(listener) = self.listener.take() else {
+        let listener = self.listener.take();
+        if self.door.is_some() || (listener.is_none() && !self.in_process) {
             return Ok(());
-        };
+        }
         if let Some(addr) = self.local_addr {
             let me = Announcement {
                 cluster: self.cluster.clone(),
@@ -682,7 +704,7 @@ impl Node {
         // handler's) in their drivers; those it dials for runs serve nothing.
         let mut settings = self.settings.clone();
         settings.instant = self.worker.instant_service();
-        let ctx = AcceptCtx {
+        let ctx = Arc::new(AcceptCtx {
             floods: Mutex::new(Floods::default()),
             conns: self.conn_stats.clone(),
             hello: self.hello(true),
@@ -693,13 +715,29 @@ impl Node {
             shutdown: self.shutdown.clone(),
             tracker: self.tracker.clone(),
             describe: self.describe,
-        };
-        self.tracker.spawn(accept_loop(listener, ctx));
+            next_local: std::sync::atomic::AtomicU64::new(0),
+            runtime: tokio::runtime::Handle::current(),
+        });
+        self.door = Some(ctx.clone());
+        if let Some(listener) = listener {
+            self.tracker.spawn(accept_loop(listener, ctx));
+        }
         if self.capacity_auto {
             self.tracker
                 .spawn(self.worker.clone().run_auto(self.shutdown.clone()));
         }
         Ok(())
+    }
+
+    /// Where this process connects to this node without a socket (a serving node, once
+    /// started; see [`InProcess`]). `None` before [`Node::start`] or when it serves nothing.
+    pub fn in_process(&self) -> Option<InProcess> {
+        let door = self.door.clone()?;
+        Some(InProcess {
+            node: self.id,
+            types: self.worker.types(),
+            door,
+        })
     }
 
     /// Starts the discovery backends once, for the node's lifetime (they stop when it shuts
@@ -765,6 +803,7 @@ impl Node {
         tasks: Vec<Task>,
         opts: RunOptions,
         extra_peers: Vec<String>,
+        local: Vec<InProcess>,
         journal: Option<Journal>,
         emit: &mut (dyn FnMut(&RunEvent) + Send),
     ) -> Result<RunReport, Error> {
@@ -792,7 +831,15 @@ impl Node {
                 stop_dialing.clone(),
             )?)
         };
+        // In-process nodes are found at once, each at an address of its own that nothing
+        // listens on (`0.0.0.0:N`, the N-th in-process node), and dialled in memory.
+        let (local_found, doors) = in_process_peers(local);
         let found = match (self.found.as_ref().map(Sightings::subscribe), extra) {
+            (Some(a), Some(b)) => Some(merge(a, b, &mut helpers)),
+            (Some(one), None) | (None, Some(one)) => Some(one),
+            (None, None) => None,
+        };
+        let found = match (found, local_found) {
             (Some(a), Some(b)) => merge(a, b, &mut helpers),
             (Some(one), None) | (None, Some(one)) => one,
             // No discovery at all: a stream that has ended.
@@ -825,7 +872,12 @@ impl Node {
         helpers.spawn(
             dial::Dialer {
                 found,
-                connect: dial::tcp(self.hello(false), self.settings.clone()),
+                connect: dial::with_in_process(
+                    dial::tcp(self.hello(false), self.settings.clone()),
+                    doors,
+                    self.hello(false),
+                    self.settings.clone(),
+                ),
                 give_up_after: opts.discovery_timeout,
                 needed,
                 peers: peer_tx,
@@ -849,6 +901,37 @@ impl Node {
         helpers.shutdown().await;
         Ok(report?)
     }
+}
+
+/// The discovery events of in-process nodes (an ended stream of one sighting each, or
+/// `None` without any) and where each is dialled.
+fn in_process_peers(
+    local: Vec<InProcess>,
+) -> (
+    Option<mpsc::Receiver<p2p_discovery::Event>>,
+    HashMap<SocketAddr, InProcess>,
+) {
+    if local.is_empty() {
+        return (None, HashMap::new());
+    }
+    let (tx, rx) = mpsc::channel(local.len());
+    let mut doors = HashMap::new();
+    for (n, door) in local.into_iter().enumerate() {
+        let port = u16::try_from(n + 1).unwrap_or(u16::MAX);
+        let addr = SocketAddr::from(([0, 0, 0, 0], port));
+        let peer = p2p_discovery::Peer {
+            addr,
+            // Like a static peer: a connection that breaks is dialled again.
+            node_id: None,
+            types: Some(door.types().to_vec()),
+            capacity: None,
+            source: "in-process",
+        };
+        // Room for every one: the channel holds them all.
+        let _ = tx.try_send(p2p_discovery::Event::Discovered(peer));
+        doors.insert(addr, door);
+    }
+    (Some(rx), doors)
 }
 
 /// One stream of discovery events from two.
@@ -875,6 +958,12 @@ fn merge(
 }
 
 struct AcceptCtx {
+    /// The runtime the node was started on: the node side of its in-process connections
+    /// runs there, whoever connects.
+    runtime: tokio::runtime::Handle,
+    /// The numbers of the in-process connections (counted down from the top, apart from the
+    /// accepted ones').
+    next_local: std::sync::atomic::AtomicU64,
     floods: Mutex<Floods>,
     conns: Arc<ConnStats>,
     hello: Hello,
@@ -897,8 +986,7 @@ fn hello_now(ctx: &AcceptCtx) -> Hello {
     hello
 }
 
-async fn accept_loop(listener: TcpListener, ctx: AcceptCtx) {
-    let ctx = Arc::new(ctx);
+async fn accept_loop(listener: TcpListener, ctx: Arc<AcceptCtx>) {
     let mut next_id: LinkId = 0;
     let mut summaries = tokio::time::interval(LOG_INTERVAL);
     loop {
@@ -995,4 +1083,96 @@ async fn serve_connection(
         .clone()
         .serve_link(link, rx, ctx.shutdown.clone())
         .await;
+}
+
+/// A serving node's door for connections from this process (see [`Node::in_process`]):
+/// each [`InProcess::connect`] makes an in-memory link ([`net::pipe`]), whose node side
+/// the node serves as it serves an accepted TCP connection (its worker, its instant
+/// answers, its files, its drain and goodbye), counted in its connection limit. The node
+/// side runs on the runtime the node was started on (a node started on a thread of its own
+/// works beside the run that connects to it).
+#[derive(Clone)]
+pub struct InProcess {
+    node: NodeId,
+    types: Vec<String>,
+    door: Arc<AcceptCtx>,
+}
+
+impl std::fmt::Debug for InProcess {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InProcess")
+            .field("node", &self.node)
+            .field("types", &self.types)
+            .finish_non_exhaustive()
+    }
+}
+
+impl InProcess {
+    /// The node's id.
+    pub fn node_id(&self) -> NodeId {
+        self.node
+    }
+
+    /// The types the node serves.
+    pub fn types(&self) -> &[String] {
+        &self.types
+    }
+
+    /// Opens an in-memory link to the node as `hello` (the `Hello`/`Welcome` exchange runs
+    /// as over TCP, bounded by `settings`' handshake timeout), link `id` on `events`. `addr`
+    /// is what both links' [`net::Link::addr`] say. Fails when the node is shutting down or
+    /// at its connection limit, or the handshake fails.
+    pub async fn connect(
+        &self,
+        addr: SocketAddr,
+        hello: Hello,
+        settings: &Settings,
+        id: LinkId,
+        events: net::EventSender,
+    ) -> Result<net::Link, p2p_core::Error> {
+        let ctx = self.door.clone();
+        let refused = |why| p2p_core::Error::InvalidState {
+            action: "connect to an in-process node",
+            why,
+        };
+        if ctx.shutdown.is_cancelled() {
+            return Err(refused("the node is shutting down"));
+        }
+        let Ok(permit) = ctx.slots.clone().try_acquire_owned() else {
+            ctx.conns.refused(Refused::ConnectionLimit);
+            return Err(refused("the node is at its connection limit"));
+        };
+        // Room for the larger window of the link (the node's ceiling; the dialler serves
+        // nothing, or its own capacity).
+        let hello_node = hello_now(&ctx);
+        let window = hello_node.capacity.max(hello.capacity);
+        let (near, far) = net::pipe(window);
+        let open = ctx.conns.accepted();
+        let node_id = u64::MAX
+            - ctx
+                .next_local
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let c = ctx.clone();
+        let serve = async move {
+            let (tx, rx) = mpsc::channel::<(LinkId, LinkEvent)>(LINK_EVENTS);
+            let accepted =
+                net::accept_memory(far, addr, hello_node, &c.settings, node_id, tx).await;
+            match accepted {
+                Ok(link) => {
+                    c.conns.established();
+                    c.worker
+                        .clone()
+                        .serve_link(link, rx, c.shutdown.clone())
+                        .await;
+                }
+                Err(e) => {
+                    c.conns.refused(Refused::of(&e));
+                    warn!(error = %(c.describe)(&e), "in-process handshake failed");
+                }
+            }
+            drop((permit, open));
+        };
+        ctx.tracker.spawn_on(serve, &ctx.runtime);
+        net::connect_memory(near, addr, hello, settings, id, events).await
+    }
 }

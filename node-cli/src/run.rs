@@ -49,6 +49,7 @@ pub struct Run<'a> {
     tasks: Vec<Task>,
     options: RunOptions,
     peers: Vec<String>,
+    local: Vec<crate::node::InProcess>,
     journal: Option<Journal>,
     on_event: Option<OnEvent<'a>>,
     events: Option<(mpsc::Sender<RunEvent>, Arc<AtomicU64>)>,
@@ -72,6 +73,7 @@ impl<'a> Run<'a> {
             tasks,
             options: RunOptions::default(),
             peers: Vec::new(),
+            local: Vec::new(),
             journal: None,
             on_event: None,
             events: None,
@@ -93,6 +95,14 @@ impl<'a> Run<'a> {
     /// Also dials these peers (see [`Run::peer`]).
     pub fn peers(mut self, addrs: impl IntoIterator<Item = SocketAddr>) -> Self {
         self.peers.extend(addrs.into_iter().map(|a| a.to_string()));
+        self
+    }
+
+    /// Also runs on this in-process node ([`crate::Node::in_process`]), over the in-memory
+    /// transport: no socket and no codec. The run finds it at once (source `in-process`, at
+    /// `0.0.0.0:N` for the N-th such node of the run, an address nothing listens on).
+    pub fn in_process(mut self, node: crate::node::InProcess) -> Self {
+        self.local.push(node);
         self
     }
 
@@ -133,6 +143,7 @@ impl<'a> IntoFuture for Run<'a> {
             tasks,
             options,
             peers,
+            local,
             journal,
             mut on_event,
             events,
@@ -148,7 +159,7 @@ impl<'a> IntoFuture for Run<'a> {
                     }
                 }
             };
-            node.run_plan(tasks, options, peers, journal, &mut emit)
+            node.run_plan(tasks, options, peers, local, journal, &mut emit)
                 .await
         })
     }

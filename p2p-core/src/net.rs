@@ -23,7 +23,10 @@
 //! - `handshake`: [`connect`] / [`accept`] (and their `_stream` forms): the secure
 //!   handshake and the `Hello`/`Welcome` exchange, then the driver is spawned.
 //! - `driver`: the task that moves frames between the socket and the [`Connection`] of
-//!   an established link.
+//!   an established link (generic over what carries them).
+//! - `memory`: the in-memory transport beside TCP: [`pipe`], [`connect_memory`],
+//!   [`accept_memory`], for nodes in the same process (`run --local`): `Message` values
+//!   over bounded channels, no socket and no codec, the same driver and [`Link`].
 
 use std::time::Duration;
 
@@ -44,9 +47,11 @@ use crate::{Error, HandshakeError};
 mod driver;
 mod handshake;
 mod link;
+mod memory;
 
 pub use handshake::{accept, accept_stream, connect, connect_stream};
 pub use link::{Command, Link, LinkClosed, LinkEvent};
+pub use memory::{accept_memory, connect_memory, pipe, pipe_depth, Pipe};
 
 /// Network settings shared by all connections of a node.
 #[derive(Debug, Clone)]

@@ -29,17 +29,77 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Io for S {}
 
 pub(super) type Transport = Framed<Box<dyn Io>, WireCodec>;
 
+/// What a driver moves messages through: frames on a byte stream ([`Transport`]), or
+/// `Message` values in memory ([`super::memory::Pipe`]).
+pub(super) trait Wire:
+    futures::Stream<Item = Result<Message, Error>>
+    + futures::Sink<Message, Error = Error>
+    + Unpin
+    + Send
+    + 'static
+{
+    /// What the sink holds unsent (bytes of a stream; messages in memory): chunks are held
+    /// back above [`crate::transfer::WRITE_LOW_WATER`], and a peer that takes none of it
+    /// for the idle timeout is dead.
+    fn pending(&self) -> usize;
+    /// Whether another message may be taken without waiting (frames in the read buffer).
+    fn more_ready(&self) -> bool;
+    /// Starts a batch of sends (with a key, sealed as one).
+    fn begin_batch(&mut self) {}
+    /// Ends a batch of sends.
+    fn end_batch(&mut self) -> Result<(), Error> {
+        Ok(())
+    }
+    /// How much the sink holds before `poll_ready` writes.
+    fn set_backpressure_boundary(&mut self, _bytes: usize) {}
+    /// Closes the write side, so the peer sees the end promptly.
+    fn close_write(&mut self) -> impl std::future::Future<Output = ()> + Send + '_;
+}
+
+impl Wire for Transport {
+    fn pending(&self) -> usize {
+        self.write_buffer().len()
+    }
+
+    fn more_ready(&self) -> bool {
+        // With a key, the rest of a decrypted batch the codec holds (the read buffer may be
+        // empty then); without one, frames in the read buffer.
+        matches!(self.codec(), WireCodec::Secure(_)) || !self.read_buffer().is_empty()
+    }
+
+    fn begin_batch(&mut self) {
+        self.codec_mut().begin_batch();
+    }
+
+    fn end_batch(&mut self) -> Result<(), Error> {
+        // Sealed straight into the write buffer (taken out for the call: it lives beside
+        // the codec in the transport).
+        let mut out = std::mem::take(self.write_buffer_mut());
+        let sealed = self.codec_mut().end_batch(&mut out);
+        *self.write_buffer_mut() = out;
+        sealed
+    }
+
+    fn set_backpressure_boundary(&mut self, bytes: usize) {
+        Framed::set_backpressure_boundary(self, bytes);
+    }
+
+    async fn close_write(&mut self) {
+        let _ = self.get_mut().shutdown().await;
+    }
+}
+
 pub(super) fn now() -> std::time::Instant {
     Instant::now().into_std()
 }
 
 /// Sends what the connection has queued. Cancel-safe: a message leaves the connection only
 /// when the sink takes it at once, and bytes the sink still holds are flushed by the next call.
-pub(super) async fn flush(io: &mut Transport, conn: &mut Connection) -> Result<(), Error> {
+pub(super) async fn flush<W: Wire>(io: &mut W, conn: &mut Connection) -> Result<(), Error> {
     loop {
         futures::future::poll_fn(|cx| SinkExt::<Message>::poll_ready_unpin(io, cx)).await?;
-        let Some(msg) = conn.poll_transmit_with(io.write_buffer().len()) else {
-            if conn.has_transmit() && !io.write_buffer().is_empty() {
+        let Some(msg) = conn.poll_transmit_with(io.pending()) else {
+            if conn.has_transmit() && io.pending() != 0 {
                 // A chunk waits for the writer to empty: write what it holds, then go on.
                 SinkExt::<Message>::flush(io).await?;
                 continue;
@@ -48,17 +108,12 @@ pub(super) async fn flush(io: &mut Transport, conn: &mut Connection) -> Result<(
         };
         // Every message that can be taken without waiting joins one batch: with a key, a
         // burst of small frames is encrypted as one transport message.
-        io.codec_mut().begin_batch();
+        io.begin_batch();
         let fed = feed_batch(io, conn, msg);
-        // Sealed straight into the write buffer (taken out for the call: it lives beside
-        // the codec in the transport).
-        let mut out = std::mem::take(io.write_buffer_mut());
-        let sealed = io.codec_mut().end_batch(&mut out);
-        *io.write_buffer_mut() = out;
-        sealed?;
+        io.end_batch()?;
         fed?;
     }
-    if !io.write_buffer().is_empty() {
+    if io.pending() != 0 {
         SinkExt::<Message>::flush(io).await?;
     }
     Ok(())
@@ -67,7 +122,7 @@ pub(super) async fn flush(io: &mut Transport, conn: &mut Connection) -> Result<(
 /// Feeds `first`, then every message the connection has queued, for as long as the sink
 /// takes them without waiting. Synchronous, so a batch is never left half-done by a
 /// cancelled [`flush`].
-fn feed_batch(io: &mut Transport, conn: &mut Connection, first: Message) -> Result<(), Error> {
+fn feed_batch<W: Wire>(io: &mut W, conn: &mut Connection, first: Message) -> Result<(), Error> {
     // A file chunk ends its batch: at most one chunk goes out between control frames, with
     // a key too (where a batch is sealed as one, so the writer's buffer does not grow while
     // it is fed).
@@ -84,7 +139,7 @@ fn feed_batch(io: &mut Transport, conn: &mut Connection, first: Message) -> Resu
             Some(Err(e)) => return Err(e),
             None => return Ok(()),
         }
-        let Some(msg) = conn.poll_transmit_with(io.write_buffer().len()) else {
+        let Some(msg) = conn.poll_transmit_with(io.pending()) else {
             return Ok(());
         };
         let chunk = crate::transfer::is_chunk(&msg);
@@ -99,8 +154,8 @@ fn feed_batch(io: &mut Transport, conn: &mut Connection, first: Message) -> Resu
 /// or the network drops everything, so the socket's send buffer stays full) is declared
 /// dead, as the idle timeout would do were the driver not stuck writing. A slow peer that
 /// keeps taking bytes is waited for.
-async fn flush_live(
-    io: &mut Transport,
+async fn flush_live<W: Wire>(
+    io: &mut W,
     conn: &mut Connection,
     idle: Duration,
 ) -> Result<(), Error> {
@@ -110,10 +165,10 @@ async fn flush_live(
         return r;
     }
     loop {
-        let before = io.write_buffer().len();
+        let before = io.pending();
         match tokio::time::timeout(idle, flush(io, conn)).await {
             Ok(r) => return r,
-            Err(_) if io.write_buffer().len() != before => {}
+            Err(_) if io.pending() != before => {}
             Err(_) => return Err(Error::Connection(ConnectionError::PeerTimeout(idle))),
         }
     }
@@ -128,8 +183,8 @@ pub(super) async fn sleep_until(deadline: Option<Instant>) {
 
 // Each argument is one of the driver's channels or settings; a struct would only rename them.
 #[allow(clippy::too_many_arguments)]
-pub(super) async fn drive(
-    mut io: Transport,
+pub(super) async fn drive<W: Wire>(
+    mut io: W,
     mut conn: Connection,
     mut rx: mpsc::Receiver<Command>,
     id: LinkId,
@@ -175,7 +230,7 @@ pub(super) async fn drive(
         }
     }
     // Close our write side so the peer sees EOF promptly.
-    let _ = tokio::time::timeout(Duration::from_millis(200), io.get_mut().shutdown()).await;
+    let _ = tokio::time::timeout(Duration::from_millis(200), io.close_write()).await;
     closed.send_replace(Some(error.clone()));
     let _ = events.send((id, LinkEvent::Closed { error })).await;
 }
@@ -200,8 +255,8 @@ fn hosted_dropped() -> Hosted {
     }
 }
 
-async fn drive_inner(
-    io: &mut Transport,
+async fn drive_inner<W: Wire>(
+    io: &mut W,
     conn: &mut Connection,
     rx: &mut mpsc::Receiver<Command>,
     id: LinkId,
@@ -230,7 +285,7 @@ async fn drive_inner(
         // Everything the last batch produced goes out in one write: at once when the socket
         // takes it (the usual case, with no timer made for it), else bounded by `idle`.
         // (`flush_live` tries the write once before it arms a timer.)
-        if conn.has_transmit() || !io.write_buffer().is_empty() {
+        if conn.has_transmit() || io.pending() != 0 {
             flush_live(io, conn, idle).await?;
         }
         let mut answered = false;
@@ -329,9 +384,8 @@ async fn drive_inner(
                 // in the read buffer and, with a key, the rest of a decrypted batch the codec
                 // holds (the read buffer may be empty then: the stream is polled until it
                 // would wait). Without a key an empty read buffer ends it, with no poll.
-                let keyed = matches!(io.codec(), WireCodec::Secure(_));
                 let mut n = 1;
-                while n < BATCH && conn.is_open() && (keyed || !io.read_buffer().is_empty()) {
+                while n < BATCH && conn.is_open() && io.more_ready() {
                     match io.next().now_or_never() {
                         Some(Some(Ok(msg))) => conn.handle_message(msg, t)?,
                         Some(Some(Err(e))) => return Err(e),

@@ -743,3 +743,227 @@ async fn with_a_key_a_burst_of_instant_tasks_is_answered_in_a_few_writes() {
         "{N} instant results took {used} writes: the batch stopped before the codec's frames"
     );
 }
+
+/// Connects a dialler serving nothing to an acceptor serving `a` (capacity `capacity`) over
+/// the in-memory transport: (dialled, its events, accepted, its events).
+async fn memory_pair(
+    capacity: u32,
+) -> (
+    Link,
+    mpsc::Receiver<(LinkId, LinkEvent)>,
+    Link,
+    mpsc::Receiver<(LinkId, LinkEvent)>,
+) {
+    let (dial_end, accept_end) = pipe(capacity);
+    let (mut ah, s) = node(&["a"], None);
+    ah.capacity = capacity;
+    let addr: std::net::SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let (atx, arx) = mpsc::channel(4096);
+    let acceptor =
+        tokio::spawn(async move { accept_memory(accept_end, addr, ah, &s, 1, atx).await });
+    let (dh, ds) = node(&[], None);
+    let (dtx, drx) = mpsc::channel(4096);
+    let d = connect_memory(dial_end, addr, dh, &ds, 2, dtx)
+        .await
+        .unwrap();
+    let a = tokio::time::timeout(Duration::from_secs(20), acceptor)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    (d, drx, a, arx)
+}
+
+/// Over the in-memory transport the handshake carries the peer's types and capacity, a
+/// deep window of tasks goes both ways, and a goodbye closes both sides cleanly.
+#[tokio::test]
+async fn a_memory_link_handshakes_runs_tasks_and_says_goodbye() {
+    const N: u64 = 2000;
+    let (d, mut drx, a, mut arx) = memory_pair(N as u32).await;
+    assert_eq!(d.peer().types, vec!["a".to_string()]);
+    assert_eq!(d.peer().capacity, N as u32);
+    assert!(a.peer().types.is_empty());
+    assert!(matches!(drx.recv().await, Some((2, LinkEvent::Opened(_)))));
+    for seq in 1..=N {
+        d.send(Command::Assign(crate::testing::assign(seq)))
+            .unwrap();
+    }
+    let bound = Duration::from_secs(20);
+    for seq in 1..=N {
+        match tokio::time::timeout(bound, recv(&mut arx)).await.unwrap() {
+            Some((1, LinkEvent::Assigned(x))) => assert_eq!(x.seq, seq),
+            other => panic!("expected assignment {seq}, got {other:?}"),
+        }
+    }
+    for seq in 1..=N {
+        a.send(Command::Complete(crate::testing::completed(seq)))
+            .unwrap();
+    }
+    for seq in 1..=N {
+        match tokio::time::timeout(bound, recv(&mut drx)).await.unwrap() {
+            Some((2, LinkEvent::Completed(c))) => assert_eq!(c.seq, seq),
+            other => panic!("expected result {seq}, got {other:?}"),
+        }
+    }
+    let (dc, ac) = (d.on_closed(), a.on_closed());
+    d.send(Command::Goodbye).unwrap();
+    let end = tokio::time::timeout(bound, dc.wait()).await.unwrap();
+    assert!(end.is_none(), "{end:?}");
+    // The acceptor hears the goodbye; its owner says goodbye back (as a worker does).
+    let heard = tokio::time::timeout(bound, recv(&mut arx)).await.unwrap();
+    assert!(
+        matches!(heard, Some((1, LinkEvent::PeerGoodbye))),
+        "{heard:?}"
+    );
+    let end = tokio::time::timeout(bound, ac.wait()).await.unwrap();
+    assert!(end.is_none(), "{end:?}");
+}
+
+/// A memory handshake is checked as over TCP: another cluster is refused, on both sides.
+#[tokio::test]
+async fn a_memory_link_to_another_cluster_is_refused() {
+    let (dial_end, accept_end) = pipe(2);
+    let (mut ah, s) = node(&["a"], None);
+    ah.cluster = "other".into();
+    let addr: std::net::SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let (atx, _arx) = mpsc::channel(16);
+    let acceptor =
+        tokio::spawn(async move { accept_memory(accept_end, addr, ah, &s, 1, atx).await });
+    let (dh, ds) = node(&[], None);
+    let (dtx, _drx) = mpsc::channel(16);
+    let dialled = connect_memory(dial_end, addr, dh, &ds, 2, dtx).await;
+    assert!(dialled.is_err(), "{dialled:?}");
+    let accepted = tokio::time::timeout(Duration::from_secs(20), acceptor)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(accepted.is_err(), "{accepted:?}");
+}
+
+/// Each direction of a pipe holds at most `pipe_depth` batches of `BATCH` messages: a
+/// sender whose peer does not read finds its sink pending after that, and gets room again
+/// once the peer reads a batch.
+#[tokio::test]
+async fn a_pipe_is_bounded_and_frees_room_as_its_peer_reads() {
+    use futures::{FutureExt, SinkExt, StreamExt};
+    let (mut a, mut b) = pipe(2);
+    let depth = pipe_depth(2);
+    let ping = || Message::Ping { nonce: 7 };
+    let mut sent = 0usize;
+    loop {
+        match a.feed(ping()).now_or_never() {
+            Some(Ok(())) => sent += 1,
+            Some(Err(e)) => panic!("{e}"),
+            None => break,
+        }
+        assert!(sent <= (depth + 1) * BATCH, "no bound: {sent} sent");
+    }
+    // The full batches in the channel, and one more in the outbox.
+    assert_eq!(sent, (depth + 1) * BATCH);
+    assert!(a.flush().now_or_never().is_none(), "a full pipe flushed");
+    for _ in 0..BATCH {
+        assert!(matches!(
+            b.next().await,
+            Some(Ok(Message::Ping { nonce: 7 }))
+        ));
+    }
+    // One batch read: the outbox goes.
+    a.flush().now_or_never().unwrap().unwrap();
+}
+
+/// A pipe has room for everything the protocol lets be in flight on its link even when
+/// every message goes alone (a driver that flushes after each command): two results and
+/// control frames for each task of the window, so that two drivers that both write before
+/// they read never wait for each other (with room for 8 batches, 8 single messages
+/// filled it, and a window of 1,024 tasks could stall both drivers until the idle timeout).
+#[tokio::test]
+async fn a_pipe_holds_a_whole_window_of_single_messages() {
+    use futures::{FutureExt, SinkExt};
+    for window in [1u32, 64, 1024] {
+        let (mut a, _b) = pipe(window);
+        let in_flight = 2 * window as usize + 64;
+        for n in 0..in_flight {
+            // Outside tokio's cooperative budget, which would make a send wait after 128
+            // operations of one poll whatever room the channel has.
+            let sent = tokio::task::unconstrained(a.send(Message::Ping { nonce: n as u64 }))
+                .now_or_never();
+            assert!(
+                matches!(sent, Some(Ok(()))),
+                "window {window}: message {n} of {in_flight} did not fit"
+            );
+        }
+    }
+}
+
+/// Closing one end's write side is the other's end of stream, while the other direction
+/// still works; a dropped end makes the other's sends fail and its stream end.
+#[tokio::test]
+async fn a_pipe_closes_in_either_direction() {
+    use futures::{SinkExt, StreamExt};
+    let (mut a, mut b) = pipe(1);
+    a.send(Message::Ping { nonce: 1 }).await.unwrap();
+    a.close().await.unwrap();
+    assert!(matches!(
+        b.next().await,
+        Some(Ok(Message::Ping { nonce: 1 }))
+    ));
+    assert!(b.next().await.is_none(), "no end of stream after close");
+    // b -> a still open.
+    b.send(Message::Pong { nonce: 2 }).await.unwrap();
+    assert!(matches!(
+        a.next().await,
+        Some(Ok(Message::Pong { nonce: 2 }))
+    ));
+    assert!(
+        a.send(Message::Ping { nonce: 3 }).await.is_err(),
+        "sent after close"
+    );
+    drop(a);
+    assert!(
+        b.send(Message::Pong { nonce: 4 }).await.is_err(),
+        "sent to a dropped end"
+    );
+    assert!(b.next().await.is_none());
+}
+
+/// A peer that completes the handshake and then neither reads nor sends is declared dead
+/// after the idle timeout: the link closes with an error, and its owner hears `Closed`.
+#[tokio::test]
+async fn a_memory_peer_that_stops_reading_is_dropped_after_the_idle_timeout() {
+    use futures::{SinkExt, StreamExt};
+    let (dial_end, mut raw) = pipe(2);
+    let (dh, mut ds) = node(&[], None);
+    ds.conn.heartbeat_interval = Duration::from_millis(100);
+    ds.conn.idle_timeout = Duration::from_millis(500);
+    let addr: std::net::SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let (dtx, mut drx) = mpsc::channel(4096);
+    let dialling =
+        tokio::spawn(async move { connect_memory(dial_end, addr, dh, &ds, 2, dtx).await });
+    // The raw peer answers the Hello with a Welcome, then goes silent.
+    assert!(matches!(raw.next().await, Some(Ok(Message::Hello(_)))));
+    let (welcome, _) = node(&["a"], None);
+    raw.send(Message::Welcome(welcome)).await.unwrap();
+    let d = tokio::time::timeout(Duration::from_secs(20), dialling)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    for seq in 1..=2 {
+        d.send(Command::Assign(crate::testing::assign(seq)))
+            .unwrap();
+    }
+    let end = tokio::time::timeout(Duration::from_secs(20), d.on_closed().wait())
+        .await
+        .unwrap();
+    assert!(end.is_some(), "closed cleanly by a silent peer");
+    let mut closed = false;
+    while let Ok(Some((_, ev))) = tokio::time::timeout(Duration::from_secs(20), drx.recv()).await {
+        if let LinkEvent::Closed { error } = ev {
+            assert!(error.is_some());
+            closed = true;
+            break;
+        }
+    }
+    assert!(closed, "no Closed event");
+    drop(raw);
+}
