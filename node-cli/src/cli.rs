@@ -1631,7 +1631,9 @@ async fn run(
     } else {
         Format::Human
     };
-    let mut printer = Printer::new(format, tasks.len()).active_bar(active);
+    let mut printer = Printer::new(format, tasks.len())
+        .active_bar(active)
+        .in_process((0..doors.len()).map(crate::node::in_process_addr));
     let report_file = match &a.report {
         Some(p) => Some(
             crate::report::ReportFile::new(p, &tasks, a.order, a.report_edges)

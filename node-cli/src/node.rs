@@ -917,8 +917,7 @@ fn in_process_peers(
     let (tx, rx) = mpsc::channel(local.len());
     let mut doors = HashMap::new();
     for (n, door) in local.into_iter().enumerate() {
-        let port = u16::try_from(n + 1).unwrap_or(u16::MAX);
-        let addr = SocketAddr::from(([0, 0, 0, 0], port));
+        let addr = in_process_addr(n);
         let peer = p2p_discovery::Peer {
             addr,
             // Like a static peer: a connection that breaks is dialled again.
@@ -932,6 +931,15 @@ fn in_process_peers(
         doors.insert(addr, door);
     }
     (Some(rx), doors)
+}
+
+/// The address the `n`-th in-process node of a run (from 0) is shown and dialled at:
+/// `0.0.0.0:n+1` while that fits a port, then further up the (unroutable) `0.0.0.0/8`, so
+/// every one has an address of its own however many there are. Nothing listens there.
+pub(crate) fn in_process_addr(n: usize) -> SocketAddr {
+    let k = (n as u64).saturating_add(1);
+    let [.., b1, b2, b3, hi, lo] = k.to_be_bytes();
+    SocketAddr::from(([0, b1, b2, b3], u16::from_be_bytes([hi, lo])))
 }
 
 /// One stream of discovery events from two.
@@ -1174,5 +1182,23 @@ impl InProcess {
         };
         ctx.tracker.spawn_on(serve, &ctx.runtime);
         net::connect_memory(near, addr, hello, settings, id, events).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::in_process_addr;
+
+    /// Every in-process node has an address of its own, also past 65,535 of them, and the
+    /// first ones are `0.0.0.0:1`, `0.0.0.0:2`, ... as the docs say.
+    #[test]
+    fn in_process_addresses_are_distinct_past_a_port_full() {
+        assert_eq!(in_process_addr(0).to_string(), "0.0.0.0:1");
+        assert_eq!(in_process_addr(65_534).to_string(), "0.0.0.0:65535");
+        let all: std::collections::HashSet<_> = (0..70_000).map(in_process_addr).collect();
+        assert_eq!(all.len(), 70_000);
+        assert!(all
+            .iter()
+            .all(|a| a.ip().is_ipv4() && a.ip().to_string().starts_with("0.")));
     }
 }

@@ -408,6 +408,9 @@ pub struct Printer {
     /// The time of `--json` lines.
     stamp: Stamp,
     taps: Taps,
+    /// The addresses of the run's in-process nodes (shown as "in process", not as the
+    /// address nothing listens on).
+    in_process: std::collections::HashSet<String>,
 }
 
 /// What else sees each event (`run --report`, `run --metrics-listen`).
@@ -444,7 +447,15 @@ impl Printer {
             by_type: Rows::default(),
             stamp: Stamp::default(),
             taps: Taps::default(),
+            in_process: Default::default(),
         }
+    }
+
+    /// Names `addrs` as the run's in-process nodes: their `connected` lines say "in
+    /// process" instead of the address (`--json` keeps the address).
+    pub fn in_process(mut self, addrs: impl IntoIterator<Item = std::net::SocketAddr>) -> Self {
+        self.in_process = addrs.into_iter().map(|a| a.to_string()).collect();
+        self
     }
 
     /// Shows its progress bar to `active` (the log writer's), so log lines step around it.
@@ -687,9 +698,13 @@ impl Printer {
                 types,
                 capacity,
             } => format!(
-                "  connected to node {} at {} (types: {}, capacity {capacity})",
+                "  connected to node {} {} (types: {}, capacity {capacity})",
                 short(node),
-                escape(addr),
+                if self.in_process.contains(addr) {
+                    "in process".into()
+                } else {
+                    format!("at {}", escape(addr))
+                },
                 one_line(&types.join(", "))
             ),
             RunEvent::TaskCompleted {
@@ -1142,6 +1157,33 @@ mod tests {
         );
         let v: serde_json::Value = serde_json::from_str(&line).unwrap();
         assert_eq!(v["tasks"], 3);
+    }
+
+    /// An in-process node is shown as such, not at the address nothing listens on; any
+    /// other node (also one at a `0.0.0.0` address the printer was not told of) at its
+    /// address.
+    #[test]
+    fn in_process_nodes_connect_in_process_and_others_at_their_address() {
+        let local = crate::node::in_process_addr(0);
+        let mut p = Printer::new(Format::Human, 1).in_process([local]);
+        let connected = |addr: &str| RunEvent::Connected {
+            node: "0123456789abcdef".into(),
+            addr: addr.into(),
+            types: vec!["a".into()],
+            capacity: 2,
+        };
+        assert_eq!(
+            p.human(&connected(&local.to_string())).as_deref(),
+            Some("  connected to node 01234567 in process (types: a, capacity 2)")
+        );
+        for other in ["0.0.0.0:2", "127.0.0.1:7401"] {
+            assert_eq!(
+                p.human(&connected(other)),
+                Some(format!(
+                    "  connected to node 01234567 at {other} (types: a, capacity 2)"
+                ))
+            );
+        }
     }
 
     /// A task's two events, written without serde, are the bytes serde writes, also for
