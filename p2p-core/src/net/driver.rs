@@ -141,6 +141,11 @@ pub(super) async fn drive(
     // The writer holds a burst of chunks before it writes (see `transfer::WRITE_BURST`);
     // below that, `poll_ready` does not write, and `flush` writes what a batch left.
     io.set_backpressure_boundary(crate::transfer::WRITE_BURST);
+    // Without a key, file chunks are slices of the read buffer, not copies (the keyed
+    // codec decodes from its own plaintext buffer, and copies).
+    if let WireCodec::Plain(c) = io.codec_mut() {
+        c.share_chunks();
+    }
     let result = drive_inner(&mut io, &mut conn, &mut rx, id, &events, idle, status).await;
     let error = match result {
         Ok(()) => None,
