@@ -589,7 +589,7 @@ impl LinkFiles {
             let Some((offset, len)) = o.sender.poll_read() else {
                 return;
             };
-            let read = read_chunk(&o.file, offset, len);
+            let read = p2p_core::file::read_chunk(&o.file, offset, len);
             let id = o.sender.id();
             let msg = match read
                 .map_err(|e| e.to_string())
@@ -772,20 +772,6 @@ fn unbox(m: p2p_core::Message) -> Transfer {
             message: String::new(),
         },
     }
-}
-
-/// Reads the `len` bytes at `offset` of `file` (a chunk going out). Into a zeroed buffer:
-/// `Read::take(..).read_to_end` into an unzeroed one made four `read` calls per chunk (its
-/// reads start at 8 KiB and double), which cost more than the zeroing.
-pub(crate) fn read_chunk(
-    file: &std::fs::File,
-    offset: u64,
-    len: usize,
-) -> std::io::Result<Vec<u8>> {
-    use std::os::unix::fs::FileExt;
-    let mut data = vec![0u8; len];
-    file.read_exact_at(&mut data, offset)?;
-    Ok(data)
 }
 
 /// The content hash and size of the file at `path`, read in 64 KiB pieces.
