@@ -82,8 +82,9 @@ fn kind_of_special(_ft: &std::fs::FileType) -> &'static str {
 }
 
 /// Buffers of file chunks going out, kept for reuse once a connection has written them (at
-/// most this many, 63 KiB each, per process).
-const POOLED_CHUNKS: usize = 32;
+/// most this many, 63 KiB each, 4 MiB a process: a receiver's default credit lets that
+/// many chunks of one file be in flight).
+const POOLED_CHUNKS: usize = 64;
 
 static CHUNK_POOL: std::sync::Mutex<Vec<Vec<u8>>> = std::sync::Mutex::new(Vec::new());
 
