@@ -212,6 +212,17 @@ fn decode_in(payload: &[u8], whole: Option<&Bytes>) -> Result<Message, Error> {
     Ok(msg)
 }
 
+/// Appends the encoding of a `Transfer::Chunk` message up to its data (the message and
+/// transfer variants, the id, the offset and the data's length): with the data after it,
+/// the bytes [`encode_into`] makes of the chunk.
+pub fn put_chunk_head(dst: &mut BytesMut, id: u64, offset: u64, len: usize) {
+    put_varint(dst, 14);
+    put_varint(dst, 3);
+    put_varint(dst, id);
+    put_varint(dst, offset);
+    put_varint(dst, len as u64);
+}
+
 /// Appends `x` as a bincode varint.
 fn put_varint(dst: &mut BytesMut, x: u64) {
     if x < 251 {
@@ -850,6 +861,30 @@ mod tests {
             }
         }
         v
+    }
+
+    /// A chunk's head and its data are the bytes of the whole chunk message.
+    #[test]
+    fn a_chunk_head_and_its_data_encode_the_chunk() {
+        for (id, offset, len) in [
+            (0, 0, 0),
+            (1, 250, 1),
+            (251, 65_536, 64_512),
+            (u64::MAX, u64::MAX, 65_536),
+        ] {
+            let data = vec![5u8; len];
+            let mut whole = BytesMut::new();
+            let msg = Message::Transfer(Box::new(Transfer::Chunk {
+                id,
+                offset,
+                data: data.clone().into(),
+            }));
+            encode_into(&msg, &mut whole).unwrap();
+            let mut parts = BytesMut::new();
+            put_chunk_head(&mut parts, id, offset, len);
+            parts.extend_from_slice(&data);
+            assert_eq!(&parts[..], &whole[..], "{id} {offset} {len}");
+        }
     }
 
     /// Decoded from a shared frame, every message is the same, and a chunk's data is a
