@@ -42,9 +42,15 @@ pub fn frame_decoder(data: &[u8]) {
         return;
     };
     let max_frame = [1024, 4096, 64 * 1024, 16 << 20][usize::from(pick % 4)];
-    let whole = decode_in_pieces(max_frame, stream, stream.len().max(1));
-    let pieces = decode_in_pieces(max_frame, stream, usize::from(*cut % 64) + 1);
+    let whole = decode_in_pieces(max_frame, stream, stream.len().max(1), false);
+    let pieces = decode_in_pieces(max_frame, stream, usize::from(*cut % 64) + 1, false);
     assert_eq!(whole, pieces, "the stream decodes differently when cut");
+    // Chunks as slices of the read buffer (a connection's codec without a key): the same.
+    let shared = decode_in_pieces(max_frame, stream, usize::from(*cut % 64) + 1, true);
+    assert_eq!(
+        whole, shared,
+        "the stream decodes differently with shared chunks"
+    );
     for m in &whole.0 {
         let mut again = BytesMut::new();
         let mut codec = FrameCodec::new(max_frame);
@@ -60,9 +66,18 @@ pub fn frame_decoder(data: &[u8]) {
 /// Messages decoded, then the error that ended the stream (its text), if any.
 type Outcome = (Vec<Message>, Option<String>);
 
-fn decode_in_pieces(max_frame: usize, stream: &[u8], piece: usize) -> Outcome {
+fn decode_in_pieces(max_frame: usize, stream: &[u8], piece: usize, shared: bool) -> Outcome {
     let mut codec = FrameCodec::new(max_frame);
+    if shared {
+        codec.share_chunks();
+    }
     let max_frame = codec.max_frame();
+    // A sharing codec reads chunks into buffers of its own size.
+    let room = if shared {
+        p2p_core::codec::CHUNK_READ_BUFFER
+    } else {
+        0
+    };
     let mut src = BytesMut::new();
     let mut got = Vec::new();
     let mut fed = 0;
@@ -72,7 +87,7 @@ fn decode_in_pieces(max_frame: usize, stream: &[u8], piece: usize) -> Outcome {
         loop {
             let r = codec.decode(&mut src);
             assert!(
-                src.capacity() <= 2 * (fed + max_frame + LENGTH_PREFIX) + 64,
+                src.capacity() <= 2 * (fed + max_frame + LENGTH_PREFIX) + 64 + room,
                 "buffer of {} bytes after {fed} bytes (max frame {max_frame})",
                 src.capacity()
             );

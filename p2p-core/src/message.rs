@@ -423,8 +423,10 @@ pub enum Transfer {
         id: u64,
         /// Where in the file `data` starts.
         offset: u64,
-        /// At most [`MAX_CHUNK`] bytes.
-        data: Vec<u8>,
+        /// At most [`MAX_CHUNK`] bytes. Decoded from a connection without a key, a slice of
+        /// the connection's read buffer (not a copy; see [`crate::codec`]).
+        #[serde(with = "chunk_bytes")]
+        data: bytes::Bytes,
     },
     /// Variant 4: The receiver has written `received` bytes: the credit moves on.
     Ack {
@@ -487,6 +489,20 @@ pub enum Transfer {
         /// The standard error.
         stderr: StreamFile,
     },
+}
+
+/// A chunk's bytes through serde as a byte string (as a `Vec<u8>` would go through bincode:
+/// its length, then the bytes). The wire codec encodes chunks by hand ([`crate::wire`]).
+mod chunk_bytes {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(data: &bytes::Bytes, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(data)
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<bytes::Bytes, D::Error> {
+        Vec::<u8>::deserialize(d).map(bytes::Bytes::from)
+    }
 }
 
 /// One of a task's standard streams kept as a file ([`Transfer::Streams`]).

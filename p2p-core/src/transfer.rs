@@ -318,7 +318,12 @@ impl Sender {
 
     /// The chunk for the bytes [`Sender::poll_read`] asked for, read from the file. Fails
     /// when `data` is not what was asked for (the file changed size under us).
-    pub fn chunk(&mut self, offset: u64, data: Vec<u8>) -> Result<Message, TransferError> {
+    pub fn chunk(
+        &mut self,
+        offset: u64,
+        data: impl Into<bytes::Bytes>,
+    ) -> Result<Message, TransferError> {
+        let data = data.into();
         let expected = self.poll_read();
         if expected != Some((offset, data.len())) {
             return Err(violation(

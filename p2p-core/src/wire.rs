@@ -20,7 +20,7 @@
 //! `Reject(Invalid)`. So the largest `Hello` is [`MAX_HELLO`] bytes.
 
 use bincode::config::{self, Config};
-use bytes::{BufMut, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use compact_str::CompactString;
 
 use crate::message::{
@@ -144,6 +144,17 @@ pub fn encode_into(msg: &Message, dst: &mut BytesMut) -> Result<(), Error> {
 ///
 /// Bytes after a complete message are ignored (see [`crate::message`] for why).
 pub fn decode(payload: &[u8]) -> Result<Message, Error> {
+    decode_in(payload, None)
+}
+
+/// [`decode`] of a payload held in `frame`: a file chunk's data is a slice of `frame`, not
+/// a copy (the frame's memory lives as long as the chunk does).
+pub fn decode_shared(frame: &Bytes) -> Result<Message, Error> {
+    decode_in(frame, Some(frame))
+}
+
+/// `whole`, when given, holds `payload` (a chunk's data is sliced out of it).
+fn decode_in(payload: &[u8], whole: Option<&Bytes>) -> Result<Message, Error> {
     let mut r = Reader(payload);
     let variant = r.varint_u32()?;
     let msg = match variant {
@@ -195,10 +206,21 @@ pub fn decode(payload: &[u8]) -> Result<Message, Error> {
         8 => Message::Goodbye,
         9 => Message::GoodbyeAck,
         10 => Message::Started { seq: r.varint()? },
-        14 => Message::Transfer(Box::new(r.transfer()?)),
+        14 => Message::Transfer(Box::new(r.transfer(whole)?)),
         _ => return decode_bincode(payload),
     };
     Ok(msg)
+}
+
+/// Appends the encoding of a `Transfer::Chunk` message up to its data (the message and
+/// transfer variants, the id, the offset and the data's length): with the data after it,
+/// the bytes [`encode_into`] makes of the chunk.
+pub fn put_chunk_head(dst: &mut BytesMut, id: u64, offset: u64, len: usize) {
+    put_varint(dst, 14);
+    put_varint(dst, 3);
+    put_varint(dst, id);
+    put_varint(dst, offset);
+    put_varint(dst, len as u64);
 }
 
 /// Appends `x` as a bincode varint.
@@ -334,6 +356,17 @@ fn decode_error(msg: String) -> Error {
     Error::Connection(ConnectionError::Decode(msg))
 }
 
+/// `data` as a slice of `whole` when `whole` holds it, else a copy.
+fn slice_of(whole: Option<&Bytes>, data: &[u8]) -> Bytes {
+    if let Some(w) = whole {
+        let start = (data.as_ptr() as usize).checked_sub(w.as_ptr() as usize);
+        if let Some(start) = start.filter(|s| s.saturating_add(data.len()) <= w.len()) {
+            return w.slice(start..start + data.len());
+        }
+    }
+    Bytes::copy_from_slice(data)
+}
+
 /// Reads bincode's standard encoding from a payload; every read is bounds-checked.
 struct Reader<'a>(&'a [u8]);
 
@@ -452,7 +485,7 @@ impl<'a> Reader<'a> {
 
     /// A [`Transfer`] with every length within its bound, checked before anything is
     /// allocated for it.
-    fn transfer(&mut self) -> Result<Transfer, Error> {
+    fn transfer(&mut self, whole: Option<&Bytes>) -> Result<Transfer, Error> {
         let t = match self.varint_u32()? {
             0 => Transfer::Offer {
                 id: self.varint()?,
@@ -476,7 +509,7 @@ impl<'a> Reader<'a> {
                 Transfer::Chunk {
                     id,
                     offset,
-                    data: data.to_vec(),
+                    data: slice_of(whole, data),
                 }
             }
             4 => Transfer::Ack {
@@ -769,12 +802,12 @@ mod tests {
                 Transfer::Chunk {
                     id: n,
                     offset: n,
-                    data: vec![(n % 256) as u8; (n % 300) as usize],
+                    data: vec![(n % 256) as u8; (n % 300) as usize].into(),
                 },
                 Transfer::Chunk {
                     id: n,
                     offset: n,
-                    data: vec![7; MAX_CHUNK],
+                    data: vec![7; MAX_CHUNK].into(),
                 },
                 Transfer::Ack { id: n, received: n },
                 Transfer::Done { id: n },
@@ -828,6 +861,73 @@ mod tests {
             }
         }
         v
+    }
+
+    /// A chunk's head and its data are the bytes of the whole chunk message.
+    #[test]
+    fn a_chunk_head_and_its_data_encode_the_chunk() {
+        for (id, offset, len) in [
+            (0, 0, 0),
+            (1, 250, 1),
+            (251, 65_536, 64_512),
+            (u64::MAX, u64::MAX, 65_536),
+        ] {
+            let data = vec![5u8; len];
+            let mut whole = BytesMut::new();
+            let msg = Message::Transfer(Box::new(Transfer::Chunk {
+                id,
+                offset,
+                data: data.clone().into(),
+            }));
+            encode_into(&msg, &mut whole).unwrap();
+            let mut parts = BytesMut::new();
+            put_chunk_head(&mut parts, id, offset, len);
+            parts.extend_from_slice(&data);
+            assert_eq!(&parts[..], &whole[..], "{id} {offset} {len}");
+        }
+    }
+
+    /// Decoded from a shared frame, every message is the same, and a chunk's data is a
+    /// slice of the frame (no copy); from a plain slice, a copy.
+    #[test]
+    fn a_chunk_decoded_from_a_shared_frame_is_a_slice_of_it() {
+        for msg in transfer_messages() {
+            let mut enc = BytesMut::new();
+            encode_into(&msg, &mut enc).unwrap();
+            let frame = enc.freeze();
+            assert_eq!(decode_shared(&frame).unwrap(), msg);
+            for cut in 0..frame.len().min(100) {
+                assert!(
+                    decode_shared(&frame.slice(..cut)).is_err(),
+                    "{msg:?} cut at {cut}"
+                );
+            }
+            let Message::Transfer(t) = decode_shared(&frame).unwrap() else {
+                continue;
+            };
+            if let Transfer::Chunk { data, .. } = *t {
+                let (at, end) = (
+                    frame.as_ptr() as usize,
+                    frame.as_ptr() as usize + frame.len(),
+                );
+                if !data.is_empty() {
+                    assert!(
+                        data.as_ptr() as usize >= at && data.as_ptr() as usize + data.len() <= end
+                    );
+                }
+                let Message::Transfer(t) = decode(&frame).unwrap() else {
+                    panic!("not a transfer");
+                };
+                let Transfer::Chunk { data: copy, .. } = *t else {
+                    panic!("not a chunk");
+                };
+                assert!(
+                    copy.is_empty()
+                        || copy.as_ptr() as usize >= end
+                        || (copy.as_ptr() as usize) + copy.len() <= at
+                );
+            }
+        }
     }
 
     #[test]

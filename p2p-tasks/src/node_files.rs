@@ -129,15 +129,22 @@ impl Drop for WriterPermit {
     }
 }
 
-/// Batches at most waiting for an input's writer thread: beyond, the connection waits for
-/// the disk (as it did when every write was made inline), so memory stays bounded (this
-/// many batches of [`WRITE_BATCH`] chunks, 512 KiB, per file).
-const WRITE_QUEUE: usize = 2;
+/// The bytes of an incoming file that go to its writer thread at once: 1 MiB. The
+/// connection's thread copies each chunk into the batch, so the chunks' own buffers are
+/// freed on the thread that allocated them, the writer hashes whole mebibytes (BLAKE3's
+/// tree stays on its widest SIMD path: 63 KiB pieces cost it about a quarter more) and
+/// writes each batch with one system call, and the hand-over (a wake-up of one thread or
+/// the other) is paid once a mebibyte. Chunks handed over in batches of four instead made a
+/// receiving node switch threads 11,000 times a GiB; batches of sixteen chunks freed on the
+/// writer's thread made glibc give memory back and fault it in again (17,000 page faults a
+/// GiB, against 1,800), which the recycled batches below avoid.
+const BATCH_BYTES: usize = 1024 * 1024;
 
-/// Chunks go to a writer thread in batches of this many, so the hand-over (a wake-up of
-/// the thread, or of the connection's thread waiting for room) is paid once per batch, not
-/// per chunk: per chunk it was a tenth of a receiving node's time in context switches.
-const WRITE_BATCH: usize = 4;
+/// Batch buffers of one incoming file, recycled between its two threads: one filling, one
+/// queued, one being written. When all are out, the connection waits for the disk (as it
+/// did when every write was made inline), so memory stays bounded (this many
+/// [`BATCH_BYTES`], 3 MiB, per file).
+const BATCH_BUFFERS: usize = 3;
 
 /// Where an incoming file's bytes are hashed and written: inline for a small file, else by
 /// a thread of its own, so the hash and the disk's writes overlap with the socket's reads
@@ -145,32 +152,23 @@ const WRITE_BATCH: usize = 4;
 /// (the thread ends with the queue).
 enum Writer {
     Inline(tempfile::NamedTempFile, Box<Hasher>),
-    Thread {
-        queue: Option<std::sync::mpsc::SyncSender<Vec<Vec<u8>>>>,
-        /// Chunks not handed over yet (fewer than [`WRITE_BATCH`]).
-        batch: Vec<Vec<u8>>,
-        done: Option<WriterThread>,
-    },
+    Thread(Box<ThreadWriter>),
+}
+
+/// A [`Writer`] with a thread of its own.
+struct ThreadWriter {
+    /// Full batches to the thread (at most one waiting).
+    queue: Option<std::sync::mpsc::SyncSender<Vec<u8>>>,
+    /// Batches the thread wrote, back for refilling.
+    back: std::sync::mpsc::Receiver<Vec<u8>>,
+    /// The batch being filled (at most [`BATCH_BYTES`]).
+    batch: Vec<u8>,
+    /// Batch buffers made so far (at most [`BATCH_BUFFERS`]).
+    made: usize,
+    done: Option<WriterThread>,
 }
 
 type WriterThread = std::thread::JoinHandle<(tempfile::NamedTempFile, Hasher, std::io::Result<()>)>;
-
-/// Writes the chunks of `batch` at the end of `file`, in one system call when the kernel
-/// takes them whole.
-fn write_batch(file: &mut impl Write, batch: &[Vec<u8>]) -> std::io::Result<()> {
-    let mut slices: Vec<std::io::IoSlice<'_>> =
-        batch.iter().map(|c| std::io::IoSlice::new(c)).collect();
-    let mut left = &mut slices[..];
-    while !left.is_empty() {
-        match file.write_vectored(left) {
-            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
-            Ok(n) => std::io::IoSlice::advance_slices(&mut left, n),
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
-}
 
 impl Writer {
     fn new(file: tempfile::NamedTempFile, size: u64) -> std::io::Result<Writer> {
@@ -178,7 +176,8 @@ impl Writer {
             Some(p) if size > THREADED_WRITE => p,
             _ => return Ok(Writer::Inline(file, Box::default())),
         };
-        let (queue, batches) = std::sync::mpsc::sync_channel::<Vec<Vec<u8>>>(WRITE_QUEUE);
+        let (queue, batches) = std::sync::mpsc::sync_channel::<Vec<u8>>(1);
+        let (give_back, back) = std::sync::mpsc::channel::<Vec<u8>>();
         let mut file = file;
         let done = std::thread::Builder::new()
             .name("p2p-write".into())
@@ -186,76 +185,103 @@ impl Writer {
                 let _permit = permit;
                 let mut hasher = Hasher::new();
                 let mut r = Ok(());
-                for batch in batches {
-                    for c in &batch {
-                        hasher.update(c);
+                'batches: for mut batch in batches {
+                    // Hashed and written a quarter at a time, so what the hash read is
+                    // still in this core's cache when the write copies it.
+                    for piece in batch.chunks(BATCH_BYTES / 4) {
+                        hasher.update(piece);
+                        if let Err(e) = file.write_all(piece) {
+                            r = Err(e);
+                            break 'batches;
+                        }
                     }
-                    if let Err(e) = write_batch(&mut file, &batch) {
-                        r = Err(e);
-                        break;
-                    }
+                    batch.clear();
+                    // The connection's side may be gone (the transfer ended): then the
+                    // buffer is freed here.
+                    let _ = give_back.send(batch);
                 }
                 (file, hasher, r)
             })?;
-        Ok(Writer::Thread {
+        Ok(Writer::Thread(Box::new(ThreadWriter {
             queue: Some(queue),
-            batch: Vec::with_capacity(WRITE_BATCH),
+            back,
+            batch: Vec::with_capacity(BATCH_BYTES),
+            made: 1,
             done: Some(done),
-        })
+        })))
     }
 
-    /// Hashes and writes `data` at the end, or queues it for the thread (waiting, at the
-    /// disk's pace, while [`WRITE_QUEUE`] batches wait). An error of the thread comes from
-    /// here or from [`Writer::finish`].
-    fn write(&mut self, data: Vec<u8>) -> std::io::Result<()> {
-        match self {
+    /// Hashes and writes `data` at the end, or copies it into the batch for the thread
+    /// (waiting, at the disk's pace, while every batch buffer is out). An error of the
+    /// thread comes from here or from [`Writer::finish`].
+    fn write(&mut self, mut data: &[u8]) -> std::io::Result<()> {
+        let t = match self {
             Writer::Inline(f, h) => {
-                h.update(&data);
-                f.write_all(&data)
+                h.update(data);
+                return f.write_all(data);
             }
-            Writer::Thread { batch, .. } => {
-                batch.push(data);
-                if batch.len() < WRITE_BATCH {
-                    return Ok(());
-                }
-                self.hand_over()
-            }
-        }
-    }
-
-    /// Gives the thread the chunks batched so far.
-    fn hand_over(&mut self) -> std::io::Result<()> {
-        let Writer::Thread { queue, batch, done } = self else {
-            return Ok(());
+            Writer::Thread(t) => t,
         };
-        if batch.is_empty() {
-            return Ok(());
+        while !data.is_empty() {
+            let room = BATCH_BYTES - t.batch.len();
+            let (now, rest) = data.split_at(room.min(data.len()));
+            t.batch.extend_from_slice(now);
+            data = rest;
+            if t.batch.len() == BATCH_BYTES {
+                t.hand_over()?;
+            }
         }
-        let chunks = std::mem::replace(batch, Vec::with_capacity(WRITE_BATCH));
-        if queue.as_ref().is_some_and(|q| q.send(chunks).is_ok()) {
-            return Ok(());
-        }
-        // The thread stopped: its error.
-        queue.take();
-        match done.take().map(std::thread::JoinHandle::join) {
-            Some(Ok((_, _, Err(e)))) => Err(e),
-            _ => Err(std::io::Error::other("the file's writer stopped")),
-        }
+        Ok(())
     }
 
     /// Waits for every byte to be written; the file and the hash of its bytes.
-    fn finish(mut self) -> std::io::Result<(tempfile::NamedTempFile, ContentHash)> {
-        self.hand_over()?;
+    fn finish(self) -> std::io::Result<(tempfile::NamedTempFile, ContentHash)> {
         match self {
             Writer::Inline(f, h) => Ok((f, h.finish())),
-            Writer::Thread { queue, done, .. } => {
-                drop(queue);
-                match done.map(std::thread::JoinHandle::join) {
+            Writer::Thread(mut t) => {
+                if !t.batch.is_empty() {
+                    t.hand_over()?;
+                }
+                drop(t.queue.take());
+                match t.done.take().map(std::thread::JoinHandle::join) {
                     Some(Ok((f, h, Ok(())))) => Ok((f, h.finish())),
                     Some(Ok((_, _, Err(e)))) => Err(e),
                     _ => Err(std::io::Error::other("the file's writer stopped")),
                 }
             }
+        }
+    }
+}
+
+impl ThreadWriter {
+    /// Gives the thread the batch filled so far and takes an empty one: a buffer the thread
+    /// gave back, a new one while fewer than [`BATCH_BUFFERS`] exist, else the next one the
+    /// thread gives back (waiting for it).
+    fn hand_over(&mut self) -> std::io::Result<()> {
+        let next = match self.back.try_recv() {
+            Ok(b) => Some(b),
+            Err(_) if self.made < BATCH_BUFFERS => {
+                self.made += 1;
+                Some(Vec::with_capacity(BATCH_BYTES))
+            }
+            Err(_) => None,
+        };
+        let full = std::mem::take(&mut self.batch);
+        let sent = self.queue.as_ref().is_some_and(|q| q.send(full).is_ok());
+        let next = match next {
+            Some(b) if sent => Some(b),
+            _ if sent => self.back.recv().ok(),
+            _ => None,
+        };
+        if let Some(b) = next {
+            self.batch = b;
+            return Ok(());
+        }
+        // The thread stopped: its error.
+        self.queue.take();
+        match self.done.take().map(std::thread::JoinHandle::join) {
+            Some(Ok((_, _, Err(e)))) => Err(e),
+            _ => Err(std::io::Error::other("the file's writer stopped")),
         }
     }
 }
@@ -312,9 +338,11 @@ fn abort(link: &Link, id: u64, reason: AbortReason, message: impl Into<String>) 
 }
 
 fn io_reason(e: &std::io::Error) -> AbortReason {
-    // ENOSPC and EDQUOT: the disk (or the quota) is full.
-    match e.raw_os_error() {
-        Some(28) | Some(122) => AbortReason::NoSpace,
+    // ENOSPC and EDQUOT: the disk (or the quota) is full. By the error's kind, which a
+    // temporary file's write error keeps when it is wrapped with the file's path (the
+    // system's error number is then out of reach: tempfile's wrapper hides it).
+    match e.kind() {
+        std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded => AbortReason::NoSpace,
         _ => AbortReason::Io,
     }
 }
@@ -387,7 +415,7 @@ impl LinkFiles {
                     },
                 );
             }
-            Transfer::Chunk { id, offset, data } => self.on_chunk(&node, id, offset, data, link),
+            Transfer::Chunk { id, offset, data } => self.on_chunk(&node, id, offset, &data, link),
             Transfer::Ack { id, received } => {
                 if let Some(o) = self.outgoing.as_mut().filter(|o| o.sender.id() == id) {
                     if let Err(e) = o.sender.on_ack(received) {
@@ -446,13 +474,13 @@ impl LinkFiles {
         }
     }
 
-    fn on_chunk(&mut self, node: &NodeFiles, id: u64, offset: u64, data: Vec<u8>, link: &Link) {
+    fn on_chunk(&mut self, node: &NodeFiles, id: u64, offset: u64, data: &[u8], link: &Link) {
         let Some(inc) = self.incoming.get_mut(&id) else {
             return;
         };
         // What the receiver accepts is the whole chunk, written as it came; the writer
         // hashes it (on its thread for a large file), and the hash is checked at the end.
-        let complete = match inc.receiver.on_chunk_unhashed(offset, &data) {
+        let complete = match inc.receiver.on_chunk_unhashed(offset, data) {
             Ok(last) => last,
             Err(e) => {
                 warn!(error = %e, "an input transfer failed");
@@ -561,7 +589,7 @@ impl LinkFiles {
             let Some((offset, len)) = o.sender.poll_read() else {
                 return;
             };
-            let read = read_chunk(&o.file, offset, len);
+            let read = p2p_core::file::read_chunk(&o.file, offset, len);
             let id = o.sender.id();
             let msg = match read
                 .map_err(|e| e.to_string())
@@ -746,20 +774,6 @@ fn unbox(m: p2p_core::Message) -> Transfer {
     }
 }
 
-/// Reads the `len` bytes at `offset` of `file` (a chunk going out). Into a zeroed buffer:
-/// `Read::take(..).read_to_end` into an unzeroed one made four `read` calls per chunk (its
-/// reads start at 8 KiB and double), which cost more than the zeroing.
-pub(crate) fn read_chunk(
-    file: &std::fs::File,
-    offset: u64,
-    len: usize,
-) -> std::io::Result<Vec<u8>> {
-    use std::os::unix::fs::FileExt;
-    let mut data = vec![0u8; len];
-    file.read_exact_at(&mut data, offset)?;
-    Ok(data)
-}
-
 /// The content hash and size of the file at `path`, read in 64 KiB pieces.
 pub fn hash_file(path: &std::path::Path) -> std::io::Result<(ContentHash, u64)> {
     use std::io::Read;
@@ -792,28 +806,94 @@ mod tests {
     /// The writer threads are counted per process: one test at a time takes them.
     static SERIAL: Mutex<()> = Mutex::new(());
 
-    fn chunks(len: usize) -> Vec<Vec<u8>> {
-        let bytes: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
-        bytes.chunks(64 * 1024).map(<[u8]>::to_vec).collect()
-    }
-
     #[test]
     fn a_large_file_is_written_whole_by_its_thread_and_a_small_one_inline() {
         let _one = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
         let d = tempfile::tempdir().unwrap();
         // A size that leaves a last batch of fewer chunks, and one written inline.
-        for (len, threaded) in [((3 << 20) + 12_345, true), (100_000, false)] {
+        // Sizes that leave a last batch part full, that end on a batch's last byte, and one
+        // written inline; in chunks of 63 KiB (a sender's) and 64 KiB, so chunks straddle
+        // the batches' boundaries.
+        let cases = [
+            ((3 << 20) + 12_345, 64 * 1024, true),
+            ((7 << 20) + 1, 63 * 1024, true),
+            (4 * BATCH_BYTES, 63 * 1024, true),
+            (100_000, 64 * 1024, false),
+        ];
+        for (len, piece, threaded) in cases {
             let file = tempfile::NamedTempFile::new_in(d.path()).unwrap();
             let mut w = Writer::new(file, len as u64).unwrap();
             assert_eq!(matches!(w, Writer::Thread { .. }), threaded);
-            let parts = chunks(len);
+            let bytes: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+            let parts: Vec<Vec<u8>> = bytes.chunks(piece).map(<[u8]>::to_vec).collect();
             for c in &parts {
-                w.write(c.clone()).unwrap();
+                w.write(c).unwrap();
+                if let Writer::Thread(t) = &w {
+                    // Memory stays bounded whatever the file's size.
+                    assert!(t.made <= BATCH_BUFFERS && t.batch.capacity() <= BATCH_BYTES);
+                }
             }
             let (f, hash) = w.finish().unwrap();
             assert_eq!(std::fs::read(f.path()).unwrap(), parts.concat());
             assert_eq!(hash, transfer::hash_bytes(&parts.concat()));
         }
+    }
+
+    /// A writer thread that fails (a full disk) stops the connection's side with its error,
+    /// however many batches were waiting: it never waits for a buffer the thread will not
+    /// give back.
+    #[test]
+    fn a_writer_on_a_full_disk_fails_with_its_error_and_does_not_hang() {
+        let _one = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+        let d = tempfile::tempdir().unwrap();
+        let Ok(full) = std::fs::OpenOptions::new().write(true).open("/dev/full") else {
+            return;
+        };
+        let path = tempfile::TempPath::try_from_path(d.path().join("never")).unwrap();
+        let file = tempfile::NamedTempFile::from_parts(full, path);
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut w = Writer::new(file, 64 << 20).unwrap();
+            let piece = vec![3u8; 63 * 1024];
+            let mut r = Ok(());
+            for _ in 0..1024 {
+                r = w.write(&piece);
+                if r.is_err() {
+                    break;
+                }
+            }
+            let r = r.and_then(|()| w.finish().map(|_| ()));
+            let _ = tx.send(r);
+        });
+        let r = rx
+            .recv_timeout(std::time::Duration::from_secs(120))
+            .expect("the writer hung");
+        let e = r.unwrap_err();
+        assert_eq!(io_reason(&e), AbortReason::NoSpace, "{e}");
+    }
+
+    /// A full disk is `NoSpace`, also when the error comes wrapped with the temporary
+    /// file's path (every write into the cache's partial file does): it was `Io`.
+    #[test]
+    fn a_full_disk_is_no_space_also_through_a_temporary_file() {
+        let d = tempfile::tempdir().unwrap();
+        let Ok(full) = std::fs::OpenOptions::new().write(true).open("/dev/full") else {
+            return;
+        };
+        let path = tempfile::TempPath::try_from_path(d.path().join("never")).unwrap();
+        let mut file = tempfile::NamedTempFile::from_parts(full, path);
+        let e = file.write_all(&[1u8; 4096]).unwrap_err();
+        assert_eq!(e.raw_os_error(), None, "wrapped: {e:?}");
+        assert_eq!(io_reason(&e), AbortReason::NoSpace, "{e}");
+        assert_eq!(
+            io_reason(&std::io::Error::from_raw_os_error(28)),
+            AbortReason::NoSpace
+        );
+        assert_eq!(
+            io_reason(&std::io::Error::from_raw_os_error(5)),
+            AbortReason::Io
+        );
+        assert_eq!(io_reason(&std::io::Error::other("x")), AbortReason::Io);
     }
 
     #[test]
@@ -823,7 +903,7 @@ mod tests {
         let file = tempfile::NamedTempFile::new_in(d.path()).unwrap();
         let path = file.path().to_path_buf();
         let mut w = Writer::new(file, 3 << 20).unwrap();
-        w.write(vec![7u8; 65_536]).unwrap();
+        w.write(&[7u8; 65_536]).unwrap();
         drop(w);
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
         while path.exists() && std::time::Instant::now() < deadline {

@@ -419,7 +419,7 @@ impl RunFiles {
                 return out;
             };
             let read = match &o.file {
-                Some(f) => crate::node_files::read_chunk(f, offset, len).map_err(|e| e.to_string()),
+                Some(f) => p2p_core::file::read_chunk(f, offset, len).map_err(|e| e.to_string()),
                 None => Err("not open".to_owned()),
             };
             let msg = read.and_then(|data| o.sender.chunk(offset, data).map_err(|e| e.to_string()));

@@ -328,7 +328,7 @@ fn ship(c: &mut WireClient, id: u64, data: &[u8], hash: ContentHash) {
         c.send(&transfer(Transfer::Chunk {
             id,
             offset: (k * MAX_CHUNK) as u64,
-            data: piece.to_vec(),
+            data: piece.to_vec().into(),
         }))
         .unwrap();
     }
@@ -1156,7 +1156,7 @@ fn lying_node(
                             let chunk = Transfer::Chunk {
                                 id,
                                 offset: 0,
-                                data: evil.to_vec(),
+                                data: evil.to_vec().into(),
                             };
                             send(&mut stream, &mut codec, transfer(chunk));
                         }
@@ -1406,7 +1406,7 @@ fn hostile_offers_cost_the_node_bounded_threads_and_bad_chunks_are_refused() {
         c.send(&transfer(Transfer::Chunk {
             id,
             offset: offset as u64,
-            data,
+            data: data.into(),
         }))
         .unwrap();
     };

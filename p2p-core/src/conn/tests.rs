@@ -603,7 +603,7 @@ fn chunk(offset: u64) -> Transfer {
     Transfer::Chunk {
         id: 1,
         offset,
-        data: vec![0; 100],
+        data: vec![0; 100].into(),
     }
 }
 

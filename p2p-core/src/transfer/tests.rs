@@ -314,7 +314,7 @@ fn the_outbox_sends_control_first_and_a_chunk_only_into_an_emptied_writer() {
         Message::Transfer(Box::new(Transfer::Chunk {
             id: 1,
             offset: i,
-            data: vec![0; 10],
+            data: vec![0; 10].into(),
         }))
     };
     for i in 0..OUTBOX_CHUNKS as u64 {
