@@ -204,8 +204,9 @@ impl FrameCodec {
         }
     }
 
-    /// Decodes file chunks as slices of the read buffer, not copies (the read buffers are recycled once their chunks are gone):
-    /// for a connection's transport, whose chunks are written out and dropped soon after.
+    /// Decodes file chunks as slices of the read buffer, not copies (the read buffers are
+    /// recycled once their chunks are gone): for a connection's transport, whose chunks
+    /// are written out and dropped soon after.
     pub fn share_chunks(&mut self) {
         if self.shared.is_none() {
             self.shared = Some(Box::default());
