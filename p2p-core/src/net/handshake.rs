@@ -13,7 +13,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::codec::Framed;
 
-use super::driver::{drive, flush, now, sleep_until, Io, Transport};
+use super::driver::{drive, flush, now, sleep_until, Io, Transport, Wire};
 use super::{EventSender, Link, LinkClosed, LinkEvent, LinkId, Settings, MAX_WINDOW};
 use crate::codec::FrameCodec;
 use crate::conn::{Connection, Event, Role};
@@ -153,7 +153,23 @@ async fn start(
             return Err(e);
         }
     };
-    // Enough room for a full window of assignments plus control commands.
+    Ok(launch(io, conn, peer, local_capacity, addr, id, settings, events).await)
+}
+
+/// The rest of a connection once its `Hello`/`Welcome` exchange is done, over any [`Wire`]
+/// (a socket, or an in-memory pipe): the [`Link`] with its bounded command queue, its
+/// registration on `events`, and the driver, spawned.
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn launch<W: Wire>(
+    io: W,
+    conn: Connection,
+    peer: Hello,
+    local_capacity: u32,
+    addr: SocketAddr,
+    id: LinkId,
+    settings: &Settings,
+    events: EventSender,
+) -> Link {
     // Room for a full window of assignments to the peer, a result for each task the peer
     // may have assigned to us (our own capacity), and control commands: an owner that
     // respects both capacities never finds the queue full.
@@ -201,7 +217,7 @@ async fn start(
             let _ = events.send((id, LinkEvent::Closed { error })).await;
         }
     });
-    Ok(link)
+    link
 }
 
 /// The identity a keyed connection proves, checked against the local `Hello`.

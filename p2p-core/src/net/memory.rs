@@ -25,16 +25,15 @@
 
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
 use futures::StreamExt;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::PollSender;
 
-use super::driver::{drive, flush, now, sleep_until, Wire};
-use super::{EventSender, Link, LinkClosed, LinkEvent, LinkId, Settings, BATCH, MAX_WINDOW};
+use super::driver::{flush, now, sleep_until, Wire};
+use super::{EventSender, Link, LinkId, Settings, BATCH, MAX_WINDOW};
 use crate::conn::{Connection, Event, Role};
 use crate::message::{Hello, Message};
 use crate::{Error, HandshakeError, Stage};
@@ -220,49 +219,7 @@ async fn start(
             return Err(e);
         }
     };
-    // As over TCP: room for a full window of assignments, a `Started` and a result for each
-    // task the peer may assign to us, and control commands.
-    let window = peer.capacity.max(local_capacity).clamp(1, MAX_WINDOW) as usize;
-    let (tx, rx) = mpsc::channel(2 * window + 64);
-    let (closed_tx, closed_rx) = watch::channel(None);
-    let (status_tx, status_rx) = mpsc::channel(1);
-    let link = Link {
-        id,
-        peer,
-        addr,
-        tx,
-        closed: LinkClosed { rx: closed_rx },
-        status: status_tx,
-    };
-    let _ = events
-        .send((id, LinkEvent::Opened(Box::new(link.clone()))))
-        .await;
-    let idle = settings.conn.idle_timeout;
-    let status = (
-        status_rx,
-        settings.status.clone(),
-        settings.hosted.clone(),
-        settings.replica.clone(),
-        settings.instant.clone(),
-    );
-    let driver = tokio::spawn(drive(
-        io,
-        conn,
-        rx,
-        id,
-        events.clone(),
-        idle,
-        closed_tx,
-        status,
-    ));
-    // A driver that dies without its final `Closed` (a panic) is reported anyway.
-    tokio::spawn(async move {
-        if let Err(e) = driver.await {
-            let error = Some(Arc::new(Error::DriverFailed(e.to_string())));
-            let _ = events.send((id, LinkEvent::Closed { error })).await;
-        }
-    });
-    Ok(link)
+    Ok(super::handshake::launch(io, conn, peer, local_capacity, addr, id, settings, events).await)
 }
 
 /// The `Hello`/`Welcome` exchange, bounded by the handshake timeout (the connection's own
