@@ -243,13 +243,15 @@ async fn handshake(
     conn: &mut Connection,
     proven: Option<NodeId>,
 ) -> Result<Hello, Error> {
-    handshake_inner(io, conn, proven)
+    hello_exchange(io, conn, proven)
         .await
         .map_err(|e| explain_handshake_error(e, proven.is_some()))
 }
 
-async fn handshake_inner(
-    io: &mut Transport,
+/// The `Hello`/`Welcome` exchange over any [`Wire`], bounded by the handshake timeout (the
+/// connection's own deadline); with `proven`, a claim of another id is refused.
+pub(super) async fn hello_exchange<W: Wire>(
+    io: &mut W,
     conn: &mut Connection,
     proven: Option<NodeId>,
 ) -> Result<Hello, Error> {
@@ -280,7 +282,7 @@ async fn handshake_inner(
 /// Refuses a `Hello` or `Welcome` whose node id is not `proven` (the id derived from the
 /// peer's authenticated identity key). An acceptor tells the dialler why with a `Reject`
 /// (best effort) before closing; nothing else is sent to such a peer.
-async fn check_claimed_id(io: &mut Transport, msg: &Message, proven: NodeId) -> Result<(), Error> {
+async fn check_claimed_id<W: Wire>(io: &mut W, msg: &Message, proven: NodeId) -> Result<(), Error> {
     let claimed = match msg {
         Message::Hello(h) | Message::Welcome(h) => h.node_id,
         _ => return Ok(()),

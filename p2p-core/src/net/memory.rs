@@ -27,16 +27,14 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
-use futures::StreamExt;
 use tokio::sync::mpsc;
-use tokio::time::Instant;
 use tokio_util::sync::PollSender;
 
-use super::driver::{flush, now, sleep_until, Wire};
+use super::driver::{flush, now, Wire};
 use super::{EventSender, Link, LinkId, Settings, BATCH, MAX_WINDOW};
-use crate::conn::{Connection, Event, Role};
+use crate::conn::{Connection, Role};
 use crate::message::{Hello, Message};
-use crate::{Error, HandshakeError, Stage};
+use crate::Error;
 
 /// Most batches waiting in one direction of a [`pipe`] made for a link of `window` tasks in
 /// flight (the larger of both ends' capacities): twice the window plus 64, as a link's
@@ -207,7 +205,7 @@ async fn start(
 ) -> Result<Link, Error> {
     let local_capacity = local.capacity;
     let mut conn = Connection::new(role, local, settings.conn.clone(), now());
-    let peer = match hello_exchange(&mut io, &mut conn).await {
+    let peer = match super::handshake::hello_exchange(&mut io, &mut conn, None).await {
         Ok(peer) => peer,
         Err(e) => {
             // Best effort: the peer learns why (a Reject), without waiting long.
@@ -220,31 +218,4 @@ async fn start(
         }
     };
     Ok(super::handshake::launch(io, conn, peer, local_capacity, addr, id, settings, events).await)
-}
-
-/// The `Hello`/`Welcome` exchange, bounded by the handshake timeout (the connection's own
-/// deadline).
-async fn hello_exchange(io: &mut Pipe, conn: &mut Connection) -> Result<Hello, Error> {
-    loop {
-        flush(io, conn).await?;
-        while let Some(ev) = conn.poll_event() {
-            if let Event::Established(peer) = ev {
-                return Ok(peer);
-            }
-        }
-        let deadline = conn.poll_timeout().map(Instant::from_std);
-        tokio::select! {
-            msg = io.next() => match msg {
-                Some(Ok(msg)) => conn.handle_message(msg, now())?,
-                Some(Err(e)) => return Err(conn.handle_invalid(e)),
-                None => {
-                    return Err(HandshakeError::PeerClosed {
-                        stage: Stage::Hello { keyed: false },
-                    }
-                    .into())
-                }
-            },
-            _ = sleep_until(deadline) => conn.handle_timeout(now())?,
-        }
-    }
 }
