@@ -100,7 +100,10 @@ const CHUNK_ROOM: usize =
 /// Read buffers a sharing codec keeps for reuse once the chunks sliced out of them are gone:
 /// enough for a receiver's default credit (4 MiB) of chunks still alive, so the buffers
 /// only take turns (with four, a node receiving 1 GiB faulted 9,000 pages once in two runs
-/// instead of 3,000).
+/// instead of 3,000). Also the most it lets chunks hold: when every parked buffer is still
+/// held, chunks are copied out instead of shared until one is free again, so a peer whose
+/// chunks wait (a flood of chunks for no transfer, queued behind the link's 1,024 events)
+/// pins at most these 4 MiB of read buffers, not a buffer for every chunk waiting.
 const PARKED_BUFFERS: usize = 16;
 
 /// Frames other than chunks in a row after which a sharing codec gives its chunk buffers
@@ -141,6 +144,8 @@ struct ChunkBuffers {
     streaming: bool,
     /// Frames other than chunks since the last chunk.
     others: u32,
+    /// Every parked buffer was still held when a new one was due: chunks are copied.
+    copying: bool,
 }
 
 impl ChunkBuffers {
@@ -159,6 +164,11 @@ impl ChunkBuffers {
             .position(|b| b.try_reclaim(CHUNK_READ_BUFFER));
         let mut next = match reclaimed {
             Some(i) => self.parked.swap_remove(i),
+            // Every buffer still held by chunks: copy chunks out until one is free.
+            None if self.parked.len() >= PARKED_BUFFERS => {
+                self.copying = true;
+                return;
+            }
             None => {
                 self.made += 1;
                 BytesMut::with_capacity(CHUNK_READ_BUFFER)
@@ -167,9 +177,21 @@ impl ChunkBuffers {
         next.extend_from_slice(src);
         let mut old = std::mem::replace(src, next);
         old.clear();
-        if self.parked.len() < PARKED_BUFFERS {
-            self.parked.push(old);
+        self.parked.push(old);
+    }
+
+    /// Whether the next frame may be a slice of the read buffer: not while copying, until a
+    /// parked buffer is free again.
+    fn share_now(&mut self) -> bool {
+        if self.copying
+            && self
+                .parked
+                .iter_mut()
+                .any(|b| b.try_reclaim(CHUNK_READ_BUFFER))
+        {
+            self.copying = false;
         }
+        !self.copying
     }
 
     /// After another frame: `true` when no chunks stream (any more), and the read buffer
@@ -308,7 +330,8 @@ impl Decoder for FrameCodec {
             return Ok(None);
         }
         self.pending = None;
-        if let Some(shared) = self.shared.as_mut() {
+        let share = self.shared.as_mut().is_some_and(|s| s.share_now());
+        if let (true, Some(shared)) = (share, self.shared.as_mut()) {
             let frame = src.split_to(len).freeze();
             let msg = wire::decode_shared(&frame);
             drop(frame);
@@ -558,6 +581,34 @@ mod tests {
         let shared = codec.shared.as_ref().unwrap();
         assert!(shared.parked.is_empty() && !shared.streaming);
         assert!(src.capacity() <= 2 * SMALL_FRAME, "{}", src.capacity());
+    }
+
+    /// Chunks that all stay alive (a peer's chunks waiting in a long queue) hold at most
+    /// [`PARKED_BUFFERS`] read buffers: past those the codec copies chunks out, and shares
+    /// again once a buffer is free; every chunk decodes the same either way.
+    #[test]
+    fn chunks_held_alive_pin_a_bounded_number_of_read_buffers() {
+        let (msgs, wire) = chunk_stream(1000);
+        let mut codec = FrameCodec::default();
+        codec.share_chunks();
+        let mut held = Vec::new();
+        feed(&mut codec, &wire, 1 << 20, |m| held.push(m));
+        assert_eq!(held, msgs);
+        let shared = codec.shared.as_ref().unwrap();
+        assert!(
+            shared.made <= PARKED_BUFFERS as u64 && shared.copying,
+            "{} read buffers made for 1,000 chunks held alive",
+            shared.made
+        );
+        // Once they are gone, chunks are slices of the read buffer again (each dropped as
+        // it comes), in the buffers already made.
+        drop(held);
+        let mut n = 0;
+        feed(&mut codec, &wire, 1 << 20, |_| n += 1);
+        assert_eq!(n, msgs.len());
+        let shared = codec.shared.as_ref().unwrap();
+        assert!(!shared.copying);
+        assert!(shared.made <= PARKED_BUFFERS as u64, "{}", shared.made);
     }
 
     #[test]

@@ -259,7 +259,7 @@ fn a_peer_that_floods_built_in_tasks_and_never_reads_is_dropped_with_bounded_mem
     let mut codec = p2p_core::codec::FrameCodec::default();
     let started = std::time::Instant::now();
     let mut sent = 0u64;
-    'flood: while sent < 4_000_000 && started.elapsed() < Duration::from_secs(60) {
+    'flood: while sent < 8u64 << 30 && started.elapsed() < Duration::from_secs(60) {
         let mut burst = bytes::BytesMut::new();
         for _ in 0..1000 {
             sent += 1;
@@ -294,4 +294,67 @@ fn a_peer_that_floods_built_in_tasks_and_never_reads_is_dropped_with_bounded_mem
         started.elapsed()
     );
     assert_real_run_succeeds(&dir, &mut s, "after a peer that never reads");
+}
+
+/// Streams `bytes` of file chunks for transfers that do not exist to `s` over a new
+/// connection that never reads (tiny chunks between full ones: each tiny one a slice of a
+/// read buffer while it waits), bounded by 30 s; returns what was sent.
+fn stream_chunks_of_no_transfer(s: &Serve, bytes: u64) -> u64 {
+    use tokio_util::codec::Encoder;
+    let mut c = WireClient::connect(s.addr);
+    c.send(&Message::Hello(hello("default"))).unwrap();
+    c.expect_msg(WAIT, "Welcome", |m| matches!(m, Message::Welcome(_)));
+    let big = bytes::Bytes::from(vec![0x5a; 63 * 1024]);
+    let tiny = bytes::Bytes::from_static(b"x");
+    let mut codec = p2p_core::codec::FrameCodec::default();
+    let started = std::time::Instant::now();
+    let mut sent: u64 = 0;
+    while sent < bytes && started.elapsed() < Duration::from_secs(30) {
+        let mut burst = bytes::BytesMut::new();
+        for i in 0..16u64 {
+            let data = if i % 4 == 0 {
+                tiny.clone()
+            } else {
+                big.clone()
+            };
+            sent += data.len() as u64;
+            let chunk = Message::Transfer(Box::new(p2p_core::Transfer::Chunk {
+                id: 7 + i % 2,
+                offset: sent,
+                data,
+            }));
+            codec.encode(&chunk, &mut burst).unwrap();
+        }
+        if c.send_raw(&burst).is_err() {
+            break;
+        }
+    }
+    sent
+}
+
+/// A peer that streams file chunks of no transfer and never reads: the node drops them,
+/// its memory stays bounded whatever the volume (the peak after 2 GiB is the peak after
+/// 256 MiB) and small (the chunks waiting in the link's 1,024 events pin at most a few read
+/// buffers: 90 MB when each pinned one), and a real run goes on.
+#[test]
+fn a_peer_that_streams_chunks_of_no_transfer_and_never_reads_keeps_memory_bounded() {
+    let dir = TestDir::new();
+    dir.write("tasks.txt", "a1 a2\n");
+    let mut s = Serve::types("a", &[]);
+    let first = stream_chunks_of_no_transfer(&s, 256 << 20);
+    let after_first = tests::peak_rss_kb(s.pid()).unwrap_or(0);
+    let second = stream_chunks_of_no_transfer(&s, 2 << 30);
+    let peak = tests::peak_rss_kb(s.pid()).unwrap_or(0);
+    eprintln!(
+        "{} MiB then {} MiB of chunks; node peak RSS {after_first} kB, then {peak} kB",
+        first >> 20,
+        second >> 20
+    );
+    assert!(s.is_alive(), "the node died under the chunks");
+    assert!(
+        peak < after_first + 24 * 1024 && peak < 64 * 1024,
+        "peak RSS {after_first} kB after {first} bytes, {peak} kB after {second} more: \
+         it grows with the volume"
+    );
+    assert_real_run_succeeds(&dir, &mut s, "after a peer streamed chunks of no transfer");
 }
