@@ -1286,17 +1286,18 @@ fn split(
     let mut sched = crate::sched::Builder::new(policy, n);
     let mut results = Vec::with_capacity(n);
     let mut extras = Vec::new();
-    // One lookup per task: on the fast hash, not SipHash.
-    let mut kinds: hashbrown::HashMap<CompactString, Arc<str>> = hashbrown::HashMap::default();
+    // The type's shared name, by the builder's number for it: the builder's lookup is
+    // the only one per task.
+    let mut kinds: Vec<Arc<str>> = Vec::new();
     while let Some(t) = tasks.pop() {
-        sched.push_front(t.kind(), t.cost(), t.retries());
+        let k = sched.push_front(t.kind(), t.cost(), t.retries());
         let (id, kind, extra) = t.into_parts();
-        let kind = match kinds.get(&kind) {
-            Some(k) => k.clone(),
+        let kind = match kinds.get(k) {
+            Some(name) => name.clone(),
             None => {
-                let k: Arc<str> = Arc::from(kind.as_str());
-                kinds.insert(kind, k.clone());
-                k
+                let name: Arc<str> = Arc::from(kind.as_str());
+                kinds.push(name.clone());
+                name
             }
         };
         results.push(TaskResult {
