@@ -647,6 +647,7 @@ impl World {
             | Command::Started(_)
             | Command::Load(_)
             | Command::Hosted(_)
+            | Command::Assigns(_)
             | Command::Replica(_) => {
                 panic!("the run is assigned nothing")
             }

@@ -92,6 +92,7 @@ impl Sim {
                 | Command::Load(_)
                 | Command::Transfer(_)
                 | Command::Hosted(_)
+                | Command::Assigns(_)
                 | Command::Replica(_) => {
                     panic!("the run is assigned nothing")
                 }
@@ -985,6 +986,7 @@ mod shared {
                             | Command::Load(_)
                             | Command::Transfer(_)
                             | Command::Hosted(_)
+                            | Command::Assigns(_)
                             | Command::Replica(_) => {
                                 unreachable!()
                             }
