@@ -12,7 +12,6 @@
 //! that cannot be written or synced stops the run: the results it could not record are
 //! reported as not run, and the report carries the error.
 
-use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
@@ -212,61 +211,28 @@ struct Driver<'a> {
     /// Files shipped and collected (none when no task has any).
     files: Option<crate::run_files::RunFiles>,
     /// Assignments made in this burst, by link, sent at its end (without files only).
-    outbox: HashMap<LinkId, Outgoing, p2p_core::conn::SeqHash>,
+    outbox: HashMap<LinkId, Vec<Assign>, p2p_core::conn::SeqHash>,
     out: Out<'a>,
-}
-
-/// A link's assignments of one burst: one alone (the usual case in strict order) is held
-/// as it is, with no list to allocate.
-enum Outgoing {
-    One(Assign),
-    Many(Vec<Assign>),
-}
-
-impl Outgoing {
-    fn push(&mut self, a: Assign) {
-        match self {
-            Outgoing::Many(v) => v.push(a),
-            Outgoing::One(_) => {
-                let Outgoing::One(first) = std::mem::replace(self, Outgoing::Many(Vec::new()))
-                else {
-                    return;
-                };
-                *self = Outgoing::Many(vec![first, a]);
-            }
-        }
-    }
-
-    fn seqs(&self) -> Vec<u64> {
-        match self {
-            Outgoing::One(a) => vec![a.seq],
-            Outgoing::Many(v) => v.iter().map(|a| a.seq).collect(),
-        }
-    }
 }
 
 /// Sends a burst of assignments to `link`: one alone as [`Command::Assign`], more as one
 /// [`Command::Assigns`]. The core hears of each one that could not be queued.
-fn send_assigns(core: &mut RunCore, id: LinkId, link: &Link, out: Outgoing) {
-    let unsent = match out {
-        Outgoing::One(a) => {
+fn send_assigns(core: &mut RunCore, id: LinkId, link: &Link, mut batch: Vec<Assign>) {
+    if batch.len() == 1 {
+        if let Some(a) = batch.pop() {
             let seq = a.seq;
-            match link.send(Command::Assign(a)) {
-                Ok(()) => return,
-                Err(_) => vec![seq],
+            if link.send(Command::Assign(a)).is_err() {
+                core.handle_unsent(id, seq, now());
             }
         }
-        Outgoing::Many(batch) => {
-            // The seqs, should the link refuse the batch (the command is not given back).
-            let seqs: Vec<u64> = batch.iter().map(|a| a.seq).collect();
-            match link.send(Command::Assigns(batch)) {
-                Ok(()) => return,
-                Err(_) => seqs,
-            }
+        return;
+    }
+    // The seqs, should the link refuse the batch (the command is not given back).
+    let seqs: Vec<u64> = batch.iter().map(|a| a.seq).collect();
+    if link.send(Command::Assigns(batch)).is_err() {
+        for seq in seqs {
+            core.handle_unsent(id, seq, now());
         }
-    };
-    for seq in unsent {
-        core.handle_unsent(id, seq, now());
     }
 }
 
@@ -334,12 +300,9 @@ impl Driver<'_> {
                 match (self.links.get(&id), &mut self.files, cmd) {
                     // Without files, a link's assignments wait for the end of the burst and
                     // go as one command (one place in its queue, one hand-over to its driver).
-                    (Some(_), None, Command::Assign(a)) => match self.outbox.entry(id) {
-                        Entry::Occupied(mut o) => o.get_mut().push(a),
-                        Entry::Vacant(v) => {
-                            v.insert(Outgoing::One(a));
-                        }
-                    },
+                    (Some(_), None, Command::Assign(a)) => {
+                        self.outbox.entry(id).or_default().push(a)
+                    }
                     (Some(link), Some(files), Command::Assign(a)) => match files.assign(link, a) {
                         crate::run_files::Step::Send(a) => {
                             let seq = a.seq;
@@ -369,8 +332,8 @@ impl Driver<'_> {
                 match self.links.get(&id) {
                     Some(link) => send_assigns(core, id, link, batch),
                     None => {
-                        for seq in batch.seqs() {
-                            core.handle_unsent(id, seq, now());
+                        for a in batch {
+                            core.handle_unsent(id, a.seq, now());
                         }
                     }
                 }
