@@ -15,7 +15,6 @@
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use p2p_core::message::Assign;
 use p2p_core::net::{Command, Link, LinkEvent, LinkId};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -114,7 +113,6 @@ pub async fn run(
     }
     let mut d = Driver {
         links: HashMap::default(),
-        outbox: HashMap::default(),
         files,
         out: Out {
             journal: inputs.journal.take(),
@@ -210,30 +208,7 @@ struct Driver<'a> {
     links: HashMap<LinkId, Link, p2p_core::conn::SeqHash>,
     /// Files shipped and collected (none when no task has any).
     files: Option<crate::run_files::RunFiles>,
-    /// Assignments made in this burst, by link, sent at its end (without files only).
-    outbox: HashMap<LinkId, Vec<Assign>, p2p_core::conn::SeqHash>,
     out: Out<'a>,
-}
-
-/// Sends a burst of assignments to `link`: one alone as [`Command::Assign`], more as one
-/// [`Command::Assigns`]. The core hears of each one that could not be queued.
-fn send_assigns(core: &mut RunCore, id: LinkId, link: &Link, mut batch: Vec<Assign>) {
-    if batch.len() == 1 {
-        if let Some(a) = batch.pop() {
-            let seq = a.seq;
-            if link.send(Command::Assign(a)).is_err() {
-                core.handle_unsent(id, seq, now());
-            }
-        }
-        return;
-    }
-    // The seqs, should the link refuse the batch (the command is not given back).
-    let seqs: Vec<u64> = batch.iter().map(|a| a.seq).collect();
-    if link.send(Command::Assigns(batch)).is_err() {
-        for seq in seqs {
-            core.handle_unsent(id, seq, now());
-        }
-    }
 }
 
 impl Driver<'_> {
@@ -297,46 +272,27 @@ impl Driver<'_> {
             while let Some((id, cmd)) = core.poll_command() {
                 any = true;
                 sent_any = true;
-                match (self.links.get(&id), &mut self.files, cmd) {
-                    // Without files, a link's assignments wait for the end of the burst and
-                    // go as one command (one place in its queue, one hand-over to its driver).
-                    (Some(_), None, Command::Assign(a)) => {
-                        self.outbox.entry(id).or_default().push(a)
-                    }
+                let assign = match &cmd {
+                    Command::Assign(a) => Some(a.seq),
+                    _ => None,
+                };
+                let sent = match (self.links.get(&id), &mut self.files, cmd) {
                     (Some(link), Some(files), Command::Assign(a)) => match files.assign(link, a) {
-                        crate::run_files::Step::Send(a) => {
-                            let seq = a.seq;
-                            if link.send(Command::Assign(a)).is_err() {
-                                core.handle_unsent(id, seq, now());
-                            }
-                        }
-                        crate::run_files::Step::Held => {}
+                        crate::run_files::Step::Send(a) => link.send(Command::Assign(a)).is_ok(),
+                        crate::run_files::Step::Held => true,
                         crate::run_files::Step::Fail(c) => {
                             core.handle_link_event(id, LinkEvent::Completed(c), now());
+                            true
                         }
                     },
-                    (Some(link), _, cmd) => {
-                        // What was assigned to this link before goes first.
-                        if let Some(batch) = self.outbox.remove(&id) {
-                            send_assigns(core, id, link, batch);
-                        }
-                        let _ = link.send(cmd);
-                    }
-                    (None, _, Command::Assign(a)) => core.handle_unsent(id, a.seq, now()),
-                    (None, _, _) => {}
+                    (Some(link), _, cmd) => link.send(cmd).is_ok(),
+                    (None, _, _) => false,
+                };
+                if let (false, Some(seq)) = (sent, assign) {
+                    core.handle_unsent(id, seq, now());
                 }
                 // Each assignment's event goes out before the next is made.
                 self.out_events(core);
-            }
-            for (id, batch) in self.outbox.drain() {
-                match self.links.get(&id) {
-                    Some(link) => send_assigns(core, id, link, batch),
-                    None => {
-                        for a in batch {
-                            core.handle_unsent(id, a.seq, now());
-                        }
-                    }
-                }
             }
             while let Some(t) = core.poll_final() {
                 any = true;

@@ -404,8 +404,6 @@ async fn drive_inner<W: Wire>(
     // would return `None` at once, forever) and let the goodbye run its course.
     let mut commands_open = true;
     let mut commands = Vec::new();
-    // Assignments the connection refused, reported after the commands taken with them.
-    let mut failed = Vec::new();
     // One timer for the connection's deadlines, moved only when the deadline changes.
     let sleep = tokio::time::sleep_until(far_future());
     tokio::pin!(sleep);
@@ -529,12 +527,11 @@ async fn drive_inner<W: Wire>(
             n = rx.recv_many(&mut commands, BATCH), if commands_open => {
                 if n == 0 {
                     commands_open = false;
-                    command(conn, None, &mut Vec::new())?;
+                    command(conn, None)?;
                 }
                 for cmd in commands.drain(..) {
-                    command(conn, Some(cmd), &mut failed)?;
-                    for ev in failed.drain(..) {
-                        if deliver(events, id, ev).await.is_err() {
+                    if let Some(failed) = command(conn, Some(cmd))? {
+                        if deliver(events, id, failed).await.is_err() {
                             owner_gone = true;
                         }
                     }
@@ -589,26 +586,17 @@ async fn deliver(events: &EventSender, id: LinkId, ev: LinkEvent) -> Result<(), 
 }
 
 /// Applies one command of the owner (`None`: every `Link` is gone, which says goodbye).
-/// Adds to `failed` the event to report for each assignment that could not be sent; an
-/// error closes the connection.
-fn command(
-    conn: &mut Connection,
-    cmd: Option<Command>,
-    failed: &mut Vec<LinkEvent>,
-) -> Result<(), Error> {
+/// Returns the event to report when an assignment could not be sent; an error closes the
+/// connection.
+fn command(conn: &mut Connection, cmd: Option<Command>) -> Result<Option<LinkEvent>, Error> {
     match cmd {
         Some(Command::Assign(a)) => {
             if let Err((assign, why)) = conn.try_assign(a) {
-                failed.push(LinkEvent::AssignFailed {
+                return Ok(Some(LinkEvent::AssignFailed {
                     assign,
                     reason: format!("cannot assign: {why}"),
                     closing: !conn.can_assign(),
-                });
-            }
-        }
-        Some(Command::Assigns(batch)) => {
-            for a in batch {
-                command(conn, Some(Command::Assign(a)), failed)?;
+                }));
             }
         }
         Some(Command::Started(seq)) => conn.started(seq),
@@ -641,7 +629,7 @@ fn command(
             }
         }
     }
-    Ok(())
+    Ok(None)
 }
 
 #[cfg(test)]

@@ -19,11 +19,6 @@ use crate::Error;
 pub enum Command {
     /// Assign a task to the peer.
     Assign(Assign),
-    /// Assign several tasks to the peer, in this order: one command (one place in the
-    /// link's queue, one hand-over) for a burst of assignments to the same peer. Each one
-    /// that cannot be sent is reported as its own [`LinkEvent::AssignFailed`], as with
-    /// [`Command::Assign`].
-    Assigns(Vec<Assign>),
     /// Tell the peer a task it assigned to us started running.
     Started(u64),
     /// Report the result of a task the peer assigned to us.

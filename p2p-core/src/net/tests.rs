@@ -248,48 +248,6 @@ async fn a_deep_window_of_tasks_is_assigned_and_answered_in_bursts() {
     assert_eq!(seen.len(), N as usize);
 }
 
-/// A batch of assignments (`Command::Assigns`, the coordinator's burst to one peer) reaches
-/// the peer in its order, and each one past the peer's capacity is reported as its own
-/// `AssignFailed`, the link still taking work.
-#[tokio::test]
-async fn a_batch_of_assignments_arrives_in_order_and_each_refused_one_is_reported() {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (mut ah, s) = node(&["a"], None);
-    ah.capacity = 4;
-    let (atx, mut arx) = mpsc::channel(64);
-    let acceptor = tokio::spawn(async move {
-        let (stream, _) = listener.accept().await.unwrap();
-        accept(stream, ah, &s, 1, atx).await
-    });
-    let (dh, ds) = node(&[], None);
-    let (dtx, mut drx) = mpsc::channel(64);
-    let d = connect(addr, dh, &ds, 2, dtx).await.unwrap();
-    let _a = acceptor.await.unwrap().unwrap();
-    let batch = (1..=6).map(crate::testing::assign).collect();
-    d.send(Command::Assigns(batch)).unwrap();
-    let bound = Duration::from_secs(20);
-    for seq in 1..=4 {
-        match tokio::time::timeout(bound, recv(&mut arx)).await.unwrap() {
-            Some((1, LinkEvent::Assigned(a))) => assert_eq!(a.seq, seq),
-            other => panic!("expected assignment {seq}, got {other:?}"),
-        }
-    }
-    for seq in 5..=6 {
-        match tokio::time::timeout(bound, recv(&mut drx)).await.unwrap() {
-            Some((
-                2,
-                LinkEvent::AssignFailed {
-                    assign, closing, ..
-                },
-            )) => {
-                assert_eq!((assign.seq, closing), (seq, false));
-            }
-            other => panic!("expected assignment {seq} refused, got {other:?}"),
-        }
-    }
-}
-
 #[tokio::test]
 async fn keyed_peers_connect_and_run_a_task_with_a_large_result() {
     let key = ClusterKey::generate();

@@ -647,7 +647,6 @@ impl World {
             | Command::Started(_)
             | Command::Load(_)
             | Command::Hosted(_)
-            | Command::Assigns(_)
             | Command::Replica(_) => {
                 panic!("the run is assigned nothing")
             }

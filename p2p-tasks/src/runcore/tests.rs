@@ -92,7 +92,6 @@ impl Sim {
                 | Command::Load(_)
                 | Command::Transfer(_)
                 | Command::Hosted(_)
-                | Command::Assigns(_)
                 | Command::Replica(_) => {
                     panic!("the run is assigned nothing")
                 }
@@ -986,7 +985,6 @@ mod shared {
                             | Command::Load(_)
                             | Command::Transfer(_)
                             | Command::Hosted(_)
-                            | Command::Assigns(_)
                             | Command::Replica(_) => {
                                 unreachable!()
                             }
