@@ -687,9 +687,9 @@ fn capped_json(ev: &RunEvent) -> Option<String> {
     };
     let mut ev = ev.clone();
     match &mut ev {
-        RunEvent::TaskCompleted { output, .. } => *output = cut(output),
+        RunEvent::TaskCompleted { output, .. } => *output = cut(output).into(),
         RunEvent::TaskFailed { output, error, .. } => {
-            *output = cut(output);
+            *output = cut(output).into();
             *error = cut(error);
         }
         RunEvent::PeerUnreachable { error, .. } => *error = cut(error),
@@ -815,7 +815,7 @@ mod tests {
             node: "n".into(),
             attempt: 1,
             ok: false,
-            output: big.clone(),
+            output: big.clone().into(),
             duration_ms: 1.0,
             exit_code: Some(1),
             error: big,

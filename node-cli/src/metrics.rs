@@ -1007,7 +1007,7 @@ mod run_tests {
             node: "n".into(),
             attempt: 1,
             ok: true,
-            output: String::new(),
+            output: Default::default(),
             duration_ms: 2.0,
         });
         s.event(&RunEvent::TaskRetry {
@@ -1024,7 +1024,7 @@ mod run_tests {
             node: "".into(),
             attempt: 0,
             ok: false,
-            output: String::new(),
+            output: Default::default(),
             duration_ms: 0.0,
             exit_code: None,
             error: "no node".into(),

@@ -1223,7 +1223,7 @@ mod tests {
                         node: Arc::from(o),
                         attempt: n,
                         ok: n.is_multiple_of(2),
-                        output: t.to_string(),
+                        output: t.into(),
                         duration_ms: durations[n as usize % durations.len()],
                     },
                 ];

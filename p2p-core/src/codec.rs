@@ -711,7 +711,7 @@ mod tests {
         let Message::Completed(mut done) = msg else {
             panic!()
         };
-        done.output = "x".repeat(claim);
+        done.output = "x".repeat(claim).into();
         let mut wire = BytesMut::new();
         c.encode(&Message::Completed(done.clone()), &mut wire)
             .unwrap();
@@ -731,7 +731,7 @@ mod tests {
             seq: 1,
             ok: true,
             exit_code: Some(0),
-            output: "x".repeat(5000),
+            output: "x".repeat(5000).into(),
             error: None,
             duration_us: 1,
         });

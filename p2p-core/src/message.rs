@@ -174,8 +174,9 @@ pub struct Completed {
     pub ok: bool,
     /// The handler's exit code, when it was a process that exited.
     pub exit_code: Option<i32>,
-    /// The task's output (capped in size by the worker).
-    pub output: String,
+    /// The task's output (capped in size by the worker). Inline up to 24 bytes, as most
+    /// outputs are: decoding a result allocates nothing for it.
+    pub output: compact_str::CompactString,
     /// Why it failed, when it did.
     pub error: Option<String>,
     /// How long the handler ran, in microseconds.

@@ -54,7 +54,7 @@ pub fn completed(seq: u64) -> Completed {
         seq,
         ok: true,
         exit_code: Some(0),
-        output: String::new(),
+        output: compact_str::CompactString::default(),
         error: None,
         duration_us: 1,
     }

@@ -193,7 +193,7 @@ fn decode_in(payload: &[u8], whole: Option<&Bytes>) -> Result<Message, Error> {
                     Some(((z >> 1) as i32) ^ -((z & 1) as i32))
                 }
             },
-            output: r.string()?,
+            output: r.compact()?,
             error: match r.option()? {
                 false => None,
                 true => Some(r.string()?),
@@ -714,7 +714,7 @@ mod tests {
                     seq: n,
                     ok: code == Some(0),
                     exit_code: code,
-                    output: text.clone(),
+                    output: text.clone().into(),
                     error: code.filter(|c| *c != 0).map(|c| format!("exit status {c}")),
                     duration_us: n / 3,
                 }));
@@ -1170,7 +1170,7 @@ mod tests {
                 seq: 1,
                 ok: true,
                 exit_code: Some(0),
-                output: "x".repeat(output_len),
+                output: "x".repeat(output_len).into(),
                 error: None,
                 duration_us: 5,
             });

@@ -116,7 +116,7 @@ pub enum RunEvent {
         /// Always true.
         ok: bool,
         /// The task's output.
-        output: String,
+        output: CompactString,
         /// How long the handler ran.
         duration_ms: f64,
     },
@@ -135,7 +135,7 @@ pub enum RunEvent {
         /// Always false.
         ok: bool,
         /// The task's output.
-        output: String,
+        output: CompactString,
         /// How long the last attempt ran.
         duration_ms: f64,
         /// The handler's exit code, when it exited.
@@ -157,7 +157,7 @@ pub enum RunEvent {
         /// Attempt number.
         attempt: u32,
         /// What the task printed before it was stopped.
-        output: String,
+        output: CompactString,
         /// How long the attempt ran.
         duration_ms: f64,
     },

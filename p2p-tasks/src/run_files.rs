@@ -107,7 +107,7 @@ fn failed(seq: u64, error: String) -> Completed {
         seq,
         ok: false,
         exit_code: None,
-        output: String::new(),
+        output: Default::default(),
         error: Some(error),
         duration_us: 0,
     }

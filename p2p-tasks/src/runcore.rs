@@ -619,7 +619,7 @@ impl RunCore {
                 );
                 let attempt = Attempt {
                     ok: false,
-                    output: String::new(),
+                    output: CompactString::default(),
                     took: now.saturating_duration_since(since),
                     exit_code: None,
                     error: Some(error),
@@ -1080,12 +1080,12 @@ impl RunCore {
         match outcome {
             Outcome::Succeeded => {
                 r.status = Status::Succeeded;
-                r.output = CompactString::from(output.as_str());
+                r.output = output.clone();
                 r.error = None;
             }
             Outcome::Failed => {
                 r.status = Status::Failed;
-                r.output = CompactString::from(output.as_str());
+                r.output = output.clone();
                 r.error = Some(error.clone());
             }
             Outcome::Retry { .. } => {}
@@ -1144,7 +1144,7 @@ impl RunCore {
         task: usize,
         node: Arc<str>,
         attempt: u32,
-        output: String,
+        output: CompactString,
         took: Duration,
     ) {
         let r = &mut self.results[task];
@@ -1152,7 +1152,7 @@ impl RunCore {
         r.attempts = attempt;
         r.duration_ms = ms(took);
         r.status = Status::Cancelled;
-        r.output = CompactString::from(output.as_str());
+        r.output = output.clone();
         r.error = Some(if self.interrupted {
             "cancelled: the run was interrupted".to_string()
         } else {
@@ -1226,7 +1226,7 @@ impl RunCore {
             node,
             attempt,
             ok: false,
-            output: String::new(),
+            output: CompactString::default(),
             duration_ms: 0.0,
             exit_code: None,
             error,
@@ -1248,7 +1248,7 @@ fn name_some(names: &[String]) -> String {
 /// What a node reported for one attempt of a task.
 struct Attempt {
     ok: bool,
-    output: String,
+    output: CompactString,
     took: Duration,
     exit_code: Option<i32>,
     /// Why it failed, when the node said.
@@ -1286,17 +1286,18 @@ fn split(
     let mut sched = crate::sched::Builder::new(policy, n);
     let mut results = Vec::with_capacity(n);
     let mut extras = Vec::new();
-    // One lookup per task: on the fast hash, not SipHash.
-    let mut kinds: hashbrown::HashMap<CompactString, Arc<str>> = hashbrown::HashMap::default();
+    // The type's shared name, by the builder's number for it: the builder's lookup is
+    // the only one per task.
+    let mut kinds: Vec<Arc<str>> = Vec::new();
     while let Some(t) = tasks.pop() {
-        sched.push_front(t.kind(), t.cost(), t.retries());
+        let k = sched.push_front(t.kind(), t.cost(), t.retries());
         let (id, kind, extra) = t.into_parts();
-        let kind = match kinds.get(&kind) {
-            Some(k) => k.clone(),
+        let kind = match kinds.get(k) {
+            Some(name) => name.clone(),
             None => {
-                let k: Arc<str> = Arc::from(kind.as_str());
-                kinds.insert(kind, k.clone());
-                k
+                let name: Arc<str> = Arc::from(kind.as_str());
+                kinds.push(name.clone());
+                name
             }
         };
         results.push(TaskResult {

@@ -468,8 +468,10 @@ impl Builder {
     }
 
     /// The task before the ones pushed so far (the plan's last task first), of type `kind`,
-    /// with its cost and its own retries.
-    pub fn push_front(&mut self, kind: &str, cost: u32, retries: Option<u32>) {
+    /// with its cost and its own retries. Returns the type's number among the types pushed
+    /// so far (0 for the first one seen, and so on; [`Builder::finish`] renumbers them in
+    /// file order), so the caller need not look the type up again.
+    pub fn push_front(&mut self, kind: &str, cost: u32, retries: Option<u32>) -> usize {
         let first = *self.first_cost.get_or_insert(cost);
         self.uniform_cost &= cost == first;
         let k = match self.kind_index.get(kind) {
@@ -494,6 +496,7 @@ impl Builder {
             cost: cost.max(1),
             retries: retries.unwrap_or(self.policy.retries),
         });
+        k
     }
 
     /// The scheduler of the tasks pushed; `dependents` as [`dependents_of`] gives them for

@@ -622,7 +622,7 @@ impl Worker {
             seq,
             ok: out.ok,
             exit_code: out.exit_code,
-            output: out.output,
+            output: out.output.into(),
             error: out.error,
             duration_us: u64::try_from(took.as_micros()).unwrap_or(u64::MAX),
         }

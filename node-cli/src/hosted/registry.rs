@@ -555,7 +555,7 @@ mod tests {
             node: "n1".into(),
             attempt: 1,
             ok: true,
-            output: String::new(),
+            output: Default::default(),
             duration_ms: 1.0,
         }
     }
@@ -597,7 +597,7 @@ mod tests {
                     node: "n".into(),
                     attempt: 1,
                     ok: false,
-                    output: String::new(),
+                    output: Default::default(),
                     duration_ms: 0.0,
                     exit_code: None,
                     error: String::new(),
@@ -607,7 +607,7 @@ mod tests {
                     kind: "a".into(),
                     node: "n".into(),
                     attempt: 1,
-                    output: String::new(),
+                    output: Default::default(),
                     duration_ms: 0.0,
                 },
                 _ => RunEvent::TaskRetry {

@@ -232,7 +232,7 @@ async fn a_deep_window_of_tasks_is_assigned_and_answered_in_bursts() {
             seq,
             ok: true,
             exit_code: Some(0),
-            output: format!("Executing task: a{seq}"),
+            output: format!("Executing task: a{seq}").into(),
             error: None,
             duration_us: 1,
         }))
@@ -286,7 +286,7 @@ async fn keyed_peers_connect_and_run_a_task_with_a_large_result() {
         seq: 1,
         ok: true,
         exit_code: Some(0),
-        output: output.clone(),
+        output: output.clone().into(),
         error: None,
         duration_us: 1,
     }))
@@ -540,7 +540,7 @@ async fn an_instant_service_answers_in_the_driver_until_files_are_used() {
                 seq: a.seq,
                 ok: true,
                 exit_code: Some(0),
-                output: format!("now {}", a.task),
+                output: format!("now {}", a.task).into(),
                 error: None,
                 duration_us: 0,
             })
@@ -703,7 +703,7 @@ async fn with_a_key_a_burst_of_instant_tasks_is_answered_in_a_few_writes() {
                 seq: a.seq,
                 ok: true,
                 exit_code: Some(0),
-                output: format!("Executing task: {}", a.task),
+                output: format!("Executing task: {}", a.task).into(),
                 error: None,
                 duration_us: 0,
             })

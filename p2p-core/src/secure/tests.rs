@@ -65,7 +65,7 @@ fn big(len: usize) -> Message {
         seq: 1,
         ok: true,
         exit_code: Some(0),
-        output: "x".repeat(len),
+        output: "x".repeat(len).into(),
         error: None,
         duration_us: 5,
     })

@@ -90,7 +90,7 @@ pub fn completed() -> impl Strategy<Value = Completed> {
                 seq,
                 ok,
                 exit_code,
-                output,
+                output: output.into(),
                 error,
                 duration_us,
             },

@@ -327,7 +327,7 @@ impl World {
             seq,
             ok,
             exit_code: None,
-            output: String::new(),
+            output: Default::default(),
             error: (!ok).then(|| "failed".to_string()),
             duration_us: took.as_micros() as u64,
         };
