@@ -101,9 +101,13 @@ impl Wire for Transport {
     }
 
     fn share_chunks(&mut self) {
-        // The keyed codec decodes from its own plaintext buffer, and copies.
-        if let WireCodec::Plain(c) = self.codec_mut() {
-            c.share_chunks();
+        match self.codec_mut() {
+            WireCodec::Plain(c) => c.share_chunks(),
+            // With a key, a chunk is decrypted in place in the read buffer and decoded
+            // there: its transport message's length and tag come with each frame.
+            WireCodec::Secure(c) => c
+                .frames_mut()
+                .share_chunks_in(2 + crate::secure::TAG_LEN),
         }
     }
 
@@ -321,7 +325,8 @@ pub(super) async fn drive<W: Wire>(
     // The writer holds a burst of chunks before it writes (see `transfer::WRITE_BURST`);
     // below that, `poll_ready` does not write, and `flush` writes what a batch left.
     io.set_backpressure_boundary(crate::transfer::WRITE_BURST);
-    // Without a key, file chunks are slices of the read buffer, not copies.
+    // File chunks are slices of the read buffer, not copies (with a key too: decrypted
+    // there in place).
     io.share_chunks();
     let result = drive_inner(&mut io, &mut conn, &mut rx, id, &events, idle, status).await;
     let error = match result {
