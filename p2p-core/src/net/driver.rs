@@ -66,6 +66,12 @@ pub(super) trait Wire:
     ) -> Result<Option<Message>, Error> {
         Ok(Some(chunk))
     }
+    /// The bytes a chunk taken now would join behind, for
+    /// [`Connection::poll_transmit_with`]: what the sink holds, unless the wire wants
+    /// chunks only when it holds nothing.
+    fn chunk_behind(&self) -> usize {
+        self.pending()
+    }
 }
 
 impl Wire for Transport {
@@ -116,11 +122,25 @@ impl Wire for Transport {
         conn: &mut Connection,
         chunk: Message,
     ) -> Result<Option<Message>, Error> {
-        if self.write_buffer().is_empty() && matches!(self.codec(), WireCodec::Plain(_)) {
-            write_chunks(self, conn, chunk)?;
-            return Ok(None);
+        if !self.write_buffer().is_empty() {
+            return Ok(Some(chunk));
         }
-        Ok(Some(chunk))
+        match self.codec() {
+            WireCodec::Plain(_) => write_chunks(self, conn, chunk)?,
+            WireCodec::Secure(_) => seal_chunks(self, conn, chunk)?,
+        }
+        Ok(None)
+    }
+
+    fn chunk_behind(&self) -> usize {
+        // With a key a chunk is sealed into the write buffer, and joins it only once it is
+        // empty: appended behind bytes the socket did not take, it made the buffer move
+        // those to its front, or grow and copy them (in callgrind, 43.5 M instructions of
+        // a keyed sender's 466 M for a 64 MiB input, 255 times).
+        match self.codec() {
+            WireCodec::Secure(_) if !self.write_buffer().is_empty() => usize::MAX,
+            _ => self.pending(),
+        }
     }
 }
 
@@ -133,7 +153,7 @@ pub(super) fn now() -> std::time::Instant {
 pub(super) async fn flush<W: Wire>(io: &mut W, conn: &mut Connection) -> Result<(), Error> {
     loop {
         futures::future::poll_fn(|cx| SinkExt::<Message>::poll_ready_unpin(io, cx)).await?;
-        let Some(msg) = conn.poll_transmit_with(io.pending()) else {
+        let Some(msg) = conn.poll_transmit_with(io.chunk_behind()) else {
             if conn.has_transmit() && io.pending() != 0 {
                 // A chunk waits for the writer to empty: write what it holds, then go on.
                 SinkExt::<Message>::flush(io).await?;
@@ -248,6 +268,42 @@ fn write_chunks(io: &mut Transport, conn: &mut Connection, first: Message) -> Re
     Ok(())
 }
 
+/// A burst of sealed chunks: [`crate::transfer::OUTBOX_CHUNKS`] chunk frames of the
+/// largest size, each in a transport message (cut in two when over one).
+const SEALED_BURST: usize = crate::transfer::OUTBOX_CHUNKS
+    * (crate::codec::LENGTH_PREFIX
+        + crate::transfer::CHUNK_OVERHEAD
+        + crate::message::MAX_CHUNK
+        + 2 * (2 + crate::secure::TAG_LEN));
+
+/// With a key, into an empty write buffer: a burst of file chunks (`first`, then those
+/// queued behind it, up to [`crate::transfer::OUTBOX_CHUNKS`] and under
+/// [`crate::transfer::WRITE_LOW_WATER`] bytes before the last, as through [`feed_batch`]),
+/// each sealed in place in the write buffer as one transport message, then written
+/// together by the flush. The next burst waits until the buffer is empty again
+/// ([`Wire::chunk_behind`]). A frame other than a chunk ends the burst and goes out in a
+/// batch after it. Synchronous, as [`feed_batch`].
+fn seal_chunks(io: &mut Transport, conn: &mut Connection, first: Message) -> Result<(), Error> {
+    // Room for the whole burst at once (the buffer is empty: nothing is moved).
+    io.write_buffer_mut().reserve(SEALED_BURST);
+    let mut next = Some(first);
+    let mut chunks = 0;
+    while let Some(msg) = next.take() {
+        if !crate::transfer::is_chunk(&msg) {
+            io.begin_batch();
+            let fed = feed_batch(io, conn, msg);
+            io.end_batch()?;
+            return fed;
+        }
+        SinkExt::<Message>::start_send_unpin(io, msg)?;
+        chunks += 1;
+        if chunks < crate::transfer::OUTBOX_CHUNKS {
+            next = conn.poll_transmit_with(io.pending());
+        }
+    }
+    Ok(())
+}
+
 /// Feeds `first`, then every message the connection has queued, for as long as the sink
 /// takes them without waiting. Synchronous, so a batch is never left half-done by a
 /// cancelled [`flush`].
@@ -268,7 +324,7 @@ fn feed_batch<W: Wire>(io: &mut W, conn: &mut Connection, first: Message) -> Res
             Some(Err(e)) => return Err(e),
             None => return Ok(()),
         }
-        let Some(msg) = conn.poll_transmit_with(io.pending()) else {
+        let Some(msg) = conn.poll_transmit_with(io.chunk_behind()) else {
             return Ok(());
         };
         let chunk = crate::transfer::is_chunk(&msg);
