@@ -111,9 +111,7 @@ impl Wire for Transport {
             WireCodec::Plain(c) => c.share_chunks(),
             // With a key, a chunk is decrypted in place in the read buffer and decoded
             // there: its transport message's length and tag come with each frame.
-            WireCodec::Secure(c) => c
-                .frames_mut()
-                .share_chunks_in(2 + crate::secure::TAG_LEN),
+            WireCodec::Secure(c) => c.frames_mut().share_chunks_in(2 + crate::secure::TAG_LEN),
         }
     }
 
