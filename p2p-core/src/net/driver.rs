@@ -55,7 +55,7 @@ pub(super) trait Wire:
     /// Closes the write side, so the peer sees the end promptly.
     fn close_write(&mut self) -> impl std::future::Future<Output = ()> + Send + '_;
     /// Set once before the driver starts: file chunks decoded as slices of what was read,
-    /// where the wire can (without a key, over a socket).
+    /// where the wire can (over a socket; with a key too, decrypted in place).
     fn share_chunks(&mut self) {}
     /// Sends the file chunk `chunk` and those queued behind it its own way, if this wire
     /// has one at the moment ([`write_chunks`]); gives it back otherwise, for the codec.
