@@ -136,8 +136,11 @@ pub struct FrameCodec {
 /// (measured with `perf stat` in an earlier round); these buffers live as long as the
 /// chunks stream. Bounded: [`PARKED_BUFFERS`] parked, plus those the chunks still alive hold
 /// (the receivers' credit bounds those).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct ChunkBuffers {
+    /// The room a read buffer must have for one whole chunk as it comes on the wire: one
+    /// frame ([`CHUNK_ROOM`]), plus a transport message's length and tag with a key.
+    room: usize,
     parked: Vec<BytesMut>,
     /// Buffers allocated so far (the others were reclaimed).
     made: u64,
@@ -150,13 +153,24 @@ struct ChunkBuffers {
 }
 
 impl ChunkBuffers {
+    fn new(room: usize) -> Self {
+        ChunkBuffers {
+            room,
+            parked: Vec::new(),
+            made: 0,
+            streaming: false,
+            others: 0,
+            copying: false,
+        }
+    }
+
     /// After a chunk was split off `src`: when `src` has no room for another whole chunk
     /// frame (and does not already hold most of one), it goes on in a reclaimed or new
     /// buffer.
     fn after_chunk(&mut self, src: &mut BytesMut) {
         self.streaming = true;
         self.others = 0;
-        if src.capacity() - src.len() >= CHUNK_ROOM || src.len() >= CHUNK_ROOM {
+        if src.capacity() - src.len() >= self.room || src.len() >= self.room {
             return;
         }
         let reclaimed = self
@@ -231,9 +245,27 @@ impl FrameCodec {
     /// recycled once their chunks are gone): for a connection's transport, whose chunks
     /// are written out and dropped soon after.
     pub fn share_chunks(&mut self) {
+        self.share_chunks_in(0);
+    }
+
+    /// [`FrameCodec::share_chunks`] for frames that come inside transport messages of
+    /// `overhead` bytes more than the frame (the secure codec decrypts a message that holds
+    /// one whole frame in place in the read buffer and decodes it there).
+    pub(crate) fn share_chunks_in(&mut self, overhead: usize) {
         if self.shared.is_none() {
-            self.shared = Some(Box::default());
+            self.shared = Some(Box::new(ChunkBuffers::new(CHUNK_ROOM + overhead)));
         }
+    }
+
+    /// Read buffers a sharing codec allocated so far (tests).
+    #[cfg(test)]
+    pub(crate) fn shared_buffers_made(&self) -> u64 {
+        self.shared.as_ref().map_or(0, |s| s.made)
+    }
+
+    /// Whether the header of a frame was taken and its payload is awaited.
+    pub(crate) fn mid_frame(&self) -> bool {
+        self.pending.is_some()
     }
 
     /// Large frames (over [`SMALL_FRAME`]) must take their length from `budget` while they
@@ -297,6 +329,35 @@ impl Decoder for FrameCodec {
     type Error = Error;
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Message>, Error> {
+        self.decode_from(src, true, 0)
+    }
+
+    fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<Message>, Error> {
+        match self.decode(src)? {
+            Some(msg) => Ok(Some(msg)),
+            None if src.is_empty() && self.pending.is_none() => Ok(None),
+            None => Err(Error::Connection(ConnectionError::Truncated {
+                buffered: src.len()
+                    + if self.pending.is_some() {
+                        LENGTH_PREFIX
+                    } else {
+                        0
+                    },
+            })),
+        }
+    }
+}
+
+impl FrameCodec {
+    /// Decodes the next frame of `src`. `share`: a chunk may be a slice of `src` (when the
+    /// codec shares chunks at all); `skip`: bytes after the frame dropped with it (the tag
+    /// of the transport message the frame was decrypted in, in place).
+    pub(crate) fn decode_from(
+        &mut self,
+        src: &mut BytesMut,
+        share: bool,
+        skip: usize,
+    ) -> Result<Option<Message>, Error> {
         let len = match self.pending {
             Some(len) => len,
             None => {
@@ -330,10 +391,16 @@ impl Decoder for FrameCodec {
         if src.len() < len {
             return Ok(None);
         }
+        if src.len() < len + skip {
+            return Err(Error::Connection(ConnectionError::Truncated {
+                buffered: src.len(),
+            }));
+        }
         self.pending = None;
-        let share = self.shared.as_mut().is_some_and(|s| s.share_now());
+        let share = share && self.shared.as_mut().is_some_and(|s| s.share_now());
         if let (true, Some(shared)) = (share, self.shared.as_mut()) {
             let frame = src.split_to(len).freeze();
+            src.advance(skip);
             let msg = wire::decode_shared(&frame);
             drop(frame);
             if matches!(&msg, Ok(m) if crate::transfer::is_chunk(m)) {
@@ -345,25 +412,11 @@ impl Decoder for FrameCodec {
             return msg.map(Some);
         }
         let frame = src.split_to(len);
+        src.advance(skip);
         self.release();
         let msg = wire::decode(&frame);
         shrink(src);
         msg.map(Some)
-    }
-
-    fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<Message>, Error> {
-        match self.decode(src)? {
-            Some(msg) => Ok(Some(msg)),
-            None if src.is_empty() && self.pending.is_none() => Ok(None),
-            None => Err(Error::Connection(ConnectionError::Truncated {
-                buffered: src.len()
-                    + if self.pending.is_some() {
-                        LENGTH_PREFIX
-                    } else {
-                        0
-                    },
-            })),
-        }
     }
 }
 

@@ -424,8 +424,9 @@ pub enum Transfer {
         id: u64,
         /// Where in the file `data` starts.
         offset: u64,
-        /// At most [`MAX_CHUNK`] bytes. Decoded from a connection without a key, a slice of
-        /// the connection's read buffer (not a copy; see [`crate::codec`]).
+        /// At most [`MAX_CHUNK`] bytes. Decoded from a connection over a socket, a slice of
+        /// the connection's read buffer (not a copy; with a key, decrypted there in place;
+        /// see [`crate::codec`]).
         #[serde(with = "chunk_bytes")]
         data: bytes::Bytes,
     },

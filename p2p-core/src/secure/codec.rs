@@ -158,11 +158,12 @@ impl SecureCodec {
         &mut self.frames
     }
 
-    /// Decrypts one transport message from `src` into the plaintext buffer. `Ok(false)`:
-    /// `src` does not hold a whole message yet.
-    fn open_chunk(&mut self, src: &mut BytesMut) -> Result<bool, Error> {
+    /// Decrypts one transport message in place at the front of `src`. `Ok(None)`: `src`
+    /// does not hold a whole message yet. `Ok(Some(n))`: the plaintext is `src[2..2 + n]`,
+    /// the tag after it (nothing of `src` consumed yet).
+    fn open_message(&mut self, src: &mut BytesMut) -> Result<Option<usize>, Error> {
         if src.len() < 2 {
-            return Ok(false);
+            return Ok(None);
         }
         // A u16 cannot exceed MAX_NOISE_MESSAGE (65,535), so neither can `len`.
         let len = usize::from(u16::from_be_bytes([src[0], src[1]]));
@@ -181,22 +182,22 @@ impl SecureCodec {
         }
         if src.len() < 2 + len {
             // Nothing reserved for the claimed length: the buffer grows with what arrives.
-            return Ok(false);
+            return Ok(None);
         }
-        // Decrypted in place in the plaintext buffer: one copy.
-        let start = self.plain.len();
-        self.plain.extend_from_slice(&src[2..2 + len]);
-        src.advance(2 + len);
-        match self.transport.recv.open(&mut self.plain[start..]) {
-            Ok(n) => {
-                self.plain.truncate(start + n);
-                Ok(true)
-            }
-            Err(e) => {
-                self.plain.truncate(start);
-                Err(e)
-            }
-        }
+        self.transport.recv.open(&mut src[2..2 + len]).map(Some)
+    }
+
+    /// Whether the `n` plaintext bytes at `src[2..]` are one whole frame, to be decoded
+    /// where they are: nothing of an earlier frame waits in the plaintext buffer, and the
+    /// frame's length prefix says the rest.
+    fn one_frame(&self, src: &[u8], n: usize) -> bool {
+        self.plain.is_empty()
+            && !self.frames.mid_frame()
+            && n >= LENGTH_PREFIX
+            && src
+                .get(2..2 + LENGTH_PREFIX)
+                .and_then(|h| <[u8; LENGTH_PREFIX]>::try_from(h).ok())
+                .is_some_and(|h| u32::from_be_bytes(h) as usize + LENGTH_PREFIX == n)
     }
 }
 
@@ -206,12 +207,29 @@ impl Decoder for SecureCodec {
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Message>, Error> {
         loop {
-            if let Some(msg) = self.frames.decode(&mut self.plain)? {
+            // What the plaintext buffer holds is decoded as copies (it is reused in place).
+            if let Some(msg) = self.frames.decode_from(&mut self.plain, false, 0)? {
                 return Ok(Some(msg));
             }
-            if !self.open_chunk(src)? {
+            let Some(n) = self.open_message(src)? else {
                 return Ok(None);
+            };
+            if self.one_frame(src, n) {
+                // A message that is one whole frame (every file chunk) is decoded where it
+                // was decrypted, in the read buffer: a chunk is a slice of it when the
+                // frame codec shares chunks, as without a key. No copy.
+                src.advance(2);
+                return match self.frames.decode_from(src, true, TAG_LEN)? {
+                    Some(msg) => Ok(Some(msg)),
+                    // `one_frame` saw the whole frame.
+                    None => Err(Error::Connection(ConnectionError::Truncated {
+                        buffered: src.len(),
+                    })),
+                };
             }
+            // Batched small frames, or a piece of a large frame: on to the plaintext buffer.
+            self.plain.extend_from_slice(&src[2..2 + n]);
+            src.advance(2 + n + TAG_LEN);
         }
     }
 

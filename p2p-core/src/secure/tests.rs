@@ -1238,3 +1238,72 @@ fn file_chunks_are_sealed_in_place_one_message_each_in_order_with_the_batch() {
         assert_eq!(decode_all(&mut b, &mut wire).unwrap(), vec![chunk(len)]);
     }
 }
+
+/// With a key, a transport message that is one whole frame (every file chunk) is decrypted
+/// in place in the read buffer and its chunk is a slice of it, in read buffers that take
+/// turns as without a key; batched small frames and a frame cut over two messages still go
+/// through the plaintext buffer. Every message decodes the same, whatever the reads' sizes.
+#[test]
+fn keyed_chunks_are_decrypted_in_place_and_shared_with_the_read_buffer() {
+    use crate::message::{Transfer, MAX_CHUNK};
+    let mut msgs = Vec::new();
+    for i in 0..300usize {
+        let len = if i % 50 == 49 { MAX_CHUNK } else { 63 * 1024 };
+        msgs.push(Message::Transfer(Box::new(Transfer::Chunk {
+            id: 1,
+            offset: (i * 63 * 1024) as u64,
+            data: (0..len).map(|b| (b + i * 7) as u8).collect(),
+        })));
+        if i % 37 == 5 {
+            msgs.push(Message::Ping { nonce: i as u64 });
+            msgs.push(Message::Pong { nonce: i as u64 });
+        }
+    }
+    for piece in [1000, 65_536, 300_000, 1 << 22] {
+        // A fresh pair of the same keys each time: the receiver's counter starts at 0.
+        let (tx, mut rx) = pair_sync();
+        let mut tx = WireCodec::Secure(Box::new(tx));
+        let mut wire = BytesMut::new();
+        tx.begin_batch();
+        for m in &msgs {
+            tx.encode(m, &mut wire).unwrap();
+        }
+        tx.end_batch(&mut wire).unwrap();
+        rx.frames_mut().share_chunks_in(2 + TAG_LEN);
+        // Fed as a socket would: into the buffer's spare room, at most `piece` a read.
+        let mut src = BytesMut::new();
+        let mut got = 0;
+        let mut in_place = 0;
+        let mut at = 0;
+        while at < wire.len() {
+            src.reserve(1);
+            let n = (src.capacity() - src.len()).min(piece).min(wire.len() - at);
+            src.extend_from_slice(&wire[at..at + n]);
+            at += n;
+            loop {
+                let read = src.as_ptr() as usize..src.as_ptr() as usize + src.len();
+                let Some(m) = rx.decode(&mut src).unwrap() else {
+                    break;
+                };
+                if let Message::Transfer(t) = &m {
+                    if let Transfer::Chunk { data, .. } = &**t {
+                        // Not copied: the chunk's bytes are where they were read.
+                        if read.contains(&(data.as_ptr() as usize)) {
+                            in_place += 1;
+                        }
+                    }
+                }
+                // Compared and dropped at once, as a writer would.
+                assert_eq!(Some(&m), msgs.get(got), "reads of {piece} bytes");
+                got += 1;
+            }
+        }
+        assert!(src.is_empty());
+        assert_eq!(got, msgs.len(), "reads of {piece} bytes");
+        // The 64 KiB chunks are cut over two messages, and go through the plaintext buffer.
+        assert_eq!(in_place, 294, "reads of {piece} bytes");
+        // The read buffers took turns (each chunk dropped soon after it came).
+        let made = rx.frames_mut().shared_buffers_made();
+        assert!((1..=3).contains(&made), "{made} read buffers for 19 MB");
+    }
+}
