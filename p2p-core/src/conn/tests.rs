@@ -1116,6 +1116,8 @@ fn a_peers_own_wants_fetches_acks_and_offers_give_it_no_credit_and_no_table_entr
     let hash = crate::transfer::hash_bytes(b"x");
     for id in 0..10_000u64 {
         let msgs = [
+            abort(id),
+            Transfer::Done { id },
             want(id, u32::MAX),
             Transfer::Fetch {
                 id,
@@ -1124,8 +1126,6 @@ fn a_peers_own_wants_fetches_acks_and_offers_give_it_no_credit_and_no_table_entr
             },
             ack(id, u64::MAX),
             Transfer::Offer { id, hash, size: 1 },
-            Transfer::Done { id },
-            abort(id),
         ];
         for t in msgs {
             p.w.handle_message(Message::Transfer(Box::new(t)), p.now)
