@@ -14,10 +14,23 @@
 //! in either direction run to completion (or are cancelled) and their `Completed` still flow.
 //! The receiver of a `Goodbye` answers `GoodbyeAck` once nothing is in flight either way;
 //! a connection is finished when one side has sent `GoodbyeAck` or received it.
+//!
+//! # File chunks
+//!
+//! The connection sees every transfer message both ways, so it keeps the credit this side
+//! gave each file coming in (its `Want` or `Fetch`, then its `Ack`s) and counts the chunk
+//! bytes that arrive: a chunk of a transfer this side never asked for (or no longer
+//! expects: after its `Done`, or after the sender's `Abort`), or one beyond the credit, is
+//! a [`Violation`] and closes the connection, so a peer can never make a node hold more
+//! chunk data than the credit it gave. Chunks of a transfer this side gave up (its
+//! `Abort`) that the sender had sent before it read the `Abort` are dropped here, up to the
+//! credit. The offsets' order, the announced size and the hash are the transfer's own
+//! rules ([`crate::transfer::Receiver`]).
 
 use std::collections::{HashSet, VecDeque};
 
 use crate::transfer::Outbox;
+use credit::{Credits, Take};
 use std::hash::{BuildHasher, Hasher};
 use std::time::{Duration, Instant};
 
@@ -207,6 +220,8 @@ pub struct Connection {
     hosted_owed: bool,
     /// Control frames first, file chunks between them ([`Outbox`]).
     transmit: Outbox,
+    /// The credit given to each file coming in (see "File chunks" above).
+    credits: Credits,
     events: VecDeque<Event>,
 }
 
@@ -234,6 +249,7 @@ impl Connection {
             hosted_asked: false,
             hosted_owed: false,
             transmit: Outbox::new(),
+            credits: Credits::default(),
             events: VecDeque::new(),
         };
         if role == Role::Initiator {
@@ -298,13 +314,24 @@ impl Connection {
 
     /// Sends a file-transfer message (protocol v3). A chunk goes behind every control frame
     /// queued before or after it; the caller queues one only when
-    /// [`Connection::has_chunk_room`]. Fails when the connection is not open.
+    /// [`Connection::has_chunk_room`]. Fails when the connection is not open. A `Want` or
+    /// `Fetch` gives the peer credit for chunks, each `Ack` moves it on, and a `Done` or
+    /// `Abort` ends it (see "File chunks" above).
     pub fn transfer(&mut self, t: Transfer) -> Result<(), Error> {
         if self.state != State::Open {
             return Err(Error::InvalidState {
                 action: "send a transfer message",
                 why: "the connection is not open",
             });
+        }
+        match &t {
+            Transfer::Want { id, window } | Transfer::Fetch { id, window, .. } => {
+                self.credits.ask(*id, *window);
+            }
+            Transfer::Ack { id, received } => self.credits.ack(*id, *received),
+            Transfer::Done { id } => self.credits.done(*id),
+            Transfer::Abort { id, .. } => self.credits.abort(*id),
+            _ => {}
         }
         self.transmit.push(Message::Transfer(Box::new(t)));
         Ok(())
@@ -513,8 +540,19 @@ impl Connection {
                 Ok(())
             }
             Message::Transfer(t) => {
-                // Its own rules are the transfers' (p2p_core::transfer); the decoder bounded
-                // every length.
+                // A chunk keeps to the credit this side gave; the rest of a transfer's rules
+                // are its own (p2p_core::transfer); the decoder bounded every length.
+                match &*t {
+                    Transfer::Chunk { id, offset, data } => {
+                        match self.credits.chunk(*id, *offset, data.len()) {
+                            Ok(Take::Deliver) => {}
+                            Ok(Take::Drop) => return Ok(()),
+                            Err(v) => return self.fail(v.into()),
+                        }
+                    }
+                    Transfer::Abort { id, .. } => self.credits.peer_abort(*id),
+                    _ => {}
+                }
                 self.events.push_back(Event::Transfer(t));
                 Ok(())
             }
@@ -806,6 +844,9 @@ impl Connection {
         Err(e)
     }
 }
+
+mod credit;
+pub use credit::MAX_DRAINING;
 
 #[cfg(test)]
 mod tests;

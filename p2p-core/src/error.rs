@@ -398,6 +398,30 @@ pub enum Violation {
     HostedOverBounds,
     /// A replicated-run message over the protocol's bounds.
     ReplicaOverBounds,
+    /// A file chunk of a transfer this side never asked for, or no longer expects (after
+    /// its `Done`, the sender's `Abort`, or long after this side's own `Abort`).
+    UnaskedChunk {
+        /// The transfer id.
+        id: u64,
+    },
+    /// A file chunk beyond the credit this side gave the transfer: it ends past the last
+    /// `Ack` plus the window, or takes the bytes received past it.
+    ChunkOverCredit {
+        /// The transfer id.
+        id: u64,
+        /// Where the chunk ends, or the bytes received with it.
+        end: u64,
+        /// The credit given, in bytes.
+        credit: u64,
+    },
+    /// An empty file chunk that is not the whole of an empty file (not the transfer's
+    /// first chunk, not at offset 0, or a second one).
+    EmptyChunk {
+        /// The transfer id.
+        id: u64,
+        /// Its offset.
+        offset: u64,
+    },
 }
 
 impl fmt::Display for Violation {
@@ -435,6 +459,21 @@ impl fmt::Display for Violation {
             Violation::ReplicaOverBounds => {
                 f.write_str("a replicated-run message over the protocol's bounds")
             }
+            Violation::UnaskedChunk { id } => write!(
+                f,
+                "a file chunk of transfer {id}, which this side did not ask for (or no longer \
+                 expects)"
+            ),
+            Violation::ChunkOverCredit { id, end, credit } => write!(
+                f,
+                "a file chunk of transfer {id} beyond the credit this side gave: it reaches \
+                 {end} bytes, the credit is {credit}"
+            ),
+            Violation::EmptyChunk { id, offset } => write!(
+                f,
+                "an empty file chunk of transfer {id} at offset {offset} that is not the \
+                 whole of an empty file"
+            ),
         }
     }
 }

@@ -298,8 +298,9 @@ fn a_peer_that_floods_built_in_tasks_and_never_reads_is_dropped_with_bounded_mem
 
 /// Streams `bytes` of file chunks for transfers that do not exist to `s` over a new
 /// connection that never reads (tiny chunks between full ones: each tiny one a slice of a
-/// read buffer while it waits), bounded by 30 s; returns what was sent.
-fn stream_chunks_of_no_transfer(s: &Serve, bytes: u64) -> u64 {
+/// read buffer while it waits), bounded by 30 s and stopping when a write fails; returns
+/// what was sent, and the connection.
+fn stream_chunks_of_no_transfer(s: &Serve, bytes: u64) -> (u64, WireClient) {
     use tokio_util::codec::Encoder;
     let mut c = WireClient::connect(s.addr);
     c.send(&Message::Hello(hello("default"))).unwrap();
@@ -329,25 +330,253 @@ fn stream_chunks_of_no_transfer(s: &Serve, bytes: u64) -> u64 {
             break;
         }
     }
-    sent
+    (sent, c)
 }
 
-/// A peer that streams file chunks of no transfer and never reads: the node drops them,
-/// its memory stays bounded whatever the volume (2 GiB sent, 16 times the bound): what
-/// bounds it is the link's queue of 1,024 events, up to 64 MiB of chunks waiting, plus at
-/// most 16 MiB of read buffers they hold; and a real run goes on.
+/// The node's peak memory under a chunk flood may reach this: its own (8 MiB in a release
+/// build, about 18 in a debug one) plus about one credit window (4 MiB) of chunks, its
+/// writer's batches (3 MiB) and the read buffers chunks within the credit may hold, with
+/// margin. Measured: 8.5 MB (chunks of no transfer) and 13.0 MB (past the credit) in a
+/// release build, 19.8 MB and 26.1 MB in a debug one. Before the connection kept chunks to
+/// the credit, a flood filled the link's whole queue of 1,024 events (up to 64 MiB of
+/// chunks) and the read buffers they pinned: 71 MB and 33 MB in a release build.
+const FLOOD_PEAK_KB: u64 = 40 * 1024;
+
+/// Waits until the node logs that it dropped the connection `c` for a chunk: the line
+/// names the peer and what it did.
+fn assert_dropped_for(c: &mut WireClient, s: &Serve, what: &str, reason: &str) {
+    let me = c.stream.local_addr().unwrap().to_string();
+    let mut seen = Vec::new();
+    let end = c.wait_closed(WAIT, &mut seen);
+    assert!(
+        matches!(end, Received::Eof | Received::Error(_)),
+        "{what}: the node kept the connection ({end:?})"
+    );
+    assert!(
+        s.stderr
+            .wait_for(WAIT, |l| l.contains(&me) && l.contains(reason))
+            .is_some(),
+        "{what}: the node never logged {reason:?} for {me}:\n{}",
+        s.stderr.text()
+    );
+}
+
+/// A peer that streams file chunks of no transfer and never reads: the node closes the
+/// connection at the first (a chunk of a transfer it never asked for is a protocol
+/// violation), so its memory never grows with them; and a real run goes on.
 #[test]
 fn a_peer_that_streams_chunks_of_no_transfer_and_never_reads_keeps_memory_bounded() {
     let dir = TestDir::new();
     dir.write("tasks.txt", "a1 a2\n");
     let mut s = Serve::types("a", &[]);
-    let sent = stream_chunks_of_no_transfer(&s, 2 << 30);
+    let (sent, mut c) = stream_chunks_of_no_transfer(&s, 2 << 30);
+    assert_dropped_for(&mut c, &s, "chunks of no transfer", "did not ask for");
     let peak = tests::peak_rss_kb(s.pid()).unwrap_or(0);
     eprintln!("{} MiB of chunks; node peak RSS {peak} kB", sent >> 20);
     assert!(s.is_alive(), "the node died under the chunks");
     assert!(
-        peak < 128 * 1024,
+        sent < 1 << 30,
+        "the node took {sent} bytes of chunks nobody asked for"
+    );
+    assert!(
+        peak < FLOOD_PEAK_KB,
         "peak RSS {peak} kB after {sent} bytes of chunks: not bounded"
     );
     assert_real_run_succeeds(&dir, &mut s, "after a peer streamed chunks of no transfer");
+}
+
+/// Connects to `s`, says Hello, offers a file of `size` bytes as transfer `id` and waits
+/// for the node's `Want`; returns the connection and the window it gave.
+fn offered(s: &Serve, id: u64, size: u64) -> (WireClient, u32) {
+    let mut c = WireClient::connect(s.addr);
+    c.send(&Message::Hello(hello("default"))).unwrap();
+    c.expect_msg(WAIT, "Welcome", |m| matches!(m, Message::Welcome(_)));
+    let hash = p2p_core::transfer::hash_bytes(&id.to_le_bytes());
+    c.send(&Message::Transfer(Box::new(p2p_core::Transfer::Offer {
+        id,
+        hash,
+        size,
+    })))
+    .unwrap();
+    let m = c.expect_msg(WAIT, "Want", |m| {
+        matches!(m, Message::Transfer(t) if matches!(**t, p2p_core::Transfer::Want { id: i, .. } if i == id))
+    });
+    let Message::Transfer(t) = m else {
+        unreachable!()
+    };
+    let p2p_core::Transfer::Want { window, .. } = *t else {
+        unreachable!()
+    };
+    (c, window)
+}
+
+fn chunk_frame(
+    codec: &mut p2p_core::codec::FrameCodec,
+    id: u64,
+    offset: u64,
+    data: bytes::Bytes,
+) -> bytes::BytesMut {
+    use tokio_util::codec::Encoder;
+    let mut out = bytes::BytesMut::new();
+    let chunk = Message::Transfer(Box::new(p2p_core::Transfer::Chunk { id, offset, data }));
+    codec.encode(&chunk, &mut out).unwrap();
+    out
+}
+
+/// A peer that offers a file, is given the node's credit, then streams the file's chunks
+/// in order as fast as it can (far more than the file it announced) and never reads the
+/// node's acknowledgements: what the node holds of it is bounded by the credit (about one
+/// window), not by the link's queue; the node closes the connection once the peer goes
+/// past the credit (or past the file, then past the credit left), and keeps serving.
+#[test]
+fn a_peer_that_streams_past_its_credit_and_never_reads_is_dropped_with_memory_bounded() {
+    let dir = TestDir::new();
+    dir.write("tasks.txt", "a1 a2\n");
+    let mut s = Serve::types("a", &[]);
+    let size: u64 = 256 << 20;
+    let (mut c, window) = offered(&s, 7, size);
+    assert!(u64::from(window) < size);
+    let big = bytes::Bytes::from(vec![0x5a; 63 * 1024]);
+    let mut codec = p2p_core::codec::FrameCodec::default();
+    let started = std::time::Instant::now();
+    let mut sent: u64 = 0;
+    'flood: while sent < 2 << 30 && started.elapsed() < Duration::from_secs(30) {
+        let mut burst = bytes::BytesMut::new();
+        for _ in 0..16 {
+            burst.extend_from_slice(&chunk_frame(&mut codec, 7, sent, big.clone()));
+            sent += big.len() as u64;
+        }
+        if c.send_raw(&burst).is_err() {
+            break 'flood;
+        }
+    }
+    let me = c.stream.local_addr().unwrap().to_string();
+    let mut seen = Vec::new();
+    let end = c.wait_closed(WAIT, &mut seen);
+    assert!(
+        matches!(end, Received::Eof | Received::Error(_)),
+        "the node kept a peer past its credit ({sent} bytes sent): {end:?}"
+    );
+    assert!(
+        s.stderr
+            .wait_for(WAIT, |l| l.contains(&me)
+                && (l.contains("beyond the credit")
+                    || l.contains("did not ask for")))
+            .is_some(),
+        "the node never logged the chunk over its credit for {me}:\n{}",
+        s.stderr.text()
+    );
+    let peak = tests::peak_rss_kb(s.pid()).unwrap_or(0);
+    eprintln!(
+        "{} MiB of chunks sent against a {size}-byte offer, window {window}; node peak RSS {peak} kB",
+        sent >> 20
+    );
+    assert!(s.is_alive(), "the node died under the chunks");
+    assert!(
+        peak < FLOOD_PEAK_KB,
+        "peak RSS {peak} kB after {sent} bytes of chunks: not bounded by the credit"
+    );
+    assert_real_run_succeeds(&dir, &mut s, "after a peer streamed past its credit");
+}
+
+/// A chunk far beyond any credit the node could have given (the node acknowledges as it
+/// writes, so only a chunk past the file's whole window is over for sure), and one just
+/// inside it: the first closes the connection, the second does not.
+#[test]
+fn a_chunk_far_beyond_the_credit_closes_the_connection_and_one_inside_does_not() {
+    let dir = TestDir::new();
+    dir.write("tasks.txt", "a1 a2\n");
+    let mut s = Serve::types("a", &[]);
+    let size: u64 = 64 << 20;
+    let mut codec = p2p_core::codec::FrameCodec::default();
+    // Just inside: the last 100 bytes of the first window, sent first (out of order: the
+    // node gives that transfer up, and the connection stays).
+    let (mut inside, window) = offered(&s, 1, size);
+    let w = u64::from(window);
+    let frame = chunk_frame(&mut codec, 1, w - 100, bytes::Bytes::from(vec![1; 100]));
+    inside.send_raw(&frame).unwrap();
+    let m = inside.expect_msg(WAIT, "Abort", |m| {
+        matches!(m, Message::Transfer(t) if matches!(**t, p2p_core::Transfer::Abort { id: 1, .. }))
+    });
+    assert!(matches!(m, Message::Transfer(_)));
+    // Just outside: a chunk ending one byte past the window, as the first.
+    let (mut outside, _) = offered(&s, 2, size);
+    let frame = chunk_frame(&mut codec, 2, w - 99, bytes::Bytes::from(vec![1; 100]));
+    outside.send_raw(&frame).unwrap();
+    assert_dropped_for(
+        &mut outside,
+        &s,
+        "a chunk past the credit",
+        "beyond the credit",
+    );
+    // At a huge offset.
+    let (mut huge, _) = offered(&s, 3, size);
+    let frame = chunk_frame(
+        &mut codec,
+        3,
+        u64::MAX - 10,
+        bytes::Bytes::from(vec![1; 100]),
+    );
+    huge.send_raw(&frame).unwrap();
+    assert_dropped_for(
+        &mut huge,
+        &s,
+        "a chunk at a huge offset",
+        "beyond the credit",
+    );
+    // The connection whose chunk was inside still works.
+    inside.send(&Message::Ping { nonce: 42 }).unwrap();
+    inside.expect_msg(WAIT, "Pong", |m| matches!(m, Message::Pong { nonce: 42 }));
+    assert_real_run_succeeds(&dir, &mut s, "after chunks beyond the credit");
+}
+
+/// A transfer the node opened to one peer is no other peer's: chunks of its id from a
+/// second connection close that connection only, and the first one's file still arrives.
+#[test]
+fn a_chunk_for_a_transfer_the_node_opened_to_another_peer_drops_only_that_peer() {
+    let dir = TestDir::new();
+    dir.write("tasks.txt", "a1 a2\n");
+    let mut s = Serve::types("a", &[]);
+    let file: Vec<u8> = (0..200 * 1024u32).map(|i| (i % 251) as u8).collect();
+    let hash = p2p_core::transfer::hash_bytes(&file);
+    let mut owner = WireClient::connect(s.addr);
+    owner.send(&Message::Hello(hello("default"))).unwrap();
+    owner.expect_msg(WAIT, "Welcome", |m| matches!(m, Message::Welcome(_)));
+    owner
+        .send(&Message::Transfer(Box::new(p2p_core::Transfer::Offer {
+            id: 9,
+            hash,
+            size: file.len() as u64,
+        })))
+        .unwrap();
+    owner.expect_msg(WAIT, "Want", |m| {
+        matches!(m, Message::Transfer(t) if matches!(**t, p2p_core::Transfer::Want { id: 9, .. }))
+    });
+    let mut codec = p2p_core::codec::FrameCodec::default();
+    let mut thief = WireClient::connect(s.addr);
+    thief.send(&Message::Hello(hello("default"))).unwrap();
+    thief.expect_msg(WAIT, "Welcome", |m| matches!(m, Message::Welcome(_)));
+    let frame = chunk_frame(&mut codec, 9, 0, bytes::Bytes::from(vec![0; 1000]));
+    thief.send_raw(&frame).unwrap();
+    assert_dropped_for(
+        &mut thief,
+        &s,
+        "a chunk of another peer's transfer",
+        "did not ask for",
+    );
+    for (k, piece) in file.chunks(64 * 1024).enumerate() {
+        let frame = chunk_frame(
+            &mut codec,
+            9,
+            (k * 64 * 1024) as u64,
+            bytes::Bytes::copy_from_slice(piece),
+        );
+        owner.send_raw(&frame).unwrap();
+    }
+    owner.expect_msg(
+        WAIT,
+        "Done",
+        |m| matches!(m, Message::Transfer(t) if matches!(**t, p2p_core::Transfer::Done { id: 9 })),
+    );
+    assert_real_run_succeeds(&dir, &mut s, "after a chunk of another peer's transfer");
 }

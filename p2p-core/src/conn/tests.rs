@@ -615,6 +615,13 @@ fn transfer_messages_flow_after_the_handshake_and_chunks_yield_to_control_frames
         "not open yet"
     );
     p.drive().unwrap();
+    // The worker asks for transfer 1 (the credit its chunks need).
+    p.w.transfer(Transfer::Want {
+        id: 1,
+        window: 1 << 20,
+    })
+    .unwrap();
+    p.drive().unwrap();
     while p.c.poll_event().is_some() {}
     while p.w.poll_event().is_some() {}
     // Four chunks, then an assignment and a ping: the control frames go first, and a chunk
@@ -824,4 +831,428 @@ fn a_goodbye_waits_for_the_final_answer_to_a_hosted_request() {
     let got = Pair::events(&mut p.c);
     assert!(got.contains(&Event::HostedAnswer(Box::new(end))), "{got:?}");
     assert!(p.c.is_finished() && p.w.is_finished());
+}
+
+// File chunks against the credit this side gave (see "File chunks" in the module).
+
+/// An open pair, its handshake's events taken.
+fn open_pair() -> Pair {
+    let mut p = Pair::new(4);
+    p.drive().unwrap();
+    Pair::events(&mut p.c);
+    Pair::events(&mut p.w);
+    p
+}
+
+const W: u32 = 4 * 64 * 1024;
+
+fn want(id: u64, window: u32) -> Transfer {
+    Transfer::Want { id, window }
+}
+
+fn ack(id: u64, received: u64) -> Transfer {
+    Transfer::Ack { id, received }
+}
+
+fn abort(id: u64) -> Transfer {
+    Transfer::Abort {
+        id,
+        reason: crate::message::AbortReason::Cancelled,
+        message: String::new(),
+    }
+}
+
+/// A chunk of `len` bytes of transfer `id` at `offset`, received by `conn`.
+fn chunk_in(conn: &mut Connection, id: u64, offset: u64, len: usize) -> Result<(), Error> {
+    let msg = Message::Transfer(Box::new(Transfer::Chunk {
+        id,
+        offset,
+        data: vec![7; len].into(),
+    }));
+    conn.handle_message(msg, Instant::now())
+}
+
+/// How many chunks `conn` delivered to its owner (its events taken).
+fn chunks_delivered(conn: &mut Connection) -> usize {
+    Pair::events(conn)
+        .iter()
+        .filter(|e| matches!(e, Event::Transfer(t) if matches!(**t, Transfer::Chunk { .. })))
+        .count()
+}
+
+/// Sends `total` bytes of transfer `id` from offset `from` in 64 KiB chunks (the last one
+/// shorter) into `conn`.
+fn stream_in(conn: &mut Connection, id: u64, from: u64, total: u64) -> Result<(), Error> {
+    let mut off = from;
+    while off < from + total {
+        let len = (from + total - off).min(64 * 1024);
+        chunk_in(conn, id, off, len as usize)?;
+        off += len;
+    }
+    Ok(())
+}
+
+#[test]
+fn a_chunk_of_a_transfer_this_side_never_asked_for_closes_the_connection() {
+    let mut p = open_pair();
+    let err = chunk_in(&mut p.w, 7, 0, 100).unwrap_err();
+    assert_eq!(violation(&err), Some(&Violation::UnaskedChunk { id: 7 }));
+    assert!(err.to_string().contains("did not ask for"), "{err}");
+    assert!(!p.w.is_open());
+    assert_eq!(chunks_delivered(&mut p.w), 0);
+}
+
+#[test]
+fn chunks_up_to_the_credit_are_delivered_and_one_byte_beyond_closes_the_connection() {
+    let mut p = open_pair();
+    p.w.transfer(want(1, W)).unwrap();
+    stream_in(&mut p.w, 1, 0, u64::from(W)).unwrap();
+    assert_eq!(chunks_delivered(&mut p.w), 4);
+    let err = chunk_in(&mut p.w, 1, u64::from(W), 1).unwrap_err();
+    assert_eq!(
+        violation(&err),
+        Some(&Violation::ChunkOverCredit {
+            id: 1,
+            end: u64::from(W) + 1,
+            credit: u64::from(W),
+        })
+    );
+    assert!(err.to_string().contains("beyond the credit"), "{err}");
+    assert!(!p.w.is_open());
+}
+
+#[test]
+fn each_ack_moves_the_credit_on_by_what_it_acknowledges() {
+    let mut p = open_pair();
+    p.w.transfer(want(1, W)).unwrap();
+    let quarter = u64::from(W / 4);
+    stream_in(&mut p.w, 1, 0, u64::from(W)).unwrap();
+    // An ack of a quarter gives a quarter more, not a window more.
+    p.w.transfer(ack(1, quarter)).unwrap();
+    stream_in(&mut p.w, 1, u64::from(W), quarter).unwrap();
+    // An older ack gives nothing back.
+    p.w.transfer(ack(1, 0)).unwrap();
+    let err = chunk_in(&mut p.w, 1, u64::from(W) + quarter, 1).unwrap_err();
+    assert!(
+        matches!(
+            violation(&err),
+            Some(Violation::ChunkOverCredit { credit, .. }) if *credit == u64::from(W) + quarter
+        ),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_chunk_repeated_within_the_credit_is_still_counted() {
+    let mut p = open_pair();
+    p.w.transfer(want(1, W)).unwrap();
+    // The same 64 KiB at offset 0, over and over: its offsets stay inside the credit, its
+    // bytes do not (the offsets' order is the transfer's rule, the bytes the connection's).
+    for _ in 0..4 {
+        chunk_in(&mut p.w, 1, 0, 64 * 1024).unwrap();
+    }
+    let err = chunk_in(&mut p.w, 1, 0, 64 * 1024).unwrap_err();
+    assert!(
+        matches!(violation(&err), Some(Violation::ChunkOverCredit { id: 1, end, .. }) if *end == 5 * 64 * 1024),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_huge_offset_is_beyond_the_credit() {
+    for offset in [u64::from(W), u64::MAX - 10, u64::MAX] {
+        let mut p = open_pair();
+        p.w.transfer(want(1, W)).unwrap();
+        let err = chunk_in(&mut p.w, 1, offset, 100).unwrap_err();
+        assert!(
+            matches!(
+                violation(&err),
+                Some(Violation::ChunkOverCredit { id: 1, .. })
+            ),
+            "{offset}: {err}"
+        );
+    }
+}
+
+#[test]
+fn an_empty_chunk_is_only_the_whole_of_an_empty_file() {
+    // An empty file: its one empty chunk, then Done.
+    let mut p = open_pair();
+    p.w.transfer(want(1, W)).unwrap();
+    chunk_in(&mut p.w, 1, 0, 0).unwrap();
+    assert_eq!(chunks_delivered(&mut p.w), 1);
+    // A second one, or one after bytes, or at an offset: a flood of nothing is refused.
+    let err = chunk_in(&mut p.w, 1, 0, 0).unwrap_err();
+    assert_eq!(
+        violation(&err),
+        Some(&Violation::EmptyChunk { id: 1, offset: 0 })
+    );
+    let mut p = open_pair();
+    p.w.transfer(want(1, W)).unwrap();
+    chunk_in(&mut p.w, 1, 0, 10).unwrap();
+    let err = chunk_in(&mut p.w, 1, 10, 0).unwrap_err();
+    assert_eq!(
+        violation(&err),
+        Some(&Violation::EmptyChunk { id: 1, offset: 10 })
+    );
+    let mut p = open_pair();
+    p.w.transfer(want(1, W)).unwrap();
+    let err = chunk_in(&mut p.w, 1, 5, 0).unwrap_err();
+    assert_eq!(
+        violation(&err),
+        Some(&Violation::EmptyChunk { id: 1, offset: 5 })
+    );
+}
+
+#[test]
+fn after_this_sides_done_a_chunk_is_a_violation() {
+    let mut p = open_pair();
+    p.w.transfer(want(1, W)).unwrap();
+    chunk_in(&mut p.w, 1, 0, 100).unwrap();
+    p.w.transfer(Transfer::Done { id: 1 }).unwrap();
+    let err = chunk_in(&mut p.w, 1, 100, 100).unwrap_err();
+    assert_eq!(violation(&err), Some(&Violation::UnaskedChunk { id: 1 }));
+}
+
+#[test]
+fn after_the_senders_abort_a_chunk_is_a_violation() {
+    let mut p = open_pair();
+    p.w.transfer(want(1, W)).unwrap();
+    chunk_in(&mut p.w, 1, 0, 100).unwrap();
+    p.w.handle_message(Message::Transfer(Box::new(abort(1))), p.now)
+        .unwrap();
+    let err = chunk_in(&mut p.w, 1, 100, 100).unwrap_err();
+    assert_eq!(violation(&err), Some(&Violation::UnaskedChunk { id: 1 }));
+}
+
+#[test]
+fn chunks_in_flight_after_this_sides_abort_drain_up_to_the_credit_then_are_violations() {
+    let mut p = open_pair();
+    p.w.transfer(want(1, W)).unwrap();
+    stream_in(&mut p.w, 1, 0, 64 * 1024).unwrap();
+    p.w.transfer(ack(1, 64 * 1024)).unwrap();
+    assert_eq!(chunks_delivered(&mut p.w), 1);
+    // This side gives up; the sender had sent the rest of its credit before it read that:
+    // taken, and dropped (its owner no longer wants them).
+    p.w.transfer(abort(1)).unwrap();
+    stream_in(&mut p.w, 1, 64 * 1024, u64::from(W)).unwrap();
+    assert!(p.w.is_open());
+    assert_eq!(chunks_delivered(&mut p.w), 0, "dropped, not delivered");
+    // The credit is used up: the transfer is forgotten.
+    let err = chunk_in(&mut p.w, 1, u64::from(W) + 64 * 1024, 1).unwrap_err();
+    assert_eq!(violation(&err), Some(&Violation::UnaskedChunk { id: 1 }));
+    assert_eq!(p.w.credits.len(), 0);
+    // And while draining, the credit still holds.
+    let mut p = open_pair();
+    p.w.transfer(want(1, W)).unwrap();
+    p.w.transfer(abort(1)).unwrap();
+    let err = chunk_in(&mut p.w, 1, u64::from(W), 1).unwrap_err();
+    assert!(
+        matches!(
+            violation(&err),
+            Some(Violation::ChunkOverCredit { id: 1, .. })
+        ),
+        "{err}"
+    );
+}
+
+#[test]
+fn an_abort_after_the_last_byte_leaves_nothing_to_drain() {
+    // A file whose hash did not match: every byte came, then this side's Abort.
+    let mut p = open_pair();
+    p.w.transfer(want(1, W)).unwrap();
+    stream_in(&mut p.w, 1, 0, u64::from(W)).unwrap();
+    p.w.transfer(abort(1)).unwrap();
+    assert_eq!(p.w.credits.len(), 0);
+}
+
+#[test]
+fn an_id_asked_for_again_after_an_abort_takes_the_old_chunks_still_coming_and_the_new_ones() {
+    let mut p = open_pair();
+    p.w.transfer(want(1, W)).unwrap();
+    stream_in(&mut p.w, 1, 0, 64 * 1024).unwrap();
+    p.w.transfer(abort(1)).unwrap();
+    // The sender offered again under the same id (its new Offer overtook the chunks it had
+    // queued before it read the Abort), and this side wants it again.
+    p.w.transfer(want(1, W)).unwrap();
+    stream_in(&mut p.w, 1, 64 * 1024, 2 * 64 * 1024).unwrap();
+    stream_in(&mut p.w, 1, 0, u64::from(W)).unwrap();
+    stream_in(&mut p.w, 1, 3 * 64 * 1024, 64 * 1024).unwrap();
+    assert!(p.w.is_open());
+    // Both credits used up: one byte more is over.
+    let err = chunk_in(&mut p.w, 1, 0, 1).unwrap_err();
+    assert!(
+        matches!(
+            violation(&err),
+            Some(Violation::ChunkOverCredit { id: 1, .. })
+        ),
+        "{err}"
+    );
+}
+
+#[test]
+fn transfers_given_up_are_remembered_at_most_max_draining_at_a_time() {
+    let mut p = open_pair();
+    let n = 10 * MAX_DRAINING as u64;
+    for id in 1..=n {
+        p.w.transfer(want(id, W)).unwrap();
+        chunk_in(&mut p.w, id, 0, 100).unwrap();
+        p.w.transfer(abort(id)).unwrap();
+        assert!(p.w.credits.len() <= MAX_DRAINING, "{}", p.w.credits.len());
+    }
+    // The last ones still drain; the oldest is forgotten.
+    chunk_in(&mut p.w, n, 100, 100).unwrap();
+    chunk_in(&mut p.w, n + 1 - MAX_DRAINING as u64, 100, 100).unwrap();
+    let err = chunk_in(&mut p.w, n - MAX_DRAINING as u64, 100, 100).unwrap_err();
+    assert!(
+        matches!(violation(&err), Some(Violation::UnaskedChunk { .. })),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_peers_own_wants_fetches_acks_and_offers_give_it_no_credit_and_no_table_entry() {
+    let mut p = open_pair();
+    let hash = crate::transfer::hash_bytes(b"x");
+    for id in 0..10_000u64 {
+        let msgs = [
+            abort(id),
+            Transfer::Done { id },
+            want(id, u32::MAX),
+            Transfer::Fetch {
+                id,
+                hash,
+                window: u32::MAX,
+            },
+            ack(id, u64::MAX),
+            Transfer::Offer { id, hash, size: 1 },
+        ];
+        for t in msgs {
+            p.w.handle_message(Message::Transfer(Box::new(t)), p.now)
+                .unwrap();
+        }
+    }
+    assert_eq!(p.w.credits.len(), 0);
+    Pair::events(&mut p.w);
+    let err = chunk_in(&mut p.w, 5, 0, 100).unwrap_err();
+    assert_eq!(violation(&err), Some(&Violation::UnaskedChunk { id: 5 }));
+}
+
+#[test]
+fn many_transfers_open_at_once_each_keep_their_own_credit() {
+    let mut p = open_pair();
+    for id in 1..=8 {
+        p.w.transfer(want(id, W)).unwrap();
+    }
+    // Interleaved, each up to its own credit.
+    for k in 0..4u64 {
+        for id in 1..=8 {
+            chunk_in(&mut p.w, id, k * 64 * 1024, 64 * 1024).unwrap();
+        }
+    }
+    assert_eq!(chunks_delivered(&mut p.w), 32);
+    // One's credit is not another's: transfer 3 is full even though 9 was never asked for.
+    let err = chunk_in(&mut p.w, 3, u64::from(W), 1).unwrap_err();
+    assert!(
+        matches!(
+            violation(&err),
+            Some(Violation::ChunkOverCredit { id: 3, .. })
+        ),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_coordinator_fetching_an_output_keeps_the_node_to_its_credit_too() {
+    // The other direction: the initiator fetches, the acceptor sends.
+    let mut p = open_pair();
+    p.c.transfer(Transfer::Fetch {
+        id: 3,
+        hash: crate::transfer::hash_bytes(b"x"),
+        window: W,
+    })
+    .unwrap();
+    p.drive().unwrap();
+    stream_in(&mut p.c, 3, 0, u64::from(W)).unwrap();
+    assert_eq!(chunks_delivered(&mut p.c), 4);
+    let err = chunk_in(&mut p.c, 3, u64::from(W), 64 * 1024).unwrap_err();
+    assert!(
+        matches!(
+            violation(&err),
+            Some(Violation::ChunkOverCredit { id: 3, .. })
+        ),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_whole_transfer_between_the_state_machines_keeps_to_the_credit() {
+    // The Sender and Receiver of p2p_core::transfer through two connections: a file of
+    // several windows, acked as the receiver says, ends with Done and leaves no entry.
+    use crate::transfer::{Received, Receiver, Sender};
+    let mut p = open_pair();
+    let file: Vec<u8> = (0..(3 * W as usize + 12_345)).map(|i| i as u8).collect();
+    let hash = crate::transfer::hash_bytes(&file);
+    let mut s = Sender::offered(9, file.len() as u64, crate::transfer::SEND_CHUNK);
+    let mut r = Receiver::new(9, hash, file.len() as u64, W, u64::MAX).unwrap();
+    let Message::Transfer(want) = r.want() else {
+        unreachable!()
+    };
+    p.w.transfer(*want).unwrap();
+    p.drive().unwrap();
+    Pair::events(&mut p.c);
+    s.on_want(W).unwrap();
+    let mut got = Vec::new();
+    let mut rounds = 0;
+    while !r.is_complete() {
+        rounds += 1;
+        assert!(rounds < 10_000);
+        while let Some((off, len)) = s.poll_read() {
+            let Message::Transfer(c) = s
+                .chunk(off, file[off as usize..off as usize + len].to_vec())
+                .unwrap()
+            else {
+                unreachable!()
+            };
+            p.c.transfer(*c).unwrap();
+        }
+        p.drive().unwrap();
+        for e in Pair::events(&mut p.w) {
+            let Event::Transfer(t) = e else { continue };
+            let Transfer::Chunk { offset, data, .. } = *t else {
+                continue;
+            };
+            match r.on_chunk(offset, &data).unwrap() {
+                Received::Write(b) | Received::Complete(b) => got.extend_from_slice(b),
+            }
+            if let Some(Message::Transfer(a)) = r.poll_ack() {
+                p.w.transfer(*a).unwrap();
+            }
+        }
+        p.drive().unwrap();
+        for e in Pair::events(&mut p.c) {
+            if let Event::Transfer(t) = e {
+                if let Transfer::Ack { received, .. } = *t {
+                    s.on_ack(received).unwrap();
+                }
+            }
+        }
+    }
+    assert_eq!(got, file);
+    let Message::Transfer(done) = r.done() else {
+        unreachable!()
+    };
+    p.w.transfer(*done).unwrap();
+    assert_eq!(p.w.credits.len(), 0);
+    assert!(p.w.is_open() && p.c.is_open());
+}
+
+#[test]
+fn two_connections_keep_their_credits_apart() {
+    let mut a = open_pair();
+    let mut b = open_pair();
+    a.w.transfer(want(5, W)).unwrap();
+    let err = chunk_in(&mut b.w, 5, 0, 100).unwrap_err();
+    assert_eq!(violation(&err), Some(&Violation::UnaskedChunk { id: 5 }));
+    chunk_in(&mut a.w, 5, 0, 100).unwrap();
 }
