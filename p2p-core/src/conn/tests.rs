@@ -682,6 +682,14 @@ fn violation(e: &Error) -> Option<&Violation> {
     }
 }
 
+/// The transfer id of a chunk-over-credit violation, if that is what `e` is.
+fn over_credit(e: &Error) -> Option<u64> {
+    match violation(e) {
+        Some(Violation::ChunkOverCredit { id, .. }) => Some(*id),
+        _ => None,
+    }
+}
+
 #[test]
 fn a_hosted_request_gets_answers_until_a_final_one_then_another_may_follow() {
     use crate::hosted::{Hosted, RunEnd, RunState};
@@ -964,13 +972,7 @@ fn a_huge_offset_is_beyond_the_credit() {
         let mut p = open_pair();
         p.w.transfer(want(1, W)).unwrap();
         let err = chunk_in(&mut p.w, 1, offset, 100).unwrap_err();
-        assert!(
-            matches!(
-                violation(&err),
-                Some(Violation::ChunkOverCredit { id: 1, .. })
-            ),
-            "{offset}: {err}"
-        );
+        assert_eq!(over_credit(&err), Some(1), "{offset}: {err}");
     }
 }
 
@@ -1047,13 +1049,7 @@ fn chunks_in_flight_after_this_sides_abort_drain_up_to_the_credit_then_are_viola
     p.w.transfer(want(1, W)).unwrap();
     p.w.transfer(abort(1)).unwrap();
     let err = chunk_in(&mut p.w, 1, u64::from(W), 1).unwrap_err();
-    assert!(
-        matches!(
-            violation(&err),
-            Some(Violation::ChunkOverCredit { id: 1, .. })
-        ),
-        "{err}"
-    );
+    assert_eq!(over_credit(&err), Some(1), "{err}");
 }
 
 #[test]
@@ -1081,13 +1077,7 @@ fn an_id_asked_for_again_after_an_abort_takes_the_old_chunks_still_coming_and_th
     assert!(p.w.is_open());
     // Both credits used up: one byte more is over.
     let err = chunk_in(&mut p.w, 1, 0, 1).unwrap_err();
-    assert!(
-        matches!(
-            violation(&err),
-            Some(Violation::ChunkOverCredit { id: 1, .. })
-        ),
-        "{err}"
-    );
+    assert_eq!(over_credit(&err), Some(1), "{err}");
 }
 
 #[test]
@@ -1153,13 +1143,7 @@ fn many_transfers_open_at_once_each_keep_their_own_credit() {
     assert_eq!(chunks_delivered(&mut p.w), 32);
     // One's credit is not another's: transfer 3 is full even though 9 was never asked for.
     let err = chunk_in(&mut p.w, 3, u64::from(W), 1).unwrap_err();
-    assert!(
-        matches!(
-            violation(&err),
-            Some(Violation::ChunkOverCredit { id: 3, .. })
-        ),
-        "{err}"
-    );
+    assert_eq!(over_credit(&err), Some(3), "{err}");
 }
 
 #[test]
@@ -1176,13 +1160,7 @@ fn a_coordinator_fetching_an_output_keeps_the_node_to_its_credit_too() {
     stream_in(&mut p.c, 3, 0, u64::from(W)).unwrap();
     assert_eq!(chunks_delivered(&mut p.c), 4);
     let err = chunk_in(&mut p.c, 3, u64::from(W), 64 * 1024).unwrap_err();
-    assert!(
-        matches!(
-            violation(&err),
-            Some(Violation::ChunkOverCredit { id: 3, .. })
-        ),
-        "{err}"
-    );
+    assert_eq!(over_credit(&err), Some(3), "{err}");
 }
 
 #[test]
