@@ -124,6 +124,13 @@ impl Credits {
         }
         g.draining = true;
         self.draining.push_back((id, g.nth));
+        if self.draining.len() > MAX_DRAINING {
+            // Entries of grants already gone (their credit used, their id asked for again)
+            // do not count against the cap: only live draining grants are evicted.
+            let grants = &self.grants;
+            self.draining
+                .retain(|&(id, nth)| grants.get(&id).is_some_and(|g| g.draining && g.nth == nth));
+        }
         while self.draining.len() > MAX_DRAINING {
             if let Some((old, nth)) = self.draining.pop_front() {
                 if self
@@ -183,5 +190,54 @@ impl Credits {
     #[cfg(test)]
     pub(super) fn len(&self) -> usize {
         self.grants.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    /// Gives up transfer `id` with `window` bytes of credit and `sent` of them received.
+    fn given_up(c: &mut Credits, id: u64, window: u32, sent: usize) {
+        c.ask(id, window);
+        if sent > 0 {
+            assert_eq!(c.chunk(id, 0, sent), Ok(Take::Deliver));
+        }
+        c.abort(id);
+    }
+
+    /// Transfers given up whose credit was then used are gone: they do not push a live
+    /// draining grant out of the cap, however many of them there were.
+    #[test]
+    fn drained_grants_do_not_count_against_the_draining_cap() {
+        let mut c = Credits::default();
+        // Live: 10 of its 20 bytes of credit may still come.
+        given_up(&mut c, 1, 20, 10);
+        // Many more given up, each drained to its last byte (gone, but still in the queue).
+        for id in 2..2 + 3 * MAX_DRAINING as u64 {
+            given_up(&mut c, id, 10, 5);
+            assert_eq!(c.chunk(id, 5, 5), Ok(Take::Drop));
+        }
+        assert_eq!(c.len(), 1);
+        // One more live one: the first is still remembered, and its late chunk is dropped.
+        given_up(&mut c, 1_000, 10, 0);
+        assert_eq!(c.chunk(1, 10, 10), Ok(Take::Drop));
+        assert!(c.draining.len() <= MAX_DRAINING);
+    }
+
+    /// Past the cap of live draining grants, the oldest is forgotten: a late chunk of it is
+    /// a violation, the newer ones' chunks are still dropped quietly.
+    #[test]
+    fn past_the_cap_the_oldest_live_draining_grant_is_forgotten() {
+        let mut c = Credits::default();
+        for id in 0..=MAX_DRAINING as u64 {
+            given_up(&mut c, id, 10, 0);
+        }
+        assert_eq!(c.chunk(0, 0, 10), Err(Violation::UnaskedChunk { id: 0 }));
+        assert_eq!(c.chunk(1, 0, 10), Ok(Take::Drop));
+        assert_eq!(c.chunk(MAX_DRAINING as u64, 0, 10), Ok(Take::Drop));
+        assert_eq!(c.len(), MAX_DRAINING - 2);
     }
 }
