@@ -600,3 +600,89 @@ fn a_non_loopback_listen_needs_a_key_or_insecure() {
     tasks(dir.path(), "a1");
     assert_keyed_run_succeeds(dir.path(), &key, &mut keyed, 1, "non-loopback with key");
 }
+
+/// A peer that holds the cluster key, finishes the handshake and then streams file chunks
+/// of a transfer the node never asked for: with a key the node decrypts each chunk in place
+/// in its read buffer before the connection's credit check sees it, and that check still
+/// closes the connection at the first chunk. The node's memory stays bounded, it names the
+/// violation, and keyed runs go on.
+#[test]
+fn a_keyed_peer_streaming_chunks_of_no_transfer_is_dropped_at_the_first() {
+    use p2p_core::net::{self, Command, LinkEvent, Settings};
+    let dir = tempfile::tempdir().unwrap();
+    let key = keygen(dir.path(), "k");
+    let log = dir.path().join("log");
+    let mut s = keyed(dir.path(), &key, &log, &[]);
+    tasks(dir.path(), "a1");
+    assert_keyed_run_succeeds(dir.path(), &key, &mut s, 1, "before the flood");
+    let text = std::fs::read_to_string(&key).unwrap();
+    let mut settings = Settings::default();
+    settings.key = Some(p2p_core::ClusterKey::parse(&text, &key).unwrap());
+    let me = p2p_core::Identity::generate();
+    let mut hello = tests::hello("default");
+    hello.node_id = me.node_id();
+    settings.identity = Some(me);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let addr = s.addr;
+    let (sent, closed) = rt.block_on(async move {
+        let (tx, mut rx) = tokio::sync::mpsc::channel(1024);
+        let link = net::connect(addr, hello, &settings, 1, tx)
+            .await
+            .expect("the keyed handshake completes");
+        let closed = tokio::spawn(async move {
+            while let Some((_, ev)) = rx.recv().await {
+                if let LinkEvent::Closed { error } = ev {
+                    return Some(error.map(|e| e.to_string()));
+                }
+            }
+            None
+        });
+        // 256 MiB at most, 30 s at most: the node must close long before.
+        let data = bytes::Bytes::from(vec![0x5a; 63 * 1024]);
+        let started = Instant::now();
+        let mut sent = 0u64;
+        while sent < 256 << 20 && started.elapsed() < Duration::from_secs(30) {
+            let chunk = p2p_core::Transfer::Chunk {
+                id: 7,
+                offset: sent,
+                data: data.clone(),
+            };
+            if link
+                .send_within(Command::Transfer(Box::new(chunk)), Duration::from_secs(5))
+                .await
+                .is_err()
+            {
+                break;
+            }
+            sent += data.len() as u64;
+        }
+        let closed = tokio::time::timeout(WAIT, closed).await;
+        (sent, closed.ok().and_then(Result::ok).flatten())
+    });
+    assert!(
+        closed.is_some(),
+        "the node kept a keyed connection that sent {sent} bytes of chunks nobody asked for"
+    );
+    assert!(
+        sent < 256 << 20,
+        "the node took all {sent} bytes of chunks of no transfer"
+    );
+    assert!(
+        s.stderr
+            .wait_for(WAIT, |l| l.contains("did not ask for"))
+            .is_some(),
+        "the node never named the violation:\n{}",
+        s.stderr.text()
+    );
+    let peak = tests::peak_rss_kb(s.pid()).unwrap_or(0);
+    eprintln!(
+        "{} KiB of chunks sent before the close; node peak RSS {peak} kB",
+        sent >> 10
+    );
+    // As bad_peers' chunk floods: the node's own memory plus about a credit window.
+    assert!(peak < 40 * 1024, "peak RSS {peak} kB: not bounded");
+    assert_keyed_run_succeeds(dir.path(), &key, &mut s, 1, "after the flood");
+}
