@@ -15,6 +15,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
+use bytes::Bytes;
 use p2p_core::message::{AbortReason, PlacedFile, ProducedFile, StreamFile};
 use p2p_core::net::{Command, Link};
 use p2p_core::transfer::{self, Hasher, Receiver, Sender, DEFAULT_WINDOW};
@@ -129,22 +130,42 @@ impl Drop for WriterPermit {
     }
 }
 
-/// The bytes of an incoming file that go to its writer thread at once: 1 MiB. The
-/// connection's thread copies each chunk into the batch, so the chunks' own buffers are
-/// freed on the thread that allocated them, the writer hashes whole mebibytes (BLAKE3's
-/// tree stays on its widest SIMD path: 63 KiB pieces cost it about a quarter more) and
-/// writes each batch with one system call, and the hand-over (a wake-up of one thread or
-/// the other) is paid once a mebibyte. Chunks handed over in batches of four instead made a
-/// receiving node switch threads 11,000 times a GiB; batches of sixteen chunks freed on the
-/// writer's thread made glibc give memory back and fault it in again (17,000 page faults a
-/// GiB, against 1,800), which the recycled batches below avoid.
+/// The bytes of an incoming file that go to its writer thread at once: about 1 MiB of its
+/// chunks (seventeen of a sender's 63 KiB), handed over as they came, slices of the
+/// connection's read buffers (with or without a key: `FrameCodec::share_chunks`), so no
+/// byte of them is copied on the connection's thread; the writer hashes them and writes
+/// them with `writev`, then drops them, which lets the codec take their read buffers
+/// again. The hand-over (a wake-up of one thread or the other) is paid once a mebibyte:
+/// chunks handed over four at a time made a receiving node switch threads 11,000 times a
+/// GiB. The chunks' memory is the codec's recycled read buffers, so dropping them on the
+/// writer's thread frees nothing (freeing chunks of their own there, sixteen at a time,
+/// made glibc give memory back and fault it in again: 17,000 page faults a GiB against
+/// 1,800).
 const BATCH_BYTES: usize = 1024 * 1024;
 
-/// Batch buffers of one incoming file, recycled between its two threads: one filling, one
-/// queued, one being written. When all are out, the connection waits for the disk (as it
-/// did when every write was made inline), so memory stays bounded (this many
-/// [`BATCH_BYTES`], 3 MiB, per file).
+/// Most chunks in one batch, whatever their size: a peer sending tiny chunks makes small
+/// batches handed over more often, not a batch of a million chunks.
+const BATCH_CHUNKS: usize = 64;
+
+/// Batches of one incoming file out at once: one filling, one queued, one being written.
+/// When all are out, the connection waits for the disk (as it did when every write was
+/// made inline), so what one file holds in its writer's hands stays bounded: this many
+/// batches, at most [`BATCH_BYTES`] (plus one chunk) or [`BATCH_CHUNKS`] chunks each, and
+/// the read buffers they pin (the sharing codec's parked buffers, a fixed pool: past it
+/// the codec copies chunks out rather than pin more).
 const BATCH_BUFFERS: usize = 3;
+
+/// The writer thread hashes and then writes this many bytes of a batch at once (one
+/// `writev`), so what the hash read is still in the core's cache when the write copies it.
+const WRITE_PIECE: usize = 256 * 1024;
+
+/// The writer thread feeds BLAKE3 pieces that start and end on multiples of this many
+/// bytes of the file ([`EdgeHasher`]): BLAKE3 hashes a piece in subtrees no larger than the
+/// piece's offset allows, so 63 KiB pieces fall back to narrow SIMD at their edges (1, 2,
+/// 4 KiB subtrees: an eighth to a third more hashing, measured). 16 KiB is AVX-512's
+/// widest batch of BLAKE3 chunks; what is staged is at most this much a chunk, copied in a
+/// buffer that stays in the core's cache.
+const HASH_EDGE: usize = 16 * 1024;
 
 /// Where an incoming file's bytes are hashed and written: inline for a small file, else by
 /// a thread of its own, so the hash and the disk's writes overlap with the socket's reads
@@ -152,109 +173,210 @@ const BATCH_BUFFERS: usize = 3;
 /// (the thread ends with the queue).
 enum Writer {
     Inline(tempfile::NamedTempFile, Box<Hasher>),
-    Thread(Box<ThreadWriter>),
+    Thread(Box<ThreadWriter<tempfile::NamedTempFile>>),
 }
 
-/// A [`Writer`] with a thread of its own.
-struct ThreadWriter {
+/// A [`Writer`] with a thread of its own, writing into `W`.
+struct ThreadWriter<W> {
     /// Full batches to the thread (at most one waiting).
-    queue: Option<std::sync::mpsc::SyncSender<Vec<u8>>>,
-    /// Batches the thread wrote, back for refilling.
-    back: std::sync::mpsc::Receiver<Vec<u8>>,
-    /// The batch being filled (at most [`BATCH_BYTES`]).
-    batch: Vec<u8>,
-    /// Batch buffers made so far (at most [`BATCH_BUFFERS`]).
+    queue: Option<std::sync::mpsc::SyncSender<Vec<Bytes>>>,
+    /// Batches the thread wrote (emptied), back for refilling.
+    back: std::sync::mpsc::Receiver<Vec<Bytes>>,
+    /// The batch being filled.
+    batch: Vec<Bytes>,
+    /// Bytes in `batch`.
+    bytes: usize,
+    /// Batches made so far (at most [`BATCH_BUFFERS`]).
     made: usize,
-    done: Option<WriterThread>,
+    done: Option<std::thread::JoinHandle<(W, Hasher, std::io::Result<()>)>>,
 }
 
-type WriterThread = std::thread::JoinHandle<(tempfile::NamedTempFile, Hasher, std::io::Result<()>)>;
+/// A hasher fed in pieces whose edges are multiples of [`HASH_EDGE`] bytes of the stream
+/// (but the last): the bytes around an edge inside a chunk are staged. Hashes what it is
+/// fed in order, however it is cut (a test checks this against one `hash_bytes`).
+#[derive(Default)]
+struct EdgeHasher {
+    hasher: Hasher,
+    /// The bytes since the last edge when they did not reach the next one (under
+    /// [`HASH_EDGE`]).
+    stage: Vec<u8>,
+}
+
+impl EdgeHasher {
+    fn update(&mut self, mut data: &[u8]) {
+        if !self.stage.is_empty() {
+            let take = (HASH_EDGE - self.stage.len()).min(data.len());
+            let (head, rest) = data.split_at(take);
+            self.stage.extend_from_slice(head);
+            data = rest;
+            if self.stage.len() < HASH_EDGE {
+                return;
+            }
+            self.hasher.update(&self.stage);
+            self.stage.clear();
+        }
+        let (whole, tail) = data.split_at(data.len() - data.len() % HASH_EDGE);
+        if !whole.is_empty() {
+            self.hasher.update(whole);
+        }
+        if !tail.is_empty() {
+            if self.stage.capacity() == 0 {
+                self.stage.reserve_exact(HASH_EDGE);
+            }
+            self.stage.extend_from_slice(tail);
+        }
+    }
+
+    fn finish(mut self) -> Hasher {
+        self.hasher.update(&self.stage);
+        self.hasher
+    }
+}
+
+/// Writes all of `bufs` with vectored writes (`writev`), however much each call takes.
+fn write_all_vectored<W: Write>(
+    w: &mut W,
+    mut bufs: &mut [std::io::IoSlice<'_>],
+) -> std::io::Result<()> {
+    std::io::IoSlice::advance_slices(&mut bufs, 0);
+    while !bufs.is_empty() {
+        match w.write_vectored(bufs) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => std::io::IoSlice::advance_slices(&mut bufs, n),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// The writer thread's work: hashes and writes every batch that comes, a
+/// [`WRITE_PIECE`] at a time, then drops its chunks and gives the emptied batch back.
+/// Stops at the first error (the queue closes: the connection's side sees it at its next
+/// hand-over) or when the queue ends.
+fn write_batches<W: Write>(
+    file: &mut W,
+    batches: &std::sync::mpsc::Receiver<Vec<Bytes>>,
+    give_back: &std::sync::mpsc::Sender<Vec<Bytes>>,
+) -> (Hasher, std::io::Result<()>) {
+    let mut hasher = EdgeHasher::default();
+    for mut batch in batches {
+        let mut from = 0;
+        while from < batch.len() {
+            let mut to = from;
+            let mut bytes = 0;
+            while to < batch.len() && bytes < WRITE_PIECE && to - from < BATCH_CHUNKS {
+                bytes += batch[to].len();
+                to += 1;
+            }
+            let piece = &batch[from..to];
+            for c in piece {
+                hasher.update(c);
+            }
+            // A piece is at most BATCH_CHUNKS chunks: room for all of them here (what is
+            // hashed is what is written).
+            let mut io = [std::io::IoSlice::new(&[]); BATCH_CHUNKS];
+            for (s, c) in io.iter_mut().zip(piece) {
+                *s = std::io::IoSlice::new(c);
+            }
+            let r = write_all_vectored(file, &mut io[..piece.len()]);
+            if let Err(e) = r {
+                return (hasher.finish(), Err(e));
+            }
+            from = to;
+        }
+        // The chunks go here: their read buffers are the codec's to take again.
+        batch.clear();
+        // The connection's side may be gone (the transfer ended): then the batch is freed
+        // here.
+        let _ = give_back.send(batch);
+    }
+    (hasher.finish(), Ok(()))
+}
 
 impl Writer {
     fn new(file: tempfile::NamedTempFile, size: u64) -> std::io::Result<Writer> {
-        let permit = match WriterPermit::take() {
-            Some(p) if size > THREADED_WRITE => p,
-            _ => return Ok(Writer::Inline(file, Box::default())),
-        };
-        let (queue, batches) = std::sync::mpsc::sync_channel::<Vec<u8>>(1);
-        let (give_back, back) = std::sync::mpsc::channel::<Vec<u8>>();
-        let mut file = file;
-        let done = std::thread::Builder::new()
-            .name("p2p-write".into())
-            .spawn(move || {
-                let _permit = permit;
-                let mut hasher = Hasher::new();
-                let mut r = Ok(());
-                'batches: for mut batch in batches {
-                    // Hashed and written a quarter at a time, so what the hash read is
-                    // still in this core's cache when the write copies it.
-                    for piece in batch.chunks(BATCH_BYTES / 4) {
-                        hasher.update(piece);
-                        if let Err(e) = file.write_all(piece) {
-                            r = Err(e);
-                            break 'batches;
-                        }
-                    }
-                    batch.clear();
-                    // The connection's side may be gone (the transfer ended): then the
-                    // buffer is freed here.
-                    let _ = give_back.send(batch);
-                }
-                (file, hasher, r)
-            })?;
-        Ok(Writer::Thread(Box::new(ThreadWriter {
-            queue: Some(queue),
-            back,
-            batch: Vec::with_capacity(BATCH_BYTES),
-            made: 1,
-            done: Some(done),
-        })))
+        match WriterPermit::take() {
+            Some(p) if size > THREADED_WRITE => Ok(Writer::Thread(Box::new(ThreadWriter::spawn(
+                file,
+                Some(p),
+            )?))),
+            _ => Ok(Writer::Inline(file, Box::default())),
+        }
     }
 
-    /// Hashes and writes `data` at the end, or copies it into the batch for the thread
-    /// (waiting, at the disk's pace, while every batch buffer is out). An error of the
-    /// thread comes from here or from [`Writer::finish`].
-    fn write(&mut self, mut data: &[u8]) -> std::io::Result<()> {
-        let t = match self {
+    /// Hashes and writes `data` at the end, or adds it to the batch for the thread
+    /// (waiting, at the disk's pace, while every batch is out). An error of the thread
+    /// comes from here or from [`Writer::finish`].
+    fn write(&mut self, data: Bytes) -> std::io::Result<()> {
+        match self {
             Writer::Inline(f, h) => {
-                h.update(data);
-                return f.write_all(data);
+                h.update(&data);
+                f.write_all(&data)
             }
-            Writer::Thread(t) => t,
-        };
-        while !data.is_empty() {
-            let room = BATCH_BYTES - t.batch.len();
-            let (now, rest) = data.split_at(room.min(data.len()));
-            t.batch.extend_from_slice(now);
-            data = rest;
-            if t.batch.len() == BATCH_BYTES {
-                t.hand_over()?;
-            }
+            Writer::Thread(t) => t.write(data),
         }
-        Ok(())
     }
 
     /// Waits for every byte to be written; the file and the hash of its bytes.
     fn finish(self) -> std::io::Result<(tempfile::NamedTempFile, ContentHash)> {
         match self {
             Writer::Inline(f, h) => Ok((f, h.finish())),
-            Writer::Thread(mut t) => {
-                if !t.batch.is_empty() {
-                    t.hand_over()?;
-                }
-                drop(t.queue.take());
-                match t.done.take().map(std::thread::JoinHandle::join) {
-                    Some(Ok((f, h, Ok(())))) => Ok((f, h.finish())),
-                    Some(Ok((_, _, Err(e)))) => Err(e),
-                    _ => Err(std::io::Error::other("the file's writer stopped")),
-                }
-            }
+            Writer::Thread(t) => t.finish(),
         }
     }
 }
 
-impl ThreadWriter {
-    /// Gives the thread the batch filled so far and takes an empty one: a buffer the thread
+impl<W: Write + Send + 'static> ThreadWriter<W> {
+    /// A thread writing into `file`, holding `permit` (its place among [`MAX_WRITERS`])
+    /// while it runs.
+    fn spawn(mut file: W, permit: Option<WriterPermit>) -> std::io::Result<ThreadWriter<W>> {
+        let (queue, batches) = std::sync::mpsc::sync_channel::<Vec<Bytes>>(1);
+        let (give_back, back) = std::sync::mpsc::channel::<Vec<Bytes>>();
+        let done = std::thread::Builder::new()
+            .name("p2p-write".into())
+            .spawn(move || {
+                let _permit = permit;
+                let (hasher, r) = write_batches(&mut file, &batches, &give_back);
+                (file, hasher, r)
+            })?;
+        Ok(ThreadWriter {
+            queue: Some(queue),
+            back,
+            batch: Vec::with_capacity(BATCH_CHUNKS),
+            bytes: 0,
+            made: 1,
+            done: Some(done),
+        })
+    }
+
+    /// Adds `data` to the batch, and hands the batch over once full.
+    fn write(&mut self, data: Bytes) -> std::io::Result<()> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        self.bytes += data.len();
+        self.batch.push(data);
+        if self.bytes >= BATCH_BYTES || self.batch.len() >= BATCH_CHUNKS {
+            self.hand_over()?;
+        }
+        Ok(())
+    }
+
+    /// Waits for every byte to be written; the file and the hash of its bytes.
+    fn finish(mut self) -> std::io::Result<(W, ContentHash)> {
+        if !self.batch.is_empty() {
+            self.hand_over()?;
+        }
+        drop(self.queue.take());
+        match self.done.take().map(std::thread::JoinHandle::join) {
+            Some(Ok((f, h, Ok(())))) => Ok((f, h.finish())),
+            Some(Ok((_, _, Err(e)))) => Err(e),
+            _ => Err(std::io::Error::other("the file's writer stopped")),
+        }
+    }
+
+    /// Gives the thread the batch filled so far and takes an empty one: a batch the thread
     /// gave back, a new one while fewer than [`BATCH_BUFFERS`] exist, else the next one the
     /// thread gives back (waiting for it).
     fn hand_over(&mut self) -> std::io::Result<()> {
@@ -262,11 +384,12 @@ impl ThreadWriter {
             Ok(b) => Some(b),
             Err(_) if self.made < BATCH_BUFFERS => {
                 self.made += 1;
-                Some(Vec::with_capacity(BATCH_BYTES))
+                Some(Vec::with_capacity(BATCH_CHUNKS))
             }
             Err(_) => None,
         };
         let full = std::mem::take(&mut self.batch);
+        self.bytes = 0;
         let sent = self.queue.as_ref().is_some_and(|q| q.send(full).is_ok());
         let next = match next {
             Some(b) if sent => Some(b),
@@ -415,7 +538,7 @@ impl LinkFiles {
                     },
                 );
             }
-            Transfer::Chunk { id, offset, data } => self.on_chunk(&node, id, offset, &data, link),
+            Transfer::Chunk { id, offset, data } => self.on_chunk(&node, id, offset, data, link),
             Transfer::Ack { id, received } => {
                 if let Some(o) = self.outgoing.as_mut().filter(|o| o.sender.id() == id) {
                     if let Err(e) = o.sender.on_ack(received) {
@@ -474,13 +597,13 @@ impl LinkFiles {
         }
     }
 
-    fn on_chunk(&mut self, node: &NodeFiles, id: u64, offset: u64, data: &[u8], link: &Link) {
+    fn on_chunk(&mut self, node: &NodeFiles, id: u64, offset: u64, data: Bytes, link: &Link) {
         let Some(inc) = self.incoming.get_mut(&id) else {
             return;
         };
         // What the receiver accepts is the whole chunk, written as it came; the writer
         // hashes it (on its thread for a large file), and the hash is checked at the end.
-        let complete = match inc.receiver.on_chunk_unhashed(offset, data) {
+        let complete = match inc.receiver.on_chunk_unhashed(offset, &data) {
             Ok(last) => last,
             Err(e) => {
                 warn!(error = %e, "an input transfer failed");
@@ -827,10 +950,11 @@ mod tests {
             let bytes: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
             let parts: Vec<Vec<u8>> = bytes.chunks(piece).map(<[u8]>::to_vec).collect();
             for c in &parts {
-                w.write(c).unwrap();
+                w.write(Bytes::copy_from_slice(c)).unwrap();
                 if let Writer::Thread(t) = &w {
                     // Memory stays bounded whatever the file's size.
-                    assert!(t.made <= BATCH_BUFFERS && t.batch.capacity() <= BATCH_BYTES);
+                    assert!(t.made <= BATCH_BUFFERS);
+                    assert!(t.batch.len() < BATCH_CHUNKS && t.bytes < BATCH_BYTES);
                 }
             }
             let (f, hash) = w.finish().unwrap();
@@ -854,10 +978,10 @@ mod tests {
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let mut w = Writer::new(file, 64 << 20).unwrap();
-            let piece = vec![3u8; 63 * 1024];
+            let piece = Bytes::from(vec![3u8; 63 * 1024]);
             let mut r = Ok(());
             for _ in 0..1024 {
-                r = w.write(&piece);
+                r = w.write(piece.clone());
                 if r.is_err() {
                     break;
                 }
@@ -903,7 +1027,7 @@ mod tests {
         let file = tempfile::NamedTempFile::new_in(d.path()).unwrap();
         let path = file.path().to_path_buf();
         let mut w = Writer::new(file, 3 << 20).unwrap();
-        w.write(&[7u8; 65_536]).unwrap();
+        w.write(Bytes::from(vec![7u8; 65_536])).unwrap();
         drop(w);
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
         while path.exists() && std::time::Instant::now() < deadline {
@@ -929,6 +1053,158 @@ mod tests {
         while WRITERS.load(std::sync::atomic::Ordering::Acquire) > 0 {
             assert!(std::time::Instant::now() < deadline, "writer threads left");
             std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+
+    /// A sink whose writes each wait for a permit (all pass once the permits' sender is
+    /// gone), keeping what it was given.
+    struct Gate {
+        permits: std::sync::mpsc::Receiver<()>,
+        out: Arc<Mutex<Vec<u8>>>,
+    }
+
+    impl Write for Gate {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            let _ = self.permits.recv();
+            self.out.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A writer thread that does not keep up (its disk stalls) holds at most
+    /// BATCH_BUFFERS batches: the connection's side waits in `write` instead of handing it
+    /// more chunks (and pinning more read buffers). Once the disk goes on, every byte is
+    /// written in order and hashed.
+    #[test]
+    fn a_stalled_writer_holds_at_most_three_batches_and_then_writes_them_all() {
+        let (permit, permits) = std::sync::mpsc::channel();
+        let out = Arc::new(Mutex::new(Vec::new()));
+        let gate = Gate {
+            permits,
+            out: out.clone(),
+        };
+        let chunk = 63 * 1024;
+        let per_batch = BATCH_BYTES.div_ceil(chunk);
+        let n = 8 * per_batch;
+        let file: Vec<u8> = (0..n * chunk).map(|i| (i % 253) as u8).collect();
+        let file = Bytes::from(file);
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let pusher = {
+            let (file, accepted) = (file.clone(), accepted.clone());
+            std::thread::spawn(move || {
+                let mut w = ThreadWriter::spawn(gate, None).unwrap();
+                for i in 0..n {
+                    w.write(file.slice(i * chunk..(i + 1) * chunk)).unwrap();
+                    accepted.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+                }
+                w.finish().unwrap()
+            })
+        };
+        // One batch in the thread's write, one queued, one filling: two full batches are
+        // taken without waiting for the disk.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while accepted.load(std::sync::atomic::Ordering::Acquire) < 2 * per_batch {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the writer took too little"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        // Time for a writer without the bound to run ahead (it would take all n).
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let held = accepted.load(std::sync::atomic::Ordering::Acquire);
+        assert_eq!(BATCH_BUFFERS, 3);
+        assert!(held < 3 * per_batch, "{held} chunks taken");
+        assert!(out.lock().unwrap().is_empty());
+        // The disk goes on: a permit for the first write, then no more waiting.
+        permit.send(()).unwrap();
+        drop(permit);
+        let (_, hash) = pusher.join().unwrap();
+        assert_eq!(*out.lock().unwrap(), file[..]);
+        assert_eq!(hash, transfer::hash_bytes(&file));
+        // Every chunk the writer had was dropped: only `file` holds the bytes now.
+        assert!(file.is_unique());
+    }
+
+    /// Chunks decoded as slices of a sharing codec's read buffers (as every connection's
+    /// are) go to a writer that lags behind the connection: the codec goes on reading into
+    /// other buffers, and a buffer comes back to it only once no chunk in it is alive, so
+    /// the file is written as sent whatever the writer's pace (a buffer reused under a
+    /// chunk still queued would corrupt it). And the chunks in the batches are the read
+    /// buffers' bytes, not copies.
+    #[test]
+    fn chunks_written_from_the_read_buffers_are_never_overwritten_while_queued() {
+        use tokio_util::codec::{Decoder, Encoder};
+        struct Slow(Arc<Mutex<Vec<u8>>>);
+        impl Write for Slow {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                std::thread::sleep(std::time::Duration::from_micros(300));
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let len = (6 << 20) + 777;
+        let file: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
+        let mut codec = p2p_core::codec::FrameCodec::new(p2p_core::codec::DEFAULT_MAX_FRAME);
+        codec.share_chunks();
+        let mut wire = bytes::BytesMut::new();
+        for (i, piece) in file.chunks(63 * 1024).enumerate() {
+            let m = p2p_core::Message::Transfer(Box::new(Transfer::Chunk {
+                id: 9,
+                offset: (i * 63 * 1024) as u64,
+                data: Bytes::copy_from_slice(piece),
+            }));
+            codec.encode(&m, &mut wire).unwrap();
+        }
+        let out = Arc::new(Mutex::new(Vec::new()));
+        let mut w = ThreadWriter::spawn(Slow(out.clone()), None).unwrap();
+        let mut src = bytes::BytesMut::with_capacity(p2p_core::codec::CHUNK_READ_BUFFER);
+        let (mut shared, mut chunks) = (0, 0);
+        // Reads of odd sizes, as a socket gives them.
+        for read in wire.chunks(100_003) {
+            src.extend_from_slice(read);
+            while let Some(m) = codec.decode(&mut src).unwrap() {
+                let p2p_core::Message::Transfer(t) = m else {
+                    panic!("not a transfer: {m:?}");
+                };
+                let Transfer::Chunk { data, .. } = *t else {
+                    panic!("not a chunk");
+                };
+                chunks += 1;
+                shared += usize::from(!data.is_unique());
+                w.write(data).unwrap();
+            }
+        }
+        let (_, hash) = w.finish().unwrap();
+        assert_eq!(*out.lock().unwrap(), file);
+        assert_eq!(hash, transfer::hash_bytes(&file));
+        assert!(shared * 10 >= chunks * 9, "{shared} of {chunks} shared");
+    }
+
+    proptest::proptest! {
+        /// However a file's bytes are cut into pieces, the staged hasher hashes them as one.
+        #[test]
+        fn the_edge_hasher_hashes_any_cut_as_one(
+            cuts in proptest::collection::vec(0usize..70_000, 0..40),
+        ) {
+            let len: usize = cuts.iter().sum();
+            let bytes: Vec<u8> = (0..len).map(|i| (i % 249) as u8).collect();
+            let mut h = EdgeHasher::default();
+            let mut at = 0;
+            for c in &cuts {
+                h.update(&bytes[at..at + c]);
+                at += c;
+                proptest::prop_assert!(h.stage.len() < HASH_EDGE);
+                proptest::prop_assert_eq!(h.stage.len(), at % HASH_EDGE);
+            }
+            proptest::prop_assert_eq!(h.finish().finish(), transfer::hash_bytes(&bytes));
         }
     }
 }
