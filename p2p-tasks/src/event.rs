@@ -49,6 +49,16 @@ pub enum RunEvent {
     /// line). Carries nothing.
     #[serde(skip)]
     Flush,
+    /// This many tasks succeeded since the event before, reported by their number only:
+    /// a run with [`crate::RunOptions::success_events`] off sends this instead of their
+    /// [`RunEvent::TaskCompleted`]s, just before the next event of another kind (so a
+    /// count of finished tasks stays exact at every event), and its report holds their
+    /// results. Never serialized.
+    #[serde(skip)]
+    TasksSucceeded {
+        /// How many.
+        count: usize,
+    },
     /// The run starts (the first event of a run).
     RunStarted {
         /// The event schema's version, [`EVENT_SCHEMA`].
