@@ -1386,6 +1386,18 @@ mod tests {
         by_count.tally_counted(&report);
         assert_eq!(by_count.done, by_events.done);
         assert_eq!(by_count.done, 41);
+        // The failure's line, `[11/42]` in both, is the only one (not written out here).
+        assert_eq!(
+            String::from_utf8_lossy(&by_count.out),
+            String::from_utf8_lossy(&by_events.out)
+        );
+        assert!(
+            String::from_utf8_lossy(&by_count.out).starts_with("  [11/42] f FAILED"),
+            "{:?}",
+            String::from_utf8_lossy(&by_count.out)
+        );
+        by_count.out.clear();
+        by_events.out.clear();
         let rows = |r: &mut Rows| -> Vec<(String, usize, usize, f64)> {
             r.sorted()
                 .into_iter()
