@@ -1483,7 +1483,10 @@ async fn run(
         // Only `--json`, `--report` and `--metrics-listen` read assignments (the human and
         // quiet output show none): without them the run does not make an event a task for
         // them.
-        .assignment_events(a.json || a.report.is_some() || a.metrics_listen.is_some());
+        .assignment_events(a.json || a.report.is_some() || a.metrics_listen.is_some())
+        // `--quiet` shows no success (its tables take them from the report): without the
+        // readers above the run counts them instead of making an event a task.
+        .success_events(!a.quiet || a.report.is_some() || a.metrics_listen.is_some());
     p2p_tasks::runcore::validate(&tasks, &opts).map_err(|e| match e {
         p2p_tasks::RunError::Unsendable {
             task,

@@ -600,7 +600,10 @@ impl Host {
 
     fn event(&self, id: &str, ev: &RunEvent) {
         let json = match ev {
-            RunEvent::Phase(_) | RunEvent::Notice(_) | RunEvent::Flush => None,
+            RunEvent::Phase(_)
+            | RunEvent::Notice(_)
+            | RunEvent::Flush
+            | RunEvent::TasksSucceeded { .. } => None,
             ev => capped_json(ev),
         };
         lock(&self.inner.registry).event(id, ev, json);

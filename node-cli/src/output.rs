@@ -350,6 +350,12 @@ struct Rows {
 impl Rows {
     /// `key`'s tally, made empty the first time.
     fn get_mut(&mut self, key: &str) -> &mut Tally {
+        let i = self.index(key);
+        &mut self.rows[i].1
+    }
+
+    /// `key`'s place in `rows`, made the first time.
+    fn index(&mut self, key: &str) -> usize {
         let found = if self.rows.len() <= FEW_ROWS {
             self.rows.iter().position(|(k, _)| k == key)
         } else {
@@ -366,6 +372,29 @@ impl Rows {
                         .collect();
                 } else if i > FEW_ROWS {
                     self.index.insert(key.to_string(), i);
+                }
+                i
+            }
+        };
+        i
+    }
+
+    /// The row of a shared `key` (a result's node or type), found by the string's address
+    /// among the few `seen` so far (the results of a run share a handful of `Arc<str>`s,
+    /// alive while the report is) and by its text the first time.
+    fn shared(
+        &mut self,
+        seen: &mut Vec<(*const u8, usize)>,
+        key: &Arc<str>,
+        text: fn(&str) -> &str,
+    ) -> &mut Tally {
+        let at = key.as_ptr();
+        let i = match seen.iter().find(|(p, _)| *p == at) {
+            Some(&(_, i)) => i,
+            None => {
+                let i = self.index(text(key));
+                if seen.len() < FEW_ROWS {
+                    seen.push((at, i));
                 }
                 i
             }
@@ -405,6 +434,9 @@ pub struct Printer {
     allow_bar: bool,
     by_node: Rows,
     by_type: Rows,
+    /// Successes came counted ([`RunEvent::TasksSucceeded`]), not one by one: the tables
+    /// take them from the report.
+    counted: bool,
     /// The time of `--json` lines.
     stamp: Stamp,
     taps: Taps,
@@ -445,6 +477,7 @@ impl Printer {
             allow_bar: format == Format::Human && std::io::stderr().is_terminal(),
             by_node: Rows::default(),
             by_type: Rows::default(),
+            counted: false,
             stamp: Stamp::default(),
             taps: Taps::default(),
             in_process: Default::default(),
@@ -501,6 +534,12 @@ impl Printer {
             self.done += 1;
         }
         match ev {
+            RunEvent::TasksSucceeded { count } => {
+                // Nothing to show: counted for `[k/N]`, tallied from the report.
+                self.done += count;
+                self.counted = true;
+                return;
+            }
             RunEvent::Notice(n) => {
                 self.line_err(&escape(n));
                 return;
@@ -668,9 +707,26 @@ impl Printer {
         if self.format == Format::Human {
             let _ = task_table(&mut out, report);
         }
+        self.tally_counted(report);
         let speeds = speed_column(report);
         let _ = tally_table(&mut out, "NODE", &mut self.by_node, Some(&speeds));
         let _ = tally_table(&mut out, "TYPE", &mut self.by_type, None);
+    }
+
+    /// Tallies the successes that came as a count ([`RunEvent::TasksSucceeded`]) from their
+    /// results, which say what their events would have (the last attempt's node and time;
+    /// earlier failed attempts were tallied from their own events).
+    fn tally_counted(&mut self, report: &RunReport) {
+        if !std::mem::take(&mut self.counted) || self.format == Format::Json {
+            return;
+        }
+        let (mut nodes, mut kinds) = (Vec::new(), Vec::new());
+        for r in &report.results {
+            if let (Status::Succeeded, false, Some(node)) = (r.status, r.resumed, &r.node) {
+                (self.by_node.shared(&mut nodes, node, short)).add(true, r.duration_ms);
+                (self.by_type.shared(&mut kinds, &r.kind, |k| k)).add(true, r.duration_ms);
+            }
+        }
     }
 
     fn human(&mut self, ev: &RunEvent) -> Option<String> {
@@ -1072,6 +1128,7 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
     use super::*;
+    use p2p_tasks::TaskResult;
 
     #[test]
     fn p99_is_nearest_rank_and_mean_is_exact() {
@@ -1245,6 +1302,113 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Successes that came as a count are tallied from the report's results into the same
+    /// rows their events would have made (failed attempts still come as events; a success
+    /// of an earlier run is not this run's), and `[k/N]` counts them.
+    #[test]
+    fn counted_successes_make_the_tables_their_events_would() {
+        let nodes: Vec<Arc<str>> = ["node-one-0000", "node-two-0000", "node-six-0000"]
+            .iter()
+            .map(|&n| Arc::from(n))
+            .collect();
+        let kinds: Vec<Arc<str>> = ["a", "b"].iter().map(|&k| Arc::from(k)).collect();
+        let mut results = Vec::new();
+        let mut completed = Vec::new();
+        for i in 0..40usize {
+            // Every third result with a type of its own allocation (found by its text).
+            let kind = if i % 3 == 0 {
+                Arc::from(&*kinds[i % 2])
+            } else {
+                kinds[i % 2].clone()
+            };
+            let node = nodes[i % 3].clone();
+            let mut r = TaskResult::new(format!("t{i}"), &*kind, Status::Succeeded);
+            r.kind = kind.clone();
+            r.node = Some(node.clone());
+            r.attempts = 1;
+            r.duration_ms = 0.5 + i as f64;
+            completed.push(RunEvent::TaskCompleted {
+                task: r.task.clone(),
+                kind,
+                node,
+                attempt: 1,
+                ok: true,
+                output: "".into(),
+                duration_ms: r.duration_ms,
+            });
+            results.push(r);
+        }
+        let retry = RunEvent::TaskRetry {
+            task: "t1".into(),
+            kind: kinds[1].clone(),
+            node: nodes[2].clone(),
+            attempt: 1,
+            error: "no".into(),
+            delay_ms: 5,
+        };
+        let failed = RunEvent::TaskFailed {
+            task: "f".into(),
+            kind: kinds[0].clone(),
+            node: nodes[0].clone(),
+            attempt: 1,
+            ok: false,
+            output: "".into(),
+            duration_ms: 7.0,
+            exit_code: Some(1),
+            error: "no".into(),
+        };
+        let mut f = TaskResult::new("f", "a", Status::Failed);
+        f.node = Some(nodes[0].clone());
+        results.push(f);
+        let mut resumed = TaskResult::new("old", "a", Status::Succeeded);
+        resumed.resumed = true;
+        resumed.node = Some(nodes[0].clone());
+        results.push(resumed);
+        let report = RunReport::new(results);
+
+        let mut by_events = Printer::new(Format::Quiet, 42);
+        by_events.event(&retry);
+        for ev in &completed[..10] {
+            by_events.event(ev);
+        }
+        by_events.event(&failed);
+        for ev in &completed[10..] {
+            by_events.event(ev);
+        }
+        by_events.tally_counted(&report);
+        let mut by_count = Printer::new(Format::Quiet, 42);
+        by_count.event(&retry);
+        by_count.event(&RunEvent::TasksSucceeded { count: 10 });
+        by_count.event(&failed);
+        by_count.event(&RunEvent::TasksSucceeded { count: 30 });
+        by_count.tally_counted(&report);
+        assert_eq!(by_count.done, by_events.done);
+        assert_eq!(by_count.done, 41);
+        // The failure's line, `[11/42]` in both, is the only one (not written out here).
+        assert_eq!(
+            String::from_utf8_lossy(&by_count.out),
+            String::from_utf8_lossy(&by_events.out)
+        );
+        assert!(
+            String::from_utf8_lossy(&by_count.out).starts_with("  [11/42] f FAILED"),
+            "{:?}",
+            String::from_utf8_lossy(&by_count.out)
+        );
+        by_count.out.clear();
+        by_events.out.clear();
+        let rows = |r: &mut Rows| -> Vec<(String, usize, usize, f64)> {
+            r.sorted()
+                .into_iter()
+                .map(|(k, t)| (k.to_string(), t.tasks, t.failures, t.sum_ms))
+                .collect()
+        };
+        let want = rows(&mut by_events.by_node);
+        assert_eq!(want.len(), 3);
+        assert_eq!(want.iter().map(|r| r.1).sum::<usize>(), 42);
+        assert_eq!(rows(&mut by_count.by_node), want);
+        assert_eq!(rows(&mut by_count.by_type), rows(&mut by_events.by_type));
     }
 
     /// Past the few rows searched one by one, the index finds the same rows: every key

@@ -227,7 +227,14 @@ impl Driver<'_> {
         if let LinkEvent::Opened(link) = &ev {
             self.links.insert(id, (**link).clone());
         }
-        let ev = match (ev, &mut self.files, self.links.get(&id)) {
+        // The link is looked up only for a run with files (one hash lookup less a result).
+        let files = self.files.as_mut();
+        let link = if files.is_some() {
+            self.links.get(&id)
+        } else {
+            None
+        };
+        let ev = match (ev, files, link) {
             (LinkEvent::Transfer(t), Some(files), Some(link)) => {
                 for c in files.transfer(link, *t) {
                     core.handle_link_event(id, LinkEvent::Completed(c), at);

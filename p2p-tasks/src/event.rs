@@ -31,8 +31,8 @@ pub const EVENT_SCHEMA: u32 = 1;
 /// `task_completed`, `task_failed`, `task_cancelled`, `task_retry`, `disconnected`,
 /// `summary`). A task's events share its id, type and node with the run (an inline
 /// [`CompactString`], `Arc<str>`s): making one allocates nothing but its texts.
-/// [`RunEvent::Phase`], [`RunEvent::Notice`] and
-/// [`RunEvent::Flush`] are for people only and are never serialized. It reads back from
+/// [`RunEvent::Phase`], [`RunEvent::Notice`], [`RunEvent::Flush`] and
+/// [`RunEvent::TasksSucceeded`] are for people only and are never serialized. It reads back from
 /// its JSON (`p2p-node attach` shows a hosted run's events as `run` does).
 #[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
@@ -49,6 +49,16 @@ pub enum RunEvent {
     /// line). Carries nothing.
     #[serde(skip)]
     Flush,
+    /// This many tasks succeeded since the event before, reported by their number only:
+    /// a run with [`crate::RunOptions::success_events`] off sends this instead of their
+    /// [`RunEvent::TaskCompleted`]s, just before the next event of another kind (so a
+    /// count of finished tasks stays exact at every event), and its report holds their
+    /// results. Never serialized.
+    #[serde(skip)]
+    TasksSucceeded {
+        /// How many.
+        count: usize,
+    },
     /// The run starts (the first event of a run).
     RunStarted {
         /// The event schema's version, [`EVENT_SCHEMA`].

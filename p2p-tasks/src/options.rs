@@ -55,6 +55,14 @@ impl RunOptions {
         self
     }
 
+    /// Whether each success is reported as a [`crate::RunEvent::TaskCompleted`], or only
+    /// counted into [`crate::RunEvent::TasksSucceeded`] ([`RunOptions::success_events`]).
+    /// Default true.
+    pub fn success_events(mut self, on: bool) -> Self {
+        self.success_events = on;
+        self
+    }
+
     /// The longest one attempt may run; zero means no limit. Default 1 hour.
     pub fn task_timeout(mut self, d: Duration) -> Self {
         self.task_timeout = d;

@@ -98,6 +98,12 @@ pub struct RunOptions {
     /// event less to make, pass on and drop per task). Results and every other event are
     /// reported either way.
     pub assignment_events: bool,
+    /// Whether each success is reported as a [`RunEvent::TaskCompleted`]. Default true;
+    /// off, successes are counted into a [`RunEvent::TasksSucceeded`] sent before the next
+    /// event of another kind (one event per burst of successes, not one a task), and the
+    /// report holds their results: `run --quiet`, which shows no success and has nothing
+    /// else reading them, turns it off. Every other event is reported either way.
+    pub success_events: bool,
 }
 
 /// The default of [`RunOptions::max_file`] (`run --max-file`): 4 GiB.
@@ -114,6 +120,7 @@ impl Default for RunOptions {
             results: None,
             max_file: DEFAULT_MAX_FETCH,
             assignment_events: true,
+            success_events: true,
         }
     }
 }
@@ -237,6 +244,9 @@ pub struct RunCore {
     stop_error: Option<String>,
     commands: VecDeque<(LinkId, Command)>,
     events: VecDeque<RunEvent>,
+    /// Successes not reported yet ([`RunOptions::success_events`] off): sent as one
+    /// [`RunEvent::TasksSucceeded`] before the next event.
+    unreported: usize,
     finals: VecDeque<usize>,
 }
 
@@ -249,6 +259,15 @@ impl std::fmt::Debug for RunCore {
             .field("inflight", &self.inflight.len())
             .finish_non_exhaustive()
     }
+}
+
+/// [`RunCore::push_event`] for a caller that holds another field.
+fn push_event(events: &mut VecDeque<RunEvent>, unreported: &mut usize, ev: RunEvent) {
+    if *unreported > 0 {
+        let count = std::mem::take(unreported);
+        events.push_back(RunEvent::TasksSucceeded { count });
+    }
+    events.push_back(ev);
 }
 
 fn ms(d: Duration) -> f64 {
@@ -291,6 +310,7 @@ impl RunCore {
             stop_error: None,
             commands: VecDeque::new(),
             events: VecDeque::new(),
+            unreported: 0,
             finals: VecDeque::new(),
         };
         core.events.push_back(RunEvent::Phase(Phase::Discovering));
@@ -324,7 +344,7 @@ impl RunCore {
     /// Discovery reported a peer (before it is dialled).
     pub fn handle_discovered(&mut self, addr: String, source: String) {
         self.connecting();
-        self.events.push_back(RunEvent::PeerDiscovered {
+        self.push_event(RunEvent::PeerDiscovered {
             addr,
             source,
             node: None,
@@ -380,7 +400,7 @@ impl RunCore {
                 .peers
                 .get(first)
                 .map_or_else(|| "?".to_string(), |p| p.addr.to_string());
-            self.events.push_back(RunEvent::Notice(format!(
+            self.push_event(RunEvent::Notice(format!(
                 "node id {} is connected at {first} and again at {addr}: the same node by \
                  two addresses, or two nodes sharing one identity file; using {first} only",
                 hello.node_id,
@@ -390,7 +410,7 @@ impl RunCore {
             return;
         }
         let node: Arc<str> = Arc::from(hello.node_id.to_string());
-        self.events.push_back(RunEvent::Connected {
+        self.push_event(RunEvent::Connected {
             node: node.to_string(),
             addr: addr.to_string(),
             types: hello.types.clone(),
@@ -565,7 +585,7 @@ impl RunCore {
         self.interrupted = true;
         self.sched.stop();
         if self.stage == Stage::Running {
-            self.events.push_back(RunEvent::Notice(
+            self.push_event(RunEvent::Notice(
                 "interrupted: cancelling running tasks".into(),
             ));
             self.cancel_all();
@@ -678,6 +698,11 @@ impl RunCore {
         self.commands.pop_front()
     }
 
+    /// Queues an event, after the count of the successes not reported one by one before it.
+    fn push_event(&mut self, ev: RunEvent) {
+        push_event(&mut self.events, &mut self.unreported, ev);
+    }
+
     /// The next event of the run.
     pub fn poll_event(&mut self) -> Option<RunEvent> {
         self.settle();
@@ -733,7 +758,7 @@ impl RunCore {
     fn connecting(&mut self) {
         if self.stage == Stage::Discovering && !self.announced_connecting {
             self.announced_connecting = true;
-            self.events.push_back(RunEvent::Phase(Phase::Connecting));
+            self.push_event(RunEvent::Phase(Phase::Connecting));
         }
     }
 
@@ -780,7 +805,7 @@ impl RunCore {
                     } else if !missing.is_empty() && !self.policy_keep_going() {
                         // Nothing can complete the plan: run nothing; the summary names what
                         // is missing.
-                        self.events.push_back(RunEvent::Notice(format!(
+                        self.push_event(RunEvent::Notice(format!(
                             "no node serves type{} {} (none connected, or each has capacity 0 \
                              or is leaving): nothing runs",
                             if missing.len() > 1 { "s" } else { "" },
@@ -800,7 +825,7 @@ impl RunCore {
                         self.missing_types = missing;
                         self.terminate(now);
                     } else {
-                        self.events.push_back(RunEvent::Phase(Phase::Assigning));
+                        self.push_event(RunEvent::Phase(Phase::Assigning));
                         self.stage = Stage::Running;
                         if !missing.is_empty() {
                             // The wait for them started with the run.
@@ -850,7 +875,7 @@ impl RunCore {
     }
 
     fn terminate(&mut self, now: Instant) {
-        self.events.push_back(RunEvent::Phase(Phase::Terminating));
+        self.push_event(RunEvent::Phase(Phase::Terminating));
         for (id, p) in &self.peers {
             if !p.closed {
                 self.commands.push_back((*id, Command::Goodbye));
@@ -871,7 +896,7 @@ impl RunCore {
         }
         // The summary comes from the report (see [`RunReport::summary`]), once the driver
         // has recorded every final result.
-        self.events.push_back(RunEvent::Phase(Phase::Disconnected));
+        self.push_event(RunEvent::Phase(Phase::Disconnected));
         self.ended = Some(now);
         self.stage = Stage::Done;
     }
@@ -906,12 +931,16 @@ impl RunCore {
             r.attempts = d.attempt;
             tracing::debug!(task = %r.task, node = %&peer.node[..8.min(peer.node.len())], attempt = d.attempt, seq, "task assigned");
             if self.opts.assignment_events {
-                self.events.push_back(RunEvent::TaskAssigned {
-                    task: r.task.clone(),
-                    kind: r.kind.clone(),
-                    node: peer.node.clone(),
-                    attempt: d.attempt,
-                });
+                push_event(
+                    &mut self.events,
+                    &mut self.unreported,
+                    RunEvent::TaskAssigned {
+                        task: r.task.clone(),
+                        kind: r.kind.clone(),
+                        node: peer.node.clone(),
+                        attempt: d.attempt,
+                    },
+                );
             }
             self.inflight.insert(
                 seq,
@@ -994,22 +1023,30 @@ impl RunCore {
             if self.sched.lost_too_often(t) {
                 given_up.push(t);
             } else {
-                self.events.push_back(RunEvent::Notice(format!(
-                    "{} lost with node {short}; it will run again",
-                    self.results[t].task,
-                )));
+                push_event(
+                    &mut self.events,
+                    &mut self.unreported,
+                    RunEvent::Notice(format!(
+                        "{} lost with node {short}; it will run again",
+                        self.results[t].task,
+                    )),
+                );
             }
         }
         let last = error
             .as_deref()
             .unwrap_or("the node said goodbye")
             .to_string();
-        self.events.push_back(RunEvent::Disconnected {
-            node: p.node.to_string(),
-            addr: p.addr.to_string(),
-            clean: error.is_none(),
-            error,
-        });
+        push_event(
+            &mut self.events,
+            &mut self.unreported,
+            RunEvent::Disconnected {
+                node: p.node.to_string(),
+                addr: p.addr.to_string(),
+                clean: error.is_none(),
+                error,
+            },
+        );
         for t in given_up {
             let why = match self.sched.losses(t) {
                 (started, _) if started >= MAX_LOSSES => {
@@ -1078,6 +1115,16 @@ impl RunCore {
         r.attempts = attempt;
         r.duration_ms = ms(took);
         match outcome {
+            Outcome::Succeeded if !self.opts.success_events => {
+                // Counted, not reported one by one: the result is the record (its output
+                // moved, not copied).
+                r.status = Status::Succeeded;
+                r.output = output;
+                r.error = None;
+                self.finals.push_back(task);
+                self.unreported += 1;
+                return;
+            }
             Outcome::Succeeded => {
                 r.status = Status::Succeeded;
                 r.output = output.clone();
@@ -1097,7 +1144,7 @@ impl RunCore {
         let (id, kind) = (r.task.clone(), r.kind.clone());
         match outcome {
             Outcome::Succeeded => {
-                self.events.push_back(RunEvent::TaskCompleted {
+                self.push_event(RunEvent::TaskCompleted {
                     task: id,
                     kind,
                     node,
@@ -1109,7 +1156,7 @@ impl RunCore {
             }
             Outcome::Retry { delay } => {
                 tracing::info!(task = %id, attempt, error = %error, retry_in = ?delay, "task attempt failed; retrying");
-                self.events.push_back(RunEvent::TaskRetry {
+                self.push_event(RunEvent::TaskRetry {
                     task: id,
                     kind,
                     node,
@@ -1120,7 +1167,7 @@ impl RunCore {
             }
             Outcome::Failed => {
                 tracing::info!(task = %id, attempt, error = %error, "task failed");
-                self.events.push_back(RunEvent::TaskFailed {
+                self.push_event(RunEvent::TaskFailed {
                     task: id,
                     kind,
                     node,
@@ -1160,7 +1207,7 @@ impl RunCore {
         });
         self.finals.push_back(task);
         let r = &self.results[task];
-        self.events.push_back(RunEvent::TaskCancelled {
+        self.push_event(RunEvent::TaskCancelled {
             task: r.task.clone(),
             kind: r.kind.clone(),
             node,
@@ -1187,7 +1234,7 @@ impl RunCore {
             let given_up = self.sched.fail_kind(&kind);
             if !given_up.is_empty() && !self.missing_types.contains(&kind) {
                 self.missing_types.push(kind.clone());
-                self.events.push_back(RunEvent::Notice(format!(
+                self.push_event(RunEvent::Notice(format!(
                     "no node serves type {kind:?} (none connected within the discovery \
                      timeout, or each has capacity 0 or is leaving): {} of its tasks not run",
                     given_up.len()
@@ -1220,7 +1267,7 @@ impl RunCore {
         let node = r.node.clone().unwrap_or_else(|| Arc::from(""));
         self.finals.push_back(t);
         let task = &self.results[t];
-        self.events.push_back(RunEvent::TaskFailed {
+        self.push_event(RunEvent::TaskFailed {
             task: task.task.clone(),
             kind: task.kind.clone(),
             node,

@@ -460,13 +460,22 @@ pub fn kind_of(id: &str) -> Option<String> {
 
 /// [`kind_of`], kept inline when short (no heap block for a type of up to 24 letters).
 pub(crate) fn kind_of_compact(id: &str) -> Option<CompactString> {
-    let n = id.bytes().take_while(u8::is_ascii_alphabetic).count();
+    let (mut n, mut upper) = (0, false);
+    for &c in id.as_bytes() {
+        if !c.is_ascii_alphabetic() {
+            break;
+        }
+        upper |= c.is_ascii_uppercase();
+        n += 1;
+    }
     if n == 0 {
         return None;
     }
     // ASCII letters: `n` is a byte offset.
     let mut letters = CompactString::from(&id[..n]);
-    letters.make_ascii_lowercase();
+    if upper {
+        letters.make_ascii_lowercase();
+    }
     Some(letters)
 }
 

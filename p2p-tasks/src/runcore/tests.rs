@@ -199,6 +199,77 @@ fn a_run_without_assignment_events_reports_the_rest_as_with_them() {
     assert_eq!(full.results, lean.results);
 }
 
+/// Without success events the run reports each burst of successes as one count, just
+/// before the next event of another kind, the same results, and every other event as with
+/// them (a retry and a failure among them).
+#[test]
+fn a_run_without_success_events_counts_them_before_the_next_event() {
+    let run = |on: bool| {
+        let mut s = Sim::new(
+            "a1 a2 b1 a3 b2 a4",
+            opts(Order::None, 1, true).success_events(on),
+        );
+        s.connect(1, &hello(1, &["a", "b"], 2));
+        let mut failed_once = false;
+        for _ in 0..100 {
+            let Some((_, a)) = s.sent.first().cloned() else {
+                s.advance(Duration::from_secs(1));
+                if s.sent.is_empty() {
+                    break;
+                }
+                continue;
+            };
+            // a2 fails for good (its retry too), b1 fails once and then succeeds.
+            let ok = match a.task.as_str() {
+                "a2" => false,
+                "b1" if !failed_once => {
+                    failed_once = true;
+                    false
+                }
+                _ => true,
+            };
+            s.answer(&a.task, ok, Duration::from_millis(5));
+        }
+        s.link(1, LinkEvent::Closed { error: None });
+        assert!(s.core.is_done());
+        let events = std::mem::take(&mut s.events);
+        (events, s.report())
+    };
+    let (with, full) = run(true);
+    let (without, lean) = run(false);
+    let completed = |ev: &RunEvent| matches!(ev, RunEvent::TaskCompleted { .. });
+    let counted = |ev: &RunEvent| matches!(ev, RunEvent::TasksSucceeded { .. });
+    assert_eq!(with.iter().filter(|e| completed(e)).count(), 5);
+    assert!(!with.iter().any(counted), "{with:?}");
+    assert!(!without.iter().any(completed), "{without:?}");
+    // The same events but the successes, each run of `TaskCompleted`s one count.
+    let mut folded: Vec<RunEvent> = Vec::new();
+    for ev in &with {
+        if completed(ev) {
+            match folded.last_mut() {
+                Some(RunEvent::TasksSucceeded { count }) => *count += 1,
+                _ => folded.push(RunEvent::TasksSucceeded { count: 1 }),
+            }
+        } else {
+            folded.push(ev.clone());
+        }
+    }
+    assert_eq!(folded, without);
+    let total: usize = without
+        .iter()
+        .map(|e| match e {
+            RunEvent::TasksSucceeded { count } => *count,
+            _ => 0,
+        })
+        .sum();
+    assert_eq!(total, 5, "every success counted once: {without:?}");
+    assert!(
+        matches!(without.last(), Some(RunEvent::Phase(Phase::Disconnected))),
+        "nothing counted after the last event: {without:?}"
+    );
+    assert_eq!(full.results, lean.results);
+}
+
 #[test]
 fn strict_order_runs_one_task_at_a_time_to_a_clean_end() {
     let mut s = Sim::new("a1 b1 a2", opts(Order::Strict, 0, false));
