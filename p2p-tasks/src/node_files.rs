@@ -470,7 +470,8 @@ impl LinkFiles {
             Transfer::Have { .. }
             | Transfer::Want { .. }
             | Transfer::Produced { .. }
-            | Transfer::Streams { .. } => {}
+            | Transfer::Streams { .. }
+            | Transfer::FileChunk { .. } => {}
         }
     }
 

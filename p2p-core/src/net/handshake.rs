@@ -67,7 +67,7 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     start(
-        Box::new(stream),
+        boxed(stream),
         addr,
         Role::Initiator,
         local,
@@ -92,7 +92,7 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     start(
-        Box::new(stream),
+        boxed(stream),
         addr,
         Role::Acceptor,
         local,
@@ -101,6 +101,26 @@ where
         events,
     )
     .await
+}
+
+/// The stream as the driver takes it: a TCP socket as a [`super::filesock::FileSocket`],
+/// whose file chunks go by `sendfile(2)`; any other stream as it is.
+fn boxed<S>(stream: S) -> Box<dyn Io>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let mut slot = Some(stream);
+    if let Some(tcp) = (&mut slot as &mut dyn std::any::Any)
+        .downcast_mut::<Option<tokio::net::TcpStream>>()
+        .and_then(Option::take)
+    {
+        return Box::new(super::filesock::FileSocket::new(tcp));
+    }
+    match slot {
+        Some(stream) => Box::new(stream),
+        // Taken only when `S` is a `TcpStream`, which returned above.
+        None => unreachable!("the stream was taken"),
+    }
 }
 
 async fn start(
