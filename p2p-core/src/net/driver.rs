@@ -149,7 +149,7 @@ impl Wire for Transport {
             return Ok(Some(chunk));
         }
         match self.codec() {
-            WireCodec::Plain(_) if file_socket(self).is_some() => {
+            WireCodec::Plain(_) if is_file_chunk(&chunk) && file_socket(self).is_some() => {
                 send_file_chunks(self, conn, chunk)?
             }
             WireCodec::Plain(_) => write_chunks(self, conn, chunk)?,
@@ -290,6 +290,11 @@ fn write_chunks(io: &mut Transport, conn: &mut Connection, first: Message) -> Re
         feed_after(io, conn, msg)?;
     }
     Ok(())
+}
+
+/// Whether `msg` is a chunk still in its file.
+fn is_file_chunk(msg: &Message) -> bool {
+    matches!(msg, Message::Transfer(t) if matches!(**t, crate::message::Transfer::FileChunk { .. }))
 }
 
 /// The most chunks [`send_file_chunks`] sends in one go (1 MiB of 63 KiB chunks): its work
