@@ -125,9 +125,10 @@ pub fn read_chunk(file: &File, offset: u64, len: usize) -> io::Result<bytes::Byt
 }
 
 /// An open file whose chunks go out by range ([`crate::message::Transfer::FileChunk`]): the
-/// connection's driver reads each chunk's bytes from it when it writes the chunk (by
-/// `sendfile(2)` straight to the socket without a key; into the chunk's frame in the
-/// write buffer with one), so the sender never holds them. Shared by the transfer that
+/// connection's driver reads each chunk's bytes from it when it writes the chunk (into
+/// the chunk's frame in the write buffer with a key; without one into a recycled buffer
+/// over loopback, or by `sendfile(2)` straight to the socket to another machine), so the
+/// sender holds no window of them. Shared by the transfer that
 /// made the chunks and the driver that sends them.
 ///
 /// A file that ends before a chunk it had when it was offered (truncated while it is
@@ -229,12 +230,35 @@ impl ChunkFile {
         }
     }
 
-    /// The `len` bytes at `offset`, as [`ChunkFile::read_into`] appends them (for a wire
-    /// that moves messages, not bytes).
+    /// The `len` bytes at `offset` in a buffer an earlier chunk used (as [`read_chunk`]),
+    /// zeros where they cannot be read (recorded: [`ChunkFile::cut`]).
     pub fn read(&self, offset: u64, len: usize) -> bytes::Bytes {
-        let mut buf = bytes::BytesMut::with_capacity(len);
-        self.read_into(offset, len, &mut buf);
-        buf.freeze()
+        use std::os::unix::fs::FileExt;
+        let mut buf = CHUNK_POOL
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop()
+            .unwrap_or_default();
+        // Zeroes only what the buffer's last chunk did not reach.
+        buf.resize(len, 0);
+        let mut done = 0;
+        while done < len {
+            match self.0.file.read_at(&mut buf[done..], offset + done as u64) {
+                Ok(0) => {
+                    self.mark_ended(offset + done as u64, offset, len);
+                    break;
+                }
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    self.mark_cut(format!("reading {len} bytes at {offset}: {e}"));
+                    break;
+                }
+            }
+        }
+        // What an earlier chunk left there is not this file's.
+        buf[done..].fill(0);
+        bytes::Bytes::from_owner(Pooled(buf))
     }
 }
 

@@ -494,7 +494,7 @@ pub enum Transfer {
     /// Not a message of the wire: a `Chunk` whose bytes are still in the file, as the
     /// sending side queues it (see [`crate::transfer::Sender::file_chunk`]). It goes on the
     /// wire as the `Chunk` (variant 3) of the `len` bytes at `offset` of `file`, read when
-    /// it is written (`sendfile(2)` to the socket, or into its frame), and is never
+    /// it is written (into its frame, or by `sendfile(2)` to the socket), and is never
     /// decoded; a wire that moves messages turns it into that `Chunk` first.
     #[serde(skip)]
     FileChunk {

@@ -333,9 +333,9 @@ impl Sender {
     }
 
     /// The chunk for the bytes [`Sender::poll_read`] asked for, as the range `offset, len`
-    /// of `file`, read only when the connection writes it ([`Transfer::FileChunk`]: by
-    /// `sendfile(2)` without a key, into its frame with one): the sender never holds the
-    /// bytes. Fails when the range is not what was asked for, or when an earlier chunk of
+    /// of `file`, read only when the connection writes it ([`Transfer::FileChunk`]: into
+    /// its frame with a key; without one into a recycled buffer over loopback, by
+    /// `sendfile(2)` to another machine): the sender holds no window of bytes. Fails when the range is not what was asked for, or when an earlier chunk of
     /// `file` could not be read whole ([`crate::file::ChunkFile::cut`]: the file changed
     /// under us; zeros went in the missing bytes' place, so the transfer must end).
     pub fn file_chunk(

@@ -421,7 +421,7 @@ impl RunFiles {
                 return out;
             };
             // The chunk names its range of the file; the connection reads the bytes as it
-            // writes them (by `sendfile` without a key).
+            // writes them (into its frame with a key; `sendfile` to another machine).
             let msg = match &o.file {
                 Some(f) => o
                     .sender

@@ -1,7 +1,8 @@
-//! Inputs shipped from `run` to a node by file range (#18): without a key their bytes go
-//! by `sendfile(2)` straight from the file to the socket, with one they are read into
-//! their frames and sealed there. The bytes must arrive exactly, both ways, and a file
-//! truncated while it is sent must fail the task's attempt saying so, never hang.
+//! Inputs shipped from `run` to a node by file range (#18): the connection reads each
+//! chunk's bytes from the file only when it writes the chunk (over loopback into a
+//! recycled buffer without a key, into its frame with one; `sendfile(2)` to other
+//! machines). The bytes must arrive exactly, both ways, and a file truncated while it is
+//! sent must fail the task's attempt saying so, never hang.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 

@@ -149,7 +149,7 @@ impl Wire for Transport {
             return Ok(Some(chunk));
         }
         match self.codec() {
-            WireCodec::Plain(_) if is_file_chunk(&chunk) && file_socket(self).is_some() => {
+            WireCodec::Plain(_) if file_socket(self).is_some() && is_file_chunk(&chunk) => {
                 send_file_chunks(self, conn, chunk)?
             }
             WireCodec::Plain(_) => write_chunks(self, conn, chunk)?,
@@ -214,7 +214,8 @@ pub(super) async fn flush<W: Wire>(io: &mut W, conn: &mut Connection) -> Result<
 
 /// Without a key, with nothing else waiting to be written: a burst of file chunks (`first`,
 /// then those queued behind it, up to [`crate::transfer::WRITE_BURST`] as through the
-/// codec) goes to the socket in one vectored write from the chunks' own buffers, their
+/// codec) goes to the socket in one vectored write from the chunks' own buffers (a chunk
+/// still in its file read into a recycled one first), their
 /// frame heads beside them, instead of being copied into the write buffer first (that
 /// copy was a quarter of a sending process's user-space instructions). What the socket
 /// does not take at once is copied into the write buffer, in order, and written by the
@@ -235,9 +236,20 @@ fn write_chunks(io: &mut Transport, conn: &mut Connection, first: Message) -> Re
             after = Some(msg);
             break;
         };
-        let Transfer::Chunk { id, offset, data } = *t else {
-            after = Some(Message::Transfer(t));
-            break;
+        // A chunk still in its file is read into a recycled buffer now (zeros where the
+        // file no longer has its bytes), and written from there as a chunk of bytes.
+        let (id, offset, data) = match *t {
+            Transfer::Chunk { id, offset, data } => (id, offset, data),
+            Transfer::FileChunk {
+                id,
+                offset,
+                len,
+                file,
+            } => (id, offset, file.read(offset, len)),
+            t => {
+                after = Some(Message::Transfer(Box::new(t)));
+                break;
+            }
         };
         let at = heads.len();
         heads.extend_from_slice(&[0; crate::codec::LENGTH_PREFIX]);

@@ -1,10 +1,11 @@
 //! A TCP socket that writes file chunks with `sendfile(2)`: the chunk's frame head from
 //! memory, then its bytes straight from the file to the socket, never copied into this
-//! process. Without a key the driver hands a [`crate::message::Transfer::FileChunk`] to
-//! [`FileSocket::start_chunk`]; what the socket does not take at once (it is
-//! non-blocking) stays here as the chunk's tail, and every later write on the socket
-//! (the write buffer's frames, the next chunk) first finishes that tail, so the bytes on
-//! the wire are in order whoever writes next.
+//! process. Used without a key for peers on other machines (not over loopback: see
+//! `handshake::boxed`); the driver hands a [`crate::message::Transfer::FileChunk`] to
+//! [`FileSocket::start_chunk`], and what the socket does not take at once (it is
+//! non-blocking) stays here as the chunk's tail: every later write on the socket (the
+//! write buffer's frames, the next chunk) first finishes that tail, so the bytes on the
+//! wire are in order whoever writes next.
 
 use std::io;
 use std::pin::Pin;
