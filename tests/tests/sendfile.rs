@@ -96,85 +96,97 @@ fn slow_node(
     let handle = std::thread::spawn(move || {
         let deadline = std::time::Instant::now() + WAIT;
         let (mut received, mut aborted, mut zeros) = (0usize, false, true);
-        let Ok((mut stream, _)) = listener.accept() else {
-            return (received, aborted, zeros);
-        };
-        stream
-            .set_read_timeout(Some(std::time::Duration::from_millis(200)))
-            .unwrap();
-        let mut codec = FrameCodec::default();
-        let mut buf = BytesMut::new();
-        let send = |stream: &mut std::net::TcpStream, codec: &mut FrameCodec, m: Message| {
-            let mut out = BytesMut::new();
-            codec.encode(&m, &mut out).unwrap();
-            let _ = std::io::Write::write_all(stream, &out);
-        };
-        let mut waited = false;
-        let mut acked = 0;
-        'conn: while std::time::Instant::now() < deadline {
-            while let Ok(Some(m)) = codec.decode(&mut buf) {
-                match m {
-                    Message::Hello(_) => {
-                        let mut me = p2p_core::testing::hello("default", &["a"], 1);
-                        me.node_id = p2p_core::NodeId::random();
-                        send(&mut stream, &mut codec, Message::Welcome(me));
-                    }
-                    Message::Ping { nonce } => {
-                        send(&mut stream, &mut codec, Message::Pong { nonce })
-                    }
-                    Message::Goodbye => {
-                        send(&mut stream, &mut codec, Message::GoodbyeAck);
-                        break 'conn;
-                    }
-                    Message::Transfer(t) => match *t {
-                        Transfer::Offer { id, .. } => {
-                            let want = Transfer::Want {
-                                id,
-                                window: 4 * 1024 * 1024,
-                            };
-                            send(&mut stream, &mut codec, Message::Transfer(Box::new(want)));
-                        }
-                        Transfer::Chunk { id, offset, data } => {
-                            let end = offset as usize + data.len();
-                            if end > cut_at {
-                                let from = cut_at.max(offset as usize);
-                                let was = &original[from..end];
-                                let got = &data[from - offset as usize..];
-                                zeros &= got.iter().zip(was).all(|(g, w)| *g == 0 || g == w);
-                            } else {
-                                zeros &= data[..] == original[offset as usize..end];
-                            }
-                            received += data.len();
-                            if received - acked >= 1024 * 1024 {
-                                acked = received;
-                                let ack = Transfer::Ack {
-                                    id,
-                                    received: received as u64,
-                                };
-                                send(&mut stream, &mut codec, Message::Transfer(Box::new(ack)));
-                            }
-                            if !waited {
-                                // The file is cut while the rest of the window waits.
-                                waited = true;
-                                let _ = go.recv_timeout(WAIT);
-                            }
-                        }
-                        Transfer::Abort { .. } => aborted = true,
-                        _ => {}
-                    },
-                    _ => {}
+        // A connection that closes before its `Hello` (a stray one to this port, or a
+        // first try of `run`'s) is followed by the next.
+        listener.set_nonblocking(true).unwrap();
+        let mut hello = false;
+        while !hello && std::time::Instant::now() < deadline {
+            let mut stream = match listener.accept() {
+                Ok((s, _)) => s,
+                Err(_) => {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                    continue;
                 }
-            }
-            let mut chunk = [0u8; 64 * 1024];
-            match stream.read(&mut chunk) {
-                Ok(0) => break,
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) => {}
-                Err(_) => break,
+            };
+            stream.set_nonblocking(false).unwrap();
+            stream
+                .set_read_timeout(Some(std::time::Duration::from_millis(200)))
+                .unwrap();
+            let mut codec = FrameCodec::default();
+            let mut buf = BytesMut::new();
+            let send = |stream: &mut std::net::TcpStream, codec: &mut FrameCodec, m: Message| {
+                let mut out = BytesMut::new();
+                codec.encode(&m, &mut out).unwrap();
+                let _ = std::io::Write::write_all(stream, &out);
+            };
+            let mut waited = false;
+            let mut acked = 0;
+            'conn: while std::time::Instant::now() < deadline {
+                while let Ok(Some(m)) = codec.decode(&mut buf) {
+                    match m {
+                        Message::Hello(_) => {
+                            hello = true;
+                            let mut me = p2p_core::testing::hello("default", &["a"], 1);
+                            me.node_id = p2p_core::NodeId::random();
+                            send(&mut stream, &mut codec, Message::Welcome(me));
+                        }
+                        Message::Ping { nonce } => {
+                            send(&mut stream, &mut codec, Message::Pong { nonce })
+                        }
+                        Message::Goodbye => {
+                            send(&mut stream, &mut codec, Message::GoodbyeAck);
+                            break 'conn;
+                        }
+                        Message::Transfer(t) => match *t {
+                            Transfer::Offer { id, .. } => {
+                                let want = Transfer::Want {
+                                    id,
+                                    window: 4 * 1024 * 1024,
+                                };
+                                send(&mut stream, &mut codec, Message::Transfer(Box::new(want)));
+                            }
+                            Transfer::Chunk { id, offset, data } => {
+                                let end = offset as usize + data.len();
+                                if end > cut_at {
+                                    let from = cut_at.max(offset as usize);
+                                    let was = &original[from..end];
+                                    let got = &data[from - offset as usize..];
+                                    zeros &= got.iter().zip(was).all(|(g, w)| *g == 0 || g == w);
+                                } else {
+                                    zeros &= data[..] == original[offset as usize..end];
+                                }
+                                received += data.len();
+                                if received - acked >= 1024 * 1024 {
+                                    acked = received;
+                                    let ack = Transfer::Ack {
+                                        id,
+                                        received: received as u64,
+                                    };
+                                    send(&mut stream, &mut codec, Message::Transfer(Box::new(ack)));
+                                }
+                                if !waited {
+                                    // The file is cut while the rest of the window waits.
+                                    waited = true;
+                                    let _ = go.recv_timeout(WAIT);
+                                }
+                            }
+                            Transfer::Abort { .. } => aborted = true,
+                            _ => {}
+                        },
+                        _ => {}
+                    }
+                }
+                let mut chunk = [0u8; 64 * 1024];
+                match stream.read(&mut chunk) {
+                    Ok(0) => break,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                        ) => {}
+                    Err(_) => break,
+                }
             }
         }
         (received, aborted, zeros)
@@ -197,6 +209,9 @@ fn an_input_truncated_while_it_is_sent_fails_the_attempt_saying_so() {
     let cut_at = 1024 * 1024 + 777;
     let (port, node) = slow_node(wait, original, cut_at);
     let peer = format!("127.0.0.1:{port}");
+    // The node is up (it takes the next connection after this one, which sends nothing).
+    drop(std::net::TcpStream::connect(&peer).unwrap());
+    std::thread::sleep(std::time::Duration::from_millis(50));
     let run = tests::spawn_in(
         dir.path(),
         &[
