@@ -124,6 +124,144 @@ pub fn read_chunk(file: &File, offset: u64, len: usize) -> io::Result<bytes::Byt
     Ok(bytes::Bytes::from_owner(Pooled(buf)))
 }
 
+/// An open file whose chunks go out by range ([`crate::message::Transfer::FileChunk`]): the
+/// connection's driver reads each chunk's bytes from it when it writes the chunk (into
+/// the chunk's frame in the write buffer with a key; without one into a recycled buffer
+/// over loopback, or by `sendfile(2)` straight to the socket to another machine), so the
+/// sender holds no window of them. Shared by the transfer that
+/// made the chunks and the driver that sends them.
+///
+/// A file that ends before a chunk it had when it was offered (truncated while it is
+/// sent), or that cannot be read, is sent as zeros for the missing bytes, so the frame on
+/// the wire stays whole; [`ChunkFile::cut`] then says what happened, for the sender to
+/// give the transfer up (and the receiver's hash check fails on those bytes anyway).
+#[derive(Clone)]
+pub struct ChunkFile(std::sync::Arc<Source>);
+
+struct Source {
+    file: File,
+    /// Why a chunk's bytes could not be read, once one could not.
+    cut: std::sync::OnceLock<String>,
+}
+
+impl std::fmt::Debug for ChunkFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChunkFile")
+            .field("cut", &self.cut())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The same open file (the same transfer's chunks).
+impl PartialEq for ChunkFile {
+    fn eq(&self, other: &Self) -> bool {
+        std::sync::Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for ChunkFile {}
+
+impl ChunkFile {
+    /// Opens `path` for reading.
+    pub fn open(path: &Path) -> io::Result<ChunkFile> {
+        File::open(path).map(ChunkFile::new)
+    }
+
+    /// The chunks of `file`.
+    pub fn new(file: File) -> ChunkFile {
+        ChunkFile(std::sync::Arc::new(Source {
+            file,
+            cut: std::sync::OnceLock::new(),
+        }))
+    }
+
+    /// The open file.
+    pub fn file(&self) -> &File {
+        &self.0.file
+    }
+
+    /// Why a chunk's bytes could not be read from the file (it ended early, or a read
+    /// failed), if that happened: the bytes sent in their place were zeros.
+    pub fn cut(&self) -> Option<&str> {
+        self.0.cut.get().map(String::as_str)
+    }
+
+    /// Records why a chunk's bytes could not be read (the first reason is kept).
+    pub fn mark_cut(&self, why: String) {
+        let _ = self.0.cut.set(why);
+    }
+
+    /// Records that the file ended at `at` inside the chunk `offset + len`.
+    pub fn mark_ended(&self, at: u64, offset: u64, len: usize) {
+        self.mark_cut(format!(
+            "the file ended at byte {at}, inside the chunk of {len} bytes at {offset} it had \
+             when it was offered (it was truncated while it was sent)"
+        ));
+    }
+
+    /// Appends the `len` bytes at `offset` to `dst` (the chunk's place in its frame), or
+    /// zeros where they cannot be read (recorded: [`ChunkFile::cut`]).
+    pub fn read_into(&self, offset: u64, len: usize, dst: &mut bytes::BytesMut) {
+        use std::os::unix::fs::FileExt;
+        let start = dst.len();
+        // Zeroed first: filling the buffer's spare room without zeroing it needs unsafe
+        // code, which the workspace denies (the memset is in the cache the read fills).
+        dst.resize(start + len, 0);
+        let mut done = 0;
+        while done < len {
+            match self
+                .0
+                .file
+                .read_at(&mut dst[start + done..], offset + done as u64)
+            {
+                Ok(0) => {
+                    self.mark_ended(offset + done as u64, offset, len);
+                    dst[start + done..].fill(0);
+                    return;
+                }
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    self.mark_cut(format!("reading {len} bytes at {offset}: {e}"));
+                    dst[start + done..].fill(0);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// The `len` bytes at `offset` in a buffer an earlier chunk used (as [`read_chunk`]),
+    /// zeros where they cannot be read (recorded: [`ChunkFile::cut`]).
+    pub fn read(&self, offset: u64, len: usize) -> bytes::Bytes {
+        use std::os::unix::fs::FileExt;
+        let mut buf = CHUNK_POOL
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop()
+            .unwrap_or_default();
+        // Zeroes only what the buffer's last chunk did not reach.
+        buf.resize(len, 0);
+        let mut done = 0;
+        while done < len {
+            match self.0.file.read_at(&mut buf[done..], offset + done as u64) {
+                Ok(0) => {
+                    self.mark_ended(offset + done as u64, offset, len);
+                    break;
+                }
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    self.mark_cut(format!("reading {len} bytes at {offset}: {e}"));
+                    break;
+                }
+            }
+        }
+        // What an earlier chunk left there is not this file's.
+        buf[done..].fill(0);
+        bytes::Bytes::from_owner(Pooled(buf))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]

@@ -491,6 +491,22 @@ pub enum Transfer {
         /// The standard error.
         stderr: StreamFile,
     },
+    /// Not a message of the wire: a `Chunk` whose bytes are still in the file, as the
+    /// sending side queues it (see [`crate::transfer::Sender::file_chunk`]). It goes on the
+    /// wire as the `Chunk` (variant 3) of the `len` bytes at `offset` of `file`, read when
+    /// it is written (into its frame, or by `sendfile(2)` to the socket), and is never
+    /// decoded; a wire that moves messages turns it into that `Chunk` first.
+    #[serde(skip)]
+    FileChunk {
+        /// The transfer id.
+        id: u64,
+        /// Where in the file the chunk starts.
+        offset: u64,
+        /// Its length, at most [`MAX_CHUNK`].
+        len: usize,
+        /// The open file it is read from.
+        file: crate::file::ChunkFile,
+    },
 }
 
 /// A chunk's bytes through serde as a byte string (as a `Vec<u8>` would go through bincode:
@@ -524,6 +540,7 @@ impl Transfer {
             Transfer::Have { .. } => "Transfer::Have",
             Transfer::Want { .. } => "Transfer::Want",
             Transfer::Chunk { .. } => "Transfer::Chunk",
+            Transfer::FileChunk { .. } => "Transfer::FileChunk",
             Transfer::Ack { .. } => "Transfer::Ack",
             Transfer::Done { .. } => "Transfer::Done",
             Transfer::Abort { .. } => "Transfer::Abort",

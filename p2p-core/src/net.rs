@@ -45,6 +45,7 @@ use crate::conn::Connection;
 use crate::{Error, HandshakeError};
 
 mod driver;
+mod filesock;
 mod handshake;
 mod link;
 mod memory;

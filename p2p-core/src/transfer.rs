@@ -324,25 +324,54 @@ impl Sender {
         data: impl Into<bytes::Bytes>,
     ) -> Result<Message, TransferError> {
         let data = data.into();
-        let expected = self.poll_read();
-        if expected != Some((offset, data.len())) {
-            return Err(violation(
-                self.id,
-                format!(
-                    "chunk at {offset} of {} bytes, expected {expected:?} (the file changed?)",
-                    data.len()
-                ),
-            ));
-        }
-        self.sent += data.len() as u64;
-        if self.sent >= self.size {
-            self.state = SendState::Sent;
-        }
+        self.take(offset, data.len())?;
         Ok(Message::Transfer(Box::new(Transfer::Chunk {
             id: self.id,
             offset,
             data,
         })))
+    }
+
+    /// The chunk for the bytes [`Sender::poll_read`] asked for, as the range `offset, len`
+    /// of `file`, read only when the connection writes it ([`Transfer::FileChunk`]: into
+    /// its frame with a key; without one into a recycled buffer over loopback, by
+    /// `sendfile(2)` to another machine): the sender holds no window of bytes. Fails when the range is not what was asked for, or when an earlier chunk of
+    /// `file` could not be read whole ([`crate::file::ChunkFile::cut`]: the file changed
+    /// under us; zeros went in the missing bytes' place, so the transfer must end).
+    pub fn file_chunk(
+        &mut self,
+        offset: u64,
+        len: usize,
+        file: &crate::file::ChunkFile,
+    ) -> Result<Message, TransferError> {
+        if let Some(why) = file.cut() {
+            return Err(violation(self.id, format!("the file changed: {why}")));
+        }
+        self.take(offset, len)?;
+        Ok(Message::Transfer(Box::new(Transfer::FileChunk {
+            id: self.id,
+            offset,
+            len,
+            file: file.clone(),
+        })))
+    }
+
+    /// Counts the chunk `offset, len` as sent, if it is what [`Sender::poll_read`] asks for.
+    fn take(&mut self, offset: u64, len: usize) -> Result<(), TransferError> {
+        let expected = self.poll_read();
+        if expected != Some((offset, len)) {
+            return Err(violation(
+                self.id,
+                format!(
+                    "chunk at {offset} of {len} bytes, expected {expected:?} (the file changed?)"
+                ),
+            ));
+        }
+        self.sent += len as u64;
+        if self.sent >= self.size {
+            self.state = SendState::Sent;
+        }
+        Ok(())
     }
 }
 
@@ -612,10 +641,17 @@ impl Outbox {
     }
 
     /// Queues a control frame (anything but a chunk); it goes before every chunk waiting.
+    /// An `Abort` takes the chunks of its transfer still queued out: it overtakes them, and
+    /// a receiver closes the connection at a chunk after the sender's `Abort`.
     pub fn push(&mut self, msg: Message) {
         if is_chunk(&msg) {
             self.chunks.push_back(msg);
         } else {
+            if let Message::Transfer(t) = &msg {
+                if let Transfer::Abort { id, .. } = **t {
+                    self.chunks.retain(|c| chunk_id(c) != Some(id));
+                }
+            }
             self.control.push_back(msg);
         }
     }
@@ -643,9 +679,47 @@ impl Outbox {
     }
 }
 
-/// Whether `msg` is a file chunk (the bulk of a transfer; everything else is control).
+/// Whether `msg` is a file chunk (the bulk of a transfer; everything else is control): a
+/// [`Transfer::Chunk`], or a [`Transfer::FileChunk`] still in its file.
 pub fn is_chunk(msg: &Message) -> bool {
-    matches!(msg, Message::Transfer(t) if matches!(**t, Transfer::Chunk { .. }))
+    matches!(msg, Message::Transfer(t) if matches!(**t, Transfer::Chunk { .. } | Transfer::FileChunk { .. }))
+}
+
+/// The transfer of a chunk.
+fn chunk_id(msg: &Message) -> Option<u64> {
+    match msg {
+        Message::Transfer(t) => match **t {
+            Transfer::Chunk { id, .. } | Transfer::FileChunk { id, .. } => Some(id),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// `msg` as it goes on the wire, for a wire that moves messages rather than bytes: a
+/// [`Transfer::FileChunk`] becomes the [`Transfer::Chunk`] of its bytes (read now, zeros
+/// where they cannot be, as [`crate::file::ChunkFile::read_into`]); any other message is
+/// itself.
+pub fn to_wire(msg: Message) -> Message {
+    match msg {
+        Message::Transfer(mut t) => {
+            if let Transfer::FileChunk {
+                id,
+                offset,
+                len,
+                file,
+            } = &*t
+            {
+                *t = Transfer::Chunk {
+                    id: *id,
+                    offset: *offset,
+                    data: file.read(*offset, *len),
+                };
+            }
+            Message::Transfer(t)
+        }
+        msg => msg,
+    }
 }
 
 #[cfg(test)]

@@ -270,6 +270,19 @@ fn put_transfer(dst: &mut BytesMut, t: &Transfer) {
             put_varint(dst, data.len() as u64);
             dst.put_slice(data);
         }
+        // The same bytes as the `Chunk` of the file's bytes, read straight into place.
+        Transfer::FileChunk {
+            id,
+            offset,
+            len,
+            file,
+        } => {
+            put_varint(dst, 3);
+            put_varint(dst, *id);
+            put_varint(dst, *offset);
+            put_varint(dst, *len as u64);
+            file.read_into(*offset, *len, dst);
+        }
         Transfer::Ack { id, received } => {
             put_varint(dst, 4);
             put_varint(dst, *id);

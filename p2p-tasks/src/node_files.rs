@@ -593,7 +593,8 @@ impl LinkFiles {
             Transfer::Have { .. }
             | Transfer::Want { .. }
             | Transfer::Produced { .. }
-            | Transfer::Streams { .. } => {}
+            | Transfer::Streams { .. }
+            | Transfer::FileChunk { .. } => {}
         }
     }
 

@@ -14,6 +14,7 @@ use std::collections::{HashMap, VecDeque};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use p2p_core::file::ChunkFile;
 use p2p_core::message::{AbortReason, PlacedFile, ProducedFile, StreamFile};
 use p2p_core::net::{Command, Link, LinkId};
 use p2p_core::transfer::{self, Received, Receiver, Sender, DEFAULT_WINDOW};
@@ -36,7 +37,8 @@ struct Offer {
     hash: ContentHash,
     path: PathBuf,
     sender: Sender,
-    file: Option<std::fs::File>,
+    /// Open once its turn comes; its chunks are read from it as they are written.
+    file: Option<ChunkFile>,
 }
 
 struct Held {
@@ -400,7 +402,7 @@ impl RunFiles {
                 continue;
             };
             if o.file.is_none() {
-                match std::fs::File::open(&o.path) {
+                match ChunkFile::open(&o.path) {
                     Ok(f) => o.file = Some(f),
                     Err(e) => {
                         let (seqs, why) = (
@@ -418,11 +420,15 @@ impl RunFiles {
                 // Waiting for credit, or all sent (its `Done` ends its turn).
                 return out;
             };
-            let read = match &o.file {
-                Some(f) => p2p_core::file::read_chunk(f, offset, len).map_err(|e| e.to_string()),
+            // The chunk names its range of the file; the connection reads the bytes as it
+            // writes them (into its frame with a key; `sendfile` to another machine).
+            let msg = match &o.file {
+                Some(f) => o
+                    .sender
+                    .file_chunk(offset, len, f)
+                    .map_err(|e| e.to_string()),
                 None => Err("not open".to_owned()),
             };
-            let msg = read.and_then(|data| o.sender.chunk(offset, data).map_err(|e| e.to_string()));
             let seqs = o.seqs.clone();
             match msg.map(unbox) {
                 Ok(Some(t)) => {
@@ -434,12 +440,22 @@ impl RunFiles {
                 }
                 Ok(None) => return out,
                 Err(e) => {
+                    let path = o.path.display().to_string();
                     self.offers.remove(&(lid, id));
                     self.end_turn(lid, id);
+                    // The node stops waiting for the rest of it.
+                    send(
+                        link,
+                        Transfer::Abort {
+                            id,
+                            reason: AbortReason::Io,
+                            message: "the coordinator could not read the file".into(),
+                        },
+                    );
                     out.extend(self.inputs_failed(
                         link,
                         seqs,
-                        format!("cannot send an input: {e}"),
+                        format!("cannot send input {path}: {e}"),
                     ));
                 }
             }
@@ -501,14 +517,19 @@ impl RunFiles {
                 let message = p2p_core::text::escape(&message).into_owned();
                 if let Some(o) = self.offers.remove(&(lid, id)) {
                     self.end_turn(lid, id);
-                    out.extend(self.inputs_failed(
-                        link,
-                        o.seqs,
-                        format!(
+                    let why = match o.file.as_ref().and_then(ChunkFile::cut) {
+                        // What the node saw (a hash mismatch) follows from this.
+                        Some(cut) => format!(
+                            "input {} changed while it was sent: {cut}; the node refused \
+                             it ({reason:?})",
+                            o.path.display()
+                        ),
+                        None => format!(
                             "the node refused input {} ({reason:?}): {message}",
                             o.path.display()
                         ),
-                    ));
+                    };
+                    out.extend(self.inputs_failed(link, o.seqs, why));
                     out.extend(self.pump(link));
                 }
                 if let Some(f) = self.fetches.remove(&(lid, id)) {
@@ -547,6 +568,8 @@ impl RunFiles {
                 );
             }
             Transfer::Files { .. } => {}
+            // Only ever queued by a sender, never received.
+            Transfer::FileChunk { .. } => {}
         }
         out
     }

@@ -139,6 +139,12 @@ impl futures::Sink<Message> for Pipe {
 
     fn start_send(mut self: Pin<&mut Self>, msg: Message) -> Result<(), Error> {
         self.chunk = crate::transfer::is_chunk(&msg);
+        // A chunk still in its file is read now: the peer takes messages, not bytes.
+        let msg = if self.chunk {
+            crate::transfer::to_wire(msg)
+        } else {
+            msg
+        };
         self.outbox.push(msg);
         Ok(())
     }

@@ -335,6 +335,120 @@ fn the_outbox_sends_control_first_and_a_chunk_only_into_an_emptied_writer() {
     assert!(!o.is_empty());
 }
 
+/// A sender's chunks by file range keep the same bookkeeping as chunks of bytes (the
+/// credit, the order, the end), carry the range and the file, and end the transfer once
+/// the file was found cut (an earlier chunk's bytes were zeros).
+#[test]
+fn file_chunks_keep_the_senders_bookkeeping_and_stop_once_the_file_is_cut() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("f");
+    let bytes = data(300_000, 9);
+    std::fs::write(&path, &bytes).unwrap();
+    let file = crate::file::ChunkFile::open(&path).unwrap();
+    let size = bytes.len() as u64;
+    let mut s = Sender::offered(3, size, SEND_CHUNK);
+    // Nothing before the Want.
+    assert!(s.file_chunk(0, SEND_CHUNK, &file).is_err());
+    s.on_want(2 * SEND_CHUNK as u32).unwrap();
+    // Only the range poll_read asks for.
+    assert!(s.file_chunk(1, SEND_CHUNK, &file).is_err());
+    assert!(s.file_chunk(0, SEND_CHUNK - 1, &file).is_err());
+    let mut wire = Vec::new();
+    for _ in 0..2 {
+        let (offset, len) = s.poll_read().unwrap();
+        let m = s.file_chunk(offset, len, &file).unwrap();
+        assert!(is_chunk(&m));
+        let Transfer::FileChunk {
+            id,
+            offset: o,
+            len: l,
+            file: f,
+        } = unbox(m.clone())
+        else {
+            panic!("{m:?}")
+        };
+        assert_eq!((id, o, l), (3, offset, len));
+        assert_eq!(f, file);
+        // What a wire of messages sends: the Chunk of those bytes.
+        let Transfer::Chunk { data, .. } = unbox(to_wire(m)) else {
+            panic!()
+        };
+        wire.extend_from_slice(&data);
+    }
+    // The credit is used up: nothing until an Ack.
+    assert_eq!(s.poll_read(), None);
+    s.on_ack(2 * SEND_CHUNK as u64).unwrap();
+    let (offset, len) = s.poll_read().unwrap();
+    assert_eq!(offset, 2 * SEND_CHUNK as u64);
+    assert_eq!(&wire[..], &bytes[..2 * SEND_CHUNK]);
+    // The file ends early (truncated under us): the chunk's bytes are zeros past the end,
+    // the cut is recorded, and the next chunk is refused.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(offset + 1000)
+        .unwrap();
+    let m = s.file_chunk(offset, len, &file).unwrap();
+    let Transfer::Chunk { data, .. } = unbox(to_wire(m)) else {
+        panic!()
+    };
+    assert_eq!(data.len(), len);
+    assert_eq!(
+        &data[..1000],
+        &bytes[offset as usize..offset as usize + 1000]
+    );
+    assert!(data[1000..].iter().all(|b| *b == 0));
+    let why = file.cut().unwrap().to_owned();
+    assert!(why.contains("truncated"), "{why}");
+    s.on_ack(offset + len as u64).unwrap();
+    let (offset, len) = s.poll_read().unwrap();
+    let e = s.file_chunk(offset, len, &file).unwrap_err();
+    assert!(e.to_string().contains("the file changed"), "{e}");
+}
+
+/// An `Abort` takes its transfer's queued chunks out of the outbox (it overtakes them, and
+/// the receiver closes the connection at a chunk after it), and only that transfer's.
+#[test]
+fn an_abort_takes_its_transfers_queued_chunks_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("f");
+    std::fs::write(&path, data(1000, 1)).unwrap();
+    let file = crate::file::ChunkFile::open(&path).unwrap();
+    let mut o = Outbox::new();
+    let bytes = |id: u64, offset: u64| {
+        Message::Transfer(Box::new(Transfer::Chunk {
+            id,
+            offset,
+            data: vec![1; 10].into(),
+        }))
+    };
+    let ranged = |id: u64, offset: u64| {
+        Message::Transfer(Box::new(Transfer::FileChunk {
+            id,
+            offset,
+            len: 10,
+            file: file.clone(),
+        }))
+    };
+    o.push(ranged(1, 0));
+    o.push(bytes(2, 0));
+    o.push(ranged(1, 10));
+    o.push(bytes(1, 20));
+    o.push(ranged(2, 10));
+    let abort = Message::Transfer(Box::new(Transfer::Abort {
+        id: 1,
+        reason: AbortReason::Io,
+        message: String::new(),
+    }));
+    o.push(abort.clone());
+    assert_eq!(o.pop(0), Some(abort));
+    assert_eq!(o.pop(0), Some(bytes(2, 0)));
+    assert_eq!(o.pop(0), Some(ranged(2, 10)));
+    assert_eq!(o.pop(0), None);
+    assert!(o.is_empty());
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(64))]
 
