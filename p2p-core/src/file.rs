@@ -107,19 +107,25 @@ impl Drop for Pooled {
     }
 }
 
+/// A buffer of `len` bytes that an earlier chunk used, once written and dropped (a new
+/// one when none is free), zeroed only where the buffer's last chunk did not reach.
+fn pooled(len: usize) -> Vec<u8> {
+    let mut buf = CHUNK_POOL
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .pop()
+        .unwrap_or_default();
+    buf.resize(len, 0);
+    buf
+}
+
 /// Reads the `len` bytes at `offset` of `file` (a file chunk going out) into a buffer an
 /// earlier chunk used, once written and dropped: no new memory, and nothing zeroed that the
 /// read overwrites (a fresh buffer is zeroed first; reading into an unzeroed one with
 /// `Read::take(..).read_to_end` cost more `read` calls than the zeroing).
 pub fn read_chunk(file: &File, offset: u64, len: usize) -> io::Result<bytes::Bytes> {
     use std::os::unix::fs::FileExt;
-    let mut buf = CHUNK_POOL
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .pop()
-        .unwrap_or_default();
-    // Zeroes only what the buffer's last chunk did not reach.
-    buf.resize(len, 0);
+    let mut buf = pooled(len);
     file.read_exact_at(&mut buf, offset)?;
     Ok(bytes::Bytes::from_owner(Pooled(buf)))
 }
@@ -234,13 +240,7 @@ impl ChunkFile {
     /// zeros where they cannot be read (recorded: [`ChunkFile::cut`]).
     pub fn read(&self, offset: u64, len: usize) -> bytes::Bytes {
         use std::os::unix::fs::FileExt;
-        let mut buf = CHUNK_POOL
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .pop()
-            .unwrap_or_default();
-        // Zeroes only what the buffer's last chunk did not reach.
-        buf.resize(len, 0);
+        let mut buf = pooled(len);
         let mut done = 0;
         while done < len {
             match self.0.file.read_at(&mut buf[done..], offset + done as u64) {
