@@ -137,3 +137,55 @@ impl WireClient {
 pub fn hello(cluster: &str) -> p2p_core::Hello {
     p2p_core::testing::hello(cluster, &[], 1)
 }
+
+/// Encodes `m` and writes it to `stream` (a fake peer's send; a failed write is the test's
+/// to notice by what follows).
+pub fn send_frame(
+    stream: &mut std::net::TcpStream,
+    codec: &mut p2p_core::codec::FrameCodec,
+    m: p2p_core::Message,
+) {
+    use tokio_util::codec::Encoder;
+    let mut out = bytes::BytesMut::new();
+    if codec.encode(&m, &mut out).is_ok() {
+        let _ = std::io::Write::write_all(stream, &out);
+    }
+}
+
+/// What a fake node did with a message ([`fake_node_answer`]).
+#[derive(Debug)]
+pub enum FakeNode {
+    /// A `Hello` (answered with a `Welcome` serving `a`) or a `Ping` (answered).
+    Answered,
+    /// A `Goodbye`, answered: the connection is over.
+    Goodbye,
+    /// Any other message: the caller's.
+    Other(p2p_core::Message),
+}
+
+/// A fake node serving `a`: answers the connection's own messages on `stream` (`Hello`,
+/// `Ping`, `Goodbye`) and hands every other message back.
+pub fn fake_node_answer(
+    stream: &mut std::net::TcpStream,
+    codec: &mut p2p_core::codec::FrameCodec,
+    m: p2p_core::Message,
+) -> FakeNode {
+    use p2p_core::Message;
+    match m {
+        Message::Hello(_) => {
+            let mut me = p2p_core::testing::hello("default", &["a"], 1);
+            me.node_id = p2p_core::NodeId::random();
+            send_frame(stream, codec, Message::Welcome(me));
+            FakeNode::Answered
+        }
+        Message::Ping { nonce } => {
+            send_frame(stream, codec, Message::Pong { nonce });
+            FakeNode::Answered
+        }
+        Message::Goodbye => {
+            send_frame(stream, codec, Message::GoodbyeAck);
+            FakeNode::Goodbye
+        }
+        other => FakeNode::Other(other),
+    }
+}

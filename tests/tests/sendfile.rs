@@ -123,56 +123,47 @@ fn slow_node(
             let mut acked = 0;
             'conn: while std::time::Instant::now() < deadline {
                 while let Ok(Some(m)) = codec.decode(&mut buf) {
-                    match m {
-                        Message::Hello(_) => {
-                            hello = true;
-                            let mut me = p2p_core::testing::hello("default", &["a"], 1);
-                            me.node_id = p2p_core::NodeId::random();
-                            send(&mut stream, &mut codec, Message::Welcome(me));
+                    hello |= matches!(m, Message::Hello(_));
+                    let t = match tests::fake_node_answer(&mut stream, &mut codec, m) {
+                        tests::FakeNode::Answered => continue,
+                        tests::FakeNode::Goodbye => break 'conn,
+                        tests::FakeNode::Other(Message::Transfer(t)) => t,
+                        tests::FakeNode::Other(_) => continue,
+                    };
+                    match *t {
+                        Transfer::Offer { id, .. } => {
+                            let want = Transfer::Want {
+                                id,
+                                window: 4 * 1024 * 1024,
+                            };
+                            send(&mut stream, &mut codec, Message::Transfer(Box::new(want)));
                         }
-                        Message::Ping { nonce } => {
-                            send(&mut stream, &mut codec, Message::Pong { nonce })
-                        }
-                        Message::Goodbye => {
-                            send(&mut stream, &mut codec, Message::GoodbyeAck);
-                            break 'conn;
-                        }
-                        Message::Transfer(t) => match *t {
-                            Transfer::Offer { id, .. } => {
-                                let want = Transfer::Want {
+                        Transfer::Chunk { id, offset, data } => {
+                            let end = offset as usize + data.len();
+                            if end > cut_at {
+                                let from = cut_at.max(offset as usize);
+                                let was = &original[from..end];
+                                let got = &data[from - offset as usize..];
+                                zeros &= got.iter().zip(was).all(|(g, w)| *g == 0 || g == w);
+                            } else {
+                                zeros &= data[..] == original[offset as usize..end];
+                            }
+                            received += data.len();
+                            if received - acked >= 1024 * 1024 {
+                                acked = received;
+                                let ack = Transfer::Ack {
                                     id,
-                                    window: 4 * 1024 * 1024,
+                                    received: received as u64,
                                 };
-                                send(&mut stream, &mut codec, Message::Transfer(Box::new(want)));
+                                send(&mut stream, &mut codec, Message::Transfer(Box::new(ack)));
                             }
-                            Transfer::Chunk { id, offset, data } => {
-                                let end = offset as usize + data.len();
-                                if end > cut_at {
-                                    let from = cut_at.max(offset as usize);
-                                    let was = &original[from..end];
-                                    let got = &data[from - offset as usize..];
-                                    zeros &= got.iter().zip(was).all(|(g, w)| *g == 0 || g == w);
-                                } else {
-                                    zeros &= data[..] == original[offset as usize..end];
-                                }
-                                received += data.len();
-                                if received - acked >= 1024 * 1024 {
-                                    acked = received;
-                                    let ack = Transfer::Ack {
-                                        id,
-                                        received: received as u64,
-                                    };
-                                    send(&mut stream, &mut codec, Message::Transfer(Box::new(ack)));
-                                }
-                                if !waited {
-                                    // The file is cut while the rest of the window waits.
-                                    waited = true;
-                                    let _ = go.recv_timeout(WAIT);
-                                }
+                            if !waited {
+                                // The file is cut while the rest of the window waits.
+                                waited = true;
+                                let _ = go.recv_timeout(WAIT);
                             }
-                            Transfer::Abort { .. } => aborted = true,
-                            _ => {}
-                        },
+                        }
+                        Transfer::Abort { .. } => aborted = true,
                         _ => {}
                     }
                 }

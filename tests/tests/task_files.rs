@@ -1122,19 +1122,12 @@ fn lying_node(
         };
         'conn: while std::time::Instant::now() < deadline {
             while let Ok(Some(m)) = codec.decode(&mut buf) {
+                let m = match tests::fake_node_answer(&mut stream, &mut codec, m) {
+                    tests::FakeNode::Answered => continue,
+                    tests::FakeNode::Goodbye => break 'conn,
+                    tests::FakeNode::Other(m) => m,
+                };
                 match m {
-                    Message::Hello(_) => {
-                        let mut me = p2p_core::testing::hello("default", &["a"], 1);
-                        me.node_id = p2p_core::NodeId::random();
-                        send(&mut stream, &mut codec, Message::Welcome(me));
-                    }
-                    Message::Ping { nonce } => {
-                        send(&mut stream, &mut codec, Message::Pong { nonce })
-                    }
-                    Message::Goodbye => {
-                        send(&mut stream, &mut codec, Message::GoodbyeAck);
-                        break 'conn;
-                    }
                     Message::Assign(a) => {
                         let produced = Transfer::Produced {
                             seq: a.seq,
