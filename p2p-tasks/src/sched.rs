@@ -266,6 +266,9 @@ struct NodeSlot {
     /// Per entry of `kinds`, the node's estimated seconds per unit of cost (none until it
     /// completed a task of the type).
     est: Vec<Option<f64>>,
+    /// Per entry of `kinds`, the speed rank of `est` ([`speed_rank`]), kept with it so that
+    /// a start or a result, which move the node in its kinds' free sets, do no float work.
+    ranks: Vec<u32>,
     capacity: u32,
     running: u32,
     /// Of `running`, the slots held without a task ([`Scheduler::hold`]).
@@ -291,63 +294,78 @@ impl NodeSlot {
 
     /// Its rank for its `j`th kind.
     fn rank(&self, j: usize) -> u32 {
-        speed_rank(self.est.get(j).copied().flatten())
+        self.ranks.get(j).copied().unwrap_or(0)
     }
 
-    fn load(&self) -> Load {
-        Load {
-            running: self.running,
-            capacity: self.capacity,
+    /// Sets its estimate for its `j`th kind (and the rank kept with it).
+    fn set_est(&mut self, j: usize, est: Option<f64>) {
+        if let (Some(e), Some(r)) = (self.est.get_mut(j), self.ranks.get_mut(j)) {
+            *e = est;
+            *r = speed_rank(est);
         }
+    }
+
+    /// The first word of its key in the free set of its `j`th kind.
+    fn word(&self, j: usize) -> u32 {
+        u32::from(self.saturated) << 31 | self.rank(j)
     }
 
     /// The key of this node in the free set of its `j`th kind.
     fn free_key(&self, j: usize, node: NodeKey) -> FreeKey {
-        (
-            u32::from(self.saturated) << 31 | self.rank(j),
-            self.load(),
+        FreeKey {
+            word: self.word(j),
+            running: self.running,
+            capacity: self.capacity,
             node,
-        )
+        }
     }
 }
 
-/// A free node's place in its type's free set: not saturated first (the top bit of the first
-/// word), then fastest (its rank, below 2^15), then least loaded, then lowest key; as small as
-/// before saturation was known.
-type FreeKey = (u32, Load, NodeKey);
-
-/// The speed rank in a [`FreeKey`]'s first word.
-fn key_rank(word: u32) -> u32 {
-    word & !(1 << 31)
-}
-
-/// A node's load, `running / capacity`, ordered exactly (by cross-multiplication).
+/// A free node's place in its type's free set: not saturated first (the top bit of `word`),
+/// then fastest (its rank, below 2^15, the rest of `word`), then least loaded
+/// (`running / capacity`, ordered exactly by cross-multiplication), then lowest key.
 #[derive(Debug, Clone, Copy)]
-struct Load {
+struct FreeKey {
+    word: u32,
     running: u32,
     capacity: u32,
+    node: NodeKey,
 }
 
-impl Ord for Load {
-    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        (u64::from(self.running) * u64::from(other.capacity))
-            .cmp(&(u64::from(other.running) * u64::from(self.capacity)))
+impl FreeKey {
+    /// The speed rank in its first word.
+    fn rank(&self) -> u32 {
+        self.word & !(1 << 31)
     }
 }
 
-impl PartialOrd for Load {
+impl Ord for FreeKey {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        // Loads `a / b` and `c / d` (both below 2^32) compare as `a x d` and `c x b`, which
+        // fit in 64 bits: exact, no rounding.
+        self.word
+            .cmp(&other.word)
+            .then_with(|| {
+                (u64::from(self.running) * u64::from(other.capacity))
+                    .cmp(&(u64::from(other.running) * u64::from(self.capacity)))
+            })
+            .then(self.node.cmp(&other.node))
+    }
+}
+
+impl PartialOrd for FreeKey {
     fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
         Some(self.cmp(other))
     }
 }
 
-impl PartialEq for Load {
+impl PartialEq for FreeKey {
     fn eq(&self, other: &Self) -> bool {
         self.cmp(other) == std::cmp::Ordering::Equal
     }
 }
 
-impl Eq for Load {}
+impl Eq for FreeKey {}
 
 /// The scheduler of one run.
 #[derive(Debug)]
@@ -705,6 +723,7 @@ impl Scheduler {
         }
         let slot = NodeSlot {
             est: vec![None; kinds.len()],
+            ranks: vec![speed_rank(None); kinds.len()],
             kinds,
             capacity,
             running: 0,
@@ -765,36 +784,36 @@ impl Scheduler {
             n.work.saturating_sub(cost)
         };
         let (was_free, before) = (n.is_free(), n.running);
-        if n.draining || n.capacity == 0 {
-            n.running = if up {
-                before + 1
-            } else {
-                before.saturating_sub(1)
-            };
-            return;
-        }
         let after = if up {
             before + 1
         } else {
             before.saturating_sub(1)
         };
+        n.running = after;
+        let now_free = n.is_free();
+        // A draining node (or one of capacity 0) is in no free set; a node full before and
+        // after, or whose count stayed at 0, does not move.
+        if !n.is_listed() || before == after || !(was_free || now_free) {
+            return;
+        }
         for (j, &k) in n.kinds.iter().enumerate() {
-            n.running = before;
-            let old = n.free_key(j, node);
-            n.running = after;
+            let new = n.free_key(j, node);
+            let old = FreeKey {
+                running: before,
+                ..new
+            };
             // The node moves a few places in each free set (its load changed by one).
-            match (was_free, n.is_free()) {
-                (true, true) => self.free[k].replace(&old, n.free_key(j, node)),
+            let free = &mut self.free[k];
+            match (was_free, now_free) {
+                (true, true) => free.replace(&old, new),
                 (true, false) => {
-                    self.free[k].remove(&old);
+                    free.remove(&old);
                 }
-                (false, true) => {
-                    self.free[k].insert(n.free_key(j, node));
+                _ => {
+                    free.insert(new);
                 }
-                (false, false) => {}
             }
         }
-        n.running = after;
     }
 
     /// Counts one more slot of `node` as busy without a task: an attempt the run gave up on
@@ -1204,7 +1223,7 @@ impl Scheduler {
         };
         let prev = n.est[j].unwrap_or(mean);
         let est = Some(prev + SPEED_ALPHA * (per_unit - prev));
-        if speed_rank(est) == speed_rank(n.est[j]) {
+        if speed_rank(est) == n.rank(j) {
             // Same place in the free set (the usual case): nothing to move.
             n.est[j] = est;
             return;
@@ -1225,7 +1244,7 @@ impl Scheduler {
         if free {
             self.free[k].remove(&n.free_key(j, node));
         }
-        n.est[j] = est;
+        n.set_est(j, est);
         if listed {
             self.ranks[k].insert((n.rank(j), node));
         }
@@ -1288,7 +1307,7 @@ impl Scheduler {
         let probe = self.free[kind]
             .iter()
             .rev()
-            .map(|&(_, _, n)| n)
+            .map(|key| key.node)
             .find(|&n| n != node && Some(n) != avoid);
         probe.unwrap_or(node)
     }
@@ -1298,7 +1317,7 @@ impl Scheduler {
     fn peek_node(&self, kind: usize, avoid: Option<NodeKey>) -> Option<(u32, NodeKey)> {
         let free = &self.free[kind];
         let Some(a) = avoid else {
-            return free.first().map(|&(w, _, node)| (key_rank(w), node));
+            return free.first().map(|key| (key.rank(), key.node));
         };
         let avoid_serves = self
             .nodes
@@ -1306,7 +1325,7 @@ impl Scheduler {
             .is_some_and(|n| !n.draining && n.kinds.contains(&kind));
         let alternatives = self.serving[kind] > u32::from(avoid_serves);
         free.iter()
-            .map(|&(w, _, node)| (key_rank(w), node))
+            .map(|key| (key.rank(), key.node))
             .find(|&(_, node)| !(alternatives && node == a))
     }
 

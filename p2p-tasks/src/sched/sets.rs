@@ -181,30 +181,45 @@ impl<T: Ord + Copy> SortedVec<T> {
         }
     }
 
-    /// Replaces `old` with `new`, moving only the entries between their places. Without
-    /// `old` in the set it is [`SortedVec::insert`] of `new`.
+    /// Replaces `old` with `new`, moving only the entries between their places (found by
+    /// comparing with the neighbours, one step at a time: a node's key moves a few places
+    /// at most when its load changes by one). Without `old` in the set it is
+    /// [`SortedVec::insert`] of `new`.
     pub(super) fn replace(&mut self, old: &T, new: T) {
-        let Ok(i) = self.items.binary_search(old) else {
+        let Ok(mut i) = self.items.binary_search(old) else {
             self.insert(new);
             return;
         };
-        match self.items.binary_search(&new) {
-            Ok(j) if j == i => {}
-            // `new` is already there (another entry): just drop `old`.
-            Ok(_) => {
-                self.items.remove(i);
+        let items = &mut self.items;
+        // `items[i]` is the hole: entries between the two places shift into it.
+        if new > *old {
+            while let Some(&next) = items.get(i + 1) {
+                if next >= new {
+                    if next == new {
+                        // `new` is already there (another entry): just drop `old`.
+                        items.remove(i);
+                        return;
+                    }
+                    break;
+                }
+                items[i] = next;
+                i += 1;
             }
-            Err(j) if j > i => {
-                // `new` goes before the entry at j, which is after i: shift i+1..j left.
-                self.items[i..j].rotate_left(1);
-                self.items[j - 1] = new;
-            }
-            Err(j) => {
-                // j <= i: shift j..i right.
-                self.items[j..=i].rotate_right(1);
-                self.items[j] = new;
+        } else {
+            while i > 0 {
+                let prev = items[i - 1];
+                if prev <= new {
+                    if prev == new {
+                        items.remove(i);
+                        return;
+                    }
+                    break;
+                }
+                items[i] = prev;
+                i -= 1;
             }
         }
+        items[i] = new;
     }
 }
 
