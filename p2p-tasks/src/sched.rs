@@ -803,11 +803,13 @@ impl Scheduler {
                 ..new
             };
             // The node moves a few places in each free set (its load changed by one).
+            // Found by the node alone: it has one entry in the set, keyed as `old`.
             let free = &mut self.free[k];
+            let same = |e: &FreeKey| e.node == node;
             match (was_free, now_free) {
-                (true, true) => free.replace(&old, new),
+                (true, true) => free.replace(&old, new, same),
                 (true, false) => {
-                    free.remove(&old);
+                    free.remove_by(&old, same);
                 }
                 _ => {
                     free.insert(new);
