@@ -269,6 +269,10 @@ struct NodeSlot {
     /// Per entry of `kinds`, the speed rank of `est` ([`speed_rank`]), kept with it so that
     /// a start or a result, which move the node in its kinds' free sets, do no float work.
     ranks: Vec<u32>,
+    /// Per entry of `kinds`, the running count its entry in the kind's free set is keyed
+    /// with ([`UNKEYED`]: it has none), and whether the node waits in the kind's `dirty`
+    /// list to be keyed again (see [`Scheduler::free`]).
+    keyed: Vec<(u32, bool)>,
     capacity: u32,
     running: u32,
     /// Of `running`, the slots held without a task ([`Scheduler::hold`]).
@@ -305,21 +309,34 @@ impl NodeSlot {
         }
     }
 
-    /// The first word of its key in the free set of its `j`th kind.
-    fn word(&self, j: usize) -> u32 {
-        u32::from(self.saturated) << 31 | self.rank(j)
-    }
-
-    /// The key of this node in the free set of its `j`th kind.
-    fn free_key(&self, j: usize, node: NodeKey) -> FreeKey {
+    /// Its key in the free set of its `j`th kind with `running` tasks running.
+    fn key_at(&self, j: usize, node: NodeKey, running: u32) -> FreeKey {
         FreeKey {
             word: self.word(j),
-            running: self.running,
+            running,
             capacity: self.capacity,
             node,
         }
     }
+
+    /// The running count its entry in its `j`th kind's free set should be keyed with now
+    /// ([`UNKEYED`]: it should have none).
+    fn due(&self) -> u32 {
+        if self.is_listed() && self.is_free() {
+            self.running
+        } else {
+            UNKEYED
+        }
+    }
+
+    /// The first word of its key in the free set of its `j`th kind.
+    fn word(&self, j: usize) -> u32 {
+        u32::from(self.saturated) << 31 | self.rank(j)
+    }
 }
+
+/// [`NodeSlot::keyed`] of a kind in whose free set the node has no entry.
+const UNKEYED: u32 = u32::MAX;
 
 /// A free node's place in its type's free set: not saturated first (the top bit of `word`),
 /// then fastest (its rank, below 2^15, the rest of `word`), then least loaded
@@ -400,7 +417,15 @@ pub struct Scheduler {
     /// Per kind, the nodes serving it that take new work, fastest first, then least loaded
     /// (ties: lowest key). Picking a node is a look at the first entry, whatever the number
     /// of nodes.
+    ///
+    /// A start or a result does not move the node in every kind's set at once: it puts the
+    /// node on each of its kinds' `dirty` lists (once), and a kind's set is brought up to
+    /// date from its list when it is next looked at ([`Scheduler::settle`]). A kind nobody
+    /// asks for costs nothing per task, and many results in a row move a node once. Between
+    /// looks, a node's entry is keyed as [`NodeSlot::keyed`] says.
     free: Vec<SortedVec<FreeKey>>,
+    /// Per kind, the nodes whose entry in its free set may be out of date.
+    dirty: Vec<Vec<NodeKey>>,
     /// Every task has the same cost: in order none the first type with a startable task
     /// wins at once (no look at the other types).
     uniform_cost: bool,
@@ -426,6 +451,36 @@ pub struct Scheduler {
     /// Tasks skipped since the last [`Scheduler::drain_skipped`], each with the dependency
     /// whose failure (or skip) skipped it.
     skipped: Vec<(usize, usize)>,
+}
+
+/// Keys node `n`'s entry in `free` (the set of its `j`th kind) with its state now: moved,
+/// added or taken out.
+fn rekey(free: &mut SortedVec<FreeKey>, n: &mut NodeSlot, j: usize, node: NodeKey) {
+    let (keyed, due) = (n.keyed[j].0, n.due());
+    if keyed == due {
+        return;
+    }
+    // Found by the node alone: it has one entry in the set, keyed as `keyed` says.
+    let same = |e: &FreeKey| e.node == node;
+    if due == UNKEYED {
+        free.remove_by(&n.key_at(j, node, keyed), same);
+    } else if keyed == UNKEYED {
+        free.insert(n.key_at(j, node, due));
+    } else {
+        // The node moves a few places (its load changed by a few since it was keyed).
+        free.replace(&n.key_at(j, node, keyed), n.key_at(j, node, due), same);
+    }
+    n.keyed[j].0 = due;
+}
+
+/// Takes node `n`'s entry out of `free` (the set of its `j`th kind), before a change of
+/// the other parts of its key (rank, saturation, capacity) or of its listing.
+fn unkey(free: &mut SortedVec<FreeKey>, n: &mut NodeSlot, j: usize, node: NodeKey) {
+    let keyed = n.keyed[j].0;
+    if keyed != UNKEYED {
+        free.remove_by(&n.key_at(j, node, keyed), |e: &FreeKey| e.node == node);
+        n.keyed[j].0 = UNKEYED;
+    }
 }
 
 fn is_final(s: TaskStatus) -> bool {
@@ -624,6 +679,7 @@ impl Scheduler {
             running_kind: vec![0; kinds.len()],
             kind_cursor: vec![0; kinds.len()],
             free: vec![SortedVec::default(); kinds.len()],
+            dirty: vec![Vec::new(); kinds.len()],
             kind_speed: vec![None; kinds.len()],
             uniform_cost,
             #[cfg(test)]
@@ -718,12 +774,13 @@ impl Scheduler {
             .collect();
         kinds.sort_unstable();
         kinds.dedup();
-        if let Some(old) = self.nodes.remove(&node) {
-            self.unlist(node, &old);
+        if let Some(mut old) = self.nodes.remove(&node) {
+            self.unlist(node, &mut old);
         }
         let slot = NodeSlot {
             est: vec![None; kinds.len()],
             ranks: vec![speed_rank(None); kinds.len()],
+            keyed: vec![(UNKEYED, false); kinds.len()],
             kinds,
             capacity,
             running: 0,
@@ -732,37 +789,36 @@ impl Scheduler {
             draining: false,
             saturated: false,
         };
-        self.list(node, &slot);
+        let mut slot = slot;
+        self.list(node, &mut slot);
         self.nodes.insert(node, slot);
     }
 
     /// Adds a node to the per-kind indexes (call with the node's current state).
-    fn list(&mut self, node: NodeKey, n: &NodeSlot) {
+    fn list(&mut self, node: NodeKey, n: &mut NodeSlot) {
         // A node that can take no work (capacity 0) serves nothing: its types count as
         // missing, so the run's wait for them is bounded.
         if !n.is_listed() {
             return;
         }
-        for (j, &k) in n.kinds.iter().enumerate() {
+        for j in 0..n.kinds.len() {
+            let k = n.kinds[j];
             self.serving[k] += 1;
             self.ranks[k].insert((n.rank(j), node));
-            if n.is_free() {
-                self.free[k].insert(n.free_key(j, node));
-            }
+            rekey(&mut self.free[k], n, j, node);
         }
     }
 
     /// Removes a node from the per-kind indexes (call with the state it was listed with).
-    fn unlist(&mut self, node: NodeKey, n: &NodeSlot) {
+    fn unlist(&mut self, node: NodeKey, n: &mut NodeSlot) {
         if !n.is_listed() {
             return;
         }
-        for (j, &k) in n.kinds.iter().enumerate() {
+        for j in 0..n.kinds.len() {
+            let k = n.kinds[j];
             self.serving[k] -= 1;
             self.ranks[k].remove(&(n.rank(j), node));
-            if n.is_free() {
-                self.free[k].remove(&n.free_key(j, node));
-            }
+            unkey(&mut self.free[k], n, j, node);
         }
     }
 
@@ -784,38 +840,45 @@ impl Scheduler {
             n.work.saturating_sub(cost)
         };
         let (was_free, before) = (n.is_free(), n.running);
-        let after = if up {
+        n.running = if up {
             before + 1
         } else {
             before.saturating_sub(1)
         };
-        n.running = after;
-        let now_free = n.is_free();
-        // A draining node (or one of capacity 0) is in no free set; a node full before and
-        // after, or whose count stayed at 0, does not move.
-        if !n.is_listed() || before == after || !(was_free || now_free) {
+        // A draining node (or one of capacity 0) is in no free set; nor is one full before
+        // and after; a node whose count stayed at 0 does not move.
+        if !n.is_listed() || before == n.running || !(was_free || n.is_free()) {
             return;
         }
-        for (j, &k) in n.kinds.iter().enumerate() {
-            let new = n.free_key(j, node);
-            let old = FreeKey {
-                running: before,
-                ..new
-            };
-            // The node moves a few places in each free set (its load changed by one).
-            // Found by the node alone: it has one entry in the set, keyed as `old`.
-            let free = &mut self.free[k];
-            let same = |e: &FreeKey| e.node == node;
-            match (was_free, now_free) {
-                (true, true) => free.replace(&old, new, same),
-                (true, false) => {
-                    free.remove_by(&old, same);
-                }
-                _ => {
-                    free.insert(new);
-                }
+        for j in 0..n.kinds.len() {
+            if !n.keyed[j].1 {
+                n.keyed[j].1 = true;
+                self.dirty[n.kinds[j]].push(node);
             }
         }
+    }
+
+    /// Brings `kind`'s free set up to date: the nodes on its dirty list are keyed with their
+    /// state now (see [`Scheduler::free`]).
+    fn settle(&mut self, kind: usize) {
+        if self.dirty[kind].is_empty() {
+            return;
+        }
+        let mut dirty = std::mem::take(&mut self.dirty[kind]);
+        for node in dirty.drain(..) {
+            let Some(n) = self.nodes.get_mut(&node) else {
+                continue;
+            };
+            let Some(j) = n.kinds.iter().position(|&x| x == kind) else {
+                continue;
+            };
+            // A node listed twice (it left and came back) is keyed once.
+            if std::mem::replace(&mut n.keyed[j].1, false) {
+                rekey(&mut self.free[kind], n, j, node);
+            }
+        }
+        // The list's memory is kept for the next round.
+        self.dirty[kind] = dirty;
     }
 
     /// Counts one more slot of `node` as busy without a task: an attempt the run gave up on
@@ -854,19 +917,18 @@ impl Scheduler {
         let Some(mut n) = self.nodes.remove(&node) else {
             return;
         };
-        self.unlist(node, &n);
+        self.unlist(node, &mut n);
         f(&mut n);
-        self.list(node, &n);
+        self.list(node, &mut n);
         self.nodes.insert(node, n);
     }
 
     /// A node takes no new work (it said goodbye); its running tasks may still complete.
     pub fn drain_node(&mut self, node: NodeKey) {
-        let Some(n) = self.nodes.remove(&node) else {
+        let Some(mut n) = self.nodes.remove(&node) else {
             return;
         };
-        self.unlist(node, &n);
-        let mut n = n;
+        self.unlist(node, &mut n);
         n.draining = true;
         self.nodes.insert(node, n);
     }
@@ -883,10 +945,10 @@ impl Scheduler {
         running_here: &[usize],
         started: impl Fn(usize) -> bool,
     ) -> Vec<usize> {
-        let Some(n) = self.nodes.remove(&node) else {
+        let Some(mut n) = self.nodes.remove(&node) else {
             return Vec::new();
         };
-        self.unlist(node, &n);
+        self.unlist(node, &mut n);
         if n.running == 0 {
             return Vec::new();
         }
@@ -1115,9 +1177,9 @@ impl Scheduler {
     /// Where `task` would start now: the first free node of its type (see
     /// [`Scheduler::peek_node`]), unless faster nodes that are busy would finish it sooner
     /// with `queued` units of cost of its type waiting (see [`Scheduler::worth_waiting`]).
-    fn place(&self, task: usize, queued: u64) -> Option<NodeKey> {
+    fn place(&mut self, task: usize, queued: u64) -> Option<NodeKey> {
+        let (rank, node) = self.peek_node(self.slots[task].kind, self.avoid_of(task))?;
         let slot = &self.slots[task];
-        let (rank, node) = self.peek_node(slot.kind, self.avoid_of(task))?;
         // The fast path: the free node is of the type's best rank (no lookup of the node).
         let fastest = self.ranks[slot.kind]
             .first()
@@ -1239,19 +1301,16 @@ impl Scheduler {
             return;
         };
         let k = n.kinds[j];
-        let (listed, free) = (n.is_listed(), n.is_listed() && n.is_free());
+        let listed = n.is_listed();
         if listed {
             self.ranks[k].remove(&(n.rank(j), node));
         }
-        if free {
-            self.free[k].remove(&n.free_key(j, node));
-        }
+        // Its entry is keyed with the old rank: out, and back with the new one.
+        unkey(&mut self.free[k], n, j, node);
         n.set_est(j, est);
         if listed {
             self.ranks[k].insert((n.rank(j), node));
-        }
-        if free {
-            self.free[k].insert(n.free_key(j, node));
+            rekey(&mut self.free[k], n, j, node);
         }
     }
 
@@ -1302,6 +1361,7 @@ impl Scheduler {
     /// that is not avoided (the one least likely to be picked), so its speed is measured again.
     fn probe(&mut self, kind: usize, node: NodeKey, avoid: Option<NodeKey>) -> NodeKey {
         self.since_probe[kind] += 1;
+        // The kind's free set was settled by `place` (`peek_node`), just before.
         if self.since_probe[kind] < PROBE_EVERY || self.free[kind].len() < 2 {
             return node;
         }
@@ -1316,7 +1376,8 @@ impl Scheduler {
 
     /// The first free node serving `kind` (not saturated, fastest, least loaded, lowest key),
     /// with its speed rank; `avoid` only when it is the only one that serves the type.
-    fn peek_node(&self, kind: usize, avoid: Option<NodeKey>) -> Option<(u32, NodeKey)> {
+    fn peek_node(&mut self, kind: usize, avoid: Option<NodeKey>) -> Option<(u32, NodeKey)> {
+        self.settle(kind);
         let free = &self.free[kind];
         let Some(a) = avoid else {
             return free.first().map(|key| (key.rank(), key.node));

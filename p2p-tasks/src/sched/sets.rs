@@ -171,6 +171,7 @@ impl<T: Ord + Copy> SortedVec<T> {
     }
 
     /// Removes `v`; false if it was not there.
+    #[cfg(test)]
     pub(super) fn remove(&mut self, v: &T) -> bool {
         self.remove_by(v, |x| x == v)
     }

@@ -571,14 +571,26 @@ fn a_tasks_slot_stays_small() {
 /// Every kind's free set, as the scheduler keeps it, against one built from scratch from the
 /// nodes' state (a straightforward model: every free node serving the kind, keyed by its
 /// saturation, the speed rank of its estimate computed afresh, its exact load and its key),
-/// and the node a task of each kind would be offered against a linear scan of the nodes.
-fn check_free_sets(s: &Scheduler) -> Result<(), String> {
+/// and the node a task of each kind would be offered against the model's first.
+///
+/// Between looks, a set may hold entries keyed as the node last was (on the kind's dirty
+/// list); each node has one entry at most, keyed as [`NodeSlot::keyed`] says, and a node
+/// not on the dirty list is keyed exactly. The kinds `k` with `look + k` a multiple of 3 are
+/// looked at (settled) and must then equal the model exactly: not every kind after every
+/// event, so that entries stay out of date over several events.
+fn check_free_sets(s: &mut Scheduler, look: u32) -> Result<(), String> {
     type Model = (u32, u32, u32, NodeKey);
     for k in 0..s.kinds.len() {
+        let looked = (look + k as u32) % 3 == 0;
+        let offered = if looked {
+            s.peek_node(k, None).map(|(_, n)| n)
+        } else {
+            None
+        };
         let mut model: Vec<Model> = Vec::new();
         for (&node, n) in &s.nodes {
-            if n.ranks.len() != n.est.len() {
-                return Err(format!("node {node}: ranks and estimates differ in length"));
+            if n.ranks.len() != n.est.len() || n.keyed.len() != n.est.len() {
+                return Err(format!("node {node}: per-kind vectors differ in length"));
             }
             for (j, &e) in n.est.iter().enumerate() {
                 if n.ranks[j] != speed_rank(e) {
@@ -588,10 +600,31 @@ fn check_free_sets(s: &Scheduler) -> Result<(), String> {
             let Some(j) = n.kinds.iter().position(|&x| x == k) else {
                 continue;
             };
+            let word = (u32::from(n.saturated) << 31) | speed_rank(n.est[j]);
+            let entries: Vec<&FreeKey> = s.free[k].iter().filter(|e| e.node == node).collect();
+            let (keyed, dirty) = n.keyed[j];
+            match entries[..] {
+                [] if keyed == UNKEYED => {}
+                [e] if keyed == e.running && e.word == word && e.capacity == n.capacity => {}
+                _ => return Err(format!("kind {k}: node {node} ({n:?}) has {entries:?}")),
+            }
+            if dirty && !s.dirty[k].contains(&node) {
+                return Err(format!("kind {k}: node {node} dirty but not listed"));
+            }
+            if !dirty && keyed != n.due() {
+                return Err(format!(
+                    "kind {k}: node {node} ({n:?}) out of date, not dirty"
+                ));
+            }
             if n.is_listed() && n.is_free() {
-                let word = (u32::from(n.saturated) << 31) | speed_rank(n.est[j]);
                 model.push((word, n.running, n.capacity, node));
             }
+        }
+        if s.free[k].iter().any(|e| !s.nodes.contains_key(&e.node)) {
+            return Err(format!("kind {k}: an entry of a node that is gone"));
+        }
+        if !looked {
+            continue;
         }
         // Loads compared as fractions in 128 bits: no overflow to reason about.
         model.sort_by(|a, b| {
@@ -604,14 +637,13 @@ fn check_free_sets(s: &Scheduler) -> Result<(), String> {
             .map(|f| (f.word, f.running, f.capacity, f.node))
             .collect();
         if kept != model {
-            return Err(format!("kind {k}: free set {kept:?}, model {model:?}"));
+            return Err(format!(
+                "kind {k}: settled free set {kept:?}, model {model:?}"
+            ));
         }
         let first = model.first().map(|m| m.3);
-        if s.peek_node(k, None).map(|(_, n)| n) != first {
-            return Err(format!(
-                "kind {k}: offered {:?}, model {first:?}",
-                s.peek_node(k, None)
-            ));
+        if offered != first {
+            return Err(format!("kind {k}: offered {offered:?}, model {model:?}"));
         }
     }
     Ok(())
@@ -689,6 +721,7 @@ proptest::proptest! {
         let t0 = Instant::now();
         let mut now = t0;
         let mut running: Vec<usize> = Vec::new();
+        let mut checked = 0u32;
         for ev in events {
             now += Duration::from_millis(50);
             let pick = |i: usize| (!running.is_empty()).then(|| running[i % running.len()]);
@@ -739,7 +772,8 @@ proptest::proptest! {
                 }
             }
             running.retain(|&t| matches!(s.status(t), Some(TaskStatus::Running(_))));
-            if let Err(e) = check_free_sets(&s) {
+            checked += 1;
+            if let Err(e) = check_free_sets(&mut s, checked) {
                 return Err(proptest::test_runner::TestCaseError::fail(format!("after {ev:?}: {e}")));
             }
         }
