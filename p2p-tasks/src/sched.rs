@@ -31,6 +31,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use nodes::NodeMap;
 use sets::{ReadySet, SortedVec};
 use std::fmt;
 use std::str::FromStr;
@@ -412,8 +413,9 @@ pub struct Scheduler {
     cursor: usize,
     finished: usize,
     stopped: bool,
-    /// Looked up twice a task: keyed by the fast hash of the link ids (not a B-tree).
-    nodes: std::collections::HashMap<NodeKey, NodeSlot, p2p_core::conn::SeqHash>,
+    /// By link id, in slots (see [`nodes::NodeMap`]): reached by slot from the dirty lists,
+    /// and without hashing again when a node is reached twice in a row.
+    nodes: NodeMap<NodeSlot>,
     /// Per kind, the nodes serving it that take new work, fastest first, then least loaded
     /// (ties: lowest key). Picking a node is a look at the first entry, whatever the number
     /// of nodes.
@@ -424,8 +426,9 @@ pub struct Scheduler {
     /// asks for costs nothing per task, and many results in a row move a node once. Between
     /// looks, a node's entry is keyed as [`NodeSlot::keyed`] says.
     free: Vec<SortedVec<FreeKey>>,
-    /// Per kind, the nodes whose entry in its free set may be out of date.
-    dirty: Vec<Vec<NodeKey>>,
+    /// Per kind, the nodes (their slots in `nodes`) whose entry in its free set may be out
+    /// of date.
+    dirty: Vec<Vec<u32>>,
     /// Every task has the same cost: in order none the first type with a startable task
     /// wins at once (no look at the other types).
     uniform_cost: bool,
@@ -699,7 +702,7 @@ impl Scheduler {
             cursor: 0,
             finished: 0,
             stopped: false,
-            nodes: std::collections::HashMap::default(),
+            nodes: NodeMap::default(),
             dependents,
             skipped: Vec::new(),
         }
@@ -831,7 +834,7 @@ impl Scheduler {
     /// [`Scheduler::set_running`] for a task of `cost` (0: a slot held without a task),
     /// counted in or out of the node's running work in the same lookup.
     fn set_running_with(&mut self, node: NodeKey, up: bool, cost: u64) {
-        let Some(n) = self.nodes.get_mut(&node) else {
+        let Some((slot, n)) = self.nodes.get_mut_slot(&node) else {
             return;
         };
         n.work = if up {
@@ -853,7 +856,7 @@ impl Scheduler {
         for j in 0..n.kinds.len() {
             if !n.keyed[j].1 {
                 n.keyed[j].1 = true;
-                self.dirty[n.kinds[j]].push(node);
+                self.dirty[n.kinds[j]].push(slot);
             }
         }
     }
@@ -865,14 +868,16 @@ impl Scheduler {
             return;
         }
         let mut dirty = std::mem::take(&mut self.dirty[kind]);
-        for node in dirty.drain(..) {
-            let Some(n) = self.nodes.get_mut(&node) else {
+        for slot in dirty.drain(..) {
+            // A slot given back (its node is in no set), or reused by a node that was put
+            // on the list itself if it had to be: nothing more to do.
+            let Some((node, n)) = self.nodes.at_mut(slot) else {
                 continue;
             };
             let Some(j) = n.kinds.iter().position(|&x| x == kind) else {
                 continue;
             };
-            // A node listed twice (it left and came back) is keyed once.
+            // A node listed twice (its slot reused) is keyed once.
             if std::mem::replace(&mut n.keyed[j].1, false) {
                 rekey(&mut self.free[kind], n, j, node);
             }
@@ -1477,6 +1482,7 @@ impl Scheduler {
     }
 }
 
+mod nodes;
 mod sets;
 
 #[cfg(test)]

@@ -588,7 +588,7 @@ fn check_free_sets(s: &mut Scheduler, look: u32) -> Result<(), String> {
             None
         };
         let mut model: Vec<Model> = Vec::new();
-        for (&node, n) in &s.nodes {
+        for (&node, n) in s.nodes.iter() {
             if n.ranks.len() != n.est.len() || n.keyed.len() != n.est.len() {
                 return Err(format!("node {node}: per-kind vectors differ in length"));
             }
@@ -608,7 +608,7 @@ fn check_free_sets(s: &mut Scheduler, look: u32) -> Result<(), String> {
                 [e] if keyed == e.running && e.word == word && e.capacity == n.capacity => {}
                 _ => return Err(format!("kind {k}: node {node} ({n:?}) has {entries:?}")),
             }
-            if dirty && !s.dirty[k].contains(&node) {
+            if dirty && !s.dirty[k].iter().any(|&i| s.nodes.at(i) == Some(node)) {
                 return Err(format!("kind {k}: node {node} dirty but not listed"));
             }
             if !dirty && keyed != n.due() {
