@@ -1435,17 +1435,17 @@ impl Scheduler {
     /// Records a final status, releases or skips dependents (iteratively: chains can be long)
     /// and advances the order cursors.
     fn finish(&mut self, task: usize, status: TaskStatus) {
+        if self.dependents.is_empty() {
+            // No task has dependencies (the usual case): nothing to release or skip.
+            self.finish_one(task, status);
+            return;
+        }
         // The skipped dependents still to finish: allocated only when there are some (most
         // tasks have no dependents, and this runs once per task).
         let mut work = Vec::new();
         let mut next = Some((task, status));
         while let Some((t, st)) = next.take().or_else(|| work.pop()) {
-            self.slots[t].status = st;
-            self.finished += 1;
-            if !self.avoided.is_empty() {
-                self.avoided.remove(&t);
-            }
-            self.advance_cursors(self.slots[t].kind);
+            self.finish_one(t, st);
             for i in 0..self.dependents.get(t).map_or(0, Vec::len) {
                 let d = self.dependents[t][i];
                 if self.slots[d].status != TaskStatus::Pending {
@@ -1467,6 +1467,16 @@ impl Scheduler {
                 }
             }
         }
+    }
+
+    /// Records the final status of one task and advances the order cursors.
+    fn finish_one(&mut self, t: usize, st: TaskStatus) {
+        self.slots[t].status = st;
+        self.finished += 1;
+        if !self.avoided.is_empty() {
+            self.avoided.remove(&t);
+        }
+        self.advance_cursors(self.slots[t].kind);
     }
 
     fn advance_cursors(&mut self, k: usize) {
