@@ -581,7 +581,7 @@ fn a_tasks_slot_stays_small() {
 fn check_free_sets(s: &mut Scheduler, look: u32) -> Result<(), String> {
     type Model = (u32, u32, u32, NodeKey);
     for k in 0..s.kinds.len() {
-        let looked = (look + k as u32) % 3 == 0;
+        let looked = (look + k as u32).is_multiple_of(3);
         let offered = if looked {
             s.peek_node(k, None).map(|(_, n)| n)
         } else {
