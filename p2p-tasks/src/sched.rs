@@ -795,6 +795,14 @@ impl Scheduler {
         let mut slot = slot;
         self.list(node, &mut slot);
         self.nodes.insert(node, slot);
+        // A dirty list holds each node once, plus the slots of nodes that left since the
+        // kind was last looked at: nodes that come and go many times must not grow the list
+        // of a kind nobody asks for without bound.
+        for k in 0..self.dirty.len() {
+            if self.dirty[k].len() > 2 * self.nodes.len() + 16 {
+                self.settle(k);
+            }
+        }
     }
 
     /// Adds a node to the per-kind indexes (call with the node's current state).

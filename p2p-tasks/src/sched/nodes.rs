@@ -76,6 +76,11 @@ impl<V> NodeMap<V> {
         self.slot_of(*key).is_some()
     }
 
+    /// How many keys have a value.
+    pub(super) fn len(&self) -> usize {
+        self.index.len()
+    }
+
     /// Sets the value of `key`.
     pub(super) fn insert(&mut self, key: u64, v: V) {
         if let Some(i) = self.slot_of(key) {

@@ -779,3 +779,33 @@ proptest::proptest! {
         }
     }
 }
+
+#[test]
+fn a_kind_nobody_asks_for_keeps_a_bounded_dirty_list_while_nodes_come_and_go() {
+    // Only type a has work; nodes serving a and b join, run a task and leave, many times:
+    // b's free set is never looked at, and its dirty list must not grow with every visit.
+    let mut s = Scheduler::new(
+        &tasks("a1 b1"),
+        Policy {
+            order: Order::None,
+            ..Policy::default()
+        },
+    );
+    s.mark_done(1);
+    let now = Instant::now();
+    for round in 0..1_000u64 {
+        let node = 100 + round;
+        s.add_node(node, &["a".into(), "b".into()], 2);
+        let d = s.next(now).expect("a1 starts");
+        s.requeue(d.task);
+        s.remove_node(node, &[], |_| false);
+        // One node at a time: the bound kept at each join is 2 x 1 + 16, and one start
+        // after it adds a slot.
+        assert!(
+            s.dirty[1].len() <= 19,
+            "round {round}: {}",
+            s.dirty[1].len()
+        );
+    }
+    assert!(check_free_sets(&mut s, 0).is_ok());
+}
