@@ -31,6 +31,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use nodes::NodeMap;
 use sets::{ReadySet, SortedVec};
 use std::fmt;
 use std::str::FromStr;
@@ -266,6 +267,13 @@ struct NodeSlot {
     /// Per entry of `kinds`, the node's estimated seconds per unit of cost (none until it
     /// completed a task of the type).
     est: Vec<Option<f64>>,
+    /// Per entry of `kinds`, the speed rank of `est` ([`speed_rank`]), kept with it so that
+    /// a start or a result, which move the node in its kinds' free sets, do no float work.
+    ranks: Vec<u32>,
+    /// Per entry of `kinds`, the running count its entry in the kind's free set is keyed
+    /// with ([`UNKEYED`]: it has none), and whether the node waits in the kind's `dirty`
+    /// list to be keyed again (see [`Scheduler::free`]).
+    keyed: Vec<(u32, bool)>,
     capacity: u32,
     running: u32,
     /// Of `running`, the slots held without a task ([`Scheduler::hold`]).
@@ -291,63 +299,91 @@ impl NodeSlot {
 
     /// Its rank for its `j`th kind.
     fn rank(&self, j: usize) -> u32 {
-        speed_rank(self.est.get(j).copied().flatten())
+        self.ranks.get(j).copied().unwrap_or(0)
     }
 
-    fn load(&self) -> Load {
-        Load {
-            running: self.running,
-            capacity: self.capacity,
+    /// Sets its estimate for its `j`th kind (and the rank kept with it).
+    fn set_est(&mut self, j: usize, est: Option<f64>) {
+        if let (Some(e), Some(r)) = (self.est.get_mut(j), self.ranks.get_mut(j)) {
+            *e = est;
+            *r = speed_rank(est);
         }
     }
 
-    /// The key of this node in the free set of its `j`th kind.
-    fn free_key(&self, j: usize, node: NodeKey) -> FreeKey {
-        (
-            u32::from(self.saturated) << 31 | self.rank(j),
-            self.load(),
+    /// Its key in the free set of its `j`th kind with `running` tasks running.
+    fn key_at(&self, j: usize, node: NodeKey, running: u32) -> FreeKey {
+        FreeKey {
+            word: self.word(j),
+            running,
+            capacity: self.capacity,
             node,
-        )
+        }
+    }
+
+    /// The running count its entry in its `j`th kind's free set should be keyed with now
+    /// ([`UNKEYED`]: it should have none).
+    fn due(&self) -> u32 {
+        if self.is_listed() && self.is_free() {
+            self.running
+        } else {
+            UNKEYED
+        }
+    }
+
+    /// The first word of its key in the free set of its `j`th kind.
+    fn word(&self, j: usize) -> u32 {
+        u32::from(self.saturated) << 31 | self.rank(j)
     }
 }
 
-/// A free node's place in its type's free set: not saturated first (the top bit of the first
-/// word), then fastest (its rank, below 2^15), then least loaded, then lowest key; as small as
-/// before saturation was known.
-type FreeKey = (u32, Load, NodeKey);
+/// [`NodeSlot::keyed`] of a kind in whose free set the node has no entry.
+const UNKEYED: u32 = u32::MAX;
 
-/// The speed rank in a [`FreeKey`]'s first word.
-fn key_rank(word: u32) -> u32 {
-    word & !(1 << 31)
-}
-
-/// A node's load, `running / capacity`, ordered exactly (by cross-multiplication).
+/// A free node's place in its type's free set: not saturated first (the top bit of `word`),
+/// then fastest (its rank, below 2^15, the rest of `word`), then least loaded
+/// (`running / capacity`, ordered exactly by cross-multiplication), then lowest key.
 #[derive(Debug, Clone, Copy)]
-struct Load {
+struct FreeKey {
+    word: u32,
     running: u32,
     capacity: u32,
+    node: NodeKey,
 }
 
-impl Ord for Load {
-    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        (u64::from(self.running) * u64::from(other.capacity))
-            .cmp(&(u64::from(other.running) * u64::from(self.capacity)))
+impl FreeKey {
+    /// The speed rank in its first word.
+    fn rank(&self) -> u32 {
+        self.word & !(1 << 31)
     }
 }
 
-impl PartialOrd for Load {
+impl Ord for FreeKey {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        // Loads `a / b` and `c / d` (both below 2^32) compare as `a x d` and `c x b`, which
+        // fit in 64 bits: exact, no rounding.
+        self.word
+            .cmp(&other.word)
+            .then_with(|| {
+                (u64::from(self.running) * u64::from(other.capacity))
+                    .cmp(&(u64::from(other.running) * u64::from(self.capacity)))
+            })
+            .then(self.node.cmp(&other.node))
+    }
+}
+
+impl PartialOrd for FreeKey {
     fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
         Some(self.cmp(other))
     }
 }
 
-impl PartialEq for Load {
+impl PartialEq for FreeKey {
     fn eq(&self, other: &Self) -> bool {
         self.cmp(other) == std::cmp::Ordering::Equal
     }
 }
 
-impl Eq for Load {}
+impl Eq for FreeKey {}
 
 /// The scheduler of one run.
 #[derive(Debug)]
@@ -377,12 +413,22 @@ pub struct Scheduler {
     cursor: usize,
     finished: usize,
     stopped: bool,
-    /// Looked up twice a task: keyed by the fast hash of the link ids (not a B-tree).
-    nodes: std::collections::HashMap<NodeKey, NodeSlot, p2p_core::conn::SeqHash>,
+    /// By link id, in slots (see [`nodes::NodeMap`]): reached by slot from the dirty lists,
+    /// and without hashing again when a node is reached twice in a row.
+    nodes: NodeMap<NodeSlot>,
     /// Per kind, the nodes serving it that take new work, fastest first, then least loaded
     /// (ties: lowest key). Picking a node is a look at the first entry, whatever the number
     /// of nodes.
+    ///
+    /// A start or a result does not move the node in every kind's set at once: it puts the
+    /// node on each of its kinds' `dirty` lists (once), and a kind's set is brought up to
+    /// date from its list when it is next looked at ([`Scheduler::settle`]). A kind nobody
+    /// asks for costs nothing per task, and many results in a row move a node once. Between
+    /// looks, a node's entry is keyed as [`NodeSlot::keyed`] says.
     free: Vec<SortedVec<FreeKey>>,
+    /// Per kind, the nodes (their slots in `nodes`) whose entry in its free set may be out
+    /// of date.
+    dirty: Vec<Vec<u32>>,
     /// Every task has the same cost: in order none the first type with a startable task
     /// wins at once (no look at the other types).
     uniform_cost: bool,
@@ -408,6 +454,36 @@ pub struct Scheduler {
     /// Tasks skipped since the last [`Scheduler::drain_skipped`], each with the dependency
     /// whose failure (or skip) skipped it.
     skipped: Vec<(usize, usize)>,
+}
+
+/// Keys node `n`'s entry in `free` (the set of its `j`th kind) with its state now: moved,
+/// added or taken out.
+fn rekey(free: &mut SortedVec<FreeKey>, n: &mut NodeSlot, j: usize, node: NodeKey) {
+    let (keyed, due) = (n.keyed[j].0, n.due());
+    if keyed == due {
+        return;
+    }
+    // Found by the node alone: it has one entry in the set, keyed as `keyed` says.
+    let same = |e: &FreeKey| e.node == node;
+    if due == UNKEYED {
+        free.remove_by(&n.key_at(j, node, keyed), same);
+    } else if keyed == UNKEYED {
+        free.insert(n.key_at(j, node, due));
+    } else {
+        // The node moves a few places (its load changed by a few since it was keyed).
+        free.replace(&n.key_at(j, node, keyed), n.key_at(j, node, due), same);
+    }
+    n.keyed[j].0 = due;
+}
+
+/// Takes node `n`'s entry out of `free` (the set of its `j`th kind), before a change of
+/// the other parts of its key (rank, saturation, capacity) or of its listing.
+fn unkey(free: &mut SortedVec<FreeKey>, n: &mut NodeSlot, j: usize, node: NodeKey) {
+    let keyed = n.keyed[j].0;
+    if keyed != UNKEYED {
+        free.remove_by(&n.key_at(j, node, keyed), |e: &FreeKey| e.node == node);
+        n.keyed[j].0 = UNKEYED;
+    }
 }
 
 fn is_final(s: TaskStatus) -> bool {
@@ -606,6 +682,7 @@ impl Scheduler {
             running_kind: vec![0; kinds.len()],
             kind_cursor: vec![0; kinds.len()],
             free: vec![SortedVec::default(); kinds.len()],
+            dirty: vec![Vec::new(); kinds.len()],
             kind_speed: vec![None; kinds.len()],
             uniform_cost,
             #[cfg(test)]
@@ -625,7 +702,7 @@ impl Scheduler {
             cursor: 0,
             finished: 0,
             stopped: false,
-            nodes: std::collections::HashMap::default(),
+            nodes: NodeMap::default(),
             dependents,
             skipped: Vec::new(),
         }
@@ -700,11 +777,13 @@ impl Scheduler {
             .collect();
         kinds.sort_unstable();
         kinds.dedup();
-        if let Some(old) = self.nodes.remove(&node) {
-            self.unlist(node, &old);
+        if let Some(mut old) = self.nodes.remove(&node) {
+            self.unlist(node, &mut old);
         }
         let slot = NodeSlot {
             est: vec![None; kinds.len()],
+            ranks: vec![speed_rank(None); kinds.len()],
+            keyed: vec![(UNKEYED, false); kinds.len()],
             kinds,
             capacity,
             running: 0,
@@ -713,37 +792,44 @@ impl Scheduler {
             draining: false,
             saturated: false,
         };
-        self.list(node, &slot);
+        let mut slot = slot;
+        self.list(node, &mut slot);
         self.nodes.insert(node, slot);
+        // A dirty list holds each node once, plus the slots of nodes that left since the
+        // kind was last looked at: nodes that come and go many times must not grow the list
+        // of a kind nobody asks for without bound.
+        for k in 0..self.dirty.len() {
+            if self.dirty[k].len() > 2 * self.nodes.len() + 16 {
+                self.settle(k);
+            }
+        }
     }
 
     /// Adds a node to the per-kind indexes (call with the node's current state).
-    fn list(&mut self, node: NodeKey, n: &NodeSlot) {
+    fn list(&mut self, node: NodeKey, n: &mut NodeSlot) {
         // A node that can take no work (capacity 0) serves nothing: its types count as
         // missing, so the run's wait for them is bounded.
         if !n.is_listed() {
             return;
         }
-        for (j, &k) in n.kinds.iter().enumerate() {
+        for j in 0..n.kinds.len() {
+            let k = n.kinds[j];
             self.serving[k] += 1;
             self.ranks[k].insert((n.rank(j), node));
-            if n.is_free() {
-                self.free[k].insert(n.free_key(j, node));
-            }
+            rekey(&mut self.free[k], n, j, node);
         }
     }
 
     /// Removes a node from the per-kind indexes (call with the state it was listed with).
-    fn unlist(&mut self, node: NodeKey, n: &NodeSlot) {
+    fn unlist(&mut self, node: NodeKey, n: &mut NodeSlot) {
         if !n.is_listed() {
             return;
         }
-        for (j, &k) in n.kinds.iter().enumerate() {
+        for j in 0..n.kinds.len() {
+            let k = n.kinds[j];
             self.serving[k] -= 1;
             self.ranks[k].remove(&(n.rank(j), node));
-            if n.is_free() {
-                self.free[k].remove(&n.free_key(j, node));
-            }
+            unkey(&mut self.free[k], n, j, node);
         }
     }
 
@@ -756,7 +842,7 @@ impl Scheduler {
     /// [`Scheduler::set_running`] for a task of `cost` (0: a slot held without a task),
     /// counted in or out of the node's running work in the same lookup.
     fn set_running_with(&mut self, node: NodeKey, up: bool, cost: u64) {
-        let Some(n) = self.nodes.get_mut(&node) else {
+        let Some((slot, n)) = self.nodes.get_mut_slot(&node) else {
             return;
         };
         n.work = if up {
@@ -765,36 +851,47 @@ impl Scheduler {
             n.work.saturating_sub(cost)
         };
         let (was_free, before) = (n.is_free(), n.running);
-        if n.draining || n.capacity == 0 {
-            n.running = if up {
-                before + 1
-            } else {
-                before.saturating_sub(1)
-            };
-            return;
-        }
-        let after = if up {
+        n.running = if up {
             before + 1
         } else {
             before.saturating_sub(1)
         };
-        for (j, &k) in n.kinds.iter().enumerate() {
-            n.running = before;
-            let old = n.free_key(j, node);
-            n.running = after;
-            // The node moves a few places in each free set (its load changed by one).
-            match (was_free, n.is_free()) {
-                (true, true) => self.free[k].replace(&old, n.free_key(j, node)),
-                (true, false) => {
-                    self.free[k].remove(&old);
-                }
-                (false, true) => {
-                    self.free[k].insert(n.free_key(j, node));
-                }
-                (false, false) => {}
+        // A draining node (or one of capacity 0) is in no free set; nor is one full before
+        // and after; a node whose count stayed at 0 does not move.
+        if !n.is_listed() || before == n.running || !(was_free || n.is_free()) {
+            return;
+        }
+        for j in 0..n.kinds.len() {
+            if !n.keyed[j].1 {
+                n.keyed[j].1 = true;
+                self.dirty[n.kinds[j]].push(slot);
             }
         }
-        n.running = after;
+    }
+
+    /// Brings `kind`'s free set up to date: the nodes on its dirty list are keyed with their
+    /// state now (see [`Scheduler::free`]).
+    fn settle(&mut self, kind: usize) {
+        if self.dirty[kind].is_empty() {
+            return;
+        }
+        let mut dirty = std::mem::take(&mut self.dirty[kind]);
+        for slot in dirty.drain(..) {
+            // A slot given back (its node is in no set), or reused by a node that was put
+            // on the list itself if it had to be: nothing more to do.
+            let Some((node, n)) = self.nodes.at_mut(slot) else {
+                continue;
+            };
+            let Some(j) = n.kinds.iter().position(|&x| x == kind) else {
+                continue;
+            };
+            // A node listed twice (its slot reused) is keyed once.
+            if std::mem::replace(&mut n.keyed[j].1, false) {
+                rekey(&mut self.free[kind], n, j, node);
+            }
+        }
+        // The list's memory is kept for the next round.
+        self.dirty[kind] = dirty;
     }
 
     /// Counts one more slot of `node` as busy without a task: an attempt the run gave up on
@@ -833,19 +930,18 @@ impl Scheduler {
         let Some(mut n) = self.nodes.remove(&node) else {
             return;
         };
-        self.unlist(node, &n);
+        self.unlist(node, &mut n);
         f(&mut n);
-        self.list(node, &n);
+        self.list(node, &mut n);
         self.nodes.insert(node, n);
     }
 
     /// A node takes no new work (it said goodbye); its running tasks may still complete.
     pub fn drain_node(&mut self, node: NodeKey) {
-        let Some(n) = self.nodes.remove(&node) else {
+        let Some(mut n) = self.nodes.remove(&node) else {
             return;
         };
-        self.unlist(node, &n);
-        let mut n = n;
+        self.unlist(node, &mut n);
         n.draining = true;
         self.nodes.insert(node, n);
     }
@@ -862,10 +958,10 @@ impl Scheduler {
         running_here: &[usize],
         started: impl Fn(usize) -> bool,
     ) -> Vec<usize> {
-        let Some(n) = self.nodes.remove(&node) else {
+        let Some(mut n) = self.nodes.remove(&node) else {
             return Vec::new();
         };
-        self.unlist(node, &n);
+        self.unlist(node, &mut n);
         if n.running == 0 {
             return Vec::new();
         }
@@ -1094,9 +1190,9 @@ impl Scheduler {
     /// Where `task` would start now: the first free node of its type (see
     /// [`Scheduler::peek_node`]), unless faster nodes that are busy would finish it sooner
     /// with `queued` units of cost of its type waiting (see [`Scheduler::worth_waiting`]).
-    fn place(&self, task: usize, queued: u64) -> Option<NodeKey> {
+    fn place(&mut self, task: usize, queued: u64) -> Option<NodeKey> {
+        let (rank, node) = self.peek_node(self.slots[task].kind, self.avoid_of(task))?;
         let slot = &self.slots[task];
-        let (rank, node) = self.peek_node(slot.kind, self.avoid_of(task))?;
         // The fast path: the free node is of the type's best rank (no lookup of the node).
         let fastest = self.ranks[slot.kind]
             .first()
@@ -1204,7 +1300,7 @@ impl Scheduler {
         };
         let prev = n.est[j].unwrap_or(mean);
         let est = Some(prev + SPEED_ALPHA * (per_unit - prev));
-        if speed_rank(est) == speed_rank(n.est[j]) {
+        if speed_rank(est) == n.rank(j) {
             // Same place in the free set (the usual case): nothing to move.
             n.est[j] = est;
             return;
@@ -1218,19 +1314,16 @@ impl Scheduler {
             return;
         };
         let k = n.kinds[j];
-        let (listed, free) = (n.is_listed(), n.is_listed() && n.is_free());
+        let listed = n.is_listed();
         if listed {
             self.ranks[k].remove(&(n.rank(j), node));
         }
-        if free {
-            self.free[k].remove(&n.free_key(j, node));
-        }
-        n.est[j] = est;
+        // Its entry is keyed with the old rank: out, and back with the new one.
+        unkey(&mut self.free[k], n, j, node);
+        n.set_est(j, est);
         if listed {
             self.ranks[k].insert((n.rank(j), node));
-        }
-        if free {
-            self.free[k].insert(n.free_key(j, node));
+            rekey(&mut self.free[k], n, j, node);
         }
     }
 
@@ -1281,6 +1374,7 @@ impl Scheduler {
     /// that is not avoided (the one least likely to be picked), so its speed is measured again.
     fn probe(&mut self, kind: usize, node: NodeKey, avoid: Option<NodeKey>) -> NodeKey {
         self.since_probe[kind] += 1;
+        // The kind's free set was settled by `place` (`peek_node`), just before.
         if self.since_probe[kind] < PROBE_EVERY || self.free[kind].len() < 2 {
             return node;
         }
@@ -1288,17 +1382,18 @@ impl Scheduler {
         let probe = self.free[kind]
             .iter()
             .rev()
-            .map(|&(_, _, n)| n)
+            .map(|key| key.node)
             .find(|&n| n != node && Some(n) != avoid);
         probe.unwrap_or(node)
     }
 
     /// The first free node serving `kind` (not saturated, fastest, least loaded, lowest key),
     /// with its speed rank; `avoid` only when it is the only one that serves the type.
-    fn peek_node(&self, kind: usize, avoid: Option<NodeKey>) -> Option<(u32, NodeKey)> {
+    fn peek_node(&mut self, kind: usize, avoid: Option<NodeKey>) -> Option<(u32, NodeKey)> {
+        self.settle(kind);
         let free = &self.free[kind];
         let Some(a) = avoid else {
-            return free.first().map(|&(w, _, node)| (key_rank(w), node));
+            return free.first().map(|key| (key.rank(), key.node));
         };
         let avoid_serves = self
             .nodes
@@ -1306,7 +1401,7 @@ impl Scheduler {
             .is_some_and(|n| !n.draining && n.kinds.contains(&kind));
         let alternatives = self.serving[kind] > u32::from(avoid_serves);
         free.iter()
-            .map(|&(w, _, node)| (key_rank(w), node))
+            .map(|key| (key.rank(), key.node))
             .find(|&(_, node)| !(alternatives && node == a))
     }
 
@@ -1348,17 +1443,17 @@ impl Scheduler {
     /// Records a final status, releases or skips dependents (iteratively: chains can be long)
     /// and advances the order cursors.
     fn finish(&mut self, task: usize, status: TaskStatus) {
+        if self.dependents.is_empty() {
+            // No task has dependencies (the usual case): nothing to release or skip.
+            self.finish_one(task, status);
+            return;
+        }
         // The skipped dependents still to finish: allocated only when there are some (most
         // tasks have no dependents, and this runs once per task).
         let mut work = Vec::new();
         let mut next = Some((task, status));
         while let Some((t, st)) = next.take().or_else(|| work.pop()) {
-            self.slots[t].status = st;
-            self.finished += 1;
-            if !self.avoided.is_empty() {
-                self.avoided.remove(&t);
-            }
-            self.advance_cursors(self.slots[t].kind);
+            self.finish_one(t, st);
             for i in 0..self.dependents.get(t).map_or(0, Vec::len) {
                 let d = self.dependents[t][i];
                 if self.slots[d].status != TaskStatus::Pending {
@@ -1382,6 +1477,16 @@ impl Scheduler {
         }
     }
 
+    /// Records the final status of one task and advances the order cursors.
+    fn finish_one(&mut self, t: usize, st: TaskStatus) {
+        self.slots[t].status = st;
+        self.finished += 1;
+        if !self.avoided.is_empty() {
+            self.avoided.remove(&t);
+        }
+        self.advance_cursors(self.slots[t].kind);
+    }
+
     fn advance_cursors(&mut self, k: usize) {
         while self.cursor < self.slots.len() && is_final(self.slots[self.cursor].status) {
             self.cursor += 1;
@@ -1395,6 +1500,7 @@ impl Scheduler {
     }
 }
 
+mod nodes;
 mod sets;
 
 #[cfg(test)]

@@ -171,42 +171,81 @@ impl<T: Ord + Copy> SortedVec<T> {
     }
 
     /// Removes `v`; false if it was not there.
+    #[cfg(test)]
     pub(super) fn remove(&mut self, v: &T) -> bool {
-        match self.items.binary_search(v) {
-            Ok(i) => {
-                self.items.remove(i);
-                true
-            }
-            Err(_) => false,
+        self.remove_by(v, |x| x == v)
+    }
+
+    /// Where `v` is. `same` must hold for the entry equal to `v` and for no other: a short
+    /// set is scanned with it (a node's key in a free set is found by the node alone, as
+    /// each node has one entry there, in fewer instructions than by the order), a long one
+    /// searched.
+    #[inline]
+    fn find(&self, v: &T, same: impl Fn(&T) -> bool) -> Option<usize> {
+        if self.items.len() <= SCAN_UP_TO {
+            self.items.iter().position(same)
+        } else {
+            self.items.binary_search(v).ok()
         }
     }
 
-    /// Replaces `old` with `new`, moving only the entries between their places. Without
-    /// `old` in the set it is [`SortedVec::insert`] of `new`.
-    pub(super) fn replace(&mut self, old: &T, new: T) {
-        let Ok(i) = self.items.binary_search(old) else {
+    /// [`SortedVec::remove`], with `same` as for [`SortedVec::find`].
+    #[inline]
+    pub(super) fn remove_by(&mut self, v: &T, same: impl Fn(&T) -> bool) -> bool {
+        match self.find(v, same) {
+            Some(i) => {
+                self.items.remove(i);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Replaces `old` with `new`, moving only the entries between their places (found by
+    /// comparing with the neighbours, one step at a time: a node's key moves a few places
+    /// at most when its load changes by one). Without `old` in the set it is
+    /// [`SortedVec::insert`] of `new`. `same` finds `old` as for [`SortedVec::find`].
+    #[inline]
+    pub(super) fn replace(&mut self, old: &T, new: T, same: impl Fn(&T) -> bool) {
+        let Some(mut i) = self.find(old, same) else {
             self.insert(new);
             return;
         };
-        match self.items.binary_search(&new) {
-            Ok(j) if j == i => {}
-            // `new` is already there (another entry): just drop `old`.
-            Ok(_) => {
-                self.items.remove(i);
+        let items = &mut self.items;
+        // `items[i]` is the hole: entries between the two places shift into it.
+        if new > *old {
+            while let Some(&next) = items.get(i + 1) {
+                if next >= new {
+                    if next == new {
+                        // `new` is already there (another entry): just drop `old`.
+                        items.remove(i);
+                        return;
+                    }
+                    break;
+                }
+                items[i] = next;
+                i += 1;
             }
-            Err(j) if j > i => {
-                // `new` goes before the entry at j, which is after i: shift i+1..j left.
-                self.items[i..j].rotate_left(1);
-                self.items[j - 1] = new;
-            }
-            Err(j) => {
-                // j <= i: shift j..i right.
-                self.items[j..=i].rotate_right(1);
-                self.items[j] = new;
+        } else {
+            while i > 0 {
+                let prev = items[i - 1];
+                if prev <= new {
+                    if prev == new {
+                        items.remove(i);
+                        return;
+                    }
+                    break;
+                }
+                items[i] = prev;
+                i -= 1;
             }
         }
+        items[i] = new;
     }
 }
+
+/// Up to how many entries [`SortedVec::find`] scans rather than searches.
+const SCAN_UP_TO: usize = 8;
 
 #[cfg(test)]
 mod tests {
@@ -279,11 +318,33 @@ mod tests {
                     Op::Replace(a, b) => {
                         model.remove(&a);
                         model.insert(b);
-                        set.replace(&a, b);
+                        set.replace(&a, b, |x| *x == a);
                     }
                 }
                 prop_assert_eq!(set.len(), model.len());
                 prop_assert_eq!(set.iter().copied().collect::<Vec<_>>(), model.iter().copied().collect::<Vec<_>>());
+            }
+        }
+    }
+
+    proptest! {
+        /// Past [`SCAN_UP_TO`] entries the sorted vector searches rather than scans: the
+        /// same answers.
+        #[test]
+        fn a_long_sorted_vec_is_a_set(start in proptest::collection::btree_set(0u64..256, 0..40),
+                                      ops in proptest::collection::vec(((0u64..256), (0u64..256)), 0..100)) {
+            let mut model = start.clone();
+            let mut set = SortedVec::default();
+            for &k in &start {
+                set.insert(k);
+            }
+            for (a, b) in ops {
+                model.remove(&a);
+                model.insert(b);
+                set.replace(&a, b, |x| *x == a);
+                prop_assert_eq!(set.iter().copied().collect::<Vec<_>>(), model.iter().copied().collect::<Vec<_>>());
+                let c = a ^ b;
+                prop_assert_eq!(set.remove(&c), model.remove(&c));
             }
         }
     }

@@ -567,3 +567,245 @@ fn a_tasks_slot_stays_small() {
         std::mem::size_of::<Slot>()
     );
 }
+
+/// Every kind's free set, as the scheduler keeps it, against one built from scratch from the
+/// nodes' state (a straightforward model: every free node serving the kind, keyed by its
+/// saturation, the speed rank of its estimate computed afresh, its exact load and its key),
+/// and the node a task of each kind would be offered against the model's first.
+///
+/// Between looks, a set may hold entries keyed as the node last was (on the kind's dirty
+/// list); each node has one entry at most, keyed as [`NodeSlot::keyed`] says, and a node
+/// not on the dirty list is keyed exactly. The kinds `k` with `look + k` a multiple of 3 are
+/// looked at (settled) and must then equal the model exactly: not every kind after every
+/// event, so that entries stay out of date over several events.
+fn check_free_sets(s: &mut Scheduler, look: u32) -> Result<(), String> {
+    type Model = (u32, u32, u32, NodeKey);
+    for k in 0..s.kinds.len() {
+        let looked = (look + k as u32).is_multiple_of(3);
+        let offered = if looked {
+            s.peek_node(k, None).map(|(_, n)| n)
+        } else {
+            None
+        };
+        let mut model: Vec<Model> = Vec::new();
+        for (&node, n) in s.nodes.iter() {
+            if n.ranks.len() != n.est.len() || n.keyed.len() != n.est.len() {
+                return Err(format!("node {node}: per-kind vectors differ in length"));
+            }
+            for (j, &e) in n.est.iter().enumerate() {
+                if n.ranks[j] != speed_rank(e) {
+                    return Err(format!("node {node}: kept rank {} of {e:?}", n.ranks[j]));
+                }
+            }
+            let Some(j) = n.kinds.iter().position(|&x| x == k) else {
+                continue;
+            };
+            let word = (u32::from(n.saturated) << 31) | speed_rank(n.est[j]);
+            let entries: Vec<&FreeKey> = s.free[k].iter().filter(|e| e.node == node).collect();
+            let (keyed, dirty) = n.keyed[j];
+            match entries[..] {
+                [] if keyed == UNKEYED => {}
+                [e] if keyed == e.running && e.word == word && e.capacity == n.capacity => {}
+                _ => return Err(format!("kind {k}: node {node} ({n:?}) has {entries:?}")),
+            }
+            if dirty && !s.dirty[k].iter().any(|&i| s.nodes.at(i) == Some(node)) {
+                return Err(format!("kind {k}: node {node} dirty but not listed"));
+            }
+            if !dirty && keyed != n.due() {
+                return Err(format!(
+                    "kind {k}: node {node} ({n:?}) out of date, not dirty"
+                ));
+            }
+            if n.is_listed() && n.is_free() {
+                model.push((word, n.running, n.capacity, node));
+            }
+        }
+        if s.free[k].iter().any(|e| !s.nodes.contains_key(&e.node)) {
+            return Err(format!("kind {k}: an entry of a node that is gone"));
+        }
+        if !looked {
+            continue;
+        }
+        // Loads compared as fractions in 128 bits: no overflow to reason about.
+        model.sort_by(|a, b| {
+            a.0.cmp(&b.0)
+                .then((u128::from(a.1) * u128::from(b.2)).cmp(&(u128::from(b.1) * u128::from(a.2))))
+                .then(a.3.cmp(&b.3))
+        });
+        let kept: Vec<Model> = s.free[k]
+            .iter()
+            .map(|f| (f.word, f.running, f.capacity, f.node))
+            .collect();
+        if kept != model {
+            return Err(format!(
+                "kind {k}: settled free set {kept:?}, model {model:?}"
+            ));
+        }
+        let first = model.first().map(|m| m.3);
+        if offered != first {
+            return Err(format!("kind {k}: offered {offered:?}, model {model:?}"));
+        }
+    }
+    Ok(())
+}
+
+#[derive(Debug, Clone)]
+enum Event {
+    Next,
+    Complete(usize, bool),
+    Observe(usize, u16),
+    ObserveFailure(usize),
+    Saturated(u8, bool),
+    Capacity(u8, u8),
+    Drain(u8),
+    Remove(u8),
+    Add(u8, u8, u8),
+    Hold(u8),
+    Release(u8),
+    Requeue(usize),
+}
+
+fn event() -> impl proptest::strategy::Strategy<Value = Event> {
+    use proptest::prelude::*;
+    prop_oneof![
+        8 => Just(Event::Next),
+        6 => (any::<usize>(), proptest::bool::weighted(0.9)).prop_map(|(t, ok)| Event::Complete(t, ok)),
+        3 => (any::<usize>(), 1u16..2000).prop_map(|(t, ms)| Event::Observe(t, ms)),
+        1 => any::<usize>().prop_map(Event::ObserveFailure),
+        1 => (0u8..6, any::<bool>()).prop_map(|(n, b)| Event::Saturated(n, b)),
+        1 => (0u8..6, 0u8..5).prop_map(|(n, c)| Event::Capacity(n, c)),
+        1 => (0u8..6).prop_map(Event::Drain),
+        1 => (0u8..6).prop_map(Event::Remove),
+        1 => (0u8..6, 1u8..8, 0u8..5).prop_map(|(n, m, c)| Event::Add(n, m, c)),
+        1 => (0u8..6).prop_map(Event::Hold),
+        1 => (0u8..6).prop_map(Event::Release),
+        1 => any::<usize>().prop_map(Event::Requeue),
+    ]
+}
+
+/// Node keys that do not sort as the nodes were added (ties in the free sets go by key).
+const MODEL_KEYS: [NodeKey; 6] = [40, 7, 1 << 40, 13, 2, 900];
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(48))]
+
+    /// Over random sequences of starts, results, speed measurements, saturation and
+    /// capacity changes, drains, losses and rejoins, holds and requeues (up to 48 x 300
+    /// events), every kind's free set is exactly what the nodes' state says, in order, and
+    /// the node offered first is the model's: the kept ranks and the moves of a node by one
+    /// step of load choose no other node than a full sort would.
+    #[test]
+    fn free_sets_match_a_model_built_from_scratch(
+        order in proptest::prop_oneof![proptest::strategy::Just(Order::None), proptest::strategy::Just(Order::Strict)],
+        costs in proptest::collection::vec(1u32..4, 30..60),
+        retries in 0u32..3,
+        events in proptest::collection::vec(event(), 1..300),
+    ) {
+        let kinds = ["a", "b", "c"];
+        let mut ts = tasks(
+            &(0..costs.len())
+                .map(|i| format!("{}{i}", kinds[i % 3]))
+                .collect::<Vec<_>>()
+                .join(" "),
+        );
+        for (t, &c) in ts.iter_mut().zip(&costs) {
+            t.extra_mut().cost = c;
+        }
+        let mut s = Scheduler::new(&ts, Policy { order, retries, keep_going: true, ..Policy::default() });
+        let types = |mask: u8| -> Vec<String> {
+            (0..3).filter(|b| mask & (1 << b) != 0).map(|b| kinds[b].to_string()).collect()
+        };
+        for (i, &key) in MODEL_KEYS.iter().enumerate() {
+            s.add_node(key, &types(7 - (i as u8 % 3)), 1 + i as u32 % 3);
+        }
+        let t0 = Instant::now();
+        let mut now = t0;
+        let mut running: Vec<usize> = Vec::new();
+        let mut checked = 0u32;
+        for ev in events {
+            now += Duration::from_millis(50);
+            let pick = |i: usize| (!running.is_empty()).then(|| running[i % running.len()]);
+            match ev {
+                Event::Next => {
+                    if let Some(d) = s.next(now) {
+                        proptest::prop_assert_eq!(s.status(d.task), Some(TaskStatus::Running(d.node)));
+                        running.push(d.task);
+                    }
+                }
+                Event::Complete(i, ok) => {
+                    if let Some(t) = pick(i) {
+                        s.complete(t, ok, now);
+                    }
+                }
+                Event::Observe(i, ms) => {
+                    if let Some(t) = pick(i) {
+                        if let Some(TaskStatus::Running(node)) = s.status(t) {
+                            s.observe(t, node, Duration::from_millis(u64::from(ms)));
+                        }
+                    }
+                }
+                Event::ObserveFailure(i) => {
+                    if let Some(t) = pick(i) {
+                        if let Some(TaskStatus::Running(node)) = s.status(t) {
+                            s.observe_failure(t, node);
+                        }
+                    }
+                }
+                Event::Saturated(n, b) => s.set_saturated(MODEL_KEYS[n as usize], b),
+                Event::Capacity(n, c) => s.set_capacity(MODEL_KEYS[n as usize], u32::from(c)),
+                Event::Drain(n) => s.drain_node(MODEL_KEYS[n as usize]),
+                Event::Remove(n) => {
+                    s.remove_node(MODEL_KEYS[n as usize], &running, |_| true);
+                }
+                Event::Add(n, mask, c) => {
+                    let key = MODEL_KEYS[n as usize];
+                    if !s.nodes.contains_key(&key) {
+                        s.add_node(key, &types(mask), u32::from(c));
+                    }
+                }
+                Event::Hold(n) => s.hold(MODEL_KEYS[n as usize]),
+                Event::Release(n) => s.release(MODEL_KEYS[n as usize]),
+                Event::Requeue(i) => {
+                    if let Some(t) = pick(i) {
+                        s.requeue(t);
+                    }
+                }
+            }
+            running.retain(|&t| matches!(s.status(t), Some(TaskStatus::Running(_))));
+            checked += 1;
+            if let Err(e) = check_free_sets(&mut s, checked) {
+                return Err(proptest::test_runner::TestCaseError::fail(format!("after {ev:?}: {e}")));
+            }
+        }
+    }
+}
+
+#[test]
+fn a_kind_nobody_asks_for_keeps_a_bounded_dirty_list_while_nodes_come_and_go() {
+    // Only type a has work; nodes serving a and b join, run a task and leave, many times:
+    // b's free set is never looked at, and its dirty list must not grow with every visit.
+    let mut s = Scheduler::new(
+        &tasks("a1 b1"),
+        Policy {
+            order: Order::None,
+            ..Policy::default()
+        },
+    );
+    s.mark_done(1);
+    let now = Instant::now();
+    for round in 0..1_000u64 {
+        let node = 100 + round;
+        s.add_node(node, &["a".into(), "b".into()], 2);
+        let d = s.next(now).expect("a1 starts");
+        s.requeue(d.task);
+        s.remove_node(node, &[], |_| false);
+        // One node at a time: the bound kept at each join is 2 x 1 + 16, and one start
+        // after it adds a slot.
+        assert!(
+            s.dirty[1].len() <= 19,
+            "round {round}: {}",
+            s.dirty[1].len()
+        );
+    }
+    assert!(check_free_sets(&mut s, 0).is_ok());
+}
