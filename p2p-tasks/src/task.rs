@@ -548,12 +548,19 @@ fn id_problem_named(id: &str) -> Option<String> {
 /// Ids are short (`a1`, `b12345`): they are hashed by [`id_hash`], a few multiplications over
 /// at most two overlapping words for an id of up to 16 bytes, seeded per index from the
 /// standard library's random keys (a task file is the local user's input, not a peer's).
-/// The table is open addressing with linear probing at most half full: a slot is 8 bytes,
-/// the high 32 bits of the id's hash and the position plus one (0: empty), so a probe
+/// The table is open addressing with linear probing at most half full: a slot holds the
+/// position plus one (0: empty) and, beside it, the high 32 bits of the id's hash, so a probe
 /// compares an id only when 32 bits of hash agree, and growing needs no id hashed again.
-/// 16 to 32 bytes a task (the table's size is a power of two), while the file is read.
+/// 16 to 32 bytes a task (the table's size is a power of two), while the file is read, in
+/// two halves: each is smaller than one table of 4-byte positions and 1-byte tags at 7/8
+/// (what `hashbrown` took), so freeing them does not raise the allocator's threshold for
+/// mapping large blocks (glibc moves it up to the largest block given back) above where it
+/// was, which would leave the run's later allocations in the heap and its peak higher.
 pub(crate) struct IdIndex {
-    slots: Vec<u64>,
+    /// Per slot, the position plus one; 0: empty.
+    slots: Vec<u32>,
+    /// Per slot, the high 32 bits of the hash of the id there.
+    frags: Vec<u32>,
     /// Entries held.
     len: usize,
     seed: u64,
@@ -627,8 +634,10 @@ fn random_seed() -> u64 {
 impl IdIndex {
     /// An empty index for about `n` tasks.
     pub(crate) fn with_capacity(n: usize) -> Self {
+        let size = Self::slots_for(n);
         IdIndex {
-            slots: vec![0; Self::slots_for(n)],
+            slots: vec![0; size],
+            frags: vec![0; size],
             len: 0,
             seed: random_seed(),
         }
@@ -653,16 +662,14 @@ impl IdIndex {
 
     /// The slot of `id` (hash fragment `frag`): the one holding it, or the empty one where it
     /// would go.
-    fn probe(&self, tasks: &[Task], id: &str, frag: u64) -> usize {
+    fn probe(&self, tasks: &[Task], id: &str, frag: u32) -> usize {
         let mask = self.slots.len() - 1;
         let mut at = frag as usize & mask;
         loop {
-            let e = self.slots[at];
-            if e == 0
-                || (e >> 32 == frag
-                    && tasks
-                        .get((e as u32 - 1) as usize)
-                        .is_some_and(|t| t.id() == id))
+            let p = self.slots[at];
+            if p == 0
+                || (self.frags[at] == frag
+                    && tasks.get((p - 1) as usize).is_some_and(|t| t.id() == id))
             {
                 return at;
             }
@@ -671,8 +678,8 @@ impl IdIndex {
     }
 
     /// The high 32 bits of the hash of `id`.
-    fn frag(&self, id: &str) -> u64 {
-        id_hash(self.seed, id) >> 32
+    fn frag(&self, id: &str) -> u32 {
+        (id_hash(self.seed, id) >> 32) as u32
     }
 
     /// The position of the task with id `id` if the index has one; else records that
@@ -687,24 +694,28 @@ impl IdIndex {
         let at = self.probe(tasks, id, frag);
         match self.slots[at] {
             0 => {
-                self.slots[at] = frag << 32 | u64::from(pos);
+                self.slots[at] = pos;
+                self.frags[at] = frag;
                 self.len += 1;
                 None
             }
-            e => Some((e as u32 - 1) as usize),
+            p => Some((p - 1) as usize),
         }
     }
 
     /// Doubles the table, placing every entry again by its kept hash fragment.
     fn grow(&mut self) {
-        let old = std::mem::replace(&mut self.slots, vec![0; Self::slots_for(self.len + 1)]);
-        let mask = self.slots.len() - 1;
-        for e in old.into_iter().filter(|&e| e != 0) {
-            let mut at = (e >> 32) as usize & mask;
+        let size = Self::slots_for(self.len + 1);
+        let slots = std::mem::replace(&mut self.slots, vec![0; size]);
+        let frags = std::mem::replace(&mut self.frags, vec![0; size]);
+        let mask = size - 1;
+        for (p, f) in slots.into_iter().zip(frags).filter(|&(p, _)| p != 0) {
+            let mut at = f as usize & mask;
             while self.slots[at] != 0 {
                 at = (at + 1) & mask;
             }
-            self.slots[at] = e;
+            self.slots[at] = p;
+            self.frags[at] = f;
         }
     }
 
@@ -723,20 +734,17 @@ impl IdIndex {
             self.slots[at] = 0;
             self.len -= 1;
             let mut next = (at + 1) & mask;
-            loop {
-                let e = self.slots[next];
-                if e == 0 {
-                    break;
-                }
-                let home = (e >> 32) as usize & mask;
-                // `e` stays when its home lies cyclically in (at, next].
+            while self.slots[next] != 0 {
+                let home = self.frags[next] as usize & mask;
+                // The entry stays when its home lies cyclically in (at, next].
                 let stays = if at <= next {
                     at < home && home <= next
                 } else {
                     at < home || home <= next
                 };
                 if !stays {
-                    self.slots[at] = e;
+                    self.slots[at] = self.slots[next];
+                    self.frags[at] = self.frags[next];
                     self.slots[next] = 0;
                     at = next;
                 }
@@ -749,7 +757,7 @@ impl IdIndex {
     pub(crate) fn get(&self, tasks: &[Task], id: &str) -> Option<usize> {
         match self.slots[self.probe(tasks, id, self.frag(id))] {
             0 => None,
-            e => Some((e as u32 - 1) as usize),
+            p => Some((p - 1) as usize),
         }
     }
 }
