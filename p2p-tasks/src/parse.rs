@@ -51,6 +51,8 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+use compact_str::CompactString;
+
 use crate::task::{id_problem, kind_of_compact, output_name_problem, IdIndex, Input, Task};
 
 /// What kind of problem a [`ParseError`] reports.
@@ -284,15 +286,33 @@ fn parse_in(
     base: Option<&Path>,
     max: usize,
 ) -> Result<Vec<Task>, ParseError> {
+    parse_lines(file, text, base, max, Scan::Fast)
+}
+
+/// Whether [`parse_lines`] tries [`plain_line`] on each line first ([`Scan::Fast`], what
+/// the parser does), or takes every line the general way ([`Scan::General`], for the tests
+/// that compare both).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Scan {
+    Fast,
+    #[cfg_attr(not(test), allow(dead_code))]
+    General,
+}
+
+fn parse_lines(
+    file: &str,
+    text: &str,
+    base: Option<&Path>,
+    max: usize,
+    scan: Scan,
+) -> Result<Vec<Task>, ParseError> {
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     // Sized once for every token (ids, and the few `after`/`--` words): no rehashing.
     // A file over the limit is refused before its tasks take more than the limit's memory.
-    let words = text
-        .split_ascii_whitespace()
-        .count()
-        .min(max.saturating_add(1));
+    let words = count_words(text.as_bytes()).min(max.saturating_add(1));
     let mut tasks: Vec<Task> = Vec::with_capacity(words);
     let mut seen = IdIndex::with_capacity(words);
+    let mut kinds = KindCache::default();
     // Tasks with dependencies: (task, the positions of its dependencies), checked once
     // every id is known.
     let mut dep_pos: Vec<(usize, Vec<(u32, u32)>)> = Vec::new();
@@ -300,6 +320,17 @@ fn parse_in(
     // `str::lines` splits on `\n` and strips a `\r` before it.
     for (index, line_text) in text.lines().enumerate() {
         let line = to_u32(index.saturating_add(1));
+        if scan == Scan::Fast {
+            let mark = tasks.len();
+            if plain_line(line_text, line, max, &mut tasks, &mut seen, &mut kinds) {
+                continue;
+            }
+            // Not a line of plain new ids within the limit: what the fast path took of it
+            // is undone, and the line goes the general way, which finds what is there
+            // (a clause, an error) exactly as it would have without the fast path.
+            seen.forget_from(&tasks, mark);
+            tasks.truncate(mark);
+        }
         if !tokens(line_text).any(|t| is_clause(&t)) {
             // Only task ids (the usual line, however long): no list of its tokens.
             for token in tokens(line_text) {
@@ -578,6 +609,185 @@ fn parse_in(
     Ok(tasks)
 }
 
+/// Byte classes of the fast path ([`plain_line`]) and the word count ([`count_words`]).
+const WHITE: u8 = 1;
+const LETTER: u8 = 2;
+const UPPER: u8 = 4;
+const DIGIT: u8 = 8;
+/// What may follow the first digit of an id: letters, digits, `_`, `.`, `-`.
+const TAIL: u8 = 16;
+/// `#`: a comment starts (the rest of the line is not looked at).
+const HASH: u8 = 32;
+
+/// The class of every byte: ASCII whitespace as `char::is_whitespace` has it (tab to
+/// carriage return, space), id characters, `#`. A byte of a multibyte character has none.
+const CLASS: [u8; 256] = {
+    let mut c = [0u8; 256];
+    let mut b = 0;
+    while b < 256 {
+        let x = b as u8;
+        c[b] = if matches!(x, b'\t'..=b'\r' | b' ') {
+            WHITE
+        } else if x.is_ascii_lowercase() {
+            LETTER | TAIL
+        } else if x.is_ascii_uppercase() {
+            LETTER | UPPER | TAIL
+        } else if x.is_ascii_digit() {
+            DIGIT | TAIL
+        } else if matches!(x, b'_' | b'.' | b'-') {
+            TAIL
+        } else if x == b'#' {
+            HASH
+        } else {
+            0
+        };
+        b += 1;
+    }
+    c
+};
+
+/// How many words `text` holds: runs of bytes other than the ASCII whitespace of
+/// [`CLASS`] (comments' words included). An upper bound of the tasks of a file whose
+/// whitespace is ASCII, for sizing the list and the id table once; 8 bytes at a time.
+fn count_words(text: &[u8]) -> usize {
+    const LOW7: u64 = 0x7f7f_7f7f_7f7f_7f7f;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    // The high bit of every byte of `x` that is tab to carriage return or space.
+    let white = |x: u64| -> u64 {
+        let lo = x & LOW7;
+        let ascii = !x & HIGH;
+        // 9 to 13: at least 9 and not at least 14 (no carry between bytes: each is < 0x80).
+        let ge9 = lo.wrapping_add(ONES * (0x80 - 9)) & HIGH;
+        let ge14 = lo.wrapping_add(ONES * (0x80 - 14)) & HIGH;
+        let sp = !(lo ^ (ONES * 0x20)).wrapping_add(LOW7) & HIGH;
+        (ge9 & !ge14 | sp) & ascii
+    };
+    let mut count: u64 = 0;
+    // The high bit of the last byte looked at, when it was whitespace (the start counts
+    // as whitespace).
+    let mut prev: u64 = 0x80;
+    let mut chunks = text.chunks_exact(8);
+    let mut step = |x: u64| {
+        let w = white(x);
+        let starts = !w & HIGH & (w << 8 | prev);
+        prev = w >> 56;
+        // One high bit per start: their number in the top byte.
+        count += ((starts >> 7).wrapping_mul(ONES)) >> 56;
+    };
+    for c in &mut chunks {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(c);
+        step(u64::from_le_bytes(w));
+    }
+    let rest = chunks.remainder();
+    if !rest.is_empty() {
+        let mut w = [b' '; 8];
+        w[..rest.len()].copy_from_slice(rest);
+        step(u64::from_le_bytes(w));
+    }
+    usize::try_from(count).unwrap_or(usize::MAX)
+}
+
+/// The type names met so far, by their letters (up to 8, as the bytes of one word), so that
+/// the tasks of a type share the building of its name: a copy of an inline string.
+#[derive(Default)]
+struct KindCache {
+    slots: [Option<(u64, usize, CompactString)>; 8],
+}
+
+impl KindCache {
+    /// The type of `id`, whose first `n` bytes are its ASCII letters (`key`: those bytes,
+    /// one after another, when `n` is at most 8; `upper`: whether one is upper case).
+    fn kind(&mut self, id: &str, n: usize, key: u64, upper: bool) -> Option<CompactString> {
+        let make = || {
+            let mut letters = CompactString::from(id.get(..n)?);
+            if upper {
+                letters.make_ascii_lowercase();
+            }
+            Some(letters)
+        };
+        if n > 8 {
+            return make();
+        }
+        let slot = self
+            .slots
+            .get_mut((key ^ (key >> 8) ^ n as u64) as usize & 7)?;
+        match slot {
+            Some((k, len, kind)) if *k == key && *len == n => Some(kind.clone()),
+            _ => {
+                let kind = make()?;
+                *slot = Some((key, n, kind.clone()));
+                Some(kind)
+            }
+        }
+    }
+}
+
+/// The fast path of a line: when it holds only valid task ids seen for the first time (in
+/// ASCII, up to a `#`; the usual line), pushes their tasks and says `true`. Else says
+/// `false` as soon as it meets something else (a clause word or any token that is not a
+/// valid id, a duplicate, a non-ASCII byte before a comment, task `max + 1`), with the
+/// tasks it pushed of this line still there for the caller to take back.
+///
+/// One pass over the bytes: a token is split off and checked against
+/// `^[A-Za-z]+[0-9][A-Za-z0-9_.-]*$` in the same scan, and its column is its byte offset
+/// plus one (every byte before it is ASCII). No clause word is a valid id (none has a
+/// digit), so a line with a clause never passes.
+fn plain_line(
+    text: &str,
+    line: u32,
+    max: usize,
+    tasks: &mut Vec<Task>,
+    seen: &mut IdIndex,
+    kinds: &mut KindCache,
+) -> bool {
+    let b = text.as_bytes();
+    let class = |c: u8| CLASS[c as usize];
+    let mut i = 0;
+    loop {
+        while i < b.len() && class(b[i]) & WHITE != 0 {
+            i += 1;
+        }
+        if i >= b.len() || class(b[i]) & HASH != 0 {
+            return true;
+        }
+        let start = i;
+        let (mut key, mut upper) = (0u64, false);
+        while i < b.len() && class(b[i]) & LETTER != 0 {
+            upper |= class(b[i]) & UPPER != 0;
+            key = key << 8 | u64::from(b[i]);
+            i += 1;
+        }
+        let letters = i - start;
+        if letters == 0 || i >= b.len() || class(b[i]) & DIGIT == 0 {
+            return false;
+        }
+        i += 1;
+        while i < b.len() && class(b[i]) & TAIL != 0 {
+            i += 1;
+        }
+        // The token ends at whitespace, a comment or the line's end; anything else (a
+        // character ids do not have, a non-ASCII byte) is for the general path.
+        if i < b.len() && class(b[i]) & (WHITE | HASH) == 0 {
+            return false;
+        }
+        if tasks.len() >= max {
+            return false;
+        }
+        let Some(id) = text.get(start..i) else {
+            return false;
+        };
+        if seen.first_or_insert(tasks, id, tasks.len()).is_some() {
+            return false;
+        }
+        let Some(kind) = kinds.kind(id, letters, key, upper) else {
+            return false;
+        };
+        tasks.push(Task::parsed(id, kind, line, to_u32(start + 1)));
+    }
+}
+
 /// An input path resolved against the task file's directory `dir`, when it names a regular
 /// file this process can open; else why not.
 fn check_input(dir: &Path, written: &str) -> Result<PathBuf, String> {
@@ -788,6 +998,193 @@ mod tests {
                 tokens(&line).map(|t| (t.text.to_owned(), t.col)).collect();
             proptest::prop_assert_eq!(got, tokens_by_char(&line));
         }
+    }
+
+    /// Words for comparing the fast path with the general one: valid ids from a small pool
+    /// (so that duplicates happen), upper-case and long ones (past 24 bytes), clause words,
+    /// comments, bad ids, non-ASCII characters and whitespace, any characters.
+    fn mixed_word() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        use proptest::sample::select;
+        prop_oneof![
+            6 => "[a-cA-C]{1,2}[0-9]{1,2}",
+            1 => "[a-zA-Z]{1,12}[0-9][a-zA-Z0-9_.-]{0,40}",
+            2 => select(vec![
+                "after", "cost", "timeout", "retries", "<", ">", "--", "#", "# é", "a1#x",
+                "a1#", "1a", "a", "ab", "a-1", "a1!", "é1", "a1é", "\u{3000}", "\u{a0}",
+                "\u{85}", "\u{b}", "\u{c}", "\u{feff}", "3", "5s", "o", "@a1/o", "x.csv",
+                "a1\u{a0}b1", "A1", "Ab2_x.y-z",
+            ])
+            .prop_map(str::to_string),
+            1 => "\\PC{1,3}",
+        ]
+    }
+
+    /// What goes between words: ASCII whitespace of every kind, line ends (LF, CRLF, a lone
+    /// CR), nothing (glued words).
+    fn separator() -> impl proptest::strategy::Strategy<Value = &'static str> {
+        proptest::sample::select(vec![
+            " ", " ", "  ", "\t", "\n", "\r\n", "\r", "\u{b}", "\u{c}", "",
+        ])
+    }
+
+    /// A file of plain lines of distinct valid ids (mixed case, short and long), with any
+    /// ASCII spacing, CRLF, blank lines and comments (also non-ASCII ones), then maybe one
+    /// defect: a duplicate, a clause word, a non-ASCII space or letter, a bad character.
+    fn plain_file() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        let id = ("[a-zA-Z]{1,3}", "[a-zA-Z0-9_.-]{0,3}", 0..8usize);
+        (
+            proptest::collection::vec((id, separator(), 0..6u8), 1..60),
+            proptest::option::of((any::<proptest::sample::Index>(), 0..6u8)),
+            any::<bool>(),
+        )
+            .prop_map(|(parts, defect, bom)| {
+                let mut words: Vec<String> = Vec::new();
+                for (i, ((letters, tail, long), sep, extra)) in parts.into_iter().enumerate() {
+                    let pad = "x".repeat(long * long);
+                    let mut w = format!("{letters}{i}{tail}{pad}");
+                    match extra {
+                        0 => w.push_str(" # comment é€😀"),
+                        1 => w.push_str("#glued"),
+                        _ => {}
+                    }
+                    w.push_str(sep);
+                    if sep.is_empty() {
+                        w.push(' ');
+                    }
+                    words.push(w);
+                }
+                if let Some((at, kind)) = defect {
+                    let i = at.index(words.len());
+                    let insert = match kind {
+                        0 => words[at.index(i + 1).min(i)]
+                            .split_whitespace()
+                            .next()
+                            .map(str::to_owned),
+                        1 => Some("after".to_owned()),
+                        2 => Some("\u{3000}".to_owned()),
+                        3 => Some("é1".to_owned()),
+                        4 => Some("a1!".to_owned()),
+                        _ => Some("--".to_owned()),
+                    };
+                    if let Some(w) = insert {
+                        words.insert(i, format!("{w} "));
+                    }
+                }
+                let text: String = words.concat();
+                if bom {
+                    format!("\u{feff}{text}")
+                } else {
+                    text
+                }
+            })
+    }
+
+    /// Both ways of reading `text` with the task limit `max`.
+    fn both_paths(
+        text: &str,
+        max: usize,
+    ) -> (Result<Vec<Task>, ParseError>, Result<Vec<Task>, ParseError>) {
+        (
+            parse_lines("t.txt", text, None, max, Scan::Fast),
+            parse_lines("t.txt", text, None, max, Scan::General),
+        )
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+
+        /// The fast path gives the same tasks (ids, types, lines, columns) and the same
+        /// errors (kind, line, column, message) as the general path, for any mix of words.
+        #[test]
+        fn the_fast_path_reads_any_text_as_the_general_path(
+            parts in proptest::collection::vec((mixed_word(), separator()), 0..40),
+            max in proptest::prop_oneof![0..40usize, proptest::strategy::Just(usize::MAX)],
+        ) {
+            let text: String = parts.iter().map(|(w, s)| format!("{w}{s}")).collect();
+            let (fast, general) = both_paths(&text, max);
+            proptest::prop_assert_eq!(fast, general, "{:?}", text);
+        }
+
+        /// The same for files of plain lines, with and without one defect, under a limit or
+        /// not; a file without a defect is read whole by the fast path.
+        #[test]
+        fn the_fast_path_reads_plain_files_as_the_general_path(
+            text in plain_file(),
+            max in proptest::prop_oneof![0..80usize, proptest::strategy::Just(usize::MAX)],
+        ) {
+            let (fast, general) = both_paths(&text, max);
+            proptest::prop_assert_eq!(&fast, &general, "{:?}", text);
+        }
+
+        /// The word count is the number of runs of bytes other than ASCII whitespace.
+        #[test]
+        fn words_are_counted_as_the_tokens_of_ascii_whitespace(
+            text in "[a \t\u{b}\u{c}\r\n#é\u{3000}\u{85}\u{a0}x1-]{0,70}"
+        ) {
+            let white = |b: u8| matches!(b, b'\t'..=b'\r' | b' ');
+            let bytes = text.as_bytes();
+            let expected = (0..bytes.len())
+                .filter(|&i| !white(bytes[i]) && (i == 0 || white(bytes[i - 1])))
+                .count();
+            proptest::prop_assert_eq!(count_words(bytes), expected);
+        }
+    }
+
+    #[test]
+    fn a_plain_line_is_read_by_the_fast_path_alone() {
+        let line = "a1\tB22_x.y-z  abcdefghijklmnopqrstuvwxyz1  c3#note é\r";
+        let (mut tasks, mut seen, mut kinds) =
+            (Vec::new(), IdIndex::with_capacity(0), KindCache::default());
+        assert!(plain_line(
+            line,
+            7,
+            usize::MAX,
+            &mut tasks,
+            &mut seen,
+            &mut kinds
+        ));
+        let general = parse_lines(
+            "t.txt",
+            &format!("\n\n\n\n\n\n{line}"),
+            None,
+            usize::MAX,
+            Scan::General,
+        )
+        .unwrap();
+        assert_eq!(tasks, general);
+        assert_eq!(tasks[1].kind(), "b");
+        assert_eq!(tasks[2].kind(), "abcdefghijklmnopqrstuvwxyz");
+        assert_eq!((tasks[3].line(), tasks[3].col()), (7, 44));
+        // Each of these leaves the line to the general path.
+        for line in [
+            "a1 after b1",
+            "a1 a1",
+            "a1 é1",
+            "a1\u{a0}b1",
+            "a1 a",
+            "a1 < x",
+            "a1 a2!",
+            "a1 --",
+        ] {
+            let (mut tasks, mut seen, mut kinds) =
+                (Vec::new(), IdIndex::with_capacity(0), KindCache::default());
+            assert!(
+                !plain_line(line, 1, usize::MAX, &mut tasks, &mut seen, &mut kinds),
+                "{line:?}"
+            );
+        }
+        let (mut tasks, mut seen, mut kinds) =
+            (Vec::new(), IdIndex::with_capacity(0), KindCache::default());
+        assert!(!plain_line(
+            "a1 a2 a3", 1, 2, &mut tasks, &mut seen, &mut kinds
+        ));
+        // What it took is given back: the ids may be declared again.
+        seen.forget_from(&tasks, 0);
+        tasks.clear();
+        assert!(plain_line("a2 a1", 2, 2, &mut tasks, &mut seen, &mut kinds));
+        assert_eq!(ids(&tasks), ["a2", "a1"]);
     }
 
     #[test]

@@ -133,31 +133,52 @@ pub type RunError = crate::Error;
 /// every task's assignment fits in a frame and its arguments in a shell handler's command.
 /// [`RunCore::new`] runs it; a CLI calls it first to name the file in its message.
 pub fn validate(tasks: &[Task], opts: &RunOptions) -> Result<(), RunError> {
-    crate::plan::check(tasks, opts.policy.order)?;
+    // One pass over the plan: the first task too large to send, and whether any task has
+    // dependencies (without, neither order's waits nor `after` can form a cycle, and the
+    // plan check has nothing to do). A cycle is reported before a task too large.
+    let mut any_deps = false;
+    let mut too_large: Option<&Task> = None;
+    // What the id, the type and the arguments of an assignment may take of a frame (none:
+    // every task is too large).
+    let room = opts.max_frame.checked_sub(ASSIGN_OVERHEAD);
     for t in tasks {
-        let why = if t.args().len() > MAX_TASK_ARGS {
-            format!(
-                "its arguments are {} bytes, more than the {MAX_TASK_ARGS} bytes a shell \
-                 handler can be given",
-                t.args().len()
-            )
-        } else if t.id().len() + t.kind().len() + t.args().len() + ASSIGN_OVERHEAD > opts.max_frame
-        {
-            format!(
-                "its assignment is larger than the maximum frame of {} bytes",
-                opts.max_frame
-            )
-        } else {
-            continue;
+        let args = match t.extra() {
+            None => 0,
+            Some(x) => {
+                any_deps |= !x.deps.is_empty();
+                x.args.len()
+            }
         };
-        return Err(RunError::Unsendable {
-            task: t.id().to_owned(),
-            line: t.line(),
-            col: t.col(),
-            why,
-        });
+        if too_large.is_none()
+            && (args > MAX_TASK_ARGS || room.is_none_or(|room| t.names_len() + args > room))
+        {
+            too_large = Some(t);
+        }
     }
-    Ok(())
+    if any_deps {
+        crate::plan::check(tasks, opts.policy.order)?;
+    }
+    let Some(t) = too_large else {
+        return Ok(());
+    };
+    let why = if t.args().len() > MAX_TASK_ARGS {
+        format!(
+            "its arguments are {} bytes, more than the {MAX_TASK_ARGS} bytes a shell \
+             handler can be given",
+            t.args().len()
+        )
+    } else {
+        format!(
+            "its assignment is larger than the maximum frame of {} bytes",
+            opts.max_frame
+        )
+    };
+    Err(RunError::Unsendable {
+        task: t.id().to_owned(),
+        line: t.line(),
+        col: t.col(),
+        why,
+    })
 }
 
 /// What the core keeps of a task besides its result: its arguments and dependencies, for

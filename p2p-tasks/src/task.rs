@@ -419,6 +419,11 @@ impl Task {
         self
     }
 
+    /// The bytes of the id and the type together (for the run's check of what fits in a frame).
+    pub(crate) fn names_len(&self) -> usize {
+        self.id.len() + self.kind.len()
+    }
+
     /// The id, the type and the rare fields, taken apart (for the run core).
     pub(crate) fn into_parts(self) -> (CompactString, CompactString, Option<Box<TaskExtra>>) {
         (self.id, self.kind, self.extra)
@@ -536,21 +541,114 @@ fn id_problem_named(id: &str) -> Option<String> {
     None
 }
 
-/// Task ids to their positions in a task list, at 4 bytes per task (the ids themselves are
-/// not copied: the list is passed to every call). For the parser and the plan checks of
-/// files with a million tasks.
+/// Task ids to their positions in a task list (the ids themselves are not copied: the list
+/// is passed to every call). For the parser and the plan checks of files with a million
+/// tasks.
+///
+/// Ids are short (`a1`, `b12345`): they are hashed by [`id_hash`], a few multiplications over
+/// at most two overlapping words for an id of up to 16 bytes, seeded per index from the
+/// standard library's random keys (a task file is the local user's input, not a peer's).
+/// The table is open addressing with linear probing at most half full: a slot holds the
+/// position plus one (0: empty) and, beside it, the high 32 bits of the id's hash, so a probe
+/// compares an id only when 32 bits of hash agree, and growing needs no id hashed again.
+/// 16 to 32 bytes a task (the table's size is a power of two), while the file is read, in
+/// two halves: each is smaller than one table of 4-byte positions and 1-byte tags at 7/8
+/// (what `hashbrown` took), so freeing them does not raise the allocator's threshold for
+/// mapping large blocks (glibc moves it up to the largest block given back) above where it
+/// was, which would leave the run's later allocations in the heap and its peak higher.
 pub(crate) struct IdIndex {
-    table: hashbrown::HashTable<u32>,
-    hasher: hashbrown::DefaultHashBuilder,
+    /// Per slot, the position plus one; 0: empty.
+    slots: Vec<u32>,
+    /// Per slot, the high 32 bits of the hash of the id there.
+    frags: Vec<u32>,
+    /// Entries held.
+    len: usize,
+    seed: u64,
+}
+
+/// The multiply-fold of two words: the high and low halves of their 128-bit product, mixed.
+fn fold(a: u64, b: u64) -> u64 {
+    let p = u128::from(a).wrapping_mul(u128::from(b));
+    (p as u64) ^ ((p >> 64) as u64)
+}
+
+/// The 8 bytes of `b` from `at` (which the caller keeps in bounds), as a little-endian word.
+fn word_at(b: &[u8], at: usize) -> u64 {
+    let mut w = [0u8; 8];
+    if let Some(s) = b.get(at..at + 8) {
+        w.copy_from_slice(s);
+    }
+    u64::from_le_bytes(w)
+}
+
+/// The 4 bytes of `b` from `at` (which the caller keeps in bounds), as a little-endian word.
+fn half_at(b: &[u8], at: usize) -> u64 {
+    let mut w = [0u8; 4];
+    if let Some(s) = b.get(at..at + 4) {
+        w.copy_from_slice(s);
+    }
+    u64::from(u32::from_le_bytes(w))
+}
+
+/// The hash of a task id under `seed`: the id's length and bytes folded in, for a short id
+/// (up to 16 bytes) from two overlapping reads, for a longer one 16 bytes at a time and
+/// the last 16.
+pub(crate) fn id_hash(seed: u64, id: &str) -> u64 {
+    const K0: u64 = 0x243f_6a88_85a3_08d3;
+    const K1: u64 = 0x1319_8a2e_0370_7344;
+    const K2: u64 = 0xa409_3822_299f_31d0;
+    let b = id.as_bytes();
+    let len = b.len();
+    let (lo, hi) = if len > 16 {
+        let mut h = seed;
+        let mut at = 0;
+        while at + 16 < len {
+            h = fold(word_at(b, at) ^ h ^ K1, word_at(b, at + 8) ^ K2);
+            at += 16;
+        }
+        (
+            word_at(b, len - 16) ^ h.rotate_left(23),
+            word_at(b, len - 8),
+        )
+    } else if len >= 8 {
+        (word_at(b, 0), word_at(b, len - 8))
+    } else if len >= 4 {
+        (half_at(b, 0), half_at(b, len - 4))
+    } else if len > 0 {
+        let (x, y, z) = (b[0], b[len / 2], b[len - 1]);
+        (u64::from(x) << 16 | u64::from(y) << 8 | u64::from(z), 0)
+    } else {
+        (0, 0)
+    };
+    fold(fold(lo ^ seed ^ K0, hi ^ K1 ^ len as u64), K2)
+}
+
+/// A seed of this process's standard random keys (a fresh one for each index).
+fn random_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish()
 }
 
 impl IdIndex {
     /// An empty index for about `n` tasks.
     pub(crate) fn with_capacity(n: usize) -> Self {
+        let size = Self::slots_for(n);
         IdIndex {
-            table: hashbrown::HashTable::with_capacity(n),
-            hasher: hashbrown::DefaultHashBuilder::default(),
+            slots: vec![0; size],
+            frags: vec![0; size],
+            len: 0,
+            seed: random_seed(),
         }
+    }
+
+    /// The table size for `n` entries: a power of two at least twice `n` (at least 16).
+    fn slots_for(n: usize) -> usize {
+        n.saturating_mul(2)
+            .max(16)
+            .checked_next_power_of_two()
+            .unwrap_or(usize::MAX / 2 + 1)
     }
 
     /// The index of every task of `tasks` (a later duplicate id is not added).
@@ -562,40 +660,105 @@ impl IdIndex {
         index
     }
 
+    /// The slot of `id` (hash fragment `frag`): the one holding it, or the empty one where it
+    /// would go.
+    fn probe(&self, tasks: &[Task], id: &str, frag: u32) -> usize {
+        let mask = self.slots.len() - 1;
+        let mut at = frag as usize & mask;
+        loop {
+            let p = self.slots[at];
+            if p == 0
+                || (self.frags[at] == frag
+                    && tasks.get((p - 1) as usize).is_some_and(|t| t.id() == id))
+            {
+                return at;
+            }
+            at = (at + 1) & mask;
+        }
+    }
+
+    /// The high 32 bits of the hash of `id`.
+    fn frag(&self, id: &str) -> u32 {
+        (id_hash(self.seed, id) >> 32) as u32
+    }
+
     /// The position of the task with id `id` if the index has one; else records that
     /// the task at `i` (in `tasks`, or about to be pushed there) has it. One hash either way.
     pub(crate) fn first_or_insert(&mut self, tasks: &[Task], id: &str, i: usize) -> Option<usize> {
-        let pos = u32::try_from(i).ok()?;
-        let hash = self.hash(id);
-        let hasher = &self.hasher;
-        let entry = self.table.entry(
-            hash,
-            |&j| tasks.get(j as usize).is_some_and(|t| t.id() == id),
-            |&j| {
-                let id = tasks.get(j as usize).map_or("", |t| t.id());
-                std::hash::BuildHasher::hash_one(hasher, id)
-            },
-        );
-        match entry {
-            hashbrown::hash_table::Entry::Occupied(e) => Some(*e.get() as usize),
-            hashbrown::hash_table::Entry::Vacant(e) => {
-                e.insert(pos);
+        // Positions are kept plus one, in 32 bits.
+        let pos = u32::try_from(i).ok().and_then(|p| p.checked_add(1))?;
+        if (self.len + 1) * 2 > self.slots.len() {
+            self.grow();
+        }
+        let frag = self.frag(id);
+        let at = self.probe(tasks, id, frag);
+        match self.slots[at] {
+            0 => {
+                self.slots[at] = pos;
+                self.frags[at] = frag;
+                self.len += 1;
                 None
+            }
+            p => Some((p - 1) as usize),
+        }
+    }
+
+    /// Doubles the table, placing every entry again by its kept hash fragment.
+    fn grow(&mut self) {
+        let size = Self::slots_for(self.len + 1);
+        let slots = std::mem::replace(&mut self.slots, vec![0; size]);
+        let frags = std::mem::replace(&mut self.frags, vec![0; size]);
+        let mask = size - 1;
+        for (p, f) in slots.into_iter().zip(frags).filter(|&(p, _)| p != 0) {
+            let mut at = f as usize & mask;
+            while self.slots[at] != 0 {
+                at = (at + 1) & mask;
+            }
+            self.slots[at] = p;
+            self.frags[at] = f;
+        }
+    }
+
+    /// Takes out the entries of the tasks `tasks[from..]` (recorded by [`Self::first_or_insert`],
+    /// each the first of its id), as if they had never been inserted.
+    pub(crate) fn forget_from(&mut self, tasks: &[Task], from: usize) {
+        let mask = self.slots.len() - 1;
+        for t in tasks.iter().skip(from) {
+            let frag = self.frag(t.id());
+            let mut at = self.probe(tasks, t.id(), frag);
+            if self.slots[at] == 0 {
+                continue;
+            }
+            // Deletion from a linear-probing table: the entries after the hole that would
+            // no longer be found move back into it.
+            self.slots[at] = 0;
+            self.len -= 1;
+            let mut next = (at + 1) & mask;
+            while self.slots[next] != 0 {
+                let home = self.frags[next] as usize & mask;
+                // The entry stays when its home lies cyclically in (at, next].
+                let stays = if at <= next {
+                    at < home && home <= next
+                } else {
+                    at < home || home <= next
+                };
+                if !stays {
+                    self.slots[at] = self.slots[next];
+                    self.frags[at] = self.frags[next];
+                    self.slots[next] = 0;
+                    at = next;
+                }
+                next = (next + 1) & mask;
             }
         }
     }
 
-    fn hash(&self, id: &str) -> u64 {
-        std::hash::BuildHasher::hash_one(&self.hasher, id)
-    }
-
     /// The position of the task with this id.
     pub(crate) fn get(&self, tasks: &[Task], id: &str) -> Option<usize> {
-        self.table
-            .find(self.hash(id), |&i| {
-                tasks.get(i as usize).is_some_and(|t| t.id() == id)
-            })
-            .map(|&i| i as usize)
+        match self.slots[self.probe(tasks, id, self.frag(id))] {
+            0 => None,
+            p => Some((p - 1) as usize),
+        }
     }
 }
 
@@ -758,6 +921,67 @@ mod tests {
         let built = IdIndex::build(&tasks);
         assert_eq!(built.get(&tasks, "a3"), Some(3));
         assert_eq!(built.get(&tasks, "a4999"), Some(4999));
+    }
+
+    proptest::proptest! {
+        /// The table answers as a map from id to first position, also after the entries
+        /// from a mark on are taken back (deletion moves later entries of a probe run back),
+        /// with ids that share hash slots (a table of 16 slots, many ids) and long ids.
+        #[test]
+        fn the_id_index_answers_as_a_map_and_forgets_a_tail(
+            ids in proptest::collection::vec("[ab][0-9]{1,2}|[a-z]{17,40}[0-9]", 0..60),
+            mark in proptest::sample::select(vec![0usize, 1, 3, 7, 20, 40, 60]),
+        ) {
+            let mut tasks: Vec<Task> = Vec::new();
+            let mut index = IdIndex::with_capacity(0);
+            let mut model: std::collections::HashMap<String, usize> = Default::default();
+            for id in &ids {
+                let first = index.first_or_insert(&tasks, id, tasks.len());
+                proptest::prop_assert_eq!(first, model.get(id.as_str()).copied());
+                if first.is_none() {
+                    model.insert(id.clone(), tasks.len());
+                    tasks.push(Task::from_id(id).unwrap());
+                }
+            }
+            let mark = mark.min(tasks.len());
+            index.forget_from(&tasks, mark);
+            tasks.truncate(mark);
+            model.retain(|_, &mut i| i < mark);
+            for id in &ids {
+                proptest::prop_assert_eq!(index.get(&tasks, id), model.get(id.as_str()).copied());
+            }
+            // Taken back, an id can be recorded again.
+            for id in &ids {
+                let first = index.first_or_insert(&tasks, id, tasks.len());
+                proptest::prop_assert_eq!(first, model.get(id.as_str()).copied());
+                if first.is_none() {
+                    model.insert(id.clone(), tasks.len());
+                    tasks.push(Task::from_id(id).unwrap());
+                }
+            }
+            proptest::prop_assert_eq!(index.len, model.len());
+        }
+    }
+
+    #[test]
+    fn equal_ids_hash_alike_and_lengths_are_told_apart() {
+        let seed = 7;
+        for id in [
+            "",
+            "a",
+            "a1",
+            "abc1",
+            "abcdefg1",
+            "abcdefghijklmnop1",
+            &"a1".repeat(40),
+        ] {
+            let copy: String = id.chars().collect();
+            assert_eq!(id_hash(seed, id), id_hash(seed, &copy));
+        }
+        // Overlapping reads: ids that share their bytes but not their length differ.
+        assert_ne!(id_hash(seed, "aaaa1"), id_hash(seed, "aaaaa1"));
+        assert_ne!(id_hash(seed, "a1"), id_hash(seed, "a11"));
+        assert_ne!(id_hash(seed, "a1"), id_hash(seed + 1, "a1"));
     }
 
     #[test]
