@@ -301,6 +301,20 @@ impl Connection {
         self.transmit.pop(buffered)
     }
 
+    /// [`Connection::poll_transmit_with`], asking `buffered` only when a file chunk is
+    /// next: a control frame goes whatever the writer holds, so the question is not asked
+    /// for it (the driver's answer looks at its socket).
+    pub fn poll_transmit_by(&mut self, buffered: impl FnOnce() -> usize) -> Option<Message> {
+        // Under any `buffered` at or over the low water mark, only control frames come.
+        if let Some(msg) = self.transmit.pop(usize::MAX) {
+            return Some(msg);
+        }
+        if self.transmit.is_empty() {
+            return None;
+        }
+        self.transmit.pop(buffered())
+    }
+
     /// Whether something is queued to send (a chunk held back by
     /// [`Connection::poll_transmit_with`] included).
     pub fn has_transmit(&self) -> bool {

@@ -183,7 +183,7 @@ pub(super) fn now() -> std::time::Instant {
 pub(super) async fn flush<W: Wire>(io: &mut W, conn: &mut Connection) -> Result<(), Error> {
     loop {
         futures::future::poll_fn(|cx| SinkExt::<Message>::poll_ready_unpin(io, cx)).await?;
-        let Some(msg) = conn.poll_transmit_with(io.chunk_behind()) else {
+        let Some(msg) = conn.poll_transmit_by(|| io.chunk_behind()) else {
             if conn.has_transmit() && io.pending() != 0 {
                 // A chunk waits for the writer to empty: write what it holds, then go on.
                 SinkExt::<Message>::flush(io).await?;
@@ -450,7 +450,7 @@ fn feed_batch<W: Wire>(io: &mut W, conn: &mut Connection, first: Message) -> Res
             Some(Err(e)) => return Err(e),
             None => return Ok(()),
         }
-        let Some(msg) = conn.poll_transmit_with(io.chunk_behind()) else {
+        let Some(msg) = conn.poll_transmit_by(|| io.chunk_behind()) else {
             return Ok(());
         };
         let chunk = crate::transfer::is_chunk(&msg);
