@@ -27,10 +27,11 @@
 //! credit. The offsets' order, the announced size and the hash are the transfer's own
 //! rules ([`crate::transfer::Receiver`]).
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::VecDeque;
 
 use crate::transfer::Outbox;
 use credit::{Credits, Take};
+use seqs::SeqSet;
 use std::hash::{BuildHasher, Hasher};
 use std::time::{Duration, Instant};
 
@@ -201,9 +202,9 @@ pub struct Connection {
     next_ping: Instant,
     ping_nonce: u64,
     /// Seqs we assigned to the peer that have no result yet.
-    outbound: HashSet<u64, SeqHash>,
+    outbound: SeqSet,
     /// Seqs the peer assigned to us that we have not answered yet.
-    inbound: HashSet<u64, SeqHash>,
+    inbound: SeqSet,
     we_said_goodbye: bool,
     peer_said_goodbye: bool,
     ack_sent: bool,
@@ -238,8 +239,8 @@ impl Connection {
             started: now,
             last_recv: now,
             ping_nonce: 0,
-            outbound: HashSet::default(),
-            inbound: HashSet::default(),
+            outbound: SeqSet::default(),
+            inbound: SeqSet::default(),
             we_said_goodbye: false,
             peer_said_goodbye: false,
             ack_sent: false,
@@ -490,7 +491,7 @@ impl Connection {
             Message::Completed(c) => {
                 // A result for an unknown seq (e.g. one we gave up on) is ignored: execution
                 // is at-least-once and the scheduler owns deduplication.
-                if self.outbound.remove(&c.seq) {
+                if self.outbound.remove(c.seq) {
                     self.events.push_back(Event::Completed(c));
                     self.maybe_ack();
                 }
@@ -498,13 +499,13 @@ impl Connection {
             }
             Message::Started { seq } => {
                 // Like a result, a start for a seq we no longer track is ignored.
-                if self.outbound.contains(&seq) {
+                if self.outbound.contains(seq) {
                     self.events.push_back(Event::Started { seq });
                 }
                 Ok(())
             }
             Message::Cancel { seq } => {
-                if self.inbound.contains(&seq) {
+                if self.inbound.contains(seq) {
                     self.events.push_back(Event::Cancelled { seq });
                 }
                 Ok(())
@@ -644,7 +645,7 @@ impl Connection {
                 why: "the connection is not open",
             });
         }
-        if !self.inbound.remove(&c.seq) {
+        if !self.inbound.remove(c.seq) {
             return Err(Error::InvalidState {
                 action: "complete",
                 why: "no such assignment in flight",
@@ -658,7 +659,7 @@ impl Connection {
     /// Tells the peer that a task it assigned to us started running (see
     /// [`Message::Started`]). Does nothing for a seq that is not in flight.
     pub fn started(&mut self, seq: u64) {
-        if self.state == State::Open && self.inbound.contains(&seq) {
+        if self.state == State::Open && self.inbound.contains(seq) {
             self.transmit.push(Message::Started { seq });
         }
     }
@@ -754,7 +755,7 @@ impl Connection {
 
     /// Asks the peer to stop a task we assigned. Its `Completed` still follows.
     pub fn cancel(&mut self, seq: u64) -> Result<(), Error> {
-        if self.state != State::Open || !self.outbound.contains(&seq) {
+        if self.state != State::Open || !self.outbound.contains(seq) {
             return Err(Error::InvalidState {
                 action: "cancel",
                 why: "no such assignment in flight",
@@ -861,6 +862,7 @@ impl Connection {
 
 mod credit;
 pub use credit::MAX_DRAINING;
+mod seqs;
 
 #[cfg(test)]
 mod tests;
