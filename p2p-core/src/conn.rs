@@ -406,6 +406,10 @@ impl Connection {
     /// sending what [`Connection::poll_transmit`] still yields, such as a `Reject`).
     pub fn handle_message(&mut self, msg: Message, now: Instant) -> Result<(), Error> {
         self.last_recv = now;
+        // Every frame of an open connection (the task path) straight there.
+        if self.state == State::Open {
+            return self.handle_open(msg);
+        }
         match (self.state, msg) {
             (State::Handshaking, Message::Hello(hello)) if self.role == Role::Acceptor => {
                 if let Some((reason, message)) = self.check_peer(&hello) {

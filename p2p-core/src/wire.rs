@@ -503,9 +503,8 @@ fn slice_of(whole: Option<&Bytes>, data: &[u8]) -> Bytes {
 
 /// Reads bincode's standard encoding from a payload; every read is bounds-checked.
 ///
-/// `FAST`: the short forms nearly every task message is made of (a varint of one byte or
-/// with its whole width left to read, a string of at most one byte, a length of one byte
-/// that fits) are read by shorter paths first; everything else goes the general way, from
+/// `FAST`: the short forms nearly every task message is made of (a varint whose bytes are
+/// all there, a string of at most one byte, a length of one byte that fits) are read by shorter paths first; everything else goes the general way, from
 /// the same place. So both read the same messages and refuse the same bytes with the same
 /// errors (the tests hold them to each other, on random messages and random bytes).
 struct Reader<'a, const FAST: bool>(&'a [u8]);
@@ -563,24 +562,25 @@ impl<'a, const FAST: bool> Reader<'a, FAST> {
     #[inline(always)]
     fn varint(&mut self) -> Result<u64, Error> {
         if FAST {
-            // The widest varint (9 bytes) is there: no check byte by byte.
-            if let Some(h) = self.0.first_chunk::<9>() {
-                let (x, n) = match h[0] {
-                    b @ 0..=250 => (u64::from(b), 1),
-                    251 => (u64::from(u16::from_le_bytes([h[1], h[2]])), 3),
-                    252 => (u64::from(u32::from_le_bytes([h[1], h[2], h[3], h[4]])), 5),
-                    253 => (
-                        u64::from_le_bytes([h[1], h[2], h[3], h[4], h[5], h[6], h[7], h[8]]),
-                        9,
-                    ),
-                    _ => return self.varint_general(),
-                };
-                self.0 = &self.0[n..];
-                return Ok(x);
-            }
-            if let Some((&b @ 0..=250, rest)) = self.0.split_first() {
-                self.0 = rest;
-                return Ok(u64::from(b));
+            // Each width checked for its bytes once, not byte by byte.
+            match *self.0 {
+                [b @ 0..=250, ref rest @ ..] => {
+                    self.0 = rest;
+                    return Ok(u64::from(b));
+                }
+                [251, a, b, ref rest @ ..] => {
+                    self.0 = rest;
+                    return Ok(u64::from(u16::from_le_bytes([a, b])));
+                }
+                [252, a, b, c, d, ref rest @ ..] => {
+                    self.0 = rest;
+                    return Ok(u64::from(u32::from_le_bytes([a, b, c, d])));
+                }
+                [253, a, b, c, d, e, f, g, h, ref rest @ ..] => {
+                    self.0 = rest;
+                    return Ok(u64::from_le_bytes([a, b, c, d, e, f, g, h]));
+                }
+                _ => {}
             }
         }
         self.varint_general()

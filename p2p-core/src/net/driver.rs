@@ -666,8 +666,15 @@ async fn drive_inner<W: Wire>(
                     continue;
                 }
             };
-            if !owner_gone && deliver(events, id, ev).await.is_err() {
-                owner_gone = true;
+            // As `deliver`, without making its future when the queue has room.
+            if !owner_gone {
+                match events.try_send((id, ev)) {
+                    Ok(()) => {}
+                    Err(mpsc::error::TrySendError::Full(item)) => {
+                        owner_gone = events.send(item).await.is_err();
+                    }
+                    Err(mpsc::error::TrySendError::Closed(_)) => owner_gone = true,
+                }
             }
         }
         if answered {
