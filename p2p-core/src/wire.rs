@@ -224,6 +224,10 @@ impl Small<'_> {
 
     #[inline(always)]
     fn bytes(&mut self, b: &[u8]) -> Option<()> {
+        if b.is_empty() {
+            // No call to copy nothing (an Assign's arguments, often).
+            return Some(());
+        }
         let end = self.at.checked_add(b.len())?;
         self.buf.get_mut(self.at..end)?.copy_from_slice(b);
         self.at = end;
@@ -630,7 +634,18 @@ impl<'a, const FAST: bool> Reader<'a, FAST> {
         }
     }
 
+    #[inline(always)]
     fn bool(&mut self) -> Result<bool, Error> {
+        if FAST {
+            if let [b @ (0 | 1), ref rest @ ..] = *self.0 {
+                self.0 = rest;
+                return Ok(b == 1);
+            }
+        }
+        self.bool_general()
+    }
+
+    fn bool_general(&mut self) -> Result<bool, Error> {
         match self.u8()? {
             0 => Ok(false),
             1 => Ok(true),
@@ -640,7 +655,18 @@ impl<'a, const FAST: bool> Reader<'a, FAST> {
         }
     }
 
+    #[inline(always)]
     fn option(&mut self) -> Result<bool, Error> {
+        if FAST {
+            if let [b @ (0 | 1), ref rest @ ..] = *self.0 {
+                self.0 = rest;
+                return Ok(b == 1);
+            }
+        }
+        self.option_general()
+    }
+
+    fn option_general(&mut self) -> Result<bool, Error> {
         match self.u8()? {
             0 => Ok(false),
             1 => Ok(true),
