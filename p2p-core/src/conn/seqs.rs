@@ -20,7 +20,7 @@ const WINDOW: u64 = 8192;
 const WORDS: usize = (WINDOW / 64) as usize;
 
 /// A set of `u64` seqs (see the module's documentation).
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub(crate) struct SeqSet {
     /// The window is `base..base + WINDOW` (`base` a multiple of 64, at most
     /// `u64::MAX - WINDOW + 1`). Bit `s % 64` of word `(s / 64) % WORDS` is seq `s`.
@@ -31,17 +31,6 @@ pub(crate) struct SeqSet {
     in_window: usize,
     /// Seqs below the window.
     behind: HashSet<u64, SeqHash>,
-}
-
-impl Default for SeqSet {
-    fn default() -> Self {
-        SeqSet {
-            base: 0,
-            bits: None,
-            in_window: 0,
-            behind: HashSet::default(),
-        }
-    }
 }
 
 /// The word and the bit of seq `s` in the window.
