@@ -32,6 +32,8 @@ pub const DEFAULT_MAX_FRAME: usize = MAX_FRAME_CEILING;
 pub const MAX_HANDSHAKE_FRAME: usize = 4096;
 
 const _: () = assert!(wire::MAX_HELLO + 1024 <= MAX_HANDSHAKE_FRAME);
+// A small frame ([`wire::encode_small`]) is under every maximum frame.
+const _: () = assert!(wire::SMALL < 1024);
 
 /// Frames up to this size are received without taking from the [`FrameBudget`].
 pub const SMALL_FRAME: usize = 64 * 1024;
@@ -358,8 +360,12 @@ impl FrameCodec {
         share: bool,
         skip: usize,
     ) -> Result<Option<Message>, Error> {
-        let len = match self.pending {
-            Some(len) => len,
+        // `head`: the bytes of the header still in `src` before the payload. A small frame
+        // that is all here already is decoded with its header in place, and taken off with
+        // it in one go; any other frame has its header taken (and, when large, its budget)
+        // and waits for its payload.
+        let (len, head) = match self.pending {
+            Some(len) => (len, 0),
             None => {
                 let Some(head) = src.first_chunk::<LENGTH_PREFIX>() else {
                     return Ok(None);
@@ -371,52 +377,67 @@ impl FrameCodec {
                         max: self.limit,
                     }));
                 }
-                if claimed > SMALL_FRAME {
-                    if let Some(b) = &self.budget {
-                        if !b.take(claimed) {
-                            return Err(Error::Connection(ConnectionError::FrameBudget {
-                                len: claimed,
-                                budget: b.total(),
-                            }));
+                if claimed <= SMALL_FRAME && src.len() - LENGTH_PREFIX >= claimed {
+                    (claimed, LENGTH_PREFIX)
+                } else {
+                    if claimed > SMALL_FRAME {
+                        if let Some(b) = &self.budget {
+                            if !b.take(claimed) {
+                                return Err(Error::Connection(ConnectionError::FrameBudget {
+                                    len: claimed,
+                                    budget: b.total(),
+                                }));
+                            }
+                            self.held = claimed;
                         }
-                        self.held = claimed;
                     }
+                    src.advance(LENGTH_PREFIX);
+                    self.pending = Some(claimed);
+                    (claimed, 0)
                 }
-                src.advance(LENGTH_PREFIX);
-                self.pending = Some(claimed);
-                claimed
             }
         };
         // Nothing is reserved for the frame: the buffer grows with the bytes received.
-        if src.len() < len {
+        let here = src.len() - head;
+        if here < len {
             return Ok(None);
         }
-        if src.len() < len + skip {
+        if here < len + skip {
             return Err(Error::Connection(ConnectionError::Truncated {
-                buffered: src.len(),
+                buffered: here,
             }));
         }
         self.pending = None;
         let share = share && self.shared.as_mut().is_some_and(|s| s.share_now());
-        if let (true, Some(shared)) = (share, self.shared.as_mut()) {
-            let frame = src.split_to(len).freeze();
-            src.advance(skip);
-            let msg = wire::decode_shared(&frame);
-            drop(frame);
-            if matches!(&msg, Ok(m) if crate::transfer::is_chunk(m)) {
-                shared.after_chunk(src);
-            } else if shared.after_other() {
-                shrink(src);
+        let payload = &src[head..head + len];
+        // Only a transfer message can hold a slice of its frame (a chunk's data): every
+        // other frame is decoded where it lies in `src`, nothing split off or counted.
+        let transfer = payload.first() == Some(&wire::TRANSFER);
+        match self.shared.as_mut() {
+            Some(shared) if share && transfer => {
+                src.advance(head);
+                let frame = src.split_to(len).freeze();
+                src.advance(skip);
+                let msg = wire::decode_shared(&frame);
+                drop(frame);
+                if matches!(&msg, Ok(m) if crate::transfer::is_chunk(m)) {
+                    shared.after_chunk(src);
+                } else if shared.after_other() {
+                    shrink(src);
+                }
+                self.release();
+                msg.map(Some)
             }
-            self.release();
-            return msg.map(Some);
+            shared => {
+                let msg = wire::decode(payload);
+                src.advance(head + len + skip);
+                if shared.filter(|_| share).is_none_or(|s| s.after_other()) {
+                    shrink(src);
+                }
+                self.release();
+                msg.map(Some)
+            }
         }
-        let frame = src.split_to(len);
-        src.advance(skip);
-        self.release();
-        let msg = wire::decode(&frame);
-        shrink(src);
-        msg.map(Some)
     }
 }
 
@@ -432,6 +453,14 @@ impl Encoder<&Message> for FrameCodec {
     type Error = Error;
 
     fn encode(&mut self, msg: &Message, dst: &mut BytesMut) -> Result<(), Error> {
+        // A task message is encoded on the stack, its length in front, and joins `dst` in
+        // one copy (`max_frame` is at least 1 KiB: it always fits).
+        let mut small = [0u8; LENGTH_PREFIX + wire::SMALL];
+        if let Some(len) = wire::encode_small(msg, &mut small[LENGTH_PREFIX..]) {
+            small[..LENGTH_PREFIX].copy_from_slice(&(len as u32).to_be_bytes());
+            dst.extend_from_slice(&small[..LENGTH_PREFIX + len]);
+            return Ok(());
+        }
         let start = dst.len();
         dst.put_u32(0);
         if let Err(e) = wire::encode_into(msg, dst) {
@@ -551,6 +580,95 @@ mod tests {
             }
         }
         assert!(src.is_empty());
+    }
+
+    /// Random streams of frames (task messages, chunks, large frames, bytes that are no
+    /// message) cut in random pieces, through a codec that shares chunks or not: each frame
+    /// decodes as `wire::decode` decodes its payload alone, and the stream stops with the
+    /// error of the first payload that is none, whichever way the frame is taken (whole
+    /// and in place, or its header first).
+    #[test]
+    fn frames_decode_as_their_payloads_whole_or_in_pieces_shared_or_not() {
+        let mut seed = 0x5eed_u64;
+        let mut next = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        for round in 0..300 {
+            let mut payloads: Vec<Vec<u8>> = Vec::new();
+            for _ in 0..1 + next(12) {
+                let msg = match next(6) {
+                    0 => Message::Transfer(Box::new(Transfer::Chunk {
+                        id: next(3),
+                        offset: next(1 << 20),
+                        data: bytes::Bytes::from(vec![7u8; next(2_000) as usize]),
+                    })),
+                    1 => Message::Completed(Completed {
+                        seq: next(u64::MAX),
+                        ok: true,
+                        exit_code: None,
+                        output: "y".repeat(SMALL_FRAME + next(9) as usize).into(),
+                        error: None,
+                        duration_us: 0,
+                    }),
+                    2 => {
+                        // No message (or a cut one), sometimes after a transfer's variant.
+                        let mut junk: Vec<u8> = (0..next(20)).map(|_| next(256) as u8).collect();
+                        if next(2) == 0 {
+                            junk.insert(0, crate::wire::TRANSFER);
+                        }
+                        payloads.push(junk);
+                        continue;
+                    }
+                    _ => all_messages().swap_remove(next(10) as usize),
+                };
+                let mut p = BytesMut::new();
+                wire::encode_into(&msg, &mut p).unwrap();
+                payloads.push(p.to_vec());
+            }
+            let mut stream = Vec::new();
+            for p in &payloads {
+                stream.extend_from_slice(&(p.len() as u32).to_be_bytes());
+                stream.extend_from_slice(p);
+            }
+            let expected: Vec<Result<Message, String>> = payloads
+                .iter()
+                .map(|p| wire::decode(p).map_err(|e| e.to_string()))
+                .collect();
+            let mut codec = FrameCodec::default().with_budget(FrameBudget::new(1 << 20));
+            if round % 2 == 0 {
+                codec.share_chunks();
+            }
+            let mut src = BytesMut::new();
+            let mut got = Vec::new();
+            let mut at = 0;
+            'feed: while at < stream.len() {
+                let most = if next(3) == 0 { 7 } else { 5_000 };
+                let n = (1 + next(most) as usize).min(stream.len() - at);
+                src.extend_from_slice(&stream[at..at + n]);
+                at += n;
+                loop {
+                    match codec.decode(&mut src) {
+                        Ok(Some(m)) => got.push(Ok(m)),
+                        Ok(None) => break,
+                        Err(e) => {
+                            got.push(Err(e.to_string()));
+                            break 'feed;
+                        }
+                    }
+                }
+            }
+            let upto = expected
+                .iter()
+                .position(Result::is_err)
+                .map_or(expected.len(), |i| i + 1);
+            assert_eq!(got, expected[..upto], "round {round}");
+            if upto == expected.len() {
+                assert!(src.is_empty() && !codec.mid_frame());
+            }
+        }
     }
 
     fn chunk_stream(chunks: usize) -> (Vec<Message>, BytesMut) {

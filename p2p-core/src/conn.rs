@@ -27,10 +27,11 @@
 //! credit. The offsets' order, the announced size and the hash are the transfer's own
 //! rules ([`crate::transfer::Receiver`]).
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::VecDeque;
 
 use crate::transfer::Outbox;
 use credit::{Credits, Take};
+use seqs::SeqSet;
 use std::hash::{BuildHasher, Hasher};
 use std::time::{Duration, Instant};
 
@@ -201,9 +202,9 @@ pub struct Connection {
     next_ping: Instant,
     ping_nonce: u64,
     /// Seqs we assigned to the peer that have no result yet.
-    outbound: HashSet<u64, SeqHash>,
+    outbound: SeqSet,
     /// Seqs the peer assigned to us that we have not answered yet.
-    inbound: HashSet<u64, SeqHash>,
+    inbound: SeqSet,
     we_said_goodbye: bool,
     peer_said_goodbye: bool,
     ack_sent: bool,
@@ -238,8 +239,8 @@ impl Connection {
             started: now,
             last_recv: now,
             ping_nonce: 0,
-            outbound: HashSet::default(),
-            inbound: HashSet::default(),
+            outbound: SeqSet::default(),
+            inbound: SeqSet::default(),
             we_said_goodbye: false,
             peer_said_goodbye: false,
             ack_sent: false,
@@ -299,6 +300,20 @@ impl Connection {
     /// chunk.
     pub fn poll_transmit_with(&mut self, buffered: usize) -> Option<Message> {
         self.transmit.pop(buffered)
+    }
+
+    /// [`Connection::poll_transmit_with`], asking `buffered` only when a file chunk is
+    /// next: a control frame goes whatever the writer holds, so the question is not asked
+    /// for it (the driver's answer looks at its socket).
+    pub fn poll_transmit_by(&mut self, buffered: impl FnOnce() -> usize) -> Option<Message> {
+        // Under any `buffered` at or over the low water mark, only control frames come.
+        if let Some(msg) = self.transmit.pop(usize::MAX) {
+            return Some(msg);
+        }
+        if self.transmit.is_empty() {
+            return None;
+        }
+        self.transmit.pop(buffered())
     }
 
     /// Whether something is queued to send (a chunk held back by
@@ -391,6 +406,10 @@ impl Connection {
     /// sending what [`Connection::poll_transmit`] still yields, such as a `Reject`).
     pub fn handle_message(&mut self, msg: Message, now: Instant) -> Result<(), Error> {
         self.last_recv = now;
+        // Every frame of an open connection (the task path) straight there.
+        if self.state == State::Open {
+            return self.handle_open(msg);
+        }
         match (self.state, msg) {
             (State::Handshaking, Message::Hello(hello)) if self.role == Role::Acceptor => {
                 if let Some((reason, message)) = self.check_peer(&hello) {
@@ -476,7 +495,7 @@ impl Connection {
             Message::Completed(c) => {
                 // A result for an unknown seq (e.g. one we gave up on) is ignored: execution
                 // is at-least-once and the scheduler owns deduplication.
-                if self.outbound.remove(&c.seq) {
+                if self.outbound.remove(c.seq) {
                     self.events.push_back(Event::Completed(c));
                     self.maybe_ack();
                 }
@@ -484,13 +503,13 @@ impl Connection {
             }
             Message::Started { seq } => {
                 // Like a result, a start for a seq we no longer track is ignored.
-                if self.outbound.contains(&seq) {
+                if self.outbound.contains(seq) {
                     self.events.push_back(Event::Started { seq });
                 }
                 Ok(())
             }
             Message::Cancel { seq } => {
-                if self.inbound.contains(&seq) {
+                if self.inbound.contains(seq) {
                     self.events.push_back(Event::Cancelled { seq });
                 }
                 Ok(())
@@ -630,7 +649,7 @@ impl Connection {
                 why: "the connection is not open",
             });
         }
-        if !self.inbound.remove(&c.seq) {
+        if !self.inbound.remove(c.seq) {
             return Err(Error::InvalidState {
                 action: "complete",
                 why: "no such assignment in flight",
@@ -644,7 +663,7 @@ impl Connection {
     /// Tells the peer that a task it assigned to us started running (see
     /// [`Message::Started`]). Does nothing for a seq that is not in flight.
     pub fn started(&mut self, seq: u64) {
-        if self.state == State::Open && self.inbound.contains(&seq) {
+        if self.state == State::Open && self.inbound.contains(seq) {
             self.transmit.push(Message::Started { seq });
         }
     }
@@ -740,7 +759,7 @@ impl Connection {
 
     /// Asks the peer to stop a task we assigned. Its `Completed` still follows.
     pub fn cancel(&mut self, seq: u64) -> Result<(), Error> {
-        if self.state != State::Open || !self.outbound.contains(&seq) {
+        if self.state != State::Open || !self.outbound.contains(seq) {
             return Err(Error::InvalidState {
                 action: "cancel",
                 why: "no such assignment in flight",
@@ -847,6 +866,7 @@ impl Connection {
 
 mod credit;
 pub use credit::MAX_DRAINING;
+mod seqs;
 
 #[cfg(test)]
 mod tests;

@@ -140,22 +140,147 @@ pub fn encode_into(msg: &Message, dst: &mut BytesMut) -> Result<(), Error> {
     Ok(())
 }
 
+/// The room [`encode_small`] encodes in: the task path's messages with short strings (an
+/// `Assign` of a short id and type, a `Completed` with a short output) fit.
+pub(crate) const SMALL: usize = 124;
+
+/// Encodes `msg` at the start of `buf` when it is one of the task path's small messages
+/// (`Assign`, `Completed`, `Cancel`, `Started`, `Ping`, `Pong`, `Goodbye`, `GoodbyeAck`)
+/// and its encoding fits; returns its length. `None`: not such a message, or too long for
+/// `buf` (then [`encode_into`] takes it). The bytes are those [`encode_into`] makes (the
+/// tests hold the two to each other), written into a buffer on the stack, without
+/// [`BytesMut`]'s room check and length update at every field.
+pub(crate) fn encode_small(msg: &Message, buf: &mut [u8]) -> Option<usize> {
+    let mut w = Small { buf, at: 0 };
+    match msg {
+        Message::Assign(a) => {
+            w.put(3)?;
+            w.varint(a.seq)?;
+            w.str(&a.task)?;
+            w.str(&a.kind)?;
+            w.str(&a.args)?;
+            w.varint(u64::from(a.attempt))?;
+            w.varint(a.timeout_ms)?;
+        }
+        Message::Completed(c) => {
+            w.put(4)?;
+            w.varint(c.seq)?;
+            w.put(u8::from(c.ok))?;
+            match c.exit_code {
+                None => w.put(0)?,
+                Some(code) => {
+                    w.put(1)?;
+                    // Zig-zag, as bincode encodes signed integers.
+                    w.varint(u64::from(((code << 1) ^ (code >> 31)) as u32))?;
+                }
+            }
+            w.str(&c.output)?;
+            match &c.error {
+                None => w.put(0)?,
+                Some(e) => {
+                    w.put(1)?;
+                    w.str(e)?;
+                }
+            }
+            w.varint(c.duration_us)?;
+        }
+        Message::Cancel { seq } => {
+            w.put(5)?;
+            w.varint(*seq)?;
+        }
+        Message::Ping { nonce } => {
+            w.put(6)?;
+            w.varint(*nonce)?;
+        }
+        Message::Pong { nonce } => {
+            w.put(7)?;
+            w.varint(*nonce)?;
+        }
+        Message::Goodbye => w.put(8)?,
+        Message::GoodbyeAck => w.put(9)?,
+        Message::Started { seq } => {
+            w.put(10)?;
+            w.varint(*seq)?;
+        }
+        _ => return None,
+    }
+    Some(w.at)
+}
+
+/// Where [`encode_small`] writes: every write checked against the room left (`None` when
+/// there is none).
+struct Small<'b> {
+    buf: &'b mut [u8],
+    at: usize,
+}
+
+impl Small<'_> {
+    #[inline(always)]
+    fn put(&mut self, b: u8) -> Option<()> {
+        *self.buf.get_mut(self.at)? = b;
+        self.at += 1;
+        Some(())
+    }
+
+    #[inline(always)]
+    fn bytes(&mut self, b: &[u8]) -> Option<()> {
+        if b.is_empty() {
+            // No call to copy nothing (an Assign's arguments, often).
+            return Some(());
+        }
+        let end = self.at.checked_add(b.len())?;
+        self.buf.get_mut(self.at..end)?.copy_from_slice(b);
+        self.at = end;
+        Some(())
+    }
+
+    /// As [`put_varint`].
+    #[inline(always)]
+    fn varint(&mut self, x: u64) -> Option<()> {
+        if x < 251 {
+            self.put(x as u8)
+        } else if let Ok(x) = u16::try_from(x) {
+            let [a, b] = x.to_le_bytes();
+            self.bytes(&[251, a, b])
+        } else if let Ok(x) = u32::try_from(x) {
+            let [a, b, c, d] = x.to_le_bytes();
+            self.bytes(&[252, a, b, c, d])
+        } else {
+            let [a, b, c, d, e, f, g, h] = x.to_le_bytes();
+            self.bytes(&[253, a, b, c, d, e, f, g, h])
+        }
+    }
+
+    #[inline(always)]
+    fn str(&mut self, s: &str) -> Option<()> {
+        self.varint(s.len() as u64)?;
+        self.bytes(s.as_bytes())
+    }
+}
+
 /// Decodes one message from a whole payload.
 ///
 /// Bytes after a complete message are ignored (see [`crate::message`] for why).
 pub fn decode(payload: &[u8]) -> Result<Message, Error> {
-    decode_in(payload, None)
+    decode_in::<true>(payload, None)
 }
 
 /// [`decode`] of a payload held in `frame`: a file chunk's data is a slice of `frame`, not
 /// a copy (the frame's memory lives as long as the chunk does).
 pub fn decode_shared(frame: &Bytes) -> Result<Message, Error> {
-    decode_in(frame, Some(frame))
+    decode_in::<true>(frame, Some(frame))
 }
 
-/// `whole`, when given, holds `payload` (a chunk's data is sliced out of it).
-fn decode_in(payload: &[u8], whole: Option<&Bytes>) -> Result<Message, Error> {
-    let mut r = Reader(payload);
+/// The variant index of `Message::Transfer`, the first byte of its payload (a varint under
+/// 251 is that one byte): the only message that may keep a slice of its frame.
+pub(crate) const TRANSFER: u8 = 14;
+const TRANSFER_INDEX: u32 = TRANSFER as u32;
+
+/// `whole`, when given, holds `payload` (a chunk's data is sliced out of it). `FAST`: with
+/// the [`Reader`]'s short paths (always, but in the tests that hold them to the general
+/// ones).
+fn decode_in<const FAST: bool>(payload: &[u8], whole: Option<&Bytes>) -> Result<Message, Error> {
+    let mut r = Reader::<FAST>(payload);
     let variant = r.varint_u32()?;
     let msg = match variant {
         0 => Message::Hello(r.hello()?),
@@ -206,7 +331,7 @@ fn decode_in(payload: &[u8], whole: Option<&Bytes>) -> Result<Message, Error> {
         8 => Message::Goodbye,
         9 => Message::GoodbyeAck,
         10 => Message::Started { seq: r.varint()? },
-        14 => Message::Transfer(Box::new(r.transfer(whole)?)),
+        TRANSFER_INDEX => Message::Transfer(Box::new(r.transfer(whole)?)),
         _ => return decode_bincode(payload),
     };
     Ok(msg)
@@ -381,7 +506,45 @@ fn slice_of(whole: Option<&Bytes>, data: &[u8]) -> Bytes {
 }
 
 /// Reads bincode's standard encoding from a payload; every read is bounds-checked.
-struct Reader<'a>(&'a [u8]);
+///
+/// `FAST`: the short forms nearly every task message is made of (a varint whose bytes are
+/// all there, a string of at most one byte, a length of one byte that fits) are read by shorter paths first; everything else goes the general way, from
+/// the same place. So both read the same messages and refuse the same bytes with the same
+/// errors (the tests hold them to each other, on random messages and random bytes).
+struct Reader<'a, const FAST: bool>(&'a [u8]);
+
+/// Each one-byte ASCII string, to take a `&'static str` of one byte without validating it
+/// again (`str::from_utf8` costs some 55 instructions for one byte; an inline
+/// `CompactString` made from a static string copies no more than its bytes).
+static ONE_BYTE: [&str; 128] = {
+    const BYTES: [u8; 128] = {
+        let mut b = [0u8; 128];
+        let mut i = 0;
+        while i < 128 {
+            b[i] = i as u8;
+            i += 1;
+        }
+        b
+    };
+    const ALL: &str = match std::str::from_utf8(&BYTES) {
+        Ok(s) => s,
+        Err(_) => panic!("ASCII is UTF-8"),
+    };
+    let mut t = [""; 128];
+    let mut i = 0;
+    while i < 128 {
+        t[i] = ALL.split_at(i).1.split_at(1).0;
+        i += 1;
+    }
+    t
+};
+
+/// The error of a string that is not UTF-8.
+fn not_utf8(e: std::str::Utf8Error) -> Error {
+    Error::Connection(ConnectionError::Decode(format!(
+        "invalid UTF-8 in a string: {e}"
+    )))
+}
 
 fn short() -> Error {
     Error::Connection(ConnectionError::Decode(
@@ -389,7 +552,7 @@ fn short() -> Error {
     ))
 }
 
-impl<'a> Reader<'a> {
+impl<'a, const FAST: bool> Reader<'a, FAST> {
     fn bytes<const N: usize>(&mut self) -> Result<[u8; N], Error> {
         let (head, rest) = self.0.split_first_chunk::<N>().ok_or_else(short)?;
         self.0 = rest;
@@ -400,7 +563,34 @@ impl<'a> Reader<'a> {
         Ok(self.bytes::<1>()?[0])
     }
 
+    #[inline(always)]
     fn varint(&mut self) -> Result<u64, Error> {
+        if FAST {
+            // Each width checked for its bytes once, not byte by byte.
+            match *self.0 {
+                [b @ 0..=250, ref rest @ ..] => {
+                    self.0 = rest;
+                    return Ok(u64::from(b));
+                }
+                [251, a, b, ref rest @ ..] => {
+                    self.0 = rest;
+                    return Ok(u64::from(u16::from_le_bytes([a, b])));
+                }
+                [252, a, b, c, d, ref rest @ ..] => {
+                    self.0 = rest;
+                    return Ok(u64::from(u32::from_le_bytes([a, b, c, d])));
+                }
+                [253, a, b, c, d, e, f, g, h, ref rest @ ..] => {
+                    self.0 = rest;
+                    return Ok(u64::from_le_bytes([a, b, c, d, e, f, g, h]));
+                }
+                _ => {}
+            }
+        }
+        self.varint_general()
+    }
+
+    fn varint_general(&mut self) -> Result<u64, Error> {
         match self.u8()? {
             b @ 0..=250 => Ok(u64::from(b)),
             251 => Ok(u64::from(u16::from_le_bytes(self.bytes()?))),
@@ -422,7 +612,18 @@ impl<'a> Reader<'a> {
         }
     }
 
+    #[inline(always)]
     fn varint_u32(&mut self) -> Result<u32, Error> {
+        if FAST {
+            if let Some((&b @ 0..=250, rest)) = self.0.split_first() {
+                self.0 = rest;
+                return Ok(u32::from(b));
+            }
+        }
+        self.varint_u32_general()
+    }
+
+    fn varint_u32_general(&mut self) -> Result<u32, Error> {
         match self.u8()? {
             b @ 0..=250 => Ok(u32::from(b)),
             251 => Ok(u32::from(u16::from_le_bytes(self.bytes()?))),
@@ -433,7 +634,18 @@ impl<'a> Reader<'a> {
         }
     }
 
+    #[inline(always)]
     fn bool(&mut self) -> Result<bool, Error> {
+        if FAST {
+            if let [b @ (0 | 1), ref rest @ ..] = *self.0 {
+                self.0 = rest;
+                return Ok(b == 1);
+            }
+        }
+        self.bool_general()
+    }
+
+    fn bool_general(&mut self) -> Result<bool, Error> {
         match self.u8()? {
             0 => Ok(false),
             1 => Ok(true),
@@ -443,7 +655,18 @@ impl<'a> Reader<'a> {
         }
     }
 
+    #[inline(always)]
     fn option(&mut self) -> Result<bool, Error> {
+        if FAST {
+            if let [b @ (0 | 1), ref rest @ ..] = *self.0 {
+                self.0 = rest;
+                return Ok(b == 1);
+            }
+        }
+        self.option_general()
+    }
+
+    fn option_general(&mut self) -> Result<bool, Error> {
         match self.u8()? {
             0 => Ok(false),
             1 => Ok(true),
@@ -484,7 +707,7 @@ impl<'a> Reader<'a> {
     /// A string of at most `max` bytes (else [`HandshakeError::Bound`] naming `what`), checked
     /// before anything is allocated.
     fn bounded_string(&mut self, max: usize, what: &'static str) -> Result<String, Error> {
-        let mut peek = Reader(self.0);
+        let mut peek = Reader::<FAST>(self.0);
         let len = peek.varint()?;
         if len > max as u64 {
             return Err(Error::Handshake(HandshakeError::Bound {
@@ -614,23 +837,62 @@ impl<'a> Reader<'a> {
 
     /// A string of at most `max` bytes, else a decode error naming `what`.
     fn file_string(&mut self, max: usize, what: &str) -> Result<String, Error> {
-        let mut peek = Reader(self.0);
+        let mut peek = Reader::<FAST>(self.0);
         peek.count(max, what)?;
         self.string()
     }
 
-    /// A string; its claimed length must fit in what is left of the payload, so a
-    /// malicious length allocates nothing.
     /// A string kept inline when short (no allocation up to 24 bytes).
+    #[inline(always)]
     fn compact(&mut self) -> Result<CompactString, Error> {
+        if FAST {
+            match self.0 {
+                [0, rest @ ..] => {
+                    self.0 = rest;
+                    return Ok(CompactString::const_new(""));
+                }
+                [1, b @ 0..=127, rest @ ..] => {
+                    self.0 = rest;
+                    return Ok(CompactString::const_new(ONE_BYTE[usize::from(*b)]));
+                }
+                _ => {}
+            }
+        }
         self.str().map(CompactString::from)
     }
 
+    #[inline(always)]
     fn string(&mut self) -> Result<String, Error> {
+        if FAST {
+            if let [0, rest @ ..] = self.0 {
+                self.0 = rest;
+                return Ok(String::new());
+            }
+        }
         self.str().map(str::to_owned)
     }
 
+    /// A string; its claimed length must fit in what is left of the payload, so a
+    /// malicious length allocates nothing.
+    #[inline(always)]
     fn str(&mut self) -> Result<&'a str, Error> {
+        if FAST {
+            // A length of one byte that fits.
+            if let Some((&n @ 0..=250, rest)) = self.0.split_first() {
+                if let Some((bytes, after)) = rest.split_at_checked(usize::from(n)) {
+                    self.0 = after;
+                    return match bytes {
+                        [] => Ok(""),
+                        [b @ 0..=127] => Ok(ONE_BYTE[usize::from(*b)]),
+                        _ => std::str::from_utf8(bytes).map_err(not_utf8),
+                    };
+                }
+            }
+        }
+        self.str_general()
+    }
+
+    fn str_general(&mut self) -> Result<&'a str, Error> {
         let len = self.varint()?;
         let len = usize::try_from(len)
             .ok()
@@ -642,11 +904,7 @@ impl<'a> Reader<'a> {
             })?;
         let (bytes, rest) = self.0.split_at(len);
         self.0 = rest;
-        std::str::from_utf8(bytes).map_err(|e| {
-            Error::Connection(ConnectionError::Decode(format!(
-                "invalid UTF-8 in a string: {e}"
-            )))
-        })
+        std::str::from_utf8(bytes).map_err(not_utf8)
     }
 }
 
@@ -1033,6 +1291,179 @@ mod tests {
             assert_eq!(&ours[..], &theirs[..], "{msg:?}");
             assert_eq!(decode(&theirs).unwrap(), msg);
             assert_eq!(decode_bincode(&ours).unwrap(), msg);
+        }
+    }
+
+    /// A small deterministic generator (xorshift64*), so that a failure replays.
+    struct Gen(u64);
+
+    impl Gen {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        }
+
+        fn below(&mut self, n: u64) -> u64 {
+            self.next() % n
+        }
+
+        /// A number near a varint width's edge, or anywhere.
+        fn number(&mut self) -> u64 {
+            const EDGES: [u64; 9] = [
+                0,
+                250,
+                251,
+                65_535,
+                65_536,
+                u32::MAX as u64,
+                u32::MAX as u64 + 1,
+                u64::MAX - 1,
+                u64::MAX,
+            ];
+            match self.below(4) {
+                0 => self.below(300),
+                1 => EDGES[self.below(EDGES.len() as u64) as usize],
+                2 => EDGES[self.below(EDGES.len() as u64) as usize].wrapping_add(self.below(3)),
+                _ => self.next() >> self.below(64),
+            }
+        }
+
+        /// A string of 0 to 40 characters: mostly ASCII, sometimes not, of one byte often.
+        fn text(&mut self) -> String {
+            let len = match self.below(4) {
+                0 => self.below(2),
+                1 => self.below(4),
+                _ => self.below(41),
+            };
+            (0..len)
+                .map(|_| match self.below(8) {
+                    0 => ['é', '✓', '\u{10348}', '\u{7f}', '\u{80}'][self.below(5) as usize],
+                    _ => char::from(self.below(128) as u8),
+                })
+                .collect()
+        }
+
+        fn message(&mut self) -> Message {
+            match self.below(6) {
+                0 | 1 => Message::Assign(Assign {
+                    seq: self.number(),
+                    task: self.text().into(),
+                    kind: self.text().into(),
+                    args: self.text(),
+                    attempt: self.number() as u32,
+                    timeout_ms: self.number(),
+                }),
+                2 | 3 => Message::Completed(Completed {
+                    seq: self.number(),
+                    ok: self.below(2) == 0,
+                    exit_code: (self.below(3) > 0).then(|| self.next() as i32 >> self.below(32)),
+                    output: self.text().into(),
+                    error: (self.below(2) == 0).then(|| self.text()),
+                    duration_us: self.number(),
+                }),
+                4 => [
+                    Message::Cancel { seq: self.number() },
+                    Message::Started { seq: self.number() },
+                    Message::Ping {
+                        nonce: self.number(),
+                    },
+                    Message::Pong {
+                        nonce: self.number(),
+                    },
+                    Message::Goodbye,
+                    Message::GoodbyeAck,
+                ][self.below(6) as usize]
+                    .clone(),
+                _ => Message::Transfer(Box::new(Transfer::Abort {
+                    id: self.number(),
+                    reason: AbortReason::Io,
+                    message: self.text(),
+                })),
+            }
+        }
+    }
+
+    /// The fast and the general reader on the same bytes: the same message, or the same
+    /// error.
+    fn same_either_way(bytes: &[u8]) {
+        let fast = decode_in::<true>(bytes, None);
+        let general = decode_in::<false>(bytes, None);
+        match (&fast, &general) {
+            (Ok(a), Ok(b)) => assert_eq!(a, b, "{bytes:?}"),
+            (Err(a), Err(b)) => assert_eq!(a.to_string(), b.to_string(), "{bytes:?}"),
+            _ => panic!("{bytes:?}: fast {fast:?}, general {general:?}"),
+        }
+    }
+
+    /// Random messages: the stack encoder writes the bytes of the general one, and both
+    /// readers read back the message, and read every truncation and every single-byte
+    /// change of it alike.
+    #[test]
+    fn the_short_paths_encode_and_decode_as_the_general_ones_on_random_messages() {
+        let mut g = Gen(0x9e37_79b9_7f4a_7c15);
+        let mut small_used = 0;
+        for _ in 0..4_000 {
+            let msg = g.message();
+            let mut general = BytesMut::new();
+            encode_into(&msg, &mut general).unwrap();
+            let mut buf = [0u8; SMALL];
+            match encode_small(&msg, &mut buf) {
+                Some(n) => {
+                    assert_eq!(&buf[..n], &general[..], "{msg:?}");
+                    small_used += 1;
+                }
+                None => assert!(
+                    general.len() > SMALL
+                        || !matches!(msg, Message::Assign(_) | Message::Completed(_)),
+                    "{msg:?} fits but was not encoded small"
+                ),
+            }
+            assert_eq!(decode_in::<true>(&general, None).unwrap(), msg);
+            assert_eq!(decode_in::<false>(&general, None).unwrap(), msg);
+            for cut in 0..general.len() {
+                same_either_way(&general[..cut]);
+            }
+            let mut bent = general.to_vec();
+            for _ in 0..8 {
+                let at = g.below(bent.len() as u64) as usize;
+                let was = bent[at];
+                bent[at] = [0, 1, 2, 127, 128, 250, 251, 252, 253, 254, 255][g.below(11) as usize];
+                same_either_way(&bent);
+                bent[at] = was;
+            }
+        }
+        // Most of them took the short path (the rest are too long, or not task messages).
+        assert!(small_used > 2_000, "{small_used}");
+    }
+
+    /// Random bytes after each variant: both readers accept and refuse the same.
+    #[test]
+    fn the_short_paths_refuse_what_the_general_ones_refuse_on_random_bytes() {
+        let mut g = Gen(0x0123_4567_89ab_cdef);
+        for _ in 0..40_000 {
+            let len = g.below(48) as usize;
+            let mut bytes: Vec<u8> = (0..len)
+                .map(|_| match g.below(4) {
+                    0 => g.below(4) as u8,
+                    1 => [250, 251, 252, 253, 254, 255][g.below(6) as usize],
+                    2 => g.below(128) as u8,
+                    _ => g.next() as u8,
+                })
+                .collect();
+            if let Some(first) = bytes.first_mut() {
+                *first = [0, 1, 2, 3, 3, 4, 4, 5, 6, 7, 8, 9, 10, 14][g.below(14) as usize];
+            }
+            same_either_way(&bytes);
+        }
+    }
+
+    /// The one-byte strings are those bytes.
+    #[test]
+    fn the_one_byte_table_holds_each_ascii_byte() {
+        for (i, s) in ONE_BYTE.iter().enumerate() {
+            assert_eq!(s.as_bytes(), [i as u8]);
         }
     }
 

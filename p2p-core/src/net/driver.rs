@@ -68,6 +68,12 @@ pub(super) trait Wire:
     fn pending(&self) -> usize;
     /// Whether another message may be taken without waiting (frames in the read buffer).
     fn more_ready(&self) -> bool;
+    /// Whether `poll_ready` is sure to be ready at once, with nothing to do (the writer
+    /// holds less than its backpressure boundary): then it is not called. `false` when it
+    /// must be asked.
+    fn ready_now(&self) -> bool {
+        false
+    }
     /// Starts a batch of sends (with a key, sealed as one).
     fn begin_batch(&mut self) {}
     /// Ends a batch of sends.
@@ -102,6 +108,11 @@ impl Wire for Transport {
     fn pending(&self) -> usize {
         // With the rest of a chunk the socket is still sending from its file.
         self.write_buffer().len() + file_socket(self).map_or(0, FileSocket::unsent)
+    }
+
+    fn ready_now(&self) -> bool {
+        // `Framed::poll_ready` writes only at or over the boundary; under it, it is ready.
+        self.write_buffer().len() < self.backpressure_boundary()
     }
 
     fn more_ready(&self) -> bool {
@@ -182,8 +193,10 @@ pub(super) fn now() -> std::time::Instant {
 /// when the sink takes it at once, and bytes the sink still holds are flushed by the next call.
 pub(super) async fn flush<W: Wire>(io: &mut W, conn: &mut Connection) -> Result<(), Error> {
     loop {
-        futures::future::poll_fn(|cx| SinkExt::<Message>::poll_ready_unpin(io, cx)).await?;
-        let Some(msg) = conn.poll_transmit_with(io.chunk_behind()) else {
+        if !io.ready_now() {
+            futures::future::poll_fn(|cx| SinkExt::<Message>::poll_ready_unpin(io, cx)).await?;
+        }
+        let Some(msg) = conn.poll_transmit_by(|| io.chunk_behind()) else {
             if conn.has_transmit() && io.pending() != 0 {
                 // A chunk waits for the writer to empty: write what it holds, then go on.
                 SinkExt::<Message>::flush(io).await?;
@@ -443,14 +456,16 @@ fn feed_batch<W: Wire>(io: &mut W, conn: &mut Connection, first: Message) -> Res
         return Ok(());
     }
     loop {
-        match futures::future::poll_fn(|cx| SinkExt::<Message>::poll_ready_unpin(io, cx))
-            .now_or_never()
-        {
-            Some(Ok(())) => {}
-            Some(Err(e)) => return Err(e),
-            None => return Ok(()),
+        if !io.ready_now() {
+            match futures::future::poll_fn(|cx| SinkExt::<Message>::poll_ready_unpin(io, cx))
+                .now_or_never()
+            {
+                Some(Ok(())) => {}
+                Some(Err(e)) => return Err(e),
+                None => return Ok(()),
+            }
         }
-        let Some(msg) = conn.poll_transmit_with(io.chunk_behind()) else {
+        let Some(msg) = conn.poll_transmit_by(|| io.chunk_behind()) else {
             return Ok(());
         };
         let chunk = crate::transfer::is_chunk(&msg);
@@ -666,8 +681,15 @@ async fn drive_inner<W: Wire>(
                     continue;
                 }
             };
-            if !owner_gone && deliver(events, id, ev).await.is_err() {
-                owner_gone = true;
+            // As `deliver`, without making its future when the queue has room.
+            if !owner_gone {
+                match events.try_send((id, ev)) {
+                    Ok(()) => {}
+                    Err(mpsc::error::TrySendError::Full(item)) => {
+                        owner_gone = events.send(item).await.is_err();
+                    }
+                    Err(mpsc::error::TrySendError::Closed(_)) => owner_gone = true,
+                }
             }
         }
         if answered {
