@@ -848,7 +848,15 @@ mod tests {
     /// and every answer is counted (assigned, completed, tasks ended).
     #[test]
     fn an_instant_answer_is_what_the_ordinary_path_sends() {
-        let ids = ["a", "a1", "a1234567", "a12345678", "aé", "aéééé", "a_very_long_task_id_0"];
+        let ids = [
+            "a",
+            "a1",
+            "a1234567",
+            "a12345678",
+            "aé",
+            "aéééé",
+            "a_very_long_task_id_0",
+        ];
         let mut answered = 0u64;
         for limit in [0usize, 1, 15, 16, 17, 18, 19, 23, 24, 25, 40, 1 << 20] {
             let mut handlers: HashMap<String, Arc<dyn Handler>> = HashMap::new();
@@ -862,14 +870,15 @@ mod tests {
                 let c = w.answer_now(&a, &peer()).expect("answered");
                 let ordinary = w.result(
                     a.seq,
-                    Builtin.call_now(&TaskRequest {
-                        id: (*id).to_owned(),
-                        kind: "a".into(),
-                        args: String::new(),
-                        attempt: 1,
-                        files: None,
-                    })
-                    .expect("instant"),
+                    Builtin
+                        .call_now(&TaskRequest {
+                            id: (*id).to_owned(),
+                            kind: "a".into(),
+                            args: String::new(),
+                            attempt: 1,
+                            files: None,
+                        })
+                        .expect("instant"),
                     Duration::from_micros(c.duration_us),
                 );
                 assert_eq!(c, ordinary, "id {id:?} at limit {limit}");
@@ -877,7 +886,11 @@ mod tests {
             }
             let counts = w.stats().by_type();
             assert_eq!(
-                (counts[0].1.assigned, counts[0].1.completed, counts[0].1.failed),
+                (
+                    counts[0].1.assigned,
+                    counts[0].1.completed,
+                    counts[0].1.failed
+                ),
                 (ids.len() as u64, ids.len() as u64, 0)
             );
             let r = w.load_report();
@@ -912,13 +925,15 @@ mod tests {
         let ordinary = w.result(
             3,
             Failing
-                .call_now(&InstantRequest {
-                    id: "f3",
-                    kind: "f",
-                    args: "",
-                    attempt: 1,
-                }
-                .to_request())
+                .call_now(
+                    &InstantRequest {
+                        id: "f3",
+                        kind: "f",
+                        args: "",
+                        attempt: 1,
+                    }
+                    .to_request(),
+                )
                 .expect("instant"),
             Duration::from_micros(c.duration_us),
         );
@@ -948,7 +963,9 @@ mod tests {
                 );
             }
             assert!(w.answer_now(&assign(1, "t"), &peer()).is_none());
-            assert!(w.answer_now(&assign(1, &format!("t{n}")), &peer()).is_none());
+            assert!(w
+                .answer_now(&assign(1, &format!("t{n}")), &peer())
+                .is_none());
             assert_eq!(w.types().len(), n);
         }
     }
