@@ -270,12 +270,13 @@ impl InFlights {
         }
     }
 
-    /// Skips the empty entries at the front, and drops them once they are half the window.
+    /// Skips the empty entries at the front, and drops them once they are four times the
+    /// rest (which then moves: a quarter of an entry per entry dropped).
     fn trim(&mut self) {
         while self.start < self.window.len() && self.window[self.start].is_none() {
             self.start += 1;
         }
-        if self.start > WINDOW_SLACK && self.start * 2 > self.window.len() {
+        if self.start > WINDOW_SLACK && self.start > 4 * (self.window.len() - self.start) {
             self.window.drain(..self.start);
             self.base += self.start as u64;
             self.start = 0;
@@ -677,7 +678,7 @@ impl RunCore {
     /// A result on `link`: only one of an attempt sent there counts (the link is then
     /// registered); the others are dropped, as a result on a link not registered is.
     fn completed(&mut self, link: LinkId, c: Completed, now: Instant) {
-        if !self.inflight.get(&c.seq).is_some_and(|f| f.link == link) {
+        if self.inflight.get(&c.seq).is_none_or(|f| f.link != link) {
             return;
         }
         let Some(f) = self.inflight.remove(&c.seq) else {
