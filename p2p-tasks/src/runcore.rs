@@ -43,7 +43,7 @@ use std::time::{Duration, Instant};
 use compact_str::CompactString;
 use p2p_core::conn::SeqHash;
 use p2p_core::net::{Command, LinkEvent, LinkId};
-use p2p_core::{Assign, Hello, NodeId};
+use p2p_core::{Assign, Completed, Hello, NodeId};
 
 use crate::event::{Phase, RunEvent, RunReport, Status, TaskResult};
 use crate::sched::{Outcome, Policy, Scheduler, TaskStatus, MAX_LOSSES};
@@ -213,6 +213,158 @@ struct InFlight {
     abandoned: bool,
 }
 
+/// Entries kept in the window beyond its live ones before its front is moved out.
+const WINDOW_SLACK: usize = 1024;
+
+/// The attempts in flight by seq. Seqs are handed out in order and most attempts end soon
+/// after they start, so they live in a window indexed by `seq - base` (no hashing, no
+/// probing); an attempt that stays while the window moves far past it (a long task among
+/// many short ones) moves to a hash table, which keeps the window within twice its live
+/// entries plus [`WINDOW_SLACK`].
+#[derive(Default)]
+struct InFlights {
+    /// The seq of `window[0]`.
+    base: u64,
+    /// Entries before `start` are all empty (dropped in bulk now and then).
+    start: usize,
+    window: Vec<Option<InFlight>>,
+    /// Entries of `window` that are `Some`.
+    live: usize,
+    /// Attempts moved out of the window (or inserted behind or far ahead of it).
+    old: HashMap<u64, InFlight, SeqHash>,
+}
+
+impl InFlights {
+    fn len(&self) -> usize {
+        self.live + self.old.len()
+    }
+
+    #[inline]
+    fn index(&self, seq: u64) -> Option<usize> {
+        let i = usize::try_from(seq.checked_sub(self.base)?).ok()?;
+        (i >= self.start && i < self.window.len()).then_some(i)
+    }
+
+    /// Adds (or replaces) the attempt `seq`.
+    fn insert(&mut self, seq: u64, f: InFlight) {
+        if let Some(i) = self.index(seq) {
+            if self.window[i].replace(f).is_none() {
+                self.live += 1;
+            }
+            return;
+        }
+        if !self.old.is_empty() && self.old.contains_key(&seq) {
+            self.old.insert(seq, f);
+            return;
+        }
+        if self.live == 0 {
+            // Nothing in the window: it starts here.
+            self.window.clear();
+            self.start = 0;
+            self.base = seq;
+        }
+        let end = self.base + self.window.len() as u64;
+        match seq.checked_sub(end) {
+            Some(gap) if gap <= WINDOW_SLACK as u64 => {
+                for _ in 0..gap {
+                    self.window.push(None);
+                }
+            }
+            // Behind the window, or far ahead of it: not worth the gap.
+            _ => {
+                self.old.insert(seq, f);
+                return;
+            }
+        }
+        self.window.push(Some(f));
+        self.live += 1;
+        if self.window.len() - self.start > 2 * self.live + WINDOW_SLACK {
+            // Long-lived attempts hold the front: move them out.
+            while self.window.len() - self.start > self.live + WINDOW_SLACK {
+                if let Some(f) = self.window[self.start].take() {
+                    self.live -= 1;
+                    self.old.insert(self.base + self.start as u64, f);
+                }
+                self.start += 1;
+            }
+            self.trim();
+        }
+    }
+
+    /// Skips the empty entries at the front, and drops them once they are four times the
+    /// rest (which then moves: a quarter of an entry per entry dropped).
+    fn trim(&mut self) {
+        while self.start < self.window.len() && self.window[self.start].is_none() {
+            self.start += 1;
+        }
+        if self.start > WINDOW_SLACK && self.start > 4 * (self.window.len() - self.start) {
+            self.window.drain(..self.start);
+            self.base += self.start as u64;
+            self.start = 0;
+        }
+    }
+
+    fn get(&self, seq: &u64) -> Option<&InFlight> {
+        match self.index(*seq) {
+            Some(i) => self.window[i].as_ref(),
+            None if self.old.is_empty() => None,
+            None => self.old.get(seq),
+        }
+    }
+
+    fn get_mut(&mut self, seq: &u64) -> Option<&mut InFlight> {
+        match self.index(*seq) {
+            Some(i) => self.window[i].as_mut(),
+            None if self.old.is_empty() => None,
+            None => self.old.get_mut(seq),
+        }
+    }
+
+    fn remove(&mut self, seq: &u64) -> Option<InFlight> {
+        match self.index(*seq) {
+            Some(i) => {
+                let f = self.window[i].take()?;
+                self.live -= 1;
+                if i == self.start {
+                    self.trim();
+                }
+                Some(f)
+            }
+            None if self.old.is_empty() => None,
+            None => self.old.remove(seq),
+        }
+    }
+
+    /// Every attempt with its seq: the window's in seq order, then the others.
+    fn iter(&self) -> impl Iterator<Item = (u64, &InFlight)> {
+        let base = self.base;
+        self.window
+            .iter()
+            .enumerate()
+            .filter_map(move |(i, f)| f.as_ref().map(|f| (base + i as u64, f)))
+            .chain(self.old.iter().map(|(s, f)| (*s, f)))
+    }
+
+    fn iter_mut(&mut self) -> impl Iterator<Item = (u64, &mut InFlight)> {
+        let base = self.base;
+        self.window
+            .iter_mut()
+            .enumerate()
+            .filter_map(move |(i, f)| f.as_mut().map(|f| (base + i as u64, f)))
+            .chain(self.old.iter_mut().map(|(s, f)| (*s, f)))
+    }
+
+    fn values(&self) -> impl Iterator<Item = &InFlight> {
+        self.iter().map(|(_, f)| f)
+    }
+
+    /// The window's length and its live entries (for the tests of its bound).
+    #[cfg(test)]
+    fn window_len(&self) -> usize {
+        self.window.len() - self.start
+    }
+}
+
 /// A link's event that arrived before the link was registered.
 enum Early {
     Goodbye,
@@ -236,7 +388,7 @@ pub struct RunCore {
     extras: Vec<Option<Box<Extra>>>,
     peers: HashMap<LinkId, Peer, SeqHash>,
     node_ids: HashMap<NodeId, LinkId>,
-    inflight: HashMap<u64, InFlight, SeqHash>,
+    inflight: InFlights,
     /// `(result deadline, seq)` of assignments, earliest first (tasks may have timeouts of
     /// their own); entries of finished seqs are dropped lazily.
     deadlines: BinaryHeap<Reverse<(Instant, u64)>>,
@@ -309,7 +461,7 @@ impl RunCore {
             extras,
             peers: HashMap::default(),
             node_ids: HashMap::new(),
-            inflight: HashMap::default(),
+            inflight: InFlights::default(),
             deadlines: BinaryHeap::new(),
             early: HashMap::new(),
             learned: HashMap::new(),
@@ -461,6 +613,12 @@ impl RunCore {
         if let LinkEvent::Opened(l) = &ev {
             return self.handle_connected(link, l.addr(), l.peer(), now);
         }
+        let ev = match ev {
+            // A result, the event of every task: its attempt is found first, with no lookup
+            // of the link (an attempt is sent only to a registered link, which stays so).
+            LinkEvent::Completed(c) => return self.completed(link, c, now),
+            ev => ev,
+        };
         if !self.peers.contains_key(&link) {
             if self.ignored.contains(&link) {
                 if matches!(ev, LinkEvent::Closed { .. }) {
@@ -511,35 +669,8 @@ impl RunCore {
                     }
                 }
             }
-            LinkEvent::Completed(c) => {
-                let Some(f) = self.inflight.remove(&c.seq) else {
-                    return;
-                };
-                if f.link != link {
-                    // Not this link's seq: put it back.
-                    self.inflight.insert(c.seq, f);
-                    return;
-                }
-                if f.abandoned {
-                    // The node confirms the attempt the run gave up on ended: its slot is free.
-                    self.sched.release(link);
-                } else {
-                    let mut took = Duration::from_micros(c.duration_us);
-                    if f.cancelled {
-                        // A cancelled attempt ran until now, whatever the worker measured.
-                        took = took.max(now.saturating_duration_since(f.since));
-                    }
-                    let attempt = Attempt {
-                        ok: c.ok,
-                        output: c.output,
-                        took,
-                        exit_code: c.exit_code,
-                        error: c.error,
-                        cancelled: f.cancelled,
-                    };
-                    self.record(f.task, link, attempt, now);
-                }
-            }
+            // Handled before the link is looked up (see below).
+            LinkEvent::Completed(c) => return self.completed(link, c, now),
             LinkEvent::AssignFailed {
                 assign,
                 reason,
@@ -561,6 +692,37 @@ impl RunCore {
             | LinkEvent::Cancelled { .. }
             | LinkEvent::Transfer(_)
             | LinkEvent::Hosted(_) => {}
+        }
+        self.touch(now);
+    }
+
+    /// A result on `link`: only one of an attempt sent there counts (the link is then
+    /// registered); the others are dropped, as a result on a link not registered is.
+    fn completed(&mut self, link: LinkId, c: Completed, now: Instant) {
+        if self.inflight.get(&c.seq).is_none_or(|f| f.link != link) {
+            return;
+        }
+        let Some(f) = self.inflight.remove(&c.seq) else {
+            return;
+        };
+        if f.abandoned {
+            // The node confirms the attempt the run gave up on ended: its slot is free.
+            self.sched.release(link);
+        } else {
+            let mut took = Duration::from_micros(c.duration_us);
+            if f.cancelled {
+                // A cancelled attempt ran until now, whatever the worker measured.
+                took = took.max(now.saturating_duration_since(f.since));
+            }
+            let attempt = Attempt {
+                ok: c.ok,
+                output: c.output,
+                took,
+                exit_code: c.exit_code,
+                error: c.error,
+                cancelled: f.cancelled,
+            };
+            self.record(f.task, link, attempt, now);
         }
         self.touch(now);
     }
@@ -711,7 +873,11 @@ impl RunCore {
         // (and freed) before the next is made, however many tasks start at once.
         if self.commands.is_empty() && self.may_dispatch {
             if self.stage == Stage::Running && !self.dirty {
-                self.may_dispatch = self.dispatch_one(self.now);
+                // The assignment is the next command: handed out as made.
+                match self.dispatch_one(self.now) {
+                    Some(cmd) => return Some(cmd),
+                    None => self.may_dispatch = false,
+                }
             } else {
                 self.may_dispatch = false;
             }
@@ -734,6 +900,13 @@ impl RunCore {
     pub fn poll_final(&mut self) -> Option<usize> {
         self.settle();
         self.finals.pop_front()
+    }
+
+    /// Moves the run on as [`RunCore::poll_final`] does and drops every final result it
+    /// would give (a driver with no journal to record them in).
+    pub(crate) fn drop_finals(&mut self) {
+        self.settle();
+        self.finals.clear();
     }
 
     /// Whether the run is over, as of the last `poll_*` call.
@@ -787,7 +960,7 @@ impl RunCore {
         for (seq, f) in self.inflight.iter_mut() {
             if !f.abandoned && !f.cancelled {
                 f.cancelled = true;
-                self.commands.push_back((f.link, Command::Cancel(*seq)));
+                self.commands.push_back((f.link, Command::Cancel(seq)));
             }
         }
     }
@@ -922,15 +1095,15 @@ impl RunCore {
         self.stage = Stage::Done;
     }
 
-    /// Sends the next task that can start now, if any (see [`RunCore::poll_command`]).
-    /// Returns false when nothing more can start.
-    fn dispatch_one(&mut self, now: Instant) -> bool {
+    /// Starts the next task that can start now, if any (see [`RunCore::poll_command`]),
+    /// returning its assignment. `None` when nothing more can start.
+    fn dispatch_one(&mut self, now: Instant) -> Option<(LinkId, Command)> {
         let dispatched = self.sched.next(now);
         if let Some(d) = dispatched {
             let timeout_ms = u64::try_from(self.timeout_of(d.task).as_millis()).unwrap_or(u64::MAX);
             let Some(peer) = self.peers.get(&d.node) else {
                 self.sched.requeue(d.task);
-                return false;
+                return None;
             };
             let r = &mut self.results[d.task];
             let seq = self.next_seq;
@@ -947,7 +1120,7 @@ impl RunCore {
                 attempt: d.attempt,
                 timeout_ms,
             };
-            self.commands.push_back((d.node, Command::Assign(assign)));
+            let cmd = (d.node, Command::Assign(assign));
             set_node(&mut r.node, &peer.node);
             r.attempts = d.attempt;
             tracing::debug!(task = %r.task, node = %&peer.node[..8.min(peer.node.len())], attempt = d.attempt, seq, "task assigned");
@@ -974,7 +1147,7 @@ impl RunCore {
                     abandoned: false,
                 },
             );
-            return true;
+            return Some(cmd);
         }
         // Finished seqs leave their deadline behind; drop them before they pile up (a task
         // that runs for long keeps the ones behind it from reaching the front).
@@ -983,7 +1156,7 @@ impl RunCore {
             self.deadlines
                 .retain(|Reverse((_, seq))| inflight.get(seq).is_some_and(|f| !f.abandoned));
         }
-        false
+        None
     }
 
     /// A task's attempt timeout: its own, or the run's (zero: none).
@@ -1012,7 +1185,7 @@ impl RunCore {
             .inflight
             .iter()
             .filter(|(_, f)| f.link == link)
-            .map(|(s, _)| *s)
+            .map(|(s, _)| s)
             .collect();
         // The tasks sent there, and those the node had said it started: their loss counts
         // more (see MAX_LOSSES).
@@ -1107,10 +1280,6 @@ impl RunCore {
             error,
             cancelled,
         } = a;
-        let node = match self.peers.get(&link) {
-            Some(p) => p.node.clone(),
-            None => Arc::from(""),
-        };
         let attempt = self.sched.attempts(task);
         if ok {
             // The node's speed for the type (the attempt's time from its start).
@@ -1119,6 +1288,29 @@ impl RunCore {
             self.sched.observe_failure(task, link);
         }
         let outcome = self.sched.complete(task, ok, now);
+        if let (Outcome::Succeeded, false, false) =
+            (outcome, self.opts.success_events, cancelled && !ok)
+        {
+            // Counted, not reported one by one: the result is the record (its output
+            // moved, not copied; its node the link's shared name, not cloned).
+            let r = &mut self.results[task];
+            match self.peers.get(&link) {
+                Some(p) => set_node(&mut r.node, &p.node),
+                None => r.node = Some(Arc::from("")),
+            }
+            r.attempts = attempt;
+            r.duration_ms = ms(took);
+            r.status = Status::Succeeded;
+            r.output = output;
+            r.error = None;
+            self.finals.push_back(task);
+            self.unreported += 1;
+            return;
+        }
+        let node = match self.peers.get(&link) {
+            Some(p) => p.node.clone(),
+            None => Arc::from(""),
+        };
         if cancelled && !ok {
             self.cancelled(task, node, attempt, output, took);
             return;
@@ -1136,16 +1328,6 @@ impl RunCore {
         r.attempts = attempt;
         r.duration_ms = ms(took);
         match outcome {
-            Outcome::Succeeded if !self.opts.success_events => {
-                // Counted, not reported one by one: the result is the record (its output
-                // moved, not copied).
-                r.status = Status::Succeeded;
-                r.output = output;
-                r.error = None;
-                self.finals.push_back(task);
-                self.unreported += 1;
-                return;
-            }
             Outcome::Succeeded => {
                 r.status = Status::Succeeded;
                 r.output = output.clone();
@@ -1403,6 +1585,99 @@ fn split(
     results.reverse();
     extras.reverse();
     (results, extras, sched.finish(dependents))
+}
+
+#[cfg(test)]
+mod inflight_tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    fn f(task: usize) -> InFlight {
+        InFlight {
+            task,
+            link: task as u64 % 3,
+            since: Instant::now(),
+            started: false,
+            cancelled: false,
+            abandoned: false,
+        }
+    }
+
+    /// Against a hash map of the same operations: seqs in order, most ending soon, some
+    /// living long (moved out of the window), results for unknown seqs, a put-back and a
+    /// seq far ahead. The window stays within its bound all along.
+    #[test]
+    fn in_flight_attempts_are_found_as_in_a_hash_map() {
+        let mut m: std::collections::HashMap<u64, usize> = std::collections::HashMap::new();
+        let mut w = InFlights::default();
+        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut rnd = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let mut next = 1u64;
+        for step in 0..200_000u64 {
+            let r = rnd();
+            match r % 10 {
+                0..=4 => {
+                    let seq = if step % 5_000 == 0 {
+                        next + 5_000
+                    } else {
+                        next
+                    };
+                    next = seq + 1;
+                    w.insert(seq, f(seq as usize));
+                    m.insert(seq, seq as usize);
+                }
+                5..=8 => {
+                    // Mostly a recent one; a long-lived one now and then (1 in 64 never
+                    // ends until the end).
+                    let back = if r % 7 == 0 {
+                        rnd() % 5_000
+                    } else {
+                        rnd() % 64
+                    };
+                    let seq = next.saturating_sub(1 + back);
+                    if seq % 64 == 5 {
+                        continue;
+                    }
+                    assert_eq!(w.remove(&seq).map(|f| f.task), m.remove(&seq));
+                }
+                _ => {
+                    let seq = rnd() % (next + 10);
+                    assert_eq!(w.get(&seq).map(|f| f.task), m.get(&seq).copied());
+                    if let Some(g) = w.get_mut(&seq) {
+                        g.started = true;
+                    }
+                    assert_eq!(w.get(&seq).map(|f| f.started), m.get(&seq).map(|_| true));
+                    if let Some(g) = w.get_mut(&seq) {
+                        g.started = false;
+                    }
+                }
+            }
+            assert_eq!(w.len(), m.len());
+            assert!(
+                w.window_len() <= 2 * w.live + WINDOW_SLACK + 1,
+                "step {step}"
+            );
+        }
+        // A put-back (remove and insert of a seq behind the window's end) is found again.
+        if let Some((&seq, _)) = m.iter().next() {
+            let g = w.remove(&seq).unwrap();
+            w.insert(seq, g);
+            assert_eq!(w.get(&seq).map(|f| f.task), Some(seq as usize));
+        }
+        let mut all: Vec<(u64, usize)> = w.iter().map(|(s, f)| (s, f.task)).collect();
+        all.sort_unstable();
+        let mut want: Vec<(u64, usize)> = m.into_iter().collect();
+        want.sort_unstable();
+        assert_eq!(all, want);
+        assert_eq!(w.values().count(), want.len());
+        assert_eq!(w.iter_mut().count(), want.len());
+    }
 }
 
 #[cfg(test)]

@@ -16,7 +16,7 @@
 //! the other frames of the same read.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -29,7 +29,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::admit::{Admission, Arrival};
-use crate::handler::{Handler, InstantRequest, TaskOutcome, TaskRequest, DEFAULT_OUTPUT_LIMIT};
+use crate::handler::{
+    Handler, InstantOutcome, InstantRequest, TaskOutcome, TaskRequest, DEFAULT_OUTPUT_LIMIT,
+};
 use crate::stats::{Ending, RunningTask, TypeStats, WorkerStats};
 
 /// The default capacity of a node whose handlers all answer at once (see
@@ -57,9 +59,8 @@ struct Waiter {
 
 /// Executes assigned tasks with a set of handlers, at most `capacity` at once.
 pub struct Worker {
-    /// Each served type's handler and counters: one lookup per task (a fixed set of keys,
-    /// on the fast keyed hash).
-    served: HashMap<String, Served, SeqHash>,
+    /// Each served type's handler and counters: one lookup per task.
+    served: ServedTypes,
     /// The capacity it started with: with the current one, the ceiling a new connection's
     /// handshake advertises ([`Worker::ceiling`]).
     initial: u32,
@@ -72,6 +73,9 @@ pub struct Worker {
     ended: AtomicU64,
     output_limit: usize,
     stop_now: CancellationToken,
+    /// Set with `stop_now` (before it is cancelled): what [`Worker::answer_now`] reads per
+    /// task, a load instead of the token's lock.
+    stopping: AtomicBool,
     stats: Arc<WorkerStats>,
     files: Option<Arc<crate::node_files::NodeFiles>>,
     /// The machine's cores, load and memory as last read, and when: every connection reports
@@ -83,6 +87,59 @@ pub struct Worker {
 struct Served {
     handler: Arc<dyn Handler>,
     stats: Arc<TypeStats>,
+    /// [`Handler::is_instant`], asked once (a property of the handler).
+    instant: bool,
+}
+
+/// Up to this many served types are looked up by comparing names (a few bytes each), more
+/// through a hash table.
+const LINEAR_TYPES: usize = 8;
+
+/// The served types by name: a short list compared name by name (most nodes serve a few
+/// types, and a hash of the name cost more than the comparisons), with a hash table over
+/// it for a node that serves many.
+struct ServedTypes {
+    list: Vec<(String, Served)>,
+    /// Positions in `list` by name, with more than [`LINEAR_TYPES`] types only.
+    index: Option<HashMap<String, usize, SeqHash>>,
+}
+
+/// Whether two type names are the same: byte by byte (names are a few bytes: no call to
+/// `memcmp` for them).
+#[inline]
+fn same_name(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x == y)
+}
+
+impl ServedTypes {
+    fn new(list: Vec<(String, Served)>) -> Self {
+        let index = (list.len() > LINEAR_TYPES).then(|| {
+            list.iter()
+                .enumerate()
+                .map(|(i, (k, _))| (k.clone(), i))
+                .collect()
+        });
+        ServedTypes { list, index }
+    }
+
+    fn get(&self, kind: &str) -> Option<&Served> {
+        match &self.index {
+            None => self
+                .list
+                .iter()
+                .find(|(k, _)| same_name(k.as_bytes(), kind.as_bytes()))
+                .map(|(_, s)| s),
+            Some(index) => index.get(kind).map(|&i| &self.list[i].1),
+        }
+    }
+
+    fn keys(&self) -> impl Iterator<Item = &String> {
+        self.list.iter().map(|(k, _)| k)
+    }
+
+    fn values(&self) -> impl Iterator<Item = &Served> {
+        self.list.iter().map(|(_, s)| s)
+    }
 }
 
 /// What a load report says of the machine (not of the worker).
@@ -130,13 +187,23 @@ impl Worker {
     pub fn new(handlers: HashMap<String, Arc<dyn Handler>>, capacity: u32) -> Self {
         let capacity = capacity.max(1);
         let stats = Arc::new(WorkerStats::new(handlers.keys()));
-        let served = handlers
-            .into_iter()
-            .map(|(kind, handler)| {
-                let stats = stats.of(&kind).cloned().unwrap_or_default();
-                (kind, Served { handler, stats })
-            })
-            .collect();
+        let served = ServedTypes::new(
+            handlers
+                .into_iter()
+                .map(|(kind, handler)| {
+                    let stats = stats.of(&kind).cloned().unwrap_or_default();
+                    let instant = handler.is_instant();
+                    (
+                        kind,
+                        Served {
+                            handler,
+                            stats,
+                            instant,
+                        },
+                    )
+                })
+                .collect(),
+        );
         Worker {
             stats,
             served,
@@ -147,6 +214,7 @@ impl Worker {
             ended: AtomicU64::new(0),
             output_limit: DEFAULT_OUTPUT_LIMIT,
             stop_now: CancellationToken::new(),
+            stopping: AtomicBool::new(false),
             files: None,
             machine: Mutex::new(None),
         }
@@ -162,7 +230,10 @@ impl Worker {
     fn release(&self) {
         let mut a = self.admission();
         a.finish();
-        Self::start_waiting(&mut a);
+        // With nobody waiting there is nobody to start (an instant answer's release).
+        if a.waiting() > 0 {
+            Self::start_waiting(&mut a);
+        }
     }
 
     /// Starts waiting attempts while slots are free (an attempt whose future is gone gives
@@ -326,6 +397,7 @@ impl Worker {
     /// dropped, so their processes get `SIGTERM`, then `SIGKILL`), a goodbye is sent where
     /// none was, and the connections close. Their coordinators run those tasks elsewhere.
     pub fn stop_now(&self) {
+        self.stopping.store(true, Ordering::Release);
         self.stop_now.cancel();
     }
 
@@ -575,7 +647,7 @@ impl Worker {
     /// connection's driver ([`Worker::answer_now`]); `None` when no handler is instant.
     /// Give it to the settings of the connections this worker serves.
     pub fn instant_service(self: &Arc<Self>) -> Option<InstantService> {
-        if !self.served.values().any(|s| s.handler.is_instant()) {
+        if !self.served.values().any(|s| s.instant) {
             return None;
         }
         let worker = self.clone();
@@ -590,11 +662,11 @@ impl Worker {
     /// stopping. `None`: the assignment goes the ordinary way (to `serve_link`), which
     /// also fails a type this node does not serve. Counted as `serve_link` counts it.
     pub fn answer_now(&self, a: &Assign, peer: &Hello) -> Option<Completed> {
-        if self.stop_now.is_cancelled() {
+        if self.stopping.load(Ordering::Acquire) {
             return None;
         }
-        let served = self.served.get(a.kind.as_str())?;
-        if !served.handler.is_instant() || !self.admission().try_start() {
+        let served = self.served.get(&a.kind)?;
+        if !served.instant || !self.admission().try_start() {
             return None;
         }
         debug!(peer = %peer.node_id.short(), task = %a.task, attempt = a.attempt, "task assigned");
@@ -605,14 +677,14 @@ impl Worker {
             attempt: a.attempt,
         };
         let started = Instant::now();
-        let now = served.handler.call_instant(&req);
+        let now = served.handler.call_instant_compact(&req);
         self.release();
         let out = now?;
         let took = started.elapsed();
         served.stats.assigned();
         self.count_busy(took);
         served.stats.ended(out.ok, took);
-        Some(self.result(a.seq, out, took))
+        Some(instant_result(a.seq, out, took, self.output_limit))
     }
 
     /// A task's result: its outcome capped to the output limit.
@@ -634,6 +706,20 @@ impl Worker {
         if let Err(e) = link.send(Command::Complete(c)) {
             debug!(error = %e, "result not delivered");
         }
+    }
+}
+
+/// An instant answer's result: its outcome capped to the output limit (as
+/// [`Worker::result`] caps a [`TaskOutcome`]), its output moved, not copied.
+fn instant_result(seq: u64, mut out: InstantOutcome, took: Duration, limit: usize) -> Completed {
+    out.cap(limit);
+    Completed {
+        seq,
+        ok: out.ok,
+        exit_code: out.exit_code,
+        output: out.output,
+        error: out.error,
+        duration_us: u64::try_from(took.as_micros()).unwrap_or(u64::MAX),
     }
 }
 
@@ -754,6 +840,134 @@ mod tests {
             "stopping"
         );
         assert_eq!(w.stats().by_type()[0].1.assigned, 1);
+    }
+
+    /// The answer in the driver is the ordinary path's, byte for byte: ids short and long
+    /// (inline and allocated outputs), multi-byte ones cut on a character boundary, at
+    /// every output limit around their length, with the same status, exit code and error;
+    /// and every answer is counted (assigned, completed, tasks ended).
+    #[test]
+    fn an_instant_answer_is_what_the_ordinary_path_sends() {
+        let ids = [
+            "a",
+            "a1",
+            "a1234567",
+            "a12345678",
+            "aé",
+            "aéééé",
+            "a_very_long_task_id_0",
+        ];
+        let mut answered = 0u64;
+        for limit in [0usize, 1, 15, 16, 17, 18, 19, 23, 24, 25, 40, 1 << 20] {
+            let mut handlers: HashMap<String, Arc<dyn Handler>> = HashMap::new();
+            handlers.insert("a".into(), Arc::new(Builtin));
+            let w = Arc::new(Worker::new(handlers, 4).with_output_limit(limit));
+            for (i, id) in ids.iter().enumerate() {
+                let a = Assign {
+                    task: (*id).into(),
+                    ..assign(i as u64 + 1, "a")
+                };
+                let c = w.answer_now(&a, &peer()).expect("answered");
+                let ordinary = w.result(
+                    a.seq,
+                    Builtin
+                        .call_now(&TaskRequest {
+                            id: (*id).to_owned(),
+                            kind: "a".into(),
+                            args: String::new(),
+                            attempt: 1,
+                            files: None,
+                        })
+                        .expect("instant"),
+                    Duration::from_micros(c.duration_us),
+                );
+                assert_eq!(c, ordinary, "id {id:?} at limit {limit}");
+                answered += 1;
+            }
+            let counts = w.stats().by_type();
+            assert_eq!(
+                (
+                    counts[0].1.assigned,
+                    counts[0].1.completed,
+                    counts[0].1.failed
+                ),
+                (ids.len() as u64, ids.len() as u64, 0)
+            );
+            let r = w.load_report();
+            assert_eq!((r.running, r.tasks), (0, ids.len() as u64));
+        }
+        assert_eq!(answered, 12 * ids.len() as u64);
+    }
+
+    /// An instant handler's failure, through the default conversion, keeps its status,
+    /// exit code, error (capped as the ordinary path caps it) and output.
+    #[test]
+    fn an_instant_failure_keeps_its_error_and_status() {
+        struct Failing;
+        impl Handler for Failing {
+            fn call(&self, _: TaskRequest) -> crate::handler::BoxFuture<TaskOutcome> {
+                Box::pin(std::future::ready(TaskOutcome::failure("x")))
+            }
+            fn call_now(&self, req: &TaskRequest) -> Option<TaskOutcome> {
+                let mut o = TaskOutcome::failure("e".repeat(crate::handler::ERROR_LIMIT + 3));
+                o.output = format!("out of {}", req.id);
+                o.exit_code = Some(3);
+                Some(o)
+            }
+            fn is_instant(&self) -> bool {
+                true
+            }
+        }
+        let mut handlers: HashMap<String, Arc<dyn Handler>> = HashMap::new();
+        handlers.insert("f".into(), Arc::new(Failing));
+        let w = Arc::new(Worker::new(handlers, 2).with_output_limit(5));
+        let c = w.answer_now(&assign(3, "f"), &peer()).expect("answered");
+        let ordinary = w.result(
+            3,
+            Failing
+                .call_now(
+                    &InstantRequest {
+                        id: "f3",
+                        kind: "f",
+                        args: "",
+                        attempt: 1,
+                    }
+                    .to_request(),
+                )
+                .expect("instant"),
+            Duration::from_micros(c.duration_us),
+        );
+        assert_eq!(c, ordinary);
+        assert!(!c.ok && c.exit_code == Some(3));
+        assert!(c.output.starts_with("out o\n[output truncated at 5"));
+        let counts = w.stats().by_type();
+        assert_eq!((counts[0].1.completed, counts[0].1.failed), (0, 1));
+    }
+
+    /// A node serving more types than are compared by name finds each through its table,
+    /// and a type it does not serve through neither.
+    #[test]
+    fn every_served_type_is_found_with_few_or_many_types() {
+        for n in [1usize, 3, LINEAR_TYPES, LINEAR_TYPES + 1, 40] {
+            let mut handlers: HashMap<String, Arc<dyn Handler>> = HashMap::new();
+            for i in 0..n {
+                handlers.insert(format!("t{i}"), Arc::new(Builtin));
+            }
+            let w = Arc::new(Worker::new(handlers, 4));
+            for i in 0..n {
+                let c = w.answer_now(&assign(i as u64, &format!("t{i}")), &peer());
+                assert_eq!(
+                    c.map(|c| c.output.to_string()),
+                    Some(format!("Executing task: t{i}{i}")),
+                    "{n} types"
+                );
+            }
+            assert!(w.answer_now(&assign(1, "t"), &peer()).is_none());
+            assert!(w
+                .answer_now(&assign(1, &format!("t{n}")), &peer())
+                .is_none());
+            assert_eq!(w.types().len(), n);
+        }
     }
 
     /// A worker without instant handlers gives no service (its connections deliver every

@@ -1387,3 +1387,61 @@ fn arguments_and_timeouts_stay_with_their_tasks() {
         ]
     );
 }
+
+/// A result counts once, on the link its attempt was sent to: one on another link, on a
+/// link never registered, for a seq never sent, or a second one, changes nothing (no event,
+/// no final result, no count), and the attempt's own result still counts after them.
+#[test]
+fn a_result_counts_once_and_only_on_its_own_link() {
+    let mut s = Sim::new("a1 a2", opts(Order::None, 0, true).success_events(false));
+    s.connect(1, &hello(1, &["a"], 1));
+    s.connect(2, &hello(2, &["a"], 1));
+    assert_eq!(s.sent.len(), 2, "{:?}", s.sent);
+    let done = |seq: u64, out: &str| {
+        LinkEvent::Completed(Completed {
+            seq,
+            ok: true,
+            exit_code: Some(0),
+            output: out.into(),
+            error: None,
+            duration_us: 7_000,
+        })
+    };
+    let (link, a) = s.sent[0].clone();
+    let other = if link == 1 { 2 } else { 1 };
+    let task = if a.task == "a1" { 0 } else { 1 };
+    let events = s.events.len();
+    s.link(other, done(a.seq, "wrong link"));
+    s.link(9, done(a.seq, "unregistered link"));
+    s.link(link, done(a.seq + 100, "unknown seq"));
+    assert_eq!(s.events.len(), events, "{:?}", &s.events[events..]);
+    assert_eq!(s.status(task), Status::NotRun);
+    s.link(link, done(a.seq, "mine"));
+    assert_eq!(s.status(task), Status::Succeeded);
+    s.link(link, done(a.seq, "again"));
+    let (link2, a2) = s.sent[1].clone();
+    s.link(link2, done(a2.seq, "theirs"));
+    s.link(1, LinkEvent::Closed { error: None });
+    s.link(2, LinkEvent::Closed { error: None });
+    assert!(s.core.is_done());
+    let counted: usize = s
+        .events
+        .iter()
+        .map(|e| match e {
+            RunEvent::TasksSucceeded { count } => *count,
+            _ => 0,
+        })
+        .sum();
+    assert_eq!(counted, 2, "{:?}", s.events);
+    let r = s.report();
+    assert_eq!(r.results[task].output, "mine");
+    assert_eq!(r.results[1 - task].output, "theirs");
+    assert_eq!(r.results[task].duration_ms, 7.0);
+    assert_eq!(r.results[task].attempts, 1);
+    let node = |l: LinkId| hello(l as u8, &["a"], 1).node_id.to_string();
+    assert_eq!(r.results[task].node.as_deref(), Some(node(link).as_str()));
+    assert_eq!(
+        r.results[1 - task].node.as_deref(),
+        Some(node(link2).as_str())
+    );
+}
