@@ -935,14 +935,22 @@ mod tests {
             let mut tasks: Vec<Task> = Vec::new();
             let mut index = IdIndex::with_capacity(0);
             let mut model: std::collections::HashMap<String, usize> = Default::default();
-            for id in &ids {
-                let first = index.first_or_insert(&tasks, id, tasks.len());
-                proptest::prop_assert_eq!(first, model.get(id.as_str()).copied());
-                if first.is_none() {
-                    model.insert(id.clone(), tasks.len());
-                    tasks.push(Task::from_id(id).unwrap());
+            // Records every id, checking each answer against the model's.
+            let record = |index: &mut IdIndex,
+                          tasks: &mut Vec<Task>,
+                          model: &mut std::collections::HashMap<String, usize>|
+             -> Result<(), proptest::test_runner::TestCaseError> {
+                for id in &ids {
+                    let first = index.first_or_insert(tasks, id, tasks.len());
+                    proptest::prop_assert_eq!(first, model.get(id.as_str()).copied());
+                    if first.is_none() {
+                        model.insert(id.clone(), tasks.len());
+                        tasks.push(Task::from_id(id).unwrap());
+                    }
                 }
-            }
+                Ok(())
+            };
+            record(&mut index, &mut tasks, &mut model)?;
             let mark = mark.min(tasks.len());
             index.forget_from(&tasks, mark);
             tasks.truncate(mark);
@@ -951,14 +959,7 @@ mod tests {
                 proptest::prop_assert_eq!(index.get(&tasks, id), model.get(id.as_str()).copied());
             }
             // Taken back, an id can be recorded again.
-            for id in &ids {
-                let first = index.first_or_insert(&tasks, id, tasks.len());
-                proptest::prop_assert_eq!(first, model.get(id.as_str()).copied());
-                if first.is_none() {
-                    model.insert(id.clone(), tasks.len());
-                    tasks.push(Task::from_id(id).unwrap());
-                }
-            }
+            record(&mut index, &mut tasks, &mut model)?;
             proptest::prop_assert_eq!(index.len, model.len());
         }
     }
