@@ -188,6 +188,12 @@ async fn start(
     Ok(launch(io, conn, peer, local_capacity, addr, id, settings, events).await)
 }
 
+/// The chunk messages of one transfer's full default credit
+/// ([`crate::transfer::DEFAULT_WINDOW`] in [`crate::transfer::SEND_CHUNK`]s, a short last
+/// one included).
+pub(super) const CHUNK_BURST: usize =
+    (crate::transfer::DEFAULT_WINDOW as usize).div_ceil(crate::transfer::SEND_CHUNK) + 1;
+
 /// The rest of a connection once its `Hello`/`Welcome` exchange is done, over any [`Wire`]
 /// (a socket, or an in-memory pipe): the [`Link`] with its bounded command queue, its
 /// registration on `events`, and the driver, spawned.
@@ -207,8 +213,11 @@ pub(super) async fn launch<W: Wire>(
     // respects both capacities never finds the queue full.
     let window = peer.capacity.max(local_capacity).clamp(1, MAX_WINDOW) as usize;
     // Twice the window: each task the peer assigned to us may have a `Started` and a result
-    // queued.
-    let (tx, rx) = mpsc::channel(2 * window + 64);
+    // queued; 64 control commands; and one file transfer's first burst of chunks (a
+    // receiver's default credit in chunks of the size senders use), which a sender queues
+    // at once when the credit comes: with the window alone a capacity-1 link had room for
+    // the burst and nothing else.
+    let (tx, rx) = mpsc::channel(2 * window + 64 + CHUNK_BURST);
     let (closed_tx, closed_rx) = watch::channel(None);
     let (status_tx, status_rx) = mpsc::channel(1);
     let link = Link {

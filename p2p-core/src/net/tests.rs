@@ -819,6 +819,40 @@ async fn a_memory_link_handshakes_runs_tasks_and_says_goodbye() {
     assert!(end.is_none(), "{end:?}");
 }
 
+/// A capacity-1 link's command queue takes 64 control commands and then a transfer's whole
+/// first burst of chunks, queued at once as a sender does when its default credit comes
+/// (`node_files`' pump, with nothing between to let the driver drain the queue): a chunk
+/// that found the queue full would drop its transfer.
+#[tokio::test]
+async fn a_capacity_one_link_queues_controls_and_a_whole_burst_of_chunks() {
+    let (_d, _drx, a, _arx) = memory_pair(1).await;
+    let load = crate::LoadReport {
+        capacity: 1,
+        ..Default::default()
+    };
+    for i in 0..64 {
+        assert!(a.send(Command::Load(load)).is_ok(), "control command {i}");
+    }
+    let size = 64 * 1024 * 1024;
+    let mut s = crate::transfer::Sender::fetched(
+        7,
+        size,
+        crate::transfer::SEND_CHUNK,
+        crate::transfer::DEFAULT_WINDOW,
+    )
+    .unwrap();
+    let mut queued = 0;
+    while let Some((offset, len)) = s.poll_read() {
+        let Message::Transfer(t) = s.chunk(offset, vec![0u8; len]).unwrap() else {
+            panic!("a chunk is a transfer message");
+        };
+        let sent = a.send(Command::Transfer(t));
+        assert!(sent.is_ok(), "chunk {queued} of the burst: {sent:?}");
+        queued += 1;
+    }
+    assert!(queued >= 60, "only {queued} chunks in the default credit");
+}
+
 /// A memory handshake is checked as over TCP: another cluster is refused, on both sides.
 #[tokio::test]
 async fn a_memory_link_to_another_cluster_is_refused() {
