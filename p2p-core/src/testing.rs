@@ -160,3 +160,23 @@ pub async fn raw_initiator(
         .expect("the acceptor's confirmation");
     transport
 }
+
+/// A small deterministic generator (xorshift64*): a test that draws from it replays the same
+/// numbers from the same seed (an odd one; 0 stays 0).
+#[derive(Debug, Clone)]
+pub struct Rng(pub u64);
+
+impl Rng {
+    /// The next number.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// A number in `0..n` (0 when `n` is 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n.max(1)
+    }
+}

@@ -636,42 +636,28 @@ impl<'a, const FAST: bool> Reader<'a, FAST> {
 
     #[inline(always)]
     fn bool(&mut self) -> Result<bool, Error> {
-        if FAST {
-            if let [b @ (0 | 1), ref rest @ ..] = *self.0 {
-                self.0 = rest;
-                return Ok(b == 1);
-            }
-        }
-        self.bool_general()
-    }
-
-    fn bool_general(&mut self) -> Result<bool, Error> {
-        match self.u8()? {
-            0 => Ok(false),
-            1 => Ok(true),
-            b => Err(Error::Connection(ConnectionError::Decode(format!(
-                "invalid bool {b}"
-            )))),
-        }
+        self.zero_or_one("bool")
     }
 
     #[inline(always)]
     fn option(&mut self) -> Result<bool, Error> {
+        self.zero_or_one("option tag")
+    }
+
+    /// A byte that must be 0 or 1 (a bool, an option's tag; `what` names it in the error).
+    #[inline(always)]
+    fn zero_or_one(&mut self, what: &str) -> Result<bool, Error> {
         if FAST {
             if let [b @ (0 | 1), ref rest @ ..] = *self.0 {
                 self.0 = rest;
                 return Ok(b == 1);
             }
         }
-        self.option_general()
-    }
-
-    fn option_general(&mut self) -> Result<bool, Error> {
         match self.u8()? {
             0 => Ok(false),
             1 => Ok(true),
             b => Err(Error::Connection(ConnectionError::Decode(format!(
-                "invalid option tag {b}"
+                "invalid {what} {b}"
             )))),
         }
     }
@@ -1294,19 +1280,17 @@ mod tests {
         }
     }
 
-    /// A small deterministic generator (xorshift64*), so that a failure replays.
-    struct Gen(u64);
+    /// Random messages and bytes from the shared deterministic generator, so that a
+    /// failure replays.
+    struct Gen(crate::testing::Rng);
 
     impl Gen {
         fn next(&mut self) -> u64 {
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+            self.0.next_u64()
         }
 
         fn below(&mut self, n: u64) -> u64 {
-            self.next() % n
+            self.0.below(n)
         }
 
         /// A number near a varint width's edge, or anywhere.
@@ -1402,7 +1386,7 @@ mod tests {
     /// change of it alike.
     #[test]
     fn the_short_paths_encode_and_decode_as_the_general_ones_on_random_messages() {
-        let mut g = Gen(0x9e37_79b9_7f4a_7c15);
+        let mut g = Gen(crate::testing::Rng(0x9e37_79b9_7f4a_7c15));
         let mut small_used = 0;
         for _ in 0..4_000 {
             let msg = g.message();
@@ -1441,7 +1425,7 @@ mod tests {
     /// Random bytes after each variant: both readers accept and refuse the same.
     #[test]
     fn the_short_paths_refuse_what_the_general_ones_refuse_on_random_bytes() {
-        let mut g = Gen(0x0123_4567_89ab_cdef);
+        let mut g = Gen(crate::testing::Rng(0x0123_4567_89ab_cdef));
         for _ in 0..40_000 {
             let len = g.below(48) as usize;
             let mut bytes: Vec<u8> = (0..len)

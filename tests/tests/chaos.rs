@@ -22,6 +22,9 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+// The fault schedule's generator: p2p-core's deterministic one, so a seed replays the same
+// schedule (the timing of the system under test still varies).
+use p2p_core::testing::Rng;
 use serde_json::Value;
 use tests::netfault::{Impairment, NetFault};
 use tests::netns::{Host, Lan, NsProcess, HOST_IF};
@@ -45,25 +48,9 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
         .unwrap_or(default)
 }
 
-/// A small deterministic PRNG (xorshift64*), so a seed replays the same fault schedule
-/// (the timing of the system under test still varies).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-
-    fn ms(&mut self, lo: u64, hi: u64) -> Duration {
-        Duration::from_millis(lo + self.below(hi - lo + 1))
-    }
+/// A duration of `lo..=hi` milliseconds drawn from `rng`.
+fn ms(rng: &mut Rng, lo: u64, hi: u64) -> Duration {
+    Duration::from_millis(lo + rng.below(hi - lo + 1))
 }
 
 /// Runs `program args` in the namespace `ns` (bounded); its error text if it failed.
@@ -205,8 +192,8 @@ impl<'a> Chaos<'a> {
             Shaping::Userspace => {
                 let imp = Impairment {
                     loss_pct: 1 + self.rng.below(8) as u32,
-                    delay: self.rng.ms(5, 45),
-                    jitter: self.rng.ms(1, 10),
+                    delay: ms(&mut self.rng, 5, 45),
+                    jitter: ms(&mut self.rng, 1, 10),
                     reorder_pct: 5 + self.rng.below(20) as u32,
                 };
                 if let Err(e) = self.netfaults[i].impair(Some(imp)) {
@@ -263,7 +250,7 @@ impl<'a> Chaos<'a> {
                     p.signal("KILL");
                     let _ = p.wait_exit(Duration::from_secs(10));
                     self.faults.kills += 1;
-                    let back = now + self.rng.ms(300, 3_000);
+                    let back = now + ms(&mut self.rng, 300, 3_000);
                     self.pending.push((back, Undo::Restart(i)));
                 }
             }
@@ -276,7 +263,7 @@ impl<'a> Chaos<'a> {
                 self.shape(i);
                 self.shaped[i] = true;
                 self.faults.impairments += 1;
-                let back = now + self.rng.ms(1_000, 6_000);
+                let back = now + ms(&mut self.rng, 1_000, 6_000);
                 self.pending.push((back, Undo::Unshape(i)));
             }
             _ => {}
@@ -291,9 +278,9 @@ impl<'a> Chaos<'a> {
         self.faults.cuts += 1;
         let back = if long {
             self.faults.long_cuts += 1;
-            now + self.rng.ms(11_000, 13_000)
+            now + ms(&mut self.rng, 11_000, 13_000)
         } else {
-            now + self.rng.ms(200, 4_000)
+            now + ms(&mut self.rng, 200, 4_000)
         };
         self.pending.push((back, Undo::Heal(i)));
     }
@@ -446,7 +433,7 @@ fn a_thousand_tasks_survive_kills_restarts_cut_links_and_bad_links() {
             } else {
                 chaos.strike(now);
             }
-            next_strike = now + chaos.rng.ms(200, 700);
+            next_strike = now + ms(&mut chaos.rng, 200, 700);
         }
         std::thread::sleep(Duration::from_millis(20));
     };
