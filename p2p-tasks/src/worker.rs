@@ -416,7 +416,13 @@ impl Worker {
         let mut set: JoinSet<(u64, TaskOutcome, Duration)> = JoinSet::new();
         let mut said_goodbye = false;
         let conn = link.id();
-        let mut load_tick = tokio::time::interval(LOAD_EVERY);
+        // The first report goes out before anything else this loop sends: the peer then
+        // knows a capacity shrunk below the handshake's before it sees any result (the
+        // interval's first tick, ready at once, would race the first assignment in the
+        // `select!` below, and a result could overtake it).
+        let _ = link.send(Command::Load(self.load_report()));
+        let mut load_tick =
+            tokio::time::interval_at(tokio::time::Instant::now() + LOAD_EVERY, LOAD_EVERY);
         load_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut capacity = self.capacity_tx.subscribe();
         let mut files = crate::node_files::LinkFiles::new(self.files.clone());

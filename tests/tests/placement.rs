@@ -158,6 +158,46 @@ fn kill(sig: &str, pid: u32) {
 }
 
 #[test]
+fn a_node_reports_a_shrunk_capacity_before_any_result_of_a_new_connection() {
+    // A raw coordinator sends its `Hello` and an assignment at once: the node's first
+    // `Load` (capacity 1, below the handshake's 2) must come before the task's `Started`
+    // and `Completed`, or a run may take the handshake's capacity for the node's after
+    // its first result. Several connections, since a race would lose only some of them.
+    use p2p_core::Message;
+    use tests::{Received, WireClient};
+    let node = Serve::types("a", &["--capacity", "2", "--handler", "a=sleep 0.02"]);
+    kill("USR2", node.pid());
+    assert!(
+        node.stdout
+            .wait_for(WAIT, |l| l.trim() == "capacity 1")
+            .is_some(),
+        "{}",
+        node.stderr.text()
+    );
+    for round in 0..8 {
+        let mut c = WireClient::connect(node.addr);
+        let mut bytes = p2p_core::testing::frame(&Message::Hello(tests::hello("default")));
+        bytes.extend(p2p_core::testing::frame(&Message::Assign(
+            p2p_core::testing::assign(1),
+        )));
+        c.send_raw(&bytes).unwrap();
+        let mut seen = Vec::new();
+        let load = loop {
+            match c.recv(WAIT) {
+                Received::Msg(Message::Load(l)) => break l,
+                Received::Msg(m @ (Message::Started { .. } | Message::Completed(_))) => {
+                    panic!("round {round}: {m:?} before any Load (after {seen:?})")
+                }
+                Received::Msg(m) => seen.push(format!("{m:?}")),
+                other => panic!("round {round}: {other:?} after {seen:?}"),
+            }
+        };
+        assert_eq!(load.capacity, 1, "round {round}: {load:?}");
+        c.expect_msg(WAIT, "Completed", |m| matches!(m, Message::Completed(_)));
+    }
+}
+
+#[test]
 fn a_shrunk_capacity_is_honoured_by_the_run_and_grows_back() {
     let dir = TestDir::new();
     let log = dir.join("log");
