@@ -1523,74 +1523,67 @@ fn set_node(slot: &mut Option<Arc<str>>, node: &Arc<str>) {
     }
 }
 
-/// Tasks per piece the plan is cut into by [`split`].
-const SPLIT_CHUNK: usize = 65_536;
-
 /// Turns the plan into one result per task (taking each task's id, and sharing one type
-/// name among the tasks of a type), the extras and the scheduler, all built in file order
-/// (no pass to reverse them). A large plan is not held twice in memory: the list is first
-/// cut into pieces of [`SPLIT_CHUNK`] tasks from its end, its buffer shrinking as it goes (a
-/// large list's memory is mapped on its own, and shrinking it gives the pages back without a
-/// copy), and each piece is freed once taken apart, as the results and the scheduler's
-/// slots grow.
+/// name among the tasks of a type), the extras and the scheduler. Tasks are taken from the
+/// end and their buffer shrinks as it empties, so a large plan is not held twice in memory:
+/// neither as results nor as the scheduler's slots, which are built in the same pass.
 fn split(
     mut tasks: Vec<Task>,
     policy: Policy,
 ) -> (Vec<TaskResult>, Vec<Option<Box<Extra>>>, Scheduler) {
     let n = tasks.len();
     let dependents = crate::sched::dependents_of(&tasks);
-    let mut pieces: Vec<Vec<Task>> = Vec::with_capacity(n / SPLIT_CHUNK + 1);
-    while tasks.len() > SPLIT_CHUNK {
-        let tail = tasks.split_off(tasks.len() - SPLIT_CHUNK);
-        tasks.shrink_to_fit();
-        pieces.push(tail);
-    }
-    pieces.push(tasks);
     let mut sched = crate::sched::Builder::new(policy, n);
     let mut results = Vec::with_capacity(n);
     let mut extras = Vec::new();
     // The type's shared name, by the builder's number for it: the builder's lookup is
     // the only one per task.
     let mut kinds: Vec<Arc<str>> = Vec::new();
-    while let Some(piece) = pieces.pop() {
-        for t in piece {
-            let k = sched.push_back(t.kind(), t.cost(), t.retries());
-            let (id, kind, extra) = t.into_parts();
-            let kind = match kinds.get(k) {
-                Some(name) => name.clone(),
-                None => {
-                    let name: Arc<str> = Arc::from(kind.as_str());
-                    kinds.push(name.clone());
-                    name
-                }
-            };
-            results.push(TaskResult {
-                task: id,
-                kind,
-                status: Status::NotRun,
-                node: None,
-                attempts: 0,
-                duration_ms: 0.0,
-                output: CompactString::default(),
-                error: None,
-                resumed: false,
-            });
-            // The extras stay empty (no pointer per task) until a task has some.
-            let extra = extra.filter(|x| !x.args.is_empty() || x.timeout.is_some());
-            if let Some(x) = extra {
-                if extras.is_empty() {
-                    extras = Vec::with_capacity(n);
-                    extras.resize_with(results.len() - 1, || None);
-                }
-                extras.push(Some(Box::new(Extra {
-                    args: x.args,
-                    timeout: x.timeout,
-                })));
-            } else if !extras.is_empty() {
-                extras.push(None);
+    while let Some(t) = tasks.pop() {
+        let k = sched.push_front(t.kind(), t.cost(), t.retries());
+        let (id, kind, extra) = t.into_parts();
+        let kind = match kinds.get(k) {
+            Some(name) => name.clone(),
+            None => {
+                let name: Arc<str> = Arc::from(kind.as_str());
+                kinds.push(name.clone());
+                name
             }
+        };
+        results.push(TaskResult {
+            task: id,
+            kind,
+            status: Status::NotRun,
+            node: None,
+            attempts: 0,
+            duration_ms: 0.0,
+            output: CompactString::default(),
+            error: None,
+            resumed: false,
+        });
+        // The extras stay empty (no pointer per task) until a task has some.
+        let extra = extra.filter(|x| !x.args.is_empty() || x.timeout.is_some());
+        if let Some(x) = extra {
+            if extras.is_empty() {
+                extras = Vec::with_capacity(n);
+                extras.resize_with(results.len() - 1, || None);
+            }
+            extras.push(Some(Box::new(Extra {
+                args: x.args,
+                timeout: x.timeout,
+            })));
+        } else if !extras.is_empty() {
+            extras.push(None);
+        }
+        // Give back the consumed tail of the list every 64 Ki tasks, so the list and the
+        // results never both hold a million tasks (a large list's memory is mapped on its
+        // own, and shrinking it gives the pages back without a copy).
+        if tasks.capacity() - tasks.len() >= 65_536 {
+            tasks.shrink_to_fit();
         }
     }
+    results.reverse();
+    extras.reverse();
     (results, extras, sched.finish(dependents))
 }
 
