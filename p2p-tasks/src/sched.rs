@@ -203,15 +203,16 @@ pub const MAX_LOSSES: u32 = 3;
 /// assignment itself brings its node down still ends.
 pub const MAX_UNSTARTED_LOSSES: u32 = 10;
 
+/// A task's state (one per task of the plan: kept to 40 bytes, the dependencies it waits
+/// for counted apart, in [`Scheduler::waiting`], only when the plan has any).
 #[derive(Debug)]
 struct Slot {
-    kind: usize,
+    /// Its type's number (a plan has fewer than 2^32 types, as it has fewer tasks).
+    kind: u32,
     /// Times the task was lost with its node's connection after it started there.
     losses: u16,
     /// Times it was lost before its node said it started it.
     unstarted_losses: u16,
-    /// Dependencies not yet succeeded.
-    waiting: u32,
     status: TaskStatus,
     attempts: u32,
     failures: u32,
@@ -284,6 +285,14 @@ struct NodeSlot {
     /// The node's machine is saturated (its load above its cores): it sorts after every
     /// node that is not ([`Scheduler::set_saturated`]).
     saturated: bool,
+}
+
+impl Slot {
+    /// Its type's number.
+    #[inline]
+    fn kind(&self) -> usize {
+        self.kind as usize
+    }
 }
 
 impl NodeSlot {
@@ -451,6 +460,9 @@ pub struct Scheduler {
     /// For each task, the tasks that depend on it; empty when no task has dependencies
     /// (the usual case, which then costs nothing per task).
     dependents: Vec<Vec<usize>>,
+    /// For each task, its dependencies not yet succeeded; empty, as `dependents`, when no
+    /// task has dependencies.
+    waiting: Vec<u32>,
     /// Tasks skipped since the last [`Scheduler::drain_skipped`], each with the dependency
     /// whose failure (or skip) skipped it.
     skipped: Vec<(usize, usize)>,
@@ -511,22 +523,24 @@ pub fn dependents_of(tasks: &[Task]) -> Vec<Vec<usize>> {
     dependents
 }
 
-/// Builds a [`Scheduler`] one task at a time, **last task first**: the way a run takes its
-/// plan apart (from the end, giving the list's memory back as it goes), so that the plan and
-/// the scheduler's slots are never both whole in memory.
+/// Builds a [`Scheduler`] one task at a time: in file order ([`Builder::push_back`]), or
+/// **last task first** ([`Builder::push_front`], the way a run took its plan apart from the
+/// end, giving the list's memory back as it went), one way for a whole builder.
 #[derive(Debug)]
 pub struct Builder {
     policy: Policy,
-    /// Types in order of first appearance from the end.
+    /// Types in order of first appearance (from the end, when built last task first).
     kinds: Vec<String>,
-    /// Slots, last task first.
+    /// Slots, in the order pushed.
     slots: Vec<Slot>,
     /// Each type's index in `kinds` (one lookup per task, whatever the number of types).
     kind_index: hashbrown::HashMap<String, usize>,
-    /// Per type, its tasks' positions counted from the end, ascending.
+    /// Per type, its tasks' positions in the order pushed, ascending.
     kind_tasks: Vec<Vec<u32>>,
     first_cost: Option<u32>,
     uniform_cost: bool,
+    /// Tasks were pushed last task first.
+    from_end: bool,
 }
 
 impl Builder {
@@ -540,14 +554,34 @@ impl Builder {
             kind_tasks: Vec::new(),
             first_cost: None,
             uniform_cost: true,
+            from_end: false,
         }
     }
 
     /// The task before the ones pushed so far (the plan's last task first), of type `kind`,
     /// with its cost and its own retries. Returns the type's number among the types pushed
     /// so far (0 for the first one seen, and so on; [`Builder::finish`] renumbers them in
-    /// file order), so the caller need not look the type up again.
+    /// file order), so the caller need not look the type up again. Not to be mixed with
+    /// [`Builder::push_back`] in one builder.
     pub fn push_front(&mut self, kind: &str, cost: u32, retries: Option<u32>) -> usize {
+        debug_assert!(
+            self.from_end || self.slots.is_empty(),
+            "a builder is filled one way"
+        );
+        self.from_end = true;
+        self.push(kind, cost, retries)
+    }
+
+    /// The task after the ones pushed so far (the plan in file order), of type `kind`, with
+    /// its cost and its own retries. Returns the type's number (types are numbered in order
+    /// of first appearance: the number stays the scheduler's), so the caller need not look
+    /// the type up again. Not to be mixed with [`Builder::push_front`] in one builder.
+    pub fn push_back(&mut self, kind: &str, cost: u32, retries: Option<u32>) -> usize {
+        debug_assert!(!self.from_end, "a builder is filled one way");
+        self.push(kind, cost, retries)
+    }
+
+    fn push(&mut self, kind: &str, cost: u32, retries: Option<u32>) -> usize {
         let first = *self.first_cost.get_or_insert(cost);
         self.uniform_cost &= cost == first;
         let k = match self.kind_index.get(kind) {
@@ -562,8 +596,7 @@ impl Builder {
         };
         self.kind_tasks[k].push(self.slots.len() as u32);
         self.slots.push(Slot {
-            kind: k,
-            waiting: 0,
+            kind: k as u32,
             status: TaskStatus::Pending,
             attempts: 0,
             losses: 0,
@@ -582,10 +615,26 @@ impl Builder {
             policy,
             kinds,
             mut slots,
-            kind_tasks,
+            mut kind_tasks,
             uniform_cost,
+            from_end,
             ..
         } = self;
+        if !from_end {
+            // Already in file order, types numbered by first appearance.
+            for ts in &mut kind_tasks {
+                // Each list grew by doubling: up to half of it is spare.
+                ts.shrink_to_fit();
+            }
+            return Scheduler::from_parts(
+                policy,
+                kinds,
+                slots,
+                kind_tasks,
+                uniform_cost,
+                dependents,
+            );
+        }
         let n = slots.len();
         slots.reverse();
         // Positions from the end become file indexes; types are put in order of first
@@ -596,13 +645,13 @@ impl Builder {
             .map(|(k, ts)| (ts.last().map_or(0, |&r| n - 1 - r as usize), k))
             .collect();
         order.sort_unstable();
-        let mut renumber = vec![0; kinds.len()];
+        let mut renumber = vec![0u32; kinds.len()];
         let mut new_kinds = Vec::with_capacity(kinds.len());
         let mut new_kind_tasks = Vec::with_capacity(kinds.len());
         let mut kinds: Vec<Option<String>> = kinds.into_iter().map(Some).collect();
         let mut kind_tasks: Vec<Option<Vec<u32>>> = kind_tasks.into_iter().map(Some).collect();
         for (new, &(_, old)) in order.iter().enumerate() {
-            renumber[old] = new;
+            renumber[old] = new as u32;
             new_kinds.push(kinds[old].take().unwrap_or_default());
             let mut ts = kind_tasks[old].take().unwrap_or_default();
             ts.reverse();
@@ -614,7 +663,7 @@ impl Builder {
             new_kind_tasks.push(ts);
         }
         for s in &mut slots {
-            s.kind = renumber[s.kind];
+            s.kind = renumber[s.kind()];
         }
         Scheduler::from_parts(
             policy,
@@ -632,8 +681,8 @@ impl Scheduler {
     pub fn new(tasks: &[Task], policy: Policy) -> Self {
         let dependents = dependents_of(tasks);
         let mut b = Builder::new(policy, tasks.len());
-        for t in tasks.iter().rev() {
-            b.push_front(t.kind(), t.cost(), t.retries());
+        for t in tasks {
+            b.push_back(t.kind(), t.cost(), t.retries());
         }
         b.finish(dependents)
     }
@@ -641,14 +690,19 @@ impl Scheduler {
     fn from_parts(
         policy: Policy,
         kinds: Vec<String>,
-        mut slots: Vec<Slot>,
+        slots: Vec<Slot>,
         kind_tasks: Vec<Vec<u32>>,
         uniform_cost: bool,
         dependents: Vec<Vec<usize>>,
     ) -> Self {
-        for ds in &dependents {
-            for &i in ds {
-                slots[i].waiting += 1;
+        // Counted only when some task has dependencies (no memory per task otherwise).
+        let mut waiting = Vec::new();
+        if !dependents.is_empty() {
+            waiting = vec![0u32; slots.len()];
+            for ds in &dependents {
+                for &i in ds {
+                    waiting[i] += 1;
+                }
             }
         }
         let ready: Vec<ReadySet> = kind_tasks
@@ -657,7 +711,7 @@ impl Scheduler {
                 ReadySet::from_keys(
                     ts.iter()
                         .map(|&t| t as usize)
-                        .filter(|&t| slots[t].waiting == 0)
+                        .filter(|&t| waiting.get(t).is_none_or(|&w| w == 0))
                         .map(|t| ready_key(slots[t].cost, t))
                         .collect(),
                 )
@@ -704,6 +758,7 @@ impl Scheduler {
             stopped: false,
             nodes: NodeMap::default(),
             dependents,
+            waiting,
             skipped: Vec::new(),
         }
     }
@@ -722,21 +777,21 @@ impl Scheduler {
     }
 
     fn ready_insert(&mut self, task: usize) {
-        let (key, k) = (self.ready_key(task), self.slots[task].kind);
+        let (key, k) = (self.ready_key(task), self.slots[task].kind());
         if self.ready[k].insert(key) {
             self.ready_work[k] += u64::from(self.slots[task].cost);
         }
     }
 
     fn ready_remove(&mut self, task: usize) {
-        let (key, k) = (self.ready_key(task), self.slots[task].kind);
+        let (key, k) = (self.ready_key(task), self.slots[task].kind());
         if self.ready[k].remove(key) {
             self.ready_work[k] -= u64::from(self.slots[task].cost);
         }
     }
 
     fn is_ready(&self, task: usize) -> bool {
-        self.ready[self.slots[task].kind].contains(self.ready_key(task))
+        self.ready[self.slots[task].kind()].contains(self.ready_key(task))
     }
 
     /// Tasks skipped (a dependency failed) since the last call, each with the dependency
@@ -1026,7 +1081,7 @@ impl Scheduler {
         let slot = &mut self.slots[task];
         slot.status = TaskStatus::Pending;
         self.running_total -= 1;
-        self.running_kind[slot.kind] -= 1;
+        self.running_kind[slot.kind()] -= 1;
         self.ready_insert(task);
     }
 
@@ -1191,13 +1246,13 @@ impl Scheduler {
     /// [`Scheduler::peek_node`]), unless faster nodes that are busy would finish it sooner
     /// with `queued` units of cost of its type waiting (see [`Scheduler::worth_waiting`]).
     fn place(&mut self, task: usize, queued: u64) -> Option<NodeKey> {
-        let (rank, node) = self.peek_node(self.slots[task].kind, self.avoid_of(task))?;
+        let (rank, node) = self.peek_node(self.slots[task].kind(), self.avoid_of(task))?;
         let slot = &self.slots[task];
         // The fast path: the free node is of the type's best rank (no lookup of the node).
-        let fastest = self.ranks[slot.kind]
+        let fastest = self.ranks[slot.kind()]
             .first()
             .is_none_or(|&(best, _)| rank <= best);
-        if !fastest && self.worth_waiting(slot.kind, node, slot.cost, queued) {
+        if !fastest && self.worth_waiting(slot.kind(), node, slot.cost, queued) {
             return None;
         }
         Some(node)
@@ -1263,7 +1318,7 @@ impl Scheduler {
     }
 
     fn start(&mut self, task: usize, node: NodeKey) -> Option<Dispatch> {
-        let k = self.slots[task].kind;
+        let k = self.slots[task].kind();
         let node = self.probe(k, node, self.avoid_of(task));
         self.set_running_with(node, true, u64::from(self.slots[task].cost));
         self.ready_remove(task);
@@ -1286,7 +1341,10 @@ impl Scheduler {
         let Some(slot) = self.slots.get(task) else {
             return;
         };
-        let (k, per_unit) = (slot.kind, took.as_secs_f64() / f64::from(slot.cost.max(1)));
+        let (k, per_unit) = (
+            slot.kind(),
+            took.as_secs_f64() / f64::from(slot.cost.max(1)),
+        );
         if !per_unit.is_finite() {
             return;
         }
@@ -1331,7 +1389,7 @@ impl Scheduler {
     /// for the type no longer ranks first (a node that fails every task at once must not draw
     /// the type's work); it gets the type's mean, if there is one yet.
     pub fn observe_failure(&mut self, task: usize, node: NodeKey) {
-        let Some(k) = self.slots.get(task).map(|s| s.kind) else {
+        let Some(k) = self.slots.get(task).map(|s| s.kind()) else {
             return;
         };
         let Some(mean) = self.kind_speed[k] else {
@@ -1415,7 +1473,7 @@ impl Scheduler {
             };
         };
         self.set_running_with(node, false, u64::from(self.slots[task].cost));
-        let k = self.slots[task].kind;
+        let k = self.slots[task].kind();
         self.running_total -= 1;
         self.running_kind[k] -= 1;
         if ok {
@@ -1460,8 +1518,8 @@ impl Scheduler {
                     continue;
                 }
                 if st == TaskStatus::Succeeded {
-                    self.slots[d].waiting -= 1;
-                    if self.slots[d].waiting == 0 {
+                    self.waiting[d] -= 1;
+                    if self.waiting[d] == 0 {
                         self.ready_insert(d);
                     }
                 } else {
@@ -1484,7 +1542,7 @@ impl Scheduler {
         if !self.avoided.is_empty() {
             self.avoided.remove(&t);
         }
-        self.advance_cursors(self.slots[t].kind);
+        self.advance_cursors(self.slots[t].kind());
     }
 
     fn advance_cursors(&mut self, k: usize) {
