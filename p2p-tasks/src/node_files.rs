@@ -16,6 +16,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
+use p2p_core::file::ChunkFile;
 use p2p_core::message::{AbortReason, PlacedFile, ProducedFile, StreamFile};
 use p2p_core::net::{Command, Link};
 use p2p_core::transfer::{self, Hasher, Receiver, Sender, DEFAULT_WINDOW};
@@ -411,7 +412,179 @@ impl<W: Write + Send + 'static> ThreadWriter<W> {
 
 struct Outgoing {
     sender: Sender,
-    file: std::fs::File,
+    /// Its chunks name their range of it; the connection reads them as it writes them.
+    file: ChunkFile,
+}
+
+/// The most places of a link's command queue a transfer's chunks take (one default credit
+/// in send-sized chunks, as the queue's size allows for; at most half the queue): the rest
+/// stays for control commands (a result, a `Produced`, an `Ack`), which never find the
+/// queue full because of a file.
+const CHUNK_SLOTS: usize = (DEFAULT_WINDOW as usize).div_ceil(transfer::SEND_CHUNK) + 1;
+
+/// Longest a [`ChunkLane`] waits for its link to take a chunk (the link's driver takes
+/// every command it has at each turn, so this is a connection that stopped; its idle
+/// timeout, 10 s by default, closes it first): then the transfers waiting are given up,
+/// each with an `Abort` to the peer.
+pub const LANE_STALL: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// How many more chunks `link`'s command queue takes now (see [`CHUNK_SLOTS`]).
+fn chunk_room(link: &Link) -> usize {
+    let (free, max) = link.queue_room();
+    let share = CHUNK_SLOTS.min(max / 2).max(1);
+    share.saturating_sub(max.saturating_sub(free))
+}
+
+/// The chunks going out on one link, in order: queued on the link at once while its
+/// command queue has room for them ([`CHUNK_SLOTS`]), else kept here, in order, and moved
+/// there by a task of their own as the link's driver takes them. A credit larger than the
+/// queue (a receiver may give any window, and smaller chunks make more of them) is sent
+/// whole, never dropped half way. Chunks name ranges of their files
+/// ([`Transfer::FileChunk`]), so what waits here holds no file data. A transfer whose
+/// chunks could not go on (the link closed, or took nothing for [`LANE_STALL`]) is told to
+/// the peer with an `Abort` and to the owner by [`ChunkLane::take_failed`].
+#[derive(Clone, Default)]
+pub(crate) struct ChunkLane(Arc<Mutex<LaneState>>);
+
+#[derive(Default)]
+struct LaneState {
+    waiting: VecDeque<Transfer>,
+    /// A task moves `waiting` to the link.
+    draining: bool,
+    /// Transfers given up here, and why.
+    failed: Vec<(u64, String)>,
+}
+
+fn lane_chunk_id(t: &Transfer) -> u64 {
+    match t {
+        Transfer::Chunk { id, .. } | Transfer::FileChunk { id, .. } => *id,
+        _ => 0,
+    }
+}
+
+impl LaneState {
+    /// Gives up every transfer waiting, telling each peer with an `Abort` (when the link
+    /// still takes one).
+    fn fail_all(&mut self, link: &Link, why: &str) {
+        let mut ids: Vec<u64> = self.waiting.iter().map(lane_chunk_id).collect();
+        ids.dedup();
+        self.waiting.clear();
+        for id in ids {
+            if !self.failed.iter().any(|f| f.0 == id) {
+                warn!(id, "a file transfer is given up: {why}");
+                abort(link, id, AbortReason::Io, why);
+                self.failed.push((id, why.to_owned()));
+            }
+        }
+    }
+}
+
+impl ChunkLane {
+    fn state(&self) -> std::sync::MutexGuard<'_, LaneState> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues `chunk` (a chunk of one of this link's transfers) behind those waiting.
+    /// `false` when the link is closed.
+    pub(crate) fn send(&self, link: &Link, chunk: Transfer) -> bool {
+        let mut s = self.state();
+        if s.waiting.is_empty() && !s.draining && chunk_room(link) > 0 {
+            let id = lane_chunk_id(&chunk);
+            return match link.send(Command::Transfer(Box::new(chunk))) {
+                Ok(()) => true,
+                Err(e) => {
+                    debug!(error = %e, "chunk not sent");
+                    s.failed.push((id, e.to_string()));
+                    false
+                }
+            };
+        }
+        s.waiting.push_back(chunk);
+        if !s.draining {
+            let Ok(rt) = tokio::runtime::Handle::try_current() else {
+                s.fail_all(link, "no runtime to send the file's chunks from");
+                return false;
+            };
+            s.draining = true;
+            rt.spawn(drain_lane(self.clone(), link.clone()));
+        }
+        true
+    }
+
+    /// Drops the chunks of transfer `id` still waiting (it ended: they must not follow its
+    /// `Abort`), and what was recorded of its failure.
+    pub(crate) fn forget(&self, id: u64) {
+        let mut s = self.state();
+        s.waiting.retain(|c| lane_chunk_id(c) != id);
+        s.failed.retain(|f| f.0 != id);
+    }
+
+    /// The transfers given up since the last call, and why (their peers were told).
+    pub(crate) fn take_failed(&self) -> Vec<(u64, String)> {
+        let mut s = self.state();
+        if s.failed.is_empty() {
+            return Vec::new();
+        }
+        std::mem::take(&mut s.failed)
+    }
+
+    /// Chunks waiting for room on the link.
+    #[cfg(test)]
+    fn waiting(&self) -> usize {
+        self.state().waiting.len()
+    }
+}
+
+/// Moves a lane's waiting chunks to its link as the link's command queue takes them:
+/// after each move it lets the driver run, and while the queue has no room it looks again
+/// every millisecond, at most [`LANE_STALL`] without progress.
+async fn drain_lane(lane: ChunkLane, link: Link) {
+    let mut progress = std::time::Instant::now();
+    loop {
+        let moved = {
+            let mut s = lane.state();
+            let mut room = chunk_room(&link);
+            let mut moved = false;
+            while room > 0 {
+                let Some(c) = s.waiting.pop_front() else {
+                    break;
+                };
+                let id = lane_chunk_id(&c);
+                if let Err(e) = link.send(Command::Transfer(Box::new(c))) {
+                    let why = format!("the connection took no more of the file: {e}");
+                    if !s.failed.iter().any(|f| f.0 == id) {
+                        s.failed.push((id, why.clone()));
+                    }
+                    s.fail_all(&link, &why);
+                    s.draining = false;
+                    return;
+                }
+                room -= 1;
+                moved = true;
+            }
+            if s.waiting.is_empty() {
+                s.draining = false;
+                return;
+            }
+            if moved {
+                progress = std::time::Instant::now();
+            } else if progress.elapsed() >= LANE_STALL {
+                let why = format!(
+                    "the connection took none of the file's chunks for {} s",
+                    LANE_STALL.as_secs()
+                );
+                s.fail_all(&link, &why);
+                s.draining = false;
+                return;
+            }
+            moved
+        };
+        if moved {
+            tokio::task::yield_now().await;
+        } else {
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+    }
 }
 
 struct RunningFiles {
@@ -428,6 +601,8 @@ pub struct LinkFiles {
     fetches: VecDeque<(u64, ContentHash, u32)>,
     pending: HashMap<u64, (Vec<PlacedFile>, Vec<String>)>,
     running: HashMap<u64, RunningFiles>,
+    /// The outgoing file's chunks, in order, as the link takes them.
+    lane: ChunkLane,
 }
 
 impl std::fmt::Debug for LinkFiles {
@@ -480,6 +655,7 @@ impl LinkFiles {
             fetches: VecDeque::new(),
             pending: HashMap::new(),
             running: HashMap::new(),
+            lane: ChunkLane::default(),
         }
     }
 
@@ -491,6 +667,19 @@ impl LinkFiles {
             }
             return;
         };
+        // A file going out that its lane gave up (its peer was told) makes way for the
+        // next fetch.
+        let failed = self.lane.take_failed();
+        if !failed.is_empty() {
+            if self
+                .outgoing
+                .as_ref()
+                .is_some_and(|o| failed.iter().any(|f| f.0 == o.sender.id()))
+            {
+                self.outgoing = None;
+            }
+            self.pump(&node, link);
+        }
         match t {
             Transfer::Offer { id, hash, size } => {
                 if node.cache().has(&hash) {
@@ -543,6 +732,7 @@ impl LinkFiles {
                 if let Some(o) = self.outgoing.as_mut().filter(|o| o.sender.id() == id) {
                     if let Err(e) = o.sender.on_ack(received) {
                         warn!(error = %e, "a bad Ack: the transfer is dropped");
+                        self.lane.forget(id);
                         self.outgoing = None;
                     }
                     self.pump(&node, link);
@@ -550,6 +740,7 @@ impl LinkFiles {
             }
             Transfer::Done { id } => {
                 if self.outgoing.as_ref().is_some_and(|o| o.sender.id() == id) {
+                    self.lane.forget(id);
                     self.outgoing = None;
                     self.pump(&node, link);
                 }
@@ -562,6 +753,7 @@ impl LinkFiles {
                 debug!(id, ?reason, message = %p2p_core::text::escape(&message), "transfer given up by the peer");
                 self.incoming.remove(&id);
                 if self.outgoing.as_ref().is_some_and(|o| o.sender.id() == id) {
+                    self.lane.forget(id);
                     self.outgoing = None;
                 }
                 self.fetches.retain(|f| f.0 != id);
@@ -693,7 +885,7 @@ impl LinkFiles {
                 let opened =
                     std::fs::File::open(&path).and_then(|f| f.metadata().map(|m| (f, m.len())));
                 let (file, size) = match opened {
-                    Ok(x) => x,
+                    Ok((f, size)) => (ChunkFile::new(f), size),
                     Err(e) => {
                         abort(link, id, AbortReason::Io, e.to_string());
                         continue;
@@ -713,20 +905,20 @@ impl LinkFiles {
             let Some((offset, len)) = o.sender.poll_read() else {
                 return;
             };
-            let read = p2p_core::file::read_chunk(&o.file, offset, len);
+            // The chunk names its range of the file; the connection reads the bytes as it
+            // writes them (into its frame with a key; `sendfile` to another machine), so a
+            // credit of any size holds no file data here.
             let id = o.sender.id();
-            let msg = match read
-                .map_err(|e| e.to_string())
-                .and_then(|data| o.sender.chunk(offset, data).map_err(|e| e.to_string()))
-            {
+            let msg = match o.sender.file_chunk(offset, len, &o.file) {
                 Ok(m) => m,
                 Err(e) => {
-                    abort(link, id, AbortReason::Io, e);
+                    self.lane.forget(id);
+                    abort(link, id, AbortReason::Io, e.to_string());
                     self.outgoing = None;
                     continue;
                 }
             };
-            if !send(link, unbox(msg)) {
+            if !self.lane.send(link, unbox(msg)) {
                 self.outgoing = None;
                 return;
             }
@@ -1187,6 +1379,92 @@ mod tests {
         assert_eq!(*out.lock().unwrap(), file);
         assert_eq!(hash, transfer::hash_bytes(&file));
         assert!(shared * 10 >= chunks * 9, "{shared} of {chunks} shared");
+    }
+
+    /// A credit of many more chunks than a capacity-1 link's command queue holds goes out
+    /// whole and in order through a [`ChunkLane`] (queued at once it found the queue full
+    /// half way), while the place kept for control commands stays free: 64 sent in the
+    /// middle of it all find room.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_lane_sends_a_credit_larger_than_the_queue_in_order_leaving_room_for_control() {
+        use p2p_core::net::{accept_memory, connect_memory, pipe, LinkEvent, Settings};
+        let (dial_end, accept_end) = pipe(1);
+        let addr: std::net::SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let (atx, mut arx) = tokio::sync::mpsc::channel(8192);
+        let acceptor = tokio::spawn(async move {
+            let me = p2p_core::testing::hello("default", &["a"], 1);
+            accept_memory(accept_end, addr, me, &Settings::default(), 1, atx).await
+        });
+        let (dtx, mut drx) = tokio::sync::mpsc::channel(8192);
+        let me = p2p_core::testing::hello("default", &[], 1);
+        let d = connect_memory(dial_end, addr, me, &Settings::default(), 2, dtx)
+            .await
+            .unwrap();
+        let a = acceptor.await.unwrap().unwrap();
+        // 600 chunks of 4 KiB (a small frame's), over four times the queue.
+        let chunk = 4096;
+        let bytes: Vec<u8> = (0..600 * chunk).map(|i| (i * 31 % 253) as u8).collect();
+        let d_file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(d_file.path(), &bytes).unwrap();
+        let file = ChunkFile::open(d_file.path()).unwrap();
+        // The far end asks for it with a credit of the whole file (its connection then
+        // takes the chunks).
+        a.send(Command::Transfer(Box::new(Transfer::Fetch {
+            id: 7,
+            hash: transfer::hash_bytes(&bytes),
+            window: u32::MAX,
+        })))
+        .unwrap();
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            let ev = tokio::time::timeout_at(deadline, drx.recv()).await;
+            let ev = ev.expect("no Fetch").expect("the link closed");
+            if let LinkEvent::Transfer(t) = ev.1 {
+                if matches!(*t, Transfer::Fetch { id: 7, .. }) {
+                    break;
+                }
+            }
+        }
+        let mut sender = Sender::fetched(7, bytes.len() as u64, chunk, u32::MAX).unwrap();
+        let lane = ChunkLane::default();
+        let (free, max) = d.queue_room();
+        assert!(max < 600 && free == max, "{free} of {max}");
+        while let Some((offset, len)) = sender.poll_read() {
+            let m = sender.file_chunk(offset, len, &file).unwrap();
+            assert!(lane.send(&d, unbox(m)));
+        }
+        assert!(lane.waiting() > 400, "{} waiting", lane.waiting());
+        for id in 0..64 {
+            d.send(Command::Transfer(Box::new(Transfer::Have {
+                id: 1000 + id,
+            })))
+            .expect("a control command found the queue full");
+        }
+        let (mut got, mut haves) = (Vec::new(), 0);
+        while got.len() < bytes.len() || haves < 64 {
+            let ev = tokio::time::timeout_at(deadline, arx.recv())
+                .await
+                .expect("the lane stopped sending")
+                .expect("the link closed");
+            let LinkEvent::Transfer(t) = ev.1 else {
+                continue;
+            };
+            match *t {
+                Transfer::Chunk {
+                    id: 7,
+                    offset,
+                    data,
+                } => {
+                    assert_eq!(offset, got.len() as u64, "chunks out of order");
+                    got.extend_from_slice(&data);
+                }
+                Transfer::Have { .. } => haves += 1,
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert!(got == bytes, "the file arrived altered");
+        assert_eq!(lane.waiting(), 0);
+        assert!(lane.take_failed().is_empty());
     }
 
     proptest::proptest! {

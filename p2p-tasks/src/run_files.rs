@@ -21,6 +21,7 @@ use p2p_core::transfer::{self, Received, Receiver, Sender, DEFAULT_WINDOW};
 use p2p_core::{Assign, Completed, ContentHash, Message, Transfer};
 
 use crate::journal::RecordedFile;
+use crate::node_files::ChunkLane;
 use crate::task::{Input, Task};
 
 struct Waiting {
@@ -82,6 +83,8 @@ pub struct RunFiles {
     fetches: HashMap<(LinkId, u64), Fetch>,
     /// The largest file fetched from a node (`run --max-file`).
     max_file: u64,
+    /// Per link: the chunks of the offer sending, in order, as the link takes them.
+    lanes: HashMap<LinkId, ChunkLane>,
 }
 
 impl std::fmt::Debug for RunFiles {
@@ -160,6 +163,7 @@ impl RunFiles {
             held: HashMap::new(),
             fetches: HashMap::new(),
             max_file: crate::runcore::DEFAULT_MAX_FETCH,
+            lanes: HashMap::new(),
         })
     }
 
@@ -375,6 +379,7 @@ impl RunFiles {
         for id in ids {
             self.offers.remove(&(lid, id));
             self.end_turn(lid, id);
+            self.forget(lid, id);
             send(
                 link,
                 Transfer::Abort {
@@ -432,7 +437,7 @@ impl RunFiles {
             let seqs = o.seqs.clone();
             match msg.map(unbox) {
                 Ok(Some(t)) => {
-                    if !send(link, t) {
+                    if !self.lanes.entry(lid).or_default().send(link, t) {
                         self.offers.remove(&(lid, id));
                         self.end_turn(lid, id);
                         out.extend(self.inputs_failed(link, seqs, "the connection closed".into()));
@@ -443,6 +448,7 @@ impl RunFiles {
                     let path = o.path.display().to_string();
                     self.offers.remove(&(lid, id));
                     self.end_turn(lid, id);
+                    self.forget(lid, id);
                     // The node stops waiting for the rest of it.
                     send(
                         link,
@@ -462,6 +468,37 @@ impl RunFiles {
         }
     }
 
+    /// The chunks of offer `id` still waiting for room on the link go (it ended).
+    fn forget(&mut self, lid: LinkId, id: u64) {
+        if let Some(l) = self.lanes.get(&lid) {
+            l.forget(id);
+        }
+    }
+
+    /// The offers on `link` whose chunks could not go on (the node was told): their
+    /// assignments fail.
+    fn lane_failures(&mut self, link: &Link) -> Vec<Completed> {
+        let lid = link.id();
+        let Some(failed) = self.lanes.get(&lid).map(ChunkLane::take_failed) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for (id, why) in failed {
+            if let Some(o) = self.offers.remove(&(lid, id)) {
+                self.end_turn(lid, id);
+                out.extend(self.inputs_failed(
+                    link,
+                    o.seqs,
+                    format!("cannot send input {}: {why}", o.path.display()),
+                ));
+            }
+        }
+        if !out.is_empty() {
+            out.extend(self.pump(link));
+        }
+        out
+    }
+
     fn end_turn(&mut self, lid: LinkId, id: u64) {
         if let Some(q) = self.turn.get_mut(&lid) {
             q.retain(|x| *x != id);
@@ -472,7 +509,7 @@ impl RunFiles {
     /// that cannot go out, and results whose outputs are now all here.
     pub fn transfer(&mut self, link: &Link, t: Transfer) -> Vec<Completed> {
         let lid = link.id();
-        let mut out = Vec::new();
+        let mut out = self.lane_failures(link);
         match t {
             Transfer::Have { id } => {
                 if let Some(o) = self.offers.remove(&(lid, id)) {
@@ -517,6 +554,7 @@ impl RunFiles {
                 let message = p2p_core::text::escape(&message).into_owned();
                 if let Some(o) = self.offers.remove(&(lid, id)) {
                     self.end_turn(lid, id);
+                    self.forget(lid, id);
                     let why = match o.file.as_ref().and_then(ChunkFile::cut) {
                         // What the node saw (a hash mismatch) follows from this.
                         Some(cut) => format!(
@@ -893,5 +931,6 @@ impl RunFiles {
         self.streams.retain(|(l, _), _| *l != lid);
         self.held.retain(|(l, _), _| *l != lid);
         self.fetches.retain(|(l, _), _| *l != lid);
+        self.lanes.remove(&lid);
     }
 }

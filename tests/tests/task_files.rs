@@ -1467,3 +1467,194 @@ fn hostile_offers_cost_the_node_bounded_threads_and_bad_chunks_are_refused() {
         proc_status(pid, "VmHWM")
     );
 }
+
+/// A credit larger than the link's command queue holds in chunks (a receiver may give any
+/// window): the node sends the whole file, never drops the transfer half way without a
+/// word (its pump dropped it when the queue was full, and the fetcher waited for ever).
+#[test]
+fn a_fetch_with_a_credit_larger_than_the_command_queue_gets_the_whole_output() {
+    const LEN: usize = 24 * 1024 * 1024;
+    let data_dir = TestDir::new();
+    let s = Serve::types(
+        "a",
+        &[
+            "--handler",
+            &format!("a=yes 0123456789abcdef | head -c {LEN} > out.bin"),
+            "--capacity",
+            "1",
+            "--data-dir",
+            data_dir.path().to_str().unwrap(),
+        ],
+    );
+    let mut c = WireClient::connect(s.addr);
+    c.send(&Message::Hello(hello("default"))).unwrap();
+    c.expect_msg(WAIT, "Welcome", |m| matches!(m, Message::Welcome(_)));
+    assign_files(&mut c, 1, vec![], &["out.bin"]);
+    let produced = expect_transfer(&mut c, "Produced", |t| {
+        matches!(t, Transfer::Produced { seq: 1, .. })
+    });
+    let done = completed(&mut c, 1);
+    assert!(done.ok, "{done:?}\n{}", s.stderr.text());
+    let Transfer::Produced { outputs, .. } = produced else {
+        unreachable!()
+    };
+    let expected = yes_bytes(LEN);
+    assert_eq!(outputs[0].hash, hash_bytes(&expected));
+    // A credit of the whole file and more: about 400 chunks at once, three times what a
+    // capacity-1 link's queue holds. This receiver never needs to Ack within the file.
+    let window = 64 * 1024 * 1024;
+    for round in 0..2u64 {
+        let id = 10 + round;
+        let mut r = Receiver::new(id, outputs[0].hash, outputs[0].size, window, u64::MAX).unwrap();
+        c.send(&r.fetch()).unwrap();
+        let mut got = Vec::with_capacity(LEN);
+        while !r.is_complete() {
+            let t = expect_transfer(&mut c, "a chunk", |t| {
+                matches!(
+                    t,
+                    Transfer::Chunk { id: i, .. } | Transfer::Abort { id: i, .. } if *i == id
+                )
+            });
+            let Transfer::Chunk { offset, data, .. } = t else {
+                panic!("fetch refused: {t:?}")
+            };
+            match r.on_chunk(offset, &data).unwrap() {
+                Received::Write(b) | Received::Complete(b) => got.extend_from_slice(b),
+            }
+            if let Some(ack) = r.poll_ack() {
+                c.send(&ack).unwrap();
+            }
+        }
+        c.send(&r.done()).unwrap();
+        assert!(got == expected, "round {round}: the output arrived altered");
+    }
+}
+
+/// A fake node that wants every offered input with `window` bytes of credit, keeps what
+/// arrives (checked against the offer's hash: `Done`, else `Abort`), and answers each
+/// assignment with a success. Returns the inputs it received whole.
+fn greedy_node(window: u32) -> (u16, std::thread::JoinHandle<Vec<Vec<u8>>>) {
+    use bytes::BytesMut;
+    use p2p_core::codec::FrameCodec;
+    use std::io::Read;
+    use tokio_util::codec::{Decoder, Encoder};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let handle = std::thread::spawn(move || {
+        let deadline = std::time::Instant::now() + WAIT;
+        let mut got = Vec::new();
+        let Ok((mut stream, _)) = listener.accept() else {
+            return got;
+        };
+        stream
+            .set_read_timeout(Some(std::time::Duration::from_millis(200)))
+            .unwrap();
+        let mut codec = FrameCodec::default();
+        let mut buf = BytesMut::new();
+        let send = |stream: &mut std::net::TcpStream, codec: &mut FrameCodec, m: Message| {
+            let mut out = BytesMut::new();
+            codec.encode(&m, &mut out).unwrap();
+            let _ = std::io::Write::write_all(stream, &out);
+        };
+        let mut incoming: std::collections::HashMap<u64, (Receiver, Vec<u8>)> = Default::default();
+        'conn: while std::time::Instant::now() < deadline {
+            while let Ok(Some(m)) = codec.decode(&mut buf) {
+                let m = match tests::fake_node_answer(&mut stream, &mut codec, m) {
+                    tests::FakeNode::Answered => continue,
+                    tests::FakeNode::Goodbye => break 'conn,
+                    tests::FakeNode::Other(m) => m,
+                };
+                match m {
+                    Message::Assign(a) => {
+                        let mut c = p2p_core::testing::completed(a.seq);
+                        c.ok = true;
+                        c.output = "done".into();
+                        send(&mut stream, &mut codec, Message::Completed(c));
+                    }
+                    Message::Transfer(t) => match *t {
+                        Transfer::Offer { id, hash, size } => {
+                            let r = Receiver::new(id, hash, size, window, u64::MAX).unwrap();
+                            send(&mut stream, &mut codec, r.want());
+                            incoming.insert(id, (r, Vec::new()));
+                        }
+                        Transfer::Chunk { id, offset, data } => {
+                            let Some((r, bytes)) = incoming.get_mut(&id) else {
+                                continue;
+                            };
+                            match r.on_chunk(offset, &data) {
+                                Ok(Received::Write(b)) => bytes.extend_from_slice(b),
+                                Ok(Received::Complete(b)) => {
+                                    bytes.extend_from_slice(b);
+                                    let (r, bytes) = incoming.remove(&id).unwrap();
+                                    send(&mut stream, &mut codec, r.done());
+                                    got.push(bytes);
+                                    continue;
+                                }
+                                Err(e) => {
+                                    incoming.remove(&id);
+                                    let abort = Transfer::Abort {
+                                        id,
+                                        reason: AbortReason::Io,
+                                        message: e.to_string(),
+                                    };
+                                    send(&mut stream, &mut codec, transfer(abort));
+                                    continue;
+                                }
+                            }
+                            if let Some(ack) = r.poll_ack() {
+                                send(&mut stream, &mut codec, ack);
+                            }
+                        }
+                        Transfer::Abort { id, .. } => {
+                            incoming.remove(&id);
+                        }
+                        _ => {}
+                    },
+                    _ => {}
+                }
+            }
+            let mut chunk = [0u8; 64 * 1024];
+            match stream.read(&mut chunk) {
+                Ok(0) => break,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(_) => break,
+            }
+        }
+        got
+    });
+    (port, handle)
+}
+
+/// The coordinator's side of the same: a node that gives an input a credit of more chunks
+/// than the link's command queue holds gets the whole input (the coordinator's pump failed
+/// the attempt, saying the connection had closed).
+#[test]
+fn an_input_wanted_with_a_credit_larger_than_the_command_queue_arrives_whole() {
+    const LEN: usize = 24 * 1024 * 1024;
+    let (port, node) = greedy_node(64 * 1024 * 1024);
+    let dir = TestDir::new();
+    let bytes: Vec<u8> = (0..LEN as u32).map(|i| (i * 13 % 251) as u8).collect();
+    std::fs::write(dir.join("big.bin"), &bytes).unwrap();
+    dir.write("tasks.txt", "a1 < big.bin\n");
+    let out = run_in(
+        dir.path(),
+        &[
+            "run",
+            "tasks.txt",
+            "--json",
+            "--retries",
+            "0",
+            "--peer",
+            &format!("127.0.0.1:{port}"),
+        ],
+    );
+    let got = node.join().unwrap();
+    out.assert_code(0);
+    assert_eq!(got.len(), 1, "inputs received whole: {}", got.len());
+    assert!(got[0] == bytes, "the input arrived altered");
+}

@@ -176,6 +176,13 @@ impl Link {
         }
     }
 
+    /// The places free in the command queue now, and how many it has: a sender of many
+    /// file chunks keeps them to a share of the queue, so control commands always find
+    /// room.
+    pub fn queue_room(&self) -> (usize, usize) {
+        (self.tx.capacity(), self.tx.max_capacity())
+    }
+
     /// Queues a command. The queue holds the peer's capacity plus a margin, so a sender that
     /// respects capacity never finds it full; a closed link gives an error.
     pub fn send(&self, cmd: Command) -> Result<(), Error> {
