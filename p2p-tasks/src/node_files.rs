@@ -422,7 +422,7 @@ struct Outgoing {
 /// queue full because of a file.
 const CHUNK_SLOTS: usize = (DEFAULT_WINDOW as usize).div_ceil(transfer::SEND_CHUNK) + 1;
 
-/// Longest a [`ChunkLane`] waits for its link to take a chunk (the link's driver takes
+/// Longest a link's chunk lane (`ChunkLane`) waits for its link to take a chunk (the link's driver takes
 /// every command it has at each turn, so this is a connection that stopped; its idle
 /// timeout, 10 s by default, closes it first): then the transfers waiting are given up,
 /// each with an `Abort` to the peer.
