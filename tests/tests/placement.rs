@@ -157,6 +157,18 @@ fn kill(sig: &str, pid: u32) {
     assert!(ok, "kill -{sig} {pid}");
 }
 
+/// Shrinks `node` (capacity 2) to 1 with SIGUSR2 and waits until it says so.
+fn shrink_to_one(node: &Serve) {
+    kill("USR2", node.pid());
+    assert!(
+        node.stdout
+            .wait_for(WAIT, |l| l.trim() == "capacity 1")
+            .is_some(),
+        "{}",
+        node.stderr.text()
+    );
+}
+
 #[test]
 fn a_node_reports_a_shrunk_capacity_before_any_result_of_a_new_connection() {
     // A raw coordinator sends its `Hello` and an assignment at once: the node's first
@@ -166,14 +178,7 @@ fn a_node_reports_a_shrunk_capacity_before_any_result_of_a_new_connection() {
     use p2p_core::Message;
     use tests::{Received, WireClient};
     let node = Serve::types("a", &["--capacity", "2", "--handler", "a=sleep 0.02"]);
-    kill("USR2", node.pid());
-    assert!(
-        node.stdout
-            .wait_for(WAIT, |l| l.trim() == "capacity 1")
-            .is_some(),
-        "{}",
-        node.stderr.text()
-    );
+    shrink_to_one(&node);
     for round in 0..8 {
         let mut c = WireClient::connect(node.addr);
         let mut bytes = p2p_core::testing::frame(&Message::Hello(tests::hello("default")));
@@ -207,14 +212,7 @@ fn a_shrunk_capacity_is_honoured_by_the_run_and_grows_back() {
     );
     dir.write("tasks.txt", "a1\na2\na3\na4\na5\n");
     let mut node = Serve::types("a", &["--capacity", "2", "--handler", &handler]);
-    kill("USR2", node.pid());
-    assert!(
-        node.stdout
-            .wait_for(WAIT, |l| l.trim() == "capacity 1")
-            .is_some(),
-        "{}",
-        node.stderr.text()
-    );
+    shrink_to_one(&node);
     let out = run_in(
         dir.path(),
         &[
