@@ -1099,7 +1099,6 @@ fn lying_node(
 ) -> (u16, std::thread::JoinHandle<usize>) {
     use bytes::BytesMut;
     use p2p_core::codec::FrameCodec;
-    use std::io::Read;
     use tokio_util::codec::{Decoder, Encoder};
     assert_eq!(good.len(), evil.len());
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -1157,16 +1156,8 @@ fn lying_node(
                     _ => {}
                 }
             }
-            let mut chunk = [0u8; 4096];
-            match stream.read(&mut chunk) {
-                Ok(0) => break,
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) => {}
-                Err(_) => break,
+            if !read_more(&mut stream, &mut buf, 4096) {
+                break;
             }
         }
         fetches
@@ -1536,7 +1527,6 @@ fn a_fetch_with_a_credit_larger_than_the_command_queue_gets_the_whole_output() {
 fn greedy_node(window: u32) -> (u16, std::thread::JoinHandle<Vec<Vec<u8>>>) {
     use bytes::BytesMut;
     use p2p_core::codec::FrameCodec;
-    use std::io::Read;
     use tokio_util::codec::{Decoder, Encoder};
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
@@ -1613,16 +1603,8 @@ fn greedy_node(window: u32) -> (u16, std::thread::JoinHandle<Vec<Vec<u8>>>) {
                     _ => {}
                 }
             }
-            let mut chunk = [0u8; 64 * 1024];
-            match stream.read(&mut chunk) {
-                Ok(0) => break,
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) => {}
-                Err(_) => break,
+            if !read_more(&mut stream, &mut buf, 64 * 1024) {
+                break;
             }
         }
         got
@@ -1657,4 +1639,21 @@ fn an_input_wanted_with_a_credit_larger_than_the_command_queue_arrives_whole() {
     out.assert_code(0);
     assert_eq!(got.len(), 1, "inputs received whole: {}", got.len());
     assert!(got[0] == bytes, "the input arrived altered");
+}
+
+/// A fake peer's read: appends what `stream` has (at most `most` bytes) to `buf`; a read
+/// timeout is no error. Returns `false` once the peer closed or the connection failed.
+fn read_more(stream: &mut std::net::TcpStream, buf: &mut bytes::BytesMut, most: usize) -> bool {
+    let mut chunk = vec![0u8; most];
+    match std::io::Read::read(stream, &mut chunk) {
+        Ok(0) => false,
+        Ok(n) => {
+            buf.extend_from_slice(&chunk[..n]);
+            true
+        }
+        Err(e) => matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ),
+    }
 }
