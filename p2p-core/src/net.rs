@@ -51,7 +51,7 @@ mod link;
 mod memory;
 
 pub use handshake::{accept, accept_stream, connect, connect_stream};
-pub use link::{Command, Link, LinkClosed, LinkEvent};
+pub use link::{ChunkPermit, Command, Link, LinkClosed, LinkEvent};
 pub use memory::{accept_memory, connect_memory, pipe, pipe_depth, Pipe};
 
 /// Network settings shared by all connections of a node.

@@ -416,30 +416,19 @@ struct Outgoing {
     file: ChunkFile,
 }
 
-/// The most places of a link's command queue a transfer's chunks take (one default credit
-/// in send-sized chunks, as the queue's size allows for; at most half the queue): the rest
-/// stays for control commands (a result, a `Produced`, an `Ack`), which never find the
-/// queue full because of a file.
-const CHUNK_SLOTS: usize = (DEFAULT_WINDOW as usize).div_ceil(transfer::SEND_CHUNK) + 1;
-
-/// Longest a link's chunk lane (`ChunkLane`) waits for its link to take a chunk (the link's driver takes
-/// every command it has at each turn, so this is a connection that stopped; its idle
-/// timeout, 10 s by default, closes it first): then the transfers waiting are given up,
-/// each with an `Abort` to the peer.
+/// Longest a link's chunk lane (`ChunkLane`) waits for a place in its link's chunk queue
+/// (the link's driver takes chunks as fast as the connection sends them, so this is a
+/// connection that stopped; its idle timeout, 10 s by default, closes it first): then the
+/// transfers waiting are given up, each with an `Abort` to the peer.
 pub const LANE_STALL: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// How many more chunks `link`'s command queue takes now (see [`CHUNK_SLOTS`]).
-fn chunk_room(link: &Link) -> usize {
-    let (free, max) = link.queue_room();
-    let share = CHUNK_SLOTS.min(max / 2).max(1);
-    share.saturating_sub(max.saturating_sub(free))
-}
-
-/// The chunks going out on one link, in order: queued on the link at once while its
-/// command queue has room for them ([`CHUNK_SLOTS`]), else kept here, in order, and moved
-/// there by a task of their own as the link's driver takes them. A credit larger than the
-/// queue (a receiver may give any window, and smaller chunks make more of them) is sent
-/// whole, never dropped half way. Chunks name ranges of their files
+/// The chunks going out on one link, in order: queued on the link's chunk queue
+/// ([`Link::send_chunk`]) at once while it has room, else kept here, in order, and moved
+/// there by a task of their own as the link's driver takes them (it waits for each place,
+/// at most [`LANE_STALL`]). A credit larger than the queue (a receiver may give any
+/// window, and smaller chunks make more of them) is sent whole, never dropped half way;
+/// control commands have the link's command queue to themselves, so a file never makes
+/// a result or an `Ack` find it full. Chunks name ranges of their files
 /// ([`Transfer::FileChunk`]), so what waits here holds no file data. A transfer whose
 /// chunks could not go on (the link closed, or took nothing for [`LANE_STALL`]) is told to
 /// the peer with an `Abort` and to the owner by [`ChunkLane::take_failed`].
@@ -463,6 +452,21 @@ fn lane_chunk_id(t: &Transfer) -> u64 {
 }
 
 impl LaneState {
+    /// Starts the task that moves the waiting chunks to `link`, unless it runs. `false`
+    /// when there is no runtime to run it on (every transfer waiting is given up).
+    fn start_draining(&mut self, lane: &ChunkLane, link: &Link) -> bool {
+        if self.draining {
+            return true;
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            self.fail_all(link, "no runtime to send the file's chunks from");
+            return false;
+        };
+        self.draining = true;
+        rt.spawn(drain_lane(lane.clone(), link.clone()));
+        true
+    }
+
     /// Gives up every transfer waiting, telling each peer with an `Abort` (when the link
     /// still takes one).
     fn fail_all(&mut self, link: &Link, why: &str) {
@@ -488,9 +492,18 @@ impl ChunkLane {
     /// `false` when the link is closed.
     pub(crate) fn send(&self, link: &Link, chunk: Transfer) -> bool {
         let mut s = self.state();
-        if s.waiting.is_empty() && !s.draining && chunk_room(link) > 0 {
+        if s.waiting.is_empty() && !s.draining {
             let id = lane_chunk_id(&chunk);
-            return match link.send(Command::Transfer(Box::new(chunk))) {
+            let sent = match link.try_reserve_chunk() {
+                Ok(Some(place)) => place.send(chunk),
+                // Full: the chunk waits here, behind nothing.
+                Ok(None) => {
+                    s.waiting.push_back(chunk);
+                    return s.start_draining(self, link);
+                }
+                Err(e) => Err(e),
+            };
+            return match sent {
                 Ok(()) => true,
                 Err(e) => {
                     debug!(error = %e, "chunk not sent");
@@ -500,15 +513,7 @@ impl ChunkLane {
             };
         }
         s.waiting.push_back(chunk);
-        if !s.draining {
-            let Ok(rt) = tokio::runtime::Handle::try_current() else {
-                s.fail_all(link, "no runtime to send the file's chunks from");
-                return false;
-            };
-            s.draining = true;
-            rt.spawn(drain_lane(self.clone(), link.clone()));
-        }
-        true
+        s.start_draining(self, link)
     }
 
     /// Drops the chunks of transfer `id` still waiting (it ended: they must not follow its
@@ -535,54 +540,54 @@ impl ChunkLane {
     }
 }
 
-/// Moves a lane's waiting chunks to its link as the link's command queue takes them:
-/// after each move it lets the driver run, and while the queue has no room it looks again
-/// every millisecond, at most [`LANE_STALL`] without progress.
+/// Moves a lane's waiting chunks to its link's chunk queue as the link's driver takes
+/// them: it waits for a place (at most [`LANE_STALL`]), then, holding the lane, fills it
+/// with the first chunk waiting and as many more as there are places free. A transfer
+/// forgotten meanwhile ([`ChunkLane::forget`], under the same lock) has no chunk left to
+/// fill a place with.
 async fn drain_lane(lane: ChunkLane, link: Link) {
-    let mut progress = std::time::Instant::now();
     loop {
-        let moved = {
-            let mut s = lane.state();
-            let mut room = chunk_room(&link);
-            let mut moved = false;
-            while room > 0 {
-                let Some(c) = s.waiting.pop_front() else {
-                    break;
-                };
-                let id = lane_chunk_id(&c);
-                if let Err(e) = link.send(Command::Transfer(Box::new(c))) {
-                    let why = format!("the connection took no more of the file: {e}");
-                    if !s.failed.iter().any(|f| f.0 == id) {
-                        s.failed.push((id, why.clone()));
-                    }
-                    s.fail_all(&link, &why);
-                    s.draining = false;
-                    return;
-                }
-                room -= 1;
-                moved = true;
-            }
-            if s.waiting.is_empty() {
-                s.draining = false;
-                return;
-            }
-            if moved {
-                progress = std::time::Instant::now();
-            } else if progress.elapsed() >= LANE_STALL {
-                let why = format!(
-                    "the connection took none of the file's chunks for {} s",
-                    LANE_STALL.as_secs()
-                );
+        let place = link.reserve_chunk(LANE_STALL).await;
+        let mut s = lane.state();
+        let mut place = match place {
+            Ok(p) => Some(p),
+            Err(e) => {
+                let why = format!("the connection took no more of the file: {e}");
                 s.fail_all(&link, &why);
                 s.draining = false;
                 return;
             }
-            moved
         };
-        if moved {
-            tokio::task::yield_now().await;
-        } else {
-            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        while let Some(p) = place.take() {
+            let Some(c) = s.waiting.pop_front() else {
+                break;
+            };
+            let id = lane_chunk_id(&c);
+            if let Err(e) = p.send(c) {
+                // Only chunks are queued in a lane; said anyway rather than lost.
+                let why = format!("a chunk could not be queued: {e}");
+                s.waiting.retain(|c| lane_chunk_id(c) != id);
+                if !s.failed.iter().any(|f| f.0 == id) {
+                    abort(&link, id, AbortReason::Io, &why);
+                    s.failed.push((id, why));
+                }
+            }
+            if s.waiting.is_empty() {
+                break;
+            }
+            place = match link.try_reserve_chunk() {
+                Ok(p) => p,
+                Err(e) => {
+                    let why = format!("the connection took no more of the file: {e}");
+                    s.fail_all(&link, &why);
+                    s.draining = false;
+                    return;
+                }
+            };
+        }
+        if s.waiting.is_empty() {
+            s.draining = false;
+            return;
         }
     }
 }
@@ -1427,7 +1432,7 @@ mod tests {
         }
         let mut sender = Sender::fetched(7, bytes.len() as u64, chunk, u32::MAX).unwrap();
         let lane = ChunkLane::default();
-        let (free, max) = d.queue_room();
+        let (free, max) = d.chunk_queue_room();
         assert!(max < 600 && free == max, "{free} of {max}");
         while let Some((offset, len)) = sender.poll_read() {
             let m = sender.file_chunk(offset, len, &file).unwrap();

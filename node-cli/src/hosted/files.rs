@@ -91,7 +91,8 @@ pub fn has_path_inputs(tasks: &[Task]) -> bool {
         .any(|t| t.inputs().iter().any(|i| matches!(i, Input::Path(_))))
 }
 
-/// Queues `t` on `link`, waiting (at most `limit`) while its command queue is full.
+/// Queues `t` (a control message; chunks go by `Link::send_chunk`) on `link`, waiting (at
+/// most `limit`) while its command queue is full.
 async fn send(link: &Link, t: Transfer, limit: Duration) -> Result<(), String> {
     link.send_within(Command::Transfer(Box::new(t)), limit)
         .await
@@ -135,7 +136,7 @@ pub async fn upload(
                     .map_err(|e| format!("{what}: {e}"))?;
                 let t =
                     transfer_of(msg).ok_or_else(|| "a chunk that is not a transfer".to_string())?;
-                send(link, t, limit).await?;
+                link.send_chunk(t, limit).await.map_err(|e| e.to_string())?;
             }
             if sender.state() == SendState::Delivered {
                 break;

@@ -19,7 +19,7 @@ use super::{
 use crate::conn::{Connection, Event};
 use crate::gate::{self, LogLimit};
 use crate::hosted::Hosted;
-use crate::message::{Message, StatusReport};
+use crate::message::{Message, StatusReport, Transfer};
 use crate::secure::WireCodec;
 use crate::{ConnectionError, Error};
 
@@ -512,7 +512,7 @@ pub(super) async fn sleep_until(deadline: Option<Instant>) {
 pub(super) async fn drive<W: Wire>(
     mut io: W,
     mut conn: Connection,
-    mut rx: mpsc::Receiver<Command>,
+    (mut rx, mut chunks): (mpsc::Receiver<Command>, mpsc::Receiver<Transfer>),
     id: LinkId,
     events: EventSender,
     idle: Duration,
@@ -525,7 +525,8 @@ pub(super) async fn drive<W: Wire>(
     // File chunks are slices of the read buffer, not copies (with a key too: decrypted
     // there in place).
     io.share_chunks();
-    let result = drive_inner(&mut io, &mut conn, &mut rx, id, &events, idle, status).await;
+    let queues = (&mut rx, &mut chunks);
+    let result = drive_inner(&mut io, &mut conn, queues, id, &events, idle, status).await;
     let error = match result {
         Ok(()) => None,
         Err(e) => {
@@ -587,7 +588,7 @@ fn hosted_dropped() -> Hosted {
 async fn drive_inner<W: Wire>(
     io: &mut W,
     conn: &mut Connection,
-    rx: &mut mpsc::Receiver<Command>,
+    (rx, chunks): (&mut mpsc::Receiver<Command>, &mut mpsc::Receiver<Transfer>),
     id: LinkId,
     events: &EventSender,
     idle: Duration,
@@ -606,6 +607,12 @@ async fn drive_inner<W: Wire>(
     // would return `None` at once, forever) and let the goodbye run its course.
     let mut commands_open = true;
     let mut commands = Vec::new();
+    // The chunk queue (see `Link::send_chunk`): taken only while the connection has room to
+    // send a chunk and no command waits, so a control command never waits behind chunks.
+    let mut chunks_open = true;
+    // Transfers aborted by a command while chunks of theirs may still wait in the chunk
+    // queue: those must not follow the `Abort` (see `Overtaken`).
+    let mut overtaken = Overtaken::default();
     // One timer for the connection's deadlines, moved only when the deadline changes.
     let sleep = tokio::time::sleep_until(far_future());
     tokio::pin!(sleep);
@@ -739,6 +746,11 @@ async fn drive_inner<W: Wire>(
                     command(conn, None)?;
                 }
                 for cmd in commands.drain(..) {
+                    if let Command::Transfer(t) = &cmd {
+                        if let Transfer::Abort { id, .. } = **t {
+                            overtaken.abort(id, chunks.len());
+                        }
+                    }
                     if let Some(failed) = command(conn, Some(cmd))? {
                         if deliver(events, id, failed).await.is_err() {
                             owner_gone = true;
@@ -771,11 +783,63 @@ async fn drive_inner<W: Wire>(
                     }
                 }
             }
+            chunk = chunks.recv(), if chunks_open && rx.is_empty() && conn.has_chunk_room() => {
+                let Some(chunk) = chunk else {
+                    chunks_open = false;
+                    continue;
+                };
+                let mut next = Some(chunk);
+                while let Some(chunk) = next.take() {
+                    if !overtaken.drops(&chunk) {
+                        if let Err(e) = conn.transfer(chunk) {
+                            debug!(error = %e, "file chunk not sent");
+                        }
+                    }
+                    if conn.has_chunk_room() {
+                        next = chunks.try_recv().ok();
+                    }
+                }
+            }
             () = &mut sleep, if armed.is_some() => {
                 armed = None;
                 conn.handle_timeout(now())?;
             }
         }
+    }
+}
+
+/// Transfers aborted by the owner ([`Command::Transfer`] of an `Abort`) while chunks of
+/// theirs may still wait in the link's chunk queue: each with how many chunks (of any
+/// transfer) the queue held when its `Abort` was applied. A chunk of such a transfer
+/// among those is dropped: it was queued before the `Abort`, which has overtaken it (a
+/// receiver closes the connection at a chunk after the sender's `Abort`). The owner
+/// queues no chunk of a transfer after its `Abort`.
+#[derive(Default)]
+struct Overtaken(Vec<(u64, usize)>);
+
+impl Overtaken {
+    /// Transfer `id` was aborted with `queued` chunks in the chunk queue.
+    fn abort(&mut self, id: u64, queued: usize) {
+        if queued > 0 {
+            self.0.push((id, queued));
+        }
+    }
+
+    /// Whether `chunk`, just taken from the chunk queue, is dropped; counts it taken.
+    fn drops(&mut self, chunk: &Transfer) -> bool {
+        if self.0.is_empty() {
+            return false;
+        }
+        let id = match chunk {
+            Transfer::Chunk { id, .. } | Transfer::FileChunk { id, .. } => Some(*id),
+            _ => None,
+        };
+        let drop = self.0.iter().any(|&(t, _)| Some(t) == id);
+        self.0.retain_mut(|(_, left)| {
+            *left -= 1;
+            *left > 0
+        });
+        drop
     }
 }
 

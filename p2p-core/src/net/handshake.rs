@@ -188,10 +188,12 @@ async fn start(
     Ok(launch(io, conn, peer, local_capacity, addr, id, settings, events).await)
 }
 
-/// The chunk messages of one transfer's full default credit
-/// ([`crate::transfer::DEFAULT_WINDOW`] in [`crate::transfer::SEND_CHUNK`]s, a short last
-/// one included).
-pub(super) const CHUNK_BURST: usize =
+/// The places of a link's chunk queue ([`Link::send_chunk`]): one transfer's full default
+/// credit ([`crate::transfer::DEFAULT_WINDOW`] in [`crate::transfer::SEND_CHUNK`]s, a
+/// short last one included), so a sender queues a receiver's first credit at once. A
+/// chunk in the queue names a range of its file or holds at most one chunk's bytes: at
+/// most about 4 MiB a link.
+pub(super) const CHUNK_QUEUE: usize =
     (crate::transfer::DEFAULT_WINDOW as usize).div_ceil(crate::transfer::SEND_CHUNK) + 1;
 
 /// The rest of a connection once its `Hello`/`Welcome` exchange is done, over any [`Wire`]
@@ -213,11 +215,10 @@ pub(super) async fn launch<W: Wire>(
     // respects both capacities never finds the queue full.
     let window = peer.capacity.max(local_capacity).clamp(1, MAX_WINDOW) as usize;
     // Twice the window: each task the peer assigned to us may have a `Started` and a result
-    // queued; 64 control commands; and one file transfer's first burst of chunks (a
-    // receiver's default credit in chunks of the size senders use), which a sender queues
-    // at once when the credit comes: with the window alone a capacity-1 link had room for
-    // the burst and nothing else.
-    let (tx, rx) = mpsc::channel(2 * window + 64 + CHUNK_BURST);
+    // queued; and 64 control commands. File chunks have a queue of their own, so however
+    // many a sender has, they never take a control command's place.
+    let (tx, rx) = mpsc::channel(2 * window + 64);
+    let (chunks_tx, chunks_rx) = mpsc::channel(CHUNK_QUEUE);
     let (closed_tx, closed_rx) = watch::channel(None);
     let (status_tx, status_rx) = mpsc::channel(1);
     let link = Link {
@@ -225,6 +226,7 @@ pub(super) async fn launch<W: Wire>(
         peer,
         addr,
         tx,
+        chunks: chunks_tx,
         closed: LinkClosed { rx: closed_rx },
         status: status_tx,
     };
@@ -245,7 +247,7 @@ pub(super) async fn launch<W: Wire>(
     let driver = tokio::spawn(drive(
         io,
         conn,
-        rx,
+        (rx, chunks_rx),
         id,
         events.clone(),
         idle,

@@ -31,7 +31,9 @@ pub enum Command {
     Goodbye,
     /// Close now, without goodbye.
     Abort,
-    /// Send a file-transfer message (protocol v3); a chunk goes behind every control frame.
+    /// Send a file-transfer message (protocol v3). File chunks have a queue of their own
+    /// ([`Link::send_chunk`]); one sent here still goes, behind every control frame, but a
+    /// transfer's chunks keep their order only if they all go the same way.
     Transfer(Box<Transfer>),
     /// Send a hosted-run request (its answers come as [`LinkEvent::Hosted`]).
     Hosted(Box<Hosted>),
@@ -93,6 +95,8 @@ pub struct Link {
     pub(super) peer: Hello,
     pub(super) addr: SocketAddr,
     pub(super) tx: mpsc::Sender<Command>,
+    /// File chunks, in a bounded queue of their own (see [`Link::send_chunk`]).
+    pub(super) chunks: mpsc::Sender<Transfer>,
     pub(super) closed: LinkClosed,
     /// Status requests to the driver, each with where its answer goes.
     pub(super) status: mpsc::Sender<oneshot::Sender<Box<StatusReport>>>,
@@ -176,11 +180,53 @@ impl Link {
         }
     }
 
-    /// The places free in the command queue now, and how many it has: a sender of many
-    /// file chunks keeps them to a share of the queue, so control commands always find
-    /// room.
-    pub fn queue_room(&self) -> (usize, usize) {
-        (self.tx.capacity(), self.tx.max_capacity())
+    /// Queues a file chunk ([`Transfer::Chunk`] or [`Transfer::FileChunk`]) on the link's
+    /// chunk queue, waiting at most `limit` while it is full. Chunks have a bounded queue
+    /// of their own, apart from the command queue: however many a sender has, a control
+    /// command ([`Link::send`]) always finds its room, and the driver takes the next
+    /// chunk only when the connection has room to send it, so no control frame waits
+    /// behind more than a few chunks. Chunks go in the order they were queued; an
+    /// `Abort` of their transfer sent after them drops those not yet sent. Anything else
+    /// than a chunk is refused ([`Error::InvalidState`]): it goes by [`Link::send`].
+    pub async fn send_chunk(&self, chunk: Transfer, limit: Duration) -> Result<(), Error> {
+        not_a_chunk(&chunk)?;
+        match self.chunks.send_timeout(chunk, limit).await {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::SendTimeoutError::Timeout(_)) => Err(Error::InvalidState {
+                action: "send a file chunk",
+                why: "the link's chunk queue stayed full",
+            }),
+            Err(mpsc::error::SendTimeoutError::Closed(_)) => Err(closed_error()),
+        }
+    }
+
+    /// A place in the link's chunk queue, if one is free now (see [`Link::send_chunk`]);
+    /// `Ok(None)` when it is full. A closed link gives an error.
+    pub fn try_reserve_chunk(&self) -> Result<Option<ChunkPermit>, Error> {
+        match self.chunks.clone().try_reserve_owned() {
+            Ok(permit) => Ok(Some(ChunkPermit(permit))),
+            Err(mpsc::error::TrySendError::Full(_)) => Ok(None),
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(closed_error()),
+        }
+    }
+
+    /// Waits, at most `limit`, for a place in the link's chunk queue (see
+    /// [`Link::send_chunk`]). A sender that must keep its chunks in order behind others
+    /// takes the place first, then decides what goes in it.
+    pub async fn reserve_chunk(&self, limit: Duration) -> Result<ChunkPermit, Error> {
+        match tokio::time::timeout(limit, self.chunks.clone().reserve_owned()).await {
+            Ok(Ok(permit)) => Ok(ChunkPermit(permit)),
+            Ok(Err(_)) => Err(closed_error()),
+            Err(_) => Err(Error::InvalidState {
+                action: "send a file chunk",
+                why: "the link's chunk queue stayed full",
+            }),
+        }
+    }
+
+    /// The places free in the link's chunk queue now, and how many it has.
+    pub fn chunk_queue_room(&self) -> (usize, usize) {
+        (self.chunks.capacity(), self.chunks.max_capacity())
     }
 
     /// Queues a command. The queue holds the peer's capacity plus a margin, so a sender that
@@ -196,5 +242,38 @@ impl Link {
                 why: "the connection is closed",
             },
         })
+    }
+}
+
+/// A place taken in a link's chunk queue ([`Link::try_reserve_chunk`],
+/// [`Link::reserve_chunk`]): [`ChunkPermit::send`] fills it; dropped, it is given back.
+#[derive(Debug)]
+pub struct ChunkPermit(mpsc::OwnedPermit<Transfer>);
+
+impl ChunkPermit {
+    /// Puts `chunk` in the place taken. Anything else than a chunk is refused
+    /// ([`Error::InvalidState`]), and the place given back.
+    pub fn send(self, chunk: Transfer) -> Result<(), Error> {
+        not_a_chunk(&chunk)?;
+        self.0.send(chunk);
+        Ok(())
+    }
+}
+
+/// Refuses what is not a file chunk on the chunk queue.
+fn not_a_chunk(t: &Transfer) -> Result<(), Error> {
+    match t {
+        Transfer::Chunk { .. } | Transfer::FileChunk { .. } => Ok(()),
+        _ => Err(Error::InvalidState {
+            action: "send on the chunk queue",
+            why: "only file chunks go there (other transfer messages go by Link::send)",
+        }),
+    }
+}
+
+fn closed_error() -> Error {
+    Error::InvalidState {
+        action: "send a file chunk",
+        why: "the connection is closed",
     }
 }

@@ -819,10 +819,10 @@ async fn a_memory_link_handshakes_runs_tasks_and_says_goodbye() {
     assert!(end.is_none(), "{end:?}");
 }
 
-/// A capacity-1 link's command queue takes 64 control commands and then a transfer's whole
-/// first burst of chunks, queued at once as a sender does when its default credit comes
-/// (`node_files`' pump, with nothing between to let the driver drain the queue): a chunk
-/// that found the queue full would drop its transfer.
+/// A capacity-1 link takes 64 control commands and then a transfer's whole first burst of
+/// chunks, queued at once as a sender does when its default credit comes (`node_files`'
+/// pump, with nothing between to let the driver drain the queues): the chunks have a queue
+/// of their own, one default credit deep.
 #[tokio::test]
 async fn a_capacity_one_link_queues_controls_and_a_whole_burst_of_chunks() {
     let (_d, _drx, a, _arx) = memory_pair(1).await;
@@ -846,8 +846,9 @@ async fn a_capacity_one_link_queues_controls_and_a_whole_burst_of_chunks() {
         let Message::Transfer(t) = s.chunk(offset, vec![0u8; len]).unwrap() else {
             panic!("a chunk is a transfer message");
         };
-        let sent = a.send(Command::Transfer(t));
-        assert!(sent.is_ok(), "chunk {queued} of the burst: {sent:?}");
+        let place = a.try_reserve_chunk().unwrap();
+        let place = place.unwrap_or_else(|| panic!("chunk {queued} of the burst found no room"));
+        place.send(*t).unwrap();
         queued += 1;
     }
     assert!(queued >= 60, "only {queued} chunks in the default credit");
@@ -1000,4 +1001,151 @@ async fn a_memory_peer_that_stops_reading_is_dropped_after_the_idle_timeout() {
     }
     assert!(closed, "no Closed event");
     drop(raw);
+}
+
+/// Two in-memory ends of a capacity-1 link: the acceptor's events (it serves type `a`),
+/// the dialler's `Link` and events, and the acceptor's `Link`.
+async fn memory_link() -> (
+    Link,
+    mpsc::Receiver<(LinkId, LinkEvent)>,
+    Link,
+    mpsc::Receiver<(LinkId, LinkEvent)>,
+) {
+    let (dial_end, accept_end) = pipe(1);
+    let addr: std::net::SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let (atx, arx) = mpsc::channel(8192);
+    let acceptor = tokio::spawn(async move {
+        let me = crate::testing::hello("default", &["a"], 1);
+        accept_memory(accept_end, addr, me, &Settings::default(), 1, atx).await
+    });
+    let (dtx, mut drx) = mpsc::channel(8192);
+    let me = crate::testing::hello("default", &[], 1);
+    let d = connect_memory(dial_end, addr, me, &Settings::default(), 2, dtx)
+        .await
+        .unwrap();
+    let a = acceptor.await.unwrap().unwrap();
+    // The acceptor asks for file 7 with a credit of everything, and the dialler hears it.
+    a.send(Command::Transfer(Box::new(
+        crate::message::Transfer::Fetch {
+            id: 7,
+            hash: crate::transfer::hash_bytes(b""),
+            window: u32::MAX,
+        },
+    )))
+    .unwrap();
+    loop {
+        let ev = tokio::time::timeout(Duration::from_secs(20), recv(&mut drx)).await;
+        let ev = ev.expect("no Fetch").expect("the link closed");
+        if matches!(ev.1, LinkEvent::Transfer(ref t) if matches!(**t, crate::message::Transfer::Fetch { .. }))
+        {
+            break;
+        }
+    }
+    (d, drx, a, arx)
+}
+
+/// A chunk of file 7 at `n` (4 KiB each).
+fn chunk_at(n: u64) -> crate::message::Transfer {
+    crate::message::Transfer::Chunk {
+        id: 7,
+        offset: n * 4096,
+        data: bytes::Bytes::from(vec![n as u8; 4096]),
+    }
+}
+
+/// With the chunk queue full, every control command still finds room in the command queue,
+/// and goes out before the chunks queued ahead of it (at most the connection's outbox of
+/// chunks, taken before, goes first); the chunks all follow, in order.
+#[tokio::test]
+async fn a_full_chunk_queue_never_refuses_or_delays_a_control_command() {
+    use crate::message::Transfer;
+    let (d, _drx, _a, mut arx) = memory_link().await;
+    let mut queued = 0u64;
+    while let Some(place) = d.try_reserve_chunk().unwrap() {
+        place.send(chunk_at(queued)).unwrap();
+        queued += 1;
+        assert!(queued < 10_000, "the chunk queue has no bound");
+    }
+    assert_eq!(d.chunk_queue_room().0, 0);
+    for id in 0..64 {
+        d.send(Command::Transfer(Box::new(Transfer::Have { id })))
+            .expect("a control command found the queue full");
+    }
+    let (mut chunks, mut haves, mut chunks_before_last_have) = (0u64, 0, 0);
+    while chunks < queued || haves < 64 {
+        let ev = tokio::time::timeout(Duration::from_secs(20), recv(&mut arx))
+            .await
+            .expect("the link stopped sending")
+            .expect("the link closed");
+        let LinkEvent::Transfer(t) = ev.1 else {
+            panic!("unexpected {:?}", ev.1);
+        };
+        match *t {
+            Transfer::Chunk { id: 7, offset, .. } => {
+                assert_eq!(offset, chunks * 4096, "chunks out of order");
+                chunks += 1;
+            }
+            Transfer::Have { .. } => {
+                haves += 1;
+                chunks_before_last_have = chunks;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(
+        chunks_before_last_have <= crate::transfer::OUTBOX_CHUNKS as u64,
+        "{chunks_before_last_have} chunks went before the control commands queued after them"
+    );
+}
+
+/// An `Abort` sent after chunks of its transfer that still wait in the chunk queue
+/// overtakes them: none follows it on the wire (the receiver would close the connection),
+/// and the link goes on.
+#[tokio::test]
+async fn an_abort_overtakes_its_chunks_still_in_the_chunk_queue() {
+    use crate::message::{AbortReason, Transfer};
+    let (d, _drx, _a, mut arx) = memory_link().await;
+    for n in 0..50 {
+        d.send_chunk(chunk_at(n), Duration::from_secs(1))
+            .await
+            .unwrap();
+    }
+    d.send(Command::Transfer(Box::new(Transfer::Abort {
+        id: 7,
+        reason: AbortReason::Io,
+        message: "given up".into(),
+    })))
+    .unwrap();
+    d.send(Command::Transfer(Box::new(Transfer::Have { id: 99 })))
+        .unwrap();
+    let mut aborted = false;
+    loop {
+        let ev = tokio::time::timeout(Duration::from_secs(20), recv(&mut arx))
+            .await
+            .expect("nothing came")
+            .expect("the link closed");
+        match ev.1 {
+            LinkEvent::Transfer(t) => match *t {
+                Transfer::Chunk { .. } => assert!(!aborted, "a chunk followed its Abort"),
+                Transfer::Abort { id: 7, .. } => aborted = true,
+                Transfer::Have { id: 99 } => break,
+                other => panic!("unexpected {other:?}"),
+            },
+            LinkEvent::Closed { error } => panic!("the link closed: {error:?}"),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(aborted, "the Abort never came");
+    // Still open: the next control command arrives too.
+    d.send(Command::Transfer(Box::new(Transfer::Have { id: 100 })))
+        .unwrap();
+    let ev = tokio::time::timeout(Duration::from_secs(20), recv(&mut arx))
+        .await
+        .expect("nothing came")
+        .expect("the link closed");
+    assert!(
+        matches!(ev.1, LinkEvent::Transfer(ref t) if matches!(**t, Transfer::Have { id: 100 })),
+        "{:?}",
+        ev.1
+    );
 }
