@@ -1657,3 +1657,77 @@ fn read_more(stream: &mut std::net::TcpStream, buf: &mut bytes::BytesMut, most: 
         ),
     }
 }
+
+/// A fetcher that gives a credit of 4 GiB for a 256 MiB output and then never reads: the
+/// node holds no more than its connection's chunk queue of it (file ranges, not bytes),
+/// keeps serving another peer meanwhile, and closes that connection once its idle timeout
+/// passes (the fetcher gets EOF with the file cut short).
+#[test]
+fn a_fetcher_that_never_reads_costs_the_node_a_bounded_queue_and_its_connection() {
+    use std::io::Read;
+    const LEN: usize = 256 * 1024 * 1024;
+    let data_dir = TestDir::new();
+    let s = Serve::types(
+        "a",
+        &[
+            "--handler",
+            &format!("a=head -c {LEN} /dev/zero > out.bin"),
+            "--capacity",
+            "1",
+            "--data-dir",
+            data_dir.path().to_str().unwrap(),
+        ],
+    );
+    let pid = s.pid();
+    let mut c = WireClient::connect(s.addr);
+    c.send(&Message::Hello(hello("default"))).unwrap();
+    c.expect_msg(WAIT, "Welcome", |m| matches!(m, Message::Welcome(_)));
+    assign_files(&mut c, 1, vec![], &["out.bin"]);
+    let produced = expect_transfer(&mut c, "Produced", |t| {
+        matches!(t, Transfer::Produced { seq: 1, .. })
+    });
+    assert!(completed(&mut c, 1).ok);
+    let Transfer::Produced { outputs, .. } = produced else {
+        unreachable!()
+    };
+    let mut r = Receiver::new(5, outputs[0].hash, outputs[0].size, u32::MAX, u64::MAX).unwrap();
+    c.send(&r.fetch()).unwrap();
+    // From here the fetcher reads nothing. Another peer's task still runs at once.
+    let started = std::time::Instant::now();
+    let mut other = WireClient::connect(s.addr);
+    other.send(&Message::Hello(hello("default"))).unwrap();
+    other.expect_msg(WAIT, "Welcome", |m| matches!(m, Message::Welcome(_)));
+    assign_files(&mut other, 2, vec![], &[]);
+    assert!(completed(&mut other, 2).ok, "{}", s.stderr.text());
+    // Read nothing until the node has had time to give up on this connection (its idle
+    // timeout, 10 s), then take what the sockets held: EOF comes before the whole file.
+    std::thread::sleep(std::time::Duration::from_secs(12).saturating_sub(started.elapsed()));
+    let hwm_kib = proc_status(pid, "VmHWM");
+    c.stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .unwrap();
+    let (mut got, mut buf) = (0usize, vec![0u8; 1 << 16]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let eof = loop {
+        assert!(std::time::Instant::now() < deadline, "no EOF within 60 s");
+        match c.stream.read(&mut buf) {
+            Ok(0) => break true,
+            Ok(n) => got += n,
+            Err(_) => break false,
+        }
+    };
+    assert!(eof, "the connection was not closed");
+    assert!(
+        got < LEN,
+        "the whole file came ({got} bytes): the fetcher was not given up"
+    );
+    assert!(
+        hwm_kib < 64 * 1024,
+        "the node's peak RSS {hwm_kib} KiB: it held the file in memory"
+    );
+    let _ = r.poll_ack();
+    eprintln!(
+        "received {got} bytes before EOF, {:?} after the fetch; node VmHWM {hwm_kib} kB",
+        started.elapsed()
+    );
+}
