@@ -608,8 +608,12 @@ async fn drive_inner<W: Wire>(
     let mut commands_open = true;
     let mut commands = Vec::new();
     // The chunk queue (see `Link::send_chunk`): taken only while the connection has room to
-    // send a chunk and no command waits, so a control command never waits behind chunks.
+    // send a chunk and no command waits, so a control command never waits behind chunks;
+    // and only once the peer asked for a file (a `Want` or `Fetch`, which reaches the owner
+    // through this driver, so before the owner has a chunk to send): a link of tasks alone
+    // never polls it.
     let mut chunks_open = true;
+    let mut chunks_wanted = false;
     // Transfers aborted by a command while chunks of theirs may still wait in the chunk
     // queue: those must not follow the `Abort` (see `Overtaken`).
     let mut overtaken = Overtaken::default();
@@ -650,6 +654,7 @@ async fn drive_inner<W: Wire>(
                 Event::PeerGoodbye => LinkEvent::PeerGoodbye,
                 Event::Transfer(t) => {
                     files_seen |= matches!(*t, crate::message::Transfer::Files { .. });
+                    chunks_wanted |= matches!(*t, Transfer::Want { .. } | Transfer::Fetch { .. });
                     LinkEvent::Transfer(t)
                 }
                 Event::Load(r) => LinkEvent::Load(r),
@@ -743,15 +748,10 @@ async fn drive_inner<W: Wire>(
             n = rx.recv_many(&mut commands, BATCH), if commands_open => {
                 if n == 0 {
                     commands_open = false;
-                    command(conn, None)?;
+                    command(conn, None, (&mut overtaken, chunks))?;
                 }
                 for cmd in commands.drain(..) {
-                    if let Command::Transfer(t) = &cmd {
-                        if let Transfer::Abort { id, .. } = **t {
-                            overtaken.abort(id, chunks.len());
-                        }
-                    }
-                    if let Some(failed) = command(conn, Some(cmd))? {
+                    if let Some(failed) = command(conn, Some(cmd), (&mut overtaken, chunks))? {
                         if deliver(events, id, failed).await.is_err() {
                             owner_gone = true;
                         }
@@ -783,7 +783,7 @@ async fn drive_inner<W: Wire>(
                     }
                 }
             }
-            chunk = chunks.recv(), if chunks_open && rx.is_empty() && conn.has_chunk_room() => {
+            chunk = chunks.recv(), if chunks_wanted && chunks_open && rx.is_empty() && conn.has_chunk_room() => {
                 let Some(chunk) = chunk else {
                     chunks_open = false;
                     continue;
@@ -860,8 +860,13 @@ async fn deliver(events: &EventSender, id: LinkId, ev: LinkEvent) -> Result<(), 
 
 /// Applies one command of the owner (`None`: every `Link` is gone, which says goodbye).
 /// Returns the event to report when an assignment could not be sent; an error closes the
-/// connection.
-fn command(conn: &mut Connection, cmd: Option<Command>) -> Result<Option<LinkEvent>, Error> {
+/// connection. An `Abort` of a transfer is recorded in `overtaken` with the chunks still
+/// in the link's chunk queue.
+fn command(
+    conn: &mut Connection,
+    cmd: Option<Command>,
+    (overtaken, chunks): (&mut Overtaken, &mpsc::Receiver<Transfer>),
+) -> Result<Option<LinkEvent>, Error> {
     match cmd {
         Some(Command::Assign(a)) => {
             if let Err((assign, why)) = conn.try_assign(a) {
@@ -887,6 +892,9 @@ fn command(conn: &mut Connection, cmd: Option<Command>) -> Result<Option<LinkEve
             return Err(Error::Aborted);
         }
         Some(Command::Transfer(t)) => {
+            if let Transfer::Abort { id, .. } = *t {
+                overtaken.abort(id, chunks.len());
+            }
             if let Err(e) = conn.transfer(*t) {
                 debug!(error = %e, "transfer message not sent");
             }
