@@ -1459,18 +1459,23 @@ fn hostile_offers_cost_the_node_bounded_threads_and_bad_chunks_are_refused() {
     );
 }
 
-/// A credit larger than the link's command queue holds in chunks (a receiver may give any
-/// window): the node sends the whole file, never drops the transfer half way without a
-/// word (its pump dropped it when the queue was full, and the fetcher waited for ever).
-#[test]
-fn a_fetch_with_a_credit_larger_than_the_command_queue_gets_the_whole_output() {
-    const LEN: usize = 24 * 1024 * 1024;
+/// A capacity-1 node of type `a` running `handler` (which writes `out.bin`), and a wire
+/// client that ran task 1 on it: the node's data directory, the node, the client, and
+/// the outputs it announced.
+fn serve_an_output(
+    handler: &str,
+) -> (
+    TestDir,
+    Serve,
+    WireClient,
+    Vec<p2p_core::message::ProducedFile>,
+) {
     let data_dir = TestDir::new();
     let s = Serve::types(
         "a",
         &[
             "--handler",
-            &format!("a=yes 0123456789abcdef | head -c {LEN} > out.bin"),
+            handler,
             "--capacity",
             "1",
             "--data-dir",
@@ -1489,6 +1494,17 @@ fn a_fetch_with_a_credit_larger_than_the_command_queue_gets_the_whole_output() {
     let Transfer::Produced { outputs, .. } = produced else {
         unreachable!()
     };
+    (data_dir, s, c, outputs)
+}
+
+/// A credit larger than the link's command queue holds in chunks (a receiver may give any
+/// window): the node sends the whole file, never drops the transfer half way without a
+/// word (its pump dropped it when the queue was full, and the fetcher waited for ever).
+#[test]
+fn a_fetch_with_a_credit_larger_than_the_command_queue_gets_the_whole_output() {
+    const LEN: usize = 24 * 1024 * 1024;
+    let (_data_dir, _s, mut c, outputs) =
+        serve_an_output(&format!("a=yes 0123456789abcdef | head -c {LEN} > out.bin"));
     let expected = yes_bytes(LEN);
     assert_eq!(outputs[0].hash, hash_bytes(&expected));
     // A credit of the whole file and more: about 400 chunks at once, three times what a
@@ -1666,30 +1682,9 @@ fn read_more(stream: &mut std::net::TcpStream, buf: &mut bytes::BytesMut, most: 
 fn a_fetcher_that_never_reads_costs_the_node_a_bounded_queue_and_its_connection() {
     use std::io::Read;
     const LEN: usize = 256 * 1024 * 1024;
-    let data_dir = TestDir::new();
-    let s = Serve::types(
-        "a",
-        &[
-            "--handler",
-            &format!("a=head -c {LEN} /dev/zero > out.bin"),
-            "--capacity",
-            "1",
-            "--data-dir",
-            data_dir.path().to_str().unwrap(),
-        ],
-    );
+    let (_data_dir, s, mut c, outputs) =
+        serve_an_output(&format!("a=head -c {LEN} /dev/zero > out.bin"));
     let pid = s.pid();
-    let mut c = WireClient::connect(s.addr);
-    c.send(&Message::Hello(hello("default"))).unwrap();
-    c.expect_msg(WAIT, "Welcome", |m| matches!(m, Message::Welcome(_)));
-    assign_files(&mut c, 1, vec![], &["out.bin"]);
-    let produced = expect_transfer(&mut c, "Produced", |t| {
-        matches!(t, Transfer::Produced { seq: 1, .. })
-    });
-    assert!(completed(&mut c, 1).ok);
-    let Transfer::Produced { outputs, .. } = produced else {
-        unreachable!()
-    };
     let mut r = Receiver::new(5, outputs[0].hash, outputs[0].size, u32::MAX, u64::MAX).unwrap();
     c.send(&r.fetch()).unwrap();
     // From here the fetcher reads nothing. Another peer's task still runs at once.

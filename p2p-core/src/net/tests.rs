@@ -1059,43 +1059,48 @@ fn chunk_at(n: u64) -> crate::message::Transfer {
 #[tokio::test]
 async fn a_full_chunk_queue_never_refuses_or_delays_a_control_command() {
     use crate::message::Transfer;
-    let (d, _drx, _a, mut arx) = memory_link().await;
-    let mut queued = 0u64;
-    while let Some(place) = d.try_reserve_chunk().unwrap() {
-        place.send(chunk_at(queued)).unwrap();
-        queued += 1;
-        assert!(queued < 10_000, "the chunk queue has no bound");
-    }
-    assert_eq!(d.chunk_queue_room().0, 0);
-    for id in 0..64 {
-        d.send(Command::Transfer(Box::new(Transfer::Have { id })))
-            .expect("a control command found the queue full");
-    }
-    let (mut chunks, mut haves, mut chunks_before_last_have) = (0u64, 0, 0);
-    while chunks < queued || haves < 64 {
-        let ev = tokio::time::timeout(Duration::from_secs(20), recv(&mut arx))
-            .await
-            .expect("the link stopped sending")
-            .expect("the link closed");
-        let LinkEvent::Transfer(t) = ev.1 else {
-            panic!("unexpected {:?}", ev.1);
-        };
-        match *t {
-            Transfer::Chunk { id: 7, offset, .. } => {
-                assert_eq!(offset, chunks * 4096, "chunks out of order");
-                chunks += 1;
-            }
-            Transfer::Have { .. } => {
-                haves += 1;
-                chunks_before_last_have = chunks;
-            }
-            other => panic!("unexpected {other:?}"),
+    // Several fresh links: the driver's select picks among ready branches at random, so
+    // one round could pass by luck where the order is not enforced.
+    for round in 0..6 {
+        let (d, _drx, _a, mut arx) = memory_link().await;
+        let mut queued = 0u64;
+        while let Some(place) = d.try_reserve_chunk().unwrap() {
+            place.send(chunk_at(queued)).unwrap();
+            queued += 1;
+            assert!(queued < 10_000, "the chunk queue has no bound");
         }
+        assert_eq!(d.chunk_queue_room().0, 0);
+        for id in 0..64 {
+            d.send(Command::Transfer(Box::new(Transfer::Have { id })))
+                .expect("a control command found the queue full");
+        }
+        let (mut chunks, mut haves, mut chunks_before_last_have) = (0u64, 0, 0);
+        while chunks < queued || haves < 64 {
+            let ev = tokio::time::timeout(Duration::from_secs(20), recv(&mut arx))
+                .await
+                .expect("the link stopped sending")
+                .expect("the link closed");
+            let LinkEvent::Transfer(t) = ev.1 else {
+                panic!("unexpected {:?}", ev.1);
+            };
+            match *t {
+                Transfer::Chunk { id: 7, offset, .. } => {
+                    assert_eq!(offset, chunks * 4096, "chunks out of order");
+                    chunks += 1;
+                }
+                Transfer::Have { .. } => {
+                    haves += 1;
+                    chunks_before_last_have = chunks;
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert!(
+            chunks_before_last_have <= crate::transfer::OUTBOX_CHUNKS as u64,
+            "round {round}: {chunks_before_last_have} chunks went before the control commands \
+             queued after them"
+        );
     }
-    assert!(
-        chunks_before_last_have <= crate::transfer::OUTBOX_CHUNKS as u64,
-        "{chunks_before_last_have} chunks went before the control commands queued after them"
-    );
 }
 
 /// An `Abort` sent after chunks of its transfer that still wait in the chunk queue
