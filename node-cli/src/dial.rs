@@ -40,6 +40,11 @@ use tokio_util::sync::CancellationToken;
 /// up to 20% jitter (the type task retries use too).
 pub const RETRY: Backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(1), 0.2);
 
+/// At how many failed attempts in a row (the last one a close during the secure
+/// handshake) a dialler gives a peer that closes during the secure handshake up (a node without this key does it every time; a node whose
+/// handshake gate is flooded does it to the oldest handshakes, ours among them).
+const SECURE_CLOSES: u32 = 3;
+
 /// Default for [`Dialer::max_dialing`]: connection attempts in progress at once (as many
 /// as a serving node lets handshake at once by default, [`p2p_core::gate::DEFAULT_MAX_HANDSHAKES`]).
 pub const MAX_DIALING: usize = p2p_core::gate::DEFAULT_MAX_HANDSHAKES;
@@ -314,9 +319,21 @@ impl Dialer {
                     }
                     Err(e) => e,
                 };
-                // A refusal (other cluster, version, key) will not change: give up now.
-                let permanent = error.is_permanent();
+                // A refusal (other cluster, version, key) will not change: give up now. But
+                // a peer that closes during the secure handshake may also be a node whose
+                // handshake gate, under a flood of unfinished handshakes, closed the oldest
+                // (ours): that is given up only at the `SECURE_CLOSES`th failure in a row
+                // (failures since the last connection).
                 failures += 1;
+                let closed_in_secure = matches!(
+                    error.handshake(),
+                    Some(p2p_core::HandshakeError::PeerClosed {
+                        stage: p2p_core::Stage::Secure { .. }
+                    })
+                );
+                let permanent_if_repeated = error.is_permanent() && closed_in_secure;
+                let permanent =
+                    error.is_permanent() && !(closed_in_secure && failures < SECURE_CLOSES);
                 let delay = RETRY.delay(failures, id);
                 let last = permanent || tokio::time::Instant::now() + delay > give_up;
                 // Said at the first failure, so that a run other peers serve (which may end
@@ -326,6 +343,11 @@ impl Dialer {
                     let error = describe(&error);
                     let error = if last {
                         error
+                    } else if permanent_if_repeated {
+                        format!(
+                            "{error} (trying {} more times: a flooded node also does this)",
+                            SECURE_CLOSES - failures
+                        )
                     } else {
                         format!("{error} (retrying for up to {give_up_after:?})")
                     };

@@ -686,3 +686,57 @@ fn a_keyed_peer_streaming_chunks_of_no_transfer_is_dropped_at_the_first() {
     assert!(peak < 40 * 1024, "peak RSS {peak} kB: not bounded");
     assert_keyed_run_succeeds(dir.path(), &key, &mut s, 1, "after the flood");
 }
+
+/// A node whose handshake gate is flooded closes the oldest handshakes, which to the dialler
+/// looks like a node without its key closing the secure handshake. A keyed run dials such a
+/// peer again (a few times) instead of giving it up at the first close: here a proxy in
+/// front of a keyed node closes the first two connections after their first bytes and
+/// passes the third through, and the run succeeds on it.
+#[test]
+fn a_peer_that_closes_the_first_secure_handshakes_is_dialled_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = keygen(dir.path(), "k");
+    let log = dir.path().join("log");
+    let s = keyed(dir.path(), &key, &log, &[]);
+    tasks(dir.path(), "a1 a2");
+    let proxy = TcpListener::bind("127.0.0.1:0").unwrap();
+    let proxy_addr = proxy.local_addr().unwrap();
+    let node = s.addr;
+    let closed = Arc::new(AtomicUsize::new(0));
+    let closed2 = closed.clone();
+    std::thread::spawn(move || {
+        // At most 16 connections (the run makes three), each bounded by its socket's end.
+        for (n, conn) in proxy.incoming().take(16).enumerate() {
+            let Ok(mut client) = conn else { continue };
+            if n < 2 {
+                let _ = client.set_read_timeout(Some(Duration::from_secs(5)));
+                let mut first = [0u8; 1];
+                let _ = client.read(&mut first);
+                drop(client);
+                closed2.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            let Ok(upstream) = TcpStream::connect_timeout(&node, Duration::from_secs(5)) else {
+                continue;
+            };
+            let (mut c2, mut u2) = (client.try_clone().unwrap(), upstream.try_clone().unwrap());
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut c2, &mut u2);
+                let _ = u2.shutdown(Shutdown::Write);
+            });
+            let (mut u, mut c) = (upstream, client);
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut u, &mut c);
+                let _ = c.shutdown(Shutdown::Write);
+            });
+        }
+    });
+    let out = keyed_run(dir.path(), &key, &proxy_addr.to_string());
+    assert_eq!(out.status.code(), Some(0), "{}", out.describe());
+    assert_eq!(
+        closed.load(Ordering::Relaxed),
+        2,
+        "the proxy closed fewer handshakes"
+    );
+    assert_eq!(read_log(&log).lines().collect::<Vec<_>>(), ["a1", "a2"]);
+}
