@@ -308,6 +308,10 @@ enum Scan {
 /// every id is known.
 struct Read {
     tasks: Vec<Task>,
+    /// The [`crate::task::id_hash`] of each task's id under `seed`, taken as each line is
+    /// read (while its ids are in the cache), for the duplicate check.
+    hashes: Vec<u64>,
+    seed: u64,
     dep_pos: Vec<(usize, Vec<(u32, u32)>)>,
     artifacts: Vec<ArtifactRef>,
 }
@@ -325,12 +329,18 @@ fn parse_lines(
     let words = count_words(text.as_bytes()).min(max.saturating_add(1));
     let mut read = Read {
         tasks: Vec::with_capacity(words),
+        hashes: Vec::with_capacity(words),
+        seed: IdKeys::new_seed(),
         dep_pos: Vec::new(),
         artifacts: Vec::new(),
     };
     let result = read_lines(file, text, base, max, scan, &mut read);
+    // The hashes of the tasks of the line an error stopped at.
+    hash_new_tasks(&read.tasks, &mut read.hashes, read.seed);
     let Read {
         tasks,
+        hashes,
+        seed,
         dep_pos,
         artifacts,
     } = read;
@@ -338,7 +348,7 @@ fn parse_lines(
     // the error that stopped it, among the tasks read before that: the first in file order
     // is the error, as it was when each id was looked up as it was read (the reading would
     // have stopped there, before any later error).
-    let index = IdKeys::sort(&tasks);
+    let index = IdKeys::from_hashes(hashes, seed, u64::MAX);
     if let Some((first, second)) = index.first_duplicate(&tasks) {
         if let (Some(first), Some(second)) = (tasks.get(first), tasks.get(second)) {
             return Err(duplicate(file, first, second));
@@ -386,6 +396,8 @@ fn read_lines(
 ) -> Result<(), ParseError> {
     let Read {
         tasks,
+        hashes,
+        seed,
         dep_pos,
         artifacts,
     } = read;
@@ -393,6 +405,9 @@ fn read_lines(
     let mut seen = (scan == Scan::Eager).then(|| IdIndex::with_capacity(0));
     // `str::lines` splits on `\n` and strips a `\r` before it.
     for (index, line_text) in text.lines().enumerate() {
+        // The previous line's tasks, as the line is done with (a line the fast path left
+        // is read again from its start).
+        hash_new_tasks(tasks, hashes, *seed);
         let line = to_u32(index.saturating_add(1));
         if scan == Scan::Fast {
             let mark = tasks.len();
@@ -655,6 +670,13 @@ fn read_lines(
         }
     }
     Ok(())
+}
+
+/// Adds the hashes of the tasks past those `hashes` has.
+fn hash_new_tasks(tasks: &[Task], hashes: &mut Vec<u64>, seed: u64) {
+    if let Some(new) = tasks.get(hashes.len()..) {
+        hashes.extend(new.iter().map(|t| crate::task::id_hash(seed, t.id())));
+    }
 }
 
 /// The error for the task `second` whose id is that of the earlier task `first`.

@@ -750,22 +750,37 @@ pub(crate) struct IdKeys {
 
 impl IdKeys {
     /// The sorted keys of the ids of `tasks`, under a fresh seed.
+    #[cfg(test)]
     pub(crate) fn sort(tasks: &[Task]) -> Self {
-        Self::sort_with(tasks, random_seed(), u64::MAX)
+        let seed = Self::new_seed();
+        let hashes = tasks.iter().map(|t| id_hash(seed, t.id())).collect();
+        Self::from_hashes(hashes, seed, u64::MAX)
+    }
+
+    /// A fresh seed for [`Self::from_hashes`].
+    pub(crate) fn new_seed() -> u64 {
+        random_seed()
     }
 
     /// [`Self::sort`] under `seed`, keeping only the hash bits of `mask` (all of them but in
     /// the tests, which keep few so that many ids share their hash bits).
+    #[cfg(test)]
     fn sort_with(tasks: &[Task], seed: u64, mask: u64) -> Self {
-        let n = tasks.len();
+        let hashes = tasks.iter().map(|t| id_hash(seed, t.id())).collect();
+        Self::from_hashes(hashes, seed, mask)
+    }
+
+    /// The sorted keys of a list whose ids have the [`id_hash`]es `hashes` under `seed`,
+    /// in list order (the parser's, taken as each line is read, while its ids are in the
+    /// cache), keeping the hash bits of `mask`. The keys take the place of the hashes.
+    pub(crate) fn from_hashes(mut keys: Vec<u64>, seed: u64, mask: u64) -> Self {
+        let n = keys.len();
         // Positions 0..n take the bit length of n - 1 (at least one bit).
         let pos_bits = (usize::BITS - n.saturating_sub(1).leading_zeros()).max(1);
         let high = u64::MAX.checked_shl(pos_bits).unwrap_or(0) & mask;
-        let mut keys: Vec<u64> = tasks
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (id_hash(seed, t.id()) & high) | i as u64)
-            .collect();
+        for (i, k) in keys.iter_mut().enumerate() {
+            *k = (*k & high) | i as u64;
+        }
         // Buckets of about 1024 keys, by up to 16 top bits (of the hash, but for a list of
         // more than 2^48 tasks; any top bits would do: a bucket's keys are all below the
         // next one's).
