@@ -53,7 +53,7 @@ use std::path::{Path, PathBuf};
 
 use compact_str::CompactString;
 
-use crate::task::{id_problem, kind_of_compact, output_name_problem, IdIndex, Input, Task};
+use crate::task::{id_problem, kind_of_compact, output_name_problem, IdIndex, IdKeys, Input, Task};
 
 /// What kind of problem a [`ParseError`] reports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -291,12 +291,29 @@ fn parse_in(
 
 /// Whether [`parse_lines`] tries [`plain_line`] on each line first ([`Scan::Fast`], what
 /// the parser does), or takes every line the general way ([`Scan::General`], for the tests
-/// that compare both).
+/// that compare both), or also looks every id up in an [`IdIndex`] as it is read
+/// ([`Scan::Eager`]: how duplicates were found before round 10, for the tests that compare
+/// the errors with those found once the file is read).
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Scan {
     Fast,
     #[cfg_attr(not(test), allow(dead_code))]
     General,
+    #[cfg_attr(not(test), allow(dead_code))]
+    Eager,
+}
+
+/// What [`read_lines`] takes from the file: the tasks, in file order; the tasks with
+/// dependencies (task, the positions of its dependencies) and the artifacts, checked once
+/// every id is known.
+struct Read {
+    tasks: Vec<Task>,
+    /// The [`crate::task::id_hash`] of each task's id under `seed`, taken as each line is
+    /// read (while its ids are in the cache), for the duplicate check.
+    hashes: Vec<u64>,
+    seed: u64,
+    dep_pos: Vec<(usize, Vec<(u32, u32)>)>,
+    artifacts: Vec<ArtifactRef>,
 }
 
 fn parse_lines(
@@ -307,28 +324,99 @@ fn parse_lines(
     scan: Scan,
 ) -> Result<Vec<Task>, ParseError> {
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
-    // Sized once for every token (ids, and the few `after`/`--` words): no rehashing.
+    // Sized once for every token (ids, and the few `after`/`--` words).
     // A file over the limit is refused before its tasks take more than the limit's memory.
     let words = count_words(text.as_bytes()).min(max.saturating_add(1));
-    let mut tasks: Vec<Task> = Vec::with_capacity(words);
-    let mut seen = IdIndex::with_capacity(words);
+    let mut read = Read {
+        tasks: Vec::with_capacity(words),
+        hashes: Vec::with_capacity(words),
+        seed: IdKeys::new_seed(),
+        dep_pos: Vec::new(),
+        artifacts: Vec::new(),
+    };
+    let result = read_lines(file, text, base, max, scan, &mut read);
+    // The hashes of the tasks of the line an error stopped at.
+    hash_new_tasks(&read.tasks, &mut read.hashes, read.seed);
+    let Read {
+        tasks,
+        hashes,
+        seed,
+        dep_pos,
+        artifacts,
+    } = read;
+    // Duplicate ids are looked for once the reading is over, at the end of the file or at
+    // the error that stopped it, among the tasks read before that: the first in file order
+    // is the error, as it was when each id was looked up as it was read (the reading would
+    // have stopped there, before any later error).
+    let index = IdKeys::from_hashes(hashes, seed, u64::MAX);
+    if let Some((first, second)) = index.first_duplicate(&tasks) {
+        if let (Some(first), Some(second)) = (tasks.get(first), tasks.get(second)) {
+            return Err(duplicate(file, first, second));
+        }
+    }
+    result?;
+    if tasks.is_empty() {
+        return Err(ParseError::at(
+            file,
+            0,
+            0,
+            ParseErrorKind::NoTasks,
+            "no tasks found".to_owned(),
+        ));
+    }
+    check_dependencies(file, &tasks, &index, &dep_pos)?;
+    for (_, dep, name, line, col) in &artifacts {
+        let declared = index
+            .get(&tasks, dep)
+            .and_then(|j| tasks.get(j))
+            .is_some_and(|p| p.outputs().iter().any(|o| o == name));
+        if !declared {
+            return Err(ParseError::at(
+                file,
+                *line,
+                *col,
+                ParseErrorKind::File,
+                format!("task {dep} declares no output {name:?} (add `> {name}` to its line)"),
+            ));
+        }
+    }
+    Ok(tasks)
+}
+
+/// Reads the lines of `text` into `read`, up to the end or the first error other than a
+/// duplicate id (which [`parse_lines`] looks for once the reading is over, but with
+/// [`Scan::Eager`]).
+fn read_lines(
+    file: &str,
+    text: &str,
+    base: Option<&Path>,
+    max: usize,
+    scan: Scan,
+    read: &mut Read,
+) -> Result<(), ParseError> {
+    let Read {
+        tasks,
+        hashes,
+        seed,
+        dep_pos,
+        artifacts,
+    } = read;
     let mut kinds = KindCache::default();
-    // Tasks with dependencies: (task, the positions of its dependencies), checked once
-    // every id is known.
-    let mut dep_pos: Vec<(usize, Vec<(u32, u32)>)> = Vec::new();
-    let mut artifacts: Vec<ArtifactRef> = Vec::new();
+    let mut seen = (scan == Scan::Eager).then(|| IdIndex::with_capacity(0));
     // `str::lines` splits on `\n` and strips a `\r` before it.
     for (index, line_text) in text.lines().enumerate() {
+        // The previous line's tasks, as the line is done with (a line the fast path left
+        // is read again from its start).
+        hash_new_tasks(tasks, hashes, *seed);
         let line = to_u32(index.saturating_add(1));
         if scan == Scan::Fast {
             let mark = tasks.len();
-            if plain_line(line_text, line, max, &mut tasks, &mut seen, &mut kinds) {
+            if plain_line(line_text, line, max, tasks, &mut kinds) {
                 continue;
             }
-            // Not a line of plain new ids within the limit: what the fast path took of it
+            // Not a line of plain valid ids within the limit: what the fast path took of it
             // is undone, and the line goes the general way, which finds what is there
             // (a clause, an error) exactly as it would have without the fast path.
-            seen.forget_from(&tasks, mark);
             tasks.truncate(mark);
         }
         if !tokens(line_text).any(|t| is_clause(&t)) {
@@ -337,7 +425,7 @@ fn parse_lines(
                 if tasks.len() >= max {
                     return Err(too_many(file, max));
                 }
-                let task = new_task(file, line, &token, &tasks, &mut seen)?;
+                let task = new_task(file, line, &token, tasks, seen.as_mut())?;
                 tasks.push(task);
             }
             continue;
@@ -364,7 +452,7 @@ fn parse_lines(
             if tasks.len() >= max {
                 return Err(too_many(file, max));
             }
-            let task = new_task(file, line, token, &tasks, &mut seen)?;
+            let task = new_task(file, line, token, tasks, seen.as_mut())?;
             tasks.push(task);
         }
         let mut rest = after;
@@ -581,32 +669,30 @@ fn parse_lines(
             }
         }
     }
-    if tasks.is_empty() {
-        return Err(ParseError::at(
-            file,
-            0,
-            0,
-            ParseErrorKind::NoTasks,
-            "no tasks found".to_owned(),
-        ));
+    Ok(())
+}
+
+/// Adds the hashes of the tasks past those `hashes` has.
+fn hash_new_tasks(tasks: &[Task], hashes: &mut Vec<u64>, seed: u64) {
+    if let Some(new) = tasks.get(hashes.len()..) {
+        hashes.extend(new.iter().map(|t| crate::task::id_hash(seed, t.id())));
     }
-    check_dependencies(file, &tasks, &seen, &dep_pos)?;
-    for (_, dep, name, line, col) in &artifacts {
-        let declared = seen
-            .get(&tasks, dep)
-            .and_then(|j| tasks.get(j))
-            .is_some_and(|p| p.outputs().iter().any(|o| o == name));
-        if !declared {
-            return Err(ParseError::at(
-                file,
-                *line,
-                *col,
-                ParseErrorKind::File,
-                format!("task {dep} declares no output {name:?} (add `> {name}` to its line)"),
-            ));
-        }
-    }
-    Ok(tasks)
+}
+
+/// The error for the task `second` whose id is that of the earlier task `first`.
+fn duplicate(file: &str, first: &Task, second: &Task) -> ParseError {
+    ParseError::at(
+        file,
+        second.line(),
+        second.col(),
+        ParseErrorKind::DuplicateId,
+        format!(
+            "duplicate task id {:?} (first at line {}, column {})",
+            second.id(),
+            first.line(),
+            first.col()
+        ),
+    )
 }
 
 /// Byte classes of the fast path ([`plain_line`]) and the word count ([`count_words`]).
@@ -739,7 +825,6 @@ fn plain_line(
     line: u32,
     max: usize,
     tasks: &mut Vec<Task>,
-    seen: &mut IdIndex,
     kinds: &mut KindCache,
 ) -> bool {
     let b = text.as_bytes();
@@ -778,9 +863,6 @@ fn plain_line(
         let Some(id) = text.get(start..i) else {
             return false;
         };
-        if seen.first_or_insert(tasks, id, tasks.len()).is_some() {
-            return false;
-        }
         let Some(kind) = kinds.kind(id, letters, key, upper) else {
             return false;
         };
@@ -827,7 +909,7 @@ fn new_task(
     line: u32,
     token: &Token<'_>,
     tasks: &[Task],
-    seen: &mut IdIndex,
+    seen: Option<&mut IdIndex>,
 ) -> Result<Task, ParseError> {
     let (col, id) = (token.col, token.text);
     if let Some(problem) = id_problem(id) {
@@ -839,9 +921,10 @@ fn new_task(
             format!("invalid task id {id:?}: {problem}"),
         ));
     }
-    // Recorded as the next task's id; on an error the parse stops anyway.
+    // With [`Scan::Eager`] only: recorded as the next task's id; on an error the parse
+    // stops anyway.
     if let Some(first) = seen
-        .first_or_insert(tasks, id, tasks.len())
+        .and_then(|seen| seen.first_or_insert(tasks, id, tasks.len()))
         .and_then(|j| tasks.get(j))
     {
         let (first_line, first_col) = (first.line(), first.col());
@@ -876,7 +959,7 @@ fn byte_after_col(text: &str, col: u32, len: usize) -> usize {
 fn check_dependencies(
     file: &str,
     tasks: &[Task],
-    index: &IdIndex,
+    index: &IdKeys,
     dep_pos: &[(usize, Vec<(u32, u32)>)],
 ) -> Result<(), ParseError> {
     if dep_pos.is_empty() {
@@ -1135,16 +1218,8 @@ mod tests {
     #[test]
     fn a_plain_line_is_read_by_the_fast_path_alone() {
         let line = "a1\tB22_x.y-z  abcdefghijklmnopqrstuvwxyz1  c3#note é\r";
-        let (mut tasks, mut seen, mut kinds) =
-            (Vec::new(), IdIndex::with_capacity(0), KindCache::default());
-        assert!(plain_line(
-            line,
-            7,
-            usize::MAX,
-            &mut tasks,
-            &mut seen,
-            &mut kinds
-        ));
+        let (mut tasks, mut kinds) = (Vec::new(), KindCache::default());
+        assert!(plain_line(line, 7, usize::MAX, &mut tasks, &mut kinds));
         let general = parse_lines(
             "t.txt",
             &format!("\n\n\n\n\n\n{line}"),
@@ -1160,7 +1235,6 @@ mod tests {
         // Each of these leaves the line to the general path.
         for line in [
             "a1 after b1",
-            "a1 a1",
             "a1 é1",
             "a1\u{a0}b1",
             "a1 a",
@@ -1168,23 +1242,108 @@ mod tests {
             "a1 a2!",
             "a1 --",
         ] {
-            let (mut tasks, mut seen, mut kinds) =
-                (Vec::new(), IdIndex::with_capacity(0), KindCache::default());
+            let (mut tasks, mut kinds) = (Vec::new(), KindCache::default());
             assert!(
-                !plain_line(line, 1, usize::MAX, &mut tasks, &mut seen, &mut kinds),
+                !plain_line(line, 1, usize::MAX, &mut tasks, &mut kinds),
                 "{line:?}"
             );
         }
-        let (mut tasks, mut seen, mut kinds) =
-            (Vec::new(), IdIndex::with_capacity(0), KindCache::default());
-        assert!(!plain_line(
-            "a1 a2 a3", 1, 2, &mut tasks, &mut seen, &mut kinds
-        ));
-        // What it took is given back: the ids may be declared again.
-        seen.forget_from(&tasks, 0);
+        // A duplicate does not: it is looked for once the file is read.
+        let (mut tasks, mut kinds) = (Vec::new(), KindCache::default());
+        assert!(plain_line("a1 a1", 1, usize::MAX, &mut tasks, &mut kinds));
+        assert_eq!(ids(&tasks), ["a1", "a1"]);
+        let (mut tasks, mut kinds) = (Vec::new(), KindCache::default());
+        assert!(!plain_line("a1 a2 a3", 1, 2, &mut tasks, &mut kinds));
+        // What it took is given back (the caller truncates): the ids may be declared again.
         tasks.clear();
-        assert!(plain_line("a2 a1", 2, 2, &mut tasks, &mut seen, &mut kinds));
+        assert!(plain_line("a2 a1", 2, 2, &mut tasks, &mut kinds));
         assert_eq!(ids(&tasks), ["a2", "a1"]);
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+
+        /// Duplicates looked for once the file is read give the same result (tasks, or the
+        /// error's kind, position and message) as looking up every id as it is read, for any
+        /// mix of words (duplicates, clauses, bad ids, dependencies) and plain files, under a
+        /// limit or not.
+        #[test]
+        fn duplicates_found_after_the_reading_are_those_found_while_reading(
+            parts in proptest::collection::vec((mixed_word(), separator()), 0..40),
+            plain in plain_file(),
+            max in proptest::prop_oneof![0..40usize, proptest::strategy::Just(usize::MAX)],
+        ) {
+            let mixed: String = parts.iter().map(|(w, s)| format!("{w}{s}")).collect();
+            for text in [mixed, plain] {
+                let fast = parse_lines("t.txt", &text, None, max, Scan::Fast);
+                let eager = parse_lines("t.txt", &text, None, max, Scan::Eager);
+                proptest::prop_assert_eq!(fast, eager, "{:?}", text);
+            }
+        }
+    }
+
+    #[test]
+    fn the_first_duplicate_in_file_order_is_reported_before_a_later_error() {
+        let cases = [
+            // The second a1 comes before the second b1 (whose first is earlier).
+            ("b1 a1\nc1 a1 b1\n", "t.txt:2:4: duplicate task id \"a1\" (first at line 1, column 4)"),
+            // Before a bad id, a clause error, an unknown dependency later in the file.
+            ("a1 a1 1x\n", "t.txt:1:4: duplicate task id \"a1\" (first at line 1, column 1)"),
+            ("a1\nb1\nb1 after a1 cost x\n", "t.txt:3:1: duplicate task id \"b1\" (first at line 2, column 1)"),
+            ("a1\nb1 after a1 cost x\nb1\n", "t.txt:2:18: bad cost \"x\": expected a whole number from 1 to 4294967295, e.g. `cost 10`"),
+            ("a1 after zz9\na1 < @b1/o\n", "t.txt:2:1: duplicate task id \"a1\" (first at line 1, column 1)"),
+            // After an error, it is not.
+            ("a1 1x a1\n", "t.txt:1:4: invalid task id \"1x\": a task id starts with its type letters followed by a digit, e.g. a1"),
+            ("a1 a2 after a1\na1\n", "t.txt:1:4: a line with `after`, `cost`, `timeout`, `retries`, `<`, `>` or `--` declares exactly one task first, e.g. `b2 after a1 cost 5 < in.csv > out.txt -- ARGS`"),
+        ];
+        for (text, expected) in cases {
+            for scan in [Scan::Fast, Scan::General, Scan::Eager] {
+                let err = parse_lines("t.txt", text, None, usize::MAX, scan).unwrap_err();
+                assert_eq!(err.to_string(), expected, "{text:?}");
+            }
+        }
+        // Within the limit, the duplicate; the task past the limit is never read.
+        let err = parse_lines("t.txt", "a1 a2 a1 a3", None, 3, Scan::Fast).unwrap_err();
+        assert_eq!(err.kind, ParseErrorKind::DuplicateId);
+        let err = parse_lines("t.txt", "a1 a2 a3 a1", None, 3, Scan::Fast).unwrap_err();
+        assert_eq!(err.kind, ParseErrorKind::TooManyTasks);
+    }
+
+    #[test]
+    fn dependencies_and_artifacts_are_found_by_the_sorted_keys() {
+        let mut text = String::new();
+        for i in 0..3000 {
+            text.push_str(&format!("a{i} > o{i}\n"));
+        }
+        for i in 0..3000 {
+            text.push_str(&format!("b{i} after a{} < @a{}/o{}\n", 2999 - i, i, i));
+        }
+        let tasks = parse_lines("t.txt", &text, None, usize::MAX, Scan::Fast).unwrap();
+        assert_eq!(tasks.len(), 6000);
+        let err = parse_lines(
+            "t.txt",
+            &format!("{text}c1 after a3000\n"),
+            None,
+            usize::MAX,
+            Scan::Fast,
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "t.txt:6001:10: c1 depends on unknown task \"a3000\""
+        );
+        let err = parse_lines(
+            "t.txt",
+            &format!("{text}c1 < @a7/o8\n"),
+            None,
+            usize::MAX,
+            Scan::Fast,
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "t.txt:6001:6: task a7 declares no output \"o8\" (add `> o8` to its line)"
+        );
     }
 
     #[test]

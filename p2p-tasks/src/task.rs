@@ -719,40 +719,6 @@ impl IdIndex {
         }
     }
 
-    /// Takes out the entries of the tasks `tasks[from..]` (recorded by [`Self::first_or_insert`],
-    /// each the first of its id), as if they had never been inserted.
-    pub(crate) fn forget_from(&mut self, tasks: &[Task], from: usize) {
-        let mask = self.slots.len() - 1;
-        for t in tasks.iter().skip(from) {
-            let frag = self.frag(t.id());
-            let mut at = self.probe(tasks, t.id(), frag);
-            if self.slots[at] == 0 {
-                continue;
-            }
-            // Deletion from a linear-probing table: the entries after the hole that would
-            // no longer be found move back into it.
-            self.slots[at] = 0;
-            self.len -= 1;
-            let mut next = (at + 1) & mask;
-            while self.slots[next] != 0 {
-                let home = self.frags[next] as usize & mask;
-                // The entry stays when its home lies cyclically in (at, next].
-                let stays = if at <= next {
-                    at < home && home <= next
-                } else {
-                    at < home || home <= next
-                };
-                if !stays {
-                    self.slots[at] = self.slots[next];
-                    self.frags[at] = self.frags[next];
-                    self.slots[next] = 0;
-                    at = next;
-                }
-                next = (next + 1) & mask;
-            }
-        }
-    }
-
     /// The position of the task with this id.
     pub(crate) fn get(&self, tasks: &[Task], id: &str) -> Option<usize> {
         match self.slots[self.probe(tasks, id, self.frag(id))] {
@@ -760,6 +726,209 @@ impl IdIndex {
             p => Some((p - 1) as usize),
         }
     }
+}
+
+/// The ids of a task list as sorted 8-byte keys: the parser's check for a duplicate id, and
+/// the position of an id, once the whole file is read.
+///
+/// A key is the task's position in its low bits (as many as the list's length needs: 20
+/// for a million tasks) under the high bits of its id's [`id_hash`] (44 of them, then).
+/// Sorted, the keys put the tasks whose ids share those hash bits next to each other, in
+/// file order, and ids are compared only there. The sort deals the keys into buckets by
+/// their top bits (about a thousand keys, 8 KiB, a bucket), each then sorted while it is in
+/// the cache: the keys are read and written in order, where an [`IdIndex`] built while the
+/// file is read probes one random slot of a table of 16 bytes a task for every id, a miss
+/// of the cache once the table outgrows it. 8 bytes a task, and as much again while the
+/// keys are dealt.
+pub(crate) struct IdKeys {
+    /// Sorted: hash bits, then position.
+    keys: Vec<u64>,
+    /// The hash bits of a key (the bits above the position's).
+    high: u64,
+    seed: u64,
+}
+
+impl IdKeys {
+    /// The sorted keys of the ids of `tasks`, under a fresh seed.
+    #[cfg(test)]
+    pub(crate) fn sort(tasks: &[Task]) -> Self {
+        let seed = Self::new_seed();
+        let hashes = tasks.iter().map(|t| id_hash(seed, t.id())).collect();
+        Self::from_hashes(hashes, seed, u64::MAX)
+    }
+
+    /// A fresh seed for [`Self::from_hashes`].
+    pub(crate) fn new_seed() -> u64 {
+        random_seed()
+    }
+
+    /// [`Self::sort`] under `seed`, keeping only the hash bits of `mask` (all of them but in
+    /// the tests, which keep few so that many ids share their hash bits).
+    #[cfg(test)]
+    fn sort_with(tasks: &[Task], seed: u64, mask: u64) -> Self {
+        let hashes = tasks.iter().map(|t| id_hash(seed, t.id())).collect();
+        Self::from_hashes(hashes, seed, mask)
+    }
+
+    /// The sorted keys of a list whose ids have the [`id_hash`]es `hashes` under `seed`,
+    /// in list order (the parser's, taken as each line is read, while its ids are in the
+    /// cache), keeping the hash bits of `mask`. The keys take the place of the hashes.
+    pub(crate) fn from_hashes(mut keys: Vec<u64>, seed: u64, mask: u64) -> Self {
+        let n = keys.len();
+        // Positions 0..n take the bit length of n - 1 (at least one bit).
+        let pos_bits = (usize::BITS - n.saturating_sub(1).leading_zeros()).max(1);
+        let high = u64::MAX.checked_shl(pos_bits).unwrap_or(0) & mask;
+        for (i, k) in keys.iter_mut().enumerate() {
+            *k = (*k & high) | i as u64;
+        }
+        // Buckets of about 1024 keys, by up to 16 top bits (of the hash, but for a list of
+        // more than 2^48 tasks; any top bits would do: a bucket's keys are all below the
+        // next one's).
+        let bits = (usize::BITS - (n >> 10).leading_zeros()).min(16);
+        if bits == 0 {
+            keys.sort_unstable();
+            return IdKeys { keys, high, seed };
+        }
+        let shift = 64 - bits;
+        let bucket = |k: u64| (k >> shift) as usize;
+        // starts[b]: where bucket b begins; one more entry, the end.
+        let mut starts = vec![0usize; (1 << bits) + 1];
+        for &k in &keys {
+            starts[bucket(k) + 1] += 1;
+        }
+        for b in 1..starts.len() {
+            starts[b] += starts[b - 1];
+        }
+        let mut dealt = vec![0u64; n];
+        let mut next = starts.clone();
+        for &k in &keys {
+            let at = &mut next[bucket(k)];
+            dealt[*at] = k;
+            *at += 1;
+        }
+        // Each bucket (in the cache now): dealt again by its next bits, back into `keys`,
+        // which leaves sub-buckets of about one key, then put in order by insertion (a
+        // move only where keys share those bits).
+        let mut counts: Vec<usize> = Vec::new();
+        for w in starts.windows(2) {
+            let (from, to) = (w[0], w[1]);
+            sort_bucket(&dealt[from..to], &mut keys[from..to], shift, &mut counts);
+        }
+        drop(dealt);
+        IdKeys { keys, high, seed }
+    }
+
+    /// The position a key holds.
+    fn pos(&self, k: u64) -> usize {
+        (k & !self.high) as usize
+    }
+
+    /// The first duplicate id in list order: (the position of the first task with that id,
+    /// the position of the second), the second the earliest of all duplicates.
+    pub(crate) fn first_duplicate(&self, tasks: &[Task]) -> Option<(usize, usize)> {
+        let keys = &self.keys;
+        let mut best: Option<(usize, usize)> = None;
+        let mut i = 0;
+        while i + 1 < keys.len() {
+            let h = keys[i] & self.high;
+            if keys[i + 1] & self.high != h {
+                i += 1;
+                continue;
+            }
+            // A run of keys with the same hash bits, in list order.
+            let end = keys[i..]
+                .iter()
+                .position(|&k| k & self.high != h)
+                .map_or(keys.len(), |e| i + e);
+            let run: Vec<usize> = keys[i..end].iter().map(|&k| self.pos(k)).collect();
+            if let Some(found) = first_duplicate_in(tasks, run) {
+                if best.is_none_or(|b| found.1 < b.1) {
+                    best = Some(found);
+                }
+            }
+            i = end;
+        }
+        best
+    }
+
+    /// The position of the first task with id `id`.
+    pub(crate) fn get(&self, tasks: &[Task], id: &str) -> Option<usize> {
+        let h = id_hash(self.seed, id) & self.high;
+        // A key is below `h` exactly when its hash bits are (`h` has no position bits).
+        let from = self.keys.partition_point(|&k| k < h);
+        self.keys[from..]
+            .iter()
+            .take_while(|&&k| k & self.high == h)
+            .map(|&k| self.pos(k))
+            .find(|&p| tasks.get(p).is_some_and(|t| t.id() == id))
+    }
+}
+
+/// Sorts the keys of one bucket, `from`, into `to` (as long): a counting sort by the bits
+/// just below `shift` (those above are the bucket's, the same for all), then an insertion
+/// sort, which moves few keys, as few share those bits; `counts`: room for the counts,
+/// reused from bucket to bucket. Should the keys need many moves (they cannot with the
+/// random bits of a hash, whatever the ids), they are sorted the usual way instead.
+fn sort_bucket(from: &[u64], to: &mut [u64], shift: u32, counts: &mut Vec<usize>) {
+    let n = from.len();
+    if n <= 1 {
+        for (t, &f) in to.iter_mut().zip(from) {
+            *t = f;
+        }
+        return;
+    }
+    // About one key a sub-bucket, at most 4096 of them.
+    let bits = (usize::BITS - n.leading_zeros()).min(12).min(shift);
+    let low = shift - bits;
+    let digit = |k: u64| ((k >> low) & ((1u64 << bits) - 1)) as usize;
+    counts.clear();
+    counts.resize((1 << bits) + 1, 0);
+    for &k in from {
+        counts[digit(k) + 1] += 1;
+    }
+    for d in 1..counts.len() {
+        counts[d] += counts[d - 1];
+    }
+    for &k in from {
+        let at = &mut counts[digit(k)];
+        to[*at] = k;
+        *at += 1;
+    }
+    let mut moves = 0usize;
+    for i in 1..n {
+        let k = to[i];
+        let mut j = i;
+        while j > 0 && to[j - 1] > k {
+            to[j] = to[j - 1];
+            j -= 1;
+        }
+        to[j] = k;
+        moves += i - j;
+        if moves > 8 * n {
+            to.sort_unstable();
+            return;
+        }
+    }
+}
+
+/// The first duplicate among the tasks at positions `run` (ascending), as
+/// [`IdKeys::first_duplicate`] has it.
+fn first_duplicate_in(tasks: &[Task], mut run: Vec<usize>) -> Option<(usize, usize)> {
+    let id = |p: usize| tasks.get(p).map(Task::id);
+    if let [a, b] = run[..] {
+        // The usual run: two ids, equal or sharing hash bits by chance.
+        return (id(a) == id(b)).then_some((a, b));
+    }
+    // By id, then (a stable sort) position: each id's tasks in a row, the first first.
+    run.sort_by(|&a, &b| id(a).cmp(&id(b)));
+    let mut best: Option<(usize, usize)> = None;
+    for (j, w) in run.windows(2).enumerate() {
+        let starts_group = j == 0 || id(run[j - 1]) != id(w[0]);
+        if starts_group && id(w[0]) == id(w[1]) && best.is_none_or(|b| w[1] < b.1) {
+            best = Some((w[0], w[1]));
+        }
+    }
+    best
 }
 
 #[cfg(test)]
@@ -924,44 +1093,133 @@ mod tests {
     }
 
     proptest::proptest! {
-        /// The table answers as a map from id to first position, also after the entries
-        /// from a mark on are taken back (deletion moves later entries of a probe run back),
-        /// with ids that share hash slots (a table of 16 slots, many ids) and long ids.
+        /// The table answers as a map from id to first position, with ids that share hash
+        /// slots (a table of 16 slots, many ids) and long ids.
         #[test]
-        fn the_id_index_answers_as_a_map_and_forgets_a_tail(
+        fn the_id_index_answers_as_a_map(
             ids in proptest::collection::vec("[ab][0-9]{1,2}|[a-z]{17,40}[0-9]", 0..60),
-            mark in proptest::sample::select(vec![0usize, 1, 3, 7, 20, 40, 60]),
         ) {
             let mut tasks: Vec<Task> = Vec::new();
             let mut index = IdIndex::with_capacity(0);
             let mut model: std::collections::HashMap<String, usize> = Default::default();
-            // Records every id, checking each answer against the model's.
-            let record = |index: &mut IdIndex,
-                          tasks: &mut Vec<Task>,
-                          model: &mut std::collections::HashMap<String, usize>|
-             -> Result<(), proptest::test_runner::TestCaseError> {
-                for id in &ids {
-                    let first = index.first_or_insert(tasks, id, tasks.len());
-                    proptest::prop_assert_eq!(first, model.get(id.as_str()).copied());
-                    if first.is_none() {
-                        model.insert(id.clone(), tasks.len());
-                        tasks.push(Task::from_id(id).unwrap());
-                    }
+            for id in &ids {
+                let first = index.first_or_insert(&tasks, id, tasks.len());
+                proptest::prop_assert_eq!(first, model.get(id.as_str()).copied());
+                if first.is_none() {
+                    model.insert(id.clone(), tasks.len());
+                    tasks.push(Task::from_id(id).unwrap());
                 }
-                Ok(())
-            };
-            record(&mut index, &mut tasks, &mut model)?;
-            let mark = mark.min(tasks.len());
-            index.forget_from(&tasks, mark);
-            tasks.truncate(mark);
-            model.retain(|_, &mut i| i < mark);
+            }
             for id in &ids {
                 proptest::prop_assert_eq!(index.get(&tasks, id), model.get(id.as_str()).copied());
             }
-            // Taken back, an id can be recorded again.
-            record(&mut index, &mut tasks, &mut model)?;
             proptest::prop_assert_eq!(index.len, model.len());
         }
+    }
+
+    /// The first duplicate of `ids` as a map from id to first position finds it: (the first
+    /// position of the id, the position of its second task), the second the earliest.
+    fn naive_first_duplicate(ids: &[String]) -> Option<(usize, usize)> {
+        let mut first: std::collections::HashMap<&str, usize> = Default::default();
+        for (i, id) in ids.iter().enumerate() {
+            if let Some(&j) = first.get(id.as_str()) {
+                return Some((j, i));
+            }
+            first.insert(id, i);
+        }
+        None
+    }
+
+    /// Hash masks for the sorted keys: all bits, a few top ones (ids share them, also in
+    /// buckets), one, none (every id in one run).
+    const MASKS: [u64; 5] = [
+        u64::MAX,
+        0xff00_0000_0000_0000,
+        0xc000_0000_0000_0000,
+        1 << 63,
+        0,
+    ];
+
+    /// Hash masks for long lists: all bits, a few top ones, and four bits below those the
+    /// buckets and sub-buckets are dealt by (so that the insertion sort has too many keys
+    /// to move, and sorts them the usual way).
+    const LONG_MASKS: [u64; 4] = [
+        u64::MAX,
+        0xff00_0000_0000_0000,
+        0xc000_0000_0000_0000,
+        0xf_0000_0000,
+    ];
+
+    /// Distinct ids, `n` of them, then `dups` of them (by index into the distinct ones)
+    /// inserted again at the given places.
+    fn with_dups(n: usize, dups: &[(usize, usize)]) -> Vec<String> {
+        let mut ids: Vec<String> = (0..n).map(|i| format!("a{i}")).collect();
+        for &(of, at) in dups {
+            if n > 0 {
+                let id = ids[of % n].clone();
+                let at = at % (ids.len() + 1);
+                ids.insert(at, id);
+            }
+        }
+        ids
+    }
+
+    proptest::proptest! {
+        /// The sorted keys find the same first duplicate as a map does, and every id's first
+        /// position, for random lists with planted duplicates, under hash bits that are
+        /// all kept or almost none (so that ids are compared in long runs of equal bits).
+        #[test]
+        fn sorted_keys_find_the_first_duplicate_and_every_id_as_a_map_does(
+            ids in proptest::collection::vec("[ab][0-9]{1,2}|[A-Za-z]{1,3}[0-9]{0,3}|[a-z]{17,40}[0-9]", 0..80),
+            mask in proptest::sample::select(MASKS.to_vec()),
+            seed in proptest::num::u64::ANY,
+        ) {
+            let tasks: Vec<Task> = ids.iter().map(|id| Task::parsed(id, CompactString::from("a"), 0, 0)).collect();
+            let keys = IdKeys::sort_with(&tasks, seed, mask);
+            proptest::prop_assert!(keys.keys.windows(2).all(|w| w[0] < w[1]));
+            proptest::prop_assert_eq!(keys.first_duplicate(&tasks), naive_first_duplicate(&ids));
+            for id in ids.iter().map(String::as_str).chain(["a", "zz99", "a1000"]) {
+                let first = ids.iter().position(|x| x == id);
+                proptest::prop_assert_eq!(keys.get(&tasks, id), first, "{}", id);
+            }
+        }
+
+        /// The same for lists of thousands of tasks (dealt into buckets first), with few
+        /// planted duplicates or none.
+        #[test]
+        fn sorted_keys_of_long_lists_find_the_first_duplicate_as_a_map_does(
+            n in 0usize..6000,
+            dups in proptest::collection::vec((0usize..6000, 0usize..7000), 0..4),
+            mask in proptest::sample::select(LONG_MASKS.to_vec()),
+            seed in proptest::num::u64::ANY,
+        ) {
+            let ids = with_dups(n, &dups);
+            let tasks: Vec<Task> = ids.iter().map(|id| Task::from_id(id).unwrap()).collect();
+            let keys = IdKeys::sort_with(&tasks, seed, mask);
+            proptest::prop_assert!(keys.keys.windows(2).all(|w| w[0] < w[1]));
+            proptest::prop_assert_eq!(keys.first_duplicate(&tasks), naive_first_duplicate(&ids));
+            for (i, id) in ids.iter().enumerate().step_by(97) {
+                let first = ids.iter().position(|x| x == id);
+                proptest::prop_assert!(first.is_some_and(|f| f <= i));
+                proptest::prop_assert_eq!(keys.get(&tasks, id), first);
+            }
+        }
+    }
+
+    #[test]
+    fn sorted_keys_of_a_million_ids_find_a_late_duplicate_and_every_id() {
+        let n = 1 << 20;
+        let mut ids = with_dups(n, &[(123_456, n)]);
+        ids.push("b1".to_owned());
+        let tasks: Vec<Task> = ids.iter().map(|id| Task::from_id(id).unwrap()).collect();
+        let keys = IdKeys::sort(&tasks);
+        assert_eq!(keys.first_duplicate(&tasks), Some((123_456, n)));
+        for i in (0..n).step_by(4099) {
+            assert_eq!(keys.get(&tasks, &ids[i]), Some(i));
+        }
+        assert_eq!(keys.get(&tasks, "b1"), Some(n + 1));
+        assert_eq!(keys.get(&tasks, "b2"), None);
+        assert_eq!(IdKeys::sort(&tasks[..n]).first_duplicate(&tasks[..n]), None);
     }
 
     #[test]
