@@ -99,6 +99,8 @@ struct Incoming {
     file: Writer,
     hash: ContentHash,
     size: u64,
+    /// When the offer came: the log's transfer time is from there to the file kept.
+    offered: std::time::Instant,
 }
 
 /// Files larger than this are written by a thread of their own ([`Writer`]).
@@ -729,6 +731,7 @@ impl LinkFiles {
                         file,
                         hash,
                         size,
+                        offered: std::time::Instant::now(),
                     },
                 );
             }
@@ -855,6 +858,14 @@ impl LinkFiles {
                 cache.unpin(&inc.hash);
                 drop(cache);
                 send(link, done);
+                let took = inc.offered.elapsed();
+                debug!(
+                    hash = %inc.hash,
+                    size = inc.size,
+                    took_ms = format_args!("{:.1}", took.as_secs_f64() * 1e3),
+                    mb_per_s = format_args!("{:.0}", inc.size as f64 / 1e6 / took.as_secs_f64().max(1e-9)),
+                    "input received, checked and kept"
+                );
             }
             Err(CommitError::NoRoom(e)) => {
                 drop(cache);
