@@ -324,6 +324,12 @@ pub struct ServeArgs {
     /// the others are always removed when their attempt ends.
     #[arg(long)]
     pub keep_work: bool,
+    /// Place the tasks' inputs as hard links to the node's cached files, made read-only,
+    /// instead of copies (no copy per task, whatever the file's size; a copy where the file
+    /// system cannot link). Handlers must not write their inputs: one that does fails its
+    /// attempt and the cached file is dropped.
+    #[arg(long)]
+    pub link_inputs: bool,
     /// Most bytes of files this node keeps for tasks (DATA_DIR/cache/SLOT, least recently
     /// used first out).
     #[arg(long, value_name = "SIZE", default_value = "1GiB", value_parser = parse_size_u64)]
@@ -1276,7 +1282,8 @@ async fn serve(
             a.max_file.unwrap_or(a.cache_size),
             a.common.max_frame,
         )
-        .with_max_result(a.max_result_size),
+        .with_max_result(a.max_result_size)
+        .with_link_inputs(a.link_inputs),
     );
     let b = b.files(node_files.clone());
     let mut node = match with_identity(b, &identity).build().await {

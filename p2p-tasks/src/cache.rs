@@ -11,6 +11,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::path::{Path, PathBuf};
+use std::time::SystemTime;
 
 use p2p_core::ContentHash;
 
@@ -203,6 +204,9 @@ impl Index {
 pub struct Cache {
     dir: PathBuf,
     index: Index,
+    /// The size and modification time of each file when it was first placed as a link
+    /// (`serve --link-inputs`), to tell a file a task wrote from the one received.
+    stamps: std::collections::HashMap<ContentHash, Stamp>,
 }
 
 impl Cache {
@@ -239,6 +243,7 @@ impl Cache {
         let mut cache = Cache {
             dir: dir.to_path_buf(),
             index: Index::new(capacity),
+            stamps: Default::default(),
         };
         for (_, hash, size) in found {
             match cache.index.make_room(size) {
@@ -272,6 +277,7 @@ impl Cache {
         }
         if !self.path(hash).is_file() {
             self.index.remove(hash);
+            self.stamps.remove(hash);
             return false;
         }
         self.index.touch(hash)
@@ -294,6 +300,7 @@ impl Cache {
     ) -> Result<PathBuf, CommitError> {
         let evicted = self.index.make_room(size)?;
         self.delete(&evicted);
+        self.stamps.remove(&hash);
         let path = self.path(&hash);
         partial
             .persist(&path)
@@ -318,6 +325,7 @@ impl Cache {
         }
         let evicted = self.index.make_room(size)?;
         self.delete(&evicted);
+        self.stamps.remove(&hash);
         if std::fs::rename(path, &dest).is_err() {
             std::fs::copy(path, &dest).map_err(|e| CommitError::Io(e.to_string()))?;
         }
@@ -348,11 +356,47 @@ impl Cache {
         std::fs::copy(self.path(hash), dest)
     }
 
-    fn delete(&self, hashes: &[ContentHash]) {
+    /// Drops `hash` from the cache because its bytes changed: forgotten, and its file
+    /// deleted when it is still the one open as `file` (not one received again since).
+    pub fn forget_file(&mut self, hash: &ContentHash, file: &std::fs::File) {
+        use std::os::unix::fs::MetadataExt;
+        let path = self.path(hash);
+        let same = match (std::fs::metadata(&path), file.metadata()) {
+            (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+            _ => false,
+        };
+        if same {
+            let _ = std::fs::remove_file(&path);
+            self.index.remove(hash);
+            self.stamps.remove(hash);
+        }
+    }
+
+    /// Whether the file of `hash`, now of `len` bytes modified at `modified`, is as it was
+    /// the first time this was asked since it came into the cache (recorded then).
+    pub fn unchanged(
+        &mut self,
+        hash: &ContentHash,
+        len: u64,
+        modified: Option<SystemTime>,
+    ) -> bool {
+        let now = Stamp { len, modified };
+        *self.stamps.entry(*hash).or_insert(now) == now
+    }
+
+    fn delete(&mut self, hashes: &[ContentHash]) {
         for h in hashes {
+            self.stamps.remove(h);
             let _ = std::fs::remove_file(self.path(h));
         }
     }
+}
+
+/// A cached file's size and modification time (see [`Cache::unchanged`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    len: u64,
+    modified: Option<SystemTime>,
 }
 
 /// Why a received file could not be committed.
@@ -540,5 +584,44 @@ mod tests {
         let p = c.partial().unwrap();
         assert!(matches!(c.commit(p, h(1), 4), Err(CommitError::NoRoom(_))));
         let _ = c.has(&a);
+    }
+
+    #[test]
+    fn a_file_written_after_its_first_link_is_told_apart_and_dropped() {
+        let root = tempfile::tempdir().unwrap();
+        let mut c = Cache::open(&root.path().join("cache"), 100).unwrap();
+        let put = |c: &mut Cache, bytes: &[u8]| {
+            let mut p = c.partial().unwrap();
+            std::io::Write::write_all(&mut p, bytes).unwrap();
+            let hash = hash_bytes(bytes);
+            let path = c.commit(p, hash, bytes.len() as u64).unwrap();
+            c.unpin(&hash);
+            (hash, path)
+        };
+        let stamp = |path: &Path| {
+            let m = std::fs::metadata(path).unwrap();
+            (m.len(), m.modified().ok())
+        };
+        let (a, pa) = put(&mut c, b"aaaa");
+        let (len, modified) = stamp(&pa);
+        assert!(c.unchanged(&a, len, modified));
+        assert!(c.unchanged(&a, len, modified));
+        // Written through a link (a later modification time, or another size).
+        let later = modified.map(|t| t + std::time::Duration::from_secs(1));
+        assert!(!c.unchanged(&a, len, later));
+        assert!(!c.unchanged(&a, len + 1, modified));
+        // Dropped only while its name is still the file that was open.
+        let open = std::fs::File::open(&pa).unwrap();
+        let other = std::fs::File::open(root.path()).unwrap();
+        c.forget_file(&a, &other);
+        assert!(c.has(&a) && pa.exists());
+        c.forget_file(&a, &open);
+        assert!(!c.has(&a) && !pa.exists());
+        // Received again: a new file, whose first stamp is its own.
+        let (a2, pa2) = put(&mut c, b"aaaa");
+        assert_eq!(a2, a);
+        std::fs::write(&pa2, "aaaa").unwrap();
+        let (len, modified) = stamp(&pa2);
+        assert!(c.unchanged(&a, len, modified));
     }
 }

@@ -89,6 +89,10 @@ pub struct TaskFiles {
     pub streams: Option<std::path::PathBuf>,
     /// The most bytes of each stream kept under `streams` (`serve --max-result-size`).
     pub stream_limit: u64,
+    /// Place each input as a hard link to its source, made read-only, where the file
+    /// system allows (else a copy, as without it): `serve --link-inputs`. The task must not
+    /// write its inputs; the node checks after the attempt that it did not.
+    pub link_inputs: bool,
 }
 
 /// What came of a task.

@@ -42,6 +42,7 @@ pub struct NodeFiles {
     max_file: u64,
     max_result: u64,
     chunk: usize,
+    link_inputs: bool,
 }
 
 /// The default of `serve --max-result-size`: the most bytes of a task's standard output
@@ -57,7 +58,18 @@ impl NodeFiles {
             max_file,
             max_result: DEFAULT_MAX_RESULT,
             chunk: transfer::chunk_len(max_frame),
+            link_inputs: false,
         }
+    }
+
+    /// Places the tasks' inputs as hard links to the cached files, made read-only, where
+    /// the file system allows (`serve --link-inputs`): no copy per task, whatever the
+    /// file's size. A task must then not write its inputs: after each attempt the node
+    /// checks the cached file's size and modification time, and one that changed fails the
+    /// attempt and leaves the cache (the next task that needs it has it sent again).
+    pub fn with_link_inputs(mut self, link: bool) -> NodeFiles {
+        self.link_inputs = link;
+        self
     }
 
     /// Keeps at most `bytes` of each of a task's standard streams (`serve
@@ -598,6 +610,42 @@ struct RunningFiles {
     pinned: Vec<ContentHash>,
     outputs: Vec<String>,
     collect: Option<tempfile::TempDir>,
+    /// With [`NodeFiles::with_link_inputs`]: each input, as it was when it was placed.
+    linked: Vec<Linked>,
+}
+
+/// An input placed as a link to the cached file: the file (open, so its bytes are checked
+/// even when the cache has let go of its name), with its size and modification time then.
+struct Linked {
+    name: String,
+    hash: ContentHash,
+    file: std::fs::File,
+    len: u64,
+    modified: Option<std::time::SystemTime>,
+}
+
+impl Linked {
+    /// The input `name`, the cached file of `hash` at `path`, as it is now.
+    fn open(name: &str, hash: ContentHash, path: &std::path::Path) -> std::io::Result<Linked> {
+        let file = std::fs::File::open(path)?;
+        let meta = file.metadata()?;
+        Ok(Linked {
+            name: name.to_owned(),
+            hash,
+            file,
+            len: meta.len(),
+            modified: meta.modified().ok(),
+        })
+    }
+
+    /// Whether the file's size or modification time moved since [`Linked::open`] (a
+    /// metadata that cannot be read counts as moved).
+    fn changed(&self) -> bool {
+        match self.file.metadata() {
+            Ok(m) => m.len() != self.len || m.modified().ok() != self.modified,
+            Err(_) => true,
+        }
+    }
 }
 
 /// One connection's transfers (see the module documentation).
@@ -963,6 +1011,7 @@ impl LinkFiles {
         let mut cache = node.cache();
         let mut files = TaskFiles::default();
         let mut pinned = Vec::new();
+        let mut linked = Vec::new();
         for i in &inputs {
             if !cache.has(&i.hash) || !cache.pin(&i.hash) {
                 for h in &pinned {
@@ -974,8 +1023,32 @@ impl LinkFiles {
                 ));
             }
             pinned.push(i.hash);
-            files.inputs.push((i.name.clone(), cache.path(&i.hash)));
+            let path = cache.path(&i.hash);
+            if node.link_inputs {
+                // A file an earlier task wrote (its check has not run yet) is not placed.
+                let opened = Linked::open(&i.name, i.hash, &path).and_then(|l| {
+                    if cache.unchanged(&l.hash, l.len, l.modified) {
+                        Ok(l)
+                    } else {
+                        cache.forget_file(&l.hash, &l.file);
+                        Err(std::io::Error::other(
+                            "a task wrote it; dropped from the cache",
+                        ))
+                    }
+                });
+                match opened {
+                    Ok(l) => linked.push(l),
+                    Err(e) => {
+                        for h in &pinned {
+                            cache.unpin(h);
+                        }
+                        return Err(format!("cannot place input {:?} ({}): {e}", i.name, i.hash));
+                    }
+                }
+            }
+            files.inputs.push((i.name.clone(), path));
         }
+        files.link_inputs = node.link_inputs;
         // Every task with a `Files` record keeps its whole standard streams here too.
         let collect = match tempfile::Builder::new()
             .prefix("out-")
@@ -1000,6 +1073,7 @@ impl LinkFiles {
                 pinned,
                 outputs,
                 collect,
+                linked,
             },
         );
         Ok(Some(Box::new(files)))
@@ -1019,6 +1093,19 @@ impl LinkFiles {
             let mut cache = node.cache();
             for h in &run.pinned {
                 cache.unpin(h);
+            }
+            // A linked input the task wrote: the cached bytes are no longer the hash's.
+            for l in run.linked.iter().filter(|l| l.changed()) {
+                cache.forget_file(&l.hash, &l.file);
+                warn!(input = %l.name, hash = %l.hash, "the task wrote an input placed as a link (--link-inputs): the cached copy is dropped");
+                let reason = format!(
+                    "the task wrote its input {:?}, a link to the node's cached copy (serve --link-inputs: inputs are read-only); the copy was dropped from the cache",
+                    l.name
+                );
+                if outcome.ok {
+                    outcome.ok = false;
+                    outcome.error = Some(reason);
+                }
             }
         }
         let Some(collect) = run.collect else {

@@ -699,6 +699,97 @@ fn an_input_shared_by_many_tasks_crosses_the_wire_once_per_node() {
     );
 }
 
+/// `serve --link-inputs`: an input is a read-only hard link to the node's cached file (no
+/// copy); a task that writes one anyway (root ignores the mode) fails, the cached file is
+/// dropped, and the next task that needs it has it sent again, unchanged. Without the flag
+/// each task gets a copy of its own.
+#[test]
+fn linked_inputs_are_read_only_links_and_a_task_that_writes_one_fails_and_drops_it() {
+    let dir = TestDir::new();
+    let bytes: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    std::fs::write(dir.join("in.bin"), &bytes).unwrap();
+    dir.write(
+        "read.txt",
+        "a1 < in.bin
+",
+    );
+    dir.write(
+        "write.txt",
+        "b1 < in.bin
+",
+    );
+    dir.write(
+        "again.txt",
+        "a2 < in.bin
+",
+    );
+    // What a task sees: size, link count, mode.
+    let see = "a=echo $(wc -c < in.bin) $(stat -c %h in.bin) $(stat -c %a in.bin)";
+    let outputs = |s: &Serve, file: &str, code: i32| -> Vec<serde_json::Value> {
+        let out = run_in(dir.path(), &["run", file, "--json", "--peer", &s.peer()]);
+        out.assert_code(code);
+        let json = out.json();
+        events_named(&json, "task_completed")
+            .into_iter()
+            .chain(events_named(&json, "task_failed"))
+            .cloned()
+            .collect()
+    };
+    let data = TestDir::new();
+    let linked = Serve::types(
+        "a,b",
+        &[
+            "--handler",
+            see,
+            "--handler",
+            "b=echo more >> in.bin",
+            "--link-inputs",
+            "-v",
+            "--data-dir",
+            data.path().to_str().unwrap(),
+        ],
+    );
+    let e = outputs(&linked, "read.txt", 0);
+    assert_eq!(e.len(), 1, "{e:?}");
+    // The cached file and the task's link (the copy would be "1 600").
+    assert_eq!(e[0]["output"], "300000 2 400", "{e:?}");
+    let e = outputs(&linked, "write.txt", 1);
+    let error = e[0]["error"].as_str().unwrap_or_default().to_owned();
+    assert!(
+        error.contains("the task wrote its input \"in.bin\""),
+        "{e:?}"
+    );
+    let e = outputs(&linked, "again.txt", 0);
+    assert_eq!(e[0]["output"], "300000 2 400", "{e:?}");
+    let log = linked.stderr.text();
+    assert_eq!(
+        log.matches("input offered: receiving it").count(),
+        2,
+        "sent once, and again after it was dropped\n{log}"
+    );
+    // The node's cached copy is the input's bytes again.
+    let name = hash_bytes(&bytes).to_hex();
+    let cached: Vec<_> = walk(data.path())
+        .into_iter()
+        .filter(|p| p.file_name().is_some_and(|n| n == name.as_str()))
+        .collect();
+    assert_eq!(cached.len(), 1, "{cached:?}");
+    assert_eq!(std::fs::read(&cached[0]).unwrap(), bytes);
+
+    let data = TestDir::new();
+    let copied = Serve::types(
+        "a",
+        &[
+            "--handler",
+            see,
+            "--data-dir",
+            data.path().to_str().unwrap(),
+        ],
+    );
+    let e = outputs(&copied, "read.txt", 0);
+    assert_eq!(e[0]["output"], "300000 1 600", "{e:?}");
+}
+
 /// The bytes `yes 0123456789abcdef | head -c LEN` prints.
 fn yes_bytes(len: usize) -> Vec<u8> {
     b"0123456789abcdef\n"

@@ -7,7 +7,8 @@
 //!   as a cold run (the node does not have the file) minus a warm one (it answers `Have`,
 //!   nothing moves); with and without a cluster key; peak RSS of `run` and of `serve`.
 //! - 1,000 tasks sharing one 100 MB input over 3 nodes: how many times the input was
-//!   received (from the nodes' logs), and the run's time.
+//!   received (from the nodes' logs), and the run's time, with inputs placed as copies and
+//!   with `serve --link-inputs` (when the build under test has it).
 //! - A 3-stage pipeline of 300 tasks passing 1 MB artifacts (`> o.bin`, `< @s1/o.bin`)
 //!   against the same pipeline over a shared directory.
 
@@ -250,54 +251,51 @@ fn shared(o: &Opts, d: &Path, rep: &mut Report) -> Result<()> {
     }
     let tasks = d.join("shared.txt");
     std::fs::write(&tasks, text)?;
-    let servers: Vec<Server> = (0..3)
-        .map(|i| {
-            node(
-                &d.join(format!("shared-node{i}")),
-                "a",
-                &["a=true"],
-                &["-v"],
-            )
-        })
-        .collect::<Result<_>>()?;
-    // Results under the bench's directory, not ./results where the bench was started.
-    let results = d.join("shared-results").display().to_string();
-    let r = run_on(
-        o,
-        &tasks,
-        &servers,
-        None,
-        &["--order", "none", "--results", &results],
-        d,
-    )?;
-    let received: usize = servers
-        .iter()
-        .map(|s| {
-            s.stderr
-                .text()
-                .matches("input offered: receiving it")
-                .count()
-        })
-        .sum();
-    let had: usize = servers
-        .iter()
-        .map(|s| {
-            s.stderr
-                .text()
-                .matches("input offered: already here")
-                .count()
-        })
-        .sum();
-    rep.add(
-        format!("files: {n} tasks share a 100 MB input over 3 nodes: received"),
-        format!("{received} times"),
-        format!("{had} offers answered Have; {:.1} s", r.wall.as_secs_f64()),
-    );
-    drop(servers);
-    for i in 0..3 {
-        let _ = std::fs::remove_dir_all(d.join(format!("shared-node{i}")));
+    // An older build under test may not have `serve --link-inputs`.
+    let help = Command::new(&o.bin).args(["serve", "--help"]).output()?;
+    let links = String::from_utf8_lossy(&help.stdout).contains("--link-inputs");
+    for link in [false, true] {
+        if link && !links {
+            continue;
+        }
+        let extra: &[&str] = if link {
+            &["-v", "--link-inputs"]
+        } else {
+            &["-v"]
+        };
+        let servers: Vec<Server> = (0..3)
+            .map(|i| node(&d.join(format!("shared-node{i}")), "a", &["a=true"], extra))
+            .collect::<Result<_>>()?;
+        // Results under the bench's directory, not ./results where the bench was started.
+        let results = d.join("shared-results").display().to_string();
+        let r = run_on(
+            o,
+            &tasks,
+            &servers,
+            None,
+            &["--order", "none", "--results", &results],
+            d,
+        )?;
+        let count = |what: &str| -> usize {
+            servers
+                .iter()
+                .map(|s| s.stderr.text().matches(what).count())
+                .sum()
+        };
+        let received = count("input offered: receiving it");
+        let had = count("input offered: already here");
+        let how = if link { ", --link-inputs" } else { "" };
+        rep.add(
+            format!("files: {n} tasks share a 100 MB input over 3 nodes{how}: received"),
+            format!("{received} times"),
+            format!("{had} offers answered Have; {:.1} s", r.wall.as_secs_f64()),
+        );
+        drop(servers);
+        for i in 0..3 {
+            let _ = std::fs::remove_dir_all(d.join(format!("shared-node{i}")));
+        }
+        let _ = std::fs::remove_dir_all(&results);
     }
-    let _ = std::fs::remove_dir_all(&results);
     std::fs::remove_file(&input)?;
     Ok(())
 }

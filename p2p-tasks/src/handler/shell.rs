@@ -204,7 +204,12 @@ impl Handler for Shell {
                     return TaskOutcome::failure(format!("cannot make a working directory: {e}"))
                 }
             };
-            if let Err(e) = super::workdir::place_inputs_off_thread(dir.path(), &files.inputs).await
+            if let Err(e) = super::workdir::place_inputs_off_thread(
+                dir.path(),
+                &files.inputs,
+                files.link_inputs,
+            )
+            .await
             {
                 dir.finish(false).await;
                 return TaskOutcome::failure(e);

@@ -146,12 +146,13 @@ impl Drop for WorkDir {
 pub(crate) async fn place_inputs_off_thread(
     dir: &Path,
     inputs: &[(String, PathBuf)],
+    link: bool,
 ) -> Result<(), String> {
     if inputs.is_empty() {
         return Ok(());
     }
     let (dir, inputs) = (dir.to_path_buf(), inputs.to_vec());
-    match tokio::task::spawn_blocking(move || place_inputs(&dir, &inputs)).await {
+    match tokio::task::spawn_blocking(move || place_inputs(&dir, &inputs, link)).await {
         Ok(r) => r,
         Err(e) => Err(format!("cannot place the inputs: {e}")),
     }
@@ -160,7 +161,8 @@ pub(crate) async fn place_inputs_off_thread(
 /// Copies `src` into a new file `dst` with `src`'s permissions: a reflink (`FICLONE`: the
 /// two files share blocks until either is written, so nothing is copied) where the
 /// filesystem has them (btrfs, XFS, bcachefs), else an in-kernel copy (`copy_file_range`,
-/// which [`std::io::copy`] uses between two files). Never a link: the task may write its
+/// which [`std::io::copy`] uses between two files). Never a link (that is [`link_file`]'s,
+/// with `serve --link-inputs`): the task may write its
 /// copy, and the cached bytes must not change.
 pub(crate) fn copy_file(src: &Path, dst: &Path) -> io::Result<u64> {
     let mut from = std::fs::File::open(src)?;
@@ -191,9 +193,33 @@ fn reflink(_from: &std::fs::File, _to: &std::fs::File) -> io::Result<()> {
     Err(io::Error::from(io::ErrorKind::Unsupported))
 }
 
-/// Copies each input `(name, source)` into `dir` as `name` ([`copy_file`]), which must be
-/// one plain path component; the reason of the first failure otherwise.
-pub(crate) fn place_inputs(dir: &Path, inputs: &[(String, PathBuf)]) -> Result<(), String> {
+/// Gives `dst` the file `src` as a hard link, first taking the write permissions off
+/// `src` (which `dst` shares: the task sees a read-only file, which a program running as
+/// another user than root cannot open for writing without a `chmod` of its own); where the
+/// link cannot be made (another file system, a file system without them), a copy
+/// ([`copy_file`]). Only for a source whose bytes are never written in place (the node's
+/// cache). Returns the file's size.
+pub(crate) fn link_file(src: &Path, dst: &Path) -> io::Result<u64> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(src)?;
+    let mode = meta.permissions().mode();
+    if mode & 0o222 != 0 {
+        std::fs::set_permissions(src, std::fs::Permissions::from_mode(mode & !0o222))?;
+    }
+    match std::fs::hard_link(src, dst) {
+        Ok(()) => Ok(meta.len()),
+        Err(_) => copy_file(src, dst),
+    }
+}
+
+/// Places each input `(name, source)` in `dir` as `name` (which must be one plain path
+/// component): a copy ([`copy_file`]), or with `link` a hard link ([`link_file`]); the
+/// reason of the first failure otherwise.
+pub(crate) fn place_inputs(
+    dir: &Path,
+    inputs: &[(String, PathBuf)],
+    link: bool,
+) -> Result<(), String> {
     for (name, src) in inputs {
         if name.is_empty()
             || name.contains('/')
@@ -203,8 +229,13 @@ pub(crate) fn place_inputs(dir: &Path, inputs: &[(String, PathBuf)]) -> Result<(
         {
             return Err(format!("input name {name:?} is not a plain file name"));
         }
-        copy_file(src, &dir.join(name))
-            .map_err(|e| format!("cannot place input {name:?} in the working directory: {e}"))?;
+        let dst = dir.join(name);
+        let placed = if link {
+            link_file(src, &dst)
+        } else {
+            copy_file(src, &dst)
+        };
+        placed.map_err(|e| format!("cannot place input {name:?} in the working directory: {e}"))?;
     }
     Ok(())
 }
@@ -273,6 +304,36 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
     use super::*;
+
+    #[test]
+    fn a_linked_input_shares_the_source_made_read_only() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let root = tempfile::tempdir().unwrap();
+        let src = root.path().join("cached");
+        std::fs::write(&src, "bytes").unwrap();
+        std::fs::set_permissions(&src, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let work = root.path().join("work");
+        std::fs::create_dir(&work).unwrap();
+        let inputs = vec![("in.txt".to_owned(), src.clone())];
+        place_inputs(&work, &inputs, true).unwrap();
+        let (a, b) = (
+            std::fs::metadata(&src).unwrap(),
+            std::fs::metadata(work.join("in.txt")).unwrap(),
+        );
+        assert_eq!((a.ino(), a.nlink()), (b.ino(), 2));
+        assert_eq!(b.permissions().mode() & 0o777, 0o440);
+        // A copy without `link`: its own file, the source's mode.
+        std::fs::set_permissions(&src, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let copy = root.path().join("copy");
+        std::fs::create_dir(&copy).unwrap();
+        place_inputs(&copy, &inputs, false).unwrap();
+        let c = std::fs::metadata(copy.join("in.txt")).unwrap();
+        assert_ne!(c.ino(), a.ino());
+        assert_eq!(c.permissions().mode() & 0o777, 0o640);
+        assert_eq!(std::fs::read(copy.join("in.txt")).unwrap(), b"bytes");
+        // A name that is there already fails (link and copy alike).
+        assert!(place_inputs(&work, &inputs, true).is_err());
+    }
 
     #[test]
     fn prefixes_never_leave_the_root() {
@@ -348,10 +409,12 @@ mod tests {
         let work = d.path().join("w");
         std::fs::create_dir(&work).unwrap();
         let inputs = vec![("in.txt".to_owned(), d.path().join("in"))];
-        place_inputs_off_thread(&work, &inputs).await.unwrap();
+        place_inputs_off_thread(&work, &inputs, false)
+            .await
+            .unwrap();
         assert_eq!(std::fs::read(work.join("in.txt")).unwrap(), b"abc");
         let bad = vec![("../x".to_owned(), d.path().join("in"))];
-        assert!(place_inputs_off_thread(&work, &bad).await.is_err());
+        assert!(place_inputs_off_thread(&work, &bad, false).await.is_err());
     }
 
     #[tokio::test]
