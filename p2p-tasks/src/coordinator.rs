@@ -132,6 +132,8 @@ pub async fn run(
     let mut peers_open = true;
     let mut interrupted = false;
     let mut batch = Vec::with_capacity(BATCH);
+    // Inputs are hashed on threads of their own; each report comes here.
+    let mut hashed = d.files.as_mut().and_then(|f| f.take_hashed());
     loop {
         let sent = d.pump(&mut core);
         if core.is_done() {
@@ -181,6 +183,7 @@ pub async fn run(
                     d.link_event(&mut core, id, ev, at);
                 }
             }
+            Some(h) = next_hashed(&mut hashed) => d.hashed(&mut core, h),
             () = &mut sleep, if armed.is_some() => {
                 armed = None;
                 // What the links reported before the deadline counts first (e.g. nodes that
@@ -262,6 +265,17 @@ impl Driver<'_> {
         }
     }
 
+    /// An input hashed: the assignments that waited for it go on (or fail).
+    fn hashed(&mut self, core: &mut RunCore, h: crate::run_files::Hashed) {
+        let Some(files) = self.files.as_mut() else {
+            return;
+        };
+        let at = now();
+        for (id, c) in files.hashed(h) {
+            core.handle_link_event(id, LinkEvent::Completed(c), at);
+        }
+    }
+
     /// Passes on the final results and events the core has queued (without moving the run
     /// on).
     fn out_events(&mut self, core: &mut RunCore) {
@@ -301,6 +315,17 @@ impl Driver<'_> {
                             true
                         }
                     },
+                    // One still held here (its inputs on their way) never reached the node,
+                    // which could not answer its cancel.
+                    (Some(link), Some(files), Command::Cancel(seq)) => {
+                        match files.cancel(link, seq) {
+                            Some(c) => {
+                                core.handle_link_event(id, LinkEvent::Completed(c), now());
+                                true
+                            }
+                            None => link.send(Command::Cancel(seq)).is_ok(),
+                        }
+                    }
                     (Some(link), _, cmd) => link.send(cmd).is_ok(),
                     (None, _, _) => false,
                 };
@@ -459,6 +484,16 @@ impl std::future::Future for YieldOnce {
 }
 
 /// The current time from tokio's clock, so a paused or simulated clock drives the run.
+/// The next report of the hashing threads; never, without files.
+async fn next_hashed(
+    rx: &mut Option<tokio::sync::mpsc::Receiver<crate::run_files::Hashed>>,
+) -> Option<crate::run_files::Hashed> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
 fn now() -> Instant {
     tokio::time::Instant::now().into_std()
 }

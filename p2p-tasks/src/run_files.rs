@@ -70,6 +70,8 @@ pub struct RunFiles {
     chunk: usize,
     next_id: u64,
     hashes: HashMap<PathBuf, (ContentHash, u64)>,
+    /// Inputs being hashed off the run's thread, and the assignments waiting for them.
+    hashing: Hashing,
     waiting: HashMap<(LinkId, u64), Waiting>,
     offers: HashMap<(LinkId, u64), Offer>,
     /// Per link: the offer sending now, and those whose `Want` came, in turn.
@@ -129,6 +131,131 @@ fn send(link: &Link, t: Transfer) -> bool {
     link.send(Command::Transfer(Box::new(t))).is_ok()
 }
 
+/// Most inputs hashed at once, each on a thread of its own.
+const HASHERS: usize = 2;
+
+/// What a hashing thread reports: the file, and its hash and size or why it could not be
+/// read.
+pub type Hashed = (PathBuf, Result<(ContentHash, u64), String>);
+
+/// The inputs hashed off the run's thread: a large file takes seconds (40 GiB: about 45 s
+/// here), and hashed on the run's thread it held up every connection of the run for that
+/// long (their heartbeats too: the nodes dropped them as silent).
+struct Hashing {
+    tx: tokio::sync::mpsc::Sender<Hashed>,
+    /// Taken by the driver ([`RunFiles::take_hashed`]).
+    rx: Option<tokio::sync::mpsc::Receiver<Hashed>>,
+    /// Threads hashing now.
+    running: usize,
+    /// Files waiting for a thread.
+    queue: VecDeque<PathBuf>,
+    /// Per file being hashed (or queued): the assignments waiting for it.
+    wanted: HashMap<PathBuf, Vec<(LinkId, u64)>>,
+    /// The assignments waiting for a hash, with their link.
+    parked: HashMap<(LinkId, u64), (Link, Assign)>,
+    /// Files whose hashing failed, until the assignments that waited for them are told.
+    failed: HashMap<PathBuf, String>,
+    /// Set when the run's files are dropped: hashing threads stop at their next read.
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Hashing {
+    fn new() -> Hashing {
+        // Each thread sends one report and ends, and at most `HASHERS` run: never full.
+        let (tx, rx) = tokio::sync::mpsc::channel(HASHERS);
+        Hashing {
+            tx,
+            rx: Some(rx),
+            running: 0,
+            queue: VecDeque::new(),
+            wanted: HashMap::new(),
+            parked: HashMap::new(),
+            failed: HashMap::new(),
+            stop: Default::default(),
+        }
+    }
+
+    /// Starts hashing `path` (or queues it), unless that is under way; `key` waits for it.
+    fn want(&mut self, path: &Path, key: (LinkId, u64)) {
+        if let Some(keys) = self.wanted.get_mut(path) {
+            keys.push(key);
+            return;
+        }
+        self.wanted.insert(path.to_path_buf(), vec![key]);
+        self.queue.push_back(path.to_path_buf());
+        self.start();
+    }
+
+    /// Starts threads for queued files, up to [`HASHERS`] at once.
+    fn start(&mut self) {
+        while self.running < HASHERS {
+            let Some(path) = self.queue.pop_front() else {
+                return;
+            };
+            let (tx, stop, p) = (self.tx.clone(), self.stop.clone(), path.clone());
+            let spawned = std::thread::Builder::new()
+                .name("p2p-hash".into())
+                .spawn(move || {
+                    let r = hash_until(&p, &stop).map_err(|e| e.to_string());
+                    // The run may be over: nobody to tell.
+                    let _ = tx.blocking_send((p, r));
+                });
+            match spawned {
+                Ok(_) => self.running += 1,
+                Err(e) => {
+                    // No thread: the file waits for one to end (one is running), or fails
+                    // (reported as a thread would: with none running, every report sent
+                    // has been taken, so the channel has room).
+                    if self.running > 0 {
+                        self.queue.push_front(path);
+                    } else if self
+                        .tx
+                        .try_send((path, Err(format!("cannot start a thread to hash it: {e}"))))
+                        .is_ok()
+                    {
+                        self.running += 1;
+                    }
+                    return;
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Hashing {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// The content hash and size of the file at `path` (as [`crate::node_files::hash_file`]),
+/// giving up with an error once `stop` is set.
+fn hash_until(
+    path: &Path,
+    stop: &std::sync::atomic::AtomicBool,
+) -> std::io::Result<(ContentHash, u64)> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path)?;
+    let mut h = transfer::Hasher::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut size = 0u64;
+    loop {
+        if stop.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(std::io::Error::other("the run is over"));
+        }
+        let n = match f.read(&mut buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        if n == 0 {
+            return Ok((h.finish(), size));
+        }
+        h.update(&buf[..n]);
+        size += n as u64;
+    }
+}
+
 impl RunFiles {
     /// The files of a run of `tasks`, kept under `results` (`None`: `./results`, and only
     /// for tasks with files); `None` when there is nothing to do.
@@ -153,6 +280,7 @@ impl RunFiles {
             chunk: transfer::chunk_len(max_frame),
             next_id: 0,
             hashes: HashMap::new(),
+            hashing: Hashing::new(),
             waiting: HashMap::new(),
             offers: HashMap::new(),
             turn: HashMap::new(),
@@ -197,13 +325,58 @@ impl RunFiles {
         }
     }
 
-    fn hash(&mut self, path: &Path) -> std::io::Result<(ContentHash, u64)> {
-        if let Some(h) = self.hashes.get(path) {
-            return Ok(*h);
+    /// The receiver of the hashing threads' reports, for the driver to wait on and pass
+    /// each to [`RunFiles::hashed`]; `None` once taken.
+    pub fn take_hashed(&mut self) -> Option<tokio::sync::mpsc::Receiver<Hashed>> {
+        self.hashing.rx.take()
+    }
+
+    /// A hashing thread's report: the assignments that waited for the file and have all
+    /// their inputs hashed now are made again (their offers go out); the results of those
+    /// that cannot be, for the run.
+    pub fn hashed(&mut self, (path, r): Hashed) -> Vec<(LinkId, Completed)> {
+        self.hashing.running = self.hashing.running.saturating_sub(1);
+        match r {
+            Ok(h) => {
+                self.hashes.insert(path.clone(), h);
+            }
+            Err(e) => {
+                self.hashing.failed.insert(path.clone(), e);
+            }
         }
-        let h = crate::node_files::hash_file(path)?;
-        self.hashes.insert(path.to_path_buf(), h);
-        Ok(h)
+        let keys = self.hashing.wanted.remove(&path).unwrap_or_default();
+        let mut out = Vec::new();
+        for key in keys {
+            let ready = self.hashing.parked.get(&key).is_some_and(|(_, a)| {
+                self.plan.get(a.task.as_str()).is_none_or(|(inputs, _)| {
+                    inputs.iter().all(|i| {
+                        self.source(i).is_ok_and(|p| {
+                            self.hashes.contains_key(&p) || self.hashing.failed.contains_key(&p)
+                        })
+                    })
+                })
+            });
+            if !ready {
+                continue;
+            }
+            let Some((link, a)) = self.hashing.parked.remove(&key) else {
+                continue;
+            };
+            let seq = a.seq;
+            match self.assign(&link, a) {
+                Step::Send(a) => {
+                    if link.send(Command::Assign(a)).is_err() {
+                        out.push((key.0, failed(seq, "the connection closed".into())));
+                    }
+                }
+                Step::Held => {}
+                Step::Fail(c) => out.push((key.0, c)),
+            }
+        }
+        // A failure is told to those that waited; a later attempt tries the file again.
+        self.hashing.failed.remove(&path);
+        self.hashing.start();
+        out
     }
 
     /// An assignment the run makes on `link`.
@@ -244,23 +417,34 @@ impl RunFiles {
         }
         let mut placed = Vec::with_capacity(inputs.len());
         let mut offers = Vec::new();
+        let mut unhashed = Vec::new();
         for input in &inputs {
             let name = input.file_name().unwrap_or("input").to_owned();
             let path = match self.source(input) {
                 Ok(p) => p,
                 Err(e) => return Step::Fail(failed(a.seq, e)),
             };
-            let (hash, size) = match self.hash(&path) {
-                Ok(h) => h,
-                Err(e) => {
-                    return Step::Fail(failed(
-                        a.seq,
-                        format!("cannot read input {name:?} ({}): {e}", path.display()),
-                    ))
-                }
+            if let Some(e) = self.hashing.failed.get(&path) {
+                return Step::Fail(failed(
+                    a.seq,
+                    format!("cannot read input {name:?} ({}): {e}", path.display()),
+                ));
+            }
+            let Some(&(hash, size)) = self.hashes.get(&path) else {
+                unhashed.push(path);
+                continue;
             };
             placed.push(PlacedFile { name, hash });
             offers.push((path, hash, size));
+        }
+        if !unhashed.is_empty() {
+            // Assigned again once its files are hashed ([`RunFiles::hashed`]).
+            let key = (lid, a.seq);
+            for path in &unhashed {
+                self.hashing.want(path, key);
+            }
+            self.hashing.parked.insert(key, (link.clone(), a));
+            return Step::Held;
         }
         if offers.is_empty() {
             return self.release(link, a, placed, outputs);
@@ -921,9 +1105,23 @@ impl RunFiles {
         Ok(())
     }
 
+    /// The run cancels the assignment `seq` on `link`: one not sent to the node yet (its
+    /// inputs being hashed or offered) ends here, with this result for the run, and the
+    /// offers only it waited for are aborted; `None` when the node has it (and answers the
+    /// cancel itself).
+    pub fn cancel(&mut self, link: &Link, seq: u64) -> Option<Completed> {
+        let why = || "cancelled before it was assigned".to_owned();
+        if self.hashing.parked.remove(&(link.id(), seq)).is_some() {
+            return Some(failed(seq, why()));
+        }
+        self.input_failed(link, seq, why())
+    }
+
     /// `link` closed: what was in progress on it is dropped (the run re-queues its tasks).
     pub fn closed(&mut self, lid: LinkId) {
         self.waiting.retain(|(l, _), _| *l != lid);
+        // Its files are still hashed (other links may want them); nobody waits here.
+        self.hashing.parked.retain(|(l, _), _| *l != lid);
         self.offers.retain(|(l, _), _| *l != lid);
         self.turn.remove(&lid);
         self.assigned.retain(|(l, _), _| *l != lid);
@@ -932,5 +1130,149 @@ impl RunFiles {
         self.held.retain(|(l, _), _| *l != lid);
         self.fetches.retain(|(l, _), _| *l != lid);
         self.lanes.remove(&lid);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+    use p2p_core::net::{accept_memory, connect_memory, pipe, LinkEvent, Settings};
+    use std::time::Duration;
+
+    /// A link to an in-memory peer, and the peer's events.
+    async fn linked() -> (Link, Link, tokio::sync::mpsc::Receiver<(LinkId, LinkEvent)>) {
+        let (dial_end, accept_end) = pipe(4);
+        let addr: std::net::SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let (atx, arx) = tokio::sync::mpsc::channel(64);
+        let acceptor = tokio::spawn(async move {
+            let me = p2p_core::testing::hello("default", &["a"], 4);
+            accept_memory(accept_end, addr, me, &Settings::default(), 1, atx).await
+        });
+        let (dtx, _drx) = tokio::sync::mpsc::channel(64);
+        let me = p2p_core::testing::hello("default", &[], 4);
+        let d = connect_memory(dial_end, addr, me, &Settings::default(), 2, dtx)
+            .await
+            .unwrap();
+        let a = acceptor.await.unwrap().unwrap();
+        (d, a, arx)
+    }
+
+    /// The next transfer message the peer got.
+    async fn next_transfer(rx: &mut tokio::sync::mpsc::Receiver<(LinkId, LinkEvent)>) -> Transfer {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let ev = tokio::time::timeout_at(deadline, rx.recv())
+                .await
+                .expect("no transfer message")
+                .expect("the link closed");
+            if let LinkEvent::Transfer(t) = ev.1 {
+                return *t;
+            }
+        }
+    }
+
+    /// An input is hashed on a thread of its own: the assignment is held at once (here
+    /// while its input, a FIFO nobody writes yet, cannot even be opened), a cancel ends it
+    /// on this side, and once the hash comes the next assignment of that input is offered
+    /// at once, under the hash of the bytes written.
+    #[tokio::test(flavor = "current_thread")]
+    async fn inputs_are_hashed_off_the_runs_thread_and_a_held_assignment_cancels_here() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("in.fifo");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        let text = format!("a1 < {p}\na2 < {p}\n", p = fifo.display());
+        let tasks = crate::parse::parse("t.txt", &text).unwrap();
+        let mut files = RunFiles::new(&tasks, Some(dir.path().join("results")), 1 << 20).unwrap();
+        let mut hashed = files.take_hashed().unwrap();
+        let (d, _a, mut arx) = linked().await;
+        let assign = |seq: u64, task: &str| Assign {
+            task: task.into(),
+            ..p2p_core::testing::assign_of(seq, "a")
+        };
+        // Held at once: a hash made here would wait for the FIFO's writer for ever.
+        assert!(matches!(files.assign(&d, assign(1, "a1")), Step::Held));
+        let c = files.cancel(&d, 1).expect("held here, so cancelled here");
+        assert_eq!((c.seq, c.ok), (1, false));
+        assert_eq!(c.error.as_deref(), Some("cancelled before it was assigned"));
+        // Cancelled once: the node has it (for all this side knows) and answers.
+        assert!(files.cancel(&d, 1).is_none());
+        let writer = std::thread::spawn({
+            let fifo = fifo.clone();
+            move || std::fs::write(fifo, b"abc").unwrap()
+        });
+        let h = tokio::time::timeout(Duration::from_secs(60), hashed.recv())
+            .await
+            .expect("no hash")
+            .expect("the hashing threads' channel closed");
+        writer.join().unwrap();
+        assert_eq!(h.0, fifo);
+        assert_eq!(h.1, Ok((transfer::hash_bytes(b"abc"), 3)));
+        // Nobody waits for it any more: nothing goes out.
+        assert!(files.hashed(h).is_empty());
+        // Hashed now: the next task's offer goes out as it is assigned.
+        assert!(matches!(files.assign(&d, assign(2, "a2")), Step::Held));
+        match next_transfer(&mut arx).await {
+            Transfer::Offer { hash, size, .. } => {
+                assert_eq!((hash, size), (transfer::hash_bytes(b"abc"), 3));
+            }
+            t => panic!("expected an offer, got {t:?}"),
+        }
+        // Waiting for the node's answer to its offer: cancelled here too, the offer aborted.
+        let c = files.cancel(&d, 2).expect("waiting for its input");
+        assert!(!c.ok);
+        assert!(matches!(
+            next_transfer(&mut arx).await,
+            Transfer::Abort {
+                reason: AbortReason::Cancelled,
+                ..
+            }
+        ));
+    }
+
+    async fn next_hash(rx: &mut tokio::sync::mpsc::Receiver<Hashed>) -> Hashed {
+        tokio::time::timeout(Duration::from_secs(60), rx.recv())
+            .await
+            .expect("no hash")
+            .expect("the hashing threads' channel closed")
+    }
+
+    /// A file that cannot be read fails the assignments that waited for it, and a later
+    /// attempt tries it again.
+    #[tokio::test(flavor = "current_thread")]
+    async fn an_input_that_cannot_be_hashed_fails_its_waiting_assignments() {
+        let dir = tempfile::tempdir().unwrap();
+        let gone = dir.path().join("gone.bin");
+        let text = format!("a1 < {p}\na2 < {p}\n", p = gone.display());
+        let tasks = crate::parse::parse("t.txt", &text).unwrap();
+        let mut files = RunFiles::new(&tasks, Some(dir.path().join("results")), 1 << 20).unwrap();
+        let mut hashed = files.take_hashed().unwrap();
+        let (d, _a, _arx) = linked().await;
+        let assign = |seq: u64, task: &str| Assign {
+            task: task.into(),
+            ..p2p_core::testing::assign_of(seq, "a")
+        };
+        assert!(matches!(files.assign(&d, assign(1, "a1")), Step::Held));
+        assert!(matches!(files.assign(&d, assign(2, "a2")), Step::Held));
+        let h = next_hash(&mut hashed).await;
+        assert!(h.1.is_err());
+        let failed = files.hashed(h);
+        let seqs: Vec<u64> = failed.iter().map(|(_, c)| c.seq).collect();
+        assert_eq!(seqs, [1, 2]);
+        for (_, c) in &failed {
+            let e = c.error.as_deref().unwrap_or_default();
+            assert!(e.starts_with("cannot read input \"gone.bin\""), "{e}");
+        }
+        // Written since: the retry hashes it.
+        std::fs::write(&gone, b"x").unwrap();
+        assert!(matches!(files.assign(&d, assign(3, "a1")), Step::Held));
+        let h = next_hash(&mut hashed).await;
+        assert_eq!(h.1, Ok((transfer::hash_bytes(b"x"), 1)));
+        assert!(files.hashed(h).is_empty());
     }
 }
