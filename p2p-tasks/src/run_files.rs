@@ -52,6 +52,9 @@ struct Held {
     /// Whether the whole stdout is fetched into `DIR/ID/stdout` (else the result's capped
     /// output is written there).
     streams: bool,
+    /// The files fetched (name in `DIR/ID/`, hash, size): checked on arrival, so
+    /// `meta.json` and the journal take their hashes from here, not from reading them again.
+    fetched: Vec<(String, ContentHash, u64)>,
 }
 
 struct Fetch {
@@ -875,12 +878,15 @@ impl RunFiles {
         }
         let h = self.held.remove(&(lid, seq))?;
         let mut c = h.completed;
+        let whole = h.error.is_none();
         // A failed task keeps its own reason; a success whose files did not come fails.
         if let (Some(e), true) = (h.error, c.ok) {
             c.ok = false;
             c.error = Some(e);
         }
-        self.write_result(&h.task, &c, &h.node, h.attempt, h.streams);
+        // Every fetch arrived whole and checked: their hashes are known.
+        let known: &[(String, ContentHash, u64)] = if whole { &h.fetched } else { &[] };
+        self.write_result(&h.task, &c, &h.node, h.attempt, h.streams, known);
         Some(c)
     }
 
@@ -918,7 +924,7 @@ impl RunFiles {
                     )),
                     ..c
                 };
-                self.write_result(&task, &c, &node, attempt, false);
+                self.write_result(&task, &c, &node, attempt, false, &[]);
                 return Some(c);
             }
             for p in produced {
@@ -931,8 +937,12 @@ impl RunFiles {
             }
         }
         let with_streams = streams.is_some();
+        let fetched: Vec<(String, ContentHash, u64)> = wanted
+            .iter()
+            .map(|(name, hash, size, _)| (name.clone(), *hash, *size))
+            .collect();
         if wanted.is_empty() {
-            self.write_result(&task, &c, &node, attempt, false);
+            self.write_result(&task, &c, &node, attempt, false, &[]);
             return Some(c);
         }
         let task_dir = self.dir.join(&task);
@@ -966,7 +976,7 @@ impl RunFiles {
                         error: Some(format!("cannot write {what}: {e}")),
                         ..c
                     };
-                    self.write_result(&task, &c, &node, attempt, false);
+                    self.write_result(&task, &c, &node, attempt, false, &[]);
                     return Some(c);
                 }
             };
@@ -985,13 +995,13 @@ impl RunFiles {
                         error: Some(format!("{what} not fetched: {e}")),
                         ..c
                     };
-                    self.write_result(&task, &c, &node, attempt, false);
+                    self.write_result(&task, &c, &node, attempt, false, &[]);
                     return Some(c);
                 }
             }
         }
         if fetches.is_empty() {
-            self.write_result(&task, &c, &node, attempt, with_streams);
+            self.write_result(&task, &c, &node, attempt, with_streams, &[]);
             return Some(c);
         }
         self.held.insert(
@@ -1004,6 +1014,7 @@ impl RunFiles {
                 completed: c,
                 error: None,
                 streams: with_streams,
+                fetched,
             },
         );
         for f in fetches {
@@ -1016,7 +1027,23 @@ impl RunFiles {
     }
 
     /// `DIR/ID/stdout` and `DIR/ID/meta.json` of a result.
-    fn write_result(&mut self, task: &str, c: &Completed, node: &str, attempt: u32, streams: bool) {
+    /// `known`: files of `DIR/ID/` whose hash and size are known (fetched and checked);
+    /// the others are read to hash them.
+    fn write_result(
+        &mut self,
+        task: &str,
+        c: &Completed,
+        node: &str,
+        attempt: u32,
+        streams: bool,
+        known: &[(String, ContentHash, u64)],
+    ) {
+        let hash_of = |name: &str, path: &Path| -> Option<(ContentHash, u64)> {
+            match known.iter().find(|k| k.0 == name) {
+                Some(&(_, hash, size)) => Some((hash, size)),
+                None => crate::node_files::hash_file(path).ok(),
+            }
+        };
         let dir = self.dir.join(task);
         if std::fs::create_dir_all(&dir).is_err() {
             return;
@@ -1031,7 +1058,7 @@ impl RunFiles {
             let _ = std::fs::remove_file(dir.join("stderr"));
         }
         let stream = |name: &str| {
-            let (hash, size) = crate::node_files::hash_file(&dir.join(name)).ok()?;
+            let (hash, size) = hash_of(name, &dir.join(name))?;
             Some(serde_json::json!({"hash": hash.to_hex(), "size": size}))
         };
         let files: Vec<serde_json::Value> = self
@@ -1042,7 +1069,7 @@ impl RunFiles {
             .iter()
             .filter_map(|name| {
                 let path = dir.join(name);
-                let (hash, size) = crate::node_files::hash_file(&path).ok()?;
+                let (hash, size) = hash_of(name, &path)?;
                 Some(serde_json::json!({"name": name, "hash": hash.to_hex(), "size": size}))
             })
             .collect();
