@@ -16,6 +16,7 @@ use compact_str::CompactString;
 pub mod procs;
 mod shell;
 mod workdir;
+pub(crate) use workdir::read_only_link;
 
 pub use shell::{
     ArgvError, Rendered, Shell, DEFAULT_KILL_GRACE, DEFAULT_OUTPUT_LIMIT, STDERR_TAIL,

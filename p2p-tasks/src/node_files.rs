@@ -1010,9 +1010,23 @@ impl LinkFiles {
         }
         let mut cache = node.cache();
         let mut files = TaskFiles::default();
+        // Every task with a `Files` record keeps its whole standard streams here too.
+        let collect = match tempfile::Builder::new()
+            .prefix("out-")
+            .tempdir_in(cache.partial_dir())
+        {
+            Ok(d) => d,
+            Err(e) => return Err(format!("cannot make room for the outputs: {e}")),
+        };
+        // Linked inputs are linked here first, in the attempt's own directory: the task's
+        // link is then made from this one, so the file checked after the attempt is the one
+        // the task had, whatever the cache's name points to by then (a file dropped and
+        // received again between this and the placement).
+        let staged = collect.path().join("linked");
+        let mut link = node.link_inputs && std::fs::create_dir(&staged).is_ok();
         let mut pinned = Vec::new();
         let mut linked = Vec::new();
-        for i in &inputs {
+        for (n, i) in inputs.iter().enumerate() {
             if !cache.has(&i.hash) || !cache.pin(&i.hash) {
                 for h in &pinned {
                     cache.unpin(h);
@@ -1023,8 +1037,15 @@ impl LinkFiles {
                 ));
             }
             pinned.push(i.hash);
-            let path = cache.path(&i.hash);
-            if node.link_inputs {
+            let mut path = cache.path(&i.hash);
+            let at = staged.join(n.to_string());
+            // Where no link can be made, the attempt's inputs are copies, as without
+            // `--link-inputs`.
+            if link && crate::handler::read_only_link(&path, &at).is_err() {
+                link = false;
+            }
+            if link {
+                path = at;
                 // A file an earlier task wrote (its check has not run yet) is not placed.
                 let opened = Linked::open(&i.name, i.hash, &path).and_then(|l| {
                     if cache.unchanged(&l.hash, l.len, l.modified) {
@@ -1048,20 +1069,14 @@ impl LinkFiles {
             }
             files.inputs.push((i.name.clone(), path));
         }
-        files.link_inputs = node.link_inputs;
-        // Every task with a `Files` record keeps its whole standard streams here too.
-        let collect = match tempfile::Builder::new()
-            .prefix("out-")
-            .tempdir_in(cache.partial_dir())
-        {
-            Ok(d) => d,
-            Err(e) => {
-                for h in &pinned {
-                    cache.unpin(h);
-                }
-                return Err(format!("cannot make room for the outputs: {e}"));
+        if !link && !linked.is_empty() {
+            // A later input could not be linked: all are copied, from the cache.
+            linked.clear();
+            for (f, i) in files.inputs.iter_mut().zip(&inputs) {
+                f.1 = cache.path(&i.hash);
             }
-        };
+        }
+        files.link_inputs = link;
         files.outputs = outputs.clone();
         files.collect = Some(collect.path().to_path_buf());
         files.streams = Some(collect.path().to_path_buf());
@@ -1482,6 +1497,89 @@ mod tests {
         assert_eq!(*out.lock().unwrap(), file);
         assert_eq!(hash, transfer::hash_bytes(&file));
         assert!(shared * 10 >= chunks * 9, "{shared} of {chunks} shared");
+    }
+
+    /// With `--link-inputs`, a task's input is a link made in the attempt's own directory
+    /// when it is given its files, and that file is the one checked after the attempt: a
+    /// cache that dropped the file and received it again before the task's link was made
+    /// (the task then wrote the new copy, and the old one was checked) cannot hide a write.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_linked_input_is_checked_as_the_task_had_it_whatever_the_cache_names_later() {
+        use p2p_core::net::{accept_memory, connect_memory, pipe, Settings};
+        let (dial_end, accept_end) = pipe(4);
+        let addr: std::net::SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let (atx, _arx) = tokio::sync::mpsc::channel(64);
+        let acceptor = tokio::spawn(async move {
+            let me = p2p_core::testing::hello("default", &["a"], 4);
+            accept_memory(accept_end, addr, me, &Settings::default(), 1, atx).await
+        });
+        let (dtx, _drx) = tokio::sync::mpsc::channel(64);
+        let me = p2p_core::testing::hello("default", &[], 4);
+        let _d = connect_memory(dial_end, addr, me, &Settings::default(), 2, dtx)
+            .await
+            .unwrap();
+        let a = acceptor.await.unwrap().unwrap();
+
+        let root = tempfile::tempdir().unwrap();
+        let cache = Cache::open(&root.path().join("cache"), 1 << 20).unwrap();
+        let node = Arc::new(NodeFiles::new(cache, 1 << 20, 1 << 20).with_link_inputs(true));
+        let put = |bytes: &[u8]| {
+            let mut c = node.cache();
+            let mut p = c.partial().unwrap();
+            std::io::Write::write_all(&mut p, bytes).unwrap();
+            let hash = transfer::hash_bytes(bytes);
+            let path = c.commit(p, hash, bytes.len() as u64).unwrap();
+            c.unpin(&hash);
+            (hash, path)
+        };
+        let (hash, cached) = put(b"input bytes");
+        let mut files = LinkFiles::new(Some(node.clone()));
+        let placed = vec![PlacedFile {
+            name: "in.txt".into(),
+            hash,
+        }];
+        files.on_transfer(
+            Transfer::Files {
+                seq: 1,
+                inputs: placed,
+                outputs: Vec::new(),
+            },
+            &a,
+        );
+        let given = files
+            .files_for(&p2p_core::testing::assign(1))
+            .unwrap()
+            .expect("its files");
+        assert!(given.link_inputs);
+        let path = given.inputs[0].1.clone();
+        use std::os::unix::fs::MetadataExt;
+        let ino = |p: &std::path::Path| std::fs::metadata(p).unwrap().ino();
+        assert_ne!(
+            path, cached,
+            "the task's link is made from its own directory"
+        );
+        assert_eq!(ino(&path), ino(&cached));
+        // The cache drops its file and receives it again (a new file under the same name),
+        // then the task writes the file it was given.
+        std::fs::remove_file(&cached).unwrap();
+        let (_, again) = put(b"input bytes");
+        assert_ne!(ino(&again), ino(&path));
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, b"written"))
+            .unwrap();
+        let mut outcome = TaskOutcome::success("done");
+        files.finish(1, &mut outcome, &a);
+        assert!(!outcome.ok, "the write went unseen");
+        let error = outcome.error.unwrap_or_default();
+        assert!(
+            error.contains("the task wrote its input \"in.txt\""),
+            "{error}"
+        );
+        // The copy received again is not the one written: it stays.
+        assert!(node.cache().has(&hash));
+        assert_eq!(std::fs::read(&again).unwrap(), b"input bytes");
     }
 
     /// A credit of many more chunks than a capacity-1 link's command queue holds goes out

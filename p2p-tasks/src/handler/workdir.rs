@@ -200,16 +200,23 @@ fn reflink(_from: &std::fs::File, _to: &std::fs::File) -> io::Result<()> {
 /// ([`copy_file`]). Only for a source whose bytes are never written in place (the node's
 /// cache). Returns the file's size.
 pub(crate) fn link_file(src: &Path, dst: &Path) -> io::Result<u64> {
+    match read_only_link(src, dst) {
+        Ok(len) => Ok(len),
+        Err(_) => copy_file(src, dst),
+    }
+}
+
+/// Takes the write permissions off `src`, then gives `dst` the file as a hard link (the
+/// first half of [`link_file`], without its copy). Returns the file's size.
+pub(crate) fn read_only_link(src: &Path, dst: &Path) -> io::Result<u64> {
     use std::os::unix::fs::PermissionsExt;
     let meta = std::fs::metadata(src)?;
     let mode = meta.permissions().mode();
     if mode & 0o222 != 0 {
         std::fs::set_permissions(src, std::fs::Permissions::from_mode(mode & !0o222))?;
     }
-    match std::fs::hard_link(src, dst) {
-        Ok(()) => Ok(meta.len()),
-        Err(_) => copy_file(src, dst),
-    }
+    std::fs::hard_link(src, dst)?;
+    Ok(meta.len())
 }
 
 /// Places each input `(name, source)` in `dir` as `name` (which must be one plain path
