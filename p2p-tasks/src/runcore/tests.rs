@@ -880,7 +880,7 @@ fn an_assignment_the_link_refused_is_sent_again_elsewhere() {
     s.link(
         link,
         LinkEvent::AssignFailed {
-            assign: a,
+            assign: Box::new(a),
             reason: "closing".into(),
             closing: true,
         },
@@ -1278,7 +1278,7 @@ fn an_assignment_refused_as_over_a_shrunk_capacity_waits_and_the_node_keeps_work
     s.link(
         link,
         LinkEvent::AssignFailed {
-            assign: a,
+            assign: Box::new(a),
             reason: "cannot assign: the peer is at its advertised capacity".into(),
             closing: false,
         },
