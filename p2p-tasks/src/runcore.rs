@@ -922,6 +922,26 @@ impl RunCore {
         self.finals.clear();
     }
 
+    /// The next event already queued, without moving the run on (see
+    /// [`RunCore::poll_event`], which does): for a driver that passes on each input's events
+    /// as it handles a batch of inputs, so the run moves on once a batch, at the next
+    /// `poll_*` call, not once an input.
+    pub(crate) fn poll_event_queued(&mut self) -> Option<RunEvent> {
+        self.events.pop_front()
+    }
+
+    /// The next final result already queued, without moving the run on (as
+    /// [`RunCore::poll_event_queued`]).
+    pub(crate) fn poll_final_queued(&mut self) -> Option<usize> {
+        self.finals.pop_front()
+    }
+
+    /// Drops the final results already queued, without moving the run on (as
+    /// [`RunCore::poll_event_queued`]).
+    pub(crate) fn drop_finals_queued(&mut self) {
+        self.finals.clear();
+    }
+
     /// Whether the run is over, as of the last `poll_*` call.
     pub fn is_done(&self) -> bool {
         self.stage == Stage::Done
