@@ -176,9 +176,11 @@ pub async fn run(
                 // Every event taken is handled before new work is sent (one dispatch, one
                 // burst of assignments per batch); the events each produces are passed on at
                 // once, so the core's queue stays short.
+                // (Between them, what is queued goes out without moving the run on: it moves
+                // on once, for the whole batch, when the next work is sent.)
                 for (i, (id, ev)) in batch.drain(..).enumerate() {
                     if i > 0 {
-                        d.out_events(&mut core);
+                        d.out_queued(&mut core);
                     }
                     d.link_event(&mut core, id, ev, at);
                 }
@@ -276,8 +278,8 @@ impl Driver<'_> {
         }
     }
 
-    /// Passes on the final results and events the core has queued (without moving the run
-    /// on).
+    /// Passes on the final results and events the core has queued, once the run moved on
+    /// (the core's `poll_*` calls move it on first).
     fn out_events(&mut self, core: &mut RunCore) {
         if self.out.journal.is_none() {
             // Nothing records them: let them go at once.
@@ -295,6 +297,22 @@ impl Driver<'_> {
 
     /// Moves everything the core produced: commands to links, final results to the
     /// journal, events to the output. Returns whether a command was sent.
+    /// As [`Driver::out_events`], for what is already queued: the run does not move on
+    /// (between the events of one batch).
+    fn out_queued(&mut self, core: &mut RunCore) {
+        if self.out.journal.is_none() {
+            core.drop_finals_queued();
+        }
+        while let Some(t) = core.poll_final_queued() {
+            self.out.record(core, t, self.files.as_mut());
+        }
+        if self.out.unrecorded.is_empty() {
+            while let Some(ev) = core.poll_event_queued() {
+                self.out.event(ev);
+            }
+        }
+    }
+
     fn pump(&mut self, core: &mut RunCore) -> bool {
         let mut sent_any = false;
         loop {

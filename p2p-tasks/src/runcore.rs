@@ -321,9 +321,20 @@ impl InFlights {
     }
 
     fn remove(&mut self, seq: &u64) -> Option<InFlight> {
+        self.remove_if(seq, |_| true)
+    }
+
+    /// Removes the attempt `seq` if `keep_out` says so of it (one lookup for a check and
+    /// the removal).
+    #[inline]
+    fn remove_if(
+        &mut self,
+        seq: &u64,
+        keep_out: impl FnOnce(&InFlight) -> bool,
+    ) -> Option<InFlight> {
         match self.index(*seq) {
             Some(i) => {
-                let f = self.window[i].take()?;
+                let f = self.window[i].take_if(|f| keep_out(f))?;
                 self.live -= 1;
                 if i == self.start {
                     self.trim();
@@ -331,7 +342,12 @@ impl InFlights {
                 Some(f)
             }
             None if self.old.is_empty() => None,
-            None => self.old.remove(seq),
+            None => match self.old.entry(*seq) {
+                std::collections::hash_map::Entry::Occupied(e) if keep_out(e.get()) => {
+                    Some(e.remove())
+                }
+                _ => None,
+            },
         }
     }
 
@@ -699,10 +715,7 @@ impl RunCore {
     /// A result on `link`: only one of an attempt sent there counts (the link is then
     /// registered); the others are dropped, as a result on a link not registered is.
     fn completed(&mut self, link: LinkId, c: Completed, now: Instant) {
-        if self.inflight.get(&c.seq).is_none_or(|f| f.link != link) {
-            return;
-        }
-        let Some(f) = self.inflight.remove(&c.seq) else {
+        let Some(f) = self.inflight.remove_if(&c.seq, |f| f.link == link) else {
             return;
         };
         if f.abandoned {
@@ -906,6 +919,26 @@ impl RunCore {
     /// would give (a driver with no journal to record them in).
     pub(crate) fn drop_finals(&mut self) {
         self.settle();
+        self.finals.clear();
+    }
+
+    /// The next event already queued, without moving the run on (see
+    /// [`RunCore::poll_event`], which does): for a driver that passes on each input's events
+    /// as it handles a batch of inputs, so the run moves on once a batch, at the next
+    /// `poll_*` call, not once an input.
+    pub(crate) fn poll_event_queued(&mut self) -> Option<RunEvent> {
+        self.events.pop_front()
+    }
+
+    /// The next final result already queued, without moving the run on (as
+    /// [`RunCore::poll_event_queued`]).
+    pub(crate) fn poll_final_queued(&mut self) -> Option<usize> {
+        self.finals.pop_front()
+    }
+
+    /// Drops the final results already queued, without moving the run on (as
+    /// [`RunCore::poll_event_queued`]).
+    pub(crate) fn drop_finals_queued(&mut self) {
         self.finals.clear();
     }
 
@@ -1294,9 +1327,16 @@ impl RunCore {
             // Counted, not reported one by one: the result is the record (its output
             // moved, not copied; its node the link's shared name, not cloned).
             let r = &mut self.results[task];
-            match self.peers.get(&link) {
-                Some(p) => set_node(&mut r.node, &p.node),
-                None => r.node = Some(Arc::from("")),
+            // Its node is already the link's: set when this attempt was assigned, and a task
+            // has one attempt in flight that is not given up on (no lookup of the link).
+            debug_assert!(
+                self.peers
+                    .get(&link)
+                    .is_some_and(|p| r.node.as_ref().is_some_and(|n| Arc::ptr_eq(n, &p.node))),
+                "a result's node is its attempt's"
+            );
+            if r.node.is_none() {
+                r.node = Some(Arc::from(""));
             }
             r.attempts = attempt;
             r.duration_ms = ms(took);
@@ -1605,8 +1645,8 @@ mod inflight_tests {
     }
 
     /// Against a hash map of the same operations: seqs in order, most ending soon, some
-    /// living long (moved out of the window), results for unknown seqs, a put-back and a
-    /// seq far ahead. The window stays within its bound all along.
+    /// living long (moved out of the window), results for unknown seqs or on another link
+    /// (`remove_if`), a put-back and a seq far ahead. The window stays within its bound all along.
     #[test]
     fn in_flight_attempts_are_found_as_in_a_hash_map() {
         let mut m: std::collections::HashMap<u64, usize> = std::collections::HashMap::new();
@@ -1644,7 +1684,19 @@ mod inflight_tests {
                     if seq % 64 == 5 {
                         continue;
                     }
-                    assert_eq!(w.remove(&seq).map(|f| f.task), m.remove(&seq));
+                    if r % 2 == 0 {
+                        assert_eq!(w.remove(&seq).map(|f| f.task), m.remove(&seq));
+                    } else {
+                        // Removed only when on the link asked for (a result on its own
+                        // link); else left where it is, in the window or out of it.
+                        let link = rnd() % 3;
+                        let want = m.get(&seq).filter(|_| seq % 3 == link).copied();
+                        if want.is_some() {
+                            m.remove(&seq);
+                        }
+                        let got = w.remove_if(&seq, |f| f.link == link).map(|f| f.task);
+                        assert_eq!(got, want, "step {step}");
+                    }
                 }
                 _ => {
                     let seq = rnd() % (next + 10);

@@ -871,7 +871,7 @@ fn command(
         Some(Command::Assign(a)) => {
             if let Err((assign, why)) = conn.try_assign(a) {
                 return Ok(Some(LinkEvent::AssignFailed {
-                    assign,
+                    assign: Box::new(assign),
                     reason: format!("cannot assign: {why}"),
                     closing: !conn.can_assign(),
                 }));

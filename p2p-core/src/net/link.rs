@@ -67,8 +67,9 @@ pub enum LinkEvent {
     Load(crate::LoadReport),
     /// An assignment could not be sent (connection closing, peer at capacity).
     AssignFailed {
-        /// The assignment, for re-queueing.
-        assign: Assign,
+        /// The assignment, for re-queueing (boxed: this rare event would otherwise make every
+        /// event a link reports larger, and each is moved several times on its way).
+        assign: Box<Assign>,
         /// Why.
         reason: String,
         /// Whether the connection takes no new work at all (it is closing). `false`: the

@@ -1154,3 +1154,15 @@ async fn an_abort_overtakes_its_chunks_still_in_the_chunk_queue() {
         ev.1
     );
 }
+
+/// Every event a link reports is moved several times on its way to the owner (the event,
+/// the channel's slot, the owner's batch): kept within 128 bytes with its link id, a move
+/// is a few inline stores, not a `memcpy` call (a boxed `AssignFailed`: was 136).
+#[test]
+fn a_link_event_with_its_link_id_fits_in_128_bytes() {
+    assert!(
+        std::mem::size_of::<(LinkId, LinkEvent)>() <= 128,
+        "(LinkId, LinkEvent) is {} bytes",
+        std::mem::size_of::<(LinkId, LinkEvent)>()
+    );
+}

@@ -880,7 +880,7 @@ fn an_assignment_the_link_refused_is_sent_again_elsewhere() {
     s.link(
         link,
         LinkEvent::AssignFailed {
-            assign: a,
+            assign: Box::new(a),
             reason: "closing".into(),
             closing: true,
         },
@@ -1278,7 +1278,7 @@ fn an_assignment_refused_as_over_a_shrunk_capacity_waits_and_the_node_keeps_work
     s.link(
         link,
         LinkEvent::AssignFailed {
-            assign: a,
+            assign: Box::new(a),
             reason: "cannot assign: the peer is at its advertised capacity".into(),
             closing: false,
         },
@@ -1444,4 +1444,52 @@ fn a_result_counts_once_and_only_on_its_own_link() {
         r.results[1 - task].node.as_deref(),
         Some(node(link2).as_str())
     );
+}
+
+/// What an input queued is passed on by the `_queued` calls without moving the run on (a
+/// driver calls them between the inputs of one batch): the run moves on once, at the next
+/// `poll_*` call.
+#[test]
+fn queued_output_goes_out_without_moving_the_run_on() {
+    let mut s = Sim::new("a1 a2", opts(Order::None, 0, true));
+    s.connect(1, &hello(1, &["a"], 2));
+    assert_eq!(s.sent.len(), 2);
+    let mut events = Vec::new();
+    for (i, ok) in [(0, false), (1, true)] {
+        let (link, a) = s.sent.remove(0);
+        assert_eq!(a.task, format!("a{}", i + 1));
+        let c = Completed {
+            seq: a.seq,
+            ok,
+            exit_code: Some(i32::from(!ok)),
+            output: Default::default(),
+            error: None,
+            duration_us: 10,
+        };
+        s.core
+            .handle_link_event(link, LinkEvent::Completed(c), s.now);
+        while let Some(ev) = s.core.poll_event_queued() {
+            events.push(ev);
+        }
+        assert_eq!(s.core.poll_final_queued(), Some(i));
+        assert_eq!(s.core.poll_final_queued(), None);
+    }
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, RunEvent::TaskFailed { task, .. } if task == "a1")),
+        "{events:?}"
+    );
+    assert!(
+        !s.core.is_terminating(),
+        "every task is final, but the run has not moved on yet"
+    );
+    s.core.drop_finals_queued();
+    // The next poll moves it on: the goodbye starts.
+    s.pump();
+    assert!(s.core.is_terminating());
+    assert_eq!(s.goodbyes, vec![1]);
+    let report = s.report();
+    assert_eq!(report.results[0].status, Status::Failed);
+    assert_eq!(report.results[1].status, Status::Succeeded);
 }
