@@ -422,6 +422,16 @@ mod tests {
         ContentHash([n; 32])
     }
 
+    /// Receives `bytes` into the cache (unpinned): their hash and file.
+    fn put(c: &mut Cache, bytes: &[u8]) -> (ContentHash, PathBuf) {
+        let mut p = c.partial().unwrap();
+        std::io::Write::write_all(&mut p, bytes).unwrap();
+        let hash = hash_bytes(bytes);
+        let path = c.commit(p, hash, bytes.len() as u64).unwrap();
+        c.unpin(&hash);
+        (hash, path)
+    }
+
     #[test]
     fn least_recently_used_files_go_first_and_pinned_ones_never() {
         let mut ix = Index::new(100);
@@ -539,14 +549,6 @@ mod tests {
         let root = tempfile::tempdir().unwrap();
         let dir = root.path().join("cache");
         let mut c = Cache::open(&dir, 10).unwrap();
-        let put = |c: &mut Cache, bytes: &[u8]| {
-            let mut p = c.partial().unwrap();
-            std::io::Write::write_all(&mut p, bytes).unwrap();
-            let hash = hash_bytes(bytes);
-            let path = c.commit(p, hash, bytes.len() as u64).unwrap();
-            c.unpin(&hash);
-            (hash, path)
-        };
         let (a, pa) = put(&mut c, b"aaaa");
         let (b, _) = put(&mut c, b"bbbb");
         assert_eq!(std::fs::read(&pa).unwrap(), b"aaaa");
@@ -590,14 +592,6 @@ mod tests {
     fn a_file_written_after_its_first_link_is_told_apart_and_dropped() {
         let root = tempfile::tempdir().unwrap();
         let mut c = Cache::open(&root.path().join("cache"), 100).unwrap();
-        let put = |c: &mut Cache, bytes: &[u8]| {
-            let mut p = c.partial().unwrap();
-            std::io::Write::write_all(&mut p, bytes).unwrap();
-            let hash = hash_bytes(bytes);
-            let path = c.commit(p, hash, bytes.len() as u64).unwrap();
-            c.unpin(&hash);
-            (hash, path)
-        };
         let stamp = |path: &Path| {
             let m = std::fs::metadata(path).unwrap();
             (m.len(), m.modified().ok())

@@ -37,6 +37,8 @@ pub mod runcore;
 pub mod sched;
 pub mod stats;
 pub mod task;
+#[cfg(test)]
+mod test_links;
 pub mod worker;
 
 pub use compact_str::CompactString;

@@ -1505,20 +1505,7 @@ mod tests {
     /// (the task then wrote the new copy, and the old one was checked) cannot hide a write.
     #[tokio::test(flavor = "current_thread")]
     async fn a_linked_input_is_checked_as_the_task_had_it_whatever_the_cache_names_later() {
-        use p2p_core::net::{accept_memory, connect_memory, pipe, Settings};
-        let (dial_end, accept_end) = pipe(4);
-        let addr: std::net::SocketAddr = "127.0.0.1:0".parse().unwrap();
-        let (atx, _arx) = tokio::sync::mpsc::channel(64);
-        let acceptor = tokio::spawn(async move {
-            let me = p2p_core::testing::hello("default", &["a"], 4);
-            accept_memory(accept_end, addr, me, &Settings::default(), 1, atx).await
-        });
-        let (dtx, _drx) = tokio::sync::mpsc::channel(64);
-        let me = p2p_core::testing::hello("default", &[], 4);
-        let _d = connect_memory(dial_end, addr, me, &Settings::default(), 2, dtx)
-            .await
-            .unwrap();
-        let a = acceptor.await.unwrap().unwrap();
+        let (_d, a, _drx, _arx) = crate::test_links::linked(4, 64).await;
 
         let root = tempfile::tempdir().unwrap();
         let cache = Cache::open(&root.path().join("cache"), 1 << 20).unwrap();
@@ -1588,20 +1575,8 @@ mod tests {
     /// middle of it all find room.
     #[tokio::test(flavor = "current_thread")]
     async fn a_lane_sends_a_credit_larger_than_the_queue_in_order_leaving_room_for_control() {
-        use p2p_core::net::{accept_memory, connect_memory, pipe, LinkEvent, Settings};
-        let (dial_end, accept_end) = pipe(1);
-        let addr: std::net::SocketAddr = "127.0.0.1:0".parse().unwrap();
-        let (atx, mut arx) = tokio::sync::mpsc::channel(8192);
-        let acceptor = tokio::spawn(async move {
-            let me = p2p_core::testing::hello("default", &["a"], 1);
-            accept_memory(accept_end, addr, me, &Settings::default(), 1, atx).await
-        });
-        let (dtx, mut drx) = tokio::sync::mpsc::channel(8192);
-        let me = p2p_core::testing::hello("default", &[], 1);
-        let d = connect_memory(dial_end, addr, me, &Settings::default(), 2, dtx)
-            .await
-            .unwrap();
-        let a = acceptor.await.unwrap().unwrap();
+        use p2p_core::net::LinkEvent;
+        let (d, a, mut drx, mut arx) = crate::test_links::linked(1, 8192).await;
         // 600 chunks of 4 KiB (a small frame's), over four times the queue.
         let chunk = 4096;
         let bytes: Vec<u8> = (0..600 * chunk).map(|i| (i * 31 % 253) as u8).collect();

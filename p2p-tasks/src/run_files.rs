@@ -1165,24 +1165,12 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
     use super::*;
-    use p2p_core::net::{accept_memory, connect_memory, pipe, LinkEvent, Settings};
+    use p2p_core::net::LinkEvent;
     use std::time::Duration;
 
-    /// A link to an in-memory peer, and the peer's events.
+    /// A link to an in-memory peer, the peer's end, and the peer's events.
     async fn linked() -> (Link, Link, tokio::sync::mpsc::Receiver<(LinkId, LinkEvent)>) {
-        let (dial_end, accept_end) = pipe(4);
-        let addr: std::net::SocketAddr = "127.0.0.1:0".parse().unwrap();
-        let (atx, arx) = tokio::sync::mpsc::channel(64);
-        let acceptor = tokio::spawn(async move {
-            let me = p2p_core::testing::hello("default", &["a"], 4);
-            accept_memory(accept_end, addr, me, &Settings::default(), 1, atx).await
-        });
-        let (dtx, _drx) = tokio::sync::mpsc::channel(64);
-        let me = p2p_core::testing::hello("default", &[], 4);
-        let d = connect_memory(dial_end, addr, me, &Settings::default(), 2, dtx)
-            .await
-            .unwrap();
-        let a = acceptor.await.unwrap().unwrap();
+        let (d, a, _drx, arx) = crate::test_links::linked(4, 64).await;
         (d, a, arx)
     }
 
