@@ -615,7 +615,8 @@ struct RunningFiles {
 }
 
 /// An input placed as a link to the cached file: the file (open, so its bytes are checked
-/// even when the cache has let go of its name), with its size and modification time then.
+/// even when the cache has let go of its name or named another copy with it since), with
+/// its size and modification time then.
 struct Linked {
     name: String,
     hash: ContentHash,
@@ -625,7 +626,8 @@ struct Linked {
 }
 
 impl Linked {
-    /// The input `name`, the cached file of `hash` at `path`, as it is now.
+    /// The input `name`, the cached file of `hash` (through `path`, the attempt's own link
+    /// to it), as it is now.
     fn open(name: &str, hash: ContentHash, path: &std::path::Path) -> std::io::Result<Linked> {
         let file = std::fs::File::open(path)?;
         let meta = file.metadata()?;
