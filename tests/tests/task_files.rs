@@ -751,8 +751,9 @@ fn linked_inputs_are_read_only_links_and_a_task_that_writes_one_fails_and_drops_
     );
     let e = outputs(&linked, "read.txt", 0);
     assert_eq!(e.len(), 1, "{e:?}");
-    // The cached file and the task's link (the copy would be "1 600").
-    assert_eq!(e[0]["output"], "300000 2 400", "{e:?}");
+    // Three names of one file: the cache's, the attempt's own link beside its outputs (the
+    // one checked afterwards), and the task's (a copy would be "1 600").
+    assert_eq!(e[0]["output"], "300000 3 400", "{e:?}");
     let e = outputs(&linked, "write.txt", 1);
     let error = e[0]["error"].as_str().unwrap_or_default().to_owned();
     assert!(
@@ -760,7 +761,7 @@ fn linked_inputs_are_read_only_links_and_a_task_that_writes_one_fails_and_drops_
         "{e:?}"
     );
     let e = outputs(&linked, "again.txt", 0);
-    assert_eq!(e[0]["output"], "300000 2 400", "{e:?}");
+    assert_eq!(e[0]["output"], "300000 3 400", "{e:?}");
     let log = linked.stderr.text();
     assert_eq!(
         log.matches("input offered: receiving it").count(),
