@@ -206,7 +206,7 @@ pub struct Cache {
     index: Index,
     /// The size and modification time of each file when it was first placed as a link
     /// (`serve --link-inputs`), to tell a file a task wrote from the one received.
-    stamps: std::collections::HashMap<ContentHash, Stamp>,
+    stamps: HashMap<ContentHash, Stamp>,
 }
 
 impl Cache {

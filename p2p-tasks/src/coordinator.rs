@@ -281,26 +281,15 @@ impl Driver<'_> {
     /// Passes on the final results and events the core has queued, once the run moved on
     /// (the core's `poll_*` calls move it on first).
     fn out_events(&mut self, core: &mut RunCore) {
-        if self.out.journal.is_none() {
-            // Nothing records them: let them go at once.
-            core.drop_finals();
-        }
-        while let Some(t) = core.poll_final() {
-            self.out.record(core, t, self.files.as_mut());
-        }
-        if self.out.unrecorded.is_empty() {
-            while let Some(ev) = core.poll_event() {
-                self.out.event(ev);
-            }
-        }
+        core.settle_now();
+        self.out_queued(core);
     }
 
-    /// Moves everything the core produced: commands to links, final results to the
-    /// journal, events to the output. Returns whether a command was sent.
     /// As [`Driver::out_events`], for what is already queued: the run does not move on
     /// (between the events of one batch).
     fn out_queued(&mut self, core: &mut RunCore) {
         if self.out.journal.is_none() {
+            // Nothing records them: let them go at once.
             core.drop_finals_queued();
         }
         while let Some(t) = core.poll_final_queued() {
@@ -313,6 +302,8 @@ impl Driver<'_> {
         }
     }
 
+    /// Moves everything the core produced: commands to links, final results to the
+    /// journal, events to the output. Returns whether a command was sent.
     fn pump(&mut self, core: &mut RunCore) -> bool {
         let mut sent_any = false;
         loop {

@@ -1212,20 +1212,34 @@ fn unbox(m: p2p_core::Message) -> Transfer {
 
 /// The content hash and size of the file at `path`, read in 64 KiB pieces.
 pub fn hash_file(path: &std::path::Path) -> std::io::Result<(ContentHash, u64)> {
+    hash_file_until(path, &std::sync::atomic::AtomicBool::new(false))
+}
+
+/// [`hash_file`], giving up with an error once `stop` is set (checked before each read).
+pub fn hash_file_until(
+    path: &std::path::Path,
+    stop: &std::sync::atomic::AtomicBool,
+) -> std::io::Result<(ContentHash, u64)> {
     use std::io::Read;
     let mut f = std::fs::File::open(path)?;
     let mut h = Hasher::new();
     let mut buf = vec![0u8; 64 * 1024];
     let mut size = 0u64;
     loop {
-        let n = f.read(&mut buf)?;
+        if stop.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(std::io::Error::other("given up"));
+        }
+        let n = match f.read(&mut buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
         if n == 0 {
-            break;
+            return Ok((h.finish(), size));
         }
         h.update(&buf[..n]);
         size += n as u64;
     }
-    Ok((h.finish(), size))
 }
 
 /// Where a node keeps its files: `DATA_DIR/cache/SLOT`.

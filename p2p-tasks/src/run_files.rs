@@ -154,8 +154,9 @@ struct Hashing {
     queue: VecDeque<PathBuf>,
     /// Per file being hashed (or queued): the assignments waiting for it.
     wanted: HashMap<PathBuf, Vec<(LinkId, u64)>>,
-    /// The assignments waiting for a hash, with their link.
-    parked: HashMap<(LinkId, u64), (Link, Assign)>,
+    /// The assignments waiting for a hash, with their link and how many of their files
+    /// are not hashed yet.
+    parked: HashMap<(LinkId, u64), (Link, Assign, usize)>,
     /// Files whose hashing failed, until the assignments that waited for them are told.
     failed: HashMap<PathBuf, String>,
     /// Set when the run's files are dropped: hashing threads stop at their next read.
@@ -199,7 +200,8 @@ impl Hashing {
             let spawned = std::thread::Builder::new()
                 .name("p2p-hash".into())
                 .spawn(move || {
-                    let r = hash_until(&p, &stop).map_err(|e| e.to_string());
+                    let r =
+                        crate::node_files::hash_file_until(&p, &stop).map_err(|e| e.to_string());
                     // The run may be over: nobody to tell.
                     let _ = tx.blocking_send((p, r));
                 });
@@ -228,34 +230,6 @@ impl Hashing {
 impl Drop for Hashing {
     fn drop(&mut self) {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    }
-}
-
-/// The content hash and size of the file at `path` (as [`crate::node_files::hash_file`]),
-/// giving up with an error once `stop` is set.
-fn hash_until(
-    path: &Path,
-    stop: &std::sync::atomic::AtomicBool,
-) -> std::io::Result<(ContentHash, u64)> {
-    use std::io::Read;
-    let mut f = std::fs::File::open(path)?;
-    let mut h = transfer::Hasher::new();
-    let mut buf = vec![0u8; 256 * 1024];
-    let mut size = 0u64;
-    loop {
-        if stop.load(std::sync::atomic::Ordering::Relaxed) {
-            return Err(std::io::Error::other("the run is over"));
-        }
-        let n = match f.read(&mut buf) {
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        if n == 0 {
-            return Ok((h.finish(), size));
-        }
-        h.update(&buf[..n]);
-        size += n as u64;
     }
 }
 
@@ -350,19 +324,15 @@ impl RunFiles {
         let keys = self.hashing.wanted.remove(&path).unwrap_or_default();
         let mut out = Vec::new();
         for key in keys {
-            let ready = self.hashing.parked.get(&key).is_some_and(|(_, a)| {
-                self.plan.get(a.task.as_str()).is_none_or(|(inputs, _)| {
-                    inputs.iter().all(|i| {
-                        self.source(i).is_ok_and(|p| {
-                            self.hashes.contains_key(&p) || self.hashing.failed.contains_key(&p)
-                        })
-                    })
-                })
-            });
-            if !ready {
+            // Its last file not hashed yet (a failure counts: the assignment then fails).
+            let Some(left) = self.hashing.parked.get_mut(&key).map(|p| &mut p.2) else {
+                continue;
+            };
+            *left = left.saturating_sub(1);
+            if *left > 0 {
                 continue;
             }
-            let Some((link, a)) = self.hashing.parked.remove(&key) else {
+            let Some((link, a, _)) = self.hashing.parked.remove(&key) else {
                 continue;
             };
             let seq = a.seq;
@@ -446,7 +416,9 @@ impl RunFiles {
             for path in &unhashed {
                 self.hashing.want(path, key);
             }
-            self.hashing.parked.insert(key, (link.clone(), a));
+            self.hashing
+                .parked
+                .insert(key, (link.clone(), a, unhashed.len()));
             return Step::Held;
         }
         if offers.is_empty() {
@@ -937,14 +909,14 @@ impl RunFiles {
             }
         }
         let with_streams = streams.is_some();
-        let fetched: Vec<(String, ContentHash, u64)> = wanted
-            .iter()
-            .map(|(name, hash, size, _)| (name.clone(), *hash, *size))
-            .collect();
         if wanted.is_empty() {
             self.write_result(&task, &c, &node, attempt, false, &[]);
             return Some(c);
         }
+        let fetched: Vec<(String, ContentHash, u64)> = wanted
+            .iter()
+            .map(|(name, hash, size, _)| (name.clone(), *hash, *size))
+            .collect();
         let task_dir = self.dir.join(&task);
         let mut fetches = Vec::new();
         for (name, hash, size, what) in wanted {
@@ -1248,6 +1220,53 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    /// An assignment waiting for two files, one of which cannot be read, fails once the
+    /// other is hashed too (it is not left waiting for a file whose failure was told
+    /// before).
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_task_with_one_unreadable_input_of_two_fails_once_both_are_done() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("slow.fifo");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        let gone = dir.path().join("gone.bin");
+        let text = format!("a1 < {} < {}\n", fifo.display(), gone.display());
+        let tasks = crate::parse::parse("t.txt", &text).unwrap();
+        let mut files = RunFiles::new(&tasks, Some(dir.path().join("results")), 1 << 20).unwrap();
+        let mut hashed = files.take_hashed().unwrap();
+        let (d, _a, _arx) = linked().await;
+        let a1 = Assign {
+            task: "a1".into(),
+            ..p2p_core::testing::assign_of(1, "a")
+        };
+        assert!(matches!(files.assign(&d, a1), Step::Held));
+        // The missing file fails first (the FIFO waits for its writer).
+        let h = next_hash(&mut hashed).await;
+        assert_eq!(h.0, gone);
+        assert!(files.hashed(h).is_empty(), "still waiting for the FIFO");
+        let writer = std::thread::spawn({
+            let fifo = fifo.clone();
+            move || std::fs::write(fifo, b"abc").unwrap()
+        });
+        let h = next_hash(&mut hashed).await;
+        writer.join().unwrap();
+        assert_eq!(h.0, fifo);
+        let mut out = files.hashed(h);
+        if out.is_empty() {
+            // Made again: the missing file is tried once more, and fails the task.
+            let h = next_hash(&mut hashed).await;
+            assert_eq!(h.0, gone);
+            out = files.hashed(h);
+        }
+        let seqs: Vec<u64> = out.iter().map(|(_, c)| c.seq).collect();
+        assert_eq!(seqs, [1]);
+        let e = out[0].1.error.as_deref().unwrap_or_default();
+        assert!(e.starts_with("cannot read input \"gone.bin\""), "{e}");
     }
 
     async fn next_hash(rx: &mut tokio::sync::mpsc::Receiver<Hashed>) -> Hashed {

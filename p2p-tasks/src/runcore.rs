@@ -915,11 +915,10 @@ impl RunCore {
         self.finals.pop_front()
     }
 
-    /// Moves the run on as [`RunCore::poll_final`] does and drops every final result it
-    /// would give (a driver with no journal to record them in).
-    pub(crate) fn drop_finals(&mut self) {
+    /// Moves the run on after the inputs handled since the last move, as every `poll_*`
+    /// call does first (nothing to do when there were none).
+    pub(crate) fn settle_now(&mut self) {
         self.settle();
-        self.finals.clear();
     }
 
     /// The next event already queued, without moving the run on (see
