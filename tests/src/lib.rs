@@ -17,7 +17,8 @@
 //!   [`peak_rss_kb`] read `/proc/PID`.
 //! - `wire`: [`WireClient`] speaks the real protocol over a raw socket.
 //! - [`netns`]: hosts in network namespaces (also used by p2p-discovery's unit tests);
-//!   [`netfault`]: impaired links in a namespace.
+//!   [`netfault`]: impaired links in a namespace; [`proxy`]: a loopback proxy that holds a
+//!   stream still at an exact byte count.
 //!
 //! [`json_lines`] parses `--json` output.
 //!
@@ -29,6 +30,7 @@
 
 pub mod netfault;
 pub mod netns;
+pub mod proxy;
 
 mod binary;
 mod files;

@@ -328,7 +328,7 @@ impl FlipProxy {
                 let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
                 let f = f.clone();
                 std::thread::spawn(move || pump_flipping(client, server, flip, &f));
-                std::thread::spawn(move || pump(s2, c2));
+                std::thread::spawn(move || tests::proxy::forward(s2, c2));
             }
         });
         FlipProxy {
@@ -343,16 +343,6 @@ impl Drop for FlipProxy {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
     }
-}
-
-fn pump(mut from: TcpStream, mut to: TcpStream) {
-    let mut buf = [0u8; 16 * 1024];
-    while let Ok(n) = from.read(&mut buf) {
-        if n == 0 || to.write_all(&buf[..n]).is_err() {
-            break;
-        }
-    }
-    let _ = to.shutdown(Shutdown::Write);
 }
 
 /// Client-to-server direction: parses `PREAMBLE, ([u16 len][len bytes])*` and flips a bit

@@ -1217,24 +1217,25 @@ fn a_node_killed_mid_transfer_loses_the_attempt_and_the_task_succeeds_on_another
     std::fs::write(dir.join("big.bin"), &bytes).unwrap();
     drop(bytes);
     dir.write("tasks.txt", "a1 < big.bin\n");
-    let (pa, pb) = (nodes[0].peer(), nodes[1].peer());
+    // The run reaches each node through a proxy; the first connection to carry 8 MiB
+    // towards its node (the input, 64 MiB) is held still there, and that node is killed:
+    // it had an eighth of the file at most, however fast the machine.
+    let gate = tests::proxy::StallGate::new(8 * 1024 * 1024);
+    let proxies = [0, 1].map(|i| tests::proxy::StallProxy::start(nodes[i].addr, i, gate.clone()));
+    let (pa, pb) = (proxies[0].addr.to_string(), proxies[1].addr.to_string());
     let running = tests::spawn_in(
         dir.path(),
         &["run", "tasks.txt", "--json", "--peer", &pa, "--peer", &pb],
     );
-    // Whichever node the input starts streaming to is killed at once.
-    let receiving = |s: &Serve| s.stderr.text().contains("input offered: receiving it");
-    let deadline = std::time::Instant::now() + WAIT;
-    let victim = loop {
-        if let Some(i) = (0..2).find(|&i| receiving(&nodes[i])) {
-            break i;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no node received the input"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    };
+    let victim = gate
+        .stalled_within(WAIT)
+        .unwrap_or_else(|| panic!("no node received 8 MiB of the input"));
+    let offered = |s: &Serve| s.stderr.text().contains("input offered: receiving it");
+    assert!(
+        tests::poll_until(WAIT, || offered(&nodes[victim])),
+        "{}",
+        nodes[victim].stderr.text()
+    );
     let status = std::process::Command::new("kill")
         .args(["-KILL", &nodes[victim].pid().to_string()])
         .status()
