@@ -110,6 +110,9 @@ struct Opts {
     before: Option<PathBuf>,
     /// The files section's large input, in MiB.
     file_mib: u64,
+    /// Rounds of the files section's large input (each: a raw copy, then a node's transfer
+    /// without and with a key, in turn).
+    file_rounds: usize,
     /// Serving processes of the fleet section.
     fleet: usize,
     /// The files section frees the page cache before each timed copy (root only).
@@ -131,6 +134,7 @@ impl Opts {
             frames: 2_000_000,
             before: None,
             file_mib: 256,
+            file_rounds: 5,
             fleet: 1000,
             drop_caches: false,
         };
@@ -168,6 +172,7 @@ impl Opts {
                 "--large" => o.file_mib = 1024,
                 "--drop-caches" => o.drop_caches = true,
                 "--file-mib" => o.file_mib = num(it.next(), "--file-mib")?.clamp(1, 16384) as u64,
+                "--file-rounds" => o.file_rounds = num(it.next(), "--file-rounds")?.clamp(1, 20),
                 "--tasks" => o.tasks = num(it.next(), "--tasks")?.max(1000),
                 "--strict-tasks" => o.strict_tasks = num(it.next(), "--strict-tasks")?.max(100),
                 "--fleet" => o.fleet = num(it.next(), "--fleet")?.clamp(2, 4000),
@@ -178,7 +183,7 @@ impl Opts {
                 other => bail!(
                     "unknown argument {other:?}; options: --quick, --only LIST, --tasks N, \
                      --strict-tasks N, --nodes N, --capacity N, --bin PATH, --before PATH, \
-                     --file-mib N, --large, --drop-caches, --fleet N"
+                     --file-mib N, --file-rounds N, --large, --drop-caches, --fleet N"
                 ),
             }
         }
@@ -227,6 +232,8 @@ struct Baseline {
     rtt_us: Option<f64>,
     /// The raw round trip taken in turn with three echo processes, as strict order does.
     rtt3_us: Option<f64>,
+    /// The p99 of that round trip in turn with three.
+    rtt3_p99_us: Option<f64>,
     frames_per_s: Option<f64>,
 }
 
@@ -486,6 +493,18 @@ fn ratio_str(x: f64, base: Option<f64>, what: &str) -> String {
     }
 }
 
+/// The seconds into its day of a `--json` line's `"ts":"YYYY-MM-DDTHH:MM:SS.ffffffZ"`.
+fn ts_seconds(line: &str) -> Option<f64> {
+    let (_, rest) = line.split_once("\"ts\":\"")?;
+    let (_, time) = rest.split_once('T')?;
+    let time = time.split('Z').next()?;
+    let mut parts = time.splitn(3, ':');
+    let h: f64 = parts.next()?.parse().ok()?;
+    let m: f64 = parts.next()?.parse().ok()?;
+    let s: f64 = parts.next()?.parse().ok()?;
+    Some(h * 3600.0 + m * 60.0 + s)
+}
+
 /// Mean, p50 and p99 (nearest rank) of samples, in their unit.
 fn stats(samples: &mut [f64]) -> (f64, f64, f64) {
     if samples.is_empty() {
@@ -742,6 +761,7 @@ fn strict(
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         let mut times = Vec::with_capacity(n);
+        let mut stamps = Vec::with_capacity(n);
         let mut summary = None;
         let mut r = BufReader::with_capacity(1 << 16, stdout);
         let mut line = String::new();
@@ -753,13 +773,14 @@ fn strict(
             }
             if line.contains("\"event\":\"task_completed\"") {
                 times.push(Instant::now());
+                stamps.push(ts_seconds(&line));
             } else if line.contains("\"event\":\"summary\"") {
                 summary = Some(line.clone());
             }
         }
-        let _ = tx.send((times, summary));
+        let _ = tx.send((times, stamps, summary));
     });
-    let (times, summary) = rx
+    let (times, stamps, summary) = rx
         .recv_timeout(RUN_DEADLINE)
         .map_err(|_| anyhow!("strict run did not finish in time"))?;
     let wall = started.elapsed();
@@ -791,6 +812,34 @@ fn strict(
         format!("{p99:.1} µs"),
         ratio(p99),
     );
+    rep.add(
+        format!("strict{label}: p99 per task, against raw in turn with 3"),
+        "",
+        format!(
+            "{} (raw's own p99 with 3: {})",
+            ratio_str(p99, base.rtt3_us, "raw RTT with 3"),
+            ratio_str(base.rtt3_p99_us.unwrap_or(0.0), base.rtt3_us, "its mean")
+        ),
+    );
+    // The same intervals from the coordinator's own `ts` stamps: as the raw ping-pong is
+    // timed by its own sender, without the wake-up of this bench's reader of the pipe.
+    let mut stamped: Vec<f64> = stamps
+        .windows(2)
+        .filter_map(|w| Some((w[1]? - w[0]?) * 1e6))
+        .map(|d| if d < 0.0 { d + 86_400e6 } else { d })
+        .collect();
+    if stamped.len() + 1 == n {
+        let (smean, _, sp99) = stats(&mut stamped);
+        rep.add(
+            format!("strict{label}: mean / p99 per task by the run's own `ts`"),
+            format!("{smean:.1} / {sp99:.1} µs"),
+            format!(
+                "{} / {}",
+                ratio_str(smean, base.rtt3_us, "raw RTT with 3"),
+                ratio_str(sp99, base.rtt3_us, "raw RTT with 3")
+            ),
+        );
+    }
     if let Some(s) = summary {
         let v: serde_json::Value = serde_json::from_str(&s)?;
         let ms = v["elapsed_ms"].as_f64().unwrap_or(0.0);
@@ -1002,6 +1051,7 @@ fn raw(o: &Opts, rep: &mut Report, base: &mut Baseline) -> Result<()> {
     );
     let (mean3, _, p99_3) = stats(&mut rtts3);
     base.rtt3_us = Some(mean3);
+    base.rtt3_p99_us = Some(p99_3);
     rep.add(
         "raw round trip, in turn with 3 echo processes: mean",
         format!("{mean3:.1} µs"),

@@ -6,6 +6,10 @@
 //!   transfer's time as the node logs it (from the offer to the file checked and kept), and
 //!   as a cold run (the node does not have the file) minus a warm one (it answers `Have`,
 //!   nothing moves); with and without a cluster key; peak RSS of `run` and of `serve`.
+//!   `--file-rounds N` rounds (default 5), each a raw copy followed by the two transfers,
+//!   so that each transfer has a raw copy taken just before it: the ratio is taken within
+//!   each round, and the median and range of the rounds' ratios are reported (the raw
+//!   copy's own speed moved by 1.8x between runs on the development machine).
 //! - 1,000 tasks sharing one 100 MB input over 3 nodes: how many times the input was
 //!   received (from the nodes' logs), and the run's time, with inputs placed as copies and
 //!   with `serve --link-inputs` (when the build under test has it).
@@ -161,23 +165,47 @@ pub(super) fn files(o: &Opts, d: &Path, rep: &mut Report) -> Result<()> {
     Ok(())
 }
 
+/// The median of `v` (not empty), and its least and greatest value.
+fn spread(v: &[f64]) -> (f64, f64, f64) {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    let median = if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    };
+    (median, v[0], v[n - 1])
+}
+
+/// A ratio's median with its range, `0.81x (0.62-0.97x over 5 rounds)`.
+fn ratios(v: &[f64]) -> String {
+    let (m, lo, hi) = spread(v);
+    format!(
+        "{m:.2}x raw copy ({lo:.2}-{hi:.2}x over {} rounds)",
+        v.len()
+    )
+}
+
+/// What one key mode of [`large`] measured, a value a round.
+#[derive(Default)]
+struct Transfers {
+    /// The node's time, offer to file kept (s).
+    kept: Vec<f64>,
+    /// The raw copy's time over the node's, the same round.
+    kept_ratio: Vec<f64>,
+    /// The cold run's time minus the warm run's (s).
+    moved: Vec<f64>,
+    /// The raw copy's time over `moved`, the same round.
+    moved_ratio: Vec<f64>,
+    run_rss: u64,
+    serve_rss: u64,
+}
+
 fn large(o: &Opts, d: &Path, rep: &mut Report) -> Result<()> {
     let len = o.file_mib * 1024 * 1024;
     let big = d.join("big.bin");
     random_file(&big, len, 0x9e37_79b9_7f4a_7c15)?;
-    // Best of three: a copy into the page cache varies with the disk's writeback.
-    let mut raw = f64::MAX;
-    for _ in 0..3 {
-        level(o, &big)?;
-        raw = raw.min(raw_copy(&big, &d.join("raw.out"))?);
-        std::fs::remove_file(d.join("raw.out"))?;
-    }
-    let label = format!("{} MiB", o.file_mib);
-    rep.add(
-        format!("files: raw TCP copy of {label}, file to file"),
-        mb_s(len, raw),
-        "",
-    );
     let key = d.join("cluster.key");
     let status = Command::new(&o.bin)
         .arg("keygen")
@@ -190,13 +218,17 @@ fn large(o: &Opts, d: &Path, rep: &mut Report) -> Result<()> {
     }
     let tasks = d.join("large.txt");
     std::fs::write(&tasks, "a1 < big.bin\n")?;
-    for (k, what) in [(None, "without a key"), (Some(key.as_path()), "with a key")] {
-        // Best of two, each on a node that does not have the file yet.
-        let mut moved = f64::MAX;
-        let mut kept = f64::MAX;
-        let (mut run_rss, mut serve_rss) = (0, 0);
-        for round in 0..2 {
-            let data = d.join(format!("node-{}-{round}", k.is_some()));
+    let modes = [(None, "without a key"), (Some(key.as_path()), "with a key")];
+    let mut raw = Vec::new();
+    let mut got: [Transfers; 2] = Default::default();
+    for round in 0..o.file_rounds {
+        level(o, &big)?;
+        let r = raw_copy(&big, &d.join("raw.out"))?;
+        std::fs::remove_file(d.join("raw.out"))?;
+        raw.push(r);
+        for (m, &(k, _)) in modes.iter().enumerate() {
+            // Each on a node that does not have the file yet.
+            let data = d.join(format!("node-{m}-{round}"));
             // `-v`: the node logs the time from the offer to the file checked and kept.
             let mut extra = vec!["--cache-size", "4GiB", "-v"];
             let kf = key.display().to_string();
@@ -212,28 +244,45 @@ fn large(o: &Opts, d: &Path, rep: &mut Report) -> Result<()> {
             // transfer, and the warm run places it from there.
             let warm = run_on(o, &tasks, std::slice::from_ref(&s), k, &extra, d)?;
             let _ = std::fs::remove_dir_all(&results);
-            serve_rss = serve_rss.max(peak_rss_kb(s.pid()).unwrap_or(0));
+            let t = &mut got[m];
+            t.serve_rss = t.serve_rss.max(peak_rss_kb(s.pid()).unwrap_or(0));
             let took = node_took_s(&s.stderr.text())
                 .ok_or_else(|| anyhow!("the node logged no `input received` line"))?;
-            kept = kept.min(took);
-            run_rss = run_rss.max(cold.peak_rss_kb);
+            t.kept.push(took);
+            t.kept_ratio.push(r / took);
+            t.run_rss = t.run_rss.max(cold.peak_rss_kb);
             drop(s);
             let _ = std::fs::remove_dir_all(&data);
-            moved = moved.min((cold.wall.as_secs_f64() - warm.wall.as_secs_f64()).max(1e-6));
+            let moved = (cold.wall.as_secs_f64() - warm.wall.as_secs_f64()).max(1e-6);
+            t.moved.push(moved);
+            t.moved_ratio.push(r / moved);
         }
+    }
+    let label = format!("{} MiB", o.file_mib);
+    let (raw_median, raw_lo, raw_hi) = spread(&raw);
+    rep.add(
+        format!("files: raw TCP copy of {label}, file to file (median)"),
+        mb_s(len, raw_median),
+        format!(
+            "{} to {} over the rounds",
+            mb_s(len, raw_hi),
+            mb_s(len, raw_lo)
+        ),
+    );
+    for (t, &(_, what)) in got.iter().zip(&modes) {
         rep.add(
             format!("files: {label} input to a node, {what} (node: offer to file kept)"),
-            mb_s(len, kept),
-            format!("{:.2}x raw copy", raw / kept),
+            mb_s(len, spread(&t.kept).0),
+            ratios(&t.kept_ratio),
         );
         rep.add(
             format!("files: {label} input to a node, {what} (cold - warm run)"),
-            mb_s(len, moved),
-            format!("{:.2}x raw copy", raw / moved),
+            mb_s(len, spread(&t.moved).0),
+            ratios(&t.moved_ratio),
         );
         rep.add(
             format!("files: {label} input, {what}: peak RSS run / serve"),
-            format!("{} / {}", mib(run_rss), mib(serve_rss)),
+            format!("{} / {}", mib(t.run_rss), mib(t.serve_rss)),
             "",
         );
     }
