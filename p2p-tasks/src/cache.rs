@@ -185,6 +185,14 @@ impl Index {
         }
     }
 
+    /// The least recently used file that is not pinned, if any.
+    pub fn oldest_unpinned(&self) -> Option<ContentHash> {
+        self.order
+            .values()
+            .find(|h| self.entries.get(h).is_some_and(|e| e.pins == 0))
+            .copied()
+    }
+
     /// Forgets `hash` (its file is gone); whether it was there.
     pub fn remove(&mut self, hash: &ContentHash) -> bool {
         let Some(e) = self.entries.remove(hash) else {
@@ -384,12 +392,67 @@ impl Cache {
         *self.stamps.entry(*hash).or_insert(now) == now
     }
 
+    /// Deletes the least recently used files no task uses while the disk under the cache has
+    /// less than [`disk_reserve`] bytes free (plus `extra`, the size of a file about to be
+    /// written), so that a full disk (`--cache-size` larger than what the disk has left)
+    /// costs cached copies, sent again when wanted, rather than every later attempt. Does
+    /// nothing when even an empty disk would not have the room. Returns how many files went
+    /// and their bytes; an error reading the disk's figures deletes nothing.
+    pub fn relieve_disk(&mut self, extra: u64) -> io::Result<(usize, u64)> {
+        let dir = self.dir.clone();
+        self.relieve_with(extra, || disk_space(&dir))
+    }
+
+    /// [`Cache::relieve_disk`] with the disk's `(free, size)` in bytes from `space`, asked
+    /// again after each file deleted (a file still linked elsewhere frees nothing).
+    fn relieve_with(
+        &mut self,
+        extra: u64,
+        mut space: impl FnMut() -> io::Result<(u64, u64)>,
+    ) -> io::Result<(usize, u64)> {
+        let (mut free, size) = space()?;
+        let want = disk_reserve(size).saturating_add(extra);
+        if want > size {
+            return Ok((0, 0));
+        }
+        let (mut files, mut bytes) = (0, 0);
+        while free < want {
+            let Some(hash) = self.index.oldest_unpinned() else {
+                break;
+            };
+            let len = self.index.entries.get(&hash).map_or(0, |e| e.size);
+            self.index.remove(&hash);
+            self.delete(&[hash]);
+            files += 1;
+            bytes += len;
+            free = space()?.0;
+        }
+        Ok((files, bytes))
+    }
+
     fn delete(&mut self, hashes: &[ContentHash]) {
         for h in hashes {
             self.stamps.remove(h);
             let _ = std::fs::remove_file(self.path(h));
         }
     }
+}
+
+/// The bytes [`Cache::relieve_disk`] keeps free on a disk of `size` bytes: an eighth of it,
+/// at most 64 MiB (room for a task's streams and small outputs).
+pub fn disk_reserve(size: u64) -> u64 {
+    (size / 8).min(64 << 20)
+}
+
+/// `(free, size)` in bytes of the filesystem holding `dir`, as an unprivileged process may
+/// use it.
+fn disk_space(dir: &Path) -> io::Result<(u64, u64)> {
+    let st = rustix::fs::statvfs(dir).map_err(io::Error::from)?;
+    let unit = st.f_frsize.max(1);
+    Ok((
+        st.f_bavail.saturating_mul(unit),
+        st.f_blocks.saturating_mul(unit),
+    ))
 }
 
 /// A cached file's size and modification time (see [`Cache::unchanged`]).
@@ -430,6 +493,47 @@ mod tests {
         let path = c.commit(p, hash, bytes.len() as u64).unwrap();
         c.unpin(&hash);
         (hash, path)
+    }
+
+    /// Files go oldest first, pinned ones never, until the disk has its reserve (and the
+    /// file about to come) free; nothing goes for a file the disk could never hold.
+    #[test]
+    fn a_full_disk_drops_unpinned_files_oldest_first_until_its_reserve_is_free() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = Cache::open(dir.path(), 1 << 30).unwrap();
+        let (a, pa) = put(&mut c, &[1; 300]);
+        let (b, pb) = put(&mut c, &[2; 300]);
+        let (d, pd) = put(&mut c, &[3; 300]);
+        assert!(c.has(&a)); // a is now the most recently used: b is the oldest
+        assert!(c.pin(&b));
+        // A disk of 8,000 bytes (reserve 1,000) with 500 free, plus 300 per file deleted.
+        let free = std::cell::Cell::new(500u64);
+        let space = || Ok((free.get(), 8_000));
+        let deleted = |c: &mut Cache, extra| {
+            c.relieve_with(extra, || {
+                let n = [&pa, &pb, &pd].iter().filter(|p| !p.exists()).count() as u64;
+                Ok((free.get() + 300 * n, 8_000))
+            })
+            .unwrap()
+        };
+        // 1,000 wanted: d (the oldest unpinned) and then a go; b stays, pinned.
+        assert_eq!(deleted(&mut c, 0), (2, 600));
+        assert!(!pd.exists() && !pa.exists() && pb.exists());
+        assert!(!c.index().contains(&d) && !c.index().contains(&a));
+        assert!(c.index().contains(&b));
+        // Nothing more to drop: the pinned file stays whatever is wanted.
+        assert_eq!(deleted(&mut c, 5_000), (0, 0));
+        assert!(pb.exists());
+        // Enough free: nothing goes.
+        free.set(7_000);
+        c.unpin(&b);
+        assert_eq!(c.relieve_with(0, space).unwrap(), (0, 0));
+        // A file larger than the disk less its reserve: nothing goes for it.
+        free.set(0);
+        assert_eq!(c.relieve_with(7_001, space).unwrap(), (0, 0));
+        assert!(pb.exists());
+        assert_eq!(c.relieve_with(0, space).unwrap(), (1, 300));
+        assert!(!pb.exists() && c.index().is_empty());
     }
 
     #[test]

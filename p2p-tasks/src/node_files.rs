@@ -695,6 +695,18 @@ fn abort(link: &Link, id: u64, reason: AbortReason, message: impl Into<String>) 
     );
 }
 
+/// [`Cache::relieve_disk`], saying what a full disk cost.
+fn relieve_disk(cache: &mut Cache, extra: u64) {
+    match cache.relieve_disk(extra) {
+        Ok((0, _)) => {}
+        Ok((files, bytes)) => warn!(
+            files,
+            bytes, "the disk is nearly full: cached files no task uses were dropped (sent again when wanted)"
+        ),
+        Err(e) => debug!(error = %e, "cannot read the disk's free space"),
+    }
+}
+
 fn io_reason(e: &std::io::Error) -> AbortReason {
     // ENOSPC and EDQUOT: the disk (or the quota) is full. By the error's kind, which a
     // temporary file's write error keeps when it is wrapped with the file's path (the
@@ -763,6 +775,7 @@ impl LinkFiles {
                         return;
                     }
                 };
+                relieve_disk(&mut node.cache(), size);
                 let file = match node.cache().partial().and_then(|f| Writer::new(f, size)) {
                     Ok(f) => f,
                     Err(e) => {
@@ -1081,6 +1094,9 @@ impl LinkFiles {
                 f.1 = cache.path(&i.hash);
             }
         }
+        // Its inputs are pinned: what else the disk must give up for the attempt's streams
+        // and outputs goes now.
+        relieve_disk(&mut cache, 0);
         files.link_inputs = link;
         files.outputs = outputs.clone();
         files.collect = Some(collect.path().to_path_buf());

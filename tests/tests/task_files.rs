@@ -1180,6 +1180,72 @@ fn a_full_disk_on_a_node_fails_the_attempt_saying_so_and_it_is_retried_on_anothe
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
 
+/// A failed attempt that filled a node's small disk leaves its cut stdout in the cache
+/// (the coordinator fetches a failure's streams). The cache's 1 GiB default is far more
+/// than this 3 MiB disk has, so no size rule ever evicts it: before the cache dropped
+/// unused files for a nearly full disk, every later attempt failed ("cannot keep the
+/// task's stdout ... No space left on device") until the node was restarted.
+#[test]
+fn a_disk_filled_by_a_failed_attempt_costs_cached_copies_not_every_later_attempt() {
+    let root = TestDir::new();
+    let Some(disk) = SmallDisk::mount_or_skip(root.path(), "3m") else {
+        return;
+    };
+    let node = Serve::types(
+        "a,b",
+        &[
+            "--handler",
+            "a=echo hi",
+            "--handler",
+            "b=yes 0123456789abcdef | head -c 4000000",
+            "--data-dir",
+            disk.dir.to_str().unwrap(),
+        ],
+    );
+    let dir = TestDir::new();
+    dir.write("b.txt", "b1\n");
+    dir.write("a.txt", "a1\na2\n");
+    let run = |file: &str, results: &str| {
+        run_in(
+            dir.path(),
+            &[
+                "run",
+                file,
+                "--json",
+                "--results",
+                results,
+                "--peer",
+                &node.peer(),
+            ],
+        )
+    };
+    let out = run("b.txt", "out-b");
+    out.assert_code(1);
+    let events = out.json();
+    let failed = events_named(&events, "task_failed");
+    assert!(
+        failed.len() == 1
+            && failed[0]["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("No space left on device")),
+        "{}",
+        out.describe()
+    );
+    for _ in 0..2 {
+        let out = run("a.txt", "out-a");
+        out.assert_code(0);
+        assert_eq!(
+            std::fs::read_to_string(dir.join("out-a/a2/stdout")).unwrap(),
+            "hi\n"
+        );
+    }
+    let log = node.stderr.text();
+    assert!(
+        log.contains("cached files no task uses were dropped"),
+        "{log}"
+    );
+}
+
 fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     let mut out = Vec::new();
     let Ok(rd) = std::fs::read_dir(dir) else {
