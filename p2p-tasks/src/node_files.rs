@@ -149,13 +149,13 @@ impl Drop for WriterPermit {
 /// chunks (seventeen of a sender's 63 KiB), handed over as they came, slices of the
 /// connection's read buffers (with or without a key: `FrameCodec::share_chunks`), so no
 /// byte of them is copied on the connection's thread (which hashes them as they come, see
-/// [`ThreadWriter::write`]); the writer writes them with `writev`, then drops them, which lets the codec take their read buffers
-/// again. The hand-over (a wake-up of one thread or the other) is paid once a mebibyte:
-/// chunks handed over four at a time made a receiving node switch threads 11,000 times a
-/// GiB. The chunks' memory is the codec's recycled read buffers, so dropping them on the
-/// writer's thread frees nothing (freeing chunks of their own there, sixteen at a time,
-/// made glibc give memory back and fault it in again: 17,000 page faults a GiB against
-/// 1,800).
+/// [`ThreadWriter::write`]); the writer writes them with `writev`, then drops them, which
+/// lets the codec take their read buffers again. The hand-over (a wake-up of one thread or
+/// the other) is paid once a mebibyte: chunks handed over four at a time made a receiving
+/// node switch threads 11,000 times a GiB. The chunks' memory is the codec's recycled read
+/// buffers, so dropping them on the writer's thread frees nothing (freeing chunks of their
+/// own there, sixteen at a time, made glibc give memory back and fault it in again: 17,000
+/// page faults a GiB against 1,800).
 const BATCH_BYTES: usize = 1024 * 1024;
 
 /// Most chunks in one batch, whatever their size: a peer sending tiny chunks makes small
