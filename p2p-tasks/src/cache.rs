@@ -185,6 +185,11 @@ impl Index {
         }
     }
 
+    /// The size of `hash`'s file, if it is there.
+    pub fn size_of(&self, hash: &ContentHash) -> Option<u64> {
+        self.entries.get(hash).map(|e| e.size)
+    }
+
     /// The least recently used file that is not pinned, if any.
     pub fn oldest_unpinned(&self) -> Option<ContentHash> {
         self.order
@@ -420,7 +425,7 @@ impl Cache {
             let Some(hash) = self.index.oldest_unpinned() else {
                 break;
             };
-            let len = self.index.entries.get(&hash).map_or(0, |e| e.size);
+            let len = self.index.size_of(&hash).unwrap_or(0);
             self.index.remove(&hash);
             self.delete(&[hash]);
             files += 1;

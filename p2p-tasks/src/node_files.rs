@@ -1095,8 +1095,16 @@ impl LinkFiles {
             }
         }
         // Its inputs are pinned: what else the disk must give up for the attempt's streams
-        // and outputs goes now.
-        relieve_disk(&mut cache, 0);
+        // and outputs, and for the copies of its inputs unless they are links, goes now.
+        let copies: u64 = if link {
+            0
+        } else {
+            inputs
+                .iter()
+                .filter_map(|i| cache.index().size_of(&i.hash))
+                .sum()
+        };
+        relieve_disk(&mut cache, copies);
         files.link_inputs = link;
         files.outputs = outputs.clone();
         files.collect = Some(collect.path().to_path_buf());
