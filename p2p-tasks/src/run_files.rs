@@ -154,13 +154,21 @@ struct Hashing {
     queue: VecDeque<PathBuf>,
     /// Per file being hashed (or queued): the assignments waiting for it.
     wanted: HashMap<PathBuf, Vec<(LinkId, u64)>>,
-    /// The assignments waiting for a hash, with their link and how many of their files
-    /// are not hashed yet.
-    parked: HashMap<(LinkId, u64), (Link, Assign, usize)>,
-    /// Files whose hashing failed, until the assignments that waited for them are told.
-    failed: HashMap<PathBuf, String>,
+    /// The assignments waiting for a hash.
+    parked: HashMap<(LinkId, u64), Parked>,
     /// Set when the run's files are dropped: hashing threads stop at their next read.
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// An assignment waiting for its inputs' hashes.
+struct Parked {
+    link: Link,
+    assign: Assign,
+    /// Its files not hashed yet.
+    left: usize,
+    /// Why one of its files could not be read: it fails once none is left (a file that
+    /// failed is not hashed again for it).
+    error: Option<String>,
 }
 
 impl Hashing {
@@ -174,7 +182,6 @@ impl Hashing {
             queue: VecDeque::new(),
             wanted: HashMap::new(),
             parked: HashMap::new(),
-            failed: HashMap::new(),
             stop: Default::default(),
         }
     }
@@ -313,29 +320,45 @@ impl RunFiles {
     /// that cannot be, for the run.
     pub fn hashed(&mut self, (path, r): Hashed) -> Vec<(LinkId, Completed)> {
         self.hashing.running = self.hashing.running.saturating_sub(1);
-        match r {
+        let error = match r {
             Ok(h) => {
                 self.hashes.insert(path.clone(), h);
+                None
             }
-            Err(e) => {
-                self.hashing.failed.insert(path.clone(), e);
-            }
-        }
+            // Not kept: a later attempt tries the file again.
+            Err(e) => Some(format!(
+                "cannot read input {:?} ({}): {e}",
+                path.file_name().unwrap_or_default().to_string_lossy(),
+                path.display()
+            )),
+        };
         let keys = self.hashing.wanted.remove(&path).unwrap_or_default();
         let mut out = Vec::new();
         for key in keys {
-            // Its last file not hashed yet (a failure counts: the assignment then fails).
-            let Some(left) = self.hashing.parked.get_mut(&key).map(|p| &mut p.2) else {
+            let Some(p) = self.hashing.parked.get_mut(&key) else {
                 continue;
             };
-            *left = left.saturating_sub(1);
-            if *left > 0 {
+            p.left = p.left.saturating_sub(1);
+            if p.error.is_none() {
+                p.error.clone_from(&error);
+            }
+            if p.left > 0 {
                 continue;
             }
-            let Some((link, a, _)) = self.hashing.parked.remove(&key) else {
+            let Some(Parked {
+                link,
+                assign: a,
+                error,
+                ..
+            }) = self.hashing.parked.remove(&key)
+            else {
                 continue;
             };
             let seq = a.seq;
+            if let Some(e) = error {
+                out.push((key.0, failed(seq, e)));
+                continue;
+            }
             match self.assign(&link, a) {
                 Step::Send(a) => {
                     if link.send(Command::Assign(a)).is_err() {
@@ -346,8 +369,6 @@ impl RunFiles {
                 Step::Fail(c) => out.push((key.0, c)),
             }
         }
-        // A failure is told to those that waited; a later attempt tries the file again.
-        self.hashing.failed.remove(&path);
         self.hashing.start();
         out
     }
@@ -397,12 +418,6 @@ impl RunFiles {
                 Ok(p) => p,
                 Err(e) => return Step::Fail(failed(a.seq, e)),
             };
-            if let Some(e) = self.hashing.failed.get(&path) {
-                return Step::Fail(failed(
-                    a.seq,
-                    format!("cannot read input {name:?} ({}): {e}", path.display()),
-                ));
-            }
             let Some(&(hash, size)) = self.hashes.get(&path) else {
                 unhashed.push(path);
                 continue;
@@ -416,9 +431,13 @@ impl RunFiles {
             for path in &unhashed {
                 self.hashing.want(path, key);
             }
-            self.hashing
-                .parked
-                .insert(key, (link.clone(), a, unhashed.len()));
+            let parked = Parked {
+                link: link.clone(),
+                assign: a,
+                left: unhashed.len(),
+                error: None,
+            };
+            self.hashing.parked.insert(key, parked);
             return Step::Held;
         }
         if offers.is_empty() {
@@ -1146,6 +1165,23 @@ mod tests {
         (d, a, arx)
     }
 
+    /// A FIFO at `path`: hashing it waits until a writer comes.
+    fn mkfifo(path: &Path) {
+        let made = std::process::Command::new("mkfifo")
+            .arg(path)
+            .status()
+            .unwrap();
+        assert!(made.success());
+    }
+
+    /// The assignment `seq` of task `task`, of type `a`.
+    fn assign_of(seq: u64, task: &str) -> Assign {
+        Assign {
+            task: task.into(),
+            ..p2p_core::testing::assign_of(seq, "a")
+        }
+    }
+
     /// The next transfer message the peer got.
     async fn next_transfer(rx: &mut tokio::sync::mpsc::Receiver<(LinkId, LinkEvent)>) -> Transfer {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
@@ -1168,22 +1204,14 @@ mod tests {
     async fn inputs_are_hashed_off_the_runs_thread_and_a_held_assignment_cancels_here() {
         let dir = tempfile::tempdir().unwrap();
         let fifo = dir.path().join("in.fifo");
-        let made = std::process::Command::new("mkfifo")
-            .arg(&fifo)
-            .status()
-            .unwrap();
-        assert!(made.success());
+        mkfifo(&fifo);
         let text = format!("a1 < {p}\na2 < {p}\n", p = fifo.display());
         let tasks = crate::parse::parse("t.txt", &text).unwrap();
         let mut files = RunFiles::new(&tasks, Some(dir.path().join("results")), 1 << 20).unwrap();
         let mut hashed = files.take_hashed().unwrap();
         let (d, _a, mut arx) = linked().await;
-        let assign = |seq: u64, task: &str| Assign {
-            task: task.into(),
-            ..p2p_core::testing::assign_of(seq, "a")
-        };
         // Held at once: a hash made here would wait for the FIFO's writer for ever.
-        assert!(matches!(files.assign(&d, assign(1, "a1")), Step::Held));
+        assert!(matches!(files.assign(&d, assign_of(1, "a1")), Step::Held));
         let c = files.cancel(&d, 1).expect("held here, so cancelled here");
         assert_eq!((c.seq, c.ok), (1, false));
         assert_eq!(c.error.as_deref(), Some("cancelled before it was assigned"));
@@ -1193,17 +1221,14 @@ mod tests {
             let fifo = fifo.clone();
             move || std::fs::write(fifo, b"abc").unwrap()
         });
-        let h = tokio::time::timeout(Duration::from_secs(60), hashed.recv())
-            .await
-            .expect("no hash")
-            .expect("the hashing threads' channel closed");
+        let h = next_hash(&mut hashed).await;
         writer.join().unwrap();
         assert_eq!(h.0, fifo);
         assert_eq!(h.1, Ok((transfer::hash_bytes(b"abc"), 3)));
         // Nobody waits for it any more: nothing goes out.
         assert!(files.hashed(h).is_empty());
         // Hashed now: the next task's offer goes out as it is assigned.
-        assert!(matches!(files.assign(&d, assign(2, "a2")), Step::Held));
+        assert!(matches!(files.assign(&d, assign_of(2, "a2")), Step::Held));
         match next_transfer(&mut arx).await {
             Transfer::Offer { hash, size, .. } => {
                 assert_eq!((hash, size), (transfer::hash_bytes(b"abc"), 3));
@@ -1224,27 +1249,19 @@ mod tests {
 
     /// An assignment waiting for two files, one of which cannot be read, fails once the
     /// other is hashed too (it is not left waiting for a file whose failure was told
-    /// before).
+    /// before, and the failed file is not hashed again for it).
     #[tokio::test(flavor = "current_thread")]
     async fn a_task_with_one_unreadable_input_of_two_fails_once_both_are_done() {
         let dir = tempfile::tempdir().unwrap();
         let fifo = dir.path().join("slow.fifo");
-        let made = std::process::Command::new("mkfifo")
-            .arg(&fifo)
-            .status()
-            .unwrap();
-        assert!(made.success());
+        mkfifo(&fifo);
         let gone = dir.path().join("gone.bin");
         let text = format!("a1 < {} < {}\n", fifo.display(), gone.display());
         let tasks = crate::parse::parse("t.txt", &text).unwrap();
         let mut files = RunFiles::new(&tasks, Some(dir.path().join("results")), 1 << 20).unwrap();
         let mut hashed = files.take_hashed().unwrap();
         let (d, _a, _arx) = linked().await;
-        let a1 = Assign {
-            task: "a1".into(),
-            ..p2p_core::testing::assign_of(1, "a")
-        };
-        assert!(matches!(files.assign(&d, a1), Step::Held));
+        assert!(matches!(files.assign(&d, assign_of(1, "a1")), Step::Held));
         // The missing file fails first (the FIFO waits for its writer).
         let h = next_hash(&mut hashed).await;
         assert_eq!(h.0, gone);
@@ -1256,13 +1273,7 @@ mod tests {
         let h = next_hash(&mut hashed).await;
         writer.join().unwrap();
         assert_eq!(h.0, fifo);
-        let mut out = files.hashed(h);
-        if out.is_empty() {
-            // Made again: the missing file is tried once more, and fails the task.
-            let h = next_hash(&mut hashed).await;
-            assert_eq!(h.0, gone);
-            out = files.hashed(h);
-        }
+        let out = files.hashed(h);
         let seqs: Vec<u64> = out.iter().map(|(_, c)| c.seq).collect();
         assert_eq!(seqs, [1]);
         let e = out[0].1.error.as_deref().unwrap_or_default();
@@ -1287,12 +1298,8 @@ mod tests {
         let mut files = RunFiles::new(&tasks, Some(dir.path().join("results")), 1 << 20).unwrap();
         let mut hashed = files.take_hashed().unwrap();
         let (d, _a, _arx) = linked().await;
-        let assign = |seq: u64, task: &str| Assign {
-            task: task.into(),
-            ..p2p_core::testing::assign_of(seq, "a")
-        };
-        assert!(matches!(files.assign(&d, assign(1, "a1")), Step::Held));
-        assert!(matches!(files.assign(&d, assign(2, "a2")), Step::Held));
+        assert!(matches!(files.assign(&d, assign_of(1, "a1")), Step::Held));
+        assert!(matches!(files.assign(&d, assign_of(2, "a2")), Step::Held));
         let h = next_hash(&mut hashed).await;
         assert!(h.1.is_err());
         let failed = files.hashed(h);
@@ -1304,7 +1311,7 @@ mod tests {
         }
         // Written since: the retry hashes it.
         std::fs::write(&gone, b"x").unwrap();
-        assert!(matches!(files.assign(&d, assign(3, "a1")), Step::Held));
+        assert!(matches!(files.assign(&d, assign_of(3, "a1")), Step::Held));
         let h = next_hash(&mut hashed).await;
         assert_eq!(h.1, Ok((transfer::hash_bytes(b"x"), 1)));
         assert!(files.hashed(h).is_empty());
