@@ -484,20 +484,10 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
     use super::*;
-    use p2p_core::transfer::hash_bytes;
+    use crate::test_links::put;
 
     fn h(n: u8) -> ContentHash {
         ContentHash([n; 32])
-    }
-
-    /// Receives `bytes` into the cache (unpinned): their hash and file.
-    fn put(c: &mut Cache, bytes: &[u8]) -> (ContentHash, PathBuf) {
-        let mut p = c.partial().unwrap();
-        std::io::Write::write_all(&mut p, bytes).unwrap();
-        let hash = hash_bytes(bytes);
-        let path = c.commit(p, hash, bytes.len() as u64).unwrap();
-        c.unpin(&hash);
-        (hash, path)
     }
 
     /// Files go oldest first, pinned ones never, until the disk has its reserve (and the

@@ -1553,15 +1553,7 @@ mod tests {
         let root = tempfile::tempdir().unwrap();
         let cache = Cache::open(&root.path().join("cache"), 1 << 20).unwrap();
         let node = Arc::new(NodeFiles::new(cache, 1 << 20, 1 << 20).with_link_inputs(true));
-        let put = |bytes: &[u8]| {
-            let mut c = node.cache();
-            let mut p = c.partial().unwrap();
-            std::io::Write::write_all(&mut p, bytes).unwrap();
-            let hash = transfer::hash_bytes(bytes);
-            let path = c.commit(p, hash, bytes.len() as u64).unwrap();
-            c.unpin(&hash);
-            (hash, path)
-        };
+        let put = |bytes: &[u8]| crate::test_links::put(&mut node.cache(), bytes);
         let (hash, cached) = put(b"input bytes");
         let mut files = LinkFiles::new(Some(node.clone()));
         let placed = vec![PlacedFile {

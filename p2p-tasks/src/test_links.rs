@@ -1,4 +1,4 @@
-//! In-memory links for the crate's unit tests.
+//! In-memory links, and a file put in a cache, for the crate's unit tests.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -31,4 +31,17 @@ pub(crate) async fn linked(
         .unwrap();
     let a = acceptor.await.unwrap().unwrap();
     (d, a, drx, arx)
+}
+
+/// Receives `bytes` into `c` (unpinned), as a checked transfer does: their hash and file.
+pub(crate) fn put(
+    c: &mut crate::cache::Cache,
+    bytes: &[u8],
+) -> (p2p_core::ContentHash, std::path::PathBuf) {
+    let mut p = c.partial().unwrap();
+    std::io::Write::write_all(&mut p, bytes).unwrap();
+    let hash = p2p_core::transfer::hash_bytes(bytes);
+    let path = c.commit(p, hash, bytes.len() as u64).unwrap();
+    c.unpin(&hash);
+    (hash, path)
 }
