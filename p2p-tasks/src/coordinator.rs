@@ -492,7 +492,6 @@ impl std::future::Future for YieldOnce {
     }
 }
 
-/// The current time from tokio's clock, so a paused or simulated clock drives the run.
 /// The next report of the hashing threads; never, without files.
 async fn next_hashed(
     rx: &mut Option<tokio::sync::mpsc::Receiver<crate::run_files::Hashed>>,
@@ -503,6 +502,7 @@ async fn next_hashed(
     }
 }
 
+/// The current time from tokio's clock, so a paused or simulated clock drives the run.
 fn now() -> Instant {
     tokio::time::Instant::now().into_std()
 }

@@ -162,8 +162,8 @@ pub(crate) async fn place_inputs_off_thread(
 /// two files share blocks until either is written, so nothing is copied) where the
 /// filesystem has them (btrfs, XFS, bcachefs), else an in-kernel copy (`copy_file_range`,
 /// which [`std::io::copy`] uses between two files). Never a link (that is [`link_file`]'s,
-/// with `serve --link-inputs`): the task may write its
-/// copy, and the cached bytes must not change.
+/// with `serve --link-inputs`): the task may write its copy, and the cached bytes must not
+/// change.
 pub(crate) fn copy_file(src: &Path, dst: &Path) -> io::Result<u64> {
     let mut from = std::fs::File::open(src)?;
     let meta = from.metadata()?;
