@@ -708,21 +708,9 @@ fn linked_inputs_are_read_only_links_and_a_task_that_writes_one_fails_and_drops_
     let dir = TestDir::new();
     let bytes: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
     std::fs::write(dir.join("in.bin"), &bytes).unwrap();
-    dir.write(
-        "read.txt",
-        "a1 < in.bin
-",
-    );
-    dir.write(
-        "write.txt",
-        "b1 < in.bin
-",
-    );
-    dir.write(
-        "again.txt",
-        "a2 < in.bin
-",
-    );
+    dir.write("read.txt", "a1 < in.bin\n");
+    dir.write("write.txt", "b1 < in.bin\n");
+    dir.write("again.txt", "a2 < in.bin\n");
     // What a task sees: size, link count, mode.
     let see = "a=echo $(wc -c < in.bin) $(stat -c %h in.bin) $(stat -c %a in.bin)";
     let outputs = |s: &Serve, file: &str, code: i32| -> Vec<serde_json::Value> {
