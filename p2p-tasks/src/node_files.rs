@@ -193,7 +193,88 @@ const HASH_EDGE: usize = 16 * 1024;
 /// the end, the file goes (the thread ends with the queue).
 enum Writer {
     Inline(tempfile::NamedTempFile, Box<Hasher>),
-    Thread(Box<ThreadWriter<tempfile::NamedTempFile>>),
+    Thread(Box<ThreadWriter<Reserving>>),
+}
+
+/// A large incoming file's disk blocks are reserved (`fallocate`, keeping the file's
+/// length) this many bytes ahead of its writes, up to the size it was offered with. The
+/// file system then allocates its blocks in runs rather than page by page as the writes
+/// come: writing 1 GiB into ext4 took 0.16-0.19 s of CPU (median of five) reserved 8 MiB
+/// ahead, against 0.23-0.36 s (0.255) written plain, the same as reserving the whole file
+/// at once. A step, not the whole size, so that a peer offering a large file and sending
+/// nothing holds at most this much of the disk a transfer.
+const RESERVE_STEP: u64 = 8 << 20;
+
+/// A file written from its start, whose blocks are reserved [`RESERVE_STEP`] ahead of its
+/// writes and never past `size`: a file written whole holds no block beyond its end. A
+/// full disk (or quota) fails the write that needed the reservation, as the write itself
+/// would have; a file system that cannot reserve is written plain.
+struct Reserving {
+    file: tempfile::NamedTempFile,
+    /// The length the file will have.
+    size: u64,
+    /// Bytes written so far.
+    written: u64,
+    /// The file's first bytes whose blocks are reserved (or `size` when the file system
+    /// cannot reserve).
+    reserved: u64,
+}
+
+impl Reserving {
+    fn new(file: tempfile::NamedTempFile, size: u64) -> Reserving {
+        Reserving {
+            file,
+            size,
+            written: 0,
+            reserved: 0,
+        }
+    }
+
+    /// Reserves the blocks for the next `len` bytes, a step ahead, before they are written.
+    fn ahead(&mut self, len: usize) -> std::io::Result<()> {
+        let end = self.written.saturating_add(len as u64);
+        if end <= self.reserved || self.reserved >= self.size {
+            return Ok(());
+        }
+        let to = end
+            .max(self.reserved.saturating_add(RESERVE_STEP))
+            .min(self.size);
+        let flags = rustix::fs::FallocateFlags::KEEP_SIZE;
+        match rustix::fs::fallocate(
+            self.file.as_file(),
+            flags,
+            self.reserved,
+            to - self.reserved,
+        ) {
+            Ok(()) => self.reserved = to,
+            Err(e) if e == rustix::io::Errno::NOSPC || e == rustix::io::Errno::DQUOT => {
+                return Err(e.into());
+            }
+            // Not supported here (or not for this kind of file): written plain.
+            Err(_) => self.reserved = self.size,
+        }
+        Ok(())
+    }
+}
+
+impl Write for Reserving {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.ahead(buf.len())?;
+        let n = self.file.write(buf)?;
+        self.written += n as u64;
+        Ok(n)
+    }
+
+    fn write_vectored(&mut self, bufs: &[std::io::IoSlice<'_>]) -> std::io::Result<usize> {
+        self.ahead(bufs.iter().map(|b| b.len()).sum())?;
+        let n = self.file.write_vectored(bufs)?;
+        self.written += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.flush()
+    }
 }
 
 /// A [`Writer`] with a thread of its own, writing into `W`.
@@ -313,7 +394,7 @@ impl Writer {
     fn new(file: tempfile::NamedTempFile, size: u64) -> std::io::Result<Writer> {
         match WriterPermit::take() {
             Some(p) if size > THREADED_WRITE => Ok(Writer::Thread(Box::new(ThreadWriter::spawn(
-                file,
+                Reserving::new(file, size),
                 Some(p),
             )?))),
             _ => Ok(Writer::Inline(file, Box::default())),
@@ -337,7 +418,7 @@ impl Writer {
     fn finish(self) -> std::io::Result<(tempfile::NamedTempFile, ContentHash)> {
         match self {
             Writer::Inline(f, h) => Ok((f, h.finish())),
-            Writer::Thread(t) => t.finish(),
+            Writer::Thread(t) => t.finish().map(|(r, hash)| (r.file, hash)),
         }
     }
 }
@@ -1372,6 +1453,53 @@ mod tests {
             AbortReason::Io
         );
         assert_eq!(io_reason(&std::io::Error::other("x")), AbortReason::Io);
+    }
+
+    /// A large file's blocks are reserved a step ahead of its writes (where the file system
+    /// can), never past the size it was offered with, and it holds exactly its bytes.
+    #[test]
+    fn a_reserving_file_reserves_ahead_of_its_writes_and_never_past_its_size() {
+        use std::os::unix::fs::MetadataExt;
+        let d = tempfile::tempdir().unwrap();
+        let probe = tempfile::NamedTempFile::new_in(d.path()).unwrap();
+        let can = rustix::fs::fallocate(
+            probe.as_file(),
+            rustix::fs::FallocateFlags::KEEP_SIZE,
+            0,
+            4096,
+        )
+        .is_ok();
+        let disk = |r: &Reserving| r.file.as_file().metadata().unwrap().blocks() * 512;
+        for size in [2 * RESERVE_STEP + 12_345, RESERVE_STEP, 1000] {
+            let mut r = Reserving::new(tempfile::NamedTempFile::new_in(d.path()).unwrap(), size);
+            let bytes: Vec<u8> = (0..size).map(|i| (i % 253) as u8).collect();
+            let (first, rest) = bytes.split_at(bytes.len().min(1000));
+            r.write_all(first).unwrap();
+            if can {
+                // The first write reserved the first step (or the whole, smaller file).
+                assert!(disk(&r) >= RESERVE_STEP.min(size), "{size}: {}", disk(&r));
+            }
+            for piece in rest.chunks(300_000) {
+                let (a, b) = piece.split_at(piece.len() / 2);
+                let io = [std::io::IoSlice::new(a), std::io::IoSlice::new(b)];
+                write_all_vectored(&mut r, &mut io.clone()).unwrap();
+                assert!(r.reserved <= size);
+            }
+            assert_eq!(r.written, size);
+            // No block past the end: the size in whole 4 KiB blocks, and the file system's
+            // own few blocks of metadata.
+            assert!(
+                disk(&r) <= size.div_ceil(4096) * 4096 + 64 * 1024,
+                "{size}: {}",
+                disk(&r)
+            );
+            assert_eq!(std::fs::read(r.file.path()).unwrap(), bytes);
+        }
+        // Bytes past the offered size (the receiver refuses them before they get here) are
+        // written plain, with nothing more reserved.
+        let mut r = Reserving::new(tempfile::NamedTempFile::new_in(d.path()).unwrap(), 10);
+        r.write_all(&[1u8; 5000]).unwrap();
+        assert_eq!((r.written, r.reserved), (5000, 10));
     }
 
     #[test]
