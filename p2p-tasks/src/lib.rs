@@ -25,6 +25,7 @@ pub mod cache;
 pub mod coordinator;
 mod error;
 pub mod event;
+mod file_writer;
 pub mod handler;
 pub mod journal;
 pub mod node_files;
